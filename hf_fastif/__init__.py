@@ -1,0 +1,10 @@
+"""hf_fastif: fast influence functions (FastIF) for Hugging Face transformers."""
+
+__version__ = "0.1.0"
+
+from .arguments import InfluenceArguments
+from .influence import compute_influences
+from .table import InfluenceTable
+from .trainer import InfluenceTrainer
+
+__all__ = ["InfluenceArguments", "InfluenceTrainer", "InfluenceTable", "compute_influences", "__version__"]

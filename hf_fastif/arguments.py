@@ -1,0 +1,121 @@
+"""`InfluenceArguments`: `TrainingArguments` plus the `influence_*` settings of FastIF."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+SOLVERS = ("lissa", "cg", "exact")
+FEATURES = ("auto", "pooler", "cls", "mean", "last")
+SCORING = ("jvp", "grad")
+
+
+@dataclass
+class InfluenceArguments(TrainingArguments):
+    """Training arguments plus the settings of influence computation.
+
+    Every solver solves ``(H + λI) s_test = ∇L_test`` with ``λ = influence_damping × influence_scale``
+    (LiSSA's fixed point), so solvers are interchangeable. The defaults are the paper's MNLI settings.
+    """
+
+    influence_solver: str = field(
+        default="lissa", metadata={"help": "How s_test is solved: 'lissa' (stochastic), 'cg' or 'exact' (dense)."}
+    )
+    influence_damping: float = field(
+        default=5e-3, metadata={"help": "LiSSA damp. The Tikhonov damping of every solver is damping × scale."}
+    )
+    influence_scale: float = field(
+        default=1e4, metadata={"help": "LiSSA scale; must exceed the top Hessian eigenvalue for convergence."}
+    )
+    influence_recursion_depth: int = field(default=1000, metadata={"help": "LiSSA steps J per repetition."})
+    influence_batch_size: int = field(
+        default=1, metadata={"help": "B: training points in each LiSSA Hessian-vector product."}
+    )
+    influence_repetitions: int | None = field(
+        default=4,
+        metadata={"help": "T: independent LiSSA repetitions averaged. None: one per process (the paper's parallel variant)."},
+    )
+    influence_knn_k: int | None = field(
+        default=1000, metadata={"help": "Candidates per query from the kNN index; None scores every training point."}
+    )
+    influence_knn_features: str = field(
+        default="auto",
+        metadata={"help": "kNN feature: 'auto' (pooler output if the model has one, else mean), 'pooler', 'cls', 'mean', 'last'."},
+    )
+    influence_knn_index: str = field(
+        default="Flat", metadata={"help": "faiss index factory string ('Flat' is exact L2)."}
+    )
+    influence_params: list[str] | None = field(
+        default=None,
+        metadata={"help": "Regexes over parameter names that take part; None: every parameter with requires_grad."},
+    )
+    influence_weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "Explicit L2 term wd·Σθ² added to every loss (0.005 in the reference code); not on biases/norms."},
+    )
+    influence_seed: int = field(default=42, metadata={"help": "Seed of LiSSA's batch sampling and power iteration."})
+    influence_hvp_batch_size: int = field(
+        default=64, metadata={"help": "Rows per batch for full-data Hessians (cg, exact) and test gradients."}
+    )
+    influence_scoring_batch_size: int = field(default=64, metadata={"help": "Candidates per scoring batch."})
+    influence_scoring: str = field(
+        default="jvp",
+        metadata={"help": "'jvp' (forward-mode, a few forward passes per batch) or 'grad' (per-example gradients)."},
+    )
+    influence_cg_max_iterations: int = field(default=200, metadata={"help": "CG iteration limit."})
+    influence_cg_tol: float = field(default=1e-10, metadata={"help": "CG stops at this relative residual."})
+    influence_check_convergence: bool = field(
+        default=True,
+        metadata={"help": "LiSSA: estimate the top Hessian eigenvalue first and refuse a scale that cannot converge."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_influence_settings(self)
+
+    @property
+    def influence_lambda(self) -> float:
+        """The effective Tikhonov damping λ = damping × scale."""
+        return self.influence_damping * self.influence_scale
+
+    def influence_settings(self) -> dict:
+        """Every ``influence_*`` field and λ, as recorded in a table's metadata."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("influence_")}
+        out["influence_lambda"] = self.influence_lambda
+        return out
+
+
+def validate_influence_settings(args) -> None:
+    """Raise a `ValueError` naming the fix for any invalid ``influence_*`` setting."""
+    if args.influence_solver not in SOLVERS:
+        raise ValueError(f"influence_solver={args.influence_solver!r} is unknown; use one of {', '.join(SOLVERS)}.")
+    if args.influence_knn_features not in FEATURES:
+        raise ValueError(
+            f"influence_knn_features={args.influence_knn_features!r} is unknown; use one of {', '.join(FEATURES)} "
+            "(or pass a callable as `features=` to compute_influences)."
+        )
+    if args.influence_scoring not in SCORING:
+        raise ValueError(f"influence_scoring={args.influence_scoring!r} is unknown; use 'jvp' or 'grad'.")
+    if not args.influence_damping >= 0:
+        raise ValueError(f"influence_damping must be >= 0, got {args.influence_damping}.")
+    if not args.influence_scale > 0:
+        raise ValueError(f"influence_scale must be > 0, got {args.influence_scale}.")
+    for name in ("influence_recursion_depth", "influence_batch_size", "influence_hvp_batch_size",
+                 "influence_scoring_batch_size", "influence_cg_max_iterations"):
+        if int(getattr(args, name)) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.influence_repetitions is not None and args.influence_repetitions < 1:
+        raise ValueError("influence_repetitions must be >= 1, or None for one repetition per process.")
+    if args.influence_knn_k is not None and args.influence_knn_k < 1:
+        raise ValueError("influence_knn_k must be >= 1, or None to score every training point.")
+    if args.influence_weight_decay < 0:
+        raise ValueError(f"influence_weight_decay must be >= 0, got {args.influence_weight_decay}.")
+    if isinstance(args.influence_params, str):
+        args.influence_params = [args.influence_params]
+    for pattern in args.influence_params or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"influence_params entry {pattern!r} is not a valid regex: {err}.") from err

@@ -1,0 +1,90 @@
+"""Tokenized datasets → collated batches on the model's device, and the checks made before any work."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import default_data_collator
+
+LABEL_COLUMNS = ("labels", "label", "label_ids")
+
+
+def model_input_columns(model: nn.Module, dataset: Dataset) -> list[str]:
+    """Columns the model's ``forward`` accepts, plus the label column (as the Trainer keeps them)."""
+    params = inspect.signature(model.forward).parameters
+    columns = dataset.column_names
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = [c for c in columns if c in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                                                 "inputs_embeds", "pixel_values", "features")]
+    else:
+        accepted = [c for c in columns if c in params]
+    return accepted + [c for c in LABEL_COLUMNS if c in columns and c not in accepted]
+
+
+def validate_dataset(dataset, name: str, model: nn.Module, *, need_labels: bool = True) -> list[str]:
+    """Check a dataset is a non-empty, tokenized `datasets.Dataset` with labels; return the columns to keep."""
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; "
+                        "wrap your data with datasets.Dataset.from_dict(...).")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty; influence needs at least one row.")
+    columns = model_input_columns(model, dataset)
+    inputs = [c for c in columns if c not in LABEL_COLUMNS]
+    if not inputs:
+        text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
+        hint = f" It has text columns {text}: tokenize them first, e.g. dataset.map(lambda b: tokenizer(b[{text[0]!r}]), batched=True)." if text else ""
+        raise ValueError(
+            f"{name} has no column the model takes as input (columns: {dataset.column_names}); datasets must "
+            f"come tokenized, as the Trainer takes them (input_ids, attention_mask, ...).{hint}"
+        )
+    if need_labels and not any(c in dataset.column_names for c in LABEL_COLUMNS):
+        raise ValueError(f"{name} has no `labels` (or `label`) column; the influence of a row needs its loss, "
+                         "so add the labels (for a causal LM, labels = input_ids).")
+    return columns
+
+
+class Batcher:
+    """Collates rows of a dataset by index and moves them to ``device``."""
+
+    def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device):
+        self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
+        self.collator = collator or default_data_collator
+        self.device = device
+
+    def subset(self, indices: Sequence[int]) -> Batcher:
+        """A batcher over the given rows only."""
+        return Batcher(self.dataset.select(list(indices)), self.dataset.column_names, self.collator, self.device)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def rows(self, indices: Sequence[int]) -> list[dict]:
+        """The rows at ``indices`` as feature dicts (one bulk read; collate them with `collate`)."""
+        columns = self.dataset[[int(i) for i in indices]]
+        return [{k: columns[k][i] for k in columns} for i in range(len(indices))]
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.collate(self.rows(indices))
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        try:
+            batch = self.collator(features)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"Could not collate rows into a batch ({err}). Rows of different lengths need a padding "
+                "collator: pass data_collator=DataCollatorWithPadding(tokenizer) (the Trainer does this when "
+                "given processing_class=tokenizer)."
+            ) from err
+        if "label" in batch and "labels" not in batch:
+            batch["labels"] = batch.pop("label")
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:
+        indices = list(indices)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            yield chunk, self.batch(chunk)

@@ -1,0 +1,106 @@
+"""Convex reference models whose influence can be checked against leave-one-out retraining.
+
+`LogisticRegression` is a plain `nn.Module` written in the transformers calling convention (batch dict in,
+``{"logits": ...}`` out), trained to its optimum with L-BFGS on the objective
+``mean CE + wd·‖W‖²`` — the same objective hf_fastif differentiates with ``influence_weight_decay=wd``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression without bias (so the L2 term makes it strictly convex)."""
+
+    def __init__(self, num_features: int, num_labels: int):
+        super().__init__()
+        self.linear = nn.Linear(num_features, num_labels, bias=False)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        return {"logits": self.linear(features.to(self.linear.weight.dtype))}
+
+
+def _newton(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight_decay: float, *, tol: float = 1e-12,
+            max_steps: int = 50) -> torch.Tensor:
+    """Minimise ``mean CE + wd·‖W‖²`` over ``W`` (K, d) by damped Newton steps with the explicit Hessian."""
+    n, d = x.shape
+    k = w.shape[0]
+    onehot = F.one_hot(y, k).to(x.dtype)
+
+    def objective(w):
+        return F.cross_entropy(x @ w.T, y) + weight_decay * (w**2).sum()
+
+    for _ in range(max_steps):
+        p = torch.softmax(x @ w.T, dim=1)
+        grad = (p - onehot).T @ x / n + 2 * weight_decay * w
+        if grad.norm() < tol:
+            break
+        curv = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (n, K, K)
+        hess = torch.einsum("nkl,na,nb->kalb", curv, x, x).reshape(k * d, k * d) / n
+        hess += 2 * weight_decay * torch.eye(k * d, dtype=x.dtype)
+        step = torch.linalg.solve(hess, grad.reshape(-1)).reshape(k, d)
+        t, before = 1.0, objective(w)
+        while objective(w - t * step) > before and t > 1e-8:
+            t /= 2
+        w = w - t * step
+    return w
+
+
+def fit_logistic_regression(model: LogisticRegression, x: torch.Tensor, y: torch.Tensor, weight_decay: float,
+                            *, tol: float = 1e-12) -> LogisticRegression:
+    """Minimise ``mean CE + wd·‖W‖²`` to (near) machine precision with Newton's method, in place."""
+    with torch.no_grad():
+        w = _newton(model.linear.weight.detach().to(x.dtype), x, y, weight_decay, tol=tol)
+        model.linear.weight.copy_(w)
+    return model
+
+
+def digits_data(num_train: int = 1000, num_test: int = 50, seed: int = 0, binary: bool = True,
+                dtype=torch.float64) -> tuple[Dataset, Dataset, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sklearn's bundled digits (8x8), standardised; ``binary``: label = digit >= 5, else the 10 digits.
+
+    Returns:
+        ``(train, test, x_train, y_train, x_test, y_test)``; datasets have ``features`` and ``labels``.
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    y = (y >= 5).astype(np.int64) if binary else y
+    order = np.random.default_rng(seed).permutation(len(y))
+    # rounded to float32 so that rows stored in a dataset (float32) are exactly the training tensors
+    x = ((x - x.mean(0)) / (x.std(0) + 1e-6)).astype(np.float32)
+    tr, te = order[:num_train], order[num_train : num_train + num_test]
+    xt, yt = torch.tensor(x[tr], dtype=dtype), torch.tensor(y[tr])
+    xs, ys = torch.tensor(x[te], dtype=dtype), torch.tensor(y[te])
+    as_ds = lambda a, b: Dataset.from_dict({"features": a.tolist(), "labels": b.tolist()})  # noqa: E731
+    ds_train, ds_test = as_ds(xt, yt), as_ds(xs, ys)
+    return ds_train, ds_test, xt, yt, xs, ys
+
+
+def leave_one_out_loss_changes(model: LogisticRegression, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
+                               y_test: torch.Tensor, weight_decay: float, rows=None) -> np.ndarray:
+    """Actual change of each test loss when each training row is removed and the model retrained to its
+    optimum (Newton, warm-started): ``(len(rows), num_test)``. Positive = removal raised the test loss.
+
+    The objective keeps the ``1/n`` weight of the remaining rows (``(1/n)Σ_{i≠z} ℓ_i + wd‖W‖²``), which is
+    the ε = -1/n upweighting that influence functions linearise; renormalising by ``1/(n-1)`` would add
+    the same shift to every row's change.
+    """
+    w0 = model.linear.weight.detach().to(x.dtype)
+    n = len(y)
+    with torch.no_grad():
+        before = F.cross_entropy(x_test @ w0.T, y_test, reduction="none")
+    rows = range(n) if rows is None else rows
+    out = []
+    for i in rows:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[i] = False
+        # (1/n)Σ_{i≠z} ℓ_i + wd‖W‖² = ((n-1)/n)·[mean_{i≠z} ℓ_i + (n/(n-1))·wd‖W‖²]
+        w = _newton(w0, x[keep], y[keep], weight_decay * n / (n - 1))
+        out.append((F.cross_entropy(x_test @ w.T, y_test, reduction="none") - before).numpy())
+    return np.stack(out)

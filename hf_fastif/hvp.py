@@ -1,0 +1,92 @@
+"""Gradients and Hessian-vector products of a `FunctionalModel` on one batch.
+
+Vectors are flat: ``(p,)`` or a stack ``(m, p)`` in the order of ``FunctionalModel.names``. Hessian-vector
+products use double backward (reverse-over-reverse): measured faster than forward-over-reverse on CPU.
+Several vectors share one forward and one first backward (``is_grads_batched``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .loss import FunctionalModel
+from .params import flatten, flatten_batched, unflatten
+
+
+def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().requires_grad_(True) for n, p in params.items()}
+
+
+def _batched_grad(outputs: torch.Tensor, inputs: list[torch.Tensor], grad_outputs: torch.Tensor,
+                  create_graph: bool = False) -> list[torch.Tensor]:
+    """``autograd.grad`` for a stack of ``grad_outputs``; falls back to a loop where vmap cannot go."""
+    try:
+        return list(torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
+                                        retain_graph=True, create_graph=create_graph))
+    except RuntimeError:
+        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=g, retain_graph=True, create_graph=create_graph)
+                for g in grad_outputs]
+        return [torch.stack(parts) for parts in zip(*rows)]
+
+
+def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, *,
+                   measurement: bool = False, reduction: str = "sum") -> torch.Tensor:
+    """Gradient of the batch's per-example values w.r.t. the parameters.
+
+    Args:
+        reduction: ``"sum"`` → ``(p,)`` gradient of the sum; ``"none"`` → ``(b, p)`` per-example gradients.
+        measurement: use the test measurement instead of the training loss.
+    """
+    leaves = _leaves(params)
+    values = (fm.measurements if measurement else fm.losses)(leaves, batch)
+    inputs = list(leaves.values())
+    if reduction == "sum":
+        return flatten(torch.autograd.grad(values.sum(), inputs))
+    eye = torch.eye(values.shape[0], dtype=values.dtype, device=values.device)
+    return flatten_batched(_batched_grad(values, inputs, eye), values.shape[0]).detach()
+
+
+def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,
+              *, reduction: str = "mean") -> torch.Tensor:
+    """Hessian of the batch's training loss times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out.
+
+    ``reduction="mean"`` uses the mean loss of the batch (LiSSA), ``"sum"`` the summed loss (to accumulate
+    the mean over a whole dataset exactly, whatever the batch size).
+    """
+    leaves = _leaves(params)
+    inputs = list(leaves.values())
+    losses = fm.losses(leaves, batch)
+    loss = losses.mean() if reduction == "mean" else losses.sum()
+    grads = flatten(torch.autograd.grad(loss, inputs, create_graph=True))
+    if vectors.dim() == 1:
+        return flatten(torch.autograd.grad(grads, inputs, grad_outputs=vectors.to(grads.dtype)))
+    return flatten_batched(_batched_grad(grads, inputs, vectors.to(grads.dtype)), vectors.shape[0]).detach()
+
+
+def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch,
+                            vectors: torch.Tensor) -> torch.Tensor:
+    """``∇ℓ_i · s_k`` for every row i of the batch and every vector s_k, by forward-mode AD: ``(b, m)``.
+
+    One ``torch.func.jvp`` over ``functional_call`` per batch; several vectors are vmapped over the
+    tangents only, so the model's input handling (attention masks) is never batched.
+    """
+    primals = {n: p.detach() for n, p in params.items()}
+
+    def losses(p):
+        return fm.losses(p, batch)
+
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    tangents = unflatten(vectors.to(next(iter(primals.values())).dtype), primals)
+
+    def one(t):
+        return torch.func.jvp(losses, (primals,), (t,))[1]
+
+    with torch.no_grad():
+        if vectors.shape[0] == 1:
+            out = one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
+        else:
+            out = torch.func.vmap(one)(tangents)
+    return out.T.detach()

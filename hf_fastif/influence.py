@@ -1,0 +1,309 @@
+"""`compute_influences`: parameters → s_test → candidates → scores → `InfluenceTable`."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers.utils import logging
+
+from . import distributed as D
+from .arguments import InfluenceArguments, validate_influence_settings
+from .batches import Batcher, validate_dataset
+from .hvp import batch_gradient, batch_hvp
+from .knn import FeatureFn, build_index, extract_features, search
+from .loss import FunctionalModel, LossFn
+from .params import num_parameters, select_parameters
+from .scoring import score_candidates
+from .solvers import build_hessian, power_iteration, solve_cg, solve_exact, solve_lissa
+from .table import InfluenceTable
+
+logger = logging.get_logger(__name__)
+
+COMBINE = ("none", "mean")
+POWER_ITERATION_ROWS = 64
+POWER_ITERATIONS = 8
+
+
+def default_arguments(**overrides) -> InfluenceArguments:
+    """`InfluenceArguments` for use without a Trainer (no output is written to ``output_dir``)."""
+    overrides.setdefault("output_dir", "hf_fastif_output")
+    overrides.setdefault("report_to", "none")
+    return InfluenceArguments(**overrides)
+
+
+@contextlib.contextmanager
+def influence_mode(model: nn.Module, names: Sequence[str]):
+    """Eval mode, eager attention (double backward / forward-mode AD need it), and only the selected
+    parameters requiring grad, so autograd does not walk frozen layers. Everything is restored after."""
+    was_training = model.training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    selected = set(names)
+    attn = _attention_implementation(model)
+    switched = attn not in (None, "eager")
+    if switched:
+        if not hasattr(model, "set_attn_implementation"):
+            raise ValueError(
+                f"The model uses attn_implementation={attn!r}, which supports neither double backward nor "
+                "forward-mode AD; load it with attn_implementation='eager' for influence."
+            )
+        logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
+                    "neither double backward nor forward-mode AD); it is switched back afterwards.")
+        model.set_attn_implementation("eager")
+    try:
+        model.eval()
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in selected)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+        if switched:
+            model.set_attn_implementation(attn)
+
+
+def _attention_implementation(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def _describe_data(dataset: Dataset) -> dict:
+    info = getattr(dataset, "info", None)
+    return {
+        "name": getattr(info, "dataset_name", None) or getattr(info, "builder_name", None),
+        "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
+        "fingerprint": getattr(dataset, "_fingerprint", None),
+        "num_rows": len(dataset),
+    }
+
+
+def _lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetition: int) -> np.ndarray:
+    """Row indices ``(depth, batch_size)`` drawn by repetition ``repetition``: successive shuffles of the
+    training set, seeded by ``(seed, repetition)`` only, so any process can draw any repetition."""
+    rng = np.random.default_rng([seed, repetition])
+    need = depth * batch_size
+    order = np.concatenate([rng.permutation(num_rows) for _ in range(-(-need // num_rows))])
+    return order[:need].reshape(depth, batch_size)
+
+
+def compute_influences(
+    model: nn.Module,
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    args: InfluenceArguments | None = None,
+    *,
+    combine: str = "none",
+    data_collator: Callable | None = None,
+    candidate_dataset: Dataset | None = None,
+    loss_fn: LossFn | None = None,
+    measurement_fn: LossFn | None = None,
+    features: FeatureFn | None = None,
+) -> InfluenceTable:
+    """Influence of training rows on test rows: ``-∇L(z_train) · (H + λI)⁻¹ ∇L(z_test)``.
+
+    Args:
+        model: a transformers model or any module called with a batch dict and returning ``.logits``.
+        train_dataset: tokenized training rows with labels; H is the Hessian of their mean loss.
+        test_dataset: tokenized test rows with labels.
+        args: the ``influence_*`` settings (defaults: `default_arguments`).
+        combine: ``"none"``: one s_test per test row; ``"mean"``: one s_test for the mean test loss
+            (``test_id`` 0 in the table), the kNN query being the mean test feature.
+        data_collator: collates rows (e.g. ``DataCollatorWithPadding``); default: transformers'
+            ``default_data_collator``.
+        candidate_dataset: rows to score (default ``train_dataset``), e.g. an unseen pool for augmentation;
+            ``train_id`` then indexes this dataset.
+        loss_fn / measurement_fn: per-example ``(outputs, batch) → (b,)`` training loss / test quantity.
+        features: ``(model, batch) → (b, d)`` kNN features instead of ``influence_knn_features``.
+    Returns:
+        An `InfluenceTable` (negative influence = helpful), identical on every process.
+    """
+    args = args if args is not None else default_arguments()
+    validate_influence_settings(args)
+    if combine not in COMBINE:
+        raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
+    candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
+    train_cols = validate_dataset(train_dataset, "train_dataset", model)
+    test_cols = validate_dataset(test_dataset, "test_dataset", model, need_labels=measurement_fn is None)
+    cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model)
+    k = args.influence_knn_k
+    if k is not None and k > len(candidate_dataset):
+        logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all of them.")
+        k = None
+    params = select_parameters(model, args.influence_params)
+    names = list(params)
+    rank, world_size = D.world()
+    progress = not getattr(args, "disable_tqdm", False) and rank == 0
+    device = next(model.parameters()).device
+    timings: dict[str, float] = {}
+
+    with influence_mode(model, names):
+        fm = FunctionalModel(model, names, loss_fn, measurement_fn, args.influence_weight_decay)
+        train = Batcher(train_dataset, train_cols, data_collator, device)
+        test = Batcher(test_dataset, test_cols, data_collator, device)
+        cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols, data_collator, device)
+
+        start = time.perf_counter()
+        v = _test_gradients(fm, params, test, args.influence_hvp_batch_size, combine)
+        timings["test_gradients_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        s_test, diagnostics = _solve(fm, params, train, v, args, progress)
+        timings["s_test_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        queries = _candidates(model, cand, test, k, combine, args, features, progress)
+        timings["knn_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        union = np.unique(np.concatenate(queries)) if k is not None else np.arange(len(cand))
+        mine = D.shard(union)
+        local = score_candidates(fm, params, cand, mine, s_test, batch_size=args.influence_scoring_batch_size,
+                                 method=args.influence_scoring, progress=progress)
+        scores = D.gather_rows(local)
+        timings["scoring_s"] = time.perf_counter() - start
+
+    position = np.full(len(cand), -1, dtype=np.int64)
+    position[union] = np.arange(len(union))
+    test_ids, train_ids, values = [], [], []
+    for t, rows in enumerate(queries):
+        test_ids.append(np.full(len(rows), t, dtype=np.int64))
+        train_ids.append(rows)
+        values.append(scores[position[rows], t])
+    metadata = {
+        "library_version": _version(),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+            "class": type(model).__name__,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_influence_parameters": num_parameters(params),
+        },
+        "train_data": _describe_data(train_dataset),
+        "test_data": _describe_data(test_dataset),
+        "candidate_data": _describe_data(candidate_dataset),
+        "combine": combine,
+        "settings": args.influence_settings() | {"influence_knn_k_used": k},
+        "lambda": args.influence_lambda,
+        "num_processes": world_size,
+        "diagnostics": diagnostics | timings,
+    }
+    return InfluenceTable.from_arrays(np.concatenate(test_ids), np.concatenate(train_ids), np.concatenate(values),
+                                      metadata)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _test_gradients(fm, params, test: Batcher, batch_size: int, combine: str) -> torch.Tensor:
+    """``(m, p)``: one measurement gradient per test row, or one row with the gradient of their mean."""
+    rows = D.shard(range(len(test))) if combine == "mean" else range(len(test))
+    if combine == "mean":
+        total = None
+        for _, batch in test.batches(rows, batch_size):
+            g = batch_gradient(fm, params, batch, measurement=True, reduction="sum")
+            total = g if total is None else total + g
+        if total is None:
+            total = torch.zeros(num_parameters(params), dtype=next(iter(params.values())).dtype,
+                                device=next(iter(params.values())).device)
+        return (D.all_reduce_sum(total) / len(test)).unsqueeze(0)
+    return torch.cat([batch_gradient(fm, params, batch, measurement=True, reduction="none")
+                      for _, batch in test.batches(rows, batch_size)])
+
+
+def _full_hvp(fm, params, train: Batcher, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``V ↦ H V`` with H the Hessian of the mean loss over every training row (batches split over
+    processes and summed with one all-reduce)."""
+    batches = [b for _, b in train.batches(D.shard(range(len(train))), batch_size)]
+    n = len(train)
+
+    def hvp(vectors: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(vectors)
+        for batch in batches:
+            total = total + batch_hvp(fm, params, batch, vectors, reduction="sum")
+        return D.all_reduce_sum(total) / n
+
+    return hvp
+
+
+def _solve(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool) -> tuple[torch.Tensor, dict]:
+    lam = args.influence_lambda
+    p = v.shape[1]
+    if args.influence_solver == "exact":
+        hessian = build_hessian(_full_hvp(fm, params, train, args.influence_hvp_batch_size), p,
+                                dtype=v.dtype, device=v.device)
+        return solve_exact(hessian, v, lam)
+    if args.influence_solver == "cg":
+        return solve_cg(_full_hvp(fm, params, train, args.influence_hvp_batch_size), v, lam,
+                        max_iterations=args.influence_cg_max_iterations, tol=args.influence_cg_tol,
+                        progress=progress)
+    return _solve_lissa(fm, params, train, v, args, progress)
+
+
+def _solve_lissa(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool) -> tuple[torch.Tensor, dict]:
+    rank, world_size = D.world()
+    repetitions = args.influence_repetitions or world_size
+    depth, bsz, n = args.influence_recursion_depth, args.influence_batch_size, len(train)
+    info: dict = {"lissa_total_repetitions": repetitions}
+    top = None
+    if args.influence_check_convergence:
+        sample = np.random.default_rng([args.influence_seed, 2**31 - 1]).permutation(n)[:POWER_ITERATION_ROWS]
+        hvp = _full_hvp(fm, params, train.subset(sample), args.influence_hvp_batch_size)
+        top = power_iteration(hvp, v.shape[1], iterations=POWER_ITERATIONS, dtype=v.dtype, device=v.device,
+                              seed=args.influence_seed)
+        info["hessian_top_eigenvalue_estimate"] = top
+        scale, damp = args.influence_scale, args.influence_damping
+        if top >= (2.0 - damp) * scale:
+            from .solvers.lissa import LissaDivergenceError, suggest_scale
+
+            raise LissaDivergenceError(
+                f"influence_scale={scale:g} is too small for LiSSA to converge: the top eigenvalue of the training "
+                f"Hessian is about {top:.4g}, and LiSSA needs scale > λ_max + λ. Use influence_scale >= "
+                f"{suggest_scale(top + damp * scale):.3g} (lower influence_damping to keep λ = damping × scale "
+                "if needed), or influence_solver='cg'."
+            )
+        if top > scale * (1 - damp):
+            logger.warning(f"influence_scale={scale:g} is close to the top Hessian eigenvalue (~{top:.4g}); single-"
+                           "batch Hessians are larger still, so LiSSA may diverge. A scale of 2x-10x that is safer.")
+    mine = D.shard(range(repetitions))
+    draws = {t: _lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
+    rows = {t: train.rows(draws[t].reshape(-1)) for t in mine}
+
+    def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(h)
+        for r, t in enumerate(reps):
+            batch = train.collate(rows[t][(j - 1) * bsz : j * bsz])
+            out[r] = batch_hvp(fm, params, batch, h[r], reduction="mean")
+        return out
+
+    estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
+                                       depth=depth, repetitions=mine, top_eigenvalue=top, progress=progress)
+    total = D.all_reduce_sum(estimate * len(mine)) / repetitions
+    return total, info | lissa_info
+
+
+def _candidates(model, cand: Batcher, test: Batcher, k: int | None, combine: str, args, features,
+                progress: bool) -> list[np.ndarray]:
+    """Candidate rows of each query (one query per test row, or one for the mean)."""
+    queries = 1 if combine == "mean" else len(test)
+    if k is None:
+        return [np.arange(len(cand))] * queries
+    method = features or args.influence_knn_features
+    bsz = args.influence_scoring_batch_size
+    with torch.no_grad():
+        train_feats = extract_features(model, cand, method, batch_size=bsz, progress=progress, desc="kNN features")
+        test_feats = extract_features(model, test, method, batch_size=bsz, progress=False)
+    if combine == "mean":
+        test_feats = test_feats.mean(0, keepdims=True)
+    index = build_index(train_feats, args.influence_knn_index)
+    _, ids = search(index, test_feats, k)
+    return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]

@@ -1,0 +1,89 @@
+"""kNN candidates: model features of every row, indexed with faiss through ``datasets``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batches import Batcher
+
+INDEX_NAME = "features"
+FeatureFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _last_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return hidden[:, -1]
+    last = mask.long().sum(1).clamp_min(1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def model_features(model: nn.Module, batch: dict, method: str = "auto") -> torch.Tensor:
+    """Feature vectors ``(b, d)`` of a batch, from the model's base (encoder/decoder) outputs.
+
+    ``auto``: the pooled [CLS] output where the model has a pooler (BERT, as in the paper), the last
+    non-padding token for causal LMs, else the mask-weighted mean of the last hidden states.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mask = inputs.get("attention_mask")
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        out = model(**inputs, output_hidden_states=True)
+        hidden = getattr(out, "hidden_states", None)
+        if hidden is None:
+            raise ValueError(f"{type(model).__name__} returns no hidden_states for kNN features; pass "
+                             "`features=callable(model, batch) -> (b, d) tensor` or influence_knn_k=None.")
+        last, pooled = hidden[-1], None
+    else:
+        out = base(**inputs)
+        last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
+    if method == "pooler" or (method == "auto" and pooled is not None):
+        if pooled is None:
+            raise ValueError(f"{type(model).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
+        return pooled
+    if method == "cls":
+        return last[:, 0]
+    if method == "last" or (method == "auto" and getattr(model, "can_generate", lambda: False)()):
+        return _last_token(last, mask)
+    return _masked_mean(last, mask)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn = "auto", *,
+                     batch_size: int = 64, progress: bool = True, desc: str = "features") -> np.ndarray:
+    """Features of every row of ``batcher``'s dataset, ``(N, d)`` float32."""
+    out = []
+    for _, batch in tqdm(batcher.batches(range(len(batcher)), batch_size), desc=desc, disable=not progress,
+                         total=-(-len(batcher) // batch_size), leave=False):
+        feats = method(model, batch) if callable(method) else model_features(model, batch, method)
+        out.append(feats.detach().float().cpu().numpy())
+    return np.ascontiguousarray(np.concatenate(out, 0), dtype=np.float32)
+
+
+def build_index(features: np.ndarray, factory: str = "Flat") -> Dataset:
+    """A dataset of row ids with a faiss L2 index over ``features``; search ids are row indices."""
+    import faiss
+
+    ids = Dataset.from_dict({"row": np.arange(features.shape[0])})
+    train_size = None if factory == "Flat" else features.shape[0]
+    ids.add_faiss_index_from_external_arrays(features, index_name=INDEX_NAME, string_factory=factory,
+                                             metric_type=faiss.METRIC_L2, train_size=train_size)
+    return ids
+
+
+def search(index: Dataset, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest rows of each query: ``(scores, ids)``, each ``(q, k)``, nearest first."""
+    result = index.search_batch(INDEX_NAME, np.ascontiguousarray(queries, dtype=np.float32), k=k)
+    return np.asarray(result.total_scores), np.asarray(result.total_indices)

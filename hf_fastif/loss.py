@@ -1,0 +1,105 @@
+"""A model as a function of the selected parameters: per-example training loss and test measurement.
+
+A loss function maps ``(outputs, batch)`` to a tensor of shape ``(batch_size,)``: one value per row.
+``outputs`` is what the model returns for the batch without its ``labels``. The default handles sequence
+classification (cross-entropy, or squared error for one regression output), causal LMs (mean token
+cross-entropy of each row, shifted) and token classification (mean token cross-entropy, unshifted).
+A *measurement* (kronfluence's term) is the test-side quantity whose influence is asked for; it defaults
+to the same loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .params import decayed_names
+
+LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
+
+LABEL_KEYS = ("labels",)
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """The logits of a model output: ``.logits``, ``["logits"]``, or the tensor itself."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None:
+        raise TypeError(
+            f"The model returned {type(outputs).__name__} without `logits`; return an object with `.logits` "
+            "(the transformers convention) or pass your own `loss_fn(outputs, batch)`."
+        )
+    return logits
+
+
+def make_default_loss(model: nn.Module) -> LossFn:
+    """The per-example loss matching ``model``'s head (see the module docstring)."""
+    shift = bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False
+    )
+
+    def loss(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "labels" not in batch:
+            raise ValueError("The batch has no `labels`; influence needs labels for the training and test loss.")
+        logits = logits_of(outputs)
+        labels = batch["labels"]
+        if logits.dim() == 2:
+            if logits.shape[-1] == 1 and labels.is_floating_point():
+                return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
+            return F.cross_entropy(logits, labels, reduction="none")
+        if logits.dim() == 3:
+            if shift:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+            valid = (labels != -100).to(tokens.dtype)
+            return (tokens * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        raise ValueError(f"Cannot make a default loss for logits of shape {tuple(logits.shape)}; pass `loss_fn`.")
+
+    return loss
+
+
+class FunctionalModel:
+    """``model`` evaluated at given values of the selected parameters (others stay as they are).
+
+    Args:
+        model: any module called as ``model(**inputs)`` with a batch dict.
+        names: the selected parameter names, in the order used by flat vectors.
+        loss_fn: per-example training loss; default `make_default_loss`.
+        measurement_fn: per-example test quantity; default: the training loss.
+        weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) added to every loss.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
+                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0):
+        self.model = model
+        self.names = list(names)
+        self.loss_fn = loss_fn or make_default_loss(model)
+        self.measurement_fn = measurement_fn
+        self.weight_decay = float(weight_decay)
+        self.decayed = decayed_names(self.names) if self.weight_decay else []
+
+    def outputs(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        return functional_call(self.model, dict(params), args=(), kwargs=inputs)
+
+    def _l2(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
+        if not self.decayed:
+            return 0.0
+        return self.weight_decay * sum((params[n] ** 2).sum() for n in self.decayed)
+
+    def losses(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example training loss (with the L2 term), shape ``(batch_size,)``."""
+        return self.loss_fn(self.outputs(params, batch), batch) + self._l2(params)
+
+    def measurements(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example test quantity, shape ``(batch_size,)``; the training loss unless a measurement is set."""
+        if self.measurement_fn is None:
+            return self.losses(params, batch)
+        return self.measurement_fn(self.outputs(params, batch), batch)

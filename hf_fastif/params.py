@@ -1,0 +1,80 @@
+"""Which parameters take part in influence, and flatten/unflatten helpers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# The paper's selection for bert-base: layers 10-11, the pooler and the classifier (14.7M parameters).
+PAPER_BERT_PARAMS = [r"encoder\.layer\.(10|11)\.", r"pooler\.", r"classifier\."]
+
+_NO_DECAY = re.compile(r"(^|\.)bias$|layer_?norm|LayerNorm|\.ln_|norm\.weight$", re.IGNORECASE)
+
+
+def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Parameters that take part, by name in module order.
+
+    Args:
+        model: the model.
+        patterns: regexes searched in each parameter name; ``None`` selects every parameter with
+            ``requires_grad``.
+    Returns:
+        ``{name: parameter}``, detached (the math is functional).
+    """
+    named = list(model.named_parameters())
+    if patterns is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "No parameter of the model has requires_grad=True; unfreeze some or pass influence_params "
+                "(regexes over parameter names)."
+            )
+    else:
+        regexes = [re.compile(p) for p in patterns]
+        chosen = [(n, p) for n, p in named if any(r.search(n) for r in regexes)]
+        if not chosen:
+            sample = ", ".join(n for n, _ in named[:8])
+            raise ValueError(
+                f"influence_params={list(patterns)} matches no parameter of {type(model).__name__}. "
+                f"Parameter names look like: {sample}, ... (regexes are searched, e.g. r'classifier\\.')."
+            )
+    return {n: p.detach() for n, p in chosen}
+
+
+def decayed_names(names: Sequence[str]) -> list[str]:
+    """Names that get the explicit L2 term (not biases or normalisation weights, as in the reference code)."""
+    return [n for n in names if not _NO_DECAY.search(n)]
+
+
+def num_parameters(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def flatten(tensors: Sequence[torch.Tensor] | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one vector. With a leading batch dimension ``lead``: ``(lead, p)``."""
+    if isinstance(tensors, dict):
+        tensors = list(tensors.values())
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def flatten_batched(tensors: Sequence[torch.Tensor] | dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+    """Concatenate tensors with a leading dimension of size ``lead`` into ``(lead, p)``."""
+    if isinstance(tensors, dict):
+        tensors = list(tensors.values())
+    return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)
+
+
+def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split a vector ``(p,)`` or ``(m, p)`` back into tensors shaped like ``like`` (with the leading m)."""
+    lead = vector.shape[:-1]
+    out, offset = {}, 0
+    for name, ref in like.items():
+        n = ref.numel()
+        out[name] = vector[..., offset : offset + n].reshape(*lead, *ref.shape)
+        offset += n
+    if offset != vector.shape[-1]:
+        raise ValueError(f"Vector of length {vector.shape[-1]} does not match {offset} parameters.")
+    return out

@@ -1,0 +1,58 @@
+"""Conjugate gradients for several right-hand sides at once (one Hessian-vector product per iteration)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, lam: float, *,
+             max_iterations: int = 200, tol: float = 1e-10, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Solve ``(H + λI) x = v`` for each row of ``v`` (``(m, p)`` or ``(p,)``).
+
+    ``hvp`` maps ``(m, p) → (m, p)``. Columns that converge (relative residual ≤ ``tol``) stop moving.
+
+    Raises:
+        ValueError: on negative curvature (``pᵀ(H + λI)p ≤ 0``): H + λI is not positive definite.
+    """
+    squeeze = v.dim() == 1
+    b = v.unsqueeze(0) if squeeze else v
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(1)
+    target = (tol * b.norm(dim=1)) ** 2
+    active = rs > target
+    iterations = 0
+    bar = tqdm(total=max_iterations, desc="s_test (cg)", disable=not progress, leave=False)
+    while active.any() and iterations < max_iterations:
+        ap = hvp(p) + lam * p
+        curvature = (p * ap).sum(1)
+        bad = active & (curvature <= 0)
+        if bad.any():
+            raise ValueError(
+                f"CG met negative curvature (pᵀ(H + λI)p = {curvature[bad].min().item():.4g} at iteration "
+                f"{iterations}): H + λI is not positive definite with λ = {lam:.4g}. The Hessian is indefinite "
+                "(the model is not at a minimum); raise influence_damping."
+            )
+        alpha = torch.where(active, rs / curvature.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(rs))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        rs_new = (r * r).sum(1)
+        beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(rs))
+        p = torch.where(active[:, None], r + beta[:, None] * p, p)
+        rs = torch.where(active, rs_new, rs)
+        active = active & (rs > target)
+        iterations += 1
+        bar.update(1)
+    bar.close()
+    residual = (rs.sqrt() / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)).max().item()
+    if active.any():
+        logger.warning(f"CG stopped after {iterations} iterations with relative residual {residual:.3g} > tol {tol}; "
+                       "raise influence_cg_max_iterations or influence_damping.")
+    return (x[0] if squeeze else x), {"cg_iterations": iterations, "cg_relative_residual": residual}

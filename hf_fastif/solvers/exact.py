@@ -1,0 +1,46 @@
+"""Dense solve by eigendecomposition of the explicit Hessian (small parameter counts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+MAX_EXACT_PARAMS = 20_000
+
+
+def build_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, *, dtype: torch.dtype,
+                  device: torch.device | str = "cpu", chunk: int = 512) -> torch.Tensor:
+    """The ``(p, p)`` matrix of ``hvp`` (columns from products with identity blocks), symmetrised."""
+    if num_params > MAX_EXACT_PARAMS:
+        raise ValueError(
+            f"influence_solver='exact' builds a dense {num_params}x{num_params} Hessian; that is above the "
+            f"{MAX_EXACT_PARAMS} parameter limit. Use influence_solver='cg' or 'lissa', or select fewer "
+            "parameters with influence_params."
+        )
+    cols = []
+    for start in range(0, num_params, chunk):
+        stop = min(start + chunk, num_params)
+        eye = torch.zeros(stop - start, num_params, dtype=dtype, device=device)
+        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        cols.append(hvp(eye))
+    hessian = torch.cat(cols, 0)
+    return (hessian + hessian.T) / 2
+
+
+def solve_exact(hessian: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
+    """``(H + λI)⁻¹ v`` for ``v`` of shape ``(p,)`` or ``(m, p)``.
+
+    Raises:
+        ValueError: if ``H + λI`` is not positive definite, with the damping that would make it so.
+    """
+    evals, evecs = torch.linalg.eigh(hessian)
+    lo, hi = evals[0].item(), evals[-1].item()
+    if lo + lam <= 0:
+        raise ValueError(
+            f"H + λI is not positive definite: the smallest Hessian eigenvalue is {lo:.4g} and λ = {lam:.4g} "
+            f"(influence_damping × influence_scale). The Hessian is indefinite (the model is not at a minimum); "
+            f"raise influence_damping so that λ > {-lo:.4g}."
+        )
+    coeffs = (v @ evecs) / (evals + lam)
+    return coeffs @ evecs.T, {"hessian_min_eigenvalue": lo, "hessian_max_eigenvalue": hi}

@@ -1,0 +1,143 @@
+"""Influence against ground truth: closed forms, explicit Hessians, leave-one-out retraining."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from scipy.stats import spearmanr
+from torch import nn
+
+from hf_fastif import compute_influences
+from hf_fastif.ground_truth import (
+    LogisticRegression,
+    digits_data,
+    fit_logistic_regression,
+    leave_one_out_loss_changes,
+)
+from hf_fastif.influence import default_arguments
+from hf_fastif.params import flatten, select_parameters, unflatten
+from tests.tiny import make_token_dataset, tiny_model
+
+
+def table_matrix(table, num_test, num_train):
+    out = np.full((num_test, num_train), np.nan)
+    df = table.to_pandas()
+    out[df.test_id.values, df.train_id.values] = df.influence.values
+    return out
+
+
+class LinearRegression(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.linear = nn.Linear(d, 1, bias=False, dtype=torch.float64)
+
+    def forward(self, features):
+        return {"logits": self.linear(features.to(torch.float64))}
+
+
+def squared_error(outputs, batch):
+    return (outputs["logits"].squeeze(-1) - batch["labels"].to(torch.float64)) ** 2
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+def test_linear_regression_closed_form(solver):
+    rng = np.random.default_rng(0)
+    n, d = 60, 5
+    # float32-representable values: the default collator builds float32 tensors from the rows
+    f32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
+    x = f32(rng.normal(size=(n, d)))
+    y = f32(x @ rng.normal(size=d) + 0.3 * rng.normal(size=n))
+    xt, yt = f32(rng.normal(size=(4, d))), f32(rng.normal(size=4))
+    model = LinearRegression(d)
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.tensor(np.linalg.lstsq(x, y, rcond=None)[0])[None])
+    w = model.linear.weight.detach().numpy()[0]
+    damping, scale = 0.01, 20.0
+    lam = damping * scale
+    hessian = 2 * x.T @ x / n
+    grad_train = 2 * (x @ w - y)[:, None] * x
+    grad_test = 2 * (xt @ w - yt)[:, None] * xt
+    expected = -grad_test @ np.linalg.solve(hessian + lam * np.eye(d), grad_train.T)  # (test, train)
+
+    train = Dataset.from_dict({"features": x.tolist(), "labels": y.tolist()})
+    test = Dataset.from_dict({"features": xt.tolist(), "labels": yt.tolist()})
+    args = default_arguments(influence_solver=solver, influence_damping=damping, influence_scale=scale,
+                             influence_knn_k=None, influence_recursion_depth=400, influence_batch_size=8,
+                             influence_repetitions=8, disable_tqdm=True)
+    got = table_matrix(compute_influences(model, train, test, args, loss_fn=squared_error), 4, n)
+    if solver == "lissa":
+        for t in range(4):
+            assert spearmanr(got[t], expected[t]).statistic >= 0.99
+        assert np.abs(got - expected).max() / np.abs(expected).max() < 0.1
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+def explicit_influence(model, names, train, test, collator, lam):
+    """Influence from torch.autograd.functional.hessian of the mean training loss (float64)."""
+    params = select_parameters(model, [f"^{n}$".replace(".", r"\.") for n in names])
+    flat0 = flatten(params)
+    tb = collator([train[i] for i in range(len(train))])
+    sb = collator([test[i] for i in range(len(test))])
+
+    def losses(flat, batch):
+        out = torch.func.functional_call(model, unflatten(flat, params), args=(),
+                                         kwargs={k: v for k, v in batch.items() if k != "labels"})
+        return F.cross_entropy(out.logits, batch["labels"], reduction="none")
+
+    hessian = torch.autograd.functional.hessian(lambda f: losses(f, tb).mean(), flat0)
+    g_train = torch.autograd.functional.jacobian(lambda f: losses(f, tb), flat0)
+    g_test = torch.autograd.functional.jacobian(lambda f: losses(f, sb), flat0)
+    s = torch.linalg.solve(hessian + lam * torch.eye(len(flat0), dtype=flat0.dtype), g_test.T).T
+    return -(s @ g_train.T).numpy(), torch.linalg.eigvalsh(hessian)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+def test_tiny_bert_against_explicit_hessian(solver, pad_collator):
+    model = tiny_model("bert")
+    train, test = make_token_dataset(32, seed=0), make_token_dataset(3, seed=1)
+    names = [n for n, _ in model.named_parameters() if n.startswith(("bert.pooler", "classifier"))]
+    damping, scale = 0.05, 20.0
+    expected, evals = explicit_influence(model, names, train, test, pad_collator, damping * scale)
+    assert evals.min() + damping * scale > 0
+    args = default_arguments(influence_solver=solver, influence_params=[r"pooler\.", r"classifier\."],
+                             influence_damping=damping, influence_scale=scale, influence_knn_k=None,
+                             influence_recursion_depth=300, influence_batch_size=4, influence_repetitions=4,
+                             disable_tqdm=True)
+    got = table_matrix(compute_influences(model, train, test, args, data_collator=pad_collator), 3, 32)
+    if solver == "lissa":
+        for t in range(3):
+            assert spearmanr(got[t], expected[t]).statistic >= 0.99
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    wd = 0.005
+    train, test, x, y, xt, yt = digits_data(num_train=300, num_test=8, seed=0)
+    model = fit_logistic_regression(LogisticRegression(64, 2).double(), x, y, wd)
+    loo = leave_one_out_loss_changes(model, x, y, xt, yt, wd)
+    return model, train, test, loo, wd
+
+
+def test_loss_only(outputs, batch):
+    """The measured quantity of leave-one-out: the plain test loss, without the L2 term."""
+    return F.cross_entropy(outputs["logits"], batch["labels"], reduction="none")
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+def test_logistic_regression_leave_one_out(digits, solver):
+    model, train, test, loo, wd = digits
+    args = default_arguments(influence_solver=solver, influence_damping=0.001, influence_scale=2.0,
+                             influence_weight_decay=wd, influence_knn_k=None, influence_batch_size=32,
+                             influence_recursion_depth=1500, influence_repetitions=4, disable_tqdm=True)
+    if solver != "lissa":
+        args.influence_damping = 0.0
+    table = compute_influences(model, train, test, args, measurement_fn=test_loss_only)
+    influence = table_matrix(table, 8, len(train))
+    # θ without z ≈ θ + H⁻¹∇L(z)/n, so the test loss changes by ∇L_t·H⁻¹∇L(z)/n = -influence/n.
+    rhos = [spearmanr(-influence[t], loo[:, t]).statistic for t in range(8)]
+    assert min(rhos) >= (0.95 if solver != "lissa" else 0.9), rhos
+    assert np.mean(rhos) >= 0.97, rhos

@@ -1,0 +1,63 @@
+"""Tiny models built from configs and synthetic tokenized data, for tests and benchmarks."""
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+VOCAB = 60
+
+
+def make_token_dataset(n: int, seed: int = 0, num_labels: int = 2, min_len: int = 4, max_len: int = 9,
+                       causal: bool = False) -> Dataset:
+    """Random token rows of varying length; the label is a simple function of the tokens (learnable)."""
+    rng = np.random.default_rng(seed)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for _ in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = [1] + rng.integers(5, VOCAB, size=length - 1).tolist()
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * length)
+        rows["labels"].append(ids if causal else int(sum(ids) % num_labels))
+    return Dataset.from_dict(rows)
+
+
+def tiny_model(kind: str = "bert", num_labels: int = 2, dtype=torch.float64, seed: int = 0):
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(attn_implementation="eager")
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32, num_labels=num_labels, **common)
+        model = BertForSequenceClassification(cfg)
+    elif kind == "roberta":
+        cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=40, num_labels=num_labels,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
+        model = RobertaForSequenceClassification(cfg)
+    elif kind == "distilbert":
+        cfg = DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+                               max_position_embeddings=32, num_labels=num_labels, **common)
+        model = DistilBertForSequenceClassification(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=num_labels,
+                         pad_token_id=0, **common)
+        model = GPT2ForSequenceClassification(cfg)
+    elif kind == "gpt2-lm":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.to(dtype).eval()
+
+
