@@ -141,3 +141,19 @@ def test_logistic_regression_leave_one_out(digits, solver):
     rhos = [spearmanr(-influence[t], loo[:, t]).statistic for t in range(8)]
     assert min(rhos) >= (0.95 if solver != "lissa" else 0.9), rhos
     assert np.mean(rhos) >= 0.97, rhos
+
+
+def test_a_duplicate_of_the_test_point_is_among_the_most_helpful(digits):
+    """The paper's sign: negative = helpful. Test points that are training rows (of top-quarter loss, so
+    their gradient is not negligible) find themselves among their 3 most helpful rows."""
+    model, train, _, _, wd = digits
+    with torch.no_grad():
+        logits = model(torch.tensor(train["features"]))["logits"]
+        losses = F.cross_entropy(logits, torch.tensor(train["labels"]), reduction="none").numpy()
+    rows = np.argsort(losses)[::-1][: len(losses) // 4 : 7][:10]
+    args = default_arguments(influence_solver="exact", influence_damping=0.0, influence_weight_decay=wd,
+                             influence_knn_k=None, disable_tqdm=True)
+    table = compute_influences(model, train, train.select(rows), args)
+    found = [int(r) in table.helpful(t, 3).train_id.tolist() for t, r in enumerate(rows)]
+    assert all(found), list(zip(found, losses[rows].round(4)))
+    assert all(table.helpful(t, 1).influence.iloc[0] < 0 for t in range(len(rows)))

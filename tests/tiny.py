@@ -61,3 +61,19 @@ def tiny_model(kind: str = "bert", num_labels: int = 2, dtype=torch.float64, see
     return model.to(dtype).eval()
 
 
+
+
+def train_tiny(model, dataset, collator, epochs: int = 20, lr: float = 3e-3, batch_size: int = 16, seed: int = 0):
+    """A few epochs of Adam on ``dataset`` so that gradients differ between rows; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(dataset)).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = collator([dataset[i] for i in order[start : start + batch_size]])
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

@@ -1,0 +1,115 @@
+"""Invariances: batch sizes, k = N, JVP vs per-example gradients, many test points vs one at a time."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif import compute_influences
+from hf_fastif.batches import Batcher
+from hf_fastif.influence import default_arguments
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.params import select_parameters
+from hf_fastif.scoring import score_candidates, score_per_example_loop
+from tests.tiny import make_token_dataset, tiny_model
+
+BASE = dict(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], influence_damping=0.05,
+            influence_scale=20.0, influence_recursion_depth=30, influence_batch_size=2, influence_repetitions=2,
+            disable_tqdm=True)
+
+
+def run(model, train, test, collator, **overrides):
+    args = default_arguments(**(BASE | overrides))
+    return compute_influences(model, train, test, args, data_collator=collator).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_model("bert"), make_token_dataset(40, seed=0), make_token_dataset(4, seed=1)
+
+
+def sorted_frame(df):
+    return df.sort_values(["test_id", "train_id"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+def test_hvp_and_scoring_batch_sizes_do_not_change_scores(data, pad_collator, solver):
+    model, train, test = data
+    a = sorted_frame(run(model, train, test, pad_collator, influence_solver=solver, influence_knn_k=None,
+                         influence_hvp_batch_size=64, influence_scoring_batch_size=64))
+    b = sorted_frame(run(model, train, test, pad_collator, influence_solver=solver, influence_knn_k=None,
+                         influence_hvp_batch_size=7, influence_scoring_batch_size=3))
+    np.testing.assert_allclose(a.influence, b.influence, rtol=1e-9, atol=1e-12)
+
+
+def test_knn_with_k_equal_n_is_the_full_scan(data, pad_collator):
+    model, train, test = data
+    full = sorted_frame(run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=None))
+    knn = sorted_frame(run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=len(train)))
+    assert len(knn) == len(full) == len(train) * len(test)
+    np.testing.assert_array_equal(full.train_id, knn.train_id)
+    np.testing.assert_allclose(full.influence, knn.influence, rtol=1e-12)
+
+
+def test_knn_candidates_are_the_nearest_rows(data, pad_collator):
+    model, train, test = data
+    df = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
+    assert df.groupby("test_id").size().tolist() == [5] * len(test)
+    # a test row that is also a training row has itself among its nearest neighbours
+    dup = train.select([3])
+    df = run(model, train, dup, pad_collator, influence_solver="cg", influence_knn_k=3)
+    assert 3 in set(df.train_id)
+
+
+def test_jvp_scoring_equals_per_example_gradients(data, pad_collator):
+    model, train, test = data
+    jvp = sorted_frame(run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=None,
+                           influence_scoring="jvp"))
+    grad = sorted_frame(run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=None,
+                            influence_scoring="grad"))
+    np.testing.assert_allclose(jvp.influence, grad.influence, rtol=1e-9, atol=1e-12)
+
+
+def test_batched_scoring_equals_the_per_example_loop(data, pad_collator):
+    model, train, _ = data
+    params = select_parameters(model, BASE["influence_params"])
+    fm = FunctionalModel(model, list(params))
+    batcher = Batcher(train, ["input_ids", "attention_mask", "labels"], pad_collator, "cpu")
+    s = torch.randn(3, sum(p.numel() for p in params.values()), dtype=torch.float64)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    batched = score_candidates(fm, params, batcher, list(range(40)), s, batch_size=16, progress=False)
+    loop = score_per_example_loop(fm, params, batcher, list(range(40)), s)
+    np.testing.assert_allclose(batched, loop, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [None, 10])
+def test_many_test_points_equal_one_at_a_time(data, pad_collator, k):
+    model, train, test = data
+    together = sorted_frame(run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=k))
+    for t in range(len(test)):
+        alone = run(model, train, test.select([t]), pad_collator, influence_solver="lissa", influence_knn_k=k)
+        mine = together[together.test_id == t].sort_values("train_id")
+        alone = alone.sort_values("train_id")
+        np.testing.assert_array_equal(mine.train_id.values, alone.train_id.values)
+        np.testing.assert_allclose(mine.influence.values, alone.influence.values, rtol=1e-8, atol=1e-12)
+
+
+def test_lissa_is_seeded(data, pad_collator):
+    model, train, test = data
+    a = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
+    b = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
+    c = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None, influence_seed=7)
+    np.testing.assert_array_equal(a.influence, b.influence)
+    assert not np.allclose(sorted_frame(a).influence, sorted_frame(c).influence)
+
+
+def test_combine_mean_is_the_mean_of_test_gradients(data, pad_collator):
+    """s_test is linear in ∇L_test, so the influence on the mean loss is the mean of per-row influences."""
+    model, train, test = data
+    per_row = sorted_frame(run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=None))
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=None)))
+    mean = compute_influences(model, train, test, args, combine="mean", data_collator=pad_collator)
+    df = mean.to_pandas().sort_values("train_id")
+    assert set(df.test_id) == {0}
+    expected = per_row.groupby("train_id").influence.mean().values
+    np.testing.assert_allclose(df.influence.values, expected, rtol=1e-8)
