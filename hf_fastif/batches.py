@@ -25,8 +25,8 @@ def model_input_columns(model: nn.Module, dataset: Dataset) -> list[str]:
     return accepted + [c for c in LABEL_COLUMNS if c in columns and c not in accepted]
 
 
-def validate_dataset(dataset, name: str, model: nn.Module, *, need_labels: bool = True) -> list[str]:
-    """Check a dataset is a non-empty, tokenized `datasets.Dataset` with labels; return the columns to keep."""
+def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
+    """Check a dataset is a non-empty, tokenized `datasets.Dataset`; return the columns to keep."""
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; "
                         "wrap your data with datasets.Dataset.from_dict(...).")
@@ -41,9 +41,6 @@ def validate_dataset(dataset, name: str, model: nn.Module, *, need_labels: bool 
             f"{name} has no column the model takes as input (columns: {dataset.column_names}); datasets must "
             f"come tokenized, as the Trainer takes them (input_ids, attention_mask, ...).{hint}"
         )
-    if need_labels and not any(c in dataset.column_names for c in LABEL_COLUMNS):
-        raise ValueError(f"{name} has no `labels` (or `label`) column; the influence of a row needs its loss, "
-                         "so add the labels (for a causal LM, labels = input_ids).")
     return columns
 
 
@@ -54,6 +51,13 @@ class Batcher:
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
         self.device = device
+
+    def check_labels(self, name: str) -> None:
+        """Collate one row and check it has ``labels`` (a collator may make them, as for causal LMs)."""
+        if "labels" not in self.batch([0]):
+            raise ValueError(f"{name} has no `labels` (or `label`) column, and the data collator adds none; the "
+                             "influence of a row needs its loss, so add the labels (for a causal LM, labels = "
+                             "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)).")
 
     def subset(self, indices: Sequence[int]) -> Batcher:
         """A batcher over the given rows only."""

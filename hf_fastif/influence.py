@@ -22,6 +22,7 @@ from .loss import FunctionalModel, LossFn
 from .params import num_parameters, select_parameters
 from .scoring import score_candidates
 from .solvers import build_hessian, power_iteration, solve_cg, solve_exact, solve_lissa
+from .solvers.exact import check_exact_size
 from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
@@ -130,7 +131,7 @@ def compute_influences(
         raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
     candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
     train_cols = validate_dataset(train_dataset, "train_dataset", model)
-    test_cols = validate_dataset(test_dataset, "test_dataset", model, need_labels=measurement_fn is None)
+    test_cols = validate_dataset(test_dataset, "test_dataset", model)
     cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model)
     k = args.influence_knn_k
     if k is not None and k > len(candidate_dataset):
@@ -138,6 +139,8 @@ def compute_influences(
         k = None
     params = select_parameters(model, args.influence_params)
     names = list(params)
+    if args.influence_solver == "exact":
+        check_exact_size(num_parameters(params))
     rank, world_size = D.world()
     progress = not getattr(args, "disable_tqdm", False) and rank == 0
     device = next(model.parameters()).device
@@ -148,6 +151,10 @@ def compute_influences(
         train = Batcher(train_dataset, train_cols, data_collator, device)
         test = Batcher(test_dataset, test_cols, data_collator, device)
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols, data_collator, device)
+        for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
+            batcher.check_labels(name)
+        if measurement_fn is None:
+            test.check_labels("test_dataset")
 
         start = time.perf_counter()
         v = _test_gradients(fm, params, test, args.influence_hvp_batch_size, combine)

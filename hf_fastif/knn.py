@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -40,8 +41,8 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto") -> torch
     mask = inputs.get("attention_mask")
     base = getattr(model, "base_model", None)
     if base is None or base is model:
-        out = model(**inputs, output_hidden_states=True)
-        hidden = getattr(out, "hidden_states", None)
+        accepts = "output_hidden_states" in inspect.signature(model.forward).parameters
+        hidden = getattr(model(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
         if hidden is None:
             raise ValueError(f"{type(model).__name__} returns no hidden_states for kNN features; pass "
                              "`features=callable(model, batch) -> (b, d) tensor` or influence_knn_k=None.")

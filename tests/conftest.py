@@ -9,12 +9,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and oversubscribed threads on a shared 2-core machine
+# make them many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
 def pad_collator():
-    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]")),
                                   pad_token="[PAD]", unk_token="[UNK]")

@@ -51,10 +51,10 @@ def tiny_model(kind: str = "bert", num_labels: int = 2, dtype=torch.float64, see
         model = DistilBertForSequenceClassification(cfg)
     elif kind == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, num_labels=num_labels,
-                         pad_token_id=0, **common)
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
         model = GPT2ForSequenceClassification(cfg)
     elif kind == "gpt2-lm":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, **common)
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, **common)
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(kind)

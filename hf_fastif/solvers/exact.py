@@ -9,15 +9,20 @@ import torch
 MAX_EXACT_PARAMS = 20_000
 
 
-def build_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, *, dtype: torch.dtype,
-                  device: torch.device | str = "cpu", chunk: int = 512) -> torch.Tensor:
-    """The ``(p, p)`` matrix of ``hvp`` (columns from products with identity blocks), symmetrised."""
+def check_exact_size(num_params: int) -> None:
+    """Refuse a dense Hessian above `MAX_EXACT_PARAMS` parameters, naming the alternatives."""
     if num_params > MAX_EXACT_PARAMS:
         raise ValueError(
             f"influence_solver='exact' builds a dense {num_params}x{num_params} Hessian; that is above the "
             f"{MAX_EXACT_PARAMS} parameter limit. Use influence_solver='cg' or 'lissa', or select fewer "
             "parameters with influence_params."
         )
+
+
+def build_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, *, dtype: torch.dtype,
+                  device: torch.device | str = "cpu", chunk: int = 512) -> torch.Tensor:
+    """The ``(p, p)`` matrix of ``hvp`` (columns from products with identity blocks), symmetrised."""
+    check_exact_size(num_params)
     cols = []
     for start in range(0, num_params, chunk):
         stop = min(start + chunk, num_params)

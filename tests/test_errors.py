@@ -1,0 +1,156 @@
+"""Bad input: each a clear error naming the fix, raised before expensive work."""
+
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_fastif import InfluenceArguments, compute_influences
+from hf_fastif.influence import default_arguments
+from hf_fastif.solvers import LissaDivergenceError
+from tests.tiny import make_token_dataset, tiny_model
+
+FAST = dict(influence_solver="cg", influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
+            influence_params=[r"classifier\."], disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_model("bert"), make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+
+
+def test_untokenized_dataset(setup, pad_collator):
+    model, train, test = setup
+    text = Dataset.from_dict({"sentence": ["a b", "c d"], "labels": [0, 1]})
+    with pytest.raises(ValueError, match="tokenize them first"):
+        compute_influences(model, train, text, default_arguments(**FAST), data_collator=pad_collator)
+
+
+def test_not_a_dataset(setup):
+    model, train, _ = setup
+    with pytest.raises(TypeError, match="Dataset.from_dict"):
+        compute_influences(model, train, [{"input_ids": [1, 2]}], default_arguments(**FAST))
+
+
+def test_empty_dataset(setup, pad_collator):
+    model, train, test = setup
+    with pytest.raises(ValueError, match="test_dataset is empty"):
+        compute_influences(model, train, test.select([]), default_arguments(**FAST), data_collator=pad_collator)
+
+
+def test_missing_labels(setup, pad_collator):
+    model, train, test = setup
+    with pytest.raises(ValueError, match="train_dataset has no `labels`"):
+        compute_influences(model, train.remove_columns("labels"), test, default_arguments(**FAST),
+                           data_collator=pad_collator)
+
+
+def test_ragged_rows_without_padding_collator(setup):
+    model, train, test = setup
+    with pytest.raises(ValueError, match="DataCollatorWithPadding"):
+        compute_influences(model, train, test, default_arguments(**FAST))
+
+
+def test_k_larger_than_the_training_set_is_clamped_with_a_warning(setup, pad_collator, caplog):
+    model, train, test = setup
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        table = compute_influences(model, train, test, default_arguments(**(FAST | {"influence_knn_k": 500})),
+                                   data_collator=pad_collator)
+    hf_logging.disable_propagation()
+    assert "exceeds the 20 candidate rows" in caplog.text
+    assert len(table) == 2 * 20
+    assert table.metadata["settings"]["influence_knn_k_used"] is None
+
+
+def test_params_matching_nothing(setup, pad_collator):
+    model, train, test = setup
+    with pytest.raises(ValueError, match="matches no parameter.*bert.embeddings"):
+        compute_influences(model, train, test, default_arguments(**(FAST | {"influence_params": ["nope"]})),
+                           data_collator=pad_collator)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("influence_solver", "newton", "use one of lissa, cg, exact"),
+     ("influence_scale", 0.0, "influence_scale must be > 0"),
+     ("influence_knn_k", 0, "influence_knn_k must be >= 1"),
+     ("influence_params", ["("], "not a valid regex"),
+     ("influence_knn_features", "max", "use one of auto"),
+     ("influence_repetitions", 0, "influence_repetitions must be >= 1")],
+)
+def test_invalid_arguments(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        InfluenceArguments(output_dir="unused", report_to="none", **{field: value})
+
+
+def test_unknown_combine(setup, pad_collator):
+    model, train, test = setup
+    with pytest.raises(ValueError, match="combine='sum' is unknown"):
+        compute_influences(model, train, test, default_arguments(**FAST), combine="sum", data_collator=pad_collator)
+
+
+def test_sdpa_attention_is_switched_to_eager_and_back(pad_collator):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, attn_implementation="sdpa")
+    model = BertForSequenceClassification(cfg).double()
+    assert model.config._attn_implementation == "sdpa"
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**(FAST | {"influence_params": None}))
+    table = compute_influences(model, train, test, args, data_collator=pad_collator)
+    assert model.config._attn_implementation == "sdpa"
+    eager = tiny_model("bert")
+    eager.load_state_dict(model.state_dict())
+    expected = compute_influences(eager, train, test, args, data_collator=pad_collator)
+    torch.testing.assert_close(torch.tensor(table.to_pandas().influence.values),
+                               torch.tensor(expected.to_pandas().influence.values), rtol=1e-8, atol=1e-12)
+
+
+def test_lissa_refuses_a_scale_below_the_top_eigenvalue(setup, pad_collator):
+    model, train, test = setup
+    args = default_arguments(**(FAST | {"influence_solver": "lissa", "influence_scale": 0.01,
+                                        "influence_damping": 1.0, "influence_recursion_depth": 50}))
+    with pytest.raises(LissaDivergenceError, match=r"too small.*influence_scale >= "):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+def test_lissa_detects_divergence_when_the_check_is_off(setup, pad_collator):
+    model, train, test = setup
+    args = default_arguments(**(FAST | {"influence_solver": "lissa", "influence_scale": 0.01,
+                                        "influence_damping": 1.0, "influence_recursion_depth": 200,
+                                        "influence_check_convergence": False}))
+    with pytest.raises(LissaDivergenceError, match="LiSSA diverged at step"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_indefinite_hessian_is_reported(pad_collator, solver):
+    """A random-init BERT is not at a minimum: its Hessian over layer 1 + head has negative eigenvalues."""
+    model = tiny_model("bert")
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**(FAST | {"influence_solver": solver, "influence_damping": 1e-6,
+                                        "influence_scale": 1.0,
+                                        "influence_params": [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]}))
+    with pytest.raises(ValueError, match="not positive definite.*raise influence_damping"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+def test_exact_refuses_too_many_parameters(pad_collator):
+    model = tiny_model("bert")
+    train, test = make_token_dataset(4, seed=0), make_token_dataset(1, seed=1)
+    from hf_fastif.solvers import exact
+
+    old, exact.MAX_EXACT_PARAMS = exact.MAX_EXACT_PARAMS, 100  # raised before any gradient is computed
+    try:
+        with pytest.raises(ValueError, match="Use influence_solver='cg' or 'lissa'"):
+            compute_influences(model, train, test, default_arguments(**(FAST | {"influence_solver": "exact",
+                                                                               "influence_params": None})),
+                               data_collator=pad_collator)
+    finally:
+        exact.MAX_EXACT_PARAMS = old
