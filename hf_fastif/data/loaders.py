@@ -1,0 +1,392 @@
+"""Loaders for MNLI, HANS and ANLI, from the Hub or from local files, into one column schema.
+
+Every loader returns a `datasets.Dataset` with `premise`, `hypothesis` and `label` (a ClassLabel:
+0 = entailment, 1 = non_entailment for 2 labels; 0 = entailment, 1 = neutral, 2 = contradiction for
+3 labels), plus `genre` for MNLI / ANLI and `heuristic`, `subcase`, `template`, `pair_id` for HANS,
+the same columns as `generate_nli`.
+
+Local files (`.jsonl`, `.json`, `.csv`, `.tsv`, `.txt`, `.parquet`) may use the Hub's column names
+(`premise` / `hypothesis` / `label`) or the official releases' (`sentence1` / `sentence2` /
+`gold_label`). String labels are mapped by name; integer labels by the file's ClassLabel names when
+it carries them (parquet written by `datasets`), otherwise by the format's standard order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+from transformers.utils import logging
+
+from .schema import NLI3_LABELS, hans_features, label_names, nli_features
+
+logger = logging.get_logger(__name__)
+
+DATA_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
+
+HANS_TSV_HEADER: tuple[str, ...] = (
+    "gold_label",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "pairID",
+    "heuristic",
+    "subcase",
+    "template",
+)
+"""Header of the official HANS files (heuristics_evaluation_set.txt, heuristics_train_set.txt)."""
+
+HANS_HUB_COLUMNS: tuple[str, ...] = ("premise", "hypothesis", "label", "heuristic", "subcase", "template")
+"""Columns of the Hub's `hans` dataset that the loader needs (its parse columns are ignored)."""
+
+# label strings of every supported format, mapped to MNLI's 3-label ids (HANS: to 2-label ids)
+_NLI3_ALIASES = {"entailment": 0, "neutral": 1, "contradiction": 2, "e": 0, "n": 1, "c": 2}
+_NON_ENTAILMENT_ALIASES = {"non_entailment", "non-entailment", "not_entailment", "not-entailment"}
+_HANS_ALIASES = {"entailment": 0, **{alias: 1 for alias in _NON_ENTAILMENT_ALIASES}}
+_NO_LABEL = {-1, "-1", "-", ""}  # MNLI's "no gold label" rows
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FILE_LIKE_SUFFIXES = (*DATA_FILE_SUFFIXES, ".gz", ".bz2", ".zip", ".xz", ".zst", ".arrow", ".xlsx", ".pkl")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+# ------------------------------------------------------------------------------------- sources
+def _hub_offline() -> bool:
+    """Offline mode as set now: huggingface_hub's constant or the environment variables."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(value in _TRUE for value in env)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path | str:
+    """A local file as a `Path`, or a Hub id as a `str`; raises if it is neither."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise ValueError(
+                f"{str(path)!r} is a directory; pass one data file ({', '.join(DATA_FILE_SUFFIXES)}) inside it."
+            )
+        return path
+    text = str(name_or_path)
+    looks_like_file = text.lower().endswith(_FILE_LIKE_SUFFIXES) or text.startswith((".", "~", os.sep))
+    if looks_like_file or not _HUB_ID.match(text):
+        raise FileNotFoundError(
+            f"No such file: {str(path)!r}. Pass an existing data file ({', '.join(DATA_FILE_SUFFIXES)}) "
+            "or a Hub dataset id such as 'nyu-mll/multi_nli'."
+        )
+    if _hub_offline():
+        raise ValueError(
+            f"{text!r} is not a local file, so it would be loaded from the Hugging Face Hub, but the Hub is "
+            "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). Pass a local file path instead "
+            f"({', '.join(DATA_FILE_SUFFIXES)}), or go online and unset HF_HUB_OFFLINE."
+        )
+    return text
+
+
+def _label_names_from_features(features: Features | None) -> list[str] | None:
+    if features is not None and isinstance(features.get("label"), ClassLabel):
+        return list(features["label"].names)
+    return None
+
+
+def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
+    """Read a data file as strings-or-ints; also the label names stored in a parquet schema, if any."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt"):
+        # the official MNLI/HANS files are unquoted TSV; "NaN", "null" and "n/a" are words there
+        frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+        return frame, None
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False), None
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if suffix == ".json" and text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return pd.DataFrame.from_records(records), None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        names = None
+        if table.schema.metadata and b"huggingface" in table.schema.metadata:
+            names = _label_names_from_features(Features.from_arrow_schema(table.schema))
+        return table.to_pandas(), names
+    raise ValueError(
+        f"Unknown file extension {path.suffix!r} for {str(path)!r}. Supported: {', '.join(DATA_FILE_SUFFIXES)}; "
+        "convert the file (e.g. with pandas) or pass a Hub dataset id."
+    )
+
+
+def _load(source: Path | str, split: str) -> tuple[pd.DataFrame, list[str] | None]:
+    """Read a resolved source: a local file, or a Hub id through `datasets.load_dataset`."""
+    if isinstance(source, Path):
+        logger.info(f"Loading {source} (local file; split {split!r} ignored).")
+        return _read_local(source)
+    import datasets
+
+    logger.info(f"Loading {source!r} split {split!r} from the Hugging Face Hub.")
+    dataset = datasets.load_dataset(source, split=split)
+    return dataset.to_pandas(), _label_names_from_features(dataset.features)
+
+
+# -------------------------------------------------------------------------------------- labels
+def _as_key(value: Any) -> Any:
+    """Label value as int when it is integral (1, 1.0, "1"), else as a stripped lower-case string."""
+    if isinstance(value, (bool, np.bool_)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return text.lower()
+
+
+def _bad_labels(values: Sequence[Any], accepted: str) -> ValueError:
+    shown = ", ".join(repr(v) for v in list(dict.fromkeys(values))[:10])
+    return ValueError(f"Unexpected label values {shown}; expected {accepted}. Fix or drop these rows.")
+
+
+def _mnli_labels(raw: pd.Series, file_names: list[str] | None, num_labels: int) -> np.ndarray:
+    """Map MNLI/ANLI labels to `num_labels` ids; -1 for rows without a gold label."""
+    aliases = dict(_NLI3_ALIASES)
+    if file_names is not None:  # integer ids follow the file's own ClassLabel order
+        lowered = [n.lower() for n in file_names]
+        unknown = [n for n in lowered if n not in aliases and n not in _NON_ENTAILMENT_ALIASES]
+        if unknown:
+            raise ValueError(
+                f"Unexpected label names {unknown} in the file's schema; expected names in {NLI3_LABELS}."
+            )
+    out, bad = np.empty(len(raw), dtype=np.int64), []
+    for i, value in enumerate(raw.tolist()):
+        key = _as_key(value)
+        if key in _NO_LABEL:
+            out[i] = -1
+            continue
+        if isinstance(key, int) and file_names is not None and 0 <= key < len(file_names):
+            key = file_names[key].lower()
+        if isinstance(key, str) and key in _NON_ENTAILMENT_ALIASES:
+            if num_labels == 3:
+                raise ValueError(
+                    f"Label {value!r} is 2-label (entailment / non_entailment) and cannot be split into neutral / "
+                    "contradiction; pass num_labels=2."
+                )
+            out[i] = 1
+            continue
+        if isinstance(key, str):
+            key = aliases.get(key, key)
+        if key in (0, 1, 2) and not isinstance(key, bool):
+            out[i] = key if num_labels == 3 else min(key, 1)
+        else:
+            bad.append(value)
+    if bad:
+        raise _bad_labels(
+            bad, "0/1/2 or entailment/neutral/contradiction (e/n/c), or -1/'-' for no gold label"
+        )
+    return out
+
+
+def _hans_labels(raw: pd.Series, file_names: list[str] | None) -> np.ndarray:
+    """Map HANS labels to 0 = entailment, 1 = non_entailment."""
+    names = [n.lower() for n in file_names] if file_names is not None else ["entailment", "non-entailment"]
+    if any(n not in _HANS_ALIASES for n in names):
+        raise ValueError(
+            f"Unexpected label names {file_names} in the file's schema; expected entailment / non-entailment."
+        )
+    out, bad = np.empty(len(raw), dtype=np.int64), []
+    for i, value in enumerate(raw.tolist()):
+        key = _as_key(value)
+        if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
+            key = names[key]
+        if isinstance(key, str) and key in _HANS_ALIASES:
+            out[i] = _HANS_ALIASES[key]
+        else:
+            bad.append(value)
+    if bad:
+        raise _bad_labels(bad, "'entailment' / 'non-entailment', or 0 = entailment / 1 = non-entailment")
+    return out
+
+
+# ------------------------------------------------------------------------------------- columns
+def _pick(frame: pd.DataFrame, candidates: Sequence[str]) -> str | None:
+    return next((c for c in candidates if c in frame.columns), None)
+
+
+def _nli_frame(frame: pd.DataFrame, file_names: list[str] | None, num_labels: int, genre: str) -> Dataset:
+    premise = _pick(frame, ("premise", "sentence1", "context"))
+    hypothesis = _pick(frame, ("hypothesis", "sentence2"))
+    label = _pick(frame, ("label", "gold_label"))
+    if premise is None or hypothesis is None or label is None:
+        raise ValueError(
+            "Expected NLI columns premise/hypothesis/label (Hub style) or sentence1/sentence2/gold_label "
+            f"(official MNLI style); found {list(frame.columns)}. Rename the columns or pass the official file."
+        )
+    labels = _mnli_labels(frame[label], file_names, num_labels)
+    keep = labels >= 0
+    if not keep.all():
+        logger.info(f"Dropped {int((~keep).sum())} rows without a gold label.")
+    genres = frame["genre"].astype(str) if "genre" in frame.columns else pd.Series([genre] * len(frame))
+    rows = {
+        "premise": frame[premise].astype(str).to_numpy()[keep].tolist(),
+        "hypothesis": frame[hypothesis].astype(str).to_numpy()[keep].tolist(),
+        "label": labels[keep].tolist(),
+        "genre": genres.to_numpy()[keep].tolist(),
+    }
+    return Dataset.from_dict(rows, features=nli_features(num_labels))
+
+
+def _hans_frame(frame: pd.DataFrame, file_names: list[str] | None, tsv: bool) -> Dataset:
+    columns = list(frame.columns)
+    official = all(c in columns for c in HANS_TSV_HEADER)
+    hub = all(c in columns for c in HANS_HUB_COLUMNS)
+    if tsv and not official:
+        raise ValueError(
+            "Not an official HANS file: expected the tab-separated header\n  "
+            + "\t".join(HANS_TSV_HEADER)
+            + f"\nbut found the columns {columns}. Pass heuristics_evaluation_set.txt / heuristics_train_set.txt "
+            "as released, or a parquet/jsonl copy of the Hub's hans dataset."
+        )
+    if not (official or hub):
+        raise ValueError(
+            f"Not a HANS file: expected the official columns {list(HANS_TSV_HEADER)} or the Hub hans columns "
+            f"{list(HANS_HUB_COLUMNS)}; found {columns}."
+        )
+    if official:
+        premise, hypothesis, label, pair_ids = (
+            "sentence1",
+            "sentence2",
+            "gold_label",
+            frame["pairID"].astype(str),
+        )
+    else:
+        premise, hypothesis, label = "premise", "hypothesis", "label"
+        # the Hub copy has no pair ids; HANS's own are ex0, ex1, ... in file order
+        pair_ids = (
+            frame["pairID"].astype(str)
+            if "pairID" in columns
+            else pd.Series([f"ex{i}" for i in range(len(frame))])
+        )
+    rows = {
+        "premise": frame[premise].astype(str).tolist(),
+        "hypothesis": frame[hypothesis].astype(str).tolist(),
+        "label": _hans_labels(frame[label], file_names).tolist(),
+        "heuristic": frame["heuristic"].astype(str).tolist(),
+        "subcase": frame["subcase"].astype(str).tolist(),
+        "template": frame["template"].astype(str).tolist(),
+        "pair_id": pair_ids.tolist(),
+    }
+    return Dataset.from_dict(rows, features=hans_features())
+
+
+# --------------------------------------------------------------------------------------- public
+def load_mnli(
+    name_or_path: str | os.PathLike = "nyu-mll/multi_nli", split: str = "train", num_labels: int = 2
+) -> Dataset:
+    """Load MNLI (or any MNLI-format NLI data) from the Hub or a local file.
+
+    Args:
+        name_or_path: a Hub dataset id, or a local `.jsonl`/`.json`/`.csv`/`.tsv`/`.txt`/`.parquet` file
+            with columns premise/hypothesis/label or the official sentence1/sentence2/gold_label.
+        split: the Hub split (`train`, `validation_matched`, `validation_mismatched`); ignored for files.
+        num_labels: 2 maps neutral and contradiction to 1 = non_entailment (MNLI-2); 3 keeps MNLI's
+            0 = entailment, 1 = neutral, 2 = contradiction.
+
+    Returns:
+        A `Dataset` with `premise`, `hypothesis`, `label`, `genre`; rows without a gold label (-1, "-")
+        are dropped.
+    """
+    label_names(num_labels)
+    frame, file_names = _load(_resolve(name_or_path), split)
+    return _nli_frame(frame, file_names, num_labels, genre="mnli")
+
+
+def load_anli(
+    name_or_path: str | os.PathLike = "facebook/anli", split: str = "train_r1", num_labels: int = 3
+) -> Dataset:
+    """Load ANLI from the Hub or a local file (Hub columns, or the official jsonl's context/hypothesis/label e/n/c).
+
+    Args:
+        name_or_path: a Hub dataset id or a local data file.
+        split: the Hub split (`train_r1` ... `test_r3`); ignored for files except for the genre tag.
+        num_labels: 3 (entailment / neutral / contradiction) or 2 (entailment / non_entailment).
+
+    Returns:
+        A `Dataset` with `premise`, `hypothesis`, `label`, `genre` (`anli_r1` etc. from the split name).
+    """
+    label_names(num_labels)
+    round_match = re.search(r"r(\d)", split)
+    genre = f"anli_r{round_match.group(1)}" if round_match else "anli"
+    frame, file_names = _load(_resolve(name_or_path), split)
+    return _nli_frame(frame, file_names, num_labels, genre=genre)
+
+
+def load_hans(name_or_path: str | os.PathLike, split: str = "validation") -> Dataset:
+    """Load HANS from the official tab-separated file, a parquet/jsonl/csv copy of the Hub's `hans`, or a Hub id.
+
+    Args:
+        name_or_path: `heuristics_evaluation_set.txt` / `heuristics_train_set.txt` (official header
+            `gold_label ... pairID heuristic subcase template`, labels "entailment" / "non-entailment"),
+            a file with the Hub columns (premise, hypothesis, label with 0 = entailment, 1 = non-entailment,
+            heuristic, subcase, template; a ClassLabel order stored in a parquet schema is honoured),
+            or a Hub dataset id.
+        split: the Hub split (`validation` = the evaluation set, `train`); ignored for files.
+
+    Returns:
+        A `Dataset` with `premise`, `hypothesis`, `label` (0 = entailment, 1 = non_entailment),
+        `heuristic`, `subcase`, `template`, `pair_id`.
+    """
+    source = _resolve(name_or_path)
+    tsv = isinstance(source, Path) and source.suffix.lower() in (".tsv", ".txt")
+    frame, file_names = _load(source, split)
+    return _hans_frame(frame, file_names, tsv=tsv)
+
+
+def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0) -> DatasetDict:
+    """Split HANS into disjoint validation (anchors) and test parts, stratified by subcase.
+
+    Args:
+        dataset: a HANS-style `Dataset` with a `subcase` column.
+        validation_fraction: share of each subcase that goes to `validation`, in (0, 1).
+        seed: the same seed gives the same split.
+
+    Returns:
+        `DatasetDict(validation=..., test=...)`; each keeps the rows' original order.
+    """
+    if "subcase" not in dataset.column_names:
+        raise ValueError(
+            f"split_hans needs a 'subcase' column; found {dataset.column_names}. Load the data with load_hans "
+            "or generate_nli."
+        )
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction must be strictly between 0 and 1, got {validation_fraction!r}."
+        )
+    rng = np.random.default_rng(seed)
+    subcases = np.asarray(dataset["subcase"])
+    validation: list[int] = []
+    for subcase in sorted(set(subcases.tolist())):
+        rows = rng.permutation(np.flatnonzero(subcases == subcase))
+        validation.extend(rows[: int(round(len(rows) * validation_fraction))].tolist())
+    in_validation = np.zeros(len(dataset), dtype=bool)
+    in_validation[validation] = True
+    return DatasetDict(
+        validation=dataset.select(np.flatnonzero(in_validation)),
+        test=dataset.select(np.flatnonzero(~in_validation)),
+    )
