@@ -20,7 +20,12 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 
 from hf_fastif import compute_influences
 from hf_fastif.batches import Batcher
-from hf_fastif.ground_truth import LogisticRegression, digits_data, fit_logistic_regression, leave_one_out_loss_changes
+from hf_fastif.ground_truth import (
+    LogisticRegression,
+    digits_data,
+    fit_logistic_regression,
+    leave_one_out_loss_changes,
+)
 from hf_fastif.influence import default_arguments, influence_mode
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
