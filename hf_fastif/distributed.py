@@ -15,9 +15,16 @@ from accelerate import PartialState
 
 
 def world() -> tuple[int, int]:
-    """``(rank, number of processes)``."""
-    state = PartialState()
-    return state.process_index, state.num_processes
+    """``(rank, number of processes)``, from the initialised process group where there is one.
+
+    Under ``accelerate launch --multi_gpu`` on a machine without GPUs, Accelerate initialises a gloo
+    process group but reports ``DistributedType.NO``; the process group is the truth.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        state = PartialState()  # initialises the process group under accelerate launch / torchrun
+        if not dist.is_initialized():
+            return state.process_index, state.num_processes
+    return dist.get_rank(), dist.get_world_size()
 
 
 def is_main_process() -> bool:
@@ -30,6 +37,11 @@ def shard(items: Sequence, rank: int | None = None, size: int | None = None) -> 
         rank, size = world()
     bounds = np.linspace(0, len(items), size + 1).round().astype(int)
     return list(items[bounds[rank] : bounds[rank + 1]])
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,3 +69,20 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_same_everywhere(description: dict) -> None:
+    """Refuse to run when processes were launched with different settings or data (they would mix
+    results): every process compares its ``description`` with every other's."""
+    rank, size = world()
+    if size == 1:
+        return
+    everyone: list = [None] * size
+    dist.all_gather_object(everyone, description)
+    for other, theirs in enumerate(everyone):
+        if theirs != description:
+            diff = sorted(k for k in set(theirs) | set(description) if theirs.get(k) != description.get(k))
+            raise ValueError(
+                f"Process {rank} and process {other} disagree on {diff} (e.g. {diff[0]}: {description.get(diff[0])!r} "
+                f"vs {theirs.get(diff[0])!r}). Launch every process with the same script, arguments and data."
+            )

@@ -85,6 +85,19 @@ def _describe_data(dataset: Dataset) -> dict:
     }
 
 
+def data_signature(dataset: Dataset, rows: int = 16) -> dict:
+    """Size, columns and a content hash of the first and last rows: equal on every process that loaded the
+    same data (in-memory datasets get random fingerprints, so fingerprints cannot be compared)."""
+    import hashlib
+    import json
+
+    n = len(dataset)
+    sample = sorted(set(range(min(rows, n))) | set(range(max(0, n - rows), n)))
+    text = json.dumps(dataset.select(sample).to_dict(), sort_keys=True, default=str)
+    return {"num_rows": n, "columns": sorted(dataset.column_names),
+            "sample_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
 def _lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetition: int) -> np.ndarray:
     """Row indices ``(depth, batch_size)`` drawn by repetition ``repetition``: successive shuffles of the
     training set, seeded by ``(seed, repetition)`` only, so any process can draw any repetition."""
@@ -142,6 +155,12 @@ def compute_influences(
     if args.influence_solver == "exact":
         check_exact_size(num_parameters(params))
     rank, world_size = D.world()
+    if world_size > 1:
+        D.check_same_everywhere({
+            "settings": args.influence_settings(), "combine": combine, "parameters": names,
+            "train": data_signature(train_dataset), "test": data_signature(test_dataset),
+            "candidates": data_signature(candidate_dataset),
+        })
     progress = not getattr(args, "disable_tqdm", False) and rank == 0
     device = next(model.parameters()).device
     timings: dict[str, float] = {}
@@ -188,6 +207,7 @@ def compute_influences(
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+            "revision": getattr(getattr(model, "config", None), "_commit_hash", None),
             "class": type(model).__name__,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "num_influence_parameters": num_parameters(params),
@@ -307,7 +327,9 @@ def _candidates(model, cand: Batcher, test: Batcher, k: int | None, combine: str
     method = features or args.influence_knn_features
     bsz = args.influence_scoring_batch_size
     with torch.no_grad():
-        train_feats = extract_features(model, cand, method, batch_size=bsz, progress=progress, desc="kNN features")
+        mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
+        train_feats = D.gather_rows(extract_features(model, mine, method, batch_size=bsz, progress=progress,
+                                                     desc="kNN features"))
         test_feats = extract_features(model, test, method, batch_size=bsz, progress=False)
     if combine == "mean":
         test_feats = test_feats.mean(0, keepdims=True)

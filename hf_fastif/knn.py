@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import Batcher
+from .quiet import quiet_datasets
 
 INDEX_NAME = "features"
 FeatureFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -77,14 +78,19 @@ def build_index(features: np.ndarray, factory: str = "Flat") -> Dataset:
     """A dataset of row ids with a faiss L2 index over ``features``; search ids are row indices."""
     import faiss
 
-    ids = Dataset.from_dict({"row": np.arange(features.shape[0])})
+    with quiet_datasets():
+        ids = Dataset.from_dict({"row": np.arange(features.shape[0])})
     train_size = None if factory == "Flat" else features.shape[0]
-    ids.add_faiss_index_from_external_arrays(features, index_name=INDEX_NAME, string_factory=factory,
-                                             metric_type=faiss.METRIC_L2, train_size=train_size)
+    # faiss-gpu when it is installed and this process has a GPU; faiss-cpu otherwise
+    device = torch.cuda.current_device() if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() else None
+    with quiet_datasets():
+        ids.add_faiss_index_from_external_arrays(features, index_name=INDEX_NAME, string_factory=factory,
+                                                 metric_type=faiss.METRIC_L2, train_size=train_size, device=device)
     return ids
 
 
 def search(index: Dataset, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest rows of each query: ``(scores, ids)``, each ``(q, k)``, nearest first."""
-    result = index.search_batch(INDEX_NAME, np.ascontiguousarray(queries, dtype=np.float32), k=k)
+    with quiet_datasets():
+        result = index.search_batch(INDEX_NAME, np.ascontiguousarray(queries, dtype=np.float32), k=k)
     return np.asarray(result.total_scores), np.asarray(result.total_indices)

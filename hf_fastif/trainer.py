@@ -6,6 +6,7 @@ from datasets import Dataset
 from transformers import Trainer
 
 from .arguments import InfluenceArguments
+from .builder import build_influence_table
 from .influence import compute_influences, default_arguments
 from .loss import LossFn
 from .table import InfluenceTable
@@ -48,3 +49,13 @@ class InfluenceTrainer(Trainer):
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
         return compute_influences(model, train, test_dataset, self.influence_args, combine=combine,
                                   data_collator=self.data_collator, candidate_dataset=candidate_dataset, **kwargs)
+
+    def build_influence_table(self, test_dataset: Dataset, output_dir: str, *, shard_size: int = 64,
+                              **kwargs) -> InfluenceTable:
+        """Influence for many test rows, saved shard by shard under ``output_dir`` and resumable
+        (see `hf_fastif.build_influence_table`)."""
+        kwargs.setdefault("loss_fn", self.influence_loss_fn)
+        kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
+        return build_influence_table(self.accelerator.unwrap_model(self.model), self.train_dataset, test_dataset,
+                                     output_dir, self.influence_args, shard_size=shard_size,
+                                     data_collator=self.data_collator, **kwargs)

@@ -18,9 +18,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def pad_collator():
-    from tokenizers import Tokenizer, models
-    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+    from tests.tiny import pad_collator_for_tests
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]")),
-                                  pad_token="[PAD]", unk_token="[UNK]")
-    return DataCollatorWithPadding(tok)
+    return pad_collator_for_tests()

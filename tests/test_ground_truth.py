@@ -122,7 +122,7 @@ def digits():
     return model, train, test, loo, wd
 
 
-def test_loss_only(outputs, batch):
+def plain_test_loss(outputs, batch):
     """The measured quantity of leave-one-out: the plain test loss, without the L2 term."""
     return F.cross_entropy(outputs["logits"], batch["labels"], reduction="none")
 
@@ -135,7 +135,7 @@ def test_logistic_regression_leave_one_out(digits, solver):
                              influence_recursion_depth=1500, influence_repetitions=4, disable_tqdm=True)
     if solver != "lissa":
         args.influence_damping = 0.0
-    table = compute_influences(model, train, test, args, measurement_fn=test_loss_only)
+    table = compute_influences(model, train, test, args, measurement_fn=plain_test_loss)
     influence = table_matrix(table, 8, len(train))
     # θ without z ≈ θ + H⁻¹∇L(z)/n, so the test loss changes by ∇L_t·H⁻¹∇L(z)/n = -influence/n.
     rhos = [spearmanr(-influence[t], loo[:, t]).statistic for t in range(8)]

@@ -77,3 +77,13 @@ def train_tiny(model, dataset, collator, epochs: int = 20, lr: float = 3e-3, bat
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def pad_collator_for_tests():
+    """DataCollatorWithPadding over a minimal word-level tokenizer (pad id 0), built offline."""
+    from tokenizers import Tokenizer, models
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]")),
+                                  pad_token="[PAD]", unk_token="[UNK]")
+    return DataCollatorWithPadding(tok)

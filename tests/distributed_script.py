@@ -1,0 +1,61 @@
+"""Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU).
+
+Writes the main process's tables to argv[1] as JSON. With argv[2] == "mismatch", process 1 uses another
+seed, which must be refused.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from hf_fastif import build_influence_table, compute_influences  # noqa: E402
+from hf_fastif.distributed import world  # noqa: E402
+from hf_fastif.influence import default_arguments  # noqa: E402
+from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model  # noqa: E402
+
+CASES = {
+    "lissa_knn": dict(influence_solver="lissa", influence_repetitions=None, influence_knn_k=8),
+    "lissa_t4_full": dict(influence_solver="lissa", influence_repetitions=4, influence_knn_k=None),
+    "cg_full": dict(influence_solver="cg", influence_knn_k=None),
+    "exact_mean": dict(influence_solver="exact", influence_knn_k=10, combine="mean"),
+}
+COMMON = dict(influence_damping=0.05, influence_scale=20.0, influence_recursion_depth=15, influence_batch_size=2,
+              influence_params=[r"encoder\.layer\.1\.output", r"pooler\.", r"classifier\."], disable_tqdm=True,
+              influence_scoring_batch_size=5, influence_hvp_batch_size=6)
+
+
+def tables(world_size_repetitions=None, seed_offset=0):
+    """Every case's table as lists; shared by the launched script and the 1-process reference."""
+    model = tiny_model("bert")
+    train, test = make_token_dataset(31, seed=0), make_token_dataset(3, seed=1)
+    collator = pad_collator_for_tests()
+    out = {}
+    for name, case in CASES.items():
+        case = dict(case)
+        combine = case.pop("combine", "none")
+        if case.get("influence_repetitions", 1) is None and world_size_repetitions is not None:
+            case["influence_repetitions"] = world_size_repetitions
+        args = default_arguments(**(COMMON | case | {"influence_seed": 42 + seed_offset}))
+        df = compute_influences(model, train, test, args, combine=combine, data_collator=collator).to_pandas()
+        out[name] = df.sort_values(["test_id", "train_id"]).to_dict(orient="list")
+    return out, model, train, test, collator
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    rank, size = world()
+    offset = 1 if len(sys.argv) > 2 and sys.argv[2] == "mismatch" and rank == 1 else 0
+    out, model, train, test, collator = tables(seed_offset=offset)
+    build = build_influence_table(model, train, test, sys.argv[1] + ".build",
+                                  default_arguments(**(COMMON | CASES["cg_full"])), shard_size=2,
+                                  data_collator=collator)
+    out["build"] = build.to_pandas().to_dict(orient="list")
+    out["num_processes"] = size
+    if rank == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(out, f)

@@ -1,0 +1,64 @@
+"""The parallel variant: 2 processes through `accelerate launch` (gloo on CPU) equal 1 process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.distributed_script import tables
+
+SCRIPT = Path(__file__).with_name("distributed_script.py")
+
+
+def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `--cpu --num_processes 2` silently runs ONE process; --multi_gpu on a CPU machine gives 2 gloo processes
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(SCRIPT), str(out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "tables.json"
+    result = launch(out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    return tables(world_size_repetitions=2)[0]
+
+
+def test_two_processes_really_ran(two_processes):
+    assert two_processes["num_processes"] == 2
+
+
+@pytest.mark.parametrize("case", ["lissa_knn", "lissa_t4_full", "cg_full", "exact_mean"])
+def test_two_processes_equal_one(two_processes, one_process, case):
+    a, b = one_process[case], two_processes[case]
+    assert a["test_id"] == b["test_id"] and a["train_id"] == b["train_id"]
+    np.testing.assert_allclose(b["influence"], a["influence"], rtol=1e-5, atol=1e-9)
+
+
+def test_two_process_build_equals_the_single_table(two_processes, one_process):
+    build, single = two_processes["build"], one_process["cg_full"]
+    order = np.lexsort((build["train_id"], build["test_id"]))
+    np.testing.assert_array_equal(np.asarray(build["train_id"])[order], single["train_id"])
+    np.testing.assert_allclose(np.asarray(build["influence"])[order], single["influence"], rtol=1e-5, atol=1e-9)
+
+
+def test_mismatched_settings_across_processes_are_refused(tmp_path):
+    result = launch(tmp_path / "x.json", "mismatch")
+    assert result.returncode != 0
+    assert "disagree on ['settings']" in result.stderr and "same script, arguments and data" in result.stderr
