@@ -42,9 +42,13 @@ def model_signature(model: nn.Module, patterns) -> dict:
             "selected_sha256": digest.hexdigest()}
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, content) -> None:
+    """Write text or a DataFrame (as parquet) to a temporary file, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        content.to_parquet(tmp, index=False)
     os.replace(tmp, path)
 
 
@@ -89,7 +93,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
             )
     elif D.is_main_process():
         shards.mkdir(parents=True, exist_ok=True)
-        _write_atomic(manifest, lambda p: p.write_text(json.dumps({"signature": signature}, indent=2)))
+        _write_atomic(manifest, json.dumps({"signature": signature}, indent=2))
     D.barrier()
 
     starts = list(range(0, len(test_dataset), shard_size))
@@ -104,9 +108,8 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
         part = table.to_pandas()
         part["test_id"] += start
         if D.is_main_process():
-            _write_atomic(path.with_suffix(".json"),
-                          lambda p: p.write_text(json.dumps(table.metadata, indent=2, default=str)))
-            _write_atomic(path, lambda p: part.to_parquet(p, index=False))
+            _write_atomic(path.with_suffix(".json"), json.dumps(table.metadata, indent=2, default=str))
+            _write_atomic(path, part)
         D.barrier()
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
