@@ -8,12 +8,10 @@ uninterrupted run gives; a directory from a different model, data or settings is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-import torch
 from datasets import Dataset, concatenate_datasets
 from torch import nn
 from tqdm.auto import tqdm
@@ -22,24 +20,12 @@ from transformers.utils import logging
 from . import distributed as D
 from .arguments import InfluenceArguments
 from .influence import compute_influences, data_signature, default_arguments
-from .params import select_parameters
 from .quiet import quiet_datasets
-from .table import InfluenceTable
+from .table import InfluenceTable, model_fingerprint
 
 logger = logging.get_logger(__name__)
 
 MANIFEST = "build_manifest.json"
-
-
-def model_signature(model: nn.Module, patterns) -> dict:
-    """Class, parameter count and a SHA-256 of the selected parameters' values."""
-    digest = hashlib.sha256()
-    params = select_parameters(model, patterns)
-    for name, p in params.items():
-        digest.update(name.encode())
-        digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return {"class": type(model).__name__, "num_parameters": sum(p.numel() for p in model.parameters()),
-            "selected_sha256": digest.hexdigest()}
 
 
 def _write_atomic(path: Path, content) -> None:
@@ -76,7 +62,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     shards = out / "shards"
     candidates = kwargs.get("candidate_dataset") or train_dataset
     signature = {
-        "model": model_signature(model, args.influence_params),
+        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
         "settings": args.influence_settings(),
         "train": data_signature(train_dataset), "test": data_signature(test_dataset),
         "candidates": data_signature(candidates), "shard_size": shard_size,

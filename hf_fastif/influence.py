@@ -23,7 +23,7 @@ from .params import num_parameters, select_parameters
 from .scoring import score_candidates
 from .solvers import build_hessian, power_iteration, solve_cg, solve_exact, solve_lissa
 from .solvers.exact import check_exact_size
-from .table import InfluenceTable
+from .table import InfluenceTable, model_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -211,6 +211,7 @@ def compute_influences(
             "class": type(model).__name__,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "num_influence_parameters": num_parameters(params),
+            "fingerprint": model_fingerprint(model),
         },
         "train_data": _describe_data(train_dataset),
         "test_data": _describe_data(test_dataset),

@@ -1,12 +1,17 @@
-"""InfluenceTable: ordering, queries, save/load round trip, and refusal of broken tables."""
+"""InfluenceTable: ordering, queries, save/load round trip, incremental writing, lazy loading, and refusal of
+broken tables or another model."""
 
 import json
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 
 from hf_fastif import InfluenceTable
+from hf_fastif.table import InfluenceTableError, InfluenceTableWriter, ModelMismatchError, model_fingerprint
 
 
 def make_table(n_test=3, n_train=50, seed=0):
@@ -59,3 +64,107 @@ def test_broken_tables_are_refused(tmp_path):
     shard.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="corrupt"):
         InfluenceTable.load(tmp_path / "c")
+
+
+def test_unsorted_input_is_sorted_and_metadata_is_complete():
+    table = InfluenceTable(Dataset.from_dict({"test_id": [1, 0, 1, 0], "train_id": [0, 1, 2, 3],
+                                              "influence": [3.0, 2.0, 1.0, 0.0]}).select([3, 2, 1, 0]))
+    assert table.helpful(1, 5).train_id.tolist() == [2, 0] and table.harmful(0, 5).train_id.tolist() == [1, 3]
+    assert table.test_ids == [0, 1]
+    meta = table.metadata
+    assert meta["schema_version"] == 1 and meta["library"] == "hf_fastif" and meta["library_version"]
+    assert meta["created_at"].endswith("+00:00")
+
+
+def test_writer_appends_shards_and_queries_read_only_what_they_need(tmp_path):
+    rng = np.random.default_rng(0)
+    expected = []
+    with InfluenceTableWriter(tmp_path / "t", {"settings": {"influence_solver": "cg"}}, shard_rows=35,
+                              row_group_rows=10) as writer:
+        for chunk in (range(0, 4), range(8, 12), range(4, 8)):  # written out of order, as chunks finish
+            test = np.repeat(np.asarray(chunk), 5)
+            part = {"test_id": test, "train_id": rng.integers(0, 100, test.size),
+                    "influence": rng.normal(size=test.size), "train_text": [f"t{i}" for i in range(test.size)]}
+            writer.write(part)
+            expected.append(pd.DataFrame(part))
+            assert writer.num_rows == sum(len(e) for e in expected)
+    shards = sorted((tmp_path / "t" / "data").glob("*.parquet"))
+    assert [s.name for s in shards] == [f"train-0000{i}-of-00002.parquet" for i in range(2)]
+    expected = pd.concat(expected).sort_values(["test_id", "influence"], kind="stable").reset_index(drop=True)
+
+    table = InfluenceTable.load(tmp_path / "t")
+    assert len(table) == 60 and table._dataset is None
+    for t in range(12):
+        rows = expected[expected.test_id == t]
+        assert table.helpful(t, 2).influence.tolist() == rows.influence.tolist()[:2]
+        assert table.harmful(t, 2).train_text.tolist() == rows.train_text.tolist()[::-1][:2]
+    reads = table._shards.row_groups_read
+    table._shards.row_groups_read = 0
+    table.helpful(5, 3)
+    assert table._shards.row_groups_read <= 2 < len(table._shards.ranges)  # 6 row groups, one or two read
+    assert table._dataset is None and reads > 0  # nothing was loaded as a whole
+    assert table.test_ids == list(range(12))
+    pd.testing.assert_frame_equal(table.to_pandas()[expected.columns], expected)
+    # the datasets.Dataset view is memory-mapped Arrow, sorted like the table
+    assert table.dataset.cache_files and table.dataset["test_id"] == expected.test_id.tolist()
+
+    table.save(tmp_path / "t")  # re-saving a loaded table over its own folder
+    again = InfluenceTable.load(tmp_path / "t", verify=True)
+    pd.testing.assert_frame_equal(again.to_pandas()[expected.columns], expected)
+
+
+def test_writer_aborts_on_error_and_refuses_other_columns(tmp_path):
+    make_table().save(tmp_path / "t")
+    with pytest.raises(RuntimeError):
+        with InfluenceTableWriter(tmp_path / "t", row_group_rows=2) as writer:
+            writer.write({"test_id": [0, 0, 0], "train_id": [1, 2, 3], "influence": [0.1, 0.2, 0.3]})
+            raise RuntimeError("the computation died")
+    assert len(InfluenceTable.load(tmp_path / "t")) == 150  # the old table is untouched
+    assert not list((tmp_path / "t" / "data").glob(".partial*"))
+    writer = InfluenceTableWriter(tmp_path / "w")
+    writer.write({"test_id": [0], "train_id": [1], "influence": [0.1]})
+    with pytest.raises(ValueError, match="same columns"):
+        writer.write({"test_id": [0], "train_id": [1], "influence": [0.1], "extra": ["x"]})
+    with pytest.raises(ValueError, match="missing \\['influence'\\]"):
+        writer.write({"test_id": [0], "train_id": [1]})
+
+
+def test_shards_with_missing_columns_or_bytes_are_refused(tmp_path):
+    make_table().save(tmp_path / "t", shard_rows=100)
+    shards = sorted((tmp_path / "t" / "data").glob("*.parquet"))
+    pq.write_table(pa.table({"test_id": [0], "train_id": [1]}), tmp_path / "cols.parquet")
+    meta = json.loads((tmp_path / "t" / "influence_metadata.json").read_text())
+    meta.pop("storage")  # a table folder without the shard list: the footers alone must catch it
+    (tmp_path / "t" / "influence_metadata.json").write_text(json.dumps(meta))
+    shards[1].write_bytes((tmp_path / "cols.parquet").read_bytes())
+    with pytest.raises(InfluenceTableError, match="missing \\['influence'\\]"):
+        InfluenceTable.load(tmp_path / "t")
+    pq.write_table(pa.table({"test_id": [0.5], "train_id": [1], "influence": [0.1]}), shards[1])
+    with pytest.raises(InfluenceTableError, match="'test_id' .* must hold integers"):
+        InfluenceTable.load(tmp_path / "t")
+
+    make_table().save(tmp_path / "s", shard_rows=100)
+    shard = sorted((tmp_path / "s" / "data").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # one flipped byte inside a data page: same size, valid footer
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InfluenceTableError, match="corrupt: its sha256 differs"):
+        InfluenceTable.load(tmp_path / "s", verify=True)
+    shard.unlink()
+    with pytest.raises(InfluenceTableError, match="incomplete: the shards .* are missing"):
+        InfluenceTable.load(tmp_path / "s")
+
+
+def test_check_model_says_which_model_the_table_needs(tmp_path):
+    from tests.tiny import tiny_model
+
+    model = tiny_model("bert")
+    table = InfluenceTable.from_arrays([0], [0], [0.5], {"model": {
+        "name_or_path": "tiny", "class": type(model).__name__, "num_parameters": sum(p.numel() for p in model.parameters()),
+        "fingerprint": model_fingerprint(model)}})
+    table.save(tmp_path / "t")
+    InfluenceTable.load(tmp_path / "t").check_model(model)  # the same weights: no error
+    with pytest.raises(ModelMismatchError, match="computed with 'tiny'.*fingerprint mismatch"):
+        table.check_model(tiny_model("bert", seed=5))
+    with pytest.raises(ModelMismatchError, match="class 'BertForSequenceClassification' in the table"):
+        table.check_model(tiny_model("roberta"))

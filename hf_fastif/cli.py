@@ -1,0 +1,322 @@
+"""The ``hf-fastif`` command: build influence tables, share them on the Hub, and read them in a terminal.
+
+    hf-fastif build --output-dir out                       # the embedded default (generated NLI, small BERT), offline
+    hf-fastif build --output-dir out --model bert-mnli --train-file train.jsonl --test-file hans.txt
+    hf-fastif push out/table user/mnli-influence [--private]   # token: HF_TOKEN or `hf auth login`
+    hf-fastif pull user/mnli-influence [--revision v1] [--output-dir copy]
+    hf-fastif show user/mnli-influence --test-id 3 -n 10   # or a local table folder
+
+Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; new
+subcommands (e.g. ``bench``) add one function to `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .table import InfluenceTable, InfluenceTableError
+
+EXIT_ERROR = 2
+
+
+# ---- build ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BuildArguments:
+    output_dir: str = dataclasses.field(metadata={"help": "Folder for the build; the table goes to <output_dir>/table."})
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "Sequence-classification model: a local dir or Hub id. Default: train the "
+                                        "embedded default (generated NLI data, small BERT), offline."})
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model."})
+    train_file: str | None = dataclasses.field(
+        default=None, metadata={"help": "Training data of --model: an MNLI-format file or Hub dataset id."})
+    train_split: str = dataclasses.field(default="train", metadata={"help": "Hub split of --train_file."})
+    test_file: str | None = dataclasses.field(
+        default=None, metadata={"help": "Test data: a HANS file (with heuristic/subcase) or MNLI-format file or Hub id."})
+    test_split: str = dataclasses.field(default="validation", metadata={"help": "Hub split of --test_file."})
+    max_train: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N training rows."})
+    max_test: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
+    shard_size: int = dataclasses.field(
+        default=64, metadata={"help": "Test rows computed and saved at a time (a rerun resumes after the last one)."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Embedded default: seed of data and model."})
+    n_train: int = dataclasses.field(default=2000, metadata={"help": "Embedded default: training rows."})
+    n_test_per_subcase: int = dataclasses.field(
+        default=1, metadata={"help": "Embedded default: HANS-style test rows per subcase (30 subcases)."})
+    epochs: float = dataclasses.field(default=3.0, metadata={"help": "Embedded default: training epochs."})
+
+
+def _influence_options():
+    """The ``influence_*`` fields of `InfluenceArguments` as CLI options, default None = not given (the
+    library's, or the embedded default's, settings apply). For k and repetitions, 0 means None."""
+    from .arguments import InfluenceArguments
+
+    fields = []
+    for f in dataclasses.fields(InfluenceArguments):
+        if f.name.startswith("influence_") and f.init:
+            hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            hint = hint if "None" in hint else f"{hint} | None"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f"{f.metadata.get('help', '')} (default: {default})"
+            fields.append((f.name, hint, dataclasses.field(default=None, metadata={"help": help_})))
+    return dataclasses.make_dataclass("InfluenceOptions", fields)
+
+
+def add_build(sub) -> None:
+    parser = sub.add_parser("build", help="Build an influence table (a model + data, or the embedded default).",
+                            dataclass_types=[BuildArguments, _influence_options()],
+                            formatter_class=argparse.HelpFormatter,
+                            description="Build an influence table; --influence_* options as in InfluenceArguments.")
+    parser.set_defaults(run=run_build)
+
+
+def run_build(ns: argparse.Namespace) -> int:
+    build = BuildArguments(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(BuildArguments)})
+    influence = {k: v for k, v in vars(ns).items() if k.startswith("influence_") and v is not None}
+    for key in ("influence_knn_k", "influence_repetitions"):
+        if influence.get(key) == 0:
+            influence[key] = None
+    out = Path(build.output_dir)
+    if build.model is None:
+        from .space import DefaultBuild, build_default
+
+        if build.train_file or build.test_file:
+            raise ValueError("--train_file / --test_file need --model (the model trained on that data).")
+        defaults = DefaultBuild().influence
+        config = DefaultBuild(seed=build.seed, n_train=build.n_train, n_test_per_subcase=build.n_test_per_subcase,
+                              epochs=build.epochs, influence=defaults | influence)
+        build_default(out, config)
+        print(f"trained the embedded default model -> {out / 'model'}")
+    else:
+        _build_from_model(build, influence, out)
+    table = InfluenceTable.load(out / "table")
+    print(f"influence table ({len(table):,} rows, {len(table.test_ids)} test ids) -> {out / 'table'}")
+    print(f"next: hf-fastif show {out / 'table'} --test-id {table.test_ids[0] if len(table) else 0}")
+    return 0
+
+
+def _build_from_model(build: BuildArguments, influence: dict, out: Path) -> None:
+    import numpy as np
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+    )
+
+    from .builder import build_influence_table
+    from .data import load_hans, load_mnli, tokenize_nli
+    from .distributed import barrier, is_main_process
+    from .influence import default_arguments
+    from .table import model_fingerprint
+
+    if not build.train_file or not build.test_file:
+        raise ValueError("--model needs --train_file (its training data) and --test_file (the rows to explain).")
+    model = AutoModelForSequenceClassification.from_pretrained(build.model, revision=build.revision,
+                                                               attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(build.model, revision=build.revision)
+    num_labels = model.config.num_labels
+    train = load_mnli(build.train_file, split=build.train_split, num_labels=num_labels)
+    test = _load_test(build.test_file, build.test_split, num_labels, load_hans, load_mnli)
+    if build.max_train:
+        train = train.select(range(min(build.max_train, len(train))))
+    if build.max_test:
+        test = test.select(range(min(build.max_test, len(test))))
+    args = default_arguments(**influence, use_cpu=not torch.cuda.is_available())
+    collator = DataCollatorWithPadding(tokenizer)
+    train_tok, test_tok = tokenize_nli(train, tokenizer), tokenize_nli(test, tokenizer)
+    table = build_influence_table(model, train_tok, test_tok, out / "build", args, shard_size=build.shard_size,
+                                  data_collator=collator)
+    predictor = Trainer(model=model, args=args, data_collator=collator)
+    predictions = np.asarray(predictor.predict(test_tok).predictions).argmax(-1)
+    table.metadata["model"] |= {"name_or_path": build.model, "fingerprint": model_fingerprint(model)}
+    table.metadata["train_data"] |= {"name": build.train_file, "split": build.train_split}
+    table.metadata["test_data"] |= {"name": build.test_file, "split": build.test_split}
+    table.metadata["label_names"] = [model.config.id2label[i] for i in range(num_labels)]
+    table.metadata["command"] = "hf-fastif " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("hf-fastif") else None
+    test = test.add_column("prediction", [int(p) for p in predictions])
+    if is_main_process():  # under `accelerate launch` every process holds the table; one writes it
+        table.add_text(train, test, columns=("premise", "hypothesis", "label", "genre", "prediction", "heuristic",
+                                             "subcase")).save(out / "table")
+    barrier()
+
+
+def _load_test(name: str, split: str, num_labels: int, load_hans, load_mnli):
+    """HANS when the file has its columns (heuristic, subcase), MNLI format otherwise."""
+    try:
+        return load_hans(name, split=split)
+    except ValueError:
+        return load_mnli(name, split=split, num_labels=num_labels)
+
+
+# ---- push / pull ---------------------------------------------------------------------------------------------
+def add_push(sub) -> None:
+    parser = sub.add_parser("push", help="Upload a table folder to a Hub dataset repo (parquet shards + card).")
+    parser.add_argument("table", help="A table folder (written by `build` or InfluenceTable.save).")
+    parser.add_argument("repo_id", help="Dataset repo, e.g. user/mnli-influence (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--revision", default=None, help="Branch to commit to (default: main).")
+    parser.add_argument("--commit-message", default="Upload influence table with hf_fastif")
+    parser.add_argument("--token", default=None, help="Hub token (better: the HF_TOKEN variable or `hf auth login`, "
+                                                      "which keep it out of the process list and shell history).")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(ns: argparse.Namespace) -> int:
+    table = InfluenceTable.load(ns.table, verify=True)
+    commit = table.push_to_hub(ns.repo_id, private=True if ns.private else None, token=ns.token,
+                               revision=ns.revision, commit_message=ns.commit_message)
+    print(f"pushed {len(table):,} rows to dataset {ns.repo_id} at commit {commit}")
+    print(f"load it with: InfluenceTable.from_hub({ns.repo_id!r}, revision={commit!r})")
+    return 0
+
+
+def add_pull(sub) -> None:
+    parser = sub.add_parser("pull", help="Download a table from the Hub (into the cache, or a folder).")
+    parser.add_argument("repo_id", help="Dataset repo of the table.")
+    parser.add_argument("--revision", default=None, help="Branch, tag or commit id.")
+    parser.add_argument("--output-dir", default=None, help="Also save the table to this folder.")
+    parser.set_defaults(run=run_pull)
+
+
+def run_pull(ns: argparse.Namespace) -> int:
+    table = InfluenceTable.from_hub(ns.repo_id, revision=ns.revision, verify=True)
+    print(_summary(table))
+    if ns.output_dir:
+        table.save(ns.output_dir, repo_id=ns.repo_id)
+        print(f"saved to {ns.output_dir}")
+    return 0
+
+
+# ---- show ----------------------------------------------------------------------------------------------------
+def add_show(sub) -> None:
+    parser = sub.add_parser("show", help="Print the most helpful / harmful training rows of a test id.")
+    parser.add_argument("source", help="A table folder or a Hub dataset repo id.")
+    parser.add_argument("--test-id", type=int, default=None, help="Test row to explain (default: the first).")
+    parser.add_argument("-n", type=int, default=10, help="Rows per side (default 10).")
+    parser.add_argument("--side", choices=("both", "helpful", "harmful"), default="both")
+    parser.add_argument("--revision", default=None, help="Hub revision, for a repo id.")
+    parser.add_argument("--list", action="store_true", help="List the table's test examples instead.")
+    parser.set_defaults(run=run_show)
+
+
+def run_show(ns: argparse.Namespace) -> int:
+    table = _open(ns.source, ns.revision)
+    print(_summary(table))
+    names = table.metadata.get("label_names") or []
+    tests = table.tests()
+    for col in ("test_label", "test_prediction"):
+        if col in tests:
+            tests[col] = _label_names(tests[col], names)
+    if ns.list:
+        shown = tests.drop(columns=[c for c in ("test_subcase",) if c in tests])
+        print(_format(shown.rename(columns=lambda c: c.removeprefix("test_") if c != "test_id" else c), _width()))
+        return 0
+    if ns.n < 1:
+        raise ValueError(f"-n must be at least 1, got {ns.n}.")
+    test_id = ns.test_id if ns.test_id is not None else int(tests.test_id.iloc[0]) if len(tests) else 0
+    row = tests[tests.test_id == test_id]
+    print(f"\ntest {test_id}")
+    if len(row):
+        for col in [c for c in row.columns if c != "test_id"]:
+            print(f"  {col.removeprefix('test_')}: {row.iloc[0][col]}")
+    for side in ("helpful", "harmful"):
+        if ns.side in (side, "both"):
+            frame = getattr(table, side)(test_id, ns.n)
+            shown = frame.drop(columns=[c for c in frame.columns if c.startswith("test_")])
+            if "train_label" in shown:
+                shown["train_label"] = _label_names(shown["train_label"], names)
+            shown.insert(0, "rank", range(1, len(shown) + 1))
+            shown["influence"] = shown["influence"].map("{:+.4e}".format)
+            shown.columns = [c.removeprefix("train_") if c != "train_id" else c for c in shown.columns]
+            print(f"\nmost {side} ({'negative' if side == 'helpful' else 'positive'} influence first)")
+            print(_format(shown, _width()))
+    return 0
+
+
+def _label_names(values, names: list[str]) -> list:
+    return [names[int(v)] if names and v is not None and 0 <= int(v) < len(names) else v for v in values]
+
+
+def _open(source: str, revision: str | None) -> InfluenceTable:
+    if Path(source).is_dir():
+        return InfluenceTable.load(source)
+    if Path(source).exists() or source.startswith((".", "/", "~")):
+        raise ValueError(f"{source!r} is not a table folder (pass the folder holding {Path('influence_metadata.json')}).")
+    return InfluenceTable.from_hub(source, revision=revision)
+
+
+def _summary(table: InfluenceTable) -> str:
+    md = table.metadata
+    settings = md.get("settings") or {}
+    return (f"influence table: {len(table):,} rows · model {(md.get('model') or {}).get('name_or_path')} · solver "
+            f"{settings.get('influence_solver')} · λ {md.get('lambda')} · hf_fastif {md.get('library_version')} · "
+            f"created {md.get('created_at')}")
+
+
+def _width() -> int:
+    return max(60, shutil.get_terminal_size((120, 24)).columns)
+
+
+def _format(frame, width: int) -> str:
+    """A plain-text table that fits ``width`` columns: text columns share what numbers leave."""
+    frame = frame.astype(str)
+    widths = {c: max([len(c), *map(len, frame[c])]) for c in frame.columns}
+    texts = [c for c in frame.columns if widths[c] > 24]
+    fixed = sum(widths[c] for c in frame.columns if c not in texts) + 2 * (len(frame.columns) - 1)
+    if texts:
+        room = max(12, (width - fixed) // len(texts) - 2)
+        widths |= {c: min(widths[c], room) for c in texts}
+
+    def cell(text: str, c: str) -> str:
+        text = text if len(text) <= widths[c] else textwrap.shorten(text, widths[c], placeholder="…")
+        return text.ljust(widths[c])
+
+    lines = ["  ".join(cell(c, c) for c in frame.columns).rstrip()]
+    lines.append("  ".join("-" * widths[c] for c in frame.columns))
+    lines += ["  ".join(cell(v, c) for c, v in zip(frame.columns, row)).rstrip() for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------
+COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show]
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(prog="hf-fastif", description=__doc__.splitlines()[0],
+                                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                                          epilog="\n".join(__doc__.splitlines()[2:8]))
+    main_parser.add_argument("-v", "--verbose", action="store_true", help="Log progress (transformers logging, info).")
+    sub = main_parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(
+        f.__name__.removeprefix("add_") for f in COMMANDS) + "}", parser_class=HfArgumentParser)
+    for add in COMMANDS:
+        add(sub)
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    from transformers.utils import logging
+
+    logging.set_verbosity_info() if ns.verbose else logging.set_verbosity_warning()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return ns.run(ns)
+    except BrokenPipeError:  # e.g. `hf-fastif show ... | head`
+        sys.stdout = open(os.devnull, "w")  # python would complain when flushing at exit otherwise
+        return 0
+    except (InfluenceTableError, ValueError, KeyError, FileNotFoundError) as err:
+        print(f"hf-fastif {ns.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

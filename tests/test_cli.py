@@ -1,0 +1,112 @@
+"""The hf-fastif command: build (embedded default, and a model + data files), show, push / pull through the
+loopback Hub double, and errors as one-line messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_fastif import InfluenceTable
+from hf_fastif.cli import main
+from tests.hub_server import HubServer, hub_server_fixture, run_client  # noqa: F401 (fixture)
+
+SMALL = ["--n_train", "300", "--epochs", "1", "--influence_knn_k", "20", "--influence_recursion_depth", "10"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "embedded"
+    assert main(["build", "--output-dir", str(out), *SMALL]) == 0
+    return out
+
+
+def test_build_embedded_default_then_show(built: Path, capsys) -> None:
+    table = InfluenceTable.load(built / "table")
+    assert len(table.test_ids) == 30 and len(table) == 30 * 20
+    assert table.metadata["settings"]["influence_recursion_depth"] == 10
+    assert table.metadata["label_names"] == ["entailment", "non_entailment"]
+    assert {"train_premise", "test_hypothesis", "test_prediction", "test_heuristic"} <= set(table.column_names)
+
+    assert main(["show", str(built / "table"), "--test-id", "7", "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    test = table.tests().set_index("test_id").loc[7]
+    assert f"premise: {test.test_premise}" in out and "most helpful" in out and "most harmful" in out
+    lines = out.splitlines()
+    helpful = lines[lines.index("most helpful (negative influence first)") + 3]  # header, rule, first row
+    top = table.helpful(7, 1).iloc[0]
+    assert helpful.split()[:3] == ["1", str(top.train_id), f"{top.influence:+.4e}"]
+    assert ("non_entailment" in helpful) or ("entailment" in helpful)  # label names, not ids
+
+    assert main(["show", str(built / "table"), "--list"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]) == 30
+
+
+def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path) -> None:
+    from hf_fastif.data import generate_nli
+
+    raw = generate_nli(seed=0, n_train=300, n_hans_per_subcase=1, n_pool_per_subcase=0)  # the model's data
+    raw["train"].to_json(tmp_path / "train.jsonl")
+    raw["hans"].select(range(4)).to_json(tmp_path / "hans.jsonl")
+    out = tmp_path / "model_build"
+    args = ["build", "--output-dir", str(out), "--model", str(built / "model"), "--train-file",
+            str(tmp_path / "train.jsonl"), "--test-file", str(tmp_path / "hans.jsonl"), "--shard_size", "3",
+            "--influence_knn_k", "10", "--influence_solver", "cg", "--influence_params", r"pooler\.", r"classifier\."]
+    assert main(args) == 0
+    table = InfluenceTable.load(out / "table")
+    assert table.test_ids == [0, 1, 2, 3] and len(table) == 40
+    assert table.metadata["model"]["name_or_path"] == str(built / "model")
+    assert table.metadata["settings"]["influence_solver"] == "cg"
+    assert table.tests().test_premise.tolist() == raw["hans"]["premise"][:4]
+    assert sorted((out / "build" / "shards").glob("*.parquet"))  # built in resumable shards of 3 test rows
+    from transformers import AutoModelForSequenceClassification
+
+    table.check_model(AutoModelForSequenceClassification.from_pretrained(built / "model"))
+
+
+def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> None:
+    assert main(["show", str(built / "table"), "--test-id", "99"]) == 2
+    assert "error: test_id 99 is not in this table" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "nothing")]) == 2
+    assert "is not a table folder" in capsys.readouterr().err
+    assert main(["show", str(built)]) == 2  # a folder, but not a table
+    assert "is not an influence table" in capsys.readouterr().err
+    assert main(["build", "--output-dir", str(tmp_path / "x"), "--train-file", "t.jsonl"]) == 2
+    assert "need --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["build", "--output-dir", str(tmp_path / "x"), "--influence_solver"])  # argparse: usage + exit 2
+
+
+def test_console_script_is_declared() -> None:
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "hf-fastif"]
+    assert script.load() is main and (Path(sys.executable).parent / "hf-fastif").is_file()
+
+
+PUSH_PULL_SHOW = """
+import sys
+from hf_fastif.cli import main
+table, repo, copy = sys.argv[1:4]
+assert main(["push", table, repo, "--private"]) == 0
+assert main(["pull", repo, "--output-dir", copy]) == 0
+assert main(["show", repo, "--test-id", "2", "-n", "2", "--side", "harmful"]) == 0
+assert main(["pull", repo, "--revision", "no-such-tag"]) == 2
+"""
+
+
+def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_path: Path) -> None:
+    done = run_client(PUSH_PULL_SHOW, hub_server, tmp_path / "client",
+                      args=[str(built / "table"), "test-user/cli-table", str(tmp_path / "copy")])
+    table = InfluenceTable.load(built / "table")
+    assert "pushed 600 rows to dataset test-user/cli-table at commit " + hub_server.head("test-user/cli-table") \
+        in done.stdout
+    assert InfluenceTable.load(tmp_path / "copy").to_pandas().equals(table.to_pandas())
+    assert "most harmful" in done.stdout and "most helpful" not in done.stdout
+    assert str(table.harmful(2, 1).train_id.iloc[0]) in done.stdout
+    assert "error: Revision 'no-such-tag' does not exist" in done.stderr
+    assert hub_server.token not in done.stdout + done.stderr
+    meta = json.loads(hub_server.files("test-user/cli-table")["influence_metadata.json"])
+    assert meta["storage"]["num_rows"] == 600

@@ -1,0 +1,152 @@
+"""Influence tables on the Hub, through the loopback Hub double (tests/hub_server.py) and the real clients.
+
+`huggingface_hub` and `datasets` read HF_ENDPOINT at import, and the suite runs offline, so every Hub client
+runs in a subprocess (`run_client_json`) configured for the double.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from huggingface_hub import DatasetCard
+
+from hf_fastif import InfluenceTable
+from tests.hub_server import HubServer, hub_server_fixture, run_client, run_client_json  # noqa: F401 (fixture)
+
+REPO = "test-user/nli-influence"
+
+
+def make_table(seed: int, n_test: int = 3, n_train: int = 40) -> InfluenceTable:
+    rng = np.random.default_rng(seed)
+    test, train = np.repeat(np.arange(n_test), n_train), np.tile(np.arange(n_train), n_test)
+    metadata = {"model": {"name_or_path": "tiny-bert", "revision": "abc123", "class": "BertForSequenceClassification"},
+                "train_data": {"name": "generated", "split": "train", "fingerprint": "f00d"},
+                "settings": {"influence_solver": "lissa", "influence_damping": 0.005, "influence_scale": 1000.0},
+                "lambda": 5.0}
+    return InfluenceTable.from_arrays(test, train, rng.normal(size=test.size), metadata,
+                                      train_premise=[f"premise {i}" for i in train],
+                                      train_label=[int(i % 2) for i in train])
+
+
+PUSH = """
+import json, os, sys
+from huggingface_hub import HfApi
+from huggingface_hub.utils import logging as hub_logging
+from transformers.utils import logging
+from hf_fastif import InfluenceTable
+
+hub_logging.set_verbosity_debug()  # the most talkative the clients get: the token must not show up even so
+logging.set_verbosity_debug()
+v1, v2, corrupt, repo = sys.argv[1:5]
+token = os.environ.pop("HF_TOKEN")  # from here on the token only travels as an argument
+first = InfluenceTable.load(v1).push_to_hub(repo, token=token, shard_rows=50)
+second = InfluenceTable.load(v2).push_to_hub(repo, token=token, shard_rows=50)
+api = HfApi(token=token)
+api.create_repo("test-user/plain", repo_type="dataset")
+api.upload_file(path_or_fileobj=b"a,b\\n1,2\\n", path_in_repo="data.csv", repo_id="test-user/plain",
+                repo_type="dataset")
+InfluenceTable.load(v1).push_to_hub("test-user/private", token=token, private=True)
+api.create_repo("test-user/corrupt", repo_type="dataset")
+api.upload_folder(folder_path=corrupt, repo_id="test-user/corrupt", repo_type="dataset")
+try:
+    InfluenceTable.load(v1).push_to_hub(repo, token="hf_wrong_secret_0123456789")
+    wrong = None
+except Exception as err:
+    wrong = f"{type(err).__name__}: {err}"
+print(json.dumps({"first": first, "second": second, "wrong_token": wrong}))
+"""
+
+PULL = """
+import json, sys
+import datasets
+from hf_fastif import InfluenceTable
+from hf_fastif.table import InfluenceTableError
+
+repo, first = sys.argv[1:3]
+latest = InfluenceTable.from_hub(repo)
+pinned = InfluenceTable.from_hub(repo, revision=first)
+short = InfluenceTable.from_hub(repo, revision=first[:10])
+rows = datasets.load_dataset(repo, split="train")
+errors = {}
+for name, call in {
+    "unknown_repo": lambda: InfluenceTable.from_hub("test-user/missing"),
+    "unknown_revision": lambda: InfluenceTable.from_hub(repo, revision="no-such-branch"),
+    "unknown_commit": lambda: InfluenceTable.from_hub(repo, revision="0" * 40),
+    "not_a_table": lambda: InfluenceTable.from_hub("test-user/plain"),
+    "corrupt_shard": lambda: InfluenceTable.from_hub("test-user/corrupt"),
+    "bad_repo_id": lambda: InfluenceTable.from_hub("not a repo id!"),
+    "private_anonymous": lambda: InfluenceTable.from_hub("test-user/private", token=False, cache_dir="anonymous"),
+}.items():
+    try:
+        call()
+        errors[name] = None
+    except Exception as err:
+        errors[name] = {"type": type(err).__name__, "table_error": isinstance(err, InfluenceTableError),
+                        "message": str(err)}
+frame = lambda t: t.to_pandas().to_dict("list")
+private = len(InfluenceTable.from_hub("test-user/private"))  # with the token of the environment
+print(json.dumps({"private": private, "latest": frame(latest), "pinned": frame(pinned), "short": frame(short),
+                  "load_dataset": rows.to_pandas().to_dict("list"), "metadata": latest.metadata,
+                  "helpful": latest.helpful(1, 3).to_dict("list"), "harmful": latest.harmful(2, 3).to_dict("list"),
+                  "errors": errors}))
+"""
+
+
+def _rows(frame: dict | pd.DataFrame) -> list[tuple]:
+    frame = pd.DataFrame(frame)
+    return sorted(zip(frame.test_id, frame.train_id, frame.influence, frame.train_premise, frame.train_label))
+
+
+def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_path: Path) -> None:
+    v1, v2 = make_table(0), make_table(1)
+    v1.save(tmp_path / "v1")
+    v2.save(tmp_path / "v2")
+    v1.save(tmp_path / "corrupt", shard_rows=50)
+    shard = tmp_path / "corrupt" / "data" / "train-00001-of-00003.parquet"
+    shard.write_bytes(b"\0" * shard.stat().st_size)  # same size: only the parquet check can tell
+
+    push = run_client(PUSH, hub_server, tmp_path / "client_a",
+                      args=[str(tmp_path / "v1"), str(tmp_path / "v2"), str(tmp_path / "corrupt"), REPO])
+    pushed = json.loads(push.stdout.strip().splitlines()[-1])
+    first, second = pushed["first"], pushed["second"]
+    assert len(first) == 40 and first != second and hub_server.head(REPO) == second
+    assert hub_server.commit_history(REPO)[:2] == [second, first]
+    # sharded parquet + metadata + card, and nothing else (the old shards of v1 were replaced, not kept)
+    files = hub_server.files(REPO)
+    assert sorted(files) == [".gitattributes", "README.md", "data/train-00000-of-00003.parquet",
+                             "data/train-00001-of-00003.parquet", "data/train-00002-of-00003.parquet",
+                             "influence_metadata.json"]
+    card = DatasetCard(files["README.md"].decode())
+    assert card.data.license == "apache-2.0" and "influence-functions" in card.data.tags
+    assert card.data.configs[0]["data_files"][0]["path"] == "data/*.parquet"
+    assert card.data.influence["lambda"] == 5.0 and card.data.influence["settings"]["influence_solver"] == "lissa"
+    assert card.data.influence["model"] == "tiny-bert" and card.data.influence["model_revision"] == "abc123"
+    assert f'InfluenceTable.from_hub("{REPO}")' in card.text and f'load_dataset("{REPO}"' in card.text
+    # a wrong token is refused with a clear error that does not repeat it
+    assert pushed["wrong_token"].startswith("InfluenceTableError") and "token" in pushed["wrong_token"]
+    assert "hf_wrong_secret_0123456789" not in pushed["wrong_token"]
+    # the token (and the wrong one) never appear in the clients' output, even at debug verbosity
+    assert any(r["auth"] == "valid" for r in hub_server.requests)  # it was sent, so the checks below mean something
+    for text in (push.stdout, push.stderr, hub_server.log_text):
+        assert hub_server.token not in text and "hf_wrong_secret_0123456789" not in text
+
+    out = run_client_json(PULL, hub_server, tmp_path / "client_b", args=[REPO, first])
+    assert _rows(out["latest"]) == _rows(v2.to_pandas())
+    assert _rows(out["pinned"]) == _rows(v1.to_pandas()) == _rows(out["short"])
+    assert _rows(out["load_dataset"]) == _rows(v2.to_pandas())  # plain datasets reads the same rows
+    assert out["metadata"] == v2.metadata
+    assert out["helpful"]["influence"] == v2.helpful(1, 3).influence.tolist()
+    assert out["harmful"]["train_premise"] == v2.harmful(2, 3).train_premise.tolist()
+
+    errors = out["errors"]
+    assert all(e is not None and e["table_error"] for e in errors.values()), errors
+    assert "No dataset repo 'test-user/missing'" in errors["unknown_repo"]["message"]
+    assert "Revision 'no-such-branch' does not exist" in errors["unknown_revision"]["message"]
+    assert "does not exist" in errors["unknown_commit"]["message"]
+    assert "is not an influence table" in errors["not_a_table"]["message"]
+    assert "corrupt" in errors["corrupt_shard"]["message"] and "train-00001-of-00003" in errors["corrupt_shard"]["message"]
+    assert "not a valid Hub repo id" in errors["bad_repo_id"]["message"]
+    assert out["private"] == len(v1) and "private or gated: pass token" in errors["private_anonymous"]["message"]
