@@ -1,0 +1,199 @@
+"""The benchmark (recipes/benchmark.py, `hf_fastif.benchmark`): its quick mode runs end to end and its
+numbers are sane. Structure and sanity only, never speed."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hf_fastif.benchmark import (
+    FAST,
+    FASTIF,
+    FLOOR,
+    GRADIENT,
+    ORIGINAL,
+    PARALLEL,
+    BenchmarkConfig,
+    Setup,
+    cost_model,
+    fast_settings,
+    knn_recall_curve,
+    main,
+    quality,
+)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = main(["--quick", "--output_dir", str(out)])
+    return results, out
+
+
+def by_row(results):
+    return {r["row"]: r for r in results["rows"]}
+
+
+# --------------------------------------------------------------------------------- pure pieces
+def test_quality_of_a_row_that_is_the_original_on_a_subset():
+    rng = np.random.default_rng(0)
+    original = rng.normal(size=(2, 300))
+    helpful = np.argsort(original[0])[:10]  # most negative
+    ids = np.sort(np.concatenate([helpful[:5], rng.choice(np.setdiff1d(np.arange(300), helpful), 95, replace=False)]))
+    rows = [(ids, original[0, ids]), (np.arange(300), original[1])]
+    q = quality(original, rows)
+    assert q["pearson"] == pytest.approx(1.0) and q["spearman"] == pytest.approx(1.0)
+    # test point 0 keeps 5 of its 10 most helpful rows; test point 1 is a full scan
+    assert q["recall@10 helpful"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_quality_separates_helpful_from_harmful():
+    original = np.arange(100, dtype=float)[None] - 50.0  # row 0 most helpful, row 99 most harmful
+    ids = np.arange(50)  # only the helpful half
+    q = quality(original, [(ids, original[0, ids])])
+    assert q["recall@10 helpful"] == 1.0 and q["recall@10 harmful"] == 0.0
+
+
+def test_knn_recall_curve_counts_the_neighbours():
+    original = np.arange(20, dtype=float)[None]  # rows 0.. most helpful; rows ..19 most harmful
+    order = np.arange(20)[None]  # nearest first: the helpful rows
+    curve = knn_recall_curve(original, order, ns=(10,))
+    assert curve["k"] == [10, 20]
+    assert curve["recall@10 helpful"] == [1.0, 1.0] and curve["recall@10 harmful"] == [0.0, 1.0]
+
+
+def test_cost_model_formulas():
+    u = {"hvp": {"1x1": 1.0, "128x1": 10.0, "8x4": 2.0}, "score": {"1": 0.01, "4": 0.02}, "test_gradient": 0.5,
+         "power_iteration": 4.0, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
+    fast = {"b": 8, "t": 1, "j": 50}
+    c = cost_model(u, n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, fast=fast, processes=2)
+    q = 0.1 + 1000 * 1e-4
+    assert c[ORIGINAL] == pytest.approx(0.5 + 4 + 100 * 10 + 1000 * 0.01)
+    assert c[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1 + q + 10 * 0.01)
+    assert c[PARALLEL] == pytest.approx(0.5 + 4 + 2 * 100 * 1 + q + 5 * 0.01)
+    assert c[FAST] == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.02)
+    assert c["original (2021 code path)"] == pytest.approx(0.5 + 100 * 10 + 1000 * 0.1)
+
+
+def test_fast_settings_keep_lambda_and_convergence():
+    setup = Setup(None, None, None, None, None, None, {}, depth=100, damping=0.05, scale=5.0)
+    fast = fast_settings(BenchmarkConfig(fast_scale_factor=1.5), setup, top_eigenvalue=1.6)
+    assert fast["scale"] == pytest.approx(2.4)
+    assert fast["damping"] * fast["scale"] == pytest.approx(0.25)  # λ of the original
+    assert fast["j"] * fast["damping"] >= 100 * 0.05 - 1e-9 and fast["j"] == 48
+    # a scale factor that would exceed the original's scale is capped at it
+    assert fast_settings(BenchmarkConfig(fast_scale_factor=10), setup, 1.6)["j"] == 100
+
+
+# --------------------------------------------------------------------------------- the quick run
+def test_rows_are_the_papers_and_ours(quick):
+    results, _ = quick
+    names = [r["row"] for r in results["rows"]]
+    assert names == [ORIGINAL, FLOOR, "+kNN (k=20)", "+kNN (k=80)", FASTIF, f"{PARALLEL} (2 processes)", FAST,
+                     GRADIENT]
+
+
+def test_every_row_has_time_and_quality(quick):
+    results, _ = quick
+    for row in results["rows"]:
+        assert math.isfinite(row["seconds"]) and row["seconds"] > 0, row["row"]
+        assert row["speed-up"] == pytest.approx(results["rows"][0]["seconds"] / row["seconds"])
+        for key in ("pearson", "spearman"):
+            assert -1.0 <= row[key] <= 1.0, (row["row"], key)
+        for key in ("recall@10 helpful", "recall@10 harmful", "recall@100 helpful", "recall@100 harmful"):
+            assert 0.0 <= row[key] <= 1.0, (row["row"], key)
+        assert "values" not in row
+
+
+def test_original_agrees_with_itself(quick):
+    rows = by_row(quick[0])
+    original = rows[ORIGINAL]
+    assert original["spearman"] == pytest.approx(1.0) and original["speed-up"] == pytest.approx(1.0)
+    assert original["recall@10 helpful"] == 1.0 and original["recall@100 harmful"] == 1.0
+    # another LiSSA seed is another estimate: close to the original, but not the same numbers
+    assert 0.5 < rows[FLOOR]["pearson"] < 1.0 - 1e-9
+    for name in (ORIGINAL, FASTIF, FAST):
+        assert 0.0 < rows[name]["cost model / measured"] < 100.0, name
+
+
+def test_knn_rows_share_the_original_s_test(quick):
+    rows = by_row(quick[0])
+    small, large = rows["+kNN (k=20)"], rows["+kNN (k=80)"]
+    for row in (small, large):
+        assert row["sanity"]["candidates_equal_knn_index"]
+        assert row["sanity"]["max_relative_difference_to_original"] < 1e-5
+        assert row["spearman"] == pytest.approx(1.0)
+    for key in ("recall@10 helpful", "recall@10 harmful", "recall@100 helpful", "recall@100 harmful"):
+        assert large[key] >= small[key], key  # the k = 20 neighbours are inside the k = 80 ones
+
+
+def test_parallel_equals_fastif(quick):
+    rows = by_row(quick[0])
+    parallel = next(r for name, r in rows.items() if name.startswith(PARALLEL))
+    assert "error" not in parallel, parallel.get("error")
+    assert parallel["num_processes"] == 2
+    assert parallel["sanity"]["max_relative_difference_to_FastIF"] < 1e-4
+    assert parallel["spearman"] == pytest.approx(rows[FASTIF]["spearman"], abs=1e-6)
+
+
+def test_fast_row_is_close_to_the_original(quick):
+    results, _ = quick
+    fast = by_row(results)[FAST]
+    assert fast["spearman"] > 0.5
+    assert results["fast"]["damping"] * results["fast"]["scale"] == pytest.approx(results["scale"]["lambda"])
+    assert "union" in fast and fast["union"] <= results["scale"]["num_train"]
+
+
+def test_paper_scale_rows(quick):
+    results, _ = quick
+    paper = {r["row"]: r for r in results["paper_rows"]}
+    assert paper[ORIGINAL]["speed-up vs original (hf_fastif kernels)"] == pytest.approx(1.0)
+    assert paper[FASTIF]["speed-up vs original (hf_fastif kernels)"] > 1.0
+    assert paper["original (2021 code path)"]["speed-up vs original (2021 code path)"] == pytest.approx(1.0)
+    u = results["unit_costs"]
+    assert all(v > 0 for v in u["hvp"].values()) and all(v > 0 for v in u["score"].values())
+    assert len(results["targets"]) >= 6 and all(isinstance(t["met"], bool) for t in results["targets"])
+
+
+def test_knn_recall_curve_of_the_run(quick):
+    curve = quick[0]["knn_recall_curve"]
+    assert curve["k"][-1] == quick[0]["scale"]["num_train"]
+    for key in (k for k in curve if k.startswith("recall@")):
+        assert np.all(np.diff(curve[key]) >= -1e-12), key
+        assert curve[key][-1] == pytest.approx(1.0), key
+
+
+def test_sweep_grid(quick):
+    results, _ = quick
+    config = results["config"]
+    sweep = results["sweep"]
+    depths = {max(1, round(f * results["scale"]["recursion_depth"])) for f in config["sweep_depths"]}
+    assert {(p["J"], p["B"]) for p in sweep} == {(j, b) for j in depths for b in config["sweep_batch_sizes"]}
+    for p in sweep:
+        assert p["T"] * p["B"] <= max(config["original_batch_size"], p["B"])
+        assert p["s_test_s_per_test_point"] > 0 and -1.0 <= p["spearman"] <= 1.0
+    t_max = config["sweep_repetitions"]
+    assert max(p["T"] for p in sweep if p["B"] == 1) == t_max
+
+
+def test_ground_truth_anchor(quick):
+    rows = {r["solver"]: r for r in quick[0]["ground_truth"]["rows"]}
+    assert rows["exact"]["spearman_vs_exact"] == pytest.approx(1.0)
+    assert rows["cg"]["spearman_vs_exact"] > 0.99
+    assert rows["exact"]["spearman_vs_loo"] > 0.9
+    for row in rows.values():
+        assert -1.0 <= row["lds"] <= 1.0
+    assert "leave-one-out retraining (Newton)" in rows
+
+
+def test_files(quick):
+    results, out = quick
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert [r["row"] for r in saved["rows"]] == [r["row"] for r in results["rows"]]
+    for png in ("s_test_sweep.png", "knn_recall.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "benchmark.md").read_text()
+    for heading in ("## Measured, side by side in one run", "## At the paper's scale", "## Targets",
+                    "## s_test sweep", "## kNN recall vs k", "## Ground-truth anchor"):
+        assert heading in report
