@@ -20,7 +20,7 @@ from .hvp import batch_gradient, batch_hvp
 from .knn import FeatureFn, build_index, extract_features, search
 from .loss import FunctionalModel, LossFn
 from .params import num_parameters, select_parameters
-from .scoring import score_candidates
+from .scoring import score_pairs
 from .solvers import build_hessian, power_iteration, solve_cg, solve_exact, solve_lissa
 from .solvers.exact import check_exact_size
 from .table import InfluenceTable, model_fingerprint
@@ -188,20 +188,18 @@ def compute_influences(
         timings["knn_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        union = np.unique(np.concatenate(queries)) if k is not None else np.arange(len(cand))
-        mine = D.shard(union)
-        local = score_candidates(fm, params, cand, mine, s_test, batch_size=args.influence_scoring_batch_size,
-                                 method=args.influence_scoring, progress=progress)
-        scores = D.gather_rows(local)
+        pair_tests = np.concatenate([np.full(len(rows), t, dtype=np.int64) for t, rows in enumerate(queries)])
+        pair_rows = np.concatenate(queries)
+        # each process scores the pairs of its share of the candidate rows; (pair, value) rows are gathered
+        mine = np.flatnonzero(np.isin(pair_rows, D.shard(np.unique(pair_rows))))
+        local = score_pairs(fm, params, cand, pair_tests[mine], pair_rows[mine], s_test,
+                            batch_size=args.influence_scoring_batch_size, method=args.influence_scoring,
+                            progress=progress)
+        gathered = D.gather_rows(np.column_stack([mine.astype(np.float64), local]))
+        values = np.empty(len(pair_rows))
+        values[gathered[:, 0].astype(np.int64)] = gathered[:, 1]
         timings["scoring_s"] = time.perf_counter() - start
 
-    position = np.full(len(cand), -1, dtype=np.int64)
-    position[union] = np.arange(len(union))
-    test_ids, train_ids, values = [], [], []
-    for t, rows in enumerate(queries):
-        test_ids.append(np.full(len(rows), t, dtype=np.int64))
-        train_ids.append(rows)
-        values.append(scores[position[rows], t])
     metadata = {
         "library_version": _version(),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -222,8 +220,7 @@ def compute_influences(
         "num_processes": world_size,
         "diagnostics": diagnostics | timings,
     }
-    return InfluenceTable.from_arrays(np.concatenate(test_ids), np.concatenate(train_ids), np.concatenate(values),
-                                      metadata)
+    return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
 
 
 def _version() -> str:
@@ -299,9 +296,10 @@ def _solve_lissa(fm, params, train: Batcher, v: torch.Tensor, args, progress: bo
                 f"{suggest_scale(top + damp * scale):.3g} (lower influence_damping to keep λ = damping × scale "
                 "if needed), or influence_solver='cg'."
             )
-        if top > scale * (1 - damp):
-            logger.warning(f"influence_scale={scale:g} is close to the top Hessian eigenvalue (~{top:.4g}); single-"
-                           "batch Hessians are larger still, so LiSSA may diverge. A scale of 2x-10x that is safer.")
+        if top > (2.0 - damp) * scale / 2:
+            logger.warning(f"influence_scale={scale:g} is within 2x of LiSSA's convergence limit (top Hessian "
+                           f"eigenvalue ~{top:.4g} vs (2 - damp)·scale = {(2 - damp) * scale:.4g}); single-batch "
+                           "Hessians are larger still, so LiSSA may diverge. A larger scale is safer.")
     mine = D.shard(range(repetitions))
     draws = {t: _lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
     rows = {t: train.rows(draws[t].reshape(-1)) for t in mine}

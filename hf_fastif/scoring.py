@@ -37,24 +37,47 @@ def score_batch(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, 
     raise ValueError(f"Unknown scoring method {method!r}; use 'jvp' or 'grad'.")
 
 
-def score_candidates(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher: Batcher,
-                     candidates: Sequence[int], s_test: torch.Tensor, *, batch_size: int = 64,
-                     method: str = "jvp", progress: bool = True) -> np.ndarray:
-    """Influence of every candidate row on every s_test: ``(len(candidates), m)`` float64.
+def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher: Batcher,
+                test_ids: np.ndarray, candidate_ids: np.ndarray, s_test: torch.Tensor, *, batch_size: int = 64,
+                method: str = "jvp", progress: bool = True) -> np.ndarray:
+    """Influence of candidate ``candidate_ids[i]`` on test vector ``s_test[test_ids[i]]`` for every pair i.
 
-    One pass over the candidates serves all m test vectors.
+    Each candidate row is run once, against only the test vectors that asked for it: candidates are
+    batched in the order of the first test that picked them, so disjoint kNN sets cost one tangent per
+    candidate, and shared candidates (or a full scan) are scored for many tests in one pass.
+    Returns ``(len(test_ids),)`` float64, aligned with the pairs.
     """
     if method == "grad":
         batch_size = min(batch_size, GRAD_CHUNK)
-    out = np.empty((len(candidates), s_test.shape[0]), dtype=np.float64)
-    total = -(-len(candidates) // batch_size)
-    offset = 0
-    for chunk, batch in tqdm(batcher.batches(candidates, batch_size), total=total, desc="scoring",
-                             disable=not progress, leave=False):
-        scores = score_batch(fm, params, batch, s_test, method)
-        out[offset : offset + len(chunk)] = scores.double().cpu().numpy()
-        offset += len(chunk)
+    test_ids, candidate_ids = np.asarray(test_ids, dtype=np.int64), np.asarray(candidate_ids, dtype=np.int64)
+    by_candidate = np.lexsort((test_ids, candidate_ids))  # pairs grouped by candidate, tests ascending
+    rows, starts = np.unique(candidate_ids[by_candidate], return_index=True)
+    stops = np.r_[starts[1:], len(by_candidate)]
+    first_test = test_ids[by_candidate[starts]]
+    order = np.lexsort((rows, first_test))  # candidates of the same tests land in the same batches
+    out = np.empty(len(test_ids), dtype=np.float64)
+    total = -(-len(rows) // batch_size)
+    for start in tqdm(range(0, len(rows), batch_size), total=total, desc="scoring", disable=not progress,
+                      leave=False):
+        chunk = order[start : start + batch_size]
+        pairs = np.concatenate([by_candidate[starts[c] : stops[c]] for c in chunk])
+        needed, column = np.unique(test_ids[pairs], return_inverse=True)
+        scores = score_batch(fm, params, batcher.batch(rows[chunk]), s_test[torch.as_tensor(needed)], method)
+        row_of = np.repeat(np.arange(len(chunk)), stops[chunk] - starts[chunk])
+        out[pairs] = scores.double().cpu().numpy()[row_of, column]
     return out
+
+
+def score_candidates(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher: Batcher,
+                     candidates: Sequence[int], s_test: torch.Tensor, *, batch_size: int = 64,
+                     method: str = "jvp", progress: bool = True) -> np.ndarray:
+    """Influence of every candidate row on every s_test: ``(len(candidates), m)`` float64, one pass."""
+    candidates = np.asarray(list(candidates), dtype=np.int64)
+    m = s_test.shape[0]
+    tests = np.tile(np.arange(m), len(candidates))
+    values = score_pairs(fm, params, batcher, tests, np.repeat(candidates, m), s_test, batch_size=batch_size,
+                         method=method, progress=progress)
+    return values.reshape(len(candidates), m)
 
 
 def score_per_example_loop(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher: Batcher,

@@ -113,3 +113,22 @@ def test_combine_mean_is_the_mean_of_test_gradients(data, pad_collator):
     assert set(df.test_id) == {0}
     expected = per_row.groupby("train_id").influence.mean().values
     np.testing.assert_allclose(df.influence.values, expected, rtol=1e-8)
+
+
+def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pad_collator, monkeypatch):
+    import hf_fastif.scoring as scoring
+
+    model, train, test = data
+    seen, real = [], scoring.score_batch
+
+    def spy(fm, params, batch, s_test, method="jvp"):
+        seen.append((batch["input_ids"].shape[0], s_test.shape[0]))
+        return real(fm, params, batch, s_test, method)
+
+    monkeypatch.setattr(scoring, "score_batch", spy)
+    df = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=3,
+             influence_scoring_batch_size=3)
+    pairs, union = len(df), df.train_id.nunique()
+    assert sum(b for b, _ in seen) == union  # every candidate row runs once
+    work = sum(b * m for b, m in seen)  # candidate-tangent products computed
+    assert work <= 2 * pairs < union * len(test)
