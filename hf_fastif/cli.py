@@ -287,7 +287,13 @@ def _format(frame, width: int) -> str:
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show]
+def add_bench(sub) -> None:
+    parser = sub.add_parser("bench", help="The paper's speed-quality table (hf_fastif.benchmark); flags follow "
+                            "`python -m hf_fastif.benchmark --help`.", add_help=False)
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="Benchmark flags, e.g. --quick.")
+
+
+COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show, add_bench]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -303,6 +309,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every flag, --help included, belongs to the benchmark's own parser
+        from .benchmark import main as benchmark_main
+
+        benchmark_main(argv[1:])
+        return 0
     ns = parser().parse_args(argv)
     from transformers.utils import logging
 
