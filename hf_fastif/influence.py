@@ -164,6 +164,7 @@ def compute_influences(
     progress = not getattr(args, "disable_tqdm", False) and rank == 0
     device = next(model.parameters()).device
     timings: dict[str, float] = {}
+    fingerprint = model_fingerprint(model)
 
     with influence_mode(model, names):
         fm = FunctionalModel(model, names, loss_fn, measurement_fn, args.influence_weight_decay)
@@ -184,7 +185,7 @@ def compute_influences(
         timings["s_test_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        queries = _candidates(model, cand, test, k, combine, args, features, progress)
+        queries = _candidates(model, cand, test, k, combine, args, features, progress, fingerprint)
         timings["knn_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -209,7 +210,7 @@ def compute_influences(
             "class": type(model).__name__,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "num_influence_parameters": num_parameters(params),
-            "fingerprint": model_fingerprint(model),
+            "fingerprint": fingerprint,
         },
         "train_data": _describe_data(train_dataset),
         "test_data": _describe_data(test_dataset),
@@ -317,21 +318,30 @@ def _solve_lissa(fm, params, train: Batcher, v: torch.Tensor, args, progress: bo
     return total, info | lissa_info
 
 
+# The last kNN index, keyed by the model's weights fingerprint, the candidate data and the feature settings:
+# repeated queries against an unchanged model (a demo, a table built in parts) reuse it.
+_INDEX_CACHE: dict = {}
+
+
 def _candidates(model, cand: Batcher, test: Batcher, k: int | None, combine: str, args, features,
-                progress: bool) -> list[np.ndarray]:
+                progress: bool, fingerprint: str) -> list[np.ndarray]:
     """Candidate rows of each query (one query per test row, or one for the mean)."""
     queries = 1 if combine == "mean" else len(test)
     if k is None:
         return [np.arange(len(cand))] * queries
     method = features or args.influence_knn_features
     bsz = args.influence_scoring_batch_size
+    key = (fingerprint, cand.dataset._fingerprint, len(cand), method if isinstance(method, str) else id(method),
+           args.influence_knn_index, D.world())
     with torch.no_grad():
-        mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
-        train_feats = D.gather_rows(extract_features(model, mine, method, batch_size=bsz, progress=progress,
-                                                     desc="kNN features"))
+        if _INDEX_CACHE.get("key") != key:
+            _INDEX_CACHE.clear()  # one index at a time: features of a large training set are big
+            mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
+            train_feats = D.gather_rows(extract_features(model, mine, method, batch_size=bsz, progress=progress,
+                                                         desc="kNN features"))
+            _INDEX_CACHE.update(key=key, index=build_index(train_feats, args.influence_knn_index))
         test_feats = extract_features(model, test, method, batch_size=bsz, progress=False)
     if combine == "mean":
         test_feats = test_feats.mean(0, keepdims=True)
-    index = build_index(train_feats, args.influence_knn_index)
-    _, ids = search(index, test_feats, k)
+    _, ids = search(_INDEX_CACHE["index"], test_feats, k)
     return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]

@@ -132,3 +132,18 @@ def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pa
     assert sum(b for b, _ in seen) == union  # every candidate row runs once
     work = sum(b * m for b, m in seen)  # candidate-tangent products computed
     assert work <= 2 * pairs < union * len(test)
+
+
+def test_the_knn_index_is_reused_until_the_model_changes(data, pad_collator, monkeypatch):
+    import hf_fastif.influence as influence
+
+    model, train, test = data
+    built, real = [], influence.build_index
+    monkeypatch.setattr(influence, "build_index", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    influence._INDEX_CACHE.clear()
+    first = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
+    again = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
+    assert len(built) == 1 and first.equals(again)
+    changed = tiny_model("bert", seed=9)
+    run(changed, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
+    assert len(built) == 2
