@@ -1,0 +1,229 @@
+"""Pieces the four applications share: predictions, HANS accuracy, one plain SGD step, label checks,
+mean ± std, and writing a result as JSON + markdown + PNG."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+
+from ..arguments import InfluenceArguments
+from ..batches import Batcher, model_input_columns
+from ..hvp import batch_gradient
+from ..influence import influence_mode
+from ..loss import FunctionalModel, LossFn
+from ..params import select_parameters
+
+EVAL_BATCH_SIZE = 128
+
+
+def batcher(model: nn.Module, dataset: Dataset, data_collator: Callable | None = None) -> Batcher:
+    """A `Batcher` over the model's input columns (and labels) of ``dataset``, on the model's device."""
+    return Batcher(dataset, model_input_columns(model, dataset), data_collator, next(model.parameters()).device)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, data_collator: Callable | None = None,
+            batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """Logits ``(N, num_labels)`` of every row (eval mode; the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    rows = batcher(model, dataset, data_collator)
+    out = []
+    try:
+        for _, batch in rows.batches(range(len(rows)), batch_size):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            out.append(model(**inputs).logits.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out, 0)
+
+
+def to_two_labels(predictions: np.ndarray) -> np.ndarray:
+    """0 = entailment stays 0; every other class (neutral, contradiction) is non_entailment = 1."""
+    return np.minimum(np.asarray(predictions), 1)
+
+
+def two_label_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``(b, 2)`` log-probabilities of entailment / non_entailment; for 3-label NLI logits the
+    non_entailment probability is p(neutral) + p(contradiction)."""
+    log_probs = torch.log_softmax(logits.float() if logits.dtype == torch.float16 else logits, dim=-1)
+    if log_probs.shape[-1] == 2:
+        return log_probs
+    return torch.stack([log_probs[:, 0], torch.logsumexp(log_probs[:, 1:], dim=-1)], dim=-1)
+
+
+def two_label_loss(outputs, batch) -> torch.Tensor:
+    """Per-example cross-entropy against 2-label (HANS) labels, for 2- or 3-label NLI models: a
+    ``measurement_fn`` that lets a 3-label MNLI model be corrected on HANS anchors."""
+    from ..loss import logits_of
+
+    return -two_label_log_probs(logits_of(outputs)).gather(1, batch["labels"].long().unsqueeze(1)).squeeze(1)
+
+
+class HansEvaluator:
+    """Per-heuristic HANS accuracy of a model on a fixed HANS split, through the `hans_accuracy` metric module,
+    plus the mean 2-label cross-entropy (``loss``, ``loss_<heuristic>``). 3-label models count neutral and
+    contradiction as non_entailment.
+
+    Args:
+        dataset: tokenized HANS rows with ``labels`` (0 = entailment, 1 = non_entailment) and ``heuristic``.
+        data_collator: pads the rows (e.g. ``DataCollatorWithPadding``).
+    """
+
+    def __init__(self, dataset: Dataset, data_collator: Callable | None = None):
+        from ..metrics import load_hans_accuracy
+
+        missing = [c for c in ("labels", "heuristic") if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"The HANS split needs the columns labels and heuristic; missing {missing} "
+                             f"(found {dataset.column_names}). Load it with hf_fastif.data.load_hans and "
+                             "tokenize it with tokenize_nli.")
+        self.dataset = dataset
+        self.data_collator = data_collator
+        self.heuristics = np.asarray(dataset["heuristic"], dtype=object)
+        self.labels = np.asarray(dataset["labels"], dtype=np.int64)
+        self.metric = load_hans_accuracy(keep_in_memory=True)
+        self._by_heuristic: dict[str, Dataset] = {}
+
+    def __call__(self, model: nn.Module, heuristic: str | None = None) -> dict[str, float]:
+        """The metric's results (``accuracy``, ``accuracy_<heuristic>``, ...) on all rows or one heuristic's."""
+        rows = np.arange(len(self.dataset)) if heuristic is None else np.flatnonzero(self.heuristics == heuristic)
+        if len(rows) == 0:
+            raise ValueError(f"The HANS split has no rows of heuristic {heuristic!r}; it has "
+                             f"{sorted(set(self.heuristics.tolist()))}.")
+        if heuristic is not None and heuristic not in self._by_heuristic:
+            self._by_heuristic[heuristic] = self.dataset.select(rows)
+        dataset = self.dataset if heuristic is None else self._by_heuristic[heuristic]
+        logits = torch.from_numpy(predict(model, dataset, self.data_collator))
+        log_probs = two_label_log_probs(logits).numpy()
+        labels, heuristics = self.labels[rows], self.heuristics[rows]
+        results = self.metric.compute(predictions=log_probs.argmax(-1).tolist(), references=labels.tolist(),
+                                      heuristics=heuristics.tolist())
+        losses = -log_probs[np.arange(len(rows)), labels]
+        results["loss"] = float(losses.mean())
+        for name in sorted(set(heuristics.tolist())):
+            results[f"loss_{name}"] = float(losses[heuristics == name].mean())
+        return results
+
+
+def sgd_step(model: nn.Module, rows: Dataset, learning_rate: float, args: InfluenceArguments, *,
+             data_collator: Callable | None = None, loss_fn: LossFn | None = None,
+             measurement_fn: LossFn | None = None, measurement: bool = False) -> float:
+    """One plain SGD step ``θ ← θ - lr·∇(mean loss of rows)`` on the parameters that take part in influence.
+
+    The loss is the one influence uses (the training loss with the explicit L2 term, or the measurement when
+    ``measurement``), in eval mode, as in the reference code's ``pseudo_gradient_step``. Returns the mean
+    loss of the rows before the step.
+    """
+    params = select_parameters(model, args.influence_params)
+    names = list(params)
+    with influence_mode(model, names):
+        fm = FunctionalModel(model, names, loss_fn, measurement_fn, args.influence_weight_decay)
+        batch = batcher(model, rows, data_collator).batch(range(len(rows)))
+        with torch.no_grad():
+            values = (fm.measurements if measurement else fm.losses)(params, batch)
+        gradient = batch_gradient(fm, params, batch, measurement=measurement, reduction="sum") / len(rows)
+        offset = 0
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                p = named[name]
+                n = p.numel()
+                p.sub_(learning_rate * gradient[offset : offset + n].view_as(p).to(p.dtype))
+                offset += n
+    return float(values.mean())
+
+
+def with_seed(args: InfluenceArguments, seed: int) -> InfluenceArguments:
+    """A shallow copy of ``args`` with another ``influence_seed`` (no re-validation of TrainingArguments)."""
+    out = copy.copy(args)
+    out.influence_seed = int(seed)
+    return out
+
+
+def check_num_labels(model: nn.Module, expected: int | Sequence[int], what: str) -> int:
+    """Raise a `ValueError` naming the fix unless the model's head has one of the ``expected`` label counts."""
+    expected = (expected,) if isinstance(expected, int) else tuple(expected)
+    config = getattr(model, "config", None)
+    num = getattr(config, "num_labels", None)
+    if num not in expected:
+        name = getattr(config, "_name_or_path", None) or type(model).__name__
+        raise ValueError(
+            f"{what} needs a model with {' or '.join(map(str, expected))} labels, but {name!r} has {num}. "
+            + ("Use a 2-label (entailment / non_entailment, MNLI-2) checkpoint, or fine-tune one with "
+               "--num_labels 2 (MNLI-2 maps neutral and contradiction to non_entailment)."
+               if expected == (2,) else "Use a checkpoint whose label count matches the data.")
+        )
+    id2label = getattr(config, "id2label", None) or {}
+    first = str(id2label.get(0, id2label.get("0", ""))).lower()
+    generic = first == "" or first.startswith("label_")
+    if not generic and ("entail" not in first or first.startswith(("non", "not"))):
+        raise ValueError(
+            f"Label 0 of {getattr(config, '_name_or_path', '') or type(model).__name__!r} is {first!r}, but NLI "
+            "data here uses 0 = entailment (then non_entailment, or neutral, contradiction). Use a checkpoint "
+            "with that label order, or fix config.id2label if only the names are wrong."
+        )
+    return num
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation; std 0 for a single value."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std()) if len(array) > 1 else 0.0
+
+
+def fmt(mean: float, std: float, percent: bool = True, signed: bool = False) -> str:
+    """``"61.2 ± 1.3"`` (percent points) or ``"+0.012 ± 0.003"``."""
+    if percent:
+        return f"{100 * mean:+.1f} ± {100 * std:.1f}" if signed else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{mean:+.4g} ± {std:.2g}" if signed else f"{mean:.4g} ± {std:.2g}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(output_dir: str | Path, name: str, results: dict, markdown: str, figure=None) -> dict[str, Path]:
+    """Write ``<name>.json``, ``<name>.md`` and (given a matplotlib figure) ``<name>.png``; return the paths."""
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"json": directory / f"{name}.json", "markdown": directory / f"{name}.md"}
+    paths["json"].write_text(json.dumps(results, indent=2, default=_json_default))
+    paths["markdown"].write_text(markdown + "\n")
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        paths["png"] = directory / f"{name}.png"
+        figure.savefig(paths["png"], dpi=120, bbox_inches="tight")
+        plt.close(figure)
+    return paths
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (recipes run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,403 @@
+"""Simulatability (FastIF §5.1): do influential training rows explain the model? A separate *simulator* model
+takes one SGD step on a single training row; if the row explains the task model's prediction, the simulator's
+loss on that prediction should drop more than after a step on a random row.
+
+For each test point (``num_correct`` the task model gets right, ``num_incorrect`` it gets wrong): its
+``num_points`` most helpful and most harmful training rows (of k kNN candidates) and ``num_points`` random
+rows per gold label; for each row and each learning rate of a sweep, one step
+``θ' = θ - lr·∇L_sim(row)`` on the simulator, then the simulator's loss on the test point labelled with the
+task model's prediction. By default the training rows carry the task model's predictions both in their
+influence and in the simulator's step (``row_labels``; the reference code mixes gold labels for influence with
+predictions for the step, which turns rows the task model gets wrong upside down).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .. import distributed as D
+from ..arguments import InfluenceArguments
+from ..hvp import batch_gradient
+from ..influence import compute_influences, influence_mode
+from ..loss import FunctionalModel
+from ..params import select_parameters, unflatten
+from .common import batcher, markdown_table, predict, pyplot
+from .prepare import Setup, SetupArguments
+
+logger = logging.get_logger(__name__)
+
+PAPER_LEARNING_RATES: tuple[float, ...] = tuple(np.logspace(-5, -2.5, 50).tolist())
+"""The reference code's sweep for bert-base: 50 rates from 1e-5 to 10^-2.5."""
+EMBEDDED_LEARNING_RATES: tuple[float, ...] = tuple(np.logspace(-3, 0.5, 8).tolist())
+"""The embedded default's sweep (a small model trained with lr 1e-3 needs larger single-row steps)."""
+
+ROW_LABELS = ("prediction", "gold", "mixed")
+
+PAPER_SIMULATABILITY: dict = dict(num_correct=10, num_incorrect=10, num_points=10,
+                                  learning_rates="50 rates, 1e-5 … 10^-2.5 (log-spaced)",
+                                  test_points="MNLI dev (matched)")
+
+
+@dataclass
+class SimulatabilityArguments:
+    """Flags of the simulatability protocol (defaults: the paper's, except where noted)."""
+
+    num_correct: int = field(default=10, metadata={"help": "Test points the task model predicts correctly."})
+    num_incorrect: int = field(default=10, metadata={"help": "Test points it predicts wrongly."})
+    num_points: int = field(default=10, metadata={"help": "Helpful, harmful and random rows (per label) per test point."})
+    learning_rates: list[float] | None = field(default=None, metadata={
+        "help": "The sweep of step sizes (default: the reference code's 50 rates 1e-5 … 10^-2.5; for the embedded "
+                "default 8 rates 1e-3 … 10^0.5)."})
+    explain: str = field(default="prediction", metadata={
+        "help": "Influence on the loss of the task model's prediction ('prediction', what the simulator imitates) "
+                "or of the gold label ('gold', as the reference code computes it)."})
+    row_labels: str = field(default="prediction", metadata={
+        "help": "Labels of the training rows, for their influence and for the simulator's step: 'prediction' (the "
+                "task model's), 'gold', or 'mixed' (gold for influence, prediction for the step: the reference code)."})
+    simulator: str = field(default="trained", metadata={
+        "help": "'trained': a simulator trained here (the task model's architecture and initialisation, another order "
+                "of the training rows, the task model's predictions as labels); 'copy': a copy of the task model (a "
+                "control: does influence predict what one step does to the model itself?); or a checkpoint."})
+    test_dataset: str | None = field(default=None, metadata={
+        "help": "NLI test points (a Hub id such as nyu-mll/multi_nli, or a file). Unset: the HANS validation split."})
+    test_split: str = field(default="validation_matched", metadata={"help": "Hub split of --test_dataset."})
+
+    def __post_init__(self):
+        if self.explain not in ("prediction", "gold"):
+            raise ValueError(f"--explain must be 'prediction' or 'gold', got {self.explain!r}.")
+        if self.row_labels not in ROW_LABELS:
+            raise ValueError(f"--row_labels must be one of {', '.join(ROW_LABELS)}, got {self.row_labels!r}.")
+
+    def resolved_learning_rates(self, embedded: bool) -> list[float]:
+        if self.learning_rates:
+            return [float(x) for x in self.learning_rates]
+        return list(EMBEDDED_LEARNING_RATES if embedded else PAPER_LEARNING_RATES)
+
+
+@dataclass
+class SimulatabilityResult:
+    """Simulator losses after one step on each row of each group, per test point and learning rate.
+
+    ``points[i]`` holds the test row, whether the task model got it right, its loss before any step, and for
+    each group (``helpful``, ``harmful``, ``random_<label>``) the selected rows and a ``(rows, rates)`` list
+    of the simulator's loss after the step.
+    """
+
+    settings: dict
+    learning_rates: list[float]
+    points: list[dict] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.points[0]["losses"]) if self.points else []
+
+    def loss_change(self, group: str, correct: bool | None = None) -> np.ndarray:
+        """``(test points × rows, rates)``: simulator loss after the step minus before (negative = it dropped)."""
+        out = [np.asarray(p["losses"][group]) - p["loss_before"] for p in self.points
+               if correct is None or p["correct"] == correct]
+        return np.concatenate(out, 0) if out else np.zeros((0, len(self.learning_rates)))
+
+    def summary(self) -> dict:
+        """Per subset (all / correct / incorrect): each group's mean loss change at every rate, and for helpful and
+        harmful the difference to the random groups' mean per test point (mean, std) and the number of test points
+        where the group's mean change is below the random groups' (every rate: no rate is picked after the fact)."""
+        out: dict = {}
+        for subset, correct in (("all", None), ("correct", True), ("incorrect", False)):
+            per_point = self._per_point_means(correct)
+            if not len(next(iter(per_point.values()), [])):
+                continue
+            random_mean = np.mean([per_point[g] for g in self.groups if g.startswith("random")], axis=0)
+            entry = {"test_points": int(random_mean.shape[0])}
+            for group, change in per_point.items():
+                entry[group] = {"mean_change": change.mean(0).tolist()}
+                if group in ("helpful", "harmful"):
+                    diff = change - random_mean  # (test points, rates)
+                    entry[group] |= {"minus_random_mean": diff.mean(0).tolist(), "minus_random_std": diff.std(0).tolist(),
+                                     "below_random": (diff < 0).sum(0).astype(int).tolist()}
+            out[subset] = entry
+        return out
+
+    def _per_point_means(self, correct: bool | None) -> dict[str, np.ndarray]:
+        """``{group: (test points, rates)}``: mean loss change over a test point's rows."""
+        points = [p for p in self.points if correct is None or p["correct"] == correct]
+        return {g: np.array([np.mean(np.asarray(p["losses"][g]) - p["loss_before"], 0) for p in points])
+                for g in self.groups}
+
+    def to_dict(self) -> dict:
+        return {"title": "Simulatability", "settings": self.settings, "learning_rates": self.learning_rates,
+                "summary": self.summary(), "points": self.points}
+
+    def to_markdown(self) -> str:
+        """Mean simulator loss change per group at a few rates of the sweep, for all / correct / incorrect points,
+        and on how many test points helpful (harmful) rows beat the random ones."""
+        summary = self.summary()
+        rates = self.learning_rates
+        shown = sorted({0, len(rates) // 4, len(rates) // 2, (3 * len(rates)) // 4, len(rates) - 1})
+        header = ["test points", "rows", *[f"lr {rates[i]:.3g}" for i in shown]]
+        rows = []
+        for subset, entry in summary.items():
+            n = entry["test_points"]
+            for group in self.groups:
+                mean = entry[group]["mean_change"]
+                rows.append([f"{subset} ({n})", group, *[f"{mean[i]:+.2e}" for i in shown]])
+            for group in ("helpful", "harmful"):
+                below = entry[group]["below_random"]
+                rows.append([f"{subset} ({n})", f"{group} < random (test points)", *[f"{below[i]}/{n}" for i in shown]])
+        return "\n".join([
+            "### Simulatability",
+            "",
+            "Change of the simulator's loss on the task model's prediction after one SGD step on one training row "
+            f"(mean over the {self.settings.get('num_points')} rows of a group, then over test points; negative = "
+            "the simulator agrees more with the task model). `< random`: test points where the group's mean change "
+            "is below the random groups' mean.",
+            "",
+            markdown_table(header, rows),
+        ])
+
+    def plot(self):
+        """Mean simulator loss change vs learning rate per group; one panel per subset (correct / incorrect)."""
+        plt = pyplot()
+        subsets = [s for s in ("correct", "incorrect") if any(p["correct"] == (s == "correct") for p in self.points)]
+        fig, axes = plt.subplots(1, max(1, len(subsets)), figsize=(5 * max(1, len(subsets)), 3.6), squeeze=False)
+        styles = {"helpful": ("tab:blue", "-"), "harmful": ("tab:red", "-")}
+        grays = iter(["tab:gray", "tab:olive", "tab:brown"])
+        colors = {g: styles.get(g) or (next(grays), "--") for g in self.groups}
+        for ax, subset in zip(axes[0], subsets):
+            for group in self.groups:
+                change = self.loss_change(group, subset == "correct")
+                mean, sem = change.mean(0), change.std(0) / np.sqrt(max(1, len(change)))
+                color, style = colors[group]
+                ax.plot(self.learning_rates, mean, color=color, linestyle=style, label=group)
+                ax.fill_between(self.learning_rates, mean - sem, mean + sem, color=color, alpha=0.15)
+            ax.set_xscale("log")
+            ax.axhline(0, color="black", linewidth=0.5)
+            ax.set_xlabel("learning rate of the simulator's step")
+            ax.set_title(f"{subset} predictions")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("simulator loss change")
+        axes[0][-1].legend(fontsize=8)
+        fig.suptitle("Simulatability: one SGD step on a training row")
+        fig.tight_layout()
+        return fig
+
+
+def select_test_points(predictions: np.ndarray, labels: np.ndarray, num_correct: int, num_incorrect: int,
+                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, correct)``: up to ``num_correct`` correctly and ``num_incorrect`` wrongly predicted rows, seeded."""
+    rng = np.random.default_rng([seed, 7])
+    right = np.flatnonzero(predictions == labels)
+    wrong = np.flatnonzero(predictions != labels)
+    if len(right) < num_correct or len(wrong) < num_incorrect:
+        logger.warning(f"Only {len(right)} correct and {len(wrong)} incorrect predictions; asked for {num_correct} "
+                       f"and {num_incorrect}.")
+    right = rng.choice(right, size=min(num_correct, len(right)), replace=False)
+    wrong = rng.choice(wrong, size=min(num_incorrect, len(wrong)), replace=False)
+    rows = np.concatenate([right, wrong]).astype(np.int64)
+    return rows, np.r_[np.ones(len(right), bool), np.zeros(len(wrong), bool)]
+
+
+def with_labels(dataset: Dataset, labels: Sequence[int]) -> Dataset:
+    """``dataset`` with its ``labels`` column replaced."""
+    column = "labels" if "labels" in dataset.column_names else "label"
+    return dataset.remove_columns(column).add_column("labels", [int(x) for x in labels])
+
+
+class _SimulatorSteps:
+    """Losses of the simulator on a test row after one step ``θ - lr·g`` on each of several training rows."""
+
+    def __init__(self, simulator: nn.Module, args: InfluenceArguments, data_collator):
+        self.model = simulator
+        self.params = select_parameters(simulator, args.influence_params)
+        self.names = list(self.params)
+        self.fm = FunctionalModel(simulator, self.names, None, None, args.influence_weight_decay)
+        self.data_collator = data_collator
+
+    def losses(self, rows: Dataset, labels: Sequence[int], test_row: Dataset, test_label: int,
+               rates: Sequence[float]) -> tuple[float, np.ndarray]:
+        """``(loss before, (len(rows), len(rates)) losses after)``; ``labels`` replace the rows' labels."""
+        with influence_mode(self.model, self.names):
+            rows_batch = batcher(self.model, rows, self.data_collator).batch(range(len(rows)))
+            rows_batch["labels"] = torch.as_tensor(np.asarray(labels), device=rows_batch["labels"].device)
+            test_batch = batcher(self.model, test_row, self.data_collator).batch([0])
+            test_batch["labels"] = torch.full_like(test_batch["labels"], int(test_label))
+            grads = batch_gradient(self.fm, self.params, rows_batch, reduction="none")  # (rows, p)
+            with torch.no_grad():
+                before = float(self.fm.loss_fn(self.fm.outputs(self.params, test_batch), test_batch)[0])
+                after = np.empty((len(rows), len(rates)))
+                inputs = {k: v for k, v in test_batch.items() if k != "labels"}
+                for i in range(len(rows)):
+                    step = unflatten(grads[i], self.params)
+                    for j, rate in enumerate(rates):
+                        moved = {n: p - rate * step[n] for n, p in self.params.items()}
+                        out = functional_call(self.model, moved, args=(), kwargs=inputs)
+                        after[i, j] = float(self.fm.loss_fn(out, test_batch)[0])
+        return before, after
+
+
+def run_simulatability(
+    task_model: nn.Module,
+    simulator: nn.Module,
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    args: InfluenceArguments,
+    *,
+    num_correct: int = 10,
+    num_incorrect: int = 10,
+    num_points: int = 10,
+    learning_rates: Sequence[float] = PAPER_LEARNING_RATES,
+    explain: str = "prediction",
+    row_labels: str = "prediction",
+    seed: int = 0,
+    data_collator: Callable | None = None,
+    progress: bool = True,
+) -> SimulatabilityResult:
+    """Run the simulatability protocol.
+
+    Args:
+        task_model: the model to explain.
+        simulator: a separate model with the same labels (not modified: steps are functional).
+        train_dataset: tokenized training rows with gold ``labels``; influence, and the rows stepped on.
+        test_dataset: tokenized test rows with gold ``labels``.
+        args: the ``influence_*`` settings (also which simulator parameters are stepped).
+        num_correct / num_incorrect: test points the task model gets right / wrong.
+        num_points: helpful rows, harmful rows, and random rows per gold label, per test point.
+        learning_rates: the sweep of step sizes.
+        explain: influence on the task model's prediction (``"prediction"``) or the gold label (``"gold"``).
+        row_labels: the training rows' labels, both in their influence and in the simulator's step:
+            ``"prediction"`` (the task model's, what the simulator imitates), ``"gold"``, or ``"mixed"`` (gold
+            for influence, prediction for the step, as the reference code does; rows the task model gets
+            wrong then push the simulator the opposite way from what their influence says).
+    Returns:
+        A `SimulatabilityResult`.
+    """
+    if explain not in ("prediction", "gold"):
+        raise ValueError(f"explain must be 'prediction' or 'gold', got {explain!r}.")
+    if row_labels not in ROW_LABELS:
+        raise ValueError(f"row_labels must be one of {', '.join(ROW_LABELS)}, got {row_labels!r}.")
+    task_labels = getattr(task_model.config, "num_labels", None)
+    sim_labels = getattr(getattr(simulator, "config", None), "num_labels", None)
+    if task_labels != sim_labels:
+        raise ValueError(f"The simulator has {sim_labels} labels and the task model {task_labels}; train the simulator "
+                         "on the task model's label set.")
+    rates = [float(r) for r in learning_rates]
+    if not rates or min(rates) <= 0:
+        raise ValueError("learning_rates must be a non-empty list of positive step sizes.")
+    test_predictions = predict(task_model, test_dataset, data_collator).argmax(-1)
+    gold = np.asarray(test_dataset["labels"])
+    rows, correct = select_test_points(test_predictions, gold, num_correct, num_incorrect, seed)
+    if len(rows) == 0:
+        raise ValueError("No test points to explain; pass a non-empty test dataset.")
+    targets = test_predictions[rows] if explain == "prediction" else gold[rows]
+    tests = with_labels(test_dataset.select(rows), targets)
+    train_gold = np.asarray(train_dataset["labels"])
+    train_predictions = predict(task_model, train_dataset, data_collator).argmax(-1)
+    influence_train = train_dataset if row_labels in ("gold", "mixed") else with_labels(train_dataset, train_predictions)
+    step_labels = train_gold if row_labels == "gold" else train_predictions
+    table = compute_influences(task_model, influence_train, tests, args, data_collator=data_collator)
+
+    names = getattr(task_model.config, "id2label", None) or {}
+    label_ids = sorted(set(train_gold.tolist()))
+    rng = np.random.default_rng([seed, 11])
+    steps = _SimulatorSteps(copy.deepcopy(simulator), args, data_collator)
+    result = SimulatabilityResult(
+        settings={"num_correct": int(correct.sum()), "num_incorrect": int((~correct).sum()), "num_points": num_points,
+                  "explain": explain, "row_labels": row_labels, "seed": seed,
+                  "train_accuracy": float((train_predictions == train_gold).mean()), "num_train": len(train_dataset),
+                  "influence": args.influence_settings()},
+        learning_rates=rates)
+    for t in tqdm(range(len(rows)), desc="simulatability", disable=not progress or not D.is_main_process()):
+        groups = {"helpful": table.helpful(t, num_points)["train_id"].to_numpy(),
+                  "harmful": table.harmful(t, num_points)["train_id"].to_numpy()}
+        for label in label_ids:
+            pool = np.flatnonzero(train_gold == label)
+            groups[f"random_{names.get(label, label)}"] = np.sort(rng.choice(pool, size=min(num_points, len(pool)),
+                                                                             replace=False))
+        point = {"test_row": int(rows[t]), "correct": bool(correct[t]), "task_prediction": int(test_predictions[rows[t]]),
+                 "gold": int(gold[rows[t]]), "rows": {}, "losses": {}}
+        for group, ids in groups.items():
+            # the simulator imitates the task model: its loss is measured on the task model's prediction
+            before, after = steps.losses(train_dataset.select(ids), step_labels[ids], test_dataset.select([int(rows[t])]),
+                                         int(test_predictions[rows[t]]), rates)
+            point["loss_before"] = before
+            point["rows"][group] = ids.tolist()
+            point["losses"][group] = after.tolist()
+        result.points.append(point)
+    return result
+
+
+def load_test_points(sim_args: SimulatabilityArguments, num_labels: int) -> Dataset | None:
+    """The raw test points of ``--test_dataset`` (None: the HANS validation split), checked before training."""
+    if sim_args.test_dataset is None:
+        if num_labels != 2:
+            raise ValueError("The default test points (HANS validation) have 2 labels; for a 3-label model pass "
+                             "--test_dataset nyu-mll/multi_nli (or an MNLI-format file).")
+        return None
+    from ..data import load_mnli
+
+    return load_mnli(sim_args.test_dataset, split=sim_args.test_split, num_labels=num_labels)
+
+
+def test_points(raw: Dataset | None, setup: Setup) -> Dataset:
+    """Tokenized test points: ``raw`` or, when None, the HANS validation split."""
+    from ..data import tokenize_nli
+
+    return setup.hans_validation if raw is None else tokenize_nli(raw, setup.tokenizer, max_length=setup.max_length)
+
+
+def build_simulator(setup: Setup, setup_args: SetupArguments, sim_args: SimulatabilityArguments,
+                    output_dir: str) -> nn.Module:
+    """The simulator (see ``SimulatabilityArguments.simulator``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ..embedded import embedded_arguments, embedded_model
+    from ..trainer import InfluenceTrainer
+    from .common import check_num_labels
+    from .prepare import PAPER_TRAINING, freeze_lower_layers, resolve_model
+
+    num_labels = setup.model.config.num_labels
+    trainable = setup_args.trainable_layers if setup_args.trainable_layers is not None else (
+        None if setup.name == "embedded" else PAPER_TRAINING["trainable_layers"])
+    if sim_args.simulator == "copy":
+        return copy.deepcopy(setup.model)
+    if sim_args.simulator != "trained":
+        simulator = AutoModelForSequenceClassification.from_pretrained(resolve_model(sim_args.simulator),
+                                                                       attn_implementation="eager")
+        check_num_labels(simulator, num_labels, "The simulator")
+        if trainable:
+            freeze_lower_layers(simulator, trainable)
+        return simulator.to(next(setup.model.parameters()).device).eval()
+    if setup.name != "embedded" and not setup.description["trained_here"]:
+        raise ValueError("The task model was given as a fine-tuned checkpoint, so its base model is unknown: pass "
+                         "--simulator CHECKPOINT (a model trained on the task model's predictions), or --simulator copy.")
+    relabelled = with_labels(setup.train, predict(setup.model, setup.train, setup.data_collator).argmax(-1))
+    # the same starting point as the task model (as two fine-tunings of one pretrained BERT share theirs), another
+    # order of the training rows, and the task model's predictions as labels
+    data_seed = setup_args.seed + 1
+    args = copy.copy(setup.args)
+    args.data_seed, args.output_dir = data_seed, f"{output_dir}/simulator"
+    if setup.name == "embedded":
+        simulator = embedded_model(setup.tokenizer, seed=setup_args.seed)
+        args = embedded_arguments(f"{output_dir}/simulator", seed=setup_args.seed, epochs=setup.args.num_train_epochs,
+                                  influence_params=setup.args.influence_params)
+        args.learning_rate, args.per_device_train_batch_size = (setup.args.learning_rate,
+                                                                setup.args.per_device_train_batch_size)
+        args.data_seed = data_seed
+    else:
+        simulator = AutoModelForSequenceClassification.from_pretrained(
+            setup_args.model_name_or_path, attn_implementation="eager", num_labels=num_labels,
+            id2label=setup.model.config.id2label, label2id=setup.model.config.label2id, ignore_mismatched_sizes=True)
+    if trainable:
+        freeze_lower_layers(simulator, trainable)
+    trainer = InfluenceTrainer(model=simulator, args=args, train_dataset=relabelled, processing_class=setup.tokenizer)
+    trainer.train()
+    return trainer.model.eval()

@@ -1,0 +1,86 @@
+"""Bad input to the recipes: clear errors that name the fix, raised before any model is trained."""
+
+import pytest
+
+from hf_fastif.trainer import InfluenceTrainer
+
+from .conftest import TINY_FLAGS, load_recipe, write_hans_tsv
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail loudly if anything starts training: bad input must be caught first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the bad input was reported")
+
+    monkeypatch.setattr(InfluenceTrainer, "train", refuse)
+
+
+def _main(name):
+    return load_recipe(name).main
+
+
+def test_hans_file_with_wrong_columns(tmp_path, nli, no_training):
+    header = [h for h in __import__("hf_fastif.data", fromlist=["x"]).HANS_TSV_HEADER if h != "heuristic"]
+    bad = write_hans_tsv(tmp_path / "hans.txt", nli["raw"]["hans"].select(range(5)), header=header)
+    with pytest.raises(ValueError, match="Not an official HANS file"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--hans_file", bad, *TINY_FLAGS])
+
+
+def test_hans_file_with_unknown_labels(tmp_path, nli, no_training):
+    bad = write_hans_tsv(tmp_path / "hans.txt", nli["raw"]["hans"].select(range(3)),
+                         labels=["entailment", "maybe", "contradiction"])
+    with pytest.raises(ValueError, match="Unexpected label values 'maybe', 'contradiction'"):
+        _main("visualize")(["--output_dir", str(tmp_path), "--hans_file", bad, *TINY_FLAGS])
+
+
+def test_three_label_checkpoint_for_hans_correction(tmp_path, files, no_training):
+    with pytest.raises(ValueError, match=r"has 3 labels.*2-label \(entailment / non_entailment, MNLI-2\)"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"],
+                                  "--hans_file", files["hans"]])
+    with pytest.raises(ValueError, match="needs a 2-label model; got --num_labels 3"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--num_labels", "3"])
+
+
+def test_checkpoint_label_count_must_match_num_labels(tmp_path, files, no_training):
+    with pytest.raises(ValueError, match="matching --num_labels 3"):
+        _main("augmentation")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"],
+                               "--num_labels", "3", "--train_dataset", files["mnli"], "--pool", files["mnli"]])
+
+
+def test_hub_model_id_while_offline(tmp_path, monkeypatch, no_training):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Hub is offline.*local checkpoint directory"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", "no-such-org/no-such-model"])
+
+
+def test_hub_dataset_id_while_offline(tmp_path, files, monkeypatch, no_training):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="offline.*local file"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"],
+                                  "--train_dataset", "nyu-mll/multi_nli"])
+
+
+def test_not_a_checkpoint_directory(tmp_path, files, no_training):
+    with pytest.raises(ValueError, match="not a model checkpoint"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", files["mnli"]])
+
+
+def test_hans_pool_for_a_three_label_model(tmp_path, files, no_training):
+    with pytest.raises(ValueError, match="HANS pool has 2 labels"):
+        _main("augmentation")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"], "--num_labels",
+                               "3", "--train_dataset", files["mnli"], "--pool", files["hans_train"]])
+
+
+def test_simulator_needs_a_base_for_a_given_checkpoint(tmp_path, files):
+    with pytest.raises(ValueError, match="--simulator CHECKPOINT"):
+        _main("simulatability")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"],
+                                 "--train_dataset", files["mnli"], "--hans_file", files["hans"], "--knn_k", "10"])
+
+
+def test_bad_flag_values(tmp_path):
+    with pytest.raises(ValueError, match="--do_train must be"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--do_train", "maybe"])
+    with pytest.raises(ValueError, match="--pool_format must be"):
+        _main("augmentation")(["--output_dir", str(tmp_path), "--pool_format", "csv"])

@@ -1,0 +1,157 @@
+"""The correction protocol's mechanics on a tiny model: selection, anchors, carry-over, fresh copies, outputs."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif import InfluenceTable
+from hf_fastif.applications import STRATEGIES, HansEvaluator, run_correction, select_points, sgd_step
+from hf_fastif.applications import correction as correction_module
+from hf_fastif.applications.common import check_num_labels, predict
+from hf_fastif.applications.correction import sample_anchors
+
+
+def _table():
+    return InfluenceTable.from_arrays([0] * 6, [10, 11, 12, 13, 14, 15], [0.5, -2.0, 0.1, -0.3, 3.0, -1.0])
+
+
+def test_select_points_helpful_is_most_negative_harmful_most_positive():
+    rng = np.random.default_rng(0)
+    ids, influence = select_points(_table(), "helpful", 3, rng, 100)
+    assert ids.tolist() == [11, 15, 13] and influence.tolist() == [-2.0, -1.0, -0.3]
+    ids, influence = select_points(_table(), "harmful", 2, rng, 100)
+    assert ids.tolist() == [14, 10] and influence.tolist() == [3.0, 0.5]
+    ids, influence = select_points(None, "anchors", 3, rng, 100, anchor_ids=[4, 7, 9])
+    assert ids.tolist() == [4, 7, 9] and influence is None
+
+
+def test_select_points_random_is_seeded_and_distinct():
+    a, _ = select_points(None, "random", 10, np.random.default_rng(1), 1000)
+    b, _ = select_points(None, "random", 10, np.random.default_rng(1), 1000)
+    c, _ = select_points(None, "random", 10, np.random.default_rng(2), 1000)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist() and len(set(a.tolist())) == 10
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        select_points(None, "best", 3, np.random.default_rng(0), 10)
+
+
+def test_sample_anchors_come_from_the_heuristic():
+    heuristics = np.array(["a", "b", "a", "c", "a", "b"], dtype=object)
+    rows = sample_anchors(heuristics, "a", 2, np.random.default_rng(0))
+    assert set(heuristics[rows]) == {"a"} and len(set(rows.tolist())) == 2
+    with pytest.raises(ValueError, match="fewer than num_anchors"):
+        sample_anchors(heuristics, "c", 2, np.random.default_rng(0))
+
+
+def test_sgd_step_is_plain_sgd_on_the_influence_parameters(trained, nli, args):
+    model = copy.deepcopy(trained)
+    rows = nli["train"].select(range(4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = nli["collator"]([{k: rows[i][k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+                             for i in range(4)])
+    reference = copy.deepcopy(trained)
+    loss = reference(**batch).loss
+    loss.backward()
+    sgd_step(model, rows, 0.5, args, data_collator=nli["collator"])
+    for name, p in model.named_parameters():
+        selected = any(s in name for s in ("encoder.layer.1.", "pooler.", "classifier."))
+        expected = before[name] - 0.5 * dict(reference.named_parameters())[name].grad if selected else before[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluator_matches_a_manual_accuracy(trained, nli):
+    evaluator = HansEvaluator(nli["test"], nli["collator"])
+    predictions = predict(trained, nli["test"], nli["collator"]).argmax(-1)
+    labels, heuristics = np.array(nli["test"]["labels"]), np.array(nli["test"]["heuristic"])
+    result = evaluator(trained)
+    assert result["accuracy"] == pytest.approx(np.mean(predictions == labels))
+    for h in ("lexical_overlap", "constituent"):
+        rows = heuristics == h
+        assert result[f"accuracy_{h}"] == pytest.approx(np.mean(predictions[rows] == labels[rows]))
+        assert evaluator(trained, h)[f"accuracy_{h}"] == result[f"accuracy_{h}"]
+
+
+def test_check_num_labels_names_the_fix(trained):
+    three = copy.deepcopy(trained)
+    three.config.num_labels = 3
+    with pytest.raises(ValueError, match="2-label"):
+        check_num_labels(three, 2, "HANS correction")
+    flipped = copy.deepcopy(trained)
+    flipped.config.id2label = {0: "non_entailment", 1: "entailment"}
+    with pytest.raises(ValueError, match="0 = entailment"):
+        check_num_labels(flipped, 2, "HANS correction")
+
+
+def test_run_correction_protocol_mechanics(trained, nli, args, monkeypatch):
+    """Two steps per run: the model carries over between steps, every run starts from a fresh copy of the
+    original, anchors come from the run's heuristic, helpful / harmful follow the influence's sign, and the
+    original model is untouched."""
+    original = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    calls = []
+    real_step = correction_module.sgd_step
+
+    def spy(model, rows, learning_rate, step_args, **kwargs):
+        calls.append((id(model), model.classifier.weight.detach().clone()))
+        out = real_step(model, rows, learning_rate, step_args, **kwargs)
+        calls[-1] += (model.classifier.weight.detach().clone(),)
+        return out
+
+    monkeypatch.setattr(correction_module, "sgd_step", spy)
+    heuristics = ["lexical_overlap", "constituent"]
+    result = run_correction(trained, nli["train"], nli["validation"], nli["test"], args, heuristics=heuristics,
+                            num_steps=2, num_anchors=4, num_points=3, learning_rate=0.5, replicas=1,
+                            data_collator=nli["collator"], progress=False)
+    for name, p in trained.named_parameters():
+        torch.testing.assert_close(p.detach(), original[name])
+    assert len(result.runs) == len(heuristics) * len(STRATEGIES) and len(calls) == 2 * len(result.runs)
+    for r in range(len(result.runs)):
+        (model_1, start_1, end_1), (model_2, start_2, _) = calls[2 * r], calls[2 * r + 1]
+        assert model_1 == model_2  # one model per run, carried from step to step
+        torch.testing.assert_close(start_1, original["classifier.weight"])  # a fresh copy per run
+        torch.testing.assert_close(start_2, end_1)  # step 2 starts where step 1 ended
+        assert not torch.equal(end_1, start_1)
+    validation_heuristics = np.array(nli["validation"]["heuristic"])
+    by_strategy = {}
+    for run in result.runs:
+        assert len(run["accuracy_steps"]) == 2 and len(run["steps"]) == 2
+        for step in run["steps"]:
+            assert set(validation_heuristics[step["anchors"]]) == {run["heuristic"]}
+            assert len(step["selected"]) == (4 if run["strategy"] == "anchors" else 3)
+        by_strategy.setdefault(run["strategy"], []).append(run)
+    for run in by_strategy["helpful"]:
+        values = run["steps"][0]["influence"]
+        assert values == sorted(values) and values[0] < 0
+    for run in by_strategy["harmful"]:
+        values = run["steps"][0]["influence"]
+        assert values == sorted(values, reverse=True) and values[0] > 0
+    # the same anchors for every strategy of a (heuristic, replica); random rows differ from the helpful ones
+    for h in heuristics:
+        runs = {r["strategy"]: r for r in result.runs if r["heuristic"] == h}
+        assert len({tuple(r["steps"][0]["anchors"]) for r in runs.values()}) == 1
+        assert runs["random"]["steps"][0]["selected"] != runs["helpful"]["steps"][0]["selected"]
+        assert runs["anchors"]["steps"][0]["selected"] == runs["anchors"]["steps"][0]["anchors"]
+    summary = result.summary()
+    assert set(summary) == set(heuristics) and set(summary["constituent"]) == set(STRATEGIES)
+    markdown = result.to_markdown()
+    assert "| lexical_overlap |" in markdown and "helpful (Δ)" in markdown
+
+
+def test_run_correction_candidate_pool_and_replicas(trained, nli, args):
+    result = run_correction(trained, nli["train"], nli["validation"], nli["test"], args, strategies=["helpful", "random"],
+                            heuristics=["subsequence"], num_steps=1, num_anchors=3, num_points=2, learning_rate=0.1,
+                            replicas=2, candidate_dataset=nli["pool"], data_collator=nli["collator"], progress=False)
+    assert [r["replica"] for r in result.runs] == [0, 0, 1, 1]
+    assert all(max(r["steps"][0]["selected"]) < len(nli["pool"]) for r in result.runs)
+    first, second = result.runs[0]["steps"][0]["anchors"], result.runs[2]["steps"][0]["anchors"]
+    assert first != second  # replicas draw other anchors
+    assert result.settings["candidates"] == "pool"
+
+
+def test_run_correction_rejects_bad_settings(trained, nli, args):
+    with pytest.raises(ValueError, match="Unknown strategies"):
+        run_correction(trained, nli["train"], nli["validation"], nli["test"], args, strategies=["best"])
+    with pytest.raises(ValueError, match="no rows in hans_validation"):
+        run_correction(trained, nli["train"], nli["validation"], nli["test"], args, heuristics=["negation"])
+    with pytest.raises(ValueError, match="fewer than num_anchors"):
+        run_correction(trained, nli["train"], nli["validation"], nli["test"], args, num_anchors=1000)

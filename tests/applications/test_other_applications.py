@@ -1,0 +1,110 @@
+"""Augmentation, simulatability and the influence graph on a tiny model."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif.applications.augmentation import PoolArguments, load_pool, pool_format, run_augmentation
+from hf_fastif.applications.common import two_label_loss
+from hf_fastif.applications.simulatability import run_simulatability, select_test_points
+from hf_fastif.applications.visualize import influence_graph, run_visualization, sample_per_heuristic
+
+
+def test_augmentation_steps_on_pool_rows(trained, nli, args):
+    result = run_augmentation(trained, nli["train"], nli["pool"], nli["validation"], nli["test"], args,
+                              pool_name="tiny pool", strategies=["helpful", "random"], heuristics=["constituent"],
+                              num_steps=1, num_anchors=3, num_points=2, learning_rate=0.1, replicas=1,
+                              data_collator=nli["collator"], progress=False)
+    assert "tiny pool" in result.title and result.settings["num_candidates"] == len(nli["pool"])
+    pool_heuristics = np.array(nli["pool"]["heuristic"])
+    helpful = result.runs[0]["steps"][0]["selected"]
+    assert max(helpful) < len(nli["pool"]) and set(pool_heuristics[helpful]) <= {"lexical_overlap", "subsequence",
+                                                                                   "constituent"}
+
+
+def test_two_label_loss_merges_neutral_and_contradiction():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, -1.0]])
+    labels = torch.tensor([1, 0])
+    probs = logits.softmax(-1)
+    expected = -torch.log(torch.stack([probs[0, 1] + probs[0, 2], probs[1, 0]]))
+    torch.testing.assert_close(two_label_loss(type("O", (), {"logits": logits})(), {"labels": labels}), expected)
+    two = torch.tensor([[1.0, -1.0]])
+    torch.testing.assert_close(two_label_loss(two, {"labels": torch.tensor([0])}),
+                               torch.nn.functional.cross_entropy(two, torch.tensor([0]), reduction="none"))
+
+
+def test_pool_format_and_label_checks(files):
+    assert pool_format(files["hans_train"]) == "hans" and pool_format(files["mnli"]) == "nli"
+    assert pool_format("facebook/anli") == "nli" and pool_format("hans") == "hans"
+    assert load_pool(PoolArguments(pool="generated"), 2) is None
+    assert len(load_pool(PoolArguments(pool=files["hans_train"]), 2)) > 0
+    with pytest.raises(ValueError, match="cannot train a 3-label model"):
+        load_pool(PoolArguments(pool=files["hans_train"]), 3)
+
+
+def test_select_test_points_mixes_correct_and_incorrect():
+    predictions, labels = np.array([0, 0, 1, 1, 0, 1]), np.array([0, 1, 1, 0, 0, 1])
+    rows, correct = select_test_points(predictions, labels, 2, 1, seed=0)
+    assert correct.tolist() == [True, True, False]
+    assert (predictions[rows] == labels[rows]).tolist() == correct.tolist()
+
+
+def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(trained, nli, args):
+    """With the task model itself as simulator and small steps, influence predicts the first-order change: the
+    most helpful rows lower the loss on the prediction, the most harmful raise it."""
+    exact = copy.copy(args)
+    exact.influence_knn_k = None
+    result = run_simulatability(trained, copy.deepcopy(trained), nli["train"], nli["validation"], exact,
+                                num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2],
+                                data_collator=nli["collator"], progress=False)
+    assert len(result.points) == 4 and {"helpful", "harmful", "random_entailment"} <= set(result.groups)
+    assert result.loss_change("helpful")[:, 0].mean() < 0 < result.loss_change("harmful")[:, 0].mean()
+    summary = result.summary()
+    assert summary["all"]["helpful"]["minus_random_mean"][0] < 0 < summary["all"]["harmful"]["minus_random_mean"][0]
+    assert summary["all"]["helpful"]["below_random"][0] >= 3 and summary["all"]["test_points"] == 4
+    assert "helpful < random (test points)" in result.to_markdown()
+    for point in result.points:
+        assert np.asarray(point["losses"]["helpful"]).shape == (3, 2)
+
+
+def test_simulatability_rejects_mismatched_labels(trained, nli, args):
+    other = copy.deepcopy(trained)
+    other.config.num_labels = 3
+    with pytest.raises(ValueError, match="simulator has 3 labels"):
+        run_simulatability(trained, other, nli["train"], nli["validation"], args)
+    with pytest.raises(ValueError, match="row_labels"):
+        run_simulatability(trained, trained, nli["train"], nli["validation"], args, row_labels="both")
+
+
+def test_sample_per_heuristic_groups_rows():
+    heuristics = ["a", "b", "a", "b", "a", "c"]
+    rows = sample_per_heuristic(heuristics, 2, seed=0, names=["a", "b"])
+    assert [heuristics[i] for i in rows] == ["a", "a", "b", "b"]
+    with pytest.raises(ValueError, match="No test rows"):
+        sample_per_heuristic(heuristics, 2, seed=0, names=["d"])
+
+
+def test_influence_graph_edges_follow_the_sign():
+    from hf_fastif import InfluenceTable
+
+    table = InfluenceTable.from_arrays([0, 0, 0, 1, 1], [5, 6, 7, 5, 8], [-1.0, 2.0, -0.5, 0.3, -4.0])
+    graph = influence_graph(table, [{"heuristic": "a"}, {"heuristic": "b"}], lambda i: {"label": i % 2}, 2)
+    assert graph.edges["test:0", "train:5"]["kind"] == "helpful"
+    assert graph.edges["test:0", "train:6"]["kind"] == "harmful"
+    assert graph.edges["test:1", "train:8"]["weight"] == 4.0
+    assert graph.nodes["train:5"]["side"] == "train" and graph.degree["train:5"] == 2
+
+
+def test_run_visualization_builds_graph_and_summary(trained, nli, args):
+    result = run_visualization(trained, nli["train"], nli["test"], args, test_points_per_heuristic=2,
+                               edges_per_test_point=3, data_collator=nli["collator"], raw_train=nli["raw"]["train"])
+    tests = [n for n, d in result.graph.nodes(data=True) if d["side"] == "test"]
+    assert len(tests) == 6
+    summary = result.summary()
+    assert set(summary["helpful"]) == {"lexical_overlap", "subsequence", "constituent"}
+    assert all(s["test_points"] == 2 for s in summary["helpful"].values())
+    node = next(n for n, d in result.graph.nodes(data=True) if d["side"] == "train")
+    assert "premise" in result.graph.nodes[node] and "genre" in result.graph.nodes[node]
+    assert "nodes" in result.to_dict()["graph"] and "### Influence graph" in result.to_markdown()

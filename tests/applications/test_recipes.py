@@ -1,0 +1,111 @@
+"""The four recipes end to end: the embedded default in --quick mode with tiny flags, and the paper's path on
+local files and tiny saved checkpoints (no Hub)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_FLAGS, load_recipe
+
+PAPER_FAST = ["--knn_k", "20", "--recursion_depth", "5", "--damping", "0.1", "--scale", "50", "--repetitions", "1",
+              "--lissa_batch_size", "4"]
+
+
+def _outputs(directory: Path, name: str) -> dict:
+    for suffix in ("json", "md", "png"):
+        path = directory / f"{name}.{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert (directory / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    return json.loads((directory / f"{name}.json").read_text())
+
+
+def test_hans_correction_recipe_embedded(tmp_path, capsys):
+    main = load_recipe("hans_correction").main
+    main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", "lexical_overlap",
+          "--strategies", "helpful", "random"])
+    results = _outputs(tmp_path, "hans_correction")
+    assert results["setup"]["setup"] == "embedded" and results["setup"]["num_train"] == 200
+    assert [r["strategy"] for r in results["runs"]] == ["helpful", "random"]
+    assert all(len(r["steps"]) == 2 for r in results["runs"])
+    changed = {row[0]: row for row in results["changes_from_paper"]}
+    assert changed["learning_rate"][1:] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
+    printed = capsys.readouterr().out
+    assert "### HANS error correction" in printed and "| lexical_overlap |" in printed
+    assert "Settings the embedded default changes from the paper" in printed
+
+
+def test_augmentation_recipe_embedded(tmp_path):
+    main = load_recipe("augmentation").main
+    main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", "constituent", "--strategies",
+          "helpful", "--num_steps", "1"])
+    results = _outputs(tmp_path, "augmentation")
+    assert results["pool"] == "generated HANS-style pool" and results["settings"]["candidates"] == "pool"
+    assert max(results["runs"][0]["steps"][0]["selected"]) < results["num_pool"]
+
+
+def test_simulatability_recipe_embedded(tmp_path):
+    main = load_recipe("simulatability").main
+    main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS, "--num_points", "2", "--num_correct", "1",
+          "--num_incorrect", "1"])
+    results = _outputs(tmp_path, "simulatability")
+    assert len(results["points"]) == 2 and results["learning_rates"] == [0.01, 0.1, 1.0]
+    assert {"helpful", "harmful"} <= set(results["points"][0]["losses"])
+
+
+def test_visualize_recipe_embedded(tmp_path):
+    main = load_recipe("visualize").main
+    main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS, "--test_points_per_heuristic", "2",
+          "--edges_per_test_point", "2"])
+    results = _outputs(tmp_path, "visualize")
+    assert results["settings"]["num_test_points"] == 6 and results["graph"]["edges"]
+    assert (tmp_path / "influence_table" / "influence_metadata.json").is_file()
+
+
+def test_paper_path_loads_a_finetuned_checkpoint(tmp_path, files):
+    main = load_recipe("hans_correction").main
+    results = main(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"], "--train_dataset",
+                    files["mnli"], "--hans_file", files["hans"], "--num_steps", "1", "--replicas", "1",
+                    "--heuristics", "subsequence", "--strategies", "helpful", "anchors", *PAPER_FAST])
+    assert results["setup"]["setup"] == "paper" and results["setup"]["trained_here"] is False
+    assert results["setup"]["num_train"] == 120 and results["settings"]["learning_rate"] == 1e-4
+    assert results["settings"]["influence"]["influence_weight_decay"] == 0.005  # the reference code's L2 term
+    assert not (tmp_path / "model" / "config.json").exists()
+    _outputs(tmp_path, "hans_correction")
+
+
+def test_paper_path_fine_tunes_a_base_model(tmp_path, files):
+    main = load_recipe("visualize").main
+    results = main(["--output_dir", str(tmp_path), "--model_name_or_path", files["base"], "--train_dataset",
+                    files["mnli"], "--hans_file", files["hans"], "--num_train_epochs", "1", "--max_train_samples", "40",
+                    "--test_points_per_heuristic", "1", "--edges_per_test_point", "2", *PAPER_FAST])
+    assert results["setup"]["trained_here"] is True
+    assert (tmp_path / "model" / "config.json").is_file()  # saved for the next run
+
+
+def test_paper_path_augmentation_three_labels_with_nli_pool(tmp_path, files):
+    """The paper's ANLI experiment: a 3-label model corrected on 2-label HANS anchors with an NLI pool."""
+    main = load_recipe("augmentation").main
+    results = main(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"], "--num_labels", "3",
+                    "--train_dataset", files["mnli"], "--hans_file", files["hans"], "--pool", files["mnli"],
+                    "--num_steps", "1", "--replicas", "1", "--heuristics", "lexical_overlap", "--strategies",
+                    "helpful", "anchors", *PAPER_FAST])
+    assert results["pool"].startswith("pool ") and results["runs"][0]["steps"][0]["influence"]
+
+
+def test_paper_path_augmentation_hans_train_pool(tmp_path, files):
+    main = load_recipe("augmentation").main
+    results = main(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"], "--train_dataset",
+                    files["mnli"], "--hans_file", files["hans"], "--pool", files["hans_train"], "--num_steps", "1",
+                    "--replicas", "1", "--heuristics", "constituent", "--strategies", "random", *PAPER_FAST])
+    assert results["num_pool"] == 120
+
+
+@pytest.mark.parametrize("simulator", ["copy", "ckpt2"])
+def test_paper_path_simulatability(tmp_path, files, simulator):
+    main = load_recipe("simulatability").main
+    results = main(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"], "--train_dataset",
+                    files["mnli"], "--hans_file", files["hans"], "--simulator", files.get(simulator, simulator),
+                    "--num_correct", "1", "--num_incorrect", "1", "--num_points", "2", "--learning_rates", "0.1", "1",
+                    *PAPER_FAST])
+    assert results["learning_rates"] == [0.1, 1.0] and len(results["points"]) >= 1
