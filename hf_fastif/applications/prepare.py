@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
 from ..data import label_names, load_hans, load_mnli, split_hans, tokenize_nli
-from ..data.loaders import _hub_offline
+from ..data.loaders import hub_offline
 from ..embedded import EMBEDDED_PARAMS, embedded_arguments, embedded_data, embedded_model
 from ..trainer import InfluenceTrainer
 from .common import check_num_labels
@@ -156,7 +156,7 @@ def resolve_model(name_or_path: str) -> str:
     try:
         AutoConfig.from_pretrained(name_or_path)  # the local cache, or the Hub when online
     except (OSError, ValueError) as err:
-        if _hub_offline():
+        if hub_offline():
             raise ValueError(
                 f"{name_or_path!r} is not a local directory, so it would come from the Hugging Face Hub, but the Hub "
                 "is offline (HF_HUB_OFFLINE) and it is not in the local cache. Pass a local checkpoint directory "

@@ -62,7 +62,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 # ------------------------------------------------------------------------------------- sources
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """Offline mode as set now: huggingface_hub's constant or the environment variables."""
     from huggingface_hub import constants
 
@@ -86,7 +86,7 @@ def _resolve(name_or_path: str | os.PathLike) -> Path | str:
             f"No such file: {str(path)!r}. Pass an existing data file ({', '.join(DATA_FILE_SUFFIXES)}) "
             "or a Hub dataset id such as 'nyu-mll/multi_nli'."
         )
-    if _hub_offline():
+    if hub_offline():
         raise ValueError(
             f"{text!r} is not a local file, so it would be loaded from the Hugging Face Hub, but the Hub is "
             "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). Pass a local file path instead "
