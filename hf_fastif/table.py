@@ -36,6 +36,8 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from transformers.utils import logging
 
+from .quiet import quiet_datasets
+
 logger = logging.get_logger(__name__)
 
 SCHEMA_VERSION = 1
@@ -69,7 +71,7 @@ class InfluenceTable:
 
     def __init__(self, dataset: Dataset, metadata: dict | None = None, *, _sorted: bool = False):
         _check_columns(dataset.features.arrow_schema, "dataset")
-        with _quiet():
+        with quiet_datasets():
             if dataset._indices is not None:  # queries below read the Arrow table in row order
                 dataset = dataset.flatten_indices()
             if not _sorted and len(dataset):
@@ -555,7 +557,7 @@ class _Shards:
         return table
 
     def to_dataset(self) -> Dataset:
-        with _quiet():
+        with quiet_datasets():
             try:
                 dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")
             except Exception as err:
@@ -564,20 +566,6 @@ class _Shards:
             if not self.sorted:
                 dataset = dataset.sort(["test_id", "influence"]).flatten_indices()
         return dataset
-
-
-@contextlib.contextmanager
-def _quiet():
-    """No datasets progress bars for the table's own small conversions."""
-    from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
-
-    was_enabled = is_progress_bar_enabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            enable_progress_bars()
 
 
 # ---- metadata, schema and card -----------------------------------------------------------------------------
