@@ -181,7 +181,11 @@ def compute_influences(
         timings["test_gradients_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        s_test, diagnostics = _solve(fm, params, train, v, args, progress)
+        # what the top-eigenvalue estimate depends on: weights, training rows, parameters, loss, seed
+        curvature_key = (fingerprint, train.dataset._fingerprint, len(train), tuple(names),
+                         "default" if loss_fn is None else id(loss_fn), args.influence_weight_decay,
+                         args.influence_seed, D.world())
+        s_test, diagnostics = _solve(fm, params, train, v, args, progress, curvature_key)
         timings["s_test_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -261,7 +265,8 @@ def _full_hvp(fm, params, train: Batcher, batch_size: int) -> Callable[[torch.Te
     return hvp
 
 
-def _solve(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool) -> tuple[torch.Tensor, dict]:
+def _solve(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool,
+           curvature_key: tuple) -> tuple[torch.Tensor, dict]:
     lam = args.influence_lambda
     p = v.shape[1]
     if args.influence_solver == "exact":
@@ -272,20 +277,31 @@ def _solve(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool) ->
         return solve_cg(_full_hvp(fm, params, train, args.influence_hvp_batch_size), v, lam,
                         max_iterations=args.influence_cg_max_iterations, tol=args.influence_cg_tol,
                         progress=progress)
-    return _solve_lissa(fm, params, train, v, args, progress)
+    return _solve_lissa(fm, params, train, v, args, progress, curvature_key)
 
 
-def _solve_lissa(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool) -> tuple[torch.Tensor, dict]:
+# Top Hessian eigenvalue estimates of recent (model weights, training data, loss) combinations: repeated
+# queries against an unchanged model skip LiSSA's power-iteration check.
+_TOP_EIGENVALUE_CACHE: dict = {}
+
+
+def _solve_lissa(fm, params, train: Batcher, v: torch.Tensor, args, progress: bool,
+                 curvature_key: tuple) -> tuple[torch.Tensor, dict]:
     rank, world_size = D.world()
     repetitions = args.influence_repetitions or world_size
     depth, bsz, n = args.influence_recursion_depth, args.influence_batch_size, len(train)
     info: dict = {"lissa_total_repetitions": repetitions}
     top = None
     if args.influence_check_convergence:
-        sample = np.random.default_rng([args.influence_seed, 2**31 - 1]).permutation(n)[:POWER_ITERATION_ROWS]
-        hvp = _full_hvp(fm, params, train.subset(sample), args.influence_hvp_batch_size)
-        top = power_iteration(hvp, v.shape[1], iterations=POWER_ITERATIONS, dtype=v.dtype, device=v.device,
-                              seed=args.influence_seed)
+        top = _TOP_EIGENVALUE_CACHE.get(curvature_key)
+        if top is None:
+            sample = np.random.default_rng([args.influence_seed, 2**31 - 1]).permutation(n)[:POWER_ITERATION_ROWS]
+            hvp = _full_hvp(fm, params, train.subset(sample), args.influence_hvp_batch_size)
+            top = power_iteration(hvp, v.shape[1], iterations=POWER_ITERATIONS, dtype=v.dtype, device=v.device,
+                                  seed=args.influence_seed)
+            if len(_TOP_EIGENVALUE_CACHE) >= 16:
+                _TOP_EIGENVALUE_CACHE.clear()
+            _TOP_EIGENVALUE_CACHE[curvature_key] = top
         info["hessian_top_eigenvalue_estimate"] = top
         scale, damp = args.influence_scale, args.influence_damping
         if top >= (2.0 - damp) * scale:

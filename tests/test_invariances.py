@@ -147,3 +147,18 @@ def test_the_knn_index_is_reused_until_the_model_changes(data, pad_collator, mon
     changed = tiny_model("bert", seed=9)
     run(changed, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
     assert len(built) == 2
+
+
+def test_the_top_eigenvalue_estimate_is_reused_until_the_model_changes(data, pad_collator, monkeypatch):
+    import hf_fastif.influence as influence
+
+    model, train, test = data
+    calls, real = [], influence.power_iteration
+    monkeypatch.setattr(influence, "power_iteration", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    influence._TOP_EIGENVALUE_CACHE.clear()
+    first = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
+    again = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
+    assert len(calls) == 1 and first.equals(again)
+    run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None, influence_seed=3)
+    run(tiny_model("bert", seed=9), train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
+    assert len(calls) == 3
