@@ -214,7 +214,8 @@ def quality(original: np.ndarray, rows: list[tuple[np.ndarray, np.ndarray]], ns=
     return summary
 
 
-def _markdown(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:
+def markdown_rows(rows: list[dict], columns: list[str], formats: dict | None = None) -> str:
+    """A markdown table of ``rows`` (dicts), one column per name in ``columns``."""
     formats = formats or {}
 
     def fmt(column, value):
@@ -898,7 +899,7 @@ def render(results: dict) -> str:
              "Quality: Pearson / Spearman with original on the candidates each row scores, recall@n of the original's "
              "n most helpful / harmful rows among all N; means over the test points.\n"]
     cols = ["row", "settings", "seconds", "speed-up", *QUALITY_COLUMNS, "cost model / measured"]
-    lines.append(_markdown(results["rows"], cols, {"seconds": lambda v: f"{v:.3g}", "speed-up": lambda v: f"{v:.2f}x"}))
+    lines.append(markdown_rows(results["rows"], cols, {"seconds": lambda v: f"{v:.3g}", "speed-up": lambda v: f"{v:.2f}x"}))
     notes = [r for r in results["rows"] if r.get("sanity") or r.get("error")]
     for r in notes:
         if r.get("error"):
@@ -916,18 +917,18 @@ def render(results: dict) -> str:
                   + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "feature",
                                                         "knn_row")]) + ".\n",
               "```\n" + COST_MODEL + "\n```\n"]
-    lines.append(_markdown(results["paper_rows"], ["row", "seconds", "speed-up vs original (hf_fastif kernels)",
+    lines.append(markdown_rows(results["paper_rows"], ["row", "seconds", "speed-up vs original (hf_fastif kernels)",
                                                    "speed-up vs original (2021 code path)"],
                            {"seconds": lambda v: f"{v:.4g}", "speed-up vs original (hf_fastif kernels)": lambda v: f"{v:.1f}x",
                             "speed-up vs original (2021 code path)": lambda v: f"{v:.1f}x"}))
     lines.append(f"\nOne-off at paper scale: the kNN index needs N·u.feature = "
                  f"{results['paper']['index_build_s']:.0f}s of features, shared by every test point.\n")
-    lines += ["## Targets\n", _markdown(results["targets"], ["target", "measured", "met"]), ""]
+    lines += ["## Targets\n", markdown_rows(results["targets"], ["target", "measured", "met"]), ""]
     sweep = results.get("sweep") or []
     if sweep:
         lines += ["## s_test sweep (J, B, T) against original\n",
                   f"![sweep]({results['files']['sweep_png']}) — {results['sweep_note']}\n",
-                  _markdown(sweep, ["J", "B", "T", "s_test_s_per_test_point", "spearman", "pearson"]), ""]
+                  markdown_rows(sweep, ["J", "B", "T", "s_test_s_per_test_point", "spearman", "pearson"]), ""]
     curve = results.get("knn_recall_curve")
     if curve:
         keys = [k for k in curve if k.startswith("recall@")]
@@ -936,7 +937,7 @@ def render(results: dict) -> str:
         lines += ["## kNN recall vs k (the paper's recall study)\n",
                   f"![knn recall]({results['files']['knn_png']}) — share of the full scan's (original's) n most "
                   "helpful / harmful rows inside the k nearest neighbours of the test point's feature.\n",
-                  _markdown(table, ["k", *keys, "random (k/N)"]), ""]
+                  markdown_rows(table, ["k", *keys, "random (k/N)"]), ""]
     gt = results.get("ground_truth")
     if gt:
         lines += [f"## Ground-truth anchor: digits logistic regression ({gt['num_test']} test × {gt['num_train']} "
@@ -945,7 +946,7 @@ def render(results: dict) -> str:
                   f"{gt['lds_subsets']} random 50% subsets, each retrained to its optimum (Newton); mean over test "
                   "points. Published reference for the same kind of model: dattri's MNIST logistic regression, "
                   "LDS ≈ 0.8 for exact / CG / LiSSA.\n",
-                  _markdown(gt["rows"], ["solver", "seconds", "spearman_vs_exact", "spearman_vs_loo", "lds"]), ""]
+                  markdown_rows(gt["rows"], ["solver", "seconds", "spearman_vs_exact", "spearman_vs_loo", "lds"]), ""]
     return "\n".join(lines)
 
 

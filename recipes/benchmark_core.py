@@ -15,18 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser
 
-from hf_fastif import compute_influences
 from hf_fastif.batches import Batcher
-from hf_fastif.ground_truth import (
-    LogisticRegression,
-    digits_data,
-    fit_logistic_regression,
-    leave_one_out_loss_changes,
-)
-from hf_fastif.influence import default_arguments, influence_mode
+from hf_fastif.benchmark import BenchmarkConfig, ground_truth_anchor, markdown_rows
+from hf_fastif.influence import influence_mode
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
@@ -42,6 +35,7 @@ class BenchmarkArguments:
     batch_size: int = field(default=64, metadata={"help": "Scoring batch size."})
     num_train: int = field(default=1000, metadata={"help": "Digits training rows."})
     num_test: int = field(default=50, metadata={"help": "Digits test rows."})
+    lds_subsets: int = field(default=100, metadata={"help": "Random 50% subsets for the LDS (each retrained)."})
     quick: bool = field(default=False, metadata={"help": "Tiny sizes: proves the script works (CI)."})
 
 
@@ -98,76 +92,22 @@ def scoring_benchmark(args: BenchmarkArguments) -> list[dict]:
     return rows
 
 
-def digits_benchmark(args: BenchmarkArguments) -> list[dict]:
-    wd = 0.005
-    train, test, x, y, xt, yt = digits_data(num_train=args.num_train, num_test=args.num_test, seed=0)
-    model = fit_logistic_regression(LogisticRegression(64, 2).double(), x, y, wd)
-    start = time.perf_counter()
-    loo = leave_one_out_loss_changes(model, x, y, xt, yt, wd)
-    t_loo = time.perf_counter() - start
-
-    def measurement(outputs, batch):
-        return torch.nn.functional.cross_entropy(outputs["logits"], batch["labels"], reduction="none")
-
-    settings = {
-        "exact": dict(influence_solver="exact", influence_damping=0.0),
-        "cg": dict(influence_solver="cg", influence_damping=0.0),
-        "lissa (B=32, J=1500, T=4)": dict(influence_solver="lissa", influence_damping=0.001, influence_scale=2.0,
-                                          influence_batch_size=32, influence_recursion_depth=1500,
-                                          influence_repetitions=4),
-        # single-row Hessians reach p(1-p)·‖x‖² ≈ 16, so B = 1 needs a larger scale (λ kept at 0.002)
-        "lissa (B=1, J=1000, T=4; paper's FastIF)": dict(influence_solver="lissa", influence_damping=0.0001,
-                                                         influence_scale=20.0, influence_batch_size=1,
-                                                         influence_recursion_depth=1000, influence_repetitions=4),
-    }
-    matrices, rows = {}, []
-    for name, kw in settings.items():
-        iargs = default_arguments(influence_weight_decay=wd, influence_knn_k=None, disable_tqdm=True,
-                                  influence_hvp_batch_size=1000, influence_scoring_batch_size=1000, **kw)
-        start = time.perf_counter()
-        table = compute_influences(model, train, test, iargs, measurement_fn=measurement)
-        seconds = time.perf_counter() - start
-        df = table.to_pandas()
-        mat = np.zeros((len(test), len(train)))
-        mat[df.test_id, df.train_id] = df.influence
-        matrices[name] = mat
-        rows.append({"solver": name, "seconds": seconds, "lambda": iargs.influence_lambda,
-                     "spearman_vs_loo": float(np.mean([spearmanr(-mat[t], loo[:, t]).statistic
-                                                       for t in range(len(test))]))})
-    for row in rows:
-        mat = matrices[row["solver"]]
-        row["spearman_vs_exact"] = float(np.mean([spearmanr(mat[t], matrices["exact"][t]).statistic
-                                                  for t in range(len(test))]))
-    rows.append({"solver": "leave-one-out retraining (Newton)", "seconds": t_loo, "spearman_vs_loo": 1.0,
-                 "spearman_vs_exact": float(np.mean([spearmanr(-matrices["exact"][t], loo[:, t]).statistic
-                                                     for t in range(len(test))]))})
-    return rows
-
-
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main():
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     if args.quick:
         args.hidden_sizes, args.num_candidates, args.loop_candidates = [32], 32, 8
-        args.num_train, args.num_test = 200, 5
+        args.num_train, args.num_test, args.lds_subsets = 200, 5, 10
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     scoring = scoring_benchmark(args)
     print("## Scoring -∇L(z)·s_test: batched JVP vs. the 2021 per-example loop (random-init BERT, 2 layers)\n")
-    print(markdown(scoring, ["hidden", "parameters", "num_parameters", "forward_cand_per_s", "loop_cand_per_s",
+    print(markdown_rows(scoring, ["hidden", "parameters", "num_parameters", "forward_cand_per_s", "loop_cand_per_s",
                              "jvp_cand_per_s", "grad_cand_per_s", "jvp_speedup_over_loop", "jvp_cost_in_forwards"]))
-    digits = digits_benchmark(args)
+    digits = ground_truth_anchor(BenchmarkConfig(digits_train=args.num_train, digits_test=args.num_test,
+                                                 lds_subsets=args.lds_subsets))["rows"]
     print(f"\n## Solvers on L2-regularised logistic regression (digits, {args.num_test} test x "
           f"{args.num_train} train)\n")
-    print(markdown(digits, ["solver", "seconds", "lambda", "spearman_vs_exact", "spearman_vs_loo"]))
+    print(markdown_rows(digits, ["solver", "seconds", "lambda", "spearman_vs_exact", "spearman_vs_loo", "lds"]))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark_core.json").write_text(json.dumps({"scoring": scoring, "digits": digits}, indent=2))
