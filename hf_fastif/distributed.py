@@ -62,15 +62,6 @@ def gather_rows(array: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, 0)
 
 
-def broadcast_object(obj):
-    """The main process's ``obj`` on every process."""
-    if world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def check_same_everywhere(description: dict) -> None:
     """Refuse to run when processes were launched with different settings or data (they would mix
     results): every process compares its ``description`` with every other's."""
