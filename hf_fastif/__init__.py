@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
+from .engine import InfluenceEngine
 from .influence import compute_influences
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .trainer import InfluenceTrainer
 
-__all__ = ["InfluenceArguments", "InfluenceTrainer", "InfluenceTable", "compute_influences", "build_influence_table",
+__all__ = ["InfluenceArguments", "InfluenceTrainer", "InfluenceEngine", "InfluenceTable", "compute_influences", "build_influence_table",
            "InfluenceTableError", "InfluenceTableWriter",
            "__version__"]

@@ -42,10 +42,10 @@ from .influence import (
     POWER_ITERATIONS,
     compute_influences,
     default_arguments,
-    influence_mode,
 )
 from .knn import build_index, extract_features, search
 from .loss import FunctionalModel
+from .mode import influence_mode
 from .params import PAPER_BERT_PARAMS, num_parameters, select_parameters
 from .quiet import quiet_datasets
 from .scoring import score_candidates, score_per_example_loop

@@ -19,9 +19,10 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments
+from .fingerprint import model_fingerprint
 from .influence import compute_influences, data_signature, default_arguments
 from .quiet import quiet_datasets
-from .table import InfluenceTable, model_fingerprint
+from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
 

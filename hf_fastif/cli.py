@@ -115,8 +115,8 @@ def _build_from_model(build: BuildArguments, influence: dict, out: Path) -> None
     from .builder import build_influence_table
     from .data import load_hans, load_mnli, tokenize_nli
     from .distributed import barrier, is_main_process
+    from .fingerprint import model_fingerprint
     from .influence import default_arguments
-    from .table import model_fingerprint
 
     if not build.train_file or not build.test_file:
         raise ValueError("--model needs --train_file (its training data) and --test_file (the rows to explain).")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
 from collections.abc import Callable, Sequence
@@ -16,14 +15,16 @@ from transformers.utils import logging
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
 from .batches import Batcher, validate_dataset
+from .fingerprint import model_fingerprint
 from .hvp import batch_gradient, batch_hvp
 from .knn import FeatureFn, build_index, extract_features, search
 from .loss import FunctionalModel, LossFn
+from .mode import influence_mode
 from .params import num_parameters, select_parameters
 from .scoring import score_pairs
 from .solvers import build_hessian, power_iteration, solve_cg, solve_exact, solve_lissa
 from .solvers.exact import check_exact_size
-from .table import InfluenceTable, model_fingerprint
+from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
 
@@ -37,42 +38,6 @@ def default_arguments(**overrides) -> InfluenceArguments:
     overrides.setdefault("output_dir", "hf_fastif_output")
     overrides.setdefault("report_to", "none")
     return InfluenceArguments(**overrides)
-
-
-@contextlib.contextmanager
-def influence_mode(model: nn.Module, names: Sequence[str]):
-    """Eval mode, eager attention (double backward / forward-mode AD need it), and only the selected
-    parameters requiring grad, so autograd does not walk frozen layers. Everything is restored after."""
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    selected = set(names)
-    attn = _attention_implementation(model)
-    switched = attn not in (None, "eager")
-    if switched:
-        if not hasattr(model, "set_attn_implementation"):
-            raise ValueError(
-                f"The model uses attn_implementation={attn!r}, which supports neither double backward nor "
-                "forward-mode AD; load it with attn_implementation='eager' for influence."
-            )
-        logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
-                    "neither double backward nor forward-mode AD); it is switched back afterwards.")
-        model.set_attn_implementation("eager")
-    try:
-        model.eval()
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in selected)
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
-        if switched:
-            model.set_attn_implementation(attn)
-
-
-def _attention_implementation(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
 
 
 def _describe_data(dataset: Dataset) -> dict:

@@ -21,7 +21,8 @@ import torch
 from datasets import Dataset
 from transformers.utils import logging
 
-from .table import InfluenceTable, InfluenceTableError, model_fingerprint
+from .fingerprint import model_fingerprint
+from .table import InfluenceTable, InfluenceTableError
 
 logger = logging.get_logger(__name__)
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from transformers.utils import logging
 
+from .fingerprint import model_fingerprint
 from .quiet import quiet_datasets
 
 logger = logging.get_logger(__name__)
@@ -692,18 +693,6 @@ def _write_json_atomic(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2, default=_json_default), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of a model's parameter names, shapes and values (float32): equal for the same weights, loaded
-    from anywhere."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        digest.update(f"{name}:{tuple(p.shape)}".encode())
-        digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _size_category(rows: int) -> str:

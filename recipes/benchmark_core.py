@@ -19,8 +19,8 @@ from transformers import BertConfig, BertForSequenceClassification, HfArgumentPa
 
 from hf_fastif.batches import Batcher
 from hf_fastif.benchmark import BenchmarkConfig, ground_truth_anchor, markdown_rows
-from hf_fastif.influence import influence_mode
 from hf_fastif.loss import FunctionalModel
+from hf_fastif.mode import influence_mode
 from hf_fastif.params import select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 

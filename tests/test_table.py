@@ -11,7 +11,8 @@ import pytest
 from datasets import Dataset
 
 from hf_fastif import InfluenceTable
-from hf_fastif.table import InfluenceTableError, InfluenceTableWriter, ModelMismatchError, model_fingerprint
+from hf_fastif.fingerprint import model_fingerprint
+from hf_fastif.table import InfluenceTableError, InfluenceTableWriter, ModelMismatchError
 
 
 def make_table(n_test=3, n_train=50, seed=0):

@@ -16,8 +16,8 @@ from torch import nn
 from ..arguments import InfluenceArguments
 from ..batches import Batcher, model_input_columns
 from ..hvp import batch_gradient
-from ..influence import influence_mode
 from ..loss import FunctionalModel, LossFn
+from ..mode import influence_mode
 from ..params import select_parameters
 
 EVAL_BATCH_SIZE = 128

@@ -28,8 +28,9 @@ from transformers.utils import logging
 from .. import distributed as D
 from ..arguments import InfluenceArguments
 from ..hvp import batch_gradient
-from ..influence import compute_influences, influence_mode
+from ..influence import compute_influences
 from ..loss import FunctionalModel
+from ..mode import influence_mode
 from ..params import select_parameters, unflatten
 from .common import batcher, markdown_table, predict, pyplot
 from .prepare import Setup, SetupArguments

@@ -1,0 +1,186 @@
+"""Content fingerprints: what a cache, a build or a table depends on, hashed from content (never ``id()``).
+
+- `model_fingerprint`: parameters *and* buffers (names, shapes, dtypes, values), the model's semantic
+  config, and the active adapters of a PEFT model: equal for the same model loaded from anywhere.
+- `tensors_fingerprint`: the same for a subset of named tensors (e.g. the frozen trunk below the
+  influence parameters).
+- `dataset_fingerprint`: every value of the given columns (Arrow IPC bytes), so two processes that
+  loaded the same rows agree, and an edit anywhere in a dataset changes it.
+- `callable_fingerprint`: a function's code, constants, defaults and closure values; for a collator
+  (a dataclass or any object) its type and settings, including its tokenizer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+# config keys that do not change what a model computes (paths, versions, how attention is implemented)
+_CONFIG_IGNORED = {"transformers_version", "attn_implementation", "dtype", "torch_dtype", "use_cache",
+                   "output_attentions", "output_hidden_states", "return_dict", "architectures", "name_or_path"}
+
+
+def _update_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    digest.update(f"{name}:{tuple(tensor.shape)}:{str(tensor.dtype)}".encode())
+    data = tensor.detach().to("cpu")
+    if data.dtype in (torch.bfloat16, torch.float16) or not data.is_contiguous():
+        data = data.to(torch.float32 if data.is_floating_point() else data.dtype).contiguous()
+    digest.update(memoryview(data.numpy()).cast("B"))
+
+
+def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 of named tensors (names, shapes, dtypes and values), in the given order."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        _update_tensor(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    """sha256 of the config entries that decide what the model computes (not paths, versions or the attention
+    implementation), plus the active adapters of a PEFT model."""
+    config = getattr(model, "config", None)
+    values = {}
+    if config is not None and hasattr(config, "to_dict"):
+        values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_IGNORED}
+    adapters = getattr(model, "active_adapters", None)
+    if callable(adapters):
+        try:
+            adapters = adapters()
+        except (ValueError, AttributeError):  # transformers raises when no adapter is loaded
+            adapters = None
+    values["__active_adapters__"] = adapters
+    values["__class__"] = type(model).__name__
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, values), its semantic config and its
+    active adapters: equal for the same model loaded from anywhere, different after any change of weights."""
+    digest = hashlib.sha256(config_fingerprint(model).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        _update_tensor(digest, name, tensor)
+    return digest.hexdigest()
+
+
+class _HashWriter:
+    """A file-like sink that hashes what is written to it (for Arrow's IPC writer)."""
+
+    def __init__(self, digest):
+        self.digest = digest
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def dataset_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
+    """sha256 of every value of ``columns`` (default: all) of a `datasets.Dataset`, in row order.
+
+    In-memory datasets get random ``_fingerprint`` values, so processes that loaded the same rows cannot
+    compare those; this hashes the rows themselves (Arrow IPC stream of the columns; about 1 GB/s)."""
+    columns = list(columns) if columns is not None else list(dataset.column_names)
+    table = dataset.select_columns(columns).with_format("arrow")[:] if len(dataset) else None
+    digest = hashlib.sha256(json.dumps([len(dataset), columns]).encode())
+    if table is None:
+        return digest.hexdigest()
+    table = pa.Table.from_batches(table.to_batches(), schema=table.schema.remove_metadata())
+    sink = _HashWriter(digest)
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=65_536):
+            writer.write_batch(batch)
+    return digest.hexdigest()
+
+
+def _describe_value(value, depth: int = 0):
+    """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
+    if depth > 3:
+        return type(value).__qualname__
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        return "tensor:" + tensors_fingerprint([("", value)])
+    if isinstance(value, np.ndarray):
+        return "array:" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.shape)
+    if isinstance(value, (list, tuple)):
+        return [_describe_value(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, nn.Module):
+        return "module:" + type(value).__qualname__ + ":" + model_fingerprint(value)
+    if callable(value):
+        return callable_fingerprint(value, depth + 1)
+    if dataclasses.is_dataclass(value):
+        return {type(value).__qualname__: {f.name: _describe_value(getattr(value, f.name, None), depth + 1)
+                                           for f in dataclasses.fields(value)}}
+    if hasattr(value, "init_kwargs") and hasattr(value, "get_vocab"):  # a tokenizer: its settings and vocabulary
+        vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
+        settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
+                                                          "pad_token_id")}
+        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(v) for k, v in settings.items()}}}
+    return type(value).__qualname__ + ":" + repr(value)
+
+
+def callable_fingerprint(fn, depth: int = 0) -> str:
+    """sha256 of what a callable computes, as far as Python shows it: its code (bytecode, constants, names),
+    defaults and closure values; for bound methods also the object's settings; for other callable objects
+    (a collator) their type and attributes. Two different lambdas differ even if they once shared an address."""
+    if fn is None:
+        return "none"
+    if isinstance(fn, functools.partial):
+        description = {"partial": callable_fingerprint(fn.func, depth + 1),
+                       "args": _describe_value(list(fn.args), depth + 1),
+                       "kwargs": _describe_value(dict(fn.keywords), depth + 1)}
+    elif inspect.ismethod(fn):
+        description = {"method": callable_fingerprint(fn.__func__, depth + 1),
+                       "self": _describe_value(fn.__self__, depth + 1) if depth < 3 else type(fn.__self__).__qualname__}
+    elif inspect.isfunction(fn):
+        code = fn.__code__
+        closure = [c.cell_contents for c in fn.__closure__ or () if _cell_filled(c)]
+        description = {"qualname": fn.__qualname__, "module": fn.__module__, "code": _code_digest(code),
+                       "defaults": _describe_value(list(fn.__defaults__ or ()), depth + 1),
+                       "kwdefaults": _describe_value(dict(fn.__kwdefaults__ or {}), depth + 1),
+                       "closure": _describe_value(closure, depth + 1)}
+    elif inspect.isbuiltin(fn) or inspect.isclass(fn):
+        description = {"builtin": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"}
+    else:
+        # dataclass fields read directly (dataclasses.asdict would deep-copy a collator's tokenizer)
+        attributes = ({f.name: getattr(fn, f.name, None) for f in dataclasses.fields(fn)}
+                      if dataclasses.is_dataclass(fn) else getattr(fn, "__dict__", {}))
+        description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
+                       "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
+                       "attributes": _describe_value(dict(attributes), depth + 1)}
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
+
+def _code_digest(code) -> str:
+    digest = hashlib.sha256(code.co_code)
+    digest.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        digest.update((_code_digest(const) if inspect.iscode(const) else repr(const)).encode())
+    return digest.hexdigest()

@@ -1,0 +1,73 @@
+"""Small helpers with one home each: JSON encoding, atomic writes, markdown tables, timers, the version."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def library_version() -> str:
+    """The installed hf_fastif version."""
+    from . import __version__
+
+    return __version__
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays, sets and anything else (as ``str``)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
+
+
+def to_json(value: Any, **kwargs) -> str:
+    """``json.dumps`` with `json_default` (numpy values, sets, paths...)."""
+    return json.dumps(value, default=json_default, **kwargs)
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write text or bytes to a temporary file next to ``path``, then rename it into place: readers never
+    see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Timer:
+    """Wall-clock seconds of named phases: ``with timer("s_test"): ...`` adds to ``timer.seconds["s_test"]``."""
+
+    def __init__(self, suffix: str = "_s"):
+        self.seconds: dict[str, float] = {}
+        self.suffix = suffix
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = name + self.suffix
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
