@@ -5,10 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import default_data_collator
+
+from .trunk import HIDDEN_KEY
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 
@@ -45,34 +48,58 @@ def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
 
 
 class Batcher:
-    """Collates rows of a dataset by index and moves them to ``device``."""
+    """Collates rows of a dataset by position and moves them to ``device``.
 
-    def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device):
+    A batcher can be a view on some rows of its dataset (`subset`), and can carry the dataset's cached trunk
+    states (`with_trunk`): its batches then hold them under `hf_fastif.trunk.HIDDEN_KEY`, and every forward
+    through `hf_fastif.trunk.forward_context` runs only the top of the model.
+    """
+
+    def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device, *,
+                 index: np.ndarray | None = None, trunk=None):
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
         self.device = device
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        self.trunk = trunk
 
     def check_labels(self, name: str) -> None:
         """Collate one row and check it has ``labels`` (a collator may make them, as for causal LMs)."""
-        if "labels" not in self.batch([0]):
+        if "labels" not in self.batch([0], trunk=False):
             raise ValueError(f"{name} has no `labels` (or `label`) column, and the data collator adds none; the "
                              "influence of a row needs its loss, so add the labels (for a causal LM, labels = "
                              "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)).")
 
-    def subset(self, indices: Sequence[int]) -> Batcher:
-        """A batcher over the given rows only."""
-        return Batcher(self.dataset.select(list(indices)), self.dataset.column_names, self.collator, self.device)
+    def subset(self, positions: Sequence[int]) -> Batcher:
+        """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""
+        return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device,
+                       index=self.base_rows(positions), trunk=self.trunk)
+
+    def with_trunk(self, trunk) -> Batcher:
+        """This batcher with the dataset's `hf_fastif.trunk.TrunkCache` (or ``None``: full forwards)."""
+        return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=self.index,
+                       trunk=trunk)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.index is None else len(self.index)
 
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        """The rows at ``indices`` as feature dicts (one bulk read; collate them with `collate`)."""
-        columns = self.dataset[[int(i) for i in indices]]
-        return [{k: columns[k][i] for k in columns} for i in range(len(indices))]
+    def base_rows(self, positions: Sequence[int]) -> np.ndarray:
+        """Rows of the dataset at these positions of this batcher."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return positions if self.index is None else self.index[positions]
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        return self.collate(self.rows(indices))
+    def rows(self, positions: Sequence[int]) -> list[dict]:
+        """The rows at ``positions`` as feature dicts (one bulk read; collate them with `collate`)."""
+        rows = self.base_rows(positions)
+        columns = self.dataset[[int(i) for i in rows]]
+        return [{k: columns[k][i] for k in columns} for i in range(len(rows))]
+
+    def batch(self, positions: Sequence[int], *, trunk: bool = True) -> dict[str, torch.Tensor]:
+        """The collated rows at ``positions`` on the device (with their trunk states if this batcher has them)."""
+        batch = self.collate(self.rows(positions))
+        if trunk and self.trunk is not None:
+            batch[HIDDEN_KEY] = self.trunk.hidden(self.base_rows(positions), batch)
+        return batch
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         try:
@@ -87,8 +114,8 @@ class Batcher:
             batch["labels"] = batch.pop("label")
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:
-        indices = list(indices)
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
+    def batches(self, positions: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:
+        positions = list(positions)
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start : start + batch_size]
             yield chunk, self.batch(chunk)

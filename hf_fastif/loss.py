@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .params import decayed_names
+from .trunk import forward_context, model_inputs
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -74,11 +75,13 @@ class FunctionalModel:
         loss_fn: per-example training loss; default `make_default_loss`.
         measurement_fn: per-example test quantity; default: the training loss.
         weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) added to every loss.
+        split: the model's `hf_fastif.trunk.TrunkSplit`, used when a batch carries cached trunk states.
     """
 
     def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
-                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0):
+                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None):
         self.model = model
+        self.split = split
         self.names = list(names)
         self.loss_fn = loss_fn or make_default_loss(model)
         self.measurement_fn = measurement_fn
@@ -86,8 +89,9 @@ class FunctionalModel:
         self.decayed = decayed_names(self.names) if self.weight_decay else []
 
     def outputs(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
-        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        return functional_call(self.model, dict(params), args=(), kwargs=inputs)
+        """The model's outputs for ``batch`` at ``params`` (only the top runs when the batch carries trunk states)."""
+        with forward_context(self.split, batch):
+            return functional_call(self.model, dict(params), args=(), kwargs=model_inputs(batch))
 
     def _l2(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
         if not self.decayed:
