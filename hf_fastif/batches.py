@@ -10,22 +10,46 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import default_data_collator
+from transformers.utils import find_labels, logging
+
+logger = logging.get_logger(__name__)
 
 from .trunk import HIDDEN_KEY
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
+# Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
+COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values",
+                 "features")
+
+
+def signature_columns(model: nn.Module) -> list[str]:
+    """Column names the Trainer keeps for ``model`` (its ``_set_signature_columns_if_needed`` rule).
+
+    The named parameters of ``forward`` (of the base model for PEFT, as the Trainer does), plus ``label``,
+    ``label_ids`` and the model's label names (``find_labels``). A ``**kwargs`` does not widen the list:
+    the Trainer drops every other column too, so the model was trained without them. Unlike the Trainer,
+    the names of ``*args``/``**kwargs`` themselves are not columns; the model's ``main_input_name`` is
+    added, and a forward that names no input at all keeps the common transformers inputs.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    target = get_base() if callable(get_base) else model
+    params = inspect.signature(target.forward).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = [n for n, p in params.items() if p.kind not in variadic]
+    labels = ["label", "label_ids", *find_labels(type(target))]
+    main = getattr(target, "main_input_name", None)
+    extra = [main] if isinstance(main, str) else []
+    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_kwargs and not [n for n in named if n not in labels]:
+        extra += list(COMMON_INPUTS)
+    return list(dict.fromkeys(named + extra + labels + list(LABEL_COLUMNS)))
 
 
 def model_input_columns(model: nn.Module, dataset: Dataset) -> list[str]:
-    """Columns the model's ``forward`` accepts, plus the label column (as the Trainer keeps them)."""
-    params = inspect.signature(model.forward).parameters
-    columns = dataset.column_names
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [c for c in columns if c in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
-                                                 "inputs_embeds", "pixel_values", "features")]
-    else:
-        accepted = [c for c in columns if c in params]
-    return accepted + [c for c in LABEL_COLUMNS if c in columns and c not in accepted]
+    """The columns of ``dataset`` the Trainer would pass to ``model`` (see `signature_columns`), in the
+    dataset's order: named inputs of ``forward`` (e.g. LayoutLM's ``bbox``) and the labels."""
+    keep = set(signature_columns(model))
+    return [c for c in dataset.column_names if c in keep]
 
 
 def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
@@ -36,6 +60,10 @@ def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; influence needs at least one row.")
     columns = model_input_columns(model, dataset)
+    ignored = [c for c in dataset.column_names if c not in columns]
+    if ignored:
+        logger.info(f"{name}: columns {ignored} are not inputs of {type(model).__name__}.forward and are ignored, "
+                    "as the Trainer ignores them.")
     inputs = [c for c in columns if c not in LABEL_COLUMNS]
     if not inputs:
         text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
