@@ -12,9 +12,9 @@ from torch import nn
 from transformers import default_data_collator
 from transformers.utils import find_labels, logging
 
-logger = logging.get_logger(__name__)
-
 from .trunk import HIDDEN_KEY
+
+logger = logging.get_logger(__name__)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 # Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
