@@ -35,7 +35,8 @@ logger = logging.get_logger(__name__)
 
 MANIFEST = "build_manifest.json"
 MANIFEST_VERSION = 2  # 1: first/last rows of the data only, callables not recorded
-CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")  # keyword arguments that decide the numbers
+# the keyword arguments of compute_influences that decide the numbers, beside the data
+CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
 KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)
 
 
@@ -52,7 +53,8 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     """What a build's numbers depend on, as JSON values: two builds with equal signatures compute the same
     table (``callables``: the `CALLABLES` passed to `compute_influences`, None for the default)."""
     train = data_identity(train_dataset, "train_dataset", model)
-    candidates = train if candidate_dataset is None else data_identity(candidate_dataset, "candidate_dataset", model)
+    candidates = (train if candidate_dataset is None
+                  else data_identity(candidate_dataset, "candidate_dataset", model))
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
@@ -75,7 +77,8 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
         kwargs: passed to `compute_influences`: data_collator, candidate_dataset, loss_fn, measurement_fn,
             features (each recorded in the manifest).
     Returns:
-        The whole table (``test_id`` indexes ``test_dataset``), saved under ``output_dir/table`` and loaded from there.
+        The whole table (``test_id`` indexes ``test_dataset``), saved under ``output_dir/table`` and loaded
+        from there.
     Raises:
         ValueError: if ``output_dir`` holds a build of a different model, data, settings or callables.
     """
@@ -91,8 +94,9 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     args = args if args is not None else default_arguments()
     out = Path(output_dir)
     shards = out / "shards"
-    signature = build_signature(model, train_dataset, test_dataset, args, shard_size,
-                                kwargs.get("candidate_dataset"), {name: kwargs.get(name) for name in CALLABLES})
+    callables = {name: kwargs.get(name) for name in CALLABLES}
+    signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
+                                callables)
     _check_or_write_manifest(out, signature)
 
     starts = list(range(0, len(test_dataset), shard_size))
@@ -133,14 +137,14 @@ def _check_or_write_manifest(out: Path, signature: dict) -> None:
     if manifest.is_file():
         previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})
         if previous.get("manifest_version") != MANIFEST_VERSION:
-            raise ValueError(f"{out} holds a build made by an older hf_fastif, whose manifest does not record all "
-                             "that decides the numbers; its shards cannot be trusted to match. Use a new output_dir, "
-                             "or delete this one to start over.")
+            raise ValueError(f"{out} holds a build made by an older hf_fastif, whose manifest does not record "
+                             "all that decides the numbers; its shards cannot be trusted to match. Use a new "
+                             "output_dir, or delete this one to start over.")
         if previous != signature:
             diff = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
             raise ValueError(
-                f"{out} holds a build of a different {', '.join(diff)} (its manifest disagrees with this run); "
-                "results would be mixed. Use a new output_dir, or delete this one to start over."
+                f"{out} holds a build of a different {', '.join(diff)} (its manifest disagrees with this "
+                "run); results would be mixed. Use a new output_dir, or delete this one to start over."
             )
     elif D.is_main_process():
         (out / "shards").mkdir(parents=True, exist_ok=True)

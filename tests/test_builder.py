@@ -109,9 +109,10 @@ def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_pat
         raise AssertionError("a finished shard was computed again")
 
     monkeypatch.setattr(builder, "compute_influences", never)
+    rebuilt = dict(data_collator=type(pad_collator)(pad_collator.tokenizer), loss_fn=scaled_loss(1.0),
+                   measurement_fn=scaled_loss(1.0), features=embedding_features)  # equal, not the same objects
     again = build_influence_table(model, train.add_column("note", ["unread"] * 40), test, tmp_path, args,
-                                  shard_size=2, data_collator=type(pad_collator)(pad_collator.tokenizer),
-                                  loss_fn=scaled_loss(1.0), measurement_fn=scaled_loss(1.0), features=embedding_features)
+                                  shard_size=2, **rebuilt)
     assert again.metadata["build"]["resumed_shards"] == 1 and again.to_pandas().equals(first.to_pandas())
 
     rows = train.to_dict()

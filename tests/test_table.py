@@ -175,8 +175,8 @@ def sign_table() -> InfluenceTable:
     """test 0: 2 negative and 8 positive values; test 1: ties, zeros and a NaN."""
     t0 = [-0.5, -2.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 3.0]
     t1 = [-1.0, -1.0, 0.0, 0.0, 0.25, 0.25, 0.25, 2.0, float("nan")]
-    return InfluenceTable.from_arrays([0] * len(t0) + [1] * len(t1), list(range(len(t0))) + list(range(len(t1))),
-                                      t0 + t1)
+    return InfluenceTable.from_arrays([0] * len(t0) + [1] * len(t1),
+                                      list(range(len(t0))) + list(range(len(t1))), t0 + t1)
 
 
 @pytest.mark.parametrize("on_disk", [False, True])
@@ -199,11 +199,13 @@ def test_helpful_and_harmful_lists_hold_only_their_sign(tmp_path, on_disk):
     assert table.helpful(1, 10).influence.tolist() == [-1.0, -1.0]
     assert table.harmful(1, 10).influence.tolist() == [2.0, 0.25, 0.25, 0.25]
     assert table.highest(1, 9).influence.tolist()[:-1] == [2.0, 0.25, 0.25, 0.25, 0.0, 0.0, -1.0, -1.0]
-    assert np.isnan(table.highest(1, 9).influence.iloc[-1]) and np.isnan(table.lowest(1, 9).influence.iloc[-1])
+    assert np.isnan(table.highest(1, 9).influence.iloc[-1])
+    assert np.isnan(table.lowest(1, 9).influence.iloc[-1])
     assert table.describe(1) == {"test_id": 1, "num_candidates": 9, "num_helpful": 2, "num_harmful": 4,
                                  "num_zero": 2, "num_nan": 1, "num_distinct_values": 4, "min": -1.0,
                                  "median": 0.125, "max": 2.0}
-    assert table.helpful(0, 0).empty and list(table.helpful(0, 0).columns) == ["test_id", "train_id", "influence"]
+    none = table.helpful(0, 0)
+    assert none.empty and list(none.columns) == ["test_id", "train_id", "influence"]
     with pytest.raises(ValueError, match="n must be >= 0"):
         table.helpful(0, -1)
     with pytest.raises(TypeError, match="n must be an integer"):

@@ -14,5 +14,5 @@ from .format import (
 from .storage import InfluenceTableWriter, read_metadata
 from .table import InfluenceTable
 
-__all__ = ["InfluenceTable", "InfluenceTableError", "ModelMismatchError", "InfluenceTableWriter", "read_metadata",
-           "dataset_card", "SCHEMA_VERSION", "REQUIRED_COLUMNS", "METADATA_FILE", "CARD_FILE", "DATA_DIR"]
+__all__ = ["InfluenceTable", "InfluenceTableError", "ModelMismatchError", "InfluenceTableWriter",
+           "read_metadata", "dataset_card", "SCHEMA_VERSION", "REQUIRED_COLUMNS", "METADATA_FILE", "CARD_FILE", "DATA_DIR"]

@@ -40,13 +40,14 @@ def _pull_message(err: Exception, repo_id: str, revision: str | None) -> str:
     most specific come first)."""
     where = f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     if isinstance(err, RevisionNotFoundError):
-        return f"Revision {revision!r} does not exist in dataset repo {repo_id!r}; use a branch, tag or commit id of that repo."
+        return (f"Revision {revision!r} does not exist in dataset repo {repo_id!r}; use a branch, tag or commit "
+                "id of that repo.")
     if isinstance(err, RepositoryNotFoundError):
-        return (f"No dataset repo {repo_id!r} on the Hub (or it is private or gated: pass token=... of an account "
-                "with access).")
+        return (f"No dataset repo {repo_id!r} on the Hub (or it is private or gated: pass token=... of an "
+                "account with access).")
     if isinstance(err, LocalEntryNotFoundError):
-        return (f"Could not reach the Hub for {where}, and it is not in the local cache (offline, HF_HUB_OFFLINE=1, "
-                "or a network error). Go online or download it once while online.")
+        return (f"Could not reach the Hub for {where}, and it is not in the local cache (offline, "
+                "HF_HUB_OFFLINE=1, or a network error). Go online or download it once while online.")
     if isinstance(err, EntryNotFoundError):
         return (f"{where} is not an influence table: it has no {METADATA_FILE}. Push tables with "
                 "InfluenceTable.push_to_hub or `hf-fastif push`.")

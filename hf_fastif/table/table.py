@@ -165,17 +165,18 @@ class InfluenceTable:
         return rows.take(order[: _count(n)]).to_pandas()
 
     def describe(self, test_id: int = 0) -> dict:
-        """How the influence of one test point's candidates is distributed: ``num_candidates``, ``num_helpful``
-        (< 0), ``num_harmful`` (> 0), ``num_zero``, ``num_nan``, ``num_distinct_values`` (ties count once) and
-        ``min`` / ``median`` / ``max`` (of the non-NaN values; None if there are none). Plain Python values."""
+        """How the influence of one test point's candidates is distributed: ``num_candidates``,
+        ``num_helpful`` (< 0), ``num_harmful`` (> 0), ``num_zero``, ``num_nan``, ``num_distinct_values`` (ties
+        count once) and ``min`` / ``median`` / ``max`` (of the non-NaN values; None if there are none), as
+        plain Python values."""
         values = self._rows(test_id).column("influence").to_numpy()
         finite = values[~np.isnan(values)]
         stats = ({"min": float(finite.min()), "median": float(np.median(finite)), "max": float(finite.max())}
                  if len(finite) else {"min": None, "median": None, "max": None})
-        return {"test_id": int(test_id), "num_candidates": int(len(values)), "num_helpful": int((values < 0).sum()),
-                "num_harmful": int((values > 0).sum()), "num_zero": int((values == 0).sum()),
-                "num_nan": int(len(values) - len(finite)), "num_distinct_values": int(len(np.unique(finite))),
-                **stats}
+        return {"test_id": int(test_id), "num_candidates": int(len(values)),
+                "num_helpful": int((values < 0).sum()), "num_harmful": int((values > 0).sum()),
+                "num_zero": int((values == 0).sum()), "num_nan": int(len(values) - len(finite)),
+                "num_distinct_values": int(len(np.unique(finite))), **stats}
 
     # ---- more columns, and the model it belongs to ---------------------------------------------------
     def add_text(self, train_dataset: Dataset | None = None, test_dataset: Dataset | None = None,
