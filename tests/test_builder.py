@@ -1,5 +1,7 @@
 """Resumable builds: an interrupted build resumes and ends with exactly the uninterrupted table."""
 
+import copy
+
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -118,14 +120,17 @@ def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_pat
     rows = train.to_dict()
     rows["input_ids"][20] = [rows["input_ids"][20][0], *[5 + (t - 4) % 55 for t in rows["input_ids"][20][1:]]]
     edited = Dataset.from_dict(rows)  # one row in the middle, beyond the first and last 16
-    changes = {
-        "train": dict(train_dataset=edited),
-        "data_collator": dict(data_collator=truncating(pad_collator, 4)),
-        "loss_fn": dict(loss_fn=scaled_loss(2.0)),
-        "measurement_fn": dict(measurement_fn=scaled_loss(2.0)),
-        "features": dict(features=lambda model, batch: embedding_features(model, batch) * 2),
-    }
-    for entry, change in changes.items():
+    left = type(pad_collator)(copy.deepcopy(pad_collator.tokenizer))
+    left.tokenizer.padding_side = "left"
+    changes = [
+        ("train", dict(train_dataset=edited)),
+        ("data_collator", dict(data_collator=truncating(pad_collator, 4))),
+        ("data_collator", dict(data_collator=left)),  # the same collator class over a tokenizer padding left
+        ("loss_fn", dict(loss_fn=scaled_loss(2.0))),
+        ("measurement_fn", dict(measurement_fn=scaled_loss(2.0))),
+        ("features", dict(features=lambda model, batch: embedding_features(model, batch) * 2)),
+    ]
+    for entry, change in changes:
         kwargs = same | {k: v for k, v in change.items() if k != "train_dataset"}
         with pytest.raises(ValueError, match=f"a different [a-z_, ]*\\b{entry}\\b.*Use a new output_dir"):
             build_influence_table(model, change.get("train_dataset", train), test, tmp_path, args, shard_size=2,
