@@ -60,10 +60,15 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
         "settings": args.influence_settings(),
         "train": train, "test": data_identity(test_dataset, "test_dataset", model), "candidates": candidates,
-        **{name: callable_fingerprint((callables or {}).get(name)) for name in CALLABLES},
+        **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
         "shard_size": shard_size,
     }
     return json.loads(to_json(signature))
+
+
+def _identity(value) -> str:
+    """A callable's fingerprint; a plain value (e.g. ``features="cls"``, a method name) by its repr."""
+    return callable_fingerprint(value) if value is None or callable(value) else f"value:{value!r}"
 
 
 def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset,
