@@ -134,16 +134,18 @@ def _describe_value(value, depth: int = 0):
         return {str(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, nn.Module):
         return "module:" + type(value).__qualname__ + ":" + model_fingerprint(value)
+    # a tokenizer (callable, so before the callable branch, whose depth limit would cut it to type names):
+    # its settings and vocabulary
+    if hasattr(value, "init_kwargs") and hasattr(value, "get_vocab"):
+        vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
+        settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
+                                                          "pad_token_id")}
+        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(v) for k, v in settings.items()}}}
     if callable(value):
         return callable_fingerprint(value, depth + 1)
     if dataclasses.is_dataclass(value):
         return {type(value).__qualname__: {f.name: _describe_value(getattr(value, f.name, None), depth + 1)
                                            for f in dataclasses.fields(value)}}
-    if hasattr(value, "init_kwargs") and hasattr(value, "get_vocab"):  # a tokenizer: its settings and vocabulary
-        vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
-        settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
-                                                          "pad_token_id")}
-        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(v) for k, v in settings.items()}}}
     return type(value).__qualname__ + ":" + repr(value)
 
 
