@@ -6,8 +6,6 @@ nothing is cached between calls (hold an engine, or use `InfluenceTrainer`, to r
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 from datasets import Dataset
@@ -25,16 +23,6 @@ def default_arguments(**overrides) -> InfluenceArguments:
     overrides.setdefault("output_dir", "hf_fastif_output")
     overrides.setdefault("report_to", "none")
     return InfluenceArguments(**overrides)
-
-
-def data_signature(dataset: Dataset, rows: int = 16) -> dict:
-    """Size, columns and a content hash of the first and last rows (kept for the build manifest of
-    `hf_fastif.builder` until it hashes full content)."""
-    n = len(dataset)
-    sample = sorted(set(range(min(rows, n))) | set(range(max(0, n - rows), n)))
-    text = json.dumps(dataset.select(sample).to_dict(), sort_keys=True, default=str)
-    return {"num_rows": n, "columns": sorted(dataset.column_names),
-            "sample_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def compute_influences(
