@@ -90,6 +90,8 @@ def make_default_loss(model: nn.Module) -> LossFn:
         if "labels" not in batch:
             raise ValueError("The batch has no `labels`; influence needs labels for the training and test loss.")
         logits = logits_of(outputs)
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the loss (and its derivatives) in float32, as HF does
+            logits = logits.float()
         labels = batch["labels"]
         if logits.dim() == 2:
             return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels))

@@ -65,7 +65,7 @@ class GrowthMonitor:
     direction, however small its share of ``v``, grows by the same factor every step once it dominates.
     """
 
-    def __init__(self, depth: int, *, window: int | None = None, rising: int = 4, factor: float = 2.0):
+    def __init__(self, depth: int, *, window: int | None = None, rising: int = 6, factor: float = 3.0):
         self.window = window or max(8, depth // 50)
         self.rising, self.factor = rising, factor
         self._sum: torch.Tensor | None = None

@@ -1,0 +1,242 @@
+"""Solver rails: iterates in float32 or wider whatever the model's dtype; LiSSA's divergence detection and its
+convergence check look at what convergence depends on (batch Hessians, both ends of the spectrum)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from hf_fastif import InfluenceEngine, compute_influences
+from hf_fastif.influence import default_arguments
+from hf_fastif.solvers import LissaDivergenceError, solve_cg, solve_lissa
+from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
+from hf_fastif.solvers.lanczos import extreme_eigenvalues
+from tests.tiny import make_token_dataset, tiny_model
+
+TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
+
+
+# ---- LiSSA on explicit matrices --------------------------------------------------------------------------------
+def spectrum_matrix(eigenvalues, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues), len(eigenvalues))))
+    return torch.tensor(q @ np.diag(eigenvalues) @ q.T), torch.tensor(q)
+
+
+def explicit_step(matrix, noise=0.0, seed=0):
+    """hvp_step of a fixed Hessian, optionally with PSD sampling noise (a batch Hessian = H + symmetric noise)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(j, reps, h):
+        out = h @ matrix
+        if noise:
+            e = torch.randn(matrix.shape, generator=gen, dtype=matrix.dtype) * noise
+            out = out + h @ (e @ e.T)
+        return out
+
+    return step
+
+
+def test_lissa_detects_an_eigenvalue_below_minus_lambda():
+    """One eigenvalue at -1.5λ with 3% of v along it: the series has no fixed point in that direction and grows by
+    (1 + damp/2) per step. Without detection the estimate ends far off; it must be refused."""
+    damp, scale = 0.01, 10.0
+    lam = damp * scale
+    values = np.r_[-1.5 * lam, np.linspace(0.5, 5.0, 19)]
+    matrix, q = spectrum_matrix(values)
+    v = q[:, 1:] @ torch.ones(19, dtype=torch.float64)
+    v = v / v.norm() + 0.03 * q[:, 0]
+    with pytest.raises(LissaDivergenceError, match="diverged at step"):
+        solve_lissa(explicit_step(matrix), v, damping=damp, scale=scale, depth=1000, repetitions=[0], progress=False)
+
+
+def test_lissa_converges_without_false_alarms():
+    """Positive definite H + λI, deterministic and with sampling noise over long runs: no error, and the
+    deterministic estimate is the closed form."""
+    damp, scale = 0.01, 10.0
+    matrix, q = spectrum_matrix(np.linspace(0.0, 5.0, 20))
+    v = torch.ones(20, dtype=torch.float64)
+    s, _ = solve_lissa(explicit_step(matrix), v, damping=damp, scale=scale, depth=3000, repetitions=[0],
+                       progress=False)
+    expected = torch.linalg.solve(matrix + damp * scale * torch.eye(20, dtype=torch.float64), v)
+    torch.testing.assert_close(s, expected, rtol=1e-6, atol=1e-8)
+    for seed in range(4):  # noisy batch Hessians (each PSD-perturbed): stationary noise, never "growth"
+        solve_lissa(explicit_step(matrix, noise=0.3, seed=seed), v, damping=damp, scale=scale, depth=5000,
+                    repetitions=[0], progress=False)
+
+
+def test_lissa_nan_is_divergence():
+    def step(j, reps, h):
+        return h * float("nan") if j == 5 else h
+
+    with pytest.raises(LissaDivergenceError, match="NaN"):
+        solve_lissa(step, torch.ones(4), damping=0.1, scale=10.0, depth=20, repetitions=[0], progress=False)
+
+
+# ---- the convergence check on a model --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_model("bert"), make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
+
+
+def per_row_top_eigenvalues(model, train, collator, names):
+    from hf_fastif.batches import Batcher, validate_dataset
+    from hf_fastif.hvp import batch_hvp
+    from hf_fastif.loss import FunctionalModel
+    from hf_fastif.params import num_parameters, select_parameters
+
+    params = select_parameters(model, names)
+    fm = FunctionalModel(model, list(params))
+    batcher = Batcher(train, validate_dataset(train, "t", model), collator, "cpu")
+    p = num_parameters(params)
+    tops = []
+    for i in range(len(train)):
+        batch = batcher.batch([i])
+        tops.append(extreme_eigenvalues(lambda x, b=batch: batch_hvp(fm, params, b, x), p, iterations=20,
+                                        dtype=torch.float64)[1])
+    mean = extreme_eigenvalues(lambda x: sum(batch_hvp(fm, params, batcher.batch([i]), x)
+                                             for i in range(len(train))) / len(train), p, iterations=20,
+                               dtype=torch.float64)
+    return np.array(tops), mean
+
+
+def test_the_check_looks_at_single_row_hessians_for_b_1(bert, pad_collator):
+    """With B = 1 each LiSSA step multiplies by one row's Hessian, whose top eigenvalue exceeds the mean
+    Hessian's: a scale between the two must be refused (a check on the mean Hessian lets it through)."""
+    model, train, test = bert
+    names = [r"pooler\.", r"classifier\."]
+    rows, (mean_low, mean_top) = per_row_top_eigenvalues(model, train, pad_collator, names)
+    assert np.median(rows) > 1.5 * mean_top
+    damp = 1e-3
+    scale = float(np.median(rows)) / 2 / 1.1  # (2 - damp)·scale below most rows' tops, far above the mean's
+    assert (2 - damp) * scale > 1.3 * mean_top
+    args = default_arguments(influence_solver="lissa", influence_params=names, influence_damping=damp,
+                             influence_scale=scale, influence_batch_size=1, influence_recursion_depth=5,
+                             influence_knn_k=None, disable_tqdm=True)
+    with pytest.raises(LissaDivergenceError, match=r"1-row batch .* below \(2 - damp\)·scale"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_collator):
+    """A random-init BERT is not at a minimum; with λ at 0.85 of |λ_min| exact and cg refuse, and so must LiSSA."""
+    model, train, test = bert
+    import hf_fastif.engine as engine_module
+
+    from tests.test_ground_truth import explicit_influence
+
+    names = [n for n, _ in model.named_parameters() if n.startswith(("bert.encoder.layer.1.", "bert.pooler",
+                                                                      "classifier"))]
+    sample = train.select(range(min(engine_module.CHECK_ROWS, len(train))))
+    _, evals = explicit_influence(model, names, sample, test, pad_collator, 1.0)
+    lo = float(evals.min())
+    assert lo < 0
+    lam = 0.85 * -lo
+    for solver in ("exact", "cg", "lissa"):
+        args = default_arguments(influence_solver=solver, influence_params=TOP, influence_damping=lam / 100.0,
+                                 influence_scale=100.0, influence_recursion_depth=50, influence_batch_size=4,
+                                 influence_knn_k=None, disable_tqdm=True)
+        with pytest.raises(ValueError, match="not positive definite"):
+            compute_influences(model, sample, test, args, data_collator=pad_collator)
+
+
+# ---- dtypes ----------------------------------------------------------------------------------------------------
+def test_bf16_model_gives_float32_accurate_lissa(pad_collator):
+    """The paper's LiSSA settings on a bf16 model vs the same weights in float64 with the same seed: the iterate
+    lives in float32, so only the bf16 products themselves differ (the iterate in bf16 was 37% off)."""
+    from tests.tiny import train_tiny
+
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    trained = train_tiny(tiny_model("bert", dtype=torch.float32), train, pad_collator, epochs=10)
+    model16 = tiny_model("bert", dtype=torch.bfloat16)
+    model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in trained.state_dict().items()})
+    model64 = tiny_model("bert", dtype=torch.float64)
+    model64.load_state_dict({k: v.to(torch.float64) for k, v in model16.state_dict().items()})
+    args = default_arguments(influence_solver="lissa", influence_params=TOP, influence_damping=5e-3,
+                             influence_scale=1e4, influence_recursion_depth=1000, influence_batch_size=1,
+                             influence_repetitions=1, influence_knn_k=None, influence_check_convergence=False,
+                             disable_tqdm=True)
+    ref = compute_influences(model64, train, test, args, data_collator=pad_collator).to_pandas()
+    got = compute_influences(model16, train, test, args, data_collator=pad_collator).to_pandas()
+    ref, got = (f.sort_values(["test_id", "train_id"]).influence.to_numpy() for f in (ref, got))
+    error = np.abs(got - ref).max() / np.abs(ref).max()
+    assert error < 0.01, error  # measured 0.2% (the iterate in bf16: tens of %)
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact", "arnoldi"])
+def test_half_precision_models_with_dense_solvers(pad_collator, solver):
+    model64 = tiny_model("bert", dtype=torch.float64)
+    model16 = tiny_model("bert", dtype=torch.float16)
+    model64.load_state_dict({k: v.to(torch.float64) for k, v in model16.state_dict().items()})
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(influence_solver=solver, influence_params=[r"pooler\.", r"classifier\."],
+                             influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
+                             influence_arnoldi_rank=306, disable_tqdm=True)
+    ref = compute_influences(model64, train, test, args, data_collator=pad_collator).to_pandas()
+    got = compute_influences(model16, train, test, args, data_collator=pad_collator).to_pandas()
+    ref, got = (f.sort_values(["test_id", "train_id"]).influence.to_numpy() for f in (ref, got))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.02
+
+
+def test_mixed_dtype_parameters_keep_each_tangent_in_its_dtype(pad_collator, monkeypatch):
+    """A bf16 pooler next to an fp32 classifier: JVP scoring agrees with per-example gradients to bf16 rounding,
+    clearly better than with every tangent cast to the first parameter's dtype (bf16)."""
+    import hf_fastif.hvp as hvp
+
+    model = tiny_model("bert", dtype=torch.float32)
+    model.bert.pooler.to(torch.bfloat16)
+    model.bert.pooler.register_forward_pre_hook(lambda m, a: (a[0].to(torch.bfloat16),))
+    model.classifier.register_forward_pre_hook(lambda m, a: (a[0].to(torch.float32),))
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+
+    def run(scoring):
+        args = default_arguments(influence_solver="cg", influence_params=[r"pooler\.", r"classifier\."],
+                                 influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
+                                 influence_scoring=scoring, disable_tqdm=True)
+        frame = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
+        return frame.sort_values(["test_id", "train_id"]).influence.to_numpy()
+
+    grad = run("grad")
+    error = np.abs(run("jvp") - grad).max() / np.abs(grad).max()
+    real_unflatten = hvp.unflatten
+    monkeypatch.setattr(hvp, "unflatten", lambda v, like: {n: t.to(torch.bfloat16)
+                                                           for n, t in real_unflatten(v, like).items()})
+    one_dtype = np.abs(run("jvp") - grad).max() / np.abs(grad).max()
+    assert error < 5e-4 and error < one_dtype / 2, (error, one_dtype)
+
+
+def test_cg_tolerance_is_reachable_in_float32():
+    matrix, _ = spectrum_matrix(np.linspace(0.1, 5.0, 30))
+    v = torch.ones(30, dtype=torch.float32)
+    x, info = solve_cg(lambda m: m @ matrix.float(), v, 0.1, max_iterations=500, progress=False)
+    assert info["cg_iterations"] < 100 and info["cg_relative_residual"] <= 1e-5
+
+
+# ---- the low-rank (arnoldi) solver --------------------------------------------------------------------------
+def test_low_rank_solver_is_the_truncated_eigendecomposition():
+    matrix, q = spectrum_matrix(np.r_[np.linspace(0.01, 0.1, 27), 3.0, 5.0, 9.0])
+    v = torch.randn(2, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values, vectors = low_rank_hessian(lambda x: matrix @ x, 30, 3, iterations=30, dtype=torch.float64)
+    np.testing.assert_allclose(sorted(values.tolist()), [3.0, 5.0, 9.0], rtol=1e-8)
+    lam = 0.2
+    top = torch.tensor(q[:, -3:])
+    truncated = top @ torch.diag(torch.tensor([3.0, 5.0, 9.0], dtype=torch.float64)) @ top.T
+    expected = torch.linalg.solve(truncated + lam * torch.eye(30, dtype=torch.float64), v.T).T
+    got, _ = solve_low_rank(values, vectors, v, lam)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="not positive definite"):
+        solve_low_rank(torch.tensor([-1.0, 2.0], dtype=torch.float64), vectors[:2], v, 0.5)
+
+
+def test_arnoldi_eigendecomposition_is_computed_once_per_model(bert, pad_collator, monkeypatch):
+    import hf_fastif.engine as engine_module
+
+    model, train, test = bert
+    calls, real = [], engine_module.low_rank_hessian
+    monkeypatch.setattr(engine_module, "low_rank_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = default_arguments(influence_solver="arnoldi", influence_params=[r"pooler\.", r"classifier\."],
+                             influence_damping=0.05, influence_scale=20.0, influence_arnoldi_rank=8,
+                             influence_knn_k=None, disable_tqdm=True)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    engine.compute_influences(train, test)
+    engine.compute_influences(train, make_token_dataset(3, seed=5))
+    assert len(calls) == 1
