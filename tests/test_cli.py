@@ -110,14 +110,3 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
     assert hub_server.token not in done.stdout + done.stderr
     meta = json.loads(hub_server.files("test-user/cli-table")["influence_metadata.json"])
     assert meta["storage"]["num_rows"] == 600
-
-
-def test_bench_hands_every_flag_to_the_benchmark(capsys):
-    import pytest
-
-    from hf_fastif.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--help"])
-    assert exit_info.value.code == 0
-    assert "--model_name_or_path" in capsys.readouterr().out
