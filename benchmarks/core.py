@@ -10,6 +10,7 @@ library's kernels directly (hf_fastif.batches, loss, mode, params, scoring).
 from __future__ import annotations
 
 import sys
+from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,8 @@ class CoreArguments:
     quick: bool = field(default=False, metadata={"help": "Tiny sizes: proves the script works (CI)."})
 
 
-def core_defaults(own) -> dict:
+def core_defaults(own: Namespace) -> dict:
+    """Defaults given the core benchmark's own flags: ``--quick`` shrinks every size."""
     out = dict(output_dir="outputs/benchmark_core", report_to="none")
     if own.quick:
         out |= dict(hidden_sizes=[32], num_candidates=32, loop_candidates=8, digits_train=200, digits_test=5,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,8 @@ class ParallelArguments:
     worker: str | None = field(default=None, metadata={"help": "Internal: write timings here (launched run)."})
 
 
-def parallel_defaults(own) -> dict:
+def parallel_defaults(own: Namespace) -> dict:
+    """The embedded default's LiSSA settings with J = 100 and k = 500; ``--quick`` shrinks them."""
     out = dict(output_dir="outputs/benchmark_parallel", report_to="none", disable_tqdm=True,
                influence_solver="lissa", influence_params=EMBEDDED_PARAMS, influence_damping=5e-3,
                influence_scale=1e3, influence_recursion_depth=100, influence_batch_size=1, influence_repetitions=4,
