@@ -20,6 +20,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_type_hints
 
 from transformers import HfArgumentParser
 
@@ -58,11 +59,13 @@ def _influence_options():
     library's, or the embedded default's, settings apply). For k and repetitions, 0 means None."""
     from .arguments import InfluenceArguments
 
+    # the annotations, not Field.type: HfArgumentParser resolves and narrows Field.type in place (list[str] | None
+    # becomes list[str]) once anything in the process has parsed InfluenceArguments, e.g. the benchmarks
+    hints = get_type_hints(InfluenceArguments)
     fields = []
     for f in dataclasses.fields(InfluenceArguments):
         if f.name.startswith("influence_") and f.init:
-            hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            hint = hint if "None" in hint else f"{hint} | None"
+            hint = hints[f.name] | None
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_ = f"{f.metadata.get('help', '')} (default: {default})"
             fields.append((f.name, hint, dataclasses.field(default=None, metadata={"help": help_})))

@@ -110,3 +110,15 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
     assert hub_server.token not in done.stdout + done.stderr
     meta = json.loads(hub_server.files("test-user/cli-table")["influence_metadata.json"])
     assert meta["storage"]["num_rows"] == 600
+
+
+def test_build_options_survive_an_earlier_parse_of_influence_arguments() -> None:
+    from transformers import HfArgumentParser
+
+    from hf_fastif import InfluenceArguments
+    from hf_fastif.cli import parser
+
+    HfArgumentParser(InfluenceArguments)  # resolves and narrows InfluenceArguments' Field.type in place
+    ns = parser().parse_args(["build", "--output_dir", "out", "--influence_params", "a", "b",
+                              "--influence_knn_k", "5"])
+    assert ns.influence_params == ["a", "b"] and ns.influence_knn_k == 5 and ns.influence_seed is None
