@@ -22,10 +22,11 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hf_fastif tests recipes
+	$(VENV)/bin/ruff check hf_fastif tests recipes benchmarks
 
+# The paper's speed-quality table (docs/benchmarks.md); `python -m benchmarks.paper_table --quick` for a smoke run.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) recipes/benchmark_core.py
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.paper_table
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -6,8 +6,8 @@
     hf-fastif pull user/mnli-influence [--revision v1] [--output-dir copy]
     hf-fastif show user/mnli-influence --test-id 3 -n 10   # or a local table folder
 
-Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; new
-subcommands (e.g. ``bench``) add one function to `COMMANDS`.
+Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; a new
+subcommand adds one function to `COMMANDS`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_type_hints
 
 from transformers import HfArgumentParser
 
@@ -58,11 +59,13 @@ def _influence_options():
     library's, or the embedded default's, settings apply). For k and repetitions, 0 means None."""
     from .arguments import InfluenceArguments
 
+    # the annotations, not Field.type: HfArgumentParser resolves and narrows Field.type in place (list[str] | None
+    # becomes list[str]) once anything in the process has parsed InfluenceArguments, e.g. the benchmarks
+    hints = get_type_hints(InfluenceArguments)
     fields = []
     for f in dataclasses.fields(InfluenceArguments):
         if f.name.startswith("influence_") and f.init:
-            hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            hint = hint if "None" in hint else f"{hint} | None"
+            hint = hints[f.name] | None
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_ = f"{f.metadata.get('help', '')} (default: {default})"
             fields.append((f.name, hint, dataclasses.field(default=None, metadata={"help": help_})))
@@ -300,13 +303,7 @@ def _format(frame, width: int) -> str:
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------
-def add_bench(sub) -> None:
-    parser = sub.add_parser("bench", help="The paper's speed-quality table (hf_fastif.benchmark); flags follow "
-                            "`python -m hf_fastif.benchmark --help`.", add_help=False)
-    parser.add_argument("flags", nargs=argparse.REMAINDER, help="Benchmark flags, e.g. --quick.")
-
-
-COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show, add_bench]
+COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -323,11 +320,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # every flag, --help included, belongs to the benchmark's own parser
-        from .benchmark import main as benchmark_main
-
-        benchmark_main(argv[1:])
-        return 0
     ns = parser().parse_args(argv)
     from transformers.utils import logging
 

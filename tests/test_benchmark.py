@@ -1,5 +1,5 @@
-"""The benchmark (recipes/benchmark.py, `hf_fastif.benchmark`): its quick mode runs end to end and its
-numbers are sane. Structure and sanity only, never speed."""
+"""The paper-table benchmark (benchmarks/paper_table.py): its quick mode runs end to end and its numbers
+are sane. Structure and sanity only, never speed."""
 
 import json
 import math
@@ -7,21 +7,24 @@ import math
 import numpy as np
 import pytest
 
-from hf_fastif.benchmark import (
+from benchmarks.arguments import parse_with_defaults
+from benchmarks.costs import CostScale, cost_model
+from benchmarks.paper_setup import (
     FAST,
     FASTIF,
     FLOOR,
     GRADIENT,
     ORIGINAL,
     PARALLEL,
-    BenchmarkConfig,
-    Setup,
-    cost_model,
-    fast_settings,
-    knn_recall_curve,
-    main,
-    quality,
+    BenchmarkArguments,
+    benchmark_defaults,
 )
+from benchmarks.paper_table import main
+from benchmarks.rows import fast_settings
+from benchmarks.studies import knn_recall_curve
+from hf_fastif import InfluenceArguments
+from hf_fastif.embedded import EMBEDDED_PARAMS
+from hf_fastif.params import PAPER_BERT_PARAMS
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +39,6 @@ def by_row(results):
 
 
 # --------------------------------------------------------------------------------- pure pieces
-def test_quality_of_a_row_that_is_the_original_on_a_subset():
-    rng = np.random.default_rng(0)
-    original = rng.normal(size=(2, 300))
-    helpful = np.argsort(original[0])[:10]  # most negative
-    ids = np.sort(np.concatenate([helpful[:5], rng.choice(np.setdiff1d(np.arange(300), helpful), 95, replace=False)]))
-    rows = [(ids, original[0, ids]), (np.arange(300), original[1])]
-    q = quality(original, rows)
-    assert q["pearson"] == pytest.approx(1.0) and q["spearman"] == pytest.approx(1.0)
-    # test point 0 keeps 5 of its 10 most helpful rows; test point 1 is a full scan
-    assert q["recall@10 helpful"] == pytest.approx((0.5 + 1.0) / 2)
-
-
-def test_quality_separates_helpful_from_harmful():
-    original = np.arange(100, dtype=float)[None] - 50.0  # row 0 most helpful, row 99 most harmful
-    ids = np.arange(50)  # only the helpful half
-    q = quality(original, [(ids, original[0, ids])])
-    assert q["recall@10 helpful"] == 1.0 and q["recall@10 harmful"] == 0.0
-
-
 def test_knn_recall_curve_counts_the_neighbours():
     original = np.arange(20, dtype=float)[None]  # rows 0.. most helpful; rows ..19 most harmful
     order = np.arange(20)[None]  # nearest first: the helpful rows
@@ -64,26 +48,63 @@ def test_knn_recall_curve_counts_the_neighbours():
 
 
 def test_cost_model_formulas():
-    u = {"hvp": {"1x1": 1.0, "128x1": 10.0, "8x4": 2.0}, "score": {"1": 0.01, "4": 0.02}, "test_gradient": 0.5,
-         "power_iteration": 4.0, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
+    u = {"hvp": {"1x1": 1.0, "2x1": 1.5, "128x1": 10.0, "8x4": 2.0}, "score": {"1": 0.01, "4": 0.02},
+         "test_gradient": 0.5, "power_iteration": 4.0, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
     fast = {"b": 8, "t": 1, "j": 50}
-    c = cost_model(u, n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, fast=fast, processes=2)
+    scale = CostScale(n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, processes=2)
+    c = cost_model(u, scale, fast)
     q = 0.1 + 1000 * 1e-4
     assert c[ORIGINAL] == pytest.approx(0.5 + 4 + 100 * 10 + 1000 * 0.01)
+    assert c["+kNN (k=10)"] == pytest.approx(0.5 + 4 + 100 * 10 + q + 10 * 0.01)
     assert c[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1 + q + 10 * 0.01)
     assert c[PARALLEL] == pytest.approx(0.5 + 4 + 2 * 100 * 1 + q + 5 * 0.01)
     assert c[FAST] == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.02)
     assert c["original (2021 code path)"] == pytest.approx(0.5 + 100 * 10 + 1000 * 0.1)
+    # FastIF with B = 2 pays the 2-row step; the original's cost does not move
+    c2 = cost_model(u, CostScale(n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, processes=2, b_fastif=2), fast)
+    assert c2[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
 
 
 def test_fast_settings_keep_lambda_and_convergence():
-    setup = Setup(None, None, None, None, None, None, {}, depth=100, damping=0.05, scale=5.0)
-    fast = fast_settings(BenchmarkConfig(fast_scale_factor=1.5), setup, top_eigenvalue=1.6)
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=100, influence_damping=0.05,
+                              influence_scale=5.0)
+    fast = fast_settings(BenchmarkArguments(fast_scale_factor=1.5), args, top_eigenvalue=1.6)
     assert fast["scale"] == pytest.approx(2.4)
     assert fast["damping"] * fast["scale"] == pytest.approx(0.25)  # λ of the original
     assert fast["j"] * fast["damping"] >= 100 * 0.05 - 1e-9 and fast["j"] == 48
     # a scale factor that would exceed the original's scale is capped at it
-    assert fast_settings(BenchmarkConfig(fast_scale_factor=10), setup, 1.6)["j"] == 100
+    assert fast_settings(BenchmarkArguments(fast_scale_factor=10), args, 1.6)["j"] == 100
+
+
+def parse(argv):
+    return parse_with_defaults((BenchmarkArguments, InfluenceArguments), benchmark_defaults, argv)
+
+
+def test_influence_settings_are_influence_arguments_flags():
+    bench, args = parse(["--quick", "--influence_recursion_depth", "30", "--knn_sweep", "5", "10"])
+    assert args.influence_recursion_depth == 30  # the user's flag wins over --quick's 20
+    assert args.influence_damping == pytest.approx(0.25) and args.influence_knn_k == 80  # --quick's defaults
+    assert bench.knn_sweep == [5, 10] and bench.num_test == 2 and args.seed == 0
+    assert args.influence_params == EMBEDDED_PARAMS and args.use_cpu
+    # a given model gets the paper's settings: InfluenceArguments' own defaults and the paper's BERT layers
+    bench, args = parse(["--model_name_or_path", "some/bert"])
+    assert (args.influence_recursion_depth, args.influence_damping, args.influence_scale) == (1000, 5e-3, 1e4)
+    assert args.influence_params == PAPER_BERT_PARAMS and bench.num_test == 8 and not args.use_cpu
+    for respelled in (["--damping", "0.1"], ["--knn_k", "5"], ["--recursion_depth", "5"], ["--fastif_k", "5"]):
+        with pytest.raises(ValueError, match="not used by the HfArgumentParser"):  # one name per setting
+            parse(respelled)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--influence_solver", "cg"], "every row of the paper table is LiSSA"),
+    (["--quick", "--test_format", "csv"], "use 'mnli' or 'hans'"),
+    (["--quick", "--knn_sweep", "0"], "--knn_sweep must be positive"),
+    (["--quick", "--parallel_processes", "-1"], "--parallel_processes must be >= 0"),
+])
+def test_bad_settings_are_refused_before_any_work(argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        main([*argv, "--output_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
 
 
 # --------------------------------------------------------------------------------- the quick run
@@ -166,7 +187,7 @@ def test_knn_recall_curve_of_the_run(quick):
 
 def test_sweep_grid(quick):
     results, _ = quick
-    config = results["config"]
+    config = results["arguments"]
     sweep = results["sweep"]
     depths = {max(1, round(f * results["scale"]["recursion_depth"])) for f in config["sweep_depths"]}
     assert {(p["J"], p["B"]) for p in sweep} == {(j, b) for j in depths for b in config["sweep_batch_sizes"]}

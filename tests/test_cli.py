@@ -112,15 +112,16 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
     assert meta["storage"]["num_rows"] == 600
 
 
-def test_bench_hands_every_flag_to_the_benchmark(capsys):
-    import pytest
+def test_build_options_survive_an_earlier_parse_of_influence_arguments() -> None:
+    from transformers import HfArgumentParser
 
-    from hf_fastif.cli import main
+    from hf_fastif import InfluenceArguments
+    from hf_fastif.cli import parser
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--help"])
-    assert exit_info.value.code == 0
-    assert "--model_name_or_path" in capsys.readouterr().out
+    HfArgumentParser(InfluenceArguments)  # resolves and narrows InfluenceArguments' Field.type in place
+    ns = parser().parse_args(["build", "--output_dir", "out", "--influence_params", "a", "b",
+                              "--influence_knn_k", "5"])
+    assert ns.influence_params == ["a", "b"] and ns.influence_knn_k == 5 and ns.influence_seed is None
 
 
 def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys) -> None:

@@ -1,0 +1,169 @@
+"""Unit costs measured on the run's model, and the cost model that turns them into seconds per test point at
+any scale (the run's, to check the model against the measured rows, and the paper's).
+
+`measure_unit_costs` times the library's kernels directly (hf_fastif.batches, hvp, loss, mode, params,
+scoring, knn): it follows those internal modules when they change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hf_fastif import InfluenceArguments
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.hvp import batch_gradient, batch_hvp
+from hf_fastif.influence import POWER_ITERATION_ROWS, POWER_ITERATIONS
+from hf_fastif.knn import build_index, extract_features, search
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.mode import influence_mode
+from hf_fastif.params import num_parameters, select_parameters
+from hf_fastif.scoring import score_candidates, score_per_example_loop
+
+from .paper_setup import FAST, FASTIF, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
+from .timing import median_seconds
+
+COST_MODEL = (
+    "Seconds per test point, from the unit costs u measured in this run (same model, same kernels):\n"
+    "- original   = u.test_gradient + u.power_iteration + J·u.hvp[B x1] + N·u.score[1]\n"
+    "- +kNN (k)   = u.test_gradient + u.power_iteration + J·u.hvp[B x1] + q + k·u.score[1]\n"
+    "- FastIF     = u.test_gradient + u.power_iteration + T·J·u.hvp[B_F x1] + q + k·u.score[1]\n"
+    "- parallel P = u.test_gradient + u.power_iteration + ⌈T/P⌉·J·u.hvp[B_F x1] + q + (k/P)·u.score[1]  (ideal split)\n"
+    "- fast (m)   = u.test_gradient + u.power_iteration/m + T_f·J_f·u.hvp[B_f x m]/m + q + k·u.score[m]\n"
+    "  (m test points per call share each LiSSA step; worst case for scoring: their k-candidate sets are\n"
+    "  disjoint, so each candidate is scored against all m s_test vectors; J_f = J·scale_f/scale)\n"
+    "- 2021 code path: original = u.test_gradient + J·u.hvp[B x1] + N·u.score_loop,\n"
+    "                  FastIF   = u.test_gradient + T·J·u.hvp[B_F x1] + q + k·u.score_loop\n"
+    "where B and B_F are the original's and FastIF's B (128 and 1 in the paper) and q = u.feature +\n"
+    "N·u.knn_row is one kNN query (exact Flat search). The training-set features and the index (N·u.feature)\n"
+    "are built once for all test points and are not charged per test point."
+)
+
+
+@dataclass
+class CostScale:
+    """Where the cost model is evaluated: N training rows, LiSSA J, the original's B, FastIF's T and k, the
+    k of the "+kNN" rows, m test points per "fast" call, the processes of "FastIF parallel" and FastIF's B
+    (``b_fastif``, 1 in the paper)."""
+
+    n: int
+    j: int
+    b: int
+    t: int
+    k: int
+    knn_ks: list[int]
+    m: int
+    processes: int
+    b_fastif: int = 1
+
+
+def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, shared: int,
+                       batch_sizes: list[int]) -> dict:
+    """Seconds per unit of work on this model and data (medians of single calls), for the cost model:
+    ``hvp[B x m]``: one LiSSA step (collate B fresh rows, one HVP with m vectors); ``score[m]``: one candidate
+    scored by batched JVP (batches of 64) against m s_test vectors; ``score_loop``: one candidate scored the
+    2021 way (per-example forward + backward with ``create_graph``); ``test_gradient``: one test row;
+    ``power_iteration``: the library's convergence check; ``feature``: one row's kNN feature;
+    ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
+    model, train = setup.model, setup.train
+    device = next(model.parameters()).device
+    params = select_parameters(model, args.influence_params)
+    names = list(params)
+    p = num_parameters(params)
+    dtype = next(iter(params.values())).dtype
+    rng = np.random.default_rng(args.seed + 7)
+    n = len(train)
+    calls = 5 if bench.quick else 15
+    out: dict = {"hvp": {}, "score": {}}
+    with influence_mode(model, names):
+        fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay)
+        batcher = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
+        tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
+
+        def step(b: int, vectors: torch.Tensor, reduction: str = "mean") -> float:
+            def one():  # fresh rows every step, collated inside the step as LiSSA does
+                batch = batcher.collate(batcher.rows(rng.choice(n, b, replace=b > n)))
+                return batch_hvp(fm, params, batch, vectors, reduction=reduction)
+
+            return median_seconds(one, calls if b <= 16 else max(3, calls // 3))
+
+        for b in sorted(set(batch_sizes)):
+            for m in sorted({1, shared}):
+                out["hvp"][f"{b}x{m}"] = step(b, torch.randn(m, p, device=device, dtype=dtype) * 1e-2)
+        out["power_iteration"] = POWER_ITERATIONS * step(min(POWER_ITERATION_ROWS, n),
+                                                         torch.randn(1, p, device=device, dtype=dtype), "sum")
+        block = rng.choice(n, min(64, n), replace=False).tolist()
+        for m in sorted({1, shared}):
+            s_test = torch.randn(m, p, device=device, dtype=dtype) * 1e-3
+            out["score"][str(m)] = median_seconds(
+                lambda s_test=s_test: score_candidates(fm, params, batcher, block, s_test, batch_size=64,
+                                                       progress=False), max(3, calls // 3)) / len(block)
+        s_test = torch.randn(1, p, device=device, dtype=dtype) * 1e-3
+        singles = iter(rng.choice(n, 4 * calls, replace=True).tolist())
+        out["score_loop"] = median_seconds(
+            lambda: score_per_example_loop(fm, params, batcher, [next(singles)], s_test), 2 * calls)
+        one = tests.batch([0])
+        out["test_gradient"] = median_seconds(
+            lambda: batch_gradient(fm, params, one, measurement=True, reduction="none"), calls)
+    sample = Batcher(train.select(range(min(64, n))), validate_dataset(train, "train_dataset", model),
+                     setup.collator, device)
+    feats = extract_features(model, sample, "auto", batch_size=64, progress=False)
+    out["feature"] = median_seconds(lambda: extract_features(model, sample, "auto", batch_size=64, progress=False),
+                                    max(3, calls // 3)) / len(sample)
+    rows = 20_000 if bench.quick else 100_000
+    synthetic = np.random.default_rng(0).standard_normal((rows, feats.shape[1])).astype(np.float32)
+    index = build_index(synthetic)
+    queries = synthetic[:32] + 0.1
+    out["knn_row"] = median_seconds(lambda: search(index, queries, 1000), 3) / (len(queries) * rows)
+    out["num_parameters"] = p
+    out["feature_dim"] = int(feats.shape[1])
+    return out
+
+
+def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None = None,
+               more_processes: tuple[int, ...] = ()) -> dict:
+    """Seconds per test point of every row under `COST_MODEL` at ``scale``. ``fast``: the fast row's B, T
+    and J (keys ``b``, ``t``, ``j``); ``fast_union``: candidates scored per fast call (default: the worst case
+    m·k); ``more_processes``: extra "FastIF parallel (P=...)" rows."""
+    h, s = u["hvp"], u["score"]
+    tg, pi = u["test_gradient"], u["power_iteration"]
+    n, j, b, t, k, m = scale.n, scale.j, scale.b, scale.t, scale.k, scale.m
+    q = u["feature"] + n * u["knn_row"]
+    step = h[f"{scale.b_fastif}x1"]  # one FastIF LiSSA step
+    union = m * k if fast_union is None else fast_union
+    out = {ORIGINAL: tg + pi + j * h[f"{b}x1"] + n * s["1"]}
+    for kk in scale.knn_ks:
+        out[f"+kNN (k={kk})"] = tg + pi + j * h[f"{b}x1"] + q + kk * s["1"]
+    out[FASTIF] = tg + pi + t * j * step + q + k * s["1"]
+    for count in ([scale.processes] if scale.processes > 1 else []) + list(more_processes):
+        name = PARALLEL if count == scale.processes else f"{PARALLEL} (P={count}, ideal)"
+        out[name] = tg + pi + math.ceil(t / count) * j * step + q + k / count * s["1"]
+    out[FAST] = (tg + pi / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q
+                 + union / m * s[str(m)])
+    out["original (2021 code path)"] = tg + j * h[f"{b}x1"] + n * u["score_loop"]
+    out["FastIF (2021 code path)"] = tg + t * j * step + q + k * u["score_loop"]
+    return out
+
+
+def paper_scale_rows(unit: dict, bench: BenchmarkArguments, args: InfluenceArguments, fast: dict,
+                     m: int) -> tuple[list[dict], int]:
+    """Seconds per test point and speed-ups of every row at the paper's scale (``bench.paper_*``), with the
+    unit costs of this run; "fast" keeps its J·scale_f/scale ratio. Returns ``(rows, J of fast)``."""
+    fast_paper = dict(fast, j=max(1, round(bench.paper_j * fast["j"] / args.influence_recursion_depth)))
+    scale = CostScale(n=bench.paper_n, j=bench.paper_j, b=bench.paper_b, t=bench.paper_t, k=bench.paper_k,
+                      knn_ks=sorted({100, bench.paper_k}), m=m, processes=bench.parallel_processes)
+    paper = cost_model(unit, scale, fast_paper, more_processes=(bench.paper_t,))
+    untightened = cost_model(unit, scale, dict(fast_paper, j=bench.paper_j))[FAST]
+    ordered = {}
+    for name, seconds in paper.items():
+        ordered[name] = seconds
+        if name == FAST:
+            ordered[f"{FAST}, J_f = J (no scale tightening)"] = untightened
+    rows = [{"row": name, "seconds": seconds,
+             "speed-up vs original (hf_fastif kernels)": ordered[ORIGINAL] / seconds,
+             "speed-up vs original (2021 code path)": ordered["original (2021 code path)"] / seconds}
+            for name, seconds in ordered.items()]
+    return rows, fast_paper["j"]
