@@ -23,20 +23,11 @@ from .fingerprint import model_fingerprint
 from .influence import compute_influences, data_signature, default_arguments
 from .quiet import quiet_datasets
 from .table import InfluenceTable
+from .utils import write_atomic
 
 logger = logging.get_logger(__name__)
 
 MANIFEST = "build_manifest.json"
-
-
-def _write_atomic(path: Path, content) -> None:
-    """Write text or a DataFrame (as parquet) to a temporary file, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(content, str):
-        tmp.write_text(content)
-    else:
-        content.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset,
@@ -80,7 +71,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
             )
     elif D.is_main_process():
         shards.mkdir(parents=True, exist_ok=True)
-        _write_atomic(manifest, json.dumps({"signature": signature}, indent=2))
+        write_atomic(manifest, json.dumps({"signature": signature}, indent=2))
     D.barrier()
 
     starts = list(range(0, len(test_dataset), shard_size))
@@ -95,8 +86,8 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
         part = table.to_pandas()
         part["test_id"] += start
         if D.is_main_process():
-            _write_atomic(path.with_suffix(".json"), json.dumps(table.metadata, indent=2, default=str))
-            _write_atomic(path, part)
+            write_atomic(path.with_suffix(".json"), json.dumps(table.metadata, indent=2, default=str))
+            write_atomic(path, part.to_parquet(index=False))
         D.barrier()
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
