@@ -6,9 +6,16 @@ from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .engine import InfluenceEngine
 from .influence import compute_influences
-from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
+from .table import (
+    InfluenceTable,
+    InfluenceTableError,
+    InfluenceTableWriter,
+    ModelMismatchError,
+    dataset_card,
+    read_metadata,
+)
 from .trainer import InfluenceTrainer
 
 __all__ = ["InfluenceArguments", "InfluenceTrainer", "InfluenceEngine", "InfluenceTable", "compute_influences", "build_influence_table",
-           "InfluenceTableError", "InfluenceTableWriter",
+           "InfluenceTableError", "InfluenceTableWriter", "ModelMismatchError", "read_metadata", "dataset_card",
            "__version__"]

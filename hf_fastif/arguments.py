@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-SOLVERS = ("lissa", "cg", "exact")
-FEATURES = ("auto", "pooler", "cls", "mean", "last")
+SOLVERS = ("lissa", "cg", "exact", "arnoldi")
+FEATURES = ("auto", "pooler", "cls", "mean", "last", "gradient")
 SCORING = ("jvp", "grad")
 
 
@@ -21,7 +21,9 @@ class InfluenceArguments(TrainingArguments):
     """
 
     influence_solver: str = field(
-        default="lissa", metadata={"help": "How s_test is solved: 'lissa' (stochastic), 'cg' or 'exact' (dense)."}
+        default="lissa",
+        metadata={"help": "How s_test is solved: 'lissa' (stochastic), 'cg', 'exact' (dense), or 'arnoldi' (a low-rank "
+                          "eigendecomposition of H computed once per model, then each s_test is a few products)."}
     )
     influence_damping: float = field(
         default=5e-3, metadata={"help": "LiSSA damp. The Tikhonov damping of every solver is damping × scale."}
@@ -42,7 +44,14 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_knn_features: str = field(
         default="auto",
-        metadata={"help": "kNN feature: 'auto' (pooler output if the model has one, else mean), 'pooler', 'cls', 'mean', 'last'."},
+        metadata={"help": "Candidates: 'auto' (kNN on the pooler output if the model has one, else mean), 'pooler', "
+                          "'cls', 'mean', 'last'; or 'gradient': rows whose projected training gradient has the largest "
+                          "inner product with ±s_test (a faiss inner-product index; beyond the paper)."},
+    )
+    influence_projection_dim: int = field(
+        default=4096,
+        metadata={"help": "Dimension of the random projection (count sketch) of per-example gradients for "
+                          "influence_knn_features='gradient'."},
     )
     influence_knn_index: str = field(
         default="Flat", metadata={"help": "faiss index factory string ('Flat' is exact L2)."}
@@ -65,10 +74,30 @@ class InfluenceArguments(TrainingArguments):
         metadata={"help": "'jvp' (forward-mode, a few forward passes per batch) or 'grad' (per-example gradients)."},
     )
     influence_cg_max_iterations: int = field(default=200, metadata={"help": "CG iteration limit."})
-    influence_cg_tol: float = field(default=1e-10, metadata={"help": "CG stops at this relative residual."})
+    influence_cg_tol: float | None = field(
+        default=None,
+        metadata={"help": "CG stops at this relative residual (default: 1e-5 in float32, 1e-10 in float64)."},
+    )
+    influence_arnoldi_rank: int = field(
+        default=32, metadata={"help": "influence_solver='arnoldi': eigenpairs of H kept (from 2x as many Lanczos steps)."}
+    )
+    influence_arnoldi_rows: int | None = field(
+        default=None,
+        metadata={"help": "influence_solver='arnoldi': seeded training rows whose mean Hessian is decomposed (None: all)."},
+    )
+    influence_trunk_cache: bool = field(
+        default=True,
+        metadata={"help": "Compute the layers below the first influence parameter once per row and run only the top "
+                          "afterwards (checked against the full model; off where no clean split exists)."},
+    )
+    influence_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder for caches too large for memory (trunk states beyond 2 GB); default: a temporary one."},
+    )
     influence_check_convergence: bool = field(
         default=True,
-        metadata={"help": "LiSSA: estimate the top Hessian eigenvalue first and refuse a scale that cannot converge."},
+        metadata={"help": "LiSSA: first estimate the batch Hessians' top eigenvalue and the mean Hessian's smallest "
+                          "(Lanczos), and refuse settings that cannot converge."},
     )
 
     def __post_init__(self):
@@ -103,13 +132,18 @@ def validate_influence_settings(args) -> None:
     if not args.influence_scale > 0:
         raise ValueError(f"influence_scale must be > 0, got {args.influence_scale}.")
     for name in ("influence_recursion_depth", "influence_batch_size", "influence_hvp_batch_size",
-                 "influence_scoring_batch_size", "influence_cg_max_iterations"):
+                 "influence_scoring_batch_size", "influence_cg_max_iterations", "influence_arnoldi_rank",
+                 "influence_projection_dim"):
         if int(getattr(args, name)) < 1:
             raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}.")
     if args.influence_repetitions is not None and args.influence_repetitions < 1:
         raise ValueError("influence_repetitions must be >= 1, or None for one repetition per process.")
     if args.influence_knn_k is not None and args.influence_knn_k < 1:
         raise ValueError("influence_knn_k must be >= 1, or None to score every training point.")
+    if args.influence_arnoldi_rows is not None and args.influence_arnoldi_rows < 1:
+        raise ValueError("influence_arnoldi_rows must be >= 1, or None to use every training row.")
+    if args.influence_cg_tol is not None and not args.influence_cg_tol > 0:
+        raise ValueError(f"influence_cg_tol must be > 0 (or None for the dtype's default), got {args.influence_cg_tol}.")
     if args.influence_weight_decay < 0:
         raise ValueError(f"influence_weight_decay must be >= 0, got {args.influence_weight_decay}.")
     if isinstance(args.influence_params, str):

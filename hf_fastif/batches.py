@@ -5,24 +5,51 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import default_data_collator
+from transformers.utils import find_labels, logging
+
+from .trunk import HIDDEN_KEY
+
+logger = logging.get_logger(__name__)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
+# Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
+COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values",
+                 "features")
+
+
+def signature_columns(model: nn.Module) -> list[str]:
+    """Column names the Trainer keeps for ``model`` (its ``_set_signature_columns_if_needed`` rule).
+
+    The named parameters of ``forward`` (of the base model for PEFT, as the Trainer does), plus ``label``,
+    ``label_ids`` and the model's label names (``find_labels``). A ``**kwargs`` does not widen the list:
+    the Trainer drops every other column too, so the model was trained without them. Unlike the Trainer,
+    the names of ``*args``/``**kwargs`` themselves are not columns; the model's ``main_input_name`` is
+    added, and a forward that names no input at all keeps the common transformers inputs.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    target = get_base() if callable(get_base) else model
+    params = inspect.signature(target.forward).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = [n for n, p in params.items() if p.kind not in variadic]
+    labels = ["label", "label_ids", *find_labels(type(target))]
+    main = getattr(target, "main_input_name", None)
+    extra = [main] if isinstance(main, str) else []
+    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_kwargs and not [n for n in named if n not in labels]:
+        extra += list(COMMON_INPUTS)
+    return list(dict.fromkeys(named + extra + labels + list(LABEL_COLUMNS)))
 
 
 def model_input_columns(model: nn.Module, dataset: Dataset) -> list[str]:
-    """Columns the model's ``forward`` accepts, plus the label column (as the Trainer keeps them)."""
-    params = inspect.signature(model.forward).parameters
-    columns = dataset.column_names
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [c for c in columns if c in ("input_ids", "attention_mask", "token_type_ids", "position_ids",
-                                                 "inputs_embeds", "pixel_values", "features")]
-    else:
-        accepted = [c for c in columns if c in params]
-    return accepted + [c for c in LABEL_COLUMNS if c in columns and c not in accepted]
+    """The columns of ``dataset`` the Trainer would pass to ``model`` (see `signature_columns`), in the
+    dataset's order: named inputs of ``forward`` (e.g. LayoutLM's ``bbox``) and the labels."""
+    keep = set(signature_columns(model))
+    return [c for c in dataset.column_names if c in keep]
 
 
 def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
@@ -33,6 +60,10 @@ def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; influence needs at least one row.")
     columns = model_input_columns(model, dataset)
+    ignored = [c for c in dataset.column_names if c not in columns]
+    if ignored:
+        logger.info(f"{name}: columns {ignored} are not inputs of {type(model).__name__}.forward and are ignored, "
+                    "as the Trainer ignores them.")
     inputs = [c for c in columns if c not in LABEL_COLUMNS]
     if not inputs:
         text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
@@ -45,34 +76,58 @@ def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
 
 
 class Batcher:
-    """Collates rows of a dataset by index and moves them to ``device``."""
+    """Collates rows of a dataset by position and moves them to ``device``.
 
-    def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device):
+    A batcher can be a view on some rows of its dataset (`subset`), and can carry the dataset's cached trunk
+    states (`with_trunk`): its batches then hold them under `hf_fastif.trunk.HIDDEN_KEY`, and every forward
+    through `hf_fastif.trunk.forward_context` runs only the top of the model.
+    """
+
+    def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device, *,
+                 index: np.ndarray | None = None, trunk=None):
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
         self.device = device
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        self.trunk = trunk
 
     def check_labels(self, name: str) -> None:
         """Collate one row and check it has ``labels`` (a collator may make them, as for causal LMs)."""
-        if "labels" not in self.batch([0]):
+        if "labels" not in self.batch([0], trunk=False):
             raise ValueError(f"{name} has no `labels` (or `label`) column, and the data collator adds none; the "
                              "influence of a row needs its loss, so add the labels (for a causal LM, labels = "
                              "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)).")
 
-    def subset(self, indices: Sequence[int]) -> Batcher:
-        """A batcher over the given rows only."""
-        return Batcher(self.dataset.select(list(indices)), self.dataset.column_names, self.collator, self.device)
+    def subset(self, positions: Sequence[int]) -> Batcher:
+        """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""
+        return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device,
+                       index=self.base_rows(positions), trunk=self.trunk)
+
+    def with_trunk(self, trunk) -> Batcher:
+        """This batcher with the dataset's `hf_fastif.trunk.TrunkCache` (or ``None``: full forwards)."""
+        return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=self.index,
+                       trunk=trunk)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) if self.index is None else len(self.index)
 
-    def rows(self, indices: Sequence[int]) -> list[dict]:
-        """The rows at ``indices`` as feature dicts (one bulk read; collate them with `collate`)."""
-        columns = self.dataset[[int(i) for i in indices]]
-        return [{k: columns[k][i] for k in columns} for i in range(len(indices))]
+    def base_rows(self, positions: Sequence[int]) -> np.ndarray:
+        """Rows of the dataset at these positions of this batcher."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return positions if self.index is None else self.index[positions]
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        return self.collate(self.rows(indices))
+    def rows(self, positions: Sequence[int]) -> list[dict]:
+        """The rows at ``positions`` as feature dicts (one bulk read; collate them with `collate`)."""
+        rows = self.base_rows(positions)
+        columns = self.dataset[[int(i) for i in rows]]
+        return [{k: columns[k][i] for k in columns} for i in range(len(rows))]
+
+    def batch(self, positions: Sequence[int], *, trunk: bool = True) -> dict[str, torch.Tensor]:
+        """The collated rows at ``positions`` on the device (with their trunk states if this batcher has them)."""
+        batch = self.collate(self.rows(positions))
+        if trunk and self.trunk is not None:
+            batch[HIDDEN_KEY] = self.trunk.hidden(self.base_rows(positions), batch)
+        return batch
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         try:
@@ -87,8 +142,8 @@ class Batcher:
             batch["labels"] = batch.pop("label")
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def batches(self, indices: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:
-        indices = list(indices)
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
+    def batches(self, positions: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:
+        positions = list(positions)
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start : start + batch_size]
             yield chunk, self.batch(chunk)

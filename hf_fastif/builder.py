@@ -1,33 +1,74 @@
 """Long influence builds: many test rows, written shard by shard, resumable after an interruption.
 
-A build directory holds ``build_manifest.json`` (what the build is: model, data, settings, shard size) and
-``shards/shard-XXXXX.parquet`` (+ ``.json`` metadata), each written atomically by the main process once
-computed. Started again, a build skips the finished shards and ends with exactly the table an
-uninterrupted run gives; a directory from a different model, data or settings is refused.
+A build directory holds ``build_manifest.json`` (what decides the numbers: the model, the content of the
+training, test and candidate rows, the settings, the collator, loss_fn, measurement_fn and features
+callables, the shard size) and ``shards/shard-XXXXX/``, one influence-table folder per ``shard_size`` test
+rows, written by the main process through `InfluenceTableWriter` (its metadata JSON is written last, so a
+shard folder that has one is complete). Started again, a build checks the manifest, skips the finished
+shards and ends with exactly the table an uninterrupted run gives, in ``table/``; a directory whose
+manifest disagrees in any entry is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from datasets import Dataset, concatenate_datasets
+import pyarrow as pa
+from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments
-from .fingerprint import model_fingerprint
-from .influence import compute_influences, data_signature, default_arguments
-from .quiet import quiet_datasets
-from .table import InfluenceTable
-from .utils import write_atomic
+from .batches import validate_dataset
+from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
+from .influence import compute_influences, default_arguments
+from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
+from .table.format import METADATA_FILE
+from .utils import to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
 MANIFEST = "build_manifest.json"
+MANIFEST_VERSION = 2  # 1: first/last rows of the data only, callables not recorded
+# the keyword arguments of compute_influences that decide the numbers, beside the data
+CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
+KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)
+
+
+def data_identity(dataset: Dataset, name: str, model: nn.Module) -> dict:
+    """Rows, the columns the model reads (inputs + labels) and the sha256 of all their values: any edit of
+    a row the influence depends on changes it, wherever the row is."""
+    columns = validate_dataset(dataset, name, model)
+    return {"num_rows": len(dataset), "columns": columns, "sha256": dataset_fingerprint(dataset, columns)}
+
+
+def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, args: InfluenceArguments,
+                    shard_size: int, candidate_dataset: Dataset | None = None,
+                    callables: dict[str, Callable | None] | None = None) -> dict:
+    """What a build's numbers depend on, as JSON values: two builds with equal signatures compute the same
+    table (``callables``: the `CALLABLES` passed to `compute_influences`, None for the default)."""
+    train = data_identity(train_dataset, "train_dataset", model)
+    candidates = (train if candidate_dataset is None
+                  else data_identity(candidate_dataset, "candidate_dataset", model))
+    signature = {
+        "manifest_version": MANIFEST_VERSION,
+        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+        "settings": args.influence_settings(),
+        "train": train, "test": data_identity(test_dataset, "test_dataset", model), "candidates": candidates,
+        **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
+        "shard_size": shard_size,
+    }
+    return json.loads(to_json(signature))
+
+
+def _identity(value) -> str:
+    """A callable's fingerprint; a plain value (e.g. ``features="cls"``, a method name) by its repr."""
+    return callable_fingerprint(value) if value is None or callable(value) else f"value:{value!r}"
 
 
 def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset,
@@ -38,12 +79,18 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     Args:
         output_dir: the build directory; reusing it resumes the build.
         shard_size: test rows per shard (a shard is the unit of work that is saved).
-        kwargs: passed to `compute_influences` (data_collator, candidate_dataset, loss_fn, ...).
+        kwargs: passed to `compute_influences`: data_collator, candidate_dataset, loss_fn, measurement_fn,
+            features (each recorded in the manifest).
     Returns:
-        The whole table (``test_id`` indexes ``test_dataset``); also saved under ``output_dir/table``.
+        The whole table (``test_id`` indexes ``test_dataset``), saved under ``output_dir/table`` and loaded
+        from there.
     Raises:
-        ValueError: if ``output_dir`` holds a build of a different model, data or settings.
+        ValueError: if ``output_dir`` holds a build of a different model, data, settings or callables.
     """
+    unknown = sorted(set(kwargs) - set(KEYWORDS))
+    if unknown:
+        raise TypeError(f"build_influence_table got unknown keyword arguments {unknown}; it takes "
+                        f"{', '.join(KEYWORDS)} (passed on to compute_influences).")
     if kwargs.get("combine", "none") != "none":
         raise ValueError("build_influence_table builds one s_test per test row; for combine='mean' call "
                          "compute_influences directly.")
@@ -52,52 +99,71 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     args = args if args is not None else default_arguments()
     out = Path(output_dir)
     shards = out / "shards"
-    candidates = kwargs.get("candidate_dataset") or train_dataset
-    signature = {
-        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
-        "settings": args.influence_settings(),
-        "train": data_signature(train_dataset), "test": data_signature(test_dataset),
-        "candidates": data_signature(candidates), "shard_size": shard_size,
-    }
-    signature = json.loads(json.dumps(signature, default=str))
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        previous = json.loads(manifest.read_text())["signature"]
-        if previous != signature:
-            diff = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
-            raise ValueError(
-                f"{out} holds a build of a different {', '.join(diff)} (its manifest disagrees with this run); "
-                "results would be mixed. Use a new output_dir, or delete this one to start over."
-            )
-    elif D.is_main_process():
-        shards.mkdir(parents=True, exist_ok=True)
-        write_atomic(manifest, json.dumps({"signature": signature}, indent=2))
-    D.barrier()
+    callables = {name: kwargs.get(name) for name in CALLABLES}
+    signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
+                                callables)
+    _check_or_write_manifest(out, signature)
 
     starts = list(range(0, len(test_dataset), shard_size))
     done = 0
     for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
-        path = shards / f"shard-{i:05d}.parquet"
-        if path.is_file():
+        folder = shards / f"shard-{i:05d}"
+        if _complete(folder):
             done += 1
             continue
         rows = range(start, min(start + shard_size, len(test_dataset)))
         table = compute_influences(model, train_dataset, test_dataset.select(rows), args, **kwargs)
-        part = table.to_pandas()
-        part["test_id"] += start
         if D.is_main_process():
-            write_atomic(path.with_suffix(".json"), json.dumps(table.metadata, indent=2, default=str))
-            write_atomic(path, part.to_parquet(index=False))
+            part = table.to_arrow()  # test_id of the shard's rows -> row of test_dataset
+            part = part.set_column(part.schema.get_field_index("test_id"), "test_id",
+                                   pa.array(part.column("test_id").to_numpy() + start))
+            with InfluenceTableWriter(folder, table.metadata) as writer:
+                writer.write(part)
         D.barrier()
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
-    with quiet_datasets():
-        parts = [Dataset.from_parquet(str(shards / f"shard-{i:05d}.parquet")) for i in range(len(starts))]
-    metadata = json.loads((shards / "shard-00000.json").read_text())
-    metadata["test_data"] = signature["test"] | {"fingerprint": getattr(test_dataset, "_fingerprint", None)}
-    metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done}
-    table = InfluenceTable(concatenate_datasets(parts), metadata, _sorted=True)
+
     if D.is_main_process():
-        with quiet_datasets():
-            table.save(out / "table")
-    return table
+        metadata = InfluenceTable.load(shards / "shard-00000").metadata
+        metadata["test_data"] = (metadata.get("test_data") or {}) | {
+            "num_rows": len(test_dataset), "fingerprint": getattr(test_dataset, "_fingerprint", None),
+            "sha256": signature["test"]["sha256"]}
+        metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done}
+        with InfluenceTableWriter(out / "table", metadata) as writer:
+            for i in range(len(starts)):
+                writer.write(InfluenceTable.load(shards / f"shard-{i:05d}"))
+    D.barrier()
+    return InfluenceTable.load(out / "table")
+
+
+def _check_or_write_manifest(out: Path, signature: dict) -> None:
+    """Refuse a directory whose manifest records another build; start one (main process) if there is none."""
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})
+        if previous.get("manifest_version") != MANIFEST_VERSION:
+            raise ValueError(f"{out} holds a build made by an older hf_fastif, whose manifest does not record "
+                             "all that decides the numbers; its shards cannot be trusted to match. Use a new "
+                             "output_dir, or delete this one to start over.")
+        if previous != signature:
+            diff = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
+            raise ValueError(
+                f"{out} holds a build of a different {', '.join(diff)} (its manifest disagrees with this "
+                "run); results would be mixed. Use a new output_dir, or delete this one to start over."
+            )
+    elif D.is_main_process():
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        write_atomic(manifest, to_json({"signature": signature}, indent=2))
+    D.barrier()
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a shard folder holds a whole, intact table (else it is computed again)."""
+    if not (folder / METADATA_FILE).is_file():
+        return False
+    try:
+        InfluenceTable.load(folder, verify=True)
+    except InfluenceTableError as err:
+        logger.warning(f"Computing {folder} again: {err}")
+        return False
+    return True

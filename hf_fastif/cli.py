@@ -209,6 +209,8 @@ def run_show(ns: argparse.Namespace) -> int:
     if len(row):
         for col in [c for c in row.columns if c != "test_id"]:
             print(f"  {col.removeprefix('test_')}: {row.iloc[0][col]}")
+    counts = table.describe(test_id)
+    print(_describe_line(counts))
     for side in ("helpful", "harmful"):
         if ns.side in (side, "both"):
             frame = getattr(table, side)(test_id, ns.n)
@@ -220,7 +222,18 @@ def run_show(ns: argparse.Namespace) -> int:
             shown.columns = [c.removeprefix("train_") if c != "train_id" else c for c in shown.columns]
             print(f"\nmost {side} ({'negative' if side == 'helpful' else 'positive'} influence first)")
             print(_format(shown, _width()))
+            if len(frame) < ns.n:
+                print(f"only {len(frame)} {side} rows among the {counts['num_candidates']} candidates")
     return 0
+
+
+def _describe_line(counts: dict) -> str:
+    """The candidates of one test id: how many are helpful / harmful / zero, and the spread of their values."""
+    spread = " · ".join(f"{k} {counts[k]:+.4e}" for k in ("min", "median", "max") if counts[k] is not None)
+    nan = f" · NaN {counts['num_nan']}" if counts["num_nan"] else ""
+    return (f"candidates {counts['num_candidates']} · helpful {counts['num_helpful']} · harmful "
+            f"{counts['num_harmful']} · zero {counts['num_zero']}{nan} · distinct values "
+            f"{counts['num_distinct_values']}" + (f" · {spread}" if spread else ""))
 
 
 def _label_names(values, names: list[str]) -> list:

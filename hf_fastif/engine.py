@@ -1,22 +1,94 @@
-"""`InfluenceEngine`: the owner of what influence computations reuse across calls.
+"""`InfluenceEngine`: the influence pipeline, and the owner of what it reuses across calls.
 
-An engine is bound to one model, one set of ``influence_*`` settings, a data collator, and the loss /
-measurement / feature functions. Its caches (kNN feature index, top-eigenvalue estimate, and, where the
-model allows, the frozen trunk's hidden states and the gradient index) live exactly as long as the engine
-and are keyed on content: the fingerprint of the weights they depend on, of the data and of the settings.
-`InfluenceTrainer` holds one engine across calls; `compute_influences` makes a short-lived one.
+One call reads as its stages::
+
+    parameters → trunk states → test gradients → s_test → candidates → scores → InfluenceTable
+
+An engine is bound to one model, one set of ``influence_*`` settings, a data collator, and the loss / measurement /
+feature functions. Its caches live exactly as long as the engine and are keyed on content, never on ``id()``:
+
+| cache | keyed on |
+|---|---|
+| trunk states (per dataset) | fingerprint of the weights below the split, the dataset, the collator |
+| kNN feature index | fingerprint of all weights, the candidate data, the collator, the feature method, the index type |
+| gradient index | all weights, the candidate data, the collator, the loss, the projection, the parameters |
+| curvature estimates (LiSSA check, low-rank Hessian) | all weights, the training data, the collator, the loss, B, seed |
+
+`InfluenceTrainer` holds one engine across calls (training changes the weights, so the caches rebuild themselves);
+`compute_influences` makes a short-lived one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from datasets import Dataset
 from torch import nn
+from transformers.utils import logging
 
-from .arguments import InfluenceArguments
-from .loss import LossFn
+from . import distributed as D
+from .arguments import InfluenceArguments, validate_influence_settings
+from .batches import Batcher, validate_dataset
+from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint, tensor_digests
+from .hvp import batch_gradient, batch_hvp
+from .knn import build_index, extract_features, search
+from .loss import FunctionalModel, LossFn
+from .mode import influence_mode
+from .params import num_parameters, select_parameters
+from .scoring import score_pairs
+from .solvers import (
+    LissaDivergenceError,
+    build_hessian,
+    extreme_eigenvalues,
+    low_rank_hessian,
+    solve_cg,
+    solve_exact,
+    solve_lissa,
+    solve_low_rank,
+    suggest_scale,
+)
+from .solvers.exact import check_exact_size
 from .table import InfluenceTable
+from .trunk import TrunkCache, TrunkSplit, find_split, model_inputs, verify_split
+from .utils import Timer, library_version
+
+logger = logging.get_logger(__name__)
+
+COMBINE = ("none", "mean")
+CHECK_BATCHES = 6
+"""LiSSA's convergence check: B-row batches whose Hessians' top eigenvalues are estimated (Lanczos)."""
+CHECK_ITERATIONS = 6
+"""Lanczos steps per estimate of the convergence check."""
+CHECK_ROWS = 64
+"""Rows of the mean Hessian whose smallest eigenvalue the convergence check estimates."""
+TRUNK_TOLERANCE = 1e-4
+"""A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
+MAX_TRUNK_CACHES = 4
+
+
+@dataclass
+class _Call:
+    """The state of one `InfluenceEngine.compute_influences` call."""
+
+    names: list[str]
+    params: dict[str, torch.Tensor]
+    fm: FunctionalModel
+    train: Batcher
+    test: Batcher
+    cand: Batcher
+    k: int | None
+    combine: str
+    digests: dict[str, str]
+    model_fingerprint: str
+    work_dtype: torch.dtype
+    progress: bool
+    timer: Timer = field(default_factory=Timer)
+    info: dict = field(default_factory=dict)
 
 
 class InfluenceEngine:
@@ -24,7 +96,7 @@ class InfluenceEngine:
 
     Args:
         model: a transformers model (or any module called with a batch dict returning ``.logits``).
-        args: the ``influence_*`` settings.
+        args: the ``influence_*`` settings (default: `hf_fastif.influence.default_arguments`).
         data_collator: collates rows (default: transformers' ``default_data_collator``).
         loss_fn / measurement_fn: per-example ``(outputs, batch) → (b,)`` training loss / test quantity.
         features: ``(model, batch) → (b, d)`` kNN features instead of ``influence_knn_features``.
@@ -33,29 +105,428 @@ class InfluenceEngine:
     def __init__(self, model: nn.Module, args: InfluenceArguments | None = None, *,
                  data_collator: Callable | None = None, loss_fn: LossFn | None = None,
                  measurement_fn: LossFn | None = None, features: Callable | None = None):
-        from .influence import default_arguments
+        from .influence import default_arguments  # influence.py builds on this module
 
         self.model = model
         self.args = args if args is not None else default_arguments()
+        validate_influence_settings(self.args)
         self.data_collator = data_collator
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
+        self._functions = {"collator": callable_fingerprint(data_collator), "loss": callable_fingerprint(loss_fn),
+                           "measurement": callable_fingerprint(measurement_fn),
+                           "features": callable_fingerprint(features)}
+        self._split: tuple[str, TrunkSplit | None, str] | None = None
+        self._split_error: float | None = None
+        self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
+        self._feature_index: tuple[tuple, Dataset] | None = None
+        self._gradient_index: tuple[tuple, object] | None = None
+        self._curvature: dict[tuple, dict] = {}
+        self._low_rank: tuple[tuple, tuple] | None = None
 
+    # ---- the pipeline ------------------------------------------------------------------------------------------
     def compute_influences(self, train_dataset: Dataset, test_dataset: Dataset, *, combine: str = "none",
                            candidate_dataset: Dataset | None = None) -> InfluenceTable:
-        """See `hf_fastif.compute_influences`."""
-        from .influence import compute_influences
+        """Influence of training rows on test rows: ``-∇L(z_train) · (H + λI)⁻¹ ∇L(z_test)``.
 
-        return compute_influences(self.model, train_dataset, test_dataset, self.args, combine=combine,
-                                  data_collator=self.data_collator, candidate_dataset=candidate_dataset,
-                                  loss_fn=self.loss_fn, measurement_fn=self.measurement_fn, features=self.features)
+        Args:
+            train_dataset: tokenized training rows with labels; H is the Hessian of their mean loss.
+            test_dataset: tokenized test rows with labels.
+            combine: ``"none"``: one s_test per test row; ``"mean"``: one s_test for the mean test loss
+                (``test_id`` 0 in the table), the kNN query being the mean test feature.
+            candidate_dataset: rows to score (default ``train_dataset``), e.g. an unseen pool for augmentation;
+                ``train_id`` then indexes this dataset.
+        Returns:
+            An `InfluenceTable` (negative influence = helpful), identical on every process.
+        """
+        call = self._start(train_dataset, test_dataset, candidate_dataset, combine)
+        with influence_mode(self.model, call.names):
+            with call.timer("trunk"):
+                self._attach_trunks(call)
+            with call.timer("test_gradients"):
+                v = self._test_gradients(call)
+            with call.timer("s_test"):
+                s_test = self._s_test(call, v)
+            with call.timer("candidates"):
+                queries = self._candidates(call, s_test)
+            with call.timer("scoring"):
+                pair_tests, pair_rows, values = self._scores(call, queries, s_test)
+        metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
+        return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
 
     def clear(self) -> None:
         """Drop every cache (they are rebuilt on the next call)."""
+        for cache in self._trunks.values():
+            cache.close()
+        self._trunks.clear()
+        self._split = None
+        self._feature_index = self._gradient_index = self._low_rank = None
+        self._curvature.clear()
 
     def __enter__(self) -> InfluenceEngine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.clear()
+
+    # ---- stage 0: checks, parameters, batchers -------------------------------------------------------------
+    def _start(self, train_dataset, test_dataset, candidate_dataset, combine) -> _Call:
+        args, model = self.args, self.model
+        validate_influence_settings(args)
+        if combine not in COMBINE:
+            raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
+        candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
+        train_cols = validate_dataset(train_dataset, "train_dataset", model)
+        test_cols = validate_dataset(test_dataset, "test_dataset", model)
+        cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model)
+        k = args.influence_knn_k
+        if k is not None and k > len(candidate_dataset):
+            logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
+                           "of them.")
+            k = None
+        params = select_parameters(model, args.influence_params)
+        names = list(params)
+        if args.influence_solver == "exact":
+            check_exact_size(num_parameters(params))
+        digests = tensor_digests(model)
+        fingerprint = model_fingerprint(model, digests)
+        rank, world_size = D.world()
+        if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
+            D.check_same_everywhere({
+                "settings": args.influence_settings(), "combine": combine, "parameters": names,
+                "model": fingerprint, "functions": self._functions,
+                "train": dataset_fingerprint(train_dataset, train_cols),
+                "test": dataset_fingerprint(test_dataset, test_cols),
+                "candidates": dataset_fingerprint(candidate_dataset, cand_cols),
+            })
+        device = next(model.parameters()).device
+        train = Batcher(train_dataset, train_cols, self.data_collator, device)
+        test = Batcher(test_dataset, test_cols, self.data_collator, device)
+        cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
+                                                                         self.data_collator, device)
+        for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
+            batcher.check_labels(name)
+        if self.measurement_fn is None:
+            test.check_labels("test_dataset")
+        dtypes = {p.dtype for p in params.values()}
+        work = torch.float64 if torch.float64 in dtypes else torch.float32
+        fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay)
+        return _Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
+                     digests=digests, model_fingerprint=fingerprint, work_dtype=work,
+                     progress=not getattr(args, "disable_tqdm", False) and rank == 0)
+
+    # ---- stage 1: the frozen trunk ---------------------------------------------------------------------------
+    def _attach_trunks(self, call: _Call) -> None:
+        """Give every batcher its dataset's cached trunk states when the model splits cleanly."""
+        split = self._find_split(call)
+        call.info["trunk"] = ({"split": f"{split.path}.{split.first}"} if split is not None
+                              else {"split": None, "reason": self._split[2]})
+        if split is None:
+            return
+        call.fm.split = split
+        trunk_fp = split.fingerprint(call.digests)
+        caches, built = {}, []
+        for name in ("train", "test", "cand"):
+            batcher = getattr(call, name)
+            key = "|".join([trunk_fp, batcher.dataset._fingerprint, str(len(batcher)), self._functions["collator"],
+                            ",".join(batcher.dataset.column_names)])
+            if key not in caches:
+                if key not in self._trunks:
+                    built.append(key)
+                caches[key] = self._trunk_cache(split, batcher, key, call.progress and name != "test")
+            setattr(call, name, batcher.with_trunk(caches[key]))
+        if built and built[0] == call.train.trunk.key:  # a new training-set cache: check the split on its rows
+            error = verify_split(split, call.train.trunk, call.train, range(min(8, len(call.train))))
+            self._split_error = error
+            if error > TRUNK_TOLERANCE:
+                logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
+                               "(relative): not using the trunk cache for this model; the full forward runs instead.")
+                self._split = (self._split[0], None, f"the top-only logits differ by {error:.2g} (relative)")
+                call.fm.split = None
+                for name in ("train", "test", "cand"):
+                    setattr(call, name, getattr(call, name).with_trunk(None))
+                call.info["trunk"] = {"split": None, "reason": self._split[2]}
+                return
+        call.info["trunk"]["verified_relative_error"] = self._split_error
+
+    def _find_split(self, call: _Call) -> TrunkSplit | None:
+        if not getattr(self.args, "influence_trunk_cache", True):
+            self._split = ("off", None, "influence_trunk_cache=False")
+            return None
+        key = ",".join(call.names)
+        if self._split is None or self._split[0] != key:
+            probe = model_inputs(call.train.batch(range(min(2, len(call.train))), trunk=False))
+            split, reason = find_split(self.model, call.names, probe)
+            if split is None:
+                logger.info(f"No frozen-trunk cache: {reason}; every forward runs the whole model.")
+            self._split = (key, split, reason)
+        return self._split[1]
+
+    def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:
+        if key in self._trunks:
+            self._trunks.move_to_end(key)
+            return self._trunks[key]
+        cache = TrunkCache(split, batcher, key, directory=getattr(self.args, "influence_cache_dir", None),
+                           batch_size=self.args.influence_hvp_batch_size, progress=progress)
+        self._trunks[key] = cache
+        while len(self._trunks) > MAX_TRUNK_CACHES:
+            self._trunks.popitem(last=False)[1].close()
+        return cache
+
+    # ---- stage 2: test gradients ---------------------------------------------------------------------------
+    def _test_gradients(self, call: _Call) -> torch.Tensor:
+        """``(m, p)`` in the working dtype: one measurement gradient per test row, or one row with the gradient
+        of their mean (``combine="mean"``, rows split over processes)."""
+        bsz = self.args.influence_hvp_batch_size
+        if call.combine == "mean":
+            total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype,
+                                device=next(iter(call.params.values())).device)
+            for _, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
+                total += batch_gradient(call.fm, call.params, batch, measurement=True, reduction="sum").to(total.dtype)
+            return (D.all_reduce_sum(total) / len(call.test)).unsqueeze(0)
+        return torch.cat([batch_gradient(call.fm, call.params, batch, measurement=True, reduction="none")
+                          for _, batch in call.test.batches(range(len(call.test)), bsz)]).to(call.work_dtype)
+
+    # ---- stage 3: s_test --------------------------------------------------------------------------------------
+    def _full_hvp(self, call: _Call, batcher: Batcher) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``V ↦ H V`` with H the Hessian of the mean loss over every row of ``batcher`` (batches split over
+        processes, summed with one all-reduce), in the working dtype."""
+        batches = [b for _, b in batcher.batches(D.shard(range(len(batcher))), self.args.influence_hvp_batch_size)]
+        n = len(batcher)
+
+        def hvp(vectors: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros_like(vectors, dtype=call.work_dtype)
+            for batch in batches:
+                total += batch_hvp(call.fm, call.params, batch, vectors, reduction="sum").to(call.work_dtype)
+            return D.all_reduce_sum(total) / n
+
+        return hvp
+
+    def _s_test(self, call: _Call, v: torch.Tensor) -> torch.Tensor:
+        args, lam = self.args, self.args.influence_lambda
+        solver = args.influence_solver
+        if solver == "exact":
+            hessian = build_hessian(self._full_hvp(call, call.train), v.shape[1], dtype=call.work_dtype,
+                                    device=v.device)
+            s_test, info = solve_exact(hessian, v, lam)
+        elif solver == "cg":
+            s_test, info = solve_cg(self._full_hvp(call, call.train), v, lam,
+                                    max_iterations=args.influence_cg_max_iterations, tol=args.influence_cg_tol,
+                                    progress=call.progress)
+        elif solver == "arnoldi":
+            values, vectors = self._low_rank_hessian(call, v)
+            s_test, info = solve_low_rank(values, vectors, v, lam)
+        else:
+            s_test, info = self._lissa(call, v)
+        call.info.update(info)
+        return s_test
+
+    def _curvature_key(self, call: _Call, *extra) -> tuple:
+        return (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train), tuple(call.names),
+                self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
+                self.args.influence_seed, D.world(), *extra)
+
+    def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-``influence_arnoldi_rank`` eigenpairs of H over ``influence_arnoldi_rows`` seeded training rows
+        (all by default), computed once per weights / data / loss and kept by the engine."""
+        args = self.args
+        key = self._curvature_key(call, "arnoldi", args.influence_arnoldi_rank, args.influence_arnoldi_rows)
+        if self._low_rank is None or self._low_rank[0] != key:
+            rows = args.influence_arnoldi_rows
+            batcher = call.train
+            if rows is not None and rows < len(batcher):
+                batcher = batcher.subset(np.sort(np.random.default_rng([args.influence_seed, 11]).permutation(
+                    len(batcher))[:rows]))
+            hvp = self._full_hvp(call, batcher)
+            self._low_rank = (key, low_rank_hessian(lambda x: hvp(x.unsqueeze(0))[0], v.shape[1],
+                                                    args.influence_arnoldi_rank, dtype=call.work_dtype,
+                                                    device=v.device, seed=args.influence_seed))
+        return self._low_rank[1]
+
+    def _lissa(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        args = self.args
+        rank, world_size = D.world()
+        repetitions = args.influence_repetitions or world_size
+        depth, bsz, n = args.influence_recursion_depth, args.influence_batch_size, len(call.train)
+        info: dict = {"lissa_total_repetitions": repetitions}
+        top = None
+        if args.influence_check_convergence:
+            check = self._check_lissa(call, v)
+            info |= check
+            top = check["lissa_batch_top_eigenvalue"]
+        mine = D.shard(range(repetitions))
+        draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
+
+        def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(h)
+            for r, t in enumerate(reps):
+                batch = call.train.batch(draws[t][j - 1])
+                vectors = h[r, 0] if h.shape[1] == 1 else h[r]  # one vector: no batched-gradient machinery
+                out[r] = batch_hvp(call.fm, call.params, batch, vectors, reduction="mean").to(h.dtype)
+            return out
+
+        estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
+                                           depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress)
+        total = D.all_reduce_sum(estimate * len(mine)) / repetitions
+        return total, info | lissa_info
+
+    def _check_lissa(self, call: _Call, v: torch.Tensor) -> dict:
+        """Estimate what LiSSA's convergence depends on, before the recursion: the top eigenvalue of B-row batch
+        Hessians (the largest over `CHECK_BATCHES` seeded batches) and the smallest eigenvalue of the mean
+        Hessian over `CHECK_ROWS` rows (Lanczos). Refuse what cannot converge; kept per weights / data / B."""
+        args = self.args
+        bsz, n = args.influence_batch_size, len(call.train)
+        key = self._curvature_key(call, "lissa", bsz)
+        if key not in self._curvature:
+            p, dtype, device = v.shape[1], call.work_dtype, v.device
+            rng = np.random.default_rng([args.influence_seed, 2**31 - 1])
+            tops = []
+            for b in range(CHECK_BATCHES):
+                rows = rng.choice(n, size=min(bsz, n), replace=False)
+                batch = call.train.batch(rows)
+
+                def hvp(x, batch=batch):
+                    return batch_hvp(call.fm, call.params, batch, x, reduction="mean").to(dtype)
+
+                tops.append(extreme_eigenvalues(hvp, p, iterations=CHECK_ITERATIONS, dtype=dtype, device=device,
+                                                seed=args.influence_seed + b)[1])
+            sample = rng.permutation(n)[:CHECK_ROWS]
+            mean_hvp = self._full_hvp(call, call.train.subset(np.sort(sample)))
+            low, high = extreme_eigenvalues(lambda x: mean_hvp(x.unsqueeze(0))[0], p, iterations=CHECK_ITERATIONS + 2,
+                                            dtype=dtype, device=device, seed=args.influence_seed)
+            self._curvature[key] = {"lissa_batch_top_eigenvalue": max(tops), "hessian_min_eigenvalue_estimate": low,
+                                    "hessian_max_eigenvalue_estimate": high, "lissa_check_batches": CHECK_BATCHES,
+                                    "lissa_check_rows": len(sample)}
+        found = self._curvature[key]
+        scale, damp, lam = args.influence_scale, args.influence_damping, args.influence_lambda
+        top, low = found["lissa_batch_top_eigenvalue"], found["hessian_min_eigenvalue_estimate"]
+        limit = (2.0 - damp) * scale
+        if top >= limit:
+            raise LissaDivergenceError(
+                f"influence_scale={scale:g} is too small for LiSSA to converge: each step needs the Hessian of its "
+                f"{bsz}-row batch to have eigenvalues below (2 - damp)·scale = {limit:.4g}, and the largest seen on "
+                f"{CHECK_BATCHES} sampled batches is about {top:.4g}. Use influence_scale >= {suggest_scale(top):.3g} "
+                "(lower influence_damping to keep λ = damping × scale if needed), a larger influence_batch_size, or "
+                "influence_solver='cg'.")
+        if low + lam <= 0:
+            raise LissaDivergenceError(
+                f"H + λI is not positive definite: the smallest eigenvalue of the training Hessian is about {low:.4g} "
+                f"(Lanczos on {len(range(min(CHECK_ROWS, n)))} rows) and λ = {lam:.4g} (influence_damping × "
+                "influence_scale), so LiSSA has no fixed point to converge to. The Hessian is indefinite (the model "
+                f"is not at a minimum); raise influence_damping so that λ > {-low:.4g} (e.g. {suggest_scale(-low):.3g}).")
+        if top > limit / 2:
+            logger.warning(f"influence_scale={scale:g} is within 2x of LiSSA's convergence limit: batch Hessians reach "
+                           f"~{top:.4g} vs (2 - damp)·scale = {limit:.4g}; a larger scale is safer.")
+        return dict(found)
+
+    # ---- stage 4: candidates ------------------------------------------------------------------------------
+    def _candidates(self, call: _Call, s_test: torch.Tensor) -> list[np.ndarray]:
+        """Candidate rows of each query (one query per test row, or one for the mean)."""
+        queries = 1 if call.combine == "mean" else len(call.test)
+        if call.k is None:
+            call.info["candidates"] = "all"
+            return [np.arange(len(call.cand))] * queries
+        method = self.features or self.args.influence_knn_features
+        if method == "gradient":
+            call.info["candidates"] = "gradient"
+            from .gradient_index import (
+                gradient_candidates,  # the gradient index builds on this engine's stages
+            )
+
+            return gradient_candidates(self, call, s_test, call.k)
+        call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
+        return self._knn_candidates(call, method)
+
+    def _knn_candidates(self, call: _Call, method) -> list[np.ndarray]:
+        args = self.args
+        bsz = args.influence_scoring_batch_size
+        split = call.fm.split if isinstance(method, str) else None  # user callables get the full model
+        key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), self._functions["collator"],
+               method if isinstance(method, str) else self._functions["features"], args.influence_knn_index, D.world())
+        cand = call.cand if split is not None else call.cand.with_trunk(None)
+        test = call.test if split is not None else call.test.with_trunk(None)
+        with torch.no_grad():
+            if self._feature_index is None or self._feature_index[0] != key:
+                self._feature_index = None  # one index at a time: features of a large training set are big
+                mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
+                feats = D.gather_rows(extract_features(self.model, mine, method, batch_size=bsz, split=split,
+                                                       progress=call.progress, desc="kNN features"))
+                self._feature_index = (key, build_index(feats, args.influence_knn_index))
+            test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False)
+        if call.combine == "mean":
+            test_feats = test_feats.mean(0, keepdims=True)
+        _, ids = search(self._feature_index[1], test_feats, call.k)
+        return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]
+
+    # ---- stage 5: scores --------------------------------------------------------------------------------------
+    def _scores(self, call: _Call, queries: list[np.ndarray], s_test: torch.Tensor):
+        """Influence of each (query, candidate) pair; each process scores its share of the candidate rows and the
+        ``(pair, value)`` rows are gathered."""
+        pair_tests = np.concatenate([np.full(len(rows), t, dtype=np.int64) for t, rows in enumerate(queries)])
+        pair_rows = np.concatenate(queries)
+        mine = np.flatnonzero(np.isin(pair_rows, D.shard(np.unique(pair_rows))))
+        local = score_pairs(call.fm, call.params, call.cand, pair_tests[mine], pair_rows[mine], s_test,
+                            batch_size=self.args.influence_scoring_batch_size, method=self.args.influence_scoring,
+                            progress=call.progress)
+        gathered = D.gather_rows(np.column_stack([mine.astype(np.float64), local]))
+        values = np.empty(len(pair_rows))
+        values[gathered[:, 0].astype(np.int64)] = gathered[:, 1]
+        return pair_tests, pair_rows, values
+
+    # ---- stage 6: the table's metadata ---------------------------------------------------------------------
+    def _metadata(self, call: _Call, train_dataset, test_dataset, candidate_dataset) -> dict:
+        model, args = self.model, self.args
+        config = getattr(model, "config", None)
+        return {
+            "library_version": library_version(),
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {
+                "name_or_path": getattr(config, "_name_or_path", None) or type(model).__name__,
+                "revision": getattr(config, "_commit_hash", None),
+                "class": type(model).__name__,
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "num_influence_parameters": num_parameters(call.params),
+                "fingerprint": call.model_fingerprint,
+            },
+            "train_data": describe_data(train_dataset),
+            "test_data": describe_data(test_dataset),
+            "candidate_data": describe_data(candidate_dataset),
+            "combine": call.combine,
+            "settings": args.influence_settings() | {"influence_knn_k_used": call.k},
+            "lambda": args.influence_lambda,
+            "num_processes": D.world()[1],
+            "semantics": SEMANTICS,
+            "diagnostics": call.info | call.timer.seconds,
+        }
+
+
+SEMANTICS = {
+    "influence": "-grad L(z_train) . s_test, s_test = (H + lambda I)^-1 grad L(z_test); negative = helpful",
+    "hessian": "Hessian of the mean training loss over the selected parameters (LiSSA: sampled B-row batches)",
+    "lissa_steps": "exactly J steps per repetition (the 2021 reference code runs J + 2)",
+    "lissa_batches": "one batch sequence per (seed, repetition), shared by every test row of a call (the "
+                     "reference code draws per s_test): errors are correlated across the test rows of one call",
+    "causal_lm_loss": "each row's mean token loss (HF's model loss is the mean over all tokens of the batch)",
+}
+"""What the numbers mean, recorded in every table's metadata (see docs/safety.md)."""
+
+
+def describe_data(dataset: Dataset) -> dict:
+    """Name, split, fingerprint and size of a dataset, for a table's metadata."""
+    info = getattr(dataset, "info", None)
+    return {
+        "name": getattr(info, "dataset_name", None) or getattr(info, "builder_name", None),
+        "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
+        "fingerprint": getattr(dataset, "_fingerprint", None),
+        "num_rows": len(dataset),
+    }
+
+
+def lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetition: int) -> np.ndarray:
+    """Row indices ``(depth, batch_size)`` drawn by repetition ``repetition``: successive shuffles of the
+    training set, seeded by ``(seed, repetition)`` only, so any process can draw any repetition."""
+    rng = np.random.default_rng([seed, repetition])
+    need = depth * batch_size
+    order = np.concatenate([rng.permutation(num_rows) for _ in range(-(-need // num_rows))])
+    return order[:need].reshape(depth, batch_size)

@@ -29,19 +29,27 @@ _CONFIG_IGNORED = {"transformers_version", "attn_implementation", "dtype", "torc
                    "output_attentions", "output_hidden_states", "return_dict", "architectures", "name_or_path"}
 
 
-def _update_tensor(digest, name: str, tensor: torch.Tensor) -> None:
-    digest.update(f"{name}:{tuple(tensor.shape)}:{str(tensor.dtype)}".encode())
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of one tensor's shape, dtype and values (half types hashed as float32)."""
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}:{str(tensor.dtype)}".encode())
     data = tensor.detach().to("cpu")
     if data.dtype in (torch.bfloat16, torch.float16) or not data.is_contiguous():
         data = data.to(torch.float32 if data.is_floating_point() else data.dtype).contiguous()
     digest.update(memoryview(data.numpy()).cast("B"))
+    return digest.hexdigest()
 
 
-def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 of named tensors (names, shapes, dtypes and values), in the given order."""
+def tensor_digests(model: nn.Module) -> dict[str, str]:
+    """`tensor_digest` of every parameter and buffer by name (hash once, derive several fingerprints)."""
+    return {name: tensor_digest(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor | str]]) -> str:
+    """sha256 of named tensors (names, shapes, dtypes, values) in the given order; a value may be given as its
+    `tensor_digest` already."""
     digest = hashlib.sha256()
     for name, tensor in named:
-        _update_tensor(digest, name, tensor)
+        digest.update(f"{name}={tensor if isinstance(tensor, str) else tensor_digest(tensor)};".encode())
     return digest.hexdigest()
 
 
@@ -63,13 +71,14 @@ def config_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None) -> str:
     """sha256 of a model's parameters and buffers (names, shapes, dtypes, values), its semantic config and its
-    active adapters: equal for the same model loaded from anywhere, different after any change of weights."""
-    digest = hashlib.sha256(config_fingerprint(model).encode())
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        _update_tensor(digest, name, tensor)
-    return digest.hexdigest()
+    active adapters: equal for the same model loaded from anywhere, different after any change of weights.
+
+    Args:
+        digests: `tensor_digests(model)` if already computed (the model is not hashed again)."""
+    digests = digests if digests is not None else tensor_digests(model)
+    return tensors_fingerprint([("__config__", config_fingerprint(model)), *digests.items()])
 
 
 class _HashWriter:
@@ -116,7 +125,7 @@ def _describe_value(value, depth: int = 0):
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
     if isinstance(value, torch.Tensor):
-        return "tensor:" + tensors_fingerprint([("", value)])
+        return "tensor:" + tensor_digest(value)
     if isinstance(value, np.ndarray):
         return "array:" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.shape)
     if isinstance(value, (list, tuple)):
@@ -125,16 +134,18 @@ def _describe_value(value, depth: int = 0):
         return {str(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, nn.Module):
         return "module:" + type(value).__qualname__ + ":" + model_fingerprint(value)
+    # a tokenizer (callable, so before the callable branch, whose depth limit would cut it to type names):
+    # its settings and vocabulary
+    if hasattr(value, "init_kwargs") and hasattr(value, "get_vocab"):
+        vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
+        settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
+                                                          "pad_token_id")}
+        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(v) for k, v in settings.items()}}}
     if callable(value):
         return callable_fingerprint(value, depth + 1)
     if dataclasses.is_dataclass(value):
         return {type(value).__qualname__: {f.name: _describe_value(getattr(value, f.name, None), depth + 1)
                                            for f in dataclasses.fields(value)}}
-    if hasattr(value, "init_kwargs") and hasattr(value, "get_vocab"):  # a tokenizer: its settings and vocabulary
-        vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
-        settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
-                                                          "pad_token_id")}
-        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(v) for k, v in settings.items()}}}
     return type(value).__qualname__ + ":" + repr(value)
 
 

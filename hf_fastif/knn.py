@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .batches import Batcher
 from .quiet import quiet_datasets
+from .trunk import forward_context, model_inputs
 
 INDEX_NAME = "features"
 FeatureFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -32,25 +33,27 @@ def _last_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def model_features(model: nn.Module, batch: dict, method: str = "auto") -> torch.Tensor:
+def model_features(model: nn.Module, batch: dict, method: str = "auto", split=None) -> torch.Tensor:
     """Feature vectors ``(b, d)`` of a batch, from the model's base (encoder/decoder) outputs.
 
     ``auto``: the pooled [CLS] output where the model has a pooler (BERT, as in the paper), the last
-    non-padding token for causal LMs, else the mask-weighted mean of the last hidden states.
+    non-padding token for causal LMs, else the mask-weighted mean of the last hidden states. With a
+    `hf_fastif.trunk.TrunkSplit` and a batch carrying trunk states, only the top of the model runs.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     mask = inputs.get("attention_mask")
     base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        accepts = "output_hidden_states" in inspect.signature(model.forward).parameters
-        hidden = getattr(model(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
-        if hidden is None:
-            raise ValueError(f"{type(model).__name__} returns no hidden_states for kNN features; pass "
-                             "`features=callable(model, batch) -> (b, d) tensor` or influence_knn_k=None.")
-        last, pooled = hidden[-1], None
-    else:
-        out = base(**inputs)
-        last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
+    with forward_context(split, batch):
+        if base is None or base is model:
+            accepts = "output_hidden_states" in inspect.signature(model.forward).parameters
+            hidden = getattr(model(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
+            if hidden is None:
+                raise ValueError(f"{type(model).__name__} returns no hidden_states for kNN features; pass "
+                                 "`features=callable(model, batch) -> (b, d) tensor` or influence_knn_k=None.")
+            last, pooled = hidden[-1], None
+        else:
+            out = base(**inputs)
+            last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
     if method == "pooler" or (method == "auto" and pooled is not None):
         if pooled is None:
             raise ValueError(f"{type(model).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
@@ -64,12 +67,13 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto") -> torch
 
 @torch.no_grad()
 def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn = "auto", *,
-                     batch_size: int = 64, progress: bool = True, desc: str = "features") -> np.ndarray:
-    """Features of every row of ``batcher``'s dataset, ``(N, d)`` float32."""
+                     batch_size: int = 64, split=None, progress: bool = True, desc: str = "features") -> np.ndarray:
+    """Features of every row of ``batcher``, ``(N, d)`` float32. A callable ``method`` gets plain batches (no
+    trunk states) and the full model."""
     out = []
     for _, batch in tqdm(batcher.batches(range(len(batcher)), batch_size), desc=desc, disable=not progress,
                          total=-(-len(batcher) // batch_size), leave=False):
-        feats = method(model, batch) if callable(method) else model_features(model, batch, method)
+        feats = method(model, batch) if callable(method) else model_features(model, batch, method, split)
         out.append(feats.detach().float().cpu().numpy())
     return np.ascontiguousarray(np.concatenate(out, 0), dtype=np.float32)
 

@@ -1,9 +1,12 @@
 """A model as a function of the selected parameters: per-example training loss and test measurement.
 
 A loss function maps ``(outputs, batch)`` to a tensor of shape ``(batch_size,)``: one value per row.
-``outputs`` is what the model returns for the batch without its ``labels``. The default handles sequence
-classification (cross-entropy, or squared error for one regression output), causal LMs (mean token
-cross-entropy of each row, shifted) and token classification (mean token cross-entropy, unshifted).
+``outputs`` is what the model returns for the batch without its ``labels``. The default is the model's own
+loss, per row: sequence classification follows transformers' rule (``config.problem_type``, or when unset:
+regression for one output, single-label for integer labels, multi-label otherwise) with cross-entropy,
+binary cross-entropy averaged over the labels of the row, or squared error averaged over the outputs of
+the row; causal LMs get the mean token cross-entropy of each row (shifted), token classification the mean
+token cross-entropy (unshifted). The mean over rows is the model's own ``loss``.
 A *measurement* (kronfluence's term) is the test-side quantity whose influence is asked for; it defaults
 to the same loss.
 """
@@ -18,10 +21,12 @@ from torch import nn
 from torch.func import functional_call
 
 from .params import decayed_names
+from .trunk import forward_context, model_inputs
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
 LABEL_KEYS = ("labels",)
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 def logits_of(outputs) -> torch.Tensor:
@@ -39,6 +44,42 @@ def logits_of(outputs) -> torch.Tensor:
     return logits
 
 
+def problem_type(model: nn.Module, num_outputs: int, labels: torch.Tensor) -> str:
+    """The sequence-classification loss transformers models use: ``config.problem_type`` when set, else
+    ``regression`` for one output, ``single_label_classification`` for int/long labels and
+    ``multi_label_classification`` otherwise (the rule of ``ForSequenceClassificationLoss``)."""
+    declared = getattr(getattr(model, "config", None), "problem_type", None)
+    if declared is not None:
+        if declared not in PROBLEM_TYPES:
+            raise ValueError(f"config.problem_type={declared!r} is unknown; use one of {PROBLEM_TYPES}, or pass "
+                             "`loss_fn(outputs, batch)`.")
+        return declared
+    if num_outputs == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row loss ``(b,)`` of ``(b, k)`` logits whose mean over rows is the model's own loss for ``kind``."""
+    b, k = logits.shape
+    if kind == "single_label_classification":
+        if labels.is_floating_point() or labels.numel() != b:
+            raise ValueError(f"single_label_classification needs one integer class id per row; got labels of "
+                             f"shape {tuple(labels.shape)} and dtype {labels.dtype} for logits {(b, k)}.")
+        return F.cross_entropy(logits, labels.reshape(b), reduction="none")
+    if labels.numel() != logits.numel():
+        need = "multi-hot labels" if kind == "multi_label_classification" else "one target per output"
+        hint = (" Integer class ids mean single-label classification: store them as int, or set "
+                "config.problem_type='single_label_classification'.") if labels.numel() == b else ""
+        raise ValueError(f"{kind} needs {need}, shape {(b, k)}; got labels of shape {tuple(labels.shape)}.{hint}")
+    target = labels.to(logits.dtype).reshape(b, k)
+    if kind == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+    return ((logits - target) ** 2).mean(1)
+
+
 def make_default_loss(model: nn.Module) -> LossFn:
     """The per-example loss matching ``model``'s head (see the module docstring)."""
     shift = bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
@@ -51,9 +92,7 @@ def make_default_loss(model: nn.Module) -> LossFn:
         logits = logits_of(outputs)
         labels = batch["labels"]
         if logits.dim() == 2:
-            if logits.shape[-1] == 1 and labels.is_floating_point():
-                return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
-            return F.cross_entropy(logits, labels, reduction="none")
+            return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels))
         if logits.dim() == 3:
             if shift:
                 logits, labels = logits[:, :-1], labels[:, 1:]
@@ -74,11 +113,13 @@ class FunctionalModel:
         loss_fn: per-example training loss; default `make_default_loss`.
         measurement_fn: per-example test quantity; default: the training loss.
         weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) added to every loss.
+        split: the model's `hf_fastif.trunk.TrunkSplit`, used when a batch carries cached trunk states.
     """
 
     def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
-                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0):
+                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None):
         self.model = model
+        self.split = split
         self.names = list(names)
         self.loss_fn = loss_fn or make_default_loss(model)
         self.measurement_fn = measurement_fn
@@ -86,8 +127,9 @@ class FunctionalModel:
         self.decayed = decayed_names(self.names) if self.weight_decay else []
 
     def outputs(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
-        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        return functional_call(self.model, dict(params), args=(), kwargs=inputs)
+        """The model's outputs for ``batch`` at ``params`` (only the top runs when the batch carries trunk states)."""
+        with forward_context(self.split, batch):
+            return functional_call(self.model, dict(params), args=(), kwargs=model_inputs(batch))
 
     def _l2(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
         if not self.decayed:

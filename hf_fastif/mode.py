@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Sequence
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -13,33 +14,79 @@ logger = logging.get_logger(__name__)
 
 @contextlib.contextmanager
 def influence_mode(model: nn.Module, names: Sequence[str]):
-    """Eval mode, eager attention (double backward / forward-mode AD need it), and only the selected
-    parameters requiring grad, so autograd does not walk frozen layers. Everything is restored after."""
+    """The state every influence computation runs in; everything is restored afterwards.
+
+    - eval mode (dropout off), and a refusal (`ValueError`, before any forward pass) of modules that
+      normalise with the statistics of the batch (BatchNorm without running statistics, or left training):
+      their loss of a row depends on the other rows of its batch, so influence would depend on batching;
+    - eager attention (SDPA/flash kernels support neither double backward nor forward-mode AD);
+    - gradient checkpointing off, and the input-embedding hooks it (or PEFT) installs removed: the hook calls
+      ``requires_grad_`` inside ``torch.func`` transforms, which they refuse (and in eval mode checkpointing
+      saves nothing);
+    - only the selected parameters requiring grad, so autograd does not walk frozen layers.
+    """
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     selected = set(names)
     attn = _attention_implementation(model)
     switched = attn not in (None, "eager")
-    if switched:
-        if not hasattr(model, "set_attn_implementation"):
-            raise ValueError(
-                f"The model uses attn_implementation={attn!r}, which supports neither double backward nor "
-                "forward-mode AD; load it with attn_implementation='eager' for influence."
-            )
-        logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
-                    "neither double backward nor forward-mode AD); it is switched back afterwards.")
-        model.set_attn_implementation("eager")
+    if switched and not hasattr(model, "set_attn_implementation"):
+        raise ValueError(
+            f"The model uses attn_implementation={attn!r}, which supports neither double backward nor "
+            "forward-mode AD; load it with attn_implementation='eager' for influence."
+        )
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)
+              and hasattr(m, "enable_input_require_grads") and hasattr(m, "disable_input_require_grads")]
     try:
         model.eval()
+        _refuse_batch_statistics(model)
+        if switched:
+            logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
+                        "neither double backward nor forward-mode AD); it is switched back afterwards.")
+            model.set_attn_implementation("eager")
+        if checkpointed or hooked:
+            logger.info("Turning gradient checkpointing and its input-gradient hook off for influence "
+                        "(torch.func transforms refuse the hook's requires_grad_, and in eval mode checkpointing "
+                        "saves nothing); they are turned back on afterwards.")
+        for m in checkpointed:
+            m.gradient_checkpointing = False
+        for m in hooked:
+            m.disable_input_require_grads()
         for n, p in model.named_parameters():
             p.requires_grad_(n in selected)
         yield
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+        for m in hooked:
+            if not getattr(m, "_require_grads_hooks", None):
+                m.enable_input_require_grads()
+        for m in checkpointed:
+            m.gradient_checkpointing = True
         model.train(was_training)
-        if switched:
+        if switched and _attention_implementation(model) != attn:
             model.set_attn_implementation(attn)
+
+
+def _refuse_batch_statistics(model: nn.Module) -> None:
+    """Raise if a module of ``model`` (already in eval mode) normalises with the batch's own statistics."""
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm):
+            continue
+        if module.training:
+            why = "it stays in training mode after model.eval()"
+        elif module.running_mean is None and module.running_var is None:
+            why = "track_running_stats=False"
+        else:
+            continue
+        raise ValueError(
+            f"{type(module).__name__} module {name or type(model).__name__!r} normalises each batch with that "
+            f"batch's own mean and variance ({why}), so the loss of a row, and its influence, would depend on "
+            "which rows share its batch (and a batch of one row fails). Give it running statistics "
+            "(track_running_stats=True, estimated during training; eval mode then uses them) or use a per-row "
+            "normalisation (LayerNorm, GroupNorm) for influence."
+        )
 
 
 def _attention_implementation(model: nn.Module) -> str | None:

@@ -7,14 +7,17 @@ from transformers import Trainer
 
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
-from .influence import compute_influences, default_arguments
+from .engine import InfluenceEngine
+from .fingerprint import callable_fingerprint
+from .influence import default_arguments
 from .loss import LossFn
 from .table import InfluenceTable
 
 
 class InfluenceTrainer(Trainer):
-    """`Trainer` plus `compute_influences`. Training is exactly the Trainer's; influence math lives in
-    `hf_fastif.influence`.
+    """`Trainer` plus `compute_influences`. Training is exactly the Trainer's; the influence pipeline is an
+    `InfluenceEngine` that this trainer holds across calls (`influence_engine`), so the frozen trunk's states and
+    the candidate indexes are computed once and rebuilt only when the weights or data they depend on change.
 
     Args:
         influence_loss_fn: per-example training loss ``(outputs, batch) → (b,)`` (default: from the head).
@@ -33,10 +36,29 @@ class InfluenceTrainer(Trainer):
             self.influence_args = self.args
         self.influence_loss_fn = influence_loss_fn
         self.influence_measurement_fn = influence_measurement_fn
+        self._influence_engine: InfluenceEngine | None = None
+
+    def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
+                         features=None) -> InfluenceEngine:
+        """The engine this trainer holds (made anew when the model, collator or functions differ from its own)."""
+        model = self.accelerator.unwrap_model(self.model)
+        loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
+        measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
+        wanted = [callable_fingerprint(f) for f in (self.data_collator, loss_fn, measurement_fn, features)]
+        engine = self._influence_engine
+        if (engine is None or engine.model is not model or engine.args is not self.influence_args
+                or [engine._functions[k] for k in ("collator", "loss", "measurement", "features")] != wanted):
+            if engine is not None:
+                engine.clear()
+            engine = InfluenceEngine(model, self.influence_args, data_collator=self.data_collator, loss_fn=loss_fn,
+                                     measurement_fn=measurement_fn, features=features)
+            self._influence_engine = engine
+        return engine
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
                            candidate_dataset: Dataset | None = None, train_dataset: Dataset | None = None,
-                           **kwargs) -> InfluenceTable:
+                           loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
+                           features=None) -> InfluenceTable:
         """Influence of the training rows on ``test_dataset`` (see `hf_fastif.compute_influences`).
 
         ``combine="mean"`` gives one s_test for the mean loss of the rows (e.g. anchors).
@@ -44,11 +66,8 @@ class InfluenceTrainer(Trainer):
         train = train_dataset if train_dataset is not None else self.train_dataset
         if train is None:
             raise ValueError("This trainer has no train_dataset; pass train_dataset= to compute_influences.")
-        model = self.accelerator.unwrap_model(self.model)
-        kwargs.setdefault("loss_fn", self.influence_loss_fn)
-        kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
-        return compute_influences(model, train, test_dataset, self.influence_args, combine=combine,
-                                  data_collator=self.data_collator, candidate_dataset=candidate_dataset, **kwargs)
+        engine = self.influence_engine(loss_fn=loss_fn, measurement_fn=measurement_fn, features=features)
+        return engine.compute_influences(train, test_dataset, combine=combine, candidate_dataset=candidate_dataset)
 
     def build_influence_table(self, test_dataset: Dataset, output_dir: str, *, shard_size: int = 64,
                               **kwargs) -> InfluenceTable:

@@ -1,7 +1,10 @@
 """Resumable builds: an interrupted build resumes and ends with exactly the uninterrupted table."""
 
+import copy
+
 import numpy as np
 import pytest
+from datasets import Dataset
 
 import hf_fastif.builder as builder
 from hf_fastif import build_influence_table
@@ -37,9 +40,9 @@ def test_interrupted_build_resumes_to_the_same_table(setup, pad_collator, tmp_pa
     monkeypatch.setattr(builder, "compute_influences", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         build_influence_table(model, train, test, tmp_path / "resumed", args, shard_size=2, data_collator=pad_collator)
-    assert sorted(p.name for p in (tmp_path / "resumed" / "shards").glob("*.parquet")) == \
-        ["shard-00000.parquet", "shard-00001.parquet"]
-    assert not list((tmp_path / "resumed" / "shards").glob("*.tmp"))
+    shards = tmp_path / "resumed" / "shards"
+    assert sorted(p.parent.name for p in shards.glob("*/influence_metadata.json")) == ["shard-00000", "shard-00001"]
+    assert not list(shards.rglob("*.tmp")) and not list(shards.rglob(".partial*"))
 
     calls["n"] = -100
     resumed = build_influence_table(model, train, test, tmp_path / "resumed", args, shard_size=2,
@@ -70,3 +73,81 @@ def test_a_build_directory_of_other_settings_is_refused(setup, pad_collator, tmp
     with pytest.raises(ValueError, match="different model"):
         build_influence_table(other, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
                               data_collator=pad_collator)
+
+
+def scaled_loss(weight: float):
+    """A per-example cross-entropy times ``weight`` (a closure: equal code, different constant)."""
+    import torch.nn.functional as F
+
+    def loss(outputs, batch):
+        return weight * F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    return loss
+
+
+def truncating(collator, length: int):
+    """``collator`` after cutting every row to ``length`` tokens."""
+    def collate(rows):
+        return collator([{k: v if k == "labels" else v[:length] for k, v in row.items()} for row in rows])
+
+    return collate
+
+
+def embedding_features(model, batch):
+    return model.bert.embeddings.word_embeddings(batch["input_ids"]).mean(1)
+
+
+def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_path, monkeypatch):
+    """Edits anywhere in the data, another collator, loss_fn, measurement_fn or features callable: refused on
+    resume with the fix; the same data and callables rebuilt from scratch (new objects): resumed."""
+    model = tiny_model("bert")
+    train, test = make_token_dataset(40, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**ARGS)
+    same = dict(data_collator=pad_collator, loss_fn=scaled_loss(1.0), measurement_fn=scaled_loss(1.0),
+                features=embedding_features)
+    first = build_influence_table(model, train, test, tmp_path, args, shard_size=2, **same)
+
+    def never(*a, **kw):
+        raise AssertionError("a finished shard was computed again")
+
+    monkeypatch.setattr(builder, "compute_influences", never)
+    rebuilt = dict(data_collator=type(pad_collator)(pad_collator.tokenizer), loss_fn=scaled_loss(1.0),
+                   measurement_fn=scaled_loss(1.0), features=embedding_features)  # equal, not the same objects
+    again = build_influence_table(model, train.add_column("note", ["unread"] * 40), test, tmp_path, args,
+                                  shard_size=2, **rebuilt)
+    assert again.metadata["build"]["resumed_shards"] == 1 and again.to_pandas().equals(first.to_pandas())
+
+    rows = train.to_dict()
+    rows["input_ids"][20] = [rows["input_ids"][20][0], *[5 + (t - 4) % 55 for t in rows["input_ids"][20][1:]]]
+    edited = Dataset.from_dict(rows)  # one row in the middle, beyond the first and last 16
+    left = type(pad_collator)(copy.deepcopy(pad_collator.tokenizer))
+    left.tokenizer.padding_side = "left"
+    changes = [
+        ("train", dict(train_dataset=edited)),
+        ("data_collator", dict(data_collator=truncating(pad_collator, 4))),
+        ("data_collator", dict(data_collator=left)),  # the same collator class over a tokenizer padding left
+        ("loss_fn", dict(loss_fn=scaled_loss(2.0))),
+        ("measurement_fn", dict(measurement_fn=scaled_loss(2.0))),
+        ("features", dict(features=lambda model, batch: embedding_features(model, batch) * 2)),
+    ]
+    for entry, change in changes:
+        kwargs = same | {k: v for k, v in change.items() if k != "train_dataset"}
+        with pytest.raises(ValueError, match=f"a different [a-z_, ]*\\b{entry}\\b.*Use a new output_dir"):
+            build_influence_table(model, change.get("train_dataset", train), test, tmp_path, args, shard_size=2,
+                                  **kwargs)
+
+
+def test_a_damaged_shard_is_computed_again_and_unknown_keywords_are_refused(setup, pad_collator, tmp_path):
+    model, train, test = setup
+    args = default_arguments(**ARGS)
+    small = test.select(range(4))
+    full = build_influence_table(model, train, small, tmp_path, args, shard_size=2, data_collator=pad_collator)
+    shard = next((tmp_path / "shards" / "shard-00001" / "data").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # same size, so only the sha256 check can tell
+    shard.write_bytes(bytes(data))
+    rebuilt = build_influence_table(model, train, small, tmp_path, args, shard_size=2, data_collator=pad_collator)
+    assert rebuilt.metadata["build"]["resumed_shards"] == 1
+    assert rebuilt.to_pandas().equals(full.to_pandas())
+    with pytest.raises(TypeError, match="unknown keyword arguments \\['collator'\\]"):
+        build_influence_table(model, train, small, tmp_path, args, shard_size=2, collator=pad_collator)

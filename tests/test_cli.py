@@ -61,7 +61,7 @@ def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path) -> None:
     assert table.metadata["model"]["name_or_path"] == str(built / "model")
     assert table.metadata["settings"]["influence_solver"] == "cg"
     assert table.tests().test_premise.tolist() == raw["hans"]["premise"][:4]
-    assert sorted((out / "build" / "shards").glob("*.parquet"))  # built in resumable shards of 3 test rows
+    assert len(list((out / "build" / "shards").glob("shard-*/influence_metadata.json"))) == 2  # shards of 3 test rows
     from transformers import AutoModelForSequenceClassification
 
     table.check_model(AutoModelForSequenceClassification.from_pretrained(built / "model"))
@@ -124,3 +124,21 @@ def test_bench_hands_every_flag_to_the_benchmark(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--model_name_or_path" in capsys.readouterr().out
+
+
+def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys) -> None:
+    from tests.test_table import sign_table
+
+    sign_table().save(tmp_path / "t")
+    assert main(["show", str(tmp_path / "t"), "--test-id", "0", "-n", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "candidates 10 · helpful 2 · harmful 8 · zero 0 · distinct values 10" in out
+    assert "min -2.0000e+00 · median +3.5000e-01 · max +3.0000e+00" in out
+    assert "only 2 helpful rows among the 10 candidates" in out and "harmful rows among" not in out
+    lines = out.splitlines()
+    start = lines.index("most helpful (negative influence first)")
+    assert [line.split()[2] for line in lines[start + 3:start + 5]] == ["-2.0000e+00", "-5.0000e-01"]
+    assert lines[start + 5] == "only 2 helpful rows among the 10 candidates"
+    assert main(["show", str(tmp_path / "t"), "--test-id", "1", "-n", "3", "--side", "harmful"]) == 0
+    out = capsys.readouterr().out
+    assert "zero 2 · NaN 1 · distinct values 4" in out and "only" not in out

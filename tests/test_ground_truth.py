@@ -40,7 +40,7 @@ def squared_error(outputs, batch):
     return (outputs["logits"].squeeze(-1) - batch["labels"].to(torch.float64)) ** 2
 
 
-@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa", "arnoldi"])
 def test_linear_regression_closed_form(solver):
     rng = np.random.default_rng(0)
     n, d = 60, 5
@@ -93,7 +93,7 @@ def explicit_influence(model, names, train, test, collator, lam):
     return -(s @ g_train.T).numpy(), torch.linalg.eigvalsh(hessian)
 
 
-@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa", "arnoldi"])
 def test_tiny_bert_against_explicit_hessian(solver, pad_collator):
     model = tiny_model("bert")
     train, test = make_token_dataset(32, seed=0), make_token_dataset(3, seed=1)
@@ -104,7 +104,7 @@ def test_tiny_bert_against_explicit_hessian(solver, pad_collator):
     args = default_arguments(influence_solver=solver, influence_params=[r"pooler\.", r"classifier\."],
                              influence_damping=damping, influence_scale=scale, influence_knn_k=None,
                              influence_recursion_depth=300, influence_batch_size=4, influence_repetitions=4,
-                             disable_tqdm=True)
+                             influence_arnoldi_rank=len(evals), disable_tqdm=True)
     got = table_matrix(compute_influences(model, train, test, args, data_collator=pad_collator), 3, 32)
     if solver == "lissa":
         for t in range(3):
@@ -127,14 +127,17 @@ def plain_test_loss(outputs, batch):
     return F.cross_entropy(outputs["logits"], batch["labels"], reduction="none")
 
 
-@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa", "arnoldi"])
 def test_logistic_regression_leave_one_out(digits, solver):
     model, train, test, loo, wd = digits
     args = default_arguments(influence_solver=solver, influence_damping=0.001, influence_scale=2.0,
                              influence_weight_decay=wd, influence_knn_k=None, influence_batch_size=32,
-                             influence_recursion_depth=1500, influence_repetitions=4, disable_tqdm=True)
-    if solver != "lissa":
+                             influence_recursion_depth=1500, influence_repetitions=4,
+                             influence_arnoldi_rank=sum(p.numel() for p in model.parameters()), disable_tqdm=True)
+    if solver in ("exact", "cg"):
         args.influence_damping = 0.0
+    if solver == "arnoldi":  # needs λ > 0 (outside its eigenspace it divides by λ); rank = p makes that moot
+        args.influence_damping, args.influence_scale = 1e-9, 1.0
     table = compute_influences(model, train, test, args, measurement_fn=plain_test_loss)
     influence = table_matrix(table, 8, len(train))
     # θ without z ≈ θ + H⁻¹∇L(z)/n, so the test loss changes by ∇L_t·H⁻¹∇L(z)/n = -influence/n.

@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -250,10 +252,13 @@ def test_token_never_logged_and_not_sent_to_cdn(tmp_path: Path, capfd: pytest.Ca
         rows = run_client_json(LOAD_DATASET, server, tmp_path / "client2", args=[REPO])
         assert len(rows) == 5
         # a request with a wrong token is logged as invalid, without the token either
+        probe = f"probe={secrets.token_hex(8)}"  # marks this test's own request in the log
         with pytest.raises(urllib.error.HTTPError) as err:
-            _open(urllib.request.Request(f"{server.url}/api/whoami-v2",
+            _open(urllib.request.Request(f"{server.url}/api/whoami-v2?{probe}",
                                          headers={"Authorization": "Bearer hf_wrong_token_123"}))
         assert err.value.code == 401
+        # a request is logged after its response is sent, so the client saw the 401 before the log has it
+        mine = _wait_for_request(server, lambda r: r["query"] == probe)
 
     stderr = capfd.readouterr().err
     assert "[hub-server]" in stderr  # verbose mode did log every request...
@@ -263,12 +268,25 @@ def test_token_never_logged_and_not_sent_to_cdn(tmp_path: Path, capfd: pytest.Ca
     assert all(server.token not in json.dumps(r) for r in server.requests)
     # the token was actually sent (so the checks above are meaningful)...
     assert any(r["auth"] == "valid" for r in server.requests)
-    # (found by path: requests are logged as they finish, and a client's last ones may finish after it)
-    whoami = [r for r in server.requests if r["path"] == "/api/whoami-v2"]
-    assert whoami and whoami[-1]["auth"] == "invalid"
+    # ...and the wrong one is logged as invalid (found by its query, not by position: requests are logged as
+    # they finish, so the clients' own whoami requests may be logged after it)
+    assert mine["path"] == "/api/whoami-v2" and mine["auth"] == "invalid" and mine["status"] == 401
+    assert not mine["authenticated"]
     # ...but never to the CDN stand-in that serves the LFS blobs (parquet shards)
     cdn = [r for r in server.requests if r["path"].startswith("/__cdn__/")]
     assert cdn and all(r["auth"] == "none" for r in cdn)
+
+
+def _wait_for_request(server: HubServer, match, timeout: float = 10) -> dict:
+    """The first logged request that ``match`` accepts, waiting up to ``timeout`` seconds for it to be logged."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in list(server.requests) if match(r)]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no matching request logged within {timeout}s; log:\n{server.log_text}")
+        time.sleep(0.01)
 
 
 def _open(req, timeout: float = 10):  # no proxies for loopback

@@ -134,31 +134,42 @@ def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pa
     assert work <= 2 * pairs < union * len(test)
 
 
-def test_the_knn_index_is_reused_until_the_model_changes(data, pad_collator, monkeypatch):
-    import hf_fastif.influence as influence
+def test_the_knn_index_is_reused_until_the_weights_change(data, pad_collator, monkeypatch):
+    import hf_fastif.engine as engine_module
+    from hf_fastif import InfluenceEngine
 
     model, train, test = data
-    built, real = [], influence.build_index
-    monkeypatch.setattr(influence, "build_index", lambda *a, **kw: built.append(1) or real(*a, **kw))
-    influence._INDEX_CACHE.clear()
-    first = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
-    again = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
+    model = tiny_model("bert")  # changed in place below
+    built, real = [], engine_module.build_index
+    monkeypatch.setattr(engine_module, "build_index", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=5)))
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    first = engine.compute_influences(train, test).to_pandas()
+    again = engine.compute_influences(train, test).to_pandas()
     assert len(built) == 1 and first.equals(again)
-    changed = tiny_model("bert", seed=9)
-    run(changed, train, test, pad_collator, influence_solver="cg", influence_knn_k=5)
+    with torch.no_grad():  # an edit through .data bumps no version counter: the content key still sees it
+        model.bert.encoder.layer[0].output.dense.weight.data.mul_(1.5)
+    engine.compute_influences(train, test)
     assert len(built) == 2
+    compute_influences(model, train, test, args, data_collator=pad_collator)  # a short-lived engine of its own
+    assert len(built) == 3
 
 
-def test_the_top_eigenvalue_estimate_is_reused_until_the_model_changes(data, pad_collator, monkeypatch):
-    import hf_fastif.influence as influence
+def test_the_curvature_estimate_is_reused_until_the_weights_change(data, pad_collator, monkeypatch):
+    import hf_fastif.engine as engine_module
+    from hf_fastif import InfluenceEngine
 
     model, train, test = data
-    calls, real = [], influence.power_iteration
-    monkeypatch.setattr(influence, "power_iteration", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    influence._TOP_EIGENVALUE_CACHE.clear()
-    first = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
-    again = run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
-    assert len(calls) == 1 and first.equals(again)
-    run(model, train, test, pad_collator, influence_solver="lissa", influence_knn_k=None, influence_seed=3)
-    run(tiny_model("bert", seed=9), train, test, pad_collator, influence_solver="lissa", influence_knn_k=None)
-    assert len(calls) == 3
+    calls, real = [], engine_module.extreme_eigenvalues
+    monkeypatch.setattr(engine_module, "extreme_eigenvalues", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    args = default_arguments(**(BASE | dict(influence_solver="lissa", influence_knn_k=None)))
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    first = engine.compute_influences(train, test).to_pandas()
+    per_check = len(calls)
+    again = engine.compute_influences(train, test).to_pandas()
+    assert per_check == engine_module.CHECK_BATCHES + 1 and len(calls) == per_check and first.equals(again)
+    args.influence_seed = 3
+    engine.compute_influences(train, test)
+    other = InfluenceEngine(tiny_model("bert", seed=9), args, data_collator=pad_collator)
+    other.compute_influences(train, test)
+    assert len(calls) == 3 * per_check

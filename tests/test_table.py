@@ -70,7 +70,7 @@ def test_broken_tables_are_refused(tmp_path):
 def test_unsorted_input_is_sorted_and_metadata_is_complete():
     table = InfluenceTable(Dataset.from_dict({"test_id": [1, 0, 1, 0], "train_id": [0, 1, 2, 3],
                                               "influence": [3.0, 2.0, 1.0, 0.0]}).select([3, 2, 1, 0]))
-    assert table.helpful(1, 5).train_id.tolist() == [2, 0] and table.harmful(0, 5).train_id.tolist() == [1, 3]
+    assert table.lowest(1, 5).train_id.tolist() == [2, 0] and table.highest(0, 5).train_id.tolist() == [1, 3]
     assert table.test_ids == [0, 1]
     meta = table.metadata
     assert meta["schema_version"] == 1 and meta["library"] == "hf_fastif" and meta["library_version"]
@@ -97,12 +97,12 @@ def test_writer_appends_shards_and_queries_read_only_what_they_need(tmp_path):
     assert len(table) == 60 and table._dataset is None
     for t in range(12):
         rows = expected[expected.test_id == t]
-        assert table.helpful(t, 2).influence.tolist() == rows.influence.tolist()[:2]
-        assert table.harmful(t, 2).train_text.tolist() == rows.train_text.tolist()[::-1][:2]
-    reads = table._shards.row_groups_read
-    table._shards.row_groups_read = 0
+        assert table.lowest(t, 2).influence.tolist() == rows.influence.tolist()[:2]
+        assert table.highest(t, 2).train_text.tolist() == rows.train_text.tolist()[::-1][:2]
+    reads = table._reader.row_groups_read
+    table._reader.row_groups_read = 0
     table.helpful(5, 3)
-    assert table._shards.row_groups_read <= 2 < len(table._shards.ranges)  # 6 row groups, one or two read
+    assert table._reader.row_groups_read <= 2 < len(table._reader.ranges)  # 6 row groups, one or two read
     assert table._dataset is None and reads > 0  # nothing was loaded as a whole
     assert table.test_ids == list(range(12))
     pd.testing.assert_frame_equal(table.to_pandas()[expected.columns], expected)
@@ -169,3 +169,46 @@ def test_check_model_says_which_model_the_table_needs(tmp_path):
         table.check_model(tiny_model("bert", seed=5))
     with pytest.raises(ModelMismatchError, match="class 'BertForSequenceClassification' in the table"):
         table.check_model(tiny_model("roberta"))
+
+
+def sign_table() -> InfluenceTable:
+    """test 0: 2 negative and 8 positive values; test 1: ties, zeros and a NaN."""
+    t0 = [-0.5, -2.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 3.0]
+    t1 = [-1.0, -1.0, 0.0, 0.0, 0.25, 0.25, 0.25, 2.0, float("nan")]
+    return InfluenceTable.from_arrays([0] * len(t0) + [1] * len(t1),
+                                      list(range(len(t0))) + list(range(len(t1))), t0 + t1)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_helpful_and_harmful_lists_hold_only_their_sign(tmp_path, on_disk):
+    table = sign_table()
+    if on_disk:  # the shard reader answers the same
+        table = InfluenceTable.load(table.save(tmp_path / "t", row_group_rows=4))
+    helpful, harmful = table.helpful(0, 5), table.harmful(0, 5)
+    assert helpful.influence.tolist() == [-2.0, -0.5] and helpful.train_id.tolist() == [1, 0]
+    assert harmful.influence.tolist() == [3.0, 0.7, 0.6, 0.5, 0.4]
+    assert len(table.harmful(0, 100)) == 8 and (table.harmful(0, 100).influence > 0).all()
+    # the n extremes whatever their sign, for fixed-size selections
+    assert table.lowest(0, 5).influence.tolist() == [-2.0, -0.5, 0.1, 0.2, 0.3]
+    assert table.highest(0, 3).influence.tolist() == [3.0, 0.7, 0.6]
+    assert table.describe(0) == {"test_id": 0, "num_candidates": 10, "num_helpful": 2, "num_harmful": 8,
+                                 "num_zero": 0, "num_nan": 0, "num_distinct_values": 10, "min": -2.0,
+                                 "median": pytest.approx(0.35), "max": 3.0}
+
+    # zeros are neither helpful nor harmful, NaN is neither and sorts last, ties count as one distinct value
+    assert table.helpful(1, 10).influence.tolist() == [-1.0, -1.0]
+    assert table.harmful(1, 10).influence.tolist() == [2.0, 0.25, 0.25, 0.25]
+    assert table.highest(1, 9).influence.tolist()[:-1] == [2.0, 0.25, 0.25, 0.25, 0.0, 0.0, -1.0, -1.0]
+    assert np.isnan(table.highest(1, 9).influence.iloc[-1])
+    assert np.isnan(table.lowest(1, 9).influence.iloc[-1])
+    assert table.describe(1) == {"test_id": 1, "num_candidates": 9, "num_helpful": 2, "num_harmful": 4,
+                                 "num_zero": 2, "num_nan": 1, "num_distinct_values": 4, "min": -1.0,
+                                 "median": 0.125, "max": 2.0}
+    none = table.helpful(0, 0)
+    assert none.empty and list(none.columns) == ["test_id", "train_id", "influence"]
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        table.helpful(0, -1)
+    with pytest.raises(TypeError, match="n must be an integer"):
+        table.harmful(0, 2.5)
+    with pytest.raises(KeyError, match="test_id 7 is not in this table"):
+        table.describe(7)

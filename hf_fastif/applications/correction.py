@@ -88,13 +88,16 @@ def select_points(table: InfluenceTable | None, strategy: str, n: int, rng: np.r
                   num_candidates: int, anchor_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray | None]:
     """Rows to step on: ``(ids, influence)`` (influence is None for random / anchors).
 
-    ``helpful`` takes the n most negative influences of ``table`` (test_id 0), ``harmful`` the n most
-    positive, ``random`` n distinct rows of the ``num_candidates`` candidates, ``anchors`` the anchor ids.
+    ``helpful`` takes the n lowest influences of ``table`` (test_id 0), ``harmful`` the n highest, ``random``
+    n distinct rows of the ``num_candidates`` candidates, ``anchors`` the anchor ids. Every strategy steps on
+    n rows, as in the paper's protocol, so ``helpful`` / ``harmful`` take the n extremes whatever their sign
+    (`InfluenceTable.lowest` / `highest`): when fewer than n candidates are helpful, the selection goes on
+    with the least harmful ones (the returned influence shows their sign).
     """
     if strategy in ("helpful", "harmful"):
         if table is None:
             raise ValueError(f"strategy {strategy!r} needs an influence table.")
-        frame = table.helpful(0, n) if strategy == "helpful" else table.harmful(0, n)
+        frame = table.lowest(0, n) if strategy == "helpful" else table.highest(0, n)
         return frame["train_id"].to_numpy(np.int64), frame["influence"].to_numpy(np.float64)
     if strategy == "random":
         return np.sort(rng.choice(num_candidates, size=min(n, num_candidates), replace=False)).astype(np.int64), None

@@ -3,8 +3,9 @@ takes one SGD step on a single training row; if the row explains the task model'
 loss on that prediction should drop more than after a step on a random row.
 
 For each test point (``num_correct`` the task model gets right, ``num_incorrect`` it gets wrong): its
-``num_points`` most helpful and most harmful training rows (of k kNN candidates) and ``num_points`` random
-rows per gold label; for each row and each learning rate of a sweep, one step
+``num_points`` most helpful and most harmful training rows (of k kNN candidates: the lowest and highest
+influence, of either sign when fewer candidates have that sign, so every group has ``num_points`` rows) and
+``num_points`` random rows per gold label; for each row and each learning rate of a sweep, one step
 ``θ' = θ - lr·∇L_sim(row)`` on the simulator, then the simulator's loss on the test point labelled with the
 task model's prediction. By default the training rows carry the task model's predictions both in their
 influence and in the simulator's step (``row_labels``; the reference code mixes gold labels for influence with
@@ -340,8 +341,9 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
                   "num_train": len(data.train), "influence": args.influence_settings()},
         learning_rates=rates)
     for t in tqdm(range(len(rows)), desc="simulatability", disable=not progress or not D.is_main_process()):
-        groups = {"helpful": table.helpful(t, protocol.num_points)["train_id"].to_numpy(),
-                  "harmful": table.harmful(t, protocol.num_points)["train_id"].to_numpy()}
+        # groups of num_points rows each, like the random groups: the extremes whatever their sign
+        groups = {"helpful": table.lowest(t, protocol.num_points)["train_id"].to_numpy(),
+                  "harmful": table.highest(t, protocol.num_points)["train_id"].to_numpy()}
         for label in label_ids:
             pool = np.flatnonzero(train_gold == label)
             groups[f"random_{names.get(label, label)}"] = np.sort(

@@ -1,7 +1,11 @@
 """Solvers of ``(H + λI) x = v``; each takes Hessian-vector products as a callable and knows no model."""
 
-from .cg import solve_cg
+from .arnoldi import low_rank_hessian, solve_low_rank
+from .cg import default_tolerance, solve_cg
 from .exact import build_hessian, solve_exact
-from .lissa import LissaDivergenceError, power_iteration, solve_lissa
+from .lanczos import extreme_eigenvalues, lanczos
+from .lissa import GrowthMonitor, LissaDivergenceError, power_iteration, solve_lissa, suggest_scale
 
-__all__ = ["solve_cg", "solve_exact", "build_hessian", "solve_lissa", "power_iteration", "LissaDivergenceError"]
+__all__ = ["solve_cg", "default_tolerance", "solve_exact", "build_hessian", "solve_lissa", "power_iteration",
+           "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
+           "low_rank_hessian", "solve_low_rank"]

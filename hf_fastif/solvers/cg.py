@@ -11,17 +11,26 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def default_tolerance(dtype: torch.dtype) -> float:
+    """A relative residual CG can reach in ``dtype``: 1e-10 in float64, 1e-5 in float32 (whose rounding error
+    alone is ~1e-7 per operation)."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
 def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, lam: float, *,
-             max_iterations: int = 200, tol: float = 1e-10, progress: bool = True) -> tuple[torch.Tensor, dict]:
+             max_iterations: int = 200, tol: float | None = None, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Solve ``(H + λI) x = v`` for each row of ``v`` (``(m, p)`` or ``(p,)``).
 
-    ``hvp`` maps ``(m, p) → (m, p)``. Columns that converge (relative residual ≤ ``tol``) stop moving.
+    ``hvp`` maps ``(m, p) → (m, p)``; vectors stay in the dtype of ``v`` (float32 or wider) whatever dtype the
+    products are computed in. Columns that converge (relative residual ≤ ``tol``, default `default_tolerance`)
+    stop moving.
 
     Raises:
         ValueError: on negative curvature (``pᵀ(H + λI)p ≤ 0``): H + λI is not positive definite.
     """
     squeeze = v.dim() == 1
     b = v.unsqueeze(0) if squeeze else v
+    tol = default_tolerance(b.dtype) if tol is None else tol
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -31,7 +40,7 @@ def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, lam: 
     iterations = 0
     bar = tqdm(total=max_iterations, desc="s_test (cg)", disable=not progress, leave=False)
     while active.any() and iterations < max_iterations:
-        ap = hvp(p) + lam * p
+        ap = hvp(p).to(b.dtype) + lam * p
         curvature = (p * ap).sum(1)
         bad = active & (curvature <= 0)
         if bad.any():

@@ -28,7 +28,7 @@ def build_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, 
         stop = min(start + chunk, num_params)
         eye = torch.zeros(stop - start, num_params, dtype=dtype, device=device)
         eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        cols.append(hvp(eye))
+        cols.append(hvp(eye).to(dtype))
     hessian = torch.cat(cols, 0)
     return (hessian + hessian.T) / 2
 
@@ -39,7 +39,7 @@ def solve_exact(hessian: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[tor
     Raises:
         ValueError: if ``H + λI`` is not positive definite, with the damping that would make it so.
     """
-    evals, evecs = torch.linalg.eigh(hessian)
+    evals, evecs = torch.linalg.eigh(hessian.double())  # float64 whatever the model's dtype
     lo, hi = evals[0].item(), evals[-1].item()
     if lo + lam <= 0:
         raise ValueError(
@@ -47,5 +47,5 @@ def solve_exact(hessian: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[tor
             f"(influence_damping × influence_scale). The Hessian is indefinite (the model is not at a minimum); "
             f"raise influence_damping so that λ > {-lo:.4g}."
         )
-    coeffs = (v @ evecs) / (evals + lam)
-    return coeffs @ evecs.T, {"hessian_min_eigenvalue": lo, "hessian_max_eigenvalue": hi}
+    coeffs = (v.double() @ evecs) / (evals + lam)
+    return (coeffs @ evecs.T).to(v.dtype), {"hessian_min_eigenvalue": lo, "hessian_max_eigenvalue": hi}

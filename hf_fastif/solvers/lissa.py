@@ -2,12 +2,16 @@
 
 For each repetition t, with a fresh sample of B training points per step::
 
-    h_0 = v;  h_j = v + (1 - damp)·h_{j-1} - HVP_{batch(t, j)}(h_{j-1}) / scale,  j = 1..J
+    h_0 = v;  h_j = v + (1 - damp)·h_{j-1} - HVP_{batch(t, j)}(h_{j-1}) / scale,  j = 1..J  (exactly J steps)
     s_test = h_J / scale, averaged over repetitions
 
-Its fixed point is ``(H + damp·scale·I)⁻¹ v``. It converges when every batch Hessian's eigenvalues lie in
-``(-λ, (2 - damp)·scale)``; with a positive definite ``H + λI`` the iterates are bounded by ``‖v‖ / damp``,
-which is what the divergence check uses.
+Its fixed point is ``(H + damp·scale·I)⁻¹ v``. Each step contracts when the batch Hessian's eigenvalues lie in
+``(-λ, (2 - damp)·scale)`` with ``λ = damp·scale``; the series converges in expectation when ``H + λI`` is positive
+definite and ``scale`` is above the batch Hessians' top eigenvalues. Batch Hessians of a non-convex model are often
+indefinite, so single steps may expand: what signals divergence is *sustained* growth of the increments
+``‖h_j - h_{j-1}‖`` (an unstable direction grows geometrically, while a convergent series' increments shrink to the
+level of its sampling noise), which `GrowthMonitor` detects. The iterate lives in the dtype of ``v`` (the caller
+passes float32 or wider, whatever the model's dtype).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from tqdm.auto import tqdm
 
 
 class LissaDivergenceError(ValueError):
-    """LiSSA's iterates blew up: ``scale`` is below the top Hessian eigenvalue, or H + λI is indefinite."""
+    """LiSSA's iterates grew without bound: ``scale`` is below the batch Hessians' top eigenvalues, or H + λI is
+    indefinite."""
 
 
 def suggest_scale(top_eigenvalue: float) -> float:
@@ -41,13 +46,51 @@ def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int
     x = x / x.norm()
     value = 0.0
     for _ in range(iterations):
-        hx = hvp(x)
+        hx = hvp(x).to(dtype)
         value = float(torch.dot(x, hx))
         norm = hx.norm()
         if not torch.isfinite(norm) or norm == 0:
             break
         x = hx / norm
     return value
+
+
+class GrowthMonitor:
+    """Detects sustained geometric growth of LiSSA's increments ``‖h_j - h_{j-1}‖`` (one per repetition and test
+    vector).
+
+    Increments are averaged over windows of ``window`` steps. Divergence is declared when the window means have
+    risen ``rising`` times in a row and the last one is more than ``factor`` times the lowest window mean seen: a
+    convergent series' increments fall and then stay at the level of its sampling noise, while an unstable
+    direction, however small its share of ``v``, grows by the same factor every step once it dominates.
+    """
+
+    def __init__(self, depth: int, *, window: int | None = None, rising: int = 4, factor: float = 2.0):
+        self.window = window or max(8, depth // 50)
+        self.rising, self.factor = rising, factor
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._means: list[torch.Tensor] = []
+
+    def update(self, increments: torch.Tensor) -> torch.Tensor | None:
+        """Add one step's increments; returns the growth factor over the lowest window (per vector) when the
+        series diverges, else None."""
+        increments = increments.detach().double()
+        self._sum = increments if self._sum is None else self._sum + increments
+        self._count += 1
+        if self._count < self.window:
+            return None
+        self._means.append(self._sum / self._count)
+        self._sum, self._count = None, 0
+        means = torch.stack(self._means)  # (windows, ...)
+        if len(means) <= self.rising:
+            return None
+        recent = means[-(self.rising + 1):]
+        rising = (recent[1:] > recent[:-1]).all(0)
+        lowest = means.min(0).values.clamp_min(torch.finfo(torch.float64).tiny)
+        growth = means[-1] / lowest
+        diverging = rising & (growth > self.factor)
+        return growth if bool(diverging.any()) else None
 
 
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
@@ -58,12 +101,14 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     Args:
         hvp_step: ``(j, reps, h) → HVP`` where ``h`` is ``(R, m, p)`` (one slice per repetition in ``reps``)
             and slice r is multiplied by the Hessian of the batch that repetition ``reps[r]`` draws at step j.
-        v: ``(m, p)`` right-hand sides (``(p,)`` accepted).
+        v: ``(m, p)`` right-hand sides (``(p,)`` accepted), in the dtype the iterate should live in.
         repetitions: repetition indices to run here (their batches depend on the index only, so the
             repetitions can be split over processes without changing the result).
-        top_eigenvalue: from `power_iteration`, used in the error message.
+        top_eigenvalue: the largest batch-Hessian eigenvalue estimate, used in the error message.
     Returns:
         ``(mean over repetitions of h_J / scale, info)``.
+    Raises:
+        LissaDivergenceError: the iterate became NaN/inf or its increments grew geometrically (`GrowthMonitor`).
     """
     squeeze = v.dim() == 1
     v = v.unsqueeze(0) if squeeze else v
@@ -71,36 +116,40 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     if not reps:
         return torch.zeros_like(v[0] if squeeze else v), {"lissa_repetitions": 0}
     h = v.unsqueeze(0).repeat(len(reps), 1, 1)
-    v_norm = v.norm(dim=-1)
-    bound = 10.0 * v_norm / damping if damping > 0 else 1e8 * v_norm.clamp_min(1e-30)
+    monitor = GrowthMonitor(depth)
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
     for j in bar:
-        h = v + (1.0 - damping) * h - hvp_step(j, reps, h) / scale
-        norms = h.norm(dim=-1)
-        if not torch.isfinite(norms).all() or (norms > bound).any():
-            raise LissaDivergenceError(_divergence_message(j, norms, v_norm, damping, scale, top_eigenvalue))
+        new = v + (1.0 - damping) * h - hvp_step(j, reps, h).to(v.dtype) / scale
+        increments = (new - h).norm(dim=-1)
+        h = new
+        if not torch.isfinite(increments).all():
+            raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
+        growth = monitor.update(increments)
+        if growth is not None:
+            raise LissaDivergenceError(_divergence_message(j, float(growth.max()), damping, scale, top_eigenvalue))
     estimate = (h / scale).mean(0)
-    info = {"lissa_repetitions": len(reps), "lissa_final_norm": float((h / scale).norm(dim=-1).max())}
+    info = {"lissa_repetitions": len(reps), "lissa_final_norm": float((h / scale).norm(dim=-1).max()),
+            "lissa_steps": depth}
     return (estimate[0] if squeeze else estimate), info
 
 
-def _divergence_message(step, norms, v_norm, damping, scale, top_eigenvalue) -> str:
-    finite = torch.isfinite(norms).all()
-    what = f"‖h‖ reached {norms.max().item():.3g}" if finite else "‖h‖ became NaN/inf"
+def _divergence_message(step: int, growth: float | None, damping: float, scale: float,
+                        top_eigenvalue: float | None) -> str:
+    what = (f"its increments ‖h_j - h_(j-1)‖ grew {growth:.3g}x above their lowest level, rising steadily"
+            if growth is not None else "the iterate became NaN/inf")
     lines = [
-        f"LiSSA diverged at step {step}: {what} (‖v‖ = {v_norm.max().item():.3g}; a convergent series stays "
-        f"below ‖v‖/damp = {(v_norm.max() / max(damping, 1e-30)).item():.3g}). With damp = {damping} and "
-        f"scale = {scale} (λ = {damping * scale:.4g}) it converges only if every batch Hessian's eigenvalues "
-        "lie in (-λ, (2 - damp)·scale)."
+        f"LiSSA diverged at step {step}: {what}. With damp = {damping} and scale = {scale} (λ = {damping * scale:.4g}) "
+        "a step contracts only if the batch Hessian's eigenvalues lie in (-λ, (2 - damp)·scale)."
     ]
     if top_eigenvalue is not None and abs(top_eigenvalue) >= scale * (1 - damping):
-        lines.append(f"The top Hessian eigenvalue is about {top_eigenvalue:.4g}: use influence_scale >= "
+        lines.append(f"The batch Hessians' top eigenvalue is about {top_eigenvalue:.4g}: use influence_scale >= "
                      f"{suggest_scale(top_eigenvalue):.3g} (lower influence_damping to keep λ if needed).")
     else:
         lines.append(
-            f"Either raise influence_scale (top Hessian eigenvalue estimate: "
-            f"{'unknown' if top_eigenvalue is None else f'{top_eigenvalue:.4g}'}; single-batch Hessians can be "
-            "larger, try 10x), or, if the Hessian is indefinite (the model is not at a minimum), raise "
-            "influence_damping, or use influence_solver='exact'/'cg', which report the curvature."
+            "Either raise influence_scale (top eigenvalue estimate: "
+            f"{'unknown' if top_eigenvalue is None else f'{top_eigenvalue:.4g}'}; single batches can be larger, try "
+            "10x), or, if the Hessian is indefinite (the model is not at a minimum), raise influence_damping so that "
+            "λ exceeds its most negative eigenvalue; influence_solver='exact'/'cg' report the curvature, and "
+            "influence_check_convergence=True estimates both ends of the spectrum before the recursion."
         )
     return " ".join(lines)

@@ -195,3 +195,9 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
         run_correction(trained, data, args, CorrectionArguments(num_anchors=1000))
     with pytest.raises(ValueError, match="needs data.hans_test"):
         run_correction(trained, dataclasses.replace(data, hans_test=None), args, CorrectionArguments())
+
+
+def test_select_points_steps_on_n_rows_whatever_their_sign():
+    # 3 of the 6 candidates are helpful; the protocol still steps on n rows: the lowest influences
+    ids, influence = select_points(_table(), "helpful", 5, np.random.default_rng(0), 100)
+    assert ids.tolist() == [11, 15, 13, 12, 10] and influence.tolist() == [-2.0, -1.0, -0.3, 0.1, 0.5]

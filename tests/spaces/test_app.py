@@ -90,7 +90,10 @@ def test_gradio_client_show_explain_and_bad_input(app) -> None:
     prediction, own_helpful, own_harmful = client.predict("The judge was paid by the doctor.", "The judge paid the doctor.",
                                                           "non_entailment", 50, 3, api_name="/explain")
     assert {c["label"] for c in prediction["confidences"]} == {"entailment", "non_entailment"}
-    assert len(own_helpful["data"]) == 3 and float(own_helpful["data"][0][1]) <= float(own_harmful["data"][0][1])
+    # honest lists: up to 3 rows of each sign, only that sign (a pair may have no helpful candidate)
+    assert all(float(r[1]) < 0 for r in own_helpful["data"]) and all(float(r[1]) > 0 for r in own_harmful["data"])
+    assert len(own_helpful["data"]) <= 3 and len(own_harmful["data"]) <= 3
+    assert len(own_helpful["data"]) + len(own_harmful["data"]) >= 3
 
     with pytest.raises(AppError, match="Type a premise"):
         client.predict("", "The judge paid the doctor.", "entailment", 50, 3, api_name="/explain")

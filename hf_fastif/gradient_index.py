@@ -1,0 +1,270 @@
+"""Gradient-space candidates (beyond the paper): the rows most likely to have the largest |influence| at either end.
+
+Influence is an inner product, ``-∇L(z) · s_test``. A seeded count sketch ``P`` (each parameter hashed to one of
+``D`` buckets with a random sign; ``E[(Pa)·(Pb)] = a·b``) keeps inner products, so a maximum-inner-product faiss
+index over the sketched per-example training gradients ``P∇L(z)``, queried with ``+P s_test``, returns the rows
+with the largest ``∇L(z)·s_test`` (the most helpful: most negative influence), and queried with ``-P s_test`` the
+most harmful. Half of the ``k`` candidates come from each end; they are then scored exactly, as kNN candidates are.
+
+Per-example gradients are computed in batches without a per-row loop: one backward pass of the summed loss, with
+hooks on the modules that own influence parameters (``nn.Linear``, transformers' ``Conv1D``, ``nn.LayerNorm``,
+``nn.Embedding``) turning each module's inputs and output gradients into per-example gradients, which are
+sketched at once (never holding N × p). Parameters of other module types fall back to batched autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+from . import distributed as D
+from .hvp import batch_gradient
+from .loss import FunctionalModel
+from .params import decayed_names
+
+logger = logging.get_logger(__name__)
+
+ROW_CHUNK = 16
+"""Rows whose dense per-example gradients of one module exist at a time while being sketched."""
+
+
+class CountSketch:
+    """A seeded count sketch of parameter space into ``dim`` buckets (one bucket and one sign per parameter).
+
+    Args:
+        shapes: parameter name → shape, in the order of flat vectors.
+        dim: number of buckets D (the projection size).
+        seed: the sketch's seed (the same seed gives the same sketch on any machine).
+    """
+
+    def __init__(self, shapes: Mapping[str, torch.Size], dim: int, seed: int, *, dtype=torch.float32, device="cpu"):
+        total = sum(math.prod(s) for s in shapes.values())
+        if not 1 <= dim <= total:
+            raise ValueError(f"influence_projection_dim={dim} must be between 1 and the number of influence parameters "
+                             f"({total}); a projection larger than the gradient only adds noise.")
+        self.dim, self.dtype, self.device = dim, dtype, device
+        gen = torch.Generator().manual_seed(int(seed))
+        self.buckets, self.signs, self.offsets = {}, {}, {}
+        offset = 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            self.buckets[name] = torch.randint(0, dim, (n,), generator=gen).to(device)
+            self.signs[name] = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+            self.offsets[name] = (offset, offset + n)
+            offset += n
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Sketch flat vectors ``(m, p)`` → ``(m, D)``."""
+        out = torch.zeros(vectors.shape[0], self.dim, dtype=self.dtype, device=vectors.device)
+        for name, (lo, hi) in self.offsets.items():
+            self.add(out, name, vectors[:, lo:hi])
+        return out
+
+    def add(self, out: torch.Tensor, name: str, values: torch.Tensor) -> None:
+        """``out += sketch of values`` where ``values`` is ``(b, numel)`` for parameter ``name``."""
+        out.index_add_(1, self.buckets[name], values.reshape(values.shape[0], -1).to(self.dtype) * self.signs[name])
+
+    def add_rows(self, out: torch.Tensor, name: str, rows: torch.Tensor, values: torch.Tensor,
+                 example: torch.Tensor) -> None:
+        """Sparse update for an embedding weight ``(V, d)``: ``values[i]`` (a ``d``-vector) is added to row
+        ``rows[i]`` of example ``example[i]``'s gradient, sketched directly."""
+        d = values.shape[-1]
+        flat = (rows[:, None] * d + torch.arange(d, device=rows.device)).reshape(-1)
+        contrib = (values.to(self.dtype) * self.signs[name][flat].view(-1, d)).reshape(-1)
+        target = example[:, None].expand(-1, d).reshape(-1) * self.dim + self.buckets[name][flat]
+        out.view(-1).index_add_(0, target, contrib)
+
+
+class _Recorder:
+    """Forward / backward hooks on the modules owning influence parameters: what each call saw."""
+
+    SUPPORTED = (nn.Linear, Conv1D, nn.LayerNorm, nn.Embedding)
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        params = dict(model.named_parameters())
+        by_id = {id(params[n]): n for n in names}
+        self.owned: dict[nn.Module, dict[str, str]] = {}  # module → {attribute: parameter name}
+        self.other: list[str] = []
+        covered = set()
+        for module in model.modules():
+            own = {attr: by_id[id(p)] for attr, p in module.named_parameters(recurse=False) if id(p) in by_id}
+            if not own:
+                continue
+            if isinstance(module, self.SUPPORTED):
+                self.owned[module] = own
+                covered |= set(own.values())
+        self.other = [n for n in names if n not in covered]
+        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, list]] = []
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = []
+
+        def forward_hook(module, args, output):
+            entry = [module, args[0].detach(), None]
+            self.calls.append(entry)
+            if output.requires_grad:
+                output.register_hook(lambda grad, entry=entry: entry.__setitem__(2, grad.detach()))
+
+        for module in self.owned:
+            handles.append(module.register_forward_hook(forward_hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def unbatched(self, b: int) -> list[nn.Module]:
+        """Modules called on inputs without the batch dimension first (e.g. position embeddings broadcast over
+        the batch): their output gradient is summed over rows, so they need the autograd fallback."""
+        return list({id(m): m for m, x, g in self.calls if x.shape[0] != b or (g is not None and g.shape[0] != b)}
+                    .values())
+
+    def fall_back(self, modules: list[nn.Module]) -> None:
+        for module in modules:
+            self.other += list(self.owned.pop(module).values())
+
+    def sketch(self, sketch: CountSketch, out: torch.Tensor) -> None:
+        """Add every recorded call's per-example gradients to ``out`` ``(b, D)``."""
+        for module, inputs, grad in self.calls:
+            if grad is None:
+                continue
+            own = self.owned[module]
+            b = out.shape[0]
+            x = inputs.reshape(b, -1, inputs.shape[-1]) if not isinstance(module, nn.Embedding) else inputs.reshape(b, -1)
+            g = grad.reshape(b, -1, grad.shape[-1])
+            if isinstance(module, nn.Embedding):
+                if "weight" in own:
+                    example = torch.arange(b, device=g.device)[:, None].expand_as(x).reshape(-1)
+                    sketch.add_rows(out, own["weight"], x.reshape(-1), g.reshape(-1, g.shape[-1]), example)
+                continue
+            if "bias" in own:
+                sketch.add(out, own["bias"], g.sum(1))
+            if "weight" not in own:
+                continue
+            if isinstance(module, nn.LayerNorm):
+                normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+                sketch.add(out, own["weight"], (g * normed).sum(1))
+                continue
+            for lo in range(0, b, ROW_CHUNK):  # dense (rows, out, in) gradients, a few rows at a time
+                part = slice(lo, min(lo + ROW_CHUNK, b))
+                if isinstance(module, Conv1D):  # weight (in, out)
+                    dense = torch.einsum("bti,bto->bio", x[part], g[part])
+                else:  # nn.Linear: weight (out, in)
+                    dense = torch.einsum("bto,bti->boi", g[part], x[part])
+                rows = out[part]
+                sketch.add(rows, own["weight"], dense)
+                out[part] = rows
+        self.calls.clear()
+
+
+def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], batch: dict, sketch: CountSketch,
+                       recorder: _Recorder) -> torch.Tensor:
+    """``(b, D)``: the sketch of each row's training-loss gradient (with the explicit L2 term)."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with recorder.recording():
+        losses = fm.loss_fn(fm.outputs(leaves, batch), batch)
+    out = torch.zeros(losses.shape[0], sketch.dim, dtype=sketch.dtype, device=losses.device)
+    torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    unbatched = recorder.unbatched(losses.shape[0])
+    if unbatched:
+        recorder.calls.clear()
+        recorder.fall_back(unbatched)
+        return sketched_gradients(fm, params, batch, sketch, recorder)
+    recorder.sketch(sketch, out)
+    if recorder.other:  # parameters without a per-example rule: batched autograd over just those
+        grads = batch_gradient(_PlainLoss(fm), {n: params[n] for n in recorder.other}, batch, reduction="none")
+        offset = 0
+        for name in recorder.other:
+            n = params[name].numel()
+            sketch.add(out, name, grads[:, offset : offset + n])
+            offset += n
+    if fm.weight_decay:
+        decay = {n: 2.0 * fm.weight_decay * params[n].detach().reshape(1, -1) for n in decayed_names(list(params))}
+        row = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
+        for name, value in decay.items():
+            sketch.add(row, name, value)
+        out += row
+    return out
+
+
+class _PlainLoss:
+    """The per-example training loss of a `FunctionalModel` without its L2 term (added once, separately)."""
+
+    def __init__(self, fm: FunctionalModel):
+        self.fm = fm
+
+    def losses(self, params, batch):
+        return self.fm.loss_fn(self.fm.outputs(params, batch), batch)
+
+    measurements = losses
+
+
+class GradientIndex:
+    """A faiss inner-product index over the sketched per-example gradients of the candidate rows."""
+
+    def __init__(self, sketch: CountSketch, vectors: np.ndarray):
+        import faiss  # faiss is a dependency; imported where it is used, as in knn.py
+
+        self.sketch = sketch
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.num_rows = vectors.shape[0]
+
+    def candidates(self, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
+        """Per row of ``s_test`` ``(m, p)``: ``ceil(k/2)`` rows with the largest sketched ``g·s`` (helpful end) and
+        the rest with the smallest (harmful end), sorted, without duplicates."""
+        query = self.sketch.project(s_test.to(self.sketch.dtype)).cpu().numpy().astype(np.float32)
+        helpful_k, harmful_k = -(-k // 2), k // 2
+        out = []
+        _, top = self.index.search(np.ascontiguousarray(query), helpful_k)
+        _, bottom = self.index.search(np.ascontiguousarray(-query), max(harmful_k, 1))
+        for t in range(len(query)):
+            rows = np.concatenate([top[t], bottom[t][:harmful_k]])
+            out.append(np.unique(rows[rows >= 0]).astype(np.int64))
+        return out
+
+
+def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], batcher, *, dim: int, seed: int,
+                         batch_size: int, progress: bool = False) -> GradientIndex:
+    """Sketch every row's gradient (rows split over processes, gathered) and index them."""
+    work = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+    device = next(iter(params.values())).device
+    sketch = CountSketch({n: p.shape for n, p in params.items()}, dim, seed, dtype=work, device=device)
+    recorder = _Recorder(fm.model, list(params))
+    if recorder.other:
+        logger.info(f"Gradient index: {len(recorder.other)} parameters sit in modules without a per-example rule "
+                    f"(e.g. {recorder.other[0]}); their gradients come from batched autograd (slower).")
+    mine = D.shard(range(len(batcher)))
+    parts = []
+    for _, batch in tqdm(batcher.batches(mine, batch_size), desc="gradient index", disable=not progress,
+                         total=-(-len(mine) // batch_size), leave=False):
+        parts.append(sketched_gradients(fm, params, batch, sketch, recorder).float().cpu().numpy())
+    local = np.concatenate(parts, 0) if parts else np.zeros((0, dim), dtype=np.float32)
+    return GradientIndex(sketch, D.gather_rows(local))
+
+
+def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
+    """The candidates of each query from the engine's gradient index (built once per weights, data, loss and
+    projection, and kept by the engine)."""
+    args = engine.args
+    key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), engine._functions["collator"],
+           engine._functions["loss"], args.influence_weight_decay, tuple(call.names), args.influence_projection_dim,
+           args.influence_seed, D.world())
+    if engine._gradient_index is None or engine._gradient_index[0] != key:
+        engine._gradient_index = None
+        index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,
+                                     seed=args.influence_seed, batch_size=args.influence_scoring_batch_size,
+                                     progress=call.progress)
+        engine._gradient_index = (key, index)
+    return engine._gradient_index[1].candidates(s_test, k)
+

@@ -1,0 +1,88 @@
+"""The dataset card (``README.md``) of an influence table: YAML the Hub indexes, and a text that says what the
+table is, how it was made and how to load it (with or without hf_fastif)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from ..utils import markdown_table
+from .format import DATA_DIR, DEFAULT_LICENSE, REQUIRED_COLUMNS
+
+
+def size_category(rows: int) -> str:
+    """The Hub's ``size_categories`` bucket of a row count."""
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                        (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")):
+        if rows < bound:
+            return name
+    return "n>1B"
+
+
+def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, license: str = DEFAULT_LICENSE,
+                 columns: Sequence[str] = REQUIRED_COLUMNS) -> DatasetCard:
+    """A `huggingface_hub.DatasetCard`: YAML (license, tags, the parquet config, the influence settings) and a
+    text saying what the table is, how it was made and how to load it."""
+    settings = metadata.get("settings") or {}
+    model = metadata.get("model") or {}
+    name = model.get("name_or_path") or "unknown"
+    train, test = metadata.get("train_data") or {}, metadata.get("test_data") or {}
+    influence = {
+        "model": name, "model_revision": model.get("revision"),
+        "train_data": train.get("name"), "train_split": train.get("split"), "train_fingerprint": train.get("fingerprint"),
+        "test_data": test.get("name"), "test_split": test.get("split"), "test_fingerprint": test.get("fingerprint"),
+        "combine": metadata.get("combine"), "lambda": metadata.get("lambda"),
+        "settings": settings, "library_version": metadata.get("library_version"),
+        "schema_version": metadata.get("schema_version"), "created_at": metadata.get("created_at"),
+    }
+    data = DatasetCardData(
+        license=license, size_categories=size_category(rows), pretty_name=f"Influence table of {name}",
+        tags=["influence-functions", "fastif", "hf_fastif", "interpretability"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
+        influence={k: v for k, v in influence.items() if v is not None},
+    )
+    repo = repo_id or "<user>/<repo>"
+    extra = [c for c in columns if c not in REQUIRED_COLUMNS]
+    body = [
+        f"# Influence table of `{name}`",
+        "",
+        "For each test example, the training examples that most helped or hurt the model's prediction on it: "
+        "influence functions (Koh & Liang, 2017) made fast with FastIF (Guo et al., 2021: kNN candidates, "
+        f"fast inverse-Hessian-vector products), computed with `hf_fastif` {metadata.get('library_version', '')}.",
+        "",
+        f"- Rows: {rows}. Columns: `test_id` (row of the test data), `train_id` (row of the training data), "
+        "`influence`" + (f", and {', '.join(f'`{c}`' for c in extra)}" if extra else "") + ".",
+        "- `influence = -∇L(z_train) · s_test`, `s_test = (H + λI)⁻¹ ∇L(z_test)`: **negative is helpful** (upweighting "
+        "the training row lowers the test loss), positive is harmful.",
+        "",
+        "## How it was made",
+        "",
+        f"- Model: `{name}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else "")
+        + (f", {model['num_parameters']:,} parameters" if isinstance(model.get("num_parameters"), int) else ""),
+        f"- Training data: {train.get('name') or 'unnamed'} (split {train.get('split')}, fingerprint "
+        f"`{train.get('fingerprint')}`, {train.get('num_rows')} rows)",
+        f"- Test data: {test.get('name') or 'unnamed'} (split {test.get('split')}, fingerprint "
+        f"`{test.get('fingerprint')}`, {test.get('num_rows')} rows)",
+        f"- λ = damping × scale = {metadata.get('lambda')}; created {metadata.get('created_at')}",
+        "",
+        markdown_table(["setting", "value"], list(settings.items())),
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from hf_fastif import InfluenceTable",
+        f'table = InfluenceTable.from_hub("{repo}")',
+        "table.describe(test_id=0)        # how many candidates are helpful / harmful / zero",
+        "table.helpful(test_id=0, n=10)   # negative influence only, most helpful first",
+        "table.harmful(test_id=0, n=10)   # positive influence only, most harmful first",
+        "",
+        "# or without hf_fastif:",
+        "from datasets import load_dataset",
+        f'rows = load_dataset("{repo}", split="train")',
+        "```",
+        "",
+        f"or in a terminal: `hf-fastif show {repo} --test-id 0`.",
+        "",
+    ]
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))

@@ -1,0 +1,47 @@
+"""What an influence table is, on disk and in memory: file names, schema version, required columns, the two
+error types and the column checks that every other room of `hf_fastif.table` relies on."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+LIBRARY = "hf_fastif"
+REQUIRED_COLUMNS = ("test_id", "train_id", "influence")
+METADATA_FILE = "influence_metadata.json"
+CARD_FILE = "README.md"
+DATA_DIR = "data"
+SHARD_ROWS = 1_000_000
+ROW_GROUP_ROWS = 65_536
+STORAGE_KEY = "storage"  # file-level facts in the JSON; not part of `InfluenceTable.metadata`
+DEFAULT_LICENSE = "apache-2.0"
+TEXT_COLUMNS = ("premise", "hypothesis", "text", "sentence", "label")
+
+
+class InfluenceTableError(ValueError):
+    """A table that cannot be used as asked: missing, not a table, corrupt, of another schema or model."""
+
+
+class ModelMismatchError(InfluenceTableError):
+    """The table was computed with a different model than the one given."""
+
+
+def check_columns(schema: pa.Schema, what: str) -> None:
+    """Raise `InfluenceTableError` unless ``schema`` has integer ``test_id`` / ``train_id`` and float
+    ``influence`` columns (``what`` names the rows in the message)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise InfluenceTableError(f"An influence table needs the columns {list(REQUIRED_COLUMNS)}; {what} is "
+                                  f"missing {missing} (found {schema.names}).")
+    for name, ok, kind in (("test_id", pa.types.is_integer, "integers"), ("train_id", pa.types.is_integer, "integers"),
+                           ("influence", pa.types.is_floating, "floats")):
+        if not ok(schema.field(name).type):
+            raise InfluenceTableError(f"The column {name!r} of {what} must hold {kind}, not "
+                                      f"{schema.field(name).type}.")
+
+
+def normalized_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema rows are stored with: ids as int64, influence as float64, no pandas/datasets schema metadata."""
+    fixed = {"test_id": pa.int64(), "train_id": pa.int64(), "influence": pa.float64()}
+    return pa.schema([pa.field(f.name, fixed.get(f.name, f.type)) for f in schema])
+

@@ -1,0 +1,99 @@
+"""Influence tables on the Hugging Face Hub: a table folder pushed as a dataset repo, pulled back from the very
+commit its metadata came from, and the Hub's exceptions turned into `InfluenceTableError` with the fix.
+
+The token (argument, ``HF_TOKEN`` or the saved login) goes to `huggingface_hub` only; it is never logged or put
+in an error message."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from transformers.utils import logging
+
+from .format import CARD_FILE, DATA_DIR, DEFAULT_LICENSE, METADATA_FILE, SHARD_ROWS, InfluenceTableError
+
+if TYPE_CHECKING:
+    from .table import InfluenceTable
+
+logger = logging.get_logger(__name__)
+
+
+def _status(err: Exception) -> int | None:
+    return getattr(getattr(err, "response", None), "status_code", None)
+
+
+def _pull_message(err: Exception, repo_id: str, revision: str | None) -> str:
+    """What a failed download means, and what to do (the Hub's exception types subclass each other, so the
+    most specific come first)."""
+    where = f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if isinstance(err, RevisionNotFoundError):
+        return (f"Revision {revision!r} does not exist in dataset repo {repo_id!r}; use a branch, tag or commit "
+                "id of that repo.")
+    if isinstance(err, RepositoryNotFoundError):
+        return (f"No dataset repo {repo_id!r} on the Hub (or it is private or gated: pass token=... of an "
+                "account with access).")
+    if isinstance(err, LocalEntryNotFoundError):
+        return (f"Could not reach the Hub for {where}, and it is not in the local cache (offline, "
+                "HF_HUB_OFFLINE=1, or a network error). Go online or download it once while online.")
+    if isinstance(err, EntryNotFoundError):
+        return (f"{where} is not an influence table: it has no {METADATA_FILE}. Push tables with "
+                "InfluenceTable.push_to_hub or `hf-fastif push`.")
+    if isinstance(err, HFValidationError):
+        return f"{repo_id!r} is not a valid Hub repo id (expected 'user/name')."
+    return f"The Hub answered HTTP {_status(err)} for {where}."
+
+
+@contextlib.contextmanager
+def _pull_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    try:
+        yield
+    except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as err:
+        raise InfluenceTableError(_pull_message(err, repo_id, revision)) from err
+
+
+def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = None, token: str | None = None,
+               commit_message: str = "Upload influence table with hf_fastif", revision: str | None = None,
+               license: str = DEFAULT_LICENSE, shard_rows: int = SHARD_ROWS) -> str:
+    """Create (or update) the dataset repo ``repo_id`` with ``table`` (its old shards replaced); returns the
+    commit id."""
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            table.save(tmp, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
+            info = api.upload_folder(repo_id=url.repo_id, repo_type="dataset", folder_path=tmp,
+                                     commit_message=commit_message, revision=revision,
+                                     delete_patterns=[f"{DATA_DIR}/*.parquet"])
+    except HfHubHTTPError as err:
+        hint = (" Pass a token with write access (token=..., HF_TOKEN or `hf auth login`)."
+                if _status(err) in (401, 403) else "")
+        raise InfluenceTableError(f"Could not push the influence table to dataset repo {repo_id!r}: "
+                                  f"HTTP {_status(err)}.{hint}") from err
+    logger.info(f"Pushed {len(table)} influence rows to {url.repo_id} (commit {info.oid}).")
+    return info.oid
+
+
+def download_table(repo_id: str, *, revision: str | None = None, token: str | None = None,
+                   cache_dir: str | None = None) -> Path:
+    """The local snapshot folder of a table pushed with `push_table` (``revision``: branch, tag or commit)."""
+    with _pull_errors(repo_id, revision):
+        # the metadata first: it says whether this is a table at all before any shard is downloaded,
+        # and its snapshot folder names the commit, so the shards come from the very same commit
+        meta = Path(hf_hub_download(repo_id, METADATA_FILE, repo_type="dataset", revision=revision, token=token,
+                                    cache_dir=cache_dir))
+        commit = meta.parent.name
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=commit, token=token, cache_dir=cache_dir,
+                                      allow_patterns=[METADATA_FILE, CARD_FILE, f"{DATA_DIR}/*.parquet"]))

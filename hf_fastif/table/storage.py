@@ -1,0 +1,425 @@
+"""Where the rows of an influence table live, and how they get there.
+
+A table folder (local, or a snapshot of a Hub dataset repo)::
+
+    data/train-00000-of-00002.parquet ...   the rows, sharded; row groups carry min/max statistics of test_id
+    influence_metadata.json                  how the table was made + the list of shards (rows, bytes, sha256)
+    README.md                                a dataset card (YAML: license, tags, settings, the parquet config)
+
+Parquet and JSON only: nothing is ever unpickled. Two readers answer the same questions (the rows of one test
+id, most helpful first; every row; the test ids; the row groups), so `InfluenceTable` has one query path:
+
+- `MemoryRows`: a sorted in-memory (or memory-mapped) `datasets.Dataset`, with an index of each test id's slice.
+- `ShardReader`: the parquet shards of a folder; footers read at open, and only the row groups whose
+  statistics can hold a test id read per query, so tables larger than memory stay fast.
+
+`InfluenceTableWriter` writes a folder incrementally (rows appended as computed, shards closed as they fill,
+the metadata JSON last, so a folder that has it is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import Dataset
+
+from ..quiet import quiet_datasets
+from ..utils import library_version, to_json, write_atomic
+from .card import dataset_card
+from .format import (
+    CARD_FILE,
+    DATA_DIR,
+    DEFAULT_LICENSE,
+    LIBRARY,
+    METADATA_FILE,
+    REQUIRED_COLUMNS,
+    ROW_GROUP_ROWS,
+    SCHEMA_VERSION,
+    SHARD_ROWS,
+    STORAGE_KEY,
+    InfluenceTableError,
+    check_columns,
+    normalized_schema,
+)
+
+if TYPE_CHECKING:
+    from .table import InfluenceTable
+
+ORDER = ("test_id", "influence")  # rows are kept sorted by this key: most helpful first within a test id
+
+
+def sort_order(table: pa.Table) -> np.ndarray:
+    """Row order of ``table`` by ``(test_id, influence)``; NaN influence sorts last within its test id."""
+    return np.lexsort((table.column("influence").to_numpy(), table.column("test_id").to_numpy()))
+
+
+# ---- metadata -----------------------------------------------------------------------------------------------
+def complete_metadata(metadata: dict | None) -> dict:
+    """The metadata as plain JSON values, with the schema version, library and creation time filled in."""
+    metadata = json.loads(to_json(dict(metadata or {})))
+    metadata.pop(STORAGE_KEY, None)
+    metadata.setdefault("schema_version", SCHEMA_VERSION)
+    metadata.setdefault("library", LIBRARY)
+    metadata.setdefault("library_version", library_version())
+    metadata.setdefault("created_at", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return metadata
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The validated metadata JSON of a table folder (including the ``storage`` entry)."""
+    directory = Path(directory)
+    meta_path = directory / METADATA_FILE
+    if not meta_path.is_file():
+        raise InfluenceTableError(f"{directory} is not an influence table: {METADATA_FILE} is missing. "
+                                  "Write tables with InfluenceTable.save(dir) or push_to_hub.")
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InfluenceTableError(f"{meta_path} is not valid JSON ({err}); the table is corrupt, download it "
+                                  "again.") from err
+    if not isinstance(metadata, dict):
+        raise InfluenceTableError(f"{meta_path} must hold a JSON object; the table is corrupt.")
+    version = metadata.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InfluenceTableError(f"{directory} has influence-table schema version {version!r}; this hf_fastif reads "
+                                  f"version {SCHEMA_VERSION}. Upgrade hf_fastif or rebuild the table.")
+    return metadata
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe_file(path: Path) -> dict:
+    return {"path": f"{DATA_DIR}/{path.name}", "rows": pq.read_metadata(path).num_rows,
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def as_arrow(rows) -> pa.Table:
+    """Rows given as an `InfluenceTable`, `datasets.Dataset`, `pyarrow.Table`, DataFrame or dict of columns, as Arrow."""
+    if hasattr(rows, "to_arrow"):  # an InfluenceTable (not imported here: table.py imports this module)
+        return rows.to_arrow()
+    if isinstance(rows, Dataset):
+        return rows.with_format("arrow")[:] if len(rows) else rows.data.table.slice(0, 0)
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, pd.DataFrame):
+        return pa.Table.from_pandas(rows, preserve_index=False)
+    if isinstance(rows, Mapping):
+        return pa.table({k: np.asarray(v) if k in REQUIRED_COLUMNS else v for k, v in rows.items()})
+    raise TypeError(f"Cannot write {type(rows).__name__} rows; pass an InfluenceTable, Dataset, pyarrow.Table, "
+                    "DataFrame or a dict of columns.")
+
+
+# ---- readers ------------------------------------------------------------------------------------------------
+class MemoryRows:
+    """The rows of an in-memory table: a `datasets.Dataset` already sorted by ``(test_id, influence)``, with
+    the slice of every test id found once (a table in one piece is a one-shard reader)."""
+
+    sorted = True
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.table: pa.Table = dataset.data.table
+        self.schema = self.table.schema
+        self.num_rows = self.table.num_rows
+        ids = self.table.column("test_id").to_numpy()
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.array([], dtype=np.int64)
+        stops = np.r_[starts[1:], len(ids)]
+        self._slices = {int(ids[s]): (int(s), int(e)) for s, e in zip(starts, stops)}
+
+    def rows_for(self, test_id: int) -> pa.Table:
+        """Every row of one test id, most helpful first (empty if the table has none)."""
+        if test_id not in self._slices:
+            return self.schema.empty_table()
+        start, stop = self._slices[test_id]
+        return self.table.slice(start, stop - start)
+
+    def test_ids(self) -> list[int]:
+        return list(self._slices)
+
+    def batches(self, rows: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+        for start in range(0, self.num_rows, rows):
+            yield self.table.slice(start, rows)
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        return self.table if columns is None else self.table.select(list(columns))
+
+    def to_dataset(self) -> Dataset:
+        return self.dataset
+
+
+class ShardReader:
+    """The parquet shards of a table folder: footers read at open, row groups read on demand."""
+
+    def __init__(self, directory: Path, files: list[Path], schema: pa.Schema, sorted_: bool,
+                 files_meta: list[pq.FileMetaData]):
+        self.directory, self.files, self.schema, self.sorted = directory, files, schema, sorted_
+        self.num_rows = sum(m.num_rows for m in files_meta)
+        self.row_groups_read = 0  # for tests and diagnostics: how much a query touched
+        self._open: dict[int, pq.ParquetFile] = {}
+        ranges = []  # (file, row group, min test_id, max test_id)
+        column = schema.get_field_index("test_id")
+        for f, meta in enumerate(files_meta):
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(column).statistics
+                if stats is not None and stats.has_min_max:
+                    ranges.append((f, g, stats.min, stats.max))
+                else:
+                    ranges.append((f, g, -math.inf, math.inf))
+        self.ranges = ranges
+        self._test_ids: list[int] | None = None
+
+    @classmethod
+    def open(cls, directory: Path, storage: dict, verify: bool = False) -> ShardReader:
+        """Check the shards listed in ``storage`` (the metadata's ``storage`` entry) are there, of the recorded
+        size (and sha256 if ``verify``), with the required columns and one schema; read their footers."""
+        data = directory / DATA_DIR
+        listed = storage.get("shards")
+        if listed:
+            files = [data / Path(s["path"]).name for s in listed]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise InfluenceTableError(f"{directory} is incomplete: the shards {missing} listed in {METADATA_FILE} "
+                                          "are missing. Download or rebuild the table.")
+            for f, s in zip(files, listed):
+                if f.stat().st_size != s.get("bytes", f.stat().st_size):
+                    raise InfluenceTableError(f"The shard {f} is corrupt or incomplete: {f.stat().st_size} bytes, "
+                                              f"{s['bytes']} expected. Download or rebuild the table.")
+                if verify and s.get("sha256") and file_sha256(f) != s["sha256"]:
+                    raise InfluenceTableError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
+                                              "Download or rebuild the table.")
+        else:
+            files = sorted(data.glob("*.parquet"))
+        if not files:
+            raise InfluenceTableError(f"{directory} has no parquet shards under {DATA_DIR}/; the table is incomplete.")
+        metas, schema = [], None
+        for f in files:
+            try:
+                meta = pq.read_metadata(f)
+                file_schema = meta.schema.to_arrow_schema()
+            except Exception as err:  # pyarrow raises several types for damaged files
+                raise InfluenceTableError(f"The shard {f} is corrupt ({err}); download or rebuild the table.") from err
+            check_columns(file_schema, f"The shard {f}")
+            file_schema = normalized_schema(file_schema)
+            if schema is None:
+                schema = file_schema
+            elif not file_schema.equals(schema):
+                raise InfluenceTableError(f"The shard {f} has the columns {file_schema} but {files[0].name} has "
+                                          f"{schema}; the shards of one table must agree. Rebuild the table.")
+            metas.append(meta)
+        rows = sum(m.num_rows for m in metas)
+        if "num_rows" in storage and storage["num_rows"] != rows:
+            raise InfluenceTableError(f"{directory} holds {rows} rows but {METADATA_FILE} says {storage['num_rows']}; "
+                                      "the table is incomplete or corrupt.")
+        return cls(directory, files, schema, bool(storage.get("sorted", False)), metas)
+
+    def _file(self, f: int) -> pq.ParquetFile:
+        if f not in self._open:
+            self._open[f] = pq.ParquetFile(self.files[f], memory_map=True)
+        return self._open[f]
+
+    def _read_group(self, f: int, g: int, columns: Sequence[str] | None = None) -> pa.Table:
+        self.row_groups_read += 1
+        try:
+            return self._file(f).read_row_group(g, columns=columns).cast(
+                self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns]))
+        except (OSError, pa.ArrowException) as err:
+            raise InfluenceTableError(f"The shard {self.files[f]} is corrupt ({err}); download or rebuild the "
+                                      "table.") from err
+
+    def rows_for(self, test_id: int) -> pa.Table:
+        """Every row of one test id, most helpful first, from the row groups whose statistics can hold it."""
+        parts = []
+        for f, g, lo, hi in self.ranges:
+            if lo <= test_id <= hi:
+                part = self._read_group(f, g)
+                parts.append(part.filter(pc.equal(part.column("test_id"), test_id)))
+        if not parts:
+            return self.schema.empty_table()
+        rows = pa.concat_tables(parts)
+        if not self.sorted:
+            rows = rows.take(np.argsort(rows.column("influence").to_numpy(), kind="stable"))
+        return rows
+
+    def test_ids(self) -> list[int]:
+        if self._test_ids is None:
+            ids = self.read(["test_id"]).column("test_id").to_numpy()
+            self._test_ids = np.unique(ids).tolist()
+        return self._test_ids
+
+    def batches(self, rows: int = ROW_GROUP_ROWS) -> Iterator[pa.Table]:
+        """The rows one row group at a time, in file order (``rows`` is the row groups' size, fixed on disk)."""
+        for f, g, _, _ in self.ranges:
+            yield self._read_group(f, g)
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The given columns of every row (all columns: sorted by ``(test_id, influence)``)."""
+        parts = [self._read_group(f, g, columns) for f, g, _, _ in self.ranges]
+        table = pa.concat_tables(parts) if parts else self.schema.empty_table()
+        if not self.sorted and columns is None:
+            table = table.take(sort_order(table))
+        return table
+
+    def to_dataset(self) -> Dataset:
+        """The rows as a memory-mapped `datasets.Dataset` (converted into the datasets cache)."""
+        with quiet_datasets():
+            try:
+                dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")
+            except Exception as err:
+                raise InfluenceTableError(f"The shards under {self.directory / DATA_DIR} could not be read ({err}); "
+                                          "the table is corrupt, download or rebuild it.") from err
+            if not self.sorted:
+                dataset = dataset.sort(list(ORDER)).flatten_indices()
+        return dataset
+
+
+# ---- incremental writing ------------------------------------------------------------------------------------
+class InfluenceTableWriter:
+    """Write an influence table incrementally: rows are appended as they are computed and shards are closed
+    as they fill, so a table never has to fit in memory. ``close()`` writes the metadata and card and
+    returns the table (lazily loaded). Use as a context manager; an exception discards the partial shards.
+
+    Args:
+        directory: the table folder (old shards there are replaced at ``close()``).
+        metadata: how the table was made (can also be given to ``close``).
+        shard_rows / row_group_rows: rows per parquet file / per row group (the unit a query reads).
+        schema: the Arrow schema of the rows (default: that of the first rows written).
+    """
+
+    def __init__(self, directory: str | os.PathLike, metadata: dict | None = None, *, shard_rows: int = SHARD_ROWS,
+                 row_group_rows: int = ROW_GROUP_ROWS, license: str = DEFAULT_LICENSE, repo_id: str | None = None,
+                 schema: pa.Schema | None = None):
+        if shard_rows < 1 or row_group_rows < 1:
+            raise ValueError(f"shard_rows and row_group_rows must be >= 1, got {shard_rows} and {row_group_rows}.")
+        self.directory = Path(directory)
+        self.metadata = dict(metadata or {})
+        self.shard_rows, self.row_group_rows = shard_rows, min(row_group_rows, shard_rows)
+        self.license, self.repo_id = license, repo_id
+        self.schema = normalized_schema(schema) if schema is not None else None
+        self.num_rows = 0
+        self.sorted = True
+        self._last: tuple[int, float] | None = None
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._parts: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_filled = 0
+        self._closed = False
+        (self.directory / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        self._tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+    def __enter__(self) -> InfluenceTableWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, rows: InfluenceTable | Dataset | pa.Table | pd.DataFrame | Mapping[str, Sequence]) -> None:
+        """Append rows (any order; each call's rows are sorted by ``(test_id, influence)``)."""
+        if self._closed:
+            raise ValueError("This InfluenceTableWriter is closed.")
+        table = as_arrow(rows)
+        check_columns(table.schema, "the rows written")
+        if self.schema is None:
+            self.schema = normalized_schema(table.schema)
+        if set(table.column_names) != set(self.schema.names):
+            raise ValueError(f"Rows written to one table must have the same columns: expected {self.schema.names}, "
+                             f"got {table.column_names}.")
+        table = table.select(self.schema.names).cast(self.schema)
+        if not table.num_rows:
+            return
+        table = table.take(sort_order(table))
+        first = (table.column("test_id")[0].as_py(), table.column("influence")[0].as_py())
+        if self._last is not None and first < self._last:
+            self.sorted = False
+        self._last = (table.column("test_id")[-1].as_py(), table.column("influence")[-1].as_py())
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        self.num_rows += table.num_rows
+        while self._buffered >= self.row_group_rows:
+            self._flush(self.row_group_rows)
+
+    def _flush(self, rows: int) -> None:
+        pending = pa.concat_tables(self._buffer)
+        out, rest = pending.slice(0, rows), pending.slice(rows)
+        self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
+        while out.num_rows:
+            if self._writer is None:
+                path = self.directory / DATA_DIR / f".partial-{self._tag}-{len(self._parts):05d}.parquet"
+                self._parts.append(path)
+                self._writer = pq.ParquetWriter(path, self.schema)
+                self._shard_filled = 0
+            piece = out.slice(0, self.shard_rows - self._shard_filled)
+            self._writer.write_table(piece, row_group_size=self.row_group_rows)
+            self._shard_filled += piece.num_rows
+            out = out.slice(piece.num_rows)
+            if self._shard_filled >= self.shard_rows:
+                self._writer.close()
+                self._writer = None
+
+    def close(self, metadata: dict | None = None) -> InfluenceTable:
+        """Finish the shards, then write the card and (last, so a folder with it is complete) the metadata."""
+        from .table import InfluenceTable  # here, not at the top: table.py imports this module
+
+        if self._closed:
+            raise ValueError("This InfluenceTableWriter is closed.")
+        if self.schema is None:
+            self.schema = normalized_schema(pa.schema([("test_id", pa.int64()), ("train_id", pa.int64()),
+                                                       ("influence", pa.float64())]))
+        if self._buffered:
+            self._flush(self._buffered)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self._parts:  # an empty table still has one (empty) shard with the schema
+            self._parts.append(self.directory / DATA_DIR / f".partial-{self._tag}-00000.parquet")
+            pq.write_table(self.schema.empty_table(), self._parts[0])
+        self._closed = True
+        metadata = complete_metadata(self.metadata | (metadata or {}))
+        (self.directory / METADATA_FILE).unlink(missing_ok=True)
+        names = [f"train-{i:05d}-of-{len(self._parts):05d}.parquet" for i in range(len(self._parts))]
+        for old in (self.directory / DATA_DIR).glob("*.parquet"):
+            if old.name not in names and old not in self._parts:
+                old.unlink()
+        shards = []
+        for part, name in zip(self._parts, names):
+            os.replace(part, self.directory / DATA_DIR / name)
+            shards.append(_describe_file(self.directory / DATA_DIR / name))
+        storage = {"format": "parquet", "num_rows": self.num_rows, "sorted": self.sorted, "shards": shards,
+                   "columns": {f.name: str(f.type) for f in self.schema}}
+        dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
+                     columns=self.schema.names).save(str(self.directory / CARD_FILE))
+        write_atomic(self.directory / METADATA_FILE, to_json(metadata | {STORAGE_KEY: storage}, indent=2))
+        return InfluenceTable.load(self.directory)
+
+    def abort(self) -> None:
+        """Discard what was written (the folder keeps any previous table)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        for part in self._parts:
+            part.unlink(missing_ok=True)
+        self._closed = True

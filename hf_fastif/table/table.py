@@ -1,0 +1,280 @@
+"""`InfluenceTable`: influence scores as a `datasets.Dataset` plus the metadata of how they were made, and the
+questions asked of them.
+
+Rows are kept sorted by ``(test_id, influence)``. Influence is ``-∇L(z_train) · s_test``: negative is helpful,
+positive harmful. The lists are honest about the sign: ``helpful`` returns only rows with negative influence
+and ``harmful`` only positive ones, so a test point with 2 helpful candidates shows 2, never a harmful row
+ranked as "most helpful". ``lowest`` / ``highest`` return the n extremes whatever their sign, and ``describe``
+says how many of each there are and how degenerate the values are.
+
+Every query reads through one reader (`storage.MemoryRows` for a table in memory, `storage.ShardReader` for a
+loaded folder, which reads only the row groups a test id can be in).
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from datasets import Dataset
+
+from ..fingerprint import model_fingerprint
+from ..quiet import quiet_datasets
+from . import hub
+from .format import (
+    DEFAULT_LICENSE,
+    ROW_GROUP_ROWS,
+    SHARD_ROWS,
+    STORAGE_KEY,
+    TEXT_COLUMNS,
+    ModelMismatchError,
+    check_columns,
+)
+from .storage import (
+    InfluenceTableWriter,
+    MemoryRows,
+    ShardReader,
+    complete_metadata,
+    read_metadata,
+    sort_order,
+)
+
+
+class InfluenceTable:
+    """Influence of training rows on test rows. Negative = helpful, positive = harmful.
+
+    Args:
+        dataset: columns at least ``test_id``, ``train_id``, ``influence`` (more are kept, e.g. text).
+        metadata: how the table was made (model, data, settings, λ, library and schema version, time).
+    """
+
+    def __init__(self, dataset: Dataset, metadata: dict | None = None, *, _sorted: bool = False):
+        check_columns(dataset.features.arrow_schema, "dataset")
+        with quiet_datasets():
+            if dataset._indices is not None:  # the reader slices the Arrow table in row order
+                dataset = dataset.flatten_indices()
+            if not _sorted and len(dataset):
+                order = sort_order(dataset.data.table)
+                if not np.array_equal(order, np.arange(len(order))):
+                    dataset = dataset.select(order).flatten_indices()
+        self._reader: MemoryRows | ShardReader = MemoryRows(dataset)
+        self._dataset: Dataset | None = dataset
+        self.metadata = complete_metadata(metadata)
+
+    @classmethod
+    def _from_reader(cls, reader: ShardReader, metadata: dict) -> InfluenceTable:
+        table = cls.__new__(cls)
+        table._reader, table._dataset = reader, None
+        table.metadata = complete_metadata(metadata)
+        return table
+
+    @classmethod
+    def from_arrays(cls, test_id: Sequence[int], train_id: Sequence[int], influence: Sequence[float],
+                    metadata: dict | None = None, **columns) -> InfluenceTable:
+        """A table from parallel arrays (any order; extra keyword columns are kept)."""
+        test_id, influence = np.asarray(test_id, dtype=np.int64), np.asarray(influence, dtype=np.float64)
+        order = np.lexsort((influence, test_id))
+        data = {"test_id": test_id[order], "train_id": np.asarray(train_id, dtype=np.int64)[order],
+                "influence": influence[order], **{k: [v[i] for i in order] for k, v in columns.items()}}
+        return cls(Dataset.from_dict(data), metadata, _sorted=True)
+
+    # ---- what it holds -----------------------------------------------------------------------------
+    @property
+    def dataset(self) -> Dataset:
+        """The rows as a `datasets.Dataset`, sorted by ``(test_id, influence)``. A loaded table converts
+        its parquet shards into memory-mapped Arrow (in the datasets cache) on first use."""
+        if self._dataset is None:
+            self._dataset = self._reader.to_dataset()
+        return self._dataset
+
+    def __len__(self) -> int:
+        return self._reader.num_rows
+
+    def __repr__(self) -> str:
+        model = (self.metadata.get("model") or {}).get("name_or_path")
+        return (f"InfluenceTable(rows={len(self)}, model={model!r}, "
+                f"solver={self.metadata.get('settings', {}).get('influence_solver')!r})")
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._reader.schema.names)
+
+    @property
+    def test_ids(self) -> list[int]:
+        return self._reader.test_ids()
+
+    def to_arrow(self) -> pa.Table:
+        """Every row as a `pyarrow.Table`, sorted by ``(test_id, influence)``."""
+        return self._reader.read()
+
+    def to_pandas(self) -> pd.DataFrame:
+        """Every row as a DataFrame, sorted by ``(test_id, influence)``."""
+        return self.to_arrow().to_pandas()
+
+    def tests(self) -> pd.DataFrame:
+        """One row per test id with the table's ``test_*`` columns (text, label, prediction...), if any."""
+        columns = ["test_id", *[c for c in self.column_names if c.startswith("test_") and c != "test_id"]]
+        frame = self._reader.read(columns).to_pandas()
+        return frame.drop_duplicates("test_id").sort_values("test_id").reset_index(drop=True)
+
+    # ---- the rows of one test point ----------------------------------------------------------------
+    def _rows(self, test_id: int) -> pa.Table:
+        """Every row of one test point as Arrow, lowest influence (most helpful) first."""
+        rows = self._reader.rows_for(int(test_id))
+        if rows.num_rows:
+            return rows
+        known = self._reader.test_ids()
+        raise KeyError(f"test_id {test_id} is not in this table; it holds {len(known)} test ids "
+                       f"(e.g. {known[:5]}).")
+
+    def for_test(self, test_id: int = 0) -> pd.DataFrame:
+        """Every candidate row of one test point, lowest influence (most helpful) first."""
+        return self._rows(test_id).to_pandas()
+
+    def helpful(self, test_id: int = 0, n: int = 10) -> pd.DataFrame:
+        """Up to n helpful training rows (influence < 0), most helpful first. Fewer than n when fewer
+        candidates have a negative influence; `describe` says how many do."""
+        rows = self._rows(test_id)
+        values = rows.column("influence").to_numpy()
+        return rows.take(np.flatnonzero(values < 0)[: _count(n)]).to_pandas()
+
+    def harmful(self, test_id: int = 0, n: int = 10) -> pd.DataFrame:
+        """Up to n harmful training rows (influence > 0), most harmful first. Fewer than n when fewer
+        candidates have a positive influence; `describe` says how many do."""
+        rows = self._rows(test_id)
+        values = rows.column("influence").to_numpy()
+        return rows.take(np.flatnonzero(values > 0)[::-1][: _count(n)]).to_pandas()
+
+    def lowest(self, test_id: int = 0, n: int = 10) -> pd.DataFrame:
+        """The n rows of lowest influence, lowest first, whatever their sign (a fixed-size selection, e.g. a
+        protocol that always steps on n rows; for "the helpful rows" use `helpful`)."""
+        return self._rows(test_id).slice(0, _count(n)).to_pandas()
+
+    def highest(self, test_id: int = 0, n: int = 10) -> pd.DataFrame:
+        """The n rows of highest influence, highest first, whatever their sign (NaN influence, if any, last);
+        for "the harmful rows" use `harmful`."""
+        rows = self._rows(test_id)
+        values = rows.column("influence").to_numpy()
+        nan = int(np.isnan(values).sum())  # the rows are sorted with NaN last
+        order = np.r_[np.arange(len(values) - nan - 1, -1, -1), np.arange(len(values) - nan, len(values))]
+        return rows.take(order[: _count(n)]).to_pandas()
+
+    def describe(self, test_id: int = 0) -> dict:
+        """How the influence of one test point's candidates is distributed: ``num_candidates``,
+        ``num_helpful`` (< 0), ``num_harmful`` (> 0), ``num_zero``, ``num_nan``, ``num_distinct_values`` (ties
+        count once) and ``min`` / ``median`` / ``max`` (of the non-NaN values; None if there are none), as
+        plain Python values."""
+        values = self._rows(test_id).column("influence").to_numpy()
+        finite = values[~np.isnan(values)]
+        stats = ({"min": float(finite.min()), "median": float(np.median(finite)), "max": float(finite.max())}
+                 if len(finite) else {"min": None, "median": None, "max": None})
+        return {"test_id": int(test_id), "num_candidates": int(len(values)),
+                "num_helpful": int((values < 0).sum()), "num_harmful": int((values > 0).sum()),
+                "num_zero": int((values == 0).sum()), "num_nan": int(len(values) - len(finite)),
+                "num_distinct_values": int(len(np.unique(finite))), **stats}
+
+    # ---- more columns, and the model it belongs to ---------------------------------------------------
+    def add_text(self, train_dataset: Dataset | None = None, test_dataset: Dataset | None = None,
+                 columns: Sequence[str] = TEXT_COLUMNS) -> InfluenceTable:
+        """A copy carrying ``train_<col>`` / ``test_<col>`` for the given columns that the datasets have,
+        so the table is readable on its own."""
+        table = self.to_arrow()
+        for name, values in _text_columns(table, train_dataset, test_dataset, columns).items():
+            if name in table.column_names:
+                table = table.drop_columns([name])
+            table = table.append_column(name, values)
+        return InfluenceTable(Dataset(table), self.metadata, _sorted=True)
+
+    def check_model(self, model) -> None:
+        """Raise `ModelMismatchError` unless ``model`` is the model this table was computed with (class,
+        parameter count, Hub revision, and the fingerprint of its weights where the table records them)."""
+        recorded = self.metadata.get("model") or {}
+        found = {"class": type(model).__name__, "num_parameters": sum(p.numel() for p in model.parameters())}
+        revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+        problems = [f"{key} {recorded[key]!r} in the table, {found[key]!r} in the model" for key in found
+                    if recorded.get(key) is not None and recorded[key] != found[key]]
+        if recorded.get("revision") and revision and recorded["revision"] != revision:
+            problems.append(f"revision {recorded['revision']!r} in the table, {revision!r} in the model")
+        if not problems and recorded.get("fingerprint") and recorded["fingerprint"] != model_fingerprint(model):
+            problems.append("the weights differ (fingerprint mismatch)")
+        if problems:
+            raise ModelMismatchError(
+                f"This influence table was computed with {recorded.get('name_or_path')!r}, not with the given model: "
+                f"{'; '.join(problems)}. Load the model the table was made with, or rebuild the table for this one.")
+
+    # ---- files -------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, shard_rows: int = SHARD_ROWS, row_group_rows: int = ROW_GROUP_ROWS,
+             license: str = DEFAULT_LICENSE, repo_id: str | None = None) -> Path:
+        """Write ``data/train-XXXXX-of-XXXXX.parquet`` shards, the metadata JSON and a dataset card."""
+        with InfluenceTableWriter(directory, self.metadata, shard_rows=shard_rows, row_group_rows=row_group_rows,
+                                  license=license, repo_id=repo_id, schema=self._reader.schema) as writer:
+            for batch in self._reader.batches(row_group_rows):
+                writer.write(batch)
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, verify: bool = False) -> InfluenceTable:
+        """Open a table written by `save` or `InfluenceTableWriter`: the metadata JSON and the parquet footers are
+        read and validated now, the rows when they are asked for.
+
+        Args:
+            verify: also check every shard's sha256 against the metadata (reads every byte).
+        Raises:
+            InfluenceTableError: not a table, unknown schema version, missing columns, missing or corrupt shards.
+        """
+        directory = Path(directory)
+        metadata = read_metadata(directory)
+        storage = metadata.pop(STORAGE_KEY, None) or {}
+        return cls._from_reader(ShardReader.open(directory, storage, verify=verify), metadata)
+
+    # ---- Hub ---------------------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload influence table with hf_fastif", revision: str | None = None,
+                    license: str = DEFAULT_LICENSE, shard_rows: int = SHARD_ROWS) -> str:
+        """Create (or update) the dataset repo ``repo_id`` with this table; returns the commit id, which
+        `from_hub(repo_id, revision=...)` takes to pin exactly this version.
+
+        The token (argument, ``HF_TOKEN`` or the saved login) goes to `huggingface_hub` only; it is never
+        logged or put in an error message."""
+        return hub.push_table(self, repo_id, private=private, token=token, commit_message=commit_message,
+                              revision=revision, license=license, shard_rows=shard_rows)
+
+    @classmethod
+    def from_hub(cls, repo_id: str, *, revision: str | None = None, token: str | None = None,
+                 cache_dir: str | None = None, verify: bool = False) -> InfluenceTable:
+        """Download a table pushed with `push_to_hub` (a dataset repo; ``revision``: branch, tag or commit)."""
+        return cls.load(hub.download_table(repo_id, revision=revision, token=token, cache_dir=cache_dir),
+                        verify=verify)
+
+
+def _count(n) -> int:
+    """``n`` of a query, checked: a non-negative integer."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an integer number of rows, got {n!r}.")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}.")
+    return int(n)
+
+
+def _text_columns(table: pa.Table, train_dataset: Dataset | None, test_dataset: Dataset | None,
+                  columns: Sequence[str]) -> dict[str, pa.ChunkedArray]:
+    """``train_<col>`` / ``test_<col>`` of the rows of ``table``, taken from the datasets by id."""
+    out = {}
+    for prefix, source, key in (("train", train_dataset, "train_id"), ("test", test_dataset, "test_id")):
+        if source is None:
+            continue
+        ids = table.column(key).to_numpy()
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(source)):
+            raise ValueError(f"The table's {key} goes up to {ids.max()} but the {prefix} dataset has {len(source)} "
+                             "rows; pass the dataset the table was computed on.")
+        wanted = [c for c in dict.fromkeys(columns) if c in source.column_names]
+        if wanted:
+            values = source.select_columns(wanted).with_format("arrow")[:]
+            for col in wanted:
+                out[f"{prefix}_{col}"] = values.column(col).take(pa.array(ids))
+    return out

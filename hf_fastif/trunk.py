@@ -1,0 +1,357 @@
+"""The frozen trunk: everything below the first layer that holds an influence parameter, computed once per row.
+
+Influence (LiSSA's Hessian-vector products, test gradients, JVP scoring, per-example gradients, kNN features)
+only differentiates the selected parameters. When those sit in the top layers of a layer stack (the paper: layers
+10-11 of bert-base, the pooler and the classifier), the hidden states entering the first of those layers depend on
+nothing that changes during a computation, so they are computed once per row in large no-grad batches and every
+later forward runs only the top.
+
+How, for any transformers model with one stack of layers (an ``nn.ModuleList``: BERT ``encoder.layer``, RoBERTa,
+DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
+
+- `find_split` locates the stack and the first layer ``f`` holding a selected parameter, and checks with one probe
+  forward that no selected parameter is used before the stack (tied input embeddings, for instance).
+- `TrunkCache` runs the model up to the output of layer ``f - 1`` (a forward hook stops it there) and keeps each
+  row's hidden states without padding (positions where ``attention_mask`` is 1), in memory or, beyond
+  `MEMORY_LIMIT_BYTES`, in a memory-mapped file.
+- `injected` runs the model's own forward with layers ``0 … f-2`` skipped and layer ``f - 1`` returning the cached
+  states, so the model still builds its own attention masks and position embeddings; the embeddings layer runs
+  (a lookup) and its output is discarded.
+- Every split is checked once against the full model's logits (`TrunkSplit.verify`); a split that changes them
+  beyond float tolerance is dropped with a log line and the full forward is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .fingerprint import config_fingerprint, tensors_fingerprint
+
+logger = logging.get_logger(__name__)
+
+HIDDEN_KEY = "__hf_fastif_trunk_hidden__"
+"""Batch key under which a batch carries its rows' cached trunk states (never passed to the model)."""
+
+MEMORY_LIMIT_BYTES = 2 * 1024**3
+"""Trunk states above this size go to a memory-mapped file instead of memory (see `TrunkCache`)."""
+
+TRUNK_BATCH_SIZE = 64
+"""Rows per no-grad batch when the trunk states are computed."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the rest of the forward is not needed."""
+
+
+@dataclass
+class TrunkSplit:
+    """Where a model splits into a frozen trunk and the top that holds the influence parameters.
+
+    Attributes:
+        path: dotted name of the layer stack (e.g. ``bert.encoder.layer``).
+        first: index of the first layer holding an influence parameter (``len(layers)`` if only modules after the
+            stack, such as a pooler or a classifier, take part).
+    """
+
+    model: nn.Module
+    layers: nn.ModuleList
+    path: str
+    first: int
+    after: list = field(default_factory=list)  # modules that run after the stack (pooler, classifier, final norm)
+    tuple_output: int = 0  # 0: layers return a tensor; n: a tuple of length n with the hidden states first
+    _active: list = field(default_factory=list)
+
+    @property
+    def trunk_modules(self) -> list[nn.Module]:
+        return list(self.layers[: self.first])
+
+    def fingerprint(self, digests: dict[str, str] | None = None) -> str:
+        """Content hash of what the trunk states depend on: every parameter and buffer that is not in the top
+        (embeddings and layers ``0 … first-1``), the config and the split point.
+
+        Args:
+            digests: `hf_fastif.fingerprint.tensor_digests` of the model, if already computed."""
+        top = {id(t) for layer in self.layers[self.first:] for t in [*layer.parameters(), *layer.buffers()]}
+        for module in self.after:
+            top |= {id(t) for t in [*module.parameters(), *module.buffers()]}
+        named = [(n, t) for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if id(t) not in top]
+        if digests is not None:
+            named = [(n, digests[n]) for n, _ in named]
+        return tensors_fingerprint([("__split__", f"{self.path}:{self.first}"),
+                                    ("__config__", config_fingerprint(self.model)), *named])
+
+    def _wrap(self, hidden: torch.Tensor):
+        return hidden if not self.tuple_output else (hidden,) + (None,) * (self.tuple_output - 1)
+
+    @contextlib.contextmanager
+    def injected(self, hidden: torch.Tensor) -> Iterator[None]:
+        """Within the block, the model's forward skips the trunk: layer ``first - 1`` returns ``hidden``
+        (``(b, s, h)``, aligned with the batch's tokens) and the layers below it pass their input through."""
+        if self._active:
+            raise RuntimeError("Trunk injection is not re-entrant.")
+        last = self.first - 1
+
+        def skip(*args, **kwargs):
+            return self._wrap(args[0] if args else kwargs["hidden_states"])
+
+        def cached(*args, **kwargs):
+            return self._wrap(hidden)
+
+        self._active.append(True)
+        for i in range(self.first):
+            self.layers[i].forward = cached if i == last else skip
+        try:
+            yield
+        finally:
+            for i in range(self.first):
+                self.layers[i].__dict__.pop("forward", None)
+            self._active.clear()
+
+    def capture(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The hidden states leaving layer ``first - 1`` for ``inputs`` (the rest of the forward is skipped)."""
+        out: dict = {}
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.tuple_output = len(output) if isinstance(output, tuple) else 0
+            out["hidden"] = hidden.detach()
+            raise _StopForward
+
+        handle = self.layers[self.first - 1].register_forward_hook(hook)
+        try:
+            model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "hidden" not in out:
+            raise RuntimeError(f"The forward never reached {self.path}.{self.first - 1}.")
+        return out["hidden"]
+
+
+def _layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """``nn.ModuleList`` s of same-type modules that hold parameters, outermost only."""
+    stacks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1 or not any(True for _ in module.parameters()):
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in stacks):
+            continue
+        stacks.append((name, module))
+    return stacks
+
+
+def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[TrunkSplit | None, str]:
+    """Where ``model`` splits into a trunk that no selected parameter touches and a top; ``(None, reason)`` when
+    there is no such split.
+
+    Args:
+        names: the selected (influence) parameter names.
+        probe: one collated batch of model inputs (no labels), used to see which modules run before the stack.
+    """
+    stacks = _layer_stacks(model)
+    if len(stacks) != 1:
+        return None, (f"{type(model).__name__} has {len(stacks)} layer stacks"
+                      + (" (an encoder-decoder?)" if len(stacks) > 1 else "") + "; the trunk cache needs exactly one")
+    path, layers = stacks[0]
+    selected = set(names)
+    params = dict(model.named_parameters())
+    indices = []
+    for name in selected:
+        if name.startswith(path + "."):
+            indices.append(int(name[len(path) + 1:].split(".", 1)[0]))
+    first = min(indices) if indices else len(layers)
+    if first == 0:
+        return None, f"the first influence parameter is in {path}.0: there is no frozen trunk to cache"
+    # which modules run before the stack is entered, and which after it is left?
+    order: list[nn.Module] = []
+    entered: dict = {}
+
+    def record(module, args):  # hooks must return None, or they replace the arguments
+        order.append(module)
+
+    def enter(module, args):
+        entered.setdefault("at", len(order))
+
+    def leave(module, args, output):
+        entered.setdefault("left", len(order))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()
+               if m is not model and not isinstance(m, nn.ModuleList)]
+    handles.append(layers[0].register_forward_pre_hook(enter))
+    handles.append(layers[-1].register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            model(**probe)
+    finally:
+        for h in handles:
+            h.remove()
+    if "at" not in entered:
+        return None, f"the forward never entered {path}"
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    before = [m for m in order[: entered["at"]] if id(m) not in inside]
+    after = [m for m in order[entered.get("left", len(order)):] if id(m) not in inside]
+    selected_ids = {id(params[n]) for n in selected if n in params}
+    for module in before:
+        shared = [t for t in module.parameters(recurse=False) if id(t) in selected_ids]
+        if shared:
+            return None, (f"an influence parameter is used before {path} (by {type(module).__name__}, e.g. tied "
+                          "input embeddings), so the states entering the top depend on it")
+    outside = [n for n in selected if not n.startswith(path + ".")]
+    after_ids = {id(t) for m in after for t in m.parameters(recurse=False)}
+    unplaced = [n for n in outside if id(params[n]) not in after_ids]
+    if unplaced:
+        return None, f"influence parameters {unplaced[:3]} are neither in {path} nor in a module run after it"
+    return TrunkSplit(model=model, layers=layers, path=path, first=first, after=after), ""
+
+
+class TrunkCache:
+    """The trunk states of every row of one dataset (as its collator tokenises it), without padding.
+
+    Rows are stored flat, ``(total tokens, hidden)``, with each row's offset and length. Up to
+    `MEMORY_LIMIT_BYTES` they stay in memory; beyond, they go to a memory-mapped file in ``directory`` (default:
+    a temporary folder removed with the cache), so memory stays bounded at any dataset size.
+
+    Args:
+        split: the model's `TrunkSplit`.
+        batcher: a `hf_fastif.batches.Batcher` over the whole dataset (its collator decides the tokens).
+        key: the content key this cache was built for (trunk fingerprint, data, collator); its owner compares it.
+    """
+
+    def __init__(self, split: TrunkSplit, batcher, key: str, *, directory: str | os.PathLike | None = None,
+                 batch_size: int = TRUNK_BATCH_SIZE, progress: bool = False):
+        if batcher.index is not None:
+            raise ValueError("A trunk cache covers a whole dataset; build it from the dataset's own Batcher.")
+        self.split, self.key, self.device = split, key, batcher.device
+        self._tmp: Path | None = None
+        n = len(batcher)
+        order = _length_order(batcher)
+        starts = range(0, n, batch_size)
+        self.lengths = np.zeros(n, dtype=np.int64)
+        for start in starts:  # tokenisation only: the lengths decide the layout
+            rows = order[start : start + batch_size]
+            self.lengths[rows] = _token_mask(batcher.batch(rows, trunk=False)).sum(1).cpu().numpy()
+        position = np.zeros(n, dtype=np.int64)
+        position[order] = np.concatenate([[0], np.cumsum(self.lengths[order])[:-1]])
+        self.offsets = position
+        total = int(self.lengths.sum())
+        self.flat: torch.Tensor | None = None
+        for start in tqdm(starts, desc="trunk states", disable=not progress, leave=False):
+            rows = order[start : start + batch_size]
+            batch = batcher.batch(rows, trunk=False)
+            with torch.no_grad():
+                hidden = split.capture(split.model, model_inputs(batch))
+            if self.flat is None:
+                self.flat = self._allocate(total, hidden, directory)
+            values = hidden[_token_mask(batch)].to("cpu")
+            first = int(self.offsets[rows[0]])
+            self.flat[first : first + len(values)] = values
+
+    def _allocate(self, total: int, hidden: torch.Tensor, directory) -> torch.Tensor:
+        size = total * hidden.shape[-1]
+        if size * hidden.element_size() <= MEMORY_LIMIT_BYTES:
+            return torch.empty((total, hidden.shape[-1]), dtype=hidden.dtype)
+        folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="hf_fastif_trunk_"))
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tmp = folder if directory is None else None
+        path = folder / f"trunk-{self.key[:24]}.bin"
+        logger.info(f"Trunk states: {size * hidden.element_size() / 1e9:.2f} GB, above the "
+                    f"{MEMORY_LIMIT_BYTES / 1e9:.1f} GB memory limit: memory-mapped at {path}.")
+        return torch.from_file(str(path), shared=True, size=size, dtype=hidden.dtype).view(total, hidden.shape[-1])
+
+    def hidden(self, rows: Sequence[int], batch: dict) -> torch.Tensor:
+        """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``, zeros at padding)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        mask = _token_mask(batch).cpu()
+        if not np.array_equal(mask.sum(1).numpy(), self.lengths[rows]):
+            raise ValueError("These rows tokenise to other lengths than when their trunk states were cached: the data "
+                             "or the collator changed under the cache. Build a new InfluenceEngine.")
+        index = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offsets[rows], self.lengths[rows])])
+        out = torch.zeros((*mask.shape, self.flat.shape[-1]), dtype=self.flat.dtype)
+        out[mask] = self.flat[torch.from_numpy(index)]
+        return out.to(self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
+
+    def close(self) -> None:
+        """Release the states (and delete the temporary memory-mapped file, if any)."""
+        self.flat = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's inputs of a collated batch: without labels and without the cached trunk states."""
+    return {k: v for k, v in batch.items() if k not in ("labels", HIDDEN_KEY)}
+
+
+def _token_mask(batch: dict) -> torch.Tensor:
+    """``(b, s)`` bool: the tokens of each row (the attention mask, or every position of ``input_ids``)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.bool()
+    ids = batch.get("input_ids")
+    if ids is None:
+        raise ValueError("The trunk cache needs input_ids or an attention_mask in the batch.")
+    return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+
+
+def _length_order(batcher) -> np.ndarray:
+    """Rows sorted by length (less padding per batch), ties by index; plain order when lengths are unknown."""
+    dataset = batcher.dataset
+    if "input_ids" not in dataset.column_names:
+        return np.arange(len(batcher))
+    lengths = np.fromiter((len(x) for x in dataset.with_format(None)["input_ids"]), dtype=np.int64, count=len(dataset))
+    lengths = lengths[batcher.index] if batcher.index is not None else lengths
+    return np.lexsort((np.arange(len(lengths)), lengths))
+
+
+@contextlib.contextmanager
+def forward_context(split: TrunkSplit | None, batch: dict) -> Iterator[None]:
+    """Inject the batch's cached trunk states (if it carries any) for the forwards inside the block."""
+    hidden = batch.get(HIDDEN_KEY)
+    if hidden is None or split is None:
+        yield
+        return
+    with split.injected(hidden):
+        yield
+
+
+def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[int], *, rtol: float = 1e-4) -> float:
+    """Largest difference between the full model's logits and the top-only logits (trunk states from ``cache``)
+    on ``rows``, relative to the logits' scale. The rows are collated afresh, so a model whose states depend on the
+    batch they were computed in (left padding without position ids, for instance) shows up here."""
+    from .loss import logits_of  # local: loss.py imports this module
+
+    batch = batcher.batch(rows, trunk=False)
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        full = logits_of(split.model(**inputs)).float()
+        with split.injected(cache.hidden(batcher.base_rows(rows), batch)):
+            top = logits_of(split.model(**inputs)).float()
+    mask = _token_mask(batch)
+    if full.dim() == 3:  # token logits: compare real tokens only
+        full, top = full[mask], top[mask]
+    scale = full.abs().max().clamp_min(1.0)
+    return float((full - top).abs().max() / scale)

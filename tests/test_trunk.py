@@ -1,0 +1,113 @@
+"""The frozen-trunk split: the top-only forward reproduces the full model, per architecture; no split where a
+selected parameter is used below the top; the cache is exact, bounded, and refuses rows it was not built for."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif import trunk as T
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.params import select_parameters
+from tests.tiny import make_token_dataset, tiny_model
+
+TOP = {
+    "bert": [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."],
+    "roberta": [r"encoder\.layer\.1\.", r"classifier\."],
+    "distilbert": [r"transformer\.layer\.1\.", r"pre_classifier\.", r"classifier\."],
+    "gpt2": [r"transformer\.h\.1\.", r"ln_f\.", r"score\."],
+    "gpt2-lm": [r"transformer\.h\.1\.", r"ln_f\."],
+}
+HEAD_ONLY = {"bert": [r"pooler\.", r"classifier\."], "gpt2": [r"score\."]}
+
+
+def setup(kind, patterns, pad_collator, n=24):
+    model = tiny_model(kind, num_labels=3)
+    data = make_token_dataset(n, seed=0, num_labels=3, causal=kind == "gpt2-lm")
+    names = list(select_parameters(model, patterns))
+    collator = pad_collator
+    if kind == "gpt2-lm":
+        from transformers import DataCollatorForLanguageModeling
+
+        data, collator = data.remove_columns("labels"), DataCollatorForLanguageModeling(pad_collator.tokenizer, mlm=False)
+    batcher = Batcher(data, validate_dataset(data, "train", model), collator, "cpu")
+    probe = T.model_inputs(batcher.batch(range(4), trunk=False))
+    return model, names, batcher, probe
+
+
+@pytest.mark.parametrize("kind", list(TOP))
+def test_top_only_forward_reproduces_the_full_model(kind, pad_collator):
+    model, names, batcher, probe = setup(kind, TOP[kind], pad_collator)
+    split, reason = T.find_split(model, names, probe)
+    assert split is not None, reason
+    assert split.first == 1
+    cache = T.TrunkCache(split, batcher, key="k", batch_size=5)
+    assert T.verify_split(split, cache, batcher, range(len(batcher))) < 1e-10  # float64 tiny models
+    fm_full = FunctionalModel(model, names)
+    fm_top = FunctionalModel(model, names, split=split)
+    params = select_parameters(model, TOP[kind])
+    rows = [3, 17, 0, 9]
+    full = fm_full.losses(params, batcher.batch(rows, trunk=False))
+    top = fm_top.losses(params, batcher.with_trunk(cache).batch(rows))
+    torch.testing.assert_close(top, full, rtol=1e-10, atol=1e-12)
+    assert not split._active and all("forward" not in layer.__dict__ for layer in split.layers)  # restored
+
+
+@pytest.mark.parametrize("kind", list(HEAD_ONLY))
+def test_only_modules_after_the_stack(kind, pad_collator):
+    model, names, batcher, probe = setup(kind, HEAD_ONLY[kind], pad_collator)
+    split, reason = T.find_split(model, names, probe)
+    assert split is not None and split.first == len(split.layers), reason
+    cache = T.TrunkCache(split, batcher, key="k")
+    assert T.verify_split(split, cache, batcher, range(8)) < 1e-10
+
+
+def test_no_split_when_a_selected_parameter_is_used_below_the_top(pad_collator):
+    model, names, batcher, probe = setup("bert", None, pad_collator)  # every parameter, embeddings included
+    split, reason = T.find_split(model, names, probe)
+    assert split is None and "bert.encoder.layer.0" in reason
+    # GPT-2 LM: the output head is tied to the input embeddings, used before the stack
+    model, names, batcher, probe = setup("gpt2-lm", [r"transformer\.h\.1\.", r"wte\."], pad_collator)
+    split, reason = T.find_split(model, names, probe)
+    assert split is None and "before" in reason
+
+
+def test_memory_mapped_cache_is_identical(pad_collator, monkeypatch, tmp_path):
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    in_memory = T.TrunkCache(split, batcher, key="a")
+    monkeypatch.setattr(T, "MEMORY_LIMIT_BYTES", 1024)
+    mapped = T.TrunkCache(split, batcher, key="b", directory=tmp_path)
+    assert list(tmp_path.glob("trunk-*.bin")) and in_memory.nbytes == mapped.nbytes
+    batch = batcher.batch([5, 1, 2], trunk=False)
+    torch.testing.assert_close(mapped.hidden([5, 1, 2], batch), in_memory.hidden([5, 1, 2], batch), rtol=0, atol=0)
+    temp = T.TrunkCache(split, batcher, key="c")
+    folder = temp._tmp
+    assert folder is not None and folder.exists()
+    temp.close()
+    assert not folder.exists()
+
+
+def test_rows_tokenised_differently_are_refused(pad_collator):
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    cache = T.TrunkCache(split, batcher, key="k")
+
+    def truncating(features):
+        return pad_collator([{**f, "input_ids": f["input_ids"][:3], "attention_mask": f["attention_mask"][:3]}
+                             for f in features])
+
+    other = Batcher(batcher.dataset, batcher.dataset.column_names, truncating, "cpu").with_trunk(cache)
+    with pytest.raises(ValueError, match="collator changed"):
+        other.batch([0, 1])
+
+
+def test_subset_batchers_map_to_dataset_rows(pad_collator):
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    cache = T.TrunkCache(split, batcher, key="k")
+    sub = batcher.with_trunk(cache).subset([7, 3, 11]).subset([2, 0])
+    np.testing.assert_array_equal(sub.base_rows([0, 1]), [11, 7])
+    fm = FunctionalModel(model, names, split=split)
+    params = select_parameters(model, TOP["bert"])
+    torch.testing.assert_close(fm.losses(params, sub.batch([0, 1])), fm.losses(params, batcher.batch([11, 7])))
