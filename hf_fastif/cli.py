@@ -1,29 +1,46 @@
 """The ``hf-fastif`` command: build influence tables, share them on the Hub, and read them in a terminal.
 
-    hf-fastif build --output-dir out                       # the embedded default (generated NLI, small BERT), offline
-    hf-fastif build --output-dir out --model bert-mnli --train-file train.jsonl --test-file hans.txt
+    hf-fastif build --output_dir out                       # the embedded default (generated NLI, small BERT), offline
+    hf-fastif build --output_dir out --model_name_or_path bert-mnli --train_dataset train.jsonl --test_dataset hans.txt
     hf-fastif push out/table user/mnli-influence [--private]   # token: HF_TOKEN or `hf auth login`
     hf-fastif pull user/mnli-influence [--revision v1] [--output-dir copy]
     hf-fastif show user/mnli-influence --test-id 3 -n 10   # or a local table folder
 
-Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; a new
-subcommand adds one function to `COMMANDS`.
+Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; new
+subcommands add one function to `COMMANDS`. ``build`` parses `InfluenceArguments` itself, as the recipes do:
+the same ``--influence_*`` flags and TrainingArguments' own (``--output_dir``, ``--seed``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging as pylogging
 import os
 import shutil
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_type_hints
 
-from transformers import HfArgumentParser
+from datasets import Dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+)
+from transformers.utils import logging
 
+from .annotate import TextSource, save_with_text
+from .applications.common import predict
+from .arguments import InfluenceArguments
+from .builder import build_influence_table
+from .data import load_hans, load_mnli, tokenize_nli
+from .distributed import barrier, is_main_process
+from .embedded import EMBEDDED_TABLE_DATA, embedded_defaults
+from .parsing import parse_with_defaults
+from .space import build_default
 from .table import InfluenceTable, InfluenceTableError
 
 EXIT_ERROR = 2
@@ -32,127 +49,89 @@ EXIT_ERROR = 2
 # ---- build ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BuildArguments:
-    output_dir: str = dataclasses.field(metadata={"help": "Folder for the build; the table goes to <output_dir>/table."})
-    model: str | None = dataclasses.field(
-        default=None, metadata={"help": "Sequence-classification model: a local dir or Hub id. Default: train the "
-                                        "embedded default (generated NLI data, small BERT), offline."})
-    revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model."})
-    train_file: str | None = dataclasses.field(
-        default=None, metadata={"help": "Training data of --model: an MNLI-format file or Hub dataset id."})
-    train_split: str = dataclasses.field(default="train", metadata={"help": "Hub split of --train_file."})
-    test_file: str | None = dataclasses.field(
-        default=None, metadata={"help": "Test data: a HANS file (with heuristic/subcase) or MNLI-format file or Hub id."})
-    test_split: str = dataclasses.field(default="validation", metadata={"help": "Hub split of --test_file."})
-    max_train: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N training rows."})
-    max_test: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
+    """Model and data of ``hf-fastif build``, named as in the recipes. Training and influence settings are
+    `InfluenceArguments`' own flags."""
+
+    model_name_or_path: str | None = dataclasses.field(default=None, metadata={
+        "help": "Sequence-classification model: a local dir or Hub id. Unset: train the embedded default (generated "
+                "NLI data, small BERT) offline, with the embedded default's training and influence settings as the "
+                "defaults of the other flags (hf_fastif.embedded)."})
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
+    train_dataset: str | None = dataclasses.field(default=None, metadata={
+        "help": "Training data of --model_name_or_path: an MNLI-format file or Hub dataset id."})
+    train_split: str = dataclasses.field(default="train", metadata={"help": "Hub split of --train_dataset."})
+    test_dataset: str | None = dataclasses.field(default=None, metadata={
+        "help": "Test data: a HANS file (with heuristic/subcase) or MNLI-format file or Hub id."})
+    test_split: str = dataclasses.field(default="validation", metadata={"help": "Hub split of --test_dataset."})
+    max_train_samples: int | None = dataclasses.field(default=None, metadata={
+        "help": "Use the first N training rows (train_id stays the dataset's row); embedded default: N generated "
+                f"rows (default {EMBEDDED_TABLE_DATA['n_train']})."})
+    max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
     shard_size: int = dataclasses.field(
         default=64, metadata={"help": "Test rows computed and saved at a time (a rerun resumes after the last one)."})
-    seed: int = dataclasses.field(default=0, metadata={"help": "Embedded default: seed of data and model."})
-    n_train: int = dataclasses.field(default=2000, metadata={"help": "Embedded default: training rows."})
-    n_test_per_subcase: int = dataclasses.field(
-        default=1, metadata={"help": "Embedded default: HANS-style test rows per subcase (30 subcases)."})
-    epochs: float = dataclasses.field(default=3.0, metadata={"help": "Embedded default: training epochs."})
 
 
-def _influence_options():
-    """The ``influence_*`` fields of `InfluenceArguments` as CLI options, default None = not given (the
-    library's, or the embedded default's, settings apply). For k and repetitions, 0 means None."""
-    from .arguments import InfluenceArguments
-
-    # the annotations, not Field.type: HfArgumentParser resolves and narrows Field.type in place (list[str] | None
-    # becomes list[str]) once anything in the process has parsed InfluenceArguments, e.g. the benchmarks
-    hints = get_type_hints(InfluenceArguments)
-    fields = []
-    for f in dataclasses.fields(InfluenceArguments):
-        if f.name.startswith("influence_") and f.init:
-            hint = hints[f.name] | None
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_ = f"{f.metadata.get('help', '')} (default: {default})"
-            fields.append((f.name, hint, dataclasses.field(default=None, metadata={"help": help_})))
-    return dataclasses.make_dataclass("InfluenceOptions", fields)
+def build_defaults(first: argparse.Namespace) -> dict:
+    """Defaults of ``build``'s flags: the embedded default's for its table when no model is given, else the
+    library's (`InfluenceArguments`' own)."""
+    return embedded_defaults("table") if first.model_name_or_path is None else {}
 
 
 def add_build(sub) -> None:
     parser = sub.add_parser("build", help="Build an influence table (a model + data, or the embedded default).",
-                            dataclass_types=[BuildArguments, _influence_options()],
-                            formatter_class=argparse.HelpFormatter,
-                            description="Build an influence table; --influence_* options as in InfluenceArguments.")
-    parser.set_defaults(run=run_build)
+                            dataclass_types=[BuildArguments, InfluenceArguments],
+                            description="Build an influence table. Without --model_name_or_path, the embedded "
+                                        "default's settings (hf_fastif.embedded) replace the defaults shown.")
+    parser.set_defaults(run=run_build, parser=parser)
 
 
 def run_build(ns: argparse.Namespace) -> int:
-    build = BuildArguments(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(BuildArguments)})
-    influence = {k: v for k, v in vars(ns).items() if k.startswith("influence_") and v is not None}
-    for key in ("influence_knn_k", "influence_repetitions"):
-        if influence.get(key) == 0:
-            influence[key] = None
-    out = Path(build.output_dir)
-    if build.model is None:
-        from .space import DefaultBuild, build_default
-
-        if build.train_file or build.test_file:
-            raise ValueError("--train_file / --test_file need --model (the model trained on that data).")
-        defaults = DefaultBuild().influence
-        config = DefaultBuild(seed=build.seed, n_train=build.n_train, n_test_per_subcase=build.n_test_per_subcase,
-                              epochs=build.epochs, influence=defaults | influence)
-        build_default(out, config)
+    if ns.output_dir is None:
+        raise ValueError("build needs --output_dir (the folder for the build; the table goes to <output_dir>/table).")
+    build, args = parse_with_defaults(ns.parser, ns.argv, build_defaults)
+    out = Path(args.output_dir)
+    if build.model_name_or_path is None:
+        if build.train_dataset or build.test_dataset:
+            raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
+                             "data).")
+        build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples)
         print(f"trained the embedded default model -> {out / 'model'}")
     else:
-        _build_from_model(build, influence, out)
+        _build_from_model(build, args, out)
     table = InfluenceTable.load(out / "table")
     print(f"influence table ({len(table):,} rows, {len(table.test_ids)} test ids) -> {out / 'table'}")
     print(f"next: hf-fastif show {out / 'table'} --test-id {table.test_ids[0] if len(table) else 0}")
     return 0
 
 
-def _build_from_model(build: BuildArguments, influence: dict, out: Path) -> None:
-    import numpy as np
-    import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-    )
-
-    from .builder import build_influence_table
-    from .data import load_hans, load_mnli, tokenize_nli
-    from .distributed import barrier, is_main_process
-    from .fingerprint import model_fingerprint
-    from .influence import default_arguments
-
-    if not build.train_file or not build.test_file:
-        raise ValueError("--model needs --train_file (its training data) and --test_file (the rows to explain).")
-    model = AutoModelForSequenceClassification.from_pretrained(build.model, revision=build.revision,
+def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path) -> None:
+    if not build.train_dataset or not build.test_dataset:
+        raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
+                         "to explain).")
+    model = AutoModelForSequenceClassification.from_pretrained(build.model_name_or_path, revision=build.revision,
                                                                attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(build.model, revision=build.revision)
+    tokenizer = AutoTokenizer.from_pretrained(build.model_name_or_path, revision=build.revision)
     num_labels = model.config.num_labels
-    train = load_mnli(build.train_file, split=build.train_split, num_labels=num_labels)
-    test = _load_test(build.test_file, build.test_split, num_labels, load_hans, load_mnli)
-    if build.max_train:
-        train = train.select(range(min(build.max_train, len(train))))
-    if build.max_test:
-        test = test.select(range(min(build.max_test, len(test))))
-    args = default_arguments(**influence, use_cpu=not torch.cuda.is_available())
+    train = load_mnli(build.train_dataset, split=build.train_split, num_labels=num_labels)
+    test = _load_test(build.test_dataset, build.test_split, num_labels)
+    if build.max_train_samples:
+        train = train.select(range(min(build.max_train_samples, len(train))))
+    if build.max_test_samples:
+        test = test.select(range(min(build.max_test_samples, len(test))))
     collator = DataCollatorWithPadding(tokenizer)
     train_tok, test_tok = tokenize_nli(train, tokenizer), tokenize_nli(test, tokenizer)
     table = build_influence_table(model, train_tok, test_tok, out / "build", args, shard_size=build.shard_size,
                                   data_collator=collator)
-    predictor = Trainer(model=model, args=args, data_collator=collator)
-    predictions = np.asarray(predictor.predict(test_tok).predictions).argmax(-1)
-    table.metadata["model"] |= {"name_or_path": build.model, "fingerprint": model_fingerprint(model)}
-    table.metadata["train_data"] |= {"name": build.train_file, "split": build.train_split}
-    table.metadata["test_data"] |= {"name": build.test_file, "split": build.test_split}
-    table.metadata["label_names"] = [model.config.id2label[i] for i in range(num_labels)]
+    predictions = predict(model, test_tok, collator).argmax(-1)
     table.metadata["command"] = "hf-fastif " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("hf-fastif") else None
-    test = test.add_column("prediction", [int(p) for p in predictions])
     if is_main_process():  # under `accelerate launch` every process holds the table; one writes it
-        table.add_text(train, test, columns=("premise", "hypothesis", "label", "genre", "prediction", "heuristic",
-                                             "subcase")).save(out / "table")
+        save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
+                       train=TextSource(train, build.train_dataset, build.train_split),
+                       test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions)
     barrier()
 
 
-def _load_test(name: str, split: str, num_labels: int, load_hans, load_mnli):
+def _load_test(name: str, split: str, num_labels: int) -> Dataset:
     """HANS when the file has its columns (heuristic, subcase), MNLI format otherwise."""
     try:
         return load_hans(name, split=split)
@@ -318,12 +297,24 @@ def parser() -> argparse.ArgumentParser:
     return main_parser
 
 
+def _library_logging(verbose: bool) -> None:
+    """hf_fastif's own loggers (``hf_fastif.*``) are not under transformers' logger: give them a handler and the
+    level that ``--verbose`` asks for."""
+    library = pylogging.getLogger("hf_fastif")
+    library.setLevel(pylogging.INFO if verbose else pylogging.WARNING)
+    if not library.handlers:
+        handler = pylogging.StreamHandler()
+        handler.setFormatter(pylogging.Formatter("[hf_fastif] %(message)s"))
+        library.addHandler(handler)
+        library.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = parser().parse_args(argv)
-    from transformers.utils import logging
-
+    ns.argv = argv[argv.index(ns.command) + 1:]  # the subcommand's own flags, for a parse with setup defaults
     logging.set_verbosity_info() if ns.verbose else logging.set_verbosity_warning()
+    _library_logging(ns.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return ns.run(ns)

@@ -10,19 +10,32 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset
+from matplotlib.figure import Figure
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 from transformers.utils import logging
 
-from .fingerprint import model_fingerprint
+from .annotate import TRAIN_TEXT, TextSource, save_with_text
+from .applications.common import predict
+from .arguments import InfluenceArguments
+from .data import tokenize_nli
+from .embedded import (
+    EMBEDDED_DESCRIPTION,
+    EMBEDDED_TABLE_DATA,
+    embedded_arguments,
+    embedded_data,
+    train_embedded,
+)
+from .influence import compute_influences, default_arguments
 from .table import InfluenceTable, InfluenceTableError
+from .utils import to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -36,65 +49,54 @@ MAX_CANDIDATES = 500
 MAX_TRAIN_ROWS = 5000
 MAX_GRAPH_TESTS = 6
 READY_FILE = "ready.json"
-TEST_TEXT = ("premise", "hypothesis", "label", "prediction", "heuristic", "subcase")
-TRAIN_TEXT = ("premise", "hypothesis", "label", "genre")
 ALL = "all"
-
-
-@dataclass
-class DefaultBuild:
-    """Sizes of the default table: small enough to build at start-up on a CPU (seconds), big enough to show
-    the lexical-overlap shortcut and the training rows behind it."""
-
-    seed: int = 0
-    n_train: int = 2000
-    n_test_per_subcase: int = 1  # x 30 HANS-style subcases
-    epochs: float = 3.0
-    influence: dict = field(default_factory=lambda: {"influence_knn_k": 100, "influence_recursion_depth": 100,
-                                                     "influence_repetitions": 2})
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif" / "space_default")
 
 
-def build_default(directory: str | os.PathLike | None = None, config: DefaultBuild | None = None) -> Path:
-    """Train the embedded model, compute its influence table on HANS-style test rows, and save
-    ``table/`` (with text, predictions and label names), ``model/`` (model + tokenizer) and ``train.parquet``
-    under ``directory``. Reuses a finished build with the same config."""
-    from .embedded import embedded_data, train_embedded
+def build_default(directory: str | os.PathLike | None = None, args: InfluenceArguments | None = None, *,
+                  max_train_samples: int | None = None, max_test_samples: int | None = None) -> Path:
+    """Train the embedded model, compute its influence table on HANS-style test rows, and save ``table/`` (with
+    text, predictions and label names), ``model/`` (model + tokenizer) and ``train.parquet`` under ``directory``.
+    Reuses a finished build with the same settings.
 
+    Args:
+        directory: where the build goes (default: the Space's cache, `default_cache_dir`).
+        args: training and influence settings (default: the embedded default's for the table,
+            ``embedded_arguments(directory, use="table")``).
+        max_train_samples: generated training rows (default: `EMBEDDED_TABLE_DATA`'s 2,000).
+        max_test_samples: use the first N of the 30 HANS-style test rows.
+    """
     directory = Path(directory) if directory is not None else default_cache_dir()
-    config = config or DefaultBuild()
+    args = args if args is not None else embedded_arguments(str(directory), use="table")
+    sizes = EMBEDDED_TABLE_DATA | ({"n_train": max_train_samples} if max_train_samples else {})
+    build = json.loads(to_json({
+        "model": EMBEDDED_DESCRIPTION, "data": sizes, "max_test_samples": max_test_samples, "seed": args.seed,
+        "training": {k: getattr(args, k) for k in ("num_train_epochs", "learning_rate", "per_device_train_batch_size")},
+        "influence": args.influence_settings()}))
     ready = directory / READY_FILE
-    if ready.is_file() and json.loads(ready.read_text()).get("config") == json.loads(json.dumps(asdict(config))):
+    if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
-    torch.manual_seed(config.seed)
-    data = embedded_data(seed=config.seed, n_train=config.n_train, n_hans_per_subcase=config.n_test_per_subcase,
-                         n_pool_per_subcase=0)
-    raw, tokenized, tokenizer = data
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, raw, tokenized = train_embedded(tmp, seed=config.seed, epochs=config.epochs, data=data,
-                                                 **config.influence)
-        hans = tokenized["hans"]
-        predictions = trainer.predict(hans).predictions.argmax(-1)
-        table = trainer.compute_influences(hans)
-    names = [trainer.model.config.id2label[i] for i in range(trainer.model.config.num_labels)]
-    test = raw["hans"].add_column("prediction", [int(p) for p in predictions])
-    table.metadata["model"] |= {"name_or_path": "hf_fastif/embedded-bert (trained at start-up)",
-                                "fingerprint": model_fingerprint(trainer.model)}
-    table.metadata["train_data"] |= {"name": "hf_fastif generated NLI (embedded default)", "split": "train"}
-    table.metadata["test_data"] |= {"name": "hf_fastif generated HANS-style NLI", "split": "hans"}
-    table.metadata["label_names"] = names
-    table.metadata["default_build"] = asdict(config)
-    table = table.add_text(raw["train"], test, columns=TRAIN_TEXT + TEST_TEXT)
-    table.save(directory / "table")
+    data = embedded_data(seed=args.seed, **sizes)
+    trainer, raw, tokenized = train_embedded(args=args, data=data)
+    hans, raw_hans = tokenized["hans"], raw["hans"]
+    if max_test_samples:
+        hans, raw_hans = (d.select(range(min(max_test_samples, len(d)))) for d in (hans, raw_hans))
+    predictions = predict(trainer.model, hans, trainer.data_collator).argmax(-1)
+    table = trainer.compute_influences(hans)
+    table.metadata["embedded_build"] = build
+    save_with_text(table, directory / "table", model=trainer.model,
+                   model_name=f"hf_fastif embedded default ({EMBEDDED_DESCRIPTION})",
+                   train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
+                   test=TextSource(raw_hans, "hf_fastif generated HANS-style NLI", "hans"), predictions=predictions)
     trainer.model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
+    data[2].save_pretrained(directory / "model")
     raw["train"].to_parquet(str(directory / "train.parquet"))
-    ready.write_text(json.dumps({"config": asdict(config)}))
+    write_atomic(ready, to_json({"config": build}))
     return directory
 
 
@@ -105,10 +107,6 @@ class Explainer:
 
     def __init__(self, model, tokenizer, train: Dataset, settings: dict, label_names: list[str],
                  train_ids: np.ndarray | None = None):
-        from transformers import DataCollatorWithPadding
-
-        from .data import tokenize_nli
-
         self.model, self.tokenizer, self.label_names = model.eval(), tokenizer, label_names
         self.train = train
         self.train_ids = np.arange(len(train)) if train_ids is None else np.asarray(train_ids)
@@ -117,10 +115,7 @@ class Explainer:
         self.settings = settings
         self._lock = threading.Lock()
 
-    def _arguments(self, k: int):
-        from .arguments import InfluenceArguments
-        from .influence import default_arguments
-
+    def _arguments(self, k: int) -> InfluenceArguments:
         fields = {f for f, spec in InfluenceArguments.__dataclass_fields__.items() if spec.init}
         settings = {k_: v for k_, v in self.settings.items() if k_.startswith("influence_") and k_ in fields}
         settings["influence_knn_k"] = k
@@ -140,15 +135,11 @@ class Explainer:
     def explain(self, premise: str, hypothesis: str, label: int, k: int, n: int) -> tuple[dict, pd.DataFrame,
                                                                                         pd.DataFrame]:
         """``(prediction, most helpful rows, most harmful rows)`` for a typed pair with gold ``label``."""
-        from .influence import compute_influences
-
         premise, hypothesis = check_text(premise, "premise"), check_text(hypothesis, "hypothesis")
         k, n = check_int(k, "candidates", 1, min(MAX_CANDIDATES, len(self.train))), check_int(n, "rows", 1, MAX_ROWS)
         if label not in range(len(self.label_names)):
             raise ValueError(f"Choose the gold label of the pair ({' / '.join(self.label_names)}).")
         test = Dataset.from_dict({"premise": [premise], "hypothesis": [hypothesis], "label": [int(label)]})
-        from .data import tokenize_nli
-
         with self._lock:
             prediction = self.predict(premise, hypothesis)
             table = compute_influences(self.model, self.train_tokenized, tokenize_nli(test, self.tokenizer),
@@ -247,8 +238,6 @@ class SpaceState:
 
     def distribution(self, test_id, n):
         """Histogram of the influence of every candidate on one test example, the top n of each side marked."""
-        from matplotlib.figure import Figure
-
         test_id, n = int(self._test(test_id).test_id), check_int(n, "rows", 1, MAX_ROWS)
         values = np.sort(self.table.for_test(test_id)["influence"].to_numpy())
         fig = Figure(figsize=(6.4, 3.2), layout="constrained")
@@ -269,8 +258,7 @@ class SpaceState:
     def graph(self, test_id, heuristic: str = ALL, correctness: str = ALL, n: int = 3):
         """The influence graph: the chosen test example and a few others matching the filters, each linked to
         its n most helpful (green) and harmful (red) training rows; shared training rows join test examples."""
-        import networkx as nx
-        from matplotlib.figure import Figure
+        import networkx as nx  # an optional dependency (hf_fastif[demo]): the rest of the module works without it
 
         test_id, n = int(self._test(test_id).test_id), check_int(n, "rows", 1, 10)
         others = [t for _, t in self.choices(heuristic, correctness) if t != test_id][: MAX_GRAPH_TESTS - 1]
@@ -324,7 +312,7 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
         directory = build_default()
         table = InfluenceTable.load(directory / "table")
         explainer = _explainer(table, str(directory / "model"), Dataset.from_parquet(str(directory / "train.parquet")))
-        return SpaceState.from_table(table, "embedded default (generated NLI, small BERT)", explainer)
+        return SpaceState.from_table(table, f"embedded default ({EMBEDDED_DESCRIPTION})", explainer)
     if Path(source).is_dir():
         table, label = InfluenceTable.load(source), f"local folder {source}"
     else:
@@ -347,8 +335,6 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
 
 
 def _explainer(table: InfluenceTable, model_name: str, train: Dataset) -> Explainer:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     model = AutoModelForSequenceClassification.from_pretrained(model_name, attn_implementation="eager")
     table.check_model(model)
     tokenizer = AutoTokenizer.from_pretrained(model_name)

@@ -1,6 +1,10 @@
 """Quickstart: train a small model on generated NLI data, then ask which training rows drove its mistakes.
 
-    python recipes/quickstart.py            # embedded default, offline, ~1 minute on 2 CPU cores
+    python recipes/quickstart.py            # embedded default, offline, well under a minute on 2 CPU cores
+    python recipes/quickstart.py --influence_knn_k 300 --num_test 5
+
+Flags: QuickstartArguments and InfluenceArguments (--influence_*, --output_dir, --seed, --num_train_epochs, ...),
+with the embedded default's settings (hf_fastif.embedded) as defaults.
 """
 
 from __future__ import annotations
@@ -9,38 +13,45 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from transformers import HfArgumentParser
 
-from hf_fastif.embedded import train_embedded
+from hf_fastif import InfluenceArguments
+from hf_fastif.annotate import TextSource, save_with_text
+from hf_fastif.applications import predict
+from hf_fastif.embedded import (
+    EMBEDDED_DESCRIPTION,
+    EMBEDDED_TABLE_DATA,
+    embedded_data,
+    embedded_defaults,
+    train_embedded,
+)
+from hf_fastif.parsing import parse_arguments
 
 
 @dataclass
 class QuickstartArguments:
-    output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the influence table goes."})
-    seed: int = field(default=0, metadata={"help": "Seed of data, model and influence."})
-    num_test: int = field(default=3, metadata={"help": "HANS-style test points to explain."})
+    num_test: int = field(default=3, metadata={"help": "HANS-style test points to explain (spread over the mistakes)."})
     top: int = field(default=5, metadata={"help": "Helpful / harmful rows to print per test point."})
 
 
-def main():
-    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses()
+def main(argv: list[str] | None = None) -> None:
+    quick, args = parse_arguments((QuickstartArguments, InfluenceArguments), argv,
+                                  embedded_defaults("table") | {"output_dir": "outputs/quickstart"})
     start = time.perf_counter()
-    trainer, raw, tokenized = train_embedded(f"{args.output_dir}/model", seed=args.seed)
+    trainer, raw, tokenized = train_embedded(args=args, data=embedded_data(seed=args.seed, **EMBEDDED_TABLE_DATA))
     print(f"trained a {sum(p.numel() for p in trainer.model.parameters()):,}-parameter BERT on "
           f"{len(raw['train'])} generated NLI pairs in {time.perf_counter() - start:.0f}s")
 
     hans = tokenized["hans"]
-    predictions = trainer.predict(hans).predictions.argmax(-1)
+    predictions = predict(trainer.model, hans, trainer.data_collator).argmax(-1)
     wrong = np.flatnonzero(predictions != np.asarray(hans["labels"]))
     print(f"HANS-style accuracy: {1 - len(wrong) / len(hans):.1%} ({len(wrong)} mistakes of {len(hans)})")
-    rows = wrong[np.linspace(0, len(wrong) - 1, args.num_test).astype(int)] if len(wrong) else np.arange(args.num_test)
-    test = hans.select(rows)
+    rows = wrong[np.linspace(0, len(wrong) - 1, quick.num_test).astype(int)] if len(wrong) else np.arange(quick.num_test)
 
     start = time.perf_counter()
-    table = trainer.compute_influences(test).add_text(raw["train"], raw["hans"].select(rows),
-                                                      columns=("premise", "hypothesis", "label"))
-    print(f"influence of {trainer.influence_args.influence_knn_k} kNN candidates on {len(rows)} test points "
+    table = save_with_text(trainer.compute_influences(hans.select(rows)), f"{args.output_dir}/influence_table",
+                           train=TextSource(raw["train"]), test=TextSource(raw["hans"].select(rows)),
+                           model=trainer.model, model_name=EMBEDDED_DESCRIPTION, predictions=predictions[rows])
+    print(f"influence of {args.influence_knn_k} kNN candidates on {len(rows)} test points "
           f"in {time.perf_counter() - start:.1f}s (λ = {table.metadata['lambda']:g})\n")
     names = trainer.model.config.id2label
     for t, row in enumerate(rows):
@@ -48,15 +59,13 @@ def main():
         print(f"### test {t} [{r['heuristic']} / {r['subcase']}] gold {names[r['label']]}, "
               f"predicted {names[int(predictions[row])]}")
         print(f"    premise: {r['premise']}\n    hypothesis: {r['hypothesis']}")
-        for title, frame in (("most helpful", table.helpful(t, args.top)), ("most harmful", table.harmful(t, args.top))):
+        for title, frame in (("most helpful", table.helpful(t, quick.top)), ("most harmful", table.harmful(t, quick.top))):
             print(f"  {title}:")
             for _, x in frame.iterrows():
                 print(f"    {x.influence:+.3e}  [{names[x.train_label]}] {x.train_premise} / {x.train_hypothesis}")
         print()
-    path = table.save(f"{args.output_dir}/influence_table")
-    print(f"saved the table to {path} (load it with InfluenceTable.load)")
+    print(f"saved the table to {args.output_dir}/influence_table (load it with InfluenceTable.load)")
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

@@ -13,7 +13,8 @@ from hf_fastif import InfluenceTable
 from hf_fastif.cli import main
 from tests.hub_server import HubServer, hub_server_fixture, run_client  # noqa: F401 (fixture)
 
-SMALL = ["--n_train", "300", "--epochs", "1", "--influence_knn_k", "20", "--influence_recursion_depth", "10"]
+SMALL = ["--max_train_samples", "300", "--num_train_epochs", "1", "--influence_knn_k", "20",
+         "--influence_recursion_depth", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,8 @@ def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path) -> None:
     raw["train"].to_json(tmp_path / "train.jsonl")
     raw["hans"].select(range(4)).to_json(tmp_path / "hans.jsonl")
     out = tmp_path / "model_build"
-    args = ["build", "--output-dir", str(out), "--model", str(built / "model"), "--train-file",
-            str(tmp_path / "train.jsonl"), "--test-file", str(tmp_path / "hans.jsonl"), "--shard_size", "3",
+    args = ["build", "--output-dir", str(out), "--model_name_or_path", str(built / "model"), "--train_dataset",
+            str(tmp_path / "train.jsonl"), "--test-dataset", str(tmp_path / "hans.jsonl"), "--shard_size", "3",
             "--influence_knn_k", "10", "--influence_solver", "cg", "--influence_params", r"pooler\.", r"classifier\."]
     assert main(args) == 0
     table = InfluenceTable.load(out / "table")
@@ -73,8 +74,10 @@ def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> No
     assert "is not a table folder" in capsys.readouterr().err
     assert main(["show", str(built)]) == 2  # a folder, but not a table
     assert "is not an influence table" in capsys.readouterr().err
-    assert main(["build", "--output-dir", str(tmp_path / "x"), "--train-file", "t.jsonl"]) == 2
-    assert "need --model" in capsys.readouterr().err
+    assert main(["build", "--output-dir", str(tmp_path / "x"), "--train_dataset", "t.jsonl"]) == 2
+    assert "need --model_name_or_path" in capsys.readouterr().err
+    assert main(["build", "--train_dataset", "t.jsonl"]) == 2
+    assert "build needs --output_dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["build", "--output-dir", str(tmp_path / "x"), "--influence_solver"])  # argparse: usage + exit 2
 
@@ -121,7 +124,7 @@ def test_build_options_survive_an_earlier_parse_of_influence_arguments() -> None
     HfArgumentParser(InfluenceArguments)  # resolves and narrows InfluenceArguments' Field.type in place
     ns = parser().parse_args(["build", "--output_dir", "out", "--influence_params", "a", "b",
                               "--influence_knn_k", "5"])
-    assert ns.influence_params == ["a", "b"] and ns.influence_knn_k == 5 and ns.influence_seed is None
+    assert ns.influence_params == ["a", "b"] and ns.influence_knn_k == 5
 
 
 def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys) -> None:

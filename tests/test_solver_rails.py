@@ -4,7 +4,6 @@ convergence check look at what convergence depends on (batch Hessians, both ends
 import numpy as np
 import pytest
 import torch
-from scipy.stats import spearmanr
 
 from hf_fastif import InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
@@ -121,7 +120,6 @@ def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_c
     """A random-init BERT is not at a minimum; with λ at 0.85 of |λ_min| exact and cg refuse, and so must LiSSA."""
     model, train, test = bert
     import hf_fastif.engine as engine_module
-
     from tests.test_ground_truth import explicit_influence
 
     names = [n for n, _ in model.named_parameters() if n.startswith(("bert.encoder.layer.1.", "bert.pooler",

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..arguments import InfluenceArguments
 from ..data import load_anli, load_hans, tokenize_nli
-from .common import check_num_labels, two_label_loss
-from .correction import CorrectionResult, run_correction
+from .common import ApplicationData, check_num_labels, two_label_loss
+from .correction import CorrectionArguments, CorrectionResult, run_correction
 from .prepare import Setup
 
 POOL_FORMATS = ("auto", "hans", "nli")
@@ -75,25 +75,27 @@ def pool_dataset(pool_args: PoolArguments, raw_pool: Dataset | None, setup: Setu
                              "--train_dataset); pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
         pool, name = setup.pool, "generated HANS-style pool"
     else:
-        pool = tokenize_nli(raw_pool, setup.tokenizer, max_length=setup.max_length)
+        pool = tokenize_nli(raw_pool, setup.tokenizer, max_length=setup.data_args.max_length)
         name = f"pool {pool_args.pool}"
     n = pool_args.max_pool_samples
     if n is not None and n < len(pool):
-        pool = pool.select(np.sort(np.random.default_rng(setup.seed).permutation(len(pool))[:n]))
+        pool = pool.select(np.sort(np.random.default_rng(setup.args.seed).permutation(len(pool))[:n]))
     return pool, name
 
 
-def run_augmentation(model: nn.Module, train_dataset: Dataset, pool: Dataset, hans_validation: Dataset,
-                     hans_test: Dataset, args: InfluenceArguments, *, pool_name: str = "unseen pool",
-                     **kwargs) -> CorrectionResult:
-    """`run_correction` with ``candidate_dataset=pool``: helpful / harmful / random rows come from the pool.
+def run_augmentation(model: nn.Module, data: ApplicationData, args: InfluenceArguments,
+                     protocol: CorrectionArguments, *, pool_name: str = "unseen pool",
+                     progress: bool = True) -> CorrectionResult:
+    """`run_correction` whose helpful / harmful / random rows come from the pool ``data.candidates``.
 
     A 3-label model (the paper's ANLI experiment) is corrected on 2-label HANS anchors through
     `two_label_loss` (p(non_entailment) = p(neutral) + p(contradiction)); the pool keeps its 3 labels.
-    All other keyword arguments are `run_correction`'s.
     """
+    if data.candidates is None:
+        raise ValueError("Augmentation needs the unseen pool as data.candidates (e.g. "
+                         "dataclasses.replace(data, candidates=pool)).")
     num_labels = check_num_labels(model, (2, 3), "Data augmentation")
-    if num_labels == 3:
-        kwargs.setdefault("measurement_fn", two_label_loss)
-    kwargs.setdefault("title", f"Data augmentation from the {pool_name}")
-    return run_correction(model, train_dataset, hans_validation, hans_test, args, candidate_dataset=pool, **kwargs)
+    result = run_correction(model, data, args, protocol, measurement_fn=two_label_loss if num_labels == 3 else None,
+                            progress=progress)
+    result.title = f"Data augmentation from the {pool_name}"
+    return result

@@ -1,11 +1,11 @@
-"""Pieces the four applications share: predictions, HANS accuracy, one plain SGD step, label checks,
-mean ± std, and writing a result as JSON + markdown + PNG."""
+"""Pieces the four applications share: the data they run on, predictions, HANS accuracy, one plain SGD step,
+label checks, mean ± std, and writing a result as JSON + markdown + PNG."""
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,46 @@ from torch import nn
 from ..arguments import InfluenceArguments
 from ..batches import Batcher, model_input_columns
 from ..hvp import batch_gradient
-from ..loss import FunctionalModel, LossFn
+from ..loss import FunctionalModel, LossFn, logits_of
+from ..metrics import load_hans_accuracy
 from ..mode import influence_mode
 from ..params import select_parameters
+from ..utils import to_json, write_atomic
 
 EVAL_BATCH_SIZE = 128
+
+
+@dataclass
+class ApplicationData:
+    """The tokenized rows an application runs on, passed whole.
+
+    Args:
+        train: the training rows (with ``labels``); H is the Hessian of their mean loss.
+        hans_validation: HANS rows with ``labels`` and ``heuristic``: the anchors of correction and augmentation,
+            and the default test points of simulatability.
+        hans_test: held-out HANS rows with ``labels`` and ``heuristic``: accuracy before / after a correction,
+            and the test points of the influence graph.
+        candidates: the rows a correction step chooses from (default: ``train``); an unseen pool for augmentation.
+        collator: pads rows (e.g. ``DataCollatorWithPadding(tokenizer)``).
+        raw_train: the untokenized training rows (premise, hypothesis, genre), to label results with text.
+    """
+
+    train: Dataset
+    hans_validation: Dataset | None = None
+    hans_test: Dataset | None = None
+    candidates: Dataset | None = None
+    collator: Callable | None = None
+    raw_train: Dataset | None = None
+
+    def require(self, *names: str, what: str) -> None:
+        """Raise a `ValueError` naming the missing splits (and the ``heuristic`` column HANS splits need)."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{what} needs data.{' and data.'.join(missing)}; pass them in ApplicationData.")
+        for name in names:
+            if name.startswith("hans_") and "heuristic" not in getattr(self, name).column_names:
+                raise ValueError(f"data.{name} needs a 'heuristic' column (found {getattr(self, name).column_names});"
+                                 " load it with hf_fastif.data.load_hans and split it with split_hans.")
 
 
 def batcher(model: nn.Module, dataset: Dataset, data_collator: Callable | None = None) -> Batcher:
@@ -62,8 +97,6 @@ def two_label_log_probs(logits: torch.Tensor) -> torch.Tensor:
 def two_label_loss(outputs, batch) -> torch.Tensor:
     """Per-example cross-entropy against 2-label (HANS) labels, for 2- or 3-label NLI models: a
     ``measurement_fn`` that lets a 3-label MNLI model be corrected on HANS anchors."""
-    from ..loss import logits_of
-
     return -two_label_log_probs(logits_of(outputs)).gather(1, batch["labels"].long().unsqueeze(1)).squeeze(1)
 
 
@@ -78,8 +111,6 @@ class HansEvaluator:
     """
 
     def __init__(self, dataset: Dataset, data_collator: Callable | None = None):
-        from ..metrics import load_hans_accuracy
-
         missing = [c for c in ("labels", "heuristic") if c not in dataset.column_names]
         if missing:
             raise ValueError(f"The HANS split needs the columns labels and heuristic; missing {missing} "
@@ -186,44 +217,13 @@ def fmt(mean: float, std: float, percent: bool = True, signed: bool = False) -> 
     return f"{mean:+.4g} ± {std:.2g}" if signed else f"{mean:.4g} ± {std:.2g}"
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_results(output_dir: str | Path, name: str, results: dict, markdown: str, figure=None) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and (given a matplotlib figure) ``<name>.png``; return the paths."""
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"json": directory / f"{name}.json", "markdown": directory / f"{name}.md"}
-    paths["json"].write_text(json.dumps(results, indent=2, default=_json_default))
-    paths["markdown"].write_text(markdown + "\n")
+    paths = {"json": write_atomic(directory / f"{name}.json", to_json(results, indent=2)),
+             "markdown": write_atomic(directory / f"{name}.md", markdown + "\n")}
     if figure is not None:
-        import matplotlib.pyplot as plt
-
         paths["png"] = directory / f"{name}.png"
         figure.savefig(paths["png"], dpi=120, bbox_inches="tight")
-        plt.close(figure)
     return paths
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend (recipes run headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

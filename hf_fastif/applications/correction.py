@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from datasets import Dataset
+from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -24,10 +26,11 @@ from transformers.utils import logging
 from .. import distributed as D
 from ..arguments import InfluenceArguments
 from ..data import HANS_HEURISTICS
-from ..influence import compute_influences
+from ..engine import InfluenceEngine
 from ..loss import LossFn
 from ..table import InfluenceTable
-from .common import HansEvaluator, fmt, markdown_table, mean_std, pyplot, sgd_step, with_seed
+from ..utils import markdown_table
+from .common import ApplicationData, HansEvaluator, fmt, mean_std, sgd_step, with_seed
 
 logger = logging.get_logger(__name__)
 
@@ -35,39 +38,50 @@ STRATEGIES: tuple[str, ...] = ("helpful", "harmful", "random", "anchors")
 """``helpful``: the most negative influence; ``harmful``: the most positive; ``random``: uniform candidates;
 ``anchors``: the anchors themselves (with their gold labels)."""
 
-PAPER_CORRECTION: dict = dict(num_steps=10, num_anchors=10, num_points=10, learning_rate=1e-4, replicas=3)
-"""The paper's protocol (FASTIF.md, application 3)."""
-
-EMBEDDED_LEARNING_RATE = 1e-2
-"""SGD learning rate of the embedded default (see the README section "Applications (recipes)" for the sweep)."""
-
 
 @dataclass
 class CorrectionArguments:
-    """Flags of the correction protocol (the defaults are the paper's, except where noted)."""
+    """The correction protocol, passed whole to `run_correction` (and `run_augmentation`). The defaults are the
+    paper's (FASTIF.md, application 3); the embedded default changes the learning rate (hf_fastif.embedded)."""
+
+    PAPER: ClassVar[dict] = dict(num_steps=10, num_anchors=10, num_points=10, correction_learning_rate=1e-4,
+                                 replicas=3)
+    """The paper's protocol, for the table of settings that differ from it."""
+    QUICK: ClassVar[dict] = dict(num_steps=2, replicas=1)
+    """``--quick``: a smoke run (not a measurement)."""
 
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={
         "help": f"Which rows each SGD step uses: any of {', '.join(STRATEGIES)}."})
     heuristics: list[str] | None = field(default=None, metadata={
-        "help": "Heuristics to correct (default: lexical_overlap subsequence constituent)."})
+        "help": "Heuristics to correct (default: every heuristic of the HANS validation split)."})
     num_steps: int = field(default=10, metadata={"help": "SGD steps per run; the model carries over."})
     num_anchors: int = field(default=10, metadata={"help": "Anchors sampled from the validation split per step."})
     num_points: int = field(default=10, metadata={"help": "Rows in each SGD step."})
-    learning_rate: float | None = field(default=None, metadata={
-        "help": f"Plain SGD learning rate (paper 1e-4; default: 1e-4, or {EMBEDDED_LEARNING_RATE:g} for the "
-                "embedded default, whose small model is trained with lr 1e-3)."})
+    correction_learning_rate: float = field(default=1e-4, metadata={
+        "help": "Learning rate of the plain SGD step on the selected rows (paper 1e-4; embedded default 1e-2)."})
     replicas: int = field(default=3, metadata={"help": "Independent replicas (seeds seed, seed+1, ...)."})
     eval_every_step: bool = field(default=True, metadata={"help": "Record test accuracy after every step."})
 
-    def resolved_learning_rate(self, embedded: bool) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return EMBEDDED_LEARNING_RATE if embedded else PAPER_CORRECTION["learning_rate"]
+    def __post_init__(self):
+        self.validate()
 
-    def protocol(self, embedded: bool) -> dict:
-        """The settings `PAPER_CORRECTION` names, as used."""
-        return dict(num_steps=self.num_steps, num_anchors=self.num_anchors, num_points=self.num_points,
-                    learning_rate=self.resolved_learning_rate(embedded), replicas=self.replicas)
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the fix for a bad setting (also called by `run_correction`, since
+        fields can change after construction)."""
+        if isinstance(self.strategies, str):
+            self.strategies = [self.strategies]
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies:
+            raise ValueError(f"Unknown strategies {unknown}; use any of {', '.join(STRATEGIES)}.")
+        for name in ("num_steps", "num_anchors", "num_points", "replicas"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if not self.correction_learning_rate > 0:
+            raise ValueError(f"correction_learning_rate must be > 0, got {self.correction_learning_rate}.")
+
+    def used(self) -> dict:
+        """The settings `PAPER` names, as used."""
+        return {k: getattr(self, k) for k in self.PAPER}
 
 
 def select_points(table: InfluenceTable | None, strategy: str, n: int, rng: np.random.Generator,
@@ -159,7 +173,7 @@ class CorrectionResult:
             f"### {self.title}",
             "",
             f"HANS test accuracy (%) per heuristic, before and after {self.settings.get('num_steps')} steps "
-            f"(lr {self.settings.get('learning_rate'):g}); mean ± std over {runs}; Δ = after − before.",
+            f"(lr {self.settings.get('correction_learning_rate'):g}); mean ± std over {runs}; Δ = after − before.",
             "",
             markdown_table(["heuristic", "before", *[f"{s} (Δ)" for s in strategies]], accuracy),
             "",
@@ -168,12 +182,12 @@ class CorrectionResult:
             markdown_table(["heuristic", "before", *strategies], loss),
         ])
 
-    def plot(self):
+    def plot(self) -> Figure:
         """Test accuracy (top) and loss (bottom) of each heuristic after every step, mean ± std over replicas."""
-        plt = pyplot()
         heuristics = list(self.summary())
         columns = max(1, len(heuristics))
-        fig, axes = plt.subplots(2, columns, figsize=(4.2 * columns, 6.4), squeeze=False, sharex=True)
+        fig = Figure(figsize=(4.2 * columns, 6.4))
+        axes = fig.subplots(2, columns, squeeze=False, sharex=True)
         colors = {"helpful": "tab:blue", "harmful": "tab:red", "random": "tab:gray", "anchors": "tab:green"}
         for column, heuristic in enumerate(heuristics):
             for strategy in STRATEGIES:
@@ -195,101 +209,62 @@ class CorrectionResult:
         axes[0][0].set_ylabel("HANS test accuracy (%)")
         axes[1][0].set_ylabel("HANS test loss")
         axes[0][-1].legend(fontsize=8)
-        fig.suptitle(f"{self.title} (lr {self.settings.get('learning_rate'):g})")
+        fig.suptitle(f"{self.title} (lr {self.settings.get('correction_learning_rate'):g})")
         fig.tight_layout()
         return fig
 
 
-def run_correction(
-    model: nn.Module,
-    train_dataset: Dataset,
-    hans_validation: Dataset,
-    hans_test: Dataset,
-    args: InfluenceArguments,
-    *,
-    strategies: Sequence[str] | str = STRATEGIES,
-    heuristics: Sequence[str] | None = None,
-    num_steps: int = 10,
-    num_anchors: int = 10,
-    num_points: int = 10,
-    learning_rate: float = 1e-4,
-    replicas: int = 3,
-    seed: int = 0,
-    candidate_dataset: Dataset | None = None,
-    data_collator: Callable | None = None,
-    loss_fn: LossFn | None = None,
-    measurement_fn: LossFn | None = None,
-    eval_every_step: bool = True,
-    evaluator: HansEvaluator | None = None,
-    progress: bool = True,
-    title: str = "HANS error correction",
-) -> CorrectionResult:
+def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments,
+                   *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
+                   progress: bool = True) -> CorrectionResult:
     """Run the correction protocol and return every run's accuracies and choices.
 
     Args:
-        model: the trained model (not modified: each run steps a deep copy).
-        train_dataset: tokenized training rows; H is the Hessian of their mean loss.
-        hans_validation: tokenized HANS rows with ``labels`` and ``heuristic``; anchors are drawn from them.
-        hans_test: held-out tokenized HANS rows with ``labels`` and ``heuristic``, for accuracy.
-        args: the ``influence_*`` settings (k, solver, λ, which parameters take part and are stepped).
-        strategies: any of `STRATEGIES`.
-        heuristics: heuristics to correct (default: every heuristic of the validation split, HANS order).
-        num_steps / num_anchors / num_points: steps per run, anchors per step, rows per SGD step.
-        learning_rate: of the plain SGD step (the paper: 1e-4).
-        replicas: independent repetitions (seeds ``seed``, ``seed + 1``, ...): anchors, random rows, LiSSA draws.
-        candidate_dataset: rows to choose from (default: ``train_dataset``); an unseen pool for augmentation.
-        data_collator: pads rows (e.g. ``DataCollatorWithPadding(tokenizer)``).
+        model: the trained model (not modified: each run steps a deep copy, with one `InfluenceEngine` per copy
+            for the run's whole life, so what the engine caches carries from step to step).
+        data: ``train`` (H is the Hessian of their mean loss), ``hans_validation`` (anchors are drawn from it),
+            ``hans_test`` (held out, for accuracy), ``candidates`` (the rows to choose from; default ``train``)
+            and ``collator``.
+        args: the ``influence_*`` settings (k, solver, λ, which parameters take part and are stepped); ``seed``
+            seeds replica 0 (replica r: seed + r): its anchors, random rows and LiSSA draws.
+        protocol: strategies, heuristics (default: every heuristic of ``hans_validation``, HANS order), steps per
+            run, anchors per step, rows per step, the SGD learning rate, replicas.
         loss_fn / measurement_fn: per-example training loss / anchor loss (see `compute_influences`).
-        eval_every_step: also record the heuristic's test accuracy after every step (for the plot).
-        evaluator: a `HansEvaluator` over ``hans_test`` to reuse (built if None).
     Returns:
         A `CorrectionResult`.
     """
-    strategies = [strategies] if isinstance(strategies, str) else list(strategies)
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"Unknown strategies {unknown}; use any of {', '.join(STRATEGIES)}.")
-    for name, value in (("num_steps", num_steps), ("num_anchors", num_anchors), ("num_points", num_points),
-                        ("replicas", replicas)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}.")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
-    if "heuristic" not in hans_validation.column_names:
-        raise ValueError(f"hans_validation needs a 'heuristic' column (found {hans_validation.column_names}); "
-                         "load it with hf_fastif.data.load_hans and split it with split_hans.")
-    candidates = train_dataset if candidate_dataset is None else candidate_dataset
-    validation_heuristics = np.asarray(hans_validation["heuristic"], dtype=object)
+    protocol.validate()
+    data.require("hans_validation", "hans_test", what="Correction")
+    candidates = data.train if data.candidates is None else data.candidates
+    validation_heuristics = np.asarray(data.hans_validation["heuristic"], dtype=object)
     present = set(validation_heuristics.tolist())
+    heuristics = protocol.heuristics
     if heuristics is None:
         heuristics = [h for h in HANS_HEURISTICS if h in present] + sorted(present - set(HANS_HEURISTICS))
     missing = [h for h in heuristics if h not in present]
     if missing:
         raise ValueError(f"Heuristics {missing} have no rows in hans_validation (it has {sorted(present)}).")
     for heuristic in heuristics:  # fail before any work if a heuristic is too small
-        sample_anchors(validation_heuristics, heuristic, num_anchors, np.random.default_rng(0))
-    evaluator = evaluator or HansEvaluator(hans_test, data_collator)
+        sample_anchors(validation_heuristics, heuristic, protocol.num_anchors, np.random.default_rng(0))
+    evaluator = HansEvaluator(data.hans_test, data.collator)
     before = evaluator(model)
     settings = {
-        "strategies": strategies, "heuristics": list(heuristics), "num_steps": num_steps, "num_anchors": num_anchors,
-        "num_points": num_points, "learning_rate": learning_rate, "replicas": replicas, "seed": seed,
-        "num_train": len(train_dataset), "num_candidates": len(candidates),
-        "candidates": "train" if candidate_dataset is None else "pool", "num_validation": len(hans_validation),
-        "num_test": len(hans_test), "influence": args.influence_settings(),
+        "strategies": list(protocol.strategies), "heuristics": list(heuristics), "num_steps": protocol.num_steps,
+        "num_anchors": protocol.num_anchors, "num_points": protocol.num_points,
+        "correction_learning_rate": protocol.correction_learning_rate, "replicas": protocol.replicas,
+        "seed": args.seed, "num_train": len(data.train), "num_candidates": len(candidates),
+        "candidates": "train" if data.candidates is None else "pool", "num_validation": len(data.hans_validation),
+        "num_test": len(data.hans_test), "influence": args.influence_settings(),
     }
-    result = CorrectionResult(settings=settings, before=before, title=title)
-    total = len(heuristics) * replicas * len(strategies) * num_steps
+    result = CorrectionResult(settings=settings, before=before)
+    total = len(heuristics) * protocol.replicas * len(protocol.strategies) * protocol.num_steps
     bar = tqdm(total=total, desc="correction", disable=not progress or not D.is_main_process())
+    corrector = _Corrector(data, args, protocol, evaluator, validation_heuristics, (loss_fn, measurement_fn), bar)
     for h_index, heuristic in enumerate(heuristics):
-        for replica in range(replicas):
-            run_seed = seed + replica
-            for strategy in strategies:
+        for replica in range(protocol.replicas):
+            for strategy in protocol.strategies:
                 start = time.perf_counter()
-                run = _one_run(model, train_dataset, candidate_dataset, hans_validation, validation_heuristics,
-                               evaluator, args, heuristic=heuristic, h_index=h_index, strategy=strategy,
-                               seed=run_seed, num_steps=num_steps, num_anchors=num_anchors, num_points=num_points,
-                               learning_rate=learning_rate, data_collator=data_collator, loss_fn=loss_fn,
-                               measurement_fn=measurement_fn, eval_every_step=eval_every_step, bar=bar)
+                run = corrector.run(model, heuristic, h_index, strategy, args.seed + replica)
                 run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
                         "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
                 result.runs.append(run)
@@ -299,42 +274,64 @@ def run_correction(
     return result
 
 
-def _one_run(model, train_dataset, candidate_dataset, hans_validation, validation_heuristics, evaluator, args, *,
-             heuristic, h_index, strategy, seed, num_steps, num_anchors, num_points, learning_rate, data_collator,
-             loss_fn, measurement_fn, eval_every_step, bar) -> dict:
-    """One trajectory: a deep copy of ``model`` stepped ``num_steps`` times with one strategy."""
-    candidates = train_dataset if candidate_dataset is None else candidate_dataset
-    work = copy.deepcopy(model)
-    # the same anchors (and random draws) for every strategy of a replica, so strategies are compared fairly
-    anchor_rng = np.random.default_rng([seed, h_index, 0])
-    random_rng = np.random.default_rng([seed, h_index, 1])
-    steps, curve = [], []
-    for step in range(num_steps):
-        anchor_ids = sample_anchors(validation_heuristics, heuristic, num_anchors, anchor_rng)
-        anchors = hans_validation.select(anchor_ids)
-        table = None
-        if strategy in ("helpful", "harmful"):
-            step_args = with_seed(args, int(np.random.SeedSequence([args.influence_seed, seed, h_index, step])
-                                            .generate_state(1)[0] % (2**31 - 1)))
-            table = compute_influences(work, train_dataset, anchors, step_args, combine="mean",
-                                       data_collator=data_collator, candidate_dataset=candidate_dataset,
-                                       loss_fn=loss_fn, measurement_fn=measurement_fn)
-        ids, influence = select_points(table, strategy, num_points, random_rng, len(candidates), anchor_ids)
-        rows = anchors if strategy == "anchors" else candidates.select(ids)
-        loss = sgd_step(work, rows, learning_rate, args, data_collator=data_collator, loss_fn=loss_fn,
-                        measurement_fn=measurement_fn, measurement=strategy == "anchors")
-        label_column = "labels" if "labels" in rows.column_names else "label"
-        record = {"step": step, "anchors": anchor_ids.tolist(), "selected": ids.tolist(),
-                  "selected_labels": [int(x) for x in rows[label_column]] if label_column in rows.column_names else None,
-                  "loss_before_step": loss}
-        if influence is not None:
-            record["influence"] = influence.tolist()
-        steps.append(record)
-        if eval_every_step:
-            curve.append(evaluator(work, heuristic))
-        bar.update(1)
-    after = evaluator(work)
-    return {"heuristic": heuristic, "strategy": strategy, "seed": seed,
-            "accuracy_after": after[f"accuracy_{heuristic}"], "loss_after": after[f"loss_{heuristic}"],
-            "accuracy_steps": [c[f"accuracy_{heuristic}"] for c in curve],
-            "loss_steps": [c[f"loss_{heuristic}"] for c in curve], "after": after, "steps": steps}
+@dataclass
+class _Corrector:
+    """What every run of one `run_correction` call shares; `run` is one trajectory."""
+
+    data: ApplicationData
+    args: InfluenceArguments
+    protocol: CorrectionArguments
+    evaluator: HansEvaluator
+    validation_heuristics: np.ndarray
+    loss_fns: tuple[LossFn | None, LossFn | None]
+    bar: tqdm
+
+    def run(self, model: nn.Module, heuristic: str, h_index: int, strategy: str, seed: int) -> dict:
+        """A deep copy of ``model`` stepped ``num_steps`` times with one strategy, influence through one engine."""
+        data, protocol = self.data, self.protocol
+        candidates = data.train if data.candidates is None else data.candidates
+        loss_fn, measurement_fn = self.loss_fns
+        work = copy.deepcopy(model)
+        # LiSSA draws differ between replicas and heuristics, and are the same for helpful and harmful
+        run_seed = int(np.random.SeedSequence([self.args.influence_seed, seed, h_index]).generate_state(1)[0]
+                       % (2**31 - 1))
+        engine = InfluenceEngine(work, with_seed(self.args, run_seed), data_collator=data.collator, loss_fn=loss_fn,
+                                 measurement_fn=measurement_fn)
+        # the same anchors (and random draws) for every strategy of a replica, so strategies are compared fairly
+        anchor_rng = np.random.default_rng([seed, h_index, 0])
+        random_rng = np.random.default_rng([seed, h_index, 1])
+        steps, curve = [], []
+        with engine:
+            for step in range(protocol.num_steps):
+                anchor_ids = sample_anchors(self.validation_heuristics, heuristic, protocol.num_anchors, anchor_rng)
+                anchors = data.hans_validation.select(anchor_ids)
+                table = None
+                if strategy in ("helpful", "harmful"):
+                    table = engine.compute_influences(data.train, anchors, combine="mean",
+                                                      candidate_dataset=data.candidates)
+                ids, influence = select_points(table, strategy, protocol.num_points, random_rng, len(candidates),
+                                               anchor_ids)
+                rows = anchors if strategy == "anchors" else candidates.select(ids)
+                loss = sgd_step(work, rows, protocol.correction_learning_rate, self.args, data_collator=data.collator,
+                                loss_fn=loss_fn, measurement_fn=measurement_fn, measurement=strategy == "anchors")
+                steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss))
+                if protocol.eval_every_step:
+                    curve.append(self.evaluator(work, heuristic))
+                self.bar.update(1)
+        after = self.evaluator(work)
+        return {"heuristic": heuristic, "strategy": strategy, "seed": seed,
+                "accuracy_after": after[f"accuracy_{heuristic}"], "loss_after": after[f"loss_{heuristic}"],
+                "accuracy_steps": [c[f"accuracy_{heuristic}"] for c in curve],
+                "loss_steps": [c[f"loss_{heuristic}"] for c in curve], "after": after, "steps": steps}
+
+
+def _step_record(step: int, anchor_ids: np.ndarray, ids: np.ndarray, influence: np.ndarray | None, rows: Dataset,
+                 loss: float) -> dict:
+    """What one step chose, for the result file: anchors, selected rows, their labels and influence, the loss."""
+    label_column = "labels" if "labels" in rows.column_names else "label"
+    record = {"step": step, "anchors": anchor_ids.tolist(), "selected": ids.tolist(),
+              "selected_labels": [int(x) for x in rows[label_column]] if label_column in rows.column_names else None,
+              "loss_before_step": loss}
+    if influence is not None:
+        record["influence"] = influence.tolist()
+    return record

@@ -15,51 +15,70 @@ predictions for the step, which turns rows the task model gets wrong upside down
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from datasets import Dataset
+from matplotlib.figure import Figure
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
 from transformers.utils import logging
 
 from .. import distributed as D
 from ..arguments import InfluenceArguments
+from ..data import load_mnli, tokenize_nli
+from ..embedded import embedded_model
+from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
-from ..influence import compute_influences
 from ..loss import FunctionalModel
 from ..mode import influence_mode
 from ..params import select_parameters, unflatten
-from .common import batcher, markdown_table, predict, pyplot
-from .prepare import Setup, SetupArguments
+from ..trainer import InfluenceTrainer
+from ..utils import markdown_table
+from .common import ApplicationData, batcher, check_num_labels, predict
+from .prepare import Setup, freeze_lower_layers, resolve_model
 
 logger = logging.get_logger(__name__)
 
 PAPER_LEARNING_RATES: tuple[float, ...] = tuple(np.logspace(-5, -2.5, 50).tolist())
 """The reference code's sweep for bert-base: 50 rates from 1e-5 to 10^-2.5."""
-EMBEDDED_LEARNING_RATES: tuple[float, ...] = tuple(np.logspace(-3, 0.5, 8).tolist())
-"""The embedded default's sweep (a small model trained with lr 1e-3 needs larger single-row steps)."""
 
 ROW_LABELS = ("prediction", "gold", "mixed")
+SIMULATORS = ("trained", "copy")
 
-PAPER_SIMULATABILITY: dict = dict(num_correct=10, num_incorrect=10, num_points=10,
-                                  learning_rates="50 rates, 1e-5 … 10^-2.5 (log-spaced)",
-                                  test_points="MNLI dev (matched)")
+
+def describe_rates(rates: Sequence[float]) -> str:
+    """``"50 log-spaced rates, 1e-05 … 0.00316"`` for a log-spaced sweep, else the rates themselves."""
+    rates = [float(r) for r in rates]
+    if len(rates) > 2 and np.allclose(np.diff(np.log(rates)), np.log(rates[1] / rates[0])):
+        return f"{len(rates)} log-spaced rates, {rates[0]:.3g} … {rates[-1]:.3g}"
+    return ", ".join(f"{r:g}" for r in rates)
 
 
 @dataclass
 class SimulatabilityArguments:
-    """Flags of the simulatability protocol (defaults: the paper's, except where noted)."""
+    """The simulatability protocol, passed whole to `run_simulatability` (defaults: the paper's; the embedded
+    default changes the sweep and k, hf_fastif.embedded)."""
+
+    PAPER: ClassVar[dict] = dict(num_correct=10, num_incorrect=10, num_points=10,
+                                 learning_rates=describe_rates(PAPER_LEARNING_RATES), test_points="MNLI dev (matched)")
+    """The paper's protocol, for the table of settings that differ from it."""
+    PAPER_INFLUENCE: ClassVar[dict] = dict(influence_knn_k=10000)
+    """The paper's k for simulatability (its other influence settings are the HANS ones)."""
+    QUICK: ClassVar[dict] = dict(num_correct=2, num_incorrect=2, learning_rates=[0.01, 0.1, 1.0])
+    """``--quick``: a smoke run (not a measurement)."""
 
     num_correct: int = field(default=10, metadata={"help": "Test points the task model predicts correctly."})
     num_incorrect: int = field(default=10, metadata={"help": "Test points it predicts wrongly."})
     num_points: int = field(default=10, metadata={"help": "Helpful, harmful and random rows (per label) per test point."})
     learning_rates: list[float] | None = field(default=None, metadata={
-        "help": "The sweep of step sizes (default: the reference code's 50 rates 1e-5 … 10^-2.5; for the embedded "
-                "default 8 rates 1e-3 … 10^0.5)."})
+        "help": "The sweep of step sizes (unset: the reference code's 50 log-spaced rates 1e-5 … 10^-2.5; the embedded "
+                "default: 8 rates 1e-3 … 10^0.5)."})
     explain: str = field(default="prediction", metadata={
         "help": "Influence on the loss of the task model's prediction ('prediction', what the simulator imitates) "
                 "or of the gold label ('gold', as the reference code computes it)."})
@@ -75,15 +94,33 @@ class SimulatabilityArguments:
     test_split: str = field(default="validation_matched", metadata={"help": "Hub split of --test_dataset."})
 
     def __post_init__(self):
-        if self.explain not in ("prediction", "gold"):
-            raise ValueError(f"--explain must be 'prediction' or 'gold', got {self.explain!r}.")
-        if self.row_labels not in ROW_LABELS:
-            raise ValueError(f"--row_labels must be one of {', '.join(ROW_LABELS)}, got {self.row_labels!r}.")
+        self.validate()
 
-    def resolved_learning_rates(self, embedded: bool) -> list[float]:
-        if self.learning_rates:
-            return [float(x) for x in self.learning_rates]
-        return list(EMBEDDED_LEARNING_RATES if embedded else PAPER_LEARNING_RATES)
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the fix for a bad setting (also called by `run_simulatability`)."""
+        if self.explain not in ("prediction", "gold"):
+            raise ValueError(f"explain (--explain) must be 'prediction' or 'gold', got {self.explain!r}.")
+        if self.row_labels not in ROW_LABELS:
+            raise ValueError(f"row_labels (--row_labels) must be one of {', '.join(ROW_LABELS)}, got "
+                             f"{self.row_labels!r}.")
+        for name in ("num_correct", "num_incorrect"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if int(self.num_points) < 1:
+            raise ValueError(f"num_points must be a positive integer, got {self.num_points}.")
+        if not self.rates or min(self.rates) <= 0:
+            raise ValueError("learning_rates must be a non-empty list of positive step sizes.")
+
+    @property
+    def rates(self) -> list[float]:
+        """The sweep as used: ``learning_rates``, or the paper's when unset."""
+        return [float(r) for r in (PAPER_LEARNING_RATES if self.learning_rates is None else self.learning_rates)]
+
+    def used(self) -> dict:
+        """The settings `PAPER` names, as used."""
+        return dict(num_correct=self.num_correct, num_incorrect=self.num_incorrect, num_points=self.num_points,
+                    learning_rates=describe_rates(self.rates),
+                    test_points="HANS validation split" if self.test_dataset is None else self.test_dataset)
 
 
 @dataclass
@@ -166,11 +203,11 @@ class SimulatabilityResult:
             markdown_table(header, rows),
         ])
 
-    def plot(self):
+    def plot(self) -> Figure:
         """Mean simulator loss change vs learning rate per group; one panel per subset (correct / incorrect)."""
-        plt = pyplot()
         subsets = [s for s in ("correct", "incorrect") if any(p["correct"] == (s == "correct") for p in self.points)]
-        fig, axes = plt.subplots(1, max(1, len(subsets)), figsize=(5 * max(1, len(subsets)), 3.6), squeeze=False)
+        fig = Figure(figsize=(5 * max(1, len(subsets)), 3.6))
+        axes = fig.subplots(1, max(1, len(subsets)), squeeze=False)
         styles = {"helpful": ("tab:blue", "-"), "harmful": ("tab:red", "-")}
         grays = iter(["tab:gray", "tab:olive", "tab:brown"])
         colors = {g: styles.get(g) or (next(grays), "--") for g in self.groups}
@@ -246,90 +283,76 @@ class _SimulatorSteps:
         return before, after
 
 
-def run_simulatability(
-    task_model: nn.Module,
-    simulator: nn.Module,
-    train_dataset: Dataset,
-    test_dataset: Dataset,
-    args: InfluenceArguments,
-    *,
-    num_correct: int = 10,
-    num_incorrect: int = 10,
-    num_points: int = 10,
-    learning_rates: Sequence[float] = PAPER_LEARNING_RATES,
-    explain: str = "prediction",
-    row_labels: str = "prediction",
-    seed: int = 0,
-    data_collator: Callable | None = None,
-    progress: bool = True,
-) -> SimulatabilityResult:
+def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: ApplicationData, args: InfluenceArguments,
+                       protocol: SimulatabilityArguments, *, test_dataset: Dataset | None = None,
+                       progress: bool = True) -> SimulatabilityResult:
     """Run the simulatability protocol.
 
     Args:
         task_model: the model to explain.
         simulator: a separate model with the same labels (not modified: steps are functional).
-        train_dataset: tokenized training rows with gold ``labels``; influence, and the rows stepped on.
-        test_dataset: tokenized test rows with gold ``labels``.
-        args: the ``influence_*`` settings (also which simulator parameters are stepped).
-        num_correct / num_incorrect: test points the task model gets right / wrong.
-        num_points: helpful rows, harmful rows, and random rows per gold label, per test point.
-        learning_rates: the sweep of step sizes.
-        explain: influence on the task model's prediction (``"prediction"``) or the gold label (``"gold"``).
-        row_labels: the training rows' labels, both in their influence and in the simulator's step:
-            ``"prediction"`` (the task model's, what the simulator imitates), ``"gold"``, or ``"mixed"`` (gold
-            for influence, prediction for the step, as the reference code does; rows the task model gets
-            wrong then push the simulator the opposite way from what their influence says).
+        data: ``train`` (tokenized training rows with gold ``labels``: influence, and the rows stepped on),
+            ``hans_validation`` (the test points unless ``test_dataset`` is given) and ``collator``.
+        args: the ``influence_*`` settings (also which simulator parameters are stepped); ``seed`` seeds the
+            choice of test points and random rows.
+        protocol: test points (correct / incorrect), rows per group, the sweep of step sizes, ``explain``
+            (influence on the task model's prediction or the gold label) and ``row_labels`` (the training rows'
+            labels, both in their influence and in the simulator's step: ``"prediction"``, the task model's, what
+            the simulator imitates; ``"gold"``; or ``"mixed"``, gold for influence and prediction for the step, as
+            the reference code does, so rows the task model gets wrong push the simulator the opposite way from
+            what their influence says).
+        test_dataset: tokenized test rows with gold ``labels`` (default: ``data.hans_validation``).
     Returns:
         A `SimulatabilityResult`.
     """
-    if explain not in ("prediction", "gold"):
-        raise ValueError(f"explain must be 'prediction' or 'gold', got {explain!r}.")
-    if row_labels not in ROW_LABELS:
-        raise ValueError(f"row_labels must be one of {', '.join(ROW_LABELS)}, got {row_labels!r}.")
+    protocol.validate()
+    test_dataset = data.hans_validation if test_dataset is None else test_dataset
+    if test_dataset is None:
+        raise ValueError("Simulatability needs test points: pass test_dataset= or data.hans_validation.")
     task_labels = getattr(task_model.config, "num_labels", None)
     sim_labels = getattr(getattr(simulator, "config", None), "num_labels", None)
     if task_labels != sim_labels:
         raise ValueError(f"The simulator has {sim_labels} labels and the task model {task_labels}; train the simulator "
                          "on the task model's label set.")
-    rates = [float(r) for r in learning_rates]
-    if not rates or min(rates) <= 0:
-        raise ValueError("learning_rates must be a non-empty list of positive step sizes.")
-    test_predictions = predict(task_model, test_dataset, data_collator).argmax(-1)
+    rates, seed = protocol.rates, args.seed
+    test_predictions = predict(task_model, test_dataset, data.collator).argmax(-1)
     gold = np.asarray(test_dataset["labels"])
-    rows, correct = select_test_points(test_predictions, gold, num_correct, num_incorrect, seed)
+    rows, correct = select_test_points(test_predictions, gold, protocol.num_correct, protocol.num_incorrect, seed)
     if len(rows) == 0:
         raise ValueError("No test points to explain; pass a non-empty test dataset.")
-    targets = test_predictions[rows] if explain == "prediction" else gold[rows]
+    targets = test_predictions[rows] if protocol.explain == "prediction" else gold[rows]
     tests = with_labels(test_dataset.select(rows), targets)
-    train_gold = np.asarray(train_dataset["labels"])
-    train_predictions = predict(task_model, train_dataset, data_collator).argmax(-1)
-    influence_train = train_dataset if row_labels in ("gold", "mixed") else with_labels(train_dataset, train_predictions)
-    step_labels = train_gold if row_labels == "gold" else train_predictions
-    table = compute_influences(task_model, influence_train, tests, args, data_collator=data_collator)
+    train_gold = np.asarray(data.train["labels"])
+    train_predictions = predict(task_model, data.train, data.collator).argmax(-1)
+    influence_train = (data.train if protocol.row_labels in ("gold", "mixed")
+                       else with_labels(data.train, train_predictions))
+    step_labels = train_gold if protocol.row_labels == "gold" else train_predictions
+    with InfluenceEngine(task_model, args, data_collator=data.collator) as engine:
+        table = engine.compute_influences(influence_train, tests)
 
     names = getattr(task_model.config, "id2label", None) or {}
     label_ids = sorted(set(train_gold.tolist()))
     rng = np.random.default_rng([seed, 11])
-    steps = _SimulatorSteps(copy.deepcopy(simulator), args, data_collator)
+    steps = _SimulatorSteps(copy.deepcopy(simulator), args, data.collator)
     result = SimulatabilityResult(
-        settings={"num_correct": int(correct.sum()), "num_incorrect": int((~correct).sum()), "num_points": num_points,
-                  "explain": explain, "row_labels": row_labels, "seed": seed,
-                  "train_accuracy": float((train_predictions == train_gold).mean()), "num_train": len(train_dataset),
-                  "influence": args.influence_settings()},
+        settings={"num_correct": int(correct.sum()), "num_incorrect": int((~correct).sum()),
+                  "num_points": protocol.num_points, "explain": protocol.explain, "row_labels": protocol.row_labels,
+                  "seed": seed, "train_accuracy": float((train_predictions == train_gold).mean()),
+                  "num_train": len(data.train), "influence": args.influence_settings()},
         learning_rates=rates)
     for t in tqdm(range(len(rows)), desc="simulatability", disable=not progress or not D.is_main_process()):
         # groups of num_points rows each, like the random groups: the extremes whatever their sign
-        groups = {"helpful": table.lowest(t, num_points)["train_id"].to_numpy(),
-                  "harmful": table.highest(t, num_points)["train_id"].to_numpy()}
+        groups = {"helpful": table.lowest(t, protocol.num_points)["train_id"].to_numpy(),
+                  "harmful": table.highest(t, protocol.num_points)["train_id"].to_numpy()}
         for label in label_ids:
             pool = np.flatnonzero(train_gold == label)
-            groups[f"random_{names.get(label, label)}"] = np.sort(rng.choice(pool, size=min(num_points, len(pool)),
-                                                                             replace=False))
+            groups[f"random_{names.get(label, label)}"] = np.sort(
+                rng.choice(pool, size=min(protocol.num_points, len(pool)), replace=False))
         point = {"test_row": int(rows[t]), "correct": bool(correct[t]), "task_prediction": int(test_predictions[rows[t]]),
                  "gold": int(gold[rows[t]]), "rows": {}, "losses": {}}
         for group, ids in groups.items():
             # the simulator imitates the task model: its loss is measured on the task model's prediction
-            before, after = steps.losses(train_dataset.select(ids), step_labels[ids], test_dataset.select([int(rows[t])]),
+            before, after = steps.losses(data.train.select(ids), step_labels[ids], test_dataset.select([int(rows[t])]),
                                          int(test_predictions[rows[t]]), rates)
             point["loss_before"] = before
             point["rows"][group] = ids.tolist()
@@ -338,69 +361,53 @@ def run_simulatability(
     return result
 
 
-def load_test_points(sim_args: SimulatabilityArguments, num_labels: int) -> Dataset | None:
+def load_test_points(protocol: SimulatabilityArguments, num_labels: int) -> Dataset | None:
     """The raw test points of ``--test_dataset`` (None: the HANS validation split), checked before training."""
-    if sim_args.test_dataset is None:
+    if protocol.test_dataset is None:
         if num_labels != 2:
             raise ValueError("The default test points (HANS validation) have 2 labels; for a 3-label model pass "
                              "--test_dataset nyu-mll/multi_nli (or an MNLI-format file).")
         return None
-    from ..data import load_mnli
-
-    return load_mnli(sim_args.test_dataset, split=sim_args.test_split, num_labels=num_labels)
+    return load_mnli(protocol.test_dataset, split=protocol.test_split, num_labels=num_labels)
 
 
 def test_points(raw: Dataset | None, setup: Setup) -> Dataset:
     """Tokenized test points: ``raw`` or, when None, the HANS validation split."""
-    from ..data import tokenize_nli
+    if raw is None:
+        return setup.data.hans_validation
+    return tokenize_nli(raw, setup.tokenizer, max_length=setup.data_args.max_length)
 
-    return setup.hans_validation if raw is None else tokenize_nli(raw, setup.tokenizer, max_length=setup.max_length)
 
-
-def build_simulator(setup: Setup, setup_args: SetupArguments, sim_args: SimulatabilityArguments,
-                    output_dir: str) -> nn.Module:
-    """The simulator (see ``SimulatabilityArguments.simulator``)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from ..embedded import embedded_arguments, embedded_model
-    from ..trainer import InfluenceTrainer
-    from .common import check_num_labels
-    from .prepare import PAPER_TRAINING, freeze_lower_layers, resolve_model
-
+def build_simulator(setup: Setup, protocol: SimulatabilityArguments) -> nn.Module:
+    """The simulator (see ``SimulatabilityArguments.simulator``): a copy of the task model, a checkpoint, or a model
+    trained here from the task model's starting point on its predictions, in another order of the rows."""
+    data_args = setup.data_args
     num_labels = setup.model.config.num_labels
-    trainable = setup_args.trainable_layers if setup_args.trainable_layers is not None else (
-        None if setup.name == "embedded" else PAPER_TRAINING["trainable_layers"])
-    if sim_args.simulator == "copy":
+    if protocol.simulator == "copy":
         return copy.deepcopy(setup.model)
-    if sim_args.simulator != "trained":
-        simulator = AutoModelForSequenceClassification.from_pretrained(resolve_model(sim_args.simulator),
+    if protocol.simulator != "trained":
+        simulator = AutoModelForSequenceClassification.from_pretrained(resolve_model(protocol.simulator),
                                                                        attn_implementation="eager")
         check_num_labels(simulator, num_labels, "The simulator")
-        if trainable:
-            freeze_lower_layers(simulator, trainable)
+        if data_args.trainable_layers is not None:
+            freeze_lower_layers(simulator, data_args.trainable_layers)
         return simulator.to(next(setup.model.parameters()).device).eval()
     if setup.name != "embedded" and not setup.description["trained_here"]:
         raise ValueError("The task model was given as a fine-tuned checkpoint, so its base model is unknown: pass "
                          "--simulator CHECKPOINT (a model trained on the task model's predictions), or --simulator copy.")
-    relabelled = with_labels(setup.train, predict(setup.model, setup.train, setup.data_collator).argmax(-1))
+    relabelled = with_labels(setup.data.train, predict(setup.model, setup.data.train, setup.data.collator).argmax(-1))
     # the same starting point as the task model (as two fine-tunings of one pretrained BERT share theirs), another
     # order of the training rows, and the task model's predictions as labels
-    data_seed = setup_args.seed + 1
     args = copy.copy(setup.args)
-    args.data_seed, args.output_dir = data_seed, f"{output_dir}/simulator"
+    args.data_seed, args.output_dir = setup.args.seed + 1, f"{setup.args.output_dir}/simulator"
     if setup.name == "embedded":
-        simulator = embedded_model(setup.tokenizer, seed=setup_args.seed)
-        args = embedded_arguments(f"{output_dir}/simulator", seed=setup_args.seed, epochs=setup.args.num_train_epochs,
-                                  influence_params=setup.args.influence_params)
-        args.learning_rate, args.per_device_train_batch_size = (setup.args.learning_rate,
-                                                                setup.args.per_device_train_batch_size)
-        args.data_seed = data_seed
+        simulator = embedded_model(setup.tokenizer, seed=setup.args.seed)
     else:
         simulator = AutoModelForSequenceClassification.from_pretrained(
-            setup_args.model_name_or_path, attn_implementation="eager", num_labels=num_labels,
+            data_args.model_name_or_path, attn_implementation="eager", num_labels=num_labels,
             id2label=setup.model.config.id2label, label2id=setup.model.config.label2id, ignore_mismatched_sizes=True)
-    if trainable:
-        freeze_lower_layers(simulator, trainable)
+    if data_args.trainable_layers is not None:
+        freeze_lower_layers(simulator, data_args.trainable_layers)
     trainer = InfluenceTrainer(model=simulator, args=args, train_dataset=relabelled, processing_class=setup.tokenizer)
     trainer.train()
     return trainer.model.eval()

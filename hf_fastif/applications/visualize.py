@@ -7,33 +7,65 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from datasets import Dataset
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torch import nn
 
+from ..annotate import TextSource, save_with_text
 from ..arguments import InfluenceArguments
 from ..data import HANS_HEURISTICS
-from ..influence import compute_influences
+from ..engine import InfluenceEngine
 from ..table import InfluenceTable
-from .common import markdown_table, predict, pyplot
+from ..utils import markdown_table
+from .common import ApplicationData, predict
 
 if TYPE_CHECKING:
     import networkx as nx
 
+HEURISTIC_COLORS = {"lexical_overlap": "tab:orange", "subsequence": "tab:green", "constituent": "tab:purple"}
+
 
 def _networkx():
-    """networkx, imported on use (it is an optional dependency: ``pip install hf_fastif[demo]``)."""
+    """networkx, imported on use: an optional dependency (``pip install hf_fastif[demo]``)."""
     try:
         import networkx
     except ImportError as err:
         raise ImportError("The influence graph needs networkx: pip install networkx (or hf_fastif[demo]).") from err
     return networkx
 
-PAPER_VISUALIZATION: dict = dict(test_points_per_heuristic=100, edges_per_test_point=10)
-HEURISTIC_COLORS = {"lexical_overlap": "tab:orange", "subsequence": "tab:green", "constituent": "tab:purple"}
+
+@dataclass
+class VisualizationArguments:
+    """The influence-graph protocol, passed whole to `run_visualization` (defaults: the paper's)."""
+
+    PAPER: ClassVar[dict] = dict(test_points_per_heuristic=100, edges_per_test_point=10)
+    """The paper's protocol, for the table of settings that differ from it."""
+    QUICK: ClassVar[dict] = dict(test_points_per_heuristic=3)
+    """``--quick``: a smoke run (not a measurement)."""
+
+    test_points_per_heuristic: int = field(default=100, metadata={
+        "help": "HANS test points per heuristic (paper: 100; embedded default: 30)."})
+    edges_per_test_point: int = field(default=10, metadata={"help": "Most helpful and most harmful rows per test point."})
+    heuristics: list[str] | None = field(default=None, metadata={"help": "Heuristics to show (default: all of the split)."})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the fix for a bad setting (also called by `run_visualization`)."""
+        for name in ("test_points_per_heuristic", "edges_per_test_point"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+
+    def used(self) -> dict:
+        """The settings `PAPER` names, as used."""
+        return {k: getattr(self, k) for k in self.PAPER}
 
 
 def sample_per_heuristic(heuristics: Sequence[str], n: int, seed: int, names: Sequence[str] | None = None) -> np.ndarray:
@@ -72,11 +104,12 @@ def influence_graph(table: InfluenceTable, test_info: Sequence[dict], train_info
 
 @dataclass
 class InfluenceGraphResult:
-    """The graph, the influence table behind it, and the settings."""
+    """The graph, the influence table behind it, the settings, and the training rows' text (for the saved table)."""
 
     graph: nx.Graph
     table: InfluenceTable
     settings: dict
+    raw_train: Dataset | None = None
 
     def summary(self) -> dict:
         """Per heuristic and edge kind: test points, edges, distinct training rows, rows shared with other
@@ -134,12 +167,14 @@ class InfluenceGraphResult:
                 f"{self.settings['edges_per_test_point']} most helpful and most harmful training rows of each test "
                 "point (k kNN candidates each).\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(hubs))
 
-    def plot(self, seed: int = 0):
+    def plot(self, seed: int | None = None) -> Figure:
         """Two panels (helpful / harmful edges): test points coloured by heuristic, training rows grey, edge
-        width ∝ |influence|; a spring layout pulls training rows that serve many test points together."""
-        plt = pyplot()
+        width ∝ |influence|; a spring layout (seeded: ``seed``, default the run's) pulls training rows that serve
+        many test points together."""
         nx = _networkx()
-        fig, axes = plt.subplots(1, 2, figsize=(13, 6.2))
+        seed = self.settings.get("seed", 0) if seed is None else seed
+        fig = Figure(figsize=(13, 6.2))
+        axes = fig.subplots(1, 2)
         for ax, kind, edge_color in zip(axes, ("helpful", "harmful"), ("tab:blue", "tab:red")):
             sub = nx.Graph()
             sub.add_edges_from((u, v, d) for u, v, d in self.graph.edges(data=True) if d["kind"] == kind)
@@ -159,40 +194,48 @@ class InfluenceGraphResult:
                                                for n in tests])
             ax.set_title(f"{kind} edges (width ∝ |influence|)")
             ax.set_axis_off()
-        handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=h) for h, c in HEURISTIC_COLORS.items()]
-        handles.append(plt.Line2D([], [], marker="o", linestyle="", color="lightgray", label="training row"))
+        handles = [Line2D([], [], marker="o", linestyle="", color=c, label=h) for h, c in HEURISTIC_COLORS.items()]
+        handles.append(Line2D([], [], marker="o", linestyle="", color="lightgray", label="training row"))
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
         fig.suptitle("Training → HANS test influence")
         return fig
 
 
-def run_visualization(model: nn.Module, train_dataset: Dataset, hans_dataset: Dataset, args: InfluenceArguments, *,
-                      test_points_per_heuristic: int = 100, edges_per_test_point: int = 10, seed: int = 0,
-                      heuristics: Sequence[str] | None = None, data_collator: Callable | None = None,
-                      raw_train: Dataset | None = None) -> InfluenceGraphResult:
+    def save_files(self, directory: str | Path) -> list[Path]:
+        """The influence table behind the graph (with the training rows' text), as ``<directory>/influence_table``."""
+        path = Path(directory) / "influence_table"
+        save_with_text(self.table, path, train=None if self.raw_train is None else TextSource(self.raw_train))
+        return [path]
+
+
+def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceArguments,
+                      protocol: VisualizationArguments) -> InfluenceGraphResult:
     """Influence of the training rows on HANS test points grouped by heuristic, as a bipartite graph.
 
     Args:
         model: the trained model.
-        train_dataset: tokenized training rows.
-        hans_dataset: tokenized HANS rows with ``labels`` and ``heuristic`` (e.g. the held-out test split).
-        args: the ``influence_*`` settings (one s_test per test point; k kNN candidates each).
-        test_points_per_heuristic / edges_per_test_point: the paper's 100 / 10.
-        raw_train: the untokenized training rows (premise, hypothesis, genre) to label the training nodes.
+        data: ``train`` (tokenized training rows), ``hans_test`` (tokenized HANS rows with ``labels`` and
+            ``heuristic``: the test points), ``collator``, and ``raw_train`` (the untokenized training rows:
+            premise, hypothesis, genre) to label the training nodes and the table.
+        args: the ``influence_*`` settings (one s_test per test point; k kNN candidates each); ``seed`` seeds the
+            choice of test points and the layout.
+        protocol: test points per heuristic, edges per test point (the paper's 100 / 10), which heuristics.
     """
-    if "heuristic" not in hans_dataset.column_names:
-        raise ValueError(f"hans_dataset needs a 'heuristic' column (found {hans_dataset.column_names}).")
-    names = list(heuristics) if heuristics else None
-    rows = sample_per_heuristic(hans_dataset["heuristic"], test_points_per_heuristic, seed, names)
-    tests = hans_dataset.select(rows)
-    table = compute_influences(model, train_dataset, tests, args, data_collator=data_collator)
-    predictions = predict(model, tests, data_collator).argmax(-1)
+    protocol.validate()
+    data.require("hans_test", what="The influence graph")
+    hans = data.hans_test
+    rows = sample_per_heuristic(hans["heuristic"], protocol.test_points_per_heuristic, args.seed,
+                                list(protocol.heuristics) if protocol.heuristics else None)
+    tests = hans.select(rows)
+    with InfluenceEngine(model, args, data_collator=data.collator) as engine:
+        table = engine.compute_influences(data.train, tests)
+    predictions = predict(model, tests, data.collator).argmax(-1)
     test_info = [{"heuristic": tests[i]["heuristic"], "label": int(tests[i]["labels"]),
                   "subcase": tests[i].get("subcase"), "correct": bool(predictions[i] == tests[i]["labels"]),
                   "row": int(rows[i])} for i in range(len(tests))]
-    text = raw_train if raw_train is not None else train_dataset
+    text = data.raw_train if data.raw_train is not None else data.train
     columns = [c for c in ("premise", "hypothesis", "genre") if c in text.column_names]
-    labels = np.asarray(train_dataset["labels"])
+    labels = np.asarray(data.train["labels"])
 
     def train_info(i: int) -> dict:
         info = {"label": int(labels[i])}
@@ -201,9 +244,10 @@ def run_visualization(model: nn.Module, train_dataset: Dataset, hans_dataset: Da
             info |= {c: row[c] for c in columns}
         return info
 
-    graph = influence_graph(table, test_info, train_info, edges_per_test_point)
-    settings = {"test_points_per_heuristic": test_points_per_heuristic, "edges_per_test_point": edges_per_test_point,
+    graph = influence_graph(table, test_info, train_info, protocol.edges_per_test_point)
+    settings = {"test_points_per_heuristic": protocol.test_points_per_heuristic,
+                "edges_per_test_point": protocol.edges_per_test_point,
                 "heuristics": sorted(set(t["heuristic"] for t in test_info), key=lambda h: (h not in HANS_HEURISTICS,
                                      HANS_HEURISTICS.index(h) if h in HANS_HEURISTICS else 0, h)),
-                "num_test_points": len(tests), "seed": seed, "influence": args.influence_settings()}
-    return InfluenceGraphResult(graph=graph, table=table, settings=settings)
+                "num_test_points": len(tests), "seed": args.seed, "influence": args.influence_settings()}
+    return InfluenceGraphResult(graph=graph, table=table, settings=settings, raw_train=data.raw_train)

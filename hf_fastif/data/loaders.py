@@ -21,9 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset, DatasetDict, Features
+from huggingface_hub import constants
 from transformers.utils import logging
 
 from .schema import NLI3_LABELS, hans_features, label_names, nli_features
@@ -64,8 +67,6 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 # ------------------------------------------------------------------------------------- sources
 def hub_offline() -> bool:
     """Offline mode as set now: huggingface_hub's constant or the environment variables."""
-    from huggingface_hub import constants
-
     env = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     return bool(constants.HF_HUB_OFFLINE) or any(value in _TRUE for value in env)
 
@@ -119,8 +120,6 @@ def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         return pd.DataFrame.from_records(records), None
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         names = None
         if table.schema.metadata and b"huggingface" in table.schema.metadata:
@@ -137,10 +136,8 @@ def _load(source: Path | str, split: str) -> tuple[pd.DataFrame, list[str] | Non
     if isinstance(source, Path):
         logger.info(f"Loading {source} (local file; split {split!r} ignored).")
         return _read_local(source)
-    import datasets
-
     logger.info(f"Loading {source!r} split {split!r} from the Hugging Face Hub.")
-    dataset = datasets.load_dataset(source, split=split)
+    dataset = datasets.load_dataset(source, split=split)  # looked up at call time, so tests can stand in for it
     return dataset.to_pandas(), _label_names_from_features(dataset.features)
 
 

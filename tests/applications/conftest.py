@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, DataCollatorWithPadding
 
+from hf_fastif.applications import ApplicationData
 from hf_fastif.data import HANS_TSV_HEADER, build_tokenizer, generate_nli, split_hans, tokenize_nli
 from hf_fastif.influence import default_arguments
 
@@ -15,7 +16,8 @@ FAST = dict(influence_params=PARAMS, influence_knn_k=30, influence_damping=0.1, 
             influence_recursion_depth=5, influence_batch_size=4, influence_repetitions=1,
             influence_check_convergence=False, disable_tqdm=True)
 # flags a recipe needs to run in a few seconds on the embedded default
-TINY_FLAGS = ["--max_train_samples", "200", "--num_train_epochs", "1", "--knn_k", "30", "--recursion_depth", "5"]
+TINY_FLAGS = ["--max_train_samples", "200", "--num_train_epochs", "1", "--influence_knn_k", "30",
+              "--influence_recursion_depth", "5"]
 
 
 def tiny_config(tokenizer, num_labels=2):
@@ -61,6 +63,13 @@ def trained(nli):
 @pytest.fixture
 def args():
     return default_arguments(**FAST)
+
+
+@pytest.fixture
+def data(nli):
+    """The tiny data as an application takes them."""
+    return ApplicationData(train=nli["train"], hans_validation=nli["validation"], hans_test=nli["test"],
+                           collator=nli["collator"], raw_train=nli["raw"]["train"])
 
 
 def write_hans_tsv(path, dataset, header=HANS_TSV_HEADER, labels=None):

@@ -1,13 +1,21 @@
 """The correction protocol's mechanics on a tiny model: selection, anchors, carry-over, fresh copies, outputs."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from hf_fastif import InfluenceTable
-from hf_fastif.applications import STRATEGIES, HansEvaluator, run_correction, select_points, sgd_step
+from hf_fastif.applications import (
+    STRATEGIES,
+    CorrectionArguments,
+    HansEvaluator,
+    run_correction,
+    select_points,
+    sgd_step,
+)
 from hf_fastif.applications import correction as correction_module
 from hf_fastif.applications.common import check_num_labels, predict
 from hf_fastif.applications.correction import sample_anchors
@@ -83,7 +91,7 @@ def test_check_num_labels_names_the_fix(trained):
         check_num_labels(flipped, 2, "HANS correction")
 
 
-def test_run_correction_protocol_mechanics(trained, nli, args, monkeypatch):
+def test_run_correction_protocol_mechanics(trained, nli, data, args, monkeypatch):
     """Two steps per run: the model carries over between steps, every run starts from a fresh copy of the
     original, anchors come from the run's heuristic, helpful / harmful follow the influence's sign, and the
     original model is untouched."""
@@ -99,9 +107,9 @@ def test_run_correction_protocol_mechanics(trained, nli, args, monkeypatch):
 
     monkeypatch.setattr(correction_module, "sgd_step", spy)
     heuristics = ["lexical_overlap", "constituent"]
-    result = run_correction(trained, nli["train"], nli["validation"], nli["test"], args, heuristics=heuristics,
-                            num_steps=2, num_anchors=4, num_points=3, learning_rate=0.5, replicas=1,
-                            data_collator=nli["collator"], progress=False)
+    protocol = CorrectionArguments(heuristics=heuristics, num_steps=2, num_anchors=4, num_points=3,
+                                   correction_learning_rate=0.5, replicas=1)
+    result = run_correction(trained, data, args, protocol, progress=False)
     for name, p in trained.named_parameters():
         torch.testing.assert_close(p.detach(), original[name])
     assert len(result.runs) == len(heuristics) * len(STRATEGIES) and len(calls) == 2 * len(result.runs)
@@ -137,10 +145,10 @@ def test_run_correction_protocol_mechanics(trained, nli, args, monkeypatch):
     assert "| lexical_overlap |" in markdown and "helpful (Δ)" in markdown
 
 
-def test_run_correction_candidate_pool_and_replicas(trained, nli, args):
-    result = run_correction(trained, nli["train"], nli["validation"], nli["test"], args, strategies=["helpful", "random"],
-                            heuristics=["subsequence"], num_steps=1, num_anchors=3, num_points=2, learning_rate=0.1,
-                            replicas=2, candidate_dataset=nli["pool"], data_collator=nli["collator"], progress=False)
+def test_run_correction_candidate_pool_and_replicas(trained, nli, data, args):
+    protocol = CorrectionArguments(strategies=["helpful", "random"], heuristics=["subsequence"], num_steps=1,
+                                   num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=2)
+    result = run_correction(trained, dataclasses.replace(data, candidates=nli["pool"]), args, protocol, progress=False)
     assert [r["replica"] for r in result.runs] == [0, 0, 1, 1]
     assert all(max(r["steps"][0]["selected"]) < len(nli["pool"]) for r in result.runs)
     first, second = result.runs[0]["steps"][0]["anchors"], result.runs[2]["steps"][0]["anchors"]
@@ -148,13 +156,45 @@ def test_run_correction_candidate_pool_and_replicas(trained, nli, args):
     assert result.settings["candidates"] == "pool"
 
 
-def test_run_correction_rejects_bad_settings(trained, nli, args):
+def test_one_engine_per_run_for_its_whole_life(trained, data, args, monkeypatch):
+    """Influence goes through one InfluenceEngine per (heuristic, strategy, replica) run, bound to that run's model
+    copy and asked once per step, never through a fresh compute_influences per step."""
+    made = []
+    real = correction_module.InfluenceEngine
+
+    class Spy(real):
+        def __init__(self, model, *a, **kw):
+            super().__init__(model, *a, **kw)
+            self.calls = 0
+            made.append(self)
+
+        def compute_influences(self, *a, **kw):
+            self.calls += 1
+            return super().compute_influences(*a, **kw)
+
+    monkeypatch.setattr(correction_module, "InfluenceEngine", Spy)
+    protocol = CorrectionArguments(strategies=["helpful", "harmful", "random"], heuristics=["constituent"],
+                                   num_steps=3, num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=1)
+    run_correction(trained, data, args, protocol, progress=False)
+    assert len(made) == 3 and [e.calls for e in made] == [3, 3, 0]
+    assert len({id(e.model) for e in made}) == 3 and all(e.model is not trained for e in made)
+
+
+def test_run_correction_rejects_bad_settings(trained, data, args):
     with pytest.raises(ValueError, match="Unknown strategies"):
-        run_correction(trained, nli["train"], nli["validation"], nli["test"], args, strategies=["best"])
+        CorrectionArguments(strategies=["best"])
+    for field, value, message in (("strategies", ["best"], "Unknown strategies"), ("num_steps", 0, "num_steps must"),
+                                  ("replicas", -1, "replicas must"), ("correction_learning_rate", 0.0, "must be > 0")):
+        protocol = CorrectionArguments()
+        setattr(protocol, field, value)  # changed after construction: run_correction checks again, before any work
+        with pytest.raises(ValueError, match=message):
+            run_correction(trained, data, args, protocol)
     with pytest.raises(ValueError, match="no rows in hans_validation"):
-        run_correction(trained, nli["train"], nli["validation"], nli["test"], args, heuristics=["negation"])
+        run_correction(trained, data, args, CorrectionArguments(heuristics=["negation"]))
     with pytest.raises(ValueError, match="fewer than num_anchors"):
-        run_correction(trained, nli["train"], nli["validation"], nli["test"], args, num_anchors=1000)
+        run_correction(trained, data, args, CorrectionArguments(num_anchors=1000))
+    with pytest.raises(ValueError, match="needs data.hans_test"):
+        run_correction(trained, dataclasses.replace(data, hans_test=None), args, CorrectionArguments())
 
 
 def test_select_points_steps_on_n_rows_whatever_their_sign():

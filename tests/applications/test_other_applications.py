@@ -1,22 +1,27 @@
 """Augmentation, simulatability and the influence graph on a tiny model."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
+from hf_fastif import InfluenceTable
+from hf_fastif.applications import CorrectionArguments, SimulatabilityArguments, VisualizationArguments
 from hf_fastif.applications.augmentation import PoolArguments, load_pool, pool_format, run_augmentation
 from hf_fastif.applications.common import two_label_loss
-from hf_fastif.applications.simulatability import run_simulatability, select_test_points
+from hf_fastif.applications.simulatability import describe_rates, run_simulatability, select_test_points
 from hf_fastif.applications.visualize import influence_graph, run_visualization, sample_per_heuristic
 
 
-def test_augmentation_steps_on_pool_rows(trained, nli, args):
-    result = run_augmentation(trained, nli["train"], nli["pool"], nli["validation"], nli["test"], args,
-                              pool_name="tiny pool", strategies=["helpful", "random"], heuristics=["constituent"],
-                              num_steps=1, num_anchors=3, num_points=2, learning_rate=0.1, replicas=1,
-                              data_collator=nli["collator"], progress=False)
+def test_augmentation_steps_on_pool_rows(trained, nli, data, args):
+    protocol = CorrectionArguments(strategies=["helpful", "random"], heuristics=["constituent"], num_steps=1,
+                                   num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=1)
+    with pytest.raises(ValueError, match="needs the unseen pool as data.candidates"):
+        run_augmentation(trained, data, args, protocol)
+    result = run_augmentation(trained, dataclasses.replace(data, candidates=nli["pool"]), args, protocol,
+                              pool_name="tiny pool", progress=False)
     assert "tiny pool" in result.title and result.settings["num_candidates"] == len(nli["pool"])
     pool_heuristics = np.array(nli["pool"]["heuristic"])
     helpful = result.runs[0]["steps"][0]["selected"]
@@ -51,14 +56,13 @@ def test_select_test_points_mixes_correct_and_incorrect():
     assert (predictions[rows] == labels[rows]).tolist() == correct.tolist()
 
 
-def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(trained, nli, args):
+def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(trained, data, args):
     """With the task model itself as simulator and small steps, influence predicts the first-order change: the
     most helpful rows lower the loss on the prediction, the most harmful raise it."""
     exact = copy.copy(args)
     exact.influence_knn_k = None
-    result = run_simulatability(trained, copy.deepcopy(trained), nli["train"], nli["validation"], exact,
-                                num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2],
-                                data_collator=nli["collator"], progress=False)
+    protocol = SimulatabilityArguments(num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2])
+    result = run_simulatability(trained, copy.deepcopy(trained), data, exact, protocol, progress=False)
     assert len(result.points) == 4 and {"helpful", "harmful", "random_entailment"} <= set(result.groups)
     assert result.loss_change("helpful")[:, 0].mean() < 0 < result.loss_change("harmful")[:, 0].mean()
     summary = result.summary()
@@ -69,13 +73,25 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
         assert np.asarray(point["losses"]["helpful"]).shape == (3, 2)
 
 
-def test_simulatability_rejects_mismatched_labels(trained, nli, args):
+def test_simulatability_rejects_mismatched_labels_and_bad_protocols(trained, data, args):
     other = copy.deepcopy(trained)
     other.config.num_labels = 3
     with pytest.raises(ValueError, match="simulator has 3 labels"):
-        run_simulatability(trained, other, nli["train"], nli["validation"], args)
+        run_simulatability(trained, other, data, args, SimulatabilityArguments())
     with pytest.raises(ValueError, match="row_labels"):
-        run_simulatability(trained, trained, nli["train"], nli["validation"], args, row_labels="both")
+        SimulatabilityArguments(row_labels="both")
+    for field, value, message in (("row_labels", "both", "row_labels"), ("explain", "loss", "explain"),
+                                  ("learning_rates", [0.1, -1.0], "positive step sizes"), ("num_points", 0, "num_points")):
+        protocol = SimulatabilityArguments()
+        setattr(protocol, field, value)  # changed after construction: checked again before any work
+        with pytest.raises(ValueError, match=message):
+            run_simulatability(trained, trained, data, args, protocol)
+
+
+def test_describe_rates_names_log_spaced_sweeps():
+    assert describe_rates(np.logspace(-5, -2.5, 50)) == "50 log-spaced rates, 1e-05 … 0.00316"
+    assert describe_rates([0.1, 1.0]) == "0.1, 1"
+    assert SimulatabilityArguments().used()["learning_rates"] == SimulatabilityArguments.PAPER["learning_rates"]
 
 
 def test_sample_per_heuristic_groups_rows():
@@ -87,8 +103,6 @@ def test_sample_per_heuristic_groups_rows():
 
 
 def test_influence_graph_edges_follow_the_sign():
-    from hf_fastif import InfluenceTable
-
     table = InfluenceTable.from_arrays([0, 0, 0, 1, 1], [5, 6, 7, 5, 8], [-1.0, 2.0, -0.5, 0.3, -4.0])
     graph = influence_graph(table, [{"heuristic": "a"}, {"heuristic": "b"}], lambda i: {"label": i % 2}, 2)
     assert graph.edges["test:0", "train:5"]["kind"] == "helpful"
@@ -97,9 +111,11 @@ def test_influence_graph_edges_follow_the_sign():
     assert graph.nodes["train:5"]["side"] == "train" and graph.degree["train:5"] == 2
 
 
-def test_run_visualization_builds_graph_and_summary(trained, nli, args):
-    result = run_visualization(trained, nli["train"], nli["test"], args, test_points_per_heuristic=2,
-                               edges_per_test_point=3, data_collator=nli["collator"], raw_train=nli["raw"]["train"])
+def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_path):
+    with pytest.raises(ValueError, match="edges_per_test_point must be a positive integer"):
+        VisualizationArguments(edges_per_test_point=0)
+    protocol = VisualizationArguments(test_points_per_heuristic=2, edges_per_test_point=3)
+    result = run_visualization(trained, data, args, protocol)
     tests = [n for n, d in result.graph.nodes(data=True) if d["side"] == "test"]
     assert len(tests) == 6
     summary = result.summary()
@@ -108,3 +124,6 @@ def test_run_visualization_builds_graph_and_summary(trained, nli, args):
     node = next(n for n, d in result.graph.nodes(data=True) if d["side"] == "train")
     assert "premise" in result.graph.nodes[node] and "genre" in result.graph.nodes[node]
     assert "nodes" in result.to_dict()["graph"] and "### Influence graph" in result.to_markdown()
+    (path,) = result.save_files(tmp_path)
+    saved = InfluenceTable.load(path)
+    assert len(saved) == len(result.table) and "train_premise" in saved.column_names

@@ -8,8 +8,8 @@ import pytest
 
 from .conftest import TINY_FLAGS, load_recipe
 
-PAPER_FAST = ["--knn_k", "20", "--recursion_depth", "5", "--damping", "0.1", "--scale", "50", "--repetitions", "1",
-              "--lissa_batch_size", "4"]
+PAPER_FAST = ["--influence_knn_k", "20", "--influence_recursion_depth", "5", "--influence_damping", "0.1",
+              "--influence_scale", "50", "--influence_repetitions", "1", "--influence_batch_size", "4"]
 
 
 def _outputs(directory: Path, name: str) -> dict:
@@ -29,7 +29,7 @@ def test_hans_correction_recipe_embedded(tmp_path, capsys):
     assert [r["strategy"] for r in results["runs"]] == ["helpful", "random"]
     assert all(len(r["steps"]) == 2 for r in results["runs"])
     changed = {row[0]: row for row in results["changes_from_paper"]}
-    assert changed["learning_rate"][1:] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
+    assert changed["correction_learning_rate"][1:] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
     printed = capsys.readouterr().out
     assert "### HANS error correction" in printed and "| lexical_overlap |" in printed
     assert "Settings the embedded default changes from the paper" in printed
@@ -68,7 +68,7 @@ def test_paper_path_loads_a_finetuned_checkpoint(tmp_path, files):
                     files["mnli"], "--hans_file", files["hans"], "--num_steps", "1", "--replicas", "1",
                     "--heuristics", "subsequence", "--strategies", "helpful", "anchors", *PAPER_FAST])
     assert results["setup"]["setup"] == "paper" and results["setup"]["trained_here"] is False
-    assert results["setup"]["num_train"] == 120 and results["settings"]["learning_rate"] == 1e-4
+    assert results["setup"]["num_train"] == 120 and results["settings"]["correction_learning_rate"] == 1e-4
     assert results["settings"]["influence"]["influence_weight_decay"] == 0.005  # the reference code's L2 term
     assert not (tmp_path / "model" / "config.json").exists()
     _outputs(tmp_path, "hans_correction")

@@ -1,0 +1,94 @@
+"""The end every application recipe shares: compare the settings with the paper's, render the result as markdown,
+write ``<name>.json`` / ``.md`` / ``.png`` (and any files of the result's own) to ``--output_dir``, and print."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from .. import distributed as D
+from ..embedded import EMBEDDED_DESCRIPTION
+from ..utils import markdown_table
+from .common import write_results
+from .prepare import PAPER_INFLUENCE, Setup
+
+PAPER_DESCRIPTION: dict = {
+    "model": "bert-base-cased, fine-tuned on MNLI-2 (embeddings and layers 0-9 frozen)",
+    "influence parameters": "layers 10-11, pooler, classifier (14.7M)",
+    "training rows": "392,702 (MNLI-2 train)",
+    "HANS rows (validation / test)": "official HANS evaluation set (30,000), split into validation / test",
+}
+
+
+class Result(Protocol):
+    """What an application returns: `CorrectionResult`, `SimulatabilityResult`, `InfluenceGraphResult`."""
+
+    def to_dict(self) -> dict: ...
+
+    def to_markdown(self) -> str: ...
+
+    def plot(self) -> Any: ...
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def compare_with_paper(setup: Setup, protocol: Any = None) -> list[tuple[str, str, str]]:
+    """``(setting, paper, here)`` for the model, the data, the influence settings and λ, and the application's
+    protocol (``protocol.PAPER`` vs ``protocol.used()``; ``protocol.PAPER_INFLUENCE``: the paper's influence
+    settings of this application where they differ from its HANS ones). Only differences are listed."""
+    d = setup.description
+    here = {
+        "model": EMBEDDED_DESCRIPTION if d["setup"] == "embedded"
+        else f"{d['model']}" + (" (fine-tuned here)" if d["trained_here"] else " (as given)"),
+        "influence parameters": f"{d['num_influence_parameters']:,} of {d['num_parameters']:,}",
+        "training rows": f"{d['num_train']:,} ({d['train_data']})",
+        "HANS rows (validation / test)": f"{d['hans']}: {d['num_hans_validation']:,} / {d['num_hans_test']:,}",
+    }
+    rows = []
+    if d["setup"] == "embedded" or d["train_data"] != PAPER_DESCRIPTION["training rows"]:
+        rows += [(k, PAPER_DESCRIPTION[k], here[k]) for k in PAPER_DESCRIPTION]
+    paper_influence = {k: v for k, v in PAPER_INFLUENCE.items() if k != "influence_params"}
+    paper_influence |= getattr(protocol, "PAPER_INFLUENCE", {})
+    used = setup.args.influence_settings()
+    rows += [(k, _show(v), _show(used.get(k))) for k, v in paper_influence.items() if _show(v) != _show(used.get(k))]
+    paper_lambda = paper_influence["influence_damping"] * paper_influence["influence_scale"]
+    if _show(paper_lambda) != _show(setup.args.influence_lambda):
+        rows.append(("λ = damping × scale", _show(paper_lambda), _show(setup.args.influence_lambda)))
+    if protocol is not None:
+        paper, now = protocol.PAPER, protocol.used()
+        rows += [(k, _show(v), _show(now.get(k))) for k, v in paper.items() if _show(v) != _show(now.get(k))]
+    return rows
+
+
+def comparison_markdown(rows: list[tuple[str, str, str]], setup: Setup) -> str:
+    title = ("Settings the embedded default changes from the paper" if setup.name == "embedded"
+             else "Settings that differ from the paper")
+    if not rows:
+        return f"### {title}\n\nNone."
+    return f"### {title}\n\n" + markdown_table(["setting", "paper", "here"], rows)
+
+
+def write_report(name: str, result: Result, setup: Setup, protocol: Any = None, *,
+                 argv: Sequence[str] | None = None, extra: dict | None = None) -> dict:
+    """Compare with the paper, write ``<name>.json`` (the result, the setup, ``extra``, the settings that differ
+    from the paper, the command line and the seconds since `prepare` began), ``<name>.md`` and ``<name>.png``
+    to ``setup.args.output_dir``, plus the result's own files (``result.save_files(directory)``, if it has
+    one); print the markdown. Only the main process writes and prints. Returns what the JSON holds."""
+    changes = compare_with_paper(setup, protocol)
+    markdown = result.to_markdown() + "\n\n" + comparison_markdown(changes, setup)
+    results = result.to_dict() | {"setup": setup.description} | (extra or {}) | {
+        "changes_from_paper": changes, "argv": list(sys.argv[1:] if argv is None else argv),
+        "seconds": setup.seconds()}
+    if D.is_main_process():
+        directory = setup.args.output_dir
+        paths = list(write_results(directory, name, results, markdown, result.plot()).values())
+        if hasattr(result, "save_files"):
+            paths += result.save_files(directory)
+        print(markdown)
+        print(f"\nwrote {', '.join(str(p) for p in paths)} in {setup.seconds():.0f}s")
+    return results

@@ -1,0 +1,67 @@
+"""Command-line parsing shared by the ``hf-fastif`` CLI and the recipes: `HfArgumentParser` over argument
+dataclasses (always `InfluenceArguments` itself, so every ``--influence_*`` flag and TrainingArguments' own
+``--output_dir``, ``--seed``, ``--num_train_epochs`` ... keep their names), with defaults that depend on the
+setup the command line chooses.
+
+The embedded default and the paper's setup want different defaults (a CPU-sized LiSSA vs the paper's), and
+which one applies is only known once ``--model_name_or_path`` is read. So the command line is read twice:
+first to learn that choice, then again with the chosen setup's values as the parser's defaults
+(``parser.set_defaults``). A flag given on the command line always wins; an ungiven one takes the setup's
+default, and the dataclass default where the setup has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from transformers import HfArgumentParser
+
+NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions")
+"""Flags where ``0`` on the command line means None (every training row is scored; one repetition per process),
+since argparse cannot spell None."""
+
+HELP_FLAGS = ("-h", "--help")
+
+Defaults = Mapping[str, Any] | Callable[[argparse.Namespace], Mapping[str, Any]]
+
+
+def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
+                    defaults: Defaults | None = None) -> tuple:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into one instance of each of ``dataclass_types``, in order.
+
+    Args:
+        dataclass_types: argument dataclasses, e.g. ``(ModelDataArguments, CorrectionArguments,
+            InfluenceArguments)``; their field names must be distinct (they become the flags).
+        argv: the command line, without the program name.
+        defaults: values for flags the command line does not give: a mapping, or a function of a first,
+            provisional parse (an `argparse.Namespace` holding every flag) that returns one. Keys that are no
+            field of ``dataclass_types`` are ignored, so one mapping can serve several commands.
+    """
+    return parse_with_defaults(HfArgumentParser(list(dataclass_types)), argv, defaults)
+
+
+def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = None,
+                        defaults: Defaults | None = None) -> tuple:
+    """`parse_arguments` on a given parser (e.g. a subcommand's); see there."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+    if callable(defaults):
+        # --help is answered by the second parse, which knows the chosen setup's defaults
+        first, _ = parser.parse_known_args([a for a in argv if a not in HELP_FLAGS])
+        _none_for_zero(first)
+        defaults = defaults(first)
+    parser.set_defaults(**{k: v for k, v in (defaults or {}).items() if k in fields})
+    namespace = parser.parse_args(argv)
+    _none_for_zero(namespace)
+    return tuple(dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
+                 for dtype in parser.dataclass_types)
+
+
+def _none_for_zero(namespace: argparse.Namespace) -> None:
+    for name in NONE_FOR_ZERO:
+        if getattr(namespace, name, None) == 0:
+            setattr(namespace, name, None)

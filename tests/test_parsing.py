@@ -1,0 +1,153 @@
+"""One vocabulary: the recipes and ``hf-fastif build`` parse `InfluenceArguments` itself, so they take the same
+``--influence_*`` flags; a setup's defaults (the embedded default's, the paper's) apply only to flags the command
+line does not give."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from hf_fastif import InfluenceArguments, cli
+from hf_fastif.applications import ModelDataArguments
+from hf_fastif.embedded import EMBEDDED_INFLUENCE, EMBEDDED_USES
+from hf_fastif.parsing import parse_arguments
+from tests.applications.conftest import load_recipe
+
+RECIPES = ("hans_correction", "augmentation", "simulatability", "visualize")
+INFLUENCE_FIELDS = [f for f in dataclasses.fields(InfluenceArguments) if f.name.startswith("influence_")]
+INFLUENCE_FLAGS = {f"--{f.name}" for f in INFLUENCE_FIELDS} | {f"--no_{f.name}" for f in INFLUENCE_FIELDS if f.default is True}
+"""Every ``--influence_*`` flag (and ``--no_*`` for a setting that is on by default)."""
+
+
+class Parsed(Exception):
+    """Raised in place of the first expensive step, carrying what the command line parsed to."""
+
+    def __init__(self, *values):
+        super().__init__("parsed")
+        self.values = values
+
+
+def _recipe_args(name: str, argv: list[str], monkeypatch) -> tuple[ModelDataArguments, InfluenceArguments]:
+    module = load_recipe(name)
+
+    def stop(data_args, args, **kwargs):
+        raise Parsed(data_args, args)
+
+    monkeypatch.setattr(module, "prepare", stop)
+    monkeypatch.setattr(module, "load_pool", lambda *a: None, raising=False)
+    monkeypatch.setattr(module, "load_test_points", lambda *a: None, raising=False)
+    with pytest.raises(Parsed) as parsed:
+        module.main(argv)
+    return parsed.value.values
+
+
+def _build_args(argv: list[str], monkeypatch) -> InfluenceArguments:
+    def stop(out, args, **kwargs):
+        raise Parsed(args)
+
+    def stop_model(build, args, out):
+        raise Parsed(args)
+
+    monkeypatch.setattr(cli, "build_default", stop)
+    monkeypatch.setattr(cli, "_build_from_model", stop_model)
+    with pytest.raises(Parsed) as parsed:
+        cli.main(["build", *argv])
+    return parsed.value.values[0]
+
+
+def _help_flags(main, argv: list[str], capsys) -> set[str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    return set(re.findall(r"--(?:no_)?influence_[a-z_]+", capsys.readouterr().out))
+
+
+def test_recipes_and_cli_take_the_same_influence_flags(capsys):
+    assert "--no_influence_check_convergence" in INFLUENCE_FLAGS
+    assert _help_flags(cli.main, ["build", "--help"], capsys) == INFLUENCE_FLAGS
+    for name in (*RECIPES, "quickstart"):
+        assert _help_flags(load_recipe(name).main, ["--help"], capsys) == INFLUENCE_FLAGS, name
+
+
+GIVEN = ["--influence_scale", "10000", "--influence_damping", "0.3", "--influence_solver", "cg", "--seed", "7",
+         "--influence_knn_k", "0"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_given_flag_wins_and_an_ungiven_one_takes_the_setups_default(name, monkeypatch, tmp_path):
+    # --influence_scale 10000 is InfluenceArguments' own default: given, it must still beat the embedded default's 50
+    data_args, args = _recipe_args(name, ["--output_dir", str(tmp_path), *GIVEN], monkeypatch)
+    assert data_args.embedded and data_args.num_threads == 1
+    assert (args.influence_scale, args.influence_damping, args.influence_solver, args.seed) == (1e4, 0.3, "cg", 7)
+    assert args.influence_knn_k is None  # 0 on the command line means None
+    assert args.output_dir == str(tmp_path)
+    for key in ("influence_recursion_depth", "influence_batch_size", "influence_repetitions", "influence_params"):
+        assert getattr(args, key) == EMBEDDED_INFLUENCE[key], key
+    assert args.learning_rate == 1e-3 and args.use_cpu  # the embedded model's training
+
+    _, default = _recipe_args(name, [], monkeypatch)
+    assert default.output_dir == f"outputs/{name}" and default.seed == 0
+    assert default.influence_knn_k == EMBEDDED_USES.get(name, {}).get("influence_knn_k", 1000)
+    assert default.influence_scale == 50.0
+
+    data_args, paper = _recipe_args(name, ["--model_name_or_path", str(tmp_path), "--influence_recursion_depth", "7"],
+                                    monkeypatch)
+    assert not data_args.embedded and data_args.trainable_layers == 2
+    assert (paper.influence_scale, paper.influence_weight_decay, paper.influence_params) == (1e6, 0.005, None)
+    assert paper.influence_recursion_depth == 7 and paper.learning_rate == 2e-5
+    assert paper.influence_knn_k == (10000 if name == "simulatability" else 1000)
+
+
+def test_protocol_defaults_follow_the_setup_and_quick(monkeypatch):
+    module = load_recipe("hans_correction")
+    captured = {}
+
+    def stop(data_args, args, **kwargs):
+        raise Parsed()
+
+    monkeypatch.setattr(module, "prepare", stop)
+    real = module.parse_recipe
+
+    def spy(*a, **kw):
+        captured["parsed"] = real(*a, **kw)
+        return captured["parsed"]
+
+    monkeypatch.setattr(module, "parse_recipe", spy)
+    for argv, lr, steps, k in ((["--output_dir", "x"], 1e-2, 10, 1000),
+                               (["--model_name_or_path", "m"], 1e-4, 10, 1000),
+                               (["--quick"], 1e-2, 2, 200),
+                               (["--quick", "--num_steps", "5", "--correction_learning_rate", "1e-4"], 1e-4, 5, 200)):
+        with pytest.raises(Parsed):
+            module.main(argv)
+        data_args, protocol, args = captured["parsed"]
+        assert (protocol.correction_learning_rate, protocol.num_steps, args.influence_knn_k) == (lr, steps, k), argv
+        assert data_args.max_train_samples == (600 if "--quick" in argv else None)
+
+
+def test_embedded_trainable_layers_takes_influence_over_what_trains(monkeypatch):
+    _, args = _recipe_args("visualize", ["--trainable_layers", "1"], monkeypatch)
+    assert args.influence_params is None
+    _, args = _recipe_args("visualize", ["--trainable_layers", "1", "--influence_params", "classifier"], monkeypatch)
+    assert args.influence_params == ["classifier"]
+
+
+def test_cli_build_defaults(monkeypatch, tmp_path):
+    args = _build_args(["--output_dir", str(tmp_path), *GIVEN], monkeypatch)
+    assert (args.influence_scale, args.influence_damping, args.influence_solver, args.seed) == (1e4, 0.3, "cg", 7)
+    assert args.influence_knn_k is None
+    args = _build_args(["--output-dir", str(tmp_path)], monkeypatch)
+    assert args.influence_knn_k == EMBEDDED_USES["table"]["influence_knn_k"] and args.influence_scale == 50.0
+    args = _build_args(["--output_dir", str(tmp_path), "--model_name_or_path", "m", "--train_dataset", "t",
+                        "--test_dataset", "h"], monkeypatch)
+    defaults = InfluenceArguments(output_dir=str(tmp_path))
+    assert (args.influence_knn_k, args.influence_scale) == (defaults.influence_knn_k, defaults.influence_scale)
+
+
+def test_parse_arguments_ignores_defaults_of_other_commands():
+    (data_args,) = parse_arguments([ModelDataArguments], ["--num_labels", "3"],
+                                   {"num_threads": 2, "influence_knn_k": 5, "max_length": 64})
+    assert (data_args.num_labels, data_args.num_threads, data_args.max_length) == (3, 2, 64)
+    with pytest.raises(SystemExit):
+        parse_arguments([ModelDataArguments], ["--no_such_flag", "1"])
