@@ -15,8 +15,8 @@ import torch
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS
 from hf_fastif.hvp import batch_gradient, batch_hvp
-from hf_fastif.influence import POWER_ITERATION_ROWS, POWER_ITERATIONS
 from hf_fastif.knn import build_index, extract_features, search
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
@@ -93,8 +93,10 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         for b in sorted(set(batch_sizes)):
             for m in sorted({1, shared}):
                 out["hvp"][f"{b}x{m}"] = step(b, torch.randn(m, p, device=device, dtype=dtype) * 1e-2)
-        out["power_iteration"] = POWER_ITERATIONS * step(min(POWER_ITERATION_ROWS, n),
-                                                         torch.randn(1, p, device=device, dtype=dtype), "sum")
+        # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows
+        out["power_iteration"] = (CHECK_BATCHES * CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
+                                  + (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n),
+                                                                  torch.randn(1, p, device=device, dtype=dtype), "sum"))
         block = rng.choice(n, min(64, n), replace=False).tolist()
         for m in sorted({1, shared}):
             s_test = torch.randn(m, p, device=device, dtype=dtype) * 1e-3
