@@ -189,6 +189,11 @@ class InfluenceEngine:
         names = list(params)
         if args.influence_solver == "exact":
             check_exact_size(num_parameters(params))
+        if (k is not None and self.features is None and args.influence_knn_features == "gradient"
+                and args.influence_projection_dim > num_parameters(params)):
+            raise ValueError(f"influence_projection_dim={args.influence_projection_dim} must be between 1 and the "
+                             f"number of influence parameters ({num_parameters(params)}); a projection larger than "
+                             "the gradient only adds noise. Lower it.")
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
         rank, world_size = D.world()

@@ -8,10 +8,11 @@ For each repetition t, with a fresh sample of B training points per step::
 Its fixed point is ``(H + damp·scale·I)⁻¹ v``. Each step contracts when the batch Hessian's eigenvalues lie in
 ``(-λ, (2 - damp)·scale)`` with ``λ = damp·scale``; the series converges in expectation when ``H + λI`` is positive
 definite and ``scale`` is above the batch Hessians' top eigenvalues. Batch Hessians of a non-convex model are often
-indefinite, so single steps may expand: what signals divergence is *sustained* growth of the increments
-``‖h_j - h_{j-1}‖`` (an unstable direction grows geometrically, while a convergent series' increments shrink to the
-level of its sampling noise), which `GrowthMonitor` detects. The iterate lives in the dtype of ``v`` (the caller
-passes float32 or wider, whatever the model's dtype).
+indefinite, so single steps may expand: what signals divergence is an iterate beyond the bound of a convergent
+series that keeps growing geometrically, which `GrowthMonitor` detects (a slowly unstable direction may stay
+below that bound for J steps: the convergence check before the recursion looks for it, see
+`hf_fastif.engine`). The iterate lives in the dtype of ``v`` (the caller passes float32 or wider, whatever the
+model's dtype).
 """
 
 from __future__ import annotations
@@ -56,41 +57,41 @@ def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int
 
 
 class GrowthMonitor:
-    """Detects sustained geometric growth of LiSSA's increments ``‖h_j - h_{j-1}‖`` (one per repetition and test
-    vector).
+    """Detects an iterate that grows without bound: ``‖h_j‖`` (one per repetition and test vector) has left the
+    envelope of a convergent series and keeps growing geometrically.
 
-    Increments are averaged over windows of ``window`` steps. Divergence is declared when the window means have
-    risen ``rising`` times in a row and the last one is more than ``factor`` times the lowest window mean seen: a
-    convergent series' increments fall and then stay at the level of its sampling noise, while an unstable
-    direction, however small its share of ``v``, grows by the same factor every step once it dominates.
+    With every batch Hessian positive semi-definite and below ``(2 - damp)·scale``, each step contracts by at least
+    ``1 - damp``, so ``‖h_j‖ ≤ E_j = ‖v‖·Σ_{i≤j} (1 - damp)^i`` (at most ``‖v‖/damp``). Indefinite batch Hessians (a
+    model away from a minimum) can push a convergent series above ``E_j`` for a while, and a series whose fixed point
+    is far from ``v`` (small damp) grows for ~1/damp steps: neither is divergence. Divergence is declared when both
+    hold: ``‖h_j‖ > factor·E_j``, and ``‖h‖`` at the end of each window of ``window`` steps rose ``rising`` windows
+    in a row (an unstable direction grows by the same factor every step, however small its share of ``v``).
     """
 
-    def __init__(self, depth: int, *, window: int | None = None, rising: int = 6, factor: float = 3.0):
+    def __init__(self, v_norm: torch.Tensor, damping: float, depth: int, *, window: int | None = None,
+                 rising: int = 6, factor: float = 2.0):
         self.window = window or max(8, depth // 50)
-        self.rising, self.factor = rising, factor
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-        self._means: list[torch.Tensor] = []
+        self.rising, self.factor, self.damping = rising, factor, damping
+        self.v_norm = v_norm.detach().double()
+        self.envelope = torch.zeros_like(self.v_norm)
+        self.step = 0
+        self._ends: list[torch.Tensor] = []
 
-    def update(self, increments: torch.Tensor) -> torch.Tensor | None:
-        """Add one step's increments; returns the growth factor over the lowest window (per vector) when the
-        series diverges, else None."""
-        increments = increments.detach().double()
-        self._sum = increments if self._sum is None else self._sum + increments
-        self._count += 1
-        if self._count < self.window:
+    def update(self, norms: torch.Tensor) -> torch.Tensor | None:
+        """Add one step's ``‖h_j‖``; returns ``‖h_j‖ / E_j`` (per vector) when the series diverges, else None."""
+        self.step += 1
+        self.envelope = 1.0 + (1.0 - self.damping) * self.envelope
+        if self.step % self.window:
             return None
-        self._means.append(self._sum / self._count)
-        self._sum, self._count = None, 0
-        means = torch.stack(self._means)  # (windows, ...)
-        if len(means) <= self.rising:
+        norms = norms.detach().double()
+        self._ends.append(norms)
+        if len(self._ends) <= self.rising:
             return None
-        recent = means[-(self.rising + 1):]
+        recent = torch.stack(self._ends[-(self.rising + 1):])
         rising = (recent[1:] > recent[:-1]).all(0)
-        lowest = means.min(0).values.clamp_min(torch.finfo(torch.float64).tiny)
-        growth = means[-1] / lowest
-        diverging = rising & (growth > self.factor)
-        return growth if bool(diverging.any()) else None
+        ratio = norms / (self.envelope * self.v_norm).clamp_min(torch.finfo(torch.float64).tiny)
+        diverging = rising & (ratio > self.factor)
+        return ratio if bool(diverging.any()) else None
 
 
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
@@ -108,7 +109,7 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     Returns:
         ``(mean over repetitions of h_J / scale, info)``.
     Raises:
-        LissaDivergenceError: the iterate became NaN/inf or its increments grew geometrically (`GrowthMonitor`).
+        LissaDivergenceError: the iterate became NaN/inf or grew without bound (`GrowthMonitor`).
     """
     squeeze = v.dim() == 1
     v = v.unsqueeze(0) if squeeze else v
@@ -116,15 +117,14 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     if not reps:
         return torch.zeros_like(v[0] if squeeze else v), {"lissa_repetitions": 0}
     h = v.unsqueeze(0).repeat(len(reps), 1, 1)
-    monitor = GrowthMonitor(depth)
+    monitor = GrowthMonitor(v.norm(dim=-1), damping, depth)
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
     for j in bar:
-        new = v + (1.0 - damping) * h - hvp_step(j, reps, h).to(v.dtype) / scale
-        increments = (new - h).norm(dim=-1)
-        h = new
-        if not torch.isfinite(increments).all():
+        h = v + (1.0 - damping) * h - hvp_step(j, reps, h).to(v.dtype) / scale
+        norms = h.norm(dim=-1)
+        if not torch.isfinite(norms).all():
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
-        growth = monitor.update(increments)
+        growth = monitor.update(norms)
         if growth is not None:
             raise LissaDivergenceError(_divergence_message(j, float(growth.max()), damping, scale, top_eigenvalue))
     estimate = (h / scale).mean(0)
@@ -135,8 +135,8 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
 
 def _divergence_message(step: int, growth: float | None, damping: float, scale: float,
                         top_eigenvalue: float | None) -> str:
-    what = (f"its increments ‖h_j - h_(j-1)‖ grew {growth:.3g}x above their lowest level, rising steadily"
-            if growth is not None else "the iterate became NaN/inf")
+    what = (f"‖h_j‖ is {growth:.3g}x the bound of a convergent series (‖v‖·Σ(1 - damp)^i) and has grown "
+            "geometrically for several windows" if growth is not None else "the iterate became NaN/inf")
     lines = [
         f"LiSSA diverged at step {step}: {what}. With damp = {damping} and scale = {scale} (λ = {damping * scale:.4g}) "
         "a step contracts only if the batch Hessian's eigenvalues lie in (-λ, (2 - damp)·scale)."

@@ -1,0 +1,172 @@
+"""The engine's caches are keyed on content and owned by the engine: never stale, and reused when nothing they
+depend on changed. The trunk cache changes no number."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif import InfluenceEngine, InfluenceTrainer, compute_influences
+from hf_fastif.fingerprint import callable_fingerprint, model_fingerprint
+from hf_fastif.influence import default_arguments
+from tests.tiny import make_token_dataset, tiny_model, train_tiny
+
+TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
+BASE = dict(influence_params=TOP, influence_damping=0.05, influence_scale=20.0, influence_recursion_depth=20,
+            influence_batch_size=2, influence_repetitions=2, disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def data(pad_collator_module):
+    train, test = make_token_dataset(40, seed=0), make_token_dataset(3, seed=1)
+    model = train_tiny(tiny_model("bert"), train, pad_collator_module, epochs=5)
+    return model, train, test
+
+
+@pytest.fixture(scope="module")
+def pad_collator_module():
+    from tests.tiny import pad_collator_for_tests
+
+    return pad_collator_for_tests()
+
+
+def candidates(table):
+    return {t: sorted(table.for_test(t).train_id.tolist()) for t in table.test_ids}
+
+
+def test_two_feature_functions_never_share_an_index(data, pad_collator):
+    """The 2021-style module cache keyed by id() reused the first lambda's index for a second lambda that got the
+    same address. Each lambda now gets its own nearest rows."""
+    model, train, test = data
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=5)))
+    found = []
+    for column in (0, 1):
+        def feature(m, batch, column=column):
+            return batch["input_ids"][:, column : column + 1].float()  # a different feature per lambda
+
+        found.append(candidates(compute_influences(model, train, test, args, data_collator=pad_collator,
+                                                   features=feature)))
+        del feature
+    ids = np.asarray(train["input_ids"], dtype=object)
+    for t, row in enumerate(test["input_ids"]):
+        for column, got in enumerate(found):
+            distances = np.array([abs(r[column] - row[column]) for r in ids])
+            assert distances[got[t]].max() <= np.sort(distances)[4]  # within the 5 nearest on that feature
+
+
+def test_the_trainer_swaps_its_engine_when_the_collator_changes(data, pad_collator, tmp_path):
+    from hf_fastif import InfluenceArguments
+
+    model, train, test = data
+    args = InfluenceArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **BASE,
+                              influence_solver="cg", influence_knn_k=5, influence_knn_features="mean")
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator)
+    first = candidates(trainer.compute_influences(test))
+    engine = trainer.influence_engine()
+    assert trainer.influence_engine() is engine  # held across calls
+
+    def truncating(features):
+        return pad_collator([{**f, "input_ids": f["input_ids"][:2], "attention_mask": f["attention_mask"][:2]}
+                             for f in features])
+
+    trainer.data_collator = truncating
+    second = candidates(trainer.compute_influences(test))
+    assert trainer.influence_engine() is not engine
+    expected = candidates(compute_influences(model, train, test, args, data_collator=truncating))
+    assert second == expected and second != first
+
+
+def test_model_fingerprint_covers_buffers_config_and_in_place_edits():
+    model = tiny_model("bert")
+    base = model_fingerprint(model)
+    model.bert.embeddings.position_ids.add_(0)  # touching a buffer without a change
+    assert model_fingerprint(model) == base
+    model.bert.embeddings.token_type_ids.fill_(1)  # a buffer
+    assert model_fingerprint(model) != base
+    other = tiny_model("bert")
+    other.config.problem_type = "multi_label_classification"  # config changes what the loss is
+    assert model_fingerprint(other) != base
+    other = tiny_model("bert")
+    other.classifier.weight.data[0, 0] += 1.0  # .data bumps no version counter
+    assert model_fingerprint(other) != base
+    assert model_fingerprint(tiny_model("bert")) == base  # the same weights loaded again
+
+
+def test_callable_fingerprint_sees_code_closures_and_collator_settings(pad_collator):
+    def make(k):
+        return lambda m, b: b["input_ids"][:, :k]
+
+    assert callable_fingerprint(make(1)) == callable_fingerprint(make(1))
+    assert callable_fingerprint(make(1)) != callable_fingerprint(make(2))
+    assert callable_fingerprint(lambda m, b: 1) != callable_fingerprint(lambda m, b: 2)
+    from transformers import DataCollatorWithPadding
+
+    a = DataCollatorWithPadding(pad_collator.tokenizer)
+    b = DataCollatorWithPadding(pad_collator.tokenizer, max_length=4, padding="max_length")
+    assert callable_fingerprint(a) == callable_fingerprint(DataCollatorWithPadding(pad_collator.tokenizer))
+    assert callable_fingerprint(a) != callable_fingerprint(b)
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa", "arnoldi"])
+@pytest.mark.parametrize("candidates_by", ["all", "auto", "gradient"])
+def test_the_trunk_cache_changes_no_number(data, pad_collator, solver, candidates_by):
+    model, train, test = data
+    settings = BASE | dict(influence_solver=solver, influence_arnoldi_rank=16, influence_projection_dim=64,
+                           influence_knn_k=None if candidates_by == "all" else 8,
+                           influence_knn_features="auto" if candidates_by == "all" else candidates_by)
+    tables = [compute_influences(model, train, test, default_arguments(**settings, influence_trunk_cache=cached),
+                                 data_collator=pad_collator) for cached in (True, False)]
+    assert tables[0].metadata["diagnostics"]["trunk"]["split"] == "bert.encoder.layer.1"
+    assert tables[1].metadata["diagnostics"]["trunk"]["split"] is None
+    a, b = (t.to_pandas().sort_values(["test_id", "train_id"]).reset_index(drop=True) for t in tables)
+    np.testing.assert_array_equal(a.train_id, b.train_id)
+    np.testing.assert_allclose(a.influence, b.influence, rtol=1e-9, atol=1e-12)
+
+
+def test_the_trunk_states_are_computed_once_per_engine(data, pad_collator, monkeypatch):
+    import hf_fastif.engine as engine_module
+
+    model, train, test = data
+    built, real = [], engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    engine = InfluenceEngine(model, default_arguments(**BASE, influence_knn_k=None), data_collator=pad_collator)
+    engine.compute_influences(train, test)
+    engine.compute_influences(train, make_token_dataset(2, seed=7))
+    assert built == [len(train), len(test), 2]  # the training rows once; each test set once
+    with torch.no_grad():  # a step on the top only (as HANS correction takes) keeps the trunk states
+        model.classifier.weight.add_(0.01)
+    engine.compute_influences(train, test)
+    assert built == [len(train), len(test), 2]
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.mul_(1.01)
+    engine.compute_influences(train, test)
+    assert built[3:] == [len(train), len(test)]
+
+
+def test_gradient_candidates_find_the_most_influential_rows(data, pad_collator):
+    """On a trained tiny BERT, gradient-space candidates at k = 10% of N hold most of the full scan's top rows at
+    both ends, where kNN on features holds few."""
+    model, train, test = data
+    settings = BASE | dict(influence_solver="cg")
+    full = compute_influences(model, train, test, default_arguments(**settings, influence_knn_k=None),
+                              data_collator=pad_collator)
+    recall = {}
+    for method in ("gradient", "auto"):
+        table = compute_influences(model, train, test, default_arguments(
+            **settings, influence_knn_k=8, influence_knn_features=method, influence_projection_dim=512),
+            data_collator=pad_collator)
+        hits = []
+        for t in full.test_ids:
+            rows = set(table.for_test(t).train_id)
+            hits += [len(set(full.lowest(t, 3).train_id) & rows) / 3, len(set(full.highest(t, 3).train_id) & rows) / 3]
+        recall[method] = np.mean(hits)
+    assert recall["gradient"] >= 0.8 and recall["gradient"] > recall["auto"], recall
+
+
+def test_projection_size_is_checked(data, pad_collator):
+    model, train, test = data
+    args = default_arguments(**BASE, influence_knn_k=5, influence_knn_features="gradient",
+                             influence_projection_dim=10**9)
+    with pytest.raises(ValueError, match="influence_projection_dim=1000000000 must be between 1 and"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+    with pytest.raises(ValueError, match="influence_projection_dim must be a positive integer"):
+        default_arguments(**BASE, influence_projection_dim=0)
