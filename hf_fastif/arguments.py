@@ -85,6 +85,11 @@ class InfluenceArguments(TrainingArguments):
         default=None,
         metadata={"help": "influence_solver='arnoldi': seeded training rows whose mean Hessian is decomposed (None: all)."},
     )
+    influence_measure_recall: bool = field(
+        default=False,
+        metadata={"help": "Also score every candidate row with the same s_test and record in the table's metadata how "
+                          "many of the 10 / 100 most helpful and harmful rows the k candidates hold (costs a full scan)."},
+    )
     influence_trunk_cache: bool = field(
         default=True,
         metadata={"help": "Compute the layers below the first influence parameter once per row and run only the top "

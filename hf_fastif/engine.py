@@ -21,6 +21,7 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 from __future__ import annotations
 
 import datetime
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
 from .batches import Batcher, validate_dataset
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint, tensor_digests
+from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
 from .loss import FunctionalModel, LossFn
@@ -142,18 +144,83 @@ class InfluenceEngine:
         """
         call = self._start(train_dataset, test_dataset, candidate_dataset, combine)
         with influence_mode(self.model, call.names):
-            with call.timer("trunk"):
-                self._attach_trunks(call)
-            with call.timer("test_gradients"):
-                v = self._test_gradients(call)
-            with call.timer("s_test"):
-                s_test = self._s_test(call, v)
+            s_test = self._prepare_s_test(call)
             with call.timer("candidates"):
                 queries = self._candidates(call, s_test)
             with call.timer("scoring"):
                 pair_tests, pair_rows, values = self._scores(call, queries, s_test)
+            if self.args.influence_measure_recall and call.k is not None:
+                with call.timer("recall"):
+                    call.info["candidate_recall"] = self._recall_of(call, s_test, queries)
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
         return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
+
+    def candidate_recall(self, train_dataset: Dataset, test_dataset: Dataset, ks: Sequence[int], *,
+                         methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] = (10, 100),
+                         candidate_dataset: Dataset | None = None) -> list[dict]:
+        """How many of the truly most influential rows each candidate method finds, with one s_test.
+
+        For every test row: s_test once, then the full scan (every candidate row scored exactly); then for each
+        ``method`` (``influence_knn_features`` values, ``"gradient"``, ``"random"``) and each ``k``: recall@n of the
+        full scan's ``n`` most helpful and most harmful rows among the k candidates (candidates are scored exactly,
+        so that is also the recall of the candidate method's own top n). Random candidates are expected at k/N.
+
+        Returns:
+            One dict per (method, k): ``method``, ``k``, ``k_fraction``, ``recall@{n} helpful/harmful`` (mean over
+            test rows), ``random_expectation`` (k/N), ``build_s`` (the method's index, once), ``query_s`` (per query).
+        """
+        call = self._start(train_dataset, test_dataset, candidate_dataset, "none")
+        n_rows = len(call.cand)
+        for k in ks:
+            if not 1 <= int(k) <= n_rows:
+                raise ValueError(f"Every k must be between 1 and the {n_rows} candidate rows, got {k}.")
+        for n in ns:
+            if not 1 <= int(n) <= n_rows:
+                raise ValueError(f"Every n must be between 1 and the {n_rows} candidate rows, got {n}.")
+        out = []
+        with influence_mode(self.model, call.names):
+            s_test = self._prepare_s_test(call)
+            reference = self._full_scan(call, s_test)
+            for method in methods:
+                first = True
+                for k in ks:
+                    start = time.perf_counter()
+                    found = self._candidates(call, s_test, method, int(k))
+                    seconds = time.perf_counter() - start
+                    if first:  # the first call builds the method's index; time a second query alone
+                        start = time.perf_counter()
+                        self._candidates(call, s_test, method, int(k))
+                        query = time.perf_counter() - start
+                        build, first = max(seconds - query, 0.0), False
+                    else:
+                        query = seconds
+                    row = {"method": method if isinstance(method, str) else "callable", "k": int(k),
+                           "k_fraction": int(k) / n_rows, "random_expectation": int(k) / n_rows,
+                           "build_s": build, "query_s": query / len(found)}
+                    row |= _recall(reference, found, ns)
+                    out.append(row)
+        return out
+
+    def _prepare_s_test(self, call: _Call) -> torch.Tensor:
+        with call.timer("trunk"):
+            self._attach_trunks(call)
+        with call.timer("test_gradients"):
+            v = self._test_gradients(call)
+        with call.timer("s_test"):
+            return self._s_test(call, v)
+
+    def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
+        """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
+        queries = 1 if call.combine == "mean" else len(call.test)
+        every = [np.arange(len(call.cand))] * queries
+        tests, rows, values = self._scores(call, every, s_test)
+        reference = np.empty((queries, len(call.cand)))
+        reference[tests, rows] = values
+        return reference
+
+    def _recall_of(self, call: _Call, s_test: torch.Tensor, queries: list[np.ndarray]) -> dict:
+        return _recall(self._full_scan(call, s_test), queries, (10, 100)) | {
+            "random_expectation": len(queries[0]) / len(call.cand), "method": call.info.get("candidates")}
 
     def clear(self) -> None:
         """Drop every cache (they are rebuilt on the next call)."""
@@ -426,24 +493,25 @@ class InfluenceEngine:
         return dict(found)
 
     # ---- stage 4: candidates ------------------------------------------------------------------------------
-    def _candidates(self, call: _Call, s_test: torch.Tensor) -> list[np.ndarray]:
-        """Candidate rows of each query (one query per test row, or one for the mean)."""
+    def _candidates(self, call: _Call, s_test: torch.Tensor, method=None, k: int | None = None) -> list[np.ndarray]:
+        """Candidate rows of each query (one query per test row, or one for the mean), by ``method`` (default: the
+        engine's ``features`` or ``influence_knn_features``; ``"random"`` for a seeded uniform sample)."""
         queries = 1 if call.combine == "mean" else len(call.test)
-        if call.k is None:
+        k = call.k if method is None else k
+        if k is None:
             call.info["candidates"] = "all"
             return [np.arange(len(call.cand))] * queries
-        method = self.features or self.args.influence_knn_features
+        method = method or self.features or self.args.influence_knn_features
+        if method == "random":
+            rng = np.random.default_rng([self.args.influence_seed, 17])
+            return [np.sort(rng.choice(len(call.cand), size=k, replace=False)) for _ in range(queries)]
         if method == "gradient":
             call.info["candidates"] = "gradient"
-            from .gradient_index import (
-                gradient_candidates,  # the gradient index builds on this engine's stages
-            )
-
-            return gradient_candidates(self, call, s_test, call.k)
+            return gradient_candidates(self, call, s_test, k)
         call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
-        return self._knn_candidates(call, method)
+        return self._knn_candidates(call, method, k)
 
-    def _knn_candidates(self, call: _Call, method) -> list[np.ndarray]:
+    def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
         args = self.args
         bsz = args.influence_scoring_batch_size
         split = call.fm.split if isinstance(method, str) else None  # user callables get the full model
@@ -461,7 +529,7 @@ class InfluenceEngine:
             test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False)
         if call.combine == "mean":
             test_feats = test_feats.mean(0, keepdims=True)
-        _, ids = search(self._feature_index[1], test_feats, call.k)
+        _, ids = search(self._feature_index[1], test_feats, k)
         return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]
 
     # ---- stage 5: scores --------------------------------------------------------------------------------------
@@ -504,6 +572,17 @@ class InfluenceEngine:
             "semantics": SEMANTICS,
             "diagnostics": call.info | call.timer.seconds,
         }
+
+
+def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -> dict:
+    """Mean over queries of the share of the reference's n most helpful / harmful rows among the candidates."""
+    out = {}
+    for n in ns:
+        top = min(int(n), reference.shape[1])  # n above the number of rows: all of them
+        helpful = [np.isin(np.argsort(ref, kind="stable")[:top], rows).mean() for ref, rows in zip(reference, found)]
+        harmful = [np.isin(np.argsort(-ref, kind="stable")[:top], rows).mean() for ref, rows in zip(reference, found)]
+        out[f"recall@{n} helpful"], out[f"recall@{n} harmful"] = float(np.mean(helpful)), float(np.mean(harmful))
+    return out
 
 
 SEMANTICS = {

@@ -170,3 +170,34 @@ def test_projection_size_is_checked(data, pad_collator):
         compute_influences(model, train, test, args, data_collator=pad_collator)
     with pytest.raises(ValueError, match="influence_projection_dim must be a positive integer"):
         default_arguments(**BASE, influence_projection_dim=0)
+
+
+def test_candidate_recall_against_the_full_scan(data, pad_collator):
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="cg", influence_projection_dim=256)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    rows = engine.candidate_recall(train, test, ks=[4, len(train)], methods=["auto", "gradient", "random"], ns=[3])
+    by = {(r["method"], r["k"]): r for r in rows}
+    for method in ("auto", "gradient", "random"):  # k = N holds everything
+        assert by[(method, len(train))]["recall@3 helpful"] == by[(method, len(train))]["recall@3 harmful"] == 1.0
+        assert by[(method, 4)]["k_fraction"] == 4 / len(train) and by[(method, 4)]["build_s"] >= 0
+    assert by[("gradient", 4)]["recall@3 helpful"] > by[("random", 4)]["recall@3 helpful"]
+    # the same numbers as comparing two tables by hand
+    full = compute_influences(model, train, test, default_arguments(**BASE, influence_solver="cg",
+                                                                    influence_knn_k=None), data_collator=pad_collator)
+    knn = compute_influences(model, train, test, default_arguments(**BASE, influence_solver="cg", influence_knn_k=4),
+                             data_collator=pad_collator)
+    hand = np.mean([len(set(full.lowest(t, 3).train_id) & set(knn.for_test(t).train_id)) / 3 for t in full.test_ids])
+    assert by[("auto", 4)]["recall@3 helpful"] == pytest.approx(hand)
+    with pytest.raises(ValueError, match="Every k must be between 1 and the 40 candidate rows"):
+        engine.candidate_recall(train, test, ks=[0])
+
+
+def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
+    model, train, test = data
+    table = compute_influences(model, train, test, default_arguments(
+        **BASE, influence_solver="cg", influence_knn_k=len(train) // 2, influence_measure_recall=True),
+        data_collator=pad_collator)
+    recall = table.metadata["diagnostics"]["candidate_recall"]
+    assert recall["method"] == "knn" and recall["random_expectation"] == 0.5
+    assert 0.0 <= recall["recall@10 helpful"] <= 1.0 and "recall@100 harmful" in recall
