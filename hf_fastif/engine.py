@@ -39,7 +39,7 @@ from .fingerprint import callable_fingerprint, dataset_fingerprint, model_finger
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
-from .loss import FunctionalModel, LossFn
+from .loss import FunctionalModel, LossFn, logits_of
 from .mode import influence_mode
 from .params import num_parameters, select_parameters
 from .scoring import score_pairs
@@ -56,7 +56,7 @@ from .solvers import (
 )
 from .solvers.exact import check_exact_size
 from .table import InfluenceTable
-from .trunk import TrunkCache, TrunkSplit, find_split, model_inputs, verify_split
+from .trunk import TrunkCache, TrunkSplit, find_split, forward_context, model_inputs, verify_split
 from .utils import Timer, library_version
 
 logger = logging.get_logger(__name__)
@@ -291,49 +291,70 @@ class InfluenceEngine:
     # ---- stage 1: the frozen trunk ---------------------------------------------------------------------------
     def _attach_trunks(self, call: _Call) -> None:
         """Give every batcher its dataset's cached trunk states when the model splits cleanly."""
-        split = self._find_split(call)
-        call.info["trunk"] = ({"split": f"{split.path}.{split.first}"} if split is not None
-                              else {"split": None, "reason": self._split[2]})
+        split = self._find_split(call.names, call.train)
+        for name in ("train", "test", "cand"):
+            if split is not None:
+                setattr(call, name, self._with_trunk(split, getattr(call, name), call.digests,
+                                                     call.progress and name != "test"))
+                split = self._split[1]  # None if a new cache failed its check
         if split is None:
+            for name in ("train", "test", "cand"):
+                setattr(call, name, getattr(call, name).with_trunk(None))
+            call.info["trunk"] = {"split": None, "reason": self._split[2]}
             return
         call.fm.split = split
-        trunk_fp = split.fingerprint(call.digests)
-        caches, built = {}, []
-        for name in ("train", "test", "cand"):
-            batcher = getattr(call, name)
-            key = "|".join([trunk_fp, batcher.dataset._fingerprint, str(len(batcher)), self._functions["collator"],
-                            ",".join(batcher.dataset.column_names)])
-            if key not in caches:
-                if key not in self._trunks:
-                    built.append(key)
-                caches[key] = self._trunk_cache(split, batcher, key, call.progress and name != "test")
-            setattr(call, name, batcher.with_trunk(caches[key]))
-        if built and built[0] == call.train.trunk.key:  # a new training-set cache: check the split on its rows
-            error = verify_split(split, call.train.trunk, call.train, range(min(8, len(call.train))))
-            self._split_error = error
-            if error > TRUNK_TOLERANCE:
-                logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
-                               "(relative): not using the trunk cache for this model; the full forward runs instead.")
-                self._split = (self._split[0], None, f"the top-only logits differ by {error:.2g} (relative)")
-                call.fm.split = None
-                for name in ("train", "test", "cand"):
-                    setattr(call, name, getattr(call, name).with_trunk(None))
-                call.info["trunk"] = {"split": None, "reason": self._split[2]}
-                return
-        call.info["trunk"]["verified_relative_error"] = self._split_error
+        call.info["trunk"] = {"split": f"{split.path}.{split.first}", "verified_relative_error": self._split_error}
 
-    def _find_split(self, call: _Call) -> TrunkSplit | None:
+    def _find_split(self, names: list[str], batcher: Batcher) -> TrunkSplit | None:
         if not getattr(self.args, "influence_trunk_cache", True):
             self._split = ("off", None, "influence_trunk_cache=False")
             return None
-        key = ",".join(call.names)
+        key = ",".join(names)
         if self._split is None or self._split[0] != key:
-            probe = model_inputs(call.train.batch(range(min(2, len(call.train))), trunk=False))
-            split, reason = find_split(self.model, call.names, probe)
+            probe = model_inputs(batcher.batch(range(min(2, len(batcher))), trunk=False))
+            split, reason = find_split(self.model, names, probe)
             if split is None:
                 logger.info(f"No frozen-trunk cache: {reason}; every forward runs the whole model.")
             self._split = (key, split, reason)
         return self._split[1]
+
+    def _with_trunk(self, split: TrunkSplit, batcher: Batcher, digests: dict, progress: bool) -> Batcher:
+        """``batcher`` with its dataset's trunk states (cached by content). A newly built cache is checked against
+        the full model on its first rows; a split that changes the logits is dropped for this engine."""
+        key = "|".join([split.fingerprint(digests), batcher.dataset._fingerprint, str(len(batcher)),
+                        self._functions["collator"], ",".join(batcher.dataset.column_names)])
+        new = key not in self._trunks
+        cache = self._trunk_cache(split, batcher, key, progress)
+        if new:
+            error = verify_split(split, cache, batcher, range(min(8, len(batcher))))
+            self._split_error = error if self._split_error is None else max(error, self._split_error)
+            if error > TRUNK_TOLERANCE:
+                logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
+                               "(relative): not using the trunk cache for this model; the full forward runs instead.")
+                self._split = (self._split[0], None, f"the top-only logits differ by {error:.2g} (relative)")
+                self._trunks.pop(key).close()
+                return batcher.with_trunk(None)
+        return batcher.with_trunk(cache)
+
+    # ---- predictions through the same trunk -------------------------------------------------------------------
+    def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
+        """Logits of every row of ``dataset`` (``(N, ...)`` float32), in eval mode. Where the model splits, only the
+        top runs from the cached trunk states (which stay valid while only the top changes, e.g. over the SGD steps
+        of HANS correction); otherwise the full model."""
+        model = self.model
+        names = list(select_parameters(model, self.args.influence_params))
+        device = next(model.parameters()).device
+        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model), self.data_collator, device)
+        out = []
+        with influence_mode(model, names), torch.no_grad():
+            split = self._find_split(names, batcher)
+            if split is not None:
+                batcher = self._with_trunk(split, batcher, tensor_digests(model), progress=False)
+                split = self._split[1]
+            for _, batch in batcher.batches(range(len(batcher)), batch_size):
+                with forward_context(split, batch):
+                    out.append(logits_of(model(**model_inputs(batch))).float().cpu().numpy())
+        return np.concatenate(out, 0)
 
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:
         if key in self._trunks:

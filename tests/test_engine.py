@@ -201,3 +201,18 @@ def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
     recall = table.metadata["diagnostics"]["candidate_recall"]
     assert recall["method"] == "knn" and recall["random_expectation"] == 0.5
     assert 0.0 <= recall["recall@10 helpful"] <= 1.0 and "recall@100 harmful" in recall
+
+
+def test_logits_through_the_trunk_equal_the_model(data, pad_collator):
+    from hf_fastif.applications.common import predict
+
+    model, train, test = data
+    engine = InfluenceEngine(model, default_arguments(**BASE), data_collator=pad_collator)
+    np.testing.assert_allclose(engine.logits(train), predict(model, train, pad_collator), rtol=1e-6, atol=1e-7)
+    assert len(engine._trunks) == 1
+    with torch.no_grad():
+        model.classifier.bias.add_(0.5)  # the top changed: the same trunk states, new logits
+    np.testing.assert_allclose(engine.logits(train), predict(model, train, pad_collator), rtol=1e-6, atol=1e-7)
+    assert len(engine._trunks) == 1
+    with torch.no_grad():
+        model.classifier.bias.sub_(0.5)
