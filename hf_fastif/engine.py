@@ -62,11 +62,11 @@ from .utils import Timer, library_version
 logger = logging.get_logger(__name__)
 
 COMBINE = ("none", "mean")
-CHECK_BATCHES = 6
+CHECK_BATCHES = 4
 """LiSSA's convergence check: B-row batches whose Hessians' top eigenvalues are estimated (Lanczos)."""
-CHECK_ITERATIONS = 6
+CHECK_ITERATIONS = 5
 """Lanczos steps per estimate of the convergence check."""
-CHECK_ROWS = 64
+CHECK_ROWS = 32
 """Rows of the mean Hessian whose smallest eigenvalue the convergence check estimates."""
 TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
@@ -451,12 +451,17 @@ class InfluenceEngine:
         mine = D.shard(range(repetitions))
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
+        out = None
+
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
-            out = torch.empty_like(h)
+            nonlocal out
+            out = torch.empty_like(h) if out is None else out  # reused: the recursion consumes it at once
             for r, t in enumerate(reps):
                 batch = call.train.batch(draws[t][j - 1])
-                vectors = h[r, 0] if h.shape[1] == 1 else h[r]  # one vector: no batched-gradient machinery
-                out[r] = batch_hvp(call.fm, call.params, batch, vectors, reduction="mean").to(h.dtype)
+                if h.shape[1] == 1:  # one vector: the plain double backward, written in place
+                    batch_hvp(call.fm, call.params, batch, h[r, 0], reduction="mean", out=out[r, 0])
+                else:
+                    out[r] = batch_hvp(call.fm, call.params, batch, h[r], reduction="mean").to(h.dtype)
             return out
 
         estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,

@@ -49,20 +49,27 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
 
 
 def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,
-              *, reduction: str = "mean") -> torch.Tensor:
+              *, reduction: str = "mean", out: torch.Tensor | None = None) -> torch.Tensor:
     """Hessian of the batch's training loss times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out.
 
     ``reduction="mean"`` uses the mean loss of the batch (LiSSA), ``"sum"`` the summed loss (to accumulate
-    the mean over a whole dataset exactly, whatever the batch size).
+    the mean over a whole dataset exactly, whatever the batch size). One vector takes the plain double backward
+    (no batched-gradient machinery), with the vector handed to autograd per parameter; ``out`` (``(p,)``) receives
+    the result without an extra copy.
     """
     leaves = _leaves(params)
     inputs = list(leaves.values())
     losses = fm.losses(leaves, batch)
     loss = losses.mean() if reduction == "mean" else losses.sum()
-    grads = flatten(torch.autograd.grad(loss, inputs, create_graph=True))
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
     if vectors.dim() == 1:
-        return flatten(torch.autograd.grad(grads, inputs, grad_outputs=vectors.to(grads.dtype)))
-    return flatten_batched(_batched_grad(grads, inputs, vectors.to(grads.dtype)), vectors.shape[0]).detach()
+        parts = [t.to(g.dtype) for t, g in zip(unflatten(vectors, leaves).values(), grads)]
+        products = torch.autograd.grad(grads, inputs, grad_outputs=parts)
+        if out is None:
+            return flatten(products)
+        return torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
+    flat = flatten(grads)
+    return flatten_batched(_batched_grad(flat, inputs, vectors.to(flat.dtype)), vectors.shape[0]).detach()
 
 
 def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch,

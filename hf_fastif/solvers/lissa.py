@@ -120,7 +120,8 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     monitor = GrowthMonitor(v.norm(dim=-1), damping, depth)
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
     for j in bar:
-        h = v + (1.0 - damping) * h - hvp_step(j, reps, h).to(v.dtype) / scale
+        products = hvp_step(j, reps, h)
+        h = torch.add(v, h, alpha=1.0 - damping).sub_(products.to(v.dtype), alpha=1.0 / scale)
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
