@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU).
 
 Writes the main process's tables to argv[1] as JSON. With argv[2] == "mismatch", process 1 uses another
-seed, which must be refused.
+seed, which must be refused; with "weights", process 1's model differs in one weight, which must be refused too.
 """
 
 import json
@@ -29,9 +29,12 @@ COMMON = dict(influence_damping=0.05, influence_scale=20.0, influence_recursion_
               influence_scoring_batch_size=5, influence_hvp_batch_size=6)
 
 
-def tables(world_size_repetitions=None, seed_offset=0):
+def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
     """Every case's table as lists; shared by the launched script and the 1-process reference."""
     model = tiny_model("bert")
+    if perturb:
+        with torch.no_grad():
+            model.bert.encoder.layer[0].output.dense.weight[0, 0] += 1e-3
     train, test = make_token_dataset(31, seed=0), make_token_dataset(3, seed=1)
     collator = pad_collator_for_tests()
     out = {}
@@ -49,8 +52,9 @@ def tables(world_size_repetitions=None, seed_offset=0):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     rank, size = world()
-    offset = 1 if len(sys.argv) > 2 and sys.argv[2] == "mismatch" and rank == 1 else 0
-    out, model, train, test, collator = tables(seed_offset=offset)
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    offset = 1 if mode == "mismatch" and rank == 1 else 0
+    out, model, train, test, collator = tables(seed_offset=offset, perturb=mode == "weights" and rank == 1)
     build = build_influence_table(model, train, test, sys.argv[1] + ".build",
                                   default_arguments(**(COMMON | CASES["cg_full"])), shard_size=2,
                                   data_collator=collator)

@@ -62,3 +62,11 @@ def test_mismatched_settings_across_processes_are_refused(tmp_path):
     result = launch(tmp_path / "x.json", "mismatch")
     assert result.returncode != 0
     assert "disagree on ['settings']" in result.stderr and "same script, arguments and data" in result.stderr
+
+
+def test_processes_with_different_weights_are_refused(tmp_path):
+    """One weight of one process differs (e.g. a checkpoint loaded from another step): mixing its results would
+    give wrong numbers silently, so the cross-process check compares the weights' fingerprints."""
+    result = launch(tmp_path / "w.json", "weights")
+    assert result.returncode != 0
+    assert "disagree on ['model']" in result.stderr

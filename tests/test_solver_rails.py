@@ -216,7 +216,7 @@ def test_low_rank_solver_is_the_truncated_eigendecomposition():
     values, vectors = low_rank_hessian(lambda x: matrix @ x, 30, 3, iterations=30, dtype=torch.float64)
     np.testing.assert_allclose(sorted(values.tolist()), [3.0, 5.0, 9.0], rtol=1e-8)
     lam = 0.2
-    top = torch.tensor(q[:, -3:])
+    top = q[:, -3:]
     truncated = top @ torch.diag(torch.tensor([3.0, 5.0, 9.0], dtype=torch.float64)) @ top.T
     expected = torch.linalg.solve(truncated + lam * torch.eye(30, dtype=torch.float64), v.T).T
     got, _ = solve_low_rank(values, vectors, v, lam)
