@@ -21,10 +21,13 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +60,7 @@ from .solvers import (
 from .solvers.exact import check_exact_size
 from .table import InfluenceTable
 from .trunk import TrunkCache, TrunkSplit, find_split, forward_context, model_inputs, verify_split
-from .utils import Timer, library_version
+from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -126,6 +129,7 @@ class InfluenceEngine:
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
+        self._saved_gradient_index: tuple | None = None  # (key, path, dtype) from load_caches, read on first use
 
     # ---- the pipeline ------------------------------------------------------------------------------------------
     def compute_influences(self, train_dataset: Dataset, test_dataset: Dataset, *, combine: str = "none",
@@ -221,6 +225,59 @@ class InfluenceEngine:
     def _recall_of(self, call: _Call, s_test: torch.Tensor, queries: list[np.ndarray]) -> dict:
         return _recall(self._full_scan(call, s_test), queries, (10, 100)) | {
             "random_expectation": len(queries[0]) / len(call.cand), "method": call.info.get("candidates")}
+
+    def save_caches(self, directory: str | os.PathLike) -> Path:
+        """Write the caches this engine holds (trunk states, low-rank Hessian, gradient index, curvature estimates)
+        with their content keys, so another engine (a later process: a Space's next start) can `load_caches` them.
+        A loaded cache is used only by a call whose own key equals the saved one, so nothing stale is ever used."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest: dict = {"library_version": library_version(), "trunks": [], "curvature": []}
+        for i, (key, cache) in enumerate(self._trunks.items()):
+            np.save(folder / f"trunk-{i}.npy", _numpy(cache.flat), allow_pickle=False)
+            np.save(folder / f"trunk-{i}-rows.npy", np.stack([cache.lengths, cache.offsets]), allow_pickle=False)
+            manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype)})
+        if self._low_rank is not None:
+            key, (values, vectors) = self._low_rank
+            np.save(folder / "low_rank_values.npy", _numpy(values), allow_pickle=False)
+            np.save(folder / "low_rank_vectors.npy", _numpy(vectors), allow_pickle=False)
+            manifest["low_rank"] = {"key": key, "dtype": str(vectors.dtype)}
+        if self._gradient_index is not None:
+            key, index = self._gradient_index
+            index.save(folder / "gradient.faiss")
+            manifest["gradient_index"] = {"key": key, "dtype": str(index.sketch.dtype)}
+        manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
+        write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
+        return folder
+
+    def load_caches(self, directory: str | os.PathLike) -> list[str]:
+        """Read caches written by `save_caches` (missing folder: nothing loaded); returns what was loaded."""
+        folder = Path(directory)
+        if not (folder / CACHE_MANIFEST).is_file():
+            return []
+        manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        loaded = []
+        device = next(self.model.parameters()).device
+        for entry in manifest.get("trunks", []):
+            flat = torch.from_numpy(np.load(folder / f"{entry['file']}.npy", mmap_mode="r").copy())
+            rows = np.load(folder / f"{entry['file']}-rows.npy")
+            self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1],
+                                                                flat.to(_dtype(entry["dtype"])), device)
+            loaded.append("trunk")
+        if "low_rank" in manifest:
+            dtype = _dtype(manifest["low_rank"]["dtype"])
+            values = torch.from_numpy(np.load(folder / "low_rank_values.npy"))
+            vectors = torch.from_numpy(np.load(folder / "low_rank_vectors.npy")).to(device=device, dtype=dtype)
+            self._low_rank = (_freeze(manifest["low_rank"]["key"]), (values, vectors))
+            loaded.append("low_rank")
+        if "gradient_index" in manifest:
+            key = _freeze(manifest["gradient_index"]["key"])
+            self._saved_gradient_index = (key, folder / "gradient.faiss", _dtype(manifest["gradient_index"]["dtype"]))
+            loaded.append("gradient_index")
+        for key, value in manifest.get("curvature", []):
+            self._curvature[_freeze(key)] = value
+            loaded.append("curvature")
+        return loaded
 
     def clear(self) -> None:
         """Drop every cache (they are rebuilt on the next call)."""
@@ -598,6 +655,24 @@ class InfluenceEngine:
             "semantics": SEMANTICS,
             "diagnostics": call.info | call.timer.seconds,
         }
+
+
+CACHE_MANIFEST = "hf_fastif_caches.json"
+
+
+def _freeze(value):
+    """JSON lists back into the tuples the cache keys are made of."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy without loss (bfloat16, which numpy lacks, as float32: exact)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
 
 
 def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -> dict:

@@ -18,6 +18,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -212,13 +213,21 @@ class _PlainLoss:
 class GradientIndex:
     """A faiss inner-product index over the sketched per-example gradients of the candidate rows."""
 
-    def __init__(self, sketch: CountSketch, vectors: np.ndarray):
-        import faiss  # faiss is a dependency; imported where it is used, as in knn.py
-
+    def __init__(self, sketch: CountSketch, vectors: np.ndarray | None = None, *, index=None):
         self.sketch = sketch
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        self.num_rows = vectors.shape[0]
+        if index is None:
+            index = faiss.IndexFlatIP(vectors.shape[1])
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.index = index
+        self.num_rows = index.ntotal
+
+    def save(self, path) -> None:
+        """Write the faiss index (faiss's own binary format; the sketch is rebuilt from its seed)."""
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path, sketch: CountSketch) -> GradientIndex:
+        return cls(sketch, index=faiss.read_index(str(path)))
 
     def candidates(self, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
         """Per row of ``s_test`` ``(m, p)``: ``ceil(k/2)`` rows with the largest sketched ``g·s`` (helpful end) and
@@ -260,6 +269,11 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), engine._functions["collator"],
            engine._functions["loss"], args.influence_weight_decay, tuple(call.names), args.influence_projection_dim,
            args.influence_seed, D.world())
+    saved = engine._saved_gradient_index
+    if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
+        sketch = CountSketch({n: p.shape for n, p in call.params.items()}, args.influence_projection_dim,
+                             args.influence_seed, dtype=saved[2], device=next(iter(call.params.values())).device)
+        engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
     if engine._gradient_index is None or engine._gradient_index[0] != key:
         engine._gradient_index = None
         index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,

@@ -261,6 +261,14 @@ class TrunkCache:
             first = int(self.offsets[rows[0]])
             self.flat[first : first + len(values)] = values
 
+    @classmethod
+    def from_arrays(cls, key: str, lengths: np.ndarray, offsets: np.ndarray, flat: torch.Tensor, device) -> TrunkCache:
+        """A cache restored from saved arrays (see `hf_fastif.engine.InfluenceEngine.save_caches`)."""
+        cache = cls.__new__(cls)
+        cache.split, cache.key, cache.device, cache._tmp = None, key, device, None
+        cache.lengths, cache.offsets, cache.flat = np.asarray(lengths), np.asarray(offsets), flat
+        return cache
+
     def _allocate(self, total: int, hidden: torch.Tensor, directory) -> torch.Tensor:
         size = total * hidden.shape[-1]
         if size * hidden.element_size() <= MEMORY_LIMIT_BYTES:

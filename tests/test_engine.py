@@ -216,3 +216,30 @@ def test_logits_through_the_trunk_equal_the_model(data, pad_collator):
     assert len(engine._trunks) == 1
     with torch.no_grad():
         model.classifier.bias.sub_(0.5)
+
+
+def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_collator, tmp_path, monkeypatch):
+    import hf_fastif.engine as engine_module
+    import hf_fastif.gradient_index as gradient_module
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
+                             influence_knn_features="gradient", influence_projection_dim=64)
+    first = InfluenceEngine(model, args, data_collator=pad_collator)
+    expected = first.compute_influences(train, test).to_pandas()
+    first.save_caches(tmp_path / "caches")
+    second = InfluenceEngine(model, args, data_collator=pad_collator)
+    assert set(second.load_caches(tmp_path / "caches")) == {"gradient_index", "low_rank", "trunk"}
+    other = tiny_model("bert", seed=3)  # other weights: nothing saved may serve it
+    third = InfluenceEngine(other, args, data_collator=pad_collator)
+    third.load_caches(tmp_path / "caches")
+    work = []
+    monkeypatch.setattr(engine_module, "low_rank_hessian", lambda *a, **k: work.append("low_rank"))
+    monkeypatch.setattr(gradient_module, "build_gradient_index", lambda *a, **k: work.append("index"))
+    real = engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: work.append(len(a[1])) or real(*a, **k))
+    got = second.compute_influences(train, test).to_pandas()
+    assert work == [] and got.equals(expected)
+    with pytest.raises(TypeError):  # the patched builders ran (and returned None): the saved caches were not used
+        third.compute_influences(train, test)
+    assert len(work) >= 2 and work[0] == len(train)
