@@ -40,12 +40,14 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
         measurement: use the test measurement instead of the training loss.
     """
     leaves = _leaves(params)
-    values = (fm.measurements if measurement else fm.losses)(leaves, batch)
+    values, l2 = fm.values_without_l2(leaves, batch, measurement)
     inputs = list(leaves.values())
     if reduction == "sum":
-        return flatten(torch.autograd.grad(values.sum(), inputs))
+        gradient = flatten(torch.autograd.grad(values.sum(), inputs))
+        return gradient + values.shape[0] * fm.l2_gradient(params).to(gradient.dtype) if l2 else gradient
     eye = torch.eye(values.shape[0], dtype=values.dtype, device=values.device)
-    return flatten_batched(_batched_grad(values, inputs, eye), values.shape[0]).detach()
+    gradients = flatten_batched(_batched_grad(values, inputs, eye), values.shape[0]).detach()
+    return gradients + fm.l2_gradient(params).to(gradients.dtype) if l2 else gradients
 
 
 def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,
@@ -59,17 +61,23 @@ def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, ve
     """
     leaves = _leaves(params)
     inputs = list(leaves.values())
-    losses = fm.losses(leaves, batch)
+    losses, l2 = fm.values_without_l2(leaves, batch)
     loss = losses.mean() if reduction == "mean" else losses.sum()
     grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    weight = 1.0 if reduction == "mean" else float(losses.shape[0])  # the L2 term's Hessian: weight · 2wd · I
     if vectors.dim() == 1:
         parts = [t.to(g.dtype) for t, g in zip(unflatten(vectors, leaves).values(), grads)]
         products = torch.autograd.grad(grads, inputs, grad_outputs=parts)
         if out is None:
-            return flatten(products)
-        return torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
+            out = flatten(products)
+        else:
+            torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
+        if l2:
+            out.addcmul_(fm.l2_mask(params).to(out.dtype), vectors.to(out.dtype), value=weight)
+        return out
     flat = flatten(grads)
-    return flatten_batched(_batched_grad(flat, inputs, vectors.to(flat.dtype)), vectors.shape[0]).detach()
+    products = flatten_batched(_batched_grad(flat, inputs, vectors.to(flat.dtype)), vectors.shape[0]).detach()
+    return products + weight * fm.l2_mask(params).to(products.dtype) * vectors.to(products.dtype) if l2 else products
 
 
 def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch,
@@ -82,7 +90,7 @@ def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tens
     primals = {n: p.detach() for n, p in params.items()}
 
     def losses(p):
-        return fm.losses(p, batch)
+        return fm.values_without_l2(p, batch)[0]
 
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
@@ -97,4 +105,6 @@ def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tens
             out = one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
         else:
             out = torch.func.vmap(one)(tangents)
+        if fm.decayed:  # the L2 term's directional derivative, the same for every row: 2·wd·θ · s
+            out = out + (vectors.to(out.dtype) @ fm.l2_gradient(params).to(out.dtype))[:, None]
     return out.T.detach()

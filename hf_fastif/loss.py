@@ -147,3 +147,29 @@ class FunctionalModel:
         if self.measurement_fn is None:
             return self.losses(params, batch)
         return self.measurement_fn(self.outputs(params, batch), batch)
+
+    # The L2 term's derivatives are known in closed form (gradient 2·wd·θ, Hessian 2·wd·I on the decayed
+    # parameters): `hf_fastif.hvp` differentiates the values below without it and adds these, which keeps
+    # weight-shaped elementwise work out of every double backward.
+    def values_without_l2(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
+                          measurement: bool = False) -> tuple[torch.Tensor, bool]:
+        """``(per-example values without the L2 term, whether the L2 term belongs to them)``."""
+        if measurement and self.measurement_fn is not None:
+            return self.measurement_fn(self.outputs(params, batch), batch), False
+        return self.loss_fn(self.outputs(params, batch), batch), bool(self.decayed)
+
+    def l2_gradient(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(p,)``: the gradient of the L2 term, ``2·wd·θ`` on the decayed parameters, 0 elsewhere."""
+        decayed = set(self.decayed)
+        return torch.cat([(2.0 * self.weight_decay * p.detach() if n in decayed else torch.zeros_like(p)).reshape(-1)
+                          for n, p in params.items()])
+
+    def l2_mask(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(p,)``: ``2·wd`` on the decayed parameters, 0 elsewhere (the L2 term's Hessian diagonal)."""
+        key = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in params.items())
+        if getattr(self, "_mask_key", None) != key:
+            decayed = set(self.decayed)
+            self._mask = torch.cat([torch.full((p.numel(),), 2.0 * self.weight_decay if n in decayed else 0.0,
+                                               dtype=p.dtype, device=p.device) for n, p in params.items()])
+            self._mask_key = key
+        return self._mask

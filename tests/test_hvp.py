@@ -1,0 +1,35 @@
+"""Gradients, Hessian-vector products and directional derivatives with the explicit L2 term added in closed form
+equal autograd through the term."""
+
+import torch
+
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.hvp import batch_gradient, batch_hvp, directional_derivatives
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.params import flatten, select_parameters, unflatten
+from tests.tiny import make_token_dataset, tiny_model
+
+
+def test_closed_form_l2_term_equals_autograd(pad_collator):
+    model = tiny_model("bert")
+    data = make_token_dataset(5, seed=0)
+    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    fm = FunctionalModel(model, list(params), weight_decay=0.03)
+    assert fm.decayed and len(fm.decayed) < len(params)  # biases / LayerNorm weights carry no L2 term
+    batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(5))
+    flat = flatten(params).detach()
+
+    def total(f, reduction):
+        losses = fm.losses(unflatten(f, params), batch)  # the L2 term inside the graph
+        return losses.mean() if reduction == "mean" else losses.sum()
+
+    v = torch.randn(2, flat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for reduction in ("mean", "sum"):
+        expected = torch.stack([torch.autograd.functional.hvp(lambda f: total(f, reduction), flat, x)[1] for x in v])
+        torch.testing.assert_close(batch_hvp(fm, params, batch, v, reduction=reduction), expected)
+        torch.testing.assert_close(batch_hvp(fm, params, batch, v[0], reduction=reduction), expected[0])
+    grad_sum = torch.autograd.functional.jacobian(lambda f: total(f, "sum"), flat)
+    torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="sum"), grad_sum)
+    per_row = torch.autograd.functional.jacobian(lambda f: fm.losses(unflatten(f, params), batch), flat)
+    torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="none"), per_row)
+    torch.testing.assert_close(directional_derivatives(fm, params, batch, v), per_row @ v.T)
