@@ -41,27 +41,47 @@ ROW_CHUNK = 16
 class CountSketch:
     """A seeded count sketch of parameter space into ``dim`` buckets (one bucket and one sign per parameter).
 
+    Matrices named in ``factored`` (weights of linear layers) get a factored hash, ``h(i, j) = h₁(i)·D₂ + h₂(j)`` with
+    sign ``s₁(i)·s₂(j)`` (``D = D₁·D₂``): the sketch of a per-example weight gradient ``Σₜ δₜ xₜᵀ`` is then
+    ``Σₜ (S₁δₜ)(S₂xₜ)ᵀ``, computed from the layer's inputs and output gradients without the dense ``(out, in)``
+    gradient. Inner products stay unbiased (``E[(Pa)·(Pb)] = a·b``): distinct entries never share both signs.
+
     Args:
         shapes: parameter name → shape, in the order of flat vectors.
         dim: number of buckets D (the projection size).
         seed: the sketch's seed (the same seed gives the same sketch on any machine).
+        factored: names of 2-D parameters that get the factored hash.
     """
 
-    def __init__(self, shapes: Mapping[str, torch.Size], dim: int, seed: int, *, dtype=torch.float32, device="cpu"):
+    def __init__(self, shapes: Mapping[str, torch.Size], dim: int, seed: int, *, factored=(), dtype=torch.float32,
+                 device="cpu"):
         total = sum(math.prod(s) for s in shapes.values())
         if not 1 <= dim <= total:
             raise ValueError(f"influence_projection_dim={dim} must be between 1 and the number of influence parameters "
                              f"({total}); a projection larger than the gradient only adds noise.")
         self.dim, self.dtype, self.device = dim, dtype, device
+        self.rows_dim = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0)  # D₁: D = D₁·D₂, D₁ ≤ D₂
+        self.cols_dim = dim // self.rows_dim
         gen = torch.Generator().manual_seed(int(seed))
-        self.buckets, self.signs, self.offsets = {}, {}, {}
+        self.buckets, self.signs, self.offsets, self.factors = {}, {}, {}, {}
         offset = 0
         for name, shape in shapes.items():
             n = math.prod(shape)
-            self.buckets[name] = torch.randint(0, dim, (n,), generator=gen).to(device)
-            self.signs[name] = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+            if name in factored and len(shape) == 2:
+                self.factors[name] = (self._signed_hash(shape[0], self.rows_dim, gen),
+                                      self._signed_hash(shape[1], self.cols_dim, gen))
+            else:
+                self.buckets[name] = torch.randint(0, dim, (n,), generator=gen).to(device)
+                self.signs[name] = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
             self.offsets[name] = (offset, offset + n)
             offset += n
+
+    def _signed_hash(self, n: int, buckets: int, gen: torch.Generator) -> torch.Tensor:
+        """``(n, buckets)``: row i is ±1 at column h(i), 0 elsewhere (a count sketch as a matrix)."""
+        matrix = torch.zeros(n, buckets, dtype=self.dtype)
+        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(self.dtype)
+        matrix[torch.arange(n), torch.randint(0, buckets, (n,), generator=gen)] = signs
+        return matrix.to(self.device)
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """Sketch flat vectors ``(m, p)`` → ``(m, D)``."""
@@ -72,7 +92,21 @@ class CountSketch:
 
     def add(self, out: torch.Tensor, name: str, values: torch.Tensor) -> None:
         """``out += sketch of values`` where ``values`` is ``(b, numel)`` for parameter ``name``."""
-        out.index_add_(1, self.buckets[name], values.reshape(values.shape[0], -1).to(self.dtype) * self.signs[name])
+        b = values.shape[0]
+        if name in self.factors:
+            left, right = self.factors[name]
+            matrix = values.reshape(b, left.shape[0], right.shape[0]).to(self.dtype)
+            out += torch.einsum("bri,ra,id->bad", matrix, left, right).reshape(b, -1)
+            return
+        out.index_add_(1, self.buckets[name], values.reshape(b, -1).to(self.dtype) * self.signs[name])
+
+    def add_outer(self, out: torch.Tensor, name: str, left_vectors: torch.Tensor, right_vectors: torch.Tensor) -> None:
+        """``out += sketch of Σₜ aₜ bₜᵀ`` per example, for a factored ``(rows, cols)`` parameter, from ``a``
+        ``(b, T, rows)`` and ``b`` ``(b, T, cols)``, without forming the ``(rows, cols)`` products."""
+        left, right = self.factors[name]
+        a = left_vectors.to(self.dtype) @ left  # (b, T, D₁)
+        c = right_vectors.to(self.dtype) @ right  # (b, T, D₂)
+        out += torch.einsum("bta,btd->bad", a, c).reshape(out.shape[0], -1)
 
     def add_rows(self, out: torch.Tensor, name: str, rows: torch.Tensor, values: torch.Tensor,
                  example: torch.Tensor) -> None:
@@ -105,6 +139,11 @@ class _Recorder:
                 covered |= set(own.values())
         self.other = [n for n in names if n not in covered]
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, list]] = []
+
+    def linear_weights(self) -> list[str]:
+        """Weights of linear layers (``nn.Linear``, ``Conv1D``): their sketch is taken from the layer's factors."""
+        return [own["weight"] for module, own in self.owned.items()
+                if isinstance(module, (nn.Linear, Conv1D)) and "weight" in own]
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -156,6 +195,12 @@ class _Recorder:
                 normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
                 sketch.add(out, own["weight"], (g * normed).sum(1))
                 continue
+            if own["weight"] in sketch.factors:  # Σₜ δₜ xₜᵀ sketched from its factors
+                if isinstance(module, Conv1D):  # weight (in, out)
+                    sketch.add_outer(out, own["weight"], x, g)
+                else:  # nn.Linear: weight (out, in)
+                    sketch.add_outer(out, own["weight"], g, x)
+                continue
             for lo in range(0, b, ROW_CHUNK):  # dense (rows, out, in) gradients, a few rows at a time
                 part = slice(lo, min(lo + ROW_CHUNK, b))
                 if isinstance(module, Conv1D):  # weight (in, out)
@@ -183,7 +228,8 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
         return sketched_gradients(fm, params, batch, sketch, recorder)
     recorder.sketch(sketch, out)
     if recorder.other:  # parameters without a per-example rule: batched autograd over just those
-        grads = batch_gradient(_PlainLoss(fm), {n: params[n] for n in recorder.other}, batch, reduction="none")
+        plain = FunctionalModel(fm.model, recorder.other, fm.loss_fn, split=fm.split)  # the L2 term comes below
+        grads = batch_gradient(plain, {n: params[n] for n in recorder.other}, batch, reduction="none")
         offset = 0
         for name in recorder.other:
             n = params[name].numel()
@@ -196,18 +242,6 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
             sketch.add(row, name, value)
         out += row
     return out
-
-
-class _PlainLoss:
-    """The per-example training loss of a `FunctionalModel` without its L2 term (added once, separately)."""
-
-    def __init__(self, fm: FunctionalModel):
-        self.fm = fm
-
-    def losses(self, params, batch):
-        return self.fm.loss_fn(self.fm.outputs(params, batch), batch)
-
-    measurements = losses
 
 
 class GradientIndex:
@@ -248,8 +282,9 @@ def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], b
     """Sketch every row's gradient (rows split over processes, gathered) and index them."""
     work = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
     device = next(iter(params.values())).device
-    sketch = CountSketch({n: p.shape for n, p in params.items()}, dim, seed, dtype=work, device=device)
     recorder = _Recorder(fm.model, list(params))
+    sketch = CountSketch({n: p.shape for n, p in params.items()}, dim, seed, factored=recorder.linear_weights(),
+                         dtype=work, device=device)
     if recorder.other:
         logger.info(f"Gradient index: {len(recorder.other)} parameters sit in modules without a per-example rule "
                     f"(e.g. {recorder.other[0]}); their gradients come from batched autograd (slower).")
@@ -272,7 +307,8 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     saved = engine._saved_gradient_index
     if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
         sketch = CountSketch({n: p.shape for n, p in call.params.items()}, args.influence_projection_dim,
-                             args.influence_seed, dtype=saved[2], device=next(iter(call.params.values())).device)
+                             args.influence_seed, factored=_Recorder(call.fm.model, list(call.params)).linear_weights(),
+                             dtype=saved[2], device=next(iter(call.params.values())).device)
         engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
     if engine._gradient_index is None or engine._gradient_index[0] != key:
         engine._gradient_index = None
