@@ -33,7 +33,14 @@ from hf_fastif.data import generate_nli, tokenize_nli
 from hf_fastif.engine import InfluenceEngine
 from hf_fastif.minilm_default import finetune_minilm, load_finetuned_minilm
 from hf_fastif.params import num_parameters, select_parameters
-from hf_fastif.recall import MINILM_RECALL_SETTINGS, RECALL_NS, check_methods, recall_table, resolve_ks
+from hf_fastif.recall import (
+    MINILM_RECALL_N_TRAIN,
+    MINILM_RECALL_SETTINGS,
+    RECALL_NS,
+    check_methods,
+    recall_table,
+    resolve_ks,
+)
 from hf_fastif.utils import library_version, to_json, write_atomic
 
 from .arguments import parse_with_defaults
@@ -43,7 +50,7 @@ from .arguments import parse_with_defaults
 class RecallBenchmarkArguments:
     """The recall benchmark's own settings; training and influence settings are `InfluenceArguments`' flags."""
 
-    n_train: int = field(default=2000, metadata={"help": "Generated training rows (N)."})
+    n_train: int = field(default=MINILM_RECALL_N_TRAIN, metadata={"help": "Generated training rows (N)."})
     num_test_points: int = field(default=8, metadata={"help": "HANS-style test rows, drawn with --seed."})
     ks: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "33%"],
                           metadata={"help": "Candidates per query: counts or shares of N."})

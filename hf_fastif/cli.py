@@ -48,6 +48,7 @@ from .minilm_default import finetune_minilm
 from .params import num_parameters, select_parameters
 from .parsing import parse_with_defaults
 from .recall import (
+    MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
     RECALL_METHODS,
     RECALL_NS,
@@ -315,7 +316,8 @@ class RecallArguments:
         "help": "Test data: a HANS file (with heuristic/subcase) or MNLI-format file or Hub id."})
     test_split: str = dataclasses.field(default="validation", metadata={"help": "Hub split of --test_dataset."})
     max_train_samples: int | None = dataclasses.field(default=None, metadata={
-        "help": "Use the first N training rows (N of k/N); without a model: N generated rows (default 2000)."})
+        "help": "Use the first N training rows (N of k/N); without a model: N generated rows (default "
+                f"{MINILM_RECALL_N_TRAIN})."})
     num_test_points: int = dataclasses.field(default=8, metadata={
         "help": "Test rows, drawn with --seed from the test data (without a model: the generated HANS-style rows)."})
     ks: list[str] = dataclasses.field(default_factory=lambda: ["1%", "5%", "10%", "33%"], metadata={
@@ -352,7 +354,7 @@ def run_recall(ns: argparse.Namespace) -> int:
         if recall.train_dataset or recall.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
                              "data).")
-        n_train = recall.max_train_samples or 2000
+        n_train = recall.max_train_samples or MINILM_RECALL_N_TRAIN
         ks = resolve_ks(recall.ks, n_train)
         model, tokenizer, train, test, name = _finetuned_minilm(n_train, args)
     else:
@@ -369,15 +371,15 @@ def run_recall(ns: argparse.Namespace) -> int:
     if "gradient" in methods and args.influence_projection_dim > params:
         raise ValueError(f"--influence_projection_dim {args.influence_projection_dim} exceeds the {params} influence "
                          "parameters; lower it for the gradient method.")
-    ns = sorted({min(n, len(train)) for n in RECALL_NS})  # fewer rows than n: recall of all of them
+    top_ns = sorted({min(n, len(train)) for n in RECALL_NS})  # fewer rows than n: recall of all of them
     engine = InfluenceEngine(model, args, data_collator=DataCollatorWithPadding(tokenizer))
-    results = engine.candidate_recall(train, test, ks, methods=methods, ns=ns)
+    results = engine.candidate_recall(train, test, ks, methods=methods, ns=top_ns)
     solver = args.influence_solver + (f" J {args.influence_recursion_depth}, B {args.influence_batch_size}, T "
                                       f"{args.influence_repetitions}" if args.influence_solver == "lissa" else "")
     print(f"candidate recall · model {name} · N {len(train)} training rows · {len(test)} test points · "
           f"{params:,} influence parameters · {solver}, λ {args.influence_lambda:g} · projection "
           f"{args.influence_projection_dim}\n")
-    print(recall_table(results, ns))
+    print(recall_table(results, top_ns))
     return 0
 
 

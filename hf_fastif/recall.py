@@ -21,6 +21,9 @@ RECALL_METHODS = (*FEATURES, "random")
 RECALL_NS = (10, 100)
 """The recall@n of the table: the full scan's 10 and 100 most helpful / harmful rows."""
 
+MINILM_RECALL_N_TRAIN = 2000
+"""Generated training rows (N) of a recall on the fine-tuned MiniLM (``hf-fastif recall`` without a model)."""
+
 MINILM_RECALL_SETTINGS: dict = dict(
     seed=0, num_train_epochs=1.0, learning_rate=2e-4, per_device_train_batch_size=32,
     influence_params=minilm_influence_params(2), influence_solver="lissa", influence_recursion_depth=200,
@@ -92,5 +95,5 @@ def recall_table(rows: Sequence[dict], ns: Sequence[int] = RECALL_NS) -> str:
     return markdown_table(header, body)
 
 
-__all__ = ["MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k", "recall_table",
+__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k", "recall_table",
            "resolve_ks"]
