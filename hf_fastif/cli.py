@@ -5,6 +5,7 @@
     hf-fastif push out/table user/mnli-influence [--private]   # token: HF_TOKEN or `hf auth login`
     hf-fastif pull user/mnli-influence [--revision v1] [--output-dir copy]
     hf-fastif show user/mnli-influence --test-id 3 -n 10   # or a local table folder
+    hf-fastif recall --ks 1% 5% --methods auto gradient random   # candidate recall (fine-tuned MiniLM, offline)
 
 Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; new
 subcommands add one function to `COMMANDS`. ``build`` parses `InfluenceArguments` itself, as the recipes do:
@@ -19,12 +20,15 @@ import logging as pylogging
 import os
 import shutil
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -36,10 +40,23 @@ from .annotate import TextSource, save_with_text
 from .applications.common import predict
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
-from .data import load_hans, load_mnli, tokenize_nli
+from .data import generate_nli, load_hans, load_mnli, tokenize_nli
 from .distributed import barrier, is_main_process
 from .embedded import EMBEDDED_TABLE_DATA, embedded_defaults
+from .engine import InfluenceEngine
+from .minilm_default import finetune_minilm
+from .params import num_parameters, select_parameters
 from .parsing import parse_with_defaults
+from .recall import (
+    MINILM_RECALL_N_TRAIN,
+    MINILM_RECALL_SETTINGS,
+    RECALL_METHODS,
+    RECALL_NS,
+    check_methods,
+    parse_k,
+    recall_table,
+    resolve_ks,
+)
 from .space import build_default
 from .table import InfluenceTable, InfluenceTableError
 
@@ -281,14 +298,124 @@ def _format(frame, width: int) -> str:
     return "\n".join(lines)
 
 
+# ---- recall ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RecallArguments:
+    """Model, data and what to compare in ``hf-fastif recall``. Training and influence settings are
+    `InfluenceArguments`' own flags."""
+
+    model_name_or_path: str | None = dataclasses.field(default=None, metadata={
+        "help": "Sequence-classification model: a local dir or Hub id. Unset: fine-tune the pretrained MiniLM on "
+                "generated NLI data offline (hf_fastif.minilm_default), with hf_fastif.recall.MINILM_RECALL_SETTINGS "
+                "as the defaults of the training and influence flags."})
+    revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
+    train_dataset: str | None = dataclasses.field(default=None, metadata={
+        "help": "Training data of --model_name_or_path (the candidate rows): an MNLI-format file or Hub dataset id."})
+    train_split: str = dataclasses.field(default="train", metadata={"help": "Hub split of --train_dataset."})
+    test_dataset: str | None = dataclasses.field(default=None, metadata={
+        "help": "Test data: a HANS file (with heuristic/subcase) or MNLI-format file or Hub id."})
+    test_split: str = dataclasses.field(default="validation", metadata={"help": "Hub split of --test_dataset."})
+    max_train_samples: int | None = dataclasses.field(default=None, metadata={
+        "help": "Use the first N training rows (N of k/N); without a model: N generated rows (default "
+                f"{MINILM_RECALL_N_TRAIN})."})
+    num_test_points: int = dataclasses.field(default=8, metadata={
+        "help": "Test rows, drawn with --seed from the test data (without a model: the generated HANS-style rows)."})
+    ks: list[str] = dataclasses.field(default_factory=lambda: ["1%", "5%", "10%", "33%"], metadata={
+        "help": "Candidates per query: counts (20) or shares of the training rows (5%)."})
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["auto", "mean", "gradient", "random"], metadata={
+        "help": f"Candidate methods to compare: any of {', '.join(RECALL_METHODS)}."})
+
+
+def recall_defaults(first: argparse.Namespace) -> dict:
+    """Defaults of ``recall``'s flags: the fine-tuned MiniLM's settings when no model is given, else the
+    library's (`InfluenceArguments`' own)."""
+    return MINILM_RECALL_SETTINGS if first.model_name_or_path is None else {}
+
+
+def add_recall(sub) -> None:
+    parser = sub.add_parser("recall", help="How many of the most influential training rows each candidate method "
+                                           "finds (recall@10/100 vs the full scan).",
+                            dataclass_types=[RecallArguments, InfluenceArguments],
+                            description="Candidate recall: s_test once, the full scan once, then for each method and "
+                                        "k the share of the full scan's 10 / 100 most helpful and harmful rows among "
+                                        "the k candidates. Without --model_name_or_path, MiniLM is fine-tuned on "
+                                        "generated NLI data first.")
+    parser.set_defaults(run=run_recall, parser=parser)
+
+
+def run_recall(ns: argparse.Namespace) -> int:
+    recall, args = parse_with_defaults(ns.parser, ns.argv, recall_defaults)
+    methods = check_methods(recall.methods)
+    for spec in recall.ks:
+        parse_k(spec)
+    if recall.num_test_points < 1:
+        raise ValueError(f"--num_test_points must be at least 1, got {recall.num_test_points}.")
+    if recall.model_name_or_path is None:
+        if recall.train_dataset or recall.test_dataset:
+            raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
+                             "data).")
+        n_train = recall.max_train_samples or MINILM_RECALL_N_TRAIN
+        ks = resolve_ks(recall.ks, n_train)
+        model, tokenizer, train, test, name = _finetuned_minilm(n_train, args)
+    else:
+        train, test = _recall_data(recall)
+        ks = resolve_ks(recall.ks, len(train))
+        model = AutoModelForSequenceClassification.from_pretrained(recall.model_name_or_path,
+                                                                   revision=recall.revision, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(recall.model_name_or_path, revision=recall.revision)
+        model, train, test = model.eval(), tokenize_nli(train, tokenizer), tokenize_nli(test, tokenizer)
+        name = recall.model_name_or_path
+    rows = np.random.default_rng(args.seed).choice(len(test), min(recall.num_test_points, len(test)), replace=False)
+    test = test.select(np.sort(rows))
+    params = num_parameters(select_parameters(model, args.influence_params))
+    if "gradient" in methods and args.influence_projection_dim > params:
+        raise ValueError(f"--influence_projection_dim {args.influence_projection_dim} exceeds the {params} influence "
+                         "parameters; lower it for the gradient method.")
+    top_ns = sorted({min(n, len(train)) for n in RECALL_NS})  # fewer rows than n: recall of all of them
+    engine = InfluenceEngine(model, args, data_collator=DataCollatorWithPadding(tokenizer))
+    results = engine.candidate_recall(train, test, ks, methods=methods, ns=top_ns)
+    solver = args.influence_solver + (f" J {args.influence_recursion_depth}, B {args.influence_batch_size}, T "
+                                      f"{args.influence_repetitions}" if args.influence_solver == "lissa" else "")
+    print(f"candidate recall · model {name} · N {len(train)} training rows · {len(test)} test points · "
+          f"{params:,} influence parameters · {solver}, λ {args.influence_lambda:g} · projection "
+          f"{args.influence_projection_dim}\n")
+    print(recall_table(results, top_ns))
+    return 0
+
+
+def _finetuned_minilm(n_train: int, args: InfluenceArguments) -> tuple:
+    """The default of ``recall``: MiniLM fine-tuned on ``n_train`` generated rows (seed ``args.seed``), with the
+    generated HANS-style rows as test data (one per subcase)."""
+    raw = generate_nli(seed=args.seed, n_train=n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    with tempfile.TemporaryDirectory() as folder:  # nothing is saved: save_strategy "no", save=False
+        trainer = finetune_minilm(raw["train"], folder, seed=args.seed, epochs=args.num_train_epochs,
+                                  lr=args.learning_rate, batch_size=args.per_device_train_batch_size, save=False,
+                                  use_cpu=args.use_cpu)
+    tokenizer = trainer.processing_class
+    name = f"all-MiniLM-L6-v2 fine-tuned on {n_train} generated NLI rows"
+    return trainer.model.eval(), tokenizer, trainer.train_dataset, tokenize_nli(raw["hans"], tokenizer), name
+
+
+def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:
+    """Raw training and test rows of ``--model_name_or_path`` (labels mapped to its number of labels)."""
+    if not recall.train_dataset or not recall.test_dataset:
+        raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
+                         "to explain).")
+    num_labels = AutoConfig.from_pretrained(recall.model_name_or_path, revision=recall.revision).num_labels
+    train = load_mnli(recall.train_dataset, split=recall.train_split, num_labels=num_labels)
+    if recall.max_train_samples:
+        train = train.select(range(min(recall.max_train_samples, len(train))))
+    return train, _load_test(recall.test_dataset, recall.test_split, num_labels)
+
+
 # ---- entry point ---------------------------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show]
+COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show, add_recall]
 
 
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="hf-fastif", description=__doc__.splitlines()[0],
                                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                                          epilog="\n".join(__doc__.splitlines()[2:8]))
+                                          epilog="\n".join(__doc__.splitlines()[2:9]))
     main_parser.add_argument("-v", "--verbose", action="store_true", help="Log progress (transformers logging, info).")
     sub = main_parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(
         f.__name__.removeprefix("add_") for f in COMMANDS) + "}", parser_class=HfArgumentParser)

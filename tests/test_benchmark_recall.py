@@ -1,0 +1,22 @@
+"""benchmarks/recall.py runs end to end in quick mode (MiniLM on 120 generated rows). Structure and sanity only."""
+
+import json
+
+from benchmarks import recall
+
+
+def test_recall_quick(tmp_path, capsys):
+    report = recall.main(["--quick", "--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    rows = report["rows"]
+    assert [(r["method"], r["k"]) for r in rows] == [
+        ("auto", 6), ("auto", 30), ("gradient D=256", 6), ("gradient D=256", 30), ("random", 6), ("random", 30)]
+    for row in rows:
+        assert row["random_expectation"] == row["k"] / 120
+        assert all(0 <= row[f"recall@{n} {d}"] <= 1 for n in (10, 100) for d in ("helpful", "harmful"))
+        assert row["recall@100 helpful"] <= row["k"] / 100 + 1e-9  # k candidates hold at most k of the top 100
+    assert report["influence"]["influence_recursion_depth"] == 5 and report["influence"]["influence_lambda"] == 10
+    assert report["num_influence_parameters"] > 256 and report["calls"][0]["shared_s"] > 0
+    saved = json.loads((tmp_path / "recall.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["test_rows"] == report["test_rows"]
+    out = capsys.readouterr().out
+    assert "| gradient D=256 | 30 | 25.0% |" in out and (tmp_path / "recall.md").read_text() in out
