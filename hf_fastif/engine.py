@@ -173,7 +173,7 @@ class InfluenceEngine:
             One dict per (method, k): ``method``, ``k``, ``k_fraction``, ``recall@{n} helpful/harmful`` (mean over
             test rows), ``random_expectation`` (k/N), ``build_s`` (the method's index, once), ``query_s`` (per query).
         """
-        call = self._start(train_dataset, test_dataset, candidate_dataset, "none")
+        call = self._start(train_dataset, test_dataset, candidate_dataset, "none", methods=list(methods))
         n_rows = len(call.cand)
         for k in ks:
             if not 1 <= int(k) <= n_rows:
@@ -295,7 +295,9 @@ class InfluenceEngine:
         self.clear()
 
     # ---- stage 0: checks, parameters, batchers -------------------------------------------------------------
-    def _start(self, train_dataset, test_dataset, candidate_dataset, combine) -> _Call:
+    def _start(self, train_dataset, test_dataset, candidate_dataset, combine, methods=None) -> _Call:
+        """Checks before any work, then the call's parameters, fingerprints and batchers. ``methods``: the candidate
+        methods a recall measurement will use (instead of the settings' own k and method)."""
         args, model = self.args, self.model
         validate_influence_settings(args)
         if combine not in COMBINE:
@@ -305,7 +307,7 @@ class InfluenceEngine:
         test_cols = validate_dataset(test_dataset, "test_dataset", model)
         cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model)
         k = args.influence_knn_k
-        if k is not None and k > len(candidate_dataset):
+        if k is not None and k > len(candidate_dataset) and methods is None:
             logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
                            "of them.")
             k = None
@@ -313,8 +315,9 @@ class InfluenceEngine:
         names = list(params)
         if args.influence_solver == "exact":
             check_exact_size(num_parameters(params))
-        if (k is not None and self.features is None and args.influence_knn_features == "gradient"
-                and args.influence_projection_dim > num_parameters(params)):
+        gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
+                    if methods is None else "gradient" in methods)
+        if gradient and args.influence_projection_dim > num_parameters(params):
             raise ValueError(f"influence_projection_dim={args.influence_projection_dim} must be between 1 and the "
                              f"number of influence parameters ({num_parameters(params)}); a projection larger than "
                              "the gradient only adds noise. Lower it.")

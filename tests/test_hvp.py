@@ -25,7 +25,8 @@ def test_closed_form_l2_term_equals_autograd(pad_collator):
 
     v = torch.randn(2, flat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for reduction in ("mean", "sum"):
-        expected = torch.stack([torch.autograd.functional.hvp(lambda f: total(f, reduction), flat, x)[1] for x in v])
+        expected = torch.stack([torch.autograd.functional.hvp(lambda f, r=reduction: total(f, r), flat, x)[1]
+                                for x in v])
         torch.testing.assert_close(batch_hvp(fm, params, batch, v, reduction=reduction), expected)
         torch.testing.assert_close(batch_hvp(fm, params, batch, v[0], reduction=reduction), expected[0])
     grad_sum = torch.autograd.functional.jacobian(lambda f: total(f, "sum"), flat)
