@@ -1,5 +1,6 @@
-"""The end every application recipe shares: compare the settings with the paper's, render the result as markdown,
-write ``<name>.json`` / ``.md`` / ``.png`` (and any files of the result's own) to ``--output_dir``, and print."""
+"""The end every application recipe shares: compare the settings with the paper's, render the result and the model's
+report as markdown, write ``<name>.json`` / ``.md`` / ``.png`` (and any files of the result's own) to
+``--output_dir``, and print."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .. import distributed as D
-from ..embedded import EMBEDDED_DESCRIPTION
 from ..utils import markdown_table
-from .common import write_results
+from .common import model_report_markdown, write_results
 from .prepare import PAPER_INFLUENCE, Setup
 
 PAPER_DESCRIPTION: dict = {
@@ -43,7 +43,7 @@ def compare_with_paper(setup: Setup, protocol: Any = None) -> list[tuple[str, st
     settings of this application where they differ from its HANS ones). Only differences are listed."""
     d = setup.description
     here = {
-        "model": EMBEDDED_DESCRIPTION if d["setup"] == "embedded"
+        "model": d["model"] if d["setup"] == "embedded"
         else f"{d['model']}" + (" (fine-tuned here)" if d["trained_here"] else " (as given)"),
         "influence parameters": f"{d['num_influence_parameters']:,} of {d['num_parameters']:,}",
         "training rows": f"{d['num_train']:,} ({d['train_data']})",
@@ -75,13 +75,14 @@ def comparison_markdown(rows: list[tuple[str, str, str]], setup: Setup) -> str:
 
 def write_report(name: str, result: Result, setup: Setup, protocol: Any = None, *,
                  argv: Sequence[str] | None = None, extra: dict | None = None) -> dict:
-    """Compare with the paper, write ``<name>.json`` (the result, the setup, ``extra``, the settings that differ
-    from the paper, the command line and the seconds since `prepare` began), ``<name>.md`` and ``<name>.png``
-    to ``setup.args.output_dir``, plus the result's own files (``result.save_files(directory)``, if it has
-    one); print the markdown. Only the main process writes and prints. Returns what the JSON holds."""
+    """Compare with the paper, write ``<name>.json`` (the result, the setup, the model's report, ``extra``, the
+    settings that differ from the paper, the command line and the seconds since `prepare` began), ``<name>.md``
+    and ``<name>.png`` to ``setup.args.output_dir``, plus the result's own files (``result.save_files(directory)``,
+    if it has one); print the markdown. Only the main process writes and prints. Returns what the JSON holds."""
     changes = compare_with_paper(setup, protocol)
-    markdown = result.to_markdown() + "\n\n" + comparison_markdown(changes, setup)
-    results = result.to_dict() | {"setup": setup.description} | (extra or {}) | {
+    sections = [result.to_markdown(), model_report_markdown(setup.report), comparison_markdown(changes, setup)]
+    markdown = "\n\n".join(section for section in sections if section)
+    results = result.to_dict() | {"setup": setup.description, "model_report": setup.report} | (extra or {}) | {
         "changes_from_paper": changes, "argv": list(sys.argv[1:] if argv is None else argv),
         "seconds": setup.seconds()}
     if D.is_main_process():
