@@ -30,7 +30,9 @@ def test_hans_correction_recipe_embedded(tmp_path, capsys):
     assert [r["strategy"] for r in results["runs"]] == ["helpful", "random"]
     assert all(len(r["steps"]) == 2 for r in results["runs"])
     changed = {row[0]: row for row in results["changes_from_paper"]}
-    assert changed["correction_learning_rate"][1:] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
+    assert changed["correction_learning_rate"][1:3] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
+    assert "1e-4 does not move it" in changed["correction_learning_rate"][3]  # the embedded default's reason
+    assert changed["num_steps"][3] == "--quick or the command line"
     printed = capsys.readouterr().out
     assert "### HANS error correction" in printed and "| lexical_overlap |" in printed
     assert "Settings the embedded default changes from the paper" in printed
