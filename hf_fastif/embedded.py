@@ -123,8 +123,8 @@ MINILM_TRAINABLE_LAYERS = 2
 MINILM_PARAMS: list[str] = [r"pooler\.", r"classifier\."]
 """Influence parameters of the MiniLM default: the pooler and the classifier (148,610 of 22.7M), the top of what
 fine-tuning trained. With them the cached trunk covers all 6 layers, so a correction step costs ~3 s on a CPU; the
-paper's choice (everything trained: here layers 4-5 too, 3.7M) costs ~25 s a call, too slow for the 180 calls of
-the correction demo (docs/applications.md has the measurements)."""
+paper's choice (everything trained: here layers 4-5 too, 3.7M) costs 40-60 s a correction step on this machine,
+too slow for the 180 influence steps of the correction demo (docs/applications.md has the measurements)."""
 
 MINILM = EmbeddedKind(
     name="minilm",
