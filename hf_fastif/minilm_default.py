@@ -333,12 +333,15 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
             data_seed=settings.data_seed, use_cpu=settings.device == "cpu")
         seconds = time.perf_counter() - start
         accuracy = _train_accuracy(trainer.model, trainer.train_dataset, DataCollatorWithPadding(tokenizer))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads it
+        for path in staging.iterdir():
+            os.chmod(path, 0o644)  # the cache may be shared
         manifest = {"key": key, "content": content, "files": _file_hashes(staging), "description": description or {},
                     "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
                                "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
                     "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
         write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache may be shared
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
         _install(staging, target, key, content)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -79,6 +79,7 @@ def test_a_second_call_loads_the_cached_model(raw, cache, first):
     assert manifest["content"]["settings"]["lr"] == 1e-3 and "model.safetensors" in manifest["files"]
     assert manifest["content"]["base"]["files"]["model.safetensors"] == MINILM_FILES["model.safetensors"].sha256
     assert manifest["description"] == {"rows": 64} and 0 <= manifest["report"]["train_accuracy"] <= 1
+    assert not list(first.folder.glob("*.bin")) and not list(first.folder.glob("*.pt"))  # no pickles, safetensors only
     again = cached_finetune_minilm(raw, SMALL, cache_dir=cache)
     assert again.cached and again.folder == first.folder
     assert torch.equal(again.model.classifier.weight, first.model.classifier.weight)
