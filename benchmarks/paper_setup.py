@@ -11,7 +11,6 @@ import dataclasses
 import re
 from argparse import Namespace
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from transformers import (
 
 from hf_fastif import InfluenceArguments, InfluenceTable, compute_influences
 from hf_fastif.data import load_hans, load_mnli, tokenize_nli
-from hf_fastif.embedded import EMBEDDED_PARAMS, embedded_data, train_embedded
+from hf_fastif.embedded import DEFAULT_KIND, KINDS, QUICK_KIND, embedded_data, embedded_kind, train_embedded
 from hf_fastif.params import PAPER_BERT_PARAMS
 
 from .timing import timed
@@ -44,7 +43,12 @@ class BenchmarkArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A fine-tuned sequence-classification model (Hub id or directory). Default: the embedded "
-                          "model, trained here on the embedded NLI data."},
+                          "model (--embedded_model), trained here on the embedded NLI data."},
+    )
+    embedded_model: str | None = field(
+        default=None,
+        metadata={"help": f"The embedded model: {' or '.join(KINDS)} (default {DEFAULT_KIND}: all-MiniLM-L6-v2 "
+                          f"fine-tuned once and cached; --quick: {QUICK_KIND})."},
     )
     train_dataset: str | None = field(
         default=None, metadata={"help": "MNLI-format training data (Hub id or file; hf_fastif.data.load_mnli)."}
@@ -94,19 +98,27 @@ class BenchmarkArguments:
     paper_t: int = field(default=4, metadata={"help": "Paper scale: T of FastIF."})
 
 
+def benchmark_kind(own: Namespace | BenchmarkArguments) -> str:
+    """The embedded model of a run: ``--embedded_model``, else the tiny one for ``--quick``, else MiniLM."""
+    return own.embedded_model or (QUICK_KIND if own.quick else DEFAULT_KIND)
+
+
 def benchmark_defaults(own: Namespace) -> dict:
-    """Defaults of both argument classes given the benchmark's own flags: the embedded model runs a CPU-sized
-    LiSSA (J = 100 with damp = 0.05, so J·damp = 5 as the paper's 1000 × 5e-3; scale 5 ≈ 3x its top Hessian
-    eigenvalue), a given model the paper's settings (`InfluenceArguments`' own defaults, the paper's BERT
-    layers); ``--quick`` shrinks every size. A flag given on the command line overrides any of these."""
+    """Defaults of both argument classes given the benchmark's own flags: the embedded model (its training and
+    influence parameters, hf_fastif.embedded) runs a CPU-sized LiSSA (J = 100 with damp = 0.05, so J·damp = 5 as
+    the paper's 1000 × 5e-3; the kind's benchmark scale, a few times its top Hessian eigenvalue), a given model
+    the paper's settings (`InfluenceArguments`' own defaults, the paper's BERT layers); ``--quick`` shrinks every
+    size. A flag given on the command line overrides any of these."""
     out = dict(output_dir="outputs/benchmark", seed=0, report_to="none", disable_tqdm=True)
     if own.model_name_or_path is None:
-        out |= dict(use_cpu=True, influence_params=EMBEDDED_PARAMS, influence_recursion_depth=100,
-                    influence_damping=CONVERGENCE / 100, influence_scale=5.0)
+        settings = embedded_kind(benchmark_kind(own))
+        out |= settings.training | dict(use_cpu=True, influence_params=settings.influence["influence_params"],
+                                        influence_recursion_depth=100, influence_damping=CONVERGENCE / 100,
+                                        influence_scale=settings.uses["benchmark"]["influence_scale"])
     else:
         out |= dict(influence_params=PAPER_BERT_PARAMS)
     if own.quick:  # damp = 0.25 at J = 20: single-row Hessians of the tiny model need room (scale 10)
-        out |= dict(embedded_train_rows=400, num_train_epochs=3.0, num_test=2, influence_recursion_depth=20,
+        out |= dict(embedded_train_rows=400, num_test=2, influence_recursion_depth=20,
                     influence_damping=CONVERGENCE / 20, influence_scale=10.0, original_batch_size=32,
                     knn_sweep=[20, 80], influence_knn_k=80, sweep_depths=[0.5, 1.0], sweep_batch_sizes=[1, 8],
                     sweep_repetitions=2, sweep_num_test=2, sweep_pool=60, digits_train=120, digits_test=4,
@@ -167,16 +179,16 @@ def prepare(bench: BenchmarkArguments, args: InfluenceArguments) -> Setup:
     """Load (or train) the model and data and pick the test points (seeded by ``args.seed``)."""
     rng = np.random.default_rng(args.seed)
     if bench.model_name_or_path is None:
-        data = embedded_data(seed=args.seed, n_train=bench.embedded_train_rows,
+        kind = benchmark_kind(bench)
+        data = embedded_data(seed=args.seed, n_train=bench.embedded_train_rows, kind=kind,
                              n_hans_per_subcase=4 if bench.quick else 40, n_pool_per_subcase=1 if bench.quick else 40)
-        (trainer, _, tokenized), train_s = timed(lambda: train_embedded(
-            str(Path(args.output_dir) / "embedded_model"), seed=args.seed, epochs=args.num_train_epochs, data=data))
+        (trainer, _, tokenized), train_s = timed(lambda: train_embedded(args=args, data=data, kind=kind))
         model, tokenizer, collator = trainer.model, data[2], trainer.data_collator
         train, pool = tokenized["train"], tokenized["hans"]
         cfg = model.config
         description = {
-            "model": f"embedded {cfg.model_type} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), trained "
-                     f"{args.num_train_epochs:g} epochs here ({train_s:.0f}s) on the embedded NLI data",
+            "model": f"embedded {kind} {cfg.model_type} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
+                     f"{embedded_kind(kind).description} ({train_s:.0f}s here, fine-tuning cached by content)",
             "train": f"embedded NLI train ({len(train)} rows)", "test": "embedded HANS-style split",
         }
     else:

@@ -4,7 +4,8 @@
 
 The 1-process run happens here; the 2-process run is this module relaunched with the same flags through
 `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU). Influence settings are `InfluenceArguments`
-flags; the defaults are the embedded default's (LiSSA B = 1, T = 4, damping 5e-3, scale 1e3) with J = 100.
+flags; the defaults are LiSSA B = 1, T = 4, damping 5e-3, scale 1e3, J = 100 on the (untrained) tiny embedded
+model: a timing of process scaling, which needs no trained weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
-from hf_fastif.embedded import EMBEDDED_PARAMS, embedded_data, embedded_model
+from hf_fastif.embedded import TINY, embedded_data, embedded_model
 from hf_fastif.utils import markdown_table, to_json, write_atomic
 
 from .arguments import parse_with_defaults
@@ -39,7 +40,7 @@ class ParallelArguments:
 def parallel_defaults(own: Namespace) -> dict:
     """The embedded default's LiSSA settings with J = 100 and k = 500; ``--quick`` shrinks them."""
     out = dict(output_dir="outputs/benchmark_parallel", report_to="none", disable_tqdm=True,
-               influence_solver="lissa", influence_params=EMBEDDED_PARAMS, influence_damping=5e-3,
+               influence_solver="lissa", influence_params=TINY.influence["influence_params"], influence_damping=5e-3,
                influence_scale=1e3, influence_recursion_depth=100, influence_batch_size=1, influence_repetitions=4,
                influence_knn_k=500)
     if own.quick:
@@ -50,8 +51,8 @@ def parallel_defaults(own: Namespace) -> dict:
 def workload(own: ParallelArguments, args: InfluenceArguments) -> dict:
     """Time the same influence job on the (untrained) embedded model; seconds are identical on every process."""
     torch.set_num_threads(1)
-    _, data, tokenizer = embedded_data(seed=0, n_train=1000 if own.quick else 3000)
-    model = embedded_model(tokenizer).eval()
+    _, data, tokenizer = embedded_data(seed=0, n_train=1000 if own.quick else 3000, kind="tiny")
+    model = embedded_model(tokenizer, kind="tiny").eval()
     collator = DataCollatorWithPadding(tokenizer)
     test = data["hans"].select(range(own.num_test))
 

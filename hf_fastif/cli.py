@@ -1,6 +1,6 @@
 """The ``hf-fastif`` command: build influence tables, share them on the Hub, and read them in a terminal.
 
-    hf-fastif build --output_dir out                       # the embedded default (generated NLI, small BERT), offline
+    hf-fastif build --output_dir out                       # the embedded default (generated NLI, MiniLM), offline
     hf-fastif build --output_dir out --model_name_or_path bert-mnli --train_dataset train.jsonl --test_dataset hans.txt
     hf-fastif push out/table user/mnli-influence [--private]   # token: HF_TOKEN or `hf auth login`
     hf-fastif pull user/mnli-influence [--revision v1] [--output-dir copy]
@@ -42,7 +42,7 @@ from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .data import generate_nli, load_hans, load_mnli, tokenize_nli
 from .distributed import barrier, is_main_process
-from .embedded import EMBEDDED_TABLE_DATA, embedded_defaults
+from .embedded import DEFAULT_KIND, KINDS, embedded_defaults, embedded_kind
 from .engine import InfluenceEngine
 from .minilm_default import finetune_minilm
 from .params import num_parameters, select_parameters
@@ -70,9 +70,12 @@ class BuildArguments:
     `InfluenceArguments`' own flags."""
 
     model_name_or_path: str | None = dataclasses.field(default=None, metadata={
-        "help": "Sequence-classification model: a local dir or Hub id. Unset: train the embedded default (generated "
-                "NLI data, small BERT) offline, with the embedded default's training and influence settings as the "
-                "defaults of the other flags (hf_fastif.embedded)."})
+        "help": "Sequence-classification model: a local dir or Hub id. Unset: the embedded default (generated NLI "
+                "data; --embedded_model) offline, with its training and influence settings as the defaults of the "
+                "other flags (hf_fastif.embedded)."})
+    embedded_model: str | None = dataclasses.field(default=None, metadata={
+        "help": f"The embedded default's model: {' or '.join(KINDS)} (default {DEFAULT_KIND}: all-MiniLM-L6-v2 "
+                "fine-tuned once and cached in $HF_FASTIF_CACHE; tiny: a 2-layer BERT from a config)."})
     revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
     train_dataset: str | None = dataclasses.field(default=None, metadata={
         "help": "Training data of --model_name_or_path: an MNLI-format file or Hub dataset id."})
@@ -82,16 +85,18 @@ class BuildArguments:
     test_split: str = dataclasses.field(default="validation", metadata={"help": "Hub split of --test_dataset."})
     max_train_samples: int | None = dataclasses.field(default=None, metadata={
         "help": "Use the first N training rows (train_id stays the dataset's row); embedded default: N generated "
-                f"rows (default {EMBEDDED_TABLE_DATA['n_train']})."})
+                f"rows (default {embedded_kind().table_data['n_train']})."})
     max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
     shard_size: int = dataclasses.field(
         default=64, metadata={"help": "Test rows computed and saved at a time (a rerun resumes after the last one)."})
 
 
 def build_defaults(first: argparse.Namespace) -> dict:
-    """Defaults of ``build``'s flags: the embedded default's for its table when no model is given, else the
-    library's (`InfluenceArguments`' own)."""
-    return embedded_defaults("table") if first.model_name_or_path is None else {}
+    """Defaults of ``build``'s flags: the embedded default's (of ``--embedded_model``) for its table when no model is
+    given, else the library's (`InfluenceArguments`' own)."""
+    if first.model_name_or_path is not None:
+        return {}
+    return embedded_defaults("table", first.embedded_model)
 
 
 def add_build(sub) -> None:
@@ -111,8 +116,13 @@ def run_build(ns: argparse.Namespace) -> int:
         if build.train_dataset or build.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
                              "data).")
-        build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples)
-        print(f"trained the embedded default model -> {out / 'model'}")
+        kind = embedded_kind(build.embedded_model).name
+        build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples,
+                      kind=kind)
+        print(f"the embedded default model ({kind}) -> {out / 'model'}")
+    elif build.embedded_model is not None:
+        raise ValueError("--embedded_model chooses the embedded default, which runs without --model_name_or_path; "
+                         "drop one of them.")
     else:
         _build_from_model(build, args, out)
     table = InfluenceTable.load(out / "table")

@@ -4,23 +4,46 @@ Fine-tuning follows the paper (FastIF, Sec. 3): a 2-label sequence-classificatio
 non_entailment) on the pretrained encoder, with the embeddings and the lower layers frozen and only the last
 `trainable_layers` layer(s), the pooler and the classifier trained; those same parameters are the ones
 influence is computed over (`minilm_influence_params`).
+
+`cached_finetune_minilm` keeps fine-tuned models on disk, keyed by content (MiniLM's revision and file hashes,
+the tokenized training rows, every training setting, the fine-tuning code's version and the torch /
+transformers versions), so the demo, the CLI and the Space fine-tune once per machine and a folder made for
+other settings is never reused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
+import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
+import torch
+import transformers
 from datasets import Dataset
-from transformers import BertForSequenceClassification, BertTokenizer, set_seed
+from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding, set_seed
 from transformers.utils import logging
 
 from .arguments import InfluenceArguments
 from .data import NLI2_LABELS, tokenize_nli
-from .pretrained import load_minilm_for_sequence_classification, load_minilm_tokenizer, minilm_path
+from .fingerprint import dataset_fingerprint
+from .pretrained import (
+    CACHE_ENV,
+    MINILM_FILES,
+    MINILM_REPO_ID,
+    MINILM_REVISION,
+    load_minilm_for_sequence_classification,
+    load_minilm_tokenizer,
+    minilm_path,
+)
 from .trainer import InfluenceTrainer
+from .utils import to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -137,8 +160,222 @@ def load_finetuned_minilm(path: str | os.PathLike) -> tuple[BertForSequenceClass
     return model, tokenizer
 
 
+# ---- the content-keyed cache of fine-tuned models ---------------------------------------------------------
+FINETUNE_CODE_VERSION = 1
+"""Version of the fine-tuning code (`finetune_minilm`); bump it whenever training changes, so models cached by the
+old code are not reused."""
+FINETUNE_CACHE_SUBDIR = "minilm-nli"
+MANIFEST_NAME = "hf_fastif_finetune.json"
+"""The manifest of a cached model: its cache key, everything the key hashes, each file's sha256, and a report."""
+_TOKEN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How MiniLM is fine-tuned (`finetune_minilm`'s arguments); every field is part of the cache key."""
+
+    seed: int = 0
+    data_seed: int | None = None
+    trainable_layers: int = 2
+    epochs: float = 1.0
+    lr: float = 2e-4
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 64
+    device: str = "cpu"
+
+    def __post_init__(self):
+        _check_trainable_layers(self.trainable_layers)
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}.")
+        if not self.epochs > 0 or not self.lr > 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError(f"epochs and lr must be > 0, batch_size >= 1 and max_length >= 8; got {self}.")
+
+
+@dataclasses.dataclass
+class FinetunedMiniLM:
+    """A fine-tuned MiniLM from the cache: the model (frozen as trained, eval mode), its tokenizer, the cache folder,
+    its manifest (key, settings, file hashes, ``report`` with the training accuracy) and whether it was found in the
+    cache (``cached``) or trained now."""
+
+    model: BertForSequenceClassification
+    tokenizer: BertTokenizer
+    folder: Path
+    manifest: dict
+    cached: bool
+
+
+def finetune_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache_dir or $HF_FASTIF_CACHE or ~/.cache/hf_fastif>/minilm-nli``."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif"
+    return Path(root).expanduser() / FINETUNE_CACHE_SUBDIR
+
+
+def finetune_key(train_tokenized: Dataset, settings: FinetuneSettings) -> tuple[str, dict]:
+    """``(key, content)``: the sha256 of ``content``, which holds what a fine-tuned model depends on: MiniLM's
+    revision and the sha256 of its files, the tokenized training rows (ids, masks and labels, hashed by value: the
+    data's seed, sizes and tokenization), `FinetuneSettings` (but ``max_length``, whose only effect is on the
+    tokenized rows), `FINETUNE_CODE_VERSION` and the torch / transformers versions."""
+    columns = [c for c in _TOKEN_COLUMNS if c in train_tokenized.column_names]
+    content = {
+        "base": {"repo": MINILM_REPO_ID, "revision": MINILM_REVISION,
+                 "files": {name: f.sha256 for name, f in MINILM_FILES.items()}},
+        "data": {"fingerprint": dataset_fingerprint(train_tokenized, columns), "rows": len(train_tokenized),
+                 "columns": columns},
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "max_length"},
+        "code_version": FINETUNE_CODE_VERSION,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+    }
+    content = json.loads(to_json(content))  # the form the manifest stores, so the two compare equal
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest(), content
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    hashes = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            hashes[path.name] = digest.hexdigest()
+    return hashes
+
+
+def cache_problems(folder: str | os.PathLike, key: str, content: dict) -> list[str]:
+    """Why ``folder`` cannot serve as the cached model for ``(key, content)`` (empty when it can): no manifest, a
+    manifest for another key or other settings, or files that are missing, added or changed since it was written."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return [f"{path} is missing (an unfinished or foreign folder)"]
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return [f"{path} is unreadable ({error})"]
+    problems = []
+    if manifest.get("key") != key or manifest.get("content") != content:
+        recorded = manifest.get("content") or {}
+        differ = sorted(k for k in set(recorded) | set(content) if recorded.get(k) != content.get(k))
+        problems.append(f"it was made for other content (key {str(manifest.get('key'))[:16]}…, differing in "
+                        f"{', '.join(differ) or 'the key'})")
+    expected = manifest.get("files") or {}
+    found = _file_hashes(folder)
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            problems.append(f"{name} is missing")
+        elif name not in expected:
+            problems.append(f"{name} was added after the model was cached")
+        elif found[name] != expected[name]:
+            problems.append(f"{name} has sha256 {found[name][:16]}…, the manifest {expected[name][:16]}…")
+    if not expected:
+        problems.append("the manifest lists no files")
+    return problems
+
+
+@torch.no_grad()
+def _train_accuracy(model: BertForSequenceClassification, train: Dataset, collator) -> float:
+    was_training = model.training
+    model.eval()
+    rows = train.select_columns([c for c in _TOKEN_COLUMNS if c in train.column_names])
+    correct = 0
+    for start in range(0, len(rows), 128):
+        batch = collator([rows[i] for i in range(start, min(start + 128, len(rows)))])
+        labels = batch.pop("labels")
+        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    model.train(was_training)
+    return correct / max(1, len(rows))
+
+
+def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSettings | None = None, *,
+                           cache_dir: str | os.PathLike | None = None, description: dict | None = None,
+                           minilm_folder: str | os.PathLike | None = None) -> FinetunedMiniLM:
+    """MiniLM fine-tuned on ``train_dataset_raw`` with ``settings``: loaded from the content-keyed cache, or trained
+    with `finetune_minilm` and cached.
+
+    The folder is ``<finetune_cache_root(cache_dir)>/<key[:20]>`` (see `finetune_key`). It is used only if its
+    manifest records the same key and content and every file still has the sha256 it recorded; otherwise it is
+    rebuilt, with a warning saying why. A new model is trained in a private folder and renamed into place when
+    complete, so a concurrent reader never sees half a model.
+
+    Args:
+        train_dataset_raw: premise / hypothesis / label rows (labels 0 = entailment, 1 = non_entailment).
+        settings: the training settings (default `FinetuneSettings()`: last 2 layers, 1 epoch, lr 2e-4).
+        cache_dir: the cache root (default ``$HF_FASTIF_CACHE`` or ``~/.cache/hf_fastif``).
+        description: what the rows are (e.g. the generator's seed and sizes), recorded in the manifest only.
+        minilm_folder: a folder from `minilm_path` (default: ``minilm_path()``).
+    """
+    settings = settings or FinetuneSettings()
+    folder = Path(minilm_folder) if minilm_folder is not None else minilm_path()
+    tokenizer = load_minilm_tokenizer(folder)
+    tokenized = tokenize_nli(train_dataset_raw, tokenizer, max_length=settings.max_length)
+    key, content = finetune_key(tokenized, settings)
+    root = finetune_cache_root(cache_dir)
+    target = root / key[:20]
+    if target.is_dir():
+        problems = cache_problems(target, key, content)
+        if not problems:
+            manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
+            model, tokenizer = load_finetuned_minilm(target)
+            logger.info(f"Loaded the fine-tuned MiniLM from the cache {target}.")
+            return FinetunedMiniLM(model.eval(), tokenizer, target, manifest, cached=True)
+        logger.warning(f"The cached model {target} is not used and will be rebuilt: " + "; ".join(problems) + ".")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    try:
+        start = time.perf_counter()
+        trainer = finetune_minilm(
+            train_dataset_raw, staging, seed=settings.seed, trainable_layers=settings.trainable_layers,
+            epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, max_length=settings.max_length,
+            save=True, minilm_folder=folder, warmup_steps=settings.warmup_ratio, weight_decay=settings.weight_decay,
+            data_seed=settings.data_seed, use_cpu=settings.device == "cpu")
+        seconds = time.perf_counter() - start
+        accuracy = _train_accuracy(trainer.model, trainer.train_dataset, DataCollatorWithPadding(tokenizer))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads it
+        for path in staging.iterdir():
+            os.chmod(path, 0o644)  # the cache may be shared
+        manifest = {"key": key, "content": content, "files": _file_hashes(staging), "description": description or {},
+                    "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
+                               "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
+                    "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
+        write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        _install(staging, target, key, content)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info(f"Fine-tuned MiniLM in {seconds:.0f}s (training accuracy {accuracy:.1%}); cached in {target}.")
+    model, tokenizer = load_finetuned_minilm(target)
+    manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
+    return FinetunedMiniLM(model.eval(), tokenizer, target, manifest, cached=False)
+
+
+def _install(staging: Path, target: Path, key: str, content: dict) -> None:
+    """Rename the finished ``staging`` folder to ``target``; a valid ``target`` written meanwhile by another process
+    is kept, an invalid one is moved aside and removed."""
+    if target.exists():
+        if not cache_problems(target, key, content):
+            return
+        aside = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex}")
+        os.rename(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target.exists() and not cache_problems(target, key, content)):
+            raise
+
+
 __all__ = [
+    "FINETUNE_CODE_VERSION",
+    "FinetuneSettings",
+    "FinetunedMiniLM",
     "MINILM_NUM_LAYERS",
+    "cache_problems",
+    "cached_finetune_minilm",
+    "finetune_cache_root",
+    "finetune_key",
     "finetune_minilm",
     "freeze_minilm",
     "load_finetuned_minilm",

@@ -2,8 +2,9 @@
 the rows, the plots, and live influence for a pair the user types. The app only lays out components and
 turns the `ValueError`s raised here into messages.
 
-The default table is built from the embedded default (generated NLI data and a small BERT trained from a
-config, `hf_fastif.embedded`), offline, in well under a minute on a CPU, and cached on disk.
+The default table is built from the embedded default (generated NLI data and all-MiniLM-L6-v2 fine-tuned on them,
+`hf_fastif.embedded`; the fine-tuned model itself is cached by content), offline, in about a minute on a CPU the
+first time, and cached on disk.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from .applications.common import predict
 from .arguments import InfluenceArguments
 from .data import tokenize_nli
 from .embedded import (
-    EMBEDDED_DESCRIPTION,
-    EMBEDDED_TABLE_DATA,
+    data_description,
     embedded_arguments,
     embedded_data,
-    train_embedded,
+    embedded_kind,
+    train_embedded_model,
 )
-from .influence import compute_influences, default_arguments
+from .engine import InfluenceEngine
+from .influence import default_arguments
 from .table import InfluenceTable, InfluenceTableError
 from .utils import to_json, write_atomic
 
@@ -57,23 +59,27 @@ def default_cache_dir() -> Path:
 
 
 def build_default(directory: str | os.PathLike | None = None, args: InfluenceArguments | None = None, *,
-                  max_train_samples: int | None = None, max_test_samples: int | None = None) -> Path:
-    """Train the embedded model, compute its influence table on HANS-style test rows, and save ``table/`` (with
-    text, predictions and label names), ``model/`` (model + tokenizer) and ``train.parquet`` under ``directory``.
-    Reuses a finished build with the same settings.
+                  max_train_samples: int | None = None, max_test_samples: int | None = None,
+                  kind: str | None = None) -> Path:
+    """Train (or, for MiniLM, load from the fine-tuning cache) the embedded model, compute its influence table on
+    HANS-style test rows, and save ``table/`` (with text, predictions and label names), ``model/`` (model +
+    tokenizer) and ``train.parquet`` under ``directory``. Reuses a finished build with the same settings and model.
 
     Args:
         directory: where the build goes (default: the Space's cache, `default_cache_dir`).
         args: training and influence settings (default: the embedded default's for the table,
-            ``embedded_arguments(directory, use="table")``).
-        max_train_samples: generated training rows (default: `EMBEDDED_TABLE_DATA`'s 2,000).
+            ``embedded_arguments(directory, use="table", kind=kind)``).
+        max_train_samples: generated training rows (default: the kind's ``table_data``, 2,000).
         max_test_samples: use the first N of the 30 HANS-style test rows.
+        kind: the embedded model, ``"minilm"`` (default) or ``"tiny"``.
     """
+    settings = embedded_kind(kind)
     directory = Path(directory) if directory is not None else default_cache_dir()
-    args = args if args is not None else embedded_arguments(str(directory), use="table")
-    sizes = EMBEDDED_TABLE_DATA | ({"n_train": max_train_samples} if max_train_samples else {})
+    args = args if args is not None else embedded_arguments(str(directory), use="table", kind=settings.name)
+    sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
     build = json.loads(to_json({
-        "model": EMBEDDED_DESCRIPTION, "data": sizes, "max_test_samples": max_test_samples, "seed": args.seed,
+        "model": settings.description, "kind": settings.name, "data": sizes, "max_test_samples": max_test_samples,
+        "seed": args.seed,
         "training": {k: getattr(args, k) for k in ("num_train_epochs", "learning_rate", "per_device_train_batch_size")},
         "influence": args.influence_settings()}))
     ready = directory / READY_FILE
@@ -81,20 +87,23 @@ def build_default(directory: str | os.PathLike | None = None, args: InfluenceArg
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
-    data = embedded_data(seed=args.seed, **sizes)
-    trainer, raw, tokenized = train_embedded(args=args, data=data)
+    raw, tokenized, tokenizer = embedded_data(seed=args.seed, **sizes, kind=settings.name)
+    model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=settings.name,
+                                       description=data_description(args.seed, len(raw["train"])))
     hans, raw_hans = tokenized["hans"], raw["hans"]
     if max_test_samples:
         hans, raw_hans = (d.select(range(min(max_test_samples, len(d)))) for d in (hans, raw_hans))
-    predictions = predict(trainer.model, hans, trainer.data_collator).argmax(-1)
-    table = trainer.compute_influences(hans)
-    table.metadata["embedded_build"] = build
-    save_with_text(table, directory / "table", model=trainer.model,
-                   model_name=f"hf_fastif embedded default ({EMBEDDED_DESCRIPTION})",
+    collator = DataCollatorWithPadding(tokenizer)
+    with InfluenceEngine(model, args, data_collator=collator) as engine:
+        table = engine.compute_influences(tokenized["train"], hans)
+        predictions = predict(model, hans, engine=engine).argmax(-1)
+    table.metadata["embedded_build"] = build | {"fine_tuning": info}
+    save_with_text(table, directory / "table", model=model,
+                   model_name=f"hf_fastif embedded default ({settings.description})",
                    train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
                    test=TextSource(raw_hans, "hf_fastif generated HANS-style NLI", "hans"), predictions=predictions)
-    trainer.model.save_pretrained(directory / "model")
-    data[2].save_pretrained(directory / "model")
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
     raw["train"].to_parquet(str(directory / "train.parquet"))
     write_atomic(ready, to_json({"config": build}))
     return directory
@@ -103,7 +112,9 @@ def build_default(directory: str | os.PathLike | None = None, args: InfluenceArg
 # ---- the state of the app ------------------------------------------------------------------------------
 class Explainer:
     """Live influence for one typed pair: kNN candidates among ``train`` (at most `MAX_CANDIDATES`), s_test with
-    the table's solver settings (bounded), one forward for the prediction. One computation at a time."""
+    the table's solver settings (bounded), one forward for the prediction. One computation at a time, through one
+    `InfluenceEngine` held for the app's life: the training rows' trunk states and kNN index are computed on the
+    first request and reused by every later one (the model does not change)."""
 
     def __init__(self, model, tokenizer, train: Dataset, settings: dict, label_names: list[str],
                  train_ids: np.ndarray | None = None):
@@ -113,6 +124,7 @@ class Explainer:
         self.train_tokenized = tokenize_nli(train.select_columns(["premise", "hypothesis", "label"]), tokenizer)
         self.collator = DataCollatorWithPadding(tokenizer)
         self.settings = settings
+        self.engine = InfluenceEngine(self.model, self._arguments(1), data_collator=self.collator)
         self._lock = threading.Lock()
 
     def _arguments(self, k: int) -> InfluenceArguments:
@@ -142,8 +154,8 @@ class Explainer:
         test = Dataset.from_dict({"premise": [premise], "hypothesis": [hypothesis], "label": [int(label)]})
         with self._lock:
             prediction = self.predict(premise, hypothesis)
-            table = compute_influences(self.model, self.train_tokenized, tokenize_nli(test, self.tokenizer),
-                                       self._arguments(k), data_collator=self.collator)
+            self.engine.args = self._arguments(k)
+            table = self.engine.compute_influences(self.train_tokenized, tokenize_nli(test, self.tokenizer))
         table = table.add_text(self.train, columns=TRAIN_TEXT)
         helpful, harmful = table.helpful(0, n), table.harmful(0, n)
         for frame in (helpful, harmful):  # rows of the candidate set -> ids of the training data
@@ -312,7 +324,8 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
         directory = build_default()
         table = InfluenceTable.load(directory / "table")
         explainer = _explainer(table, str(directory / "model"), Dataset.from_parquet(str(directory / "train.parquet")))
-        return SpaceState.from_table(table, f"embedded default ({EMBEDDED_DESCRIPTION})", explainer)
+        built = json.loads((directory / READY_FILE).read_text()).get("config", {})
+        return SpaceState.from_table(table, f"embedded default ({built.get('model', 'generated NLI')})", explainer)
     if Path(source).is_dir():
         table, label = InfluenceTable.load(source), f"local folder {source}"
     else:

@@ -1,7 +1,7 @@
-"""Quickstart: train a small model on generated NLI data, then ask which training rows drove its mistakes.
+"""Quickstart: fine-tune a model on generated NLI data, then ask which training rows drove its mistakes.
 
-    python recipes/quickstart.py            # embedded default, offline, well under a minute on 2 CPU cores
-    python recipes/quickstart.py --influence_knn_k 300 --num_test 5
+    python recipes/quickstart.py            # embedded default (MiniLM, fine-tuned once and cached), offline, CPU
+    python recipes/quickstart.py --embedded_model tiny --influence_knn_k 300 --num_test 5
 
 Flags: QuickstartArguments and InfluenceArguments (--influence_*, --output_dir, --seed, --num_train_epochs, ...),
 with the embedded default's settings (hf_fastif.embedded) as defaults.
@@ -17,13 +17,7 @@ import numpy as np
 from hf_fastif import InfluenceArguments
 from hf_fastif.annotate import TextSource, save_with_text
 from hf_fastif.applications import predict
-from hf_fastif.embedded import (
-    EMBEDDED_DESCRIPTION,
-    EMBEDDED_TABLE_DATA,
-    embedded_data,
-    embedded_defaults,
-    train_embedded,
-)
+from hf_fastif.embedded import KINDS, embedded_data, embedded_defaults, embedded_kind, train_embedded
 from hf_fastif.parsing import parse_arguments
 
 
@@ -31,14 +25,19 @@ from hf_fastif.parsing import parse_arguments
 class QuickstartArguments:
     num_test: int = field(default=3, metadata={"help": "HANS-style test points to explain (spread over the mistakes)."})
     top: int = field(default=5, metadata={"help": "Helpful / harmful rows to print per test point."})
+    embedded_model: str | None = field(default=None, metadata={
+        "help": f"{' or '.join(KINDS)} (default minilm: fine-tuned once, then loaded from $HF_FASTIF_CACHE)."})
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick, args = parse_arguments((QuickstartArguments, InfluenceArguments), argv,
-                                  embedded_defaults("table") | {"output_dir": "outputs/quickstart"})
+    quick, args = parse_arguments(
+        (QuickstartArguments, InfluenceArguments), argv,
+        lambda first: embedded_defaults("table", first.embedded_model) | {"output_dir": "outputs/quickstart"})
+    settings = embedded_kind(quick.embedded_model)
     start = time.perf_counter()
-    trainer, raw, tokenized = train_embedded(args=args, data=embedded_data(seed=args.seed, **EMBEDDED_TABLE_DATA))
-    print(f"trained a {sum(p.numel() for p in trainer.model.parameters()):,}-parameter BERT on "
+    data = embedded_data(seed=args.seed, **settings.table_data, kind=settings.name)
+    trainer, raw, tokenized = train_embedded(args=args, data=data, kind=settings.name)
+    print(f"{settings.description}: a {sum(p.numel() for p in trainer.model.parameters()):,}-parameter BERT, ready on "
           f"{len(raw['train'])} generated NLI pairs in {time.perf_counter() - start:.0f}s")
 
     hans = tokenized["hans"]
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     table = save_with_text(trainer.compute_influences(hans.select(rows)), f"{args.output_dir}/influence_table",
                            train=TextSource(raw["train"]), test=TextSource(raw["hans"].select(rows)),
-                           model=trainer.model, model_name=EMBEDDED_DESCRIPTION, predictions=predictions[rows])
+                           model=trainer.model, model_name=settings.description, predictions=predictions[rows])
     print(f"influence of {args.influence_knn_k} kNN candidates on {len(rows)} test points "
           f"in {time.perf_counter() - start:.1f}s (λ = {table.metadata['lambda']:g})\n")
     names = trainer.model.config.id2label

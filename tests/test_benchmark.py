@@ -23,7 +23,7 @@ from benchmarks.paper_table import main
 from benchmarks.rows import fast_settings
 from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments
-from hf_fastif.embedded import EMBEDDED_PARAMS
+from hf_fastif.embedded import MINILM, TINY
 from hf_fastif.params import PAPER_BERT_PARAMS
 
 
@@ -85,7 +85,9 @@ def test_influence_settings_are_influence_arguments_flags():
     assert args.influence_recursion_depth == 30  # the user's flag wins over --quick's 20
     assert args.influence_damping == pytest.approx(0.25) and args.influence_knn_k == 80  # --quick's defaults
     assert bench.knn_sweep == [5, 10] and bench.num_test == 2 and args.seed == 0
-    assert args.influence_params == EMBEDDED_PARAMS and args.use_cpu
+    assert args.influence_params == TINY.influence["influence_params"] and args.use_cpu  # --quick: the tiny model
+    _, args = parse([])
+    assert args.influence_params == MINILM.influence["influence_params"] and args.learning_rate == 2e-4
     # a given model gets the paper's settings: InfluenceArguments' own defaults and the paper's BERT layers
     bench, args = parse(["--model_name_or_path", "some/bert"])
     assert (args.influence_recursion_depth, args.influence_damping, args.influence_scale) == (1000, 5e-3, 1e4)

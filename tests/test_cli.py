@@ -29,6 +29,10 @@ def test_build_embedded_default_then_show(built: Path, capsys) -> None:
     assert len(table.test_ids) == 30 and len(table) == 30 * 20
     assert table.metadata["settings"]["influence_recursion_depth"] == 10
     assert table.metadata["label_names"] == ["entailment", "non_entailment"]
+    # the embedded default is the fine-tuned MiniLM (22.7M parameters), influence over its pooler and classifier
+    assert table.metadata["embedded_build"]["kind"] == "minilm"
+    assert table.metadata["model"]["num_parameters"] == 22_713_986
+    assert table.metadata["model"]["num_influence_parameters"] == 148_610
     assert {"train_premise", "test_hypothesis", "test_prediction", "test_heuristic"} <= set(table.column_names)
 
     assert main(["show", str(built / "table"), "--test-id", "7", "-n", "3"]) == 0

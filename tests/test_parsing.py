@@ -11,7 +11,7 @@ import pytest
 
 from hf_fastif import InfluenceArguments, cli
 from hf_fastif.applications import ModelDataArguments
-from hf_fastif.embedded import EMBEDDED_INFLUENCE, EMBEDDED_USES
+from hf_fastif.embedded import MINILM, TINY
 from hf_fastif.parsing import parse_arguments
 from tests.applications.conftest import load_recipe
 
@@ -77,20 +77,27 @@ GIVEN = ["--influence_scale", "10000", "--influence_damping", "0.3", "--influenc
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_a_given_flag_wins_and_an_ungiven_one_takes_the_setups_default(name, monkeypatch, tmp_path):
-    # --influence_scale 10000 is InfluenceArguments' own default: given, it must still beat the embedded default's 50
+    # --influence_scale 10000 is InfluenceArguments' own default: given, it must still beat the embedded default's 12
     data_args, args = _recipe_args(name, ["--output_dir", str(tmp_path), *GIVEN], monkeypatch)
-    assert data_args.embedded and data_args.num_threads == 1
+    assert data_args.embedded and data_args.kind == "minilm" and data_args.num_threads == 1
+    assert data_args.trainable_layers == MINILM.setup["trainable_layers"] == 2
     assert (args.influence_scale, args.influence_damping, args.influence_solver, args.seed) == (1e4, 0.3, "cg", 7)
     assert args.influence_knn_k is None  # 0 on the command line means None
     assert args.output_dir == str(tmp_path)
     for key in ("influence_recursion_depth", "influence_batch_size", "influence_repetitions", "influence_params"):
-        assert getattr(args, key) == EMBEDDED_INFLUENCE[key], key
-    assert args.learning_rate == 1e-3 and args.use_cpu  # the embedded model's training
+        assert getattr(args, key) == MINILM.influence[key], key
+    assert args.learning_rate == 2e-4 and args.num_train_epochs == 1 and args.use_cpu  # MiniLM's fine-tuning
 
     _, default = _recipe_args(name, [], monkeypatch)
     assert default.output_dir == f"outputs/{name}" and default.seed == 0
-    assert default.influence_knn_k == EMBEDDED_USES.get(name, {}).get("influence_knn_k", 1000)
-    assert default.influence_scale == 50.0
+    assert default.influence_knn_k == MINILM.uses.get(name, {}).get("influence_knn_k", 1000)
+    assert default.influence_scale == MINILM.influence["influence_scale"]
+
+    # --quick (or --embedded_model tiny) takes the tiny model's settings
+    for argv in (["--quick"], ["--embedded_model", "tiny"]):
+        data_args, tiny = _recipe_args(name, argv, monkeypatch)
+        assert data_args.kind == "tiny" and data_args.trainable_layers is None
+        assert tiny.influence_params == TINY.influence["influence_params"] and tiny.learning_rate == 1e-3
 
     data_args, paper = _recipe_args(name, ["--model_name_or_path", str(tmp_path), "--influence_recursion_depth", "7"],
                                     monkeypatch)
@@ -127,10 +134,16 @@ def test_protocol_defaults_follow_the_setup_and_quick(monkeypatch):
 
 
 def test_embedded_trainable_layers_takes_influence_over_what_trains(monkeypatch):
-    _, args = _recipe_args("visualize", ["--trainable_layers", "1"], monkeypatch)
+    _, args = _recipe_args("visualize", ["--embedded_model", "tiny", "--trainable_layers", "1"], monkeypatch)
     assert args.influence_params is None
-    _, args = _recipe_args("visualize", ["--trainable_layers", "1", "--influence_params", "classifier"], monkeypatch)
+    _, args = _recipe_args("visualize", ["--quick", "--trainable_layers", "1", "--influence_params", "classifier"],
+                           monkeypatch)
     assert args.influence_params == ["classifier"]
+    # MiniLM: --trainable_layers says what fine-tuning trains; influence stays on its influence parameters
+    data_args, args = _recipe_args("visualize", ["--trainable_layers", "1"], monkeypatch)
+    assert data_args.trainable_layers == 1 and args.influence_params == MINILM.influence["influence_params"]
+    with pytest.raises(ValueError, match="Unknown embedded model 'large'"):
+        _recipe_args("visualize", ["--embedded_model", "large"], monkeypatch)
 
 
 def test_cli_build_defaults(monkeypatch, tmp_path):
@@ -138,7 +151,10 @@ def test_cli_build_defaults(monkeypatch, tmp_path):
     assert (args.influence_scale, args.influence_damping, args.influence_solver, args.seed) == (1e4, 0.3, "cg", 7)
     assert args.influence_knn_k is None
     args = _build_args(["--output-dir", str(tmp_path)], monkeypatch)
-    assert args.influence_knn_k == EMBEDDED_USES["table"]["influence_knn_k"] and args.influence_scale == 50.0
+    assert args.influence_knn_k == MINILM.uses["table"]["influence_knn_k"]
+    assert args.influence_scale == MINILM.influence["influence_scale"] and args.learning_rate == 2e-4
+    args = _build_args(["--output-dir", str(tmp_path), "--embedded_model", "tiny"], monkeypatch)
+    assert args.influence_scale == TINY.influence["influence_scale"] and args.learning_rate == 1e-3
     args = _build_args(["--output_dir", str(tmp_path), "--model_name_or_path", "m", "--train_dataset", "t",
                         "--test_dataset", "h"], monkeypatch)
     defaults = InfluenceArguments(output_dir=str(tmp_path))

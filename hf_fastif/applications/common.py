@@ -1,5 +1,6 @@
-"""Pieces the four applications share: the data they run on, predictions, HANS accuracy, one plain SGD step,
-label checks, mean ± std, and writing a result as JSON + markdown + PNG."""
+"""Pieces the four applications share: the data they run on, predictions (through an `InfluenceEngine`'s cached
+trunk where one is at hand), HANS accuracy, the model's report, one plain SGD step, label checks, mean ± std,
+and writing a result as JSON + markdown + PNG."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from torch import nn
 
 from ..arguments import InfluenceArguments
 from ..batches import Batcher, model_input_columns
+from ..data import HANS_HEURISTICS
+from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
 from ..loss import FunctionalModel, LossFn, logits_of
 from ..metrics import load_hans_accuracy
 from ..mode import influence_mode
 from ..params import select_parameters
-from ..utils import to_json, write_atomic
+from ..utils import markdown_table, to_json, write_atomic
 
 EVAL_BATCH_SIZE = 128
 
@@ -65,8 +68,16 @@ def batcher(model: nn.Module, dataset: Dataset, data_collator: Callable | None =
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, data_collator: Callable | None = None,
-            batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
-    """Logits ``(N, num_labels)`` of every row (eval mode; the model's mode is restored)."""
+            batch_size: int = EVAL_BATCH_SIZE, *, engine: InfluenceEngine | None = None) -> np.ndarray:
+    """Logits ``(N, num_labels)`` of every row (eval mode; the model's mode is restored).
+
+    With ``engine`` (bound to ``model``), through `InfluenceEngine.logits`: the frozen trunk's states of
+    ``dataset`` are computed once and kept by the engine, and each later call runs only the top, which is what
+    changes between the SGD steps of a correction run."""
+    if engine is not None:
+        if engine.model is not model:
+            raise ValueError("predict(engine=...) needs an engine bound to the same model object.")
+        return engine.logits(dataset, batch_size=batch_size)
     was_training = model.training
     model.eval()
     rows = batcher(model, dataset, data_collator)
@@ -123,16 +134,24 @@ class HansEvaluator:
         self.metric = load_hans_accuracy(keep_in_memory=True)
         self._by_heuristic: dict[str, Dataset] = {}
 
-    def __call__(self, model: nn.Module, heuristic: str | None = None) -> dict[str, float]:
-        """The metric's results (``accuracy``, ``accuracy_<heuristic>``, ...) on all rows or one heuristic's."""
+    def __call__(self, model: nn.Module, heuristic: str | None = None, *,
+                 engine: InfluenceEngine | None = None) -> dict[str, float]:
+        """The metric's results (``accuracy``, ``accuracy_<heuristic>``, ...) on all rows or one heuristic's.
+
+        With ``engine`` (bound to ``model``) the logits of every row come from `InfluenceEngine.logits` (the
+        split's trunk states computed once, then only the top runs) and the heuristic's rows are picked from
+        them; without, only the heuristic's rows run through the whole model."""
         rows = np.arange(len(self.dataset)) if heuristic is None else np.flatnonzero(self.heuristics == heuristic)
         if len(rows) == 0:
             raise ValueError(f"The HANS split has no rows of heuristic {heuristic!r}; it has "
                              f"{sorted(set(self.heuristics.tolist()))}.")
-        if heuristic is not None and heuristic not in self._by_heuristic:
-            self._by_heuristic[heuristic] = self.dataset.select(rows)
-        dataset = self.dataset if heuristic is None else self._by_heuristic[heuristic]
-        logits = torch.from_numpy(predict(model, dataset, self.data_collator))
+        if engine is not None:
+            logits = torch.from_numpy(predict(model, self.dataset, engine=engine)[rows])
+        else:
+            if heuristic is not None and heuristic not in self._by_heuristic:
+                self._by_heuristic[heuristic] = self.dataset.select(rows)
+            dataset = self.dataset if heuristic is None else self._by_heuristic[heuristic]
+            logits = torch.from_numpy(predict(model, dataset, self.data_collator))
         log_probs = two_label_log_probs(logits).numpy()
         labels, heuristics = self.labels[rows], self.heuristics[rows]
         results = self.metric.compute(predictions=log_probs.argmax(-1).tolist(), references=labels.tolist(),
@@ -142,6 +161,64 @@ class HansEvaluator:
         for name in sorted(set(heuristics.tolist())):
             results[f"loss_{name}"] = float(losses[heuristics == name].mean())
         return results
+
+
+def model_report(model: nn.Module, hans: Dataset, data_collator: Callable | None = None, *,
+                 train: Dataset | None = None, train_accuracy: float | None = None) -> dict:
+    """What the trained model gets right: ``train_accuracy`` (given, e.g. recorded when the model was fine-tuned, or
+    measured on ``train``), and on ``hans`` (rows with ``labels``, ``heuristic`` and, if present, ``subcase``) the
+    `hans_accuracy` metric's results (overall, per heuristic, per heuristic and gold label) and per subcase its gold
+    label, rows and accuracy. A 3-label model counts neutral and contradiction as non_entailment."""
+    if train_accuracy is None and train is not None:
+        predictions = to_two_labels(predict(model, train, data_collator).argmax(-1))
+        train_accuracy = float(np.mean(predictions == to_two_labels(np.asarray(train["labels"]))))
+    predictions = two_label_log_probs(torch.from_numpy(predict(model, hans, data_collator))).numpy().argmax(-1)
+    labels = np.asarray(hans["labels"], dtype=np.int64)
+    heuristics = np.asarray(hans["heuristic"], dtype=object)
+    report = {"train_accuracy": train_accuracy, "hans_rows": len(hans),
+              "heuristics": sorted(set(heuristics.tolist()), key=_heuristic_order),
+              "hans": load_hans_accuracy(keep_in_memory=True).compute(
+                  predictions=predictions.tolist(), references=labels.tolist(), heuristics=heuristics.tolist())}
+    if "subcase" in hans.column_names:
+        subcases = np.asarray(hans["subcase"], dtype=object)
+        report["subcases"] = {
+            name: {"heuristic": str(heuristics[subcases == name][0]), "label": int(labels[subcases == name][0]),
+                   "rows": int((subcases == name).sum()),
+                   "accuracy": float(np.mean(predictions[subcases == name] == labels[subcases == name]))}
+            for name in sorted(set(subcases.tolist()))}
+    return report
+
+
+def model_report_markdown(report: dict) -> str:
+    """The model report as markdown: training accuracy, HANS accuracy per heuristic (all / entailment /
+    non_entailment rows) and per subcase."""
+    if not report:
+        return ""
+    hans, heuristics = report["hans"], report["heuristics"]
+
+    def cell(key):
+        return f"{100 * hans[key]:.1f}" if key in hans else ""
+
+    rows = [[h, cell(f"accuracy_{h}"), cell(f"accuracy_{h}_entailment"), cell(f"accuracy_{h}_non_entailment")]
+            for h in heuristics] + [["all", cell("accuracy"), "", ""]]
+    train = report.get("train_accuracy")
+    lines = ["### The model", "",
+             f"Training accuracy: {'not measured' if train is None else f'{100 * train:.1f}%'}. HANS-style accuracy "
+             f"(%) on {report['hans_rows']:,} rows (validation and test splits together):", "",
+             markdown_table(["heuristic", "all rows", "entailment rows", "non_entailment rows"], rows)]
+    if report.get("subcases"):
+        names = ("entailment", "non_entailment")
+        subcase_rows = [[name, v["heuristic"], names[v["label"]] if v["label"] in (0, 1) else v["label"], v["rows"],
+                         f"{100 * v['accuracy']:.0f}"]
+                        for name, v in sorted(report["subcases"].items(),
+                                              key=lambda kv: (_heuristic_order(kv[1]["heuristic"]), kv[0]))]
+        lines += ["", "Per subcase:", "", markdown_table(["subcase", "heuristic", "gold", "rows", "accuracy (%)"],
+                                                         subcase_rows)]
+    return "\n".join(lines)
+
+
+def _heuristic_order(name: str) -> tuple:
+    return (HANS_HEURISTICS.index(name) if name in HANS_HEURISTICS else len(HANS_HEURISTICS), name)
 
 
 def sgd_step(model: nn.Module, rows: Dataset, learning_rate: float, args: InfluenceArguments, *,

@@ -4,8 +4,12 @@ Per heuristic, ``num_steps`` times: sample ``num_anchors`` anchors from that heu
 compute one s_test for their mean loss (``combine="mean"``; kNN candidates of the anchors' mean feature),
 and take one plain SGD step on the ``num_points`` most helpful candidates. The model carries over from step
 to step. Baselines take the step on the most harmful candidates, on random candidates, or on the anchors
-themselves. Every (strategy, replica) starts from a deep copy of the same model; accuracy is measured on
-held-out HANS test rows before and after.
+themselves. Every (strategy, replica) starts from the same weights; accuracy is measured on held-out HANS
+test rows before, after every step and after.
+
+All runs step one working copy of the model, whose weights are restored before each run, through one
+`InfluenceEngine`: the steps change only the influence parameters, so the frozen trunk's states of the training,
+candidate and test rows are computed once for the whole protocol, and evaluation runs only the top.
 """
 
 from __future__ import annotations
@@ -220,8 +224,9 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     """Run the correction protocol and return every run's accuracies and choices.
 
     Args:
-        model: the trained model (not modified: each run steps a deep copy, with one `InfluenceEngine` per copy
-            for the run's whole life, so what the engine caches carries from step to step).
+        model: the trained model (not modified: the runs step one deep copy, restored to the model's weights before
+            each run, with one `InfluenceEngine` for that copy over the whole protocol, so the trunk states it
+            caches serve every step, run and evaluation).
         data: ``train`` (H is the Hessian of their mean loss), ``hans_validation`` (anchors are drawn from it),
             ``hans_test`` (held out, for accuracy), ``candidates`` (the rows to choose from; default ``train``)
             and ``collator``.
@@ -247,7 +252,9 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     for heuristic in heuristics:  # fail before any work if a heuristic is too small
         sample_anchors(validation_heuristics, heuristic, protocol.num_anchors, np.random.default_rng(0))
     evaluator = HansEvaluator(data.hans_test, data.collator)
-    before = evaluator(model)
+    work = copy.deepcopy(model)
+    initial = {name: tensor.detach().clone() for name, tensor in work.state_dict().items()}
+    engine = InfluenceEngine(work, args, data_collator=data.collator, loss_fn=loss_fn, measurement_fn=measurement_fn)
     settings = {
         "strategies": list(protocol.strategies), "heuristics": list(heuristics), "num_steps": protocol.num_steps,
         "num_anchors": protocol.num_anchors, "num_points": protocol.num_points,
@@ -256,27 +263,31 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
         "candidates": "train" if data.candidates is None else "pool", "num_validation": len(data.hans_validation),
         "num_test": len(data.hans_test), "influence": args.influence_settings(),
     }
-    result = CorrectionResult(settings=settings, before=before)
     total = len(heuristics) * protocol.replicas * len(protocol.strategies) * protocol.num_steps
     bar = tqdm(total=total, desc="correction", disable=not progress or not D.is_main_process())
-    corrector = _Corrector(data, args, protocol, evaluator, validation_heuristics, (loss_fn, measurement_fn), bar)
-    for h_index, heuristic in enumerate(heuristics):
-        for replica in range(protocol.replicas):
-            for strategy in protocol.strategies:
-                start = time.perf_counter()
-                run = corrector.run(model, heuristic, h_index, strategy, args.seed + replica)
-                run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
-                        "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
-                result.runs.append(run)
-                logger.info(f"{heuristic} / {strategy} / replica {replica}: {100 * run['accuracy_before']:.1f}% → "
-                            f"{100 * run['accuracy_after']:.1f}%")
+    with engine:
+        before = evaluator(work, engine=engine)
+        result = CorrectionResult(settings=settings, before=before)
+        corrector = _Corrector(data, args, protocol, evaluator, validation_heuristics, (loss_fn, measurement_fn), bar,
+                               engine, initial)
+        for h_index, heuristic in enumerate(heuristics):
+            for replica in range(protocol.replicas):
+                for strategy in protocol.strategies:
+                    start = time.perf_counter()
+                    run = corrector.run(heuristic, h_index, strategy, args.seed + replica)
+                    run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
+                            "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
+                    result.runs.append(run)
+                    logger.info(f"{heuristic} / {strategy} / replica {replica}: {100 * run['accuracy_before']:.1f}% → "
+                                f"{100 * run['accuracy_after']:.1f}%")
     bar.close()
     return result
 
 
 @dataclass
 class _Corrector:
-    """What every run of one `run_correction` call shares; `run` is one trajectory."""
+    """What every run of one `run_correction` call shares: the working copy's engine and its initial weights; `run`
+    is one trajectory."""
 
     data: ApplicationData
     args: InfluenceArguments
@@ -285,40 +296,40 @@ class _Corrector:
     validation_heuristics: np.ndarray
     loss_fns: tuple[LossFn | None, LossFn | None]
     bar: tqdm
+    engine: InfluenceEngine
+    initial: dict
 
-    def run(self, model: nn.Module, heuristic: str, h_index: int, strategy: str, seed: int) -> dict:
-        """A deep copy of ``model`` stepped ``num_steps`` times with one strategy, influence through one engine."""
-        data, protocol = self.data, self.protocol
+    def run(self, heuristic: str, h_index: int, strategy: str, seed: int) -> dict:
+        """The working copy, restored to the initial weights, stepped ``num_steps`` times with one strategy."""
+        data, protocol, engine = self.data, self.protocol, self.engine
+        work = engine.model
         candidates = data.train if data.candidates is None else data.candidates
         loss_fn, measurement_fn = self.loss_fns
-        work = copy.deepcopy(model)
+        work.load_state_dict(self.initial)
         # LiSSA draws differ between replicas and heuristics, and are the same for helpful and harmful
         run_seed = int(np.random.SeedSequence([self.args.influence_seed, seed, h_index]).generate_state(1)[0]
                        % (2**31 - 1))
-        engine = InfluenceEngine(work, with_seed(self.args, run_seed), data_collator=data.collator, loss_fn=loss_fn,
-                                 measurement_fn=measurement_fn)
+        engine.args = with_seed(self.args, run_seed)
         # the same anchors (and random draws) for every strategy of a replica, so strategies are compared fairly
         anchor_rng = np.random.default_rng([seed, h_index, 0])
         random_rng = np.random.default_rng([seed, h_index, 1])
         steps, curve = [], []
-        with engine:
-            for step in range(protocol.num_steps):
-                anchor_ids = sample_anchors(self.validation_heuristics, heuristic, protocol.num_anchors, anchor_rng)
-                anchors = data.hans_validation.select(anchor_ids)
-                table = None
-                if strategy in ("helpful", "harmful"):
-                    table = engine.compute_influences(data.train, anchors, combine="mean",
-                                                      candidate_dataset=data.candidates)
-                ids, influence = select_points(table, strategy, protocol.num_points, random_rng, len(candidates),
-                                               anchor_ids)
-                rows = anchors if strategy == "anchors" else candidates.select(ids)
-                loss = sgd_step(work, rows, protocol.correction_learning_rate, self.args, data_collator=data.collator,
-                                loss_fn=loss_fn, measurement_fn=measurement_fn, measurement=strategy == "anchors")
-                steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss))
-                if protocol.eval_every_step:
-                    curve.append(self.evaluator(work, heuristic))
-                self.bar.update(1)
-        after = self.evaluator(work)
+        for step in range(protocol.num_steps):
+            anchor_ids = sample_anchors(self.validation_heuristics, heuristic, protocol.num_anchors, anchor_rng)
+            anchors = data.hans_validation.select(anchor_ids)
+            table = None
+            if strategy in ("helpful", "harmful"):
+                table = engine.compute_influences(data.train, anchors, combine="mean", candidate_dataset=data.candidates)
+            ids, influence = select_points(table, strategy, protocol.num_points, random_rng, len(candidates),
+                                           anchor_ids)
+            rows = anchors if strategy == "anchors" else candidates.select(ids)
+            loss = sgd_step(work, rows, protocol.correction_learning_rate, self.args, data_collator=data.collator,
+                            loss_fn=loss_fn, measurement_fn=measurement_fn, measurement=strategy == "anchors")
+            steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss))
+            if protocol.eval_every_step:
+                curve.append(self.evaluator(work, heuristic, engine=engine))
+            self.bar.update(1)
+        after = self.evaluator(work, engine=engine)
         return {"heuristic": heuristic, "strategy": strategy, "seed": seed,
                 "accuracy_after": after[f"accuracy_{heuristic}"], "loss_after": after[f"loss_{heuristic}"],
                 "accuracy_steps": [c[f"accuracy_{heuristic}"] for c in curve],

@@ -31,12 +31,22 @@ from transformers import (
 from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
-from ..data import build_tokenizer, label_names, load_hans, load_mnli, split_hans, tokenize_nli
+from ..data import generate_nli, label_names, load_hans, load_mnli, split_hans, tokenize_nli
 from ..data.loaders import hub_offline
-from ..embedded import EMBEDDED_DATA, EMBEDDED_DESCRIPTION, embedded_data, embedded_defaults, embedded_model
+from ..embedded import (
+    DEFAULT_KIND,
+    KINDS,
+    QUICK_KIND,
+    data_description,
+    embedded_defaults,
+    embedded_kind,
+    embedded_model,
+    embedded_tokenizer,
+    train_embedded_model,
+)
 from ..parsing import parse_arguments
 from ..trainer import InfluenceTrainer
-from .common import ApplicationData, check_num_labels
+from .common import ApplicationData, check_num_labels, model_report
 
 logger = logging.get_logger(__name__)
 
@@ -66,8 +76,12 @@ class ModelDataArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A local checkpoint directory or a Hub id (e.g. bert-base-cased). A sequence-classification "
                 "checkpoint is used as is (no training); a base model is fine-tuned first. Unset: the embedded "
-                "default (a small BERT trained from a config on generated data, offline), whose defaults for every "
-                "other flag differ from the paper's (see docs/applications.md)."})
+                "default (--embedded_model: pretrained MiniLM fine-tuned on generated data, offline), whose defaults "
+                "for every other flag differ from the paper's (see docs/applications.md)."})
+    embedded_model: str | None = field(default=None, metadata={
+        "help": f"The embedded default's model when --model_name_or_path is unset: {' or '.join(KINDS)}. Unset: "
+                f"{DEFAULT_KIND} (all-MiniLM-L6-v2 fine-tuned once and cached in $HF_FASTIF_CACHE), or {QUICK_KIND} "
+                "with --quick (a 2-layer BERT from a config, trained in seconds)."})
     train_dataset: str | None = field(default=None, metadata={
         "help": "Training data: a Hub id (nyu-mll/multi_nli) or a local MNLI-format file. Unset: generated."})
     train_split: str = field(default="train", metadata={"help": "Hub split of --train_dataset."})
@@ -87,10 +101,12 @@ class ModelDataArguments:
                 "Fine-tuning uses --num_train_epochs, --learning_rate, --per_device_train_batch_size."})
     trainable_layers: int | None = field(default=None, metadata={
         "help": "Train (and take influence over) only the last N encoder layers, the pooler and the classifier; "
-                "unset: every layer. Default: 2 for a pretrained model (the paper: bert-base layers 10-11); the "
-                "embedded model trains every layer and takes influence over its last layer."})
+                "unset: every layer. Default: 2 for a pretrained model (the paper: bert-base layers 10-11) and for "
+                "the embedded MiniLM (whose influence parameters are --influence_params: its pooler and classifier); "
+                "the tiny embedded model trains every layer and takes influence over its last layer."})
     num_threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: 1 for the embedded model, which threads only slow down; else torch's)."})
+        "help": "torch CPU threads (default: 1 for the embedded models, measured faster on a shared 2-core machine; "
+                "else torch's)."})
     quick: bool = field(default=False, metadata={
         "help": "Smoke run (not a measurement): 600 training rows, 1 epoch, k 200, J 10, and a smaller protocol. "
                 "Flags given still win."})
@@ -103,10 +119,25 @@ class ModelDataArguments:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be at least 1, got {self.max_train_samples}.")
+        if self.embedded_model is not None:
+            embedded_kind(self.embedded_model)
+            if self.model_name_or_path is not None:
+                raise ValueError("--embedded_model chooses the embedded default, which runs without "
+                                 "--model_name_or_path; drop one of them.")
 
     @property
     def embedded(self) -> bool:
         return self.model_name_or_path is None
+
+    @property
+    def kind(self) -> str | None:
+        """The embedded model (``minilm`` or ``tiny``), or None for a given checkpoint."""
+        return None if not self.embedded else chosen_kind(self.embedded_model, self.quick)
+
+
+def chosen_kind(embedded_model: str | None, quick: bool) -> str:
+    """``--embedded_model`` if given, else the tiny model for ``--quick`` and MiniLM otherwise."""
+    return embedded_model or (QUICK_KIND if quick else DEFAULT_KIND)
 
 
 @dataclass
@@ -121,6 +152,8 @@ class Setup:
     """The generated pool (tokenized) where the data are generated, for augmentation's ``--pool generated``."""
     data_args: ModelDataArguments
     description: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    """The trained model's accuracy: training rows and HANS (overall, per heuristic and label, per subcase)."""
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -140,8 +173,9 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
     def defaults(first: argparse.Namespace) -> dict:
         out = RECIPE_DEFAULTS | {"output_dir": f"outputs/{name}"}
         if first.model_name_or_path is None:
-            out |= embedded_defaults(name)
-            if first.trainable_layers is not None:  # a frozen trunk: influence over what trains, as the paper
+            kind = chosen_kind(first.embedded_model, first.quick)
+            out |= embedded_defaults(name, kind)
+            if kind == "tiny" and first.trainable_layers is not None:  # influence over what trains, as the paper
                 out["influence_params"] = None
         else:
             out |= PAPER_TRAINING | PAPER_INFLUENCE | PAPER_SETUP
@@ -227,8 +261,9 @@ def load_data(data_args: ModelDataArguments, seed: int) -> dict[str, Dataset | N
     generated, else None). Bad files fail here, before any model is built."""
     generated = None
     if data_args.train_dataset is None or data_args.hans_file is None:
+        sizes = embedded_kind(data_args.kind or DEFAULT_KIND).data
         n_train = data_args.max_train_samples if data_args.train_dataset is None else None
-        generated, _, _ = embedded_data(seed=seed, n_train=n_train or EMBEDDED_DATA["n_train"])
+        generated = generate_nli(seed=seed, **(sizes | {"n_train": n_train or sizes["n_train"]}))
     if data_args.train_dataset is None:
         if data_args.num_labels != 2:
             raise ValueError("The generated training data have 2 labels; pass --num_labels 2 or --train_dataset.")
@@ -265,32 +300,43 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
                          "model is always trained here.")
     checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
     raw = load_data(data_args, args.seed)
-    if data_args.embedded and data_args.train_dataset is not None:
-        logger.warning("The embedded model's word-level tokenizer knows only the generated vocabulary; other words of "
-                       f"{data_args.train_dataset} become [UNK]. Pass --model_name_or_path for real data.")
-    tokenizer = build_tokenizer() if data_args.embedded else AutoTokenizer.from_pretrained(checkpoint[0])
+    kind = data_args.kind
+    if kind == "tiny" and data_args.train_dataset is not None:
+        logger.warning("The tiny embedded model's word-level tokenizer knows only the generated vocabulary; other "
+                       f"words of {data_args.train_dataset} become [UNK]. Pass --model_name_or_path for real data.")
+    tokenizer = embedded_tokenizer(kind) if data_args.embedded else AutoTokenizer.from_pretrained(checkpoint[0])
     tokenized = {k: tokenize_nli(v, tokenizer, max_length=data_args.max_length) if v is not None else None
                  for k, v in raw.items()}
-    if data_args.embedded:
-        model = embedded_model(tokenizer, seed=args.seed)
-        trained = True
+    trained, info = True, {}
+    if kind == "minilm":  # fine-tuned once per content, then loaded from the cache
+        model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=kind,
+                                           trainable_layers=data_args.trainable_layers,
+                                           max_length=data_args.max_length,
+                                           description=data_description(args.seed, len(raw["train"])))
     else:
-        model, trained = _pretrained_model(data_args, checkpoint, required_labels)
-    if data_args.trainable_layers is not None:
-        freeze_lower_layers(model, data_args.trainable_layers)
-    if trained:
-        model = _train(model, args, tokenized["train"], tokenizer, save=not data_args.embedded)
-    else:
-        model.to(args.device)
+        if kind == "tiny":
+            model = embedded_model(tokenizer, seed=args.seed, kind=kind)
+        else:
+            model, trained = _pretrained_model(data_args, checkpoint, required_labels)
+        if data_args.trainable_layers is not None:
+            freeze_lower_layers(model, data_args.trainable_layers)
+        if trained:
+            model = _train(model, args, tokenized["train"], tokenizer, save=not data_args.embedded)
+        else:
+            model.to(args.device)
     model.eval()
     check_num_labels(model, required_labels, what)
+    collator = DataCollatorWithPadding(tokenizer)
+    report = model_report(model, tokenized["hans"], collator, train=tokenized["train"] if kind == "tiny" else None,
+                          train_accuracy=info.get("train_accuracy"))
     split = split_hans(tokenized["hans"], data_args.validation_fraction, seed=args.seed)
     influence_params = sum(p.numel() for n, p in model.named_parameters()
                            if (args.influence_params is None and p.requires_grad)
                            or any(re.search(r, n) for r in args.influence_params or []))
     description = {
         "setup": "embedded" if data_args.embedded else "paper",
-        "model": data_args.model_name_or_path or EMBEDDED_DESCRIPTION,
+        "model": data_args.model_name_or_path or embedded_kind(kind).description,
+        "embedded_model": kind,
         "trained_here": trained, "num_parameters": sum(p.numel() for p in model.parameters()),
         "num_influence_parameters": influence_params,
         "train_data": data_args.train_dataset or "generated (hf_fastif.data.generate_nli)",
@@ -298,11 +344,13 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
         "num_hans_validation": len(split["validation"]), "num_hans_test": len(split["test"]),
         "influence_lambda": args.influence_lambda,
     }
+    if info:
+        description["fine_tuning"] = info
     logger.info(f"Setup: {description}")
     data = ApplicationData(train=tokenized["train"], hans_validation=split["validation"], hans_test=split["test"],
-                           collator=DataCollatorWithPadding(tokenizer), raw_train=raw["train"])
+                           collator=collator, raw_train=raw["train"])
     return Setup(model=model, tokenizer=tokenizer, args=args, data=data, pool=tokenized["pool"], data_args=data_args,
-                 description=description, started=started)
+                 description=description, report=report, started=started)
 
 
 def _check_checkpoint(data_args: ModelDataArguments, required_labels, what) -> tuple[str, object, bool]:

@@ -1,5 +1,6 @@
-"""The end every application recipe shares: compare the settings with the paper's, render the result as markdown,
-write ``<name>.json`` / ``.md`` / ``.png`` (and any files of the result's own) to ``--output_dir``, and print."""
+"""The end every application recipe shares: compare the settings with the paper's, render the result and the model's
+report as markdown, write ``<name>.json`` / ``.md`` / ``.png`` (and any files of the result's own) to
+``--output_dir``, and print."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .. import distributed as D
-from ..embedded import EMBEDDED_DESCRIPTION
+from ..embedded import embedded_defaults, embedded_kind
 from ..utils import markdown_table
-from .common import write_results
+from .common import model_report_markdown, write_results
 from .prepare import PAPER_INFLUENCE, Setup
 
 PAPER_DESCRIPTION: dict = {
@@ -37,51 +38,71 @@ def _show(value) -> str:
     return str(value)
 
 
-def compare_with_paper(setup: Setup, protocol: Any = None) -> list[tuple[str, str, str]]:
-    """``(setting, paper, here)`` for the model, the data, the influence settings and λ, and the application's
+def compare_with_paper(setup: Setup, protocol: Any = None, use: str | None = None) -> list[tuple[str, str, str, str]]:
+    """``(setting, paper, here, why)`` for the model, the data, the influence settings and λ, and the application's
     protocol (``protocol.PAPER`` vs ``protocol.used()``; ``protocol.PAPER_INFLUENCE``: the paper's influence
-    settings of this application where they differ from its HANS ones). Only differences are listed."""
+    settings of this application where they differ from its HANS ones). Only differences are listed; ``why`` is the
+    embedded default's reason (`hf_fastif.embedded.EmbeddedKind.why`) for ``use`` (a recipe's name), "given on the
+    command line" where a flag changed the embedded default's value, and empty for the paper's setup."""
     d = setup.description
     here = {
-        "model": EMBEDDED_DESCRIPTION if d["setup"] == "embedded"
+        "model": d["model"] if d["setup"] == "embedded"
         else f"{d['model']}" + (" (fine-tuned here)" if d["trained_here"] else " (as given)"),
         "influence parameters": f"{d['num_influence_parameters']:,} of {d['num_parameters']:,}",
         "training rows": f"{d['num_train']:,} ({d['train_data']})",
         "HANS rows (validation / test)": f"{d['hans']}: {d['num_hans_validation']:,} / {d['num_hans_test']:,}",
     }
+    kind = d.get("embedded_model")
+    settings = embedded_kind(kind) if kind else None
+    defaults = embedded_defaults(use if use in settings.uses else None, kind) if settings else {}
+    reasons = settings.why if settings else {}
+
+    def why(setting: str, value) -> str:
+        # the embedded default's reason, unless the value is not the embedded default's (then a flag set it)
+        flag = "--quick or the command line" if setup.data_args.quick else "given on the command line"
+        if setting in defaults:
+            return reasons.get(setting, "") if _show(defaults[setting]) == _show(value) else flag
+        return reasons.get(setting) or flag
+
     rows = []
     if d["setup"] == "embedded" or d["train_data"] != PAPER_DESCRIPTION["training rows"]:
-        rows += [(k, PAPER_DESCRIPTION[k], here[k]) for k in PAPER_DESCRIPTION]
+        rows += [(k, PAPER_DESCRIPTION[k], here[k], reasons.get(k, "")) for k in PAPER_DESCRIPTION]
     paper_influence = {k: v for k, v in PAPER_INFLUENCE.items() if k != "influence_params"}
     paper_influence |= getattr(protocol, "PAPER_INFLUENCE", {})
     used = setup.args.influence_settings()
-    rows += [(k, _show(v), _show(used.get(k))) for k, v in paper_influence.items() if _show(v) != _show(used.get(k))]
+    rows += [(k, _show(v), _show(used.get(k)), why(k, used.get(k))) for k, v in paper_influence.items()
+             if _show(v) != _show(used.get(k))]
     paper_lambda = paper_influence["influence_damping"] * paper_influence["influence_scale"]
     if _show(paper_lambda) != _show(setup.args.influence_lambda):
-        rows.append(("λ = damping × scale", _show(paper_lambda), _show(setup.args.influence_lambda)))
+        rows.append(("λ = damping × scale", _show(paper_lambda), _show(setup.args.influence_lambda),
+                     reasons.get("λ = damping × scale", "")))
     if protocol is not None:
         paper, now = protocol.PAPER, protocol.used()
-        rows += [(k, _show(v), _show(now.get(k))) for k, v in paper.items() if _show(v) != _show(now.get(k))]
+        rows += [(k, _show(v), _show(now.get(k)), why(k, getattr(protocol, k, now.get(k))))
+                 for k, v in paper.items() if _show(v) != _show(now.get(k))]
     return rows
 
 
-def comparison_markdown(rows: list[tuple[str, str, str]], setup: Setup) -> str:
+def comparison_markdown(rows: list[tuple[str, ...]], setup: Setup) -> str:
     title = ("Settings the embedded default changes from the paper" if setup.name == "embedded"
              else "Settings that differ from the paper")
     if not rows:
         return f"### {title}\n\nNone."
-    return f"### {title}\n\n" + markdown_table(["setting", "paper", "here"], rows)
+    if any(len(row) > 3 and row[3] for row in rows):
+        return f"### {title}\n\n" + markdown_table(["setting", "paper", "here", "why"], rows)
+    return f"### {title}\n\n" + markdown_table(["setting", "paper", "here"], [row[:3] for row in rows])
 
 
 def write_report(name: str, result: Result, setup: Setup, protocol: Any = None, *,
                  argv: Sequence[str] | None = None, extra: dict | None = None) -> dict:
-    """Compare with the paper, write ``<name>.json`` (the result, the setup, ``extra``, the settings that differ
-    from the paper, the command line and the seconds since `prepare` began), ``<name>.md`` and ``<name>.png``
-    to ``setup.args.output_dir``, plus the result's own files (``result.save_files(directory)``, if it has
-    one); print the markdown. Only the main process writes and prints. Returns what the JSON holds."""
-    changes = compare_with_paper(setup, protocol)
-    markdown = result.to_markdown() + "\n\n" + comparison_markdown(changes, setup)
-    results = result.to_dict() | {"setup": setup.description} | (extra or {}) | {
+    """Compare with the paper, write ``<name>.json`` (the result, the setup, the model's report, ``extra``, the
+    settings that differ from the paper, the command line and the seconds since `prepare` began), ``<name>.md``
+    and ``<name>.png`` to ``setup.args.output_dir``, plus the result's own files (``result.save_files(directory)``,
+    if it has one); print the markdown. Only the main process writes and prints. Returns what the JSON holds."""
+    changes = compare_with_paper(setup, protocol, use=name)
+    sections = [result.to_markdown(), model_report_markdown(setup.report), comparison_markdown(changes, setup)]
+    markdown = "\n\n".join(section for section in sections if section)
+    results = result.to_dict() | {"setup": setup.description, "model_report": setup.report} | (extra or {}) | {
         "changes_from_paper": changes, "argv": list(sys.argv[1:] if argv is None else argv),
         "seconds": setup.seconds()}
     if D.is_main_process():

@@ -32,7 +32,7 @@ from transformers.utils import logging
 from .. import distributed as D
 from ..arguments import InfluenceArguments
 from ..data import load_mnli, tokenize_nli
-from ..embedded import embedded_model
+from ..embedded import embedded_model, train_embedded_model
 from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
 from ..loss import FunctionalModel
@@ -315,19 +315,20 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
         raise ValueError(f"The simulator has {sim_labels} labels and the task model {task_labels}; train the simulator "
                          "on the task model's label set.")
     rates, seed = protocol.rates, args.seed
-    test_predictions = predict(task_model, test_dataset, data.collator).argmax(-1)
     gold = np.asarray(test_dataset["labels"])
-    rows, correct = select_test_points(test_predictions, gold, protocol.num_correct, protocol.num_incorrect, seed)
-    if len(rows) == 0:
-        raise ValueError("No test points to explain; pass a non-empty test dataset.")
-    targets = test_predictions[rows] if protocol.explain == "prediction" else gold[rows]
-    tests = with_labels(test_dataset.select(rows), targets)
     train_gold = np.asarray(data.train["labels"])
-    train_predictions = predict(task_model, data.train, data.collator).argmax(-1)
-    influence_train = (data.train if protocol.row_labels in ("gold", "mixed")
-                       else with_labels(data.train, train_predictions))
-    step_labels = train_gold if protocol.row_labels == "gold" else train_predictions
     with InfluenceEngine(task_model, args, data_collator=data.collator) as engine:
+        # predictions through the engine: the training rows' trunk states serve them and, with gold labels, influence
+        test_predictions = predict(task_model, test_dataset, engine=engine).argmax(-1)
+        rows, correct = select_test_points(test_predictions, gold, protocol.num_correct, protocol.num_incorrect, seed)
+        if len(rows) == 0:
+            raise ValueError("No test points to explain; pass a non-empty test dataset.")
+        targets = test_predictions[rows] if protocol.explain == "prediction" else gold[rows]
+        tests = with_labels(test_dataset.select(rows), targets)
+        train_predictions = predict(task_model, data.train, engine=engine).argmax(-1)
+        influence_train = (data.train if protocol.row_labels in ("gold", "mixed")
+                           else with_labels(data.train, train_predictions))
+        step_labels = train_gold if protocol.row_labels == "gold" else train_predictions
         table = engine.compute_influences(influence_train, tests)
 
     names = getattr(task_model.config, "id2label", None) or {}
@@ -395,13 +396,23 @@ def build_simulator(setup: Setup, protocol: SimulatabilityArguments) -> nn.Modul
     if setup.name != "embedded" and not setup.description["trained_here"]:
         raise ValueError("The task model was given as a fine-tuned checkpoint, so its base model is unknown: pass "
                          "--simulator CHECKPOINT (a model trained on the task model's predictions), or --simulator copy.")
-    relabelled = with_labels(setup.data.train, predict(setup.model, setup.data.train, setup.data.collator).argmax(-1))
+    predictions = predict(setup.model, setup.data.train, setup.data.collator).argmax(-1)
+    relabelled = with_labels(setup.data.train, predictions)
     # the same starting point as the task model (as two fine-tunings of one pretrained BERT share theirs), another
     # order of the training rows, and the task model's predictions as labels
     args = copy.copy(setup.args)
     args.data_seed, args.output_dir = setup.args.seed + 1, f"{setup.args.output_dir}/simulator"
+    kind = setup.description.get("embedded_model")
+    if kind == "minilm":  # fine-tuned (once per content: cached) on the task model's predictions
+        raw = setup.data.raw_train.remove_columns("label").add_column("label", [int(x) for x in predictions])
+        simulator, _ = train_embedded_model(raw, relabelled, setup.tokenizer, args, kind=kind,
+                                            trainable_layers=data_args.trainable_layers,
+                                            max_length=data_args.max_length,
+                                            description={"labels": "predictions of the task model",
+                                                         "task_model": setup.description.get("fine_tuning", {})})
+        return simulator
     if setup.name == "embedded":
-        simulator = embedded_model(setup.tokenizer, seed=setup.args.seed)
+        simulator = embedded_model(setup.tokenizer, seed=setup.args.seed, kind="tiny")
     else:
         simulator = AutoModelForSequenceClassification.from_pretrained(
             data_args.model_name_or_path, attn_implementation="eager", num_labels=num_labels,

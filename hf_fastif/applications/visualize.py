@@ -229,7 +229,7 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
     tests = hans.select(rows)
     with InfluenceEngine(model, args, data_collator=data.collator) as engine:
         table = engine.compute_influences(data.train, tests)
-    predictions = predict(model, tests, data.collator).argmax(-1)
+        predictions = predict(model, tests, engine=engine).argmax(-1)
     test_info = [{"heuristic": tests[i]["heuristic"], "label": int(tests[i]["labels"]),
                   "subcase": tests[i].get("subcase"), "correct": bool(predictions[i] == tests[i]["labels"]),
                   "row": int(rows[i])} for i in range(len(tests))]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fastif import InfluenceTable
+from hf_fastif import InfluenceEngine, InfluenceTable
+from hf_fastif import engine as engine_module
 from hf_fastif.applications import (
     STRATEGIES,
     CorrectionArguments,
@@ -68,7 +69,7 @@ def test_sgd_step_is_plain_sgd_on_the_influence_parameters(trained, nli, args):
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_evaluator_matches_a_manual_accuracy(trained, nli):
+def test_evaluator_matches_a_manual_accuracy(trained, nli, args):
     evaluator = HansEvaluator(nli["test"], nli["collator"])
     predictions = predict(trained, nli["test"], nli["collator"]).argmax(-1)
     labels, heuristics = np.array(nli["test"]["labels"]), np.array(nli["test"]["heuristic"])
@@ -78,6 +79,18 @@ def test_evaluator_matches_a_manual_accuracy(trained, nli):
         rows = heuristics == h
         assert result[f"accuracy_{h}"] == pytest.approx(np.mean(predictions[rows] == labels[rows]))
         assert evaluator(trained, h)[f"accuracy_{h}"] == result[f"accuracy_{h}"]
+    # through an engine's cached trunk: the same logits and results, also after the top has moved
+    model = copy.deepcopy(trained)
+    with InfluenceEngine(model, args, data_collator=nli["collator"]) as engine:
+        torch.testing.assert_close(torch.from_numpy(predict(model, nli["test"], engine=engine)),
+                                   torch.from_numpy(predict(model, nli["test"], nli["collator"])), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            model.classifier.bias.add_(torch.tensor([0.5, -0.5]))
+        moved = evaluator(model, "constituent", engine=engine)
+        assert moved["accuracy_constituent"] == pytest.approx(evaluator(model, "constituent")["accuracy_constituent"])
+        assert moved["loss"] == pytest.approx(evaluator(model, "constituent")["loss"], rel=1e-4)
+        with pytest.raises(ValueError, match="same model object"):
+            predict(trained, nli["test"], engine=engine)
 
 
 def test_check_num_labels_names_the_fix(trained):
@@ -156,28 +169,43 @@ def test_run_correction_candidate_pool_and_replicas(trained, nli, data, args):
     assert result.settings["candidates"] == "pool"
 
 
-def test_one_engine_per_run_for_its_whole_life(trained, data, args, monkeypatch):
-    """Influence goes through one InfluenceEngine per (heuristic, strategy, replica) run, bound to that run's model
-    copy and asked once per step, never through a fresh compute_influences per step."""
-    made = []
+def test_one_engine_for_the_protocol_computes_the_trunk_states_once(trained, data, args, monkeypatch):
+    """Influence and evaluation go through one InfluenceEngine, bound to one working copy of the model (restored
+    before every run; the caller's model is never stepped) and asked once per influence step; the frozen trunk's
+    states of the training rows and of the test split are computed once for the whole protocol."""
+    made, built = [], []
     real = correction_module.InfluenceEngine
 
     class Spy(real):
         def __init__(self, model, *a, **kw):
             super().__init__(model, *a, **kw)
-            self.calls = 0
+            self.calls = self.logit_calls = 0
             made.append(self)
 
         def compute_influences(self, *a, **kw):
             self.calls += 1
             return super().compute_influences(*a, **kw)
 
+        def logits(self, *a, **kw):
+            self.logit_calls += 1
+            return super().logits(*a, **kw)
+
+    class CacheSpy(engine_module.TrunkCache):
+        def __init__(self, split, batcher, *a, **kw):
+            built.append(len(batcher))
+            super().__init__(split, batcher, *a, **kw)
+
     monkeypatch.setattr(correction_module, "InfluenceEngine", Spy)
+    monkeypatch.setattr(engine_module, "TrunkCache", CacheSpy)
     protocol = CorrectionArguments(strategies=["helpful", "harmful", "random"], heuristics=["constituent"],
-                                   num_steps=3, num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=1)
-    run_correction(trained, data, args, protocol, progress=False)
-    assert len(made) == 3 and [e.calls for e in made] == [3, 3, 0]
-    assert len({id(e.model) for e in made}) == 3 and all(e.model is not trained for e in made)
+                                   num_steps=3, num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=2)
+    result = run_correction(trained, data, args, protocol, progress=False)
+    assert len(made) == 1 and made[0].model is not trained
+    assert made[0].calls == 2 * 3 * 2  # helpful and harmful, 3 steps, 2 replicas
+    assert made[0].logit_calls == 1 + 6 * (3 + 1)  # before; after every step and at the end of each of the 6 runs
+    assert built.count(len(data.train)) == 1 and built.count(len(data.hans_test)) == 1
+    assert all(n == 3 for n in built if n not in (len(data.train), len(data.hans_test)))  # each step's anchors
+    assert all(r["accuracy_steps"] and r["steps"] for r in result.runs)
 
 
 def test_run_correction_rejects_bad_settings(trained, data, args):

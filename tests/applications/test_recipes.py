@@ -1,5 +1,5 @@
-"""The four recipes end to end: the embedded default in --quick mode with tiny flags, and the paper's path on
-local files and tiny saved checkpoints (no Hub)."""
+"""The four recipes end to end: the embedded default in --quick mode (the tiny model) with tiny flags, the MiniLM
+default once with tiny sizes, and the paper's path on local files and tiny saved checkpoints (no Hub)."""
 
 import json
 from pathlib import Path
@@ -26,13 +26,36 @@ def test_hans_correction_recipe_embedded(tmp_path, capsys):
           "--strategies", "helpful", "random"])
     results = _outputs(tmp_path, "hans_correction")
     assert results["setup"]["setup"] == "embedded" and results["setup"]["num_train"] == 200
+    assert results["setup"]["embedded_model"] == "tiny"  # --quick keeps the from-config model
     assert [r["strategy"] for r in results["runs"]] == ["helpful", "random"]
     assert all(len(r["steps"]) == 2 for r in results["runs"])
     changed = {row[0]: row for row in results["changes_from_paper"]}
-    assert changed["correction_learning_rate"][1:] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
+    assert changed["correction_learning_rate"][1:3] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
+    assert "1e-4 does not move it" in changed["correction_learning_rate"][3]  # the embedded default's reason
+    assert changed["num_steps"][3] == "--quick or the command line"
     printed = capsys.readouterr().out
     assert "### HANS error correction" in printed and "| lexical_overlap |" in printed
     assert "Settings the embedded default changes from the paper" in printed
+
+
+def test_hans_correction_recipe_on_the_minilm_default(tmp_path, capsys):
+    """The default model (no --quick): MiniLM fine-tuned on 200 generated rows (cached by content), one step."""
+    main = load_recipe("hans_correction").main
+    results = main(["--output_dir", str(tmp_path), "--max_train_samples", "200", "--num_steps", "1", "--replicas",
+                    "1", "--influence_knn_k", "50", "--influence_recursion_depth", "5", "--heuristics",
+                    "lexical_overlap", "--strategies", "helpful", "random"])
+    setup = results["setup"]
+    assert setup["embedded_model"] == "minilm" and setup["num_parameters"] == 22_713_986
+    assert setup["num_influence_parameters"] == 148_610 and setup["fine_tuning"]["cached"] is False
+    assert [r["strategy"] for r in results["runs"]] == ["helpful", "random"]
+    assert len(results["runs"][0]["steps"][0]["influence"]) == 10  # 10 of the 50 candidates, scored
+    # the model's report: training accuracy from fine-tuning, HANS accuracy per heuristic and per subcase
+    report = results["model_report"]
+    assert 0 <= report["train_accuracy"] <= 1 and report["hans_rows"] == 1200 and len(report["subcases"]) == 30
+    assert {"accuracy_lexical_overlap_entailment", "accuracy_constituent_non_entailment"} <= set(report["hans"])
+    printed = capsys.readouterr().out
+    assert "### The model" in printed and "| ln_subject/object_swap | lexical_overlap | non_entailment | 40 |" in printed
+    assert "all-MiniLM-L6-v2" in printed  # the settings table names the model
 
 
 def test_augmentation_recipe_embedded(tmp_path):

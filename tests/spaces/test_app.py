@@ -1,5 +1,6 @@
 """The Space (spaces_demo/app.py): launched on loopback with the default table (built offline from the embedded
-default), called through `gradio_client`, and driven in a real headless Chromium with Playwright.
+default, MiniLM fine-tuned on generated NLI), called through `gradio_client`, and driven in a real headless
+Chromium with Playwright.
 
 The screenshot of the browser test is saved to test-artifacts/space.png.
 """
@@ -70,6 +71,7 @@ def test_gradio_client_show_explain_and_bad_input(app) -> None:
     from gradio_client.exceptions import AppError
 
     url, state = app
+    assert state.table.metadata["embedded_build"]["kind"] == "minilm"  # the default table: the fine-tuned MiniLM
     client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
     wrong = state.choices("all", "wrong")
     assert wrong and state.choices("all", "correct")  # the chooser has both kinds to offer

@@ -1,0 +1,128 @@
+"""The embedded default: MiniLM (verified) fine-tuned on generated NLI, cached on disk by content; the tiny model
+stays for --quick."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_fastif.data import generate_nli, tokenize_nli
+from hf_fastif.embedded import (
+    DEFAULT_KIND,
+    MINILM,
+    QUICK_KIND,
+    embedded_arguments,
+    embedded_kind,
+    embedded_tokenizer,
+    train_embedded_model,
+)
+from hf_fastif.minilm_default import (
+    MANIFEST_NAME,
+    FinetuneSettings,
+    cache_problems,
+    cached_finetune_minilm,
+    finetune_cache_root,
+    finetune_key,
+)
+from hf_fastif.pretrained import MINILM_FILES, minilm_file_problems, minilm_path
+
+# 64 rows, 2 optimizer steps: enough to change the weights, a few seconds on a CPU
+SMALL = FinetuneSettings(seed=0, epochs=1.0, lr=1e-3, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return generate_nli(seed=0, n_train=64, n_hans_per_subcase=0, n_pool_per_subcase=0)["train"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("finetune_cache")
+
+
+@pytest.fixture(scope="module")
+def first(raw, cache):
+    return cached_finetune_minilm(raw, SMALL, cache_dir=cache, description={"rows": 64})
+
+
+def test_the_embedded_default_is_the_verified_minilm(raw, tmp_path, monkeypatch):
+    assert DEFAULT_KIND == "minilm" and QUICK_KIND == "tiny" and embedded_kind() is MINILM
+    monkeypatch.setenv("HF_FASTIF_CACHE", str(tmp_path))
+    tokenizer = embedded_tokenizer()
+    assert len(tokenizer) == 30522  # MiniLM's WordPiece vocabulary, not the generated word list
+    args = embedded_arguments(str(tmp_path / "out"), num_train_epochs=1.0, per_device_train_batch_size=32)
+    model, info = train_embedded_model(raw, None, tokenizer, args)
+    folder = minilm_path()
+    assert not minilm_file_problems(folder) and folder.parent == tmp_path  # extracted and hashed under the cache
+    assert info["cached"] is False and finetune_cache_root() == tmp_path / "minilm-nli"
+    assert info["folder"].startswith(str(tmp_path / "minilm-nli"))
+    # the frozen part is exactly the verified checkpoint; the top 2 layers, pooler and classifier were trained
+    pretrained = load_file(folder / "model.safetensors")
+    weights = dict(model.named_parameters())
+    assert MINILM_FILES["model.safetensors"].size == (folder / "model.safetensors").stat().st_size
+    for layer in range(6):
+        name = f"encoder.layer.{layer}.attention.self.query.weight"
+        same = torch.equal(weights[f"bert.{name}"].detach(), pretrained[name])
+        assert same == (layer < 4) and weights[f"bert.{name}"].requires_grad == (layer >= 4), layer
+    assert torch.equal(weights["bert.embeddings.word_embeddings.weight"].detach(),
+                       pretrained["embeddings.word_embeddings.weight"])
+    assert 0.0 <= info["train_accuracy"] <= 1.0 and model.config.num_labels == 2
+
+
+def test_a_second_call_loads_the_cached_model(raw, cache, first):
+    assert not first.cached and first.folder.parent == cache / "minilm-nli"
+    manifest = json.loads((first.folder / MANIFEST_NAME).read_text())
+    assert manifest["content"]["settings"]["lr"] == 1e-3 and "model.safetensors" in manifest["files"]
+    assert manifest["content"]["base"]["files"]["model.safetensors"] == MINILM_FILES["model.safetensors"].sha256
+    assert manifest["description"] == {"rows": 64} and 0 <= manifest["report"]["train_accuracy"] <= 1
+    assert not list(first.folder.glob("*.bin")) and not list(first.folder.glob("*.pt"))  # no pickles, safetensors only
+    again = cached_finetune_minilm(raw, SMALL, cache_dir=cache)
+    assert again.cached and again.folder == first.folder
+    assert torch.equal(again.model.classifier.weight, first.model.classifier.weight)
+    # the tokenized rows are keyed, not max_length: a longer limit that truncates nothing is the same model
+    longer = cached_finetune_minilm(raw, FinetuneSettings(**{**SMALL.__dict__, "max_length": 128}), cache_dir=cache)
+    assert longer.cached and longer.folder == first.folder
+
+
+@pytest.mark.parametrize("change", ["lr", "seed", "trainable_layers", "data"])
+def test_another_setting_or_other_data_is_another_folder(raw, first, change):
+    settings, rows = SMALL, raw
+    if change == "data":
+        rows = raw.map(lambda row, i: {"label": 1 - row["label"] if i == 0 else row["label"]}, with_indices=True)
+    else:
+        settings = FinetuneSettings(**{**SMALL.__dict__, change: {"lr": 2e-3, "seed": 1, "trainable_layers": 1}[change]})
+    key, content = finetune_key(tokenize_nli(rows, first.tokenizer), settings)
+    assert key != first.manifest["key"]
+    assert cache_problems(first.folder, key, content)  # the existing folder is refused for these settings
+
+
+def test_a_tampered_or_foreign_cache_folder_is_rebuilt(raw, cache, first, caplog):
+    # a changed byte in the weights
+    path = first.folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert any("model.safetensors has sha256" in p for p in cache_problems(first.folder, first.manifest["key"],
+                                                                          first.manifest["content"]))
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.minilm_default"):
+        rebuilt = cached_finetune_minilm(raw, SMALL, cache_dir=cache)
+    assert not rebuilt.cached and rebuilt.folder == first.folder
+    assert "is not used and will be rebuilt" in caplog.text and "model.safetensors" in caplog.text
+    assert not cache_problems(rebuilt.folder, rebuilt.manifest["key"], rebuilt.manifest["content"])
+    # a manifest claiming other settings (a folder made for another configuration)
+    manifest_path = rebuilt.folder / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["content"]["settings"]["lr"] = 5e-5
+    manifest_path.write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.minilm_default"):
+        again = cached_finetune_minilm(raw, SMALL, cache_dir=cache)
+    assert not again.cached and "made for other content" in caplog.text and "settings" in caplog.text
+    # an extra file slipped into the folder
+    (again.folder / "extra.bin").write_bytes(b"x")
+    assert "extra.bin was added after the model was cached" in cache_problems(
+        again.folder, again.manifest["key"], again.manifest["content"])
