@@ -20,7 +20,6 @@ import logging as pylogging
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -42,9 +41,16 @@ from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .data import generate_nli, load_hans, load_mnli, tokenize_nli
 from .distributed import barrier, is_main_process
-from .embedded import DEFAULT_KIND, KINDS, embedded_defaults, embedded_kind
+from .embedded import (
+    DEFAULT_KIND,
+    KINDS,
+    data_description,
+    embedded_defaults,
+    embedded_kind,
+    embedded_tokenizer,
+    train_embedded_model,
+)
 from .engine import InfluenceEngine
-from .minilm_default import finetune_minilm
 from .params import num_parameters, select_parameters
 from .parsing import parse_with_defaults
 from .recall import (
@@ -394,16 +400,16 @@ def run_recall(ns: argparse.Namespace) -> int:
 
 
 def _finetuned_minilm(n_train: int, args: InfluenceArguments) -> tuple:
-    """The default of ``recall``: MiniLM fine-tuned on ``n_train`` generated rows (seed ``args.seed``), with the
-    generated HANS-style rows as test data (one per subcase)."""
+    """The default of ``recall``: MiniLM fine-tuned on ``n_train`` generated rows (seed ``args.seed``; from the
+    content-keyed fine-tuning cache after the first time), with the generated HANS-style rows as test data (one per
+    subcase)."""
     raw = generate_nli(seed=args.seed, n_train=n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
-    with tempfile.TemporaryDirectory() as folder:  # nothing is saved: save_strategy "no", save=False
-        trainer = finetune_minilm(raw["train"], folder, seed=args.seed, epochs=args.num_train_epochs,
-                                  lr=args.learning_rate, batch_size=args.per_device_train_batch_size, save=False,
-                                  use_cpu=args.use_cpu)
-    tokenizer = trainer.processing_class
+    tokenizer = embedded_tokenizer("minilm")
+    train = tokenize_nli(raw["train"], tokenizer)
+    model, _ = train_embedded_model(raw["train"], train, tokenizer, args, kind="minilm",
+                                    description=data_description(args.seed, n_train))
     name = f"all-MiniLM-L6-v2 fine-tuned on {n_train} generated NLI rows"
-    return trainer.model.eval(), tokenizer, trainer.train_dataset, tokenize_nli(raw["hans"], tokenizer), name
+    return model, tokenizer, train, tokenize_nli(raw["hans"], tokenizer), name
 
 
 def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:

@@ -108,7 +108,7 @@ def test_bad_input_is_refused_before_work(files, monkeypatch, capsys, extra, mes
 
 
 def test_default_setup_checks_k_before_fine_tuning(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "finetune_minilm", _NoWork())
+    monkeypatch.setattr(cli, "train_embedded_model", _NoWork())
     assert main(["recall", "--max_train_samples", "100", "--ks", "101"]) == 2
     assert "k=101 exceeds the 100 candidate rows" in capsys.readouterr().err
     assert main(["recall", "--train_dataset", "t.jsonl"]) == 2
