@@ -24,8 +24,9 @@ from transformers import (
 )
 
 from hf_fastif import InfluenceArguments, InfluenceTable, compute_influences
-from hf_fastif.data import load_hans, load_mnli, tokenize_nli
+from hf_fastif.data import generate_nli, load_hans, load_mnli, tokenize_nli
 from hf_fastif.embedded import EMBEDDED_PARAMS, embedded_data, train_embedded
+from hf_fastif.minilm_default import finetune_minilm, minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 
 from .timing import timed
@@ -34,6 +35,8 @@ ORIGINAL, FASTIF, PARALLEL, FAST = "original", "FastIF", "FastIF parallel", "hf_
 FLOOR, GRADIENT = "original, another seed", "reference: gradient dot product"
 CONVERGENCE = 5.0  # J·damp of the paper's LiSSA (1000 × 5e-3): the series has shrunk by (1 - damp)^J ≈ e^-5
 TEST_FORMATS = ("mnli", "hans")
+EMBEDDED_MODELS = ("bert", "minilm")
+MINILM_LAYERS = 2  # fine-tuned and influence layers of --embedded_model minilm (minilm_default's default)
 
 
 @dataclass
@@ -45,6 +48,12 @@ class BenchmarkArguments:
         default=None,
         metadata={"help": "A fine-tuned sequence-classification model (Hub id or directory). Default: the embedded "
                           "model, trained here on the embedded NLI data."},
+    )
+    embedded_model: str = field(
+        default="bert",
+        metadata={"help": "Without --model_name_or_path: 'bert' (the embedded 2-layer BERT, trained here) or 'minilm' "
+                          "(pretrained all-MiniLM-L6-v2 fine-tuned here the paper's way on the embedded NLI data: last "
+                          "2 layers, pooler and classifier; hf_fastif.minilm_default; CPU-sized defaults)."},
     )
     train_dataset: str | None = field(
         default=None, metadata={"help": "MNLI-format training data (Hub id or file; hf_fastif.data.load_mnli)."}
@@ -100,7 +109,16 @@ def benchmark_defaults(own: Namespace) -> dict:
     eigenvalue), a given model the paper's settings (`InfluenceArguments`' own defaults, the paper's BERT
     layers); ``--quick`` shrinks every size. A flag given on the command line overrides any of these."""
     out = dict(output_dir="outputs/benchmark", seed=0, report_to="none", disable_tqdm=True)
-    if own.model_name_or_path is None:
+    if own.model_name_or_path is None and own.embedded_model == "minilm":
+        # MiniLM's steps cost ~30x the embedded BERT's on a CPU: fewer rows, test points and sweep points, the
+        # original's B = 32 (the cost model still takes B = 128 at the paper's scale), no digits anchor (it does not
+        # depend on the model); scale ≈ 2x its batch Hessians' top eigenvalue (about 6 here)
+        out |= dict(use_cpu=True, influence_params=minilm_influence_params(MINILM_LAYERS),
+                    influence_recursion_depth=100, influence_damping=CONVERGENCE / 100, influence_scale=10.0,
+                    embedded_train_rows=1000, num_train_epochs=1.0, num_test=4, noise_floor_test=2,
+                    original_batch_size=32, knn_sweep=[100, 300], influence_knn_k=300, sweep_batch_sizes=[1, 4, 16],
+                    sweep_depths=[1.0], sweep_repetitions=2, sweep_num_test=1, sweep_pool=300, ground_truth=False)
+    elif own.model_name_or_path is None:
         out |= dict(use_cpu=True, influence_params=EMBEDDED_PARAMS, influence_recursion_depth=100,
                     influence_damping=CONVERGENCE / 100, influence_scale=5.0)
     else:
@@ -122,6 +140,8 @@ def validate(bench: BenchmarkArguments, args: InfluenceArguments) -> None:
     if args.influence_knn_k is None or args.influence_repetitions is None:
         raise ValueError("FastIF's row needs --influence_knn_k and --influence_repetitions as integers "
                          f"(got {args.influence_knn_k}, {args.influence_repetitions}).")
+    if bench.embedded_model not in EMBEDDED_MODELS:
+        raise ValueError(f"embedded_model={bench.embedded_model!r} is unknown; use 'bert' or 'minilm'.")
     if bench.test_format not in TEST_FORMATS:
         raise ValueError(f"test_format={bench.test_format!r} is unknown; use 'mnli' or 'hans'.")
     positive = {name: getattr(bench, name) for name in (
@@ -166,7 +186,21 @@ def _check_params(model: torch.nn.Module, patterns: list[str] | None) -> None:
 def prepare(bench: BenchmarkArguments, args: InfluenceArguments) -> Setup:
     """Load (or train) the model and data and pick the test points (seeded by ``args.seed``)."""
     rng = np.random.default_rng(args.seed)
-    if bench.model_name_or_path is None:
+    if bench.model_name_or_path is None and bench.embedded_model == "minilm":
+        raw = generate_nli(seed=args.seed, n_train=bench.embedded_train_rows,
+                           n_hans_per_subcase=4 if bench.quick else 40, n_pool_per_subcase=0)
+        trainer, train_s = timed(lambda: finetune_minilm(
+            raw["train"], Path(args.output_dir) / "minilm_model", seed=args.seed, trainable_layers=MINILM_LAYERS,
+            epochs=args.num_train_epochs, save=False, use_cpu=args.use_cpu))
+        model, tokenizer = trainer.model, trainer.processing_class
+        collator = DataCollatorWithPadding(tokenizer)
+        train, pool = trainer.train_dataset, tokenize_nli(raw["hans"], tokenizer)
+        description = {
+            "model": f"all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned {args.num_train_epochs:g} epoch(s) here "
+                     f"({train_s:.0f}s, last {MINILM_LAYERS} layers, pooler and classifier) on the embedded NLI data",
+            "train": f"embedded NLI train ({len(train)} rows)", "test": "embedded HANS-style split",
+        }
+    elif bench.model_name_or_path is None:
         data = embedded_data(seed=args.seed, n_train=bench.embedded_train_rows,
                              n_hans_per_subcase=4 if bench.quick else 40, n_pool_per_subcase=1 if bench.quick else 40)
         (trainer, _, tokenized), train_s = timed(lambda: train_embedded(

@@ -24,6 +24,7 @@ from benchmarks.rows import fast_settings
 from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments
 from hf_fastif.embedded import EMBEDDED_PARAMS
+from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 
 
@@ -90,6 +91,11 @@ def test_influence_settings_are_influence_arguments_flags():
     bench, args = parse(["--model_name_or_path", "some/bert"])
     assert (args.influence_recursion_depth, args.influence_damping, args.influence_scale) == (1000, 5e-3, 1e4)
     assert args.influence_params == PAPER_BERT_PARAMS and bench.num_test == 8 and not args.use_cpu
+    # the MiniLM setting: its fine-tuned layers take part, CPU-sized sizes, the paper's J·damp
+    bench, args = parse(["--embedded_model", "minilm", "--num_test", "3"])
+    assert args.influence_params == minilm_influence_params(2) and args.use_cpu and bench.num_test == 3
+    assert bench.original_batch_size == 32 and bench.paper_b == 128 and not bench.ground_truth
+    assert args.influence_recursion_depth * args.influence_damping == pytest.approx(5.0)
     for respelled in (["--damping", "0.1"], ["--knn_k", "5"], ["--recursion_depth", "5"], ["--fastif_k", "5"]):
         with pytest.raises(ValueError, match="not used by the HfArgumentParser"):  # one name per setting
             parse(respelled)
@@ -98,6 +104,7 @@ def test_influence_settings_are_influence_arguments_flags():
 @pytest.mark.parametrize("argv, message", [
     (["--quick", "--influence_solver", "cg"], "every row of the paper table is LiSSA"),
     (["--quick", "--test_format", "csv"], "use 'mnli' or 'hans'"),
+    (["--quick", "--embedded_model", "gpt2"], "use 'bert' or 'minilm'"),
     (["--quick", "--knn_sweep", "0"], "--knn_sweep must be positive"),
     (["--quick", "--parallel_processes", "-1"], "--parallel_processes must be >= 0"),
 ])
@@ -174,6 +181,11 @@ def test_paper_scale_rows(quick):
     assert paper["original (2021 code path)"]["speed-up vs original (2021 code path)"] == pytest.approx(1.0)
     u = results["unit_costs"]
     assert all(v > 0 for v in u["hvp"].values()) and all(v > 0 for v in u["score"].values())
+    # hf_fastif's units run from the trunk cache (the embedded model splits above layer 0); the 2021 code path's
+    # HVPs run the whole model, one per B of the run
+    assert u["trunk_split"] == "bert.encoder.layer.1" and u["trunk"] > 0
+    assert set(u["hvp_full"]) == {key for key in u["hvp"] if key.endswith("x1")}
+    assert results["paper"]["trunk_build_s"] == pytest.approx(results["paper"]["n"] * u["trunk"])
     assert len(results["targets"]) >= 6 and all(isinstance(t["met"], bool) for t in results["targets"])
 
 
