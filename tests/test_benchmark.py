@@ -95,6 +95,7 @@ def test_influence_settings_are_influence_arguments_flags():
     bench, args = parse(["--embedded_model", "minilm", "--num_test", "3"])
     assert args.influence_params == minilm_influence_params(2) and args.use_cpu and bench.num_test == 3
     assert bench.original_batch_size == 32 and bench.paper_b == 128 and not bench.ground_truth
+    assert bench.knn_sweep == [300] and args.influence_knn_k == 300 and args.influence_scale == 200.0
     assert args.influence_recursion_depth * args.influence_damping == pytest.approx(5.0)
     for respelled in (["--damping", "0.1"], ["--knn_k", "5"], ["--recursion_depth", "5"], ["--fastif_k", "5"]):
         with pytest.raises(ValueError, match="not used by the HfArgumentParser"):  # one name per setting
