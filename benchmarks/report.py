@@ -82,7 +82,9 @@ def targets(rows: list[dict], paper_rows: list[dict], paper_t: int) -> list[dict
 
 
 def plot_sweep(points: list[dict], path: Path) -> None:
-    """Agreement with original vs s_test seconds per test point, one series per (B, T), marker size by J."""
+    """Agreement with original vs s_test seconds per test point, one series per (B, T), marker size by J
+    (points the engine refused are left out; the table lists them)."""
+    points = [p for p in points if "refused" not in p]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     batch_sizes = sorted({p["B"] for p in points})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(batch_sizes)))
@@ -179,7 +181,8 @@ def render(results: dict) -> str:
     if sweep:
         lines += ["## s_test sweep (J, B, T) against original\n",
                   f"![sweep]({results['files']['sweep_png']}) — {results['sweep_note']}\n",
-                  rows_table(sweep, ["J", "B", "T", "s_test_s_per_test_point", "spearman", "pearson"]), ""]
+                  rows_table(sweep, ["J", "B", "T", "s_test_s_per_test_point", "spearman", "pearson", "refused"],
+                             {"refused": lambda v: f"refused: {v[:160]}"}), ""]
     curve = results.get("knn_recall_curve")
     if curve:
         keys = [k for k in curve if k.startswith("recall@")]

@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from datasets import Dataset
 
+from benchmarks import studies
 from benchmarks.arguments import parse_with_defaults
 from benchmarks.costs import CostScale, cost_model
 from benchmarks.paper_setup import (
@@ -17,15 +19,17 @@ from benchmarks.paper_setup import (
     ORIGINAL,
     PARALLEL,
     BenchmarkArguments,
+    Setup,
     benchmark_defaults,
 )
 from benchmarks.paper_table import main
 from benchmarks.rows import fast_settings
 from benchmarks.studies import knn_recall_curve
-from hf_fastif import InfluenceArguments
+from hf_fastif import InfluenceArguments, InfluenceTable
 from hf_fastif.embedded import EMBEDDED_PARAMS
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
+from hf_fastif.solvers.lissa import LissaDivergenceError
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,29 @@ def test_cost_model_formulas():
     # FastIF with B = 2 pays the 2-row step; the original's cost does not move
     c2 = cost_model(u, CostScale(n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, processes=2, b_fastif=2), fast)
     assert c2[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
+
+
+def test_sweep_records_a_refused_point_and_goes_on(monkeypatch):
+    """A sweep run the engine refuses (LissaDivergenceError) is a row of the table, not the end of the benchmark."""
+    rows = Dataset.from_dict({"input_ids": [[1, 2]] * 6, "labels": [0, 1] * 3})
+    setup = Setup(model=None, tokenizer=None, collator=None, train=rows, test=rows.select([0]), description={})
+    bench = BenchmarkArguments(sweep_depths=[1.0], sweep_batch_sizes=[1, 2], sweep_repetitions=2, sweep_num_test=1,
+                               sweep_pool=6, original_batch_size=4)
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=10, influence_seed=0)
+
+    def fake_call(setup, test, settings, candidate_dataset=None):
+        if settings.influence_batch_size == 1 and settings.influence_seed == 1001:  # B = 1, its second seed
+            raise LissaDivergenceError("H + λI is not positive definite")
+        values = np.arange(6, dtype=float) + settings.influence_seed
+        table = InfluenceTable.from_arrays(np.zeros(6), np.arange(6), values, {"diagnostics": {"s_test_s": 0.5}})
+        return table, 1.0
+
+    monkeypatch.setattr(studies, "call_influences", fake_call)
+    points = studies.s_test_sweep(setup, bench, args, original=np.arange(6, dtype=float)[None])
+    assert [(p["B"], p["T"], "refused" in p) for p in points] == [(1, 1, False), (1, 2, True), (2, 1, False),
+                                                                  (2, 2, False)]
+    assert "not positive definite" in points[1]["refused"]
+    assert points[0]["spearman"] == pytest.approx(1.0) and points[3]["s_test_s_per_test_point"] == pytest.approx(1.0)
 
 
 def test_fast_settings_keep_lambda_and_convergence():
@@ -206,6 +233,8 @@ def test_sweep_grid(quick):
     assert {(p["J"], p["B"]) for p in sweep} == {(j, b) for j in depths for b in config["sweep_batch_sizes"]}
     for p in sweep:
         assert p["T"] * p["B"] <= max(config["original_batch_size"], p["B"])
+        if "refused" in p:  # the engine's convergence check refused that seed's sample
+            continue
         assert p["s_test_s_per_test_point"] > 0 and -1.0 <= p["spearman"] <= 1.0
     t_max = config["sweep_repetitions"]
     assert max(p["T"] for p in sweep if p["B"] == 1) == t_max
