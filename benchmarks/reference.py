@@ -31,9 +31,12 @@ Each configuration runs ``--runs`` times per side, alternating which side goes f
 of the wall seconds, the ratio of the medians, the Spearman of our influence values with the reference's (median
 over run pairs), and as the noise floor the Spearman between two seeds of each side. hf_fastif's phases come from
 the table's ``metadata["diagnostics"]``. Also: the scoring throughput (rows per second of JVP scoring, from the same
-calls, vs a plain no-grad forward of the whole model at the same batch size) and, with ``--profile``, where
-hf_fastif's time goes (convergence check vs recursion, ms per LiSSA step, torch.profiler's top operators of one
-call of each side). Writes benchmark_reference.json and benchmark_reference.md to ``--output_dir``.
+calls, vs a plain no-grad forward of the whole model at the same batch size), the Spearman of the reference's
+values with the plain gradient dot product (how much H⁻¹ changes the ranking at these settings) and, with
+``--profile``, where each side's time goes (hf_fastif: the convergence check's two Lanczos parts vs the recursion
+vs scoring, ms per LiSSA step, one HVP at 1 / 4 / 64 rows with and without the L2 term; both: torch.profiler's top
+operators of one LiSSA step). Writes benchmark_reference.json, benchmark_reference.md and the influence values
+(influence_values.npz) to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class ReferenceArguments:
     max_length: int = field(default=128, metadata={"help": "MiniLM: pairs truncated to this many tokens."})
     forward_calls: int = field(default=5, metadata={"help": "Timed calls of the plain forward (median)."})
     profile: bool = field(default=False, metadata={"help": "Also profile one call of each side per model (T = 1): "
-                                                           "phases, convergence check, torch.profiler top ops."})
+                                                           "phases, the convergence check, one LiSSA step."})
 
 
 def reference_defaults(own: Namespace) -> dict:
