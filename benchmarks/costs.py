@@ -24,6 +24,7 @@ from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
+from hf_fastif.solvers.lanczos import lanczos
 from hf_fastif.trunk import TrunkCache, find_split, model_inputs, verify_split
 
 from .paper_setup import FAST, FASTIF, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
@@ -70,7 +71,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     """Seconds per unit of work on this model and data (medians of single calls), for the cost model:
     ``hvp[B x m]``: one LiSSA step (collate B fresh rows, one HVP with m vectors); ``score[m]``: one candidate
     scored by batched JVP (batches of 64) against m s_test vectors; ``test_gradient``: one test row;
-    ``power_iteration``: the library's convergence check (its Lanczos runs, modelled from the HVP costs): all
+    ``power_iteration``: the library's convergence check (its Lanczos runs: their HVPs, and their own vector
+    work ``check_vector_work``, timed with a cheap diagonal operator): all
     from the cached trunk states where the model splits, as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
     (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``). ``feature``: one
@@ -106,10 +108,18 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
             out["hvp_full"][f"{b}x1"] = (out["hvp"][f"{b}x1"] if out["trunk_split"] is None else
                                          step(b, torch.randn(p, device=device, dtype=dtype) * 1e-2, fm=full_fm,
                                               batcher=full))
-        # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows
-        out["power_iteration"] = (CHECK_BATCHES * CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
+        # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows,
+        # its HVPs plus its own vector work (start vector, full reorthogonalisation of p-sized vectors), timed with
+        # a diagonal operator of distinct entries (one multiply per step, so Lanczos runs every step)
+        diagonal = torch.linspace(1.0, 2.0, p, device=device, dtype=dtype)
+        vector_work = [median_seconds(lambda k=k: lanczos(lambda x: diagonal * x, p, k, dtype=dtype, device=device), 3)
+                       for k in (CHECK_ITERATIONS, CHECK_ITERATIONS + 2)]
+        out["power_iteration"] = (CHECK_BATCHES * (CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
+                                                   + vector_work[0])
                                   + (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n),
-                                                                  torch.randn(1, p, device=device, dtype=dtype), "sum"))
+                                                                  torch.randn(1, p, device=device, dtype=dtype), "sum")
+                                  + vector_work[1])
+        out["check_vector_work"] = CHECK_BATCHES * vector_work[0] + vector_work[1]
         block = rng.choice(n, min(64, n), replace=False).tolist()
         for m in sorted({1, shared}):
             s_test = torch.randn(m, p, device=device, dtype=dtype) * 1e-3

@@ -166,7 +166,7 @@ def render(results: dict) -> str:
                   [f"hvp[{key}] {v:.3g}" for key, v in u["hvp"].items()]
                   + [f"hvp_full[{key}] {v:.3g}" for key, v in u.get("hvp_full", {}).items()]
                   + [f"score[m={key}] {v:.3g}" for key, v in u["score"].items()]
-                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "trunk",
+                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "check_vector_work", "trunk",
                                                         "feature", "knn_row") if key in u])
               + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}.\n",
               "```\n" + results["cost_model"] + "\n```\n"]
