@@ -1,7 +1,7 @@
 """Candidate recall on the fine-tuned MiniLM: do the k candidates hold the training rows that influence the
 prediction most?
 
-    python -m benchmarks.recall [--quick] [--output_dir outputs/benchmark_recall] [--projection_dims 1024 4096]
+    python -m benchmarks.recall [--quick] [--output_dir outputs/benchmark_recall] [--projection_dims 4096 8192]
 
 MiniLM (all-MiniLM-L6-v2, verified offline) is fine-tuned on 2,000 generated NLI rows as docs/pretrained.md says
 (last 2 layers + pooler + classifier, 1 epoch, lr 2e-4); influence is over those same parameters. For 8 HANS-style
@@ -56,7 +56,7 @@ class RecallBenchmarkArguments:
                           metadata={"help": "Candidates per query: counts or shares of N."})
     knn_methods: list[str] = field(default_factory=lambda: ["auto", "mean"],
                                    metadata={"help": "Feature kNN methods (influence_knn_features values)."})
-    projection_dims: list[int] = field(default_factory=lambda: [1024, 4096],
+    projection_dims: list[int] = field(default_factory=lambda: [4096, 8192],
                                        metadata={"help": "Count-sketch sizes of the gradient method."})
     model_dir: str | None = field(default=None, metadata={
         "help": "A model saved by finetune_minilm (load_finetuned_minilm) instead of fine-tuning here; it must have "
