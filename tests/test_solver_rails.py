@@ -137,6 +137,30 @@ def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_c
             compute_influences(model, sample, test, args, data_collator=pad_collator)
 
 
+def test_a_negative_sample_estimate_is_confirmed_on_more_rows_before_refusing(bert, pad_collator, monkeypatch):
+    """A few rows' Hessian is more indefinite than the whole set's: a λ between the two estimates must run (the
+    confirmation on the set overrules the sample), and a λ below both must be refused naming the confirming rows."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = bert
+    monkeypatch.setattr(engine_module, "CHECK_ROWS", 3)
+    settings = dict(influence_solver="lissa", influence_params=TOP, influence_scale=100.0, influence_recursion_depth=20,
+                    influence_batch_size=4, influence_knn_k=None, disable_tqdm=True)
+    probe = InfluenceEngine(model, default_arguments(**settings, influence_damping=1e-6), data_collator=pad_collator)
+    with pytest.raises(LissaDivergenceError, match=f"Lanczos on {len(train)} rows"):
+        probe.compute_influences(train, test)
+    (found,) = probe._curvature.values()
+    sample, whole = found["hessian_min_eigenvalue_estimate"], found["hessian_min_eigenvalue_confirmed"]
+    assert found["lissa_check_rows"] == 3 and found["lissa_confirm_rows"] == len(train)
+    assert sample < whole < 0, (sample, whole)  # the 3-row estimate is the more negative
+    lam = -(sample + whole) / 2  # refused by the sample alone, accepted by the set
+    args = default_arguments(**settings, influence_damping=lam / 100.0)
+    table = compute_influences(model, train, test, args, data_collator=pad_collator)
+    diagnostics = table.metadata["diagnostics"]
+    assert diagnostics["hessian_min_eigenvalue_confirmed"] == pytest.approx(whole)
+    assert np.isfinite(table.dataset["influence"]).all()
+
+
 # ---- dtypes ----------------------------------------------------------------------------------------------------
 def test_bf16_model_gives_float32_accurate_lissa(pad_collator):
     """The paper's LiSSA settings on a bf16 model vs the same weights in float64 with the same seed: the iterate
