@@ -95,8 +95,9 @@ REFERENCE_IGNORES = ["bias", "LayerNorm.weight"]  # its weight_decay_ignores (su
 PHASES = ("trunk_s", "test_gradients_s", "s_test_s", "candidates_s", "scoring_s")
 MISMATCHES = [
     "The reference computes the test gradient once per repetition (T times, with create_graph=True); hf_fastif once.",
-    "hf_fastif runs its LiSSA convergence check (Lanczos on 6 B-row batch Hessians and on a 64-row mean Hessian) "
-    "before the recursion; the reference has none. It is part of hf_fastif's time (a first call).",
+    f"hf_fastif runs its LiSSA convergence check (Lanczos on {CHECK_BATCHES} B-row batch Hessians and on a "
+    f"{CHECK_ROWS}-row mean Hessian) before the recursion; the reference has none. It is part of hf_fastif's time "
+    "(a first call).",
     "Random streams differ: the reference's RandomSampler draws from torch's global generator, hf_fastif from "
     "numpy seeded by (influence_seed, repetition); the same distribution (rows without replacement within a pass), "
     "not the same rows, so values agree up to LiSSA's noise (see the noise floor).",
