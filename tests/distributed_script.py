@@ -23,6 +23,10 @@ CASES = {
     "lissa_t4_full": dict(influence_solver="lissa", influence_repetitions=4, influence_knn_k=None),
     "cg_full": dict(influence_solver="cg", influence_knn_k=None),
     "exact_mean": dict(influence_solver="exact", influence_knn_k=10, combine="mean"),
+    "cg_gradient": dict(influence_solver="cg", influence_knn_k=8, influence_knn_features="gradient",
+                        influence_projection_dim=256),
+    "cg_gradient_mean": dict(influence_solver="cg", influence_knn_k=8, influence_knn_features="gradient",
+                             influence_projection_dim=256, combine="mean"),
 }
 COMMON = dict(influence_damping=0.05, influence_scale=20.0, influence_recursion_depth=15, influence_batch_size=2,
               influence_params=[r"encoder\.layer\.1\.output", r"pooler\.", r"classifier\."], disable_tqdm=True,

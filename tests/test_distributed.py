@@ -44,7 +44,8 @@ def test_two_processes_really_ran(two_processes):
     assert two_processes["num_processes"] == 2
 
 
-@pytest.mark.parametrize("case", ["lissa_knn", "lissa_t4_full", "cg_full", "exact_mean"])
+@pytest.mark.parametrize("case", ["lissa_knn", "lissa_t4_full", "cg_full", "exact_mean", "cg_gradient",
+                                  "cg_gradient_mean"])
 def test_two_processes_equal_one(two_processes, one_process, case):
     a, b = one_process[case], two_processes[case]
     assert a["test_id"] == b["test_id"] and a["train_id"] == b["train_id"]
