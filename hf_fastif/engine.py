@@ -71,9 +71,10 @@ CHECK_ITERATIONS = 5
 """Lanczos steps per estimate of the convergence check."""
 CHECK_ROWS = 32
 """Rows of the mean Hessian whose smallest eigenvalue the convergence check estimates first."""
-CONFIRM_ROWS = 1024
-"""Rows (at most) of the mean Hessian that confirm a negative estimate before LiSSA is refused: a 32-row sample's
-smallest eigenvalue is far more negative than the whole set's (-0.16 to -0.67 vs -0.049 on MiniLM's layers 4-5)."""
+CONFIRM_ROWS = (256, 1024)
+"""Rows (at most, in turn) of the mean Hessian that confirm a negative estimate before LiSSA is refused: a 32-row
+sample's smallest eigenvalue is far more negative than the whole set's (-0.16 to -0.67 vs -0.049 on MiniLM's layers
+4-5). The first size whose estimate clears -λ ends the confirmation; a refusal needs the last."""
 TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
@@ -535,7 +536,7 @@ class InfluenceEngine:
     def _check_lissa(self, call: _Call, v: torch.Tensor) -> dict:
         """Estimate what LiSSA's convergence depends on, before the recursion: the top eigenvalue of B-row batch
         Hessians (the largest over `CHECK_BATCHES` seeded batches) and the smallest eigenvalue of the mean
-        Hessian over `CHECK_ROWS` rows (Lanczos), confirmed on up to `CONFIRM_ROWS` rows when it says H + λI is
+        Hessian over `CHECK_ROWS` rows (Lanczos), confirmed on `CONFIRM_ROWS` rows in turn when it says H + λI is
         indefinite. Refuse what cannot converge; kept per weights / data / B."""
         args = self.args
         bsz, n = args.influence_batch_size, len(call.train)
@@ -576,14 +577,17 @@ class InfluenceEngine:
                 "(lower influence_damping to keep λ = damping × scale if needed), a larger influence_batch_size, or "
                 "influence_solver='cg'.")
         rows = found["lissa_check_rows"]
-        if low + lam <= 0 and n > rows:  # a small sample's Hessian is more indefinite than the set's: confirm
-            if "hessian_min_eigenvalue_confirmed" not in found:
-                confirm = np.random.default_rng([args.influence_seed, 2**31 - 2]).permutation(n)[:CONFIRM_ROWS]
+        confirmed = found.setdefault("hessian_min_eigenvalue_confirmed_by_rows", {})
+        order = np.random.default_rng([args.influence_seed, 2**31 - 2]).permutation(n)
+        for size in sorted({min(c, n) for c in CONFIRM_ROWS}):
+            if low + lam > 0 or size <= rows:  # cleared, or no more rows than the estimate already had
+                continue
+            if str(size) not in confirmed:  # a small sample's Hessian is more indefinite than the set's: confirm
                 logger.info(f"LiSSA check: the {rows}-row Hessian's smallest eigenvalue ~{low:.4g} is below -λ = "
-                            f"{-lam:.4g}; confirming on {len(confirm)} rows.")
-                found["hessian_min_eigenvalue_confirmed"] = smallest(confirm)[0]
-                found["lissa_confirm_rows"] = len(confirm)
-            low, rows = found["hessian_min_eigenvalue_confirmed"], found["lissa_confirm_rows"]
+                            f"{-lam:.4g}; confirming on {size} rows.")
+                confirmed[str(size)] = smallest(order[:size])[0]  # str keys: the same after a JSON round trip
+            low, rows = confirmed[str(size)], size
+            found["hessian_min_eigenvalue_confirmed"], found["lissa_confirm_rows"] = low, rows
         if low + lam <= 0:
             raise LissaDivergenceError(
                 f"H + λI is not positive definite: the smallest eigenvalue of the training Hessian is about {low:.4g} "
