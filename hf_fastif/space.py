@@ -167,8 +167,8 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
     progress("generating the training data")
     raw, tokenized, tokenizer = embedded_data(seed=args.seed, **sizes, kind=settings.name)
-    progress("fine-tuning MiniLM on the generated data (first start only, about a minute on a CPU; then read from "
-             "the fine-tuning cache)" if settings.name == "minilm" else f"training the {settings.name} model")
+    progress("the fine-tuned MiniLM (read from the fine-tuning cache, or fine-tuned now: about a minute on a CPU, "
+             "once per machine)" if settings.name == "minilm" else f"training the {settings.name} model")
     model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=settings.name,
                                        description=data_description(args.seed, len(raw["train"])))
     hans, raw_hans = tokenized["hans"], raw["hans"]
@@ -273,6 +273,10 @@ class Explainer:
         label_names: label id → name.
         train_ids: the table's ``train_id`` of each row of ``train`` (default: the row numbers).
         cache_dir: where `save_caches` writes the engine's caches and where they are read from now.
+
+    Attributes:
+        loaded: the caches read from ``cache_dir`` (`InfluenceEngine.load_caches` names).
+        saved: whether this process wrote them (`save_caches`).
     """
 
     def __init__(self, model, tokenizer, train: Dataset, table_settings: dict, label_names: list[str],
@@ -296,7 +300,7 @@ class Explainer:
                                       data_collator=self.collator)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.loaded: list[str] = []
-        self._saved = False
+        self.saved = False
         self._lock = threading.Lock()
         if self.cache_dir is not None:
             self.loaded = self.load_caches()
@@ -323,7 +327,7 @@ class Explainer:
         with self._lock:
             self.engine.save_caches(self.cache_dir)
         write_atomic(self.cache_dir / ENGINE_MANIFEST, to_json({"versions": runtime_versions()}))
-        self._saved = True
+        self.saved = True
 
     @property
     def warm_from_disk(self) -> bool:
@@ -335,8 +339,11 @@ class Explainer:
         were not all read from disk; returns its seconds."""
         row = self.train[0]
         explanation = self.explain(row["premise"], row["hypothesis"], int(row["label"]), n=1)
-        if not self.warm_from_disk and not self._saved:
-            self.save_caches()
+        if not self.warm_from_disk and not self.saved:
+            try:
+                self.save_caches()
+            except OSError as err:  # a read-only folder: the next start builds them again, nothing else is lost
+                logger.warning(f"Could not save the live engine's caches to {self.cache_dir}: {err}")
         return explanation.seconds
 
     # ---- one pair -------------------------------------------------------------------------------------------
@@ -401,10 +408,11 @@ class Explainer:
         s = self.settings
         lam = s.get("influence_damping", 0.0) * s.get("influence_scale", 1.0)
         return (f"s_test from the top {s['influence_arnoldi_rank']} eigenpairs of the Hessian (Lanczos over "
-                f"{s['influence_arnoldi_rows']} seeded training rows, computed once), λ = {lam:g}; candidates: the "
-                f"rows whose projected training gradient ({s['influence_projection_dim']:,}-bucket count sketch of "
-                f"the {self.num_influence_parameters:,} influence parameters) has the largest inner product with "
-                f"±s_test, scored exactly; {len(self.train):,} training rows; one engine for the Space's life.")
+                f"{s['influence_arnoldi_rows']} seeded training rows, computed once), λ = {lam:g}; candidates: of the "
+                f"{len(self.train):,} training rows, the k whose projected gradient ({s['influence_projection_dim']:,}"
+                f"-bucket count sketch of the {self.num_influence_parameters:,} influence parameters) has the largest "
+                "inner product with s_test (half of them) or with -s_test (the other half), then scored exactly; one "
+                "engine for the Space's life.")
 
 
 # ---- the state of the app ------------------------------------------------------------------------------
@@ -664,8 +672,7 @@ def load_default(directory: str | os.PathLike | None = None, *, kind: str | None
         progress("loading the model and the live engine's caches")
         explainer = _explainer(table, str(directory / "model"), Dataset.from_parquet(str(directory / "train.parquet")),
                                cache_dir=directory / ENGINE_DIR)
-    progress("warming up the live engine" + (" (caches read from disk)" if explainer.warm_from_disk else
-                                              " (building its caches)"))
+    progress(warm_up_stage(explainer))
     explainer.warm_up()
     built = json.loads((directory / READY_FILE).read_text()).get("config", {})
     return SpaceState.from_table(table, f"embedded default ({built.get('model', 'generated NLI')})", explainer,
@@ -705,14 +712,23 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
         try:
             train = _train_from_table(table)
             explainer = _explainer(table, model, train, cache_dir=_engine_dir(table, train))
-            progress("warming up the live engine" + (" (caches read from disk)" if explainer.warm_from_disk else
-                                                      " (building its caches)"))
+            progress(warm_up_stage(explainer))
             explainer.warm_up()
         except (ValueError, OSError) as err:  # a model that does not match the table, a table without text...
             logger.error(f"Live explanations are off: {type(err).__name__}: {err}")
             notices.append(f"Live explanations are off: {err}")
             explainer = None
     return SpaceState.from_table(table, label, explainer, notices)
+
+
+def warm_up_stage(explainer: Explainer) -> str:
+    """The start's stage that warms ``explainer`` up, saying where its caches come from."""
+    if explainer.warm_from_disk:
+        return "warming up the live engine (caches read from disk)"
+    if explainer.saved:
+        return "warming up the live engine (caches built with the table)"
+    return ("warming up the live engine (building its caches: the training rows' trunk states, the low-rank Hessian "
+            "and the gradient index)")
 
 
 def _engine_dir(table: InfluenceTable, train: Dataset) -> Path:

@@ -4,7 +4,8 @@ user, assembled into a folder that runs with the repository out of reach, and dr
 Playwright. The quick embedded default (the tiny BERT from a config, on 600 generated rows) keeps it fast; the
 MiniLM default's timings are benchmarks/space_latency.py's job.
 
-The screenshot of the browser test is saved to test-artifacts/space.png.
+The browser test's screenshots are saved to test-artifacts/space.png (a test example of the table) and
+test-artifacts/space-own-example.png (a typed pair explained live).
 """
 
 from __future__ import annotations
@@ -392,6 +393,7 @@ def test_the_assembled_space_runs_alone_and_a_browser_drives_it(app, tmp_path) -
         server.wait(timeout=30)
         log.close()
     assert (ARTIFACTS / "space.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "space-own-example.png").stat().st_size > 10_000
 
 
 def _drive_the_page(url, expected, first, chosen, expect, sync_playwright) -> None:
@@ -416,6 +418,7 @@ def _drive_the_page(url, expected, first, chosen, expect, sync_playwright) -> No
             expect(page.locator("#helpful-note")).to_contain_text("candidates with negative influence")
             for plot in ("#distribution", "#graph"):  # matplotlib figures arrive as images
                 expect(page.locator(f"{plot} [data-testid=matplotlib] img")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "space.png"), full_page=True)
             page.get_by_role("tab", name="Explain your own example").click()
             page.locator("#premise textarea").fill("The judge near the doctor slept.")
             page.locator("#explain").click()
@@ -423,7 +426,7 @@ def _drive_the_page(url, expected, first, chosen, expect, sync_playwright) -> No
             expect(page.locator("#own-summary")).to_contain_text("[CLS] the judge near the doctor slept")
             expect(page.locator("#own-helpful-note")).to_contain_text("negative influence")
             expect(page.locator("#own-prediction")).to_contain_text("entailment")
-            page.screenshot(path=str(ARTIFACTS / "space.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / "space-own-example.png"), full_page=True)
         finally:
             browser.close()
 
