@@ -2,7 +2,9 @@
 any scale (the run's, to check the model against the measured rows, and the paper's).
 
 `measure_unit_costs` times the library's kernels directly (hf_fastif.batches, hvp, loss, mode, params,
-scoring, knn): it follows those internal modules when they change.
+scoring, knn, trunk): it follows those internal modules when they change. hf_fastif's units run as the engine runs
+them, from the cached trunk states where the model splits (`hf_fastif.trunk`); the 2021 code path's units (its
+HVP, its per-example scoring loop) run the whole model, as that code does.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import torch
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS
+from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS, TRUNK_TOLERANCE
 from hf_fastif.hvp import batch_gradient, batch_hvp
 from hf_fastif.knn import build_index, extract_features, search
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
+from hf_fastif.solvers.lanczos import lanczos
+from hf_fastif.trunk import TrunkCache, find_split, model_inputs, verify_split
 
 from .paper_setup import FAST, FASTIF, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
-from .timing import median_seconds
+from .timing import median_seconds, timed
 
 COST_MODEL = (
     "Seconds per test point, from the unit costs u measured in this run (same model, same kernels):\n"
@@ -35,11 +39,13 @@ COST_MODEL = (
     "- fast (m)   = u.test_gradient + u.power_iteration/m + T_f·J_f·u.hvp[B_f x m]/m + q + k·u.score[m]\n"
     "  (m test points per call share each LiSSA step; worst case for scoring: their k-candidate sets are\n"
     "  disjoint, so each candidate is scored against all m s_test vectors; J_f = J·scale_f/scale)\n"
-    "- 2021 code path: original = u.test_gradient + J·u.hvp[B x1] + N·u.score_loop,\n"
-    "                  FastIF   = u.test_gradient + T·J·u.hvp[B_F x1] + q + k·u.score_loop\n"
+    "- 2021 code path: original = u.test_gradient + J·u.hvp_full[B x1] + N·u.score_loop,\n"
+    "                  FastIF   = u.test_gradient + T·J·u.hvp_full[B_F x1] + q + k·u.score_loop\n"
     "where B and B_F are the original's and FastIF's B (128 and 1 in the paper) and q = u.feature +\n"
-    "N·u.knn_row is one kNN query (exact Flat search). The training-set features and the index (N·u.feature)\n"
-    "are built once for all test points and are not charged per test point."
+    "N·u.knn_row is one kNN query (exact Flat search). hf_fastif's units (hvp, score, test_gradient, the check)\n"
+    "run from the cached trunk states where the model splits; hvp_full and score_loop run the whole model, as\n"
+    "the 2021 code does. Built once for all test points and not charged per test point: the training-set\n"
+    "features and index (N·u.feature) and the trunk states (N·u.trunk)."
 )
 
 
@@ -64,10 +70,13 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
                        batch_sizes: list[int]) -> dict:
     """Seconds per unit of work on this model and data (medians of single calls), for the cost model:
     ``hvp[B x m]``: one LiSSA step (collate B fresh rows, one HVP with m vectors); ``score[m]``: one candidate
-    scored by batched JVP (batches of 64) against m s_test vectors; ``score_loop``: one candidate scored the
-    2021 way (per-example forward + backward with ``create_graph``); ``test_gradient``: one test row;
-    ``power_iteration``: the library's convergence check; ``feature``: one row's kNN feature;
-    ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
+    scored by batched JVP (batches of 64) against m s_test vectors; ``test_gradient``: one test row;
+    ``power_iteration``: the library's convergence check (its Lanczos runs: their HVPs, and their own vector
+    work ``check_vector_work``, timed with a cheap diagonal operator): all
+    from the cached trunk states where the model splits, as the engine runs them. ``trunk``: one row's trunk
+    states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
+    (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``). ``feature``: one
+    row's kNN feature; ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
     model, train = setup.model, setup.train
     device = next(model.parameters()).device
     params = select_parameters(model, args.influence_params)
@@ -77,26 +86,40 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     rng = np.random.default_rng(args.seed + 7)
     n = len(train)
     calls = 5 if bench.quick else 15
-    out: dict = {"hvp": {}, "score": {}}
+    out: dict = {"hvp": {}, "hvp_full": {}, "score": {}}
     with influence_mode(model, names):
-        fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay)
-        batcher = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
+        full_fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay)
+        full = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
         tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
+        fm, batcher, tests, out["trunk"], out["trunk_split"] = _with_trunk(model, names, full_fm, full, tests, args)
 
-        def step(b: int, vectors: torch.Tensor, reduction: str = "mean") -> float:
-            def one():  # fresh rows every step, collated inside the step as LiSSA does
-                batch = batcher.collate(batcher.rows(rng.choice(n, b, replace=b > n)))
-                return batch_hvp(fm, params, batch, vectors, reduction=reduction)
+        def step(b: int, vectors: torch.Tensor, reduction: str = "mean", fm=fm, batcher=batcher) -> float:
+            def one():  # fresh rows every step, collated (with their trunk states) inside the step as LiSSA does
+                return batch_hvp(fm, params, batcher.batch(rng.choice(n, b, replace=b > n)), vectors,
+                                 reduction=reduction)
 
             return median_seconds(one, calls if b <= 16 else max(3, calls // 3))
 
         for b in sorted(set(batch_sizes)):
             for m in sorted({1, shared}):
-                out["hvp"][f"{b}x{m}"] = step(b, torch.randn(m, p, device=device, dtype=dtype) * 1e-2)
-        # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows
-        out["power_iteration"] = (CHECK_BATCHES * CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
+                # one vector goes as a (p,) vector, as the engine's LiSSA step passes it (no batched gradients)
+                vectors = torch.randn(m, p, device=device, dtype=dtype) * 1e-2
+                out["hvp"][f"{b}x{m}"] = step(b, vectors[0] if m == 1 else vectors)
+            out["hvp_full"][f"{b}x1"] = (out["hvp"][f"{b}x1"] if out["trunk_split"] is None else
+                                         step(b, torch.randn(p, device=device, dtype=dtype) * 1e-2, fm=full_fm,
+                                              batcher=full))
+        # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows,
+        # its HVPs plus its own vector work (start vector, full reorthogonalisation of p-sized vectors), timed with
+        # a diagonal operator of distinct entries (one multiply per step, so Lanczos runs every step)
+        diagonal = torch.linspace(1.0, 2.0, p, device=device, dtype=dtype)
+        vector_work = [median_seconds(lambda k=k: lanczos(lambda x: diagonal * x, p, k, dtype=dtype, device=device), 3)
+                       for k in (CHECK_ITERATIONS, CHECK_ITERATIONS + 2)]
+        out["power_iteration"] = (CHECK_BATCHES * (CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
+                                                   + vector_work[0])
                                   + (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n),
-                                                                  torch.randn(1, p, device=device, dtype=dtype), "sum"))
+                                                                  torch.randn(1, p, device=device, dtype=dtype), "sum")
+                                  + vector_work[1])
+        out["check_vector_work"] = CHECK_BATCHES * vector_work[0] + vector_work[1]
         block = rng.choice(n, min(64, n), replace=False).tolist()
         for m in sorted({1, shared}):
             s_test = torch.randn(m, p, device=device, dtype=dtype) * 1e-3
@@ -105,8 +128,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
                                                        progress=False), max(3, calls // 3)) / len(block)
         s_test = torch.randn(1, p, device=device, dtype=dtype) * 1e-3
         singles = iter(rng.choice(n, 4 * calls, replace=True).tolist())
-        out["score_loop"] = median_seconds(
-            lambda: score_per_example_loop(fm, params, batcher, [next(singles)], s_test), 2 * calls)
+        out["score_loop"] = median_seconds(  # the 2021 code path: the whole model, row by row
+            lambda: score_per_example_loop(full_fm, params, full, [next(singles)], s_test), 2 * calls)
         one = tests.batch([0])
         out["test_gradient"] = median_seconds(
             lambda: batch_gradient(fm, params, one, measurement=True, reduction="none"), calls)
@@ -123,6 +146,24 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     out["num_parameters"] = p
     out["feature_dim"] = int(feats.shape[1])
     return out
+
+
+def _with_trunk(model, names: list[str], fm: FunctionalModel, train: Batcher, tests: Batcher,
+                args: InfluenceArguments) -> tuple[FunctionalModel, Batcher, Batcher, float, str | None]:
+    """The engine's trunk cache for the unit costs: ``(fm, train, tests, seconds per row of the training trunk
+    states, split)`` running only the top where the model splits cleanly (checked as the engine checks it), else
+    the inputs unchanged with 0 s and ``None``."""
+    if not args.influence_trunk_cache:
+        return fm, train, tests, 0.0, None
+    split, _ = find_split(model, names, model_inputs(train.batch(range(min(2, len(train))), trunk=False)))
+    if split is None:
+        return fm, train, tests, 0.0, None
+    (cache, seconds) = timed(lambda: TrunkCache(split, train, "unit-costs-train", batch_size=args.influence_hvp_batch_size))
+    if verify_split(split, cache, train, range(min(8, len(train)))) > TRUNK_TOLERANCE:
+        return fm, train, tests, 0.0, None
+    test_cache = TrunkCache(split, tests, "unit-costs-test", batch_size=args.influence_hvp_batch_size)
+    top = FunctionalModel(model, names, weight_decay=args.influence_weight_decay, split=split)
+    return top, train.with_trunk(cache), tests.with_trunk(test_cache), seconds / len(train), f"{split.path}.{split.first}"
 
 
 def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None = None,
@@ -145,8 +186,9 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
         out[name] = tg + pi + math.ceil(t / count) * j * step + q + k / count * s["1"]
     out[FAST] = (tg + pi / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q
                  + union / m * s[str(m)])
-    out["original (2021 code path)"] = tg + j * h[f"{b}x1"] + n * u["score_loop"]
-    out["FastIF (2021 code path)"] = tg + t * j * step + q + k * u["score_loop"]
+    full = u.get("hvp_full", h)  # the 2021 code runs its HVPs through the whole model
+    out["original (2021 code path)"] = tg + j * full[f"{b}x1"] + n * u["score_loop"]
+    out["FastIF (2021 code path)"] = tg + t * j * full[f"{scale.b_fastif}x1"] + q + k * u["score_loop"]
     return out
 
 

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cost_model": COST_MODEL,
         "paper": {"n": bench.paper_n, "k": bench.paper_k, "j": bench.paper_j, "b": bench.paper_b,
                   "t": bench.paper_t, "fast_j": fast_paper_j, "shared_test_points": m,
-                  "index_build_s": bench.paper_n * unit["feature"]},
+                  "index_build_s": bench.paper_n * unit["feature"], "trunk_build_s": bench.paper_n * unit["trunk"]},
         "paper_rows": paper_rows,
         "targets": goals,
         "sweep": sweep,

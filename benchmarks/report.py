@@ -82,7 +82,9 @@ def targets(rows: list[dict], paper_rows: list[dict], paper_t: int) -> list[dict
 
 
 def plot_sweep(points: list[dict], path: Path) -> None:
-    """Agreement with original vs s_test seconds per test point, one series per (B, T), marker size by J."""
+    """Agreement with original vs s_test seconds per test point, one series per (B, T), marker size by J
+    (points the engine refused are left out; the table lists them)."""
+    points = [p for p in points if "refused" not in p]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     batch_sizes = sorted({p["B"] for p in points})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(batch_sizes)))
@@ -162,21 +164,25 @@ def render(results: dict) -> str:
               f"B = {paper['b']} vs 1, T = {paper['t']}; the same model and kernels as measured. "
               "Unit costs (seconds): " + ", ".join(
                   [f"hvp[{key}] {v:.3g}" for key, v in u["hvp"].items()]
+                  + [f"hvp_full[{key}] {v:.3g}" for key, v in u.get("hvp_full", {}).items()]
                   + [f"score[m={key}] {v:.3g}" for key, v in u["score"].items()]
-                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "feature",
-                                                        "knn_row")]) + ".\n",
+                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "check_vector_work", "trunk",
+                                                        "feature", "knn_row") if key in u])
+              + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}.\n",
               "```\n" + results["cost_model"] + "\n```\n"]
     speed = ["speed-up vs original (hf_fastif kernels)", "speed-up vs original (2021 code path)"]
     lines.append(rows_table(results["paper_rows"], ["row", "seconds", *speed],
                             {"seconds": lambda v: f"{v:.4g}", **{c: (lambda v: f"{v:.1f}x") for c in speed}}))
-    lines.append(f"\nOne-off at paper scale: the kNN index needs N·u.feature = "
-                 f"{paper['index_build_s']:.0f}s of features, shared by every test point.\n")
+    lines.append(f"\nOne-off at paper scale, shared by every test point: the kNN index needs N·u.feature = "
+                 f"{paper['index_build_s']:.0f}s of features, and the trunk states N·u.trunk = "
+                 f"{paper.get('trunk_build_s', 0.0):.0f}s.\n")
     lines += ["## Targets\n", rows_table(results["targets"], ["target", "measured", "met"]), ""]
     sweep = results.get("sweep") or []
     if sweep:
         lines += ["## s_test sweep (J, B, T) against original\n",
                   f"![sweep]({results['files']['sweep_png']}) — {results['sweep_note']}\n",
-                  rows_table(sweep, ["J", "B", "T", "s_test_s_per_test_point", "spearman", "pearson"]), ""]
+                  rows_table(sweep, ["J", "B", "T", "s_test_s_per_test_point", "spearman", "pearson", "refused"],
+                             {"refused": lambda v: f"refused: {v[:160]}"}), ""]
     curve = results.get("knn_recall_curve")
     if curve:
         keys = [k for k in curve if k.startswith("recall@")]

@@ -12,6 +12,7 @@ from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher, validate_dataset
 from hf_fastif.knn import build_index, extract_features, search
 from hf_fastif.quality import influence_by_test
+from hf_fastif.solvers.lissa import LissaDivergenceError
 
 from .paper_setup import BenchmarkArguments, Setup, call_influences
 from .timing import timed
@@ -62,7 +63,9 @@ def s_test_sweep(setup: Setup, bench: BenchmarkArguments, args: InfluenceArgumen
                  original: np.ndarray) -> list[dict]:
     """The paper's s_test sweep: LiSSA over a J grid and a B grid, T repetitions, against "original" on a
     random pool of training rows. T = t averages t independent T = 1 runs (other seeds): influence is linear
-    in s_test, so this is the T = t estimator; its time is the sum of theirs."""
+    in s_test, so this is the T = t estimator; its time is the sum of theirs. A run the engine refuses
+    (`LissaDivergenceError`: its convergence check estimates curvature on a seeded sample of rows, so another seed
+    can see another spectrum) is recorded as ``refused`` with the message, and that B's remaining T are skipped."""
     m = min(bench.sweep_num_test, len(setup.test))
     test = setup.test.select(range(m))
     rng = np.random.default_rng(args.seed + 11)
@@ -79,7 +82,11 @@ def s_test_sweep(setup: Setup, bench: BenchmarkArguments, args: InfluenceArgumen
                 settings = replace(args, influence_batch_size=b, influence_repetitions=1,
                                    influence_recursion_depth=depth, influence_knn_k=None,
                                    influence_seed=args.influence_seed + 1000 + r)
-                table, _ = call_influences(setup, test, settings, candidate_dataset=pool)
+                try:
+                    table, _ = call_influences(setup, test, settings, candidate_dataset=pool)
+                except LissaDivergenceError as err:  # the engine's convergence check refused this seed's sample
+                    points.append({"J": depth, "B": b, "T": r + 1, "refused": str(err)})
+                    break
                 mat = np.zeros((m, len(pool_ids)))
                 for t, (ids, values) in enumerate(influence_by_test(table, m)):
                     mat[t, ids] = values

@@ -375,19 +375,19 @@ class InfluenceEngine:
             split, reason = find_split(self.model, names, probe)
             if split is None:
                 logger.info(f"No frozen-trunk cache: {reason}; every forward runs the whole model.")
-            self._split = (key, split, reason)
+            self._split, self._split_error = (key, split, reason), None
         return self._split[1]
 
     def _with_trunk(self, split: TrunkSplit, batcher: Batcher, digests: dict, progress: bool) -> Batcher:
-        """``batcher`` with its dataset's trunk states (cached by content). A newly built cache is checked against
-        the full model on its first rows; a split that changes the logits is dropped for this engine."""
+        """``batcher`` with its dataset's trunk states (cached by content). The first cache of a split is checked
+        against the full model on its first rows; a split that changes the logits is dropped for this engine."""
         key = "|".join([split.fingerprint(digests), batcher.dataset._fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names)])
         new = key not in self._trunks
         cache = self._trunk_cache(split, batcher, key, progress)
-        if new:
+        if new and self._split_error is None:  # the first cache of this split: check it against the full model
             error = verify_split(split, cache, batcher, range(min(8, len(batcher))))
-            self._split_error = error if self._split_error is None else max(error, self._split_error)
+            self._split_error = error
             if error > TRUNK_TOLERANCE:
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
                                "(relative): not using the trunk cache for this model; the full forward runs instead.")

@@ -41,16 +41,18 @@ ROW_CHUNK = 16
 class CountSketch:
     """A seeded count sketch of parameter space into ``dim`` buckets (one bucket and one sign per parameter).
 
-    Matrices named in ``factored`` (weights of linear layers) get a factored hash, ``h(i, j) = h₁(i)·D₂ + h₂(j)`` with
-    sign ``s₁(i)·s₂(j)`` (``D = D₁·D₂``): the sketch of a per-example weight gradient ``Σₜ δₜ xₜᵀ`` is then
-    ``Σₜ (S₁δₜ)(S₂xₜ)ᵀ``, computed from the layer's inputs and output gradients without the dense ``(out, in)``
-    gradient. Inner products stay unbiased (``E[(Pa)·(Pb)] = a·b``): distinct entries never share both signs.
+    Matrices named in ``factored`` (weights of linear layers) are sketched as a tensor sketch (Pham & Pagh 2013):
+    entry ``(i, j)`` goes to bucket ``(h₁(i) + h₂(j)) mod D`` with sign ``s₁(i)·s₂(j)``. Its sketch of a per-example
+    weight gradient ``Σₜ δₜ xₜᵀ`` is then the circular convolution of the sketches of ``δₜ`` and ``xₜ``, summed
+    over tokens: ``IFFT(Σₜ FFT(CS₁δₜ) ⊙ FFT(CS₂xₜ))``, computed from the layer's inputs and output gradients without
+    the dense ``(out, in)`` gradient. Any two entries collide with probability 1/D (also within a row, unlike a
+    product of two small hashes), and inner products stay unbiased: ``E[(Pa)·(Pb)] = a·b``.
 
     Args:
         shapes: parameter name → shape, in the order of flat vectors.
         dim: number of buckets D (the projection size).
         seed: the sketch's seed (the same seed gives the same sketch on any machine).
-        factored: names of 2-D parameters that get the factored hash.
+        factored: names of 2-D parameters that get the tensor sketch.
     """
 
     def __init__(self, shapes: Mapping[str, torch.Size], dim: int, seed: int, *, factored=(), dtype=torch.float32,
@@ -60,28 +62,28 @@ class CountSketch:
             raise ValueError(f"influence_projection_dim={dim} must be between 1 and the number of influence parameters "
                              f"({total}); a projection larger than the gradient only adds noise.")
         self.dim, self.dtype, self.device = dim, dtype, device
-        self.rows_dim = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0)  # D₁: D = D₁·D₂, D₁ ≤ D₂
-        self.cols_dim = dim // self.rows_dim
         gen = torch.Generator().manual_seed(int(seed))
         self.buckets, self.signs, self.offsets, self.factors = {}, {}, {}, {}
         offset = 0
         for name, shape in shapes.items():
             n = math.prod(shape)
             if name in factored and len(shape) == 2:
-                self.factors[name] = (self._signed_hash(shape[0], self.rows_dim, gen),
-                                      self._signed_hash(shape[1], self.cols_dim, gen))
+                self.factors[name] = (self._hash(shape[0], gen), self._hash(shape[1], gen))
             else:
-                self.buckets[name] = torch.randint(0, dim, (n,), generator=gen).to(device)
-                self.signs[name] = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+                self.buckets[name], self.signs[name] = self._hash(n, gen)
             self.offsets[name] = (offset, offset + n)
             offset += n
 
-    def _signed_hash(self, n: int, buckets: int, gen: torch.Generator) -> torch.Tensor:
-        """``(n, buckets)``: row i is ±1 at column h(i), 0 elsewhere (a count sketch as a matrix)."""
-        matrix = torch.zeros(n, buckets, dtype=self.dtype)
-        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(self.dtype)
-        matrix[torch.arange(n), torch.randint(0, buckets, (n,), generator=gen)] = signs
-        return matrix.to(self.device)
+    def _hash(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(buckets (n,) in [0, D), signs (n,) ±1)``."""
+        buckets = torch.randint(0, self.dim, (n,), generator=gen).to(self.device)
+        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(device=self.device, dtype=self.dtype)
+        return buckets, signs
+
+    def _sketch_vectors(self, vectors: torch.Tensor, buckets: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """Count sketch of each vector along the last dimension: ``(..., n)`` → ``(..., D)``."""
+        out = torch.zeros(*vectors.shape[:-1], self.dim, dtype=self.dtype, device=vectors.device)
+        return out.index_add_(-1, buckets, vectors.to(self.dtype) * signs)
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """Sketch flat vectors ``(m, p)`` → ``(m, D)``."""
@@ -93,20 +95,21 @@ class CountSketch:
     def add(self, out: torch.Tensor, name: str, values: torch.Tensor) -> None:
         """``out += sketch of values`` where ``values`` is ``(b, numel)`` for parameter ``name``."""
         b = values.shape[0]
-        if name in self.factors:
-            left, right = self.factors[name]
-            matrix = values.reshape(b, left.shape[0], right.shape[0]).to(self.dtype)
-            out += torch.einsum("bri,ra,id->bad", matrix, left, right).reshape(b, -1)
-            return
-        out.index_add_(1, self.buckets[name], values.reshape(b, -1).to(self.dtype) * self.signs[name])
+        if name in self.factors:  # the tensor sketch's buckets and signs, entry by entry
+            (h1, s1), (h2, s2) = self.factors[name]
+            buckets = ((h1[:, None] + h2[None, :]) % self.dim).reshape(-1)
+            signs = (s1[:, None] * s2[None, :]).reshape(-1)
+        else:
+            buckets, signs = self.buckets[name], self.signs[name]
+        out.index_add_(1, buckets, values.reshape(b, -1).to(self.dtype) * signs)
 
     def add_outer(self, out: torch.Tensor, name: str, left_vectors: torch.Tensor, right_vectors: torch.Tensor) -> None:
         """``out += sketch of Σₜ aₜ bₜᵀ`` per example, for a factored ``(rows, cols)`` parameter, from ``a``
         ``(b, T, rows)`` and ``b`` ``(b, T, cols)``, without forming the ``(rows, cols)`` products."""
-        left, right = self.factors[name]
-        a = left_vectors.to(self.dtype) @ left  # (b, T, D₁)
-        c = right_vectors.to(self.dtype) @ right  # (b, T, D₂)
-        out += torch.einsum("bta,btd->bad", a, c).reshape(out.shape[0], -1)
+        (left_buckets, left_signs), (right_buckets, right_signs) = self.factors[name]
+        a = torch.fft.rfft(self._sketch_vectors(left_vectors, left_buckets, left_signs), dim=-1)
+        c = torch.fft.rfft(self._sketch_vectors(right_vectors, right_buckets, right_signs), dim=-1)
+        out += torch.fft.irfft((a * c).sum(1), n=self.dim, dim=-1).to(self.dtype)
 
     def add_rows(self, out: torch.Tensor, name: str, rows: torch.Tensor, values: torch.Tensor,
                  example: torch.Tensor) -> None:

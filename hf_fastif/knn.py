@@ -12,8 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batches import Batcher
-from .quiet import quiet_datasets
 from .trunk import forward_context, model_inputs
+from .utils import quiet_datasets
 
 INDEX_NAME = "features"
 FeatureFn = Callable[[nn.Module, dict], torch.Tensor]

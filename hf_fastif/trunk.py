@@ -70,6 +70,7 @@ class TrunkSplit:
     path: str
     first: int
     after: list = field(default_factory=list)  # modules that run after the stack (pooler, classifier, final norm)
+    feeder: nn.Module | None = None  # the module whose output enters the stack (skipped under injection)
     tuple_output: int = 0  # 0: layers return a tensor; n: a tuple of length n with the hidden states first
     _active: list = field(default_factory=list)
 
@@ -109,14 +110,21 @@ class TrunkSplit:
         def cached(*args, **kwargs):
             return self._wrap(hidden)
 
+        def placeholder(*args, **kwargs):  # the feeder's output only flows into the skipped layers
+            return hidden
+
         self._active.append(True)
         for i in range(self.first):
             self.layers[i].forward = cached if i == last else skip
+        if self.feeder is not None:
+            self.feeder.forward = placeholder
         try:
             yield
         finally:
             for i in range(self.first):
                 self.layers[i].__dict__.pop("forward", None)
+            if self.feeder is not None:
+                self.feeder.__dict__.pop("forward", None)
             self._active.clear()
 
     def capture(self, model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -181,18 +189,29 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
     order: list[nn.Module] = []
     entered: dict = {}
 
+    outputs: dict[int, tuple[nn.Module, int]] = {}  # data_ptr of a module's output → (module, its position)
+
     def record(module, args):  # hooks must return None, or they replace the arguments
         order.append(module)
 
-    def enter(module, args):
+    def produced(module, args, output):
+        if isinstance(output, torch.Tensor) and "at" not in entered:
+            outputs[output.data_ptr()] = (module, len(order))
+
+    def enter(module, args, kwargs):
         entered.setdefault("at", len(order))
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            entered["input"] = hidden.data_ptr()
 
     def leave(module, args, output):
         entered.setdefault("left", len(order))
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules()
                if m is not model and not isinstance(m, nn.ModuleList)]
-    handles.append(layers[0].register_forward_pre_hook(enter))
+    handles += [m.register_forward_hook(produced) for m in model.modules()
+                if m is not model and not isinstance(m, nn.ModuleList)]
+    handles.append(layers[0].register_forward_pre_hook(enter, with_kwargs=True))
     handles.append(layers[-1].register_forward_hook(leave))
     try:
         with torch.no_grad():
@@ -216,7 +235,11 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
     unplaced = [n for n in outside if id(params[n]) not in after_ids]
     if unplaced:
         return None, f"influence parameters {unplaced[:3]} are neither in {path} nor in a module run after it"
-    return TrunkSplit(model=model, layers=layers, path=path, first=first, after=after), ""
+    # the outermost module whose output is exactly the stack's input (BERT's embeddings): under injection its work
+    # is discarded, so it is skipped too (verify_split checks the result against the full model)
+    feeder = outputs.get(entered.get("input"))
+    feeder = feeder[0] if feeder is not None and feeder[0] in before else None
+    return TrunkSplit(model=model, layers=layers, path=path, first=first, after=after, feeder=feeder), ""
 
 
 class TrunkCache:

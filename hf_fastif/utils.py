@@ -1,4 +1,5 @@
-"""Small helpers with one home each: JSON encoding, atomic writes, markdown tables, timers, the version."""
+"""Small helpers with one home each: JSON encoding, atomic writes, markdown tables, timers, the version, and
+silencing `datasets`' progress bars for the library's small internal operations."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 
 
 def library_version() -> str:
@@ -71,3 +73,15 @@ class Timer:
         finally:
             key = name + self.suffix
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Within the block, datasets shows no progress bars (restored afterwards)."""
+    was_enabled = is_progress_bar_enabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_progress_bars()

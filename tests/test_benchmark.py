@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from datasets import Dataset
 
+from benchmarks import studies
 from benchmarks.arguments import parse_with_defaults
 from benchmarks.costs import CostScale, cost_model
 from benchmarks.paper_setup import (
@@ -17,14 +19,17 @@ from benchmarks.paper_setup import (
     ORIGINAL,
     PARALLEL,
     BenchmarkArguments,
+    Setup,
     benchmark_defaults,
 )
 from benchmarks.paper_table import main
 from benchmarks.rows import fast_settings
 from benchmarks.studies import knn_recall_curve
-from hf_fastif import InfluenceArguments
+from hf_fastif import InfluenceArguments, InfluenceTable
 from hf_fastif.embedded import MINILM, TINY
+from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
+from hf_fastif.solvers.lissa import LissaDivergenceError
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,29 @@ def test_cost_model_formulas():
     assert c2[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
 
 
+def test_sweep_records_a_refused_point_and_goes_on(monkeypatch):
+    """A sweep run the engine refuses (LissaDivergenceError) is a row of the table, not the end of the benchmark."""
+    rows = Dataset.from_dict({"input_ids": [[1, 2]] * 6, "labels": [0, 1] * 3})
+    setup = Setup(model=None, tokenizer=None, collator=None, train=rows, test=rows.select([0]), description={})
+    bench = BenchmarkArguments(sweep_depths=[1.0], sweep_batch_sizes=[1, 2], sweep_repetitions=2, sweep_num_test=1,
+                               sweep_pool=6, original_batch_size=4)
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=10, influence_seed=0)
+
+    def fake_call(setup, test, settings, candidate_dataset=None):
+        if settings.influence_batch_size == 1 and settings.influence_seed == 1001:  # B = 1, its second seed
+            raise LissaDivergenceError("H + λI is not positive definite")
+        values = np.arange(6, dtype=float) + settings.influence_seed
+        table = InfluenceTable.from_arrays(np.zeros(6), np.arange(6), values, {"diagnostics": {"s_test_s": 0.5}})
+        return table, 1.0
+
+    monkeypatch.setattr(studies, "call_influences", fake_call)
+    points = studies.s_test_sweep(setup, bench, args, original=np.arange(6, dtype=float)[None])
+    assert [(p["B"], p["T"], "refused" in p) for p in points] == [(1, 1, False), (1, 2, True), (2, 1, False),
+                                                                  (2, 2, False)]
+    assert "not positive definite" in points[1]["refused"]
+    assert points[0]["spearman"] == pytest.approx(1.0) and points[3]["s_test_s_per_test_point"] == pytest.approx(1.0)
+
+
 def test_fast_settings_keep_lambda_and_convergence():
     args = InfluenceArguments(report_to="none", influence_recursion_depth=100, influence_damping=0.05,
                               influence_scale=5.0)
@@ -92,6 +120,12 @@ def test_influence_settings_are_influence_arguments_flags():
     bench, args = parse(["--model_name_or_path", "some/bert"])
     assert (args.influence_recursion_depth, args.influence_damping, args.influence_scale) == (1000, 5e-3, 1e4)
     assert args.influence_params == PAPER_BERT_PARAMS and bench.num_test == 8 and not args.use_cpu
+    # the MiniLM setting: its fine-tuned layers take part, CPU-sized sizes, the paper's J·damp
+    bench, args = parse(["--embedded_model", "minilm", "--num_test", "3"])
+    assert args.influence_params == minilm_influence_params(2) and args.use_cpu and bench.num_test == 3
+    assert bench.original_batch_size == 32 and bench.paper_b == 128 and not bench.ground_truth
+    assert bench.knn_sweep == [300] and args.influence_knn_k == 300 and args.influence_scale == 200.0
+    assert args.influence_recursion_depth * args.influence_damping == pytest.approx(5.0)
     for respelled in (["--damping", "0.1"], ["--knn_k", "5"], ["--recursion_depth", "5"], ["--fastif_k", "5"]):
         with pytest.raises(ValueError, match="not used by the HfArgumentParser"):  # one name per setting
             parse(respelled)
@@ -100,6 +134,7 @@ def test_influence_settings_are_influence_arguments_flags():
 @pytest.mark.parametrize("argv, message", [
     (["--quick", "--influence_solver", "cg"], "every row of the paper table is LiSSA"),
     (["--quick", "--test_format", "csv"], "use 'mnli' or 'hans'"),
+    (["--quick", "--embedded_model", "gpt2"], "use one of minilm, tiny"),
     (["--quick", "--knn_sweep", "0"], "--knn_sweep must be positive"),
     (["--quick", "--parallel_processes", "-1"], "--parallel_processes must be >= 0"),
 ])
@@ -176,6 +211,11 @@ def test_paper_scale_rows(quick):
     assert paper["original (2021 code path)"]["speed-up vs original (2021 code path)"] == pytest.approx(1.0)
     u = results["unit_costs"]
     assert all(v > 0 for v in u["hvp"].values()) and all(v > 0 for v in u["score"].values())
+    # hf_fastif's units run from the trunk cache (the embedded model splits above layer 0); the 2021 code path's
+    # HVPs run the whole model, one per B of the run
+    assert u["trunk_split"] == "bert.encoder.layer.1" and u["trunk"] > 0
+    assert set(u["hvp_full"]) == {key for key in u["hvp"] if key.endswith("x1")}
+    assert results["paper"]["trunk_build_s"] == pytest.approx(results["paper"]["n"] * u["trunk"])
     assert len(results["targets"]) >= 6 and all(isinstance(t["met"], bool) for t in results["targets"])
 
 
@@ -195,6 +235,8 @@ def test_sweep_grid(quick):
     assert {(p["J"], p["B"]) for p in sweep} == {(j, b) for j in depths for b in config["sweep_batch_sizes"]}
     for p in sweep:
         assert p["T"] * p["B"] <= max(config["original_batch_size"], p["B"])
+        if "refused" in p:  # the engine's convergence check refused that seed's sample
+            continue
         assert p["s_test_s_per_test_point"] > 0 and -1.0 <= p["spearman"] <= 1.0
     t_max = config["sweep_repetitions"]
     assert max(p["T"] for p in sweep if p["B"] == 1) == t_max

@@ -36,8 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from ..quiet import quiet_datasets
-from ..utils import library_version, to_json, write_atomic
+from ..utils import library_version, quiet_datasets, to_json, write_atomic
 from .card import dataset_card
 from .format import (
     CARD_FILE,

@@ -24,7 +24,7 @@ import pyarrow as pa
 from datasets import Dataset
 
 from ..fingerprint import model_fingerprint
-from ..quiet import quiet_datasets
+from ..utils import quiet_datasets
 from . import hub
 from .format import (
     DEFAULT_LICENSE,

@@ -1,0 +1,33 @@
+"""benchmarks/reference.py without the 2021 reference code (as in CI): it says how to get the code and exits 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_without_reference_path_says_how_to_get_it_and_exits_2():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.reference"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "--reference_path is not set" in done.stderr
+    assert "git clone --depth 1 https://github.com/salesforce/fast-influence-functions" in done.stderr
+    assert "--reference_path /tmp/fast-influence-functions" in done.stderr
+    assert done.stdout == ""  # nothing was measured
+
+
+def test_a_folder_without_the_reference_file_is_refused_the_same_way(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        reference.main(["--reference_path", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{str(tmp_path)!r} holds no influence_utils/nn_influence_utils.py" in err
+    assert "git clone" in err
+    assert not (tmp_path / "out").exists()  # refused before any work
