@@ -115,7 +115,7 @@ def test_influence_settings_are_influence_arguments_flags():
     assert bench.knn_sweep == [5, 10] and bench.num_test == 2 and args.seed == 0
     assert args.influence_params == TINY.influence["influence_params"] and args.use_cpu  # --quick: the tiny model
     _, args = parse([])
-    assert args.influence_params == MINILM.influence["influence_params"] and args.learning_rate == 2e-4
+    assert args.influence_params == minilm_influence_params(2) and args.learning_rate == 2e-4  # MiniLM by default
     # a given model gets the paper's settings: InfluenceArguments' own defaults and the paper's BERT layers
     bench, args = parse(["--model_name_or_path", "some/bert"])
     assert (args.influence_recursion_depth, args.influence_damping, args.influence_scale) == (1000, 5e-3, 1e4)

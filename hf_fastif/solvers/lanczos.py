@@ -17,33 +17,36 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, iterat
         ≤ ``iterations`` (fewer when the Krylov space is exhausted: an invariant subspace was found).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(num_params, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    q = q / q.norm()
-    basis: list[torch.Tensor] = []
+    steps = min(iterations, num_params)
+    basis = torch.empty(steps, num_params, dtype=dtype, device=device)  # filled row by row: no restacking
+    q = basis[0]
+    q.copy_(torch.randn(num_params, generator=gen, dtype=dtype))
+    q /= q.norm()
     alphas: list[float] = []
     betas: list[float] = []
-    for _ in range(min(iterations, num_params)):
-        basis.append(q)
+    for i in range(steps):
         w = hvp(q).to(dtype)
         alpha = float(torch.dot(w, q))
         alphas.append(alpha)
-        stacked = torch.stack(basis)
+        done = basis[: i + 1]
         for _ in range(2):  # twice is enough (Kahan): keeps the basis orthogonal in float32
-            w = w - stacked.T @ (stacked @ w)
+            w = w - done.T @ (done @ w)
         beta = float(w.norm())
         if not torch.isfinite(w).all():
             raise FloatingPointError("Lanczos met a non-finite Hessian-vector product.")
         if beta <= 1e-10 * max(1.0, abs(alpha)):
             break
         betas.append(beta)
-        q = w / beta
+        if i + 1 < steps:
+            q = basis[i + 1]
+            torch.div(w, beta, out=q)
     k = len(alphas)
     tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if k > 1:
         off = torch.tensor(betas[: k - 1], dtype=torch.float64)
         tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
     values, vectors = torch.linalg.eigh(tri)
-    ritz = vectors.T.to(dtype=dtype, device=device) @ torch.stack(basis)
+    ritz = vectors.T.to(dtype=dtype, device=device) @ basis[:k]
     return values, ritz
 
 
