@@ -123,7 +123,11 @@ def explain_all(url: str, pairs, k: int, n: int) -> list[dict]:
             continue
         wall = time.perf_counter() - began
         server = float(re.search(r"Computed in ([0-9.]+) s", summary).group(1))
-        out.append({"premise": premise, "client_s": wall, "server_s": server})
+        steps = re.search(r"Steps \(s\): (.*)", summary)
+        stages = {name: float(value) for name, value in re.findall(r"([a-z_]+) ([0-9.]+)", steps.group(1))} if steps \
+            else {}
+        out.append({"premise": premise, "client_s": wall, "server_s": server, "stages": stages,
+                    "pieces": int(re.search(r"\((\d+) word pieces\)", summary).group(1))})
     return out
 
 
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         env.pop(key, None)
     if args.fresh_model:
         env["HF_FASTIF_CACHE"] = str(scratch / "hf_fastif_cache")
+    load = os.getloadavg()
+    print(f"load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} ({os.cpu_count()} CPUs)", flush=True)
     app_args = ["--embedded_model", args.kind] + (["--max_train_samples", str(args.max_train_samples)]
                                                   if args.max_train_samples else [])
     runs = []
@@ -183,13 +189,22 @@ def main(argv: list[str] | None = None) -> int:
                      len(run["calls"]) - len(answered), *(f"{x:.2f}" for x in client), *(f"{x:.2f}" for x in server)])
     table = markdown_table(["start", "port open s", "ready s", "pairs", "refused", "client median s", "client p95 s",
                             "client max s", "server median s", "server p95 s", "server max s"], rows)
+    stage_rows = []
+    for run in runs:
+        answered = [c for c in run["calls"] if c.get("stages")]
+        if answered:
+            names = list(answered[0]["stages"])
+            stage_rows.append([run["start"], *(f"{np.median([c['stages'][s] for c in answered]):.3f}" for s in names)])
+    stages = markdown_table(["start (median s per step)", *names], stage_rows) if stage_rows else ""
     load = os.getloadavg()
     print(f"\n{args.kind}, k={args.k}, n={args.n}, {os.cpu_count()} CPUs, load average {load[0]:.1f} / "
           f"{load[1]:.1f} / {load[2]:.1f}\n")
     print(table)
+    print("\n" + stages)
     if args.json:
         Path(args.json).write_text(to_json({"kind": args.kind, "k": args.k, "n": args.n, "runs": runs,
-                                            "table": table}, indent=1))
+                                            "table": table, "stages": stages, "load_average_end": load},
+                                           indent=1))
     return 0
 
 

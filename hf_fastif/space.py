@@ -48,7 +48,7 @@ from .fingerprint import dataset_fingerprint
 from .influence import default_arguments
 from .params import num_parameters, select_parameters
 from .table import InfluenceTable, InfluenceTableError
-from .utils import library_version, to_json, write_atomic
+from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -215,6 +215,9 @@ class Explanation:
         unknown: the typed words the tokenizer reads as its unknown token.
         seconds: wall time of the computation (prediction + influence), lock wait excluded.
         k / n: candidates scored / rows asked for per side.
+        stages: seconds of each step (`STAGES`): tokenising (not in ``seconds``), the prediction, then the engine's
+            trunk states of the test row, its gradient, s_test, the candidates, their scoring, and ``other`` (the
+            engine's checks and weight hashing, the table's assembly).
     """
 
     prediction: dict[str, float]
@@ -226,6 +229,13 @@ class Explanation:
     seconds: float
     k: int
     n: int
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+STAGES = ("tokenize", "predict", "trunk", "test_gradients", "s_test", "candidates", "scoring", "other")
+"""The steps of a live explanation, in order, as `Explanation.stages` names them."""
+ENGINE_STAGES = ("trunk", "test_gradients", "s_test", "candidates", "scoring")
+"""The steps `InfluenceEngine.compute_influences` times (``<name>_s`` in the table's ``diagnostics``)."""
 
 
 def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens: int = MAX_PAIR_TOKENS,
@@ -367,15 +377,21 @@ class Explainer:
         k = self.settings["influence_knn_k"] if k is None else k
         k = check_int(k, "number of candidates", 1, self.max_candidates)
         n = check_int(n, "number of rows", 1, MAX_ROWS)
-        test, pieces, unknown = self.encode(premise, hypothesis, self.label_id(label))
+        timer = Timer(suffix="")
+        with timer("tokenize"):
+            test, pieces, unknown = self.encode(premise, hypothesis, self.label_id(label))
         with self._lock:
             start = time.perf_counter()
-            prediction = self.predict(test)
+            with timer("predict"):
+                prediction = self.predict(test)
             self.engine.args = self._arguments(k)
             table = self.engine.compute_influences(self.train_tokenized, test)
             seconds = time.perf_counter() - start
+        diagnostics = table.metadata.get("diagnostics") or {}
+        stages = timer.seconds | {name: float(diagnostics.get(f"{name}_s", 0.0)) for name in ENGINE_STAGES}
+        stages["other"] = max(0.0, seconds - sum(v for name, v in stages.items() if name != "tokenize"))
         return Explanation(prediction, self._rows(table.helpful(0, n)), self._rows(table.harmful(0, n)),
-                           table.describe(0), pieces, unknown, seconds, k, n)
+                           table.describe(0), pieces, unknown, seconds, k, n, {name: stages[name] for name in STAGES})
 
     def predict(self, test: Dataset) -> dict[str, float]:
         """The model's probability of each label for a one-row tokenized dataset (one full forward)."""
@@ -646,6 +662,8 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
         lines.append(f"**Unknown to the tokenizer** (read as its unknown token, so they carry no meaning): {words}")
     lines.append(counts_note(explanation.counts))
     lines.append(f"Computed in {explanation.seconds:.2f} s over {explanation.k} candidates.")
+    if explanation.stages:
+        lines.append("Steps (s): " + " · ".join(f"{name} {seconds:.3f}" for name, seconds in explanation.stages.items()))
     return "\n\n".join(lines)
 
 

@@ -116,6 +116,13 @@ def assemble(out: str | Path, *, space_id: str | None = None, with_default: str 
     return out
 
 
+def upload_snippet(out: str | Path, space_id: str) -> str:
+    """The Python that creates the Space ``space_id`` (if new) and uploads the assembled folder ``out`` to it."""
+    return ("from huggingface_hub import create_repo, upload_folder\n"
+            f"create_repo({space_id!r}, repo_type='space', space_sdk='gradio', exist_ok=True)\n"
+            f"upload_folder(repo_id={space_id!r}, repo_type='space', folder_path={str(out)!r})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="The folder to write (new or empty).")
@@ -132,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     print(f"Space folder {out}: {len(files)} files ({', '.join(files[:6])}{', ...' if len(files) > 6 else ''})")
-    print("Upload it with: python -c \"from huggingface_hub import upload_folder; upload_folder(repo_id='USER/NAME', "
-          f"repo_type='space', folder_path='{out}')\"")
+    if args.space_id is None:
+        print("requirements.txt names the wheel by its path in the folder (pip install -r requirements.txt run inside "
+              "it); for a Space on the Hub assemble with --space-id user/name (its builder installs requirements.txt "
+              "before the folder is copied in).")
+    print("Upload it (logged in: hf auth login) with\n" + upload_snippet(out, args.space_id or "USER/NAME"))
     return 0
 
 

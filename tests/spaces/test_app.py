@@ -149,6 +149,7 @@ def test_a_typed_pair_is_explained_like_the_table_explains_its_own_rows(app) -> 
         assert [float(r[1]) for r in rows["data"]] == pytest.approx(expected.influence.tolist(), rel=1e-3)  # shown with 4 digits
         assert {int(r[2]) for r in rows["data"]} <= set(state.table.for_test(int(row.test_id)).train_id)
     assert "Computed in" in summary and "[CLS]" in summary and "100 candidates:" in summary
+    assert "Steps (s): tokenize " in summary and " · scoring " in summary and " · other " in summary
     assert "candidates with negative influence" in helpful_note and "positive influence" in harmful_note
 
 
@@ -227,7 +228,7 @@ def test_one_live_computation_at_a_time_others_see_their_queue_position(app) -> 
 def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(app, monkeypatch) -> None:
     import hf_fastif.engine
     import hf_fastif.gradient_index
-    from hf_fastif.space import CACHED, Startup, status_markdown
+    from hf_fastif.space import CACHED, STAGES, Startup, status_markdown
 
     _, startup, _ = app
     built = []
@@ -252,6 +253,8 @@ def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(ap
     assert TRAIN_ROWS not in built  # the training rows' trunk states came from disk (only test rows were new)
     pair = ("The doctor near the actor danced.", "The actor danced.", 1, 60, 5)
     before, after = startup.state.explainer.explain(*pair), state.explainer.explain(*pair)
+    assert tuple(after.stages) == STAGES and all(v >= 0 for v in after.stages.values())
+    assert sum(v for k, v in after.stages.items() if k != "tokenize") == pytest.approx(after.seconds, abs=1e-6)
     assert after.helpful.train_id.tolist() == before.helpful.train_id.tolist()
     assert after.harmful.influence.to_numpy() == pytest.approx(before.harmful.influence.to_numpy(), rel=1e-5)
 
@@ -437,7 +440,7 @@ def test_space_card_and_requirements_match_the_project(tmp_path) -> None:
     import gradio
     from huggingface_hub import SpaceCard
 
-    from spaces_demo.assemble import assemble, requirements
+    from spaces_demo.assemble import assemble, requirements, upload_snippet
 
     card = SpaceCard.load(ROOT / "spaces_demo" / "README.md")
     assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__
@@ -451,6 +454,10 @@ def test_space_card_and_requirements_match_the_project(tmp_path) -> None:
     assert "torch" in names and names | {"networkx"} <= listed and not any("gradio" in x for x in listed)
     assert lines[-1] == ("hf_fastif @ https://huggingface.co/spaces/me/space/resolve/main/"
                          "hf_fastif-0.1.0-py3-none-any.whl")
+    snippet = upload_snippet(tmp_path / "out", "me/space")
+    compile(snippet, "snippet", "exec")  # the printed upload command is valid Python
+    assert "create_repo('me/space', repo_type='space', space_sdk='gradio', exist_ok=True)" in snippet
+    assert f"upload_folder(repo_id='me/space', repo_type='space', folder_path='{tmp_path / 'out'}')" in snippet
     with pytest.raises(ValueError, match="--space-id must be 'user/name'"):
         assemble(tmp_path / "a", space_id="no-slash")
     with pytest.raises(ValueError, match="is not a finished default build of the Space"):
