@@ -3,6 +3,7 @@
     python -m benchmarks.space_latency                        # the MiniLM default, 24 pairs per start
     python -m benchmarks.space_latency --fresh-model          # also without the fine-tuned MiniLM cache (fine-tunes)
     python -m benchmarks.space_latency --kind tiny --max-train-samples 600     # a quick smoke run
+    python -m benchmarks.space_latency --quality ~/.cache/hf_fastif/space_default/minilm   # what the settings cost
 
 Starts ``spaces_demo/app.py`` on a local port twice on one Space cache (``HF_FASTIF_SPACE_CACHE``, a fresh temporary
 folder unless --cache-dir is given): first with no cached table (it is built), then with the table and the engine's
@@ -11,6 +12,12 @@ and to ``/status`` saying ready, then sends every pair of `PAIRS` (short and lon
 an emoji, numbers; at least 20) through ``/explain`` with `gradio_client`, one at a time, and reports the median and
 the 95th percentile of the wall time a client waits (queue and HTTP included) and of the server's own computation.
 Prints a markdown table (and writes it with the raw numbers as JSON to --json).
+
+``--quality BUILD`` instead measures, in this process, what the live settings cost in agreement on a built default
+(the app's cache folder; built now if missing): the live engine's influence on the table's test rows (arnoldi
+s_test, k gradient-index candidates) against a full scan of every training row with s_test by CG, and each of the two
+approximations alone (`hf_fastif.quality.agreement`: Spearman on the scored rows, recall@10 of the reference's most
+helpful / harmful rows).
 """
 
 from __future__ import annotations
@@ -136,6 +143,49 @@ def summarize(values: list[float]) -> tuple[float, float, float]:
     return float(np.median(values)), float(np.percentile(values, 95)), float(np.max(values))
 
 
+def quality(build: Path, kind: str, max_train_samples: int | None, k: int) -> str:
+    """Markdown: agreement and seconds per test row of the live settings, arnoldi on every row, and CG on the k
+    candidates, against CG on every row, over the test rows of the default build in ``build``."""
+    # torch and the model are needed only here: the latency runs drive the app in subprocesses
+    from datasets import Dataset
+
+    from hf_fastif.data import tokenize_nli
+    from hf_fastif.influence import default_arguments
+    from hf_fastif.quality import agreement, dense_reference, influence_by_test
+    from hf_fastif.space import load_default
+
+    state = load_default(build, kind=kind, max_train_samples=max_train_samples)
+    explainer = state.explainer
+    tests = state.tests.sort_values("test_id")
+    if tests.test_id.tolist() != list(range(len(tests))):
+        raise ValueError(f"{build}: expected test ids 0..{len(tests) - 1}.")
+    test = tokenize_nli(Dataset.from_pandas(tests[["premise", "hypothesis", "label"]].astype({"label": int}),
+                                            preserve_index=False), explainer.tokenizer)
+    engine, train, live = explainer.engine, explainer.train_tokenized, explainer.settings
+    variants = {"live: arnoldi, gradient candidates": {"influence_knn_k": k},
+                "arnoldi, every row": {"influence_knn_k": None},
+                "CG, gradient candidates": {"influence_solver": "cg", "influence_knn_k": k},
+                "reference: CG, every row": {"influence_solver": "cg", "influence_knn_k": None}}
+    tables, seconds = {}, {}
+    for name, change in variants.items():
+        engine.args = default_arguments(**live | change, disable_tqdm=True)
+        engine.compute_influences(train, test.select([0]))  # warm: the solver's once-per-model work
+        began = time.perf_counter()
+        tables[name] = engine.compute_influences(train, test)
+        seconds[name] = (time.perf_counter() - began) / len(test)
+    engine.args = explainer._arguments(live["influence_knn_k"])
+    reference = dense_reference(influence_by_test(tables["reference: CG, every row"], len(test)), len(train))
+    rows = []
+    for name, table in tables.items():
+        found = agreement(reference, influence_by_test(table, len(test)), ns=(10,))
+        rows.append([name, f"{seconds[name]:.3f}", f"{found['spearman']:.3f}", f"{found['spearman_min']:.3f}",
+                     f"{found['recall@10 helpful']:.2f}", f"{found['recall@10 harmful']:.2f}"])
+    return (f"{len(test)} test rows, {len(train):,} training rows, k = {k}, λ = {engine.args.influence_lambda:g}, "
+            f"{explainer.num_influence_parameters:,} influence parameters\n\n"
+            + markdown_table(["s_test / candidates", "s per test row", "Spearman", "Spearman min",
+                              "recall@10 helpful", "recall@10 harmful"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="minilm", choices=["minilm", "tiny"], help="The embedded default's model.")
@@ -148,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="Also a fresh HF_FASTIF_CACHE: the first start extracts and fine-tunes MiniLM.")
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds to wait for a start.")
     parser.add_argument("--json", default=None, help="Write the numbers here.")
+    parser.add_argument("--quality", default=None, metavar="BUILD",
+                        help="Instead of the latency runs: the agreement of the live settings on this default build.")
     args = parser.parse_args(argv)
+    if args.quality:
+        load = os.getloadavg()
+        print(quality(Path(args.quality).expanduser(), args.kind, args.max_train_samples, args.k))
+        print(f"\nload average at the start {load[0]:.2f}, at the end {os.getloadavg()[0]:.2f}")
+        return 0
     if not 20 <= args.pairs <= len(PAIRS):
         parser.error(f"--pairs must be between 20 and {len(PAIRS)}.")
     scratch = Path(tempfile.mkdtemp(prefix="space_latency_"))

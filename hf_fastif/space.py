@@ -72,14 +72,16 @@ ENGINE_MANIFEST = "space_engine.json"
 ALL = "all"
 
 LIVE_SETTINGS: dict = dict(
-    influence_solver="arnoldi", influence_arnoldi_rank=16, influence_arnoldi_rows=256,
+    influence_solver="arnoldi", influence_arnoldi_rank=16, influence_arnoldi_rows=1024,
     influence_knn_features="gradient", influence_projection_dim=4096, influence_knn_k=100,
     influence_scoring_batch_size=256, influence_check_convergence=False, influence_trunk_cache=True,
 )
 """How the Space's engine computes influence, chosen for about half a second per typed pair on 2 CPU cores:
-s_test from the top 16 eigenpairs of H (Lanczos on 256 seeded training rows, computed once), candidates from the
-gradient index (a 4,096-bucket count sketch of per-example gradients: far higher recall than [CLS] kNN), and
-exact JVP scoring of the k candidates. The table's own influence parameters, λ and L2 term are kept."""
+s_test from the top 16 eigenpairs of H (Lanczos on 1,024 seeded training rows, computed once at start-up: on the
+MiniLM default ~1.4 s, and closer to the full Hessian than 256 rows, which was the larger error; a rank of 32 or 64
+changed nothing), candidates from the gradient index (a 4,096-bucket count sketch of per-example gradients: far
+higher recall than [CLS] kNN), and exact JVP scoring of the k candidates. The table's own influence parameters, λ
+and L2 term are kept. docs/space.md has the measurements (``python -m benchmarks.space_latency --quality``)."""
 LIVE_FROM_TABLE = ("influence_params", "influence_damping", "influence_scale", "influence_weight_decay",
                    "influence_seed")
 """Settings of a table that its live explanations keep (what decides the numbers, apart from the solver)."""
@@ -423,8 +425,10 @@ class Explainer:
         """One line of Markdown: how live influence is computed."""
         s = self.settings
         lam = s.get("influence_damping", 0.0) * s.get("influence_scale", 1.0)
+        rows = len(self.train) if s["influence_arnoldi_rows"] is None else min(s["influence_arnoldi_rows"],
+                                                                                len(self.train))
         return (f"s_test from the top {s['influence_arnoldi_rank']} eigenpairs of the Hessian (Lanczos over "
-                f"{s['influence_arnoldi_rows']} seeded training rows, computed once), λ = {lam:g}; candidates: of the "
+                f"{rows:,} seeded training rows, computed once), λ = {lam:g}; candidates: of the "
                 f"{len(self.train):,} training rows, the k whose projected gradient ({s['influence_projection_dim']:,}"
                 f"-bucket count sketch of the {self.num_influence_parameters:,} influence parameters) has the largest "
                 "inner product with s_test (half of them) or with -s_test (the other half), then scored exactly; one "

@@ -101,6 +101,8 @@ def test_the_page_is_served_at_once_and_fills_in_when_ready(app) -> None:
     assert {"table", "model", "engine", "ready.json", "train.parquet"} <= {p.name for p in build.iterdir()}
     assert startup.state.table.metadata["settings"]["influence_solver"] == "arnoldi"
     assert startup.state.table.metadata["settings"]["influence_knn_features"] == "gradient"
+    # the page states the live settings (the Hessian's rows: at most the training rows there are)
+    assert f"Lanczos over {TRAIN_ROWS} seeded training rows" in startup.state.summary()
 
 
 def test_show_filter_and_honest_lists_through_the_client(app) -> None:
