@@ -1,23 +1,32 @@
-"""What the Gradio Space (spaces_demo/app.py) shows, without Gradio: loading a table, choosing test examples,
-the rows, the plots, and live influence for a pair the user types. The app only lays out components and
-turns the `ValueError`s raised here into messages.
+"""What the Gradio Space (spaces_demo/app.py) shows, without Gradio: starting up in the background, loading a
+table, choosing test examples, the rows and how many of each sign there are, the plots, and live influence for a
+pair the user types. The app only lays out components and turns the `ValueError`s raised here into messages.
 
-The default table is built from the embedded default (generated NLI data and all-MiniLM-L6-v2 fine-tuned on them,
-`hf_fastif.embedded`; the fine-tuned model itself is cached by content), offline, in about a minute on a CPU the
-first time, and cached on disk.
+The Space serves its page at once and builds its state in a background thread (`Startup`), reporting each stage.
+The default table comes from the embedded default (generated NLI data and all-MiniLM-L6-v2 fine-tuned on them,
+`hf_fastif.embedded`; the fine-tuned model itself is cached by content), computed with the same settings as the live
+explanations (`LIVE_SETTINGS`) by the one `InfluenceEngine` that then serves them, and saved with that engine's caches
+(``engine/``) so that the next start reads everything from disk and answers within seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
+import shutil
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import torch
+import transformers
 from datasets import Dataset
 from matplotlib.figure import Figure
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
@@ -35,9 +44,11 @@ from .embedded import (
     train_embedded_model,
 )
 from .engine import InfluenceEngine
+from .fingerprint import dataset_fingerprint
 from .influence import default_arguments
+from .params import num_parameters, select_parameters
 from .table import InfluenceTable, InfluenceTableError
-from .utils import to_json, write_atomic
+from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -45,58 +56,139 @@ CACHE_ENV = "HF_FASTIF_SPACE_CACHE"
 TABLE_ENV = "HF_FASTIF_TABLE"
 REVISION_ENV = "HF_FASTIF_TABLE_REVISION"
 MODEL_ENV = "HF_FASTIF_MODEL"
+KIND_ENV = "HF_FASTIF_EMBEDDED_MODEL"
 MAX_TEXT_CHARS = 300
+MAX_PAIR_TOKENS = 256
+"""Word pieces of a typed pair (with [CLS] / [SEP]); 300 characters of English are ~70 per sentence."""
 MAX_ROWS = 50
 MAX_CANDIDATES = 500
 MAX_TRAIN_ROWS = 5000
+MAX_LIVE_PARAMETERS = 20_000_000
+"""Influence parameters above which live explanations are off: the low-rank Hessian holds 2 × rank vectors of them."""
 MAX_GRAPH_TESTS = 6
 READY_FILE = "ready.json"
+ENGINE_DIR = "engine"
+ENGINE_MANIFEST = "space_engine.json"
 ALL = "all"
+
+LIVE_SETTINGS: dict = dict(
+    influence_solver="arnoldi", influence_arnoldi_rank=16, influence_arnoldi_rows=1024,
+    influence_knn_features="gradient", influence_projection_dim=4096, influence_knn_k=100,
+    influence_scoring_batch_size=256, influence_check_convergence=False, influence_trunk_cache=True,
+)
+"""How the Space's engine computes influence, chosen for about half a second per typed pair on 2 CPU cores:
+s_test from the top 16 eigenpairs of H (Lanczos on 1,024 seeded training rows, computed once at start-up: on the
+MiniLM default ~1.4 s, and closer to the full Hessian than 256 rows, which was the larger error; a rank of 32 or 64
+changed nothing), candidates from the gradient index (a 4,096-bucket count sketch of per-example gradients: far
+higher recall than [CLS] kNN), and exact JVP scoring of the k candidates. The table's own influence parameters, λ
+and L2 term are kept. docs/space.md has the measurements (``python -m benchmarks.space_latency --quality``)."""
+LIVE_FROM_TABLE = ("influence_params", "influence_damping", "influence_scale", "influence_weight_decay",
+                   "influence_seed")
+"""Settings of a table that its live explanations keep (what decides the numbers, apart from the solver)."""
+CACHED = ("trunk", "low_rank", "gradient_index")
+"""The engine caches a warm start needs (`InfluenceEngine.load_caches` names)."""
 
 
 def default_cache_dir() -> Path:
+    """Where the Space keeps its builds: ``$HF_FASTIF_SPACE_CACHE`` or ``~/.cache/hf_fastif/space_default``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif" / "space_default")
 
 
+def default_build_dir(kind: str | None = None) -> Path:
+    """The folder of the default table of embedded model ``kind``: ``<default_cache_dir()>/<kind>``."""
+    return default_cache_dir() / embedded_kind(kind).name
+
+
+def live_settings(table_settings: dict, num_influence_parameters: int, k: int | None = None) -> dict:
+    """The ``influence_*`` settings of the live engine: `LIVE_FROM_TABLE` from the table's settings, then
+    `LIVE_SETTINGS` (the projection no larger than the number of influence parameters), then ``k``."""
+    out = {key: table_settings[key] for key in LIVE_FROM_TABLE if table_settings.get(key) is not None}
+    out |= LIVE_SETTINGS
+    out["influence_projection_dim"] = min(LIVE_SETTINGS["influence_projection_dim"], int(num_influence_parameters))
+    if k is not None:
+        out["influence_knn_k"] = int(k)
+    return out
+
+
+def runtime_versions() -> dict:
+    """What the engine's cache keys depend on beyond content (the code hashed into the collator's fingerprint)."""
+    return {"hf_fastif": library_version(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__}
+
+
+def with_content_fingerprint(dataset: Dataset) -> Dataset:
+    """``dataset`` with its ``_fingerprint`` set to the hash of its rows (`dataset_fingerprint`): the engine keys its
+    caches on it, and an in-memory dataset's own fingerprint is random in every process, so a saved cache would
+    never be found again."""
+    return dataset.select_columns(dataset.column_names, new_fingerprint=dataset_fingerprint(dataset)[:32])
+
+
+# ---- the default table ----------------------------------------------------------------------------------
 def build_default(directory: str | os.PathLike | None = None, args: InfluenceArguments | None = None, *,
                   max_train_samples: int | None = None, max_test_samples: int | None = None,
-                  kind: str | None = None) -> Path:
+                  kind: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """Train (or, for MiniLM, load from the fine-tuning cache) the embedded model, compute its influence table on
     HANS-style test rows, and save ``table/`` (with text, predictions and label names), ``model/`` (model +
-    tokenizer) and ``train.parquet`` under ``directory``. Reuses a finished build with the same settings and model.
+    tokenizer), ``train.parquet`` and, for the Space's settings, ``engine/`` (the live engine's caches) under
+    ``directory``. Reuses a finished build with the same settings and model.
 
     Args:
-        directory: where the build goes (default: the Space's cache, `default_cache_dir`).
-        args: training and influence settings (default: the embedded default's for the table,
-            ``embedded_arguments(directory, use="table", kind=kind)``).
+        directory: where the build goes (default: the Space's, `default_build_dir`).
+        args: training and influence settings as given (``hf-fastif build``). Default: the Space's: the embedded
+            default's for its table (``embedded_arguments(directory, use="table", kind=kind)``) with
+            `LIVE_SETTINGS`, computed by the live engine, whose caches are saved with the table.
         max_train_samples: generated training rows (default: the kind's ``table_data``, 2,000).
         max_test_samples: use the first N of the 30 HANS-style test rows.
         kind: the embedded model, ``"minilm"`` (default) or ``"tiny"``.
+        progress: called with a short description as each stage starts.
     """
+    return _build_default(directory, args, max_train_samples=max_train_samples, max_test_samples=max_test_samples,
+                          kind=kind, progress=progress)[0]
+
+
+def _build_default(directory, args, *, max_train_samples=None, max_test_samples=None, kind=None,
+                   progress=None) -> tuple[Path, Explainer | None]:
+    """`build_default`, and the live `Explainer` whose engine computed the table when it was built just now."""
+    progress = progress or (lambda stage: None)
     settings = embedded_kind(kind)
-    directory = Path(directory) if directory is not None else default_cache_dir()
-    args = args if args is not None else embedded_arguments(str(directory), use="table", kind=settings.name)
+    directory = Path(directory) if directory is not None else default_build_dir(settings.name)
+    live = args is None
+    if live:  # both embedded models have more than 4,096 influence parameters: LIVE_SETTINGS apply unclamped
+        args = embedded_arguments(str(directory), use="table", kind=settings.name, **LIVE_SETTINGS)
     sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
     build = json.loads(to_json({
         "model": settings.description, "kind": settings.name, "data": sizes, "max_test_samples": max_test_samples,
-        "seed": args.seed,
+        "seed": args.seed, "library_version": library_version(), "live_engine": live,
         "training": {k: getattr(args, k) for k in ("num_train_epochs", "learning_rate", "per_device_train_batch_size")},
         "influence": args.influence_settings()}))
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
-        return directory
+        return directory, None
     directory.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
+    shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
+    progress("generating the training data")
     raw, tokenized, tokenizer = embedded_data(seed=args.seed, **sizes, kind=settings.name)
+    progress("the fine-tuned MiniLM (read from the fine-tuning cache, or fine-tuned now: about a minute on a CPU, "
+             "once per machine)" if settings.name == "minilm" else f"training the {settings.name} model")
     model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=settings.name,
                                        description=data_description(args.seed, len(raw["train"])))
     hans, raw_hans = tokenized["hans"], raw["hans"]
     if max_test_samples:
         hans, raw_hans = (d.select(range(min(max_test_samples, len(d)))) for d in (hans, raw_hans))
-    collator = DataCollatorWithPadding(tokenizer)
-    with InfluenceEngine(model, args, data_collator=collator) as engine:
-        table = engine.compute_influences(tokenized["train"], hans)
-        predictions = predict(model, hans, engine=engine).argmax(-1)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    explainer = None
+    progress(f"computing the influence table of {len(hans)} test rows over {len(raw['train']):,} training rows")
+    if live:
+        explainer = Explainer(model, tokenizer, raw["train"], args.influence_settings(), names,
+                              cache_dir=directory / ENGINE_DIR)
+        table, predictions = explainer.table(hans)
+    else:
+        collator = DataCollatorWithPadding(tokenizer)
+        with InfluenceEngine(model, args, data_collator=collator) as engine:
+            table = engine.compute_influences(tokenized["train"], hans)
+            predictions = predict(model, hans, engine=engine).argmax(-1)
+    progress("saving the table, the model and the engine's caches")
     table.metadata["embedded_build"] = build | {"fine_tuning": info}
     save_with_text(table, directory / "table", model=model,
                    model_name=f"hf_fastif embedded default ({settings.description})",
@@ -105,76 +197,260 @@ def build_default(directory: str | os.PathLike | None = None, args: InfluenceArg
     model.save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "model")
     raw["train"].to_parquet(str(directory / "train.parquet"))
+    if explainer is not None:
+        explainer.save_caches()
     write_atomic(ready, to_json({"config": build}))
-    return directory
+    return directory, explainer
+
+
+# ---- live explanations ------------------------------------------------------------------------------------
+@dataclass
+class Explanation:
+    """Live influence of the training rows on one typed pair.
+
+    Attributes:
+        prediction: label name → the model's probability.
+        helpful / harmful: up to n candidate rows with negative / positive influence, most influential first
+            (``train_id``, ``influence``, ``train_<text>`` columns).
+        counts: `InfluenceTable.describe` of the candidates (how many of each sign, distinct values, range).
+        pieces: the word pieces the model reads, ``[CLS]`` / ``[SEP]`` included.
+        unknown: the typed words the tokenizer reads as its unknown token.
+        seconds: wall time of the computation (prediction + influence), lock wait excluded.
+        k / n: candidates scored / rows asked for per side.
+        stages: seconds of each step (`STAGES`): tokenising (not in ``seconds``), the prediction, then the engine's
+            trunk states of the test row, its gradient, s_test, the candidates, their scoring, and ``other`` (the
+            engine's checks and weight hashing, the table's assembly).
+    """
+
+    prediction: dict[str, float]
+    helpful: pd.DataFrame
+    harmful: pd.DataFrame
+    counts: dict
+    pieces: list[str]
+    unknown: list[str]
+    seconds: float
+    k: int
+    n: int
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+STAGES = ("tokenize", "predict", "trunk", "test_gradients", "s_test", "candidates", "scoring", "other")
+"""The steps of a live explanation, in order, as `Explanation.stages` names them."""
+ENGINE_STAGES = ("trunk", "test_gradients", "s_test", "candidates", "scoring")
+"""The steps `InfluenceEngine.compute_influences` times (``<name>_s`` in the table's ``diagnostics``)."""
+
+
+def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens: int = MAX_PAIR_TOKENS,
+                ) -> tuple[Dataset, list[str], list[str]]:
+    """``(one-row tokenized dataset, word pieces, words read as unknown)`` of a typed pair. A sentence that tokenizes
+    to nothing, or to no known word (only the unknown token and punctuation), and a pair longer than ``max_tokens``
+    pieces are refused with a `ValueError` that says what to type instead."""
+    unk = tokenizer.unk_token
+    for text, name in ((premise, "premise"), (hypothesis, "hypothesis")):
+        pieces = tokenizer.tokenize(text)
+        if not pieces:
+            raise ValueError(f"The {name} has nothing the model can read (only spaces, control or zero-width "
+                             "characters); type a sentence.")
+        if not any(p != unk and any(ch.isalnum() for ch in p) for p in pieces):
+            raise ValueError(f"The model's tokenizer knows no word of the {name} {text!r} (it reads "
+                             f"{' '.join(pieces)}); type words it knows, e.g. in English.")
+    fast = getattr(tokenizer, "is_fast", False)
+    encoded = tokenizer(premise, hypothesis, truncation=False, return_offsets_mapping=fast)
+    ids = encoded["input_ids"]
+    if len(ids) > max_tokens:
+        raise ValueError(f"The pair has {len(ids)} word pieces; at most {max_tokens} are allowed. Shorten the "
+                         "sentences.")
+    unknown = []
+    if fast and tokenizer.unk_token_id is not None:
+        texts = (premise, hypothesis)
+        for i, (token, seq) in enumerate(zip(ids, encoded.sequence_ids())):
+            if token == tokenizer.unk_token_id and seq is not None:
+                start, end = encoded["offset_mapping"][i]
+                unknown.append(texts[seq][start:end])
+    row = {key: [list(encoded[key])] for key in encoded if key != "offset_mapping"} | {"labels": [int(label)]}
+    return Dataset.from_dict(row), tokenizer.convert_ids_to_tokens(ids), unknown
+
+
+class Explainer:
+    """Live influence for typed pairs through ONE `InfluenceEngine` held for the Space's life, with
+    `LIVE_SETTINGS`: the training rows' trunk states, the low-rank Hessian and the gradient index are built once
+    (or read from ``cache_dir``, see `save_caches`), so each pair costs its own trunk forward, one test gradient, a
+    few matrix-vector products and the scoring of its k candidates. One computation at a time (a lock).
+
+    Args:
+        model / tokenizer: the table's model and its tokenizer (the model's WordPiece for MiniLM).
+        train: the training rows as text (``premise``, ``hypothesis``, ``label``): the Hessian's data and the
+            candidates.
+        table_settings: the table's ``influence_*`` settings (`LIVE_FROM_TABLE` are kept).
+        label_names: label id → name.
+        train_ids: the table's ``train_id`` of each row of ``train`` (default: the row numbers).
+        cache_dir: where `save_caches` writes the engine's caches and where they are read from now.
+
+    Attributes:
+        loaded: the caches read from ``cache_dir`` (`InfluenceEngine.load_caches` names).
+        saved: whether this process wrote them (`save_caches`).
+    """
+
+    def __init__(self, model, tokenizer, train: Dataset, table_settings: dict, label_names: list[str],
+                 train_ids: np.ndarray | None = None, *, cache_dir: str | os.PathLike | None = None):
+        self.model, self.tokenizer, self.label_names = model.eval(), tokenizer, list(label_names)
+        self.train = train
+        self.train_ids = np.arange(len(train)) if train_ids is None else np.asarray(train_ids)
+        columns = train.select_columns(["premise", "hypothesis", "label"])
+        self.train_tokenized = with_content_fingerprint(tokenize_nli(columns, tokenizer))
+        self.collator = DataCollatorWithPadding(tokenizer)
+        self.num_influence_parameters = num_parameters(select_parameters(model, table_settings.get("influence_params")))
+        if self.num_influence_parameters > MAX_LIVE_PARAMETERS:
+            raise ValueError(f"Live explanations keep 2 x {LIVE_SETTINGS['influence_arnoldi_rank']} vectors of the "
+                             f"{self.num_influence_parameters:,} influence parameters of this table, more than the "
+                             f"Space's limit of {MAX_LIVE_PARAMETERS:,}; build the table with fewer influence_params "
+                             "(e.g. the pooler and the classifier).")
+        self.settings = live_settings(table_settings, self.num_influence_parameters)
+        self.max_candidates = min(MAX_CANDIDATES, len(train))
+        self._arguments_by_k: dict[int, InfluenceArguments] = {}
+        self.engine = InfluenceEngine(self.model, self._arguments(self.settings["influence_knn_k"]),
+                                      data_collator=self.collator)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.loaded: list[str] = []
+        self.saved = False
+        self._lock = threading.Lock()
+        if self.cache_dir is not None:
+            self.loaded = self.load_caches()
+
+    def _arguments(self, k: int) -> InfluenceArguments:
+        if k not in self._arguments_by_k:  # TrainingArguments are slow to build: one per k
+            self._arguments_by_k[k] = default_arguments(**self.settings | {"influence_knn_k": k},
+                                                        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        return self._arguments_by_k[k]
+
+    # ---- the engine's caches on disk ----------------------------------------------------------------------
+    def load_caches(self) -> list[str]:
+        """Read the caches `save_caches` wrote (only if written by the same library, Python, torch, transformers
+        and datasets versions, which the cache keys' code hashes depend on); returns what was loaded."""
+        manifest = self.cache_dir / ENGINE_MANIFEST
+        if not manifest.is_file() or json.loads(manifest.read_text()).get("versions") != runtime_versions():
+            return []
+        return self.engine.load_caches(self.cache_dir)
+
+    def save_caches(self) -> None:
+        """Write the engine's caches (trunk states, low-rank Hessian, gradient index) to ``cache_dir``."""
+        if self.cache_dir is None:
+            return
+        with self._lock:
+            self.engine.save_caches(self.cache_dir)
+        write_atomic(self.cache_dir / ENGINE_MANIFEST, to_json({"versions": runtime_versions()}))
+        self.saved = True
+
+    @property
+    def warm_from_disk(self) -> bool:
+        """Whether every cache a warm start needs (`CACHED`) was read from ``cache_dir``."""
+        return set(CACHED) <= set(self.loaded)
+
+    def warm_up(self) -> float:
+        """One explanation of the first training row (builds, or checks, every cache), then `save_caches` if they
+        were not all read from disk; returns its seconds."""
+        row = self.train[0]
+        explanation = self.explain(row["premise"], row["hypothesis"], int(row["label"]), n=1)
+        if not self.warm_from_disk and not self.saved:
+            try:
+                self.save_caches()
+            except OSError as err:  # a read-only folder: the next start builds them again, nothing else is lost
+                logger.warning(f"Could not save the live engine's caches to {self.cache_dir}: {err}")
+        return explanation.seconds
+
+    # ---- one pair -------------------------------------------------------------------------------------------
+    def label_id(self, label) -> int:
+        """A gold label given by name or id, as its id."""
+        if isinstance(label, str) and label in self.label_names:
+            return self.label_names.index(label)
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(self.label_names):
+            return int(label)
+        raise ValueError(f"Choose the gold label of the pair ({' / '.join(self.label_names)}).")
+
+    def encode(self, premise: str, hypothesis: str, label: int) -> tuple[Dataset, list[str], list[str]]:
+        """`encode_pair` with this explainer's tokenizer, at most `MAX_PAIR_TOKENS` pieces or the model's positions."""
+        positions = getattr(self.model.config, "max_position_embeddings", None) or MAX_PAIR_TOKENS
+        return encode_pair(self.tokenizer, premise, hypothesis, label, min(MAX_PAIR_TOKENS, positions))
+
+    def explain(self, premise: str, hypothesis: str, label, k: int | None = None, n: int = 5) -> Explanation:
+        """The prediction and the most helpful / harmful training rows for a typed pair with gold ``label`` (a
+        name or an id), over ``k`` gradient-index candidates (default ``LIVE_SETTINGS``' 100)."""
+        premise, hypothesis = check_text(premise, "premise"), check_text(hypothesis, "hypothesis")
+        k = self.settings["influence_knn_k"] if k is None else k
+        k = check_int(k, "number of candidates", 1, self.max_candidates)
+        n = check_int(n, "number of rows", 1, MAX_ROWS)
+        timer = Timer(suffix="")
+        with timer("tokenize"):
+            test, pieces, unknown = self.encode(premise, hypothesis, self.label_id(label))
+        with self._lock:
+            start = time.perf_counter()
+            with timer("predict"):
+                prediction = self.predict(test)
+            self.engine.args = self._arguments(k)
+            table = self.engine.compute_influences(self.train_tokenized, test)
+            seconds = time.perf_counter() - start
+        diagnostics = table.metadata.get("diagnostics") or {}
+        stages = timer.seconds | {name: float(diagnostics.get(f"{name}_s", 0.0)) for name in ENGINE_STAGES}
+        stages["other"] = max(0.0, seconds - sum(v for name, v in stages.items() if name != "tokenize"))
+        return Explanation(prediction, self._rows(table.helpful(0, n)), self._rows(table.harmful(0, n)),
+                           table.describe(0), pieces, unknown, seconds, k, n, {name: stages[name] for name in STAGES})
+
+    def predict(self, test: Dataset) -> dict[str, float]:
+        """The model's probability of each label for a one-row tokenized dataset (one full forward)."""
+        batch = self.collator([{key: test[0][key] for key in test.column_names if key != "labels"}])
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            logits = self.model(**{key: value.to(device) for key, value in batch.items()}).logits[0]
+        return {name: float(p) for name, p in zip(self.label_names, torch.softmax(logits.float(), -1).tolist())}
+
+    def _rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Candidate rows with their text, ``train_id`` mapped to the table's ids."""
+        frame = frame.copy()
+        positions = frame["train_id"].to_numpy()
+        for column in TRAIN_TEXT:
+            if column in self.train.column_names:
+                frame[f"train_{column}"] = [self.train[int(i)][column] for i in positions]
+        frame["train_id"] = self.train_ids[positions]
+        return frame
+
+    def table(self, test: Dataset) -> tuple[InfluenceTable, np.ndarray]:
+        """``(influence table, predicted labels)`` of tokenized test rows over every training row's k candidates:
+        the default table, computed by the live engine (so its caches are built on the way)."""
+        with self._lock:
+            table = self.engine.compute_influences(self.train_tokenized, test)
+            predictions = predict(self.model, test, engine=self.engine).argmax(-1)
+        return table, predictions
+
+    def describe_settings(self) -> str:
+        """One line of Markdown: how live influence is computed."""
+        s = self.settings
+        lam = s.get("influence_damping", 0.0) * s.get("influence_scale", 1.0)
+        rows = len(self.train) if s["influence_arnoldi_rows"] is None else min(s["influence_arnoldi_rows"],
+                                                                                len(self.train))
+        return (f"s_test from the top {s['influence_arnoldi_rank']} eigenpairs of the Hessian (Lanczos over "
+                f"{rows:,} seeded training rows, computed once), λ = {lam:g}; candidates: of the "
+                f"{len(self.train):,} training rows, the k whose projected gradient ({s['influence_projection_dim']:,}"
+                f"-bucket count sketch of the {self.num_influence_parameters:,} influence parameters) has the largest "
+                "inner product with s_test (half of them) or with -s_test (the other half), then scored exactly; one "
+                "engine for the Space's life.")
 
 
 # ---- the state of the app ------------------------------------------------------------------------------
-class Explainer:
-    """Live influence for one typed pair: kNN candidates among ``train`` (at most `MAX_CANDIDATES`), s_test with
-    the table's solver settings (bounded), one forward for the prediction. One computation at a time, through one
-    `InfluenceEngine` held for the app's life: the training rows' trunk states and kNN index are computed on the
-    first request and reused by every later one (the model does not change)."""
-
-    def __init__(self, model, tokenizer, train: Dataset, settings: dict, label_names: list[str],
-                 train_ids: np.ndarray | None = None):
-        self.model, self.tokenizer, self.label_names = model.eval(), tokenizer, label_names
-        self.train = train
-        self.train_ids = np.arange(len(train)) if train_ids is None else np.asarray(train_ids)
-        self.train_tokenized = tokenize_nli(train.select_columns(["premise", "hypothesis", "label"]), tokenizer)
-        self.collator = DataCollatorWithPadding(tokenizer)
-        self.settings = settings
-        self.engine = InfluenceEngine(self.model, self._arguments(1), data_collator=self.collator)
-        self._lock = threading.Lock()
-
-    def _arguments(self, k: int) -> InfluenceArguments:
-        fields = {f for f, spec in InfluenceArguments.__dataclass_fields__.items() if spec.init}
-        settings = {k_: v for k_, v in self.settings.items() if k_.startswith("influence_") and k_ in fields}
-        settings["influence_knn_k"] = k
-        settings["influence_recursion_depth"] = min(settings.get("influence_recursion_depth") or 100, 200)
-        settings["influence_repetitions"] = min(settings.get("influence_repetitions") or 2, 2)
-        settings["influence_cg_max_iterations"] = min(settings.get("influence_cg_max_iterations") or 50, 50)
-        if settings.get("influence_solver") == "exact":
-            settings["influence_solver"] = "cg"
-        return default_arguments(**settings, use_cpu=not torch.cuda.is_available())
-
-    def predict(self, premise: str, hypothesis: str) -> dict[str, float]:
-        batch = self.collator([self.tokenizer(premise, hypothesis, truncation=True)])
-        with torch.no_grad():
-            logits = self.model(**{k: v.to(self.model.device) for k, v in batch.items()}).logits[0]
-        return {name: float(p) for name, p in zip(self.label_names, torch.softmax(logits, -1).tolist())}
-
-    def explain(self, premise: str, hypothesis: str, label: int, k: int, n: int) -> tuple[dict, pd.DataFrame,
-                                                                                        pd.DataFrame]:
-        """``(prediction, most helpful rows, most harmful rows)`` for a typed pair with gold ``label``."""
-        premise, hypothesis = check_text(premise, "premise"), check_text(hypothesis, "hypothesis")
-        k, n = check_int(k, "candidates", 1, min(MAX_CANDIDATES, len(self.train))), check_int(n, "rows", 1, MAX_ROWS)
-        if label not in range(len(self.label_names)):
-            raise ValueError(f"Choose the gold label of the pair ({' / '.join(self.label_names)}).")
-        test = Dataset.from_dict({"premise": [premise], "hypothesis": [hypothesis], "label": [int(label)]})
-        with self._lock:
-            prediction = self.predict(premise, hypothesis)
-            self.engine.args = self._arguments(k)
-            table = self.engine.compute_influences(self.train_tokenized, tokenize_nli(test, self.tokenizer))
-        table = table.add_text(self.train, columns=TRAIN_TEXT)
-        helpful, harmful = table.helpful(0, n), table.harmful(0, n)
-        for frame in (helpful, harmful):  # rows of the candidate set -> ids of the training data
-            frame["train_id"] = self.train_ids[frame["train_id"].to_numpy()]
-        return prediction, helpful, harmful
-
-
 @dataclass
 class SpaceState:
-    """A loaded table, its test examples (one row per test id) and, when the model is at hand, an `Explainer`."""
+    """A loaded table, its test examples (one row per test id), an `Explainer` when the model is at hand, and
+    notices to show in the page (what could not be loaded and what is shown instead)."""
 
     table: InfluenceTable
     source: str
     tests: pd.DataFrame
     label_names: list[str]
     explainer: Explainer | None = None
+    notices: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_table(cls, table: InfluenceTable, source: str, explainer: Explainer | None = None) -> SpaceState:
+    def from_table(cls, table: InfluenceTable, source: str, explainer: Explainer | None = None,
+                   notices: list[str] | None = None) -> SpaceState:
         tests = table.tests().rename(columns=lambda c: c.removeprefix("test_") if c != "test_id" else c)
         names = table.metadata.get("label_names") or (explainer.label_names if explainer else None)
         if not names:
@@ -182,7 +458,7 @@ class SpaceState:
             names = [str(i) for i in range(max(labels, default=1) + 1)]
         if "label" in tests and "prediction" in tests:
             tests["correct"] = tests["label"] == tests["prediction"]
-        return cls(table, source, tests, list(names), explainer)
+        return cls(table, source, tests, list(names), explainer, list(notices or []))
 
     # ---- choosing a test example -----------------------------------------------------------------------
     def heuristics(self) -> list[str]:
@@ -191,6 +467,10 @@ class SpaceState:
     def choices(self, heuristic: str = ALL, correctness: str = ALL) -> list[tuple[str, int]]:
         """``(label, test_id)`` of the test examples matching the filters (``correctness``: all / correct /
         wrong)."""
+        if heuristic not in (ALL, None, "") and heuristic not in self.heuristics():
+            raise ValueError(f"Unknown heuristic {heuristic!r}; choose one of {', '.join([ALL, *self.heuristics()])}.")
+        if correctness not in (ALL, None, "", "correct", "wrong"):
+            raise ValueError(f"Unknown filter {correctness!r}; choose all, correct or wrong.")
         tests = self.tests
         if heuristic not in (ALL, None, "") and "heuristic" in tests:
             tests = tests[tests["heuristic"] == heuristic]
@@ -232,11 +512,16 @@ class SpaceState:
         value = int(value)
         return self.label_names[value] if 0 <= value < len(self.label_names) else str(value)
 
-    # ---- rows and plots --------------------------------------------------------------------------------
+    # ---- rows, counts and plots --------------------------------------------------------------------------
     def rows(self, test_id, n) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """The n most helpful and n most harmful training rows, ready to show."""
-        test_id, n = int(self._test(test_id).test_id), check_int(n, "rows", 1, MAX_ROWS)
+        """Up to n helpful (negative influence) and n harmful (positive) training rows, ready to show; fewer when
+        fewer candidates have that sign (`counts` says how many)."""
+        test_id, n = int(self._test(test_id).test_id), check_int(n, "number of rows", 1, MAX_ROWS)
         return self.display(self.table.helpful(test_id, n)), self.display(self.table.harmful(test_id, n))
+
+    def counts(self, test_id) -> dict:
+        """`InfluenceTable.describe` of one test example's candidates."""
+        return self.table.describe(int(self._test(test_id).test_id))
 
     def display(self, frame: pd.DataFrame) -> pd.DataFrame:
         out = pd.DataFrame({"rank": np.arange(1, len(frame) + 1), "influence": frame["influence"].map("{:+.3e}".format),
@@ -249,30 +534,18 @@ class SpaceState:
         return out
 
     def distribution(self, test_id, n):
-        """Histogram of the influence of every candidate on one test example, the top n of each side marked."""
-        test_id, n = int(self._test(test_id).test_id), check_int(n, "rows", 1, MAX_ROWS)
-        values = np.sort(self.table.for_test(test_id)["influence"].to_numpy())
-        fig = Figure(figsize=(6.4, 3.2), layout="constrained")
-        ax = fig.add_subplot()
-        ax.hist(values, bins=min(60, max(10, len(values) // 4)), color="#9aa5b1")
-        if len(values):
-            ax.axvspan(values[0], values[min(n, len(values)) - 1], color="#2e9e5b", alpha=0.25,
-                       label=f"{n} most helpful")
-            ax.axvspan(values[max(0, len(values) - n)], values[-1], color="#d64545", alpha=0.25,
-                       label=f"{n} most harmful")
-            ax.legend(loc="upper right", fontsize=8)
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_xlabel("influence  (negative = helpful, positive = harmful)")
-        ax.set_ylabel("training rows")
-        ax.set_title(f"Influence of {len(values)} candidates on test #{test_id}", fontsize=10)
-        return fig
+        """Histogram of the influence of every candidate on one test example, the n most helpful (negative) and
+        most harmful (positive) marked: a side with no candidate of its sign is not marked, and says so."""
+        test_id, n = int(self._test(test_id).test_id), check_int(n, "number of rows", 1, MAX_ROWS)
+        return influence_histogram(self.table.for_test(test_id)["influence"].to_numpy(), n,
+                                   f"test #{test_id}")
 
     def graph(self, test_id, heuristic: str = ALL, correctness: str = ALL, n: int = 3):
         """The influence graph: the chosen test example and a few others matching the filters, each linked to
         its n most helpful (green) and harmful (red) training rows; shared training rows join test examples."""
         import networkx as nx  # an optional dependency (hf_fastif[demo]): the rest of the module works without it
 
-        test_id, n = int(self._test(test_id).test_id), check_int(n, "rows", 1, 10)
+        test_id, n = int(self._test(test_id).test_id), check_int(n, "number of rows", 1, 10)
         others = [t for _, t in self.choices(heuristic, correctness) if t != test_id][: MAX_GRAPH_TESTS - 1]
         g = nx.Graph()
         for t in [test_id, *others]:
@@ -293,46 +566,199 @@ class SpaceState:
                                node_color=["#3558d6" if g.nodes[v]["main"] else "#8fa4ee" for v in tests])
         for side, color in (("helpful", "#2e9e5b"), ("harmful", "#d64545")):
             edges = [(a, b) for a, b, d in g.edges(data=True) if d["side"] == side]
-            nx.draw_networkx_edges(g, pos, edgelist=edges, edge_color=color, ax=ax, width=1.4, label=side)
+            if edges:
+                nx.draw_networkx_edges(g, pos, edgelist=edges, edge_color=color, ax=ax, width=1.4, label=side)
         nx.draw_networkx_labels(g, pos, labels={v: f"test {v[1]}" for v in tests}, font_size=7, ax=ax)
         shared = [v for v in train if g.degree(v) > 1]
         nx.draw_networkx_labels(g, pos, labels={v: f"train {v[1]}" for v in shared}, font_size=6, ax=ax)
-        ax.legend(loc="lower right", fontsize=7)
+        if g.number_of_edges():
+            ax.legend(loc="lower right", fontsize=7)
         ax.set_title(f"Influence graph: {len(tests)} test examples, {len(train)} training rows "
                      f"({len(shared)} shared)", fontsize=10)
         return fig
 
     def summary(self) -> str:
+        """Markdown: which table, its model and settings, and how live explanations are computed."""
         md = self.table.metadata
         model = (md.get("model") or {}).get("name_or_path")
         settings = md.get("settings") or {}
-        live = "available" if self.explainer else "not available (no model loaded)"
-        return (f"**Table:** {self.source} · {len(self.table):,} rows · {len(self.tests)} test examples · "
-                f"model `{model}` · solver {settings.get('influence_solver')} · λ = {md.get('lambda')} · "
-                f"kNN k = {settings.get('influence_knn_k_used', settings.get('influence_knn_k'))} · "
-                f"live explanations {live}")
+        lines = [f"**Table:** {self.source} · {len(self.table):,} rows · {len(self.tests)} test examples · "
+                 f"model `{model}` · solver {settings.get('influence_solver')} · λ = {md.get('lambda')} · "
+                 f"candidates per test example: {settings.get('influence_knn_k_used', settings.get('influence_knn_k'))}"
+                 f" ({settings.get('influence_knn_features', 'auto')})"]
+        if self.explainer is not None:
+            lines.append(f"**Live explanations:** {self.explainer.describe_settings()}")
+        else:
+            lines.append("**Live explanations:** not available (see the notice above).")
+        return "\n\n".join(lines)
 
 
-def load_state(source: str | None = None, *, revision: str | None = None, model: str | None = None) -> SpaceState:
-    """The Space's table: ``source`` is a local table folder, a Hub dataset repo id, or None for the default
-    (built on first use). ``model``: a local dir or Hub id of the table's model for live explanations
-    (the default build brings its own)."""
+def influence_histogram(values: np.ndarray, n: int, title: str):
+    """Histogram of candidate influences with the n most helpful (negative) and n most harmful (positive) marked
+    (only values of that sign: when there are none, the legend says so), and the count of distinct values."""
+    values = np.sort(values[~np.isnan(values)])
+    negative, positive = values[values < 0], values[values > 0]
+    fig = Figure(figsize=(6.4, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.hist(values, bins=min(60, max(10, len(values) // 4)), color="#9aa5b1")
+    if len(negative):
+        shown = min(n, len(negative))
+        ax.axvspan(negative[0], negative[shown - 1], color="#2e9e5b", alpha=0.25,
+                   label=f"{shown} most helpful (of {len(negative)} < 0)")
+    else:
+        ax.plot([], [], " ", label="no helpful candidate (none < 0)")
+    if len(positive):
+        shown = min(n, len(positive))
+        ax.axvspan(positive[-shown], positive[-1], color="#d64545", alpha=0.25,
+                   label=f"{shown} most harmful (of {len(positive)} > 0)")
+    else:
+        ax.plot([], [], " ", label="no harmful candidate (none > 0)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("influence  (negative = helpful, positive = harmful)")
+    ax.set_ylabel("training rows")
+    ax.set_title(f"Influence of {len(values)} candidates on {title} ({len(np.unique(values))} distinct values)",
+                 fontsize=10)
+    return fig
+
+
+def list_notes(counts: dict, n: int) -> tuple[str, str]:
+    """Markdown above the helpful and the harmful list: how many candidates have that sign, and so why fewer than
+    ``n`` rows may show."""
+    total = counts["num_candidates"]
+
+    def note(found: int, side: str, sign: str) -> str:
+        if found == 0:
+            return f"**No {side} training row** among the {total:,} candidates: none has {sign} influence."
+        if found < n:
+            return (f"Only **{found}** of the {total:,} candidates have {sign} influence ({side}); all of them are "
+                    "shown.")
+        return f"The {n} most {side} of the **{found:,}** candidates with {sign} influence (of {total:,})."
+
+    return note(counts["num_helpful"], "helpful", "negative"), note(counts["num_harmful"], "harmful", "positive")
+
+
+def counts_note(counts: dict) -> str:
+    """Markdown: the sign counts, ties and range of one test example's candidate influences."""
+    total, distinct = counts["num_candidates"], counts["num_distinct_values"]
+    parts = [f"**{total:,} candidates:** {counts['num_helpful']:,} helpful (< 0), {counts['num_harmful']:,} "
+             f"harmful (> 0), {counts['num_zero']:,} exactly 0" + (f", {counts['num_nan']:,} NaN" if counts.get(
+                 "num_nan") else "")]
+    finite = total - counts.get("num_nan", 0)
+    if finite and distinct == 1:
+        parts.append(f"**every candidate has the same influence ({counts['min']:+.3e}): the lists rank nothing**")
+    elif distinct < finite:
+        parts.append(f"{distinct:,} distinct values (ties: {finite - distinct:,} rows share a value with another)")
+    else:
+        parts.append(f"{distinct:,} distinct values")
+    if counts.get("min") is not None:
+        parts.append(f"min {counts['min']:+.3e} · median {counts['median']:+.3e} · max {counts['max']:+.3e}")
+    return " · ".join(parts)
+
+
+def explanation_summary(explanation: Explanation, state: SpaceState | None = None) -> str:
+    """Markdown for a live explanation: how the model read the pair (word pieces; unknown words named), the
+    candidates' counts and the time it took."""
+    pieces = " ".join(explanation.pieces)
+    lines = [f"**How the model reads it** ({len(explanation.pieces)} word pieces): `{pieces}`"]
+    if explanation.unknown:
+        words = ", ".join(f"“{w}”" for w in explanation.unknown)
+        lines.append(f"**Unknown to the tokenizer** (read as its unknown token, so they carry no meaning): {words}")
+    lines.append(counts_note(explanation.counts))
+    lines.append(f"Computed in {explanation.seconds:.2f} s over {explanation.k} candidates.")
+    if explanation.stages:
+        lines.append("Steps (s): " + " · ".join(f"{name} {seconds:.3f}" for name, seconds in explanation.stages.items()))
+    return "\n\n".join(lines)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+def open_table(source: str, revision: str | None = None) -> tuple[InfluenceTable, str]:
+    """``(table, description)`` of a local table folder or a Hub dataset repo id."""
+    if Path(source).is_dir():
+        return InfluenceTable.load(source), f"local folder {source}"
+    table = InfluenceTable.from_hub(source, revision=revision)
+    return table, f"Hub dataset {source}" + (f"@{revision}" if revision else "")
+
+
+def load_default(directory: str | os.PathLike | None = None, *, kind: str | None = None,
+                 max_train_samples: int | None = None, progress: Callable[[str], None] | None = None,
+                 notices: list[str] | None = None) -> SpaceState:
+    """The embedded default's state: its build in ``directory`` (default `default_build_dir`) reused, or made now
+    (``kind`` and ``max_train_samples`` as `build_default`), and its live engine warm (caches read from ``engine/``,
+    or built and saved there)."""
+    progress = progress or (lambda stage: None)
+    directory, explainer = _build_default(directory, None, kind=kind, max_train_samples=max_train_samples,
+                                          progress=progress)
+    table = InfluenceTable.load(directory / "table")
+    if explainer is None:
+        progress("loading the model and the live engine's caches")
+        explainer = _explainer(table, str(directory / "model"), Dataset.from_parquet(str(directory / "train.parquet")),
+                               cache_dir=directory / ENGINE_DIR)
+    progress(warm_up_stage(explainer))
+    explainer.warm_up()
+    built = json.loads((directory / READY_FILE).read_text()).get("config", {})
+    return SpaceState.from_table(table, f"embedded default ({built.get('model', 'generated NLI')})", explainer,
+                                 notices)
+
+
+def load_state(source: str | None = None, *, revision: str | None = None, model: str | None = None,
+               kind: str | None = None, max_train_samples: int | None = None,
+               progress: Callable[[str], None] | None = None) -> SpaceState:
+    """The Space's state. ``source``: a local table folder, a Hub dataset repo id, or None for the embedded
+    default (`load_default`; also the fallback, with a notice, when ``source`` cannot be loaded). ``model``: a local
+    dir or Hub id of the table's model for live explanations; without it, or when it does not match the table, the
+    table is shown without them (and a notice says why). Environment: `TABLE_ENV`, `REVISION_ENV`, `MODEL_ENV`,
+    `KIND_ENV` (``kind`` and ``max_train_samples``: the embedded default's, see `build_default`)."""
+    progress = progress or (lambda stage: None)
     source = source if source is not None else os.environ.get(TABLE_ENV) or None
     revision = revision or os.environ.get(REVISION_ENV) or None
     model = model or os.environ.get(MODEL_ENV) or None
+    kind = kind or os.environ.get(KIND_ENV) or None
+    notices: list[str] = []
+    if source is not None:
+        progress(f"loading the influence table {source}")
+        try:
+            table, label = open_table(source, revision)
+        except Exception as err:  # an offline Hub, a folder that is not a table...: the default instead
+            logger.error(f"Could not load the influence table {source!r}: {type(err).__name__}: {err}")
+            notices.append(f"Could not load the influence table {source!r}: {err} Showing the embedded default "
+                           "instead.")
+            source = None
     if source is None:
-        directory = build_default()
-        table = InfluenceTable.load(directory / "table")
-        explainer = _explainer(table, str(directory / "model"), Dataset.from_parquet(str(directory / "train.parquet")))
-        built = json.loads((directory / READY_FILE).read_text()).get("config", {})
-        return SpaceState.from_table(table, f"embedded default ({built.get('model', 'generated NLI')})", explainer)
-    if Path(source).is_dir():
-        table, label = InfluenceTable.load(source), f"local folder {source}"
+        return load_default(kind=kind, max_train_samples=max_train_samples, progress=progress, notices=notices)
+    explainer = None
+    if model is None:
+        notices.append("Live explanations need the table's model: start the app with --model (or HF_FASTIF_MODEL).")
     else:
-        table = InfluenceTable.from_hub(source, revision=revision)
-        label = f"Hub dataset {source}" + (f"@{revision}" if revision else "")
-    explainer = _explainer(table, model, _train_from_table(table)) if model else None
-    return SpaceState.from_table(table, label, explainer)
+        progress(f"loading the model {model} and preparing live explanations")
+        try:
+            train = _train_from_table(table)
+            explainer = _explainer(table, model, train, cache_dir=_engine_dir(table, train))
+            progress(warm_up_stage(explainer))
+            explainer.warm_up()
+        except (ValueError, OSError) as err:  # a model that does not match the table, a table without text...
+            logger.error(f"Live explanations are off: {type(err).__name__}: {err}")
+            notices.append(f"Live explanations are off: {err}")
+            explainer = None
+    return SpaceState.from_table(table, label, explainer, notices)
+
+
+def warm_up_stage(explainer: Explainer) -> str:
+    """The start's stage that warms ``explainer`` up, saying where its caches come from."""
+    if explainer.warm_from_disk:
+        return "warming up the live engine (caches read from disk)"
+    if explainer.saved:
+        return "warming up the live engine (caches built with the table)"
+    return ("warming up the live engine (building its caches: the training rows' trunk states, the low-rank Hessian "
+            "and the gradient index)")
+
+
+def _engine_dir(table: InfluenceTable, train: Dataset) -> Path:
+    """Where the live engine of a table that is not the default keeps its caches: one folder per model and
+    training rows."""
+    key = hashlib.sha256(((table.metadata.get("model") or {}).get("fingerprint", "") +
+                          dataset_fingerprint(train)).encode()).hexdigest()[:20]
+    return default_cache_dir() / "engines" / key
 
 
 def _train_from_table(table: InfluenceTable) -> Dataset:
@@ -340,20 +766,121 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
     `MAX_TRAIN_ROWS` of them: the candidates and Hessian data for live explanations."""
     needed = ["train_id", "train_premise", "train_hypothesis", "train_label"]
     if any(c not in table.column_names for c in needed):
-        raise InfluenceTableError("Live explanations need a table that carries the training text "
-                                  "(train_premise, train_hypothesis, train_label); build it with text.")
+        raise InfluenceTableError("live explanations need a table that carries the training text (train_premise, "
+                                  "train_hypothesis, train_label); build it with text (hf_fastif.annotate."
+                                  "save_with_text or `hf-fastif build`).")
     frame = table.dataset.select_columns(needed).to_pandas().drop_duplicates("train_id").sort_values("train_id")
     frame = frame.head(MAX_TRAIN_ROWS).rename(columns=lambda c: c.removeprefix("train_"))
     return Dataset.from_pandas(frame.rename(columns={"id": "train_id"}), preserve_index=False)
 
 
-def _explainer(table: InfluenceTable, model_name: str, train: Dataset) -> Explainer:
+def _explainer(table: InfluenceTable, model_name: str, train: Dataset, *, cache_dir: Path | None = None) -> Explainer:
     model = AutoModelForSequenceClassification.from_pretrained(model_name, attn_implementation="eager")
     table.check_model(model)
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     names = table.metadata.get("label_names") or [model.config.id2label[i] for i in range(model.config.num_labels)]
     ids = np.asarray(train["train_id"]) if "train_id" in train.column_names else None  # rows taken from a table
-    return Explainer(model, tokenizer, train, table.metadata.get("settings") or {}, list(names), ids)
+    return Explainer(model, tokenizer, train, table.metadata.get("settings") or {}, list(names), ids,
+                     cache_dir=cache_dir)
+
+
+# ---- starting in the background ----------------------------------------------------------------------------
+class Startup:
+    """Builds the Space's `SpaceState` (`load_state`) in a background thread, so the page is served at once and
+    says how far the start got (`status`).
+
+    Args:
+        source / revision / model / kind / max_train_samples: as `load_state` (environment variables apply the
+            same way).
+    """
+
+    def __init__(self, source: str | None = None, *, revision: str | None = None, model: str | None = None,
+                 kind: str | None = None, max_train_samples: int | None = None):
+        self.source, self.revision, self.model, self.kind = source, revision, model, kind
+        self.max_train_samples = max_train_samples
+        self.state: SpaceState | None = None
+        self.error: str | None = None
+        self.stages: list[dict] = []
+        self._begun = time.perf_counter()
+        self._stage_started = self._begun
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> Startup:
+        """Start building in a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self.run, name="hf_fastif-space-startup", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Build the state now, in this thread (`start` runs it in the background); failures are kept, not raised."""
+        try:
+            state = load_state(self.source, revision=self.revision, model=self.model, kind=self.kind,
+                               max_train_samples=self.max_train_samples, progress=self._progress)
+            self._progress(None)
+            self.state = state
+        except Exception as err:  # the page must keep serving and say what happened
+            logger.error(f"The Space could not start: {type(err).__name__}: {err}")
+            self._progress(None)
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self._done.set()
+
+    def _progress(self, stage: str | None) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if self.stages and self.stages[-1]["seconds"] is None:
+                self.stages[-1]["seconds"] = round(now - self._stage_started, 3)
+            if stage is not None:
+                self.stages.append({"stage": stage, "seconds": None})
+            self._stage_started = now
+
+    def wait(self, timeout: float | None = None) -> SpaceState:
+        """Block until the state is built; a `RuntimeError` if it failed or ``timeout`` passed."""
+        if not self._done.wait(timeout):
+            raise RuntimeError(f"The Space did not start within {timeout} s (stage: {self.status()['stage']}).")
+        if self.state is None:
+            raise RuntimeError(f"The Space could not start: {self.error}")
+        return self.state
+
+    def status(self) -> dict:
+        """Where the start is: ``ready``, ``failed``, ``stage`` (now), ``stages`` (each with its seconds, None while
+        running), ``elapsed_s``, ``notices``, ``error``, ``source``, ``live`` (live explanations available),
+        ``caches_loaded`` (engine caches read from disk) and ``library`` (hf_fastif's version and where it was
+        imported from)."""
+        with self._lock:
+            stages = [dict(s) for s in self.stages]
+        state = self.state
+        return {
+            "ready": state is not None, "failed": self.error is not None,
+            "stage": (stages[-1]["stage"] if stages and stages[-1]["seconds"] is None else
+                      None if state is not None or self.error is not None else "starting"),
+            "stages": stages, "elapsed_s": round(time.perf_counter() - self._begun, 3),
+            "notices": list(state.notices) if state is not None else [], "error": self.error,
+            "source": state.source if state is not None else None,
+            "live": state is not None and state.explainer is not None,
+            "caches_loaded": sorted(set(state.explainer.loaded)) if state is not None and state.explainer else [],
+            "library": {"version": library_version(), "imported_from": str(Path(__file__).resolve().parent)},
+        }
+
+
+def status_markdown(status: dict) -> str:
+    """Markdown of a `Startup.status`: the stages so far while starting; the notices once ready; the error if the
+    start failed."""
+    if status["failed"]:
+        return f"**The Space could not start:** {status['error']}"
+    if status["ready"]:
+        lines = [f"⚠️ {notice}" for notice in status["notices"]]
+        lines.append(f"Ready (started in {status['elapsed_s']:.1f} s"
+                     + (", live engine read from its cache)" if set(CACHED) <= set(status["caches_loaded"]) else ")"))
+        return "\n\n".join(lines)
+    lines = [f"**Starting… ({status['elapsed_s']:.0f} s)** The table and the live engine are being prepared; the "
+             "page fills in when they are ready."]
+    for stage in status["stages"]:
+        done = f"done in {stage['seconds']:.1f} s" if stage["seconds"] is not None else "**now**"
+        lines.append(f"- {stage['stage']}: {done}")
+    return "\n".join(lines)
 
 
 # ---- input checks ------------------------------------------------------------------------------------------
@@ -378,3 +905,4 @@ def check_int(value, name: str, low: int, high: int | None) -> int:
         raise ValueError(f"The {name} must be between {low} and {high}, got {int(number)}." if high is not None
                          else f"The {name} must be at least {low}, got {int(number)}.")
     return int(number)
+

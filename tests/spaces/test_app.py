@@ -1,8 +1,11 @@
-"""The Space (spaces_demo/app.py): launched on loopback with the default table (built offline from the embedded
-default, MiniLM fine-tuned on generated NLI), called through `gradio_client`, and driven in a real headless
-Chromium with Playwright.
+"""The Space (spaces_demo/app.py, hf_fastif/space.py): served at once while the default table and the live engine are
+built in the background, called through `gradio_client`, restarted from its caches, fed bad input and a concurrent
+user, assembled into a folder that runs with the repository out of reach, and driven in a real headless Chromium with
+Playwright. The quick embedded default (the tiny BERT from a config, on 600 generated rows) keeps it fast; the
+MiniLM default's timings are benchmarks/space_latency.py's job.
 
-The screenshot of the browser test is saved to test-artifacts/space.png.
+The browser test's screenshots are saved to test-artifacts/space.png (a test example of the table) and
+test-artifacts/space-own-example.png (a typed pair explained live).
 """
 
 from __future__ import annotations
@@ -10,8 +13,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -21,6 +29,9 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KIND, TRAIN_ROWS = "tiny", 600
+QUICK = ["--embedded_model", KIND, "--max_train_samples", str(TRAIN_ROWS)]
+ENV_KEYS = ("HF_FASTIF_SPACE_CACHE", "HF_FASTIF_TABLE", "HF_FASTIF_MODEL", "HF_FASTIF_EMBEDDED_MODEL")
 
 
 def _free_port() -> int:
@@ -36,157 +47,425 @@ def _load_app():
     return module
 
 
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, analytics_enabled=False, download_files=False)
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """``(url, state)`` of the app running in this process on 127.0.0.1, the default table built into a fresh
-    cache (exactly what a Space does on its first start)."""
-    saved = {k: os.environ.get(k) for k in ("HF_FASTIF_SPACE_CACHE", "HF_FASTIF_TABLE", "HF_FASTIF_MODEL")}
+def cache(tmp_path_factory):
+    """A fresh Space cache (``HF_FASTIF_SPACE_CACHE``) for this module, the environment restored afterwards."""
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    for key in ENV_KEYS:
+        os.environ.pop(key, None)
     os.environ["HF_FASTIF_SPACE_CACHE"] = str(tmp_path_factory.mktemp("space_cache"))
-    os.environ.pop("HF_FASTIF_TABLE", None)
-    os.environ.pop("HF_FASTIF_MODEL", None)
-    module = _load_app()
-    captured = {}
-    real = module.create_demo
+    yield Path(os.environ["HF_FASTIF_SPACE_CACHE"])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
-    def create_demo(state):
-        captured["state"] = state
-        return real(state)
 
-    module.create_demo = create_demo
+@pytest.fixture(scope="module")
+def app(cache):
+    """``(url, startup, early)``: the app served in this process on 127.0.0.1 with the quick default, built into the
+    fresh cache (what a Space does on its first start); ``early``: what the page and /status answered at once."""
     port = _free_port()
-    demo = module.main(["--host", "127.0.0.1", "--port", str(port)], block=False)
+    url = f"http://127.0.0.1:{port}/"
+    demo, startup = _load_app().main(["--host", "127.0.0.1", "--port", str(port), *QUICK], block=False)
     try:
-        yield f"http://127.0.0.1:{port}/", captured["state"]
+        early = {"status": startup.status()}
+        with urllib.request.urlopen(url, timeout=30) as page:  # the page is served before the table exists
+            early["http"], early["html"] = page.status, page.read().decode()
+        early["client_status"] = _client(url).predict(api_name="/status")
+        startup.wait(timeout=900)
+        yield url, startup, early
     finally:
         demo.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
-def test_gradio_client_show_explain_and_bad_input(app) -> None:
-    from gradio_client import Client
+def test_the_page_is_served_at_once_and_fills_in_when_ready(app) -> None:
+    url, startup, early = app
+    assert not early["status"]["ready"] and early["status"]["stage"]  # the port opened before anything was built
+    assert early["http"] == 200 and "hf_fastif: influence explorer" in early["html"]
+    assert not early["client_status"]["ready"] and not early["client_status"]["failed"]
+    status = _client(url).predict(api_name="/status")
+    assert status["ready"] and status["live"] and not status["failed"] and status["stage"] is None
+    stages = [s["stage"] for s in status["stages"]]
+    assert any("training the tiny model" in s for s in stages) and any("influence table" in s for s in stages)
+    assert all(s["seconds"] is not None and s["seconds"] >= 0 for s in status["stages"])
+    # a fresh build computed the table with the live engine and saved its caches next to the table
+    build = Path(os.environ["HF_FASTIF_SPACE_CACHE"]) / KIND
+    assert {"table", "model", "engine", "ready.json", "train.parquet"} <= {p.name for p in build.iterdir()}
+    assert startup.state.table.metadata["settings"]["influence_solver"] == "arnoldi"
+    assert startup.state.table.metadata["settings"]["influence_knn_features"] == "gradient"
+    # the page states the live settings (the Hessian's rows: at most the training rows there are)
+    assert f"Lanczos over {TRAIN_ROWS} seeded training rows" in startup.state.summary()
+
+
+def test_show_filter_and_honest_lists_through_the_client(app) -> None:
     from gradio_client.exceptions import AppError
 
-    url, state = app
-    assert state.table.metadata["embedded_build"]["kind"] == "minilm"  # the default table: the fine-tuned MiniLM
-    client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    url, startup, _ = app
+    state, client = startup.state, _client(url)
     wrong = state.choices("all", "wrong")
     assert wrong and state.choices("all", "correct")  # the chooser has both kinds to offer
     test_id = wrong[0][1]
-    description, helpful, harmful, distribution, graph = client.predict(test_id, 4, "all", "wrong", api_name="/show")
+    description, helpful_note, helpful, harmful_note, harmful, distribution, graph = client.predict(
+        test_id, 4, "all", "wrong", api_name="/show")
+    counts = state.table.describe(test_id)
     assert f"Test example #{test_id}" in description and "(**wrong**)" in description
+    assert f"{counts['num_candidates']:,} candidates:" in description and "distinct values" in description
     expected = state.table.helpful(test_id, 4)
     assert [int(r[2]) for r in helpful["data"]] == expected.train_id.tolist()
     assert [r[4] for r in helpful["data"]] == expected.train_premise.tolist()
+    assert all(float(r[1]) < 0 for r in helpful["data"]) and all(float(r[1]) > 0 for r in harmful["data"])
     assert [float(r[1]) for r in harmful["data"]] == pytest.approx(state.table.harmful(test_id, 4).influence, rel=1e-3)
+    assert f"**{counts['num_helpful']:,}** candidates with negative influence" in helpful_note
+    assert f"**{counts['num_harmful']:,}** candidates with positive influence" in harmful_note
     assert distribution is not None and graph is not None
 
     update = client.predict("lexical_overlap", "correct", api_name="/filter")
     expected_choices = state.choices("lexical_overlap", "correct")
     assert [c[1] for c in update["choices"]] == [t for _, t in expected_choices]
     assert update["value"] == expected_choices[0][1] and all("✓ [lexical_overlap]" in c[0] for c in update["choices"])
-
-    prediction, own_helpful, own_harmful = client.predict("The judge was paid by the doctor.", "The judge paid the doctor.",
-                                                          "non_entailment", 50, 3, api_name="/explain")
-    assert {c["label"] for c in prediction["confidences"]} == {"entailment", "non_entailment"}
-    # honest lists: up to 3 rows of each sign, only that sign (a pair may have no helpful candidate)
-    assert all(float(r[1]) < 0 for r in own_helpful["data"]) and all(float(r[1]) > 0 for r in own_harmful["data"])
-    assert len(own_helpful["data"]) <= 3 and len(own_harmful["data"]) <= 3
-    assert len(own_helpful["data"]) + len(own_harmful["data"]) >= 3
-
-    with pytest.raises(AppError, match="Type a premise"):
-        client.predict("", "The judge paid the doctor.", "entailment", 50, 3, api_name="/explain")
-    with pytest.raises(AppError, match="at most 300 are allowed"):
-        client.predict("word " * 100, "The judge paid the doctor.", "entailment", 50, 3, api_name="/explain")
-    with pytest.raises(AppError, match="greater than maximum value 500"):  # the slider's own bound
-        client.predict("The judge slept.", "The judge slept.", "entailment", 5000, 3, api_name="/explain")
-    with pytest.raises(ValueError, match="candidates must be between 1 and 500"):  # and the library's, behind it
-        state.explainer.explain("The judge slept.", "The judge slept.", 0, 5000, 3)
-    with pytest.raises(AppError, match="9999 is not in the list of choices"):
+    with pytest.raises(AppError, match="Test example 9999 is not in this table"):
         client.predict(9999, 4, "all", "all", api_name="/show")
-    with pytest.raises(ValueError, match="Test example 9999 is not in this table"):
-        state.rows(9999, 4)
+    with pytest.raises(AppError, match="Unknown heuristic 'no_such_heuristic'"):
+        client.predict("no_such_heuristic", "all", api_name="/filter")
 
 
-def test_browser_picks_a_test_example_and_sees_its_training_examples(app) -> None:
+def test_a_typed_pair_is_explained_like_the_table_explains_its_own_rows(app) -> None:
+    url, startup, _ = app
+    state = startup.state
+    row = state.tests.iloc[0]
+    prediction, summary, helpful_note, helpful, harmful_note, harmful = _client(url).predict(
+        row.premise, row.hypothesis, state.label_names[int(row.label)], 100, 5, api_name="/explain")
+    assert {c["label"] for c in prediction["confidences"]} == set(state.label_names)
+    assert prediction["label"] == state.label_names[int(row.prediction)]  # the table's prediction
+    # the table was computed by the same engine with the same settings: the same rows, the same values
+    for rows, expected in ((helpful, state.table.helpful(int(row.test_id), 5)),
+                           (harmful, state.table.harmful(int(row.test_id), 5))):
+        assert [float(r[1]) for r in rows["data"]] == pytest.approx(expected.influence.tolist(), rel=1e-3)  # shown with 4 digits
+        assert {int(r[2]) for r in rows["data"]} <= set(state.table.for_test(int(row.test_id)).train_id)
+    assert "Computed in" in summary and "[CLS]" in summary and "100 candidates:" in summary
+    assert "Steps (s): tokenize " in summary and " · scoring " in summary and " · other " in summary
+    assert "candidates with negative influence" in helpful_note and "positive influence" in harmful_note
+
+
+def test_bad_input_is_a_message_and_the_server_keeps_serving(app) -> None:
+    from gradio_client.exceptions import AppError
+
+    url, startup, _ = app
+    client, ok = _client(url), "The judge slept."
+    cases = [
+        (("", ok, "entailment", 50, 3), "Type a premise"),
+        (("word " * 100, ok, "entailment", 50, 3), "at most 300 are allowed"),
+        (("\u200b\u200b", ok, "entailment", 50, 3), "knows no word of the premise"),  # the tiny vocabulary's [UNK]
+        ((ok, "Quantum chromodynamics.", "entailment", 50, 3), "knows no word of the hypothesis"),
+        (("a. " * 100, "a. " * 100, "entailment", 50, 3), "at most 128 are allowed"),  # the tiny model's positions
+        ((ok, ok, "maybe", 50, 3), "Choose the gold label of the pair"),
+        ((ok, ok, "entailment", 5000, 3), "greater than maximum value 500"),  # the slider's own bound
+    ]
+    for arguments, message in cases:
+        with pytest.raises(AppError, match=message):
+            client.predict(*arguments, api_name="/explain")
+    with pytest.raises(ValueError, match="number of candidates must be between 1 and 500, got 501"):
+        startup.state.explainer.explain(ok, ok, 0, 501, 3)  # the library's bound, behind the slider's
+    # unknown words are named, not read silently
+    _, summary, *_ = client.predict("The judge admired the xylophonist.", ok, "entailment", 50, 3, api_name="/explain")
+    assert "Unknown to the tokenizer" in summary and "“xylophonist”" in summary
+    assert _client(url).predict(api_name="/status")["ready"]
+
+
+def test_typed_text_through_minilm_wordpiece() -> None:
+    """The MiniLM default reads any English through WordPiece; what it cannot read is refused or named."""
+    from hf_fastif.pretrained import load_minilm_tokenizer
+    from hf_fastif.space import encode_pair
+
+    tokenizer = load_minilm_tokenizer()
+    test, pieces, unknown = encode_pair(tokenizer, "The xylophonist serenaded the flibbertigibbet 🙂.",
+                                        "Someone played music.", 1)
+    assert pieces[0] == "[CLS]" and "##yl" in pieces and unknown == ["🙂"]  # rare words split, the emoji named
+    assert test["labels"] == [1] and len(test["input_ids"][0]) == len(pieces)
+    assert test["token_type_ids"][0][-1] == 1 and test["attention_mask"][0] == [1] * len(pieces)
+    with pytest.raises(ValueError, match="The premise has nothing the model can read"):
+        encode_pair(tokenizer, "\u200b\u200b", "Someone played music.", 0)
+    with pytest.raises(ValueError, match="knows no word of the hypothesis '🙂 !'"):
+        encode_pair(tokenizer, "Someone played music.", "🙂 !", 0)
+    with pytest.raises(ValueError, match="word pieces; at most 256 are allowed"):
+        encode_pair(tokenizer, "a, " * 100, "b, " * 100, 0)
+
+
+def test_one_live_computation_at_a_time_others_see_their_queue_position(app) -> None:
+    from gradio_client.utils import Status
+
+    url, startup, _ = app
+    client, lock = _client(url), startup.state.explainer._lock
+    arguments = ("The doctor paid the judge.", "The judge paid the doctor.", "non_entailment", 50, 3)
+    lock.acquire()  # the first request holds the one live slot until released
+    try:
+        first = client.submit(*arguments, api_name="/explain")
+        deadline = time.monotonic() + 60
+        while first.status().code != Status.PROCESSING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = client.submit(*arguments, api_name="/explain")
+        seen = None
+        while time.monotonic() < deadline:
+            seen = second.status()
+            if seen.code == Status.IN_QUEUE and seen.rank is not None:
+                break
+            time.sleep(0.05)
+        assert first.status().code == Status.PROCESSING
+        assert seen.code == Status.IN_QUEUE and seen.rank == 0 and seen.queue_size >= 1  # a position, not an error
+        assert _client(url).predict(api_name="/status")["ready"]  # table reads are not queued behind it
+    finally:
+        lock.release()
+    results = [first.result(timeout=120), second.result(timeout=120)]
+    assert results[0][0] == results[1][0] and results[0][3] == results[1][3]
+
+
+def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(app, monkeypatch) -> None:
+    import hf_fastif.engine
+    import hf_fastif.gradient_index
+    from hf_fastif.space import CACHED, STAGES, Startup, status_markdown
+
+    _, startup, _ = app
+    built = []
+
+    class CountingTrunkCache(hf_fastif.engine.TrunkCache):
+        def __init__(self, split, batcher, *args, **kwargs):
+            built.append(len(batcher))
+            super().__init__(split, batcher, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a warm restart must not rebuild this cache")
+
+    monkeypatch.setattr(hf_fastif.engine, "TrunkCache", CountingTrunkCache)
+    monkeypatch.setattr(hf_fastif.engine, "low_rank_hessian", refuse)
+    monkeypatch.setattr(hf_fastif.gradient_index, "build_gradient_index", refuse)
+    again = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
+    state = again.wait(timeout=300)
+    status = again.status()
+    assert set(CACHED) <= set(status["caches_loaded"]) and "read from its cache" in status_markdown(status)
+    assert [s["stage"] for s in status["stages"]] == ["loading the model and the live engine's caches",
+                                                      "warming up the live engine (caches read from disk)"]
+    assert TRAIN_ROWS not in built  # the training rows' trunk states came from disk (only test rows were new)
+    pair = ("The doctor near the actor danced.", "The actor danced.", 1, 60, 5)
+    before, after = startup.state.explainer.explain(*pair), state.explainer.explain(*pair)
+    assert tuple(after.stages) == STAGES and all(v >= 0 for v in after.stages.values())
+    assert sum(v for k, v in after.stages.items() if k != "tokenize") == pytest.approx(after.seconds, abs=1e-6)
+    assert after.helpful.train_id.tolist() == before.helpful.train_id.tolist()
+    assert after.harmful.influence.to_numpy() == pytest.approx(before.harmful.influence.to_numpy(), rel=1e-5)
+
+
+def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) -> None:
+    import torch
+
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import load_state
+    from tests.tiny import tiny_model
+
+    build = Path(os.environ["HF_FASTIF_SPACE_CACHE"]) / KIND
+    quick = dict(kind=KIND, max_train_samples=TRAIN_ROWS)
+    (tmp_path / "not_a_table").mkdir()
+    for source in ("test-user/missing", str(tmp_path / "not_a_table")):  # the suite runs offline: no Hub either
+        state = load_state(source, **quick)
+        assert state.source.startswith("embedded default") and state.explainer is not None  # the fallback
+        assert len(state.notices) == 1 and f"Could not load the influence table {source!r}" in state.notices[0]
+        assert "Showing the embedded default instead" in state.notices[0]
+    assert "HF_HUB_OFFLINE" in load_state("test-user/missing", **quick).notices[0]
+
+    # a local table with its model: live explanations over the training rows the table carries
+    state = load_state(str(build / "table"), model=str(build / "model"))
+    assert state.explainer is not None and not state.notices and "local folder" in state.source
+    train_ids = set(state.table.to_pandas().train_id)
+    assert set(state.explainer.train_ids) == train_ids
+    found = state.explainer.explain("The judge slept.", "The judge slept.", 0, 20, 3)
+    assert set(found.helpful.train_id) | set(found.harmful.train_id) <= train_ids
+
+    # another model: the table is shown, live explanations are off, and the page says why
+    tiny_model("bert", dtype=torch.float32).save_pretrained(tmp_path / "other")
+    state = load_state(str(build / "table"), model=str(tmp_path / "other"))
+    assert state.explainer is None and "not with the given model: num_parameters" in state.notices[0]
+    assert len(state.rows(int(state.tests.test_id.iloc[0]), 3)[0]) > 0
+
+    # a table without text: rows by id, no live explanations, a notice naming the fix
+    bare = InfluenceTable.from_arrays([0, 0, 0], [4, 5, 6], [-2.0, 1.0, 3.0], {"label_names": ["a", "b"]})
+    bare.save(tmp_path / "bare")
+    state = load_state(str(tmp_path / "bare"), model=str(build / "model"))
+    assert state.explainer is None and "carries the training text" in state.notices[0]
+    helpful, harmful = state.rows(0, 5)
+    assert helpful.train_id.tolist() == [4] and harmful.train_id.tolist() == [6, 5]
+    assert list(helpful.columns) == ["rank", "influence", "train_id"]
+    assert "Live explanations need the table's model" in load_state(str(tmp_path / "bare")).notices[0]
+
+
+def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch) -> None:
+    from gradio_client.exceptions import AppError
+
+    monkeypatch.setenv("HF_FASTIF_EMBEDDED_MODEL", "no_such_model")
+    port = _free_port()
+    demo, startup = _load_app().main(["--host", "127.0.0.1", "--port", str(port)], block=False)
+    try:
+        with pytest.raises(RuntimeError, match="Unknown embedded model 'no_such_model'"):
+            startup.wait(timeout=120)
+        client = _client(f"http://127.0.0.1:{port}/")
+        status = client.predict(api_name="/status")
+        assert status["failed"] and not status["ready"] and "no_such_model" in status["error"]
+        with pytest.raises(AppError, match="The Space could not start: ValueError: Unknown embedded model"):
+            client.predict("The judge slept.", "The judge slept.", "entailment", 50, 3, api_name="/explain")
+    finally:
+        demo.close()
+
+
+def test_honest_lists_ties_and_degenerate_distributions() -> None:
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import SpaceState, counts_note, influence_histogram, list_notes
+
+    # test 0: only positive values (nothing helps), with ties; test 1: every value the same; test 2: 1 helpful
+    table = InfluenceTable.from_arrays([0] * 4 + [1] * 3 + [2] * 3, [0, 1, 2, 3, 0, 1, 2, 0, 1, 2],
+                                       [0.5, 0.5, 0.2, 0.0, 1.0, 1.0, 1.0, -3.0, 2.0, 4.0], {"label_names": ["a", "b"]})
+    state = SpaceState.from_table(table, "synthetic")
+    helpful, harmful = state.rows(0, 5)
+    assert helpful.empty and harmful.train_id.tolist()[:2] in ([0, 1], [1, 0]) and len(harmful) == 3
+    counts = state.counts(0)
+    assert counts_note(counts).startswith("**4 candidates:** 0 helpful (< 0), 3 harmful (> 0), 1 exactly 0")
+    assert "3 distinct values (ties: 1 rows share a value with another)" in counts_note(counts)
+    helpful_note, harmful_note = list_notes(counts, 5)
+    assert helpful_note == "**No helpful training row** among the 4 candidates: none has negative influence."
+    assert harmful_note.startswith("Only **3** of the 4 candidates have positive influence (harmful)")
+    assert "every candidate has the same influence (+1.000e+00): the lists rank nothing" in counts_note(state.counts(1))
+    assert list_notes(state.counts(2), 1) == ("The 1 most helpful of the **1** candidates with negative influence "
+                                              "(of 3).", "The 1 most harmful of the **2** candidates with positive "
+                                              "influence (of 3).")
+    # the histogram marks only values of the side's sign, and says when a side is empty
+    legend = [t.get_text() for t in influence_histogram(np.array([0.5, 0.5, 0.2, 0.0]), 5, "t").axes[0]
+              .get_legend().get_texts()]
+    assert legend == ["no helpful candidate (none < 0)", "3 most harmful (of 3 > 0)"]
+    figure = state.distribution(2, 1)
+    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == [
+        "1 most helpful (of 1 < 0)", "1 most harmful (of 2 > 0)"]
+    assert "(3 distinct values)" in figure.axes[0].get_title()
+
+
+def test_the_assembled_space_runs_alone_and_a_browser_drives_it(app, tmp_path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import SpaceState
+    from spaces_demo.assemble import assemble
+
     assert CHROMIUM.is_file(), "Debian's chromium is missing: apt-get install -y chromium (see .ci/run)"
-    url, state = app
-    first, chosen = state.choices("all", "wrong")[0][1], state.choices("all", "wrong")[1]
+    build = Path(os.environ["HF_FASTIF_SPACE_CACHE"]) / KIND
+    folder = assemble(tmp_path / "space", with_default=build)
+    wheel = next(folder.glob("hf_fastif-*.whl"))
+    assert (folder / "requirements.txt").read_text().splitlines()[-1] == f"./{wheel.name}"
+    vendor = tmp_path / "vendor"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
+                    str(vendor), str(wheel)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in (*ENV_KEYS, "PYTHONPATH")} | {"PYTHONPATH": str(vendor)}
+    check = ("import hf_fastif, sys; from pathlib import Path; "
+             "assert Path(hf_fastif.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), hf_fastif.__file__")
+    subprocess.run([sys.executable, "-c", check, str(vendor)], cwd=folder, env=env, check=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = (tmp_path / "app.log").open("w")
+    server = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *QUICK],
+                              cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                status = _client(url).predict(api_name="/status")
+                if status["ready"] or status["failed"]:
+                    break
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        assert status is not None and status["ready"], (tmp_path / "app.log").read_text()[-3000:]
+        # the running app imports the vendored wheel, and reads the bundled default build (no training)
+        assert Path(status["library"]["imported_from"]).resolve().is_relative_to(vendor.resolve())
+        assert set(status["caches_loaded"]) >= {"trunk", "low_rank", "gradient_index"}
+        expected = SpaceState.from_table(InfluenceTable.load(folder / "space_cache" / KIND / "table"), "bundled")
+        first, chosen = expected.choices("all", "wrong")[0][1], expected.choices("all", "wrong")[1]
+        _drive_the_page(url, expected, first, chosen, expect, sync_playwright)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert (ARTIFACTS / "space.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "space-own-example.png").stat().st_size > 10_000
+
+
+def _drive_the_page(url, expected, first, chosen, expect, sync_playwright) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page = browser.new_page(viewport={"width": 1400, "height": 2000})
             page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            helpful, harmful = page.locator("#helpful"), page.locator("#harmful")
+            expect(page.locator("#summary")).to_contain_text("Live explanations:", timeout=60_000)
             # on load the first wrongly predicted example is shown
             expect(page.locator("#test-description")).to_contain_text(f"Test example #{first}", timeout=60_000)
-            # pick another test example from the chooser
             page.locator("#test-example input").click()
             page.get_by_role("option", name=chosen[0]).click()
             expect(page.locator("#test-description")).to_contain_text(f"Test example #{chosen[1]}", timeout=30_000)
-            top_helpful = state.table.helpful(chosen[1], 5)
-            top_harmful = state.table.harmful(chosen[1], 5)
+            top_helpful, top_harmful = expected.table.helpful(chosen[1], 5), expected.table.harmful(chosen[1], 5)
             for premise in top_helpful.train_premise.head(2):
-                expect(helpful).to_contain_text(premise, timeout=30_000)
+                expect(page.locator("#helpful")).to_contain_text(premise, timeout=30_000)
             for premise in top_harmful.train_premise.head(2):
-                expect(harmful).to_contain_text(premise, timeout=30_000)
-            expect(helpful).to_contain_text(f"{top_helpful.influence.iloc[0]:+.3e}")
+                expect(page.locator("#harmful")).to_contain_text(premise, timeout=30_000)
+            expect(page.locator("#helpful")).to_contain_text(f"{top_helpful.influence.iloc[0]:+.3e}")
+            expect(page.locator("#helpful-note")).to_contain_text("candidates with negative influence")
             for plot in ("#distribution", "#graph"):  # matplotlib figures arrive as images
                 expect(page.locator(f"{plot} [data-testid=matplotlib] img")).to_be_visible(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "space.png"), full_page=True)
+            page.get_by_role("tab", name="Explain your own example").click()
+            page.locator("#premise textarea").fill("The judge near the doctor slept.")
+            page.locator("#explain").click()
+            expect(page.locator("#own-summary")).to_contain_text("Computed in", timeout=60_000)
+            expect(page.locator("#own-summary")).to_contain_text("[CLS] the judge near the doctor slept")
+            expect(page.locator("#own-helpful-note")).to_contain_text("negative influence")
+            expect(page.locator("#own-prediction")).to_contain_text("entailment")
+            page.screenshot(path=str(ARTIFACTS / "space-own-example.png"), full_page=True)
         finally:
             browser.close()
-    assert (ARTIFACTS / "space.png").stat().st_size > 10_000
 
 
-def test_space_card_and_requirements_match_the_project() -> None:
+def test_space_card_and_requirements_match_the_project(tmp_path) -> None:
     import re
 
     import gradio
     from huggingface_hub import SpaceCard
+
+    from spaces_demo.assemble import assemble, requirements, upload_snippet
 
     card = SpaceCard.load(ROOT / "spaces_demo" / "README.md")
     assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__
     assert card.data.app_file == "app.py" and (ROOT / "spaces_demo" / card.data.app_file).is_file()
     assert card.data.license and card.data.datasets is not None and card.data.models is not None
     block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
-    required = re.findall(r'"([^"]+)"', block)
-    lines = (ROOT / "spaces_demo" / "requirements.txt").read_text().splitlines()
-    listed = {line.split(">")[0].split("=")[0].strip().lower() for line in lines if line and not line.startswith("#")}
-    names = {r.split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in required}
-    assert "torch" in names and names | {"networkx"} <= listed, names - listed
+    names = {r.split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in re.findall(r'"([^"]+)"', block)}
+    lines = [line for line in requirements("hf_fastif-0.1.0-py3-none-any.whl", "me/space").splitlines()
+             if line and not line.startswith("#")]
+    listed = {line.split(">")[0].split("=")[0].strip().lower() for line in lines}
+    assert "torch" in names and names | {"networkx"} <= listed and not any("gradio" in x for x in listed)
+    assert lines[-1] == ("hf_fastif @ https://huggingface.co/spaces/me/space/resolve/main/"
+                         "hf_fastif-0.1.0-py3-none-any.whl")
+    snippet = upload_snippet(tmp_path / "out", "me/space")
+    compile(snippet, "snippet", "exec")  # the printed upload command is valid Python
+    assert "create_repo('me/space', repo_type='space', space_sdk='gradio', exist_ok=True)" in snippet
+    assert f"upload_folder(repo_id='me/space', repo_type='space', folder_path='{tmp_path / 'out'}')" in snippet
+    with pytest.raises(ValueError, match="--space-id must be 'user/name'"):
+        assemble(tmp_path / "a", space_id="no-slash")
+    with pytest.raises(ValueError, match="is not a finished default build of the Space"):
+        assemble(tmp_path / "b", with_default=tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("")
+    with pytest.raises(ValueError, match="is not empty"):
+        assemble(tmp_path / "c")
 
-
-def test_a_table_that_cannot_be_loaded_is_a_message_not_a_crash(tmp_path) -> None:
-    (tmp_path / "not_a_table").mkdir()
-    for source in (str(tmp_path / "not_a_table"), "test-user/missing"):  # the suite runs offline: no Hub either
-        demo = _load_app().build_demo(source)
-        texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
-        assert any(isinstance(t, str) and t.startswith("**Could not load the influence table:**") for t in texts)
-    message = next(t for t in texts if isinstance(t, str) and "Could not load" in t)
-    assert "test-user/missing" in message and "HF_HUB_OFFLINE" in message
-
-
-def test_a_local_table_with_its_model_explains_and_another_model_is_refused(app, tmp_path) -> None:
-    import torch
-
-    from hf_fastif.space import load_state
-    from hf_fastif.table import ModelMismatchError
-    from tests.tiny import tiny_model
-
-    cache = Path(os.environ["HF_FASTIF_SPACE_CACHE"])
-    state = load_state(str(cache / "table"), model=str(cache / "model"))
-    assert state.explainer is not None and "local folder" in state.source
-    train_ids = set(state.table.to_pandas().train_id)  # the candidates are the training rows the table carries
-    assert set(state.explainer.train_ids) == train_ids
-    _, helpful, harmful = state.explainer.explain("The judge slept.", "The judge slept.", 0, 20, 3)
-    assert set(helpful.train_id) | set(harmful.train_id) <= train_ids
-    tiny_model("bert", dtype=torch.float32).save_pretrained(tmp_path / "other")
-    with pytest.raises(ModelMismatchError, match="not with the given model: num_parameters"):
-        load_state(str(cache / "table"), model=str(tmp_path / "other"))
