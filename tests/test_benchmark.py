@@ -26,7 +26,7 @@ from benchmarks.paper_table import main
 from benchmarks.rows import fast_settings
 from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments, InfluenceTable
-from hf_fastif.embedded import MINILM, TINY
+from hf_fastif.embedded import TINY
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.solvers.lissa import LissaDivergenceError
