@@ -17,7 +17,7 @@ from datasets.utils import disable_progress_bars, enable_progress_bars, is_progr
 
 def library_version() -> str:
     """The installed hf_fastif version."""
-    from . import __version__
+    from . import __version__  # here: the package imports this module
 
     return __version__
 
