@@ -67,7 +67,8 @@ def digits_data(num_train: int = 1000, num_test: int = 50, seed: int = 0, binary
     Returns:
         ``(train, test, x_train, y_train, x_test, y_test)``; datasets have ``features`` and ``labels``.
     """
-    from sklearn.datasets import load_digits  # imported on use: only the digits anchor needs scikit-learn
+    # on use: only the digits anchor needs scikit-learn (a dev extra)
+    from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     y = (y >= 5).astype(np.int64) if binary else y
