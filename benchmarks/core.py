@@ -45,7 +45,7 @@ class CoreArguments:
     seq_len: int = field(default=32, metadata={"help": "Tokens per candidate."})
     digits_train: int = field(default=1000, metadata={"help": "Digits training rows."})
     digits_test: int = field(default=50, metadata={"help": "Digits test rows."})
-    lds_subsets: int = field(default=100, metadata={"help": "Random 50% subsets for the LDS (each retrained)."})
+    lds_subsets: int = field(default=100, metadata={"help": "Random half-size subsets for the LDS (each retrained)."})
     quick: bool = field(default=False, metadata={"help": "Tiny sizes: proves the script works (CI)."})
 
 

@@ -95,7 +95,7 @@ class BenchmarkArguments:
     ground_truth: bool = field(default=True, metadata={"help": "Run the digits ground-truth anchor."})
     digits_train: int = field(default=1000, metadata={"help": "Digits training rows."})
     digits_test: int = field(default=50, metadata={"help": "Digits test rows."})
-    lds_subsets: int = field(default=100, metadata={"help": "Random 50% subsets for the LDS (each retrained)."})
+    lds_subsets: int = field(default=100, metadata={"help": "Random half-size subsets for the LDS (each retrained)."})
     paper_n: int = field(default=392_702, metadata={"help": "Paper scale: training rows (MNLI)."})
     paper_k: int = field(default=1000, metadata={"help": "Paper scale: kNN candidates."})
     paper_j: int = field(default=1000, metadata={"help": "Paper scale: LiSSA J."})

@@ -51,7 +51,7 @@ class InfluenceArguments(TrainingArguments):
     influence_projection_dim: int = field(
         default=8192,
         metadata={"help": "Dimension of the random projection (count / tensor sketch) of per-example gradients for "
-                          "influence_knn_features='gradient' (8192: recall@10 0.94 / 0.97 at k = 1% of N on the "
+                          "influence_knn_features='gradient' (8192: recall@10 0.94 / 0.97 at k = N/100 on the "
                           "fine-tuned MiniLM, docs/benchmarks.md; memory N × D × 4 bytes)."},
     )
     influence_knn_index: str = field(

@@ -337,7 +337,7 @@ class RecallArguments:
     num_test_points: int = dataclasses.field(default=8, metadata={
         "help": "Test rows, drawn with --seed from the test data (without a model: the generated HANS-style rows)."})
     ks: list[str] = dataclasses.field(default_factory=lambda: ["1%", "5%", "10%", "33%"], metadata={
-        "help": "Candidates per query: counts (20) or shares of the training rows (5%)."})
+        "help": "Candidates per query: counts (20) or shares of the training rows (5%%)."})
     methods: list[str] = dataclasses.field(default_factory=lambda: ["auto", "mean", "gradient", "random"], metadata={
         "help": f"Candidate methods to compare: any of {', '.join(RECALL_METHODS)}."})
 

@@ -5,6 +5,7 @@ line does not give."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 
 import pytest
@@ -167,3 +168,23 @@ def test_parse_arguments_ignores_defaults_of_other_commands():
     assert (data_args.num_labels, data_args.num_threads, data_args.max_length) == (3, 2, 64)
     with pytest.raises(SystemExit):
         parse_arguments([ModelDataArguments], ["--no_such_flag", "1"])
+
+
+HELP_COMMANDS = [("hf-fastif", sub) for sub in ("", "build", "push", "pull", "show", "recall")]
+HELP_COMMANDS += [("benchmarks", name) for name in (
+    "paper_table", "core", "parallel", "recall", "reference", "space_latency", "minilm_finetune")]
+HELP_COMMANDS += [("recipes", name) for name in (*RECIPES, "quickstart")]
+
+
+@pytest.mark.parametrize("kind, name", HELP_COMMANDS)
+def test_every_command_prints_its_help(kind, name, capsys):
+    """argparse %-formats help strings: a bare '%' in a field's help breaks --help (it did for `hf-fastif recall`)."""
+    if kind == "hf-fastif":
+        main, argv = cli.main, [name, "--help"] if name else ["--help"]
+    else:
+        main = (load_recipe(name) if kind == "recipes" else importlib.import_module(f"benchmarks.{name}")).main
+        argv = ["--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
