@@ -322,9 +322,11 @@ class InfluenceEngine:
         gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
                     if methods is None else "gradient" in methods)
         if gradient and args.influence_projection_dim > num_parameters(params):
+            p = num_parameters(params)
             raise ValueError(f"influence_projection_dim={args.influence_projection_dim} must be between 1 and the "
-                             f"number of influence parameters ({num_parameters(params)}); a projection larger than "
-                             "the gradient only adds noise. Lower it.")
+                             f"number of influence parameters ({p}); a projection larger than the gradient only adds "
+                             f"noise. Lower it (e.g. influence_projection_dim={max(1, p // 4)}; the default, 8192, is "
+                             "sized for models with millions of influence parameters).")
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
         rank, world_size = D.world()
