@@ -19,6 +19,7 @@ from datasets import load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
+from hf_fastif.distributed import finish
 from hf_fastif.quality import influence_by_test
 from hf_fastif.utils import to_json, write_atomic
 
@@ -56,3 +57,4 @@ def main(work: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish()

@@ -20,6 +20,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
+from hf_fastif.distributed import finish
 from hf_fastif.embedded import TINY, embedded_data, embedded_model
 from hf_fastif.utils import markdown_table, to_json, write_atomic
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         result = workload(own, args)
         if rank_and_size()[0] == 0:
             write_atomic(own.worker, to_json(result))
+        finish()
         return None
     single = workload(own, args)
     out = Path(args.output_dir).resolve()

@@ -40,7 +40,7 @@ from .applications.common import predict
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .data import generate_nli, load_hans, load_mnli, tokenize_nli
-from .distributed import barrier, is_main_process
+from .distributed import finish, is_main_process
 from .embedded import (
     DEFAULT_KIND,
     KINDS,
@@ -161,7 +161,7 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
         save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
                        train=TextSource(train, build.train_dataset, build.train_split),
                        test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions)
-    barrier()
+    finish()  # under `accelerate launch`: every process waits for the writer, then the process group closes
 
 
 def _load_test(name: str, split: str, num_labels: int) -> Dataset:

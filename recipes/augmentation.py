@@ -23,6 +23,7 @@ from hf_fastif.applications import (
     write_report,
 )
 from hf_fastif.applications.augmentation import load_pool, pool_dataset
+from hf_fastif.distributed import finish
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,3 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish()  # under `accelerate launch`: close the process group before the interpreter exits

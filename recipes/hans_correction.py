@@ -13,6 +13,7 @@ Writes hans_correction.json / .md / .png to --output_dir and prints the table.
 from __future__ import annotations
 
 from hf_fastif.applications import CorrectionArguments, parse_recipe, prepare, run_correction, write_report
+from hf_fastif.distributed import finish
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,3 +26,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish()  # under `accelerate launch`: close the process group before the interpreter exits

@@ -17,6 +17,7 @@ import numpy as np
 from hf_fastif import InfluenceArguments
 from hf_fastif.annotate import TextSource, save_with_text
 from hf_fastif.applications import predict
+from hf_fastif.distributed import finish
 from hf_fastif.embedded import KINDS, embedded_data, embedded_defaults, embedded_kind, train_embedded
 from hf_fastif.parsing import parse_arguments
 
@@ -68,3 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()  # under `accelerate launch`: close the process group before the interpreter exits

@@ -19,6 +19,7 @@ from hf_fastif.applications import (
     write_report,
 )
 from hf_fastif.applications.simulatability import build_simulator, load_test_points, test_points
+from hf_fastif.distributed import finish
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,3 +35,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish()  # under `accelerate launch`: close the process group before the interpreter exits

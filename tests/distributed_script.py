@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hf_fastif import build_influence_table, compute_influences  # noqa: E402
-from hf_fastif.distributed import world  # noqa: E402
+from hf_fastif.distributed import finish, world  # noqa: E402
 from hf_fastif.influence import default_arguments  # noqa: E402
 from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model  # noqa: E402
 
@@ -67,3 +67,4 @@ if __name__ == "__main__":
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)
+    finish()
