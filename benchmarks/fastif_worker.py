@@ -19,11 +19,10 @@ from datasets import load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
-from hf_fastif.distributed import finish
+from hf_fastif.distributed import barrier, finish, world
 from hf_fastif.quality import influence_by_test
 from hf_fastif.utils import to_json, write_atomic
 
-from .launch import barrier, rank_and_size
 from .timing import sync
 
 
@@ -31,7 +30,7 @@ def main(work: str) -> None:
     work_dir = Path(work)
     job = json.loads((work_dir / "job.json").read_text())
     torch.set_num_threads(job["num_threads"])
-    rank, size = rank_and_size()
+    rank, size = world()
     model = AutoModelForSequenceClassification.from_pretrained(work_dir / "model", attn_implementation="eager")
     model = model.to(PartialState().device).eval()  # this process's GPU, or the CPU
     collator = DataCollatorWithPadding(AutoTokenizer.from_pretrained(work_dir / "model"))

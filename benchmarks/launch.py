@@ -9,9 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-from accelerate import PartialState
-
 # `python -m benchmarks.<name>` finds the package from here, whatever the caller's working directory.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,18 +40,3 @@ def accelerate_launch(module: str, args: list[str], num_processes: int, num_thre
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
     return done, shlex.join(cmd)
 
-
-def rank_and_size() -> tuple[int, int]:
-    """``(rank, number of processes)`` inside a launched process (``(0, 1)`` outside one). Under ``--multi_gpu``
-    on a machine without GPUs Accelerate starts a gloo process group yet reports one process: the process
-    group is the truth."""
-    state = PartialState()  # initialises the process group under accelerate launch
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return state.process_index, state.num_processes
-
-
-def barrier() -> None:
-    """Wait for every launched process (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

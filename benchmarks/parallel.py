@@ -20,12 +20,12 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
-from hf_fastif.distributed import finish
+from hf_fastif.distributed import finish, world
 from hf_fastif.embedded import TINY, embedded_data, embedded_model
 from hf_fastif.utils import markdown_table, to_json, write_atomic
 
 from .arguments import parse_with_defaults
-from .launch import accelerate_launch, rank_and_size
+from .launch import accelerate_launch
 from .timing import timed
 
 
@@ -62,7 +62,7 @@ def workload(own: ParallelArguments, args: InfluenceArguments) -> dict:
 
     run(test.select([0]))  # warm-up
     table, together = timed(lambda: run(test))
-    processes = rank_and_size()[1]
+    processes = world()[1]
     out = {"many_in_one_call_s": together, "diagnostics": table.metadata["diagnostics"], "num_processes": processes}
     if processes == 1:
         out["one_at_a_time_s"] = sum(timed(lambda t=t: run(test.select([t])))[1] for t in range(len(test)))
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     own, args = parse_with_defaults((ParallelArguments, InfluenceArguments), parallel_defaults, argv)
     if own.worker:
         result = workload(own, args)
-        if rank_and_size()[0] == 0:
+        if world()[0] == 0:
             write_atomic(own.worker, to_json(result))
         finish()
         return None
