@@ -43,6 +43,15 @@ QUICK_KIND = "tiny"
 
 _TRAINING_COMMON: dict = dict(seed=0, per_device_train_batch_size=32, warmup_steps=0.1, weight_decay=0.01, use_cpu=True,
                               save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
+_USES_COMMON: dict = {
+    "hans_correction": dict(correction_learning_rate=1e-2),
+    "augmentation": dict(correction_learning_rate=1e-2),
+    "simulatability": dict(influence_knn_k=None, learning_rates=np.logspace(-3, 0.5, 8).tolist()),
+    "visualize": dict(test_points_per_heuristic=30),
+    "table": dict(influence_knn_k=100),
+}
+"""Per-use settings both kinds share (correction steps, the simulatability sweep, the visualisation, tables). The
+paper table's own MiniLM settings (its layers 4-5, scale 200) live in benchmarks/paper_setup.py."""
 
 
 @dataclass(frozen=True)
@@ -87,14 +96,7 @@ TINY = EmbeddedKind(
                    influence_damping=0.1, influence_scale=50.0, influence_recursion_depth=50, influence_batch_size=8,
                    influence_repetitions=1, influence_weight_decay=0.0, influence_check_convergence=False),
     setup=dict(num_threads=1),
-    uses={
-        "hans_correction": dict(correction_learning_rate=1e-2),
-        "augmentation": dict(correction_learning_rate=1e-2),
-        "simulatability": dict(influence_knn_k=None, learning_rates=np.logspace(-3, 0.5, 8).tolist()),
-        "visualize": dict(test_points_per_heuristic=30),
-        "table": dict(influence_knn_k=100),
-        "benchmark": dict(influence_scale=5.0),
-    },
+    uses=_USES_COMMON | {"benchmark": dict(influence_scale=5.0)},
     why={
         "model": "a CPU-sized model trained offline in seconds (unit tests, --quick)",
         "influence parameters": "the last layer, the pooler and the classifier (the paper's choice, scaled down)",
@@ -138,14 +140,7 @@ MINILM = EmbeddedKind(
                    influence_repetitions=1, influence_weight_decay=0.0, influence_check_convergence=False,
                    influence_scoring_batch_size=256),
     setup=dict(num_threads=1, trainable_layers=MINILM_TRAINABLE_LAYERS),
-    uses={
-        "hans_correction": dict(correction_learning_rate=1e-2),
-        "augmentation": dict(correction_learning_rate=1e-2),
-        "simulatability": dict(influence_knn_k=None, learning_rates=np.logspace(-3, 0.5, 8).tolist()),
-        "visualize": dict(test_points_per_heuristic=30),
-        "table": dict(influence_knn_k=100),
-        "benchmark": dict(influence_scale=20.0),
-    },
+    uses=_USES_COMMON,
     why={
         "model": "a real pretrained BERT that runs offline on a CPU (sha256-verified wheel), fine-tuned the paper's "
                  "way: embeddings and lower layers frozen, the last 2 layers, pooler and classifier trained",
