@@ -581,13 +581,13 @@ class InfluenceEngine:
                 "influence_solver='cg'.")
         rows = found["lissa_check_rows"]
         confirmed = found.setdefault("hessian_min_eigenvalue_confirmed_by_rows", {})
-        order = np.random.default_rng([args.influence_seed, 2**31 - 2]).permutation(n)
         for size in sorted({min(c, n) for c in CONFIRM_ROWS}):
             if low + lam > 0 or size <= rows:  # cleared, or no more rows than the estimate already had
                 continue
             if str(size) not in confirmed:  # a small sample's Hessian is more indefinite than the set's: confirm
                 logger.info(f"LiSSA check: the {rows}-row Hessian's smallest eigenvalue ~{low:.4g} is below -λ = "
                             f"{-lam:.4g}; confirming on {size} rows.")
+                order = np.random.default_rng([args.influence_seed, 2**31 - 2]).permutation(n)  # nested sizes
                 confirmed[str(size)] = smallest(order[:size])[0]  # str keys: the same after a JSON round trip
             low, rows = confirmed[str(size)], size
             found["hessian_min_eigenvalue_confirmed"], found["lissa_confirm_rows"] = low, rows
