@@ -142,6 +142,29 @@ def test_the_trunk_states_are_computed_once_per_engine(data, pad_collator, monke
     assert built[3:] == [len(train), len(test)]
 
 
+def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_collator, monkeypatch):
+    import hf_fastif.engine as engine_module
+    from hf_fastif.batches import Batcher
+
+    model, train, test = data
+    settings = dict(BASE, influence_batch_size=1, influence_recursion_depth=30, influence_knn_k=None,
+                    influence_check_convergence=False)  # 2 x 30 draws of 1 row from 40 rows
+    reference = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    drawn, real = [], Batcher.batch
+    monkeypatch.setattr(Batcher, "batch", lambda self, rows, **k: (
+        drawn.append(tuple(rows)) if len(self) == len(train) and len(rows) == 1 and k.get("trunk", True) else None
+    ) or real(self, rows, **k))
+    table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    draws = {tuple(engine_module.lissa_batches(len(train), 1, 30, 42, t)[j]) for t in (0, 1) for j in range(30)}
+    assert len(drawn) == len(draws) < 60  # repeats were served from the recursion's memo
+    np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
+    monkeypatch.setattr(engine_module, "LISSA_BATCH_MEMO_BYTES", 0)  # no room: every draw collated, same numbers
+    drawn.clear()
+    table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    assert len(drawn) == 60
+    np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
+
+
 def test_gradient_candidates_find_the_most_influential_rows(data, pad_collator):
     """On a trained tiny BERT, gradient-space candidates at k = 10% of N hold most of the full scan's top rows at
     both ends, where kNN on features holds few."""

@@ -34,3 +34,28 @@ def test_closed_form_l2_term_equals_autograd(pad_collator):
     per_row = torch.autograd.functional.jacobian(lambda f: fm.losses(unflatten(f, params), batch), flat)
     torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="none"), per_row)
     torch.testing.assert_close(directional_derivatives(fm, params, batch, v), per_row @ v.T)
+
+
+def test_a_tied_parameter_is_substituted_under_every_name():
+    """GPT-2's LM head shares the input embedding: substituting the embedding moves the head too, as
+    ``functional_call(tie_weights=True)`` does; the tie map is found once, not on every forward."""
+    from torch.func import functional_call
+    from transformers import DataCollatorForLanguageModeling
+
+    from tests.tiny import pad_collator_for_tests
+
+    model = tiny_model("gpt2-lm")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    fm = FunctionalModel(model, ["transformer.wte.weight"])
+    assert fm.aliases == {"transformer.wte.weight": ["lm_head.weight"], "lm_head.weight": ["transformer.wte.weight"]}
+    data = make_token_dataset(4, seed=1)
+    collator = DataCollatorForLanguageModeling(pad_collator_for_tests().tokenizer, mlm=False)
+    batch = Batcher(data, validate_dataset(data, "d", model), collator, "cpu").batch(range(4))
+    moved = {"transformer.wte.weight": model.transformer.wte.weight.detach() * 1.5}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    expected = functional_call(model, moved, args=(), kwargs=inputs, tie_weights=True).logits
+    untied = functional_call(model, moved, args=(), kwargs=inputs, tie_weights=False).logits
+    ours = fm.outputs(moved, batch).logits
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(untied, expected)  # the head did move: the test can tell
+    assert FunctionalModel(tiny_model("bert"), ["classifier.weight"]).aliases == {}
