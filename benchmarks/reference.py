@@ -58,6 +58,7 @@ from datasets import Dataset
 from datasets.utils import disable_progress_bars
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -347,13 +348,16 @@ class _ProfiledEngine(InfluenceEngine):
         out = super()._check_lissa(call, v)
         found = {"check_s": time.perf_counter() - start}
         start = time.perf_counter()
-        rows = iter(np.random.default_rng(0).integers(0, len(call.train), size=(2 * self.STEP_CALLS + 1,
+        rows = iter(np.random.default_rng(0).integers(0, len(call.train), size=(2 * self.STEP_CALLS + 2,
                                                                                   self.args.influence_batch_size)))
 
         def step():
             return batch_hvp(call.fm, call.params, call.train.batch(next(rows)), v[0], reduction="mean")
 
         found["step_ms"], found["step_ops"] = profile_calls(step, self.STEP_CALLS)
+        with FlopCounterMode(display=False) as counter:  # matmul-like operators only: the step's arithmetic floor
+            step()
+        found["step_gflop"] = counter.get_total_flops() / 1e9
         # what a step's cost scales with: the L2 term's share, more rows per step, a full-data HVP batch
         bare = FunctionalModel(call.fm.model, call.fm.names, weight_decay=0.0, split=call.fm.split)
         for b in (1, 4, min(CHECK_ROWS, len(call.train))):
@@ -369,6 +373,12 @@ class _ProfiledEngine(InfluenceEngine):
         found["hook_s"] = time.perf_counter() - start
         type(self).found = found
         return out
+
+
+def matmul_gflops(size: int = 1024) -> float:
+    """This machine's float32 matmul rate at the current torch thread count (a square ``size`` product)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / median_seconds(lambda: a @ b, 5) / 1e9
 
 
 def profile_calls(fn, calls: int, top: int = 12) -> tuple[float, list[dict]]:
@@ -421,7 +431,11 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
            "check, modelled s": (CHECK_BATCHES * CHECK_ITERATIONS * found["hvp_ms_1_rows"]
                                  + (CHECK_ITERATIONS + 2) * found[f"hvp_ms_{rows_check}_rows_stacked"]) / 1e3,
            # the check's Lanczos vector work (start vector, reorthogonalisation of p-sized vectors), cheap operator
-           f"Lanczos vector work ms, {CHECK_ITERATIONS} steps": 1e3 * lanczos_alone}
+           f"Lanczos vector work ms, {CHECK_ITERATIONS} steps": 1e3 * lanczos_alone,
+           # how far a step is from the arithmetic it needs: its matmul FLOPs at this machine's matmul rate
+           "step GFLOP (matmuls)": found["step_gflop"],
+           "step GFLOP/s": found["step_gflop"] / (found["step_ms"] / 1e3),
+           "matmul GFLOP/s (1024², same threads)": matmul_gflops()}
 
     model = setup.model.eval()
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]

@@ -1,5 +1,5 @@
-"""The core and parallel benchmarks (benchmarks/core.py, benchmarks/parallel.py) run end to end in quick mode.
-Structure and sanity only, never speed."""
+"""The core, parallel, per-test-point and device-cost benchmarks (benchmarks/core.py, parallel.py, per_test_point.py,
+device_costs.py) run end to end in quick mode. Structure and sanity only, never speed."""
 
 import json
 
@@ -33,3 +33,35 @@ def test_parallel_quick_runs_two_processes(tmp_path, capsys):
     assert "--quick" in results["command"]  # the launched run got the same flags
     assert (tmp_path / "benchmark_parallel.json").exists()
     assert "2 processes, many test points in one call" in capsys.readouterr().out
+
+
+def test_per_test_point_quick(tmp_path, capsys):
+    from benchmarks import per_test_point
+
+    results = per_test_point.main(["--quick", "--output_dir", str(tmp_path), "--num_test_points", "3"])
+    rows = {r["row"]: r for r in results["rows"]}
+    assert list(rows) == ["FastIF", "fast", "live"]
+    assert rows["FastIF"]["settings"]["influence_batch_size"] == 1
+    assert rows["FastIF"]["settings"]["influence_repetitions"] == 4
+    assert rows["live"]["settings"]["influence_solver"] == "arnoldi"
+    for row in rows.values():
+        assert row["first_call_s"] > 0 and row["next_calls_s"] > 0 and row["all_in_one_call_s_per_point"] > 0
+        assert row["all_in_one_call_phases"]["s_test_s"] > 0
+    assert json.loads((tmp_path / "per_test_point.json").read_text())["num_test_points"] == 3
+    assert "Seconds per test point" in capsys.readouterr().out
+
+
+def test_device_costs_quick(tmp_path, capsys):
+    from benchmarks import device_costs
+
+    results = device_costs.main(["--quick", "--output_dir", str(tmp_path)])
+    unit, rows = results["unit_costs_s"], {r["row"]: r for r in results["paper_scale"]}
+    assert results["environment"]["device"] == "cpu" and results["num_train"] == 64
+    assert results["paper_scale_settings"]["paper_b"] == 64  # the original's B: every row of a smaller set
+    assert set(unit["hvp"]) >= {"1x1", "1x8", "8x1", "64x1"} and all(v > 0 for v in unit["hvp"].values())
+    assert unit["score"]["1"] > 0 and unit["score_loop"] > 0 and unit["power_iteration"] > 0
+    assert rows["original"]["speed-up vs original (hf_fastif kernels)"] == pytest.approx(1.0)
+    assert rows["FastIF"]["seconds"] < rows["original"]["seconds"]  # kNN and B = 1 cut the cost at N = 392,702
+    assert all(v > 0 for v in results["throughput"].values())
+    assert "At the paper's scale" in (tmp_path / "device_costs.md").read_text()
+    assert "Unit costs on cpu" in capsys.readouterr().out

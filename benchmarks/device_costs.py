@@ -1,0 +1,163 @@
+"""Unit costs of a BERT-base-sized model built from a config, on the device that is there (a GPU when present), and the
+paper-scale speed-ups they give: the one prepared script for a GPU machine.
+
+    python -m benchmarks.device_costs [--output_dir outputs/benchmark_device_costs]
+    python -m benchmarks.device_costs --quick        # a 2-layer model on the CPU: proves the script works (CI)
+
+The model is ``BertForSequenceClassification(BertConfig())`` (BERT-base: 12 layers, hidden 768, 110M parameters,
+random weights, 3 labels, eager attention), float32, on CUDA when available (else the CPU); influence over the
+paper's parameters (layers 10-11, pooler, classifier), the trunk below cached as the engine does. The rows are
+``--num_train`` random token rows of ``--seq_len`` tokens (the paper's max_seq_length 128). It measures, with
+`benchmarks.costs.measure_unit_costs` (the paper table's units: medians of single calls, the device synchronised):
+a LiSSA step ``hvp[B x m]`` for B in 1, 8, 128 (m = 1 and 8 vectors) from the cached trunk and through the whole
+model (the 2021 code path), JVP scoring per candidate, the 2021 per-example scoring loop, a test gradient, the
+convergence check; plus a no-grad forward of the whole model (rows per second). From the units it prints the
+paper-scale table (N 392,702, k 1000, J 1000, B 128 vs 1, T 4; `benchmarks.costs.paper_scale_rows`): seconds per
+test point and speed-ups over the original with hf_fastif's kernels and with the 2021 code path's.
+Writes ``device_costs.json`` and ``device_costs.md`` to --output_dir and prints the report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, default_data_collator
+
+from hf_fastif import InfluenceArguments
+from hf_fastif.params import PAPER_BERT_PARAMS
+from hf_fastif.utils import library_version, to_json, write_atomic
+
+from .arguments import parse_with_defaults
+from .costs import COST_MODEL, measure_unit_costs, paper_scale_rows
+from .paper_setup import BenchmarkArguments, Setup
+from .report import rows_table
+from .timing import median_seconds
+
+QUICK_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+"""--quick: a 2-layer BERT whose layers 0-1 are all there is, so the influence parameters are its last layer."""
+
+
+@dataclass
+class DeviceCostsArguments:
+    """The script's own settings; influence settings are `InfluenceArguments` flags (default: the paper's
+    parameters, B 1, T 4)."""
+
+    num_train: int = field(default=512, metadata={"help": "Random training rows (the units are per row or step)."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per row (the paper's max_seq_length)."})
+    num_shared: int = field(default=8, metadata={"help": "Test vectors per LiSSA step of the 'fast' row (m)."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
+    quick: bool = field(default=False, metadata={"help": "A 2-layer model, 64 rows of 32 tokens, on the CPU."})
+
+
+def device_costs_defaults(own) -> dict:
+    quick = dict(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], use_cpu=True,
+                 num_train=64, seq_len=32) if own.quick else {}
+    return dict(influence_params=PAPER_BERT_PARAMS, influence_batch_size=1, influence_repetitions=4,
+                influence_weight_decay=0.0, output_dir="outputs/benchmark_device_costs", report_to="none") | quick
+
+
+def build_setup(own: DeviceCostsArguments, args: InfluenceArguments, device: str) -> Setup:
+    """The model from a config and random token rows (``num_train`` + 1 test row), on ``device``."""
+    torch.manual_seed(args.seed)
+    config = BertConfig(num_labels=3, attn_implementation="eager", **(QUICK_CONFIG if own.quick else {}))
+    model = BertForSequenceClassification(config).to(device).eval()
+    rng = np.random.default_rng(args.seed)
+    n = own.num_train + 1
+    ids = rng.integers(1000, config.vocab_size, size=(n, own.seq_len))
+    ids[:, 0] = 101  # [CLS]
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(),
+                              "labels": rng.integers(0, 3, size=n).tolist()})
+    return Setup(model, None, default_data_collator, rows.select(range(own.num_train)), rows.select([own.num_train]),
+                 {"model": f"BERT ({config.num_hidden_layers} layers, hidden {config.hidden_size}) from a config"})
+
+
+def forward_rows_per_s(setup: Setup, device: str, batch_size: int = 64) -> float:
+    """Rows per second of a no-grad forward of the whole model (pre-collated batches on the device)."""
+    n = len(setup.train)
+    batches = [{k: v.to(device) for k, v in setup.collator([setup.train[i] for i in range(s, min(s + batch_size, n))])
+                .items() if k != "labels"} for s in range(0, n, batch_size)]
+
+    def forward():
+        with torch.no_grad():
+            for batch in batches:
+                setup.model(**batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return n / median_seconds(forward, 3)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, args = parse_with_defaults((DeviceCostsArguments, InfluenceArguments), device_costs_defaults, argv)
+    if own.num_train < 2 or own.seq_len < 2 or own.num_shared < 1:
+        raise ValueError("--num_train and --seq_len must be at least 2 and --num_shared at least 1.")
+    if own.threads:
+        torch.set_num_threads(own.threads)
+    device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    started = time.perf_counter()
+    setup = build_setup(own, args, device)
+    bench = BenchmarkArguments(quick=own.quick)
+    bench.paper_b = min(bench.paper_b, own.num_train)  # the original's B: 128, or every row of a smaller set
+    batch_sizes = sorted({1, 8, bench.paper_b})
+    unit = measure_unit_costs(setup, bench, args, own.num_shared, batch_sizes)
+    fast = {"b": 8, "t": 1, "j": args.influence_recursion_depth}  # B 8, T 1, m test points per call, J as FastIF's
+    rows, _ = paper_scale_rows(unit, bench, args, fast, own.num_shared)
+    forward = forward_rows_per_s(setup, device)
+    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
+                   "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device == "cuda" else None,
+                   "load_average": [round(x, 2) for x in os.getloadavg()]}
+    throughput = {"forward rows/s (whole model, batches of 64)": forward,
+                  "JVP scoring rows/s (trunk cached)": 1.0 / unit["score"]["1"],
+                  "2021 per-example scoring rows/s": 1.0 / unit["score_loop"],
+                  "LiSSA steps/s, B 1 (trunk cached)": 1.0 / unit["hvp"]["1x1"],
+                  "LiSSA steps/s, B 1, whole model (2021 code path)": 1.0 / unit["hvp_full"]["1x1"],
+                  f"LiSSA steps/s, B {batch_sizes[-1]} (trunk cached)": 1.0 / unit["hvp"][f"{batch_sizes[-1]}x1"]}
+    out = {"command": "python -m benchmarks.device_costs " + " ".join(argv), "library_version": library_version(),
+           "environment": environment, "model": setup.description["model"], "num_parameters": sum(
+               p.numel() for p in setup.model.parameters()), "num_influence_parameters": unit["num_parameters"],
+           "num_train": own.num_train, "seq_len": own.seq_len, "num_shared": own.num_shared, "unit_costs_s": unit, "throughput": throughput,
+           "paper_scale": rows, "paper_scale_settings": {k: getattr(bench, k) for k in (
+               "paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}, "cost_model": COST_MODEL, "total_s": time.perf_counter() - started}
+    text = render(out)
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "device_costs.json", to_json(out))
+    write_atomic(folder / "device_costs.md", text)
+    print(text)
+    return out
+
+
+def render(out: dict) -> str:
+    env, unit = out["environment"], out["unit_costs_s"]
+    units = [{"unit": f"{kind}[{key}]", "ms": 1e3 * value} for kind in ("hvp", "hvp_full", "score")
+             for key, value in unit[kind].items()]
+    units += [{"unit": name, "ms": 1e3 * unit[name]} for name in ("score_loop", "test_gradient", "power_iteration",
+                                                                    "trunk", "feature")]
+    return "\n".join([
+        f"# Unit costs on {env['device']}: {out['model']}\n",
+        f"`{out['command']}`\n",
+        f"{out['num_parameters']:,} parameters, {out['num_influence_parameters']:,} influence parameters; "
+        f"{out['num_train']} rows of {out['seq_len']} tokens; torch {env['torch']}, {env['threads']} CPU thread(s), "
+        f"float32 (TF32 matmuls: {env['tf32_matmul']}); load average {env['load_average']}; "
+        f"{out['total_s']:.0f} s in all.\n",
+        "## Throughput\n", rows_table([out["throughput"]], list(out["throughput"])),
+        "\n## Unit costs (median of single calls)\n", rows_table(units, ["unit", "ms"]),
+        "\n## At the paper's scale, from these units\n",
+        "N {paper_n:,}, k {paper_k}, J {paper_j}, B {paper_b} (original) vs 1, T {paper_t}; 'fast': B 8, T 1, {m} test "
+        "points per call.\n".format(**out["paper_scale_settings"], m=out["num_shared"]),
+        rows_table(out["paper_scale"], ["row", "seconds", "speed-up vs original (hf_fastif kernels)",
+                                        "speed-up vs original (2021 code path)"]),
+        f"\n```\n{out['cost_model']}\n```\n"])
+
+
+if __name__ == "__main__":
+    main()
