@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,12 +31,12 @@ from transformers import BertConfig, BertForSequenceClassification, default_data
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.params import PAPER_BERT_PARAMS
-from hf_fastif.utils import library_version, to_json, write_atomic
+from hf_fastif.utils import library_version
 
 from .arguments import parse_with_defaults
 from .costs import COST_MODEL, measure_unit_costs, paper_scale_rows
 from .paper_setup import BenchmarkArguments, Setup
-from .report import rows_table
+from .report import rows_table, save_and_print
 from .timing import median_seconds
 
 QUICK_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
@@ -127,12 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
            "num_train": own.num_train, "seq_len": own.seq_len, "num_shared": own.num_shared, "unit_costs_s": unit, "throughput": throughput,
            "paper_scale": rows, "paper_scale_settings": {k: getattr(bench, k) for k in (
                "paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}, "cost_model": COST_MODEL, "total_s": time.perf_counter() - started}
-    text = render(out)
-    folder = Path(args.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "device_costs.json", to_json(out))
-    write_atomic(folder / "device_costs.md", text)
-    print(text)
+    save_and_print(args.output_dir, "device_costs", out, render(out))
     return out
 
 

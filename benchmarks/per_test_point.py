@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,9 +44,10 @@ from hf_fastif.embedded import (
 )
 from hf_fastif.engine import InfluenceEngine
 from hf_fastif.space import LIVE_SETTINGS
-from hf_fastif.utils import library_version, markdown_table, to_json, write_atomic
+from hf_fastif.utils import library_version, markdown_table
 
 from .arguments import parse_with_defaults
+from .report import save_and_print
 
 FASTIF = dict(influence_solver="lissa", influence_recursion_depth=1000, influence_batch_size=1,
               influence_repetitions=4, influence_knn_k=1000, influence_check_convergence=True)
@@ -132,12 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
            "kind": kind, "model": settings.description, "model_ready_s": model_s, "model_cached": info.get("cached"),
            "n_train": len(train), "num_test_points": len(test), "load_average_before": [round(x, 2) for x in load],
            "load_average_after": [round(x, 2) for x in os.getloadavg()], "rows": results}
-    text = render(out)
-    folder = Path(args.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "per_test_point.json", to_json(out))
-    write_atomic(folder / "per_test_point.md", text)
-    print(text)
+    save_and_print(args.output_dir, "per_test_point", out, render(out))
     return out
 
 

@@ -41,9 +41,10 @@ from hf_fastif.recall import (
     recall_table,
     resolve_ks,
 )
-from hf_fastif.utils import library_version, to_json, write_atomic
+from hf_fastif.utils import library_version
 
 from .arguments import parse_with_defaults
+from .report import save_and_print
 
 
 @dataclass
@@ -136,10 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "per_device_train_batch_size")},
         "influence": {k: v for k, v in settings.items() if k in _REPORTED}, "calls": calls, "rows": results,
     }
-    write_atomic(out_dir / "recall.json", to_json(report, indent=1))
-    text = describe(report) + "\n\n" + recall_table(results, RECALL_NS) + "\n"
-    write_atomic(out_dir / "recall.md", text)
-    print(text)
+    save_and_print(out_dir, "recall", report, describe(report) + "\n\n" + recall_table(results, RECALL_NS) + "\n")
     return report
 
 

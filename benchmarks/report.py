@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from hf_fastif.utils import markdown_table, to_json
+from hf_fastif.utils import markdown_table, to_json, write_atomic
 
 from .paper_setup import FAST, FASTIF, PARALLEL
 
@@ -31,6 +31,15 @@ def _cell(value, format_: Callable | None) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.3g}"
     return str(value)
+
+
+def save_and_print(folder: str | Path, stem: str, results: dict, text: str) -> None:
+    """Write ``<stem>.json`` (the raw results) and ``<stem>.md`` (the report) to ``folder``, then print the report."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{stem}.json", to_json(results, indent=1))
+    write_atomic(folder / f"{stem}.md", text)
+    print(text)
 
 
 def rows_table(rows: list[dict], columns: list[str], formats: dict[str, Callable] | None = None) -> str:
