@@ -120,12 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
                   "LiSSA steps/s, B 1 (trunk cached)": 1.0 / unit["hvp"]["1x1"],
                   "LiSSA steps/s, B 1, whole model (2021 code path)": 1.0 / unit["hvp_full"]["1x1"],
                   f"LiSSA steps/s, B {batch_sizes[-1]} (trunk cached)": 1.0 / unit["hvp"][f"{batch_sizes[-1]}x1"]}
+    paper_settings = {k: getattr(bench, k) for k in ("paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}
     out = {"command": "python -m benchmarks.device_costs " + " ".join(argv), "library_version": library_version(),
-           "environment": environment, "model": setup.description["model"], "num_parameters": sum(
-               p.numel() for p in setup.model.parameters()), "num_influence_parameters": unit["num_parameters"],
-           "num_train": own.num_train, "seq_len": own.seq_len, "num_shared": own.num_shared, "unit_costs_s": unit, "throughput": throughput,
-           "paper_scale": rows, "paper_scale_settings": {k: getattr(bench, k) for k in (
-               "paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}, "cost_model": COST_MODEL, "total_s": time.perf_counter() - started}
+           "environment": environment, "model": setup.description["model"],
+           "num_parameters": sum(p.numel() for p in setup.model.parameters()),
+           "num_influence_parameters": unit["num_parameters"], "num_train": own.num_train, "seq_len": own.seq_len,
+           "num_shared": own.num_shared, "unit_costs_s": unit, "throughput": throughput, "paper_scale": rows,
+           "paper_scale_settings": paper_settings, "cost_model": COST_MODEL, "total_s": time.perf_counter() - started}
     save_and_print(args.output_dir, "device_costs", out, render(out))
     return out
 

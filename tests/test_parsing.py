@@ -172,7 +172,8 @@ def test_parse_arguments_ignores_defaults_of_other_commands():
 
 HELP_COMMANDS = [("hf-fastif", sub) for sub in ("", "build", "push", "pull", "show", "recall")]
 HELP_COMMANDS += [("benchmarks", name) for name in (
-    "paper_table", "core", "parallel", "recall", "reference", "space_latency", "minilm_finetune", "per_test_point", "device_costs")]
+    "paper_table", "core", "parallel", "recall", "reference", "space_latency", "minilm_finetune", "per_test_point",
+    "device_costs")]
 HELP_COMMANDS += [("recipes", name) for name in (*RECIPES, "quickstart")]
 
 
