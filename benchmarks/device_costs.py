@@ -9,9 +9,11 @@ random weights, 3 labels, eager attention), float32, on CUDA when available (els
 paper's parameters (layers 10-11, pooler, classifier), the trunk below cached as the engine does. The rows are
 ``--num_train`` random token rows of ``--seq_len`` tokens (the paper's max_seq_length 128). It measures, with
 `benchmarks.costs.measure_unit_costs` (the paper table's units: medians of single calls, the device synchronised):
-a LiSSA step ``hvp[B x m]`` for B in 1, 8, 128 (m = 1 and 8 vectors) from the cached trunk and through the whole
-model (the 2021 code path), JVP scoring per candidate, the 2021 per-example scoring loop, a test gradient, the
-convergence check; plus a no-grad forward of the whole model (rows per second). From the units it prints the
+a LiSSA step ``hvp[B x m]`` from the cached trunk for B in 1, 8 and 128 (or every row, if fewer) with m = 1 and
+``--num_shared`` vectors, the same single-vector step through the whole model (``hvp_full[B x1]``, the 2021 code
+path), JVP scoring per candidate, the 2021 per-example scoring loop, a test gradient, the convergence check; plus a
+no-grad forward of the whole model (rows per second). A step's batch is collated on the CPU and its trunk states
+copied to the device, as the engine runs it: on a GPU the single-row steps measure that too. From the units it prints the
 paper-scale table (N 392,702, k 1000, J 1000, B 128 vs 1, T 4; `benchmarks.costs.paper_scale_rows`): seconds per
 test point and speed-ups over the original with hf_fastif's kernels and with the 2021 code path's.
 Writes ``device_costs.json`` and ``device_costs.md`` to --output_dir and prints the report.

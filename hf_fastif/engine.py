@@ -80,8 +80,9 @@ TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
-"""Collated LiSSA batches (with their trunk states) kept for the rest of one recursion, so a row drawn again is not
-read, collated and gathered again (J·T = 4,000 draws over 2,000 rows on the MiniLM default: each row twice)."""
+"""Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when rows must be
+drawn again (B = 1 and J·T > N: FastIF's J 1000, T 4 over the MiniLM default's 2,000 rows draws each row twice), so
+a row is read, collated and gathered once. The collator is taken to be deterministic, as the trunk cache takes it."""
 
 
 @dataclass
@@ -521,7 +522,8 @@ class InfluenceEngine:
         mine = D.shard(range(repetitions))
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
-        out, memo, room = None, {}, LISSA_BATCH_MEMO_BYTES
+        out, memo = None, {}
+        room = LISSA_BATCH_MEMO_BYTES if bsz == 1 and depth * len(mine) > n else 0  # only where rows come again
 
         def batch_of(rows: np.ndarray) -> dict:
             nonlocal room

@@ -142,11 +142,15 @@ class FunctionalModel:
         """The model's outputs for ``batch`` at ``params`` (only the top runs when the batch carries trunk states).
 
         A parameter tied to others (an LM head sharing the input embedding) is substituted under each of its
-        names, found once in ``__init__``: ``functional_call``'s own untying walks every module on every call
-        (~1 ms on MiniLM, a quarter of a LiSSA step from the cached trunk)."""
+        names, as ``functional_call(tie_weights=True)`` does, from the map found once in ``__init__`` (so a model
+        re-tied afterwards needs a new `FunctionalModel`): ``functional_call``'s own untying walks every module on
+        every call, ~15% of a LiSSA step from the cached trunk on the MiniLM default."""
         values = dict(params)
         for name in params:
             for alias in self.aliases.get(name, ()):
+                if alias in params and params[alias] is not params[name]:
+                    raise ValueError(f"{name!r} and {alias!r} are the same (tied) parameter of the model; pass a "
+                                     "value for one of them only.")
                 values[alias] = values[name]
         with forward_context(self.split, batch):
             return functional_call(self.model, values, args=(), kwargs=model_inputs(batch), tie_weights=False)

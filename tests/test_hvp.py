@@ -1,6 +1,7 @@
 """Gradients, Hessian-vector products and directional derivatives with the explicit L2 term added in closed form
 equal autograd through the term."""
 
+import pytest
 import torch
 
 from hf_fastif.batches import Batcher, validate_dataset
@@ -58,4 +59,8 @@ def test_a_tied_parameter_is_substituted_under_every_name():
     ours = fm.outputs(moved, batch).logits
     torch.testing.assert_close(ours, expected)
     assert not torch.allclose(untied, expected)  # the head did move: the test can tell
+    with pytest.raises(ValueError, match="tied"):  # two values for one tied parameter: refused, as torch refuses
+        fm.outputs(moved | {"lm_head.weight": model.lm_head.weight.detach() * 2.0}, batch)
+    same = moved | {"lm_head.weight": moved["transformer.wte.weight"]}  # the same value under both names is fine
+    torch.testing.assert_close(fm.outputs(same, batch).logits, expected)
     assert FunctionalModel(tiny_model("bert"), ["classifier.weight"]).aliases == {}
