@@ -80,9 +80,11 @@ TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
-"""Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when rows must be
-drawn again (B = 1 and J·T > N: FastIF's J 1000, T 4 over the MiniLM default's 2,000 rows draws each row twice), so
-a row is read, collated and gathered once. The collator is taken to be deterministic, as the trunk cache takes it."""
+"""Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when many rows are
+drawn again (B = 1 and J·T > N/2: the repetitions draw independently, so rows recur across them; FastIF's J 1000,
+T 4 over the MiniLM default's 2,000 rows draws each row twice), so a row is read, collated and gathered once; not
+at the paper's scale (4,000 draws over 392,702 rows), where few recur. The collator is taken to be deterministic,
+as the trunk cache takes it."""
 
 
 @dataclass
@@ -523,7 +525,7 @@ class InfluenceEngine:
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
         out, memo = None, {}
-        room = LISSA_BATCH_MEMO_BYTES if bsz == 1 and depth * len(mine) > n else 0  # only where rows come again
+        room = LISSA_BATCH_MEMO_BYTES if bsz == 1 and 2 * depth * len(mine) > n else 0  # where many rows recur
 
         def batch_of(rows: np.ndarray) -> dict:
             nonlocal room
