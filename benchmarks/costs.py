@@ -117,7 +117,7 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         out["power_iteration"] = (CHECK_BATCHES * (CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
                                                    + vector_work[0])
                                   + (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n),
-                                                                  torch.randn(1, p, device=device, dtype=dtype), "sum")
+                                                                  torch.randn(p, device=device, dtype=dtype), "sum")
                                   + vector_work[1])
         out["check_vector_work"] = CHECK_BATCHES * vector_work[0] + vector_work[1]
         block = rng.choice(n, min(64, n), replace=False).tolist()
