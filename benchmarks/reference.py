@@ -367,9 +367,6 @@ class _ProfiledEngine(InfluenceEngine):
             if b == 1:
                 found["hvp_ms_without_l2"] = 1e3 * median_seconds(
                     lambda batch=batch: batch_hvp(bare, call.params, batch, v[0], reduction="mean"), 5)
-            if b > 4:  # for comparison: a (1, p) stack takes the batched-gradient path (the check now passes (p,))
-                found[f"hvp_ms_{b}_rows_stacked"] = 1e3 * median_seconds(
-                    lambda batch=batch: batch_hvp(call.fm, call.params, batch, v[:1], reduction="sum"), 3)
         found["hook_s"] = time.perf_counter() - start
         type(self).found = found
         return out
@@ -427,7 +424,6 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
     lanczos_alone = median_seconds(lambda: lanczos(lambda x: diagonal * x, len(diagonal), CHECK_ITERATIONS), 3)
     hvp = {"HVP ms, 1 row": found["hvp_ms_1_rows"], "HVP ms, 1 row, no L2 term": found["hvp_ms_without_l2"],
            "HVP ms, 4 rows": found["hvp_ms_4_rows"], f"HVP ms, {rows_check} rows": found[f"hvp_ms_{rows_check}_rows"],
-           f"HVP ms, {rows_check} rows, (1, p) stack (the batched path)": found[f"hvp_ms_{rows_check}_rows_stacked"],
            "check, modelled s": (CHECK_BATCHES * CHECK_ITERATIONS * found["hvp_ms_1_rows"]
                                  + (CHECK_ITERATIONS + 2) * found[f"hvp_ms_{rows_check}_rows"]) / 1e3,
            # the check's Lanczos vector work (start vector, reorthogonalisation of p-sized vectors), cheap operator

@@ -464,10 +464,7 @@ class InfluenceEngine:
         def hvp(vectors: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(vectors, dtype=call.work_dtype)
             for batch in batches:
-                if vectors.shape[0] == 1:  # one vector (Lanczos, CG on one test row): the plain double backward
-                    total[0] += batch_hvp(call.fm, call.params, batch, vectors[0], reduction="sum").to(call.work_dtype)
-                else:
-                    total += batch_hvp(call.fm, call.params, batch, vectors, reduction="sum").to(call.work_dtype)
+                total += batch_hvp(call.fm, call.params, batch, vectors, reduction="sum").to(call.work_dtype)
             return D.all_reduce_sum(total) / n
 
         return hvp

@@ -55,10 +55,12 @@ def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, ve
     """Hessian of the batch's training loss times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out.
 
     ``reduction="mean"`` uses the mean loss of the batch (LiSSA), ``"sum"`` the summed loss (to accumulate
-    the mean over a whole dataset exactly, whatever the batch size). One vector takes the plain double backward
-    (no batched-gradient machinery), with the vector handed to autograd per parameter; ``out`` (``(p,)``) receives
-    the result without an extra copy.
+    the mean over a whole dataset exactly, whatever the batch size). One vector (``(p,)``, or a ``(1, p)`` stack)
+    takes the plain double backward (no batched-gradient machinery), with the vector handed to autograd per
+    parameter; ``out`` (``(p,)``, for a ``(p,)`` vector) receives the result without an extra copy.
     """
+    if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
+        return batch_hvp(fm, params, batch, vectors[0], reduction=reduction).unsqueeze(0)
     leaves = _leaves(params)
     inputs = list(leaves.values())
     losses, l2 = fm.values_without_l2(leaves, batch)

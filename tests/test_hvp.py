@@ -30,6 +30,7 @@ def test_closed_form_l2_term_equals_autograd(pad_collator):
                                 for x in v])
         torch.testing.assert_close(batch_hvp(fm, params, batch, v, reduction=reduction), expected)
         torch.testing.assert_close(batch_hvp(fm, params, batch, v[0], reduction=reduction), expected[0])
+        torch.testing.assert_close(batch_hvp(fm, params, batch, v[:1], reduction=reduction), expected[:1])  # stack of 1
     grad_sum = torch.autograd.functional.jacobian(lambda f: total(f, "sum"), flat)
     torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="sum"), grad_sum)
     per_row = torch.autograd.functional.jacobian(lambda f: fm.losses(unflatten(f, params), batch), flat)
