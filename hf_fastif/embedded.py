@@ -43,6 +43,12 @@ QUICK_KIND = "tiny"
 
 _TRAINING_COMMON: dict = dict(seed=0, per_device_train_batch_size=32, warmup_steps=0.1, weight_decay=0.01, use_cpu=True,
                               save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True)
+_DATA: dict = dict(n_train=3000, n_hans_per_subcase=40, n_pool_per_subcase=40)
+"""Generated rows of the applications, both kinds: 3,000 training pairs, 40 HANS-style pairs per subcase (split into
+validation / test), a pool of 40 unseen pairs per subcase."""
+_TABLE_DATA: dict = dict(n_train=2000, n_hans_per_subcase=1, n_pool_per_subcase=0)
+"""Generated rows of the default influence table, both kinds: 2,000 training pairs, one HANS-style pair per
+subcase."""
 _USES_COMMON: dict = {
     "hans_correction": dict(correction_learning_rate=1e-2),
     "augmentation": dict(correction_learning_rate=1e-2),
@@ -52,6 +58,14 @@ _USES_COMMON: dict = {
 }
 """Per-use settings both kinds share (correction steps, the simulatability sweep, the visualisation, tables). The
 paper table's own MiniLM settings (its layers 4-5, scale 200) live in benchmarks/paper_setup.py."""
+_WHY_COMMON: dict = {
+    "influence_batch_size": "8 rows per step cost about what 1 does",
+    "influence_repetitions": "one repetition per s_test on a CPU",
+    "influence_knn_k": "every training row (the paper's 10,000 exceeds the 3,000 here)",
+    "test_points": "the generated data have no dev split; HANS gives incorrect predictions",
+    "test_points_per_heuristic": "CPU time",
+}
+"""Why both kinds differ from the paper where they differ alike (each kind's `EmbeddedKind.why` adds its own)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +102,8 @@ TINY_CONFIG: dict = dict(hidden_size=64, num_hidden_layers=2, num_attention_head
 TINY = EmbeddedKind(
     name="tiny",
     description="2-layer 64-wide BERT from a config, trained here on generated NLI data",
-    data=dict(n_train=3000, n_hans_per_subcase=40, n_pool_per_subcase=40),
-    table_data=dict(n_train=2000, n_hans_per_subcase=1, n_pool_per_subcase=0),
+    data=_DATA,
+    table_data=_TABLE_DATA,
     training=_TRAINING_COMMON | dict(num_train_epochs=3.0, learning_rate=1e-3),
     # λ = 0.1 × 50 = 5, above the Hessian's top eigenvalue (~1.7); damp 0.1 converges in 50 steps (0.9⁵⁰ < 1%)
     influence=dict(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], influence_knn_k=1000,
@@ -97,7 +111,7 @@ TINY = EmbeddedKind(
                    influence_repetitions=1, influence_weight_decay=0.0, influence_check_convergence=False),
     setup=dict(num_threads=1),
     uses=_USES_COMMON | {"benchmark": dict(influence_scale=5.0)},
-    why={
+    why=_WHY_COMMON | {
         "model": "a CPU-sized model trained offline in seconds (unit tests, --quick)",
         "influence parameters": "the last layer, the pooler and the classifier (the paper's choice, scaled down)",
         "training rows": "generated offline",
@@ -106,15 +120,10 @@ TINY = EmbeddedKind(
         "influence_damping": "damp 0.1 converges in 50 steps (residual 0.9^50 < 1%)",
         "influence_scale": "far above the top eigenvalue (~1.7)",
         "influence_recursion_depth": "converged with damp 0.1",
-        "influence_batch_size": "8 rows per step cost about what 1 does",
-        "influence_repetitions": "one repetition per s_test on a CPU",
         "influence_weight_decay": "the model was trained without an explicit L2 term",
         "influence_check_convergence": "eigenvalues measured once; the check costs ~1 s per call",
         "correction_learning_rate": "a model trained at lr 1e-3: 1e-4 does not move it, 3e-2 oscillates",
         "learning_rates": "a small model trained at lr 1e-3",
-        "influence_knn_k": "every training row (the paper's 10,000 exceeds the 3,000 here)",
-        "test_points": "the generated data have no dev split; HANS gives incorrect predictions",
-        "test_points_per_heuristic": "CPU time",
     },
 )
 """The tiny model: every layer trains (3 epochs of AdamW at lr 1e-3); influence over its last layer, the pooler
@@ -132,8 +141,8 @@ MINILM = EmbeddedKind(
     name="minilm",
     description=("all-MiniLM-L6-v2 (sha256-verified, 22.7M parameters) fine-tuned here on generated NLI: last 2 of 6 "
                  "layers, pooler and classifier, 1 epoch at lr 2e-4"),
-    data=dict(n_train=3000, n_hans_per_subcase=40, n_pool_per_subcase=40),
-    table_data=dict(n_train=2000, n_hans_per_subcase=1, n_pool_per_subcase=0),
+    data=_DATA,
+    table_data=_TABLE_DATA,
     training=_TRAINING_COMMON | dict(num_train_epochs=1.0, learning_rate=2e-4),
     influence=dict(influence_params=MINILM_PARAMS, influence_knn_k=1000, influence_damping=0.25,
                    influence_scale=12.0, influence_recursion_depth=20, influence_batch_size=8,
@@ -141,7 +150,7 @@ MINILM = EmbeddedKind(
                    influence_scoring_batch_size=256),
     setup=dict(num_threads=1, trainable_layers=MINILM_TRAINABLE_LAYERS),
     uses=_USES_COMMON,
-    why={
+    why=_WHY_COMMON | {
         "model": "a real pretrained BERT that runs offline on a CPU (sha256-verified wheel), fine-tuned the paper's "
                  "way: embeddings and lower layers frozen, the last 2 layers, pooler and classifier trained",
         "influence parameters": "the pooler and the classifier, the top of what was fine-tuned: the trunk cache then "
@@ -154,17 +163,12 @@ MINILM = EmbeddedKind(
         "influence_damping": "with scale 12, J·damp = 5 as the paper's 1000 × 5e-3 (residual 0.75^20 < 0.4%)",
         "influence_scale": "5x the top eigenvalue (~2.3) and above the largest 8-row batch eigenvalue",
         "influence_recursion_depth": "J·damp = 5 as the paper's",
-        "influence_batch_size": "8 rows per step cost about what 1 does",
-        "influence_repetitions": "one repetition per s_test on a CPU",
         "influence_weight_decay": "fine-tuning used AdamW's weight decay, not an explicit L2 term",
         "influence_check_convergence": "eigenvalues measured once (above); the check costs ~2 s per call",
         "correction_learning_rate": "the largest rate at which stepping on the anchors themselves lowers their "
                                     "heuristic's loss without oscillating (sweep 1e-3 … 1e-1, docs/applications.md); "
                                     "the paper's 1e-4 moves nothing in 10 steps",
         "learning_rates": "the sweep spans the rates at which one step moves the simulator at all",
-        "influence_knn_k": "every training row (the paper's 10,000 exceeds the 3,000 here)",
-        "test_points": "the generated data have no dev split; HANS gives incorrect predictions",
-        "test_points_per_heuristic": "CPU time",
     },
 )
 

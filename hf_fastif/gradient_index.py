@@ -142,6 +142,14 @@ class _Recorder:
                 covered |= set(own.values())
         self.other = [n for n in names if n not in covered]
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, list]] = []
+        self._plain: tuple[tuple, FunctionalModel] | None = None
+
+    def plain_model(self, fm: FunctionalModel) -> FunctionalModel:
+        """``fm``'s loss without the L2 term (added once, separately) over the parameters in `other`, built once
+        per set of them (a fall-back adds to it)."""
+        if self._plain is None or self._plain[0] != tuple(self.other):
+            self._plain = (tuple(self.other), FunctionalModel(fm.model, self.other, fm.loss_fn, split=fm.split))
+        return self._plain[1]
 
     def linear_weights(self) -> list[str]:
         """Weights of linear layers (``nn.Linear``, ``Conv1D``): their sketch is taken from the layer's factors."""
@@ -231,8 +239,8 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
         return sketched_gradients(fm, params, batch, sketch, recorder)
     recorder.sketch(sketch, out)
     if recorder.other:  # parameters without a per-example rule: batched autograd over just those
-        plain = FunctionalModel(fm.model, recorder.other, fm.loss_fn, split=fm.split)  # the L2 term comes below
-        grads = batch_gradient(plain, {n: params[n] for n in recorder.other}, batch, reduction="none")
+        grads = batch_gradient(recorder.plain_model(fm), {n: params[n] for n in recorder.other}, batch,
+                               reduction="none")
         offset = 0
         for name in recorder.other:
             n = params[name].numel()
@@ -280,14 +288,20 @@ class GradientIndex:
         return out
 
 
+def sketch_of(params: dict[str, torch.Tensor], recorder: _Recorder, dim: int, seed: int,
+              dtype: torch.dtype) -> CountSketch:
+    """The sketch of ``params`` (the weights of linear layers tensor-sketched), the same for an index built here and
+    one loaded from disk: it is rebuilt from its seed, never saved."""
+    return CountSketch({n: p.shape for n, p in params.items()}, dim, seed, factored=recorder.linear_weights(),
+                       dtype=dtype, device=next(iter(params.values())).device)
+
+
 def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], batcher, *, dim: int, seed: int,
                          batch_size: int, progress: bool = False) -> GradientIndex:
     """Sketch every row's gradient (rows split over processes, gathered) and index them."""
     work = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
-    device = next(iter(params.values())).device
     recorder = _Recorder(fm.model, list(params))
-    sketch = CountSketch({n: p.shape for n, p in params.items()}, dim, seed, factored=recorder.linear_weights(),
-                         dtype=work, device=device)
+    sketch = sketch_of(params, recorder, dim, seed, work)
     if recorder.other:
         logger.info(f"Gradient index: {len(recorder.other)} parameters sit in modules without a per-example rule "
                     f"(e.g. {recorder.other[0]}); their gradients come from batched autograd (slower).")
@@ -309,9 +323,8 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
            args.influence_seed, D.world())
     saved = engine._saved_gradient_index
     if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
-        sketch = CountSketch({n: p.shape for n, p in call.params.items()}, args.influence_projection_dim,
-                             args.influence_seed, factored=_Recorder(call.fm.model, list(call.params)).linear_weights(),
-                             dtype=saved[2], device=next(iter(call.params.values())).device)
+        sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
+                           args.influence_seed, saved[2])
         engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
     if engine._gradient_index is None or engine._gradient_index[0] != key:
         engine._gradient_index = None
