@@ -34,7 +34,7 @@ from .utils import to_json, write_atomic
 logger = logging.get_logger(__name__)
 
 MANIFEST = "build_manifest.json"
-MANIFEST_VERSION = 2  # 1: first/last rows of the data only, callables not recorded
+MANIFEST_VERSION = 3  # 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256
 # the keyword arguments of compute_influences that decide the numbers, beside the data
 CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
 KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)

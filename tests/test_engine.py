@@ -91,6 +91,25 @@ def test_model_fingerprint_covers_buffers_config_and_in_place_edits():
     assert model_fingerprint(tiny_model("bert")) == base  # the same weights loaded again
 
 
+def test_tensor_digest_hashes_shape_dtype_and_every_byte():
+    import hashlib
+
+    import xxhash
+
+    from hf_fastif.fingerprint import LEGACY_SCHEME, tensor_digest
+
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    header, data = b"(2, 3):torch.float32", t.numpy().tobytes()
+    assert tensor_digest(t) == xxhash.xxh3_128(header + data).hexdigest()
+    assert tensor_digest(t, LEGACY_SCHEME) == hashlib.sha256(header + data).hexdigest()  # what older tables hold
+    assert tensor_digest(t.t()) != tensor_digest(t)  # a transposed view: same bytes re-laid, other shape
+    assert tensor_digest(t.t().contiguous().t()) == tensor_digest(t)  # a non-contiguous view: hashed by value
+    flipped = t.clone()
+    flipped.view(torch.int32)[1, 2] ^= 1  # the lowest bit of one float
+    assert tensor_digest(flipped) != tensor_digest(t)
+    assert tensor_digest(t.to(torch.bfloat16)) != tensor_digest(t)  # the dtype is hashed too
+
+
 def test_callable_fingerprint_sees_code_closures_and_collator_settings(pad_collator):
     def make(k):
         return lambda m, b: b["input_ids"][:, :k]

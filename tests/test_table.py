@@ -171,6 +171,21 @@ def test_check_model_says_which_model_the_table_needs(tmp_path):
         table.check_model(tiny_model("roberta"))
 
 
+def test_check_model_reads_a_fingerprint_recorded_before_xxh3(tmp_path):
+    """Tables made when tensors were hashed with sha256 (no scheme prefix) are checked with that scheme."""
+    from hf_fastif.fingerprint import LEGACY_SCHEME, SCHEME, fingerprint_scheme
+    from tests.tiny import tiny_model
+
+    model = tiny_model("bert")
+    legacy = model_fingerprint(model, scheme=LEGACY_SCHEME)
+    assert ":" not in legacy and fingerprint_scheme(legacy) == LEGACY_SCHEME
+    assert model_fingerprint(model).startswith(SCHEME + ":") and model_fingerprint(model) != legacy
+    table = InfluenceTable.from_arrays([0], [0], [0.5], {"model": {"name_or_path": "old", "fingerprint": legacy}})
+    InfluenceTable.load(table.save(tmp_path / "t")).check_model(model)  # the same weights, hashed the old way
+    with pytest.raises(ModelMismatchError, match="fingerprint mismatch"):
+        table.check_model(tiny_model("bert", seed=5))
+
+
 def sign_table() -> InfluenceTable:
     """test 0: 2 negative and 8 positive values; test 1: ties, zeros and a NaN."""
     t0 = [-0.5, -2.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 3.0]

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 from datasets import Dataset
 
-from ..fingerprint import model_fingerprint
+from ..fingerprint import fingerprint_scheme, model_fingerprint
 from ..utils import quiet_datasets
 from . import hub
 from .format import (
@@ -200,7 +200,8 @@ class InfluenceTable:
                     if recorded.get(key) is not None and recorded[key] != found[key]]
         if recorded.get("revision") and revision and recorded["revision"] != revision:
             problems.append(f"revision {recorded['revision']!r} in the table, {revision!r} in the model")
-        if not problems and recorded.get("fingerprint") and recorded["fingerprint"] != model_fingerprint(model):
+        fingerprint = recorded.get("fingerprint")  # computed as it was recorded (tables made before xxh3: sha256)
+        if not problems and fingerprint and fingerprint != model_fingerprint(model, scheme=fingerprint_scheme(fingerprint)):
             problems.append("the weights differ (fingerprint mismatch)")
         if problems:
             raise ModelMismatchError(
