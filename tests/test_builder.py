@@ -1,6 +1,7 @@
 """Resumable builds: an interrupted build resumes and ends with exactly the uninterrupted table."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -72,6 +73,13 @@ def test_a_build_directory_of_other_settings_is_refused(setup, pad_collator, tmp
     other = tiny_model("bert", seed=5)
     with pytest.raises(ValueError, match="different model"):
         build_influence_table(other, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
+                              data_collator=pad_collator)
+    manifest = tmp_path / builder.MANIFEST  # a build by an older hf_fastif (version 2: weights hashed with sha256)
+    recorded = json.loads(manifest.read_text())
+    recorded["signature"]["manifest_version"] = 2
+    manifest.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="made by an older hf_fastif.*Use a new output_dir"):
+        build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
                               data_collator=pad_collator)
 
 
