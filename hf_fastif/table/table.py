@@ -201,7 +201,8 @@ class InfluenceTable:
         if recorded.get("revision") and revision and recorded["revision"] != revision:
             problems.append(f"revision {recorded['revision']!r} in the table, {revision!r} in the model")
         fingerprint = recorded.get("fingerprint")  # computed as it was recorded (tables made before xxh3: sha256)
-        if not problems and fingerprint and fingerprint != model_fingerprint(model, scheme=fingerprint_scheme(fingerprint)):
+        if not problems and fingerprint and fingerprint != model_fingerprint(
+                model, scheme=fingerprint_scheme(fingerprint)):
             problems.append("the weights differ (fingerprint mismatch)")
         if problems:
             raise ModelMismatchError(
