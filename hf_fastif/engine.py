@@ -141,6 +141,7 @@ class InfluenceEngine:
         self._curvature: dict[tuple, dict] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
         self._saved_gradient_index: tuple | None = None  # (key, path, dtype) from load_caches, read on first use
+        self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
 
     # ---- the pipeline ------------------------------------------------------------------------------------------
     def compute_influences(self, train_dataset: Dataset, test_dataset: Dataset, *, combine: str = "none",
@@ -274,21 +275,52 @@ class InfluenceEngine:
             rows = np.load(folder / f"{entry['file']}-rows.npy")
             self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1],
                                                                 flat.to(_dtype(entry["dtype"])), device)
+            self._from_disk["trunk", entry["key"]] = False
             loaded.append("trunk")
         if "low_rank" in manifest:
             dtype = _dtype(manifest["low_rank"]["dtype"])
             values = torch.from_numpy(np.load(folder / "low_rank_values.npy"))
             vectors = torch.from_numpy(np.load(folder / "low_rank_vectors.npy")).to(device=device, dtype=dtype)
             self._low_rank = (_freeze(manifest["low_rank"]["key"]), (values, vectors))
+            self._from_disk["low_rank", self._low_rank[0]] = False
             loaded.append("low_rank")
         if "gradient_index" in manifest:
             key = _freeze(manifest["gradient_index"]["key"])
             self._saved_gradient_index = (key, folder / "gradient.faiss", _dtype(manifest["gradient_index"]["dtype"]))
+            self._from_disk["gradient_index", key] = False
             loaded.append("gradient_index")
         for key, value in manifest.get("curvature", []):
             self._curvature[_freeze(key)] = value
+            self._from_disk["curvature", _freeze(key)] = False
             loaded.append("curvature")
         return loaded
+
+    def _served(self, kind: str, key) -> None:
+        """Note that a cache read by `load_caches` served a call (so it was not stale)."""
+        if (kind, key) in self._from_disk:
+            self._from_disk[kind, key] = True
+
+    def unused_loaded_caches(self) -> list[str]:
+        """Kinds of cache read by `load_caches` of which no entry has served a call since: stale (saved for other
+        weights, data, settings or code, e.g. by another hf_fastif version), rebuilt by the calls that needed them."""
+        served = {kind for (kind, _), used in self._from_disk.items() if used}
+        return sorted({kind for kind, _ in self._from_disk} - served)
+
+    def forget_unused_loaded(self, kinds: Sequence[str]) -> None:
+        """Drop the entries of ``kinds`` read by `load_caches` that have served no call (so `save_caches` does not
+        write them again)."""
+        for (kind, key), used in list(self._from_disk.items()):
+            if used or kind not in kinds:
+                continue
+            if kind == "trunk" and key in self._trunks:
+                self._trunks.pop(key).close()
+            elif kind == "low_rank" and self._low_rank is not None and self._low_rank[0] == key:
+                self._low_rank = None
+            elif kind == "gradient_index" and self._saved_gradient_index is not None:
+                self._saved_gradient_index = None
+            elif kind == "curvature":
+                self._curvature.pop(key, None)
+            del self._from_disk[kind, key]
 
     def clear(self) -> None:
         """Drop every cache (they are rebuilt on the next call)."""
@@ -297,7 +329,9 @@ class InfluenceEngine:
         self._trunks.clear()
         self._split = None
         self._feature_index = self._gradient_index = self._low_rank = None
+        self._saved_gradient_index = None
         self._curvature.clear()
+        self._from_disk.clear()
 
     def __enter__(self) -> InfluenceEngine:
         return self
@@ -432,6 +466,7 @@ class InfluenceEngine:
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:
         if key in self._trunks:
             self._trunks.move_to_end(key)
+            self._served("trunk", key)
             return self._trunks[key]
         cache = TrunkCache(split, batcher, key, directory=getattr(self.args, "influence_cache_dir", None),
                            batch_size=self.args.influence_hvp_batch_size, progress=progress)
@@ -498,6 +533,7 @@ class InfluenceEngine:
         (all by default), computed once per weights / data / loss and kept by the engine."""
         args = self.args
         key = self._curvature_key(call, "arnoldi", args.influence_arnoldi_rank, args.influence_arnoldi_rows)
+        self._served("low_rank", key)  # (a no-op unless the one held was read from disk with this key)
         if self._low_rank is None or self._low_rank[0] != key:
             rows = args.influence_arnoldi_rows
             batcher = call.train
@@ -569,6 +605,7 @@ class InfluenceEngine:
             return extreme_eigenvalues(lambda x: mean_hvp(x.unsqueeze(0))[0], p, iterations=CHECK_ITERATIONS + 2,
                                        dtype=dtype, device=device, seed=args.influence_seed)
 
+        self._served("curvature", key)
         if key not in self._curvature:
             rng = np.random.default_rng([args.influence_seed, 2**31 - 1])
             tops = []

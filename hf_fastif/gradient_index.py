@@ -326,6 +326,7 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
         sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
                            args.influence_seed, saved[2])
         engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
+        engine._served("gradient_index", key)
     if engine._gradient_index is None or engine._gradient_index[0] != key:
         engine._gradient_index = None
         index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,

@@ -348,9 +348,15 @@ class Explainer:
 
     def warm_up(self) -> float:
         """One explanation of the first training row (builds, or checks, every cache), then `save_caches` if they
-        were not all read from disk; returns its seconds."""
+        were not all read from disk, or some read were stale; returns its seconds."""
         row = self.train[0]
         explanation = self.explain(row["premise"], row["hypothesis"], int(row["label"]), n=1)
+        stale = [kind for kind in self.engine.unused_loaded_caches() if kind in CACHED]
+        if stale:  # read from disk but made for other keys (e.g. by another hf_fastif version): rebuilt just now
+            logger.warning(f"The saved {', '.join(stale)} caches in {self.cache_dir} did not serve this model and data "
+                           "(saved by another hf_fastif version?); they were rebuilt and are saved again.")
+            self.engine.forget_unused_loaded(stale)
+            self.loaded = [kind for kind in self.loaded if kind not in stale]
         if not self.warm_from_disk and not self.saved:
             try:
                 self.save_caches()

@@ -286,3 +286,35 @@ def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_colla
     with pytest.raises(TypeError):  # the patched builders ran (and returned None): the saved caches were not used
         third.compute_influences(train, test)
     assert len(work) >= 2 and work[0] == len(train)
+
+
+def test_loaded_caches_that_serve_no_call_are_reported_and_can_be_dropped_before_saving(data, pad_collator, tmp_path):
+    """Caches saved for other weights (or by another version: other keys) are read but never used; the engine says
+    which kinds served nothing, and drops them so that a new save holds only what serves."""
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
+                             influence_knn_features="gradient", influence_projection_dim=64)
+    kinds = ["gradient_index", "low_rank", "trunk"]
+    first = InfluenceEngine(model, args, data_collator=pad_collator)
+    first.compute_influences(train, test)
+    first.save_caches(tmp_path / "old")
+    same = InfluenceEngine(model, args, data_collator=pad_collator)
+    same.load_caches(tmp_path / "old")
+    assert same.unused_loaded_caches() == kinds  # nothing has served a call yet
+    same.compute_influences(train, test)
+    assert same.unused_loaded_caches() == []
+
+    other = tiny_model("bert", seed=3)
+    expected = InfluenceEngine(other, args, data_collator=pad_collator).compute_influences(train, test).to_pandas()
+    stale = InfluenceEngine(other, args, data_collator=pad_collator)
+    stale.load_caches(tmp_path / "old")
+    assert stale.compute_influences(train, test).to_pandas().equals(expected)
+    assert stale.unused_loaded_caches() == kinds
+    held = len(stale._trunks)
+    stale.forget_unused_loaded(kinds)
+    assert stale.unused_loaded_caches() == [] and len(stale._trunks) == held - len(first._trunks)
+    stale.save_caches(tmp_path / "new")
+    again = InfluenceEngine(other, args, data_collator=pad_collator)
+    assert set(again.load_caches(tmp_path / "new")) == set(kinds)
+    assert again.compute_influences(train, test).to_pandas().equals(expected)
+    assert again.unused_loaded_caches() == []  # all that was saved again serves

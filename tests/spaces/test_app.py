@@ -261,6 +261,49 @@ def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(ap
     assert after.harmful.influence.to_numpy() == pytest.approx(before.harmful.influence.to_numpy(), rel=1e-5)
 
 
+def test_stale_engine_caches_are_rebuilt_saved_again_and_serve_the_next_start(app, cache, monkeypatch) -> None:
+    """Engine caches saved under other keys (another hf_fastif version hashed the weights another way) are read but
+    serve nothing: the warm-up rebuilds them, says so, and saves them again, so the next start is warm."""
+    import json
+
+    import hf_fastif.engine
+    import hf_fastif.gradient_index
+    from hf_fastif.engine import CACHE_MANIFEST
+    from hf_fastif.space import CACHED, ENGINE_DIR, Startup
+
+    manifest_path = cache / KIND / ENGINE_DIR / CACHE_MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["trunks"]:
+        entry["key"] = "stale|" + entry["key"]
+    for kind in ("low_rank", "gradient_index"):
+        manifest[kind]["key"][0] = "stale:" + manifest[kind]["key"][0]  # the model's fingerprint
+    manifest_path.write_text(json.dumps(manifest))
+
+    first = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
+    first.wait(timeout=300)
+    status = first.status()
+    assert not set(CACHED) & set(status["caches_loaded"])  # read, served nothing: not counted as loaded
+    saved = json.loads(manifest_path.read_text())
+    assert "stale" not in json.dumps(saved) and saved["trunks"] and "low_rank" in saved and "gradient_index" in saved
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the caches saved again must serve the next start")
+
+    built = []
+
+    class CountingTrunkCache(hf_fastif.engine.TrunkCache):
+        def __init__(self, split, batcher, *args, **kwargs):
+            built.append(len(batcher))
+            super().__init__(split, batcher, *args, **kwargs)
+
+    monkeypatch.setattr(hf_fastif.engine, "TrunkCache", CountingTrunkCache)
+    monkeypatch.setattr(hf_fastif.engine, "low_rank_hessian", refuse)
+    monkeypatch.setattr(hf_fastif.gradient_index, "build_gradient_index", refuse)
+    second = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
+    second.wait(timeout=300)
+    assert set(CACHED) <= set(second.status()["caches_loaded"]) and TRAIN_ROWS not in built
+
+
 def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) -> None:
     import torch
 
