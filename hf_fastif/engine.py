@@ -244,6 +244,9 @@ class InfluenceEngine:
         A loaded cache is used only by a call whose own key equals the saved one, so nothing stale is ever used."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
+        # the manifest goes first, and comes back last: a save cut short leaves no manifest pairing old keys with
+        # new arrays (the folder then loads nothing, and the caches are rebuilt)
+        (folder / CACHE_MANIFEST).unlink(missing_ok=True)
         manifest: dict = {"library_version": library_version(), "trunks": [], "curvature": []}
         for i, (key, cache) in enumerate(self._trunks.items()):
             np.save(folder / f"trunk-{i}.npy", _numpy(cache.flat), allow_pickle=False)
@@ -316,7 +319,8 @@ class InfluenceEngine:
                 self._trunks.pop(key).close()
             elif kind == "low_rank" and self._low_rank is not None and self._low_rank[0] == key:
                 self._low_rank = None
-            elif kind == "gradient_index" and self._saved_gradient_index is not None:
+            elif kind == "gradient_index" and self._saved_gradient_index is not None \
+                    and self._saved_gradient_index[0] == key:
                 self._saved_gradient_index = None
             elif kind == "curvature":
                 self._curvature.pop(key, None)
@@ -471,8 +475,11 @@ class InfluenceEngine:
         cache = TrunkCache(split, batcher, key, directory=getattr(self.args, "influence_cache_dir", None),
                            batch_size=self.args.influence_hvp_batch_size, progress=progress)
         self._trunks[key] = cache
+        self._from_disk.pop(("trunk", key), None)  # built now (a loaded one of this key was pushed out unused)
         while len(self._trunks) > MAX_TRUNK_CACHES:
-            self._trunks.popitem(last=False)[1].close()
+            evicted, old = self._trunks.popitem(last=False)
+            old.close()
+            self._from_disk.pop(("trunk", evicted), None)
         return cache
 
     # ---- stage 2: test gradients ---------------------------------------------------------------------------
@@ -533,8 +540,10 @@ class InfluenceEngine:
         (all by default), computed once per weights / data / loss and kept by the engine."""
         args = self.args
         key = self._curvature_key(call, "arnoldi", args.influence_arnoldi_rank, args.influence_arnoldi_rows)
-        self._served("low_rank", key)  # (a no-op unless the one held was read from disk with this key)
-        if self._low_rank is None or self._low_rank[0] != key:
+        if self._low_rank is not None and self._low_rank[0] == key:
+            self._served("low_rank", key)  # (a no-op unless it was read from disk)
+        else:
+            self._from_disk.pop(("low_rank", key), None)  # built now: not the one read from disk
             rows = args.influence_arnoldi_rows
             batcher = call.train
             if rows is not None and rows < len(batcher):

@@ -49,7 +49,8 @@ def tensor_digest(tensor: torch.Tensor, scheme: str = SCHEME) -> str:
     data = tensor.detach().to("cpu")
     if data.dtype in (torch.bfloat16, torch.float16) or not data.is_contiguous():
         data = data.to(torch.float32 if data.is_floating_point() else data.dtype).contiguous()
-    digest.update(memoryview(data.numpy()).cast("B"))
+    if data.numel():  # (a view of zero bytes cannot be cast; the header holds all there is)
+        digest.update(memoryview(data.numpy()).cast("B"))
     return digest.hexdigest()
 
 
@@ -91,7 +92,8 @@ def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, s
     ``"xxh3-128:"`` and a sha256 over the tensors' digests.
 
     Args:
-        digests: `tensor_digests(model)` if already computed (the model is not hashed again).
+        digests: `tensor_digests(model, scheme)` if already computed (the model is not hashed again); they must be
+            of the same ``scheme``.
         scheme: `LEGACY_SCHEME` computes the fingerprint that hf_fastif recorded before `SCHEME` (no prefix)."""
     digests = digests if digests is not None else tensor_digests(model, scheme)
     combined = tensors_fingerprint([("__config__", config_fingerprint(model)), *digests.items()])
@@ -99,9 +101,18 @@ def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, s
 
 
 def fingerprint_scheme(fingerprint: str) -> str:
-    """The scheme a `model_fingerprint` was made with (`LEGACY_SCHEME` for one without a prefix)."""
+    """The scheme a `model_fingerprint` was made with (`LEGACY_SCHEME` for one without a prefix).
+
+    Raises:
+        ValueError: the prefix names a scheme this hf_fastif does not know (a fingerprint from a newer version)."""
     prefix, found, _ = fingerprint.partition(":")
-    return prefix if found and prefix in _HASHES else LEGACY_SCHEME
+    if not found:
+        return LEGACY_SCHEME
+    if prefix not in _HASHES:
+        raise ValueError(f"The fingerprint {fingerprint[:40]!r}... was made with the hashing scheme {prefix!r}, which "
+                         f"this hf_fastif does not know (it knows {sorted(_HASHES)}): it was recorded by a newer "
+                         "version; upgrade hf_fastif to check it.")
+    return prefix
 
 
 class _HashWriter:

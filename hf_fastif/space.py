@@ -354,7 +354,8 @@ class Explainer:
         stale = [kind for kind in self.engine.unused_loaded_caches() if kind in CACHED]
         if stale:  # read from disk but made for other keys (e.g. by another hf_fastif version): rebuilt just now
             logger.warning(f"The saved {', '.join(stale)} caches in {self.cache_dir} did not serve this model and data "
-                           "(saved by another hf_fastif version?); they were rebuilt and are saved again.")
+                           "(their keys differ: other weights or data, or an hf_fastif that hashed them another way); "
+                           "they were rebuilt and are saved again.")
             self.engine.forget_unused_loaded(stale)
             self.loaded = [kind for kind in self.loaded if kind not in stale]
         if not self.warm_from_disk and not self.saved:

@@ -103,6 +103,8 @@ def test_tensor_digest_hashes_shape_dtype_and_every_byte():
     assert tensor_digest(t) == xxhash.xxh3_128(header + data).hexdigest()
     assert tensor_digest(t, LEGACY_SCHEME) == hashlib.sha256(header + data).hexdigest()  # what older tables hold
     assert tensor_digest(t.t()) != tensor_digest(t)  # a transposed view: same bytes re-laid, other shape
+    assert tensor_digest(t.flip(0)) != tensor_digest(t)  # same shape and values, other order
+    assert tensor_digest(torch.zeros(0, 3)) != tensor_digest(torch.zeros(3, 0))  # no bytes: the header decides
     assert tensor_digest(t.t().contiguous().t()) == tensor_digest(t)  # a non-contiguous view: hashed by value
     flipped = t.clone()
     flipped.view(torch.int32)[1, 2] ^= 1  # the lowest bit of one float
@@ -318,3 +320,59 @@ def test_loaded_caches_that_serve_no_call_are_reported_and_can_be_dropped_before
     assert set(again.load_caches(tmp_path / "new")) == set(kinds)
     assert again.compute_influences(train, test).to_pandas().equals(expected)
     assert again.unused_loaded_caches() == []  # all that was saved again serves
+
+
+def test_a_save_cut_short_leaves_nothing_to_load(data, pad_collator, tmp_path, monkeypatch):
+    """Saving over earlier caches removes their manifest first: a save that fails half way cannot pair the old keys
+    with the new arrays; the folder then loads nothing (and the caches are rebuilt)."""
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    engine.compute_influences(train, test)
+    engine.save_caches(tmp_path / "caches")
+    assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "caches")
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        engine.save_caches(tmp_path / "caches")
+    monkeypatch.undo()
+    assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "caches") == []
+
+
+def test_a_cache_rebuilt_under_a_loaded_key_is_neither_served_nor_dropped(data, pad_collator, tmp_path, monkeypatch):
+    """A loaded low-rank Hessian replaced (other weights) and then rebuilt for its key, and loaded trunk states pushed
+    out of the engine and rebuilt under their key: the rebuilt caches are fresh, not "loaded", and
+    `forget_unused_loaded` keeps them."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8)
+    first = InfluenceEngine(model, args, data_collator=pad_collator)
+    first.compute_influences(train, test)
+    first.save_caches(tmp_path / "caches")
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    engine.load_caches(tmp_path / "caches")
+    loaded_low_rank, bias = engine._low_rank, model.classifier.bias.detach().clone()
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)  # other weights: another low-rank key, the loaded one is replaced
+    engine.compute_influences(train, test)
+    with torch.no_grad():
+        model.classifier.bias.copy_(bias)
+    engine.compute_influences(train, test)  # the original weights: the low-rank Hessian built again for its key
+    assert engine._low_rank[0] == loaded_low_rank[0] and engine._low_rank is not loaded_low_rank
+    assert "low_rank" not in engine.unused_loaded_caches()  # the rebuilt one is not the loaded one, nor served
+    engine.forget_unused_loaded(["low_rank"])
+    assert engine._low_rank[0] == loaded_low_rank[0]
+
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    engine.load_caches(tmp_path / "caches")
+    monkeypatch.setattr(engine_module, "MAX_TRUNK_CACHES", 1)
+    engine.logits(test.select([0]))  # one row's trunk states push both loaded ones out, unused
+    engine.logits(train)  # the training rows' states built again, under the key they were saved with
+    held = list(engine._trunks)
+    assert len(held) == 1 and engine.unused_loaded_caches() == ["low_rank"]
+    engine.forget_unused_loaded(["trunk"])
+    assert list(engine._trunks) == held

@@ -184,6 +184,25 @@ def test_check_model_reads_a_fingerprint_recorded_before_xxh3(tmp_path):
     InfluenceTable.load(table.save(tmp_path / "t")).check_model(model)  # the same weights, hashed the old way
     with pytest.raises(ModelMismatchError, match="fingerprint mismatch"):
         table.check_model(tiny_model("bert", seed=5))
+    newer = InfluenceTable.from_arrays([0], [0], [0.5], {"model": {"fingerprint": "xxh9-512:" + "0" * 64}})
+    with pytest.raises(ValueError, match="scheme 'xxh9-512', which this hf_fastif does not know.*upgrade"):
+        newer.check_model(model)
+
+
+def test_the_legacy_fingerprint_is_the_one_older_tables_hold():
+    """Pinned: the sha256 fingerprint hf_fastif recorded before xxh3 (computed with that code, commit 3d9114d), of
+    a module whose values, names and config are fixed, so a change of the legacy path cannot go unnoticed."""
+    import torch
+
+    from hf_fastif.fingerprint import LEGACY_SCHEME
+
+    module = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        module.weight.copy_(torch.arange(6, dtype=torch.float32).reshape(2, 3) / 4)
+        module.bias.copy_(torch.tensor([0.5, -1.0]))
+    module.register_buffer("steps", torch.tensor([7]))
+    assert model_fingerprint(module, scheme=LEGACY_SCHEME) == (
+        "b706b105e664655073ad500ffc906569532cd96c283ffc19fd64a05ecee9eca8")
 
 
 def sign_table() -> InfluenceTable:
