@@ -303,6 +303,11 @@ class InfluenceEngine:
         if (kind, key) in self._from_disk:
             self._from_disk[kind, key] = True
 
+    def _replaced(self, kind: str, key) -> None:
+        """Note that the cache of this kind and key is no longer the one `load_caches` read (built now, or pushed
+        out), so `forget_unused_loaded` never drops a fresh one."""
+        self._from_disk.pop((kind, key), None)
+
     def unused_loaded_caches(self) -> list[str]:
         """Kinds of cache read by `load_caches` of which no entry has served a call since: stale (saved for other
         weights, data, settings or code, e.g. by another hf_fastif version), rebuilt by the calls that needed them."""
@@ -475,11 +480,11 @@ class InfluenceEngine:
         cache = TrunkCache(split, batcher, key, directory=getattr(self.args, "influence_cache_dir", None),
                            batch_size=self.args.influence_hvp_batch_size, progress=progress)
         self._trunks[key] = cache
-        self._from_disk.pop(("trunk", key), None)  # built now (a loaded one of this key was pushed out unused)
+        self._replaced("trunk", key)
         while len(self._trunks) > MAX_TRUNK_CACHES:
             evicted, old = self._trunks.popitem(last=False)
             old.close()
-            self._from_disk.pop(("trunk", evicted), None)
+            self._replaced("trunk", evicted)
         return cache
 
     # ---- stage 2: test gradients ---------------------------------------------------------------------------
@@ -543,7 +548,7 @@ class InfluenceEngine:
         if self._low_rank is not None and self._low_rank[0] == key:
             self._served("low_rank", key)  # (a no-op unless it was read from disk)
         else:
-            self._from_disk.pop(("low_rank", key), None)  # built now: not the one read from disk
+            self._replaced("low_rank", key)
             rows = args.influence_arnoldi_rows
             batcher = call.train
             if rows is not None and rows < len(batcher):

@@ -329,7 +329,7 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
         engine._served("gradient_index", key)
     if engine._gradient_index is None or engine._gradient_index[0] != key:
         engine._gradient_index = None
-        engine._from_disk.pop(("gradient_index", key), None)  # built now: not the one read from disk
+        engine._replaced("gradient_index", key)
         index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,
                                      seed=args.influence_seed, batch_size=args.influence_scoring_batch_size,
                                      progress=call.progress)
