@@ -245,6 +245,11 @@ def test_low_rank_solver_is_the_truncated_eigendecomposition():
     expected = torch.linalg.solve(truncated + lam * torch.eye(30, dtype=torch.float64), v.T).T
     got, _ = solve_low_rank(values, vectors, v, lam)
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    one, _ = solve_low_rank(values, vectors, v[1], lam)  # a single (p,) vector, and float32 vectors
+    torch.testing.assert_close(one, expected[1], rtol=1e-7, atol=1e-9)
+    single, _ = solve_low_rank(values, vectors.float(), v.float(), lam)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single, expected.float(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="not positive definite"):
         solve_low_rank(torch.tensor([-1.0, 2.0], dtype=torch.float64), vectors[:2], v, 0.5)
 

@@ -52,8 +52,10 @@ def solve_low_rank(values: torch.Tensor, vectors: torch.Tensor, v: torch.Tensor,
     v = v.unsqueeze(0) if squeeze else v
     basis = vectors.to(v.dtype)
     coeffs = v @ basis.T  # (m, r)
-    inside = (coeffs / (values.to(v.dtype) + lam)) @ basis
-    s = inside + (v - coeffs @ basis) / lam
+    # V diag(1/(μ+λ)) Vᵀv + (v - V Vᵀv)/λ  =  v/λ - V diag(μ / (λ(μ+λ))) Vᵀv: two passes over V, not three
+    # (V is r x p: at millions of parameters the solve is bound by reading it)
+    weights = (values / (lam * (values + lam))).to(v.dtype)
+    s = torch.addmm(v, coeffs * weights, basis, beta=1.0 / lam, alpha=-1.0)
     info = {"arnoldi_rank": int(values.numel()), "hessian_max_eigenvalue": float(values.max()),
             "hessian_min_ritz_value": lo}
     return (s[0] if squeeze else s), info
