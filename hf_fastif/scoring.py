@@ -43,8 +43,9 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
     """Influence of candidate ``candidate_ids[i]`` on test vector ``s_test[test_ids[i]]`` for every pair i.
 
     Each candidate row is run once, against only the test vectors that asked for it: candidates are
-    batched in the order of the first test that picked them, so disjoint kNN sets cost one tangent per
-    candidate, and shared candidates (or a full scan) are scored for many tests in one pass.
+    batched by the set of tests that picked them (then by the first of those tests), so a batch needs the
+    vectors of one set only: disjoint kNN sets cost one tangent per candidate, candidates shared by some
+    tests are scored for those tests together, and a full scan runs every candidate for all tests in one pass.
     Returns ``(len(test_ids),)`` float64, aligned with the pairs.
     """
     if method == "grad":
@@ -54,7 +55,11 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
     rows, starts = np.unique(candidate_ids[by_candidate], return_index=True)
     stops = np.r_[starts[1:], len(by_candidate)]
     first_test = test_ids[by_candidate[starts]]
-    order = np.lexsort((rows, first_test))  # candidates of the same tests land in the same batches
+    # the set of tests of each candidate, as a sum of random 64-bit keys (wrapping): equal sets, equal keys; a
+    # collision only puts two sets in one batch, which then runs the vectors of both
+    keys = np.random.default_rng(0).integers(0, 2**63, size=int(test_ids.max(initial=0)) + 1, dtype=np.uint64)
+    test_set = np.add.reduceat(keys[test_ids[by_candidate]], starts) if len(starts) else np.zeros(0, np.uint64)
+    order = np.lexsort((rows, test_set, first_test))  # candidates of the same tests land in the same batches
     out = np.empty(len(test_ids), dtype=np.float64)
     total = -(-len(rows) // batch_size)
     for start in tqdm(range(0, len(rows), batch_size), total=total, desc="scoring", disable=not progress,

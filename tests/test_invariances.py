@@ -134,6 +134,33 @@ def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pa
     assert work <= 2 * pairs < union * len(test)
 
 
+def test_candidates_shared_by_some_tests_are_batched_together(monkeypatch):
+    """Test 0 picks rows 0-7, test 1 rows 1, 3, 5, 7 and 8-11: the shared rows sit between test 0's own by row id.
+    Batched by their set of tests, no batch of 4 needs both vectors unless all its rows do, so the work equals the
+    pairs (batched by first test alone, rows 0-3 and 4-7 would each run both vectors: 20 products for 16 pairs)."""
+    import hf_fastif.scoring as scoring
+
+    class Rows:
+        def batch(self, ids):
+            return {"ids": torch.as_tensor(np.asarray(ids))}
+
+    seen = []
+
+    def fake(fm, params, batch, s_test, method="jvp"):  # "influence" = 10·row + test, from s_test[t] = t
+        seen.append((len(batch["ids"]), s_test.shape[0]))
+        return batch["ids"][:, None].double() * 10 + s_test[:, 0][None, :]
+
+    monkeypatch.setattr(scoring, "score_batch", fake)
+    tests = np.r_[np.zeros(8, int), np.ones(8, int)]
+    rows = np.r_[np.arange(8), [1, 3, 5, 7, 8, 9, 10, 11]]
+    shuffle = np.random.default_rng(0).permutation(len(rows))
+    s_test = torch.arange(2, dtype=torch.float64)[:, None]
+    out = scoring.score_pairs(None, {}, Rows(), tests[shuffle], rows[shuffle], s_test, batch_size=4, progress=False)
+    np.testing.assert_array_equal(out, 10 * rows[shuffle] + tests[shuffle])  # aligned with the pairs given
+    assert sum(b for b, _ in seen) == 12 and sum(b * m for b, m in seen) == 16
+    assert sorted(seen) == [(4, 1), (4, 1), (4, 2)]
+
+
 def test_the_knn_index_is_reused_until_the_weights_change(data, pad_collator, monkeypatch):
     import hf_fastif.engine as engine_module
     from hf_fastif import InfluenceEngine
