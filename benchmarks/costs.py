@@ -24,10 +24,11 @@ from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
+from hf_fastif.solvers.arnoldi import solve_low_rank
 from hf_fastif.solvers.lanczos import lanczos
 from hf_fastif.trunk import TrunkCache, find_split, model_inputs, verify_split
 
-from .paper_setup import FAST, FASTIF, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
+from .paper_setup import FAST, FASTIF, LOW_RANK, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
 from .timing import median_seconds, timed
 
 COST_MODEL = (
@@ -36,9 +37,15 @@ COST_MODEL = (
     "- +kNN (k)   = u.test_gradient + u.power_iteration + J·u.hvp[B x1] + q + k·u.score[1]\n"
     "- FastIF     = u.test_gradient + u.power_iteration + T·J·u.hvp[B_F x1] + q + k·u.score[1]\n"
     "- parallel P = u.test_gradient + u.power_iteration + ⌈T/P⌉·J·u.hvp[B_F x1] + q + (k/P)·u.score[1]  (ideal split)\n"
-    "- fast (m)   = u.test_gradient + u.power_iteration/m + T_f·J_f·u.hvp[B_f x m]/m + q + k·u.score[m]\n"
-    "  (m test points per call share each LiSSA step; worst case for scoring: their k-candidate sets are\n"
-    "  disjoint, so each candidate is scored against all m s_test vectors; J_f = J·scale_f/scale)\n"
+    "- fast (m)   = u.test_gradient + u.power_iteration/m + T_f·J_f·u.hvp[B_f x m]/m + q + S\n"
+    "  (m test points per call share each LiSSA step; J_f = J·scale_f/scale)\n"
+    "- low-rank (m) = u.test_gradient + u.low_rank_solve[m]/m + q + S  (the low-rank Hessian: a one-off per\n"
+    "  model, 2r HVPs over R rows whatever N is)\n"
+    "  S = U·u.score[c]/m, the scoring of one call shared by its m test points: U distinct candidates, each\n"
+    "  run once against the tests that picked it, batched by that set of tests (pair scoring), c = m·k/U\n"
+    "  tests per candidate on average; u.score[c] linear between u.score[1] and u.score[m] (then the sum over\n"
+    "  the sets is exactly U·u.score[c]). U: the run's measured union; at the paper's scale the worst case,\n"
+    "  disjoint k-candidate sets (U = m·k, c = 1): S = k·u.score[1]\n"
     "- 2021 code path: original = u.test_gradient + J·u.hvp_full[B x1] + N·u.score_loop,\n"
     "                  FastIF   = u.test_gradient + T·J·u.hvp_full[B_F x1] + q + k·u.score_loop\n"
     "where B and B_F are the original's and FastIF's B (128 and 1 in the paper) and q = u.feature +\n"
@@ -75,7 +82,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     work ``check_vector_work``, timed with a cheap diagonal operator): all
     from the cached trunk states where the model splits, as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
-    (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``). ``feature``: one
+    (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``).
+    ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
     row's kNN feature; ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
     model, train = setup.model, setup.train
     device = next(model.parameters()).device
@@ -130,6 +138,13 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         singles = iter(rng.choice(n, 4 * calls, replace=True).tolist())
         out["score_loop"] = median_seconds(  # the 2021 code path: the whole model, row by row
             lambda: score_per_example_loop(full_fm, params, full, [next(singles)], s_test), 2 * calls)
+        # the low-rank solve of m test gradients: projections on r eigenvectors, and back
+        basis = torch.linalg.qr(torch.randn(p, bench.low_rank_rank, device=device, dtype=dtype))[0].T.contiguous()
+        eigenvalues = torch.linspace(1.0, 2.0, bench.low_rank_rank, dtype=torch.float64)
+        gradients = torch.randn(max(1, shared), p, device=device, dtype=dtype)
+        out["low_rank_solve"] = {str(m): median_seconds(lambda m=m: solve_low_rank(eigenvalues, basis, gradients[:m],
+                                                                                   1.0), calls)
+                                 for m in sorted({1, shared})}
         one = tests.batch([0])
         out["test_gradient"] = median_seconds(
             lambda: batch_gradient(fm, params, one, measurement=True, reduction="none"), calls)
@@ -169,7 +184,8 @@ def _with_trunk(model, names: list[str], fm: FunctionalModel, train: Batcher, te
 def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None = None,
                more_processes: tuple[int, ...] = ()) -> dict:
     """Seconds per test point of every row under `COST_MODEL` at ``scale``. ``fast``: the fast row's B, T
-    and J (keys ``b``, ``t``, ``j``); ``fast_union``: candidates scored per fast call (default: the worst case
+    and J (keys ``b``, ``t``, ``j``); ``fast_union``: distinct candidates scored per call of the rows that take m
+    test points per call, "fast" and "low-rank" (the same kNN candidates; default: the worst case, disjoint sets,
     m·k); ``more_processes``: extra "FastIF parallel (P=...)" rows."""
     h, s = u["hvp"], u["score"]
     tg, pi = u["test_gradient"], u["power_iteration"]
@@ -177,6 +193,7 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
     q = u["feature"] + n * u["knn_row"]
     step = h[f"{scale.b_fastif}x1"]  # one FastIF LiSSA step
     union = m * k if fast_union is None else fast_union
+    shared = _shared_scoring(s, m, k, union)
     out = {ORIGINAL: tg + pi + j * h[f"{b}x1"] + n * s["1"]}
     for kk in scale.knn_ks:
         out[f"+kNN (k={kk})"] = tg + pi + j * h[f"{b}x1"] + q + kk * s["1"]
@@ -184,12 +201,23 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
     for count in ([scale.processes] if scale.processes > 1 else []) + list(more_processes):
         name = PARALLEL if count == scale.processes else f"{PARALLEL} (P={count}, ideal)"
         out[name] = tg + pi + math.ceil(t / count) * j * step + q + k / count * s["1"]
-    out[FAST] = (tg + pi / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q
-                 + union / m * s[str(m)])
+    out[FAST] = tg + pi / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q + shared
+    if "low_rank_solve" in u:
+        out[LOW_RANK] = tg + u["low_rank_solve"][str(m)] / m + q + shared
     full = u.get("hvp_full", h)  # the 2021 code runs its HVPs through the whole model
     out["original (2021 code path)"] = tg + j * full[f"{b}x1"] + n * u["score_loop"]
     out["FastIF (2021 code path)"] = tg + t * j * full[f"{scale.b_fastif}x1"] + q + k * u["score_loop"]
     return out
+
+
+def _shared_scoring(score: dict, m: int, k: int, union: float) -> float:
+    """Seconds per test point of one call's pair scoring (`hf_fastif.scoring.score_pairs`): ``union`` distinct
+    candidates, each run once against the ``c = m·k / union`` test vectors that picked it, ``score[c]`` taken
+    linearly between the measured ``score["1"]`` and ``score[str(m)]``."""
+    c = min(max(m * k / union, 1.0), float(m)) if union > 0 else 1.0
+    one, many = score["1"], score[str(m)]
+    per_candidate = one if m == 1 else one + (c - 1) / (m - 1) * (many - one)
+    return union * per_candidate / m
 
 
 def paper_scale_rows(unit: dict, bench: BenchmarkArguments, args: InfluenceArguments, fast: dict,

@@ -31,6 +31,7 @@ from hf_fastif.params import PAPER_BERT_PARAMS
 from .timing import timed
 
 ORIGINAL, FASTIF, PARALLEL, FAST = "original", "FastIF", "FastIF parallel", "hf_fastif fast"
+LOW_RANK = "hf_fastif low-rank"
 FLOOR, GRADIENT = "original, another seed", "reference: gradient dot product"
 CONVERGENCE = 5.0  # J·damp of the paper's LiSSA (1000 × 5e-3): the series has shrunk by (1 - damp)^J ≈ e^-5
 TEST_FORMATS = ("mnli", "hans")
@@ -79,6 +80,15 @@ class BenchmarkArguments:
     fast_scale_factor: float = field(
         default=1.5, metadata={"help": "'hf_fastif fast' LiSSA scale = this x the top Hessian eigenvalue estimate."}
     )
+    low_rank_rank: int = field(
+        default=16, metadata={"help": "'hf_fastif low-rank': eigenpairs of H kept (influence_arnoldi_rank)."}
+    )
+    low_rank_rows: int = field(
+        default=256,
+        metadata={"help": "'hf_fastif low-rank': seeded training rows whose mean Hessian is decomposed, once per "
+                          "model (influence_arnoldi_rows; capped at N)."},
+    )
+    low_rank_calls: int = field(default=3, metadata={"help": "Timed calls of 'hf_fastif low-rank' (the median)."})
     noise_floor_test: int = field(
         default=4, metadata={"help": "Test points of 'original, another seed' (the original's own noise)."}
     )
@@ -137,7 +147,7 @@ def benchmark_defaults(own: Namespace) -> dict:
                     influence_damping=CONVERGENCE / 20, influence_scale=10.0, original_batch_size=32,
                     knn_sweep=[20, 80], influence_knn_k=80, sweep_depths=[0.5, 1.0], sweep_batch_sizes=[1, 8],
                     sweep_repetitions=2, sweep_num_test=2, sweep_pool=60, digits_train=120, digits_test=4,
-                    lds_subsets=12)
+                    lds_subsets=12, low_rank_rank=4, low_rank_rows=64, low_rank_calls=2)
         if own.model_name_or_path is None and benchmark_kind(own) == "minilm":
             out["influence_scale"] = MINILM_SCALE
     return out
@@ -157,8 +167,8 @@ def validate(bench: BenchmarkArguments, args: InfluenceArguments) -> None:
         raise ValueError(f"test_format={bench.test_format!r} is unknown; use 'mnli' or 'hans'.")
     positive = {name: getattr(bench, name) for name in (
         "num_test", "num_threads", "original_batch_size", "fast_batch_size", "fast_repetitions", "fast_calls",
-        "noise_floor_test", "sweep_repetitions", "sweep_num_test", "sweep_pool", "digits_train", "digits_test",
-        "lds_subsets")}
+        "noise_floor_test", "low_rank_rank", "low_rank_rows", "low_rank_calls", "sweep_repetitions",
+        "sweep_num_test", "sweep_pool", "digits_train", "digits_test", "lds_subsets")}
     positive |= {"knn_sweep": min(bench.knn_sweep, default=0), "sweep_depths": min(bench.sweep_depths, default=0),
                  "sweep_batch_sizes": min(bench.sweep_batch_sizes, default=0)}
     for name, value in positive.items():

@@ -2,8 +2,8 @@
 
 Rows (one model, one dataset, one run): "original" (no kNN, every training row scored, LiSSA B = 128, J, T = 1),
 "+kNN" (the same s_test, k candidates), "FastIF" (kNN + B = 1, J, T = 4: the `InfluenceArguments` given),
-"FastIF parallel" (as FastIF over several processes, `accelerate launch`), and "hf_fastif fast" (see
-`FAST_CHOICE`). For each: seconds per test point, speed-up over "original", Pearson / Spearman with "original"
+"FastIF parallel" (as FastIF over several processes, `accelerate launch`), "hf_fastif fast" (see
+`FAST_CHOICE`) and "hf_fastif low-rank" (the arnoldi solver, see `benchmarks.rows.LOW_RANK_CHOICE`). For each: seconds per test point, speed-up over "original", Pearson / Spearman with "original"
 on the candidates they share, and recall@{10, 100} of the original's top helpful / harmful rows. Also: the
 s_test sweep (J, B, T) as a plot, kNN recall vs k as a plot, a ground-truth anchor (digits logistic regression:
 exact, leave-one-out, LDS), and the speed-up implied at the paper's scale by unit costs measured in the same
@@ -38,6 +38,7 @@ from .digits_anchor import ground_truth_anchor
 from .paper_setup import (
     CONVERGENCE,
     FAST,
+    LOW_RANK,
     PARALLEL,
     BenchmarkArguments,
     benchmark_defaults,
@@ -46,7 +47,7 @@ from .paper_setup import (
     validate,
 )
 from .report import plot_knn_recall, plot_sweep, render, targets
-from .rows import fast_settings, run_rows, top_eigenvalue
+from .rows import LOW_RANK_CHOICE, fast_settings, run_rows, top_eigenvalue
 from .studies import knn_recall_curve, knn_study, s_test_sweep
 
 FAST_CHOICE = (
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows, original = run_rows(setup, bench, args, knn, fast)
 
     union = next(r["union"] for r in rows if r["row"] == FAST)
+    low_rank = next(r for r in rows if r["row"] == LOW_RANK)["one_off"]
     measured_scale = CostScale(n=n, j=depth, b=bench.original_batch_size, t=args.influence_repetitions, k=k_fast,
                                knn_ks=knn_ks, m=m, processes=bench.parallel_processes,
                                b_fastif=args.influence_batch_size)
@@ -138,12 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
         "fast": fast | {"choice": FAST_CHOICE.format(fast_b=fast["b"], fast_t=fast["t"], fast_j=fast["j"],
                                                      factor=bench.fast_scale_factor, scale=fast["scale"],
                                                      conv=CONVERGENCE), "union_candidates": union},
+        "low_rank": low_rank | {"choice": LOW_RANK_CHOICE.format(rank=low_rank["rank"], rows=low_rank["rows"],
+                                                                 steps=low_rank["lanczos_steps"],
+                                                                 build_s=low_rank["seconds"], m=m)},
         "unit_costs": unit,
         "rows": [{k: v for k, v in r.items() if k != "values"} for r in rows],
         "cost_model": COST_MODEL,
         "paper": {"n": bench.paper_n, "k": bench.paper_k, "j": bench.paper_j, "b": bench.paper_b,
                   "t": bench.paper_t, "fast_j": fast_paper_j, "shared_test_points": m,
-                  "index_build_s": bench.paper_n * unit["feature"], "trunk_build_s": bench.paper_n * unit["trunk"]},
+                  "index_build_s": bench.paper_n * unit["feature"], "trunk_build_s": bench.paper_n * unit["trunk"],
+                  "low_rank_build_s": low_rank["s_test_s"]},
         "paper_rows": paper_rows,
         "targets": goals,
         "sweep": sweep,

@@ -16,6 +16,7 @@ from benchmarks.paper_setup import (
     FASTIF,
     FLOOR,
     GRADIENT,
+    LOW_RANK,
     ORIGINAL,
     PARALLEL,
     BenchmarkArguments,
@@ -63,9 +64,19 @@ def test_cost_model_formulas():
     assert c["+kNN (k=10)"] == pytest.approx(0.5 + 4 + 100 * 10 + q + 10 * 0.01)
     assert c[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1 + q + 10 * 0.01)
     assert c[PARALLEL] == pytest.approx(0.5 + 4 + 2 * 100 * 1 + q + 5 * 0.01)
-    assert c[FAST] == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.02)
+    # pair scoring, worst case (disjoint candidate sets): each candidate against its own test point's s_test
+    assert c[FAST] == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.01)
+    # every test point picked the same k candidates: each scored once against all m vectors, shared by m
+    shared = cost_model(u, scale, fast, fast_union=10)[FAST]
+    assert shared == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.02 / 4)
+    # half the pairs shared (c = 2 tests per candidate): score[2] interpolated between score[1] and score[4]
+    half = cost_model(u, scale, fast, fast_union=20)[FAST]
+    assert half == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 20 * (0.01 + (0.02 - 0.01) / 3) / 4)
     assert c["original (2021 code path)"] == pytest.approx(0.5 + 100 * 10 + 1000 * 0.1)
     # FastIF with B = 2 pays the 2-row step; the original's cost does not move
+    # the low-rank row: a test gradient, the closed-form solve, the kNN query and the scoring; no HVP per test point
+    c3 = cost_model(u | {"low_rank_solve": {"1": 0.001, "4": 0.002}}, scale, fast)
+    assert c3[LOW_RANK] == pytest.approx(0.5 + 0.002 / 4 + q + 10 * 0.01) and LOW_RANK not in c
     c2 = cost_model(u, CostScale(n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, processes=2, b_fastif=2), fast)
     assert c2[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
 
@@ -149,7 +160,7 @@ def test_rows_are_the_papers_and_ours(quick):
     results, _ = quick
     names = [r["row"] for r in results["rows"]]
     assert names == [ORIGINAL, FLOOR, "+kNN (k=20)", "+kNN (k=80)", FASTIF, f"{PARALLEL} (2 processes)", FAST,
-                     GRADIENT]
+                     LOW_RANK, GRADIENT]
 
 
 def test_every_row_has_time_and_quality(quick):
@@ -171,7 +182,7 @@ def test_original_agrees_with_itself(quick):
     assert original["recall@10 helpful"] == 1.0 and original["recall@100 harmful"] == 1.0
     # another LiSSA seed is another estimate: close to the original, but not the same numbers
     assert 0.5 < rows[FLOOR]["pearson"] < 1.0 - 1e-9
-    for name in (ORIGINAL, FASTIF, FAST):
+    for name in (ORIGINAL, FASTIF, FAST, LOW_RANK):
         assert 0.0 < rows[name]["cost model / measured"] < 100.0, name
 
 
@@ -201,6 +212,22 @@ def test_fast_row_is_close_to_the_original(quick):
     assert fast["spearman"] > 0.5
     assert results["fast"]["damping"] * results["fast"]["scale"] == pytest.approx(results["scale"]["lambda"])
     assert "union" in fast and fast["union"] <= results["scale"]["num_train"]
+
+
+def test_low_rank_row_is_the_arnoldi_solver_built_once(quick):
+    results, _ = quick
+    row = by_row(results)[LOW_RANK]
+    settings = row["influence_settings"]
+    assert settings["influence_solver"] == "arnoldi" and settings["influence_arnoldi_rank"] == 4
+    assert settings["influence_arnoldi_rows"] == 64 and settings["influence_knn_k"] == 80
+    assert row["diagnostics"]["arnoldi_rank"] == 4 and row["spearman"] > 0.5
+    # the engine's later calls reuse the low-rank Hessian: the same numbers as its first call, which built it
+    assert row["sanity"]["max_relative_difference_later_call_vs_first"] < 1e-5
+    assert len(row["calls"]) == 2 and row["one_off"]["seconds"] > row["seconds"]
+    assert results["paper"]["low_rank_build_s"] == row["one_off"]["s_test_s"] > 0
+    assert "arnoldi" in results["low_rank"]["choice"] and "Lanczos" in results["low_rank"]["choice"]
+    marks = [t for t in results["targets"] if t["target"].startswith(f"({LOW_RANK}")]
+    assert len(marks) == 3 and all(isinstance(t["met"], bool) for t in marks)
 
 
 def test_paper_scale_rows(quick):
