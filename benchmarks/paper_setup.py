@@ -156,8 +156,9 @@ def benchmark_defaults(own: Namespace) -> dict:
 def validate(bench: BenchmarkArguments, args: InfluenceArguments) -> None:
     """Refuse settings the table cannot run, before any work starts."""
     if args.influence_solver != "lissa":
-        raise ValueError(f"influence_solver={args.influence_solver!r}: every row of the paper table is LiSSA; "
-                         "pass --influence_solver lissa (the digits anchor compares the solvers).")
+        raise ValueError(f"influence_solver={args.influence_solver!r}: the InfluenceArguments describe the paper "
+                         "table's FastIF row, which is LiSSA (the low-rank row takes --low_rank_rank and "
+                         "--low_rank_rows; the digits anchor compares the solvers); pass --influence_solver lissa.")
     if args.influence_knn_k is None or args.influence_repetitions is None:
         raise ValueError("FastIF's row needs --influence_knn_k and --influence_repetitions as integers "
                          f"(got {args.influence_knn_k}, {args.influence_repetitions}).")

@@ -202,7 +202,8 @@ def render(results: dict) -> str:
                  f"{paper['index_build_s']:.0f}s of features, and the trunk states N·u.trunk = "
                  f"{paper.get('trunk_build_s', 0.0):.0f}s"
                  + (f"; the low-rank Hessian of \"{LOW_RANK}\" {paper['low_rank_build_s']:.3g}s (measured in this run: "
-                    "its R rows and rank do not grow with N)" if paper.get("low_rank_build_s") is not None else "")
+                    "its R rows and rank do not grow with N; scaled to --low_rank_rows where N was smaller)"
+                    if paper.get("low_rank_build_s") is not None else "")
                  + ".\n")
     lines += ["## Targets\n", rows_table(results["targets"], ["target", "measured", "met"]), ""]
     sweep = results.get("sweep") or []

@@ -36,7 +36,7 @@ from .timing import timed
 
 LOW_RANK_CHOICE = (
     "the library's `influence_solver='arnoldi'` (the Space's live solver): the top {rank} eigenpairs of the mean "
-    "Hessian of {rows} seeded training rows, from {steps} Lanczos steps, computed once per model by an "
+    "Hessian of {rows} seeded training rows, from up to {steps} Lanczos steps, computed once per model by an "
     "`InfluenceEngine` that keeps it (its first call, {build_s:.1f}s here, is the one-off: the low-rank Hessian, "
     "the trunk states and the kNN index); then every s_test is (H_r + λI)⁻¹∇L_test in closed form (the same λ "
     "as the original), the {m} test points in one call, kNN candidates scored by batched JVPs. Its seconds are "

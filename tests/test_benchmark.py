@@ -143,7 +143,7 @@ def test_influence_settings_are_influence_arguments_flags():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quick", "--influence_solver", "cg"], "every row of the paper table is LiSSA"),
+    (["--quick", "--influence_solver", "cg"], "FastIF row, which is LiSSA"),
     (["--quick", "--test_format", "csv"], "use 'mnli' or 'hans'"),
     (["--quick", "--embedded_model", "gpt2"], "use one of minilm, tiny"),
     (["--quick", "--knn_sweep", "0"], "--knn_sweep must be positive"),
@@ -224,7 +224,7 @@ def test_low_rank_row_is_the_arnoldi_solver_built_once(quick):
     # the engine's later calls reuse the low-rank Hessian: the same numbers as its first call, which built it
     assert row["sanity"]["max_relative_difference_later_call_vs_first"] < 1e-5
     assert len(row["calls"]) == 2 and row["one_off"]["seconds"] > row["seconds"]
-    assert results["paper"]["low_rank_build_s"] == row["one_off"]["s_test_s"] > 0
+    assert results["paper"]["low_rank_build_s"] == row["one_off"]["s_test_s"] > 0  # 64 of 400 rows: as measured
     assert "arnoldi" in results["low_rank"]["choice"] and "Lanczos" in results["low_rank"]["choice"]
     marks = [t for t in results["targets"] if t["target"].startswith(f"({LOW_RANK}")]
     assert len(marks) == 3 and all(isinstance(t["met"], bool) for t in marks)

@@ -250,6 +250,10 @@ def test_low_rank_solver_is_the_truncated_eigendecomposition():
     single, _ = solve_low_rank(values, vectors.float(), v.float(), lam)
     assert single.dtype == torch.float32
     torch.testing.assert_close(single, expected.float(), rtol=1e-4, atol=1e-5)
+    # the eigenvalues stay on the CPU (Lanczos' tridiagonal solve) while the vectors sit on the model's device:
+    # "meta" stands in for a GPU, where mixing them would raise
+    moved, _ = solve_low_rank(values, vectors.to("meta"), v.to("meta"), lam)
+    assert moved.device.type == "meta" and moved.shape == v.shape
     with pytest.raises(ValueError, match="not positive definite"):
         solve_low_rank(torch.tensor([-1.0, 2.0], dtype=torch.float64), vectors[:2], v, 0.5)
 

@@ -54,7 +54,7 @@ def solve_low_rank(values: torch.Tensor, vectors: torch.Tensor, v: torch.Tensor,
     coeffs = v @ basis.T  # (m, r)
     # V diag(1/(μ+λ)) Vᵀv + (v - V Vᵀv)/λ  =  v/λ - V diag(μ / (λ(μ+λ))) Vᵀv: two passes over V, not three
     # (V is r x p: at millions of parameters the solve is bound by reading it)
-    weights = (values / (lam * (values + lam))).to(v.dtype)
+    weights = (values / (lam * (values + lam))).to(device=v.device, dtype=v.dtype)  # values live on the CPU
     s = torch.addmm(v, coeffs * weights, basis, beta=1.0 / lam, alpha=-1.0)
     info = {"arnoldi_rank": int(values.numel()), "hessian_max_eigenvalue": float(values.max()),
             "hessian_min_ritz_value": lo}
