@@ -3,11 +3,12 @@
 Rows (one model, one dataset, one run): "original" (no kNN, every training row scored, LiSSA B = 128, J, T = 1),
 "+kNN" (the same s_test, k candidates), "FastIF" (kNN + B = 1, J, T = 4: the `InfluenceArguments` given),
 "FastIF parallel" (as FastIF over several processes, `accelerate launch`), "hf_fastif fast" (see
-`FAST_CHOICE`) and "hf_fastif low-rank" (the arnoldi solver, see `benchmarks.rows.LOW_RANK_CHOICE`). For each: seconds per test point, speed-up over "original", Pearson / Spearman with "original"
-on the candidates they share, and recall@{10, 100} of the original's top helpful / harmful rows. Also: the
-s_test sweep (J, B, T) as a plot, kNN recall vs k as a plot, a ground-truth anchor (digits logistic regression:
-exact, leave-one-out, LDS), and the speed-up implied at the paper's scale by unit costs measured in the same
-run. Quality is always measured, never extrapolated.
+`FAST_CHOICE`) and "hf_fastif low-rank" (the arnoldi solver, see `benchmarks.rows.LOW_RANK_CHOICE`). For each:
+seconds per test point, speed-up over "original", Pearson / Spearman with "original" on the candidates they share,
+and recall@{10, 100} of the original's top helpful / harmful rows. Also: the s_test sweep (J, B, T) as a plot, kNN
+recall vs k as a plot, a ground-truth anchor (digits logistic regression: exact, leave-one-out, LDS), and the
+speed-up implied at the paper's scale by unit costs measured in the same run. Quality is always measured, never
+extrapolated.
 
     python -m benchmarks.paper_table [--quick] [--output_dir outputs/benchmark]      # embedded model, CPU
     python -m benchmarks.paper_table --model_name_or_path M --train_dataset nyu-mll/multi_nli --max_train_rows 50000

@@ -43,9 +43,10 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
     """Influence of candidate ``candidate_ids[i]`` on test vector ``s_test[test_ids[i]]`` for every pair i.
 
     Each candidate row is run once, against only the test vectors that asked for it: candidates are
-    batched by the set of tests that picked them (then by the first of those tests), so a batch needs the
-    vectors of one set only: disjoint kNN sets cost one tangent per candidate, candidates shared by some
-    tests are scored for those tests together, and a full scan runs every candidate for all tests in one pass.
+    ordered by the first test that picked them and, within it, by the whole set of tests that did, so
+    candidates of one set are batched together and a batch needs the vectors of that set only (batches at a
+    boundary, two): disjoint kNN sets cost one tangent per candidate, candidates shared by some tests are scored
+    for those tests together, and a full scan runs every candidate for all tests in one pass.
     Returns ``(len(test_ids),)`` float64, aligned with the pairs.
     """
     if method == "grad":
