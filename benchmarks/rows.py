@@ -111,7 +111,7 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
     m, n = len(setup.test), len(setup.train)
     k_fast = knn["fastif_k"]
     floor_points = min(bench.noise_floor_test, m)
-    fast_slots = set(np.linspace(0, m - 1, min(bench.fast_calls, m)).round().astype(int).tolist())
+    fast_slots = _spread(bench.fast_calls, m)
     settings = row_arguments(bench, args, fast, k_fast)
     for k in knn["ks"]:
         settings[f"+kNN (k={k})"] = replace(settings[ORIGINAL], influence_knn_k=k)
@@ -131,12 +131,13 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
         diagnostics.setdefault(name, diag)
         return table
 
-    low_rank_slots = set(np.linspace(0, m - 1, min(bench.low_rank_calls, m)).round().astype(int).tolist())
+    low_rank_slots = _spread(bench.low_rank_calls, m)
     # one engine keeps the low-rank Hessian (and the trunk states, the kNN index): its first call is the one-off
     low_rank = InfluenceEngine(setup.model, settings[LOW_RANK], data_collator=setup.collator)
     table, low_rank_build_s = timed(lambda: low_rank.compute_influences(setup.train, setup.test))
     values[LOW_RANK] = influence_by_test(table, m)
-    low_rank_first = {"seconds": low_rank_build_s, "diagnostics": table.metadata["diagnostics"]}
+    low_rank_build_diagnostics = table.metadata["diagnostics"]
+    low_rank_differences: list[float] = []  # later calls against the first, relative
 
     for t in range(m):
         one = setup.test.select([t])
@@ -161,12 +162,9 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
                 calls.pop(FAST, None)
                 table = call(FAST, setup.test, m)
             values[FAST] = influence_by_test(table, m)
-            values["union"] = int(np.unique(np.concatenate([i for i, _ in values[FAST]])).size)
         if t in low_rank_slots:  # all test points in one call, on the engine that keeps the low-rank Hessian
             later = influence_by_test(call(LOW_RANK, setup.test, m, engine=low_rank), m)
-            low_rank_first["max_relative_difference_later_call"] = max(
-                [low_rank_first.get("max_relative_difference_later_call", 0.0)]
-                + [_relative_difference(a, b) for a, b in zip(later, values[LOW_RANK])])
+            low_rank_differences += [_relative_difference(a, b) for a, b in zip(later, values[LOW_RANK])]
     low_rank.clear()
     values[GRADIENT] = influence_by_test(call(GRADIENT, setup.test, m), m)
 
@@ -192,21 +190,29 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
     if bench.parallel_processes > 1:
         rows.append(run_parallel(bench, settings[FASTIF], setup, knn["query_s"], values[FASTIF]))
     rows.append(row(FAST, f"k = {k_fast}, B = {fast['b']}, J = {fast['j']}, T = {fast['t']}, scale = "
-                    f"{fast['scale']:.3g}, {m} test points per call, JVP scoring", values[FAST], union=values["union"]))
+                    f"{fast['scale']:.3g}, {m} test points per call, JVP scoring", values[FAST], union=_union(values[FAST])))
     rank, rows_used = bench.low_rank_rank, min(bench.low_rank_rows, n)
     rows.append(row(LOW_RANK, f"k = {k_fast}, arnoldi rank {rank} over {rows_used} rows (built once), {m} test points "
                     "per call, JVP scoring", values[LOW_RANK],
-                    union=int(np.unique(np.concatenate([i for i, _ in values[LOW_RANK]])).size),
-                    one_off={"seconds": low_rank_first["seconds"],
-                             "s_test_s": low_rank_first["diagnostics"].get("s_test_s"),
+                    union=_union(values[LOW_RANK]),
+                    one_off={"seconds": low_rank_build_s, "s_test_s": low_rank_build_diagnostics.get("s_test_s"),
                              "rank": rank, "rows": rows_used, "lanczos_steps": 2 * rank},
-                    sanity={"max_relative_difference_later_call_vs_first":
-                            low_rank_first["max_relative_difference_later_call"]}))
+                    sanity={"max_relative_difference_later_call_vs_first": max(low_rank_differences)}))
     rows.append(row(GRADIENT, f"k = {k_fast}, s_test ∝ ∇L_test (H⁻¹ left out): what needs no Hessian at all",
                     values[GRADIENT]))
     for r in rows:
         r.update(agreement(original, r["values"]))
     return rows, original
+
+
+def _spread(count: int, m: int) -> set[int]:
+    """``count`` test-point indices spread evenly over ``range(m)`` (where a row's timed calls go)."""
+    return set(np.linspace(0, m - 1, min(count, m)).round().astype(int).tolist())
+
+
+def _union(per_test: PerTest) -> int:
+    """Distinct candidates of a call's test points."""
+    return int(np.unique(np.concatenate([ids for ids, _ in per_test])).size)
 
 
 def _relative_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
