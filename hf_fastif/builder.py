@@ -4,13 +4,16 @@ A build directory holds ``build_manifest.json`` (what decides the numbers: the m
 training, test and candidate rows, the settings, the collator, loss_fn, measurement_fn and features
 callables, the shard size) and ``shards/shard-XXXXX/``, one influence-table folder per ``shard_size`` test
 rows, written by the main process through `InfluenceTableWriter` (its metadata JSON is written last, so a
-shard folder that has one is complete). Started again, a build checks the manifest, skips the finished
-shards and ends with exactly the table an uninterrupted run gives, in ``table/``; a directory whose
-manifest disagrees in any entry is refused.
+shard folder that has one is complete) and tagged with the sha256 of the manifest's signature. Started
+again, a build checks the manifest, skips the finished shards of its own signature (a shard of another, e.g.
+left after the manifest was deleted, is computed again) and ends with the table an uninterrupted run gives,
+in ``table/``: exactly, or up to float rounding where only the `RUNTIME_SETTINGS` changed. A directory
+whose manifest disagrees in any other entry is refused, naming the entries and both values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -34,7 +37,13 @@ from .utils import to_json, write_atomic
 logger = logging.get_logger(__name__)
 
 MANIFEST = "build_manifest.json"
-MANIFEST_VERSION = 3  # 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256
+# 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256; 3: run-time settings
+# in the signature, shards not tagged with its sha256
+MANIFEST_VERSION = 4
+# settings that decide how, not what, is computed: batch sizes of the test gradients, full-data Hessians, kNN
+# features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
+# change the numbers at most by float rounding, so a build resumed with other values goes on.
+RUNTIME_SETTINGS = ("influence_hvp_batch_size", "influence_scoring_batch_size", "influence_cache_dir")
 # the keyword arguments of compute_influences that decide the numbers, beside the data
 CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
 KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)
@@ -51,19 +60,25 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
                     shard_size: int, candidate_dataset: Dataset | None = None,
                     callables: dict[str, Callable | None] | None = None) -> dict:
     """What a build's numbers depend on, as JSON values: two builds with equal signatures compute the same
-    table (``callables``: the `CALLABLES` passed to `compute_influences`, None for the default)."""
+    table up to float rounding (``callables``: the `CALLABLES` passed to `compute_influences`, None for the
+    default; the `RUNTIME_SETTINGS` are left out)."""
     train = data_identity(train_dataset, "train_dataset", model)
     candidates = (train if candidate_dataset is None
                   else data_identity(candidate_dataset, "candidate_dataset", model))
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
-        "settings": args.influence_settings(),
+        "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS},
         "train": train, "test": data_identity(test_dataset, "test_dataset", model), "candidates": candidates,
         **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
         "shard_size": shard_size,
     }
     return json.loads(to_json(signature))
+
+
+def signature_digest(signature: dict) -> str:
+    """The sha256 of a signature's canonical JSON (sorted keys), recorded in every shard it computed."""
+    return hashlib.sha256(to_json(signature, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _identity(value) -> str:
@@ -103,12 +118,15 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
                                 callables)
     _check_or_write_manifest(out, signature)
+    digest = signature_digest(signature)
+    test_identity = {"num_rows": len(test_dataset), "fingerprint": getattr(test_dataset, "_fingerprint", None),
+                     "sha256": signature["test"]["sha256"]}
 
     starts = list(range(0, len(test_dataset), shard_size))
     done = 0
     for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
         folder = shards / f"shard-{i:05d}"
-        if _complete(folder):
+        if _complete(folder, digest):
             done += 1
             continue
         rows = range(start, min(start + shard_size, len(test_dataset)))
@@ -117,7 +135,9 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
             part = table.to_arrow()  # test_id of the shard's rows -> row of test_dataset
             part = part.set_column(part.schema.get_field_index("test_id"), "test_id",
                                    pa.array(part.column("test_id").to_numpy() + start))
-            with InfluenceTableWriter(folder, table.metadata) as writer:
+            metadata = table.metadata | {"test_data": (table.metadata.get("test_data") or {}) | test_identity,
+                                          "build": {"signature_sha256": digest}}
+            with InfluenceTableWriter(folder, metadata) as writer:  # test_id indexes test_dataset, as in table/
                 writer.write(part)
         D.barrier()
     if done:
@@ -125,10 +145,8 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
 
     if D.is_main_process():
         metadata = InfluenceTable.load(shards / "shard-00000").metadata
-        metadata["test_data"] = (metadata.get("test_data") or {}) | {
-            "num_rows": len(test_dataset), "fingerprint": getattr(test_dataset, "_fingerprint", None),
-            "sha256": signature["test"]["sha256"]}
-        metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done}
+        metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done,
+                             "signature_sha256": digest}
         with InfluenceTableWriter(out / "table", metadata) as writer:
             for i in range(len(starts)):
                 writer.write(InfluenceTable.load(shards / f"shard-{i:05d}"))
@@ -142,28 +160,42 @@ def _check_or_write_manifest(out: Path, signature: dict) -> None:
     if manifest.is_file():
         previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})
         if previous.get("manifest_version") != MANIFEST_VERSION:
-            raise ValueError(f"{out} holds a build made by an older hf_fastif, whose manifest does not record "
-                             "all that decides the numbers; its shards cannot be trusted to match. Use a new "
-                             "output_dir, or delete this one to start over.")
+            raise ValueError(f"{out} holds a build made by an older hf_fastif (manifest version "
+                             f"{previous.get('manifest_version')}, now {MANIFEST_VERSION}); its shards cannot be "
+                             "trusted to match. Use a new output_dir, or delete this one to start over.")
         if previous != signature:
-            diff = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
-            raise ValueError(
-                f"{out} holds a build of a different {', '.join(diff)} (its manifest disagrees with this "
-                "run); results would be mixed. Use a new output_dir, or delete this one to start over."
-            )
+            values = "; ".join(f"{key}: {to_json(old)} in the manifest, {to_json(new)} now"
+                               for key, old, new in _differences(previous, signature))
+            raise ValueError(f"{out} holds another build ({values}); results would be mixed. Use a new output_dir, "
+                             "or delete this one to start over.")
     elif D.is_main_process():
         (out / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(manifest, to_json({"signature": signature}, indent=2))
     D.barrier()
 
 
-def _complete(folder: Path) -> bool:
-    """Whether a shard folder holds a whole, intact table (else it is computed again)."""
+def _differences(old, new, key: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` of every leaf where two JSON values differ (None: missing)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [diff for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                for diff in _differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
+    return [(key, old, new)]
+
+
+def _complete(folder: Path, digest: str) -> bool:
+    """Whether a shard folder holds a whole, intact table computed for signature ``digest`` (else it is
+    computed again)."""
     if not (folder / METADATA_FILE).is_file():
         return False
     try:
-        InfluenceTable.load(folder, verify=True)
+        table = InfluenceTable.load(folder, verify=True)
     except InfluenceTableError as err:
         logger.warning(f"Computing {folder} again: {err}")
+        return False
+    recorded = (table.metadata.get("build") or {}).get("signature_sha256")
+    if recorded != digest:
+        logger.warning(f"Computing {folder} again: it was computed for another build (signature sha256 "
+                       f"{recorded or 'not recorded'}, this run's is {digest}), e.g. left by a build whose "
+                       f"{MANIFEST} was deleted; its numbers would not match this run's.")
         return False
     return True

@@ -2,13 +2,15 @@
 
 import copy
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
 from datasets import Dataset
 
 import hf_fastif.builder as builder
-from hf_fastif import build_influence_table
+from hf_fastif import build_influence_table, compute_influences
 from hf_fastif.influence import default_arguments
 from tests.tiny import make_token_dataset, tiny_model
 
@@ -64,23 +66,86 @@ def test_a_build_directory_of_other_settings_is_refused(setup, pad_collator, tmp
     small = test.select(range(2))
     build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
                           data_collator=pad_collator)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"another build \(settings.influence_seed: 42 in the manifest, 1 now"):
         build_influence_table(model, train, small, tmp_path, default_arguments(**(ARGS | {"influence_seed": 1})),
                               shard_size=2, data_collator=pad_collator)
-    with pytest.raises(ValueError, match="different test"):
+    with pytest.raises(ValueError, match=r"another build \(test.num_rows: 2 in the manifest, 3 now"):
         build_influence_table(model, train, test.select(range(3)), tmp_path, default_arguments(**ARGS),
                               shard_size=2, data_collator=pad_collator)
     other = tiny_model("bert", seed=5)
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match=r"another build \(model.fingerprint: "):
         build_influence_table(other, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
                               data_collator=pad_collator)
-    manifest = tmp_path / builder.MANIFEST  # a build by an older hf_fastif (version 2: weights hashed with sha256)
+    manifest = tmp_path / builder.MANIFEST  # a build by an older hf_fastif (version 3: shards not tagged)
     recorded = json.loads(manifest.read_text())
-    recorded["signature"]["manifest_version"] = 2
+    recorded["signature"]["manifest_version"] = 3
     manifest.write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="made by an older hf_fastif.*Use a new output_dir"):
         build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
                               data_collator=pad_collator)
+
+
+def test_a_refusal_names_each_differing_setting_with_both_values(setup, pad_collator, tmp_path):
+    model, train, test = setup
+    small = test.select(range(2))
+    build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
+                          data_collator=pad_collator)
+    other = default_arguments(**(ARGS | {"influence_damping": 0.5, "influence_scoring_batch_size": 3}))
+    with pytest.raises(ValueError) as refused:
+        build_influence_table(model, train, small, tmp_path, other, shard_size=2, data_collator=pad_collator)
+    message = str(refused.value)
+    assert "another build (settings.influence_damping: 0.05 in the manifest, 0.5 now; " in message
+    assert "settings.influence_lambda: 1.0 in the manifest, 10.0 now)" in message
+    assert "scoring_batch_size" not in message  # a run-time setting: not a different build
+
+
+def test_a_resume_with_other_run_time_settings_reuses_the_finished_shards(setup, pad_collator, tmp_path,
+                                                                          monkeypatch):
+    model, train, test = setup
+    small = test.select(range(4))
+    first = build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
+                                  data_collator=pad_collator)
+    kept = tmp_path / "shards" / "shard-00000" / "influence_metadata.json"
+    written = kept.stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "shards" / "shard-00001")  # as if interrupted there
+    calls = {"n": 0}
+    real = builder.compute_influences
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(builder, "compute_influences", counted)
+    runtime = {"influence_scoring_batch_size": 1, "influence_hvp_batch_size": 3,
+               "influence_cache_dir": str(tmp_path / "cache")}
+    resumed = build_influence_table(model, train, small, tmp_path, default_arguments(**(ARGS | runtime)),
+                                    shard_size=2, data_collator=pad_collator)
+    assert calls["n"] == 1 and resumed.metadata["build"]["resumed_shards"] == 1
+    assert kept.stat().st_mtime_ns == written
+    a, b = (t.to_pandas().sort_values(["test_id", "train_id"]) for t in (first, resumed))
+    np.testing.assert_array_equal(a.train_id, b.train_id)
+    np.testing.assert_allclose(a.influence, b.influence, rtol=1e-9, atol=1e-12)  # float rounding at most
+
+
+def test_shards_of_another_build_are_computed_again_after_the_manifest_is_deleted(setup, pad_collator, tmp_path,
+                                                                                 caplog):
+    model, train, test = setup
+    small = test.select(range(4))
+    build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
+                          data_collator=pad_collator)
+    (tmp_path / builder.MANIFEST).unlink()  # the way past the refusal
+    other = default_arguments(**(ARGS | {"influence_damping": 0.5}))
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.builder"):
+        rebuilt = build_influence_table(model, train, small, tmp_path, other, shard_size=2,
+                                        data_collator=pad_collator)
+    assert rebuilt.metadata["build"]["resumed_shards"] == 0
+    for shard in ("shard-00000", "shard-00001"):
+        assert f"Computing {tmp_path / 'shards' / shard} again: it was computed for another build" in caplog.text
+    fresh = compute_influences(model, train, small, other, data_collator=pad_collator)
+    a, b = (t.to_pandas().sort_values(["test_id", "train_id"]) for t in (fresh, rebuilt))
+    np.testing.assert_array_equal(a.test_id, b.test_id)
+    np.testing.assert_array_equal(a.train_id, b.train_id)
+    np.testing.assert_allclose(a.influence, b.influence, rtol=1e-9, atol=1e-12)
 
 
 def scaled_loss(weight: float):
@@ -140,7 +205,7 @@ def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_pat
     ]
     for entry, change in changes:
         kwargs = same | {k: v for k, v in change.items() if k != "train_dataset"}
-        with pytest.raises(ValueError, match=f"a different [a-z_, ]*\\b{entry}\\b.*Use a new output_dir"):
+        with pytest.raises(ValueError, match=f"another build \\(.*\\b{entry}\\b.*Use a new output_dir"):
             build_influence_table(model, change.get("train_dataset", train), test, tmp_path, args, shard_size=2,
                                   **kwargs)
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from huggingface_hub import DatasetCard
 
 from hf_fastif import InfluenceTable
+from hf_fastif.table import InfluenceTableError
 from tests.hub_server import HubServer, hub_server_fixture, run_client, run_client_json  # noqa: F401 (fixture)
 
 REPO = "test-user/nli-influence"
@@ -150,3 +152,12 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert "corrupt" in errors["corrupt_shard"]["message"] and "train-00001-of-00003" in errors["corrupt_shard"]["message"]
     assert "not a valid Hub repo id" in errors["bad_repo_id"]["message"]
     assert out["private"] == len(v1) and "private or gated: pass token" in errors["private_anonymous"]["message"]
+
+
+def test_push_while_offline_is_a_table_error_naming_the_fix() -> None:
+    """The test process runs with HF_HUB_OFFLINE=1 (conftest): the Hub client refuses before any request, with a
+    ConnectionError that used to escape as a traceback."""
+    from hf_fastif.table.hub import push_table
+
+    with pytest.raises(InfluenceTableError, match=r"Could not reach the Hub to push .*'test-user/offline'.*Go online"):
+        push_table(make_table(0), "test-user/offline")

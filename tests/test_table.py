@@ -49,6 +49,36 @@ def test_save_load_round_trip_with_shards_and_text(tmp_path):
     assert card.startswith("---\nlicense: apache-2.0") and "path: data/*.parquet" in card
 
 
+def test_add_text_refuses_data_the_table_was_not_computed_on(tmp_path, pad_collator):
+    """train_id indexes the candidate rows and test_id the test rows: a dataset of another row count than the
+    metadata records, or one it knows (by fingerprint) as another of the table's datasets, is refused."""
+    from hf_fastif import compute_influences
+    from hf_fastif.influence import default_arguments
+    from tests.tiny import make_token_dataset, tiny_model
+
+    train, pool, test = make_token_dataset(8, seed=0), make_token_dataset(8, seed=2), make_token_dataset(2, seed=1)
+    args = default_arguments(influence_solver="cg", influence_damping=0.05, influence_knn_k=None,
+                             influence_params=[r"classifier\."], disable_tqdm=True)
+    computed = compute_influences(tiny_model("bert"), train, test, args, data_collator=pad_collator,
+                                  candidate_dataset=pool)
+    pool_text = Dataset.from_dict({"premise": [f"pool {i}" for i in range(8)]})
+    test_text = Dataset.from_dict({"premise": ["test 0", "test 1"]})
+    for table in (computed, InfluenceTable.load(computed.save(tmp_path / "t"))):
+        with pytest.raises(ValueError, match="The train_dataset given is the table's train_data .* but its train_id "
+                                             "indexes its candidate_data.*pass the candidate rows"):
+            table.add_text(train_dataset=train)  # as long as the pool, but the training rows
+        with pytest.raises(ValueError, match="train_id indexes the 8 rows of its candidate_data, but the "
+                                             "train_dataset given has 9 rows; pass the candidate rows"):
+            table.add_text(train_dataset=Dataset.from_dict({"premise": [f"x{i}" for i in range(9)]}))
+        with pytest.raises(ValueError, match="test_id indexes the 2 rows of its test_data, but the test_dataset "
+                                             "given has 8 rows; pass the test rows"):
+            table.add_text(test_dataset=pool_text)
+        texts = table.add_text(train_dataset=pool_text, test_dataset=test_text).to_pandas()
+        assert texts.train_premise.tolist() == [f"pool {i}" for i in texts.train_id]
+        assert texts.test_premise.tolist() == [f"test {i}" for i in texts.test_id]
+        assert len(table.add_text(train_dataset=pool, test_dataset=test)) == 16  # the tokenized rows themselves
+
+
 def test_broken_tables_are_refused(tmp_path):
     make_table().save(tmp_path / "t")
     meta = json.loads((tmp_path / "t" / "influence_metadata.json").read_text())
@@ -112,6 +142,31 @@ def test_writer_appends_shards_and_queries_read_only_what_they_need(tmp_path):
     table.save(tmp_path / "t")  # re-saving a loaded table over its own folder
     again = InfluenceTable.load(tmp_path / "t", verify=True)
     pd.testing.assert_frame_equal(again.to_pandas()[expected.columns], expected)
+
+
+def test_writer_orders_nan_influence_last_across_writes(tmp_path):
+    """NaN influence sorts after every number of its test id, in the writer's sortedness check as in the table:
+    rows that sort before an earlier write's NaN mark the shards unsorted, so queries still read lowest first."""
+    nan = float("nan")
+    with InfluenceTableWriter(tmp_path / "t") as writer:
+        writer.write({"test_id": [0, 0], "train_id": [0, 1], "influence": [-1.0, nan]})
+        writer.write({"test_id": [0, 0], "train_id": [2, 3], "influence": [-5.0, 2.0]})
+    table = InfluenceTable.load(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "influence_metadata.json").read_text())["storage"]["sorted"] is False
+    assert table.lowest(0, 1).influence.tolist() == [-5.0]
+    assert table.helpful(0).train_id.tolist() == [2, 0] and table.harmful(0).train_id.tolist() == [3]
+    assert table.highest(0, 4).train_id.tolist() == [3, 0, 2, 1]  # NaN last
+    in_memory = InfluenceTable.from_arrays([0, 0, 0, 0], [0, 1, 2, 3], [-1.0, nan, -5.0, 2.0])
+    pd.testing.assert_frame_equal(table.to_pandas(), in_memory.to_pandas())
+    assert table.dataset["train_id"] == [2, 0, 3, 1]
+
+    # writes already in that order (a NaN row followed by another NaN, or by the next test id) stay sorted
+    with InfluenceTableWriter(tmp_path / "s") as writer:
+        writer.write({"test_id": [0, 0], "train_id": [0, 1], "influence": [-1.0, nan]})
+        writer.write({"test_id": [0, 1], "train_id": [2, 0], "influence": [nan, -5.0]})
+        writer.write({"test_id": [1], "train_id": [1], "influence": [nan]})
+    assert json.loads((tmp_path / "s" / "influence_metadata.json").read_text())["storage"]["sorted"] is True
+    assert InfluenceTable.load(tmp_path / "s").lowest(1, 2).train_id.tolist() == [0, 1]
 
 
 def test_writer_aborts_on_error_and_refuses_other_columns(tmp_path):
@@ -246,3 +301,6 @@ def test_helpful_and_harmful_lists_hold_only_their_sign(tmp_path, on_disk):
         table.harmful(0, 2.5)
     with pytest.raises(KeyError, match="test_id 7 is not in this table"):
         table.describe(7)
+    for bad in (0.5, True):  # not silently the test point int() makes of it
+        with pytest.raises(TypeError, match="test_id must be an integer id"):
+            table.helpful(bad)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -82,6 +83,10 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
                 if _status(err) in (401, 403) else "")
         raise InfluenceTableError(f"Could not push the influence table to dataset repo {repo_id!r}: "
                                   f"HTTP {_status(err)}.{hint}") from err
+    except (ConnectionError, httpx.TransportError) as err:  # offline mode (OfflineModeIsEnabled), no network
+        raise InfluenceTableError(f"Could not reach the Hub to push the influence table to dataset repo {repo_id!r} "
+                                  f"({type(err).__name__}: {err}). Go online (HF_HUB_OFFLINE unset) and push again; "
+                                  "the table on disk is unchanged.") from err
     logger.info(f"Pushed {len(table)} influence rows to {url.repo_id} (commit {info.oid}).")
     return info.oid
 

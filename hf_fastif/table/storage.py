@@ -61,8 +61,15 @@ ORDER = ("test_id", "influence")  # rows are kept sorted by this key: most helpf
 
 
 def sort_order(table: pa.Table) -> np.ndarray:
-    """Row order of ``table`` by ``(test_id, influence)``; NaN influence sorts last within its test id."""
+    """Row order of ``table`` by ``(test_id, influence)``; NaN (or null) influence sorts last within its test id."""
     return np.lexsort((table.column("influence").to_numpy(), table.column("test_id").to_numpy()))
+
+
+def order_key(test_id: int, influence: float | None) -> tuple[int, bool, float]:
+    """The key of one row in the order of `sort_order`, comparable with ``<``: NaN and null influence after
+    every number of their test id (a bare ``(test_id, nan)`` tuple compares False both ways)."""
+    missing = influence is None or math.isnan(influence)
+    return test_id, missing, 0.0 if missing else influence
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------
@@ -316,7 +323,7 @@ class InfluenceTableWriter:
         self.schema = normalized_schema(schema) if schema is not None else None
         self.num_rows = 0
         self.sorted = True
-        self._last: tuple[int, float] | None = None
+        self._last: tuple[int, bool, float] | None = None  # `order_key` of the last row written
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._parts: list[Path] = []
@@ -350,10 +357,10 @@ class InfluenceTableWriter:
         if not table.num_rows:
             return
         table = table.take(sort_order(table))
-        first = (table.column("test_id")[0].as_py(), table.column("influence")[0].as_py())
+        first = order_key(table.column("test_id")[0].as_py(), table.column("influence")[0].as_py())
         if self._last is not None and first < self._last:
-            self.sorted = False
-        self._last = (table.column("test_id")[-1].as_py(), table.column("influence")[-1].as_py())
+            self.sorted = False  # the readers sort on read, with NaN last like `sort_order`
+        self._last = order_key(table.column("test_id")[-1].as_py(), table.column("influence")[-1].as_py())
         self._buffer.append(table)
         self._buffered += table.num_rows
         self.num_rows += table.num_rows

@@ -125,6 +125,8 @@ class InfluenceTable:
     # ---- the rows of one test point ----------------------------------------------------------------
     def _rows(self, test_id: int) -> pa.Table:
         """Every row of one test point as Arrow, lowest influence (most helpful) first."""
+        if isinstance(test_id, bool) or not isinstance(test_id, numbers.Integral):
+            raise TypeError(f"test_id must be an integer id, got {test_id!r}.")
         rows = self._reader.rows_for(int(test_id))
         if rows.num_rows:
             return rows
@@ -182,9 +184,21 @@ class InfluenceTable:
     def add_text(self, train_dataset: Dataset | None = None, test_dataset: Dataset | None = None,
                  columns: Sequence[str] = TEXT_COLUMNS) -> InfluenceTable:
         """A copy carrying ``train_<col>`` / ``test_<col>`` for the given columns that the datasets have,
-        so the table is readable on its own."""
+        so the table is readable on its own.
+
+        Args:
+            train_dataset: the rows ``train_id`` indexes: the candidate rows the table was computed on (the
+                ``candidate_dataset``, or the training rows when none was given), in the same order; their
+                untokenized version is fine.
+            test_dataset: the rows ``test_id`` indexes, in the order the table was computed on.
+        Raises:
+            ValueError: a dataset with another row count than the metadata records (``candidate_data`` /
+                ``test_data``), or one the metadata identifies (by its datasets fingerprint) as another of the
+                table's datasets. A same-length dataset in another order (shuffled, re-selected) cannot be
+                told from the untokenized rows, whose fingerprint differs from the recorded one anyway.
+        """
         table = self.to_arrow()
-        for name, values in _text_columns(table, train_dataset, test_dataset, columns).items():
+        for name, values in _text_columns(table, train_dataset, test_dataset, columns, self.metadata).items():
             if name in table.column_names:
                 table = table.drop_columns([name])
             table = table.append_column(name, values)
@@ -263,13 +277,41 @@ def _count(n) -> int:
     return int(n)
 
 
+# what each id of a table indexes: the metadata entry describing those rows, and what to pass for them
+INDEXED_DATA = {"train_id": ("candidate_data", "the candidate rows the table was computed on (its candidate_dataset, "
+                                               "or its train_dataset when it was given none)"),
+                "test_id": ("test_data", "the test rows the table was computed on")}
+
+
+def _check_indexed_data(source: Dataset, prefix: str, key: str, metadata: dict) -> None:
+    """Refuse ``source`` as the rows ``key`` indexes where the metadata proves it is not: another row count
+    than recorded, or the datasets fingerprint of another of the table's datasets. (A fingerprint that merely
+    differs proves nothing: the recorded one is of the tokenized rows, and users pass the untokenized ones.)"""
+    entry, what = INDEXED_DATA[key]
+    recorded = metadata.get(entry) or {}
+    fix = f"pass {what}, in the same order (untokenized rows are fine; not shuffled, selected or filtered)"
+    num_rows = recorded.get("num_rows")
+    if isinstance(num_rows, int) and num_rows != len(source):
+        raise ValueError(f"The table's {key} indexes the {num_rows} rows of its {entry}, but the {prefix}_dataset "
+                         f"given has {len(source)} rows; {fix}.")
+    fingerprint = getattr(source, "_fingerprint", None)
+    if fingerprint is None or fingerprint == recorded.get("fingerprint"):
+        return
+    for other in ("train_data", "test_data", "candidate_data"):
+        if other != entry and (metadata.get(other) or {}).get("fingerprint") == fingerprint:
+            raise ValueError(f"The {prefix}_dataset given is the table's {other} (the same datasets fingerprint), "
+                             f"but its {key} indexes its {entry}, another dataset; {fix}.")
+
+
 def _text_columns(table: pa.Table, train_dataset: Dataset | None, test_dataset: Dataset | None,
-                  columns: Sequence[str]) -> dict[str, pa.ChunkedArray]:
+                  columns: Sequence[str], metadata: dict) -> dict[str, pa.ChunkedArray]:
     """``train_<col>`` / ``test_<col>`` of the rows of ``table``, taken from the datasets by id."""
+    sources = [(p, s, k) for p, s, k in (("train", train_dataset, "train_id"), ("test", test_dataset, "test_id"))
+               if s is not None]
+    for prefix, source, key in sources:
+        _check_indexed_data(source, prefix, key, metadata)
     out = {}
-    for prefix, source, key in (("train", train_dataset, "train_id"), ("test", test_dataset, "test_id")):
-        if source is None:
-            continue
+    for prefix, source, key in sources:
         ids = table.column(key).to_numpy()
         if len(ids) and (ids.min() < 0 or ids.max() >= len(source)):
             raise ValueError(f"The table's {key} goes up to {ids.max()} but the {prefix} dataset has {len(source)} "
