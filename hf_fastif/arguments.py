@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 from transformers import TrainingArguments
 
 SOLVERS = ("lissa", "cg", "exact", "arnoldi")
@@ -137,17 +138,17 @@ def validate_influence_settings(args) -> None:
         raise ValueError(f"influence_damping must be >= 0, got {args.influence_damping}.")
     if not args.influence_scale > 0:
         raise ValueError(f"influence_scale must be > 0, got {args.influence_scale}.")
-    for name in ("influence_recursion_depth", "influence_batch_size", "influence_hvp_batch_size",
-                 "influence_scoring_batch_size", "influence_cg_max_iterations", "influence_arnoldi_rank",
-                 "influence_projection_dim"):
-        if int(getattr(args, name)) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}.")
-    if args.influence_repetitions is not None and args.influence_repetitions < 1:
-        raise ValueError("influence_repetitions must be >= 1, or None for one repetition per process.")
-    if args.influence_knn_k is not None and args.influence_knn_k < 1:
-        raise ValueError("influence_knn_k must be >= 1, or None to score every training point.")
-    if args.influence_arnoldi_rows is not None and args.influence_arnoldi_rows < 1:
-        raise ValueError("influence_arnoldi_rows must be >= 1, or None to use every training row.")
+    counts = {"influence_recursion_depth": "", "influence_batch_size": "", "influence_hvp_batch_size": "",
+              "influence_scoring_batch_size": "", "influence_cg_max_iterations": "", "influence_arnoldi_rank": "",
+              "influence_projection_dim": "", "influence_repetitions": ", or None for one repetition per process",
+              "influence_knn_k": ", or None to score every training point",
+              "influence_arnoldi_rows": ", or None to use every training row"}
+    for name, none in counts.items():
+        value = getattr(args, name)
+        if value is None and none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1{none}, got {value!r}.")
     if args.influence_cg_tol is not None and not args.influence_cg_tol > 0:
         raise ValueError(f"influence_cg_tol must be > 0 (or None for the dtype's default), got {args.influence_cg_tol}.")
     if args.influence_weight_decay < 0:

@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from torch import nn
@@ -75,6 +77,91 @@ def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
     return columns
 
 
+def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.Module, *,
+                 default_loss: bool = True, needs_target: bool = False) -> None:
+    """Check the stored values a forward would fail on, or turn into a silent zero, before any work.
+
+    Token ids must index the input embeddings, rows must fit a position table (absolute position embeddings),
+    and with the default loss of a single-label classifier every label must be a class id (or -100, ignored
+    in training). ``needs_target``: every row must have a target to measure (a test row labelled -100 has a
+    zero loss, so all its influences would be 0). Stored columns only; labels a collator makes are not seen.
+    """
+    arrow = dataset.select_columns(list(columns)).with_format("arrow")
+    vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
+    positions = _position_limit(model)
+    label = next((c for c in LABEL_COLUMNS if c in columns), None)
+    classes = _class_count(model) if default_loss else None
+    for start in range(0, len(dataset), 65536):
+        chunk = arrow[start : start + 65536]
+        ids = chunk.column("input_ids") if "input_ids" in chunk.column_names else None
+        if ids is not None and _is_list(ids.type):
+            lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+            if vocab is not None and len(flat) and flat.max() >= vocab:
+                first = int(np.argmax(flat >= vocab))
+                row = int(np.repeat(np.arange(len(lengths)), lengths)[first])
+                raise ValueError(f"{name} row {start + row} has token id {flat[first]}, but the model's input "
+                                 f"embeddings hold {vocab} tokens: the data was tokenized with another tokenizer "
+                                 "than the model's. Tokenize it with the model's own (AutoTokenizer.from_pretrained "
+                                 "of the same checkpoint).")
+            if positions is not None and len(lengths) and lengths.max() > positions:
+                row = int(np.argmax(lengths > positions))
+                raise ValueError(f"{name} row {start + row} has {lengths[row]} tokens, more than the model's "
+                                 f"{positions} positions. Tokenize with truncation=True, max_length={positions}.")
+        if label is None:
+            continue
+        values = chunk.column(label)
+        if pa.types.is_integer(values.type):
+            labels = values.to_numpy(zero_copy_only=False)
+            if classes is not None:
+                bad = np.flatnonzero(((labels < 0) | (labels >= classes)) & (labels != -100))
+                if len(bad):
+                    raise ValueError(f"{name} row {start + bad[0]} has label {labels[bad[0]]}, but the model has "
+                                     f"{classes} classes (0 to {classes - 1}). Map the labels to the model's "
+                                     "config.label2id, or use a model with a head of the right size.")
+            if needs_target and (labels == -100).any():
+                row = start + int(np.flatnonzero(labels == -100)[0])
+                raise ValueError(f"{name} row {row} is labelled -100 (ignored): its loss is 0, so every influence on "
+                                 "it would be 0. Drop the rows without a label, or give them one.")
+        elif needs_target and _is_list(values.type):
+            lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+            kept = np.bincount(np.repeat(np.arange(len(values)), lengths),
+                               weights=(pc.list_flatten(values).to_numpy(zero_copy_only=False) != -100),
+                               minlength=len(values))
+            if (kept == 0).any():
+                row = start + int(np.flatnonzero(kept == 0)[0])
+                raise ValueError(f"{name} row {row} has every label at -100 (ignored): its loss is 0, so every "
+                                 "influence on it would be 0. Drop it, or label at least one of its tokens.")
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def _embedding_size(module) -> int | None:
+    return module.num_embeddings if isinstance(module, nn.Embedding) else None
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """Rows longer than this overrun the model's absolute position embeddings (None: no such table)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.split(".")[-1] in ("position_embeddings", "wpe"):
+            offset = 0 if module.padding_idx is None else module.padding_idx + 1  # RoBERTa counts from pad + 1
+            return module.num_embeddings - offset
+    return None
+
+
+def _class_count(model: nn.Module) -> int | None:
+    """The class count of a single-label sequence classifier (None for any other head or loss)."""
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+        return None
+    if getattr(config, "problem_type", None) not in (None, "single_label_classification"):
+        return None
+    classes = getattr(config, "num_labels", None)
+    return classes if classes and classes > 1 else None
+
+
 class Batcher:
     """Collates rows of a dataset by position and moves them to ``device``.
 
@@ -133,6 +220,12 @@ class Batcher:
         try:
             batch = self.collator(features)
         except (ValueError, RuntimeError) as err:
+            label = next((c for c in LABEL_COLUMNS if c in features[0]), None)
+            if label is not None and isinstance(features[0][label], str):
+                raise ValueError(f"Could not collate rows into a batch: the {label!r} column holds strings "
+                                 f"({features[0][label]!r}); labels must be class ids. Map them with the model's "
+                                 "config.label2id, e.g. dataset.map(lambda r: {'label': model.config.label2id["
+                                 "r['label']]}), or dataset.class_encode_column('label').") from err
             raise ValueError(
                 f"Could not collate rows into a batch ({err}). Rows of different lengths need a padding "
                 "collator: pass data_collator=DataCollatorWithPadding(tokenizer) (the Trainer does this when "

@@ -36,7 +36,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .annotate import TextSource, save_with_text
-from .applications.common import predict
+from .applications.common import check_num_labels, predict
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .data import generate_nli, load_hans, load_mnli, tokenize_nli
@@ -144,9 +144,7 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     model = AutoModelForSequenceClassification.from_pretrained(build.model_name_or_path, revision=build.revision,
                                                                attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(build.model_name_or_path, revision=build.revision)
-    num_labels = model.config.num_labels
-    train = load_mnli(build.train_dataset, split=build.train_split, num_labels=num_labels)
-    test = _load_test(build.test_dataset, build.test_split, num_labels)
+    train, test = _nli_data(model.config, build)
     if build.max_train_samples:
         train = train.select(range(min(build.max_train_samples, len(train))))
     if build.max_test_samples:
@@ -164,12 +162,22 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     finish()  # under `accelerate launch`: every process waits for the writer, then the process group closes
 
 
-def _load_test(name: str, split: str, num_labels: int) -> Dataset:
-    """HANS when the file has its columns (heuristic, subcase), MNLI format otherwise."""
+def _nli_data(config, source) -> tuple[Dataset, Dataset]:
+    """The raw training rows (MNLI format) and test rows (HANS when the file has its columns, heuristic and
+    subcase; MNLI format otherwise) named by ``source`` (build or recall arguments), after checking that the
+    model's labels are in the data's order (0 = entailment, ...)."""
+    num_labels = check_num_labels(config, (2, 3), "NLI data")
+    train = load_mnli(source.train_dataset, split=source.train_split, num_labels=num_labels)
     try:
-        return load_hans(name, split=split)
+        test = load_hans(source.test_dataset, split=source.test_split)
     except ValueError:
-        return load_mnli(name, split=split, num_labels=num_labels)
+        return train, load_mnli(source.test_dataset, split=source.test_split, num_labels=num_labels)
+    if num_labels != 2:
+        raise ValueError(f"{source.test_dataset} is HANS (entailment / non-entailment), but the model has "
+                         f"{num_labels} labels: its class 1 is neutral, not non-entailment, so every non-entailment "
+                         "row would be measured against the wrong class. Use a 2-label (MNLI-2) checkpoint, or test "
+                         "rows in MNLI format.")
+    return train, test
 
 
 # ---- push / pull ---------------------------------------------------------------------------------------------
@@ -257,7 +265,8 @@ def run_show(ns: argparse.Namespace) -> int:
             print(f"\nmost {side} ({'negative' if side == 'helpful' else 'positive'} influence first)")
             print(_format(shown, _width()))
             if len(frame) < ns.n:
-                print(f"only {len(frame)} {side} rows among the {counts['num_candidates']} candidates")
+                print(f"only {len(frame)} {side} row{'' if len(frame) == 1 else 's'} among the "
+                      f"{counts['num_candidates']} candidates")
     return 0
 
 
@@ -279,7 +288,11 @@ def _open(source: str, revision: str | None) -> InfluenceTable:
         return InfluenceTable.load(source)
     if Path(source).exists() or source.startswith((".", "/", "~")):
         raise ValueError(f"{source!r} is not a table folder (pass the folder holding {Path('influence_metadata.json')}).")
-    return InfluenceTable.from_hub(source, revision=revision)
+    try:
+        return InfluenceTable.from_hub(source, revision=revision)
+    except ValueError as err:  # 'out/table' could be either: say both were tried
+        raise InfluenceTableError(f"{err} Nor is there a local folder {source!r}: for a table on disk, check the "
+                                  "path.") from err
 
 
 def _summary(table: InfluenceTable) -> str:
@@ -417,11 +430,10 @@ def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:
     if not recall.train_dataset or not recall.test_dataset:
         raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
                          "to explain).")
-    num_labels = AutoConfig.from_pretrained(recall.model_name_or_path, revision=recall.revision).num_labels
-    train = load_mnli(recall.train_dataset, split=recall.train_split, num_labels=num_labels)
+    train, test = _nli_data(AutoConfig.from_pretrained(recall.model_name_or_path, revision=recall.revision), recall)
     if recall.max_train_samples:
         train = train.select(range(min(recall.max_train_samples, len(train))))
-    return train, _load_test(recall.test_dataset, recall.test_split, num_labels)
+    return train, test
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
-from .batches import Batcher, validate_dataset
+from .batches import Batcher, check_values, validate_dataset
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint, tensor_digests
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
@@ -65,6 +65,11 @@ from .utils import Timer, library_version, to_json, write_atomic
 logger = logging.get_logger(__name__)
 
 COMBINE = ("none", "mean")
+PADDING_PROBE_ROWS = 64
+"""Rows among which `InfluenceEngine` picks the shortest and the longest for its padding probe."""
+PADDING_TOLERANCE = 1e-3
+"""Largest relative change of a row's logits under padding that counts as float rounding (20 machine epsilons of
+the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
 CHECK_BATCHES = 4
 """LiSSA's convergence check: B-row batches whose Hessians' top eigenvalues are estimated (Lanczos)."""
 CHECK_ITERATIONS = 5
@@ -125,6 +130,10 @@ class InfluenceEngine:
 
         self.model = model
         self.args = args if args is not None else default_arguments()
+        if not hasattr(self.args, "influence_solver"):
+            raise TypeError(f"args must be an InfluenceArguments (the influence_* settings), got "
+                            f"{type(self.args).__name__}; use hf_fastif.InfluenceArguments(output_dir=..., ...), "
+                            "which takes every TrainingArguments field too.")
         validate_influence_settings(self.args)
         self.data_collator = data_collator
         self.loss_fn = loss_fn
@@ -139,6 +148,7 @@ class InfluenceEngine:
         self._feature_index: tuple[tuple, Dataset] | None = None
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
+        self._padding_checked: set[tuple] = set()
         self._low_rank: tuple[tuple, tuple] | None = None
         self._saved_gradient_index: tuple | None = None  # (key, path, dtype) from load_caches, read on first use
         self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
@@ -218,12 +228,56 @@ class InfluenceEngine:
         return out
 
     def _prepare_s_test(self, call: _Call) -> torch.Tensor:
+        self._check_padding(call)
         with call.timer("trunk"):
             self._attach_trunks(call)
         with call.timer("test_gradients"):
             v = self._test_gradients(call)
+        bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())
+        if len(bad):
+            rows = "the mean of the test rows" if call.combine == "mean" else f"test rows {bad[:10].tolist()}"
+            raise FloatingPointError(f"The gradient of {rows} is not finite: the loss overflowed (a float16 / "
+                                     "bfloat16 model: compute influence on a float32 copy, model.float()) or is "
+                                     "inf / NaN for those rows.")
         with call.timer("s_test"):
             return self._s_test(call, v)
+
+    def _check_padding(self, call: _Call) -> None:
+        """Refuse a model whose output for a row changes with the padding around it (left padding without
+        position ids, for instance): every stage batches rows of different lengths, so its numbers would depend
+        on the batch sizes. One probe per model and training data: the shortest of the first rows alone, and
+        padded next to the longest."""
+        key = (call.model_fingerprint, call.train.dataset._fingerprint, self._functions["collator"])
+        if key in self._padding_checked:
+            return
+        first = range(min(PADDING_PROBE_ROWS, len(call.train)))
+        mask = call.train.batch(first, trunk=False).get("attention_mask")
+        if mask is not None and mask.shape[1] > int(mask.sum(1).min()):
+            lengths = mask.sum(1)
+            short, long = int(lengths.argmin()), int(lengths.argmax())
+            with torch.no_grad():
+                alone = self._probe_logits(call.train.batch([short], trunk=False))
+                padded = self._probe_logits(call.train.batch([short, long], trunk=False))[:1]
+            error = float((alone - padded).abs().max() / alone.abs().max().clamp_min(1.0))
+            dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
+            if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
+                raise ValueError(
+                    f"The model's output for train_dataset row {short} changes when it is padded next to row {long} "
+                    f"(relative difference {error:.2g}): every stage of influence batches rows of different "
+                    "lengths, so its numbers would depend on the batch sizes. The usual cause is left padding "
+                    "without position ids (GPT-2 and other absolute-position models count positions from the "
+                    "first pad): pad on the right (tokenizer.padding_side = 'right'), or use a collator that adds "
+                    "position_ids = attention_mask.cumsum(-1) - 1."
+                )
+        self._padding_checked.add(key)
+
+    def _probe_logits(self, batch: dict) -> torch.Tensor:
+        """Logits of a batch's real tokens (sequence logits as they are): ``(rows or tokens, ...)``, float."""
+        logits = logits_of(self.model(**model_inputs(batch))).float()
+        mask = batch.get("attention_mask")
+        if logits.dim() == 3 and mask is not None:  # per token: keep the real ones, in the row's own order
+            return logits[0][mask[0].bool()].unsqueeze(0)
+        return logits
 
     def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
         """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
@@ -266,10 +320,23 @@ class InfluenceEngine:
         return folder
 
     def load_caches(self, directory: str | os.PathLike) -> list[str]:
-        """Read caches written by `save_caches` (missing folder: nothing loaded); returns what was loaded."""
+        """Read caches written by `save_caches` (missing folder: nothing loaded); returns what was loaded. A
+        folder that cannot be read (damaged, truncated) is skipped with a warning: the caches only save time,
+        and this engine's own are left as they were."""
         folder = Path(directory)
         if not (folder / CACHE_MANIFEST).is_file():
             return []
+        state = (OrderedDict(self._trunks), self._low_rank, self._saved_gradient_index, dict(self._curvature),
+                 dict(self._from_disk))
+        try:
+            return self._read_caches(folder)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as err:
+            (self._trunks, self._low_rank, self._saved_gradient_index, self._curvature, self._from_disk) = state
+            logger.warning(f"Could not read the engine caches in {folder} ({type(err).__name__}: {err}); they are "
+                           "computed again when needed. Delete the folder (or save_caches over it) to replace them.")
+            return []
+
+    def _read_caches(self, folder: Path) -> list[str]:
         manifest = json.loads((folder / CACHE_MANIFEST).read_text())
         loaded = []
         device = next(self.model.parameters()).device
@@ -397,6 +464,12 @@ class InfluenceEngine:
             batcher.check_labels(name)
         if self.measurement_fn is None:
             test.check_labels("test_dataset")
+        default_loss = self.loss_fn is None
+        check_values(train_dataset, train_cols, "train_dataset", model, default_loss=default_loss)
+        own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
+        check_values(test_dataset, test_cols, "test_dataset", model, default_loss=own, needs_target=own)
+        if candidate_dataset is not train_dataset:
+            check_values(candidate_dataset, cand_cols, "candidate_dataset", model, default_loss=default_loss)
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay)
@@ -529,10 +602,18 @@ class InfluenceEngine:
                                     progress=call.progress)
         elif solver == "arnoldi":
             values, vectors = self._low_rank_hessian(call, v)
-            s_test, info = solve_low_rank(values, vectors, v, lam)
+            s_test, info = solve_low_rank(values, vectors, v, lam, curvature=self._l2_curvature(call))
         else:
             s_test, info = self._lissa(call, v)
         call.info.update(info)
+        if not bool(torch.isfinite(s_test).all()):
+            half = sorted({str(p.dtype).removeprefix("torch.") for p in call.params.values()} & {"float16", "bfloat16"})
+            raise FloatingPointError(
+                f"s_test ({solver}) is not finite: the Hessian-vector products overflowed"
+                + (f" in {', '.join(half)}" if half else "")
+                + ". Compute influence on a float32 copy of the model (model.float()), or check the loss of the "
+                "rows for inf/NaN."
+            )
         return s_test
 
     def _curvature_key(self, call: _Call, *extra) -> tuple:
@@ -540,11 +621,17 @@ class InfluenceEngine:
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
                 self.args.influence_seed, D.world(), *extra)
 
+    @staticmethod
+    def _l2_curvature(call: _Call) -> torch.Tensor | None:
+        """The L2 term's Hessian diagonal (``2·wd`` on the decayed parameters), None without an L2 term."""
+        return call.fm.l2_mask(call.params).to(call.work_dtype) if call.fm.decayed else None
+
     def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-``influence_arnoldi_rank`` eigenpairs of H over ``influence_arnoldi_rows`` seeded training rows
-        (all by default), computed once per weights / data / loss and kept by the engine."""
+        """The top-``influence_arnoldi_rank`` eigenpairs of the data term of H (the L2 term, known exactly, is
+        left to the solve) over ``influence_arnoldi_rows`` seeded training rows (all by default), computed once
+        per weights / data / loss and kept by the engine."""
         args = self.args
-        key = self._curvature_key(call, "arnoldi", args.influence_arnoldi_rank, args.influence_arnoldi_rows)
+        key = self._curvature_key(call, "arnoldi (data term)", args.influence_arnoldi_rank, args.influence_arnoldi_rows)
         if self._low_rank is not None and self._low_rank[0] == key:
             self._served("low_rank", key)  # (a no-op unless it was read from disk)
         else:
@@ -554,8 +641,9 @@ class InfluenceEngine:
             if rows is not None and rows < len(batcher):
                 batcher = batcher.subset(np.sort(np.random.default_rng([args.influence_seed, 11]).permutation(
                     len(batcher))[:rows]))
-            hvp = self._full_hvp(call, batcher)
-            self._low_rank = (key, low_rank_hessian(lambda x: hvp(x.unsqueeze(0))[0], v.shape[1],
+            hvp, l2 = self._full_hvp(call, batcher), self._l2_curvature(call)
+            data = (lambda x: hvp(x.unsqueeze(0))[0]) if l2 is None else (lambda x: hvp(x.unsqueeze(0))[0] - l2 * x)
+            self._low_rank = (key, low_rank_hessian(data, v.shape[1],
                                                     args.influence_arnoldi_rank, dtype=call.work_dtype,
                                                     device=v.device, seed=args.influence_seed))
         return self._low_rank[1]

@@ -27,11 +27,16 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def _last_token(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _token(hidden: torch.Tensor, mask: torch.Tensor | None, which: str) -> torch.Tensor:
+    """The state of each row's ``"first"`` or ``"last"`` real token (the attention mask's first / last 1), so
+    padding on either side gives the feature the row has alone."""
     if mask is None:
-        return hidden[:, -1]
-    last = mask.long().sum(1).clamp_min(1) - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[:, 0 if which == "first" else -1]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    real = mask.bool()
+    index = (torch.where(real, positions, mask.shape[1]).amin(1) if which == "first"
+             else torch.where(real, positions, -1).amax(1)).clamp(0, mask.shape[1] - 1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
 def model_features(model: nn.Module, batch: dict, method: str = "auto", split=None) -> torch.Tensor:
@@ -60,9 +65,9 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
             raise ValueError(f"{type(model).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
         return pooled
     if method == "cls":
-        return last[:, 0]
+        return _token(last, mask, "first")
     if method == "last" or (method == "auto" and getattr(model, "can_generate", lambda: False)()):
-        return _last_token(last, mask)
+        return _token(last, mask, "last")
     return _masked_mean(last, mask)
 
 

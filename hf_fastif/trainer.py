@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 from transformers import Trainer
+from transformers.utils import logging
 
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
@@ -12,6 +13,8 @@ from .fingerprint import callable_fingerprint
 from .influence import default_arguments
 from .loss import LossFn
 from .table import InfluenceTable
+
+logger = logging.get_logger(__name__)
 
 
 class InfluenceTrainer(Trainer):
@@ -37,6 +40,14 @@ class InfluenceTrainer(Trainer):
         self.influence_loss_fn = influence_loss_fn
         self.influence_measurement_fn = influence_measurement_fn
         self._influence_engine: InfluenceEngine | None = None
+        trained_on = [what for what, used in (
+            (f"label_smoothing_factor={self.args.label_smoothing_factor}", self.args.label_smoothing_factor),
+            ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None)) if used]
+        if trained_on and influence_loss_fn is None:
+            logger.warning(f"This trainer trains with {' and '.join(trained_on)}, but influence uses the model's "
+                           "plain loss (the head's own): the Hessian and gradients are not those of the loss that "
+                           "was trained. Pass influence_loss_fn=(outputs, batch) -> per-row loss to measure that "
+                           "one.")
 
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                          features=None) -> InfluenceEngine:

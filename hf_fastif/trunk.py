@@ -24,6 +24,7 @@ DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -305,7 +306,12 @@ class TrunkCache:
         return torch.from_file(str(path), shared=True, size=size, dtype=hidden.dtype).view(total, hidden.shape[-1])
 
     def hidden(self, rows: Sequence[int], batch: dict) -> torch.Tensor:
-        """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``, zeros at padding)."""
+        """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``).
+
+        Padding positions get a copy of the row's first token's state: the loss never reads them (the attention
+        mask hides them as keys, and their own outputs are not used), but they still run through the layers, and
+        zeros there, a state the layers never saw, made half-precision second derivatives overflow; the 0 · inf
+        of the backward pass then turned every parameter's product into NaN."""
         rows = np.asarray(rows, dtype=np.int64)
         mask = _token_mask(batch).cpu()
         if not np.array_equal(mask.sum(1).numpy(), self.lengths[rows]):
@@ -314,7 +320,8 @@ class TrunkCache:
         index = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offsets[rows], self.lengths[rows])])
         out = torch.zeros((*mask.shape, self.flat.shape[-1]), dtype=self.flat.dtype)
         out[mask] = self.flat[torch.from_numpy(index)]
-        return out.to(self.device)
+        first = out[torch.arange(mask.shape[0]), mask.to(torch.int8).argmax(1)]
+        return torch.where(mask[..., None], out, first[:, None, :]).to(self.device)
 
     @property
     def nbytes(self) -> int:
@@ -385,4 +392,5 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
     if full.dim() == 3:  # token logits: compare real tokens only
         full, top = full[mask], top[mask]
     scale = full.abs().max().clamp_min(1.0)
-    return float((full - top).abs().max() / scale)
+    error = float((full - top).abs().max() / scale)
+    return error if math.isfinite(error) else math.inf  # NaN logits on either side: no agreement

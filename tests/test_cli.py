@@ -76,6 +76,8 @@ def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> No
     assert "error: test_id 99 is not in this table" in capsys.readouterr().err
     assert main(["show", str(tmp_path / "nothing")]) == 2
     assert "is not a table folder" in capsys.readouterr().err
+    assert main(["show", "out/no-such-table"]) == 2  # a relative path or a Hub id: both tried, both named
+    assert "Nor is there a local folder 'out/no-such-table'" in capsys.readouterr().err
     assert main(["show", str(built)]) == 2  # a folder, but not a table
     assert "is not an influence table" in capsys.readouterr().err
     assert main(["build", "--output-dir", str(tmp_path / "x"), "--train_dataset", "t.jsonl"]) == 2

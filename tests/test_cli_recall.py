@@ -131,3 +131,29 @@ def test_recall_is_listed_in_help(capsys) -> None:
         main(["--help"])
     out = capsys.readouterr().out
     assert "{build,push,pull,show,recall}" in out and "hf-fastif recall --ks 1% 5%" in out
+
+
+def test_nli_data_refuses_a_model_whose_labels_the_data_would_misread(tmp_path):
+    """MNLI-format data is 0 = entailment, 1 = neutral, 2 = contradiction (or 1 = non_entailment): a checkpoint
+    with another order, or a 3-label one asked about HANS (whose 1 is non-entailment), would be trained against
+    and measured on the wrong classes without a word."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig
+
+    from hf_fastif.data import generate_nli
+
+    raw = generate_nli(seed=0, n_train=30, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    raw["train"].to_json(tmp_path / "train.jsonl")
+    raw["hans"].select(range(4)).to_json(tmp_path / "hans.jsonl")
+    source = SimpleNamespace(train_dataset=str(tmp_path / "train.jsonl"), train_split="train",
+                             test_dataset=str(tmp_path / "hans.jsonl"), test_split="validation")
+    flipped = BertConfig(num_labels=3, id2label={0: "contradiction", 1: "neutral", 2: "entailment"})
+    with pytest.raises(ValueError, match=r"\['contradiction', 'neutral', 'entailment'\].*0 = entailment, 1 = neutral"):
+        cli._nli_data(flipped, source)
+    with pytest.raises(ValueError, match="is HANS .* but the model has 3 labels"):
+        cli._nli_data(BertConfig(num_labels=3, id2label={0: "entailment", 1: "neutral", 2: "contradiction"}), source)
+    train, test = cli._nli_data(BertConfig(num_labels=2, id2label={0: "entailment", 1: "non-entailment"}), source)
+    assert len(train) == 30 and len(test) == 4 and set(test["label"]) <= {0, 1}
+    generic, _ = cli._nli_data(BertConfig(num_labels=2), source)  # LABEL_0, LABEL_1: nothing to check
+    assert len(generic) == 30

@@ -213,7 +213,7 @@ def test_projection_size_is_checked(data, pad_collator):
                              influence_projection_dim=10**9)
     with pytest.raises(ValueError, match="influence_projection_dim=1000000000 must be between 1 and"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
-    with pytest.raises(ValueError, match="influence_projection_dim must be a positive integer"):
+    with pytest.raises(ValueError, match="influence_projection_dim must be a whole number >= 1"):
         default_arguments(**BASE, influence_projection_dim=0)
 
 
@@ -288,6 +288,34 @@ def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_colla
     with pytest.raises(TypeError):  # the patched builders ran (and returned None): the saved caches were not used
         third.compute_influences(train, test)
     assert len(work) >= 2 and work[0] == len(train)
+
+
+def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tmp_path, caplog):
+    """Caches only save time: a folder that cannot be read (a truncated array, a damaged manifest) loads nothing,
+    says so, and leaves the engine's own caches as they were; the call still gives the same numbers."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=None)
+    first = InfluenceEngine(model, args, data_collator=pad_collator)
+    expected = first.compute_influences(train, test).to_pandas()
+    first.save_caches(tmp_path / "caches")
+    vectors = tmp_path / "caches" / "low_rank_vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:100])  # truncated after the trunk states
+    second = InfluenceEngine(model, args, data_collator=pad_collator)
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        assert second.load_caches(tmp_path / "caches") == []
+    hf_logging.disable_propagation()
+    assert "Could not read the engine caches" in caplog.text and not second._trunks
+    assert second.compute_influences(train, test).to_pandas().equals(expected)
+    first.save_caches(tmp_path / "intact")
+    from hf_fastif.engine import CACHE_MANIFEST
+
+    (tmp_path / "intact" / CACHE_MANIFEST).write_text("{not json")  # a damaged manifest, intact arrays
+    assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "intact") == []
 
 
 def test_loaded_caches_that_serve_no_call_are_reported_and_can_be_dropped_before_saving(data, pad_collator, tmp_path):

@@ -9,7 +9,7 @@ from datasets import Dataset
 from hf_fastif import InfluenceArguments, compute_influences
 from hf_fastif.influence import default_arguments
 from hf_fastif.solvers import LissaDivergenceError
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import VOCAB, make_token_dataset, tiny_model
 
 FAST = dict(influence_solver="cg", influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
             influence_params=[r"classifier\."], disable_tqdm=True)
@@ -46,6 +46,13 @@ def test_missing_labels(setup, pad_collator):
                            data_collator=pad_collator)
 
 
+def test_string_labels_are_named_as_such(setup, pad_collator):
+    model, train, test = setup
+    words = train.map(lambda r: {"labels": ["no", "yes"][r["labels"]]})
+    with pytest.raises(ValueError, match=r"'labels' column holds strings .*config.label2id"):
+        compute_influences(model, words, test, default_arguments(**FAST), data_collator=pad_collator)
+
+
 def test_ragged_rows_without_padding_collator(setup):
     model, train, test = setup
     with pytest.raises(ValueError, match="DataCollatorWithPadding"):
@@ -77,10 +84,12 @@ def test_params_matching_nothing(setup, pad_collator):
     "field,value,match",
     [("influence_solver", "newton", "use one of lissa, cg, exact"),
      ("influence_scale", 0.0, "influence_scale must be > 0"),
-     ("influence_knn_k", 0, "influence_knn_k must be >= 1"),
+     ("influence_knn_k", 0, "influence_knn_k must be a whole number >= 1, or None"),
+     ("influence_knn_k", 2.5, r"influence_knn_k must be a whole number >= 1, or None .* got 2\.5"),
+     ("influence_recursion_depth", 10.5, "influence_recursion_depth must be a whole number >= 1, got 10.5"),
      ("influence_params", ["("], "not a valid regex"),
      ("influence_knn_features", "max", "use one of auto"),
-     ("influence_repetitions", 0, "influence_repetitions must be >= 1")],
+     ("influence_repetitions", 0, "influence_repetitions must be a whole number >= 1")],
 )
 def test_invalid_arguments(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -154,3 +163,39 @@ def test_exact_refuses_too_many_parameters(pad_collator):
                                data_collator=pad_collator)
     finally:
         exact.MAX_EXACT_PARAMS = old
+
+
+def _with(dataset: Dataset, row: int, **values) -> Dataset:
+    return dataset.map(lambda r, i: values if i == row else {k: r[k] for k in values}, with_indices=True)
+
+
+@pytest.mark.parametrize("which, edit, match", [
+    ("train", dict(labels=7), r"train_dataset row 3 has label 7, but the model has 2 classes"),
+    ("test", dict(labels=-100), r"test_dataset row 3 is labelled -100 \(ignored\): its loss is 0"),
+    ("test", dict(input_ids=[1, 5, VOCAB + 3], attention_mask=[1, 1, 1]),
+     rf"test_dataset row 3 has token id {VOCAB + 3}, but the model's input embeddings hold {VOCAB} tokens"),
+    ("train", dict(input_ids=[1] * 35, attention_mask=[1] * 35),
+     r"train_dataset row 3 has 35 tokens, more than the model's 32 positions.*max_length=32"),
+])
+def test_bad_values_are_named_before_any_work(which, edit, match, setup, pad_collator, monkeypatch):
+    """Labels out of range, a test row without a target, token ids of another tokenizer and rows longer than
+    the position table: named by row before s_test (they failed deep in a forward after it, or gave zeros)."""
+    model, train, test = setup
+    train, test = (_with(train, 3, **edit), test) if which == "train" else (train, _with(
+        make_token_dataset(4, seed=1), 3, **edit))
+
+    def no_work(*_):
+        raise AssertionError("the check came after the work")
+
+    monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._prepare_s_test", no_work)
+    with pytest.raises(ValueError, match=match):
+        compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator)
+
+
+def test_training_arguments_without_the_influence_settings_are_refused(setup):
+    from transformers import TrainingArguments
+
+    from hf_fastif import InfluenceEngine
+
+    with pytest.raises(TypeError, match="args must be an InfluenceArguments"):
+        InfluenceEngine(setup[0], TrainingArguments(output_dir="unused", report_to=[]))

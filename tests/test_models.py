@@ -118,3 +118,23 @@ def test_paper_parameter_selection():
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     assert list(select_parameters(model, None)) == names
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_first_and_last_token_features_follow_the_attention_mask(side):
+    """'cls' and 'last' kNN features take each row's first / last real token, whichever side the padding is on
+    (taking position 0 and length - 1 gave padding or early tokens under left padding)."""
+    from hf_fastif.knn import _token
+
+    lengths = [2, 4, 3]
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    if side == "left":
+        mask = mask.flip(1)
+    hidden = torch.arange(15, dtype=torch.float64).reshape(3, 5, 1).expand(3, 5, 2)
+    first = [int(mask[r].nonzero()[0]) for r in range(3)]
+    last = [int(mask[r].nonzero()[-1]) for r in range(3)]
+    assert _token(hidden, mask, "first")[:, 0].tolist() == [5.0 * r + first[r] for r in range(3)]
+    assert _token(hidden, mask, "last")[:, 0].tolist() == [5.0 * r + last[r] for r in range(3)]
+    assert _token(hidden, None, "last")[:, 0].tolist() == [4.0, 9.0, 14.0]

@@ -288,3 +288,54 @@ def test_running_statistics_give_scores_independent_of_the_batch_size(pad_collat
         values.append(influence_values(compute_influences(model, train, test, args, data_collator=pad_collator)))
     assert np.abs(values[0]).max() > 0
     np.testing.assert_allclose(values[0], values[1], rtol=1e-9, atol=1e-14)
+
+
+def test_left_padding_that_changes_a_rows_output_is_refused(pad_collator):
+    """GPT-2 counts positions from the first pad: left padding without position ids changes a row's logits with
+    its batch, so influence would depend on the batch sizes. Refused before s_test; right padding runs."""
+    model = tiny_model("gpt2")
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    left = copy.deepcopy(pad_collator)
+    left.tokenizer.padding_side = "left"
+    args = default_arguments(**(EXACT | {"influence_params": [r"score\."]}))
+    with pytest.raises(ValueError, match=r"changes when it is padded next to row .*padding_side = 'right'"):
+        compute_influences(model, train, test, args, data_collator=left)
+    table = compute_influences(model, train, test, args, data_collator=pad_collator)
+    assert np.isfinite(influence_values(table)).all()
+
+
+def test_half_precision_with_the_trunk_cache_gives_finite_influence(pad_collator):
+    """The cached trunk states' padding positions are a real token's state, not zeros, which made float16
+    second derivatives overflow there and every influence NaN (with 'cg' and 'exact' silently)."""
+    train, test = make_token_dataset(40, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert")
+    from tests.tiny import train_tiny
+
+    train_tiny(model, train, pad_collator, epochs=5)
+    args = default_arguments(**(EXACT | {"influence_solver": "cg", "influence_damping": 1.0,
+                                          "influence_params": [r"encoder\.layer\.1\.", r"pooler\.",
+                                                               r"classifier\."]}))
+    half = compute_influences(model.half(), train, test, args, data_collator=pad_collator)
+    assert half.metadata["diagnostics"]["trunk"]["split"] is not None  # the cached path ran
+    full = compute_influences(model.double(), train, test, args, data_collator=pad_collator)
+    values, reference = influence_values(half), influence_values(full)
+    assert np.isfinite(values).all()
+    assert np.corrcoef(values, reference)[0, 1] > 0.99
+
+
+def test_non_finite_test_gradients_and_s_test_are_refused_with_the_fix(pad_collator, monkeypatch):
+    """A test loss that overflows made CG return zeros (its NaN residual never counted as unconverged), so every
+    influence was 0: refused by test row; and any solver's non-finite s_test is refused."""
+    model = tiny_model("bert")
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    default = make_default_loss(model)
+
+    def overflowing(outputs, batch):
+        return default(outputs, batch) * float("inf")
+
+    args = default_arguments(**(EXACT | {"influence_solver": "cg"}))
+    with pytest.raises(FloatingPointError, match=r"gradient of test rows \[0, 1\] is not finite.*model\.float\(\)"):
+        compute_influences(model, train, test, args, data_collator=pad_collator, measurement_fn=overflowing)
+    monkeypatch.setattr("hf_fastif.engine.solve_cg", lambda hvp, v, lam, **k: (torch.full_like(v, float("nan")), {}))
+    with pytest.raises(FloatingPointError, match=r"s_test \(cg\) is not finite.*model\.float\(\)"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)

@@ -7,7 +7,7 @@ import torch
 
 from hf_fastif import InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
-from hf_fastif.solvers import LissaDivergenceError, solve_cg, solve_lissa
+from hf_fastif.solvers import LissaDivergenceError, solve_cg, solve_exact, solve_lissa
 from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
 from tests.tiny import make_token_dataset, tiny_model
@@ -226,6 +226,11 @@ def test_mixed_dtype_parameters_keep_each_tangent_in_its_dtype(pad_collator, mon
     assert error < 5e-4 and error < one_dtype / 2, (error, one_dtype)
 
 
+def test_cg_refuses_a_non_finite_right_hand_side():
+    with pytest.raises(FloatingPointError, match="not finite"):
+        solve_cg(lambda m: m, torch.tensor([1.0, float("nan")]), 0.1, progress=False)
+
+
 def test_cg_tolerance_is_reachable_in_float32():
     matrix, _ = spectrum_matrix(np.linspace(0.1, 5.0, 30))
     v = torch.ones(30, dtype=torch.float32)
@@ -258,6 +263,23 @@ def test_low_rank_solver_is_the_truncated_eigendecomposition():
         solve_low_rank(torch.tensor([-1.0, 2.0], dtype=torch.float64), vectors[:2], v, 0.5)
 
 
+def test_low_rank_solve_keeps_a_diagonal_curvature_exactly():
+    """``(V diag(μ) Vᵀ + C + λI)⁻¹ v`` against a dense solve: C on some coordinates only (Woodbury), C constant
+    (folded into λ), and an indefinite low-rank term that C + λ does not outweigh refused."""
+    gen = torch.Generator().manual_seed(1)
+    vectors = torch.linalg.qr(torch.randn(30, 4, dtype=torch.float64, generator=gen))[0].T  # (4, 30) orthonormal
+    values = torch.tensor([7.0, 2.0, 0.5, -0.05], dtype=torch.float64)
+    v = torch.randn(3, 30, dtype=torch.float64, generator=gen)
+    lam = 0.1
+    for curvature in (torch.where(torch.arange(30) % 3 == 0, 0.0, 0.4).double(), torch.full((30,), 0.4).double()):
+        dense = vectors.T @ torch.diag(values) @ vectors + torch.diag(curvature) + lam * torch.eye(30).double()
+        got, _ = solve_low_rank(values, vectors, v, lam, curvature=curvature)
+        torch.testing.assert_close(got, torch.linalg.solve(dense, v.T).T, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="not positive definite"):
+        solve_low_rank(torch.tensor([7.0, -1.0]).double(), vectors[:2], v, lam,
+                       curvature=torch.where(torch.arange(30) % 3 == 0, 0.0, 0.4).double())
+
+
 def test_arnoldi_eigendecomposition_is_computed_once_per_model(bert, pad_collator, monkeypatch):
     import hf_fastif.engine as engine_module
 
@@ -271,3 +293,11 @@ def test_arnoldi_eigendecomposition_is_computed_once_per_model(bert, pad_collato
     engine.compute_influences(train, test)
     engine.compute_influences(train, make_token_dataset(3, seed=5))
     assert len(calls) == 1
+
+
+def test_exact_tells_a_singular_hessian_from_an_indefinite_one():
+    v = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"singular .*raise influence_damping above 0"):
+        solve_exact(torch.diag(torch.tensor([-1e-17, 1.0, 2.0], dtype=torch.float64)), v, 0.0)
+    with pytest.raises(ValueError, match=r"indefinite .*λ > 0\.5"):
+        solve_exact(torch.diag(torch.tensor([-0.5, 1.0, 2.0], dtype=torch.float64)), v, 0.1)

@@ -60,3 +60,24 @@ def test_plain_training_arguments_are_accepted(tmp_path, pad_collator):
     trainer.influence_args.influence_recursion_depth = 5
     trainer.influence_args.influence_scale = 100.0
     assert len(trainer.compute_influences(test)) == 5
+
+
+def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
+    """Label smoothing (or a compute_loss_func) trains another loss than the one influence differentiates by
+    default: said once, with the fix; an influence_loss_fn silences it."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, train = tiny_model("bert"), make_token_dataset(8, seed=0)
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        InfluenceTrainer(model=model, args=arguments(tmp_path, label_smoothing_factor=0.3), train_dataset=train,
+                         data_collator=pad_collator)
+        warned = caplog.text
+        caplog.clear()
+        InfluenceTrainer(model=model, args=arguments(tmp_path, label_smoothing_factor=0.3), train_dataset=train,
+                         data_collator=pad_collator, influence_loss_fn=lambda outputs, batch: outputs.logits[:, 0])
+    hf_logging.disable_propagation()
+    assert "label_smoothing_factor=0.3" in warned and "influence_loss_fn" in warned
+    assert "label_smoothing" not in caplog.text

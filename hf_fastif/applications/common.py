@@ -256,13 +256,18 @@ def with_seed(args: InfluenceArguments, seed: int) -> InfluenceArguments:
     return out
 
 
-def check_num_labels(model: nn.Module, expected: int | Sequence[int], what: str) -> int:
-    """Raise a `ValueError` naming the fix unless the model's head has one of the ``expected`` label counts."""
+NLI_ORDER = {2: ("entailment", "non_entailment"), 3: ("entailment", "neutral", "contradiction")}
+"""The label ids of NLI data here (`hf_fastif.data.load_mnli`, `load_hans`, `generate_nli`), by label count."""
+
+
+def check_num_labels(model, expected: int | Sequence[int], what: str) -> int:
+    """Raise a `ValueError` naming the fix unless the head (a model, or its config) has one of the ``expected``
+    label counts and, where ``config.id2label`` names its labels, the NLI order of `NLI_ORDER`."""
     expected = (expected,) if isinstance(expected, int) else tuple(expected)
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", model)
     num = getattr(config, "num_labels", None)
+    name = getattr(config, "_name_or_path", None) or type(model).__name__
     if num not in expected:
-        name = getattr(config, "_name_or_path", None) or type(model).__name__
         raise ValueError(
             f"{what} needs a model with {' or '.join(map(str, expected))} labels, but {name!r} has {num}. "
             + ("Use a 2-label (entailment / non_entailment, MNLI-2) checkpoint, or fine-tune one with "
@@ -270,15 +275,25 @@ def check_num_labels(model: nn.Module, expected: int | Sequence[int], what: str)
                if expected == (2,) else "Use a checkpoint whose label count matches the data.")
         )
     id2label = getattr(config, "id2label", None) or {}
-    first = str(id2label.get(0, id2label.get("0", ""))).lower()
-    generic = first == "" or first.startswith("label_")
-    if not generic and ("entail" not in first or first.startswith(("non", "not"))):
+    names = [str(id2label.get(i, id2label.get(str(i), ""))).lower() for i in range(num)]
+    order = NLI_ORDER.get(num)
+    generic = [n == "" or n.startswith("label_") for n in names]  # such names say nothing about the order
+    if order is not None and not all(g or _same_label(n, want) for g, n, want in zip(generic, names, order)):
         raise ValueError(
-            f"Label 0 of {getattr(config, '_name_or_path', '') or type(model).__name__!r} is {first!r}, but NLI "
-            "data here uses 0 = entailment (then non_entailment, or neutral, contradiction). Use a checkpoint "
-            "with that label order, or fix config.id2label if only the names are wrong."
+            f"The labels of {name!r} are {names} (config.id2label), but NLI data here uses "
+            f"{', '.join(f'{i} = {w}' for i, w in enumerate(order))}: its predictions and losses would be read as "
+            "the wrong classes. Use a checkpoint with that label order, or fix config.id2label if only the names "
+            "are wrong."
         )
     return num
+
+
+def _same_label(name: str, want: str) -> bool:
+    """Whether a label name is the NLI label ``want`` (``non-entailment``, ``not_entailment``: non_entailment)."""
+    negated = name.startswith(("non", "not"))
+    if want == "non_entailment":
+        return negated and "entail" in name
+    return not negated and name.startswith(want[:4])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

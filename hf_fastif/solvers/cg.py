@@ -27,9 +27,12 @@ def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, lam: 
 
     Raises:
         ValueError: on negative curvature (``pᵀ(H + λI)p ≤ 0``): H + λI is not positive definite.
+        FloatingPointError: if ``v`` is not finite.
     """
     squeeze = v.dim() == 1
     b = v.unsqueeze(0) if squeeze else v
+    if not bool(torch.isfinite(b).all()):  # a NaN residual never counts as unconverged: x = 0 would come back
+        raise FloatingPointError("CG's right-hand side (the test gradients) is not finite.")
     tol = default_tolerance(b.dtype) if tol is None else tol
     x = torch.zeros_like(b)
     r = b.clone()

@@ -42,10 +42,12 @@ def solve_exact(hessian: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[tor
     evals, evecs = torch.linalg.eigh(hessian.double())  # float64 whatever the model's dtype
     lo, hi = evals[0].item(), evals[-1].item()
     if lo + lam <= 0:
-        raise ValueError(
-            f"H + λI is not positive definite: the smallest Hessian eigenvalue is {lo:.4g} and λ = {lam:.4g} "
-            f"(influence_damping × influence_scale). The Hessian is indefinite (the model is not at a minimum); "
-            f"raise influence_damping so that λ > {-lo:.4g}."
-        )
+        singular = abs(lo) <= 1e-6 * max(abs(hi), 1e-30)  # zero up to rounding: flat directions, not negative ones
+        why = ("The Hessian is singular (flat directions: more parameters than the data pins down); "
+               "raise influence_damping above 0." if singular else
+               f"The Hessian is indefinite (the model is not at a minimum); raise influence_damping so that "
+               f"λ > {-lo:.4g}.")
+        raise ValueError(f"H + λI is not positive definite: the smallest Hessian eigenvalue is {lo:.4g} and "
+                         f"λ = {lam:.4g} (influence_damping × influence_scale). {why}")
     coeffs = (v.double() @ evecs) / (evals + lam)
     return (coeffs @ evecs.T).to(v.dtype), {"hessian_min_eigenvalue": lo, "hessian_max_eigenvalue": hi}

@@ -33,7 +33,9 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, iterat
             w = w - done.T @ (done @ w)
         beta = float(w.norm())
         if not torch.isfinite(w).all():
-            raise FloatingPointError("Lanczos met a non-finite Hessian-vector product.")
+            raise FloatingPointError("Lanczos met a non-finite Hessian-vector product: the products overflowed "
+                                     "(a float16 / bfloat16 model: compute influence on a float32 copy, "
+                                     "model.float()), or a loss is inf / NaN.")
         if beta <= 1e-10 * max(1.0, abs(alpha)):
             break
         betas.append(beta)
