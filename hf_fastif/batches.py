@@ -93,21 +93,20 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     classes = _class_count(model) if default_loss else None
     for start in range(0, len(dataset), 65536):
         chunk = arrow[start : start + 65536]
-        ids = chunk.column("input_ids") if "input_ids" in chunk.column_names else None
+        ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
         if ids is not None and _is_list(ids.type):
-            lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
-            flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+            flat, token_rows, lengths, sequence_rows = _sequences(ids)
             if vocab is not None and len(flat) and flat.max() >= vocab:
                 first = int(np.argmax(flat >= vocab))
-                row = int(np.repeat(np.arange(len(lengths)), lengths)[first])
-                raise ValueError(f"{name} row {start + row} has token id {flat[first]}, but the model's input "
-                                 f"embeddings hold {vocab} tokens: the data was tokenized with another tokenizer "
-                                 "than the model's. Tokenize it with the model's own (AutoTokenizer.from_pretrained "
-                                 "of the same checkpoint).")
+                raise ValueError(f"{name} row {start + token_rows[first]} has token id {flat[first]}, but the model's "
+                                 f"input embeddings hold {vocab} tokens: the data was tokenized with another "
+                                 "tokenizer than the model's. Tokenize it with the model's own "
+                                 "(AutoTokenizer.from_pretrained of the same checkpoint).")
             if positions is not None and len(lengths) and lengths.max() > positions:
-                row = int(np.argmax(lengths > positions))
-                raise ValueError(f"{name} row {start + row} has {lengths[row]} tokens, more than the model's "
-                                 f"{positions} positions. Tokenize with truncation=True, max_length={positions}.")
+                first = int(np.argmax(lengths > positions))
+                raise ValueError(f"{name} row {start + sequence_rows[first]} has a sequence of {lengths[first]} "
+                                 f"tokens, more than the model's {positions} positions. Tokenize with "
+                                 f"truncation=True, max_length={positions}.")
         if label is None:
             continue
         values = chunk.column(label)
@@ -132,6 +131,18 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 row = start + int(np.flatnonzero(kept == 0)[0])
                 raise ValueError(f"{name} row {row} has every label at -100 (ignored): its loss is 0, so every "
                                  "influence on it would be 0. Drop it, or label at least one of its tokens.")
+
+
+def _sequences(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A list column (lists of tokens, or lists of those, as for multiple choice) as ``(tokens, the row of each
+    token, the length of each innermost sequence, the row of each sequence)``."""
+    rows = np.arange(len(column))
+    while _is_list(column.type):
+        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+        sequence_rows = rows
+        rows = rows[pc.list_parent_indices(column).to_numpy(zero_copy_only=False)]
+        column = pc.list_flatten(column)
+    return column.to_numpy(zero_copy_only=False), rows, lengths, sequence_rows
 
 
 def _is_list(kind: pa.DataType) -> bool:

@@ -72,6 +72,8 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
         "train": train, "test": data_identity(test_dataset, "test_dataset", model), "candidates": candidates,
         **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
         "shard_size": shard_size,
+        # influence_repetitions=None means one LiSSA repetition per process: T is then the number of processes
+        "repetitions_used": args.influence_repetitions or D.world()[1],
     }
     return json.loads(to_json(signature))
 

@@ -48,13 +48,13 @@ from .params import num_parameters, select_parameters
 from .scoring import score_pairs
 from .solvers import (
     LissaDivergenceError,
+    LowRankSolve,
     build_hessian,
     extreme_eigenvalues,
     low_rank_hessian,
     solve_cg,
     solve_exact,
     solve_lissa,
-    solve_low_rank,
     suggest_scale,
 )
 from .solvers.exact import check_exact_size
@@ -149,7 +149,9 @@ class InfluenceEngine:
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
         self._padding_checked: set[tuple] = set()
+        self._values_checked: set[tuple] = set()  # (weights, dataset, ...) whose stored values passed `check_values`
         self._low_rank: tuple[tuple, tuple] | None = None
+        self._prepared_solve: tuple[tuple, LowRankSolve] | None = None  # (low-rank key, λ) -> its solve
         self._saved_gradient_index: tuple | None = None  # (key, path, dtype) from load_caches, read on first use
         self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
 
@@ -255,14 +257,14 @@ class InfluenceEngine:
         if mask is not None and mask.shape[1] > int(mask.sum(1).min()):
             lengths = mask.sum(1)
             short, long = int(lengths.argmin()), int(lengths.argmax())
-            with torch.no_grad():
-                alone = self._probe_logits(call.train.batch([short], trunk=False))
-                padded = self._probe_logits(call.train.batch([short, long], trunk=False))[:1]
-            error = float((alone - padded).abs().max() / alone.abs().max().clamp_min(1.0))
+            with torch.no_grad():  # each row's loss, as every stage computes it (any head, any loss_fn)
+                alone = call.fm.values_without_l2(call.params, call.train.batch([short], trunk=False))[0].double()
+                padded = call.fm.values_without_l2(call.params, call.train.batch([short, long], trunk=False))[0][:1]
+            error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
             dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
             if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
                 raise ValueError(
-                    f"The model's output for train_dataset row {short} changes when it is padded next to row {long} "
+                    f"The loss of train_dataset row {short} changes when it is padded next to row {long} "
                     f"(relative difference {error:.2g}): every stage of influence batches rows of different "
                     "lengths, so its numbers would depend on the batch sizes. The usual cause is left padding "
                     "without position ids (GPT-2 and other absolute-position models count positions from the "
@@ -270,14 +272,6 @@ class InfluenceEngine:
                     "position_ids = attention_mask.cumsum(-1) - 1."
                 )
         self._padding_checked.add(key)
-
-    def _probe_logits(self, batch: dict) -> torch.Tensor:
-        """Logits of a batch's real tokens (sequence logits as they are): ``(rows or tokens, ...)``, float."""
-        logits = logits_of(self.model(**model_inputs(batch))).float()
-        mask = batch.get("attention_mask")
-        if logits.dim() == 3 and mask is not None:  # per token: keep the real ones, in the row's own order
-            return logits[0][mask[0].bool()].unsqueeze(0)
-        return logits
 
     def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
         """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
@@ -404,7 +398,7 @@ class InfluenceEngine:
             cache.close()
         self._trunks.clear()
         self._split = None
-        self._feature_index = self._gradient_index = self._low_rank = None
+        self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = None
         self._saved_gradient_index = None
         self._curvature.clear()
         self._from_disk.clear()
@@ -465,11 +459,16 @@ class InfluenceEngine:
         if self.measurement_fn is None:
             test.check_labels("test_dataset")
         default_loss = self.loss_fn is None
-        check_values(train_dataset, train_cols, "train_dataset", model, default_loss=default_loss)
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
-        check_values(test_dataset, test_cols, "test_dataset", model, default_loss=own, needs_target=own)
+        checks = [(train_dataset, train_cols, "train_dataset", default_loss, False),
+                  (test_dataset, test_cols, "test_dataset", own, own and combine == "none")]
         if candidate_dataset is not train_dataset:
-            check_values(candidate_dataset, cand_cols, "candidate_dataset", model, default_loss=default_loss)
+            checks.append((candidate_dataset, cand_cols, "candidate_dataset", default_loss, False))
+        for dataset, columns, name, loss, target in checks:
+            key = (fingerprint, dataset._fingerprint, len(dataset), tuple(columns), name, loss, target)
+            if key not in self._values_checked:  # a scan of the stored columns, once per dataset and model
+                check_values(dataset, columns, name, model, default_loss=loss, needs_target=target)
+                self._values_checked.add(key)
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay)
@@ -601,8 +600,8 @@ class InfluenceEngine:
                                     max_iterations=args.influence_cg_max_iterations, tol=args.influence_cg_tol,
                                     progress=call.progress)
         elif solver == "arnoldi":
-            values, vectors = self._low_rank_hessian(call, v)
-            s_test, info = solve_low_rank(values, vectors, v, lam, curvature=self._l2_curvature(call))
+            solve = self._low_rank_solve(call, v)
+            s_test, info = solve(v), dict(solve.info)
         else:
             s_test, info = self._lissa(call, v)
         call.info.update(info)
@@ -625,6 +624,16 @@ class InfluenceEngine:
     def _l2_curvature(call: _Call) -> torch.Tensor | None:
         """The L2 term's Hessian diagonal (``2·wd`` on the decayed parameters), None without an L2 term."""
         return call.fm.l2_mask(call.params).to(call.work_dtype) if call.fm.decayed else None
+
+    def _low_rank_solve(self, call: _Call, v: torch.Tensor) -> LowRankSolve:
+        """The low-rank solve for this call's λ and L2 term, prepared once per low-rank Hessian and λ (with an L2
+        term on some parameters only, its preparation reads the eigenvectors once more)."""
+        values, vectors = self._low_rank_hessian(call, v)
+        key = (self._low_rank[0], self.args.influence_lambda)
+        if self._prepared_solve is None or self._prepared_solve[0] != key:
+            self._prepared_solve = (key, LowRankSolve(values, vectors, self.args.influence_lambda,
+                                                      self._l2_curvature(call)))
+        return self._prepared_solve[1]
 
     def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-``influence_arnoldi_rank`` eigenpairs of the data term of H (the L2 term, known exactly, is

@@ -325,8 +325,12 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
         sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
                            args.influence_seed, saved[2])
-        engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
-        engine._served("gradient_index", key)
+        try:
+            engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
+            engine._served("gradient_index", key)
+        except (RuntimeError, OSError) as err:  # faiss: a damaged or truncated file; built again below
+            logger.warning(f"Could not read the saved gradient index {saved[1]} ({err}); building it again.")
+            engine._saved_gradient_index = None
     if engine._gradient_index is None or engine._gradient_index[0] != key:
         engine._gradient_index = None
         engine._replaced("gradient_index", key)

@@ -224,3 +224,16 @@ def test_a_damaged_shard_is_computed_again_and_unknown_keywords_are_refused(setu
     assert rebuilt.to_pandas().equals(full.to_pandas())
     with pytest.raises(TypeError, match="unknown keyword arguments \\['collator'\\]"):
         build_influence_table(model, train, small, tmp_path, args, shard_size=2, collator=pad_collator)
+
+
+def test_the_signature_records_the_repetitions_a_build_runs(setup, monkeypatch):
+    """With influence_repetitions=None LiSSA runs one repetition per process: resuming under another number of
+    processes would mix shards of other T, so the signature records the T used."""
+    model, train, test = setup
+    per_process = default_arguments(**(ARGS | {"influence_repetitions": None}))
+    one = builder.build_signature(model, train, test, per_process, 2)
+    monkeypatch.setattr(builder.D, "world", lambda: (0, 4))
+    four = builder.build_signature(model, train, test, per_process, 2)
+    assert (one["repetitions_used"], four["repetitions_used"]) == (1, 4)
+    fixed = default_arguments(**ARGS)
+    assert builder.build_signature(model, train, test, fixed, 2)["repetitions_used"] == 2

@@ -311,6 +311,20 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     hf_logging.disable_propagation()
     assert "Could not read the engine caches" in caplog.text and not second._trunks
     assert second.compute_influences(train, test).to_pandas().equals(expected)
+    gradient = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
+                                 influence_knn_features="gradient", influence_projection_dim=64)
+    indexed = InfluenceEngine(model, gradient, data_collator=pad_collator)
+    with_index = indexed.compute_influences(train, test).to_pandas()
+    indexed.save_caches(tmp_path / "indexed")
+    index = tmp_path / "indexed" / "gradient.faiss"
+    index.write_bytes(index.read_bytes()[:64])  # read on first use, not by load_caches: rebuilt then, with a warning
+    reader = InfluenceEngine(model, gradient, data_collator=pad_collator)
+    assert "gradient_index" in reader.load_caches(tmp_path / "indexed")
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        assert reader.compute_influences(train, test).to_pandas().equals(with_index)
+    hf_logging.disable_propagation()
+    assert "Could not read the saved gradient index" in caplog.text
     first.save_caches(tmp_path / "intact")
     from hf_fastif.engine import CACHE_MANIFEST
 

@@ -175,7 +175,7 @@ def _with(dataset: Dataset, row: int, **values) -> Dataset:
     ("test", dict(input_ids=[1, 5, VOCAB + 3], attention_mask=[1, 1, 1]),
      rf"test_dataset row 3 has token id {VOCAB + 3}, but the model's input embeddings hold {VOCAB} tokens"),
     ("train", dict(input_ids=[1] * 35, attention_mask=[1] * 35),
-     r"train_dataset row 3 has 35 tokens, more than the model's 32 positions.*max_length=32"),
+     r"train_dataset row 3 has a sequence of 35 tokens, more than the model's 32 positions.*max_length=32"),
 ])
 def test_bad_values_are_named_before_any_work(which, edit, match, setup, pad_collator, monkeypatch):
     """Labels out of range, a test row without a target, token ids of another tokenizer and rows longer than
@@ -199,3 +199,12 @@ def test_training_arguments_without_the_influence_settings_are_refused(setup):
 
     with pytest.raises(TypeError, match="args must be an InfluenceArguments"):
         InfluenceEngine(setup[0], TrainingArguments(output_dir="unused", report_to=[]))
+
+
+def test_an_unlabelled_test_row_is_fine_under_a_mean(setup, pad_collator):
+    """Under combine="mean" a row labelled -100 adds nothing to the mean loss; the others still make s_test."""
+    model, train, _ = setup
+    test = _with(make_token_dataset(4, seed=1), 3, labels=-100)
+    table = compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator,
+                               combine="mean")
+    assert len(table) == 20 and (table.to_pandas().influence != 0).any()

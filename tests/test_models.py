@@ -138,3 +138,44 @@ def test_first_and_last_token_features_follow_the_attention_mask(side):
     assert _token(hidden, mask, "first")[:, 0].tolist() == [5.0 * r + first[r] for r in range(3)]
     assert _token(hidden, mask, "last")[:, 0].tolist() == [5.0 * r + last[r] for r in range(3)]
     assert _token(hidden, None, "last")[:, 0].tolist() == [4.0, 9.0, 14.0]
+
+
+class ScoresClassifier(PlainClassifier):
+    """Returns a dict without `logits`: usable with a loss_fn of its own."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"scores": super().forward(input_ids, attention_mask).logits}
+
+
+def test_a_model_without_logits_runs_with_its_loss_fn(pad_collator):
+    """The padding probe compares the rows' losses as every stage computes them, so a model that returns no
+    `.logits` but comes with a loss_fn is probed and accepted, not refused for its output type."""
+    torch.manual_seed(0)
+    model = ScoresClassifier().double()
+    train, test = make_token_dataset(25, seed=0), make_token_dataset(3, seed=1)
+
+    def loss_fn(outputs, batch):
+        return nn.functional.cross_entropy(outputs["scores"], batch["labels"], reduction="none")
+
+    args = default_arguments(**(ARGS | {"influence_solver": "exact", "influence_knn_k": None}))
+    table = compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=loss_fn)
+    assert len(table) == 3 * 25 and np.isfinite(table.to_pandas().influence).all()
+
+
+def test_stored_values_of_nested_token_lists_are_checked_per_sequence():
+    """Multiple-choice rows hold a list of token lists: token ids and sequence lengths are checked inside them
+    (a one-level flatten crashed on them) and a bad one is named by its row."""
+    from datasets import Dataset
+
+    from hf_fastif.batches import check_values
+    from tests.tiny import VOCAB
+
+    model = tiny_model("bert")  # vocabulary 60, 32 positions
+    good = Dataset.from_dict({"input_ids": [[[1, 2], [3, 4, 5]], [[1], [6, 2]]], "labels": [0, 1]})
+    check_values(good, ["input_ids", "labels"], "train_dataset", model)
+    bad_id = Dataset.from_dict({"input_ids": [[[1, 2], [3, 4, 5]], [[1], [VOCAB + 1, 2]]], "labels": [0, 1]})
+    with pytest.raises(ValueError, match=rf"train_dataset row 1 has token id {VOCAB + 1}"):
+        check_values(bad_id, ["input_ids", "labels"], "train_dataset", model)
+    too_long = Dataset.from_dict({"input_ids": [[[1, 2], [3] * 33], [[1], [6, 2]]], "labels": [0, 1]})
+    with pytest.raises(ValueError, match=r"train_dataset row 0 has a sequence of 33 tokens"):
+        check_values(too_long, ["input_ids", "labels"], "train_dataset", model)

@@ -278,6 +278,15 @@ def test_low_rank_solve_keeps_a_diagonal_curvature_exactly():
     with pytest.raises(ValueError, match="not positive definite"):
         solve_low_rank(torch.tensor([7.0, -1.0]).double(), vectors[:2], v, lam,
                        curvature=torch.where(torch.arange(30) % 3 == 0, 0.0, 0.4).double())
+    # a negative μ below -λ that C outweighs is positive definite: accepted (μ + λ alone would refuse it)
+    curvature = torch.where(torch.arange(30) % 3 == 0, 0.0, 0.4).double()
+    inside = torch.zeros(1, 30, dtype=torch.float64)
+    inside[0, 1], inside[0, 2] = 0.6, 0.8  # a unit vector where C = 0.4
+    for values_, vectors_, c in ((torch.tensor([-0.45]).double(), inside, curvature),
+                                 (torch.tensor([-0.45]).double(), vectors[:1], torch.full((30,), 0.4).double())):
+        dense = vectors_.T @ torch.diag(values_) @ vectors_ + torch.diag(c) + lam * torch.eye(30).double()
+        got, _ = solve_low_rank(values_, vectors_, v, lam, curvature=c)
+        torch.testing.assert_close(got, torch.linalg.solve(dense, v.T).T, rtol=1e-10, atol=1e-12)
 
 
 def test_arnoldi_eigendecomposition_is_computed_once_per_model(bert, pad_collator, monkeypatch):

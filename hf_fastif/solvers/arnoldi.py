@@ -35,50 +35,69 @@ def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: in
     return values[keep], vectors[keep]
 
 
-def solve_low_rank(values: torch.Tensor, vectors: torch.Tensor, v: torch.Tensor, lam: float,
-                   curvature: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """``(V diag(μ) Vᵀ + C + λI)⁻¹ v`` for ``v`` of shape ``(p,)`` or ``(m, p)`` (see the module docstring).
+class LowRankSolve:
+    """``v ↦ (V diag(μ) Vᵀ + C + λI)⁻¹ v`` for one λ and C, prepared once (`prepare_low_rank`): each call reads the
+    r × p block V twice, whatever C is.
 
     Args:
         values, vectors: the low-rank term's eigenpairs, ``(r,)`` and orthonormal rows ``(r, p)``.
+        lam: λ > 0.
         curvature: ``C``'s diagonal ``(p,)``, >= 0 (the L2 term's ``2·wd`` on the decayed parameters); None: 0.
     Raises:
         ValueError: if ``λ ≤ 0`` or the matrix is not positive definite, with the damping to use.
     """
-    if not lam > 0:
-        raise ValueError(f"influence_solver='arnoldi' needs λ = damping × scale > 0 (the directions outside the "
-                         f"top-r eigenspace are divided by λ); got λ = {lam:g}. Raise influence_damping.")
-    squeeze = v.dim() == 1
-    v = v.unsqueeze(0) if squeeze else v
-    basis = vectors.to(v.dtype)
-    mu = values.to(device=v.device, dtype=torch.float64)  # values live on the CPU (Lanczos' tridiagonal solve)
-    lo = float(values.min())
-    shift = 0.0 if curvature is None else float(curvature.min())
-    info = {"arnoldi_rank": int(values.numel()), "hessian_max_eigenvalue": float(values.max()) + shift,
-            "hessian_min_ritz_value": lo + shift}
-    if curvature is None or float(curvature.max()) == shift:  # C = c·I: one damping for every direction
-        damp = lam + shift
-        _refuse_indefinite(lo + damp, lo + shift, lam)
-        coeffs = v @ basis.T  # (m, r)
-        # V diag(1/(μ+d)) Vᵀv + (v - V Vᵀv)/d  =  v/d - V diag(μ / (d(μ+d))) Vᵀv: two passes over V, not three
-        # (V is r x p: at millions of parameters the solve is bound by reading it)
-        weights = (mu / (damp * (mu + damp))).to(v.dtype)
-        s = torch.addmm(v, coeffs * weights, basis, beta=1.0 / damp, alpha=-1.0)
-        return (s[0] if squeeze else s), info
-    inverse = 1.0 / (curvature.to(device=v.device, dtype=v.dtype) + lam)  # D⁻¹, D = C + λI
-    scaled = basis * inverse  # V D⁻¹ (r, p)
-    gram = (scaled.double() @ basis.double().T)  # V D⁻¹ Vᵀ, symmetric positive semi-definite (r, r)
-    # D + Vᵀ diag(μ) V is positive definite iff I + G^½ diag(μ) G^½ is (congruence by D^-½)
-    g_values, g_vectors = torch.linalg.eigh(gram)
-    root = g_vectors @ torch.diag(g_values.clamp_min(0.0).sqrt()) @ g_vectors.T
-    smallest = float(torch.linalg.eigvalsh(torch.eye(len(mu), dtype=torch.float64, device=v.device)
-                                           + root @ torch.diag(mu) @ root)[0])
-    _refuse_indefinite(smallest, lo + shift, lam)
-    coeffs = (v @ scaled.T).double()  # V D⁻¹ v (m, r)
-    kernel = torch.eye(len(mu), dtype=torch.float64, device=v.device) + mu[:, None] * gram  # I + diag(μ) G
-    y = torch.linalg.solve(kernel, mu[:, None] * coeffs.T).T.to(v.dtype)  # (m, r)
-    s = v * inverse - y @ scaled
-    return (s[0] if squeeze else s), info
+
+    def __init__(self, values: torch.Tensor, vectors: torch.Tensor, lam: float,
+                 curvature: torch.Tensor | None = None):
+        if not lam > 0:
+            raise ValueError(f"influence_solver='arnoldi' needs λ = damping × scale > 0 (the directions outside the "
+                             f"top-r eigenspace are divided by λ); got λ = {lam:g}. Raise influence_damping.")
+        self.vectors = vectors
+        mu = values.to(dtype=torch.float64)  # on the CPU (Lanczos' tridiagonal solve), as the r x r work below
+        lo = float(mu.min())
+        shift = 0.0 if curvature is None else float(curvature.min())
+        self.info = {"arnoldi_rank": int(mu.numel()), "hessian_max_eigenvalue": float(mu.max()) + shift,
+                     "hessian_min_ritz_value": lo + shift}
+        self.inverse: torch.Tensor | None = None
+        if curvature is None or float(curvature.max()) == shift:  # C = c·I: one damping d for every direction
+            self.damp = lam + shift
+            _refuse_indefinite(lo + self.damp, lo + shift, lam)
+            # V diag(1/(μ+d)) Vᵀv + (v - V Vᵀv)/d  =  v/d - V diag(μ / (d(μ+d))) Vᵀv
+            self.weights = mu / (self.damp * (mu + self.damp))
+            return
+        # Woodbury with D = C + λI: D⁻¹v - D⁻¹ Vᵀ (I + diag(μ) G)⁻¹ diag(μ) V D⁻¹ v, G = V D⁻¹ Vᵀ (r x r)
+        self.inverse = 1.0 / (curvature.to(dtype=torch.float64) + lam)
+        gram = torch.zeros(len(mu), len(mu), dtype=torch.float64)
+        for start in range(0, vectors.shape[1], 1 << 20):  # r x 2^20 float64 at a time, not a second r x p block
+            part = vectors[:, start : start + (1 << 20)].to(dtype=torch.float64)
+            gram += ((part * self.inverse[start : start + (1 << 20)].to(part.device)) @ part.T).cpu()
+        # D + Vᵀ diag(μ) V is positive definite iff I + G^½ diag(μ) G^½ is (congruence by D^-½)
+        g_values, g_vectors = torch.linalg.eigh(gram)
+        root = g_vectors @ torch.diag(g_values.clamp_min(0.0).sqrt()) @ g_vectors.T
+        eye = torch.eye(len(mu), dtype=torch.float64)
+        _refuse_indefinite(float(torch.linalg.eigvalsh(eye + root @ torch.diag(mu) @ root)[0]), lo + shift, lam)
+        self.weights = torch.linalg.solve(eye + mu[:, None] * gram, torch.diag(mu))  # (I + diag(μ) G)⁻¹ diag(μ)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """The solve for ``v`` of shape ``(p,)`` or ``(m, p)``, in its dtype and on its device."""
+        squeeze = v.dim() == 1
+        v = v.unsqueeze(0) if squeeze else v
+        basis = self.vectors.to(v.dtype)
+        weights = self.weights.to(device=v.device, dtype=v.dtype)  # (r,) or (r, r), made on the CPU
+        if self.inverse is None:  # two passes over V (at millions of parameters the solve is bound by reading it)
+            s = torch.addmm(v, (v @ basis.T) * weights, basis, beta=1.0 / self.damp, alpha=-1.0)
+        else:
+            inverse = self.inverse.to(device=v.device, dtype=v.dtype)
+            s = inverse * torch.addmm(v, (v * inverse) @ basis.T @ weights.T, basis, alpha=-1.0)
+        return s[0] if squeeze else s
+
+
+def solve_low_rank(values: torch.Tensor, vectors: torch.Tensor, v: torch.Tensor, lam: float,
+                   curvature: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """``(V diag(μ) Vᵀ + C + λI)⁻¹ v`` and the solver's diagnostics, prepared and solved at once (see
+    `LowRankSolve`; keep one of those to solve many ``v`` with the same λ and C)."""
+    solve = LowRankSolve(values, vectors, lam, curvature)
+    return solve(v), dict(solve.info)
 
 
 def _refuse_indefinite(margin: float, lowest: float, lam: float) -> None:
