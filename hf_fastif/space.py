@@ -471,6 +471,11 @@ class SpaceState:
     def heuristics(self) -> list[str]:
         return sorted(self.tests["heuristic"].dropna().unique().tolist()) if "heuristic" in self.tests else []
 
+    @property
+    def has_predictions(self) -> bool:
+        """Whether the table records the model's predictions (so examples can be filtered by correct / wrong)."""
+        return "correct" in self.tests
+
     def choices(self, heuristic: str = ALL, correctness: str = ALL) -> list[tuple[str, int]]:
         """``(label, test_id)`` of the test examples matching the filters (``correctness``: all / correct /
         wrong)."""
@@ -481,7 +486,10 @@ class SpaceState:
         tests = self.tests
         if heuristic not in (ALL, None, "") and "heuristic" in tests:
             tests = tests[tests["heuristic"] == heuristic]
-        if correctness in ("correct", "wrong") and "correct" in tests:
+        if correctness in ("correct", "wrong"):
+            if "correct" not in tests:
+                raise ValueError("This table records no predictions, so it cannot tell correct from wrong examples; "
+                                 "choose all (build the table with predictions to filter by them).")
             tests = tests[tests["correct"] == (correctness == "correct")]
         return [(self._title(row), int(row.test_id)) for row in tests.itertuples()]
 
@@ -777,6 +785,9 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
                                   "train_hypothesis, train_label); build it with text (hf_fastif.annotate."
                                   "save_with_text or `hf-fastif build`).")
     frame = table.dataset.select_columns(needed).to_pandas().drop_duplicates("train_id").sort_values("train_id")
+    if len(frame) > MAX_TRAIN_ROWS:
+        logger.warning(f"Live explanations use the first {MAX_TRAIN_ROWS:,} of the {len(frame):,} training rows this "
+                       "table carries (by train_id): their Hessian and candidates are those rows', not the table's.")
     frame = frame.head(MAX_TRAIN_ROWS).rename(columns=lambda c: c.removeprefix("train_"))
     return Dataset.from_pandas(frame.rename(columns={"id": "train_id"}), preserve_index=False)
 
@@ -784,6 +795,13 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
 def _explainer(table: InfluenceTable, model_name: str, train: Dataset, *, cache_dir: Path | None = None) -> Explainer:
     model = AutoModelForSequenceClassification.from_pretrained(model_name, attn_implementation="eager")
     table.check_model(model)
+    recorded = (table.metadata.get("model") or {}).get("num_influence_parameters")
+    selected = num_parameters(select_parameters(model, (table.metadata.get("settings") or {}).get("influence_params")))
+    if recorded is not None and int(recorded) != selected:
+        raise ValueError(f"The table's influence is over {int(recorded):,} parameters, but its influence_params select "
+                         f"{selected:,} of the model as loaded (influence_params=None takes every trainable parameter, "
+                         "and lower layers frozen at build time are trainable again once loaded): live values would "
+                         "not be the table's. Build the table with explicit influence_params.")
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     names = table.metadata.get("label_names") or [model.config.id2label[i] for i in range(model.config.num_labels)]
     ids = np.asarray(train["train_id"]) if "train_id" in train.column_names else None  # rows taken from a table

@@ -98,7 +98,7 @@ def create_demo(startup: Startup) -> gr.Blocks:
         if not now["ready"]:
             return (text, *[gr.update()] * 8, gr.Timer(active=not now["failed"]))
         state = startup.state
-        wrong = state.choices(ALL, "wrong")
+        wrong = state.choices(ALL, "wrong") if state.has_predictions else []
         choices = wrong or state.choices()
         live = state.explainer
         k_max = live.max_candidates if live else MAX_CANDIDATES

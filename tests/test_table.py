@@ -304,3 +304,22 @@ def test_helpful_and_harmful_lists_hold_only_their_sign(tmp_path, on_disk):
     for bad in (0.5, True):  # not silently the test point int() makes of it
         with pytest.raises(TypeError, match="test_id must be an integer id"):
             table.helpful(bad)
+
+
+def test_a_loaded_table_serves_queries_from_many_threads(tmp_path):
+    """A Space answers several requests at once from one loaded table: reads of its shared parquet handles are
+    serialised (without that, 2 threads segfaulted the process or read 'corrupt' shards)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = make_table(n_test=12, n_train=400)
+    expected.save(tmp_path / "t", shard_rows=1200, row_group_rows=100)
+    table = InfluenceTable.load(tmp_path / "t")
+    table.for_test(0)  # the handles open: the shared state the threads race on
+
+    def query(k):
+        return table.helpful(k % 12, 10).train_id.tolist()
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(query, range(2000)))
+    assert got[:12] == [expected.helpful(t, 10).train_id.tolist() for t in range(12)]
+    assert all(g == got[k % 12] for k, g in enumerate(got))

@@ -95,7 +95,25 @@ def run_augmentation(model: nn.Module, data: ApplicationData, args: InfluenceArg
         raise ValueError("Augmentation needs the unseen pool as data.candidates (e.g. "
                          "dataclasses.replace(data, candidates=pool)).")
     num_labels = check_num_labels(model, (2, 3), "Data augmentation")
+    _refuse_held_out_pairs(data)
     result = run_correction(model, data, args, protocol, measurement_fn=two_label_loss if num_labels == 3 else None,
                             progress=progress)
     result.title = f"Data augmentation from the {pool_name}"
     return result
+
+
+def _refuse_held_out_pairs(data: ApplicationData) -> None:
+    """Refuse a pool that holds (premise, hypothesis) pairs of the HANS rows the protocol anchors on or evaluates
+    with: stepping on them would train on the test (e.g. the evaluation set passed as both --hans_file and --pool)."""
+    pairs = ("premise", "hypothesis")
+    held_out = {name: getattr(data, name) for name in ("hans_validation", "hans_test")}
+    if any(d is None or not set(pairs) <= set(d.column_names) for d in (data.candidates, *held_out.values())):
+        return
+    pool = set(zip(data.candidates["premise"], data.candidates["hypothesis"]))
+    for name, rows in held_out.items():
+        shared = pool & set(zip(rows["premise"], rows["hypothesis"]))
+        if shared:
+            raise ValueError(f"The pool holds {len(shared)} premise / hypothesis pairs of {name} (e.g. "
+                             f"{next(iter(sorted(shared)))!r}): augmenting with them would train on the rows the "
+                             "protocol evaluates. Use a pool without them (HANS' heuristics_train_set.txt, or ANLI), "
+                             "or hold out other HANS rows.")

@@ -15,6 +15,7 @@ candidate and test rows are computed once for the whole protocol, and evaluation
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -270,11 +271,11 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
         result = CorrectionResult(settings=settings, before=before)
         corrector = _Corrector(data, args, protocol, evaluator, validation_heuristics, (loss_fn, measurement_fn), bar,
                                engine, initial)
-        for h_index, heuristic in enumerate(heuristics):
+        for heuristic in heuristics:
             for replica in range(protocol.replicas):
                 for strategy in protocol.strategies:
                     start = time.perf_counter()
-                    run = corrector.run(heuristic, h_index, strategy, args.seed + replica)
+                    run = corrector.run(heuristic, _stable_index(heuristic), strategy, args.seed + replica)
                     run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
                             "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
                     result.runs.append(run)
@@ -282,6 +283,14 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
                                 f"{100 * run['accuracy_after']:.1f}%")
     bar.close()
     return result
+
+
+def _stable_index(heuristic: str) -> int:
+    """A heuristic's own number for its seeds (HANS order, else from its name): a run of one heuristic draws the
+    anchors, random rows and LiSSA batches it draws among all of them, wherever it sits in ``heuristics``."""
+    if heuristic in HANS_HEURISTICS:
+        return HANS_HEURISTICS.index(heuristic)
+    return int.from_bytes(hashlib.sha256(heuristic.encode("utf-8")).digest()[:4], "little")
 
 
 @dataclass

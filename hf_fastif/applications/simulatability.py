@@ -192,8 +192,17 @@ class SimulatabilityResult:
             for group in ("helpful", "harmful"):
                 below = entry[group]["below_random"]
                 rows.append([f"{subset} ({n})", f"{group} < random (test points)", *[f"{below[i]}/{n}" for i in shown]])
+        sizes = {g: sum(len(p["rows"][g]) for p in self.points) for g in ("helpful", "harmful")}
+        signed = {g: sum(p.get("rows_of_the_groups_sign", {}).get(g, 0) for p in self.points) for g in sizes}
+        sign_line = (f"Rows of the group's sign: helpful (influence < 0) {signed['helpful']}/{sizes['helpful']}, harmful "
+                     f"(influence > 0) {signed['harmful']}/{sizes['harmful']}"
+                     + ("; **a group holds rows of the other sign** (too few candidates of that sign: raise "
+                        "influence_knn_k), so it is the least of the other kind, not what its name says."
+                        if signed != sizes else "."))
         return "\n".join([
             "### Simulatability",
+            "",
+            sign_line,
             "",
             "Change of the simulator's loss on the task model's prediction after one SGD step on one training row "
             f"(mean over the {self.settings.get('num_points')} rows of a group, then over test points; negative = "
@@ -343,14 +352,17 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
         learning_rates=rates)
     for t in tqdm(range(len(rows)), desc="simulatability", disable=not progress or not D.is_main_process()):
         # groups of num_points rows each, like the random groups: the extremes whatever their sign
-        groups = {"helpful": table.lowest(t, protocol.num_points)["train_id"].to_numpy(),
-                  "harmful": table.highest(t, protocol.num_points)["train_id"].to_numpy()}
+        lowest, highest = table.lowest(t, protocol.num_points), table.highest(t, protocol.num_points)
+        groups = {"helpful": lowest["train_id"].to_numpy(), "harmful": highest["train_id"].to_numpy()}
+        # how many of each extreme group have the group's sign (with few or one-signed candidates, "harmful"
+        # can be the least helpful rows: said in the report, not hidden)
+        signed = {"helpful": int((lowest["influence"] < 0).sum()), "harmful": int((highest["influence"] > 0).sum())}
         for label in label_ids:
             pool = np.flatnonzero(train_gold == label)
             groups[f"random_{names.get(label, label)}"] = np.sort(
                 rng.choice(pool, size=min(protocol.num_points, len(pool)), replace=False))
         point = {"test_row": int(rows[t]), "correct": bool(correct[t]), "task_prediction": int(test_predictions[rows[t]]),
-                 "gold": int(gold[rows[t]]), "rows": {}, "losses": {}}
+                 "gold": int(gold[rows[t]]), "rows": {}, "losses": {}, "rows_of_the_groups_sign": signed}
         for group, ids in groups.items():
             # the simulator imitates the task model: its loss is measured on the task model's prediction
             before, after = steps.losses(data.train.select(ids), step_labels[ids], test_dataset.select([int(rows[t])]),

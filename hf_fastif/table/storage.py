@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,6 +183,9 @@ class ShardReader:
         self.num_rows = sum(m.num_rows for m in files_meta)
         self.row_groups_read = 0  # for tests and diagnostics: how much a query touched
         self._open: dict[int, pq.ParquetFile] = {}
+        # a ParquetFile's reads are not thread-safe (its read cache and memory map are shared): a Space serves
+        # queries from several threads at once, which crashed the process or read "corrupt" shards without this
+        self._lock = threading.Lock()
         ranges = []  # (file, row group, min test_id, max test_id)
         column = schema.get_field_index("test_id")
         for f, meta in enumerate(files_meta):
@@ -244,9 +248,11 @@ class ShardReader:
         return self._open[f]
 
     def _read_group(self, f: int, g: int, columns: Sequence[str] | None = None) -> pa.Table:
-        self.row_groups_read += 1
         try:
-            return self._file(f).read_row_group(g, columns=columns).cast(
+            with self._lock:
+                self.row_groups_read += 1
+                group = self._file(f).read_row_group(g, columns=columns)
+            return group.cast(
                 self.schema if columns is None else pa.schema([self.schema.field(c) for c in columns]))
         except (OSError, pa.ArrowException) as err:
             raise InfluenceTableError(f"The shard {self.files[f]} is corrupt ({err}); download or rebuild the "

@@ -229,3 +229,15 @@ def test_select_points_steps_on_n_rows_whatever_their_sign():
     # 3 of the 6 candidates are helpful; the protocol still steps on n rows: the lowest influences
     ids, influence = select_points(_table(), "helpful", 5, np.random.default_rng(0), 100)
     assert ids.tolist() == [11, 15, 13, 12, 10] and influence.tolist() == [-2.0, -1.0, -0.3, 0.1, 0.5]
+
+
+def test_a_heuristic_draws_the_same_rows_alone_or_among_others(trained, data, args):
+    """Seeds come from the heuristic itself, not its place in ``heuristics``: one cell of a full run can be
+    reproduced alone (before, constituent's anchors and random rows changed with the list)."""
+    def constituent_runs(heuristics):
+        protocol = CorrectionArguments(heuristics=heuristics, strategies=["random"], num_steps=1, num_anchors=4,
+                                       num_points=3, correction_learning_rate=0.5, replicas=1)
+        runs = run_correction(trained, data, args, protocol, progress=False).runs
+        return [(r["steps"][0]["anchors"], r["steps"][0]["selected"]) for r in runs if r["heuristic"] == "constituent"]
+
+    assert constituent_runs(["constituent"]) == constituent_runs(["lexical_overlap", "constituent"])

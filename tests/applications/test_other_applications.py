@@ -29,6 +29,14 @@ def test_augmentation_steps_on_pool_rows(trained, nli, data, args):
                                                                                    "constituent"}
 
 
+def test_augmentation_refuses_a_pool_holding_held_out_pairs(trained, nli, data, args):
+    """The evaluation set given as both --hans_file and --pool: the protocol would step on the rows it evaluates."""
+    protocol = CorrectionArguments(strategies=["random"], heuristics=["constituent"], num_steps=1, num_anchors=3,
+                                   num_points=2, correction_learning_rate=0.1, replicas=1)
+    with pytest.raises(ValueError, match=r"The pool holds \d+ premise / hypothesis pairs of hans_test"):
+        run_augmentation(trained, dataclasses.replace(data, candidates=nli["test"]), args, protocol, progress=False)
+
+
 def test_two_label_loss_merges_neutral_and_contradiction():
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, -1.0]])
     labels = torch.tensor([1, 0])
@@ -71,6 +79,17 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
     assert "helpful < random (test points)" in result.to_markdown()
     for point in result.points:
         assert np.asarray(point["losses"]["helpful"]).shape == (3, 2)
+    # each extreme group's sign is recorded and reported; a "harmful" group of helpful rows is flagged
+    signs = [p["rows_of_the_groups_sign"] for p in result.points]
+    assert all(0 <= s["helpful"] <= 3 and 0 <= s["harmful"] <= 3 for s in signs)
+    harmful = sum(s["harmful"] for s in signs)
+    expected = f"helpful (influence < 0) {sum(s['helpful'] for s in signs)}/12, harmful (influence > 0) {harmful}/12"
+    assert expected in result.to_markdown()
+    assert ("**a group holds rows of the other sign**" in result.to_markdown()) == (expected != (
+        "helpful (influence < 0) 12/12, harmful (influence > 0) 12/12"))
+    for point in result.points:
+        point["rows_of_the_groups_sign"] = {"helpful": 3, "harmful": 3}
+    assert "helpful (influence < 0) 12/12, harmful (influence > 0) 12/12." in result.to_markdown()
 
 
 def test_simulatability_rejects_mismatched_labels_and_bad_protocols(trained, data, args):

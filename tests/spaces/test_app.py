@@ -344,6 +344,17 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
     assert helpful.train_id.tolist() == [4] and harmful.train_id.tolist() == [6, 5]
     assert list(helpful.columns) == ["rank", "influence", "train_id"]
     assert "Live explanations need the table's model" in load_state(str(tmp_path / "bare")).notices[0]
+    assert not state.has_predictions and state.choices() == [("#0", 0)]
+    with pytest.raises(ValueError, match="records no predictions"):  # not every example silently
+        state.choices(correctness="wrong")
+
+    # influence over other parameters than the model as loaded selects (lower layers frozen at build time and
+    # trainable again once loaded): the table is shown, live explanations are off with the reason
+    other = InfluenceTable.load(build / "table")
+    other.metadata["model"]["num_influence_parameters"] += 1
+    other.save(tmp_path / "other_parameters")
+    state = load_state(str(tmp_path / "other_parameters"), model=str(build / "model"))
+    assert state.explainer is None and "Build the table with explicit influence_params" in state.notices[0]
 
 
 def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch) -> None:
