@@ -15,6 +15,7 @@ candidate and test rows are computed once for the whole protocol, and evaluation
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import time
 from collections.abc import Sequence
@@ -83,6 +84,11 @@ class CorrectionArguments:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if not self.correction_learning_rate > 0:
             raise ValueError(f"correction_learning_rate must be > 0, got {self.correction_learning_rate}.")
+        for name in self.heuristics or []:  # a typo of a HANS heuristic, caught at parse time, before any training
+            close = difflib.get_close_matches(name, HANS_HEURISTICS, n=1, cutoff=0.8)
+            if name not in HANS_HEURISTICS and close:
+                raise ValueError(f"Unknown heuristic {name!r}: did you mean {close[0]!r}? HANS' heuristics are "
+                                 f"{', '.join(HANS_HEURISTICS)}.")
 
     def used(self) -> dict:
         """The settings `PAPER` names, as used."""

@@ -241,3 +241,10 @@ def test_a_heuristic_draws_the_same_rows_alone_or_among_others(trained, data, ar
         return [(r["steps"][0]["anchors"], r["steps"][0]["selected"]) for r in runs if r["heuristic"] == "constituent"]
 
     assert constituent_runs(["constituent"]) == constituent_runs(["lexical_overlap", "constituent"])
+
+
+def test_a_misspelt_heuristic_is_refused_when_the_arguments_are_made():
+    """At parse time, before a recipe fine-tunes anything (it failed after the training before)."""
+    with pytest.raises(ValueError, match="Unknown heuristic 'lexical-overlap': did you mean 'lexical_overlap'"):
+        CorrectionArguments(heuristics=["lexical-overlap"])
+    assert CorrectionArguments(heuristics=["my_own_heuristic"]).heuristics == ["my_own_heuristic"]  # not a typo
