@@ -29,6 +29,9 @@ from hf_fastif.distributed import finish
 def main(argv: list[str] | None = None) -> dict:
     data_args, pool_args, protocol, args = parse_recipe("augmentation", [PoolArguments, CorrectionArguments], argv)
     raw_pool = load_pool(pool_args, data_args.num_labels)  # checked before any training
+    if raw_pool is None and data_args.train_dataset is not None:  # generated pool: only with generated data
+        raise ValueError("--pool generated needs the generated data (unset --train_dataset); with your own "
+                         "training data pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
     setup = prepare(data_args, args, required_labels=(2, 3), what="Data augmentation")
     pool, pool_name = pool_dataset(pool_args, raw_pool, setup)
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}; {len(pool)} pool rows")

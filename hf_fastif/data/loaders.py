@@ -383,6 +383,12 @@ def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0
         validation.extend(rows[: int(round(len(rows) * validation_fraction))].tolist())
     in_validation = np.zeros(len(dataset), dtype=bool)
     in_validation[validation] = True
+    for part, rows in (("validation", in_validation), ("test", ~in_validation)):
+        if not rows.any():
+            sizes = np.unique(subcases, return_counts=True)[1]
+            raise ValueError(f"validation_fraction={validation_fraction!r} leaves the {part} split empty (each subcase "
+                             f"has {sizes.min()}-{sizes.max()} rows, rounded per subcase); choose a fraction that "
+                             "leaves rows on both sides, e.g. --validation_fraction 0.5.")
     return DatasetDict(
         validation=dataset.select(np.flatnonzero(in_validation)),
         test=dataset.select(np.flatnonzero(~in_validation)),

@@ -132,3 +132,20 @@ def test_paper_path_simulatability(tmp_path, files, simulator):
                     "--num_correct", "1", "--num_incorrect", "1", "--num_points", "2", "--learning_rates", "0.1", "1",
                     *PAPER_FAST])
     assert results["learning_rates"] == [0.1, 1.0] and len(results["points"]) >= 1
+
+
+def test_augmentation_flags_that_cannot_work_fail_before_any_training(tmp_path, files, monkeypatch):
+    """The generated pool with one's own training data, and a misspelt heuristic, failed after the fine-tuning."""
+    recipe = load_recipe("augmentation")
+
+    def no_training(*_, **__):
+        raise AssertionError("the recipe got as far as preparing the model")
+
+    monkeypatch.setattr(recipe, "prepare", no_training)
+    main = recipe.main
+    common = ["--output_dir", str(tmp_path), "--model_name_or_path", files["base"], "--train_dataset", files["mnli"],
+              "--hans_file", files["hans"]]
+    with pytest.raises(ValueError, match="--pool generated needs the generated data"):
+        main(common)
+    with pytest.raises(ValueError, match="did you mean 'lexical_overlap'"):
+        main([*common, "--pool", files["hans_train"], "--heuristics", "lexical-overlap"])

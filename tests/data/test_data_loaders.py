@@ -428,3 +428,6 @@ def test_split_hans_bad_input():
         split_hans(_hans_like(), validation_fraction=1.0)
     with pytest.raises(ValueError, match="needs a 'subcase' column.*load_hans"):
         split_hans(_hans_like().remove_columns("subcase"))
+    # 0.99 of 10 rows rounds to all 10: an empty test split, named with the flag (it failed later, naming none)
+    with pytest.raises(ValueError, match=r"validation_fraction=0\.99 leaves the test split empty .*10-10 rows"):
+        split_hans(_hans_like(), validation_fraction=0.99)
