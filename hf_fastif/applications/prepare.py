@@ -300,6 +300,7 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
                          "model is always trained here.")
     checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
     raw = load_data(data_args, args.seed)
+    split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)  # a fraction that empties a split: here
     kind = data_args.kind
     if kind == "tiny" and data_args.train_dataset is not None:
         logger.warning("The tiny embedded model's word-level tokenizer knows only the generated vocabulary; other "

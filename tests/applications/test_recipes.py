@@ -149,3 +149,12 @@ def test_augmentation_flags_that_cannot_work_fail_before_any_training(tmp_path, 
         main(common)
     with pytest.raises(ValueError, match="did you mean 'lexical_overlap'"):
         main([*common, "--pool", files["hans_train"], "--heuristics", "lexical-overlap"])
+    monkeypatch.undo()  # the real preparation, which splits HANS before it trains anything
+    trained = []
+    import importlib
+
+    module = importlib.import_module("hf_fastif.applications.prepare")  # the package exports a function of that name
+    monkeypatch.setattr(module, "_train", lambda *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match=r"validation_fraction=0\.99 leaves the test split empty"):
+        main([*common, "--pool", files["hans_train"], "--validation_fraction", "0.99"])
+    assert trained == []
