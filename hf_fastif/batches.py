@@ -81,14 +81,15 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                  default_loss: bool = True, needs_target: bool = False) -> None:
     """Check the stored values a forward would fail on, or turn into a silent zero, before any work.
 
-    Token ids must index the input embeddings, rows must fit a position table (absolute position embeddings),
-    and with the default loss of a single-label classifier every label must be a class id (or -100, ignored
-    in training). ``needs_target``: every row must have a target to measure (a test row labelled -100 has a
+    Token ids must index the input embeddings (token type ids their table), rows must fit a position table
+    (absolute position embeddings), and with the default loss of a single-label classifier every label must be a
+    class id (or -100, ignored in training). ``needs_target``: every row must have a target to measure (a test row labelled -100 has a
     zero loss, so all its influences would be 0). Stored columns only; labels a collator makes are not seen.
     """
     arrow = dataset.select_columns(list(columns)).with_format("arrow")
     vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
     positions = _position_limit(model)
+    segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     classes = _class_count(model) if default_loss else None
     for start in range(0, len(dataset), 65536):
@@ -107,6 +108,14 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {start + sequence_rows[first]} has a sequence of {lengths[first]} "
                                  f"tokens, more than the model's {positions} positions. Tokenize with "
                                  f"truncation=True, max_length={positions}.")
+        types = chunk.column("token_type_ids").combine_chunks() if "token_type_ids" in chunk.column_names else None
+        if types is not None and segments is not None and _is_list(types.type):
+            flat, token_rows, _, _ = _sequences(types)
+            if len(flat) and flat.max() >= segments:
+                first = int(np.argmax(flat >= segments))
+                raise ValueError(f"{name} row {start + token_rows[first]} has token type {flat[first]}, but the model "
+                                 f"has {segments} (config.type_vocab_size): the data was tokenized for another model. "
+                                 "Tokenize it with the model's own tokenizer.")
         if label is None:
             continue
         values = chunk.column(label)

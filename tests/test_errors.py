@@ -166,7 +166,11 @@ def test_exact_refuses_too_many_parameters(pad_collator):
 
 
 def _with(dataset: Dataset, row: int, **values) -> Dataset:
-    return dataset.map(lambda r, i: values if i == row else {k: r[k] for k in values}, with_indices=True)
+    """``dataset`` with ``values`` at ``row`` (a column it lacks, token_type_ids, is zeros on the other rows)."""
+    def edit(r, i):
+        return values if i == row else {k: r[k] if k in r else [0] * len(r["input_ids"]) for k in values}
+
+    return dataset.map(edit, with_indices=True)
 
 
 @pytest.mark.parametrize("which, edit, match", [
@@ -174,6 +178,8 @@ def _with(dataset: Dataset, row: int, **values) -> Dataset:
     ("test", dict(labels=-100), r"test_dataset row 3 is labelled -100 \(ignored\): its loss is 0"),
     ("test", dict(input_ids=[1, 5, VOCAB + 3], attention_mask=[1, 1, 1]),
      rf"test_dataset row 3 has token id {VOCAB + 3}, but the model's input embeddings hold {VOCAB} tokens"),
+    ("test", dict(input_ids=[1, 5, 6], attention_mask=[1, 1, 1], token_type_ids=[0, 1, 2]),
+     r"test_dataset row 3 has token type 2, but the model has 2 \(config.type_vocab_size\)"),
     ("train", dict(input_ids=[1] * 35, attention_mask=[1] * 35),
      r"train_dataset row 3 has a sequence of 35 tokens, more than the model's 32 positions.*max_length=32"),
 ])
