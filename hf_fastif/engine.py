@@ -68,7 +68,7 @@ COMBINE = ("none", "mean")
 PADDING_PROBE_ROWS = 64
 """Rows among which `InfluenceEngine` picks the shortest and the longest for its padding probe."""
 PADDING_TOLERANCE = 1e-3
-"""Largest relative change of a row's logits under padding that counts as float rounding (20 machine epsilons of
+"""Largest relative change of a row's loss under padding that counts as float rounding (20 machine epsilons of
 the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
 CHECK_BATCHES = 4
 """LiSSA's convergence check: B-row batches whose Hessians' top eigenvalues are estimated (Lanczos)."""
@@ -574,16 +574,17 @@ class InfluenceEngine:
                           for _, batch in call.test.batches(range(len(call.test)), bsz)]).to(call.work_dtype)
 
     # ---- stage 3: s_test --------------------------------------------------------------------------------------
-    def _full_hvp(self, call: _Call, batcher: Batcher) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _full_hvp(self, call: _Call, batcher: Batcher, *, l2_term: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """``V ↦ H V`` with H the Hessian of the mean loss over every row of ``batcher`` (batches split over
-        processes, summed with one all-reduce), in the working dtype."""
+        processes, summed with one all-reduce), in the working dtype; ``l2_term=False``: its data term alone."""
         batches = [b for _, b in batcher.batches(D.shard(range(len(batcher))), self.args.influence_hvp_batch_size)]
         n = len(batcher)
 
         def hvp(vectors: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(vectors, dtype=call.work_dtype)
             for batch in batches:
-                total += batch_hvp(call.fm, call.params, batch, vectors, reduction="sum").to(call.work_dtype)
+                total += batch_hvp(call.fm, call.params, batch, vectors, reduction="sum",
+                                   l2_term=l2_term).to(call.work_dtype)
             return D.all_reduce_sum(total) / n
 
         return hvp
@@ -620,19 +621,14 @@ class InfluenceEngine:
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
                 self.args.influence_seed, D.world(), *extra)
 
-    @staticmethod
-    def _l2_curvature(call: _Call) -> torch.Tensor | None:
-        """The L2 term's Hessian diagonal (``2·wd`` on the decayed parameters), None without an L2 term."""
-        return call.fm.l2_mask(call.params).to(call.work_dtype) if call.fm.decayed else None
-
     def _low_rank_solve(self, call: _Call, v: torch.Tensor) -> LowRankSolve:
         """The low-rank solve for this call's λ and L2 term, prepared once per low-rank Hessian and λ (with an L2
         term on some parameters only, its preparation reads the eigenvectors once more)."""
         values, vectors = self._low_rank_hessian(call, v)
         key = (self._low_rank[0], self.args.influence_lambda)
         if self._prepared_solve is None or self._prepared_solve[0] != key:
-            self._prepared_solve = (key, LowRankSolve(values, vectors, self.args.influence_lambda,
-                                                      self._l2_curvature(call)))
+            l2 = call.fm.l2_mask(call.params).to(call.work_dtype) if call.fm.decayed else None  # 2·wd on the decayed
+            self._prepared_solve = (key, LowRankSolve(values, vectors, self.args.influence_lambda, l2))
         return self._prepared_solve[1]
 
     def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -650,9 +646,8 @@ class InfluenceEngine:
             if rows is not None and rows < len(batcher):
                 batcher = batcher.subset(np.sort(np.random.default_rng([args.influence_seed, 11]).permutation(
                     len(batcher))[:rows]))
-            hvp, l2 = self._full_hvp(call, batcher), self._l2_curvature(call)
-            data = (lambda x: hvp(x.unsqueeze(0))[0]) if l2 is None else (lambda x: hvp(x.unsqueeze(0))[0] - l2 * x)
-            self._low_rank = (key, low_rank_hessian(data, v.shape[1],
+            hvp = self._full_hvp(call, batcher, l2_term=False)
+            self._low_rank = (key, low_rank_hessian(lambda x: hvp(x.unsqueeze(0))[0], v.shape[1],
                                                     args.influence_arnoldi_rank, dtype=call.work_dtype,
                                                     device=v.device, seed=args.influence_seed))
         return self._low_rank[1]

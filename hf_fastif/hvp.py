@@ -51,19 +51,22 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
 
 
 def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,
-              *, reduction: str = "mean", out: torch.Tensor | None = None) -> torch.Tensor:
+              *, reduction: str = "mean", out: torch.Tensor | None = None, l2_term: bool = True) -> torch.Tensor:
     """Hessian of the batch's training loss times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out.
 
     ``reduction="mean"`` uses the mean loss of the batch (LiSSA), ``"sum"`` the summed loss (to accumulate
     the mean over a whole dataset exactly, whatever the batch size). One vector (``(p,)``, or a ``(1, p)`` stack)
     takes the plain double backward (no batched-gradient machinery), with the vector handed to autograd per
     parameter; ``out`` (``(p,)``, for a ``(p,)`` vector) receives the result without an extra copy.
+    ``l2_term=False`` leaves out the L2 term's Hessian (the data term alone, e.g. for the low-rank solver, which
+    keeps the L2 term exactly).
     """
     if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
-        return batch_hvp(fm, params, batch, vectors[0], reduction=reduction).unsqueeze(0)
+        return batch_hvp(fm, params, batch, vectors[0], reduction=reduction, l2_term=l2_term).unsqueeze(0)
     leaves = _leaves(params)
     inputs = list(leaves.values())
     losses, l2 = fm.values_without_l2(leaves, batch)
+    l2 = l2 and l2_term
     loss = losses.mean() if reduction == "mean" else losses.sum()
     grads = torch.autograd.grad(loss, inputs, create_graph=True)
     weight = 1.0 if reduction == "mean" else float(losses.shape[0])  # the L2 term's Hessian: weight · 2wd · I

@@ -36,7 +36,7 @@ def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: in
 
 
 class LowRankSolve:
-    """``v ↦ (V diag(μ) Vᵀ + C + λI)⁻¹ v`` for one λ and C, prepared once (`prepare_low_rank`): each call reads the
+    """``v ↦ (V diag(μ) Vᵀ + C + λI)⁻¹ v`` for one λ and C, prepared once at construction: each call reads the
     r × p block V twice, whatever C is.
 
     Args:
