@@ -17,15 +17,16 @@ import torch
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS, TRUNK_TOLERANCE
+from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS, READOUT_PROBE_ROWS, TRUNK_TOLERANCE
 from hf_fastif.hvp import batch_gradient, batch_hvp
 from hf_fastif.knn import build_index, extract_features, search
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import num_parameters, select_parameters
+from hf_fastif.readout import find_readout
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.solvers.arnoldi import LowRankSolve
-from hf_fastif.solvers.lanczos import lanczos
+from hf_fastif.solvers.lanczos import extreme_eigenvalues
 from hf_fastif.trunk import TrunkCache, find_split, model_inputs, verify_split
 
 from .paper_setup import FAST, FASTIF, LOW_RANK, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
@@ -80,7 +81,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     scored by batched JVP (batches of 64) against m s_test vectors; ``test_gradient``: one test row;
     ``power_iteration``: the library's convergence check (its Lanczos runs: their HVPs, and their own vector
     work ``check_vector_work``, timed with a cheap diagonal operator): all
-    from the cached trunk states where the model splits, as the engine runs them. ``trunk``: one row's trunk
+    from the cached trunk states where the model splits and with the last layer cut to the position the loss
+    reads where it can be (``readout``), as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
     (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``).
     ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
@@ -100,6 +102,11 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         full = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
         tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
         fm, batcher, tests, out["trunk"], out["trunk_split"] = _with_trunk(model, names, full_fm, full, tests, args)
+        if args.influence_skip_unread_positions:  # the last layer cut to the position the loss reads, as the engine
+            readout, _ = find_readout(fm, params, batcher.batch(range(min(READOUT_PROBE_ROWS, n))))
+            fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay, split=fm.split,
+                                 readout=readout)
+        out["readout"] = None if fm.readout is None else fm.readout.name
 
         def step(b: int, vectors: torch.Tensor, reduction: str = "mean", fm=fm, batcher=batcher) -> float:
             def one():  # fresh rows every step, collated (with their trunk states) inside the step as LiSSA does
@@ -117,10 +124,11 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
                                          step(b, torch.randn(p, device=device, dtype=dtype) * 1e-2, fm=full_fm,
                                               batcher=full))
         # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows,
-        # its HVPs plus its own vector work (start vector, full reorthogonalisation of p-sized vectors), timed with
+        # its HVPs plus its own vector work (start vector, the three-term recurrence on p-sized vectors), timed with
         # a diagonal operator of distinct entries (one multiply per step, so Lanczos runs every step)
         diagonal = torch.linspace(1.0, 2.0, p, device=device, dtype=dtype)
-        vector_work = [median_seconds(lambda k=k: lanczos(lambda x: diagonal * x, p, k, dtype=dtype, device=device), 3)
+        vector_work = [median_seconds(
+            lambda k=k: extreme_eigenvalues(lambda x: diagonal * x, p, iterations=k, dtype=dtype, device=device), 3)
                        for k in (CHECK_ITERATIONS, CHECK_ITERATIONS + 2)]
         out["power_iteration"] = (CHECK_BATCHES * (CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
                                                    + vector_work[0])

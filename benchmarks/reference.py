@@ -74,7 +74,7 @@ from hf_fastif.hvp import batch_hvp
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.minilm_default import freeze_minilm, minilm_influence_params
 from hf_fastif.pretrained import load_minilm_for_sequence_classification, load_minilm_tokenizer
-from hf_fastif.solvers.lanczos import lanczos
+from hf_fastif.solvers.lanczos import extreme_eigenvalues
 from hf_fastif.utils import library_version, to_json, write_atomic
 
 from .arguments import parse_with_defaults
@@ -351,15 +351,16 @@ class _ProfiledEngine(InfluenceEngine):
         rows = iter(np.random.default_rng(0).integers(0, len(call.train), size=(2 * self.STEP_CALLS + 2,
                                                                                   self.args.influence_batch_size)))
 
-        def step():
-            return batch_hvp(call.fm, call.params, call.train.batch(next(rows)), v[0], reduction="mean")
+        def step():  # as the recursion runs it: the L2 term's diagonal is applied in LiSSA's update instead
+            return batch_hvp(call.fm, call.params, call.train.batch(next(rows)), v[0], reduction="mean", l2_term=False)
 
         found["step_ms"], found["step_ops"] = profile_calls(step, self.STEP_CALLS)
         with FlopCounterMode(display=False) as counter:  # matmul-like operators only: the step's arithmetic floor
             step()
         found["step_gflop"] = counter.get_total_flops() / 1e9
         # what a step's cost scales with: the L2 term's share, more rows per step, a full-data HVP batch
-        bare = FunctionalModel(call.fm.model, call.fm.names, weight_decay=0.0, split=call.fm.split)
+        bare = FunctionalModel(call.fm.model, call.fm.names, weight_decay=0.0, split=call.fm.split,
+                               readout=call.fm.readout)
         for b in (1, 4, min(CHECK_ROWS, len(call.train))):
             batch = call.train.batch(range(b))  # collated once: the HVP alone
             found[f"hvp_ms_{b}_rows"] = 1e3 * median_seconds(
@@ -421,12 +422,13 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
             "scoring_row_ms": 1e3 * diagnostics["scoring_s"] / n,
             "other_s": total - diagnostics["s_test_s"] - diagnostics["scoring_s"]}
     diagonal = torch.linspace(1.0, 2.0, num_selected(setup))  # distinct eigenvalues: Lanczos runs every step
-    lanczos_alone = median_seconds(lambda: lanczos(lambda x: diagonal * x, len(diagonal), CHECK_ITERATIONS), 3)
+    lanczos_alone = median_seconds(
+        lambda: extreme_eigenvalues(lambda x: diagonal * x, len(diagonal), iterations=CHECK_ITERATIONS), 3)
     hvp = {"HVP ms, 1 row": found["hvp_ms_1_rows"], "HVP ms, 1 row, no L2 term": found["hvp_ms_without_l2"],
            "HVP ms, 4 rows": found["hvp_ms_4_rows"], f"HVP ms, {rows_check} rows": found[f"hvp_ms_{rows_check}_rows"],
            "check, modelled s": (CHECK_BATCHES * CHECK_ITERATIONS * found["hvp_ms_1_rows"]
                                  + (CHECK_ITERATIONS + 2) * found[f"hvp_ms_{rows_check}_rows"]) / 1e3,
-           # the check's Lanczos vector work (start vector, reorthogonalisation of p-sized vectors), cheap operator
+           # the check's Lanczos vector work (start vector, three-term recurrence on p-sized vectors), cheap operator
            f"Lanczos vector work ms, {CHECK_ITERATIONS} steps": 1e3 * lanczos_alone,
            # how far a step is from the arithmetic it needs: its matmul FLOPs at this machine's matmul rate
            "step GFLOP (matmuls)": found["step_gflop"],

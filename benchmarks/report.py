@@ -193,7 +193,8 @@ def render(results: dict) -> str:
                   + [f"low_rank_solve[m={key}] {v:.3g}" for key, v in u.get("low_rank_solve", {}).items()]
                   + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "check_vector_work", "trunk",
                                                         "feature", "knn_row") if key in u])
-              + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}.\n",
+              + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}"
+              + f"; last layer cut after: {u.get('readout') or 'none (it runs at every position)'}.\n",
               "```\n" + results["cost_model"] + "\n```\n"]
     speed = ["speed-up vs original (hf_fastif kernels)", "speed-up vs original (2021 code path)"]
     lines.append(rows_table(results["paper_rows"], ["row", "seconds", *speed],

@@ -97,6 +97,12 @@ class InfluenceArguments(TrainingArguments):
         metadata={"help": "Compute the layers below the first influence parameter once per row and run only the top "
                           "afterwards (checked against the full model; off where no clean split exists)."},
     )
+    influence_skip_unread_positions: bool = field(
+        default=True,
+        metadata={"help": "Run the last layer's per-position part (feed-forward block) only at the position the loss "
+                          "reads (the first token of BERT-style classifiers), checked on probe rows; off where the "
+                          "head reads other positions (hf_fastif.readout)."},
+    )
     influence_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Folder for caches too large for memory (trunk states beyond 2 GB); default: a temporary one."},

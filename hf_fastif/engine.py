@@ -13,6 +13,7 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 | kNN feature index | fingerprint of all weights, the candidate data, the collator, the feature method, the index type |
 | gradient index | all weights, the candidate data, the collator, the loss, the projection, the parameters |
 | curvature estimates (LiSSA check, low-rank Hessian) | all weights, the training data, the collator, the loss, B, seed |
+| the read-position cut (where the last layer is cut, or why not) | the parameters, the split, the training data, the setting |
 
 `InfluenceTrainer` holds one engine across calls (training changes the weights, so the caches rebuild themselves);
 `compute_influences` makes a short-lived one.
@@ -45,6 +46,7 @@ from .knn import build_index, extract_features, search
 from .loss import FunctionalModel, LossFn, logits_of
 from .mode import influence_mode
 from .params import num_parameters, select_parameters
+from .readout import Readout, find_readout
 from .scoring import score_pairs
 from .solvers import (
     LissaDivergenceError,
@@ -84,6 +86,8 @@ estimate clears -λ ends the confirmation; a refusal needs the last."""
 TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
+READOUT_PROBE_ROWS = 4
+"""Training rows (collated together) on which `hf_fastif.readout.find_readout` checks a cut."""
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
 """Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when many rows are
 drawn again (B = 1 and J·T > N/2: the repetitions draw independently, so rows recur across them; FastIF's J 1000,
@@ -144,6 +148,7 @@ class InfluenceEngine:
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._split_error: float | None = None
+        self._readout: tuple[tuple, Readout | None, str] | None = None  # (names, split, data) -> the cut, or why not
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
         self._feature_index: tuple[tuple, Dataset] | None = None
         self._gradient_index: tuple[tuple, object] | None = None
@@ -233,6 +238,7 @@ class InfluenceEngine:
         self._check_padding(call)
         with call.timer("trunk"):
             self._attach_trunks(call)
+            self._attach_readout(call)
         with call.timer("test_gradients"):
             v = self._test_gradients(call)
         bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())
@@ -493,6 +499,25 @@ class InfluenceEngine:
         call.fm.split = split
         call.info["trunk"] = {"split": f"{split.path}.{split.first}", "verified_relative_error": self._split_error}
 
+    def _attach_readout(self, call: _Call) -> None:
+        """Cut the last layer to the position the loss reads, where `hf_fastif.readout.find_readout` shows that
+        nothing changes (probe rows of the training and test data, once per parameters, split and data)."""
+        split, on = call.fm.split, getattr(self.args, "influence_skip_unread_positions", True)
+        key = (on, tuple(call.names), None if split is None else f"{split.path}.{split.first}",
+               call.train.dataset._fingerprint, len(call.train), call.test.dataset._fingerprint, len(call.test))
+        if not on:
+            self._readout = (key, None, "influence_skip_unread_positions=False")
+        elif self._readout is None or self._readout[0] != key:
+            probe = call.train.batch(range(min(READOUT_PROBE_ROWS, len(call.train))))
+            test_probe = call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))
+            readout, reason = find_readout(call.fm, call.params, probe, test_probe)
+            if readout is None:
+                logger.info(f"The last layer runs at every position: {reason}.")
+            self._readout = (key, readout, reason)
+        call.fm.readout = self._readout[1]
+        call.info["readout"] = ({"cut_after": self._readout[1].name} if self._readout[1] is not None
+                                else {"cut_after": None, "reason": self._readout[2]})
+
     def _find_split(self, names: list[str], batcher: Batcher) -> TrunkSplit | None:
         if not getattr(self.args, "influence_trunk_cache", True):
             self._split = ("off", None, "influence_trunk_cache=False")
@@ -685,14 +710,18 @@ class InfluenceEngine:
             out = torch.empty_like(h) if out is None else out  # reused: the recursion consumes it at once
             for r, t in enumerate(reps):
                 batch = batch_of(draws[t][j - 1])
+                # the L2 term's Hessian (a diagonal) is left to solve_lissa's update
                 if h.shape[1] == 1:  # one vector: the plain double backward, written in place
-                    batch_hvp(call.fm, call.params, batch, h[r, 0], reduction="mean", out=out[r, 0])
+                    batch_hvp(call.fm, call.params, batch, h[r, 0], reduction="mean", out=out[r, 0], l2_term=False)
                 else:
-                    out[r] = batch_hvp(call.fm, call.params, batch, h[r], reduction="mean").to(h.dtype)
+                    out[r] = batch_hvp(call.fm, call.params, batch, h[r], reduction="mean",
+                                       l2_term=False).to(h.dtype)
             return out
 
+        diagonal = call.fm.l2_mask(call.params) if call.fm.decayed else None
         estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
-                                           depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress)
+                                           depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
+                                           diagonal=diagonal)
         total = D.all_reduce_sum(estimate * len(mine)) / repetitions
         return total, info | lissa_info
 

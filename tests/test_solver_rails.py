@@ -64,6 +64,28 @@ def test_lissa_converges_without_false_alarms():
                     repetitions=[0], progress=False)
 
 
+def test_lissa_applies_a_diagonal_part_of_the_hessian_exactly():
+    """The L2 term's Hessian handed to solve_lissa as a diagonal gives the recursion over the whole matrix, and the
+    closed form; a diagonal that makes an eigenvalue fall below -λ is still caught."""
+    damp, scale = 0.01, 10.0
+    matrix, _ = spectrum_matrix(np.linspace(0.0, 5.0, 20))
+    diagonal = torch.tensor(np.r_[np.zeros(8), np.full(12, 0.4)])  # 2·wd on some entries only
+    v = torch.linspace(-1.0, 1.0, 20, dtype=torch.float64)
+    for reps in ([0], [0, 1, 2]):
+        split, _ = solve_lissa(explicit_step(matrix), v, damping=damp, scale=scale, depth=500, repetitions=reps,
+                               progress=False, diagonal=diagonal)
+        whole, _ = solve_lissa(explicit_step(matrix + torch.diag(diagonal)), v, damping=damp, scale=scale,
+                               depth=500, repetitions=reps, progress=False)
+        torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
+    full, _ = solve_lissa(explicit_step(matrix), v, damping=damp, scale=scale, depth=4000, repetitions=[0],
+                          progress=False, diagonal=diagonal)
+    expected = torch.linalg.solve(matrix + torch.diag(diagonal) + damp * scale * torch.eye(20, dtype=torch.float64), v)
+    torch.testing.assert_close(full, expected, rtol=1e-6, atol=1e-8)
+    with pytest.raises(LissaDivergenceError):
+        solve_lissa(explicit_step(matrix), v, damping=damp, scale=scale, depth=2000, repetitions=[0], progress=False,
+                    diagonal=torch.full((20,), -1.0, dtype=torch.float64))
+
+
 def test_lissa_nan_is_divergence():
     def step(j, reps, h):
         return h * float("nan") if j == 5 else h

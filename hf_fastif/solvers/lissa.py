@@ -96,7 +96,8 @@ class GrowthMonitor:
 
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
                 damping: float, scale: float, depth: int, repetitions: Sequence[int],
-                top_eigenvalue: float | None = None, progress: bool = True) -> tuple[torch.Tensor, dict]:
+                top_eigenvalue: float | None = None, progress: bool = True,
+                diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Run the given LiSSA repetitions in lockstep and return their mean estimate of ``(H + λI)⁻¹ v``.
 
     Args:
@@ -106,6 +107,9 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         repetitions: repetition indices to run here (their batches depend on the index only, so the
             repetitions can be split over processes without changing the result).
         top_eigenvalue: the largest batch-Hessian eigenvalue estimate, used in the error message.
+        diagonal: ``(p,)``, a diagonal part of every batch Hessian that ``hvp_step`` leaves out (the explicit L2
+            term: ``2·wd`` on the decayed entries), applied exactly in the update, which then reads and writes
+            each vector once: ``h ← v + ((1 - damping) - diagonal / scale) ⊙ h - hvp_step(h) / scale``.
     Returns:
         ``(mean over repetitions of h_J / scale, info)``.
     Raises:
@@ -117,11 +121,17 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     if not reps:
         return torch.zeros_like(v[0] if squeeze else v), {"lissa_repetitions": 0}
     h = v.unsqueeze(0).repeat(len(reps), 1, 1)
+    spare = torch.empty_like(h)  # the next iterate is written here, then the two swap: no allocation per step
+    coefficient = None if diagonal is None else (1.0 - damping) - diagonal.to(v.dtype) / scale
     monitor = GrowthMonitor(v.norm(dim=-1), damping, depth)
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
     for j in bar:
         products = hvp_step(j, reps, h)
-        h = torch.add(v, h, alpha=1.0 - damping).sub_(products.to(v.dtype), alpha=1.0 / scale)
+        if coefficient is None:
+            torch.add(v, h, alpha=1.0 - damping, out=spare)
+        else:
+            torch.addcmul(v, coefficient, h, out=spare)
+        h, spare = spare.sub_(products.to(v.dtype), alpha=1.0 / scale), h
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))

@@ -1,0 +1,187 @@
+"""The read position: the last layer's per-position work done only where the loss reads it.
+
+A sequence classifier reads the last layer of its stack at one position: BERT's pooler, RoBERTa's, ELECTRA's and
+DistilBERT's heads take the first token. A layer mixes positions only in its attention; what follows (the output
+projection's residual and norm, the feed-forward block) works on each position alone, so at every other position
+it computes values no loss reads. On the MiniLM default (last layer + pooler + classifier from the cached trunk) the
+feed-forward block is about two thirds of a Hessian-vector product's arithmetic, almost all of it at unread
+positions.
+
+`find_readout` cuts the last layer there, generically, and only where it can show that nothing changes:
+
+1. The loss (and the measurement, if one is set) must have a zero gradient with respect to the last layer's output
+   at every position but the first, on probe rows: a head that reads any other position (GPT-2's last token, token
+   classification, a mean over tokens, a causal LM, a `loss_fn` reading hidden states) is never cut.
+2. The last layer's direct submodules are tried in the order the layer calls them; the first one after whose output
+   the layer can be cut to the first position (a forward hook keeps position 0 of its output) is used when the cut
+   layer returns one position and the probe rows' losses and measurements equal the uncut ones within float
+   rounding. BERT-style layers are cut after ``attention``, DistilBERT's after ``sa_layer_norm`` (its attention's
+   residual is added outside the attention module); a layer whose submodules are shared with other layers (ALBERT)
+   fails the comparison and is not cut.
+
+The cut applies only to the forwards `hf_fastif.loss.FunctionalModel` runs (losses and measurements: Hessian-vector
+products, gradients, JVP scoring); predictions and kNN features run the whole layer. ``influence_skip_unread_positions
+=False`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .trunk import _layer_stacks
+
+READOUT_TOLERANCE = 1e-5
+"""Largest relative difference between cut and uncut probe losses that counts as float rounding (20 machine
+epsilons of the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
+
+
+@dataclass
+class Readout:
+    """Where the last layer of a stack is cut to its first position.
+
+    Attributes:
+        module: the last layer's submodule whose output is cut.
+        name: its dotted name in the model (for logs and a table's diagnostics).
+    """
+
+    module: nn.Module
+    name: str
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block, ``module``'s output keeps only position 0 (dimension 1)."""
+        handle = self.module.register_forward_hook(_first_position)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _first_position(module, args, output):
+    if isinstance(output, torch.Tensor):
+        return output[:, :1]
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0][:, :1], *output[1:])
+    raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: cannot keep its first position.")
+
+
+def readout_context(readout: Readout | None):
+    """``readout.active()``, or nothing when there is no cut."""
+    return readout.active() if readout is not None else contextlib.nullcontext()
+
+
+def _hidden(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _replace_hidden(output, hidden: torch.Tensor):
+    return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+
+def find_readout(fm, params: Mapping[str, torch.Tensor], batch: Mapping,
+                 test_batch: Mapping | None = None) -> tuple[Readout | None, str]:
+    """Where ``fm``'s model can run its last layer at the first position only; ``(None, reason)`` where it cannot
+    (see the module docstring).
+
+    Args:
+        fm: a `hf_fastif.loss.FunctionalModel` without a readout (its losses and measurements are what must not
+            change).
+        params: the selected parameters' values.
+        batch: training probe rows, collated with their labels (and trunk states, if the call has them): their
+            losses are checked.
+        test_batch: test probe rows, likewise: their measurements are checked (the measurement may need test
+            labels the training rows do not have); default ``batch``.
+    """
+    model = fm.model
+    stacks = _layer_stacks(model)
+    if len(stacks) != 1:
+        return None, f"{type(model).__name__} has {len(stacks)} layer stacks; the cut needs exactly one"
+    path, layers = stacks[0]
+    last = layers[-1]
+    if fm.split is not None and fm.split.first >= len(layers):
+        return None, f"{path}.{len(layers) - 1} is in the cached trunk (it does not run)"
+
+    probes = [(batch, False), (batch if test_batch is None else test_batch, True)]
+
+    def values() -> torch.Tensor:  # one forward per probe: the training rows' losses, the test rows' measurements
+        return torch.cat([fm.values_without_l2(params, rows, measurement)[0].reshape(-1) for rows, measurement in probes])
+
+    # 1. which positions of the last layer's output do the loss and the measurement read?
+    seen: dict = {}
+
+    def leaf(module, args, output):  # the layer's output as a leaf, so its gradient is defined without the params'
+        hidden = _hidden(output)
+        if hidden is None:
+            return None
+        seen["hidden"] = hidden.detach().requires_grad_(True)
+        return _replace_hidden(output, seen["hidden"])
+
+    handle = last.register_forward_hook(leaf)
+    read = []
+    try:
+        with torch.enable_grad():
+            for rows, measurement in probes:
+                seen.clear()
+                total = fm.values_without_l2(params, rows, measurement)[0].sum()
+                hidden = seen.get("hidden")
+                if hidden is None or hidden.dim() < 3:
+                    return None, f"{path}.{len(layers) - 1} does not return (batch, positions, hidden) states"
+                if not total.requires_grad:
+                    return None, "the loss does not depend on the last layer's output"
+                (grad,) = torch.autograd.grad(total, hidden, allow_unused=True)
+                if grad is None:
+                    return None, "the loss does not depend on the last layer's output"
+                read.append((hidden.shape[1], bool((grad[:, 1:] != 0).any())))
+    finally:
+        handle.remove()
+    if any(elsewhere for _, elsewhere in read):
+        return None, "the loss reads the last layer at other positions than the first"
+    if all(positions < 2 for positions, _ in read):
+        return None, "the probe rows have one position: nothing to cut"
+    with torch.no_grad():
+        reference = values().double()
+
+    # 2. the first submodule of the last layer after which the cut gives the same values
+    called: list[nn.Module] = []
+    handles = [child.register_forward_pre_hook(lambda m, a: called.append(m) if m not in called else None)
+               for child in last.children()]
+    try:
+        with torch.no_grad():
+            values()
+    finally:
+        for h in handles:
+            h.remove()
+    names = {id(m): n for n, m in last.named_children()}
+    lengths: list[int] = []
+
+    def length(module, args, output):
+        hidden = _hidden(output)
+        lengths.append(-1 if hidden is None or hidden.dim() < 3 else hidden.shape[1])
+
+    scale = float(reference.abs().max().clamp_min(1.0))
+    tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
+    for child in called:
+        readout = Readout(child, f"{path}.{len(layers) - 1}.{names[id(child)]}")
+        lengths.clear()
+        handle = last.register_forward_hook(length)
+        try:
+            with torch.no_grad(), readout.active():
+                cut = values().double()
+        except (RuntimeError, IndexError, ValueError, TypeError):
+            continue  # the layer's own code cannot continue from one position there
+        finally:
+            handle.remove()
+        if lengths != [1] * len(probes) or cut.shape != reference.shape:
+            continue  # no saving there (a residual broadcast the cut back), or a layer run more than once
+        if float((cut - reference).abs().max()) / scale <= tolerance:
+            return readout, ""
+    return None, f"no submodule of {path}.{len(layers) - 1} can be cut without changing the loss"

@@ -1,0 +1,158 @@
+"""The read-position cut (`hf_fastif.readout`): the last layer's per-position work runs only where the loss reads it.
+
+Cut where the head reads the first token (BERT, RoBERTa, DistilBERT classifiers), never where it reads others
+(GPT-2's last token, token classification, a causal LM, a loss over every token, layers shared across the stack);
+and wherever it is cut, losses, gradients, Hessian-vector products and influence equal the uncut ones."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif import InfluenceArguments, InfluenceEngine
+from hf_fastif import trunk as T
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.hvp import batch_gradient, batch_hvp
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.params import select_parameters
+from hf_fastif.readout import find_readout
+from tests.test_trunk import TOP
+from tests.tiny import make_token_dataset, tiny_model
+
+CUT = {"bert": "bert.encoder.layer.1.attention", "roberta": "roberta.encoder.layer.1.attention",
+       "distilbert": "distilbert.transformer.layer.1.sa_layer_norm"}
+
+
+def batcher_for(model, pad_collator, n=12, seed=0):
+    data = make_token_dataset(n, seed=seed, num_labels=3)
+    return Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
+
+
+@pytest.mark.parametrize("kind", list(CUT))
+@pytest.mark.parametrize("with_trunk", [False, True])
+def test_the_cut_changes_no_derivative(kind, with_trunk, pad_collator):
+    model = tiny_model(kind, num_labels=3)
+    batcher = batcher_for(model, pad_collator)
+    names = list(select_parameters(model, TOP[kind] if with_trunk else None))
+    params = select_parameters(model, TOP[kind] if with_trunk else None)
+    split = None
+    if with_trunk:
+        split, reason = T.find_split(model, names, T.model_inputs(batcher.batch(range(4), trunk=False)))
+        assert split is not None, reason
+        batcher = batcher.with_trunk(T.TrunkCache(split, batcher, key="k"))
+    fm = FunctionalModel(model, names, weight_decay=0.01, split=split)
+    readout, reason = find_readout(fm, params, batcher.batch(range(4)))
+    assert readout is not None and readout.name == CUT[kind], reason
+    cut = FunctionalModel(model, names, weight_decay=0.01, split=split, readout=readout)
+    batch = batcher.batch([5, 0, 11, 3])  # rows of different lengths: padded
+    last = T._layer_stacks(model)[0][1][-1]
+    seen = []
+    handle = last.register_forward_hook(lambda m, a, out: seen.append(T_len(out)))
+    try:
+        torch.testing.assert_close(cut.losses(params, batch), fm.losses(params, batch), rtol=1e-12, atol=1e-12)
+    finally:
+        handle.remove()
+    assert seen == [1, batch["input_ids"].shape[1]]  # the cut layer returned one position, the whole one all
+    torch.testing.assert_close(batch_gradient(cut, params, batch, reduction="none"),
+                               batch_gradient(fm, params, batch, reduction="none"), rtol=1e-10, atol=1e-12)
+    v = torch.randn(2, sum(p.numel() for p in params.values()), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch_hvp(cut, params, batch, v, reduction="sum"),
+                               batch_hvp(fm, params, batch, v, reduction="sum"), rtol=1e-10, atol=1e-12)
+
+
+def T_len(output):
+    hidden = output[0] if isinstance(output, tuple) else output
+    return hidden.shape[1]
+
+
+def test_heads_that_read_other_positions_are_not_cut(pad_collator):
+    # GPT-2's classifier reads each row's last token
+    model = tiny_model("gpt2", num_labels=3)
+    batcher = batcher_for(model, pad_collator)
+    params = select_parameters(model, None)
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, batcher.batch(range(4)))
+    assert readout is None and "other positions" in reason
+    # a loss over every token's output (a mean-pooled probe of the last layer) on a BERT
+    model = tiny_model("bert", num_labels=3)
+    wrapped = _HiddenStates(model)
+    params = select_parameters(wrapped, None)
+
+    def mean_pooled(outputs, batch):
+        return outputs.hidden_states[-1].mean(1).pow(2).sum(1)
+
+    readout, reason = find_readout(FunctionalModel(wrapped, list(params), mean_pooled), params, batcher.batch(range(4)))
+    assert readout is None and "other positions" in reason
+
+
+def test_a_measurement_that_reads_other_positions_blocks_the_cut(pad_collator):
+    wrapped = _HiddenStates(tiny_model("bert", num_labels=3))
+    params = select_parameters(wrapped, None)
+    probe = batcher_for(wrapped.inner, pad_collator).batch(range(4))
+    assert find_readout(FunctionalModel(wrapped, list(params)), params, probe)[0] is not None
+
+    def last_token(outputs, batch):  # a test-side quantity read at the last position
+        return outputs.hidden_states[-1][:, -1].sum(1)
+
+    readout, reason = find_readout(FunctionalModel(wrapped, list(params), measurement_fn=last_token), params, probe)
+    assert readout is None and "other positions" in reason
+
+
+class _HiddenStates(torch.nn.Module):
+    """A model that also returns its hidden states (a loss may read them)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kw):
+        return self.inner(**kw, output_hidden_states=True)
+
+
+def test_a_layer_shared_across_the_stack_is_not_cut(pad_collator):
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=32, num_labels=3, attn_implementation="eager")
+    model = AlbertForSequenceClassification(cfg).double().eval()
+    params = select_parameters(model, None)
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params,
+                                   batcher_for(model, pad_collator).batch(range(4)))
+    assert readout is None, readout
+
+
+def test_token_classification_is_not_cut(pad_collator):
+    from transformers import BertConfig, BertForTokenClassification, DataCollatorForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=3, attn_implementation="eager")
+    model = BertForTokenClassification(cfg).double().eval()
+    data = make_token_dataset(8, seed=0, num_labels=3)
+    data = data.map(lambda r: {"labels": [t % 3 for t in r["input_ids"]]})
+    collator = DataCollatorForTokenClassification(pad_collator.tokenizer)
+    batcher = Batcher(data, validate_dataset(data, "train", model), collator, "cpu")
+    params = select_parameters(model, None)
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, batcher.batch(range(4)))
+    assert readout is None and "other positions" in reason
+
+
+@pytest.mark.parametrize("solver", ["lissa", "exact"])
+def test_influence_is_the_same_with_and_without_the_cut(solver, pad_collator, tmp_path):
+    model = tiny_model("bert", num_labels=3)
+    train = make_token_dataset(24, seed=0, num_labels=3)
+    test = make_token_dataset(3, seed=7, num_labels=3)
+    tables = {}
+    for on in (True, False):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver=solver,
+                                  influence_knn_k=None, influence_recursion_depth=20, influence_scale=50.0,
+                                  influence_damping=0.05, influence_skip_unread_positions=on, disable_tqdm=True,
+                                  influence_check_convergence=False)
+        engine = InfluenceEngine(model, args, data_collator=pad_collator)
+        table = engine.compute_influences(train, test)
+        tables[on] = (table, table.metadata)
+    cut, full = tables[True], tables[False]
+    assert cut[1]["diagnostics"]["readout"] == {"cut_after": "bert.encoder.layer.1.attention"}
+    assert full[1]["diagnostics"]["readout"]["cut_after"] is None
+    a = cut[0].to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+    b = full[0].to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
