@@ -13,7 +13,7 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 | kNN feature index | fingerprint of all weights, the candidate data, the collator, the feature method, the index type |
 | gradient index | all weights, the candidate data, the collator, the loss, the projection, the parameters |
 | curvature estimates (LiSSA check, low-rank Hessian) | all weights, the training data, the collator, the loss, B, seed |
-| the read-position cut (where the last layer is cut, or why not) | the parameters, the split, the training data, the setting |
+| the read-position cut (where the last layer is cut, or why not) | all weights, the parameters, the split, the training and test data, the setting |
 
 `InfluenceTrainer` holds one engine across calls (training changes the weights, so the caches rebuild themselves);
 `compute_influences` makes a short-lived one.
@@ -258,11 +258,9 @@ class InfluenceEngine:
         key = (call.model_fingerprint, call.train.dataset._fingerprint, self._functions["collator"])
         if key in self._padding_checked:
             return
-        first = range(min(PADDING_PROBE_ROWS, len(call.train)))
-        mask = call.train.batch(first, trunk=False).get("attention_mask")
-        if mask is not None and mask.shape[1] > int(mask.sum(1).min()):
-            lengths = mask.sum(1)
-            short, long = int(lengths.argmin()), int(lengths.argmax())
+        extremes = _shortest_and_longest(call.train)
+        if extremes is not None:
+            short, long = extremes
             with torch.no_grad():  # each row's loss, as every stage computes it (any head, any loss_fn)
                 alone = call.fm.values_without_l2(call.params, call.train.batch([short], trunk=False))[0].double()
                 padded = call.fm.values_without_l2(call.params, call.train.batch([short, long], trunk=False))[0][:1]
@@ -403,7 +401,7 @@ class InfluenceEngine:
         for cache in self._trunks.values():
             cache.close()
         self._trunks.clear()
-        self._split = None
+        self._split = self._readout = None
         self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = None
         self._saved_gradient_index = None
         self._curvature.clear()
@@ -503,20 +501,27 @@ class InfluenceEngine:
         """Cut the last layer to the position the loss reads, where `hf_fastif.readout.find_readout` shows that
         nothing changes (probe rows of the training and test data, once per parameters, split and data)."""
         split, on = call.fm.split, getattr(self.args, "influence_skip_unread_positions", True)
-        key = (on, tuple(call.names), None if split is None else f"{split.path}.{split.first}",
+        key = (on, tuple(call.names), call.model_fingerprint, None if split is None else f"{split.path}.{split.first}",
                call.train.dataset._fingerprint, len(call.train), call.test.dataset._fingerprint, len(call.test))
         if not on:
             self._readout = (key, None, "influence_skip_unread_positions=False")
         elif self._readout is None or self._readout[0] != key:
-            probe = call.train.batch(range(min(READOUT_PROBE_ROWS, len(call.train))))
-            test_probe = call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))
-            readout, reason = find_readout(call.fm, call.params, probe, test_probe)
+            first = range(min(READOUT_PROBE_ROWS, len(call.train)))
+            probes = [call.train.batch(first)]
+            extremes = _shortest_and_longest(call.train)
+            if extremes is not None:  # the lengths alone and padded together (internal padding shows up there)
+                probes += [call.train.batch([extremes[0]]), call.train.batch(list(extremes))]
+            tests = [call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))]
+            readout, reason = find_readout(call.fm, call.params, probes, tests)
             if readout is None:
                 logger.info(f"The last layer runs at every position: {reason}.")
             self._readout = (key, readout, reason)
-        call.fm.readout = self._readout[1]
-        call.info["readout"] = ({"cut_after": self._readout[1].name} if self._readout[1] is not None
-                                else {"cut_after": None, "reason": self._readout[2]})
+        readout, reason = self._readout[1:]
+        if readout is not None and readout.failed is not None:
+            readout, reason = None, f"the cut after {readout.name} failed on a batch ({readout.failed})"
+        call.fm.readout = readout
+        call.info["readout"] = {"cut_after": readout.name} if readout is not None else {"cut_after": None,
+                                                                                          "reason": reason}
 
     def _find_split(self, names: list[str], batcher: Batcher) -> TrunkSplit | None:
         if not getattr(self.args, "influence_trunk_cache", True):
@@ -890,6 +895,18 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
+
+
+def _shortest_and_longest(batcher: Batcher) -> tuple[int, int] | None:
+    """The shortest and the longest of the first `PADDING_PROBE_ROWS` rows (by attention mask), or None when they
+    are all as long (nothing is padded)."""
+    mask = batcher.batch(range(min(PADDING_PROBE_ROWS, len(batcher))), trunk=False).get("attention_mask")
+    if mask is None:
+        return None
+    lengths = mask.reshape(mask.shape[0], -1, mask.shape[-1]).sum(-1).amax(1)  # multiple choice: its longest choice
+    if mask.shape[-1] == int(lengths.min()):
+        return None
+    return int(lengths.argmin()), int(lengths.argmax())
 
 
 def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -> dict:

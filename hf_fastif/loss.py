@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from transformers.utils import logging
 
 from .params import decayed_names
-from .readout import readout_context
 from .trunk import forward_context, model_inputs
+
+logger = logging.get_logger(__name__)
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -156,8 +158,19 @@ class FunctionalModel:
                     raise ValueError(f"{name!r} and {alias!r} are the same (tied) parameter of the model; pass a "
                                      "value for one of them only.")
                 values[alias] = values[name]
-        with forward_context(self.split, batch), readout_context(self.readout):
-            return functional_call(self.model, values, args=(), kwargs=model_inputs(batch), tie_weights=False)
+        inputs = model_inputs(batch)
+        with forward_context(self.split, batch):
+            readout = self.readout
+            if readout is not None and readout.failed is None:
+                try:
+                    with readout.active():
+                        return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
+                except (RuntimeError, IndexError, ValueError) as err:  # a batch unlike the probe rows the cut passed on
+                    readout.failed = f"{type(err).__name__}: {err}"
+                    logger.warning(f"The last layer cut after {readout.name} failed on a batch ({readout.failed}); "
+                                   "the whole layer runs from now on (influence_skip_unread_positions=False avoids "
+                                   "the cut).")
+            return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
 
     def _l2(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | float:
         if not self.decayed:

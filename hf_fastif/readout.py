@@ -27,7 +27,7 @@ products, gradients, JVP scoring); predictions and kNN features run the whole la
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +47,12 @@ class Readout:
     Attributes:
         module: the last layer's submodule whose output is cut.
         name: its dotted name in the model (for logs and a table's diagnostics).
+        failed: why a cut forward raised, if one did (a batch unlike the probe rows); the cut is then not used.
     """
 
     module: nn.Module
     name: str
+    failed: str | None = None  # set when a cut forward raised: the cut is not used again (see `FunctionalModel`)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -70,11 +72,6 @@ def _first_position(module, args, output):
     raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: cannot keep its first position.")
 
 
-def readout_context(readout: Readout | None):
-    """``readout.active()``, or nothing when there is no cut."""
-    return readout.active() if readout is not None else contextlib.nullcontext()
-
-
 def _hidden(output) -> torch.Tensor | None:
     if isinstance(output, torch.Tensor):
         return output
@@ -87,8 +84,9 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
 
 
-def find_readout(fm, params: Mapping[str, torch.Tensor], batch: Mapping,
-                 test_batch: Mapping | None = None) -> tuple[Readout | None, str]:
+@torch.enable_grad()
+def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mapping],
+                 test_batches: Sequence[Mapping] = ()) -> tuple[Readout | None, str]:
     """Where ``fm``'s model can run its last layer at the first position only; ``(None, reason)`` where it cannot
     (see the module docstring).
 
@@ -96,10 +94,11 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batch: Mapping,
         fm: a `hf_fastif.loss.FunctionalModel` without a readout (its losses and measurements are what must not
             change).
         params: the selected parameters' values.
-        batch: training probe rows, collated with their labels (and trunk states, if the call has them): their
-            losses are checked.
-        test_batch: test probe rows, likewise: their measurements are checked (the measurement may need test
-            labels the training rows do not have); default ``batch``.
+        batches: training probe batches, collated with their labels (and trunk states, if the call has them):
+            their losses are checked. Give rows of different lengths alone and padded together (a model that pads
+            internally, such as Longformer to its attention window, shows up only on some lengths).
+        test_batches: test probe batches: their measurements are checked (a measurement may need test labels the
+            training rows do not have); default: the training batches.
     """
     model = fm.model
     stacks = _layer_stacks(model)
@@ -109,11 +108,12 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batch: Mapping,
     last = layers[-1]
     if fm.split is not None and fm.split.first >= len(layers):
         return None, f"{path}.{len(layers) - 1} is in the cached trunk (it does not run)"
+    probes = [(b, False) for b in batches] + [(b, True) for b in (test_batches or batches)]
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    weights = torch.Generator().manual_seed(0)
 
-    probes = [(batch, False), (batch if test_batch is None else test_batch, True)]
-
-    def values() -> torch.Tensor:  # one forward per probe: the training rows' losses, the test rows' measurements
-        return torch.cat([fm.values_without_l2(params, rows, measurement)[0].reshape(-1) for rows, measurement in probes])
+    def values(rows, measurement: bool) -> torch.Tensor:
+        return fm.values_without_l2(leaves, rows, measurement)[0].reshape(-1)
 
     # 1. which positions of the last layer's output do the loss and the measurement read?
     seen: dict = {}
@@ -125,38 +125,37 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batch: Mapping,
         seen["hidden"] = hidden.detach().requires_grad_(True)
         return _replace_hidden(output, seen["hidden"])
 
+    reference = []  # per probe: the values and the gradient of a random combination of them w.r.t. the parameters
     handle = last.register_forward_hook(leaf)
-    read = []
     try:
-        with torch.enable_grad():
-            for rows, measurement in probes:
-                seen.clear()
-                total = fm.values_without_l2(params, rows, measurement)[0].sum()
-                hidden = seen.get("hidden")
-                if hidden is None or hidden.dim() < 3:
-                    return None, f"{path}.{len(layers) - 1} does not return (batch, positions, hidden) states"
-                if not total.requires_grad:
-                    return None, "the loss does not depend on the last layer's output"
-                (grad,) = torch.autograd.grad(total, hidden, allow_unused=True)
-                if grad is None:
-                    return None, "the loss does not depend on the last layer's output"
-                read.append((hidden.shape[1], bool((grad[:, 1:] != 0).any())))
+        for rows, measurement in probes:
+            seen.clear()
+            out = values(rows, measurement)
+            hidden = seen.get("hidden")
+            if hidden is None or hidden.dim() < 3:
+                return None, f"{path}.{len(layers) - 1} does not return (batch, positions, hidden) states"
+            grad = torch.autograd.grad(out.sum(), hidden, allow_unused=True)[0] if out.requires_grad else None
+            if grad is not None and bool((grad[:, 1:] != 0).any()):
+                return None, "the loss reads the last layer at other positions than the first"
+            if grad is None or not bool((grad[:, 0] != 0).any()):  # e.g. a zero-initialised head: undecided
+                return None, "the loss does not depend on the last layer's first position at these weights"
     finally:
         handle.remove()
-    if any(elsewhere for _, elsewhere in read):
-        return None, "the loss reads the last layer at other positions than the first"
-    if all(positions < 2 for positions, _ in read):
+    if all(_positions(rows) < 2 for rows, _ in probes):
         return None, "the probe rows have one position: nothing to cut"
-    with torch.no_grad():
-        reference = values().double()
+    for rows, measurement in probes:
+        out = values(rows, measurement)
+        mix = torch.randn(out.shape, generator=weights, dtype=torch.float64).to(out.dtype)
+        grads = torch.autograd.grad(out @ mix, list(leaves.values()), allow_unused=True)
+        reference.append((out.detach().double(), mix, _flat(grads, leaves)))
 
-    # 2. the first submodule of the last layer after which the cut gives the same values
+    # 2. the first submodule of the last layer after which the cut gives the same values and gradients
     called: list[nn.Module] = []
     handles = [child.register_forward_pre_hook(lambda m, a: called.append(m) if m not in called else None)
                for child in last.children()]
     try:
         with torch.no_grad():
-            values()
+            values(*probes[0])
     finally:
         for h in handles:
             h.remove()
@@ -167,21 +166,42 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batch: Mapping,
         hidden = _hidden(output)
         lengths.append(-1 if hidden is None or hidden.dim() < 3 else hidden.shape[1])
 
-    scale = float(reference.abs().max().clamp_min(1.0))
     tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
     for child in called:
         readout = Readout(child, f"{path}.{len(layers) - 1}.{names[id(child)]}")
+        if _agrees(readout, last, length, lengths, probes, reference, values, leaves, tolerance):
+            return readout, ""
+    return None, f"no submodule of {path}.{len(layers) - 1} can be cut without changing the loss"
+
+
+def _agrees(readout: Readout, last: nn.Module, length, lengths: list, probes, reference, values, leaves,
+            tolerance: float) -> bool:
+    """Whether every probe, cut at ``readout``, runs the last layer once at one position and gives the uncut values
+    and gradients (relative to their largest entry, or 1)."""
+    for (rows, measurement), (out_ref, mix, grad_ref) in zip(probes, reference):
         lengths.clear()
         handle = last.register_forward_hook(length)
         try:
-            with torch.no_grad(), readout.active():
-                cut = values().double()
+            with readout.active():
+                out = values(rows, measurement)
+                grads = torch.autograd.grad(out @ mix, list(leaves.values()), allow_unused=True)
         except (RuntimeError, IndexError, ValueError, TypeError):
-            continue  # the layer's own code cannot continue from one position there
+            return False  # the layer's own code cannot continue from one position there
         finally:
             handle.remove()
-        if lengths != [1] * len(probes) or cut.shape != reference.shape:
-            continue  # no saving there (a residual broadcast the cut back), or a layer run more than once
-        if float((cut - reference).abs().max()) / scale <= tolerance:
-            return readout, ""
-    return None, f"no submodule of {path}.{len(layers) - 1} can be cut without changing the loss"
+        if lengths != [1] or out.shape != out_ref.shape:
+            return False  # no saving there (a residual broadcast the cut back), or a layer run more than once
+        for cut, whole in ((out.detach().double(), out_ref), (_flat(grads, leaves), grad_ref)):
+            if float((cut - whole).abs().max()) > tolerance * max(float(whole.abs().max()), 1.0):
+                return False
+    return True
+
+
+def _flat(grads, leaves) -> torch.Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for g, p in zip(grads, leaves.values())])
+
+
+def _positions(batch: Mapping) -> int:
+    ids = batch.get("input_ids", batch.get("attention_mask"))
+    return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) else 2

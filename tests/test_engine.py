@@ -169,7 +169,8 @@ def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_col
 
     model, train, test = data
     settings = dict(BASE, influence_batch_size=1, influence_recursion_depth=30, influence_knn_k=None,
-                    influence_check_convergence=False)  # 2 x 30 draws of 1 row from 40 rows
+                    influence_check_convergence=False,  # 2 x 30 draws of 1 row from 40 rows
+                    influence_skip_unread_positions=False)  # its probe draws a single row too
     reference = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     drawn, real = [], Batcher.batch
     monkeypatch.setattr(Batcher, "batch", lambda self, rows, **k: (

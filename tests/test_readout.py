@@ -40,7 +40,7 @@ def test_the_cut_changes_no_derivative(kind, with_trunk, pad_collator):
         assert split is not None, reason
         batcher = batcher.with_trunk(T.TrunkCache(split, batcher, key="k"))
     fm = FunctionalModel(model, names, weight_decay=0.01, split=split)
-    readout, reason = find_readout(fm, params, batcher.batch(range(4)))
+    readout, reason = find_readout(fm, params, [batcher.batch(range(4))])
     assert readout is not None and readout.name == CUT[kind], reason
     cut = FunctionalModel(model, names, weight_decay=0.01, split=split, readout=readout)
     batch = batcher.batch([5, 0, 11, 3])  # rows of different lengths: padded
@@ -69,7 +69,7 @@ def test_heads_that_read_other_positions_are_not_cut(pad_collator):
     model = tiny_model("gpt2", num_labels=3)
     batcher = batcher_for(model, pad_collator)
     params = select_parameters(model, None)
-    readout, reason = find_readout(FunctionalModel(model, list(params)), params, batcher.batch(range(4)))
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, [batcher.batch(range(4))])
     assert readout is None and "other positions" in reason
     # a loss over every token's output (a mean-pooled probe of the last layer) on a BERT
     model = tiny_model("bert", num_labels=3)
@@ -79,7 +79,7 @@ def test_heads_that_read_other_positions_are_not_cut(pad_collator):
     def mean_pooled(outputs, batch):
         return outputs.hidden_states[-1].mean(1).pow(2).sum(1)
 
-    readout, reason = find_readout(FunctionalModel(wrapped, list(params), mean_pooled), params, batcher.batch(range(4)))
+    readout, reason = find_readout(FunctionalModel(wrapped, list(params), mean_pooled), params, [batcher.batch(range(4))])
     assert readout is None and "other positions" in reason
 
 
@@ -87,12 +87,12 @@ def test_a_measurement_that_reads_other_positions_blocks_the_cut(pad_collator):
     wrapped = _HiddenStates(tiny_model("bert", num_labels=3))
     params = select_parameters(wrapped, None)
     probe = batcher_for(wrapped.inner, pad_collator).batch(range(4))
-    assert find_readout(FunctionalModel(wrapped, list(params)), params, probe)[0] is not None
+    assert find_readout(FunctionalModel(wrapped, list(params)), params, [probe])[0] is not None
 
     def last_token(outputs, batch):  # a test-side quantity read at the last position
         return outputs.hidden_states[-1][:, -1].sum(1)
 
-    readout, reason = find_readout(FunctionalModel(wrapped, list(params), measurement_fn=last_token), params, probe)
+    readout, reason = find_readout(FunctionalModel(wrapped, list(params), measurement_fn=last_token), params, [probe])
     assert readout is None and "other positions" in reason
 
 
@@ -116,7 +116,7 @@ def test_a_layer_shared_across_the_stack_is_not_cut(pad_collator):
     model = AlbertForSequenceClassification(cfg).double().eval()
     params = select_parameters(model, None)
     readout, reason = find_readout(FunctionalModel(model, list(params)), params,
-                                   batcher_for(model, pad_collator).batch(range(4)))
+                                   [batcher_for(model, pad_collator).batch(range(4))])
     assert readout is None, readout
 
 
@@ -132,7 +132,7 @@ def test_token_classification_is_not_cut(pad_collator):
     collator = DataCollatorForTokenClassification(pad_collator.tokenizer)
     batcher = Batcher(data, validate_dataset(data, "train", model), collator, "cpu")
     params = select_parameters(model, None)
-    readout, reason = find_readout(FunctionalModel(model, list(params)), params, batcher.batch(range(4)))
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, [batcher.batch(range(4))])
     assert readout is None and "other positions" in reason
 
 
@@ -156,3 +156,102 @@ def test_influence_is_the_same_with_and_without_the_cut(solver, pad_collator, tm
     a = cut[0].to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
     b = full[0].to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+class _MeanPooled(torch.nn.Module):
+    """A sentence-transformers-style head: the mean of the last layer over the tokens, then a linear classifier."""
+
+    def __init__(self, zero_head: bool):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32, attn_implementation="eager")
+        self.bert = BertModel(cfg, add_pooling_layer=False)
+        self.classifier = torch.nn.Linear(16, 3)
+        if zero_head:
+            torch.nn.init.zeros_(self.classifier.weight)
+
+    def forward(self, input_ids=None, attention_mask=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return SequenceClassifierOutput(logits=self.classifier((hidden * mask).sum(1) / mask.sum(1)))
+
+
+def test_a_head_that_reads_nothing_at_these_weights_is_not_cut(pad_collator):
+    """A zero-initialised classifier over mean-pooled tokens: the loss's gradient is zero at every position, and
+    the cut losses equal the uncut ones (logits = bias), yet the head reads every position. Undecided: not cut."""
+    model = _MeanPooled(zero_head=True).double().eval()
+    params = select_parameters(model, None)
+    probe = [batcher_for(model, pad_collator).batch(range(4))]
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, probe)
+    assert readout is None and "at these weights" in reason
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, probe)
+    assert readout is None and "other positions" in reason
+
+
+def test_the_engine_decides_again_when_the_weights_change(pad_collator, tmp_path):
+    """A BERT classifier whose head starts at zero (undecided: no cut); once its weights change, the same engine
+    (as InfluenceTrainer keeps it) cuts, and the numbers still equal the uncut ones."""
+    model = tiny_model("bert", num_labels=3)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(2, seed=7, num_labels=3)
+
+    def arguments(on):
+        return InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="exact",
+                                  influence_knn_k=None, influence_damping=0.05, influence_scale=50.0,
+                                  influence_skip_unread_positions=on, disable_tqdm=True,
+                                  influence_check_convergence=False)
+
+    engine = InfluenceEngine(model, arguments(True), data_collator=pad_collator)
+    first = engine.compute_influences(train, test).metadata["diagnostics"]["readout"]
+    assert first["cut_after"] is None and "at these weights" in first["reason"]
+    with torch.no_grad():
+        model.classifier.weight.normal_(std=0.3)
+    table = engine.compute_influences(train, test)
+    assert table.metadata["diagnostics"]["readout"] == {"cut_after": "bert.encoder.layer.1.attention"}
+    whole = InfluenceEngine(model, arguments(False), data_collator=pad_collator).compute_influences(train, test)
+    a = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+    b = whole.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _longformer():
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=80, num_labels=3, attention_window=4,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, attn_implementation="eager")
+    return LongformerForSequenceClassification(cfg).double().eval()
+
+
+def test_a_cut_that_fails_on_a_later_batch_falls_back_to_the_whole_layer(pad_collator, caplog):
+    """Longformer pads every batch to a multiple of its attention window and drops that padding after the stack:
+    a cut that passed on rows needing no padding fails on rows that do. That forward runs uncut (a warning), the
+    cut is marked failed, and the values are the whole layer's; rows of mixed lengths among the probes refuse it
+    from the start."""
+    model = _longformer()
+    data = make_token_dataset(40, seed=0, num_labels=3)
+    lengths = [len(x) for x in data["input_ids"]]
+    eight = [i for i, n in enumerate(lengths) if n == 8][:4]
+    shorter = [i for i, n in enumerate(lengths) if n in (5, 6, 7)][:4]
+    assert len(eight) == 4 and len(shorter) == 4
+    batcher = batcher_for(model, pad_collator, n=40)
+    params = select_parameters(model, None)
+    fm = FunctionalModel(model, list(params))
+    readout, reason = find_readout(fm, params, [batcher.batch(eight)])
+    assert readout is not None, reason
+    cut = FunctionalModel(model, list(params), readout=readout)
+    batch = batcher.batch(shorter)
+    with caplog.at_level("WARNING"):
+        values = cut.losses(params, batch)
+    assert readout.failed is not None and "failed on a batch" in caplog.text
+    torch.testing.assert_close(values, fm.losses(params, batch), rtol=1e-12, atol=1e-12)
+    assert find_readout(fm, params, [batcher.batch(eight), batcher.batch(shorter[:1])])[0] is None

@@ -94,6 +94,21 @@ def test_lissa_nan_is_divergence():
         solve_lissa(step, torch.ones(4), damping=0.1, scale=10.0, depth=20, repetitions=[0], progress=False)
 
 
+def test_smallest_eigenvalue_estimate_is_not_biased_by_outliers_in_float32():
+    """A Hessian-like spectrum: a bulk near zero reaching -0.05 and a few large outliers. Lanczos without
+    reorthogonalisation estimates the smallest eigenvalue at +0.01 to +0.07 in float32 (the outliers leak back),
+    which would accept LiSSA on an indefinite H + λI; the check's estimate must stay negative."""
+    p = 3000
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        spectrum = torch.cat([torch.linspace(-0.05, 0.5, p - 3), torch.tensor([2e3, 8e2, 3e2])])
+        q = torch.linalg.qr(torch.randn(p, p, generator=gen))[0]
+        matrix = (q * spectrum) @ q.T
+        low, high = extreme_eigenvalues(lambda x, m=matrix: m @ x, p, iterations=7, seed=seed)
+        assert low < -0.005, low
+        assert high == pytest.approx(2e3, rel=1e-3)
+
+
 # ---- the convergence check on a model --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bert():
