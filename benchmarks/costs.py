@@ -103,7 +103,7 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
         fm, batcher, tests, out["trunk"], out["trunk_split"] = _with_trunk(model, names, full_fm, full, tests, args)
         if args.influence_skip_unread_positions:  # the last layer cut to the position the loss reads, as the engine
-            readout, _ = find_readout(fm, params, batcher.batch(range(min(READOUT_PROBE_ROWS, n))))
+            readout, _ = find_readout(fm, params, [batcher.batch(range(min(READOUT_PROBE_ROWS, n)))])
             fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay, split=fm.split,
                                  readout=readout)
         out["readout"] = None if fm.readout is None else fm.readout.name

@@ -87,7 +87,8 @@ TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
 READOUT_PROBE_ROWS = 4
-"""Training rows (collated together) on which `hf_fastif.readout.find_readout` checks a cut."""
+"""The first training rows and the first test rows (each collated together) on which
+`hf_fastif.readout.find_readout` checks a cut, besides the shortest training row alone and next to the longest."""
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
 """Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when many rows are
 drawn again (B = 1 and J·T > N/2: the repetitions draw independently, so rows recur across them; FastIF's J 1000,
@@ -148,7 +149,7 @@ class InfluenceEngine:
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._split_error: float | None = None
-        self._readout: tuple[tuple, Readout | None, str] | None = None  # (names, split, data) -> the cut, or why not
+        self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
         self._feature_index: tuple[tuple, Dataset] | None = None
         self._gradient_index: tuple[tuple, object] | None = None
@@ -499,7 +500,8 @@ class InfluenceEngine:
 
     def _attach_readout(self, call: _Call) -> None:
         """Cut the last layer to the position the loss reads, where `hf_fastif.readout.find_readout` shows that
-        nothing changes (probe rows of the training and test data, once per parameters, split and data)."""
+        nothing changes (probe rows of the training and test data; decided again when the weights, the parameters,
+        the split or the data change)."""
         split, on = call.fm.split, getattr(self.args, "influence_skip_unread_positions", True)
         key = (on, tuple(call.names), call.model_fingerprint, None if split is None else f"{split.path}.{split.first}",
                call.train.dataset._fingerprint, len(call.train), call.test.dataset._fingerprint, len(call.test))

@@ -9,19 +9,22 @@ Hessian-vector product's matrix products drop from 0.47 to 0.13 GFLOP with the c
 
 `find_readout` cuts the last layer there, generically, and only where it can show that nothing changes:
 
-1. The loss (and the measurement, if one is set) must have a zero gradient with respect to the last layer's output
-   at every position but the first, on probe rows: a head that reads any other position (GPT-2's last token, token
-   classification, a mean over tokens, a causal LM, a `loss_fn` reading hidden states) is never cut.
+1. The loss (and the measurement, if one is set) must have a gradient with respect to the last layer's output that
+   is zero at every position but the first, and not zero at the first, on probe rows: a head that reads any other
+   position (GPT-2's last token, token classification, a mean over tokens, a causal LM, a `loss_fn` reading hidden
+   states) is never cut, and neither is one that reads nothing at the current weights (a zero-initialised
+   classifier: undecided; the engine decides again when the weights change).
 2. The last layer's direct submodules are tried in the order the layer calls them; the first one after whose output
-   the layer can be cut to the first position (a forward hook keeps position 0 of its output) is used when the cut
-   layer returns one position and the probe rows' losses and measurements equal the uncut ones within float
-   rounding. BERT-style layers are cut after ``attention``, DistilBERT's after ``sa_layer_norm`` (its attention's
-   residual is added outside the attention module); a layer whose submodules are shared with other layers (ALBERT)
-   fails the comparison and is not cut.
+   the layer can be cut to the first position (a forward hook keeps position 0 of its output) is used when, on
+   every probe, the cut layer runs once and returns one position, and the losses, the measurements and the
+   parameter gradients equal the uncut ones within float rounding. BERT-style layers are cut after ``attention``,
+   DistilBERT's after ``sa_layer_norm`` (its attention's residual is added outside the attention module); a layer
+   whose submodules are shared with other layers (ALBERT) fails the comparison and is not cut.
 
 The cut applies only to the forwards `hf_fastif.loss.FunctionalModel` runs (losses and measurements: Hessian-vector
-products, gradients, JVP scoring); predictions and kNN features run the whole layer. ``influence_skip_unread_positions
-=False`` turns it off.
+products, gradients, JVP scoring); predictions and kNN features run the whole layer. A cut forward that raises on a
+batch unlike the probes (a model that pads internally, as Longformer does to its attention window) marks the cut
+failed and runs whole, with a warning. ``influence_skip_unread_positions=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
         test_batches: test probe batches: their measurements are checked (a measurement may need test labels the
             training rows do not have); default: the training batches.
     """
+    if isinstance(batches, Mapping) or isinstance(test_batches, Mapping):
+        raise TypeError("find_readout takes lists of collated batches (batches=[batch, ...]), not one batch.")
     model = fm.model
     stacks = _layer_stacks(model)
     if len(stacks) != 1:
