@@ -186,6 +186,10 @@ class InfluenceEngine:
             if self.args.influence_measure_recall and call.k is not None:
                 with call.timer("recall"):
                     call.info["candidate_recall"] = self._recall_of(call, s_test, queries)
+        readout = call.fm.readout
+        if readout is not None and readout.failed is not None:  # dropped during this call: say so in the table
+            call.info["readout"] = {"cut_after": readout.name, "failed_on_a_batch": readout.failed,
+                                    "note": "the whole layer ran from that batch on"}
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
         return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
 

@@ -166,6 +166,8 @@ class FunctionalModel:
                     with readout.active():
                         return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
                 except (RuntimeError, IndexError, ValueError) as err:  # a batch unlike the probe rows the cut passed on
+                    if not readout.fired or isinstance(err, torch.OutOfMemoryError):
+                        raise  # raised before the cut, or out of memory: not the cut's doing
                     readout.failed = f"{type(err).__name__}: {err}"
                     logger.warning(f"The last layer cut after {readout.name} failed on a batch ({readout.failed}); "
                                    "the whole layer runs from now on (influence_skip_unread_positions=False avoids "

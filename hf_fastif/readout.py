@@ -57,22 +57,27 @@ class Readout:
     name: str
     failed: str | None = None  # set when a cut forward raised: the cut is not used again (see `FunctionalModel`)
 
+    fired: bool = False  # whether a forward inside `active` reached the cut
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Within the block, ``module``'s output keeps only position 0 (dimension 1)."""
-        handle = self.module.register_forward_hook(_first_position)
+        self.fired = False
+
+        def first_position(module, args, output):
+            self.fired = True
+            if isinstance(output, torch.Tensor):
+                return output[:, :1]
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                return (output[0][:, :1], *output[1:])
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: cannot keep its first "
+                            "position.")
+
+        handle = self.module.register_forward_hook(first_position)
         try:
             yield
         finally:
             handle.remove()
-
-
-def _first_position(module, args, output):
-    if isinstance(output, torch.Tensor):
-        return output[:, :1]
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (output[0][:, :1], *output[1:])
-    raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: cannot keep its first position.")
 
 
 def _hidden(output) -> torch.Tensor | None:
@@ -153,6 +158,8 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
         mix = torch.randn(out.shape, generator=weights, dtype=torch.float64).to(out.dtype)
         grads = torch.autograd.grad(out @ mix, list(leaves.values()), allow_unused=True)
         reference.append((out.detach().double(), mix, _flat(grads, leaves)))
+        if not bool((reference[-1][2] != 0).any()):  # saturated rows: nothing left to compare a cut against
+            return None, "the probe rows' parameter gradients vanish at these weights"
 
     # 2. the first submodule of the last layer after which the cut gives the same values and gradients
     called: list[nn.Module] = []
@@ -182,7 +189,7 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
 def _agrees(readout: Readout, last: nn.Module, length, lengths: list, probes, reference, values, leaves,
             tolerance: float) -> bool:
     """Whether every probe, cut at ``readout``, runs the last layer once at one position and gives the uncut values
-    and gradients (relative to their largest entry, or 1)."""
+    and gradients (relative to their largest entry)."""
     for (rows, measurement), (out_ref, mix, grad_ref) in zip(probes, reference):
         lengths.clear()
         handle = last.register_forward_hook(length)
@@ -197,13 +204,14 @@ def _agrees(readout: Readout, last: nn.Module, length, lengths: list, probes, re
         if lengths != [1] or out.shape != out_ref.shape:
             return False  # no saving there (a residual broadcast the cut back), or a layer run more than once
         for cut, whole in ((out.detach().double(), out_ref), (_flat(grads, leaves), grad_ref)):
-            if float((cut - whole).abs().max()) > tolerance * max(float(whole.abs().max()), 1.0):
+            # relative to their own size, however small (near-saturated probe rows have tiny losses and gradients)
+            if float((cut - whole).abs().max()) > tolerance * float(whole.abs().max()):
                 return False
     return True
 
 
 def _flat(grads, leaves) -> torch.Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                       for g, p in zip(grads, leaves.values())])
 
 

@@ -255,3 +255,95 @@ def test_a_cut_that_fails_on_a_later_batch_falls_back_to_the_whole_layer(pad_col
     assert readout.failed is not None and "failed on a batch" in caplog.text
     torch.testing.assert_close(values, fm.losses(params, batch), rtol=1e-12, atol=1e-12)
     assert find_readout(fm, params, [batcher.batch(eight), batcher.batch(shorter[:1])])[0] is None
+
+
+def test_an_error_before_the_cut_is_raised_and_leaves_the_cut_in_place(pad_collator):
+    """A token id outside the vocabulary fails in the embeddings, before the cut: the error is the caller's and is
+    raised as it is; the cut is not blamed (it stays usable); out of memory inside a cut forward is raised too."""
+    from tests.tiny import VOCAB
+
+    model = tiny_model("bert", num_labels=3)
+    batcher = batcher_for(model, pad_collator)
+    params = select_parameters(model, TOP["bert"])
+    readout, _ = find_readout(FunctionalModel(model, list(params)), params, [batcher.batch(range(4))])
+    cut = FunctionalModel(model, list(params), readout=readout)
+    bad = batcher.batch(range(4))
+    bad["input_ids"][0, 1] = VOCAB + 5
+    with pytest.raises(IndexError):
+        cut.losses(params, bad)
+    assert readout.failed is None
+    real = model.classifier.forward
+    model.classifier.forward = lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            cut.losses(params, batcher.batch(range(4)))
+    finally:
+        model.classifier.forward = real
+    assert readout.failed is None
+
+
+def test_a_cut_dropped_during_a_call_is_recorded_in_the_table(pad_collator, tmp_path, caplog):
+    """Longformer: the probe rows (the first 64, all 8 tokens: no internal padding) pass; the last rows (5 tokens)
+    make the cut fail during scoring. The values are the uncut ones and the table's diagnostics say what happened."""
+    from datasets import concatenate_datasets
+
+    model = _longformer()
+    train = concatenate_datasets([make_token_dataset(66, seed=0, num_labels=3, min_len=8, max_len=8),
+                                  make_token_dataset(6, seed=1, num_labels=3, min_len=5, max_len=5)])
+    test = make_token_dataset(2, seed=7, num_labels=3, min_len=8, max_len=8)
+    values, diagnostics = {}, {}
+    for on in (True, False):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=[r"encoder\.layer\.1\.output\.",
+                                                                             r"classifier\."],
+                                  influence_solver="exact", influence_knn_k=None, influence_damping=1.0,
+                                  influence_scale=10.0, influence_skip_unread_positions=on, disable_tqdm=True,
+                                  influence_check_convergence=False, influence_scoring_batch_size=6,
+                                  influence_trunk_cache=False)
+        table = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(train, test)
+        values[on] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+        diagnostics[on] = table.metadata["diagnostics"]["readout"]
+    assert diagnostics[True]["cut_after"] == "longformer.encoder.layer.1.attention"
+    assert "IndexError" in diagnostics[True]["failed_on_a_batch"]
+    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-12)
+
+
+class _Mixing(torch.nn.Module):
+    """BertIntermediate plus the mean over positions: not per position, so cutting before it is wrong."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden):
+        return self.inner(hidden + hidden.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("confidence", [1.0, 1e5, 3e5])
+def test_tiny_losses_and_gradients_do_not_let_a_wrong_cut_through(confidence, pad_collator):
+    """A last layer whose feed-forward mixes positions, on rows the model fits confidently (labels = its own
+    predictions, the classifier scaled up): the losses and gradients of the probes are tiny or vanish. The cut must
+    never land before the mixing (it is compared relative to the gradients' own size), and where the gradients
+    vanish altogether nothing is decided; an accepted cut gives the uncut per-example gradients on every row."""
+    model = tiny_model("bert", num_labels=3)
+    layer = model.bert.encoder.layer[-1]
+    layer.intermediate = _Mixing(layer.intermediate)
+    with torch.no_grad():
+        model.classifier.weight.mul_(confidence)
+        model.classifier.bias.zero_()
+    data = make_token_dataset(12, seed=0, num_labels=3)
+    batch = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu").batch(range(12))
+    with torch.no_grad():
+        predicted = model(**T.model_inputs(batch)).logits.argmax(-1).tolist()
+    data = data.map(lambda row, i: {"labels": predicted[i]}, with_indices=True)
+    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
+    params = select_parameters(model, TOP["bert"])
+    fm = FunctionalModel(model, list(params))
+    readout, reason = find_readout(fm, params, [batcher.batch(range(4)), batcher.batch([0]), batcher.batch([0, 5])])
+    if confidence == 3e5:
+        assert readout is None and "vanish" in reason
+        return
+    assert readout is not None and readout.name == "bert.encoder.layer.1.output", reason
+    batch = batcher.batch(range(12))
+    torch.testing.assert_close(batch_gradient(FunctionalModel(model, list(params), readout=readout), params, batch,
+                                              reduction="none"),
+                               batch_gradient(fm, params, batch, reduction="none"), rtol=1e-9, atol=0)
