@@ -135,8 +135,13 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
         seen["hidden"] = hidden.detach().requires_grad_(True)
         return _replace_hidden(output, seen["hidden"])
 
-    reference = []  # per probe: the values and the gradient of a random combination of them w.r.t. the parameters
-    handle = last.register_forward_hook(leaf)
+    called: list[nn.Module] = []  # the last layer's direct submodules, in the order it calls them
+
+    def record(module, args):
+        if module not in called:
+            called.append(module)
+
+    handles = [last.register_forward_hook(leaf)] + [child.register_forward_pre_hook(record) for child in last.children()]
     try:
         for rows, measurement in probes:
             seen.clear()
@@ -150,9 +155,11 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
             if grad is None or not bool((grad[:, 0] != 0).any()):  # e.g. a zero-initialised head: undecided
                 return None, "the loss does not depend on the last layer's first position at these weights"
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if all(_positions(rows) < 2 for rows, _ in probes):
         return None, "the probe rows have one position: nothing to cut"
+    reference = []  # per probe: the values and the gradient of a random combination of them w.r.t. the parameters
     for rows, measurement in probes:
         out = values(rows, measurement)
         mix = torch.randn(out.shape, generator=weights, dtype=torch.float64).to(out.dtype)
@@ -162,34 +169,24 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
             return None, "the probe rows' parameter gradients vanish at these weights"
 
     # 2. the first submodule of the last layer after which the cut gives the same values and gradients
-    called: list[nn.Module] = []
-    handles = [child.register_forward_pre_hook(lambda m, a: called.append(m) if m not in called else None)
-               for child in last.children()]
-    try:
-        with torch.no_grad():
-            values(*probes[0])
-    finally:
-        for h in handles:
-            h.remove()
     names = {id(m): n for n, m in last.named_children()}
-    lengths: list[int] = []
+    tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
+    for child in called:
+        readout = Readout(child, f"{path}.{len(layers) - 1}.{names[id(child)]}")
+        if _agrees(readout, last, probes, reference, values, leaves, tolerance):
+            return readout, ""
+    return None, f"no submodule of {path}.{len(layers) - 1} can be cut without changing the loss"
+
+
+def _agrees(readout: Readout, last: nn.Module, probes, reference, values, leaves, tolerance: float) -> bool:
+    """Whether every probe, cut at ``readout``, runs the last layer once at one position and gives the uncut values
+    and gradients (relative to their largest entry)."""
+    lengths: list[int] = []  # the positions of each output of the last layer
 
     def length(module, args, output):
         hidden = _hidden(output)
         lengths.append(-1 if hidden is None or hidden.dim() < 3 else hidden.shape[1])
 
-    tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
-    for child in called:
-        readout = Readout(child, f"{path}.{len(layers) - 1}.{names[id(child)]}")
-        if _agrees(readout, last, length, lengths, probes, reference, values, leaves, tolerance):
-            return readout, ""
-    return None, f"no submodule of {path}.{len(layers) - 1} can be cut without changing the loss"
-
-
-def _agrees(readout: Readout, last: nn.Module, length, lengths: list, probes, reference, values, leaves,
-            tolerance: float) -> bool:
-    """Whether every probe, cut at ``readout``, runs the last layer once at one position and gives the uncut values
-    and gradients (relative to their largest entry)."""
     for (rows, measurement), (out_ref, mix, grad_ref) in zip(probes, reference):
         lengths.clear()
         handle = last.register_forward_hook(length)
