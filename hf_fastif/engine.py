@@ -61,7 +61,15 @@ from .solvers import (
 )
 from .solvers.exact import check_exact_size
 from .table import InfluenceTable
-from .trunk import TrunkCache, TrunkSplit, find_split, forward_context, model_inputs, verify_split
+from .trunk import (
+    TrunkCache,
+    TrunkLayoutError,
+    TrunkSplit,
+    find_split,
+    forward_context,
+    model_inputs,
+    verify_split,
+)
 from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
@@ -548,7 +556,12 @@ class InfluenceEngine:
         key = "|".join([split.fingerprint(digests), batcher.dataset._fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names)])
         new = key not in self._trunks
-        cache = self._trunk_cache(split, batcher, key, progress)
+        try:
+            cache = self._trunk_cache(split, batcher, key, progress)
+        except TrunkLayoutError as err:
+            logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
+            self._split = (self._split[0], None, str(err))
+            return batcher.with_trunk(None)
         if new and self._split_error is None:  # the first cache of this split: check it against the full model
             error = verify_split(split, cache, batcher, range(min(8, len(batcher))))
             self._split_error = error

@@ -13,7 +13,9 @@ DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
   forward that no selected parameter is used before the stack (tied input embeddings, for instance).
 - `TrunkCache` runs the model up to the output of layer ``f - 1`` (a forward hook stops it there) and keeps each
   row's hidden states without padding (positions where ``attention_mask`` is 1), in memory or, beyond
-  `MEMORY_LIMIT_BYTES`, in a memory-mapped file.
+  `MEMORY_LIMIT_BYTES`, in a memory-mapped file. A multiple-choice row (``(c, s)`` inputs) keeps its ``c``
+  sequences, as the model flattens them; a model whose stack sees another number of positions than the batch
+  has tokens (it pads inside its forward, as Longformer does) has no clean split (`TrunkLayoutError`).
 - `injected` runs the model's own forward with layers ``0 … f-2`` skipped and layer ``f - 1`` returning the cached
   states, so the model still builds its own attention masks and position embeddings; the embeddings layer runs
   (a lookup) and its output is discarded.
@@ -54,6 +56,12 @@ TRUNK_BATCH_SIZE = 64
 
 class _StopForward(Exception):
     """Raised by the capture hook: the rest of the forward is not needed."""
+
+
+class TrunkLayoutError(ValueError):
+    """The hidden states inside the layer stack are not laid out like the batch's tokens: the model pads or drops
+    positions on the way in (Longformer pads every batch to a multiple of its attention window), so a row's cached
+    states would not line up with another batch's. There is no clean split; the full forward runs instead."""
 
 
 @dataclass
@@ -204,6 +212,7 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
         hidden = args[0] if args else kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor):
             entered["input"] = hidden.data_ptr()
+            entered["shape"] = tuple(hidden.shape)
 
     def leave(module, args, output):
         entered.setdefault("left", len(order))
@@ -222,6 +231,11 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
             h.remove()
     if "at" not in entered:
         return None, f"the forward never entered {path}"
+    if "shape" in entered:
+        try:
+            _check_layout(entered["shape"], _token_mask(probe))
+        except TrunkLayoutError as err:
+            return None, str(err)
     inside = {id(m) for layer in layers for m in layer.modules()}
     before = [m for m in order[: entered["at"]] if id(m) not in inside]
     after = [m for m in order[entered.get("left", len(order)):] if id(m) not in inside]
@@ -268,7 +282,7 @@ class TrunkCache:
         self.lengths = np.zeros(n, dtype=np.int64)
         for start in starts:  # tokenisation only: the lengths decide the layout
             rows = order[start : start + batch_size]
-            self.lengths[rows] = _token_mask(batcher.batch(rows, trunk=False)).sum(1).cpu().numpy()
+            self.lengths[rows] = _token_mask(batcher.batch(rows, trunk=False)).flatten(1).sum(1).cpu().numpy()
         position = np.zeros(n, dtype=np.int64)
         position[order] = np.concatenate([[0], np.cumsum(self.lengths[order])[:-1]])
         self.offsets = position
@@ -279,9 +293,11 @@ class TrunkCache:
             batch = batcher.batch(rows, trunk=False)
             with torch.no_grad():
                 hidden = split.capture(split.model, model_inputs(batch))
+            mask = _token_mask(batch)
+            _check_layout(hidden.shape, mask)
             if self.flat is None:
                 self.flat = self._allocate(total, hidden, directory)
-            values = hidden[_token_mask(batch)].to("cpu")
+            values = hidden.reshape(*mask.shape, hidden.shape[-1])[mask].to("cpu")
             first = int(self.offsets[rows[0]])
             self.flat[first : first + len(values)] = values
 
@@ -306,7 +322,8 @@ class TrunkCache:
         return torch.from_file(str(path), shared=True, size=size, dtype=hidden.dtype).view(total, hidden.shape[-1])
 
     def hidden(self, rows: Sequence[int], batch: dict) -> torch.Tensor:
-        """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``).
+        """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``; ``(b·c, s, h)`` for
+        rows of ``c`` sequences each, as a multiple-choice model flattens its ``(b, c, s)`` inputs).
 
         Padding positions get a copy of the row's first token's state: the loss never reads them (the attention
         mask hides them as keys, and their own outputs are not used), but they still run through the layers, and
@@ -314,12 +331,13 @@ class TrunkCache:
         of the backward pass then turned every parameter's product into NaN."""
         rows = np.asarray(rows, dtype=np.int64)
         mask = _token_mask(batch).cpu()
-        if not np.array_equal(mask.sum(1).numpy(), self.lengths[rows]):
+        if not np.array_equal(mask.flatten(1).sum(1).numpy(), self.lengths[rows]):
             raise ValueError("These rows tokenise to other lengths than when their trunk states were cached: the data "
                              "or the collator changed under the cache. Build a new InfluenceEngine.")
         index = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offsets[rows], self.lengths[rows])])
         out = torch.zeros((*mask.shape, self.flat.shape[-1]), dtype=self.flat.dtype)
         out[mask] = self.flat[torch.from_numpy(index)]
+        mask, out = mask.reshape(-1, mask.shape[-1]), out.reshape(-1, mask.shape[-1], self.flat.shape[-1])
         first = out[torch.arange(mask.shape[0]), mask.to(torch.int8).argmax(1)]
         return torch.where(mask[..., None], out, first[:, None, :]).to(self.device)
 
@@ -345,14 +363,27 @@ def model_inputs(batch: dict) -> dict:
 
 
 def _token_mask(batch: dict) -> torch.Tensor:
-    """``(b, s)`` bool: the tokens of each row (the attention mask, or every position of ``input_ids``)."""
+    """``(b, s)`` bool: the tokens of each row (the attention mask, or every position of ``input_ids``);
+    ``(b, c, s)`` for rows of ``c`` sequences (multiple choice)."""
     mask = batch.get("attention_mask")
     if mask is not None:
         return mask.bool()
     ids = batch.get("input_ids")
     if ids is None:
         raise ValueError("The trunk cache needs input_ids or an attention_mask in the batch.")
-    return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+    return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+
+
+def _check_layout(shape: Sequence[int], mask: torch.Tensor) -> None:
+    """Raise `TrunkLayoutError` unless hidden states of ``shape`` (``(sequences, s, h)``) hold one position per
+    token position of ``mask`` (``(b, s)``, or ``(b, c, s)`` flattened to ``b·c`` sequences)."""
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[1] == mask.shape[-1] and shape[0] * shape[1] == mask.numel():
+        return
+    raise TrunkLayoutError(
+        f"the hidden states entering the layer stack are {shape[:-1]} for a batch of {tuple(mask.shape)} token "
+        "positions: the model pads or drops positions inside (Longformer pads to a multiple of its attention "
+        "window), so cached states would not line up with other batches")
 
 
 def _length_order(batcher) -> np.ndarray:

@@ -111,3 +111,90 @@ def test_subset_batchers_map_to_dataset_rows(pad_collator):
     fm = FunctionalModel(model, names, split=split)
     params = select_parameters(model, TOP["bert"])
     torch.testing.assert_close(fm.losses(params, sub.batch([0, 1])), fm.losses(params, batcher.batch([11, 7])))
+
+
+def _multiple_choice_data(n, seed, choices=3, length=9):
+    """Rows of ``choices`` sequences each, padded to ``length`` with their own lengths (mask zeros at the end)."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    ids, masks = np.zeros((n, choices, length), dtype=np.int64), np.zeros((n, choices, length), dtype=np.int64)
+    for i in range(n):
+        for c in range(choices):
+            k = int(rng.integers(3, length + 1))
+            ids[i, c, :k], masks[i, c, :k] = rng.integers(3, 64, size=k), 1
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": masks.tolist(),
+                              "labels": rng.integers(0, choices, size=n).tolist()})
+
+
+def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
+    """A multiple-choice model flattens its (b, c, s) inputs into b·c sequences: each row's choices are cached
+    and laid out again as the model's stack sees them, and influence is the same with the cache on and off."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from hf_fastif import InfluenceArguments, InfluenceEngine
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32,
+                                             attn_implementation="eager")).double().eval()
+    train, test = _multiple_choice_data(14, seed=0), _multiple_choice_data(3, seed=1)
+    names = list(select_parameters(model, TOP["bert"]))
+    batcher = Batcher(train, validate_dataset(train, "train", model), None, "cpu")
+    split, reason = T.find_split(model, names, T.model_inputs(batcher.batch(range(4), trunk=False)))
+    assert split is not None, reason
+    cache = T.TrunkCache(split, batcher, key="k", batch_size=4)
+    assert T.verify_split(split, cache, batcher, range(len(batcher))) < 1e-10
+    params = select_parameters(model, TOP["bert"])
+    rows = [5, 0, 13]
+    torch.testing.assert_close(FunctionalModel(model, names, split=split).losses(params, batcher.with_trunk(cache).batch(rows)),
+                               FunctionalModel(model, names).losses(params, batcher.batch(rows)), rtol=1e-10, atol=1e-12)
+    values, diagnostics = {}, {}
+    for cached in (True, False):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="exact",
+                                  influence_knn_k=None, influence_damping=1.0, disable_tqdm=True,
+                                  influence_check_convergence=False, influence_trunk_cache=cached)
+        table = InfluenceEngine(model, args).compute_influences(train, test)
+        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+        diagnostics[cached] = table.metadata["diagnostics"]
+    assert diagnostics[True]["trunk"]["split"] == "bert.encoder.layer.1"
+    assert diagnostics[True]["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
+    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+
+
+def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
+    """Longformer pads every batch to a multiple of its attention window inside its forward, so hidden states in the
+    stack do not line up with the batch's tokens: no split where the probe shows it, and where the probe rows need
+    no padding, building the cache finds it (`TrunkLayoutError`); the engine then runs the full forward, says why,
+    and gives the uncached numbers."""
+    from hf_fastif import InfluenceArguments, InfluenceEngine
+    from tests.test_readout import _longformer
+
+    model = _longformer()  # attention window 4
+    data = make_token_dataset(20, seed=0, num_labels=3)
+    lengths = np.array([len(x) for x in data["input_ids"]])
+    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
+    patterns = [r"encoder\.layer\.1\.", r"classifier\."]
+    names = list(select_parameters(model, patterns))
+    odd = np.flatnonzero(lengths % 4)[:2]
+    split, reason = T.find_split(model, names, T.model_inputs(batcher.batch(odd, trunk=False)))
+    assert split is None and "pads or drops positions" in reason
+    eight = np.flatnonzero(lengths == 8)[:2]
+    split, reason = T.find_split(model, names, T.model_inputs(batcher.batch(eight, trunk=False)))
+    assert split is not None, reason
+    with pytest.raises(T.TrunkLayoutError, match="pads or drops positions"):
+        T.TrunkCache(split, batcher, key="k")
+    train = data.select([*eight, *[i for i in range(len(data)) if i not in set(eight)]])  # the engine probes rows 0-1
+    test = make_token_dataset(2, seed=7, num_labels=3)
+    values, diagnostics = {}, {}
+    for cached in (True, False):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="exact",
+                                  influence_knn_k=None, influence_damping=1.0, disable_tqdm=True,
+                                  influence_check_convergence=False, influence_trunk_cache=cached)
+        with caplog.at_level("WARNING"):
+            table = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(train, test)
+        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+        diagnostics[cached] = table.metadata["diagnostics"]["trunk"]
+    assert diagnostics[True]["split"] is None and "pads or drops positions" in diagnostics[True]["reason"]
+    assert "No frozen-trunk cache" in caplog.text
+    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
