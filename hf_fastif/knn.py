@@ -44,9 +44,14 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
 
     ``auto``: the pooled [CLS] output where the model has a pooler (BERT, as in the paper), the last
     non-padding token for causal LMs, else the mask-weighted mean of the last hidden states. With a
-    `hf_fastif.trunk.TrunkSplit` and a batch carrying trunk states, only the top of the model runs.
+    `hf_fastif.trunk.TrunkSplit` and a batch carrying trunk states, only the top of the model runs. Rows of ``c``
+    sequences (a multiple-choice model's ``(b, c, s)`` inputs) run through the base as the ``b·c`` sequences the model
+    flattens them into, and a row's feature is its sequences' features side by side, ``(b, c·d)``.
     """
     inputs = model_inputs(batch)
+    choices = _choices(inputs)
+    if choices:
+        inputs = {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() > 2 else v for k, v in inputs.items()}
     mask = inputs.get("attention_mask")
     base = getattr(model, "base_model", None)
     with forward_context(split, batch):
@@ -63,12 +68,21 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     if method == "pooler" or (method == "auto" and pooled is not None):
         if pooled is None:
             raise ValueError(f"{type(model).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
-        return pooled
-    if method == "cls":
-        return _token(last, mask, "first")
-    if method == "last" or (method == "auto" and getattr(model, "can_generate", lambda: False)()):
-        return _token(last, mask, "last")
-    return _masked_mean(last, mask)
+        feats = pooled
+    elif method == "cls":
+        feats = _token(last, mask, "first")
+    elif method == "last" or (method == "auto" and getattr(model, "can_generate", lambda: False)()):
+        feats = _token(last, mask, "last")
+    else:
+        feats = _masked_mean(last, mask)
+    return feats.reshape(-1, choices * feats.shape[-1]) if choices else feats
+
+
+def _choices(inputs: dict) -> int:
+    """``c`` where the batch's rows are ``c`` sequences each (``input_ids`` or ``attention_mask`` of ``(b, c, s)``,
+    as multiple-choice models take them), else 0."""
+    ids = inputs.get("input_ids", inputs.get("attention_mask"))
+    return int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 3 else 0
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import torch
 
 from hf_fastif import trunk as T
 from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.knn import model_features
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
 from tests.tiny import make_token_dataset, tiny_model
@@ -129,7 +130,8 @@ def _multiple_choice_data(n, seed, choices=3, length=9):
 
 def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
     """A multiple-choice model flattens its (b, c, s) inputs into b·c sequences: each row's choices are cached
-    and laid out again as the model's stack sees them, and influence is the same with the cache on and off."""
+    and laid out again as the model's stack sees them, a row's kNN feature holds its choices' features, and
+    influence is the same with the cache on and off."""
     from transformers import BertConfig, BertForMultipleChoice
 
     from hf_fastif import InfluenceArguments, InfluenceEngine
@@ -149,17 +151,27 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
     rows = [5, 0, 13]
     torch.testing.assert_close(FunctionalModel(model, names, split=split).losses(params, batcher.with_trunk(cache).batch(rows)),
                                FunctionalModel(model, names).losses(params, batcher.batch(rows)), rtol=1e-10, atol=1e-12)
-    values, diagnostics = {}, {}
-    for cached in (True, False):
-        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="exact",
-                                  influence_knn_k=None, influence_damping=1.0, disable_tqdm=True,
-                                  influence_check_convergence=False, influence_trunk_cache=cached)
-        table = InfluenceEngine(model, args).compute_influences(train, test)
-        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
-        diagnostics[cached] = table.metadata["diagnostics"]
-    assert diagnostics[True]["trunk"]["split"] == "bert.encoder.layer.1"
-    assert diagnostics[True]["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
-    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+    # kNN features: a row's choices side by side, each as the model's base gives it for that sequence alone
+    batch = batcher.batch(rows, trunk=False)
+    alone = [model.bert(input_ids=batch["input_ids"][:, c], attention_mask=batch["attention_mask"][:, c]).pooler_output
+             for c in range(3)]
+    with torch.no_grad():
+        torch.testing.assert_close(model_features(model, batch), torch.cat(alone, 1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model_features(model, batcher.with_trunk(cache).batch(rows), split=split),
+                                   torch.cat(alone, 1), rtol=1e-10, atol=1e-12)
+    for k in (None, 6):  # the full scan, and kNN candidates on those features
+        values, diagnostics = {}, {}
+        for cached in (True, False):
+            args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="lissa",
+                                      influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=k,
+                                      disable_tqdm=True, influence_check_convergence=False, influence_trunk_cache=cached)
+            table = InfluenceEngine(model, args).compute_influences(train, test)
+            values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])[["train_id", "influence"]].to_numpy()
+            diagnostics[cached] = table.metadata["diagnostics"]
+        assert diagnostics[True]["trunk"]["split"] == "bert.encoder.layer.1"
+        assert diagnostics[True]["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
+        assert len(values[True]) == len(test) * (k or len(train))
+        np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
 
 
 def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
@@ -188,9 +200,9 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
     test = make_token_dataset(2, seed=7, num_labels=3)
     values, diagnostics = {}, {}
     for cached in (True, False):
-        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="exact",
-                                  influence_knn_k=None, influence_damping=1.0, disable_tqdm=True,
-                                  influence_check_convergence=False, influence_trunk_cache=cached)
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="lissa",
+                                  influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=None,
+                                  disable_tqdm=True, influence_check_convergence=False, influence_trunk_cache=cached)
         with caplog.at_level("WARNING"):
             table = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(train, test)
         values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
