@@ -194,10 +194,13 @@ class InfluenceEngine:
             if self.args.influence_measure_recall and call.k is not None:
                 with call.timer("recall"):
                     call.info["candidate_recall"] = self._recall_of(call, s_test, queries)
-        readout = call.fm.readout
+        readout, split = call.fm.readout, call.fm.split
         if readout is not None and readout.failed is not None:  # dropped during this call: say so in the table
             call.info["readout"] = {"cut_after": readout.name, "failed_on_a_batch": readout.failed,
                                     "note": "the whole layer ran from that batch on"}
+        if split is not None and split.failed is not None:
+            call.info["trunk"] |= {"failed_on_a_batch": split.failed,
+                                   "note": "the batches that did not line up ran the whole model"}
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
         return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
 
@@ -542,6 +545,8 @@ class InfluenceEngine:
             self._split = ("off", None, "influence_trunk_cache=False")
             return None
         key = ",".join(names)
+        if self._split is not None and self._split[1] is not None and self._split[1].failed is not None:
+            self._drop_split(f"the cached states did not line up with a batch ({self._split[1].failed})")
         if self._split is None or self._split[0] != key:
             probe = model_inputs(batcher.batch(range(min(2, len(batcher))), trunk=False))
             split, reason = find_split(self.model, names, probe)
@@ -560,7 +565,7 @@ class InfluenceEngine:
             cache = self._trunk_cache(split, batcher, key, progress)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
-            self._split = (self._split[0], None, str(err))
+            self._drop_split(str(err))
             return batcher.with_trunk(None)
         if new and self._split_error is None:  # the first cache of this split: check it against the full model
             error = verify_split(split, cache, batcher, range(min(8, len(batcher))))
@@ -568,10 +573,17 @@ class InfluenceEngine:
             if error > TRUNK_TOLERANCE:
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
                                "(relative): not using the trunk cache for this model; the full forward runs instead.")
-                self._split = (self._split[0], None, f"the top-only logits differ by {error:.2g} (relative)")
-                self._trunks.pop(key).close()
+                self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
         return batcher.with_trunk(cache)
+
+    def _drop_split(self, reason: str) -> None:
+        """Stop using the current split for this engine (the full forward runs), and free the states cached for it."""
+        split = self._split[1]
+        for key in [k for k, cache in self._trunks.items() if split is not None and cache.split is split]:
+            self._trunks.pop(key).close()
+            self._replaced("trunk", key)
+        self._split = (self._split[0], None, reason)
 
     # ---- predictions through the same trunk -------------------------------------------------------------------
     def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:

@@ -80,9 +80,12 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
 
 def _choices(inputs: dict) -> int:
     """``c`` where the batch's rows are ``c`` sequences each (``input_ids`` or ``attention_mask`` of ``(b, c, s)``,
-    as multiple-choice models take them), else 0."""
-    ids = inputs.get("input_ids", inputs.get("attention_mask"))
-    return int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.dim() == 3 else 0
+    ``inputs_embeds`` of ``(b, c, s, h)``, as multiple-choice models take them), else 0."""
+    for key, dims in (("input_ids", 3), ("attention_mask", 3), ("inputs_embeds", 4)):
+        x = inputs.get(key)
+        if isinstance(x, torch.Tensor):
+            return int(x.shape[1]) if x.dim() == dims else 0
+    return 0
 
 
 @torch.no_grad()

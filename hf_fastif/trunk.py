@@ -59,9 +59,10 @@ class _StopForward(Exception):
 
 
 class TrunkLayoutError(ValueError):
-    """The hidden states inside the layer stack are not laid out like the batch's tokens: the model pads or drops
-    positions on the way in (Longformer pads every batch to a multiple of its attention window), so a row's cached
-    states would not line up with another batch's. There is no clean split; the full forward runs instead."""
+    """The hidden states inside the layer stack are not laid out like the batch's tokens (the model pads or drops
+    positions on the way in, as Longformer pads every batch to a multiple of its attention window, or lays its states
+    out otherwise), or a sequence has no token whose state could be cached: cached states would not stand in for
+    the trunk's. There is no clean split; the full forward runs instead."""
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrunkSplit:
     after: list = field(default_factory=list)  # modules that run after the stack (pooler, classifier, final norm)
     feeder: nn.Module | None = None  # the module whose output enters the stack (skipped under injection)
     tuple_output: int = 0  # 0: layers return a tensor; n: a tuple of length n with the hidden states first
+    failed: str | None = None  # why an injected forward ran whole (see `injected`); the split is not used again
     _active: list = field(default_factory=list)
 
     @property
@@ -108,32 +110,61 @@ class TrunkSplit:
     @contextlib.contextmanager
     def injected(self, hidden: torch.Tensor) -> Iterator[None]:
         """Within the block, the model's forward skips the trunk: layer ``first - 1`` returns ``hidden``
-        (``(b, s, h)``, aligned with the batch's tokens) and the layers below it pass their input through."""
+        (``(b, s, h)``, aligned with the batch's tokens) and the layers below it pass their input through.
+
+        Where the model reshapes the batch on the way in (Longformer pads each batch to a multiple of its attention
+        window, so a batch of rows shorter than those the cache was built on arrives longer), the stack would get
+        states that do not line up: the first skipped module sees that from its input's shape, puts the trunk back
+        and runs itself, so that forward is the model's own, whole; ``failed`` records why, with a warning, and the
+        engine drops the split for later calls."""
         if self._active:
             raise RuntimeError("Trunk injection is not re-entrant.")
         last = self.first - 1
+        modules = [*self.layers[: self.first], *([self.feeder] if self.feeder is not None else [])]
 
-        def skip(*args, **kwargs):
-            return self._wrap(args[0] if args else kwargs["hidden_states"])
+        def restore():
+            for module in modules:
+                module.__dict__.pop("forward", None)
 
-        def cached(*args, **kwargs):
-            return self._wrap(hidden)
+        def lined_up(module, args, kwargs) -> bool:
+            """Does the first skipped module's input (the feeder's token ids or embeddings, or layer 0's hidden
+            states) have the positions of ``hidden``? If not, put the trunk back and say why."""
+            x = next((t for t in [*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"),
+                                  kwargs.get("hidden_states")] if isinstance(t, torch.Tensor)), None)
+            if x is None or x.dim() < 2 or x.shape[1] == hidden.shape[1]:
+                return True
+            restore()
+            if self.failed is None:
+                self.failed = (f"{type(self.model).__name__} gave {type(module).__name__} {x.shape[1]} positions "
+                               f"for cached states of {hidden.shape[1]}: it reshapes the batch inside its forward")
+                logger.warning(f"The frozen-trunk cache does not line up with this batch ({self.failed}); this "
+                               "forward runs the whole model (as will any batch that does not line up), and later "
+                               "calls do not use the cache.")
+            return False
+
+        def standing_in(i: int):
+            layer = self.layers[i]
+
+            def forward(*args, **kwargs):
+                if i == 0 and self.feeder is None and not lined_up(layer, args, kwargs):
+                    return layer(*args, **kwargs)  # the trunk put back: this layer and those above run
+                return self._wrap(hidden if i == last else args[0] if args else kwargs["hidden_states"])
+            return forward
 
         def placeholder(*args, **kwargs):  # the feeder's output only flows into the skipped layers
+            if not lined_up(self.feeder, args, kwargs):
+                return self.feeder(*args, **kwargs)
             return hidden
 
         self._active.append(True)
         for i in range(self.first):
-            self.layers[i].forward = cached if i == last else skip
+            self.layers[i].forward = standing_in(i)
         if self.feeder is not None:
             self.feeder.forward = placeholder
         try:
             yield
         finally:
-            for i in range(self.first):
-                self.layers[i].__dict__.pop("forward", None)
-            if self.feeder is not None:
-                self.feeder.__dict__.pop("forward", None)
+            restore()
             self._active.clear()
 
     def capture(self, model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -282,7 +313,14 @@ class TrunkCache:
         self.lengths = np.zeros(n, dtype=np.int64)
         for start in starts:  # tokenisation only: the lengths decide the layout
             rows = order[start : start + batch_size]
-            self.lengths[rows] = _token_mask(batcher.batch(rows, trunk=False)).flatten(1).sum(1).cpu().numpy()
+            mask = _token_mask(batcher.batch(rows, trunk=False))
+            empty = (mask.sum(-1) == 0).reshape(len(rows), -1).any(1)
+            if bool(empty.any()):
+                where = int(rows[int(empty.nonzero()[0, 0])])
+                raise TrunkLayoutError(f"row {where} has a sequence without tokens (an attention mask of zeros, e.g. "
+                                       "an empty choice): the model still runs its padding through the trunk, and "
+                                       "there is no token state to cache for it")
+            self.lengths[rows] = mask.flatten(1).sum(1).cpu().numpy()
         position = np.zeros(n, dtype=np.int64)
         position[order] = np.concatenate([[0], np.cumsum(self.lengths[order])[:-1]])
         self.offsets = position
@@ -370,7 +408,7 @@ def _token_mask(batch: dict) -> torch.Tensor:
         return mask.bool()
     ids = batch.get("input_ids")
     if ids is None:
-        raise ValueError("The trunk cache needs input_ids or an attention_mask in the batch.")
+        raise TrunkLayoutError("the trunk cache needs input_ids or an attention_mask in the batch")
     return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
 
 
@@ -382,8 +420,8 @@ def _check_layout(shape: Sequence[int], mask: torch.Tensor) -> None:
         return
     raise TrunkLayoutError(
         f"the hidden states entering the layer stack are {shape[:-1]} for a batch of {tuple(mask.shape)} token "
-        "positions: the model pads or drops positions inside (Longformer pads to a multiple of its attention "
-        "window), so cached states would not line up with other batches")
+        "positions: the model pads or drops positions inside its forward (as Longformer pads to a multiple of its "
+        "attention window) or lays its states out otherwise, so cached states would not line up with its batches")
 
 
 def _length_order(batcher) -> np.ndarray:

@@ -159,6 +159,9 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
         torch.testing.assert_close(model_features(model, batch), torch.cat(alone, 1), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(model_features(model, batcher.with_trunk(cache).batch(rows), split=split),
                                    torch.cat(alone, 1), rtol=1e-10, atol=1e-12)
+        embeds = model.bert.embeddings.word_embeddings(batch["input_ids"])  # (b, c, s, h), no mask: all positions
+        alone = [model.bert(inputs_embeds=embeds[:, c]).pooler_output for c in range(3)]
+        torch.testing.assert_close(model_features(model, {"inputs_embeds": embeds}), torch.cat(alone, 1))
     for k in (None, 6):  # the full scan, and kNN candidates on those features
         values, diagnostics = {}, {}
         for cached in (True, False):
@@ -172,6 +175,23 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
         assert diagnostics[True]["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
         assert len(values[True]) == len(test) * (k or len(train))
         np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+    # a choice without tokens (a mask of zeros) still runs its padding through the trunk: no state to cache, so no
+    # cache (with one, its zeros made the loss of such a row wrong and s_test blow up), and the uncached numbers
+    rows = train.to_dict()
+    rows["attention_mask"][11][2] = [0] * len(rows["attention_mask"][11][2])
+    empty = type(train).from_dict(rows)
+    with pytest.raises(T.TrunkLayoutError, match="row 11 has a sequence without tokens"):
+        T.TrunkCache(split, Batcher(empty, validate_dataset(empty, "train", model), None, "cpu"), key="e")
+    values, diagnostics = {}, {}
+    for cached in (True, False):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="lissa",
+                                  influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=None,
+                                  disable_tqdm=True, influence_check_convergence=False, influence_trunk_cache=cached)
+        table = InfluenceEngine(model, args).compute_influences(empty, test)
+        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+        diagnostics[cached] = table.metadata["diagnostics"]["trunk"]
+    assert diagnostics[True]["split"] is None and "without tokens" in diagnostics[True]["reason"]
+    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
 
 
 def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
@@ -210,3 +230,42 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
     assert diagnostics[True]["split"] is None and "pads or drops positions" in diagnostics[True]["reason"]
     assert "No frozen-trunk cache" in caplog.text
     np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+
+
+def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
+    """Longformer again, where neither the probe nor the cache build sees its padding (the whole dataset is one
+    cache batch, its longest row 8 tokens, a multiple of the window): later batches of shorter rows are padded inside
+    the model. Such a forward puts the trunk back and runs whole (the numbers are the uncached ones), the table says
+    so, and the engine's next call runs without the cache, whose states are freed."""
+    from hf_fastif import InfluenceArguments, InfluenceEngine
+    from tests.test_readout import _longformer
+
+    model = _longformer()
+    data = make_token_dataset(20, seed=0, num_labels=3, max_len=8)
+    lengths = np.array([len(x) for x in data["input_ids"]])
+    eight = list(np.flatnonzero(lengths == 8)[:2])
+    train = data.select([*eight, *[i for i in range(len(data)) if i not in set(eight)]])
+    test = make_token_dataset(6, seed=7, num_labels=3, max_len=8)
+    assert lengths.max() == 8 and (lengths % 4).any()
+    values, diagnostics = {}, {}
+    engines = {}
+    for cached in (True, False):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=[r"encoder\.layer\.1\.", r"classifier\."],
+                                  influence_solver="lissa", influence_recursion_depth=10, influence_scale=100.0,
+                                  influence_batch_size=2, influence_knn_k=None, disable_tqdm=True,
+                                  influence_check_convergence=False, influence_trunk_cache=cached)
+        engines[cached] = InfluenceEngine(model, args, data_collator=pad_collator)
+        with caplog.at_level("WARNING"):
+            table = engines[cached].compute_influences(train, test)
+        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+        diagnostics[cached] = table.metadata["diagnostics"]["trunk"]
+    assert diagnostics[True]["split"] == "longformer.encoder.layer.1"
+    assert "positions for cached states" in diagnostics[True]["failed_on_a_batch"]
+    assert "does not line up with this batch" in caplog.text
+    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+    again = engines[True].compute_influences(train, test)
+    assert again.metadata["diagnostics"]["trunk"]["split"] is None
+    assert "did not line up" in again.metadata["diagnostics"]["trunk"]["reason"]
+    assert not engines[True]._trunks
+    np.testing.assert_allclose(again.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy(),
+                               values[False], rtol=1e-9, atol=1e-14)
