@@ -17,7 +17,13 @@ import torch
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS, READOUT_PROBE_ROWS, TRUNK_TOLERANCE
+from hf_fastif.engine import (
+    CHECK_BATCHES,
+    CHECK_ITERATIONS,
+    CHECK_ROWS,
+    READOUT_PROBE_ROWS,
+    verification_rows,
+)
 from hf_fastif.hvp import batch_gradient, batch_hvp
 from hf_fastif.knn import build_index, extract_features, search
 from hf_fastif.loss import FunctionalModel
@@ -27,7 +33,7 @@ from hf_fastif.readout import find_readout
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.solvers.arnoldi import LowRankSolve
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
-from hf_fastif.trunk import TrunkCache, find_split, model_inputs, verify_split
+from hf_fastif.trunk import TrunkCache, find_split, model_inputs, split_tolerance, verify_split
 
 from .paper_setup import FAST, FASTIF, LOW_RANK, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
 from .timing import median_seconds, timed
@@ -182,7 +188,7 @@ def _with_trunk(model, names: list[str], fm: FunctionalModel, train: Batcher, te
     if split is None:
         return fm, train, tests, 0.0, None
     (cache, seconds) = timed(lambda: TrunkCache(split, train, "unit-costs-train", batch_size=args.influence_hvp_batch_size))
-    if verify_split(split, cache, train, range(min(8, len(train)))) > TRUNK_TOLERANCE:
+    if verify_split(split, cache, train, verification_rows(train)) > split_tolerance(model):
         return fm, train, tests, 0.0, None
     test_cache = TrunkCache(split, tests, "unit-costs-test", batch_size=args.influence_hvp_batch_size)
     top = FunctionalModel(model, names, weight_decay=args.influence_weight_decay, split=split)

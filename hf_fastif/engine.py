@@ -68,6 +68,7 @@ from .trunk import (
     find_split,
     forward_context,
     model_inputs,
+    split_tolerance,
     verify_split,
 )
 from .utils import Timer, library_version, to_json, write_atomic
@@ -91,7 +92,6 @@ CONFIRM_ROWS = (256, 1024)
 sample's smallest eigenvalue is far more negative than the whole set's (the paper table's trained tiny BERT: -0.049
 over all 3,000 rows, -0.16 to -0.33 on 64-row samples, -0.30 to -0.67 in refused checks). The first size whose
 estimate clears -λ ends the confirmation; a refusal needs the last."""
-TRUNK_TOLERANCE = 1e-4
 """A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
 READOUT_PROBE_ROWS = 4
@@ -282,6 +282,15 @@ class InfluenceEngine:
                 padded = call.fm.values_without_l2(call.params, call.train.batch([short, long], trunk=False))[0][:1]
             error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
             dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
+            if not bool(torch.isfinite(alone).all() and torch.isfinite(padded).all()):
+                where = "alone" if not bool(torch.isfinite(alone).all()) else f"padded next to row {long}"
+                raise ValueError(
+                    f"The loss of train_dataset row {short} is not finite {where} ({float(alone[0]):.4g} alone, "
+                    f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. With padding, "
+                    "the usual cause is a row whose attention sees no position at all (left padding with a causal "
+                    "or sliding-window mask in eager attention): pad on the right (tokenizer.padding_side = "
+                    "'right'); otherwise check the rows' token ids and labels."
+                )
             if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
                 raise ValueError(
                     f"The loss of train_dataset row {short} changes when it is padded next to row {long} "
@@ -567,10 +576,10 @@ class InfluenceEngine:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))
             return batcher.with_trunk(None)
-        if new and self._split_error is None:  # the first cache of this split: check it against the full model
-            error = verify_split(split, cache, batcher, range(min(8, len(batcher))))
-            self._split_error = error
-            if error > TRUNK_TOLERANCE:
+        if new:  # every new cache is checked against the full model, on its first rows and padded ones
+            error = verify_split(split, cache, batcher, verification_rows(batcher))
+            self._split_error = max(error, self._split_error or 0.0)
+            if error > split_tolerance(self.model):
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
                                "(relative): not using the trunk cache for this model; the full forward runs instead.")
                 self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
@@ -926,6 +935,12 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
+
+
+def verification_rows(batcher: Batcher) -> list[int]:
+    """Rows a trunk cache is checked on: the first 8, and the shortest and longest of the first
+    `PADDING_PROBE_ROWS` (in one batch, the shortest is padded to the longest)."""
+    return sorted(set(range(min(8, len(batcher)))) | set(_shortest_and_longest(batcher) or ()))
 
 
 def _shortest_and_longest(batcher: Batcher) -> tuple[int, int] | None:

@@ -19,6 +19,20 @@ def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: p.detach().requires_grad_(True) for n, p in params.items()}
 
 
+def _gradient(outputs: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kwargs) -> list[torch.Tensor]:
+    """``autograd.grad`` of ``outputs`` w.r.t. the parameters, with a clear error naming any parameter the loss does
+    not use (autograd's own names an index only)."""
+    grads = torch.autograd.grad(outputs, list(leaves.values()), allow_unused=True, **kwargs)
+    unused = [name for name, g in zip(leaves, grads) if g is None]
+    if unused:
+        raise ValueError(
+            f"{len(unused)} influence parameter(s) take no part in the loss: {', '.join(unused[:4])}"
+            f"{', ...' if len(unused) > 4 else ''} (a pooler the classification head does not read, for instance). "
+            "Leave them out of influence_params: their influence is zero, and they would only cost memory."
+        )
+    return list(grads)
+
+
 def _batched_grad(outputs: torch.Tensor, inputs: list[torch.Tensor], grad_outputs: torch.Tensor,
                   create_graph: bool = False) -> list[torch.Tensor]:
     """``autograd.grad`` for a stack of ``grad_outputs``; falls back to a loop where vmap cannot go."""
@@ -43,10 +57,15 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
     values, l2 = fm.values_without_l2(leaves, batch, measurement)
     inputs = list(leaves.values())
     if reduction == "sum":
-        gradient = flatten(torch.autograd.grad(values.sum(), inputs))
+        gradient = flatten(_gradient(values.sum(), leaves))
         return gradient + values.shape[0] * fm.l2_gradient(params).to(gradient.dtype) if l2 else gradient
     eye = torch.eye(values.shape[0], dtype=values.dtype, device=values.device)
-    gradients = flatten_batched(_batched_grad(values, inputs, eye), values.shape[0]).detach()
+    try:
+        gradients = flatten_batched(_batched_grad(values, inputs, eye), values.shape[0]).detach()
+    except RuntimeError as err:
+        if "not have been used in the graph" in str(err):
+            _gradient(values.sum(), leaves, retain_graph=True)  # raises, naming the unused parameters
+        raise
     return gradients + fm.l2_gradient(params).to(gradients.dtype) if l2 else gradients
 
 
@@ -68,7 +87,7 @@ def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, ve
     losses, l2 = fm.values_without_l2(leaves, batch)
     l2 = l2 and l2_term
     loss = losses.mean() if reduction == "mean" else losses.sum()
-    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    grads = _gradient(loss, leaves, create_graph=True)
     weight = 1.0 if reduction == "mean" else float(losses.shape[0])  # the L2 term's Hessian: weight · 2wd · I
     if vectors.dim() == 1:
         parts = [t.to(g.dtype) for t, g in zip(unflatten(vectors, leaves).values(), grads)]

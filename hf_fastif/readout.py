@@ -68,7 +68,7 @@ class Readout:
             self.fired = True
             if isinstance(output, torch.Tensor):
                 return output[:, :1]
-            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            if type(output) is tuple and output and isinstance(output[0], torch.Tensor):
                 return (output[0][:, :1], *output[1:])
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: cannot keep its first "
                             "position.")
@@ -81,9 +81,11 @@ class Readout:
 
 
 def _hidden(output) -> torch.Tensor | None:
+    """The hidden states of a layer's output: the tensor, or the first of a plain tuple (not of a named tuple, whose
+    fields the model reads by name and a rebuilt tuple would lose)."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+    if type(output) is tuple and output and isinstance(output[0], torch.Tensor):
         return output[0]
     return None
 

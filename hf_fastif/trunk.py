@@ -172,8 +172,9 @@ class TrunkSplit:
         out: dict = {}
 
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            self.tuple_output = len(output) if isinstance(output, tuple) else 0
+            sequence = isinstance(output, (tuple, list))  # (a list: OpenAI GPT's blocks; read by index alike)
+            hidden = output[0] if sequence else output
+            self.tuple_output = len(output) if sequence else 0
             out["hidden"] = hidden.detach()
             raise _StopForward
 
@@ -248,12 +249,18 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
     def leave(module, args, output):
         entered.setdefault("left", len(order))
 
+    calls: list[tuple[int, type]] = []  # (layer index, its output's type) per layer call, in order
+
+    def called(i):
+        return lambda module, args, output: calls.append((i, type(output)))
+
     handles = [m.register_forward_pre_hook(record) for m in model.modules()
                if m is not model and not isinstance(m, nn.ModuleList)]
     handles += [m.register_forward_hook(produced) for m in model.modules()
                 if m is not model and not isinstance(m, nn.ModuleList)]
     handles.append(layers[0].register_forward_pre_hook(enter, with_kwargs=True))
     handles.append(layers[-1].register_forward_hook(leave))
+    handles += [layer.register_forward_hook(called(i)) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             model(**probe)
@@ -262,6 +269,13 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
             h.remove()
     if "at" not in entered:
         return None, f"the forward never entered {path}"
+    if [i for i, _ in calls] != list(range(len(layers))):
+        return None, (f"the layers of {path} do not run once each, in order (they are shared across depth, as "
+                      "ALBERT's layer groups are): a cached state would stand in for more than one call")
+    odd = {kind for _, kind in calls if not issubclass(kind, torch.Tensor) and kind not in (tuple, list)}
+    if odd:
+        return None, (f"the layers of {path} return {', '.join(sorted(k.__name__ for k in odd))}, not a tensor or a "
+                      "plain tuple the cached states could stand in for")
     if "shape" in entered:
         try:
             _check_layout(entered["shape"], _token_mask(probe))
@@ -391,8 +405,10 @@ class TrunkCache:
             self._tmp = None
 
     def __del__(self):
-        with contextlib.suppress(Exception):
+        try:  # (not contextlib.suppress: at interpreter exit the module's globals may already be gone)
             self.close()
+        except Exception:
+            pass
 
 
 def model_inputs(batch: dict) -> dict:
@@ -445,21 +461,31 @@ def forward_context(split: TrunkSplit | None, batch: dict) -> Iterator[None]:
         yield
 
 
-def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[int], *, rtol: float = 1e-4) -> float:
+def split_tolerance(model: nn.Module) -> float:
+    """The largest relative change of the logits `verify_split` accepts: 1e-9 for a float64 model (a clean split
+    changes its logits by rounding only, ~1e-15; 1e-9 leaves room for float32 computed inside some models' attention),
+    1e-4 otherwise."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return 1e-9 if dtypes == {torch.float64} else 1e-4
+
+
+def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[int]) -> float:
     """Largest difference between the full model's logits and the top-only logits (trunk states from ``cache``)
-    on ``rows``, relative to the logits' scale. The rows are collated afresh, so a model whose states depend on the
-    batch they were computed in (left padding without position ids, for instance) shows up here."""
+    on ``rows`` (collated together, so the shorter ones are padded), relative to the largest logit (compare it with
+    `split_tolerance`). The rows are collated afresh, so a model whose states depend on the batch they were computed
+    in (left padding without position ids, for instance), or whose top reads padding positions (their cached states
+    are copies of the row's first token's), shows up here."""
     from .loss import logits_of  # local: loss.py imports this module
 
     batch = batcher.batch(rows, trunk=False)
     inputs = model_inputs(batch)
     with torch.no_grad():
-        full = logits_of(split.model(**inputs)).float()
+        full = logits_of(split.model(**inputs)).double()
         with split.injected(cache.hidden(batcher.base_rows(rows), batch)):
-            top = logits_of(split.model(**inputs)).float()
+            top = logits_of(split.model(**inputs)).double()
     mask = _token_mask(batch)
     if full.dim() == 3:  # token logits: compare real tokens only
         full, top = full[mask], top[mask]
-    scale = full.abs().max().clamp_min(1.0)
+    scale = full.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     error = float((full - top).abs().max() / scale)
     return error if math.isfinite(error) else math.inf  # NaN logits on either side: no agreement

@@ -214,3 +214,45 @@ def test_an_unlabelled_test_row_is_fine_under_a_mean(setup, pad_collator):
     table = compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator,
                                combine="mean")
     assert len(table) == 20 and (table.to_pandas().influence != 0).any()
+
+
+def test_a_selected_parameter_the_loss_does_not_use_is_named(setup, pad_collator):
+    """A parameter the loss never reaches (here a module the forward never calls; in practice a pooler the head
+    does not read) is named, with the fix, instead of autograd's 'Tensor at index N' error."""
+    model, train, test = setup
+    model.unused = torch.nn.Linear(2, 2)
+    try:
+        for solver in ("cg", "lissa"):
+            args = default_arguments(**FAST | {"influence_params": [r"classifier\.", r"unused\."],
+                                               "influence_solver": solver, "influence_recursion_depth": 5})
+            with pytest.raises(ValueError, match=r"2 influence parameter\(s\) take no part in the loss: "
+                                                 r"unused.weight, unused.bias.*Leave them out of influence_params"):
+                compute_influences(model, train, test, args, data_collator=pad_collator)
+    finally:
+        del model.unused
+
+
+def test_a_loss_that_is_nan_when_padded_is_named_as_such():
+    """Llama's eager attention gives NaN for a left-padded row (its padding queries see no key), even with position
+    ids: the error says the loss is not finite there and what to do, not that padding changed it by 'nan'."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tests.tiny import pad_collator_for_tests
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, max_position_embeddings=64, num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attn_implementation="eager")).double().eval()
+    left = pad_collator_for_tests()
+    left.tokenizer.padding_side = "left"
+
+    def with_positions(features):
+        batch = left(features)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        return batch
+
+    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(3, seed=1, num_labels=3)
+    args = default_arguments(**FAST | {"influence_params": [r"^score\."]})
+    with pytest.raises(ValueError, match=r"is not finite padded next to row .*pad on the right"):
+        compute_influences(model, train, test, args, data_collator=with_positions)

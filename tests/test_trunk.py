@@ -269,3 +269,98 @@ def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
     assert not engines[True]._trunks
     np.testing.assert_allclose(again.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy(),
                                values[False], rtol=1e-9, atol=1e-14)
+
+
+def _prepadded(data, length, side="right"):
+    """Rows padded to ``length`` in the dataset itself (no collator padding), on the right or the left."""
+    from datasets import Dataset
+
+    rows = data.to_dict()
+    for i, ids in enumerate(rows["input_ids"]):
+        pad = [0] * (length - len(ids))
+        rows["input_ids"][i] = ids + pad if side == "right" else pad + ids
+        mask = rows["attention_mask"][i]
+        rows["attention_mask"][i] = mask + pad if side == "right" else pad + mask
+    return Dataset.from_dict(rows)
+
+
+def _influence(model, train, test, patterns, tmp_path, collator=None, **settings):
+    from hf_fastif import InfluenceArguments, InfluenceEngine
+
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=None,
+                              disable_tqdm=True, influence_check_convergence=False, **settings)
+    table = InfluenceEngine(model, args, data_collator=collator).compute_influences(train, test)
+    return (table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy(),
+            table.metadata["diagnostics"]["trunk"])
+
+
+def test_layers_that_run_more_than_once_get_no_split():
+    """ALBERT runs its layer groups several times (4 layers from 2 groups): one cached state cannot stand in for
+    every call of a group, so there is no split (it used to pass the check on small logits and change influence)."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=4, num_hidden_groups=2,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32, num_labels=3,
+        attn_implementation="eager")).double().eval()
+    data = _prepadded(make_token_dataset(6, seed=0, num_labels=3), 9)
+    batcher = Batcher(data, validate_dataset(data, "train", model), None, "cpu")
+    names = list(select_parameters(model, [r"albert_layer_groups\.1\.", r"pooler", r"^classifier"]))
+    split, reason = T.find_split(model, names, T.model_inputs(batcher.batch(range(2), trunk=False)))
+    assert split is None and "do not run once each" in reason
+
+
+@pytest.mark.parametrize("case", ["left-padded pooler", "span convolution over padding"])
+def test_a_top_that_reads_padding_is_caught_on_padded_rows(case, tmp_path):
+    """The cached states of padding positions are copies of each row's first token's: exact only where the top
+    never reads a padding position. A BERT whose rows are padded on the left reads one at position 0 (its pooler);
+    ConvBERT's span convolution reads those within 4 positions. The first 8 rows are full length, so only checking
+    them passed both; the check now also collates the shortest of the first rows with the longest, with a float64
+    tolerance of 1e-9 (ConvBERT's change is ~1e-6 of the logits), and the numbers are the uncached ones."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        ConvBertConfig,
+        ConvBertForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    raw = make_token_dataset(40, seed=0, num_labels=3)
+    lengths = np.array([len(x) for x in raw["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")  # full-length rows first
+    rows = raw.select([*order[:16].tolist(), *order[-8:].tolist()])
+    if case == "left-padded pooler":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=64, num_labels=3, attn_implementation="eager")).double().eval()
+        side, patterns = "left", [r"encoder\.layer\.2\.", r"pooler\.", r"^classifier\."]
+    else:
+        model = ConvBertForSequenceClassification(ConvBertConfig(
+            vocab_size=64, embedding_size=16, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
+            head_ratio=2, intermediate_size=32, max_position_embeddings=64, num_labels=3,
+            attn_implementation="eager")).double().eval()
+        side, patterns = "right", [r"encoder\.layer\.2\.", r"^classifier\."]
+    train = _prepadded(rows, 9, side)
+    test = _prepadded(make_token_dataset(3, seed=1, num_labels=3), 9, side)
+    cached, diagnostics = _influence(model, train, test, patterns, tmp_path)
+    assert diagnostics["split"] is None and "top-only logits differ" in diagnostics["reason"]
+    uncached, _ = _influence(model, train, test, patterns, tmp_path, influence_trunk_cache=False)
+    np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
+
+
+def test_layers_returning_a_list_are_cached(pad_collator, tmp_path):
+    """OpenAI GPT's blocks return a list: the cache stands in for it as for a tuple (it crashed), same numbers."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTForSequenceClassification
+
+    torch.manual_seed(0)
+    model = OpenAIGPTForSequenceClassification(OpenAIGPTConfig(
+        vocab_size=64, n_embd=16, n_layer=3, n_head=2, n_positions=32, num_labels=3, pad_token_id=0,
+        attn_implementation="eager")).double().eval()
+    train, test = make_token_dataset(12, seed=0, num_labels=3), make_token_dataset(3, seed=1, num_labels=3)
+    patterns = [r"transformer\.h\.2\.", r"^score\."]
+    cached, diagnostics = _influence(model, train, test, patterns, tmp_path, pad_collator)
+    assert diagnostics["split"] == "transformer.h.2"
+    uncached, _ = _influence(model, train, test, patterns, tmp_path, pad_collator, influence_trunk_cache=False)
+    np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
