@@ -92,7 +92,6 @@ CONFIRM_ROWS = (256, 1024)
 sample's smallest eigenvalue is far more negative than the whole set's (the paper table's trained tiny BERT: -0.049
 over all 3,000 rows, -0.16 to -0.33 on 64-row samples, -0.30 to -0.67 in refused checks). The first size whose
 estimate clears -λ ends the confirmation; a refusal needs the last."""
-"""A split whose top-only logits differ from the full model's by more than this (relative) is not used."""
 MAX_TRUNK_CACHES = 4
 READOUT_PROBE_ROWS = 4
 """The first training rows and the first test rows (each collated together) on which
