@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_fastif import InfluenceArguments, InfluenceEngine
 from hf_fastif import trunk as T
 from hf_fastif.batches import Batcher, validate_dataset
 from hf_fastif.knn import model_features
@@ -134,7 +135,6 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
     influence is the same with the cache on and off."""
     from transformers import BertConfig, BertForMultipleChoice
 
-    from hf_fastif import InfluenceArguments, InfluenceEngine
 
     torch.manual_seed(0)
     model = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -163,18 +163,12 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
         alone = [model.bert(inputs_embeds=embeds[:, c]).pooler_output for c in range(3)]
         torch.testing.assert_close(model_features(model, {"inputs_embeds": embeds}), torch.cat(alone, 1))
     for k in (None, 6):  # the full scan, and kNN candidates on those features
-        values, diagnostics = {}, {}
-        for cached in (True, False):
-            args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="lissa",
-                                      influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=k,
-                                      disable_tqdm=True, influence_check_convergence=False, influence_trunk_cache=cached)
-            table = InfluenceEngine(model, args).compute_influences(train, test)
-            values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])[["train_id", "influence"]].to_numpy()
-            diagnostics[cached] = table.metadata["diagnostics"]
-        assert diagnostics[True]["trunk"]["split"] == "bert.encoder.layer.1"
-        assert diagnostics[True]["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
-        assert len(values[True]) == len(test) * (k or len(train))
-        np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+        cached, diagnostics = _influence(model, train, test, TOP["bert"], tmp_path, influence_knn_k=k)
+        uncached, _ = _influence(model, train, test, TOP["bert"], tmp_path, influence_knn_k=k, influence_trunk_cache=False)
+        assert diagnostics["trunk"]["split"] == "bert.encoder.layer.1"
+        assert diagnostics["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
+        assert len(cached) == len(test) * (k or len(train))
+        np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
     # a choice without tokens (a mask of zeros) still runs its padding through the trunk: no state to cache, so no
     # cache (with one, its zeros made the loss of such a row wrong and s_test blow up), and the uncached numbers
     rows = train.to_dict()
@@ -182,16 +176,10 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
     empty = type(train).from_dict(rows)
     with pytest.raises(T.TrunkLayoutError, match="row 11 has a sequence without tokens"):
         T.TrunkCache(split, Batcher(empty, validate_dataset(empty, "train", model), None, "cpu"), key="e")
-    values, diagnostics = {}, {}
-    for cached in (True, False):
-        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="lissa",
-                                  influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=None,
-                                  disable_tqdm=True, influence_check_convergence=False, influence_trunk_cache=cached)
-        table = InfluenceEngine(model, args).compute_influences(empty, test)
-        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
-        diagnostics[cached] = table.metadata["diagnostics"]["trunk"]
-    assert diagnostics[True]["split"] is None and "without tokens" in diagnostics[True]["reason"]
-    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+    cached, diagnostics = _influence(model, empty, test, TOP["bert"], tmp_path)
+    assert diagnostics["trunk"]["split"] is None and "without tokens" in diagnostics["trunk"]["reason"]
+    np.testing.assert_allclose(cached, _influence(model, empty, test, TOP["bert"], tmp_path,
+                                                  influence_trunk_cache=False)[0], rtol=1e-9, atol=1e-14)
 
 
 def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
@@ -199,7 +187,6 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
     stack do not line up with the batch's tokens: no split where the probe shows it, and where the probe rows need
     no padding, building the cache finds it (`TrunkLayoutError`); the engine then runs the full forward, says why,
     and gives the uncached numbers."""
-    from hf_fastif import InfluenceArguments, InfluenceEngine
     from tests.test_readout import _longformer
 
     model = _longformer()  # attention window 4
@@ -218,18 +205,12 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
         T.TrunkCache(split, batcher, key="k")
     train = data.select([*eight, *[i for i in range(len(data)) if i not in set(eight)]])  # the engine probes rows 0-1
     test = make_token_dataset(2, seed=7, num_labels=3)
-    values, diagnostics = {}, {}
-    for cached in (True, False):
-        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="lissa",
-                                  influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=None,
-                                  disable_tqdm=True, influence_check_convergence=False, influence_trunk_cache=cached)
-        with caplog.at_level("WARNING"):
-            table = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(train, test)
-        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
-        diagnostics[cached] = table.metadata["diagnostics"]["trunk"]
-    assert diagnostics[True]["split"] is None and "pads or drops positions" in diagnostics[True]["reason"]
+    with caplog.at_level("WARNING"):
+        cached, diagnostics = _influence(model, train, test, patterns, tmp_path, pad_collator)
+    assert diagnostics["trunk"]["split"] is None and "pads or drops positions" in diagnostics["trunk"]["reason"]
     assert "No frozen-trunk cache" in caplog.text
-    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
+    uncached, _ = _influence(model, train, test, patterns, tmp_path, pad_collator, influence_trunk_cache=False)
+    np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
 
 
 def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
@@ -237,7 +218,6 @@ def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
     cache batch, its longest row 8 tokens, a multiple of the window): later batches of shorter rows are padded inside
     the model. Such a forward puts the trunk back and runs whole (the numbers are the uncached ones), the table says
     so, and the engine's next call runs without the cache, whose states are freed."""
-    from hf_fastif import InfluenceArguments, InfluenceEngine
     from tests.test_readout import _longformer
 
     model = _longformer()
@@ -247,28 +227,25 @@ def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
     train = data.select([*eight, *[i for i in range(len(data)) if i not in set(eight)]])
     test = make_token_dataset(6, seed=7, num_labels=3, max_len=8)
     assert lengths.max() == 8 and (lengths % 4).any()
-    values, diagnostics = {}, {}
-    engines = {}
-    for cached in (True, False):
-        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=[r"encoder\.layer\.1\.", r"classifier\."],
-                                  influence_solver="lissa", influence_recursion_depth=10, influence_scale=100.0,
-                                  influence_batch_size=2, influence_knn_k=None, disable_tqdm=True,
-                                  influence_check_convergence=False, influence_trunk_cache=cached)
-        engines[cached] = InfluenceEngine(model, args, data_collator=pad_collator)
+    patterns = [r"encoder\.layer\.1\.", r"classifier\."]
+    uncached, _ = _influence(model, train, test, patterns, tmp_path, pad_collator, influence_batch_size=2,
+                             influence_trunk_cache=False)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, influence_batch_size=2,
+                              influence_knn_k=None, disable_tqdm=True, influence_check_convergence=False)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    for call in ("first", "again"):
         with caplog.at_level("WARNING"):
-            table = engines[cached].compute_influences(train, test)
-        values[cached] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
-        diagnostics[cached] = table.metadata["diagnostics"]["trunk"]
-    assert diagnostics[True]["split"] == "longformer.encoder.layer.1"
-    assert "positions for cached states" in diagnostics[True]["failed_on_a_batch"]
-    assert "does not line up with this batch" in caplog.text
-    np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-14)
-    again = engines[True].compute_influences(train, test)
-    assert again.metadata["diagnostics"]["trunk"]["split"] is None
-    assert "did not line up" in again.metadata["diagnostics"]["trunk"]["reason"]
-    assert not engines[True]._trunks
-    np.testing.assert_allclose(again.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy(),
-                               values[False], rtol=1e-9, atol=1e-14)
+            table = engine.compute_influences(train, test)
+        trunk = table.metadata["diagnostics"]["trunk"]
+        if call == "first":
+            assert trunk["split"] == "longformer.encoder.layer.1"
+            assert "positions for cached states" in trunk["failed_on_a_batch"]
+            assert "does not line up with this batch" in caplog.text
+        else:  # the engine dropped the split, and the states cached for it
+            assert trunk["split"] is None and "did not line up" in trunk["reason"] and not engine._trunks
+        np.testing.assert_allclose(table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy(),
+                                   uncached[:, 1], rtol=1e-9, atol=1e-14)
 
 
 def _prepadded(data, length, side="right"):
@@ -285,14 +262,13 @@ def _prepadded(data, length, side="right"):
 
 
 def _influence(model, train, test, patterns, tmp_path, collator=None, **settings):
-    from hf_fastif import InfluenceArguments, InfluenceEngine
-
+    """``((pairs, 2) train ids and values sorted by test and train id, diagnostics)`` of a short LiSSA call."""
     args = InfluenceArguments(output_dir=str(tmp_path), influence_params=patterns, influence_solver="lissa",
-                              influence_recursion_depth=10, influence_scale=100.0, influence_knn_k=None,
-                              disable_tqdm=True, influence_check_convergence=False, **settings)
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, **{"influence_knn_k": None, **settings})
     table = InfluenceEngine(model, args, data_collator=collator).compute_influences(train, test)
-    return (table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy(),
-            table.metadata["diagnostics"]["trunk"])
+    return (table.to_pandas().sort_values(["test_id", "train_id"])[["train_id", "influence"]].to_numpy(),
+            table.metadata["diagnostics"])
 
 
 def test_layers_that_run_more_than_once_get_no_split():
@@ -345,7 +321,7 @@ def test_a_top_that_reads_padding_is_caught_on_padded_rows(case, tmp_path):
     train = _prepadded(rows, 9, side)
     test = _prepadded(make_token_dataset(3, seed=1, num_labels=3), 9, side)
     cached, diagnostics = _influence(model, train, test, patterns, tmp_path)
-    assert diagnostics["split"] is None and "top-only logits differ" in diagnostics["reason"]
+    assert diagnostics["trunk"]["split"] is None and "top-only logits differ" in diagnostics["trunk"]["reason"]
     uncached, _ = _influence(model, train, test, patterns, tmp_path, influence_trunk_cache=False)
     np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
 
@@ -361,6 +337,6 @@ def test_layers_returning_a_list_are_cached(pad_collator, tmp_path):
     train, test = make_token_dataset(12, seed=0, num_labels=3), make_token_dataset(3, seed=1, num_labels=3)
     patterns = [r"transformer\.h\.2\.", r"^score\."]
     cached, diagnostics = _influence(model, train, test, patterns, tmp_path, pad_collator)
-    assert diagnostics["split"] == "transformer.h.2"
+    assert diagnostics["trunk"]["split"] == "transformer.h.2"
     uncached, _ = _influence(model, train, test, patterns, tmp_path, pad_collator, influence_trunk_cache=False)
     np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
