@@ -200,6 +200,8 @@ class InfluenceEngine:
         if split is not None and split.failed is not None:
             call.info["trunk"] |= {"failed_on_a_batch": split.failed,
                                    "note": "the batches that did not line up ran the whole model"}
+        if call.fm.no_forward_ad is not None:
+            call.info["scored_by"] = {"method": "per-example gradients", "why": call.fm.no_forward_ad}
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
         return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
 

@@ -134,6 +134,7 @@ class FunctionalModel:
     def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
                  measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None, readout=None):
         self.model = model
+        self.no_forward_ad: str | None = None  # why forward-mode AD failed on this model, once it has (scoring)
         self.split = split
         self.readout = readout
         self.names = list(names)
@@ -166,8 +167,8 @@ class FunctionalModel:
                     with readout.active():
                         return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
                 except (RuntimeError, IndexError, ValueError) as err:  # a batch unlike the probe rows the cut passed on
-                    if not readout.fired or isinstance(err, torch.OutOfMemoryError):
-                        raise  # raised before the cut, or out of memory: not the cut's doing
+                    if not readout.fired or isinstance(err, torch.OutOfMemoryError) or forward_ad_unsupported(err):
+                        raise  # raised before the cut, out of memory, or forward-mode AD refused: not the cut's doing
                     readout.failed = f"{type(err).__name__}: {err}"
                     logger.warning(f"The last layer cut after {readout.name} failed on a batch ({readout.failed}); "
                                    "the whole layer runs from now on (influence_skip_unread_positions=False avoids "
@@ -214,3 +215,14 @@ class FunctionalModel:
                                                dtype=p.dtype, device=p.device) for n, p in params.items()])
             self._mask_key = key
         return self._mask
+
+
+FORWARD_AD_REFUSALS = ("autograd.Function with functorch transforms", "forward AD")
+"""Parts of the errors torch raises where a model cannot run under forward-mode AD (``torch.func.jvp``): a custom
+``torch.autograd.Function`` without ``setup_context`` (Bloom's GeLU, Reformer's reversible layers), or an operator
+without a forward-AD formula."""
+
+
+def forward_ad_unsupported(err: BaseException) -> bool:
+    """Whether ``err`` says that the model cannot run under forward-mode AD (see `FORWARD_AD_REFUSALS`)."""
+    return isinstance(err, (RuntimeError, NotImplementedError)) and any(s in str(err) for s in FORWARD_AD_REFUSALS)

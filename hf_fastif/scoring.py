@@ -10,11 +10,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .batches import Batcher
 from .hvp import batch_gradient, directional_derivatives
-from .loss import FunctionalModel
+from .loss import FunctionalModel, forward_ad_unsupported
 from .params import flatten
+
+logger = logging.get_logger(__name__)
 
 TANGENT_CHUNK = 16
 GRAD_CHUNK = 16
@@ -25,13 +28,22 @@ def score_batch(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, 
     """Influence ``(b, m)`` of the batch's rows on each of the m rows of ``s_test`` ``(m, p)``.
 
     ``jvp``: forward-mode directional derivatives (about the cost of a few forward passes per batch).
-    ``grad``: per-example gradients ``(b, p)`` times ``s_testᵀ``.
+    ``grad``: per-example gradients ``(b, p)`` times ``s_testᵀ``. A model that cannot run under forward-mode AD (a
+    custom ``autograd.Function`` such as Bloom's GeLU) is scored by ``grad`` instead, with a warning, from the first
+    batch that shows it on (the same numbers; memory ``b × p`` per batch).
     """
-    if method == "jvp":
-        parts = [directional_derivatives(fm, params, batch, s_test[i : i + TANGENT_CHUNK])
-                 for i in range(0, s_test.shape[0], TANGENT_CHUNK)]
-        return -torch.cat(parts, 1)
-    if method == "grad":
+    if method == "jvp" and fm.no_forward_ad is None:
+        try:
+            parts = [directional_derivatives(fm, params, batch, s_test[i : i + TANGENT_CHUNK])
+                     for i in range(0, s_test.shape[0], TANGENT_CHUNK)]
+            return -torch.cat(parts, 1)
+        except (RuntimeError, NotImplementedError) as err:
+            if not forward_ad_unsupported(err):
+                raise
+            fm.no_forward_ad = f"{type(err).__name__}: {str(err)[:160]}"
+            logger.warning(f"{type(fm.model).__name__} cannot run under forward-mode AD ({fm.no_forward_ad}); "
+                           "candidates are scored by per-example gradients instead (the same values, more memory).")
+    if method == "grad" or fm.no_forward_ad is not None:
         grads = batch_gradient(fm, params, batch, reduction="none")
         return -(grads @ s_test.to(grads.dtype).T)
     raise ValueError(f"Unknown scoring method {method!r}; use 'jvp' or 'grad'.")

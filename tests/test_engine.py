@@ -2,13 +2,14 @@
 depend on changed. The trunk cache changes no number."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from hf_fastif import InfluenceEngine, InfluenceTrainer, compute_influences
 from hf_fastif.fingerprint import callable_fingerprint, model_fingerprint
 from hf_fastif.influence import default_arguments
-from tests.tiny import make_token_dataset, tiny_model, train_tiny
+from tests.tiny import VOCAB, make_token_dataset, tiny_model, train_tiny
 
 TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
 BASE = dict(influence_params=TOP, influence_damping=0.05, influence_scale=20.0, influence_recursion_depth=20,
@@ -419,3 +420,37 @@ def test_a_cache_rebuilt_under_a_loaded_key_is_neither_served_nor_dropped(data, 
     assert len(held) == 1 and engine.unused_loaded_caches() == ["low_rank"]
     engine.forget_unused_loaded(["trunk"])
     assert list(engine._trunks) == held
+
+
+
+def test_a_model_without_forward_mode_ad_is_scored_by_gradients(data, pad_collator, tmp_path, caplog, monkeypatch):
+    """Where torch.func.jvp refuses the model (a custom autograd.Function without setup_context, as Bloom's GeLU),
+    the candidates are scored by per-example gradients: the same values as JVP scoring (a tiny BERT with jvp made to
+    refuse), with a warning and a note in the diagnostics; and Bloom itself runs end to end (it stopped in scoring)."""
+    from transformers import BloomConfig, BloomForSequenceClassification
+
+    model, train, test = data
+    settings = dict(influence_solver="exact", influence_damping=1.0, influence_knn_k=5, influence_params=[r"classifier\."])
+    expected = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    refusal = "In order to use an autograd.Function with functorch transforms (vmap, grad, jvp, jacrev, ...), ..."
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(refusal)
+
+    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
+        patch.setattr(torch.func, "jvp", refuse)
+        table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    assert "cannot run under forward-mode AD" in caplog.text
+    assert "autograd.Function" in table.metadata["diagnostics"]["scored_by"]["why"]
+    assert "scored_by" not in expected.metadata["diagnostics"]
+    pd.testing.assert_frame_equal(*(t.to_pandas().sort_values(["test_id", "train_id"]).reset_index(drop=True)
+                                    for t in (table, expected)), check_exact=False, rtol=1e-9, atol=1e-12)
+    torch.manual_seed(0)
+    bloom = BloomForSequenceClassification(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2,
+                                                       num_labels=3, pad_token_id=0)).double().eval()
+    table = compute_influences(bloom, train, test, data_collator=pad_collator,  # h.1's GeLU runs under the JVP
+                               args=default_arguments(**settings | {
+                                   "influence_params": [r"h\.1\.", r"^score\."], "influence_solver": "lissa",
+                                   "influence_recursion_depth": 5, "influence_scale": 100.0,
+                                   "influence_check_convergence": False}))
+    assert "scored_by" in table.metadata["diagnostics"] and np.isfinite(table.to_pandas()["influence"]).all()
