@@ -26,9 +26,10 @@ def _gradient(outputs: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kwarg
     unused = [name for name, g in zip(leaves, grads) if g is None]
     if unused:
         raise ValueError(
-            f"{len(unused)} influence parameter(s) take no part in the loss: {', '.join(unused[:4])}"
-            f"{', ...' if len(unused) > 4 else ''} (a pooler the classification head does not read, for instance). "
-            "Leave them out of influence_params: their influence is zero, and they would only cost memory."
+            f"{len(unused)} influence parameter(s) take no part in the loss's autograd graph: {', '.join(unused[:4])}"
+            f"{', ...' if len(unused) > 4 else ''} (a pooler the classification head does not read, for instance, or "
+            "layers whose gradients the model computes by hand inside a custom autograd.Function, as Reformer's "
+            "reversible layers do). Leave them out of influence_params: autograd gives them no derivatives."
         )
     return list(grads)
 
