@@ -43,7 +43,7 @@ def score_batch(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, 
             fm.no_forward_ad = f"{type(err).__name__}: {str(err)[:160]}"
             logger.warning(f"{type(fm.model).__name__} cannot run under forward-mode AD ({fm.no_forward_ad}); "
                            "candidates are scored by per-example gradients instead (the same values, more memory).")
-    if method == "grad" or fm.no_forward_ad is not None:
+    if method == "grad" or (method == "jvp" and fm.no_forward_ad is not None):
         grads = batch_gradient(fm, params, batch, reduction="none")
         return -(grads @ s_test.to(grads.dtype).T)
     raise ValueError(f"Unknown scoring method {method!r}; use 'jvp' or 'grad'.")
