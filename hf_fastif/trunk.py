@@ -147,13 +147,15 @@ class TrunkSplit:
 
             def forward(*args, **kwargs):
                 if i == 0 and self.feeder is None and not lined_up(layer, args, kwargs):
-                    return layer(*args, **kwargs)  # the trunk put back: this layer and those above run
+                    # the trunk put back: this layer runs (its own forward: its hooks already run around this
+                    # call) and so do those above it
+                    return type(layer).forward(layer, *args, **kwargs)
                 return self._wrap(hidden if i == last else args[0] if args else kwargs["hidden_states"])
             return forward
 
         def placeholder(*args, **kwargs):  # the feeder's output only flows into the skipped layers
             if not lined_up(self.feeder, args, kwargs):
-                return self.feeder(*args, **kwargs)
+                return type(self.feeder).forward(self.feeder, *args, **kwargs)
             return hidden
 
         self._active.append(True)

@@ -340,3 +340,29 @@ def test_layers_returning_a_list_are_cached(pad_collator, tmp_path):
     assert diagnostics["trunk"]["split"] == "transformer.h.2"
     uncached, _ = _influence(model, train, test, patterns, tmp_path, pad_collator, influence_trunk_cache=False)
     np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
+
+
+def test_a_forward_that_puts_the_trunk_back_runs_each_module_once(pad_collator):
+    """The in-flight fallback (a batch Longformer pads inside) runs the skipped module's own forward, so hooks around
+    it (the caller's) fire once, and the logits are the full model's."""
+    from tests.test_readout import _longformer
+
+    model = _longformer()
+    data = make_token_dataset(20, seed=0, num_labels=3, max_len=8)
+    lengths = np.array([len(x) for x in data["input_ids"]])
+    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
+    names = list(select_parameters(model, [r"encoder\.layer\.1\.", r"classifier\."]))
+    split, reason = T.find_split(model, names, T.model_inputs(batcher.batch(np.flatnonzero(lengths == 8)[:2],
+                                                                            trunk=False)))
+    assert split is not None and split.feeder is not None, reason
+    inputs = T.model_inputs(batcher.batch(np.flatnonzero(lengths == 7)[:1], trunk=False))
+    calls = []
+    handle = split.feeder.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    try:
+        with torch.no_grad(), split.injected(torch.zeros(1, 7, 16, dtype=torch.float64)):
+            top = model(**inputs).logits
+    finally:
+        handle.remove()
+    assert split.failed is not None and len(calls) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(top, model(**inputs).logits, rtol=0, atol=0)
