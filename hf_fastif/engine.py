@@ -283,8 +283,9 @@ class InfluenceEngine:
                 padded = call.fm.values_without_l2(call.params, call.train.batch([short, long], trunk=False))[0][:1]
             error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
             dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
-            if not bool(torch.isfinite(alone).all() and torch.isfinite(padded).all()):
-                where = "alone" if not bool(torch.isfinite(alone).all()) else f"padded next to row {long}"
+            finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
+            if not (finite_alone and finite_padded):
+                where = "alone" if not finite_alone else f"padded next to row {long}"
                 raise ValueError(
                     f"The loss of train_dataset row {short} is not finite {where} ({float(alone[0]):.4g} alone, "
                     f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. With padding, "
