@@ -182,38 +182,70 @@ def _class_count(model: nn.Module) -> int | None:
     return classes if classes and classes > 1 else None
 
 
+def decoder_inputs_from_labels(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``labels → decoder_input_ids`` for a sequence-to-sequence model, else None.
+
+    Given ``labels`` and no decoder inputs, such a model's forward builds its decoder inputs from the labels (shifted
+    right): that is how a `Trainer` trains it with ``DataCollatorForSeq2Seq(tokenizer)``. Influence calls the model
+    without ``labels`` (it computes each row's loss itself), and the model would then build them from something
+    else (BART: from ``input_ids``), so the batch gets the same decoder inputs the model would have built, from its
+    own ``prepare_decoder_input_ids_from_labels`` (what ``DataCollatorForSeq2Seq(tokenizer, model=model)`` adds).
+    A ``...ForConditionalGeneration`` model without that method is refused when a batch lacks decoder inputs.
+    Encoder-decoder models with other heads (sequence classification, question answering) do not read their labels
+    for the decoder: None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return lambda labels: prepare(labels=labels)
+    if not type(model).__name__.endswith("ForConditionalGeneration"):
+        return None
+
+    def refuse(labels: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(model).__name__} builds its decoder inputs from `labels` inside its forward, which "
+                         "influence calls without labels, and it has no prepare_decoder_input_ids_from_labels to build "
+                         "them here: collate `decoder_input_ids` (the labels shifted right, as the model does) into "
+                         "every batch.")
+    return refuse
+
+
 class Batcher:
     """Collates rows of a dataset by position and moves them to ``device``.
 
     A batcher can be a view on some rows of its dataset (`subset`), and can carry the dataset's cached trunk
     states (`with_trunk`): its batches then hold them under `hf_fastif.trunk.HIDDEN_KEY`, and every forward
-    through `hf_fastif.trunk.forward_context` runs only the top of the model.
+    through `hf_fastif.trunk.forward_context` runs only the top of the model. With ``decoder_inputs``
+    (`decoder_inputs_from_labels`), a batch with labels and no decoder inputs gets them from its labels.
     """
 
     def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device, *,
-                 index: np.ndarray | None = None, trunk=None):
+                 index: np.ndarray | None = None, trunk=None,
+                 decoder_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
         self.device = device
         self.index = None if index is None else np.asarray(index, dtype=np.int64)
         self.trunk = trunk
+        self.decoder_inputs = decoder_inputs
 
     def check_labels(self, name: str) -> None:
         """Collate one row and check it has ``labels`` (a collator may make them, as for causal LMs)."""
         if "labels" not in self.batch([0], trunk=False):
             raise ValueError(f"{name} has no `labels` (or `label`) column, and the data collator adds none; the "
                              "influence of a row needs its loss, so add the labels (for a causal LM, labels = "
-                             "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)).")
+                             "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)), or pass a "
+                             "loss_fn(outputs, batch) that reads the targets your model takes (question answering: "
+                             "start_positions / end_positions).")
 
     def subset(self, positions: Sequence[int]) -> Batcher:
         """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""
         return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device,
-                       index=self.base_rows(positions), trunk=self.trunk)
+                       index=self.base_rows(positions), trunk=self.trunk, decoder_inputs=self.decoder_inputs)
 
     def with_trunk(self, trunk) -> Batcher:
         """This batcher with the dataset's `hf_fastif.trunk.TrunkCache` (or ``None``: full forwards)."""
         return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=self.index,
-                       trunk=trunk)
+                       trunk=trunk, decoder_inputs=self.decoder_inputs)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.index is None else len(self.index)
@@ -253,6 +285,9 @@ class Batcher:
             ) from err
         if "label" in batch and "labels" not in batch:
             batch["labels"] = batch.pop("label")
+        if (self.decoder_inputs is not None and isinstance(batch.get("labels"), torch.Tensor)
+                and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch):
+            batch["decoder_input_ids"] = self.decoder_inputs(batch["labels"])
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def batches(self, positions: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:

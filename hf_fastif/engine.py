@@ -38,7 +38,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
-from .batches import Batcher, check_values, validate_dataset
+from .batches import Batcher, check_values, decoder_inputs_from_labels, validate_dataset
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint, tensor_digests
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
@@ -297,10 +297,12 @@ class InfluenceEngine:
                 raise ValueError(
                     f"The loss of train_dataset row {short} changes when it is padded next to row {long} "
                     f"(relative difference {error:.2g}): every stage of influence batches rows of different "
-                    "lengths, so its numbers would depend on the batch sizes. The usual cause is left padding "
+                    "lengths, so its numbers would depend on the batch sizes. The usual causes: left padding "
                     "without position ids (GPT-2 and other absolute-position models count positions from the "
                     "first pad): pad on the right (tokenizer.padding_side = 'right'), or use a collator that adds "
-                    "position_ids = attention_mask.cumsum(-1) - 1."
+                    "position_ids = attention_mask.cumsum(-1) - 1; or a loss that reads the padded positions (a "
+                    "softmax over every position, as question answering's start / end logits): pass a loss_fn "
+                    "that masks them, e.g. logits.masked_fill(batch['attention_mask'] == 0, -1e4)."
                 )
         self._padding_checked.add(key)
 
@@ -481,13 +483,16 @@ class InfluenceEngine:
                 "candidates": dataset_fingerprint(candidate_dataset, cand_cols),
             })
         device = next(model.parameters()).device
-        train = Batcher(train_dataset, train_cols, self.data_collator, device)
-        test = Batcher(test_dataset, test_cols, self.data_collator, device)
+        decoder = decoder_inputs_from_labels(model)
+        train = Batcher(train_dataset, train_cols, self.data_collator, device, decoder_inputs=decoder)
+        test = Batcher(test_dataset, test_cols, self.data_collator, device, decoder_inputs=decoder)
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
-                                                                         self.data_collator, device)
-        for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
-            batcher.check_labels(name)
-        if self.measurement_fn is None:
+                                                                         self.data_collator, device,
+                                                                         decoder_inputs=decoder)
+        if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
+            for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
+                batcher.check_labels(name)
+        if self.measurement_fn is None and self.loss_fn is None:
             test.check_labels("test_dataset")
         default_loss = self.loss_fn is None
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
@@ -604,7 +609,8 @@ class InfluenceEngine:
         model = self.model
         names = list(select_parameters(model, self.args.influence_params))
         device = next(model.parameters()).device
-        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model), self.data_collator, device)
+        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model), self.data_collator, device,
+                          decoder_inputs=decoder_inputs_from_labels(model))
         out = []
         with influence_mode(model, names), torch.no_grad():
             split = self._find_split(names, batcher)

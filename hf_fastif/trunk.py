@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -477,17 +477,32 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
     `split_tolerance`). The rows are collated afresh, so a model whose states depend on the batch they were computed
     in (left padding without position ids, for instance), or whose top reads padding positions (their cached states
     are copies of the row's first token's), shows up here."""
-    from .loss import logits_of  # local: loss.py imports this module
-
     batch = batcher.batch(rows, trunk=False)
     inputs = model_inputs(batch)
     with torch.no_grad():
-        full = logits_of(split.model(**inputs)).double()
+        full = split.model(**inputs)
         with split.injected(cache.hidden(batcher.base_rows(rows), batch)):
-            top = logits_of(split.model(**inputs)).double()
+            top = split.model(**inputs)
     mask = _token_mask(batch)
-    if full.dim() == 3:  # token logits: compare real tokens only
-        full, top = full[mask], top[mask]
-    scale = full.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    error = float((full - top).abs().max() / scale)
+    full, top = _compared(full, mask), _compared(top, mask)
+    if not full or len(full) != len(top):
+        return math.inf  # nothing to compare: the split is not used
+    scale = torch.stack([t.abs().max() for t in full]).max().clamp_min(torch.finfo(torch.float64).tiny)
+    error = float(max((f - t).abs().max() for f, t in zip(full, top)) / scale)
     return error if math.isfinite(error) else math.inf  # NaN logits on either side: no agreement
+
+
+def _compared(outputs, mask: torch.Tensor) -> list[torch.Tensor]:
+    """What `verify_split` compares, in float64: the logits (of real tokens only, for token logits laid out like the
+    batch's tokens; all of them otherwise, so a state the cache does not hold shows up), or, for an
+    output without logits (question answering's start / end logits), every floating tensor in it but the loss,
+    those with a value per position (``(b, s)``) at real tokens only."""
+    logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is not None:
+        return [(logits[mask] if logits.dim() == 3 and logits.shape[:2] == mask.shape else logits).double()]
+    items = (outputs.items() if isinstance(outputs, Mapping)
+             else enumerate(outputs) if isinstance(outputs, (tuple, list)) else ())
+    tensors = [t for name, t in items if name != "loss" and isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [(t[mask] if t.shape == mask.shape else t).double() for t in tensors]
