@@ -32,13 +32,20 @@ LABEL_KEYS = ("labels",)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
-def logits_of(outputs) -> torch.Tensor:
-    """The logits of a model output: ``.logits``, ``["logits"]``, or the tensor itself."""
+def find_logits(outputs) -> torch.Tensor | None:
+    """The logits of a model output: ``.logits``, ``["logits"]``, or the tensor itself; None for an output without
+    (question answering's start / end logits)."""
     if isinstance(outputs, torch.Tensor):
         return outputs
     logits = getattr(outputs, "logits", None)
     if logits is None and isinstance(outputs, Mapping):
         logits = outputs.get("logits")
+    return logits
+
+
+def logits_of(outputs) -> torch.Tensor:
+    """The logits of a model output (`find_logits`), or a TypeError that names the fix."""
+    logits = find_logits(outputs)
     if logits is None:
         raise TypeError(
             f"The model returned {type(outputs).__name__} without `logits`; return an object with `.logits` "

@@ -497,9 +497,9 @@ def _compared(outputs, mask: torch.Tensor) -> list[torch.Tensor]:
     batch's tokens; all of them otherwise, so a state the cache does not hold shows up), or, for an
     output without logits (question answering's start / end logits), every floating tensor in it but the loss,
     those with a value per position (``(b, s)``) at real tokens only."""
-    logits = outputs if isinstance(outputs, torch.Tensor) else getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
+    from .loss import find_logits  # local: loss.py imports this module
+
+    logits = find_logits(outputs)
     if logits is not None:
         return [(logits[mask] if logits.dim() == 3 and logits.shape[:2] == mask.shape else logits).double()]
     items = (outputs.items() if isinstance(outputs, Mapping)

@@ -54,15 +54,16 @@ def test_causal_lm_uses_mean_token_loss(pad_collator):
     np.testing.assert_allclose(per_row.numpy(), own, rtol=1e-6)  # the model upcasts its loss to float32
 
 
-def _tiny_bart():
-    from transformers import BartConfig, BartForConditionalGeneration
+def _tiny_bart(head: str = "BartForConditionalGeneration"):
+    import transformers
+    from transformers import BartConfig
 
     torch.manual_seed(0)
     cfg = BartConfig(vocab_size=60, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=40,
                      pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3,
                      forced_eos_token_id=None, attn_implementation="eager")
-    return BartForConditionalGeneration(cfg).double().eval()
+    return getattr(transformers, head)(cfg).double().eval()
 
 
 def _seq2seq_rows(n: int, seed: int, same_length: bool):
@@ -107,14 +108,10 @@ def test_seq2seq_decoder_inputs_come_from_the_labels(pad_collator, same_length):
 
 
 def test_encoder_decoder_heads_that_do_not_read_labels_get_no_decoder_inputs():
-    from transformers import BartConfig, BartForSequenceClassification
-
     from hf_fastif.batches import decoder_inputs_from_labels
 
     assert decoder_inputs_from_labels(_tiny_bart()) is not None
-    cfg = BartConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=40)
-    assert decoder_inputs_from_labels(BartForSequenceClassification(cfg)) is None  # its labels are class ids
+    assert decoder_inputs_from_labels(_tiny_bart("BartForSequenceClassification")) is None  # labels: class ids
     assert decoder_inputs_from_labels(tiny_model("bert")) is None
 
 
