@@ -495,8 +495,9 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
 def _compared(outputs, mask: torch.Tensor) -> list[torch.Tensor]:
     """What `verify_split` compares, in float64: the logits (of real tokens only, for token logits laid out like the
     batch's tokens; all of them otherwise, so a state the cache does not hold shows up), or, for an
-    output without logits (question answering's start / end logits), every floating tensor in it but the loss,
-    those with a value per position (``(b, s)``) at real tokens only."""
+    output without logits (question answering's start / end logits), every floating tensor in it but a loss (by name,
+    or any 0-dim tensor: a tuple output, ``return_dict=False``, names nothing, and a loss reduced over the batch
+    covers the padding the cache does not hold), those with a value per position (``(b, s)``) at real tokens only."""
     from .loss import find_logits  # local: loss.py imports this module
 
     logits = find_logits(outputs)
@@ -504,5 +505,6 @@ def _compared(outputs, mask: torch.Tensor) -> list[torch.Tensor]:
         return [(logits[mask] if logits.dim() == 3 and logits.shape[:2] == mask.shape else logits).double()]
     items = (outputs.items() if isinstance(outputs, Mapping)
              else enumerate(outputs) if isinstance(outputs, (tuple, list)) else ())
-    tensors = [t for name, t in items if name != "loss" and isinstance(t, torch.Tensor) and t.is_floating_point()]
+    tensors = [t for name, t in items
+               if name != "loss" and isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0]
     return [(t[mask] if t.shape == mask.shape else t).double() for t in tensors]

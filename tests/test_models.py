@@ -2,6 +2,7 @@
 
 import functools
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,34 +127,39 @@ def _qa_loss(outputs, batch):
             + torch.nn.functional.cross_entropy(end, batch["end_positions"], reduction="none")) / 2
 
 
+def _tiny_qa_bert(**config):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    return BertForQuestionAnswering(BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, attn_implementation="eager", **config)).double().eval()
+
+
+def _qa_rows(n: int, seed: int):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = [1] + rng.integers(5, 60, size=int(rng.integers(4, 10))).tolist()
+        start = int(rng.integers(1, len(ids)))
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "start_positions": start,
+                    "end_positions": int(rng.integers(start, len(ids)))})
+    return Dataset.from_list(out)
+
+
 def test_question_answering_with_a_loss_fn_matches_the_explicit_hessian(pad_collator):
     """A model without `.logits` and rows without `labels`: the loss_fn reads start / end positions. The trunk cache
     used to crash in its check (it read `.logits`), and the rows were refused for lacking `labels`. Influence on
     the head and the last layer's LayerNorm and dense bias below it (82 parameters) must equal
     -∇ℓ_i·(H + λI)⁻¹∇ℓ_test, H the explicit Hessian of the mean loss, each row's loss taken alone (unpadded), with the
     cache on and off; the model's own loss (softmax over padding too) is refused by the padding probe with the fix
-    named. The reference Hessian is reverse-over-reverse autograd: torch.func.hessian (and jacrev of jacrev) gets
+    named. The reference Hessian is autograd's double backward: torch.func.hessian (and jacrev of jacrev) gets
     LayerNorm's mixed second derivatives wrong in torch 2.13 (here 1e-3 of the Hessian, asymmetric), so the reference
     must be symmetric before it is trusted."""
-    from datasets import Dataset
-    from transformers import BertConfig, BertForQuestionAnswering
-
-    torch.manual_seed(0)
-    model = BertForQuestionAnswering(BertConfig(
-        vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, attn_implementation="eager")).double().eval()
-    rng = np.random.default_rng(0)
-
-    def rows(n):
-        out = []
-        for _ in range(n):
-            ids = [1] + rng.integers(5, 60, size=int(rng.integers(4, 10))).tolist()
-            start = int(rng.integers(1, len(ids)))
-            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "start_positions": start,
-                        "end_positions": int(rng.integers(start, len(ids)))})
-        return Dataset.from_list(out)
-
-    train, test = rows(12), rows(2)
+    model = _tiny_qa_bert()
+    train, test = _qa_rows(12, seed=0), _qa_rows(2, seed=1)
     damping, scale = 0.05, 10.0  # λ 0.5: the untrained layer's Hessian has an eigenvalue near -0.17
     selection = r"qa_outputs\.|encoder\.layer\.1\.output\.(LayerNorm|dense\.bias)"
     names = [n for n, _ in model.named_parameters() if re.search(selection, n)]
@@ -193,6 +199,26 @@ def test_question_answering_with_a_loss_fn_matches_the_explicit_hessian(pad_coll
 
     with pytest.raises(ValueError, match="loss_fn that masks them"):
         compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=own)
+
+
+def test_question_answering_without_return_dict_keeps_the_trunk_cache(pad_collator):
+    """``return_dict=False`` with the positions in the batch: the model returns ``(loss, start, end)``, a tuple that
+    names nothing. The trunk check compared that loss (a softmax over padding the cache does not hold) and dropped
+    the split; a 0-dim output is now left out like a named loss, and the numbers equal the uncached ones."""
+    def tuple_loss(outputs, batch):  # the last two entries are the start / end logits
+        return _qa_loss(SimpleNamespace(start_logits=outputs[-2], end_logits=outputs[-1]), batch)
+
+    train, test = _qa_rows(8, seed=0), _qa_rows(2, seed=1)
+    found = {}
+    for cache in (True, False):
+        args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=None, influence_damping=0.05,
+                                                influence_scale=10.0, influence_params=[r"qa_outputs\."],
+                                                influence_trunk_cache=cache)))
+        table = compute_influences(_tiny_qa_bert(return_dict=False), train, test, args, data_collator=pad_collator,
+                                   loss_fn=tuple_loss)
+        assert (table.metadata["diagnostics"]["trunk"].get("split") is not None) == cache
+        found[cache] = table.to_pandas().sort_values(["test_id", "train_id"]).influence.to_numpy()
+    np.testing.assert_allclose(found[True], found[False], rtol=1e-9)
 
 
 class PlainClassifier(nn.Module):
