@@ -189,8 +189,9 @@ def decoder_inputs_from_labels(model: nn.Module) -> Callable[[torch.Tensor], tor
     right): that is how a `Trainer` trains it with ``DataCollatorForSeq2Seq(tokenizer)``. Influence calls the model
     without ``labels`` (it computes each row's loss itself), and the model would then build them from something
     else (BART: from ``input_ids``), so the batch gets the same decoder inputs the model would have built, from its
-    own ``prepare_decoder_input_ids_from_labels`` (what ``DataCollatorForSeq2Seq(tokenizer, model=model)`` adds).
-    A ``...ForConditionalGeneration`` model without that method is refused when a batch lacks decoder inputs.
+    own ``prepare_decoder_input_ids_from_labels`` (what ``DataCollatorForSeq2Seq(tokenizer, model=model)`` adds), or
+    where a model has only the T5 family's ``_shift_right`` (UDOP), from that, as its forward does. A
+    ``...ForConditionalGeneration`` model with neither is refused when a batch lacks decoder inputs.
     Encoder-decoder models with other heads (sequence classification, question answering) do not read their labels
     for the decoder: None."""
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -198,6 +199,9 @@ def decoder_inputs_from_labels(model: nn.Module) -> Callable[[torch.Tensor], tor
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if callable(prepare):
         return lambda labels: prepare(labels=labels)
+    shift = getattr(model, "_shift_right", None)
+    if callable(shift):
+        return shift
     if not type(model).__name__.endswith("ForConditionalGeneration"):
         return None
 

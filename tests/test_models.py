@@ -119,6 +119,40 @@ def test_encoder_decoder_heads_that_do_not_read_labels_get_no_decoder_inputs():
     assert decoder_inputs_from_labels(tiny_model("bert")) is None
 
 
+def _tiny_t5(prepare: bool, shift: bool):
+    """A tiny T5 with or without its ``prepare_decoder_input_ids_from_labels`` / ``_shift_right`` (UDOP has only the
+    latter)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    members = {} if prepare else {"prepare_decoder_input_ids_from_labels": None}
+    if not shift:
+        members["_shift_right"] = None
+    cls = type("T5VariantForConditionalGeneration", (T5ForConditionalGeneration,), members)
+    torch.manual_seed(0)
+    return cls(T5Config(vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0,
+                        decoder_start_token_id=0, eos_token_id=1)).double().eval()
+
+
+def test_seq2seq_decoder_inputs_without_prepare_come_from_shift_right_or_are_refused():
+    """Without ``prepare_decoder_input_ids_from_labels`` the decoder inputs are the model's own ``_shift_right`` of
+    the labels (what its forward builds: the loss with them equals the model's loss given ``labels``); with
+    neither, a ForConditionalGeneration model is refused with the fix named."""
+    from hf_fastif.batches import decoder_inputs_from_labels
+
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    labels = torch.tensor([[10, 11, 1], [12, 1, -100]])
+    for prepare in (True, False):
+        model = _tiny_t5(prepare=prepare, shift=True)
+        decoder = decoder_inputs_from_labels(model)(labels)
+        with torch.no_grad():
+            own = model(input_ids=ids, attention_mask=(ids > 0).long(), labels=labels).loss
+            logits = model(input_ids=ids, attention_mask=(ids > 0).long(), decoder_input_ids=decoder).logits
+        mine = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        torch.testing.assert_close(mine, own, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="collate `decoder_input_ids`"):
+        decoder_inputs_from_labels(_tiny_t5(prepare=False, shift=False))(labels)
+
+
 def _qa_loss(outputs, batch):
     """Question answering's loss over real tokens only (transformers' own softmax also covers the padding)."""
     pad = batch["attention_mask"] == 0
