@@ -309,7 +309,8 @@ class TrunkCache:
 
     Rows are stored flat, ``(total tokens, hidden)``, with each row's offset and length. Up to
     `MEMORY_LIMIT_BYTES` they stay in memory; beyond, they go to a memory-mapped file in ``directory`` (default:
-    a temporary folder removed with the cache), so memory stays bounded at any dataset size.
+    a temporary folder removed with the cache), in a file of its own deleted when the cache is closed, so memory stays
+    bounded at any dataset size.
 
     Args:
         split: the model's `TrunkSplit`.
@@ -367,13 +368,21 @@ class TrunkCache:
         size = total * hidden.shape[-1]
         if size * hidden.element_size() <= MEMORY_LIMIT_BYTES:
             return torch.empty((total, hidden.shape[-1]), dtype=hidden.dtype)
-        folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="hf_fastif_trunk_"))
-        folder.mkdir(parents=True, exist_ok=True)
-        self._tmp = folder if directory is None else None
-        path = folder / f"trunk-{self.key[:24]}.bin"
+        try:
+            folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="hf_fastif_trunk_"))
+            folder.mkdir(parents=True, exist_ok=True)
+            # a file of its own: the caches of one model (train, test, candidates) share the trunk's fingerprint,
+            # and two of them under one name overwrote each other's states
+            handle, name = tempfile.mkstemp(prefix="trunk-", suffix=".bin", dir=folder)
+            os.close(handle)
+        except OSError as err:
+            raise OSError(f"Trunk states of {size * hidden.element_size() / 1e9:.2f} GB go to a memory-mapped file, "
+                          f"and {directory or 'a temporary folder'} cannot hold one ({err}): set "
+                          "influence_cache_dir to a writable folder, or influence_trunk_cache=False.") from err
+        self._tmp = folder if directory is None else Path(name)
         logger.info(f"Trunk states: {size * hidden.element_size() / 1e9:.2f} GB, above the "
-                    f"{MEMORY_LIMIT_BYTES / 1e9:.1f} GB memory limit: memory-mapped at {path}.")
-        return torch.from_file(str(path), shared=True, size=size, dtype=hidden.dtype).view(total, hidden.shape[-1])
+                    f"{MEMORY_LIMIT_BYTES / 1e9:.1f} GB memory limit: memory-mapped at {name}.")
+        return torch.from_file(name, shared=True, size=size, dtype=hidden.dtype).view(total, hidden.shape[-1])
 
     def hidden(self, rows: Sequence[int], batch: dict) -> torch.Tensor:
         """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``; ``(b·c, s, h)`` for
@@ -400,10 +409,14 @@ class TrunkCache:
         return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
 
     def close(self) -> None:
-        """Release the states (and delete the temporary memory-mapped file, if any)."""
+        """Release the states and delete the memory-mapped file, if any (with its temporary folder; in
+        ``influence_cache_dir`` the file only)."""
         self.flat = None
         if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            if self._tmp.is_dir():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            else:
+                self._tmp.unlink(missing_ok=True)
             self._tmp = None
 
     def __del__(self):
