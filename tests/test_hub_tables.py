@@ -50,6 +50,13 @@ api = HfApi(token=token)
 api.create_repo("test-user/plain", repo_type="dataset")
 api.upload_file(path_or_fileobj=b"a,b\\n1,2\\n", path_in_repo="data.csv", repo_id="test-user/plain",
                 repo_type="dataset")
+refused = {}
+for name, target, kwargs in (("plain", "test-user/plain", {}), ("no_branch", repo, {"revision": "no-such-branch"})):
+    try:
+        InfluenceTable.load(v1).push_to_hub(target, token=token, **kwargs)
+        refused[name] = None
+    except Exception as err:
+        refused[name] = f"{type(err).__name__}: {err}"
 InfluenceTable.load(v1).push_to_hub("test-user/private", token=token, private=True)
 api.create_repo("test-user/corrupt", repo_type="dataset")
 api.upload_folder(folder_path=corrupt, repo_id="test-user/corrupt", repo_type="dataset")
@@ -58,7 +65,7 @@ try:
     wrong = None
 except Exception as err:
     wrong = f"{type(err).__name__}: {err}"
-print(json.dumps({"first": first, "second": second, "wrong_token": wrong}))
+print(json.dumps({"first": first, "second": second, "wrong_token": wrong, "refused": refused}))
 """
 
 PULL = """
@@ -127,6 +134,12 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert card.data.influence["lambda"] == 5.0 and card.data.influence["settings"]["influence_solver"] == "lissa"
     assert card.data.influence["model"] == "tiny-bert" and card.data.influence["model_revision"] == "abc123"
     assert f'InfluenceTable.from_hub("{REPO}")' in card.text and f'load_dataset("{REPO}"' in card.text
+    # a repo of other files is refused and left as it was (a push replaces data/*.parquet and README.md), and so is
+    # a branch that does not exist, with the fix named
+    refused = pushed["refused"]
+    assert refused["plain"].startswith("InfluenceTableError") and "holds files but no influence table" in refused["plain"]
+    assert sorted(hub_server.files("test-user/plain")) == [".gitattributes", "data.csv"]
+    assert refused["no_branch"].startswith("InfluenceTableError") and "create_branch" in refused["no_branch"]
     # a wrong token is refused with a clear error that does not repeat it
     assert pushed["wrong_token"].startswith("InfluenceTableError") and "token" in pushed["wrong_token"]
     assert "hf_wrong_secret_0123456789" not in pushed["wrong_token"]

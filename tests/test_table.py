@@ -49,6 +49,29 @@ def test_save_load_round_trip_with_shards_and_text(tmp_path):
     assert card.startswith("---\nlicense: apache-2.0") and "path: data/*.parquet" in card
 
 
+def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path):
+    """Saving replaces ``data/*.parquet`` and ``README.md``: a saved dataset's folder (its parquet files, its card)
+    lost them without a word. Such a folder is refused and left as it was; a table's folder, one whose save was
+    interrupted (the card is there, the metadata is not) and a folder of unrelated files are fine."""
+    table = make_table()
+    plain = tmp_path / "plain"
+    Dataset.from_dict({"a": [1, 2]}).to_parquet(str(plain / "data" / "validation-00000-of-00001.parquet"))
+    (plain / "README.md").write_text("# my dataset\n")
+    before = {p: p.read_bytes() for p in plain.rglob("*") if p.is_file()}
+    with pytest.raises(InfluenceTableError, match="not an influence table's .*validation-00000-of-00001.parquet"):
+        table.save(plain)
+    assert {p: p.read_bytes() for p in plain.rglob("*") if p.is_file()} == before
+    table.save(tmp_path / "t", shard_rows=40)
+    make_table(seed=1).save(tmp_path / "t", shard_rows=40)  # a table over a table: its shards replaced
+    (tmp_path / "t" / "influence_metadata.json").unlink()  # as if that save had been interrupted
+    table.save(tmp_path / "t")
+    assert InfluenceTable.load(tmp_path / "t").to_pandas().equals(table.to_pandas())
+    (tmp_path / "other" / "notes.txt").parent.mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("kept")
+    table.save(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "kept"
+
+
 def test_add_text_refuses_data_the_table_was_not_computed_on(tmp_path, pad_collator):
     """train_id indexes the candidate rows and test_id the test rows: a dataset of another row count than the
     metadata records, or one it knows (by fingerprint) as another of the table's datasets, is refused."""

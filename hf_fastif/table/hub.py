@@ -73,6 +73,7 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        _check_repo_holds_a_table(api, url.repo_id, revision)
         with tempfile.TemporaryDirectory() as tmp:
             table.save(tmp, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
             info = api.upload_folder(repo_id=url.repo_id, repo_type="dataset", folder_path=tmp,
@@ -89,6 +90,23 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
                                   "the table on disk is unchanged.") from err
     logger.info(f"Pushed {len(table)} influence rows to {url.repo_id} (commit {info.oid}).")
     return info.oid
+
+
+def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) -> None:
+    """Refuse a repo (at ``revision``) that holds files but no influence table: a push replaces its
+    ``data/*.parquet`` and ``README.md`` (a plain dataset's own files); and a branch that does not exist."""
+    try:
+        files = api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+    except RevisionNotFoundError as err:
+        raise InfluenceTableError(f"Branch {revision!r} does not exist in dataset repo {repo_id!r}: create it first "
+                                  f"(HfApi().create_branch({repo_id!r}, branch={revision!r}, repo_type='dataset')) "
+                                  "or push without revision.") from err
+    others = [f for f in files if f != ".gitattributes"]
+    if others and METADATA_FILE not in files:
+        raise InfluenceTableError(
+            f"Dataset repo {repo_id!r} holds files but no influence table ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}; no {METADATA_FILE}): a push would replace its {DATA_DIR}/*.parquet "
+            f"and {CARD_FILE}. Push to a new repo, or to one an influence table was pushed to.")
 
 
 def download_table(repo_id: str, *, revision: str | None = None, token: str | None = None,

@@ -305,6 +305,25 @@ class ShardReader:
 
 
 # ---- incremental writing ------------------------------------------------------------------------------------
+def _check_folder_holds_a_table(directory: Path) -> None:
+    """Refuse a folder whose ``data/*.parquet`` or ``README.md`` are not an influence table's (a saved dataset's
+    own files): closing a writer replaces them. A table's folder (its metadata, or only its card: a save that was
+    interrupted) and a new or empty one are fine; other files are left alone."""
+    if (directory / METADATA_FILE).exists():
+        return
+    card = directory / CARD_FILE
+    if card.is_file() and "hf_fastif" in card.read_text(errors="replace"):
+        return  # this library's card without the metadata: a save of a table that was interrupted
+    data = directory / DATA_DIR
+    foreign = [p for p in data.glob("*.parquet") if not p.name.startswith(".partial-")] if data.is_dir() else []
+    foreign += [card] if card.exists() else []
+    if foreign:
+        names = ", ".join(str(p.relative_to(directory)) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InfluenceTableError(
+            f"{directory} holds files that are not an influence table's ({names}; no {METADATA_FILE}): saving "
+            "there would replace them. Save to a new or empty folder, or to one an influence table was saved in.")
+
+
 class InfluenceTableWriter:
     """Write an influence table incrementally: rows are appended as they are computed and shards are closed
     as they fill, so a table never has to fit in memory. ``close()`` writes the metadata and card and
@@ -336,6 +355,7 @@ class InfluenceTableWriter:
         self._writer: pq.ParquetWriter | None = None
         self._shard_filled = 0
         self._closed = False
+        _check_folder_holds_a_table(self.directory)
         (self.directory / DATA_DIR).mkdir(parents=True, exist_ok=True)
         self._tag = f"{os.getpid()}-{os.urandom(4).hex()}"
 
