@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import random
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -213,6 +215,29 @@ def decoder_inputs_from_labels(model: nn.Module) -> Callable[[torch.Tensor], tor
     return refuse
 
 
+@contextlib.contextmanager
+def _saved_random_states() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's global random states afterwards."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):  # values without a plain equality: not compared
+        return True
+
+
 class Batcher:
     """Collates rows of a dataset by position and moves them to ``device``.
 
@@ -240,6 +265,23 @@ class Batcher:
                              "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)), or pass a "
                              "loss_fn(outputs, batch) that reads the targets your model takes (question answering: "
                              "start_positions / end_positions).")
+
+    def check_deterministic(self, name: str, rows: int = 4) -> None:
+        """Collate the first rows twice and refuse a collator that gives different batches: every row's loss must
+        be the same function each time it is read (LiSSA reads rows many times, the trunk cache once), and a
+        random one (``DataCollatorForLanguageModeling(mlm=True)`` masks at random) gave a different table on every
+        call, without an error. The global random states are left as they were."""
+        positions = range(min(rows, len(self)))
+        with _saved_random_states():
+            first, second = self.batch(positions, trunk=False), self.batch(positions, trunk=False)
+        differ = sorted(k for k in first.keys() | second.keys() if not _same_value(first.get(k), second.get(k)))
+        if differ:
+            raise ValueError(
+                f"The data collator gives different batches for the same rows of {name} (in {', '.join(differ)}): it "
+                "draws at random, as DataCollatorForLanguageModeling(mlm=True) does when it masks tokens. Influence "
+                "needs each row's loss to be the same every time it is read: mask once (dataset.map with the "
+                "collator, storing input_ids and labels) and collate with a deterministic collator "
+                "(DataCollatorWithPadding, or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
 
     def subset(self, positions: Sequence[int]) -> Batcher:
         """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""

@@ -489,6 +489,8 @@ class InfluenceEngine:
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
                                                                          self.data_collator, device,
                                                                          decoder_inputs=decoder)
+        for batcher, name in ((train, "train_dataset"), (test, "test_dataset")):
+            batcher.check_deterministic(name)
         if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
             for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
                 batcher.check_labels(name)

@@ -256,3 +256,23 @@ def test_a_loss_that_is_nan_when_padded_is_named_as_such():
     args = default_arguments(**FAST | {"influence_params": [r"^score\."]})
     with pytest.raises(ValueError, match=r"is not finite padded next to row .*pad on the right"):
         compute_influences(model, train, test, args, data_collator=with_positions)
+
+
+def test_a_collator_that_draws_at_random_is_refused(pad_collator):
+    """DataCollatorForLanguageModeling(mlm=True) masks other tokens every time it collates a row: two identical
+    calls gave tables that differed by more than their largest value, with a trunk warning at most. Refused before
+    any work, naming the fix; the global random state is left as it was."""
+    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
+
+    tokenizer = pad_collator.tokenizer
+    tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=32)).double().eval()
+    train = make_token_dataset(8, seed=0, min_len=8, max_len=8).remove_columns("labels")
+    masking = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.3)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="draws at random.*mask once"):
+        compute_influences(model, train, train.select([0]), default_arguments(**(FAST | {"influence_params": [r"cls\."]})),
+                           data_collator=masking)
+    assert torch.equal(torch.get_rng_state(), state)
