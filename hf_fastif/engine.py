@@ -185,9 +185,15 @@ class InfluenceEngine:
         """
         call = self._start(train_dataset, test_dataset, candidate_dataset, combine)
         with influence_mode(self.model, call.names):
-            s_test = self._prepare_s_test(call)
-            with call.timer("candidates"):
-                queries = self._candidates(call, s_test)
+            self._prepare(call)
+            queries = None
+            if not self._candidates_read_s_test(call):  # first: a bad feature or index setting fails before s_test
+                with call.timer("candidates"):
+                    queries = self._candidates(call, None)
+            s_test = self._s_test_of(call)
+            if queries is None:
+                with call.timer("candidates"):
+                    queries = self._candidates(call, s_test)
             with call.timer("scoring"):
                 pair_tests, pair_rows, values = self._scores(call, queries, s_test)
             if self.args.influence_measure_recall and call.k is not None:
@@ -252,10 +258,23 @@ class InfluenceEngine:
         return out
 
     def _prepare_s_test(self, call: _Call) -> torch.Tensor:
+        self._prepare(call)
+        return self._s_test_of(call)
+
+    def _prepare(self, call: _Call) -> None:
+        """The padding probe, the trunk caches and the read position: what every later stage runs on."""
         self._check_padding(call)
         with call.timer("trunk"):
             self._attach_trunks(call)
             self._attach_readout(call)
+
+    def _candidates_read_s_test(self, call: _Call) -> bool:
+        """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
+        a random sample or every row do not, and are found before s_test."""
+        method = self.features or self.args.influence_knn_features
+        return call.k is not None and isinstance(method, str) and method == "gradient"
+
+    def _s_test_of(self, call: _Call) -> torch.Tensor:
         with call.timer("test_gradients"):
             v = self._test_gradients(call)
         bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())

@@ -108,9 +108,16 @@ def build_index(features: np.ndarray, factory: str = "Flat") -> Dataset:
     train_size = None if factory == "Flat" else features.shape[0]
     # faiss-gpu when it is installed and this process has a GPU; faiss-cpu otherwise
     device = torch.cuda.current_device() if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() else None
-    with quiet_datasets():
-        ids.add_faiss_index_from_external_arrays(features, index_name=INDEX_NAME, string_factory=factory,
-                                                 metric_type=faiss.METRIC_L2, train_size=train_size, device=device)
+    try:
+        with quiet_datasets():
+            ids.add_faiss_index_from_external_arrays(features, index_name=INDEX_NAME, string_factory=factory,
+                                                     metric_type=faiss.METRIC_L2, train_size=train_size, device=device)
+    except RuntimeError as err:  # faiss: an unknown factory string, or too few rows to train the index
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"influence_knn_index={factory!r} could not be built over {features.shape[0]} rows of "
+                         f"{features.shape[1]} features ({first}). Use a faiss index factory string whose training "
+                         "needs no more rows than there are (an IVF index needs at least as many rows as lists), "
+                         "or 'Flat' (exact).") from err
     return ids
 
 

@@ -276,3 +276,24 @@ def test_a_collator_that_draws_at_random_is_refused(pad_collator):
         compute_influences(model, train, train.select([0]), default_arguments(**(FAST | {"influence_params": [r"cls\."]})),
                            data_collator=masking)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"influence_knn_features": "pooler"}, "has no pooler output"),
+    ({"influence_knn_index": "Foo"}, "influence_knn_index='Foo' could not be built over 20 rows"),
+    ({"influence_knn_index": "IVF64,Flat"}, "an IVF index needs at least as many rows as lists"),
+])
+def test_candidate_settings_are_refused_before_s_test(settings, match, pad_collator, monkeypatch):
+    """kNN candidates over model features do not read s_test, so they are found first: a feature or index setting
+    that cannot work used to fail only after s_test had been computed (6 s of a 6.2 s call), with faiss's own
+    message for an index string."""
+    from hf_fastif.engine import InfluenceEngine
+
+    def s_test_ran(self, call):
+        raise AssertionError("s_test was computed before the candidates")
+
+    monkeypatch.setattr(InfluenceEngine, "_s_test_of", s_test_ran)
+    args = default_arguments(**(FAST | {"influence_knn_k": 3, "influence_params": [r"score\."]} | settings))
+    with pytest.raises(ValueError, match=match):
+        compute_influences(tiny_model("gpt2"), make_token_dataset(20, seed=0), make_token_dataset(2, seed=1), args,
+                           data_collator=pad_collator)
