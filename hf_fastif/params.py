@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # The paper's selection for bert-base: layers 10-11, the pooler and the classifier (14.7M parameters).
 PAPER_BERT_PARAMS = [r"encoder\.layer\.(10|11)\.", r"pooler\.", r"classifier\."]
@@ -41,6 +44,11 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
                 f"influence_params={list(patterns)} matches no parameter of {type(model).__name__}. "
                 f"Parameter names look like: {sample}, ... (regexes are searched, e.g. r'classifier\\.')."
             )
+        unmatched = [p for p, r in zip(patterns, regexes) if not any(r.search(n) for n, _ in named)]
+        if unmatched:  # a pattern list written for several architectures may miss a part (RoBERTa has no pooler)
+            logger.warning_once(
+                f"influence_params {unmatched} match no parameter of {type(model).__name__}; the other patterns "
+                f"select {len(chosen)} parameter tensors. Check them for a typo (names look like {chosen[0][0]}).")
     return {n: p.detach() for n, p in chosen}
 
 

@@ -80,6 +80,23 @@ def test_params_matching_nothing(setup, pad_collator):
                            data_collator=pad_collator)
 
 
+def test_a_pattern_matching_nothing_next_to_others_is_named(pad_collator, caplog):
+    """A typo in one of several patterns ran silently on what the others select (a warning, not a refusal: a list
+    written for several architectures may miss a part on one of them, as the paper's `pooler` on RoBERTa)."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_fastif.params import select_parameters
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            chosen = select_parameters(tiny_model("bert"), [r"classifier\.", r"encoder\.layers\.1\."])
+    finally:
+        hf_logging.disable_propagation()
+    assert list(chosen) == ["classifier.weight", "classifier.bias"]
+    assert r"['encoder\\.layers\\.1\\.'] match no parameter of BertForSequenceClassification" in caplog.text
+
+
 @pytest.mark.parametrize(
     "field,value,match",
     [("influence_solver", "newton", "use one of lissa, cg, exact"),
