@@ -104,6 +104,19 @@ at the paper's scale (4,000 draws over 392,702 rows), where few recur. The colla
 as the trunk cache takes it."""
 
 
+def _collator_settings(collator) -> tuple:
+    """The plain settings of a collator and of its tokenizer (padding side, pad id, lengths...): checked on every
+    call, cheaply, so that one changed in place since the engine took the collator gets a new fingerprint (the
+    whole fingerprint reads the tokenizer's vocabulary)."""
+    def plain(obj) -> tuple:
+        values = getattr(obj, "__dict__", {})
+        return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items()
+                                                if isinstance(v, (str, int, float, bool, type(None)))))
+
+    tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
+    return plain(collator), plain(tokenizer), getattr(tokenizer, "pad_token_id", None)
+
+
 @dataclass
 class _Call:
     """The state of one `InfluenceEngine.compute_influences` call."""
@@ -154,6 +167,7 @@ class InfluenceEngine:
         self._functions = {"collator": callable_fingerprint(data_collator), "loss": callable_fingerprint(loss_fn),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
+        self._collator_settings = _collator_settings(data_collator)
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
@@ -467,6 +481,10 @@ class InfluenceEngine:
         methods a recall measurement will use (instead of the settings' own k and method)."""
         args, model = self.args, self.model
         validate_influence_settings(args)
+        settings = _collator_settings(self.data_collator)
+        if settings != self._collator_settings:  # changed since (padding side, pad id, ...): every cache keyed on it
+            self._functions["collator"] = callable_fingerprint(self.data_collator)  # (34 ms on MiniLM's: not per call)
+            self._collator_settings = settings
         if combine not in COMBINE:
             raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
         candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset

@@ -14,7 +14,7 @@ from datasets import Dataset
 from torch import nn
 from torch.func import functional_call
 
-from hf_fastif import InfluenceArguments, InfluenceTrainer, compute_influences
+from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer, compute_influences
 from hf_fastif.batches import model_input_columns
 from hf_fastif.influence import default_arguments
 from hf_fastif.loss import make_default_loss
@@ -302,6 +302,14 @@ def test_left_padding_that_changes_a_rows_output_is_refused(pad_collator):
         compute_influences(model, train, test, args, data_collator=left)
     table = compute_influences(model, train, test, args, data_collator=pad_collator)
     assert np.isfinite(influence_values(table)).all()
+    # the same refusal from an engine that took the collator before its tokenizer was switched to left padding:
+    # every check and cache it keys on the collator used to go on with the fingerprint taken at its creation
+    with InfluenceEngine(model, args, data_collator=left) as engine:
+        left.tokenizer.padding_side = "right"
+        engine.compute_influences(train, test)
+        left.tokenizer.padding_side = "left"
+        with pytest.raises(ValueError, match=r"changes when it is padded next to row"):
+            engine.compute_influences(train, test)
 
 
 def test_half_precision_with_the_trunk_cache_gives_finite_influence(pad_collator):
