@@ -99,6 +99,11 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
         if ids is not None and _is_list(ids.type):
             flat, token_rows, lengths, sequence_rows = _sequences(ids)
+            if len(flat) and flat.min() < 0:
+                first = int(np.argmax(flat < 0))
+                raise ValueError(f"{name} row {start + token_rows[first]} has token id {flat[first]}: token ids index "
+                                 "the model's input embeddings and cannot be negative (a -100 meant for labels in "
+                                 "input_ids?). Tokenize the rows with the model's tokenizer.")
             if vocab is not None and len(flat) and flat.max() >= vocab:
                 first = int(np.argmax(flat >= vocab))
                 raise ValueError(f"{name} row {start + token_rows[first]} has token id {flat[first]}, but the model's "

@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hf-fastif show ... | head`
         sys.stdout = open(os.devnull, "w")  # python would complain when flushing at exit otherwise
         return 0
-    except (InfluenceTableError, ValueError, KeyError, FileNotFoundError) as err:
-        print(f"hf-fastif {ns.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (InfluenceTableError, ValueError, KeyError, OSError) as err:  # OSError: also a path from_pretrained cannot read
+        message = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else err  # (KeyError quotes)
+        print(f"hf-fastif {ns.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -481,6 +481,11 @@ class InfluenceEngine:
         methods a recall measurement will use (instead of the settings' own k and method)."""
         args, model = self.args, self.model
         validate_influence_settings(args)
+        meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"The model's parameter {meta!r} is on the 'meta' device: its weights were never loaded "
+                             "(a model built under init_empty_weights / device_map='meta'). Load the weights "
+                             "(from_pretrained without it, or model.to_empty(device=...) and load_state_dict) first.")
         settings = _collator_settings(self.data_collator)
         if settings != self._collator_settings:  # changed since (padding side, pad id, ...): every cache keyed on it
             self._functions["collator"] = callable_fingerprint(self.data_collator)  # (34 ms on MiniLM's: not per call)

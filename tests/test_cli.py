@@ -49,7 +49,7 @@ def test_build_embedded_default_then_show(built: Path, capsys) -> None:
     assert len([line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]) == 30
 
 
-def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path) -> None:
+def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path, capsys) -> None:
     from hf_fastif.data import generate_nli
 
     raw = generate_nli(seed=0, n_train=300, n_hans_per_subcase=1, n_pool_per_subcase=0)  # the model's data
@@ -69,6 +69,12 @@ def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     table.check_model(AutoModelForSequenceClassification.from_pretrained(built / "model"))
+    # a model folder that does not exist: one line, not from_pretrained's traceback
+    args[args.index("--model_name_or_path") + 1] = str(tmp_path / "no-such-model")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hf-fastif build: error:") and "no-such-model" in err[-1] and "Traceback" not in err[0]
 
 
 def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> None:

@@ -197,6 +197,8 @@ def _with(dataset: Dataset, row: int, **values) -> Dataset:
      rf"test_dataset row 3 has token id {VOCAB + 3}, but the model's input embeddings hold {VOCAB} tokens"),
     ("test", dict(input_ids=[1, 5, 6], attention_mask=[1, 1, 1], token_type_ids=[0, 1, 2]),
      r"test_dataset row 3 has token type 2, but the model has 2 \(config.type_vocab_size\)"),
+    ("train", dict(input_ids=[1, -100, 5], attention_mask=[1, 1, 1]),
+     r"train_dataset row 3 has token id -100: token ids .* cannot be negative"),
     ("train", dict(input_ids=[1] * 35, attention_mask=[1] * 35),
      r"train_dataset row 3 has a sequence of 35 tokens, more than the model's 32 positions.*max_length=32"),
 ])
@@ -314,3 +316,15 @@ def test_candidate_settings_are_refused_before_s_test(settings, match, pad_colla
     with pytest.raises(ValueError, match=match):
         compute_influences(tiny_model("gpt2"), make_token_dataset(20, seed=0), make_token_dataset(2, seed=1), args,
                            data_collator=pad_collator)
+
+
+def test_a_model_whose_weights_were_never_loaded_is_named(setup, pad_collator):
+    """Weights on the 'meta' device (built under init_empty_weights) failed with 'Cannot copy out of meta tensor'
+    while the model was fingerprinted."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, train, test = setup
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(tiny_model("bert").config)
+    with pytest.raises(ValueError, match="on the 'meta' device: its weights were never loaded"):
+        compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator)
