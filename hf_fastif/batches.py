@@ -94,6 +94,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     classes = _class_count(model) if default_loss else None
+    labelled = False  # whether any row has a target the loss reads (not -100)
     for start in range(0, len(dataset), 65536):
         chunk = arrow[start : start + 65536]
         ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
@@ -128,6 +129,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         values = chunk.column(label)
         if pa.types.is_integer(values.type):
             labels = values.to_numpy(zero_copy_only=False)
+            labelled = labelled or bool((labels != -100).any())
             if classes is not None:
                 bad = np.flatnonzero(((labels < 0) | (labels >= classes)) & (labels != -100))
                 if len(bad):
@@ -138,15 +140,22 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 row = start + int(np.flatnonzero(labels == -100)[0])
                 raise ValueError(f"{name} row {row} is labelled -100 (ignored): its loss is 0, so every influence on "
                                  "it would be 0. Drop the rows without a label, or give them one.")
-        elif needs_target and _is_list(values.type):
+        elif _is_list(values.type):
             lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
             kept = np.bincount(np.repeat(np.arange(len(values)), lengths),
                                weights=(pc.list_flatten(values).to_numpy(zero_copy_only=False) != -100),
                                minlength=len(values))
-            if (kept == 0).any():
+            labelled = labelled or bool((kept > 0).any())
+            if needs_target and (kept == 0).any():
                 row = start + int(np.flatnonzero(kept == 0)[0])
                 raise ValueError(f"{name} row {row} has every label at -100 (ignored): its loss is 0, so every "
                                  "influence on it would be 0. Drop it, or label at least one of its tokens.")
+        else:
+            labelled = True  # floats (regression, multi-label): every row has a target
+    if label is not None and default_loss and len(dataset) and not labelled:
+        raise ValueError(f"Every row of {name} is labelled -100 (ignored): every row's loss is 0, so the table would "
+                         "hold only zeros. Label the rows (for a causal LM: labels = input_ids, or "
+                         "DataCollatorForLanguageModeling(mlm=False) without a stored labels column).")
 
 
 def _sequences(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

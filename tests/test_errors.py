@@ -328,3 +328,22 @@ def test_a_model_whose_weights_were_never_loaded_is_named(setup, pad_collator):
         model = AutoModelForSequenceClassification.from_config(tiny_model("bert").config)
     with pytest.raises(ValueError, match="on the 'meta' device: its weights were never loaded"):
         compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator)
+
+
+def test_a_dataset_without_any_label_is_refused(setup, pad_collator):
+    """Every training label -100: every loss 0, and the table came back all zeros without a word. Rows of
+    class ids and of token labels alike; some unlabelled rows are fine (they take no part, as in training)."""
+    model, train, test = setup
+    args = default_arguments(**FAST)
+    unlabelled = train.map(lambda r: {"labels": -100})
+    with pytest.raises(ValueError, match="Every row of train_dataset is labelled -100"):
+        compute_influences(model, unlabelled, test, args, data_collator=pad_collator)
+    some = train.map(lambda r, i: {"labels": -100 if i % 2 else r["labels"]}, with_indices=True)
+    table = compute_influences(model, some, test, args, data_collator=pad_collator)
+    values = table.to_pandas()
+    assert (values[values.train_id % 2 == 1].influence == 0).all() and (values.influence != 0).any()
+    from hf_fastif.batches import check_values
+
+    tokens = train.map(lambda r: {"labels": [-100] * len(r["input_ids"])})
+    with pytest.raises(ValueError, match="Every row of d is labelled -100"):
+        check_values(tokens, tokens.column_names, "d", tiny_model("gpt2-lm"))
