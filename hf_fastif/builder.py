@@ -169,8 +169,9 @@ def _check_or_write_manifest(out: Path, signature: dict) -> None:
         if previous != signature:
             values = "; ".join(f"{key}: {to_json(old)} in the manifest, {to_json(new)} now"
                                for key, old, new in _differences(previous, signature))
-            raise ValueError(f"{out} holds another build ({values}); results would be mixed. Use a new output_dir, "
-                             "or delete this one to start over.")
+            raise ValueError(f"{out} holds another build ({values}); results would be mixed. To resume that build, "
+                             "run it with the manifest's values. Use a new output_dir otherwise, or delete this one "
+                             "to start over.")
     elif D.is_main_process():
         (out / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(manifest, to_json({"signature": signature}, indent=2))
