@@ -110,6 +110,7 @@ class InfluenceGraphResult:
     table: InfluenceTable
     settings: dict
     raw_train: Dataset | None = None
+    tests: Dataset | None = None  # the sampled test points, in test_id order (rows ``hans_test_rows`` of hans_test)
 
     def summary(self) -> dict:
         """Per heuristic and edge kind: test points, edges, distinct training rows, rows shared with other
@@ -202,9 +203,13 @@ class InfluenceGraphResult:
 
 
     def save_files(self, directory: str | Path) -> list[Path]:
-        """The influence table behind the graph (with the training rows' text), as ``<directory>/influence_table``."""
+        """The influence table behind the graph, as ``<directory>/influence_table``, with the training rows' text
+        and the test points' (heuristic, subcase, and their text where the rows carry it). ``test_id`` is the
+        test point's position in the sample; its row of ``hans_test`` is in the metadata (``test_data``
+        ``hans_test_rows``) and on the graph's test nodes (``row``)."""
         path = Path(directory) / "influence_table"
-        save_with_text(self.table, path, train=None if self.raw_train is None else TextSource(self.raw_train))
+        save_with_text(self.table, path, train=None if self.raw_train is None else TextSource(self.raw_train),
+                       test=None if self.tests is None else TextSource(self.tests))
         return [path]
 
 
@@ -244,10 +249,11 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
             info |= {c: row[c] for c in columns}
         return info
 
+    table.metadata["test_data"] = (table.metadata.get("test_data") or {}) | {"hans_test_rows": [int(r) for r in rows]}
     graph = influence_graph(table, test_info, train_info, protocol.edges_per_test_point)
     settings = {"test_points_per_heuristic": protocol.test_points_per_heuristic,
                 "edges_per_test_point": protocol.edges_per_test_point,
                 "heuristics": sorted(set(t["heuristic"] for t in test_info), key=lambda h: (h not in HANS_HEURISTICS,
                                      HANS_HEURISTICS.index(h) if h in HANS_HEURISTICS else 0, h)),
                 "num_test_points": len(tests), "seed": args.seed, "influence": args.influence_settings()}
-    return InfluenceGraphResult(graph=graph, table=table, settings=settings, raw_train=data.raw_train)
+    return InfluenceGraphResult(graph=graph, table=table, settings=settings, raw_train=data.raw_train, tests=tests)

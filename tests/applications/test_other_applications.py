@@ -146,3 +146,11 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
     (path,) = result.save_files(tmp_path)
     saved = InfluenceTable.load(path)
     assert len(saved) == len(result.table) and "train_premise" in saved.column_names
+    # test_id is the test point's position in the sample: the saved table says which HANS row and heuristic it is
+    rows = saved.metadata["test_data"]["hans_test_rows"]
+    frame = saved.to_pandas()
+    for node, info in result.graph.nodes(data=True):
+        if info["side"] == "test":
+            test_id = int(node.split(":")[1])
+            assert rows[test_id] == info["row"]
+            assert set(frame[frame.test_id == test_id].test_heuristic) == {info["heuristic"]}
