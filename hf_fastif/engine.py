@@ -55,7 +55,7 @@ from .solvers import (
     extreme_eigenvalues,
     low_rank_hessian,
     solve_cg,
-    solve_exact,
+    solve_decomposed,
     solve_lissa,
     suggest_scale,
 )
@@ -178,6 +178,7 @@ class InfluenceEngine:
         self._padding_checked: set[tuple] = set()
         self._values_checked: set[tuple] = set()  # (weights, dataset, ...) whose stored values passed `check_values`
         self._low_rank: tuple[tuple, tuple] | None = None
+        self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
         self._prepared_solve: tuple[tuple, LowRankSolve] | None = None  # (low-rank key, λ) -> its solve
         self._saved_gradient_index: tuple | None = None  # (key, path, dtype) from load_caches, read on first use
         self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
@@ -464,7 +465,7 @@ class InfluenceEngine:
             cache.close()
         self._trunks.clear()
         self._split = self._readout = None
-        self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = None
+        self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = self._exact = None
         self._saved_gradient_index = None
         self._curvature.clear()
         self._from_disk.clear()
@@ -715,9 +716,14 @@ class InfluenceEngine:
         args, lam = self.args, self.args.influence_lambda
         solver = args.influence_solver
         if solver == "exact":
-            hessian = build_hessian(self._full_hvp(call, call.train), v.shape[1], dtype=call.work_dtype,
-                                    device=v.device)
-            s_test, info = solve_exact(hessian, v, lam)
+            key = self._curvature_key(call, "exact")
+            if self._exact is None or self._exact[0] != key:  # the Hessian, once per weights / data / loss
+                self._exact = None  # the old one freed first: p² floats
+                hessian = build_hessian(self._full_hvp(call, call.train), v.shape[1], dtype=call.work_dtype,
+                                        device=v.device, progress=call.progress)
+                self._exact = (key, *torch.linalg.eigh(hessian.double()))
+                del hessian
+            s_test, info = solve_decomposed(self._exact[1], self._exact[2], v, lam)
         elif solver == "cg":
             s_test, info = solve_cg(self._full_hvp(call, call.train), v, lam,
                                     max_iterations=args.influence_cg_max_iterations, tol=args.influence_cg_tol,

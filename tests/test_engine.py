@@ -1,6 +1,8 @@
 """The engine's caches are keyed on content and owned by the engine: never stale, and reused when nothing they
 depend on changed. The trunk cache changes no number."""
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -162,6 +164,31 @@ def test_the_trunk_states_are_computed_once_per_engine(data, pad_collator, monke
         model.bert.encoder.layer[0].output.dense.weight.mul_(1.01)
     engine.compute_influences(train, test)
     assert built[3:] == [len(train), len(test)]
+
+
+def test_the_exact_hessian_is_built_once_per_weights(data, pad_collator, monkeypatch):
+    """'exact' built its p x p Hessian (p Hessian-vector products over every training row) on every call; an
+    engine now keeps its eigendecomposition for the same weights, data and loss, and builds it again when the
+    weights change. The numbers equal a fresh engine's."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = data
+    model = copy.deepcopy(model)
+    built, real = [], engine_module.build_hessian
+    monkeypatch.setattr(engine_module, "build_hessian", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    args = default_arguments(**BASE | dict(influence_solver="exact", influence_knn_k=None,
+                                           influence_params=[r"pooler\.", r"classifier\."]))
+    other = make_token_dataset(2, seed=7)
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+        engine.compute_influences(train, test)
+        second = engine.compute_influences(train, other)
+        assert len(built) == 1
+        fresh = compute_influences(model, train, other, args, data_collator=pad_collator)
+        np.testing.assert_allclose(second.to_pandas().influence, fresh.to_pandas().influence, rtol=1e-10)
+        with torch.no_grad():
+            model.classifier.weight.add_(0.01)
+        engine.compute_influences(train, test)
+        assert len(built) == 3  # the fresh call's, then the new weights'
 
 
 def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_collator, monkeypatch):

@@ -2,10 +2,10 @@
 
 from .arnoldi import LowRankSolve, low_rank_hessian, solve_low_rank
 from .cg import default_tolerance, solve_cg
-from .exact import build_hessian, solve_exact
+from .exact import build_hessian, solve_decomposed, solve_exact
 from .lanczos import extreme_eigenvalues, lanczos
 from .lissa import GrowthMonitor, LissaDivergenceError, power_iteration, solve_lissa, suggest_scale
 
-__all__ = ["solve_cg", "default_tolerance", "solve_exact", "build_hessian", "solve_lissa", "power_iteration",
+__all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
            "low_rank_hessian", "solve_low_rank", "LowRankSolve"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 MAX_EXACT_PARAMS = 20_000
 
@@ -20,11 +21,12 @@ def check_exact_size(num_params: int) -> None:
 
 
 def build_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, *, dtype: torch.dtype,
-                  device: torch.device | str = "cpu", chunk: int = 512) -> torch.Tensor:
+                  device: torch.device | str = "cpu", chunk: int = 512, progress: bool = False) -> torch.Tensor:
     """The ``(p, p)`` matrix of ``hvp`` (columns from products with identity blocks), symmetrised."""
     check_exact_size(num_params)
     cols = []
-    for start in range(0, num_params, chunk):
+    for start in tqdm(range(0, num_params, chunk), desc=f"Hessian ({num_params} parameters)", disable=not progress,
+                      leave=False):
         stop = min(start + chunk, num_params)
         eye = torch.zeros(stop - start, num_params, dtype=dtype, device=device)
         eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
@@ -39,7 +41,12 @@ def solve_exact(hessian: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[tor
     Raises:
         ValueError: if ``H + λI`` is not positive definite, with the damping that would make it so.
     """
-    evals, evecs = torch.linalg.eigh(hessian.double())  # float64 whatever the model's dtype
+    return solve_decomposed(*torch.linalg.eigh(hessian.double()), v, lam)  # float64 whatever the model's dtype
+
+
+def solve_decomposed(evals: torch.Tensor, evecs: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
+    """`solve_exact` from the Hessian's eigendecomposition (``torch.linalg.eigh``, ascending), kept across calls
+    with the same weights and data."""
     lo, hi = evals[0].item(), evals[-1].item()
     if lo + lam <= 0:
         singular = abs(lo) <= 1e-6 * max(abs(hi), 1e-30)  # zero up to rounding: flat directions, not negative ones
