@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -140,7 +140,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 row = start + int(np.flatnonzero(labels == -100)[0])
                 raise ValueError(f"{name} row {row} is labelled -100 (ignored): its loss is 0, so every influence on "
                                  "it would be 0. Drop the rows without a label, or give them one.")
-        elif _is_list(values.type):
+        elif _is_list(values.type) and pa.types.is_integer(values.type.value_type):  # token labels
             lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
             kept = np.bincount(np.repeat(np.arange(len(values)), lengths),
                                weights=(pc.list_flatten(values).to_numpy(zero_copy_only=False) != -100),
@@ -151,7 +151,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {row} has every label at -100 (ignored): its loss is 0, so every "
                                  "influence on it would be 0. Drop it, or label at least one of its tokens.")
         else:
-            labelled = True  # floats (regression, multi-label): every row has a target
+            labelled = True  # floats (regression, multi-label), nested lists: not -100 class ids
     if label is not None and default_loss and len(dataset) and not labelled:
         raise ValueError(f"Every row of {name} is labelled -100 (ignored): every row's loss is 0, so the table would "
                          "hold only zeros. Label the rows (for a causal LM: labels = input_ids, or "
@@ -215,11 +215,11 @@ def decoder_inputs_from_labels(model: nn.Module) -> Callable[[torch.Tensor], tor
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if callable(prepare):
         return lambda labels: prepare(labels=labels)
+    if not type(model).__name__.endswith("ForConditionalGeneration"):
+        return None  # (T5's classifier has _shift_right too, but its labels are class ids)
     shift = getattr(model, "_shift_right", None)
     if callable(shift):
         return shift
-    if not type(model).__name__.endswith("ForConditionalGeneration"):
-        return None
 
     def refuse(labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(model).__name__} builds its decoder inputs from `labels` inside its forward, which "
@@ -242,13 +242,32 @@ def _saved_random_states() -> Iterator[None]:
 
 
 def _same_value(a, b) -> bool:
+    """Whether two collated values are the same (NaN equal to NaN; containers compared item by item; objects
+    that only compare by identity, or not at all, are not compared)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.is_floating_point() or a.is_complex():
+            return bool(torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+        return bool(torch.equal(a, b))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.array_equal(a, b)
+        try:
+            return bool(np.array_equal(a, b, equal_nan=True))
+        except TypeError:  # object or string arrays have no NaN
+            return bool(np.array_equal(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and a != a and b != b:  # NaN
+        return True
+    if type(a).__eq__ is object.__eq__:  # equality is identity: nothing to compare
+        return True
     try:
-        return type(a) is type(b) and bool(a == b)
-    except (TypeError, ValueError):  # values without a plain equality: not compared
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # values without a plain equality: not compared
         return True
 
 

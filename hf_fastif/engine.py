@@ -491,6 +491,10 @@ class InfluenceEngine:
         if settings != self._collator_settings:  # changed since (padding side, pad id, ...): every cache keyed on it
             self._functions["collator"] = callable_fingerprint(self.data_collator)  # (34 ms on MiniLM's: not per call)
             self._collator_settings = settings
+        # a loss changed in place (a temperature, a closure's value) keys the curvature caches anew (µs each)
+        self._functions |= {"loss": callable_fingerprint(self.loss_fn),
+                            "measurement": callable_fingerprint(self.measurement_fn),
+                            "features": callable_fingerprint(self.features)}
         if combine not in COMBINE:
             raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
         candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset

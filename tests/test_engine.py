@@ -190,6 +190,21 @@ def test_the_exact_hessian_is_built_once_per_weights(data, pad_collator, monkeyp
         engine.compute_influences(train, test)
         assert len(built) == 3  # the fresh call's, then the new weights'
 
+    class Tempered:  # a loss with a setting a user may change between calls
+        temperature = 1.0
+
+        def __call__(self, outputs, batch):
+            return torch.nn.functional.cross_entropy(outputs.logits / self.temperature, batch["labels"],
+                                                     reduction="none")
+
+    loss = Tempered()
+    with InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=loss) as engine:
+        engine.compute_influences(train, test)
+        loss.temperature = 3.0  # changed in place: the cached Hessian was of the old loss (82% off, silently)
+        held = engine.compute_influences(train, test)
+        fresh = InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=loss).compute_influences(train, test)
+        np.testing.assert_allclose(held.to_pandas().influence, fresh.to_pandas().influence, rtol=1e-10)
+
 
 def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_collator, monkeypatch):
     import hf_fastif.engine as engine_module

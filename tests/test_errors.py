@@ -212,7 +212,7 @@ def test_bad_values_are_named_before_any_work(which, edit, match, setup, pad_col
     def no_work(*_):
         raise AssertionError("the check came after the work")
 
-    monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._prepare_s_test", no_work)
+    monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._prepare", no_work)  # the first stage of any work
     with pytest.raises(ValueError, match=match):
         compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator)
 
@@ -347,3 +347,25 @@ def test_a_dataset_without_any_label_is_refused(setup, pad_collator):
     tokens = train.map(lambda r: {"labels": [-100] * len(r["input_ids"])})
     with pytest.raises(ValueError, match="Every row of d is labelled -100"):
         check_values(tokens, tokens.column_names, "d", tiny_model("gpt2-lm"))
+    nested = train.map(lambda r: {"labels": [[0, 1]] * len(r["input_ids"])})  # per-token multi-hot: a loss_fn's
+    check_values(nested, nested.column_names, "d", tiny_model("bert"), default_loss=False)
+
+
+def test_the_collator_probe_compares_values_of_every_kind():
+    """Nested dicts and lists of tensors, NaN, numpy arrays and objects that compare by identity are the same when
+    collated twice by a deterministic collator; a changed value anywhere is not."""
+    import numpy as np
+
+    from hf_fastif.batches import _same_value
+
+    def batch():
+        return {"ids": torch.tensor([[1, 2]]), "target": torch.tensor([float("nan"), 1.0]),
+                "patches": [torch.ones(2, 3), {"x": torch.zeros(1)}], "array": np.array([np.nan, 2.0]),
+                "names": ["a", "b"], "weight": float("nan"), "tag": object()}
+
+    first, second = batch(), batch()
+    assert all(_same_value(first[k], second[k]) for k in first)
+    second["patches"][1]["x"] = torch.ones(1)
+    assert not _same_value(first["patches"], second["patches"])
+    assert not _same_value(torch.tensor([1.0, float("nan")]), torch.tensor([float("nan"), 1.0]))
+    assert not _same_value(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))  # another dtype

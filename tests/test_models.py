@@ -117,6 +117,11 @@ def test_encoder_decoder_heads_that_do_not_read_labels_get_no_decoder_inputs():
     assert decoder_inputs_from_labels(_tiny_bart()) is not None
     assert decoder_inputs_from_labels(_tiny_bart("BartForSequenceClassification")) is None  # labels: class ids
     assert decoder_inputs_from_labels(tiny_model("bert")) is None
+    from transformers import T5Config, T5ForSequenceClassification
+
+    t5 = T5ForSequenceClassification(T5Config(vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                              pad_token_id=0, decoder_start_token_id=0))
+    assert callable(getattr(t5, "_shift_right", None)) and decoder_inputs_from_labels(t5) is None  # class ids
 
 
 def _tiny_t5(prepare: bool, shift: bool):

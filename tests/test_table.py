@@ -2,6 +2,7 @@
 broken tables or another model."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ def test_save_load_round_trip_with_shards_and_text(tmp_path):
     assert card.startswith("---\nlicense: apache-2.0") and "path: data/*.parquet" in card
 
 
-def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path):
+def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, monkeypatch):
     """Saving replaces ``data/*.parquet`` and ``README.md``: a saved dataset's folder (its parquet files, its card)
     lost them without a word. Such a folder is refused and left as it was; a table's folder, one whose save was
     interrupted (the card is there, the metadata is not) and a folder of unrelated files are fine."""
@@ -66,6 +67,25 @@ def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path):
     (tmp_path / "t" / "influence_metadata.json").unlink()  # as if that save had been interrupted
     table.save(tmp_path / "t")
     assert InfluenceTable.load(tmp_path / "t").to_pandas().equals(table.to_pandas())
+    # a first save into a new folder, killed while its shards move into place: a new save there goes through
+    import hf_fastif.table.storage as storage
+
+    moves, replace = [], os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith(".parquet"):
+            if moves:
+                raise KeyboardInterrupt("killed")
+            moves.append(dst)
+        return replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        table.save(tmp_path / "killed", shard_rows=40)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "killed" / "data").glob("train-*.parquet"))) == 1
+    table.save(tmp_path / "killed", shard_rows=40)
+    assert InfluenceTable.load(tmp_path / "killed").to_pandas().equals(table.to_pandas())
     (tmp_path / "other" / "notes.txt").parent.mkdir()
     (tmp_path / "other" / "notes.txt").write_text("kept")
     table.save(tmp_path / "other")

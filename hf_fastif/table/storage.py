@@ -431,6 +431,11 @@ class InfluenceTableWriter:
         self._closed = True
         metadata = complete_metadata(self.metadata | (metadata or {}))
         (self.directory / METADATA_FILE).unlink(missing_ok=True)
+        # the card before any shard moves: a save interrupted from here on leaves this library's card, so the
+        # folder is still known as a table's (`_check_folder_holds_a_table`) and a new save or a resumed build
+        # may replace it
+        dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
+                     columns=self.schema.names).save(str(self.directory / CARD_FILE))
         names = [f"train-{i:05d}-of-{len(self._parts):05d}.parquet" for i in range(len(self._parts))]
         for old in (self.directory / DATA_DIR).glob("*.parquet"):
             if old.name not in names and old not in self._parts:
@@ -441,8 +446,6 @@ class InfluenceTableWriter:
             shards.append(_describe_file(self.directory / DATA_DIR / name))
         storage = {"format": "parquet", "num_rows": self.num_rows, "sorted": self.sorted, "shards": shards,
                    "columns": {f.name: str(f.type) for f in self.schema}}
-        dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
-                     columns=self.schema.names).save(str(self.directory / CARD_FILE))
         write_atomic(self.directory / METADATA_FILE, to_json(metadata | {STORAGE_KEY: storage}, indent=2))
         return InfluenceTable.load(self.directory)
 
