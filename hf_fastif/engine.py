@@ -751,7 +751,7 @@ class InfluenceEngine:
     def _curvature_key(self, call: _Call, *extra) -> tuple:
         return (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train), tuple(call.names),
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
-                self.args.influence_seed, D.world(), *extra)
+                self.args.influence_seed, D.world(), str(call.train.device), *extra)  # (a model moved: rebuilt there)
 
     def _low_rank_solve(self, call: _Call, v: torch.Tensor) -> LowRankSolve:
         """The low-rank solve for this call's λ and L2 term, prepared once per low-rank Hessian and λ (with an L2
