@@ -299,11 +299,13 @@ class Batcher:
                              "loss_fn(outputs, batch) that reads the targets your model takes (question answering: "
                              "start_positions / end_positions).")
 
-    def check_deterministic(self, name: str, rows: int = 4) -> None:
+    def check_collator(self, name: str, model: nn.Module, rows: int = 4) -> None:
         """Collate the first rows twice and refuse a collator that gives different batches: every row's loss must
         be the same function each time it is read (LiSSA reads rows many times, the trunk cache once), and a
         random one (``DataCollatorForLanguageModeling(mlm=True)`` masks at random) gave a different table on every
-        call, without an error. The global random states are left as they were."""
+        call, without an error. The global random states are left as they were. Also refuse one that pads beyond
+        the model's absolute position table (``padding="max_length"``, ``pad_to_multiple_of``): the stored rows fit
+        (`check_values`), and the model's own forward failed with a shape error."""
         positions = range(min(rows, len(self)))
         with _saved_random_states():
             first, second = self.batch(positions, trunk=False), self.batch(positions, trunk=False)
@@ -315,6 +317,12 @@ class Batcher:
                 "needs each row's loss to be the same every time it is read: mask once (dataset.map with the "
                 "collator, storing input_ids and labels) and collate with a deterministic collator "
                 "(DataCollatorWithPadding, or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
+        limit, ids = _position_limit(model), first.get("input_ids")
+        if limit is not None and isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[-1] > limit:
+            raise ValueError(
+                f"The data collator pads the rows of {name} to {ids.shape[-1]} positions, more than the model's "
+                f"{limit} (its absolute position embeddings): collate with padding=True (to the longest row), or "
+                f"max_length / pad_to_multiple_of that keep within {limit}.")
 
     def subset(self, positions: Sequence[int]) -> Batcher:
         """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""

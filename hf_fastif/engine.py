@@ -539,7 +539,7 @@ class InfluenceEngine:
         for batcher, name in ((train, "train_dataset"), (test, "test_dataset")):
             key = (self._functions["collator"], batcher.dataset._fingerprint, len(batcher), name)
             if key not in self._values_checked:  # once per collator and dataset: collates a few rows twice
-                batcher.check_deterministic(name)
+                batcher.check_collator(name, model)
                 self._values_checked.add(key)
         if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
             for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):

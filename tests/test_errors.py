@@ -369,3 +369,14 @@ def test_the_collator_probe_compares_values_of_every_kind():
     assert not _same_value(first["patches"], second["patches"])
     assert not _same_value(torch.tensor([1.0, float("nan")]), torch.tensor([float("nan"), 1.0]))
     assert not _same_value(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))  # another dtype
+
+
+def test_a_collator_padding_beyond_the_position_table_is_refused(setup, pad_collator):
+    """The stored rows fit the 32 positions, but a collator padding to a multiple of 64 made every batch 64 long:
+    the model's own forward failed with a shape error. Refused before any work, naming the collator setting."""
+    from transformers import DataCollatorWithPadding
+
+    model, train, test = setup
+    wide = DataCollatorWithPadding(pad_collator.tokenizer, pad_to_multiple_of=64)
+    with pytest.raises(ValueError, match="pads the rows of train_dataset to 64 positions, more than the model's 32"):
+        compute_influences(model, train, test, default_arguments(**FAST), data_collator=wide)
