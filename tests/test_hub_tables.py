@@ -51,7 +51,8 @@ api.create_repo("test-user/plain", repo_type="dataset")
 api.upload_file(path_or_fileobj=b"a,b\\n1,2\\n", path_in_repo="data.csv", repo_id="test-user/plain",
                 repo_type="dataset")
 refused = {}
-for name, target, kwargs in (("plain", "test-user/plain", {}), ("no_branch", repo, {"revision": "no-such-branch"})):
+for name, target, kwargs in (("plain", "test-user/plain", {}), ("no_branch", repo, {"revision": "no-such-branch"}),
+                             ("new_repo_branch", "test-user/never-made", {"revision": "dev"})):
     try:
         InfluenceTable.load(v1).push_to_hub(target, token=token, **kwargs)
         refused[name] = None
@@ -140,6 +141,7 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert refused["plain"].startswith("InfluenceTableError") and "holds files but no influence table" in refused["plain"]
     assert sorted(hub_server.files("test-user/plain")) == [".gitattributes", "data.csv"]
     assert refused["no_branch"].startswith("InfluenceTableError") and "create_branch" in refused["no_branch"]
+    assert "Nothing was created" in refused["new_repo_branch"] and not hub_server.repo_exists("test-user/never-made")
     # a wrong token is refused with a clear error that does not repeat it
     assert pushed["wrong_token"].startswith("InfluenceTableError") and "token" in pushed["wrong_token"]
     assert "hf_wrong_secret_0123456789" not in pushed["wrong_token"]

@@ -72,6 +72,10 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
     commit id."""
     api = HfApi(token=token)
     try:
+        if revision not in (None, "main") and not api.repo_exists(repo_id, repo_type="dataset"):
+            raise InfluenceTableError(f"No dataset repo {repo_id!r} yet, so no branch {revision!r} in it: push without "
+                                      "revision first (to main), then create the branch; or pass the full "
+                                      "'user/name' id of an existing repo. Nothing was created.")
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         _check_repo_holds_a_table(api, url.repo_id, revision)
         with tempfile.TemporaryDirectory() as tmp:
