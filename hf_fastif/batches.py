@@ -187,6 +187,18 @@ def _position_limit(model: nn.Module) -> int | None:
     return None
 
 
+def _width_limit(model: nn.Module) -> int | None:
+    """The padded width a batch may have: the absolute position table of a model that numbers every position,
+    padding too (BERT, GPT-2). None where padding takes no position of its own (RoBERTa numbers real tokens and
+    gives pads ``padding_idx``), and for encoder-decoder models (the table found may be the decoder's)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.split(".")[-1] in ("position_embeddings", "wpe"):
+            return module.num_embeddings if module.padding_idx is None else None
+    return None
+
+
 def _class_count(model: nn.Module) -> int | None:
     """The class count of a single-label sequence classifier (None for any other head or loss)."""
     config = getattr(model, "config", None)
@@ -317,8 +329,9 @@ class Batcher:
                 "needs each row's loss to be the same every time it is read: mask once (dataset.map with the "
                 "collator, storing input_ids and labels) and collate with a deterministic collator "
                 "(DataCollatorWithPadding, or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
-        limit, ids = _position_limit(model), first.get("input_ids")
-        if limit is not None and isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[-1] > limit:
+        limit, ids = _width_limit(model), first.get("input_ids")
+        if (limit is not None and "position_ids" not in first and isinstance(ids, torch.Tensor) and ids.dim() >= 2
+                and ids.shape[-1] > limit):
             raise ValueError(
                 f"The data collator pads the rows of {name} to {ids.shape[-1]} positions, more than the model's "
                 f"{limit} (its absolute position embeddings): collate with padding=True (to the longest row), or "

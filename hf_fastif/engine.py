@@ -22,6 +22,8 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import json
 import os
 import time
@@ -110,11 +112,30 @@ def _collator_settings(collator) -> tuple:
     whole fingerprint reads the tokenizer's vocabulary)."""
     def plain(obj) -> tuple:
         values = getattr(obj, "__dict__", {})
-        return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items()
-                                                if isinstance(v, (str, int, float, bool, type(None)))))
+        return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items() if _is_plain(v)))
+
+    def code(fn) -> tuple:  # a function collator: its code and the plain values it closes over or is bound to
+        if isinstance(fn, functools.partial):
+            return (code(fn.func), *(a for a in (*fn.args, *sorted(fn.keywords.items())) if _is_plain(a)))
+        inner = getattr(fn, "__code__", None)
+        if inner is None:
+            return ()
+        cells = [c.cell_contents for c in fn.__closure__ or () if _cell_value(c) is not None]
+        return (fn.__qualname__, hashlib.sha256(inner.co_code).hexdigest(), *(c for c in cells if _is_plain(c)))
 
     tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
-    return plain(collator), plain(tokenizer), getattr(tokenizer, "pad_token_id", None)
+    return plain(collator), code(collator), plain(tokenizer), getattr(tokenizer, "pad_token_id", None)
+
+
+def _is_plain(value) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None)))
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 @dataclass
@@ -536,16 +557,6 @@ class InfluenceEngine:
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
                                                                          self.data_collator, device,
                                                                          decoder_inputs=decoder)
-        for batcher, name in ((train, "train_dataset"), (test, "test_dataset")):
-            key = (self._functions["collator"], batcher.dataset._fingerprint, len(batcher), name)
-            if key not in self._values_checked:  # once per collator and dataset: collates a few rows twice
-                batcher.check_collator(name, model)
-                self._values_checked.add(key)
-        if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
-            for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
-                batcher.check_labels(name)
-        if self.measurement_fn is None and self.loss_fn is None:
-            test.check_labels("test_dataset")
         default_loss = self.loss_fn is None
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
         checks = [(train_dataset, train_cols, "train_dataset", default_loss, False),
@@ -557,6 +568,13 @@ class InfluenceEngine:
             if key not in self._values_checked:  # a scan of the stored columns, once per dataset and model
                 check_values(dataset, columns, name, model, default_loss=loss, needs_target=target)
                 self._values_checked.add(key)
+        for batcher, name in ((train, "train_dataset"), (test, "test_dataset")):  # (after the stored rows' checks)
+            batcher.check_collator(name, model)  # every call (~1 ms): a collator can change in ways no key sees
+        if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
+            for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
+                batcher.check_labels(name)
+        if self.measurement_fn is None and self.loss_fn is None:
+            test.check_labels("test_dataset")
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay)
@@ -627,7 +645,7 @@ class InfluenceEngine:
         """``batcher`` with its dataset's trunk states (cached by content). The first cache of a split is checked
         against the full model on its first rows; a split that changes the logits is dropped for this engine."""
         key = "|".join([split.fingerprint(digests), batcher.dataset._fingerprint, str(len(batcher)),
-                        self._functions["collator"], ",".join(batcher.dataset.column_names)])
+                        self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
         new = key not in self._trunks
         try:
             cache = self._trunk_cache(split, batcher, key, progress)

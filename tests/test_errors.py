@@ -2,11 +2,12 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 
-from hf_fastif import InfluenceArguments, compute_influences
+from hf_fastif import InfluenceArguments, InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
 from hf_fastif.solvers import LissaDivergenceError
 from tests.tiny import VOCAB, make_token_dataset, tiny_model
@@ -295,6 +296,14 @@ def test_a_collator_that_draws_at_random_is_refused(pad_collator):
         compute_influences(model, train, train.select([0]), default_arguments(**(FAST | {"influence_params": [r"cls\."]})),
                            data_collator=masking)
     assert torch.equal(torch.get_rng_state(), state)
+    # swapped into an engine that ran with a deterministic collator: the probe runs on every call, so it is seen
+    engine = InfluenceEngine(model, default_arguments(**(FAST | {"influence_params": [r"cls\."],
+                                                                  "influence_damping": 5.0})),
+                             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    engine.compute_influences(train, train.select([0]))
+    engine.data_collator = masking
+    with pytest.raises(ValueError, match="draws at random"):
+        engine.compute_influences(train, train.select([0]))
 
 
 @pytest.mark.parametrize("settings, match", [
@@ -380,3 +389,11 @@ def test_a_collator_padding_beyond_the_position_table_is_refused(setup, pad_coll
     wide = DataCollatorWithPadding(pad_collator.tokenizer, pad_to_multiple_of=64)
     with pytest.raises(ValueError, match="pads the rows of train_dataset to 64 positions, more than the model's 32"):
         compute_influences(model, train, test, default_arguments(**FAST), data_collator=wide)
+
+    # RoBERTa numbers real tokens only (pads take padding_idx): the same padding is harmless there, and runs
+    roberta, rows = tiny_model("roberta"), make_token_dataset(12, seed=0)
+    args = default_arguments(**(FAST | {"influence_solver": "exact"}))
+    wide_table = compute_influences(roberta, rows, rows.select([0]), args, data_collator=wide)
+    plain_table = compute_influences(roberta, rows, rows.select([0]), args, data_collator=pad_collator)
+    assert wide.pad_to_multiple_of == 64 > roberta.config.max_position_embeddings
+    np.testing.assert_allclose(wide_table.to_pandas().influence, plain_table.to_pandas().influence, rtol=1e-8)

@@ -176,3 +176,5 @@ def test_push_while_offline_is_a_table_error_naming_the_fix() -> None:
 
     with pytest.raises(InfluenceTableError, match=r"Could not reach the Hub to push .*'test-user/offline'.*Go online"):
         push_table(make_table(0), "test-user/offline")
+    with pytest.raises(InfluenceTableError, match=r"'not a repo id!' is not a valid Hub repo id"):
+        push_table(make_table(0), "not a repo id!")  # the client's own validation error escaped as it was

@@ -72,10 +72,11 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
     commit id."""
     api = HfApi(token=token)
     try:
-        if revision not in (None, "main") and not api.repo_exists(repo_id, repo_type="dataset"):
-            raise InfluenceTableError(f"No dataset repo {repo_id!r} yet, so no branch {revision!r} in it: push without "
-                                      "revision first (to main), then create the branch; or pass the full "
-                                      "'user/name' id of an existing repo. Nothing was created.")
+        if revision not in (None, "main", "refs/heads/main") and "/" in repo_id \
+                and not api.repo_exists(repo_id, repo_type="dataset"):  # (a bare name: create_repo resolves it)
+            raise InfluenceTableError(f"No dataset repo {repo_id!r} this token can see (it does not exist yet, or it is "
+                                      f"private: pass token=... with access), so no branch {revision!r} in it: push "
+                                      "without revision first (to main), then create the branch. Nothing was created.")
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         _check_repo_holds_a_table(api, url.repo_id, revision)
         with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +89,8 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
                 if _status(err) in (401, 403) else "")
         raise InfluenceTableError(f"Could not push the influence table to dataset repo {repo_id!r}: "
                                   f"HTTP {_status(err)}.{hint}") from err
+    except HFValidationError as err:
+        raise InfluenceTableError(f"{repo_id!r} is not a valid Hub repo id (expected 'user/name').") from err
     except (ConnectionError, httpx.TransportError) as err:  # offline mode (OfflineModeIsEnabled), no network
         raise InfluenceTableError(f"Could not reach the Hub to push the influence table to dataset repo {repo_id!r} "
                                   f"({type(err).__name__}: {err}). Go online (HF_HUB_OFFLINE unset) and push again; "
