@@ -178,13 +178,20 @@ def _embedding_size(module) -> int | None:
     return module.num_embeddings if isinstance(module, nn.Embedding) else None
 
 
-def _position_limit(model: nn.Module) -> int | None:
-    """Rows longer than this overrun the model's absolute position embeddings (None: no such table)."""
+def _position_table(model: nn.Module) -> nn.Embedding | None:
+    """The model's absolute position embeddings (BERT's ``position_embeddings``, GPT-2's ``wpe``), if any."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.split(".")[-1] in ("position_embeddings", "wpe"):
-            offset = 0 if module.padding_idx is None else module.padding_idx + 1  # RoBERTa counts from pad + 1
-            return module.num_embeddings - offset
+            return module
     return None
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """Rows longer than this overrun the model's absolute position embeddings (None: no such table)."""
+    table = _position_table(model)
+    if table is None:
+        return None
+    return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)  # RoBERTa: from pad + 1
 
 
 def _width_limit(model: nn.Module) -> int | None:
@@ -193,10 +200,8 @@ def _width_limit(model: nn.Module) -> int | None:
     gives pads ``padding_idx``), and for encoder-decoder models (the table found may be the decoder's)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.split(".")[-1] in ("position_embeddings", "wpe"):
-            return module.num_embeddings if module.padding_idx is None else None
-    return None
+    table = _position_table(model)
+    return table.num_embeddings if table is not None and table.padding_idx is None else None
 
 
 def _class_count(model: nn.Module) -> int | None:

@@ -22,8 +22,6 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 from __future__ import annotations
 
 import datetime
-import functools
-import hashlib
 import json
 import os
 import time
@@ -41,7 +39,13 @@ from transformers.utils import logging
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
 from .batches import Batcher, check_values, decoder_inputs_from_labels, validate_dataset
-from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint, tensor_digests
+from .fingerprint import (
+    callable_fingerprint,
+    collator_settings,
+    dataset_fingerprint,
+    model_fingerprint,
+    tensor_digests,
+)
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
@@ -106,38 +110,6 @@ at the paper's scale (4,000 draws over 392,702 rows), where few recur. The colla
 as the trunk cache takes it."""
 
 
-def _collator_settings(collator) -> tuple:
-    """The plain settings of a collator and of its tokenizer (padding side, pad id, lengths...): checked on every
-    call, cheaply, so that one changed in place since the engine took the collator gets a new fingerprint (the
-    whole fingerprint reads the tokenizer's vocabulary)."""
-    def plain(obj) -> tuple:
-        values = getattr(obj, "__dict__", {})
-        return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items() if _is_plain(v)))
-
-    def code(fn) -> tuple:  # a function collator: its code and the plain values it closes over or is bound to
-        if isinstance(fn, functools.partial):
-            return (code(fn.func), *(a for a in (*fn.args, *sorted(fn.keywords.items())) if _is_plain(a)))
-        inner = getattr(fn, "__code__", None)
-        if inner is None:
-            return ()
-        cells = [c.cell_contents for c in fn.__closure__ or () if _cell_value(c) is not None]
-        return (fn.__qualname__, hashlib.sha256(inner.co_code).hexdigest(), *(c for c in cells if _is_plain(c)))
-
-    tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
-    return plain(collator), code(collator), plain(tokenizer), getattr(tokenizer, "pad_token_id", None)
-
-
-def _is_plain(value) -> bool:
-    return isinstance(value, (str, int, float, bool, type(None)))
-
-
-def _cell_value(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell
-        return None
-
-
 @dataclass
 class _Call:
     """The state of one `InfluenceEngine.compute_influences` call."""
@@ -188,7 +160,7 @@ class InfluenceEngine:
         self._functions = {"collator": callable_fingerprint(data_collator), "loss": callable_fingerprint(loss_fn),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
-        self._collator_settings = _collator_settings(data_collator)
+        self._collator_settings = collator_settings(data_collator)
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
@@ -508,7 +480,7 @@ class InfluenceEngine:
             raise ValueError(f"The model's parameter {meta!r} is on the 'meta' device: its weights were never loaded "
                              "(a model built under init_empty_weights / device_map='meta'). Load the weights "
                              "(from_pretrained without it, or model.to_empty(device=...) and load_state_dict) first.")
-        settings = _collator_settings(self.data_collator)
+        settings = collator_settings(self.data_collator)
         if settings != self._collator_settings:  # changed since (padding side, pad id, ...): every cache keyed on it
             self._functions["collator"] = callable_fingerprint(self.data_collator)  # (34 ms on MiniLM's: not per call)
             self._collator_settings = settings
