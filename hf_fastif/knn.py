@@ -53,13 +53,15 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     if choices:
         inputs = {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() > 2 else v for k, v in inputs.items()}
     mask = inputs.get("attention_mask")
-    base = getattr(model, "base_model", None)
+    get_base = getattr(model, "get_base_model", None)  # a PEFT model: its transformers model, adapters in place
+    target = get_base() if callable(get_base) else model
+    base = getattr(target, "base_model", None)
     with forward_context(split, batch):
-        if base is None or base is model:
-            accepts = "output_hidden_states" in inspect.signature(model.forward).parameters
-            hidden = getattr(model(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
+        if base is None or base is target:
+            accepts = "output_hidden_states" in inspect.signature(target.forward).parameters
+            hidden = getattr(target(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
             if hidden is None:
-                raise ValueError(f"{type(model).__name__} returns no hidden_states for kNN features; pass "
+                raise ValueError(f"{type(target).__name__} returns no hidden_states for kNN features; pass "
                                  "`features=callable(model, batch) -> (b, d) tensor` or influence_knn_k=None.")
             last, pooled = hidden[-1], None
         else:
@@ -67,11 +69,11 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
             last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
     if method == "pooler" or (method == "auto" and pooled is not None):
         if pooled is None:
-            raise ValueError(f"{type(model).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
+            raise ValueError(f"{type(target).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
         feats = pooled
     elif method == "cls":
         feats = _token(last, mask, "first")
-    elif method == "last" or (method == "auto" and getattr(model, "can_generate", lambda: False)()):
+    elif method == "last" or (method == "auto" and getattr(target, "can_generate", lambda: False)()):
         feats = _token(last, mask, "last")
     else:
         feats = _masked_mean(last, mask)

@@ -1,0 +1,142 @@
+"""PEFT (LoRA) models: influence over the adapter weights, the way users fine-tune with ``peft``.
+
+By default the influence parameters are the ones with ``requires_grad`` (the adapters and ``modules_to_save``);
+the values must equal an explicit float64 Hessian's, and every stage that looks into the model (kNN features, the
+frozen-trunk split, the read-position cut, the Trainer) must see through the PEFT wrapper.
+"""
+
+import numpy as np
+import peft  # a dev requirement (pyproject.toml)
+import torch
+
+from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer
+from hf_fastif.knn import model_features
+from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model
+
+
+def _lora(kind: str = "bert", layers=None, seed: int = 0):
+    model = tiny_model(kind, num_labels=3, seed=seed)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"],
+                             layers_to_transform=layers, lora_dropout=0.1)
+    model = peft.get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # lora_B starts at zero, which would make the adapters' influence degenerate
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return model.eval()
+
+
+def _args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path), influence_solver="exact", influence_damping=0.05, influence_scale=1.0,
+                    influence_knn_k=None, report_to=[], use_cpu=True, disable_tqdm=True)
+    return InfluenceArguments(**(settings | overrides))
+
+
+def _matrix(table, num_train: int, num_test: int) -> np.ndarray:
+    out = np.full((num_train, num_test), np.nan)
+    for row in table.to_pandas().itertuples():
+        out[row.train_id, row.test_id] = row.influence
+    return out
+
+
+def _explicit_influence(model, collator, train, test, lam: float) -> np.ndarray:
+    """-∇L(z)·(H + λI)⁻¹∇L(z_test) over the trainable parameters, from an explicit float64 Hessian."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def unflatten(vector):
+        out, start = {}, 0
+        for name, shape in zip(names, shapes):
+            out[name] = vector[start:start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return out
+
+    def losses(vector, rows):
+        batch = collator([rows[i] for i in range(len(rows))])
+        labels = batch.pop("labels")
+        logits = torch.func.functional_call(model, unflatten(vector), (), batch).logits
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    hessian = torch.autograd.functional.hessian(lambda v: losses(v, train).mean(), flat)
+    hessian = (hessian + hessian.T) / 2
+    test_grads = torch.autograd.functional.jacobian(lambda v: losses(v, test), flat)
+    train_grads = torch.autograd.functional.jacobian(lambda v: losses(v, train), flat)
+    s_test = torch.linalg.solve(hessian + lam * torch.eye(len(flat), dtype=flat.dtype), test_grads.T)
+    return -(train_grads @ s_test).numpy()
+
+
+def test_lora_influence_equals_explicit_hessian(tmp_path):
+    model, collator = _lora(), pad_collator_for_tests()
+    train, test = make_token_dataset(24, seed=1, num_labels=3), make_token_dataset(2, seed=2, num_labels=3)
+    args = _args(tmp_path)
+    table = InfluenceEngine(model, args=args, data_collator=collator).compute_influences(train, test)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
+    assert table.metadata["model"]["num_influence_parameters"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    got = _matrix(table, len(train), len(test))
+    expected = _explicit_influence(model, collator, train, test, args.influence_damping * args.influence_scale)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
+def test_lora_knn_features_see_through_the_wrapper(tmp_path):
+    """The paper's pooled [CLS] features of a PEFT model are its transformers model's, adapters applied (the
+    PEFT wrapper's own ``base_model`` is the whole classifier: it once crashed on ``last_hidden_state``)."""
+    model, collator = _lora(), pad_collator_for_tests()
+    rows = make_token_dataset(6, seed=3, num_labels=3)
+    batch = collator([rows[i] for i in range(len(rows))])
+    with torch.no_grad():
+        expected = model.get_base_model().bert(input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]).pooler_output
+        with model.disable_adapter():
+            without = model.get_base_model().bert(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]).pooler_output
+    feats = model_features(model, batch)
+    torch.testing.assert_close(feats, expected)
+    assert (feats - without).abs().max() > 1e-4  # the adapters take part
+
+    train, test = make_token_dataset(30, seed=4, num_labels=3), make_token_dataset(2, seed=5, num_labels=3)
+    full = _matrix(InfluenceEngine(model, args=_args(tmp_path), data_collator=collator)
+                   .compute_influences(train, test), len(train), len(test))
+    for features in ("auto", "mean"):
+        knn = _matrix(InfluenceEngine(model, args=_args(tmp_path, influence_knn_k=8, influence_knn_features=features),
+                                      data_collator=collator).compute_influences(train, test), len(train), len(test))
+        scored = ~np.isnan(knn)
+        assert scored.sum(0).tolist() == [8, 8]
+        np.testing.assert_allclose(knn[scored], full[scored], rtol=1e-6, atol=1e-10)
+
+
+def test_lora_on_the_last_layer_caches_the_trunk_below(tmp_path):
+    model, collator = _lora(layers=[1]), pad_collator_for_tests()
+    train, test = make_token_dataset(20, seed=6, num_labels=3), make_token_dataset(2, seed=7, num_labels=3)
+    table = InfluenceEngine(model, args=_args(tmp_path), data_collator=collator).compute_influences(train, test)
+    diagnostics = table.metadata["diagnostics"]
+    assert diagnostics["trunk"]["split"] == "base_model.model.bert.encoder.layer.1"
+    assert diagnostics["trunk"]["verified_relative_error"] < 1e-12
+    assert diagnostics["readout"]["cut_after"] == "base_model.model.bert.encoder.layer.1.attention"
+    off = InfluenceEngine(model, args=_args(tmp_path, influence_trunk_cache=False), data_collator=collator)
+    np.testing.assert_allclose(_matrix(table, 20, 2), _matrix(off.compute_influences(train, test), 20, 2),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_influence_trainer_fine_tunes_and_explains_a_lora_model(tmp_path):
+    model = _lora(seed=1).float()
+    train, test = make_token_dataset(32, seed=8, num_labels=3), make_token_dataset(2, seed=9, num_labels=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = _args(tmp_path, influence_solver="lissa", influence_scale=50.0, influence_damping=0.01,
+                 influence_recursion_depth=20, influence_knn_k=6, num_train_epochs=1, per_device_train_batch_size=8,
+                 learning_rate=1e-2, save_strategy="no", gradient_checkpointing=True)
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator_for_tests())
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n or "modules_to_save" in n for n in changed)
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    assert checkpointed  # PEFT + gradient checkpointing, as LoRA fine-tuning often runs
+    table = trainer.compute_influences(test)  # switched off for influence (torch.func refuses its hook), then back
+    assert all(m.gradient_checkpointing is True for m in checkpointed)
+    assert len(table.to_pandas()) == 12 and np.isfinite(table.to_pandas()["influence"]).all()
+    assert len(table.helpful(test_id=0, n=3)) + len(table.harmful(test_id=0, n=3)) > 0
