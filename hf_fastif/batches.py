@@ -80,13 +80,17 @@ def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
 
 
 def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.Module, *,
-                 default_loss: bool = True, needs_target: bool = False) -> None:
+                 default_loss: bool = True, needs_target: bool = False) -> int | None:
     """Check the stored values a forward would fail on, or turn into a silent zero, before any work.
 
     Token ids must index the input embeddings (token type ids their table), rows must fit a position table
     (absolute position embeddings), and with the default loss of a single-label classifier every label must be a
     class id (or -100, ignored in training). ``needs_target``: every row must have a target to measure (a test row labelled -100 has a
     zero loss, so all its influences would be 0). Stored columns only; labels a collator makes are not seen.
+
+    Returns:
+        the row with the longest stored ``input_ids`` sequence (None without such a column), whose batch is the
+        widest a padding collator makes (`Batcher.check_collator` collates it).
     """
     arrow = dataset.select_columns(list(columns)).with_format("arrow")
     vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
@@ -95,6 +99,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     classes = _class_count(model) if default_loss else None
     labelled = False  # whether any row has a target the loss reads (not -100)
+    longest, longest_length = None, -1
     for start in range(0, len(dataset), 65536):
         chunk = arrow[start : start + 65536]
         ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
@@ -116,6 +121,8 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {start + sequence_rows[first]} has a sequence of {lengths[first]} "
                                  f"tokens, more than the model's {positions} positions. Tokenize with "
                                  f"truncation=True, max_length={positions}.")
+            if len(lengths) and lengths.max() > longest_length:
+                longest, longest_length = start + int(sequence_rows[int(np.argmax(lengths))]), int(lengths.max())
         types = chunk.column("token_type_ids").combine_chunks() if "token_type_ids" in chunk.column_names else None
         if types is not None and segments is not None and _is_list(types.type):
             flat, token_rows, _, _ = _sequences(types)
@@ -156,6 +163,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         raise ValueError(f"Every row of {name} is labelled -100 (ignored): every row's loss is 0, so the table would "
                          "hold only zeros. Label the rows (for a causal LM: labels = input_ids, or "
                          "DataCollatorForLanguageModeling(mlm=False) without a stored labels column).")
+    return longest
 
 
 def _sequences(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -316,13 +324,15 @@ class Batcher:
                              "loss_fn(outputs, batch) that reads the targets your model takes (question answering: "
                              "start_positions / end_positions).")
 
-    def check_collator(self, name: str, model: nn.Module, rows: int = 4) -> None:
+    def check_collator(self, name: str, model: nn.Module, rows: int = 4, longest: int | None = None) -> None:
         """Collate the first rows twice and refuse a collator that gives different batches: every row's loss must
         be the same function each time it is read (LiSSA reads rows many times, the trunk cache once), and a
         random one (``DataCollatorForLanguageModeling(mlm=True)`` masks at random) gave a different table on every
         call, without an error. The global random states are left as they were. Also refuse one that pads beyond
         the model's absolute position table (``padding="max_length"``, ``pad_to_multiple_of``): the stored rows fit
-        (`check_values`), and the model's own forward failed with a shape error."""
+        (`check_values`), and the model's own forward failed with a shape error, after the work before it.
+        ``longest`` (a position, from `check_values`): the row that makes the widest batch, collated alone too, so
+        a ``pad_to_multiple_of`` that overruns only on long rows is found here as well."""
         positions = range(min(rows, len(self)))
         with _saved_random_states():
             first, second = self.batch(positions, trunk=False), self.batch(positions, trunk=False)
@@ -334,13 +344,17 @@ class Batcher:
                 "needs each row's loss to be the same every time it is read: mask once (dataset.map with the "
                 "collator, storing input_ids and labels) and collate with a deterministic collator "
                 "(DataCollatorWithPadding, or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
-        limit, ids = _width_limit(model), first.get("input_ids")
-        if (limit is not None and "position_ids" not in first and isinstance(ids, torch.Tensor) and ids.dim() >= 2
-                and ids.shape[-1] > limit):
-            raise ValueError(
-                f"The data collator pads the rows of {name} to {ids.shape[-1]} positions, more than the model's "
-                f"{limit} (its absolute position embeddings): collate with padding=True (to the longest row), or "
-                f"max_length / pad_to_multiple_of that keep within {limit}.")
+        limit = _width_limit(model)
+        if limit is None:
+            return
+        for batch in (first, self.batch([longest], trunk=False) if longest is not None else None):
+            ids = None if batch is None else batch.get("input_ids")
+            if ("position_ids" not in batch and isinstance(ids, torch.Tensor) and ids.dim() >= 2
+                    and ids.shape[-1] > limit):
+                raise ValueError(
+                    f"The data collator pads the rows of {name} to {ids.shape[-1]} positions, more than the model's "
+                    f"{limit} (its absolute position embeddings): collate with padding=True (to the longest row), "
+                    f"or max_length / pad_to_multiple_of that keep within {limit}.")
 
     def subset(self, positions: Sequence[int]) -> Batcher:
         """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""

@@ -169,7 +169,8 @@ class InfluenceEngine:
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
         self._padding_checked: set[tuple] = set()
-        self._values_checked: set[tuple] = set()  # (weights, dataset, ...) whose stored values passed `check_values`
+        # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
+        self._values_checked: dict[tuple, int | None] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
         self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
         self._prepared_solve: tuple[tuple, LowRankSolve] | None = None  # (low-rank key, λ) -> its solve
@@ -535,13 +536,18 @@ class InfluenceEngine:
                   (test_dataset, test_cols, "test_dataset", own, own and combine == "none")]
         if candidate_dataset is not train_dataset:
             checks.append((candidate_dataset, cand_cols, "candidate_dataset", default_loss, False))
+        longest = {}
         for dataset, columns, name, loss, target in checks:
             key = (fingerprint, dataset._fingerprint, len(dataset), tuple(columns), name, loss, target)
             if key not in self._values_checked:  # a scan of the stored columns, once per dataset and model
-                check_values(dataset, columns, name, model, default_loss=loss, needs_target=target)
-                self._values_checked.add(key)
-        for batcher, name in ((train, "train_dataset"), (test, "test_dataset")):  # (after the stored rows' checks)
-            batcher.check_collator(name, model)  # every call (~1 ms): a collator can change in ways no key sees
+                self._values_checked[key] = check_values(dataset, columns, name, model, default_loss=loss,
+                                                         needs_target=target)
+            longest[name] = self._values_checked[key]
+        batchers = [(train, "train_dataset"), (test, "test_dataset")]
+        batchers += [] if cand is train else [(cand, "candidate_dataset")]
+        for batcher, name in batchers:  # (after the stored rows' checks)
+            # every call (~1 ms): a collator can change in ways no key sees
+            batcher.check_collator(name, model, longest=longest[name])
         if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
             for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
                 batcher.check_labels(name)

@@ -397,3 +397,23 @@ def test_a_collator_padding_beyond_the_position_table_is_refused(setup, pad_coll
     plain_table = compute_influences(roberta, rows, rows.select([0]), args, data_collator=pad_collator)
     assert wide.pad_to_multiple_of == 64 > roberta.config.max_position_embeddings
     np.testing.assert_allclose(wide_table.to_pandas().influence, plain_table.to_pandas().influence, rtol=1e-8)
+
+
+def test_a_collator_that_overruns_the_position_table_only_on_long_rows_is_refused(setup, pad_collator):
+    """The first rows are short and fit ``pad_to_multiple_of``'s padding; a long row further on is padded beyond the
+    32 positions, and the model's forward failed there, after s_test. The longest stored row is collated alone
+    up front, in the training, test and candidate data alike."""
+    from datasets import concatenate_datasets
+    from transformers import DataCollatorWithPadding
+
+    model, train, test = setup
+    rows = make_token_dataset(1, seed=5, min_len=30, max_len=30)
+    long = concatenate_datasets([train, rows.cast(train.features)])
+    every = DataCollatorWithPadding(pad_collator.tokenizer, pad_to_multiple_of=12)  # 30 tokens → 36 > 32
+    assert every([long[i] for i in range(4)])["input_ids"].shape[-1] <= 32  # the first rows alone would pass
+    for data, name in (((long, test, None), "train_dataset"), ((train, long, None), "test_dataset"),
+                       ((train, test, long), "candidate_dataset")):
+        with pytest.raises(ValueError, match=f"pads the rows of {name} to 36 positions, more than the model's 32"):
+            compute_influences(model, data[0], data[1], default_arguments(**FAST), data_collator=every,
+                               candidate_dataset=data[2])
+    compute_influences(model, train, test, default_arguments(**FAST), data_collator=every)  # short rows: fine
