@@ -8,7 +8,8 @@ recorded before this scheme (tensors hashed with sha256, `LEGACY_SCHEME`) carry 
 can still compute them, so a table recorded then is still checked (`InfluenceTable.check_model`).
 
 - `model_fingerprint`: parameters *and* buffers (names, shapes, dtypes, values), the model's semantic
-  config, and the active adapters of a PEFT model: equal for the same model loaded from anywhere.
+  config, and the adapters of a PEFT model (the active ones, and the plain settings of PEFT's layers such as
+  LoRA's scaling and disabled adapters: `adapter_state`): equal for the same model loaded from anywhere.
 - `tensors_fingerprint`: the same for a subset of named tensors (e.g. the frozen trunk below the
   influence parameters).
 - `dataset_fingerprint`: every value of the given columns (Arrow IPC bytes), so two processes that
@@ -70,7 +71,7 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor | str]]) -> str:
 
 def config_fingerprint(model: nn.Module) -> str:
     """sha256 of the config entries that decide what the model computes (not paths, versions or the attention
-    implementation), plus the active adapters of a PEFT model."""
+    implementation), plus the adapters of a PEFT model (`adapter_state`)."""
     config = getattr(model, "config", None)
     values = {}
     if config is not None and hasattr(config, "to_dict"):
@@ -82,8 +83,48 @@ def config_fingerprint(model: nn.Module) -> str:
         except (ValueError, AttributeError):  # transformers raises when no adapter is loaded
             adapters = None
     values["__active_adapters__"] = adapters
+    values["__adapter_state__"] = adapter_state(model)
     values["__class__"] = type(model).__name__
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # `training`, the parameter / buffer / hook dicts, ...
+_SKIP = object()
+
+
+def _plain(value):
+    """``value`` made JSON-stable (sets sorted, tuples as lists) when it is built of numbers, strings, booleans and
+    None (a dict: its entries that are); `_SKIP` for anything else (tensors, modules, functions) and for empty
+    containers, so a cache that fills with tensors in a forward (DoRA's) reads the same before and after."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        if not items or any(v is _SKIP for v in items):
+            return _SKIP
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, dict):  # its plain entries (a config's nested objects are left out)
+        items = {str(k): v for k, v in ((k, _plain(v)) for k, v in value.items()) if v is not _SKIP}
+        return items or _SKIP
+    return _SKIP
+
+
+def adapter_state(model: nn.Module) -> dict:
+    """What a PEFT model computes with beyond its tensors: the plain settings of every module PEFT made (a LoRA
+    layer's ``scaling``, set by ``rescale_adapter_scale`` / ``set_scale`` or by ``lora_alpha``; its disabled, merged
+    and active adapters). Without them, a second call after ``with model.disable_adapter():`` or a rescale was
+    served the first call's trunk states and Hessian. Not the adapters' configs: they hold paths, versions and
+    ``inference_mode``, which differ between loads of the same model, and what they set lives in the layers.
+    Empty for a model without adapters."""
+    state: dict = {}
+    for name, module in model.named_modules():
+        if not type(module).__module__.startswith("peft."):
+            continue
+        settings = {k: _plain(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
+        settings = {k: v for k, v in settings.items() if v is not _SKIP}
+        if settings:
+            state[name] = settings
+    return state
 
 
 def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME) -> str:

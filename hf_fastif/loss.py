@@ -6,7 +6,8 @@ loss, per row: sequence classification follows transformers' rule (``config.prob
 regression for one output, single-label for integer labels, multi-label otherwise) with cross-entropy,
 binary cross-entropy averaged over the labels of the row, or squared error averaged over the outputs of
 the row; causal LMs get the mean token cross-entropy of each row (shifted), token classification the mean
-token cross-entropy (unshifted). The mean over rows is the model's own ``loss``.
+token cross-entropy (unshifted); a PEFT prompt-learning model's virtual tokens (its logits' first positions) are
+labelled -100, as PEFT labels them. The mean over rows is the model's own ``loss``.
 A *measurement* (kronfluence's term) is the test-side quantity whose influence is asked for; it defaults
 to the same loss.
 """
@@ -95,6 +96,9 @@ def make_default_loss(model: nn.Module) -> LossFn:
     shift = bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
         getattr(model, "config", None), "is_encoder_decoder", False
     )
+    # a PEFT prompt-learning model (prompt tuning, p-tuning) puts its virtual tokens' outputs before the rows' own
+    peft_config = getattr(model, "active_peft_config", None)
+    prepends = bool(getattr(peft_config, "is_prompt_learning", False))
 
     def loss(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in batch:
@@ -106,6 +110,13 @@ def make_default_loss(model: nn.Module) -> LossFn:
         if logits.dim() == 2:
             return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels))
         if logits.dim() == 3:
+            extra = logits.shape[1] - labels.shape[1] if labels.dim() == 2 else 0
+            if extra > 0 and prepends:  # labelled -100 (ignored), as PEFT labels them for the model's own loss
+                labels = torch.cat([labels.new_full((labels.shape[0], extra), -100), labels], 1)
+            elif extra:
+                raise ValueError(f"The model gives logits for {logits.shape[1]} positions and the batch has labels for "
+                                 f"{labels.shape[1]}: the default loss cannot tell which positions the labels are "
+                                 "for. Pass `loss_fn(outputs, batch)` that lines them up.")
             if shift:
                 logits, labels = logits[:, :-1], labels[:, 1:]
             tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
@@ -224,10 +235,11 @@ class FunctionalModel:
         return self._mask
 
 
-FORWARD_AD_REFUSALS = ("autograd.Function with functorch transforms", "forward AD")
+FORWARD_AD_REFUSALS = ("autograd.Function with functorch transforms", "forward AD", "would mutate a captured Tensor")
 """Parts of the errors torch raises where a model cannot run under forward-mode AD (``torch.func.jvp``): a custom
 ``torch.autograd.Function`` without ``setup_context`` (Bloom's GeLU, Reformer's reversible layers), or an operator
-without a forward-AD formula."""
+without a forward-AD formula, or a forward that swaps a captured tensor's storage in place (PEFT's
+``target_parameters`` LoRA, through ``torch.nn.utils.parametrize``)."""
 
 
 def forward_ad_unsupported(err: BaseException) -> bool:

@@ -5,8 +5,11 @@ the values must equal an explicit float64 Hessian's, and every stage that looks 
 frozen-trunk split, the read-position cut, the Trainer) must see through the PEFT wrapper.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import peft  # a dev requirement (pyproject.toml)
+import pytest
 import torch
 
 from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer
@@ -14,9 +17,9 @@ from hf_fastif.knn import model_features
 from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model
 
 
-def _lora(kind: str = "bert", layers=None, seed: int = 0):
+def _lora(kind: str = "bert", layers=None, seed: int = 0, modules=("query", "value"), alpha: int = 4):
     model = tiny_model(kind, num_labels=3, seed=seed)
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"],
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=alpha, target_modules=list(modules),
                              layers_to_transform=layers, lora_dropout=0.1)
     model = peft.get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
@@ -140,3 +143,91 @@ def test_influence_trainer_fine_tunes_and_explains_a_lora_model(tmp_path):
     assert all(m.gradient_checkpointing is True for m in checkpointed)
     assert len(table.to_pandas()) == 12 and np.isfinite(table.to_pandas()["influence"]).all()
     assert len(table.helpful(test_id=0, n=3)) + len(table.harmful(test_id=0, n=3)) > 0
+
+
+def _lm_collator():
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(pad_collator_for_tests().tokenizer, label_pad_token_id=-100, padding=True)
+
+
+def _explicit_lm_influence(model, collator, train, test, lam: float) -> np.ndarray:
+    """The same explicit float64 influence, each row's loss being the PEFT model's own ``loss`` on that row alone."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def losses(vector, rows):
+        values = dict(zip(names, (t.reshape(params[n].shape) for n, t in zip(names, vector.split(sizes)))))
+        return torch.stack([torch.func.functional_call(model, values, (), collator([rows[i]])).loss
+                            for i in range(len(rows))])
+
+    hessian = torch.autograd.functional.hessian(lambda v: losses(v, train).mean(), flat)
+    hessian = (hessian + hessian.T) / 2
+    test_grads = torch.autograd.functional.jacobian(lambda v: losses(v, test), flat)
+    train_grads = torch.autograd.functional.jacobian(lambda v: losses(v, train), flat)
+    s_test = torch.linalg.solve(hessian + lam * torch.eye(len(flat), dtype=flat.dtype), test_grads.T)
+    return -(train_grads @ s_test).numpy()
+
+
+def test_prompt_tuning_on_a_causal_lm_labels_the_virtual_tokens_as_peft_does(tmp_path):
+    """Prompt tuning puts its virtual tokens' logits before the row's own: the default loss crashed on the
+    length mismatch. They are labelled -100, as PEFT labels them for the model's own loss, so the first real
+    token is predicted from the last virtual one."""
+    model = peft.get_peft_model(tiny_model("gpt2-lm"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                num_virtual_tokens=3))
+    model = model.double().eval()  # (PEFT makes the prompt encoder in float32)
+    collator = _lm_collator()
+    train = make_token_dataset(10, seed=1, causal=True)
+    test = make_token_dataset(2, seed=2, causal=True)
+    args = _args(tmp_path, influence_damping=0.5)
+    got = _matrix(InfluenceEngine(model, args=args, data_collator=collator).compute_influences(train, test), 10, 2)
+    expected = _explicit_lm_influence(model, collator, train, test, 0.5)
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+def test_a_logits_labels_length_mismatch_is_a_clear_error():
+    from hf_fastif.loss import make_default_loss
+
+    loss = make_default_loss(tiny_model("gpt2-lm"))
+    with pytest.raises(ValueError, match="logits for 7 positions and the batch has labels for 5"):
+        loss(SimpleNamespace(logits=torch.zeros(2, 7, 4)), {"labels": torch.zeros(2, 5, dtype=torch.long)})
+
+
+def test_adapter_settings_outside_tensors_key_the_caches(tmp_path):
+    """Disabling an adapter or rescaling LoRA changes no tensor: one engine's second call was served the first
+    call's trunk states and Hessian (37% off, influence over the pooler above adapted layers)."""
+    from peft.helpers import rescale_adapter_scale
+
+    model, collator = _lora(modules=("query", "value", "intermediate.dense"), alpha=32), pad_collator_for_tests()
+    train, test = make_token_dataset(16, seed=1, num_labels=3), make_token_dataset(2, seed=2, num_labels=3)
+    args = _args(tmp_path, influence_params=[r"pooler\."], influence_damping=1.0)
+    engine = InfluenceEngine(model, args=args, data_collator=collator)
+    first = _matrix(engine.compute_influences(train, test), 16, 2)
+    for change in (model.disable_adapter, lambda: rescale_adapter_scale(model, 0.25)):
+        with change():
+            again = _matrix(engine.compute_influences(train, test), 16, 2)
+            fresh = _matrix(InfluenceEngine(model, args=args, data_collator=collator).compute_influences(train, test),
+                            16, 2)
+        np.testing.assert_allclose(again, fresh, rtol=1e-9, atol=1e-14)
+        assert np.abs(fresh - first).max() > 0.05 * np.abs(first).max()
+    np.testing.assert_allclose(_matrix(engine.compute_influences(train, test), 16, 2), first, rtol=1e-9, atol=1e-14)
+
+
+def test_lora_on_target_parameters_is_scored_by_per_example_gradients(tmp_path):
+    """PEFT's ``target_parameters`` LoRA swaps a captured tensor in place (torch parametrize), which forward-mode
+    AD refuses: scoring falls back to per-example gradients, as for other models without forward AD."""
+    model = peft.get_peft_model(tiny_model("gpt2-lm"), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=[], target_parameters=["h.1.attn.c_attn.weight"]))
+    model = model.double().eval()
+    collator = _lm_collator()
+    train, test = make_token_dataset(10, seed=3, causal=True), make_token_dataset(2, seed=4, causal=True)
+    args = _args(tmp_path, influence_damping=0.5)
+    table = InfluenceEngine(model, args=args, data_collator=collator).compute_influences(train, test)
+    assert table.metadata["diagnostics"]["scored_by"]["method"] == "per-example gradients"
+    by_grad = InfluenceEngine(model, args=_args(tmp_path, influence_damping=0.5, influence_scoring="grad"),
+                              data_collator=collator)
+    np.testing.assert_allclose(_matrix(table, 10, 2), _matrix(by_grad.compute_influences(train, test), 10, 2),
+                               rtol=1e-9, atol=1e-15)
