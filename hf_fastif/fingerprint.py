@@ -83,7 +83,9 @@ def config_fingerprint(model: nn.Module) -> str:
         except (ValueError, AttributeError):  # transformers raises when no adapter is loaded
             adapters = None
     values["__active_adapters__"] = adapters
-    values["__adapter_state__"] = adapter_state(model)
+    state = adapter_state(model)
+    if state:  # (only then: the fingerprints of models without adapters stay what tables recorded before)
+        values["__adapter_state__"] = state
     values["__class__"] = type(model).__name__
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -288,8 +288,9 @@ def test_check_model_reads_a_fingerprint_recorded_before_xxh3(tmp_path):
 
 
 def test_the_legacy_fingerprint_is_the_one_older_tables_hold():
-    """Pinned: the sha256 fingerprint hf_fastif recorded before xxh3 (computed with that code, commit 3d9114d), of
-    a module whose values, names and config are fixed, so a change of the legacy path cannot go unnoticed."""
+    """Pinned: the sha256 fingerprint hf_fastif recorded before xxh3 (computed with that code, commit 3d9114d), and
+    the xxh3 one recorded since, of a module whose values, names and config are fixed, so a change of either path
+    cannot go unnoticed."""
     import torch
 
     from hf_fastif.fingerprint import LEGACY_SCHEME
@@ -301,6 +302,8 @@ def test_the_legacy_fingerprint_is_the_one_older_tables_hold():
     module.register_buffer("steps", torch.tensor([7]))
     assert model_fingerprint(module, scheme=LEGACY_SCHEME) == (
         "b706b105e664655073ad500ffc906569532cd96c283ffc19fd64a05ecee9eca8")
+    # and the xxh3 one every table since holds (computed at ccdb7fb): what PEFT models add must not change it
+    assert model_fingerprint(module) == "xxh3-128:0750a88c44c155f2b51c7b4a4ff9ed7ee59b71c3eb5d70ebc1aca51e754f360c"
 
 
 def sign_table() -> InfluenceTable:
