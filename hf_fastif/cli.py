@@ -94,7 +94,9 @@ class BuildArguments:
                 f"rows (default {embedded_kind().table_data['n_train']})."})
     max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
     shard_size: int = dataclasses.field(
-        default=64, metadata={"help": "Test rows computed and saved at a time (a rerun resumes after the last one)."})
+        default=64, metadata={"help": "With --model_name_or_path: test rows computed and saved at a time (a rerun "
+                                      "resumes after the last one). The embedded default's 30 test rows are one "
+                                      "piece of work."})
 
 
 def build_defaults(first: argparse.Namespace) -> dict:
@@ -122,6 +124,9 @@ def run_build(ns: argparse.Namespace) -> int:
         if build.train_dataset or build.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
                              "data).")
+        if any(flag == "--shard_size" or flag.startswith("--shard_size=") for flag in ns.argv):
+            raise ValueError("--shard_size needs --model_name_or_path: the embedded default computes its 30 test rows "
+                             "in one piece (a rerun reuses the fine-tuned model, and a finished build whole). Drop it.")
         kind = embedded_kind(build.embedded_model).name
         build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples,
                       kind=kind)
