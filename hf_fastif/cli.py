@@ -124,7 +124,7 @@ def run_build(ns: argparse.Namespace) -> int:
         if build.train_dataset or build.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
                              "data).")
-        if any(flag == "--shard_size" or flag.startswith("--shard_size=") for flag in ns.argv):
+        if _given(ns.argv, "--shard_size"):
             raise ValueError("--shard_size needs --model_name_or_path: the embedded default computes its 30 test rows "
                              "in one piece (a rerun reuses the fine-tuned model, and a finished build whole). Drop it.")
         kind = embedded_kind(build.embedded_model).name
@@ -140,6 +140,16 @@ def run_build(ns: argparse.Namespace) -> int:
     print(f"influence table ({len(table):,} rows, {len(table.test_ids)} test ids) -> {out / 'table'}")
     print(f"next: hf-fastif show {out / 'table'} --test-id {table.test_ids[0] if len(table) else 0}")
     return 0
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    """Whether ``argv`` sets ``flag`` (``--shard_size``), as argparse reads it: also ``--shard-size``, ``=value``, and
+    an abbreviation it accepted (a prefix argparse resolved uniquely, so to this flag)."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and flag.startswith("--" + name[2:].replace("-", "_")):
+            return True
+    return False
 
 
 def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path) -> None:

@@ -88,7 +88,8 @@ def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> No
     assert "is not an influence table" in capsys.readouterr().err
     assert main(["build", "--output-dir", str(tmp_path / "x"), "--train_dataset", "t.jsonl"]) == 2
     assert "need --model_name_or_path" in capsys.readouterr().err
-    for flag in (["--shard_size", "5"], ["--shard_size=5"]):  # it was accepted and ignored by the embedded default
+    # it was accepted and ignored by the embedded default
+    for flag in (["--shard_size", "5"], ["--shard_size=5"], ["--shard-size", "5"], ["--shard_s", "5"]):
         assert main(["build", "--output-dir", str(tmp_path / "x"), "--embedded_model", "tiny", *flag]) == 2
         assert "--shard_size needs --model_name_or_path" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
