@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) recipes/hans_correction.py
 
+# The Space's browser test drives Debian's chromium headless (Playwright never downloads a browser here): installed
+# from the Debian archive when missing (with sudo unless root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the Space's browser test"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import default_data_collator
 from transformers.utils import find_labels, logging
 
+from .loss import prepended_positions
 from .trunk import HIDDEN_KEY
 
 logger = logging.get_logger(__name__)
@@ -199,7 +200,8 @@ def _position_limit(model: nn.Module) -> int | None:
     table = _position_table(model)
     if table is None:
         return None
-    return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)  # RoBERTa: from pad + 1
+    # RoBERTa numbers from pad + 1; PEFT prompt tuning's virtual tokens take the first positions
+    return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1) - prepended_positions(model)
 
 
 def _width_limit(model: nn.Module) -> int | None:
@@ -209,7 +211,9 @@ def _width_limit(model: nn.Module) -> int | None:
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
     table = _position_table(model)
-    return table.num_embeddings if table is not None and table.padding_idx is None else None
+    if table is None or table.padding_idx is not None:
+        return None
+    return table.num_embeddings - prepended_positions(model)
 
 
 def _class_count(model: nn.Module) -> int | None:
@@ -347,8 +351,8 @@ class Batcher:
         limit = _width_limit(model)
         if limit is None:
             return
-        for batch in (first, self.batch([longest], trunk=False) if longest is not None else None):
-            ids = None if batch is None else batch.get("input_ids")
+        for batch in (first, *([self.batch([longest], trunk=False)] if longest is not None else [])):
+            ids = batch.get("input_ids")
             if ("position_ids" not in batch and isinstance(ids, torch.Tensor) and ids.dim() >= 2
                     and ids.shape[-1] > limit):
                 raise ValueError(

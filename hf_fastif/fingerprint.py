@@ -69,7 +69,7 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor | str]]) -> str:
     return digest.hexdigest()
 
 
-def config_fingerprint(model: nn.Module) -> str:
+def config_fingerprint(model: nn.Module, adapter_settings: bool = True) -> str:
     """sha256 of the config entries that decide what the model computes (not paths, versions or the attention
     implementation), plus the adapters of a PEFT model (`adapter_state`)."""
     config = getattr(model, "config", None)
@@ -83,14 +83,17 @@ def config_fingerprint(model: nn.Module) -> str:
         except (ValueError, AttributeError):  # transformers raises when no adapter is loaded
             adapters = None
     values["__active_adapters__"] = adapters
-    state = adapter_state(model)
+    state = adapter_state(model) if adapter_settings else {}
     if state:  # (only then: the fingerprints of models without adapters stay what tables recorded before)
         values["__adapter_state__"] = state
     values["__class__"] = type(model).__name__
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # `training`, the parameter / buffer / hook dicts, ...
+ADAPTER_SETTINGS = frozenset({
+    "scaling", "r", "lora_alpha", "alpha", "use_dora", "use_rslora", "fan_in_fan_out", "is_feedforward",
+    "_disable_adapters", "merged_adapters", "_active_adapter", "active_adapter", "_adapters_disabled"})
+"""Attributes of PEFT's modules that change what they compute and live outside tensors (`adapter_state`)."""
 _SKIP = object()
 
 
@@ -112,34 +115,39 @@ def _plain(value):
 
 
 def adapter_state(model: nn.Module) -> dict:
-    """What a PEFT model computes with beyond its tensors: the plain settings of every module PEFT made (a LoRA
-    layer's ``scaling``, set by ``rescale_adapter_scale`` / ``set_scale`` or by ``lora_alpha``; its disabled, merged
-    and active adapters). Without them, a second call after ``with model.disable_adapter():`` or a rescale was
-    served the first call's trunk states and Hessian. Not the adapters' configs: they hold paths, versions and
-    ``inference_mode``, which differ between loads of the same model, and what they set lives in the layers.
-    Empty for a model without adapters."""
+    """What a PEFT model computes with beyond its tensors: the `ADAPTER_SETTINGS` of every module PEFT made (a
+    LoRA layer's ``scaling``, set by ``rescale_adapter_scale`` / ``set_scale`` or by ``lora_alpha``; its disabled,
+    merged and active adapters). Without them, a second call after ``with model.disable_adapter():`` or a rescale
+    was served the first call's trunk states and Hessian. Named settings only, not every attribute: accelerate
+    marks a prepared model (``_is_accelerate_prepared``), and PEFT's internals change between its versions, neither
+    of which changes a number. Not the adapters' configs either: they hold paths, versions and ``inference_mode``,
+    which differ between loads of the same model, and what they set lives in the layers. Empty for a model
+    without adapters."""
     state: dict = {}
     for name, module in model.named_modules():
         if not type(module).__module__.startswith("peft."):
             continue
-        settings = {k: _plain(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
+        settings = {k: _plain(v) for k, v in vars(module).items() if k in ADAPTER_SETTINGS}
         settings = {k: v for k, v in settings.items() if v is not _SKIP}
         if settings:
             state[name] = settings
     return state
 
 
-def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME) -> str:
+def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME, *,
+                      adapter_settings: bool = True) -> str:
     """Fingerprint of a model's parameters and buffers (names, shapes, dtypes, values), its semantic config and its
-    active adapters: equal for the same model loaded from anywhere, different after any change of weights.
+    adapters' settings: equal for the same model loaded from anywhere, different after any change of weights.
     ``"xxh3-128:"`` and a sha256 over the tensors' digests.
 
     Args:
         digests: `tensor_digests(model, scheme)` if already computed (the model is not hashed again); they must be
             of the same ``scheme``.
-        scheme: `LEGACY_SCHEME` computes the fingerprint that hf_fastif recorded before `SCHEME` (no prefix)."""
+        scheme: `LEGACY_SCHEME` computes the fingerprint that hf_fastif recorded before `SCHEME` (no prefix).
+        adapter_settings: include a PEFT model's `adapter_state`; False computes what hf_fastif recorded for such a model
+            before it did (`InfluenceTable.check_model` falls back to it)."""
     digests = digests if digests is not None else tensor_digests(model, scheme)
-    combined = tensors_fingerprint([("__config__", config_fingerprint(model)), *digests.items()])
+    combined = tensors_fingerprint([("__config__", config_fingerprint(model, adapter_settings)), *digests.items()])
     return combined if scheme == LEGACY_SCHEME else f"{scheme}:{combined}"
 
 

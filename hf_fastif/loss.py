@@ -91,14 +91,29 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, kin
     return ((logits - target) ** 2).mean(1)
 
 
+PREPENDING_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+"""PEFT prompt-learning methods that put their virtual tokens' outputs before a row's own (prefix tuning feeds
+them as past keys and values instead; CPT labels them with tokens, which a loss_fn must do)."""
+
+
+def prepended_positions(model: nn.Module) -> int:
+    """How many positions a PEFT prompt-learning model puts before each row's own (its virtual tokens), else 0."""
+    try:
+        config = model.active_peft_config
+    except (AttributeError, KeyError, TypeError):  # not PEFT; no adapter left; several active
+        return 0
+    kind = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
+    if not getattr(config, "is_prompt_learning", False) or kind not in PREPENDING_PEFT_TYPES:
+        return 0
+    return int(getattr(config, "num_virtual_tokens", 0) or 0)
+
+
 def make_default_loss(model: nn.Module) -> LossFn:
     """The per-example loss matching ``model``'s head (see the module docstring)."""
     shift = bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
         getattr(model, "config", None), "is_encoder_decoder", False
     )
-    # a PEFT prompt-learning model (prompt tuning, p-tuning) puts its virtual tokens' outputs before the rows' own
-    peft_config = getattr(model, "active_peft_config", None)
-    prepends = bool(getattr(peft_config, "is_prompt_learning", False))
+    virtual = prepended_positions(model)
 
     def loss(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in batch:
@@ -111,7 +126,7 @@ def make_default_loss(model: nn.Module) -> LossFn:
             return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels))
         if logits.dim() == 3:
             extra = logits.shape[1] - labels.shape[1] if labels.dim() == 2 else 0
-            if extra > 0 and prepends:  # labelled -100 (ignored), as PEFT labels them for the model's own loss
+            if extra and extra == virtual:  # labelled -100 (ignored), as PEFT labels them for the model's own loss
                 labels = torch.cat([labels.new_full((labels.shape[0], extra), -100), labels], 1)
             elif extra:
                 raise ValueError(f"The model gives logits for {logits.shape[1]} positions and the batch has labels for "

@@ -417,3 +417,17 @@ def test_a_collator_that_overruns_the_position_table_only_on_long_rows_is_refuse
             compute_influences(model, data[0], data[1], default_arguments(**FAST), data_collator=every,
                                candidate_dataset=data[2])
     compute_influences(model, train, test, default_arguments(**FAST), data_collator=every)  # short rows: fine
+
+
+def test_rows_of_stored_inputs_embeds_pass_the_collator_checks():
+    """No ``input_ids`` column, so no longest row: the padding check has only the first rows (it crashed on None)."""
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        return Dataset.from_dict({"inputs_embeds": [rng.normal(size=(5, 16)).tolist() for _ in range(n)],
+                                  "attention_mask": [[1] * 5] * n, "labels": [i % 2 for i in range(n)]})
+
+    for kind in ("bert", "gpt2"):
+        args = default_arguments(**(FAST | {"influence_solver": "exact", "influence_params": [r"classifier|score"]}))
+        table = compute_influences(tiny_model(kind), rows(8), rows(2), args)
+        assert len(table) == 16 and np.isfinite(table.to_pandas().influence).all()

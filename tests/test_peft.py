@@ -231,3 +231,36 @@ def test_lora_on_target_parameters_is_scored_by_per_example_gradients(tmp_path):
                               data_collator=collator)
     np.testing.assert_allclose(_matrix(table, 10, 2), _matrix(by_grad.compute_influences(train, test), 10, 2),
                                rtol=1e-9, atol=1e-15)
+
+
+def test_tables_recorded_before_adapter_settings_were_fingerprinted_still_check(tmp_path, caplog):
+    """A PEFT table recorded before `adapter_state` joined the fingerprint (the fingerprint without it) is accepted
+    with a warning when the weights match; other weights are refused. Attributes that change no number (accelerate's
+    mark on a prepared model) leave the fingerprint alone, so a table from InfluenceTrainer checks against the
+    model reloaded from its saved adapter."""
+    from hf_fastif import InfluenceTable
+    from hf_fastif.fingerprint import model_fingerprint
+    from hf_fastif.table.format import ModelMismatchError
+
+    model = _lora()
+    before = model_fingerprint(model)
+    model._is_accelerate_prepared = True  # what Trainer.train() leaves on a PEFT model
+    assert model_fingerprint(model) == before
+    old = model_fingerprint(model, adapter_settings=False)
+    assert old != before
+    for recorded, warned in ((before, False), (old, True)):
+        table = InfluenceTable.from_arrays([0], [0], [0.5], {"model": {"name_or_path": "lora", "fingerprint": recorded}})
+        caplog.clear()
+        table.check_model(model)
+        assert ("before hf_fastif fingerprinted a PEFT model's adapter settings" in caplog.text) is warned
+    with pytest.raises(ModelMismatchError, match="fingerprint mismatch"):
+        InfluenceTable.from_arrays([0], [0], [0.5], {"model": {"fingerprint": old}}).check_model(_lora(seed=1))
+
+
+def test_prompt_tuning_virtual_tokens_count_against_the_position_table(tmp_path):
+    model = peft.get_peft_model(tiny_model("gpt2-lm"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                num_virtual_tokens=3))
+    rows = make_token_dataset(1, seed=3, min_len=31, max_len=31, causal=True)  # 31 + 3 > 32 positions
+    with pytest.raises(ValueError, match="a sequence of 31 tokens, more than the model's 29 positions"):
+        InfluenceEngine(model.double().eval(), args=_args(tmp_path), data_collator=_lm_collator()).compute_influences(
+            rows, make_token_dataset(1, seed=4, causal=True))

@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from datasets import Dataset
+from transformers.utils import logging
 
-from ..fingerprint import fingerprint_scheme, model_fingerprint
+from ..fingerprint import adapter_state, fingerprint_scheme, model_fingerprint
 from ..utils import quiet_datasets
 from . import hub
 from .format import (
@@ -44,6 +45,7 @@ from .storage import (
     sort_order,
 )
 
+logger = logging.get_logger(__name__)
 
 class InfluenceTable:
     """Influence of training rows on test rows. Negative = helpful, positive = harmful.
@@ -215,9 +217,15 @@ class InfluenceTable:
         if recorded.get("revision") and revision and recorded["revision"] != revision:
             problems.append(f"revision {recorded['revision']!r} in the table, {revision!r} in the model")
         fingerprint = recorded.get("fingerprint")  # computed as it was recorded (tables made before xxh3: sha256)
-        if not problems and fingerprint and fingerprint != model_fingerprint(
-                model, scheme=fingerprint_scheme(fingerprint)):
-            problems.append("the weights differ (fingerprint mismatch)")
+        if not problems and fingerprint:
+            scheme = fingerprint_scheme(fingerprint)
+            if fingerprint != model_fingerprint(model, scheme=scheme):
+                if adapter_state(model) and fingerprint == model_fingerprint(model, scheme=scheme, adapter_settings=False):
+                    logger.warning("This influence table was recorded before hf_fastif fingerprinted a PEFT model's "
+                                   "adapter settings: the weights match, its adapters' scaling and disabled / merged "
+                                   "state cannot be checked.")
+                else:
+                    problems.append("the weights differ (fingerprint mismatch)")
         if problems:
             raise ModelMismatchError(
                 f"This influence table was computed with {recorded.get('name_or_path')!r}, not with the given model: "

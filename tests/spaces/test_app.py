@@ -412,7 +412,7 @@ def test_the_assembled_space_runs_alone_and_a_browser_drives_it(app, tmp_path) -
     from hf_fastif.space import SpaceState
     from spaces_demo.assemble import assemble
 
-    assert CHROMIUM.is_file(), "Debian's chromium is missing: apt-get install -y chromium (see .ci/run)"
+    assert CHROMIUM.is_file(), "Debian's chromium is missing: make test installs it (apt-get install -y chromium)"
     build = Path(os.environ["HF_FASTIF_SPACE_CACHE"]) / KIND
     folder = assemble(tmp_path / "space", with_default=build)
     wheel = next(folder.glob("hf_fastif-*.whl"))
