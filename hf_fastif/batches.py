@@ -57,19 +57,36 @@ def model_input_columns(model: nn.Module, dataset: Dataset) -> list[str]:
     return [c for c in dataset.column_names if c in keep]
 
 
-def validate_dataset(dataset, name: str, model: nn.Module) -> list[str]:
-    """Check a dataset is a non-empty, tokenized `datasets.Dataset`; return the columns to keep."""
+def keeps_every_column(args) -> bool:
+    """Whether ``args`` (`TrainingArguments`) say ``remove_unused_columns=False``: the Trainer then hands every
+    column to the collator and the model, and influence must read the rows the same way."""
+    return getattr(args, "remove_unused_columns", True) is False
+
+
+def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = False) -> list[str]:
+    """Check a dataset is a non-empty, tokenized `datasets.Dataset`; return the columns to keep: the model's
+    inputs and labels, as the Trainer keeps them, or every column (``keep_all``: ``remove_unused_columns=False``,
+    for a collator or a ``**kwargs`` forward that reads more)."""
     if not isinstance(dataset, Dataset):
-        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; "
-                        "wrap your data with datasets.Dataset.from_dict(...).")
+        stream = type(dataset).__name__ == "IterableDataset"
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; " + (
+            "influence reads rows by position, many times: materialize the stream, e.g. "
+            "datasets.Dataset.from_generator(lambda: iter(stream), features=stream.features)." if stream else
+            "wrap your data with datasets.Dataset.from_dict(...)."))
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; influence needs at least one row.")
-    columns = model_input_columns(model, dataset)
+    if (dataset.format or {}).get("type") == "custom":
+        raise ValueError(f"{name} is transformed on the fly (set_transform / with_transform): influence reads each "
+                         "row many times and keys its caches on the stored values, which a transform can change "
+                         "unseen. Store what the transform makes: dataset.map(transform, batched=True, "
+                         "remove_columns=dataset.column_names) on the dataset without the transform.")
+    readable = model_input_columns(model, dataset)
+    columns = list(dataset.column_names) if keep_all else readable
     ignored = [c for c in dataset.column_names if c not in columns]
     if ignored:
         logger.info(f"{name}: columns {ignored} are not inputs of {type(model).__name__}.forward and are ignored, "
-                    "as the Trainer ignores them.")
-    inputs = [c for c in columns if c not in LABEL_COLUMNS]
+                    "as the Trainer ignores them (remove_unused_columns=False keeps them).")
+    inputs = [c for c in readable if c not in LABEL_COLUMNS]
     if not inputs:
         text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
         hint = f" It has text columns {text}: tokenize them first, e.g. dataset.map(lambda b: tokenizer(b[{text[0]!r}]), batched=True)." if text else ""
@@ -340,6 +357,14 @@ class Batcher:
         positions = range(min(rows, len(self)))
         with _saved_random_states():
             first, second = self.batch(positions, trunk=False), self.batch(positions, trunk=False)
+        ids = next((first[k] for k in ("input_ids", "inputs_embeds", "attention_mask")
+                    if isinstance(first.get(k), torch.Tensor) and first[k].dim() >= 2), None)
+        if ids is not None and ids.shape[0] != len(positions):
+            raise ValueError(
+                f"The data collator makes {len(positions)} rows of {name} into a batch of {ids.shape[0]} row(s): it packs "
+                "rows together (DataCollatorWithFlattening's padding-free batches) or splits them. Influence needs "
+                "one row of the batch per example, for its own loss and gradient: collate with "
+                "DataCollatorWithPadding (or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
         differ = sorted(k for k in first.keys() | second.keys() if not _same_value(first.get(k), second.get(k)))
         if differ:
             raise ValueError(
@@ -394,6 +419,12 @@ class Batcher:
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         try:
             batch = self.collator(features)
+        except KeyError as err:
+            raise ValueError(
+                f"The data collator reads a column the rows do not have ({err}; they have {sorted(features[0])}). "
+                "Influence keeps only the columns the model's forward takes, as the Trainer does by default; with "
+                "remove_unused_columns=False in the arguments every column is kept, as the Trainer keeps them "
+                "then.") from err
         except (ValueError, RuntimeError) as err:
             label = next((c for c in LABEL_COLUMNS if c in features[0]), None)
             if label is not None and isinstance(features[0][label], str):

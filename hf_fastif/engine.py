@@ -38,7 +38,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
-from .batches import Batcher, check_values, decoder_inputs_from_labels, validate_dataset
+from .batches import Batcher, check_values, decoder_inputs_from_labels, keeps_every_column, validate_dataset
 from .fingerprint import (
     callable_fingerprint,
     collator_settings,
@@ -49,7 +49,7 @@ from .fingerprint import (
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
-from .loss import FunctionalModel, LossFn, logits_of
+from .loss import FunctionalModel, LossFn, find_logits, logits_of
 from .mode import influence_mode
 from .params import num_parameters, select_parameters
 from .readout import Readout, find_readout
@@ -171,6 +171,8 @@ class InfluenceEngine:
         self._padding_checked: set[tuple] = set()
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
+        # (weights, training data) → the model's own loss and the default one on its first row, where they differ
+        self._own_loss: dict[tuple, dict | None] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
         self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
         self._prepared_solve: tuple[tuple, LowRankSolve] | None = None  # (low-rank key, λ) -> its solve
@@ -271,11 +273,53 @@ class InfluenceEngine:
         return self._s_test_of(call)
 
     def _prepare(self, call: _Call) -> None:
-        """The padding probe, the trunk caches and the read position: what every later stage runs on."""
+        """The default loss against the model's own, the padding probe, the trunk caches and the read position:
+        what every later stage runs on."""
+        self._check_own_loss(call)
         self._check_padding(call)
         with call.timer("trunk"):
             self._attach_trunks(call)
             self._attach_readout(call)
+
+    def _check_own_loss(self, call: _Call) -> None:
+        """With the default loss, compare it with the loss the model itself returns (once per weights and data): on
+        the first training row alone, and for a classifier on the first 8 rows together (class weights cancel on
+        one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
+        loss than the head's plain one, and influence would silently be of the plain one."""
+        if self.loss_fn is not None:
+            return
+        key = (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train))
+        if key not in self._own_loss:
+            self._own_loss[key] = None
+            for rows in ([0], list(range(min(8, len(call.train))))):
+                batch = call.train.batch(rows, trunk=False)
+                try:
+                    with torch.no_grad():
+                        outputs = self.model(**batch)
+                        own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+                        ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
+                except Exception as err:  # a model that cannot take labels this way: nothing to compare
+                    logger.debug(f"The model's own loss could not be compared with the default one ({err}).")
+                    return
+                if ours is None or own.numel() != 1 or len(ours) != len(rows):
+                    return
+                own, ours = float(own), float(ours.mean())
+                if abs(own - ours) > 1e-4 * max(abs(own), abs(ours)) + 1e-6:
+                    self._own_loss[key] = {"rows": rows, "model_loss": own, "default_loss": ours}
+                    what = "row 0" if len(rows) == 1 else f"rows 0-{len(rows) - 1}"
+                    logger.warning(
+                        f"On train_dataset {what} the model's own loss is {own:.6g}, and the mean of the default "
+                        f"per-row loss (the head's plain one, hf_fastif.loss) is {ours:.6g}: the model computes its "
+                        "loss otherwise (class weights, label smoothing or an extra term in its forward), so the "
+                        "influence computed would be of another loss than the one it trains on. Pass "
+                        "loss_fn=(outputs, batch) -> per-row loss that matches it (InfluenceTrainer: "
+                        "influence_loss_fn=).")
+                    break
+                logits = find_logits(outputs)
+                if logits is None or logits.dim() != 2:  # token losses: the model weights rows by their tokens
+                    break
+        if self._own_loss[key] is not None:
+            call.info["own_loss_differs"] = self._own_loss[key]
 
     def _candidates_read_s_test(self, call: _Call) -> bool:
         """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
@@ -492,9 +536,10 @@ class InfluenceEngine:
         if combine not in COMBINE:
             raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
         candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
-        train_cols = validate_dataset(train_dataset, "train_dataset", model)
-        test_cols = validate_dataset(test_dataset, "test_dataset", model)
-        cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model)
+        keep_all = keeps_every_column(args)
+        train_cols = validate_dataset(train_dataset, "train_dataset", model, keep_all)
+        test_cols = validate_dataset(test_dataset, "test_dataset", model, keep_all)
+        cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model, keep_all)
         k = args.influence_knn_k
         if k is not None and k > len(candidate_dataset) and methods is None:
             logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
@@ -657,7 +702,8 @@ class InfluenceEngine:
         model = self.model
         names = list(select_parameters(model, self.args.influence_params))
         device = next(model.parameters()).device
-        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model), self.data_collator, device,
+        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model, keeps_every_column(self.args)),
+                          self.data_collator, device,
                           decoder_inputs=decoder_inputs_from_labels(model))
         out = []
         with influence_mode(model, names), torch.no_grad():

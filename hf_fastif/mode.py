@@ -23,7 +23,10 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     - gradient checkpointing off, and the input-embedding hooks it (or PEFT) installs removed: the hook calls
       ``requires_grad_`` inside ``torch.func`` transforms, which they refuse (and in eval mode checkpointing
       saves nothing);
-    - only the selected parameters requiring grad, so autograd does not walk frozen layers.
+    - only the selected parameters requiring grad, so autograd does not walk frozen layers;
+    - the model's own forward, not the mixed-precision wrapper accelerate leaves on it after ``Trainer.train()``
+      with ``bf16`` / ``fp16`` (``model._original_forward``): under its autocast every product ran in half
+      precision, whatever the weights' dtype (Spearman 0.82 with the float64 values on a bf16-trained tiny BERT).
     """
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -38,6 +41,7 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)
               and hasattr(m, "enable_input_require_grads") and hasattr(m, "disable_input_require_grads")]
+    autocast = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m) and "_original_forward" in vars(m)}
     try:
         model.eval()
         _refuse_batch_statistics(model)
@@ -55,8 +59,16 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
             m.disable_input_require_grads()
         for n, p in model.named_parameters():
             p.requires_grad_(n in selected)
+        if autocast:
+            logger.info("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 Trainer); "
+                        "influence runs the forward without it, in the weights' own dtype, and puts it back "
+                        "afterwards.")
+        for m in autocast:
+            m.forward = vars(m)["_original_forward"]
         yield
     finally:
+        for m, forward in autocast.items():
+            m.forward = forward
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         for m in hooked:

@@ -42,7 +42,8 @@ class InfluenceTrainer(Trainer):
         self._influence_engine: InfluenceEngine | None = None
         trained_on = [what for what, used in (
             (f"label_smoothing_factor={self.args.label_smoothing_factor}", self.args.label_smoothing_factor),
-            ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None)) if used]
+            ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
+            (f"{type(self).__name__}.compute_loss", type(self).compute_loss is not Trainer.compute_loss)) if used]
         if trained_on and influence_loss_fn is None:
             logger.warning(f"This trainer trains with {' and '.join(trained_on)}, but influence uses the model's "
                            "plain loss (the head's own): the Hessian and gradients are not those of the loss that "

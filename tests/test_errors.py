@@ -431,3 +431,25 @@ def test_rows_of_stored_inputs_embeds_pass_the_collator_checks():
         args = default_arguments(**(FAST | {"influence_solver": "exact", "influence_params": [r"classifier|score"]}))
         table = compute_influences(tiny_model(kind), rows(8), rows(2), args)
         assert len(table) == 16 and np.isfinite(table.to_pandas().influence).all()
+
+
+def test_a_packing_collator_is_refused():
+    """DataCollatorWithFlattening packs a batch into one row (padding-free): the trunk cache and the scores failed
+    on shapes, far from the cause."""
+    from transformers import DataCollatorWithFlattening
+
+    train, test = make_token_dataset(12, seed=0, causal=True), make_token_dataset(2, seed=1, causal=True)
+    with pytest.raises(ValueError, match="makes 4 rows of train_dataset into a batch of 1 row.*DataCollatorWithPadding"):
+        compute_influences(tiny_model("gpt2-lm"), train, test,
+                           default_arguments(**(FAST | {"influence_params": [r"ln_f\."]})),
+                           data_collator=DataCollatorWithFlattening())
+
+
+def test_rows_transformed_on_the_fly_or_streamed_are_refused_with_the_fix(setup, pad_collator):
+    model, train, test = setup
+    with pytest.raises(ValueError, match="transformed on the fly.*dataset.map\\(transform"):
+        compute_influences(model, train.with_transform(lambda batch: batch), test, default_arguments(**FAST),
+                           data_collator=pad_collator)
+    with pytest.raises(TypeError, match="got IterableDataset.*Dataset.from_generator"):
+        compute_influences(model, train.to_iterable_dataset(), test, default_arguments(**FAST),
+                           data_collator=pad_collator)

@@ -1,6 +1,7 @@
 """InfluenceTrainer: training is exactly the Trainer's; influence comes from the same engine."""
 
 import numpy as np
+import pytest
 import torch
 from transformers import Trainer
 
@@ -9,11 +10,11 @@ from tests.tiny import make_token_dataset, tiny_model
 
 
 def arguments(tmp_path, **kw):
-    return InfluenceArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=6,
-                              per_device_train_batch_size=8, learning_rate=1e-3, save_strategy="no", seed=0,
-                              logging_strategy="no", disable_tqdm=True, influence_solver="cg",
-                              influence_damping=0.05, influence_scale=20.0, influence_knn_k=8,
-                              influence_params=[r"pooler\.", r"classifier\."], **kw)
+    return InfluenceArguments(**(dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=6,
+                                      per_device_train_batch_size=8, learning_rate=1e-3, save_strategy="no", seed=0,
+                                      logging_strategy="no", disable_tqdm=True, influence_solver="cg",
+                                      influence_damping=0.05, influence_scale=20.0, influence_knn_k=8,
+                                      influence_params=[r"pooler\.", r"classifier\."]) | kw))
 
 
 def test_swapping_trainer_changes_nothing_about_training(tmp_path, pad_collator):
@@ -81,3 +82,117 @@ def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplo
     hf_logging.disable_propagation()
     assert "label_smoothing_factor=0.3" in warned and "influence_loss_fn" in warned
     assert "label_smoothing" not in caplog.text
+
+
+def _warnings(caplog, run):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = run()
+    finally:
+        hf_logging.disable_propagation()
+    return result, caplog.text
+
+
+def test_a_compute_loss_of_a_subclass_is_named(tmp_path, pad_collator, caplog):
+    class Weighted(InfluenceTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+    _, warned = _warnings(caplog, lambda: Weighted(model=tiny_model("bert"), args=arguments(tmp_path),
+                                                   train_dataset=make_token_dataset(8, seed=0),
+                                                   data_collator=pad_collator))
+    assert "Weighted.compute_loss" in warned and "influence_loss_fn" in warned
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path),
+                                                           train_dataset=make_token_dataset(8, seed=0),
+                                                           data_collator=pad_collator))
+    assert "compute_loss" not in warned
+
+
+class _ClassWeighted(torch.nn.Module):
+    """A classifier whose own forward weights its classes (1 and 4) in the loss, as users write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_model("bert")
+        self.config = self.inner.config
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        if labels is not None:
+            weight = torch.tensor([1.0, 4.0], dtype=out.logits.dtype)
+            out.loss = torch.nn.functional.cross_entropy(out.logits, labels, weight=weight)
+        return out
+
+
+def test_a_model_whose_own_loss_differs_from_the_default_is_named(tmp_path, pad_collator, caplog):
+    """Class weights in the model's forward cancel on one row, so the first 8 rows are compared together: the
+    influence of the plain loss was 85% off the trained one, without a word."""
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(1, seed=1)
+    args = arguments(tmp_path, influence_knn_k=None)
+    table, warned = _warnings(caplog, lambda: compute_influences(_ClassWeighted(), train, test, args,
+                                                                 data_collator=pad_collator))
+    differs = table.metadata["diagnostics"]["own_loss_differs"]
+    assert differs["rows"] == list(range(8)) and abs(differs["model_loss"] - differs["default_loss"]) > 1e-3
+    assert "the model's own loss is" in warned and "loss_fn=" in warned
+    plain, warned = _warnings(caplog, lambda: compute_influences(tiny_model("bert"), train, test, args,
+                                                                 data_collator=pad_collator))
+    assert "own_loss_differs" not in plain.metadata["diagnostics"] and "own loss" not in warned
+
+    def weighted(outputs, batch):  # the model's loss per row: its mean over a batch weights each row by its class
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    given = compute_influences(_ClassWeighted(), train, test, args, data_collator=pad_collator, loss_fn=weighted)
+    assert "own_loss_differs" not in given.metadata["diagnostics"]  # a loss_fn of one's own is not second-guessed
+
+
+def test_remove_unused_columns_false_keeps_the_columns_the_trainer_keeps(tmp_path, pad_collator):
+    """With remove_unused_columns=False the Trainer hands every column to the collator (and the model): a
+    collator reading one more column trained on batches influence did not see (and a bare KeyError)."""
+    from datasets import Dataset
+
+    train = make_token_dataset(16, seed=0)
+    train = train.add_column("scale", [float(1 + i % 3) for i in range(len(train))])
+    test = make_token_dataset(1, seed=1).add_column("scale", [1.0])
+
+    def collator(rows):
+        batch = pad_collator([{k: v for k, v in r.items() if k != "scale"} for r in rows])
+        batch["input_ids"] = batch["input_ids"] * (torch.tensor([r["scale"] for r in rows]) > 1).long()[:, None]
+        return batch
+
+    with pytest.raises(ValueError, match="reads a column the rows do not have.*remove_unused_columns=False"):
+        compute_influences(tiny_model("bert"), train, test, arguments(tmp_path), data_collator=collator)
+    kept = compute_influences(tiny_model("bert"), train, test, arguments(tmp_path, remove_unused_columns=False),
+                              data_collator=collator)
+    zeroed = Dataset.from_dict({"input_ids": [ids if s > 1 else [0] * len(ids)
+                                              for ids, s in zip(train["input_ids"], train["scale"])],
+                                "attention_mask": train["attention_mask"], "labels": train["labels"]})
+    test_zeroed = Dataset.from_dict({"input_ids": [[0] * len(test[0]["input_ids"])],
+                                     "attention_mask": test["attention_mask"], "labels": test["labels"]})
+    expected = compute_influences(tiny_model("bert"), zeroed, test_zeroed, arguments(tmp_path),
+                                  data_collator=pad_collator)
+    np.testing.assert_allclose(kept.to_pandas().sort_values("train_id").influence,
+                               expected.to_pandas().sort_values("train_id").influence, rtol=1e-9)
+
+
+def test_a_bf16_trainer_explains_in_the_weights_dtype(tmp_path, pad_collator):
+    """After train() with bf16, accelerate leaves an autocast wrapper on model.forward: every product ran in bf16
+    (Spearman 0.82 with float64). Influence runs the model's own forward, and the wrapper is put back."""
+    train, test = make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert", dtype=torch.float32)
+    args = arguments(tmp_path, bf16=True, influence_solver="exact", influence_knn_k=None)
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator)
+    trainer.train()
+    assert "_original_forward" in vars(model) and hasattr(model.forward, "__wrapped__")
+    wrapper = model.forward
+    table = trainer.compute_influences(test)
+    assert model.forward is wrapper  # put back: later training keeps its mixed precision
+    clean = tiny_model("bert", dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    expected = compute_influences(clean, train, test, args, data_collator=pad_collator)
+    np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-5, atol=1e-9)
