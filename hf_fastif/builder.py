@@ -57,6 +57,13 @@ def data_identity(dataset: Dataset, name: str, model: nn.Module, keep_all: bool 
     return {"num_rows": len(dataset), "columns": columns, "sha256": dataset_fingerprint(dataset, columns)}
 
 
+def _default_loss_smoothing(args, callables) -> float:
+    """The ``label_smoothing_factor`` the default loss takes from ``args`` (0 with a ``loss_fn`` of one's own)."""
+    if (callables or {}).get("loss_fn") is not None:
+        return 0.0
+    return float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+
+
 def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, args: InfluenceArguments,
                     shard_size: int, candidate_dataset: Dataset | None = None,
                     callables: dict[str, Callable | None] | None = None) -> dict:
@@ -70,7 +77,8 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
-        "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS},
+        "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}
+        | ({"label_smoothing_factor": smoothing} if (smoothing := _default_loss_smoothing(args, callables)) else {}),
         "train": train, "test": data_identity(test_dataset, "test_dataset", model, keep_all), "candidates": candidates,
         **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
         "shard_size": shard_size,

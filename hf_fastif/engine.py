@@ -157,7 +157,7 @@ class InfluenceEngine:
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
-        self._functions = {"collator": callable_fingerprint(data_collator), "loss": callable_fingerprint(loss_fn),
+        self._functions = {"collator": callable_fingerprint(data_collator), "loss": self._loss_key(),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
         self._collator_settings = collator_settings(data_collator)
@@ -281,12 +281,21 @@ class InfluenceEngine:
             self._attach_trunks(call)
             self._attach_readout(call)
 
+    def _label_smoothing(self) -> float:
+        """The Trainer's ``label_smoothing_factor`` (the arguments are `TrainingArguments` too): the default loss
+        is the one such a Trainer trains on. A ``loss_fn`` of one's own is used as it is."""
+        return 0.0 if self.loss_fn is not None else float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)
+
+    def _loss_key(self) -> str:
+        smoothing = self._label_smoothing()
+        return callable_fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
+
     def _check_own_loss(self, call: _Call) -> None:
         """With the default loss, compare it with the loss the model itself returns (once per weights and data): on
         the first training row alone, and for a classifier on the first 8 rows together (class weights cancel on
         one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
         loss than the head's plain one, and influence would silently be of the plain one."""
-        if self.loss_fn is not None:
+        if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
         key = (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train))
         if key not in self._own_loss:
@@ -530,7 +539,7 @@ class InfluenceEngine:
             self._functions["collator"] = callable_fingerprint(self.data_collator)  # (34 ms on MiniLM's: not per call)
             self._collator_settings = settings
         # a loss changed in place (a temperature, a closure's value) keys the curvature caches anew (µs each)
-        self._functions |= {"loss": callable_fingerprint(self.loss_fn),
+        self._functions |= {"loss": self._loss_key(),
                             "measurement": callable_fingerprint(self.measurement_fn),
                             "features": callable_fingerprint(self.features)}
         if combine not in COMBINE:
@@ -600,7 +609,8 @@ class InfluenceEngine:
             test.check_labels("test_dataset")
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
-        fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay)
+        fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay,
+                             label_smoothing=self._label_smoothing())
         return _Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
                      progress=not getattr(args, "disable_tqdm", False) and rank == 0)
@@ -1018,7 +1028,8 @@ class InfluenceEngine:
             "test_data": describe_data(test_dataset),
             "candidate_data": describe_data(candidate_dataset),
             "combine": call.combine,
-            "settings": args.influence_settings() | {"influence_knn_k_used": call.k},
+            "settings": args.influence_settings() | {"influence_knn_k_used": call.k}
+            | ({"label_smoothing_factor": self._label_smoothing()} if self._label_smoothing() else {}),
             "lambda": args.influence_lambda,
             "num_processes": D.world()[1],
             "semantics": SEMANTICS,

@@ -72,14 +72,16 @@ def problem_type(model: nn.Module, num_outputs: int, labels: torch.Tensor) -> st
     return "multi_label_classification"
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-row loss ``(b,)`` of ``(b, k)`` logits whose mean over rows is the model's own loss for ``kind``."""
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str,
+                                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-row loss ``(b,)`` of ``(b, k)`` logits whose mean over rows is the model's own loss for ``kind`` (with
+    ``label_smoothing``, the Trainer's `LabelSmoother` loss for single-label classification)."""
     b, k = logits.shape
     if kind == "single_label_classification":
         if labels.is_floating_point() or labels.numel() != b:
             raise ValueError(f"single_label_classification needs one integer class id per row; got labels of "
                              f"shape {tuple(labels.shape)} and dtype {labels.dtype} for logits {(b, k)}.")
-        return F.cross_entropy(logits, labels.reshape(b), reduction="none")
+        return F.cross_entropy(logits, labels.reshape(b), reduction="none", label_smoothing=label_smoothing)
     if labels.numel() != logits.numel():
         need = "multi-hot labels" if kind == "multi_label_classification" else "one target per output"
         hint = (" Integer class ids mean single-label classification: store them as int, or set "
@@ -108,8 +110,10 @@ def prepended_positions(model: nn.Module) -> int:
     return int(getattr(config, "num_virtual_tokens", 0) or 0)
 
 
-def make_default_loss(model: nn.Module) -> LossFn:
-    """The per-example loss matching ``model``'s head (see the module docstring)."""
+def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
+    """The per-example loss matching ``model``'s head (see the module docstring). ``label_smoothing``: the
+    Trainer's ``label_smoothing_factor``, which trains a cross-entropy head on ``(1 - ε)·NLL + ε·mean_k(-log p_k)``
+    (its `LabelSmoother`), per row here (per token and averaged over the row's tokens for token losses)."""
     shift = bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
         getattr(model, "config", None), "is_encoder_decoder", False
     )
@@ -123,7 +127,8 @@ def make_default_loss(model: nn.Module) -> LossFn:
             logits = logits.float()
         labels = batch["labels"]
         if logits.dim() == 2:
-            return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels))
+            return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels),
+                                                label_smoothing)
         if logits.dim() == 3:
             extra = logits.shape[1] - labels.shape[1] if labels.dim() == 2 else 0
             if extra and extra == virtual:  # labelled -100 (ignored), as PEFT labels them for the model's own loss
@@ -134,7 +139,8 @@ def make_default_loss(model: nn.Module) -> LossFn:
                                  "for. Pass `loss_fn(outputs, batch)` that lines them up.")
             if shift:
                 logits, labels = logits[:, :-1], labels[:, 1:]
-            tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+            tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100,
+                                     label_smoothing=label_smoothing)
             valid = (labels != -100).to(tokens.dtype)
             return (tokens * valid).sum(1) / valid.sum(1).clamp_min(1.0)
         raise ValueError(f"Cannot make a default loss for logits of shape {tuple(logits.shape)}; pass `loss_fn`.")
@@ -162,16 +168,18 @@ class FunctionalModel:
         weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) added to every loss.
         split: the model's `hf_fastif.trunk.TrunkSplit`, used when a batch carries cached trunk states.
         readout: where the last layer is cut to the position the loss reads (`hf_fastif.readout`), if anywhere.
+        label_smoothing: the Trainer's ``label_smoothing_factor`` for the default loss (`make_default_loss`).
     """
 
     def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
-                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None, readout=None):
+                 measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None, readout=None,
+                 label_smoothing: float = 0.0):
         self.model = model
         self.no_forward_ad: str | None = None  # why forward-mode AD failed on this model, once it has (scoring)
         self.split = split
         self.readout = readout
         self.names = list(names)
-        self.loss_fn = loss_fn or make_default_loss(model)
+        self.loss_fn = loss_fn or make_default_loss(model, label_smoothing)
         self.measurement_fn = measurement_fn
         self.weight_decay = float(weight_decay)
         self.decayed = decayed_names(self.names) if self.weight_decay else []

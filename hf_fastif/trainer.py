@@ -40,8 +40,8 @@ class InfluenceTrainer(Trainer):
         self.influence_loss_fn = influence_loss_fn
         self.influence_measurement_fn = influence_measurement_fn
         self._influence_engine: InfluenceEngine | None = None
+        # (label_smoothing_factor is the default loss's own: it reads it from the arguments)
         trained_on = [what for what, used in (
-            (f"label_smoothing_factor={self.args.label_smoothing_factor}", self.args.label_smoothing_factor),
             ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
             (f"{type(self).__name__}.compute_loss", type(self).compute_loss is not Trainer.compute_loss)) if used]
         if trained_on and influence_loss_fn is None:

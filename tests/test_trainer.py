@@ -64,24 +64,74 @@ def test_plain_training_arguments_are_accepted(tmp_path, pad_collator):
 
 
 def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
-    """Label smoothing (or a compute_loss_func) trains another loss than the one influence differentiates by
-    default: said once, with the fix; an influence_loss_fn silences it."""
+    """A compute_loss_func trains another loss than the one influence differentiates by default: said once, with
+    the fix; an influence_loss_fn silences it."""
     import logging
 
     from transformers.utils import logging as hf_logging
 
     model, train = tiny_model("bert"), make_token_dataset(8, seed=0)
+
+    def custom(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
-        InfluenceTrainer(model=model, args=arguments(tmp_path, label_smoothing_factor=0.3), train_dataset=train,
-                         data_collator=pad_collator)
+        InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+                         compute_loss_func=custom)
         warned = caplog.text
         caplog.clear()
-        InfluenceTrainer(model=model, args=arguments(tmp_path, label_smoothing_factor=0.3), train_dataset=train,
-                         data_collator=pad_collator, influence_loss_fn=lambda outputs, batch: outputs.logits[:, 0])
+        InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+                         compute_loss_func=custom, influence_loss_fn=lambda outputs, batch: outputs.logits[:, 0])
     hf_logging.disable_propagation()
-    assert "label_smoothing_factor=0.3" in warned and "influence_loss_fn" in warned
-    assert "label_smoothing" not in caplog.text
+    assert "a compute_loss_func" in warned and "influence_loss_fn" in warned
+    assert "compute_loss_func" not in caplog.text
+
+
+def test_label_smoothing_is_the_default_loss_of_its_trainer(tmp_path, pad_collator, caplog):
+    """With label_smoothing_factor the Trainer trains on its LabelSmoother's loss, and the default loss is that one
+    per row: its mean over a batch equals the LabelSmoother's (classifier), a row's equals it on that row alone
+    (causal LM, shifted). InfluenceTrainer then explains the smoothed loss, without a warning, and the
+    smoothing keys the caches and the table's settings."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from hf_fastif.loss import make_default_loss
+
+    smoother = LabelSmoother(epsilon=0.3)
+    model, rows = tiny_model("bert", num_labels=3), make_token_dataset(6, seed=0, num_labels=3)
+    batch = pad_collator([rows[i] for i in range(len(rows))])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        outputs = model(**batch)
+    ours = make_default_loss(model, 0.3)(outputs, {"labels": labels})
+    torch.testing.assert_close(ours.mean(), smoother(outputs, labels).to(ours.dtype))
+    assert not torch.allclose(ours, make_default_loss(model)(outputs, {"labels": labels}))
+    lm, text = tiny_model("gpt2-lm"), make_token_dataset(3, seed=1, causal=True)
+    for i in range(len(text)):
+        ids = torch.tensor([text[i]["input_ids"]])
+        with torch.no_grad():
+            out = lm(input_ids=ids)
+        torch.testing.assert_close(make_default_loss(lm, 0.3)(out, {"labels": ids})[0],
+                                   smoother(out, ids, shift_labels=True).to(torch.float64))
+
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    args = arguments(tmp_path, label_smoothing_factor=0.3, influence_knn_k=None)
+    trainer, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=args,
+                                                                 train_dataset=train, data_collator=pad_collator))
+    table, more = _warnings(caplog, lambda: trainer.compute_influences(test))
+    assert "label_smoothing" not in warned + more and "own loss" not in more
+    assert table.metadata["settings"]["label_smoothing_factor"] == 0.3
+
+    def smoothed(outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none",
+                                                 label_smoothing=0.3)
+
+    expected = compute_influences(trainer.model, train, test, arguments(tmp_path, influence_knn_k=None),
+                                  data_collator=pad_collator, loss_fn=smoothed)
+    plain = compute_influences(trainer.model, train, test, arguments(tmp_path, influence_knn_k=None),
+                               data_collator=pad_collator)
+    np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-9)
+    assert np.abs(table.to_pandas().influence - plain.to_pandas().influence).max() > 1e-3
 
 
 def _warnings(caplog, run):
