@@ -362,8 +362,9 @@ class Batcher:
         if ids is not None and ids.shape[0] != len(positions):
             raise ValueError(
                 f"The data collator makes {len(positions)} rows of {name} into a batch of {ids.shape[0]} row(s): it packs "
-                "rows together (DataCollatorWithFlattening's padding-free batches) or splits them. Influence needs "
-                "one row of the batch per example, for its own loss and gradient: collate with "
+                "rows together (DataCollatorWithFlattening's padding-free batches) or expands each into several "
+                "sequences (pairs for a reward model). Influence needs one row of the batch per example, for its "
+                "own loss and gradient: collate with "
                 "DataCollatorWithPadding (or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
         differ = sorted(k for k in first.keys() | second.keys() if not _same_value(first.get(k), second.get(k)))
         if differ:
@@ -420,11 +421,14 @@ class Batcher:
         try:
             batch = self.collator(features)
         except KeyError as err:
+            key = err.args[0] if err.args else None
+            if not isinstance(key, str) or key in features[0]:
+                raise  # a lookup of the collator's own (a label map), not a missing column
             raise ValueError(
-                f"The data collator reads a column the rows do not have ({err}; they have {sorted(features[0])}). "
+                f"The data collator reads a column the rows do not have ({key!r}; they have {sorted(features[0])}). "
                 "Influence keeps only the columns the model's forward takes, as the Trainer does by default; with "
                 "remove_unused_columns=False in the arguments every column is kept, as the Trainer keeps them "
-                "then.") from err
+                "then (if it is False already, the dataset has no such column).") from err
         except (ValueError, RuntimeError) as err:
             label = next((c for c in LABEL_COLUMNS if c in features[0]), None)
             if label is not None and isinstance(features[0][label], str):

@@ -294,26 +294,21 @@ class InfluenceEngine:
         """With the default loss, compare it with the loss the model itself returns (once per weights and data): on
         the first training row alone, and for a classifier on the first 8 rows together (class weights cancel on
         one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
-        loss than the head's plain one, and influence would silently be of the plain one."""
+        loss than the head's plain one, and influence would silently be of the plain one. A mixture of experts'
+        router loss is left out of the comparison (it is not a per-row loss, and takes no part in the head's
+        derivatives); the model's config is restored afterwards (transformers sets ``problem_type`` on the first
+        forward with labels, which would change the model's fingerprint)."""
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
         key = (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train))
         if key not in self._own_loss:
             self._own_loss[key] = None
             for rows in ([0], list(range(min(8, len(call.train))))):
-                batch = call.train.batch(rows, trunk=False)
-                try:
-                    with torch.no_grad():
-                        outputs = self.model(**batch)
-                        own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
-                        ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
-                except Exception as err:  # a model that cannot take labels this way: nothing to compare
-                    logger.debug(f"The model's own loss could not be compared with the default one ({err}).")
+                compared = self._own_and_default_loss(call, rows)
+                if compared is None:
                     return
-                if ours is None or own.numel() != 1 or len(ours) != len(rows):
-                    return
-                own, ours = float(own), float(ours.mean())
-                if abs(own - ours) > 1e-4 * max(abs(own), abs(ours)) + 1e-6:
+                own, ours, tolerance, logits = compared
+                if abs(own - ours) > tolerance * max(abs(own), abs(ours)) + 1e-6:
                     self._own_loss[key] = {"rows": rows, "model_loss": own, "default_loss": ours}
                     what = "row 0" if len(rows) == 1 else f"rows 0-{len(rows) - 1}"
                     logger.warning(
@@ -324,11 +319,42 @@ class InfluenceEngine:
                         "loss_fn=(outputs, batch) -> per-row loss that matches it (InfluenceTrainer: "
                         "influence_loss_fn=).")
                     break
-                logits = find_logits(outputs)
                 if logits is None or logits.dim() != 2:  # token losses: the model weights rows by their tokens
                     break
         if self._own_loss[key] is not None:
             call.info["own_loss_differs"] = self._own_loss[key]
+
+    def _own_and_default_loss(self, call: _Call, rows: list[int]):
+        """``(the model's own loss, the mean default loss over the rows it counts, the relative tolerance of the
+        logits' dtype, the logits)`` on these training rows, or None where there is nothing to compare."""
+        batch = call.train.batch(rows, trunk=False)
+        config = getattr(self.model, "config", None)
+        saved = dict(vars(config)) if config is not None else None
+        try:
+            with torch.no_grad():
+                outputs = self.model(**batch)
+                own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+                ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
+        except Exception as err:  # a model that cannot take labels this way: nothing to compare
+            logger.debug(f"The model's own loss could not be compared with the default one ({err}).")
+            return None
+        finally:
+            if saved is not None:
+                vars(config).clear()
+                vars(config).update(saved)
+        if ours is None or own.numel() != 1 or len(ours) != len(rows):
+            return None
+        aux, coefficient = getattr(outputs, "aux_loss", None), getattr(config, "router_aux_loss_coef", None)
+        if isinstance(aux, torch.Tensor) and coefficient:
+            own = own - coefficient * aux.to(own.dtype)
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+            ours = ours[labels != -100]  # the model's mean counts the labelled rows only
+        logits = find_logits(outputs)
+        if not len(ours) or not torch.isfinite(own):
+            return None
+        dtype = logits.dtype if isinstance(logits, torch.Tensor) and logits.is_floating_point() else torch.float32
+        return float(own), float(ours.mean()), max(1e-4, 8 * torch.finfo(dtype).eps), logits
 
     def _candidates_read_s_test(self, call: _Call) -> bool:
         """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,

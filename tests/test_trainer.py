@@ -246,3 +246,25 @@ def test_a_bf16_trainer_explains_in_the_weights_dtype(tmp_path, pad_collator):
     clean.load_state_dict(model.state_dict())
     expected = compute_influences(clean, train, test, args, data_collator=pad_collator)
     np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-5, atol=1e-9)
+
+
+def test_comparing_the_models_own_loss_leaves_the_model_as_it_was_and_spares_plain_models(tmp_path, pad_collator,
+                                                                                        caplog):
+    """transformers sets config.problem_type on the first forward with labels: that changed the model's
+    fingerprint (and missed every cache on the next call). No warning on a plain model in bfloat16 (its loss is
+    computed in bf16, the default loss in float32), nor where a row among the first 8 is labelled -100."""
+    from hf_fastif.fingerprint import model_fingerprint
+
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(1, seed=1)
+    model = tiny_model("bert")
+    assert model.config.problem_type is None
+    before = model_fingerprint(model)
+    compute_influences(model, train, test, arguments(tmp_path, influence_knn_k=None), data_collator=pad_collator)
+    assert model.config.problem_type is None and model_fingerprint(model) == before
+    labels = train["labels"]
+    unlabelled = train.remove_columns("labels").add_column("labels", [-100 if i == 2 else y
+                                                                      for i, y in enumerate(labels)])
+    for model, rows in ((tiny_model("bert", dtype=torch.bfloat16), train), (tiny_model("bert"), unlabelled)):
+        table, warned = _warnings(caplog, lambda: compute_influences(
+            model, rows, test, arguments(tmp_path, influence_knn_k=None), data_collator=pad_collator))
+        assert "own loss" not in warned and "own_loss_differs" not in table.metadata["diagnostics"]
