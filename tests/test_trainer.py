@@ -265,6 +265,6 @@ def test_comparing_the_models_own_loss_leaves_the_model_as_it_was_and_spares_pla
     unlabelled = train.remove_columns("labels").add_column("labels", [-100 if i == 2 else y
                                                                       for i, y in enumerate(labels)])
     for model, rows in ((tiny_model("bert", dtype=torch.bfloat16), train), (tiny_model("bert"), unlabelled)):
-        table, warned = _warnings(caplog, lambda: compute_influences(
-            model, rows, test, arguments(tmp_path, influence_knn_k=None), data_collator=pad_collator))
+        table, warned = _warnings(caplog, lambda m=model, r=rows: compute_influences(
+            m, r, test, arguments(tmp_path, influence_knn_k=None), data_collator=pad_collator))
         assert "own loss" not in warned and "own_loss_differs" not in table.metadata["diagnostics"]
