@@ -208,6 +208,7 @@ class InfluenceEngine:
                     queries = self._candidates(call, s_test)
             with call.timer("scoring"):
                 pair_tests, pair_rows, values = self._scores(call, queries, s_test)
+            self._flag_non_finite(call, pair_rows, values)
             if self.args.influence_measure_recall and call.k is not None:
                 with call.timer("recall"):
                     call.info["candidate_recall"] = self._recall_of(call, s_test, queries)
@@ -222,6 +223,20 @@ class InfluenceEngine:
             call.info["scored_by"] = {"method": "per-example gradients", "why": call.fm.no_forward_ad}
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
         return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
+
+    @staticmethod
+    def _flag_non_finite(call: _Call, rows: np.ndarray, values: np.ndarray) -> None:
+        """Say which scores are not finite (kept as NaN / inf in the table, with what was computed around them): a
+        candidate's gradient overflowed, as a float16 causal LM's do on longer rows, or its loss is inf / NaN."""
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            return
+        rows = np.unique(rows[bad])
+        call.info["non_finite_scores"] = {"count": int(bad.sum()), "train_ids": rows[:100].tolist()}
+        logger.warning(f"{int(bad.sum())} of {len(values)} influence values are not finite, of candidate rows "
+                       f"{rows[:10].tolist()}{' ...' if len(rows) > 10 else ''} (the table keeps them, and names them "
+                       "under diagnostics.non_finite_scores): those rows' gradients overflowed (a float16 / bfloat16 "
+                       "model: compute influence on a float32 copy, model.float()) or their loss is inf / NaN.")
 
     def candidate_recall(self, train_dataset: Dataset, test_dataset: Dataset, ks: Sequence[int], *,
                          methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] = (10, 100),
