@@ -75,6 +75,9 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
             "wrap your data with datasets.Dataset.from_dict(...)."))
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; influence needs at least one row.")
+    if (dataset.format or {}).get("type") == "arrow":
+        raise ValueError(f"{name} is formatted as Arrow tables (with_format('arrow')), which the collator cannot "
+                         "take row by row: pass dataset.with_format(None) (or 'torch' / 'numpy').")
     if (dataset.format or {}).get("type") == "custom":
         raise ValueError(f"{name} is transformed on the fly (set_transform / with_transform): influence reads each "
                          "row many times and keys its caches on the stored values, which a transform can change "

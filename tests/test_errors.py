@@ -450,6 +450,9 @@ def test_rows_transformed_on_the_fly_or_streamed_are_refused_with_the_fix(setup,
     with pytest.raises(ValueError, match="transformed on the fly.*dataset.map\\(transform"):
         compute_influences(model, train.with_transform(lambda batch: batch), test, default_arguments(**FAST),
                            data_collator=pad_collator)
+    with pytest.raises(ValueError, match="formatted as Arrow tables.*with_format\\(None\\)"):
+        compute_influences(model, train.with_format("arrow"), test, default_arguments(**FAST),
+                           data_collator=pad_collator)
     with pytest.raises(TypeError, match="got IterableDataset.*Dataset.from_generator"):
         compute_influences(model, train.to_iterable_dataset(), test, default_arguments(**FAST),
                            data_collator=pad_collator)
