@@ -364,11 +364,11 @@ class Batcher:
                     if isinstance(first.get(k), torch.Tensor) and first[k].dim() >= 2), None)
         if ids is not None and ids.shape[0] != len(positions):
             raise ValueError(
-                f"The data collator makes {len(positions)} rows of {name} into a batch of {ids.shape[0]} row(s): it packs "
-                "rows together (DataCollatorWithFlattening's padding-free batches) or expands each into several "
-                "sequences (pairs for a reward model). Influence needs one row of the batch per example, for its "
-                "own loss and gradient: collate with "
-                "DataCollatorWithPadding (or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
+                f"The data collator makes {len(positions)} rows of {name} into a batch of {ids.shape[0]} row(s): it "
+                "packs rows together (DataCollatorWithFlattening's padding-free batches) or expands each into "
+                "several sequences (pairs for a reward model). Influence needs one row of the batch per example, "
+                "for its own loss and gradient: collate with DataCollatorWithPadding (or "
+                "DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
         differ = sorted(k for k in first.keys() | second.keys() if not _same_value(first.get(k), second.get(k)))
         if differ:
             raise ValueError(

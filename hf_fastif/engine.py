@@ -309,9 +309,8 @@ class InfluenceEngine:
     def _check_own_loss(self, call: _Call) -> None:
         """With the default loss, compare it with the loss the model itself returns (once per model config and
         data: how a model computes its loss does not change with its weights, so the SGD steps of HANS correction
-        do not repeat it): on
-        the first training row alone, and for a classifier on the first 8 rows together (class weights cancel on
-        one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
+        do not repeat it): on the first training row alone, and for a classifier on the first 8 rows together
+        (class weights cancel on one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
         loss than the head's plain one, and influence would silently be of the plain one. A mixture of experts'
         router loss is left out of the comparison (it is not a per-row loss, and takes no part in the head's
         derivatives); the model's config is restored afterwards (transformers sets ``problem_type`` on the first
