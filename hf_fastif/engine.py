@@ -172,7 +172,7 @@ class InfluenceEngine:
         self._padding_checked: set[tuple] = set()
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
-        # (model config, training data) → the model's own loss and the default one on its first rows, if they differ
+        # (model config, buffers, training data) → the model's own loss and the default one, where they differ
         self._own_loss: dict[tuple, dict | None] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
         self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
@@ -307,9 +307,9 @@ class InfluenceEngine:
         return callable_fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
 
     def _check_own_loss(self, call: _Call) -> None:
-        """With the default loss, compare it with the loss the model itself returns (once per model config and
-        data: how a model computes its loss does not change with its weights, so the SGD steps of HANS correction
-        do not repeat it): on the first training row alone, and for a classifier on the first 8 rows together
+        """With the default loss, compare it with the loss the model itself returns (once per model config,
+        buffers and data: how a model computes its loss does not change with its trained weights, so the SGD steps
+        of HANS correction do not repeat it): on the first training row alone, and for a classifier on the first 8 rows together
         (class weights cancel on one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
         loss than the head's plain one, and influence would silently be of the plain one. A mixture of experts'
         router loss is left out of the comparison (it is not a per-row loss, and takes no part in the head's
@@ -317,7 +317,8 @@ class InfluenceEngine:
         forward with labels, which would change the model's fingerprint)."""
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
-        key = (type(self.model).__name__, config_fingerprint(self.model), call.train.dataset._fingerprint,
+        buffers = tuple(call.digests.get(name) for name, _ in self.model.named_buffers())  # (class weights there)
+        key = (type(self.model).__name__, config_fingerprint(self.model), buffers, call.train.dataset._fingerprint,
                len(call.train))
         if key not in self._own_loss:
             self._own_loss[key] = None

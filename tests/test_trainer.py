@@ -167,16 +167,16 @@ def test_a_compute_loss_of_a_subclass_is_named(tmp_path, pad_collator, caplog):
 class _ClassWeighted(torch.nn.Module):
     """A classifier whose own forward weights its classes (1 and 4) in the loss, as users write them."""
 
-    def __init__(self):
+    def __init__(self, weight=(1.0, 4.0)):
         super().__init__()
         self.inner = tiny_model("bert")
         self.config = self.inner.config
+        self.register_buffer("class_weight", torch.tensor(weight, dtype=torch.float64))
 
     def forward(self, input_ids=None, attention_mask=None, labels=None):
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
         if labels is not None:
-            weight = torch.tensor([1.0, 4.0], dtype=out.logits.dtype)
-            out.loss = torch.nn.functional.cross_entropy(out.logits, labels, weight=weight)
+            out.loss = torch.nn.functional.cross_entropy(out.logits, labels, weight=self.class_weight)
         return out
 
 
@@ -199,6 +199,14 @@ def test_a_model_whose_own_loss_differs_from_the_default_is_named(tmp_path, pad_
 
     given = compute_influences(_ClassWeighted(), train, test, args, data_collator=pad_collator, loss_fn=weighted)
     assert "own_loss_differs" not in given.metadata["diagnostics"]  # a loss_fn of one's own is not second-guessed
+
+    from hf_fastif import InfluenceEngine
+
+    model = _ClassWeighted(weight=(1.0, 1.0))  # uniform: the plain loss; then weighted in place, same config
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    assert "own_loss_differs" not in engine.compute_influences(train, test).metadata["diagnostics"]
+    model.class_weight.copy_(torch.tensor([1.0, 4.0]))
+    assert "own_loss_differs" in engine.compute_influences(train, test).metadata["diagnostics"]
 
 
 def test_remove_unused_columns_false_keeps_the_columns_the_trainer_keeps(tmp_path, pad_collator):
