@@ -42,7 +42,6 @@ from .batches import Batcher, check_values, decoder_inputs_from_labels, keeps_ev
 from .fingerprint import (
     callable_fingerprint,
     collator_settings,
-    config_fingerprint,
     dataset_fingerprint,
     model_fingerprint,
     tensor_digests,
@@ -172,7 +171,7 @@ class InfluenceEngine:
         self._padding_checked: set[tuple] = set()
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
-        # (model config, buffers, training data) → the model's own loss and the default one, where they differ
+        # (weights, training data) → the model's own loss and the default one, where they differ
         self._own_loss: dict[tuple, dict | None] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
         self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
@@ -289,13 +288,13 @@ class InfluenceEngine:
         return self._s_test_of(call)
 
     def _prepare(self, call: _Call) -> None:
-        """The default loss against the model's own, the padding probe, the trunk caches and the read position:
+        """The padding probe, the trunk caches, the read position, and the default loss against the model's own:
         what every later stage runs on."""
-        self._check_own_loss(call)
         self._check_padding(call)
         with call.timer("trunk"):
             self._attach_trunks(call)
             self._attach_readout(call)
+        self._check_own_loss(call)
 
     def _label_smoothing(self) -> float:
         """The Trainer's ``label_smoothing_factor`` (the arguments are `TrainingArguments` too): the default loss
@@ -307,51 +306,49 @@ class InfluenceEngine:
         return callable_fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
 
     def _check_own_loss(self, call: _Call) -> None:
-        """With the default loss, compare it with the loss the model itself returns (once per model config,
-        buffers and data: how a model computes its loss does not change with its trained weights, so the SGD steps
-        of HANS correction do not repeat it): on the first training row alone, and for a classifier on the first 8 rows together
-        (class weights cancel on one row). A model that weights classes, smooths labels or adds a term in its own forward trains on another
-        loss than the head's plain one, and influence would silently be of the plain one. A mixture of experts'
-        router loss is left out of the comparison (it is not a per-row loss, and takes no part in the head's
-        derivatives); the model's config is restored afterwards (transformers sets ``problem_type`` on the first
-        forward with labels, which would change the model's fingerprint)."""
+        """With the default loss, compare it with the loss the model itself returns, once per weights and data (a
+        loss term can be invisible at some weights: class weights while every row's loss is the same, a penalty
+        that is zero at initialisation): for a classifier on the first 8 training rows together (class weights
+        cancel on one row), for token losses on the first row alone (the model weights rows by their tokens). A
+        model that weights classes, smooths labels or adds a term in its own forward trains on another loss than
+        the head's plain one, and influence would silently be of the plain one. Only the top runs, from the cached
+        trunk states (~10 ms on MiniLM). A mixture of experts' router loss is left out (it is not a per-row loss,
+        and takes no part in a head's derivatives); the model's config is restored afterwards (transformers sets
+        ``problem_type`` on the first forward with labels, which would change the model's fingerprint)."""
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
-        buffers = tuple(call.digests.get(name) for name, _ in self.model.named_buffers())  # (class weights there)
-        key = (type(self.model).__name__, config_fingerprint(self.model), buffers, call.train.dataset._fingerprint,
-               len(call.train))
+        key = (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train))
         if key not in self._own_loss:
+            compared = self._own_and_default_loss(call, list(range(min(8, len(call.train)))))
+            if compared is not None and compared[3] is not None and compared[3].dim() != 2:  # token losses
+                compared = self._own_and_default_loss(call, [0])
+            if compared is None:
+                return  # nothing to compare at these weights (not kept: later weights may have something)
+            own, ours, tolerance, _, rows = compared
             self._own_loss[key] = None
-            for rows in ([0], list(range(min(8, len(call.train))))):
-                compared = self._own_and_default_loss(call, rows)
-                if compared is None:
-                    return
-                own, ours, tolerance, logits = compared
-                if abs(own - ours) > tolerance * max(abs(own), abs(ours)) + 1e-6:
-                    self._own_loss[key] = {"rows": rows, "model_loss": own, "default_loss": ours}
-                    what = "row 0" if len(rows) == 1 else f"rows 0-{len(rows) - 1}"
-                    logger.warning(
-                        f"On train_dataset {what} the model's own loss is {own:.6g}, and the mean of the default "
-                        f"per-row loss (the head's plain one, hf_fastif.loss) is {ours:.6g}: the model computes its "
-                        "loss otherwise (class weights, label smoothing or an extra term in its forward), so the "
-                        "influence computed would be of another loss than the one it trains on. Pass "
-                        "loss_fn=(outputs, batch) -> per-row loss that matches it (InfluenceTrainer: "
-                        "influence_loss_fn=).")
-                    break
-                if logits is None or logits.dim() != 2:  # token losses: the model weights rows by their tokens
-                    break
-        if self._own_loss[key] is not None:
+            if abs(own - ours) > tolerance * max(abs(own), abs(ours)) + 1e-6:
+                self._own_loss[key] = {"rows": rows, "model_loss": own, "default_loss": ours}
+                what = "row 0" if len(rows) == 1 else f"rows 0-{len(rows) - 1}"
+                logger.warning(
+                    f"On train_dataset {what} the model's own loss is {own:.6g}, and the mean of the default per-row "
+                    f"loss (the head's plain one, hf_fastif.loss) is {ours:.6g}: the model computes its loss "
+                    "otherwise (class weights, label smoothing or an extra term in its forward), so the influence "
+                    "computed would be of another loss than the one it trains on. Pass loss_fn=(outputs, batch) -> "
+                    "per-row loss that matches it (InfluenceTrainer: influence_loss_fn=).")
+        if self._own_loss.get(key) is not None:
             call.info["own_loss_differs"] = self._own_loss[key]
 
     def _own_and_default_loss(self, call: _Call, rows: list[int]):
         """``(the model's own loss, the mean default loss over the rows it counts, the relative tolerance of the
-        logits' dtype, the logits)`` on these training rows, or None where there is nothing to compare."""
-        batch = call.train.batch(rows, trunk=False)
+        logits' dtype, the logits, rows)`` on these training rows, or None where there is nothing to compare."""
+        batch = call.train.batch(rows)
+        if not isinstance(batch.get("labels"), torch.Tensor):
+            return None
         config = getattr(self.model, "config", None)
         saved = dict(vars(config)) if config is not None else None
         try:
-            with torch.no_grad():
-                outputs = self.model(**batch)
+            with torch.no_grad(), forward_context(call.fm.split, batch):
+                outputs = self.model(**model_inputs(batch), labels=batch["labels"])
                 own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
                 ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
         except Exception as err:  # a model that cannot take labels this way: nothing to compare
@@ -366,14 +363,14 @@ class InfluenceEngine:
         aux, coefficient = getattr(outputs, "aux_loss", None), getattr(config, "router_aux_loss_coef", None)
         if isinstance(aux, torch.Tensor) and coefficient:
             own = own - coefficient * aux.to(own.dtype)
-        labels = batch.get("labels")
-        if isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+        labels = batch["labels"]
+        if labels.dim() == 1 and not labels.is_floating_point():
             ours = ours[labels != -100]  # the model's mean counts the labelled rows only
         logits = find_logits(outputs)
         if not len(ours) or not torch.isfinite(own):
             return None
         dtype = logits.dtype if isinstance(logits, torch.Tensor) and logits.is_floating_point() else torch.float32
-        return float(own), float(ours.mean()), max(1e-4, 8 * torch.finfo(dtype).eps), logits
+        return float(own), float(ours.mean()), max(1e-4, 8 * torch.finfo(dtype).eps), logits, rows
 
     def _candidates_read_s_test(self, call: _Call) -> bool:
         """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
