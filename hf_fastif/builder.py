@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 from torch import nn
@@ -158,12 +159,29 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     if D.is_main_process():
         metadata = InfluenceTable.load(shards / "shard-00000").metadata
         metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done,
-                             "signature_sha256": digest}
+                             "signature_sha256": digest,
+                             "note": "diagnostics are shard 0's, but for non_finite_scores, which covers every shard"}
+        _merge_non_finite(metadata, [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(len(starts))])
         with InfluenceTableWriter(out / "table", metadata) as writer:
             for i in range(len(starts)):
                 writer.write(InfluenceTable.load(shards / f"shard-{i:05d}"))
     D.barrier()
     return InfluenceTable.load(out / "table")
+
+
+def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:
+    """``diagnostics.non_finite_scores`` of the whole table from its shards' rows (each shard names only its own)."""
+    count, rows = 0, set()
+    for part in parts:
+        arrow = part.to_arrow()
+        bad = ~np.isfinite(arrow.column("influence").to_numpy(zero_copy_only=False))
+        count += int(bad.sum())
+        rows.update(arrow.column("train_id").to_numpy(zero_copy_only=False)[bad].tolist())
+    diagnostics = metadata.setdefault("diagnostics", {})
+    diagnostics.pop("non_finite_scores", None)
+    if count:
+        ordered = sorted(int(r) for r in rows)
+        diagnostics["non_finite_scores"] = {"count": count, "train_ids": ordered[:100], "num_train_ids": len(ordered)}
 
 
 def _check_or_write_manifest(out: Path, signature: dict) -> None:

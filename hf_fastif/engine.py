@@ -231,7 +231,8 @@ class InfluenceEngine:
         if not bad.any():
             return
         rows = np.unique(rows[bad])
-        call.info["non_finite_scores"] = {"count": int(bad.sum()), "train_ids": rows[:100].tolist()}
+        call.info["non_finite_scores"] = {"count": int(bad.sum()), "train_ids": rows[:100].tolist(),
+                                          "num_train_ids": len(rows)}
         logger.warning(f"{int(bad.sum())} of {len(values)} influence values are not finite, of candidate rows "
                        f"{rows[:10].tolist()}{' ...' if len(rows) > 10 else ''} (the table keeps them, and names them "
                        "under diagnostics.non_finite_scores): those rows' gradients overflowed (a float16 / bfloat16 "

@@ -458,7 +458,7 @@ def test_rows_transformed_on_the_fly_or_streamed_are_refused_with_the_fix(setup,
                            data_collator=pad_collator)
 
 
-def test_scores_that_are_not_finite_are_named(setup, pad_collator, caplog):
+def test_scores_that_are_not_finite_are_named(setup, pad_collator, caplog, tmp_path):
     """A float16 causal LM's gradients overflow on some rows: 16 of 24 values came back NaN without a word. They
     stay in the table (everything else was computed), named in a warning and in the diagnostics."""
     from transformers.utils import logging as hf_logging
@@ -482,5 +482,11 @@ def test_scores_that_are_not_finite_are_named(setup, pad_collator, caplog):
         hf_logging.disable_propagation()
     values = table.to_pandas().set_index(["test_id", "train_id"]).influence
     assert np.isnan(values.xs(1, level="train_id")).all() and np.isfinite(values.drop(1, level="train_id")).all()
-    assert table.metadata["diagnostics"]["non_finite_scores"] == {"count": 2, "train_ids": [1]}
+    assert table.metadata["diagnostics"]["non_finite_scores"] == {"count": 2, "train_ids": [1], "num_train_ids": 1}
     assert "2 of 6 influence values are not finite, of candidate rows [1]" in caplog.text
+    from hf_fastif import build_influence_table
+
+    built = build_influence_table(model, clean, test, tmp_path / "build",
+                                  default_arguments(**(FAST | {"influence_solver": "exact"})), shard_size=1,
+                                  data_collator=pad_collator, loss_fn=loss, candidate_dataset=poisoned)
+    assert built.metadata["diagnostics"]["non_finite_scores"] == {"count": 2, "train_ids": [1], "num_train_ids": 1}
