@@ -27,6 +27,12 @@ COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
                  "features")
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (``get_base_model()``, its adapters in place), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def signature_columns(model: nn.Module) -> list[str]:
     """Column names the Trainer keeps for ``model`` (its ``_set_signature_columns_if_needed`` rule).
 
@@ -36,8 +42,7 @@ def signature_columns(model: nn.Module) -> list[str]:
     the names of ``*args``/``**kwargs`` themselves are not columns; the model's ``main_input_name`` is
     added, and a forward that names no input at all keeps the common transformers inputs.
     """
-    get_base = getattr(model, "get_base_model", None)
-    target = get_base() if callable(get_base) else model
+    target = transformers_model(model)
     params = inspect.signature(target.forward).parameters
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     named = [n for n, p in params.items() if p.kind not in variadic]

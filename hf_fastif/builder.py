@@ -29,8 +29,10 @@ from transformers.utils import logging
 from . import distributed as D
 from .arguments import InfluenceArguments
 from .batches import keeps_every_column, validate_dataset
+from .engine import non_finite_scores
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
 from .influence import compute_influences, default_arguments
+from .loss import default_loss_smoothing
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
 from .utils import to_json, write_atomic
@@ -58,13 +60,6 @@ def data_identity(dataset: Dataset, name: str, model: nn.Module, keep_all: bool 
     return {"num_rows": len(dataset), "columns": columns, "sha256": dataset_fingerprint(dataset, columns)}
 
 
-def _default_loss_smoothing(args, callables) -> float:
-    """The ``label_smoothing_factor`` the default loss takes from ``args`` (0 with a ``loss_fn`` of one's own)."""
-    if (callables or {}).get("loss_fn") is not None:
-        return 0.0
-    return float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
-
-
 def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, args: InfluenceArguments,
                     shard_size: int, candidate_dataset: Dataset | None = None,
                     callables: dict[str, Callable | None] | None = None) -> dict:
@@ -79,7 +74,7 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
         "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}
-        | ({"label_smoothing_factor": smoothing} if (smoothing := _default_loss_smoothing(args, callables)) else {}),
+        | ({"label_smoothing_factor": smoothing} if (smoothing := default_loss_smoothing(args, (callables or {}).get("loss_fn"))) else {}),
         "train": train, "test": data_identity(test_dataset, "test_dataset", model, keep_all), "candidates": candidates,
         **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
         "shard_size": shard_size,
@@ -171,17 +166,13 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
 
 def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:
     """``diagnostics.non_finite_scores`` of the whole table from its shards' rows (each shard names only its own)."""
-    count, rows = 0, set()
-    for part in parts:
-        arrow = part.to_arrow()
-        bad = ~np.isfinite(arrow.column("influence").to_numpy(zero_copy_only=False))
-        count += int(bad.sum())
-        rows.update(arrow.column("train_id").to_numpy(zero_copy_only=False)[bad].tolist())
+    arrows = [part.to_arrow() for part in parts]
+    summary = non_finite_scores(*(np.concatenate([a.column(c).to_numpy(zero_copy_only=False) for a in arrows])
+                                  for c in ("train_id", "influence")))
     diagnostics = metadata.setdefault("diagnostics", {})
     diagnostics.pop("non_finite_scores", None)
-    if count:
-        ordered = sorted(int(r) for r in rows)
-        diagnostics["non_finite_scores"] = {"count": count, "train_ids": ordered[:100], "num_train_ids": len(ordered)}
+    if summary is not None:
+        diagnostics["non_finite_scores"] = summary
 
 
 def _check_or_write_manifest(out: Path, signature: dict) -> None:

@@ -49,7 +49,7 @@ from .fingerprint import (
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
-from .loss import FunctionalModel, LossFn, find_logits, logits_of
+from .loss import FunctionalModel, LossFn, default_loss_smoothing, find_logits, logits_of
 from .mode import influence_mode
 from .params import num_parameters, select_parameters
 from .readout import Readout, find_readout
@@ -108,6 +108,16 @@ drawn again (B = 1 and J·T > N/2: the repetitions draw independently, so rows r
 T 4 over the MiniLM default's 2,000 rows draws each row twice), so a row is read, collated and gathered once; not
 at the paper's scale (4,000 draws over 392,702 rows), where few recur. The collator is taken to be deterministic,
 as the trunk cache takes it."""
+
+
+def non_finite_scores(rows: np.ndarray, values: np.ndarray) -> dict | None:
+    """``diagnostics.non_finite_scores`` of a table's ``train_id`` / ``influence`` columns: how many values are not
+    finite, and of which rows (the first 100 of them, and their number); None when every value is finite."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    named = np.unique(rows[bad])
+    return {"count": int(bad.sum()), "train_ids": named[:100].tolist(), "num_train_ids": len(named)}
 
 
 @dataclass
@@ -227,16 +237,16 @@ class InfluenceEngine:
     def _flag_non_finite(call: _Call, rows: np.ndarray, values: np.ndarray) -> None:
         """Say which scores are not finite (kept as NaN / inf in the table, with what was computed around them): a
         candidate's gradient overflowed, as a float16 causal LM's do on longer rows, or its loss is inf / NaN."""
-        bad = ~np.isfinite(values)
-        if not bad.any():
+        summary = non_finite_scores(rows, values)
+        if summary is None:
             return
-        rows = np.unique(rows[bad])
-        call.info["non_finite_scores"] = {"count": int(bad.sum()), "train_ids": rows[:100].tolist(),
-                                          "num_train_ids": len(rows)}
-        logger.warning(f"{int(bad.sum())} of {len(values)} influence values are not finite, of candidate rows "
-                       f"{rows[:10].tolist()}{' ...' if len(rows) > 10 else ''} (the table keeps them, and names them "
-                       "under diagnostics.non_finite_scores): those rows' gradients overflowed (a float16 / bfloat16 "
-                       "model: compute influence on a float32 copy, model.float()) or their loss is inf / NaN.")
+        call.info["non_finite_scores"] = summary
+        named = summary["train_ids"]
+        logger.warning(f"{summary['count']} of {len(values)} influence values are not finite, of candidate rows "
+                       f"{named[:10]}{' ...' if summary['num_train_ids'] > 10 else ''} (the table keeps them, and "
+                       "names them under diagnostics.non_finite_scores): those rows' gradients overflowed (a "
+                       "float16 / bfloat16 model: compute influence on a float32 copy, model.float()) or their loss "
+                       "is inf / NaN.")
 
     def candidate_recall(self, train_dataset: Dataset, test_dataset: Dataset, ks: Sequence[int], *,
                          methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] = (10, 100),
@@ -298,9 +308,7 @@ class InfluenceEngine:
         self._check_own_loss(call)
 
     def _label_smoothing(self) -> float:
-        """The Trainer's ``label_smoothing_factor`` (the arguments are `TrainingArguments` too): the default loss
-        is the one such a Trainer trains on. A ``loss_fn`` of one's own is used as it is."""
-        return 0.0 if self.loss_fn is not None else float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)
+        return default_loss_smoothing(self.args, self.loss_fn)
 
     def _loss_key(self) -> str:
         smoothing = self._label_smoothing()

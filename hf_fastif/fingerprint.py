@@ -95,13 +95,14 @@ ADAPTER_SETTINGS = frozenset({
     "_disable_adapters", "merged_adapters", "_active_adapter", "active_adapter", "_adapters_disabled"})
 """Attributes of PEFT's modules that change what they compute and live outside tensors (`adapter_state`)."""
 _SKIP = object()
+_SCALARS = (str, int, float, bool, type(None))  # plain values: what the settings fingerprints read
 
 
 def _plain(value):
     """``value`` made JSON-stable (sets sorted, tuples as lists) when it is built of numbers, strings, booleans and
     None (a dict: its entries that are); `_SKIP` for anything else (tensors, modules, functions) and for empty
     containers, so a cache that fills with tensors in a forward (DoRA's) reads the same before and after."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, _SCALARS):
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [_plain(v) for v in value]
@@ -272,7 +273,7 @@ def collator_settings(collator) -> tuple:
     a collator changed in place gets a new `callable_fingerprint` (which reads the tokenizer's vocabulary: 34 ms on
     MiniLM's)."""
     def plain(values) -> tuple:
-        return tuple(v for v in values if isinstance(v, (str, int, float, bool, type(None))))
+        return tuple(v for v in values if isinstance(v, _SCALARS))
 
     def attributes(obj) -> tuple:
         values = getattr(obj, "__dict__", {})

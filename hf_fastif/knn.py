@@ -12,7 +12,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import Batcher
+from .batches import Batcher, transformers_model
 from .trunk import forward_context, model_inputs
 from .utils import quiet_datasets
 
@@ -53,8 +53,7 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     if choices:
         inputs = {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() > 2 else v for k, v in inputs.items()}
     mask = inputs.get("attention_mask")
-    get_base = getattr(model, "get_base_model", None)  # a PEFT model: its transformers model, adapters in place
-    target = get_base() if callable(get_base) else model
+    target = transformers_model(model)  # a PEFT model's, adapters in place
     base = getattr(target, "base_model", None)
     with forward_context(split, batch):
         if base is None or base is target:

@@ -110,6 +110,13 @@ def prepended_positions(model: nn.Module) -> int:
     return int(getattr(config, "num_virtual_tokens", 0) or 0)
 
 
+def default_loss_smoothing(args, loss_fn: LossFn | None) -> float:
+    """The label smoothing of the default loss: the ``label_smoothing_factor`` of ``args`` (they are
+    `TrainingArguments` too; the default loss is the one such a Trainer trains on), 0 with a ``loss_fn`` of one's
+    own, which is used as it is."""
+    return 0.0 if loss_fn is not None else float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+
+
 def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
     """The per-example loss matching ``model``'s head (see the module docstring). ``label_smoothing``: the
     Trainer's ``label_smoothing_factor``, which trains a cross-entropy head on ``(1 - ε)·NLL + ε·mean_k(-log p_k)``
