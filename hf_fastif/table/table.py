@@ -24,7 +24,7 @@ import pyarrow as pa
 from datasets import Dataset
 from transformers.utils import logging
 
-from ..fingerprint import adapter_state, fingerprint_scheme, model_fingerprint
+from ..fingerprint import adapter_state, fingerprint_scheme, model_fingerprint, tensor_digests
 from ..utils import quiet_datasets
 from . import hub
 from .format import (
@@ -219,8 +219,10 @@ class InfluenceTable:
         fingerprint = recorded.get("fingerprint")  # computed as it was recorded (tables made before xxh3: sha256)
         if not problems and fingerprint:
             scheme = fingerprint_scheme(fingerprint)
-            if fingerprint != model_fingerprint(model, scheme=scheme):
-                if adapter_state(model) and fingerprint == model_fingerprint(model, scheme=scheme, adapter_settings=False):
+            digests = tensor_digests(model, scheme)  # (hashed once for both fingerprints below)
+            if fingerprint != model_fingerprint(model, digests, scheme):
+                if adapter_state(model) and fingerprint == model_fingerprint(model, digests, scheme,
+                                                                             adapter_settings=False):
                     logger.warning("This influence table was recorded before hf_fastif fingerprinted a PEFT model's "
                                    "adapter settings: the weights match, its adapters' scaling and disabled / merged "
                                    "state cannot be checked.")
