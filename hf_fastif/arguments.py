@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -140,10 +141,17 @@ def validate_influence_settings(args) -> None:
         )
     if args.influence_scoring not in SCORING:
         raise ValueError(f"influence_scoring={args.influence_scoring!r} is unknown; use 'jvp' or 'grad'.")
-    if not args.influence_damping >= 0:
-        raise ValueError(f"influence_damping must be >= 0, got {args.influence_damping}.")
-    if not args.influence_scale > 0:
-        raise ValueError(f"influence_scale must be > 0, got {args.influence_scale}.")
+    reals = {"influence_damping": (">= 0", lambda x: x >= 0), "influence_scale": ("> 0", lambda x: x > 0),
+             "influence_weight_decay": (">= 0", lambda x: x >= 0),
+             "influence_cg_tol": ("> 0 (or None for the dtype's default)", lambda x: x > 0)}
+    for name, (what, ok) in reals.items():  # finite: inf makes s_test 0 and every influence 0, without a word
+        value = getattr(args, name)
+        if value is None and name == "influence_cg_tol":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name} must be a number {what}, got {value!r} ({type(value).__name__}).")
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"{name} must be a finite number {what}, got {value!r}.")
     counts = {"influence_recursion_depth": "", "influence_batch_size": "", "influence_hvp_batch_size": "",
               "influence_scoring_batch_size": "", "influence_cg_max_iterations": "", "influence_arnoldi_rank": "",
               "influence_projection_dim": "", "influence_repetitions": ", or None for one repetition per process",
@@ -155,10 +163,6 @@ def validate_influence_settings(args) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1{none}, got {value!r}.")
-    if args.influence_cg_tol is not None and not args.influence_cg_tol > 0:
-        raise ValueError(f"influence_cg_tol must be > 0 (or None for the dtype's default), got {args.influence_cg_tol}.")
-    if args.influence_weight_decay < 0:
-        raise ValueError(f"influence_weight_decay must be >= 0, got {args.influence_weight_decay}.")
     if isinstance(args.influence_params, str):
         args.influence_params = [args.influence_params]
     for pattern in args.influence_params or []:

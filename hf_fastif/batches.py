@@ -73,11 +73,7 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     inputs and labels, as the Trainer keeps them, or every column (``keep_all``: ``remove_unused_columns=False``,
     for a collator or a ``**kwargs`` forward that reads more)."""
     if not isinstance(dataset, Dataset):
-        stream = type(dataset).__name__ == "IterableDataset"
-        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; " + (
-            "influence reads rows by position, many times: materialize the stream, e.g. "
-            "datasets.Dataset.from_generator(lambda: iter(stream), features=stream.features)." if stream else
-            "wrap your data with datasets.Dataset.from_dict(...)."))
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; {_dataset_hint(dataset)}")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; influence needs at least one row.")
     if (dataset.format or {}).get("type") == "arrow":
@@ -105,6 +101,32 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     return columns
 
 
+def _dataset_hint(data) -> str:
+    """How to turn what was passed instead of a `datasets.Dataset` into one."""
+    kind = type(data).__name__
+    if kind == "IterableDataset":
+        return ("influence reads rows by position, many times: materialize the stream, e.g. "
+                "datasets.Dataset.from_generator(lambda: iter(stream), features=stream.features).")
+    if kind in ("DatasetDict", "IterableDatasetDict"):
+        return f"pass one of its splits, e.g. data[{next(iter(data), 'test')!r}]."
+    if kind == "DataFrame":
+        return "convert it with datasets.Dataset.from_pandas(frame, preserve_index=False)."
+    if isinstance(data, dict):
+        ids = data.get("input_ids")
+        if ids is not None:  # a row's token ids are a list of ints, a column's a list of lists
+            columns = isinstance(ids, (list, tuple)) and bool(ids) and isinstance(ids[0], (list, tuple))
+        else:
+            columns = bool(data) and all(isinstance(v, (list, tuple)) for v in data.values())
+        if columns:
+            return ("a dict of columns (what dataset[:n] returns) converts with datasets.Dataset.from_dict(columns); "
+                    "rows of a dataset are dataset.select([i, ...]).")
+        return ("one row (what dataset[i] returns) converts with datasets.Dataset.from_list([row]); rows of a "
+                "dataset are dataset.select([i]).")
+    if isinstance(data, (list, tuple)):
+        return "a list of rows (dicts) converts with datasets.Dataset.from_list(rows)."
+    return "wrap your data with datasets.Dataset.from_dict(columns) or datasets.Dataset.from_list(rows)."
+
+
 def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.Module, *,
                  default_loss: bool = True, needs_target: bool = False) -> int | None:
     """Check the stored values a forward would fail on, or turn into a silent zero, before any work.
@@ -124,6 +146,9 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     classes = _class_count(model) if default_loss else None
+    token_classes = _class_count(model, "ForTokenClassification") if default_loss else None
+    multiple_choice = default_loss and type(model).__name__.endswith("ForMultipleChoice")
+    multi_label_width = _multi_label_width(model) if default_loss else None
     labelled = False  # whether any row has a target the loss reads (not -100)
     longest, longest_length = None, -1
     for start in range(0, len(dataset), 65536):
@@ -147,6 +172,12 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {start + sequence_rows[first]} has a sequence of {lengths[first]} "
                                  f"tokens, more than the model's {positions} positions. Tokenize with "
                                  f"truncation=True, max_length={positions}.")
+            tokens = np.bincount(token_rows, minlength=len(ids)) if len(flat) else np.zeros(len(ids), np.int64)
+            if (tokens == 0).any():  # padding alone: its loss depends on which rows share its batch
+                row = start + int(np.flatnonzero(tokens == 0)[0])
+                raise ValueError(f"{name} row {row} has no tokens (empty input_ids): a forward over padding alone "
+                                 "gives a loss that depends on the rows batched with it, or fails. Drop the empty "
+                                 "rows, e.g. dataset.filter(lambda r: len(r['input_ids']) > 0).")
             if len(lengths) and lengths.max() > longest_length:
                 longest, longest_length = start + int(sequence_rows[int(np.argmax(lengths))]), int(lengths.max())
         types = chunk.column("token_type_ids").combine_chunks() if "token_type_ids" in chunk.column_names else None
@@ -160,9 +191,17 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         if label is None:
             continue
         values = chunk.column(label)
+        _check_finite_labels(values, name, start)
         if pa.types.is_integer(values.type):
             labels = values.to_numpy(zero_copy_only=False)
             labelled = labelled or bool((labels != -100).any())
+            if multiple_choice and ids is not None and _is_list(ids.type):  # a multiple-choice label: a choice
+                counts = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+                bad = np.flatnonzero(((labels < 0) | (labels >= counts)) & (labels != -100))
+                if len(bad):
+                    raise ValueError(f"{name} row {start + bad[0]} has label {labels[bad[0]]}, but it has "
+                                     f"{counts[bad[0]]} choices (labels 0 to {counts[bad[0]] - 1}): a multiple-choice "
+                                     "label is the index of the right choice.")
             if classes is not None:
                 bad = np.flatnonzero(((labels < 0) | (labels >= classes)) & (labels != -100))
                 if len(bad):
@@ -174,9 +213,24 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {row} is labelled -100 (ignored): its loss is 0, so every influence on "
                                  "it would be 0. Drop the rows without a label, or give them one.")
         elif _is_list(values.type) and pa.types.is_integer(values.type.value_type):  # token labels
-            lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-            kept = np.bincount(np.repeat(np.arange(len(values)), lengths),
-                               weights=(pc.list_flatten(values).to_numpy(zero_copy_only=False) != -100),
+            lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
+            flat_labels = pc.list_flatten(values).to_numpy(zero_copy_only=False)
+            if multi_label_width is not None and (lengths != multi_label_width).any():
+                row = start + int(np.flatnonzero(lengths != multi_label_width)[0])
+                raise ValueError(f"{name} row {row} has labels {values[row - start].as_py()!r}, but a sequence "
+                                 f"classifier's labels are one class id per row, or for multi-label classification "
+                                 f"one multi-hot row of {multi_label_width} floats (config.num_labels): turn lists "
+                                 "of class ids into multi-hot vectors, and set config.problem_type = "
+                                 "'multi_label_classification'.")
+            if token_classes is not None:
+                bad = np.flatnonzero(((flat_labels < 0) | (flat_labels >= token_classes)) & (flat_labels != -100))
+                if len(bad):
+                    row = start + int(np.repeat(np.arange(len(values)), lengths)[bad[0]])
+                    raise ValueError(f"{name} row {row} has token label {flat_labels[bad[0]]}, but the model has "
+                                     f"{token_classes} classes (0 to {token_classes - 1}; -100 for tokens the loss "
+                                     "ignores). Map the labels to the model's config.label2id, or use a model with a "
+                                     "head of the right size.")
+            kept = np.bincount(np.repeat(np.arange(len(values)), lengths), weights=(flat_labels != -100),
                                minlength=len(values))
             labelled = labelled or bool((kept > 0).any())
             if needs_target and (kept == 0).any():
@@ -241,10 +295,43 @@ def _width_limit(model: nn.Module) -> int | None:
     return table.num_embeddings - prepended_positions(model)
 
 
-def _class_count(model: nn.Module) -> int | None:
-    """The class count of a single-label sequence classifier (None for any other head or loss)."""
+def _check_finite_labels(values: pa.Array, name: str, start: int) -> None:
+    """Refuse NaN / inf float labels (a missing regression target, say), naming the row: their loss is NaN, and
+    every stage downstream would fail without saying where."""
+    flat = values
+    while _is_list(flat.type):
+        flat = pc.list_flatten(flat)
+    if not pa.types.is_floating(flat.type) or len(flat) == 0:
+        return
+    numbers = flat.to_numpy(zero_copy_only=False)
+    if np.isfinite(numbers).all():
+        return
+    first = int(np.flatnonzero(~np.isfinite(numbers))[0])
+    index = np.arange(len(values))
+    column = values
+    while _is_list(column.type):  # the row of the first non-finite value
+        index = index[pc.list_parent_indices(column).to_numpy(zero_copy_only=False)]
+        column = pc.list_flatten(column)
+    raise ValueError(f"{name} row {start + int(index[first])} has label {numbers[first]}: a NaN / inf target makes "
+                     "its loss NaN. Drop the rows without a target (dataset.filter), or fill it in.")
+
+
+def _multi_label_width(model: nn.Module) -> int | None:
+    """``config.num_labels`` of a sequence classifier whose labels may be vectors (multi-label or unset problem
+    type), else None: a list label of another length is a list of class ids, not a multi-hot row."""
     config = getattr(model, "config", None)
     if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+        return None
+    if getattr(config, "problem_type", None) not in (None, "multi_label_classification"):
+        return None
+    return getattr(config, "num_labels", None)
+
+
+def _class_count(model: nn.Module, head: str = "ForSequenceClassification") -> int | None:
+    """The class count of a single-label sequence classifier, or of another ``head`` (e.g. token classification)
+    trained with cross-entropy (None for any other head or loss)."""
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith(head) or config is None:
         return None
     if getattr(config, "problem_type", None) not in (None, "single_label_classification"):
         return None

@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -393,9 +393,11 @@ class InfluenceEngine:
         bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())
         if len(bad):
             rows = "the mean of the test rows" if call.combine == "mean" else f"test rows {bad[:10].tolist()}"
-            raise FloatingPointError(f"The gradient of {rows} is not finite: the loss overflowed (a float16 / "
-                                     "bfloat16 model: compute influence on a float32 copy, model.float()) or is "
-                                     "inf / NaN for those rows.")
+            half = _half_dtypes(call.params)
+            raise FloatingPointError(
+                f"The gradient of {rows} is not finite: their loss is inf / NaN (check those rows' labels and inputs)"
+                + (f", or it overflowed in {', '.join(half)} (compute influence on a float32 copy, model.float())"
+                   if half else "") + ".")
         with call.timer("s_test"):
             return self._s_test(call, v)
 
@@ -845,7 +847,7 @@ class InfluenceEngine:
             s_test, info = self._lissa(call, v)
         call.info.update(info)
         if not bool(torch.isfinite(s_test).all()):
-            half = sorted({str(p.dtype).removeprefix("torch.") for p in call.params.values()} & {"float16", "bfloat16"})
+            half = _half_dtypes(call.params)
             raise FloatingPointError(
                 f"s_test ({solver}) is not finite: the Hessian-vector products overflowed"
                 + (f" in {', '.join(half)}" if half else "")
@@ -1164,3 +1166,8 @@ def lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetit
     need = depth * batch_size
     order = np.concatenate([rng.permutation(num_rows) for _ in range(-(-need // num_rows))])
     return order[:need].reshape(depth, batch_size)
+
+
+def _half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """The half-precision dtypes among the influence parameters (``["bfloat16"]``), for overflow messages."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in params.values()} & {"float16", "bfloat16"})

@@ -60,14 +60,35 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
     if reduction == "sum":
         gradient = flatten(_gradient(values.sum(), leaves))
         return gradient + values.shape[0] * fm.l2_gradient(params).to(gradient.dtype) if l2 else gradient
-    eye = torch.eye(values.shape[0], dtype=values.dtype, device=values.device)
+    rows = values.shape[0]
+    eye = torch.eye(rows, dtype=values.dtype, device=values.device)
     try:
-        gradients = flatten_batched(_batched_grad(values, inputs, eye), values.shape[0]).detach()
+        gradients = flatten_batched(_batched_grad(values, inputs, eye), rows).detach()
     except RuntimeError as err:
         if "not have been used in the graph" in str(err):
             _gradient(values.sum(), leaves, retain_graph=True)  # raises, naming the unused parameters
         raise
+    if rows > 1 and not bool(torch.isfinite(gradients).all()):
+        # one row's NaN / inf derivative reaches every row's gradient through the zeros of the one-hot stack
+        # (0 · NaN = NaN): run each row alone, so that only the rows whose own gradient is not finite are
+        gradients = torch.cat([batch_gradient(fm, params, batch_rows(batch, [i], rows), measurement=measurement,
+                                              reduction="none") for i in range(rows)])
+        return gradients
     return gradients + fm.l2_gradient(params).to(gradients.dtype) if l2 else gradients
+
+
+def batch_rows(batch: Mapping[str, torch.Tensor], positions: list[int], rows: int) -> dict:
+    """The rows at ``positions`` of a collated batch of ``rows`` rows: every tensor whose first dimension is a
+    multiple of ``rows`` is sliced (``rows·c`` for inputs flattened per row, e.g. trunk states of ``c`` choices)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] % rows == 0:
+            per = value.shape[0] // rows
+            index = torch.tensor([p * per + j for p in positions for j in range(per)], device=value.device)
+            out[key] = value.index_select(0, index)
+        else:
+            out[key] = value
+    return out
 
 
 def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,

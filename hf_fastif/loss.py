@@ -79,8 +79,11 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, kin
     b, k = logits.shape
     if kind == "single_label_classification":
         if labels.is_floating_point() or labels.numel() != b:
+            hint = (" These look like multi-hot rows: store them as floats, or set config.problem_type = "
+                    "'multi_label_classification' (transformers reads integer labels as class ids)."
+                    if labels.numel() == b * k else "")
             raise ValueError(f"single_label_classification needs one integer class id per row; got labels of "
-                             f"shape {tuple(labels.shape)} and dtype {labels.dtype} for logits {(b, k)}.")
+                             f"shape {tuple(labels.shape)} and dtype {labels.dtype} for logits {(b, k)}.{hint}")
         return F.cross_entropy(logits, labels.reshape(b), reduction="none", label_smoothing=label_smoothing)
     if labels.numel() != logits.numel():
         need = "multi-hot labels" if kind == "multi_label_classification" else "one target per output"

@@ -30,7 +30,7 @@ def test_untokenized_dataset(setup, pad_collator):
 
 def test_not_a_dataset(setup):
     model, train, _ = setup
-    with pytest.raises(TypeError, match="Dataset.from_dict"):
+    with pytest.raises(TypeError, match="Dataset.from_list"):
         compute_influences(model, train, [{"input_ids": [1, 2]}], default_arguments(**FAST))
 
 
@@ -101,7 +101,15 @@ def test_a_pattern_matching_nothing_next_to_others_is_named(pad_collator, caplog
 @pytest.mark.parametrize(
     "field,value,match",
     [("influence_solver", "newton", "use one of lissa, cg, exact"),
-     ("influence_scale", 0.0, "influence_scale must be > 0"),
+     ("influence_scale", 0.0, "influence_scale must be a finite number > 0"),
+     # infinite damping / scale made s_test 0 and every influence 0 without a word; an infinite CG tolerance ran 0
+     # iterations (the same zeros); a NaN / inf L2 term failed later as an "overflow"; a string met a bare TypeError
+     ("influence_damping", float("inf"), "influence_damping must be a finite number >= 0, got inf"),
+     ("influence_scale", float("inf"), "influence_scale must be a finite number > 0"),
+     ("influence_cg_tol", float("inf"), "influence_cg_tol must be a finite number > 0"),
+     ("influence_weight_decay", float("nan"), "influence_weight_decay must be a finite number >= 0, got nan"),
+     ("influence_weight_decay", -0.1, "influence_weight_decay must be a finite number >= 0"),
+     ("influence_damping", "0.01", r"influence_damping must be a number >= 0, got '0.01' \(str\)"),
      ("influence_knn_k", 0, "influence_knn_k must be a whole number >= 1, or None"),
      ("influence_knn_k", 2.5, r"influence_knn_k must be a whole number >= 1, or None .* got 2\.5"),
      ("influence_recursion_depth", 10.5, "influence_recursion_depth must be a whole number >= 1, got 10.5"),
@@ -202,6 +210,9 @@ def _with(dataset: Dataset, row: int, **values) -> Dataset:
      r"train_dataset row 3 has token id -100: token ids .* cannot be negative"),
     ("train", dict(input_ids=[1] * 35, attention_mask=[1] * 35),
      r"train_dataset row 3 has a sequence of 35 tokens, more than the model's 32 positions.*max_length=32"),
+    # an empty test row was scored from padding alone, its value depending on the rows batched with it
+    ("test", dict(input_ids=[], attention_mask=[]), r"test_dataset row 3 has no tokens \(empty input_ids\)"),
+    ("train", dict(input_ids=[], attention_mask=[]), r"train_dataset row 3 has no tokens"),
 ])
 def test_bad_values_are_named_before_any_work(which, edit, match, setup, pad_collator, monkeypatch):
     """Labels out of range, a test row without a target, token ids of another tokenizer and rows longer than
@@ -216,6 +227,89 @@ def test_bad_values_are_named_before_any_work(which, edit, match, setup, pad_col
     monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._prepare", no_work)  # the first stage of any work
     with pytest.raises(ValueError, match=match):
         compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator)
+
+
+def _head(kind: str):
+    """A tiny float64 BERT with another head, and rows for it (token labels, choices, float targets)."""
+    from transformers import (
+        BertConfig,
+        BertForMultipleChoice,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+    )
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=32, attn_implementation="eager")
+    rows = make_token_dataset(6, seed=0)
+    if kind == "token":
+        model = BertForTokenClassification(BertConfig(num_labels=3, **cfg))
+        rows = rows.map(lambda r: {"labels": [-100] + [t % 3 for t in r["input_ids"][1:]]})
+    elif kind == "choice":
+        model = BertForMultipleChoice(BertConfig(**cfg))
+        rows = rows.map(lambda r: {"input_ids": [r["input_ids"]] * 3, "attention_mask": [r["attention_mask"]] * 3,
+                                   "labels": r["labels"]})
+    elif kind == "regression":
+        model = BertForSequenceClassification(BertConfig(num_labels=1, **cfg))
+        rows = rows.map(lambda r: {"labels": float(r["labels"]) + 0.5})
+    else:  # a multi-label classifier whose labels are lists of class ids (go_emotions' layout)
+        model = BertForSequenceClassification(BertConfig(num_labels=6, problem_type="multi_label_classification", **cfg))
+        rows = rows.map(lambda r: {"labels": [r["labels"] + 1]}, remove_columns="labels")
+    return model.double().eval(), rows
+
+
+@pytest.mark.parametrize("kind, edit, match", [
+    ("token", dict(labels=[-100, 1, 7]), r"candidate_dataset row 2 has token label 7, but the model has 3 classes"),
+    ("choice", dict(labels=5), r"candidate_dataset row 2 has label 5, but it has 3 choices"),
+    ("choice", dict(labels=-1), r"candidate_dataset row 2 has label -1, but it has 3 choices"),
+    ("regression", dict(labels=float("nan")), r"candidate_dataset row 2 has label nan: a NaN / inf target"),
+    ("multi-label", None, r"train_dataset row 0 has labels \[\d\], but a sequence classifier's labels .*multi-hot"),
+])
+def test_bad_labels_of_other_heads_are_named_before_any_work(kind, edit, match, monkeypatch):
+    """Token labels and multiple-choice labels out of range failed with a bare IndexError (after s_test when the
+    row was a candidate); a NaN regression target failed as an 'overflow' after the Hessian, or turned the
+    whole batch's gradient scores into NaN; lists of class ids as multi-label labels were blamed on padding."""
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    from tests.tiny import pad_collator_for_tests
+
+    model, rows = _head(kind)
+    tokenizer = pad_collator_for_tests().tokenizer
+    collator = DataCollatorForTokenClassification(tokenizer) if kind == "token" else (
+        None if kind == "choice" else DataCollatorWithPadding(tokenizer))
+    if kind == "choice":  # equal lengths: no padding needed
+        rows = rows.map(lambda r: {"input_ids": [ids[:4] for ids in r["input_ids"]],
+                                   "attention_mask": [m[:4] for m in r["attention_mask"]]})
+    candidates = rows if edit is None else rows.map(lambda r, i: edit if i == 2 else {}, with_indices=True)
+
+    def no_work(*_):
+        raise AssertionError("the check came after the work")
+
+    monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._prepare", no_work)
+    with pytest.raises(ValueError, match=match):
+        compute_influences(model, rows.select(range(4)) if edit is not None else rows, rows.select([0]),
+                           default_arguments(**FAST | dict(influence_params=None)), data_collator=collator,
+                           candidate_dataset=candidates)
+
+
+def test_integer_multi_hot_labels_without_a_problem_type_name_the_fix(pad_collator):
+    model = tiny_model("bert", num_labels=4)
+    rows = make_token_dataset(4, seed=0).map(lambda r: {"labels": [1, 0, r["labels"], 0]})
+    with pytest.raises(ValueError, match=r"look like multi-hot rows.*problem_type = 'multi_label_classification'"):
+        compute_influences(model, rows, rows.select([0]), default_arguments(**FAST), data_collator=pad_collator)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d.train_test_split(test_size=1), r"got DatasetDict; pass one of its splits, e.g. data\['train'\]"),
+    (lambda d: d[0], r"got dict; one row .*Dataset.from_list\(\[row\]\).*dataset.select\(\[i\]\)"),
+    (lambda d: d[:2], r"got dict; a dict of columns .*Dataset.from_dict\(columns\)"),
+    (lambda d: d.to_pandas(), r"got DataFrame; convert it with datasets.Dataset.from_pandas"),
+    (lambda d: [d[0], d[1]], r"got list; a list of rows .*Dataset.from_list\(rows\)"),
+])
+def test_what_is_not_a_dataset_gets_the_conversion_it_needs(setup, make, match):
+    model, train, test = setup
+    with pytest.raises(TypeError, match=match):
+        compute_influences(model, train, make(test), default_arguments(**FAST))
 
 
 def test_training_arguments_without_the_influence_settings_are_refused(setup):

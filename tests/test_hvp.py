@@ -114,3 +114,71 @@ def test_batched_paths_equal_one_at_a_time(kind, selection, pad_collator):
           torch.cat([directional_derivatives(fm, params, batch, x) for x in v], 1))
     # forward vs reverse mode: Llama's RMSNorm computes in float32 whatever the model's dtype
     close(directional_derivatives(fm, params, batch, v), per_row @ v.T, rtol=1e-6 if kind == "llama" else 1e-10)
+
+
+
+MARK = 3  # a token id that marks the row whose loss the test's loss_fn makes NaN (second position)
+
+
+def _nan_where_marked(outputs, batch):
+    """Cross-entropy per row, NaN for rows whose second token is `MARK` (their inputs and logits stay finite)."""
+    losses = torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+    factor = torch.where(batch["input_ids"][:, 1] == MARK, float("nan"), 1.0).to(losses.dtype)
+    return losses * factor  # in the graph: the row's derivative is NaN
+
+
+def _marked_rows(n: int, seed: int, marked: int):
+    data = make_token_dataset(n, seed=seed).map(
+        lambda r, i: {"input_ids": [r["input_ids"][0], MARK if i == marked else 5] + r["input_ids"][2:]},
+        with_indices=True)
+    return data
+
+
+def test_a_non_finite_row_leaves_the_other_rows_per_example_gradients_alone(pad_collator):
+    """Per-example gradients come from one backward with a one-hot stack: a row whose loss derivative is NaN put
+    0 · NaN into every row's gradient (grad scoring then returned a batch of NaN, and the diagnostics named every
+    row). Each row is now run alone when that happens: only the NaN row stays NaN, the others equal their
+    gradients in a batch without it."""
+    from hf_fastif.scoring import score_batch
+
+    model = tiny_model("bert")
+    data = _marked_rows(5, seed=0, marked=2)
+    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    batcher = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu")
+    fm = FunctionalModel(model, list(params), loss_fn=_nan_where_marked, weight_decay=0.01)
+    gradients = batch_gradient(fm, params, batcher.batch(range(5)), reduction="none")
+    finite = torch.isfinite(gradients).all(1)
+    assert finite.tolist() == [True, True, False, True, True]
+    torch.testing.assert_close(gradients[finite], batch_gradient(fm, params, batcher.batch([0, 1, 3, 4]),
+                                                                 reduction="none"))
+    s = torch.randn(2, gradients.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scores = score_batch(fm, params, batcher.batch(range(5)), s, method="grad")
+    assert torch.isfinite(scores).all(1).tolist() == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("params", [[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], None])
+def test_grad_scoring_names_only_the_non_finite_candidate(pad_collator, params):
+    """The same through the engine, with the trunk cache (last layer + head) and without it (every parameter):
+    the table's non-finite values and its diagnostics name only the marked candidate; the other values equal
+    JVP scoring's."""
+    from hf_fastif import compute_influences
+    from hf_fastif.influence import default_arguments
+
+    model = tiny_model("bert")
+    train, test = make_token_dataset(12, seed=0), make_token_dataset(2, seed=1)
+    candidates = _marked_rows(9, seed=2, marked=6)
+    tables = {}
+    for scoring in ("jvp", "grad"):
+        args = default_arguments(influence_solver="cg", influence_damping=10.0, influence_scale=1.0,
+                                 influence_knn_k=None, influence_params=params, influence_scoring=scoring,
+                                 influence_check_convergence=False, disable_tqdm=True)
+        # the NaN loss only on the candidates: the marked row is not in the training or test rows
+        tables[scoring] = compute_influences(model, train, test, args, data_collator=pad_collator,
+                                             candidate_dataset=candidates, loss_fn=_nan_where_marked)
+    for table in tables.values():
+        assert table.metadata["diagnostics"]["non_finite_scores"]["train_ids"] == [6]
+    jvp, grad = (t.to_pandas().sort_values(["test_id", "train_id"]) for t in (tables["jvp"], tables["grad"]))
+    ok = jvp["train_id"] != 6
+    assert grad[ok]["influence"].notna().all()
+    torch.testing.assert_close(torch.tensor(grad[ok]["influence"].to_numpy()),
+                               torch.tensor(jvp[ok]["influence"].to_numpy()))

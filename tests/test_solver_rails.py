@@ -268,6 +268,21 @@ def test_cg_refuses_a_non_finite_right_hand_side():
         solve_cg(lambda m: m, torch.tensor([1.0, float("nan")]), 0.1, progress=False)
 
 
+def test_cg_refuses_to_return_noise_on_a_singular_hessian(pad_collator):
+    """λ = 0 on a singular Hessian (51 classifier parameters, 12 rows): CG ran its 200 iterations to a relative
+    residual of 1e11 and returned influence values up to 2e13 (the minimum-norm answer's are ~25) with only a
+    warning. A residual of 1 or more is worse than x = 0: refused, naming the fix."""
+    model = tiny_model("bert", num_labels=3)
+    train, test = make_token_dataset(12, seed=0, num_labels=3), make_token_dataset(2, seed=1, num_labels=3)
+    args = default_arguments(influence_solver="cg", influence_damping=0.0, influence_scale=1.0, influence_knn_k=None,
+                             influence_params=[r"classifier\."], disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"CG did not converge.*raise influence_damping"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+    args.influence_damping = 1e-2  # the same call with λ > 0 converges
+    assert compute_influences(model, train, test, args, data_collator=pad_collator).metadata[
+        "diagnostics"]["cg_relative_residual"] < 1e-9
+
+
 def test_cg_tolerance_is_reachable_in_float32():
     matrix, _ = spectrum_matrix(np.linspace(0.1, 5.0, 30))
     v = torch.ones(30, dtype=torch.float32)

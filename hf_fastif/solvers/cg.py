@@ -26,7 +26,8 @@ def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, lam: 
     stop moving.
 
     Raises:
-        ValueError: on negative curvature (``pᵀ(H + λI)p ≤ 0``): H + λI is not positive definite.
+        ValueError: on negative curvature (``pᵀ(H + λI)p ≤ 0``): H + λI is not positive definite; or when CG stops
+            unconverged with a relative residual of 1 or more (worse than ``x = 0``: a (nearly) singular H + λI).
         FloatingPointError: if ``v`` is not finite.
     """
     squeeze = v.dim() == 1
@@ -64,6 +65,11 @@ def solve_cg(hvp: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, lam: 
         bar.update(1)
     bar.close()
     residual = (rs.sqrt() / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)).max().item()
+    if active.any() and not residual < 1.0:  # worse than x = 0 (or NaN): no answer at all
+        raise ValueError(
+            f"CG did not converge: after {iterations} iterations the relative residual is {residual:.3g}, worse than "
+            f"x = 0, so s_test would be noise (|values| without bound). H + λI is (nearly) singular with λ = "
+            f"{lam:.4g}: raise influence_damping (λ = influence_damping × influence_scale).")
     if active.any():
         logger.warning(f"CG stopped after {iterations} iterations with relative residual {residual:.3g} > tol {tol}; "
                        "raise influence_cg_max_iterations or influence_damping.")
