@@ -63,12 +63,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def gather_rows(array: np.ndarray) -> np.ndarray:
-    """Concatenate every process's rows in rank order (each process gets the whole array)."""
+    """Concatenate every process's rows in rank order (each process gets the whole array). A process without rows
+    (more processes than rows) may pass any empty array, whatever its other dimensions."""
     if world()[1] == 1:
         return array
     parts: list = [None] * world()[1]
     dist.all_gather_object(parts, array)
-    return np.concatenate(parts, 0)
+    filled = [part for part in parts if len(part)]
+    return np.concatenate(filled, 0) if filled else array
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (every process gets the answer)."""
+    if world()[1] == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
 
 
 def check_same_everywhere(description: dict) -> None:

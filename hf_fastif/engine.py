@@ -934,10 +934,23 @@ class InfluenceEngine:
             return out
 
         diagonal = call.fm.l2_mask(call.params) if call.fm.decayed else None
-        estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
-                                           depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
-                                           diagonal=diagonal)
+        diverged = None
+        try:
+            estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping,
+                                               scale=args.influence_scale, depth=depth, repetitions=mine,
+                                               top_eigenvalue=top, progress=call.progress, diagonal=diagonal)
+        except LissaDivergenceError as err:  # the other processes must not wait for this one's sum
+            if D.world()[1] == 1:
+                raise
+            diverged, estimate, lissa_info = err, torch.zeros_like(v), {}
+        if D.any_process(diverged is not None):
+            raise diverged or LissaDivergenceError(
+                "LiSSA diverged in another process's repetitions (its error says how); every process stops.")
         total = D.all_reduce_sum(estimate * len(mine)) / repetitions
+        # the table's diagnostics describe every repetition, not only this process's share
+        norms = D.gather_rows(np.array([lissa_info.get("lissa_final_norm", np.nan)]))
+        lissa_info = {"lissa_repetitions": repetitions, "lissa_steps": depth,
+                      "lissa_final_norm": float(np.nanmax(norms))}
         return total, info | lissa_info
 
     def _check_lissa(self, call: _Call, v: torch.Tensor) -> dict:

@@ -99,6 +99,8 @@ def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn
                          total=-(-len(batcher) // batch_size), leave=False):
         feats = method(model, batch) if callable(method) else model_features(model, batch, method, split)
         out.append(feats.detach().float().cpu().numpy())
+    if not out:  # no rows (a process whose share of the candidates is empty): (0, 0), which gather_rows skips
+        return np.zeros((0, 0), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(out, 0), dtype=np.float32)
 
 

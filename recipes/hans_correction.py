@@ -18,7 +18,8 @@ from hf_fastif.distributed import finish
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("hans_correction", [CorrectionArguments], argv)
-    setup = prepare(data_args, args, required_labels=(2,), what="HANS correction")
+    setup = prepare(data_args, args, required_labels=(2,), what="HANS correction",
+                    heuristics=protocol.heuristics, heuristic_splits=("validation", "test"))
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_correction(setup.model, setup.data, setup.args, protocol)
     return write_report("hans_correction", result, setup, protocol, argv=argv)

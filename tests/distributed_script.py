@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU).
 
 Writes the main process's tables to argv[1] as JSON. With argv[2] == "mismatch", process 1 uses another
-seed, which must be refused; with "weights", process 1's model differs in one weight, which must be refused too.
+seed, which must be refused; with "weights", process 1's model differs in one weight, which must be refused too;
+with "diverge", LiSSA diverges in process 1's repetitions only, and both processes must stop (not wait).
 """
 
 import json
@@ -21,6 +22,9 @@ from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model  #
 CASES = {
     "lissa_knn": dict(influence_solver="lissa", influence_repetitions=None, influence_knn_k=8),
     "lissa_t4_full": dict(influence_solver="lissa", influence_repetitions=4, influence_knn_k=None),
+    "lissa_t3_full": dict(influence_solver="lissa", influence_repetitions=3, influence_knn_k=None),
+    # fewer candidate rows than processes: one process's share of the kNN features is empty
+    "cg_knn_one_candidate": dict(influence_solver="cg", influence_knn_k=1, candidates=1),
     "cg_full": dict(influence_solver="cg", influence_knn_k=None),
     "exact_mean": dict(influence_solver="exact", influence_knn_k=10, combine="mean"),
     "cg_gradient": dict(influence_solver="cg", influence_knn_k=8, influence_knn_features="gradient",
@@ -47,9 +51,14 @@ def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
         combine = case.pop("combine", "none")
         if case.get("influence_repetitions", 1) is None and world_size_repetitions is not None:
             case["influence_repetitions"] = world_size_repetitions
+        candidates = case.pop("candidates", None)
+        candidates = None if candidates is None else make_token_dataset(candidates, seed=2)
         args = default_arguments(**(COMMON | case | {"influence_seed": 42 + seed_offset}))
-        df = compute_influences(model, train, test, args, combine=combine, data_collator=collator).to_pandas()
-        out[name] = df.sort_values(["test_id", "train_id"]).to_dict(orient="list")
+        table = compute_influences(model, train, test, args, combine=combine, data_collator=collator,
+                                   candidate_dataset=candidates)
+        out[name] = table.to_pandas().sort_values(["test_id", "train_id"]).to_dict(orient="list")
+        out[name]["diagnostics"] = {k: v for k, v in table.metadata["diagnostics"].items() if k.startswith("lissa_")
+                                    and isinstance(v, (int, float))}
     return out, model, train, test, collator
 
 
@@ -57,6 +66,21 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     rank, size = world()
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode == "diverge":
+        from hf_fastif.solvers import LissaDivergenceError
+
+        def diverging(*args, **kwargs):
+            if rank == 1:
+                raise LissaDivergenceError("process 1's repetitions diverged (a test)")
+            return solve_lissa(*args, **kwargs)
+
+        import hf_fastif.engine
+        from hf_fastif.solvers.lissa import solve_lissa
+        hf_fastif.engine.solve_lissa = diverging
+        args = default_arguments(**(COMMON | CASES["lissa_t4_full"]))
+        compute_influences(tiny_model("bert"), make_token_dataset(31, seed=0), make_token_dataset(3, seed=1), args,
+                           data_collator=pad_collator_for_tests())
+        raise AssertionError("not reached: the divergence stops every process")
     offset = 1 if mode == "mismatch" and rank == 1 else 0
     out, model, train, test, collator = tables(seed_offset=offset, perturb=mode == "weights" and rank == 1)
     build = build_influence_table(model, train, test, sys.argv[1] + ".build",

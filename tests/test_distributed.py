@@ -44,12 +44,28 @@ def test_two_processes_really_ran(two_processes):
     assert two_processes["num_processes"] == 2
 
 
-@pytest.mark.parametrize("case", ["lissa_knn", "lissa_t4_full", "cg_full", "exact_mean", "cg_gradient",
-                                  "cg_gradient_mean"])
+@pytest.mark.parametrize("case", ["lissa_knn", "lissa_t4_full", "lissa_t3_full", "cg_full", "exact_mean",
+                                  "cg_gradient", "cg_gradient_mean", "cg_knn_one_candidate"])
 def test_two_processes_equal_one(two_processes, one_process, case):
+    """The same table on 2 processes, its LiSSA diagnostics included (they described only the main process's
+    share of the repetitions: 0 repetitions and no steps for T = 1); one candidate row for two processes (one
+    process's share of the kNN features is empty) crashed the launch."""
     a, b = one_process[case], two_processes[case]
     assert a["test_id"] == b["test_id"] and a["train_id"] == b["train_id"]
     np.testing.assert_allclose(b["influence"], a["influence"], rtol=1e-5, atol=1e-9)
+    assert a["diagnostics"].keys() == b["diagnostics"].keys()
+    for key, value in a["diagnostics"].items():
+        assert b["diagnostics"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_lissa_diverging_in_one_process_stops_both(tmp_path):
+    """A divergence raised in one process's repetitions left the others waiting in the all-reduce: under `accelerate
+    launch` the launcher then killed them without a word of why (the main process's log said nothing), and a process
+    group started otherwise waited. Every process now raises, the others naming where it happened."""
+    result = launch(tmp_path / "d.json", "diverge")
+    assert result.returncode != 0
+    assert "process 1's repetitions diverged (a test)" in result.stderr
+    assert "LiSSA diverged in another process's repetitions" in result.stderr
 
 
 def test_two_process_build_equals_the_single_table(two_processes, one_process):

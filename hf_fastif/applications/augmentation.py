@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 from torch import nn
+from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
 from ..data import load_anli, load_hans, tokenize_nli
-from .common import ApplicationData, check_num_labels, two_label_loss
+from .common import ApplicationData, check_num_labels, refuse_shared_rows, shared_rows, two_label_loss
 from .correction import CorrectionArguments, CorrectionResult, run_correction
 from .prepare import Setup
+
+logger = logging.get_logger(__name__)
 
 POOL_FORMATS = ("auto", "hans", "nli")
 
@@ -103,17 +106,22 @@ def run_augmentation(model: nn.Module, data: ApplicationData, args: InfluenceArg
 
 
 def _refuse_held_out_pairs(data: ApplicationData) -> None:
-    """Refuse a pool that holds (premise, hypothesis) pairs of the HANS rows the protocol anchors on or evaluates
-    with: stepping on them would train on the test (e.g. the evaluation set passed as both --hans_file and --pool)."""
-    pairs = ("premise", "hypothesis")
-    held_out = {name: getattr(data, name) for name in ("hans_validation", "hans_test")}
-    if any(d is None or not set(pairs) <= set(d.column_names) for d in (data.candidates, *held_out.values())):
-        return
-    pool = set(zip(data.candidates["premise"], data.candidates["hypothesis"]))
-    for name, rows in held_out.items():
-        shared = pool & set(zip(rows["premise"], rows["hypothesis"]))
-        if shared:
-            raise ValueError(f"The pool holds {len(shared)} premise / hypothesis pairs of {name} (e.g. "
-                             f"{next(iter(sorted(shared)))!r}): augmenting with them would train on the rows the "
-                             "protocol evaluates. Use a pool without them (HANS' heuristics_train_set.txt, or ANLI), "
-                             "or hold out other HANS rows.")
+    """Refuse a pool that holds rows of the HANS splits the protocol anchors on or evaluates with (the same token
+    ids, else the same whitespace-normalised premise and hypothesis): stepping on them would train on the test (e.g.
+    the evaluation set passed as both --hans_file and --pool). A pool that cannot be compared with them is refused
+    too; pool rows that are also training rows only draw a warning (the pool is then not unseen)."""
+    for name in ("hans_validation", "hans_test"):
+        if getattr(data, name) is not None:
+            refuse_shared_rows(data.candidates, "The pool (data.candidates)", getattr(data, name), f"data.{name}",
+                               why="augmenting with them would train on the rows the protocol anchors on or "
+                                   "evaluates",
+                               fix="Use a pool without them (HANS' heuristics_train_set.txt, or ANLI), or hold out "
+                                   "other HANS rows.", unchecked="raise")
+    seen = shared_rows(data.train, data.candidates)  # the pool's digests in memory: the training rows can be many
+    if seen is None:
+        logger.warning("Cannot check whether the pool holds training rows (no input_ids, nor premise and hypothesis, "
+                       "in both); the pool is taken as unseen.")
+    elif len(seen.rows):
+        logger.warning(f"{len(seen.rows):,} training rows are also rows of the pool (the same {seen.by}; e.g. training "
+                       f"{seen.example}): the 'unseen' pool is partly seen, so stepping on those rows is plain "
+                       "correction, not augmentation. Use a pool disjoint from the training data.")

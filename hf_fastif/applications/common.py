@@ -1,18 +1,22 @@
 """Pieces the four applications share: the data they run on, predictions (through an `InfluenceEngine`'s cached
-trunk where one is at hand), HANS accuracy, the model's report, one plain SGD step, label checks, mean ± std,
-and writing a result as JSON + markdown + PNG."""
+trunk where one is at hand), HANS accuracy, the model's report, one plain SGD step, label checks, heuristic names,
+rows shared between splits, mean ± std, and writing a result as JSON + markdown + PNG."""
 
 from __future__ import annotations
 
 import copy
+import difflib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from torch import nn
+from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
 from ..batches import Batcher, model_input_columns
@@ -25,7 +29,11 @@ from ..mode import influence_mode
 from ..params import select_parameters
 from ..utils import markdown_table, to_json, write_atomic
 
+logger = logging.get_logger(__name__)
+
 EVAL_BATCH_SIZE = 128
+TRAIN_ACCURACY_ROWS = 2000
+"""Training rows (a seeded sample) on which `model_report` measures training accuracy when none was recorded."""
 
 
 @dataclass
@@ -164,19 +172,28 @@ class HansEvaluator:
 
 
 def model_report(model: nn.Module, hans: Dataset, data_collator: Callable | None = None, *,
-                 train: Dataset | None = None, train_accuracy: float | None = None) -> dict:
+                 train: Dataset | None = None, train_accuracy: float | None = None, seed: int = 0,
+                 max_train_rows: int = TRAIN_ACCURACY_ROWS) -> dict:
     """What the trained model gets right: ``train_accuracy`` (given, e.g. recorded when the model was fine-tuned, or
-    measured on ``train``), and on ``hans`` (rows with ``labels``, ``heuristic`` and, if present, ``subcase``) the
-    `hans_accuracy` metric's results (overall, per heuristic, per heuristic and gold label) and per subcase its gold
-    label, rows and accuracy. A 3-label model counts neutral and contradiction as non_entailment."""
+    measured on a seeded sample of at most ``max_train_rows`` rows of ``train``: ``train_accuracy_rows`` says how
+    many, ``train_accuracy_sampled`` whether they are a sample), and on ``hans`` (rows with ``labels``, ``heuristic``
+    and, if present, ``subcase``) the `hans_accuracy` metric's results (overall, per heuristic, per heuristic and
+    gold label) and per subcase its gold label, rows and accuracy. A 3-label model counts neutral and contradiction
+    as non_entailment."""
+    rows, sampled = None, False
     if train_accuracy is None and train is not None:
+        sampled = len(train) > max_train_rows
+        if sampled:
+            train = train.select(np.sort(np.random.default_rng([seed, 13]).choice(len(train), max_train_rows,
+                                                                                   replace=False)))
         predictions = to_two_labels(predict(model, train, data_collator).argmax(-1))
         train_accuracy = float(np.mean(predictions == to_two_labels(np.asarray(train["labels"]))))
+        rows = len(train)
     predictions = two_label_log_probs(torch.from_numpy(predict(model, hans, data_collator))).numpy().argmax(-1)
     labels = np.asarray(hans["labels"], dtype=np.int64)
     heuristics = np.asarray(hans["heuristic"], dtype=object)
-    report = {"train_accuracy": train_accuracy, "hans_rows": len(hans),
-              "heuristics": sorted(set(heuristics.tolist()), key=_heuristic_order),
+    report = {"train_accuracy": train_accuracy, "train_accuracy_rows": rows, "train_accuracy_sampled": sampled,
+              "hans_rows": len(hans), "heuristics": sorted(set(heuristics.tolist()), key=_heuristic_order),
               "hans": load_hans_accuracy(keep_in_memory=True).compute(
                   predictions=predictions.tolist(), references=labels.tolist(), heuristics=heuristics.tolist())}
     if "subcase" in hans.column_names:
@@ -187,6 +204,17 @@ def model_report(model: nn.Module, hans: Dataset, data_collator: Callable | None
                    "accuracy": float(np.mean(predictions[subcases == name] == labels[subcases == name]))}
             for name in sorted(set(subcases.tolist()))}
     return report
+
+
+def _train_accuracy_text(report: dict) -> str:
+    """``"95.8% (on 2,000 sampled training rows)"``, ``"... (recorded when the model was fine-tuned)"``."""
+    accuracy, rows = report.get("train_accuracy"), report.get("train_accuracy_rows")
+    if accuracy is None:
+        return "not measured"
+    if rows is None:
+        return f"{100 * accuracy:.1f}% (recorded when the model was fine-tuned)"
+    which = f"{rows:,} sampled" if report.get("train_accuracy_sampled") else f"all {rows:,}"
+    return f"{100 * accuracy:.1f}% (on {which} training rows)"
 
 
 def model_report_markdown(report: dict) -> str:
@@ -201,9 +229,8 @@ def model_report_markdown(report: dict) -> str:
 
     rows = [[h, cell(f"accuracy_{h}"), cell(f"accuracy_{h}_entailment"), cell(f"accuracy_{h}_non_entailment")]
             for h in heuristics] + [["all", cell("accuracy"), "", ""]]
-    train = report.get("train_accuracy")
     lines = ["### The model", "",
-             f"Training accuracy: {'not measured' if train is None else f'{100 * train:.1f}%'}. HANS-style accuracy "
+             f"Training accuracy: {_train_accuracy_text(report)}. HANS-style accuracy "
              f"(%) on {report['hans_rows']:,} rows (validation and test splits together):", "",
              markdown_table(["heuristic", "all rows", "entailment rows", "non_entailment rows"], rows)]
     if report.get("subcases"):
@@ -294,6 +321,135 @@ def _same_label(name: str, want: str) -> bool:
     if want == "non_entailment":
         return negated and "entail" in name
     return not negated and name.startswith(want[:4])
+
+
+def check_heuristics(names: Sequence[str] | str | None, flag: str = "heuristics (--heuristics)") -> list[str] | None:
+    """The heuristics asked for, checked when the arguments are made (before any data are loaded or model trained).
+
+    None stays None (every heuristic of the data). A name equal to a HANS heuristic but for case becomes HANS'
+    spelling; one close to a HANS heuristic (a typo, a prefix or a part of it: ``lexical``, ``subseq``) raises a
+    `ValueError` asking "did you mean"; a name unlike any HANS heuristic is kept (HANS-style data of one's own may
+    have other heuristics; the application checks it against the data). Repeats are dropped with a warning (each
+    heuristic runs once); an empty list raises (omit the flag for every heuristic)."""
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else [str(n) for n in names]
+    known = ", ".join(HANS_HEURISTICS)
+    if not names:
+        raise ValueError(f"{flag} is an empty list; omit it to use every heuristic of the HANS split, or name some "
+                         f"(HANS' are {known}).")
+    out: list[str] = []
+    repeated: list[str] = []
+    for name in names:
+        lower = name.strip().lower()
+        if not lower:
+            raise ValueError(f"{flag} holds an empty name; name HANS heuristics ({known}) or omit the flag.")
+        if lower in HANS_HEURISTICS:
+            name = lower
+        else:
+            close = difflib.get_close_matches(lower, HANS_HEURISTICS, n=1, cutoff=0.6)
+            close = close or [h for h in HANS_HEURISTICS if len(lower) >= 3 and lower in h]
+            if close:
+                raise ValueError(f"Unknown heuristic {name!r}: did you mean {close[0]!r}? HANS' heuristics are {known} "
+                                 "(a name unlike all of them is taken as a heuristic of your own HANS-style data).")
+        if name in out:
+            repeated.append(name)
+        else:
+            out.append(name)
+    if repeated:
+        logger.warning(f"{flag} names {sorted(set(repeated))} more than once; each heuristic runs once: "
+                       f"{out}.")
+    return out
+
+
+def heuristics_in(splits: dict[str, Sequence[str]], requested: Sequence[str] | None, what: str, fix: str) -> list[str]:
+    """The heuristics an application runs: ``requested``, or every heuristic of the first split (HANS' order, then
+    the others by name), each checked to have rows in every split; ``splits`` maps a split's name (for messages) to
+    its rows' ``heuristic`` column. A `ValueError` ("``what``: ...", then ``fix``) for an empty split or a heuristic
+    missing from one, before any work."""
+    present = {name: set(column) for name, column in splits.items()}
+    for name, found in present.items():
+        if not found:
+            raise ValueError(f"{what}: {name} has no rows; pass a non-empty HANS split (hf_fastif.data.split_hans).")
+    first = next(iter(present.values()))
+    wanted = list(requested) if requested is not None else (
+        [h for h in HANS_HEURISTICS if h in first] + sorted(first - set(HANS_HEURISTICS)))
+    for name, found in present.items():
+        missing = [h for h in wanted if h not in found]
+        if missing:
+            raise ValueError(f"{what}: heuristics {missing} have no rows in {name} (it has {sorted(found)}). {fix}")
+    return wanted
+
+
+def _row_key_kind(*datasets: Dataset) -> str | None:
+    """What rows of ``datasets`` can be compared by: their token ids where all have ``input_ids``, else their
+    premise and hypothesis where all have them, else None."""
+    if all("input_ids" in d.column_names for d in datasets):
+        return "input_ids"
+    if all({"premise", "hypothesis"} <= set(d.column_names) for d in datasets):
+        return "premise / hypothesis"
+    return None
+
+
+def row_keys(dataset: Dataset, by: str, batch_size: int = 8192):
+    """A 16-byte digest of each row's content, in row order: of its token ids (``by="input_ids"``, as int64), or of
+    its whitespace-normalised premise and hypothesis (``by="premise / hypothesis"``). Reads ``batch_size`` rows at a
+    time, so hundreds of thousands of rows (MNLI's 393k) take seconds and a few tens of MB."""
+    columns = ["input_ids"] if by == "input_ids" else ["premise", "hypothesis"]
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size):
+        if by == "input_ids":
+            column = table.column("input_ids").combine_chunks()
+            ends = np.cumsum(pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False))
+            values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int64)
+            for start, end in zip(np.r_[0, ends[:-1]], ends):
+                yield hashlib.blake2b(values[start:end].tobytes(), digest_size=16).digest()
+        else:
+            for premise, hypothesis in zip(table.column("premise").to_pylist(), table.column("hypothesis").to_pylist()):
+                text = " ".join(str(premise).split()) + "\t" + " ".join(str(hypothesis).split())
+                yield hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+@dataclass
+class SharedRows:
+    """Rows of one dataset whose content is also in another: their indices, what was compared, one example."""
+
+    rows: np.ndarray
+    by: str
+    example: str
+
+
+def shared_rows(rows: Dataset, other: Dataset) -> SharedRows | None:
+    """The rows of ``rows`` whose content (token ids, else whitespace-normalised premise and hypothesis) is also a
+    row of ``other``; None when the two cannot be compared (neither column set in both). Only ``other``'s digests
+    are held in memory: pass the smaller dataset as ``other``."""
+    by = _row_key_kind(rows, other)
+    if by is None:
+        return None
+    seen = set(row_keys(other, by))
+    found = np.fromiter((i for i, key in enumerate(row_keys(rows, by)) if key in seen), dtype=np.int64)
+    example = ""
+    if len(found):
+        row = rows[int(found[0])]
+        example = (f"row {found[0]}: {row['premise']!r} / {row['hypothesis']!r}" if "premise" in row and
+                   "hypothesis" in row else f"row {found[0]}, token ids {list(row['input_ids'])[:16]}")
+    return SharedRows(rows=found, by=by, example=example)
+
+
+def refuse_shared_rows(rows: Dataset, rows_name: str, other: Dataset, other_name: str, *, why: str, fix: str,
+                       unchecked: str = "warn") -> None:
+    """Raise a `ValueError` (how many rows, one example, why it matters, ``fix``) when rows of ``rows`` are also rows
+    of ``other``. When they cannot be compared, log a warning (``unchecked="warn"``) or raise (``"raise"``)."""
+    shared = shared_rows(rows, other)
+    if shared is None:
+        message = (f"Cannot check whether {rows_name} holds rows of {other_name}: they do not both have input_ids, "
+                   "nor both premise and hypothesis columns")
+        if unchecked == "raise":
+            raise ValueError(f"{message}; keep those columns (tokenize_nli keeps the text) so that the check can run.")
+        logger.warning(f"{message}; the overlap was not checked.")
+        return
+    if len(shared.rows):
+        raise ValueError(f"{rows_name} holds {len(shared.rows):,} row{'s' if len(shared.rows) != 1 else ''} of "
+                         f"{other_name} (the same {shared.by}; e.g. {shared.example}): {why}. {fix}")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -15,7 +15,6 @@ candidate and test rows are computed once for the whole protocol, and evaluation
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import time
 from collections.abc import Sequence
@@ -36,7 +35,19 @@ from ..engine import InfluenceEngine
 from ..loss import LossFn
 from ..table import InfluenceTable
 from ..utils import markdown_table
-from .common import ApplicationData, HansEvaluator, fmt, mean_std, sgd_step, with_seed
+from .common import (
+    ApplicationData,
+    HansEvaluator,
+    check_heuristics,
+    check_num_labels,
+    fmt,
+    heuristics_in,
+    mean_std,
+    refuse_shared_rows,
+    sgd_step,
+    two_label_loss,
+    with_seed,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -59,7 +70,8 @@ class CorrectionArguments:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={
         "help": f"Which rows each SGD step uses: any of {', '.join(STRATEGIES)}."})
     heuristics: list[str] | None = field(default=None, metadata={
-        "help": "Heuristics to correct (default: every heuristic of the HANS validation split)."})
+        "help": "Heuristics to correct (default: every heuristic of the HANS validation split). HANS' names in any "
+                "case; a near miss (lexical, subseq) is refused, a name unlike HANS' kept for one's own data."})
     num_steps: int = field(default=10, metadata={"help": "SGD steps per run; the model carries over."})
     num_anchors: int = field(default=10, metadata={"help": "Anchors sampled from the validation split per step."})
     num_points: int = field(default=10, metadata={"help": "Rows in each SGD step."})
@@ -84,11 +96,8 @@ class CorrectionArguments:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if not self.correction_learning_rate > 0:
             raise ValueError(f"correction_learning_rate must be > 0, got {self.correction_learning_rate}.")
-        for name in self.heuristics or []:  # a typo of a HANS heuristic, caught at parse time, before any training
-            close = difflib.get_close_matches(name, HANS_HEURISTICS, n=1, cutoff=0.8)
-            if name not in HANS_HEURISTICS and close:
-                raise ValueError(f"Unknown heuristic {name!r}: did you mean {close[0]!r}? HANS' heuristics are "
-                                 f"{', '.join(HANS_HEURISTICS)}.")
+        # at parse time, before any training: HANS' spelling, "did you mean" for a near miss, no repeats, not empty
+        self.heuristics = check_heuristics(self.heuristics)
 
     def used(self) -> dict:
         """The settings `PAPER` names, as used."""
@@ -225,18 +234,39 @@ class CorrectionResult:
         return fig
 
 
+def refuse_test_rows(data: ApplicationData) -> None:
+    """Refuse anchors, training rows or candidates that are also HANS test rows (compared by token ids, else by
+    whitespace-normalised premise and hypothesis): stepping on them would train on the rows accuracy is measured on.
+    Where a pair of splits cannot be compared, a warning says so."""
+    test = "data.hans_test"
+    refuse_shared_rows(data.hans_validation, "data.hans_validation", data.hans_test, test,
+                       why="the anchors would be the very rows the correction is judged on",
+                       fix="Split HANS with hf_fastif.data.split_hans (disjoint, and identical pairs kept on one "
+                           "side), or drop those rows from one split.")
+    for name in ("train", "candidates"):
+        rows = getattr(data, name)
+        if rows is not None:
+            refuse_shared_rows(rows, f"data.{name}", data.hans_test, test,
+                               why="a step on them trains on the test, and accuracy gains would be fake",
+                               fix=f"Drop the HANS test rows from data.{name}, or hold out other HANS rows as the "
+                                   "test split.")
+
+
 def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments,
                    *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                    progress: bool = True) -> CorrectionResult:
     """Run the correction protocol and return every run's accuracies and choices.
 
     Args:
-        model: the trained model (not modified: the runs step one deep copy, restored to the model's weights before
-            each run, with one `InfluenceEngine` for that copy over the whole protocol, so the trunk states it
-            caches serve every step, run and evaluation).
+        model: the trained model, with 2 labels or 3 in NLI order (a 3-label model's anchor loss defaults to
+            `two_label_loss`, since HANS has 2 labels). It is not modified: the runs step one deep copy, restored to
+            the model's weights before each run, with one `InfluenceEngine` for that copy over the whole protocol,
+            so the trunk states it caches serve every step, run and evaluation.
         data: ``train`` (H is the Hessian of their mean loss), ``hans_validation`` (anchors are drawn from it),
             ``hans_test`` (held out, for accuracy), ``candidates`` (the rows to choose from; default ``train``)
-            and ``collator``.
+            and ``collator``. Validation, training or candidate rows that are also test rows (the same token ids,
+            else the same whitespace-normalised premise and hypothesis) are refused before any work, as is a
+            heuristic without rows in both HANS splits.
         args: the ``influence_*`` settings (k, solver, λ, which parameters take part and are stepped); ``seed``
             seeds replica 0 (replica r: seed + r): its anchors, random rows and LiSSA draws.
         protocol: strategies, heuristics (default: every heuristic of ``hans_validation``, HANS order), steps per
@@ -247,17 +277,20 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     """
     protocol.validate()
     data.require("hans_validation", "hans_test", what="Correction")
+    if check_num_labels(model, (2, 3), "HANS correction") == 3 and measurement_fn is None:
+        logger.info("A 3-label model: the anchors' loss is two_label_loss (p(non_entailment) = p(neutral) + "
+                    "p(contradiction)), since HANS rows have 2 labels.")
+        measurement_fn = two_label_loss
     candidates = data.train if data.candidates is None else data.candidates
+    heuristics = heuristics_in(  # each with anchors and with test rows, before any work
+        {"data.hans_validation": data.hans_validation["heuristic"], "data.hans_test": data.hans_test["heuristic"]},
+        protocol.heuristics, "Correction", "Every heuristic corrected needs rows in both hans_validation (anchors) "
+        "and hans_test (accuracy): name others with heuristics=, or split HANS with split_hans, which keeps every "
+        "subcase on both sides.")
     validation_heuristics = np.asarray(data.hans_validation["heuristic"], dtype=object)
-    present = set(validation_heuristics.tolist())
-    heuristics = protocol.heuristics
-    if heuristics is None:
-        heuristics = [h for h in HANS_HEURISTICS if h in present] + sorted(present - set(HANS_HEURISTICS))
-    missing = [h for h in heuristics if h not in present]
-    if missing:
-        raise ValueError(f"Heuristics {missing} have no rows in hans_validation (it has {sorted(present)}).")
     for heuristic in heuristics:  # fail before any work if a heuristic is too small
         sample_anchors(validation_heuristics, heuristic, protocol.num_anchors, np.random.default_rng(0))
+    refuse_test_rows(data)
     evaluator = HansEvaluator(data.hans_test, data.collator)
     work = copy.deepcopy(model)
     initial = {name: tensor.detach().clone() for name, tensor in work.state_dict().items()}

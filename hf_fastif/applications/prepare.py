@@ -46,7 +46,7 @@ from ..embedded import (
 )
 from ..parsing import parse_arguments
 from ..trainer import InfluenceTrainer
-from .common import ApplicationData, check_num_labels, model_report
+from .common import ApplicationData, check_num_labels, heuristics_in, model_report
 
 logger = logging.get_logger(__name__)
 
@@ -277,7 +277,8 @@ def load_data(data_args: ModelDataArguments, seed: int) -> dict[str, Dataset | N
 
 
 def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required_labels: tuple[int, ...] = (2,),
-            what: str = "This application") -> Setup:
+            what: str = "This application", heuristics: Sequence[str] | None = None,
+            heuristic_splits: Sequence[str] = ()) -> Setup:
     """Check the model and the data, then load or train the model; return everything an application needs.
 
     Cheap checks come first (label counts, the checkpoint can be found, the data files parse), so bad input
@@ -289,6 +290,11 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
             fine-tuned here is saved to ``<args.output_dir>/model``.
         required_labels: label counts the application accepts (HANS correction: 2).
         what: the application's name, for error messages.
+        heuristics: the heuristics the application will run (None: every heuristic of the first of
+            ``heuristic_splits``), checked to have rows in each HANS split of ``heuristic_splits`` (``"validation"``,
+            ``"test"``) right after the split, before any model is built or trained.
+        heuristic_splits: the HANS splits that need rows of every heuristic (correction and augmentation:
+            validation and test; the influence graph: test); empty: no check.
     """
     started = time.perf_counter()
     configure_threads(data_args)
@@ -300,7 +306,12 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
                          "model is always trained here.")
     checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
     raw = load_data(data_args, args.seed)
-    split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)  # a fraction that empties a split: here
+    # a fraction that empties a split, or a heuristic missing from a split the application needs: here
+    raw_split = split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)
+    if heuristic_splits:
+        heuristics_in({f"the HANS {name} split": raw_split[name]["heuristic"] for name in heuristic_splits},
+                      heuristics, what, "Name heuristics the HANS data have with --heuristics, or omit it for all; "
+                      "with few rows per subcase, a --validation_fraction nearer 0.5 keeps rows on both sides.")
     kind = data_args.kind
     if kind == "tiny" and data_args.train_dataset is not None:
         logger.warning("The tiny embedded model's word-level tokenizer knows only the generated vocabulary; other "
@@ -328,8 +339,9 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     model.eval()
     check_num_labels(model, required_labels, what)
     collator = DataCollatorWithPadding(tokenizer)
-    report = model_report(model, tokenized["hans"], collator, train=tokenized["train"] if kind == "tiny" else None,
-                          train_accuracy=info.get("train_accuracy"))
+    # training accuracy as recorded at fine-tuning (MiniLM), else measured on a seeded sample of training rows
+    report = model_report(model, tokenized["hans"], collator, train=tokenized["train"],
+                          train_accuracy=info.get("train_accuracy"), seed=args.seed)
     split = split_hans(tokenized["hans"], data_args.validation_fraction, seed=args.seed)
     influence_params = sum(p.numel() for n, p in model.named_parameters()
                            if (args.influence_params is None and p.requires_grad)

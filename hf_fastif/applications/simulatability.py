@@ -5,7 +5,8 @@ loss on that prediction should drop more than after a step on a random row.
 For each test point (``num_correct`` the task model gets right, ``num_incorrect`` it gets wrong): its
 ``num_points`` most helpful and most harmful training rows (of k kNN candidates: the lowest and highest
 influence, of either sign when fewer candidates have that sign, so every group has ``num_points`` rows) and
-``num_points`` random rows per gold label; for each row and each learning rate of a sweep, one step
+``num_points`` random rows per label the simulator's step uses (``random_<label>``: rows whose step label, the task
+model's prediction by default, is that label); for each row and each learning rate of a sweep, one step
 ``θ' = θ - lr·∇L_sim(row)`` on the simulator, then the simulator's loss on the test point labelled with the
 task model's prediction. By default the training rows carry the task model's predictions both in their
 influence and in the simulator's step (``row_labels``; the reference code mixes gold labels for influence with
@@ -106,6 +107,9 @@ class SimulatabilityArguments:
         for name in ("num_correct", "num_incorrect"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if int(self.num_correct) + int(self.num_incorrect) == 0:
+            raise ValueError("num_correct and num_incorrect are both 0: there would be no test point to explain; "
+                             "ask for at least one (e.g. --num_correct 10 --num_incorrect 10).")
         if int(self.num_points) < 1:
             raise ValueError(f"num_points must be a positive integer, got {self.num_points}.")
         if not self.rates or min(self.rates) <= 0:
@@ -128,8 +132,8 @@ class SimulatabilityResult:
     """Simulator losses after one step on each row of each group, per test point and learning rate.
 
     ``points[i]`` holds the test row, whether the task model got it right, its loss before any step, and for
-    each group (``helpful``, ``harmful``, ``random_<label>``) the selected rows and a ``(rows, rates)`` list
-    of the simulator's loss after the step.
+    each group (``helpful``, ``harmful``, ``random_<label>``: random rows whose step label is ``<label>``) the
+    selected rows and a ``(rows, rates)`` list of the simulator's loss after the step.
     """
 
     settings: dict
@@ -298,7 +302,8 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
     """Run the simulatability protocol.
 
     Args:
-        task_model: the model to explain.
+        task_model: the model to explain: 2 or 3 labels in NLI order, the labels of ``data.train`` and the test
+            points (a reversed ``id2label`` or another label count is refused: the data's labels would be misread).
         simulator: a separate model with the same labels (not modified: steps are functional).
         data: ``train`` (tokenized training rows with gold ``labels``: influence, and the rows stepped on),
             ``hans_validation`` (the test points unless ``test_dataset`` is given) and ``collator``.
@@ -309,20 +314,27 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
             labels, both in their influence and in the simulator's step: ``"prediction"``, the task model's, what
             the simulator imitates; ``"gold"``; or ``"mixed"``, gold for influence and prediction for the step, as
             the reference code does, so rows the task model gets wrong push the simulator the opposite way from
-            what their influence says).
+            what their influence says). Each random group ``random_<label>`` is drawn from the training rows whose
+            step label (the task model's prediction, or the gold label with ``row_labels="gold"``) is ``<label>``,
+            so every row of it is stepped with that label.
         test_dataset: tokenized test rows with gold ``labels`` (default: ``data.hans_validation``).
     Returns:
         A `SimulatabilityResult`.
     """
     protocol.validate()
+    default_tests = test_dataset is None
     test_dataset = data.hans_validation if test_dataset is None else test_dataset
     if test_dataset is None:
         raise ValueError("Simulatability needs test points: pass test_dataset= or data.hans_validation.")
-    task_labels = getattr(task_model.config, "num_labels", None)
+    task_labels = check_num_labels(task_model, (2, 3), "Simulatability")  # the data's labels, read as its classes
     sim_labels = getattr(getattr(simulator, "config", None), "num_labels", None)
     if task_labels != sim_labels:
         raise ValueError(f"The simulator has {sim_labels} labels and the task model {task_labels}; train the simulator "
                          "on the task model's label set.")
+    check_num_labels(simulator, task_labels, "The simulator")
+    _check_data_labels(data.train, task_labels, "data.train")
+    _check_data_labels(test_dataset, task_labels, "The test points (data.hans_validation)" if default_tests
+                       else "test_dataset")
     rates, seed = protocol.rates, args.seed
     gold = np.asarray(test_dataset["labels"])
     train_gold = np.asarray(data.train["labels"])
@@ -341,7 +353,7 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
         table = engine.compute_influences(influence_train, tests)
 
     names = getattr(task_model.config, "id2label", None) or {}
-    label_ids = sorted(set(train_gold.tolist()))
+    label_ids = sorted(set(np.asarray(step_labels).tolist()))  # random rows: drawn by the label of their step
     rng = np.random.default_rng([seed, 11])
     steps = _SimulatorSteps(copy.deepcopy(simulator), args, data.collator)
     result = SimulatabilityResult(
@@ -358,7 +370,7 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
         # can be the least helpful rows: said in the report, not hidden)
         signed = {"helpful": int((lowest["influence"] < 0).sum()), "harmful": int((highest["influence"] > 0).sum())}
         for label in label_ids:
-            pool = np.flatnonzero(train_gold == label)
+            pool = np.flatnonzero(step_labels == label)
             groups[f"random_{names.get(label, label)}"] = np.sort(
                 rng.choice(pool, size=min(protocol.num_points, len(pool)), replace=False))
         point = {"test_row": int(rows[t]), "correct": bool(correct[t]), "task_prediction": int(test_predictions[rows[t]]),
@@ -372,6 +384,19 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
             point["losses"][group] = after.tolist()
         result.points.append(point)
     return result
+
+
+def _check_data_labels(dataset: Dataset, num_labels: int, name: str) -> None:
+    """Raise a `ValueError` naming the fix when ``dataset``'s labels are not the model's: a ``labels`` ClassLabel with
+    another number of classes (HANS' 2 for a 3-label model), or label ids the model does not have."""
+    feature = dataset.features.get("labels")
+    classes = getattr(feature, "num_classes", None)
+    labels = np.asarray(dataset["labels"])
+    if (classes is not None and classes != num_labels) or (len(labels) and int(labels.max()) >= num_labels):
+        found = feature.names if classes is not None else sorted(set(labels.tolist()))
+        raise ValueError(f"{name} has labels {found}, but the task model has {num_labels}: its predictions would be "
+                         "compared with labels of another set. Use data with the model's labels (for a 3-label model, "
+                         "MNLI-format test points: --test_dataset nyu-mll/multi_nli), or a model with the data's.")
 
 
 def load_test_points(protocol: SimulatabilityArguments, num_labels: int) -> Dataset | None:

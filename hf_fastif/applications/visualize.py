@@ -23,7 +23,7 @@ from ..data import HANS_HEURISTICS
 from ..engine import InfluenceEngine
 from ..table import InfluenceTable
 from ..utils import markdown_table
-from .common import ApplicationData, predict
+from .common import ApplicationData, check_heuristics, check_num_labels, heuristics_in, predict
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -52,7 +52,8 @@ class VisualizationArguments:
     test_points_per_heuristic: int = field(default=100, metadata={
         "help": "HANS test points per heuristic (paper: 100; embedded default: 30)."})
     edges_per_test_point: int = field(default=10, metadata={"help": "Most helpful and most harmful rows per test point."})
-    heuristics: list[str] | None = field(default=None, metadata={"help": "Heuristics to show (default: all of the split)."})
+    heuristics: list[str] | None = field(default=None, metadata={
+        "help": "Heuristics to show (default: all of the test split); HANS' names in any case, a near miss refused."})
 
     def __post_init__(self):
         self.validate()
@@ -62,6 +63,8 @@ class VisualizationArguments:
         for name in ("test_points_per_heuristic", "edges_per_test_point"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        # at parse time, before any training: HANS' spelling, "did you mean" for a near miss, no repeats, not empty
+        self.heuristics = check_heuristics(self.heuristics)
 
     def used(self) -> dict:
         """The settings `PAPER` names, as used."""
@@ -224,13 +227,17 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
             premise, hypothesis, genre) to label the training nodes and the table.
         args: the ``influence_*`` settings (one s_test per test point; k kNN candidates each); ``seed`` seeds the
             choice of test points and the layout.
-        protocol: test points per heuristic, edges per test point (the paper's 100 / 10), which heuristics.
+        protocol: test points per heuristic, edges per test point (the paper's 100 / 10), which heuristics
+            (default: every heuristic of ``hans_test``, HANS' first); each must have test rows, checked with the
+            model's labels (2, NLI order) before any influence is computed.
     """
     protocol.validate()
     data.require("hans_test", what="The influence graph")
+    check_num_labels(model, 2, "The HANS influence graph")  # HANS' labels, read as the model's classes
     hans = data.hans_test
-    rows = sample_per_heuristic(hans["heuristic"], protocol.test_points_per_heuristic, args.seed,
-                                list(protocol.heuristics) if protocol.heuristics else None)
+    names = heuristics_in({"data.hans_test": hans["heuristic"]}, protocol.heuristics, "The influence graph",
+                          "Name others with heuristics=, or omit it for every heuristic of the split.")
+    rows = sample_per_heuristic(hans["heuristic"], protocol.test_points_per_heuristic, args.seed, names)
     tests = hans.select(rows)
     with InfluenceEngine(model, args, data_collator=data.collator) as engine:
         table = engine.compute_influences(data.train, tests)

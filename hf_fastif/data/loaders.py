@@ -358,6 +358,11 @@ def load_hans(name_or_path: str | os.PathLike, split: str = "validation") -> Dat
 def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0) -> DatasetDict:
     """Split HANS into disjoint validation (anchors) and test parts, stratified by subcase.
 
+    Identical pairs stay on one side: rows with the same token ids (``input_ids``, when tokenized), else the same
+    whitespace-normalised premise and hypothesis, go to the side that most of them fell on (ties: the side of the
+    first), so no validation row is also a test row even where the data repeat a pair. Without repeats this is
+    the plain stratified split.
+
     Args:
         dataset: a HANS-style `Dataset` with a `subcase` column.
         validation_fraction: share of each subcase that goes to `validation`, in (0, 1).
@@ -383,6 +388,20 @@ def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0
         validation.extend(rows[: int(round(len(rows) * validation_fraction))].tolist())
     in_validation = np.zeros(len(dataset), dtype=bool)
     in_validation[validation] = True
+    if "input_ids" in dataset.column_names:
+        keys = [tuple(ids) for ids in dataset["input_ids"]]
+    elif {"premise", "hypothesis"} <= set(dataset.column_names):
+        keys = [(" ".join(str(p).split()), " ".join(str(h).split()))
+                for p, h in zip(dataset["premise"], dataset["hypothesis"])]
+    else:
+        keys = range(len(dataset))  # nothing to compare: every row is its own
+    groups: dict = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    for rows in groups.values():
+        if len(rows) > 1:
+            votes = int(in_validation[rows].sum())
+            in_validation[rows] = votes * 2 > len(rows) or (votes * 2 == len(rows) and in_validation[rows[0]])
     for part, rows in (("validation", in_validation), ("test", ~in_validation)):
         if not rows.any():
             sizes = np.unique(subcases, return_counts=True)[1]

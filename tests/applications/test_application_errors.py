@@ -84,3 +84,18 @@ def test_bad_flag_values(tmp_path):
         _main("hans_correction")(["--output_dir", str(tmp_path), "--fine_tune", "maybe"])
     with pytest.raises(ValueError, match="--pool_format must be"):
         _main("augmentation")(["--output_dir", str(tmp_path), "--pool_format", "csv"])
+
+
+def test_heuristic_names_fail_before_any_training(tmp_path, no_training):
+    """A near miss is refused when the flags are parsed; a name the HANS data lack, as soon as the data are split
+    (both failed only after the model was trained; visualize checked nothing)."""
+    for recipe, name, meant in (("hans_correction", "lexical", "lexical_overlap"), ("visualize", "overlap",
+                                                                                   "lexical_overlap"),
+                                ("augmentation", "subseq", "subsequence")):
+        with pytest.raises(ValueError, match=f"Unknown heuristic '{name}': did you mean '{meant}'"):
+            _main(recipe)(["--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", name])
+    for recipe, split in (("hans_correction", "validation"), ("augmentation", "validation"), ("visualize", "test")):
+        with pytest.raises(ValueError, match=rf"heuristics \['my_own_heuristic'\] have no rows in the HANS {split} "
+                                             "split"):
+            _main(recipe)(["--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", "constituent",
+                           "my_own_heuristic"])

@@ -217,7 +217,7 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
         setattr(protocol, field, value)  # changed after construction: run_correction checks again, before any work
         with pytest.raises(ValueError, match=message):
             run_correction(trained, data, args, protocol)
-    with pytest.raises(ValueError, match="no rows in hans_validation"):
+    with pytest.raises(ValueError, match="no rows in data.hans_validation"):
         run_correction(trained, data, args, CorrectionArguments(heuristics=["negation"]))
     with pytest.raises(ValueError, match="fewer than num_anchors"):
         run_correction(trained, data, args, CorrectionArguments(num_anchors=1000))

@@ -33,7 +33,7 @@ def test_augmentation_refuses_a_pool_holding_held_out_pairs(trained, nli, data, 
     """The evaluation set given as both --hans_file and --pool: the protocol would step on the rows it evaluates."""
     protocol = CorrectionArguments(strategies=["random"], heuristics=["constituent"], num_steps=1, num_anchors=3,
                                    num_points=2, correction_learning_rate=0.1, replicas=1)
-    with pytest.raises(ValueError, match=r"The pool holds \d+ premise / hypothesis pairs of hans_test"):
+    with pytest.raises(ValueError, match=r"The pool \(data.candidates\) holds \d+ rows of data.hans_test"):
         run_augmentation(trained, dataclasses.replace(data, candidates=nli["test"]), args, protocol, progress=False)
 
 

@@ -94,7 +94,12 @@ def test_paper_path_loads_a_finetuned_checkpoint(tmp_path, files):
     assert results["setup"]["num_train"] == 120 and results["settings"]["correction_learning_rate"] == 1e-4
     assert results["settings"]["influence"]["influence_weight_decay"] == 0.005  # the reference code's L2 term
     assert not (tmp_path / "model" / "config.json").exists()
+    # measured although the model was given (it was "not measured" unless the tiny model was trained here)
+    report = results["model_report"]
+    assert report["train_accuracy"] is not None and report["train_accuracy_rows"] == 120
+    assert not report["train_accuracy_sampled"]
     _outputs(tmp_path, "hans_correction")
+    assert "on all 120 training rows" in (tmp_path / "hans_correction.md").read_text()
 
 
 def test_paper_path_fine_tunes_a_base_model(tmp_path, files):
