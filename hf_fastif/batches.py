@@ -33,11 +33,12 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def signature_columns(model: nn.Module) -> list[str]:
+def signature_columns(model: nn.Module, label_names: Sequence[str] = ()) -> list[str]:
     """Column names the Trainer keeps for ``model`` (its ``_set_signature_columns_if_needed`` rule).
 
     The named parameters of ``forward`` (of the base model for PEFT, as the Trainer does), plus ``label``,
-    ``label_ids`` and the model's label names (``find_labels``). A ``**kwargs`` does not widen the list:
+    ``label_ids``, the model's label names (``find_labels``) and the arguments' ``label_names`` (columns a
+    ``compute_loss`` of one's own may read, e.g. per-row weights). A ``**kwargs`` does not widen the list:
     the Trainer drops every other column too, so the model was trained without them. Unlike the Trainer,
     the names of ``*args``/``**kwargs`` themselves are not columns; the model's ``main_input_name`` is
     added, and a forward that names no input at all keeps the common transformers inputs.
@@ -46,7 +47,7 @@ def signature_columns(model: nn.Module) -> list[str]:
     params = inspect.signature(target.forward).parameters
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     named = [n for n, p in params.items() if p.kind not in variadic]
-    labels = ["label", "label_ids", *find_labels(type(target))]
+    labels = ["label", "label_ids", *find_labels(type(target)), *label_names]
     main = getattr(target, "main_input_name", None)
     extra = [main] if isinstance(main, str) else []
     takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -55,23 +56,26 @@ def signature_columns(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(named + extra + labels + list(LABEL_COLUMNS)))
 
 
-def model_input_columns(model: nn.Module, dataset: Dataset) -> list[str]:
+def model_input_columns(model: nn.Module, dataset: Dataset, label_names: Sequence[str] = ()) -> list[str]:
     """The columns of ``dataset`` the Trainer would pass to ``model`` (see `signature_columns`), in the
     dataset's order: named inputs of ``forward`` (e.g. LayoutLM's ``bbox``) and the labels."""
-    keep = set(signature_columns(model))
+    keep = set(signature_columns(model, label_names))
     return [c for c in dataset.column_names if c in keep]
 
 
-def keeps_every_column(args) -> bool:
-    """Whether ``args`` (`TrainingArguments`) say ``remove_unused_columns=False``: the Trainer then hands every
-    column to the collator and the model, and influence must read the rows the same way."""
-    return getattr(args, "remove_unused_columns", True) is False
+def column_rule(args) -> dict:
+    """Which columns the Trainer keeps under ``args`` (`TrainingArguments`), as `validate_dataset`'s keywords:
+    ``keep_all`` when ``remove_unused_columns=False`` (the Trainer then hands every column to the collator and the
+    model), and the ``label_names`` it keeps besides the model's inputs. Influence reads the rows the same way."""
+    return {"keep_all": getattr(args, "remove_unused_columns", True) is False,
+            "label_names": tuple(getattr(args, "label_names", None) or ())}
 
 
-def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = False) -> list[str]:
+def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = False,
+                     label_names: Sequence[str] = ()) -> list[str]:
     """Check a dataset is a non-empty, tokenized `datasets.Dataset`; return the columns to keep: the model's
-    inputs and labels, as the Trainer keeps them, or every column (``keep_all``: ``remove_unused_columns=False``,
-    for a collator or a ``**kwargs`` forward that reads more)."""
+    inputs and labels (and ``label_names``), as the Trainer keeps them, or every column (``keep_all``:
+    ``remove_unused_columns=False``, for a collator or a ``**kwargs`` forward that reads more)."""
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; {_dataset_hint(dataset)}")
     if len(dataset) == 0:
@@ -84,7 +88,7 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
                          "row many times and keys its caches on the stored values, which a transform can change "
                          "unseen. Store what the transform makes: dataset.map(transform, batched=True, "
                          "remove_columns=dataset.column_names) on the dataset without the transform.")
-    readable = model_input_columns(model, dataset)
+    readable = model_input_columns(model, dataset, label_names)
     columns = list(dataset.column_names) if keep_all else readable
     ignored = [c for c in dataset.column_names if c not in columns]
     if ignored:

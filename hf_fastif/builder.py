@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments
-from .batches import keeps_every_column, validate_dataset
+from .batches import column_rule, validate_dataset
 from .engine import non_finite_scores
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
 from .influence import compute_influences, default_arguments
@@ -53,10 +53,10 @@ CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
 KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)
 
 
-def data_identity(dataset: Dataset, name: str, model: nn.Module, keep_all: bool = False) -> dict:
-    """Rows, the columns the model reads (inputs + labels; every column with ``keep_all``) and the sha256 of all
-    their values: any edit of a row the influence depends on changes it, wherever the row is."""
-    columns = validate_dataset(dataset, name, model, keep_all)
+def data_identity(dataset: Dataset, name: str, model: nn.Module, rule: dict | None = None) -> dict:
+    """Rows, the columns the model reads (inputs + labels; as `column_rule` of the arguments says) and the sha256
+    of all their values: any edit of a row the influence depends on changes it, wherever the row is."""
+    columns = validate_dataset(dataset, name, model, **(rule or {}))
     return {"num_rows": len(dataset), "columns": columns, "sha256": dataset_fingerprint(dataset, columns)}
 
 
@@ -66,16 +66,16 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     """What a build's numbers depend on, as JSON values: two builds with equal signatures compute the same
     table up to float rounding (``callables``: the `CALLABLES` passed to `compute_influences`, None for the
     default; the `RUNTIME_SETTINGS` are left out)."""
-    keep_all = keeps_every_column(args)
-    train = data_identity(train_dataset, "train_dataset", model, keep_all)
+    rule = column_rule(args)
+    train = data_identity(train_dataset, "train_dataset", model, rule)
     candidates = (train if candidate_dataset is None
-                  else data_identity(candidate_dataset, "candidate_dataset", model, keep_all))
+                  else data_identity(candidate_dataset, "candidate_dataset", model, rule))
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
         "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}
         | ({"label_smoothing_factor": smoothing} if (smoothing := default_loss_smoothing(args, (callables or {}).get("loss_fn"))) else {}),
-        "train": train, "test": data_identity(test_dataset, "test_dataset", model, keep_all), "candidates": candidates,
+        "train": train, "test": data_identity(test_dataset, "test_dataset", model, rule), "candidates": candidates,
         **{name: _identity((callables or {}).get(name)) for name in CALLABLES},
         "shard_size": shard_size,
         # influence_repetitions=None means one LiSSA repetition per process: T is then the number of processes

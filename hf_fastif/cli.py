@@ -52,7 +52,7 @@ from .embedded import (
 )
 from .engine import InfluenceEngine
 from .params import num_parameters, select_parameters
-from .parsing import parse_with_defaults
+from .parsing import HELP_FLAGS, parse_with_defaults
 from .recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
@@ -63,7 +63,7 @@ from .recall import (
     recall_table,
     resolve_ks,
 )
-from .space import build_default
+from .space import build_default, open_table
 from .table import InfluenceTable, InfluenceTableError
 
 EXIT_ERROR = 2
@@ -98,6 +98,18 @@ class BuildArguments:
                                       "resumes after the last one). The embedded default's 30 test rows are one "
                                       "piece of work."})
 
+    def __post_init__(self):
+        _positive_counts(self, "max_train_samples", "max_test_samples", "shard_size")
+
+
+def _positive_counts(flags, *names: str) -> None:
+    """Refuse a row count below 1 (0 used to mean "all rows" without a word), before any work or folder."""
+    for name in names:
+        value = getattr(flags, name)
+        if value is not None and value < 1:
+            hint = " (omit it for every row)" if name.startswith("max_") else ""
+            raise ValueError(f"--{name} must be at least 1{hint}, got {value}.")
+
 
 def build_defaults(first: argparse.Namespace) -> dict:
     """Defaults of ``build``'s flags: the embedded default's (of ``--embedded_model``) for its table when no model is
@@ -110,8 +122,8 @@ def build_defaults(first: argparse.Namespace) -> dict:
 def add_build(sub) -> None:
     parser = sub.add_parser("build", help="Build an influence table (a model + data, or the embedded default).",
                             dataclass_types=[BuildArguments, InfluenceArguments],
-                            description="Build an influence table. Without --model_name_or_path, the embedded "
-                                        "default's settings (hf_fastif.embedded) replace the defaults shown.")
+                            description="Build an influence table. The defaults shown are the embedded default's "
+                                        "(hf_fastif.embedded) without --model_name_or_path, the library's with it.")
     parser.set_defaults(run=run_build, parser=parser)
 
 
@@ -129,7 +141,7 @@ def run_build(ns: argparse.Namespace) -> int:
                              "in one piece (a rerun reuses the fine-tuned model, and a finished build whole). Drop it.")
         kind = embedded_kind(build.embedded_model).name
         build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples,
-                      kind=kind)
+                      kind=kind, progress=_stage)
         print(f"the embedded default model ({kind}) -> {out / 'model'}")
     elif build.embedded_model is not None:
         raise ValueError("--embedded_model chooses the embedded default, which runs without --model_name_or_path; "
@@ -201,8 +213,8 @@ def add_push(sub) -> None:
     parser.add_argument("table", help="A table folder (written by `build` or InfluenceTable.save).")
     parser.add_argument("repo_id", help="Dataset repo, e.g. user/mnli-influence (created if missing).")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
-    parser.add_argument("--revision", default=None, help="Branch to commit to (default: main).")
-    parser.add_argument("--commit-message", default="Upload influence table with hf_fastif")
+    parser.add_argument("--revision", default=None, help="Branch to commit to; the repo's main branch when omitted.")
+    parser.add_argument("--commit-message", default="Upload influence table with hf_fastif", help="The commit's message.")
     parser.add_argument("--token", default=None, help="Hub token (better: the HF_TOKEN variable or `hf auth login`, "
                                                       "which keep it out of the process list and shell history).")
     parser.set_defaults(run=run_push)
@@ -239,8 +251,9 @@ def add_show(sub) -> None:
     parser = sub.add_parser("show", help="Print the most helpful / harmful training rows of a test id.")
     parser.add_argument("source", help="A table folder or a Hub dataset repo id.")
     parser.add_argument("--test-id", type=int, default=None, help="Test row to explain (default: the first).")
-    parser.add_argument("-n", type=int, default=10, help="Rows per side (default 10).")
-    parser.add_argument("--side", choices=("both", "helpful", "harmful"), default="both")
+    parser.add_argument("-n", type=int, default=10, help="Rows per side.")
+    parser.add_argument("--side", choices=("both", "helpful", "harmful"), default="both",
+                        help="Which list to show: the most helpful rows, the most harmful, or both.")
     parser.add_argument("--revision", default=None, help="Hub revision, for a repo id.")
     parser.add_argument("--list", action="store_true", help="List the table's test examples instead.")
     parser.set_defaults(run=run_show)
@@ -262,12 +275,15 @@ def run_show(ns: argparse.Namespace) -> int:
         raise ValueError(f"-n must be at least 1, got {ns.n}.")
     test_id = ns.test_id if ns.test_id is not None else int(tests.test_id.iloc[0]) if len(tests) else 0
     row = tests[tests.test_id == test_id]
+    counts = table.describe(test_id)  # an unknown test id: the error before anything is printed of it
     print(f"\ntest {test_id}")
     if len(row):
         for col in [c for c in row.columns if c != "test_id"]:
             print(f"  {col.removeprefix('test_')}: {row.iloc[0][col]}")
-    counts = table.describe(test_id)
     print(_describe_line(counts))
+    note = table.candidates_note()
+    if note:
+        print(textwrap.fill(note, _width()))
     for side in ("helpful", "harmful"):
         if ns.side in (side, "both"):
             frame = getattr(table, side)(test_id, ns.n)
@@ -285,6 +301,11 @@ def run_show(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _stage(stage: str) -> None:
+    """A stage of a long command as it starts, on stderr (its stdout stays the result)."""
+    print(f"[hf-fastif] {stage}", file=sys.stderr, flush=True)
+
+
 def _describe_line(counts: dict) -> str:
     """The candidates of one test id: how many are helpful / harmful / zero, and the spread of their values."""
     spread = " · ".join(f"{k} {counts[k]:+.4e}" for k in ("min", "median", "max") if counts[k] is not None)
@@ -299,15 +320,7 @@ def _label_names(values, names: list[str]) -> list:
 
 
 def _open(source: str, revision: str | None) -> InfluenceTable:
-    if Path(source).is_dir():
-        return InfluenceTable.load(source)
-    if Path(source).exists() or source.startswith((".", "/", "~")):
-        raise ValueError(f"{source!r} is not a table folder (pass the folder holding {Path('influence_metadata.json')}).")
-    try:
-        return InfluenceTable.from_hub(source, revision=revision)
-    except ValueError as err:  # 'out/table' could be either: say both were tried
-        raise InfluenceTableError(f"{err} Nor is there a local folder {source!r}: for a table on disk, check the "
-                                  "path.") from err
+    return open_table(source, revision)[0]
 
 
 def _summary(table: InfluenceTable) -> str:
@@ -369,6 +382,9 @@ class RecallArguments:
     methods: list[str] = dataclasses.field(default_factory=lambda: ["auto", "mean", "gradient", "random"], metadata={
         "help": f"Candidate methods to compare: any of {', '.join(RECALL_METHODS)}."})
 
+    def __post_init__(self):
+        _positive_counts(self, "max_train_samples", "num_test_points")
+
 
 def recall_defaults(first: argparse.Namespace) -> dict:
     """Defaults of ``recall``'s flags: the fine-tuned MiniLM's settings when no model is given, else the
@@ -392,8 +408,6 @@ def run_recall(ns: argparse.Namespace) -> int:
     methods = check_methods(recall.methods)
     for spec in recall.ks:
         parse_k(spec)
-    if recall.num_test_points < 1:
-        raise ValueError(f"--num_test_points must be at least 1, got {recall.num_test_points}.")
     if recall.model_name_or_path is None:
         if recall.train_dataset or recall.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
@@ -479,10 +493,19 @@ def _library_logging(verbose: bool) -> None:
         library.propagate = False
 
 
+SETUP_DEFAULTS = ("build", "recall")
+"""Subcommands whose flags' defaults depend on the setup (the embedded default's or the library's): their --help is
+answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`), not by the first one."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ns = parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    deferred = command in SETUP_DEFAULTS and any(a in HELP_FLAGS for a in argv)
+    ns = parser().parse_args([a for a in argv if a not in HELP_FLAGS] if deferred else argv)
     ns.argv = argv[argv.index(ns.command) + 1:]  # the subcommand's own flags, for a parse with setup defaults
+    if deferred:  # prints the help with the defaults that apply, and exits
+        parse_with_defaults(ns.parser, ns.argv, build_defaults if command == "build" else recall_defaults)
     logging.set_verbosity_info() if ns.verbose else logging.set_verbosity_warning()
     _library_logging(ns.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

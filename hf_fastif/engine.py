@@ -38,7 +38,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
-from .batches import Batcher, check_values, decoder_inputs_from_labels, keeps_every_column, validate_dataset
+from .batches import Batcher, check_values, column_rule, decoder_inputs_from_labels, validate_dataset
 from .fingerprint import (
     callable_fingerprint,
     collator_settings,
@@ -598,10 +598,10 @@ class InfluenceEngine:
         if combine not in COMBINE:
             raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
         candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
-        keep_all = keeps_every_column(args)
-        train_cols = validate_dataset(train_dataset, "train_dataset", model, keep_all)
-        test_cols = validate_dataset(test_dataset, "test_dataset", model, keep_all)
-        cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model, keep_all)
+        rule = column_rule(args)
+        train_cols = validate_dataset(train_dataset, "train_dataset", model, **rule)
+        test_cols = validate_dataset(test_dataset, "test_dataset", model, **rule)
+        cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model, **rule)
         k = args.influence_knn_k
         if k is not None and k > len(candidate_dataset) and methods is None:
             logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
@@ -765,7 +765,7 @@ class InfluenceEngine:
         model = self.model
         names = list(select_parameters(model, self.args.influence_params))
         device = next(model.parameters()).device
-        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model, keeps_every_column(self.args)),
+        batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model, **column_rule(self.args)),
                           self.data_collator, device,
                           decoder_inputs=decoder_inputs_from_labels(model))
         out = []

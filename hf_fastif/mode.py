@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from transformers.utils import logging
@@ -26,7 +27,9 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     - only the selected parameters requiring grad, so autograd does not walk frozen layers;
     - the model's own forward, not the mixed-precision wrapper accelerate leaves on it after ``Trainer.train()``
       with ``bf16`` / ``fp16`` (``model._original_forward``): under its autocast every product ran in half
-      precision, whatever the weights' dtype (Spearman 0.82 with the float64 values on a bf16-trained tiny BERT).
+      precision, whatever the weights' dtype (Spearman 0.82 with the float64 values on a bf16-trained tiny BERT);
+    - gradients on, outside inference mode: a call made inside ``torch.no_grad()`` or ``torch.inference_mode()``
+      (a common reflex around analysis code) failed in autograd with an error that named nothing.
     """
     was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -65,7 +68,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                         "afterwards.")
         for m in autocast:
             m.forward = vars(m)["_original_forward"]
-        yield
+        with torch.inference_mode(False), torch.enable_grad():  # a call made under no_grad / inference_mode
+            yield
     finally:
         for m, forward in autocast.items():
             m.forward = forward

@@ -47,7 +47,7 @@ from .engine import InfluenceEngine
 from .fingerprint import dataset_fingerprint
 from .influence import default_arguments
 from .params import num_parameters, select_parameters
-from .table import InfluenceTable, InfluenceTableError
+from .table import METADATA_FILE, InfluenceTable, InfluenceTableError
 from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
@@ -163,6 +163,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
         "influence": args.influence_settings()}))
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
+        progress(f"reusing the finished build in {directory} (the same settings and model)")
         return directory, None
     directory.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
@@ -653,8 +654,15 @@ def list_notes(counts: dict, n: int) -> tuple[str, str]:
     return note(counts["num_helpful"], "helpful", "negative"), note(counts["num_harmful"], "harmful", "positive")
 
 
-def counts_note(counts: dict) -> str:
-    """Markdown: the sign counts, ties and range of one test example's candidate influences."""
+GRADIENT_HALVES_NOTE = ("Candidates: half from each end of the gradient index (most along -s_test, most along "
+                        "+s_test), so the helpful / harmful counts show that choice, not how many training rows help or "
+                        "harm.")
+"""Under a live explanation's counts: its candidates come from the gradient index, half from each end."""
+
+
+def counts_note(counts: dict, note: str | None = None) -> str:
+    """Markdown: the sign counts, ties and range of one test example's candidate influences, then ``note`` (how the
+    candidates were chosen, e.g. `InfluenceTable.candidates_note`) in italics."""
     total, distinct = counts["num_candidates"], counts["num_distinct_values"]
     parts = [f"**{total:,} candidates:** {counts['num_helpful']:,} helpful (< 0), {counts['num_harmful']:,} "
              f"harmful (> 0), {counts['num_zero']:,} exactly 0" + (f", {counts['num_nan']:,} NaN" if counts.get(
@@ -668,7 +676,7 @@ def counts_note(counts: dict) -> str:
         parts.append(f"{distinct:,} distinct values")
     if counts.get("min") is not None:
         parts.append(f"min {counts['min']:+.3e} · median {counts['median']:+.3e} · max {counts['max']:+.3e}")
-    return " · ".join(parts)
+    return " · ".join(parts) + (f"\n\n*{note}*" if note else "")
 
 
 def explanation_summary(explanation: Explanation, state: SpaceState | None = None) -> str:
@@ -679,7 +687,7 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
     if explanation.unknown:
         words = ", ".join(f"“{w}”" for w in explanation.unknown)
         lines.append(f"**Unknown to the tokenizer** (read as its unknown token, so they carry no meaning): {words}")
-    lines.append(counts_note(explanation.counts))
+    lines.append(counts_note(explanation.counts, GRADIENT_HALVES_NOTE))
     lines.append(f"Computed in {explanation.seconds:.2f} s over {explanation.k} candidates.")
     if explanation.stages:
         lines.append("Steps (s): " + " · ".join(f"{name} {seconds:.3f}" for name, seconds in explanation.stages.items()))
@@ -688,10 +696,26 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
 
 # ---- loading ---------------------------------------------------------------------------------------------
 def open_table(source: str, revision: str | None = None) -> tuple[InfluenceTable, str]:
-    """``(table, description)`` of a local table folder or a Hub dataset repo id."""
-    if Path(source).is_dir():
-        return InfluenceTable.load(source), f"local folder {source}"
-    table = InfluenceTable.from_hub(source, revision=revision)
+    """``(table, description)`` of a local table folder or a Hub dataset repo id (the Space's ``--table``, ``hf-fastif
+    show``). What is neither gets an error saying which was tried: a build folder names its table, a path that does
+    not exist says so, and a name that could be either (``out/table``) says both were tried."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            return InfluenceTable.load(path), f"local folder {source}"
+        except InfluenceTableError as err:  # a build folder: its table is one level down
+            if (path / "table" / METADATA_FILE).is_file():
+                raise InfluenceTableError(f"{err} It holds a build; its table is {path / 'table'}.") from err
+            raise
+    if path.exists():
+        raise ValueError(f"{source!r} is not a table folder (pass the folder holding {METADATA_FILE}).")
+    if source.startswith((".", "/", "~")):
+        raise ValueError(f"There is no folder {source!r}: for a table on disk, check the path.")
+    try:
+        table = InfluenceTable.from_hub(source, revision=revision)
+    except ValueError as err:  # 'out/table' could be either: say both were tried
+        raise InfluenceTableError(f"{err} Nor is there a local folder {source!r}: for a table on disk, check the "
+                                  "path.") from err
     return table, f"Hub dataset {source}" + (f"@{revision}" if revision else "")
 
 
@@ -755,7 +779,21 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
             logger.error(f"Live explanations are off: {type(err).__name__}: {err}")
             notices.append(f"Live explanations are off: {err}")
             explainer = None
+        differs = settings_differ(table.metadata.get("settings") or {}, explainer)
+        if differs:
+            notices.append(f"Live explanations compute influence with other settings than this table ({differs}): a "
+                           "typed copy of a table row can get other rows and values than the table shows.")
     return SpaceState.from_table(table, label, explainer, notices)
+
+
+def settings_differ(table_settings: dict, explainer: Explainer | None) -> str:
+    """The settings that decide the rows and values, where the live engine's differ from the table's (``solver
+    cg vs arnoldi``), or "" (also without an explainer)."""
+    if explainer is None:
+        return ""
+    keys = ("influence_solver", "influence_knn_features")  # k: a slider of each request
+    return ", ".join(f"{key.removeprefix('influence_')} {table_settings.get(key)} here vs {explainer.settings.get(key)} "
+                     "live" for key in keys if table_settings.get(key) != explainer.settings.get(key))
 
 
 def warm_up_stage(explainer: Explainer) -> str:

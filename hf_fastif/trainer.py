@@ -44,11 +44,27 @@ class InfluenceTrainer(Trainer):
         trained_on = [what for what, used in (
             ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
             (f"{type(self).__name__}.compute_loss", type(self).compute_loss is not Trainer.compute_loss)) if used]
+        self._say_which_weight_decay()
         if trained_on and influence_loss_fn is None:
             logger.warning(f"This trainer trains with {' and '.join(trained_on)}, but influence uses the model's "
                            "plain loss (the head's own): the Hessian and gradients are not those of the loss that "
                            "was trained. Pass influence_loss_fn=(outputs, batch) -> per-row loss to measure that "
                            "one.")
+
+    def _say_which_weight_decay(self) -> None:
+        """``weight_decay`` of the Trainer is not influence's L2 term (``influence_weight_decay``): say so, louder
+        where the optimizer's decay is an L2 term in the loss (SGD-style, coupled), whose influence needs it."""
+        decay = float(getattr(self.args, "weight_decay", 0.0) or 0.0)
+        if decay <= 0 or self.influence_args.influence_weight_decay:
+            return
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        coupled = optim.startswith(("sgd", "adagrad", "rmsprop"))
+        say = logger.warning if coupled else logger.info
+        say(f"weight_decay={decay:g} trains the model but is no part of influence's loss (influence_weight_decay=0)"
+            + (f": optim={optim!r} decays by adding wd·θ to the gradient, an L2 term wd/2·Σθ² in the loss, so pass "
+               f"influence_weight_decay={decay / 2:g} (influence's term is wd·Σθ², without biases and norms, as the "
+               "Trainer decays them)." if coupled else f": optim={optim!r} decays the weights apart from the loss "
+               "(decoupled, as AdamW), so the loss has no L2 term and 0 is right."))
 
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                          features=None) -> InfluenceEngine:
@@ -75,18 +91,25 @@ class InfluenceTrainer(Trainer):
 
         ``combine="mean"`` gives one s_test for the mean loss of the rows (e.g. anchors).
         """
-        train = train_dataset if train_dataset is not None else self.train_dataset
-        if train is None:
-            raise ValueError("This trainer has no train_dataset; pass train_dataset= to compute_influences.")
+        train = self._influence_train(train_dataset, "compute_influences")
         engine = self.influence_engine(loss_fn=loss_fn, measurement_fn=measurement_fn, features=features)
         return engine.compute_influences(train, test_dataset, combine=combine, candidate_dataset=candidate_dataset)
 
     def build_influence_table(self, test_dataset: Dataset, output_dir: str, *, shard_size: int = 64,
-                              **kwargs) -> InfluenceTable:
+                              train_dataset: Dataset | None = None, **kwargs) -> InfluenceTable:
         """Influence for many test rows, saved shard by shard under ``output_dir`` and resumable
-        (see `hf_fastif.build_influence_table`)."""
+        (see `hf_fastif.build_influence_table`); ``train_dataset``, ``data_collator``, ``loss_fn`` and
+        ``measurement_fn`` default to the trainer's, as in `compute_influences`."""
+        train = self._influence_train(train_dataset, "build_influence_table")
         kwargs.setdefault("loss_fn", self.influence_loss_fn)
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
-        return build_influence_table(self.accelerator.unwrap_model(self.model), self.train_dataset, test_dataset,
-                                     output_dir, self.influence_args, shard_size=shard_size,
-                                     data_collator=self.data_collator, **kwargs)
+        kwargs.setdefault("data_collator", self.data_collator)
+        return build_influence_table(self.accelerator.unwrap_model(self.model), train, test_dataset, output_dir,
+                                     self.influence_args, shard_size=shard_size, **kwargs)
+
+    def _influence_train(self, train_dataset: Dataset | None, method: str) -> Dataset:
+        """The training rows of an influence call: ``train_dataset``, else the trainer's (a clear error if none)."""
+        train = train_dataset if train_dataset is not None else self.train_dataset
+        if train is None:
+            raise ValueError(f"This trainer has no train_dataset; pass train_dataset= to {method}.")
+        return train

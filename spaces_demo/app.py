@@ -125,7 +125,7 @@ def create_demo(startup: Startup) -> gr.Blocks:
         helpful, harmful = state.rows(test_id, n)
         counts = state.counts(test_id)
         helpful_note, harmful_note = list_notes(counts, int(n))
-        return (state.describe(test_id) + "\n\n" + counts_note(counts), helpful_note, helpful, harmful_note, harmful,
+        return (state.describe(test_id) + "\n\n" + counts_note(counts, state.table.candidates_note()), helpful_note, helpful, harmful_note, harmful,
                 state.distribution(test_id, n), state.graph(test_id, heuristic, correctness))
 
     @ui

@@ -24,7 +24,18 @@ def built(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_build_says_its_stages(tmp_path, capsys) -> None:
+    assert main(["build", "--output-dir", str(tmp_path / "b"), "--embedded_model", "tiny", "--max_train_samples",
+                 "60", "--max_test_samples", "2", "--num_train_epochs", "1", "--influence_knn_k", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "[hf-fastif] generating the training data" in err
+    assert "[hf-fastif] computing the influence table of 2 test rows over 60 training rows" in err
+
+
 def test_build_embedded_default_then_show(built: Path, capsys) -> None:
+    # each stage is said as it starts (the build was silent for a minute), and a rerun says it reuses the build
+    assert main(["build", "--output-dir", str(built), *SMALL]) == 0
+    assert f"[hf-fastif] reusing the finished build in {built}" in capsys.readouterr().err
     table = InfluenceTable.load(built / "table")
     assert len(table.test_ids) == 30 and len(table) == 30 * 20
     assert table.metadata["settings"]["influence_recursion_depth"] == 10
@@ -44,6 +55,11 @@ def test_build_embedded_default_then_show(built: Path, capsys) -> None:
     top = table.helpful(7, 1).iloc[0]
     assert helpful.split()[:3] == ["1", str(top.train_id), f"{top.influence:+.4e}"]
     assert ("non_entailment" in helpful) or ("entailment" in helpful)  # label names, not ids
+    # the default table's candidates come from the gradient index (the paper's [CLS] kNN held ~1-4% of the truly
+    # most helpful / harmful rows), and `show` says how they were chosen: half from each end
+    assert table.metadata["diagnostics"]["candidates"] == "gradient"
+    assert "Candidates: the 20 of the 300 training rows whose projected gradient points most along -s_test " \
+           "(half)" in " ".join(out.split())
 
     assert main(["show", str(built / "table"), "--list"]) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]) == 30
@@ -69,6 +85,10 @@ def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path, capsys) 
     from transformers import AutoModelForSequenceClassification
 
     table.check_model(AutoModelForSequenceClassification.from_pretrained(built / "model"))
+    capsys.readouterr()
+    assert main(["show", str(out / "table"), "-n", "2"]) == 0  # kNN candidates (auto): said, with the way out
+    assert "Candidates: the 10 of the 300 training rows nearest in the model's feature space (auto)" in " ".join(
+        capsys.readouterr().out.split())
     # a model folder that does not exist: one line, not from_pretrained's traceback
     args[args.index("--model_name_or_path") + 1] = str(tmp_path / "no-such-model")
     capsys.readouterr()
@@ -80,12 +100,26 @@ def test_build_from_a_model_and_data_files(built: Path, tmp_path: Path, capsys) 
 def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> None:
     assert main(["show", str(built / "table"), "--test-id", "99"]) == 2
     assert "error: test_id 99 is not in this table" in capsys.readouterr().err
-    assert main(["show", str(tmp_path / "nothing")]) == 2
+    assert main(["show", str(tmp_path / "nothing")]) == 2  # a path that does not exist: not called a Hub repo id
+    assert f"There is no folder '{tmp_path / 'nothing'}'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["show", str(tmp_path / "file")]) == 2
     assert "is not a table folder" in capsys.readouterr().err
     assert main(["show", "out/no-such-table"]) == 2  # a relative path or a Hub id: both tried, both named
     assert "Nor is there a local folder 'out/no-such-table'" in capsys.readouterr().err
-    assert main(["show", str(built)]) == 2  # a folder, but not a table
-    assert "is not an influence table" in capsys.readouterr().err
+    assert main(["show", str(built)]) == 2  # a folder, but not a table: a build, whose table is named
+    err = capsys.readouterr().err
+    assert "is not an influence table" in err and f"It holds a build; its table is {built / 'table'}" in err
+    assert main(["show", str(built / "table"), "--test-id", "99"]) == 2  # nothing printed of an unknown test id
+    assert "test 99" not in capsys.readouterr().out
+    # row counts below 1: refused before any work (0 meant every row, without a word; -2 failed after the model)
+    for command in (["build", "--output-dir", str(tmp_path / "e1"), "--max_train_samples", "0"],
+                    ["build", "--output-dir", str(tmp_path / "e2"), "--max_test_samples", "-2"],
+                    ["recall", "--max_train_samples", "0"], ["recall", "--num_test_points", "0"]):
+        assert main(command) == 2
+        flag = command[-2]
+        assert f"error: {flag} must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
     assert main(["build", "--output-dir", str(tmp_path / "x"), "--train_dataset", "t.jsonl"]) == 2
     assert "need --model_name_or_path" in capsys.readouterr().err
     # it was accepted and ignored by the embedded default
@@ -160,3 +194,21 @@ def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys)
     assert main(["show", str(tmp_path / "t"), "--test-id", "1", "-n", "3", "--side", "harmful"]) == 0
     out = capsys.readouterr().out
     assert "zero 2 · NaN 1 · distinct values 4" in out and "only" not in out
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["build", "--help"], {"influence_knn_k": "100", "influence_knn_features": "gradient", "seed": "0"}),
+    (["build", "--model_name_or_path", "m", "--help"], {"influence_knn_k": "1000", "influence_knn_features": "auto",
+                                                         "seed": "42"}),
+])
+def test_help_shows_the_defaults_that_apply(argv, shown, capsys) -> None:
+    """--help was answered by the first parse, which showed the library's defaults (k 1000, seed 42) where the
+    embedded default's apply (k 100, seed 0)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in shown.items():
+        start = text.index(f"--{flag} {flag.upper()}", text.index("options:"))  # its entry, not the usage line
+        assert text[text.index("(default:", start):].startswith(f"(default: {default})"), flag
+

@@ -276,3 +276,69 @@ def test_comparing_the_models_own_loss_leaves_the_model_as_it_was_and_spares_pla
         table, warned = _warnings(caplog, lambda m=model, r=rows: compute_influences(
             m, r, test, arguments(tmp_path, influence_knn_k=None), data_collator=pad_collator))
         assert "own loss" not in warned and "own_loss_differs" not in table.metadata["diagnostics"]
+
+
+def test_label_names_columns_are_kept_as_the_trainer_keeps_them(tmp_path, pad_collator):
+    """The Trainer keeps the columns of ``label_names`` (a per-row weight a compute_loss reads); influence dropped
+    them: a bare KeyError in the loss, or (a loss that falls back to weight 1) values 56% off."""
+    import torch.nn.functional as F
+
+    train = make_token_dataset(16, seed=0).add_column("w", [float(1 + i % 3) for i in range(16)])
+    test = make_token_dataset(2, seed=1).add_column("w", [1.0, 1.0])
+
+    def collator(rows):
+        batch = pad_collator([{k: v for k, v in r.items() if k != "w"} for r in rows])
+        batch["w"] = torch.tensor([r["w"] for r in rows], dtype=torch.float64)
+        return batch
+
+    def weighted(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") * batch["w"]
+
+    def run(**kw):
+        trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path, **kw), train_dataset=train,
+                                   data_collator=collator, influence_loss_fn=weighted)
+        return trainer.compute_influences(test).to_pandas().sort_values(["test_id", "train_id"]).influence.to_numpy()
+
+    kept = run(label_names=["labels", "w"])
+    np.testing.assert_allclose(kept, run(remove_unused_columns=False), rtol=1e-12)  # every column kept: the same
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_call_under_no_grad_or_inference_mode_computes_the_same(tmp_path, pad_collator, context):
+    """A common reflex around analysis code: autograd failed with an error that named nothing."""
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert")
+    expected = compute_influences(model, train, test, arguments(tmp_path), data_collator=pad_collator)
+    with context():
+        table = compute_influences(model, train, test, arguments(tmp_path), data_collator=pad_collator)
+    np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-12)
+
+
+def test_build_influence_table_takes_what_compute_influences_takes(tmp_path, pad_collator):
+    """It passed the trainer's train_dataset and collator unconditionally: train_dataset= and data_collator= were
+    'multiple values' TypeErrors, and a trainer without a train_dataset got a misleading type error."""
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(3, seed=1)
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path), data_collator=pad_collator)
+    with pytest.raises(ValueError, match="no train_dataset; pass train_dataset= to build_influence_table"):
+        trainer.build_influence_table(test, str(tmp_path / "b0"))
+    built = trainer.build_influence_table(test, str(tmp_path / "b1"), train_dataset=train, data_collator=pad_collator,
+                                          shard_size=2)
+    direct = trainer.compute_influences(test, train_dataset=train)
+    np.testing.assert_allclose(built.to_pandas().sort_values(["test_id", "train_id"]).influence,
+                               direct.to_pandas().sort_values(["test_id", "train_id"]).influence, rtol=1e-9)
+
+
+def test_the_trainers_weight_decay_is_said_not_to_be_influences(tmp_path, pad_collator, caplog):
+    """TrainingArguments.weight_decay was silently not influence's L2 term; with SGD (a coupled L2 term) the
+    warning names the influence_weight_decay that matches it."""
+    train = make_token_dataset(8, seed=0)
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=arguments(
+        tmp_path, weight_decay=0.2, optim="sgd"), train_dataset=train, data_collator=pad_collator))
+    assert "optim='sgd'" in warned and "influence_weight_decay=0.1" in warned
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=arguments(
+        tmp_path, weight_decay=0.2), train_dataset=train, data_collator=pad_collator))
+    assert "weight_decay" not in warned  # AdamW's decay is decoupled: said at info level only
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=arguments(
+        tmp_path, weight_decay=0.2, optim="sgd", influence_weight_decay=0.1), train_dataset=train,
+        data_collator=pad_collator))
+    assert "weight_decay" not in warned

@@ -168,6 +168,27 @@ class InfluenceTable:
         order = np.r_[np.arange(len(values) - nan - 1, -1, -1), np.arange(len(values) - nan, len(values))]
         return rows.take(order[: _count(n)]).to_pandas()
 
+    def candidates_note(self) -> str | None:
+        """How the candidates of each test id were chosen, when they are a subset of the training rows, as a sentence
+        for anything that shows `describe`'s counts (None when every row was scored): with gradient-space
+        candidates half come from each end, so the helpful / harmful counts reflect that choice and not the
+        training set; with kNN in the model's feature space the most influential rows may lie outside them."""
+        md = self.metadata
+        settings, diagnostics = md.get("settings") or {}, md.get("diagnostics") or {}
+        k, method = settings.get("influence_knn_k"), diagnostics.get("candidates")
+        total = (md.get("candidate_data") or {}).get("num_rows")
+        if k is None or method in (None, "all"):
+            return None
+        of = f" of the {total:,} training rows" if isinstance(total, int) else ""
+        if method == "gradient":
+            return (f"Candidates: the {k:,}{of} whose projected gradient points most along -s_test (half) and along "
+                    "+s_test (half), then scored exactly; the helpful / harmful counts show that choice, not how many "
+                    "training rows help or harm.")
+        features = settings.get("influence_knn_features")
+        return (f"Candidates: the {k:,}{of} nearest in the model's feature space ({features}), then scored exactly; "
+                "the most influential training rows can lie outside them (gradient-space candidates, "
+                "influence_knn_features='gradient', hold far more of them: docs/benchmarks.md).")
+
     def describe(self, test_id: int = 0) -> dict:
         """How the influence of one test point's candidates is distributed: ``num_candidates``,
         ``num_helpful`` (< 0), ``num_harmful`` (> 0), ``num_zero``, ``num_nan``, ``num_distinct_values`` (ties

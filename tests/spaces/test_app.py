@@ -118,6 +118,8 @@ def test_show_filter_and_honest_lists_through_the_client(app) -> None:
     counts = state.table.describe(test_id)
     assert f"Test example #{test_id}" in description and "(**wrong**)" in description
     assert f"{counts['num_candidates']:,} candidates:" in description and "distinct values" in description
+    # the sign counts of gradient-index candidates are half and half by construction: said under them
+    assert "*Candidates: the 100 of the " in description and "the helpful / harmful counts show that choice" in description
     expected = state.table.helpful(test_id, 4)
     assert [int(r[2]) for r in helpful["data"]] == expected.train_id.tolist()
     assert [r[4] for r in helpful["data"]] == expected.train_premise.tolist()
@@ -151,6 +153,7 @@ def test_a_typed_pair_is_explained_like_the_table_explains_its_own_rows(app) -> 
         assert [float(r[1]) for r in rows["data"]] == pytest.approx(expected.influence.tolist(), rel=1e-3)  # shown with 4 digits
         assert {int(r[2]) for r in rows["data"]} <= set(state.table.for_test(int(row.test_id)).train_id)
     assert "Computed in" in summary and "[CLS]" in summary and "100 candidates:" in summary
+    assert "half from each end of the gradient index" in summary
     assert "Steps (s): tokenize " in summary and " · scoring " in summary and " · other " in summary
     assert "candidates with negative influence" in helpful_note and "positive influence" in harmful_note
 
@@ -250,8 +253,10 @@ def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(ap
     state = again.wait(timeout=300)
     status = again.status()
     assert set(CACHED) <= set(status["caches_loaded"]) and "read from its cache" in status_markdown(status)
-    assert [s["stage"] for s in status["stages"]] == ["loading the model and the live engine's caches",
-                                                      "warming up the live engine (caches read from disk)"]
+    stages = [s["stage"] for s in status["stages"]]
+    assert stages[0].startswith("reusing the finished build in ") and stages[0].endswith("(the same settings and model)")
+    assert stages[1:] == ["loading the model and the live engine's caches",
+                          "warming up the live engine (caches read from disk)"]
     assert TRAIN_ROWS not in built  # the training rows' trunk states came from disk (only test rows were new)
     pair = ("The doctor near the actor danced.", "The actor danced.", 1, 60, 5)
     before, after = startup.state.explainer.explain(*pair), state.explainer.explain(*pair)
@@ -320,6 +325,9 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
         assert len(state.notices) == 1 and f"Could not load the influence table {source!r}" in state.notices[0]
         assert "Showing the embedded default instead" in state.notices[0]
     assert "HF_HUB_OFFLINE" in load_state("test-user/missing", **quick).notices[0]
+    # a path that does not exist is said to be one (it was called an invalid Hub repo id)
+    missing = str(tmp_path / "no_such" / "table")
+    assert f"There is no folder {missing!r}" in load_state(missing, **quick).notices[0]
 
     # a local table with its model: live explanations over the training rows the table carries
     state = load_state(str(build / "table"), model=str(build / "model"))
@@ -328,6 +336,16 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
     assert set(state.explainer.train_ids) == train_ids
     found = state.explainer.explain("The judge slept.", "The judge slept.", 0, 20, 3)
     assert set(found.helpful.train_id) | set(found.harmful.train_id) <= train_ids
+
+    # a table computed with other settings than the live engine's (a CLI build with LiSSA and [CLS] kNN): live
+    # explanations work, and the page says a typed copy of a row can get other rows than the table shows
+    lissa = InfluenceTable.load(build / "table")
+    lissa.metadata["settings"] |= {"influence_solver": "lissa", "influence_knn_features": "auto"}
+    lissa.save(tmp_path / "lissa_table")
+    state = load_state(str(tmp_path / "lissa_table"), model=str(build / "model"))
+    assert state.explainer is not None and len(state.notices) == 1
+    assert "other settings than this table (solver lissa here vs arnoldi live, knn_features auto here vs gradient " \
+           "live)" in state.notices[0]
 
     # another model: the table is shown, live explanations are off, and the page says why
     tiny_model("bert", dtype=torch.float32).save_pretrained(tmp_path / "other")
