@@ -184,7 +184,7 @@ class InfluenceTable:
             return (f"Candidates: the {k:,}{of} whose projected gradient points most along -s_test (half) and along "
                     "+s_test (half), then scored exactly; the helpful / harmful counts show that choice, not how many "
                     "training rows help or harm.")
-        features = settings.get("influence_knn_features")
+        features = "features=" if "callable" in str(method) else settings.get("influence_knn_features")
         return (f"Candidates: the {k:,}{of} nearest in the model's feature space ({features}), then scored exactly; "
                 "the most influential training rows can lie outside them (gradient-space candidates, "
                 "influence_knn_features='gradient', hold far more of them: docs/benchmarks.md).")
