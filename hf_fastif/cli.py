@@ -346,7 +346,9 @@ def _format(frame, width: int) -> str:
         widths |= {c: min(widths[c], room) for c in texts}
 
     def cell(text: str, c: str) -> str:
-        text = text if len(text) <= widths[c] else textwrap.shorten(text, widths[c], placeholder="…")
+        if len(text) > widths[c]:  # cut in the middle: NLI pairs that differ at their end stay told apart
+            head = (widths[c] - 1) // 2
+            text = text[:head].rstrip() + "…" + text[len(text) - (widths[c] - 1 - head):].lstrip()
         return text.ljust(widths[c])
 
     lines = ["  ".join(cell(c, c) for c in frame.columns).rstrip()]

@@ -212,3 +212,17 @@ def test_help_shows_the_defaults_that_apply(argv, shown, capsys) -> None:
         start = text.index(f"--{flag} {flag.upper()}", text.index("options:"))  # its entry, not the usage line
         assert text[text.index("(default:", start):].startswith(f"(default: {default})"), flag
 
+
+
+def test_long_texts_are_cut_in_the_middle_so_that_rows_stay_apart() -> None:
+    """Cut at their end, two training rows that differ in their last words read the same in `show`."""
+    import pandas as pd
+
+    from hf_fastif.cli import _format
+
+    rows = pd.DataFrame({"train_id": [1500, 1966],
+                         "premise": ["The doctor supported the actor next to the banker in the hotel.",
+                                     "The doctor supported the actor next to the tourist in the park."]})
+    lines = _format(rows, 50).splitlines()[2:]
+    assert all(len(line) <= 50 and "…" in line for line in lines)
+    assert lines[0].endswith("in the hotel.") and lines[1].endswith("in the park.")
