@@ -50,8 +50,10 @@ from .arguments import parse_with_defaults
 from .report import save_and_print
 
 FASTIF = dict(influence_solver="lissa", influence_recursion_depth=1000, influence_batch_size=1,
-              influence_repetitions=4, influence_knn_k=1000, influence_check_convergence=True)
-"""The paper's FastIF settings (k 1000, J 1000, B 1, T 4); λ and the parameters stay the default's."""
+              influence_repetitions=4, influence_knn_k=1000, influence_knn_features="auto",
+              influence_check_convergence=True)
+"""The paper's FastIF settings (k 1000 of the pooled-[CLS] kNN, J 1000, B 1, T 4); λ and the parameters stay the
+default's."""
 PHASES = ("trunk_s", "candidates_s", "s_test_s", "scoring_s")
 
 
