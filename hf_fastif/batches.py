@@ -149,10 +149,11 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     positions = _position_limit(model)
     segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
-    classes = _class_count(model) if default_loss else None
-    token_classes = _class_count(model, "ForTokenClassification") if default_loss else None
-    multiple_choice = default_loss and type(model).__name__.endswith("ForMultipleChoice")
-    multi_label_width = _multi_label_width(model) if default_loss else None
+    head = transformers_model(model)  # a PEFT model's head is its base model's
+    classes = _class_count(head) if default_loss else None
+    token_classes = _class_count(head, "ForTokenClassification") if default_loss else None
+    multiple_choice = default_loss and type(head).__name__.endswith("ForMultipleChoice")
+    multi_label_width = _multi_label_width(head) if default_loss else None
     labelled = False  # whether any row has a target the loss reads (not -100)
     longest, longest_length = None, -1
     for start in range(0, len(dataset), 65536):
@@ -195,7 +196,8 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         if label is None:
             continue
         values = chunk.column(label)
-        _check_finite_labels(values, name, start)
+        if default_loss:  # a loss of one's own may mask missing targets (NaN) itself
+            _check_finite_labels(values, name, start)
         if pa.types.is_integer(values.type):
             labels = values.to_numpy(zero_copy_only=False)
             labelled = labelled or bool((labels != -100).any())

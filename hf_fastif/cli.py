@@ -503,7 +503,9 @@ answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`),
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    deferred = command in SETUP_DEFAULTS and any(a in HELP_FLAGS for a in argv)
+    own = argv[argv.index(command) + 1:] if command is not None else []  # a --help before it is the main parser's
+    deferred = command in SETUP_DEFAULTS and any(a in HELP_FLAGS for a in own) and not any(
+        a in HELP_FLAGS for a in argv[:argv.index(command)])
     ns = parser().parse_args([a for a in argv if a not in HELP_FLAGS] if deferred else argv)
     ns.argv = argv[argv.index(ns.command) + 1:]  # the subcommand's own flags, for a parse with setup defaults
     if deferred:  # prints the help with the defaults that apply, and exits

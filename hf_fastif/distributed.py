@@ -73,11 +73,12 @@ def gather_rows(array: np.ndarray) -> np.ndarray:
     return np.concatenate(filled, 0) if filled else array
 
 
-def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is true on any process (every process gets the answer)."""
+def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true on any process (every process gets the answer); ``device``: where the process
+    group's backend reduces (the work's device: NCCL reduces CUDA tensors only)."""
     if world()[1] == 1:
         return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64)).item() > 0)
+    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float32, device=device)).item() > 0)
 
 
 def check_same_everywhere(description: dict) -> None:

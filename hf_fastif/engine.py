@@ -357,7 +357,7 @@ class InfluenceEngine:
         saved = dict(vars(config)) if config is not None else None
         try:
             with torch.no_grad(), forward_context(call.fm.split, batch):
-                outputs = self.model(**model_inputs(batch), labels=batch["labels"])
+                outputs = self.model(**model_inputs(batch, self.model), labels=batch["labels"])
                 own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
                 ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
         except Exception as err:  # a model that cannot take labels this way: nothing to compare
@@ -720,7 +720,7 @@ class InfluenceEngine:
         if self._split is not None and self._split[1] is not None and self._split[1].failed is not None:
             self._drop_split(f"the cached states did not line up with a batch ({self._split[1].failed})")
         if self._split is None or self._split[0] != key:
-            probe = model_inputs(batcher.batch(range(min(2, len(batcher))), trunk=False))
+            probe = model_inputs(batcher.batch(range(min(2, len(batcher))), trunk=False), self.model)
             split, reason = find_split(self.model, names, probe)
             if split is None:
                 logger.info(f"No frozen-trunk cache: {reason}; every forward runs the whole model.")
@@ -776,7 +776,7 @@ class InfluenceEngine:
                 split = self._split[1]
             for _, batch in batcher.batches(range(len(batcher)), batch_size):
                 with forward_context(split, batch):
-                    out.append(logits_of(model(**model_inputs(batch))).float().cpu().numpy())
+                    out.append(logits_of(model(**model_inputs(batch, model))).float().cpu().numpy())
         return np.concatenate(out, 0)
 
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:
@@ -805,8 +805,9 @@ class InfluenceEngine:
             for _, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
                 total += batch_gradient(call.fm, call.params, batch, measurement=True, reduction="sum").to(total.dtype)
             return (D.all_reduce_sum(total) / len(call.test)).unsqueeze(0)
-        return torch.cat([batch_gradient(call.fm, call.params, batch, measurement=True, reduction="none")
-                          for _, batch in call.test.batches(range(len(call.test)), bsz)]).to(call.work_dtype)
+        return torch.cat([batch_gradient(call.fm, call.params, batch, measurement=True, reduction="none",
+                                         row_batch=lambda i, rows=rows: call.test.batch([rows[i]]))
+                          for rows, batch in call.test.batches(range(len(call.test)), bsz)]).to(call.work_dtype)
 
     # ---- stage 3: s_test --------------------------------------------------------------------------------------
     def _full_hvp(self, call: _Call, batcher: Batcher, *, l2_term: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -943,7 +944,7 @@ class InfluenceEngine:
             if D.world()[1] == 1:
                 raise
             diverged, estimate, lissa_info = err, torch.zeros_like(v), {}
-        if D.any_process(diverged is not None):
+        if D.any_process(diverged is not None, v.device):
             raise diverged or LissaDivergenceError(
                 "LiSSA diverged in another process's repetitions (its error says how); every process stops.")
         total = D.all_reduce_sum(estimate * len(mine)) / repetitions

@@ -7,7 +7,7 @@ Several vectors share one forward and one first backward (``is_grads_batched``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -47,12 +47,17 @@ def _batched_grad(outputs: torch.Tensor, inputs: list[torch.Tensor], grad_output
 
 
 def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, *,
-                   measurement: bool = False, reduction: str = "sum") -> torch.Tensor:
+                   measurement: bool = False, reduction: str = "sum",
+                   row_batch: Callable[[int], dict] | None = None) -> torch.Tensor:
     """Gradient of the batch's per-example values w.r.t. the parameters.
 
     Args:
         reduction: ``"sum"`` → ``(p,)`` gradient of the sum; ``"none"`` → ``(b, p)`` per-example gradients.
         measurement: use the test measurement instead of the training loss.
+        row_batch: ``i ↦`` row i of the batch collated alone (``"none"``). Per-example gradients come from one
+            backward with a one-hot stack, so one row whose derivative is NaN / inf puts ``0 · NaN`` into every
+            row's gradient; with ``row_batch``, such a batch is run again a row at a time, and only the rows whose own
+            gradient is not finite stay so.
     """
     leaves = _leaves(params)
     values, l2 = fm.values_without_l2(leaves, batch, measurement)
@@ -68,27 +73,10 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
         if "not have been used in the graph" in str(err):
             _gradient(values.sum(), leaves, retain_graph=True)  # raises, naming the unused parameters
         raise
-    if rows > 1 and not bool(torch.isfinite(gradients).all()):
-        # one row's NaN / inf derivative reaches every row's gradient through the zeros of the one-hot stack
-        # (0 · NaN = NaN): run each row alone, so that only the rows whose own gradient is not finite are
-        gradients = torch.cat([batch_gradient(fm, params, batch_rows(batch, [i], rows), measurement=measurement,
-                                              reduction="none") for i in range(rows)])
-        return gradients
+    if row_batch is not None and rows > 1 and not bool(torch.isfinite(gradients).all()):
+        return torch.cat([batch_gradient(fm, params, row_batch(i), measurement=measurement, reduction="none")
+                          for i in range(rows)])
     return gradients + fm.l2_gradient(params).to(gradients.dtype) if l2 else gradients
-
-
-def batch_rows(batch: Mapping[str, torch.Tensor], positions: list[int], rows: int) -> dict:
-    """The rows at ``positions`` of a collated batch of ``rows`` rows: every tensor whose first dimension is a
-    multiple of ``rows`` is sliced (``rows·c`` for inputs flattened per row, e.g. trunk states of ``c`` choices)."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] % rows == 0:
-            per = value.shape[0] // rows
-            index = torch.tensor([p * per + j for p in positions for j in range(per)], device=value.device)
-            out[key] = value.index_select(0, index)
-        else:
-            out[key] = value
-    return out
 
 
 def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,

@@ -48,7 +48,7 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     sequences (a multiple-choice model's ``(b, c, s)`` inputs) run through the base as the ``b·c`` sequences the model
     flattens them into, and a row's feature is its sequences' features side by side, ``(b, c·d)``.
     """
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, model)
     choices = _choices(inputs)
     if choices:
         inputs = {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() > 2 else v for k, v in inputs.items()}

@@ -210,7 +210,7 @@ class FunctionalModel:
                     raise ValueError(f"{name!r} and {alias!r} are the same (tied) parameter of the model; pass a "
                                      "value for one of them only.")
                 values[alias] = values[name]
-        inputs = model_inputs(batch)
+        inputs = model_inputs(batch, self.model)
         with forward_context(self.split, batch):
             readout = self.readout
             if readout is not None and readout.failed is None:

@@ -5,7 +5,7 @@ Negative is helpful (upweighting z lowers the test loss), positive harmful: the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,13 +24,14 @@ GRAD_CHUNK = 16
 
 
 def score_batch(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, s_test: torch.Tensor,
-                method: str = "jvp") -> torch.Tensor:
+                method: str = "jvp", row_batch: Callable[[int], dict] | None = None) -> torch.Tensor:
     """Influence ``(b, m)`` of the batch's rows on each of the m rows of ``s_test`` ``(m, p)``.
 
     ``jvp``: forward-mode directional derivatives (about the cost of a few forward passes per batch).
     ``grad``: per-example gradients ``(b, p)`` times ``s_testᵀ``. A model that cannot run under forward-mode AD (a
     custom ``autograd.Function`` such as Bloom's GeLU) is scored by ``grad`` instead, with a warning, from the first
-    batch that shows it on (the same numbers; memory ``b × p`` per batch).
+    batch that shows it on (the same numbers; memory ``b × p`` per batch). ``row_batch``: ``i ↦`` row i collated
+    alone, for per-example gradients of a batch with a non-finite row (`hf_fastif.hvp.batch_gradient`).
     """
     if method == "jvp" and fm.no_forward_ad is None:
         try:
@@ -44,7 +45,7 @@ def score_batch(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, 
             logger.warning(f"{type(fm.model).__name__} cannot run under forward-mode AD ({fm.no_forward_ad}); "
                            "candidates are scored by per-example gradients instead (the same values, more memory).")
     if method == "grad" or (method == "jvp" and fm.no_forward_ad is not None):
-        grads = batch_gradient(fm, params, batch, reduction="none")
+        grads = batch_gradient(fm, params, batch, reduction="none", row_batch=row_batch)
         return -(grads @ s_test.to(grads.dtype).T)
     raise ValueError(f"Unknown scoring method {method!r}; use 'jvp' or 'grad'.")
 
@@ -80,7 +81,8 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
         chunk = order[start : start + batch_size]
         pairs = np.concatenate([by_candidate[starts[c] : stops[c]] for c in chunk])
         needed, column = np.unique(test_ids[pairs], return_inverse=True)
-        scores = score_batch(fm, params, batcher.batch(rows[chunk]), s_test[torch.as_tensor(needed)], method)
+        scores = score_batch(fm, params, batcher.batch(rows[chunk]), s_test[torch.as_tensor(needed)], method,
+                             row_batch=lambda i, chunk=chunk: batcher.batch([rows[chunk][i]]))
         row_of = np.repeat(np.arange(len(chunk)), stops[chunk] - starts[chunk])
         out[pairs] = scores.double().cpu().numpy()[row_of, column]
     return out

@@ -218,6 +218,7 @@ class Explanation:
         unknown: the typed words the tokenizer reads as its unknown token.
         seconds: wall time of the computation (prediction + influence), lock wait excluded.
         k / n: candidates scored / rows asked for per side.
+        candidates_note: how the candidates were chosen (`InfluenceTable.candidates_note`; None: every row scored).
         stages: seconds of each step (`STAGES`): tokenising (not in ``seconds``), the prediction, then the engine's
             trunk states of the test row, its gradient, s_test, the candidates, their scoring, and ``other`` (the
             engine's checks and weight hashing, the table's assembly).
@@ -233,6 +234,7 @@ class Explanation:
     k: int
     n: int
     stages: dict[str, float] = field(default_factory=dict)
+    candidates_note: str | None = None
 
 
 STAGES = ("tokenize", "predict", "trunk", "test_gradients", "s_test", "candidates", "scoring", "other")
@@ -401,7 +403,8 @@ class Explainer:
         stages = timer.seconds | {name: float(diagnostics.get(f"{name}_s", 0.0)) for name in ENGINE_STAGES}
         stages["other"] = max(0.0, seconds - sum(v for name, v in stages.items() if name != "tokenize"))
         return Explanation(prediction, self._rows(table.helpful(0, n)), self._rows(table.harmful(0, n)),
-                           table.describe(0), pieces, unknown, seconds, k, n, {name: stages[name] for name in STAGES})
+                           table.describe(0), pieces, unknown, seconds, k, n, {name: stages[name] for name in STAGES},
+                           table.candidates_note())
 
     def predict(self, test: Dataset) -> dict[str, float]:
         """The model's probability of each label for a one-row tokenized dataset (one full forward)."""
@@ -654,12 +657,6 @@ def list_notes(counts: dict, n: int) -> tuple[str, str]:
     return note(counts["num_helpful"], "helpful", "negative"), note(counts["num_harmful"], "harmful", "positive")
 
 
-GRADIENT_HALVES_NOTE = ("Candidates: half from each end of the gradient index (most along -s_test, most along "
-                        "+s_test), so the helpful / harmful counts show that choice, not how many training rows help or "
-                        "harm.")
-"""Under a live explanation's counts: its candidates come from the gradient index, half from each end."""
-
-
 def counts_note(counts: dict, note: str | None = None) -> str:
     """Markdown: the sign counts, ties and range of one test example's candidate influences, then ``note`` (how the
     candidates were chosen, e.g. `InfluenceTable.candidates_note`) in italics."""
@@ -687,7 +684,7 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
     if explanation.unknown:
         words = ", ".join(f"“{w}”" for w in explanation.unknown)
         lines.append(f"**Unknown to the tokenizer** (read as its unknown token, so they carry no meaning): {words}")
-    lines.append(counts_note(explanation.counts, GRADIENT_HALVES_NOTE))
+    lines.append(counts_note(explanation.counts, explanation.candidates_note))
     lines.append(f"Computed in {explanation.seconds:.2f} s over {explanation.k} candidates.")
     if explanation.stages:
         lines.append("Steps (s): " + " · ".join(f"{name} {seconds:.3f}" for name, seconds in explanation.stages.items()))

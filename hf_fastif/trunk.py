@@ -26,11 +26,13 @@ DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,7 +349,7 @@ class TrunkCache:
             rows = order[start : start + batch_size]
             batch = batcher.batch(rows, trunk=False)
             with torch.no_grad():
-                hidden = split.capture(split.model, model_inputs(batch))
+                hidden = split.capture(split.model, model_inputs(batch, split.model))
             mask = _token_mask(batch)
             _check_layout(hidden.shape, mask)
             if self.flat is None:
@@ -426,9 +428,22 @@ class TrunkCache:
             pass
 
 
-def model_inputs(batch: dict) -> dict:
-    """The model's inputs of a collated batch: without labels and without the cached trunk states."""
-    return {k: v for k, v in batch.items() if k not in ("labels", HIDDEN_KEY)}
+def model_inputs(batch: dict, model: nn.Module | None = None) -> dict:
+    """The model's inputs of a collated batch: without labels and without the cached trunk states; with ``model``
+    and a ``forward`` that takes no ``**kwargs``, only the inputs it names (a column kept for a loss of one's own, as
+    the arguments' ``label_names`` keep one, is not an input)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", HIDDEN_KEY)}
+    named = None if model is None else _named_inputs(type(getattr(model, "get_base_model", lambda: model)()).forward)
+    return inputs if named is None else {k: v for k, v in inputs.items() if k in named}
+
+
+@functools.lru_cache(maxsize=256)
+def _named_inputs(forward: Callable) -> frozenset[str] | None:
+    """The parameter names of a ``forward`` (None when it takes ``**kwargs``: every input goes through)."""
+    params = inspect.signature(forward).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(params)
 
 
 def _token_mask(batch: dict) -> torch.Tensor:
@@ -491,7 +506,7 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
     in (left padding without position ids, for instance), or whose top reads padding positions (their cached states
     are copies of the row's first token's), shows up here."""
     batch = batcher.batch(rows, trunk=False)
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batch, split.model)
     with torch.no_grad():
         full = split.model(**inputs)
         with split.injected(cache.hidden(batcher.base_rows(rows), batch)):

@@ -226,3 +226,12 @@ def test_long_texts_are_cut_in_the_middle_so_that_rows_stay_apart() -> None:
     lines = _format(rows, 50).splitlines()[2:]
     assert all(len(line) <= 50 and "…" in line for line in lines)
     assert lines[0].endswith("in the hotel.") and lines[1].endswith("in the park.")
+
+
+def test_a_help_flag_before_the_command_is_the_main_help(capsys) -> None:
+    """Only a --help after build / recall waits for the setup's defaults; one before it is the main parser's (it
+    ran the command)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help", "build", "--output_dir", "x"])
+    assert exit_.value.code == 0 and "usage: hf-fastif [-h]" in capsys.readouterr().out
+

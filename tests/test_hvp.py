@@ -146,13 +146,15 @@ def test_a_non_finite_row_leaves_the_other_rows_per_example_gradients_alone(pad_
     params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
     batcher = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu")
     fm = FunctionalModel(model, list(params), loss_fn=_nan_where_marked, weight_decay=0.01)
-    gradients = batch_gradient(fm, params, batcher.batch(range(5)), reduction="none")
+    batch = batcher.batch(range(5))
+    assert not torch.isfinite(batch_gradient(fm, params, batch, reduction="none")).any()  # one row poisons all
+    gradients = batch_gradient(fm, params, batch, reduction="none", row_batch=lambda i: batcher.batch([i]))
     finite = torch.isfinite(gradients).all(1)
     assert finite.tolist() == [True, True, False, True, True]
     torch.testing.assert_close(gradients[finite], batch_gradient(fm, params, batcher.batch([0, 1, 3, 4]),
                                                                  reduction="none"))
     s = torch.randn(2, gradients.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    scores = score_batch(fm, params, batcher.batch(range(5)), s, method="grad")
+    scores = score_batch(fm, params, batch, s, method="grad", row_batch=lambda i: batcher.batch([i]))
     assert torch.isfinite(scores).all(1).tolist() == [True, True, False, True, True]
 
 
@@ -182,3 +184,16 @@ def test_grad_scoring_names_only_the_non_finite_candidate(pad_collator, params):
     assert grad[ok]["influence"].notna().all()
     torch.testing.assert_close(torch.tensor(grad[ok]["influence"].to_numpy()),
                                torch.tensor(jvp[ok]["influence"].to_numpy()))
+
+
+def test_a_non_finite_test_row_is_the_only_one_named(pad_collator):
+    """The error for test rows whose gradient is not finite named every row of the batch (0 · NaN); only the row
+    whose own loss is NaN is named now, with what to check."""
+    from hf_fastif import compute_influences
+    from hf_fastif.influence import default_arguments
+
+    args = default_arguments(influence_solver="cg", influence_damping=10.0, influence_scale=1.0, influence_knn_k=None,
+                             influence_params=[r"classifier\."], disable_tqdm=True)
+    with pytest.raises(FloatingPointError, match=r"gradient of test rows \[1\] is not finite: their loss is inf / NaN"):
+        compute_influences(tiny_model("bert"), make_token_dataset(12, seed=0), _marked_rows(4, seed=1, marked=1),
+                           args, data_collator=pad_collator, measurement_fn=_nan_where_marked)

@@ -276,11 +276,28 @@ def test_cg_refuses_to_return_noise_on_a_singular_hessian(pad_collator):
     train, test = make_token_dataset(12, seed=0, num_labels=3), make_token_dataset(2, seed=1, num_labels=3)
     args = default_arguments(influence_solver="cg", influence_damping=0.0, influence_scale=1.0, influence_knn_k=None,
                              influence_params=[r"classifier\."], disable_tqdm=True)
-    with pytest.raises(ValueError, match=r"CG did not converge.*raise influence_damping"):
+    with pytest.raises(ValueError, match=r"CG did not converge and its iterate blew up.*raise influence_damping"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
     args.influence_damping = 1e-2  # the same call with λ > 0 converges
     assert compute_influences(model, train, test, args, data_collator=pad_collator).metadata[
         "diagnostics"]["cg_relative_residual"] < 1e-9
+
+
+def test_cg_returns_an_unconverged_iterate_that_did_not_blow_up():
+    """CG minimises the error in H's norm, not the residual: after few iterations on an ill-conditioned (but
+    positive definite) system the residual can exceed ‖v‖ while the iterate is already closer than x = 0. That is
+    returned (with a warning), not refused as a blow-up."""
+    matrix = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
+    v = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    x, info = solve_cg(lambda m: m @ matrix, v, 0.0, max_iterations=1, progress=False)
+    assert info["cg_relative_residual"] > 4  # 4.95: above 1, yet
+    exact = torch.linalg.solve(matrix, v)
+    error = lambda y: float((y - exact) @ matrix @ (y - exact)) ** 0.5  # noqa: E731
+    assert error(x) < 0.75 * error(torch.zeros(2, dtype=torch.float64))
+    spectrum, _ = spectrum_matrix(np.geomspace(1e-2, 1e2, 30))  # cond 1e4 with λ = 0.01, 5 iterations
+    x, info = solve_cg(lambda m: m @ spectrum, torch.ones(30, dtype=torch.float64), 0.01, max_iterations=5,
+                       progress=False)
+    assert torch.isfinite(x).all() and info["cg_iterations"] == 5
 
 
 def test_cg_tolerance_is_reachable_in_float32():

@@ -342,3 +342,69 @@ def test_the_trainers_weight_decay_is_said_not_to_be_influences(tmp_path, pad_co
         tmp_path, weight_decay=0.2, optim="sgd", influence_weight_decay=0.1), train_dataset=train,
         data_collator=pad_collator))
     assert "weight_decay" not in warned
+
+
+def test_a_label_names_column_reaches_the_loss_not_a_forward_without_kwargs(tmp_path, pad_collator):
+    """A kept label_names column went into every forward: a model whose forward takes no **kwargs failed with
+    'unexpected keyword argument'. It reaches the loss only; a forward that names it still gets it."""
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(60, 8, dtype=torch.float64)
+            self.head = torch.nn.Linear(8, 2, dtype=torch.float64)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            mask = attention_mask[..., None].to(torch.float64)
+            return SequenceClassifierOutput(logits=self.head((self.emb(input_ids) * mask).sum(1) / mask.sum(1)))
+
+    train = make_token_dataset(16, seed=0).add_column("w", [float(1 + i % 3) for i in range(16)])
+    test = make_token_dataset(2, seed=1).add_column("w", [1.0, 1.0])
+
+    def collator(rows):
+        batch = pad_collator([{k: v for k, v in r.items() if k != "w"} for r in rows])
+        batch["w"] = torch.tensor([r["w"] for r in rows], dtype=torch.float64)
+        return batch
+
+    def weighted(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") * batch["w"]
+
+    args = arguments(tmp_path, label_names=["labels", "w"], influence_solver="exact", influence_damping=1.0,
+                     influence_scale=1.0, influence_knn_k=None, influence_params=None)
+    table = compute_influences(Plain(), train, test, args, data_collator=collator, loss_fn=weighted,
+                               measurement_fn=weighted)
+    values = table.to_pandas().sort_values(["test_id", "train_id"]).influence.to_numpy()
+    assert len(values) == 32 and np.isfinite(values).all()
+    # the weight is read: without it (every row weighted 1) the values differ
+    unweighted = compute_influences(Plain(), train.map(lambda r: {"w": 1.0}), test, args, data_collator=collator,
+                                    loss_fn=weighted, measurement_fn=weighted)
+    assert not np.allclose(values, unweighted.to_pandas().sort_values(["test_id", "train_id"]).influence)
+
+
+def test_a_loss_of_ones_own_may_mask_missing_targets(tmp_path, pad_collator):
+    """NaN targets are refused with the default loss, not with a loss_fn that masks them itself."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                     problem_type="regression",
+                                                     attn_implementation="eager")).double().eval()
+    train = make_token_dataset(12, seed=0).map(lambda r, i: {"labels": [float(r["labels"]), float("nan") if i % 3 == 0
+                                                                         else 0.5]}, with_indices=True)
+    test = make_token_dataset(2, seed=1).map(lambda r: {"labels": [float(r["labels"]), 0.5]})
+
+    def masked(outputs, batch):
+        y = batch["labels"]
+        seen = ~torch.isnan(y)
+        return ((outputs.logits - torch.nan_to_num(y)) ** 2 * seen).sum(1) / seen.sum(1)
+
+    args = arguments(tmp_path, influence_solver="exact", influence_damping=10.0, influence_scale=1.0,
+                     influence_knn_k=None)
+    with pytest.raises(ValueError, match="row 0 has label nan"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+    table = compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=masked)
+    assert np.isfinite(table.to_pandas().influence).all()

@@ -285,8 +285,8 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     heuristics = heuristics_in(  # each with anchors and with test rows, before any work
         {"data.hans_validation": data.hans_validation["heuristic"], "data.hans_test": data.hans_test["heuristic"]},
         protocol.heuristics, "Correction", "Every heuristic corrected needs rows in both hans_validation (anchors) "
-        "and hans_test (accuracy): name others with heuristics=, or split HANS with split_hans, which keeps every "
-        "subcase on both sides.")
+        "and hans_test (accuracy): name others with heuristics=, or split HANS with split_hans (stratified by "
+        "subcase).")
     validation_heuristics = np.asarray(data.hans_validation["heuristic"], dtype=object)
     for heuristic in heuristics:  # fail before any work if a heuristic is too small
         sample_anchors(validation_heuristics, heuristic, protocol.num_anchors, np.random.default_rng(0))

@@ -153,7 +153,7 @@ def test_a_typed_pair_is_explained_like_the_table_explains_its_own_rows(app) -> 
         assert [float(r[1]) for r in rows["data"]] == pytest.approx(expected.influence.tolist(), rel=1e-3)  # shown with 4 digits
         assert {int(r[2]) for r in rows["data"]} <= set(state.table.for_test(int(row.test_id)).train_id)
     assert "Computed in" in summary and "[CLS]" in summary and "100 candidates:" in summary
-    assert "half from each end of the gradient index" in summary
+    assert "along -s_test (half) and along +s_test (half)" in summary and "show that choice" in summary
     assert "Steps (s): tokenize " in summary and " · scoring " in summary and " · other " in summary
     assert "candidates with negative influence" in helpful_note and "positive influence" in harmful_note
 
