@@ -278,9 +278,9 @@ def test_comparing_the_models_own_loss_leaves_the_model_as_it_was_and_spares_pla
         assert "own loss" not in warned and "own_loss_differs" not in table.metadata["diagnostics"]
 
 
-def test_label_names_columns_are_kept_as_the_trainer_keeps_them(tmp_path, pad_collator):
-    """The Trainer keeps the columns of ``label_names`` (a per-row weight a compute_loss reads); influence dropped
-    them: a bare KeyError in the loss, or (a loss that falls back to weight 1) values 56% off."""
+def _weighted_rows(pad_collator):
+    """Rows with a per-row weight column ``w`` (training: 1-3, test: 1), a collator that carries it, and the loss
+    that reads it (cross-entropy × w)."""
     import torch.nn.functional as F
 
     train = make_token_dataset(16, seed=0).add_column("w", [float(1 + i % 3) for i in range(16)])
@@ -293,6 +293,15 @@ def test_label_names_columns_are_kept_as_the_trainer_keeps_them(tmp_path, pad_co
 
     def weighted(outputs, batch):
         return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") * batch["w"]
+
+    return train, test, collator, weighted
+
+
+def test_label_names_columns_are_kept_as_the_trainer_keeps_them(tmp_path, pad_collator):
+    """The Trainer keeps the columns of ``label_names`` (a per-row weight a compute_loss reads); influence dropped
+    them: a bare KeyError in the loss, or (a loss that falls back to weight 1) values 56% off."""
+
+    train, test, collator, weighted = _weighted_rows(pad_collator)
 
     def run(**kw):
         trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path, **kw), train_dataset=train,
@@ -347,7 +356,6 @@ def test_the_trainers_weight_decay_is_said_not_to_be_influences(tmp_path, pad_co
 def test_a_label_names_column_reaches_the_loss_not_a_forward_without_kwargs(tmp_path, pad_collator):
     """A kept label_names column went into every forward: a model whose forward takes no **kwargs failed with
     'unexpected keyword argument'. It reaches the loss only; a forward that names it still gets it."""
-    import torch.nn.functional as F
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     class Plain(torch.nn.Module):
@@ -361,16 +369,7 @@ def test_a_label_names_column_reaches_the_loss_not_a_forward_without_kwargs(tmp_
             mask = attention_mask[..., None].to(torch.float64)
             return SequenceClassifierOutput(logits=self.head((self.emb(input_ids) * mask).sum(1) / mask.sum(1)))
 
-    train = make_token_dataset(16, seed=0).add_column("w", [float(1 + i % 3) for i in range(16)])
-    test = make_token_dataset(2, seed=1).add_column("w", [1.0, 1.0])
-
-    def collator(rows):
-        batch = pad_collator([{k: v for k, v in r.items() if k != "w"} for r in rows])
-        batch["w"] = torch.tensor([r["w"] for r in rows], dtype=torch.float64)
-        return batch
-
-    def weighted(outputs, batch):
-        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") * batch["w"]
+    train, test, collator, weighted = _weighted_rows(pad_collator)
 
     args = arguments(tmp_path, label_names=["labels", "w"], influence_solver="exact", influence_damping=1.0,
                      influence_scale=1.0, influence_knn_k=None, influence_params=None)
