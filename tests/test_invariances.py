@@ -121,9 +121,9 @@ def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pa
     model, train, test = data
     seen, real = [], scoring.score_batch
 
-    def spy(fm, params, batch, s_test, method="jvp"):
+    def spy(fm, params, batch, s_test, method="jvp", **kwargs):
         seen.append((batch["input_ids"].shape[0], s_test.shape[0]))
-        return real(fm, params, batch, s_test, method)
+        return real(fm, params, batch, s_test, method, **kwargs)
 
     monkeypatch.setattr(scoring, "score_batch", spy)
     df = run(model, train, test, pad_collator, influence_solver="cg", influence_knn_k=3,
@@ -146,7 +146,7 @@ def test_candidates_shared_by_some_tests_are_batched_together(monkeypatch):
 
     seen = []
 
-    def fake(fm, params, batch, s_test, method="jvp"):  # "influence" = 10·row + test, from s_test[t] = t
+    def fake(fm, params, batch, s_test, method="jvp", row_batch=None):  # "influence" = 10·row + test, from s_test[t] = t
         seen.append((len(batch["ids"]), s_test.shape[0]))
         return batch["ids"][:, None].double() * 10 + s_test[:, 0][None, :]
 
