@@ -17,7 +17,7 @@ from transformers import default_data_collator
 from transformers.utils import find_labels, logging
 
 from .loss import prepended_positions
-from .trunk import HIDDEN_KEY
+from .trunk import HIDDEN_KEY, transformers_model
 
 logger = logging.get_logger(__name__)
 
@@ -25,12 +25,6 @@ LABEL_COLUMNS = ("labels", "label", "label_ids")
 # Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
 COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values",
                  "features")
-
-
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (``get_base_model()``, its adapters in place), else ``model``."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def signature_columns(model: nn.Module, label_names: Sequence[str] = ()) -> list[str]:
@@ -219,8 +213,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {row} is labelled -100 (ignored): its loss is 0, so every influence on "
                                  "it would be 0. Drop the rows without a label, or give them one.")
         elif _is_list(values.type) and pa.types.is_integer(values.type.value_type):  # token labels
-            lengths = pc.list_value_length(values).fill_null(0).to_numpy(zero_copy_only=False)
-            flat_labels = pc.list_flatten(values).to_numpy(zero_copy_only=False)
+            flat_labels, label_rows, lengths, _ = _sequences(values)
             if multi_label_width is not None and (lengths != multi_label_width).any():
                 row = start + int(np.flatnonzero(lengths != multi_label_width)[0])
                 raise ValueError(f"{name} row {row} has labels {values[row - start].as_py()!r}, but a sequence "
@@ -231,13 +224,12 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
             if token_classes is not None:
                 bad = np.flatnonzero(((flat_labels < 0) | (flat_labels >= token_classes)) & (flat_labels != -100))
                 if len(bad):
-                    row = start + int(np.repeat(np.arange(len(values)), lengths)[bad[0]])
+                    row = start + int(label_rows[bad[0]])
                     raise ValueError(f"{name} row {row} has token label {flat_labels[bad[0]]}, but the model has "
                                      f"{token_classes} classes (0 to {token_classes - 1}; -100 for tokens the loss "
                                      "ignores). Map the labels to the model's config.label2id, or use a model with a "
                                      "head of the right size.")
-            kept = np.bincount(np.repeat(np.arange(len(values)), lengths), weights=(flat_labels != -100),
-                               minlength=len(values))
+            kept = np.bincount(label_rows, weights=(flat_labels != -100), minlength=len(values))
             labelled = labelled or bool((kept > 0).any())
             if needs_target and (kept == 0).any():
                 row = start + int(np.flatnonzero(kept == 0)[0])
@@ -304,22 +296,17 @@ def _width_limit(model: nn.Module) -> int | None:
 def _check_finite_labels(values: pa.Array, name: str, start: int) -> None:
     """Refuse NaN / inf float labels (a missing regression target, say), naming the row: their loss is NaN, and
     every stage downstream would fail without saying where."""
-    flat = values
-    while _is_list(flat.type):
-        flat = pc.list_flatten(flat)
-    if not pa.types.is_floating(flat.type) or len(flat) == 0:
+    kind = values.type
+    while _is_list(kind):
+        kind = kind.value_type
+    if not pa.types.is_floating(kind):
         return
-    numbers = flat.to_numpy(zero_copy_only=False)
-    if np.isfinite(numbers).all():
-        return
-    first = int(np.flatnonzero(~np.isfinite(numbers))[0])
-    index = np.arange(len(values))
-    column = values
-    while _is_list(column.type):  # the row of the first non-finite value
-        index = index[pc.list_parent_indices(column).to_numpy(zero_copy_only=False)]
-        column = pc.list_flatten(column)
-    raise ValueError(f"{name} row {start + int(index[first])} has label {numbers[first]}: a NaN / inf target makes "
-                     "its loss NaN. Drop the rows without a target (dataset.filter), or fill it in.")
+    numbers, rows = (_sequences(values)[:2] if _is_list(values.type)
+                     else (values.to_numpy(zero_copy_only=False), np.arange(len(values))))
+    bad = np.flatnonzero(~np.isfinite(numbers))
+    if len(bad):
+        raise ValueError(f"{name} row {start + int(rows[bad[0]])} has label {numbers[bad[0]]}: a NaN / inf target "
+                         "makes its loss NaN. Drop the rows without a target (dataset.filter), or fill it in.")
 
 
 def _multi_label_width(model: nn.Module) -> int | None:

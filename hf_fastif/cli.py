@@ -495,7 +495,7 @@ def _library_logging(verbose: bool) -> None:
         library.propagate = False
 
 
-SETUP_DEFAULTS = ("build", "recall")
+SETUP_DEFAULTS = {"build": build_defaults, "recall": recall_defaults}
 """Subcommands whose flags' defaults depend on the setup (the embedded default's or the library's): their --help is
 answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`), not by the first one."""
 
@@ -503,13 +503,14 @@ answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`),
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    own = argv[argv.index(command) + 1:] if command is not None else []  # a --help before it is the main parser's
-    deferred = command in SETUP_DEFAULTS and any(a in HELP_FLAGS for a in own) and not any(
-        a in HELP_FLAGS for a in argv[:argv.index(command)])
+    at = argv.index(command) if command is not None else len(argv)
+    # only a --help after the command waits for the setup's defaults; one before it is the main parser's
+    deferred = (command in SETUP_DEFAULTS and any(a in HELP_FLAGS for a in argv[at + 1:])
+                and not any(a in HELP_FLAGS for a in argv[:at]))
     ns = parser().parse_args([a for a in argv if a not in HELP_FLAGS] if deferred else argv)
     ns.argv = argv[argv.index(ns.command) + 1:]  # the subcommand's own flags, for a parse with setup defaults
     if deferred:  # prints the help with the defaults that apply, and exits
-        parse_with_defaults(ns.parser, ns.argv, build_defaults if command == "build" else recall_defaults)
+        parse_with_defaults(ns.parser, ns.argv, SETUP_DEFAULTS[command])
     logging.set_verbosity_info() if ns.verbose else logging.set_verbosity_warning()
     _library_logging(ns.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,8 +12,8 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import Batcher, transformers_model
-from .trunk import forward_context, model_inputs
+from .batches import Batcher
+from .trunk import forward_context, model_inputs, transformers_model
 from .utils import quiet_datasets
 
 INDEX_NAME = "features"

@@ -428,12 +428,18 @@ class TrunkCache:
             pass
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (``get_base_model()``, its adapters in place), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def model_inputs(batch: dict, model: nn.Module | None = None) -> dict:
     """The model's inputs of a collated batch: without labels and without the cached trunk states; with ``model``
     and a ``forward`` that takes no ``**kwargs``, only the inputs it names (a column kept for a loss of one's own, as
     the arguments' ``label_names`` keep one, is not an input)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", HIDDEN_KEY)}
-    named = None if model is None else _named_inputs(type(getattr(model, "get_base_model", lambda: model)()).forward)
+    named = None if model is None else _named_inputs(type(transformers_model(model)).forward)
     return inputs if named is None else {k: v for k, v in inputs.items() if k in named}
 
 

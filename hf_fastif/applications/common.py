@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from torch import nn
@@ -21,6 +19,7 @@ from transformers.utils import logging
 from ..arguments import InfluenceArguments
 from ..batches import Batcher, model_input_columns
 from ..data import HANS_HEURISTICS
+from ..data.rows import row_key_kind, row_keys
 from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
 from ..loss import FunctionalModel, LossFn, logits_of
@@ -193,7 +192,7 @@ def model_report(model: nn.Module, hans: Dataset, data_collator: Callable | None
     labels = np.asarray(hans["labels"], dtype=np.int64)
     heuristics = np.asarray(hans["heuristic"], dtype=object)
     report = {"train_accuracy": train_accuracy, "train_accuracy_rows": rows, "train_accuracy_sampled": sampled,
-              "hans_rows": len(hans), "heuristics": sorted(set(heuristics.tolist()), key=_heuristic_order),
+              "hans_rows": len(hans), "heuristics": sorted(set(heuristics.tolist()), key=heuristic_order),
               "hans": load_hans_accuracy(keep_in_memory=True).compute(
                   predictions=predictions.tolist(), references=labels.tolist(), heuristics=heuristics.tolist())}
     if "subcase" in hans.column_names:
@@ -238,13 +237,14 @@ def model_report_markdown(report: dict) -> str:
         subcase_rows = [[name, v["heuristic"], names[v["label"]] if v["label"] in (0, 1) else v["label"], v["rows"],
                          f"{100 * v['accuracy']:.0f}"]
                         for name, v in sorted(report["subcases"].items(),
-                                              key=lambda kv: (_heuristic_order(kv[1]["heuristic"]), kv[0]))]
+                                              key=lambda kv: (heuristic_order(kv[1]["heuristic"]), kv[0]))]
         lines += ["", "Per subcase:", "", markdown_table(["subcase", "heuristic", "gold", "rows", "accuracy (%)"],
                                                          subcase_rows)]
     return "\n".join(lines)
 
 
-def _heuristic_order(name: str) -> tuple:
+def heuristic_order(name: str) -> tuple:
+    """Sort key of heuristic names: HANS' in HANS' order, then any others by name."""
     return (HANS_HEURISTICS.index(name) if name in HANS_HEURISTICS else len(HANS_HEURISTICS), name)
 
 
@@ -372,41 +372,12 @@ def heuristics_in(splits: dict[str, Sequence[str]], requested: Sequence[str] | N
         if not found:
             raise ValueError(f"{what}: {name} has no rows; pass a non-empty HANS split (hf_fastif.data.split_hans).")
     first = next(iter(present.values()))
-    wanted = list(requested) if requested is not None else (
-        [h for h in HANS_HEURISTICS if h in first] + sorted(first - set(HANS_HEURISTICS)))
+    wanted = list(requested) if requested is not None else sorted(first, key=heuristic_order)
     for name, found in present.items():
         missing = [h for h in wanted if h not in found]
         if missing:
             raise ValueError(f"{what}: heuristics {missing} have no rows in {name} (it has {sorted(found)}). {fix}")
     return wanted
-
-
-def _row_key_kind(*datasets: Dataset) -> str | None:
-    """What rows of ``datasets`` can be compared by: their token ids where all have ``input_ids``, else their
-    premise and hypothesis where all have them, else None."""
-    if all("input_ids" in d.column_names for d in datasets):
-        return "input_ids"
-    if all({"premise", "hypothesis"} <= set(d.column_names) for d in datasets):
-        return "premise / hypothesis"
-    return None
-
-
-def row_keys(dataset: Dataset, by: str, batch_size: int = 8192):
-    """A 16-byte digest of each row's content, in row order: of its token ids (``by="input_ids"``, as int64), or of
-    its whitespace-normalised premise and hypothesis (``by="premise / hypothesis"``). Reads ``batch_size`` rows at a
-    time, so hundreds of thousands of rows (MNLI's 393k) take seconds and a few tens of MB."""
-    columns = ["input_ids"] if by == "input_ids" else ["premise", "hypothesis"]
-    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size):
-        if by == "input_ids":
-            column = table.column("input_ids").combine_chunks()
-            ends = np.cumsum(pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False))
-            values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int64)
-            for start, end in zip(np.r_[0, ends[:-1]], ends):
-                yield hashlib.blake2b(values[start:end].tobytes(), digest_size=16).digest()
-        else:
-            for premise, hypothesis in zip(table.column("premise").to_pylist(), table.column("hypothesis").to_pylist()):
-                text = " ".join(str(premise).split()) + "\t" + " ".join(str(hypothesis).split())
-                yield hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 @dataclass
@@ -422,7 +393,7 @@ def shared_rows(rows: Dataset, other: Dataset) -> SharedRows | None:
     """The rows of ``rows`` whose content (token ids, else whitespace-normalised premise and hypothesis) is also a
     row of ``other``; None when the two cannot be compared (neither column set in both). Only ``other``'s digests
     are held in memory: pass the smaller dataset as ``other``."""
-    by = _row_key_kind(rows, other)
+    by = row_key_kind(rows, other)
     if by is None:
         return None
     seen = set(row_keys(other, by))

@@ -23,7 +23,14 @@ from ..data import HANS_HEURISTICS
 from ..engine import InfluenceEngine
 from ..table import InfluenceTable
 from ..utils import markdown_table
-from .common import ApplicationData, check_heuristics, check_num_labels, heuristics_in, predict
+from .common import (
+    ApplicationData,
+    check_heuristics,
+    check_num_labels,
+    heuristic_order,
+    heuristics_in,
+    predict,
+)
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -260,7 +267,6 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
     graph = influence_graph(table, test_info, train_info, protocol.edges_per_test_point)
     settings = {"test_points_per_heuristic": protocol.test_points_per_heuristic,
                 "edges_per_test_point": protocol.edges_per_test_point,
-                "heuristics": sorted(set(t["heuristic"] for t in test_info), key=lambda h: (h not in HANS_HEURISTICS,
-                                     HANS_HEURISTICS.index(h) if h in HANS_HEURISTICS else 0, h)),
+                "heuristics": sorted(set(t["heuristic"] for t in test_info), key=heuristic_order),
                 "num_test_points": len(tests), "seed": args.seed, "influence": args.influence_settings()}
     return InfluenceGraphResult(graph=graph, table=table, settings=settings, raw_train=data.raw_train, tests=tests)

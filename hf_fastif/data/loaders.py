@@ -29,6 +29,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features
 from huggingface_hub import constants
 from transformers.utils import logging
 
+from .rows import row_key_kind, row_keys
 from .schema import NLI3_LABELS, hans_features, label_names, nli_features
 
 logger = logging.get_logger(__name__)
@@ -388,13 +389,8 @@ def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0
         validation.extend(rows[: int(round(len(rows) * validation_fraction))].tolist())
     in_validation = np.zeros(len(dataset), dtype=bool)
     in_validation[validation] = True
-    if "input_ids" in dataset.column_names:
-        keys = [tuple(ids) for ids in dataset["input_ids"]]
-    elif {"premise", "hypothesis"} <= set(dataset.column_names):
-        keys = [(" ".join(str(p).split()), " ".join(str(h).split()))
-                for p, h in zip(dataset["premise"], dataset["hypothesis"])]
-    else:
-        keys = range(len(dataset))  # nothing to compare: every row is its own
+    by = row_key_kind(dataset)
+    keys = row_keys(dataset, by) if by is not None else range(len(dataset))  # nothing to compare: every row its own
     groups: dict = {}
     for row, key in enumerate(keys):
         groups.setdefault(key, []).append(row)
