@@ -487,6 +487,50 @@ class Batcher:
     def __len__(self) -> int:
         return len(self.dataset) if self.index is None else len(self.index)
 
+    def stored_lengths(self, column: str | None = None) -> np.ndarray | None:
+        """Each row's stored length (its longest sequence, for rows of several, as multiple choice stores them), for
+        the rows of this batcher: by default its tokens (the ones of a stored ``attention_mask``, so rows stored
+        padded count their real tokens; else the length of ``input_ids``); for a label column, its targets (labels
+        other than -100); for any other list ``column``, its length. None without such a column (a collator that
+        tokenises text). From the Arrow values alone, so whole datasets cost milliseconds."""
+        if column is None:
+            column = "attention_mask" if "attention_mask" in self.dataset.column_names else "input_ids"
+        if column not in self.dataset.column_names:
+            return None
+        values = self.dataset.with_format("arrow")[column]
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        if not _is_list(values.type):
+            return None
+        flat, token_rows, lengths, sequence_rows = _sequences(values)
+        if column == "attention_mask" or column in LABEL_COLUMNS:
+            if column != "attention_mask" and not np.issubdtype(flat.dtype, np.integer):
+                return None  # (float labels: multi-hot rows, not targets by position)
+            counted = flat != 0 if column == "attention_mask" else flat != -100
+            # each token's sequence: sequences are contiguous in the flattened values, in order
+            sequence_of_token = np.repeat(np.arange(len(lengths)), lengths)
+            lengths = np.bincount(sequence_of_token, weights=counted, minlength=len(lengths)).astype(np.int64)
+        longest = np.zeros(len(values), dtype=np.int64)
+        np.maximum.at(longest, sequence_rows, lengths.astype(np.int64))
+        return longest if self.index is None else longest[self.index]
+
+    def padding_probes(self, probe_rows: int = 64) -> list[tuple[int, int]]:
+        """Pairs ``(shortest, longest)`` of positions whose batch together pads the shorter one: by stored tokens
+        over every row (`stored_lengths`), and for labels stored as sequences (an encoder-decoder's targets, padded
+        apart from the inputs) by their targets too. Without stored token ids, the first ``probe_rows`` rows as the collator
+        pads them (their attention mask). Empty when nothing is padded."""
+        pairs = []
+        for column in (None, *LABEL_COLUMNS):
+            lengths = self.stored_lengths(column)
+            if lengths is not None and len(lengths) and lengths.min() != lengths.max():
+                pairs.append((int(lengths.argmin()), int(lengths.argmax())))
+        if not pairs and self.stored_lengths() is None and len(self):
+            mask = self.batch(range(min(probe_rows, len(self))), trunk=False).get("attention_mask")
+            if mask is not None:
+                lengths = mask.reshape(mask.shape[0], -1, mask.shape[-1]).sum(-1).amax(1)  # multiple choice: longest
+                if mask.shape[-1] != int(lengths.min()):
+                    pairs.append((int(lengths.argmin()), int(lengths.argmax())))
+        return list(dict.fromkeys(pairs))
+
     def base_rows(self, positions: Sequence[int]) -> np.ndarray:
         """Rows of the dataset at these positions of this batcher."""
         positions = np.asarray(positions, dtype=np.int64)

@@ -49,7 +49,14 @@ from .fingerprint import (
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
-from .loss import FunctionalModel, LossFn, default_loss_smoothing, find_logits, logits_of
+from .loss import (
+    FunctionalModel,
+    LossFn,
+    default_loss_smoothing,
+    find_logits,
+    logits_of,
+    rows_without_targets,
+)
 from .mode import influence_mode
 from .params import num_parameters, select_parameters
 from .readout import Readout, find_readout
@@ -404,41 +411,49 @@ class InfluenceEngine:
     def _check_padding(self, call: _Call) -> None:
         """Refuse a model whose output for a row changes with the padding around it (left padding without
         position ids, for instance): every stage batches rows of different lengths, so its numbers would depend
-        on the batch sizes. One probe per model and training data: the shortest of the first rows alone, and
-        padded next to the longest."""
-        key = (call.model_fingerprint, call.train.dataset._fingerprint, self._functions["collator"])
-        if key in self._padding_checked:
+        on the batch sizes. Probes per model and dataset (training, test and candidate rows: a test set can be
+        padded where fixed-length training blocks are not): the shortest row alone, and padded next to the
+        longest, by input length and, for targets stored as sequences (an encoder-decoder's), by target length."""
+        datasets = [(call.train, "train_dataset", False), (call.test, "test_dataset", True)]
+        datasets += [] if call.cand is call.train else [(call.cand, "candidate_dataset", False)]
+        for batcher, name, measurement in datasets:
+            key = (call.model_fingerprint, batcher.dataset._fingerprint, len(batcher), measurement,
+                   self._functions["collator"])
+            if key in self._padding_checked:
+                continue
+            for short, long in batcher.padding_probes(PADDING_PROBE_ROWS):
+                self._probe_padding(call, batcher, name, measurement, short, long)
+            self._padding_checked.add(key)
+
+    def _probe_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, short: int,
+                       long: int) -> None:
+        padded_batch = batcher.batch([short, long], trunk=False)
+        with torch.no_grad():  # each row's value, as every stage computes it (any head, any loss_fn)
+            alone = call.fm.values_without_l2(call.params, batcher.batch([short], trunk=False),
+                                              measurement=measurement)[0].double()
+            padded = call.fm.values_without_l2(call.params, padded_batch, measurement=measurement)[0][:1]
+        error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
+        dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
+        finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
+        row = int(batcher.base_rows([short])[0])
+        if measurement and not finite_alone:  # not the padding's doing: the test gradients' check names such rows
             return
-        extremes = _shortest_and_longest(call.train)
-        if extremes is not None:
-            short, long = extremes
-            with torch.no_grad():  # each row's loss, as every stage computes it (any head, any loss_fn)
-                alone = call.fm.values_without_l2(call.params, call.train.batch([short], trunk=False))[0].double()
-                padded = call.fm.values_without_l2(call.params, call.train.batch([short, long], trunk=False))[0][:1]
-            error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
-            dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
-            finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
-            if not (finite_alone and finite_padded):
-                where = "alone" if not finite_alone else f"padded next to row {long}"
-                raise ValueError(
-                    f"The loss of train_dataset row {short} is not finite {where} ({float(alone[0]):.4g} alone, "
-                    f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. With padding, "
-                    "the usual cause is a row whose attention sees no position at all (left padding with a causal "
-                    "or sliding-window mask in eager attention): pad on the right (tokenizer.padding_side = "
-                    "'right'); otherwise check the rows' token ids and labels."
-                )
-            if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
-                raise ValueError(
-                    f"The loss of train_dataset row {short} changes when it is padded next to row {long} "
-                    f"(relative difference {error:.2g}): every stage of influence batches rows of different "
-                    "lengths, so its numbers would depend on the batch sizes. The usual causes: left padding "
-                    "without position ids (GPT-2 and other absolute-position models count positions from the "
-                    "first pad): pad on the right (tokenizer.padding_side = 'right'), or use a collator that adds "
-                    "position_ids = attention_mask.cumsum(-1) - 1; or a loss that reads the padded positions (a "
-                    "softmax over every position, as question answering's start / end logits): pass a loss_fn "
-                    "that masks them, e.g. logits.masked_fill(batch['attention_mask'] == 0, -1e4)."
-                )
-        self._padding_checked.add(key)
+        if not (finite_alone and finite_padded):
+            where = "alone" if not finite_alone else f"padded next to row {int(batcher.base_rows([long])[0])}"
+            raise ValueError(
+                f"The loss of {name} row {row} is not finite {where} ({float(alone[0]):.4g} alone, "
+                f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. With padding, "
+                "the usual cause is a row whose attention sees no position at all (left padding with a causal "
+                "or sliding-window mask in eager attention): pad on the right (tokenizer.padding_side = "
+                "'right'); otherwise check the rows' token ids and labels."
+            )
+        if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
+            raise ValueError(
+                f"The loss of {name} row {row} changes when it is padded next to row "
+                f"{int(batcher.base_rows([long])[0])} (relative difference {error:.2g}): every stage of influence "
+                "batches rows of different lengths, so its numbers would depend on the batch sizes. "
+                + _padding_cause(self.model, padded_batch)
+            )
 
     def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
         """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
@@ -697,9 +712,8 @@ class InfluenceEngine:
         elif self._readout is None or self._readout[0] != key:
             first = range(min(READOUT_PROBE_ROWS, len(call.train)))
             probes = [call.train.batch(first)]
-            extremes = _shortest_and_longest(call.train)
-            if extremes is not None:  # the lengths alone and padded together (internal padding shows up there)
-                probes += [call.train.batch([extremes[0]]), call.train.batch(list(extremes))]
+            for pair in call.train.padding_probes(PADDING_PROBE_ROWS):  # alone and padded together (internal
+                probes += [call.train.batch([pair[0]]), call.train.batch(list(pair))]  # padding shows up there)
             tests = [call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))]
             readout, reason = find_readout(call.fm, call.params, probes, tests)
             if readout is None:
@@ -759,7 +773,8 @@ class InfluenceEngine:
 
     # ---- predictions through the same trunk -------------------------------------------------------------------
     def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
-        """Logits of every row of ``dataset`` (``(N, ...)`` float32), in eval mode. Where the model splits, only the
+        """Logits of every row of ``dataset`` (``(N, ...)`` float32; token logits padded with NaN to the longest
+        batch's length), in eval mode. Where the model splits, only the
         top runs from the cached trunk states (which stay valid while only the top changes, e.g. over the SGD steps
         of HANS correction); otherwise the full model."""
         model = self.model
@@ -777,6 +792,10 @@ class InfluenceEngine:
             for _, batch in batcher.batches(range(len(batcher)), batch_size):
                 with forward_context(split, batch):
                     out.append(logits_of(model(**model_inputs(batch, model))).float().cpu().numpy())
+        widest = np.max([o.shape[1:] for o in out], 0) if out and out[0].ndim > 1 else None
+        if widest is not None:  # token logits of batches padded to different lengths: NaN beyond a batch's own
+            out = [np.pad(o, [(0, 0)] + [(0, int(w) - d) for w, d in zip(widest, o.shape[1:])],
+                          constant_values=np.nan) for o in out]
         return np.concatenate(out, 0)
 
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:
@@ -805,9 +824,20 @@ class InfluenceEngine:
             for _, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
                 total += batch_gradient(call.fm, call.params, batch, measurement=True, reduction="sum").to(total.dtype)
             return (D.all_reduce_sum(total) / len(call.test)).unsqueeze(0)
-        return torch.cat([batch_gradient(call.fm, call.params, batch, measurement=True, reduction="none",
-                                         row_batch=lambda i, rows=rows: call.test.batch([rows[i]]))
-                          for rows, batch in call.test.batches(range(len(call.test)), bsz)]).to(call.work_dtype)
+        gradients = []
+        for rows, batch in call.test.batches(range(len(call.test)), bsz):
+            if self.loss_fn is None and self.measurement_fn is None:  # the default loss: a row must have targets
+                empty = rows_without_targets(self.model, batch)
+                if empty:
+                    raise ValueError(
+                        f"test_dataset row {int(call.test.base_rows([rows[empty[0]]])[0])} leaves the loss no target "
+                        "to read: every label -100 as collated (a causal LM's loss also skips the first position, as "
+                        "each position predicts the next token: a one-token row, or one labelled at its first token "
+                        "only), so every influence on it would be 0. Drop such rows, or label at least one token "
+                        "(after the first, for a causal LM).")
+            gradients.append(batch_gradient(call.fm, call.params, batch, measurement=True, reduction="none",
+                                            row_batch=lambda i, rows=rows: call.test.batch([rows[i]])))
+        return torch.cat(gradients).to(call.work_dtype)
 
     # ---- stage 3: s_test --------------------------------------------------------------------------------------
     def _full_hvp(self, call: _Call, batcher: Batcher, *, l2_term: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -1123,21 +1153,32 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def verification_rows(batcher: Batcher) -> list[int]:
-    """Rows a trunk cache is checked on: the first 8, and the shortest and longest of the first
-    `PADDING_PROBE_ROWS` (in one batch, the shortest is padded to the longest)."""
-    return sorted(set(range(min(8, len(batcher)))) | set(_shortest_and_longest(batcher) or ()))
+    """Rows a trunk cache is checked on: the first 8, and the shortest and longest rows (`Batcher.padding_probes`:
+    in one batch, the shortest is padded to the longest)."""
+    return sorted(set(range(min(8, len(batcher)))) | {i for pair in batcher.padding_probes(PADDING_PROBE_ROWS)
+                                                       for i in pair})
 
 
-def _shortest_and_longest(batcher: Batcher) -> tuple[int, int] | None:
-    """The shortest and the longest of the first `PADDING_PROBE_ROWS` rows (by attention mask), or None when they
-    are all as long (nothing is padded)."""
-    mask = batcher.batch(range(min(PADDING_PROBE_ROWS, len(batcher))), trunk=False).get("attention_mask")
-    if mask is None:
-        return None
-    lengths = mask.reshape(mask.shape[0], -1, mask.shape[-1]).sum(-1).amax(1)  # multiple choice: its longest choice
-    if mask.shape[-1] == int(lengths.min()):
-        return None
-    return int(lengths.argmin()), int(lengths.argmax())
+def _padding_cause(model: nn.Module, batch: dict) -> str:
+    """What to do about a row whose loss changes with padding, from what the padded ``batch`` shows."""
+    labels, mask = batch.get("labels"), batch.get("attention_mask")
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if (not encoder_decoder and isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)
+            and labels.shape == mask.shape and bool(((mask == 0) & (labels != -100)).any())):
+        return ("Its padding positions carry labels other than -100 (the collator pads the labels with the pad "
+                "token id), so the loss reads them: pad labels with -100 (DataCollatorForLanguageModeling(tokenizer, "
+                "mlm=False), DataCollatorForSeq2Seq, or DataCollatorForTokenClassification).")
+    if encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 1:
+        pads = labels == -100
+        if bool((pads[:, 0] & ~pads[:, -1]).any()):
+            return ("Its targets are padded on the left (DataCollatorForSeq2Seq pads labels on "
+                    "tokenizer.padding_side), so the decoder reads padding before them: pad on the right "
+                    "(tokenizer.padding_side = 'right').")
+    return ("The usual causes: left padding without position ids (GPT-2 and other absolute-position models count "
+            "positions from the first pad): pad on the right (tokenizer.padding_side = 'right'), or use a collator "
+            "that adds position_ids = attention_mask.cumsum(-1) - 1; or a loss that reads the padded positions (a "
+            "softmax over every position, as question answering's start / end logits): pass a loss_fn that masks "
+            "them, e.g. logits.masked_fill(batch['attention_mask'] == 0, -1e4).")
 
 
 def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -> dict:

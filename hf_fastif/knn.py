@@ -43,7 +43,8 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     """Feature vectors ``(b, d)`` of a batch, from the model's base (encoder/decoder) outputs.
 
     ``auto``: the pooled [CLS] output where the model has a pooler (BERT, as in the paper), the last
-    non-padding token for causal LMs, else the mask-weighted mean of the last hidden states. With a
+    non-padding token for causal LMs, else the mask-weighted mean of the last hidden states. An encoder-decoder's
+    features are of its encoder's states (the rows' inputs), for every method. With a
     `hf_fastif.trunk.TrunkSplit` and a batch carrying trunk states, only the top of the model runs. Rows of ``c``
     sequences (a multiple-choice model's ``(b, c, s)`` inputs) run through the base as the ``b·c`` sequences the model
     flattens them into, and a row's feature is its sequences' features side by side, ``(b, c·d)``.
@@ -55,8 +56,13 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     mask = inputs.get("attention_mask")
     target = transformers_model(model)  # a PEFT model's, adapters in place
     base = getattr(target, "base_model", None)
+    encoder = _encoder(target)
     with forward_context(split, batch):
-        if base is None or base is target:
+        if encoder is not None:  # an encoder-decoder: the encoder's states of the input (the decoder's are of
+            # the targets, laid out by another mask), as a sequence-to-sequence retriever embeds its inputs
+            keys = {"input_ids", "attention_mask", "inputs_embeds"}
+            last, pooled = encoder(**{k: v for k, v in inputs.items() if k in keys}).last_hidden_state, None
+        elif base is None or base is target:
             accepts = "output_hidden_states" in inspect.signature(target.forward).parameters
             hidden = getattr(target(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
             if hidden is None:
@@ -72,11 +78,21 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
         feats = pooled
     elif method == "cls":
         feats = _token(last, mask, "first")
-    elif method == "last" or (method == "auto" and getattr(target, "can_generate", lambda: False)()):
+    elif method == "last" or (method == "auto" and encoder is None
+                              and getattr(target, "can_generate", lambda: False)()):
         feats = _token(last, mask, "last")
     else:
         feats = _masked_mean(last, mask)
     return feats.reshape(-1, choices * feats.shape[-1]) if choices else feats
+
+
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """An encoder-decoder's encoder (BART, T5, their classifiers), else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get = getattr(model, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    return encoder if isinstance(encoder, nn.Module) else None
 
 
 def _choices(inputs: dict) -> int:

@@ -120,13 +120,29 @@ def default_loss_smoothing(args, loss_fn: LossFn | None) -> float:
     return 0.0 if loss_fn is not None else float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
 
 
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the default loss shifts token labels by one (a causal LM: position t predicts token t + 1)."""
+    return bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False)
+
+
+def rows_without_targets(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[int]:
+    """Rows of ``batch`` whose token labels leave the default loss nothing to read: every label -100 once a causal
+    LM's shift drops the first position (a one-token row, or a row labelled at its first token only), so the row's
+    loss, and every influence on it, is 0. Empty for labels that are not token sequences."""
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.is_floating_point():
+        return []
+    if shifts_labels(model) and not prepended_positions(model):  # (virtual tokens before the row: all read)
+        labels = labels[:, 1:]
+    return (labels != -100).sum(1).eq(0).nonzero().flatten().tolist()
+
+
 def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
     """The per-example loss matching ``model``'s head (see the module docstring). ``label_smoothing``: the
     Trainer's ``label_smoothing_factor``, which trains a cross-entropy head on ``(1 - ε)·NLL + ε·mean_k(-log p_k)``
     (its `LabelSmoother`), per row here (per token and averaged over the row's tokens for token losses)."""
-    shift = bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
-        getattr(model, "config", None), "is_encoder_decoder", False
-    )
+    shift = shifts_labels(model)
     virtual = prepended_positions(model)
 
     def loss(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -37,14 +37,23 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
             )
     else:
         regexes = [re.compile(p) for p in patterns]
-        chosen = [(n, p) for n, p in named if any(r.search(n) for r in regexes)]
+        # a tied weight is listed once, under its first name; a pattern may name it by another (GPT-2's lm_head.weight
+        # is transformer.wte.weight): it selects the tensor, under the listed name
+        listed: dict[int, str] = {}
+        canonical = {n: listed.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+        matched = {canonical[n] for n in canonical if any(r.search(n) for r in regexes)}
+        chosen = [(n, p) for n, p in named if n in matched]
+        aliased = sorted(f"{n} (as {canonical[n]})" for n in canonical
+                         if canonical[n] != n and canonical[n] in matched and any(r.search(n) for r in regexes))
+        if aliased:
+            logger.info(f"influence_params select tied weights by another of their names: {', '.join(aliased)}.")
         if not chosen:
             sample = ", ".join(n for n, _ in named[:8])
             raise ValueError(
                 f"influence_params={list(patterns)} matches no parameter of {type(model).__name__}. "
                 f"Parameter names look like: {sample}, ... (regexes are searched, e.g. r'classifier\\.')."
             )
-        unmatched = [p for p, r in zip(patterns, regexes) if not any(r.search(n) for n, _ in named)]
+        unmatched = [p for p, r in zip(patterns, regexes) if not any(r.search(n) for n in canonical)]
         if unmatched:  # a pattern list written for several architectures may miss a part (RoBERTa has no pooler)
             logger.warning_once(
                 f"influence_params {unmatched} match no parameter of {type(model).__name__}; the other patterns "

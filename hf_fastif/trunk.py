@@ -330,9 +330,15 @@ class TrunkCache:
         order = _length_order(batcher)
         starts = range(0, n, batch_size)
         self.lengths = np.zeros(n, dtype=np.int64)
+        stored = batcher.stored_lengths("input_ids")
         for start in starts:  # tokenisation only: the lengths decide the layout
             rows = order[start : start + batch_size]
-            mask = _token_mask(batcher.batch(rows, trunk=False))
+            batch = batcher.batch(rows, trunk=False)
+            if "attention_mask" not in batch and (stored is None or stored.min() != stored.max()):
+                raise TrunkLayoutError("the batches carry no attention_mask, so a row's tokens cannot be told from "
+                                       "the padding its batch adds (a collator that returns an attention mask, "
+                                       "e.g. DataCollatorWithPadding, lets the trunk be cached)")
+            mask = _token_mask(batch)
             empty = (mask.sum(-1) == 0).reshape(len(rows), -1).any(1)
             if bool(empty.any()):
                 where = int(rows[int(empty.nonzero()[0, 0])])
@@ -478,11 +484,9 @@ def _check_layout(shape: Sequence[int], mask: torch.Tensor) -> None:
 
 def _length_order(batcher) -> np.ndarray:
     """Rows sorted by length (less padding per batch), ties by index; plain order when lengths are unknown."""
-    dataset = batcher.dataset
-    if "input_ids" not in dataset.column_names:
+    lengths = batcher.stored_lengths()
+    if lengths is None:
         return np.arange(len(batcher))
-    lengths = np.fromiter((len(x) for x in dataset.with_format(None)["input_ids"]), dtype=np.int64, count=len(dataset))
-    lengths = lengths[batcher.index] if batcher.index is not None else lengths
     return np.lexsort((np.arange(len(lengths)), lengths))
 
 

@@ -282,10 +282,16 @@ def test_an_error_before_the_cut_is_raised_and_leaves_the_cut_in_place(pad_colla
     assert readout.failed is None
 
 
-def test_a_cut_dropped_during_a_call_is_recorded_in_the_table(pad_collator, tmp_path, caplog):
+def test_a_cut_dropped_during_a_call_is_recorded_in_the_table(pad_collator, tmp_path, caplog, monkeypatch):
     """Longformer: the probe rows (the first 64, all 8 tokens: no internal padding) pass; the last rows (5 tokens)
-    make the cut fail during scoring. The values are the uncut ones and the table's diagnostics say what happened."""
+    make the cut fail during scoring. The values are the uncut ones and the table's diagnostics say what happened.
+    (The probes now take the shortest and longest rows of the whole dataset, which catch these rows up front: they
+    are turned off here so that a batch the probes miss can be simulated.)"""
     from datasets import concatenate_datasets
+
+    from hf_fastif.batches import Batcher
+
+    monkeypatch.setattr(Batcher, "padding_probes", lambda self, probe_rows=64: [])
 
     model = _longformer()
     train = concatenate_datasets([make_token_dataset(66, seed=0, num_labels=3, min_len=8, max_len=8),
@@ -305,6 +311,11 @@ def test_a_cut_dropped_during_a_call_is_recorded_in_the_table(pad_collator, tmp_
     assert diagnostics[True]["cut_after"] == "longformer.encoder.layer.1.attention"
     assert "IndexError" in diagnostics[True]["failed_on_a_batch"]
     np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-12)
+    monkeypatch.undo()  # the real probes: the 5-token rows are probed, and the cut is not made
+    args.influence_skip_unread_positions = True
+    table = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(train, test)
+    assert table.metadata["diagnostics"]["readout"]["cut_after"] is None
+    assert "failed_on_a_batch" not in table.metadata["diagnostics"]["readout"]
 
 
 class _Mixing(torch.nn.Module):

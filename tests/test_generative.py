@@ -1,0 +1,230 @@
+"""Generative models' data layouts: the padding probe on every dataset, targets a causal LM's shift drops, batches
+without an attention mask, tied heads by name, encoder-decoder kNN features."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_fastif import InfluenceEngine, compute_influences
+from hf_fastif.influence import default_arguments
+from hf_fastif.params import select_parameters
+from tests.test_models import _seq2seq_rows, _tiny_bart
+from tests.tiny import VOCAB, make_token_dataset, tiny_model
+
+EXACT = dict(influence_solver="exact", influence_knn_k=None, influence_damping=1.0, influence_scale=1.0,
+             disable_tqdm=True)
+
+
+def _values(table, m: int, n: int) -> np.ndarray:
+    frame = table.to_pandas()
+    out = np.full((m, n), np.nan)
+    out[frame.test_id.values, frame.train_id.values] = frame.influence.values
+    return out
+
+
+def _rows(lengths, seed: int, causal: bool = False) -> Dataset:
+    rng = np.random.default_rng(seed)
+    ids = [[1] + rng.integers(5, VOCAB, size=n - 1).tolist() for n in lengths]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                              "labels": ids if causal else [int(sum(x) % 2) for x in ids]})
+
+
+def _left(collator):
+    left = copy.deepcopy(collator)
+    left.tokenizer.padding_side = "left"
+    return left
+
+
+def test_left_padding_is_found_beyond_the_first_rows(pad_collator):
+    """A training set grouped by length: its first 64 rows share one length, the probe looked at those only, and a
+    GPT-2 classifier padded on the left without position ids ran, with influence 0.86 off between batch sizes."""
+    train = _rows([5] * 70 + [2, 3, 9, 11], seed=0)
+    test = _rows([4, 6], seed=1)
+    args = default_arguments(**(EXACT | {"influence_params": [r"score\."]}))
+    with pytest.raises(ValueError, match=r"train_dataset row 70 changes when it is padded next to row 73"):
+        compute_influences(tiny_model("gpt2"), train, test, args, data_collator=_left(pad_collator))
+
+
+def test_test_rows_are_probed_too(pad_collator):
+    """A causal LM trained on fixed-size blocks (nothing to pad) and asked about test rows of varied length, padded
+    on the left: only the test rows are padded, and their influence came back 0.92 off at the default batch size."""
+    from transformers import DataCollatorForLanguageModeling
+
+    model = tiny_model("gpt2-lm")
+    train = _rows([8] * 12, seed=0, causal=True).remove_columns("labels")
+    test = _rows([3, 7, 5], seed=1, causal=True).remove_columns("labels")
+    left = DataCollatorForLanguageModeling(_left(pad_collator).tokenizer, mlm=False)
+    args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
+    with pytest.raises(ValueError, match=r"test_dataset row 0 changes when it is padded next to row 1"):
+        compute_influences(model, train, test, args, data_collator=left)
+    right = DataCollatorForLanguageModeling(pad_collator.tokenizer, mlm=False)
+    values = [_values(compute_influences(model, train, test, default_arguments(**(EXACT | {
+        "influence_params": [r"ln_f\."], "influence_hvp_batch_size": size, "influence_scoring_batch_size": size})),
+        data_collator=right), 3, 12) for size in (1, 64)]
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-8, atol=1e-12)
+
+
+def test_seq2seq_targets_padded_on_the_left_are_refused_with_the_cause(pad_collator):
+    """Sources of one length (nothing to pad in the inputs), targets of several, and DataCollatorForSeq2Seq with
+    the tokenizer padding on the left: the decoder read pads before the targets, 0.96 off, without a word."""
+    from transformers import DataCollatorForSeq2Seq
+
+    model = _tiny_bart()
+    train, test = _seq2seq_rows(12, 0, same_length=False), _seq2seq_rows(2, 1, same_length=False)
+    train = train.map(lambda row: {"input_ids": row["input_ids"][:4], "attention_mask": [1] * 4})
+    args = default_arguments(**(EXACT | {"influence_params": [r"decoder\.layers\.1\.final"]}))
+    with pytest.raises(ValueError, match=r"targets are padded on the left .*padding_side = 'right'"):
+        compute_influences(model, train, test, args,
+                           data_collator=DataCollatorForSeq2Seq(_left(pad_collator).tokenizer))
+    table = compute_influences(model, train, test, args, data_collator=DataCollatorForSeq2Seq(pad_collator.tokenizer))
+    assert np.isfinite(table.to_pandas().influence).all()
+
+
+def test_labels_padded_with_the_pad_id_are_named_as_the_cause(pad_collator):
+    """Labels padded with the pad token (0), not -100: the loss reads the pads. Refused, naming that (it used to
+    blame left padding)."""
+    model = tiny_model("gpt2-lm")
+    train = _rows([3, 5, 8, 6], seed=0, causal=True)
+
+    def collate(rows):
+        batch = pad_collator([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows])
+        width = batch["input_ids"].shape[1]
+        batch["labels"] = torch.tensor([r["labels"] + [0] * (width - len(r["labels"])) for r in rows])
+        return batch
+
+    args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
+    with pytest.raises(ValueError, match=r"padding positions carry labels other than -100"):
+        compute_influences(model, train, train.select([0]), args, data_collator=collate)
+
+
+@pytest.mark.parametrize("labels", ["one token", "first position only"])
+def test_causal_test_rows_whose_targets_the_shift_drops_are_refused(pad_collator, labels):
+    """A causal LM's loss skips position 0 (each position predicts the next token): a one-token test row, or one
+    labelled at its first token only, has loss 0 and gave a table of zeros."""
+    from transformers import DataCollatorForLanguageModeling
+
+    model = tiny_model("gpt2-lm")
+    train = _rows([4, 6, 5, 7], seed=0, causal=True)
+    if labels == "one token":
+        test = Dataset.from_dict({"input_ids": [[1, 7, 9], [1]], "attention_mask": [[1, 1, 1], [1]]})
+        collator = DataCollatorForLanguageModeling(pad_collator.tokenizer, mlm=False)
+        train = train.remove_columns("labels")
+    else:
+        test = Dataset.from_dict({"input_ids": [[1, 7, 9], [1, 8, 9]], "attention_mask": [[1] * 3] * 2,
+                                  "labels": [[1, 7, 9], [1, -100, -100]]})
+        collator = DataCollatorForLanguageModeling(pad_collator.tokenizer, mlm=False)
+        collator = _keep_labels(collator)
+    args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
+    with pytest.raises(ValueError, match=r"test_dataset row 1 leaves the loss no target"):
+        compute_influences(model, train, test, args, data_collator=collator)
+    table = compute_influences(model, train, test.select([0]), args, data_collator=collator)
+    assert (table.to_pandas().influence != 0).all()
+
+
+def _keep_labels(collator):
+    """Pad stored labels with -100 instead of copying input_ids (as DataCollatorForSeq2Seq does)."""
+    def collate(rows):
+        batch = collator([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows])
+        if "labels" in rows[0]:
+            width = batch["input_ids"].shape[1]
+            batch["labels"] = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+        return batch
+
+    return collate
+
+
+def test_batches_without_an_attention_mask_run_without_the_trunk_cache(pad_collator, caplog):
+    """A collator that pads but returns no attention mask (pads labelled -100, causal attention never reads them):
+    the cache counted the pads as tokens and failed with "tokenise to other lengths", a new engine too. It now runs
+    the full forward and says why; the values equal the cache switched off."""
+    from transformers import DataCollatorForLanguageModeling
+
+    model = tiny_model("gpt2-lm")
+    lm = DataCollatorForLanguageModeling(pad_collator.tokenizer, mlm=False)
+
+    def no_mask(rows):
+        batch = lm(rows)
+        batch.pop("attention_mask")
+        return batch
+
+    train = _rows([4, 6, 5, 7, 3, 8], seed=0, causal=True).remove_columns("labels")
+    test = _rows([4, 6], seed=1, causal=True).remove_columns("labels")
+    args = {**EXACT, "influence_params": [r"h\.1\.", r"ln_f\."], "influence_damping": 20.0}
+    tables = [compute_influences(model, train, test, default_arguments(**(args | {"influence_trunk_cache": on})),
+                                 data_collator=no_mask) for on in (True, False)]
+    assert "carry no attention_mask" in caplog.text
+    assert tables[0].metadata["diagnostics"]["trunk"]["split"] is None
+    assert "carry no attention_mask" in tables[0].metadata["diagnostics"]["trunk"]["reason"]
+    np.testing.assert_allclose(_values(tables[0], 2, 6), _values(tables[1], 2, 6), rtol=1e-10, atol=1e-14)
+    assert np.abs(_values(tables[0], 2, 6)).max() > 0
+
+
+def test_a_tied_head_is_selected_by_its_own_name():
+    """GPT-2's lm_head.weight is transformer.wte.weight: `influence_params=["lm_head"]` matched nothing and a list
+    with another pattern silently ran without the head."""
+    model = tiny_model("gpt2-lm")
+    assert list(select_parameters(model, [r"lm_head\."])) == ["transformer.wte.weight"]
+    assert list(select_parameters(model, [r"lm_head\.", r"ln_f\."])) == ["transformer.wte.weight",
+                                                                        "transformer.ln_f.weight",
+                                                                        "transformer.ln_f.bias"]
+    assert list(select_parameters(model, [r"wte\."])) == ["transformer.wte.weight"]
+
+
+def test_token_logits_of_batches_of_different_lengths(pad_collator):
+    from transformers import DataCollatorForLanguageModeling
+
+    model = tiny_model("gpt2-lm")
+    rows = _rows([3, 4, 9, 8], seed=0, causal=True).remove_columns("labels")
+    args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
+    with InfluenceEngine(model, args, data_collator=DataCollatorForLanguageModeling(pad_collator.tokenizer,
+                                                                                    mlm=False)) as engine:
+        logits = engine.logits(rows, batch_size=2)
+    assert logits.shape == (4, 9, VOCAB)
+    with torch.no_grad():
+        own = model(input_ids=torch.tensor([rows[0]["input_ids"]])).logits[0].numpy()
+    np.testing.assert_allclose(logits[0, :3], own, rtol=1e-6)
+    assert np.isnan(logits[0, 4:]).all() and np.isfinite(logits[2]).all()
+
+
+@pytest.mark.parametrize("head", ["BartForConditionalGeneration", "BartForSequenceClassification", "T5"])
+def test_encoder_decoder_knn_features_are_the_encoders(pad_collator, head):
+    """kNN features of an encoder-decoder read the decoder's states by the encoder's mask (an IndexError, or the
+    state of a decoder pad), and T5's classifier failed inside T5Model. They are the encoder's now: k = N gives the
+    full scan, and a row's feature does not depend on its batch."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    from hf_fastif.batches import Batcher, decoder_inputs_from_labels
+    from hf_fastif.knn import extract_features
+
+    if head == "T5":
+        from transformers import T5Config, T5ForSequenceClassification
+
+        torch.manual_seed(0)
+        model = T5ForSequenceClassification(T5Config(vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                     num_heads=2, pad_token_id=0, decoder_start_token_id=0,
+                                                     num_labels=2)).double().eval()
+    else:
+        model = _tiny_bart(head)
+    if head == "BartForConditionalGeneration":
+        train, test = _seq2seq_rows(12, 0, same_length=False), _seq2seq_rows(2, 1, same_length=False)
+        collator, params = DataCollatorForSeq2Seq(pad_collator.tokenizer), [r"decoder\.layers\.1\.final"]
+    else:
+        eos = {"input_ids": lambda r: r["input_ids"] + [3], "attention_mask": lambda r: r["attention_mask"] + [1]}
+        train, test = [make_token_dataset(n, seed=seed, min_len=3, max_len=8).map(  # (BART's classifier reads </s>)
+            lambda r: {k: f(r) for k, f in eos.items()}) for n, seed in ((12, 0), (2, 1))]
+        collator, params = DataCollatorWithPadding(pad_collator.tokenizer), [r"(classification_head|classifier)\."]
+    full = compute_influences(model, train, test, default_arguments(**(EXACT | {"influence_damping": 5.0, "influence_params": params})),
+                              data_collator=collator)
+    for features in ("auto", "mean", "last", "cls"):
+        knn = compute_influences(model, train, test, default_arguments(**(EXACT | {"influence_damping": 5.0,
+            "influence_params": params, "influence_knn_k": len(train), "influence_knn_features": features})),
+            data_collator=collator)
+        np.testing.assert_allclose(_values(knn, 2, 12), _values(full, 2, 12), rtol=1e-10, atol=1e-14)
+    batcher = Batcher(train, train.column_names, collator, "cpu", decoder_inputs=decoder_inputs_from_labels(model))
+    for features in ("mean", "last"):
+        together = extract_features(model, batcher, features, batch_size=12, progress=False)
+        alone = extract_features(model, batcher, features, batch_size=1, progress=False)
+        np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
