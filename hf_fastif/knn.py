@@ -132,12 +132,16 @@ def build_index(features: np.ndarray, factory: str = "Flat") -> Dataset:
             ids.add_faiss_index_from_external_arrays(features, index_name=INDEX_NAME, string_factory=factory,
                                                      metric_type=faiss.METRIC_L2, train_size=train_size, device=device)
     except RuntimeError as err:  # faiss: an unknown factory string, or too few rows to train the index
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(f"influence_knn_index={factory!r} could not be built over {features.shape[0]} rows of "
-                         f"{features.shape[1]} features ({first}). Use a faiss index factory string whose training "
-                         "needs no more rows than there are (an IVF index needs at least as many rows as lists), "
-                         "or 'Flat' (exact).") from err
+        raise index_error(factory, features.shape, err) from err
     return ids
+
+
+def index_error(factory: str, shape: tuple[int, int], err: Exception) -> ValueError:
+    """What to do when faiss cannot build ``influence_knn_index`` over vectors of ``shape``."""
+    first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return ValueError(f"influence_knn_index={factory!r} could not be built over {shape[0]} rows of {shape[1]} "
+                      f"features ({first}). Use a faiss index factory string whose training needs no more rows than "
+                      "there are (an IVF index needs at least as many rows as lists), or 'Flat' (exact).")
 
 
 def search(index: Dataset, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

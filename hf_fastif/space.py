@@ -42,6 +42,7 @@ from .embedded import (
     embedded_data,
     embedded_kind,
     train_embedded_model,
+    training_settings,
 )
 from .engine import InfluenceEngine
 from .fingerprint import dataset_fingerprint
@@ -159,7 +160,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     build = json.loads(to_json({
         "model": settings.description, "kind": settings.name, "data": sizes, "max_test_samples": max_test_samples,
         "seed": args.seed, "library_version": library_version(), "live_engine": live,
-        "training": {k: getattr(args, k) for k in ("num_train_epochs", "learning_rate", "per_device_train_batch_size")},
+        "training": training_settings(args, settings.name),
         "influence": args.influence_settings()}))
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:

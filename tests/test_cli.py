@@ -32,6 +32,32 @@ def test_the_build_says_its_stages(tmp_path, capsys) -> None:
     assert "[hf-fastif] computing the influence table of 2 test rows over 60 training rows" in err
 
 
+def test_a_build_with_other_training_settings_is_not_reused(tmp_path, capsys) -> None:
+    """A finished build was reused when only a training setting outside epochs / learning rate / batch size changed
+    (`--weight_decay`, `--warmup_steps`, `--max_steps`, `--optim`), with "the same settings and model": the old
+    model and table. Every setting the model depends on now keys the build."""
+    from hf_fastif.embedded import embedded_arguments, training_settings
+
+    out = tmp_path / "b"
+    tiny = ["build", "--output-dir", str(out), "--embedded_model", "tiny", "--max_train_samples", "60",
+            "--max_test_samples", "2", "--num_train_epochs", "1", "--influence_knn_k", "8"]
+    assert main(tiny) == 0
+    first = InfluenceTable.load(out / "table").to_pandas().influence.to_numpy()
+    capsys.readouterr()
+    assert main([*tiny, "--max_steps", "1", "--optim", "sgd"]) == 0
+    assert "reusing the finished build" not in capsys.readouterr().err
+    assert (InfluenceTable.load(out / "table").to_pandas().influence.to_numpy() != first).any()
+    assert main([*tiny, "--max_steps", "1", "--optim", "sgd"]) == 0
+    assert "reusing the finished build" in capsys.readouterr().err
+    # MiniLM's build is keyed on what its fine-tuning cache is keyed on (warm-up, weight decay, data seed, ...)
+    base = embedded_arguments(str(tmp_path), use="table")
+    for field, value in (("warmup_steps", 0.3), ("weight_decay", 0.3), ("data_seed", 7)):
+        other = embedded_arguments(str(tmp_path), use="table", **{field: value})
+        assert training_settings(other, "minilm") != training_settings(base, "minilm")
+    assert training_settings(embedded_arguments(str(tmp_path / "x"), use="table", logging_steps=3), "tiny") == \
+        training_settings(embedded_arguments(str(tmp_path), use="table"), "tiny")
+
+
 def test_build_embedded_default_then_show(built: Path, capsys) -> None:
     # each stage is said as it starts (the build was silent for a minute), and a rerun says it reuses the build
     assert main(["build", "--output-dir", str(built), *SMALL]) == 0

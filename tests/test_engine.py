@@ -3,6 +3,7 @@ depend on changed. The trunk cache changes no number."""
 
 import copy
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -259,6 +260,25 @@ def test_projection_size_is_checked(data, pad_collator):
         compute_influences(model, train, test, args, data_collator=pad_collator)
     with pytest.raises(ValueError, match="influence_projection_dim must be a whole number >= 1"):
         default_arguments(**BASE, influence_projection_dim=0)
+
+
+def test_the_gradient_index_is_built_with_influence_knn_index(data, pad_collator):
+    """`influence_knn_index` was read by the kNN over model features only: gradient-space candidates always came
+    from an exact inner-product index, whatever the setting (and the table recorded the setting). The index is
+    faiss's factory string over inner products now, keyed on it, and one faiss cannot make is refused."""
+    model, train, test = data
+    common = dict(BASE, influence_knn_k=6, influence_knn_features="gradient", influence_projection_dim=64)
+    engine = InfluenceEngine(model, default_arguments(**common, influence_knn_index="HNSW8"), data_collator=pad_collator)
+    approximate = engine.compute_influences(train, test)
+    index = engine._gradient_index[1].index
+    assert "HNSW" in type(index).__name__ and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    engine.args = default_arguments(**common)
+    exact = engine.compute_influences(train, test)
+    assert type(engine._gradient_index[1].index).__name__ == "IndexFlat"
+    assert len(approximate) == len(exact)
+    with pytest.raises(ValueError, match=r"influence_knn_index='Foo' could not be built over \d+ rows of 64"):
+        compute_influences(model, train, test, default_arguments(**common, influence_knn_index="Foo"),
+                           data_collator=pad_collator)
 
 
 def test_candidate_recall_against_the_full_scan(data, pad_collator):

@@ -166,7 +166,7 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert "is not an influence table" in errors["not_a_table"]["message"]
     assert "corrupt" in errors["corrupt_shard"]["message"] and "train-00001-of-00003" in errors["corrupt_shard"]["message"]
     assert "not a valid Hub repo id" in errors["bad_repo_id"]["message"]
-    assert out["private"] == len(v1) and "private or gated: pass token" in errors["private_anonymous"]["message"]
+    assert out["private"] == len(v1) and "private or gated: use a token of an account with access: `hf auth login` or HF_TOKEN" in errors["private_anonymous"]["message"]
 
 
 def test_push_while_offline_is_a_table_error_naming_the_fix() -> None:

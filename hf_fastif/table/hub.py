@@ -44,8 +44,8 @@ def _pull_message(err: Exception, repo_id: str, revision: str | None) -> str:
         return (f"Revision {revision!r} does not exist in dataset repo {repo_id!r}; use a branch, tag or commit "
                 "id of that repo.")
     if isinstance(err, RepositoryNotFoundError):
-        return (f"No dataset repo {repo_id!r} on the Hub (or it is private or gated: pass token=... of an "
-                "account with access).")
+        return (f"No dataset repo {repo_id!r} on the Hub (or it is private or gated: use a token of an account "
+                "with access: `hf auth login` or HF_TOKEN, or token=... in Python).")
     if isinstance(err, LocalEntryNotFoundError):
         return (f"Could not reach the Hub for {where}, and it is not in the local cache (offline, "
                 "HF_HUB_OFFLINE=1, or a network error). Go online or download it once while online.")
