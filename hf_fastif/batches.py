@@ -22,6 +22,7 @@ from .trunk import HIDDEN_KEY, transformers_model
 logger = logging.get_logger(__name__)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
+LENGTH_CHUNK_ROWS = 8192  # rows read at a time for stored lengths (a few MB of Arrow values each)
 # Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
 COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values",
                  "features")
@@ -423,6 +424,7 @@ class Batcher:
         self.index = None if index is None else np.asarray(index, dtype=np.int64)
         self.trunk = trunk
         self.decoder_inputs = decoder_inputs
+        self._lengths: dict[tuple[str, str], np.ndarray | None] = {}  # stored lengths of the whole dataset
 
     def check_labels(self, name: str) -> None:
         """Collate one row and check it has ``labels`` (a collator may make them, as for causal LMs)."""
@@ -476,51 +478,66 @@ class Batcher:
 
     def subset(self, positions: Sequence[int]) -> Batcher:
         """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""
-        return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device,
+        view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device,
                        index=self.base_rows(positions), trunk=self.trunk, decoder_inputs=self.decoder_inputs)
+        view._lengths = self._lengths  # (the whole dataset's, shared)
+        return view
 
     def with_trunk(self, trunk) -> Batcher:
         """This batcher with the dataset's `hf_fastif.trunk.TrunkCache` (or ``None``: full forwards)."""
-        return Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=self.index,
+        view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=self.index,
                        trunk=trunk, decoder_inputs=self.decoder_inputs)
+        view._lengths = self._lengths
+        return view
 
     def __len__(self) -> int:
         return len(self.dataset) if self.index is None else len(self.index)
 
-    def stored_lengths(self, column: str | None = None) -> np.ndarray | None:
-        """Each row's stored length (its longest sequence, for rows of several, as multiple choice stores them), for
-        the rows of this batcher: by default its tokens (the ones of a stored ``attention_mask``, so rows stored
-        padded count their real tokens; else the length of ``input_ids``); for a label column, its targets (labels
-        other than -100); for any other list ``column``, its length. None without such a column (a collator that
-        tokenises text). From the Arrow values alone, so whole datasets cost milliseconds."""
-        if column is None:
-            column = "attention_mask" if "attention_mask" in self.dataset.column_names else "input_ids"
+    def stored_lengths(self, column: str = "input_ids", count: str = "width") -> np.ndarray | None:
+        """Each row's stored length in the list ``column`` (its longest sequence, for rows of several, as multiple
+        choice stores them), for the rows of this batcher. ``count``: ``"width"``, the sequence as stored (what a
+        padding collator pads to); ``"tokens"``, its non-zero entries (a stored ``attention_mask``: rows stored
+        padded count their real tokens); ``"targets"``, its entries other than -100 (labels). None without such a
+        list column (a collator that tokenises text), or, for tokens / targets, one of floats. Read from Arrow in
+        chunks of rows (bounded memory at any size) and kept by this batcher."""
+        key = (column, count)
+        if key not in self._lengths:
+            self._lengths[key] = self._stored_lengths(column, count)
+        lengths = self._lengths[key]
+        return lengths if lengths is None or self.index is None else lengths[self.index]
+
+    def _stored_lengths(self, column: str, count: str) -> np.ndarray | None:
         if column not in self.dataset.column_names:
             return None
-        values = self.dataset.with_format("arrow")[column]
-        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-        if not _is_list(values.type):
-            return None
-        flat, token_rows, lengths, sequence_rows = _sequences(values)
-        if column == "attention_mask" or column in LABEL_COLUMNS:
-            if column != "attention_mask" and not np.issubdtype(flat.dtype, np.integer):
-                return None  # (float labels: multi-hot rows, not targets by position)
-            counted = flat != 0 if column == "attention_mask" else flat != -100
-            # each token's sequence: sequences are contiguous in the flattened values, in order
-            sequence_of_token = np.repeat(np.arange(len(lengths)), lengths)
-            lengths = np.bincount(sequence_of_token, weights=counted, minlength=len(lengths)).astype(np.int64)
-        longest = np.zeros(len(values), dtype=np.int64)
-        np.maximum.at(longest, sequence_rows, lengths.astype(np.int64))
-        return longest if self.index is None else longest[self.index]
+        arrow = self.dataset.select_columns([column]).with_format("arrow")
+        out = []
+        for start in range(0, len(arrow), LENGTH_CHUNK_ROWS):
+            values = arrow[start : start + LENGTH_CHUNK_ROWS].column(column).combine_chunks()
+            if not _is_list(values.type):
+                return None
+            flat, _, lengths, sequence_rows = _sequences(values)
+            if count != "width":
+                if count == "targets" and not np.issubdtype(flat.dtype, np.integer):
+                    return None  # (float labels: multi-hot rows, not targets by position)
+                counted = np.concatenate([[0], np.cumsum(flat != 0 if count == "tokens" else flat != -100,
+                                                         dtype=np.int64)])
+                ends = np.cumsum(lengths)  # each innermost sequence's tokens follow the one before's
+                lengths = counted[ends] - counted[ends - lengths]
+            longest = np.zeros(len(values), dtype=np.int64)
+            np.maximum.at(longest, sequence_rows, lengths.astype(np.int64))
+            out.append(longest)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def padding_probes(self, probe_rows: int = 64) -> list[tuple[int, int]]:
-        """Pairs ``(shortest, longest)`` of positions whose batch together pads the shorter one: by stored tokens
-        over every row (`stored_lengths`), and for labels stored as sequences (an encoder-decoder's targets, padded
-        apart from the inputs) by their targets too. Without stored token ids, the first ``probe_rows`` rows as the collator
-        pads them (their attention mask). Empty when nothing is padded."""
+        """Pairs ``(shortest, longest)`` of positions to probe padding with, over every row (`stored_lengths`): by
+        stored width (a padding collator pads the narrower to the wider), by real tokens of a stored attention mask
+        (rows stored padded: the one with the most padding), and for labels stored as sequences (an
+        encoder-decoder's targets, padded apart from the inputs) by their targets. Without stored token ids, the
+        first ``probe_rows`` rows as the collator pads them (their attention mask). Empty when nothing is padded."""
         pairs = []
-        for column in (None, *LABEL_COLUMNS):
-            lengths = self.stored_lengths(column)
+        for column, count in (("input_ids", "width"), ("attention_mask", "tokens"),
+                              *((label, "targets") for label in LABEL_COLUMNS)):
+            lengths = self.stored_lengths(column, count)
             if lengths is not None and len(lengths) and lengths.min() != lengths.max():
                 pairs.append((int(lengths.argmin()), int(lengths.argmax())))
         if not pairs and self.stored_lengths() is None and len(self):

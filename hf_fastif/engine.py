@@ -57,6 +57,7 @@ from .loss import (
     find_logits,
     logits_of,
     rows_without_targets,
+    shifts_labels,
 )
 from .mode import influence_mode
 from .params import num_parameters, select_parameters
@@ -91,6 +92,7 @@ logger = logging.get_logger(__name__)
 
 COMBINE = ("none", "mean")
 PADDING_PROBE_ROWS = 64
+INDEX_PROBE_BYTES = 64 * 2**20  # the largest random set an index factory's training is tried on before s_test
 """Rows among which `InfluenceEngine` picks the shortest and the longest for its padding probe."""
 PADDING_TOLERANCE = 1e-3
 """Largest relative change of a row's loss under padding that counts as float rounding (20 machine epsilons of
@@ -635,12 +637,8 @@ class InfluenceEngine:
                              f"number of influence parameters ({p}); a projection larger than the gradient only adds "
                              f"noise. Lower it (e.g. influence_projection_dim={max(1, p // 4)}; the default, 8192, is "
                              "sized for models with millions of influence parameters).")
-        if gradient:  # the index is built after s_test: a factory string faiss cannot make fails here, before it
-            try:
-                faiss.index_factory(args.influence_projection_dim, args.influence_knn_index, faiss.METRIC_INNER_PRODUCT)
-            except RuntimeError as err:
-                raise index_error(args.influence_knn_index, (len(candidate_dataset), args.influence_projection_dim),
-                                  err) from err
+        if gradient:
+            _check_gradient_index(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
         rank, world_size = D.world()
@@ -1159,6 +1157,19 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+def _check_gradient_index(factory: str, rows: int, dim: int) -> None:
+    """The gradient index is built after s_test: a factory string faiss cannot make, or whose training needs more
+    rows than there are candidates (an IVF index with more lists), fails here, before it. The training is tried on
+    random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
+    more rows than that)."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained and rows * dim * 4 <= INDEX_PROBE_BYTES:
+            index.train(np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32))
+    except RuntimeError as err:
+        raise index_error(factory, (rows, dim), err) from err
+
+
 def verification_rows(batcher: Batcher) -> list[int]:
     """Rows a trunk cache is checked on: the first 8, and the shortest and longest rows (`Batcher.padding_probes`:
     in one batch, the shortest is padded to the longest)."""
@@ -1175,6 +1186,13 @@ def _padding_cause(model: nn.Module, batch: dict) -> str:
         return ("Its padding positions carry labels other than -100 (the collator pads the labels with the pad "
                 "token id), so the loss reads them: pad labels with -100 (DataCollatorForLanguageModeling(tokenizer, "
                 "mlm=False), DataCollatorForSeq2Seq, or DataCollatorForTokenClassification).")
+    if (shifts_labels(model) and isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)
+            and labels.shape == mask.shape and labels.dim() == 2
+            and bool(((labels[:, 1:] != -100) & (mask[:, :-1] == 0)).any())):
+        return ("It is a causal LM padded on the left, and its first token is a target predicted from a padding "
+                "position (each position predicts the next token; alone, that token has nothing before it and is "
+                "not a target), so its loss changes with its batch even with position ids: pad on the right "
+                "(tokenizer.padding_side = 'right').")
     if encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 1:
         pads = labels == -100
         if bool((pads[:, 0] & ~pads[:, -1]).any()):

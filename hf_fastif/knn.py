@@ -18,6 +18,7 @@ from .utils import quiet_datasets
 
 INDEX_NAME = "features"
 FeatureFn = Callable[[nn.Module, dict], torch.Tensor]
+DECODER_ONLY_INPUTS = ("labels", "past_key_values", "use_cache", "cross_attn_head_mask", "cache_position")
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,8 +61,9 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     with forward_context(split, batch):
         if encoder is not None:  # an encoder-decoder: the encoder's states of the input (the decoder's are of
             # the targets, laid out by another mask), as a sequence-to-sequence retriever embeds its inputs
-            keys = {"input_ids", "attention_mask", "inputs_embeds"}
-            last, pooled = encoder(**{k: v for k, v in inputs.items() if k in keys}).last_hidden_state, None
+            last, pooled = encoder(**_encoder_inputs(encoder, inputs)).last_hidden_state, None
+            if mask is not None and tuple(mask.shape) != tuple(last.shape[:2]):
+                mask = None  # a mask of other positions (audio frames a convolution strides over): every state
         elif base is None or base is target:
             accepts = "output_hidden_states" in inspect.signature(target.forward).parameters
             hidden = getattr(target(**inputs, output_hidden_states=True), "hidden_states", None) if accepts else None
@@ -93,6 +95,15 @@ def _encoder(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_encoder", None)
     encoder = get() if callable(get) else None
     return encoder if isinstance(encoder, nn.Module) else None
+
+
+def _encoder_inputs(encoder: nn.Module, inputs: dict) -> dict:
+    """The inputs an encoder-decoder's encoder takes (token ids, pixel values, audio features, their masks): every
+    input but the decoder's and the targets, those its ``forward`` names unless it takes ``**kwargs``."""
+    parameters = inspect.signature(encoder.forward).parameters
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {k: v for k, v in inputs.items() if not k.startswith("decoder_") and k not in DECODER_ONLY_INPUTS
+            and (any_keyword or k in parameters)}
 
 
 def _choices(inputs: dict) -> int:

@@ -37,16 +37,23 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
             )
     else:
         regexes = [re.compile(p) for p in patterns]
-        # a tied weight is listed once, under its first name; a pattern may name it by another (GPT-2's lm_head.weight
-        # is transformer.wte.weight): it selects the tensor, under the listed name
+        # a tied weight is listed once, under its first name; a pattern that matches no listed name may name it by
+        # another (GPT-2's lm_head.weight is transformer.wte.weight): it selects the tensor, under the listed name. A
+        # pattern that matches listed names never reaches through aliases (BERT's `cls\.` would add the embeddings)
         listed: dict[int, str] = {}
         canonical = {n: listed.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
-        matched = {canonical[n] for n in canonical if any(r.search(n) for r in regexes)}
+        matched, aliased = set(), []
+        for regex in regexes:
+            own = {n for n, _ in named if regex.search(n)}
+            if not own:
+                aliases = [n for n in canonical if canonical[n] != n and regex.search(n)]
+                own = {canonical[n] for n in aliases}
+                aliased += [f"{n} (as {canonical[n]})" for n in aliases]
+            matched |= own
         chosen = [(n, p) for n, p in named if n in matched]
-        aliased = sorted(f"{n} (as {canonical[n]})" for n in canonical
-                         if canonical[n] != n and canonical[n] in matched and any(r.search(n) for r in regexes))
         if aliased:
-            logger.info(f"influence_params select tied weights by another of their names: {', '.join(aliased)}.")
+            logger.warning_once(f"influence_params select tied weights by another of their names: "
+                                f"{', '.join(sorted(aliased))}; they are the same tensors, listed under those names.")
         if not chosen:
             sample = ", ".join(n for n, _ in named[:8])
             raise ValueError(

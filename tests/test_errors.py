@@ -406,6 +406,8 @@ def test_a_collator_that_draws_at_random_is_refused(pad_collator):
     ({"influence_knn_index": "IVF64,Flat"}, "an IVF index needs at least as many rows as lists"),
     ({"influence_knn_features": "gradient", "influence_projection_dim": 16, "influence_knn_index": "Foo"},
      "influence_knn_index='Foo' could not be built over 20 rows of 16"),
+    ({"influence_knn_features": "gradient", "influence_projection_dim": 16, "influence_knn_index": "IVF64,Flat"},
+     "an IVF index needs at least as many rows as lists"),
 ])
 def test_candidate_settings_are_refused_before_s_test(settings, match, pad_collator, monkeypatch):
     """kNN candidates over model features do not read s_test, so they are found first: a feature or index setting

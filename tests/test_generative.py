@@ -48,6 +48,67 @@ def test_left_padding_is_found_beyond_the_first_rows(pad_collator):
         compute_influences(tiny_model("gpt2"), train, test, args, data_collator=_left(pad_collator))
 
 
+def test_rows_stored_padded_are_probed_by_their_stored_width(pad_collator):
+    """Rows stored padded (`tokenizer(..., padding=True)` in a batched `map`: each chunk to its own longest row), on
+    the left, for GPT-2 without position ids: the rows with the fewest and the most real tokens share a chunk and a
+    width, so probing by real tokens alone padded nothing and passed, with 0.70 off between batch sizes. The collator
+    pads by stored width, and so does the probe now."""
+    rng = np.random.default_rng(0)
+    ids, mask = [], []
+    for width, lengths in ((10, [2, 10, 5, 7]), (6, [4, 6, 5, 6, 3, 6, 4, 5])):
+        for n in lengths:
+            ids.append([0] * (width - n) + [1] + rng.integers(5, VOCAB, size=n - 1).tolist())
+            mask.append([0] * (width - n) + [1] * n)
+    train = Dataset.from_dict({"input_ids": ids, "attention_mask": mask, "label": [int(sum(x) % 2) for x in ids]})
+    args = default_arguments(**(EXACT | {"influence_params": [r"score\."]}))
+    with pytest.raises(ValueError, match=r"train_dataset row 4 changes when it is padded next to row 0"):
+        compute_influences(tiny_model("gpt2"), train, train.select([4, 5]), args, data_collator=_left(pad_collator))
+
+
+def test_left_padded_causal_lm_with_position_ids_is_told_to_pad_right(pad_collator):
+    """With position ids, a causal LM padded on the left still predicts its first token from a pad (the collator
+    labels it; alone it is no target): the message said to add position ids, which it had."""
+    from transformers import DataCollatorForLanguageModeling
+
+    lm = DataCollatorForLanguageModeling(_left(pad_collator).tokenizer, mlm=False)
+
+    def with_positions(rows):
+        batch = lm(rows)
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        return batch
+
+    train = _rows([3, 6, 4, 8], seed=0, causal=True).remove_columns("labels")
+    args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
+    with pytest.raises(ValueError, match=r"causal LM padded on the left, and its first token is a target predicted "
+                                         r"from a padding position.*padding_side = 'right'"):
+        compute_influences(tiny_model("gpt2-lm"), train, train.select([0]), args, data_collator=with_positions)
+
+
+def test_stored_lengths_over_views_of_a_dataset():
+    from datasets import concatenate_datasets
+
+    from hf_fastif.batches import Batcher
+
+    rows = Dataset.from_list([{"input_ids": [1] * n, "attention_mask": [1] * (n - 1) + [0],
+                               "labels": [-100] + [5] * (n - 1)} for n in [3, 9, 1, 7, 2, 12, 4]])
+    views = [rows, rows.select([5, 2, 0]), rows.shuffle(seed=0), concatenate_datasets([rows, rows]).select(range(5, 11)),
+             rows.select(range(2, 6)).flatten_indices(), rows.filter(lambda r: len(r["input_ids"]) > 2)]
+    for view in views:
+        batcher = Batcher(view, view.column_names, None, "cpu")
+        width = np.array([len(x) for x in view["input_ids"]])
+        np.testing.assert_array_equal(batcher.stored_lengths(), width)
+        np.testing.assert_array_equal(batcher.stored_lengths("attention_mask", "tokens"), width - 1)
+        np.testing.assert_array_equal(batcher.stored_lengths("labels", "targets"), width - 1)
+        np.testing.assert_array_equal(batcher.subset([1, 0]).stored_lengths(), width[[1, 0]])
+    choices = Dataset.from_list([{"input_ids": [[1, 2], [1, 2, 3, 4]], "attention_mask": [[1, 1], [1, 1, 1, 0]]},
+                                 {"input_ids": [[1], [1, 2]], "attention_mask": [[1], [1, 1]]}])
+    batcher = Batcher(choices, choices.column_names, None, "cpu")
+    assert batcher.stored_lengths().tolist() == [4, 2]  # a row's longest choice
+    assert batcher.stored_lengths("attention_mask", "tokens").tolist() == [3, 2]
+    multi_hot = Dataset.from_list([{"input_ids": [1, 2], "labels": [0.0, 1.0]}, {"input_ids": [1], "labels": [1.0, 0.0]}])
+    assert Batcher(multi_hot, multi_hot.column_names, None, "cpu").stored_lengths("labels", "targets") is None
+
+
 def test_test_rows_are_probed_too(pad_collator):
     """A causal LM trained on fixed-size blocks (nothing to pad) and asked about test rows of varied length, padded
     on the left: only the test rows are padded, and their influence came back 0.92 off at the default batch size."""
@@ -167,6 +228,13 @@ def test_a_tied_head_is_selected_by_its_own_name():
     with another pattern silently ran without the head."""
     model = tiny_model("gpt2-lm")
     assert list(select_parameters(model, [r"lm_head\."])) == ["transformer.wte.weight"]
+    # a pattern that matches listed names does not reach through aliases: BERT's MLM head `cls.` holds the decoder
+    # tied to the word embeddings, which it would pull in (and with them the trunk cache would be lost)
+    from transformers import BertConfig, BertForMaskedLM
+
+    mlm = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32))
+    assert "bert.embeddings.word_embeddings.weight" not in select_parameters(mlm, [r"cls\."])
     assert list(select_parameters(model, [r"lm_head\.", r"ln_f\."])) == ["transformer.wte.weight",
                                                                         "transformer.ln_f.weight",
                                                                         "transformer.ln_f.bias"]
@@ -228,3 +296,33 @@ def test_encoder_decoder_knn_features_are_the_encoders(pad_collator, head):
         together = extract_features(model, batcher, features, batch_size=12, progress=False)
         alone = extract_features(model, batcher, features, batch_size=1, progress=False)
         np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the encoder's own states of each row, alone: their mean and their last token
+        states = [model.get_encoder()(input_ids=torch.tensor([row["input_ids"]])).last_hidden_state[0]
+                  for row in train]
+    np.testing.assert_allclose(extract_features(model, batcher, "mean", progress=False),
+                               torch.stack([h.mean(0) for h in states]).numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(extract_features(model, batcher, "last", progress=False),
+                               torch.stack([h[-1] for h in states]).numpy(), rtol=1e-6, atol=1e-8)
+
+
+def test_encoder_features_of_an_encoder_that_takes_no_token_ids():
+    """Whisper's encoder takes `input_features`: kNN over its states failed when only token inputs were passed."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=60, num_mel_bins=4, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        attn_implementation="eager")).eval()  # (float32: the stored features are)
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+        labels = [rng.integers(5, 60, 4).tolist() + [2] for _ in range(n)]
+        return Dataset.from_dict({"input_features": [rng.normal(size=(4, 16)).tolist() for _ in range(n)],
+                                  "decoder_input_ids": [[1] + t[:-1] for t in labels], "labels": labels})
+
+    train, test = rows(12), rows(2)
+    tables = [compute_influences(model, train, test, default_arguments(**(EXACT | {
+        "influence_params": [r"decoder\.layer_norm"], "influence_knn_k": k}))) for k in (None, 12)]
+    np.testing.assert_allclose(_values(tables[1], 2, 12), _values(tables[0], 2, 12), rtol=1e-5, atol=1e-12)
