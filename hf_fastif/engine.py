@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -421,7 +422,7 @@ class InfluenceEngine:
         datasets += [] if call.cand is call.train else [(call.cand, "candidate_dataset", False)]
         for batcher, name, measurement in datasets:
             key = (call.model_fingerprint, batcher.dataset._fingerprint, len(batcher), measurement,
-                   self._functions["collator"])
+                   self._functions["collator"], self._functions["loss"], self._functions["measurement"])
             if key in self._padding_checked:
                 continue
             for short, long in batcher.padding_probes(PADDING_PROBE_ROWS):
@@ -494,6 +495,14 @@ class InfluenceEngine:
             key, index = self._gradient_index
             index.save(folder / "gradient.faiss")
             manifest["gradient_index"] = {"key": key, "dtype": str(index.sketch.dtype)}
+        elif self._saved_gradient_index is not None and self._saved_gradient_index[1].is_file():
+            # loaded but not read yet (it is read on first use): kept, not dropped from the new manifest
+            key, path, dtype = self._saved_gradient_index
+            target = folder / "gradient.faiss"
+            if path.resolve() != target.resolve():
+                shutil.copyfile(path, target)
+                self._saved_gradient_index = (key, target, dtype)
+            manifest["gradient_index"] = {"key": key, "dtype": str(dtype)}
         manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
         write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
         return folder
@@ -711,7 +720,8 @@ class InfluenceEngine:
         the split or the data change)."""
         split, on = call.fm.split, getattr(self.args, "influence_skip_unread_positions", True)
         key = (on, tuple(call.names), call.model_fingerprint, None if split is None else f"{split.path}.{split.first}",
-               call.train.dataset._fingerprint, len(call.train), call.test.dataset._fingerprint, len(call.test))
+               call.train.dataset._fingerprint, len(call.train), call.test.dataset._fingerprint, len(call.test),
+               self._functions["loss"], self._functions["measurement"])  # (what the cut was checked on)
         if not on:
             self._readout = (key, None, "influence_skip_unread_positions=False")
         elif self._readout is None or self._readout[0] != key:

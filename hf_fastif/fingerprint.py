@@ -237,7 +237,7 @@ def _describe_value(value, depth: int = 0):
 
 def callable_fingerprint(fn, depth: int = 0) -> str:
     """sha256 of what a callable computes, as far as Python shows it: its code (bytecode, constants, names),
-    defaults and closure values; for bound methods also the object's settings; for other callable objects
+    defaults, closure values and the module-level values it reads (`_read_globals`); for bound methods also the object's settings; for other callable objects
     (a collator) their type and attributes. Two different lambdas differ even if they once shared an address."""
     if fn is None:
         return "none"
@@ -254,7 +254,8 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         description = {"qualname": fn.__qualname__, "module": fn.__module__, "code": _code_digest(code),
                        "defaults": _describe_value(list(fn.__defaults__ or ()), depth + 1),
                        "kwdefaults": _describe_value(dict(fn.__kwdefaults__ or {}), depth + 1),
-                       "closure": _describe_value(closure, depth + 1)}
+                       "closure": _describe_value(closure, depth + 1),
+                       "globals": _read_globals(fn, depth + 1)}
     elif inspect.isbuiltin(fn) or inspect.isclass(fn):
         description = {"builtin": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"}
     else:
@@ -265,6 +266,47 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(dict(attributes), depth + 1)}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_globals(fn, depth: int) -> dict:
+    """The module-level values a function reads (class weights in a global tensor, a temperature, a helper function
+    it calls, recursively), so that changing one changes its fingerprint. Values without content to hash (modules,
+    classes, other objects) count by their type's name only: a repr with an address would differ between processes,
+    and a build resumed in a new process would look like another build."""
+    names, stack = set(), [fn.__code__]
+    while stack:  # the function's names and those of the code nested in it (lambdas, comprehensions)
+        code = stack.pop()
+        names.update(code.co_names)
+        stack.extend(c for c in code.co_consts if inspect.iscode(c))
+    scope = getattr(fn, "__globals__", {})
+    out = {}
+    for name in sorted(names & scope.keys()):
+        value = scope[name]
+        if inspect.ismodule(value) or inspect.isclass(value):
+            continue  # (their code is the library's: hashed by version where it matters)
+        if depth > 3:
+            out[name] = type(value).__qualname__
+        elif isinstance(value, _PLAIN) or isinstance(value, (torch.Tensor, np.ndarray)) or inspect.isfunction(value) \
+                or isinstance(value, functools.partial):
+            out[name] = _describe_value(value, depth)
+        elif isinstance(value, (list, tuple, dict)) and _plain_container(value):
+            out[name] = _describe_value(value, depth)
+        else:
+            out[name] = type(value).__qualname__
+    return out
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _plain_container(value, depth: int = 0) -> bool:
+    """A list / tuple / dict of plain values, tensors or arrays (nested up to 3 deep)."""
+    if depth > 3:
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return all(isinstance(v, (*_PLAIN, torch.Tensor, np.ndarray)) or (isinstance(v, (list, tuple, dict))
+                                                                         and _plain_container(v, depth + 1))
+               for v in items)
 
 
 def collator_settings(collator) -> tuple:

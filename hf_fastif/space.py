@@ -147,6 +147,19 @@ def build_default(directory: str | os.PathLike | None = None, args: InfluenceArg
                           kind=kind, progress=progress)[0]
 
 
+def build_config(args, kind: str, sizes: dict, max_test_samples: int | None, live: bool) -> dict:
+    """What an embedded build depends on, as `READY_FILE` records it: a finished build is reused only for an equal
+    one (model kind, data, seed, library version, the training settings the model depends on, the influence
+    settings and the influence loss's label smoothing)."""
+    settings = embedded_kind(kind)
+    return json.loads(to_json({
+        "model": settings.description, "kind": settings.name, "data": sizes, "max_test_samples": max_test_samples,
+        "seed": args.seed, "library_version": library_version(), "live_engine": live,
+        "training": training_settings(args, settings.name),
+        "label_smoothing_factor": args.label_smoothing_factor,  # (the influence loss's: default_loss_smoothing)
+        "influence": args.influence_settings()}))
+
+
 def _build_default(directory, args, *, max_train_samples=None, max_test_samples=None, kind=None,
                    progress=None) -> tuple[Path, Explainer | None]:
     """`build_default`, and the live `Explainer` whose engine computed the table when it was built just now."""
@@ -157,11 +170,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     if live:  # both embedded models have more than 4,096 influence parameters: LIVE_SETTINGS apply unclamped
         args = embedded_arguments(str(directory), use="table", kind=settings.name, **LIVE_SETTINGS)
     sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
-    build = json.loads(to_json({
-        "model": settings.description, "kind": settings.name, "data": sizes, "max_test_samples": max_test_samples,
-        "seed": args.seed, "library_version": library_version(), "live_engine": live,
-        "training": training_settings(args, settings.name),
-        "influence": args.influence_settings()}))
+    build = build_config(args, settings.name, sizes, max_test_samples, live)
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
         progress(f"reusing the finished build in {directory} (the same settings and model)")

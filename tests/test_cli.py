@@ -49,6 +49,13 @@ def test_a_build_with_other_training_settings_is_not_reused(tmp_path, capsys) ->
     assert (InfluenceTable.load(out / "table").to_pandas().influence.to_numpy() != first).any()
     assert main([*tiny, "--max_steps", "1", "--optim", "sgd"]) == 0
     assert "reusing the finished build" in capsys.readouterr().err
+    # the label smoothing changes the influence loss (MiniLM's fine-tuning key does not hold it)
+    from hf_fastif.space import build_config
+
+    smoothed = embedded_arguments(str(tmp_path), use="table", label_smoothing_factor=0.3)
+    plain = embedded_arguments(str(tmp_path), use="table")
+    assert training_settings(smoothed, "minilm") == training_settings(plain, "minilm")
+    assert build_config(smoothed, "minilm", {}, None, True) != build_config(plain, "minilm", {}, None, True)
     # MiniLM's build is keyed on what its fine-tuning cache is keyed on (warm-up, weight decay, data seed, ...)
     base = embedded_arguments(str(tmp_path), use="table")
     for field, value in (("warmup_steps", 0.3), ("weight_decay", 0.3), ("data_seed", 7)):

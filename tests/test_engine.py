@@ -131,6 +131,67 @@ def test_callable_fingerprint_sees_code_closures_and_collator_settings(pad_colla
     assert callable_fingerprint(a) != callable_fingerprint(b)
 
 
+CLASS_WEIGHTS = torch.tensor([1.0, 1.0], dtype=torch.float64)
+SCALE = 1.0
+
+
+def _helper_scale():
+    return SCALE
+
+
+def _weighted_loss(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], weight=CLASS_WEIGHTS,
+                                             reduction="none") * _helper_scale()
+
+
+def test_callable_fingerprint_sees_the_globals_a_function_reads(data, pad_collator, monkeypatch):
+    """A loss reading module-level class weights kept its fingerprint when they changed: a held engine served the
+    Hessian of the old loss (0.54 off), and a resumed build mixed shards of both losses. The globals it reads (and
+    those of the functions it calls) are part of it now; modules and other objects count by type, so the
+    fingerprint is the same in another process."""
+    import sys
+
+    module = sys.modules[__name__]
+    before = callable_fingerprint(_weighted_loss)
+    assert callable_fingerprint(_weighted_loss) == before
+    monkeypatch.setattr(module, "CLASS_WEIGHTS", torch.tensor([1.0, 5.0], dtype=torch.float64))
+    changed = callable_fingerprint(_weighted_loss)
+    assert changed != before
+    monkeypatch.setattr(module, "SCALE", 2.0)  # read by a helper the loss calls
+    assert callable_fingerprint(_weighted_loss) != changed
+    model, train, test = data
+    args = default_arguments(**(BASE | {"influence_solver": "exact", "influence_params": [r"classifier\."]}))
+    with InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=_weighted_loss) as engine:
+        engine.compute_influences(train, test)
+        monkeypatch.setattr(module, "CLASS_WEIGHTS", torch.tensor([1.0, 1.0], dtype=torch.float64))
+        held = engine.compute_influences(train, test).to_pandas()
+    fresh = compute_influences(model, train, test, args, data_collator=pad_collator,
+                               loss_fn=_weighted_loss).to_pandas()
+    np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=1e-14)
+
+
+def test_a_held_engine_probes_padding_and_the_cut_again_for_a_new_loss(pad_collator):
+    """The padding probe and the read-position cut were decided once per weights and data, not per loss: after
+    `engine.loss_fn` became one that reads every position of the last layer, a held engine kept the cut (0.99 off)
+    and skipped the padding probe that refuses such a loss in a fresh engine."""
+    import torch.nn.functional as F
+
+    model = tiny_model("bert")
+    model.config.output_hidden_states = True
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+
+    def every_position(outputs, batch):  # reads the last layer everywhere, padding included
+        hidden = outputs.hidden_states[-1]
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") + 0.01 * (hidden ** 2).sum((1, 2))
+
+    args = default_arguments(**(BASE | {"influence_solver": "cg", "influence_damping": 5.0}))
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+        assert engine.compute_influences(train, test).metadata["diagnostics"]["readout"]["cut_after"] is not None
+        engine.loss_fn = every_position
+        with pytest.raises(ValueError, match="changes when it is padded next to row"):
+            engine.compute_influences(train, test)
+
+
 @pytest.mark.parametrize("solver", ["cg", "lissa", "arnoldi"])
 @pytest.mark.parametrize("candidates_by", ["all", "auto", "gradient"])
 def test_the_trunk_cache_changes_no_number(data, pad_collator, solver, candidates_by):
@@ -352,6 +413,30 @@ def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_colla
     with pytest.raises(TypeError):  # the patched builders ran (and returned None): the saved caches were not used
         third.compute_influences(train, test)
     assert len(work) >= 2 and work[0] == len(train)
+
+
+def test_a_loaded_gradient_index_not_yet_read_is_saved_again(data, pad_collator, tmp_path, monkeypatch):
+    """The gradient index is read on first use: an engine that loaded a folder, made a call without gradient
+    candidates and saved again left it out of the new manifest, so the next engine rebuilt it."""
+    model, train, test = data
+    grad = default_arguments(**BASE, influence_knn_k=6, influence_knn_features="gradient", influence_projection_dim=64)
+    with InfluenceEngine(model, grad, data_collator=pad_collator) as engine:
+        engine.compute_influences(train, test)
+        engine.save_caches(tmp_path / "a")
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=pad_collator) as engine:
+        assert "gradient_index" in engine.load_caches(tmp_path / "a")
+        engine.compute_influences(train, test)  # every row: the index is not read
+        engine.save_caches(tmp_path / "a")  # the same folder
+        engine.save_caches(tmp_path / "b")  # another one
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("the gradient index was built again")
+
+    monkeypatch.setattr("hf_fastif.gradient_index.build_gradient_index", rebuilt)
+    for folder in ("a", "b"):
+        with InfluenceEngine(model, grad, data_collator=pad_collator) as engine:
+            assert "gradient_index" in engine.load_caches(tmp_path / folder)
+            engine.compute_influences(train, test)
+            assert "gradient_index" not in engine.unused_loaded_caches()
 
 
 def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tmp_path, caplog):

@@ -369,3 +369,24 @@ def test_a_loaded_table_serves_queries_from_many_threads(tmp_path):
         got = list(pool.map(query, range(2000)))
     assert got[:12] == [expected.helpful(t, 10).train_id.tolist() for t in range(12)]
     assert all(g == got[k % 12] for k, g in enumerate(got))
+
+
+def test_a_writer_that_fails_at_its_card_keeps_the_previous_table(tmp_path, monkeypatch):
+    """close() deleted the folder's metadata before it made the card: metadata the card could not render (a
+    hand-written {"model": "<name>"}) or any card error left the previous table unloadable."""
+    folder = tmp_path / "t"
+    InfluenceTable.from_arrays([0, 0, 1], [0, 1, 0], [0.1, -0.2, 0.3], {"model": {"name_or_path": "bert"}}).save(folder)
+    with pytest.raises(ValueError, match=r"metadata\['model'\] must be a dict"):
+        with InfluenceTableWriter(folder, {"model": "bert-base-uncased"}) as writer:
+            writer.write({"test_id": [0], "train_id": [0], "influence": [1.0]})
+    assert len(InfluenceTable.load(folder)) == 3
+
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hf_fastif.table.storage.dataset_card", broken_card)
+    with pytest.raises(OSError, match="disk full"):
+        with InfluenceTableWriter(folder, {"model": {"name_or_path": "other"}}) as writer:
+            writer.write({"test_id": [0], "train_id": [0], "influence": [1.0]})
+    table = InfluenceTable.load(folder)
+    assert len(table) == 3 and table.metadata["model"]["name_or_path"] == "bert"

@@ -85,6 +85,15 @@ def complete_metadata(metadata: dict | None) -> dict:
     return metadata
 
 
+def _check_metadata(metadata: dict) -> None:
+    """Refuse metadata entries that must be objects (the card and `repr` read their fields) but are not."""
+    for key in ("model", "train_data", "test_data", "settings"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], dict):
+            raise ValueError(f"metadata[{key!r}] must be a dict (e.g. {{'name_or_path': ...}} for 'model', "
+                             f"{{'name': ..., 'split': ...}} for the data), got {type(metadata[key]).__name__} "
+                             f"{metadata[key]!r}.")
+
+
 def read_metadata(directory: str | os.PathLike) -> dict:
     """The validated metadata JSON of a table folder (including the ``storage`` entry)."""
     directory = Path(directory)
@@ -428,14 +437,18 @@ class InfluenceTableWriter:
         if not self._parts:  # an empty table still has one (empty) shard with the schema
             self._parts.append(self.directory / DATA_DIR / f".partial-{self._tag}-00000.parquet")
             pq.write_table(self.schema.empty_table(), self._parts[0])
-        self._closed = True
         metadata = complete_metadata(self.metadata | (metadata or {}))
+        _check_metadata(metadata)
+        # the card is made before anything of a previous table is touched: metadata it cannot render (or any error
+        # up to here) leaves that table as it was
+        card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
+                            columns=self.schema.names)
+        self._closed = True
         (self.directory / METADATA_FILE).unlink(missing_ok=True)
         # the card before any shard moves: a save interrupted from here on leaves this library's card, so the
         # folder is still known as a table's (`_check_folder_holds_a_table`) and a new save or a resumed build
         # may replace it
-        dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
-                     columns=self.schema.names).save(str(self.directory / CARD_FILE))
+        card.save(str(self.directory / CARD_FILE))
         names = [f"train-{i:05d}-of-{len(self._parts):05d}.parquet" for i in range(len(self._parts))]
         for old in (self.directory / DATA_DIR).glob("*.parquet"):
             if old.name not in names and old not in self._parts:
