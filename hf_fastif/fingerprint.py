@@ -69,13 +69,17 @@ def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor | str]]) -> str:
     return digest.hexdigest()
 
 
-def config_fingerprint(model: nn.Module, adapter_settings: bool = True) -> str:
+def config_fingerprint(model: nn.Module, adapter_settings: bool = True, inferred_problem_type: bool = True) -> str:
     """sha256 of the config entries that decide what the model computes (not paths, versions or the attention
     implementation), plus the adapters of a PEFT model (`adapter_state`)."""
     config = getattr(model, "config", None)
     values = {}
     if config is not None and hasattr(config, "to_dict"):
         values = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_IGNORED}
+        if inferred_problem_type and values.get("problem_type") == _inferred_problem_type(values):
+            # what transformers writes into the config on the first forward with class-id labels (an evaluation
+            # loop), and what an unset one means for them: the same model before and after that forward
+            values["problem_type"] = None
     adapters = getattr(model, "active_adapters", None)
     if callable(adapters):
         try:
@@ -88,6 +92,15 @@ def config_fingerprint(model: nn.Module, adapter_settings: bool = True) -> str:
         values["__adapter_state__"] = state
     values["__class__"] = type(model).__name__
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _inferred_problem_type(config: dict) -> str | None:
+    """The ``problem_type`` a transformers classifier sets on its first forward with class ids (or, for one label,
+    regression targets)."""
+    num_labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    if num_labels is None:
+        return None
+    return "regression" if num_labels == 1 else "single_label_classification"
 
 
 ADAPTER_SETTINGS = frozenset({
@@ -136,7 +149,7 @@ def adapter_state(model: nn.Module) -> dict:
 
 
 def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME, *,
-                      adapter_settings: bool = True) -> str:
+                      adapter_settings: bool = True, inferred_problem_type: bool = True) -> str:
     """Fingerprint of a model's parameters and buffers (names, shapes, dtypes, values), its semantic config and its
     adapters' settings: equal for the same model loaded from anywhere, different after any change of weights.
     ``"xxh3-128:"`` and a sha256 over the tensors' digests.
@@ -146,9 +159,12 @@ def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, s
             of the same ``scheme``.
         scheme: `LEGACY_SCHEME` computes the fingerprint that hf_fastif recorded before `SCHEME` (no prefix).
         adapter_settings: include a PEFT model's `adapter_state`; False computes what hf_fastif recorded for such a model
-            before it did (`InfluenceTable.check_model` falls back to it)."""
+            before it did (`InfluenceTable.check_model` falls back to it).
+        inferred_problem_type: hash a ``problem_type`` that transformers infers for class ids as unset (see
+            `config_fingerprint`); False computes what hf_fastif recorded before it did."""
     digests = digests if digests is not None else tensor_digests(model, scheme)
-    combined = tensors_fingerprint([("__config__", config_fingerprint(model, adapter_settings)), *digests.items()])
+    config = config_fingerprint(model, adapter_settings, inferred_problem_type)
+    combined = tensors_fingerprint([("__config__", config), *digests.items()])
     return combined if scheme == LEGACY_SCHEME else f"{scheme}:{combined}"
 
 

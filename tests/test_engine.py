@@ -95,6 +95,29 @@ def test_model_fingerprint_covers_buffers_config_and_in_place_edits():
     assert model_fingerprint(tiny_model("bert")) == base  # the same weights loaded again
 
 
+def test_a_forward_with_labels_does_not_change_the_fingerprint(pad_collator):
+    """transformers writes `config.problem_type` on a model's first forward with labels (an evaluation loop): the
+    same weights were then "another model" to `check_model`, and a resumed build was refused. The value it infers
+    counts as unset; one set otherwise still counts, and tables recorded the old way still match."""
+    from hf_fastif import InfluenceTable
+
+    model = tiny_model("bert")
+    table = InfluenceTable.from_arrays([0], [0], [0.1], {"model": {
+        "name_or_path": "tiny", "class": type(model).__name__, "fingerprint": model_fingerprint(model)}})
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        model(**pad_collator([{"input_ids": [1, 5, 6], "labels": 1}]))
+    assert model.config.problem_type == "single_label_classification"
+    assert model_fingerprint(model) == before
+    table.check_model(model)
+    old_style = InfluenceTable.from_arrays([0], [0], [0.1], {"model": {
+        "name_or_path": "tiny", "fingerprint": model_fingerprint(model, inferred_problem_type=False)}})
+    assert old_style.metadata["model"]["fingerprint"] != before
+    old_style.check_model(model)
+    model.config.problem_type = "multi_label_classification"
+    assert model_fingerprint(model) != before
+
+
 def test_tensor_digest_hashes_shape_dtype_and_every_byte():
     import hashlib
 

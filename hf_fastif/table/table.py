@@ -242,8 +242,10 @@ class InfluenceTable:
             scheme = fingerprint_scheme(fingerprint)
             digests = tensor_digests(model, scheme)  # (hashed once for both fingerprints below)
             if fingerprint != model_fingerprint(model, digests, scheme):
-                if adapter_state(model) and fingerprint == model_fingerprint(model, digests, scheme,
-                                                                             adapter_settings=False):
+                if fingerprint == model_fingerprint(model, digests, scheme, inferred_problem_type=False):
+                    pass  # recorded before an inferred problem_type counted as unset: the same model
+                elif adapter_state(model) and fingerprint == model_fingerprint(model, digests, scheme,
+                                                                               adapter_settings=False):
                     logger.warning("This influence table was recorded before hf_fastif fingerprinted a PEFT model's "
                                    "adapter settings: the weights match, its adapters' scaling and disabled / merged "
                                    "state cannot be checked.")
