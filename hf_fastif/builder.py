@@ -29,9 +29,9 @@ from transformers.utils import logging
 from . import distributed as D
 from .arguments import InfluenceArguments
 from .batches import column_rule, validate_dataset
-from .engine import non_finite_scores
+from .engine import InfluenceEngine, non_finite_scores
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
-from .influence import compute_influences, default_arguments
+from .influence import default_arguments
 from .loss import default_loss_smoothing
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
@@ -132,22 +132,19 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
 
     starts = list(range(0, len(test_dataset), shard_size))
     done = 0
-    for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
-        folder = shards / f"shard-{i:05d}"
-        if _complete(folder, digest):
-            done += 1
-            continue
-        rows = range(start, min(start + shard_size, len(test_dataset)))
-        table = compute_influences(model, train_dataset, test_dataset.select(rows), args, **kwargs)
-        if D.is_main_process():
-            part = table.to_arrow()  # test_id of the shard's rows -> row of test_dataset
-            part = part.set_column(part.schema.get_field_index("test_id"), "test_id",
-                                   pa.array(part.column("test_id").to_numpy() + start))
-            metadata = table.metadata | {"test_data": (table.metadata.get("test_data") or {}) | test_identity,
-                                          "build": {"signature_sha256": digest}}
-            with InfluenceTableWriter(folder, metadata) as writer:  # test_id indexes test_dataset, as in table/
-                writer.write(part)
-        D.barrier()
+    # one engine for every shard: what does not depend on the test rows (trunk states of the training rows, the
+    # convergence check, a low-rank Hessian, the gradient or feature index) is computed once per build, not per shard
+    with InfluenceEngine(model, args, **callables) as engine:
+        for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
+            folder = shards / f"shard-{i:05d}"
+            if _complete(folder, digest):
+                done += 1
+                continue
+            rows = range(start, min(start + shard_size, len(test_dataset)))
+            table = engine.compute_influences(train_dataset, test_dataset.select(rows),
+                                              combine=kwargs.get("combine", "none"),
+                                              candidate_dataset=kwargs.get("candidate_dataset"))
+            _write_shard(table, folder, start, test_identity, digest)
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
 
@@ -162,6 +159,19 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
                 writer.write(InfluenceTable.load(shards / f"shard-{i:05d}"))
     D.barrier()
     return InfluenceTable.load(out / "table")
+
+
+def _write_shard(table: InfluenceTable, folder: Path, start: int, test_identity: dict, digest: str) -> None:
+    """Save one shard's table (on the main process), its ``test_id`` made the row of the whole test dataset."""
+    if D.is_main_process():
+        part = table.to_arrow()
+        part = part.set_column(part.schema.get_field_index("test_id"), "test_id",
+                               pa.array(part.column("test_id").to_numpy() + start))
+        metadata = table.metadata | {"test_data": (table.metadata.get("test_data") or {}) | test_identity,
+                                      "build": {"signature_sha256": digest}}
+        with InfluenceTableWriter(folder, metadata) as writer:  # test_id indexes test_dataset, as in table/
+            writer.write(part)
+    D.barrier()
 
 
 def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:

@@ -32,7 +32,7 @@ def test_interrupted_build_resumes_to_the_same_table(setup, pad_collator, tmp_pa
     assert full.test_ids == list(range(7)) and len(full) == 7 * 6
 
     calls = {"n": 0}
-    real = builder.compute_influences
+    real = builder.InfluenceEngine.compute_influences
 
     def dies_after_two(*a, **kw):
         calls["n"] += 1
@@ -40,7 +40,7 @@ def test_interrupted_build_resumes_to_the_same_table(setup, pad_collator, tmp_pa
             raise KeyboardInterrupt("killed half-way")
         return real(*a, **kw)
 
-    monkeypatch.setattr(builder, "compute_influences", dies_after_two)
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         build_influence_table(model, train, test, tmp_path / "resumed", args, shard_size=2, data_collator=pad_collator)
     shards = tmp_path / "resumed" / "shards"
@@ -109,13 +109,13 @@ def test_a_resume_with_other_run_time_settings_reuses_the_finished_shards(setup,
     written = kept.stat().st_mtime_ns
     shutil.rmtree(tmp_path / "shards" / "shard-00001")  # as if interrupted there
     calls = {"n": 0}
-    real = builder.compute_influences
+    real = builder.InfluenceEngine.compute_influences
 
     def counted(*a, **kw):
         calls["n"] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(builder, "compute_influences", counted)
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", counted)
     runtime = {"influence_scoring_batch_size": 1, "influence_hvp_batch_size": 3,
                "influence_cache_dir": str(tmp_path / "cache")}
     resumed = build_influence_table(model, train, small, tmp_path, default_arguments(**(ARGS | runtime)),
@@ -125,6 +125,40 @@ def test_a_resume_with_other_run_time_settings_reuses_the_finished_shards(setup,
     a, b = (t.to_pandas().sort_values(["test_id", "train_id"]) for t in (first, resumed))
     np.testing.assert_array_equal(a.train_id, b.train_id)
     np.testing.assert_allclose(a.influence, b.influence, rtol=1e-9, atol=1e-12)  # float rounding at most
+
+
+def test_a_build_computes_what_does_not_depend_on_the_test_rows_once(setup, pad_collator, tmp_path, monkeypatch):
+    """Each shard ran a fresh engine: a build of 8 shards made the low-rank Hessian and the gradient index 8 times
+    (7x the time of one engine); one engine serves every shard now, with the same table as separate calls."""
+    import hf_fastif.engine as engine_module
+    import hf_fastif.gradient_index as gradient_module
+    from hf_fastif import compute_influences
+
+    model, train, test = setup
+    args = default_arguments(**(ARGS | {"influence_solver": "arnoldi", "influence_arnoldi_rank": 8,
+                                        "influence_knn_k": 4, "influence_knn_features": "gradient",
+                                        "influence_projection_dim": 16}))
+    built = {"low_rank": 0, "index": 0}
+    real_low_rank, real_index = engine_module.low_rank_hessian, gradient_module.build_gradient_index
+
+    def low_rank(*a, **kw):
+        built["low_rank"] += 1
+        return real_low_rank(*a, **kw)
+
+    def index(*a, **kw):
+        built["index"] += 1
+        return real_index(*a, **kw)
+
+    monkeypatch.setattr(engine_module, "low_rank_hessian", low_rank)
+    monkeypatch.setattr(gradient_module, "build_gradient_index", index)
+    table = build_influence_table(model, train, test, tmp_path, args, shard_size=2, data_collator=pad_collator)
+    assert table.metadata["build"]["shards"] == 4 and built == {"low_rank": 1, "index": 1}
+    alone = compute_influences(model, train, test.select(range(2, 4)), args, data_collator=pad_collator).to_pandas()
+    part = table.to_pandas()
+    part = part[part.test_id.isin([2, 3])].sort_values(["test_id", "train_id"])
+    alone = alone.sort_values(["test_id", "train_id"])
+    np.testing.assert_array_equal(part.train_id, alone.train_id)
+    np.testing.assert_allclose(part.influence, alone.influence, rtol=1e-9, atol=1e-12)
 
 
 def test_shards_of_another_build_are_computed_again_after_the_manifest_is_deleted(setup, pad_collator, tmp_path,
@@ -183,7 +217,7 @@ def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_pat
     def never(*a, **kw):
         raise AssertionError("a finished shard was computed again")
 
-    monkeypatch.setattr(builder, "compute_influences", never)
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", never)
     rebuilt = dict(data_collator=type(pad_collator)(pad_collator.tokenizer), loss_fn=scaled_loss(1.0),
                    measurement_fn=scaled_loss(1.0), features=embedding_features)  # equal, not the same objects
     again = build_influence_table(model, train.add_column("note", ["unread"] * 40), test, tmp_path, args,
