@@ -2,6 +2,7 @@
 depend on changed. The trunk cache changes no number."""
 
 import copy
+import json
 
 import faiss
 import numpy as np
@@ -489,7 +490,13 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     with_index = indexed.compute_influences(train, test).to_pandas()
     indexed.save_caches(tmp_path / "indexed")
     index = tmp_path / "indexed" / "gradient.faiss"
-    index.write_bytes(index.read_bytes()[:64])  # read on first use, not by load_caches: rebuilt then, with a warning
+    index.write_bytes(index.read_bytes()[:64])
+    from hf_fastif.engine import CACHE_MANIFEST
+
+    manifest = json.loads((tmp_path / "indexed" / CACHE_MANIFEST).read_text())
+    assert InfluenceEngine(model, gradient, data_collator=pad_collator).load_caches(tmp_path / "indexed") == []
+    manifest.pop("files")  # a folder saved before file digests: the index is read on first use, not by
+    (tmp_path / "indexed" / CACHE_MANIFEST).write_text(json.dumps(manifest))  # load_caches: rebuilt then, warned
     reader = InfluenceEngine(model, gradient, data_collator=pad_collator)
     assert "gradient_index" in reader.load_caches(tmp_path / "indexed")
     hf_logging.enable_propagation()
@@ -498,10 +505,20 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     hf_logging.disable_propagation()
     assert "Could not read the saved gradient index" in caplog.text
     first.save_caches(tmp_path / "intact")
-    from hf_fastif.engine import CACHE_MANIFEST
-
     (tmp_path / "intact" / CACHE_MANIFEST).write_text("{not json")  # a damaged manifest, intact arrays
     assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "intact") == []
+    # a value edited in place (same size, a valid array): served before, and it changed the influences
+    first.save_caches(tmp_path / "edited")
+    states = np.load(tmp_path / "edited" / "trunk-0.npy")
+    states[0] += 1.0
+    np.save(tmp_path / "edited" / "trunk-0.npy", states)
+    edited = InfluenceEngine(model, args, data_collator=pad_collator)
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        assert edited.load_caches(tmp_path / "edited") == []
+    hf_logging.disable_propagation()
+    assert "trunk-0.npy changed since it was saved" in caplog.text
+    assert edited.compute_influences(train, test).to_pandas().equals(expected)
 
 
 def test_loaded_caches_that_serve_no_call_are_reported_and_can_be_dropped_before_saving(data, pad_collator, tmp_path):
