@@ -88,7 +88,7 @@ from .trunk import (
     split_tolerance,
     verify_split,
 )
-from .utils import Timer, library_version, to_json, write_atomic
+from .utils import Timer, file_digest, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -1162,11 +1162,7 @@ CACHE_MANIFEST = "hf_fastif_caches.json"
 
 def _file_digest(path: Path) -> str:
     """xxh3-128 of a file's bytes (saved engine caches: ~5 GB/s, so checking them costs little beside reading)."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, xxhash.xxh3_128)
 
 
 def _freeze(value):

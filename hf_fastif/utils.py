@@ -51,6 +51,16 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
     return path
 
 
+def file_digest(path: str | os.PathLike, new_hash) -> str:
+    """The hex digest of a file's bytes under ``new_hash`` (``hashlib.sha256``, ``xxhash.xxh3_128``), read in 8 MiB
+    blocks."""
+    digest = new_hash()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from ..utils import library_version, quiet_datasets, to_json, write_atomic
+from ..utils import file_digest, library_version, quiet_datasets, to_json, write_atomic
 from .card import dataset_card
 from .format import (
     CARD_FILE,
@@ -116,12 +116,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's bytes."""
+    return file_digest(path, hashlib.sha256)
 
 
 def _describe_file(path: Path) -> dict:
