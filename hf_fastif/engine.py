@@ -94,8 +94,9 @@ logger = logging.get_logger(__name__)
 
 COMBINE = ("none", "mean")
 PADDING_PROBE_ROWS = 64
+"""Rows among which `InfluenceEngine` picks the shortest and the longest for its padding probe when the data stores
+no token ids (a collator that tokenises text); otherwise every row's stored lengths decide (`Batcher.padding_probes`)."""
 INDEX_PROBE_BYTES = 64 * 2**20  # the largest random set an index factory's training is tried on before s_test
-"""Rows among which `InfluenceEngine` picks the shortest and the longest for its padding probe."""
 PADDING_TOLERANCE = 1e-3
 """Largest relative change of a row's loss under padding that counts as float rounding (20 machine epsilons of
 the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
@@ -417,8 +418,8 @@ class InfluenceEngine:
         """Refuse a model whose output for a row changes with the padding around it (left padding without
         position ids, for instance): every stage batches rows of different lengths, so its numbers would depend
         on the batch sizes. Probes per model and dataset (training, test and candidate rows: a test set can be
-        padded where fixed-length training blocks are not): the shortest row alone, and padded next to the
-        longest, by input length and, for targets stored as sequences (an encoder-decoder's), by target length."""
+        padded where fixed-length training blocks are not): the narrowest row alone, and padded next to the
+        widest, and the same by real tokens and by stored targets (`Batcher.padding_probes`)."""
         datasets = [(call.train, "train_dataset", False), (call.test, "test_dataset", True)]
         datasets += [] if call.cand is call.train else [(call.cand, "candidate_dataset", False)]
         for batcher, name, measurement in datasets:

@@ -253,8 +253,9 @@ def _describe_value(value, depth: int = 0):
 
 def callable_fingerprint(fn, depth: int = 0) -> str:
     """sha256 of what a callable computes, as far as Python shows it: its code (bytecode, constants, names),
-    defaults, closure values and the module-level values it reads (`_read_globals`); for bound methods also the object's settings; for other callable objects
-    (a collator) their type and attributes. Two different lambdas differ even if they once shared an address."""
+    defaults, closure values and the module-level values it reads (`_read_globals`); for bound methods also the
+    object's settings; for other callable objects (a collator) their type and attributes. Two different lambdas
+    differ even if they once shared an address."""
     if fn is None:
         return "none"
     if isinstance(fn, functools.partial):
