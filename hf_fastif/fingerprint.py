@@ -21,6 +21,7 @@ can still compute them, so a table recorded then is still checked (`InfluenceTab
 from __future__ import annotations
 
 import dataclasses
+import dis
 import functools
 import hashlib
 import inspect
@@ -229,6 +230,8 @@ def _describe_value(value, depth: int = 0):
     if isinstance(value, torch.Tensor):
         return "tensor:" + tensor_digest(value)
     if isinstance(value, np.ndarray):
+        if value.dtype == object:  # its bytes are pointers: the elements instead
+            return {"object_array": str(value.shape), "values": _describe_value(value.ravel().tolist(), depth + 1)}
         return "array:" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.shape)
     if isinstance(value, (list, tuple)):
         return [_describe_value(v, depth + 1) for v in value]
@@ -291,9 +294,9 @@ def _read_globals(fn, depth: int) -> dict:
     classes, other objects) count by their type's name only: a repr with an address would differ between processes,
     and a build resumed in a new process would look like another build."""
     names, stack = set(), [fn.__code__]
-    while stack:  # the function's names and those of the code nested in it (lambdas, comprehensions)
-        code = stack.pop()
-        names.update(code.co_names)
+    while stack:  # the globals it loads, and those of the code nested in it (lambdas, comprehensions); not
+        code = stack.pop()  # co_names, which also holds attribute names (`.logits` is not a global logits)
+        names.update(i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
         stack.extend(c for c in code.co_consts if inspect.iscode(c))
     scope = getattr(fn, "__globals__", {})
     out = {}
@@ -303,8 +306,8 @@ def _read_globals(fn, depth: int) -> dict:
             continue  # (their code is the library's: hashed by version where it matters)
         if depth > 3:
             out[name] = type(value).__qualname__
-        elif isinstance(value, _PLAIN) or isinstance(value, (torch.Tensor, np.ndarray)) or inspect.isfunction(value) \
-                or isinstance(value, functools.partial):
+        elif isinstance(value, _PLAIN) or isinstance(value, (torch.Tensor, np.ndarray, nn.Module)) \
+                or inspect.isfunction(value) or isinstance(value, functools.partial):
             out[name] = _describe_value(value, depth)
         elif isinstance(value, (list, tuple, dict)) and _plain_container(value):
             out[name] = _describe_value(value, depth)
@@ -363,5 +366,15 @@ def _code_digest(code) -> str:
     digest = hashlib.sha256(code.co_code)
     digest.update(repr(code.co_names).encode())
     for const in code.co_consts:
-        digest.update((_code_digest(const) if inspect.iscode(const) else repr(const)).encode())
+        digest.update((_code_digest(const) if inspect.iscode(const) else _stable_repr(const)).encode())
     return digest.hexdigest()
+
+
+def _stable_repr(value) -> str:
+    """``repr`` that is the same in every process: a frozenset (a set literal's constant) lists its elements in
+    hash order, which PYTHONHASHSEED changes, so its elements are sorted by their own repr."""
+    if isinstance(value, frozenset):
+        return "frozenset(" + repr(sorted(_stable_repr(v) for v in value)) + ")"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_stable_repr(v) for v in value) + ",)"
+    return repr(value)

@@ -3,6 +3,8 @@ depend on changed. The trunk cache changes no number."""
 
 import copy
 import json
+import os
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -192,6 +194,33 @@ def test_callable_fingerprint_sees_the_globals_a_function_reads(data, pad_collat
     fresh = compute_influences(model, train, test, args, data_collator=pad_collator,
                                loss_fn=_weighted_loss).to_pandas()
     np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=1e-14)
+
+
+def test_function_fingerprints_read_loaded_globals_only_and_match_across_processes(tmp_path):
+    """Attribute names (`outputs.logits`) pulled in same-named globals of the caller's module, and a set literal in a
+    helper (a frozenset constant, in hash order) or a global object array (pointers) made the fingerprint differ in
+    every process: a resumed build was refused, and processes of one run disagreed."""
+    import subprocess
+    import sys
+
+    scope = {"torch": torch, "logits": torch.zeros(2)}
+    exec("def loss(outputs, batch):\n    return outputs.logits.sum(-1)", scope)
+    first = callable_fingerprint(scope["loss"])
+    scope["logits"] = torch.ones(2)
+    assert callable_fingerprint(scope["loss"]) == first
+    del scope["logits"]
+    assert callable_fingerprint(scope["loss"]) == first
+    (tmp_path / "user_loss.py").write_text(
+        "import numpy as np\n"
+        "NAMES = np.array(['a', 'b', None], dtype=object)\n"
+        "def helper(kind):\n    return kind in {'ce', 'cross_entropy', 'xent', 'nll', 'focal'}\n"
+        "def loss(outputs, batch):\n    return outputs.logits.sum(-1) * helper('ce') * len(NAMES)\n")
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import user_loss; "
+              "from hf_fastif.fingerprint import callable_fingerprint; print(callable_fingerprint(user_loss.loss))")
+    prints = {subprocess.run([sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parents[1])],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(prints) == 1 and len(next(iter(prints))) == 64
 
 
 def test_a_held_engine_probes_padding_and_the_cut_again_for_a_new_loss(pad_collator):

@@ -14,6 +14,7 @@ import torch
 
 from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer
 from hf_fastif.knn import model_features
+from hf_fastif.trunk import transformers_model
 from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model
 
 
@@ -226,7 +227,11 @@ def test_tables_recorded_before_adapter_settings_were_fingerprinted_still_check(
     assert model_fingerprint(model) == before
     old = model_fingerprint(model, adapter_settings=False)
     assert old != before
-    for recorded, warned in ((before, False), (old, True)):
+    # a classifier saved by a Trainer records the problem_type it inferred; tables of that time hashed it as set
+    transformers_model(model).config.problem_type = "single_label_classification"
+    older = model_fingerprint(model, adapter_settings=False, inferred_problem_type=False)
+    assert model_fingerprint(model) == before and older != old
+    for recorded, warned in ((before, False), (old, True), (older, True)):
         table = InfluenceTable.from_arrays([0], [0], [0.5], {"model": {"name_or_path": "lora", "fingerprint": recorded}})
         caplog.clear()
         table.check_model(model)

@@ -244,8 +244,9 @@ class InfluenceTable:
             if fingerprint != model_fingerprint(model, digests, scheme):
                 if fingerprint == model_fingerprint(model, digests, scheme, inferred_problem_type=False):
                     pass  # recorded before an inferred problem_type counted as unset: the same model
-                elif adapter_state(model) and fingerprint == model_fingerprint(model, digests, scheme,
-                                                                               adapter_settings=False):
+                elif adapter_state(model) and fingerprint in (
+                        model_fingerprint(model, digests, scheme, adapter_settings=False),
+                        model_fingerprint(model, digests, scheme, adapter_settings=False, inferred_problem_type=False)):
                     logger.warning("This influence table was recorded before hf_fastif fingerprinted a PEFT model's "
                                    "adapter settings: the weights match, its adapters' scaling and disabled / merged "
                                    "state cannot be checked.")
