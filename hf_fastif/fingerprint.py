@@ -293,11 +293,7 @@ def _read_globals(fn, depth: int) -> dict:
     it calls, recursively), so that changing one changes its fingerprint. Values without content to hash (modules,
     classes, other objects) count by their type's name only: a repr with an address would differ between processes,
     and a build resumed in a new process would look like another build."""
-    names, stack = set(), [fn.__code__]
-    while stack:  # the globals it loads, and those of the code nested in it (lambdas, comprehensions); not
-        code = stack.pop()  # co_names, which also holds attribute names (`.logits` is not a global logits)
-        names.update(i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
-        stack.extend(c for c in code.co_consts if inspect.iscode(c))
+    names = _loaded_globals(fn.__code__)
     scope = getattr(fn, "__globals__", {})
     out = {}
     for name in sorted(names & scope.keys()):
@@ -314,6 +310,18 @@ def _read_globals(fn, depth: int) -> dict:
         else:
             out[name] = type(value).__qualname__
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _loaded_globals(code) -> frozenset[str]:
+    """The global names a code object loads, and those of the code nested in it (lambdas, comprehensions); not its
+    co_names, which also holds attribute names (`.logits` is not a global logits). Kept per code object."""
+    names, stack = set(), [code]
+    while stack:
+        code = stack.pop()
+        names.update(i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+        stack.extend(c for c in code.co_consts if inspect.iscode(c))
+    return frozenset(names)
 
 
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
