@@ -478,16 +478,16 @@ class Batcher:
 
     def subset(self, positions: Sequence[int]) -> Batcher:
         """A batcher over the given rows only (positions in this batcher); it shares the dataset and trunk."""
-        view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device,
-                       index=self.base_rows(positions), trunk=self.trunk, decoder_inputs=self.decoder_inputs)
-        view._lengths = self._lengths  # (the whole dataset's, shared)
-        return view
+        return self._view(self.base_rows(positions), self.trunk)
 
     def with_trunk(self, trunk) -> Batcher:
         """This batcher with the dataset's `hf_fastif.trunk.TrunkCache` (or ``None``: full forwards)."""
-        view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=self.index,
-                       trunk=trunk, decoder_inputs=self.decoder_inputs)
-        view._lengths = self._lengths
+        return self._view(self.index, trunk)
+
+    def _view(self, index: np.ndarray | None, trunk) -> Batcher:
+        view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=index, trunk=trunk,
+                       decoder_inputs=self.decoder_inputs)
+        view._lengths = self._lengths  # the whole dataset's stored lengths, shared
         return view
 
     def __len__(self) -> int:

@@ -31,7 +31,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 import xxhash
@@ -49,9 +48,9 @@ from .fingerprint import (
     model_fingerprint,
     tensor_digests,
 )
-from .gradient_index import gradient_candidates
+from .gradient_index import check_index_factory, gradient_candidates
 from .hvp import batch_gradient, batch_hvp
-from .knn import build_index, extract_features, index_error, search
+from .knn import build_index, extract_features, search
 from .loss import (
     FunctionalModel,
     LossFn,
@@ -96,7 +95,6 @@ COMBINE = ("none", "mean")
 PADDING_PROBE_ROWS = 64
 """Rows among which `InfluenceEngine` picks the shortest and the longest for its padding probe when the data stores
 no token ids (a collator that tokenises text); otherwise every row's stored lengths decide (`Batcher.padding_probes`)."""
-INDEX_PROBE_BYTES = 64 * 2**20  # the largest random set an index factory's training is tried on before s_test
 PADDING_TOLERANCE = 1e-3
 """Largest relative change of a row's loss under padding that counts as float rounding (20 machine epsilons of
 the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
@@ -441,11 +439,11 @@ class InfluenceEngine:
         error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
         dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
         finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
-        row = int(batcher.base_rows([short])[0])
+        row, other = (int(r) for r in batcher.base_rows([short, long]))  # (dataset rows, as the error names them)
         if measurement and not finite_alone:  # not the padding's doing: the test gradients' check names such rows
             return
         if not (finite_alone and finite_padded):
-            where = "alone" if not finite_alone else f"padded next to row {int(batcher.base_rows([long])[0])}"
+            where = "alone" if not finite_alone else f"padded next to row {other}"
             raise ValueError(
                 f"The loss of {name} row {row} is not finite {where} ({float(alone[0]):.4g} alone, "
                 f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. With padding, "
@@ -455,9 +453,9 @@ class InfluenceEngine:
             )
         if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
             raise ValueError(
-                f"The loss of {name} row {row} changes when it is padded next to row "
-                f"{int(batcher.base_rows([long])[0])} (relative difference {error:.2g}): every stage of influence "
-                "batches rows of different lengths, so its numbers would depend on the batch sizes. "
+                f"The loss of {name} row {row} changes when it is padded next to row {other} (relative difference "
+                f"{error:.2g}): every stage of influence batches rows of different lengths, so its numbers would "
+                "depend on the batch sizes. "
                 + _padding_cause(self.model, padded_batch)
             )
 
@@ -484,14 +482,20 @@ class InfluenceEngine:
         # new arrays (the folder then loads nothing, and the caches are rebuilt)
         (folder / CACHE_MANIFEST).unlink(missing_ok=True)
         manifest: dict = {"library_version": library_version(), "trunks": [], "curvature": []}
+        files: list[str] = []  # every file the manifest names, digested below (checked when read back)
+
+        def save_array(name: str, array: np.ndarray) -> None:
+            np.save(folder / name, array, allow_pickle=False)
+            files.append(name)
+
         for i, (key, cache) in enumerate(self._trunks.items()):
-            np.save(folder / f"trunk-{i}.npy", _numpy(cache.flat), allow_pickle=False)
-            np.save(folder / f"trunk-{i}-rows.npy", np.stack([cache.lengths, cache.offsets]), allow_pickle=False)
+            save_array(f"trunk-{i}.npy", _numpy(cache.flat))
+            save_array(f"trunk-{i}-rows.npy", np.stack([cache.lengths, cache.offsets]))
             manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype)})
         if self._low_rank is not None:
             key, (values, vectors) = self._low_rank
-            np.save(folder / "low_rank_values.npy", _numpy(values), allow_pickle=False)
-            np.save(folder / "low_rank_vectors.npy", _numpy(vectors), allow_pickle=False)
+            save_array("low_rank_values.npy", _numpy(values))
+            save_array("low_rank_vectors.npy", _numpy(vectors))
             manifest["low_rank"] = {"key": key, "dtype": str(vectors.dtype)}
         if self._gradient_index is not None:
             key, index = self._gradient_index
@@ -505,11 +509,9 @@ class InfluenceEngine:
                 shutil.copyfile(path, target)
                 self._saved_gradient_index = (key, target, dtype)
             manifest["gradient_index"] = {"key": key, "dtype": str(dtype)}
-        manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
-        files = [f"{e['file']}{end}" for e in manifest["trunks"] for end in (".npy", "-rows.npy")]
-        files += ["low_rank_values.npy", "low_rank_vectors.npy"] if "low_rank" in manifest else []
         files += ["gradient.faiss"] if "gradient_index" in manifest else []
-        manifest["files"] = {name: _file_digest(folder / name) for name in files}  # checked when read back
+        manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
+        manifest["files"] = {name: _file_digest(folder / name) for name in files}
         write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
         return folder
 
@@ -656,7 +658,7 @@ class InfluenceEngine:
                              f"noise. Lower it (e.g. influence_projection_dim={max(1, p // 4)}; the default, 8192, is "
                              "sized for models with millions of influence parameters).")
         if gradient:
-            _check_gradient_index(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
+            check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
         rank, world_size = D.world()
@@ -1181,19 +1183,6 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def _check_gradient_index(factory: str, rows: int, dim: int) -> None:
-    """The gradient index is built after s_test: a factory string faiss cannot make, or whose training needs more
-    rows than there are candidates (an IVF index with more lists), fails here, before it. The training is tried on
-    random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
-    more rows than that)."""
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained and rows * dim * 4 <= INDEX_PROBE_BYTES:
-            index.train(np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32))
-    except RuntimeError as err:
-        raise index_error(factory, (rows, dim), err) from err
-
-
 def verification_rows(batcher: Batcher) -> list[int]:
     """Rows a trunk cache is checked on: the first 8, and the shortest and longest rows (`Batcher.padding_probes`:
     in one batch, the shortest is padded to the longest)."""
@@ -1205,13 +1194,14 @@ def _padding_cause(model: nn.Module, batch: dict) -> str:
     """What to do about a row whose loss changes with padding, from what the padded ``batch`` shows."""
     labels, mask = batch.get("labels"), batch.get("attention_mask")
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    if (not encoder_decoder and isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)
-            and labels.shape == mask.shape and bool(((mask == 0) & (labels != -100)).any())):
+    # token labels laid out like the inputs (a decoder-only model's), position by position
+    aligned = (not encoder_decoder and isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)
+               and labels.shape == mask.shape)
+    if aligned and bool(((mask == 0) & (labels != -100)).any()):
         return ("Its padding positions carry labels other than -100 (the collator pads the labels with the pad "
                 "token id), so the loss reads them: pad labels with -100 (DataCollatorForLanguageModeling(tokenizer, "
                 "mlm=False), DataCollatorForSeq2Seq, or DataCollatorForTokenClassification).")
-    if (shifts_labels(model) and isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)
-            and labels.shape == mask.shape and labels.dim() == 2
+    if (aligned and shifts_labels(model) and labels.dim() == 2
             and bool(((labels[:, 1:] != -100) & (mask[:, :-1] == 0)).any())):
         return ("It is a causal LM padded on the left, and its first token is a target predicted from a padding "
                 "position (each position predicts the next token; alone, that token has nothing before it and is "

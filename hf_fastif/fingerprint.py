@@ -300,15 +300,9 @@ def _read_globals(fn, depth: int) -> dict:
         value = scope[name]
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
-        if depth > 3:
-            out[name] = type(value).__qualname__
-        elif isinstance(value, _PLAIN) or isinstance(value, (torch.Tensor, np.ndarray, nn.Module)) \
-                or inspect.isfunction(value) or isinstance(value, functools.partial):
-            out[name] = _describe_value(value, depth)
-        elif isinstance(value, (list, tuple, dict)) and _plain_container(value):
-            out[name] = _describe_value(value, depth)
-        else:
-            out[name] = type(value).__qualname__
+        hashed = (isinstance(value, (*_PLAIN, torch.Tensor, np.ndarray, nn.Module, functools.partial))
+                  or inspect.isfunction(value) or (isinstance(value, (list, tuple, dict)) and _plain_container(value)))
+        out[name] = _describe_value(value, depth) if hashed and depth <= 3 else type(value).__qualname__
     return out
 
 
@@ -324,7 +318,7 @@ def _loaded_globals(code) -> frozenset[str]:
     return frozenset(names)
 
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+_PLAIN = (*_SCALARS, complex, bytes)  # (values hashed by their repr)
 
 
 def _plain_container(value, depth: int = 0) -> bool:

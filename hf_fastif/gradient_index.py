@@ -258,20 +258,42 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     return out
 
 
+INDEX_PROBE_BYTES = 64 * 2**20
+"""The largest random set `check_index_factory` tries an index factory's training on."""
+
+
+def _trained_index(factory: str, shape: tuple[int, int], vectors: np.ndarray | None = None):
+    """influence_knn_index's faiss factory string over inner products for ``shape`` (rows, dimensions), trained on
+    ``vectors`` where it needs training and they are given; one faiss cannot make (an unknown string, or too few
+    rows to train it) is refused with the fix."""
+    try:
+        index = faiss.index_factory(shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained and vectors is not None:
+            index.train(vectors)
+        return index
+    except RuntimeError as err:
+        raise index_error(factory, shape, err) from err
+
+
+def check_index_factory(factory: str, rows: int, dim: int) -> None:
+    """The gradient index is built after s_test: a factory string faiss cannot make, or whose training needs more
+    rows than there are candidates (an IVF index with more lists), is refused before it. The training is tried on
+    random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
+    more rows than that)."""
+    small = rows * dim * 4 <= INDEX_PROBE_BYTES
+    _trained_index(factory, (rows, dim),
+                   np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32) if small else None)
+
+
 class GradientIndex:
     """A faiss inner-product index over the sketched per-example gradients of the candidate rows."""
 
     def __init__(self, sketch: CountSketch, vectors: np.ndarray | None = None, *, index=None, factory: str = "Flat"):
         self.sketch = sketch
-        if index is None:  # influence_knn_index's faiss factory string, over inner products
+        if index is None:
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            try:
-                index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-                if not index.is_trained:
-                    index.train(vectors)
-                index.add(vectors)
-            except RuntimeError as err:  # an unknown factory string, or too few rows to train it
-                raise index_error(factory, vectors.shape, err) from err
+            index = _trained_index(factory, vectors.shape, vectors)
+            index.add(vectors)
         self.index = index
         self.num_rows = index.ntotal
 
