@@ -134,7 +134,8 @@ def reference_defaults(own: Namespace) -> dict:
     """The issue's settings: LiSSA J = 100, B = 1, damp = 5e-3, scale = 1e4, the reference's L2 term, full scan."""
     return dict(output_dir="outputs/benchmark_reference", report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
                 influence_recursion_depth=100, influence_batch_size=1, influence_damping=5e-3, influence_scale=1e4,
-                influence_knn_k=None, influence_weight_decay=REFERENCE_WEIGHT_DECAY, influence_seed=0)
+                influence_knn_k=None, influence_weight_decay=REFERENCE_WEIGHT_DECAY,
+                influence_weight_decay_in_gradients=True, influence_seed=0)
 
 
 def load_reference(path: str | None):

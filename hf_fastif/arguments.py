@@ -66,7 +66,16 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_weight_decay: float = field(
         default=0.0,
-        metadata={"help": "Explicit L2 term wd·Σθ² added to every loss (0.005 in the reference code); not on biases/norms."},
+        metadata={"help": "Explicit L2 term wd·Σθ² of the training objective (0.005 in the reference code); not on "
+                          "biases/norms. It is part of H; influence_weight_decay_in_gradients says whether it also "
+                          "enters each row's and the test point's gradient."},
+    )
+    influence_weight_decay_in_gradients: bool = field(
+        default=False,
+        metadata={"help": "Also add the L2 term to every row's and the test point's loss, as the 2021 reference code "
+                          "does (True). False: Koh & Liang's influence of the row's own loss, the L2 term in H only, "
+                          "so the sign agrees with leave-one-out retraining; True shifts each test point's values by "
+                          "one constant (about a fifth of the signs flip on an L2-regularised convex model)."},
     )
     influence_seed: int = field(default=42, metadata={"help": "Seed of LiSSA's batch sampling and power iteration."})
     influence_hvp_batch_size: int = field(

@@ -42,8 +42,8 @@ logger = logging.get_logger(__name__)
 MANIFEST = "build_manifest.json"
 # 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256; 3: run-time settings
 # in the signature, shards not tagged with its sha256; 4: functions fingerprinted without the globals they read,
-# an inferred config.problem_type hashed as set
-MANIFEST_VERSION = 5
+# an inferred config.problem_type hashed as set; 5: the L2 term of influence_weight_decay in every row's gradient
+MANIFEST_VERSION = 6
 # settings that decide how, not what, is computed: batch sizes of the test gradients, full-data Hessians, kNN
 # features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
 # change the numbers at most by float rounding, so a build resumed with other values goes on.

@@ -39,7 +39,7 @@ from .annotate import TextSource, save_with_text
 from .applications.common import check_num_labels, predict
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
-from .data import generate_nli, load_hans, load_mnli, tokenize_nli
+from .data import MODEL_MAX_LENGTH, NLI_MAX_LENGTH, generate_nli, load_hans, load_mnli, tokenize_nli
 from .distributed import finish, is_main_process
 from .embedded import (
     DEFAULT_KIND,
@@ -65,6 +65,7 @@ from .recall import (
 )
 from .space import build_default, open_table
 from .table import InfluenceTable, InfluenceTableError
+from .table.format import label_text
 
 EXIT_ERROR = 2
 
@@ -93,6 +94,11 @@ class BuildArguments:
         "help": "Use the first N training rows (train_id stays the dataset's row); embedded default: N generated "
                 f"rows (default {embedded_kind().table_data['n_train']})."})
     max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
+    max_length: int | None = dataclasses.field(default=None, metadata={
+        "help": "With --model_name_or_path: token limit of a premise/hypothesis pair; longer pairs are cut, longest "
+                f"side first, and their count is logged (default {MODEL_MAX_LENGTH}, the paper's, or the model's "
+                f"positions if fewer; set it to the length the model was fine-tuned with). The embedded default's "
+                f"data is cut at {NLI_MAX_LENGTH}, as it was fine-tuned."})
     shard_size: int = dataclasses.field(
         default=64, metadata={"help": "With --model_name_or_path: test rows computed and saved at a time (a rerun "
                                       "resumes after the last one). The embedded default's 30 test rows are one "
@@ -100,6 +106,7 @@ class BuildArguments:
 
     def __post_init__(self):
         _positive_counts(self, "max_train_samples", "max_test_samples", "shard_size")
+        _check_max_length(self)
 
 
 def _positive_counts(flags, *names: str) -> None:
@@ -109,6 +116,31 @@ def _positive_counts(flags, *names: str) -> None:
         if value is not None and value < 1:
             hint = " (omit it for every row)" if name.startswith("max_") else ""
             raise ValueError(f"--{name} must be at least 1{hint}, got {value}.")
+
+
+def _check_max_length(flags) -> None:
+    """Refuse ``--max_length`` below 8 pieces, or without ``--model_name_or_path`` (the embedded default's data is
+    cut as its model was fine-tuned)."""
+    if flags.max_length is None:
+        return
+    if flags.model_name_or_path is None:
+        raise ValueError(f"--max_length needs --model_name_or_path: the embedded default's pairs are cut at "
+                         f"{NLI_MAX_LENGTH} word pieces, as its model was fine-tuned. Drop it.")
+    if flags.max_length < 8:
+        raise ValueError(f"--max_length must be at least 8 word pieces (a pair needs its special tokens and "
+                         f"words), got {flags.max_length}.")
+
+
+def max_length_for(flags, config) -> int:
+    """The token limit of pairs for a user's model: ``--max_length``, or `MODEL_MAX_LENGTH` capped at the model's
+    positions; a limit beyond the positions is refused."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if flags.max_length is None:
+        return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
+    if positions and flags.max_length > positions:
+        raise ValueError(f"--max_length {flags.max_length} exceeds the {positions} positions of the model; use at "
+                         f"most {positions}.")
+    return flags.max_length
 
 
 def build_defaults(first: argparse.Namespace) -> dict:
@@ -177,11 +209,13 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     if build.max_test_samples:
         test = test.select(range(min(build.max_test_samples, len(test))))
     collator = DataCollatorWithPadding(tokenizer)
-    train_tok, test_tok = tokenize_nli(train, tokenizer), tokenize_nli(test, tokenizer)
+    max_length = max_length_for(build, model.config)
+    train_tok, test_tok = (tokenize_nli(rows, tokenizer, max_length=max_length) for rows in (train, test))
     table = build_influence_table(model, train_tok, test_tok, out / "build", args, shard_size=build.shard_size,
                                   data_collator=collator)
     predictions = predict(model, test_tok, collator).argmax(-1)
     table.metadata["command"] = "hf-fastif " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("hf-fastif") else None
+    table.metadata["tokenization"] = {"max_length": max_length}  # the Space cuts typed pairs and the rows as these
     if is_main_process():  # under `accelerate launch` every process holds the table; one writes it
         save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
                        train=TextSource(train, build.train_dataset, build.train_split),
@@ -315,8 +349,8 @@ def _describe_line(counts: dict) -> str:
             f"{counts['num_distinct_values']}" + (f" · {spread}" if spread else ""))
 
 
-def _label_names(values, names: list[str]) -> list:
-    return [names[int(v)] if names and v is not None and 0 <= int(v) < len(names) else v for v in values]
+def _label_names(values, names: list[str]) -> list[str]:
+    return [label_text(v, names) for v in values]
 
 
 def _open(source: str, revision: str | None) -> InfluenceTable:
@@ -383,9 +417,15 @@ class RecallArguments:
         "help": "Candidates per query: counts (20) or shares of the training rows (5%%)."})
     methods: list[str] = dataclasses.field(default_factory=lambda: ["auto", "mean", "gradient", "random"], metadata={
         "help": f"Candidate methods to compare: any of {', '.join(RECALL_METHODS)}."})
+    max_length: int | None = dataclasses.field(default=None, metadata={
+        "help": "With --model_name_or_path: token limit of a premise/hypothesis pair; longer pairs are cut, longest "
+                f"side first, and their count is logged (default {MODEL_MAX_LENGTH}, the paper's, or the model's "
+                f"positions if fewer; set it to the length the model was fine-tuned with). The embedded default's "
+                f"data is cut at {NLI_MAX_LENGTH}, as it was fine-tuned."})
 
     def __post_init__(self):
         _positive_counts(self, "max_train_samples", "num_test_points")
+        _check_max_length(self)
 
 
 def recall_defaults(first: argparse.Namespace) -> dict:
@@ -423,7 +463,9 @@ def run_recall(ns: argparse.Namespace) -> int:
         model = AutoModelForSequenceClassification.from_pretrained(recall.model_name_or_path,
                                                                    revision=recall.revision, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(recall.model_name_or_path, revision=recall.revision)
-        model, train, test = model.eval(), tokenize_nli(train, tokenizer), tokenize_nli(test, tokenizer)
+        max_length = max_length_for(recall, model.config)
+        model = model.eval()
+        train, test = (tokenize_nli(rows, tokenizer, max_length=max_length) for rows in (train, test))
         name = recall.model_name_or_path
     rows = np.random.default_rng(args.seed).choice(len(test), min(recall.num_test_points, len(test)), replace=False)
     test = test.select(np.sort(rows))

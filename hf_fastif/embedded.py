@@ -25,7 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification, PreTrainedTo
 from transformers.utils import logging
 
 from .arguments import InfluenceArguments
-from .data import NLI2_LABELS, build_tokenizer, generate_nli, tokenize_nli
+from .data import NLI2_LABELS, NLI_MAX_LENGTH, build_tokenizer, generate_nli, tokenize_nli
 from .minilm_default import (
     FinetuneSettings,
     cached_finetune_minilm,
@@ -213,7 +213,7 @@ def embedded_tokenizer(kind: str | None = None) -> PreTrainedTokenizerBase:
 
 
 def embedded_data(seed: int = 0, n_train: int | None = None, n_hans_per_subcase: int | None = None,
-                  n_pool_per_subcase: int | None = None, *, kind: str | None = None, max_length: int = 64,
+                  n_pool_per_subcase: int | None = None, *, kind: str | None = None, max_length: int = NLI_MAX_LENGTH,
                   ) -> tuple[DatasetDict, DatasetDict, PreTrainedTokenizerBase]:
     """``(raw, tokenized, tokenizer)`` of the generated NLI data (splits train / hans / pool), tokenized for
     ``kind``; unset sizes are ``kind``'s `EmbeddedKind.data`."""
@@ -249,7 +249,7 @@ def data_description(seed: int, n_train: int) -> dict:
 
 
 def finetune_settings(args: InfluenceArguments, trainable_layers: int | None = None,
-                      max_length: int = 64) -> FinetuneSettings:
+                      max_length: int = NLI_MAX_LENGTH) -> FinetuneSettings:
     """The `FinetuneSettings` that ``args`` ask for: its seed, data_seed, num_train_epochs, learning_rate,
     per_device_train_batch_size, warmup_steps (a ratio below 1), weight_decay and device."""
     return FinetuneSettings(
@@ -280,7 +280,7 @@ def training_settings(args: InfluenceArguments, kind: str | None = None) -> dict
 
 def train_embedded_model(raw_train: Dataset, tokenized_train: Dataset, tokenizer: PreTrainedTokenizerBase,
                          args: InfluenceArguments, *, kind: str | None = None, trainable_layers: int | None = None,
-                         max_length: int = 64, description: dict | None = None) -> tuple[nn.Module, dict]:
+                         max_length: int = NLI_MAX_LENGTH, description: dict | None = None) -> tuple[nn.Module, dict]:
     """``(model, info)``: the embedded model of ``kind`` trained on the given rows with ``args``' training fields.
 
     MiniLM comes from the content-keyed fine-tuning cache (`hf_fastif.minilm_default.cached_finetune_minilm`), its

@@ -703,7 +703,8 @@ class InfluenceEngine:
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay,
-                             label_smoothing=self._label_smoothing())
+                             label_smoothing=self._label_smoothing(),
+                             l2_in_gradients=args.influence_weight_decay_in_gradients)
         return _Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
                      progress=not getattr(args, "disable_tqdm", False) and rank == 0)
@@ -933,7 +934,9 @@ class InfluenceEngine:
         left to the solve) over ``influence_arnoldi_rows`` seeded training rows (all by default), computed once
         per weights / data / loss and kept by the engine."""
         args = self.args
-        key = self._curvature_key(call, "arnoldi (data term)", args.influence_arnoldi_rank, args.influence_arnoldi_rows)
+        # (v2: Lanczos restarts in a closed Krylov space, and the most negative Ritz pair is kept)
+        key = self._curvature_key(call, "arnoldi (data term) v2", args.influence_arnoldi_rank,
+                                  args.influence_arnoldi_rows)
         if self._low_rank is not None and self._low_rank[0] == key:
             self._served("low_rank", key)  # (a no-op unless it was read from disk)
         else:

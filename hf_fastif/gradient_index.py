@@ -249,7 +249,7 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
             n = params[name].numel()
             sketch.add(out, name, grads[:, offset : offset + n])
             offset += n
-    if fm.weight_decay:
+    if fm.decayed and fm.l2_in_gradients:
         decay = {n: 2.0 * fm.weight_decay * params[n].detach().reshape(1, -1) for n in decayed_names(list(params))}
         row = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
         for name, value in decay.items():
@@ -350,7 +350,8 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     projection, and kept by the engine)."""
     args = engine.args
     key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), engine._functions["collator"],
-           engine._functions["loss"], args.influence_weight_decay, tuple(call.names), args.influence_projection_dim,
+           engine._functions["loss"], args.influence_weight_decay, args.influence_weight_decay_in_gradients,
+           tuple(call.names), args.influence_projection_dim,
            args.influence_seed, args.influence_knn_index, D.world())
     saved = engine._saved_gradient_index
     if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):

@@ -2,7 +2,9 @@
 
 `LogisticRegression` is a plain `nn.Module` written in the transformers calling convention (batch dict in,
 ``{"logits": ...}`` out), trained to its optimum with L-BFGS on the objective
-``mean CE + wd·‖W‖²`` — the same objective hf_fastif differentiates with ``influence_weight_decay=wd``.
+``mean CE + wd·‖W‖²`` — the same objective hf_fastif differentiates with ``influence_weight_decay=wd``: its
+Hessian, while each row's (and the test point's) gradient is of its own loss, as removing the row changes the
+objective (with ``influence_weight_decay_in_gradients=True``, the 2021 code's convention, they carry the L2 term).
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, ve
         return batch_hvp(fm, params, batch, vectors[0], reduction=reduction, l2_term=l2_term).unsqueeze(0)
     leaves = _leaves(params)
     inputs = list(leaves.values())
-    losses, l2 = fm.values_without_l2(leaves, batch)
-    l2 = l2 and l2_term
+    losses, _ = fm.values_without_l2(leaves, batch)
+    l2 = fm.l2_in_hessian and l2_term
     loss = losses.mean() if reduction == "mean" else losses.sum()
     grads = _gradient(loss, leaves, create_graph=True)
     weight = 1.0 if reduction == "mean" else float(losses.shape[0])  # the L2 term's Hessian: weight · 2wd · I
@@ -139,6 +139,6 @@ def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tens
             out = one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
         else:
             out = torch.func.vmap(one)(tangents)
-        if fm.decayed:  # the L2 term's directional derivative, the same for every row: 2·wd·θ · s
+        if fm.decayed and fm.l2_in_gradients:  # the L2 term's directional derivative, the same for every row
             out = out + (vectors.to(out.dtype) @ fm.l2_gradient(params).to(out.dtype))[:, None]
     return out.T.detach()

@@ -191,7 +191,10 @@ class FunctionalModel:
         names: the selected parameter names, in the order used by flat vectors.
         loss_fn: per-example training loss; default `make_default_loss`.
         measurement_fn: per-example test quantity; default: the training loss.
-        weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) added to every loss.
+        weight_decay: explicit L2 term ``wd·Σθ²`` (not on biases/norm weights) of the training objective: always
+            in the Hessian (`hf_fastif.hvp.batch_hvp`).
+        l2_in_gradients: also in every row's loss and the test loss (the 2021 reference code's convention), so in
+            their gradients; False: each row's own loss (Koh & Liang), as leave-one-out retraining measures.
         split: the model's `hf_fastif.trunk.TrunkSplit`, used when a batch carries cached trunk states.
         readout: where the last layer is cut to the position the loss reads (`hf_fastif.readout`), if anywhere.
         label_smoothing: the Trainer's ``label_smoothing_factor`` for the default loss (`make_default_loss`).
@@ -199,7 +202,7 @@ class FunctionalModel:
 
     def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn | None = None,
                  measurement_fn: LossFn | None = None, weight_decay: float = 0.0, split=None, readout=None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, l2_in_gradients: bool = False):
         self.model = model
         self.no_forward_ad: str | None = None  # why forward-mode AD failed on this model, once it has (scoring)
         self.split = split
@@ -209,6 +212,7 @@ class FunctionalModel:
         self.measurement_fn = measurement_fn
         self.weight_decay = float(weight_decay)
         self.decayed = decayed_names(self.names) if self.weight_decay else []
+        self.l2_in_gradients = bool(l2_in_gradients)
         self.aliases = tied_aliases(model)
 
     def outputs(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
@@ -248,8 +252,9 @@ class FunctionalModel:
         return self.weight_decay * sum((params[n] ** 2).sum() for n in self.decayed)
 
     def losses(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Per-example training loss (with the L2 term), shape ``(batch_size,)``."""
-        return self.loss_fn(self.outputs(params, batch), batch) + self._l2(params)
+        """Per-example training loss (with the L2 term when it is in every loss), shape ``(batch_size,)``."""
+        values = self.loss_fn(self.outputs(params, batch), batch)
+        return values + self._l2(params) if self.l2_in_gradients else values
 
     def measurements(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-example test quantity, shape ``(batch_size,)``; the training loss unless a measurement is set."""
@@ -262,10 +267,16 @@ class FunctionalModel:
     # weight-shaped elementwise work out of every double backward.
     def values_without_l2(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
                           measurement: bool = False) -> tuple[torch.Tensor, bool]:
-        """``(per-example values without the L2 term, whether the L2 term belongs to them)``."""
+        """``(per-example values without the L2 term, whether the L2 term belongs to their gradients)``; the
+        Hessian takes the L2 term whatever this says (`l2_in_hessian`)."""
         if measurement and self.measurement_fn is not None:
             return self.measurement_fn(self.outputs(params, batch), batch), False
-        return self.loss_fn(self.outputs(params, batch), batch), bool(self.decayed)
+        return self.loss_fn(self.outputs(params, batch), batch), bool(self.decayed) and self.l2_in_gradients
+
+    @property
+    def l2_in_hessian(self) -> bool:
+        """Whether the Hessian has the L2 term (``2·wd`` on the decayed parameters): always, when there is one."""
+        return bool(self.decayed)
 
     def l2_gradient(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(p,)``: the gradient of the L2 term, ``2·wd·θ`` on the decayed parameters, 0 elsewhere."""

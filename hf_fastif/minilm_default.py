@@ -31,7 +31,8 @@ from transformers import BertForSequenceClassification, BertTokenizer, DataColla
 from transformers.utils import logging
 
 from .arguments import InfluenceArguments
-from .data import NLI2_LABELS, tokenize_nli
+from .data import NLI2_LABELS, NLI_MAX_LENGTH, tokenize_nli
+from .distributed import barrier, is_main_process
 from .fingerprint import dataset_fingerprint
 from .pretrained import (
     CACHE_ENV,
@@ -95,7 +96,7 @@ def minilm_arguments(output_dir: str | os.PathLike, seed: int = 0, trainable_lay
 
 def finetune_minilm(train_dataset_raw: Dataset, output_dir: str | os.PathLike, seed: int = 0,
                     trainable_layers: int = 2, epochs: float = 1.0, lr: float = 2e-4, batch_size: int = 32,
-                    max_length: int = 64, save: bool = True, minilm_folder: str | os.PathLike | None = None,
+                    max_length: int = NLI_MAX_LENGTH, save: bool = True, minilm_folder: str | os.PathLike | None = None,
                     **overrides) -> InfluenceTrainer:
     """Fine-tune pretrained MiniLM for 2-label NLI on raw premise/hypothesis pairs (e.g. ``generate_nli()["train"]``).
 
@@ -182,7 +183,7 @@ class FinetuneSettings:
     batch_size: int = 32
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    max_length: int = 64
+    max_length: int = NLI_MAX_LENGTH
     device: str = "cpu"
 
     def __post_init__(self):
@@ -333,18 +334,21 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
             data_seed=settings.data_seed, use_cpu=settings.device == "cpu")
         seconds = time.perf_counter() - start
         accuracy = _train_accuracy(trainer.model, trainer.train_dataset, DataCollatorWithPadding(tokenizer))
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads it
-        for path in staging.iterdir():
-            os.chmod(path, 0o644)  # the cache may be shared
-        manifest = {"key": key, "content": content, "files": _file_hashes(staging), "description": description or {},
-                    "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
-                               "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
-                    "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
-        write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        _install(staging, target, key, content)
+        if is_main_process():  # under `accelerate launch` the Trainer saves the weights on the main process only
+            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads it
+            for path in staging.iterdir():
+                os.chmod(path, 0o644)  # the cache may be shared
+            manifest = {"key": key, "content": content, "files": _file_hashes(staging),
+                        "description": description or {},
+                        "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
+                                   "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
+                        "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
+            write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
+            os.chmod(staging, 0o755)  # mkdtemp makes it private
+            _install(staging, target, key, content)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    barrier()  # the other processes of a launch read the model the main process installed
     logger.info(f"Fine-tuned MiniLM in {seconds:.0f}s (training accuracy {accuracy:.1%}); cached in {target}.")
     model, tokenizer = load_finetuned_minilm(target)
     manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))

@@ -48,7 +48,7 @@ def parse_k(spec: str | int) -> tuple[str, float]:
                 raise ValueError
             return "share", share
         count = float(text)
-        if count != int(count) or count < 1:
+        if not math.isfinite(count) or count != int(count) or count < 1:
             raise ValueError
         return "count", int(count)
     except ValueError:

@@ -35,7 +35,8 @@ from transformers.utils import logging
 from .annotate import TRAIN_TEXT, TextSource, save_with_text
 from .applications.common import predict
 from .arguments import InfluenceArguments
-from .data import tokenize_nli
+from .data import NLI_MAX_LENGTH, tokenize_nli
+from .distributed import barrier, is_main_process
 from .embedded import (
     data_description,
     embedded_arguments,
@@ -48,7 +49,8 @@ from .engine import InfluenceEngine
 from .fingerprint import dataset_fingerprint
 from .influence import default_arguments
 from .params import num_parameters, select_parameters
-from .table import METADATA_FILE, InfluenceTable, InfluenceTableError
+from .table import METADATA_FILE, InfluenceTable, InfluenceTableError, read_metadata
+from .table.format import label_id, label_text
 from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
@@ -84,7 +86,7 @@ changed nothing), candidates from the gradient index (a 4,096-bucket count sketc
 higher recall than [CLS] kNN), and exact JVP scoring of the k candidates. The table's own influence parameters, λ
 and L2 term are kept. docs/space.md has the measurements (``python -m benchmarks.space_latency --quality``)."""
 LIVE_FROM_TABLE = ("influence_params", "influence_damping", "influence_scale", "influence_weight_decay",
-                   "influence_seed")
+                   "influence_weight_decay_in_gradients", "influence_seed")
 """Settings of a table that its live explanations keep (what decides the numbers, apart from the solver)."""
 CACHED = ("trunk", "low_rank", "gradient_index")
 """The engine caches a warm start needs (`InfluenceEngine.load_caches` names)."""
@@ -104,6 +106,8 @@ def live_settings(table_settings: dict, num_influence_parameters: int, k: int | 
     """The ``influence_*`` settings of the live engine: `LIVE_FROM_TABLE` from the table's settings, then
     `LIVE_SETTINGS` (the projection no larger than the number of influence parameters), then ``k``."""
     out = {key: table_settings[key] for key in LIVE_FROM_TABLE if table_settings.get(key) is not None}
+    if "influence_weight_decay_in_gradients" not in table_settings and table_settings.get("influence_weight_decay"):
+        out["influence_weight_decay_in_gradients"] = True  # a table from before the setting: the L2 term in every loss
     out |= LIVE_SETTINGS
     out["influence_projection_dim"] = min(LIVE_SETTINGS["influence_projection_dim"], int(num_influence_parameters))
     if k is not None:
@@ -173,8 +177,11 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     build = build_config(args, settings.name, sizes, max_test_samples, live)
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
-        progress(f"reusing the finished build in {directory} (the same settings and model)")
-        return directory, None
+        if _built_table(directory) == build:
+            progress(f"reusing the finished build in {directory} (the same settings and model)")
+            return directory, None
+        logger.warning(f"{directory / 'table'} is not the table of the finished build {ready} records (another "
+                       "build wrote it since, or it was removed): building again.")
     directory.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
     shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
@@ -192,7 +199,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     progress(f"computing the influence table of {len(hans)} test rows over {len(raw['train']):,} training rows")
     if live:
         explainer = Explainer(model, tokenizer, raw["train"], args.influence_settings(), names,
-                              cache_dir=directory / ENGINE_DIR)
+                              cache_dir=directory / ENGINE_DIR, max_length=NLI_MAX_LENGTH)
         table, predictions = explainer.table(hans)
     else:
         collator = DataCollatorWithPadding(tokenizer)
@@ -201,17 +208,30 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
             predictions = predict(model, hans, engine=engine).argmax(-1)
     progress("saving the table, the model and the engine's caches")
     table.metadata["embedded_build"] = build | {"fine_tuning": info}
-    save_with_text(table, directory / "table", model=model,
-                   model_name=f"hf_fastif embedded default ({settings.description})",
-                   train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
-                   test=TextSource(raw_hans, "hf_fastif generated HANS-style NLI", "hans"), predictions=predictions)
-    model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    raw["train"].to_parquet(str(directory / "train.parquet"))
-    if explainer is not None:
-        explainer.save_caches()
-    write_atomic(ready, to_json({"config": build}))
+    table.metadata["tokenization"] = {"max_length": NLI_MAX_LENGTH}
+    if is_main_process():  # under `accelerate launch` every process holds the table and the model; one writes them
+        save_with_text(table, directory / "table", model=model,
+                       model_name=f"hf_fastif embedded default ({settings.description})",
+                       train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
+                       test=TextSource(raw_hans, "hf_fastif generated HANS-style NLI", "hans"), predictions=predictions)
+        model.save_pretrained(directory / "model")
+        tokenizer.save_pretrained(directory / "model")
+        raw["train"].to_parquet(str(directory / "train.parquet"))
+        if explainer is not None:
+            explainer.save_caches()
+        write_atomic(ready, to_json({"config": build}))
+    barrier()  # the others return once the build is on disk
     return directory, explainer
+
+
+def _built_table(directory: Path) -> dict | None:
+    """The embedded build config (`build_config`) the table in ``directory`` was written with; None when there is
+    none (no table, a table of another build, e.g. ``hf-fastif build --model_name_or_path`` into the same folder)."""
+    try:
+        built = read_metadata(directory / "table").get("embedded_build")
+    except InfluenceTableError:
+        return None
+    return {k: v for k, v in built.items() if k != "fine_tuning"} if isinstance(built, dict) else None
 
 
 # ---- live explanations ------------------------------------------------------------------------------------
@@ -229,6 +249,8 @@ class Explanation:
         seconds: wall time of the computation (prediction + influence), lock wait excluded.
         k / n: candidates scored / rows asked for per side.
         candidates_note: how the candidates were chosen (`InfluenceTable.candidates_note`; None: every row scored).
+        length: the pair's own length in word pieces; more than ``pieces`` when it was cut to the table's token
+            limit (`Explainer.max_length`), as the table's rows were.
         stages: seconds of each step (`STAGES`): tokenising (not in ``seconds``), the prediction, then the engine's
             trunk states of the test row, its gradient, s_test, the candidates, their scoring, and ``other`` (the
             engine's checks and weight hashing, the table's assembly).
@@ -245,6 +267,7 @@ class Explanation:
     n: int
     stages: dict[str, float] = field(default_factory=dict)
     candidates_note: str | None = None
+    length: int | None = None
 
 
 STAGES = ("tokenize", "predict", "trunk", "test_gradients", "s_test", "candidates", "scoring", "other")
@@ -253,13 +276,19 @@ ENGINE_STAGES = ("trunk", "test_gradients", "s_test", "candidates", "scoring")
 """The steps `InfluenceEngine.compute_influences` times (``<name>_s`` in the table's ``diagnostics``)."""
 
 
-def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens: int = MAX_PAIR_TOKENS,
-                ) -> tuple[Dataset, list[str], list[str]]:
-    """``(one-row tokenized dataset, word pieces, words read as unknown)`` of a typed pair. A sentence that tokenizes
-    to nothing, or to no known word (only the unknown token and punctuation), and a pair longer than ``max_tokens``
-    pieces are refused with a `ValueError` that says what to type instead."""
+def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens: int = MAX_PAIR_TOKENS, *,
+                max_length: int | None = None) -> tuple[Dataset, list[str], list[str], int]:
+    """``(one-row tokenized dataset, word pieces read, words read as unknown, the pair's own length in pieces)`` of
+    a typed pair. A sentence that tokenizes to nothing, to no known word (only the unknown token and punctuation) or
+    holds a special token's text (``[SEP]``), and a pair longer than ``max_tokens`` pieces, are refused with a
+    `ValueError` that says what to type instead. With ``max_length`` (the limit the table's rows were cut to), a longer
+    pair is cut the same way, longest side first, as the table's rows were (its own length tells)."""
     unk = tokenizer.unk_token
     for text, name in ((premise, "premise"), (hypothesis, "hypothesis")):
+        special = [token for token in tokenizer.all_special_tokens if token and token in text]
+        if special:  # the tokenizer reads them as its control tokens (a [SEP] starts a third segment), not as words
+            raise ValueError(f"The {name} contains {', '.join(dict.fromkeys(special))}, which the model's tokenizer "
+                             "reads as a special (control) token, not as text; remove it.")
         pieces = tokenizer.tokenize(text)
         if not pieces:
             raise ValueError(f"The {name} has nothing the model can read (only spaces, control or zero-width "
@@ -269,10 +298,13 @@ def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens
                              f"{' '.join(pieces)}); type words it knows, e.g. in English.")
     fast = getattr(tokenizer, "is_fast", False)
     encoded = tokenizer(premise, hypothesis, truncation=False, return_offsets_mapping=fast)
-    ids = encoded["input_ids"]
-    if len(ids) > max_tokens:
-        raise ValueError(f"The pair has {len(ids)} word pieces; at most {max_tokens} are allowed. Shorten the "
+    length = len(encoded["input_ids"])
+    if length > max_tokens and (max_length is None or max_length > max_tokens):
+        raise ValueError(f"The pair has {length} word pieces; at most {max_tokens} are allowed. Shorten the "
                          "sentences.")
+    if max_length is not None and length > max_length:
+        encoded = tokenizer(premise, hypothesis, truncation=True, max_length=max_length, return_offsets_mapping=fast)
+    ids = encoded["input_ids"]
     unknown = []
     if fast and tokenizer.unk_token_id is not None:
         texts = (premise, hypothesis)
@@ -281,7 +313,7 @@ def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens
                 start, end = encoded["offset_mapping"][i]
                 unknown.append(texts[seq][start:end])
     row = {key: [list(encoded[key])] for key in encoded if key != "offset_mapping"} | {"labels": [int(label)]}
-    return Dataset.from_dict(row), tokenizer.convert_ids_to_tokens(ids), unknown
+    return Dataset.from_dict(row), tokenizer.convert_ids_to_tokens(ids), unknown, length
 
 
 class Explainer:
@@ -298,6 +330,8 @@ class Explainer:
         label_names: label id → name.
         train_ids: the table's ``train_id`` of each row of ``train`` (default: the row numbers).
         cache_dir: where `save_caches` writes the engine's caches and where they are read from now.
+        max_length: the token limit the table's pairs were cut to (`table_max_length`): the training rows and typed
+            pairs are cut the same way.
 
     Attributes:
         loaded: the caches read from ``cache_dir`` (`InfluenceEngine.load_caches` names).
@@ -305,12 +339,13 @@ class Explainer:
     """
 
     def __init__(self, model, tokenizer, train: Dataset, table_settings: dict, label_names: list[str],
-                 train_ids: np.ndarray | None = None, *, cache_dir: str | os.PathLike | None = None):
+                 train_ids: np.ndarray | None = None, *, cache_dir: str | os.PathLike | None = None,
+                 max_length: int = NLI_MAX_LENGTH):
         self.model, self.tokenizer, self.label_names = model.eval(), tokenizer, list(label_names)
-        self.train = train
+        self.train, self.max_length = train, int(max_length)
         self.train_ids = np.arange(len(train)) if train_ids is None else np.asarray(train_ids)
         columns = train.select_columns(["premise", "hypothesis", "label"])
-        self.train_tokenized = with_content_fingerprint(tokenize_nli(columns, tokenizer))
+        self.train_tokenized = with_content_fingerprint(tokenize_nli(columns, tokenizer, max_length=self.max_length))
         self.collator = DataCollatorWithPadding(tokenizer)
         self.num_influence_parameters = num_parameters(select_parameters(model, table_settings.get("influence_params")))
         if self.num_influence_parameters > MAX_LIVE_PARAMETERS:
@@ -388,9 +423,11 @@ class Explainer:
         raise ValueError(f"Choose the gold label of the pair ({' / '.join(self.label_names)}).")
 
     def encode(self, premise: str, hypothesis: str, label: int) -> tuple[Dataset, list[str], list[str]]:
-        """`encode_pair` with this explainer's tokenizer, at most `MAX_PAIR_TOKENS` pieces or the model's positions."""
+        """`encode_pair` with this explainer's tokenizer, at most `MAX_PAIR_TOKENS` pieces or the model's positions,
+        cut to `max_length` as the table's rows."""
         positions = getattr(self.model.config, "max_position_embeddings", None) or MAX_PAIR_TOKENS
-        return encode_pair(self.tokenizer, premise, hypothesis, label, min(MAX_PAIR_TOKENS, positions))
+        return encode_pair(self.tokenizer, premise, hypothesis, label, min(MAX_PAIR_TOKENS, positions),
+                           max_length=self.max_length)
 
     def explain(self, premise: str, hypothesis: str, label, k: int | None = None, n: int = 5) -> Explanation:
         """The prediction and the most helpful / harmful training rows for a typed pair with gold ``label`` (a
@@ -401,7 +438,7 @@ class Explainer:
         n = check_int(n, "number of rows", 1, MAX_ROWS)
         timer = Timer(suffix="")
         with timer("tokenize"):
-            test, pieces, unknown = self.encode(premise, hypothesis, self.label_id(label))
+            test, pieces, unknown, length = self.encode(premise, hypothesis, self.label_id(label))
         with self._lock:
             start = time.perf_counter()
             with timer("predict"):
@@ -414,7 +451,7 @@ class Explainer:
         stages["other"] = max(0.0, seconds - sum(v for name, v in stages.items() if name != "tokenize"))
         return Explanation(prediction, self._rows(table.helpful(0, n)), self._rows(table.harmful(0, n)),
                            table.describe(0), pieces, unknown, seconds, k, n, {name: stages[name] for name in STAGES},
-                           table.candidates_note())
+                           table.candidates_note(), length)
 
     def predict(self, test: Dataset) -> dict[str, float]:
         """The model's probability of each label for a one-row tokenized dataset (one full forward)."""
@@ -475,10 +512,11 @@ class SpaceState:
         tests = table.tests().rename(columns=lambda c: c.removeprefix("test_") if c != "test_id" else c)
         names = table.metadata.get("label_names") or (explainer.label_names if explainer else None)
         if not names:
-            labels = [int(x) for x in tests["label"].dropna()] if "label" in tests else []
-            names = [str(i) for i in range(max(labels, default=1) + 1)]
+            labels = [label_id(x) for x in tests["label"]] if "label" in tests else []
+            names = [str(i) for i in range(max((x for x in labels if x is not None), default=1) + 1)]
         if "label" in tests and "prediction" in tests:
-            tests["correct"] = tests["label"] == tests["prediction"]
+            tests["correct"] = [label_text(a, names) == label_text(b, names) != "" for a, b in
+                                zip(tests["label"], tests["prediction"])]  # a label stored as its name counts too
         return cls(table, source, tests, list(names), explainer, list(notices or []))
 
     # ---- choosing a test example -----------------------------------------------------------------------
@@ -531,15 +569,12 @@ class SpaceState:
         if "label" in row:
             lines.append(f"**Gold:** {self.label_name(row.label)}")
         if "prediction" in row:
-            verdict = "correct" if row.prediction == row.label else "**wrong**"
+            verdict = "correct" if self.label_name(row.prediction) == self.label_name(row.label) else "**wrong**"
             lines.append(f"**Model's prediction:** {self.label_name(row.prediction)} ({verdict})")
         return "\n\n".join(lines)
 
     def label_name(self, value) -> str:
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            return ""
-        value = int(value)
-        return self.label_names[value] if 0 <= value < len(self.label_names) else str(value)
+        return label_text(value, self.label_names)
 
     # ---- rows, counts and plots --------------------------------------------------------------------------
     def rows(self, test_id, n) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -691,6 +726,9 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
     candidates' counts and the time it took."""
     pieces = " ".join(explanation.pieces)
     lines = [f"**How the model reads it** ({len(explanation.pieces)} word pieces): `{pieces}`"]
+    if explanation.length is not None and explanation.length > len(explanation.pieces):
+        lines.append(f"**Cut** from {explanation.length} to {len(explanation.pieces)} word pieces (longest sentence "
+                     "first), as the table's pairs were cut: the model reads the pair as shown.")
     if explanation.unknown:
         words = ", ".join(f"“{w}”" for w in explanation.unknown)
         lines.append(f"**Unknown to the tokenizer** (read as its unknown token, so they carry no meaning): {words}")
@@ -708,6 +746,9 @@ def open_table(source: str, revision: str | None = None) -> tuple[InfluenceTable
     not exist says so, and a name that could be either (``out/table``) says both were tried."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if revision:
+            raise ValueError(f"A revision ({revision!r}) picks a version of a Hub repo, but {source!r} is a local "
+                             "folder, which holds one version: drop the revision, or pass the Hub repo id.")
         try:
             return InfluenceTable.load(path), f"local folder {source}"
         except InfluenceTableError as err:  # a build folder: its table is one level down
@@ -782,6 +823,7 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
             explainer = _explainer(table, model, train, cache_dir=_engine_dir(table, train))
             progress(warm_up_stage(explainer))
             explainer.warm_up()
+            notices += [note for note in [live_rows_notice(table, len(train))] if note]
         except (ValueError, OSError) as err:  # a model that does not match the table, a table without text...
             logger.error(f"Live explanations are off: {type(err).__name__}: {err}")
             notices.append(f"Live explanations are off: {err}")
@@ -791,6 +833,18 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
             notices.append(f"Live explanations compute influence with other settings than this table ({differs}): a "
                            "typed copy of a table row can get other rows and values than the table shows.")
     return SpaceState.from_table(table, label, explainer, notices)
+
+
+def live_rows_notice(table: InfluenceTable, live_rows: int) -> str | None:
+    """A notice when live explanations run over fewer training rows than the table was computed over (a table
+    carries the text of the rows it scored, its candidates, and at most `MAX_TRAIN_ROWS` are used), else None."""
+    total = (table.metadata.get("train_data") or {}).get("num_rows")
+    if not isinstance(total, int) or live_rows >= total:
+        return None
+    return (f"Live explanations use {live_rows:,} of the {total:,} training rows this table was computed over (the "
+            "rows whose text it carries: its candidates, at most "
+            f"{MAX_TRAIN_ROWS:,}): their Hessian and candidates are those rows', so a typed copy of a table row gets "
+            "other values, and can get other rows, than the table shows.")
 
 
 def settings_differ(table_settings: dict, explainer: Explainer | None) -> str:
@@ -851,7 +905,14 @@ def _explainer(table: InfluenceTable, model_name: str, train: Dataset, *, cache_
     names = table.metadata.get("label_names") or [model.config.id2label[i] for i in range(model.config.num_labels)]
     ids = np.asarray(train["train_id"]) if "train_id" in train.column_names else None  # rows taken from a table
     return Explainer(model, tokenizer, train, table.metadata.get("settings") or {}, list(names), ids,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, max_length=table_max_length(table))
+
+
+def table_max_length(table: InfluenceTable) -> int:
+    """The token limit a table's pairs were cut to (``metadata["tokenization"]``, which `hf-fastif build` records);
+    `NLI_MAX_LENGTH` for a table that records none, as `hf-fastif build` cut pairs before it recorded the limit."""
+    recorded = (table.metadata.get("tokenization") or {}).get("max_length")
+    return int(recorded) if isinstance(recorded, int) and recorded > 0 else NLI_MAX_LENGTH
 
 
 # ---- starting in the background ----------------------------------------------------------------------------

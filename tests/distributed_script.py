@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from hf_fastif import build_influence_table, compute_influences  # noqa: E402
-from hf_fastif.distributed import finish, world  # noqa: E402
+from hf_fastif import InfluenceTable, build_influence_table, compute_influences  # noqa: E402
+from hf_fastif.distributed import barrier, finish, world  # noqa: E402
 from hf_fastif.influence import default_arguments  # noqa: E402
 from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model  # noqa: E402
 
@@ -88,6 +88,12 @@ if __name__ == "__main__":
                                   data_collator=collator)
     out["build"] = build.to_pandas().to_dict(orient="list")
     out["num_processes"] = size
+    # every process holds the whole table and saves it, as the README's `table.save("dir")` does without a
+    # main-process guard: the writers deleted each other's shards mid-save and the launch failed, the table lost
+    build.save(sys.argv[1] + ".saved", shard_rows=3)
+    barrier()
+    if rank == 0:
+        out["saved"] = InfluenceTable.load(sys.argv[1] + ".saved", verify=True).to_pandas().to_dict(orient="list")
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)

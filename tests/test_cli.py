@@ -268,3 +268,120 @@ def test_a_help_flag_before_the_command_is_the_main_help(capsys) -> None:
         main(["--help", "build", "--output_dir", "x"])
     assert exit_.value.code == 0 and "usage: hf-fastif [-h]" in capsys.readouterr().out
 
+
+
+# ---- user input that used to pass silently ----------------------------------------------------------------
+TINY = ["--embedded_model", "tiny", "--max_train_samples", "60", "--max_test_samples", "2", "--num_train_epochs",
+        "1", "--influence_knn_k", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory) -> Path:
+    """The tiny embedded default (128 positions) built once, with its generated training rows as a jsonl file."""
+    from hf_fastif.data import generate_nli
+
+    out = tmp_path_factory.mktemp("cli_tiny")
+    assert main(["build", "--output-dir", str(out / "embedded"), *TINY]) == 0
+    generate_nli(seed=0, n_train=60, n_hans_per_subcase=1, n_pool_per_subcase=0)["train"].to_json(out / "train.jsonl")
+    return out
+
+
+def _model_build(tiny_build: Path, out: Path, test_file: Path, *extra: str) -> list[str]:
+    return ["build", "--output-dir", str(out), "--model_name_or_path", str(tiny_build / "embedded" / "model"),
+            "--train_dataset", str(tiny_build / "train.jsonl"), "--test_dataset", str(test_file),
+            "--influence_solver", "cg", "--influence_params", r"pooler\.", r"classifier\.", *extra]
+
+
+def test_a_model_build_cuts_pairs_where_asked_records_it_and_says_how_many(tiny_build, tmp_path, capsys) -> None:
+    """`hf-fastif build` cut every pair to 64 word pieces, whatever the model reads, without a word: two test rows
+    that differ after the 64th piece got the same influence. Now the limit is the paper's 128 (or the model's
+    positions), `--max_length` sets it, the table records it and the number of pairs cut is logged."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    words = ("the doctor near the artist saw the secretary and the author in the garden " * 6).split()
+    ending = "the lawyer trusted the student behind the actor and danced".split()
+    long_pairs = [" ".join(words) + " .", " ".join(words[:-10] + ending) + " ."]
+    test_file = tmp_path / "long.jsonl"
+    test_file.write_text("".join(json.dumps({"premise": p, "hypothesis": "The doctor saw the artist.",
+                                             "label": "entailment"}) + "\n" for p in long_pairs))
+    logger = logging.get_logger("hf_fastif.data.tokenization")
+
+    def influences(out: Path, *extra: str) -> tuple[list, dict, str]:
+        with CaptureLogger(logger) as captured:
+            assert main(_model_build(tiny_build, out, test_file, *extra)) == 0
+        table = InfluenceTable.load(out / "table")
+        values = [table.for_test(t).sort_values("train_id").influence.tolist() for t in (0, 1)]
+        return values, table.metadata["tokenization"], captured.out
+
+    values, tokenization, logged = influences(tmp_path / "whole")
+    assert tokenization == {"max_length": 128} and values[0] != values[1] and "were cut" not in logged
+    values, tokenization, logged = influences(tmp_path / "cut", "--max_length", "64")
+    assert tokenization == {"max_length": 64} and values[0] == values[1]
+    assert "2 of the 2 pairs are longer than max_length=64 word pieces and were cut" in logged
+    for flags, message in ((["--max_length", "4000"], "--max_length 4000 exceeds the 128 positions of the model"),
+                           (["--max_length", "3"], "--max_length must be at least 8")):
+        assert main(_model_build(tiny_build, tmp_path / "bad", test_file, *flags)) == 2
+        assert message in capsys.readouterr().err
+    assert main(["build", "--output-dir", str(tmp_path / "e"), *TINY, "--max_length", "100"]) == 2
+    assert main(["recall", "--max_length", "100"]) == 2
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "e").exists()
+
+
+def test_an_embedded_build_is_not_reused_once_another_build_replaced_its_table(tiny_build, tmp_path, capsys) -> None:
+    """A model build into the folder of an embedded one replaced its table; the embedded build then "reused the
+    finished build" on the strength of its ready.json and reported the model build's table as its own."""
+    import shutil
+
+    out = tmp_path / "mixed"
+    shutil.copytree(tiny_build / "embedded", out)
+    assert main(["build", "--output-dir", str(out), *TINY]) == 0
+    assert "reusing the finished build" in capsys.readouterr().err
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"premise": "The judge slept.", "hypothesis": "The judge slept.", "label": 0}))
+    assert main(_model_build(tiny_build, out, test_file)) == 0
+    assert len(InfluenceTable.load(out / "table").test_ids) == 1
+    capsys.readouterr()
+    assert main(["build", "--output-dir", str(out), *TINY]) == 0
+    assert "reusing the finished build" not in capsys.readouterr().err
+    table = InfluenceTable.load(out / "table")
+    assert len(table.test_ids) == 2 and table.metadata["embedded_build"]["kind"] == "tiny"
+
+
+def test_labels_stored_as_names_or_missing_are_shown_as_they_are(tmp_path, capsys) -> None:
+    """`add_text` takes untokenized rows, whose labels can be names: `show` and the Space failed on them with
+    "invalid literal for int()", and on a null label with "cannot convert float NaN to integer"."""
+    from datasets import Dataset
+
+    from hf_fastif.space import SpaceState
+
+    train = Dataset.from_dict({"premise": ["a", "b", "c"], "hypothesis": ["x", "y", "z"],
+                               "label": ["entailment", "non_entailment", "entailment"]})
+    test = Dataset.from_dict({"premise": ["q"], "hypothesis": ["r"], "label": ["non_entailment"],
+                              "prediction": [1]})
+    table = InfluenceTable.from_arrays([0, 0, 0], [0, 1, 2], [-1.0, 0.5, 2.0],
+                                       {"label_names": ["entailment", "non_entailment"]}).add_text(
+        train, test, columns=("premise", "hypothesis", "label", "prediction"))
+    table.save(tmp_path / "names")
+    assert main(["show", str(tmp_path / "names"), "--test-id", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "non_entailment" in out and out.count("entailment") >= 3
+    state = SpaceState.from_table(table, "names")
+    assert "**Gold:** non_entailment" in state.describe(0) and "(correct)" in state.describe(0)
+    helpful, harmful = state.rows(0, 3)
+    assert helpful.label.tolist() == ["entailment"] and harmful.label.tolist() == ["entailment", "non_entailment"]
+    unlabelled = Dataset.from_dict({"premise": ["q"], "hypothesis": ["r"], "label": [None]})
+    bare = InfluenceTable.from_arrays([0], [0], [1.0], {"label_names": ["e", "n"]}).add_text(train, unlabelled)
+    bare.save(tmp_path / "null")
+    assert main(["show", str(tmp_path / "null"), "--list"]) == 0
+    assert main(["show", str(tmp_path / "null"), "--test-id", "0"]) == 0
+
+
+def test_more_input_that_failed_with_a_traceback_or_was_ignored(tmp_path, capsys) -> None:
+    from tests.test_table import sign_table
+
+    assert main(["recall", "--ks", "inf"]) == 2  # an OverflowError's traceback
+    assert "k='inf' is not a number of candidates" in capsys.readouterr().err
+    sign_table().save(tmp_path / "t")
+    assert main(["show", str(tmp_path / "t"), "--revision", "v1"]) == 2  # a local folder: the revision was ignored
+    assert "picks a version of a Hub repo, but" in capsys.readouterr().err

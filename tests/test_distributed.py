@@ -75,6 +75,12 @@ def test_two_process_build_equals_the_single_table(two_processes, one_process):
     np.testing.assert_allclose(np.asarray(build["influence"])[order], single["influence"], rtol=1e-5, atol=1e-9)
 
 
+def test_every_process_saving_the_table_into_one_folder_gives_the_table(two_processes):
+    """Every process of a launch holds the whole table; saving it from each (the README's pattern) made the writers
+    delete each other's shards mid-save, and the launch failed with the table lost. They now finish one at a time."""
+    assert two_processes["saved"] == two_processes["build"]
+
+
 def test_mismatched_settings_across_processes_are_refused(tmp_path):
     result = launch(tmp_path / "x.json", "mismatch")
     assert result.returncode != 0

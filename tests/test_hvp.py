@@ -11,18 +11,28 @@ from hf_fastif.params import flatten, select_parameters, unflatten
 from tests.tiny import make_token_dataset, tiny_model
 
 
-def test_closed_form_l2_term_equals_autograd(pad_collator):
+@pytest.mark.parametrize("in_gradients", [False, True])
+def test_closed_form_l2_term_equals_autograd(pad_collator, in_gradients):
+    """The Hessian has the L2 term always (it is the objective's); the rows' gradients have it only with
+    ``l2_in_gradients`` (the 2021 code's convention)."""
     model = tiny_model("bert")
     data = make_token_dataset(5, seed=0)
     params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
-    fm = FunctionalModel(model, list(params), weight_decay=0.03)
+    fm = FunctionalModel(model, list(params), weight_decay=0.03, l2_in_gradients=in_gradients)
     assert fm.decayed and len(fm.decayed) < len(params)  # biases / LayerNorm weights carry no L2 term
     batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(5))
     flat = flatten(params).detach()
 
     def total(f, reduction):
-        losses = fm.losses(unflatten(f, params), batch)  # the L2 term inside the graph
+        p = unflatten(f, params)
+        losses = fm.values_without_l2(p, batch)[0] + fm._l2(p)  # the objective, the L2 term inside the graph
         return losses.mean() if reduction == "mean" else losses.sum()
+
+    def row_losses(f):
+        p = unflatten(f, params)
+        return fm.values_without_l2(p, batch)[0] + (fm._l2(p) if in_gradients else 0.0)
+
+    torch.testing.assert_close(fm.losses(params, batch), row_losses(flat))
 
     v = torch.randn(2, flat.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for reduction in ("mean", "sum"):
@@ -31,9 +41,9 @@ def test_closed_form_l2_term_equals_autograd(pad_collator):
         torch.testing.assert_close(batch_hvp(fm, params, batch, v, reduction=reduction), expected)
         torch.testing.assert_close(batch_hvp(fm, params, batch, v[0], reduction=reduction), expected[0])
         torch.testing.assert_close(batch_hvp(fm, params, batch, v[:1], reduction=reduction), expected[:1])  # stack of 1
-    grad_sum = torch.autograd.functional.jacobian(lambda f: total(f, "sum"), flat)
+    grad_sum = torch.autograd.functional.jacobian(lambda f: row_losses(f).sum(), flat)
     torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="sum"), grad_sum)
-    per_row = torch.autograd.functional.jacobian(lambda f: fm.losses(unflatten(f, params), batch), flat)
+    per_row = torch.autograd.functional.jacobian(row_losses, flat)
     torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="none"), per_row)
     torch.testing.assert_close(directional_derivatives(fm, params, batch, v), per_row @ v.T)
 

@@ -332,6 +332,40 @@ def test_low_rank_solver_is_the_truncated_eigendecomposition():
         solve_low_rank(torch.tensor([-1.0, 2.0], dtype=torch.float64), vectors[:2], v, 0.5)
 
 
+def test_low_rank_solver_keeps_measured_negative_curvature_and_refuses_by_it():
+    """A negative Ritz value of small magnitude fell outside the top-|μ| ranks: the solve returned values (0.89 off
+    on a LayerNorm-only selection) and reported a positive smallest eigenvalue, where exact / cg / lissa refuse."""
+    matrix, q = spectrum_matrix(np.r_[-0.02, np.linspace(0.01, 0.1, 26), 3.0, 5.0, 9.0])
+    values, vectors = low_rank_hessian(lambda x: matrix @ x, 30, 3, iterations=30, dtype=torch.float64)
+    assert len(values) == 4 and float(values.min()) == pytest.approx(-0.02, rel=1e-8)
+    v = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="eigenvalue of about -0.02 and λ = 0.01"):
+        solve_low_rank(values, vectors, v, 0.01)
+    got, info = solve_low_rank(values, vectors, v, 0.2)  # λ above it: solved, with that direction as measured
+    assert info["hessian_min_ritz_value"] == pytest.approx(-0.02, rel=1e-8) and info["arnoldi_rank"] == 4
+    kept = q[:, [0, -3, -2, -1]]
+    low = kept @ torch.diag(torch.tensor([-0.02, 3.0, 5.0, 9.0], dtype=torch.float64)) @ kept.T
+    torch.testing.assert_close(got, torch.linalg.solve(low + 0.2 * torch.eye(30, dtype=torch.float64), v))
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1e-11])
+def test_low_rank_solver_finds_repeated_eigenvalues_at_any_loss_scale(loss_scale):
+    """From one start vector Lanczos sees one direction per eigenspace: a Hessian whose eigenvalues repeat (a
+    linear head with K outputs on frozen features: I_K ⊗ XᵀX) stopped after 6 of 18 pairs, and the solve treated the
+    rest as flat (45x off). Its stopping rule was absolute, so a loss scaled by 1e-11 kept 1 pair (0.23 off)."""
+    base, _ = spectrum_matrix(np.linspace(0.4, 1.2, 6))
+    matrix = torch.kron(torch.eye(3, dtype=torch.float64), base) * loss_scale
+    v = torch.randn(18, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    lam = 1e-3 * loss_scale
+    exact = torch.linalg.solve(matrix + lam * torch.eye(18, dtype=torch.float64), v)
+    values, vectors = low_rank_hessian(lambda x: matrix @ x, 18, 18, dtype=torch.float64)
+    assert len(values) == 18
+    got, _ = solve_low_rank(values, vectors, v, lam)
+    torch.testing.assert_close(got, exact, rtol=1e-8, atol=0.0)
+    low, high = extreme_eigenvalues(lambda x: matrix @ x, 18, iterations=18, dtype=torch.float64)
+    assert low == pytest.approx(0.4 * loss_scale, rel=1e-8) and high == pytest.approx(1.2 * loss_scale, rel=1e-8)
+
+
 def test_low_rank_solve_keeps_a_diagonal_curvature_exactly():
     """``(V diag(μ) Vᵀ + C + λI)⁻¹ v`` against a dense solve: C on some coordinates only (Woodbury), C constant
     (folded into λ), and an indefinite low-rank term that C + λ does not outweigh refused."""

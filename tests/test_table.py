@@ -390,3 +390,27 @@ def test_a_writer_that_fails_at_its_card_keeps_the_previous_table(tmp_path, monk
             writer.write({"test_id": [0], "train_id": [0], "influence": [1.0]})
     table = InfluenceTable.load(folder)
     assert len(table) == 3 and table.metadata["model"]["name_or_path"] == "bert"
+
+
+def test_writers_of_one_folder_keep_each_others_shards(tmp_path):
+    """Two writers of one folder (every process of a launch saving its copy of the table): the first to close
+    deleted the other's partial shards, whose save then failed; a crashed writer's partial shard (its process gone)
+    is still removed by the next save."""
+    import time
+
+    from hf_fastif.table import InfluenceTableWriter
+
+    table = sign_table()
+    first = InfluenceTableWriter(tmp_path / "t", table.metadata, shard_rows=3, row_group_rows=3)
+    second = InfluenceTableWriter(tmp_path / "t", table.metadata, shard_rows=3, row_group_rows=3)
+    first.write(table.to_pandas())
+    second.write(table.to_pandas())
+    first.close()
+    saved = second.close()
+    pd.testing.assert_frame_equal(saved.to_pandas(), table.to_pandas())
+    stale = tmp_path / "t" / "data" / ".partial-999999999-dead-00000.parquet"  # no such process
+    stale.write_bytes(b"left by a crash")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    table.save(tmp_path / "t")
+    assert not stale.exists()
+    assert sorted(p.name for p in (tmp_path / "t" / "data").iterdir()) == ["train-00000-of-00001.parquet"]

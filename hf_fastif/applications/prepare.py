@@ -56,9 +56,10 @@ PAPER_TRAINING: dict = dict(num_train_epochs=3.0, learning_rate=2e-5, per_device
 """Fine-tuning of a pretrained model as in the paper (3 epochs at lr 2e-5, batch 32)."""
 PAPER_INFLUENCE: dict = dict(influence_params=None, influence_knn_k=1000, influence_damping=5e-3,
                              influence_scale=1e6, influence_recursion_depth=1000, influence_batch_size=1,
-                             influence_repetitions=4, influence_weight_decay=0.005, influence_check_convergence=True)
+                             influence_repetitions=4, influence_weight_decay=0.005,
+                             influence_weight_decay_in_gradients=True, influence_check_convergence=True)
 """The paper's HANS settings (FASTIF.md): λ = 5e-3 × 1e6 = 5000, FastIF's LiSSA (B 1, J 1000, T 4), k 1000, the
-reference code's L2 term; influence over every parameter left trainable."""
+reference code's L2 term, in every loss as there; influence over every parameter left trainable."""
 PAPER_SETUP: dict = dict(trainable_layers=2)
 """The paper freezes bert-base's embeddings and layers 0-9: the last 2 layers, the pooler and the classifier train."""
 RECIPE_DEFAULTS: dict = dict(seed=0)

@@ -14,7 +14,14 @@ from .schema import (
     label_names,
     nli_features,
 )
-from .tokenization import SPECIAL_TOKENS, build_tokenizer, tokenize_nli
+from .tokenization import (
+    MODEL_MAX_LENGTH,
+    NLI_MAX_LENGTH,
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    count_cut_pairs,
+    tokenize_nli,
+)
 
 __all__ = [
     "ENTAILMENT",
@@ -39,6 +46,9 @@ __all__ = [
     "nli_vocabulary",
     "split_hans",
     "tokenize_nli",
+    "count_cut_pairs",
+    "NLI_MAX_LENGTH",
+    "MODEL_MAX_LENGTH",
     "word_overlap_rate",
     "words",
 ]

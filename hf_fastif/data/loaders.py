@@ -227,6 +227,19 @@ def _pick(frame: pd.DataFrame, candidates: Sequence[str]) -> str | None:
     return next((c for c in candidates if c in frame.columns), None)
 
 
+def _texts(frame: pd.DataFrame, column: str, keep: np.ndarray | None = None) -> list[str]:
+    """The text column ``column`` as strings (of the rows ``keep`` marks); a row without its text (missing in a jsonl
+    record, null, NaN) is refused by row number, instead of being read as the word "nan" or "None"."""
+    values = frame[column] if keep is None else frame[column][keep]
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if len(missing):
+        rows = np.arange(len(frame))[keep] if keep is not None else np.arange(len(frame))
+        shown = ", ".join(str(int(rows[i])) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(f"{len(missing)} row(s) have no {column!r} text (missing or null), e.g. rows {shown} (0-based, "
+                         "in file order). Fill them in or drop those rows.")
+    return values.astype(str).tolist()
+
+
 def _nli_frame(frame: pd.DataFrame, file_names: list[str] | None, num_labels: int, genre: str) -> Dataset:
     premise = _pick(frame, ("premise", "sentence1", "context"))
     hypothesis = _pick(frame, ("hypothesis", "sentence2"))
@@ -242,8 +255,8 @@ def _nli_frame(frame: pd.DataFrame, file_names: list[str] | None, num_labels: in
         logger.info(f"Dropped {int((~keep).sum())} rows without a gold label.")
     genres = frame["genre"].astype(str) if "genre" in frame.columns else pd.Series([genre] * len(frame))
     rows = {
-        "premise": frame[premise].astype(str).to_numpy()[keep].tolist(),
-        "hypothesis": frame[hypothesis].astype(str).to_numpy()[keep].tolist(),
+        "premise": _texts(frame, premise, keep),
+        "hypothesis": _texts(frame, hypothesis, keep),
         "label": labels[keep].tolist(),
         "genre": genres.to_numpy()[keep].tolist(),
     }
@@ -282,8 +295,8 @@ def _hans_frame(frame: pd.DataFrame, file_names: list[str] | None, tsv: bool) ->
             else pd.Series([f"ex{i}" for i in range(len(frame))])
         )
     rows = {
-        "premise": frame[premise].astype(str).tolist(),
-        "hypothesis": frame[hypothesis].astype(str).tolist(),
+        "premise": _texts(frame, premise),
+        "hypothesis": _texts(frame, hypothesis),
         "label": _hans_labels(frame[label], file_names).tolist(),
         "heuristic": frame["heuristic"].astype(str).tolist(),
         "subcase": frame["subcase"].astype(str).tolist(),

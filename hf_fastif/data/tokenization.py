@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -12,6 +14,12 @@ from transformers.utils import logging
 from .generate import nli_vocabulary
 
 logger = logging.get_logger(__name__)
+
+NLI_MAX_LENGTH = 64
+"""Token limit of a pair in the embedded default's data (its models are fine-tuned on pairs cut to it)."""
+MODEL_MAX_LENGTH = 128
+"""Token limit of a pair for a user's model (`hf-fastif build` / `recall` with ``--model_name_or_path``, the recipes):
+the paper's, as its MNLI fine-tuning (run_glue's ``max_seq_length``) cut pairs."""
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """Special tokens, in id order: `[PAD]` is 0."""
@@ -59,7 +67,7 @@ def build_tokenizer(
 
 
 def tokenize_nli(
-    dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerFast, max_length: int = 64
+    dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerFast, max_length: int = NLI_MAX_LENGTH
 ) -> Dataset | DatasetDict:
     """Tokenize premise/hypothesis pairs for a sequence-classification model (Trainer-ready).
 
@@ -69,7 +77,8 @@ def tokenize_nli(
     Args:
         dataset: a `Dataset` or `DatasetDict` with `premise`, `hypothesis` and `label` columns.
         tokenizer: any tokenizer that encodes sentence pairs, e.g. `build_tokenizer()`.
-        max_length: pairs longer than this are truncated (longest side first).
+        max_length: pairs longer than this are truncated (longest side first); how many were is logged as a
+            warning, with the fix.
 
     Returns:
         The tokenized dataset, of the same type as `dataset`.
@@ -94,4 +103,28 @@ def tokenize_nli(
         )
 
     tokenized = dataset.map(encode, batched=True, desc="Tokenizing NLI pairs")
+    splits = tokenized.items() if isinstance(tokenized, DatasetDict) else [(None, tokenized)]
+    for name, split in splits:
+        raw = dataset if name is None else dataset[name]
+        cut = count_cut_pairs(raw, split, tokenizer, max_length)
+        if cut:
+            logger.warning(f"{cut:,} of the {len(split):,} pairs{'' if name is None else f' of {name}'} are longer than "
+                           f"max_length={max_length} word pieces and were cut (longest side first), so the model reads "
+                           "them cut; pass a larger max_length (at most the model's positions) to keep them whole.")
     return tokenized.rename_column("label", "labels")
+
+
+def count_cut_pairs(raw: Dataset, tokenized: Dataset, tokenizer, max_length: int) -> int:
+    """How many premise/hypothesis pairs of ``raw`` are longer than ``max_length`` word pieces, ``tokenized`` being
+    them cut to it: only rows of exactly ``max_length`` pieces can have been, and only those are tokenized again,
+    whole."""
+    if not len(tokenized):
+        return 0
+    ids = tokenized.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
+    full = np.flatnonzero(pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False) >= max_length)
+    if not len(full):
+        return 0
+    rows = raw.select(full).select_columns(["premise", "hypothesis"])[:]
+    # cut at one piece more: longer pairs show as such, without the tokenizer's warning about the model's limit
+    again = tokenizer(rows["premise"], rows["hypothesis"], truncation=True, max_length=max_length + 1)["input_ids"]
+    return int(sum(len(x) > max_length for x in again))

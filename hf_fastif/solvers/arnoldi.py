@@ -22,7 +22,11 @@ from .lanczos import lanczos
 def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, rank: int, *,
                      iterations: int | None = None, dtype: torch.dtype = torch.float32, device="cpu",
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``rank`` eigenpairs of largest magnitude, from ``iterations`` (default ``2·rank``) Lanczos steps.
+    """The ``rank`` eigenpairs of largest magnitude, from ``iterations`` (default ``2·rank``) Lanczos steps, and the
+    most negative one the steps found when it is not among them (so ``r`` can be ``rank + 1``): negative curvature
+    already measured is kept in the solve, and `LowRankSolve` refuses an indefinite H + λI by it. It was dropped,
+    so the solve returned values (0.89 off the exact solve on a LayerNorm-only selection) and reported a positive
+    smallest eigenvalue.
 
     Returns:
         ``(values (r,) float64, vectors (r, p))``, ordered by decreasing magnitude.
@@ -32,6 +36,9 @@ def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: in
     steps = min(num_params, iterations if iterations is not None else 2 * rank)
     values, vectors = lanczos(hvp, num_params, steps, dtype=dtype, device=device, seed=seed)
     keep = torch.argsort(values.abs(), descending=True)[:rank]
+    lowest = int(torch.argmin(values))
+    if values[lowest] < 0 and lowest not in keep.tolist():
+        keep = torch.cat([keep, torch.tensor([lowest])])
     return values[keep], vectors[keep]
 
 

@@ -38,7 +38,13 @@ def extreme_eigenvalues(hvp: Callable[[torch.Tensor], torch.Tensor], num_params:
 
 
 def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lanczos' ``(k, k)`` float64 tridiagonal matrix and its ``(steps, p)`` basis (the first k rows are used)."""
+    """Lanczos' ``(k, k)`` float64 tridiagonal matrix and its ``(steps, p)`` basis (the first k rows are used).
+
+    When the Krylov space closes (an invariant subspace: the new direction vanishes against the spectrum's scale
+    seen so far), the iteration restarts from a seeded random vector orthogonal to the basis, with a zero
+    off-diagonal entry: from one start vector Lanczos sees one direction per eigenspace, so a Hessian with repeated
+    eigenvalues (a linear head on frozen features: one copy of the features' Hessian per output) lost the others,
+    and the low-rank solve treated them as flat. It stops early only when the basis spans the whole space."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     steps = min(iterations, num_params)
     basis = torch.empty(steps, num_params, dtype=dtype, device=device)  # filled row by row: no restacking
@@ -47,6 +53,7 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     q /= q.norm()
     alphas: list[float] = []
     betas: list[float] = []
+    scale = 0.0  # the largest |entry| of the tridiagonal so far: the spectrum's scale, whatever the loss's units
     for i in range(steps):
         w = hvp(q).to(dtype)
         alpha = float(torch.dot(w, q))
@@ -59,15 +66,36 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
             raise FloatingPointError("Lanczos met a non-finite Hessian-vector product: the products overflowed "
                                      "(a float16 / bfloat16 model: compute influence on a float32 copy, "
                                      "model.float()), or a loss is inf / NaN.")
-        if beta <= 1e-10 * max(1.0, abs(alpha)):
+        scale = max(scale, abs(alpha), beta)
+        if i + 1 == steps:
             break
+        if beta <= 1e-10 * scale:  # an invariant subspace: go on from a new direction (0 off the diagonal)
+            w = _orthogonal_start(done, gen, dtype)
+            if w is None:
+                break
+            beta = 0.0
         betas.append(beta)
-        if i + 1 < steps:
-            q = basis[i + 1]
+        q = basis[i + 1]
+        if beta:
             torch.div(w, beta, out=q)
+        else:
+            q.copy_(w)
     k = len(alphas)
     tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if k > 1:
         off = torch.tensor(betas[: k - 1], dtype=torch.float64)
         tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
     return tri, basis
+
+
+def _orthogonal_start(basis: torch.Tensor, gen: torch.Generator, dtype) -> torch.Tensor | None:
+    """A seeded random unit vector orthogonal to the rows of ``basis``, or None when they span the space."""
+    for _ in range(3):
+        w = torch.randn(basis.shape[1], generator=gen, dtype=dtype).to(basis.device)
+        w /= w.norm()
+        for _ in range(2):
+            w = w - basis.T @ (basis @ w)
+        norm = float(w.norm())
+        if norm > 1e-3:
+            return w / norm
+    return None

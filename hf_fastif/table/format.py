@@ -3,6 +3,10 @@ error types and the column checks that every other room of `hf_fastif.table` rel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -24,6 +28,29 @@ class InfluenceTableError(ValueError):
 
 class ModelMismatchError(InfluenceTableError):
     """The table was computed with a different model than the one given."""
+
+
+def label_id(value) -> int | None:
+    """``value`` as a label id when it is one (an int, or a float with an integral value as pandas stores a column
+    with nulls), else None (a label name, a null, NaN)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def label_text(value, names: Sequence[str] | None) -> str:
+    """How a stored label reads: the name of a label id in ``names``, the value itself otherwise (a label stored as
+    its name, an id without a name), "" when it is missing (null, NaN)."""
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return ""
+    index = label_id(value)
+    if index is None:
+        return str(value)
+    return names[index] if names and 0 <= index < len(names) else str(index)
 
 
 def check_columns(schema: pa.Schema, what: str) -> None:

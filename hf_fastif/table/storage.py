@@ -26,6 +26,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset
+from filelock import FileLock
 
 from ..utils import file_digest, library_version, quiet_datasets, to_json, write_atomic
 from .card import dataset_card
@@ -54,6 +56,13 @@ from .format import (
     check_columns,
     normalized_schema,
 )
+
+LOCK_FILE = ".cache/huggingface/hf_fastif.lock"
+"""The lock a writer holds while it finishes a table folder (writers of one folder, e.g. every process of a launch
+saving its copy of the table, finish one after the other); in the folder huggingface_hub keeps its own local metadata
+in, which uploads leave out."""
+PARTIAL_GRACE_S = 600
+"""A partial shard of another machine's writer (a shared folder) that changed within this many seconds is left alone."""
 
 if TYPE_CHECKING:
     from .table import InfluenceTable
@@ -310,6 +319,27 @@ class ShardReader:
 
 
 # ---- incremental writing ------------------------------------------------------------------------------------
+def _live_partial(path: Path) -> bool:
+    """Whether ``path`` is a shard another writer is still writing (``.partial-<pid>-<tag>-<n>.parquet``): its
+    process runs on this machine, or (another machine's, on a shared folder) it changed within `PARTIAL_GRACE_S`.
+    A crashed writer's partial shards are neither, and are removed by the next save."""
+    if not path.name.startswith(".partial-"):
+        return False
+    try:
+        pid = int(path.name.split("-")[1])
+        if pid != os.getpid():
+            os.kill(pid, 0)
+            return True
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, ValueError, IndexError, OSError):
+        pass
+    try:
+        return time.time() - path.stat().st_mtime < PARTIAL_GRACE_S
+    except FileNotFoundError:
+        return False
+
+
 def _check_folder_holds_a_table(directory: Path) -> None:
     """Refuse a folder whose ``data/*.parquet`` or ``README.md`` are not an influence table's (a saved dataset's
     own files): closing a writer replaces them. A table's folder (its metadata, or only its card: a save that was
@@ -440,23 +470,27 @@ class InfluenceTableWriter:
         card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
                             columns=self.schema.names)
         self._closed = True
-        (self.directory / METADATA_FILE).unlink(missing_ok=True)
-        # the card before any shard moves: a save interrupted from here on leaves this library's card, so the
-        # folder is still known as a table's (`_check_folder_holds_a_table`) and a new save or a resumed build
-        # may replace it
-        card.save(str(self.directory / CARD_FILE))
-        names = [f"train-{i:05d}-of-{len(self._parts):05d}.parquet" for i in range(len(self._parts))]
-        for old in (self.directory / DATA_DIR).glob("*.parquet"):
-            if old.name not in names and old not in self._parts:
-                old.unlink()
-        shards = []
-        for part, name in zip(self._parts, names):
-            os.replace(part, self.directory / DATA_DIR / name)
-            shards.append(_describe_file(self.directory / DATA_DIR / name))
-        storage = {"format": "parquet", "num_rows": self.num_rows, "sorted": self.sorted, "shards": shards,
-                   "columns": {f.name: str(f.type) for f in self.schema}}
-        write_atomic(self.directory / METADATA_FILE, to_json(metadata | {STORAGE_KEY: storage}, indent=2))
-        return InfluenceTable.load(self.directory)
+        # one writer at a time finishes a folder: every process of a launch saving the table it holds (each has the
+        # whole table) replaced and deleted the others' shards mid-save, and the launch failed with the table lost
+        (self.directory / LOCK_FILE).parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.directory / LOCK_FILE)):
+            (self.directory / METADATA_FILE).unlink(missing_ok=True)
+            # the card before any shard moves: a save interrupted from here on leaves this library's card, so the
+            # folder is still known as a table's (`_check_folder_holds_a_table`) and a new save or a resumed build
+            # may replace it
+            card.save(str(self.directory / CARD_FILE))
+            names = [f"train-{i:05d}-of-{len(self._parts):05d}.parquet" for i in range(len(self._parts))]
+            for old in (self.directory / DATA_DIR).glob("*.parquet"):
+                if old.name not in names and old not in self._parts and not _live_partial(old):
+                    old.unlink(missing_ok=True)
+            shards = []
+            for part, name in zip(self._parts, names):
+                os.replace(part, self.directory / DATA_DIR / name)
+                shards.append(_describe_file(self.directory / DATA_DIR / name))
+            storage = {"format": "parquet", "num_rows": self.num_rows, "sorted": self.sorted, "shards": shards,
+                       "columns": {f.name: str(f.type) for f in self.schema}}
+            write_atomic(self.directory / METADATA_FILE, to_json(metadata | {STORAGE_KEY: storage}, indent=2))
+            return InfluenceTable.load(self.directory)
 
     def abort(self) -> None:
         """Discard what was written (the folder keeps any previous table)."""

@@ -338,6 +338,30 @@ def test_mnli_bad_labels_are_named(tmp_path):
         load_mnli(path)
 
 
+def test_rows_without_their_text_are_refused_by_row(tmp_path):
+    """A jsonl record without "hypothesis", or a null premise (jsonl or parquet), was read as the words "nan" /
+    "None", then tokenized, used in every influence stage and shown in the table."""
+    rows = [{"premise": "The judge slept.", "hypothesis": "The judge slept.", "label": "entailment"},
+            {"premise": "The doctor saw the artist.", "label": "entailment"},
+            {"premise": None, "hypothesis": "The artist danced.", "label": "non_entailment"}]
+    path = _write_jsonl(tmp_path / "missing.jsonl", rows)
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no 'premise' text .* rows 2 \(0-based"):
+        load_mnli(path, num_labels=2)
+    path = _write_jsonl(tmp_path / "no_hypothesis.jsonl", rows[:2])
+    with pytest.raises(ValueError, match=r"no 'hypothesis' text .* rows 1 "):
+        load_mnli(path, num_labels=2)
+    Dataset.from_list([rows[0], rows[2]]).to_parquet(tmp_path / "missing.parquet")
+    with pytest.raises(ValueError, match=r"no 'premise' text .* rows 1 "):
+        load_mnli(tmp_path / "missing.parquet", num_labels=2)
+    # rows dropped for having no gold label are not counted; an empty string is text
+    kept = [{"premise": None, "hypothesis": "h", "label": "-"}, {"premise": "", "hypothesis": "h", "label": 0}]
+    assert load_mnli(_write_jsonl(tmp_path / "kept.jsonl", kept), num_labels=2)["premise"][:] == [""]
+    hans = [{"premise": "p", "hypothesis": None, "label": 0, "heuristic": "lexical_overlap", "subcase": "s",
+             "template": "t"}]
+    with pytest.raises(ValueError, match="no 'hypothesis' text"):
+        load_hans(_write_jsonl(tmp_path / "hans.jsonl", hans))
+
+
 def test_two_label_file_needs_num_labels_2(tmp_path):
     path = _write_jsonl(
         tmp_path / "mnli2.jsonl", [{"premise": "p", "hypothesis": "h", "label": "non_entailment"}]

@@ -189,7 +189,7 @@ def test_typed_text_through_minilm_wordpiece() -> None:
     from hf_fastif.space import encode_pair
 
     tokenizer = load_minilm_tokenizer()
-    test, pieces, unknown = encode_pair(tokenizer, "The xylophonist serenaded the flibbertigibbet 🙂.",
+    test, pieces, unknown, _ = encode_pair(tokenizer, "The xylophonist serenaded the flibbertigibbet 🙂.",
                                         "Someone played music.", 1)
     assert pieces[0] == "[CLS]" and "##yl" in pieces and unknown == ["🙂"]  # rare words split, the emoji named
     assert test["labels"] == [1] and len(test["input_ids"][0]) == len(pieces)
@@ -200,6 +200,24 @@ def test_typed_text_through_minilm_wordpiece() -> None:
         encode_pair(tokenizer, "Someone played music.", "🙂 !", 0)
     with pytest.raises(ValueError, match="word pieces; at most 256 are allowed"):
         encode_pair(tokenizer, "a, " * 100, "b, " * 100, 0)
+    # a special token's text was read as that token: [SEP] started a third segment, [PAD] was attended to
+    for text in ("The [SEP] judge slept.", "[PAD] The judge slept.", "The judge [CLS] slept"):
+        with pytest.raises(ValueError, match="reads as a special \\(control\\) token, not as text; remove it"):
+            encode_pair(tokenizer, text, "Someone slept.", 0)
+    # cut to the table's token limit, as its rows were (longest side first), and its own length told
+    premise, hypothesis = "The doctor near the tall artist saw the secretary in the old garden. " * 3, "A doctor slept."
+    whole = tokenizer(premise, hypothesis)["input_ids"]
+    test, pieces, _, length = encode_pair(tokenizer, premise, hypothesis, 0, max_length=32)
+    assert length == len(whole) > 32 and len(pieces) == 32 and pieces[-1] == "[SEP]"
+    assert test["input_ids"][0] == tokenizer(premise, hypothesis, truncation=True, max_length=32)["input_ids"]
+    assert encode_pair(tokenizer, premise, hypothesis, 0)[1] == tokenizer.convert_ids_to_tokens(whole)
+    from hf_fastif.space import Explanation, explanation_summary
+
+    counts = dict(num_candidates=3, num_helpful=1, num_harmful=2, num_zero=0, num_distinct_values=3, min=-1.0,
+                  median=0.5, max=2.0)
+    summary = explanation_summary(Explanation({}, None, None, counts, pieces, [], 0.1, 3, 1, length=length))
+    assert f"**Cut** from {length} to 32 word pieces (longest sentence first), as the table's pairs were" in summary
+    assert "**Cut**" not in explanation_summary(Explanation({}, None, None, counts, pieces, [], 0.1, 3, 1, length=32))
 
 
 def test_one_live_computation_at_a_time_others_see_their_queue_position(app) -> None:
@@ -331,9 +349,16 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
 
     # a local table with its model: live explanations over the training rows the table carries
     state = load_state(str(build / "table"), model=str(build / "model"))
-    assert state.explainer is not None and not state.notices and "local folder" in state.source
+    assert state.explainer is not None and "local folder" in state.source
     train_ids = set(state.table.to_pandas().train_id)
     assert set(state.explainer.train_ids) == train_ids
+    # those are the table's candidates, fewer than the rows it was computed over: the page says so (it did not, and
+    # a typed copy of a table row got other values than the table's)
+    assert len(train_ids) < TRAIN_ROWS and state.notices == [
+        f"Live explanations use {len(train_ids)} of the {TRAIN_ROWS} training rows this table was computed over (the "
+        "rows whose text it carries: its candidates, at most 5,000): their Hessian and candidates are those rows', so "
+        "a typed copy of a table row gets other values, and can get other rows, than the table shows."]
+    assert state.explainer.max_length == 64  # the limit the table records (the embedded default's)
     found = state.explainer.explain("The judge slept.", "The judge slept.", 0, 20, 3)
     assert set(found.helpful.train_id) | set(found.harmful.train_id) <= train_ids
 
@@ -343,9 +368,9 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
     lissa.metadata["settings"] |= {"influence_solver": "lissa", "influence_knn_features": "auto"}
     lissa.save(tmp_path / "lissa_table")
     state = load_state(str(tmp_path / "lissa_table"), model=str(build / "model"))
-    assert state.explainer is not None and len(state.notices) == 1
+    assert state.explainer is not None and len(state.notices) == 2 and "Live explanations use" in state.notices[0]
     assert "other settings than this table (solver lissa here vs arnoldi live, knn_features auto here vs gradient " \
-           "live)" in state.notices[0]
+           "live)" in state.notices[1]
 
     # another model: the table is shown, live explanations are off, and the page says why
     tiny_model("bert", dtype=torch.float32).save_pretrained(tmp_path / "other")
