@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase, TrainingArguments
 from transformers.utils import logging
 
 from .arguments import InfluenceArguments
@@ -142,10 +142,19 @@ fine-tuning trained. With them the cached trunk covers all 6 layers, so a correc
 paper's choice (everything trained: here layers 4-5 too, 3.7M) costs 40-60 s a correction step on this machine,
 too slow for the 180 influence steps of the correction demo (docs/applications.md has the measurements)."""
 
+def minilm_description(settings: FinetuneSettings) -> str:
+    """What MiniLM fine-tuned with ``settings`` is, in the words of `MINILM`'s description (which holds the
+    defaults: a recipe run with ``--trainable_layers 4 --learning_rate 5e-5`` still said "last 2 of 6 layers ... lr
+    2e-4")."""
+    epochs = f"{settings.epochs:g} epoch" + ("" if settings.epochs == 1 else "s")
+    lr = np.format_float_scientific(settings.lr, trim="-", exp_digits=1)
+    return (f"all-MiniLM-L6-v2 (sha256-verified, 22.7M parameters) fine-tuned here on generated NLI: last "
+            f"{settings.trainable_layers} of 6 layers, pooler and classifier, {epochs} at lr {lr}")
+
+
 MINILM = EmbeddedKind(
     name="minilm",
-    description=("all-MiniLM-L6-v2 (sha256-verified, 22.7M parameters) fine-tuned here on generated NLI: last 2 of 6 "
-                 "layers, pooler and classifier, 1 epoch at lr 2e-4"),
+    description=minilm_description(FinetuneSettings()),
     data=_DATA,
     table_data=_TABLE_DATA,
     training=_TRAINING_COMMON | dict(num_train_epochs=1.0, learning_rate=2e-4),
@@ -268,6 +277,21 @@ _NOT_TRAINING = ("output_dir", "logging_", "save_", "report_to", "run_name", "di
                  "trackio_", "project", "debug", "batch_eval_metrics", "include_")
 
 
+FINETUNE_READS = ("seed", "data_seed", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+                  "warmup_steps", "weight_decay", "use_cpu")
+"""The training fields MiniLM's fine-tuning reads (`finetune_settings`)."""
+
+
+def ignored_training_flags(args: InfluenceArguments) -> list[str]:
+    """``name=value`` of the training fields of ``args`` set away from `TrainingArguments`' defaults that MiniLM's
+    fine-tuning does not read (`FINETUNE_READS`): ``--max_steps 3`` or ``--optim sgd`` were accepted and silently
+    ignored, the cached model the same."""
+    baseline = TrainingArguments(output_dir=args.output_dir).to_dict()
+    return [f"{k}={v!r}" for k, v in args.to_dict().items()
+            if not k.startswith(("influence_", *_NOT_TRAINING)) and k not in FINETUNE_READS and k in baseline
+            and baseline[k] != v]
+
+
 def training_settings(args: InfluenceArguments, kind: str | None = None) -> dict:
     """What the embedded model of ``kind`` trained with ``args`` depends on (a build reuses a model only when these
     are equal): MiniLM's `FinetuneSettings` (its fine-tuning cache key), or for the tiny model every training field of
@@ -290,6 +314,13 @@ def train_embedded_model(raw_train: Dataset, tokenized_train: Dataset, tokenizer
     """
     settings = embedded_kind(kind)
     if settings.name == "minilm":
+        ignored = ignored_training_flags(args)
+        if ignored:
+            smoothing = any(flag.startswith("label_smoothing_factor=") for flag in ignored)
+            logger.warning(f"MiniLM's fine-tuning reads only {', '.join(FINETUNE_READS)}; {', '.join(ignored)} "
+                           "change nothing in the model (the cached one is used as it is)"
+                           + (", though influence's loss takes the label smoothing: the influence is then of a "
+                              "smoothed loss the model was not trained on" if smoothing else "") + ".")
         found = cached_finetune_minilm(raw_train, finetune_settings(args, trainable_layers, max_length),
                                        description=description)
         report = found.manifest.get("report", {})

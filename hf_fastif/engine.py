@@ -56,6 +56,7 @@ from .loss import (
     LossFn,
     default_loss_smoothing,
     find_logits,
+    influence_model,
     logits_of,
     rows_without_targets,
     shifts_labels,
@@ -702,9 +703,7 @@ class InfluenceEngine:
             test.check_labels("test_dataset")
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
-        fm = FunctionalModel(model, names, self.loss_fn, self.measurement_fn, args.influence_weight_decay,
-                             label_smoothing=self._label_smoothing(),
-                             l2_in_gradients=args.influence_weight_decay_in_gradients)
+        fm = influence_model(model, names, args, self.loss_fn, self.measurement_fn)
         return _Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
                      progress=not getattr(args, "disable_tqdm", False) and rank == 0)

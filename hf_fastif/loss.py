@@ -295,6 +295,17 @@ class FunctionalModel:
         return self._mask
 
 
+def influence_model(model: nn.Module, names: list[str], args, loss_fn: LossFn | None = None,
+                    measurement_fn: LossFn | None = None, **kwargs) -> FunctionalModel:
+    """The `FunctionalModel` of influence's loss under ``args`` (`InfluenceArguments`): its L2 term
+    (``influence_weight_decay``, in the rows' gradients with ``influence_weight_decay_in_gradients``) and, for the
+    default loss, the Trainer's label smoothing. Everything that steps or scores on that loss builds it here (an SGD
+    step of the correction built it without the smoothing, and descended another loss than the one it ranked by)."""
+    return FunctionalModel(model, names, loss_fn, measurement_fn, args.influence_weight_decay,
+                           label_smoothing=default_loss_smoothing(args, loss_fn),
+                           l2_in_gradients=args.influence_weight_decay_in_gradients, **kwargs)
+
+
 FORWARD_AD_REFUSALS = ("autograd.Function with functorch transforms", "forward AD", "would mutate a captured Tensor")
 """Parts of the errors torch raises where a model cannot run under forward-mode AD (``torch.func.jvp``): a custom
 ``torch.autograd.Function`` without ``setup_context`` (Bloom's GeLU, Reformer's reversible layers), or an operator

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--pool generated needs the generated data (unset --train_dataset); with your own "
                          "training data pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
     setup = prepare(data_args, args, required_labels=(2, 3), what="Data augmentation",
-                    heuristics=protocol.heuristics, heuristic_splits=("validation", "test"))
+                    heuristics=protocol.heuristics, heuristic_splits=("validation", "test"),
+                    num_anchors=protocol.num_anchors)
     pool, pool_name = pool_dataset(pool_args, raw_pool, setup)
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}; {len(pool)} pool rows")
     data = dataclasses.replace(setup.data, candidates=pool)

@@ -19,7 +19,8 @@ from hf_fastif.distributed import finish
 def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("hans_correction", [CorrectionArguments], argv)
     setup = prepare(data_args, args, required_labels=(2,), what="HANS correction",
-                    heuristics=protocol.heuristics, heuristic_splits=("validation", "test"))
+                    heuristics=protocol.heuristics, heuristic_splits=("validation", "test"),
+                    num_anchors=protocol.num_anchors)
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_correction(setup.model, setup.data, setup.args, protocol)
     return write_report("hans_correction", result, setup, protocol, argv=argv)

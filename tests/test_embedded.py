@@ -126,3 +126,26 @@ def test_a_tampered_or_foreign_cache_folder_is_rebuilt(raw, cache, first, caplog
     (again.folder / "extra.bin").write_bytes(b"x")
     assert "extra.bin was added after the model was cached" in cache_problems(
         again.folder, again.manifest["key"], again.manifest["content"])
+
+
+def test_training_flags_minilm_does_not_read_are_named():
+    """`--max_steps 3`, `--optim sgd`, `--label_smoothing_factor 0.2`, ... were accepted on the MiniLM default and
+    silently ignored (its fine-tuning reads a fixed set of fields): they are now named, in a warning."""
+    from hf_fastif.embedded import FINETUNE_READS, embedded_arguments, ignored_training_flags
+
+    for use in ("table", "hans_correction", None):
+        assert ignored_training_flags(embedded_arguments("out", use=use, kind="minilm")) == []
+    changed = embedded_arguments("out", use="table", kind="minilm", max_steps=3, optim="sgd", num_train_epochs=2.0,
+                                 label_smoothing_factor=0.2, logging_steps=7)
+    assert ignored_training_flags(changed) == ["max_steps=3", "optim='sgd'", "label_smoothing_factor=0.2"]
+    assert "num_train_epochs" in FINETUNE_READS  # read: part of the cache key, so not named
+
+
+def test_the_minilm_description_says_how_it_was_fine_tuned():
+    """The recipes' settings table said "last 2 of 6 layers ... 1 epoch at lr 2e-4" whatever the flags were."""
+    from hf_fastif.embedded import MINILM, minilm_description
+    from hf_fastif.minilm_default import FinetuneSettings
+
+    assert MINILM.description.endswith("last 2 of 6 layers, pooler and classifier, 1 epoch at lr 2e-4")
+    assert minilm_description(FinetuneSettings(trainable_layers=4, epochs=2.0, lr=5e-5)).endswith(
+        "last 4 of 6 layers, pooler and classifier, 2 epochs at lr 5e-5")

@@ -40,6 +40,9 @@ class PoolArguments:
     max_pool_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of the pool."})
 
     def __post_init__(self):
+        if self.max_pool_samples is not None and self.max_pool_samples < 1:  # -5 dropped 5 rows, 0 failed late
+            raise ValueError(f"--max_pool_samples must be at least 1 (omit it for the whole pool), got "
+                             f"{self.max_pool_samples}.")
         if self.pool_format not in POOL_FORMATS:
             raise ValueError(f"--pool_format must be one of {', '.join(POOL_FORMATS)}, got {self.pool_format!r}.")
 

@@ -22,7 +22,7 @@ from ..data import HANS_HEURISTICS
 from ..data.rows import row_key_kind, row_keys
 from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
-from ..loss import FunctionalModel, LossFn, logits_of
+from ..loss import LossFn, influence_model, logits_of
 from ..metrics import load_hans_accuracy
 from ..mode import influence_mode
 from ..params import select_parameters
@@ -253,14 +253,15 @@ def sgd_step(model: nn.Module, rows: Dataset, learning_rate: float, args: Influe
              measurement_fn: LossFn | None = None, measurement: bool = False) -> float:
     """One plain SGD step ``θ ← θ - lr·∇(mean loss of rows)`` on the parameters that take part in influence.
 
-    The loss is the one influence uses (the training loss with the explicit L2 term, or the measurement when
+    The loss is the one influence uses (`hf_fastif.loss.influence_model`: the training loss with the Trainer's
+    label smoothing and, with ``influence_weight_decay_in_gradients``, the explicit L2 term; or the measurement when
     ``measurement``), in eval mode, as in the reference code's ``pseudo_gradient_step``. Returns the mean
     loss of the rows before the step.
     """
     params = select_parameters(model, args.influence_params)
     names = list(params)
     with influence_mode(model, names):
-        fm = FunctionalModel(model, names, loss_fn, measurement_fn, args.influence_weight_decay)
+        fm = influence_model(model, names, args, loss_fn, measurement_fn)
         batch = batcher(model, rows, data_collator).batch(range(len(rows)))
         with torch.no_grad():
             values = (fm.measurements if measurement else fm.losses)(params, batch)

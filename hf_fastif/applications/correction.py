@@ -282,6 +282,12 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
                     "p(contradiction)), since HANS rows have 2 labels.")
         measurement_fn = two_label_loss
     candidates = data.train if data.candidates is None else data.candidates
+    scored = len(candidates) if args.influence_knn_k is None else min(args.influence_knn_k, len(candidates))
+    if {"helpful", "harmful"} & set(protocol.strategies) and scored < protocol.num_points:
+        raise ValueError(f"Each step scores {scored} candidate rows (influence_knn_k={args.influence_knn_k}, "
+                         f"{len(candidates)} candidates), fewer than num_points={protocol.num_points}: 'helpful' and "
+                         f"'harmful' would both step on the same {scored} rows. Raise influence_knn_k or lower "
+                         "num_points.")
     heuristics = heuristics_in(  # each with anchors and with test rows, before any work
         {"data.hans_validation": data.hans_validation["heuristic"], "data.hans_test": data.hans_test["heuristic"]},
         protocol.heuristics, "Correction", "Every heuristic corrected needs rows in both hans_validation (anchors) "
@@ -370,6 +376,10 @@ class _Corrector:
                 table = engine.compute_influences(data.train, anchors, combine="mean", candidate_dataset=data.candidates)
             ids, influence = select_points(table, strategy, protocol.num_points, random_rng, len(candidates),
                                            anchor_ids)
+            if table is not None and len(ids) < protocol.num_points:  # an approximate index returned fewer than k
+                logger.warning(f"Step {step} of {strategy} / {heuristic}: {len(ids)} scored candidates, fewer than "
+                               f"num_points={protocol.num_points}; it steps on those (an approximate "
+                               "influence_knn_index can return fewer than k rows).")
             rows = anchors if strategy == "anchors" else candidates.select(ids)
             loss = sgd_step(work, rows, protocol.correction_learning_rate, self.args, data_collator=data.collator,
                             loss_fn=loss_fn, measurement_fn=measurement_fn, measurement=strategy == "anchors")

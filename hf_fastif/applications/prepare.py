@@ -42,6 +42,8 @@ from ..embedded import (
     embedded_kind,
     embedded_model,
     embedded_tokenizer,
+    finetune_settings,
+    minilm_description,
     train_embedded_model,
 )
 from ..parsing import parse_arguments
@@ -279,7 +281,7 @@ def load_data(data_args: ModelDataArguments, seed: int) -> dict[str, Dataset | N
 
 def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required_labels: tuple[int, ...] = (2,),
             what: str = "This application", heuristics: Sequence[str] | None = None,
-            heuristic_splits: Sequence[str] = ()) -> Setup:
+            heuristic_splits: Sequence[str] = (), num_anchors: int | None = None) -> Setup:
     """Check the model and the data, then load or train the model; return everything an application needs.
 
     Cheap checks come first (label counts, the checkpoint can be found, the data files parse), so bad input
@@ -296,6 +298,8 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
             ``"test"``) right after the split, before any model is built or trained.
         heuristic_splits: the HANS splits that need rows of every heuristic (correction and augmentation:
             validation and test; the influence graph: test); empty: no check.
+        num_anchors: anchors a step draws from each heuristic's validation rows (correction and augmentation),
+            checked to be there before training (it failed after).
     """
     started = time.perf_counter()
     configure_threads(data_args)
@@ -310,9 +314,16 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     # a fraction that empties a split, or a heuristic missing from a split the application needs: here
     raw_split = split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)
     if heuristic_splits:
-        heuristics_in({f"the HANS {name} split": raw_split[name]["heuristic"] for name in heuristic_splits},
-                      heuristics, what, "Name heuristics the HANS data have with --heuristics, or omit it for all; "
-                      "with few rows per subcase, a --validation_fraction nearer 0.5 keeps rows on both sides.")
+        used = heuristics_in({f"the HANS {name} split": raw_split[name]["heuristic"] for name in heuristic_splits},
+                             heuristics, what, "Name heuristics the HANS data have with --heuristics, or omit it for "
+                             "all; with few rows per subcase, a --validation_fraction nearer 0.5 keeps rows on both "
+                             "sides.")
+        if num_anchors is not None:
+            from .correction import sample_anchors
+
+            validation = np.asarray(raw_split["validation"]["heuristic"], dtype=object)
+            for heuristic in used:
+                sample_anchors(validation, heuristic, num_anchors, np.random.default_rng(0))
     kind = data_args.kind
     if kind == "tiny" and data_args.train_dataset is not None:
         logger.warning("The tiny embedded model's word-level tokenizer knows only the generated vocabulary; other "
@@ -349,7 +360,9 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
                            or any(re.search(r, n) for r in args.influence_params or []))
     description = {
         "setup": "embedded" if data_args.embedded else "paper",
-        "model": data_args.model_name_or_path or embedded_kind(kind).description,
+        "model": data_args.model_name_or_path or (
+            minilm_description(finetune_settings(args, data_args.trainable_layers, data_args.max_length))
+            if kind == "minilm" else embedded_kind(kind).description),
         "embedded_model": kind,
         "trained_here": trained, "num_parameters": sum(p.numel() for p in model.parameters()),
         "num_influence_parameters": influence_params,

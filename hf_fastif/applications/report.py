@@ -14,6 +14,11 @@ from ..utils import markdown_table
 from .common import model_report_markdown, write_results
 from .prepare import PAPER_INFLUENCE, Setup
 
+PAPER_METHOD: dict = {"influence_solver": "lissa", "influence_knn_features": "auto"}
+"""FastIF's s_test solver and candidates (the library's defaults, so not among `PAPER_INFLUENCE`'s overrides)."""
+LISSA_ONLY = ("influence_recursion_depth", "influence_batch_size", "influence_repetitions",
+              "influence_check_convergence")
+"""Settings only LiSSA reads: not compared when another solver runs."""
 PAPER_DESCRIPTION: dict = {
     "model": "bert-base-cased, fine-tuned on MNLI-2 (embeddings and layers 0-9 frozen)",
     "influence parameters": "layers 10-11, pooler, classifier (14.7M)",
@@ -58,7 +63,11 @@ def compare_with_paper(setup: Setup, protocol: Any = None, use: str | None = Non
     reasons = settings.why if settings else {}
 
     def why(setting: str, value) -> str:
-        # the embedded default's reason, unless the value is not the embedded default's (then a flag set it)
+        # the embedded default's reason, unless the value is not the embedded default's (then a flag set it); the
+        # paper's setup gives none (a protocol's own default differs there too: it was said "given on the command
+        # line" with no flag given)
+        if settings is None:
+            return ""
         flag = "--quick or the command line" if setup.data_args.quick else "given on the command line"
         if setting in defaults:
             return reasons.get(setting, "") if _show(defaults[setting]) == _show(value) else flag
@@ -66,10 +75,17 @@ def compare_with_paper(setup: Setup, protocol: Any = None, use: str | None = Non
 
     rows = []
     if d["setup"] == "embedded" or d["train_data"] != PAPER_DESCRIPTION["training rows"]:
-        rows += [(k, PAPER_DESCRIPTION[k], here[k], reasons.get(k, "")) for k in PAPER_DESCRIPTION]
-    paper_influence = {k: v for k, v in PAPER_INFLUENCE.items() if k != "influence_params"}
+        model_why = reasons.get("model", "")
+        if kind and d["model"] != settings.description:  # fine-tuned with other flags than the embedded default's
+            model_why = "fine-tuning flags given on the command line"
+        rows += [(k, PAPER_DESCRIPTION[k], here[k], model_why if k == "model" else reasons.get(k, ""))
+                 for k in PAPER_DESCRIPTION]
+    # FastIF's solver and candidates (they were not compared: a run with cg and gradient candidates listed neither)
+    paper_influence = PAPER_METHOD | {k: v for k, v in PAPER_INFLUENCE.items() if k != "influence_params"}
     paper_influence |= getattr(protocol, "PAPER_INFLUENCE", {})
     used = setup.args.influence_settings()
+    if used.get("influence_solver") != "lissa":  # LiSSA's own settings do not apply (they were listed)
+        paper_influence = {k: v for k, v in paper_influence.items() if k not in LISSA_ONLY}
     rows += [(k, _show(v), _show(used.get(k)), why(k, used.get(k))) for k, v in paper_influence.items()
              if _show(v) != _show(used.get(k))]
     paper_lambda = paper_influence["influence_damping"] * paper_influence["influence_scale"]

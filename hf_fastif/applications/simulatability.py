@@ -36,7 +36,7 @@ from ..data import load_mnli, tokenize_nli
 from ..embedded import embedded_model, train_embedded_model
 from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
-from ..loss import FunctionalModel
+from ..loss import influence_model
 from ..mode import influence_mode
 from ..params import select_parameters, unflatten
 from ..trainer import InfluenceTrainer
@@ -271,7 +271,7 @@ class _SimulatorSteps:
         self.model = simulator
         self.params = select_parameters(simulator, args.influence_params)
         self.names = list(self.params)
-        self.fm = FunctionalModel(simulator, self.names, None, None, args.influence_weight_decay)
+        self.fm = influence_model(simulator, self.names, args)
         self.data_collator = data_collator
 
     def losses(self, rows: Dataset, labels: Sequence[int], test_row: Dataset, test_label: int,
@@ -406,7 +406,7 @@ def load_test_points(protocol: SimulatabilityArguments, num_labels: int) -> Data
             raise ValueError("The default test points (HANS validation) have 2 labels; for a 3-label model pass "
                              "--test_dataset nyu-mll/multi_nli (or an MNLI-format file).")
         return None
-    return load_mnli(protocol.test_dataset, split=protocol.test_split, num_labels=num_labels)
+    return load_mnli(protocol.test_dataset, split=protocol.test_split, num_labels=num_labels)  # (no rows: refused)
 
 
 def test_points(raw: Dataset | None, setup: Setup) -> Dataset:

@@ -174,9 +174,13 @@ class InfluenceGraphResult:
             for n in nodes[:3]:
                 hubs.append(f"- {kind} hub {n['node']} ({n['test_points']} test points): {n.get('premise')} / "
                             f"{n.get('hypothesis')} [{n.get('label')}, {n.get('genre')}]")
+        influence = self.settings.get("influence") or {}
+        k = influence.get("influence_knn_k")
+        candidates = ("every training row scored" if k is None else
+                      f"of {k:,} candidates each, {influence.get('influence_knn_features')} features")
         return ("### Influence graph\n\n"
                 f"{self.settings['edges_per_test_point']} most helpful and most harmful training rows of each test "
-                "point (k kNN candidates each).\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(hubs))
+                f"point ({candidates}).\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(hubs))
 
     def plot(self, seed: int | None = None) -> Figure:
         """Two panels (helpful / harmful edges): test points coloured by heuristic, training rows grey, edge

@@ -227,6 +227,15 @@ def _pick(frame: pd.DataFrame, candidates: Sequence[str]) -> str | None:
     return next((c for c in candidates if c in frame.columns), None)
 
 
+def _not_empty(dataset: Dataset, name_or_path, read: int) -> Dataset:
+    """``dataset``, refused when it has no rows (a header-only file): it failed later, after training, or in
+    `split_hans` with a numpy error."""
+    if len(dataset):
+        return dataset
+    why = f"none of its {read} rows has a gold label" if read else "it holds no rows (a header only, or empty)"
+    raise ValueError(f"{str(name_or_path)!r} gives no data: {why}. Pass a file with labelled rows.")
+
+
 def _texts(frame: pd.DataFrame, column: str, keep: np.ndarray | None = None) -> list[str]:
     """The text column ``column`` as strings (of the rows ``keep`` marks); a row without its text (missing in a jsonl
     record, null, NaN) is refused by row number, instead of being read as the word "nan" or "None"."""
@@ -325,7 +334,7 @@ def load_mnli(
     """
     label_names(num_labels)
     frame, file_names = _load(_resolve(name_or_path), split)
-    return _nli_frame(frame, file_names, num_labels, genre="mnli")
+    return _not_empty(_nli_frame(frame, file_names, num_labels, genre="mnli"), name_or_path, len(frame))
 
 
 def load_anli(
@@ -345,7 +354,7 @@ def load_anli(
     round_match = re.search(r"r(\d)", split)
     genre = f"anli_r{round_match.group(1)}" if round_match else "anli"
     frame, file_names = _load(_resolve(name_or_path), split)
-    return _nli_frame(frame, file_names, num_labels, genre=genre)
+    return _not_empty(_nli_frame(frame, file_names, num_labels, genre=genre), name_or_path, len(frame))
 
 
 def load_hans(name_or_path: str | os.PathLike, split: str = "validation") -> Dataset:
@@ -366,7 +375,7 @@ def load_hans(name_or_path: str | os.PathLike, split: str = "validation") -> Dat
     source = _resolve(name_or_path)
     tsv = isinstance(source, Path) and source.suffix.lower() in (".tsv", ".txt")
     frame, file_names = _load(source, split)
-    return _hans_frame(frame, file_names, tsv=tsv)
+    return _not_empty(_hans_frame(frame, file_names, tsv=tsv), name_or_path, len(frame))
 
 
 def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0) -> DatasetDict:

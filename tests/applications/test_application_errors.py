@@ -99,3 +99,20 @@ def test_heuristic_names_fail_before_any_training(tmp_path, no_training):
                                              "split"):
             _main(recipe)(["--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", "constituent",
                            "my_own_heuristic"])
+
+
+def test_empty_data_and_impossible_counts_are_refused_before_training(tmp_path, nli, no_training):
+    """An empty pool, --max_pool_samples 0 / -5 (a negative one dropped rows), a header-only HANS or test file and
+    more anchors than a heuristic's validation rows failed only after the model was trained, with a message naming
+    neither flag (a header-only HANS file: numpy's "zero-size array to reduction operation")."""
+    empty = write_hans_tsv(tmp_path / "empty.txt", nli["raw"]["hans"].select([]))
+    for recipe, flags, message in (
+            ("augmentation", ["--pool", empty], "gives no data: it holds no rows"),
+            ("augmentation", ["--max_pool_samples", "0"], "--max_pool_samples must be at least 1"),
+            ("augmentation", ["--max_pool_samples", "-5"], "--max_pool_samples must be at least 1"),
+            ("hans_correction", ["--hans_file", empty], "gives no data: it holds no rows"),
+            ("simulatability", ["--test_dataset", empty], "gives no data: it holds no rows"),
+            ("hans_correction", ["--num_anchors", "100000"], "fewer than num_anchors=100000"),
+            ("augmentation", ["--num_anchors", "100000"], "fewer than num_anchors=100000")):
+        with pytest.raises(ValueError, match=message):
+            _main(recipe)(["--output_dir", str(tmp_path), *TINY_FLAGS, *flags])

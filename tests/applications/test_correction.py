@@ -69,6 +69,23 @@ def test_sgd_step_is_plain_sgd_on_the_influence_parameters(trained, nli, args):
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_sgd_step_descends_the_loss_influence_ranks_by(trained, nli, args):
+    """With the Trainer's label smoothing, influence's loss is smoothed; the correction's SGD step descended the
+    plain cross-entropy (0.04 off the smoothed gradient on the tiny model's head)."""
+    import torch.nn.functional as F
+
+    smoothed = dataclasses.replace(args, label_smoothing_factor=0.3)
+    model, reference = copy.deepcopy(trained), copy.deepcopy(trained)
+    rows = nli["train"].select(range(4))
+    batch = nli["collator"]([{k: rows[i][k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+                             for i in range(4)])
+    logits = reference(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    F.cross_entropy(logits, batch["labels"], label_smoothing=0.3).backward()
+    sgd_step(model, rows, 0.5, smoothed, data_collator=nli["collator"])
+    expected = trained.classifier.weight.detach() - 0.5 * reference.classifier.weight.grad
+    torch.testing.assert_close(model.classifier.weight.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_evaluator_matches_a_manual_accuracy(trained, nli, args):
     evaluator = HansEvaluator(nli["test"], nli["collator"])
     predictions = predict(trained, nli["test"], nli["collator"]).argmax(-1)
@@ -223,6 +240,10 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
         run_correction(trained, data, args, CorrectionArguments(num_anchors=1000))
     with pytest.raises(ValueError, match="needs data.hans_test"):
         run_correction(trained, dataclasses.replace(data, hans_test=None), args, CorrectionArguments())
+    # k below the rows a step takes: helpful and harmful stepped on the same k rows, without a word
+    with pytest.raises(ValueError, match="fewer than num_points=10: 'helpful' and 'harmful' would both step on the "
+                                         "same 5 rows"):
+        run_correction(trained, data, dataclasses.replace(args, influence_knn_k=5), CorrectionArguments(num_points=10))
 
 
 def test_select_points_steps_on_n_rows_whatever_their_sign():

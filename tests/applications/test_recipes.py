@@ -61,10 +61,16 @@ def test_hans_correction_recipe_on_the_minilm_default(tmp_path, capsys):
 def test_augmentation_recipe_embedded(tmp_path):
     main = load_recipe("augmentation").main
     main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", "constituent", "--strategies",
-          "helpful", "--num_steps", "1"])
+          "helpful", "--num_steps", "1", "--influence_solver", "cg", "--influence_knn_features", "gradient",
+          "--influence_projection_dim", "64"])
     results = _outputs(tmp_path, "augmentation")
     assert results["pool"] == "generated HANS-style pool" and results["settings"]["candidates"] == "pool"
     assert max(results["runs"][0]["steps"][0]["selected"]) < results["num_pool"]
+    # the solver and candidates are compared with FastIF's (neither was listed), LiSSA's own settings no longer
+    changed = {row[0]: row for row in results["changes_from_paper"]}
+    assert changed["influence_solver"][1:4] == ["lissa", "cg", "--quick or the command line"]
+    assert changed["influence_knn_features"][1:3] == ["auto", "gradient"]
+    assert not {"influence_recursion_depth", "influence_repetitions", "influence_batch_size"} & set(changed)
 
 
 def test_simulatability_recipe_embedded(tmp_path):
@@ -83,6 +89,9 @@ def test_visualize_recipe_embedded(tmp_path):
     results = _outputs(tmp_path, "visualize")
     assert results["settings"]["num_test_points"] == 6 and results["graph"]["edges"]
     assert (tmp_path / "influence_table" / "influence_metadata.json").is_file()
+    k = results["settings"]["influence"]["influence_knn_k"]  # it said "(k kNN candidates each)", literally
+    assert f"2 most helpful and most harmful training rows of each test point (of {k:,} candidates each, auto " \
+           "features)" in (tmp_path / "visualize.md").read_text()
 
 
 def test_paper_path_loads_a_finetuned_checkpoint(tmp_path, files):
@@ -92,7 +101,9 @@ def test_paper_path_loads_a_finetuned_checkpoint(tmp_path, files):
                     "--heuristics", "subsequence", "--strategies", "helpful", "anchors", *PAPER_FAST])
     assert results["setup"]["setup"] == "paper" and results["setup"]["trained_here"] is False
     assert results["setup"]["num_train"] == 120 and results["settings"]["correction_learning_rate"] == 1e-4
-    assert results["settings"]["influence"]["influence_weight_decay"] == 0.005  # the reference code's L2 term
+    assert results["settings"]["influence"]["influence_weight_decay"] == 0.005  # the reference code's L2 term,
+    assert results["settings"]["influence"]["influence_weight_decay_in_gradients"] is True  # in every loss as there
+    assert results["changes_from_paper"] and all(row[3] == "" for row in results["changes_from_paper"])  # no reasons
     assert not (tmp_path / "model" / "config.json").exists()
     # measured although the model was given (it was "not measured" unless the tiny model was trained here)
     report = results["model_report"]
