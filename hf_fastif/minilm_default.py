@@ -315,6 +315,7 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
     key, content = finetune_key(tokenized, settings)
     root = finetune_cache_root(cache_dir)
     target = root / key[:20]
+    remove_stale_staging(root)
     if target.is_dir():
         problems = cache_problems(target, key, content)
         if not problems:
@@ -353,6 +354,25 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
     model, tokenizer = load_finetuned_minilm(target)
     manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
     return FinetunedMiniLM(model.eval(), tokenizer, target, manifest, cached=False)
+
+
+STALE_STAGING_S = 6 * 3600
+"""A staging folder untouched this long is a killed fine-tuning's (the MiniLM default's takes about a minute)."""
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders (``.<key>.<random>.tmp``) of fine-tunings killed before they finished (SIGKILL
+    leaves up to ~90 MB each), untouched for `STALE_STAGING_S`; returns them."""
+    removed = []
+    for folder in root.glob(".*.tmp") if root.is_dir() else []:
+        try:
+            stale = folder.is_dir() and time.time() - folder.stat().st_mtime > STALE_STAGING_S
+        except FileNotFoundError:  # removed meanwhile by its own process
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _install(staging: Path, target: Path, key: str, content: dict) -> None:

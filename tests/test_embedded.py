@@ -149,3 +149,20 @@ def test_the_minilm_description_says_how_it_was_fine_tuned():
     assert MINILM.description.endswith("last 2 of 6 layers, pooler and classifier, 1 epoch at lr 2e-4")
     assert minilm_description(FinetuneSettings(trainable_layers=4, epochs=2.0, lr=5e-5)).endswith(
         "last 4 of 6 layers, pooler and classifier, 2 epochs at lr 5e-5")
+
+
+def test_a_killed_fine_tunings_staging_folder_is_removed_later(tmp_path):
+    """A fine-tuning killed (SIGKILL) before it finished left its staging folder, up to ~90 MB, for good."""
+    import os
+    import time
+
+    from hf_fastif.minilm_default import remove_stale_staging
+
+    old, fresh = tmp_path / ".0123abcd.x1y2.tmp", tmp_path / ".0123abcd.z3w4.tmp"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    os.utime(old, (time.time() - 7 * 3600, time.time() - 7 * 3600))
+    assert remove_stale_staging(tmp_path) == [old]
+    assert not old.exists() and fresh.is_dir()  # one that may still be running is kept
+    assert remove_stale_staging(tmp_path / "missing") == []
