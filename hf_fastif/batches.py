@@ -141,7 +141,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     """
     arrow = dataset.select_columns(list(columns)).with_format("arrow")
     vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
-    positions = _position_limit(model)
+    positions = position_limit(model)
     segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     head = transformers_model(model)  # a PEFT model's head is its base model's
@@ -273,7 +273,7 @@ def _position_table(model: nn.Module) -> nn.Embedding | None:
     return None
 
 
-def _position_limit(model: nn.Module) -> int | None:
+def position_limit(model: nn.Module) -> int | None:
     """Rows longer than this overrun the model's absolute position embeddings (None: no such table)."""
     table = _position_table(model)
     if table is None:

@@ -38,6 +38,7 @@ from transformers.utils import logging
 from .annotate import TextSource, save_with_text
 from .applications.common import check_num_labels, predict
 from .arguments import InfluenceArguments
+from .batches import position_limit
 from .builder import build_influence_table
 from .data import MODEL_MAX_LENGTH, NLI_MAX_LENGTH, generate_nli, load_hans, load_mnli, tokenize_nli
 from .distributed import finish, is_main_process
@@ -131,10 +132,11 @@ def _check_max_length(flags) -> None:
                          f"words), got {flags.max_length}.")
 
 
-def max_length_for(flags, config) -> int:
-    """The token limit of pairs for a user's model: ``--max_length``, or `MODEL_MAX_LENGTH` capped at the model's
-    positions; a limit beyond the positions is refused."""
-    positions = getattr(config, "max_position_embeddings", None)
+def max_length_for(flags, model) -> int:
+    """The token limit of pairs for a user's model: ``--max_length``, or `MODEL_MAX_LENGTH` capped at the positions
+    the model can give a row (RoBERTa's table numbers from its pad id + 1: 514 entries, 512 usable); a limit beyond
+    them is refused."""
+    positions = position_limit(model) or getattr(model.config, "max_position_embeddings", None)
     if flags.max_length is None:
         return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
     if positions and flags.max_length > positions:
@@ -209,7 +211,7 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     if build.max_test_samples:
         test = test.select(range(min(build.max_test_samples, len(test))))
     collator = DataCollatorWithPadding(tokenizer)
-    max_length = max_length_for(build, model.config)
+    max_length = max_length_for(build, model)
     train_tok, test_tok = (tokenize_nli(rows, tokenizer, max_length=max_length) for rows in (train, test))
     table = build_influence_table(model, train_tok, test_tok, out / "build", args, shard_size=build.shard_size,
                                   data_collator=collator)
@@ -463,7 +465,7 @@ def run_recall(ns: argparse.Namespace) -> int:
         model = AutoModelForSequenceClassification.from_pretrained(recall.model_name_or_path,
                                                                    revision=recall.revision, attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(recall.model_name_or_path, revision=recall.revision)
-        max_length = max_length_for(recall, model.config)
+        max_length = max_length_for(recall, model)
         model = model.eval()
         train, test = (tokenize_nli(rows, tokenizer, max_length=max_length) for rows in (train, test))
         name = recall.model_name_or_path

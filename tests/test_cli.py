@@ -385,3 +385,21 @@ def test_more_input_that_failed_with_a_traceback_or_was_ignored(tmp_path, capsys
     sign_table().save(tmp_path / "t")
     assert main(["show", str(tmp_path / "t"), "--revision", "v1"]) == 2  # a local folder: the revision was ignored
     assert "picks a version of a Hub repo, but" in capsys.readouterr().err
+
+
+def test_max_length_is_bounded_by_the_positions_a_row_can_have() -> None:
+    """RoBERTa numbers positions from its pad id + 1: 40 entries give 39 usable. `--max_length 40` was accepted, and
+    the build failed later on its first row."""
+    from types import SimpleNamespace
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from hf_fastif.cli import max_length_for
+
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=40, pad_token_id=0))
+    assert max_length_for(SimpleNamespace(max_length=None), model) == 39
+    assert max_length_for(SimpleNamespace(max_length=39), model) == 39
+    with pytest.raises(ValueError, match="--max_length 40 exceeds the 39 positions of the model; use at most 39"):
+        max_length_for(SimpleNamespace(max_length=40), model)

@@ -366,6 +366,20 @@ def test_low_rank_solver_finds_repeated_eigenvalues_at_any_loss_scale(loss_scale
     assert low == pytest.approx(0.4 * loss_scale, rel=1e-8) and high == pytest.approx(1.2 * loss_scale, rel=1e-8)
 
 
+def test_lanczos_sees_a_closed_krylov_space_in_float32():
+    """In float32 the breakdown test sat below rounding: a residual of pure noise inside the basis' span became a
+    "new" direction. The identity's extreme eigenvalues came out (-0.0014, 2.0014), its top 4 as [10.9, -8.9, 1.9,
+    1.0] (so the low-rank solve refused it as indefinite), a rank-1 operator's as (-0.0018, 2.0)."""
+    low, high = extreme_eigenvalues(lambda x: x, 50, iterations=8, dtype=torch.float32)
+    assert low == pytest.approx(1.0, abs=1e-5) and high == pytest.approx(1.0, abs=1e-5)
+    values, _ = low_rank_hessian(lambda x: x, 200, 4, dtype=torch.float32)
+    np.testing.assert_allclose(values.numpy(), 1.0, atol=1e-5)
+    u = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    u /= u.norm()
+    low, high = extreme_eigenvalues(lambda x: u * (u @ x), 10_000, iterations=8, dtype=torch.float32)
+    assert low == pytest.approx(0.0, abs=1e-5) and high == pytest.approx(1.0, abs=1e-5)
+
+
 def test_low_rank_solve_keeps_a_diagonal_curvature_exactly():
     """``(V diag(μ) Vᵀ + C + λI)⁻¹ v`` against a dense solve: C on some coordinates only (Woodbury), C constant
     (folded into λ), and an indefinite low-rank term that C + λ does not outweigh refused."""

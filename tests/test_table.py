@@ -408,9 +408,17 @@ def test_writers_of_one_folder_keep_each_others_shards(tmp_path):
     first.close()
     saved = second.close()
     pd.testing.assert_frame_equal(saved.to_pandas(), table.to_pandas())
-    stale = tmp_path / "t" / "data" / ".partial-999999999-dead-00000.parquet"  # no such process
+    from hf_fastif.table.storage import HOST_TAG
+
+    data = tmp_path / "t" / "data"
+    stale = data / ".partial-999999999-dead-00000.parquet"  # no such process (a name from before the host tag)
     stale.write_bytes(b"left by a crash")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    killed = data / f".partial-999999999-{HOST_TAG}-beef-00000.parquet"  # this machine's, killed just now
+    killed.write_bytes(b"left by a kill")
+    elsewhere = data / ".partial-4242-0000aaaa-beef-00000.parquet"  # another machine's writer, writing now
+    elsewhere.write_bytes(b"being written")
     table.save(tmp_path / "t")
-    assert not stale.exists()
-    assert sorted(p.name for p in (tmp_path / "t" / "data").iterdir()) == ["train-00000-of-00001.parquet"]
+    assert not stale.exists() and not killed.exists() and elsewhere.exists()
+    elsewhere.unlink()
+    assert sorted(p.name for p in data.iterdir()) == ["train-00000-of-00001.parquet"]

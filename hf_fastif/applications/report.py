@@ -86,6 +86,8 @@ def compare_with_paper(setup: Setup, protocol: Any = None, use: str | None = Non
     used = setup.args.influence_settings()
     if used.get("influence_solver") != "lissa":  # LiSSA's own settings do not apply (they were listed)
         paper_influence = {k: v for k, v in paper_influence.items() if k not in LISSA_ONLY}
+    if not used.get("influence_weight_decay"):  # where the L2 term goes means nothing without one
+        paper_influence.pop("influence_weight_decay_in_gradients", None)
     rows += [(k, _show(v), _show(used.get(k)), why(k, used.get(k))) for k, v in paper_influence.items()
              if _show(v) != _show(used.get(k))]
     paper_lambda = paper_influence["influence_damping"] * paper_influence["influence_scale"]

@@ -54,6 +54,11 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0  # the largest |entry| of the tridiagonal so far: the spectrum's scale, whatever the loss's units
+    # a residual this small against the scale is rounding noise inside the basis' span (a few eps·scale): 1e-10 in
+    # float64, 100·eps in float32, where the noise was normalised into a "new" direction (the identity's extreme
+    # eigenvalues came out -0.0014 and 2.0014); not larger, or a bulk of small eigenvalues beside large outliers
+    # (residuals of ~1e-4·scale) would read as closed
+    breakdown = max(1e-10, 100 * torch.finfo(dtype).eps)
     for i in range(steps):
         w = hvp(q).to(dtype)
         alpha = float(torch.dot(w, q))
@@ -69,7 +74,7 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
         scale = max(scale, abs(alpha), beta)
         if i + 1 == steps:
             break
-        if beta <= 1e-10 * scale:  # an invariant subspace: go on from a new direction (0 off the diagonal)
+        if beta <= breakdown * scale:  # an invariant subspace: go on from a new direction (0 off the diagonal)
             w = _orthogonal_start(done, gen, dtype)
             if w is None:
                 break

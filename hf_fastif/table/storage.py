@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,6 +62,8 @@ LOCK_FILE = ".cache/huggingface/hf_fastif.lock"
 """The lock a writer holds while it finishes a table folder (writers of one folder, e.g. every process of a launch
 saving its copy of the table, finish one after the other); in the folder huggingface_hub keeps its own local metadata
 in, which uploads leave out."""
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+"""This machine, in the names of the partial shards its writers write (a pid means something on its machine only)."""
 PARTIAL_GRACE_S = 600
 """A partial shard of another machine's writer (a shared folder) that changed within this many seconds is left alone."""
 
@@ -320,20 +323,25 @@ class ShardReader:
 
 # ---- incremental writing ------------------------------------------------------------------------------------
 def _live_partial(path: Path) -> bool:
-    """Whether ``path`` is a shard another writer is still writing (``.partial-<pid>-<tag>-<n>.parquet``): its
-    process runs on this machine, or (another machine's, on a shared folder) it changed within `PARTIAL_GRACE_S`.
-    A crashed writer's partial shards are neither, and are removed by the next save."""
+    """Whether ``path`` is a shard another writer is still writing (``.partial-<pid>-<host>-<tag>-<n>.parquet``):
+    a writer of this machine whose process runs; another machine's (a shared folder), or another writer of this
+    process, that changed it within `PARTIAL_GRACE_S`. A crashed writer's partial shards are removed by the next
+    save (a killed process of this machine's at once)."""
     if not path.name.startswith(".partial-"):
         return False
+    parts = path.name.split("-")
     try:
-        pid = int(path.name.split("-")[1])
-        if pid != os.getpid():
+        pid = int(parts[1])
+    except (IndexError, ValueError):
+        return False
+    if (len(parts) < 5 or parts[2] == HOST_TAG) and pid != os.getpid():  # (4 parts: before the host was written)
+        try:
             os.kill(pid, 0)
             return True
-    except PermissionError:  # another user's process
-        return True
-    except (ProcessLookupError, ValueError, IndexError, OSError):
-        pass
+        except PermissionError:  # another user's process
+            return True
+        except OSError:  # no such process: it crashed
+            return False
     try:
         return time.time() - path.stat().st_mtime < PARTIAL_GRACE_S
     except FileNotFoundError:
@@ -392,7 +400,7 @@ class InfluenceTableWriter:
         self._closed = False
         _check_folder_holds_a_table(self.directory)
         (self.directory / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        self._tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._tag = f"{os.getpid()}-{HOST_TAG}-{os.urandom(4).hex()}"
 
     def __enter__(self) -> InfluenceTableWriter:
         return self

@@ -33,6 +33,7 @@ def test_hans_correction_recipe_embedded(tmp_path, capsys):
     assert changed["correction_learning_rate"][1:3] == ["0.0001", "0.01"] and "λ = damping × scale" in changed
     assert "1e-4 does not move it" in changed["correction_learning_rate"][3]  # the embedded default's reason
     assert changed["num_steps"][3] == "--quick or the command line"
+    assert "influence_weight_decay_in_gradients" not in changed  # no L2 term here: where it goes means nothing
     printed = capsys.readouterr().out
     assert "### HANS error correction" in printed and "| lexical_overlap |" in printed
     assert "Settings the embedded default changes from the paper" in printed
