@@ -142,6 +142,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     arrow = dataset.select_columns(list(columns)).with_format("arrow")
     vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
     positions = position_limit(model)
+    target_positions = decoder_position_limit(model)
     segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     head = transformers_model(model)  # a PEFT model's head is its base model's
@@ -214,7 +215,12 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 raise ValueError(f"{name} row {row} is labelled -100 (ignored): its loss is 0, so every influence on "
                                  "it would be 0. Drop the rows without a label, or give them one.")
         elif _is_list(values.type) and pa.types.is_integer(values.type.value_type):  # token labels
-            flat_labels, label_rows, lengths, _ = _sequences(values)
+            flat_labels, label_rows, lengths, target_rows = _sequences(values)
+            if target_positions is not None and len(lengths) and lengths.max() > target_positions:
+                row = start + int(target_rows[int(np.argmax(lengths > target_positions))])
+                raise ValueError(f"{name} row {row} has {lengths.max()} target tokens (labels), more than the "
+                                 f"decoder's {target_positions} positions. Tokenize the targets with "
+                                 f"tokenizer(text_target=..., truncation=True, max_length={target_positions}).")
             if multi_label_width is not None and (lengths != multi_label_width).any():
                 row = start + int(np.flatnonzero(lengths != multi_label_width)[0])
                 raise ValueError(f"{name} row {row} has labels {values[row - start].as_py()!r}, but a sequence "
@@ -273,13 +279,65 @@ def _position_table(model: nn.Module) -> nn.Embedding | None:
     return None
 
 
+PADDING_COLLATORS = {
+    None: "DataCollatorWithPadding(tokenizer)",
+    "token": "DataCollatorForTokenClassification(tokenizer)",
+    "choice": "DataCollatorForMultipleChoice(tokenizer)",
+    "seq2seq": "DataCollatorForSeq2Seq(tokenizer, model=model)",
+    "causal": "DataCollatorForLanguageModeling(tokenizer, mlm=False)",
+}
+"""The transformers collator that pads each kind of head's rows and labels."""
+
+
+def padding_collator_for(model: nn.Module) -> str:
+    """The collator (`PADDING_COLLATORS`) that pads ``model``'s rows and labels, as a failed collate names it: it
+    always said DataCollatorWithPadding, even when that was the collator given to a token classifier."""
+    head = transformers_model(model)
+    name, config = type(head).__name__, getattr(head, "config", None)
+    if name.endswith("ForTokenClassification"):
+        return PADDING_COLLATORS["token"]
+    if name.endswith("ForMultipleChoice"):
+        return PADDING_COLLATORS["choice"]
+    if getattr(config, "is_encoder_decoder", False):
+        return PADDING_COLLATORS["seq2seq"]
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return PADDING_COLLATORS["causal"]
+    return PADDING_COLLATORS[None]
+
+
+def _length_tables(model: nn.Module) -> dict[str, nn.Embedding]:
+    """Name → absolute position table, the ones `_position_table` finds and ``embed_positions`` (BART, OPT, Marian,
+    Whisper: learned or fixed, with an ``offset`` of rows they skip)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+            and name.split(".")[-1] in ("position_embeddings", "wpe", "embed_positions")}
+
+
+def _usable(table: nn.Embedding) -> int:
+    offset = getattr(table, "offset", 0)
+    # RoBERTa numbers from pad + 1; BART / OPT skip their first `offset` rows
+    return (table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+            - (offset if isinstance(offset, int) else 0))
+
+
 def position_limit(model: nn.Module) -> int | None:
-    """Rows longer than this overrun the model's absolute position embeddings (None: no such table)."""
-    table = _position_table(model)
-    if table is None:
+    """Rows longer than this overrun the model's absolute position embeddings (None: no such table); an
+    encoder-decoder's: its encoder's."""
+    tables = _length_tables(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        tables = {name: table for name, table in tables.items() if "decoder" not in name.split(".")}
+    if not tables:
         return None
-    # RoBERTa numbers from pad + 1; PEFT prompt tuning's virtual tokens take the first positions
-    return table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1) - prepended_positions(model)
+    # PEFT prompt tuning's virtual tokens take the first positions
+    return _usable(next(iter(tables.values()))) - prepended_positions(model)
+
+
+def decoder_position_limit(model: nn.Module) -> int | None:
+    """Targets (``labels``) longer than this overrun an encoder-decoder's decoder position table (None: no such
+    table, e.g. T5's relative positions, or not an encoder-decoder)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    tables = [table for name, table in _length_tables(model).items() if "decoder" in name.split(".")]
+    return _usable(tables[0]) if tables else None
 
 
 def _width_limit(model: nn.Module) -> int | None:
@@ -417,7 +475,9 @@ class Batcher:
 
     def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device, *,
                  index: np.ndarray | None = None, trunk=None,
-                 decoder_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 decoder_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 padding_collator: str = PADDING_COLLATORS[None]):
+        self.padding_collator = padding_collator  # the collator a failed collate names (`padding_collator_for`)
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
         self.device = device
@@ -486,7 +546,7 @@ class Batcher:
 
     def _view(self, index: np.ndarray | None, trunk) -> Batcher:
         view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=index, trunk=trunk,
-                       decoder_inputs=self.decoder_inputs)
+                       decoder_inputs=self.decoder_inputs, padding_collator=self.padding_collator)
         view._lengths = self._lengths  # the whole dataset's stored lengths, shared
         return view
 
@@ -585,10 +645,12 @@ class Batcher:
                                  f"({features[0][label]!r}); labels must be class ids. Map them with the model's "
                                  "config.label2id, e.g. dataset.map(lambda r: {'label': model.config.label2id["
                                  "r['label']]}), or dataset.class_encode_column('label').") from err
+            default = self.padding_collator == PADDING_COLLATORS[None]
             raise ValueError(
                 f"Could not collate rows into a batch ({err}). Rows of different lengths need a padding "
-                "collator: pass data_collator=DataCollatorWithPadding(tokenizer) (the Trainer does this when "
-                "given processing_class=tokenizer)."
+                f"collator: pass data_collator={self.padding_collator}"
+                + (" (the Trainer does this when given processing_class=tokenizer)." if default else
+                   ", which batches this head's rows and labels (DataCollatorWithPadding cannot).")
             ) from err
         if "label" in batch and "labels" not in batch:
             batch["labels"] = batch.pop("label")

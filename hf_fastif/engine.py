@@ -40,7 +40,14 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments, validate_influence_settings
-from .batches import Batcher, check_values, column_rule, decoder_inputs_from_labels, validate_dataset
+from .batches import (
+    Batcher,
+    check_values,
+    column_rule,
+    decoder_inputs_from_labels,
+    padding_collator_for,
+    validate_dataset,
+)
 from .fingerprint import (
     callable_fingerprint,
     collator_settings,
@@ -672,12 +679,11 @@ class InfluenceEngine:
                 "candidates": dataset_fingerprint(candidate_dataset, cand_cols),
             })
         device = next(model.parameters()).device
-        decoder = decoder_inputs_from_labels(model)
-        train = Batcher(train_dataset, train_cols, self.data_collator, device, decoder_inputs=decoder)
-        test = Batcher(test_dataset, test_cols, self.data_collator, device, decoder_inputs=decoder)
+        rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
+        train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
+        test = Batcher(test_dataset, test_cols, self.data_collator, device, **rows)
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
-                                                                         self.data_collator, device,
-                                                                         decoder_inputs=decoder)
+                                                                         self.data_collator, device, **rows)
         default_loss = self.loss_fn is None
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
         checks = [(train_dataset, train_cols, "train_dataset", default_loss, False),
@@ -807,8 +813,8 @@ class InfluenceEngine:
         names = list(select_parameters(model, self.args.influence_params))
         device = next(model.parameters()).device
         batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model, **column_rule(self.args)),
-                          self.data_collator, device,
-                          decoder_inputs=decoder_inputs_from_labels(model))
+                          self.data_collator, device, decoder_inputs=decoder_inputs_from_labels(model),
+                          padding_collator=padding_collator_for(model))
         out = []
         with influence_mode(model, names), torch.no_grad():
             split = self._find_split(names, batcher)
@@ -1157,9 +1163,20 @@ class InfluenceEngine:
             | ({"label_smoothing_factor": self._label_smoothing()} if self._label_smoothing() else {}),
             "lambda": args.influence_lambda,
             "num_processes": D.world()[1],
-            "semantics": SEMANTICS,
+            # a table of another loss or test quantity said nothing of it (its values are another quantity)
+            "functions": {"loss_fn": _describe_function(self.loss_fn, self._functions["loss"]),
+                          "measurement_fn": _describe_function(self.measurement_fn, self._functions["measurement"])},
+            "semantics": SEMANTICS if self.measurement_fn is None else SEMANTICS | MEASUREMENT_SEMANTICS,
             "diagnostics": call.info | call.timer.seconds,
         }
+
+
+def _describe_function(function, fingerprint: str) -> dict | None:
+    """A table's record of a ``loss_fn`` / ``measurement_fn`` of one's own (None: the default)."""
+    if function is None:
+        return None
+    return {"name": getattr(function, "__qualname__", type(function).__name__),
+            "module": getattr(function, "__module__", None), "fingerprint": fingerprint}
 
 
 CACHE_MANIFEST = "hf_fastif_caches.json"
@@ -1209,6 +1226,14 @@ def _padding_cause(model: nn.Module, batch: dict) -> str:
                 "position (each position predicts the next token; alone, that token has nothing before it and is "
                 "not a target), so its loss changes with its batch even with position ids: pad on the right "
                 "(tokenizer.padding_side = 'right').")
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if (encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2 and pad is not None
+            and pad != getattr(config, "eos_token_id", None) and bool((labels[:, [0, -1]] == pad).any())):
+        # targets are padded apart from the inputs, so the mask above does not show them
+        return ("Its targets are padded with the pad token id (DataCollatorForSeq2Seq(label_pad_token_id=...) "
+                "other than -100), so the loss reads the padding as targets: pad labels with -100 "
+                "(DataCollatorForSeq2Seq's default).")
     if encoder_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] > 1:
         pads = labels == -100
         if bool((pads[:, 0] & ~pads[:, -1]).any()):
@@ -1233,6 +1258,10 @@ def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -
     return out
 
 
+MEASUREMENT_SEMANTICS = {
+    "influence": "-grad L(z_train) . s_test, s_test = (H + lambda I)^-1 grad m(z_test), m the measurement_fn "
+                 "(metadata['functions']); negative = upweighting the row lowers m (helpful when lower m is better)",
+}
 SEMANTICS = {
     "influence": "-grad L(z_train) . s_test, s_test = (H + lambda I)^-1 grad L(z_test); negative = helpful",
     "hessian": "Hessian of the mean training loss over the selected parameters (LiSSA: sampled B-row batches)",

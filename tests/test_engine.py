@@ -426,6 +426,37 @@ def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
     assert 0.0 <= recall["recall@10 helpful"] <= 1.0 and "recall@100 harmful" in recall
 
 
+def test_the_table_says_which_loss_and_test_quantity_it_holds(data, pad_collator):
+    """A table of a measurement_fn (here the labelled class's logit: higher is better) had the metadata of a
+    default-loss table, its semantics claiming grad L(z_test): another quantity (correlation -0.998 with the
+    default), whose helpful / harmful read the other way round, said nowhere. And `add_text` labelled a
+    combine="mean" table's one row, the anchors' mean loss, with the first anchor's text."""
+    import torch.nn.functional as F
+
+    def class_logit(outputs, batch):
+        return outputs["logits"].gather(1, batch["labels"][:, None])[:, 0]
+
+    def smoothed(outputs, batch):
+        return F.cross_entropy(outputs["logits"], batch["labels"], reduction="none", label_smoothing=0.1)
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=None)
+    plain = compute_influences(model, train, test, args, data_collator=pad_collator)
+    assert plain.metadata["functions"] == {"loss_fn": None, "measurement_fn": None}
+    assert "grad L(z_test)" in plain.metadata["semantics"]["influence"]
+    table = compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=smoothed,
+                               measurement_fn=class_logit)
+    functions = table.metadata["functions"]
+    assert functions["measurement_fn"]["name"].endswith("class_logit") and functions["loss_fn"]["name"].endswith(
+        "smoothed")
+    assert functions["measurement_fn"]["fingerprint"] == callable_fingerprint(class_logit)
+    assert "grad m(z_test), m the measurement_fn" in table.metadata["semantics"]["influence"]
+    mean = compute_influences(model, train, test, args, data_collator=pad_collator, combine="mean")
+    with pytest.raises(ValueError, match=f"test id 0 is the mean loss of {len(test)} test rows"):
+        mean.add_text(test_dataset=test)
+    assert "train_input_ids" in mean.add_text(train, columns=["input_ids"]).column_names
+
+
 def test_logits_through_the_trunk_equal_the_model(data, pad_collator):
     from hf_fastif.applications.common import predict
 

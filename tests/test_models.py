@@ -385,3 +385,34 @@ def test_stored_values_of_nested_token_lists_are_checked_per_sequence():
     too_long = Dataset.from_dict({"input_ids": [[[1, 2], [3] * 33], [[1], [6, 2]]], "labels": [0, 1]})
     with pytest.raises(ValueError, match=r"train_dataset row 0 has a sequence of 33 tokens"):
         check_values(too_long, ["input_ids", "labels"], "train_dataset", model)
+
+
+def test_a_seq2seq_models_position_tables_pad_labels_and_collator_are_named(pad_collator):
+    """BART names its position tables `embed_positions` (2 rows skipped): a source or target longer than them failed
+    with a bare IndexError; targets padded with the pad id were blamed on left padding or a QA loss; and a collator
+    that cannot pad the targets was answered "pass DataCollatorWithPadding", the collator given."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    from hf_fastif.batches import decoder_position_limit, position_limit
+
+    model = _tiny_bart()
+    assert position_limit(model) == 40 and decoder_position_limit(model) == 40
+    train = _seq2seq_rows(8, 0, False)
+    args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=None,
+                                            influence_params=[r"decoder\.layers\.1\.(fc|final)"])))
+    collator = DataCollatorForSeq2Seq(pad_collator.tokenizer)
+    for row, message in (
+            ({"input_ids": list(range(5, 55)) + [3], "labels": [5, 3]}, "has a sequence of 51 tokens, more than the "
+                                                                         "model's 40 positions"),
+            ({"input_ids": [5, 6, 3], "labels": list(range(5, 55)) + [3]}, "has 51 target tokens \\(labels\\), more "
+                                                                           "than the decoder's 40 positions")):
+        long = Dataset.from_list([row | {"attention_mask": [1] * len(row["input_ids"])}])
+        with pytest.raises(ValueError, match=f"test_dataset row 0 {message}"):
+            compute_influences(model, train, long, args, data_collator=collator)
+    padded_with_pad_id = DataCollatorForSeq2Seq(pad_collator.tokenizer, label_pad_token_id=0)
+    with pytest.raises(ValueError, match="Its targets are padded with the pad token id"):
+        compute_influences(model, train, _seq2seq_rows(2, 1, False), args, data_collator=padded_with_pad_id)
+    with pytest.raises(ValueError, match="pass data_collator=DataCollatorForSeq2Seq\\(tokenizer, model=model\\)"):
+        compute_influences(model, train, _seq2seq_rows(2, 1, False), args,
+                           data_collator=DataCollatorWithPadding(pad_collator.tokenizer))

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
-from ..batches import Batcher, model_input_columns
+from ..batches import Batcher, model_input_columns, padding_collator_for
 from ..data import HANS_HEURISTICS
 from ..data.rows import row_key_kind, row_keys
 from ..engine import InfluenceEngine
@@ -70,7 +70,8 @@ class ApplicationData:
 
 def batcher(model: nn.Module, dataset: Dataset, data_collator: Callable | None = None) -> Batcher:
     """A `Batcher` over the model's input columns (and labels) of ``dataset``, on the model's device."""
-    return Batcher(dataset, model_input_columns(model, dataset), data_collator, next(model.parameters()).device)
+    return Batcher(dataset, model_input_columns(model, dataset), data_collator, next(model.parameters()).device,
+                   padding_collator=padding_collator_for(model))
 
 
 @torch.no_grad()

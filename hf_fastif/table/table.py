@@ -213,13 +213,20 @@ class InfluenceTable:
             train_dataset: the rows ``train_id`` indexes: the candidate rows the table was computed on (the
                 ``candidate_dataset``, or the training rows when none was given), in the same order; their
                 untokenized version is fine.
-            test_dataset: the rows ``test_id`` indexes, in the order the table was computed on.
+            test_dataset: the rows ``test_id`` indexes, in the order the table was computed on. A table of
+                ``combine="mean"`` has one test id, 0, for the mean loss of all its test rows: it takes none (it
+                labelled that row with the first test row's text, as if the influences were on it alone).
         Raises:
             ValueError: a dataset with another row count than the metadata records (``candidate_data`` /
                 ``test_data``), or one the metadata identifies (by its datasets fingerprint) as another of the
                 table's datasets. A same-length dataset in another order (shuffled, re-selected) cannot be
                 told from the untokenized rows, whose fingerprint differs from the recorded one anyway.
         """
+        if test_dataset is not None and self.metadata.get("combine") == "mean":
+            rows = (self.metadata.get("test_data") or {}).get("num_rows")
+            raise ValueError(f"This table's test id 0 is the mean loss of {rows if rows is not None else 'all'} test "
+                             "rows (combine='mean'), not one of them: it takes no test_dataset. Pass train_dataset "
+                             "only, and describe the anchors in the metadata (e.g. metadata['test_data']).")
         table = self.to_arrow()
         for name, values in _text_columns(table, train_dataset, test_dataset, columns, self.metadata).items():
             if name in table.column_names:
