@@ -14,6 +14,7 @@ sketched at once (never holding N × p). Parameters of other module types fall b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
@@ -131,11 +132,14 @@ class _Recorder:
     def __init__(self, model: nn.Module, names: list[str]):
         params = dict(model.named_parameters())
         by_id = {id(params[n]): n for n in names}
+        owners = collections.Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
         self.owned: dict[nn.Module, dict[str, str]] = {}  # module → {attribute: parameter name}
         self.other: list[str] = []
         covered = set()
         for module in model.modules():
-            own = {attr: by_id[id(p)] for attr, p in module.named_parameters(recurse=False) if id(p) in by_id}
+            # a weight two modules hold (GPT-2's embedding tied to its LM head) gets gradients from both: autograd
+            own = {attr: by_id[id(p)] for attr, p in module.named_parameters(recurse=False)
+                   if id(p) in by_id and owners[id(p)] == 1}
             if not own:
                 continue
             if isinstance(module, self.SUPPORTED):
@@ -143,6 +147,7 @@ class _Recorder:
                 covered |= set(own.values())
         self.other = [n for n in names if n not in covered]
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, list]] = []
+        self.verified = False  # whether the hooks' per-example gradients were seen to sum to autograd's
         self._plain: tuple[tuple, FunctionalModel] | None = None
 
     def plain_model(self, fm: FunctionalModel) -> FunctionalModel:
@@ -186,6 +191,13 @@ class _Recorder:
     def fall_back(self, modules: list[nn.Module]) -> None:
         for module in modules:
             self.other += list(self.owned.pop(module).values())
+
+    def uncalled(self) -> list[nn.Module]:
+        """Modules owning influence parameters whose forward did not run, though the loss may read their weights
+        (``nn.MultiheadAttention`` reads ``out_proj.weight`` through ``F.multi_head_attention_forward``): their
+        gradients would be left out; they need the autograd fallback."""
+        called = {id(m) for m, _, _ in self.calls}
+        return [module for module in self.owned if id(module) not in called]
 
     def sketch(self, sketch: CountSketch, out: torch.Tensor) -> None:
         """Add every recorded call's per-example gradients to ``out`` ``(b, D)``."""
@@ -234,13 +246,28 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     with recorder.recording():
         losses = fm.loss_fn(fm.outputs(leaves, batch), batch)
     out = torch.zeros(losses.shape[0], sketch.dim, dtype=sketch.dtype, device=losses.device)
-    torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-    unbatched = recorder.unbatched(losses.shape[0])
+    totals = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    unbatched = recorder.unbatched(losses.shape[0]) + recorder.uncalled()
     if unbatched:
         recorder.calls.clear()
         recorder.fall_back(unbatched)
         return sketched_gradients(fm, params, batch, sketch, recorder)
+    hooked = [n for own in recorder.owned.values() for n in own.values()]
     recorder.sketch(sketch, out)
+    if not recorder.verified and hooked:  # once per build: the rows' hooked gradients must sum to autograd's
+        expected = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
+        for name, total in zip(leaves, totals):
+            if name in hooked and total is not None:
+                sketch.add(expected, name, total.reshape(1, -1))
+        gap = float((out.sum(0) - expected[0]).norm())
+        if gap > 1e-3 * max(float(expected.norm()), float(out.sum(0).norm()), 1e-30):
+            logger.warning(f"Gradient index: the per-example gradients of {', '.join(hooked[:3])}"
+                           f"{', ...' if len(hooked) > 3 else ''} from the layers' hooks do not add up to autograd's "
+                           "(a weight read outside its layer's forward?); they come from batched autograd (slower).")
+            recorder.calls.clear()
+            recorder.fall_back(list(recorder.owned))
+            return sketched_gradients(fm, params, batch, sketch, recorder)
+        recorder.verified = True
     if recorder.other:  # parameters without a per-example rule: batched autograd over just those
         grads = batch_gradient(recorder.plain_model(fm), {n: params[n] for n in recorder.other}, batch,
                                reduction="none")
@@ -281,8 +308,13 @@ def check_index_factory(factory: str, rows: int, dim: int) -> None:
     random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
     more rows than that)."""
     small = rows * dim * 4 <= INDEX_PROBE_BYTES
-    _trained_index(factory, (rows, dim),
-                   np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32) if small else None)
+    rng = np.random.default_rng(0)
+    index = _trained_index(factory, (rows, dim), rng.standard_normal((rows, dim), dtype=np.float32) if small else None)
+    if index.is_trained:  # adding rows can fail too ('IDMap,Flat' takes rows only with ids)
+        try:
+            index.add(rng.standard_normal((min(rows, 8), dim), dtype=np.float32))
+        except RuntimeError as err:
+            raise index_error(factory, (rows, dim), err) from err
 
 
 class GradientIndex:
@@ -293,7 +325,10 @@ class GradientIndex:
         if index is None:
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
             index = _trained_index(factory, vectors.shape, vectors)
-            index.add(vectors)
+            try:
+                index.add(vectors)
+            except RuntimeError as err:
+                raise index_error(factory, vectors.shape, err) from err
         self.index = index
         self.num_rows = index.ntotal
 

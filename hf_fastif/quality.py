@@ -104,7 +104,7 @@ def top_n_recall(reference: np.ndarray, train_ids: np.ndarray, influence: np.nda
     ids, values = _check_estimate(reference, train_ids, influence, "top_n_recall")
     sign = -1.0 if direction == "harmful" else 1.0  # ascending order of sign·influence: most helpful first
     truth = np.argsort(sign * reference, kind="stable")[:n]
-    mine = ids[np.argsort(sign * values, kind="stable")[:n]]
+    mine = ids[np.lexsort((ids, sign * values))[:n]]  # ties by row, not by the order the ids were given in
     return len(np.intersect1d(truth, mine)) / n
 
 
@@ -117,8 +117,9 @@ def agreement(reference: np.ndarray, estimates: Sequence[PerTest], ns: Sequence[
             ``reference`` (`influence_by_test` of the estimate's table).
         ns: the n of each recall@n.
     Returns:
-        ``pearson`` and ``spearman``: correlation with the reference on the rows the estimate scores (nan for
-        a test point where either side is constant), mean over test points; ``spearman_min``: the worst test
+        ``pearson`` and ``spearman``: correlation with the reference on the rows the estimate scores (rows
+        whose value is NaN on either side, e.g. a gradient that overflowed, left out: one made every mean NaN;
+        nan for a test point where either side is constant), mean over test points; ``spearman_min``: the worst test
         point; ``recall@{n} helpful`` / ``recall@{n} harmful``: mean `top_n_recall`.
     """
     reference = np.asarray(reference, dtype=np.float64)
@@ -135,9 +136,11 @@ def agreement(reference: np.ndarray, estimates: Sequence[PerTest], ns: Sequence[
     for t, (train_ids, influence) in enumerate(estimates):
         ids, values = _check_estimate(reference[t], train_ids, influence, f"estimate of test point {t}")
         ref = reference[t, ids]
-        constant = len(ids) < 2 or np.ptp(values) == 0 or np.ptp(ref) == 0
-        scores["pearson"].append(float("nan") if constant else float(pearsonr(values, ref).statistic))
-        scores["spearman"].append(float("nan") if constant else float(spearmanr(values, ref).statistic))
+        finite = np.isfinite(values) & np.isfinite(ref)
+        a, b = values[finite], ref[finite]
+        constant = len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0
+        scores["pearson"].append(float("nan") if constant else float(pearsonr(a, b).statistic))
+        scores["spearman"].append(float("nan") if constant else float(spearmanr(a, b).statistic))
         for n in ns:
             for direction in DIRECTIONS:
                 scores.setdefault(f"recall@{n} {direction}", []).append(

@@ -416,6 +416,26 @@ def test_candidate_recall_against_the_full_scan(data, pad_collator):
         engine.candidate_recall(train, test, ks=[0])
 
 
+def test_index_settings_that_cannot_work_fail_before_s_test(data, pad_collator, monkeypatch):
+    """candidate_recall built the kNN indexes after s_test and the full scan (the CLI after fine-tuning too), and
+    'IDMap,Flat' failed in the gradient index's add with faiss's own error, after s_test."""
+    model, train, test = data
+
+    def no_s_test(*args, **kwargs):
+        raise AssertionError("s_test was computed before the bad setting was refused")
+
+    monkeypatch.setattr(InfluenceEngine, "_s_test_of", no_s_test)
+    engine = InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg", influence_knn_index="IVF64,Flat"),
+                             data_collator=pad_collator)
+    with pytest.raises(ValueError, match="influence_knn_index='IVF64,Flat' could not be built over 40 rows"):
+        engine.candidate_recall(train, test, ks=[4], methods=["auto", "random"], ns=[3])
+    for features in ("auto", "gradient"):
+        args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=4, influence_knn_features=features,
+                                 influence_projection_dim=64, influence_knn_index="IDMap,Flat")
+        with pytest.raises(ValueError, match="influence_knn_index='IDMap,Flat' could not be built"):
+            compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
 def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
     model, train, test = data
     table = compute_influences(model, train, test, default_arguments(

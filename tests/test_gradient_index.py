@@ -42,3 +42,47 @@ def test_the_sketch_keeps_inner_products_on_average():
     assert error < 4 * np.std(estimates) / np.sqrt(len(estimates))  # unbiased within 4 standard errors
     with pytest.raises(ValueError, match="influence_projection_dim=0 must be between 1"):
         CountSketch(shapes, 0, 0)
+
+
+class _AttentionModel(torch.nn.Module):
+    """torch's nn.MultiheadAttention reads its out_proj's weight in F.multi_head_attention_forward, never calling
+    out_proj (an nn.Linear) itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.classifier = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        from types import SimpleNamespace
+
+        h = self.emb(input_ids)
+        a, _ = self.attn(h, h, h)
+        return SimpleNamespace(logits=self.classifier(a.mean(1)))
+
+
+def test_weights_read_outside_their_layer_or_tied_get_their_whole_gradient(pad_collator):
+    """Hooks see a layer's own calls only: nn.MultiheadAttention's out_proj weight (read functionally) got no
+    per-example gradient (the index 0.93 off, other candidates, no warning), and GPT-2's embedding tied to its LM
+    head (two owning modules) crashed the index build with a KeyError after s_test."""
+    torch.manual_seed(0)
+    model = _AttentionModel().double().eval()
+    batch = {"input_ids": torch.randint(0, 30, (4, 6)), "labels": torch.tensor([0, 1, 1, 0])}
+    cases = [(model, [r"attn\."], batch)]
+    lm = tiny_model("gpt2-lm")
+    data = make_token_dataset(4, seed=0).remove_columns("labels")
+    from transformers import DataCollatorForLanguageModeling
+
+    lm_batch = Batcher(data, validate_dataset(data, "d", lm), DataCollatorForLanguageModeling(
+        pad_collator.tokenizer, mlm=False), "cpu").batch(range(4))
+    cases += [(lm, None, lm_batch), (lm, [r"wte\."], lm_batch)]
+    for model, patterns, rows in cases:
+        params = select_parameters(model, patterns)
+        fm = FunctionalModel(model, list(params))
+        recorder = _Recorder(model, list(params))
+        sketch = CountSketch({n: p.shape for n, p in params.items()}, 32, seed=0, factored=recorder.linear_weights(),
+                             dtype=torch.float64)
+        got = sketched_gradients(fm, params, rows, sketch, recorder)
+        want = sketch.project(batch_gradient(fm, params, rows, reduction="none"))
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

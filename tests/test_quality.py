@@ -90,3 +90,15 @@ def test_bad_input_names_the_fix(call, message):
 def test_float_ids_are_a_type_error():
     with pytest.raises(TypeError, match="must be integers"):
         top_n_recall(REFERENCE, np.array([0.0, 1.0]), [1.0, 2.0], 1)
+
+
+def test_ties_break_by_row_and_nan_rows_leave_the_correlations():
+    """Tied estimates were ranked by the order their ids were passed in (recall 1.0 or 0.0 for the same estimate),
+    though the docstring says by row; one NaN value (a gradient that overflowed) made every mean NaN."""
+    reference = np.array([0.0, -1.0, -1.0, 5.0])
+    for ids in ([1, 2], [2, 1]):
+        assert top_n_recall(reference, np.array(ids), np.array([-1.0, -1.0]), 1) == 1.0
+    rows = np.arange(4)
+    estimate = np.array([0.0, -1.0, np.nan, 5.0])
+    summary = agreement(np.array([[0.0, -1.0, -2.0, 5.0]]), [(rows, estimate)], ns=(1,))
+    assert summary["pearson"] == pytest.approx(1.0) and summary["spearman"] == pytest.approx(1.0)
