@@ -298,18 +298,36 @@ def padding_collator_for(model: nn.Module) -> str:
         return PADDING_COLLATORS["token"]
     if name.endswith("ForMultipleChoice"):
         return PADDING_COLLATORS["choice"]
-    if getattr(config, "is_encoder_decoder", False):
-        return PADDING_COLLATORS["seq2seq"]
+    if getattr(config, "is_encoder_decoder", False) and decoder_inputs_from_labels(head) is not None:
+        return PADDING_COLLATORS["seq2seq"]  # (an encoder-decoder's classifier or QA head takes class ids)
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return PADDING_COLLATORS["causal"]
     return PADDING_COLLATORS[None]
 
 
 def _length_tables(model: nn.Module) -> dict[str, nn.Embedding]:
-    """Name → absolute position table, the ones `_position_table` finds and ``embed_positions`` (BART, OPT, Marian,
-    Whisper: learned or fixed, with an ``offset`` of rows they skip)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Embedding)
-            and name.split(".")[-1] in ("position_embeddings", "wpe", "embed_positions")}
+    """Name → absolute position table of the token stack (the tables beside the model's input embeddings, and an
+    encoder-decoder's encoder's and decoder's): the ones `_position_table` finds and ``embed_positions`` (BART, OPT,
+    Marian: learned or fixed, with an ``offset`` of rows they skip). Not an audio or vision tower's (Qwen2-Audio's
+    audio encoder has one; its text model has rotary positions), nor a table that grows on demand (FSMT's)."""
+    tables = {name: module for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+              and name.split(".")[-1] in ("position_embeddings", "wpe", "embed_positions")
+              and not hasattr(module, "make_weight")}
+    names = dict((id(module), name) for name, module in model.named_modules())
+    stacks = []  # the modules whose own tables count: where the token embeddings sit
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        stacks = [part() for part in (getattr(model, "get_encoder", None), getattr(model, "get_decoder", None))
+                  if callable(part)]
+    else:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        name = names.get(id(embeddings))
+        if name is not None:
+            parent = name.rpartition(".")[0]
+            return {n: t for n, t in tables.items() if n.rpartition(".")[0] == parent}
+    prefixes = [names[id(stack)] for stack in stacks if id(stack) in names]
+    if prefixes:
+        return {n: t for n, t in tables.items() if any(n.startswith(p + ".") for p in prefixes)}
+    return tables
 
 
 def _usable(table: nn.Embedding) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import xxhash
@@ -292,17 +293,13 @@ class InfluenceEngine:
         out = []
         with influence_mode(self.model, call.names):
             self._prepare(call)
-            built = {}  # feature indexes first: a setting that cannot work fails before s_test and the full scan
-            for index, method in enumerate(methods):  # (it failed after them, and after the CLI's fine-tuning)
-                if method not in ("gradient", "random"):
-                    start = time.perf_counter()
-                    self._candidates(call, None, method, 1)
-                    built[index] = time.perf_counter() - start
+            for method in methods:  # an index setting that cannot work fails before s_test and the full scan (it
+                if method not in ("gradient", "random"):  # failed after them, and after the CLI's fine-tuning)
+                    self._check_feature_index(call, method)
             s_test = self._s_test_of(call)
             reference = self._full_scan(call, s_test)
-            for index, method in enumerate(methods):
-                first = index not in built
-                build = built.get(index, 0.0)
+            for method in methods:
+                first = True
                 for k in ks:
                     start = time.perf_counter()
                     found = self._candidates(call, s_test, method, int(k))
@@ -1107,6 +1104,16 @@ class InfluenceEngine:
             return gradient_candidates(self, call, s_test, k)
         call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
         return self._knn_candidates(call, method, k)
+
+    def _check_feature_index(self, call: _Call, method) -> None:
+        """Refuse an ``influence_knn_index`` faiss cannot build over ``method``'s features of the candidate rows,
+        from one row's features (their width) and random rows, without building the index."""
+        split = call.fm.split if isinstance(method, str) else None
+        cand = call.cand if split is not None else call.cand.with_trunk(None)
+        with torch.no_grad():
+            width = extract_features(self.model, cand.subset([0]), method, batch_size=1, split=split,
+                                     progress=False).shape[1]
+        check_index_factory(self.args.influence_knn_index, len(call.cand), width, metric=faiss.METRIC_L2)
 
     def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
         args = self.args

@@ -142,7 +142,10 @@ class _Recorder:
                    if id(p) in by_id and owners[id(p)] == 1}
             if not own:
                 continue
-            if isinstance(module, self.SUPPORTED):
+            # an embedding subclass computes its rows itself (BART's / OPT's positions from the input's shape or
+            # mask): the hook's input is not the rows looked up
+            custom = isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
+            if isinstance(module, self.SUPPORTED) and not custom:
                 self.owned[module] = own
                 covered |= set(own.values())
         self.other = [n for n in names if n not in covered]
@@ -211,7 +214,10 @@ class _Recorder:
             if isinstance(module, nn.Embedding):
                 if "weight" in own:
                     example = torch.arange(b, device=g.device)[:, None].expand_as(x).reshape(-1)
-                    sketch.add_rows(out, own["weight"], x.reshape(-1), g.reshape(-1, g.shape[-1]), example)
+                    values = g.reshape(-1, g.shape[-1])
+                    if module.padding_idx is not None:  # autograd gives the padding row no gradient
+                        values = values * (x.reshape(-1, 1) != module.padding_idx).to(values.dtype)
+                    sketch.add_rows(out, own["weight"], x.reshape(-1), values, example)
                 continue
             if "bias" in own:
                 sketch.add(out, own["bias"], g.sum(1))
@@ -246,7 +252,7 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     with recorder.recording():
         losses = fm.loss_fn(fm.outputs(leaves, batch), batch)
     out = torch.zeros(losses.shape[0], sketch.dim, dtype=sketch.dtype, device=losses.device)
-    totals = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
     unbatched = recorder.unbatched(losses.shape[0]) + recorder.uncalled()
     if unbatched:
         recorder.calls.clear()
@@ -254,15 +260,10 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
         return sketched_gradients(fm, params, batch, sketch, recorder)
     hooked = [n for own in recorder.owned.values() for n in own.values()]
     recorder.sketch(sketch, out)
-    if not recorder.verified and hooked:  # once per build: the rows' hooked gradients must sum to autograd's
-        expected = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
-        for name, total in zip(leaves, totals):
-            if name in hooked and total is not None:
-                sketch.add(expected, name, total.reshape(1, -1))
-        gap = float((out.sum(0) - expected[0]).norm())
-        if gap > 1e-3 * max(float(expected.norm()), float(out.sum(0).norm()), 1e-30):
+    if not recorder.verified and hooked:  # once per build: the hooks' rows against autograd's, row by row
+        if not _hooks_agree(recorder, fm, params, batch, sketch, out, hooked):
             logger.warning(f"Gradient index: the per-example gradients of {', '.join(hooked[:3])}"
-                           f"{', ...' if len(hooked) > 3 else ''} from the layers' hooks do not add up to autograd's "
+                           f"{', ...' if len(hooked) > 3 else ''} from the layers' hooks differ from autograd's "
                            "(a weight read outside its layer's forward?); they come from batched autograd (slower).")
             recorder.calls.clear()
             recorder.fall_back(list(recorder.owned))
@@ -285,16 +286,42 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     return out
 
 
+def _hooks_agree(recorder: _Recorder, fm: FunctionalModel, params: dict[str, torch.Tensor], batch: dict,
+                 sketch: CountSketch, out: torch.Tensor, hooked: list[str]) -> bool:
+    """Whether the hooked sketches of the batch's first and last rows equal the sketch of each row's own autograd
+    gradient over the hooked parameters, to the parameters' precision (row by row: a sum over the batch is ~0 at a
+    converged model, where rounding alone would differ; in bfloat16 the gradients carry ~2^-9 rounding)."""
+    b = out.shape[0]
+    plain = FunctionalModel(fm.model, hooked, fm.loss_fn)
+    plain.split, plain.readout = fm.split, fm.readout
+    tolerance = max(1e-4, 16 * max(torch.finfo(params[n].dtype).eps for n in hooked))
+    for i in sorted({0, b - 1}):
+        row = {key: value[i : i + 1] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == b
+               else value for key, value in batch.items()}
+        gradient = batch_gradient(plain, {n: params[n] for n in hooked}, row, reduction="sum")
+        want = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
+        offset = 0
+        for name in hooked:
+            n = params[name].numel()
+            sketch.add(want, name, gradient[offset : offset + n].reshape(1, -1))
+            offset += n
+        scale = max(float(want.norm()), float(out[i].norm()), 1e-30)
+        if float((out[i] - want[0]).norm()) > tolerance * scale:
+            return False
+    return True
+
+
 INDEX_PROBE_BYTES = 64 * 2**20
 """The largest random set `check_index_factory` tries an index factory's training on."""
 
 
-def _trained_index(factory: str, shape: tuple[int, int], vectors: np.ndarray | None = None):
-    """influence_knn_index's faiss factory string over inner products for ``shape`` (rows, dimensions), trained on
-    ``vectors`` where it needs training and they are given; one faiss cannot make (an unknown string, or too few
-    rows to train it) is refused with the fix."""
+def _trained_index(factory: str, shape: tuple[int, int], vectors: np.ndarray | None = None,
+                   metric=faiss.METRIC_INNER_PRODUCT):
+    """influence_knn_index's faiss factory string over inner products (or ``metric``) for ``shape`` (rows,
+    dimensions), trained on ``vectors`` where it needs training and they are given; one faiss cannot make (an unknown
+    string, or too few rows to train it) is refused with the fix."""
     try:
-        index = faiss.index_factory(shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(shape[1], factory, metric)
         if not index.is_trained and vectors is not None:
             index.train(vectors)
         return index
@@ -302,14 +329,15 @@ def _trained_index(factory: str, shape: tuple[int, int], vectors: np.ndarray | N
         raise index_error(factory, shape, err) from err
 
 
-def check_index_factory(factory: str, rows: int, dim: int) -> None:
+def check_index_factory(factory: str, rows: int, dim: int, metric=faiss.METRIC_INNER_PRODUCT) -> None:
     """The gradient index is built after s_test: a factory string faiss cannot make, or whose training needs more
     rows than there are candidates (an IVF index with more lists), is refused before it. The training is tried on
     random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
-    more rows than that)."""
+    more rows than that). ``metric``: the feature index's L2 for kNN candidates."""
     small = rows * dim * 4 <= INDEX_PROBE_BYTES
     rng = np.random.default_rng(0)
-    index = _trained_index(factory, (rows, dim), rng.standard_normal((rows, dim), dtype=np.float32) if small else None)
+    index = _trained_index(factory, (rows, dim), rng.standard_normal((rows, dim), dtype=np.float32) if small else None,
+                           metric)
     if index.is_trained:  # adding rows can fail too ('IDMap,Flat' takes rows only with ids)
         try:
             index.add(rng.standard_normal((min(rows, 8), dim), dtype=np.float32))

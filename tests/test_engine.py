@@ -434,6 +434,17 @@ def test_index_settings_that_cannot_work_fail_before_s_test(data, pad_collator, 
                                  influence_projection_dim=64, influence_knn_index="IDMap,Flat")
         with pytest.raises(ValueError, match="influence_knn_index='IDMap,Flat' could not be built"):
             compute_influences(model, train, test, args, data_collator=pad_collator)
+    # checked without building the indexes: two feature methods are built once each (a first fix built each twice,
+    # the rebuild counted as query time)
+    monkeypatch.undo()
+    from hf_fastif import engine as engine_module
+
+    builds = []
+    real = engine_module.build_index
+    monkeypatch.setattr(engine_module, "build_index", lambda *a, **k: builds.append(1) or real(*a, **k))
+    engine = InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg"), data_collator=pad_collator)
+    rows = engine.candidate_recall(train, test, ks=[4, 8], methods=["auto", "cls"], ns=[3])
+    assert len(builds) == 2 and all(row["build_s"] > 0 for row in rows)
 
 
 def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
@@ -471,6 +482,11 @@ def test_the_table_says_which_loss_and_test_quantity_it_holds(data, pad_collator
         "smoothed")
     assert functions["measurement_fn"]["fingerprint"] == callable_fingerprint(class_logit)
     assert "grad m(z_test), m the measurement_fn" in table.metadata["semantics"]["influence"]
+    from hf_fastif.table.card import dataset_card  # the Hub card said "negative is helpful" of any table
+
+    card = str(dataset_card(table.metadata, len(table), columns=table.column_names))
+    assert "∇m(z_test)`, m the measurement `" in card and "L is the loss `" in card
+    assert "**negative is helpful**" in str(dataset_card(plain.metadata, len(plain), columns=plain.column_names))
     mean = compute_influences(model, train, test, args, data_collator=pad_collator, combine="mean")
     with pytest.raises(ValueError, match=f"test id 0 is the mean loss of {len(test)} test rows"):
         mean.add_text(test_dataset=test)

@@ -416,3 +416,35 @@ def test_a_seq2seq_models_position_tables_pad_labels_and_collator_are_named(pad_
     with pytest.raises(ValueError, match="pass data_collator=DataCollatorForSeq2Seq\\(tokenizer, model=model\\)"):
         compute_influences(model, train, _seq2seq_rows(2, 1, False), args,
                            data_collator=DataCollatorWithPadding(pad_collator.tokenizer))
+
+
+def test_only_the_token_stacks_position_tables_bound_the_rows():
+    """Every `embed_positions` counted: FSMT's grows on demand and Qwen2-Audio's is its audio tower's (its text
+    model has rotary positions), so rows those models take were refused. An encoder-decoder classifier was told to
+    use DataCollatorForSeq2Seq, which fails on class ids."""
+    import transformers as T
+
+    from hf_fastif.batches import (
+        PADDING_COLLATORS,
+        decoder_position_limit,
+        padding_collator_for,
+        position_limit,
+    )
+
+    torch.manual_seed(0)
+    fsmt = T.FSMTForConditionalGeneration(T.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=40, tgt_vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=8, pad_token_id=1, bos_token_id=0, eos_token_id=2))
+    assert position_limit(fsmt) is None and decoder_position_limit(fsmt) is None
+    audio = T.Qwen2AudioForConditionalGeneration(T.Qwen2AudioConfig(
+        audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=8,
+                          max_source_positions=20),
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096),
+        audio_token_index=63))
+    assert position_limit(audio) is None
+    assert position_limit(tiny_model("bert")) == 32 and position_limit(tiny_model("gpt2")) == 32
+    assert position_limit(tiny_model("roberta")) == 39
+    assert padding_collator_for(_tiny_bart("BartForSequenceClassification")) == PADDING_COLLATORS[None]
+    assert padding_collator_for(_tiny_bart()) == PADDING_COLLATORS["seq2seq"]

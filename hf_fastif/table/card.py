@@ -44,6 +44,17 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
     )
     repo = repo_id or "<user>/<repo>"
     extra = [c for c in columns if c not in REQUIRED_COLUMNS]
+    functions = metadata.get("functions") if isinstance(metadata.get("functions"), dict) else {}
+    measurement, loss = functions.get("measurement_fn"), functions.get("loss_fn")
+    if isinstance(measurement, dict):  # another test quantity than the loss: its sign reads the other way for a score
+        sign = (f"- `influence = -∇L(z_train) · s_test`, `s_test = (H + λI)⁻¹ ∇m(z_test)`, m the measurement "
+                f"`{measurement.get('name')}`: negative means upweighting the training row lowers m (helpful when a "
+                "lower m is better).")
+    else:
+        sign = ("- `influence = -∇L(z_train) · s_test`, `s_test = (H + λI)⁻¹ ∇L(z_test)`: **negative is helpful** "
+                "(upweighting the training row lowers the test loss), positive is harmful.")
+    if isinstance(loss, dict):
+        sign += f" L is the loss `{loss.get('name')}`."
     body = [
         f"# Influence table of `{name}`",
         "",
@@ -53,8 +64,7 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
         "",
         f"- Rows: {rows}. Columns: `test_id` (row of the test data), `train_id` (row of the training data), "
         "`influence`" + (f", and {', '.join(f'`{c}`' for c in extra)}" if extra else "") + ".",
-        "- `influence = -∇L(z_train) · s_test`, `s_test = (H + λI)⁻¹ ∇L(z_test)`: **negative is helpful** (upweighting "
-        "the training row lowers the test loss), positive is harmful.",
+        sign,
         "",
         "## How it was made",
         "",
