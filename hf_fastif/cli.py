@@ -71,6 +71,13 @@ from .table.format import label_text
 EXIT_ERROR = 2
 
 
+MAX_LENGTH_HELP = (
+    "With --model_name_or_path: token limit of a premise/hypothesis pair; longer pairs are cut, longest side first, "
+    f"and their count is logged (default {MODEL_MAX_LENGTH}, the paper's, or the model's positions if fewer; set it to "
+    f"the length the model was fine-tuned with). The embedded default's data is cut at {NLI_MAX_LENGTH}, as it was "
+    "fine-tuned.")
+
+
 # ---- build ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BuildArguments:
@@ -95,11 +102,7 @@ class BuildArguments:
         "help": "Use the first N training rows (train_id stays the dataset's row); embedded default: N generated "
                 f"rows (default {embedded_kind().table_data['n_train']})."})
     max_test_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use the first N test rows."})
-    max_length: int | None = dataclasses.field(default=None, metadata={
-        "help": "With --model_name_or_path: token limit of a premise/hypothesis pair; longer pairs are cut, longest "
-                f"side first, and their count is logged (default {MODEL_MAX_LENGTH}, the paper's, or the model's "
-                f"positions if fewer; set it to the length the model was fine-tuned with). The embedded default's "
-                f"data is cut at {NLI_MAX_LENGTH}, as it was fine-tuned."})
+    max_length: int | None = dataclasses.field(default=None, metadata={"help": MAX_LENGTH_HELP})
     shard_size: int = dataclasses.field(
         default=64, metadata={"help": "With --model_name_or_path: test rows computed and saved at a time (a rerun "
                                       "resumes after the last one). The embedded default's 30 test rows are one "
@@ -419,11 +422,7 @@ class RecallArguments:
         "help": "Candidates per query: counts (20) or shares of the training rows (5%%)."})
     methods: list[str] = dataclasses.field(default_factory=lambda: ["auto", "mean", "gradient", "random"], metadata={
         "help": f"Candidate methods to compare: any of {', '.join(RECALL_METHODS)}."})
-    max_length: int | None = dataclasses.field(default=None, metadata={
-        "help": "With --model_name_or_path: token limit of a premise/hypothesis pair; longer pairs are cut, longest "
-                f"side first, and their count is logged (default {MODEL_MAX_LENGTH}, the paper's, or the model's "
-                f"positions if fewer; set it to the length the model was fine-tuned with). The embedded default's "
-                f"data is cut at {NLI_MAX_LENGTH}, as it was fine-tuned."})
+    max_length: int | None = dataclasses.field(default=None, metadata={"help": MAX_LENGTH_HELP})
 
     def __post_init__(self):
         _positive_counts(self, "max_train_samples", "num_test_points")

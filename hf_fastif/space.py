@@ -422,7 +422,7 @@ class Explainer:
             return int(label)
         raise ValueError(f"Choose the gold label of the pair ({' / '.join(self.label_names)}).")
 
-    def encode(self, premise: str, hypothesis: str, label: int) -> tuple[Dataset, list[str], list[str]]:
+    def encode(self, premise: str, hypothesis: str, label: int) -> tuple[Dataset, list[str], list[str], int]:
         """`encode_pair` with this explainer's tokenizer, at most `MAX_PAIR_TOKENS` pieces or the model's positions,
         cut to `max_length` as the table's rows."""
         positions = getattr(self.model.config, "max_position_embeddings", None) or MAX_PAIR_TOKENS
