@@ -1108,8 +1108,7 @@ class InfluenceEngine:
     def _check_feature_index(self, call: _Call, method) -> None:
         """Refuse an ``influence_knn_index`` faiss cannot build over ``method``'s features of the candidate rows,
         from one row's features (their width) and random rows, without building the index."""
-        split = call.fm.split if isinstance(method, str) else None
-        cand = call.cand if split is not None else call.cand.with_trunk(None)
+        split, (cand,) = _feature_path(call, method, call.cand)
         with torch.no_grad():
             width = extract_features(self.model, cand.subset([0]), method, batch_size=1, split=split,
                                      progress=False).shape[1]
@@ -1118,11 +1117,9 @@ class InfluenceEngine:
     def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
         args = self.args
         bsz = args.influence_scoring_batch_size
-        split = call.fm.split if isinstance(method, str) else None  # user callables get the full model
         key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), self._functions["collator"],
                method if isinstance(method, str) else self._functions["features"], args.influence_knn_index, D.world())
-        cand = call.cand if split is not None else call.cand.with_trunk(None)
-        test = call.test if split is not None else call.test.with_trunk(None)
+        split, (cand, test) = _feature_path(call, method, call.cand, call.test)
         with torch.no_grad():
             if self._feature_index is None or self._feature_index[0] != key:
                 self._feature_index = None  # one index at a time: features of a large training set are big
@@ -1180,6 +1177,13 @@ class InfluenceEngine:
             "semantics": SEMANTICS if self.measurement_fn is None else SEMANTICS | MEASUREMENT_SEMANTICS,
             "diagnostics": call.info | call.timer.seconds,
         }
+
+
+def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:
+    """``(split, batchers)`` that ``method``'s features are extracted through: the call's trunk split for a named
+    method, the full model (batchers without their trunk states) for a user's callable."""
+    split = call.fm.split if isinstance(method, str) else None
+    return split, tuple(b if split is not None else b.with_trunk(None) for b in batchers)
 
 
 def _describe_function(function, fingerprint: str) -> dict | None:

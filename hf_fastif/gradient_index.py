@@ -90,9 +90,17 @@ class CountSketch:
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """Sketch flat vectors ``(m, p)`` → ``(m, D)``."""
         out = torch.zeros(vectors.shape[0], self.dim, dtype=self.dtype, device=vectors.device)
-        for name, (lo, hi) in self.offsets.items():
-            self.add(out, name, vectors[:, lo:hi])
+        self.add_flat(out, list(self.offsets), vectors)
         return out
+
+    def add_flat(self, out: torch.Tensor, names: list[str], vectors: torch.Tensor) -> None:
+        """``out += sketch of vectors`` ``(b, Σ numel)``: the parameters ``names`` laid end to end, in that order
+        (a subset's flat gradients, as `batch_gradient` gives them)."""
+        offset = 0
+        for name in names:
+            lo, hi = self.offsets[name]
+            self.add(out, name, vectors[:, offset : offset + hi - lo])
+            offset += hi - lo
 
     def add(self, out: torch.Tensor, name: str, values: torch.Tensor) -> None:
         """``out += sketch of values`` where ``values`` is ``(b, numel)`` for parameter ``name``."""
@@ -150,7 +158,7 @@ class _Recorder:
                 covered |= set(own.values())
         self.other = [n for n in names if n not in covered]
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor, list]] = []
-        self.verified = False  # whether the hooks' per-example gradients were seen to sum to autograd's
+        self.verified = False  # whether the hooks' per-example gradients were seen to equal autograd's
         self._plain: tuple[tuple, FunctionalModel] | None = None
 
     def plain_model(self, fm: FunctionalModel) -> FunctionalModel:
@@ -158,9 +166,7 @@ class _Recorder:
         per set of them (a fall-back adds to it), through ``fm``'s trunk split and readout."""
         if self._plain is None or self._plain[0] != tuple(self.other):
             self._plain = (tuple(self.other), FunctionalModel(fm.model, self.other, fm.loss_fn))
-        plain = self._plain[1]
-        plain.split, plain.readout = fm.split, fm.readout  # the call's forward path, whichever it is now
-        return plain
+        return _on_forward_path(self._plain[1], fm)
 
     def linear_weights(self) -> list[str]:
         """Weights of linear layers (``nn.Linear``, ``Conv1D``): their sketch is taken from the layer's factors."""
@@ -261,7 +267,7 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     hooked = [n for own in recorder.owned.values() for n in own.values()]
     recorder.sketch(sketch, out)
     if not recorder.verified and hooked:  # once per build: the hooks' rows against autograd's, row by row
-        if not _hooks_agree(recorder, fm, params, batch, sketch, out, hooked):
+        if not _hooks_agree(fm, params, batch, sketch, out, hooked):
             logger.warning(f"Gradient index: the per-example gradients of {', '.join(hooked[:3])}"
                            f"{', ...' if len(hooked) > 3 else ''} from the layers' hooks differ from autograd's "
                            "(a weight read outside its layer's forward?); they come from batched autograd (slower).")
@@ -272,11 +278,7 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     if recorder.other:  # parameters without a per-example rule: batched autograd over just those
         grads = batch_gradient(recorder.plain_model(fm), {n: params[n] for n in recorder.other}, batch,
                                reduction="none")
-        offset = 0
-        for name in recorder.other:
-            n = params[name].numel()
-            sketch.add(out, name, grads[:, offset : offset + n])
-            offset += n
+        sketch.add_flat(out, recorder.other, grads)
     if fm.decayed and fm.l2_in_gradients:
         decay = {n: 2.0 * fm.weight_decay * params[n].detach().reshape(1, -1) for n in decayed_names(list(params))}
         row = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
@@ -286,25 +288,27 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
     return out
 
 
-def _hooks_agree(recorder: _Recorder, fm: FunctionalModel, params: dict[str, torch.Tensor], batch: dict,
-                 sketch: CountSketch, out: torch.Tensor, hooked: list[str]) -> bool:
+def _on_forward_path(plain: FunctionalModel, fm: FunctionalModel) -> FunctionalModel:
+    """``plain`` (``fm``'s loss without the L2 term, over some of its parameters) through ``fm``'s trunk split and
+    readout: the call's forward path, whichever it is now."""
+    plain.split, plain.readout = fm.split, fm.readout
+    return plain
+
+
+def _hooks_agree(fm: FunctionalModel, params: dict[str, torch.Tensor], batch: dict, sketch: CountSketch,
+                 out: torch.Tensor, hooked: list[str]) -> bool:
     """Whether the hooked sketches of the batch's first and last rows equal the sketch of each row's own autograd
     gradient over the hooked parameters, to the parameters' precision (row by row: a sum over the batch is ~0 at a
     converged model, where rounding alone would differ; in bfloat16 the gradients carry ~2^-9 rounding)."""
     b = out.shape[0]
-    plain = FunctionalModel(fm.model, hooked, fm.loss_fn)
-    plain.split, plain.readout = fm.split, fm.readout
+    plain = _on_forward_path(FunctionalModel(fm.model, hooked, fm.loss_fn), fm)
     tolerance = max(1e-4, 16 * max(torch.finfo(params[n].dtype).eps for n in hooked))
     for i in sorted({0, b - 1}):
         row = {key: value[i : i + 1] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == b
                else value for key, value in batch.items()}
         gradient = batch_gradient(plain, {n: params[n] for n in hooked}, row, reduction="sum")
         want = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
-        offset = 0
-        for name in hooked:
-            n = params[name].numel()
-            sketch.add(want, name, gradient[offset : offset + n].reshape(1, -1))
-            offset += n
+        sketch.add_flat(want, hooked, gradient.reshape(1, -1))
         scale = max(float(want.norm()), float(out[i].norm()), 1e-30)
         if float((out[i] - want[0]).norm()) > tolerance * scale:
             return False
