@@ -34,6 +34,7 @@ from .arguments import InfluenceArguments
 from .data import NLI2_LABELS, NLI_MAX_LENGTH, tokenize_nli
 from .distributed import barrier, is_main_process
 from .fingerprint import dataset_fingerprint
+from .mode import evaluating
 from .pretrained import (
     CACHE_ENV,
     MINILM_FILES,
@@ -278,15 +279,13 @@ def cache_problems(folder: str | os.PathLike, key: str, content: dict) -> list[s
 
 @torch.no_grad()
 def _train_accuracy(model: BertForSequenceClassification, train: Dataset, collator) -> float:
-    was_training = model.training
-    model.eval()
     rows = train.select_columns([c for c in _TOKEN_COLUMNS if c in train.column_names])
     correct = 0
-    for start in range(0, len(rows), 128):
-        batch = collator([rows[i] for i in range(start, min(start + 128, len(rows)))])
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows), 128):
+            batch = collator([rows[i] for i in range(start, min(start + 128, len(rows)))])
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
     return correct / max(1, len(rows))
 
 

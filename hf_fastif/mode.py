@@ -17,7 +17,8 @@ logger = logging.get_logger(__name__)
 def influence_mode(model: nn.Module, names: Sequence[str]):
     """The state every influence computation runs in; everything is restored afterwards.
 
-    - eval mode (dropout off), and a refusal (`ValueError`, before any forward pass) of modules that
+    - eval mode (dropout off; each module's own train / eval flag comes back, not the top one's spread over
+      them), and a refusal (`ValueError`, before any forward pass) of modules that
       normalise with the statistics of the batch (BatchNorm without running statistics, or left training):
       their loss of a row depends on the other rows of its batch, so influence would depend on batching;
     - eager attention (SDPA/flash kernels support neither double backward nor forward-mode AD);
@@ -31,7 +32,6 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     - gradients on, outside inference mode: a call made inside ``torch.no_grad()`` or ``torch.inference_mode()``
       (a common reflex around analysis code) failed in autograd with an error that named nothing.
     """
-    was_training = model.training
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     selected = set(names)
     attn = _attention_implementation(model)
@@ -45,44 +45,57 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)
               and hasattr(m, "enable_input_require_grads") and hasattr(m, "disable_input_require_grads")]
     autocast = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m) and "_original_forward" in vars(m)}
+    with evaluating(model):
+        try:
+            _refuse_batch_statistics(model)
+            if switched:
+                logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
+                            "neither double backward nor forward-mode AD); it is switched back afterwards.")
+                model.set_attn_implementation("eager")
+            if checkpointed or hooked:
+                logger.info("Turning gradient checkpointing and its input-gradient hook off for influence "
+                            "(torch.func transforms refuse the hook's requires_grad_, and in eval mode checkpointing "
+                            "saves nothing); they are turned back on afterwards.")
+            for m in checkpointed:
+                m.gradient_checkpointing = False
+            for m in hooked:
+                m.disable_input_require_grads()
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in selected)
+            if autocast:
+                logger.info("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 Trainer); "
+                            "influence runs the forward without it, in the weights' own dtype, and puts it back "
+                            "afterwards.")
+            for m in autocast:
+                m.forward = vars(m)["_original_forward"]
+            with torch.inference_mode(False), torch.enable_grad():  # a call made under no_grad / inference_mode
+                yield
+        finally:
+            for m, forward in autocast.items():
+                m.forward = forward
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+            for m in hooked:
+                if not getattr(m, "_require_grads_hooks", None):
+                    m.enable_input_require_grads()
+            for m in checkpointed:
+                m.gradient_checkpointing = True
+            if switched and _attention_implementation(model) != attn:
+                model.set_attn_implementation(attn)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode within the block; afterwards each module gets its own train / eval flag back (not
+    ``model.train(was)``, which spreads the top module's flag over all: a BatchNorm or a layer the user froze with
+    ``.eval()`` inside a training model would come back training)."""
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        _refuse_batch_statistics(model)
-        if switched:
-            logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
-                        "neither double backward nor forward-mode AD); it is switched back afterwards.")
-            model.set_attn_implementation("eager")
-        if checkpointed or hooked:
-            logger.info("Turning gradient checkpointing and its input-gradient hook off for influence "
-                        "(torch.func transforms refuse the hook's requires_grad_, and in eval mode checkpointing "
-                        "saves nothing); they are turned back on afterwards.")
-        for m in checkpointed:
-            m.gradient_checkpointing = False
-        for m in hooked:
-            m.disable_input_require_grads()
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in selected)
-        if autocast:
-            logger.info("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 Trainer); "
-                        "influence runs the forward without it, in the weights' own dtype, and puts it back "
-                        "afterwards.")
-        for m in autocast:
-            m.forward = vars(m)["_original_forward"]
-        with torch.inference_mode(False), torch.enable_grad():  # a call made under no_grad / inference_mode
-            yield
+        yield
     finally:
-        for m, forward in autocast.items():
-            m.forward = forward
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        for m in hooked:
-            if not getattr(m, "_require_grads_hooks", None):
-                m.enable_input_require_grads()
-        for m in checkpointed:
-            m.gradient_checkpointing = True
-        model.train(was_training)
-        if switched and _attention_implementation(model) != attn:
-            model.set_attn_implementation(attn)
+        for m, training in modes.items():
+            m.training = training
 
 
 def _refuse_batch_statistics(model: nn.Module) -> None:

@@ -124,9 +124,18 @@ class TrunkSplit:
         last = self.first - 1
         modules = [*self.layers[: self.first], *([self.feeder] if self.feeder is not None else [])]
 
+        own = {module: vars(module).get("forward") for module in modules}  # accelerate's hooks, a user's patch
+
         def restore():
-            for module in modules:
-                module.__dict__.pop("forward", None)
+            for module, forward in own.items():
+                if forward is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = forward
+
+        def whole(module, args, kwargs):
+            """``module``'s forward as it was before the injection (its instance ``forward`` if it had one)."""
+            return (own[module] or functools.partial(type(module).forward, module))(*args, **kwargs)
 
         def lined_up(module, args, kwargs) -> bool:
             """Does the first skipped module's input (the feeder's token ids or embeddings, or layer 0's hidden
@@ -151,13 +160,13 @@ class TrunkSplit:
                 if i == 0 and self.feeder is None and not lined_up(layer, args, kwargs):
                     # the trunk put back: this layer runs (its own forward: its hooks already run around this
                     # call) and so do those above it
-                    return type(layer).forward(layer, *args, **kwargs)
+                    return whole(layer, args, kwargs)
                 return self._wrap(hidden if i == last else args[0] if args else kwargs["hidden_states"])
             return forward
 
         def placeholder(*args, **kwargs):  # the feeder's output only flows into the skipped layers
             if not lined_up(self.feeder, args, kwargs):
-                return type(self.feeder).forward(self.feeder, *args, **kwargs)
+                return whole(self.feeder, args, kwargs)
             return hidden
 
         self._active.append(True)

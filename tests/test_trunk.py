@@ -250,6 +250,8 @@ def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
     from tests.test_readout import _longformer
 
     model = _longformer()
+    embeddings = model.longformer.embeddings  # a user's patch: the forward that runs whole is the model's own
+    embeddings.forward = lambda *a, **k: type(embeddings).forward(embeddings, *a, **k) * 1.5
     data = make_token_dataset(20, seed=0, num_labels=3, max_len=8)
     lengths = np.array([len(x) for x in data["input_ids"]])
     eight = list(np.flatnonzero(lengths == 8)[:2])
@@ -395,3 +397,40 @@ def test_a_forward_that_puts_the_trunk_back_runs_each_module_once(pad_collator):
     assert split.failed is not None and len(calls) == 1
     with torch.no_grad():
         torch.testing.assert_close(top, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_a_models_own_forwards_and_each_modules_mode_come_back(pad_collator, tmp_path):
+    """The injection stands in for the trunk's forwards and the call runs in eval mode; afterwards the model is as it
+    was: an accelerate hook (what ``dispatch_model`` puts on a model split over devices) or a user's patched
+    ``forward`` on the skipped modules is back, not deleted, and a layer the user put in eval mode inside a
+    training model stays in eval mode (``model.train(was)`` used to turn every module back to training)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def post_forward(self, module, output):
+            Counting.calls += 1
+            return output
+
+    model = tiny_model("bert")
+    train, test = make_token_dataset(12, seed=0), make_token_dataset(2, seed=1)
+    for layer in model.bert.encoder.layer:
+        add_hook_to_module(layer, Counting())
+    embeddings = model.bert.embeddings
+    patched = embeddings.forward = lambda *a, **k: type(embeddings).forward(embeddings, *a, **k) * 1.5
+    hooked = vars(model.bert.encoder.layer[0])["forward"]
+    inputs = {k: v for k, v in pad_collator([train[0], train[1]]).items() if k != "labels"}
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits  # through the patch (x 1.5) and the hooks
+    model.train()
+    model.bert.encoder.layer[0].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    _, diagnostics = _influence(model, train, test, TOP["bert"], tmp_path, pad_collator)
+    assert diagnostics["trunk"]["split"] == "bert.encoder.layer.1"
+    assert vars(model.bert.encoder.layer[0])["forward"] is hooked and vars(embeddings)["forward"] is patched
+    assert {n: m.training for n, m in model.named_modules()} == before
+    Counting.calls = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, expected)
+    assert Counting.calls == 2

@@ -24,7 +24,7 @@ from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
 from ..loss import LossFn, influence_model, logits_of
 from ..metrics import load_hans_accuracy
-from ..mode import influence_mode
+from ..mode import evaluating, influence_mode
 from ..params import select_parameters
 from ..utils import markdown_table, to_json, write_atomic
 
@@ -86,16 +86,12 @@ def predict(model: nn.Module, dataset: Dataset, data_collator: Callable | None =
         if engine.model is not model:
             raise ValueError("predict(engine=...) needs an engine bound to the same model object.")
         return engine.logits(dataset, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
     rows = batcher(model, dataset, data_collator)
     out = []
-    try:
+    with evaluating(model):
         for _, batch in rows.batches(range(len(rows)), batch_size):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             out.append(model(**inputs).logits.float().cpu().numpy())
-    finally:
-        model.train(was_training)
     return np.concatenate(out, 0)
 
 
