@@ -397,8 +397,12 @@ class Explainer:
     def warm_up(self) -> float:
         """One explanation of the first training row (builds, or checks, every cache), then `save_caches` if they
         were not all read from disk, or some read were stale; returns its seconds."""
-        row = self.train[0]
-        explanation = self.explain(row["premise"], row["hypothesis"], int(row["label"]), n=1)
+        # the first row as the table's rows were tokenized, not as a visitor's pair: a training row may be longer
+        # than a visitor may type, or hold what `encode_pair` refuses, and still be the table's
+        timer = Timer(suffix="")
+        with timer("tokenize"):  # tokenized already, with the table's rows
+            row = self.train_tokenized.select([0]).remove_columns(["premise", "hypothesis"])
+        explanation = self._explained(row, self._k(None), 1, timer, [], [], len(row[0]["input_ids"]))
         stale = [kind for kind in self.engine.unused_loaded_caches() if kind in CACHED]
         if stale:  # read from disk but made for other keys (e.g. by another hf_fastif version): rebuilt just now
             logger.warning(f"The saved {', '.join(stale)} caches in {self.cache_dir} did not serve this model and data "
@@ -431,14 +435,25 @@ class Explainer:
 
     def explain(self, premise: str, hypothesis: str, label, k: int | None = None, n: int = 5) -> Explanation:
         """The prediction and the most helpful / harmful training rows for a typed pair with gold ``label`` (a
-        name or an id), over ``k`` gradient-index candidates (default ``LIVE_SETTINGS``' 100)."""
+        name or an id), over ``k`` gradient-index candidates (default ``LIVE_SETTINGS``' 100, or every training row
+        where there are fewer)."""
         premise, hypothesis = check_text(premise, "premise"), check_text(hypothesis, "hypothesis")
-        k = self.settings["influence_knn_k"] if k is None else k
-        k = check_int(k, "number of candidates", 1, self.max_candidates)
-        n = check_int(n, "number of rows", 1, MAX_ROWS)
+        k, n = self._k(k), check_int(n, "number of rows", 1, MAX_ROWS)
         timer = Timer(suffix="")
         with timer("tokenize"):
             test, pieces, unknown, length = self.encode(premise, hypothesis, self.label_id(label))
+        return self._explained(test, k, n, timer, pieces, unknown, length)
+
+    def _k(self, k) -> int:
+        """The number of candidates asked for, checked; None: the live settings' (100), at most the rows there are
+        (a table over fewer rows)."""
+        if k is None:
+            return min(int(self.settings["influence_knn_k"]), self.max_candidates)
+        return check_int(k, "number of candidates", 1, self.max_candidates)
+
+    def _explained(self, test: Dataset, k: int, n: int, timer: Timer, pieces: list[str], unknown: list[str],
+                   length: int) -> Explanation:
+        """`explain` of a tokenized one-row ``test``."""
         with self._lock:
             start = time.perf_counter()
             with timer("predict"):
@@ -802,6 +817,9 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
     model = model or os.environ.get(MODEL_ENV) or None
     kind = kind or os.environ.get(KIND_ENV) or None
     notices: list[str] = []
+    if source is None and (model is not None or revision is not None):
+        notices.append(f"The {'model' if model is not None else 'revision'} given ({model or revision!r}) is for a "
+                       "--table (HF_FASTIF_TABLE); the embedded default brings its own model, so it is not used.")
     if source is not None:
         progress(f"loading the influence table {source}")
         try:
@@ -812,7 +830,14 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
                            "instead.")
             source = None
     if source is None:
-        return load_default(kind=kind, max_train_samples=max_train_samples, progress=progress, notices=notices)
+        try:
+            return load_default(kind=kind, max_train_samples=max_train_samples, progress=progress, notices=notices)
+        except Exception as err:
+            if not notices:
+                raise
+            # the operator's own mistake (a table that would not load) must not vanish behind the default's failure
+            raise RuntimeError(f"{' '.join(notices)} The embedded default could not start either: "
+                               f"{type(err).__name__}: {err}") from err
     explainer = None
     if model is None:
         notices.append("Live explanations need the table's model: start the app with --model (or HF_FASTIF_MODEL).")
@@ -824,9 +849,13 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
             progress(warm_up_stage(explainer))
             explainer.warm_up()
             notices += [note for note in [live_rows_notice(table, len(train))] if note]
-        except (ValueError, OSError) as err:  # a model that does not match the table, a table without text...
-            logger.error(f"Live explanations are off: {type(err).__name__}: {err}")
-            notices.append(f"Live explanations are off: {err}")
+        except Exception as err:  # a model that does not match the table, a table without text, weights that
+            # cannot be read (a truncated safetensors file, a config that does not fit them): the table still shows
+            logger.exception(f"Live explanations are off: {type(err).__name__}: {err}")
+            why = str(err) if isinstance(err, (ValueError, OSError)) else (
+                f"the model {model!r} could not be loaded or run ({type(err).__name__}: {err}; the Space's log has "
+                "the details)")
+            notices.append(f"Live explanations are off: {why}")
             explainer = None
         differs = settings_differ(table.metadata.get("settings") or {}, explainer)
         if differs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -401,6 +402,49 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
     other.save(tmp_path / "other_parameters")
     state = load_state(str(tmp_path / "other_parameters"), model=str(build / "model"))
     assert state.explainer is None and "Build the table with explicit influence_params" in state.notices[0]
+
+
+def test_small_tables_long_rows_unreadable_models_and_stray_settings(app, tmp_path) -> None:
+    """A table over fewer rows than the live k (100), a first training row longer than a visitor may type, and a
+    model folder whose weights cannot be read each used to stop the start (the warm-up asked for 100 candidates of
+    40 rows; it explained row 0 as a typed pair; only ValueError / OSError were caught); a --model without --table
+    was ignored silently; and a table that would not load vanished from the page when the default failed too."""
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import MAX_TEXT_CHARS, load_state
+
+    build = Path(os.environ["HF_FASTIF_SPACE_CACHE"]) / KIND
+    full = InfluenceTable.load(build / "table")
+    few = sorted(set(full.to_pandas().train_id))[:40]
+    small = InfluenceTable(full.dataset.filter(lambda r: r["train_id"] in set(few)), dict(full.metadata))
+    small.save(tmp_path / "small")
+    state = load_state(str(tmp_path / "small"), model=str(build / "model"))
+    assert state.explainer is not None and state.explainer.max_candidates == 40
+    assert state.explainer.explain("The judge slept.", "The judge slept.", 0).k == 40  # the default k, capped
+
+    first = min(full.to_pandas().train_id)
+    long = "the judge slept . " * 30
+    assert len(long) > MAX_TEXT_CHARS
+    frame = full.to_pandas()
+    frame.loc[frame.train_id == first, "train_premise"] = long
+    InfluenceTable(type(full.dataset).from_pandas(frame, preserve_index=False), dict(full.metadata)).save(
+        tmp_path / "long")
+    state = load_state(str(tmp_path / "long"), model=str(build / "model"))
+    assert state.explainer is not None and not any("Live explanations are off" in n for n in state.notices)
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(build / "model", broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    state = load_state(str(build / "table"), model=str(broken))
+    assert state.explainer is None and len(state.rows(int(state.tests.test_id.iloc[0]), 3)[0]) > 0
+    assert any(f"the model {str(broken)!r} could not be loaded" in n for n in state.notices)
+
+    quick = dict(kind=KIND, max_train_samples=TRAIN_ROWS)
+    state = load_state(None, model=str(build / "model"), **quick)
+    assert state.source.startswith("embedded default") and "is for a --table" in state.notices[0]
+    missing = str(tmp_path / "tabel")
+    with pytest.raises(RuntimeError, match="(?s)There is no folder.*tabel.*could not start either: ValueError: "
+                                           "Unknown embedded model"):
+        load_state(missing, kind="no_such_model")
 
 
 def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch) -> None:
