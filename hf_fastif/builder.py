@@ -33,6 +33,7 @@ from .engine import InfluenceEngine, non_finite_scores
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
 from .influence import default_arguments
 from .loss import default_loss_smoothing
+from .params import select_parameters
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
 from .utils import to_json, write_atomic
@@ -43,7 +44,7 @@ MANIFEST = "build_manifest.json"
 # 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256; 3: run-time settings
 # in the signature, shards not tagged with its sha256; 4: functions fingerprinted without the globals they read,
 # an inferred config.problem_type hashed as set; 5: the L2 term of influence_weight_decay in every row's gradient
-MANIFEST_VERSION = 6
+MANIFEST_VERSION = 7
 # settings that decide how, not what, is computed: batch sizes of the test gradients, full-data Hessians, kNN
 # features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
 # change the numbers at most by float rounding, so a build resumed with other values goes on.
@@ -71,9 +72,14 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     train = data_identity(train_dataset, "train_dataset", model, rule)
     candidates = (train if candidate_dataset is None
                   else data_identity(candidate_dataset, "candidate_dataset", model, rule))
+    # influence_params=None selects by requires_grad, which the weights' fingerprint does not see (a model frozen
+    # for one run and loaded again with from_pretrained, every parameter trainable): the names selected decide too
+    names = list(select_parameters(model, args.influence_params))
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+        "influence_parameters": {"tensors": len(names),
+                                 "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()},
         "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}
         | ({"label_smoothing_factor": smoothing} if (smoothing := default_loss_smoothing(args, (callables or {}).get("loss_fn"))) else {}),
         "train": train, "test": data_identity(test_dataset, "test_dataset", model, rule), "candidates": candidates,
@@ -126,7 +132,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     callables = {name: kwargs.get(name) for name in CALLABLES}
     signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
                                 callables)
-    _check_or_write_manifest(out, signature)
+    fresh = _check_or_write_manifest(out, signature)
     digest = signature_digest(signature)
     test_identity = {"num_rows": len(test_dataset), "fingerprint": getattr(test_dataset, "_fingerprint", None),
                      "sha256": signature["test"]["sha256"]}
@@ -135,17 +141,24 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     done = 0
     # one engine for every shard: what does not depend on the test rows (trunk states of the training rows, the
     # convergence check, a low-rank Hessian, the gradient or feature index) is computed once per build, not per shard
-    with InfluenceEngine(model, args, **callables) as engine:
-        for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
-            folder = shards / f"shard-{i:05d}"
-            if _complete(folder, digest):
-                done += 1
-                continue
-            rows = range(start, min(start + shard_size, len(test_dataset)))
-            table = engine.compute_influences(train_dataset, test_dataset.select(rows),
-                                              combine=kwargs.get("combine", "none"),
-                                              candidate_dataset=kwargs.get("candidate_dataset"))
-            _write_shard(table, folder, start, test_identity, digest)
+    written = 0
+    try:
+        with InfluenceEngine(model, args, **callables) as engine:
+            for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
+                folder = shards / f"shard-{i:05d}"
+                if _complete(folder, digest):
+                    done += 1
+                    continue
+                rows = range(start, min(start + shard_size, len(test_dataset)))
+                table = engine.compute_influences(train_dataset, test_dataset.select(rows),
+                                                  combine=kwargs.get("combine", "none"),
+                                                  candidate_dataset=kwargs.get("candidate_dataset"))
+                _write_shard(table, folder, start, test_identity, digest)
+                written += 1
+    except BaseException:
+        if fresh and not done and not written:
+            _forget_manifest(out)
+        raise
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
 
@@ -154,7 +167,13 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
         metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done,
                              "signature_sha256": digest,
                              "note": "diagnostics are shard 0's, but for non_finite_scores, which covers every shard"}
-        _merge_non_finite(metadata, [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(len(starts))])
+        parts = [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(len(starts))]
+        other = [i for i, part in enumerate(parts) if (part.metadata.get("build") or {}).get("signature_sha256") != digest]
+        if other:  # written meanwhile by another build run into this folder at the same time
+            raise InfluenceTableError(f"Shards {other} of {out} were computed for another build while this one ran "
+                                      "(two builds into one output_dir at once); nothing was assembled. Run one "
+                                      "build per output_dir.")
+        _merge_non_finite(metadata, parts)
         with InfluenceTableWriter(out / "table", metadata) as writer:
             for i in range(len(starts)):
                 writer.write(InfluenceTable.load(shards / f"shard-{i:05d}"))
@@ -186,8 +205,9 @@ def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:
         diagnostics["non_finite_scores"] = summary
 
 
-def _check_or_write_manifest(out: Path, signature: dict) -> None:
-    """Refuse a directory whose manifest records another build; start one (main process) if there is none."""
+def _check_or_write_manifest(out: Path, signature: dict) -> bool:
+    """Refuse a directory whose manifest records another build; start one (main process) if there is none.
+    Returns whether this run started it."""
     manifest = out / MANIFEST
     if manifest.is_file():
         previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})
@@ -201,10 +221,26 @@ def _check_or_write_manifest(out: Path, signature: dict) -> None:
             raise ValueError(f"{out} holds another build ({values}); results would be mixed. To resume that build, "
                              "run it with the manifest's values. Use a new output_dir otherwise, or delete this one "
                              "to start over.")
-    elif D.is_main_process():
+        D.barrier()
+        return False
+    if D.is_main_process():
         (out / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(manifest, to_json({"signature": signature}, indent=2))
     D.barrier()
+    return True
+
+
+def _forget_manifest(out: Path) -> None:
+    """Remove the manifest a failed run started before any shard was computed (main process): it protected
+    nothing, and a rerun with the settings the error asks for (another damping, say) would be refused by it."""
+    if not D.is_main_process():
+        return
+    (out / MANIFEST).unlink(missing_ok=True)
+    try:
+        (out / "shards").rmdir()  # only if empty
+    except OSError:
+        pass
+    logger.info(f"No shard of {out} was computed; its manifest was removed, so a rerun may use other settings.")
 
 
 def _differences(old, new, key: str = "") -> list[tuple[str, object, object]]:

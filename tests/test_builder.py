@@ -271,3 +271,72 @@ def test_the_signature_records_the_repetitions_a_build_runs(setup, monkeypatch):
     assert (one["repetitions_used"], four["repetitions_used"]) == (1, 4)
     fixed = default_arguments(**ARGS)
     assert builder.build_signature(model, train, test, fixed, 2)["repetitions_used"] == 2
+
+
+def test_parameters_selected_by_requires_grad_are_part_of_the_build(pad_collator, tmp_path):
+    """influence_params=None selects what requires grad, which the weights' fingerprint does not see: a build
+    resumed after more of the model was unfrozen (a model loaded again with from_pretrained) mixed shards over 34
+    and over 306 parameters, 0.02 apart. It is refused, naming the entry."""
+    model, train, test = tiny_model("bert"), make_token_dataset(20, seed=0), make_token_dataset(4, seed=1)
+    args = default_arguments(**ARGS | {"influence_params": None})
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("classifier."))
+    build_influence_table(model, train, test.select(range(2)), tmp_path, args, shard_size=2, data_collator=pad_collator)
+    model.bert.pooler.dense.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"another build \(influence_parameters\.names_sha256: .*influence_parameters"
+                                         r"\.tensors: 2 in the manifest, 3 now"):
+        build_influence_table(model, train, test, tmp_path, args, shard_size=2, data_collator=pad_collator)
+
+
+def test_a_build_that_fails_before_its_first_shard_leaves_no_manifest(setup, pad_collator, tmp_path, monkeypatch):
+    """The first run's error asks for other settings (CG's negative curvature: raise the damping); its manifest,
+    written before any work, refused the rerun that followed the advice. A run that computed nothing leaves none; a
+    run that finished a shard keeps it, and its manifest."""
+    model, train, test = setup
+    args = default_arguments(**ARGS)
+    calls = {"n": 0}
+    real = builder.InfluenceEngine.compute_influences
+
+    def fails_at(n):
+        def compute(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise ValueError("CG met negative curvature; raise influence_damping.")
+            return real(self, *a, **kw)
+        return compute
+
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", fails_at(0))
+    with pytest.raises(ValueError, match="negative curvature"):
+        build_influence_table(model, train, test, tmp_path, args, shard_size=2, data_collator=pad_collator)
+    assert not (tmp_path / builder.MANIFEST).exists()
+    calls["n"] = 0
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", fails_at(1))
+    other = default_arguments(**ARGS | {"influence_damping": 0.5})  # the advice followed
+    with pytest.raises(ValueError, match="negative curvature"):
+        build_influence_table(model, train, test, tmp_path, other, shard_size=2, data_collator=pad_collator)
+    assert (tmp_path / builder.MANIFEST).is_file()  # a shard was computed: its build is kept
+    with pytest.raises(ValueError, match="another build"):
+        build_influence_table(model, train, test, tmp_path, args, shard_size=2, data_collator=pad_collator)
+
+
+def test_shards_written_by_another_build_at_the_same_time_are_not_assembled(setup, pad_collator, tmp_path,
+                                                                          monkeypatch):
+    """Two builds into one folder at once, started within the same instant (both saw no manifest): each shard is
+    tagged with its build's signature, and the assembly refuses shards of another, naming them."""
+    model, train, test = setup
+    args = default_arguments(**ARGS)
+    small = test.select(range(4))
+    build_influence_table(model, train, small, tmp_path / "other", default_arguments(**ARGS | {"influence_damping": 0.5}),
+                          shard_size=2, data_collator=pad_collator)
+    real = builder._write_shard
+
+    def and_the_other_build(table, folder, *a):
+        real(table, folder, *a)
+        if folder.name == "shard-00001":  # the other run's shard lands over this one's
+            shutil.rmtree(folder)
+            shutil.copytree(tmp_path / "other" / "shards" / "shard-00001", folder)
+
+    monkeypatch.setattr(builder, "_write_shard", and_the_other_build)
+    with pytest.raises(builder.InfluenceTableError, match=r"Shards \[1\] of .* were computed for another build"):
+        build_influence_table(model, train, small, tmp_path / "mine", args, shard_size=2, data_collator=pad_collator)
+    assert not (tmp_path / "mine" / "table").exists()
