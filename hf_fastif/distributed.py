@@ -27,6 +27,17 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def training_replicas(device: str = "cpu") -> dict:
+    """How many copies of a model a Trainer started here trains at once (each takes its own batch of
+    ``per_device_train_batch_size`` rows, so the optimizer steps on that many times more rows, and fewer steps):
+    ``processes`` (one per process under ``accelerate launch`` / ``torchrun``) and ``gpus_per_process`` (the GPUs a
+    single CUDA process spreads each batch over with ``DataParallel``). Part of every key of a cached trained model:
+    the same settings trained under 2 processes give other weights."""
+    processes = world()[1]
+    gpus = torch.cuda.device_count() if device == "cuda" and processes == 1 and torch.cuda.is_available() else 1
+    return {"processes": processes, "gpus_per_process": max(1, gpus)}
+
+
 def is_main_process() -> bool:
     return world()[0] == 0
 

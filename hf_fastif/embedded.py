@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .arguments import InfluenceArguments
 from .data import NLI2_LABELS, NLI_MAX_LENGTH, build_tokenizer, generate_nli, tokenize_nli
+from .distributed import training_replicas
 from .minilm_default import (
     FinetuneSettings,
     cached_finetune_minilm,
@@ -295,11 +296,14 @@ def ignored_training_flags(args: InfluenceArguments) -> list[str]:
 def training_settings(args: InfluenceArguments, kind: str | None = None) -> dict:
     """What the embedded model of ``kind`` trained with ``args`` depends on (a build reuses a model only when these
     are equal): MiniLM's `FinetuneSettings` (its fine-tuning cache key), or for the tiny model every training field of
-    ``args`` but those that only say where and how the Trainer reports and saves."""
+    ``args`` but those that only say where and how the Trainer reports and saves; and for both the model copies
+    trained at once (`training_replicas`: a build under 2 processes trained other weights)."""
     if embedded_kind(kind).name == "minilm":
-        return dataclasses.asdict(finetune_settings(args))
+        settings = dataclasses.asdict(finetune_settings(args))
+        return settings | {"replicas": training_replicas(settings["device"])}
+    device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
     return {k: v for k, v in args.to_dict().items()
-            if not k.startswith("influence_") and not k.startswith(_NOT_TRAINING)}
+            if not k.startswith("influence_") and not k.startswith(_NOT_TRAINING)} | {"replicas": training_replicas(device)}
 
 
 def train_embedded_model(raw_train: Dataset, tokenized_train: Dataset, tokenizer: PreTrainedTokenizerBase,

@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 from .arguments import InfluenceArguments
 from .data import NLI2_LABELS, NLI_MAX_LENGTH, tokenize_nli
-from .distributed import barrier, is_main_process
+from .distributed import barrier, is_main_process, training_replicas
 from .fingerprint import dataset_fingerprint
 from .mode import evaluating
 from .pretrained import (
@@ -218,7 +218,8 @@ def finetune_key(train_tokenized: Dataset, settings: FinetuneSettings) -> tuple[
     """``(key, content)``: the sha256 of ``content``, which holds what a fine-tuned model depends on: MiniLM's
     revision and the sha256 of its files, the tokenized training rows (ids, masks and labels, hashed by value: the
     data's seed, sizes and tokenization), `FinetuneSettings` (but ``max_length``, whose only effect is on the
-    tokenized rows), `FINETUNE_CODE_VERSION` and the torch / transformers versions."""
+    tokenized rows), the model copies trained at once (`training_replicas`: processes, GPUs), `FINETUNE_CODE_VERSION`
+    and the torch / transformers versions."""
     columns = [c for c in _TOKEN_COLUMNS if c in train_tokenized.column_names]
     content = {
         "base": {"repo": MINILM_REPO_ID, "revision": MINILM_REVISION,
@@ -226,6 +227,7 @@ def finetune_key(train_tokenized: Dataset, settings: FinetuneSettings) -> tuple[
         "data": {"fingerprint": dataset_fingerprint(train_tokenized, columns), "rows": len(train_tokenized),
                  "columns": columns},
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "max_length"},
+        "replicas": training_replicas(settings.device),
         "code_version": FINETUNE_CODE_VERSION,
         "torch": torch.__version__.split("+")[0],
         "transformers": transformers.__version__,

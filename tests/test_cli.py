@@ -63,6 +63,13 @@ def test_a_build_with_other_training_settings_is_not_reused(tmp_path, capsys) ->
         assert training_settings(other, "minilm") != training_settings(base, "minilm")
     assert training_settings(embedded_arguments(str(tmp_path / "x"), use="table", logging_steps=3), "tiny") == \
         training_settings(embedded_arguments(str(tmp_path), use="table"), "tiny")
+    # a build trained under 2 processes (twice the rows per step) is not reused by one process, nor the other way
+    import hf_fastif.distributed
+
+    alone = {kind: training_settings(base, kind) for kind in ("tiny", "minilm")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf_fastif.distributed, "world", lambda: (0, 2))
+        assert all(training_settings(base, kind) != alone[kind] for kind in alone)
 
 
 def test_build_embedded_default_then_show(built: Path, capsys) -> None:

@@ -88,10 +88,16 @@ def test_a_second_call_loads_the_cached_model(raw, cache, first):
     assert longer.cached and longer.folder == first.folder
 
 
-@pytest.mark.parametrize("change", ["lr", "seed", "trainable_layers", "data"])
-def test_another_setting_or_other_data_is_another_folder(raw, first, change):
+@pytest.mark.parametrize("change", ["lr", "seed", "trainable_layers", "data", "processes"])
+def test_another_setting_or_other_data_is_another_folder(raw, first, change, monkeypatch):
+    """``processes``: a fine-tuning under ``accelerate launch`` with 2 processes steps on twice the rows, half as
+    often: other weights, which were served to one-process runs under the same key."""
     settings, rows = SMALL, raw
-    if change == "data":
+    if change == "processes":
+        import hf_fastif.distributed
+
+        monkeypatch.setattr(hf_fastif.distributed, "world", lambda: (0, 2))
+    elif change == "data":
         rows = raw.map(lambda row, i: {"label": 1 - row["label"] if i == 0 else row["label"]}, with_indices=True)
     else:
         settings = FinetuneSettings(**{**SMALL.__dict__, change: {"lr": 2e-3, "seed": 1, "trainable_layers": 1}[change]})
