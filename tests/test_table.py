@@ -3,6 +3,7 @@ broken tables or another model."""
 
 import json
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -422,3 +423,26 @@ def test_writers_of_one_folder_keep_each_others_shards(tmp_path):
     assert not stale.exists() and not killed.exists() and elsewhere.exists()
     elsewhere.unlink()
     assert sorted(p.name for p in data.iterdir()) == ["train-00000-of-00001.parquet"]
+
+
+def test_a_table_saved_over_a_loaded_one_is_not_read_under_the_old_metadata(tmp_path):
+    """A loaded table read its row groups by path, lazily: after another table was saved into its folder (a build
+    re-run while a Space or a notebook holds the table), it returned the new rows (-500 ... -100) under its own
+    metadata, and an empty harmful list. A file opened before keeps its rows; one opened after is refused."""
+    from hf_fastif.table import InfluenceTableError
+
+    first = InfluenceTable.from_arrays([0] * 5 + [1] * 5, list(range(5)) * 2, [1.0, 2, 3, 4, 5] * 2, {"note": "A"})
+    first.save(tmp_path / "t", shard_rows=5)
+    opened, unread = InfluenceTable.load(tmp_path / "t"), InfluenceTable.load(tmp_path / "t")
+    before = opened.for_test(0).influence.tolist()
+    replacement = InfluenceTable.from_arrays(first.to_pandas().test_id, first.to_pandas().train_id,
+                                             -100 * first.to_pandas().influence, {"note": "B"})
+    time.sleep(0.01)
+    replacement.save(tmp_path / "t", shard_rows=5)
+    assert opened.for_test(0).influence.tolist() == before == [1.0, 2, 3, 4, 5]
+    with pytest.raises(InfluenceTableError, match="was written over since this table was loaded.*load the table "
+                                                  "again"):
+        unread.for_test(0)
+    with pytest.raises(InfluenceTableError, match="written over"):
+        unread.to_pandas()
+    assert InfluenceTable.load(tmp_path / "t").for_test(0).influence.tolist()[0] == -500

@@ -191,12 +191,20 @@ class MemoryRows:
         return self.dataset
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class ShardReader:
     """The parquet shards of a table folder: footers read at open, row groups read on demand."""
 
     def __init__(self, directory: Path, files: list[Path], schema: pa.Schema, sorted_: bool,
-                 files_meta: list[pq.FileMetaData]):
+                 files_meta: list[pq.FileMetaData], identities: list[tuple] | None = None):
         self.directory, self.files, self.schema, self.sorted = directory, files, schema, sorted_
+        # each file as its footer was read (inode, size, modification time): a row group read later from a file
+        # that was saved over since (a build re-run into the folder of a table in use) would come from another table
+        self._identities = identities
         self.num_rows = sum(m.num_rows for m in files_meta)
         self.row_groups_read = 0  # for tests and diagnostics: how much a query touched
         self._open: dict[int, pq.ParquetFile] = {}
@@ -238,8 +246,9 @@ class ShardReader:
             files = sorted(data.glob("*.parquet"))
         if not files:
             raise InfluenceTableError(f"{directory} has no parquet shards under {DATA_DIR}/; the table is incomplete.")
-        metas, schema = [], None
+        metas, schema, identities = [], None, []
         for f in files:
+            identities.append(_identity(f))
             try:
                 meta = pq.read_metadata(f)
                 file_schema = meta.schema.to_arrow_schema()
@@ -257,11 +266,16 @@ class ShardReader:
         if "num_rows" in storage and storage["num_rows"] != rows:
             raise InfluenceTableError(f"{directory} holds {rows} rows but {METADATA_FILE} says {storage['num_rows']}; "
                                       "the table is incomplete or corrupt.")
-        return cls(directory, files, schema, bool(storage.get("sorted", False)), metas)
+        return cls(directory, files, schema, bool(storage.get("sorted", False)), metas, identities)
 
     def _file(self, f: int) -> pq.ParquetFile:
         if f not in self._open:
-            self._open[f] = pq.ParquetFile(self.files[f], memory_map=True)
+            handle = pq.ParquetFile(self.files[f], memory_map=True)
+            if self._identities is not None and _identity(self.files[f]) != self._identities[f]:
+                handle.close()
+                raise InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another "
+                                          f"table was saved into {self.directory}); load the table again.")
+            self._open[f] = handle  # held open: a later replacement of the file does not change what it reads
         return self._open[f]
 
     def _read_group(self, f: int, g: int, columns: Sequence[str] | None = None) -> pa.Table:
@@ -310,6 +324,8 @@ class ShardReader:
 
     def to_dataset(self) -> Dataset:
         """The rows as a memory-mapped `datasets.Dataset` (converted into the datasets cache)."""
+        for f in range(len(self.files)):
+            self._file(f)  # refuses files written over since the table was loaded
         with quiet_datasets():
             try:
                 dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")
