@@ -39,10 +39,10 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_repetitions: int | None = field(
         default=4,
-        metadata={"help": "T: independent LiSSA repetitions averaged. None: one per process (the paper's parallel variant)."},
+        metadata={"help": "T: independent LiSSA repetitions averaged. None (on the command line: None or 0): one per process (the paper's parallel variant)."},
     )
     influence_knn_k: int | None = field(
-        default=1000, metadata={"help": "Candidates per query from the kNN index; None scores every training point."}
+        default=1000, metadata={"help": "Candidates per query from the kNN index; None (on the command line: None or 0) scores every training point."}
     )
     influence_knn_features: str = field(
         default="auto",
@@ -96,7 +96,7 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_arnoldi_rows: int | None = field(
         default=None,
-        metadata={"help": "influence_solver='arnoldi': seeded training rows whose mean Hessian is decomposed (None: all)."},
+        metadata={"help": "influence_solver='arnoldi': seeded training rows whose mean Hessian is decomposed (None, or 0 on the command line: all)."},
     )
     influence_measure_recall: bool = field(
         default=False,

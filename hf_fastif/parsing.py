@@ -20,9 +20,9 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions")
-"""Flags where ``0`` on the command line means None (every training row is scored; one repetition per process),
-since argparse cannot spell None."""
+NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions", "influence_arnoldi_rows")
+"""Flags where ``0`` or ``None`` on the command line means None (every training row is scored; one repetition per
+process; every training row's Hessian), since argparse parses them as whole numbers."""
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -47,7 +47,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
 def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = None,
                         defaults: Defaults | None = None) -> tuple:
     """`parse_arguments` on a given parser (e.g. a subcommand's); see there."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _zero_for_none(list(sys.argv[1:] if argv is None else argv))
     fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
     if callable(defaults):
         # --help is answered by the second parse, which knows the chosen setup's defaults
@@ -59,6 +59,20 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
     _none_for_zero(namespace)
     return tuple(dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
                  for dtype in parser.dataclass_types)
+
+
+def _zero_for_none(argv: list[str]) -> list[str]:
+    """``--influence_knn_k None`` (or ``none``, ``=None``) as ``0``, which `_none_for_zero` reads as None: the help
+    and the errors say None, and argparse refused it ("invalid int value: 'None'")."""
+    flags = {f"--{name}" for name in NONE_FOR_ZERO}
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in flags and value.lower() == "none":
+            out[i] = f"{flag}=0"
+        elif arg in flags and i + 1 < len(out) and out[i + 1].lower() == "none":
+            out[i + 1] = "0"
+    return out
 
 
 def _none_for_zero(namespace: argparse.Namespace) -> None:

@@ -170,6 +170,29 @@ def test_parse_arguments_ignores_defaults_of_other_commands():
         parse_arguments([ModelDataArguments], ["--no_such_flag", "1"])
 
 
+def test_none_is_typed_as_the_help_says(tmp_path):
+    """The help and the errors say None for k, T and the Arnoldi rows; argparse refused it ("invalid int value:
+    'None'"), and the only spelling was 0, written in one page of the docs."""
+    base = ["--output_dir", str(tmp_path)]
+    for spelled in (["--influence_knn_k", "None", "--influence_repetitions", "none", "--influence_arnoldi_rows=None"],
+                    ["--influence_knn_k", "0", "--influence_repetitions=0", "--influence_arnoldi_rows", "0"]):
+        (args,) = parse_arguments([InfluenceArguments], base + spelled)
+        assert (args.influence_knn_k, args.influence_repetitions, args.influence_arnoldi_rows) == (None, None, None)
+    (args,) = parse_arguments([InfluenceArguments], base + ["--influence_knn_k", "7"])
+    assert args.influence_knn_k == 7
+    with pytest.raises(SystemExit):
+        parse_arguments([InfluenceArguments], base + ["--influence_scale", "None"])  # not a None setting
+
+
+def test_the_package_runs_as_a_module():
+    """``python -m hf_fastif`` is the console script ``hf-fastif`` (it was 'No module named hf_fastif.__main__')."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "hf_fastif", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "build" in done.stdout and "recall" in done.stdout
+
+
 HELP_COMMANDS = [("hf-fastif", sub) for sub in ("", "build", "push", "pull", "show", "recall")]
 HELP_COMMANDS += [("benchmarks", name) for name in (
     "paper_table", "core", "parallel", "recall", "reference", "space_latency", "minilm_finetune", "per_test_point",
