@@ -409,6 +409,18 @@ class HubServer:
         assert self._blobs is not None
         return {path: self._blobs.read(e.sha256) for path, e in entries.items()}
 
+    def damage(self, repo_id: str, path: str, data: bytes, repo_type: str = "dataset", revision: str = "main") -> bytes:
+        """Serve ``data`` for ``path`` at ``revision`` from now on, under the file's recorded sha256 and size (a store
+        that went bad, a transfer changed in flight); returns the bytes it held, for `damage` to put back."""
+        with self._lock:
+            repo = self._repos[(repo_type, repo_id)]
+            entry = repo.commits[self._resolve(repo, revision)].files[path]
+        assert self._blobs is not None
+        blob = self._blobs._path(entry.sha256)
+        before = blob.read_bytes()
+        blob.write_bytes(data)
+        return before
+
     def commit_history(self, repo_id: str, repo_type: str = "dataset", revision: str = "main") -> list[str]:
         """Commit ids reachable from ``revision``, newest first."""
         with self._lock:

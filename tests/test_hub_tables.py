@@ -178,3 +178,78 @@ def test_push_while_offline_is_a_table_error_naming_the_fix() -> None:
         push_table(make_table(0), "test-user/offline")
     with pytest.raises(InfluenceTableError, match=r"'not a repo id!' is not a valid Hub repo id"):
         push_table(make_table(0), "not a repo id!")  # the client's own validation error escaped as it was
+
+
+def _silently_damaged(data: bytes) -> bytes:
+    """``data`` (a parquet shard) with one byte of its influence values flipped such that it still reads, with other
+    values: only a sha256 check can tell."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    original = pq.read_table(io.BytesIO(data)).column("influence").to_numpy()
+    for offset in range(len(data) // 4, len(data) - 8):
+        changed = bytearray(data)
+        changed[offset] ^= 0x10
+        try:
+            values = pq.read_table(io.BytesIO(bytes(changed))).column("influence").to_numpy()
+        except Exception:
+            continue
+        if len(values) == len(original) and np.isfinite(values).all() and (values != original).any():
+            return bytes(changed)
+    raise AssertionError("no byte of the shard flips silently")
+
+
+CHECKED = """
+import json, sys
+from hf_fastif import InfluenceTable
+
+step, folder = sys.argv[1:3]
+def attempt(call):
+    try:
+        result = call()
+        return {"rows": result.to_pandas().influence.tolist()} if hasattr(result, "to_pandas") else {"ok": result}
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+if step == "push":
+    InfluenceTable.load(folder).push_to_hub("test-user/public", shard_rows=50)
+    out = {"private": attempt(lambda: InfluenceTable.load(folder).push_to_hub("test-user/public", private=True)),
+           "damaged": attempt(lambda: InfluenceTable.load(folder + "_damaged").push_to_hub("test-user/other"))}
+else:
+    out = attempt(lambda: InfluenceTable.from_hub("test-user/public"))
+print(json.dumps(out))
+"""
+
+
+def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_table(hub_server: HubServer,
+                                                                                   tmp_path: Path) -> None:
+    """--private into an existing public repo published the table (create_repo keeps a repo's visibility); a shard
+    damaged on disk was pushed with fresh sha256s; one served damaged (same size, still parquet) loaded silently
+    through from_hub and `hf-fastif show`, and stayed in the cache after the Hub was mended; a transfer cut short
+    came out as the Hub client's OSError, advising a flag from_hub did not have."""
+    table = make_table(3)
+    table.save(tmp_path / "v1", shard_rows=50)
+    table.save(tmp_path / "v1_damaged", shard_rows=50)
+    shard = tmp_path / "v1_damaged" / "data" / "train-00001-of-00003.parquet"
+    shard.write_bytes(_silently_damaged(shard.read_bytes()))
+    expected = InfluenceTable.load(tmp_path / "v1").to_pandas().influence.tolist()
+
+    pushed = run_client_json(CHECKED, hub_server, tmp_path / "a", args=["push", str(tmp_path / "v1")])
+    head = hub_server.head("test-user/public")
+    assert "exists and is public" in pushed["private"]["error"] and "nothing was uploaded" in pushed["private"]["error"]
+    assert hub_server.head("test-user/public") == head
+    assert pushed["damaged"]["error"].startswith("InfluenceTableError") and "is corrupt" in pushed["damaged"]["error"]
+    assert not hub_server.repo_exists("test-user/other")
+
+    path = "data/train-00001-of-00003.parquet"
+    good = hub_server.damage("test-user/public", path, _silently_damaged(hub_server.files("test-user/public")[path]))
+    pulled = run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""])
+    assert "is corrupt" in pulled["error"] and "the copy on the Hub is damaged" in pulled["error"]
+    hub_server.damage("test-user/public", path, good)  # mended: the same client, its cache holding the bad copy
+    assert run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""]) == {"rows": expected}
+
+    hub_server.damage("test-user/public", path, good[: len(good) // 2])  # served shorter than its recorded size
+    cut = run_client_json(CHECKED, hub_server, tmp_path / "c", args=["pull", ""])
+    assert cut["error"].startswith("InfluenceTableError") and "Run it again" in cut["error"]
+    hub_server.damage("test-user/public", path, good)
+    assert run_client_json(CHECKED, hub_server, tmp_path / "c", args=["pull", ""]) == {"rows": expected}

@@ -63,6 +63,10 @@ def _pull_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         yield
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as err:
         raise InfluenceTableError(_pull_message(err, repo_id, revision)) from err
+    except OSError as err:  # a transfer cut short (the client's size check), a full disk...: the partial file is gone
+        where = f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+        raise InfluenceTableError(f"The download of {where} failed ({type(err).__name__}: {err}). Run it again: the "
+                                  "files downloaded whole are kept, the partial one is discarded.") from err
 
 
 def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = None, token: str | None = None,
@@ -77,7 +81,15 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
             raise InfluenceTableError(f"No dataset repo {repo_id!r} this token can see (it does not exist yet, or it is "
                                       f"private: pass token=... with access), so no branch {revision!r} in it: push "
                                       "without revision first (to main), then create the branch. Nothing was created.")
+        table.verify()  # a shard damaged on disk would be uploaded with new sha256s, and pass every later check
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if private and not api.repo_info(url.repo_id, repo_type="dataset").private:
+            # create_repo leaves an existing repo's visibility as it is: the table would have been public
+            raise InfluenceTableError(
+                f"Dataset repo {url.repo_id!r} exists and is public, and a push does not change an existing repo's "
+                "visibility, so the table would be public; nothing was uploaded. Make the repo private first "
+                f"(HfApi().update_repo_settings({url.repo_id!r}, private=True, repo_type='dataset')), or push to a "
+                "new repo.")
         _check_repo_holds_a_table(api, url.repo_id, revision)
         with tempfile.TemporaryDirectory() as tmp:
             table.save(tmp, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
@@ -117,8 +129,9 @@ def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) ->
 
 
 def download_table(repo_id: str, *, revision: str | None = None, token: str | None = None,
-                   cache_dir: str | None = None) -> Path:
-    """The local snapshot folder of a table pushed with `push_table` (``revision``: branch, tag or commit)."""
+                   cache_dir: str | None = None, force_download: bool = False) -> Path:
+    """The local snapshot folder of a table pushed with `push_table` (``revision``: branch, tag or commit;
+    ``force_download``: the shards downloaded again even if cached)."""
     with _pull_errors(repo_id, revision):
         # the metadata first: it says whether this is a table at all before any shard is downloaded,
         # and its snapshot folder names the commit, so the shards come from the very same commit
@@ -126,4 +139,5 @@ def download_table(repo_id: str, *, revision: str | None = None, token: str | No
                                     cache_dir=cache_dir))
         commit = meta.parent.name
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=commit, token=token, cache_dir=cache_dir,
-                                      allow_patterns=[METADATA_FILE, CARD_FILE, f"{DATA_DIR}/*.parquet"]))
+                                      allow_patterns=[METADATA_FILE, CARD_FILE, f"{DATA_DIR}/*.parquet"],
+                                      force_download=force_download))

@@ -160,6 +160,9 @@ class MemoryRows:
 
     sorted = True
 
+    def verify(self) -> None:
+        """Nothing to check: no shard files, the rows were made in this process."""
+
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.table: pa.Table = dataset.data.table
@@ -200,8 +203,10 @@ class ShardReader:
     """The parquet shards of a table folder: footers read at open, row groups read on demand."""
 
     def __init__(self, directory: Path, files: list[Path], schema: pa.Schema, sorted_: bool,
-                 files_meta: list[pq.FileMetaData], identities: list[tuple] | None = None):
+                 files_meta: list[pq.FileMetaData], identities: list[tuple] | None = None,
+                 sha256: list[str | None] | None = None):
         self.directory, self.files, self.schema, self.sorted = directory, files, schema, sorted_
+        self._sha256 = sha256 or [None] * len(files)  # as the metadata lists them (`verify`)
         # each file as its footer was read (inode, size, modification time): a row group read later from a file
         # that was saved over since (a build re-run into the folder of a table in use) would come from another table
         self._identities = identities
@@ -239,9 +244,6 @@ class ShardReader:
                 if f.stat().st_size != s.get("bytes", f.stat().st_size):
                     raise InfluenceTableError(f"The shard {f} is corrupt or incomplete: {f.stat().st_size} bytes, "
                                               f"{s['bytes']} expected. Download or rebuild the table.")
-                if verify and s.get("sha256") and file_sha256(f) != s["sha256"]:
-                    raise InfluenceTableError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
-                                              "Download or rebuild the table.")
         else:
             files = sorted(data.glob("*.parquet"))
         if not files:
@@ -266,7 +268,18 @@ class ShardReader:
         if "num_rows" in storage and storage["num_rows"] != rows:
             raise InfluenceTableError(f"{directory} holds {rows} rows but {METADATA_FILE} says {storage['num_rows']}; "
                                       "the table is incomplete or corrupt.")
-        return cls(directory, files, schema, bool(storage.get("sorted", False)), metas, identities)
+        reader = cls(directory, files, schema, bool(storage.get("sorted", False)), metas, identities,
+                     [s.get("sha256") for s in listed] if listed else None)
+        if verify:
+            reader.verify()
+        return reader
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the metadata's (reads every byte)."""
+        for f, digest in zip(self.files, self._sha256):
+            if digest and file_sha256(f) != digest:
+                raise InfluenceTableError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
+                                          "Download or rebuild the table.")
 
     def _file(self, f: int) -> pq.ParquetFile:
         if f not in self._open:

@@ -33,6 +33,7 @@ from .format import (
     SHARD_ROWS,
     STORAGE_KEY,
     TEXT_COLUMNS,
+    InfluenceTableError,
     ModelMismatchError,
     check_columns,
 )
@@ -289,6 +290,15 @@ class InfluenceTable:
         storage = metadata.pop(STORAGE_KEY, None) or {}
         return cls._from_reader(ShardReader.open(directory, storage, verify=verify), metadata)
 
+    def verify(self) -> InfluenceTable:
+        """Check that the shard files a loaded table reads still hold what its metadata's sha256 says (reads every
+        byte; `push_to_hub` does it before uploading); an in-memory table has nothing to check. Returns self.
+
+        Raises:
+            InfluenceTableError: a shard whose bytes changed since the table was saved."""
+        self._reader.verify()
+        return self
+
     # ---- Hub ---------------------------------------------------------------------------------------
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload influence table with hf_fastif", revision: str | None = None,
@@ -303,10 +313,36 @@ class InfluenceTable:
 
     @classmethod
     def from_hub(cls, repo_id: str, *, revision: str | None = None, token: str | None = None,
-                 cache_dir: str | None = None, verify: bool = False) -> InfluenceTable:
-        """Download a table pushed with `push_to_hub` (a dataset repo; ``revision``: branch, tag or commit)."""
-        return cls.load(hub.download_table(repo_id, revision=revision, token=token, cache_dir=cache_dir),
-                        verify=verify)
+                 cache_dir: str | None = None, verify: bool = True, force_download: bool = False) -> InfluenceTable:
+        """Download a table pushed with `push_to_hub` (a dataset repo; ``revision``: branch, tag or commit).
+
+        Args:
+            verify: check every shard's sha256 against the metadata (the Hub client checks only sizes: a damaged
+                copy loaded silently). A cached copy that fails is downloaded again, once.
+            force_download: download again even if the Hub cache holds this commit."""
+        def download(force: bool) -> Path:
+            return hub.download_table(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                      force_download=force)
+
+        folder = download(force_download)
+        try:
+            return cls.load(folder, verify=verify)
+        except InfluenceTableError as err:
+            if force_download:
+                raise
+            first = err
+            logger.warning(f"The cached copy of {repo_id} in {folder} failed its check ({err}); downloading it again.")
+        try:
+            folder = download(True)
+        except InfluenceTableError as err:
+            raise InfluenceTableError(f"{first} Downloading it again failed: {err} Delete {folder} to drop the cached "
+                                      "copy.") from err
+        try:
+            return cls.load(folder, verify=verify)
+        except InfluenceTableError as err:
+            raise InfluenceTableError(f"{err} It was downloaded again from dataset repo {repo_id!r} (commit "
+                                      f"{folder.name}) and still fails: the copy on the Hub is damaged; push the "
+                                      "table again.") from err
 
 
 def _count(n) -> int:
