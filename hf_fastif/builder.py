@@ -33,6 +33,7 @@ from .engine import InfluenceEngine, non_finite_scores
 from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
 from .influence import default_arguments
 from .loss import default_loss_smoothing
+from .mode import uncompiled
 from .params import select_parameters
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
@@ -127,6 +128,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
     args = args if args is not None else default_arguments()
+    model = uncompiled(model)
     out = Path(output_dir)
     shards = out / "shards"
     callables = {name: kwargs.get(name) for name in CALLABLES}

@@ -69,7 +69,7 @@ from .loss import (
     rows_without_targets,
     shifts_labels,
 )
-from .mode import influence_mode
+from .mode import influence_mode, uncompiled
 from .params import num_parameters, select_parameters
 from .readout import Readout, find_readout
 from .scoring import score_pairs
@@ -176,7 +176,7 @@ class InfluenceEngine:
                  measurement_fn: LossFn | None = None, features: Callable | None = None):
         from .influence import default_arguments  # influence.py builds on this module
 
-        self.model = model
+        self.model = uncompiled(model)
         self.args = args if args is not None else default_arguments()
         if not hasattr(self.args, "influence_solver"):
             raise TypeError(f"args must be an InfluenceArguments (the influence_* settings), got "

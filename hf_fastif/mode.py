@@ -26,6 +26,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
       ``requires_grad_`` inside ``torch.func`` transforms, which they refuse (and in eval mode checkpointing
       saves nothing);
     - only the selected parameters requiring grad, so autograd does not walk frozen layers;
+    - the eager forward of a model compiled in place (``model.compile()``; a ``torch.compile(model)`` wrapper is
+      replaced by its module before, `uncompiled`): compiled graphs support neither double backward nor forward AD;
     - the model's own forward, not the mixed-precision wrapper accelerate leaves on it after ``Trainer.train()``
       with ``bf16`` / ``fp16`` (``model._original_forward``): under its autocast every product ran in half
       precision, whatever the weights' dtype (Spearman 0.82 with the float64 values on a bf16-trained tiny BERT);
@@ -45,6 +47,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)
               and hasattr(m, "enable_input_require_grads") and hasattr(m, "disable_input_require_grads")]
     autocast = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m) and "_original_forward" in vars(m)}
+    # model.compile() compiles in place: every call goes through the compiled graph, which refuses double backward
+    compiled = {m: vars(m)["_compiled_call_impl"] for m in model.modules() if vars(m).get("_compiled_call_impl")}
     with evaluating(model):
         try:
             _refuse_batch_statistics(model)
@@ -68,11 +72,19 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                             "afterwards.")
             for m in autocast:
                 m.forward = vars(m)["_original_forward"]
+            if compiled:
+                logger.info("The model was compiled in place (model.compile()); influence runs its eager forward "
+                            "(compiled graphs support neither double backward nor forward-mode AD) and the "
+                            "compiled one is put back afterwards.")
+            for m in compiled:
+                m._compiled_call_impl = None
             with torch.inference_mode(False), torch.enable_grad():  # a call made under no_grad / inference_mode
                 yield
         finally:
             for m, forward in autocast.items():
                 m.forward = forward
+            for m, call in compiled.items():
+                m._compiled_call_impl = call
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
             for m in hooked:
@@ -82,6 +94,18 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 m.gradient_checkpointing = True
             if switched and _attention_implementation(model) != attn:
                 model.set_attn_implementation(attn)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(model)`` wrapper runs (its ``_orig_mod``), else ``model``. Influence needs
+    double backward and forward-mode AD, which compiled graphs refuse ("aot_autograd does not currently support
+    double backward"), and the wrapper's ``forward(*args, **kwargs)`` names no input of the model (every column was
+    dropped and BERT answered "You must specify exactly one of input_ids or inputs_embeds"). The weights are the
+    same tensors, so the numbers are the model's."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and isinstance(inner, nn.Module):
+        return inner
+    return model
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from .engine import InfluenceEngine
 from .fingerprint import callable_fingerprint
 from .influence import default_arguments
 from .loss import LossFn
+from .mode import uncompiled
 from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
@@ -69,7 +70,7 @@ class InfluenceTrainer(Trainer):
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                          features=None) -> InfluenceEngine:
         """The engine this trainer holds (made anew when the model, collator or functions differ from its own)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = uncompiled(self.accelerator.unwrap_model(self.model))
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
         wanted = [callable_fingerprint(f) for f in (self.data_collator, loss_fn, measurement_fn, features)]
@@ -104,7 +105,7 @@ class InfluenceTrainer(Trainer):
         kwargs.setdefault("loss_fn", self.influence_loss_fn)
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
         kwargs.setdefault("data_collator", self.data_collator)
-        return build_influence_table(self.accelerator.unwrap_model(self.model), train, test_dataset, output_dir,
+        return build_influence_table(uncompiled(self.accelerator.unwrap_model(self.model)), train, test_dataset, output_dir,
                                      self.influence_args, shard_size=shard_size, **kwargs)
 
     def _influence_train(self, train_dataset: Dataset | None, method: str) -> Dataset:

@@ -215,6 +215,30 @@ def test_gradient_checkpointing_is_switched_off_and_back_on(pad_collator, caplog
     assert seen == [True]
 
 
+def test_a_compiled_model_is_explained_by_its_eager_forward(pad_collator, tmp_path):
+    """``torch.compile(model)``: its wrapper's forward names no input, so every column was dropped ("You must
+    specify exactly one of input_ids or inputs_embeds"); ``model.compile()``: every forward went through the
+    compiled graph, which refuses double backward (after 38 s of compiling). Both give the plain model's values, and
+    the model comes back compiled (nothing here runs the compiled graph, so no compiler is needed)."""
+    from hf_fastif import InfluenceEngine, build_influence_table
+
+    model = tiny_model("bert")
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**LISSA)
+    expected = influence_values(compute_influences(model, train, test, args, data_collator=pad_collator))
+    wrapped = torch.compile(model)
+    for table in (compute_influences(wrapped, train, test, args, data_collator=pad_collator),
+                  build_influence_table(wrapped, train, test, tmp_path, args, data_collator=pad_collator)):
+        np.testing.assert_array_equal(influence_values(table), expected)
+    assert InfluenceEngine(wrapped, args).model is model
+    model.compile()
+    compiled = model._compiled_call_impl
+    assert compiled is not None
+    np.testing.assert_array_equal(
+        influence_values(compute_influences(model, train, test, args, data_collator=pad_collator)), expected)
+    assert model._compiled_call_impl is compiled
+
+
 def test_trainer_with_gradient_checkpointing(tmp_path, pad_collator):
     train, test = make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
     model = tiny_model("bert")

@@ -24,7 +24,7 @@ from ..engine import InfluenceEngine
 from ..hvp import batch_gradient
 from ..loss import LossFn, influence_model, logits_of
 from ..metrics import load_hans_accuracy
-from ..mode import evaluating, influence_mode
+from ..mode import evaluating, influence_mode, uncompiled
 from ..params import select_parameters
 from ..utils import markdown_table, to_json, write_atomic
 
@@ -83,7 +83,7 @@ def predict(model: nn.Module, dataset: Dataset, data_collator: Callable | None =
     ``dataset`` are computed once and kept by the engine, and each later call runs only the top, which is what
     changes between the SGD steps of a correction run."""
     if engine is not None:
-        if engine.model is not model:
+        if engine.model is not uncompiled(model):
             raise ValueError("predict(engine=...) needs an engine bound to the same model object.")
         return engine.logits(dataset, batch_size=batch_size)
     rows = batcher(model, dataset, data_collator)
