@@ -27,9 +27,11 @@ def _gradient(outputs: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kwarg
     if unused:
         raise ValueError(
             f"{len(unused)} influence parameter(s) take no part in the loss's autograd graph: {', '.join(unused[:4])}"
-            f"{', ...' if len(unused) > 4 else ''} (a pooler the classification head does not read, for instance, or "
-            "layers whose gradients the model computes by hand inside a custom autograd.Function, as Reformer's "
-            "reversible layers do). Leave them out of influence_params: autograd gives them no derivatives."
+            f"{', ...' if len(unused) > 4 else ''} (a pooler the classification head does not read, for instance; "
+            "PEFT adapters that are merged into the base weights or disabled, which the forward then skips: unmerge "
+            "or enable them; or layers whose gradients the model computes by hand inside a custom autograd.Function, "
+            "as Reformer's reversible layers do). Leave them out of influence_params: autograd gives them no "
+            "derivatives."
         )
     return list(grads)
 

@@ -33,7 +33,8 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
         if not chosen:
             raise ValueError(
                 "No parameter of the model has requires_grad=True; unfreeze some or pass influence_params "
-                "(regexes over parameter names)."
+                "(regexes over parameter names). (Inside PEFT's `with model.disable_adapter():` no parameter "
+                "requires grad: pass influence_params there.)"
             )
     else:
         regexes = [re.compile(p) for p in patterns]

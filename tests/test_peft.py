@@ -247,3 +247,17 @@ def test_prompt_tuning_virtual_tokens_count_against_the_position_table(tmp_path)
     with pytest.raises(ValueError, match="a sequence of 31 tokens, more than the model's 29 positions"):
         InfluenceEngine(model.double().eval(), args=_args(tmp_path), data_collator=_lm_collator()).compute_influences(
             rows, make_token_dataset(1, seed=4, causal=True))
+
+
+def test_merged_or_disabled_adapters_are_named_in_the_refusal(tmp_path):
+    """A merged adapter takes no part in the forward, and inside ``disable_adapter()`` nothing requires grad: both
+    are refused before any work (right), with messages that now say so (they named a pooler, or nothing)."""
+    model = _lora()
+    collator = pad_collator_for_tests()
+    train, test = make_token_dataset(8, seed=0, num_labels=3), make_token_dataset(2, seed=1, num_labels=3)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="take no part.*PEFT adapters that are merged into the base weights"):
+        InfluenceEngine(model, _args(tmp_path), data_collator=collator).compute_influences(train, test)
+    model.unmerge_adapter()
+    with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
+        InfluenceEngine(model, _args(tmp_path), data_collator=collator).compute_influences(train, test)
