@@ -104,7 +104,7 @@ def test_a_resume_with_other_run_time_settings_reuses_the_finished_shards(setup,
     model, train, test = setup
     small = test.select(range(4))
     first = build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
-                                  data_collator=pad_collator)
+                                  data_collator=pad_collator).to_pandas()  # read now: the rerun writes table/ anew
     kept = tmp_path / "shards" / "shard-00000" / "influence_metadata.json"
     written = kept.stat().st_mtime_ns
     shutil.rmtree(tmp_path / "shards" / "shard-00001")  # as if interrupted there
@@ -122,7 +122,7 @@ def test_a_resume_with_other_run_time_settings_reuses_the_finished_shards(setup,
                                     shard_size=2, data_collator=pad_collator)
     assert calls["n"] == 1 and resumed.metadata["build"]["resumed_shards"] == 1
     assert kept.stat().st_mtime_ns == written
-    a, b = (t.to_pandas().sort_values(["test_id", "train_id"]) for t in (first, resumed))
+    a, b = (t.sort_values(["test_id", "train_id"]) for t in (first, resumed.to_pandas()))
     np.testing.assert_array_equal(a.train_id, b.train_id)
     np.testing.assert_allclose(a.influence, b.influence, rtol=1e-9, atol=1e-12)  # float rounding at most
 
@@ -212,7 +212,7 @@ def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_pat
     args = default_arguments(**ARGS)
     same = dict(data_collator=pad_collator, loss_fn=scaled_loss(1.0), measurement_fn=scaled_loss(1.0),
                 features=embedding_features)
-    first = build_influence_table(model, train, test, tmp_path, args, shard_size=2, **same)
+    first = build_influence_table(model, train, test, tmp_path, args, shard_size=2, **same).to_pandas()
 
     def never(*a, **kw):
         raise AssertionError("a finished shard was computed again")
@@ -222,7 +222,7 @@ def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_pat
                    measurement_fn=scaled_loss(1.0), features=embedding_features)  # equal, not the same objects
     again = build_influence_table(model, train.add_column("note", ["unread"] * 40), test, tmp_path, args,
                                   shard_size=2, **rebuilt)
-    assert again.metadata["build"]["resumed_shards"] == 1 and again.to_pandas().equals(first.to_pandas())
+    assert again.metadata["build"]["resumed_shards"] == 1 and again.to_pandas().equals(first)
 
     rows = train.to_dict()
     rows["input_ids"][20] = [rows["input_ids"][20][0], *[5 + (t - 4) % 55 for t in rows["input_ids"][20][1:]]]
@@ -249,13 +249,14 @@ def test_a_damaged_shard_is_computed_again_and_unknown_keywords_are_refused(setu
     args = default_arguments(**ARGS)
     small = test.select(range(4))
     full = build_influence_table(model, train, small, tmp_path, args, shard_size=2, data_collator=pad_collator)
+    full = full.to_pandas()  # read now: the rebuild writes table/ anew
     shard = next((tmp_path / "shards" / "shard-00001" / "data").glob("*.parquet"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same size, so only the sha256 check can tell
     shard.write_bytes(bytes(data))
     rebuilt = build_influence_table(model, train, small, tmp_path, args, shard_size=2, data_collator=pad_collator)
     assert rebuilt.metadata["build"]["resumed_shards"] == 1
-    assert rebuilt.to_pandas().equals(full.to_pandas())
+    assert rebuilt.to_pandas().equals(full)
     with pytest.raises(TypeError, match="unknown keyword arguments \\['collator'\\]"):
         build_influence_table(model, train, small, tmp_path, args, shard_size=2, collator=pad_collator)
 
