@@ -175,10 +175,10 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
             raise InfluenceTableError(f"Shards {other} of {out} were computed for another build while this one ran "
                                       "(two builds into one output_dir at once); nothing was assembled. Run one "
                                       "build per output_dir.")
-        _merge_non_finite(metadata, parts)
+        _merge_non_finite(metadata, parts)  # reads every part: their files stay open, as checked
         with InfluenceTableWriter(out / "table", metadata) as writer:
-            for i in range(len(starts)):
-                writer.write(InfluenceTable.load(shards / f"shard-{i:05d}"))
+            for part in parts:
+                writer.write(part)
     D.barrier()
     return InfluenceTable.load(out / "table")
 

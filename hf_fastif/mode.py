@@ -118,8 +118,11 @@ def evaluating(model: nn.Module):
         model.eval()
         yield
     finally:
+        # through train(), which some modules override (LeViT drops a cache of eval-mode biases there), top down:
+        # a module's call sets its children, and those whose own flag differs are set after it
         for m, training in modes.items():
-            m.training = training
+            if m.training != training:
+                m.train(training)
 
 
 def _refuse_batch_statistics(model: nn.Module) -> None:

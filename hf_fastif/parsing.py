@@ -64,7 +64,7 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
 def _zero_for_none(argv: list[str]) -> list[str]:
     """``--influence_knn_k None`` (or ``none``, ``=None``) as ``0``, which `_none_for_zero` reads as None: the help
     and the errors say None, and argparse refused it ("invalid int value: 'None'")."""
-    flags = {f"--{name}" for name in NONE_FOR_ZERO}
+    flags = {f"--{spelled}" for name in NONE_FOR_ZERO for spelled in (name, name.replace("_", "-"))}
     out = list(argv)
     for i, arg in enumerate(out):
         flag, eq, value = arg.partition("=")

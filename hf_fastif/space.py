@@ -817,6 +817,7 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
     model = model or os.environ.get(MODEL_ENV) or None
     kind = kind or os.environ.get(KIND_ENV) or None
     notices: list[str] = []
+    failed: str | None = None  # why the table asked for did not load
     if source is None and (model is not None or revision is not None):
         notices.append(f"The {'model' if model is not None else 'revision'} given ({model or revision!r}) is for a "
                        "--table (HF_FASTIF_TABLE); the embedded default brings its own model, so it is not used.")
@@ -826,17 +827,17 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
             table, label = open_table(source, revision)
         except Exception as err:  # an offline Hub, a folder that is not a table...: the default instead
             logger.error(f"Could not load the influence table {source!r}: {type(err).__name__}: {err}")
-            notices.append(f"Could not load the influence table {source!r}: {err} Showing the embedded default "
-                           "instead.")
+            failed = f"Could not load the influence table {source!r}: {err}"
+            notices.append(f"{failed} Showing the embedded default instead.")
             source = None
     if source is None:
         try:
             return load_default(kind=kind, max_train_samples=max_train_samples, progress=progress, notices=notices)
         except Exception as err:
-            if not notices:
+            if failed is None:
                 raise
             # the operator's own mistake (a table that would not load) must not vanish behind the default's failure
-            raise RuntimeError(f"{' '.join(notices)} The embedded default could not start either: "
+            raise RuntimeError(f"{failed} The embedded default could not start either: "
                                f"{type(err).__name__}: {err}") from err
     explainer = None
     if model is None:

@@ -341,3 +341,20 @@ def test_shards_written_by_another_build_at_the_same_time_are_not_assembled(setu
     with pytest.raises(builder.InfluenceTableError, match=r"Shards \[1\] of .* were computed for another build"):
         build_influence_table(model, train, small, tmp_path / "mine", args, shard_size=2, data_collator=pad_collator)
     assert not (tmp_path / "mine" / "table").exists()
+
+    # the other build's shard lands after the check (the assembly loaded every shard again from disk, and took it):
+    # the parts checked, whose files are open, are what is assembled
+    monkeypatch.setattr(builder, "_write_shard", real)
+    clean = build_influence_table(model, train, small, tmp_path / "clean", args, shard_size=2,
+                                  data_collator=pad_collator).to_pandas()
+    merge = builder._merge_non_finite
+
+    def landing_after_the_check(metadata, parts):
+        merge(metadata, parts)
+        folder = tmp_path / "late" / "shards" / "shard-00001"
+        shutil.rmtree(folder)
+        shutil.copytree(tmp_path / "other" / "shards" / "shard-00001", folder)
+
+    monkeypatch.setattr(builder, "_merge_non_finite", landing_after_the_check)
+    late = build_influence_table(model, train, small, tmp_path / "late", args, shard_size=2, data_collator=pad_collator)
+    assert late.to_pandas().equals(clean)

@@ -221,6 +221,22 @@ print(json.dumps(out))
 """
 
 
+FUTURE = """
+import json, sys
+from huggingface_hub import HfApi
+from hf_fastif import InfluenceTable
+
+api = HfApi()
+api.create_repo("test-user/future", repo_type="dataset")
+api.upload_folder(folder_path=sys.argv[1], repo_id="test-user/future", repo_type="dataset")
+try:
+    InfluenceTable.from_hub("test-user/future")
+    print(json.dumps({"error": None}))
+except Exception as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+"""
+
+
 def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_table(hub_server: HubServer,
                                                                                    tmp_path: Path) -> None:
     """--private into an existing public repo published the table (create_repo keeps a repo's visibility); a shard
@@ -238,7 +254,7 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     head = hub_server.head("test-user/public")
     assert "exists and is public" in pushed["private"]["error"] and "nothing was uploaded" in pushed["private"]["error"]
     assert hub_server.head("test-user/public") == head
-    assert pushed["damaged"]["error"].startswith("InfluenceTableError") and "is corrupt" in pushed["damaged"]["error"]
+    assert pushed["damaged"]["error"].startswith("DamagedShardError") and "is corrupt" in pushed["damaged"]["error"]
     assert not hub_server.repo_exists("test-user/other")
 
     path = "data/train-00001-of-00003.parquet"
@@ -247,6 +263,19 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     assert "is corrupt" in pulled["error"] and "the copy on the Hub is damaged" in pulled["error"]
     hub_server.damage("test-user/public", path, good)  # mended: the same client, its cache holding the bad copy
     assert run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""]) == {"rows": expected}
+
+    # offline, a damaged cached copy cannot be downloaded again: said, with the folder to delete (it was the Hub
+    # client's "Cannot pass 'force_download=True' when offline mode is enabled")
+    cached = next((tmp_path / "b").rglob(path)).resolve()
+    cached.write_bytes(_silently_damaged(cached.read_bytes()))
+    offline = run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""], env={"HF_HUB_OFFLINE": "1"})
+    assert offline["error"].startswith("DamagedShardError") and "the Hub cannot be reached" in offline["error"]
+    # a table of a newer schema is not downloaded again, nor blamed on the Hub
+    folder = make_table(4).save(tmp_path / "future")
+    meta = json.loads((folder / "influence_metadata.json").read_text())
+    (folder / "influence_metadata.json").write_text(json.dumps(meta | {"schema_version": 99}))
+    future = run_client_json(FUTURE, hub_server, tmp_path / "d", args=[str(folder)])
+    assert "Upgrade hf_fastif" in future["error"] and "downloaded again" not in future["error"]
 
     hub_server.damage("test-user/public", path, good[: len(good) // 2])  # served shorter than its recorded size
     cut = run_client_json(CHECKED, hub_server, tmp_path / "c", args=["pull", ""])

@@ -175,6 +175,7 @@ def test_none_is_typed_as_the_help_says(tmp_path):
     'None'"), and the only spelling was 0, written in one page of the docs."""
     base = ["--output_dir", str(tmp_path)]
     for spelled in (["--influence_knn_k", "None", "--influence_repetitions", "none", "--influence_arnoldi_rows=None"],
+                    ["--influence-knn-k", "None", "--influence-repetitions=none", "--influence-arnoldi-rows", "None"],
                     ["--influence_knn_k", "0", "--influence_repetitions=0", "--influence_arnoldi_rows", "0"]):
         (args,) = parse_arguments([InfluenceArguments], base + spelled)
         assert (args.influence_knn_k, args.influence_repetitions, args.influence_arnoldi_rows) == (None, None, None)

@@ -231,6 +231,7 @@ def test_a_compiled_model_is_explained_by_its_eager_forward(pad_collator, tmp_pa
                   build_influence_table(wrapped, train, test, tmp_path, args, data_collator=pad_collator)):
         np.testing.assert_array_equal(influence_values(table), expected)
     assert InfluenceEngine(wrapped, args).model is model
+    table.check_model(wrapped)  # checked as the model it wraps (it named OptimizedModule)
     model.compile()
     compiled = model._compiled_call_impl
     assert compiled is not None

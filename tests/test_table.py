@@ -434,12 +434,15 @@ def test_a_table_saved_over_a_loaded_one_is_not_read_under_the_old_metadata(tmp_
     first = InfluenceTable.from_arrays([0] * 5 + [1] * 5, list(range(5)) * 2, [1.0, 2, 3, 4, 5] * 2, {"note": "A"})
     first.save(tmp_path / "t", shard_rows=5)
     opened, unread = InfluenceTable.load(tmp_path / "t"), InfluenceTable.load(tmp_path / "t")
-    before = opened.for_test(0).influence.tolist()
+    before, whole = opened.for_test(0).influence.tolist(), opened.to_pandas()  # every shard read: held open
     replacement = InfluenceTable.from_arrays(first.to_pandas().test_id, first.to_pandas().train_id,
                                              -100 * first.to_pandas().influence, {"note": "B"})
     time.sleep(0.01)
     replacement.save(tmp_path / "t", shard_rows=5)
     assert opened.for_test(0).influence.tolist() == before == [1.0, 2, 3, 4, 5]
+    assert opened.to_pandas().equals(whole)
+    with pytest.raises(InfluenceTableError, match="written over"):  # a dataset reads the files by path: refused
+        _ = opened.dataset
     with pytest.raises(InfluenceTableError, match="was written over since this table was loaded.*load the table "
                                                   "again"):
         unread.for_test(0)

@@ -426,10 +426,13 @@ def test_a_models_own_forwards_and_each_modules_mode_come_back(pad_collator, tmp
     model.train()
     model.bert.encoder.layer[0].eval()
     before = {n: m.training for n, m in model.named_modules()}
+    dropout, restored = model.bert.encoder.layer[1].output.dropout, []
+    dropout.train = lambda mode=True: (restored.append(mode), type(dropout).train(dropout, mode))[1]
     _, diagnostics = _influence(model, train, test, TOP["bert"], tmp_path, pad_collator)
     assert diagnostics["trunk"]["split"] == "bert.encoder.layer.1"
     assert vars(model.bert.encoder.layer[0])["forward"] is hooked and vars(embeddings)["forward"] is patched
     assert {n: m.training for n, m in model.named_modules()} == before
+    assert restored == [False, True]  # through train(), which a module may override (LeViT drops a cache there)
     Counting.calls = 0
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**inputs).logits, expected)

@@ -8,11 +8,12 @@ from .format import (
     METADATA_FILE,
     REQUIRED_COLUMNS,
     SCHEMA_VERSION,
+    DamagedShardError,
     InfluenceTableError,
     ModelMismatchError,
 )
 from .storage import InfluenceTableWriter, read_metadata
 from .table import InfluenceTable
 
-__all__ = ["InfluenceTable", "InfluenceTableError", "ModelMismatchError", "InfluenceTableWriter",
+__all__ = ["InfluenceTable", "InfluenceTableError", "DamagedShardError", "ModelMismatchError", "InfluenceTableWriter",
            "read_metadata", "dataset_card", "SCHEMA_VERSION", "REQUIRED_COLUMNS", "METADATA_FILE", "CARD_FILE", "DATA_DIR"]

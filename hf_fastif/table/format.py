@@ -26,6 +26,11 @@ class InfluenceTableError(ValueError):
     """A table that cannot be used as asked: missing, not a table, corrupt, of another schema or model."""
 
 
+class DamagedShardError(InfluenceTableError):
+    """A shard whose bytes are not those its metadata records: missing, of another size or sha256, unreadable
+    (`InfluenceTable.from_hub` downloads such a copy again; a newer schema or a bad metadata file it does not)."""
+
+
 class ModelMismatchError(InfluenceTableError):
     """The table was computed with a different model than the one given."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -128,10 +128,18 @@ def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) ->
             f"and {CARD_FILE}. Push to a new repo, or to one an influence table was pushed to.")
 
 
+def offline() -> bool:
+    """Whether the Hub client runs offline (``HF_HUB_OFFLINE``): nothing can be downloaded again."""
+    return bool(constants.is_offline_mode())
+
+
 def download_table(repo_id: str, *, revision: str | None = None, token: str | None = None,
                    cache_dir: str | None = None, force_download: bool = False) -> Path:
     """The local snapshot folder of a table pushed with `push_table` (``revision``: branch, tag or commit;
     ``force_download``: the shards downloaded again even if cached)."""
+    if force_download and offline():
+        raise InfluenceTableError(f"force_download=True downloads dataset repo {repo_id!r} again, but the Hub client is "
+                                  "offline (HF_HUB_OFFLINE=1): go online, or load the cached copy without it.")
     with _pull_errors(repo_id, revision):
         # the metadata first: it says whether this is a table at all before any shard is downloaded,
         # and its snapshot folder names the commit, so the shards come from the very same commit

@@ -53,6 +53,7 @@ from .format import (
     SCHEMA_VERSION,
     SHARD_ROWS,
     STORAGE_KEY,
+    DamagedShardError,
     InfluenceTableError,
     check_columns,
     normalized_schema,
@@ -238,11 +239,11 @@ class ShardReader:
             files = [data / Path(s["path"]).name for s in listed]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise InfluenceTableError(f"{directory} is incomplete: the shards {missing} listed in {METADATA_FILE} "
+                raise DamagedShardError(f"{directory} is incomplete: the shards {missing} listed in {METADATA_FILE} "
                                           "are missing. Download or rebuild the table.")
             for f, s in zip(files, listed):
                 if f.stat().st_size != s.get("bytes", f.stat().st_size):
-                    raise InfluenceTableError(f"The shard {f} is corrupt or incomplete: {f.stat().st_size} bytes, "
+                    raise DamagedShardError(f"The shard {f} is corrupt or incomplete: {f.stat().st_size} bytes, "
                                               f"{s['bytes']} expected. Download or rebuild the table.")
         else:
             files = sorted(data.glob("*.parquet"))
@@ -255,7 +256,7 @@ class ShardReader:
                 meta = pq.read_metadata(f)
                 file_schema = meta.schema.to_arrow_schema()
             except Exception as err:  # pyarrow raises several types for damaged files
-                raise InfluenceTableError(f"The shard {f} is corrupt ({err}); download or rebuild the table.") from err
+                raise DamagedShardError(f"The shard {f} is corrupt ({err}); download or rebuild the table.") from err
             check_columns(file_schema, f"The shard {f}")
             file_schema = normalized_schema(file_schema)
             if schema is None:
@@ -278,16 +279,19 @@ class ShardReader:
         """Check every shard's sha256 against the metadata's (reads every byte)."""
         for f, digest in zip(self.files, self._sha256):
             if digest and file_sha256(f) != digest:
-                raise InfluenceTableError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
+                raise DamagedShardError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
                                           "Download or rebuild the table.")
+
+    def _written_over(self, f: int) -> InfluenceTableError:
+        return InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another table was "
+                                   f"saved into {self.directory}); load the table again.")
 
     def _file(self, f: int) -> pq.ParquetFile:
         if f not in self._open:
             handle = pq.ParquetFile(self.files[f], memory_map=True)
             if self._identities is not None and _identity(self.files[f]) != self._identities[f]:
                 handle.close()
-                raise InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another "
-                                          f"table was saved into {self.directory}); load the table again.")
+                raise self._written_over(f)
             self._open[f] = handle  # held open: a later replacement of the file does not change what it reads
         return self._open[f]
 
@@ -337,8 +341,12 @@ class ShardReader:
 
     def to_dataset(self) -> Dataset:
         """The rows as a memory-mapped `datasets.Dataset` (converted into the datasets cache)."""
-        for f in range(len(self.files)):
-            self._file(f)  # refuses files written over since the table was loaded
+        # the dataset reads the files by path: every one must still be the file this table was loaded from,
+        # whether or not a query opened it since
+        changed = [f for f in range(len(self.files))
+                   if self._identities is not None and _identity(self.files[f]) != self._identities[f]]
+        if changed:
+            raise self._written_over(changed[0])
         with quiet_datasets():
             try:
                 dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")

@@ -25,6 +25,7 @@ from datasets import Dataset
 from transformers.utils import logging
 
 from ..fingerprint import adapter_state, fingerprint_scheme, model_fingerprint, tensor_digests
+from ..mode import uncompiled
 from ..utils import quiet_datasets
 from . import hub
 from .format import (
@@ -33,7 +34,7 @@ from .format import (
     SHARD_ROWS,
     STORAGE_KEY,
     TEXT_COLUMNS,
-    InfluenceTableError,
+    DamagedShardError,
     ModelMismatchError,
     check_columns,
 )
@@ -237,7 +238,9 @@ class InfluenceTable:
 
     def check_model(self, model) -> None:
         """Raise `ModelMismatchError` unless ``model`` is the model this table was computed with (class,
-        parameter count, Hub revision, and the fingerprint of its weights where the table records them)."""
+        parameter count, Hub revision, and the fingerprint of its weights where the table records them); a
+        ``torch.compile`` wrapper is checked as the model it wraps, which is what influence is computed with."""
+        model = uncompiled(model)
         recorded = self.metadata.get("model") or {}
         found = {"class": type(model).__name__, "num_parameters": sum(p.numel() for p in model.parameters())}
         revision = getattr(getattr(model, "config", None), "_commit_hash", None)
@@ -327,22 +330,21 @@ class InfluenceTable:
         folder = download(force_download)
         try:
             return cls.load(folder, verify=verify)
-        except InfluenceTableError as err:
+        except DamagedShardError as err:  # a newer schema or a bad metadata file is not downloaded again
             if force_download:
                 raise
-            first = err
+            if hub.offline():
+                raise DamagedShardError(f"{err} The cached copy in {folder} is damaged and the Hub cannot be reached "
+                                        "(HF_HUB_OFFLINE=1): go online to download it again, or delete that "
+                                        "folder.") from err
             logger.warning(f"The cached copy of {repo_id} in {folder} failed its check ({err}); downloading it again.")
-        try:
-            folder = download(True)
-        except InfluenceTableError as err:
-            raise InfluenceTableError(f"{first} Downloading it again failed: {err} Delete {folder} to drop the cached "
-                                      "copy.") from err
+        folder = download(True)
         try:
             return cls.load(folder, verify=verify)
-        except InfluenceTableError as err:
-            raise InfluenceTableError(f"{err} It was downloaded again from dataset repo {repo_id!r} (commit "
-                                      f"{folder.name}) and still fails: the copy on the Hub is damaged; push the "
-                                      "table again.") from err
+        except DamagedShardError as err:
+            raise DamagedShardError(f"{err} It was downloaded again from dataset repo {repo_id!r} (commit "
+                                    f"{folder.name}) and still fails: the copy on the Hub is damaged; push the table "
+                                    "again.") from err
 
 
 def _count(n) -> int:

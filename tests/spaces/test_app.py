@@ -445,6 +445,8 @@ def test_small_tables_long_rows_unreadable_models_and_stray_settings(app, tmp_pa
     with pytest.raises(RuntimeError, match="(?s)There is no folder.*tabel.*could not start either: ValueError: "
                                            "Unknown embedded model"):
         load_state(missing, kind="no_such_model")
+    with pytest.raises(ValueError, match="Unknown embedded model"):  # no table failed: the default's own error
+        load_state(None, model=str(build / "model"), kind="no_such_model")
 
 
 def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch) -> None:
