@@ -240,11 +240,11 @@ class ShardReader:
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise DamagedShardError(f"{directory} is incomplete: the shards {missing} listed in {METADATA_FILE} "
-                                          "are missing. Download or rebuild the table.")
+                                        "are missing. Download or rebuild the table.")
             for f, s in zip(files, listed):
                 if f.stat().st_size != s.get("bytes", f.stat().st_size):
                     raise DamagedShardError(f"The shard {f} is corrupt or incomplete: {f.stat().st_size} bytes, "
-                                              f"{s['bytes']} expected. Download or rebuild the table.")
+                                            f"{s['bytes']} expected. Download or rebuild the table.")
         else:
             files = sorted(data.glob("*.parquet"))
         if not files:
@@ -280,7 +280,7 @@ class ShardReader:
         for f, digest in zip(self.files, self._sha256):
             if digest and file_sha256(f) != digest:
                 raise DamagedShardError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
-                                          "Download or rebuild the table.")
+                                        "Download or rebuild the table.")
 
     def _written_over(self, f: int) -> InfluenceTableError:
         return InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another table was "
