@@ -34,12 +34,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-import xxhash
 from datasets import Dataset
+from filelock import FileLock
 from torch import nn
 from transformers.utils import logging
 
 from . import distributed as D
+from . import trunk as trunk_module
 from .arguments import InfluenceArguments, validate_influence_settings
 from .batches import (
     Batcher,
@@ -56,7 +57,7 @@ from .fingerprint import (
     model_fingerprint,
     tensor_digests,
 )
-from .gradient_index import check_index_factory, gradient_candidates
+from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
 from .hvp import batch_gradient, batch_hvp
 from .knn import build_index, extract_features, search
 from .loss import (
@@ -96,7 +97,7 @@ from .trunk import (
     split_tolerance,
     verify_split,
 )
-from .utils import Timer, file_digest, library_version, to_json, write_atomic
+from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -206,7 +207,7 @@ class InfluenceEngine:
         self._low_rank: tuple[tuple, tuple] | None = None
         self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
         self._prepared_solve: tuple[tuple, LowRankSolve] | None = None  # (low-rank key, λ) -> its solve
-        self._saved_gradient_index: tuple | None = None  # (key, path, dtype) from load_caches, read on first use
+        self._saved_gradient_index: tuple | None = None  # (key, path, dtype, digest) from load_caches, read on first use
         self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
 
     # ---- the pipeline ------------------------------------------------------------------------------------------
@@ -487,6 +488,12 @@ class InfluenceEngine:
         A loaded cache is used only by a call whose own key equals the saved one, so nothing stale is ever used."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
+        # one save or load of a folder at a time (two Space processes share one): their files were paired with the
+        # other engine's keys, and served
+        with FileLock(str(folder / CACHE_LOCK)):
+            return self._write_caches(folder)
+
+    def _write_caches(self, folder: Path) -> Path:
         # the manifest goes first, and comes back last: a save cut short leaves no manifest pairing old keys with
         # new arrays (the folder then loads nothing, and the caches are rebuilt)
         (folder / CACHE_MANIFEST).unlink(missing_ok=True)
@@ -494,7 +501,11 @@ class InfluenceEngine:
         files: list[str] = []  # every file the manifest names, digested below (checked when read back)
 
         def save_array(name: str, array: np.ndarray) -> None:
-            np.save(folder / name, array, allow_pickle=False)
+            # a new file put in place, not the old one rewritten: an engine that memory-maps the old one keeps it
+            partial = folder / f".{name}.partial-{os.getpid()}"
+            with open(partial, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+            os.replace(partial, folder / name)
             files.append(name)
 
         for i, (key, cache) in enumerate(self._trunks.items()):
@@ -510,13 +521,13 @@ class InfluenceEngine:
             key, index = self._gradient_index
             index.save(folder / "gradient.faiss")
             manifest["gradient_index"] = {"key": key, "dtype": str(index.sketch.dtype)}
-        elif self._saved_gradient_index is not None and self._saved_gradient_index[1].is_file():
+        elif self._saved_gradient_index is not None and saved_index_intact(self._saved_gradient_index):
             # loaded but not read yet (it is read on first use): kept, not dropped from the new manifest
-            key, path, dtype = self._saved_gradient_index
+            key, path, dtype, digest = self._saved_gradient_index
             target = folder / "gradient.faiss"
             if path.resolve() != target.resolve():
                 shutil.copyfile(path, target)
-                self._saved_gradient_index = (key, target, dtype)
+                self._saved_gradient_index = (key, target, dtype, digest)
             manifest["gradient_index"] = {"key": key, "dtype": str(dtype)}
         files += ["gradient.faiss"] if "gradient_index" in manifest else []
         manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
@@ -534,7 +545,8 @@ class InfluenceEngine:
         state = (OrderedDict(self._trunks), self._low_rank, self._saved_gradient_index, dict(self._curvature),
                  dict(self._from_disk))
         try:
-            return self._read_caches(folder)
+            with FileLock(str(folder / CACHE_LOCK)):
+                return self._read_caches(folder)
         except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as err:
             (self._trunks, self._low_rank, self._saved_gradient_index, self._curvature, self._from_disk) = state
             logger.warning(f"Could not read the engine caches in {folder} ({type(err).__name__}: {err}); they are "
@@ -549,12 +561,20 @@ class InfluenceEngine:
         loaded = []
         device = next(self.model.parameters()).device
         for entry in manifest.get("trunks", []):
-            flat = torch.from_numpy(np.load(folder / f"{entry['file']}.npy", mmap_mode="r").copy())
+            stored = np.load(folder / f"{entry['file']}.npy", mmap_mode="c")
+            dtype = _dtype(entry["dtype"])
+            # states beyond the memory limit stay memory-mapped, as built ones do (a copy-on-write map: pages are
+            # read from the file when used; `save_caches` puts new files in place, never rewrites this one)
+            mapped = stored.nbytes > trunk_module.MEMORY_LIMIT_BYTES and torch.from_numpy(stored[:0]).dtype == dtype
+            flat = torch.from_numpy(stored if mapped else np.array(stored)).to(dtype)
             rows = np.load(folder / f"{entry['file']}-rows.npy")
-            self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1],
-                                                                flat.to(_dtype(entry["dtype"])), device)
+            self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1], flat, device)
             self._from_disk["trunk", entry["key"]] = False
             loaded.append("trunk")
+        while len(self._trunks) > MAX_TRUNK_CACHES:  # the cap holds for loaded caches too (oldest out first)
+            evicted, old = self._trunks.popitem(last=False)
+            old.close()
+            self._from_disk.pop(("trunk", evicted), None)
         if "low_rank" in manifest:
             dtype = _dtype(manifest["low_rank"]["dtype"])
             values = torch.from_numpy(np.load(folder / "low_rank_values.npy"))
@@ -564,7 +584,8 @@ class InfluenceEngine:
             loaded.append("low_rank")
         if "gradient_index" in manifest:
             key = _freeze(manifest["gradient_index"]["key"])
-            self._saved_gradient_index = (key, folder / "gradient.faiss", _dtype(manifest["gradient_index"]["dtype"]))
+            self._saved_gradient_index = (key, folder / "gradient.faiss", _dtype(manifest["gradient_index"]["dtype"]),
+                                          manifest.get("files", {}).get("gradient.faiss"))
             self._from_disk["gradient_index", key] = False
             loaded.append("gradient_index")
         for key, value in manifest.get("curvature", []):
@@ -1195,11 +1216,12 @@ def _describe_function(function, fingerprint: str) -> dict | None:
 
 
 CACHE_MANIFEST = "hf_fastif_caches.json"
+CACHE_LOCK = ".hf_fastif_caches.lock"
 
 
 def _file_digest(path: Path) -> str:
     """xxh3-128 of a file's bytes (saved engine caches: ~5 GB/s, so checking them costs little beside reading)."""
-    return file_digest(path, xxhash.xxh3_128)
+    return cache_file_digest(path)
 
 
 def _freeze(value):

@@ -18,11 +18,13 @@ import collections
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xxhash
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -33,6 +35,7 @@ from .hvp import batch_gradient
 from .knn import index_error
 from .loss import FunctionalModel
 from .params import decayed_names
+from .utils import file_digest
 
 logger = logging.get_logger(__name__)
 
@@ -412,6 +415,19 @@ def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], b
     return GradientIndex(sketch, D.gather_rows(local), factory=factory)
 
 
+def cache_file_digest(path: Path) -> str:
+    """xxh3-128 of a saved engine cache file's bytes (~5 GB/s, so checking them costs little beside reading)."""
+    return file_digest(path, xxhash.xxh3_128)
+
+
+def saved_index_intact(saved: tuple) -> bool:
+    """Whether a loaded-but-unread gradient index file (``(key, path, dtype, digest)``) still holds what was saved:
+    it is read on first use, and another engine's save into its folder may have replaced it since (its candidates
+    were served under the old key)."""
+    path, digest = saved[1], saved[3]
+    return path.is_file() and (digest is None or cache_file_digest(path) == digest)
+
+
 def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
     """The candidates of each query from the engine's gradient index (built once per weights, data, loss and
     projection, and kept by the engine)."""
@@ -421,6 +437,11 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
            tuple(call.names), args.influence_projection_dim,
            args.influence_seed, args.influence_knn_index, D.world())
     saved = engine._saved_gradient_index
+    if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key) \
+            and not saved_index_intact(saved):
+        logger.warning(f"The saved gradient index {saved[1]} changed since it was loaded (another engine saved into "
+                       "its folder); building it again.")
+        engine._saved_gradient_index = saved = None
     if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
         sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
                            args.influence_seed, saved[2])

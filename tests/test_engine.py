@@ -737,3 +737,38 @@ def test_a_model_without_forward_mode_ad_is_scored_by_gradients(data, pad_collat
                                    "influence_recursion_depth": 5, "influence_scale": 100.0,
                                    "influence_check_convergence": False}))
     assert "scored_by" in table.metadata["diagnostics"] and np.isfinite(table.to_pandas()["influence"]).all()
+
+
+def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad_collator, tmp_path, monkeypatch,
+                                                                       caplog):
+    """Loaded trunk states were read whole into memory whatever their size, and added beyond the cap of cached
+    trunks; a saved gradient index, read on first use, was served from whatever file another engine had saved into
+    its folder since (other rows' candidates, no warning)."""
+    import hf_fastif.engine as engine_module
+    import hf_fastif.trunk as trunk_module
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_knn_k=6, influence_knn_features="gradient", influence_projection_dim=64)
+    saver = InfluenceEngine(model, args, data_collator=pad_collator)
+    parts = [train.select(range(i, i + 20)) for i in range(engine_module.MAX_TRUNK_CACHES)]
+    for part in parts:
+        saver.compute_influences(part, test)
+    saver.save_caches(tmp_path / "caches")
+    monkeypatch.setattr(trunk_module, "MEMORY_LIMIT_BYTES", 0)
+    loader = InfluenceEngine(model, args, data_collator=pad_collator)
+    loader.compute_influences(train.select(range(30, 40)), test)  # one cache of its own, then 4 loaded
+    assert loader.load_caches(tmp_path / "caches").count("trunk") == engine_module.MAX_TRUNK_CACHES
+    assert len(loader._trunks) == engine_module.MAX_TRUNK_CACHES
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "caches" / "trunk-0.npy") in mapped  # memory-mapped, beyond the (patched) limit
+
+    reader = InfluenceEngine(model, args, data_collator=pad_collator)
+    reader.load_caches(tmp_path / "caches")  # the gradient index of parts[-1], read on first use
+    other = InfluenceEngine(model, args, data_collator=pad_collator)
+    other.compute_influences(train.select(range(24, 40)), test)
+    other.save_caches(tmp_path / "caches")  # another engine's save replaces gradient.faiss under it
+    expected = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(parts[-1], test)
+    with caplog.at_level("WARNING"):
+        got = reader.compute_influences(parts[-1], test)
+    assert "changed since it was loaded" in caplog.text
+    assert got.to_pandas().equals(expected.to_pandas())
