@@ -21,6 +21,7 @@ feature functions. Its caches live exactly as long as the engine and are keyed o
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -545,7 +546,7 @@ class InfluenceEngine:
         state = (OrderedDict(self._trunks), self._low_rank, self._saved_gradient_index, dict(self._curvature),
                  dict(self._from_disk))
         try:
-            with FileLock(str(folder / CACHE_LOCK)):
+            with _reading_lock(folder):
                 return self._read_caches(folder)
         except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as err:
             (self._trunks, self._low_rank, self._saved_gradient_index, self._curvature, self._from_disk) = state
@@ -1217,6 +1218,22 @@ def _describe_function(function, fingerprint: str) -> dict | None:
 
 CACHE_MANIFEST = "hf_fastif_caches.json"
 CACHE_LOCK = ".hf_fastif_caches.lock"
+
+
+@contextlib.contextmanager
+def _reading_lock(folder: Path):
+    """The folder's cache lock while reading it; none where it cannot be made (a read-only folder, which no
+    `save_caches` can write meanwhile either)."""
+    try:
+        lock = FileLock(str(folder / CACHE_LOCK))
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _file_digest(path: Path) -> str:

@@ -762,6 +762,16 @@ def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad
     mapped = Path("/proc/self/maps").read_text()
     assert str(tmp_path / "caches" / "trunk-0.npy") in mapped  # memory-mapped, beyond the (patched) limit
 
+    class ReadOnly:  # a folder where the lock file cannot be made: read without it, as before the lock
+        def __init__(self, path):
+            pass
+
+        def acquire(self):
+            raise PermissionError("read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "FileLock", ReadOnly)
+        assert "gradient_index" in InfluenceEngine(model, args).load_caches(tmp_path / "caches")
     reader = InfluenceEngine(model, args, data_collator=pad_collator)
     reader.load_caches(tmp_path / "caches")  # the gradient index of parts[-1], read on first use
     other = InfluenceEngine(model, args, data_collator=pad_collator)
