@@ -510,9 +510,12 @@ class InfluenceEngine:
             files.append(name)
 
         for i, (key, cache) in enumerate(self._trunks.items()):
-            save_array(f"trunk-{i}.npy", _numpy(cache.flat))
+            # bfloat16 (which numpy lacks) as its raw 16-bit patterns: read back, it maps without a conversion
+            raw = cache.flat.dtype == torch.bfloat16
+            save_array(f"trunk-{i}.npy", cache.flat.detach().cpu().view(torch.int16).numpy() if raw
+                       else _numpy(cache.flat))
             save_array(f"trunk-{i}-rows.npy", np.stack([cache.lengths, cache.offsets]))
-            manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype)})
+            manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype), "raw": raw})
         if self._low_rank is not None:
             key, (values, vectors) = self._low_rank
             save_array("low_rank_values.npy", _numpy(values))
@@ -561,21 +564,23 @@ class InfluenceEngine:
                 raise ValueError(f"{name} changed since it was saved (its xxh3 digest differs from the manifest's)")
         loaded = []
         device = next(self.model.parameters()).device
+        retired = []  # caches replaced or dropped by this load: closed only once all of it was read (a failure
+        # puts the engine's own caches back, and they must still hold their states)
         for entry in manifest.get("trunks", []):
             stored = np.load(folder / f"{entry['file']}.npy", mmap_mode="c")
             dtype = _dtype(entry["dtype"])
             # states beyond the memory limit stay memory-mapped, as built ones do (a copy-on-write map: pages are
             # read from the file when used; `save_caches` puts new files in place, never rewrites this one)
-            mapped = stored.nbytes > trunk_module.MEMORY_LIMIT_BYTES and torch.from_numpy(stored[:0]).dtype == dtype
-            flat = torch.from_numpy(stored if mapped else np.array(stored)).to(dtype)
+            raw = bool(entry.get("raw"))
+            mapped = stored.nbytes > trunk_module.MEMORY_LIMIT_BYTES and (raw or torch.from_numpy(stored[:0]).dtype == dtype)
+            flat = torch.from_numpy(stored if mapped else np.array(stored))
+            flat = flat.view(dtype) if raw else flat.to(dtype)
             rows = np.load(folder / f"{entry['file']}-rows.npy")
+            if entry["key"] in self._trunks:
+                retired.append(self._trunks.pop(entry["key"]))
             self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1], flat, device)
             self._from_disk["trunk", entry["key"]] = False
             loaded.append("trunk")
-        while len(self._trunks) > MAX_TRUNK_CACHES:  # the cap holds for loaded caches too (oldest out first)
-            evicted, old = self._trunks.popitem(last=False)
-            old.close()
-            self._from_disk.pop(("trunk", evicted), None)
         if "low_rank" in manifest:
             dtype = _dtype(manifest["low_rank"]["dtype"])
             values = torch.from_numpy(np.load(folder / "low_rank_values.npy"))
@@ -593,6 +598,12 @@ class InfluenceEngine:
             self._curvature[_freeze(key)] = value
             self._from_disk["curvature", _freeze(key)] = False
             loaded.append("curvature")
+        while len(self._trunks) > MAX_TRUNK_CACHES:  # the cap holds for loaded caches too (oldest out first)
+            evicted, old = self._trunks.popitem(last=False)
+            retired.append(old)
+            self._from_disk.pop(("trunk", evicted), None)
+        for old in retired:
+            old.close()
         return loaded
 
     def _served(self, kind: str, key) -> None:

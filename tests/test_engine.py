@@ -4,6 +4,7 @@ depend on changed. The trunk cache changes no number."""
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import faiss
@@ -782,3 +783,34 @@ def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad
         got = reader.compute_influences(parts[-1], test)
     assert "changed since it was loaded" in caplog.text
     assert got.to_pandas().equals(expected.to_pandas())
+
+
+def test_a_failed_load_keeps_the_engines_own_caches_and_bf16_states_map(pad_collator, tmp_path, monkeypatch):
+    """A load that failed late (a damaged curvature entry) put back the engine's own trunk caches already closed by
+    the cap, and the next call failed ('NoneType' object has no attribute 'shape'); bfloat16 states, saved as
+    float32, were read whole into memory beyond the limit."""
+    import hf_fastif.engine as engine_module
+    import hf_fastif.trunk as trunk_module
+
+    model = tiny_model("bert", dtype=torch.bfloat16)
+    train, test = make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**BASE, influence_knn_k=None)
+    saver = InfluenceEngine(model, args, data_collator=pad_collator)
+    expected = saver.compute_influences(train, test).to_pandas()
+    saver.save_caches(tmp_path / "caches")
+    monkeypatch.setattr(trunk_module, "MEMORY_LIMIT_BYTES", 0)
+    mapped = InfluenceEngine(model, args, data_collator=pad_collator)
+    assert "trunk" in mapped.load_caches(tmp_path / "caches")
+    assert str(tmp_path / "caches" / "trunk-0.npy") in Path("/proc/self/maps").read_text()
+    assert mapped.compute_influences(train, test).to_pandas().equals(expected)
+
+    own = InfluenceEngine(model, args, data_collator=pad_collator)
+    for i in range(engine_module.MAX_TRUNK_CACHES):
+        own.compute_influences(train.select(range(i, i + 12)), test)
+    shutil.copytree(tmp_path / "caches", tmp_path / "damaged")
+    manifest = json.loads((tmp_path / "damaged" / engine_module.CACHE_MANIFEST).read_text())
+    manifest["curvature"] = [["damaged"]]
+    (tmp_path / "damaged" / engine_module.CACHE_MANIFEST).write_text(json.dumps(manifest))
+    assert own.load_caches(tmp_path / "damaged") == []
+    assert all(cache.flat is not None for cache in own._trunks.values())
+    own.compute_influences(train.select(range(0, 12)), test)
