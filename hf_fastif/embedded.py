@@ -267,7 +267,7 @@ def finetune_settings(args: InfluenceArguments, trainable_layers: int | None = N
         lr=float(args.learning_rate), batch_size=int(args.per_device_train_batch_size),
         warmup_ratio=float(args.warmup_steps), weight_decay=float(args.weight_decay),
         trainable_layers=MINILM_TRAINABLE_LAYERS if trainable_layers is None else int(trainable_layers),
-        max_length=int(max_length), device="cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda")
+        max_length=int(max_length), device=_training_device(args))
 
 
 # TrainingArguments fields that do not change what a Trainer learns: where and how it reports and saves
@@ -301,9 +301,13 @@ def training_settings(args: InfluenceArguments, kind: str | None = None) -> dict
     if embedded_kind(kind).name == "minilm":
         settings = dataclasses.asdict(finetune_settings(args))
         return settings | {"replicas": training_replicas(settings["device"])}
-    device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
-    return {k: v for k, v in args.to_dict().items()
-            if not k.startswith("influence_") and not k.startswith(_NOT_TRAINING)} | {"replicas": training_replicas(device)}
+    return {k: v for k, v in args.to_dict().items() if not k.startswith("influence_")
+            and not k.startswith(_NOT_TRAINING)} | {"replicas": training_replicas(_training_device(args))}
+
+
+def _training_device(args: TrainingArguments) -> str:
+    """Where a Trainer with ``args`` trains: ``"cuda"`` or ``"cpu"``."""
+    return "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
 
 
 def train_embedded_model(raw_train: Dataset, tokenized_train: Dataset, tokenizer: PreTrainedTokenizerBase,

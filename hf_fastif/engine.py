@@ -503,10 +503,7 @@ class InfluenceEngine:
 
         def save_array(name: str, array: np.ndarray) -> None:
             # a new file put in place, not the old one rewritten: an engine that memory-maps the old one keeps it
-            partial = folder / f".{name}.partial-{os.getpid()}"
-            with open(partial, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-            os.replace(partial, folder / name)
+            write_atomic(folder / name, lambda handle: np.save(handle, array, allow_pickle=False))
             files.append(name)
 
         for i, (key, cache) in enumerate(self._trunks.items()):
@@ -535,7 +532,7 @@ class InfluenceEngine:
             manifest["gradient_index"] = {"key": key, "dtype": str(dtype)}
         files += ["gradient.faiss"] if "gradient_index" in manifest else []
         manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
-        manifest["files"] = {name: _file_digest(folder / name) for name in files}
+        manifest["files"] = {name: cache_file_digest(folder / name) for name in files}
         write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
         return folder
 
@@ -560,7 +557,7 @@ class InfluenceEngine:
     def _read_caches(self, folder: Path) -> list[str]:
         manifest = json.loads((folder / CACHE_MANIFEST).read_text())
         for name, digest in manifest.get("files", {}).items():  # (folders saved before digests: not checked)
-            if _file_digest(folder / name) != digest:
+            if cache_file_digest(folder / name) != digest:
                 raise ValueError(f"{name} changed since it was saved (its xxh3 digest differs from the manifest's)")
         loaded = []
         device = next(self.model.parameters()).device
@@ -598,11 +595,7 @@ class InfluenceEngine:
             self._curvature[_freeze(key)] = value
             self._from_disk["curvature", _freeze(key)] = False
             loaded.append("curvature")
-        while len(self._trunks) > MAX_TRUNK_CACHES:  # the cap holds for loaded caches too (oldest out first)
-            evicted, old = self._trunks.popitem(last=False)
-            retired.append(old)
-            self._from_disk.pop(("trunk", evicted), None)
-        for old in retired:
+        for old in retired + self._evict_trunks():  # the cap holds for loaded caches too
             old.close()
         return loaded
 
@@ -873,11 +866,19 @@ class InfluenceEngine:
                            batch_size=self.args.influence_hvp_batch_size, progress=progress)
         self._trunks[key] = cache
         self._replaced("trunk", key)
-        while len(self._trunks) > MAX_TRUNK_CACHES:
-            evicted, old = self._trunks.popitem(last=False)
+        for old in self._evict_trunks():
             old.close()
-            self._replaced("trunk", evicted)
         return cache
+
+    def _evict_trunks(self) -> list[TrunkCache]:
+        """Drop the least recently used trunk caches beyond `MAX_TRUNK_CACHES`; returns them, for the caller to close
+        (a load closes them only once the whole folder was read)."""
+        evicted = []
+        while len(self._trunks) > MAX_TRUNK_CACHES:
+            key, old = self._trunks.popitem(last=False)
+            self._replaced("trunk", key)
+            evicted.append(old)
+        return evicted
 
     # ---- stage 2: test gradients ---------------------------------------------------------------------------
     def _test_gradients(self, call: _Call) -> torch.Tensor:
@@ -1245,11 +1246,6 @@ def _reading_lock(folder: Path):
         yield
     finally:
         lock.release()
-
-
-def _file_digest(path: Path) -> str:
-    """xxh3-128 of a file's bytes (saved engine caches: ~5 GB/s, so checking them costs little beside reading)."""
-    return cache_file_digest(path)
 
 
 def _freeze(value):

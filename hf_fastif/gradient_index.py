@@ -437,12 +437,13 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
            tuple(call.names), args.influence_projection_dim,
            args.influence_seed, args.influence_knn_index, D.world())
     saved = engine._saved_gradient_index
-    if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key) \
-            and not saved_index_intact(saved):
+    wanted = saved is not None and saved[0] == key and (engine._gradient_index is None
+                                                        or engine._gradient_index[0] != key)
+    if wanted and not saved_index_intact(saved):
         logger.warning(f"The saved gradient index {saved[1]} changed since it was loaded (another engine saved into "
                        "its folder); building it again.")
-        engine._saved_gradient_index = saved = None
-    if saved is not None and saved[0] == key and (engine._gradient_index is None or engine._gradient_index[0] != key):
+        engine._saved_gradient_index, wanted = None, False
+    if wanted:
         sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
                            args.influence_seed, saved[2])
         try:

@@ -12,7 +12,6 @@ from .engine import InfluenceEngine
 from .fingerprint import callable_fingerprint
 from .influence import default_arguments
 from .loss import LossFn
-from .mode import uncompiled
 from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
@@ -70,7 +69,7 @@ class InfluenceTrainer(Trainer):
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                          features=None) -> InfluenceEngine:
         """The engine this trainer holds (made anew when the model, collator or functions differ from its own)."""
-        model = uncompiled(self.accelerator.unwrap_model(self.model))
+        model = self._influence_model()
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
         wanted = [callable_fingerprint(f) for f in (self.data_collator, loss_fn, measurement_fn, features)]
@@ -105,8 +104,13 @@ class InfluenceTrainer(Trainer):
         kwargs.setdefault("loss_fn", self.influence_loss_fn)
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
         kwargs.setdefault("data_collator", self.data_collator)
-        return build_influence_table(uncompiled(self.accelerator.unwrap_model(self.model)), train, test_dataset, output_dir,
-                                     self.influence_args, shard_size=shard_size, **kwargs)
+        return build_influence_table(self._influence_model(), train, test_dataset, output_dir, self.influence_args,
+                                     shard_size=shard_size, **kwargs)
+
+    def _influence_model(self):
+        """The model influence is computed on: out of DDP and accelerate's wrappers, and of a ``torch.compile``
+        wrapper (compiled graphs refuse double backward; `hf_fastif.mode.uncompiled`)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _influence_train(self, train_dataset: Dataset | None, method: str) -> Dataset:
         """The training rows of an influence call: ``train_dataset``, else the trainer's (a clear error if none)."""

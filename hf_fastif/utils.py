@@ -7,9 +7,9 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
@@ -38,12 +38,16 @@ def to_json(value: Any, **kwargs) -> str:
     return json.dumps(value, default=json_default, **kwargs)
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
-    """Write text or bytes to a temporary file next to ``path``, then rename it into place: readers never
-    see a half-written file."""
+def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write text or bytes (or what ``content(handle)`` writes to a binary file: a large array streamed) to a
+    temporary file next to ``path``, then rename it into place: readers never see a half-written file, and one that
+    holds the old file open (a memory map) keeps it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(content, bytes):
+    if callable(content):
+        with open(tmp, "wb") as handle:
+            content(handle)
+    elif isinstance(content, bytes):
         tmp.write_bytes(content)
     else:
         tmp.write_text(content, encoding="utf-8")

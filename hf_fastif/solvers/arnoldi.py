@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .lanczos import lanczos
+from .lanczos import lanczos, rounding_floor
 
 
 def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, rank: int, *,
@@ -37,7 +37,7 @@ def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: in
     values, vectors = lanczos(hvp, num_params, steps, dtype=dtype, device=device, seed=seed)
     keep = torch.argsort(values.abs(), descending=True)[:rank]
     lowest = int(torch.argmin(values))
-    noise = max(1e-10, 100 * torch.finfo(dtype).eps) * float(values.abs().max())  # a zero, as rounding leaves it
+    noise = rounding_floor(dtype) * float(values.abs().max())  # a zero, as rounding leaves it
     if values[lowest] < -noise and lowest not in keep.tolist():
         keep = torch.cat([keep, torch.tensor([lowest])])
     return values[keep], vectors[keep]

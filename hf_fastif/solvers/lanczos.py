@@ -37,6 +37,15 @@ def extreme_eigenvalues(hvp: Callable[[torch.Tensor], torch.Tensor], num_params:
     return float(values[0]), float(values[-1])
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """A value this small against the spectrum's scale is rounding noise: 1e-10 in float64, 100·eps in float32.
+    Lanczos reads a residual below it as a closed Krylov space (in float32 the noise had been normalised into a
+    "new" direction: the identity's extreme eigenvalues came out -0.0014 and 2.0014); not larger, or a bulk of small
+    eigenvalues beside large outliers (residuals of ~1e-4·scale) would read as closed. The low-rank Hessian reads
+    an eigenvalue below it as zero."""
+    return max(1e-10, 100 * torch.finfo(dtype).eps)
+
+
 def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos' ``(k, k)`` float64 tridiagonal matrix and its ``(steps, p)`` basis (the first k rows are used).
 
@@ -54,11 +63,7 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0  # the largest |entry| of the tridiagonal so far: the spectrum's scale, whatever the loss's units
-    # a residual this small against the scale is rounding noise inside the basis' span (a few eps·scale): 1e-10 in
-    # float64, 100·eps in float32, where the noise was normalised into a "new" direction (the identity's extreme
-    # eigenvalues came out -0.0014 and 2.0014); not larger, or a bulk of small eigenvalues beside large outliers
-    # (residuals of ~1e-4·scale) would read as closed
-    breakdown = max(1e-10, 100 * torch.finfo(dtype).eps)
+    breakdown = rounding_floor(dtype)
     for i in range(steps):
         w = hvp(q).to(dtype)
         alpha = float(torch.dot(w, q))

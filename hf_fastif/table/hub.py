@@ -36,10 +36,14 @@ def _status(err: Exception) -> int | None:
     return getattr(getattr(err, "response", None), "status_code", None)
 
 
+def _where(repo_id: str, revision: str | None) -> str:
+    return f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+
+
 def _pull_message(err: Exception, repo_id: str, revision: str | None) -> str:
     """What a failed download means, and what to do (the Hub's exception types subclass each other, so the
     most specific come first)."""
-    where = f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    where = _where(repo_id, revision)
     if isinstance(err, RevisionNotFoundError):
         return (f"Revision {revision!r} does not exist in dataset repo {repo_id!r}; use a branch, tag or commit "
                 "id of that repo.")
@@ -64,8 +68,7 @@ def _pull_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     except (HfHubHTTPError, EntryNotFoundError, HFValidationError) as err:
         raise InfluenceTableError(_pull_message(err, repo_id, revision)) from err
     except OSError as err:  # a transfer cut short (the client's size check), a full disk...: the partial file is gone
-        where = f"dataset repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-        raise InfluenceTableError(f"The download of {where} failed ({type(err).__name__}: {err}). Run it again: the "
+        raise InfluenceTableError(f"The download of {_where(repo_id, revision)} failed ({type(err).__name__}: {err}). Run it again: the "
                                   "files downloaded whole are kept, the partial one is discarded.") from err
 
 

@@ -282,16 +282,20 @@ class ShardReader:
                 raise DamagedShardError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
                                         "Download or rebuild the table.")
 
-    def _written_over(self, f: int) -> InfluenceTableError:
-        return InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another table was "
-                                   f"saved into {self.directory}); load the table again.")
+    def _check_unchanged(self, f: int) -> None:
+        """Refuse file ``f`` if it is no longer the file this table was loaded from."""
+        if self._identities is not None and _identity(self.files[f]) != self._identities[f]:
+            raise InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another table "
+                                      f"was saved into {self.directory}); load the table again.")
 
     def _file(self, f: int) -> pq.ParquetFile:
         if f not in self._open:
             handle = pq.ParquetFile(self.files[f], memory_map=True)
-            if self._identities is not None and _identity(self.files[f]) != self._identities[f]:
+            try:
+                self._check_unchanged(f)  # (checked once open: a replacement after this does not reach the handle)
+            except InfluenceTableError:
                 handle.close()
-                raise self._written_over(f)
+                raise
             self._open[f] = handle  # held open: a later replacement of the file does not change what it reads
         return self._open[f]
 
@@ -343,10 +347,8 @@ class ShardReader:
         """The rows as a memory-mapped `datasets.Dataset` (converted into the datasets cache)."""
         # the dataset reads the files by path: every one must still be the file this table was loaded from,
         # whether or not a query opened it since
-        changed = [f for f in range(len(self.files))
-                   if self._identities is not None and _identity(self.files[f]) != self._identities[f]]
-        if changed:
-            raise self._written_over(changed[0])
+        for f in range(len(self.files)):
+            self._check_unchanged(f)
         with quiet_datasets():
             try:
                 dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")
