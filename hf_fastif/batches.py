@@ -349,6 +349,12 @@ def position_limit(model: nn.Module) -> int | None:
     return _usable(next(iter(tables.values()))) - prepended_positions(model)
 
 
+def usable_positions(model: nn.Module) -> int | None:
+    """The positions a row of ``model`` may take: `position_limit`, else the config's ``max_position_embeddings``
+    (None: neither)."""
+    return position_limit(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def decoder_position_limit(model: nn.Module) -> int | None:
     """Targets (``labels``) longer than this overrun an encoder-decoder's decoder position table (None: no such
     table, e.g. T5's relative positions, or not an encoder-decoder)."""

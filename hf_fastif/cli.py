@@ -38,7 +38,7 @@ from transformers.utils import logging
 from .annotate import TextSource, save_with_text
 from .applications.common import check_num_labels, predict
 from .arguments import InfluenceArguments
-from .batches import position_limit
+from .batches import usable_positions
 from .builder import build_influence_table
 from .data import MODEL_MAX_LENGTH, NLI_MAX_LENGTH, generate_nli, load_hans, load_mnli, tokenize_nli
 from .distributed import finish, is_main_process
@@ -139,7 +139,7 @@ def max_length_for(flags, model) -> int:
     """The token limit of pairs for a user's model: ``--max_length``, or `MODEL_MAX_LENGTH` capped at the positions
     the model can give a row (RoBERTa's table numbers from its pad id + 1: 514 entries, 512 usable); a limit beyond
     them is refused."""
-    positions = position_limit(model) or getattr(model.config, "max_position_embeddings", None)
+    positions = usable_positions(model)
     if flags.max_length is None:
         return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
     if positions and flags.max_length > positions:

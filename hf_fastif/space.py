@@ -35,6 +35,7 @@ from transformers.utils import logging
 from .annotate import TRAIN_TEXT, TextSource, save_with_text
 from .applications.common import predict
 from .arguments import InfluenceArguments
+from .batches import usable_positions
 from .data import NLI_MAX_LENGTH, tokenize_nli
 from .distributed import barrier, is_main_process
 from .embedded import (
@@ -427,9 +428,10 @@ class Explainer:
         raise ValueError(f"Choose the gold label of the pair ({' / '.join(self.label_names)}).")
 
     def encode(self, premise: str, hypothesis: str, label: int) -> tuple[Dataset, list[str], list[str], int]:
-        """`encode_pair` with this explainer's tokenizer, at most `MAX_PAIR_TOKENS` pieces or the model's positions,
-        cut to `max_length` as the table's rows."""
-        positions = getattr(self.model.config, "max_position_embeddings", None) or MAX_PAIR_TOKENS
+        """`encode_pair` with this explainer's tokenizer, at most `MAX_PAIR_TOKENS` pieces or the positions the model
+        can give a row (RoBERTa's table numbers from its pad id + 1: 514 entries, 512 usable), cut to `max_length` as
+        the table's rows."""
+        positions = usable_positions(self.model) or MAX_PAIR_TOKENS
         return encode_pair(self.tokenizer, premise, hypothesis, label, min(MAX_PAIR_TOKENS, positions),
                            max_length=self.max_length)
 

@@ -449,6 +449,31 @@ def test_small_tables_long_rows_unreadable_models_and_stray_settings(app, tmp_pa
         load_state(None, model=str(build / "model"), kind="no_such_model")
 
 
+def test_typed_pairs_are_capped_at_the_positions_a_roberta_row_can_take() -> None:
+    """RoBERTa's position table numbers from its pad id + 1: 66 entries give a row 64 positions. The Space capped typed
+    pairs at the 66 entries (``max_position_embeddings``), so a 65-piece pair passed and failed inside the model."""
+    from types import SimpleNamespace
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from hf_fastif.pretrained import load_minilm_tokenizer
+    from hf_fastif.space import Explainer
+
+    tokenizer = load_minilm_tokenizer()
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=66, pad_token_id=1))
+    explainer = SimpleNamespace(model=model, tokenizer=tokenizer, max_length=None)
+    words = "the judge slept " * 20
+    for premise_words, fits in ((30, True), (31, False)):  # [CLS] premise [SEP] 31 words [SEP]: 64 / 65 pieces
+        premise, hypothesis = " ".join(words.split()[:premise_words]), " ".join(words.split()[:31])
+        if fits:
+            assert len(Explainer.encode(explainer, premise, hypothesis, 0)[1]) == 64
+        else:
+            with pytest.raises(ValueError, match="65 word pieces; at most 64 are allowed"):
+                Explainer.encode(explainer, premise, hypothesis, 0)
+
+
 def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch) -> None:
     from gradio_client.exceptions import AppError
 
