@@ -40,7 +40,15 @@ from .applications.common import check_num_labels, predict
 from .arguments import InfluenceArguments
 from .batches import usable_positions
 from .builder import build_influence_table
-from .data import MODEL_MAX_LENGTH, NLI_MAX_LENGTH, generate_nli, load_hans, load_mnli, tokenize_nli
+from .data import (
+    MIN_MAX_LENGTH,
+    MODEL_MAX_LENGTH,
+    NLI_MAX_LENGTH,
+    generate_nli,
+    load_hans,
+    load_mnli,
+    tokenize_nli,
+)
 from .distributed import finish, is_main_process
 from .embedded import (
     DEFAULT_KIND,
@@ -130,9 +138,9 @@ def _check_max_length(flags) -> None:
     if flags.model_name_or_path is None:
         raise ValueError(f"--max_length needs --model_name_or_path: the embedded default's pairs are cut at "
                          f"{NLI_MAX_LENGTH} word pieces, as its model was fine-tuned. Drop it.")
-    if flags.max_length < 8:
-        raise ValueError(f"--max_length must be at least 8 word pieces (a pair needs its special tokens and "
-                         f"words), got {flags.max_length}.")
+    if flags.max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
+                         f"tokens and words), got {flags.max_length}.")
 
 
 def max_length_for(flags, model) -> int:

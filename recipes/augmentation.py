@@ -22,7 +22,7 @@ from hf_fastif.applications import (
     run_augmentation,
     write_report,
 )
-from hf_fastif.applications.augmentation import load_pool, pool_dataset
+from hf_fastif.applications.augmentation import check_augmentation, load_pool, pool_dataset
 from hf_fastif.distributed import finish
 
 
@@ -32,10 +32,16 @@ def main(argv: list[str] | None = None) -> dict:
     if raw_pool is None and data_args.train_dataset is not None:  # generated pool: only with generated data
         raise ValueError("--pool generated needs the generated data (unset --train_dataset); with your own "
                          "training data pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
+    pools = {}
+
+    def checks(early):  # the tokenized pool against the protocol and the HANS rows: before any training
+        pools["pool"] = pool_dataset(pool_args, raw_pool, early)
+        check_augmentation(dataclasses.replace(early.data, candidates=pools["pool"][0]), early.args, protocol)
+
     setup = prepare(data_args, args, required_labels=(2, 3), what="Data augmentation",
                     heuristics=protocol.heuristics, heuristic_splits=("validation", "test"),
-                    num_anchors=protocol.num_anchors)
-    pool, pool_name = pool_dataset(pool_args, raw_pool, setup)
+                    num_anchors=protocol.num_anchors, checks=checks)
+    pool, pool_name = pools["pool"]
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}; {len(pool)} pool rows")
     data = dataclasses.replace(setup.data, candidates=pool)
     result = run_augmentation(setup.model, data, setup.args, protocol, pool_name=pool_name)

@@ -13,14 +13,16 @@ Writes hans_correction.json / .md / .png to --output_dir and prints the table.
 from __future__ import annotations
 
 from hf_fastif.applications import CorrectionArguments, parse_recipe, prepare, run_correction, write_report
+from hf_fastif.applications.correction import check_correction
 from hf_fastif.distributed import finish
 
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("hans_correction", [CorrectionArguments], argv)
-    setup = prepare(data_args, args, required_labels=(2,), what="HANS correction",
+    setup = prepare(data_args, args, required_labels=(2, 3), what="HANS correction",
                     heuristics=protocol.heuristics, heuristic_splits=("validation", "test"),
-                    num_anchors=protocol.num_anchors)
+                    num_anchors=protocol.num_anchors,
+                    checks=lambda early: check_correction(early.data, early.args, protocol))  # before any training
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_correction(setup.model, setup.data, setup.args, protocol)
     return write_report("hans_correction", result, setup, protocol, argv=argv)

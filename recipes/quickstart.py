@@ -29,6 +29,18 @@ class QuickstartArguments:
     embedded_model: str | None = field(default=None, metadata={
         "help": f"{' or '.join(KINDS)} (default minilm: fine-tuned once, then loaded from $HF_FASTIF_CACHE)."})
 
+    def __post_init__(self):  # before any training: 0 failed after it, deep in the engine
+        for name in ("num_test", "top"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+
+
+def test_points(wrong: np.ndarray, n: int, total: int) -> np.ndarray:
+    """``n`` distinct rows spread evenly over the mistakes ``wrong`` (over all ``total`` rows when there is none);
+    every one of them, once, when there are fewer than ``n``."""
+    pool = wrong if len(wrong) else np.arange(total)
+    return np.unique(pool[np.linspace(0, len(pool) - 1, min(n, len(pool))).astype(int)])
+
 
 def main(argv: list[str] | None = None) -> None:
     quick, args = parse_arguments(
@@ -45,14 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     predictions = predict(trainer.model, hans, trainer.data_collator).argmax(-1)
     wrong = np.flatnonzero(predictions != np.asarray(hans["labels"]))
     print(f"HANS-style accuracy: {1 - len(wrong) / len(hans):.1%} ({len(wrong)} mistakes of {len(hans)})")
-    rows = wrong[np.linspace(0, len(wrong) - 1, quick.num_test).astype(int)] if len(wrong) else np.arange(quick.num_test)
+    rows = test_points(wrong, quick.num_test, len(hans))
+    if len(rows) < quick.num_test:
+        print(f"--num_test {quick.num_test}: there are {len(rows)} {'mistakes' if len(wrong) else 'test points'}; "
+              "each is explained once")
 
     start = time.perf_counter()
     table = save_with_text(trainer.compute_influences(hans.select(rows)), f"{args.output_dir}/influence_table",
                            train=TextSource(raw["train"]), test=TextSource(raw["hans"].select(rows)),
                            model=trainer.model, model_name=settings.description, predictions=predictions[rows])
-    print(f"influence of {args.influence_knn_k} kNN candidates on {len(rows)} test points "
-          f"in {time.perf_counter() - start:.1f}s (λ = {table.metadata['lambda']:g})\n")
+    n = len(raw["train"])
+    scored = f"{args.influence_knn_k} candidates" if args.influence_knn_k and args.influence_knn_k < n else \
+        f"all {n} training rows"
+    print(f"influence of {scored} on {len(rows)} test points in {time.perf_counter() - start:.1f}s "
+          f"(λ = {table.metadata['lambda']:g})\n")
     names = trainer.model.config.id2label
     for t, row in enumerate(rows):
         r = raw["hans"][int(row)]

@@ -18,14 +18,20 @@ from hf_fastif.applications import (
     run_simulatability,
     write_report,
 )
-from hf_fastif.applications.simulatability import build_simulator, load_test_points, test_points
+from hf_fastif.applications.simulatability import (
+    build_simulator,
+    check_simulatability,
+    load_test_points,
+    test_points,
+)
 from hf_fastif.distributed import finish
 
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("simulatability", [SimulatabilityArguments], argv)
     raw_tests = load_test_points(protocol, data_args.num_labels)  # checked before any training
-    setup = prepare(data_args, args, required_labels=(2, 3), what="Simulatability")
+    setup = prepare(data_args, args, required_labels=(2, 3), what="Simulatability",
+                    checks=lambda early: check_simulatability(early, protocol))  # before any training
     simulator = build_simulator(setup, protocol)
     print(f"task model and simulator ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_simulatability(setup.model, simulator, setup.data, setup.args, protocol,

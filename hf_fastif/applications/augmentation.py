@@ -7,10 +7,12 @@ The Hessian is still that of the training loss; only the candidates (kNN index a
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from datasets import Dataset
 from torch import nn
 from transformers.utils import logging
@@ -18,7 +20,7 @@ from transformers.utils import logging
 from ..arguments import InfluenceArguments
 from ..data import load_anli, load_hans, tokenize_nli
 from .common import ApplicationData, check_num_labels, refuse_shared_rows, shared_rows, two_label_loss
-from .correction import CorrectionArguments, CorrectionResult, run_correction
+from .correction import CorrectionArguments, CorrectionResult, check_correction, run_correction
 from .prepare import Setup
 
 logger = logging.get_logger(__name__)
@@ -48,15 +50,34 @@ class PoolArguments:
 
 
 def pool_format(name_or_path: str, declared: str = "auto") -> str:
-    """``hans`` or ``nli``: declared, or guessed from a Hub id / a text file's header."""
+    """``hans`` or ``nli``: declared, or guessed from a local file's columns (a ``heuristic`` column: HANS; a text
+    file's header, a jsonl / json file's first record, a parquet file's schema) or a Hub id's name."""
     if declared != "auto":
         return declared
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix.lower() in (".txt", ".tsv", ".csv"):
-        with open(path, encoding="utf-8") as handle:
-            header = next(csv.reader(handle, delimiter="," if path.suffix.lower() == ".csv" else "\t"), [])
-        return "hans" if "heuristic" in header else "nli"
+    columns = _file_columns(path) if path.is_file() else None
+    if columns is not None:
+        return "hans" if "heuristic" in columns else "nli"
     return "hans" if "hans" in path.name.lower() else "nli"
+
+
+def _file_columns(path: Path) -> list[str] | None:
+    """The column names of a local data file (None: a format whose columns are not read here)."""
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".tsv", ".csv"):
+        with open(path, encoding="utf-8") as handle:
+            return next(csv.reader(handle, delimiter="," if suffix == ".csv" else "\t"), [])
+    if suffix == ".parquet":
+        return pq.read_schema(path).names
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as handle:
+            first = handle.read(1 << 20).lstrip()
+        try:  # the first record of a jsonl file, or of a json list
+            record = json.JSONDecoder().raw_decode(first[1:].lstrip() if first.startswith("[") else first)[0]
+        except ValueError:
+            return None  # the loader names what is wrong with it
+        return list(record) if isinstance(record, dict) else None
+    return None
 
 
 def load_pool(pool_args: PoolArguments, num_labels: int) -> Dataset | None:
@@ -106,6 +127,13 @@ def run_augmentation(model: nn.Module, data: ApplicationData, args: InfluenceArg
                             progress=progress)
     result.title = f"Data augmentation from the {pool_name}"
     return result
+
+
+def check_augmentation(data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments) -> None:
+    """`check_correction` for a pool as ``data.candidates``, and no pool row among the HANS rows the protocol anchors
+    on or evaluates with (the recipe runs this before any training)."""
+    _refuse_held_out_pairs(data)
+    check_correction(data, args, protocol)
 
 
 def _refuse_held_out_pairs(data: ApplicationData) -> None:

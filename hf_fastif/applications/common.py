@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,6 +359,24 @@ def check_heuristics(names: Sequence[str] | str | None, flag: str = "heuristics 
         logger.warning(f"{flag} names {sorted(set(repeated))} more than once; each heuristic runs once: "
                        f"{out}.")
     return out
+
+
+def refuse_few_candidates(num_candidates: int, k: int | None, num_points: int, each: str) -> None:
+    """Refuse ``num_points`` helpful and harmful rows out of fewer scored candidates (``min(k, num_candidates)``):
+    both groups would be the very same rows, reported as two results."""
+    scored = num_candidates if k is None else min(k, num_candidates)
+    if scored < num_points:
+        raise ValueError(f"{each} scores {scored} candidate rows (influence_knn_k={k}, {num_candidates} candidates), "
+                         f"fewer than num_points={num_points}: 'helpful' and 'harmful' would both be the same {scored} "
+                         "rows. Raise influence_knn_k or lower num_points.")
+
+
+def heuristic_seed(heuristic: str) -> int:
+    """A heuristic's own number for its seeds (HANS order, else from its name): a run of one heuristic draws the rows
+    it draws among all of them, wherever it sits in the heuristics named."""
+    if heuristic in HANS_HEURISTICS:
+        return HANS_HEURISTICS.index(heuristic)
+    return int.from_bytes(hashlib.sha256(heuristic.encode("utf-8")).digest()[:4], "little")
 
 
 def heuristics_in(splits: dict[str, Sequence[str]], requested: Sequence[str] | None, what: str, fix: str) -> list[str]:

@@ -15,7 +15,6 @@ candidate and test rows are computed once for the whole protocol, and evaluation
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from transformers.utils import logging
 
 from .. import distributed as D
 from ..arguments import InfluenceArguments
-from ..data import HANS_HEURISTICS
 from ..engine import InfluenceEngine
 from ..loss import LossFn
 from ..table import InfluenceTable
@@ -41,8 +39,10 @@ from .common import (
     check_heuristics,
     check_num_labels,
     fmt,
+    heuristic_seed,
     heuristics_in,
     mean_std,
+    refuse_few_candidates,
     refuse_shared_rows,
     sgd_step,
     two_label_loss,
@@ -91,6 +91,12 @@ class CorrectionArguments:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise ValueError(f"Unknown strategies {unknown}; use any of {', '.join(STRATEGIES)}.")
+        if len(set(self.strategies)) < len(self.strategies):  # a repeat ran twice and counted as more replicas
+            once = list(dict.fromkeys(self.strategies))
+            logger.warning(f"strategies (--strategies) names "
+                           f"{sorted({s for s in self.strategies if self.strategies.count(s) > 1})} more than once; "
+                           f"each strategy runs once per replica (--replicas sets how many): {once}.")
+            self.strategies = once
         for name in ("num_steps", "num_anchors", "num_points", "replicas"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
@@ -203,7 +209,8 @@ class CorrectionResult:
         ])
 
     def plot(self) -> Figure:
-        """Test accuracy (top) and loss (bottom) of each heuristic after every step, mean ± std over replicas."""
+        """Test accuracy (top) and loss (bottom) of each heuristic after every step, mean ± std over replicas
+        (recorded without ``eval_every_step``: before and after only, joined by a dotted line)."""
         heuristics = list(self.summary())
         columns = max(1, len(heuristics))
         fig = Figure(figsize=(4.2 * columns, 6.4))
@@ -212,15 +219,17 @@ class CorrectionResult:
         for column, heuristic in enumerate(heuristics):
             for strategy in STRATEGIES:
                 runs = [r for r in self.runs if r["heuristic"] == heuristic and r["strategy"] == strategy]
-                if not runs or not runs[0]["accuracy_steps"]:
+                if not runs:
                     continue
+                every_step = bool(runs[0]["accuracy_steps"])
                 for row, (key, scale) in enumerate((("accuracy", 100.0), ("loss", 1.0))):
-                    curves = scale * np.array([[r[f"{key}_before"], *r[f"{key}_steps"]] for r in runs])
-                    x = np.arange(curves.shape[1])
+                    curves = scale * np.array([[r[f"{key}_before"], *(r[f"{key}_steps"] if every_step
+                                                                        else [r[f"{key}_after"]])] for r in runs])
+                    x = np.arange(curves.shape[1]) if every_step else np.array([0, self.settings.get("num_steps", 1)])
                     mean, std = curves.mean(0), curves.std(0)
                     ax = axes[row][column]
-                    ax.plot(x, mean, label=strategy, color=colors[strategy],
-                            linestyle="--" if strategy in ("random", "anchors") else "-")
+                    ax.plot(x, mean, label=strategy, color=colors[strategy], marker=None if every_step else "o",
+                            linestyle=(":" if not every_step else "--" if strategy in ("random", "anchors") else "-"))
                     ax.fill_between(x, mean - std, mean + std, color=colors[strategy], alpha=0.15)
             axes[0][column].set_title(heuristic)
             axes[1][column].set_xlabel("step")
@@ -252,6 +261,27 @@ def refuse_test_rows(data: ApplicationData) -> None:
                                    "test split.")
 
 
+def check_correction(data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments) -> list[str]:
+    """The heuristics `run_correction` will correct, after checking its settings against the data (also run by the
+    recipes before any training): the protocol's fields, the HANS splits given, enough candidates for distinct
+    helpful / harmful rows, anchors and test rows for every heuristic, no test row among the rows stepped on."""
+    protocol.validate()
+    data.require("hans_validation", "hans_test", what="Correction")
+    candidates = data.train if data.candidates is None else data.candidates
+    if {"helpful", "harmful"} & set(protocol.strategies):
+        refuse_few_candidates(len(candidates), args.influence_knn_k, protocol.num_points, "Each step")
+    heuristics = heuristics_in(  # each with anchors and with test rows, before any work
+        {"data.hans_validation": data.hans_validation["heuristic"], "data.hans_test": data.hans_test["heuristic"]},
+        protocol.heuristics, "Correction", "Every heuristic corrected needs rows in both hans_validation (anchors) "
+        "and hans_test (accuracy): name others with heuristics=, or split HANS with split_hans (stratified by "
+        "subcase).")
+    validation_heuristics = np.asarray(data.hans_validation["heuristic"], dtype=object)
+    for heuristic in heuristics:  # fail before any work if a heuristic is too small
+        sample_anchors(validation_heuristics, heuristic, protocol.num_anchors, np.random.default_rng(0))
+    refuse_test_rows(data)
+    return heuristics
+
+
 def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments,
                    *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                    progress: bool = True) -> CorrectionResult:
@@ -275,28 +305,13 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     Returns:
         A `CorrectionResult`.
     """
-    protocol.validate()
-    data.require("hans_validation", "hans_test", what="Correction")
     if check_num_labels(model, (2, 3), "HANS correction") == 3 and measurement_fn is None:
         logger.info("A 3-label model: the anchors' loss is two_label_loss (p(non_entailment) = p(neutral) + "
                     "p(contradiction)), since HANS rows have 2 labels.")
         measurement_fn = two_label_loss
+    heuristics = check_correction(data, args, protocol)
     candidates = data.train if data.candidates is None else data.candidates
-    scored = len(candidates) if args.influence_knn_k is None else min(args.influence_knn_k, len(candidates))
-    if {"helpful", "harmful"} & set(protocol.strategies) and scored < protocol.num_points:
-        raise ValueError(f"Each step scores {scored} candidate rows (influence_knn_k={args.influence_knn_k}, "
-                         f"{len(candidates)} candidates), fewer than num_points={protocol.num_points}: 'helpful' and "
-                         f"'harmful' would both step on the same {scored} rows. Raise influence_knn_k or lower "
-                         "num_points.")
-    heuristics = heuristics_in(  # each with anchors and with test rows, before any work
-        {"data.hans_validation": data.hans_validation["heuristic"], "data.hans_test": data.hans_test["heuristic"]},
-        protocol.heuristics, "Correction", "Every heuristic corrected needs rows in both hans_validation (anchors) "
-        "and hans_test (accuracy): name others with heuristics=, or split HANS with split_hans (stratified by "
-        "subcase).")
     validation_heuristics = np.asarray(data.hans_validation["heuristic"], dtype=object)
-    for heuristic in heuristics:  # fail before any work if a heuristic is too small
-        sample_anchors(validation_heuristics, heuristic, protocol.num_anchors, np.random.default_rng(0))
-    refuse_test_rows(data)
     evaluator = HansEvaluator(data.hans_test, data.collator)
     work = copy.deepcopy(model)
     initial = {name: tensor.detach().clone() for name, tensor in work.state_dict().items()}
@@ -320,7 +335,7 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
             for replica in range(protocol.replicas):
                 for strategy in protocol.strategies:
                     start = time.perf_counter()
-                    run = corrector.run(heuristic, _stable_index(heuristic), strategy, args.seed + replica)
+                    run = corrector.run(heuristic, heuristic_seed(heuristic), strategy, args.seed + replica)
                     run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
                             "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
                     result.runs.append(run)
@@ -328,14 +343,6 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
                                 f"{100 * run['accuracy_after']:.1f}%")
     bar.close()
     return result
-
-
-def _stable_index(heuristic: str) -> int:
-    """A heuristic's own number for its seeds (HANS order, else from its name): a run of one heuristic draws the
-    anchors, random rows and LiSSA batches it draws among all of them, wherever it sits in ``heuristics``."""
-    if heuristic in HANS_HEURISTICS:
-        return HANS_HEURISTICS.index(heuristic)
-    return int.from_bytes(hashlib.sha256(heuristic.encode("utf-8")).digest()[:4], "little")
 
 
 @dataclass

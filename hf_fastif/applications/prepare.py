@@ -31,7 +31,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
-from ..data import generate_nli, label_names, load_hans, load_mnli, split_hans, tokenize_nli
+from ..data import MIN_MAX_LENGTH, generate_nli, label_names, load_hans, load_mnli, split_hans, tokenize_nli
 from ..data.loaders import hub_offline
 from ..embedded import (
     DEFAULT_KIND,
@@ -120,6 +120,9 @@ class ModelDataArguments:
         label_names(self.num_labels)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        if self.max_length < MIN_MAX_LENGTH:  # 0-2 cut nothing (while the warning said every pair was cut)
+            raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
+                             f"tokens and words), got {self.max_length}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be at least 1, got {self.max_train_samples}.")
         if self.embedded_model is not None:
@@ -281,7 +284,8 @@ def load_data(data_args: ModelDataArguments, seed: int) -> dict[str, Dataset | N
 
 def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required_labels: tuple[int, ...] = (2,),
             what: str = "This application", heuristics: Sequence[str] | None = None,
-            heuristic_splits: Sequence[str] = (), num_anchors: int | None = None) -> Setup:
+            heuristic_splits: Sequence[str] = (), num_anchors: int | None = None,
+            checks: Callable[[Setup], None] | None = None) -> Setup:
     """Check the model and the data, then load or train the model; return everything an application needs.
 
     Cheap checks come first (label counts, the checkpoint can be found, the data files parse), so bad input
@@ -300,6 +304,9 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
             validation and test; the influence graph: test); empty: no check.
         num_anchors: anchors a step draws from each heuristic's validation rows (correction and augmentation),
             checked to be there before training (it failed after).
+        checks: the application's own checks of its settings against the tokenized data, called before any model
+            is built or trained with a `Setup` whose ``model`` is None (its ``description`` says only ``setup``,
+            ``embedded_model`` and ``trained_here``); they raise a `ValueError` naming the fix.
     """
     started = time.perf_counter()
     configure_threads(data_args)
@@ -310,6 +317,7 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
         raise ValueError("--fine_tune never needs --model_name_or_path (a fine-tuned checkpoint); the embedded "
                          "model is always trained here.")
     checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
+    _check_resume(args.resume_from_checkpoint, checkpoint)
     raw = load_data(data_args, args.seed)
     # a fraction that empties a split, or a heuristic missing from a split the application needs: here
     raw_split = split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)
@@ -331,6 +339,15 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     tokenizer = embedded_tokenizer(kind) if data_args.embedded else AutoTokenizer.from_pretrained(checkpoint[0])
     tokenized = {k: tokenize_nli(v, tokenizer, max_length=data_args.max_length) if v is not None else None
                  for k, v in raw.items()}
+    collator = DataCollatorWithPadding(tokenizer)
+    split = split_hans(tokenized["hans"], data_args.validation_fraction, seed=args.seed)
+    data = ApplicationData(train=tokenized["train"], hans_validation=split["validation"], hans_test=split["test"],
+                           collator=collator, raw_train=raw["train"])
+    if checks is not None:  # the application's settings against the data the run will use: before any training
+        checks(Setup(model=None, tokenizer=tokenizer, args=args, data=data, pool=tokenized["pool"],
+                     data_args=data_args, started=started,
+                     description={"setup": "embedded" if data_args.embedded else "paper", "embedded_model": kind,
+                                  "trained_here": True if checkpoint is None else checkpoint[2]}))
     trained, info = True, {}
     if kind == "minilm":  # fine-tuned once per content, then loaded from the cache
         model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=kind,
@@ -350,11 +367,9 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
             model.to(args.device)
     model.eval()
     check_num_labels(model, required_labels, what)
-    collator = DataCollatorWithPadding(tokenizer)
     # training accuracy as recorded at fine-tuning (MiniLM), else measured on a seeded sample of training rows
     report = model_report(model, tokenized["hans"], collator, train=tokenized["train"],
                           train_accuracy=info.get("train_accuracy"), seed=args.seed)
-    split = split_hans(tokenized["hans"], data_args.validation_fraction, seed=args.seed)
     influence_params = sum(p.numel() for n, p in model.named_parameters()
                            if (args.influence_params is None and p.requires_grad)
                            or any(re.search(r, n) for r in args.influence_params or []))
@@ -374,8 +389,6 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     if info:
         description["fine_tuning"] = info
     logger.info(f"Setup: {description}")
-    data = ApplicationData(train=tokenized["train"], hans_validation=split["validation"], hans_test=split["test"],
-                           collator=collator, raw_train=raw["train"])
     return Setup(model=model, tokenizer=tokenizer, args=args, data=data, pool=tokenized["pool"], data_args=data_args,
                  description=description, report=report, started=started)
 
@@ -401,6 +414,23 @@ def _check_checkpoint(data_args: ModelDataArguments, required_labels, what) -> t
     return name, config, train
 
 
+def _check_resume(resume: str | None, checkpoint) -> None:
+    """``--resume_from_checkpoint`` only where a model is fine-tuned here by a Trainer, and only from a folder that
+    exists (it was ignored: the run trained from scratch)."""
+    if resume is None:
+        return
+    if checkpoint is None:
+        raise ValueError("--resume_from_checkpoint resumes the fine-tuning of --model_name_or_path; the embedded "
+                         "default's model is trained in one go (MiniLM once per content, then cached), so there is "
+                         "nothing to resume. Drop it.")
+    if not checkpoint[2]:
+        raise ValueError(f"--resume_from_checkpoint: {checkpoint[0]!r} is a fine-tuned classifier used as it is (no "
+                         "training here), so there is nothing to resume. Drop it, or pass --fine_tune always.")
+    if not Path(resume).expanduser().is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder; pass a checkpoint folder a previous "
+                         "run saved (<output_dir>/checkpoint-<step>, with --save_strategy steps or epoch).")
+
+
 def _pretrained_model(data_args: ModelDataArguments, checkpoint, required_labels) -> tuple[nn.Module, bool]:
     """The checkpoint's model (a fresh classification head when it is fine-tuned here) and whether to train it."""
     name, _, do_train = checkpoint
@@ -416,7 +446,7 @@ def _train(model: nn.Module, args: InfluenceArguments, train: Dataset, tokenizer
     """Train ``model`` with ``args`` (the training fields); a pretrained model fine-tuned here is saved to
     ``<output_dir>/model`` for the next run."""
     trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if save:
         directory = f"{args.output_dir}/model"
         trainer.save_model(directory)

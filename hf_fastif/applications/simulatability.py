@@ -41,7 +41,7 @@ from ..mode import influence_mode
 from ..params import select_parameters, unflatten
 from ..trainer import InfluenceTrainer
 from ..utils import markdown_table
-from .common import ApplicationData, batcher, check_num_labels, predict
+from .common import ApplicationData, batcher, check_num_labels, predict, refuse_few_candidates
 from .prepare import Setup, freeze_lower_layers, resolve_model
 
 logger = logging.get_logger(__name__)
@@ -322,6 +322,7 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
         A `SimulatabilityResult`.
     """
     protocol.validate()
+    refuse_few_candidates(len(data.train), args.influence_knn_k, protocol.num_points, "Each test point")
     default_tests = test_dataset is None
     test_dataset = data.hans_validation if test_dataset is None else test_dataset
     if test_dataset is None:
@@ -416,23 +417,34 @@ def test_points(raw: Dataset | None, setup: Setup) -> Dataset:
     return tokenize_nli(raw, setup.tokenizer, max_length=setup.data_args.max_length)
 
 
+def check_simulatability(setup: Setup, protocol: SimulatabilityArguments) -> str | None:
+    """Check the protocol against a `Setup` (also one whose model is not built yet: the recipe calls this before any
+    training): enough candidates for distinct helpful / harmful groups, and a simulator that can be had (a checkpoint
+    that exists; ``trained`` only for a task model trained here). Returns the simulator checkpoint, if one."""
+    protocol.validate()
+    refuse_few_candidates(len(setup.data.train), setup.args.influence_knn_k, protocol.num_points, "Each test point")
+    if protocol.simulator not in ("trained", "copy"):
+        return resolve_model(protocol.simulator)
+    if protocol.simulator == "trained" and setup.name != "embedded" and not setup.description["trained_here"]:
+        raise ValueError("The task model was given as a fine-tuned checkpoint, so its base model is unknown: pass "
+                         "--simulator CHECKPOINT (a model trained on the task model's predictions), or --simulator copy.")
+    return None
+
+
 def build_simulator(setup: Setup, protocol: SimulatabilityArguments) -> nn.Module:
     """The simulator (see ``SimulatabilityArguments.simulator``): a copy of the task model, a checkpoint, or a model
     trained here from the task model's starting point on its predictions, in another order of the rows."""
     data_args = setup.data_args
     num_labels = setup.model.config.num_labels
+    checkpoint = check_simulatability(setup, protocol)
     if protocol.simulator == "copy":
         return copy.deepcopy(setup.model)
-    if protocol.simulator != "trained":
-        simulator = AutoModelForSequenceClassification.from_pretrained(resolve_model(protocol.simulator),
-                                                                       attn_implementation="eager")
+    if checkpoint is not None:
+        simulator = AutoModelForSequenceClassification.from_pretrained(checkpoint, attn_implementation="eager")
         check_num_labels(simulator, num_labels, "The simulator")
         if data_args.trainable_layers is not None:
             freeze_lower_layers(simulator, data_args.trainable_layers)
         return simulator.to(next(setup.model.parameters()).device).eval()
-    if setup.name != "embedded" and not setup.description["trained_here"]:
-        raise ValueError("The task model was given as a fine-tuned checkpoint, so its base model is unknown: pass "
-                         "--simulator CHECKPOINT (a model trained on the task model's predictions), or --simulator copy.")
     predictions = predict(setup.model, setup.data.train, setup.data.collator).argmax(-1)
     relabelled = with_labels(setup.data.train, predictions)
     # the same starting point as the task model (as two fine-tunings of one pretrained BERT share theirs), another

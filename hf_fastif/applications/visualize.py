@@ -28,6 +28,7 @@ from .common import (
     check_heuristics,
     check_num_labels,
     heuristic_order,
+    heuristic_seed,
     heuristics_in,
     predict,
 )
@@ -79,15 +80,16 @@ class VisualizationArguments:
 
 
 def sample_per_heuristic(heuristics: Sequence[str], n: int, seed: int, names: Sequence[str] | None = None) -> np.ndarray:
-    """Up to ``n`` rows of each heuristic (seeded), in heuristic order."""
+    """Up to ``n`` rows of each heuristic, in heuristic order; each heuristic's draw is seeded by ``seed`` and the
+    heuristic alone (`heuristic_seed`), so its rows do not change with the other heuristics named or their order."""
     heuristics = np.asarray(heuristics, dtype=object)
     names = names or [h for h in HANS_HEURISTICS if h in set(heuristics.tolist())]
-    rng = np.random.default_rng([seed, 5])
     rows = []
     for h in names:
         candidates = np.flatnonzero(heuristics == h)
         if len(candidates) == 0:
             raise ValueError(f"No test rows of heuristic {h!r}; the split has {sorted(set(heuristics.tolist()))}.")
+        rng = np.random.default_rng([seed, 5, heuristic_seed(h)])
         rows.append(np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False)))
     return np.concatenate(rows).astype(np.int64)
 
@@ -176,7 +178,7 @@ class InfluenceGraphResult:
                             f"{n.get('hypothesis')} [{n.get('label')}, {n.get('genre')}]")
         influence = self.settings.get("influence") or {}
         k = influence.get("influence_knn_k")
-        candidates = ("every training row scored" if k is None else
+        candidates = ("every training row scored" if k is None or k >= self.settings.get("num_train", k + 1) else
                       f"of {k:,} candidates each, {influence.get('influence_knn_features')} features")
         return ("### Influence graph\n\n"
                 f"{self.settings['edges_per_test_point']} most helpful and most harmful training rows of each test "
@@ -272,5 +274,6 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
     settings = {"test_points_per_heuristic": protocol.test_points_per_heuristic,
                 "edges_per_test_point": protocol.edges_per_test_point,
                 "heuristics": sorted(set(t["heuristic"] for t in test_info), key=heuristic_order),
-                "num_test_points": len(tests), "seed": args.seed, "influence": args.influence_settings()}
+                "num_test_points": len(tests), "num_train": len(data.train), "seed": args.seed,
+                "influence": args.influence_settings()}
     return InfluenceGraphResult(graph=graph, table=table, settings=settings, raw_train=data.raw_train, tests=tests)

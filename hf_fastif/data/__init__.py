@@ -15,6 +15,7 @@ from .schema import (
     nli_features,
 )
 from .tokenization import (
+    MIN_MAX_LENGTH,
     MODEL_MAX_LENGTH,
     NLI_MAX_LENGTH,
     SPECIAL_TOKENS,
@@ -49,6 +50,7 @@ __all__ = [
     "count_cut_pairs",
     "NLI_MAX_LENGTH",
     "MODEL_MAX_LENGTH",
+    "MIN_MAX_LENGTH",
     "word_overlap_rate",
     "words",
 ]

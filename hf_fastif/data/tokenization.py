@@ -17,6 +17,9 @@ logger = logging.get_logger(__name__)
 
 NLI_MAX_LENGTH = 64
 """Token limit of a pair in the embedded default's data (its models are fine-tuned on pairs cut to it)."""
+MIN_MAX_LENGTH = 8
+"""The shortest token limit a pair may be cut to (its special tokens and some words): `hf-fastif build`'s and the
+recipes' ``--max_length``."""
 MODEL_MAX_LENGTH = 128
 """Token limit of a pair for a user's model (`hf-fastif build` / `recall` with ``--model_name_or_path``, the recipes):
 the paper's, as its MNLI fine-tuning (run_glue's ``max_seq_length``) cut pairs."""

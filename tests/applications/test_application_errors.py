@@ -39,8 +39,24 @@ def test_three_label_checkpoint_for_hans_correction(tmp_path, files, no_training
     with pytest.raises(ValueError, match=r"has 3 labels.*2-label \(entailment / non_entailment, MNLI-2\)"):
         _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"],
                                   "--hans_file", files["hans"]])
-    with pytest.raises(ValueError, match="needs a 2-label model; got --num_labels 3"):
+    with pytest.raises(ValueError, match="The generated training data have 2 labels"):
         _main("hans_correction")(["--output_dir", str(tmp_path), "--num_labels", "3"])
+
+
+def test_hans_correction_takes_a_three_label_checkpoint_as_run_correction_does(tmp_path, files, monkeypatch):
+    """The recipe refused the 3-label models run_correction corrects through two_label_loss (docs: "Correction
+    takes 2- or 3-label models")."""
+    recipe, seen = load_recipe("hans_correction"), {}
+
+    def run(model, data, args, protocol):
+        seen["num_labels"] = model.config.num_labels
+        raise StopIteration
+
+    monkeypatch.setattr(recipe, "run_correction", run)
+    with pytest.raises(StopIteration):
+        recipe.main(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"], "--num_labels", "3",
+                     "--train_dataset", files["mnli"], "--hans_file", files["hans"], *TINY_FLAGS[4:]])
+    assert seen == {"num_labels": 3}
 
 
 def test_checkpoint_label_count_must_match_num_labels(tmp_path, files, no_training):
@@ -116,3 +132,51 @@ def test_empty_data_and_impossible_counts_are_refused_before_training(tmp_path, 
             ("augmentation", ["--num_anchors", "100000"], "fewer than num_anchors=100000")):
         with pytest.raises(ValueError, match=message):
             _main(recipe)(["--output_dir", str(tmp_path), *TINY_FLAGS, *flags])
+
+
+def test_settings_that_need_no_model_are_refused_before_training(tmp_path, files, no_training):
+    """Each was refused only after the model was fine-tuned and its HANS report computed: too few candidates for
+    distinct helpful / harmful rows (correction, augmentation, simulatability: there both groups were the same rows,
+    reported as two results), a pool holding the HANS evaluation rows, a mistyped simulator checkpoint, a given
+    checkpoint with --simulator trained; a --max_length under 8 (0-2 cut nothing, 3 left [CLS][SEP][SEP]) went on."""
+    paper = ["--model_name_or_path", files["base"], "--train_dataset", files["mnli"], "--hans_file", files["hans"],
+             *TINY_FLAGS[4:]]
+    given = ["--model_name_or_path", files["ckpt2"], "--train_dataset", files["mnli"], "--hans_file", files["hans"],
+             *TINY_FLAGS[4:]]
+    for recipe, flags, message in (
+            ("hans_correction", [*paper, "--influence_knn_k", "5"], "Each step scores 5 candidate rows"),
+            ("augmentation", [*TINY_FLAGS, "--max_pool_samples", "5"], "Each step scores 5 candidate rows"),
+            ("augmentation", [*paper, "--pool", files["hans"]], r"The pool \(data.candidates\)"),
+            ("simulatability", [*paper, "--influence_knn_k", "4"], "Each test point scores 4 candidate rows"),
+            ("simulatability", [*paper, "--simulator", str(tmp_path / "no_such_checkpoint")],
+             "is not a local directory"),
+            ("simulatability", given, "--simulator CHECKPOINT"),
+            ("visualize", [*TINY_FLAGS, "--max_length", "3"], "--max_length must be at least 8 word pieces")):
+        with pytest.raises(ValueError, match=message):
+            _main(recipe)(["--output_dir", str(tmp_path), *flags])
+
+
+def test_resume_from_checkpoint_reaches_the_trainer_or_is_refused(tmp_path, files, monkeypatch):
+    """The flag was dropped: the Trainer was called without it, and trained from scratch (a missing folder too)."""
+    seen = {}
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        seen["resume"] = resume_from_checkpoint
+        raise StopIteration
+
+    monkeypatch.setattr(InfluenceTrainer, "train", train)
+    paper = ["--output_dir", str(tmp_path), "--model_name_or_path", files["base"], "--train_dataset", files["mnli"],
+             "--hans_file", files["hans"], *TINY_FLAGS[4:]]
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    with pytest.raises(StopIteration):
+        _main("hans_correction")([*paper, "--resume_from_checkpoint", str(checkpoint)])
+    assert seen == {"resume": str(checkpoint)}
+    for flags, message in (([*paper, "--resume_from_checkpoint", str(tmp_path / "checkpoint-99")], "is not a folder"),
+                           (["--output_dir", str(tmp_path), *TINY_FLAGS, "--resume_from_checkpoint", str(checkpoint)],
+                            "embedded default's model is trained in one go"),
+                           (["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"], "--train_dataset",
+                             files["mnli"], "--hans_file", files["hans"], "--resume_from_checkpoint", str(checkpoint)],
+                            "used as it is")):
+        with pytest.raises(ValueError, match=message):
+            _main("hans_correction")(flags)

@@ -241,8 +241,8 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
     with pytest.raises(ValueError, match="needs data.hans_test"):
         run_correction(trained, dataclasses.replace(data, hans_test=None), args, CorrectionArguments())
     # k below the rows a step takes: helpful and harmful stepped on the same k rows, without a word
-    with pytest.raises(ValueError, match="fewer than num_points=10: 'helpful' and 'harmful' would both step on the "
-                                         "same 5 rows"):
+    with pytest.raises(ValueError, match="fewer than num_points=10: 'helpful' and 'harmful' would both be the same "
+                                         "5 rows"):
         run_correction(trained, data, dataclasses.replace(args, influence_knn_k=5), CorrectionArguments(num_points=10))
 
 
@@ -269,3 +269,26 @@ def test_a_misspelt_heuristic_is_refused_when_the_arguments_are_made():
     with pytest.raises(ValueError, match="Unknown heuristic 'lexical-overlap': did you mean 'lexical_overlap'"):
         CorrectionArguments(heuristics=["lexical-overlap"])
     assert CorrectionArguments(heuristics=["my_own_heuristic"]).heuristics == ["my_own_heuristic"]  # not a typo
+
+
+def test_a_repeated_strategy_runs_once(caplog):
+    """A repeat ran twice per replica and counted as extra replicas ("mean ± std over 2 replicas", std 0)."""
+    from hf_fastif.applications import CorrectionArguments
+
+    with caplog.at_level("WARNING", logger="hf_fastif.applications.correction"):
+        protocol = CorrectionArguments(strategies=["random", "random", "anchors"], replicas=1)
+    assert protocol.strategies == ["random", "anchors"] and "names ['random'] more than once" in caplog.text
+
+
+def test_the_plot_shows_before_and_after_when_steps_were_not_evaluated():
+    """Without eval_every_step both panels of each heuristic were empty, though before and after were known."""
+    from hf_fastif.applications.correction import CorrectionResult
+
+    runs = [dict(heuristic="constituent", strategy=strategy, replica=0, accuracy_before=0.5, accuracy_after=after,
+                 accuracy_steps=[], loss_before=0.7, loss_after=0.6, loss_steps=[])
+            for strategy, after in (("helpful", 0.6), ("random", 0.5))]
+    figure = CorrectionResult({"num_steps": 4, "correction_learning_rate": 0.01}, {}, runs).plot()
+    accuracy, loss = figure.axes[0], figure.axes[1]
+    assert [line.get_label() for line in accuracy.get_lines()] == ["helpful", "random"]
+    assert accuracy.get_lines()[0].get_xydata().tolist() == [[0.0, 50.0], [4.0, 60.0]]
+    assert loss.get_lines()[1].get_xydata().tolist() == [[0.0, 0.7], [4.0, 0.6]]

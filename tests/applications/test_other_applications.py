@@ -57,6 +57,25 @@ def test_pool_format_and_label_checks(files):
         load_pool(PoolArguments(pool=files["hans_train"]), 3)
 
 
+def test_a_hans_copy_in_jsonl_or_parquet_is_a_hans_pool(files, tmp_path):
+    """Read as NLI data before (only a text file's header was read): a 3-label model then took HANS'
+    non_entailment as neutral, and the heuristic column was dropped."""
+    from hf_fastif.data import load_hans
+
+    frame = load_hans(files["hans_train"]).to_pandas()[["premise", "hypothesis", "label", "heuristic", "subcase",
+                                                        "template"]]
+    frame.to_json(tmp_path / "pool.jsonl", orient="records", lines=True)
+    frame.to_json(tmp_path / "pool.json", orient="records")
+    frame.to_parquet(tmp_path / "pool.parquet")
+    frame.drop(columns=["heuristic", "subcase", "template"]).to_json(tmp_path / "nli.jsonl", orient="records", lines=True)
+    for name in ("pool.jsonl", "pool.json", "pool.parquet"):
+        assert pool_format(str(tmp_path / name)) == "hans", name
+        with pytest.raises(ValueError, match="cannot train a 3-label model"):
+            load_pool(PoolArguments(pool=str(tmp_path / name)), 3)
+    assert "heuristic" in load_pool(PoolArguments(pool=str(tmp_path / "pool.parquet")), 2).column_names
+    assert pool_format(str(tmp_path / "nli.jsonl")) == "nli"
+
+
 def test_select_test_points_mixes_correct_and_incorrect():
     predictions, labels = np.array([0, 0, 1, 1, 0, 1]), np.array([0, 1, 1, 0, 0, 1])
     rows, correct = select_test_points(predictions, labels, 2, 1, seed=0)
@@ -119,6 +138,12 @@ def test_sample_per_heuristic_groups_rows():
     assert [heuristics[i] for i in rows] == ["a", "a", "b", "b"]
     with pytest.raises(ValueError, match="No test rows"):
         sample_per_heuristic(heuristics, 2, seed=0, names=["d"])
+    # a heuristic's rows do not depend on the others named or their order (one generator was shared)
+    many = [h for h in ("lexical_overlap", "subsequence", "constituent") for _ in range(50)]
+    alone = sample_per_heuristic(many, 3, seed=0, names=["constituent"])
+    for names in (["lexical_overlap", "constituent"], ["subsequence", "lexical_overlap", "constituent"]):
+        rows = sample_per_heuristic(many, 3, seed=0, names=names)
+        assert rows[-3:].tolist() == alone.tolist()
 
 
 def test_influence_graph_edges_follow_the_sign():
@@ -143,6 +168,10 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
     node = next(n for n, d in result.graph.nodes(data=True) if d["side"] == "train")
     assert "premise" in result.graph.nodes[node] and "genre" in result.graph.nodes[node]
     assert "nodes" in result.to_dict()["graph"] and "### Influence graph" in result.to_markdown()
+    # a k above the training rows scores every row (the report said "of 5,000 candidates each" of 200 rows)
+    assert result.settings["num_train"] == len(data.train) and "of 30 candidates each" in result.to_markdown()
+    result.settings["influence"]["influence_knn_k"] = len(data.train)
+    assert "(every training row scored)" in result.to_markdown()
     (path,) = result.save_files(tmp_path)
     saved = InfluenceTable.load(path)
     assert len(saved) == len(result.table) and "train_premise" in saved.column_names

@@ -4,6 +4,7 @@ default once with tiny sizes, and the paper's path on local files and tiny saved
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .conftest import TINY_FLAGS, load_recipe
@@ -175,3 +176,15 @@ def test_augmentation_flags_that_cannot_work_fail_before_any_training(tmp_path, 
     with pytest.raises(ValueError, match=r"validation_fraction=0\.99 leaves the test split empty"):
         main([*common, "--pool", files["hans_train"], "--validation_fraction", "0.99"])
     assert trained == []
+
+
+def test_quickstart_explains_each_test_point_once():
+    """--num_test above the mistakes explained the same pairs again (5,000 s_tests, nearly all repeats); 0 failed
+    after training, deep in the engine."""
+    quickstart = load_recipe("quickstart")
+    wrong = np.array([3, 8, 9, 20])
+    assert quickstart.test_points(wrong, 2, 30).tolist() == [3, 20]
+    assert quickstart.test_points(wrong, 50, 30).tolist() == [3, 8, 9, 20]
+    assert quickstart.test_points(np.array([], dtype=int), 3, 5).tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="--num_test must be at least 1"):
+        quickstart.QuickstartArguments(num_test=0)
