@@ -92,14 +92,22 @@ def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float32, device=device)).item() > 0)
 
 
+def gather_objects(value) -> list:
+    """Every process's ``value`` (picklable), in rank order, on every process."""
+    if world()[1] == 1:
+        return [value]
+    everyone: list = [None] * world()[1]
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def check_same_everywhere(description: dict) -> None:
     """Refuse to run when processes were launched with different settings or data (they would mix
     results): every process compares its ``description`` with every other's."""
     rank, size = world()
     if size == 1:
         return
-    everyone: list = [None] * size
-    dist.all_gather_object(everyone, description)
+    everyone = gather_objects(description)
     for other, theirs in enumerate(everyone):
         if theirs != description:
             diff = sorted(k for k in set(theirs) | set(description) if theirs.get(k) != description.get(k))

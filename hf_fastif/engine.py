@@ -599,6 +599,33 @@ class InfluenceEngine:
             old.close()
         return loaded
 
+    def _align_caches(self) -> None:
+        """Under a launch, keep only the caches built by collectives (curvature estimates, the exact and low-rank
+        Hessians, the gradient and kNN indexes) that every process holds: a process using its own while another
+        rebuilds it waited in the other's collectives for ever (caches loaded by one process only, or saved under
+        another rank). Trunk states are each process's own work, and stay."""
+        device = repr(str(next(self.model.parameters()).device))  # each process's own GPU is the same place
+
+        def name(key) -> str:
+            return repr(key).replace(device, "'<device>'")
+
+        held = {("curvature", name(key)) for key in self._curvature}
+        for kind, entry in (("exact", self._exact), ("low_rank", self._low_rank), ("feature_index", self._feature_index),
+                            ("gradient_index", self._gradient_index),
+                            ("saved_gradient_index", self._saved_gradient_index)):
+            if entry is not None:
+                held.add((kind, name(entry[0])))
+        common = set.intersection(*map(set, D.gather_objects(held)))
+        for kind, key in held - common:
+            logger.warning(f"Another process does not hold this process's {kind.replace('_', ' ')} cache: every "
+                           "process builds it again (load the same caches in every process to reuse them).")
+            if kind == "curvature":
+                self._curvature = {k: v for k, v in self._curvature.items() if name(k) != key}
+            else:
+                setattr(self, f"_{kind}", None)
+                if kind == "low_rank":
+                    self._prepared_solve = None
+
     def _served(self, kind: str, key) -> None:
         """Note that a cache read by `load_caches` served a call (so it was not stale)."""
         if (kind, key) in self._from_disk:
@@ -705,6 +732,7 @@ class InfluenceEngine:
                 "test": dataset_fingerprint(test_dataset, test_cols),
                 "candidates": dataset_fingerprint(candidate_dataset, cand_cols),
             })
+            self._align_caches()
         device = next(model.parameters()).device
         rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
         train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
@@ -957,7 +985,7 @@ class InfluenceEngine:
     def _curvature_key(self, call: _Call, *extra) -> tuple:
         return (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train), tuple(call.names),
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
-                self.args.influence_seed, D.world(), str(call.train.device), *extra)  # (a model moved: rebuilt there)
+                self.args.influence_seed, D.world()[1], str(call.train.device), *extra)  # (a model moved: rebuilt there)
 
     def _low_rank_solve(self, call: _Call, v: torch.Tensor) -> LowRankSolve:
         """The low-rank solve for this call's λ and L2 term, prepared once per low-rank Hessian and λ (with an L2
@@ -1152,7 +1180,8 @@ class InfluenceEngine:
         args = self.args
         bsz = args.influence_scoring_batch_size
         key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), self._functions["collator"],
-               method if isinstance(method, str) else self._functions["features"], args.influence_knn_index, D.world())
+               method if isinstance(method, str) else self._functions["features"], args.influence_knn_index,
+               D.world()[1])
         split, (cand, test) = _feature_path(call, method, call.cand, call.test)
         with torch.no_grad():
             if self._feature_index is None or self._feature_index[0] != key:

@@ -2,7 +2,8 @@
 
 Writes the main process's tables to argv[1] as JSON. With argv[2] == "mismatch", process 1 uses another
 seed, which must be refused; with "weights", process 1's model differs in one weight, which must be refused too;
-with "diverge", LiSSA diverges in process 1's repetitions only, and both processes must stop (not wait).
+with "diverge", LiSSA diverges in process 1's repetitions only, and both processes must stop (not wait); with
+"caches", engine caches saved by the main process are loaded by every process, then by the main process only.
 """
 
 import json
@@ -81,6 +82,35 @@ if __name__ == "__main__":
         compute_influences(tiny_model("bert"), make_token_dataset(31, seed=0), make_token_dataset(3, seed=1), args,
                            data_collator=pad_collator_for_tests())
         raise AssertionError("not reached: the divergence stops every process")
+    if mode == "caches":
+        import faulthandler
+
+        from hf_fastif import InfluenceEngine
+        from hf_fastif.distributed import is_main_process
+
+        faulthandler.dump_traceback_later(120, exit=True)  # a collective waiting for ever: stacks, then out
+        _, model, train, test, collator = tables()
+        folder, out = sys.argv[1] + ".caches", {}
+        for name, case in (("arnoldi", dict(influence_solver="arnoldi", influence_arnoldi_rank=4, influence_knn_k=9)),
+                           ("lissa", dict(influence_solver="lissa", influence_repetitions=2, influence_knn_k=9,
+                                          influence_knn_features="gradient", influence_projection_dim=64,
+                                          influence_check_convergence=True))):
+            args = default_arguments(**(COMMON | case))
+            with InfluenceEngine(model, args, data_collator=collator) as engine:
+                out[name] = [engine.compute_influences(train, test).to_pandas().influence.tolist()]
+                if is_main_process():
+                    engine.save_caches(f"{folder}.{name}")
+            barrier()
+            for loaders in ("every", "main"):
+                with InfluenceEngine(model, args, data_collator=collator) as engine:
+                    if loaders == "every" or is_main_process():
+                        out[f"{name}_{loaders}_loaded"] = engine.load_caches(f"{folder}.{name}")
+                    out[name].append(engine.compute_influences(train, test).to_pandas().influence.tolist())
+        if rank == 0:
+            with open(sys.argv[1], "w") as f:
+                json.dump(out, f)
+        finish()
+        sys.exit(0)
     offset = 1 if mode == "mismatch" and rank == 1 else 0
     out, model, train, test, collator = tables(seed_offset=offset, perturb=mode == "weights" and rank == 1)
     build = build_influence_table(model, train, test, sys.argv[1] + ".build",

@@ -93,3 +93,19 @@ def test_processes_with_different_weights_are_refused(tmp_path):
     result = launch(tmp_path / "w.json", "weights")
     assert result.returncode != 0
     assert "disagree on ['model']" in result.stderr
+
+
+def test_caches_saved_by_one_process_serve_every_process_or_none(tmp_path):
+    """Engine caches saved under a launch were keyed on the saving process's rank: the next launch's main process
+    used the saved low-rank Hessian or curvature estimate while the other rebuilt it in collectives, and they
+    waited for each other for ever (arnoldi) or gloo aborted (LiSSA's check). Caches now match on the number of
+    processes, and one that not every process holds is rebuilt by all."""
+    result = launch(tmp_path / "c.json", "caches")
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads((tmp_path / "c.json").read_text())
+    for name, cached in (("arnoldi", "low_rank"), ("lissa", "curvature")):
+        assert cached in out[f"{name}_every_loaded"] and cached in out[f"{name}_main_loaded"]
+        first, *again = out[name]
+        for values in again:
+            np.testing.assert_allclose(values, first, rtol=1e-6, atol=1e-12)
+    assert "Another process does not hold this process's" in result.stderr
