@@ -7,6 +7,7 @@ from .builder import build_influence_table
 from .engine import InfluenceEngine
 from .influence import compute_influences
 from .table import (
+    DamagedShardError,
     InfluenceTable,
     InfluenceTableError,
     InfluenceTableWriter,
@@ -17,5 +18,5 @@ from .table import (
 from .trainer import InfluenceTrainer
 
 __all__ = ["InfluenceArguments", "InfluenceTrainer", "InfluenceEngine", "InfluenceTable", "compute_influences", "build_influence_table",
-           "InfluenceTableError", "InfluenceTableWriter", "ModelMismatchError", "read_metadata", "dataset_card",
+           "InfluenceTableError", "DamagedShardError", "InfluenceTableWriter", "ModelMismatchError", "read_metadata", "dataset_card",
            "__version__"]

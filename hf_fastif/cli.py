@@ -61,7 +61,7 @@ from .embedded import (
 )
 from .engine import InfluenceEngine
 from .params import num_parameters, select_parameters
-from .parsing import HELP_FLAGS, parse_with_defaults
+from .parsing import HELP_FLAGS, parse_with_defaults, zero_for_none
 from .recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
@@ -552,7 +552,9 @@ answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`),
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    # `--influence_knn_k None` as 0 already here: this first parse reads the subcommand's flags too (argparse's int
+    # refused 'None' before the setup's own parse could read it)
+    argv = zero_for_none(sys.argv[1:] if argv is None else list(argv))
     command = next((a for a in argv if not a.startswith("-")), None)
     at = argv.index(command) if command is not None else len(argv)
     # only a --help after the command waits for the setup's defaults; one before it is the main parser's

@@ -47,7 +47,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
 def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = None,
                         defaults: Defaults | None = None) -> tuple:
     """`parse_arguments` on a given parser (e.g. a subcommand's); see there."""
-    argv = _zero_for_none(list(sys.argv[1:] if argv is None else argv))
+    argv = zero_for_none(list(sys.argv[1:] if argv is None else argv))
     fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
     if callable(defaults):
         # --help is answered by the second parse, which knows the chosen setup's defaults
@@ -61,7 +61,7 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
                  for dtype in parser.dataclass_types)
 
 
-def _zero_for_none(argv: list[str]) -> list[str]:
+def zero_for_none(argv: list[str]) -> list[str]:
     """``--influence_knn_k None`` (or ``none``, ``=None``) as ``0``, which `_none_for_zero` reads as None: the help
     and the errors say None, and argparse refused it ("invalid int value: 'None'")."""
     flags = {f"--{spelled}" for name in NONE_FOR_ZERO for spelled in (name, name.replace("_", "-"))}

@@ -185,6 +185,19 @@ def test_none_is_typed_as_the_help_says(tmp_path):
         parse_arguments([InfluenceArguments], base + ["--influence_scale", "None"])  # not a None setting
 
 
+def test_the_command_line_takes_none_for_k_and_t(capsys):
+    """`hf-fastif build/recall --influence_knn_k None` still failed ("invalid int value: 'None'"): the command line's
+    first parse reads the subcommand's flags too, before the setup's parse that read None."""
+    from hf_fastif.cli import main
+
+    assert main(["recall", "--methods", "bogus", "--influence_knn_k", "None"]) == 2
+    assert main(["build", "--influence-knn-k", "none", "--influence_repetitions=None", "--influence_arnoldi_rows",
+                 "None", "--output_dir", "unused", "--model_name_or_path", "unused"]) == 2
+    errors = capsys.readouterr().err  # past the parse: the setups' own errors
+    assert "Unknown candidate method(s) 'bogus'" in errors and "--model_name_or_path needs --train_dataset" in errors
+    assert "invalid int value" not in errors
+
+
 def test_the_package_runs_as_a_module():
     """``python -m hf_fastif`` is the console script ``hf-fastif`` (it was 'No module named hf_fastif.__main__')."""
     import subprocess

@@ -448,4 +448,19 @@ def test_a_table_saved_over_a_loaded_one_is_not_read_under_the_old_metadata(tmp_
         unread.for_test(0)
     with pytest.raises(InfluenceTableError, match="written over"):
         unread.to_pandas()
+    for table in (opened, unread):  # verify called them corrupt ("Download or rebuild the table")
+        with pytest.raises(InfluenceTableError, match="was written over since this table was loaded"):
+            table.verify()
     assert InfluenceTable.load(tmp_path / "t").for_test(0).influence.tolist()[0] == -500
+
+
+def test_the_package_exports_every_class_and_function_of_the_table_module():
+    """docs/tables.md says so; DamagedShardError (which `from_hub` raises) was missing."""
+    import inspect
+
+    import hf_fastif
+    from hf_fastif import table
+
+    for name in table.__all__:
+        if inspect.isclass(getattr(table, name)) or inspect.isfunction(getattr(table, name)):
+            assert getattr(hf_fastif, name) is getattr(table, name) and name in hf_fastif.__all__, name
