@@ -1189,8 +1189,13 @@ class InfluenceEngine:
                 mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
                 feats = D.gather_rows(extract_features(self.model, mine, method, batch_size=bsz, split=split,
                                                        progress=call.progress, desc="kNN features"))
-                self._feature_index = (key, build_index(feats, args.influence_knn_index))
-            test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False)
+                self._feature_index = (key, build_index(feats, args.influence_knn_index), feats.shape[1])
+            test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False,
+                                          desc="test features")
+        if test_feats.shape[1] != self._feature_index[2]:  # (faiss: a bare AssertionError)
+            raise ValueError(f"The test rows' kNN features have {test_feats.shape[1]} columns, the candidates' "
+                             f"{self._feature_index[2]}: a features= callable must give every row a vector of one width "
+                             "(not one that grows with the padding).")
         if call.combine == "mean":
             test_feats = test_feats.mean(0, keepdims=True)
         _, ids = search(self._feature_index[1], test_feats, k)

@@ -340,16 +340,30 @@ def check_index_factory(factory: str, rows: int, dim: int, metric=faiss.METRIC_I
     """The gradient index is built after s_test: a factory string faiss cannot make, or whose training needs more
     rows than there are candidates (an IVF index with more lists), is refused before it. The training is tried on
     random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
-    more rows than that). ``metric``: the feature index's L2 for kNN candidates."""
+    more rows than that; there the lists and codebooks the index would train are counted against the rows).
+    ``metric``: the feature index's L2 for kNN candidates."""
     small = rows * dim * 4 <= INDEX_PROBE_BYTES
     rng = np.random.default_rng(0)
     index = _trained_index(factory, (rows, dim), rng.standard_normal((rows, dim), dtype=np.float32) if small else None,
                            metric)
+    needed = _training_rows(index)
+    if rows < needed:  # (an IVF4096 over 3,000 rows of 6,000 dimensions failed after s_test)
+        raise index_error(factory, (rows, dim), RuntimeError(f"its training needs at least {needed} rows"))
     if index.is_trained:  # adding rows can fail too ('IDMap,Flat' takes rows only with ids)
         try:
             index.add(rng.standard_normal((min(rows, 8), dim), dtype=np.float32))
         except RuntimeError as err:
             raise index_error(factory, (rows, dim), err) from err
+
+
+def _training_rows(index) -> int:
+    """The fewest rows faiss trains ``index`` on: an IVF index's lists, a product quantizer's centroids per code."""
+    ivf = faiss.try_extract_index_ivf(index)
+    outer = faiss.downcast_index(index)
+    inner = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexPreTransform) else outer
+    needed = [ivf.nlist] if ivf is not None else [1]
+    needed += [pq.ksub for pq in (getattr(inner, "pq", None), getattr(ivf, "pq", None)) if pq is not None]
+    return max(needed)
 
 
 class GradientIndex:
@@ -377,15 +391,25 @@ class GradientIndex:
 
     def candidates(self, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
         """Per row of ``s_test`` ``(m, p)``: ``ceil(k/2)`` rows with the largest sketched ``g·s`` (helpful end) and
-        the rest with the smallest (harmful end), sorted, without duplicates."""
+        the rest with the smallest (harmful end), sorted, k distinct rows (every row for k >= the rows indexed).
+
+        Each end is searched k deep: rows that tie (duplicate rows) can sit at both ends, and a row taken from one end
+        is passed over at the other (two searches of ceil(k/2) and floor(k/2) gave one row twice: k = N missed rows)."""
         query = self.sketch.project(s_test.to(self.sketch.dtype)).cpu().numpy().astype(np.float32)
-        helpful_k, harmful_k = -(-k // 2), k // 2
+        rows = self.index.ntotal
+        if k >= rows:
+            return [np.arange(rows, dtype=np.int64) for _ in range(len(query))]
+        _, top = self.index.search(np.ascontiguousarray(query), k)
+        _, bottom = self.index.search(np.ascontiguousarray(-query), k)
         out = []
-        _, top = self.index.search(np.ascontiguousarray(query), helpful_k)
-        _, bottom = self.index.search(np.ascontiguousarray(-query), max(harmful_k, 1))
         for t in range(len(query)):
-            rows = np.concatenate([top[t], bottom[t][:harmful_k]])
-            out.append(np.unique(rows[rows >= 0]).astype(np.int64))
+            chosen: dict[int, None] = {}
+            for found, stop in ((top[t], -(-k // 2)), (bottom[t], k), (top[t], k)):  # then the helpful end's rest
+                for row in found[found >= 0].tolist():
+                    if len(chosen) >= stop:
+                        break
+                    chosen.setdefault(row)
+            out.append(np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen))))
         return out
 
 

@@ -41,6 +41,22 @@ def candidates(table):
     return {t: sorted(table.for_test(t).train_id.tolist()) for t in table.test_ids}
 
 
+def test_feature_functions_of_a_bad_shape_or_not_finite_values_are_named(data, pad_collator):
+    """Features of another shape crashed inside faiss (a bare AssertionError, "too many values to unpack"), and a test
+    row whose feature was inf or NaN silently got no candidates: it left the table without a word."""
+    model, train, test = data
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=5)))
+    first = torch.tensor([r[1] for r in test["input_ids"]]).max().item()  # a token of a test row's second position
+    for feature, message in (
+            (lambda m, b: b["input_ids"][:, 0].float(), r"of shape \(\d+,\) for a batch of \d+ rows"),
+            (lambda m, b: b["input_ids"][:, :2, None].float(), r"of shape \(\d+, 2, 1\)"),
+            (lambda m, b: b["input_ids"].float(), "columns"),  # its width is the batch's padded length
+            (lambda m, b: torch.where(b["input_ids"][:, 1:2] == first, float("nan"), 1.0 * b["input_ids"][:, 1:2]),
+             r"not finite \(inf or NaN\) for the rows at positions \[\d+.*\]")):
+        with pytest.raises(ValueError, match=message):
+            compute_influences(model, train, test, args, data_collator=pad_collator, features=feature)
+
+
 def test_two_feature_functions_never_share_an_index(data, pad_collator):
     """The 2021-style module cache keyed by id() reused the first lambda's index for a second lambda that got the
     same address. Each lambda now gets its own nearest rows."""

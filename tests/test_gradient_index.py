@@ -127,3 +127,34 @@ def test_the_hooks_check_keeps_good_hooks_and_sketches_what_autograd_gives(pad_c
         if model is not bert:
             want = sketch.project(batch_gradient(fm, params, batch, reduction="none"))
             torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_tied_rows_do_not_cost_candidates():
+    """Six identical rows tie in the middle of the ranking: the two ends' searches (ceil(k/2) and floor(k/2) deep)
+    returned some of them twice, so k = N missed a row (recall@N 0.9) and k < N gave fewer than k rows."""
+    from types import SimpleNamespace
+
+    from hf_fastif.gradient_index import GradientIndex
+
+    vectors = np.array([[0.0, 0.0]] * 6 + [[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [-2.0, 0.0]], dtype=np.float32)
+    index = GradientIndex(SimpleNamespace(dtype=torch.float32, project=lambda v: v), vectors)
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for k in (10, 12):
+        assert [rows.tolist() for rows in index.candidates(query, k)] == [list(range(10))] * 2
+    for k in (9, 5, 3):
+        for rows in index.candidates(query, k):
+            assert len(rows) == k and len(set(rows.tolist())) == k
+    helpful, *_ = index.candidates(query[:1], 5)
+    assert {6, 7, 8, 9} <= set(helpful.tolist())  # both ends: the 2 largest and the 2 smallest g·s
+
+
+def test_an_index_too_big_to_train_on_a_probe_is_still_counted_against_the_rows():
+    """Beyond the 64 MB probe an untrained IVF4096 over 3,000 rows was accepted, and failed after s_test."""
+    from hf_fastif.gradient_index import INDEX_PROBE_BYTES, check_index_factory
+
+    assert 3000 * 6000 * 4 > INDEX_PROBE_BYTES
+    for factory, rows, dim, needed in (("IVF4096,Flat", 3000, 6000, 4096), ("PQ8", 200, 100_000, 256),
+                                       ("PCA64,IVF512,PQ8", 300, 60_000, 512)):
+        with pytest.raises(ValueError, match=f"could not be built over {rows} rows.*needs at least {needed} rows"):
+            check_index_factory(factory, rows, dim)
+    check_index_factory("IVF64,Flat", 3000, 6000)  # enough rows: accepted

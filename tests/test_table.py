@@ -464,3 +464,26 @@ def test_the_package_exports_every_class_and_function_of_the_table_module():
     for name in table.__all__:
         if inspect.isclass(getattr(table, name)) or inspect.isfunction(getattr(table, name)):
             assert getattr(hf_fastif, name) is getattr(table, name) and name in hf_fastif.__all__, name
+
+
+def test_from_arrays_takes_columns_by_position_and_refuses_what_it_would_misread():
+    """Extra columns were read by label (a sorted DataFrame's text went to other rows, a filtered one raised a bare
+    KeyError), unequal lengths were cut or raised IndexError, float ids were truncated (0.7 -> 0) and a pair given
+    twice was kept (describe counted the row twice)."""
+    from hf_fastif.table import InfluenceTableError
+
+    frame = pd.DataFrame({"test_id": [0, 0, 0, 0], "train_id": [10, 11, 12, 13], "influence": [0.3, -0.5, 0.1, 0.9],
+                          "train_premise": ["row10", "row11", "row12", "row13"]})
+    for given in (frame.sort_values("influence"), frame[frame.train_id != 11]):
+        table = InfluenceTable.from_arrays(given.test_id, given.train_id, given.influence,
+                                           train_premise=given.train_premise)
+        rows = table.to_pandas()
+        assert (rows.train_premise == "row" + rows.train_id.astype(str)).all()
+    for arrays, message in ((([0, 0], [1, 2, 3], [0.1, 0.2]), "arrays of one length"),
+                            (([0.7, 1.5], [1, 2], [0.1, 0.2]), "test_id must hold whole numbers"),
+                            (([0, 0], [1, 1], [0.1, -0.2]), "the pair test_id 0, train_id 1 2 times")):
+        with pytest.raises(InfluenceTableError, match=message):
+            InfluenceTable.from_arrays(*arrays)
+    with pytest.raises(InfluenceTableError, match="arrays of one length"):
+        InfluenceTable.from_arrays([0, 0], [1, 2], [0.1, 0.2], train_premise=["a", "b", "c"])
+    assert InfluenceTable.from_arrays(np.array([0.0, 1.0]), [1, 2], [0.1, 0.2]).test_ids == [0, 1]  # whole floats

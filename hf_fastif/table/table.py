@@ -35,6 +35,7 @@ from .format import (
     STORAGE_KEY,
     TEXT_COLUMNS,
     DamagedShardError,
+    InfluenceTableError,
     ModelMismatchError,
     check_columns,
 )
@@ -80,11 +81,25 @@ class InfluenceTable:
     @classmethod
     def from_arrays(cls, test_id: Sequence[int], train_id: Sequence[int], influence: Sequence[float],
                     metadata: dict | None = None, **columns) -> InfluenceTable:
-        """A table from parallel arrays (any order; extra keyword columns are kept)."""
-        test_id, influence = np.asarray(test_id, dtype=np.int64), np.asarray(influence, dtype=np.float64)
+        """A table from parallel arrays (any order; extra keyword columns are kept). Every array is taken by position
+        (a pandas Series too, whatever its index); arrays of unequal lengths, ids that are not whole numbers and a
+        ``(test_id, train_id)`` pair given twice raise `InfluenceTableError`."""
+        given = {"test_id": test_id, "train_id": train_id, "influence": influence, **columns}
+        values = {k: list(v) if k in columns else np.asarray(v) for k, v in given.items()}
+        lengths = {k: len(v) for k, v in values.items()}
+        if len(set(lengths.values())) > 1:
+            raise InfluenceTableError(f"from_arrays needs arrays of one length; got {lengths}.")
+        test_id, train_id = _whole_ids(values["test_id"], "test_id"), _whole_ids(values["train_id"], "train_id")
+        influence = values["influence"].astype(np.float64)
+        pairs, counts = np.unique(np.stack([test_id, train_id], 1), axis=0, return_counts=True)
+        if len(test_id) and counts.max() > 1:
+            twice = pairs[counts.argmax()]
+            raise InfluenceTableError(f"from_arrays got the pair test_id {twice[0]}, train_id {twice[1]} "
+                                      f"{counts.max()} times ({int((counts > 1).sum())} pairs repeated); a table holds "
+                                      "one influence per pair (queries would count the row twice).")
         order = np.lexsort((influence, test_id))
-        data = {"test_id": test_id[order], "train_id": np.asarray(train_id, dtype=np.int64)[order],
-                "influence": influence[order], **{k: [v[i] for i in order] for k, v in columns.items()}}
+        data = {"test_id": test_id[order], "train_id": train_id[order], "influence": influence[order],
+                **{k: [values[k][i] for i in order] for k in columns}}
         return cls(Dataset.from_dict(data), metadata, _sorted=True)
 
     # ---- what it holds -----------------------------------------------------------------------------
@@ -401,3 +416,16 @@ def _text_columns(table: pa.Table, train_dataset: Dataset | None, test_dataset: 
             for col in wanted:
                 out[f"{prefix}_{col}"] = values.column(col).take(pa.array(ids))
     return out
+
+
+def _whole_ids(ids: np.ndarray, name: str) -> np.ndarray:
+    """``ids`` as int64: integers, or floats that are whole numbers (a float column of pandas); others refused (0.7
+    and 1.5 became 0 and 1)."""
+    if ids.dtype.kind in "iu":
+        return ids.astype(np.int64)
+    if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
+        return ids.astype(np.int64)
+    if not len(ids):
+        return ids.astype(np.int64)
+    raise InfluenceTableError(f"from_arrays: {name} must hold whole numbers (row ids); got {ids.dtype} values such as "
+                              f"{ids[:3].tolist()}.")
