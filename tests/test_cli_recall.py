@@ -157,3 +157,9 @@ def test_nli_data_refuses_a_model_whose_labels_the_data_would_misread(tmp_path):
     assert len(train) == 30 and len(test) == 4 and set(test["label"]) <= {0, 1}
     generic, _ = cli._nli_data(BertConfig(num_labels=2), source)  # LABEL_0, LABEL_1: nothing to check
     assert len(generic) == 30
+    # HANS that load_hans refuses (the Hub's columns in a tab-separated file) was read as MNLI: for a 3-label model
+    # every non-entailment row became neutral
+    raw["hans"].select(range(4)).to_pandas().to_csv(tmp_path / "hans.tsv", sep="\t", index=False)
+    source.test_dataset = str(tmp_path / "hans.tsv")
+    with pytest.raises(ValueError, match="Not an official HANS file"):
+        cli._nli_data(BertConfig(num_labels=3, id2label={0: "entailment", 1: "neutral", 2: "contradiction"}), source)

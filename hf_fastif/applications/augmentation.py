@@ -6,19 +6,17 @@ The Hessian is still that of the training loss; only the candidates (kNN index a
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from datasets import Dataset
 from torch import nn
 from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
 from ..data import load_anli, load_hans, tokenize_nli
+from ..data.loaders import local_columns
 from .common import ApplicationData, check_num_labels, refuse_shared_rows, shared_rows, two_label_loss
 from .correction import CorrectionArguments, CorrectionResult, check_correction, run_correction
 from .prepare import Setup
@@ -55,29 +53,10 @@ def pool_format(name_or_path: str, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
     path = Path(name_or_path).expanduser()
-    columns = _file_columns(path) if path.is_file() else None
+    columns = local_columns(path)
     if columns is not None:
         return "hans" if "heuristic" in columns else "nli"
     return "hans" if "hans" in path.name.lower() else "nli"
-
-
-def _file_columns(path: Path) -> list[str] | None:
-    """The column names of a local data file (None: a format whose columns are not read here)."""
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".tsv", ".csv"):
-        with open(path, encoding="utf-8") as handle:
-            return next(csv.reader(handle, delimiter="," if suffix == ".csv" else "\t"), [])
-    if suffix == ".parquet":
-        return pq.read_schema(path).names
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as handle:
-            first = handle.read(1 << 20).lstrip()
-        try:  # the first record of a jsonl file, or of a json list
-            record = json.JSONDecoder().raw_decode(first[1:].lstrip() if first.startswith("[") else first)[0]
-        except ValueError:
-            return None  # the loader names what is wrong with it
-        return list(record) if isinstance(record, dict) else None
-    return None
 
 
 def load_pool(pool_args: PoolArguments, num_labels: int) -> Dataset | None:

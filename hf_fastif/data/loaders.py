@@ -106,12 +106,10 @@ def _label_names_from_features(features: Features | None) -> list[str] | None:
 def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
     """Read a data file as strings-or-ints; also the label names stored in a parquet schema, if any."""
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".txt"):
-        # the official MNLI/HANS files are unquoted TSV; "NaN", "null" and "n/a" are words there
-        frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+    if suffix in (".tsv", ".txt", ".csv"):
+        frame = _read_tsv(path) if suffix != ".csv" else pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame.attrs["delimited"] = True  # (empty fields are missing values)
         return frame, None
-    if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False), None
     if suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
@@ -130,6 +128,52 @@ def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
         f"Unknown file extension {path.suffix!r} for {str(path)!r}. Supported: {', '.join(DATA_FILE_SUFFIXES)}; "
         "convert the file (e.g. with pandas) or pass a Hub dataset id."
     )
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """An unquoted tab-separated file (the official MNLI / HANS format; "NaN", "null" and "n/a" are words there) whose
+    every line has the header's fields: a tab inside a text (a field quoted by a csv writer) shifted a row, and pandas
+    took a first line with one field too many as an index column, which moved every row's columns one to the left."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        lines = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not lines:
+        return pd.DataFrame()
+    header, rows = lines[0], [row for row in lines[1:] if row]
+    for number, row in enumerate(lines[1:], start=2):
+        if row and len(row) != len(header):
+            raise ValueError(f"{path}: line {number} has {len(row)} tab-separated fields, the header {len(header)} "
+                             f"({header}). A tab or a line break inside a text splits it (a csv writer's quotes do "
+                             "not protect it here: the format is unquoted); write the file as .jsonl or .parquet, or "
+                             "remove the tabs from the texts.")
+    quoted = sum(1 for row in rows for field in row if len(field) > 1 and field[0] == field[-1] == '"')
+    if quoted:
+        logger.warning(f"{path}: {quoted} field(s) are wrapped in double quotes, read as part of the text (the format "
+                       "is unquoted, as the official files are); if a csv writer added them, write the file as .jsonl "
+                       "or .parquet instead.")
+    return pd.DataFrame(rows, columns=header, dtype=str)
+
+
+def local_columns(path: str | os.PathLike) -> list[str] | None:
+    """The column names of a local data file (None: not a local file, or a format whose columns are not read
+    here)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".tsv", ".csv"):
+        with open(path, encoding="utf-8-sig") as handle:
+            return next(csv.reader(handle, delimiter="," if suffix == ".csv" else "\t"), [])
+    if suffix == ".parquet":
+        return pq.read_schema(path).names
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8-sig") as handle:
+            first = handle.read(1 << 20).lstrip()
+        try:  # the first record of a jsonl file, or of a json list
+            record = json.JSONDecoder().raw_decode(first[1:].lstrip() if first.startswith("[") else first)[0]
+        except ValueError:
+            return None  # the loader names what is wrong with it
+        return list(record) if isinstance(record, dict) else None
+    return None
 
 
 def _load(source: Path | str, split: str) -> tuple[pd.DataFrame, list[str] | None]:
@@ -240,11 +284,15 @@ def _texts(frame: pd.DataFrame, column: str, keep: np.ndarray | None = None) -> 
     """The text column ``column`` as strings (of the rows ``keep`` marks); a row without its text (missing in a jsonl
     record, null, NaN) is refused by row number, instead of being read as the word "nan" or "None"."""
     values = frame[column] if keep is None else frame[column][keep]
-    missing = np.flatnonzero(values.isna().to_numpy())
+    missing = values.isna()
+    if frame.attrs.get("delimited"):  # an empty field of a csv / tsv file is its missing value (jsonl: "" is text)
+        missing |= values.astype(str).str.strip() == ""
+    missing = np.flatnonzero(missing.to_numpy())
     if len(missing):
         rows = np.arange(len(frame))[keep] if keep is not None else np.arange(len(frame))
         shown = ", ".join(str(int(rows[i])) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
-        raise ValueError(f"{len(missing)} row(s) have no {column!r} text (missing or null), e.g. rows {shown} (0-based, "
+        raise ValueError(f"{len(missing)} row(s) have no {column!r} text (missing or null; in a csv / tsv file, an empty "
+                         f"field), e.g. rows {shown} (0-based, "
                          "in file order). Fill them in or drop those rows.")
     return values.astype(str).tolist()
 
@@ -261,7 +309,7 @@ def _nli_frame(frame: pd.DataFrame, file_names: list[str] | None, num_labels: in
     labels = _mnli_labels(frame[label], file_names, num_labels)
     keep = labels >= 0
     if not keep.all():
-        logger.info(f"Dropped {int((~keep).sum())} rows without a gold label.")
+        logger.warning(f"Dropped {int((~keep).sum())} of {len(keep)} rows without a gold label.")
     genres = frame["genre"].astype(str) if "genre" in frame.columns else pd.Series([genre] * len(frame))
     rows = {
         "premise": _texts(frame, premise, keep),

@@ -455,3 +455,23 @@ def test_split_hans_bad_input():
     # 0.99 of 10 rows rounds to all 10: an empty test split, named with the flag (it failed later, naming none)
     with pytest.raises(ValueError, match=r"validation_fraction=0\.99 leaves the test split empty .*10-10 rows"):
         split_hans(_hans_like(), validation_fraction=0.99)
+
+
+def test_delimited_files_are_read_row_for_row(tmp_path):
+    """A tab inside the first row's text (a csv writer's quotes do not protect it in the unquoted format) made pandas
+    take the first column as an index: every row shifted one column left, 19 of 20 lost their labels and were dropped
+    with an info line, and the build went on with one row. An empty csv / tsv field was read as the text ''."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"premise": ["The judge\tslept.", "The doctor ran."], "hypothesis": ["A judge slept.", "x"],
+                          "label": [0, 1]})
+    frame.to_csv(tmp_path / "tab.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"tab\.tsv: line 2 has 4 tab-separated fields, the header 3"):
+        load_mnli(tmp_path / "tab.tsv", num_labels=2)
+    frame.assign(premise=["The judge slept.", ""]).to_csv(tmp_path / "empty.tsv", sep="\t", index=False)
+    frame.assign(premise=["The judge slept.", ""]).to_csv(tmp_path / "empty.csv", index=False)
+    for name in ("empty.tsv", "empty.csv"):
+        with pytest.raises(ValueError, match=r"1 row\(s\) have no 'premise' text .* rows 1 "):
+            load_mnli(tmp_path / name, num_labels=2)
+    frame.assign(premise=["The judge slept.", "The doctor ran."]).to_csv(tmp_path / "good.tsv", sep="\t", index=False)
+    assert load_mnli(tmp_path / "good.tsv", num_labels=2)["premise"] == ["The judge slept.", "The doctor ran."]
