@@ -175,6 +175,15 @@ def validate_influence_settings(args) -> None:
             raise ValueError(f"{name} must be a whole number >= 1{none}, got {value!r}.")
     if isinstance(args.influence_params, str):
         args.influence_params = [args.influence_params]
+    seed = args.influence_seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:  # numpy's seeds: lissa and
+        raise ValueError(f"influence_seed must be a whole number >= 0, got {seed!r}.")  # arnoldi failed after s_test
+    if args.influence_solver == "lissa" and args.influence_damping >= 2:  # (1 - damp)·h: no step contracts
+        raise ValueError(
+            f"influence_damping={args.influence_damping:g} is >= 2: LiSSA's step multiplies the iterate by (1 - damping) "
+            "and contracts only below (2 - damping)·scale, so it cannot converge. λ = damping × scale: keep damping "
+            f"small and move λ into the scale (e.g. influence_damping=0.01, influence_scale="
+            f"{args.influence_lambda / 0.01:g} for λ = {args.influence_lambda:g}), or use influence_solver='cg'.")
     for pattern in args.influence_params or []:
         try:
             re.compile(pattern)

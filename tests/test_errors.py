@@ -115,7 +115,10 @@ def test_a_pattern_matching_nothing_next_to_others_is_named(pad_collator, caplog
      ("influence_recursion_depth", 10.5, "influence_recursion_depth must be a whole number >= 1, got 10.5"),
      ("influence_params", ["("], "not a valid regex"),
      ("influence_knn_features", "max", "use one of auto"),
-     ("influence_repetitions", 0, "influence_repetitions must be a whole number >= 1")],
+     ("influence_repetitions", 0, "influence_repetitions must be a whole number >= 1"),
+     # numpy refused a negative seed after s_test (lissa, arnoldi); damping >= 2 blamed the scale
+     ("influence_seed", -1, "influence_seed must be a whole number >= 0, got -1"),
+     ("influence_damping", 2.0, r"influence_damping=2 is >= 2: LiSSA's step multiplies the iterate by \(1 - damping\)")],
 )
 def test_invalid_arguments(field, value, match):
     with pytest.raises(ValueError, match=match):

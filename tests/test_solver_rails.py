@@ -86,6 +86,18 @@ def test_lissa_applies_a_diagonal_part_of_the_hessian_exactly():
                     diagonal=torch.full((20,), -1.0, dtype=torch.float64))
 
 
+def test_a_short_recursion_that_blew_up_is_refused_at_its_last_step():
+    """The windows' monitor needs 7 windows of at least 8 steps: 30 steps at a scale 4x too small came back as an
+    s_test of 1e16 (55 steps: 1e28) against an explicit 14.6."""
+    matrix, _ = spectrum_matrix([0.5, 1.0, 8.0])
+    v = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(LissaDivergenceError, match="at the last step"):
+        solve_lissa(explicit_step(matrix), v, damping=0.01, scale=2.0, depth=30, repetitions=[0], progress=False)
+    estimate, _ = solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=30, repetitions=[0],
+                              progress=False)  # a converging short recursion is not refused
+    assert torch.isfinite(estimate).all()
+
+
 def test_lissa_nan_is_divergence():
     def step(j, reps, h):
         return h * float("nan") if j == 5 else h
@@ -196,6 +208,39 @@ def test_a_negative_sample_estimate_is_confirmed_on_more_rows_before_refusing(be
     diagnostics = table.metadata["diagnostics"]
     assert diagnostics["hessian_min_eigenvalue_confirmed"] == pytest.approx(whole)
     assert np.isfinite(table.dataset["influence"]).all()
+
+
+def test_a_sample_estimate_near_minus_lambda_is_confirmed_on_more_rows_too(bert, pad_collator, monkeypatch):
+    """Only an estimate below -λ was confirmed: a sample less indefinite than the set (a 32-row -0.055 against the
+    set's -0.084, λ 0.069) let LiSSA run on an indefinite H + λI, and it came back 2x off where exact and cg refuse.
+    The sample's estimate stands in here for such a sample: clear of -λ, but by less than half of λ."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = bert
+    monkeypatch.setattr(engine_module, "CHECK_ROWS", 3)
+    settings = dict(influence_solver="lissa", influence_params=TOP, influence_scale=100.0, influence_recursion_depth=20,
+                    influence_batch_size=4, influence_knn_k=None, disable_tqdm=True)
+    probe = InfluenceEngine(model, default_arguments(**settings, influence_damping=1e-6), data_collator=pad_collator)
+    with pytest.raises(LissaDivergenceError):
+        probe.compute_influences(train, test)
+    (found,) = probe._curvature.values()
+    whole = found["hessian_min_eigenvalue_confirmed"]
+    lam = 0.8 * -whole  # below the set's |λ_min|: H + λI is indefinite
+    real, estimates = engine_module.extreme_eigenvalues, []
+
+    def sample_clear_of_lambda(operator, p, iterations, **kwargs):
+        low, high = real(operator, p, iterations=iterations, **kwargs)
+        if iterations == engine_module.CHECK_ITERATIONS + 2:  # the smallest-eigenvalue estimates
+            estimates.append(low)
+            if len(estimates) == 1:  # the sample's
+                return -0.6 * lam, high
+        return low, high
+
+    monkeypatch.setattr(engine_module, "extreme_eigenvalues", sample_clear_of_lambda)
+    with pytest.raises(LissaDivergenceError, match=f"not positive definite.*Lanczos on {len(train)} rows"):
+        compute_influences(model, train, test, default_arguments(**settings, influence_damping=lam / 100.0),
+                           data_collator=pad_collator)
+    assert len(estimates) == 2
 
 
 # ---- dtypes ----------------------------------------------------------------------------------------------------

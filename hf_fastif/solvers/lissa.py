@@ -56,6 +56,12 @@ def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int
     return value
 
 
+FINAL_GROWTH_LIMIT = 1e6
+"""The last iterate's ‖h_J‖ over the convergent-series bound ``E_J`` beyond which the recursion is refused as diverged
+whatever its length (a series converging to an ill-conditioned fixed point can exceed ``E_J`` by 1/(1 - |λ_min|/λ);
+30 steps at a quarter of the needed scale reached 1e16 and came back as the answer)."""
+
+
 class GrowthMonitor:
     """Detects an iterate that grows without bound: ``‖h_j‖`` (one per repetition and test vector) has left the
     envelope of a convergent series and keeps growing geometrically.
@@ -138,6 +144,10 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         growth = monitor.update(norms)
         if growth is not None:
             raise LissaDivergenceError(_divergence_message(j, float(growth.max()), damping, scale, top_eigenvalue))
+    final = (h.norm(dim=-1).double() / (monitor.envelope * monitor.v_norm).clamp_min(torch.finfo(torch.float64).tiny))
+    if float(final.max()) > FINAL_GROWTH_LIMIT:  # the windows' monitor needs 7 windows (56+ steps) to speak
+        raise LissaDivergenceError(_divergence_message(depth, float(final.max()), damping, scale, top_eigenvalue,
+                                                       final=True))
     estimate = (h / scale).mean(0)
     info = {"lissa_repetitions": len(reps), "lissa_final_norm": float((h / scale).norm(dim=-1).max()),
             "lissa_steps": depth}
@@ -145,9 +155,10 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
 
 
 def _divergence_message(step: int, growth: float | None, damping: float, scale: float,
-                        top_eigenvalue: float | None) -> str:
-    what = (f"‖h_j‖ is {growth:.3g}x the bound of a convergent series (‖v‖·Σ(1 - damp)^i) and has grown "
-            "geometrically for several windows" if growth is not None else "the iterate became NaN/inf")
+                        top_eigenvalue: float | None, final: bool = False) -> str:
+    what = (f"‖h_j‖ is {growth:.3g}x the bound of a convergent series (‖v‖·Σ(1 - damp)^i)"
+            + (" at the last step" if final else " and has grown geometrically for several windows")
+            if growth is not None else "the iterate became NaN/inf")
     lines = [
         f"LiSSA diverged at step {step}: {what}. With damp = {damping} and scale = {scale} (λ = {damping * scale:.4g}) "
         "a step contracts only if the batch Hessian's eigenvalues lie in (-λ, (2 - damp)·scale)."
