@@ -963,6 +963,10 @@ class InfluenceEngine:
                 self._exact = None  # the old one freed first: p² floats
                 hessian = build_hessian(self._full_hvp(call, call.train), v.shape[1], dtype=call.work_dtype,
                                         device=v.device, progress=call.progress)
+                if not torch.isfinite(hessian).all():  # (eigh: a bare "ill-conditioned" LinAlgError)
+                    raise ValueError("The training Hessian holds inf/NaN: a training row's loss or its derivatives "
+                                     "overflow (a float16 model: compute influence on model.float()) or the row holds "
+                                     "inf/NaN. Check the training rows' losses.")
                 self._exact = (key, *torch.linalg.eigh(hessian.double()))
                 del hessian
             s_test, info = solve_decomposed(self._exact[1], self._exact[2], v, lam)

@@ -98,6 +98,29 @@ def test_a_short_recursion_that_blew_up_is_refused_at_its_last_step():
     assert torch.isfinite(estimate).all()
 
 
+def test_a_product_that_is_not_finite_names_the_training_loss_not_the_scale(bert, pad_collator, monkeypatch):
+    """A training row whose loss overflows (float16) or holds NaN: LiSSA blamed the scale ("raise influence_scale",
+    which gave the same error 100x larger), exact failed with a bare LinAlgError ("ill-conditioned")."""
+    import hf_fastif.engine as engine_module
+
+    matrix, _ = spectrum_matrix([0.5, 1.0, 2.0])
+
+    def overflowing(j, reps, h):
+        return h @ matrix * (float("inf") if j == 3 else 1.0)
+
+    with pytest.raises(LissaDivergenceError, match="step 3: the Hessian-vector product of the sampled training rows "
+                                                   "is not finite"):
+        solve_lissa(overflowing, torch.ones(3, dtype=torch.float64), damping=0.01, scale=10.0, depth=20,
+                    repetitions=[0], progress=False)
+    model, train, test = bert
+    real = engine_module.build_hessian
+    monkeypatch.setattr(engine_module, "build_hessian", lambda *a, **k: real(*a, **k) * float("nan"))
+    args = default_arguments(influence_solver="exact", influence_params=[r"classifier\."], influence_knn_k=None,
+                             disable_tqdm=True)
+    with pytest.raises(ValueError, match="The training Hessian holds inf/NaN"):
+        compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
 def test_lissa_nan_is_divergence():
     def step(j, reps, h):
         return h * float("nan") if j == 5 else h

@@ -140,6 +140,12 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         h, spare = spare.sub_(products.to(v.dtype), alpha=1.0 / scale), h
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
+            if torch.isfinite(spare).all() and not torch.isfinite(products).all():  # (spare: the step's input)
+                raise LissaDivergenceError(
+                    f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
+                    "while the iterate is: a training row's loss or its derivatives overflow (a float16 model: "
+                    "compute influence on model.float()) or the row holds inf/NaN. Check the training rows' losses; "
+                    "a larger influence_scale does not help.")
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
         growth = monitor.update(norms)
         if growth is not None:
