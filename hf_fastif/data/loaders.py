@@ -111,12 +111,27 @@ def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
         frame.attrs["delimited"] = True  # (empty fields are missing values)
         return frame, None
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # (a byte-order mark, as Notepad writes: skipped)
             text = handle.read()
-        if suffix == ".json" and text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if suffix == ".json" and text.lstrip().startswith(("[", "{")):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                if text.lstrip().startswith("["):
+                    raise ValueError(f"{path} is not valid JSON ({err}).") from err
+                data = None  # a jsonl file named .json: read line by line below
+            if isinstance(data, list):
+                return pd.DataFrame.from_records(data), None
+            if isinstance(data, dict) and data and all(isinstance(v, (dict, list)) for v in data.values()):
+                return pd.DataFrame(data), None  # pandas' DataFrame.to_json(): one object of columns
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not a JSON record ({err.msg}, column {err.colno}); "
+                                     "a jsonl file holds one JSON object per line.") from err
         return pd.DataFrame.from_records(records), None
     if suffix == ".parquet":
         table = pq.read_table(path)

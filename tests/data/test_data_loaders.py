@@ -475,3 +475,20 @@ def test_delimited_files_are_read_row_for_row(tmp_path):
             load_mnli(tmp_path / name, num_labels=2)
     frame.assign(premise=["The judge slept.", "The doctor ran."]).to_csv(tmp_path / "good.tsv", sep="\t", index=False)
     assert load_mnli(tmp_path / "good.tsv", num_labels=2)["premise"] == ["The judge slept.", "The doctor ran."]
+
+
+def test_json_files_as_pandas_and_notepad_write_them(tmp_path):
+    """pandas' default DataFrame.to_json() (one object of columns) crashed with "unhashable type: 'dict'"; a jsonl
+    with a byte-order mark failed ("Unexpected UTF-8 BOM"); a broken line was reported as "line 1" of no file."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"premise": ["The judge slept.", "The doctor ran."], "hypothesis": ["A judge slept.", "x"],
+                          "label": [0, 1]})
+    frame.to_json(tmp_path / "columns.json")
+    assert load_mnli(tmp_path / "columns.json", num_labels=2)["premise"] == list(frame.premise)
+    lines = frame.to_json(orient="records", lines=True)
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    assert load_mnli(tmp_path / "bom.jsonl", num_labels=2)["hypothesis"] == list(frame.hypothesis)
+    (tmp_path / "cut.jsonl").write_text(lines + '{"premise": "cut', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cut\.jsonl: line 3 is not a JSON record"):
+        load_mnli(tmp_path / "cut.jsonl", num_labels=2)
