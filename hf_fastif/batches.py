@@ -581,7 +581,8 @@ class Batcher:
         """Each row's stored length in the list ``column`` (its longest sequence, for rows of several, as multiple
         choice stores them), for the rows of this batcher. ``count``: ``"width"``, the sequence as stored (what a
         padding collator pads to); ``"tokens"``, its non-zero entries (a stored ``attention_mask``: rows stored
-        padded count their real tokens); ``"targets"``, its entries other than -100 (labels). None without such a
+        padded count their real tokens); ``"targets"``, its entries other than -100 (labels); ``"first_target"``, 1
+        where its first entry is a target (labels), else 0. None without such a
         list column (a collator that tokenises text), or, for tokens / targets, one of floats. Read from Arrow in
         chunks of rows (bounded memory at any size) and kept by this batcher."""
         key = (column, count)
@@ -600,7 +601,13 @@ class Batcher:
             if not _is_list(values.type):
                 return None
             flat, _, lengths, sequence_rows = _sequences(values)
-            if count != "width":
+            if count == "first_target":  # 1 where a sequence's first entry is a target (not -100)
+                if not np.issubdtype(flat.dtype, np.integer):
+                    return None
+                starts = np.cumsum(lengths) - lengths
+                lengths = (lengths > 0) & (flat[np.minimum(starts, max(len(flat) - 1, 0))] != -100 if len(flat)
+                                           else np.zeros(len(lengths), dtype=bool))
+            elif count != "width":
                 if count == "targets" and not np.issubdtype(flat.dtype, np.integer):
                     return None  # (float labels: multi-hot rows, not targets by position)
                 counted = np.concatenate([[0], np.cumsum(flat != 0 if count == "tokens" else flat != -100,

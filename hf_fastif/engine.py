@@ -257,7 +257,8 @@ class InfluenceEngine:
         if call.fm.no_forward_ad is not None:
             call.info["scored_by"] = {"method": "per-example gradients", "why": call.fm.no_forward_ad}
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
-        return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata)
+        return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata, pairs_unique=True)  # (per query:
+        # distinct candidate rows)
 
     @staticmethod
     def _flag_non_finite(call: _Call, rows: np.ndarray, values: np.ndarray) -> None:
@@ -440,8 +441,17 @@ class InfluenceEngine:
                    self._functions["collator"], self._functions["loss"], self._functions["measurement"])
             if key in self._padding_checked:
                 continue
-            for short, long in batcher.padding_probes(PADDING_PROBE_ROWS):
+            pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
+            for short, long in pairs:
                 self._probe_padding(call, batcher, name, measurement, short, long)
+            if pairs and shifts_labels(self.model):  # a causal LM: a row whose first token is a target is hurt by
+                # left padding whatever its length (the narrowest row's first target was -100 in an SFT-style mix,
+                # and the others' values changed with the batch size, 40% off)
+                first, width = batcher.stored_lengths("labels", "first_target"), batcher.stored_lengths()
+                if first is not None and width is not None:
+                    hurt = np.flatnonzero((first > 0) & (width < width.max()))
+                    if len(hurt):
+                        self._probe_padding(call, batcher, name, measurement, int(hurt[0]), int(width.argmax()))
             self._padding_checked.add(key)
 
     def _probe_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, short: int,
@@ -622,7 +632,8 @@ class InfluenceEngine:
         common = set.intersection(*map(set, D.gather_objects(held)))
         for kind, key in held - common:
             logger.warning(f"Another process does not hold this process's {kind.replace('_', ' ')} cache: every "
-                           "process builds it again (load the same caches in every process to reuse them).")
+                           "process builds it again (load the same caches in every process to reuse them; caches "
+                           "saved on a GPU are keyed on its device, cuda:<rank>, so on GPUs they are rebuilt).")
             if kind == "curvature":
                 self._curvature = {k: v for k, v in self._curvature.items() if name(k) != key}
             else:

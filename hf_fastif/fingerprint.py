@@ -26,7 +26,6 @@ import functools
 import hashlib
 import inspect
 import json
-import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -252,15 +251,7 @@ def _describe_value(value, depth: int = 0):
     if dataclasses.is_dataclass(value):
         return {type(value).__qualname__: {f.name: _describe_value(getattr(value, f.name, None), depth + 1)
                                            for f in dataclasses.fields(value)}}
-    # an object with the default repr (its address: another in every process, and in a resumed build) counts by
-    # its attributes; any other repr without the addresses it may hold (a torch.Generator's)
-    attributes = getattr(value, "__dict__", None)
-    if isinstance(attributes, dict) and type(value).__repr__ is object.__repr__:
-        return {type(value).__qualname__: _describe_value(dict(attributes), depth + 1)}
-    return type(value).__qualname__ + ":" + _ADDRESS.sub(" at <address>", repr(value))
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+    return type(value).__qualname__ + ":" + repr(value)
 
 
 def callable_fingerprint(fn, depth: int = 0) -> str:

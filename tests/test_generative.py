@@ -326,3 +326,57 @@ def test_encoder_features_of_an_encoder_that_takes_no_token_ids():
     tables = [compute_influences(model, train, test, default_arguments(**(EXACT | {
         "influence_params": [r"decoder\.layer_norm"], "influence_knn_k": k}))) for k in (None, 12)]
     np.testing.assert_allclose(_values(tables[1], 2, 12), _values(tables[0], 2, 12), rtol=1e-5, atol=1e-12)
+
+
+def _stored_left(n: int, seed: int, width: int = 10) -> Dataset:
+    """Causal-LM rows stored left-padded to one width (padding="max_length", padding_side="left"), pads labelled
+    -100: each row's first real token is a target predicted from the last pad position."""
+    rng = np.random.default_rng(seed)
+    ids, mask, labels = [], [], []
+    for _ in range(n):
+        length = int(rng.integers(3, 9))
+        x = [1] + rng.integers(5, VOCAB, size=length - 1).tolist()
+        ids.append([0] * (width - length) + x)
+        mask.append([0] * (width - length) + [1] * length)
+        labels.append([-100] * (width - length) + x)
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+def test_rows_stored_left_padded_give_the_same_influence_with_the_trunk_cache():
+    """The cache holds a pad position's state as a copy of the row's first token's, and its check compared the
+    logits of real tokens only: the loss reads the last pad's output (it predicts the first token), and influence
+    came back 63% off with the cache on, the check passing with an error of 0.0."""
+    from transformers import default_data_collator
+
+    train, test = _stored_left(10, 0), _stored_left(3, 1)
+    model = tiny_model("gpt2-lm")
+    found = []
+    for trunk in (True, False):
+        args = default_arguments(**(EXACT | {"influence_params": [r"h\.1\.mlp\.c_proj", r"h\.1\.ln_2", r"ln_f"],
+                                             "influence_damping": 10.0,
+                                             "influence_trunk_cache": trunk}))
+        found.append(_values(compute_influences(model, train, test, args, data_collator=default_data_collator), 3, 10))
+    np.testing.assert_allclose(found[0], found[1], rtol=1e-8, atol=1e-12)
+
+
+def test_left_padding_is_refused_for_any_row_whose_first_token_is_a_target():
+    """The probe padded the narrowest row next to the widest; in an SFT-style mix both had their first token
+    unlabelled, so the other rows' values changed with the batch size (40% off) without a word."""
+    def left_with_positions(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def pad(x, value):
+            return [value] * (width - len(x)) + list(x)
+
+        batch = {"input_ids": torch.tensor([pad(r["input_ids"], 0) for r in rows]),
+                 "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+                 "labels": torch.tensor([pad(r["labels"], -100) for r in rows])}
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        return batch
+
+    rows = _rows([3, 6, 4, 8, 5], seed=0, causal=True)
+    labels = [[-100] + x[1:] if i in (0, 3) else x for i, x in enumerate(rows["labels"])]  # narrowest, widest: prompts
+    train = rows.remove_columns("labels").add_column("labels", labels)
+    args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
+    with pytest.raises(ValueError, match=r"causal LM padded on the left, and its first token is a target"):
+        compute_influences(tiny_model("gpt2-lm"), train, train.select([1]), args, data_collator=left_with_positions)

@@ -141,11 +141,13 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
             if torch.isfinite(spare).all() and not torch.isfinite(products).all():  # (spare: the step's input)
+                size = float(spare.norm(dim=-1).max() / v.norm(dim=-1).max().clamp_min(torch.finfo(v.dtype).tiny))
                 raise LissaDivergenceError(
                     f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
-                    "while the iterate is: a training row's loss or its derivatives overflow (a float16 model: "
-                    "compute influence on model.float()) or the row holds inf/NaN. Check the training rows' losses; "
-                    "a larger influence_scale does not help.")
+                    f"while the iterate is (‖h‖ = {size:.3g}·‖v‖): a training row's loss or its derivatives overflow "
+                    "(a float16 model: compute influence on model.float()) or the row holds inf/NaN; check the "
+                    "training rows' losses. If ‖h‖ is far above 1/damping·‖v‖, the iterate itself grew until the "
+                    "model's dtype overflowed: that is divergence (raise influence_scale).")
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
         growth = monitor.update(norms)
         if growth is not None:

@@ -80,10 +80,11 @@ class InfluenceTable:
 
     @classmethod
     def from_arrays(cls, test_id: Sequence[int], train_id: Sequence[int], influence: Sequence[float],
-                    metadata: dict | None = None, **columns) -> InfluenceTable:
+                    metadata: dict | None = None, *, pairs_unique: bool = False, **columns) -> InfluenceTable:
         """A table from parallel arrays (any order; extra keyword columns are kept). Every array is taken by position
         (a pandas Series too, whatever its index); arrays of unequal lengths, ids that are not whole numbers and a
-        ``(test_id, train_id)`` pair given twice raise `InfluenceTableError`."""
+        ``(test_id, train_id)`` pair given twice raise `InfluenceTableError` (``pairs_unique=True``: the caller
+        made them unique, the check is skipped: 2.5 s at 3M pairs)."""
         given = {"test_id": test_id, "train_id": train_id, "influence": influence, **columns}
         values = {k: list(v) if k in columns else np.asarray(v) for k, v in given.items()}
         lengths = {k: len(v) for k, v in values.items()}
@@ -91,8 +92,9 @@ class InfluenceTable:
             raise InfluenceTableError(f"from_arrays needs arrays of one length; got {lengths}.")
         test_id, train_id = _whole_ids(values["test_id"], "test_id"), _whole_ids(values["train_id"], "train_id")
         influence = values["influence"].astype(np.float64)
-        pairs, counts = np.unique(np.stack([test_id, train_id], 1), axis=0, return_counts=True)
-        if len(test_id) and counts.max() > 1:
+        pairs, counts = (None, None) if pairs_unique or not len(test_id) else \
+            np.unique(np.stack([test_id, train_id], 1), axis=0, return_counts=True)
+        if counts is not None and counts.max() > 1:
             twice = pairs[counts.argmax()]
             raise InfluenceTableError(f"from_arrays got the pair test_id {twice[0]}, train_id {twice[1]} "
                                       f"{counts.max()} times ({int((counts > 1).sum())} pairs repeated); a table holds "
