@@ -221,9 +221,14 @@ def dataset_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
     return digest.hexdigest()
 
 
+MAX_DEPTH = 6
+"""How deep `callable_fingerprint` follows values (a loss's object, its settings object, the list in it, ...);
+deeper values count by their type's name."""
+
+
 def _describe_value(value, depth: int = 0):
     """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
-    if depth > 3:
+    if depth > MAX_DEPTH:
         return type(value).__qualname__
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
@@ -251,7 +256,23 @@ def _describe_value(value, depth: int = 0):
     if dataclasses.is_dataclass(value):
         return {type(value).__qualname__: {f.name: _describe_value(getattr(value, f.name, None), depth + 1)
                                            for f in dataclasses.fields(value)}}
-    return type(value).__qualname__ + ":" + repr(value)
+    # another object: by its repr (for a plain object, its address: two live instances never look alike) and its
+    # attributes (one changed in place is seen, and so is a freed object's address given to another)
+    attributes = _attributes(value)
+    described = type(value).__qualname__ + ":" + repr(value)
+    return {described: {str(k): _describe_value(v, depth + 1) for k, v in sorted(attributes.items())}} if attributes \
+        else described
+
+
+def _attributes(value) -> dict:
+    """An object's own attributes: its ``__dict__`` and its ``__slots__`` values."""
+    out = dict(getattr(value, "__dict__", None) or {})
+    for cls in type(value).__mro__:
+        slots = getattr(cls, "__slots__", ())
+        for name in [slots] if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                out.setdefault(name, getattr(value, name))
+    return out
 
 
 def callable_fingerprint(fn, depth: int = 0) -> str:
@@ -267,7 +288,8 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
                        "kwargs": _describe_value(dict(fn.keywords), depth + 1)}
     elif inspect.ismethod(fn):
         description = {"method": callable_fingerprint(fn.__func__, depth + 1),
-                       "self": _describe_value(fn.__self__, depth + 1) if depth < 3 else type(fn.__self__).__qualname__}
+                       "self": _describe_value(fn.__self__, depth + 1) if depth < MAX_DEPTH
+                       else type(fn.__self__).__qualname__}
     elif inspect.isfunction(fn):
         code = fn.__code__
         closure = [c.cell_contents for c in fn.__closure__ or () if _cell_filled(c)]
@@ -281,7 +303,7 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
     else:
         # dataclass fields read directly (dataclasses.asdict would deep-copy a collator's tokenizer)
         attributes = ({f.name: getattr(fn, f.name, None) for f in dataclasses.fields(fn)}
-                      if dataclasses.is_dataclass(fn) else getattr(fn, "__dict__", {}))
+                      if dataclasses.is_dataclass(fn) else _attributes(fn))
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(dict(attributes), depth + 1)}

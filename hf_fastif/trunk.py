@@ -530,7 +530,7 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
         full = split.model(**inputs)
         with split.injected(cache.hidden(batcher.base_rows(rows), batch)):
             top = split.model(**inputs)
-    mask = _read_positions(batch)
+    mask = _read_positions(batch, split.model)
     full, top = _compared(full, mask), _compared(top, mask)
     if not full or len(full) != len(top):
         return math.inf  # nothing to compare: the split is not used
@@ -539,17 +539,20 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
     return error if math.isfinite(error) else math.inf  # NaN logits on either side: no agreement
 
 
-def _read_positions(batch: dict) -> torch.Tensor:
+def _read_positions(batch: dict, model: nn.Module) -> torch.Tensor:
     """The positions whose outputs a loss may read: the row's tokens, and padding positions with a label (token
-    losses) or followed by one (a causal LM's, shifted): rows stored left-padded, whose first real token is predicted
-    from the last pad, or labels copied over stored padding. Their cached states are copies of the first token's, so
-    the cache was 63% off there while the tokens' logits agreed exactly."""
+    losses) or, for a causal LM (its labels shifted), followed by one: rows stored left-padded, whose first real token
+    is predicted from the last pad, or labels copied over stored padding. Their cached states are copies of the first
+    token's, so the cache was 63% off there while the tokens' logits agreed exactly."""
+    from .loss import shifts_labels  # local: loss.py imports this module
+
     mask = _token_mask(batch)
     labels = batch.get("labels")
     if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and not labels.is_floating_point():
         labelled = labels != -100
         mask = mask | labelled
-        mask[..., :-1] |= labelled[..., 1:]
+        if shifts_labels(model):
+            mask[..., :-1] |= labelled[..., 1:]
     return mask
 
 

@@ -265,8 +265,25 @@ def test_plain_objects_behind_a_loss_are_never_taken_for_one_another():
         def loss(self, outputs, batch):
             return outputs.logits.sum(-1)
 
+    class SlottedCall:
+        __slots__ = ("scale",)
+
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __call__(self, outputs, batch):
+            return outputs.logits.sum(-1) * self.scale
+
     assert callable_fingerprint(Slotted([1, 1]).loss) != callable_fingerprint(Slotted([1, 9]).loss)
     assert callable_fingerprint(Owner([1, 1]).loss) != callable_fingerprint(Owner([1, 9]).loss)
+    assert callable_fingerprint(SlottedCall(0.1)) != callable_fingerprint(SlottedCall(5.0))  # a callable object
+    # objects made and freed in turn (their addresses reused): other settings, other fingerprints
+    assert len({callable_fingerprint(Slotted([w]).loss) for w in (0.1, 1.0, 5.0, 0.5)}) == 4
+    # settings changed in place between calls (a held engine served the old loss's Hessian, 38x off)
+    owner = Owner([1, 1])
+    before = callable_fingerprint(owner.loss)
+    owner.config.inner.weights = [1, 9]
+    assert callable_fingerprint(owner.loss) != before
 
 
 def test_a_held_engine_probes_padding_and_the_cut_again_for_a_new_loss(pad_collator):

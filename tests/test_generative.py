@@ -380,3 +380,18 @@ def test_left_padding_is_refused_for_any_row_whose_first_token_is_a_target():
     args = default_arguments(**(EXACT | {"influence_params": [r"ln_f\."]}))
     with pytest.raises(ValueError, match=r"causal LM padded on the left, and its first token is a target"):
         compute_influences(tiny_model("gpt2-lm"), train, train.select([1]), args, data_collator=left_with_positions)
+
+
+
+def test_only_a_causal_lm_reads_the_padding_position_before_a_target():
+    """The split's check compared the logits at padding positions followed by a target for every model: a token
+    classifier padded on the left with its first token labelled lost the trunk cache for nothing."""
+    from transformers import GPT2Config, GPT2ForTokenClassification
+
+    from hf_fastif.trunk import _read_positions
+
+    batch = {"attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]),
+             "labels": torch.tensor([[-100, -100, 3, 4], [1, 2, 3, 4]])}
+    classifier = GPT2ForTokenClassification(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    assert _read_positions(batch, classifier).tolist() == [[False, False, True, True], [True] * 4]
+    assert _read_positions(batch, tiny_model("gpt2-lm")).tolist() == [[False, True, True, True], [True] * 4]

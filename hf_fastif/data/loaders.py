@@ -123,7 +123,12 @@ def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
             if isinstance(data, list):
                 return pd.DataFrame.from_records(data), None
             if isinstance(data, dict) and data and all(isinstance(v, (dict, list)) for v in data.values()):
-                return pd.DataFrame(data), None  # pandas' DataFrame.to_json(): one object of columns
+                try:
+                    return pd.DataFrame(data), None  # pandas' DataFrame.to_json(): one object of columns
+                except ValueError as err:
+                    raise ValueError(f"{path}: its columns are of different lengths ({err}).") from err
+            if isinstance(data, dict):
+                return pd.DataFrame.from_records([data]), None  # one record (pretty-printed)
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():

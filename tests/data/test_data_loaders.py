@@ -489,6 +489,11 @@ def test_json_files_as_pandas_and_notepad_write_them(tmp_path):
     lines = frame.to_json(orient="records", lines=True)
     (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
     assert load_mnli(tmp_path / "bom.jsonl", num_labels=2)["hypothesis"] == list(frame.hypothesis)
+    (tmp_path / "one.json").write_text(json.dumps(frame.iloc[0].to_dict(), indent=2), encoding="utf-8")
+    assert load_mnli(tmp_path / "one.json", num_labels=2)["premise"] == ["The judge slept."]  # one record, pretty
+    (tmp_path / "uneven.json").write_text(json.dumps({"premise": ["a", "b"], "hypothesis": ["c"], "label": [0, 1]}))
+    with pytest.raises(ValueError, match=r"uneven\.json: its columns are of different lengths"):
+        load_mnli(tmp_path / "uneven.json", num_labels=2)
     (tmp_path / "cut.jsonl").write_text(lines + '{"premise": "cut', encoding="utf-8")
     with pytest.raises(ValueError, match=r"cut\.jsonl: line 3 is not a JSON record"):
         load_mnli(tmp_path / "cut.jsonl", num_labels=2)
