@@ -221,9 +221,9 @@ def dataset_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
     return digest.hexdigest()
 
 
-MAX_DEPTH = 6
-"""How deep `callable_fingerprint` follows values (a loss's object, its settings object, the list in it, ...);
-deeper values count by their type's name."""
+MAX_DEPTH = 3
+"""How deep `callable_fingerprint` follows values (closures, defaults, a bound method's object, containers); deeper
+values count by their type's name."""
 
 
 def _describe_value(value, depth: int = 0):
@@ -244,9 +244,12 @@ def _describe_value(value, depth: int = 0):
         return {str(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, nn.Module):
         return "module:" + type(value).__qualname__ + ":" + model_fingerprint(value)
+    if inspect.ismodule(value) or inspect.isclass(value):  # (reached through an object's attributes: by name)
+        return f"{type(value).__qualname__}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}" \
+            if inspect.isclass(value) else f"module:{value.__name__}"
     # a tokenizer (callable, so before the callable branch, whose depth limit would cut it to type names):
     # its settings and vocabulary
-    if hasattr(value, "init_kwargs") and hasattr(value, "get_vocab"):
+    if hasattr(value, "init_kwargs") and callable(getattr(value, "get_vocab", None)):
         vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
         settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
                                                           "pad_token_id")}
@@ -256,12 +259,19 @@ def _describe_value(value, depth: int = 0):
     if dataclasses.is_dataclass(value):
         return {type(value).__qualname__: {f.name: _describe_value(getattr(value, f.name, None), depth + 1)
                                            for f in dataclasses.fields(value)}}
-    # another object: by its repr (for a plain object, its address: two live instances never look alike) and its
-    # attributes (one changed in place is seen, and so is a freed object's address given to another)
-    attributes = _attributes(value)
+    # another object: by its repr (for a plain object, its address: two live instances never look alike) and its own
+    # plain attributes (values, tensors, arrays, modules: one changed in place is seen, and so is a freed object's
+    # address given to one with other settings); attributes that are objects by their identity only (following them
+    # walked whole object graphs on every call)
     described = type(value).__qualname__ + ":" + repr(value)
-    return {described: {str(k): _describe_value(v, depth + 1) for k, v in sorted(attributes.items())}} if attributes \
-        else described
+    attributes = {str(k): _describe_value(v, depth + 1) if _plain_attribute(v) else f"{type(v).__qualname__}@{id(v)}"
+                  for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))}
+    return {described: attributes} if attributes else described
+
+
+def _plain_attribute(value) -> bool:
+    return (value is None or isinstance(value, (*_PLAIN, torch.Tensor, np.ndarray, nn.Module))
+            or (isinstance(value, (list, tuple, dict)) and _plain_container(value)))
 
 
 def _attributes(value) -> dict:
