@@ -604,9 +604,9 @@ class Batcher:
             if count == "first_target":  # 1 where a sequence's first entry is a target (not -100)
                 if not np.issubdtype(flat.dtype, np.integer):
                     return None
-                starts = np.cumsum(lengths) - lengths
-                lengths = (lengths > 0) & (flat[np.minimum(starts, max(len(flat) - 1, 0))] != -100 if len(flat)
-                                           else np.zeros(len(lengths), dtype=bool))
+                starts, filled = np.cumsum(lengths) - lengths, lengths > 0
+                lengths = np.zeros(len(lengths), dtype=np.int64)
+                lengths[filled] = flat[starts[filled]] != -100
             elif count != "width":
                 if count == "targets" and not np.issubdtype(flat.dtype, np.integer):
                     return None  # (float labels: multi-hot rows, not targets by position)

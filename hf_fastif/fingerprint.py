@@ -270,7 +270,9 @@ def _describe_value(value, depth: int = 0):
 
 
 def _plain_attribute(value) -> bool:
-    return (value is None or isinstance(value, (*_PLAIN, torch.Tensor, np.ndarray, nn.Module))
+    """Values `_describe_value` describes by their content: plain values, tensors, arrays, modules, containers of
+    plain values (an object's attributes and a function's globals)."""
+    return (isinstance(value, (*_PLAIN, torch.Tensor, np.ndarray, nn.Module))
             or (isinstance(value, (list, tuple, dict)) and _plain_container(value)))
 
 
@@ -332,8 +334,7 @@ def _read_globals(fn, depth: int) -> dict:
         value = scope[name]
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
-        hashed = (isinstance(value, (*_PLAIN, torch.Tensor, np.ndarray, nn.Module, functools.partial))
-                  or inspect.isfunction(value) or (isinstance(value, (list, tuple, dict)) and _plain_container(value)))
+        hashed = _plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
         out[name] = _describe_value(value, depth) if hashed and depth <= 3 else type(value).__qualname__
     return out
 

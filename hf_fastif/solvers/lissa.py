@@ -95,9 +95,13 @@ class GrowthMonitor:
             return None
         recent = torch.stack(self._ends[-(self.rising + 1):])
         rising = (recent[1:] > recent[:-1]).all(0)
-        ratio = norms / (self.envelope * self.v_norm).clamp_min(torch.finfo(torch.float64).tiny)
+        ratio = self.ratio(norms)
         diverging = rising & (ratio > self.factor)
         return ratio if bool(diverging.any()) else None
+
+    def ratio(self, norms: torch.Tensor) -> torch.Tensor:
+        """``‖h_j‖ / E_j`` per vector, at the last step `update` counted."""
+        return norms.detach().double() / (self.envelope * self.v_norm).clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
@@ -152,7 +156,7 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         growth = monitor.update(norms)
         if growth is not None:
             raise LissaDivergenceError(_divergence_message(j, float(growth.max()), damping, scale, top_eigenvalue))
-    final = (h.norm(dim=-1).double() / (monitor.envelope * monitor.v_norm).clamp_min(torch.finfo(torch.float64).tiny))
+    final = monitor.ratio(h.norm(dim=-1))
     if float(final.max()) > FINAL_GROWTH_LIMIT:  # the windows' monitor needs 7 windows (56+ steps) to speak
         raise LissaDivergenceError(_divergence_message(depth, float(final.max()), damping, scale, top_eigenvalue,
                                                        final=True))
