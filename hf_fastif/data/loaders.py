@@ -107,7 +107,10 @@ def _read_local(path: Path) -> tuple[pd.DataFrame, list[str] | None]:
     """Read a data file as strings-or-ints; also the label names stored in a parquet schema, if any."""
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".txt", ".csv"):
-        frame = _read_tsv(path) if suffix != ".csv" else pd.read_csv(path, dtype=str, keep_default_na=False)
+        try:
+            frame = _read_tsv(path) if suffix != ".csv" else pd.read_csv(path, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:  # ("No columns to parse from file": the caller names the empty file)
+            frame = pd.DataFrame()
         frame.attrs["delimited"] = True  # (empty fields are missing values)
         return frame, None
     if suffix in (".jsonl", ".json"):
@@ -200,7 +203,11 @@ def _load(source: Path | str, split: str) -> tuple[pd.DataFrame, list[str] | Non
     """Read a resolved source: a local file, or a Hub id through `datasets.load_dataset`."""
     if isinstance(source, Path):
         logger.info(f"Loading {source} (local file; split {split!r} ignored).")
-        return _read_local(source)
+        frame, file_names = _read_local(source)
+        if not len(frame.columns):  # an empty file: no header to name columns by
+            raise ValueError(f"{str(source)!r} gives no data: it is empty (no header, no rows). Pass a file with "
+                             "labelled rows.")
+        return frame, file_names
     logger.info(f"Loading {source!r} split {split!r} from the Hugging Face Hub.")
     dataset = datasets.load_dataset(source, split=split)  # looked up at call time, so tests can stand in for it
     return dataset.to_pandas(), _label_names_from_features(dataset.features)

@@ -379,6 +379,17 @@ def test_mnli_missing_columns(tmp_path):
         load_mnli(path)
 
 
+def test_empty_files_are_named_as_empty(tmp_path):
+    """An empty jsonl / json list was refused as "Expected NLI columns ... found []" (as if its columns were
+    wrong), an empty csv with pandas' "No columns to parse from file"."""
+    for name, text in (("a.jsonl", ""), ("b.json", "[]"), ("c.csv", ""), ("d.csv", "\n"), ("e.tsv", ""),
+                       ("f.txt", "")):
+        (tmp_path / name).write_text(text)
+        for load in (load_mnli, load_anli, load_hans):
+            with pytest.raises(ValueError, match=f"{name}' gives no data: it is empty"):
+                load(tmp_path / name)
+
+
 # ---------------------------------------------------------------------------------------------- ANLI
 def test_anli_official_jsonl(tmp_path):
     records = [
