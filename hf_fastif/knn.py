@@ -11,10 +11,13 @@ import torch
 from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .batches import Batcher
 from .trunk import forward_context, model_inputs, transformers_model
 from .utils import quiet_datasets
+
+logger = logging.get_logger(__name__)
 
 INDEX_NAME = "features"
 FeatureFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -174,4 +177,18 @@ def search(index: Dataset, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.
     """The k nearest rows of each query: ``(scores, ids)``, each ``(q, k)``, nearest first."""
     with quiet_datasets():
         result = index.search_batch(INDEX_NAME, np.ascontiguousarray(queries, dtype=np.float32), k=k)
-    return np.asarray(result.total_scores), np.asarray(result.total_indices)
+    ids = np.asarray(result.total_indices)
+    warn_short(ids, min(k, index.get_index(INDEX_NAME).faiss_index.ntotal), "the kNN index")
+    return np.asarray(result.total_scores), ids
+
+
+def warn_short(ids: np.ndarray, wanted: int, what: str) -> None:
+    """Warn when an approximate faiss index found fewer than ``wanted`` rows for a query (its ids hold -1): an IVF
+    index searches one list by default, so a call got fewer candidates than ``influence_knn_k`` without a word."""
+    short = np.flatnonzero((ids >= 0).sum(1) < wanted)
+    if len(short):
+        found = int((ids[short[0]] >= 0).sum())
+        logger.warning(f"{what.capitalize()} found fewer than k = {wanted} rows for {len(short)} of {len(ids)} "
+                       f"test row(s) (e.g. {found} for test row {int(short[0])}): an approximate index (IVF) searches "
+                       "one list by default. Those rows are scored over fewer candidates; use influence_knn_index="
+                       "'Flat', or fewer lists, for every k rows.")

@@ -3,6 +3,7 @@ depend on changed. The trunk cache changes no number."""
 
 import copy
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from hf_fastif import InfluenceEngine, InfluenceTrainer, compute_influences
 from hf_fastif.fingerprint import callable_fingerprint, model_fingerprint
@@ -512,6 +514,27 @@ def test_index_settings_that_cannot_work_fail_before_s_test(data, pad_collator, 
     assert len(builds) == 2 and all(row["build_s"] > 0 for row in rows)
 
 
+def test_an_approximate_index_that_finds_fewer_than_k_rows_says_so(data, pad_collator, caplog):
+    """An IVF index searches one list by default: a call asked for k candidates got fewer, without a word."""
+    model, train, test = data
+    hf_logging.enable_propagation()
+    for features, extra in (("auto", {}), ("gradient", {"influence_projection_dim": 64})):
+        caplog.clear()
+        args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=30, influence_knn_features=features,
+                                 influence_knn_index="IVF8,Flat", **extra)
+        with caplog.at_level(logging.WARNING):
+            table = compute_influences(model, train, test, args, data_collator=pad_collator)
+        sizes = table.to_pandas().groupby("test_id").size()
+        assert sizes.min() < 30 and "found fewer than k = 30 rows" in caplog.text, (features, sizes.tolist())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            compute_influences(model, train, test, default_arguments(
+                **BASE, influence_solver="cg", influence_knn_k=30, influence_knn_features=features, **extra),
+                data_collator=pad_collator)
+        assert "found fewer than k" not in caplog.text  # an exact index: every k rows, no warning
+    hf_logging.disable_propagation()
+
+
 def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
     model, train, test = data
     table = compute_influences(model, train, test, default_arguments(
@@ -627,10 +650,6 @@ def test_a_loaded_gradient_index_not_yet_read_is_saved_again(data, pad_collator,
 def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tmp_path, caplog):
     """Caches only save time: a folder that cannot be read (a truncated array, a damaged manifest) loads nothing,
     says so, and leaves the engine's own caches as they were; the call still gives the same numbers."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
     model, train, test = data
     args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=None)
     first = InfluenceEngine(model, args, data_collator=pad_collator)
