@@ -212,7 +212,10 @@ def attempt(call):
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}
 if step == "push":
-    InfluenceTable.load(folder).push_to_hub("test-user/public", shard_rows=50)
+    pushed = attempt(lambda: InfluenceTable.load(folder).push_to_hub("test-user/public", shard_rows=50))
+    if "error" in pushed:
+        print(json.dumps(pushed))
+        sys.exit()
     out = {"private": attempt(lambda: InfluenceTable.load(folder).push_to_hub("test-user/public", private=True)),
            "damaged": attempt(lambda: InfluenceTable.load(folder + "_damaged").push_to_hub("test-user/other"))}
 else:
@@ -282,3 +285,16 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     assert cut["error"].startswith("InfluenceTableError") and "Run it again" in cut["error"]
     hub_server.damage("test-user/public", path, good)
     assert run_client_json(CHECKED, hub_server, tmp_path / "c", args=["pull", ""]) == {"rows": expected}
+
+    # online but without a network (a pull cut off after its metadata): the client falls back on the cached folder
+    # even when forced, and the second failure was blamed on the Hub's copy ("push the table again"); a push raised
+    # the HTTP library's own ConnectError (huggingface_hub 2 uses httpx2, not httpx)
+    run_client("from huggingface_hub import hf_hub_download\n"
+               "hf_hub_download('test-user/public', 'influence_metadata.json', repo_type='dataset')",
+               hub_server, tmp_path / "e")
+    hub_server.stop()
+    cut_off = run_client_json(CHECKED, hub_server, tmp_path / "e", args=["pull", ""])
+    assert "is incomplete" in cut_off["error"] and "the Hub cannot be reached (ConnectError" in cut_off["error"]
+    assert "the copy on the Hub is damaged" not in cut_off["error"]
+    pushed = run_client_json(CHECKED, hub_server, tmp_path / "e", args=["push", str(tmp_path / "v1")])
+    assert pushed["error"].startswith("InfluenceTableError: Could not reach the Hub to push"), pushed

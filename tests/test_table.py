@@ -481,9 +481,37 @@ def test_from_arrays_takes_columns_by_position_and_refuses_what_it_would_misread
         assert (rows.train_premise == "row" + rows.train_id.astype(str)).all()
     for arrays, message in ((([0, 0], [1, 2, 3], [0.1, 0.2]), "arrays of one length"),
                             (([0.7, 1.5], [1, 2], [0.1, 0.2]), "test_id must hold whole numbers"),
-                            (([0, 0], [1, 1], [0.1, -0.2]), "the pair test_id 0, train_id 1 2 times")):
+                            (([0, 0], [1, 1], [0.1, -0.2]), "the pair test_id 0, train_id 1 2 times"),
+                            # ids int64 cannot hold wrapped round to other, negative ids (two floats to one)
+                            ((np.array([2**63 + 5], dtype=np.uint64), [0], [0.5]), "test_id holds ids out of range"),
+                            (([0, 0], [1e19, 2e19], [0.1, 0.2]), "train_id holds ids out of range")):
         with pytest.raises(InfluenceTableError, match=message):
             InfluenceTable.from_arrays(*arrays)
     with pytest.raises(InfluenceTableError, match="arrays of one length"):
         InfluenceTable.from_arrays([0, 0], [1, 2], [0.1, 0.2], train_premise=["a", "b", "c"])
     assert InfluenceTable.from_arrays(np.array([0.0, 1.0]), [1, 2], [0.1, 0.2]).test_ids == [0, 1]  # whole floats
+
+
+def test_an_empty_table_a_reserved_metadata_key_and_deleted_shards_are_said(tmp_path):
+    """An empty table's `.dataset` said "corrupt" once saved (datasets cannot read a parquet file without rows) and
+    could be pushed, with a card whose load_dataset failed; a metadata entry named 'storage' was dropped without a
+    word; shards deleted under a loaded table (a cleaned cache) gave bare FileNotFoundErrors."""
+    from hf_fastif.table.hub import push_table
+
+    empty = InfluenceTable.from_arrays([], [], [])
+    loaded = InfluenceTable.load(empty.save(tmp_path / "empty"), verify=True)
+    assert len(loaded.dataset) == 0 and loaded.dataset.column_names == empty.dataset.column_names
+    with pytest.raises(InfluenceTableError, match="The table has no rows; nothing was pushed"):
+        push_table(loaded, "test-user/empty")  # (refused before any request: this process runs offline)
+    with pytest.raises(InfluenceTableError, match="The metadata key 'storage' is reserved"):
+        InfluenceTable.from_arrays([0], [1], [0.5], {"storage": {"bucket": "b"}})
+
+    table = InfluenceTable.from_arrays(np.repeat([0, 1, 2], 4), np.tile(np.arange(4), 3), np.arange(12.0))
+    folder = table.save(tmp_path / "t", shard_rows=4)
+    loaded = InfluenceTable.load(folder)
+    assert len(loaded.lowest(0, 2)) == 2
+    for shard in (folder / "data").iterdir():
+        shard.unlink()
+    for query in (lambda: loaded.lowest(2, 2), loaded.verify, lambda: loaded.dataset):
+        with pytest.raises(InfluenceTableError, match="was deleted since this table was loaded"):
+            query()

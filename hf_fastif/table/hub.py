@@ -7,12 +7,12 @@ in an error message."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -30,6 +30,22 @@ if TYPE_CHECKING:
     from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """A network failure as the Hub client raises it: `ConnectionError` (offline mode's OfflineModeIsEnabled too),
+    and the transport errors of its HTTP library (httpx for huggingface_hub 1.x, httpx2 for 2.x: neither subclasses
+    the other's)."""
+    errors: list[type[BaseException]] = [ConnectionError]
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+TRANSPORT_ERRORS = _transport_errors()
 
 
 def _status(err: Exception) -> int | None:
@@ -84,6 +100,9 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
             raise InfluenceTableError(f"No dataset repo {repo_id!r} this token can see (it does not exist yet, or it is "
                                       f"private: pass token=... with access), so no branch {revision!r} in it: push "
                                       "without revision first (to main), then create the branch. Nothing was created.")
+        if not len(table):  # (datasets cannot read a parquet file without rows: the card's load_dataset would fail)
+            raise InfluenceTableError(f"The table has no rows; nothing was pushed to dataset repo {repo_id!r}. Build "
+                                      "it with test and training rows first.")
         table.verify()  # a shard damaged on disk would be uploaded with new sha256s, and pass every later check
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if private and not api.repo_info(url.repo_id, repo_type="dataset").private:
@@ -106,7 +125,7 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
                                   f"HTTP {_status(err)}.{hint}") from err
     except HFValidationError as err:
         raise InfluenceTableError(f"{repo_id!r} is not a valid Hub repo id (expected 'user/name').") from err
-    except (ConnectionError, httpx.TransportError) as err:  # offline mode (OfflineModeIsEnabled), no network
+    except TRANSPORT_ERRORS as err:  # offline mode (OfflineModeIsEnabled), no network
         raise InfluenceTableError(f"Could not reach the Hub to push the influence table to dataset repo {repo_id!r} "
                                   f"({type(err).__name__}: {err}). Go online (HF_HUB_OFFLINE unset) and push again; "
                                   "the table on disk is unchanged.") from err
@@ -134,6 +153,21 @@ def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) ->
 def offline() -> bool:
     """Whether the Hub client runs offline (``HF_HUB_OFFLINE``): nothing can be downloaded again."""
     return bool(constants.is_offline_mode())
+
+
+def unreachable(repo_id: str, revision: str, token: str | None = None) -> str | None:
+    """Why the Hub cannot serve ``repo_id`` at ``revision`` now (offline mode, no network), or None when it answers.
+    A forced download of a commit already in the cache falls back on the cached folder when the Hub cannot be
+    reached, so a download that "fails again" proves nothing about the Hub's copy unless the Hub answered."""
+    if offline():
+        return "HF_HUB_OFFLINE=1"
+    try:
+        HfApi(token=token).repo_info(repo_id, repo_type="dataset", revision=revision)
+    except (*TRANSPORT_ERRORS, LocalEntryNotFoundError) as err:
+        return f"{type(err).__name__}: {err}"
+    except HfHubHTTPError:
+        return None  # it answered (the download's own errors say what the answer means)
+    return None
 
 
 def download_table(repo_id: str, *, revision: str | None = None, token: str | None = None,

@@ -90,7 +90,9 @@ def order_key(test_id: int, influence: float | None) -> tuple[int, bool, float]:
 def complete_metadata(metadata: dict | None) -> dict:
     """The metadata as plain JSON values, with the schema version, library and creation time filled in."""
     metadata = json.loads(to_json(dict(metadata or {})))
-    metadata.pop(STORAGE_KEY, None)
+    if STORAGE_KEY in metadata:  # (it was dropped without a word: the file's own facts are written under it)
+        raise InfluenceTableError(f"The metadata key {STORAGE_KEY!r} is reserved: a saved table writes its shards' "
+                                  "sizes and sha256 under it. Put that entry under another name.")
     metadata.setdefault("schema_version", SCHEMA_VERSION)
     metadata.setdefault("library", LIBRARY)
     metadata.setdefault("library_version", library_version())
@@ -284,15 +286,24 @@ class ShardReader:
                 raise DamagedShardError(f"The shard {f} is corrupt: its sha256 differs from {METADATA_FILE}. "
                                         "Download or rebuild the table.")
 
+    def _gone(self, f: int) -> InfluenceTableError:
+        return InfluenceTableError(f"{self.files[f]} was deleted since this table was loaded (a cleaned cache, a "
+                                   "removed folder); download or load the table again.")
+
     def _check_unchanged(self, f: int) -> None:
         """Refuse file ``f`` if it is no longer the file this table was loaded from."""
+        if not self.files[f].exists():
+            raise self._gone(f)
         if self._identities is not None and _identity(self.files[f]) != self._identities[f]:
             raise InfluenceTableError(f"{self.files[f]} was written over since this table was loaded (another table "
                                       f"was saved into {self.directory}); load the table again.")
 
     def _file(self, f: int) -> pq.ParquetFile:
         if f not in self._open:
-            handle = pq.ParquetFile(self.files[f], memory_map=True)
+            try:
+                handle = pq.ParquetFile(self.files[f], memory_map=True)
+            except FileNotFoundError:
+                raise self._gone(f) from None
             try:
                 self._check_unchanged(f)  # (checked once open: a replacement after this does not reach the handle)
             except InfluenceTableError:
@@ -351,6 +362,8 @@ class ShardReader:
         # whether or not a query opened it since
         for f in range(len(self.files)):
             self._check_unchanged(f)
+        if not self.num_rows:  # (datasets cannot read a parquet file without rows: "BatchSize must be greater than 0")
+            return Dataset(self.schema.empty_table())
         with quiet_datasets():
             try:
                 dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")

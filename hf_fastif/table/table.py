@@ -196,8 +196,8 @@ class InfluenceTable:
         settings, diagnostics = md.get("settings") or {}, md.get("diagnostics") or {}
         k, method = settings.get("influence_knn_k"), diagnostics.get("candidates")
         total = (md.get("candidate_data") or {}).get("num_rows")
-        if k is None or method in (None, "all"):
-            return None
+        if k is None or method in (None, "all") or (isinstance(total, int) and k >= total):
+            return None  # (k >= the rows: every row was scored, the counts are the training set's)
         of = f" of the {total:,} training rows" if isinstance(total, int) else ""
         if method == "gradient":
             return (f"Candidates: the {k:,}{of} whose projected gradient points most along -s_test (half) and along "
@@ -350,10 +350,11 @@ class InfluenceTable:
         except DamagedShardError as err:  # a newer schema or a bad metadata file is not downloaded again
             if force_download:
                 raise
-            if hub.offline():
-                raise DamagedShardError(f"{err} The cached copy in {folder} is damaged and the Hub cannot be reached "
-                                        "(HF_HUB_OFFLINE=1): go online to download it again, or delete that "
-                                        "folder.") from err
+            why = hub.unreachable(repo_id, folder.name, token)
+            if why is not None:
+                raise DamagedShardError(f"{err} The cached copy in {folder} is damaged or incomplete and the Hub cannot "
+                                        f"be reached ({why}): go online and run it again to download it again, or "
+                                        "delete that folder.") from err
             logger.warning(f"The cached copy of {repo_id} in {folder} failed its check ({err}); downloading it again.")
         folder = download(True)
         try:
@@ -422,12 +423,17 @@ def _text_columns(table: pa.Table, train_dataset: Dataset | None, test_dataset: 
 
 def _whole_ids(ids: np.ndarray, name: str) -> np.ndarray:
     """``ids`` as int64: integers, or floats that are whole numbers (a float column of pandas); others refused (0.7
-    and 1.5 became 0 and 1)."""
-    if ids.dtype.kind in "iu":
-        return ids.astype(np.int64)
-    if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
-        return ids.astype(np.int64)
+    and 1.5 became 0 and 1), and so are ids int64 cannot hold (uint64 past 2**63, floats past 2**53)."""
     if not len(ids):
         return ids.astype(np.int64)
+    whole = ids.dtype.kind in "iu" or (ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all())
+    # (uint64 past 2**63 and floats past 2**53, where a float is no longer one whole number, wrapped to other ids)
+    limit = np.iinfo(np.int64).max if ids.dtype.kind in "iu" else 2.0 ** 53
+    if whole and (ids.dtype.kind == "i" or np.abs(ids).max() <= limit):
+        return ids.astype(np.int64)
+    if whole:
+        raise InfluenceTableError(f"from_arrays: {name} holds ids out of range (largest magnitude "
+                                  f"{np.abs(ids).max().item()}): row ids are int64, and floats are exact up to 2**53 "
+                                  "(as int64 they would wrap round to other, negative ids).")
     raise InfluenceTableError(f"from_arrays: {name} must hold whole numbers (row ids); got {ids.dtype} values such as "
                               f"{ids[:3].tolist()}.")
