@@ -87,7 +87,7 @@ changed nothing), candidates from the gradient index (a 4,096-bucket count sketc
 higher recall than [CLS] kNN), and exact JVP scoring of the k candidates. The table's own influence parameters, λ
 and L2 term are kept. docs/space.md has the measurements (``python -m benchmarks.space_latency --quality``)."""
 LIVE_FROM_TABLE = ("influence_params", "influence_damping", "influence_scale", "influence_weight_decay",
-                   "influence_weight_decay_in_gradients", "influence_seed")
+                   "influence_weight_decay_in_gradients", "influence_seed", "label_smoothing_factor")
 """Settings of a table that its live explanations keep (what decides the numbers, apart from the solver)."""
 CACHED = ("trunk", "low_rank", "gradient_index")
 """The engine caches a warm start needs (`InfluenceEngine.load_caches` names)."""
@@ -864,6 +864,11 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
         if differs:
             notices.append(f"Live explanations compute influence with other settings than this table ({differs}): a "
                            "typed copy of a table row can get other rows and values than the table shows.")
+        own = own_functions(table) if explainer is not None else ""
+        if own:
+            notices.append(f"This table was computed with {own}; live explanations use the model's default loss for "
+                           "both, so their values measure another quantity than the table's (and can read the other "
+                           "way round).")
     return SpaceState.from_table(table, label, explainer, notices)
 
 
@@ -887,6 +892,14 @@ def settings_differ(table_settings: dict, explainer: Explainer | None) -> str:
     keys = ("influence_solver", "influence_knn_features")  # k: a slider of each request
     return ", ".join(f"{key.removeprefix('influence_')} {table_settings.get(key)} here vs {explainer.settings.get(key)} "
                      "live" for key in keys if table_settings.get(key) != explainer.settings.get(key))
+
+
+def own_functions(table: InfluenceTable) -> str:
+    """The functions of its own a table was computed with (``loss_fn`` / ``measurement_fn``, as its metadata records
+    them), which the live engine cannot rebuild, or ""."""
+    functions = table.metadata.get("functions") or {}
+    return " and ".join(f"a {key} of its own ({(functions[key] or {}).get('name')})"
+                        for key in ("loss_fn", "measurement_fn") if functions.get(key))
 
 
 def warm_up_stage(explainer: Explainer) -> str:
@@ -966,6 +979,7 @@ class Startup:
         self.stages: list[dict] = []
         self._begun = time.perf_counter()
         self._stage_started = self._begun
+        self._finished: float | None = None  # (the start's duration stays what it was once it is over)
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -988,6 +1002,7 @@ class Startup:
             self._progress(None)
             self.error = f"{type(err).__name__}: {err}"
         finally:
+            self._finished = time.perf_counter()
             self._done.set()
 
     def _progress(self, stage: str | None) -> None:
@@ -1019,7 +1034,7 @@ class Startup:
             "ready": state is not None, "failed": self.error is not None,
             "stage": (stages[-1]["stage"] if stages and stages[-1]["seconds"] is None else
                       None if state is not None or self.error is not None else "starting"),
-            "stages": stages, "elapsed_s": round(time.perf_counter() - self._begun, 3),
+            "stages": stages, "elapsed_s": round((self._finished or time.perf_counter()) - self._begun, 3),
             "notices": list(state.notices) if state is not None else [], "error": self.error,
             "source": state.source if state is not None else None,
             "live": state is not None and state.explainer is not None,

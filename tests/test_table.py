@@ -515,3 +515,13 @@ def test_an_empty_table_a_reserved_metadata_key_and_deleted_shards_are_said(tmp_
     for query in (lambda: loaded.lowest(2, 2), loaded.verify, lambda: loaded.dataset):
         with pytest.raises(InfluenceTableError, match="was deleted since this table was loaded"):
             query()
+
+
+def test_the_candidates_note_is_dropped_when_k_covers_every_row():
+    """At k >= the candidate rows every row is scored and the counts are the training set's, but the note still
+    said they showed the choice of candidates."""
+    for rows, expected in ((10, True), (4, False)):
+        table = InfluenceTable.from_arrays([0] * 4, [0, 1, 2, 3], [-1.0, -0.5, 0.5, 1.0], {
+            "settings": {"influence_knn_k": 4}, "diagnostics": {"candidates": "gradient"},
+            "candidate_data": {"num_rows": rows}})
+        assert (table.candidates_note() is not None) == expected

@@ -97,6 +97,9 @@ def test_the_page_is_served_at_once_and_fills_in_when_ready(app) -> None:
     stages = [s["stage"] for s in status["stages"]]
     assert any("training the tiny model" in s for s in stages) and any("influence table" in s for s in stages)
     assert all(s["seconds"] is not None and s["seconds"] >= 0 for s in status["stages"])
+    # the start's duration, fixed once it is over (it grew with every later visit: "started in 3,600 s" an hour on)
+    time.sleep(1.1)
+    assert _client(url).predict(api_name="/status")["elapsed_s"] == status["elapsed_s"]
     # a fresh build computed the table with the live engine and saved its caches next to the table
     build = Path(os.environ["HF_FASTIF_SPACE_CACHE"]) / KIND
     assert {"table", "model", "engine", "ready.json", "train.parquet"} <= {p.name for p in build.iterdir()}
@@ -375,6 +378,23 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
     assert state.explainer is not None and len(state.notices) == 2 and "Live explanations use" in state.notices[0]
     assert "other settings than this table (solver lissa here vs arnoldi live, knn_features auto here vs gradient " \
            "live)" in state.notices[1]
+
+    # a table built with the Trainer's label smoothing: the live loss kept none (values 51-87% off, no notice); and
+    # one computed with a loss of its own, which the live engine cannot rebuild, is said to measure another quantity
+    smoothed = InfluenceTable.load(build / "table")
+    smoothed.metadata["settings"] |= {"label_smoothing_factor": 0.2}
+    smoothed.metadata["functions"] = {"loss_fn": {"name": "focal_loss", "module": "mine", "fingerprint": "f"},
+                                      "measurement_fn": None}
+    smoothed.save(tmp_path / "smoothed_table")
+    plain = load_state(str(build / "table"), model=str(build / "model"))
+    state = load_state(str(tmp_path / "smoothed_table"), model=str(build / "model"))
+    assert state.explainer.settings["label_smoothing_factor"] == 0.2
+    assert state.explainer._arguments(20).label_smoothing_factor == 0.2
+    assert "computed with a loss_fn of its own (focal_loss)" in state.notices[-1]
+    assert not any("of its own" in notice for notice in plain.notices)
+    pair = ("The judge slept.", "The judge slept.", 0, 20, 3)
+    smoothed_rows, plain_rows = (s.explainer.explain(*pair).helpful for s in (state, plain))
+    assert smoothed_rows.influence.tolist() != plain_rows.influence.tolist()
 
     # another model: the table is shown, live explanations are off, and the page says why
     tiny_model("bert", dtype=torch.float32).save_pretrained(tmp_path / "other")
