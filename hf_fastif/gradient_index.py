@@ -34,7 +34,6 @@ from . import distributed as D
 from .hvp import batch_gradient
 from .knn import index_error, warn_short
 from .loss import FunctionalModel
-from .params import decayed_names
 from .utils import file_digest
 
 logger = logging.get_logger(__name__)
@@ -283,7 +282,7 @@ def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], bat
                                reduction="none")
         sketch.add_flat(out, recorder.other, grads)
     if fm.decayed and fm.l2_in_gradients:
-        decay = {n: 2.0 * fm.weight_decay * params[n].detach().reshape(1, -1) for n in decayed_names(list(params))}
+        decay = {n: 2.0 * fm.weight_decay * params[n].detach().reshape(1, -1) for n in fm.decayed}
         row = torch.zeros(1, sketch.dim, dtype=sketch.dtype, device=out.device)
         for name, value in decay.items():
             sketch.add(row, name, value)

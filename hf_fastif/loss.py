@@ -211,7 +211,7 @@ class FunctionalModel:
         self.loss_fn = loss_fn or make_default_loss(model, label_smoothing)
         self.measurement_fn = measurement_fn
         self.weight_decay = float(weight_decay)
-        self.decayed = decayed_names(self.names) if self.weight_decay else []
+        self.decayed = decayed_names(self.names, model) if self.weight_decay else []
         self.l2_in_gradients = bool(l2_in_gradients)
         self.aliases = tied_aliases(model)
 

@@ -15,6 +15,7 @@ logger = logging.get_logger(__name__)
 PAPER_BERT_PARAMS = [r"encoder\.layer\.(10|11)\.", r"pooler\.", r"classifier\."]
 
 _NO_DECAY = re.compile(r"(^|\.)bias$|layer_?norm|LayerNorm|\.ln_|norm\.weight$", re.IGNORECASE)
+_NORM_CLASS = re.compile(r"Norm(\dd)?$")  # (not Baichuan's NormHead, an LM head)
 
 
 def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -69,9 +70,20 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
     return {n: p.detach() for n, p in chosen}
 
 
-def decayed_names(names: Sequence[str]) -> list[str]:
-    """Names that get the explicit L2 term (not biases or normalisation weights, as in the reference code)."""
-    return [n for n in names if not _NO_DECAY.search(n)]
+def decayed_names(names: Sequence[str], model: nn.Module | None = None) -> list[str]:
+    """Names that get the explicit L2 term: not biases or normalisation weights, as in the reference code and the
+    Trainer's weight decay. By name, and with ``model`` also by the owning module's type (a class whose name ends in
+    ``Norm``: LayerNorm, LlamaRMSNorm, BatchNorm1d):
+    PEFT's copies of a norm (``model.norm.modules_to_save.default.weight``) and names such as MPT's ``norm_1`` escape
+    the name rule, and got the L2 term."""
+    def in_a_norm(name: str) -> bool:
+        owner, _, _ = name.rpartition(".")
+        try:
+            return _NORM_CLASS.search(type(model.get_submodule(owner)).__name__) is not None
+        except AttributeError:
+            return False
+
+    return [n for n in names if not _NO_DECAY.search(n) and not (model is not None and in_a_norm(n))]
 
 
 def num_parameters(params: dict[str, torch.Tensor]) -> int:

@@ -261,3 +261,52 @@ def test_merged_or_disabled_adapters_are_named_in_the_refusal(tmp_path):
     model.unmerge_adapter()
     with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
         InfluenceEngine(model, _args(tmp_path), data_collator=collator).compute_influences(train, test)
+
+
+def test_a_norm_that_peft_renames_gets_no_l2_term(tmp_path):
+    """The L2 term is not on norm weights (docs/usage.md), but the name rule missed PEFT's copy of a norm
+    (``model.norm.modules_to_save.default.weight``): it was decayed, 0.28 off the documented objective at λ 0.3."""
+    import re
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hf_fastif.params import decayed_names
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32, num_labels=3, pad_token_id=0,
+                         attn_implementation="eager")
+    model = peft.get_peft_model(LlamaForSequenceClassification(config).double(), peft.LoraConfig(
+        task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"]))
+    model = model.double().eval()
+    patterns = [r"model\.norm\.modules_to_save", r"score\.modules_to_save"]
+    names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)]
+    assert decayed_names(names) == names  # by name alone the norm's copy is decayed
+    assert [n for n in names if "norm" not in n] == decayed_names(names, model) == [
+        n for n in names if n.startswith("base_model.model.score.")]
+
+    collator = pad_collator_for_tests()
+    train, test = make_token_dataset(16, seed=1, num_labels=3), make_token_dataset(2, seed=2, num_labels=3)
+    wd, lam = 0.05, 0.3
+    args = _args(tmp_path, influence_params=patterns, influence_damping=lam, influence_weight_decay=wd)
+    got = _matrix(InfluenceEngine(model, args=args, data_collator=collator).compute_influences(train, test),
+                  len(train), len(test))
+    params = dict(model.named_parameters())
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+    decayed = torch.cat([torch.full((params[n].numel(),), float("norm" not in n), dtype=flat.dtype) for n in names])
+
+    def losses(vector, rows):
+        values = dict(zip(names, (t.reshape(params[n].shape) for n, t in zip(names, vector.split(sizes)))))
+        batch = collator([rows[i] for i in range(len(rows))])
+        labels = batch.pop("labels")
+        logits = torch.func.functional_call(model, values, (), batch).logits
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    hessian = torch.autograd.functional.hessian(lambda v: losses(v, train).mean() + wd * (decayed * v * v).sum(), flat)
+    test_grads = torch.autograd.functional.jacobian(lambda v: losses(v, test), flat)
+    train_grads = torch.autograd.functional.jacobian(lambda v: losses(v, train), flat)
+    s_test = torch.linalg.solve((hessian + hessian.T) / 2 + lam * torch.eye(len(flat), dtype=flat.dtype),
+                                test_grads.T)
+    expected = -(train_grads @ s_test).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
