@@ -27,13 +27,21 @@ def _gradient(outputs: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kwarg
     if unused:
         raise ValueError(
             f"{len(unused)} influence parameter(s) take no part in the loss's autograd graph: {', '.join(unused[:4])}"
-            f"{', ...' if len(unused) > 4 else ''} (a pooler the classification head does not read, for instance; "
-            "PEFT adapters that are merged into the base weights or disabled, which the forward then skips: unmerge "
-            "or enable them; or layers whose gradients the model computes by hand inside a custom autograd.Function, "
-            "as Reformer's reversible layers do). Leave them out of influence_params: autograd gives them no "
-            "derivatives."
+            f"{', ...' if len(unused) > 4 else ''} ({_peft_hint(unused)}a pooler the classification head does not "
+            "read, for instance; PEFT adapters that are merged into the base weights or disabled, or not active "
+            "(model.active_adapters), which the forward then skips: unmerge, enable or activate them; or layers "
+            "whose gradients the model computes by hand inside a custom autograd.Function, as Reformer's reversible "
+            "layers do). Leave them out of influence_params: autograd gives them no derivatives."
         )
     return list(grads)
+
+
+def _peft_hint(unused: list[str]) -> str:
+    """What PEFT's copies among ``unused`` are (a pattern such as the paper's ``classifier\\.`` selects them)."""
+    if any(".original_module." in name for name in unused):
+        return ("PEFT's `original_module` is the frozen copy that `modules_to_save` replaces: select the "
+                r"`modules_to_save` copy instead, e.g. 'classifier\.modules_to_save'; ")
+    return ""
 
 
 def _batched_grad(outputs: torch.Tensor, inputs: list[torch.Tensor], grad_outputs: torch.Tensor,

@@ -35,7 +35,8 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
             raise ValueError(
                 "No parameter of the model has requires_grad=True; unfreeze some or pass influence_params "
                 "(regexes over parameter names). (Inside PEFT's `with model.disable_adapter():` no parameter "
-                "requires grad: pass influence_params there.)"
+                "requires grad: pass influence_params there. An adapter loaded with PeftModel.from_pretrained is "
+                "frozen unless is_trainable=True.)"
             )
     else:
         regexes = [re.compile(p) for p in patterns]

@@ -261,6 +261,11 @@ def test_merged_or_disabled_adapters_are_named_in_the_refusal(tmp_path):
     model.unmerge_adapter()
     with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
         InfluenceEngine(model, _args(tmp_path), data_collator=collator).compute_influences(train, test)
+    # the paper's `classifier\.` also selects PEFT's frozen original_module, which the forward skips: named as such
+    with pytest.raises(ValueError, match=r"PEFT's `original_module` is the frozen copy that `modules_to_save` "
+                                         r"replaces: select the `modules_to_save` copy instead"):
+        InfluenceEngine(model, _args(tmp_path, influence_params=[r"classifier\."]), data_collator=collator
+                        ).compute_influences(train, test)
 
 
 def test_a_norm_that_peft_renames_gets_no_l2_term(tmp_path):
