@@ -370,7 +370,9 @@ class InfluenceEngine:
                     f"loss (the head's plain one, hf_fastif.loss) is {ours:.6g}: the model computes its loss "
                     "otherwise (class weights, label smoothing or an extra term in its forward), so the influence "
                     "computed would be of another loss than the one it trains on. Pass loss_fn=(outputs, batch) -> "
-                    "per-row loss that matches it (InfluenceTrainer: influence_loss_fn=).")
+                    "per-row loss that matches it (InfluenceTrainer: influence_loss_fn=). A penalty on the "
+                    "parameters (AdaLoRA's orthogonal regularisation) cannot go through loss_fn, which runs outside "
+                    "the parameters' derivatives: an L2 term is influence_weight_decay, others are left out.")
         if self._own_loss.get(key) is not None:
             call.info["own_loss_differs"] = self._own_loss[key]
 

@@ -315,3 +315,23 @@ def test_a_norm_that_peft_renames_gets_no_l2_term(tmp_path):
                                 test_grads.T)
     expected = -(train_grads @ s_test).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
+def test_adalora_penalty_is_named_as_beyond_loss_fn(tmp_path):
+    """AdaLoRA adds its orthogonal regularisation to the loss its forward returns: the own-loss check warned and
+    advised a loss_fn that matches it, which silently changed nothing (a loss_fn runs outside the parameters'
+    derivatives, so a penalty on them is a constant there)."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    model = peft.get_peft_model(tiny_model("bert", num_labels=3), peft.AdaLoraConfig(
+        task_type="SEQ_CLS", init_r=3, target_r=2, target_modules=["query", "value"], total_step=100)).eval()
+    with torch.no_grad():  # AdaLoRA's singular values start at 0, and so would its penalty's effect on the loss
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0),
+                                              dtype=param.dtype))
+    train, test = make_token_dataset(8, seed=1, num_labels=3), make_token_dataset(1, seed=2, num_labels=3)
+    with CaptureLogger(logging.get_logger("hf_fastif.engine")) as captured:
+        InfluenceEngine(model, _args(tmp_path), data_collator=pad_collator_for_tests()).compute_influences(train, test)
+    assert "the model's own loss is" in captured.out and "cannot go through loss_fn" in captured.out
