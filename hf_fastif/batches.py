@@ -676,6 +676,11 @@ class Batcher:
                                  f"({features[0][label]!r}); labels must be class ids. Map them with the model's "
                                  "config.label2id, e.g. dataset.map(lambda r: {'label': model.config.label2id["
                                  "r['label']]}), or dataset.class_encode_column('label').") from err
+            text = [k for k, v in features[0].items() if isinstance(v, str) and k not in LABEL_COLUMNS]
+            if text:  # (a padding collator was given: it cannot make tensors of text)
+                raise ValueError(f"Could not collate rows into a batch ({err}): the rows keep text column(s) {text} "
+                                 "(remove_unused_columns=False keeps every column). Drop them "
+                                 "(dataset.remove_columns), or pass a data_collator that leaves them out.") from err
             default = self.padding_collator == PADDING_COLLATORS[None]
             raise ValueError(
                 f"Could not collate rows into a batch ({err}). Rows of different lengths need a padding "

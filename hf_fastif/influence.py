@@ -19,10 +19,23 @@ from .table import InfluenceTable
 
 
 def default_arguments(**overrides) -> InfluenceArguments:
-    """`InfluenceArguments` for use without a Trainer (no output is written to ``output_dir``)."""
+    """`InfluenceArguments` for use without a Trainer (no output is written to ``output_dir``), made without
+    disturbing a live `Trainer` or `Accelerator`: building `TrainingArguments` resets accelerate's shared state
+    (transformers' device set-up), after which the Trainer that converted its plain arguments here, or any
+    Accelerator of the caller, failed on its next step ("`AcceleratorState` object has no attribute
+    `distributed_type`"). That state is put back as it was."""
+    from accelerate.state import AcceleratorState, PartialState
+
     overrides.setdefault("output_dir", "hf_fastif_output")
     overrides.setdefault("report_to", "none")
-    return InfluenceArguments(**overrides)
+    saved = [(state, dict(state._shared_state)) for state in (AcceleratorState, PartialState)]
+    try:
+        return InfluenceArguments(**overrides)
+    finally:
+        for state, shared in saved:
+            if shared:  # (none yet: keep what the arguments set up, as plain TrainingArguments do)
+                state._shared_state.clear()
+                state._shared_state.update(shared)
 
 
 def compute_influences(

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from hf_fastif import InfluenceArguments, InfluenceTrainer, compute_influences
+from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer, compute_influences
 from tests.tiny import make_token_dataset, tiny_model
 
 
@@ -61,6 +61,15 @@ def test_plain_training_arguments_are_accepted(tmp_path, pad_collator):
     trainer.influence_args.influence_recursion_depth = 5
     trainer.influence_args.influence_scale = 100.0
     assert len(trainer.compute_influences(test)) == 5
+    # converting them built a second TrainingArguments, whose device set-up reset accelerate's shared state: the
+    # trainer's Accelerator then failed on train() and evaluate() ("no attribute `distributed_type`"), as any live
+    # Accelerator did after an InfluenceEngine(model) without args
+    trainer.args.max_steps, trainer.args.per_device_train_batch_size = 2, 4
+    trainer.train()
+    assert "eval_loss" in trainer.evaluate(train)
+    InfluenceEngine(trainer.model, data_collator=pad_collator)
+    trainer.train()
+    assert "eval_loss" in trainer.evaluate(train)
 
 
 def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
@@ -407,3 +416,15 @@ def test_a_loss_of_ones_own_may_mask_missing_targets(tmp_path, pad_collator):
         compute_influences(model, train, test, args, data_collator=pad_collator)
     table = compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=masked)
     assert np.isfinite(table.to_pandas().influence).all()
+
+
+def test_a_kept_text_column_is_named_when_rows_cannot_be_collated(tmp_path, pad_collator):
+    """remove_unused_columns=False keeps a text column, which the Trainer's own DataCollatorWithPadding cannot batch:
+    the error told the user to pass DataCollatorWithPadding, the collator already in use."""
+    add = lambda ds: ds.add_column("text", [f"row {i}" for i in range(len(ds))])  # noqa: E731
+    args = InfluenceArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True,
+                              remove_unused_columns=False, influence_knn_k=5)
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=add(make_token_dataset(20, seed=0)),
+                               processing_class=pad_collator.tokenizer)
+    with pytest.raises(ValueError, match=r"the rows keep text column\(s\) \['text'\] \(remove_unused_columns=False"):
+        trainer.compute_influences(add(make_token_dataset(2, seed=1)))
