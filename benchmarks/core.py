@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from hf_fastif.params import select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.utils import to_json, write_atomic
 
-from .arguments import parse_with_defaults
+from .arguments import output_folder, parse_with_defaults
 from .digits_anchor import ground_truth_anchor
 from .report import rows_table
 from .timing import median_seconds
@@ -56,6 +55,19 @@ def core_defaults(own: Namespace) -> dict:
         out |= dict(hidden_sizes=[32], num_candidates=32, loop_candidates=8, digits_train=200, digits_test=5,
                     lds_subsets=10)
     return out
+
+
+def validate(core: CoreArguments) -> None:
+    """Refuse sizes the benchmark cannot run, before any work starts."""
+    for name in ("num_candidates", "loop_candidates", "seq_len", "digits_train", "digits_test", "lds_subsets"):
+        if getattr(core, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(core, name)}.")
+    if core.loop_candidates > core.num_candidates:
+        raise ValueError(f"--loop_candidates {core.loop_candidates} exceeds --num_candidates {core.num_candidates}: "
+                         "the per-example loop times a subset of the candidates; lower it or raise --num_candidates.")
+    if not core.hidden_sizes or any(h < 4 or h % 4 for h in core.hidden_sizes):
+        raise ValueError(f"--hidden_sizes {core.hidden_sizes}: give positive multiples of 4 (the BERTs have 4 "
+                         "attention heads).")
 
 
 def scoring_benchmark(core: CoreArguments, batch_size: int) -> list[dict]:
@@ -105,6 +117,8 @@ def scoring_benchmark(core: CoreArguments, batch_size: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     core, args = parse_with_defaults((CoreArguments, InfluenceArguments), core_defaults, argv)
+    validate(core)
+    out = output_folder(args.output_dir)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     scoring = scoring_benchmark(core, args.influence_scoring_batch_size)
@@ -115,8 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n## Solvers on L2-regularised logistic regression (digits, {core.digits_test} test x "
           f"{core.digits_train} train)\n")
     print(rows_table(digits, ["solver", "seconds", "lambda", "spearman_vs_exact", "spearman_vs_loo", "lds"]))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     results = {"scoring": scoring, "digits": digits}
     write_atomic(out / "benchmark_core.json", to_json(results, indent=2))
     print(f"\nwrote {out / 'benchmark_core.json'}")

@@ -164,8 +164,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
             lambda: batch_gradient(fm, params, one, measurement=True, reduction="none"), calls)
     sample = Batcher(train.select(range(min(64, n))), validate_dataset(train, "train_dataset", model),
                      setup.collator, device)
-    feats = extract_features(model, sample, "auto", batch_size=64, progress=False)
-    out["feature"] = median_seconds(lambda: extract_features(model, sample, "auto", batch_size=64, progress=False),
+    features = args.influence_knn_features  # the run's kNN features (the paper table refuses "gradient")
+    feats = extract_features(model, sample, features, batch_size=64, progress=False)
+    out["feature"] = median_seconds(lambda: extract_features(model, sample, features, batch_size=64, progress=False),
                                     max(3, calls // 3)) / len(sample)
     rows = 20_000 if bench.quick else 100_000
     synthetic = np.random.default_rng(0).standard_normal((rows, feats.shape[1])).astype(np.float32)
@@ -200,7 +201,8 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
     """Seconds per test point of every row under `COST_MODEL` at ``scale``. ``fast``: the fast row's B, T
     and J (keys ``b``, ``t``, ``j``); ``fast_union``: distinct candidates scored per call of the rows that take m
     test points per call, "fast" and "low-rank" (the same kNN candidates; default: the worst case, disjoint sets,
-    m·k); ``more_processes``: extra "FastIF parallel (P=...)" rows."""
+    m·k); ``more_processes``: extra "FastIF parallel (P=..., ideal)" rows, named so whatever ``scale.processes``
+    is."""
     h, s = u["hvp"], u["score"]
     tg, pi = u["test_gradient"], u["power_iteration"]
     n, j, b, t, k, m = scale.n, scale.j, scale.b, scale.t, scale.k, scale.m
@@ -212,8 +214,9 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
     for kk in scale.knn_ks:
         out[f"+kNN (k={kk})"] = tg + pi + j * h[f"{b}x1"] + q + kk * s["1"]
     out[FASTIF] = tg + pi + t * j * step + q + k * s["1"]
-    for count in ([scale.processes] if scale.processes > 1 else []) + list(more_processes):
-        name = PARALLEL if count == scale.processes else f"{PARALLEL} (P={count}, ideal)"
+    names = ([(PARALLEL, scale.processes)] if scale.processes > 1 else []) + [
+        (f"{PARALLEL} (P={count}, ideal)", count) for count in more_processes]
+    for name, count in names:
         out[name] = tg + pi + math.ceil(t / count) * j * step + q + k / count * s["1"]
     out[FAST] = tg + pi / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q + shared
     if "low_rank_solve" in u:
@@ -235,12 +238,14 @@ def _shared_scoring(score: dict, m: int, k: int, union: float) -> float:
 
 
 def paper_scale_rows(unit: dict, bench: BenchmarkArguments, args: InfluenceArguments, fast: dict,
-                     m: int) -> tuple[list[dict], int]:
-    """Seconds per test point and speed-ups of every row at the paper's scale (``bench.paper_*``), with the
-    unit costs of this run; "fast" keeps its J·scale_f/scale ratio. Returns ``(rows, J of fast)``."""
+                     m: int, b_fastif: int = 1) -> tuple[list[dict], int]:
+    """Seconds per test point and speed-ups of every row at the paper's scale (``bench.paper_*``; FastIF's B
+    ``b_fastif``, the paper's 1), with the unit costs of this run (``unit["hvp"]`` holds ``f"{b_fastif}x1"``);
+    "fast" keeps its J·scale_f/scale ratio. Returns ``(rows, J of fast)``."""
     fast_paper = dict(fast, j=max(1, round(bench.paper_j * fast["j"] / args.influence_recursion_depth)))
     scale = CostScale(n=bench.paper_n, j=bench.paper_j, b=bench.paper_b, t=bench.paper_t, k=bench.paper_k,
-                      knn_ks=sorted({100, bench.paper_k}), m=m, processes=bench.parallel_processes)
+                      knn_ks=sorted({100, bench.paper_k}), m=m, processes=bench.parallel_processes,
+                      b_fastif=b_fastif)
     paper = cost_model(unit, scale, fast_paper, more_processes=(bench.paper_t,))
     untightened = cost_model(unit, scale, dict(fast_paper, j=bench.paper_j))[FAST]
     ordered = {}

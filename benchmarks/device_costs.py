@@ -14,9 +14,11 @@ a LiSSA step ``hvp[B x m]`` from the cached trunk for B in 1, 8 and 128 (or ever
 path), JVP scoring per candidate, the 2021 per-example scoring loop, a test gradient, the convergence check; plus a
 no-grad forward of the whole model (rows per second). A step's batch is collated on the CPU and its trunk states
 copied to the device, as the engine runs it: on a GPU the single-row steps measure that too. From the units it prints the
-paper-scale table (N 392,702, k 1000, J 1000, B 128 vs 1, T 4; `benchmarks.costs.paper_scale_rows`): seconds per
-test point and speed-ups over the original with hf_fastif's kernels and with the 2021 code path's.
-Writes ``device_costs.json`` and ``device_costs.md`` to --output_dir and prints the report.
+paper-scale table (N 392,702, B 128 for the original; FastIF's k, J, B and T are ``--influence_knn_k``,
+``--influence_recursion_depth``, ``--influence_batch_size`` and ``--influence_repetitions``, by default the paper's
+1000, 1000, 1 and 4; `benchmarks.costs.paper_scale_rows`): seconds per test point and speed-ups over the original
+with hf_fastif's kernels and with the 2021 code path's.
+Writes ``device_costs.json`` (with the settings used) and ``device_costs.md`` to --output_dir and prints the report.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from hf_fastif import InfluenceArguments
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.utils import library_version
 
-from .arguments import parse_with_defaults
+from .arguments import output_folder, parse_with_defaults
 from .costs import COST_MODEL, measure_unit_costs, paper_scale_rows
-from .paper_setup import BenchmarkArguments, Setup
+from .paper_setup import BenchmarkArguments, Setup, influence_fields
 from .report import rows_table, save_and_print
 from .timing import median_seconds
 
@@ -48,7 +50,7 @@ QUICK_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, 
 @dataclass
 class DeviceCostsArguments:
     """The script's own settings; influence settings are `InfluenceArguments` flags (default: the paper's
-    parameters, B 1, T 4)."""
+    parameters, k 1000, J 1000, B 1, T 4)."""
 
     num_train: int = field(default=512, metadata={"help": "Random training rows (the units are per row or step)."})
     seq_len: int = field(default=128, metadata={"help": "Tokens per row (the paper's max_seq_length)."})
@@ -60,8 +62,34 @@ class DeviceCostsArguments:
 def device_costs_defaults(own) -> dict:
     quick = dict(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], use_cpu=True,
                  num_train=64, seq_len=32) if own.quick else {}
-    return dict(influence_params=PAPER_BERT_PARAMS, influence_batch_size=1, influence_repetitions=4,
-                influence_weight_decay=0.0, output_dir="outputs/benchmark_device_costs", report_to="none") | quick
+    return dict(influence_params=PAPER_BERT_PARAMS, influence_knn_k=1000, influence_recursion_depth=1000,
+                influence_batch_size=1, influence_repetitions=4, influence_weight_decay=0.0,
+                output_dir="outputs/benchmark_device_costs", report_to="none") | quick
+
+
+def validate(own: DeviceCostsArguments, args: InfluenceArguments) -> None:
+    """Refuse settings the cost model cannot take, before any work."""
+    if own.num_train < 2 or own.seq_len < 2 or own.num_shared < 1:
+        raise ValueError("--num_train and --seq_len must be at least 2 and --num_shared at least 1.")
+    if args.influence_knn_k is None or args.influence_repetitions is None:
+        raise ValueError("The paper-scale cost model takes FastIF's k and T as counts: give --influence_knn_k and "
+                         f"--influence_repetitions as integers (the paper's: 1000 and 4), got {args.influence_knn_k} "
+                         f"and {args.influence_repetitions}.")
+    if args.influence_batch_size > own.num_train:
+        raise ValueError(f"--influence_batch_size {args.influence_batch_size} exceeds the --num_train "
+                         f"{own.num_train} rows its LiSSA steps draw from; lower it or raise --num_train.")
+    if args.influence_knn_features == "gradient":
+        raise ValueError("The cost model's kNN query is over model features: pass --influence_knn_features auto, "
+                         "pooler, cls, mean or last (not 'gradient').")
+
+
+def paper_settings(own: DeviceCostsArguments, args: InfluenceArguments) -> BenchmarkArguments:
+    """The paper-scale settings of the cost model: N and the original's B are the paper's (B capped at
+    ``--num_train``); FastIF's k, J and T are the `InfluenceArguments` flags (its B too: `main`)."""
+    bench = BenchmarkArguments(quick=own.quick, paper_k=args.influence_knn_k, paper_j=args.influence_recursion_depth,
+                               paper_t=args.influence_repetitions)
+    bench.paper_b = min(bench.paper_b, own.num_train)  # the original's B: 128, or every row of a smaller set
+    return bench
 
 
 def build_setup(own: DeviceCostsArguments, args: InfluenceArguments, device: str) -> Setup:
@@ -98,19 +126,19 @@ def forward_rows_per_s(setup: Setup, device: str, batch_size: int = 64) -> float
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     own, args = parse_with_defaults((DeviceCostsArguments, InfluenceArguments), device_costs_defaults, argv)
-    if own.num_train < 2 or own.seq_len < 2 or own.num_shared < 1:
-        raise ValueError("--num_train and --seq_len must be at least 2 and --num_shared at least 1.")
+    validate(own, args)
+    output_folder(args.output_dir)
     if own.threads:
         torch.set_num_threads(own.threads)
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     started = time.perf_counter()
     setup = build_setup(own, args, device)
-    bench = BenchmarkArguments(quick=own.quick)
-    bench.paper_b = min(bench.paper_b, own.num_train)  # the original's B: 128, or every row of a smaller set
-    batch_sizes = sorted({1, 8, bench.paper_b})
+    bench = paper_settings(own, args)
+    b_fastif = args.influence_batch_size
+    batch_sizes = sorted({1, 8, b_fastif, bench.paper_b})
     unit = measure_unit_costs(setup, bench, args, own.num_shared, batch_sizes)
     fast = {"b": 8, "t": 1, "j": args.influence_recursion_depth}  # B 8, T 1, m test points per call, J as FastIF's
-    rows, _ = paper_scale_rows(unit, bench, args, fast, own.num_shared)
+    rows, _ = paper_scale_rows(unit, bench, args, fast, own.num_shared, b_fastif=b_fastif)
     forward = forward_rows_per_s(setup, device)
     environment = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
@@ -122,13 +150,15 @@ def main(argv: list[str] | None = None) -> dict:
                   "LiSSA steps/s, B 1 (trunk cached)": 1.0 / unit["hvp"]["1x1"],
                   "LiSSA steps/s, B 1, whole model (2021 code path)": 1.0 / unit["hvp_full"]["1x1"],
                   f"LiSSA steps/s, B {batch_sizes[-1]} (trunk cached)": 1.0 / unit["hvp"][f"{batch_sizes[-1]}x1"]}
-    paper_settings = {k: getattr(bench, k) for k in ("paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}
+    scale_settings = {k: getattr(bench, k) for k in ("paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}
     out = {"command": "python -m benchmarks.device_costs " + " ".join(argv), "library_version": library_version(),
+           "influence_arguments": influence_fields(args) | {"seed": args.seed, "use_cpu": args.use_cpu},
            "environment": environment, "model": setup.description["model"],
            "num_parameters": sum(p.numel() for p in setup.model.parameters()),
            "num_influence_parameters": unit["num_parameters"], "num_train": own.num_train, "seq_len": own.seq_len,
            "num_shared": own.num_shared, "unit_costs_s": unit, "throughput": throughput, "paper_scale": rows,
-           "paper_scale_settings": paper_settings, "cost_model": COST_MODEL, "total_s": time.perf_counter() - started}
+           "paper_scale_settings": scale_settings | {"fastif_b": b_fastif}, "cost_model": COST_MODEL,
+           "total_s": time.perf_counter() - started}
     save_and_print(args.output_dir, "device_costs", out, render(out))
     return out
 
@@ -149,8 +179,8 @@ def render(out: dict) -> str:
         "## Throughput\n", rows_table([out["throughput"]], list(out["throughput"])),
         "\n## Unit costs (median of single calls)\n", rows_table(units, ["unit", "ms"]),
         "\n## At the paper's scale, from these units\n",
-        "N {paper_n:,}, k {paper_k}, J {paper_j}, B {paper_b} (original) vs 1, T {paper_t}; 'fast': B 8, T 1, {m} test "
-        "points per call.\n".format(**out["paper_scale_settings"], m=out["num_shared"]),
+        "N {paper_n:,}, k {paper_k}, J {paper_j}, B {paper_b} (original) vs {fastif_b}, T {paper_t}; 'fast': B 8, "
+        "T 1, {m} test points per call.\n".format(**out["paper_scale_settings"], m=out["num_shared"]),
         rows_table(out["paper_scale"], ["row", "seconds", "speed-up vs original (hf_fastif kernels)",
                                         "speed-up vs original (2021 code path)"]),
         f"\n```\n{out['cost_model']}\n```\n"])

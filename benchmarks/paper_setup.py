@@ -162,6 +162,12 @@ def validate(bench: BenchmarkArguments, args: InfluenceArguments) -> None:
     if args.influence_knn_k is None or args.influence_repetitions is None:
         raise ValueError("FastIF's row needs --influence_knn_k and --influence_repetitions as integers "
                          f"(got {args.influence_knn_k}, {args.influence_repetitions}).")
+    if args.influence_knn_features == "gradient" or args.influence_knn_index != "Flat":
+        raise ValueError(f"influence_knn_features={args.influence_knn_features!r}, influence_knn_index="
+                         f"{args.influence_knn_index!r}: the kNN study behind the '+kNN' rows and the recall curve ranks "
+                         "every training row by its exact distance to the test point's model feature; pass "
+                         "--influence_knn_features auto, pooler, cls, mean or last and --influence_knn_index Flat "
+                         "(gradient candidates: benchmarks.recall).")
     if bench.embedded_model is not None and bench.embedded_model not in KINDS:
         raise ValueError(f"embedded_model={bench.embedded_model!r} is unknown; use one of {', '.join(KINDS)}.")
     if bench.test_format not in TEST_FORMATS:

@@ -14,7 +14,6 @@ import json
 import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import DataCollatorWithPadding
@@ -24,7 +23,7 @@ from hf_fastif.distributed import finish, world
 from hf_fastif.embedded import TINY, embedded_data, embedded_model
 from hf_fastif.utils import markdown_table, to_json, write_atomic
 
-from .arguments import parse_with_defaults
+from .arguments import output_folder, parse_with_defaults
 from .launch import accelerate_launch
 from .timing import timed
 
@@ -78,9 +77,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             write_atomic(own.worker, to_json(result))
         finish()
         return None
+    out = output_folder(args.output_dir).resolve()
     single = workload(own, args)
-    out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     done, command = accelerate_launch("benchmarks.parallel", [*argv, f"--worker={out / 'two.json'}"], 2)
     if done.returncode != 0:
         raise RuntimeError(f"The 2-process run failed ({command}):\n{done.stderr[-3000:]}")

@@ -46,7 +46,7 @@ from hf_fastif.engine import InfluenceEngine
 from hf_fastif.space import LIVE_SETTINGS
 from hf_fastif.utils import library_version, markdown_table
 
-from .arguments import parse_with_defaults
+from .arguments import output_folder, parse_with_defaults
 from .report import save_and_print
 
 FASTIF = dict(influence_solver="lissa", influence_recursion_depth=1000, influence_batch_size=1,
@@ -110,11 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
     bench, args = parse_with_defaults((PerTestPointArguments, InfluenceArguments), per_test_point_defaults, argv)
     if bench.num_test_points < 2:
         raise ValueError("--num_test_points must be at least 2 (a first call and later ones).")
+    output_folder(args.output_dir)
     torch.set_num_threads(bench.threads)
     kind = kind_of(bench.quick)
     settings = embedded_kind(kind)
     sizes = settings.table_data | (dict(n_train=200) if bench.quick else {})
     raw, tokenized, tokenizer = embedded_data(seed=args.seed, **sizes, kind=kind)
+    if bench.num_test_points > len(tokenized["hans"]):  # before the model is trained
+        raise ValueError(f"--num_test_points {bench.num_test_points} exceeds the {len(tokenized['hans'])} HANS-style "
+                         f"test rows of the embedded data; use at most {len(tokenized['hans'])}.")
     start = time.perf_counter()
     model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=kind,
                                        description=data_description(args.seed, len(raw["train"])))

@@ -22,7 +22,6 @@ import sys
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from hf_fastif.recall import (
 )
 from hf_fastif.utils import library_version
 
-from .arguments import parse_with_defaults
+from .arguments import output_folder, parse_with_defaults
 from .report import save_and_print
 
 
@@ -81,11 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
     ks = resolve_ks(bench.ks, bench.n_train)
     if bench.num_test_points < 1 or not bench.projection_dims or min(bench.projection_dims) < 1:
         raise ValueError("--num_test_points and every --projection_dims must be positive integers.")
+    top_ns = sorted({min(n, bench.n_train) for n in RECALL_NS})  # fewer rows than n: recall of all of them
     torch.set_num_threads(bench.threads)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.output_dir)
 
     raw = generate_nli(seed=args.seed, n_train=bench.n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    if bench.num_test_points > len(raw["hans"]):  # before the fine-tuning
+        raise ValueError(f"--num_test_points {bench.num_test_points} exceeds the {len(raw['hans'])} generated "
+                         f"HANS-style test rows; use at most {len(raw['hans'])}.")
     start = time.perf_counter()
     if bench.model_dir:
         model, tokenizer = load_finetuned_minilm(bench.model_dir)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         methods = [*bench.knn_methods, "gradient", "random"] if i == 0 else ["gradient"]
         engine = InfluenceEngine(model, _with(args, influence_projection_dim=dim), data_collator=collator)
         start = time.perf_counter()
-        found = engine.candidate_recall(train, test, ks, methods=methods, ns=RECALL_NS)
+        found = engine.candidate_recall(train, test, ks, methods=methods, ns=top_ns)
         seconds = time.perf_counter() - start
         candidates_s = sum(r["query_s"] * len(test) for r in found) + sum(  # the first k of a method ran twice
             r["build_s"] + r["query_s"] * len(test) for r in _firsts(found))
@@ -132,12 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
         "library_version": library_version(),
         "model": "all-MiniLM-L6-v2 fine-tuned on generated NLI (hf_fastif.minilm_default)",
         "n_train": bench.n_train, "test_rows": rows.tolist(), "num_test_points": len(test),
-        "num_influence_parameters": params, "finetune_s": finetune_s, "torch_threads": bench.threads,
+        "num_influence_parameters": params, "recall_ns": top_ns, "finetune_s": finetune_s,
+        "torch_threads": bench.threads,
         "training": {k: getattr(args, k) for k in ("seed", "num_train_epochs", "learning_rate",
                                                    "per_device_train_batch_size")},
         "influence": {k: v for k, v in settings.items() if k in _REPORTED}, "calls": calls, "rows": results,
     }
-    save_and_print(out_dir, "recall", report, describe(report) + "\n\n" + recall_table(results, RECALL_NS) + "\n")
+    save_and_print(out_dir, "recall", report, describe(report) + "\n\n" + recall_table(results, top_ns) + "\n")
     return report
 
 

@@ -77,7 +77,7 @@ from hf_fastif.pretrained import load_minilm_for_sequence_classification, load_m
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
 from hf_fastif.utils import library_version, to_json, write_atomic
 
-from .arguments import parse_with_defaults
+from .arguments import output_folder, parse_with_defaults
 from .report import rows_table
 from .timing import median_seconds, timed
 
@@ -474,8 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     validate(own, args)
     disable_progress_bars()
     torch.set_num_threads(own.num_threads)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.output_dir)
     started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     rows, throughput, profiles, described = [], [], {}, {}
     for name in own.models:

@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 import matplotlib.ticker  # noqa: E402
 
-QUALITY_COLUMNS = ["pearson", "spearman", "recall@10 helpful", "recall@10 harmful", "recall@100 helpful",
-                   "recall@100 harmful"]
+QUALITY_COLUMNS = ["pearson", "spearman"]
+"""The quality columns every row has; its recall@n columns follow (n = 10 and 100, capped at N: rows.recall_ns)."""
 
 
 def _cell(value, format_: Callable | None) -> str:
@@ -166,12 +166,13 @@ def render(results: dict) -> str:
              f"**Scale of this run.** {s['statement']}\n",
              "## Measured, side by side in one run\n",
              "Seconds per test point: the median over a row's calls, the rows' calls interleaved test point by "
-             "test point (a shared machine's load falls on all alike); every kNN row's index (training features) "
-             "is built once "
+             "test point (a shared machine's load falls on all alike); every kNN row's index (training features, "
+             f"influence_knn_features={results['knn'].get('features', 'auto')!r}) is built once "
              f"({results['knn']['index_build_s']:.2f}s here) and each query costs {results['knn']['query_s'] * 1e3:.1f} ms. "
              "Quality: Pearson / Spearman with original on the candidates each row scores, recall@n of the original's "
              "n most helpful / harmful rows among all N; means over the test points.\n"]
-    cols = ["row", "settings", "seconds", "speed-up", *QUALITY_COLUMNS, "cost model / measured"]
+    recalls = [key for key in results["rows"][0] if key.startswith("recall@")]
+    cols = ["row", "settings", "seconds", "speed-up", *QUALITY_COLUMNS, *recalls, "cost model / measured"]
     lines.append(rows_table(results["rows"], cols, {"seconds": lambda v: f"{v:.3g}", "speed-up": lambda v: f"{v:.2f}x"}))
     for r in results["rows"]:
         if r.get("error"):
@@ -220,7 +221,8 @@ def render(results: dict) -> str:
                  for i, k in enumerate(curve["k"])]
         lines += ["## kNN recall vs k (the paper's recall study)\n",
                   f"![knn recall]({results['files']['knn_png']}) — share of the full scan's (original's) n most "
-                  "helpful / harmful rows inside the k nearest neighbours of the test point's feature.\n",
+                  "helpful / harmful rows inside the k nearest neighbours of the test point's feature "
+                  f"(influence_knn_features={results['knn'].get('features', 'auto')!r}).\n",
                   rows_table(table, ["k", *keys, "random (k/N)"]), ""]
     gt = results.get("ground_truth")
     if gt:

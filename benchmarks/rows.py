@@ -50,9 +50,10 @@ PerTest = list[tuple[np.ndarray, np.ndarray]]
 
 def top_eigenvalue(setup: Setup, args: InfluenceArguments) -> float:
     """The library's estimate of the batch Hessians' top eigenvalue (its LiSSA convergence check, recorded in a
-    table's diagnostics), from the cheapest LiSSA call: one step, one candidate."""
+    table's diagnostics), from the cheapest LiSSA call: one step, one candidate; the check runs whatever
+    ``--influence_check_convergence`` says for the rows."""
     probe = replace(args, influence_recursion_depth=1, influence_batch_size=1, influence_repetitions=1,
-                    influence_knn_k=None)
+                    influence_knn_k=None, influence_check_convergence=True)
     table, _ = call_influences(setup, setup.test.select([0]), probe, candidate_dataset=setup.train.select([0]))
     return float(table.metadata["diagnostics"]["lissa_batch_top_eigenvalue"])
 
@@ -67,6 +68,17 @@ def fast_settings(bench: BenchmarkArguments, args: InfluenceArguments, top_eigen
     depth = max(1, math.ceil(args.influence_recursion_depth * args.influence_damping / damping - 1e-9))
     return {"b": bench.fast_batch_size, "t": bench.fast_repetitions, "j": depth, "scale": scale, "damping": damping,
             "top": top_eigenvalue}
+
+
+def recall_ns(num_train: int) -> list[int]:
+    """The n of the table's recall@n: 10 and 100, capped at the N training rows (fewer rows than n: recall of all
+    of them, as ``hf-fastif recall`` does)."""
+    return sorted({min(n, num_train) for n in (10, 100)})
+
+
+def row_quality(original: np.ndarray, values: PerTest) -> dict:
+    """A row's agreement with the original (`hf_fastif.quality.agreement`) at `recall_ns`."""
+    return agreement(original, values, ns=recall_ns(original.shape[1]))
 
 
 def per_point_seconds(wall: float, diagnostics: dict, queries: int, query_s: float) -> float:
@@ -201,7 +213,7 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
     rows.append(row(GRADIENT, f"k = {k_fast}, s_test ∝ ∇L_test (H⁻¹ left out): what needs no Hessian at all",
                     values[GRADIENT]))
     for r in rows:
-        r.update(agreement(original, r["values"]))
+        r.update(row_quality(original, r["values"]))
     return rows, original
 
 

@@ -18,26 +18,27 @@ from .paper_setup import BenchmarkArguments, Setup, call_influences
 from .timing import timed
 
 
-def knn_study(setup: Setup, ks: list[int]) -> dict:
-    """The kNN index built once (timed), each test point's neighbours in distance order (all N), the
-    candidates of each k, and the measured per-query cost (one test feature + one search)."""
+def knn_study(setup: Setup, ks: list[int], features: str) -> dict:
+    """The kNN index over ``features`` (the run's ``influence_knn_features``, so that the "+kNN" rows' candidates
+    are their calls') built once (timed), each test point's neighbours in distance order (all N), the candidates
+    of each k, and the measured per-query cost (one test feature + one search)."""
     model, train = setup.model, setup.train
     device = next(model.parameters()).device
     train_rows = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
-    index, build_s = timed(lambda: build_index(extract_features(model, train_rows, "auto", batch_size=64,
+    index, build_s = timed(lambda: build_index(extract_features(model, train_rows, features, batch_size=64,
                                                                 progress=False)))
     tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
     k_query = max(ks)
 
     def query(t: int) -> np.ndarray:
-        q = extract_features(model, tests.subset([t]), "auto", batch_size=1, progress=False)
+        q = extract_features(model, tests.subset([t]), features, batch_size=1, progress=False)
         search(index, q, k_query)
         return q[0]
 
     queries, query_s = zip(*(timed(lambda t=t: query(t)) for t in range(len(setup.test))))
     _, order = search(index, np.stack(queries), len(train))
     candidates = {k: [np.sort(order[t, :k]).astype(np.int64) for t in range(len(setup.test))] for k in ks}
-    return {"index_build_s": build_s, "query_s": float(np.median(query_s)), "order": order,
+    return {"features": features, "index_build_s": build_s, "query_s": float(np.median(query_s)), "order": order,
             "candidates": candidates}
 
 
@@ -73,9 +74,10 @@ def s_test_sweep(setup: Setup, bench: BenchmarkArguments, args: InfluenceArgumen
     pool = setup.train.select(pool_ids)
     reference = original[:m, pool_ids]
     points = []
-    for fraction in bench.sweep_depths:
-        depth = max(1, round(fraction * args.influence_recursion_depth))
-        for b in bench.sweep_batch_sizes:
+    # fractions that round to the same J (e.g. 0.5 and 1.0 of J = 1) are one point of the grid
+    depths = dict.fromkeys(max(1, round(fraction * args.influence_recursion_depth)) for fraction in bench.sweep_depths)
+    for depth in depths:
+        for b in dict.fromkeys(bench.sweep_batch_sizes):
             t_max = max(1, min(bench.sweep_repetitions, bench.original_batch_size // b))
             estimates, seconds = [], []
             for r in range(t_max):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
+from benchmarks import rows as rows_module
 from benchmarks import studies
 from benchmarks.arguments import parse_with_defaults
-from benchmarks.costs import CostScale, cost_model
+from benchmarks.costs import CostScale, cost_model, paper_scale_rows
 from benchmarks.paper_setup import (
     FAST,
     FASTIF,
@@ -22,15 +23,19 @@ from benchmarks.paper_setup import (
     BenchmarkArguments,
     Setup,
     benchmark_defaults,
+    call_influences,
 )
-from benchmarks.paper_table import main
-from benchmarks.rows import fast_settings
+from benchmarks.paper_table import convergence_statement, fast_choice, main
+from benchmarks.report import targets
+from benchmarks.rows import fast_settings, row_quality, top_eigenvalue
 from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments, InfluenceTable
 from hf_fastif.embedded import TINY
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
+from hf_fastif.quality import influence_by_test
 from hf_fastif.solvers.lissa import LissaDivergenceError
+from tests.tiny import make_token_dataset, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,95 @@ def test_sweep_records_a_refused_point_and_goes_on(monkeypatch):
     assert points[0]["spearman"] == pytest.approx(1.0) and points[3]["s_test_s_per_test_point"] == pytest.approx(1.0)
 
 
+def test_sweep_lists_each_j_once(monkeypatch):
+    """Fractions of J that round to the same J (0.5 and 1.0 of J = 1) are one point of the sweep, not two."""
+    rows = Dataset.from_dict({"input_ids": [[1, 2]] * 6, "labels": [0, 1] * 3})
+    setup = Setup(model=None, tokenizer=None, collator=None, train=rows, test=rows.select([0]), description={})
+    bench = BenchmarkArguments(sweep_depths=[0.5, 1.0], sweep_batch_sizes=[1, 1], sweep_repetitions=1,
+                               sweep_num_test=1, sweep_pool=6, original_batch_size=4)
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=1, influence_seed=0)
+
+    def fake_call(setup, test, settings, candidate_dataset=None):
+        values = np.arange(6, dtype=float)
+        return InfluenceTable.from_arrays(np.zeros(6), np.arange(6), values, {"diagnostics": {"s_test_s": 0.5}}), 1.0
+
+    monkeypatch.setattr(studies, "call_influences", fake_call)
+    points = studies.s_test_sweep(setup, bench, args, original=np.arange(6, dtype=float)[None])
+    assert [(p["J"], p["B"], p["T"]) for p in points] == [(1, 1, 1)]
+
+
+def test_knn_study_ranks_by_the_features_of_the_run(pad_collator, tmp_path):
+    """The "+kNN" rows' candidates, quality and query cost come from the kNN study: it must use the run's
+    influence_knn_features (it used 'auto' whatever the flag said), so its candidates are a call's."""
+    train, test = make_token_dataset(40, seed=1), make_token_dataset(3, seed=2)
+    setup = Setup(tiny_model(), None, pad_collator, train, test, {})
+    args = InfluenceArguments(output_dir=str(tmp_path), report_to="none", influence_knn_features="mean",
+                              influence_knn_k=8, influence_recursion_depth=2, influence_batch_size=4,
+                              influence_repetitions=1, influence_check_convergence=False)
+    study = studies.knn_study(setup, [8], "mean")
+    table, _ = call_influences(setup, test, args)
+    called = [ids for ids, _ in influence_by_test(table, len(test))]
+    assert all(np.array_equal(a, b) for a, b in zip(called, study["candidates"][8])) and study["features"] == "mean"
+    auto = studies.knn_study(setup, [8], "auto")  # the pooler's features pick other rows: the test can tell
+    assert not all(np.array_equal(a, b) for a, b in zip(auto["candidates"][8], study["candidates"][8]))
+
+
+def test_quality_with_fewer_than_100_training_rows():
+    """recall@100 of a 60-row set is recall@60 (every row), as ``hf-fastif recall`` caps it; it was a ValueError
+    after every row had been computed."""
+    original = np.random.default_rng(0).standard_normal((2, 60))
+    quality = row_quality(original, [(np.arange(60), original[t]) for t in range(2)])
+    assert quality["recall@10 helpful"] == 1.0 and quality["recall@60 harmful"] == 1.0
+    assert rows_module.recall_ns(60) == [10, 60] and rows_module.recall_ns(5) == [5]
+    assert "recall@100 helpful" in row_quality(np.zeros((1, 200)), [(np.arange(200), np.zeros(200))])
+
+
+def test_top_eigenvalue_probe_runs_the_convergence_check(monkeypatch):
+    """The probe reads the check's estimate, so it runs the check even with --influence_check_convergence false
+    (a KeyError 'lissa_batch_top_eigenvalue' after the set-up)."""
+    rows = Dataset.from_dict({"input_ids": [[1, 2]] * 3, "labels": [0, 1, 0]})
+    setup = Setup(model=None, tokenizer=None, collator=None, train=rows, test=rows, description={})
+    seen = []
+
+    def fake_call(setup, test, settings, candidate_dataset=None):  # as the engine: the estimate comes with the check
+        seen.append(settings)
+        diagnostics = {"lissa_batch_top_eigenvalue": 1.5} if settings.influence_check_convergence else {}
+        return InfluenceTable.from_arrays([0], [0], [0.0], {"diagnostics": diagnostics}), 1.0
+
+    monkeypatch.setattr(rows_module, "call_influences", fake_call)
+    args = InfluenceArguments(report_to="none", influence_check_convergence=False)
+    assert top_eigenvalue(setup, args) == 1.5 and seen[0].influence_recursion_depth == 1
+
+
+def test_statements_name_the_runs_j_and_damping():
+    """J·damp is stated as it is: the paper's 5 only when it is (J = 1 with damp = 0.25 is 0.25)."""
+    assert "J·damp = 5 as the paper's 1000 × 5e-3" in convergence_statement(20, 0.25)
+    changed = convergence_statement(1, 0.25)
+    assert "J·damp = 0.25, not the paper's 1000 × 5e-3 = 5" in changed and "as the paper's" not in changed
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=1, influence_damping=0.25,
+                              influence_batch_size=2, influence_repetitions=3)
+    fast = {"b": 8, "t": 1, "j": 1, "scale": 5.0, "damping": 0.5}
+    choice = fast_choice(BenchmarkArguments(), args, fast)
+    assert "instead of FastIF's B = 2, T = 3" in choice and "J = 1 steps, the fewest with J·damp >= 0.25" in choice
+    assert "J·damp = 0.5 here" in choice and "J·damp = 5" not in choice
+
+
+def test_paper_t_equal_to_the_processes_keeps_the_ideal_row():
+    """--paper_t equal to --parallel_processes: the ideal P = T row and its two targets are there (the ideal row was
+    named as the measured one's and vanished)."""
+    u = {"hvp": {"1x1": 1.0, "128x1": 10.0, "8x2": 2.0}, "score": {"1": 0.01, "2": 0.015}, "test_gradient": 0.5,
+         "power_iteration": 4.0, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
+    scale = CostScale(n=1000, j=100, b=128, t=2, k=10, knn_ks=[10], m=2, processes=2)
+    c = cost_model(u, scale, {"b": 8, "t": 1, "j": 50}, more_processes=(2,))
+    assert c[PARALLEL] == c[f"{PARALLEL} (P=2, ideal)"]
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=100)
+    bench = BenchmarkArguments(paper_t=2, parallel_processes=2)
+    paper, _ = paper_scale_rows(u, bench, args, {"b": 8, "t": 1, "j": 50, "scale": 1.0}, 2)
+    assert f"{PARALLEL} (P=2, ideal)" in [r["row"] for r in paper]
+    measured = [{"row": name, "spearman": 1.0, "spearman_min": 1.0} for name in (FASTIF, FAST)]
+    assert sum("FastIF parallel" in t["target"] for t in targets(measured, paper, bench.paper_t)) == 2
+
+
 def test_fast_settings_keep_lambda_and_convergence():
     args = InfluenceArguments(report_to="none", influence_recursion_depth=100, influence_damping=0.05,
                               influence_scale=5.0)
@@ -138,8 +232,17 @@ def test_influence_settings_are_influence_arguments_flags():
     assert bench.knn_sweep == [300] and args.influence_knn_k == 300 and args.influence_scale == 200.0
     assert args.influence_recursion_depth * args.influence_damping == pytest.approx(5.0)
     for respelled in (["--damping", "0.1"], ["--knn_k", "5"], ["--recursion_depth", "5"], ["--fastif_k", "5"]):
-        with pytest.raises(ValueError, match="not used by the HfArgumentParser"):  # one name per setting
+        with pytest.raises(SystemExit):  # one name per setting: argparse's "unrecognized arguments"
             parse(respelled)
+
+
+def test_none_or_zero_flags_mean_none_as_in_the_cli():
+    """``--influence_knn_k None`` / ``0`` (what --help says) is None, as the hf-fastif CLI reads it; argparse refused
+    'None' and 0 stayed 0."""
+    _, args = parse(["--quick", "--influence_knn_k", "None", "--influence_repetitions", "0"])
+    assert args.influence_knn_k is None and args.influence_repetitions is None
+    _, args = parse(["--quick", "--influence_knn_k=none", "--influence_repetitions", "2"])
+    assert args.influence_knn_k is None and args.influence_repetitions == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -148,6 +251,8 @@ def test_influence_settings_are_influence_arguments_flags():
     (["--quick", "--embedded_model", "gpt2"], "use one of minilm, tiny"),
     (["--quick", "--knn_sweep", "0"], "--knn_sweep must be positive"),
     (["--quick", "--parallel_processes", "-1"], "--parallel_processes must be >= 0"),
+    (["--quick", "--influence_knn_k", "None"], "FastIF's row needs --influence_knn_k"),
+    (["--quick", "--influence_knn_features", "gradient"], "influence_knn_features='gradient'"),
 ])
 def test_bad_settings_are_refused_before_any_work(argv, message, tmp_path):
     with pytest.raises(ValueError, match=message):

@@ -20,3 +20,14 @@ def test_recall_quick(tmp_path, capsys):
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["test_rows"] == report["test_rows"]
     out = capsys.readouterr().out
     assert "| gradient D=256 | 30 | 25.0% |" in out and (tmp_path / "recall.md").read_text() in out
+
+
+def test_recall_with_fewer_than_100_training_rows(tmp_path):
+    """recall@100 of 60 rows is recall@60 (every row), as ``hf-fastif recall`` caps it: the run used to fail on
+    n = 100 after the fine-tuning and every full scan."""
+    report = recall.main(["--quick", "--output_dir", str(tmp_path), "--n_train", "60", "--ks", "10", "100%",
+                          "--disable_tqdm", "true"])
+    assert report["recall_ns"] == [10, 60]
+    every_row = [r for r in report["rows"] if r["k"] == 60]
+    assert every_row and all(r["recall@60 helpful"] == r["recall@10 harmful"] == 1.0 for r in every_row)
+    assert "recall@60 helpful" in (tmp_path / "recall.md").read_text()

@@ -5,7 +5,75 @@ import json
 
 import pytest
 
-from benchmarks import core, parallel
+from benchmarks import core, device_costs, paper_table, parallel, per_test_point, recall, reference
+from benchmarks.arguments import parse_with_defaults
+from hf_fastif import InfluenceArguments
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the benchmark started its work")
+
+
+# each benchmark and the first step of its work: a refusal must come before it
+FIRST_WORK = [(core, "scoring_benchmark"), (device_costs, "build_setup"), (per_test_point, "embedded_data"),
+              (parallel, "workload"), (recall, "generate_nli"), (paper_table, "prepare")]
+
+
+@pytest.mark.parametrize("module, first_work", FIRST_WORK, ids=[m.__name__ for m, _ in FIRST_WORK])
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(module, first_work, tmp_path, monkeypatch):
+    """core, device_costs and per_test_point found it only when writing, after all the measuring."""
+    monkeypatch.setattr(module, first_work, _no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("i am a file")
+    with pytest.raises(ValueError, match="--output_dir .* is an existing file"):
+        module.main(["--quick", "--output_dir", str(afile)])
+
+
+@pytest.mark.parametrize("module, first_work, argv, message", [
+    (core, "scoring_benchmark", ["--num_candidates", "8", "--loop_candidates", "32"],
+     "--loop_candidates 32 exceeds --num_candidates 8"),
+    (core, "scoring_benchmark", ["--hidden_sizes", "30"], "--hidden_sizes"),
+    (per_test_point, "train_embedded_model", ["--num_test_points", "100"],
+     "--num_test_points 100 exceeds the 30 HANS-style test rows"),
+    (recall, "finetune_minilm", ["--num_test_points", "50"],
+     "--num_test_points 50 exceeds the 30 generated HANS-style test rows"),
+], ids=["core loop", "core heads", "per_test_point", "recall"])
+def test_own_sizes_are_refused_before_the_model_work(module, first_work, argv, message, tmp_path, monkeypatch):
+    """Sizes past what there is failed with IndexError / numpy errors after the model was trained or fine-tuned."""
+    monkeypatch.setattr(module, first_work, _no_work)
+    with pytest.raises(ValueError, match=message):
+        module.main(["--quick", "--output_dir", str(tmp_path), *argv])
+
+
+def test_none_or_zero_flags_reach_every_benchmark():
+    """``--influence_knn_k None`` / ``--influence_repetitions 0`` mean None (--help says so), as in the hf-fastif CLI;
+    the reference comparison needs k None."""
+    _, args = parse_with_defaults((parallel.ParallelArguments, InfluenceArguments), parallel.parallel_defaults,
+                                  ["--quick", "--influence_repetitions", "None", "--influence_knn_k", "0"])
+    assert args.influence_repetitions is None and args.influence_knn_k is None
+    own, args = parse_with_defaults((reference.ReferenceArguments, InfluenceArguments), reference.reference_defaults,
+                                    ["--influence_knn_k", "None"])
+    reference.validate(own, args)  # refused "--influence_knn_k 5" says to pass None; None passes
+
+
+def test_device_costs_takes_the_influence_flags(tmp_path, monkeypatch):
+    """FastIF's k, J and T at the paper's scale are the influence flags (they were ignored); None for k or T has no
+    cost row and is refused before any work."""
+    own, args = parse_with_defaults((device_costs.DeviceCostsArguments, InfluenceArguments),
+                                    device_costs.device_costs_defaults,
+                                    ["--quick", "--influence_repetitions", "16", "--influence_knn_k", "10",
+                                     "--influence_recursion_depth", "7"])
+    bench = device_costs.paper_settings(own, args)
+    assert (bench.paper_k, bench.paper_j, bench.paper_t, bench.paper_b) == (10, 7, 16, 64)
+    _, args = parse_with_defaults((device_costs.DeviceCostsArguments, InfluenceArguments),
+                                  device_costs.device_costs_defaults, [])
+    bench = device_costs.paper_settings(own, args)  # the defaults are the paper's
+    assert (bench.paper_k, bench.paper_j, bench.paper_t, args.influence_batch_size) == (1000, 1000, 4, 1)
+    monkeypatch.setattr(device_costs, "build_setup", _no_work)
+    for argv, message in ((["--influence_knn_k", "None"], "--influence_knn_k and --influence_repetitions as "),
+                          (["--influence_batch_size", "65"], "--influence_batch_size 65 exceeds")):
+        with pytest.raises(ValueError, match=message):
+            device_costs.main(["--quick", "--output_dir", str(tmp_path), *argv])
 
 
 def test_core_quick(tmp_path, capsys):
@@ -36,8 +104,6 @@ def test_parallel_quick_runs_two_processes(tmp_path, capsys):
 
 
 def test_per_test_point_quick(tmp_path, capsys):
-    from benchmarks import per_test_point
-
     results = per_test_point.main(["--quick", "--output_dir", str(tmp_path), "--num_test_points", "3"])
     rows = {r["row"]: r for r in results["rows"]}
     assert list(rows) == ["FastIF", "fast", "live"]
@@ -52,13 +118,16 @@ def test_per_test_point_quick(tmp_path, capsys):
 
 
 def test_device_costs_quick(tmp_path, capsys):
-    from benchmarks import device_costs
-
-    results = device_costs.main(["--quick", "--output_dir", str(tmp_path)])
+    results = device_costs.main(["--quick", "--output_dir", str(tmp_path), "--influence_batch_size", "2",
+                                 "--influence_knn_k", "500"])
     unit, rows = results["unit_costs_s"], {r["row"]: r for r in results["paper_scale"]}
     assert results["environment"]["device"] == "cpu" and results["num_train"] == 64
     assert results["paper_scale_settings"]["paper_b"] == 64  # the original's B: every row of a smaller set
-    assert set(unit["hvp"]) >= {"1x1", "1x8", "8x1", "64x1"} and all(v > 0 for v in unit["hvp"].values())
+    # the settings used are the flags given, and the JSON says so
+    assert results["paper_scale_settings"]["paper_k"] == 500 and results["paper_scale_settings"]["fastif_b"] == 2
+    assert results["influence_arguments"]["influence_batch_size"] == 2
+    assert "FastIF parallel (P=4, ideal)" in rows
+    assert set(unit["hvp"]) >= {"1x1", "1x8", "2x1", "8x1", "64x1"} and all(v > 0 for v in unit["hvp"].values())
     assert unit["score"]["1"] > 0 and unit["score_loop"] > 0 and unit["power_iteration"] > 0
     assert rows["original"]["speed-up vs original (hf_fastif kernels)"] == pytest.approx(1.0)
     assert rows["FastIF"]["seconds"] < rows["original"]["seconds"]  # kNN and B = 1 cut the cost at N = 392,702
