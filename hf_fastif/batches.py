@@ -677,7 +677,7 @@ class Batcher:
                                  "config.label2id, e.g. dataset.map(lambda r: {'label': model.config.label2id["
                                  "r['label']]}), or dataset.class_encode_column('label').") from err
             text = [k for k, v in features[0].items() if isinstance(v, str) and k not in LABEL_COLUMNS]
-            if text:  # (a padding collator was given: it cannot make tensors of text)
+            if text and self._collates_without(features, text):  # (a padding collator makes no tensors of text)
                 raise ValueError(f"Could not collate rows into a batch ({err}): the rows keep text column(s) {text} "
                                  "(remove_unused_columns=False keeps every column). Drop them "
                                  "(dataset.remove_columns), or pass a data_collator that leaves them out.") from err
@@ -694,6 +694,14 @@ class Batcher:
                 and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch):
             batch["decoder_input_ids"] = self.decoder_inputs(batch["labels"])
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _collates_without(self, features: list[dict], columns: list[str]) -> bool:
+        """Whether the rows collate once ``columns`` are left out (then those columns are what failed)."""
+        try:
+            self.collator([{k: v for k, v in row.items() if k not in columns} for row in features])
+        except Exception:
+            return False
+        return True
 
     def batches(self, positions: Sequence[int], batch_size: int) -> Iterator[tuple[list[int], dict]]:
         positions = list(positions)

@@ -60,7 +60,7 @@ from .fingerprint import (
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
 from .hvp import batch_gradient, batch_hvp
-from .knn import build_index, extract_features, search
+from .knn import build_index, extract_features, search, warn_short
 from .loss import (
     FunctionalModel,
     LossFn,
@@ -1177,6 +1177,7 @@ class InfluenceEngine:
         """Candidate rows of each query (one query per test row, or one for the mean), by ``method`` (default: the
         engine's ``features`` or ``influence_knn_features``; ``"random"`` for a seeded uniform sample)."""
         queries = 1 if call.combine == "mean" else len(call.test)
+        for_scores = method is None  # (candidate_recall names a method: it measures an index as it is, unwarned)
         k = call.k if method is None else k
         if k is None:
             call.info["candidates"] = "all"
@@ -1187,9 +1188,13 @@ class InfluenceEngine:
             return [np.sort(rng.choice(len(call.cand), size=k, replace=False)) for _ in range(queries)]
         if method == "gradient":
             call.info["candidates"] = "gradient"
-            return gradient_candidates(self, call, s_test, k)
-        call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
-        return self._knn_candidates(call, method, k)
+            found = gradient_candidates(self, call, s_test, k)
+        else:
+            call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
+            found = self._knn_candidates(call, method, k)
+        if for_scores:
+            warn_short(found, k, len(call.cand), "The gradient index" if method == "gradient" else "The kNN index")
+        return found
 
     def _check_feature_index(self, call: _Call, method) -> None:
         """Refuse an ``influence_knn_index`` faiss cannot build over ``method``'s features of the candidate rows,

@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .hvp import batch_gradient
-from .knn import index_error, warn_short
+from .knn import index_error
 from .loss import FunctionalModel
 from .utils import file_digest
 
@@ -409,7 +409,6 @@ class GradientIndex:
                         break
                     chosen.setdefault(row)
             out.append(np.sort(np.fromiter(chosen, dtype=np.int64, count=len(chosen))))
-        warn_short(np.stack([np.pad(r, (0, k - len(r)), constant_values=-1) for r in out]), k, "the gradient index")
         return out
 
 

@@ -177,18 +177,15 @@ def search(index: Dataset, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.
     """The k nearest rows of each query: ``(scores, ids)``, each ``(q, k)``, nearest first."""
     with quiet_datasets():
         result = index.search_batch(INDEX_NAME, np.ascontiguousarray(queries, dtype=np.float32), k=k)
-    ids = np.asarray(result.total_indices)
-    warn_short(ids, min(k, index.get_index(INDEX_NAME).faiss_index.ntotal), "the kNN index")
-    return np.asarray(result.total_scores), ids
+    return np.asarray(result.total_scores), np.asarray(result.total_indices)
 
 
-def warn_short(ids: np.ndarray, wanted: int, what: str) -> None:
-    """Warn when an approximate faiss index found fewer than ``wanted`` rows for a query (its ids hold -1): an IVF
-    index searches one list by default, so a call got fewer candidates than ``influence_knn_k`` without a word."""
-    short = np.flatnonzero((ids >= 0).sum(1) < wanted)
-    if len(short):
-        found = int((ids[short[0]] >= 0).sum())
-        logger.warning(f"{what.capitalize()} found fewer than k = {wanted} rows for {len(short)} of {len(ids)} "
-                       f"test row(s) (e.g. {found} for test row {int(short[0])}): an approximate index (IVF) searches "
-                       "one list by default. Those rows are scored over fewer candidates; use influence_knn_index="
-                       "'Flat', or fewer lists, for every k rows.")
+def warn_short(found: list[np.ndarray], k: int, rows: int, what: str) -> None:
+    """Warn when an approximate faiss index found fewer than ``min(k, rows)`` candidates for a query: an IVF index
+    searches one list by default, so a call got fewer candidates than ``influence_knn_k`` without a word."""
+    short = [i for i, ids in enumerate(found) if len(ids) < min(k, rows)]
+    if short:
+        logger.warning(f"{what} found fewer than influence_knn_k = {k} candidates for {len(short)} of {len(found)} "
+                       f"quer{'ies' if len(found) > 1 else 'y'} (e.g. {len(found[short[0]])} for query {short[0]}): "
+                       "an approximate index (IVF) searches one list by default. Those are scored over fewer "
+                       "candidates; use influence_knn_index='Flat', or fewer lists, for k candidates each.")

@@ -15,7 +15,8 @@ logger = logging.get_logger(__name__)
 PAPER_BERT_PARAMS = [r"encoder\.layer\.(10|11)\.", r"pooler\.", r"classifier\."]
 
 _NO_DECAY = re.compile(r"(^|\.)bias$|layer_?norm|LayerNorm|\.ln_|norm\.weight$", re.IGNORECASE)
-_NORM_CLASS = re.compile(r"Norm(\dd)?$")  # (not Baichuan's NormHead, an LM head)
+# the Trainer's own patterns (transformers' Trainer.get_decay_parameter_names), over the lower-cased name
+_TRAINER_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 
 
 def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -72,19 +73,19 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
 
 
 def decayed_names(names: Sequence[str], model: nn.Module | None = None) -> list[str]:
-    """Names that get the explicit L2 term: not biases or normalisation weights, as in the reference code and the
-    Trainer's weight decay. By name, and with ``model`` also by the owning module's type (a class whose name ends in
-    ``Norm``: LayerNorm, LlamaRMSNorm, BatchNorm1d):
-    PEFT's copies of a norm (``model.norm.modules_to_save.default.weight``) and names such as MPT's ``norm_1`` escape
-    the name rule, and got the L2 term."""
-    def in_a_norm(name: str) -> bool:
+    """Names that get the explicit L2 term: not biases or normalisation weights, as in the reference code and as the
+    Trainer decays (`Trainer.get_decay_parameter_names`: its name patterns, and with ``model`` every parameter of an
+    ``nn.LayerNorm``). PEFT's copy of a norm (``model.norm.modules_to_save.default.weight``) escaped the reference
+    code's patterns and got the L2 term; a BatchNorm weight named otherwise keeps it, as the Trainer decays it."""
+    def in_a_layer_norm(name: str) -> bool:
         owner, _, _ = name.rpartition(".")
         try:
-            return _NORM_CLASS.search(type(model.get_submodule(owner)).__name__) is not None
+            return isinstance(model.get_submodule(owner), nn.LayerNorm)
         except AttributeError:
             return False
 
-    return [n for n in names if not _NO_DECAY.search(n) and not (model is not None and in_a_norm(n))]
+    return [n for n in names if not _NO_DECAY.search(n) and not _TRAINER_NO_DECAY.search(n.lower())
+            and not (model is not None and in_a_layer_norm(n))]
 
 
 def num_parameters(params: dict[str, torch.Tensor]) -> int:

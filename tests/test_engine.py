@@ -525,13 +525,18 @@ def test_an_approximate_index_that_finds_fewer_than_k_rows_says_so(data, pad_col
         with caplog.at_level(logging.WARNING):
             table = compute_influences(model, train, test, args, data_collator=pad_collator)
         sizes = table.to_pandas().groupby("test_id").size()
-        assert sizes.min() < 30 and "found fewer than k = 30 rows" in caplog.text, (features, sizes.tolist())
+        assert sizes.min() < 30 and "found fewer than influence_knn_k = 30 candidates" in caplog.text, features
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             compute_influences(model, train, test, default_arguments(
                 **BASE, influence_solver="cg", influence_knn_k=30, influence_knn_features=features, **extra),
                 data_collator=pad_collator)
-        assert "found fewer than k" not in caplog.text  # an exact index: every k rows, no warning
+        assert "found fewer than" not in caplog.text  # an exact index: every k rows, no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # candidate_recall measures the index as it is: no warning there
+        InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg", influence_knn_index="IVF8,Flat"),
+                        data_collator=pad_collator).candidate_recall(train, test, ks=[30], methods=["auto"], ns=[3])
+    assert "found fewer than" not in caplog.text
     hf_logging.disable_propagation()
 
 

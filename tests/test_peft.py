@@ -286,9 +286,18 @@ def test_a_norm_that_peft_renames_gets_no_l2_term(tmp_path):
     model = model.double().eval()
     patterns = [r"model\.norm\.modules_to_save", r"score\.modules_to_save"]
     names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)]
-    assert decayed_names(names) == names  # by name alone the norm's copy is decayed
     assert [n for n in names if "norm" not in n] == decayed_names(names, model) == [
         n for n in names if n.startswith("base_model.model.score.")]
+    # the rule is the Trainer's (which the InfluenceTrainer's weight-decay hint relies on), here and on a model with
+    # BatchNorm weights named otherwise, which the Trainer decays (a class rule left them out)
+    from transformers import Trainer
+
+    batch_norm = torch.nn.Sequential()
+    batch_norm.add_module("conv", torch.nn.Conv1d(2, 2, 1))
+    batch_norm.add_module("normalization", torch.nn.BatchNorm1d(2))
+    for module in (model, batch_norm, tiny_model("gpt2"), tiny_model("bert")):
+        every = [n for n, _ in module.named_parameters()]
+        assert decayed_names(every, module) == Trainer.get_decay_parameter_names(None, module)
 
     collator = pad_collator_for_tests()
     train, test = make_token_dataset(16, seed=1, num_labels=3), make_token_dataset(2, seed=2, num_labels=3)

@@ -505,6 +505,13 @@ def test_an_empty_table_a_reserved_metadata_key_and_deleted_shards_are_said(tmp_
         push_table(loaded, "test-user/empty")  # (refused before any request: this process runs offline)
     with pytest.raises(InfluenceTableError, match="The metadata key 'storage' is reserved"):
         InfluenceTable.from_arrays([0], [1], [0.5], {"storage": {"bucket": "b"}})
+    with pytest.raises(InfluenceTableError, match="The metadata key 'storage' is reserved"):  # before any row
+        InfluenceTableWriter(tmp_path / "w", {"storage": "s3://bucket"})
+    writer = InfluenceTableWriter(tmp_path / "w")
+    writer.write({"test_id": [0, 0], "train_id": [1, 2], "influence": [0.5, -0.5]})
+    with pytest.raises(InfluenceTableError, match="The rows written are kept: call close"):
+        writer.close({"storage": "s3://bucket"})
+    assert len(writer.close({"bucket": "s3://bucket"})) == 2
 
     table = InfluenceTable.from_arrays(np.repeat([0, 1, 2], 4), np.tile(np.arange(4), 3), np.arange(12.0))
     folder = table.save(tmp_path / "t", shard_rows=4)

@@ -428,3 +428,7 @@ def test_a_kept_text_column_is_named_when_rows_cannot_be_collated(tmp_path, pad_
                                processing_class=pad_collator.tokenizer)
     with pytest.raises(ValueError, match=r"the rows keep text column\(s\) \['text'\] \(remove_unused_columns=False"):
         trainer.compute_influences(add(make_token_dataset(2, seed=1)))
+    # without a padding collator the rows fail on their lengths, not on the text (which default_data_collator skips)
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=add(make_token_dataset(20, seed=0)))
+    with pytest.raises(ValueError, match="Rows of different lengths need a padding collator"):
+        trainer.compute_influences(add(make_token_dataset(2, seed=1)))

@@ -87,12 +87,17 @@ def order_key(test_id: int, influence: float | None) -> tuple[int, bool, float]:
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------
+def _refuse_storage_key(metadata: dict, then: str = "") -> None:
+    """A user's metadata entry named `STORAGE_KEY` was dropped without a word: the file's own facts go there."""
+    if STORAGE_KEY in metadata:
+        raise InfluenceTableError(f"The metadata key {STORAGE_KEY!r} is reserved: a saved table writes its shards' "
+                                  f"sizes and sha256 under it. Put that entry under another name.{then}")
+
+
 def complete_metadata(metadata: dict | None) -> dict:
     """The metadata as plain JSON values, with the schema version, library and creation time filled in."""
     metadata = json.loads(to_json(dict(metadata or {})))
-    if STORAGE_KEY in metadata:  # (it was dropped without a word: the file's own facts are written under it)
-        raise InfluenceTableError(f"The metadata key {STORAGE_KEY!r} is reserved: a saved table writes its shards' "
-                                  "sizes and sha256 under it. Put that entry under another name.")
+    _refuse_storage_key(metadata)
     metadata.setdefault("schema_version", SCHEMA_VERSION)
     metadata.setdefault("library", LIBRARY)
     metadata.setdefault("library_version", library_version())
@@ -440,6 +445,7 @@ class InfluenceTableWriter:
             raise ValueError(f"shard_rows and row_group_rows must be >= 1, got {shard_rows} and {row_group_rows}.")
         self.directory = Path(directory)
         self.metadata = dict(metadata or {})
+        _refuse_storage_key(self.metadata)  # (before any row is computed, not at close)
         self.shard_rows, self.row_group_rows = shard_rows, min(row_group_rows, shard_rows)
         self.license, self.repo_id = license, repo_id
         self.schema = normalized_schema(schema) if schema is not None else None
@@ -514,6 +520,7 @@ class InfluenceTableWriter:
 
         if self._closed:
             raise ValueError("This InfluenceTableWriter is closed.")
+        _refuse_storage_key(metadata or {}, " The rows written are kept: call close() again without it.")
         if self.schema is None:
             self.schema = normalized_schema(pa.schema([("test_id", pa.int64()), ("train_id", pa.int64()),
                                                        ("influence", pa.float64())]))
