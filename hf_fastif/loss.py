@@ -5,8 +5,8 @@ A loss function maps ``(outputs, batch)`` to a tensor of shape ``(batch_size,)``
 loss, per row: sequence classification follows transformers' rule (``config.problem_type``, or when unset:
 regression for one output, single-label for integer labels, multi-label otherwise) with cross-entropy,
 binary cross-entropy averaged over the labels of the row, or squared error averaged over the outputs of
-the row; causal LMs get the mean token cross-entropy of each row (shifted), token classification the mean
-token cross-entropy (unshifted); a PEFT prompt-learning model's virtual tokens (its logits' first positions) are
+the row; causal LMs get the mean token cross-entropy of each row (shifted), token classification, and the LM
+heads of XLNet, XLM and Flaubert, which transformers scores unshifted, the mean token cross-entropy (unshifted); a PEFT prompt-learning model's virtual tokens (its logits' first positions) are
 labelled -100, as PEFT labels them. The mean over rows is the model's own ``loss``.
 A *measurement* (kronfluence's term) is the test-side quantity whose influence is asked for; it defaults
 to the same loss.
@@ -120,10 +120,16 @@ def default_loss_smoothing(args, loss_fn: LossFn | None) -> float:
     return 0.0 if loss_fn is not None else float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
 
 
+# generating LM heads that score each position against its own label, as transformers computes their loss (XLNet's
+# permutation LM, XLM's and Flaubert's): the shift gave another loss than the one they train on
+UNSHIFTED_GENERATORS = ("xlnet", "xlm", "flaubert")
+
+
 def shifts_labels(model: nn.Module) -> bool:
     """Whether the default loss shifts token labels by one (a causal LM: position t predicts token t + 1)."""
-    return bool(getattr(model, "can_generate", lambda: False)()) and not getattr(
-        getattr(model, "config", None), "is_encoder_decoder", False)
+    config = getattr(model, "config", None)
+    return (bool(getattr(model, "can_generate", lambda: False)()) and not getattr(config, "is_encoder_decoder", False)
+            and getattr(config, "model_type", None) not in UNSHIFTED_GENERATORS)
 
 
 def rows_without_targets(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[int]:

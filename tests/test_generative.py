@@ -395,3 +395,29 @@ def test_only_a_causal_lm_reads_the_padding_position_before_a_target():
     classifier = GPT2ForTokenClassification(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
     assert _read_positions(batch, classifier).tolist() == [[False, False, True, True], [True] * 4]
     assert _read_positions(batch, tiny_model("gpt2-lm")).tolist() == [[False, True, True, True], [True] * 4]
+
+
+def test_generating_heads_that_train_unshifted_get_their_own_loss():
+    """XLNet's, XLM's and Flaubert's LM heads can generate, but transformers scores each position against its own
+    label: the default loss shifted them like a causal LM's, another loss than the one they train on (4.14 against
+    4.08 on one row), and the own-loss check blamed class weights or smoothing."""
+    import transformers as T
+
+    from hf_fastif.loss import make_default_loss, shifts_labels
+
+    heads = {"xlm": lambda: T.XLMWithLMHeadModel(T.XLMConfig(vocab_size=VOCAB, emb_dim=8, n_layers=1, n_heads=2,
+                                                                  max_position_embeddings=32, pad_index=0)),
+             "flaubert": lambda: T.FlaubertWithLMHeadModel(T.FlaubertConfig(
+                 vocab_size=VOCAB, emb_dim=8, n_layers=1, n_heads=2, max_position_embeddings=32, pad_index=0)),
+             "xlnet": lambda: T.XLNetLMHeadModel(T.XLNetConfig(vocab_size=VOCAB, d_model=8, n_layer=1, n_head=2,
+                                                               d_inner=16, pad_token_id=0)),
+             "gpt2": lambda: tiny_model("gpt2-lm")}
+    ids, labels = torch.tensor([[1, 17, 4, 23, 9, 31]]), torch.tensor([[-100, -100, 29, -100, 9, -100]])
+    for kind, make in heads.items():
+        torch.manual_seed(0)
+        model = make().double().eval()
+        assert shifts_labels(model) == (kind == "gpt2")
+        with torch.no_grad():
+            own = model(input_ids=ids, labels=labels).loss
+            ours = make_default_loss(model)(model(input_ids=ids), {"labels": labels})
+        torch.testing.assert_close(ours.reshape(()).double(), own.double(), rtol=1e-6, atol=1e-9, msg=kind)
