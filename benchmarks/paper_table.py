@@ -31,6 +31,7 @@ import torch
 from datasets.utils import disable_progress_bars
 
 from hf_fastif import InfluenceArguments
+from hf_fastif.recall import recall_ns
 from hf_fastif.utils import Timer, library_version, to_json, write_atomic
 
 from .arguments import output_folder, parse_with_defaults
@@ -48,7 +49,7 @@ from .paper_setup import (
     validate,
 )
 from .report import plot_knn_recall, plot_sweep, render, targets
-from .rows import LOW_RANK_CHOICE, fast_settings, recall_ns, run_rows, top_eigenvalue
+from .rows import LOW_RANK_CHOICE, fast_settings, run_rows, top_eigenvalue
 from .studies import knn_recall_curve, knn_study, s_test_sweep
 
 FAST_CHOICE = (

@@ -35,8 +35,8 @@ from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
-    RECALL_NS,
     check_methods,
+    recall_ns,
     recall_table,
     resolve_ks,
 )
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ks = resolve_ks(bench.ks, bench.n_train)
     if bench.num_test_points < 1 or not bench.projection_dims or min(bench.projection_dims) < 1:
         raise ValueError("--num_test_points and every --projection_dims must be positive integers.")
-    top_ns = sorted({min(n, bench.n_train) for n in RECALL_NS})  # fewer rows than n: recall of all of them
+    top_ns = recall_ns(bench.n_train)
     torch.set_num_threads(bench.threads)
     out_dir = output_folder(args.output_dir)
 

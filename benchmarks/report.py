@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 import matplotlib.ticker  # noqa: E402
 
 QUALITY_COLUMNS = ["pearson", "spearman"]
-"""The quality columns every row has; its recall@n columns follow (n = 10 and 100, capped at N: rows.recall_ns)."""
+"""The quality columns every row has; its recall@n columns follow (n = 10 and 100, capped at N: hf_fastif.recall.recall_ns)."""
 
 
 def _cell(value, format_: Callable | None) -> str:

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from hf_fastif import InfluenceArguments, InfluenceEngine
 from hf_fastif.quality import agreement, influence_by_test
+from hf_fastif.recall import recall_ns
 from hf_fastif.solvers.lissa import LissaDivergenceError
 from hf_fastif.utils import to_json, write_atomic
 
@@ -68,12 +69,6 @@ def fast_settings(bench: BenchmarkArguments, args: InfluenceArguments, top_eigen
     depth = max(1, math.ceil(args.influence_recursion_depth * args.influence_damping / damping - 1e-9))
     return {"b": bench.fast_batch_size, "t": bench.fast_repetitions, "j": depth, "scale": scale, "damping": damping,
             "top": top_eigenvalue}
-
-
-def recall_ns(num_train: int) -> list[int]:
-    """The n of the table's recall@n: 10 and 100, capped at the N training rows (fewer rows than n: recall of all
-    of them, as ``hf-fastif recall`` does)."""
-    return sorted({min(n, num_train) for n in (10, 100)})
 
 
 def row_quality(original: np.ndarray, values: PerTest) -> dict:

@@ -67,9 +67,9 @@ from .recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
     RECALL_METHODS,
-    RECALL_NS,
     check_methods,
     parse_k,
+    recall_ns,
     recall_table,
     resolve_ks,
 )
@@ -486,7 +486,7 @@ def run_recall(ns: argparse.Namespace) -> int:
     if "gradient" in methods and args.influence_projection_dim > params:
         raise ValueError(f"--influence_projection_dim {args.influence_projection_dim} exceeds the {params} influence "
                          "parameters; lower it for the gradient method.")
-    top_ns = sorted({min(n, len(train)) for n in RECALL_NS})  # fewer rows than n: recall of all of them
+    top_ns = recall_ns(len(train))
     engine = InfluenceEngine(model, args, data_collator=DataCollatorWithPadding(tokenizer))
     results = engine.candidate_recall(train, test, ks, methods=methods, ns=top_ns)
     solver = args.influence_solver + (f" J {args.influence_recursion_depth}, B {args.influence_batch_size}, T "

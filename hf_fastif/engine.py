@@ -458,13 +458,14 @@ class InfluenceEngine:
 
     def _probe_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, short: int,
                        long: int) -> None:
-        padded_batch = batcher.batch([short, long], trunk=False)
+        alone_batch, padded_batch = batcher.batch([short], trunk=False), batcher.batch([short, long], trunk=False)
+        value = call.fm.value_fn(measurement)
         with torch.no_grad():  # each row's value, as every stage computes it (any head, any loss_fn)
-            alone = call.fm.values_without_l2(call.params, batcher.batch([short], trunk=False),
-                                              measurement=measurement)[0].double()
-            padded = call.fm.values_without_l2(call.params, padded_batch, measurement=measurement)[0][:1]
+            alone_outputs, padded_outputs = (call.fm.outputs(call.params, b) for b in (alone_batch, padded_batch))
+            alone = value(alone_outputs, alone_batch).double()
+            padded = value(padded_outputs, padded_batch)[:1]
         error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
-        error = max(error, self._per_row_logits_error(call, batcher, short, padded_batch))
+        error = max(error, _per_row_logits_error(alone_outputs, padded_outputs))
         dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
         finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
         row, other = (int(r) for r in batcher.base_rows([short, long]))  # (dataset rows, as the error names them)
@@ -481,27 +482,11 @@ class InfluenceEngine:
             )
         if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
             raise ValueError(
-                f"The loss (or per-row logits) of {name} row {row} changes when it is padded next to row {other} (relative difference "
-                f"{error:.2g}): every stage of influence batches rows of different lengths, so its numbers would "
+                f"The loss (or per-row logits) of {name} row {row} changes when it is padded next to row {other} "
+                f"(relative difference {error:.2g}): every stage of influence batches rows of different lengths, so its numbers would "
                 "depend on the batch sizes. "
                 + _padding_cause(self.model, padded_batch)
             )
-
-    @staticmethod
-    def _per_row_logits_error(call: _Call, batcher: Batcher, short: int, padded_batch: dict) -> float:
-        """How far a per-row head's logits ``(b, classes)`` move when the row is padded, relative to their own
-        scale (0 for other outputs). The loss alone hides it where the head is fresh: a classifier at
-        initialisation (std 0.02) keeps its loss near log k whatever its inputs, so logits that moved by 30-300% with
-        left padding moved the loss by less than the tolerance, while the gradients influence uses moved a lot
-        (12% off between batch sizes 1 and 10, pretrained MiniLM with a new head padded on the left)."""
-        with torch.no_grad():
-            alone = getattr(call.fm.outputs(call.params, batcher.batch([short], trunk=False)), "logits", None)
-            padded = getattr(call.fm.outputs(call.params, padded_batch), "logits", None)
-        if not (isinstance(alone, torch.Tensor) and isinstance(padded, torch.Tensor) and alone.dim() == 2
-                and padded.dim() == 2 and alone.shape[1] == padded.shape[1] and alone.is_floating_point()):
-            return 0.0
-        alone, padded = alone.double(), padded[:1].double()
-        return float((alone - padded).abs().max() / alone.abs().max().clamp_min(1e-12))
 
     def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
         """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
@@ -1291,6 +1276,20 @@ class InfluenceEngine:
             "semantics": SEMANTICS if self.measurement_fn is None else SEMANTICS | MEASUREMENT_SEMANTICS,
             "diagnostics": call.info | call.timer.seconds,
         }
+
+
+def _per_row_logits_error(alone, padded) -> float:
+    """How far a per-row head's logits ``(b, classes)`` move when the row is padded (the outputs of the row alone and
+    padded first in a batch), relative to their own scale (0 for other outputs). The loss alone hides it where the
+    head is fresh: a classifier at initialisation (std 0.02) keeps its loss near log k whatever its inputs, so logits
+    that moved by 30-300% with left padding moved the loss by less than the tolerance, while the gradients influence
+    uses moved a lot (12% off between batch sizes 1 and 10, pretrained MiniLM with a new head padded on the left)."""
+    alone, padded = getattr(alone, "logits", None), getattr(padded, "logits", None)
+    if not (isinstance(alone, torch.Tensor) and isinstance(padded, torch.Tensor) and alone.dim() == 2
+            and padded.dim() == 2 and alone.shape[1] == padded.shape[1] and alone.is_floating_point()):
+        return 0.0
+    alone, padded = alone.double(), padded[:1].double()
+    return float((alone - padded).abs().max() / alone.abs().max().clamp_min(1e-12))
 
 
 def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:

@@ -335,7 +335,7 @@ def _read_globals(fn, depth: int) -> dict:
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
         hashed = _plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
-        out[name] = _describe_value(value, depth) if hashed and depth <= 3 else type(value).__qualname__
+        out[name] = _describe_value(value, depth) if hashed and depth <= MAX_DEPTH else type(value).__qualname__
     return out
 
 

@@ -275,9 +275,13 @@ class FunctionalModel:
                           measurement: bool = False) -> tuple[torch.Tensor, bool]:
         """``(per-example values without the L2 term, whether the L2 term belongs to their gradients)``; the
         Hessian takes the L2 term whatever this says (`l2_in_hessian`)."""
-        if measurement and self.measurement_fn is not None:
-            return self.measurement_fn(self.outputs(params, batch), batch), False
-        return self.loss_fn(self.outputs(params, batch), batch), bool(self.decayed) and self.l2_in_gradients
+        l2 = not (measurement and self.measurement_fn is not None) and bool(self.decayed) and self.l2_in_gradients
+        return self.value_fn(measurement)(self.outputs(params, batch), batch), l2
+
+    def value_fn(self, measurement: bool = False) -> LossFn:
+        """``(outputs, batch) -> per-example values`` without the L2 term: the measurement (``measurement`` and one
+        is set) or the training loss."""
+        return self.measurement_fn if measurement and self.measurement_fn is not None else self.loss_fn
 
     @property
     def l2_in_hessian(self) -> bool:

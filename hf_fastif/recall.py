@@ -21,6 +21,12 @@ RECALL_METHODS = (*FEATURES, "random")
 RECALL_NS = (10, 100)
 """The recall@n of the table: the full scan's 10 and 100 most helpful / harmful rows."""
 
+
+def recall_ns(num_rows: int) -> list[int]:
+    """`RECALL_NS` capped at ``num_rows`` candidate rows (fewer rows than n: recall of all of them), without
+    repeats."""
+    return sorted({min(n, num_rows) for n in RECALL_NS})
+
 MINILM_RECALL_N_TRAIN = 2000
 """Generated training rows (N) of a recall on the fine-tuned MiniLM (``hf-fastif recall`` without a model)."""
 
@@ -95,5 +101,6 @@ def recall_table(rows: Sequence[dict], ns: Sequence[int] = RECALL_NS) -> str:
     return markdown_table(header, body)
 
 
-__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k", "recall_table",
+__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k", "recall_ns",
+           "recall_table",
            "resolve_ks"]
