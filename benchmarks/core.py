@@ -20,6 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher
+from hf_fastif.ground_truth import check_digits_sizes
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import select_parameters
@@ -62,6 +63,7 @@ def validate(core: CoreArguments) -> None:
     for name in ("num_candidates", "loop_candidates", "seq_len", "digits_train", "digits_test", "lds_subsets"):
         if getattr(core, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(core, name)}.")
+    check_digits_sizes(core.digits_train, core.digits_test)
     if core.loop_candidates > core.num_candidates:
         raise ValueError(f"--loop_candidates {core.loop_candidates} exceeds --num_candidates {core.num_candidates}: "
                          "the per-example loop times a subset of the candidates; lower it or raise --num_candidates.")

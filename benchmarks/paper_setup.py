@@ -25,6 +25,7 @@ from transformers import (
 from hf_fastif import InfluenceArguments, InfluenceTable, compute_influences
 from hf_fastif.data import load_hans, load_mnli, tokenize_nli
 from hf_fastif.embedded import DEFAULT_KIND, KINDS, QUICK_KIND, embedded_data, embedded_kind, train_embedded
+from hf_fastif.ground_truth import check_digits_sizes
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 
@@ -181,6 +182,7 @@ def validate(bench: BenchmarkArguments, args: InfluenceArguments) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name} must be positive (lists: non-empty and positive), got {value}.")
+    check_digits_sizes(bench.digits_train, bench.digits_test)
     if bench.parallel_processes < 0:
         raise ValueError(f"--parallel_processes must be >= 0 (0 or 1: skip the row), got {bench.parallel_processes}.")
 

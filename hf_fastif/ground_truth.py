@@ -62,6 +62,16 @@ def fit_logistic_regression(model: LogisticRegression, x: torch.Tensor, y: torch
     return model
 
 
+DIGITS_ROWS = 1797  # scikit-learn's bundled digits
+
+
+def check_digits_sizes(num_train: int, num_test: int) -> None:
+    """Refuse a split the digits cannot give (the test rows would silently be fewer, or none)."""
+    if num_train < 1 or num_test < 1 or num_train + num_test > DIGITS_ROWS:
+        raise ValueError(f"digits: {num_train} training + {num_test} test rows; the digits have {DIGITS_ROWS} rows in "
+                         f"all: ask for at least one of each and at most {DIGITS_ROWS} together.")
+
+
 def digits_data(num_train: int = 1000, num_test: int = 50, seed: int = 0, binary: bool = True,
                 dtype=torch.float64) -> tuple[Dataset, Dataset, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sklearn's bundled digits (8x8), standardised; ``binary``: label = digit >= 5, else the 10 digits.
@@ -72,6 +82,7 @@ def digits_data(num_train: int = 1000, num_test: int = 50, seed: int = 0, binary
     # on use: only the digits anchor needs scikit-learn (a dev extra)
     from sklearn.datasets import load_digits
 
+    check_digits_sizes(num_train, num_test)
     x, y = load_digits(return_X_y=True)
     y = (y >= 5).astype(np.int64) if binary else y
     order = np.random.default_rng(seed).permutation(len(y))

@@ -37,9 +37,13 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(module, first_w
      "--num_test_points 100 exceeds the 30 HANS-style test rows"),
     (recall, "finetune_minilm", ["--num_test_points", "50"],
      "--num_test_points 50 exceeds the 30 generated HANS-style test rows"),
-], ids=["core loop", "core heads", "per_test_point", "recall"])
+    (core, "scoring_benchmark", ["--digits_train", "1790", "--digits_test", "50"],
+     "1790 training \\+ 50 test rows; the digits have 1797"),
+    (paper_table, "prepare", ["--digits_train", "1797"], "1797 training \\+ 4 test rows"),
+], ids=["core loop", "core heads", "per_test_point", "recall", "core digits", "paper table digits"])
 def test_own_sizes_are_refused_before_the_model_work(module, first_work, argv, message, tmp_path, monkeypatch):
-    """Sizes past what there is failed with IndexError / numpy errors after the model was trained or fine-tuned."""
+    """Sizes past what there is failed with IndexError / numpy errors after the model was trained or fine-tuned; digits
+    splits past the 1,797 rows silently scored fewer test rows, or none."""
     monkeypatch.setattr(module, first_work, _no_work)
     with pytest.raises(ValueError, match=message):
         module.main(["--quick", "--output_dir", str(tmp_path), *argv])
