@@ -207,18 +207,28 @@ def dataset_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
     """sha256 of every value of ``columns`` (default: all) of a `datasets.Dataset`, in row order.
 
     In-memory datasets get random ``_fingerprint`` values, so processes that loaded the same rows cannot
-    compare those; this hashes the rows themselves (Arrow IPC stream of the columns; about 1 GB/s)."""
+    compare those; this hashes the rows themselves (Arrow IPC stream of the columns; about 1 GB/s). The stream is
+    written in blocks of `HASH_BLOCK_ROWS` rows, each one contiguous chunk, so the same values hash the same however
+    Arrow holds them (one chunk in memory, several after ``save_to_disk`` / ``load_from_disk`` or
+    ``concatenate_datasets``, an indices mapping or a slice after ``select``); one block is copied at a time."""
     columns = list(columns) if columns is not None else list(dataset.column_names)
     table = dataset.select_columns(columns).with_format("arrow")[:] if len(dataset) else None
     digest = hashlib.sha256(json.dumps([len(dataset), columns]).encode())
     if table is None:
         return digest.hexdigest()
-    table = pa.Table.from_batches(table.to_batches(), schema=table.schema.remove_metadata())
+    schema = table.schema.remove_metadata()
     sink = _HashWriter(digest)
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        for batch in table.to_batches(max_chunksize=65_536):
-            writer.write_batch(batch)
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, table.num_rows, HASH_BLOCK_ROWS):
+            block = pa.Table.from_batches(table.slice(start, HASH_BLOCK_ROWS).to_batches(), schema=schema)
+            # take copies into fresh buffers: the IPC bytes of a zero-copy slice depend on where it was cut from
+            block = block.take(pa.array(np.arange(block.num_rows))).combine_chunks()
+            writer.write_batch(block.to_batches()[0])
     return digest.hexdigest()
+
+
+HASH_BLOCK_ROWS = 65_536
+"""Rows per block of `dataset_fingerprint`'s stream (part of the hash: changing it changes every fingerprint)."""
 
 
 MAX_DEPTH = 3

@@ -61,6 +61,37 @@ def test_interrupted_build_resumes_to_the_same_table(setup, pad_collator, tmp_pa
     assert InfluenceTable.load(tmp_path / "resumed" / "table").to_pandas().equals(b)
 
 
+def test_a_build_resumes_on_the_same_rows_held_in_other_arrow_chunks(setup, pad_collator, tmp_path, monkeypatch):
+    """The rows' hash read Arrow's chunking: the same rows reloaded with load_from_disk (several chunks) or joined with
+    concatenate_datasets were "another build", and the finished shards were thrown away."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    from hf_fastif.fingerprint import dataset_fingerprint
+
+    model, train, test = setup
+    args = default_arguments(**ARGS)
+    first = build_influence_table(model, train, test, tmp_path / "build", args, shard_size=2,
+                                  data_collator=pad_collator).to_pandas()  # read before the rerun writes table/ anew
+    train.save_to_disk(tmp_path / "saved", max_shard_size="1KB")
+    reloaded = load_from_disk(tmp_path / "saved")
+    assert reloaded.data.column(0).num_chunks > 1  # held otherwise than the original
+    joined = concatenate_datasets([test.select(range(3)), test.select(range(3, 7))])
+    perm = np.random.default_rng(0).permutation(len(train))
+    assert dataset_fingerprint(train.select(perm)) == dataset_fingerprint(train.select(perm).flatten_indices())
+    assert dataset_fingerprint(train.select(range(1, 30))) == dataset_fingerprint(
+        Dataset.from_list(train.select(range(1, 30)).to_list()))
+    assert dataset_fingerprint(train.select(perm)) != dataset_fingerprint(train)  # order still counts
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", _no_work)
+    again = build_influence_table(model, reloaded, joined, tmp_path / "build", args, shard_size=2,
+                                  data_collator=pad_collator)
+    assert again.metadata["build"]["resumed_shards"] == 4
+    assert again.to_pandas().equals(first)
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("a shard was computed again")
+
+
 def test_a_build_directory_of_other_settings_is_refused(setup, pad_collator, tmp_path):
     model, train, test = setup
     small = test.select(range(2))
