@@ -176,12 +176,25 @@ def _read_tsv(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=header, dtype=str)
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}: {err.object[err.start:err.end]!r}). "
+                      "Save it again as UTF-8 (e.g. pandas: read it with its encoding, such as encoding='cp1252' or "
+                      "'utf-16', and write it with to_csv / to_json, whose default is UTF-8).")
+
+
 def local_columns(path: str | os.PathLike) -> list[str] | None:
     """The column names of a local data file (None: not a local file, or a format whose columns are not read
     here)."""
     path = Path(path).expanduser()
     if not path.is_file():
         return None
+    try:
+        return _local_columns(path)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
+
+
+def _local_columns(path: Path) -> list[str] | None:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".tsv", ".csv"):
         with open(path, encoding="utf-8-sig") as handle:
@@ -203,7 +216,10 @@ def _load(source: Path | str, split: str) -> tuple[pd.DataFrame, list[str] | Non
     """Read a resolved source: a local file, or a Hub id through `datasets.load_dataset`."""
     if isinstance(source, Path):
         logger.info(f"Loading {source} (local file; split {split!r} ignored).")
-        frame, file_names = _read_local(source)
+        try:
+            frame, file_names = _read_local(source)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(source, err) from err
         if not len(frame.columns):  # an empty file: no header to name columns by
             raise ValueError(f"{str(source)!r} gives no data: it is empty (no header, no rows). Pass a file with "
                              "labelled rows.")

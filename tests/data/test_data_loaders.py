@@ -16,6 +16,7 @@ from hf_fastif.data import (
     load_mnli,
     split_hans,
 )
+from hf_fastif.data.loaders import local_columns
 
 HANS_ROWS = [  # gold_label, sentence1, sentence2, pairID, heuristic, subcase, template
     (
@@ -388,6 +389,22 @@ def test_empty_files_are_named_as_empty(tmp_path):
         for load in (load_mnli, load_anli, load_hans):
             with pytest.raises(ValueError, match=f"{name}' gives no data: it is empty"):
                 load(tmp_path / name)
+
+
+def test_files_that_are_not_utf8_are_named_with_the_fix(tmp_path):
+    """A cp1252 or UTF-16 file failed with a bare "'utf-8' codec can't decode byte 0xe9", naming neither the file
+    nor what to do (the CLI reads each file's columns first: same)."""
+    text = "sentence1,sentence2,gold_label\nCaf\u00e9 open.,It is closed.,contradiction\n"
+    for name, encoding in (("cp1252.csv", "cp1252"), ("utf16.csv", "utf-16"), ("cp1252.jsonl", "cp1252")):
+        body = text if name.endswith(".csv") else json.dumps(
+            {"sentence1": "Caf\u00e9", "sentence2": "x", "gold_label": "neutral"}, ensure_ascii=False) + "\n"
+        (tmp_path / name).write_bytes(body.encode(encoding))
+        for read in (load_mnli, local_columns):
+            with pytest.raises(ValueError, match=f"{name} is not UTF-8 text .*Save it again as UTF-8"):
+                read(tmp_path / name)
+    (tmp_path / "bom.csv").write_bytes(text.encode("utf-8-sig"))  # a byte-order mark is UTF-8: read
+    assert local_columns(tmp_path / "bom.csv") == ["sentence1", "sentence2", "gold_label"]
+    assert load_mnli(tmp_path / "bom.csv")[0]["premise"] == "Caf\u00e9 open."
 
 
 # ---------------------------------------------------------------------------------------------- ANLI
