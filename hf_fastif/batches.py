@@ -194,6 +194,12 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         values = chunk.column(label)
         if default_loss:  # a loss of one's own may mask missing targets (NaN) itself
             _check_finite_labels(values, name, start)
+            flags = values.type.value_type if _is_list(values.type) else values.type
+            if pa.types.is_boolean(flags):  # (pandas' True / False columns): no loss takes bool targets
+                raise ValueError(f"The {label!r} column of {name} holds booleans ({values[0].as_py()!r}); the loss "
+                                 f"takes class ids (or floats for multi-label / regression). Cast it first, e.g. "
+                                 f"{name}.cast_column({label!r}, Value('int64')) (Value('float32') for multi-hot "
+                                 "rows), with `from datasets import Value`.")
         if pa.types.is_integer(values.type):
             labels = values.to_numpy(zero_copy_only=False)
             labelled = labelled or bool((labels != -100).any())
@@ -676,10 +682,11 @@ class Batcher:
                                  f"({features[0][label]!r}); labels must be class ids. Map them with the model's "
                                  "config.label2id, e.g. dataset.map(lambda r: {'label': model.config.label2id["
                                  "r['label']]}), or dataset.class_encode_column('label').") from err
-            text = [k for k, v in features[0].items() if isinstance(v, str) and k not in LABEL_COLUMNS]
-            if text and self._collates_without(features, text):  # (a padding collator makes no tensors of text)
-                raise ValueError(f"Could not collate rows into a batch ({err}): the rows keep text column(s) {text} "
-                                 "(remove_unused_columns=False keeps every column). Drop them "
+            kept = self._uncollatable_columns(features)
+            if kept:
+                raise ValueError(f"Could not collate rows into a batch ({err}): the rows keep column(s) {kept} that "
+                                 "this collator cannot batch (texts, lists of strings, lists of different lengths it "
+                                 "does not pad; remove_unused_columns=False keeps every column). Drop them "
                                  "(dataset.remove_columns), or pass a data_collator that leaves them out.") from err
             default = self.padding_collator == PADDING_COLLATORS[None]
             raise ValueError(
@@ -694,6 +701,22 @@ class Batcher:
                 and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch):
             batch["decoder_input_ids"] = self.decoder_inputs(batch["labels"])
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _uncollatable_columns(self, features: list[dict]) -> list[str]:
+        """The fewest of the rows' non-label columns that are not ints or flat lists of ints (texts, lists of
+        strings, floats) whose removal lets the rows collate: what failed (empty if leaving them out does not help)."""
+        def integers(value) -> bool:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return all(isinstance(v, int) or (isinstance(v, torch.Tensor) and not v.is_floating_point())
+                       or isinstance(v, np.integer) for v in items)
+
+        suspects = [k for k in features[0] if k not in LABEL_COLUMNS and not all(integers(r[k]) for r in features)]
+        if not suspects or not self._collates_without(features, suspects):
+            return []
+        for column in list(suspects):  # keep only those the rows cannot be batched with
+            if len(suspects) > 1 and self._collates_without(features, [c for c in suspects if c != column]):
+                suspects.remove(column)
+        return suspects
 
     def _collates_without(self, features: list[dict], columns: list[str]) -> bool:
         """Whether the rows collate once ``columns`` are left out (then those columns are what failed)."""

@@ -54,6 +54,22 @@ def test_string_labels_are_named_as_such(setup, pad_collator):
         compute_influences(model, words, test, default_arguments(**FAST), data_collator=pad_collator)
 
 
+def test_boolean_labels_are_named_with_the_cast(setup, pad_collator):
+    """True / False labels (what from_pandas gives a bool column) failed with torch's bare "expected target dtype to be
+    Long or Byte, but got Bool"."""
+    model, train, test = setup
+    flags = train.map(lambda r: {"label": bool(r["labels"])}, remove_columns="labels")
+    assert flags.features["label"].dtype == "bool"
+    with pytest.raises(ValueError, match=r"The 'label' column of train_dataset holds booleans .*cast_column\('label', "
+                                         r"Value\('int64'\)\)"):
+        compute_influences(model, flags, test, default_arguments(**FAST), data_collator=pad_collator)
+    from datasets import Value
+
+    fixed = compute_influences(model, flags.cast_column("label", Value("int64")), test, default_arguments(**FAST),
+                               data_collator=pad_collator)
+    assert np.isfinite(fixed.to_pandas().influence).all()
+
+
 def test_ragged_rows_without_padding_collator(setup):
     model, train, test = setup
     with pytest.raises(ValueError, match="DataCollatorWithPadding"):

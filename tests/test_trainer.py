@@ -426,8 +426,15 @@ def test_a_kept_text_column_is_named_when_rows_cannot_be_collated(tmp_path, pad_
                               remove_unused_columns=False, influence_knn_k=5)
     trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=add(make_token_dataset(20, seed=0)),
                                processing_class=pad_collator.tokenizer)
-    with pytest.raises(ValueError, match=r"the rows keep text column\(s\) \['text'\] \(remove_unused_columns=False"):
+    with pytest.raises(ValueError, match=r"the rows keep column\(s\) \['text'\] that this collator cannot batch"):
         trainer.compute_influences(add(make_token_dataset(2, seed=1)))
+    # lists of strings and ragged floats were blamed on the collator too (and hid the text column's hint)
+    tags = lambda ds: add(ds).add_column("tags", [["a"] * (1 + i % 3) for i in range(len(ds))]).add_column(  # noqa: E731
+        "scores", [[0.5] * (1 + i % 2) for i in range(len(ds))]).add_column("weight", [1.0] * len(ds))
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=tags(make_token_dataset(20, seed=0)),
+                               processing_class=pad_collator.tokenizer)
+    with pytest.raises(ValueError, match=r"keep column\(s\) \['text', 'tags', 'scores'\] that this collator cannot"):
+        trainer.compute_influences(tags(make_token_dataset(2, seed=1)))
     # without a padding collator the rows fail on their lengths, not on the text (which default_data_collator skips)
     trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=add(make_token_dataset(20, seed=0)))
     with pytest.raises(ValueError, match="Rows of different lengths need a padding collator"):
