@@ -6,7 +6,8 @@ scoring (candidates split, results gathered). Nothing else knows how many proces
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -99,6 +100,33 @@ def gather_objects(value) -> list:
     everyone: list = [None] * world()[1]
     dist.all_gather_object(everyone, value)
     return everyone
+
+
+T = TypeVar("T")
+
+
+def together(work: Callable[[], T], what: str) -> T:
+    """Run this process's share of ``what`` (work on rows split over processes, before a collective); if it fails in
+    any process, every process raises: the failing ones their own error, the others one naming the process and its
+    error (a `ValueError` if that was one). Without this, the others went on into the next collective and received
+    the wrong objects, or waited for ever. One process: ``work()``."""
+    if world()[1] == 1:
+        return work()
+    try:
+        result, error = work(), None
+    except Exception as err:  # (KeyboardInterrupt and the like end the launch anyway)
+        result, error = None, err
+    failures = gather_objects(None if error is None else (isinstance(error, ValueError),
+                                                          f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [(rank, failure) for rank, failure in enumerate(failures) if failure is not None]
+    if failed:
+        rank, (value_error, message) = failed[0]
+        kind = ValueError if value_error else RuntimeError
+        raise kind(f"{what} failed in process {rank} ({message}); every process stops. Fix what it names and run "
+                   "again.")
+    return result
 
 
 def check_same_everywhere(description: dict) -> None:

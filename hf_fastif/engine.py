@@ -935,8 +935,13 @@ class InfluenceEngine:
         if call.combine == "mean":
             total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype,
                                 device=next(iter(call.params.values())).device)
-            for _, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
-                total += batch_gradient(call.fm, call.params, batch, measurement=True, reduction="sum").to(total.dtype)
+
+            def mine():
+                for _, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
+                    total.add_(batch_gradient(call.fm, call.params, batch, measurement=True,
+                                              reduction="sum").to(total.dtype))
+
+            D.together(mine, "The test rows' mean gradient")
             return (D.all_reduce_sum(total) / len(call.test)).unsqueeze(0)
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):
@@ -957,14 +962,20 @@ class InfluenceEngine:
     def _full_hvp(self, call: _Call, batcher: Batcher, *, l2_term: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """``V ↦ H V`` with H the Hessian of the mean loss over every row of ``batcher`` (batches split over
         processes, summed with one all-reduce), in the working dtype; ``l2_term=False``: its data term alone."""
-        batches = [b for _, b in batcher.batches(D.shard(range(len(batcher))), self.args.influence_hvp_batch_size)]
+        bsz = self.args.influence_hvp_batch_size
+        batches = D.together(lambda: [b for _, b in batcher.batches(D.shard(range(len(batcher))), bsz)],
+                             "Collating the rows of the mean Hessian")
         n = len(batcher)
 
         def hvp(vectors: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(vectors, dtype=call.work_dtype)
-            for batch in batches:
-                total += batch_hvp(call.fm, call.params, batch, vectors, reduction="sum",
-                                   l2_term=l2_term).to(call.work_dtype)
+
+            def mine():
+                for batch in batches:
+                    total.add_(batch_hvp(call.fm, call.params, batch, vectors, reduction="sum",
+                                         l2_term=l2_term).to(call.work_dtype))
+
+            D.together(mine, "A product with the mean Hessian")
             return D.all_reduce_sum(total) / n
 
         return hvp
@@ -1218,8 +1229,10 @@ class InfluenceEngine:
             if self._feature_index is None or self._feature_index[0] != key:
                 self._feature_index = None  # one index at a time: features of a large training set are big
                 mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
-                feats = D.gather_rows(extract_features(self.model, mine, method, batch_size=bsz, split=split,
-                                                       progress=call.progress, desc="kNN features"))
+                feats = D.gather_rows(D.together(
+                    lambda: extract_features(self.model, mine, method, batch_size=bsz, split=split,
+                                             progress=call.progress, desc="kNN features"),
+                    "The candidates' kNN features"))
                 self._feature_index = (key, build_index(feats, args.influence_knn_index), feats.shape[1])
             test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False,
                                           desc="test features")
@@ -1239,9 +1252,10 @@ class InfluenceEngine:
         pair_tests = np.concatenate([np.full(len(rows), t, dtype=np.int64) for t, rows in enumerate(queries)])
         pair_rows = np.concatenate(queries)
         mine = np.flatnonzero(np.isin(pair_rows, D.shard(np.unique(pair_rows))))
-        local = score_pairs(call.fm, call.params, call.cand, pair_tests[mine], pair_rows[mine], s_test,
-                            batch_size=self.args.influence_scoring_batch_size, method=self.args.influence_scoring,
-                            progress=call.progress)
+        local = D.together(lambda: score_pairs(call.fm, call.params, call.cand, pair_tests[mine], pair_rows[mine],
+                                               s_test, batch_size=self.args.influence_scoring_batch_size,
+                                               method=self.args.influence_scoring, progress=call.progress),
+                           "Scoring the candidates")
         gathered = D.gather_rows(np.column_stack([mine.astype(np.float64), local]))
         values = np.empty(len(pair_rows))
         values[gathered[:, 0].astype(np.int64)] = gathered[:, 1]

@@ -430,12 +430,15 @@ def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], b
         logger.info(f"Gradient index: {len(recorder.other)} parameters sit in modules without a per-example rule "
                     f"(e.g. {recorder.other[0]}); their gradients come from batched autograd (slower).")
     mine = D.shard(range(len(batcher)))
-    parts = []
-    for _, batch in tqdm(batcher.batches(mine, batch_size), desc="gradient index", disable=not progress,
-                         total=-(-len(mine) // batch_size), leave=False):
-        parts.append(sketched_gradients(fm, params, batch, sketch, recorder).float().cpu().numpy())
-    local = np.concatenate(parts, 0) if parts else np.zeros((0, dim), dtype=np.float32)
-    return GradientIndex(sketch, D.gather_rows(local), factory=factory)
+
+    def sketched() -> np.ndarray:
+        parts = []
+        for _, batch in tqdm(batcher.batches(mine, batch_size), desc="gradient index", disable=not progress,
+                             total=-(-len(mine) // batch_size), leave=False):
+            parts.append(sketched_gradients(fm, params, batch, sketch, recorder).float().cpu().numpy())
+        return np.concatenate(parts, 0) if parts else np.zeros((0, dim), dtype=np.float32)
+
+    return GradientIndex(sketch, D.gather_rows(D.together(sketched, "The gradient index")), factory=factory)
 
 
 def cache_file_digest(path: Path) -> str:

@@ -140,7 +140,7 @@ def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn
         bad = ~np.isfinite(feats).all(1)
         if bad.any():
             raise ValueError(f"{what} gave features that are not finite (inf or NaN) for the rows at positions "
-                             f"{[int(r) for r in np.asarray(rows)[bad][:5]]} ({desc}); faiss cannot place them. Check those "
+                             f"{[int(r) for r in batcher.base_rows(np.asarray(rows)[bad][:5])]} ({desc}); faiss cannot place them. Check those "
                              "rows (and the model's weights) for inf/NaN, or pass influence_knn_k=None to score every "
                              "row.")
         out.append(feats)

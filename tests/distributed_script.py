@@ -82,6 +82,30 @@ if __name__ == "__main__":
         compute_influences(tiny_model("bert"), make_token_dataset(31, seed=0), make_token_dataset(3, seed=1), args,
                            data_collator=pad_collator_for_tests())
         raise AssertionError("not reached: the divergence stops every process")
+    if mode == "one_rank_error":  # training row 15's kNN features are NaN; process 1 holds it (rows 10-19)
+        import faulthandler
+
+        from hf_fastif import InfluenceEngine
+
+        faulthandler.dump_traceback_later(120, exit=True)  # a collective waiting for ever: stacks, then out
+        model, train, test = tiny_model("bert"), make_token_dataset(20, seed=0), make_token_dataset(3, seed=1)
+        ids = list(train["input_ids"])
+        ids[15] = ids[15][:-1] + [3]  # the only row holding token 3, whose embedding is NaN
+        train = train.remove_columns("input_ids").add_column("input_ids", ids)
+        with torch.no_grad():
+            model.bert.embeddings.word_embeddings.weight[3] = float("nan")
+        args = default_arguments(**(COMMON | CASES["cg_full"] | {"influence_knn_k": 5}))
+        out = {}
+        for name, rows in (("with_row_15", train), ("without_row_15", train.select(range(15)))):
+            with InfluenceEngine(model, args, data_collator=pad_collator_for_tests()) as engine:
+                try:  # a script that reports a failed call and goes on: the next call must work
+                    out[name] = len(engine.compute_influences(rows, test))
+                except ValueError as err:
+                    out[name] = str(err)
+        with open(f"{sys.argv[1]}.{rank}", "w") as f:
+            json.dump(out, f)
+        finish()
+        sys.exit(0)
     if mode == "caches":
         import faulthandler
 

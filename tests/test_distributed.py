@@ -68,6 +68,19 @@ def test_lissa_diverging_in_one_process_stops_both(tmp_path):
     assert "LiSSA diverged in another process's repetitions" in result.stderr
 
 
+def test_an_error_in_one_process_share_stops_every_process_and_the_next_call_works(tmp_path):
+    """Only process 1 held the row whose kNN features are NaN: it raised, naming the row by its position in its own
+    share ([5] for row 15), while process 0 went on into the next collective, received process 1's settings in place
+    of features, failed with a numpy error, and the next call hung both processes."""
+    result = launch(tmp_path / "e.json", "one_rank_error")
+    assert result.returncode == 0, result.stderr[-4000:]
+    ours, theirs = (json.loads((tmp_path / f"e.json.{rank}").read_text()) for rank in (1, 0))
+    assert "not finite (inf or NaN) for the rows at positions [15]" in ours["with_row_15"]
+    assert theirs["with_row_15"].startswith("The candidates' kNN features failed in process 1 (ValueError: ")
+    assert "positions [15]" in theirs["with_row_15"]
+    assert ours["without_row_15"] == theirs["without_row_15"] == 3 * 5  # 3 test rows, k = 5
+
+
 def test_two_process_build_equals_the_single_table(two_processes, one_process):
     build, single = two_processes["build"], one_process["cg_full"]
     order = np.lexsort((build["train_id"], build["test_id"]))
