@@ -78,8 +78,16 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                             "compiled one is put back afterwards.")
             for m in compiled:
                 m._compiled_call_impl = None
-            with torch.inference_mode(False), torch.enable_grad():  # a call made under no_grad / inference_mode
-                yield
+            ambient = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+            if ambient:
+                logger.info(f"The call is made inside torch.autocast ({', '.join(ambient)}); influence runs without "
+                            "it, in the weights' own dtype (under a bf16 autocast the rankings of a float32 model "
+                            "fell to Spearman 0.75 against float32's).")
+            with contextlib.ExitStack() as stack:
+                for device in ambient:
+                    stack.enter_context(torch.autocast(device, enabled=False))
+                with torch.inference_mode(False), torch.enable_grad():  # a call made under no_grad / inference_mode
+                    yield
         finally:
             for m, forward in autocast.items():
                 m.forward = forward
