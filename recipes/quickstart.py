@@ -17,6 +17,7 @@ import numpy as np
 from hf_fastif import InfluenceArguments
 from hf_fastif.annotate import TextSource, save_with_text
 from hf_fastif.applications import predict
+from hf_fastif.applications.common import check_output_dir
 from hf_fastif.distributed import finish
 from hf_fastif.embedded import KINDS, embedded_data, embedded_defaults, embedded_kind, train_embedded
 from hf_fastif.parsing import parse_arguments
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     quick, args = parse_arguments(
         (QuickstartArguments, InfluenceArguments), argv,
         lambda first: embedded_defaults("table", first.embedded_model) | {"output_dir": "outputs/quickstart"})
+    check_output_dir(args.output_dir)  # an existing file: refused now, not when the table is saved
     settings = embedded_kind(quick.embedded_model)
     start = time.perf_counter()
     data = embedded_data(seed=args.seed, **settings.table_data, kind=settings.name)

@@ -453,9 +453,24 @@ def fmt(mean: float, std: float, percent: bool = True, signed: bool = False) -> 
     return f"{mean:+.4g} ± {std:.2g}" if signed else f"{mean:.4g} ± {std:.2g}"
 
 
+def check_output_dir(output_dir: str | Path, flag: str = "--output_dir") -> Path:
+    """Refuse, before any work, an ``output_dir`` that cannot be a folder: an existing file, or a path below one.
+    Nothing is created (it is made when the results are written); the recipes call this when their flags are
+    parsed, and `prepare` again: a file there made `write_results` fail after the whole protocol had run."""
+    folder = Path(output_dir).expanduser()
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == folder else f"lies under {str(path)!r}, which is"
+                raise ValueError(f"{flag} {str(output_dir)!r} {where} an existing file, not a folder; pass a folder "
+                                 "(it is created if missing).")
+            break
+    return folder
+
+
 def write_results(output_dir: str | Path, name: str, results: dict, markdown: str, figure=None) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and (given a matplotlib figure) ``<name>.png``; return the paths."""
-    directory = Path(output_dir)
+    directory = check_output_dir(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"json": write_atomic(directory / f"{name}.json", to_json(results, indent=2)),
              "markdown": write_atomic(directory / f"{name}.md", markdown + "\n")}

@@ -11,6 +11,7 @@ bad file fails in seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -25,18 +26,31 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
     DataCollatorWithPadding,
+    PreTrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
-from ..data import MIN_MAX_LENGTH, generate_nli, label_names, load_hans, load_mnli, split_hans, tokenize_nli
+from ..batches import usable_positions
+from ..data import (
+    MIN_MAX_LENGTH,
+    MODEL_MAX_LENGTH,
+    generate_nli,
+    label_names,
+    load_hans,
+    load_mnli,
+    split_hans,
+    tokenize_nli,
+)
 from ..data.loaders import hub_offline
 from ..embedded import (
     DEFAULT_KIND,
     KINDS,
     QUICK_KIND,
+    TINY_CONFIG,
     data_description,
     embedded_defaults,
     embedded_kind,
@@ -48,7 +62,7 @@ from ..embedded import (
 )
 from ..parsing import parse_arguments
 from ..trainer import InfluenceTrainer
-from .common import ApplicationData, check_num_labels, heuristics_in, model_report
+from .common import ApplicationData, check_num_labels, check_output_dir, heuristics_in, model_report
 
 logger = logging.get_logger(__name__)
 
@@ -98,7 +112,9 @@ class ModelDataArguments:
     hans_split: str = field(default="validation", metadata={"help": "Hub split of --hans_file."})
     validation_fraction: float = field(default=0.5, metadata={
         "help": "Share of each HANS subcase used for anchors (validation); the rest is the held-out test split."})
-    max_length: int = field(default=128, metadata={"help": "Token limit of a premise/hypothesis pair."})
+    max_length: int | None = field(default=None, metadata={
+        "help": f"Token limit of a premise/hypothesis pair, at most the model's positions. Unset: {MODEL_MAX_LENGTH}, "
+                "or the model's positions if fewer."})
     fine_tune: str = field(default="auto", metadata={
         "help": "auto: fine-tune unless the checkpoint already is a sequence classifier; always; never. "
                 "Fine-tuning uses --num_train_epochs, --learning_rate, --per_device_train_batch_size."})
@@ -120,7 +136,8 @@ class ModelDataArguments:
         label_names(self.num_labels)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
-        if self.max_length < MIN_MAX_LENGTH:  # 0-2 cut nothing (while the warning said every pair was cut)
+        # 0-2 cut nothing (while the warning said every pair was cut)
+        if self.max_length is not None and self.max_length < MIN_MAX_LENGTH:
             raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
                              f"tokens and words), got {self.max_length}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
@@ -199,8 +216,10 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
 def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """``(ModelDataArguments, *protocols, InfluenceArguments)`` from the command line of recipe ``name``
     (``recipes/<name>.py``; results go to ``outputs/<name>`` unless ``--output_dir`` says otherwise)."""
-    return parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv,
-                           recipe_defaults(name, protocols))
+    parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv,
+                             recipe_defaults(name, protocols))
+    check_output_dir(parsed[-1].output_dir)  # an existing file: refused now, not when the results are written
+    return parsed
 
 
 def configure_threads(data_args: ModelDataArguments) -> None:
@@ -235,21 +254,88 @@ def is_sequence_classifier(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
 
 
+def config_positions(config: PreTrainedConfig) -> int | None:
+    """The positions a row of a sequence classifier built from ``config`` may take, as ``hf-fastif build`` counts
+    them (`hf_fastif.batches.usable_positions`: RoBERTa's table numbers from its pad id + 1), read from the model
+    built on the meta device (no weights are loaded); None where there is no limit (XLNet's relative positions)."""
+    try:
+        with torch.device("meta"):
+            positions = usable_positions(AutoModelForSequenceClassification.from_config(config))
+    except Exception:  # an architecture without a sequence-classification class: the config's own number
+        positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def resolve_max_length(max_length: int | None, positions: int | None, model: str) -> int:
+    """``--max_length`` as the recipes use it, by ``hf-fastif build``'s rule (`hf_fastif.cli.max_length_for`): unset,
+    `MODEL_MAX_LENGTH` or the model's ``positions`` if fewer; given, refused above them (it failed in the model
+    report or the Trainer with a bare tensor-size error, or silently read past the position table)."""
+    if max_length is None:
+        return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
+    if positions and max_length > positions:
+        raise ValueError(f"--max_length {max_length} exceeds the {positions} positions of {model}; use at most "
+                         f"{positions} (or omit it: {MODEL_MAX_LENGTH}, or the model's positions if fewer).")
+    return max_length
+
+
+def _model_config(data_args: ModelDataArguments, checkpoint) -> PreTrainedConfig:
+    """The config of the model the recipe will use: the checkpoint's, or the embedded model's."""
+    if checkpoint is not None:
+        return checkpoint[1]
+    if data_args.kind == "minilm":
+        from ..pretrained import minilm_path
+
+        return AutoConfig.from_pretrained(minilm_path())
+    return BertConfig(num_labels=2, **TINY_CONFIG)
+
+
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block)\.(\d+)\.")
 
 
+_EMBEDDING = re.compile(r"embed|(?:^|_)emb(?:_|$)|^project_in$")
+"""A module or parameter name (its last part) on the input side: ``embeddings``, ``embed_tokens``, XLNet's
+``word_embedding`` and ``mask_emb``, ELECTRA's ``embeddings_project``, OPT's ``project_in`` (embeddings → hidden)."""
+
+
+def input_side(model: nn.Module) -> set[str]:
+    """Names of the parameters below the layers: the input embeddings (``model.get_input_embeddings()``) and, where
+    they sit in a module of their own (BERT's ``embeddings``: positions, token types, LayerNorm), that whole module;
+    every embedding table (GPT-2's ``wpe``, OPT's ``embed_positions``); and modules or parameters named as embeddings
+    (`_EMBEDDING`). Not the final norm, the pooler or the head. Parameters inside numbered layers are left to the
+    caller (XLNet's per-layer ``seg_embed`` belongs to its layer)."""
+    modules = [module for name, module in model.named_modules()
+               if isinstance(module, nn.Embedding) or _EMBEDDING.search(name.rpartition(".")[2])]
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if isinstance(embeddings, nn.Module):
+        modules.append(embeddings)
+        name = next((n for n, module in model.named_modules() if module is embeddings), None)
+        parent = model.get_submodule(name.rpartition(".")[0]) if name else None
+        if parent is not None and parent is not model and not any(
+                _LAYER.search(n) for n, _ in parent.named_parameters()):
+            modules.append(parent)  # an embeddings module of its own, holding no layer
+    ids = {id(p) for module in modules for p in module.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids or _EMBEDDING.search(n.rpartition(".")[2])}
+
+
 def freeze_lower_layers(model: nn.Module, trainable_layers: int) -> list[str]:
-    """Freeze the embeddings and all but the last ``trainable_layers`` encoder layers (the paper freezes
-    bert-base's embeddings and layers 0-9); return the names that stay trainable."""
+    """Freeze the embeddings and all but the last ``trainable_layers`` layers (the paper freezes bert-base's
+    embeddings and layers 0-9); return the names that stay trainable: the last layers and what lies above them
+    (the final norm, the pooler, the head). The embeddings are the input side of every architecture (`input_side`:
+    GPT-2's ``wte`` / ``wpe``, OPT's ``embed_tokens`` / ``embed_positions``, XLNet's ``word_embedding`` /
+    ``mask_emb``), not only modules named ``embeddings`` (BERT's), which left the others' trainable."""
     indices = [int(m.group(1)) for n, _ in model.named_parameters() if (m := _LAYER.search(n))]
     if not indices:
         raise ValueError(f"Cannot find numbered layers in {type(model).__name__}'s parameter names; pass "
                          "--trainable_layers only for encoder models (BERT-like).")
     first = max(indices) + 1 - trainable_layers
+    below = input_side(model)
     trainable = []
     for name, p in model.named_parameters():
         m = _LAYER.search(name)
-        keep = (m is not None and int(m.group(1)) >= first) or (m is None and "embeddings" not in name)
+        keep = (m is not None and int(m.group(1)) >= first) or (m is None and name not in below)
         p.requires_grad_(keep)
         if keep:
             trainable.append(name)
@@ -316,8 +402,13 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     if data_args.embedded and data_args.fine_tune == "never":
         raise ValueError("--fine_tune never needs --model_name_or_path (a fine-tuned checkpoint); the embedded "
                          "model is always trained here.")
+    check_output_dir(args.output_dir)
     checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
     _check_resume(args.resume_from_checkpoint, checkpoint)
+    # --max_length by hf-fastif build's rule, before any data are loaded: at most the model's positions
+    data_args = dataclasses.replace(data_args, max_length=resolve_max_length(
+        data_args.max_length, config_positions(_model_config(data_args, checkpoint)),
+        repr(data_args.model_name_or_path) if checkpoint is not None else f"the embedded model ({data_args.kind})"))
     raw = load_data(data_args, args.seed)
     # a fraction that empties a split, or a heuristic missing from a split the application needs: here
     raw_split = split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)

@@ -27,7 +27,12 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging
 
 from .. import distributed as D
@@ -42,7 +47,7 @@ from ..params import select_parameters, unflatten
 from ..trainer import InfluenceTrainer
 from ..utils import markdown_table
 from .common import ApplicationData, batcher, check_num_labels, predict, refuse_few_candidates
-from .prepare import Setup, freeze_lower_layers, resolve_model
+from .prepare import Setup, config_positions, freeze_lower_layers, is_sequence_classifier, resolve_model
 
 logger = logging.get_logger(__name__)
 
@@ -420,14 +425,83 @@ def test_points(raw: Dataset | None, setup: Setup) -> Dataset:
 def check_simulatability(setup: Setup, protocol: SimulatabilityArguments) -> str | None:
     """Check the protocol against a `Setup` (also one whose model is not built yet: the recipe calls this before any
     training): enough candidates for distinct helpful / harmful groups, and a simulator that can be had (a checkpoint
-    that exists; ``trained`` only for a task model trained here). Returns the simulator checkpoint, if one."""
+    that exists, is a sequence classifier with the task's labels and positions, and reads the task model's token ids
+    as the same tokens: `check_simulator_checkpoint`; ``trained`` only for a task model trained here). Returns the
+    simulator checkpoint, if one."""
     protocol.validate()
     refuse_few_candidates(len(setup.data.train), setup.args.influence_knn_k, protocol.num_points, "Each test point")
     if protocol.simulator not in ("trained", "copy"):
-        return resolve_model(protocol.simulator)
+        checkpoint = resolve_model(protocol.simulator)
+        check_simulator_checkpoint(checkpoint, setup)
+        return checkpoint
     if protocol.simulator == "trained" and setup.name != "embedded" and not setup.description["trained_here"]:
         raise ValueError("The task model was given as a fine-tuned checkpoint, so its base model is unknown: pass "
                          "--simulator CHECKPOINT (a model trained on the task model's predictions), or --simulator copy.")
+    return None
+
+
+PROBE_PAIRS = (("The doctor near the actor danced.", "The actor danced."),
+               ("Since the lawyers resigned, the senators called the judges.", "The lawyers resigned."))
+"""Pairs both tokenizers encode, with (up to `PROBE_ROWS`) training rows: the same ids, or the simulator is refused."""
+PROBE_ROWS = 64
+
+
+def check_simulator_checkpoint(checkpoint: str, setup: Setup) -> None:
+    """Refuse, before any work, a ``--simulator`` checkpoint the simulator's steps cannot use as given: not a sequence
+    classifier (a base model would get a new random head, silently), another label count or order, fewer positions
+    than ``--max_length``, or a tokenizer that gives other ids than the task model's. The simulator is fed the task
+    model's token ids (the rows are tokenized once, by the task model's tokenizer), so its tokenizer must map every
+    token of the task model's vocabulary to the same id and encode the same pairs (`PROBE_PAIRS` and the first
+    `PROBE_ROWS` training rows) to the same ids: another vocabulary read other words, silently, or failed with a bare
+    IndexError after the task model's influence was computed."""
+    flag = f"--simulator {checkpoint!r}"
+    config = AutoConfig.from_pretrained(checkpoint)
+    if not is_sequence_classifier(config):
+        raise ValueError(f"{flag} is not a sequence-classification checkpoint (architectures {config.architectures}): "
+                         "it would get a new, random classification head, and the steps would measure that head. Pass "
+                         "a classifier trained on the task model's predictions, or --simulator trained or copy.")
+    check_num_labels(config, setup.data_args.num_labels, f"The simulator ({flag})")
+    positions, max_length = config_positions(config), setup.data_args.max_length
+    if positions and max_length is not None and max_length > positions:
+        raise ValueError(f"{flag} has {positions} positions, fewer than --max_length {max_length} (the task model's "
+                         f"rows): pass --max_length {positions} or a simulator with as many positions.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} has no tokenizer to check against the task model's ({err}); the simulator reads the "
+                         "task model's token ids. Save the tokenizer it was trained with next to it "
+                         "(tokenizer.save_pretrained(folder)).") from err
+    problem = different_token_ids(setup.tokenizer, tokenizer, _probe_pairs(setup.data.raw_train))
+    if problem:
+        raise ValueError(f"{flag} tokenizes differently from the task model ({problem}), and the simulator is fed the "
+                         "task model's token ids: it would read other words, or fail on ids past its vocabulary. Pass "
+                         "a simulator trained with the task model's tokenizer, or --simulator trained or copy.")
+
+
+def _probe_pairs(raw: Dataset | None) -> list[tuple[str, str]]:
+    pairs = list(PROBE_PAIRS)
+    if raw is not None and {"premise", "hypothesis"} <= set(raw.column_names):
+        rows = raw.select(range(min(PROBE_ROWS, len(raw))))
+        pairs += list(zip(rows["premise"], rows["hypothesis"]))
+    return pairs
+
+
+def different_token_ids(task: PreTrainedTokenizerBase, simulator: PreTrainedTokenizerBase,
+                        pairs: Sequence[tuple[str, str]]) -> str | None:
+    """How the two tokenizers differ (a token of ``task``'s vocabulary with another id or none in ``simulator``'s, or a
+    pair of ``pairs`` encoded to other ids), or None where they give the same ids."""
+    task_vocab, simulator_vocab = task.get_vocab(), simulator.get_vocab()
+    moved = [token for token, i in task_vocab.items() if simulator_vocab.get(token) != i]
+    if moved:
+        token = sorted(moved, key=task_vocab.get)[0]
+        return (f"{len(moved):,} of the task tokenizer's {len(task_vocab):,} tokens have another id or none in the "
+                f"simulator's {len(simulator_vocab):,}; e.g. {token!r} is {task_vocab[token]} for the task model and "
+                f"{simulator_vocab.get(token)} for the simulator")
+    for premise, hypothesis in pairs:
+        ids = [t(premise, hypothesis, return_token_type_ids=True) for t in (task, simulator)]
+        if ids[0]["input_ids"] != ids[1]["input_ids"]:
+            return (f"the pair {premise!r} / {hypothesis!r} is {ids[0]['input_ids'][:12]}... for the task model and "
+                    f"{ids[1]['input_ids'][:12]}... for the simulator")
     return None
 
 

@@ -1,0 +1,171 @@
+"""Recipe input refused before any work: an --output_dir that is a file, a --simulator checkpoint the steps cannot use
+(a base model, another tokenizer, fewer positions), a --max_length past the model's positions; and what
+--trainable_layers freezes on architectures other than BERT."""
+
+import importlib
+import re
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    OPTConfig,
+    OPTForSequenceClassification,
+    XLNetConfig,
+    XLNetForSequenceClassification,
+)
+
+from hf_fastif.data import build_tokenizer, nli_vocabulary
+
+from .conftest import TINY_FLAGS, load_recipe, tiny_config
+
+prepare_module = importlib.import_module("hf_fastif.applications.prepare")  # the package exports a function so named
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the recipe started its work")
+
+
+# each recipe and the first step of its work: a refusal must come before it
+FIRST_WORK = [("hans_correction", "prepare"), ("augmentation", "load_pool"), ("simulatability", "load_test_points"),
+              ("visualize", "prepare"), ("quickstart", "embedded_data")]
+
+
+@pytest.mark.parametrize("recipe, first_work", FIRST_WORK, ids=[name for name, _ in FIRST_WORK])
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(recipe, first_work, tmp_path, monkeypatch):
+    """The recipes ran the whole protocol, then failed in write_results with FileExistsError: every result lost."""
+    module = load_recipe(recipe)
+    quick = "--embedded_model=tiny" if recipe == "quickstart" else "--quick"
+    monkeypatch.setattr(module, first_work, _no_work)
+    afile = tmp_path / "results.txt"
+    afile.write_text("i am a file")
+    with pytest.raises(ValueError, match="--output_dir .*results.txt' is an existing file, not a folder"):
+        module.main([quick, "--output_dir", str(afile)])
+    with pytest.raises(ValueError, match="--output_dir .* lies under .*results.txt', which is an existing file"):
+        module.main([quick, "--output_dir", str(afile / "run1")])
+
+
+def test_prepare_refuses_an_output_dir_that_is_a_file_before_loading_data(tmp_path, monkeypatch):
+    """The library path (prepare, then write_report) too: refused before the data are loaded."""
+    monkeypatch.setattr(prepare_module, "load_data", _no_work)
+    data_args, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args.output_dir = str(afile)
+    with pytest.raises(ValueError, match="--output_dir .* is an existing file"):
+        prepare_module.prepare(data_args, args)
+
+
+def _save_classifier(folder, tokenizer):
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_simulator_the_steps_cannot_use_is_refused_before_any_work(tmp_path, files, monkeypatch):
+    """A base model got a new random head, and a simulator with another vocabulary was fed the task model's token ids
+    (other words, silently; or a bare IndexError after the influence): both ran to the end, unchecked."""
+    monkeypatch.setattr(prepare_module, "_pretrained_model", _no_work)  # the task model is loaded after the checks
+    monkeypatch.setattr(prepare_module, "embedded_model", _no_work)
+    main = load_recipe("simulatability").main
+    task = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", files["ckpt2"], "--train_dataset",
+            files["mnli"], "--hans_file", files["hans"], "--influence_knn_k", "20"]
+    with pytest.raises(ValueError, match=r"--simulator '.*base' is not a sequence-classification checkpoint "
+                                         r"\(architectures \['BertForMaskedLM'\]\): it would get a new, random"):
+        main([*task, "--simulator", files["base"]])
+    # another vocabulary of about the same size: one more word shifts every word's id by one
+    shifted = _save_classifier(tmp_path / "shifted", build_tokenizer(["aardvark", *nli_vocabulary()]))
+    with pytest.raises(ValueError, match=r"tokenizes differently from the task model \(.* tokens have another id "
+                                         r"or none in the simulator's .*--simulator trained or copy"):
+        main([*task, "--simulator", shifted])
+    # the same tokenizer but fewer positions than the task model's rows (the tiny embedded model: --max_length 128)
+    with pytest.raises(ValueError, match=r"has 64 positions, fewer than --max_length 128"):
+        main(["--quick", *TINY_FLAGS, "--output_dir", str(tmp_path / "out"), "--simulator", files["ckpt2"]])
+    ok = _save_classifier(tmp_path / "same", build_tokenizer())  # the task model's tokenizer, saved again: accepted
+    with pytest.raises(AssertionError, match="started its work"):  # the checks pass; the task model is loaded
+        main([*task, "--simulator", ok])
+
+
+def test_different_token_ids_compares_the_vocabularies_then_encoded_pairs():
+    """Two tokenizers with one vocabulary can still give other ids (here: one does not lower-case)."""
+    from hf_fastif.applications.simulatability import different_token_ids
+
+    task = build_tokenizer()
+    assert different_token_ids(task, build_tokenizer(), [("The doctor danced.", "The doctor danced.")]) is None
+    cased = build_tokenizer()
+    cased.backend_tokenizer.normalizer = None
+    found = different_token_ids(task, cased, [("the doctor danced.", "The doctor danced.")])
+    assert "the pair 'the doctor danced.' / 'The doctor danced.'" in found
+    found = different_token_ids(task, build_tokenizer(["aardvark", *nli_vocabulary()]), [])
+    assert re.match(r"\d+ of the task tokenizer.s 143 tokens have another id or none in the simulator.s 144", found)
+
+
+def test_max_length_is_refused_past_the_model_positions_and_defaults_to_them(tmp_path, files, monkeypatch):
+    """The recipes neither capped nor refused it (hf-fastif build does): a bare tensor-size RuntimeError in the model
+    report or the Trainer, after the data were loaded and the model trained."""
+    seen = {}
+
+    def load_data(data_args, seed):
+        seen["max_length"] = data_args.max_length
+        raise StopIteration
+
+    monkeypatch.setattr(prepare_module, "load_data", load_data)
+    visualize = load_recipe("visualize").main
+    paper = ["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"], "--train_dataset", files["mnli"],
+             "--hans_file", files["hans"]]  # ckpt2: 64 positions
+    with pytest.raises(ValueError, match=r"--max_length 100 exceeds the 64 positions of '.*ckpt2'; use at most 64"):
+        visualize([*paper, "--max_length", "100"])
+    with pytest.raises(ValueError, match=r"--max_length 200 exceeds the 128 positions of the embedded model \(tiny\)"):
+        visualize(["--quick", "--output_dir", str(tmp_path), "--max_length", "200"])
+    assert seen == {}  # refused before any data were loaded
+    for flags, expected in (([], 64), (["--max_length", "32"], 32)):  # unset: 128, or the model's positions if fewer
+        with pytest.raises(StopIteration):
+            visualize([*paper, *flags])
+        assert seen.pop("max_length") == expected
+    with pytest.raises(StopIteration):
+        visualize(["--quick", "--output_dir", str(tmp_path)])
+    assert seen.pop("max_length") == 128
+
+
+ARCHITECTURES = {  # 4 layers each; what stays trainable outside the last 2 layers: final norm, pooler, head
+    "bert": (lambda: BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32)),
+        {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}),
+    "distilbert": (lambda: DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=100, dim=16, n_layers=4, n_heads=2, hidden_dim=32)),
+        {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}),
+    "gpt2": (lambda: GPT2ForSequenceClassification(GPT2Config(vocab_size=100, n_embd=16, n_layer=4, n_head=2)),
+             {"transformer.ln_f.weight", "transformer.ln_f.bias", "score.weight"}),
+    "opt": (lambda: OPTForSequenceClassification(OPTConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=8)),
+        {"model.decoder.project_out.weight", "model.decoder.final_layer_norm.weight",
+         "model.decoder.final_layer_norm.bias", "score.weight"}),
+    "xlnet": (lambda: XLNetForSequenceClassification(XLNetConfig(vocab_size=100, d_model=16, n_layer=4, n_head=2,
+                                                                 d_inner=32)),
+              {"sequence_summary.summary.weight", "sequence_summary.summary.bias", "logits_proj.weight",
+               "logits_proj.bias"}),
+}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_trainable_layers_freezes_the_embeddings_of_every_architecture(architecture):
+    """Only modules named 'embeddings' were frozen: GPT-2's wte / wpe, OPT's embed_tokens / embed_positions and XLNet's
+    word_embedding / mask_emb stayed trainable (and took part in influence)."""
+    build, above = ARCHITECTURES[architecture]
+    model = build()
+    trainable = prepare_module.freeze_lower_layers(model, 2)
+    layer = prepare_module._LAYER
+    kept_layers = {int(m.group(1)) for name in trainable if (m := layer.search(name))}
+    assert kept_layers == {2, 3}
+    assert {name for name in trainable if not layer.search(name)} == above
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == trainable
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    embedding = model.get_input_embeddings().weight
+    assert not embedding.requires_grad and any(p is embedding for name, p in model.named_parameters()
+                                               if name in frozen)
