@@ -357,8 +357,10 @@ def position_limit(model: nn.Module) -> int | None:
 
 def usable_positions(model: nn.Module) -> int | None:
     """The positions a row of ``model`` may take: `position_limit`, else the config's ``max_position_embeddings``
-    (None: neither)."""
-    return position_limit(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    (None: neither, or no limit: XLNet's relative positions have ``max_position_embeddings = -1``, which refused
+    every ``--max_length`` and gave the Space a limit of -1)."""
+    limit = position_limit(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def decoder_position_limit(model: nn.Module) -> int | None:

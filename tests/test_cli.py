@@ -410,3 +410,19 @@ def test_max_length_is_bounded_by_the_positions_a_row_can_have() -> None:
     assert max_length_for(SimpleNamespace(max_length=39), model) == 39
     with pytest.raises(ValueError, match="--max_length 40 exceeds the 39 positions of the model; use at most 39"):
         max_length_for(SimpleNamespace(max_length=40), model)
+
+
+def test_a_model_without_a_position_limit_takes_any_max_length() -> None:
+    """XLNet's config says max_position_embeddings = -1 (relative positions, no limit): every --max_length was refused
+    ("exceeds the -1 positions"), the default was -1, and the Space cut typed pairs at -1 tokens."""
+    from types import SimpleNamespace
+
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    from hf_fastif.batches import usable_positions
+    from hf_fastif.cli import max_length_for
+
+    model = XLNetForSequenceClassification(XLNetConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, d_inner=32))
+    assert model.config.max_position_embeddings == -1 and usable_positions(model) is None
+    assert max_length_for(SimpleNamespace(max_length=None), model) == 128
+    assert max_length_for(SimpleNamespace(max_length=1024), model) == 1024
