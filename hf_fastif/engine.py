@@ -38,6 +38,7 @@ import torch
 from datasets import Dataset
 from filelock import FileLock
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from . import distributed as D
@@ -128,6 +129,21 @@ MAX_TRUNK_CACHES = 4
 READOUT_PROBE_ROWS = 4
 """The first training rows and the first test rows (each collated together) on which
 `hf_fastif.readout.find_readout` checks a cut, besides the shortest training row alone and next to the longest."""
+FULL_HVP_KEPT_BYTES = 256 * 2**20
+"""Collated batches (with their trunk states, padded) that a product with the mean Hessian over every row keeps for
+the next product (CG's iterations, arnoldi's Lanczos steps, the exact solver's columns); the rest are collated again
+each time, so memory stays bounded at any N (they were all kept: 3.9 GB beside 2.1 GB of memory-mapped trunk states
+on 22,000 rows)."""
+TENSOR_OVERHEAD_BYTES = 1024
+"""What a kept tensor costs beside its data (the tensor object, its storage, the allocator's rounding), as counted
+against the budgets of kept batches: single-row batches of short rows cost ~6x their data."""
+
+
+def batch_bytes(batch: Mapping) -> int:
+    """The memory a kept collated batch holds, as counted against `FULL_HVP_KEPT_BYTES` / `LISSA_BATCH_MEMO_BYTES`."""
+    return sum(v.nbytes + TENSOR_OVERHEAD_BYTES for v in batch.values() if isinstance(v, torch.Tensor))
+
+
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
 """Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when many rows are
 drawn again (B = 1 and J·T > N/2: the repetitions draw independently, so rows recur across them; FastIF's J 1000,
@@ -963,16 +979,28 @@ class InfluenceEngine:
         """``V ↦ H V`` with H the Hessian of the mean loss over every row of ``batcher`` (batches split over
         processes, summed with one all-reduce), in the working dtype; ``l2_term=False``: its data term alone."""
         bsz = self.args.influence_hvp_batch_size
-        batches = D.together(lambda: [b for _, b in batcher.batches(D.shard(range(len(batcher))), bsz)],
-                             "Collating the rows of the mean Hessian")
+        share = list(D.shard(range(len(batcher))))
+        chunks = [share[start : start + bsz] for start in range(0, len(share), bsz)]
+        kept: dict[int, dict] = {}  # collated batches kept between products, up to FULL_HVP_KEPT_BYTES
+        room = FULL_HVP_KEPT_BYTES
         n = len(batcher)
+
+        def batch_of(i: int) -> dict:
+            nonlocal room
+            if i not in kept:
+                batch = batcher.batch(chunks[i])
+                size = batch_bytes(batch)
+                if size > room:
+                    return batch  # collated again on the next product: memory stays bounded at any N
+                kept[i], room = batch, room - size
+            return kept[i]
 
         def hvp(vectors: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(vectors, dtype=call.work_dtype)
 
             def mine():
-                for batch in batches:
-                    total.add_(batch_hvp(call.fm, call.params, batch, vectors, reduction="sum",
+                for i in range(len(chunks)):
+                    total.add_(batch_hvp(call.fm, call.params, batch_of(i), vectors, reduction="sum",
                                          l2_term=l2_term).to(call.work_dtype))
 
             D.together(mine, "A product with the mean Hessian")
@@ -1049,9 +1077,17 @@ class InfluenceEngine:
                 batcher = batcher.subset(np.sort(np.random.default_rng([args.influence_seed, 11]).permutation(
                     len(batcher))[:rows]))
             hvp = self._full_hvp(call, batcher, l2_term=False)
-            self._low_rank = (key, low_rank_hessian(lambda x: hvp(x.unsqueeze(0))[0], v.shape[1],
-                                                    args.influence_arnoldi_rank, dtype=call.work_dtype,
-                                                    device=v.device, seed=args.influence_seed))
+            steps = min(v.shape[1], 2 * args.influence_arnoldi_rank)  # low_rank_hessian's Lanczos steps
+            with tqdm(total=steps, desc=f"Hessian eigenpairs (arnoldi, {len(batcher)} rows)", leave=False,
+                      disable=not call.progress) as bar:
+                def counted(x: torch.Tensor) -> torch.Tensor:
+                    out = hvp(x.unsqueeze(0))[0]
+                    bar.update()
+                    return out
+
+                self._low_rank = (key, low_rank_hessian(counted, v.shape[1], args.influence_arnoldi_rank,
+                                                        dtype=call.work_dtype, device=v.device,
+                                                        seed=args.influence_seed))
         return self._low_rank[1]
 
     def _lissa(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -1076,7 +1112,7 @@ class InfluenceEngine:
             key = rows.tobytes()
             if key not in memo:
                 batch = call.train.batch(rows)
-                size = sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor))
+                size = batch_bytes(batch)
                 if size > room:
                     return batch
                 memo[key], room = batch, room - size
