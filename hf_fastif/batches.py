@@ -705,14 +705,10 @@ class Batcher:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _uncollatable_columns(self, features: list[dict]) -> list[str]:
-        """The fewest of the rows' non-label columns that are not ints or flat lists of ints (texts, lists of
-        strings, floats) whose removal lets the rows collate: what failed (empty if leaving them out does not help)."""
-        def integers(value) -> bool:
-            items = value if isinstance(value, (list, tuple)) else [value]
-            return all(isinstance(v, int) or (isinstance(v, torch.Tensor) and not v.is_floating_point())
-                       or isinstance(v, np.integer) for v in items)
-
-        suspects = [k for k in features[0] if k not in LABEL_COLUMNS and not all(integers(r[k]) for r in features)]
+        """The fewest of the rows' columns (not the labels, not ``input_ids``, which a padding collator needs) whose
+        removal lets the rows collate: what failed (texts, lists of strings, ragged lists of ints or floats the
+        collator does not pad); empty if leaving them all out does not help."""
+        suspects = [k for k in features[0] if k not in LABEL_COLUMNS and k != "input_ids"]
         if not suspects or not self._collates_without(features, suspects):
             return []
         for column in list(suspects):  # keep only those the rows cannot be batched with

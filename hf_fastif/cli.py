@@ -50,6 +50,7 @@ from .data import (
     tokenize_nli,
 )
 from .data.loaders import local_columns
+from .data.tokenization import resolve_max_length
 from .distributed import finish, is_main_process
 from .embedded import (
     DEFAULT_KIND,
@@ -148,13 +149,7 @@ def max_length_for(flags, model) -> int:
     """The token limit of pairs for a user's model: ``--max_length``, or `MODEL_MAX_LENGTH` capped at the positions
     the model can give a row (RoBERTa's table numbers from its pad id + 1: 514 entries, 512 usable); a limit beyond
     them is refused."""
-    positions = usable_positions(model)
-    if flags.max_length is None:
-        return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
-    if positions and flags.max_length > positions:
-        raise ValueError(f"--max_length {flags.max_length} exceeds the {positions} positions of the model; use at "
-                         f"most {positions}.")
-    return flags.max_length
+    return resolve_max_length(flags.max_length, usable_positions(model))
 
 
 def build_defaults(first: argparse.Namespace) -> dict:

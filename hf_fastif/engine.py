@@ -81,6 +81,7 @@ from .solvers import (
     LowRankSolve,
     build_hessian,
     extreme_eigenvalues,
+    lanczos_steps,
     low_rank_hessian,
     solve_cg,
     solve_decomposed,
@@ -142,6 +143,23 @@ against the budgets of kept batches: single-row batches of short rows cost ~6x t
 def batch_bytes(batch: Mapping) -> int:
     """The memory a kept collated batch holds, as counted against `FULL_HVP_KEPT_BYTES` / `LISSA_BATCH_MEMO_BYTES`."""
     return sum(v.nbytes + TENSOR_OVERHEAD_BYTES for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+class KeptBatches:
+    """Collated batches kept by key up to ``budget`` bytes (`batch_bytes`); past it, a batch is collated each time
+    it is asked for."""
+
+    def __init__(self, budget: int):
+        self.room, self.kept = budget, {}
+
+    def get(self, key, collate: Callable[[], dict]) -> dict:
+        if key not in self.kept:
+            batch = collate()
+            size = batch_bytes(batch)
+            if size > self.room:
+                return batch
+            self.kept[key], self.room = batch, self.room - size
+        return self.kept[key]
 
 
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
@@ -981,26 +999,16 @@ class InfluenceEngine:
         bsz = self.args.influence_hvp_batch_size
         share = list(D.shard(range(len(batcher))))
         chunks = [share[start : start + bsz] for start in range(0, len(share), bsz)]
-        kept: dict[int, dict] = {}  # collated batches kept between products, up to FULL_HVP_KEPT_BYTES
-        room = FULL_HVP_KEPT_BYTES
+        kept = KeptBatches(FULL_HVP_KEPT_BYTES)  # beyond it, collated again each product: bounded at any N
         n = len(batcher)
-
-        def batch_of(i: int) -> dict:
-            nonlocal room
-            if i not in kept:
-                batch = batcher.batch(chunks[i])
-                size = batch_bytes(batch)
-                if size > room:
-                    return batch  # collated again on the next product: memory stays bounded at any N
-                kept[i], room = batch, room - size
-            return kept[i]
 
         def hvp(vectors: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(vectors, dtype=call.work_dtype)
 
             def mine():
                 for i in range(len(chunks)):
-                    total.add_(batch_hvp(call.fm, call.params, batch_of(i), vectors, reduction="sum",
+                    batch = kept.get(i, lambda i=i: batcher.batch(chunks[i]))
+                    total.add_(batch_hvp(call.fm, call.params, batch, vectors, reduction="sum",
                                          l2_term=l2_term).to(call.work_dtype))
 
             D.together(mine, "A product with the mean Hessian")
@@ -1077,7 +1085,7 @@ class InfluenceEngine:
                 batcher = batcher.subset(np.sort(np.random.default_rng([args.influence_seed, 11]).permutation(
                     len(batcher))[:rows]))
             hvp = self._full_hvp(call, batcher, l2_term=False)
-            steps = min(v.shape[1], 2 * args.influence_arnoldi_rank)  # low_rank_hessian's Lanczos steps
+            steps = lanczos_steps(v.shape[1], args.influence_arnoldi_rank)
             with tqdm(total=steps, desc=f"Hessian eigenpairs (arnoldi, {len(batcher)} rows)", leave=False,
                       disable=not call.progress) as bar:
                 def counted(x: torch.Tensor) -> torch.Tensor:
@@ -1104,19 +1112,11 @@ class InfluenceEngine:
         mine = D.shard(range(repetitions))
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
-        out, memo = None, {}
-        room = LISSA_BATCH_MEMO_BYTES if bsz == 1 and 2 * depth * len(mine) > n else 0  # where many rows recur
+        out = None
+        memo = KeptBatches(LISSA_BATCH_MEMO_BYTES if bsz == 1 and 2 * depth * len(mine) > n else 0)  # rows recur
 
         def batch_of(rows: np.ndarray) -> dict:
-            nonlocal room
-            key = rows.tobytes()
-            if key not in memo:
-                batch = call.train.batch(rows)
-                size = batch_bytes(batch)
-                if size > room:
-                    return batch
-                memo[key], room = batch, room - size
-            return memo[key]
+            return memo.get(rows.tobytes(), lambda: call.train.batch(rows))
 
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
             nonlocal out

@@ -79,7 +79,14 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
             for m in compiled:
                 m._compiled_call_impl = None
             ambient = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-            if ambient:
+            mixed = len({p.dtype for p in model.parameters() if p.is_floating_point()}) > 1
+            if ambient and mixed:  # (a bf16 body with a float32 head runs only under the autocast)
+                logger.warning(f"The call is made inside torch.autocast ({', '.join(ambient)}) and the model's "
+                               "weights are of several dtypes, which its forward needs the autocast to mix: it is "
+                               "kept, so products run in reduced precision. For float32 values, put the model in "
+                               "one dtype (model.float()) and call it outside the autocast.")
+                ambient = []
+            elif ambient:
                 logger.info(f"The call is made inside torch.autocast ({', '.join(ambient)}); influence runs without "
                             "it, in the weights' own dtype (under a bf16 autocast the rankings of a float32 model "
                             "fell to Spearman 0.75 against float32's).")

@@ -336,6 +336,23 @@ def test_a_call_under_no_grad_or_inference_mode_computes_the_same(tmp_path, pad_
     np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-12)
 
 
+def test_an_autocast_a_mixed_dtype_model_needs_is_kept(tmp_path, pad_collator, caplog):
+    """A bf16 body with a float32 head runs only under an autocast: switching it off failed with torch's bare
+    "mat1 and mat2 must have the same dtype" (it worked before the ambient autocast was switched off)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert", dtype=torch.bfloat16)
+    model.classifier.float()
+    hf_logging.enable_propagation()
+    with torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.WARNING):
+        table = compute_influences(model, train, test, arguments(tmp_path), data_collator=pad_collator)
+    assert np.isfinite(table.to_pandas().influence).all()
+    assert "weights are of several dtypes, which its forward needs the autocast to mix: it is kept" in caplog.text
+
+
 def test_build_influence_table_takes_what_compute_influences_takes(tmp_path, pad_collator):
     """It passed the trainer's train_dataset and collator unconditionally: train_dataset= and data_collator= were
     'multiple values' TypeErrors, and a trainer without a train_dataset got a misleading type error."""
@@ -434,10 +451,11 @@ def test_a_kept_text_column_is_named_when_rows_cannot_be_collated(tmp_path, pad_
         trainer.compute_influences(add(make_token_dataset(2, seed=1)))
     # lists of strings and ragged floats were blamed on the collator too (and hid the text column's hint)
     tags = lambda ds: add(ds).add_column("tags", [["a"] * (1 + i % 3) for i in range(len(ds))]).add_column(  # noqa: E731
-        "scores", [[0.5] * (1 + i % 2) for i in range(len(ds))]).add_column("weight", [1.0] * len(ds))
+        "scores", [[0.5] * (1 + i % 2) for i in range(len(ds))]).add_column("weight", [1.0] * len(ds)).add_column(
+        "entity_ids", [list(range(1 + i % 4)) for i in range(len(ds))])
     trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=tags(make_token_dataset(20, seed=0)),
                                processing_class=pad_collator.tokenizer)
-    with pytest.raises(ValueError, match=r"keep column\(s\) \['text', 'tags', 'scores'\] that this collator cannot"):
+    with pytest.raises(ValueError, match=r"keep column\(s\) \['text', 'tags', 'scores', 'entity_ids'\] that this"):
         trainer.compute_influences(tags(make_token_dataset(2, seed=1)))
     # without a padding collator the rows fail on their lengths, not on the text (which default_data_collator skips)
     trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=add(make_token_dataset(20, seed=0)))

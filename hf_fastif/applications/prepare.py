@@ -37,7 +37,6 @@ from ..arguments import InfluenceArguments
 from ..batches import usable_positions
 from ..data import (
     MIN_MAX_LENGTH,
-    MODEL_MAX_LENGTH,
     generate_nli,
     label_names,
     load_hans,
@@ -46,6 +45,7 @@ from ..data import (
     tokenize_nli,
 )
 from ..data.loaders import hub_offline
+from ..data.tokenization import MODEL_MAX_LENGTH, resolve_max_length
 from ..embedded import (
     DEFAULT_KIND,
     KINDS,
@@ -266,18 +266,6 @@ def config_positions(config: PreTrainedConfig) -> int | None:
     return positions if isinstance(positions, int) and positions > 0 else None
 
 
-def resolve_max_length(max_length: int | None, positions: int | None, model: str) -> int:
-    """``--max_length`` as the recipes use it, by ``hf-fastif build``'s rule (`hf_fastif.cli.max_length_for`): unset,
-    `MODEL_MAX_LENGTH` or the model's ``positions`` if fewer; given, refused above them (it failed in the model
-    report or the Trainer with a bare tensor-size error, or silently read past the position table)."""
-    if max_length is None:
-        return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
-    if positions and max_length > positions:
-        raise ValueError(f"--max_length {max_length} exceeds the {positions} positions of {model}; use at most "
-                         f"{positions} (or omit it: {MODEL_MAX_LENGTH}, or the model's positions if fewer).")
-    return max_length
-
-
 def _model_config(data_args: ModelDataArguments, checkpoint) -> PreTrainedConfig:
     """The config of the model the recipe will use: the checkpoint's, or the embedded model's."""
     if checkpoint is not None:
@@ -297,6 +285,11 @@ _EMBEDDING = re.compile(r"embed|(?:^|_)emb(?:_|$)|^project_in$")
 ``word_embedding`` and ``mask_emb``, ELECTRA's ``embeddings_project``, OPT's ``project_in`` (embeddings → hidden)."""
 
 
+_ATTENTION_TABLE = re.compile(r"relative_attention_bias")
+"""An embedding table every layer's attention reads (MPNet's ``encoder.relative_attention_bias``): part of the
+layers that stay trainable, not of the input side."""
+
+
 def input_side(model: nn.Module) -> set[str]:
     """Names of the parameters below the layers: the input embeddings (``model.get_input_embeddings()``) and, where
     they sit in a module of their own (BERT's ``embeddings``: positions, token types, LayerNorm), that whole module;
@@ -304,7 +297,8 @@ def input_side(model: nn.Module) -> set[str]:
     (`_EMBEDDING`). Not the final norm, the pooler or the head. Parameters inside numbered layers are left to the
     caller (XLNet's per-layer ``seg_embed`` belongs to its layer)."""
     modules = [module for name, module in model.named_modules()
-               if isinstance(module, nn.Embedding) or _EMBEDDING.search(name.rpartition(".")[2])]
+               if (isinstance(module, nn.Embedding) or _EMBEDDING.search(name.rpartition(".")[2]))
+               and not _ATTENTION_TABLE.search(name)]
     try:
         embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -440,6 +441,9 @@ def check_simulatability(setup: Setup, protocol: SimulatabilityArguments) -> str
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+"""Files one of which a folder with a saved tokenizer holds."""
 PROBE_PAIRS = (("The doctor near the actor danced.", "The actor danced."),
                ("Since the lawyers resigned, the senators called the judges.", "The lawyers resigned."))
 """Pairs both tokenizers encode, with (up to `PROBE_ROWS`) training rows: the same ids, or the simulator is refused."""
@@ -465,12 +469,16 @@ def check_simulator_checkpoint(checkpoint: str, setup: Setup) -> None:
     if positions and max_length is not None and max_length > positions:
         raise ValueError(f"{flag} has {positions} positions, fewer than --max_length {max_length} (the task model's "
                          f"rows): pass --max_length {positions} or a simulator with as many positions.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    missing = Path(checkpoint).is_dir() and not any((Path(checkpoint) / name).is_file() for name in TOKENIZER_FILES)
+    try:  # (transformers 5 gives a folder without tokenizer files a near-empty tokenizer, not an error)
+        tokenizer = None if missing else AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} has no tokenizer to check against the task model's ({err}); the simulator reads the "
-                         "task model's token ids. Save the tokenizer it was trained with next to it "
-                         "(tokenizer.save_pretrained(folder)).") from err
+        missing = err
+    if tokenizer is None:
+        raise ValueError(f"{flag} has no tokenizer to check against the task model's"
+                         f"{f' ({missing})' if isinstance(missing, Exception) else ''}; the simulator reads the task "
+                         "model's token ids. Save the tokenizer it was trained with next to it "
+                         "(tokenizer.save_pretrained(folder)).")
     problem = different_token_ids(setup.tokenizer, tokenizer, _probe_pairs(setup.data.raw_train))
     if problem:
         raise ValueError(f"{flag} tokenizes differently from the task model ({problem}), and the simulator is fed the "

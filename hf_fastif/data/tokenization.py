@@ -24,6 +24,19 @@ MODEL_MAX_LENGTH = 128
 """Token limit of a pair for a user's model (`hf-fastif build` / `recall` with ``--model_name_or_path``, the recipes):
 the paper's, as its MNLI fine-tuning (run_glue's ``max_seq_length``) cut pairs."""
 
+
+def resolve_max_length(max_length: int | None, positions: int | None, model: str = "the model") -> int:
+    """``--max_length`` for a model with ``positions`` usable positions (None: no limit), as ``hf-fastif build`` and
+    the recipes read it: unset, `MODEL_MAX_LENGTH` or the positions if fewer; given, refused above them (the recipes
+    failed in their model report or the Trainer with a bare tensor-size error)."""
+    if max_length is None:
+        return min(MODEL_MAX_LENGTH, positions) if positions else MODEL_MAX_LENGTH
+    if positions and max_length > positions:
+        raise ValueError(f"--max_length {max_length} exceeds the {positions} positions of {model}; use at most "
+                         f"{positions} (or leave it unset: {MODEL_MAX_LENGTH}, or the model's positions if fewer).")
+    return max_length
+
+
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """Special tokens, in id order: `[PAD]` is 0."""
 

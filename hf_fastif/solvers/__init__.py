@@ -1,6 +1,6 @@
 """Solvers of ``(H + λI) x = v``; each takes Hessian-vector products as a callable and knows no model."""
 
-from .arnoldi import LowRankSolve, low_rank_hessian, solve_low_rank
+from .arnoldi import LowRankSolve, lanczos_steps, low_rank_hessian, solve_low_rank
 from .cg import default_tolerance, solve_cg
 from .exact import build_hessian, solve_decomposed, solve_exact
 from .lanczos import extreme_eigenvalues, lanczos
@@ -8,4 +8,4 @@ from .lissa import GrowthMonitor, LissaDivergenceError, power_iteration, solve_l
 
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
-           "low_rank_hessian", "solve_low_rank", "LowRankSolve"]
+           "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve"]

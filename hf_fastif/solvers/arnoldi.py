@@ -19,6 +19,11 @@ import torch
 from .lanczos import lanczos, rounding_floor
 
 
+def lanczos_steps(num_params: int, rank: int, iterations: int | None = None) -> int:
+    """The Lanczos steps (Hessian-vector products) `low_rank_hessian` takes: ``iterations``, default ``2·rank``."""
+    return min(num_params, iterations if iterations is not None else 2 * rank)
+
+
 def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, rank: int, *,
                      iterations: int | None = None, dtype: torch.dtype = torch.float32, device="cpu",
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +38,7 @@ def low_rank_hessian(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: in
     """
     if rank < 1:
         raise ValueError(f"The Hessian rank must be >= 1, got {rank}.")
-    steps = min(num_params, iterations if iterations is not None else 2 * rank)
+    steps = lanczos_steps(num_params, rank, iterations)
     values, vectors = lanczos(hvp, num_params, steps, dtype=dtype, device=device, seed=seed)
     keep = torch.argsort(values.abs(), descending=True)[:rank]
     lowest = int(torch.argmin(values))

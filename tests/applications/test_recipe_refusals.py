@@ -14,6 +14,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
     OPTConfig,
     OPTForSequenceClassification,
     XLNetConfig,
@@ -87,6 +89,10 @@ def test_a_simulator_the_steps_cannot_use_is_refused_before_any_work(tmp_path, f
     # the same tokenizer but fewer positions than the task model's rows (the tiny embedded model: --max_length 128)
     with pytest.raises(ValueError, match=r"has 64 positions, fewer than --max_length 128"):
         main(["--quick", *TINY_FLAGS, "--output_dir", str(tmp_path / "out"), "--simulator", files["ckpt2"]])
+    bare = tmp_path / "bare"  # saved without its tokenizer: named as such (it was "tokenizes differently")
+    BertForSequenceClassification(tiny_config(build_tokenizer())).save_pretrained(bare)
+    with pytest.raises(ValueError, match=r"has no tokenizer to check against the task model's; .*Save the tokenizer"):
+        main([*task, "--simulator", str(bare)])
     ok = _save_classifier(tmp_path / "same", build_tokenizer())  # the task model's tokenizer, saved again: accepted
     with pytest.raises(AssertionError, match="started its work"):  # the checks pass; the task model is loaded
         main([*task, "--simulator", ok])
@@ -150,6 +156,11 @@ ARCHITECTURES = {  # 4 layers each; what stays trainable outside the last 2 laye
                                                                  d_inner=32)),
               {"sequence_summary.summary.weight", "sequence_summary.summary.bias", "logits_proj.weight",
                "logits_proj.bias"}),
+    # the relative-position table every layer's attention reads stays trainable, as before
+    "mpnet": (lambda: MPNetForSequenceClassification(MPNetConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32)),
+        {"mpnet.encoder.relative_attention_bias.weight", "classifier.dense.weight", "classifier.dense.bias",
+         "classifier.out_proj.weight", "classifier.out_proj.bias"}),
 }
 
 
