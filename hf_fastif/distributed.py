@@ -6,6 +6,7 @@ scoring (candidates split, results gathered). Nothing else knows how many proces
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -85,14 +86,6 @@ def gather_rows(array: np.ndarray) -> np.ndarray:
     return np.concatenate(filled, 0) if filled else array
 
 
-def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """Whether ``flag`` is true on any process (every process gets the answer); ``device``: where the process
-    group's backend reduces (the work's device: NCCL reduces CUDA tensors only)."""
-    if world()[1] == 1:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float32, device=device)).item() > 0)
-
-
 def gather_objects(value) -> list:
     """Every process's ``value`` (picklable), in rank order, on every process."""
     if world()[1] == 1:
@@ -108,25 +101,41 @@ T = TypeVar("T")
 def together(work: Callable[[], T], what: str) -> T:
     """Run this process's share of ``what`` (work on rows split over processes, before a collective); if it fails in
     any process, every process raises: the failing ones their own error, the others one naming the process and its
-    error (a `ValueError` if that was one). Without this, the others went on into the next collective and received
-    the wrong objects, or waited for ever. One process: ``work()``."""
+    error, of the same class where it is one of this library's (a `LissaDivergenceError`), else a `ValueError` if it
+    was one, else a `RuntimeError`. Without this, the others went on into the next collective and received the wrong
+    objects, or waited for ever. One process: ``work()``."""
     if world()[1] == 1:
         return work()
     try:
         result, error = work(), None
     except Exception as err:  # (KeyboardInterrupt and the like end the launch anyway)
         result, error = None, err
-    failures = gather_objects(None if error is None else (isinstance(error, ValueError),
-                                                          f"{type(error).__name__}: {error}"))
+    # plain strings: an exception (or its class) defined in a function cannot be pickled, and that process alone
+    # would fail in the gather while the others waited
+    failures = gather_objects(None if error is None else (
+        type(error).__module__, type(error).__qualname__, isinstance(error, ValueError),
+        f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     failed = [(rank, failure) for rank, failure in enumerate(failures) if failure is not None]
     if failed:
-        rank, (value_error, message) = failed[0]
-        kind = ValueError if value_error else RuntimeError
-        raise kind(f"{what} failed in process {rank} ({message}); every process stops. Fix what it names and run "
-                   "again.")
+        rank, (module, name, value_error, message) = failed[0]
+        raise _error_like(module, name, value_error, f"{what} failed in process {rank} ({message}); every process "
+                                                     "stops. Fix what it names and run again.")
     return result
+
+
+def _error_like(module: str, name: str, value_error: bool, text: str) -> Exception:
+    """An error of class ``module.name`` where it is one of this library's taking a message, else a `ValueError` /
+    `RuntimeError`."""
+    fallback = ValueError(text) if value_error else RuntimeError(text)
+    if not module.startswith("hf_fastif.") or "." in name:
+        return fallback
+    kind = getattr(importlib.import_module(module), name, None)
+    try:
+        return kind(text) if isinstance(kind, type) and issubclass(kind, Exception) else fallback
+    except Exception:  # a constructor that takes other arguments
+        return fallback
 
 
 def check_same_everywhere(description: dict) -> None:

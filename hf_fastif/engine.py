@@ -1132,18 +1132,11 @@ class InfluenceEngine:
             return out
 
         diagonal = call.fm.l2_mask(call.params) if call.fm.decayed else None
-        diverged = None
-        try:
-            estimate, lissa_info = solve_lissa(hvp_step, v, damping=args.influence_damping,
-                                               scale=args.influence_scale, depth=depth, repetitions=mine,
-                                               top_eigenvalue=top, progress=call.progress, diagonal=diagonal)
-        except LissaDivergenceError as err:  # the other processes must not wait for this one's sum
-            if D.world()[1] == 1:
-                raise
-            diverged, estimate, lissa_info = err, torch.zeros_like(v), {}
-        if D.any_process(diverged is not None, v.device):
-            raise diverged or LissaDivergenceError(
-                "LiSSA diverged in another process's repetitions (its error says how); every process stops.")
+        # an error in one process's repetitions (a divergence) stops every process; they waited for its sum
+        estimate, lissa_info = D.together(
+            lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale, depth=depth,
+                                repetitions=mine, top_eigenvalue=top, progress=call.progress, diagonal=diagonal),
+            "LiSSA's repetitions")
         total = D.all_reduce_sum(estimate * len(mine)) / repetitions
         # the table's diagnostics describe every repetition, not only this process's share
         norms = D.gather_rows(np.array([lissa_info.get("lissa_final_norm", np.nan)]))

@@ -65,7 +65,9 @@ def test_lissa_diverging_in_one_process_stops_both(tmp_path):
     result = launch(tmp_path / "d.json", "diverge")
     assert result.returncode != 0
     assert "process 1's repetitions diverged (a test)" in result.stderr
-    assert "LiSSA diverged in another process's repetitions" in result.stderr
+    # process 0 raises the same class, naming process 1 and its error (any error of that share stops both)
+    assert ("LissaDivergenceError: LiSSA's repetitions failed in process 1 (LissaDivergenceError: process 1's "
+            "repetitions diverged (a test))") in result.stderr
 
 
 def test_an_error_in_one_process_share_stops_every_process_and_the_next_call_works(tmp_path):
