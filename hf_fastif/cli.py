@@ -18,10 +18,11 @@ import argparse
 import dataclasses
 import logging as pylogging
 import os
+import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,7 @@ from .recall import (
 from .space import build_default, open_table
 from .table import InfluenceTable, InfluenceTableError
 from .table.format import label_text
+from .table.hub import push_table_resolved
 
 EXIT_ERROR = 2
 
@@ -143,6 +145,29 @@ def _check_max_length(flags) -> None:
     if flags.max_length < MIN_MAX_LENGTH:
         raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
                          f"tokens and words), got {flags.max_length}.")
+
+
+SECRET_FLAG = re.compile(r"^--?[\w-]*token(?:=|$)", re.IGNORECASE)
+"""Flags whose value is a secret (``--hub_token``, TrainingArguments' ``--push_to_hub_token``): never recorded."""
+
+
+def recorded_command(argv: Sequence[str]) -> str | None:
+    """The build's command line for the table's metadata (``hf-fastif ...``, also when run as ``python -m hf_fastif``),
+    with the values of secret flags (`SECRET_FLAG`) left out: a ``--hub_token`` was written into the metadata, and
+    ``push`` published it. None when not run from the command line."""
+    if not argv or not (argv[0].endswith("hf-fastif") or argv[0].endswith(("hf_fastif/__main__.py", "-m"))):
+        return None
+    out, hide = [], False
+    for arg in argv[1:]:
+        if hide:
+            out.append("***")
+        elif SECRET_FLAG.match(arg):
+            flag, eq, _ = arg.partition("=")
+            out.append(f"{flag}=***" if eq else flag)
+        else:
+            out.append(arg)
+        hide = not hide and SECRET_FLAG.match(arg) is not None and "=" not in arg
+    return " ".join(["hf-fastif", *out])
 
 
 def max_length_for(flags, model) -> int:
@@ -223,7 +248,7 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     table = build_influence_table(model, train_tok, test_tok, out / "build", args, shard_size=build.shard_size,
                                   data_collator=collator)
     predictions = predict(model, test_tok, collator).argmax(-1)
-    table.metadata["command"] = "hf-fastif " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("hf-fastif") else None
+    table.metadata["command"] = recorded_command(sys.argv)
     table.metadata["tokenization"] = {"max_length": max_length}  # the Space cuts typed pairs and the rows as these
     if is_main_process():  # under `accelerate launch` every process holds the table; one writes it
         save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
@@ -268,10 +293,11 @@ def add_push(sub) -> None:
 
 def run_push(ns: argparse.Namespace) -> int:
     table = InfluenceTable.load(ns.table, verify=True)
-    commit = table.push_to_hub(ns.repo_id, private=True if ns.private else None, token=ns.token,
-                               revision=ns.revision, commit_message=ns.commit_message)
-    print(f"pushed {len(table):,} rows to dataset {ns.repo_id} at commit {commit}")
-    print(f"load it with: InfluenceTable.from_hub({ns.repo_id!r}, revision={commit!r})")
+    # the repo id as the Hub resolved it: a bare name is created under the token's namespace
+    repo_id, commit = push_table_resolved(table, ns.repo_id, private=True if ns.private else None, token=ns.token,
+                                          revision=ns.revision, commit_message=ns.commit_message)
+    print(f"pushed {len(table):,} rows to dataset {repo_id} at commit {commit}")
+    print(f"load it with: InfluenceTable.from_hub({repo_id!r}, revision={commit!r})")
     return 0
 
 
@@ -327,6 +353,14 @@ def run_show(ns: argparse.Namespace) -> int:
         for col in [c for c in row.columns if c != "test_id"]:
             print(f"  {col.removeprefix('test_')}: {row.iloc[0][col]}")
     print(_describe_line(counts))
+    measurement = ((table.metadata.get("functions") or {}).get("measurement_fn") or {})
+    if measurement:  # helpful / harmful read the other way for a score, where higher is better
+        print(textwrap.fill(f"influence here is on the measurement {measurement.get('name')!r} (a measurement_fn), "
+                            "not on the test loss: negative influence lowers it, so 'helpful' rows are helpful only "
+                            "if a lower value is better (for a score such as a logit, read 'harmful' as helpful).",
+                            _width()))
+    if table.metadata.get("combine") == "mean":
+        print(f"test {test_id} is the mean of the test rows' measurements (combine='mean')")
     note = table.candidates_note()
     if note:
         print(textwrap.fill(note, _width()))

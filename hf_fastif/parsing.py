@@ -24,6 +24,10 @@ NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions", "influence_arnoldi_
 """Flags where ``0`` or ``None`` on the command line means None (every training row is scored; one repetition per
 process; every training row's Hessian), since argparse parses them as whole numbers."""
 
+NONE_FOR_WORD = ("influence_params",)
+"""List flags where ``None`` on the command line means None (`influence_params`: every parameter with
+``requires_grad``)."""
+
 HELP_FLAGS = ("-h", "--help")
 
 Defaults = Mapping[str, Any] | Callable[[argparse.Namespace], Mapping[str, Any]]
@@ -78,4 +82,10 @@ def zero_for_none(argv: list[str]) -> list[str]:
 def _none_for_zero(namespace: argparse.Namespace) -> None:
     for name in NONE_FOR_ZERO:
         if getattr(namespace, name, None) == 0:
+            setattr(namespace, name, None)
+    # a list flag whose help says "None: ..." (every parameter with requires_grad): the word, not a regex 'None'
+    # (which matched no parameter, after the embedded model had been trained)
+    for name in NONE_FOR_WORD:
+        value = getattr(namespace, name, None)
+        if isinstance(value, list) and len(value) == 1 and value[0].lower() == "none":
             setattr(namespace, name, None)

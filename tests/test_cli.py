@@ -188,6 +188,7 @@ assert main(["push", table, repo, "--private"]) == 0
 assert main(["pull", repo, "--output-dir", copy]) == 0
 assert main(["show", repo, "--test-id", "2", "-n", "2", "--side", "harmful"]) == 0
 assert main(["pull", repo, "--revision", "no-such-tag"]) == 2
+assert main(["push", table, "bare-table"]) == 0  # created under the token's namespace: the id printed is that one
 """
 
 
@@ -204,6 +205,24 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
     assert hub_server.token not in done.stdout + done.stderr
     meta = json.loads(hub_server.files("test-user/cli-table")["influence_metadata.json"])
     assert meta["storage"]["num_rows"] == 600
+    # a bare name: the printed id and load hint were 'bare-table', which from_hub / pull cannot find
+    assert f"pushed 600 rows to dataset test-user/bare-table at commit {hub_server.head('test-user/bare-table')}" \
+        in done.stdout and "InfluenceTable.from_hub('test-user/bare-table', revision=" in done.stdout
+
+
+def test_the_recorded_command_leaves_secrets_out() -> None:
+    """build recorded its raw command line in the table's metadata, a --hub_token with it, and push published it;
+    run as `python -m hf_fastif` (the same command, the README says) it recorded nothing."""
+    from hf_fastif.cli import recorded_command
+
+    argv = ["/venv/bin/hf-fastif", "build", "--hub_token", "hf_SECRET", "--output_dir", "o", "--hub-token=hf_X",
+            "--tokenizer_name", "t", "--push_to_hub_token", "hf_Y"]
+    recorded = recorded_command(argv)
+    assert recorded == ("hf-fastif build --hub_token *** --output_dir o --hub-token=*** --tokenizer_name t "
+                        "--push_to_hub_token ***")
+    assert recorded_command([str(Path("hf_fastif") / "__main__.py"), "build", "--output_dir", "o"]) == \
+        "hf-fastif build --output_dir o"
+    assert recorded_command(["pytest", "build"]) is None
 
 
 def test_build_options_survive_an_earlier_parse_of_influence_arguments() -> None:
@@ -234,6 +253,16 @@ def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys)
     assert main(["show", str(tmp_path / "t"), "--test-id", "1", "-n", "3", "--side", "harmful"]) == 0
     out = capsys.readouterr().out
     assert "zero 2 · NaN 1 · distinct values 4" in out and "only" not in out
+    assert "measurement" not in out and "combine" not in out
+    # a measurement_fn table: 'helpful' lowers the measurement, the most harmful rows for a score; it said nothing
+    table = sign_table()
+    table.metadata |= {"functions": {"measurement_fn": {"name": "label_logit"}}, "combine": "mean"}
+    table.save(tmp_path / "m")
+    assert main(["show", str(tmp_path / "m"), "--test-id", "0", "-n", "2"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("influence here is on the measurement 'label_logit' (a measurement_fn), not on the test loss: negative "
+            "influence lowers it") in out
+    assert "test 0 is the mean of the test rows' measurements (combine='mean')" in out
 
 
 @pytest.mark.parametrize("argv, shown", [

@@ -181,6 +181,13 @@ def test_none_is_typed_as_the_help_says(tmp_path):
         assert (args.influence_knn_k, args.influence_repetitions, args.influence_arnoldi_rows) == (None, None, None)
     (args,) = parse_arguments([InfluenceArguments], base + ["--influence_knn_k", "7"])
     assert args.influence_knn_k == 7
+    # the parameters' help says "None: every parameter with requires_grad"; it was the regex 'None', which matched
+    # nothing, refused after the embedded model was trained
+    for spelled in (["--influence_params", "None"], ["--influence-params", "none"]):
+        (args,) = parse_arguments([InfluenceArguments], base + spelled, {"influence_params": ["classifier"]})
+        assert args.influence_params is None
+    (args,) = parse_arguments([InfluenceArguments], base + ["--influence_params", "None", "pooler"])
+    assert args.influence_params == ["None", "pooler"]  # a list of patterns stays as given
     with pytest.raises(SystemExit):
         parse_arguments([InfluenceArguments], base + ["--influence_scale", "None"])  # not a None setting
 

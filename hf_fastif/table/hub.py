@@ -93,6 +93,16 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
                license: str = DEFAULT_LICENSE, shard_rows: int = SHARD_ROWS) -> str:
     """Create (or update) the dataset repo ``repo_id`` with ``table`` (its old shards replaced); returns the
     commit id."""
+    return push_table_resolved(table, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision, license=license, shard_rows=shard_rows)[1]
+
+
+def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | None = None,
+                        token: str | None = None, commit_message: str = "Upload influence table with hf_fastif",
+                        revision: str | None = None, license: str = DEFAULT_LICENSE,
+                        shard_rows: int = SHARD_ROWS) -> tuple[str, str]:
+    """`push_table`, returning ``(repo id as the Hub resolved it, commit id)``: a bare name is created under the
+    token's namespace (``user/name``), which `from_hub` needs."""
     api = HfApi(token=token)
     try:
         if revision not in (None, "main", "refs/heads/main") and "/" in repo_id \
@@ -130,7 +140,7 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
                                   f"({type(err).__name__}: {err}). Go online (HF_HUB_OFFLINE unset) and push again; "
                                   "the table on disk is unchanged.") from err
     logger.info(f"Pushed {len(table)} influence rows to {url.repo_id} (commit {info.oid}).")
-    return info.oid
+    return url.repo_id, info.oid
 
 
 def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) -> None:
