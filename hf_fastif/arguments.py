@@ -54,7 +54,7 @@ class InfluenceArguments(TrainingArguments):
         default=8192,
         metadata={"help": "Dimension of the random projection (count / tensor sketch) of per-example gradients for "
                           "influence_knn_features='gradient' (8192: recall@10 0.94 / 0.97 at k = N/100 on the "
-                          "fine-tuned MiniLM, docs/benchmarks.md; memory N × D × 4 bytes)."},
+                          "fine-tuned MiniLM, docs/benchmarks.md; memory N × D × 4 bytes, twice that while it is built)."},
     )
     influence_knn_index: str = field(
         default="Flat", metadata={"help": "faiss index factory string of the candidate index: L2 over model "

@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from . import distributed as D
 from .hvp import batch_gradient
 from .knn import index_error
 from .loss import FunctionalModel
-from .utils import file_digest
+from .utils import file_digest, write_error
 
 logger = logging.get_logger(__name__)
 
@@ -371,7 +373,7 @@ class GradientIndex:
     def __init__(self, sketch: CountSketch, vectors: np.ndarray | None = None, *, index=None, factory: str = "Flat"):
         self.sketch = sketch
         if index is None:
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (float32 rows in order: no copy)
             index = _trained_index(factory, vectors.shape, vectors)
             try:
                 index.add(vectors)
@@ -381,8 +383,25 @@ class GradientIndex:
         self.num_rows = index.ntotal
 
     def save(self, path) -> None:
-        """Write the faiss index (faiss's own binary format; the sketch is rebuilt from its seed)."""
-        faiss.write_index(self.index, str(path))
+        """Write the faiss index (faiss's own binary format; the sketch is rebuilt from its seed) to a temporary file
+        next to ``path``, then rename it into place (as `hf_fastif.utils.write_atomic` does): a failed write (a full
+        disk) leaves no truncated index and no temporary file, and raises an `OSError` naming ``path``, not faiss's
+        RuntimeError with its C++ trace."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            faiss.write_index(self.index, str(tmp))
+            os.replace(tmp, path)
+        except (RuntimeError, OSError) as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            # faiss: "Error in ... at index_write.cpp:499: Error: 'ret == (n)' failed: write error in <tmp>: 8388563
+            # != 20480000 (No space left on device)": the last parenthesis is the reason
+            found = re.search(r"\(([^()]*)\)\s*$", str(err)) if isinstance(err, RuntimeError) else None
+            reason = found.group(1) if found else None
+            if isinstance(err, RuntimeError) and reason is None:
+                reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise write_error(path, err, reason) from err
 
     @classmethod
     def load(cls, path, sketch: CountSketch) -> GradientIndex:
@@ -432,11 +451,17 @@ def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], b
     mine = D.shard(range(len(batcher)))
 
     def sketched() -> np.ndarray:
-        parts = []
-        for _, batch in tqdm(batcher.batches(mine, batch_size), desc="gradient index", disable=not progress,
-                             total=-(-len(mine) // batch_size), leave=False):
-            parts.append(sketched_gradients(fm, params, batch, sketch, recorder).float().cpu().numpy())
-        return np.concatenate(parts, 0) if parts else np.zeros((0, dim), dtype=np.float32)
+        # this process's rows, filled in place: a list of the batches' sketches and their concatenation (then
+        # faiss's copy) were alive at once, a peak of 2.5-3x the N x D x 4 bytes the index holds
+        out = np.empty((len(mine), dim), dtype=np.float32)
+        filled = 0
+        for rows, batch in tqdm(batcher.batches(mine, batch_size), desc="gradient index", disable=not progress,
+                                total=-(-len(mine) // batch_size), leave=False):
+            # (copy_ converts the dtype and moves from the device in one step, without a float32 / CPU copy first)
+            torch.from_numpy(out[filled : filled + len(rows)]).copy_(
+                sketched_gradients(fm, params, batch, sketch, recorder))
+            filled += len(rows)
+        return out
 
     return GradientIndex(sketch, D.gather_rows(D.together(sketched, "The gradient index")), factory=factory)
 

@@ -26,12 +26,14 @@ DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,9 +321,10 @@ class TrunkCache:
     """The trunk states of every row of one dataset (as its collator tokenises it), without padding.
 
     Rows are stored flat, ``(total tokens, hidden)``, with each row's offset and length. Up to
-    `MEMORY_LIMIT_BYTES` they stay in memory; beyond, they go to a memory-mapped file in ``directory`` (default:
-    a temporary folder removed with the cache), in a file of its own deleted when the cache is closed, so memory stays
-    bounded at any dataset size.
+    `MEMORY_LIMIT_BYTES` they stay in memory; beyond, they go to a memory-mapped file of its own in ``directory``
+    (default: a new temporary folder), so memory stays bounded at any dataset size. Its disk space is reserved
+    before any state is computed (a folder without room raises an `OSError`), and the file is deleted as soon as it
+    is mapped: its space is freed when the cache is closed or collected, or the process ends, killed or not.
 
     Args:
         split: the model's `TrunkSplit`.
@@ -334,7 +337,7 @@ class TrunkCache:
         if batcher.index is not None:
             raise ValueError("A trunk cache covers a whole dataset; build it from the dataset's own Batcher.")
         self.split, self.key, self.device = split, key, batcher.device
-        self._tmp: Path | None = None
+        self._cleanup: weakref.finalize | None = None  # deletes the mapped file where it could not be at once
         n = len(batcher)
         order = _length_order(batcher)
         starts = range(0, n, batch_size)
@@ -377,29 +380,51 @@ class TrunkCache:
     def from_arrays(cls, key: str, lengths: np.ndarray, offsets: np.ndarray, flat: torch.Tensor, device) -> TrunkCache:
         """A cache restored from saved arrays (see `hf_fastif.engine.InfluenceEngine.save_caches`)."""
         cache = cls.__new__(cls)
-        cache.split, cache.key, cache.device, cache._tmp = None, key, device, None
+        cache.split, cache.key, cache.device, cache._cleanup = None, key, device, None
         cache.lengths, cache.offsets, cache.flat = np.asarray(lengths), np.asarray(offsets), flat
         return cache
 
     def _allocate(self, total: int, hidden: torch.Tensor, directory) -> torch.Tensor:
+        """``(total, hidden)`` states of ``hidden``'s dtype: in memory up to `MEMORY_LIMIT_BYTES`, beyond in a
+        memory-mapped file in ``directory`` (default: a new temporary folder).
+
+        The file's disk space is reserved before it is mapped (``posix_fallocate``): a mapped file that was only
+        sparse killed the process with SIGBUS (no error, all work lost) when the disk filled up under it. A folder
+        without room (or a per-file size limit, RLIMIT_FSIZE) raises an `OSError` naming it and the setting. Once
+        mapped, the file is deleted (its name, not its space): the mapping keeps it, nothing reads it by name, and
+        no file is left behind by a script that ends without closing its engine or by a killed run."""
         size = total * hidden.shape[-1]
-        if size * hidden.element_size() <= MEMORY_LIMIT_BYTES:
+        nbytes = size * hidden.element_size()
+        if nbytes <= MEMORY_LIMIT_BYTES:
             return torch.empty((total, hidden.shape[-1]), dtype=hidden.dtype)
+        temporary = directory is None
+        folder = name = None
         try:
-            folder = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="hf_fastif_trunk_"))
+            folder = Path(tempfile.mkdtemp(prefix="hf_fastif_trunk_")) if temporary else Path(directory)
             folder.mkdir(parents=True, exist_ok=True)
             # a file of its own: the caches of one model (train, test, candidates) share the trunk's fingerprint,
             # and two of them under one name overwrote each other's states
             handle, name = tempfile.mkstemp(prefix="trunk-", suffix=".bin", dir=folder)
-            os.close(handle)
-        except OSError as err:
-            raise OSError(f"Trunk states of {size * hidden.element_size() / 1e9:.2f} GB go to a memory-mapped file, "
-                          f"and {directory or 'a temporary folder'} cannot hold one ({err}): set "
-                          "influence_cache_dir to a writable folder, or influence_trunk_cache=False.") from err
-        self._tmp = folder if directory is None else Path(name)
-        logger.info(f"Trunk states: {size * hidden.element_size() / 1e9:.2f} GB, above the "
-                    f"{MEMORY_LIMIT_BYTES / 1e9:.1f} GB memory limit: memory-mapped at {name}.")
-        return torch.from_file(name, shared=True, size=size, dtype=hidden.dtype).view(total, hidden.shape[-1])
+            try:
+                _reserve(handle, nbytes)
+            finally:
+                os.close(handle)
+            flat = torch.from_file(name, shared=True, size=size, dtype=hidden.dtype)
+        except (OSError, RuntimeError) as err:  # (torch.from_file: RuntimeError, e.g. 'File too large')
+            _remove_mapped(name, folder if temporary else None)
+            where = directory if not temporary else f"the temporary folder {tempfile.gettempdir()}"
+            raise OSError(f"Trunk states of {nbytes / 1e9:.2f} GB go to a memory-mapped file, and {where} cannot "
+                          f"hold one ({err}): set influence_cache_dir to a writable folder with room for it (a file "
+                          "of that size), or influence_trunk_cache=False.") from err
+        logger.info(f"Trunk states: {nbytes / 1e9:.2f} GB, above the {MEMORY_LIMIT_BYTES / 1e9:.1f} GB memory "
+                    f"limit: memory-mapped from {folder} (the file is deleted once mapped; its space is freed when "
+                    "the cache is closed).")
+        try:
+            _remove_mapped(name, folder if temporary else None, strict=True)
+        except OSError:  # (a system that cannot delete a mapped file): deleted when the cache is closed or
+            # collected, or at the latest at interpreter exit (before module teardown, unlike __del__)
+            self._cleanup = weakref.finalize(self, _remove_mapped, name, folder if temporary else None)
+        return flat.view(total, hidden.shape[-1])
 
     def hidden(self, rows: Sequence[int], batch: dict) -> torch.Tensor:
         """The cached states of dataset rows ``rows`` laid out like ``batch`` (``(b, s, h)``; ``(b·c, s, h)`` for
@@ -426,21 +451,42 @@ class TrunkCache:
         return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
 
     def close(self) -> None:
-        """Release the states and delete the memory-mapped file, if any (with its temporary folder; in
-        ``influence_cache_dir`` the file only)."""
+        """Release the states (a memory-mapped file's space is freed once no tensor views them; its name is
+        deleted as soon as it is mapped, see `_allocate`)."""
         self.flat = None
-        if self._tmp is not None:
-            if self._tmp.is_dir():
-                shutil.rmtree(self._tmp, ignore_errors=True)
-            else:
-                self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+        cleanup, self._cleanup = getattr(self, "_cleanup", None), None
+        if cleanup is not None:
+            cleanup()
 
-    def __del__(self):
-        try:  # (not contextlib.suppress: at interpreter exit the module's globals may already be gone)
-            self.close()
-        except Exception:
-            pass
+
+def _reserve(handle: int, nbytes: int) -> None:
+    """Give the open file ``handle`` ``nbytes`` of disk space now (``posix_fallocate``), so a full disk or a file
+    size limit raises here (`OSError`: ENOSPC, EFBIG) rather than as SIGBUS when a mapped page is written later.
+    Where the call is missing (macOS) or the file system cannot reserve space, the file is only extended (sparse)."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is not None:
+        try:
+            fallocate(handle, 0, nbytes)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL):
+                raise
+    os.ftruncate(handle, nbytes)
+
+
+def _remove_mapped(name: str | None, folder: Path | None, strict: bool = False) -> None:
+    """Delete a trunk states file (``name``, if made) and the temporary ``folder`` it was made in (if any); with
+    ``strict``, an `OSError` if the file could not be deleted."""
+    try:
+        if name is not None:
+            os.unlink(name)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if strict:
+            raise
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def transformers_model(model: nn.Module) -> nn.Module:

@@ -41,18 +41,38 @@ def to_json(value: Any, **kwargs) -> str:
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
     """Write text or bytes (or what ``content(handle)`` writes to a binary file: a large array streamed) to a
     temporary file next to ``path``, then rename it into place: readers never see a half-written file, and one that
-    holds the old file open (a memory map) keeps it."""
+    holds the old file open (a memory map) keeps it.
+
+    Any failure removes the temporary file (a full disk kept the part written, filling it); an `OSError` (a full
+    disk, a read-only folder) is raised again naming ``path`` and what to do, the original chained."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if callable(content):
-        with open(tmp, "wb") as handle:
-            content(handle)
-    elif isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        if callable(content):
+            with open(tmp, "wb") as handle:
+                content(handle)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
+        raise
     return path
+
+
+def write_error(path: str | os.PathLike, err: BaseException, reason: str | None = None) -> OSError:
+    """An `OSError` (of ``err``'s errno, so its subclass: `PermissionError`...) saying that ``path`` could not be
+    written, why (``reason``, default ``err``'s own), and what to do."""
+    reason = reason or getattr(err, "strerror", None) or str(err)
+    message = (f"Could not write {path} ({reason}): free space on its disk or make its folder writable, or write to "
+               "another folder, then try again.")
+    errno = getattr(err, "errno", None)
+    return OSError(errno, message) if isinstance(errno, int) else OSError(message)
 
 
 def file_digest(path: str | os.PathLike, new_hash) -> str:

@@ -158,3 +158,77 @@ def test_an_index_too_big_to_train_on_a_probe_is_still_counted_against_the_rows(
         with pytest.raises(ValueError, match=f"could not be built over {rows} rows.*needs at least {needed} rows"):
             check_index_factory(factory, rows, dim)
     check_index_factory("IVF64,Flat", 3000, 6000)  # enough rows: accepted
+
+
+@pytest.mark.parametrize("failure", ["file size limit", "faiss error"])
+def test_a_gradient_index_that_does_not_fit_leaves_the_saved_one(tmp_path, failure, monkeypatch):
+    """faiss.write_index wrote in place: on a full disk it left a truncated gradient.faiss (over the one saved before,
+    filling the disk) and raised a RuntimeError with a C++ trace. It is now written next to it and renamed into
+    place; a failure removes the partial file and is an OSError naming the path and what to do."""
+    import resource
+    from types import SimpleNamespace
+
+    import faiss
+
+    from hf_fastif.gradient_index import GradientIndex
+
+    sketch = SimpleNamespace(dtype=torch.float32, project=lambda v: v)
+    small = GradientIndex(sketch, np.eye(4, 64, dtype=np.float32))
+    path = tmp_path / "gradient.faiss"
+    small.save(path)
+    big = GradientIndex(sketch, np.random.default_rng(0).standard_normal((64, 64), dtype=np.float32))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if failure == "file size limit":  # a real failed write (EFBIG, as ENOSPC on a full disk); Python ignores SIGXFSZ
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    else:
+        write_index = faiss.write_index
+
+        def full_disk(index, name):
+            write_index(small.index, name)  # part of it reached the file
+            raise RuntimeError(f"Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:"
+                               f"499: Error: 'ret == (size * 4)' failed: write error in {name}: 1024 != 16384 (No "
+                               "space left on device)")
+
+        monkeypatch.setattr(faiss, "write_index", full_disk)
+    try:
+        with pytest.raises(OSError, match=f"Could not write {path} \\((File too large|No space left on device)\\): "
+                                          "free space on its disk"):
+            big.save(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["gradient.faiss"]  # no partial file beside it
+    assert GradientIndex.load(path, sketch).num_rows == 4  # the one saved before, whole
+    big.save(path)
+    assert GradientIndex.load(path, sketch).num_rows == 64
+
+
+def test_the_gradient_index_build_holds_one_batch_of_sketches_at_a_time(pad_collator, monkeypatch):
+    """Building the index kept every batch's sketched rows in a list, then their concatenation, then faiss's copy:
+    a peak of 2.5-3x the N x D x 4 bytes the index is documented to take (N = 100,000, D = 1,024: +1,124 MB for a
+    391 MB index). The rows now go into one preallocated array as each batch is sketched (+784 MB: the array and
+    faiss's own copy), in the same order and with the same values."""
+    import weakref
+
+    import hf_fastif.gradient_index as G
+
+    model = tiny_model("bert", dtype=torch.float32)
+    data = make_token_dataset(40, seed=0)
+    params = select_parameters(model, None)
+    fm = FunctionalModel(model, list(params))
+    batcher = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu")
+    sketched, alive, most = G.sketched_gradients, [], [0]
+
+    def tracked(*args, **kwargs):
+        memory = sketched(*args, **kwargs).numpy().copy()  # the rows' memory, alive while a tensor or view holds it
+        alive[:] = [ref for ref in alive if ref() is not None]  # earlier batches' rows still held by the build
+        most[0] = max(most[0], len(alive))
+        alive.append(weakref.ref(memory))
+        return torch.from_numpy(memory)
+
+    monkeypatch.setattr(G, "sketched_gradients", tracked)
+    index = G.build_gradient_index(fm, params, batcher, dim=64, seed=0, batch_size=4)
+    assert most[0] <= 1 and index.num_rows == 40
+    recorder = G._Recorder(model, list(params))
+    want = sketched(fm, params, batcher.batch(range(40)), G.sketch_of(params, recorder, 64, 0, torch.float32), recorder)
+    np.testing.assert_allclose(index.index.reconstruct_n(0, 40), want.numpy(), rtol=1e-4, atol=1e-6)

@@ -1,6 +1,7 @@
 """InfluenceTable: ordering, queries, save/load round trip, incremental writing, lazy loading, and refusal of
 broken tables or another model."""
 
+import errno
 import json
 import os
 import time
@@ -227,6 +228,37 @@ def test_writer_aborts_on_error_and_refuses_other_columns(tmp_path):
         writer.write({"test_id": [0], "train_id": [1], "influence": [0.1], "extra": ["x"]})
     with pytest.raises(ValueError, match="missing \\['influence'\\]"):
         writer.write({"test_id": [0], "train_id": [1]})
+
+
+def test_a_writer_whose_last_rows_do_not_fit_discards_its_partial_shards(tmp_path, monkeypatch):
+    """A full disk while close() flushed the buffered rows (the end of a `with` block, or close() called directly)
+    left the .partial-*.parquet files behind, filling the disk further: close() raised and abort() never ran. Now
+    any error in close() discards them, the writer is closed, and a previous table in the folder is kept."""
+    make_table().save(tmp_path / "t")
+    written = pq.ParquetWriter.write_table
+
+    def full_disk(self, table, *args, **kwargs):
+        written(self, table.slice(0, 1), *args, **kwargs)  # part of it reached the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for folder, closed_by_with in ((tmp_path / "t", True), (tmp_path / "new", False)):
+        writer = InfluenceTableWriter(folder, row_group_rows=100)
+        writer.write({"test_id": [0, 0, 1], "train_id": [1, 2, 3], "influence": [0.1, 0.2, 0.3]})  # buffered
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            if closed_by_with:
+                with writer:
+                    pass
+            else:
+                writer.close()
+        monkeypatch.undo()
+        assert not [p.name for p in (folder / "data").iterdir() if p.name.startswith(".partial")]
+        with pytest.raises(ValueError, match="closed"):
+            writer.write({"test_id": [2], "train_id": [1], "influence": [0.5]})
+    assert len(InfluenceTable.load(tmp_path / "t")) == 150  # the previous table is untouched
+    writer = InfluenceTableWriter(tmp_path / "new")  # the folder takes a table once there is room
+    writer.write({"test_id": [0], "train_id": [1], "influence": [0.1]})
+    assert len(writer.close()) == 1
 
 
 def test_shards_with_missing_columns_or_bytes_are_refused(tmp_path):

@@ -1,7 +1,16 @@
 """The frozen-trunk split: the top-only forward reproduces the full model, per architecture; no split where a
 selected parameter is used below the top; the cache is exact, bounded, and refuses rows it was not built for."""
 
+import errno
+import gc
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +32,7 @@ TOP = {
     "gpt2": [r"transformer\.h\.1\.", r"ln_f\.", r"score\."],
     "gpt2-lm": [r"transformer\.h\.1\.", r"ln_f\."],
 }
+ROOT = Path(__file__).resolve().parent.parent
 HEAD_ONLY = {"bert": [r"pooler\.", r"classifier\."], "gpt2": [r"score\."]}
 
 
@@ -77,22 +87,31 @@ def test_no_split_when_a_selected_parameter_is_used_below_the_top(pad_collator):
     assert split is None and "before" in reason
 
 
+def _mapped_trunk_files() -> set[str]:
+    """The trunk states files this process maps (deleted ones end in " (deleted)")."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(None, 5)[5] for line in lines if len(line.split(None, 5)) == 6 and "/trunk-" in line}
+
+
 def test_memory_mapped_cache_is_identical(pad_collator, monkeypatch, tmp_path):
     model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
     split, _ = T.find_split(model, names, probe)
     in_memory = T.TrunkCache(split, batcher, key="a")
     monkeypatch.setattr(T, "MEMORY_LIMIT_BYTES", 1024)
     mapped = T.TrunkCache(split, batcher, key="b", directory=tmp_path)
-    assert list(tmp_path.glob("trunk-*.bin")) and in_memory.nbytes == mapped.nbytes
+    # mapped, and its name deleted at once (nothing reads it by name): no file is ever left behind
+    assert not list(tmp_path.iterdir()) and in_memory.nbytes == mapped.nbytes
+    assert any(f.startswith(str(tmp_path)) and f.endswith("(deleted)") for f in _mapped_trunk_files())
     batch = batcher.batch([5, 1, 2], trunk=False)
     torch.testing.assert_close(mapped.hidden([5, 1, 2], batch), in_memory.hidden([5, 1, 2], batch), rtol=0, atol=0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
     temp = T.TrunkCache(split, batcher, key="c")
-    folder = temp._tmp
-    assert folder is not None and folder.exists()
+    assert temp.nbytes == mapped.nbytes and not list((tmp_path / "temp").iterdir())  # its temporary folder too
     temp.close()
-    assert not folder.exists()
     mapped.close()
-    assert not list(tmp_path.glob("trunk-*.bin"))  # in influence_cache_dir the file goes with its cache
+    gc.collect()
+    assert not any(f.startswith(str(tmp_path)) for f in _mapped_trunk_files())  # the space is freed
 
 
 def test_memory_mapped_caches_of_one_model_do_not_share_a_file(pad_collator, monkeypatch, tmp_path):
@@ -108,7 +127,9 @@ def test_memory_mapped_caches_of_one_model_do_not_share_a_file(pad_collator, mon
     mapped = replace(args, influence_cache_dir=str(tmp_path))
     with InfluenceEngine(model, mapped, data_collator=pad_collator) as engine:
         table = engine.compute_influences(train, test)
-        assert len(list(tmp_path.glob("trunk-*.bin"))) == 2  # the train and the test rows' states
+        mine = [f for f in _mapped_trunk_files() if f.startswith(str(tmp_path))]
+        assert len(mine) == 2  # the train and the test rows' states, each its own (deleted-once-mapped) file
+        assert not list(tmp_path.iterdir())
     assert table.metadata["diagnostics"]["trunk"].get("split") is not None
     np.testing.assert_allclose(table.to_pandas().influence, expected.influence, rtol=1e-9, atol=1e-12)
     assert not list(tmp_path.iterdir())  # closed with the engine
@@ -117,6 +138,90 @@ def test_memory_mapped_caches_of_one_model_do_not_share_a_file(pad_collator, mon
     with pytest.raises(OSError, match="set influence_cache_dir to a writable folder"):
         compute_influences(model, train, test, replace(args, influence_cache_dir=str(blocked)),
                            data_collator=pad_collator)
+
+
+def test_a_full_disk_under_the_mapped_trunk_file_raises(pad_collator, monkeypatch, tmp_path):
+    """The mapped file was made sparse (torch.from_file extends it): when the disk filled up under it, writing a
+    state killed the process with SIGBUS, no error, all work lost. Its space is now reserved first: a full disk is
+    an OSError naming the folder and the setting, and nothing is left in the folder."""
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    monkeypatch.setattr(T, "MEMORY_LIMIT_BYTES", 1024)
+
+    def full(handle, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(OSError, match=f"{tmp_path} cannot hold one .*No space left on device.*: set "
+                                      "influence_cache_dir to a writable folder with room for it"):
+        T.TrunkCache(split, batcher, key="k", directory=tmp_path)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(OSError, match=f"the temporary folder {tmp_path} cannot hold one"):
+        T.TrunkCache(split, batcher, key="k")
+    assert not list(tmp_path.iterdir())  # nor its temporary folder
+
+
+@pytest.mark.parametrize("fallocate", [True, False])
+def test_a_file_size_limit_on_the_mapped_trunk_file_is_an_os_error(pad_collator, monkeypatch, tmp_path, fallocate):
+    """Under a per-file size limit (RLIMIT_FSIZE) torch.from_file failed with a bare RuntimeError ('File too
+    large') that named neither the folder nor the setting; with or without posix_fallocate it is the OSError."""
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    monkeypatch.setattr(T, "MEMORY_LIMIT_BYTES", 1024)
+    if not fallocate:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # (Python ignores SIGXFSZ: writes fail with EFBIG)
+    try:
+        with pytest.raises(OSError, match="cannot hold one .*File too large.*set influence_cache_dir"):
+            T.TrunkCache(split, batcher, key="k", directory=tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not list(tmp_path.iterdir())
+
+
+_HOLDS_AND_ENDS = r"""
+import os, signal, sys
+from hf_fastif import trunk as T
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.params import select_parameters
+from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model
+
+T.MEMORY_LIMIT_BYTES = 0
+model, data = tiny_model("bert"), make_token_dataset(8)
+batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator_for_tests(), "cpu")
+names = list(select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]))
+split, _ = T.find_split(model, names, T.model_inputs(batcher.batch(range(2), trunk=False)))
+held = [T.TrunkCache(split, batcher, key="in-folder", directory=sys.argv[2]), T.TrunkCache(split, batcher, key="tmp")]
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+unlink = os.unlink
+
+def refused(path, *args, **kwargs):  # once: a system that cannot delete a file while it is mapped
+    os.unlink = unlink
+    raise PermissionError(1, "Operation not permitted", path)
+
+os.unlink = refused
+held.append(T.TrunkCache(split, batcher, key="undeletable", directory=sys.argv[2]))
+assert os.unlink is unlink  # (refused)
+"""
+
+
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_mapped_trunk_files_are_not_left_behind(tmp_path, end):
+    """A script that ended holding an engine (no `with`, no close) left its mapped trunk files in the temporary
+    folder and in influence_cache_dir (TrunkCache.__del__ ran at interpreter exit, after shutil was torn down, and
+    its error was swallowed), and so did a killed run. The file is now deleted once mapped; where it cannot be, at
+    exit, before the modules are torn down."""
+    folder, temp = tmp_path / "cache_dir", tmp_path / "temp"
+    folder.mkdir()
+    temp.mkdir()
+    env = os.environ | {"TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _HOLDS_AND_ENDS, end, str(folder)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == (-signal.SIGKILL if end == "kill" else 0), done.stderr[-2000:]
+    assert not list(folder.iterdir()) and not list(temp.iterdir())
 
 
 def test_rows_tokenised_differently_are_refused(pad_collator):

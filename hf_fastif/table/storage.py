@@ -515,12 +515,22 @@ class InfluenceTableWriter:
                 self._writer = None
 
     def close(self, metadata: dict | None = None) -> InfluenceTable:
-        """Finish the shards, then write the card and (last, so a folder with it is complete) the metadata."""
-        from .table import InfluenceTable  # here, not at the top: table.py imports this module
-
+        """Finish the shards, then write the card and (last, so a folder with it is complete) the metadata. Any
+        error on the way (a full disk while the last rows are flushed) discards the partial shards, as `abort`
+        does, and is raised; only metadata with a reserved key is refused keeping the rows, to be closed again."""
         if self._closed:
             raise ValueError("This InfluenceTableWriter is closed.")
         _refuse_storage_key(metadata or {}, " The rows written are kept: call close() again without it.")
+        try:
+            return self._finish(metadata)
+        except BaseException:
+            # a failed flush left .partial-*.parquet files (a full disk: filling it) that nothing removed
+            self.abort()
+            raise
+
+    def _finish(self, metadata: dict | None) -> InfluenceTable:
+        from .table import InfluenceTable  # here, not at the top: table.py imports this module
+
         if self.schema is None:
             self.schema = normalized_schema(pa.schema([("test_id", pa.int64()), ("train_id", pa.int64()),
                                                        ("influence", pa.float64())]))
@@ -568,5 +578,7 @@ class InfluenceTableWriter:
                 self._writer.close()
             self._writer = None
         for part in self._parts:
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (one that cannot be removed: the others still are)
+                part.unlink(missing_ok=True)
+        self._buffer, self._buffered = [], 0
         self._closed = True
