@@ -961,6 +961,11 @@ def table_max_length(table: InfluenceTable) -> int:
 
 
 # ---- starting in the background ----------------------------------------------------------------------------
+TRANSIENT_START_ERROR = "AST constructor recursion depth mismatch"
+"""A `SystemError` of CPython 3.11's ast.parse when two threads parse at once (not a defect of the Space's inputs):
+the start is tried once more."""
+
+
 class Startup:
     """Builds the Space's `SpaceState` (`load_state`) in a background thread, so the page is served at once and
     says how far the start got (`status`).
@@ -993,8 +998,15 @@ class Startup:
     def run(self) -> None:
         """Build the state now, in this thread (`start` runs it in the background); failures are kept, not raised."""
         try:
-            state = load_state(self.source, revision=self.revision, model=self.model, kind=self.kind,
-                               max_train_samples=self.max_train_samples, progress=self._progress)
+            try:
+                state = self._load()
+            except SystemError as err:
+                if TRANSIENT_START_ERROR not in str(err):
+                    raise
+                # CPython 3.11's ast.parse is not thread-safe: gradio's thread parsing a component's source while
+                # this one (an import) parses too fails one of them (seen once in a test run): the start is retried
+                logger.warning(f"The Space's start met a transient interpreter error ({err}); starting again.")
+                state = self._load()
             self._progress(None)
             self.state = state
         except Exception as err:  # the page must keep serving and say what happened
@@ -1004,6 +1016,10 @@ class Startup:
         finally:
             self._finished = time.perf_counter()
             self._done.set()
+
+    def _load(self) -> SpaceState:
+        return load_state(self.source, revision=self.revision, model=self.model, kind=self.kind,
+                          max_train_samples=self.max_train_samples, progress=self._progress)
 
     def _progress(self, stage: str | None) -> None:
         now = time.perf_counter()
