@@ -245,13 +245,15 @@ def test_a_writer_whose_last_rows_do_not_fit_discards_its_partial_shards(tmp_pat
         writer = InfluenceTableWriter(folder, row_group_rows=100)
         writer.write({"test_id": [0, 0, 1], "train_id": [1, 2, 3], "influence": [0.1, 0.2, 0.3]})  # buffered
         monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
-        with pytest.raises(OSError, match="No space left"):
+        # the folder named (pyarrow's own error names no file), the errno kept
+        with pytest.raises(OSError, match=f"Could not write {folder} \\(No space left on device\\)") as raised:
             if closed_by_with:
                 with writer:
                     pass
             else:
                 writer.close()
         monkeypatch.undo()
+        assert raised.value.errno == errno.ENOSPC
         assert not [p.name for p in (folder / "data").iterdir() if p.name.startswith(".partial")]
         with pytest.raises(ValueError, match="closed"):
             writer.write({"test_id": [2], "train_id": [1], "influence": [0.5]})

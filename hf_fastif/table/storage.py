@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from filelock import FileLock
 
-from ..utils import file_digest, library_version, quiet_datasets, to_json, write_atomic
+from ..utils import file_digest, library_version, quiet_datasets, to_json, write_atomic, write_error
 from .card import dataset_card
 from .format import (
     CARD_FILE,
@@ -497,6 +497,12 @@ class InfluenceTableWriter:
             self._flush(self.row_group_rows)
 
     def _flush(self, rows: int) -> None:
+        try:
+            self._write_rows(rows)
+        except OSError as err:  # (pyarrow's "[Errno 28] Error writing bytes to file" names no file)
+            raise write_error(self.directory, err) from err
+
+    def _write_rows(self, rows: int) -> None:
         pending = pa.concat_tables(self._buffer)
         out, rest = pending.slice(0, rows), pending.slice(rows)
         self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
