@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from hf_fastif import parsing
+from hf_fastif.utils import check_output_dir
 
 
 def parse_with_defaults(dataclass_types: tuple[type, ...], defaults: Callable[[Namespace], dict],
@@ -26,9 +27,6 @@ def parse_with_defaults(dataclass_types: tuple[type, ...], defaults: Callable[[N
 def output_folder(path: str | Path, flag: str = "--output_dir") -> Path:
     """``path`` as a folder, created with its parents before any work: a path that cannot be one (an existing
     file) is refused at the start, not after the measuring."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{flag} {str(folder)!r} is an existing file, not a folder; pass a folder (it is created if "
-                         "missing).")
+    folder = check_output_dir(path, flag)
     folder.mkdir(parents=True, exist_ok=True)
     return folder

@@ -157,16 +157,12 @@ def recorded_command(argv: Sequence[str]) -> str | None:
     ``push`` published it. None when not run from the command line."""
     if not argv or not (argv[0].endswith("hf-fastif") or argv[0].endswith(("hf_fastif/__main__.py", "-m"))):
         return None
-    out, hide = [], False
+    out, value_next = [], False  # value_next: this argument is the value of a secret flag before it
     for arg in argv[1:]:
-        if hide:
-            out.append("***")
-        elif SECRET_FLAG.match(arg):
-            flag, eq, _ = arg.partition("=")
-            out.append(f"{flag}=***" if eq else flag)
-        else:
-            out.append(arg)
-        hide = not hide and SECRET_FLAG.match(arg) is not None and "=" not in arg
+        secret = not value_next and SECRET_FLAG.match(arg) is not None
+        flag, eq, _ = arg.partition("=")
+        out.append("***" if value_next else f"{flag}=***" if secret and eq else arg)
+        value_next = secret and not eq
     return " ".join(["hf-fastif", *out])
 
 

@@ -517,8 +517,8 @@ class InfluenceEngine:
         if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
             raise ValueError(
                 f"The loss (or per-row logits) of {name} row {row} changes when it is padded next to row {other} "
-                f"(relative difference {error:.2g}): every stage of influence batches rows of different lengths, so its numbers would "
-                "depend on the batch sizes. "
+                f"(relative difference {error:.2g}): every stage of influence batches rows of different lengths, so "
+                "its numbers would depend on the batch sizes. "
                 + _padding_cause(self.model, padded_batch)
             )
 

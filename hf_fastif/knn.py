@@ -139,10 +139,10 @@ def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn
                              "grows with the padding).")
         bad = ~np.isfinite(feats).all(1)
         if bad.any():
+            named = [int(r) for r in batcher.base_rows(np.asarray(rows)[bad][:5])]  # (rows of the whole dataset)
             raise ValueError(f"{what} gave features that are not finite (inf or NaN) for the rows at positions "
-                             f"{[int(r) for r in batcher.base_rows(np.asarray(rows)[bad][:5])]} ({desc}); faiss cannot place them. Check those "
-                             "rows (and the model's weights) for inf/NaN, or pass influence_knn_k=None to score every "
-                             "row.")
+                             f"{named} ({desc}); faiss cannot place them. Check those rows (and the model's weights) "
+                             "for inf/NaN, or pass influence_knn_k=None to score every row.")
         out.append(feats)
     if not out:  # no rows (a process whose share of the candidates is empty): (0, 0), which gather_rows skips
         return np.zeros((0, 0), dtype=np.float32)

@@ -6,8 +6,8 @@ loss, per row: sequence classification follows transformers' rule (``config.prob
 regression for one output, single-label for integer labels, multi-label otherwise) with cross-entropy,
 binary cross-entropy averaged over the labels of the row, or squared error averaged over the outputs of
 the row; causal LMs get the mean token cross-entropy of each row (shifted), token classification, and the LM
-heads of XLNet, XLM and Flaubert, which transformers scores unshifted, the mean token cross-entropy (unshifted); a PEFT prompt-learning model's virtual tokens (its logits' first positions) are
-labelled -100, as PEFT labels them. The mean over rows is the model's own ``loss``.
+heads of XLNet, XLM and Flaubert, which transformers scores unshifted, the mean token cross-entropy (unshifted); a
+PEFT prompt-learning model's virtual tokens (its logits' first positions) are labelled -100, as PEFT labels them. The mean over rows is the model's own ``loss``.
 A *measurement* (kronfluence's term) is the test-side quantity whose influence is asked for; it defaults
 to the same loss.
 """

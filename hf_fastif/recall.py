@@ -27,6 +27,7 @@ def recall_ns(num_rows: int) -> list[int]:
     repeats."""
     return sorted({min(n, num_rows) for n in RECALL_NS})
 
+
 MINILM_RECALL_N_TRAIN = 2000
 """Generated training rows (N) of a recall on the fine-tuned MiniLM (``hf-fastif recall`` without a model)."""
 
@@ -101,6 +102,5 @@ def recall_table(rows: Sequence[dict], ns: Sequence[int] = RECALL_NS) -> str:
     return markdown_table(header, body)
 
 
-__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k", "recall_ns",
-           "recall_table",
-           "resolve_ks"]
+__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k",
+           "recall_ns", "recall_table", "resolve_ks"]

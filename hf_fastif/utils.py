@@ -38,6 +38,22 @@ def to_json(value: Any, **kwargs) -> str:
     return json.dumps(value, default=json_default, **kwargs)
 
 
+def check_output_dir(output_dir: str | Path, flag: str = "--output_dir") -> Path:
+    """Refuse, before any work, an ``output_dir`` that cannot be a folder: an existing file, or a path below one.
+    Nothing is created (it is made when the results are written); the recipes call this when their flags are
+    parsed, and `prepare` again (a file there made `write_results` fail after the whole protocol had run), and the
+    benchmarks' `output_folder`."""
+    folder = Path(output_dir).expanduser()
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == folder else f"lies under {str(path)!r}, which is"
+                raise ValueError(f"{flag} {str(output_dir)!r} {where} an existing file, not a folder; pass a folder "
+                                 "(it is created if missing).")
+            break
+    return folder
+
+
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
     """Write text or bytes (or what ``content(handle)`` writes to a binary file: a large array streamed) to a
     temporary file next to ``path``, then rename it into place: readers never see a half-written file, and one that

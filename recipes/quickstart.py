@@ -17,10 +17,10 @@ import numpy as np
 from hf_fastif import InfluenceArguments
 from hf_fastif.annotate import TextSource, save_with_text
 from hf_fastif.applications import predict
-from hf_fastif.applications.common import check_output_dir
 from hf_fastif.distributed import finish
 from hf_fastif.embedded import KINDS, embedded_data, embedded_defaults, embedded_kind, train_embedded
 from hf_fastif.parsing import parse_arguments
+from hf_fastif.utils import check_output_dir
 
 
 @dataclass

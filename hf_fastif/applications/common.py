@@ -27,7 +27,7 @@ from ..loss import LossFn, influence_model, logits_of
 from ..metrics import load_hans_accuracy
 from ..mode import evaluating, influence_mode, uncompiled
 from ..params import select_parameters
-from ..utils import markdown_table, to_json, write_atomic
+from ..utils import check_output_dir, markdown_table, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -451,21 +451,6 @@ def fmt(mean: float, std: float, percent: bool = True, signed: bool = False) -> 
     if percent:
         return f"{100 * mean:+.1f} ± {100 * std:.1f}" if signed else f"{100 * mean:.1f} ± {100 * std:.1f}"
     return f"{mean:+.4g} ± {std:.2g}" if signed else f"{mean:.4g} ± {std:.2g}"
-
-
-def check_output_dir(output_dir: str | Path, flag: str = "--output_dir") -> Path:
-    """Refuse, before any work, an ``output_dir`` that cannot be a folder: an existing file, or a path below one.
-    Nothing is created (it is made when the results are written); the recipes call this when their flags are
-    parsed, and `prepare` again: a file there made `write_results` fail after the whole protocol had run."""
-    folder = Path(output_dir).expanduser()
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "is" if path == folder else f"lies under {str(path)!r}, which is"
-                raise ValueError(f"{flag} {str(output_dir)!r} {where} an existing file, not a folder; pass a folder "
-                                 "(it is created if missing).")
-            break
-    return folder
 
 
 def write_results(output_dir: str | Path, name: str, results: dict, markdown: str, figure=None) -> dict[str, Path]:

@@ -62,7 +62,8 @@ from ..embedded import (
 )
 from ..parsing import parse_arguments
 from ..trainer import InfluenceTrainer
-from .common import ApplicationData, check_num_labels, check_output_dir, heuristics_in, model_report
+from ..utils import check_output_dir
+from .common import ApplicationData, check_num_labels, heuristics_in, model_report
 
 logger = logging.get_logger(__name__)
 
