@@ -9,7 +9,8 @@
 
 Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; new
 subcommands add one function to `COMMANDS`. ``build`` parses `InfluenceArguments` itself, as the recipes do:
-the same ``--influence_*`` flags and TrainingArguments' own (``--output_dir``, ``--seed``, ...).
+the same ``--influence_*`` flags and TrainingArguments' own (``--output_dir``, ``--seed``, ...). The other
+subcommands' dashed options take the underscore spelling too (``--test-id`` / ``--test_id``), as ``build``'s do.
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ def add_push(sub) -> None:
     parser.add_argument("repo_id", help="Dataset repo, e.g. user/mnli-influence (created if missing).")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
     parser.add_argument("--revision", default=None, help="Branch to commit to; the repo's main branch when omitted.")
-    parser.add_argument("--commit-message", default="Upload influence table with hf_fastif", help="The commit's message.")
+    parser.add_argument("--commit-message", "--commit_message", default="Upload influence table with hf_fastif",
+                        help="The commit's message.")
     parser.add_argument("--token", default=None, help="Hub token (better: the HF_TOKEN variable or `hf auth login`, "
                                                       "which keep it out of the process list and shell history).")
     parser.set_defaults(run=run_push)
@@ -301,7 +303,7 @@ def add_pull(sub) -> None:
     parser = sub.add_parser("pull", help="Download a table from the Hub (into the cache, or a folder).")
     parser.add_argument("repo_id", help="Dataset repo of the table.")
     parser.add_argument("--revision", default=None, help="Branch, tag or commit id.")
-    parser.add_argument("--output-dir", default=None, help="Also save the table to this folder.")
+    parser.add_argument("--output-dir", "--output_dir", default=None, help="Also save the table to this folder.")
     parser.set_defaults(run=run_pull)
 
 
@@ -318,7 +320,7 @@ def run_pull(ns: argparse.Namespace) -> int:
 def add_show(sub) -> None:
     parser = sub.add_parser("show", help="Print the most helpful / harmful training rows of a test id.")
     parser.add_argument("source", help="A table folder or a Hub dataset repo id.")
-    parser.add_argument("--test-id", type=int, default=None, help="Test row to explain (default: the first).")
+    parser.add_argument("--test-id", "--test_id", type=int, default=None, help="Test row to explain (default: the first).")
     parser.add_argument("-n", type=int, default=10, help="Rows per side.")
     parser.add_argument("--side", choices=("both", "helpful", "harmful"), default="both",
                         help="Which list to show: the most helpful rows, the most harmful, or both.")

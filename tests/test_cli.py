@@ -237,6 +237,17 @@ def test_build_options_survive_an_earlier_parse_of_influence_arguments() -> None
     assert ns.influence_params == ["a", "b"] and ns.influence_knn_k == 5
 
 
+def test_dashed_options_take_the_underscore_spelling_as_build_does() -> None:
+    """build (HfArgumentParser) takes --output_dir and --output-dir; pull refused `--output_dir` as unrecognised,
+    show `--test_id`."""
+    from hf_fastif.cli import parser
+
+    for spelling in ("-", "_"):
+        assert parser().parse_args(["show", "t", f"--test{spelling}id", "3"]).test_id == 3
+        assert parser().parse_args(["pull", "u/t", f"--output{spelling}dir", "c"]).output_dir == "c"
+        assert parser().parse_args(["push", "t", "u/t", f"--commit{spelling}message", "m"]).commit_message == "m"
+
+
 def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys) -> None:
     from tests.test_table import sign_table
 
