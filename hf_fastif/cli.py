@@ -6,6 +6,7 @@
     hf-fastif pull user/mnli-influence [--revision v1] [--output-dir copy]
     hf-fastif show user/mnli-influence --test-id 3 -n 10   # or a local table folder
     hf-fastif recall --ks 1% 5% --methods auto gradient random   # candidate recall (fine-tuned MiniLM, offline)
+    hf-fastif cache [--prune | --unused-days 30 | --clear]     # what $HF_FASTIF_CACHE holds; remove entries
 
 Each subcommand is a ``add_<name>(subparsers)`` function that registers its parser and its ``run``; new
 subcommands add one function to `COMMANDS`. ``build`` parses `InfluenceArguments` itself, as the recipes do:
@@ -550,7 +551,51 @@ def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------
-COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show, add_recall]
+# ---- cache ---------------------------------------------------------------------------------------------------
+def add_cache(sub) -> None:
+    parser = sub.add_parser("cache", help="List hf_fastif's disk cache ($HF_FASTIF_CACHE) and remove entries.")
+    parser.add_argument("--cache-dir", "--cache_dir", default=None,
+                        help="The cache root (default: $HF_FASTIF_CACHE, else ~/.cache/hf_fastif).")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--prune", action="store_true",
+                      help="Remove the entries this install cannot use and writes killed before they finished.")
+    what.add_argument("--unused-days", "--unused_days", type=float, default=None, metavar="DAYS",
+                      help="As --prune, and also remove the entries not used for DAYS days.")
+    what.add_argument("--clear", action="store_true", help="Remove every entry (anything else there is kept).")
+    parser.set_defaults(run=run_cache)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MB"
+
+
+def run_cache(ns: argparse.Namespace) -> int:
+    import time
+
+    import pandas as pd
+
+    from .cache import cache_entries, cache_root, removable, remove_entries
+
+    if ns.unused_days is not None and not ns.unused_days >= 0:
+        raise ValueError(f"--unused-days must be 0 or more, got {ns.unused_days}.")
+    root, entries = cache_root(ns.cache_dir), cache_entries(ns.cache_dir)
+    print(f"hf_fastif cache {root}: {len(entries)} entries, {_megabytes(sum(e.size for e in entries))}")
+    now = time.time()
+    frame = pd.DataFrame([{"kind": e.kind, "size": _megabytes(e.size),
+                           "last used": f"{(now - e.last_used) / 86400:.1f} days ago",
+                           "usable": "yes" if e.unusable is None else f"no: {e.unusable}",
+                           "path": str(e.path.relative_to(root))} for e in entries])
+    if len(frame):
+        print(_format(frame, _width()))
+    if not (ns.prune or ns.clear or ns.unused_days is not None):
+        return 0
+    chosen = removable(entries, clear=ns.clear, unused_days=ns.unused_days, now=now)
+    freed = remove_entries(chosen)
+    print(f"removed {len(chosen)} entries, {_megabytes(freed)} freed")
+    return 0
+
+
+COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show, add_recall, add_cache]
 
 
 def parser() -> argparse.ArgumentParser:

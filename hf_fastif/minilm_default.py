@@ -27,16 +27,17 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset
+from safetensors import SafetensorError
 from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding, set_seed
 from transformers.utils import logging
 
 from .arguments import InfluenceArguments
+from .cache import CACHE_ENV, cache_root, mark_used, remove_stale_staging
 from .data import NLI2_LABELS, NLI_MAX_LENGTH, tokenize_nli
-from .distributed import barrier, is_main_process, training_replicas
+from .distributed import barrier, is_main_process, training_replicas, world
 from .fingerprint import dataset_fingerprint
 from .mode import evaluating
 from .pretrained import (
-    CACHE_ENV,
     MINILM_FILES,
     MINILM_REPO_ID,
     MINILM_REVISION,
@@ -45,7 +46,7 @@ from .pretrained import (
     minilm_path,
 )
 from .trainer import InfluenceTrainer
-from .utils import to_json, write_atomic
+from .utils import to_json, write_atomic, write_error
 
 logger = logging.get_logger(__name__)
 
@@ -210,8 +211,12 @@ class FinetunedMiniLM:
 
 def finetune_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache_dir or $HF_FASTIF_CACHE or ~/.cache/hf_fastif>/minilm-nli``."""
-    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif"
-    return Path(root).expanduser() / FINETUNE_CACHE_SUBDIR
+    return cache_root(cache_dir) / FINETUNE_CACHE_SUBDIR
+
+
+FINETUNE_KEY_FIELDS = ("base", "data", "settings", "replicas", "code_version", "torch", "transformers")
+"""What `finetune_key`'s content holds; a cached model whose manifest lacks one can never match again
+(`hf_fastif.cache` lists it as unusable)."""
 
 
 def finetune_key(train_tokenized: Dataset, settings: FinetuneSettings) -> tuple[str, dict]:
@@ -322,32 +327,47 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
         if not problems:
             manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
             model, tokenizer = load_finetuned_minilm(target)
+            mark_used(target / MANIFEST_NAME)
             logger.info(f"Loaded the fine-tuned MiniLM from the cache {target}.")
             return FinetunedMiniLM(model.eval(), tokenizer, target, manifest, cached=True)
         logger.warning(f"The cached model {target} is not used and will be rebuilt: " + "; ".join(problems) + ".")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    except OSError as err:  # a read-only or full cache: before the minute of training, not after
+        raise write_error(root, err, f"{err.strerror or err}; the cache root is ${CACHE_ENV}") from err
     try:
         start = time.perf_counter()
         trainer = finetune_minilm(
             train_dataset_raw, staging, seed=settings.seed, trainable_layers=settings.trainable_layers,
             epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, max_length=settings.max_length,
-            save=True, minilm_folder=folder, warmup_steps=settings.warmup_ratio, weight_decay=settings.weight_decay,
+            save=False, minilm_folder=folder, warmup_steps=settings.warmup_ratio, weight_decay=settings.weight_decay,
             data_seed=settings.data_seed, use_cpu=settings.device == "cpu")
         seconds = time.perf_counter() - start
         accuracy = _train_accuracy(trainer.model, trainer.train_dataset, DataCollatorWithPadding(tokenizer))
-        if is_main_process():  # under `accelerate launch` the Trainer saves the weights on the main process only
-            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads it
-            for path in staging.iterdir():
-                os.chmod(path, 0o644)  # the cache may be shared
-            manifest = {"key": key, "content": content, "files": _file_hashes(staging),
-                        "description": description or {},
-                        "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
-                                   "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
-                        "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
-            write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
-            os.chmod(staging, 0o755)  # mkdtemp makes it private
-            _install(staging, target, key, content)
+        manifest = {"key": key, "content": content, "files": {}, "description": description or {},
+                    "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
+                               "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
+                    "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
+        try:
+            trainer.save_model(str(staging))  # under `accelerate launch` the Trainer saves on the main process only
+            if is_main_process():
+                (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads
+                for path in staging.iterdir():
+                    os.chmod(path, 0o644)  # the cache may be shared
+                manifest["files"] = _file_hashes(staging)
+                write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
+                os.chmod(staging, 0o755)  # mkdtemp makes it private
+                _install(staging, target, key, content)
+        except (OSError, SafetensorError) as err:  # a full disk: safetensors raises its own error, not an OSError
+            if world()[1] > 1:  # the other processes read the model from the cache
+                raise write_error(target, err, f"{err}; the cache root is ${CACHE_ENV}") from err
+            logger.warning(f"Could not cache the fine-tuned MiniLM in {target} ({err}); going on with the model in "
+                           f"memory, uncached (it is trained again next time). Free space there (the cached model "
+                           f"takes about 90 MB; `hf-fastif cache` lists what the cache holds), or set {CACHE_ENV} "
+                           "to a folder with room.")
+            manifest["not_cached"] = str(err)
+            return FinetunedMiniLM(trainer.model.eval(), tokenizer, target, manifest, cached=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()  # the other processes of a launch read the model the main process installed
@@ -355,25 +375,6 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
     model, tokenizer = load_finetuned_minilm(target)
     manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
     return FinetunedMiniLM(model.eval(), tokenizer, target, manifest, cached=False)
-
-
-STALE_STAGING_S = 6 * 3600
-"""A staging folder untouched this long is a killed fine-tuning's (the MiniLM default's takes about a minute)."""
-
-
-def remove_stale_staging(root: Path) -> list[Path]:
-    """Remove the staging folders (``.<key>.<random>.tmp``) of fine-tunings killed before they finished (SIGKILL
-    leaves up to ~90 MB each), untouched for `STALE_STAGING_S`; returns them."""
-    removed = []
-    for folder in root.glob(".*.tmp") if root.is_dir() else []:
-        try:
-            stale = folder.is_dir() and time.time() - folder.stat().st_mtime > STALE_STAGING_S
-        except FileNotFoundError:  # removed meanwhile by its own process
-            continue
-        if stale:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
 
 
 def _install(staging: Path, target: Path, key: str, content: dict) -> None:

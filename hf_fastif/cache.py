@@ -1,0 +1,186 @@
+"""hf_fastif's disk cache: where it is, what it holds, and removing what is no longer needed.
+
+The root is ``$HF_FASTIF_CACHE`` (default ``~/.cache/hf_fastif``). It holds:
+
+- ``all-MiniLM-L6-v2-<revision>``: the pretrained MiniLM extracted from its wheel (`hf_fastif.pretrained`, 90 MB);
+- ``minilm-nli/<key>``: fine-tuned MiniLMs, one per training data and settings (`hf_fastif.minilm_default`,
+  88 MB each);
+- ``space_default/<kind>``: the Space's default builds, when ``$HF_FASTIF_SPACE_CACHE`` does not move them;
+- ``.<name>.<random>.tmp``: the staging folder of a write killed before it finished.
+
+Every entry is keyed on content, so nothing stale is ever read, but nothing is evicted either: an entry costs a
+minute or more to rebuild. `cache_entries` lists them with their size, their last use and whether this install can
+still use them; ``hf-fastif cache`` prints that list and removes entries (``--prune``: the ones this install cannot
+use and unfinished writes; ``--unused-days N``: also the ones unused for N days; ``--clear``: every entry). Only
+entries of these kinds are ever removed; anything else in the folder is listed as ``other`` and left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_ENV = "HF_FASTIF_CACHE"
+"""Environment variable: hf_fastif's cache root (default ``~/.cache/hf_fastif``)."""
+
+STALE_STAGING_S = 6 * 3600
+"""A staging folder untouched this long is a killed write's (extracting MiniLM takes a second, fine-tuning the
+default about a minute)."""
+
+KINDS = ("pretrained", "fine-tuned", "space build", "unfinished write", "other")
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$HF_FASTIF_CACHE``, else ``~/.cache/hf_fastif``."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif").expanduser()
+
+
+def mark_used(path: Path) -> None:
+    """Record a cache hit in ``path``'s modification time (what ``--unused-days`` reads); a read-only cache is
+    fine."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders (``.<name>.<random>.tmp``) of writes killed before they finished (SIGKILL leaves
+    up to ~90 MB each), untouched for `STALE_STAGING_S`; returns them."""
+    removed = []
+    for folder in root.glob(".*.tmp") if root.is_dir() else []:
+        try:
+            stale = folder.is_dir() and time.time() - folder.stat().st_mtime > STALE_STAGING_S
+        except FileNotFoundError:  # removed meanwhile by its own process
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+@dataclass
+class CacheEntry:
+    """One entry of the cache: its folder, kind (one of `KINDS`), size in bytes, last use (a POSIX time), and why
+    this install cannot use it (``None`` when it can)."""
+
+    path: Path
+    kind: str
+    size: int
+    last_used: float
+    unusable: str | None = None
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _entry(path: Path, kind: str, stamp: Path | None = None, unusable: str | None = None) -> CacheEntry:
+    try:
+        last_used = (stamp if stamp is not None and stamp.exists() else path).stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile
+        last_used = 0.0
+    return CacheEntry(path, kind, _size(path), last_used, unusable)
+
+
+def _finetuned_unusable(folder: Path) -> str | None:
+    """Why this install cannot use the fine-tuned model in ``folder`` (its key can no longer match), or None."""
+    from .minilm_default import FINETUNE_CODE_VERSION, FINETUNE_KEY_FIELDS, MANIFEST_NAME
+
+    try:
+        content = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))["content"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest"
+    missing = sorted(set(FINETUNE_KEY_FIELDS) - set(content))
+    if missing:
+        return f"written by an older hf_fastif (its key lacks {', '.join(missing)})"
+    if content.get("code_version") != FINETUNE_CODE_VERSION:
+        return f"fine-tuning code version {content.get('code_version')}, this install's is {FINETUNE_CODE_VERSION}"
+    import torch
+    import transformers
+
+    here = {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+    other = [f"{name} {content.get(name)}" for name in here if content.get(name) != here[name]]
+    return f"trained under {', '.join(other)}" if other else None
+
+
+def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry]:
+    """The entries of the cache at ``cache_root(cache_dir)``, largest first (empty when there is no cache)."""
+    from .minilm_default import FINETUNE_CACHE_SUBDIR, MANIFEST_NAME
+    from .pretrained import MINILM_REVISION
+
+    root = cache_root(cache_dir)
+    if not root.is_dir():
+        return []
+    entries = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            entries.append(_entry(path, "unfinished write"))
+        elif path.name.startswith("all-MiniLM-L6-v2-") and path.is_dir():
+            revision = path.name.removeprefix("all-MiniLM-L6-v2-")
+            entries.append(_entry(path, "pretrained", unusable=None if revision == MINILM_REVISION
+                                  else f"revision {revision[:8]}, this install reads {MINILM_REVISION[:8]}"))
+        elif path.name in (FINETUNE_CACHE_SUBDIR, "space_default") and path.is_dir():
+            for sub in sorted(path.iterdir()):
+                if sub.name.startswith(".") and sub.name.endswith(".tmp"):
+                    entries.append(_entry(sub, "unfinished write"))
+                elif path.name == FINETUNE_CACHE_SUBDIR:
+                    entries.append(_entry(sub, "fine-tuned", sub / MANIFEST_NAME, _finetuned_unusable(sub)))
+                else:
+                    entries.append(_entry(sub, "space build"))
+        else:
+            entries.append(_entry(path, "other"))
+    return sorted(entries, key=lambda e: -e.size)
+
+
+def removable(entries: list[CacheEntry], *, clear: bool = False, unused_days: float | None = None,
+              now: float | None = None) -> list[CacheEntry]:
+    """The entries ``hf-fastif cache`` removes: every one but ``other`` with ``clear``; else the ones this install
+    cannot use, unfinished writes untouched for `STALE_STAGING_S` (a younger one may be a write under way), and,
+    with ``unused_days``, the ones unused that long."""
+    now = time.time() if now is None else now
+    out = []
+    for entry in entries:
+        age = now - entry.last_used
+        if entry.kind == "other":
+            continue
+        if (clear or entry.unusable is not None
+                or (entry.kind == "unfinished write" and age > STALE_STAGING_S)
+                or (unused_days is not None and entry.kind != "unfinished write" and age > unused_days * 86400)):
+            out.append(entry)
+    return out
+
+
+def remove_entries(entries: list[CacheEntry]) -> int:
+    """Delete ``entries``; returns the bytes freed."""
+    freed = 0
+    for entry in entries:
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            entry.path.unlink(missing_ok=True)
+        freed += entry.size if not entry.path.exists() else 0
+    return freed
+
+
+__all__ = [
+    "CACHE_ENV",
+    "CacheEntry",
+    "STALE_STAGING_S",
+    "cache_entries",
+    "cache_root",
+    "mark_used",
+    "remove_entries",
+    "remove_stale_staging",
+    "removable",
+]

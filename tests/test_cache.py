@@ -1,0 +1,124 @@
+"""hf_fastif's disk cache: what `cache_entries` lists, what `hf-fastif cache` removes, and the cache writers' errors
+on a full or read-only disk."""
+
+import errno
+import json
+import os
+import time
+
+import pytest
+import torch
+import transformers
+
+from hf_fastif.cache import STALE_STAGING_S, cache_entries, removable
+from hf_fastif.cli import main
+from hf_fastif.minilm_default import FINETUNE_CODE_VERSION, FINETUNE_KEY_FIELDS, MANIFEST_NAME
+from hf_fastif.pretrained import MINILM_REVISION, minilm_path
+
+
+def _age(path, days: float) -> None:
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def _finetuned(root, name: str, drop: str | None = None, days: float = 0.0):
+    folder = root / "minilm-nli" / name
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"w" * 1000)
+    content = {field: None for field in FINETUNE_KEY_FIELDS if field != drop}
+    content |= {"code_version": FINETUNE_CODE_VERSION, "torch": torch.__version__.split("+")[0],
+                "transformers": transformers.__version__}
+    (folder / MANIFEST_NAME).write_text(json.dumps({"content": content}))
+    _age(folder / MANIFEST_NAME, days)
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A cache with one entry of each kind: usable and unusable models, old and fresh unfinished writes, and a file
+    hf_fastif did not write."""
+    root = tmp_path / "cache"
+    current = root / f"all-MiniLM-L6-v2-{MINILM_REVISION}"
+    current.mkdir(parents=True)
+    (current / "model.safetensors").write_bytes(b"m" * 5000)
+    (root / "all-MiniLM-L6-v2-0123456789abcdef").mkdir()
+    _finetuned(root, "aaaa", days=40)          # usable, unused for 40 days
+    _finetuned(root, "bbbb")                   # usable, used now
+    _finetuned(root, "cccc", drop="replicas")  # an older hf_fastif's key: can never match again
+    old, fresh = root / ".all-MiniLM-L6-v2-x.1.tmp", root / "minilm-nli" / ".dddd.2.tmp"
+    for folder in (old, fresh):
+        folder.mkdir()
+    _age(old, STALE_STAGING_S / 86400 + 1)
+    (root / "notes.txt").write_text("mine")
+    return root
+
+
+def test_entries_say_their_kind_and_whether_this_install_can_use_them(cache):
+    found = {str(e.path.relative_to(cache)): e for e in cache_entries(cache)}
+    assert {name: e.kind for name, e in found.items()} == {
+        f"all-MiniLM-L6-v2-{MINILM_REVISION}": "pretrained", "all-MiniLM-L6-v2-0123456789abcdef": "pretrained",
+        "minilm-nli/aaaa": "fine-tuned", "minilm-nli/bbbb": "fine-tuned", "minilm-nli/cccc": "fine-tuned",
+        ".all-MiniLM-L6-v2-x.1.tmp": "unfinished write", "minilm-nli/.dddd.2.tmp": "unfinished write",
+        "notes.txt": "other"}
+    assert found[f"all-MiniLM-L6-v2-{MINILM_REVISION}"].unusable is None
+    assert "revision 01234567" in found["all-MiniLM-L6-v2-0123456789abcdef"].unusable
+    assert found["minilm-nli/aaaa"].unusable is None and "lacks replicas" in found["minilm-nli/cccc"].unusable
+    assert found[f"all-MiniLM-L6-v2-{MINILM_REVISION}"].size == 5000
+    assert time.time() - found["minilm-nli/aaaa"].last_used > 39 * 86400  # the manifest's time: its last use
+    assert cache_entries(cache / "missing") == []
+
+
+@pytest.mark.parametrize("flags, removed", [
+    ([], set()),
+    (["--prune"], {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", ".all-MiniLM-L6-v2-x.1.tmp"}),
+    (["--unused-days", "30"], {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", ".all-MiniLM-L6-v2-x.1.tmp",
+                               "minilm-nli/aaaa"}),
+    (["--clear"], {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", ".all-MiniLM-L6-v2-x.1.tmp",
+                   "minilm-nli/aaaa", "minilm-nli/bbbb", f"all-MiniLM-L6-v2-{MINILM_REVISION}",
+                   "minilm-nli/.dddd.2.tmp"}),
+])
+def test_the_cache_command_lists_and_removes_only_what_it_is_asked_to(cache, flags, removed, capsys):
+    before = {str(e.path.relative_to(cache)) for e in cache_entries(cache)}
+    assert main(["cache", "--cache_dir", str(cache), *flags]) == 0
+    after = {str(e.path.relative_to(cache)) for e in cache_entries(cache)}
+    assert before - after == removed and "notes.txt" in after  # what hf_fastif did not write is never removed
+    out = capsys.readouterr().out
+    assert f"hf_fastif cache {cache}: 8 entries" in out and "minilm-nli/cccc" in out
+    assert (f"removed {len(removed)} entries" in out) == bool(flags)
+
+
+def test_a_fresh_unfinished_write_is_kept_by_prune(cache):
+    """A staging folder younger than STALE_STAGING_S may be another process's write under way."""
+    kept = {e.path.name for e in cache_entries(cache)} - {e.path.name for e in removable(cache_entries(cache))}
+    assert ".dddd.2.tmp" in kept
+
+
+def test_an_unwritable_cache_names_the_folder_and_the_setting(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"Could not write .*file.*HF_FASTIF_CACHE") as raised:
+        minilm_path(source="wheel", cache_dir=tmp_path / "file" / "cache")
+    assert raised.value.errno == errno.ENOTDIR
+
+
+def test_a_full_disk_while_extracting_minilm_names_the_cache_and_leaves_nothing(tmp_path, monkeypatch):
+    import hf_fastif.pretrained as pretrained
+
+    def full(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pretrained, "open", full, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device; the cache root is \$HF_FASTIF_CACHE") as raised:
+        minilm_path(source="wheel", cache_dir=tmp_path)
+    assert raised.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []  # its staging folder is gone
+
+
+def test_a_killed_extractions_staging_folder_is_removed_by_the_next(tmp_path):
+    """A killed extraction left ``.all-MiniLM-L6-v2-<rev>.<random>.tmp`` (up to 90 MB) in the cache root for good:
+    the sweep looked only in minilm-nli/."""
+    old = tmp_path / f".all-MiniLM-L6-v2-{MINILM_REVISION}.abcd.tmp"
+    old.mkdir()
+    _age(old, 1)
+    folder = minilm_path(source="wheel", cache_dir=tmp_path)
+    assert not old.exists() and sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
