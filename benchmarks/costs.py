@@ -40,11 +40,12 @@ from .timing import median_seconds, timed
 
 COST_MODEL = (
     "Seconds per test point, from the unit costs u measured in this run (same model, same kernels):\n"
-    "- original   = u.test_gradient + u.power_iteration + J·u.hvp[B x1] + N·u.score[1]\n"
-    "- +kNN (k)   = u.test_gradient + u.power_iteration + J·u.hvp[B x1] + q + k·u.score[1]\n"
-    "- FastIF     = u.test_gradient + u.power_iteration + T·J·u.hvp[B_F x1] + q + k·u.score[1]\n"
-    "- parallel P = u.test_gradient + u.power_iteration + ⌈T/P⌉·J·u.hvp[B_F x1] + q + (k/P)·u.score[1]  (ideal split)\n"
-    "- fast (m)   = u.test_gradient + u.power_iteration/m + T_f·J_f·u.hvp[B_f x m]/m + q + S\n"
+    "- original   = u.test_gradient + u.power_iteration[B] + J·u.hvp[B x1] + N·u.score[1]\n"
+    "- +kNN (k)   = u.test_gradient + u.power_iteration[B] + J·u.hvp[B x1] + q + k·u.score[1]\n"
+    "- FastIF     = u.test_gradient + u.power_iteration[B_F] + T·J·u.hvp[B_F x1] + q + k·u.score[1]\n"
+    "- parallel P = u.test_gradient + u.power_iteration[B_F] + ⌈T/P⌉·J·u.hvp[B_F x1] + q + (k/P)·u.score[1]"
+    "  (ideal split)\n"
+    "- fast (m)   = u.test_gradient + u.power_iteration[B_f]/m + T_f·J_f·u.hvp[B_f x m]/m + q + S\n"
     "  (m test points per call share each LiSSA step; J_f = J·scale_f/scale)\n"
     "- low-rank (m) = u.test_gradient + u.low_rank_solve[m]/m + q + S  (the low-rank Hessian: a one-off per\n"
     "  model, 2r HVPs over R rows whatever N is)\n"
@@ -56,10 +57,13 @@ COST_MODEL = (
     "- 2021 code path: original = u.test_gradient + J·u.hvp_full[B x1] + N·u.score_loop,\n"
     "                  FastIF   = u.test_gradient + T·J·u.hvp_full[B_F x1] + q + k·u.score_loop\n"
     "where B and B_F are the original's and FastIF's B (128 and 1 in the paper) and q = u.feature +\n"
-    "N·u.knn_row is one kNN query (exact Flat search). hf_fastif's units (hvp, score, test_gradient, the check)\n"
-    "run from the cached trunk states where the model splits; hvp_full and score_loop run the whole model, as\n"
-    "the 2021 code does. Built once for all test points and not charged per test point: the training-set\n"
-    "features and index (N·u.feature) and the trunk states (N·u.trunk)."
+    "N·u.knn_row is one kNN query (exact Flat search). u.power_iteration[B] is the LiSSA convergence check at\n"
+    "the row's own B, as the engine runs it: CHECK_BATCHES Lanczos runs of CHECK_ITERATIONS HVPs on B-row\n"
+    "batches (u.hvp[B x1] each) and one over the mean Hessian of CHECK_ROWS rows, with their vector work.\n"
+    "hf_fastif's units (hvp, score, test_gradient, the check) run from the cached trunk states where the model\n"
+    "splits; hvp_full and score_loop run the whole model, as the 2021 code does. Built once for all test points\n"
+    "and not charged per test point: the training-set features and index (N·u.feature) and the trunk states\n"
+    "(N·u.trunk)."
 )
 
 
@@ -85,8 +89,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     """Seconds per unit of work on this model and data (medians of single calls), for the cost model:
     ``hvp[B x m]``: one LiSSA step (collate B fresh rows, one HVP with m vectors); ``score[m]``: one candidate
     scored by batched JVP (batches of 64) against m s_test vectors; ``test_gradient``: one test row;
-    ``power_iteration``: the library's convergence check (its Lanczos runs: their HVPs, and their own vector
-    work ``check_vector_work``, timed with a cheap diagonal operator): all
+    ``power_iteration[B]``: the library's convergence check at each B (`check_seconds`: its Lanczos runs on B-row
+    batches and on the mean Hessian, their HVPs and their own vector work ``check_vector_work``, timed with a cheap
+    diagonal operator): all
     from the cached trunk states where the model splits and with the last layer cut to the position the loss
     reads where it can be (``readout``), as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
@@ -136,11 +141,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         vector_work = [median_seconds(
             lambda k=k: extreme_eigenvalues(lambda x: diagonal * x, p, iterations=k, dtype=dtype, device=device), 3)
                        for k in (CHECK_ITERATIONS, CHECK_ITERATIONS + 2)]
-        out["power_iteration"] = (CHECK_BATCHES * (CHECK_ITERATIONS * out["hvp"][f"{min(batch_sizes)}x1"]
-                                                   + vector_work[0])
-                                  + (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n),
-                                                                  torch.randn(p, device=device, dtype=dtype), "sum")
-                                  + vector_work[1])
+        mean_hessian = (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n), torch.randn(p, device=device, dtype=dtype),
+                                                     "sum") + vector_work[1]
+        out["power_iteration"] = check_seconds(out["hvp"], batch_sizes, mean_hessian, vector_work[0])
         out["check_vector_work"] = CHECK_BATCHES * vector_work[0] + vector_work[1]
         block = rng.choice(n, min(64, n), replace=False).tolist()
         for m in sorted({1, shared}):
@@ -178,6 +181,16 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     return out
 
 
+def check_seconds(hvp: dict, batch_sizes: list[int], mean_hessian: float, vector_work: float) -> dict[str, float]:
+    """The LiSSA convergence check's seconds at each B (``u.power_iteration[str(B)]``), as the engine runs it at a
+    row's own B (`hf_fastif.engine.InfluenceEngine._check_lissa`): `CHECK_BATCHES` Lanczos runs of
+    `CHECK_ITERATIONS` HVPs on a B-row batch (``hvp[f"{B}x1"]`` each, plus ``vector_work`` per run), then
+    ``mean_hessian``, the run over the mean Hessian of `CHECK_ROWS` rows, whatever B is. The per-B units are the
+    LiSSA steps' own: nothing more is timed."""
+    return {str(b): CHECK_BATCHES * (CHECK_ITERATIONS * hvp[f"{b}x1"] + vector_work) + mean_hessian
+            for b in sorted(set(batch_sizes))}
+
+
 def _with_trunk(model, names: list[str], fm: FunctionalModel, train: Batcher, tests: Batcher,
                 args: InfluenceArguments) -> tuple[FunctionalModel, Batcher, Batcher, float, str | None]:
     """The engine's trunk cache for the unit costs: ``(fm, train, tests, seconds per row of the training trunk
@@ -204,21 +217,21 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
     m·k); ``more_processes``: extra "FastIF parallel (P=..., ideal)" rows, named so whatever ``scale.processes``
     is."""
     h, s = u["hvp"], u["score"]
-    tg, pi = u["test_gradient"], u["power_iteration"]
+    tg, check = u["test_gradient"], u["power_iteration"]  # the convergence check at each row's own B
     n, j, b, t, k, m = scale.n, scale.j, scale.b, scale.t, scale.k, scale.m
     q = u["feature"] + n * u["knn_row"]
     step = h[f"{scale.b_fastif}x1"]  # one FastIF LiSSA step
     union = m * k if fast_union is None else fast_union
     shared = _shared_scoring(s, m, k, union)
-    out = {ORIGINAL: tg + pi + j * h[f"{b}x1"] + n * s["1"]}
+    out = {ORIGINAL: tg + check[str(b)] + j * h[f"{b}x1"] + n * s["1"]}
     for kk in scale.knn_ks:
-        out[f"+kNN (k={kk})"] = tg + pi + j * h[f"{b}x1"] + q + kk * s["1"]
-    out[FASTIF] = tg + pi + t * j * step + q + k * s["1"]
+        out[f"+kNN (k={kk})"] = tg + check[str(b)] + j * h[f"{b}x1"] + q + kk * s["1"]
+    out[FASTIF] = tg + check[str(scale.b_fastif)] + t * j * step + q + k * s["1"]
     names = ([(PARALLEL, scale.processes)] if scale.processes > 1 else []) + [
         (f"{PARALLEL} (P={count}, ideal)", count) for count in more_processes]
     for name, count in names:
-        out[name] = tg + pi + math.ceil(t / count) * j * step + q + k / count * s["1"]
-    out[FAST] = tg + pi / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q + shared
+        out[name] = tg + check[str(scale.b_fastif)] + math.ceil(t / count) * j * step + q + k / count * s["1"]
+    out[FAST] = tg + check[str(fast["b"])] / m + fast["t"] * fast["j"] * h[f"{fast['b']}x{m}"] / m + q + shared
     if "low_rank_solve" in u:
         out[LOW_RANK] = tg + u["low_rank_solve"][str(m)] / m + q + shared
     full = u.get("hvp_full", h)  # the 2021 code runs its HVPs through the whole model

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, default_data_collator
+from transformers.utils import logging
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.params import PAPER_BERT_PARAMS
@@ -42,6 +43,8 @@ from .costs import COST_MODEL, measure_unit_costs, paper_scale_rows
 from .paper_setup import BenchmarkArguments, Setup, influence_fields
 from .report import rows_table, save_and_print
 from .timing import median_seconds
+
+logger = logging.get_logger(__name__)
 
 QUICK_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 """--quick: a 2-layer BERT whose layers 0-1 are all there is, so the influence parameters are its last layer."""
@@ -131,6 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
     if own.threads:
         torch.set_num_threads(own.threads)
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    if device == "cpu" and not own.quick:  # the full model on a CPU runs for many minutes before it prints anything
+        reason = "--use_cpu was given" if torch.cuda.is_available() else "No GPU found"
+        logger.warning(f"{reason}: running BERT-base (110M parameters; {own.num_train} rows of {own.seq_len} tokens) "
+                       "on the CPU, which takes many minutes before anything is printed. --quick runs a 2-layer "
+                       "model on the CPU in seconds instead.")
     started = time.perf_counter()
     setup = build_setup(own, args, device)
     bench = paper_settings(own, args)
@@ -167,8 +175,9 @@ def render(out: dict) -> str:
     env, unit = out["environment"], out["unit_costs_s"]
     units = [{"unit": f"{kind}[{key}]", "ms": 1e3 * value} for kind in ("hvp", "hvp_full", "score")
              for key, value in unit[kind].items()]
-    units += [{"unit": name, "ms": 1e3 * unit[name]} for name in ("score_loop", "test_gradient", "power_iteration",
-                                                                    "trunk", "feature")]
+    units += [{"unit": f"power_iteration[B={key}]", "ms": 1e3 * value}
+              for key, value in unit["power_iteration"].items()]
+    units += [{"unit": name, "ms": 1e3 * unit[name]} for name in ("score_loop", "test_gradient", "trunk", "feature")]
     return "\n".join([
         f"# Unit costs on {env['device']}: {out['model']}\n",
         f"`{out['command']}`\n",

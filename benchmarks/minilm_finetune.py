@@ -11,7 +11,9 @@ Writes ``results.json`` (every run, rewritten as each finishes) and ``results.md
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +40,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output-dir", default="outputs/minilm_sweep")
     parser.add_argument("--save", default=None, metavar="LAYERS,LR,EPOCHS",
-                        help="Save the model of this run with save_pretrained under <output-dir>/model.")
-    return parser.parse_args(argv)
+                        help="Save the model of this run with save_pretrained under <output-dir>/model (compared as "
+                             "numbers: 1,2e-4,1 is the run of --layers 1, --lrs 0.0002, --epochs 1).")
+    args = parser.parse_args(argv)
+    if args.save is not None:
+        args.save = parse_save(parser, args)
+    return args
+
+
+def parse_save(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, float, float]:
+    """``--save LAYERS,LR,EPOCHS`` as numbers, refused (argparse's error, before any training) unless it is one run
+    of the sweep: compared as text, ``2e-4`` never matched the ``0.0002`` of the run and nothing was saved."""
+    try:
+        layers, lr, epochs = args.save.split(",")
+        save = (int(layers), float(lr), float(epochs))
+    except ValueError:
+        parser.error(f"--save {args.save} is not LAYERS,LR,EPOCHS (e.g. --save 2,2e-4,1).")
+    if not any(save_matches(save, *run) for run in product(args.layers, args.lrs, args.epochs)):
+        parser.error(f"--save {args.save} matches no run of the sweep (--layers {' '.join(map(str, args.layers))}, "
+                     f"--lrs {' '.join(f'{lr:g}' for lr in args.lrs)}, --epochs "
+                     f"{' '.join(f'{e:g}' for e in args.epochs)}); nothing would be saved.")
+    return save
+
+
+def save_matches(save: tuple[int, float, float] | None, layers: int, lr: float, epochs: float) -> bool:
+    """Whether the run (``layers``, ``lr``, ``epochs``) is the one ``--save`` names, compared as numbers."""
+    return save is not None and save[0] == layers and math.isclose(save[1], lr) and math.isclose(save[2], epochs)
 
 
 def evaluate(trainer, train_tokenized, hans_tokenized) -> dict:
@@ -86,7 +112,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 runs.append(run)
                 print(to_json({k: v for k, v in run.items() if k != "subcases"}), flush=True)
                 write_atomic(out / "results.json", to_json(runs, indent=1))
-                if args.save == f"{layers},{lr:g},{epochs:g}":
+                if save_matches(args.save, layers, lr, epochs):
                     trainer.save_model(str(out / "model"))
     table = pd.DataFrame(runs)
     write_atomic(out / "results.md", report(table, args))

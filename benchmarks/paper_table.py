@@ -85,6 +85,19 @@ def fast_choice(bench: BenchmarkArguments, args: InfluenceArguments, fast: dict)
                               fast_conv=fast["j"] * fast["damping"])
 
 
+def sweep_note(bench: BenchmarkArguments, depth: int, m: int, n: int, sweep: list[dict]) -> str:
+    """What the s_test sweep's points are; that one of them is the original rerun with another seed (B = the
+    original's, J = ``depth``, T = 1) only where the sweep has that point and the engine did not refuse it."""
+    original = f"B = {bench.original_batch_size}, J = {depth}, T = 1"
+    note = (f"{min(bench.sweep_num_test, m)} test points per call, scored on {min(bench.sweep_pool, n)} random "
+            "training rows; T = t averages t runs with independent seeds (none is the original's), its seconds those "
+            "of the t runs with the convergence check counted once, as one call with T = t runs it")
+    if any(p["B"] == bench.original_batch_size and p["J"] == depth and p["T"] == 1 and "refused" not in p
+           for p in sweep):
+        return note + f"; the {original} point is the original rerun with another seed, its own noise floor"
+    return note + f"; no point of this sweep is the original ({original}) rerun with another seed"
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     bench, args = parse_with_defaults((BenchmarkArguments, InfluenceArguments), benchmark_defaults, argv)
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     with stage("ground truth"):
         ground = (ground_truth_anchor(bench.digits_train, bench.digits_test, bench.lds_subsets, seed=args.seed)
                   if bench.ground_truth else None)
-    plot_sweep(sweep, out / FILES["sweep_png"])
+    plot_sweep(sweep, out / FILES["sweep_png"], bench.original_batch_size, depth)
     plot_knn_recall(curve, out / FILES["knn_png"], n)
 
     lam = damping * scale
@@ -172,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "paper_rows": paper_rows,
         "targets": goals,
         "sweep": sweep,
-        "sweep_note": (f"{min(bench.sweep_num_test, m)} test points per call, scored on {bench.sweep_pool} random "
-                       "training rows; T = t averages t runs with independent seeds (none is the original's); "
-                       f"the B = {bench.original_batch_size}, T = 1 point at the original's J is the original "
-                       "rerun with another seed, its own noise floor"),
+        "sweep_note": sweep_note(bench, depth, m, n, sweep),
         "knn_recall_curve": curve,
         "ground_truth": ground,
         "files": FILES,

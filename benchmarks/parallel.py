@@ -19,6 +19,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
+from hf_fastif.data import HANS_TEMPLATES
 from hf_fastif.distributed import finish, world
 from hf_fastif.embedded import TINY, embedded_data, embedded_model
 from hf_fastif.utils import markdown_table, to_json, write_atomic
@@ -48,6 +49,23 @@ def parallel_defaults(own: Namespace) -> dict:
     return out
 
 
+def hans_rows() -> int:
+    """HANS-style rows of the generated data `workload` takes its test points from (the tiny kind's rows per
+    subcase, 30 subcases), counted without generating them."""
+    return TINY.data["n_hans_per_subcase"] * sum(len(subcases) for subcases in HANS_TEMPLATES.values())
+
+
+def validate(own: ParallelArguments) -> None:
+    """Refuse a --num_test the generated data cannot give, before any work (it failed after the set-up: an
+    IndexError, or 'test_dataset is empty')."""
+    available = hans_rows()
+    if own.num_test < 1:
+        raise ValueError(f"--num_test must be at least 1 (test points per call), got {own.num_test}.")
+    if own.num_test > available:
+        raise ValueError(f"--num_test {own.num_test} exceeds the {available} HANS-style test rows of the generated "
+                         f"data; use at most {available}.")
+
+
 def workload(own: ParallelArguments, args: InfluenceArguments) -> dict:
     """Time the same influence job on the (untrained) embedded model; seconds are identical on every process."""
     torch.set_num_threads(1)
@@ -71,6 +89,7 @@ def workload(own: ParallelArguments, args: InfluenceArguments) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     own, args = parse_with_defaults((ParallelArguments, InfluenceArguments), parallel_defaults, argv)
+    validate(own)
     if own.worker:
         result = workload(own, args)
         if world()[0] == 0:

@@ -103,9 +103,18 @@ def targets(rows: list[dict], paper_rows: list[dict], paper_t: int) -> list[dict
     return out
 
 
-def plot_sweep(points: list[dict], path: Path) -> None:
-    """Agreement with original vs s_test seconds per test point, one series per (B, T), marker size by J
-    (points the engine refused are left out; the table lists them)."""
+def sweep_title(points: list[dict], original_batch_size: int, original_depth: int) -> str:
+    """The sweep plot's title: its grid, and the original it is compared with, as this run configured it."""
+    batch_sizes = sorted({p["B"] for p in points})
+    depths = sorted({p["J"] for p in points})
+    return (f"s_test sweep: J ∈ {depths}, B ∈ {batch_sizes}, T repetitions (vs original: B={original_batch_size}, "
+            f"J={original_depth}, T=1)")
+
+
+def plot_sweep(points: list[dict], path: Path, original_batch_size: int, original_depth: int) -> None:
+    """Agreement with original (B = ``original_batch_size``, J = ``original_depth``, T = 1) vs s_test seconds per
+    test point, one series per (B, T), marker size by J (points the engine refused are left out; the table lists
+    them)."""
     points = [p for p in points if "refused" not in p]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     batch_sizes = sorted({p["B"] for p in points})
@@ -129,7 +138,7 @@ def plot_sweep(points: list[dict], path: Path) -> None:
         ax.set_ylabel(f"{metric.capitalize()} with original")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"s_test sweep: J ∈ {depths}, B ∈ {batch_sizes}, T repetitions (vs original: B=128, T=1)")
+    fig.suptitle(sweep_title(points, original_batch_size, original_depth))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -169,6 +178,10 @@ def render(results: dict) -> str:
              "test point (a shared machine's load falls on all alike); every kNN row's index (training features, "
              f"influence_knn_features={results['knn'].get('features', 'auto')!r}) is built once "
              f"({results['knn']['index_build_s']:.2f}s here) and each query costs {results['knn']['query_s'] * 1e3:.1f} ms. "
+             "Every row's seconds leave out its calls' trunk phase (`trunk_s`: the training rows' frozen-layer states, "
+             f"{results['rows'][0]['diagnostics'].get('trunk_s', 0.0):.2f}s in the original's first call), a one-off "
+             "per model and data as in the cost model, so the rows on a fresh engine per call and the low-rank row's "
+             "kept engine, whose later calls find them cached, are charged alike. "
              "Quality: Pearson / Spearman with original on the candidates each row scores, recall@n of the original's "
              "n most helpful / harmful rows among all N; means over the test points.\n"]
     recalls = [key for key in results["rows"][0] if key.startswith("recall@")]
@@ -192,7 +205,8 @@ def render(results: dict) -> str:
                   + [f"hvp_full[{key}] {v:.3g}" for key, v in u.get("hvp_full", {}).items()]
                   + [f"score[m={key}] {v:.3g}" for key, v in u["score"].items()]
                   + [f"low_rank_solve[m={key}] {v:.3g}" for key, v in u.get("low_rank_solve", {}).items()]
-                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "power_iteration", "check_vector_work", "trunk",
+                  + [f"power_iteration[B={key}] {v:.3g}" for key, v in u["power_iteration"].items()]
+                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "check_vector_work", "trunk",
                                                         "feature", "knn_row") if key in u])
               + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}"
               + f"; last layer cut after: {u.get('readout') or 'none (it runs at every position)'}.\n",

@@ -11,7 +11,7 @@ from datasets import Dataset
 from benchmarks import rows as rows_module
 from benchmarks import studies
 from benchmarks.arguments import parse_with_defaults
-from benchmarks.costs import CostScale, cost_model, paper_scale_rows
+from benchmarks.costs import CostScale, check_seconds, cost_model, paper_scale_rows
 from benchmarks.paper_setup import (
     FAST,
     FASTIF,
@@ -25,12 +25,13 @@ from benchmarks.paper_setup import (
     benchmark_defaults,
     call_influences,
 )
-from benchmarks.paper_table import convergence_statement, fast_choice, main
-from benchmarks.report import targets
-from benchmarks.rows import fast_settings, row_quality, top_eigenvalue
+from benchmarks.paper_table import convergence_statement, fast_choice, main, sweep_note
+from benchmarks.report import sweep_title, targets
+from benchmarks.rows import fast_settings, per_point_seconds, row_quality, top_eigenvalue
 from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments, InfluenceTable
 from hf_fastif.embedded import TINY
+from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, InfluenceEngine
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.quality import influence_by_test
@@ -59,31 +60,45 @@ def test_knn_recall_curve_counts_the_neighbours():
 
 
 def test_cost_model_formulas():
+    # the convergence check at each B (the engine runs it on batches of the row's own B): 4 at B = 1, 6 at B = 2,
+    # 8 at B = 8 (fast), 40 at B = 128 (original)
     u = {"hvp": {"1x1": 1.0, "2x1": 1.5, "128x1": 10.0, "8x4": 2.0}, "score": {"1": 0.01, "4": 0.02},
-         "test_gradient": 0.5, "power_iteration": 4.0, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
+         "test_gradient": 0.5, "power_iteration": {"1": 4.0, "2": 6.0, "8": 8.0, "128": 40.0}, "feature": 0.1,
+         "knn_row": 1e-4, "score_loop": 0.1}
     fast = {"b": 8, "t": 1, "j": 50}
     scale = CostScale(n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, processes=2)
     c = cost_model(u, scale, fast)
     q = 0.1 + 1000 * 1e-4
-    assert c[ORIGINAL] == pytest.approx(0.5 + 4 + 100 * 10 + 1000 * 0.01)
-    assert c["+kNN (k=10)"] == pytest.approx(0.5 + 4 + 100 * 10 + q + 10 * 0.01)
+    assert c[ORIGINAL] == pytest.approx(0.5 + 40 + 100 * 10 + 1000 * 0.01)
+    assert c["+kNN (k=10)"] == pytest.approx(0.5 + 40 + 100 * 10 + q + 10 * 0.01)
     assert c[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1 + q + 10 * 0.01)
     assert c[PARALLEL] == pytest.approx(0.5 + 4 + 2 * 100 * 1 + q + 5 * 0.01)
     # pair scoring, worst case (disjoint candidate sets): each candidate against its own test point's s_test
-    assert c[FAST] == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.01)
+    assert c[FAST] == pytest.approx(0.5 + 8 / 4 + 50 * 2 / 4 + q + 10 * 0.01)
     # every test point picked the same k candidates: each scored once against all m vectors, shared by m
     shared = cost_model(u, scale, fast, fast_union=10)[FAST]
-    assert shared == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 10 * 0.02 / 4)
+    assert shared == pytest.approx(0.5 + 8 / 4 + 50 * 2 / 4 + q + 10 * 0.02 / 4)
     # half the pairs shared (c = 2 tests per candidate): score[2] interpolated between score[1] and score[4]
     half = cost_model(u, scale, fast, fast_union=20)[FAST]
-    assert half == pytest.approx(0.5 + 1 + 50 * 2 / 4 + q + 20 * (0.01 + (0.02 - 0.01) / 3) / 4)
+    assert half == pytest.approx(0.5 + 8 / 4 + 50 * 2 / 4 + q + 20 * (0.01 + (0.02 - 0.01) / 3) / 4)
     assert c["original (2021 code path)"] == pytest.approx(0.5 + 100 * 10 + 1000 * 0.1)
     # FastIF with B = 2 pays the 2-row step; the original's cost does not move
     # the low-rank row: a test gradient, the closed-form solve, the kNN query and the scoring; no HVP per test point
     c3 = cost_model(u | {"low_rank_solve": {"1": 0.001, "4": 0.002}}, scale, fast)
     assert c3[LOW_RANK] == pytest.approx(0.5 + 0.002 / 4 + q + 10 * 0.01) and LOW_RANK not in c
     c2 = cost_model(u, CostScale(n=1000, j=100, b=128, t=4, k=10, knn_ks=[10], m=4, processes=2, b_fastif=2), fast)
-    assert c2[FASTIF] == pytest.approx(0.5 + 4 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
+    assert c2[FASTIF] == pytest.approx(0.5 + 6 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
+
+
+def test_the_check_is_charged_at_each_rows_b():
+    """The convergence check runs its batch Lanczos on B-row batches of the row's own B; the unit costs charged every
+    row the 1-row batches' HVPs (hvp[min(batch_sizes) x1]), under-charging the original (B = 128) most."""
+    hvp = {"1x1": 1.0, "8x1": 2.0, "128x1": 10.0, "8x4": 3.0}
+    check = check_seconds(hvp, [128, 1, 8, 1], mean_hessian=7.0, vector_work=0.5)
+    assert set(check) == {"1", "8", "128"}
+    for b in (1, 8, 128):
+        assert check[str(b)] == pytest.approx(CHECK_BATCHES * (CHECK_ITERATIONS * hvp[f"{b}x1"] + 0.5) + 7.0)
+    assert check["128"] > check["8"] > check["1"]
 
 
 def test_sweep_records_a_refused_point_and_goes_on(monkeypatch):
@@ -107,6 +122,29 @@ def test_sweep_records_a_refused_point_and_goes_on(monkeypatch):
                                                                   (2, 2, False)]
     assert "not positive definite" in points[1]["refused"]
     assert points[0]["spearman"] == pytest.approx(1.0) and points[3]["s_test_s_per_test_point"] == pytest.approx(1.0)
+
+
+def test_sweep_charges_the_convergence_check_once_per_point(monkeypatch):
+    """A T = t point is t fresh-engine calls, each running the convergence check; a T = t call runs it once, so the
+    point charges it once (the sweep summed t of them: 0.90 s for a T = 2 that costs 0.63-0.66 s)."""
+    rows = Dataset.from_dict({"input_ids": [[1, 2]] * 6, "labels": [0, 1] * 3})
+    setup = Setup(model=None, tokenizer=None, collator=None, train=rows, test=rows.select([0]), description={})
+    bench = BenchmarkArguments(sweep_depths=[1.0], sweep_batch_sizes=[1], sweep_repetitions=3, sweep_num_test=1,
+                               sweep_pool=6, original_batch_size=4)
+    args = InfluenceArguments(report_to="none", influence_recursion_depth=10, influence_seed=0)
+    monkeypatch.setattr(InfluenceEngine, "_check_lissa", lambda self, call, v: {})  # the engine's check, stubbed
+    monkeypatch.setattr(studies, "timed", lambda fn: (fn(), 0.25))  # each check takes 0.25 s
+
+    def fake_call(setup, test, settings, candidate_dataset=None):  # as the engine: s_test_s holds the check
+        InfluenceEngine._check_lissa(None, None, None)
+        table = InfluenceTable.from_arrays(np.zeros(6), np.arange(6), np.arange(6, dtype=float),
+                                           {"diagnostics": {"s_test_s": 0.25 + 0.5}})  # check + recursion
+        return table, 1.0
+
+    monkeypatch.setattr(studies, "call_influences", fake_call)
+    points = studies.s_test_sweep(setup, bench, args, original=np.arange(6, dtype=float)[None])
+    assert [p["T"] for p in points] == [1, 2, 3]
+    assert [p["s_test_s_per_test_point"] for p in points] == pytest.approx([0.75, 1.25, 1.75])
 
 
 def test_sweep_lists_each_j_once(monkeypatch):
@@ -152,6 +190,38 @@ def test_quality_with_fewer_than_100_training_rows():
     assert "recall@100 helpful" in row_quality(np.zeros((1, 200)), [(np.arange(200), np.zeros(200))])
 
 
+def test_every_row_is_charged_without_its_trunk_phase():
+    """The low-rank row's kept engine finds the trunk states cached, every other row's fresh engine computes them
+    on each call: each call's trunk phase is left out, as its index build is (a one-off in the cost model), so the
+    rows pay alike (low-rank showed 34.5x next to the gradient dot product's 10x, which does less work)."""
+    full_scan = {"candidates": "all", "trunk_s": 0.4, "candidates_s": 1e-4}
+    assert per_point_seconds(5.0, full_scan, 1, 0.002) == pytest.approx(5.0 - 0.4)
+    knn = {"candidates": "knn", "trunk_s": 0.4, "candidates_s": 0.2}
+    assert per_point_seconds(5.0, knn, 2, 0.002) == pytest.approx(5.0 - 0.4 - 0.2 + 2 * 0.002)
+    warm = {"candidates": "knn", "trunk_s": 0.01, "candidates_s": 0.007}  # a kept engine's later call
+    assert per_point_seconds(0.3, warm, 2, 0.002) == pytest.approx(0.3 - 0.01 - 0.007 + 2 * 0.002)
+
+
+def test_sweep_note_promises_the_original_rerun_only_where_the_sweep_has_it():
+    """The note said the B = --original_batch_size, T = 1 point at the original's J is the original rerun with
+    another seed, though the sweep's B may not hold it (MiniLM: B 1 and 8, the original's 32); the plot's title said
+    B=128 whatever the original's B was."""
+    bench = BenchmarkArguments(original_batch_size=32, sweep_num_test=2, sweep_pool=500)
+    without = [{"J": 20, "B": b, "T": t} for b in (1, 8) for t in (1, 2)]
+    note = sweep_note(bench, 20, 2, 400, without)
+    assert "scored on 400 random training rows" in note and "convergence check counted once" in note
+    assert "no point of this sweep is the original (B = 32, J = 20, T = 1)" in note
+    assert "its own noise floor" not in note
+    refused = [*without, {"J": 20, "B": 32, "T": 1, "refused": "not positive definite"}]
+    assert "no point of this sweep" in sweep_note(bench, 20, 2, 400, refused)
+    with_it = [*without, {"J": 10, "B": 32, "T": 1}, {"J": 20, "B": 32, "T": 1}]
+    assert "the B = 32, J = 20, T = 1 point is the original rerun with another seed" in sweep_note(bench, 20, 2, 400,
+                                                                                                    with_it)
+    assert "no point of this sweep" in sweep_note(bench, 20, 2, 400, with_it[:-1])  # B = 32 at another J only
+    title = sweep_title(without, 32, 20)
+    assert "(vs original: B=32, J=20, T=1)" in title and "B ∈ [1, 8]" in title and "B=128" not in title
+
+
 def test_top_eigenvalue_probe_runs_the_convergence_check(monkeypatch):
     """The probe reads the check's estimate, so it runs the check even with --influence_check_convergence false
     (a KeyError 'lissa_batch_top_eigenvalue' after the set-up)."""
@@ -186,7 +256,7 @@ def test_paper_t_equal_to_the_processes_keeps_the_ideal_row():
     """--paper_t equal to --parallel_processes: the ideal P = T row and its two targets are there (the ideal row was
     named as the measured one's and vanished)."""
     u = {"hvp": {"1x1": 1.0, "128x1": 10.0, "8x2": 2.0}, "score": {"1": 0.01, "2": 0.015}, "test_gradient": 0.5,
-         "power_iteration": 4.0, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
+         "power_iteration": {"1": 4.0, "8": 5.0, "128": 6.0}, "feature": 0.1, "knn_row": 1e-4, "score_loop": 0.1}
     scale = CostScale(n=1000, j=100, b=128, t=2, k=10, knn_ks=[10], m=2, processes=2)
     c = cost_model(u, scale, {"b": 8, "t": 1, "j": 50}, more_processes=(2,))
     assert c[PARALLEL] == c[f"{PARALLEL} (P=2, ideal)"]
@@ -331,6 +401,8 @@ def test_low_rank_row_is_the_arnoldi_solver_built_once(quick):
     # the engine's later calls reuse the low-rank Hessian: the same numbers as its first call, which built it
     assert row["sanity"]["max_relative_difference_later_call_vs_first"] < 1e-5
     assert len(row["calls"]) == 2 and row["one_off"]["seconds"] > row["seconds"]
+    # its first call's trunk states are the one-off's (the later calls', like every row's, are left out)
+    assert 0 < row["one_off"]["trunk_s"] < row["one_off"]["seconds"]
     assert results["paper"]["low_rank_build_s"] == row["one_off"]["s_test_s"] > 0  # 64 of 400 rows: as measured
     assert "arnoldi" in results["low_rank"]["choice"] and "Lanczos" in results["low_rank"]["choice"]
     marks = [t for t in results["targets"] if t["target"].startswith(f"({LOW_RANK}")]
@@ -349,6 +421,9 @@ def test_paper_scale_rows(quick):
     # HVPs run the whole model, one per B of the run
     assert u["trunk_split"] == "bert.encoder.layer.1" and u["trunk"] > 0
     assert set(u["hvp_full"]) == {key for key in u["hvp"] if key.endswith("x1")}
+    # the convergence check at each B of the run, from that B's step (the original's B = 32 costs most)
+    assert set(u["power_iteration"]) == {key[:-2] for key in u["hvp_full"]}
+    assert u["power_iteration"]["128"] > u["power_iteration"]["1"] > 0
     assert results["paper"]["trunk_build_s"] == pytest.approx(results["paper"]["n"] * u["trunk"])
     assert len(results["targets"]) >= 6 and all(isinstance(t["met"], bool) for t in results["targets"])
 
@@ -396,3 +471,6 @@ def test_files(quick):
     for heading in ("## Measured, side by side in one run", "## At the paper's scale", "## Targets",
                     "## s_test sweep", "## kNN recall vs k", "## Ground-truth anchor"):
         assert heading in report
+    assert "leave out its calls' trunk phase" in report and "power_iteration[B=32]" in report
+    # --quick sweeps B 1 and 8 against the original's B = 32: no point of it is the original rerun
+    assert "no point of this sweep is the original (B = 32, J = 20, T = 1)" in results["sweep_note"]

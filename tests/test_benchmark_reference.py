@@ -31,3 +31,13 @@ def test_a_folder_without_the_reference_file_is_refused_the_same_way(tmp_path, c
     assert f"{str(tmp_path)!r} holds no influence_utils/nn_influence_utils.py" in err
     assert "git clone" in err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_profiled_phases_leave_out_the_profiling_hook():
+    """--profile's "hf_fastif phases (s)" line printed the raw diagnostics, whose s_test_s holds the profiling hook
+    (10 profiled steps, a FLOP count, HVP timings) that the profile's total_s leaves out: 20.31 s for a 6.45 s call."""
+    diagnostics = {"candidates": "all", "trunk_s": 0.4, "test_gradients_s": 0.02, "s_test_s": 20.31,
+                   "scoring_s": 0.3, "lissa_steps": 100}
+    phases = reference.profiled_phases(diagnostics, hook_s=15.0)
+    assert phases == pytest.approx({"trunk_s": 0.4, "test_gradients_s": 0.02, "s_test_s": 5.31, "scoring_s": 0.3})
+    assert diagnostics["s_test_s"] == 20.31  # the call's own record is left as it was

@@ -1,13 +1,27 @@
 """The core, parallel, per-test-point and device-cost benchmarks (benchmarks/core.py, parallel.py, per_test_point.py,
-device_costs.py) run end to end in quick mode. Structure and sanity only, never speed."""
+device_costs.py) run end to end in quick mode, and the scripts refuse what they cannot run before any work (also
+benchmarks/minilm_finetune.py's --save). Structure and sanity only, never speed."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import core, device_costs, paper_table, parallel, per_test_point, recall, reference
+from benchmarks import (
+    core,
+    device_costs,
+    minilm_finetune,
+    paper_table,
+    parallel,
+    per_test_point,
+    recall,
+    reference,
+)
 from benchmarks.arguments import parse_with_defaults
 from hf_fastif import InfluenceArguments
+from hf_fastif.data import generate_nli
+from hf_fastif.embedded import TINY
+from hf_fastif.solvers.lissa import LissaDivergenceError
 
 
 def _no_work(*args, **kwargs):
@@ -40,13 +54,96 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(module, first_w
     (core, "scoring_benchmark", ["--digits_train", "1790", "--digits_test", "50"],
      "1790 training \\+ 50 test rows; the digits have 1797"),
     (paper_table, "prepare", ["--digits_train", "1797"], "1797 training \\+ 4 test rows"),
-], ids=["core loop", "core heads", "per_test_point", "recall", "core digits", "paper table digits"])
+    (parallel, "workload", ["--num_test", "5000"], "--num_test 5000 exceeds the 1200 HANS-style test rows"),
+    (parallel, "workload", ["--num_test", "0"], "--num_test must be at least 1"),
+], ids=["core loop", "core heads", "per_test_point", "recall", "core digits", "paper table digits", "parallel rows",
+        "parallel none"])
 def test_own_sizes_are_refused_before_the_model_work(module, first_work, argv, message, tmp_path, monkeypatch):
     """Sizes past what there is failed with IndexError / numpy errors after the model was trained or fine-tuned; digits
     splits past the 1,797 rows silently scored fewer test rows, or none."""
     monkeypatch.setattr(module, first_work, _no_work)
     with pytest.raises(ValueError, match=message):
         module.main(["--quick", "--output_dir", str(tmp_path), *argv])
+
+
+def test_parallel_counts_the_rows_it_generates():
+    """benchmarks.parallel refuses --num_test past the HANS-style rows it would generate (a bare IndexError after the
+    set-up), counted without generating them: the count must be the generator's."""
+    rows = generate_nli(seed=0, n_train=0, n_hans_per_subcase=TINY.data["n_hans_per_subcase"], n_pool_per_subcase=0)
+    assert parallel.hans_rows() == len(rows["hans"]) == 1200
+
+
+def test_per_test_point_warms_up_before_the_timed_rows(tmp_path, monkeypatch):
+    """The first row's first call paid the process's cold start (lazy imports, first kernel dispatch: 4.5 s vs 3.1 s
+    on repeat): one untimed call on a few rows, with the first row's settings shrunk, now goes before every row; a
+    warm-up whose few rows the convergence check refuses warms the rest without the check."""
+    calls = []
+
+    class Engine:  # records each call: (settings, training rows, test rows)
+        def __init__(self, model, args, data_collator=None):
+            self.args = args
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def compute_influences(self, train, test):
+            calls.append((self.args, len(train), len(test)))
+            if len(calls) == 1:  # the warm-up's 64 rows look indefinite to the check
+                raise LissaDivergenceError("H + λI is not positive definite")
+            return SimpleNamespace(metadata={"diagnostics": {"s_test_s": 0.5}})
+
+    monkeypatch.setattr(per_test_point, "InfluenceEngine", Engine)
+    monkeypatch.setattr(per_test_point, "train_embedded_model", lambda *a, **k: (None, {"cached": True}))
+    results = per_test_point.main(["--quick", "--output_dir", str(tmp_path), "--num_test_points", "3"])
+    (first, rows_1, tests_1), (again, rows_2, _) = calls[0], calls[1]
+    assert (rows_1, tests_1, rows_2) == (64, 1, 64)  # the warm-up: 64 of the 200 training rows, one test point
+    assert first.influence_recursion_depth == 2 and first.influence_knn_k == 32 and first.influence_check_convergence
+    assert not again.influence_check_convergence and again.influence_recursion_depth == 2
+    fastif = results["rows"][0]
+    assert fastif["row"] == "FastIF" and fastif["settings"]["influence_recursion_depth"] == 20
+    # then each row as before, on the whole training set: first call, 2 later calls, all 3 in one call
+    assert [(rows, tests) for _, rows, tests in calls[2:]] == [(200, 1), (200, 1), (200, 1), (200, 3)] * 3
+    assert calls[2][0].influence_recursion_depth == 20 and calls[2][0].influence_knn_k == 50
+
+
+def test_device_costs_says_up_front_it_runs_bert_base_on_the_cpu(tmp_path, monkeypatch, caplog):
+    """Without a GPU and without --quick it started BERT-base on the CPU and printed nothing for minutes."""
+    monkeypatch.setattr(device_costs.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_costs, "build_setup", _no_work)
+    with caplog.at_level("WARNING"), pytest.raises(AssertionError, match="started its work"):
+        device_costs.main(["--output_dir", str(tmp_path)])
+    assert "No GPU found: running BERT-base" in caplog.text and "on the CPU" in caplog.text
+    assert "--quick runs a 2-layer model" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(AssertionError, match="started its work"):
+        device_costs.main(["--quick", "--output_dir", str(tmp_path)])
+    assert "BERT-base" not in caplog.text  # --quick is the small model: nothing to warn of
+
+
+def test_minilm_finetune_save_compares_numbers(tmp_path, monkeypatch, capsys):
+    """--save 1,2e-4,1 saved nothing (compared as text with '0.0002'); a --save that names no run is refused before
+    any training."""
+    sweep = ["--layers", "1", "--lrs", "2e-4", "--epochs", "1", "--output-dir", str(tmp_path)]
+    assert minilm_finetune.parse_args([*sweep, "--save", "1,2e-4,1"]).save == (1, 2e-4, 1.0)
+    monkeypatch.setattr(minilm_finetune, "finetune_minilm", _no_work)
+    for save, message in (("2,2e-4,1", "--save 2,2e-4,1 matches no run of the sweep (--layers 1, --lrs 0.0002"),
+                          ("1,2e-4", "--save 1,2e-4 is not LAYERS,LR,EPOCHS")):
+        with pytest.raises(SystemExit) as exit_:
+            minilm_finetune.main([*sweep, "--save", save])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    saved = []
+    trainer = SimpleNamespace(processing_class=None, train_dataset=None, save_model=saved.append)
+    monkeypatch.setattr(minilm_finetune, "minilm_path", lambda: None)
+    monkeypatch.setattr(minilm_finetune, "generate_nli", lambda **kwargs: {"train": None, "hans": None})
+    monkeypatch.setattr(minilm_finetune, "finetune_minilm", lambda *args, **kwargs: trainer)
+    monkeypatch.setattr(minilm_finetune, "tokenize_nli", lambda *args: None)
+    monkeypatch.setattr(minilm_finetune, "evaluate", lambda *args: {"hans_accuracy": 0.5})
+    monkeypatch.setattr(minilm_finetune, "report", lambda table, args: "")
+    minilm_finetune.main([*sweep, "--lrs", "1e-3", "2e-4", "--save", "1,2e-4,1"])
+    assert saved == [str(tmp_path / "model")]  # the 2e-4 run's model, once
 
 
 def test_none_or_zero_flags_reach_every_benchmark():
@@ -132,7 +229,9 @@ def test_device_costs_quick(tmp_path, capsys):
     assert results["influence_arguments"]["influence_batch_size"] == 2
     assert "FastIF parallel (P=4, ideal)" in rows
     assert set(unit["hvp"]) >= {"1x1", "1x8", "2x1", "8x1", "64x1"} and all(v > 0 for v in unit["hvp"].values())
-    assert unit["score"]["1"] > 0 and unit["score_loop"] > 0 and unit["power_iteration"] > 0
+    assert unit["score"]["1"] > 0 and unit["score_loop"] > 0
+    assert set(unit["power_iteration"]) == {"1", "2", "8", "64"}  # the check at each B of the run
+    assert all(v > 0 for v in unit["power_iteration"].values())
     assert rows["original"]["speed-up vs original (hf_fastif kernels)"] == pytest.approx(1.0)
     assert rows["FastIF"]["seconds"] < rows["original"]["seconds"]  # kNN and B = 1 cut the cost at N = 392,702
     assert all(v > 0 for v in results["throughput"].values())
