@@ -95,13 +95,17 @@ class TrunkSplit:
 
     def fingerprint(self, digests: dict[str, str] | None = None) -> str:
         """Content hash of what the trunk states depend on: every parameter and buffer that is not in the top
-        (embeddings and layers ``0 … first-1``), the config and the split point.
+        (embeddings and layers ``0 … first-1``), the config and the split point. A tensor the top shares with a
+        module below it (GPT-2's ``lm_head`` is tied to ``wte``, which the trunk reads) counts: leaving it out kept
+        trunk states of the old embeddings after an in-place edit.
 
         Args:
             digests: `hf_fastif.fingerprint.tensor_digests` of the model, if already computed."""
-        top = {id(t) for layer in self.layers[self.first:] for t in [*layer.parameters(), *layer.buffers()]}
-        for module in self.after:
-            top |= {id(t) for t in [*module.parameters(), *module.buffers()]}
+        top_modules = {id(m) for layer in [*self.layers[self.first:], *self.after] for m in layer.modules()}
+        below = {id(t) for m in self.model.modules() if id(m) not in top_modules
+                 for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+        top = {id(t) for layer in [*self.layers[self.first:], *self.after]
+               for t in [*layer.parameters(), *layer.buffers()]} - below
         named = [(n, t) for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if id(t) not in top]
         if digests is not None:
             named = [(n, digests[n]) for n, _ in named]

@@ -87,6 +87,24 @@ def test_no_split_when_a_selected_parameter_is_used_below_the_top(pad_collator):
     assert split is None and "before" in reason
 
 
+def test_a_weight_the_top_shares_with_the_trunk_keys_the_trunk_states(pad_collator):
+    """GPT-2's lm_head (run after the stack) is tied to wte (read by the trunk): the fingerprint left out every
+    tensor of the top, wte with it, so an engine kept the old embeddings' trunk states after an in-place edit
+    (73% off a fresh engine)."""
+    model, names, batcher, probe = setup("gpt2-lm", [r"transformer\.h\.1\.", r"ln_f\."], pad_collator)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    split, reason = T.find_split(model, names, probe)
+    assert split is not None, reason
+    before, wte = split.fingerprint(), model.transformer.wte.weight.detach().clone()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1.5)
+    assert split.fingerprint() != before
+    with torch.no_grad():  # a top-only weight still does not re-key the trunk states
+        model.transformer.h[1].mlp.c_fc.weight.mul_(1.5)
+        model.transformer.wte.weight.copy_(wte)
+    assert split.fingerprint() == before
+
+
 def _mapped_trunk_files() -> set[str]:
     """The trunk states files this process maps (deleted ones end in " (deleted)")."""
     lines = Path("/proc/self/maps").read_text().splitlines()
