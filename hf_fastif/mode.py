@@ -46,6 +46,11 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)
               and hasattr(m, "enable_input_require_grads") and hasattr(m, "disable_input_require_grads")]
+    # a second enable_input_require_grads (a second Trainer.train() with checkpointing) forgets the hook it had
+    # registered, which disable_input_require_grads then cannot remove: transformers' hook, found by its name
+    tracked = {handle.id for m in hooked for handle in m._require_grads_hooks}
+    orphans = [(m, hook_id, hook) for m in model.modules() for hook_id, hook in list(m._forward_hooks.items())
+               if getattr(hook, "__name__", "") == "make_inputs_require_grads" and hook_id not in tracked]
     autocast = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m) and "_original_forward" in vars(m)}
     # model.compile() compiles in place: every call goes through the compiled graph, which refuses double backward
     compiled = {m: vars(m)["_compiled_call_impl"] for m in model.modules() if vars(m).get("_compiled_call_impl")}
@@ -56,7 +61,7 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
                             "neither double backward nor forward-mode AD); it is switched back afterwards.")
                 model.set_attn_implementation("eager")
-            if checkpointed or hooked:
+            if checkpointed or hooked or orphans:
                 logger.info("Turning gradient checkpointing and its input-gradient hook off for influence "
                             "(torch.func transforms refuse the hook's requires_grad_, and in eval mode checkpointing "
                             "saves nothing); they are turned back on afterwards.")
@@ -64,6 +69,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 m.gradient_checkpointing = False
             for m in hooked:
                 m.disable_input_require_grads()
+            for m, hook_id, _ in orphans:
+                m._forward_hooks.pop(hook_id, None)
             for n, p in model.named_parameters():
                 p.requires_grad_(n in selected)
             if autocast:
@@ -105,6 +112,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
             for m in hooked:
                 if not getattr(m, "_require_grads_hooks", None):
                     m.enable_input_require_grads()
+            for m, hook_id, hook in orphans:  # back as they were: training runs as it did
+                m._forward_hooks.setdefault(hook_id, hook)
             for m in checkpointed:
                 m.gradient_checkpointing = True
             if switched and _attention_implementation(model) != attn:

@@ -215,6 +215,28 @@ def test_gradient_checkpointing_is_switched_off_and_back_on(pad_collator, caplog
     assert seen == [True]
 
 
+def test_input_gradient_hooks_left_by_a_second_enable_are_off_for_influence_too(pad_collator):
+    """Each ``gradient_checkpointing_enable()`` (a second ``Trainer.train()``) calls ``enable_input_require_grads``,
+    which forgets the hook it registered before: ``disable_input_require_grads`` removed only the last, and the
+    forgotten one's ``requires_grad_`` failed inside the scoring's jvp, after s_test had been computed."""
+    model = tiny_model("bert")
+    reference = copy.deepcopy(model)
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()  # the first hook is now orphaned
+
+    def hooks():
+        return [h for h in model.get_input_embeddings()._forward_hooks.values()
+                if getattr(h, "__name__", "") == "make_inputs_require_grads"]
+
+    assert len(hooks()) == 2
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**LISSA)
+    table = compute_influences(model, train, test, args, data_collator=pad_collator)
+    expected = compute_influences(reference, train, test, args, data_collator=pad_collator)
+    np.testing.assert_allclose(influence_values(table), influence_values(expected), rtol=1e-10, atol=1e-14)
+    assert len(hooks()) == 2  # put back as they were: training goes on as before
+
+
 def test_a_compiled_model_is_explained_by_its_eager_forward(pad_collator, tmp_path):
     """``torch.compile(model)``: its wrapper's forward names no input, so every column was dropped ("You must
     specify exactly one of input_ids or inputs_embeds"); ``model.compile()``: every forward went through the
