@@ -51,7 +51,7 @@ from .fingerprint import dataset_fingerprint
 from .influence import default_arguments
 from .params import num_parameters, select_parameters
 from .table import METADATA_FILE, InfluenceTable, InfluenceTableError, read_metadata
-from .table.format import label_id, label_text
+from .table.format import candidate_pool, label_id, label_text
 from .utils import Timer, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
@@ -569,16 +569,18 @@ class SpaceState:
         return f"#{row.test_id} {mark}{tag}{text}".strip()
 
     def _test(self, test_id) -> pd.Series:
-        test_id = check_int(test_id, "test example", 0, None)
+        test_id = check_test_id(test_id)
         found = self.tests[self.tests["test_id"] == test_id]
         if found.empty:
             raise ValueError(f"Test example {test_id} is not in this table; choose one from the list.")
         return found.iloc[0]
 
     def describe(self, test_id) -> str:
-        """Markdown: the pair, gold label and the model's prediction."""
+        """Markdown: the pair, gold label and the model's prediction, after what the lists mean where their headings
+        do not say it (`InfluenceTable.caveats`)."""
         row = self._test(test_id)
-        lines = [f"### Test example #{int(row.test_id)}"]
+        test_id = int(row.test_id)
+        lines = [f"### Test example #{test_id}", *(f"⚠️ {note}" for note in self.table.caveats(test_id))]
         if "premise" in row:
             lines += [f"**Premise:** {row.premise}", f"**Hypothesis:** {row.hypothesis}"]
         if "heuristic" in row:
@@ -621,6 +623,22 @@ class SpaceState:
         return influence_histogram(self.table.for_test(test_id)["influence"].to_numpy(), n,
                                    f"test #{test_id}")
 
+    def plots(self, test_id, n, heuristic: str = ALL, correctness: str = ALL,
+              render: Callable[[Figure], object] = lambda figure: figure) -> tuple[object, object, list[str]]:
+        """``(distribution, graph, notes)`` of one test example, each figure passed through ``render`` (the page's
+        conversion to an image, so that its failures are caught here too); a plot that cannot be drawn is None with a
+        note saying so, and never takes the rows with it (one inf influence made /show fail and hid every row)."""
+        out, notes = [], []
+        for name, draw in (("influence histogram", lambda: self.distribution(test_id, n)),
+                           ("influence graph", lambda: self.graph(test_id, heuristic, correctness))):
+            try:
+                out.append(render(draw()))
+            except Exception as err:  # (input errors were raised by `rows` before any plot is drawn)
+                logger.exception(f"The {name} of test example {test_id!r} could not be drawn")
+                out.append(None)
+                notes.append(f"The {name} could not be drawn ({type(err).__name__}: {err}); the rows are complete.")
+        return out[0], out[1], notes
+
     def graph(self, test_id, heuristic: str = ALL, correctness: str = ALL, n: int = 3):
         """The influence graph: the chosen test example and a few others matching the filters, each linked to
         its n most helpful (green) and harmful (red) training rows; shared training rows join test examples."""
@@ -638,7 +656,10 @@ class SpaceState:
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
         ax = fig.add_subplot()
         ax.set_axis_off()
-        pos = nx.spring_layout(g, seed=0, k=0.9)
+        with np.errstate(over="ignore", invalid="ignore"):
+            pos = nx.spring_layout(g, seed=0, k=0.9)
+            if not all(np.isfinite(p).all() for p in pos.values()):  # an inf (or ±1e308) influence as an edge's
+                pos = nx.spring_layout(g, seed=0, k=0.9, weight=None)  # weight: every position NaN, an empty graph
         tests = [v for v, d in g.nodes(data=True) if d["kind"] == "test"]
         train = [v for v, d in g.nodes(data=True) if d["kind"] == "train"]
         nx.draw_networkx_nodes(g, pos, nodelist=train, node_size=60, node_color="#9aa5b1", ax=ax)
@@ -676,29 +697,41 @@ class SpaceState:
 
 def influence_histogram(values: np.ndarray, n: int, title: str):
     """Histogram of candidate influences with the n most helpful (negative) and n most harmful (positive) marked
-    (only values of that sign: when there are none, the legend says so), and the count of distinct values."""
-    values = np.sort(values[~np.isnan(values)])
+    (only values of that sign: when there are none, the legend says so), and the count of distinct values. Only
+    finite values are plotted (a table keeps an inf that flags an overflow, and matplotlib refused the whole plot);
+    the title says how many were left out. Values whose range overflows a float (±1e308) are plotted in units of
+    the largest magnitude, which the axis names."""
+    values = np.asarray(values, dtype=float)
+    left_out = int((~np.isfinite(values)).sum())
+    values = np.sort(values[np.isfinite(values)])
     negative, positive = values[values < 0], values[values > 0]
+    unit = 1.0
+    with np.errstate(over="ignore"):
+        if len(values) and not np.isfinite(values[-1] - values[0]):  # bins and axis limits would be inf
+            unit = float(np.abs(values).max())
     fig = Figure(figsize=(6.4, 3.2), layout="constrained")
     ax = fig.add_subplot()
-    ax.hist(values, bins=min(60, max(10, len(values) // 4)), color="#9aa5b1")
+    ax.hist(values / unit, bins=min(60, max(10, len(values) // 4)), color="#9aa5b1")
     if len(negative):
         shown = min(n, len(negative))
-        ax.axvspan(negative[0], negative[shown - 1], color="#2e9e5b", alpha=0.25,
+        ax.axvspan(negative[0] / unit, negative[shown - 1] / unit, color="#2e9e5b", alpha=0.25,
                    label=f"{shown} most helpful (of {len(negative)} < 0)")
     else:
         ax.plot([], [], " ", label="no helpful candidate (none < 0)")
     if len(positive):
         shown = min(n, len(positive))
-        ax.axvspan(positive[-shown], positive[-1], color="#d64545", alpha=0.25,
+        ax.axvspan(positive[-shown] / unit, positive[-1] / unit, color="#d64545", alpha=0.25,
                    label=f"{shown} most harmful (of {len(positive)} > 0)")
     else:
         ax.plot([], [], " ", label="no harmful candidate (none > 0)")
     ax.legend(loc="upper right", fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("influence  (negative = helpful, positive = harmful)")
+    ax.set_xlabel("influence" + (f" (in units of {unit:.3e})" if unit != 1.0 else "")
+                  + "  (negative = helpful, positive = harmful)")
     ax.set_ylabel("training rows")
-    ax.set_title(f"Influence of {len(values)} candidates on {title} ({len(np.unique(values))} distinct values)",
+    of = f"{len(values)} of the {len(values) + left_out}" if left_out else f"{len(values)}"
+    skipped = f"; {left_out} not finite (NaN or ±inf), left out" if left_out else ""
+    ax.set_title(f"Influence of {of} candidates on {title} ({len(np.unique(values))} distinct values{skipped})",
                  fontsize=10)
     return fig
 
@@ -873,9 +906,21 @@ def load_state(source: str | None = None, *, revision: str | None = None, model:
 
 
 def live_rows_notice(table: InfluenceTable, live_rows: int) -> str | None:
-    """A notice when live explanations run over fewer training rows than the table was computed over (a table
-    carries the text of the rows it scored, its candidates, and at most `MAX_TRAIN_ROWS` are used), else None."""
-    total = (table.metadata.get("train_data") or {}).get("num_rows")
+    """A notice when live explanations run over other training rows than the table was computed over, else None: a
+    table carries the text of the rows it scored (its candidates, of which at most `MAX_TRAIN_ROWS` are used), and
+    those are the live engine's Hessian data and candidates. For a table that scored a candidate pool
+    (`candidate_pool`) they are the pool's rows, not the training rows of its Hessian, which it does not carry: its
+    live values differ from the table's whatever the counts (about 9% on a tiny BERT, with another third row)."""
+    md = table.metadata
+    if candidate_pool(md):
+        pool, train = ((md.get(key) or {}).get("num_rows") for key in ("candidate_data", "train_data"))
+        rows = (f"{live_rows:,} of its {pool:,} pool rows" if isinstance(pool, int) and live_rows < pool else
+                f"its {live_rows:,} pool rows")
+        hessian = f"the {train:,} training rows" if isinstance(train, int) else "the training rows"
+        return (f"This table scored a candidate pool with the Hessian of {hessian} it was computed over, which it does "
+                f"not carry: live explanations use {rows} as their Hessian data as well as their candidates, so their "
+                "values differ from the table's, and they can rank other rows, even for a typed copy of a table row.")
+    total = (md.get("train_data") or {}).get("num_rows")
     if not isinstance(total, int) or live_rows >= total:
         return None
     return (f"Live explanations use {live_rows:,} of the {total:,} training rows this table was computed over (the "
@@ -922,7 +967,8 @@ def _engine_dir(table: InfluenceTable, train: Dataset) -> Path:
 
 def _train_from_table(table: InfluenceTable) -> Dataset:
     """The training rows a table carries as text (``train_premise`` ...), as a dataset, at most
-    `MAX_TRAIN_ROWS` of them: the candidates and Hessian data for live explanations."""
+    `MAX_TRAIN_ROWS` of them: the candidates and Hessian data for live explanations. A table of a candidate pool
+    carries the pool's rows, not its Hessian's (`live_rows_notice` says so on the page)."""
     needed = ["train_id", "train_premise", "train_hypothesis", "train_label"]
     if any(c not in table.column_names for c in needed):
         raise InfluenceTableError("live explanations need a table that carries the training text (train_premise, "
@@ -1085,6 +1131,21 @@ def check_text(text, name: str) -> str:
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"The {name} has {len(text)} characters; at most {MAX_TEXT_CHARS} are allowed.")
     return text
+
+
+def check_test_id(value) -> int:
+    """A test id as the exact whole number it is, or a ValueError saying what to choose: any id a table can hold
+    (int64: negative ids too, and ids past 2**53, which `check_int` rounded through float to a neighbour)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():  # a JSON client's 3.0
+        return int(value)
+    raise ValueError(f"Choose a test example (a test id, a whole number), got {value!r}.")
 
 
 def check_int(value, name: str, low: int, high: int | None) -> int:

@@ -68,8 +68,8 @@ def ui(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, KeyError) as err:
-            raise gr.Error(str(err.args[0] if err.args else err)) from None
+        except (ValueError, KeyError) as err:  # (a visitor's input: no traceback in the log either)
+            raise gr.Error(str(err.args[0] if err.args else err), print_exception=False) from None
         except Exception as err:
             logger.error(f"{fn.__name__} failed: {type(err).__name__}: {err}")
             raise gr.Error(f"Something went wrong ({type(err).__name__}); try another input.") from None
@@ -125,8 +125,11 @@ def create_demo(startup: Startup) -> gr.Blocks:
         helpful, harmful = state.rows(test_id, n)
         counts = state.counts(test_id)
         helpful_note, harmful_note = list_notes(counts, int(n))
-        return (state.describe(test_id) + "\n\n" + counts_note(counts, state.table.candidates_note()), helpful_note, helpful, harmful_note, harmful,
-                state.distribution(test_id, n), state.graph(test_id, heuristic, correctness))
+        # a plot that fails (one inf influence did) leaves the rows shown, with a note: rendered here, inside the check
+        histogram, links, notes = state.plots(test_id, n, heuristic, correctness, render=distribution.postprocess)
+        text = "\n\n".join([state.describe(test_id), counts_note(counts, state.table.candidates_note()),
+                             *(f"⚠️ {note}" for note in notes)])
+        return text, helpful_note, helpful, harmful_note, harmful, histogram, links
 
     @ui
     def explain(premise, hypothesis, label, k, n):
@@ -134,6 +137,9 @@ def create_demo(startup: Startup) -> gr.Blocks:
         if state.explainer is None:
             raise gr.Error("Live explanations are off for this table: " + (" ".join(state.notices) or
                                                                            "it was loaded without its model."))
+        if k is None:  # (an API call: the slider always sends a number; None would mean the default to `explain`)
+            raise ValueError(f"Choose the number of candidates k, a whole number from 1 to "
+                             f"{state.explainer.max_candidates}.")
         found = state.explainer.explain(premise, hypothesis, label, k, n)
         helpful_note, harmful_note = list_notes(found.counts, found.n)
         return (found.prediction, explanation_summary(found), helpful_note, state.display(found.helpful),
@@ -188,17 +194,20 @@ def create_demo(startup: Startup) -> gr.Blocks:
         shown = [description, helpful_note, helpful, harmful_note, harmful, distribution, graph]
         filters = [heuristic, correctness]
         light = dict(concurrency_limit=None)  # table reads: never queued behind a live computation
+        # the functions check their inputs themselves: Gradio's own checks (a slider's) raised outside `ui` on an API
+        # call's None, a generic error with a traceback in the log instead of a message
+        raw = dict(preprocess=False)
         timer.tick(poll, None, polled, api_visibility="private", **light)
         demo.load(poll, None, polled, api_visibility="private", **light)
         gr.api(status, api_name="status", **light)
         heuristic.change(filter_tests, filters, test, api_visibility="private", **light)
         correctness.change(filter_tests, filters, test, api_name="filter", **light)
-        test.change(show, [test, n, heuristic, correctness], shown, api_name="show", **light)
-        n.release(show, [test, n, heuristic, correctness], shown, api_visibility="private", **light)
+        test.change(show, [test, n, heuristic, correctness], shown, api_name="show", **light, **raw)
+        n.release(show, [test, n, heuristic, correctness], shown, api_visibility="private", **light, **raw)
         # one live computation at a time (the queue's default_concurrency_limit=1): others see their position
         run.click(explain, [premise, hypothesis, gold, k, n_own],
                   [prediction, own_summary, own_helpful_note, own_helpful, own_harmful_note, own_harmful],
-                  api_name="explain")
+                  api_name="explain", **raw)
     return demo
 
 

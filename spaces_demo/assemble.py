@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -95,11 +96,33 @@ def check_build(build: str | None) -> Path | None:
     return folder
 
 
+def build_kind(folder: Path) -> str:
+    """The embedded model a finished default build is of, as its ``ready.json`` records it: app.py looks for the build
+    in ``space_cache/<kind>`` whatever the folder was called (a build in a folder of another name was bundled where
+    the app never looks, and the Space built it again, fine-tuning MiniLM, on its first start). A build the Space
+    would not reuse (one made with other settings, e.g. by ``hf-fastif build``) is refused with what to do."""
+    try:
+        config = json.loads((folder / "ready.json").read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{folder / 'ready.json'} cannot be read ({err}); build the default again.") from None
+    kind = config.get("kind")
+    if not isinstance(kind, str) or not kind or not config.get("live_engine"):
+        what = ("records no embedded model (kind)" if not isinstance(kind, str) or not kind else
+                "records a build with other settings than the Space's (e.g. by hf-fastif build), which it would not "
+                "reuse")
+        raise ValueError(f"{folder} is not a default build the Space can use: its ready.json {what}. Start the app "
+                         "once (it builds into $HF_FASTIF_SPACE_CACHE/<kind>) or run hf_fastif.space.build_default "
+                         "with args=None (the Space's settings), then pass that folder.")
+    return kind
+
+
 def assemble(out: str | Path, *, space_id: str | None = None, with_default: str | Path | None = None,
              overwrite: bool = False) -> Path:
     """Write the Space folder ``out``: app.py, README.md (the card), the hf_fastif wheel, requirements.txt and,
-    with ``with_default``, that built default (table, model, engine caches) under ``space_cache/<kind>``."""
+    with ``with_default``, that built default (table, model, engine caches) under ``space_cache/<kind>``, the kind
+    its ``ready.json`` records (`build_kind`), where app.py looks for it."""
     space_id, build = check_space_id(space_id), check_build(None if with_default is None else str(with_default))
+    kind = build_kind(build) if build is not None else None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -111,7 +134,6 @@ def assemble(out: str | Path, *, space_id: str | None = None, with_default: str 
     wheel = build_wheel(out)
     (out / "requirements.txt").write_text(requirements(wheel.name, space_id))
     if build is not None:
-        kind = build.name
         shutil.copytree(build, out / BUNDLED_CACHE / kind)
     return out
 
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     print(f"Space folder {out}: {len(files)} files ({', '.join(files[:6])}{', ...' if len(files) > 6 else ''})")
+    for kind in (sorted(p.name for p in (out / BUNDLED_CACHE).iterdir()) if (out / BUNDLED_CACHE).is_dir() else []):
+        print(f"The default build is bundled as {BUNDLED_CACHE}/{kind}: app.py uses it for --embedded_model {kind} "
+              "(HF_FASTIF_EMBEDDED_MODEL; the default is minilm).")
     if args.space_id is None:
         print("requirements.txt names the wheel by its path in the folder (pip install -r requirements.txt run inside "
               "it); for a Space on the Hub assemble with --space-id user/name (its builder installs requirements.txt "

@@ -427,6 +427,53 @@ def test_a_writer_that_fails_at_its_card_keeps_the_previous_table(tmp_path, monk
     assert len(table) == 3 and table.metadata["model"]["name_or_path"] == "bert"
 
 
+def test_a_writer_refuses_bad_metadata_before_any_row_is_written(tmp_path):
+    """Metadata that close() refuses ({"model": "<name>"}) was accepted by the writer: every row was written (hours of
+    compute_influences output), then close() raised, discarded them all, and a second close() said the writer was
+    closed. It is refused when the writer is made, and a close(metadata) it refuses keeps the rows."""
+    with pytest.raises(ValueError, match=r"metadata\['model'\] must be a dict"):
+        InfluenceTableWriter(tmp_path / "t", {"model": "bert-base-uncased"})
+    with pytest.raises(ValueError, match=r"metadata\['settings'\] must be a dict"):
+        InfluenceTableWriter(tmp_path / "t", {"settings": ["cg"]})
+    writer = InfluenceTableWriter(tmp_path / "t", {"model": {"name_or_path": "bert-base-uncased"}})
+    writer.write({"test_id": [0, 0, 1], "train_id": [0, 1, 0], "influence": [0.5, -0.5, 1.0]})
+    with pytest.raises(ValueError, match=r"metadata\['train_data'\] must be a dict.*The rows written are kept: call "
+                                         r"close\(\) again with the metadata fixed"):
+        writer.close({"train_data": "mnli"})
+    table = writer.close({"train_data": {"name": "mnli"}})
+    assert len(table) == 3 and table.metadata["train_data"] == {"name": "mnli"}
+
+
+def test_the_card_of_a_pool_or_mean_table_says_what_its_ids_index():
+    """A table that scored a candidate pool said its train_id was a "row of the training data" (the rows whose
+    Hessian it used, not the rows scored); a combine='mean' table's one test_id was a "row of the test data"."""
+    from hf_fastif.table import dataset_card
+
+    train, test = {"name": "mnli", "fingerprint": "95f1", "num_rows": 100}, {"name": "hans", "num_rows": 6}
+    pool = {"train_data": train, "test_data": test, "candidate_data": {"name": "pool", "fingerprint": "411c",
+                                                                         "num_rows": 200}}
+    card = str(dataset_card(pool, 12))
+    assert "`train_id` (row of the candidate pool: the rows scored, not the training data " \
+        "whose Hessian they were scored with)" in card and "row of the training data" not in card
+    assert "- Candidate pool: pool (split None, fingerprint `411c`, 200 rows): the rows scored, which `train_id` " \
+        "indexes" in card and "100 rows): the rows of the Hessian, not the rows scored" in card
+    assert "candidate_fingerprint: 411c" in card  # (the YAML the Hub indexes)
+    plain = {"train_data": train, "test_data": test, "candidate_data": dict(train)}
+    card = str(dataset_card(plain, 12))
+    assert "`test_id` (row of the test data), `train_id` (row of the training data)" \
+        in card and "Candidate pool" not in card and "candidate_fingerprint" not in card
+    assert "`test_id` (0: the mean over the 6 rows of the test data, combine='mean')" in str(dataset_card(
+        plain | {"combine": "mean"}, 2))
+    from hf_fastif.table.format import candidate_pool
+
+    assert candidate_pool(pool) and not candidate_pool(plain) and not candidate_pool({"train_data": train})
+    # the rows' sha256 decides where both record it: two draws of a random map share a datasets fingerprint, and
+    # the same rows selected again get another
+    same_fp = {"train_data": train | {"sha256": "aa"}, "candidate_data": train | {"sha256": "bb"}}
+    other_fp = {"train_data": train | {"sha256": "aa"}, "candidate_data": train | {"fingerprint": "ff", "sha256": "aa"}}
+    assert candidate_pool(same_fp) and not candidate_pool(other_fp)
+
+
 def test_writers_of_one_folder_keep_each_others_shards(tmp_path):
     """Two writers of one folder (every process of a launch saving its copy of the table): the first to close
     deleted the other's partial shards, whose save then failed; a crashed writer's partial shard (its process gone)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..utils import markdown_table
-from .format import DATA_DIR, DEFAULT_LICENSE, REQUIRED_COLUMNS
+from .format import DATA_DIR, DEFAULT_LICENSE, REQUIRED_COLUMNS, candidate_pool
 
 
 def size_category(rows: int) -> str:
@@ -28,10 +28,13 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
     model = metadata.get("model") or {}
     name = model.get("name_or_path") or "unknown"
     train, test = metadata.get("train_data") or {}, metadata.get("test_data") or {}
+    pool = (metadata.get("candidate_data") or {}) if candidate_pool(metadata) else None
     influence = {
         "model": name, "model_revision": model.get("revision"),
         "train_data": train.get("name"), "train_split": train.get("split"), "train_fingerprint": train.get("fingerprint"),
         "test_data": test.get("name"), "test_split": test.get("split"), "test_fingerprint": test.get("fingerprint"),
+        **({"candidate_data": pool.get("name"), "candidate_split": pool.get("split"),
+            "candidate_fingerprint": pool.get("fingerprint")} if pool is not None else {}),
         "combine": metadata.get("combine"), "lambda": metadata.get("lambda"),
         "settings": settings, "library_version": metadata.get("library_version"),
         "schema_version": metadata.get("schema_version"), "created_at": metadata.get("created_at"),
@@ -55,6 +58,13 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
                 "(upweighting the training row lowers the test loss), positive is harmful.")
     if isinstance(loss, dict):
         sign += f" L is the loss `{loss.get('name')}`."
+    # a pool table's train_id is a row of the pool, not of the training data (it was called that, and the training
+    # data's row count did not match it); a combine="mean" table's one test_id is the mean over every test row
+    train_id = ("row of the candidate pool: the rows scored, not the training data whose Hessian they were scored "
+                "with" if pool is not None else "row of the training data")
+    test_rows = f"{test['num_rows']:,} " if isinstance(test.get("num_rows"), int) else ""
+    test_id = (f"0: the mean over the {test_rows}rows of the test data, combine='mean'"
+               if metadata.get("combine") == "mean" else "row of the test data")
     body = [
         f"# Influence table of `{name}`",
         "",
@@ -62,8 +72,8 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
         "influence functions (Koh & Liang, 2017) made fast with FastIF (Guo et al., 2021: kNN candidates, "
         f"fast inverse-Hessian-vector products), computed with `hf_fastif` {metadata.get('library_version', '')}.",
         "",
-        f"- Rows: {rows}. Columns: `test_id` (row of the test data), `train_id` (row of the training data), "
-        "`influence`" + (f", and {', '.join(f'`{c}`' for c in extra)}" if extra else "") + ".",
+        f"- Rows: {rows}. Columns: `test_id` ({test_id}), `train_id` ({train_id}), `influence`"
+        + (f", and {', '.join(f'`{c}`' for c in extra)}" if extra else "") + ".",
         sign,
         "",
         "## How it was made",
@@ -71,7 +81,11 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
         f"- Model: `{name}`" + (f" (revision `{model['revision']}`)" if model.get("revision") else "")
         + (f", {model['num_parameters']:,} parameters" if isinstance(model.get("num_parameters"), int) else ""),
         f"- Training data: {train.get('name') or 'unnamed'} (split {train.get('split')}, fingerprint "
-        f"`{train.get('fingerprint')}`, {train.get('num_rows')} rows)",
+        f"`{train.get('fingerprint')}`, {train.get('num_rows')} rows)"
+        + (": the rows of the Hessian, not the rows scored" if pool is not None else ""),
+        *([f"- Candidate pool: {pool.get('name') or 'unnamed'} (split {pool.get('split')}, fingerprint "
+           f"`{pool.get('fingerprint')}`, {pool.get('num_rows')} rows): the rows scored, which `train_id` indexes"]
+          if pool is not None else []),
         f"- Test data: {test.get('name') or 'unnamed'} (split {test.get('split')}, fingerprint "
         f"`{test.get('fingerprint')}`, {test.get('num_rows')} rows)",
         f"- λ = damping × scale = {metadata.get('lambda')}; created {metadata.get('created_at')}",

@@ -77,3 +77,18 @@ def normalized_schema(schema: pa.Schema) -> pa.Schema:
     fixed = {"test_id": pa.int64(), "train_id": pa.int64(), "influence": pa.float64()}
     return pa.schema([pa.field(f.name, fixed.get(f.name, f.type)) for f in schema])
 
+
+
+def candidate_pool(metadata: dict) -> bool:
+    """Whether a table scored a candidate pool (``compute_influences(..., candidate_dataset=pool)``, as augmentation
+    does): rows other than the training rows whose Hessian (and, for kNN, index) it used, so its ``train_id`` indexes
+    the pool. Told by the metadata's ``candidate_data`` differing from its ``train_data`` in row count or in the
+    rows' ``sha256`` (recorded since the engine's caches are keyed on it: two draws of a random ``map`` share a
+    datasets fingerprint), else, in tables written before, in datasets fingerprint; False when neither is recorded
+    (a table written by hand)."""
+    train, candidates = metadata.get("train_data"), metadata.get("candidate_data")
+    if not isinstance(train, dict) or not isinstance(candidates, dict):
+        return False
+    content = "sha256" if train.get("sha256") is not None and candidates.get("sha256") is not None else "fingerprint"
+    return any(train.get(key) is not None and candidates.get(key) is not None and train[key] != candidates[key]
+               for key in ("num_rows", content))

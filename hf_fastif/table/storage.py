@@ -433,7 +433,7 @@ class InfluenceTableWriter:
 
     Args:
         directory: the table folder (old shards there are replaced at ``close()``).
-        metadata: how the table was made (can also be given to ``close``).
+        metadata: how the table was made (can also be given to ``close``); checked now, before any row is written.
         shard_rows / row_group_rows: rows per parquet file / per row group (the unit a query reads).
         schema: the Arrow schema of the rows (default: that of the first rows written).
     """
@@ -445,7 +445,8 @@ class InfluenceTableWriter:
             raise ValueError(f"shard_rows and row_group_rows must be >= 1, got {shard_rows} and {row_group_rows}.")
         self.directory = Path(directory)
         self.metadata = dict(metadata or {})
-        _refuse_storage_key(self.metadata)  # (before any row is computed, not at close)
+        # (before any row is computed, not at close: metadata refused there discarded every row written)
+        _check_metadata(complete_metadata(self.metadata))
         self.shard_rows, self.row_group_rows = shard_rows, min(row_group_rows, shard_rows)
         self.license, self.repo_id = license, repo_id
         self.schema = normalized_schema(schema) if schema is not None else None
@@ -523,10 +524,15 @@ class InfluenceTableWriter:
     def close(self, metadata: dict | None = None) -> InfluenceTable:
         """Finish the shards, then write the card and (last, so a folder with it is complete) the metadata. Any
         error on the way (a full disk while the last rows are flushed) discards the partial shards, as `abort`
-        does, and is raised; only metadata with a reserved key is refused keeping the rows, to be closed again."""
+        does, and is raised; metadata it refuses (a reserved key, an entry that must be a dict) keeps the rows, to be
+        closed again."""
         if self._closed:
             raise ValueError("This InfluenceTableWriter is closed.")
         _refuse_storage_key(metadata or {}, " The rows written are kept: call close() again without it.")
+        try:
+            _check_metadata(complete_metadata(self.metadata | (metadata or {})))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} The rows written are kept: call close() again with the metadata fixed.") from None
         try:
             return self._finish(metadata)
         except BaseException:

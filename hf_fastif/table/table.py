@@ -187,6 +187,24 @@ class InfluenceTable:
         order = np.r_[np.arange(len(values) - nan - 1, -1, -1), np.arange(len(values) - nan, len(values))]
         return rows.take(order[: _count(n)]).to_pandas()
 
+    def caveats(self, test_id: int = 0) -> list[str]:
+        """What a test id's helpful / harmful lists mean beyond their headings, as sentences for anything that
+        shows them (`hf-fastif show`, the Space): influence on a ``measurement_fn`` (the signs are the
+        measurement's: for a score such as a logit, 'harmful' reads as helpful) and the one test id of a
+        ``combine="mean"`` table (the mean of every test row, not one of them)."""
+        md = self.metadata
+        measurement = (md.get("functions") or {}).get("measurement_fn") or {}
+        notes = []
+        if measurement:  # helpful / harmful read the other way for a score, where higher is better
+            notes.append(f"Influence here is on the measurement {measurement.get('name')!r} (a measurement_fn), not "
+                         "on the test loss: negative influence lowers it, so 'helpful' rows are helpful only if a "
+                         "lower value is better (for a score such as a logit, read 'harmful' as helpful).")
+        if md.get("combine") == "mean":
+            rows = (md.get("test_data") or {}).get("num_rows")
+            of = f"{rows:,} test rows'" if isinstance(rows, int) else "test rows'"
+            notes.append(f"Test {test_id} is the mean of the {of} measurements (combine='mean'), not one test row.")
+        return notes
+
     def candidates_note(self) -> str | None:
         """How the candidates of each test id were chosen, when they are a subset of the training rows, as a sentence
         for anything that shows `describe`'s counts (None when every row was scored): with gradient-space

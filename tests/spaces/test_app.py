@@ -173,11 +173,16 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(app) -> None:
         (("\u200b\u200b", ok, "entailment", 50, 3), "knows no word of the premise"),  # the tiny vocabulary's [UNK]
         ((ok, "Quantum chromodynamics.", "entailment", 50, 3), "knows no word of the hypothesis"),
         ((ok, ok, "maybe", 50, 3), "Choose the gold label of the pair"),
-        ((ok, ok, "entailment", 5000, 3), "greater than maximum value 500"),  # the slider's own bound
+        ((ok, ok, "entailment", 5000, 3), "number of candidates must be between 1 and 500, got 5000"),
+        # an API call's None failed in the slider's own preprocessing: Gradio's generic error and a traceback
+        ((ok, ok, "entailment", None, 3), "Choose the number of candidates k, a whole number from 1 to 500"),
+        ((ok, ok, "entailment", 50, None), "Choose a number of rows"),
     ]
     for arguments, message in cases:
         with pytest.raises(AppError, match=message):
             client.predict(*arguments, api_name="/explain")
+    with pytest.raises(AppError, match="Choose a number of rows"):
+        client.predict(int(startup.state.tests.test_id.iloc[0]), None, "all", "all", api_name="/show")
     with pytest.raises(ValueError, match="number of candidates must be between 1 and 500, got 501"):
         startup.state.explainer.explain(ok, ok, 0, 501, 3)  # the library's bound, behind the slider's
     # unknown words are named, not read silently
@@ -564,6 +569,164 @@ def test_honest_lists_ties_and_degenerate_distributions() -> None:
     assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == [
         "1 most helpful (of 1 < 0)", "1 most harmful (of 2 > 0)"]
     assert "(3 distinct values)" in figure.axes[0].get_title()
+
+
+def test_non_finite_influence_is_left_out_of_the_plot_and_a_failing_plot_keeps_the_rows(monkeypatch) -> None:
+    """One inf influence (kept in tables by design: it flags an overflow), or values of ±1e308 whose range overflows,
+    made matplotlib refuse the histogram ("supplied range of [-2.0, inf] is not finite"), and /show failed with it,
+    hiding every row of that test example."""
+    import io
+
+    import hf_fastif.space as space
+    from hf_fastif import InfluenceTable
+
+    cases = {0: [-2.0, -1.0, 0.5, np.inf], 1: [-2.0, -1.0, 0.5, 0.7], 2: [-1e308, -1.0, 0.5, 1e308],
+             3: [np.nan, -np.inf, 0.5, 1.0]}
+    table = InfluenceTable.from_arrays(np.repeat(list(cases), 4), np.tile(np.arange(4), 4),
+                                       np.concatenate(list(cases.values())))
+    state = space.SpaceState.from_table(table, "hand-made")
+    for test_id, values in cases.items():
+        figure = state.distribution(test_id, 5)
+        figure.savefig(io.BytesIO(), format="png")  # what the page does with it
+        title, left_out = figure.axes[0].get_title(), int((~np.isfinite(values)).sum())
+        assert ("of the 4 candidates" in title and f"{left_out} not finite (NaN or ±inf), left out" in title
+                if left_out else "Influence of 4 candidates" in title)
+    assert "in units of 1.000e+308" in state.distribution(2, 5).axes[0].get_xlabel()
+    for test_id in (0, 2, 3):  # the graph's layout weighs edges by |influence|: inf made every node's position NaN
+        nodes = state.graph(test_id).axes[0].collections[0].get_offsets()
+        assert len(nodes) and np.isfinite(np.asarray(nodes, dtype=float)).all()
+    histogram, graph, notes = state.plots(0, 5)
+    assert histogram is not None and graph is not None and notes == []
+
+    def broken(*args, **kwargs):
+        raise ValueError("supplied range of [-2.0, inf] is not finite")
+
+    monkeypatch.setattr(space, "influence_histogram", broken)  # any plot that fails: the rows are still shown
+    histogram, graph, notes = state.plots(0, 5)
+    assert histogram is None and graph is not None and len(state.rows(0, 5)[0]) == 2
+    assert notes == ["The influence histogram could not be drawn (ValueError: supplied range of [-2.0, inf] is not "
+                     "finite); the rows are complete."]
+    monkeypatch.undo()
+
+    def unrenderable(figure):  # the page's conversion to an image fails too: caught the same way
+        raise OverflowError("cannot convert float infinity to integer")
+
+    histogram, graph, notes = state.plots(1, 5, render=unrenderable)
+    assert histogram is None and graph is None and len(notes) == 2 and "influence graph could not" in notes[1]
+
+
+def test_any_test_id_the_table_holds_is_shown_exactly() -> None:
+    """Test ids went through float (``check_int``) with a lower bound of 0: a table's negative ids were refused, and
+    2**53 + 1 was read as 2**53, "not in this table"."""
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import SpaceState
+
+    ids = [-1, 7, 2**53 + 1]
+    table = InfluenceTable.from_arrays(np.repeat(ids, 3), np.tile([0, 1, 2], 3), [-1.0, 0.5, 2.0] * 3,
+                                       test_premise=["p"] * 9, test_hypothesis=["h"] * 9)
+    state = SpaceState.from_table(table, "hand-made")
+    assert [t for _, t in state.choices()] == ids
+    for test_id in ids:
+        helpful, harmful = state.rows(test_id, 3)
+        assert helpful.train_id.tolist() == [0] and harmful.train_id.tolist() == [2, 1]
+        assert state.describe(test_id).startswith(f"### Test example #{test_id}\n")
+        assert state.counts(test_id)["test_id"] == test_id and state.distribution(test_id, 3) is not None
+    from hf_fastif.space import check_test_id
+
+    assert check_test_id("-1") == -1 and check_test_id(7.0) == 7 and check_test_id(np.int64(2**53 + 1)) == 2**53 + 1
+    with pytest.raises(ValueError, match="Test example 9007199254740992 is not in this table"):
+        state.rows(2**53, 3)
+    for bad in (None, 1.5, "seven", True):
+        with pytest.raises(ValueError, match="Choose a test example"):
+            state.rows(bad, 3)
+
+
+def test_measurement_and_mean_tables_say_what_their_lists_mean(tmp_path) -> None:
+    """`hf-fastif show` says that a measurement_fn table's signs are the measurement's and that a combine='mean'
+    table's test is the mean of its test rows; the Space showed the usual headings without a word (its notice about
+    a measurement_fn came only with live explanations, and spoke of those)."""
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import load_state
+
+    measured = {"functions": {"loss_fn": None, "measurement_fn": {"name": "logit_of_label", "module": "mine",
+                                                                  "fingerprint": "x"}}}
+    InfluenceTable.from_arrays([0, 0, 0], [0, 1, 2], [-0.9, 0.2, 0.5], measured, test_premise=["The judge slept."] * 3,
+                               test_hypothesis=["The judge was asleep."] * 3).save(tmp_path / "measured")
+    mean = {"combine": "mean", "test_data": {"num_rows": 6}}
+    InfluenceTable.from_arrays([0, 0], [0, 1], [-0.3, 0.2], mean).save(tmp_path / "mean")
+    InfluenceTable.from_arrays([0, 0], [0, 1], [-0.3, 0.2], {"combine": "none"}).save(tmp_path / "plain")
+    measurement = ("⚠️ Influence here is on the measurement 'logit_of_label' (a measurement_fn), not on the test loss: "
+                   "negative influence lowers it, so 'helpful' rows are helpful only if a lower value is better (for a "
+                   "score such as a logit, read 'harmful' as helpful).")
+    described = load_state(str(tmp_path / "measured")).describe(0)  # no model: the table's caveat all the same
+    assert measurement in described and "**Premise:** The judge slept." in described
+    described = load_state(str(tmp_path / "mean")).describe(0)
+    assert "⚠️ Test 0 is the mean of the 6 test rows' measurements (combine='mean'), not one test row." \
+        in described and measurement not in described
+    assert "⚠️" not in load_state(str(tmp_path / "plain")).describe(0)
+
+
+def test_a_pool_table_says_its_live_explanations_use_other_hessian_rows() -> None:
+    """A table that scored a candidate pool carries the pool's text, which the live engine takes as its training
+    (Hessian) rows: a typed copy of a table row got values about 9% off the table's, and another third row, with no
+    notice when the pool was at least as large as the training rows (the notice compared counts only)."""
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import live_rows_notice
+
+    def table(train, candidates):
+        return InfluenceTable.from_arrays([0, 0], [0, 1], [-0.3, 0.2], {"train_data": train,
+                                                                       "candidate_data": candidates})
+
+    train = {"fingerprint": "95f11fe9d733a9ed", "num_rows": 100}
+    pool = table(train, {"fingerprint": "411cd329d47f2cd8", "num_rows": 200})
+    for live_rows, carried in ((200, "its 200 pool rows"), (146, "146 of its 200 pool rows")):
+        assert live_rows_notice(pool, live_rows) == (
+            "This table scored a candidate pool with the Hessian of the 100 training rows it was computed over, which "
+            f"it does not carry: live explanations use {carried} as their Hessian data as well as their candidates, "
+            "so their values differ from the table's, and they can rank other rows, even for a typed copy of a table "
+            "row.")
+    # a pool of as many rows as the training data, told by its fingerprint
+    assert "scored a candidate pool" in live_rows_notice(table(train, train | {"fingerprint": "other"}), 100)
+    # the training rows themselves as candidates: the notice only when fewer rows are carried than were computed over
+    same = table(train, dict(train))
+    assert live_rows_notice(same, 100) is None and live_rows_notice(same, 60).startswith("Live explanations use 60 of")
+    assert live_rows_notice(InfluenceTable.from_arrays([0], [0], [0.1]), 1) is None  # a table written by hand
+
+
+def test_a_bundled_default_goes_where_the_app_looks(tmp_path, monkeypatch) -> None:
+    """`assemble --with-default` bundled a build under space_cache/<its folder's name>, while app.py reads
+    space_cache/<kind>: a build copied to a folder of another name was bundled where the app never looks, and the
+    deployed Space built (fine-tuned) it again on its first start."""
+    import json
+
+    import spaces_demo.assemble as assemble_module
+    from hf_fastif.space import default_build_dir
+
+    def fake_wheel(out):
+        (out / "hf_fastif-0.1.0-py3-none-any.whl").write_bytes(b"")
+        return out / "hf_fastif-0.1.0-py3-none-any.whl"
+
+    monkeypatch.setattr(assemble_module, "build_wheel", fake_wheel)  # (building the real wheel is the browser test's)
+
+    def build(name, config):
+        folder = tmp_path / name
+        for sub in ("table", "model", "engine"):
+            (folder / sub).mkdir(parents=True)
+        (folder / "train.parquet").write_bytes(b"")
+        (folder / "ready.json").write_text(json.dumps({"config": config}))
+        return folder
+
+    out = assemble_module.assemble(tmp_path / "out", with_default=build("my_tiny_copy", {"kind": "tiny",
+                                                                                        "live_engine": True}))
+    assert [p.name for p in (out / "space_cache").iterdir()] == ["tiny"]
+    monkeypatch.setenv("HF_FASTIF_SPACE_CACHE", str(out / "space_cache"))  # what app.py sets from its folder
+    assert default_build_dir("tiny") == out / "space_cache" / "tiny" and (default_build_dir("tiny") / "table").is_dir()
+    # what the Space would not reuse is refused, before anything is written
+    for name, config, message in (("cli", {"kind": "minilm", "live_engine": False}, "records a build with other"),
+                                  ("old", {"model": "MiniLM"}, "records no embedded model")):
+        with pytest.raises(ValueError, match=f"is not a default build the Space can use: its ready.json {message}"):
+            assemble_module.assemble(tmp_path / f"out_{name}", with_default=build(name, config))
+        assert not (tmp_path / f"out_{name}").exists()
 
 
 def test_the_assembled_space_runs_alone_and_a_browser_drives_it(app, tmp_path) -> None:
