@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,14 @@ from transformers import TrainingArguments
 SOLVERS = ("lissa", "cg", "exact", "arnoldi")
 FEATURES = ("auto", "pooler", "cls", "mean", "last", "gradient")
 SCORING = ("jvp", "grad")
+NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions", "influence_arnoldi_rows")
+"""Whole-number settings where None means every row (k, the Arnoldi rows) or one repetition per process (T). They are
+typed ``int | str | None`` (as TrainingArguments types ``lr_scheduler_kwargs``) so that transformers'
+`HfArgumentParser` reads them as text: its ``int`` refused ``--influence_knn_k None`` ("invalid int value"), and the
+text ``None`` or ``0`` is read as None by `InfluenceArguments` (`from_command_line`), other text as the number."""
+NONE_FOR_WORD = ("influence_params",)
+"""List settings where the word ``None`` (``--influence_params None``, which `HfArgumentParser` makes ``['None']``)
+means None: every parameter with ``requires_grad``, not a regex that matches no parameter."""
 
 
 @dataclass
@@ -37,11 +46,11 @@ class InfluenceArguments(TrainingArguments):
     influence_batch_size: int = field(
         default=1, metadata={"help": "B: training points in each LiSSA Hessian-vector product."}
     )
-    influence_repetitions: int | None = field(
+    influence_repetitions: int | str | None = field(
         default=4,
         metadata={"help": "T: independent LiSSA repetitions averaged. None (on the command line: None or 0): one per process (the paper's parallel variant)."},
     )
-    influence_knn_k: int | None = field(
+    influence_knn_k: int | str | None = field(
         default=1000, metadata={"help": "Candidates per query from the kNN index; None (on the command line: None or 0) scores every training point."}
     )
     influence_knn_features: str = field(
@@ -62,7 +71,8 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_params: list[str] | None = field(
         default=None,
-        metadata={"help": "Regexes over parameter names that take part; None: every parameter with requires_grad."},
+        metadata={"help": "Regexes over parameter names that take part; None (on the command line: None): every "
+                          "parameter with requires_grad."},
     )
     influence_weight_decay: float = field(
         default=0.0,
@@ -94,9 +104,10 @@ class InfluenceArguments(TrainingArguments):
     influence_arnoldi_rank: int = field(
         default=32, metadata={"help": "influence_solver='arnoldi': eigenpairs of H kept (from 2x as many Lanczos steps)."}
     )
-    influence_arnoldi_rows: int | None = field(
+    influence_arnoldi_rows: int | str | None = field(
         default=None,
-        metadata={"help": "influence_solver='arnoldi': seeded training rows whose mean Hessian is decomposed (None, or 0 on the command line: all)."},
+        metadata={"help": "influence_solver='arnoldi': seeded training rows whose mean Hessian is decomposed; None "
+                          "(on the command line: None or 0): all."},
     )
     influence_measure_recall: bool = field(
         default=False,
@@ -126,6 +137,7 @@ class InfluenceArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        from_command_line(self)
         validate_influence_settings(self)
 
     @property
@@ -138,6 +150,25 @@ class InfluenceArguments(TrainingArguments):
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k.startswith("influence_")}
         out["influence_lambda"] = self.influence_lambda
         return out
+
+
+def from_command_line(args) -> None:
+    """Read the command line's spellings of None, as the help gives them: ``None`` or ``0`` for the `NONE_FOR_ZERO`
+    counts (text there, from `HfArgumentParser`; other text is read as a whole number, and what is not one is left
+    for `validate_influence_settings` to refuse), and ``None`` for the `NONE_FOR_WORD` lists. A number 0 given in
+    Python stays 0, and is refused: None says "every row" there."""
+    for name in NONE_FOR_ZERO:
+        value = getattr(args, name)
+        if isinstance(value, str):
+            text = value.strip()
+            with contextlib.suppress(ValueError):
+                value = None if text.lower() in ("none", "0") else int(text)
+            setattr(args, name, value)
+    for name in NONE_FOR_WORD:
+        value = getattr(args, name)
+        words = [value] if isinstance(value, str) else value
+        if isinstance(words, list) and len(words) == 1 and isinstance(words[0], str) and words[0].lower() == "none":
+            setattr(args, name, None)
 
 
 def validate_influence_settings(args) -> None:

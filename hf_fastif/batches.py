@@ -16,6 +16,7 @@ from torch import nn
 from transformers import default_data_collator
 from transformers.utils import find_labels, logging
 
+from .fingerprint import dataset_fingerprint
 from .loss import prepended_positions
 from .trunk import HIDDEN_KEY, transformers_model
 
@@ -517,6 +518,18 @@ class Batcher:
         self.trunk = trunk
         self.decoder_inputs = decoder_inputs
         self._lengths: dict[tuple[str, str], np.ndarray | None] = {}  # stored lengths of the whole dataset
+        self._content: dict[str, str] = {}  # the whole dataset's `fingerprint`, once computed (shared by views)
+
+    @property
+    def fingerprint(self) -> str:
+        """`hf_fastif.fingerprint.dataset_fingerprint` of the whole dataset's columns that are read: the hash of
+        their stored values, which every cache of the dataset is keyed on. Not datasets' ``_fingerprint``, which
+        datasets with other rows can share (a ``map`` that draws at random, run twice on in-memory data: a held
+        engine served the first one's caches for the second, 0.44 off). Hashed on first use, once per batcher and
+        its views (0.06 s for 100,000 rows of 128 token ids; 0.3 s behind an indices mapping, after a shuffle)."""
+        if "sha256" not in self._content:
+            self._content["sha256"] = dataset_fingerprint(self.dataset)
+        return self._content["sha256"]
 
     def check_labels(self, name: str) -> None:
         """Collate one row and check it has ``labels`` (a collator may make them, as for causal LMs)."""
@@ -579,7 +592,7 @@ class Batcher:
     def _view(self, index: np.ndarray | None, trunk) -> Batcher:
         view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=index, trunk=trunk,
                        decoder_inputs=self.decoder_inputs, padding_collator=self.padding_collator)
-        view._lengths = self._lengths  # the whole dataset's stored lengths, shared
+        view._lengths, view._content = self._lengths, self._content  # the whole dataset's, shared
         return view
 
     def __len__(self) -> int:

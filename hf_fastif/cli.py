@@ -66,7 +66,7 @@ from .embedded import (
 )
 from .engine import InfluenceEngine
 from .params import num_parameters, select_parameters
-from .parsing import HELP_FLAGS, parse_with_defaults, zero_for_none
+from .parsing import HELP_FLAGS, parse_with_defaults
 from .recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
@@ -352,14 +352,8 @@ def run_show(ns: argparse.Namespace) -> int:
         for col in [c for c in row.columns if c != "test_id"]:
             print(f"  {col.removeprefix('test_')}: {row.iloc[0][col]}")
     print(_describe_line(counts))
-    measurement = ((table.metadata.get("functions") or {}).get("measurement_fn") or {})
-    if measurement:  # helpful / harmful read the other way for a score, where higher is better
-        print(textwrap.fill(f"influence here is on the measurement {measurement.get('name')!r} (a measurement_fn), "
-                            "not on the test loss: negative influence lowers it, so 'helpful' rows are helpful only "
-                            "if a lower value is better (for a score such as a logit, read 'harmful' as helpful).",
-                            _width()))
-    if table.metadata.get("combine") == "mean":
-        print(f"test {test_id} is the mean of the test rows' measurements (combine='mean')")
+    for caveat in table.caveats(test_id):
+        print(textwrap.fill(caveat, _width()))
     note = table.candidates_note()
     if note:
         print(textwrap.fill(note, _width()))
@@ -630,7 +624,7 @@ answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`),
 def main(argv: list[str] | None = None) -> int:
     # `--influence_knn_k None` as 0 already here: this first parse reads the subcommand's flags too (argparse's int
     # refused 'None' before the setup's own parse could read it)
-    argv = zero_for_none(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     at = argv.index(command) if command is not None else len(argv)
     # only a --help after the command waits for the setup's defaults; one before it is the main parser's

@@ -5,7 +5,9 @@ One call reads as its stages::
     parameters → trunk states → test gradients → s_test → candidates → scores → InfluenceTable
 
 An engine is bound to one model, one set of ``influence_*`` settings, a data collator, and the loss / measurement /
-feature functions. Its caches live exactly as long as the engine and are keyed on content, never on ``id()``:
+feature functions. Its caches live exactly as long as the engine and are keyed on content, never on ``id()``; data
+by the hash of the values of the columns read (`Batcher.fingerprint`, once per dataset and call), never by datasets'
+``_fingerprint``, which datasets with other rows can share (a ``map`` that draws at random, run twice):
 
 | cache | keyed on |
 |---|---|
@@ -55,7 +57,6 @@ from .batches import (
 from .fingerprint import (
     callable_fingerprint,
     collator_settings,
-    dataset_fingerprint,
     model_fingerprint,
     tensor_digests,
 )
@@ -387,7 +388,7 @@ class InfluenceEngine:
         ``problem_type`` on the first forward with labels, which would change the model's fingerprint)."""
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
-        key = (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train))
+        key = (call.model_fingerprint, call.train.fingerprint)
         if key not in self._own_loss:
             compared = self._own_and_default_loss(call, list(range(min(8, len(call.train)))))
             if compared is not None and compared[3] is not None and compared[3].dim() != 2:  # token losses
@@ -473,7 +474,7 @@ class InfluenceEngine:
         datasets = [(call.train, "train_dataset", False), (call.test, "test_dataset", True)]
         datasets += [] if call.cand is call.train else [(call.cand, "candidate_dataset", False)]
         for batcher, name, measurement in datasets:
-            key = (call.model_fingerprint, batcher.dataset._fingerprint, len(batcher), measurement,
+            key = (call.model_fingerprint, batcher.fingerprint, measurement,
                    self._functions["collator"], self._functions["loss"], self._functions["measurement"])
             if key in self._padding_checked:
                 continue
@@ -776,31 +777,31 @@ class InfluenceEngine:
             check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
-        rank, world_size = D.world()
-        if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
-            D.check_same_everywhere({
-                "settings": args.influence_settings(), "combine": combine, "parameters": names,
-                "model": fingerprint, "functions": self._functions,
-                "train": dataset_fingerprint(train_dataset, train_cols),
-                "test": dataset_fingerprint(test_dataset, test_cols),
-                "candidates": dataset_fingerprint(candidate_dataset, cand_cols),
-            })
-            self._align_caches()
         device = next(model.parameters()).device
         rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
         train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
         test = Batcher(test_dataset, test_cols, self.data_collator, device, **rows)
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
                                                                          self.data_collator, device, **rows)
+        # every cache of a dataset is keyed on the hash of its rows (`Batcher.fingerprint`, computed here once per
+        # call), never on datasets' _fingerprint, which datasets with other rows can share
+        rank, world_size = D.world()
+        if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
+            D.check_same_everywhere({
+                "settings": args.influence_settings(), "combine": combine, "parameters": names,
+                "model": fingerprint, "functions": self._functions,
+                "train": train.fingerprint, "test": test.fingerprint, "candidates": cand.fingerprint,
+            })
+            self._align_caches()
         default_loss = self.loss_fn is None
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
-        checks = [(train_dataset, train_cols, "train_dataset", default_loss, False),
-                  (test_dataset, test_cols, "test_dataset", own, own and combine == "none")]
+        checks = [(train, train_dataset, train_cols, "train_dataset", default_loss, False),
+                  (test, test_dataset, test_cols, "test_dataset", own, own and combine == "none")]
         if candidate_dataset is not train_dataset:
-            checks.append((candidate_dataset, cand_cols, "candidate_dataset", default_loss, False))
+            checks.append((cand, candidate_dataset, cand_cols, "candidate_dataset", default_loss, False))
         longest = {}
-        for dataset, columns, name, loss, target in checks:
-            key = (fingerprint, dataset._fingerprint, len(dataset), tuple(columns), name, loss, target)
+        for batcher, dataset, columns, name, loss, target in checks:
+            key = (fingerprint, batcher.fingerprint, tuple(columns), name, loss, target)
             if key not in self._values_checked:  # a scan of the stored columns, once per dataset and model
                 self._values_checked[key] = check_values(dataset, columns, name, model, default_loss=loss,
                                                          needs_target=target)
@@ -845,7 +846,7 @@ class InfluenceEngine:
         the split or the data change)."""
         split, on = call.fm.split, getattr(self.args, "influence_skip_unread_positions", True)
         key = (on, tuple(call.names), call.model_fingerprint, None if split is None else f"{split.path}.{split.first}",
-               call.train.dataset._fingerprint, len(call.train), call.test.dataset._fingerprint, len(call.test),
+               call.train.fingerprint, call.test.fingerprint,
                self._functions["loss"], self._functions["measurement"])  # (what the cut was checked on)
         if not on:
             self._readout = (key, None, "influence_skip_unread_positions=False")
@@ -884,7 +885,7 @@ class InfluenceEngine:
     def _with_trunk(self, split: TrunkSplit, batcher: Batcher, digests: dict, progress: bool) -> Batcher:
         """``batcher`` with its dataset's trunk states (cached by content). The first cache of a split is checked
         against the full model on its first rows; a split that changes the logits is dropped for this engine."""
-        key = "|".join([split.fingerprint(digests), batcher.dataset._fingerprint, str(len(batcher)),
+        key = "|".join([split.fingerprint(digests), batcher.fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
         new = key not in self._trunks
         try:
@@ -1053,7 +1054,7 @@ class InfluenceEngine:
         return s_test
 
     def _curvature_key(self, call: _Call, *extra) -> tuple:
-        return (call.model_fingerprint, call.train.dataset._fingerprint, len(call.train), tuple(call.names),
+        return (call.model_fingerprint, call.train.fingerprint, len(call.train), tuple(call.names),
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
                 self.args.influence_seed, D.world()[1], str(call.train.device), *extra)  # (a model moved: rebuilt there)
 
@@ -1250,7 +1251,7 @@ class InfluenceEngine:
     def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
         args = self.args
         bsz = args.influence_scoring_batch_size
-        key = (call.model_fingerprint, call.cand.dataset._fingerprint, len(call.cand), self._functions["collator"],
+        key = (call.model_fingerprint, call.cand.fingerprint, len(call.cand), self._functions["collator"],
                method if isinstance(method, str) else self._functions["features"], args.influence_knn_index,
                D.world()[1])
         split, (cand, test) = _feature_path(call, method, call.cand, call.test)
@@ -1305,9 +1306,9 @@ class InfluenceEngine:
                 "num_influence_parameters": num_parameters(call.params),
                 "fingerprint": call.model_fingerprint,
             },
-            "train_data": describe_data(train_dataset),
-            "test_data": describe_data(test_dataset),
-            "candidate_data": describe_data(candidate_dataset),
+            "train_data": describe_data(train_dataset, call.train.fingerprint),
+            "test_data": describe_data(test_dataset, call.test.fingerprint),
+            "candidate_data": describe_data(candidate_dataset, call.cand.fingerprint),
             "combine": call.combine,
             "settings": args.influence_settings() | {"influence_knn_k_used": call.k}
             | ({"label_smoothing_factor": self._label_smoothing()} if self._label_smoothing() else {}),
@@ -1456,14 +1457,17 @@ SEMANTICS = {
 """What the numbers mean, recorded in every table's metadata (see docs/safety.md)."""
 
 
-def describe_data(dataset: Dataset) -> dict:
-    """Name, split, fingerprint and size of a dataset, for a table's metadata."""
+def describe_data(dataset: Dataset, sha256: str | None = None) -> dict:
+    """Name, split, datasets fingerprint and size of a dataset, for a table's metadata, and ``sha256``: the hash of
+    the values of the columns read (`Batcher.fingerprint`), which tells apart rows that share a datasets
+    fingerprint (a ``map`` that draws at random, run twice)."""
     info = getattr(dataset, "info", None)
     return {
         "name": getattr(info, "dataset_name", None) or getattr(info, "builder_name", None),
         "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
         "fingerprint": getattr(dataset, "_fingerprint", None),
         "num_rows": len(dataset),
+        **({"sha256": sha256} if sha256 is not None else {}),
     }
 
 

@@ -207,22 +207,30 @@ def dataset_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
     """sha256 of every value of ``columns`` (default: all) of a `datasets.Dataset`, in row order.
 
     In-memory datasets get random ``_fingerprint`` values, so processes that loaded the same rows cannot
-    compare those; this hashes the rows themselves (Arrow IPC stream of the columns; about 1 GB/s). The stream is
-    written in blocks of `HASH_BLOCK_ROWS` rows, each one contiguous chunk, so the same values hash the same however
-    Arrow holds them (one chunk in memory, several after ``save_to_disk`` / ``load_from_disk`` or
-    ``concatenate_datasets``, an indices mapping or a slice after ``select``); one block is copied at a time."""
+    compare those, and two datasets with other rows can share one (a ``map`` that draws at random, run twice);
+    this hashes the rows themselves (Arrow IPC stream of the columns, sha256: about 1 GB/s on one core, 0.06 s for
+    100,000 rows of 128 token ids with their attention mask and token types; 0.3 s for rows behind an indices
+    mapping, which are gathered). The stream is written in blocks of
+    `HASH_BLOCK_ROWS` rows, each one contiguous chunk, so the same values hash the same however Arrow holds them
+    (one chunk in memory, several after ``save_to_disk`` / ``load_from_disk`` or ``concatenate_datasets``, an
+    indices mapping or a slice after ``select``); one block is read and copied at a time."""
     columns = list(columns) if columns is not None else list(dataset.column_names)
-    table = dataset.select_columns(columns).with_format("arrow")[:] if len(dataset) else None
     digest = hashlib.sha256(json.dumps([len(dataset), columns]).encode())
-    if table is None:
+    if not len(dataset):
         return digest.hexdigest()
+    rows = dataset.select_columns(columns)
+    # the stored rows, and an indices mapping onto them (select, shuffle, train_test_split), taken a block at a time
+    # (datasets' own slicing of a mapping reads its rows one at a time: 30x slower)
+    table, indices = rows.data.table, getattr(rows, "_indices", None)
     schema = table.schema.remove_metadata()
     sink = _HashWriter(digest)
     with pa.ipc.new_stream(sink, schema) as writer:
-        for start in range(0, table.num_rows, HASH_BLOCK_ROWS):
-            block = pa.Table.from_batches(table.slice(start, HASH_BLOCK_ROWS).to_batches(), schema=schema)
-            # take copies into fresh buffers: the IPC bytes of a zero-copy slice depend on where it was cut from
-            block = block.take(pa.array(np.arange(block.num_rows))).combine_chunks()
+        for start in range(0, len(dataset), HASH_BLOCK_ROWS):
+            block = (table.slice(start, HASH_BLOCK_ROWS) if indices is None
+                     else table.take(indices.column(0).slice(start, HASH_BLOCK_ROWS).combine_chunks()))
+            # each column concatenated into fresh buffers: the IPC bytes of a zero-copy slice depend on where it
+            # was cut from (the same bytes as `take` gave, which copied 8x slower)
+            block = pa.Table.from_arrays([pa.concat_arrays(column.chunks) for column in block.columns], schema=schema)
             writer.write_batch(block.to_batches()[0])
     return digest.hexdigest()
 

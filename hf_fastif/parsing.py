@@ -20,14 +20,6 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions", "influence_arnoldi_rows")
-"""Flags where ``0`` or ``None`` on the command line means None (every training row is scored; one repetition per
-process; every training row's Hessian), since argparse parses them as whole numbers."""
-
-NONE_FOR_WORD = ("influence_params",)
-"""List flags where ``None`` on the command line means None (`influence_params`: every parameter with
-``requires_grad``)."""
-
 HELP_FLAGS = ("-h", "--help")
 
 Defaults = Mapping[str, Any] | Callable[[argparse.Namespace], Mapping[str, Any]]
@@ -51,41 +43,16 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
 def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = None,
                         defaults: Defaults | None = None) -> tuple:
     """`parse_arguments` on a given parser (e.g. a subcommand's); see there."""
-    argv = zero_for_none(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
     if callable(defaults):
         # --help is answered by the second parse, which knows the chosen setup's defaults
         first, _ = parser.parse_known_args([a for a in argv if a not in HELP_FLAGS])
-        _none_for_zero(first)
         defaults = defaults(first)
     parser.set_defaults(**{k: v for k, v in (defaults or {}).items() if k in fields})
     namespace = parser.parse_args(argv)
-    _none_for_zero(namespace)
+    # (``--influence_knn_k None`` or ``0``, ``--influence_params None``: read as None by InfluenceArguments itself,
+    # as for a plain HfArgumentParser)
     return tuple(dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
                  for dtype in parser.dataclass_types)
 
-
-def zero_for_none(argv: list[str]) -> list[str]:
-    """``--influence_knn_k None`` (or ``none``, ``=None``) as ``0``, which `_none_for_zero` reads as None: the help
-    and the errors say None, and argparse refused it ("invalid int value: 'None'")."""
-    flags = {f"--{spelled}" for name in NONE_FOR_ZERO for spelled in (name, name.replace("_", "-"))}
-    out = list(argv)
-    for i, arg in enumerate(out):
-        flag, eq, value = arg.partition("=")
-        if eq and flag in flags and value.lower() == "none":
-            out[i] = f"{flag}=0"
-        elif arg in flags and i + 1 < len(out) and out[i + 1].lower() == "none":
-            out[i + 1] = "0"
-    return out
-
-
-def _none_for_zero(namespace: argparse.Namespace) -> None:
-    for name in NONE_FOR_ZERO:
-        if getattr(namespace, name, None) == 0:
-            setattr(namespace, name, None)
-    # a list flag whose help says "None: ..." (every parameter with requires_grad): the word, not a regex 'None'
-    # (which matched no parameter, after the embedded model had been trained)
-    for name in NONE_FOR_WORD:
-        value = getattr(namespace, name, None)
-        if isinstance(value, list) and len(value) == 1 and value[0].lower() == "none":
-            setattr(namespace, name, None)

@@ -31,12 +31,7 @@ class InfluenceTrainer(Trainer):
     def __init__(self, *args, influence_loss_fn: LossFn | None = None,
                  influence_measurement_fn: LossFn | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, InfluenceArguments):
-            fields = {k: v for k, v in self.args.to_dict().items() if k in InfluenceArguments.__dataclass_fields__
-                      and InfluenceArguments.__dataclass_fields__[k].init}
-            self.influence_args = default_arguments(**fields)
-        else:
-            self.influence_args = self.args
+        self._converted_args: tuple[dict, InfluenceArguments] | None = None  # (plain args' to_dict(), converted)
         self.influence_loss_fn = influence_loss_fn
         self.influence_measurement_fn = influence_measurement_fn
         self._influence_engine: InfluenceEngine | None = None
@@ -50,6 +45,26 @@ class InfluenceTrainer(Trainer):
                            "plain loss (the head's own): the Hessian and gradients are not those of the loss that "
                            "was trained. Pass influence_loss_fn=(outputs, batch) -> per-row loss to measure that "
                            "one.")
+
+    @property
+    def influence_args(self) -> InfluenceArguments:
+        """The influence settings, read from ``self.args`` as it is now (the Trainer trains with whatever
+        ``self.args`` is: a ``trainer.args = ...`` after construction was ignored by influence, which kept a snapshot
+        taken in ``__init__``, 0.87 off the new settings' values). ``self.args`` itself when it is an
+        `InfluenceArguments`; for plain `TrainingArguments`, an `InfluenceArguments` made from them (the paper's
+        ``influence_*`` defaults), kept while they stay the same, and made again when they change, with the
+        ``influence_*`` settings set on the kept one."""
+        if isinstance(self.args, InfluenceArguments):
+            return self.args
+        plain = self.args.to_dict()
+        if self._converted_args is None or self._converted_args[0] != plain:
+            own = InfluenceArguments.__dataclass_fields__
+            fields = {k: v for k, v in plain.items() if k in own and own[k].init}
+            if self._converted_args is not None:
+                held = self._converted_args[1]
+                fields |= {k: getattr(held, k) for k in own if k.startswith("influence_") and own[k].init}
+            self._converted_args = (plain, default_arguments(**fields))
+        return self._converted_args[1]
 
     def _say_which_weight_decay(self) -> None:
         """``weight_decay`` of the Trainer is not influence's L2 term (``influence_weight_decay``): say so, louder
@@ -68,19 +83,24 @@ class InfluenceTrainer(Trainer):
 
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                          features=None) -> InfluenceEngine:
-        """The engine this trainer holds (made anew when the model, collator or functions differ from its own)."""
+        """The engine this trainer holds, on the current `influence_args` (made anew when the model, collator,
+        functions or the settings influence reads differ from its own; arguments replaced by equal ones are
+        taken over by the held engine, with its caches)."""
         model = self._influence_model()
+        args = self.influence_args
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
         wanted = [callable_fingerprint(f) for f in (self.data_collator, loss_fn, measurement_fn, features)]
         engine = self._influence_engine
-        if (engine is None or engine.model is not model or engine.args is not self.influence_args
+        if (engine is None or engine.model is not model
+                or (engine.args is not args and read_settings(engine.args) != read_settings(args))
                 or [engine._functions[k] for k in ("collator", "loss", "measurement", "features")] != wanted):
             if engine is not None:
                 engine.clear()
-            engine = InfluenceEngine(model, self.influence_args, data_collator=self.data_collator, loss_fn=loss_fn,
+            engine = InfluenceEngine(model, args, data_collator=self.data_collator, loss_fn=loss_fn,
                                      measurement_fn=measurement_fn, features=features)
             self._influence_engine = engine
+        engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
         return engine
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
@@ -118,3 +138,14 @@ class InfluenceTrainer(Trainer):
         if train is None:
             raise ValueError(f"This trainer has no train_dataset; pass train_dataset= to {method}.")
         return train
+
+
+TRAINER_SETTINGS = ("label_smoothing_factor", "remove_unused_columns", "label_names")
+"""The `TrainingArguments` fields influence reads besides the ``influence_*`` settings: the default loss's label
+smoothing and the columns kept (`hf_fastif.batches.column_rule`)."""
+
+
+def read_settings(args) -> dict:
+    """What influence reads of ``args``: its ``influence_*`` settings and `TRAINER_SETTINGS`; a held engine is kept
+    for arguments equal in these."""
+    return args.influence_settings() | {name: getattr(args, name, None) for name in TRAINER_SETTINGS}

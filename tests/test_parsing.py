@@ -192,6 +192,36 @@ def test_none_is_typed_as_the_help_says(tmp_path):
         parse_arguments([InfluenceArguments], base + ["--influence_scale", "None"])  # not a None setting
 
 
+def test_transformers_own_parser_takes_none_as_the_help_says(tmp_path):
+    """docs/usage.md says HfArgumentParser turns the settings into flags, and their help says "None (on the command
+    line: None or 0)"; through transformers' own parser (not hf_fastif.parsing) ``--influence_knn_k None`` exited
+    with "invalid int value", ``0`` was refused as not >= 1, and ``--influence_params None`` became the regex 'None',
+    refused only after training."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(InfluenceArguments)
+    helps = {action.dest: action.help for action in parser._actions}
+    base = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    assert "on the command line: None)" in helps["influence_params"]
+    for name in ("influence_knn_k", "influence_repetitions", "influence_arnoldi_rows"):
+        assert "on the command line: None or 0" in helps[name]
+        for spelled in (["None"], ["none"], ["0"]):
+            (args,) = parser.parse_args_into_dataclasses(base + [f"--{name}", *spelled])
+            assert getattr(args, name) is None
+        (args,) = parser.parse_args_into_dataclasses(base + [f"--{name.replace('_', '-')}=7"])
+        assert getattr(args, name) == 7
+        with pytest.raises(ValueError, match=f"{name} must be a whole number >= 1"):
+            parser.parse_args_into_dataclasses(base + [f"--{name}", "1.5"])
+    (args,) = parser.parse_args_into_dataclasses(base + ["--influence_params", "None"])
+    assert args.influence_params is None
+    (args,) = parser.parse_args_into_dataclasses(base + ["--influence_params", "None", "pooler"])
+    assert args.influence_params == ["None", "pooler"]
+    # in Python, None is written None: a 0 (a k computed as a share of few rows) is refused, not taken for "all"
+    with pytest.raises(ValueError, match="influence_knn_k must be a whole number >= 1"):
+        InfluenceArguments(output_dir=str(tmp_path), report_to="none", influence_knn_k=0)
+    assert InfluenceArguments(output_dir=str(tmp_path), report_to="none", influence_knn_k=None).influence_knn_k is None
+
+
 def test_the_command_line_takes_none_for_k_and_t(capsys):
     """`hf-fastif build/recall --influence_knn_k None` still failed ("invalid int value: 'None'"): the command line's
     first parse reads the subcommand's flags too, before the setup's parse that read None."""

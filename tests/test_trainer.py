@@ -72,6 +72,42 @@ def test_plain_training_arguments_are_accepted(tmp_path, pad_collator):
     assert "eval_loss" in trainer.evaluate(train)
 
 
+def test_arguments_replaced_after_construction_are_the_ones_influence_reads(tmp_path, pad_collator):
+    """The Trainer trains with whatever ``trainer.args`` is now; influence kept the arguments of ``__init__`` (a
+    snapshot), so new damping, parameters and label smoothing were ignored (0.87 off their values). Arguments
+    replaced by equal ones keep the held engine and its caches."""
+    from transformers import TrainingArguments
+
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert")
+    trainer = InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=train,
+                               processing_class=pad_collator.tokenizer)
+    trainer.compute_influences(test)
+    engine = trainer.influence_engine()
+    trainer.args = arguments(tmp_path)  # equal settings: the same engine, with its trunk states
+    assert trainer.influence_engine() is engine and engine.args is trainer.args and engine._trunks
+    trainer.args = arguments(tmp_path, influence_damping=1.0, influence_params=[r"classifier\."],
+                             label_smoothing_factor=0.2)
+    table = trainer.compute_influences(test)
+    assert table.metadata["settings"]["influence_damping"] == 1.0 and table.metadata["lambda"] == 20.0
+    assert table.metadata["settings"]["label_smoothing_factor"] == 0.2
+    direct = compute_influences(model, train, test, trainer.args, data_collator=trainer.data_collator)
+    np.testing.assert_allclose(table.to_pandas().influence, direct.to_pandas().influence, rtol=1e-12)
+    # plain TrainingArguments: made into InfluenceArguments again when they change, keeping the influence_* settings
+    # set on the trainer's influence_args
+    plain = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer.args = TrainingArguments(**plain)
+    trainer.influence_args.influence_solver, trainer.influence_args.influence_knn_k = "cg", None
+    trainer.influence_args.influence_scale = 20.0
+    assert trainer.compute_influences(test).metadata["settings"].get("label_smoothing_factor") is None
+    trainer.args = TrainingArguments(**plain, label_smoothing_factor=0.2)
+    table = trainer.compute_influences(test)
+    assert table.metadata["settings"]["label_smoothing_factor"] == 0.2
+    assert table.metadata["settings"]["influence_solver"] == "cg" and table.metadata["lambda"] == 5e-3 * 20.0
+    direct = compute_influences(model, train, test, trainer.influence_args, data_collator=trainer.data_collator)
+    np.testing.assert_allclose(table.to_pandas().influence, direct.to_pandas().influence, rtol=1e-12)
+
+
 def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
     """A compute_loss_func trains another loss than the one influence differentiates by default: said once, with
     the fix; an influence_loss_fn silences it."""
