@@ -17,7 +17,7 @@ from transformers import default_data_collator
 from transformers.utils import find_labels, logging
 
 from .fingerprint import dataset_fingerprint
-from .loss import prepended_positions
+from .loss import positions_before_rows
 from .trunk import HIDDEN_KEY, transformers_model
 
 logger = logging.get_logger(__name__)
@@ -352,8 +352,8 @@ def position_limit(model: nn.Module) -> int | None:
         tables = {name: table for name, table in tables.items() if "decoder" not in name.split(".")}
     if not tables:
         return None
-    # PEFT prompt tuning's virtual tokens take the first positions
-    return _usable(next(iter(tables.values()))) - prepended_positions(model)
+    # PEFT prompt tuning's virtual tokens take the first positions, as prefix tuning's past keys and values do
+    return _usable(next(iter(tables.values()))) - positions_before_rows(model)
 
 
 def usable_positions(model: nn.Module) -> int | None:
@@ -382,7 +382,7 @@ def _width_limit(model: nn.Module) -> int | None:
     table = _position_table(model)
     if table is None or table.padding_idx is not None:
         return None
-    return table.num_embeddings - prepended_positions(model)
+    return table.num_embeddings - positions_before_rows(model)
 
 
 def _check_finite_labels(values: pa.Array, name: str, start: int) -> None:

@@ -113,6 +113,19 @@ def prepended_positions(model: nn.Module) -> int:
     return int(getattr(config, "num_virtual_tokens", 0) or 0)
 
 
+def positions_before_rows(model: nn.Module) -> int:
+    """How many positions of the model's table come before each row's own: `prepended_positions`, and prefix
+    tuning's virtual tokens, fed as past keys and values, which models with an absolute position table (GPT-2, OPT,
+    BERT) number the row's tokens after; a row that fit without them overran the table with a bare IndexError."""
+    try:
+        config = model.active_peft_config
+    except (AttributeError, KeyError, TypeError):
+        return 0
+    kind = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
+    prefix = int(getattr(config, "num_virtual_tokens", 0) or 0) if kind == "PREFIX_TUNING" else 0
+    return prepended_positions(model) + prefix
+
+
 def default_loss_smoothing(args, loss_fn: LossFn | None) -> float:
     """The label smoothing of the default loss: the ``label_smoothing_factor`` of ``args`` (they are
     `TrainingArguments` too; the default loss is the one such a Trainer trains on), 0 with a ``loss_fn`` of one's

@@ -240,9 +240,11 @@ def test_tables_recorded_before_adapter_settings_were_fingerprinted_still_check(
         InfluenceTable.from_arrays([0], [0], [0.5], {"model": {"fingerprint": old}}).check_model(_lora(seed=1))
 
 
-def test_prompt_tuning_virtual_tokens_count_against_the_position_table(tmp_path):
-    model = peft.get_peft_model(tiny_model("gpt2-lm"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
-                                                                                num_virtual_tokens=3))
+@pytest.mark.parametrize("config", [peft.PromptTuningConfig, peft.PrefixTuningConfig])
+def test_virtual_tokens_count_against_the_position_table(tmp_path, config):
+    """Prompt tuning's virtual tokens come before the row's; prefix tuning's are past keys and values, after which
+    GPT-2 numbers the row's positions: it failed with a bare IndexError in the padding probe."""
+    model = peft.get_peft_model(tiny_model("gpt2-lm"), config(task_type="CAUSAL_LM", num_virtual_tokens=3))
     rows = make_token_dataset(1, seed=3, min_len=31, max_len=31, causal=True)  # 31 + 3 > 32 positions
     with pytest.raises(ValueError, match="a sequence of 31 tokens, more than the model's 29 positions"):
         InfluenceEngine(model.double().eval(), args=_args(tmp_path), data_collator=_lm_collator()).compute_influences(
