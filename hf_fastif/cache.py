@@ -6,7 +6,7 @@ The root is ``$HF_FASTIF_CACHE`` (default ``~/.cache/hf_fastif``). It holds:
 - ``minilm-nli/<key>``: fine-tuned MiniLMs, one per training data and settings (`hf_fastif.minilm_default`,
   88 MB each);
 - ``space_default/<kind>``: the Space's default builds, when ``$HF_FASTIF_SPACE_CACHE`` does not move them;
-- ``.<name>.<random>.tmp``: the staging folder of a write killed before it finished.
+- ``.<name>.<random>.tmp``: the staging folder of a write under way, or killed before it finished.
 
 Every entry is keyed on content, so nothing stale is ever read, but nothing is evicted either: an entry costs a
 minute or more to rebuild. `cache_entries` lists them with their size, their last use and whether this install can
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,11 +48,21 @@ def mark_used(path: Path) -> None:
         os.utime(path)
 
 
+_STAGING = re.compile(r"\.(all-MiniLM-L6-v2-[0-9a-f]{40}|[0-9a-f]{20})\.[^.]+\.tmp")
+"""The staging folders hf_fastif writes: ``.all-MiniLM-L6-v2-<revision>.<random>.tmp`` (the extraction) and
+``.<key[:20]>.<random>.tmp`` (a fine-tuning); another tool's ``.x.tmp`` in a shared folder is not one."""
+
+
+def is_staging(path: Path) -> bool:
+    """Whether ``path`` is the staging folder of one of hf_fastif's cache writes (`_STAGING`)."""
+    return _STAGING.fullmatch(path.name) is not None
+
+
 def remove_stale_staging(root: Path) -> list[Path]:
-    """Remove the staging folders (``.<name>.<random>.tmp``) of writes killed before they finished (SIGKILL leaves
-    up to ~90 MB each), untouched for `STALE_STAGING_S`; returns them."""
+    """Remove the staging folders (`is_staging`) of writes killed before they finished (SIGKILL leaves up to ~90 MB
+    each), untouched for `STALE_STAGING_S`; returns them."""
     removed = []
-    for folder in root.glob(".*.tmp") if root.is_dir() else []:
+    for folder in [p for p in root.glob(".*.tmp") if is_staging(p)] if root.is_dir() else []:
         try:
             stale = folder.is_dir() and time.time() - folder.stat().st_mtime > STALE_STAGING_S
         except FileNotFoundError:  # removed meanwhile by its own process
@@ -96,6 +107,7 @@ def _entry(path: Path, kind: str, stamp: Path | None = None, unusable: str | Non
 def _finetuned_unusable(folder: Path) -> str | None:
     """Why this install cannot use the fine-tuned model in ``folder`` (its key can no longer match), or None."""
     from .minilm_default import FINETUNE_CODE_VERSION, FINETUNE_KEY_FIELDS, MANIFEST_NAME
+    from .pretrained import MINILM_REVISION
 
     try:
         content = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))["content"]
@@ -104,6 +116,9 @@ def _finetuned_unusable(folder: Path) -> str | None:
     missing = sorted(set(FINETUNE_KEY_FIELDS) - set(content))
     if missing:
         return f"written by an older hf_fastif (its key lacks {', '.join(missing)})"
+    revision = (content.get("base") or {}).get("revision") if isinstance(content.get("base"), dict) else None
+    if revision != MINILM_REVISION:
+        return f"fine-tuned from MiniLM revision {str(revision)[:8]}, this install reads {MINILM_REVISION[:8]}"
     if content.get("code_version") != FINETUNE_CODE_VERSION:
         return f"fine-tuning code version {content.get('code_version')}, this install's is {FINETUNE_CODE_VERSION}"
     import torch
@@ -124,7 +139,7 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
         return []
     entries = []
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
+        if is_staging(path):
             entries.append(_entry(path, "unfinished write"))
         elif path.name.startswith("all-MiniLM-L6-v2-") and path.is_dir():
             revision = path.name.removeprefix("all-MiniLM-L6-v2-")
@@ -132,7 +147,7 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
                                   else f"revision {revision[:8]}, this install reads {MINILM_REVISION[:8]}"))
         elif path.name in (FINETUNE_CACHE_SUBDIR, "space_default") and path.is_dir():
             for sub in sorted(path.iterdir()):
-                if sub.name.startswith(".") and sub.name.endswith(".tmp"):
+                if is_staging(sub):
                     entries.append(_entry(sub, "unfinished write"))
                 elif path.name == FINETUNE_CACHE_SUBDIR:
                     entries.append(_entry(sub, "fine-tuned", sub / MANIFEST_NAME, _finetuned_unusable(sub)))
@@ -145,18 +160,19 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
 
 def removable(entries: list[CacheEntry], *, clear: bool = False, unused_days: float | None = None,
               now: float | None = None) -> list[CacheEntry]:
-    """The entries ``hf-fastif cache`` removes: every one but ``other`` with ``clear``; else the ones this install
-    cannot use, unfinished writes untouched for `STALE_STAGING_S` (a younger one may be a write under way), and,
-    with ``unused_days``, the ones unused that long."""
+    """The entries ``hf-fastif cache`` removes: the ones this install cannot use, unfinished writes untouched for
+    `STALE_STAGING_S` (a younger one may be a write under way, even with ``clear``), with ``unused_days`` the ones
+    unused that long, and with ``clear`` every other one but ``other``."""
     now = time.time() if now is None else now
     out = []
     for entry in entries:
         age = now - entry.last_used
         if entry.kind == "other":
             continue
-        if (clear or entry.unusable is not None
-                or (entry.kind == "unfinished write" and age > STALE_STAGING_S)
-                or (unused_days is not None and entry.kind != "unfinished write" and age > unused_days * 86400)):
+        if entry.kind == "unfinished write":
+            if age > STALE_STAGING_S:
+                out.append(entry)
+        elif clear or entry.unusable is not None or (unused_days is not None and age > unused_days * 86400):
             out.append(entry)
     return out
 

@@ -555,7 +555,8 @@ def add_cache(sub) -> None:
                       help="Remove the entries this install cannot use and writes killed before they finished.")
     what.add_argument("--unused-days", "--unused_days", type=float, default=None, metavar="DAYS",
                       help="As --prune, and also remove the entries not used for DAYS days.")
-    what.add_argument("--clear", action="store_true", help="Remove every entry (anything else there is kept).")
+    what.add_argument("--clear", action="store_true",
+                      help="Remove every entry but writes under way (anything hf_fastif did not write is kept).")
     parser.set_defaults(run=run_cache)
 
 
@@ -622,8 +623,6 @@ answered by the parse that knows them (`hf_fastif.parsing.parse_with_defaults`),
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `--influence_knn_k None` as 0 already here: this first parse reads the subcommand's flags too (argparse's int
-    # refused 'None' before the setup's own parse could read it)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     at = argv.index(command) if command is not None else len(argv)

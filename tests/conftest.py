@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,10 +21,15 @@ _CACHE_PREFIX = "hf_fastif_test_cache_"
 
 def _remove_orphaned_caches() -> None:
     """Remove the private caches (up to ~350 MB each) of earlier sessions whose process is gone: a session stopped
-    by SIGKILL runs no exit handler. The folder's name carries its session's process id."""
+    by SIGKILL runs no exit handler. The folder's name carries its session's process id; a live session in another
+    process namespace sharing this TMPDIR looks gone, so only a folder untouched for an hour is removed."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_CACHE_PREFIX}*_*"):
         pid = folder.name.removeprefix(_CACHE_PREFIX).split("_", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        try:
+            recent = time.time() - folder.stat().st_mtime < 3600
+        except FileNotFoundError:
+            continue
+        if not pid.isdigit() or int(pid) == os.getpid() or recent:
             continue
         try:
             os.kill(int(pid), 0)

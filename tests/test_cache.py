@@ -15,18 +15,21 @@ from hf_fastif.cli import main
 from hf_fastif.minilm_default import FINETUNE_CODE_VERSION, FINETUNE_KEY_FIELDS, MANIFEST_NAME
 from hf_fastif.pretrained import MINILM_REVISION, minilm_path
 
+OURS = f"all-MiniLM-L6-v2-{MINILM_REVISION}"
+OLD_WRITE, FRESH_WRITE = f".{OURS}.ab12.tmp", f"minilm-nli/.{'d' * 20}.cd34.tmp"
+
 
 def _age(path, days: float) -> None:
     then = time.time() - days * 86400
     os.utime(path, (then, then))
 
 
-def _finetuned(root, name: str, drop: str | None = None, days: float = 0.0):
+def _finetuned(root, name: str, drop: str | None = None, days: float = 0.0, revision: str = MINILM_REVISION):
     folder = root / "minilm-nli" / name
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"w" * 1000)
     content = {field: None for field in FINETUNE_KEY_FIELDS if field != drop}
-    content |= {"code_version": FINETUNE_CODE_VERSION, "torch": torch.__version__.split("+")[0],
+    content |= {"base": {"revision": revision}, "code_version": FINETUNE_CODE_VERSION, "torch": torch.__version__.split("+")[0],
                 "transformers": transformers.__version__}
     (folder / MANIFEST_NAME).write_text(json.dumps({"content": content}))
     _age(folder / MANIFEST_NAME, days)
@@ -38,17 +41,20 @@ def cache(tmp_path):
     """A cache with one entry of each kind: usable and unusable models, old and fresh unfinished writes, and a file
     hf_fastif did not write."""
     root = tmp_path / "cache"
-    current = root / f"all-MiniLM-L6-v2-{MINILM_REVISION}"
+    current = root / OURS
     current.mkdir(parents=True)
     (current / "model.safetensors").write_bytes(b"m" * 5000)
     (root / "all-MiniLM-L6-v2-0123456789abcdef").mkdir()
     _finetuned(root, "aaaa", days=40)          # usable, unused for 40 days
     _finetuned(root, "bbbb")                   # usable, used now
     _finetuned(root, "cccc", drop="replicas")  # an older hf_fastif's key: can never match again
-    old, fresh = root / ".all-MiniLM-L6-v2-x.1.tmp", root / "minilm-nli" / ".dddd.2.tmp"
-    for folder in (old, fresh):
+    _finetuned(root, "eeee", revision="0" * 40)  # fine-tuned from another MiniLM revision
+    old, fresh = root / f".{OURS}.ab12.tmp", root / "minilm-nli" / f".{'d' * 20}.cd34.tmp"
+    foreign = root / ".someone-elses.tmp"  # another tool's, in a shared folder
+    for folder in (old, fresh, foreign):
         folder.mkdir()
     _age(old, STALE_STAGING_S / 86400 + 1)
+    _age(foreign, 3)
     (root / "notes.txt").write_text("mine")
     return root
 
@@ -56,41 +62,44 @@ def cache(tmp_path):
 def test_entries_say_their_kind_and_whether_this_install_can_use_them(cache):
     found = {str(e.path.relative_to(cache)): e for e in cache_entries(cache)}
     assert {name: e.kind for name, e in found.items()} == {
-        f"all-MiniLM-L6-v2-{MINILM_REVISION}": "pretrained", "all-MiniLM-L6-v2-0123456789abcdef": "pretrained",
+        OURS: "pretrained", "all-MiniLM-L6-v2-0123456789abcdef": "pretrained",
         "minilm-nli/aaaa": "fine-tuned", "minilm-nli/bbbb": "fine-tuned", "minilm-nli/cccc": "fine-tuned",
-        ".all-MiniLM-L6-v2-x.1.tmp": "unfinished write", "minilm-nli/.dddd.2.tmp": "unfinished write",
-        "notes.txt": "other"}
-    assert found[f"all-MiniLM-L6-v2-{MINILM_REVISION}"].unusable is None
+        "minilm-nli/eeee": "fine-tuned", OLD_WRITE: "unfinished write", FRESH_WRITE: "unfinished write",
+        "notes.txt": "other", ".someone-elses.tmp": "other"}
+    assert "MiniLM revision 00000000" in found["minilm-nli/eeee"].unusable
+    assert found[OURS].unusable is None
     assert "revision 01234567" in found["all-MiniLM-L6-v2-0123456789abcdef"].unusable
     assert found["minilm-nli/aaaa"].unusable is None and "lacks replicas" in found["minilm-nli/cccc"].unusable
-    assert found[f"all-MiniLM-L6-v2-{MINILM_REVISION}"].size == 5000
+    assert found[OURS].size == 5000
     assert time.time() - found["minilm-nli/aaaa"].last_used > 39 * 86400  # the manifest's time: its last use
     assert cache_entries(cache / "missing") == []
 
 
+UNUSABLE = {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", "minilm-nli/eeee", OLD_WRITE}
+
+
 @pytest.mark.parametrize("flags, removed", [
     ([], set()),
-    (["--prune"], {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", ".all-MiniLM-L6-v2-x.1.tmp"}),
-    (["--unused-days", "30"], {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", ".all-MiniLM-L6-v2-x.1.tmp",
-                               "minilm-nli/aaaa"}),
-    (["--clear"], {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", ".all-MiniLM-L6-v2-x.1.tmp",
-                   "minilm-nli/aaaa", "minilm-nli/bbbb", f"all-MiniLM-L6-v2-{MINILM_REVISION}",
-                   "minilm-nli/.dddd.2.tmp"}),
+    (["--prune"], UNUSABLE),
+    (["--unused-days", "30"], UNUSABLE | {"minilm-nli/aaaa"}),
+    (["--clear"], UNUSABLE | {"minilm-nli/aaaa", "minilm-nli/bbbb", OURS}),  # not a write under way
 ])
 def test_the_cache_command_lists_and_removes_only_what_it_is_asked_to(cache, flags, removed, capsys):
     before = {str(e.path.relative_to(cache)) for e in cache_entries(cache)}
     assert main(["cache", "--cache_dir", str(cache), *flags]) == 0
     after = {str(e.path.relative_to(cache)) for e in cache_entries(cache)}
-    assert before - after == removed and "notes.txt" in after  # what hf_fastif did not write is never removed
+    assert before - after == removed  # what hf_fastif did not write is never removed, nor a write under way
+    assert {"notes.txt", ".someone-elses.tmp", FRESH_WRITE} <= after
     out = capsys.readouterr().out
-    assert f"hf_fastif cache {cache}: 8 entries" in out and "minilm-nli/cccc" in out
+    assert f"hf_fastif cache {cache}: 10 entries" in out and "minilm-nli/cccc" in out
     assert (f"removed {len(removed)} entries" in out) == bool(flags)
 
 
-def test_a_fresh_unfinished_write_is_kept_by_prune(cache):
+def test_a_fresh_unfinished_write_is_kept_even_by_clear(cache):
     """A staging folder younger than STALE_STAGING_S may be another process's write under way."""
-    kept = {e.path.name for e in cache_entries(cache)} - {e.path.name for e in removable(cache_entries(cache))}
-    assert ".dddd.2.tmp" in kept
+    entries = cache_entries(cache)
+    kept = {e.path.name for e in entries} - {e.path.name for e in removable(entries, clear=True)}
+    assert f".{'d' * 20}.cd34.tmp" in kept
 
 
 def test_an_unwritable_cache_names_the_folder_and_the_setting(tmp_path):

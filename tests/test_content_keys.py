@@ -156,3 +156,15 @@ def test_the_content_hash_is_the_same_however_arrow_holds_the_rows(monkeypatch):
     for view in (dataset, dataset.select(range(3, 41)), pieces, dataset.select(perm), pieces.select(perm),
                  dataset.shuffle(seed=0).select(range(5, 30))):  # (the last three: indices mappings)
         assert dataset_fingerprint(view) == by_take(view)
+
+
+def test_a_format_set_on_the_same_rows_is_another_key():
+    """datasets' fingerprint changed with set_format, the content hash alone did not: numpy's float64 labels reach
+    the collator as float64 where plain rows give float32, so the format is part of the key (plain rows keep the
+    bare content hash, which tables record)."""
+    from hf_fastif.batches import Batcher
+
+    rows = make_token_dataset(6, seed=0)
+    plain = Batcher(rows, rows.column_names, None, "cpu")
+    numpy = Batcher(rows.with_format("numpy"), rows.column_names, None, "cpu")
+    assert plain.fingerprint == dataset_fingerprint(rows) and numpy.fingerprint != plain.fingerprint

@@ -188,11 +188,13 @@ def test_a_killed_fine_tunings_staging_folder_is_removed_later(tmp_path):
     """A fine-tuning killed (SIGKILL) before it finished left its staging folder, up to ~90 MB, for good."""
     from hf_fastif.cache import remove_stale_staging
 
-    old, fresh = tmp_path / ".0123abcd.x1y2.tmp", tmp_path / ".0123abcd.z3w4.tmp"
-    for folder in (old, fresh):
+    old, fresh = tmp_path / f".{'0123abcd' * 2}0123.x1y2.tmp", tmp_path / f".{'0123abcd' * 2}0123.z3w4.tmp"
+    foreign = tmp_path / ".another-tools.tmp"  # in a shared folder: not hf_fastif's to remove
+    for folder in (old, fresh, foreign):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
-    os.utime(old, (time.time() - 7 * 3600, time.time() - 7 * 3600))
+    for folder in (old, foreign):
+        os.utime(folder, (time.time() - 7 * 3600, time.time() - 7 * 3600))
     assert remove_stale_staging(tmp_path) == [old]
-    assert not old.exists() and fresh.is_dir()  # one that may still be running is kept
+    assert not old.exists() and fresh.is_dir() and foreign.is_dir()  # one that may still be running is kept
     assert remove_stale_staging(tmp_path / "missing") == []

@@ -532,7 +532,7 @@ class InfluenceTableWriter:
         try:
             _check_metadata(complete_metadata(self.metadata | (metadata or {})))
         except (TypeError, ValueError) as err:
-            raise type(err)(f"{err} The rows written are kept: call close() again with the metadata fixed.") from None
+            raise ValueError(f"{err} The rows written are kept: call close() again with the metadata fixed.") from err
         try:
             return self._finish(metadata)
         except BaseException:
