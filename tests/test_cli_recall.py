@@ -130,7 +130,7 @@ def test_recall_is_listed_in_help(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert "{build,push,pull,show,recall}" in out and "hf-fastif recall --ks 1% 5%" in out
+    assert "{build,push,pull,show,recall,cache}" in out and "hf-fastif recall --ks 1% 5%" in out
 
 
 def test_nli_data_refuses_a_model_whose_labels_the_data_would_misread(tmp_path):
