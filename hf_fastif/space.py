@@ -122,13 +122,6 @@ def runtime_versions() -> dict:
             "transformers": transformers.__version__, "datasets": datasets.__version__}
 
 
-def with_content_fingerprint(dataset: Dataset) -> Dataset:
-    """``dataset`` with its ``_fingerprint`` set to the hash of its rows (`dataset_fingerprint`): the engine keys its
-    caches on it, and an in-memory dataset's own fingerprint is random in every process, so a saved cache would
-    never be found again."""
-    return dataset.select_columns(dataset.column_names, new_fingerprint=dataset_fingerprint(dataset)[:32])
-
-
 # ---- the default table ----------------------------------------------------------------------------------
 def build_default(directory: str | os.PathLike | None = None, args: InfluenceArguments | None = None, *,
                   max_train_samples: int | None = None, max_test_samples: int | None = None,
@@ -346,7 +339,8 @@ class Explainer:
         self.train, self.max_length = train, int(max_length)
         self.train_ids = np.arange(len(train)) if train_ids is None else np.asarray(train_ids)
         columns = train.select_columns(["premise", "hypothesis", "label"])
-        self.train_tokenized = with_content_fingerprint(tokenize_nli(columns, tokenizer, max_length=self.max_length))
+        # (the engine keys its caches on the rows' content, so a saved cache is found again in another process)
+        self.train_tokenized = tokenize_nli(columns, tokenizer, max_length=self.max_length)
         self.collator = DataCollatorWithPadding(tokenizer)
         self.num_influence_parameters = num_parameters(select_parameters(model, table_settings.get("influence_params")))
         if self.num_influence_parameters > MAX_LIVE_PARAMETERS:

@@ -78,7 +78,6 @@ def normalized_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, fixed.get(f.name, f.type)) for f in schema])
 
 
-
 def candidate_pool(metadata: dict) -> bool:
     """Whether a table scored a candidate pool (``compute_influences(..., candidate_dataset=pool)``, as augmentation
     does): rows other than the training rows whose Hessian (and, for kNN, index) it used, so its ``train_id`` indexes

@@ -529,18 +529,20 @@ class InfluenceTableWriter:
         if self._closed:
             raise ValueError("This InfluenceTableWriter is closed.")
         _refuse_storage_key(metadata or {}, " The rows written are kept: call close() again without it.")
+        complete = complete_metadata(self.metadata | (metadata or {}))
         try:
-            _check_metadata(complete_metadata(self.metadata | (metadata or {})))
+            _check_metadata(complete)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{err} The rows written are kept: call close() again with the metadata fixed.") from err
         try:
-            return self._finish(metadata)
+            return self._finish(complete)
         except BaseException:
             # a failed flush left .partial-*.parquet files (a full disk: filling it) that nothing removed
             self.abort()
             raise
 
-    def _finish(self, metadata: dict | None) -> InfluenceTable:
+    def _finish(self, metadata: dict) -> InfluenceTable:
+        """`close` once ``metadata`` (complete, checked) is known good."""
         from .table import InfluenceTable  # here, not at the top: table.py imports this module
 
         if self.schema is None:
@@ -554,8 +556,6 @@ class InfluenceTableWriter:
         if not self._parts:  # an empty table still has one (empty) shard with the schema
             self._parts.append(self.directory / DATA_DIR / f".partial-{self._tag}-00000.parquet")
             pq.write_table(self.schema.empty_table(), self._parts[0])
-        metadata = complete_metadata(self.metadata | (metadata or {}))
-        _check_metadata(metadata)
         # the card is made before anything of a previous table is touched: metadata it cannot render (or any error
         # up to here) leaves that table as it was
         card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
