@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
-import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,7 +36,7 @@ from . import distributed as D
 from .hvp import batch_gradient
 from .knn import index_error
 from .loss import FunctionalModel
-from .utils import file_digest, write_error
+from .utils import file_digest, write_atomic, write_error
 
 logger = logging.get_logger(__name__)
 
@@ -339,14 +339,20 @@ def _trained_index(factory: str, shape: tuple[int, int], vectors: np.ndarray | N
 
 def check_index_factory(factory: str, rows: int, dim: int, metric=faiss.METRIC_INNER_PRODUCT) -> None:
     """The gradient index is built after s_test: a factory string faiss cannot make, or whose training needs more
-    rows than there are candidates (an IVF index with more lists), is refused before it. The training is tried on
-    random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few indexes need
-    more rows than that; there the lists and codebooks the index would train are counted against the rows).
-    ``metric``: the feature index's L2 for kNN candidates."""
-    small = rows * dim * 4 <= INDEX_PROBE_BYTES
+    rows than there are candidates (an IVF index with more lists), is refused before it. An index that needs training
+    is trained on random vectors of the candidates' shape while they take at most `INDEX_PROBE_BYTES` (beyond, few
+    indexes need more rows than that; there the lists and codebooks the index would train are counted against the
+    rows). ``metric``: the feature index's L2 for kNN candidates. What passed is remembered for the process (a later
+    call with the same factory and shape costs nothing: the probe drew 64 MB of random numbers on every call)."""
+    _check_index_factory(factory, int(rows), int(dim), int(metric))
+
+
+@functools.lru_cache(maxsize=256)  # (successes only: an error is raised, and lru_cache keeps no result)
+def _check_index_factory(factory: str, rows: int, dim: int, metric: int) -> None:
+    index = _trained_index(factory, (rows, dim), None, metric)
     rng = np.random.default_rng(0)
-    index = _trained_index(factory, (rows, dim), rng.standard_normal((rows, dim), dtype=np.float32) if small else None,
-                           metric)
+    if not index.is_trained and rows * dim * 4 <= INDEX_PROBE_BYTES:
+        index = _trained_index(factory, (rows, dim), rng.standard_normal((rows, dim), dtype=np.float32), metric)
     needed = _training_rows(index)
     if rows < needed:  # (an IVF4096 over 3,000 rows of 6,000 dimensions failed after s_test)
         raise index_error(factory, (rows, dim), RuntimeError(f"its training needs at least {needed} rows"))
@@ -387,20 +393,13 @@ class GradientIndex:
         next to ``path``, then rename it into place (as `hf_fastif.utils.write_atomic` does): a failed write (a full
         disk) leaves no truncated index and no temporary file, and raises an `OSError` naming ``path``, not faiss's
         RuntimeError with its C++ trace."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            faiss.write_index(self.index, str(tmp))
-            os.replace(tmp, path)
-        except (RuntimeError, OSError) as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            write_atomic(path, writer=lambda tmp: faiss.write_index(self.index, str(tmp)))
+        except RuntimeError as err:
             # faiss: "Error in ... at index_write.cpp:499: Error: 'ret == (n)' failed: write error in <tmp>: 8388563
             # != 20480000 (No space left on device)": the last parenthesis is the reason
-            found = re.search(r"\(([^()]*)\)\s*$", str(err)) if isinstance(err, RuntimeError) else None
-            reason = found.group(1) if found else None
-            if isinstance(err, RuntimeError) and reason is None:
-                reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            found = re.search(r"\(([^()]*)\)\s*$", str(err))
+            reason = found.group(1) if found else (str(err).strip().splitlines() or [type(err).__name__])[-1]
             raise write_error(path, err, reason) from err
 
     @classmethod

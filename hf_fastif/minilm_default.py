@@ -34,7 +34,7 @@ from transformers.utils import logging
 from .arguments import InfluenceArguments
 from .cache import CACHE_ENV, cache_root, cache_write_error, mark_used, remove_stale_staging
 from .data import NLI2_LABELS, NLI_MAX_LENGTH, tokenize_nli
-from .distributed import barrier, is_main_process, training_replicas, world
+from .distributed import barrier, is_main_process, together, training_replicas, world
 from .fingerprint import dataset_fingerprint
 from .mode import evaluating
 from .pretrained import (
@@ -349,7 +349,7 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
                     "report": {"train_accuracy": accuracy, "train_rows": len(tokenized), "train_seconds": seconds,
                                "train_loss": getattr(trainer.state, "log_history", [{}])[-1].get("train_loss")},
                     "created_by": f"hf_fastif.minilm_default code version {FINETUNE_CODE_VERSION}"}
-        try:
+        def save() -> None:
             trainer.save_model(str(staging))  # under `accelerate launch` the Trainer saves on the main process only
             if is_main_process():
                 (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle the Trainer saves; nothing reads
@@ -359,6 +359,11 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
                 write_atomic(staging / MANIFEST_NAME, to_json(manifest, indent=2))
                 os.chmod(staging, 0o755)  # mkdtemp makes it private
                 _install(staging, target, key, content)
+
+        try:
+            # a failure in the main process (a full disk) stops every process of a launch with its error; the others
+            # waited in the barrier below for a model that never came
+            together(save, f"Caching the fine-tuned MiniLM in {target}")
         except (OSError, SafetensorError) as err:  # a full disk: safetensors raises its own error, not an OSError
             if world()[1] > 1:  # the other processes read the model from the cache
                 raise cache_write_error(target, err) from err

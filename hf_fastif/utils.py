@@ -54,17 +54,23 @@ def check_output_dir(output_dir: str | Path, flag: str = "--output_dir") -> Path
     return folder
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write text or bytes (or what ``content(handle)`` writes to a binary file: a large array streamed) to a
-    temporary file next to ``path``, then rename it into place: readers never see a half-written file, and one that
-    holds the old file open (a memory map) keeps it.
+def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object] | None = None, *,
+                 writer: Callable[[Path], object] | None = None) -> Path:
+    """Write text or bytes (or what ``content(handle)`` writes to a binary file: a large array streamed; or what
+    ``writer(temporary_path)`` writes, for a library that writes a file by name) to a temporary file next to
+    ``path``, then rename it into place: readers never see a half-written file, and one that holds the old file open
+    (a memory map) keeps it.
 
     Any failure removes the temporary file (a full disk kept the part written, filling it); an `OSError` (a full
     disk, a read-only folder) is raised again naming ``path`` and what to do, the original chained."""
+    if (content is None) == (writer is None):
+        raise TypeError("write_atomic takes content or writer, one of them")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        if callable(content):
+        if writer is not None:
+            writer(tmp)
+        elif callable(content):
             with open(tmp, "wb") as handle:
                 content(handle)
         elif isinstance(content, bytes):

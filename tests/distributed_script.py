@@ -3,7 +3,8 @@
 Writes the main process's tables to argv[1] as JSON. With argv[2] == "mismatch", process 1 uses another
 seed, which must be refused; with "weights", process 1's model differs in one weight, which must be refused too;
 with "diverge", LiSSA diverges in process 1's repetitions only, and both processes must stop (not wait); with
-"caches", engine caches saved by the main process are loaded by every process, then by the main process only.
+"caches", engine caches saved by the main process are loaded by every process, then by the main process only; with
+"finetune_cache_full", the main process cannot write the fine-tuned MiniLM into the cache, and both must stop.
 """
 
 import json
@@ -106,6 +107,23 @@ if __name__ == "__main__":
             json.dump(out, f)
         finish()
         sys.exit(0)
+    if mode == "finetune_cache_full":  # the main process cannot write the fine-tuned MiniLM into the cache
+        import faulthandler
+
+        import hf_fastif.minilm_default as minilm_default
+        from hf_fastif.data import generate_nli
+
+        faulthandler.dump_traceback_later(120, exit=True)  # a process waiting for ever: stacks, then out
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device (a test)")
+
+        if rank == 0:
+            minilm_default.write_atomic = full
+        raw = generate_nli(seed=0, n_train=16, n_hans_per_subcase=0, n_pool_per_subcase=0)["train"]
+        settings = minilm_default.FinetuneSettings(seed=0, epochs=1.0, lr=1e-3, batch_size=8)
+        minilm_default.cached_finetune_minilm(raw, settings, cache_dir=sys.argv[1] + ".cache")
+        raise AssertionError("not reached: the failed write stops every process")
     if mode == "caches":
         import faulthandler
 

@@ -83,6 +83,18 @@ def test_an_error_in_one_process_share_stops_every_process_and_the_next_call_wor
     assert ours["without_row_15"] == theirs["without_row_15"] == 3 * 5  # 3 test rows, k = 5
 
 
+def test_a_cache_that_cannot_take_the_fine_tuned_model_stops_every_process(tmp_path):
+    """Under a launch, only the main process writes the fine-tuned MiniLM into the cache; when that failed (a full
+    disk), it raised while the other process waited in a barrier for the model to appear, and was killed by the
+    launcher without a word of why. Every process now stops with the cache error."""
+    result = launch(tmp_path / "f.json", "finetune_cache_full")
+    assert result.returncode != 0
+    assert "not reached" not in result.stderr and "Timeout" not in result.stderr
+    assert "No space left on device (a test)" in result.stderr and "HF_FASTIF_CACHE" in result.stderr
+    assert "Caching the fine-tuned MiniLM in " in result.stderr and "failed in process 0" in result.stderr
+    assert not list((tmp_path / "f.json.cache").glob("minilm-nli/.*.tmp"))  # no staging folder left behind
+
+
 def test_two_process_build_equals_the_single_table(two_processes, one_process):
     build, single = two_processes["build"], one_process["cg_full"]
     order = np.lexsort((build["train_id"], build["test_id"]))
