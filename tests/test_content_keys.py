@@ -168,3 +168,41 @@ def test_a_format_set_on_the_same_rows_is_another_key():
     plain = Batcher(rows, rows.column_names, None, "cpu")
     numpy = Batcher(rows.with_format("numpy"), rows.column_names, None, "cpu")
     assert plain.fingerprint == dataset_fingerprint(rows) and numpy.fingerprint != plain.fingerprint
+
+
+def test_the_columns_a_format_hands_out_are_part_of_the_key(data):
+    """The key hashed the format's type but not its `columns`: the same rows formatted to hand out fewer columns (no
+    token_type_ids, so the model used 0) shared the key with all of them, and a held engine served the first
+    format's test gradients for the second (0.13 off the second's fresh table). Rows whose stored attention mask was
+    left out (the collator makes one) were refused as tokenising to other lengths."""
+    from hf_fastif.batches import Batcher
+
+    model, train, _, collator = data
+    rows = make_token_dataset(3, seed=1).map(lambda r: {"token_type_ids": [1] * len(r["input_ids"])})
+    full = rows.with_format("torch")
+    fewer = rows.with_format("torch", columns=["input_ids", "attention_mask", "labels"])
+    every = rows.with_format("torch", columns=["input_ids"], output_all_columns=True)
+    keys = {Batcher(d, rows.column_names, None, "cpu").fingerprint for d in (rows, full, fewer, every)}
+    assert len(keys) == 4
+    args = default_arguments(**BASE | dict(influence_solver="exact", influence_params=[r"classifier\."]))
+    with InfluenceEngine(model, args, data_collator=collator) as engine:
+        held = [engine.compute_influences(train, test).to_pandas().sort_values(["test_id", "train_id"]).influence
+                for test in (full, fewer)]
+    fresh = compute_influences(model, train, fewer, args, data_collator=collator).to_pandas()
+    np.testing.assert_allclose(held[1], fresh.sort_values(["test_id", "train_id"]).influence, rtol=1e-6)
+    assert not np.allclose(held[0], held[1])  # (the model reads token types: the two formats differ)
+
+
+def test_features_that_decode_the_stored_values_are_part_of_the_key():
+    """A cast to features that decode the stored values otherwise (an image mode, an audio sampling rate) keeps the
+    stored bytes: the key hashes such features too; plain values keep the bare content hash."""
+    from datasets import Features, Image
+
+    from hf_fastif.batches import Batcher
+
+    rows = Dataset.from_dict({"image": [{"bytes": b"\0\1", "path": None}], "labels": [0]},
+                             features=Features(image=Image(), labels=Value("int64")))
+    grey = rows.cast_column("image", Image(mode="L"))
+    assert dataset_fingerprint(rows) == dataset_fingerprint(grey)  # the stored bytes are the same
+    one, two = (Batcher(d, d.column_names, None, "cpu").fingerprint for d in (rows, grey))
+    assert one != two
