@@ -5,14 +5,18 @@ The root is ``$HF_FASTIF_CACHE`` (default ``~/.cache/hf_fastif``). It holds:
 - ``all-MiniLM-L6-v2-<revision>``: the pretrained MiniLM extracted from its wheel (`hf_fastif.pretrained`, 90 MB);
 - ``minilm-nli/<key>``: fine-tuned MiniLMs, one per training data and settings (`hf_fastif.minilm_default`,
   88 MB each);
-- ``space_default/<kind>``: the Space's default builds, when ``$HF_FASTIF_SPACE_CACHE`` does not move them;
+- ``space_default/<kind>``: the Space's default builds, when ``$HF_FASTIF_SPACE_CACHE`` does not move them (one
+  without its ``ready.json`` is being built, or its build failed), and ``space_default/engines``, the engine caches
+  of the Space's other tables;
 - ``.<name>.<random>.tmp``: the staging folder of a write under way, or killed before it finished.
 
 Every entry is keyed on content, so nothing stale is ever read, but nothing is evicted either: an entry costs a
 minute or more to rebuild. `cache_entries` lists them with their size, their last use and whether this install can
 still use them; ``hf-fastif cache`` prints that list and removes entries (``--prune``: the ones this install cannot
 use and unfinished writes; ``--unused-days N``: also the ones unused for N days; ``--clear``: every entry). Only
-entries of these kinds are ever removed; anything else in the folder is listed as ``other`` and left alone.
+entries of these kinds, named as hf_fastif names them, are ever removed; anything else in the folder (and any
+symbolic link, which is never followed) is listed as ``other`` and left alone. A write counts as under way (kept
+even by ``--clear``) while anything in its tree changed within `STALE_STAGING_S`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ default about a minute)."""
 
 KINDS = ("pretrained", "fine-tuned", "space build", "unfinished write", "other")
 
+SPACE_SUBDIR = "space_default"
+"""The cache's folder of the Space's builds (`hf_fastif.space.default_cache_dir`, unless ``$HF_FASTIF_SPACE_CACHE``
+moves them): one folder per embedded model kind, and `SPACE_ENGINES`."""
+SPACE_ENGINES = "engines"
+"""The folder (in the Space's) of the engine caches of tables other than the default."""
+SPACE_READY_FILE = "ready.json"
+"""What a finished Space build writes last (`hf_fastif.space.READY_FILE`); a hit records its use in its time."""
+
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$HF_FASTIF_CACHE``, else ``~/.cache/hf_fastif``."""
@@ -55,9 +67,12 @@ def mark_used(path: Path) -> None:
         os.utime(path)
 
 
-_STAGING = re.compile(r"\.(all-MiniLM-L6-v2-[0-9a-f]{40}|[0-9a-f]{20})\.[^.]+\.tmp")
+_STAGING = re.compile(r"\.(all-MiniLM-L6-v2-[0-9a-f]{40}|[0-9a-f]{20})\.([^.]+\.tmp|stale-[0-9a-f]{32})")
 """The staging folders hf_fastif writes: ``.all-MiniLM-L6-v2-<revision>.<random>.tmp`` (the extraction) and
-``.<key[:20]>.<random>.tmp`` (a fine-tuning); another tool's ``.x.tmp`` in a shared folder is not one."""
+``.<key[:20]>.<random>.tmp`` (a fine-tuning), and ``.<key[:20]>.stale-<uuid>``, an invalid fine-tuned model moved
+aside to be removed; another tool's ``.x.tmp`` in a shared folder is not one."""
+_PRETRAINED = re.compile(r"all-MiniLM-L6-v2-[0-9a-f]{40}")
+_FINETUNED = re.compile(r"[0-9a-f]{20}")
 
 
 def is_staging(path: Path) -> bool:
@@ -69,9 +84,9 @@ def remove_stale_staging(root: Path) -> list[Path]:
     """Remove the staging folders (`is_staging`) of writes killed before they finished (SIGKILL leaves up to ~90 MB
     each), untouched for `STALE_STAGING_S`; returns them."""
     removed = []
-    for folder in [p for p in root.glob(".*.tmp") if is_staging(p)] if root.is_dir() else []:
+    for folder in [p for p in root.glob(".*") if is_staging(p)] if root.is_dir() else []:
         try:
-            stale = folder.is_dir() and time.time() - folder.stat().st_mtime > STALE_STAGING_S
+            stale = folder.is_dir() and time.time() - _newest_change(folder) > STALE_STAGING_S
         except FileNotFoundError:  # removed meanwhile by its own process
             continue
         if stale:
@@ -103,9 +118,23 @@ def _size(path: Path) -> int:
     return total
 
 
+def _newest_change(path: Path) -> float:
+    """The latest modification time in the tree at ``path``: a write under way changes files in subfolders, not the
+    top folder's time."""
+    newest = path.stat().st_mtime
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
 def _entry(path: Path, kind: str, stamp: Path | None = None, unusable: str | None = None) -> CacheEntry:
     try:
-        last_used = (stamp if stamp is not None and stamp.exists() else path).stat().st_mtime
+        if kind == "unfinished write":
+            last_used = _newest_change(path)
+        else:
+            last_used = (stamp if stamp is not None and stamp.exists() else path).stat().st_mtime
     except FileNotFoundError:  # removed meanwhile
         last_used = 0.0
     return CacheEntry(path, kind, _size(path), last_used, unusable)
@@ -146,23 +175,41 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
         return []
     entries = []
     for path in sorted(root.iterdir()):
-        if is_staging(path):
+        if path.is_symlink():  # never followed: what it points to is not the cache's
+            entries.append(CacheEntry(path, "other", 0, path.lstat().st_mtime))
+        elif is_staging(path) and path.is_dir():
             entries.append(_entry(path, "unfinished write"))
-        elif path.name.startswith("all-MiniLM-L6-v2-") and path.is_dir():
+        elif _PRETRAINED.fullmatch(path.name) and path.is_dir():
             revision = path.name.removeprefix("all-MiniLM-L6-v2-")
             entries.append(_entry(path, "pretrained", unusable=None if revision == MINILM_REVISION
                                   else f"revision {revision[:8]}, this install reads {MINILM_REVISION[:8]}"))
-        elif path.name in (FINETUNE_CACHE_SUBDIR, "space_default") and path.is_dir():
+        elif path.name in (FINETUNE_CACHE_SUBDIR, SPACE_SUBDIR) and path.is_dir():
             for sub in sorted(path.iterdir()):
-                if is_staging(sub):
-                    entries.append(_entry(sub, "unfinished write"))
-                elif path.name == FINETUNE_CACHE_SUBDIR:
-                    entries.append(_entry(sub, "fine-tuned", sub / MANIFEST_NAME, _finetuned_unusable(sub)))
-                else:
-                    entries.append(_entry(sub, "space build"))
+                entries.append(_sub_entry(path.name == FINETUNE_CACHE_SUBDIR, sub, MANIFEST_NAME))
         else:
             entries.append(_entry(path, "other"))
     return sorted(entries, key=lambda e: -e.size)
+
+
+def _sub_entry(finetuned: bool, sub: Path, manifest: str) -> CacheEntry:
+    """An entry inside ``minilm-nli`` (``finetuned``) or ``space_default``."""
+    from .embedded import KINDS as EMBEDDED_KINDS
+
+    if sub.is_symlink() or not sub.is_dir():
+        return CacheEntry(sub, "other", 0 if sub.is_symlink() else _size(sub), sub.lstat().st_mtime)
+    if is_staging(sub):
+        return _entry(sub, "unfinished write")
+    if finetuned:
+        if not _FINETUNED.fullmatch(sub.name):
+            return _entry(sub, "other")
+        return _entry(sub, "fine-tuned", sub / manifest, _finetuned_unusable(sub))
+    if sub.name == SPACE_ENGINES:
+        return _entry(sub, "space build")
+    if sub.name not in EMBEDDED_KINDS:
+        return _entry(sub, "other")
+    if not (sub / SPACE_READY_FILE).is_file():  # being built, or a build that failed
+        return _entry(sub, "unfinished write")
+    return _entry(sub, "space build", sub / SPACE_READY_FILE)
 
 
 def removable(entries: list[CacheEntry], *, clear: bool = False, unused_days: float | None = None,
@@ -188,11 +235,11 @@ def remove_entries(entries: list[CacheEntry]) -> int:
     """Delete ``entries``; returns the bytes freed."""
     freed = 0
     for entry in entries:
-        if entry.path.is_dir():
+        if entry.path.is_dir() and not entry.path.is_symlink():
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
             entry.path.unlink(missing_ok=True)
-        freed += entry.size if not entry.path.exists() else 0
+        freed += entry.size if not os.path.lexists(entry.path) else 0
     return freed
 
 

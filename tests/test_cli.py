@@ -4,7 +4,9 @@ loopback Hub double, and errors as one-line messages."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,8 +49,11 @@ def test_a_build_with_other_training_settings_is_not_reused(tmp_path, capsys) ->
     assert main([*tiny, "--max_steps", "1", "--optim", "sgd"]) == 0
     assert "reusing the finished build" not in capsys.readouterr().err
     assert (InfluenceTable.load(out / "table").to_pandas().influence.to_numpy() != first).any()
+    month_ago = time.time() - 30 * 86400
+    os.utime(out / "ready.json", (month_ago, month_ago))
     assert main([*tiny, "--max_steps", "1", "--optim", "sgd"]) == 0
     assert "reusing the finished build" in capsys.readouterr().err
+    assert (out / "ready.json").stat().st_mtime > month_ago + 86400  # a reuse is recorded: --unused-days reads it
     # the label smoothing changes the influence loss (MiniLM's fine-tuning key does not hold it)
     from hf_fastif.space import build_config
 
