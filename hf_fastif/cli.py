@@ -159,9 +159,16 @@ def recorded_command(argv: Sequence[str]) -> str | None:
     ``push`` published it. None when not run from the command line."""
     if not argv or not (argv[0].endswith("hf-fastif") or argv[0].endswith(("hf_fastif/__main__.py", "-m"))):
         return None
+    # argparse also takes a unique prefix of a flag (`--hub_tok` for `--hub_token`): a flag that begins a secret one's
+    # name is left out too (an ambiguous one never ran)
+    secrets = [f.name for kind in (BuildArguments, InfluenceArguments) for f in dataclasses.fields(kind)
+               if f.name.lower().endswith("token")]
     out, value_next = [], False  # value_next: this argument is the value of a secret flag before it
     for arg in argv[1:]:
-        secret = not value_next and SECRET_FLAG.match(arg) is not None
+        name = arg.partition("=")[0].lower()
+        prefix = name[2:].replace("-", "_") if name.startswith("--") and len(name) > 2 else None
+        secret = not value_next and (SECRET_FLAG.match(arg) is not None
+                                     or (prefix is not None and any(s.startswith(prefix) for s in secrets)))
         flag, eq, _ = arg.partition("=")
         out.append("***" if value_next else f"{flag}=***" if secret and eq else arg)
         value_next = secret and not eq

@@ -218,13 +218,17 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
 def test_the_recorded_command_leaves_secrets_out() -> None:
     """build recorded its raw command line in the table's metadata, a --hub_token with it, and push published it;
     run as `python -m hf_fastif` (the same command, the README says) it recorded nothing."""
-    from hf_fastif.cli import recorded_command
+    from hf_fastif.cli import parser, recorded_command
 
     argv = ["/venv/bin/hf-fastif", "build", "--hub_token", "hf_SECRET", "--output_dir", "o", "--hub-token=hf_X",
             "--tokenizer_name", "t", "--push_to_hub_token", "hf_Y"]
     recorded = recorded_command(argv)
     assert recorded == ("hf-fastif build --hub_token *** --output_dir o --hub-token=*** --tokenizer_name t "
                         "--push_to_hub_token ***")
+    # argparse takes a unique prefix of a flag: `--hub_tok SECRET` set --hub_token and was recorded as typed
+    assert parser().parse_args(["build", "--output_dir", "o", "--hub_tok", "hf_Z"]).hub_token == "hf_Z"
+    assert recorded_command(["/venv/bin/hf-fastif", "build", "--hub_tok", "hf_Z", "--hub-to=hf_W", "--seed", "3"]) == \
+        "hf-fastif build --hub_tok *** --hub-to=*** --seed 3"
     assert recorded_command([str(Path("hf_fastif") / "__main__.py"), "build", "--output_dir", "o"]) == \
         "hf-fastif build --output_dir o"
     assert recorded_command(["pytest", "build"]) is None
