@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models built from configs and synthetic tokenized data. Fully offline."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import signal
@@ -19,24 +20,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _CACHE_PREFIX = "hf_fastif_test_cache_"
 
 
+_LOCK_NAME = ".session.lock"
+"""The lock file a session holds (`fcntl.flock`) while it runs: a folder whose lock can be taken is no live
+session's, whatever its process id says."""
+
+
 def _remove_orphaned_caches() -> None:
-    """Remove the private caches (up to ~350 MB each) of earlier sessions whose process is gone: a session stopped
-    by SIGKILL runs no exit handler. The folder's name carries its session's process id; a live session in another
-    process namespace sharing this TMPDIR looks gone, so only a folder untouched for an hour is removed."""
+    """Remove the private caches (up to ~350 MB each) of earlier sessions that are gone: a session stopped by SIGKILL
+    runs no exit handler. A session holds an exclusive lock on its folder's lock file while it runs (released by the
+    kernel when it ends, however it ends), so a folder whose lock can be taken is an orphan; a live session in another
+    process namespace sharing this TMPDIR holds its lock too. A folder without a lock file (from before the lock) is
+    removed when its process is gone and nothing in it changed for an hour."""
     for folder in Path(tempfile.gettempdir()).glob(f"{_CACHE_PREFIX}*_*"):
-        pid = folder.name.removeprefix(_CACHE_PREFIX).split("_", 1)[0]
         try:
-            recent = time.time() - folder.stat().st_mtime < 3600
+            handle = os.open(folder / _LOCK_NAME, os.O_RDWR)
         except FileNotFoundError:
+            if _unlocked_orphan(folder):
+                shutil.rmtree(folder, ignore_errors=True)
             continue
-        if not pid.isdigit() or int(pid) == os.getpid() or recent:
+        except OSError:  # another user's, or removed meanwhile
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live session holds it
+            continue
+        else:
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # alive, another user's
-            pass
+        finally:
+            os.close(handle)
+
+
+def _unlocked_orphan(folder: Path) -> bool:
+    pid = folder.name.removeprefix(_CACHE_PREFIX).split("_", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        newest = max([folder.stat().st_mtime] + [p.lstat().st_mtime for p in folder.rglob("*")])
+        if time.time() - newest < 3600:
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's; or removed meanwhile
+        return False
+    return False
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -47,6 +74,8 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 _remove_orphaned_caches()
 _CACHE = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}_")
+_SESSION_LOCK = os.open(os.path.join(_CACHE, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(_SESSION_LOCK, fcntl.LOCK_EX)  # held until this process ends (see _remove_orphaned_caches)
 os.environ["HF_FASTIF_CACHE"] = _CACHE
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
