@@ -84,6 +84,7 @@ class TrunkSplit:
     path: str
     first: int
     after: list = field(default_factory=list)  # modules that run after the stack (pooler, classifier, final norm)
+    before: list = field(default_factory=list)  # modules that run before the stack is entered (embeddings)
     feeder: nn.Module | None = None  # the module whose output enters the stack (skipped under injection)
     tuple_output: int = 0  # 0: layers return a tensor; n: a tuple of length n with the hidden states first
     failed: str | None = None  # why an injected forward ran whole (see `injected`); the split is not used again
@@ -97,11 +98,14 @@ class TrunkSplit:
         """Content hash of what the trunk states depend on: every parameter and buffer that is not in the top
         (embeddings and layers ``0 … first-1``), the config and the split point. A tensor the top shares with a
         module below it (GPT-2's ``lm_head`` is tied to ``wte``, which the trunk reads) counts: leaving it out kept
-        trunk states of the old embeddings after an in-place edit.
+        trunk states of the old embeddings after an in-place edit; so does a module the top runs that also ran
+        before the stack (one norm applied to the embeddings and again before the head).
 
         Args:
             digests: `hf_fastif.fingerprint.tensor_digests` of the model, if already computed."""
-        top_modules = {id(m) for layer in [*self.layers[self.first:], *self.after] for m in layer.modules()}
+        ran_below = {id(m) for m in self.before}
+        top_modules = {id(m) for layer in [*self.layers[self.first:], *self.after] for m in layer.modules()
+                       if id(m) not in ran_below}
         below = {id(t) for m in self.model.modules() if id(m) not in top_modules
                  for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
         top = {id(t) for layer in [*self.layers[self.first:], *self.after]
@@ -318,7 +322,8 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
     # is discarded, so it is skipped too (verify_split checks the result against the full model)
     feeder = outputs.get(entered.get("input"))
     feeder = feeder[0] if feeder is not None and feeder[0] in before else None
-    return TrunkSplit(model=model, layers=layers, path=path, first=first, after=after, feeder=feeder), ""
+    return TrunkSplit(model=model, layers=layers, path=path, first=first, after=after, feeder=feeder,
+                      before=before), ""
 
 
 class TrunkCache:

@@ -105,6 +105,39 @@ def test_a_weight_the_top_shares_with_the_trunk_keys_the_trunk_states(pad_collat
     assert split.fingerprint() == before
 
 
+def test_a_module_the_top_runs_again_after_the_trunk_keys_the_trunk_states():
+    """One norm module applied to the embeddings and again before the head is in the top (it runs after the stack),
+    so its weights were left out of the trunk's fingerprint, though the trunk states depend on them: an in-place edit
+    kept the old states."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm = nn.Embedding(20, 8), nn.LayerNorm(8)
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.norm(self.embed(input_ids))
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return self.head(self.norm(h))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    probe = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    split, reason = T.find_split(model, ["head.weight", "head.bias"], probe)
+    assert split is not None, reason
+    before = split.fingerprint()
+    with torch.no_grad():
+        model.head.weight.mul_(3.0)  # a top-only weight does not re-key the trunk states
+    assert split.fingerprint() == before
+    with torch.no_grad():
+        model.norm.weight.mul_(3.0)
+    assert split.fingerprint() != before
+
+
 def _mapped_trunk_files() -> set[str]:
     """The trunk states files this process maps (deleted ones end in " (deleted)")."""
     lines = Path("/proc/self/maps").read_text().splitlines()
