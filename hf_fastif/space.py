@@ -693,19 +693,24 @@ class SpaceState:
         return "\n\n".join(lines)
 
 
+HUGE_INFLUENCE = 1e300
+"""Beyond this magnitude `influence_histogram` plots in units of the largest value."""
+
+
 def influence_histogram(values: np.ndarray, n: int, title: str):
     """Histogram of candidate influences with the n most helpful (negative) and n most harmful (positive) marked
     (only values of that sign: when there are none, the legend says so), and the count of distinct values. Only
     finite values are plotted (a table keeps an inf that flags an overflow, and matplotlib refused the whole plot);
-    the title says how many were left out. Values whose range overflows a float (±1e308) are plotted in units of
-    the largest magnitude, which the axis names."""
+    the title says how many were left out. Values whose range overflows a float (±1e308), or beyond
+    `HUGE_INFLUENCE`, are plotted in units of the largest magnitude, which the axis names."""
     values = np.asarray(values, dtype=float)
     left_out = int((~np.isfinite(values)).sum())
     values = np.sort(values[np.isfinite(values)])
     negative, positive = values[values < 0], values[values > 0]
     unit = 1.0
     with np.errstate(over="ignore"):
-        if len(values) and not np.isfinite(values[-1] - values[0]):  # bins and axis limits would be inf
+        # bins and axis limits would be inf, or matplotlib's transforms overflow (a range of 1.7e308 is finite)
+        if len(values) and (not np.isfinite(values[-1] - values[0]) or np.abs(values).max() > HUGE_INFLUENCE):
             unit = float(np.abs(values).max())
     fig = Figure(figsize=(6.4, 3.2), layout="constrained")
     ax = fig.add_subplot()
