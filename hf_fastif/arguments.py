@@ -206,9 +206,10 @@ def validate_influence_settings(args) -> None:
             raise ValueError(f"{name} must be a whole number >= 1{none}, got {value!r}.")
     if isinstance(args.influence_params, str):
         args.influence_params = [args.influence_params]
-    seed = args.influence_seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:  # numpy's seeds: lissa and
-        raise ValueError(f"influence_seed must be a whole number >= 0, got {seed!r}.")  # arnoldi failed after s_test
+    for name in ("influence_seed", "seed"):  # numpy's seeds: lissa and arnoldi failed after s_test, data generation
+        seed = getattr(args, name)  # with a bare numpy error
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"{name} must be a whole number >= 0, got {seed!r}.")
     if args.influence_solver == "lissa" and args.influence_damping >= 2:  # (1 - damp)·h: no step contracts
         raise ValueError(
             f"influence_damping={args.influence_damping:g} is >= 2: LiSSA's step multiplies the iterate by (1 - damping) "

@@ -157,6 +157,10 @@ class HansEvaluator:
                 self._by_heuristic[heuristic] = self.dataset.select(rows)
             dataset = self.dataset if heuristic is None else self._by_heuristic[heuristic]
             logits = torch.from_numpy(predict(model, dataset, self.data_collator))
+        if not bool(torch.isfinite(logits).all()):  # an argmax over NaN was reported as an accuracy
+            raise ValueError(f"The model's logits on {int((~torch.isfinite(logits).all(-1)).sum())} of {len(rows)} "
+                             "HANS rows are not finite (inf/NaN): its weights overflowed (a learning rate too large?); "
+                             "no accuracy can be reported.")
         log_probs = two_label_log_probs(logits).numpy()
         labels, heuristics = self.labels[rows], self.heuristics[rows]
         results = self.metric.compute(predictions=log_probs.argmax(-1).tolist(), references=labels.tolist(),
@@ -264,14 +268,24 @@ def sgd_step(model: nn.Module, rows: Dataset, learning_rate: float, args: Influe
         with torch.no_grad():
             values = (fm.measurements if measurement else fm.losses)(params, batch)
         gradient = batch_gradient(fm, params, batch, measurement=measurement, reduction="sum") / len(rows)
-        offset = 0
         named = dict(model.named_parameters())
         with torch.no_grad():
+            updated, offset = {}, 0
             for name in names:
-                p = named[name]
-                n = p.numel()
-                p.sub_(learning_rate * gradient[offset : offset + n].view_as(p).to(p.dtype))
+                n = named[name].numel()
+                step = learning_rate * gradient[offset : offset + n].view_as(named[name]).to(named[name].dtype)
+                updated[name] = named[name] - step
                 offset += n
+            broken = [name for name, value in updated.items() if not bool(torch.isfinite(value).all())]
+            if broken:  # the weights are left as they were
+                raise ValueError(
+                    f"The SGD step (learning rate {learning_rate:g}) on {len(rows)} row(s) would make {len(broken)} "
+                    f"influence parameter(s) non-finite (inf/NaN), e.g. {broken[0]}: "
+                    + ("the rows' gradient is not finite (check their losses)"
+                       if not bool(torch.isfinite(gradient).all()) else "the learning rate is too large")
+                    + "; the weights are unchanged. Lower the learning rate.")
+            for name, value in updated.items():
+                named[name].copy_(value)
     return float(values.mean())
 
 

@@ -15,6 +15,7 @@ candidate and test rows are computed once for the whole protocol, and evaluation
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,8 +101,8 @@ class CorrectionArguments:
         for name in ("num_steps", "num_anchors", "num_points", "replicas"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        if not self.correction_learning_rate > 0:
-            raise ValueError(f"correction_learning_rate must be > 0, got {self.correction_learning_rate}.")
+        if not (math.isfinite(self.correction_learning_rate) and self.correction_learning_rate > 0):
+            raise ValueError(f"correction_learning_rate must be a finite number > 0, got {self.correction_learning_rate}.")
         # at parse time, before any training: HANS' spelling, "did you mean" for a near miss, no repeats, not empty
         self.heuristics = check_heuristics(self.heuristics)
 

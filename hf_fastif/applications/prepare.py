@@ -141,6 +141,12 @@ class ModelDataArguments:
         if self.max_length is not None and self.max_length < MIN_MAX_LENGTH:
             raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
                              f"tokens and words), got {self.max_length}.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"--num_threads must be at least 1, got {self.num_threads}.")
+        if self.model_name_or_path is None and self.num_labels != 2:  # the tiny model crashed in its first step
+            raise ValueError(f"--num_labels {self.num_labels}: the embedded models (minilm, tiny) have 2 labels "
+                             "(MNLI-2: entailment / non_entailment). For 3 labels pass --model_name_or_path (a 3-label "
+                             "checkpoint, or a base model to fine-tune) with --train_dataset.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be at least 1, got {self.max_train_samples}.")
         if self.embedded_model is not None:
@@ -225,7 +231,7 @@ def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | Non
 
 def configure_threads(data_args: ModelDataArguments) -> None:
     if data_args.num_threads is not None:
-        torch.set_num_threads(max(1, data_args.num_threads))
+        torch.set_num_threads(data_args.num_threads)
 
 
 def resolve_model(name_or_path: str) -> str:

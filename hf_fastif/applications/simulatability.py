@@ -16,6 +16,7 @@ predictions for the step, which turns rows the task model gets wrong upside down
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,9 @@ class SimulatabilityArguments:
                              "ask for at least one (e.g. --num_correct 10 --num_incorrect 10).")
         if int(self.num_points) < 1:
             raise ValueError(f"num_points must be a positive integer, got {self.num_points}.")
-        if not self.rates or min(self.rates) <= 0:
-            raise ValueError("learning_rates must be a non-empty list of positive step sizes.")
+        if not self.rates or not all(math.isfinite(r) and r > 0 for r in self.rates):  # a NaN rate gave NaN columns
+            raise ValueError(f"learning_rates must be a non-empty list of finite positive step sizes, got "
+                             f"{self.learning_rates}.")
 
     @property
     def rates(self) -> list[float]:
@@ -204,10 +206,14 @@ class SimulatabilityResult:
                 rows.append([f"{subset} ({n})", f"{group} < random (test points)", *[f"{below[i]}/{n}" for i in shown]])
         sizes = {g: sum(len(p["rows"][g]) for p in self.points) for g in ("helpful", "harmful")}
         signed = {g: sum(p.get("rows_of_the_groups_sign", {}).get(g, 0) for p in self.points) for g in sizes}
+        k = (self.settings.get("influence") or {}).get("influence_knn_k")
+        every_row = k is None or k >= self.settings.get("num_train", float("inf"))
         sign_line = (f"Rows of the group's sign: helpful (influence < 0) {signed['helpful']}/{sizes['helpful']}, harmful "
                      f"(influence > 0) {signed['harmful']}/{sizes['harmful']}"
-                     + ("; **a group holds rows of the other sign** (too few candidates of that sign: raise "
-                        "influence_knn_k), so it is the least of the other kind, not what its name says."
+                     + ("; **a group holds rows of the other sign** ("
+                        + ("every training row was scored and too few have that sign" if every_row else
+                           "too few candidates of that sign: raise influence_knn_k")
+                        + "), so it is the least of the other kind, not what its name says."
                         if signed != sizes else "."))
         return "\n".join([
             "### Simulatability",

@@ -247,6 +247,11 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
     protocol.validate()
     data.require("hans_test", what="The influence graph")
     check_num_labels(model, 2, "The HANS influence graph")  # HANS' labels, read as the model's classes
+    scored = len(data.train) if args.influence_knn_k is None else min(args.influence_knn_k, len(data.train))
+    if protocol.edges_per_test_point > scored:  # the report named more edges than a test point could have
+        raise ValueError(f"edges_per_test_point={protocol.edges_per_test_point} exceeds the {scored} candidate rows "
+                         f"each test point scores (influence_knn_k={args.influence_knn_k}, {len(data.train)} training "
+                         "rows): lower --edges_per_test_point or raise influence_knn_k.")
     hans = data.hans_test
     names = heuristics_in({"data.hans_test": hans["heuristic"]}, protocol.heuristics, "The influence graph",
                           "Name others with heuristics=, or omit it for every heuristic of the split.")

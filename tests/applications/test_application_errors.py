@@ -100,6 +100,13 @@ def test_bad_flag_values(tmp_path):
         _main("hans_correction")(["--output_dir", str(tmp_path), "--fine_tune", "maybe"])
     with pytest.raises(ValueError, match="--pool_format must be"):
         _main("augmentation")(["--output_dir", str(tmp_path), "--pool_format", "csv"])
+    # the tiny model with 3-label data crashed in its first training step (an IndexError in cross_entropy)
+    with pytest.raises(ValueError, match="--num_labels 3: the embedded models .* have 2 labels.*--model_name_or_path"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), *TINY_FLAGS, "--num_labels", "3"])
+    with pytest.raises(ValueError, match="--num_threads must be at least 1, got -4"):  # (was taken as 1)
+        _main("simulatability")(["--output_dir", str(tmp_path), *TINY_FLAGS, "--num_threads", "-4"])
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, got -1"):  # (a bare numpy error)
+        _main("visualize")(["--output_dir", str(tmp_path), *TINY_FLAGS, "--seed", "-1"])
 
 
 def test_heuristic_names_fail_before_any_training(tmp_path, no_training):

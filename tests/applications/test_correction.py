@@ -229,7 +229,9 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
     with pytest.raises(ValueError, match="Unknown strategies"):
         CorrectionArguments(strategies=["best"])
     for field, value, message in (("strategies", ["best"], "Unknown strategies"), ("num_steps", 0, "num_steps must"),
-                                  ("replicas", -1, "replicas must"), ("correction_learning_rate", 0.0, "must be > 0")):
+                                  ("replicas", -1, "replicas must"), ("correction_learning_rate", 0.0, "number > 0"),
+                                  # inf stepped the weights to NaN, and the argmax of NaN logits read as 50% accuracy
+                                  ("correction_learning_rate", float("inf"), "finite number > 0")):
         protocol = CorrectionArguments()
         setattr(protocol, field, value)  # changed after construction: run_correction checks again, before any work
         with pytest.raises(ValueError, match=message):
@@ -244,6 +246,20 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
     with pytest.raises(ValueError, match="fewer than num_points=10: 'helpful' and 'harmful' would both be the same "
                                          "5 rows"):
         run_correction(trained, data, dataclasses.replace(args, influence_knn_k=5), CorrectionArguments(num_points=10))
+
+
+def test_a_step_that_would_make_the_weights_non_finite_is_refused_and_leaves_them(trained, data, args):
+    """A finite but huge learning rate (1e30) stepped the weights to inf / NaN; the run went on, and the accuracy of
+    the NaN logits' argmax was reported (50.0, +0.0) with no warning."""
+    model = copy.deepcopy(trained)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="would make .* non-finite .* too large; the weights are unchanged"):
+        sgd_step(model, data.train.select(range(4)), 1e300, args, data_collator=data.collator)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="logits on .* HANS rows are not finite"):
+        HansEvaluator(data.hans_test, data.collator)(model)
 
 
 def test_select_points_steps_on_n_rows_whatever_their_sign():

@@ -106,6 +106,14 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
     assert expected in result.to_markdown()
     assert ("**a group holds rows of the other sign**" in result.to_markdown()) == (expected != (
         "helpful (influence < 0) 12/12, harmful (influence > 0) 12/12"))
+    result.points[0]["rows_of_the_groups_sign"] = {"helpful": 3, "harmful": 0}
+    result.settings["influence"]["influence_knn_k"] = 5  # fewer candidates than rows: a larger k may help
+    assert "raise influence_knn_k" in result.to_markdown()
+    # every row scored: raising k cannot help (the advice was given with --influence_knn_k 0 too)
+    for every in (None, result.settings["num_train"]):
+        result.settings["influence"]["influence_knn_k"] = every
+        assert "every training row was scored and too few have that sign" in result.to_markdown()
+        assert "raise influence_knn_k" not in result.to_markdown()
     for point in result.points:
         point["rows_of_the_groups_sign"] = {"helpful": 3, "harmful": 3}
     assert "helpful (influence < 0) 12/12, harmful (influence > 0) 12/12." in result.to_markdown()
@@ -119,7 +127,10 @@ def test_simulatability_rejects_mismatched_labels_and_bad_protocols(trained, dat
     with pytest.raises(ValueError, match="row_labels"):
         SimulatabilityArguments(row_labels="both")
     for field, value, message in (("row_labels", "both", "row_labels"), ("explain", "loss", "explain"),
-                                  ("learning_rates", [0.1, -1.0], "positive step sizes"), ("num_points", 0, "num_points")):
+                                  ("learning_rates", [0.1, -1.0], "positive step sizes"), ("num_points", 0, "num_points"),
+                                  # a NaN rate ran, and its NaN column counted as "not below random"
+                                  ("learning_rates", [0.1, float("nan")], "finite positive"),
+                                  ("learning_rates", [float("inf")], "finite positive")):
         protocol = SimulatabilityArguments()
         setattr(protocol, field, value)  # changed after construction: checked again before any work
         with pytest.raises(ValueError, match=message):
@@ -158,6 +169,10 @@ def test_influence_graph_edges_follow_the_sign():
 def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_path):
     with pytest.raises(ValueError, match="edges_per_test_point must be a positive integer"):
         VisualizationArguments(edges_per_test_point=0)
+    # more edges than candidates: the report said "500 most helpful and most harmful rows (of 30 candidates each)"
+    with pytest.raises(ValueError, match="edges_per_test_point=500 exceeds the 30 candidate rows each test point "
+                                         "scores"):
+        run_visualization(trained, data, args, VisualizationArguments(edges_per_test_point=500))
     protocol = VisualizationArguments(test_points_per_heuristic=2, edges_per_test_point=3)
     result = run_visualization(trained, data, args, protocol)
     tests = [n for n, d in result.graph.nodes(data=True) if d["side"] == "test"]
