@@ -30,7 +30,7 @@ from . import distributed as D
 from .arguments import InfluenceArguments
 from .batches import column_rule, validate_dataset
 from .engine import InfluenceEngine, non_finite_scores
-from .fingerprint import callable_fingerprint, dataset_fingerprint, model_fingerprint
+from .fingerprint import dataset_fingerprint, model_fingerprint, portable_fingerprint
 from .influence import default_arguments
 from .loss import default_loss_smoothing
 from .mode import uncompiled
@@ -98,8 +98,10 @@ def signature_digest(signature: dict) -> str:
 
 
 def _identity(value) -> str:
-    """A callable's fingerprint; a plain value (e.g. ``features="cls"``, a method name) by its repr."""
-    return callable_fingerprint(value) if value is None or callable(value) else f"value:{value!r}"
+    """A callable's fingerprint as every process and the next run compute it (`portable_fingerprint`: a plain object
+    the collator holds counts by its content, not its address, which made every build with one impossible to
+    resume); a plain value (e.g. ``features="cls"``, a method name) by its repr."""
+    return portable_fingerprint(value) if value is None or callable(value) else f"value:{value!r}"
 
 
 def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset,
@@ -210,6 +212,9 @@ def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:
 def _check_or_write_manifest(out: Path, signature: dict) -> bool:
     """Refuse a directory whose manifest records another build; start one (main process) if there is none.
     Returns whether this run started it."""
+    # processes holding other data or settings are named as such first: one refused by the manifest alone (another
+    # build, it said) while the others waited in a barrier, which then failed with a bare gloo error
+    D.check_same_everywhere(signature)
     manifest = out / MANIFEST
     if manifest.is_file():
         previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})

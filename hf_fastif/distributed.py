@@ -112,7 +112,7 @@ def together(work: Callable[[], T], what: str) -> T:
         result, error = None, err
     # plain strings: an exception (or its class) defined in a function cannot be pickled, and that process alone
     # would fail in the gather while the others waited
-    failures = gather_objects(None if error is None else (
+    failures = in_step(what, None if error is None else (
         type(error).__module__, type(error).__qualname__, isinstance(error, ValueError),
         f"{type(error).__name__}: {error}"))
     if error is not None:
@@ -123,6 +123,22 @@ def together(work: Callable[[], T], what: str) -> T:
         raise _error_like(module, name, value_error, f"{what} failed in process {rank} ({message}); every process "
                                                      "stops. Fix what it names and run again.")
     return result
+
+
+def in_step(stage: str, value) -> list:
+    """`gather_objects` of ``value`` tagged with ``stage``: processes that reach different stages (a script that caught
+    an error raised in one process only, and went on) get a `RuntimeError` saying where each one is, instead of another
+    stage's objects (which failed with an unpacking error, then waited for ever)."""
+    everyone = gather_objects((stage, value))
+    stages = [s for s, _ in everyone]
+    if len(set(stages)) > 1:
+        rank = world()[0]
+        other = next(r for r, s in enumerate(stages) if s != stage)
+        raise RuntimeError(
+            f"The processes are out of step: process {rank} is at {stage!r}, process {other} at {stages[other]!r} (an "
+            "error raised in one process only was caught and the script went on in it?). Every process of a launch "
+            "must make the same calls: stop every process on an error (hf_fastif's own errors do), then run again.")
+    return [v for _, v in everyone]
 
 
 def _error_like(module: str, name: str, value_error: bool, text: str) -> Exception:
@@ -144,7 +160,7 @@ def check_same_everywhere(description: dict) -> None:
     rank, size = world()
     if size == 1:
         return
-    everyone = gather_objects(description)
+    everyone = in_step("the settings check", description)
     for other, theirs in enumerate(everyone):
         if theirs != description:
             diff = sorted(k for k in set(theirs) | set(description) if theirs.get(k) != description.get(k))

@@ -58,6 +58,7 @@ from .fingerprint import (
     callable_fingerprint,
     collator_settings,
     model_fingerprint,
+    portable_fingerprint,
     tensor_digests,
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
@@ -365,16 +366,25 @@ class InfluenceEngine:
         what every later stage runs on."""
         self._check_padding(call)
         with call.timer("trunk"):
-            self._attach_trunks(call)
+            # each process computes its own trunk states (its own file, its own disk space): one that fails stops
+            # every process, which went on into the next stage's collectives and waited for ever
+            D.together(lambda: self._attach_trunks(call), "The trunk states")
             self._attach_readout(call)
         self._check_own_loss(call)
 
     def _label_smoothing(self) -> float:
         return default_loss_smoothing(self.args, self.loss_fn)
 
-    def _loss_key(self) -> str:
+    def _loss_key(self, fingerprint: Callable = callable_fingerprint) -> str:
         smoothing = self._label_smoothing()
-        return callable_fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
+        return fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
+
+    def _portable_functions(self) -> dict:
+        """The collator, loss, measurement and features as `portable_fingerprint` describes them: what processes of
+        a launch compare (`_functions`, the caches' keys, tell two live objects apart by address, which differs
+        between processes even when they run the same script)."""
+        return {"collator": portable_fingerprint(self.data_collator), "loss": self._loss_key(portable_fingerprint),
+                "measurement": portable_fingerprint(self.measurement_fn), "features": portable_fingerprint(self.features)}
 
     def _check_own_loss(self, call: _Call) -> None:
         """With the default loss, compare it with the loss the model itself returns, once per weights and data (a
@@ -789,8 +799,9 @@ class InfluenceEngine:
         if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
             D.check_same_everywhere({
                 "settings": args.influence_settings(), "combine": combine, "parameters": names,
-                "model": fingerprint, "functions": self._functions,
-                "train": train.fingerprint, "test": test.fingerprint, "candidates": cand.fingerprint,
+                "model": fingerprint, "functions": self._portable_functions(), **_data_description("train", train),
+                **_data_description("test", test),
+                **({"candidates": "the training rows"} if cand is train else _data_description("candidates", cand)),
             })
             self._align_caches()
         default_loss = self.loss_fn is None
@@ -1320,6 +1331,13 @@ class InfluenceEngine:
             "semantics": SEMANTICS if self.measurement_fn is None else SEMANTICS | MEASUREMENT_SEMANTICS,
             "diagnostics": call.info | call.timer.seconds,
         }
+
+
+def _data_description(name: str, batcher: Batcher) -> dict:
+    """What processes compare of a dataset, field by field, so that a refusal names what differs (the number of rows,
+    the columns read and their order, the format) before the hash of the values."""
+    return {f"{name} rows": len(batcher), f"{name} columns": list(batcher.dataset.column_names),
+            f"{name} format": batcher.dataset.format.get("type"), f"{name} values (sha256)": batcher.fingerprint}
 
 
 def _per_row_logits_error(alone, padded) -> float:

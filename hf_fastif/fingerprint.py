@@ -20,12 +20,14 @@ can still compute them, so a table recorded then is still checked (`InfluenceTab
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import dis
 import functools
 import hashlib
 import inspect
 import json
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -246,7 +248,7 @@ values count by their type's name."""
 
 def _describe_value(value, depth: int = 0):
     """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
-    if depth > MAX_DEPTH:
+    if _beyond(depth):
         return type(value).__qualname__
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
@@ -281,10 +283,51 @@ def _describe_value(value, depth: int = 0):
     # plain attributes (values, tensors, arrays, modules: one changed in place is seen, and so is a freed object's
     # address given to one with other settings); attributes that are objects by their identity only (following them
     # walked whole object graphs on every call)
+    if _PORTABLE.get():  # nothing process-specific: the type, a repr of its own without addresses, the attributes
+        shown = _ADDRESS.sub("", repr(value)) if type(value).__repr__ is not object.__repr__ else ""
+        described = type(value).__qualname__ + (":" + shown if shown else "")
+        attributes = {str(k): _describe_value(v, depth + 1)
+                      for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))}
+        return {described: attributes} if attributes else described
     described = type(value).__qualname__ + ":" + repr(value)
     attributes = {str(k): _describe_value(v, depth + 1) if _plain_attribute(v) else f"{type(v).__qualname__}@{id(v)}"
                   for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))}
     return {described: attributes} if attributes else described
+
+
+_PORTABLE = contextvars.ContextVar("hf_fastif_portable_fingerprint", default=None)
+"""While `portable_fingerprint` runs: a one-element list, set to True when a value was cut at the depth limit."""
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+PORTABLE_MAX_DEPTH = 6
+"""How deep `portable_fingerprint` follows values (plain objects by their attributes, so deeper than `MAX_DEPTH`)."""
+
+
+def _beyond(depth: int) -> bool:
+    """Whether a value at ``depth`` is past the depth limit (and so counts by its type's name only); under
+    `portable_fingerprint`, such a cut is recorded."""
+    cut = _PORTABLE.get()
+    beyond = depth > (MAX_DEPTH if cut is None else PORTABLE_MAX_DEPTH)
+    if beyond and cut is not None:
+        cut[0] = True
+    return beyond
+
+
+def portable_fingerprint(fn) -> str:
+    """`callable_fingerprint` without anything that differs between processes: a plain object (a collator's options)
+    counts by its type and its attributes, followed to `PORTABLE_MAX_DEPTH`, not by its address. What processes of a
+    launch compare, and what a build's manifest records for the next run: with addresses, every launch with such a
+    collator was refused as "processes disagree", and a build could never be resumed. Where that depth does not
+    reach every value (a settings object nested deeper), two such callables could look alike, so the address-based
+    `callable_fingerprint` is returned instead (such a build is not resumed, and such processes are refused, as
+    before). Within one process the engine keys its caches on `callable_fingerprint`, which tells two live
+    instances apart."""
+    cut = [False]
+    token = _PORTABLE.set(cut)
+    try:
+        portable = callable_fingerprint(fn)
+    finally:
+        _PORTABLE.reset(token)
+    return callable_fingerprint(fn) if cut[0] else portable
 
 
 def _plain_attribute(value) -> bool:
@@ -318,7 +361,7 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
                        "kwargs": _describe_value(dict(fn.keywords), depth + 1)}
     elif inspect.ismethod(fn):
         description = {"method": callable_fingerprint(fn.__func__, depth + 1),
-                       "self": _describe_value(fn.__self__, depth + 1) if depth < MAX_DEPTH
+                       "self": _describe_value(fn.__self__, depth + 1) if not _beyond(depth + 1)
                        else type(fn.__self__).__qualname__}
     elif inspect.isfunction(fn):
         code = fn.__code__
@@ -353,7 +396,7 @@ def _read_globals(fn, depth: int) -> dict:
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
         hashed = _plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
-        out[name] = _describe_value(value, depth) if hashed and depth <= MAX_DEPTH else type(value).__qualname__
+        out[name] = _describe_value(value, depth) if hashed and not _beyond(depth) else type(value).__qualname__
     return out
 
 

@@ -363,7 +363,7 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
         try:
             # a failure in the main process (a full disk) stops every process of a launch with its error; the others
             # waited in the barrier below for a model that never came
-            together(save, f"Caching the fine-tuned MiniLM in {target}")
+            together(save, f"Caching the fine-tuned MiniLM in {target} (${CACHE_ENV})")
         except (OSError, SafetensorError) as err:  # a full disk: safetensors raises its own error, not an OSError
             if world()[1] > 1:  # the other processes read the model from the cache
                 raise cache_write_error(target, err) from err

@@ -81,6 +81,11 @@ def test_an_error_in_one_process_share_stops_every_process_and_the_next_call_wor
     assert theirs["with_row_15"].startswith("The candidates' kNN features failed in process 1 (ValueError: ")
     assert "positions [15]" in theirs["with_row_15"]
     assert ours["without_row_15"] == theirs["without_row_15"] == 3 * 5  # 3 test rows, k = 5
+    # process 1's trunk states could not be written (a full disk): it raised, process 0 went on into the next
+    # stage's gather, received process 1's next call's settings in place of a failure, and both waited for ever
+    assert "No space left on device (a test)" in ours["trunk_full"]
+    assert theirs["trunk_full"].startswith("The trunk states failed in process 1 (OSError: ")
+    assert ours["after_trunk_full"] == theirs["after_trunk_full"] == 3 * 5
 
 
 def test_a_cache_that_cannot_take_the_fine_tuned_model_stops_every_process(tmp_path):
@@ -91,7 +96,8 @@ def test_a_cache_that_cannot_take_the_fine_tuned_model_stops_every_process(tmp_p
     assert result.returncode != 0
     assert "not reached" not in result.stderr and "Timeout" not in result.stderr
     assert "No space left on device (a test)" in result.stderr and "HF_FASTIF_CACHE" in result.stderr
-    assert "Caching the fine-tuned MiniLM in " in result.stderr and "failed in process 0" in result.stderr
+    assert "Caching the fine-tuned MiniLM in " in result.stderr
+    assert "($HF_FASTIF_CACHE) failed in process 0" in result.stderr
     assert not list((tmp_path / "f.json.cache").glob("minilm-nli/.*.tmp"))  # no staging folder left behind
 
 
@@ -112,6 +118,32 @@ def test_mismatched_settings_across_processes_are_refused(tmp_path):
     result = launch(tmp_path / "x.json", "mismatch")
     assert result.returncode != 0
     assert "disagree on ['settings']" in result.stderr and "same script, arguments and data" in result.stderr
+
+
+def test_processes_with_other_rows_are_refused_naming_what_differs(tmp_path):
+    """Processes holding other rows were refused with a hash only (and "candidates" named first, though none were
+    given); a resumed build refused one process as "another build" while the other failed in a bare gloo error."""
+    result = launch(tmp_path / "r.json", "rows")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        out = json.loads((tmp_path / f"r.json.{rank}").read_text())
+        assert "disagree on ['train rows', 'train values (sha256)'] (e.g. train rows: " in out["engine"]
+        assert "disagree on ['candidates', 'train'] (e.g. candidates: {'num_rows': 3" in out["build"]
+        assert "same script, arguments and data" in out["build"] and "holds another build" not in out["build"]
+
+
+def test_processes_out_of_step_are_told_so():
+    """A script that caught an error raised in one process only and went on reached the next stage's gather while
+    the other process was at another: it received that stage's objects (an unpacking error), then waited for ever."""
+    import hf_fastif.distributed as D
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(D, "world", lambda: (0, 2))
+        patch.setattr(D, "gather_objects", lambda value: [value, ("the settings check", None)])
+        with pytest.raises(RuntimeError, match="out of step: process 0 is at 'The kNN features', process 1 at 'the "
+                                               "settings check'"):
+            D.together(lambda: 1, "The kNN features")
+        assert D.together(lambda: 1, "the settings check") == 1
 
 
 def test_processes_with_different_weights_are_refused(tmp_path):

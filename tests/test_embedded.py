@@ -193,8 +193,12 @@ def test_a_killed_fine_tunings_staging_folder_is_removed_later(tmp_path):
     for folder in (old, fresh, foreign):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
-    for folder in (old, foreign):
-        os.utime(folder, (time.time() - 7 * 3600, time.time() - 7 * 3600))
+    writing = tmp_path / f".{'4567cdef' * 2}4567.w5v6.tmp"  # its folder's time is old, a file in it written now
+    writing.mkdir()
+    (writing / "model.safetensors").write_bytes(b"partial")
+    for path in (old / "model.safetensors", old, foreign / "model.safetensors", foreign, writing):
+        os.utime(path, (time.time() - 7 * 3600, time.time() - 7 * 3600))
     assert remove_stale_staging(tmp_path) == [old]
     assert not old.exists() and fresh.is_dir() and foreign.is_dir()  # one that may still be running is kept
+    assert writing.is_dir()  # (its top folder's time alone said 7 hours)
     assert remove_stale_staging(tmp_path / "missing") == []

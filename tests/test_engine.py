@@ -246,6 +246,7 @@ def test_plain_objects_behind_a_loss_are_never_taken_for_one_another():
     """Counting plain objects by their attributes (with addresses taken out) made a `__slots__` object's instances,
     or settings nested one object deeper, look alike: a build resumed with another loss's numbers (21 off). Such
     objects count by their repr (their address), so two instances never share a fingerprint."""
+    from hf_fastif.fingerprint import portable_fingerprint
 
     class Slotted:
         __slots__ = ("weights",)
@@ -279,6 +280,10 @@ def test_plain_objects_behind_a_loss_are_never_taken_for_one_another():
     assert callable_fingerprint(Slotted([1, 1]).loss) != callable_fingerprint(Slotted([1, 9]).loss)
     first, second = Owner([1, 1]), Owner([1, 9])  # settings nested deeper: live instances are told apart
     assert callable_fingerprint(first.loss) != callable_fingerprint(second.loss)
+    # what processes compare: by content, followed deeper
+    assert portable_fingerprint(first.loss) != portable_fingerprint(second.loss)
+    assert portable_fingerprint(Slotted([1, 1]).loss) != portable_fingerprint(Slotted([1, 9]).loss)
+    assert portable_fingerprint(Owner([1, 1]).loss) == portable_fingerprint(first.loss)
     assert callable_fingerprint(SlottedCall(0.1)) != callable_fingerprint(SlottedCall(5.0))  # a callable object
     # objects made and freed in turn (their addresses reused): other settings, other fingerprints
     assert len({callable_fingerprint(Slotted([w]).loss) for w in (0.1, 1.0, 5.0, 0.5)}) == 4
@@ -288,6 +293,56 @@ def test_plain_objects_behind_a_loss_are_never_taken_for_one_another():
     before = callable_fingerprint(loss.loss)
     loss.weights = [1, 9]
     assert callable_fingerprint(loss.loss) != before
+
+
+PLAIN_OBJECT_COLLATOR = """
+import torch
+
+class Options:  # a plain settings object with the default repr (its address)
+    def __init__(self, pad_to):
+        self.pad_to = pad_to
+
+class Deep:  # settings nested past the portable depth
+    def __init__(self, value, depth):
+        self.inner = Deep(value, depth - 1) if depth else value
+
+class MyCollator:
+    def __init__(self, pad_to=8, deep=None):
+        self.options, self.deep = Options(pad_to), deep
+
+    def __call__(self, rows):
+        return {"input_ids": torch.tensor([r["input_ids"] for r in rows])}
+"""
+
+
+def test_a_collator_holding_a_plain_object_is_the_same_in_every_process(tmp_path):
+    """A collator holding a plain object (default repr: its address) had another fingerprint in every process: each
+    launch with it was refused as "processes disagree on ['functions']" (launched with the same script), and a build
+    with it was never resumed ("holds another build"). What processes compare and builds record now describes such
+    objects by their content; settings nested too deep for that keep the address (never taken for one another)."""
+    import subprocess
+    import sys
+
+    from hf_fastif.fingerprint import portable_fingerprint
+
+    (tmp_path / "my_collator.py").write_text(PLAIN_OBJECT_COLLATOR)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_collator
+    finally:
+        sys.path.remove(str(tmp_path))
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import my_collator; "
+              "from hf_fastif.fingerprint import portable_fingerprint; "
+              "print(portable_fingerprint(my_collator.MyCollator()))")
+    other = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(Path(__file__).parents[1])],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    here = portable_fingerprint(my_collator.MyCollator())
+    assert here == other and len(here) == 64
+    assert callable_fingerprint(my_collator.MyCollator()) != callable_fingerprint(my_collator.MyCollator())
+    assert portable_fingerprint(my_collator.MyCollator(pad_to=16)) != here  # other settings, another fingerprint
+    deep = [my_collator.MyCollator(deep=my_collator.Deep(value, 8)) for value in (1, 2)]  # cut at the depth limit
+    assert portable_fingerprint(deep[0]) != portable_fingerprint(deep[1])
+    assert portable_fingerprint(deep[0]) == callable_fingerprint(deep[0])  # (the address-based one)
 
 
 def test_a_held_engine_probes_padding_and_the_cut_again_for_a_new_loss(pad_collator):
