@@ -39,8 +39,11 @@ def test_three_label_checkpoint_for_hans_correction(tmp_path, files, no_training
     with pytest.raises(ValueError, match=r"has 3 labels.*2-label \(entailment / non_entailment, MNLI-2\)"):
         _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"],
                                   "--hans_file", files["hans"]])
-    with pytest.raises(ValueError, match="The generated training data have 2 labels"):
+    with pytest.raises(ValueError, match="--num_labels 3: the embedded models .* have 2 labels"):
         _main("hans_correction")(["--output_dir", str(tmp_path), "--num_labels", "3"])
+    with pytest.raises(ValueError, match="The generated training data have 2 labels"):
+        _main("hans_correction")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt3"],
+                                  "--num_labels", "3", "--hans_file", files["hans"]])
 
 
 def test_hans_correction_takes_a_three_label_checkpoint_as_run_correction_does(tmp_path, files, monkeypatch):
