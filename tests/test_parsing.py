@@ -163,7 +163,7 @@ def test_cli_build_defaults(monkeypatch, tmp_path):
 
 
 def test_parse_arguments_ignores_defaults_of_other_commands():
-    (data_args,) = parse_arguments([ModelDataArguments], ["--num_labels", "3"],
+    (data_args,) = parse_arguments([ModelDataArguments], ["--num_labels", "3", "--model_name_or_path", "m"],
                                    {"num_threads": 2, "influence_knn_k": 5, "max_length": 64})
     assert (data_args.num_labels, data_args.num_threads, data_args.max_length) == (3, 2, 64)
     with pytest.raises(SystemExit):
