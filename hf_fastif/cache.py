@@ -203,8 +203,10 @@ def _sub_entry(finetuned: bool, sub: Path, manifest: str) -> CacheEntry:
         if not _FINETUNED.fullmatch(sub.name):
             return _entry(sub, "other")
         return _entry(sub, "fine-tuned", sub / manifest, _finetuned_unusable(sub))
-    if sub.name == SPACE_ENGINES:
-        return _entry(sub, "space build")
+    if sub.name == SPACE_ENGINES:  # (the engine caches of several tables, read without a stamp: by their newest)
+        entry = _entry(sub, "space build")
+        entry.last_used = _newest_change(sub) if sub.exists() else entry.last_used
+        return entry
     if sub.name not in EMBEDDED_KINDS:
         return _entry(sub, "other")
     if not (sub / SPACE_READY_FILE).is_file():  # being built, or a build that failed

@@ -229,6 +229,7 @@ class InfluenceEngine:
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
+        self._to_portable: dict[str, str] = {}  # (under a launch: `_align_caches`)
         self._functions = {"collator": callable_fingerprint(data_collator), "loss": self._loss_key(),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
@@ -670,7 +671,10 @@ class InfluenceEngine:
         device = repr(str(next(self.model.parameters()).device))  # each process's own GPU is the same place
 
         def name(key) -> str:
-            return repr(key).replace(device, "'<device>'")
+            text = repr(key).replace(device, "'<device>'")
+            for local, portable in self._to_portable.items():
+                text = text.replace(local, portable)
+            return text
 
         held = {("curvature", name(key)) for key in self._curvature}
         for kind, entry in (("exact", self._exact), ("low_rank", self._low_rank), ("feature_index", self._feature_index),
@@ -678,7 +682,7 @@ class InfluenceEngine:
                             ("saved_gradient_index", self._saved_gradient_index)):
             if entry is not None:
                 held.add((kind, name(entry[0])))
-        common = set.intersection(*map(set, D.gather_objects(held)))
+        common = set.intersection(*map(set, D.in_step("the caches every process holds", held)))
         for kind, key in held - common:
             logger.warning(f"Another process does not hold this process's {kind.replace('_', ' ')} cache: every "
                            "process builds it again (load the same caches in every process to reuse them; caches "
@@ -797,9 +801,13 @@ class InfluenceEngine:
         # call), never on datasets' _fingerprint, which datasets with other rows can share
         rank, world_size = D.world()
         if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
+            portable = self._portable_functions()
+            # the caches' keys hold `_functions`, which tell live objects apart by address: compared between
+            # processes as their portable fingerprints (else every cache counted as held by one process only)
+            self._to_portable = {self._functions[k]: portable[k] for k in portable if self._functions[k] != portable[k]}
             D.check_same_everywhere({
                 "settings": args.influence_settings(), "combine": combine, "parameters": names,
-                "model": fingerprint, "functions": self._portable_functions(), **_data_description("train", train),
+                "model": fingerprint, "functions": portable, **_data_description("train", train),
                 **_data_description("test", test),
                 **({"candidates": "the training rows"} if cand is train else _data_description("candidates", cand)),
             })

@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import dis
+import enum
 import functools
 import hashlib
 import inspect
 import json
+import pathlib
 import re
 from collections.abc import Iterable, Sequence
 
@@ -261,7 +263,11 @@ def _describe_value(value, depth: int = 0):
     if isinstance(value, (list, tuple)):
         return [_describe_value(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        # keys by str where all are strings; else typed ({1: ..} and {"1": ..} were alike by str)
+        key = str if all(isinstance(k, str) for k in value) else (lambda k: f"{type(k).__qualname__}:{k!r}")
+        return {key(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: key(kv[0]))}
+    if isinstance(value, (set, frozenset)) and _PORTABLE.get():  # (a set's repr orders by hash: per process)
+        return {type(value).__name__: sorted((_describe_value(v, depth + 1) for v in value), key=repr)}
     if isinstance(value, nn.Module):
         return "module:" + type(value).__qualname__ + ":" + model_fingerprint(value)
     if inspect.ismodule(value) or inspect.isclass(value):  # (reached through an object's attributes: by name)
@@ -284,14 +290,17 @@ def _describe_value(value, depth: int = 0):
     # address given to one with other settings); attributes that are objects by their identity only (following them
     # walked whole object graphs on every call)
     if _PORTABLE.get():  # nothing process-specific: the type, a repr of its own without addresses, the attributes
-        shown = _ADDRESS.sub("", repr(value)) if type(value).__repr__ is not object.__repr__ else ""
-        described = type(value).__qualname__ + (":" + shown if shown else "")
-        attributes = {str(k): _describe_value(v, depth + 1)
-                      for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))}
-        return {described: attributes} if attributes else described
-    described = type(value).__qualname__ + ":" + repr(value)
+        return _portable_object(value, depth)
+    try:
+        described = type(value).__qualname__ + ":" + repr(value)
+    except Exception:  # a repr that raises: by identity
+        described = f"{type(value).__qualname__}:unreadable@{id(value)}"
     attributes = {str(k): _describe_value(v, depth + 1) if _plain_attribute(v) else f"{type(v).__qualname__}@{id(v)}"
                   for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))}
+    if not attributes and type(value).__repr__ is not object.__repr__ and not isinstance(value, COMPLETE_REPR):
+        # state Python cannot see, shown by a repr of its own that may leave values out (a pyarrow Table's shows its
+        # first and last rows): by its identity too, so two such objects are never taken for one another
+        described += f"@{id(value)}"
     return {described: attributes} if attributes else described
 
 
@@ -300,6 +309,30 @@ _PORTABLE = contextvars.ContextVar("hf_fastif_portable_fingerprint", default=Non
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 PORTABLE_MAX_DEPTH = 6
 """How deep `portable_fingerprint` follows values (plain objects by their attributes, so deeper than `MAX_DEPTH`)."""
+
+
+COMPLETE_REPR = (torch.dtype, torch.device, np.dtype, enum.Enum, pathlib.PurePath, re.Pattern, range, slice, complex)
+"""Types whose repr holds all their state (`portable_fingerprint` describes them by it)."""
+
+
+def _portable_object(value, depth: int):
+    """A plain object as `portable_fingerprint` describes it: its type, its repr where that holds its state, and its
+    attributes followed by content. An object whose state Python cannot see (no attributes: a C object such as a
+    random generator, a pandas block manager), or whose repr cannot be read, is recorded as a cut: the fingerprint
+    then falls back to the address-based one (two such objects never look alike)."""
+    if isinstance(value, COMPLETE_REPR):
+        return f"{type(value).__qualname__}:{value!r}"
+    attributes = _attributes(value)
+    try:
+        shown = repr(value) if type(value).__repr__ is not object.__repr__ else ""
+    except Exception:  # a repr that raises
+        shown, attributes = "", {}
+    if not attributes:
+        _PORTABLE.get()[0] = True
+        return type(value).__qualname__
+    described = type(value).__qualname__ + (":" + _ADDRESS.sub("", shown) if shown else "")
+    return {described: {str(k): _describe_value(v, depth + 1)
+                        for k, v in sorted(attributes.items(), key=lambda kv: str(kv[0]))}}
 
 
 def _beyond(depth: int) -> bool:
@@ -372,11 +405,19 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
                        "closure": _describe_value(closure, depth + 1),
                        "globals": _read_globals(fn, depth + 1)}
     elif inspect.isbuiltin(fn) or inspect.isclass(fn):
+        bound = getattr(fn, "__self__", None)
         description = {"builtin": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"}
+        if bound is not None and not inspect.ismodule(bound) and not inspect.isclass(bound):  # t.matmul: t's data
+            description["self"] = _describe_value(bound, depth + 1)
     else:
         # dataclass fields read directly (dataclasses.asdict would deep-copy a collator's tokenizer)
         attributes = ({f.name: getattr(fn, f.name, None) for f in dataclasses.fields(fn)}
                       if dataclasses.is_dataclass(fn) else _attributes(fn))
+        if not attributes and not hasattr(type(fn).__call__, "__code__"):  # a C callable (itemgetter("a")): its repr
+            description_repr = repr(fn)
+            if _PORTABLE.get() and _ADDRESS.search(description_repr):
+                _PORTABLE.get()[0] = True
+            attributes = {"__repr__": description_repr}
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(dict(attributes), depth + 1)}

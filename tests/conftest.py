@@ -44,8 +44,9 @@ def _remove_orphaned_caches() -> None:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # a live session holds it
             continue
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+        else:  # (a session starting now creates its lock file, then locks it: a folder made minutes ago is kept)
+            if time.time() - folder.stat().st_mtime > 600:
+                shutil.rmtree(folder, ignore_errors=True)
         finally:
             os.close(handle)
 

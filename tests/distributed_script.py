@@ -39,6 +39,21 @@ COMMON = dict(influence_damping=0.05, influence_scale=20.0, influence_recursion_
               influence_scoring_batch_size=5, influence_hvp_batch_size=6)
 
 
+class Options:
+    """Plain settings with the default repr (an address, other in every process)."""
+
+    def __init__(self, pad_to_multiple_of=None):
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+
+class OptionsCollator:
+    def __init__(self):
+        self.inner, self.options = pad_collator_for_tests(), Options()
+
+    def __call__(self, rows):
+        return self.inner(rows)
+
+
 def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
     """Every case's table as lists; shared by the launched script and the 1-process reference."""
     model = tiny_model("bert")
@@ -155,6 +170,21 @@ if __name__ == "__main__":
                     if loaders == "every" or is_main_process():
                         out[f"{name}_{loaders}_loaded"] = engine.load_caches(f"{folder}.{name}")
                     out[name].append(engine.compute_influences(train, test).to_pandas().influence.tolist())
+        if rank == 0:
+            with open(sys.argv[1], "w") as f:
+                json.dump(out, f)
+        finish()
+        sys.exit(0)
+    if mode == "plain_collator":  # a collator holding a plain settings object (its address differs per process)
+        import faulthandler
+
+        from hf_fastif import InfluenceEngine
+
+        faulthandler.dump_traceback_later(120, exit=True)
+        model, train, test = tiny_model("bert"), make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+        args = default_arguments(**(COMMON | {"influence_solver": "exact", "influence_knn_k": None}))
+        with InfluenceEngine(model, args, data_collator=OptionsCollator()) as engine:
+            out = {"calls": [engine.compute_influences(train, test).to_pandas().influence.tolist() for _ in range(2)]}
         if rank == 0:
             with open(sys.argv[1], "w") as f:
                 json.dump(out, f)

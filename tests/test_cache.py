@@ -70,6 +70,11 @@ def cache(tmp_path):
     (used / "ready.json").write_text("{}")
     _age(used / "ready.json", 40)
     (building / "config.json").write_text("{}")  # written just now, deep in a build whose folders are older
+    engines = root / "space_default" / "engines" / ("f" * 20)  # the engine caches of another table, read today
+    engines.mkdir(parents=True)
+    (engines / "space_engine.json").write_text("{}")
+    _age(engines, 40)
+    _age(engines.parent, 40)
     _age(building, 2)
     _age(building.parent, 2)
     outside = tmp_path / "outside"
@@ -85,7 +90,8 @@ def test_entries_say_their_kind_and_whether_this_install_can_use_them(cache):
         OURS: "pretrained", OTHER_REVISION: "pretrained", A: "fine-tuned", B: "fine-tuned", C: "fine-tuned",
         E: "fine-tuned", OLD_WRITE: "unfinished write", FRESH_WRITE: "unfinished write", "notes.txt": "other",
         ".someone-elses.tmp": "other", "all-MiniLM-L6-v2-onnx-int8": "other", "minilm-nli/my-export": "other",
-        "space_default/minilm": "space build", "space_default/tiny": "unfinished write", "linked": "other"}
+        "space_default/minilm": "space build", "space_default/tiny": "unfinished write", "linked": "other",
+        "space_default/engines": "space build"}
     assert "MiniLM revision 00000000" in found[E].unusable
     assert found[OURS].unusable is None
     assert "revision 01234567" in found[OTHER_REVISION].unusable
@@ -106,7 +112,7 @@ KEPT = {"notes.txt", ".someone-elses.tmp", FRESH_WRITE, "all-MiniLM-L6-v2-onnx-i
     ([], set()),
     (["--prune"], UNUSABLE),
     (["--unused-days", "30"], UNUSABLE | {A, "space_default/minilm"}),
-    (["--clear"], UNUSABLE | {A, B, OURS, "space_default/minilm"}),  # not a write under way
+    (["--clear"], UNUSABLE | {A, B, OURS, "space_default/minilm", "space_default/engines"}),  # not a write under way
 ])
 def test_the_cache_command_lists_and_removes_only_what_it_is_asked_to(cache, flags, removed, capsys):
     """A user's folder whose name began like the extracted MiniLM's was pruned as another revision; a Space build
@@ -117,7 +123,7 @@ def test_the_cache_command_lists_and_removes_only_what_it_is_asked_to(cache, fla
     assert before - after == removed  # what hf_fastif did not write is never removed, nor a write under way
     assert KEPT <= after and (cache.parent / "outside" / "big.bin").is_file()
     out = capsys.readouterr().out
-    assert f"hf_fastif cache {cache}: 15 entries" in out and C in out
+    assert f"hf_fastif cache {cache}: 16 entries" in out and C in out
     assert (f"removed {len(removed)} entries" in out) == bool(flags)
 
 

@@ -132,6 +132,26 @@ def test_processes_with_other_rows_are_refused_naming_what_differs(tmp_path):
         assert "same script, arguments and data" in out["build"] and "holds another build" not in out["build"]
 
 
+def test_a_collator_holding_a_plain_object_runs_under_a_launch_and_keeps_its_caches(tmp_path):
+    """A collator holding a plain settings object had another fingerprint in every process (its address): every launch
+    with it was refused as "processes disagree on ['functions']"; once accepted, its caches counted as held by one
+    process only, and every call rebuilt them with a warning."""
+    from hf_fastif import compute_influences
+    from hf_fastif.influence import default_arguments
+    from tests.distributed_script import COMMON, OptionsCollator
+    from tests.tiny import make_token_dataset, tiny_model
+
+    result = launch(tmp_path / "p.json", "plain_collator")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Another process does not hold" not in result.stderr
+    calls = json.loads((tmp_path / "p.json").read_text())["calls"]
+    args = default_arguments(**(COMMON | {"influence_solver": "exact", "influence_knn_k": None}))
+    alone = compute_influences(tiny_model("bert"), make_token_dataset(20, seed=0), make_token_dataset(2, seed=1), args,
+                               data_collator=OptionsCollator()).to_pandas().influence.tolist()
+    for call in calls:
+        np.testing.assert_allclose(call, alone, rtol=1e-5, atol=1e-9)
+
+
 def test_processes_out_of_step_are_told_so():
     """A script that caught an error raised in one process only and went on reached the next stage's gather while
     the other process was at another: it received that stage's objects (an unpacking error), then waited for ever."""

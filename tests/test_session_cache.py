@@ -32,11 +32,12 @@ def test_a_live_sessions_cache_is_kept_and_orphans_are_removed(tmp_path, monkeyp
     held = os.open(live / conftest._LOCK_NAME, os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # (another open file: the check's own open conflicts with it)
     try:
-        ended = _folder(tmp_path, gone, lock=True, hours=0)  # its lock is free: the session ended, however
+        ended = _folder(tmp_path, gone, lock=True, hours=1)  # its lock is free: the session ended, however
+        starting = _folder(tmp_path, gone, lock=True, hours=0)  # created its lock file, not locked it yet
         legacy_old = _folder(tmp_path, gone, lock=False, hours=2)
         legacy_writing = _folder(tmp_path, gone, lock=False, hours=2, fresh_file=True)
         conftest._remove_orphaned_caches()
     finally:
         os.close(held)
-    assert live.is_dir() and legacy_writing.is_dir()
+    assert live.is_dir() and legacy_writing.is_dir() and starting.is_dir()
     assert not ended.exists() and not legacy_old.exists()

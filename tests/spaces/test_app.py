@@ -581,7 +581,8 @@ def test_non_finite_influence_is_left_out_of_the_plot_and_a_failing_plot_keeps_t
     from hf_fastif import InfluenceTable
 
     cases = {0: [-2.0, -1.0, 0.5, np.inf], 1: [-2.0, -1.0, 0.5, 0.7], 2: [-1e308, -1.0, 0.5, 1e308],
-             3: [np.nan, -np.inf, 0.5, 1.0], 4: [-1e308, -1.0, 0.5, 7e307]}  # (4: a finite range, 1.7e308)
+             3: [np.nan, -np.inf, 0.5, 1.0], 4: [-1e308, -1.0, 0.5, 7e307],  # (4: a finite range, 1.7e308)
+             5: [1.0, 1.0, np.nextafter(1.0, 2.0), 1.0]}  # (a few ulps apart: "Too many bins for data range")
     table = InfluenceTable.from_arrays(np.repeat(list(cases), 4), np.tile(np.arange(4), len(cases)),
                                        np.concatenate(list(cases.values())))
     state = space.SpaceState.from_table(table, "hand-made")
