@@ -714,7 +714,7 @@ def influence_histogram(values: np.ndarray, n: int, title: str):
             unit = float(np.abs(values).max())
     fig = Figure(figsize=(6.4, 3.2), layout="constrained")
     ax = fig.add_subplot()
-    spread = (values[-1] - values[0]) / unit if len(values) else 0.0
+    spread = values[-1] / unit - values[0] / unit if len(values) else 0.0  # (in units: the range may overflow)
     tiny = 0 < spread <= 1e-9 * float(np.abs(values / unit).max())  # values a few ulps apart: one bin (more failed)
     ax.hist(values / unit, bins=1 if tiny else min(60, max(10, len(values) // 4)), color="#9aa5b1")
     if len(negative):
