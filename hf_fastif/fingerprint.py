@@ -275,7 +275,7 @@ def _describe_value(value, depth: int = 0):
             if inspect.isclass(value) else f"module:{value.__name__}"
     # a tokenizer (callable, so before the callable branch, whose depth limit would cut it to type names):
     # its settings and vocabulary
-    if hasattr(value, "init_kwargs") and callable(getattr(value, "get_vocab", None)):
+    if _is_tokenizer(value):
         vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
         settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
                                                           "pad_token_id")}
@@ -363,6 +363,11 @@ def portable_fingerprint(fn) -> str:
     return callable_fingerprint(fn) if cut[0] else portable
 
 
+def _is_tokenizer(value) -> bool:
+    """A transformers tokenizer (described by its vocabulary and its padding / truncation settings)."""
+    return hasattr(value, "init_kwargs") and callable(getattr(value, "get_vocab", None))
+
+
 def _plain_attribute(value) -> bool:
     """Values `_describe_value` describes by their content: plain values, tensors, arrays, modules, containers of
     plain values (an object's attributes and a function's globals)."""
@@ -436,7 +441,8 @@ def _read_globals(fn, depth: int) -> dict:
         value = scope[name]
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
-        hashed = _plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
+        hashed = (_plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
+                  or _is_tokenizer(value))  # (a collator lambda padding with a global tokenizer: its padding side)
         out[name] = _describe_value(value, depth) if hashed and not _beyond(depth) else type(value).__qualname__
     return out
 

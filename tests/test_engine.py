@@ -394,6 +394,27 @@ def test_the_portable_fingerprint_never_takes_one_state_for_another():
     assert len(prints) == 1 and len(next(iter(prints))) == 64  # a set's repr follows its hashes: per process
 
 
+def test_a_collator_function_reading_a_global_tokenizer_counts_its_settings(tmp_path):
+    """A module-level collator function padding with a global tokenizer counted the tokenizer by its type only: after
+    `tokenizer.padding_side = "left"` its fingerprint was the same, and a build was resumed with other batches."""
+    import sys
+
+    from hf_fastif.fingerprint import portable_fingerprint
+
+    (tmp_path / "global_tokenizer_collator.py").write_text(
+        "from hf_fastif.data import build_tokenizer\n"
+        "tokenizer = build_tokenizer()\n"
+        "def collate(rows):\n    return tokenizer.pad(rows, return_tensors='pt')\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import global_tokenizer_collator as module
+    finally:
+        sys.path.remove(str(tmp_path))
+    before = callable_fingerprint(module.collate), portable_fingerprint(module.collate)
+    module.tokenizer.padding_side = "left"
+    assert callable_fingerprint(module.collate) != before[0] and portable_fingerprint(module.collate) != before[1]
+
+
 def test_a_held_engine_probes_padding_and_the_cut_again_for_a_new_loss(pad_collator):
     """The padding probe and the read-position cut were decided once per weights and data, not per loss: after
     `engine.loss_fn` became one that reads every position of the last layer, a held engine kept the cut (0.99 off)
