@@ -129,9 +129,12 @@ def _newest_change(path: Path) -> float:
     return newest
 
 
-def _entry(path: Path, kind: str, stamp: Path | None = None, unusable: str | None = None) -> CacheEntry:
+def _entry(path: Path, kind: str, stamp: Path | None = None, unusable: str | None = None, *,
+           newest: bool = False) -> CacheEntry:
+    """``path``'s entry; its last use is ``stamp``'s time, else the newest change in its tree (``newest``, and every
+    unfinished write), else its own time."""
     try:
-        if kind == "unfinished write":
+        if newest or kind == "unfinished write":
             last_used = _newest_change(path)
         else:
             last_used = (stamp if stamp is not None and stamp.exists() else path).stat().st_mtime
@@ -167,7 +170,7 @@ def _finetuned_unusable(folder: Path) -> str | None:
 
 def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry]:
     """The entries of the cache at ``cache_root(cache_dir)``, largest first (empty when there is no cache)."""
-    from .minilm_default import FINETUNE_CACHE_SUBDIR, MANIFEST_NAME
+    from .minilm_default import FINETUNE_CACHE_SUBDIR
     from .pretrained import MINILM_REVISION
 
     root = cache_root(cache_dir)
@@ -185,15 +188,16 @@ def cache_entries(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry
                                   else f"revision {revision[:8]}, this install reads {MINILM_REVISION[:8]}"))
         elif path.name in (FINETUNE_CACHE_SUBDIR, SPACE_SUBDIR) and path.is_dir():
             for sub in sorted(path.iterdir()):
-                entries.append(_sub_entry(path.name == FINETUNE_CACHE_SUBDIR, sub, MANIFEST_NAME))
+                entries.append(_sub_entry(path.name == FINETUNE_CACHE_SUBDIR, sub))
         else:
             entries.append(_entry(path, "other"))
     return sorted(entries, key=lambda e: -e.size)
 
 
-def _sub_entry(finetuned: bool, sub: Path, manifest: str) -> CacheEntry:
+def _sub_entry(finetuned: bool, sub: Path) -> CacheEntry:
     """An entry inside ``minilm-nli`` (``finetuned``) or ``space_default``."""
     from .embedded import KINDS as EMBEDDED_KINDS
+    from .minilm_default import MANIFEST_NAME
 
     if sub.is_symlink() or not sub.is_dir():
         return CacheEntry(sub, "other", 0 if sub.is_symlink() else _size(sub), sub.lstat().st_mtime)
@@ -202,11 +206,9 @@ def _sub_entry(finetuned: bool, sub: Path, manifest: str) -> CacheEntry:
     if finetuned:
         if not _FINETUNED.fullmatch(sub.name):
             return _entry(sub, "other")
-        return _entry(sub, "fine-tuned", sub / manifest, _finetuned_unusable(sub))
+        return _entry(sub, "fine-tuned", sub / MANIFEST_NAME, _finetuned_unusable(sub))
     if sub.name == SPACE_ENGINES:  # (the engine caches of several tables, read without a stamp: by their newest)
-        entry = _entry(sub, "space build")
-        entry.last_used = _newest_change(sub) if sub.exists() else entry.last_used
-        return entry
+        return _entry(sub, "space build", newest=True)
     if sub.name not in EMBEDDED_KINDS:
         return _entry(sub, "other")
     if not (sub / SPACE_READY_FILE).is_file():  # being built, or a build that failed

@@ -165,11 +165,10 @@ def recorded_command(argv: Sequence[str]) -> str | None:
                if f.name.lower().endswith("token")]
     out, value_next = [], False  # value_next: this argument is the value of a secret flag before it
     for arg in argv[1:]:
-        name = arg.partition("=")[0].lower()
-        prefix = name[2:].replace("-", "_") if name.startswith("--") and len(name) > 2 else None
+        flag, eq, _ = arg.partition("=")
+        prefix = flag[2:].lower().replace("-", "_") if flag.startswith("--") and len(flag) > 2 else None
         secret = not value_next and (SECRET_FLAG.match(arg) is not None
                                      or (prefix is not None and any(s.startswith(prefix) for s in secrets)))
-        flag, eq, _ = arg.partition("=")
         out.append("***" if value_next else f"{flag}=***" if secret and eq else arg)
         value_next = secret and not eq
     return " ".join(["hf-fastif", *out])

@@ -229,7 +229,6 @@ class InfluenceEngine:
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
-        self._to_portable: dict[str, str] = {}  # (under a launch: `_align_caches`)
         self._functions = {"collator": callable_fingerprint(data_collator), "loss": self._loss_key(),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
@@ -663,17 +662,20 @@ class InfluenceEngine:
             old.close()
         return loaded
 
-    def _align_caches(self) -> None:
+    def _align_caches(self, portable: dict[str, str]) -> None:
         """Under a launch, keep only the caches built by collectives (curvature estimates, the exact and low-rank
         Hessians, the gradient and kNN indexes) that every process holds: a process using its own while another
         rebuilds it waited in the other's collectives for ever (caches loaded by one process only, or saved under
         another rank). Trunk states are each process's own work, and stay."""
         device = repr(str(next(self.model.parameters()).device))  # each process's own GPU is the same place
+        # the keys hold `_functions`, which tell live objects apart by address: compared as their ``portable``
+        # fingerprints (`_portable_functions`), else every cache counted as held by one process only
+        to_portable = {self._functions[k]: portable[k] for k in portable if self._functions[k] != portable[k]}
 
         def name(key) -> str:
             text = repr(key).replace(device, "'<device>'")
-            for local, portable in self._to_portable.items():
-                text = text.replace(local, portable)
+            for local, shared in to_portable.items():
+                text = text.replace(local, shared)
             return text
 
         held = {("curvature", name(key)) for key in self._curvature}
@@ -802,16 +804,13 @@ class InfluenceEngine:
         rank, world_size = D.world()
         if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
             portable = self._portable_functions()
-            # the caches' keys hold `_functions`, which tell live objects apart by address: compared between
-            # processes as their portable fingerprints (else every cache counted as held by one process only)
-            self._to_portable = {self._functions[k]: portable[k] for k in portable if self._functions[k] != portable[k]}
             D.check_same_everywhere({
                 "settings": args.influence_settings(), "combine": combine, "parameters": names,
                 "model": fingerprint, "functions": portable, **_data_description("train", train),
                 **_data_description("test", test),
                 **({"candidates": "the training rows"} if cand is train else _data_description("candidates", cand)),
             })
-            self._align_caches()
+            self._align_caches(portable)
         default_loss = self.loss_fn is None
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
         checks = [(train, train_dataset, train_cols, "train_dataset", default_loss, False),

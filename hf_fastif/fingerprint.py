@@ -328,20 +328,26 @@ def _portable_object(value, depth: int):
     except Exception:  # a repr that raises
         shown, attributes = "", {}
     if not attributes:
-        _PORTABLE.get()[0] = True
+        _record_cut()
         return type(value).__qualname__
     described = type(value).__qualname__ + (":" + _ADDRESS.sub("", shown) if shown else "")
     return {described: {str(k): _describe_value(v, depth + 1)
                         for k, v in sorted(attributes.items(), key=lambda kv: str(kv[0]))}}
 
 
+def _record_cut() -> None:
+    """Under `portable_fingerprint`: a value could not be described without its address (it falls back)."""
+    cut = _PORTABLE.get()
+    if cut is not None:
+        cut[0] = True
+
+
 def _beyond(depth: int) -> bool:
     """Whether a value at ``depth`` is past the depth limit (and so counts by its type's name only); under
     `portable_fingerprint`, such a cut is recorded."""
-    cut = _PORTABLE.get()
-    beyond = depth > (MAX_DEPTH if cut is None else PORTABLE_MAX_DEPTH)
-    if beyond and cut is not None:
-        cut[0] = True
+    beyond = depth > (MAX_DEPTH if _PORTABLE.get() is None else PORTABLE_MAX_DEPTH)
+    if beyond:
+        _record_cut()
     return beyond
 
 
@@ -419,10 +425,9 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         attributes = ({f.name: getattr(fn, f.name, None) for f in dataclasses.fields(fn)}
                       if dataclasses.is_dataclass(fn) else _attributes(fn))
         if not attributes and not hasattr(type(fn).__call__, "__code__"):  # a C callable (itemgetter("a")): its repr
-            description_repr = repr(fn)
-            if _PORTABLE.get() and _ADDRESS.search(description_repr):
-                _PORTABLE.get()[0] = True
-            attributes = {"__repr__": description_repr}
+            attributes = {"__repr__": repr(fn)}
+            if _ADDRESS.search(attributes["__repr__"]):
+                _record_cut()
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(dict(attributes), depth + 1)}

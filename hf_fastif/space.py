@@ -707,11 +707,9 @@ def influence_histogram(values: np.ndarray, n: int, title: str):
     left_out = int((~np.isfinite(values)).sum())
     values = np.sort(values[np.isfinite(values)])
     negative, positive = values[values < 0], values[values > 0]
-    unit = 1.0
-    with np.errstate(over="ignore"):
-        # bins and axis limits would be inf, or matplotlib's transforms overflow (a range of 1.7e308 is finite)
-        if len(values) and (not np.isfinite(values[-1] - values[0]) or np.abs(values).max() > HUGE_INFLUENCE):
-            unit = float(np.abs(values).max())
+    # bins and axis limits would be inf where the range overflows, and matplotlib's transforms overflow even for a
+    # finite range of 1.7e308: both need a value beyond HUGE_INFLUENCE
+    unit = float(np.abs(values).max()) if len(values) and np.abs(values).max() > HUGE_INFLUENCE else 1.0
     fig = Figure(figsize=(6.4, 3.2), layout="constrained")
     ax = fig.add_subplot()
     spread = values[-1] / unit - values[0] / unit if len(values) else 0.0  # (in units: the range may overflow)
