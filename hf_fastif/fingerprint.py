@@ -291,10 +291,7 @@ def _describe_value(value, depth: int = 0):
     # walked whole object graphs on every call)
     if _PORTABLE.get():  # nothing process-specific: the type, a repr of its own without addresses, the attributes
         return _portable_object(value, depth)
-    try:
-        described = type(value).__qualname__ + ":" + repr(value)
-    except Exception:  # a repr that raises: by identity
-        described = f"{type(value).__qualname__}:unreadable@{id(value)}"
+    described = type(value).__qualname__ + ":" + _repr_or_identity(value)
     attributes = {str(k): _describe_value(v, depth + 1) if _plain_attribute(v) else f"{type(v).__qualname__}@{id(v)}"
                   for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))}
     if not attributes and type(value).__repr__ is not object.__repr__ and not isinstance(value, COMPLETE_REPR):
@@ -417,7 +414,8 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
                        "globals": _read_globals(fn, depth + 1)}
     elif inspect.isbuiltin(fn) or inspect.isclass(fn):
         bound = getattr(fn, "__self__", None)
-        description = {"builtin": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"}
+        name = getattr(fn, "__qualname__", None) or _repr_or_identity(fn)
+        description = {"builtin": f"{getattr(fn, '__module__', '')}.{name}"}
         if bound is not None and not inspect.ismodule(bound) and not inspect.isclass(bound):  # t.matmul: t's data
             description["self"] = _describe_value(bound, depth + 1)
     else:
@@ -425,13 +423,22 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         attributes = ({f.name: getattr(fn, f.name, None) for f in dataclasses.fields(fn)}
                       if dataclasses.is_dataclass(fn) else _attributes(fn))
         if not attributes and not hasattr(type(fn).__call__, "__code__"):  # a C callable (itemgetter("a")): its repr
-            attributes = {"__repr__": repr(fn)}
+            attributes = {"__repr__": _repr_or_identity(fn)}
             if _ADDRESS.search(attributes["__repr__"]):
                 _record_cut()
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(dict(attributes), depth + 1)}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _repr_or_identity(value) -> str:
+    """`repr(value)`; one that raises gives the value's address (in the " at 0x.." form, so that
+    `portable_fingerprint` records a cut and falls back): such a value is never taken for another."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unreadable {type(value).__qualname__} at {id(value):#x}>"
 
 
 def _read_globals(fn, depth: int) -> dict:

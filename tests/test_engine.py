@@ -385,6 +385,17 @@ def test_the_portable_fingerprint_never_takes_one_state_for_another():
             raise RuntimeError("no repr")
 
     assert portable_fingerprint(Holder(Broken())) != portable_fingerprint(Holder(Broken()))  # (falls back)
+
+    class CallableInC:  # called through a C function, no attributes: described by its repr, which raises
+        __slots__ = ()
+        __call__ = staticmethod(len)
+
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    both = CallableInC(), CallableInC()  # (both alive: by identity)
+    for fingerprint in (callable_fingerprint, portable_fingerprint):  # (raised RuntimeError: no repr)
+        assert fingerprint(both[0]) != fingerprint(both[1])
     script = ("import sys; sys.path[:0] = [sys.argv[1]]; from hf_fastif.fingerprint import portable_fingerprint; "
               "exec('class H:\\n def __init__(s): s.words = {\\'[CLS]\\', \\'[SEP]\\', \\'x\\', \\'y\\'}\\n def "
               "__call__(s, r): return r'); print(portable_fingerprint(H()))")
