@@ -7,6 +7,7 @@ runs in a subprocess (`run_client_json`) configured for the double.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,12 +111,17 @@ def _rows(frame: dict | pd.DataFrame) -> list[tuple]:
     return sorted(zip(frame.test_id, frame.train_id, frame.influence, frame.train_premise, frame.train_label))
 
 
+def shard_file(folder: Path, i: int) -> Path:
+    """The ``i``-th shard of a saved table (``data/train-0000i-of-0000n-<digest>.parquet``)."""
+    return sorted((folder / "data").glob("train-*.parquet"))[i]
+
+
 def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_path: Path) -> None:
     v1, v2 = make_table(0), make_table(1)
     v1.save(tmp_path / "v1")
     v2.save(tmp_path / "v2")
     v1.save(tmp_path / "corrupt", shard_rows=50)
-    shard = tmp_path / "corrupt" / "data" / "train-00001-of-00003.parquet"
+    shard = shard_file(tmp_path / "corrupt", 1)
     shard.write_bytes(b"\0" * shard.stat().st_size)  # same size: only the parquet check can tell
 
     push = run_client(PUSH, hub_server, tmp_path / "client_a",
@@ -126,9 +132,9 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert hub_server.commit_history(REPO)[:2] == [second, first]
     # sharded parquet + metadata + card, and nothing else (the old shards of v1 were replaced, not kept)
     files = hub_server.files(REPO)
-    assert sorted(files) == [".gitattributes", "README.md", "data/train-00000-of-00003.parquet",
-                             "data/train-00001-of-00003.parquet", "data/train-00002-of-00003.parquet",
-                             "influence_metadata.json"]
+    assert [re.sub(r"-[0-9a-f]{12}\.parquet$", ".parquet", f) for f in sorted(files)] == [
+        ".gitattributes", "README.md", "data/train-00000-of-00003.parquet", "data/train-00001-of-00003.parquet",
+        "data/train-00002-of-00003.parquet", "influence_metadata.json"]
     card = DatasetCard(files["README.md"].decode())
     assert card.data.license == "apache-2.0" and "influence-functions" in card.data.tags
     assert card.data.configs[0]["data_files"][0]["path"] == "data/*.parquet"
@@ -249,7 +255,7 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     table = make_table(3)
     table.save(tmp_path / "v1", shard_rows=50)
     table.save(tmp_path / "v1_damaged", shard_rows=50)
-    shard = tmp_path / "v1_damaged" / "data" / "train-00001-of-00003.parquet"
+    shard = shard_file(tmp_path / "v1_damaged", 1)
     shard.write_bytes(_silently_damaged(shard.read_bytes()))
     expected = InfluenceTable.load(tmp_path / "v1").to_pandas().influence.tolist()
 
@@ -260,7 +266,7 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     assert pushed["damaged"]["error"].startswith("DamagedShardError") and "is corrupt" in pushed["damaged"]["error"]
     assert not hub_server.repo_exists("test-user/other")
 
-    path = "data/train-00001-of-00003.parquet"
+    path = next(f for f in hub_server.files("test-user/public") if f.startswith("data/train-00001-of-00003-"))
     good = hub_server.damage("test-user/public", path, _silently_damaged(hub_server.files("test-user/public")[path]))
     pulled = run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""])
     assert "is corrupt" in pulled["error"] and "the copy on the Hub is damaged" in pulled["error"]

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -82,6 +83,7 @@ def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, monkeypat
         return replace(src, dst)
 
     monkeypatch.setattr(storage.os, "replace", killed)
+    monkeypatch.setattr(storage.InfluenceTableWriter, "abort", lambda self: None)  # (killed: nothing cleans up)
     with pytest.raises(KeyboardInterrupt):
         table.save(tmp_path / "killed", shard_rows=40)
     monkeypatch.undo()
@@ -92,6 +94,57 @@ def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, monkeypat
     (tmp_path / "other" / "notes.txt").write_text("kept")
     table.save(tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "kept"
+    # a project's own README that mentions the library is not a table's card (it was replaced by one)
+    (tmp_path / "project" / "README.md").parent.mkdir()
+    (tmp_path / "project" / "README.md").write_text("# Notes\n\nRunning hf_fastif on MNLI.\n")
+    with pytest.raises(InfluenceTableError, match="not an influence table's .*README.md"):
+        table.save(tmp_path / "project")
+    assert (tmp_path / "project" / "README.md").read_text() == "# Notes\n\nRunning hf_fastif on MNLI.\n"
+
+
+@pytest.mark.parametrize("stop", ["full disk at the metadata", "killed while shards move"])
+def test_a_save_that_fails_over_a_table_leaves_that_table_whole(tmp_path, monkeypatch, stop):
+    """A save over a table deleted that table's metadata first and then replaced its shards one by one: a full disk
+    while the new metadata was written, or a process killed while the shards moved, left no loadable table (the old
+    one gone, the new one never finished). The old table now loads, unchanged, until the new metadata replaces its
+    own; the next save clears what the failed one left."""
+    import hf_fastif.table.storage as storage
+
+    old, new = make_table(), make_table(seed=1)
+    old.save(tmp_path / "t", shard_rows=40)
+    if stop == "full disk at the metadata":
+        write_atomic = storage.write_atomic
+
+        def full(path, *args, **kwargs):
+            if Path(path).name == "influence_metadata.json":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write_atomic(path, *args, **kwargs)
+
+        monkeypatch.setattr(storage, "write_atomic", full)
+        with pytest.raises(OSError, match="No space"):
+            new.save(tmp_path / "t", shard_rows=40)
+    else:
+        moves, replace = [], os.replace
+
+        def killed(src, dst):
+            if str(dst).endswith(".parquet"):
+                if moves:
+                    raise KeyboardInterrupt("killed")
+                moves.append(dst)
+            return replace(src, dst)
+
+        monkeypatch.setattr(storage.os, "replace", killed)
+        monkeypatch.setattr(storage.InfluenceTableWriter, "abort", lambda self: None)  # (killed: nothing cleans up)
+        with pytest.raises(KeyboardInterrupt):
+            new.save(tmp_path / "t", shard_rows=40)
+    monkeypatch.undo()
+    loaded = InfluenceTable.load(tmp_path / "t", verify=True)  # (raised "influence_metadata.json is missing")
+    assert loaded.to_pandas().equals(old.to_pandas())
+    new.save(tmp_path / "t", shard_rows=40)
+    assert InfluenceTable.load(tmp_path / "t", verify=True).to_pandas().equals(new.to_pandas())
+    listed = {Path(s["path"]).name for s in json.loads((tmp_path / "t" / "influence_metadata.json").read_text())
+              ["storage"]["shards"]}
+    assert {p.name for p in (tmp_path / "t" / "data").glob("train-*.parquet")} == listed  # no other shard left
 
 
 def test_add_text_refuses_data_the_table_was_not_computed_on(tmp_path, pad_collator):
@@ -165,7 +218,7 @@ def test_writer_appends_shards_and_queries_read_only_what_they_need(tmp_path):
             expected.append(pd.DataFrame(part))
             assert writer.num_rows == sum(len(e) for e in expected)
     shards = sorted((tmp_path / "t" / "data").glob("*.parquet"))
-    assert [s.name for s in shards] == [f"train-0000{i}-of-00002.parquet" for i in range(2)]
+    assert [s.name[:-21] for s in shards] == [f"train-0000{i}-of-00002" for i in range(2)]  # (-<digest>.parquet)
     expected = pd.concat(expected).sort_values(["test_id", "influence"], kind="stable").reset_index(drop=True)
 
     table = InfluenceTable.load(tmp_path / "t")
@@ -503,7 +556,7 @@ def test_writers_of_one_folder_keep_each_others_shards(tmp_path):
     table.save(tmp_path / "t")
     assert not stale.exists() and not killed.exists() and elsewhere.exists()
     elsewhere.unlink()
-    assert sorted(p.name for p in data.iterdir()) == ["train-00000-of-00001.parquet"]
+    assert [p.name[:-21] for p in data.iterdir()] == ["train-00000-of-00001"]
 
 
 def test_a_table_saved_over_a_loaded_one_is_not_read_under_the_old_metadata(tmp_path):
@@ -522,15 +575,15 @@ def test_a_table_saved_over_a_loaded_one_is_not_read_under_the_old_metadata(tmp_
     replacement.save(tmp_path / "t", shard_rows=5)
     assert opened.for_test(0).influence.tolist() == before == [1.0, 2, 3, 4, 5]
     assert opened.to_pandas().equals(whole)
-    with pytest.raises(InfluenceTableError, match="written over"):  # a dataset reads the files by path: refused
+    gone = "was deleted since this table was loaded .another table saved into .*load the table again"
+    with pytest.raises(InfluenceTableError, match=gone):  # a dataset reads the files by path: refused
         _ = opened.dataset
-    with pytest.raises(InfluenceTableError, match="was written over since this table was loaded.*load the table "
-                                                  "again"):
+    with pytest.raises(InfluenceTableError, match=gone):
         unread.for_test(0)
-    with pytest.raises(InfluenceTableError, match="written over"):
+    with pytest.raises(InfluenceTableError, match=gone):
         unread.to_pandas()
     for table in (opened, unread):  # verify called them corrupt ("Download or rebuild the table")
-        with pytest.raises(InfluenceTableError, match="was written over since this table was loaded"):
+        with pytest.raises(InfluenceTableError, match=gone):
             table.verify()
     assert InfluenceTable.load(tmp_path / "t").for_test(0).influence.tolist()[0] == -500
 

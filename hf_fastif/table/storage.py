@@ -2,7 +2,8 @@
 
 A table folder (local, or a snapshot of a Hub dataset repo)::
 
-    data/train-00000-of-00002.parquet ...   the rows, sharded; row groups carry min/max statistics of test_id
+    data/train-00000-of-00002-<digest>.parquet ...   the rows, sharded; row groups carry min/max statistics of
+                                                     test_id; <digest>: of the shards' contents
     influence_metadata.json                  how the table was made + the list of shards (rows, bytes, sha256)
     README.md                                a dataset card (YAML: license, tags, settings, the parquet config)
 
@@ -14,7 +15,8 @@ id, most helpful first; every row; the test ids; the row groups), so `InfluenceT
   statistics can hold a test id read per query, so tables larger than memory stay fast.
 
 `InfluenceTableWriter` writes a folder incrementally (rows appended as computed, shards closed as they fill,
-the metadata JSON last, so a folder that has it is complete).
+the metadata JSON last, so a folder that has it is complete; shards named by their contents, so a save over a table
+never writes over that table's shards, and an interrupted one leaves it whole).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset
 from filelock import FileLock
+from huggingface_hub.repocard import metadata_load
 
 from ..utils import file_digest, library_version, quiet_datasets, to_json, write_atomic, write_error
 from .card import dataset_card
@@ -63,6 +66,8 @@ LOCK_FILE = ".cache/huggingface/hf_fastif.lock"
 """The lock a writer holds while it finishes a table folder (writers of one folder, e.g. every process of a launch
 saving its copy of the table, finish one after the other); in the folder huggingface_hub keeps its own local metadata
 in, which uploads leave out."""
+SHARD_TAG_CHARS = 12
+"""Hex characters of the digest of a table's shards in their names (``train-00000-of-00002-<digest>.parquet``)."""
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 """This machine, in the names of the partial shards its writers write (a pid means something on its machine only)."""
 PARTIAL_GRACE_S = 600
@@ -292,8 +297,9 @@ class ShardReader:
                                         "Download or rebuild the table.")
 
     def _gone(self, f: int) -> InfluenceTableError:
-        return InfluenceTableError(f"{self.files[f]} was deleted since this table was loaded (a cleaned cache, a "
-                                   "removed folder); download or load the table again.")
+        return InfluenceTableError(f"{self.files[f]} was deleted since this table was loaded (another table saved "
+                                   f"into {self.directory}, a cleaned cache, a removed folder); download or load the "
+                                   "table again.")
 
     def _check_unchanged(self, f: int) -> None:
         """Refuse file ``f`` if it is no longer the file this table was loaded from."""
@@ -407,6 +413,18 @@ def _live_partial(path: Path) -> bool:
         return False
 
 
+def is_table_card(path: Path) -> bool:
+    """Whether the ``README.md`` at ``path`` is an influence table's card, by its YAML (the ``hf_fastif`` tag and the
+    ``influence`` entry `dataset_card` writes), not by its text: a project's own README that mentions hf_fastif was
+    taken for one, and a save replaced it."""
+    try:
+        data = metadata_load(path) or {}
+    except Exception:  # YAML that does not parse: not this library's
+        return False
+    tags = data.get("tags")
+    return isinstance(tags, list) and "hf_fastif" in tags and isinstance(data.get("influence"), dict)
+
+
 def _check_folder_holds_a_table(directory: Path) -> None:
     """Refuse a folder whose ``data/*.parquet`` or ``README.md`` are not an influence table's (a saved dataset's
     own files): closing a writer replaces them. A table's folder (its metadata, or only its card: a save that was
@@ -414,7 +432,7 @@ def _check_folder_holds_a_table(directory: Path) -> None:
     if (directory / METADATA_FILE).exists():
         return
     card = directory / CARD_FILE
-    if card.is_file() and "hf_fastif" in card.read_text(errors="replace"):
+    if card.is_file() and is_table_card(card):
         return  # this library's card without the metadata: a save of a table that was interrupted
     data = directory / DATA_DIR
     foreign = [p for p in data.glob("*.parquet") if not p.name.startswith(".partial-")] if data.is_dir() else []
@@ -456,6 +474,7 @@ class InfluenceTableWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._parts: list[Path] = []
+        self._placed: list[Path] = []  # shards moved to their names by a `close` that has not written the metadata yet
         self._writer: pq.ParquetWriter | None = None
         self._shard_filled = 0
         self._closed = False
@@ -561,26 +580,39 @@ class InfluenceTableWriter:
         card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
                             columns=self.schema.names)
         self._closed = True
+        # the shards' names carry a digest of the new shards' contents: a save never writes over a shard of the table
+        # already in the folder (a shard of the same name holds the same rows), so that table stays whole, and is what
+        # loads, until the new metadata replaces its own in one rename. (Its metadata was deleted first and its shards
+        # replaced one by one: a full disk, a Ctrl-C or a killed process while finishing left no table at all.)
+        described = [_describe_file(part) for part in self._parts]
+        digest = hashlib.sha256("".join(d["sha256"] for d in described).encode()).hexdigest()[:SHARD_TAG_CHARS]
+        names = [f"train-{i:05d}-of-{len(self._parts):05d}-{digest}.parquet" for i in range(len(self._parts))]
+        data, card_path = self.directory / DATA_DIR, self.directory / CARD_FILE
         # one writer at a time finishes a folder: every process of a launch saving the table it holds (each has the
         # whole table) replaced and deleted the others' shards mid-save, and the launch failed with the table lost
         (self.directory / LOCK_FILE).parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.directory / LOCK_FILE)):
-            (self.directory / METADATA_FILE).unlink(missing_ok=True)
-            # the card before any shard moves: a save interrupted from here on leaves this library's card, so the
-            # folder is still known as a table's (`_check_folder_holds_a_table`) and a new save or a resumed build
-            # may replace it
-            card.save(str(self.directory / CARD_FILE))
-            names = [f"train-{i:05d}-of-{len(self._parts):05d}.parquet" for i in range(len(self._parts))]
-            for old in (self.directory / DATA_DIR).glob("*.parquet"):
-                if old.name not in names and old not in self._parts and not _live_partial(old):
-                    old.unlink(missing_ok=True)
-            shards = []
-            for part, name in zip(self._parts, names):
-                os.replace(part, self.directory / DATA_DIR / name)
-                shards.append(_describe_file(self.directory / DATA_DIR / name))
-            storage = {"format": "parquet", "num_rows": self.num_rows, "sorted": self.sorted, "shards": shards,
+            if not (self.directory / METADATA_FILE).exists():
+                # a first save: the card before any shard is placed, so a save interrupted from here on leaves a
+                # folder known as a table's (`_check_folder_holds_a_table`), which a new save or a resumed build may
+                # replace
+                write_atomic(card_path, str(card))
+            for part, name, entry in zip(self._parts, names, described):
+                target = data / name
+                if target.is_file():  # the same rows, saved before (a reader may hold it open: left as it is)
+                    part.unlink()
+                else:
+                    os.replace(part, target)
+                    self._placed.append(target)
+                entry["path"] = f"{DATA_DIR}/{name}"
+            storage = {"format": "parquet", "num_rows": self.num_rows, "sorted": self.sorted, "shards": described,
                        "columns": {f.name: str(f.type) for f in self.schema}}
             write_atomic(self.directory / METADATA_FILE, to_json(metadata | {STORAGE_KEY: storage}, indent=2))
+            self._placed = []  # (the new table is the folder's now)
+            write_atomic(card_path, str(card))
+            for old in data.glob("*.parquet"):  # the previous table's shards, and those of interrupted saves
+                if old.name not in names and not _live_partial(old):
+                    old.unlink(missing_ok=True)
             return InfluenceTable.load(self.directory)
 
     def abort(self) -> None:
@@ -589,8 +621,9 @@ class InfluenceTableWriter:
             with contextlib.suppress(Exception):
                 self._writer.close()
             self._writer = None
-        for part in self._parts:
+        for part in self._parts + self._placed:  # (shards placed for metadata that was never written: not the table's)
             with contextlib.suppress(OSError):  # (one that cannot be removed: the others still are)
                 part.unlink(missing_ok=True)
+        self._placed = []
         self._buffer, self._buffered = [], 0
         self._closed = True
