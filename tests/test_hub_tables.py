@@ -304,3 +304,31 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     assert "the copy on the Hub is damaged" not in cut_off["error"]
     pushed = run_client_json(CHECKED, hub_server, tmp_path / "e", args=["push", str(tmp_path / "v1")])
     assert pushed["error"].startswith("InfluenceTableError: Could not reach the Hub to push"), pushed
+
+
+STALE = """
+import json, sys
+from hf_fastif import InfluenceTable
+
+step, folder = sys.argv[1:3]
+if step == "push":
+    print(json.dumps({"commit": InfluenceTable.load(folder).push_to_hub("test-user/stale")}))
+else:
+    print(json.dumps({"rows": InfluenceTable.from_hub("test-user/stale").to_pandas().influence.tolist()}))
+"""
+
+
+def test_a_cached_table_loaded_because_the_hub_cannot_be_reached_says_so(hub_server: HubServer, tmp_path: Path):
+    """With the Hub unreachable (not HF_HUB_OFFLINE: a network failure), the Hub client falls back on the cached copy
+    of a branch without a word: a table pushed since was not seen, and `from_hub` / `hf-fastif show` gave the old
+    values with no warning. They still load the cached copy, and say so, naming the commit."""
+    for seed in (0, 1):
+        make_table(seed).save(tmp_path / f"v{seed}")
+    first = run_client_json(STALE, hub_server, tmp_path / "a", args=["push", str(tmp_path / "v0")])["commit"]
+    cached = run_client(STALE, hub_server, tmp_path / "b", args=["pull", ""])
+    assert "could not be reached" not in cached.stderr
+    run_client_json(STALE, hub_server, tmp_path / "a", args=["push", str(tmp_path / "v1")])
+    hub_server.stop()
+    stale = run_client(STALE, hub_server, tmp_path / "b", args=["pull", ""])
+    assert json.loads(stale.stdout.strip().splitlines()[-1]) == json.loads(cached.stdout.strip().splitlines()[-1])
+    assert "The Hub could not be reached" in stale.stderr and f"commit {first}" in stale.stderr, stale.stderr

@@ -666,3 +666,67 @@ def test_the_candidates_note_is_dropped_when_k_covers_every_row():
             "settings": {"influence_knn_k": 4}, "diagnostics": {"candidates": "gradient"},
             "candidate_data": {"num_rows": rows}})
         assert (table.candidates_note() is not None) == expected
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(storage="x"), lambda m: m["storage"]["shards"][0].pop("path"),
+    lambda m: m["storage"].update(shards={"a": 1}), lambda m: m["storage"].update(num_rows="3"),
+    lambda m: m["storage"].update(sorted="false"), lambda m: m.update(model="bert"), lambda m: m.clear(),
+    lambda m: m["storage"]["shards"][0].update(bytes="12"),
+], ids=["storage a string", "shard without path", "shards an object", "num_rows a string", "sorted a string",
+        "model a string", "empty", "bytes a string"])
+def test_metadata_of_the_wrong_shape_is_refused_as_corrupt(tmp_path, capsys, edit):
+    """Only the schema version of a table's metadata was checked: a string for `storage` raised AttributeError (a
+    traceback from the CLI), a shard without its path a bare KeyError ("error: path"), "false" for `sorted` was read
+    as true (an unsorted table queried as sorted), a string for `model` loaded and then broke `repr`, and an empty
+    object was told to upgrade hf_fastif. Each is an InfluenceTableError naming the file, and `show` exits 2."""
+    from hf_fastif.cli import main
+
+    make_table().save(tmp_path / "t")
+    path = tmp_path / "t" / "influence_metadata.json"
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(InfluenceTableError, match="influence_metadata.json (is corrupt|has no schema_version)"):
+        InfluenceTable.load(tmp_path / "t")
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "influence_metadata.json" in err and "Traceback" not in err
+
+
+def test_repeated_pairs_and_missing_ids_are_refused_wherever_rows_come_in(tmp_path):
+    """`from_arrays` refused a repeated (test_id, train_id) pair, but the writer and `InfluenceTable(dataset)` took
+    them (a retried chunk: helpful(0) gave train id 4 twice, `describe` counted 3 candidates for 2 rows); the writer
+    also took null ids (test_ids read back [0.0, 1.0, nan]) and raised Arrow's bare ArrowInvalid for uint64 ids past
+    2**63. Each is an InfluenceTableError, and a refused close leaves the folder's previous table."""
+    chunk = {"test_id": [0, 0], "train_id": [3, 4], "influence": [-1.0, 2.0]}
+    make_table().save(tmp_path / "t")
+    before = InfluenceTable.load(tmp_path / "t").to_pandas()
+    writer = InfluenceTableWriter(tmp_path / "t")
+    writer.write(chunk)
+    writer.write({"test_id": [1], "train_id": [4], "influence": [0.5]})
+    writer.write(chunk)  # retried
+    with pytest.raises(InfluenceTableError, match="pair test_id 0, train_id 3 2 times .2 pairs repeated.*nothing was"):
+        writer.close()
+    assert InfluenceTable.load(tmp_path / "t").to_pandas().equals(before)
+    assert not list((tmp_path / "t" / "data").glob(".partial-*"))
+    wide = {"test_id": [0, 0], "train_id": [2 ** 40, 2 ** 40], "influence": [1.0, 2.0]}  # (past pair_keys' range)
+    with pytest.raises(InfluenceTableError, match=f"train_id {2 ** 40} 2 times"):
+        with InfluenceTableWriter(tmp_path / "w") as writer:
+            writer.write(chunk)
+            writer.write(wide)
+    with pytest.raises(InfluenceTableError, match="pair test_id 0, train_id 3 2 times"):
+        InfluenceTable(Dataset.from_dict({k: v * 2 for k, v in chunk.items()}))
+    with pytest.raises(InfluenceTableError, match="pair test_id 0, train_id 4 2 times"):  # (an indices mapping's rows)
+        InfluenceTable(Dataset.from_dict(chunk).select([0, 1, 1]))
+    for bad, match in (({"test_id": pa.array([0, None], pa.int64())}, "'test_id' of the rows written has 1 missing"),
+                       ({"train_id": pa.array([1, 2 ** 63], pa.uint64())}, "'train_id' of the rows written holds ids "
+                                                                           "int64 cannot hold")):
+        with pytest.raises(InfluenceTableError, match=match):
+            with InfluenceTableWriter(tmp_path / "n") as writer:
+                writer.write(pa.table({**{k: pa.array(v) for k, v in chunk.items()}, **bad}))
+    with InfluenceTableWriter(tmp_path / "ok") as writer:  # the same pair for other test ids is fine
+        writer.write(chunk)
+        writer.write({"test_id": [1, 1], "train_id": [3, 4], "influence": [0.0, 1.0]})
+    assert len(InfluenceTable.load(tmp_path / "ok")) == 4

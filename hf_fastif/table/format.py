@@ -72,6 +72,57 @@ def check_columns(schema: pa.Schema, what: str) -> None:
                                       f"{schema.field(name).type}.")
 
 
+def pair_keys(test_id: np.ndarray, train_id: np.ndarray) -> np.ndarray | None:
+    """One uint64 per ``(test_id, train_id)`` pair, ``test_id << 32 | train_id``, where every id is in ``[0, 2**32)``
+    (None otherwise): pairs compared and sorted as single numbers."""
+    test_id, train_id = np.asarray(test_id, np.int64), np.asarray(train_id, np.int64)
+    if len(test_id) and (min(test_id.min(), train_id.min()) < 0 or max(test_id.max(), train_id.max()) >= 2 ** 32):
+        return None
+    return (test_id.astype(np.uint64) << np.uint64(32)) | train_id.astype(np.uint64)
+
+
+def repeated_pair(test_id: np.ndarray, train_id: np.ndarray, keys: np.ndarray | None = None
+                  ) -> tuple[int, int, int, int] | None:
+    """``(test_id, train_id, times, pairs repeated)`` of a ``(test_id, train_id)`` pair given more than once (the most
+    repeated), or None when every pair is unique; ``keys``: the pairs' `pair_keys`, when known. Sorted as one uint64
+    each where the ids allow (0.2 s at 3M pairs; sorting the (n, 2) pairs took 2.5 s)."""
+    keys = pair_keys(test_id, train_id) if keys is None else keys
+    if keys is not None:
+        if not len(keys):
+            return None
+        keys, counts = np.unique(keys, return_counts=True)
+        most = int(counts.argmax())
+        pair = (int(keys[most] >> np.uint64(32)), int(keys[most] & np.uint64(2 ** 32 - 1)))
+    else:
+        pairs, counts = np.unique(np.stack([test_id, train_id], 1), axis=0, return_counts=True)
+        most = int(counts.argmax())
+        pair = (int(pairs[most][0]), int(pairs[most][1]))
+    return (*pair, int(counts[most]), int((counts > 1).sum())) if counts[most] > 1 else None
+
+
+def repeated_pair_message(repeated: tuple[int, int, int, int], what: str) -> str:
+    test_id, train_id, times, pairs = repeated
+    return (f"{what} hold the pair test_id {test_id}, train_id {train_id} {times} times ({pairs} pairs repeated); a "
+            "table holds one influence per pair (queries would count the row twice)")
+
+
+def checked_ids(table: pa.Table, what: str) -> pa.Table:
+    """``table`` with its ids as int64, refusing missing (null) ids and ids int64 cannot hold (both went in: a null id
+    read back as NaN among the test ids, a uint64 past 2**63 raised Arrow's bare ArrowInvalid)."""
+    for name in ("test_id", "train_id"):
+        column = table.column(name)
+        if column.null_count:
+            raise InfluenceTableError(f"The column {name!r} of {what} has {column.null_count} missing (null) ids; every "
+                                      "row needs a test id and a training row id.")
+        try:
+            column = column.cast(pa.int64())
+        except pa.ArrowInvalid as err:
+            raise InfluenceTableError(f"The column {name!r} of {what} holds ids int64 cannot hold ({err}); row ids "
+                                      "are int64.") from err
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
 def normalized_schema(schema: pa.Schema) -> pa.Schema:
     """The schema rows are stored with: ids as int64, influence as float64, no pandas/datasets schema metadata."""
     fixed = {"test_id": pa.int64(), "train_id": pa.int64(), "influence": pa.float64()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,10 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 TRANSPORT_ERRORS = _transport_errors()
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+"""A full commit id (a revision that names one snapshot for good)."""
 
 
 def _status(err: Exception) -> int | None:
@@ -165,7 +170,7 @@ def offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
-def unreachable(repo_id: str, revision: str, token: str | None = None) -> str | None:
+def unreachable(repo_id: str, revision: str | None, token: str | None = None) -> str | None:
     """Why the Hub cannot serve ``repo_id`` at ``revision`` now (offline mode, no network), or None when it answers.
     A forced download of a commit already in the cache falls back on the cached folder when the Hub cannot be
     reached, so a download that "fails again" proves nothing about the Hub's copy unless the Hub answered."""
@@ -188,11 +193,20 @@ def download_table(repo_id: str, *, revision: str | None = None, token: str | No
         raise InfluenceTableError(f"force_download=True downloads dataset repo {repo_id!r} again, but the Hub client is "
                                   "offline (HF_HUB_OFFLINE=1): go online, or load the cached copy without it.")
     with _pull_errors(repo_id, revision):
+        # asked first whether the Hub answers: when it cannot be reached, the Hub client falls back on the cached copy
+        # of a branch without a word (a table pushed since was not seen, and `show` printed the old values with exit
+        # status 0), so that is said, with the commit loaded (a commit id names one snapshot for good)
+        stale = None if offline() or (revision is not None and _COMMIT.fullmatch(revision)) \
+            else unreachable(repo_id, revision, token)
         # the metadata first: it says whether this is a table at all before any shard is downloaded,
         # and its snapshot folder names the commit, so the shards come from the very same commit
         meta = Path(hf_hub_download(repo_id, METADATA_FILE, repo_type="dataset", revision=revision, token=token,
                                     cache_dir=cache_dir))
         commit = meta.parent.name
+        if stale is not None:
+            logger.warning(f"The Hub could not be reached ({stale}): loading the cached copy of "
+                           f"{_where(repo_id, revision)}, commit {commit}; the Hub's may be newer. Run it again once "
+                           "online.")
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=commit, token=token, cache_dir=cache_dir,
                                       allow_patterns=[METADATA_FILE, CARD_FILE, f"{DATA_DIR}/*.parquet"],
                                       force_download=force_download))

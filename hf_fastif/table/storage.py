@@ -59,7 +59,11 @@ from .format import (
     DamagedShardError,
     InfluenceTableError,
     check_columns,
+    checked_ids,
     normalized_schema,
+    pair_keys,
+    repeated_pair,
+    repeated_pair_message,
 )
 
 LOCK_FILE = ".cache/huggingface/hf_fastif.lock"
@@ -134,10 +138,53 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     if not isinstance(metadata, dict):
         raise InfluenceTableError(f"{meta_path} must hold a JSON object; the table is corrupt.")
     version = metadata.get("schema_version")
+    if version is None or isinstance(version, bool) or not isinstance(version, int):
+        raise InfluenceTableError(f"{meta_path} has no schema_version (a whole number): it is not an influence "
+                                  "table's metadata, or it is corrupt; download or rebuild the table.")
     if version != SCHEMA_VERSION:
         raise InfluenceTableError(f"{directory} has influence-table schema version {version!r}; this hf_fastif reads "
                                   f"version {SCHEMA_VERSION}. Upgrade hf_fastif or rebuild the table.")
+    problem = _metadata_shape_problem(metadata)
+    if problem:  # (read as it came: a string "false" for sorted was true, an entry without a path a bare KeyError)
+        raise InfluenceTableError(f"{meta_path} is corrupt: {problem}. Download or rebuild the table.")
     return metadata
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _metadata_shape_problem(metadata: dict) -> str | None:
+    """What is wrong with the shape of a table's metadata as read from disk (None: nothing): the entries the card,
+    ``repr`` and the readers use must be objects, the storage entry's counts whole numbers, ``sorted`` a boolean,
+    and each shard an object with its path (and its rows, bytes and sha256 where given)."""
+    try:
+        _check_metadata(metadata)
+    except ValueError as err:
+        return str(err)
+    storage = metadata.get(STORAGE_KEY)
+    if storage is None:
+        return None
+    if not isinstance(storage, dict):
+        return f"{STORAGE_KEY!r} must be an object, got {type(storage).__name__}"
+    if "num_rows" in storage and not _is_count(storage["num_rows"]):
+        return f"{STORAGE_KEY}.num_rows must be a whole number, got {storage['num_rows']!r}"
+    if "sorted" in storage and not isinstance(storage["sorted"], bool):
+        return f"{STORAGE_KEY}.sorted must be true or false, got {storage['sorted']!r}"
+    shards = storage.get("shards")
+    if shards is None:
+        return None
+    if not isinstance(shards, list):
+        return f"{STORAGE_KEY}.shards must be a list, got {type(shards).__name__}"
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not isinstance(shard.get("path"), str):
+            return f"{STORAGE_KEY}.shards[{i}] must be an object with a 'path', got {shard!r}"
+        for key in ("rows", "bytes"):
+            if key in shard and not _is_count(shard[key]):
+                return f"{STORAGE_KEY}.shards[{i}].{key} must be a whole number, got {shard[key]!r}"
+        if "sha256" in shard and not isinstance(shard["sha256"], str):
+            return f"{STORAGE_KEY}.shards[{i}].sha256 must be a string, got {shard['sha256']!r}"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -475,6 +522,10 @@ class InfluenceTableWriter:
         self._buffered = 0
         self._parts: list[Path] = []
         self._placed: list[Path] = []  # shards moved to their names by a `close` that has not written the metadata yet
+        # for `close`'s check of repeated pairs: each write's `pair_keys` (8 bytes a row), or the ids themselves
+        # once a write's ids are past 2**32
+        self._keys: list[np.ndarray] = []
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] | None = None
         self._writer: pq.ParquetWriter | None = None
         self._shard_filled = 0
         self._closed = False
@@ -502,9 +553,19 @@ class InfluenceTableWriter:
         if set(table.column_names) != set(self.schema.names):
             raise ValueError(f"Rows written to one table must have the same columns: expected {self.schema.names}, "
                              f"got {table.column_names}.")
-        table = table.select(self.schema.names).cast(self.schema)
+        table = checked_ids(table, "the rows written").select(self.schema.names).cast(self.schema)
         if not table.num_rows:
             return
+        test_id, train_id = table.column("test_id").to_numpy(), table.column("train_id").to_numpy()
+        keys = pair_keys(test_id, train_id) if self._pairs is None else None
+        if keys is not None:
+            self._keys.append(keys)
+        else:
+            if self._pairs is None:  # ids past 2**32: the pairs themselves from here on, those kept so far unpacked
+                self._pairs = [((k >> np.uint64(32)).astype(np.int64), (k & np.uint64(2 ** 32 - 1)).astype(np.int64))
+                               for k in self._keys]
+                self._keys = []
+            self._pairs.append((test_id, train_id))
         table = table.take(sort_order(table))
         first = order_key(table.column("test_id")[0].as_py(), table.column("influence")[0].as_py())
         if self._last is not None and first < self._last:
@@ -554,6 +615,13 @@ class InfluenceTableWriter:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{err} The rows written are kept: call close() again with the metadata fixed.") from err
         try:
+            if self._pairs is not None:
+                repeated = repeated_pair(*(np.concatenate(ids) for ids in zip(*self._pairs)))
+            else:
+                repeated = repeated_pair(None, None, keys=np.concatenate(self._keys)) if self._keys else None
+            if repeated:  # (a chunk written twice: a retried write)
+                raise InfluenceTableError(repeated_pair_message(repeated, "The rows written") + "; nothing was saved "
+                                          f"(a chunk written twice?), {self.directory} keeps what it held.")
             return self._finish(complete)
         except BaseException:
             # a failed flush left .partial-*.parquet files (a full disk: filling it) that nothing removed

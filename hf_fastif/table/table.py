@@ -38,6 +38,9 @@ from .format import (
     InfluenceTableError,
     ModelMismatchError,
     check_columns,
+    checked_ids,
+    repeated_pair,
+    repeated_pair_message,
 )
 from .storage import (
     InfluenceTableWriter,
@@ -63,6 +66,11 @@ class InfluenceTable:
         with quiet_datasets():
             if dataset._indices is not None:  # the reader slices the Arrow table in row order
                 dataset = dataset.flatten_indices()
+            if not _sorted:  # (not a table's own rows, re-wrapped: those were checked when they were made)
+                ids = checked_ids(dataset.data.table.select(["test_id", "train_id"]), "the dataset")
+                repeated = repeated_pair(ids.column("test_id").to_numpy(), ids.column("train_id").to_numpy())
+                if repeated:
+                    raise InfluenceTableError(repeated_pair_message(repeated, "The rows of the dataset") + ".")
             if not _sorted and len(dataset):
                 order = sort_order(dataset.data.table)
                 if not np.array_equal(order, np.arange(len(order))):
@@ -92,13 +100,9 @@ class InfluenceTable:
             raise InfluenceTableError(f"from_arrays needs arrays of one length; got {lengths}.")
         test_id, train_id = _whole_ids(values["test_id"], "test_id"), _whole_ids(values["train_id"], "train_id")
         influence = values["influence"].astype(np.float64)
-        pairs, counts = (None, None) if pairs_unique or not len(test_id) else \
-            np.unique(np.stack([test_id, train_id], 1), axis=0, return_counts=True)
-        if counts is not None and counts.max() > 1:
-            twice = pairs[counts.argmax()]
-            raise InfluenceTableError(f"from_arrays got the pair test_id {twice[0]}, train_id {twice[1]} "
-                                      f"{counts.max()} times ({int((counts > 1).sum())} pairs repeated); a table holds "
-                                      "one influence per pair (queries would count the row twice).")
+        repeated = None if pairs_unique else repeated_pair(test_id, train_id)
+        if repeated:
+            raise InfluenceTableError(repeated_pair_message(repeated, "The arrays given to from_arrays") + ".")
         order = np.lexsort((influence, test_id))
         data = {"test_id": test_id[order], "train_id": train_id[order], "influence": influence[order],
                 **{k: [values[k][i] for i in order] for k in columns}}
