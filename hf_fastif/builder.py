@@ -30,7 +30,7 @@ from . import distributed as D
 from .arguments import InfluenceArguments
 from .batches import column_rule, validate_dataset
 from .engine import InfluenceEngine, non_finite_scores
-from .fingerprint import dataset_fingerprint, model_fingerprint, portable_fingerprint
+from .fingerprint import dataset_fingerprint, model_code_fingerprint, model_fingerprint, portable_fingerprint
 from .influence import default_arguments
 from .loss import default_loss_smoothing
 from .mode import uncompiled
@@ -44,13 +44,14 @@ logger = logging.get_logger(__name__)
 MANIFEST = "build_manifest.json"
 # 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256; 3: run-time settings
 # in the signature, shards not tagged with its sha256; 4: functions fingerprinted without the globals they read,
-# an inferred config.problem_type hashed as set; 5: the L2 term of influence_weight_decay in every row's gradient
-MANIFEST_VERSION = 7
+# an inferred config.problem_type hashed as set; 5: the L2 term of influence_weight_decay in every row's gradient;
+# 7: the influence parameters' names; 8: the model's code (the transformers version, module classes from elsewhere)
+MANIFEST_VERSION = 8
 # settings that decide how, not what, is computed: batch sizes of the test gradients, full-data Hessians, kNN
 # features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
 # change the numbers at most by float rounding, so a build resumed with other values goes on.
 RUNTIME_SETTINGS = ("influence_hvp_batch_size", "influence_scoring_batch_size", "influence_cache_dir",
-                    "influence_skip_unread_positions")
+                    "influence_skip_unread_positions", "influence_trunk_cache")
 # the keyword arguments of compute_influences that decide the numbers, beside the data
 CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
 KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)
@@ -78,7 +79,8 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     names = list(select_parameters(model, args.influence_params))
     signature = {
         "manifest_version": MANIFEST_VERSION,
-        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model),
+                  "code": model_code_fingerprint(model)},
         "influence_parameters": {"tensors": len(names),
                                  "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()},
         "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}

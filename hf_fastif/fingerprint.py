@@ -366,6 +366,35 @@ def portable_fingerprint(fn) -> str:
     return callable_fingerprint(fn) if cut[0] else portable
 
 
+LIBRARY_MODULES = ("torch", "transformers", "peft", "builtins")
+"""Top-level packages whose classes' code `model_code_fingerprint` counts by the transformers version (or not at all)."""
+
+
+def model_code_fingerprint(model: nn.Module) -> dict:
+    """What a model computes besides its weights and config, for what is kept across runs (a build's manifest): the
+    transformers version (its modelling code) and the code of every module class from elsewhere (a trust_remote_code
+    model's ``modeling_*.py``, a head of one's own, and their bases): each class's own functions by
+    `portable_fingerprint` (code, constants, defaults, the module-level functions and values they read). A build
+    whose model code changed was resumed with the old code's shards (80% off a fresh build)."""
+    import transformers
+
+    custom = {}
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if cls.__module__.split(".")[0] in LIBRARY_MODULES or name in custom:
+                continue
+            functions = {}
+            for key, value in vars(cls).items():
+                parts = ([value.fget, value.fset, value.fdel] if isinstance(value, property)
+                         else [getattr(value, "__func__", value)])
+                described = [portable_fingerprint(f) for f in parts if inspect.isfunction(f)]
+                if described:
+                    functions[key] = described
+            custom[name] = hashlib.sha256(json.dumps(functions, sort_keys=True).encode()).hexdigest()
+    return {"transformers": transformers.__version__, "classes": dict(sorted(custom.items()))}
+
+
 def _is_tokenizer(value) -> bool:
     """A transformers tokenizer (described by its vocabulary and its padding / truncation settings)."""
     return hasattr(value, "init_kwargs") and callable(getattr(value, "get_vocab", None))

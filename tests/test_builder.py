@@ -389,3 +389,42 @@ def test_shards_written_by_another_build_at_the_same_time_are_not_assembled(setu
     monkeypatch.setattr(builder, "_merge_non_finite", landing_after_the_check)
     late = build_influence_table(model, train, small, tmp_path / "late", args, shard_size=2, data_collator=pad_collator)
     assert late.to_pandas().equals(clean)
+
+
+def test_a_model_whose_code_changed_is_another_build(pad_collator, tmp_path, monkeypatch):
+    """The manifest recorded the weights and the config but not the model's code: a trust_remote_code model whose
+    modeling file was edited (here: its logits scaled) resumed the old code's shards (80% off a fresh build). The
+    code is part of the build now (classes from outside torch / transformers, and the transformers version)."""
+    import importlib
+    import sys
+
+    from transformers import BertForSequenceClassification
+
+    source = ("from transformers import BertForSequenceClassification\n"
+              "SCALE = {scale}\n\n\n"
+              "class Scaled(BertForSequenceClassification):\n"
+              "    def forward(self, *args, **kwargs):\n"
+              "        out = super().forward(*args, **kwargs)\n"
+              "        out.logits = out.logits * SCALE\n"
+              "        return out\n")
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "scaled_head.py").write_text(source.format(scale=1.0))
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    module = importlib.import_module("scaled_head")
+    weights = tiny_model("bert")
+    model = module.Scaled(weights.config)
+    model.load_state_dict(weights.state_dict())
+    train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**ARGS | {"influence_solver": "cg", "influence_knn_k": None})
+    build_influence_table(model, train, test, tmp_path / "out", args, shard_size=2, data_collator=pad_collator)
+    (tmp_path / "code" / "scaled_head.py").write_text(source.format(scale=3.0))
+    module = importlib.reload(module)
+    edited = module.Scaled(weights.config)
+    edited.load_state_dict(weights.state_dict())
+    with pytest.raises(ValueError, match=r"another build \(model\.code\.classes\.scaled_head\.Scaled: "):
+        build_influence_table(edited, train, test, tmp_path / "out", args, shard_size=2, data_collator=pad_collator)
+    sys.modules.pop("scaled_head", None)
+    plain = BertForSequenceClassification(weights.config)
+    plain.load_state_dict(weights.state_dict())
+    signature = builder.build_signature(plain, train, test, args, 2)
+    assert signature["model"]["code"]["classes"] == {} and signature["model"]["code"]["transformers"]
