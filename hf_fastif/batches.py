@@ -147,7 +147,8 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
     positions = position_limit(model)
     target_positions = decoder_position_limit(model)
-    segments = getattr(getattr(model, "config", None), "type_vocab_size", None)  # BERT's token type embeddings
+    # BERT's token type embeddings; 0 (DeBERTa-v3): the model has no such table and ignores the ids its tokenizer gives
+    segments = getattr(getattr(model, "config", None), "type_vocab_size", None) or None
     label = next((c for c in LABEL_COLUMNS if c in columns), None)
     head = transformers_model(model)  # a PEFT model's head is its base model's
     classes = _class_count(head) if default_loss else None

@@ -607,3 +607,21 @@ def test_scores_that_are_not_finite_are_named(setup, pad_collator, caplog, tmp_p
                                   default_arguments(**(FAST | {"influence_solver": "exact"})), shard_size=1,
                                   data_collator=pad_collator, loss_fn=loss, candidate_dataset=poisoned)
     assert built.metadata["diagnostics"]["non_finite_scores"] == {"count": 2, "train_ids": [1], "num_train_ids": 1}
+
+
+def test_token_types_of_a_model_without_a_token_type_table_are_not_refused(pad_collator):
+    """DeBERTa-v3 checkpoints have type_vocab_size 0 (no token type embeddings; the model ignores the ids), and their
+    own tokenizer writes token_type_ids: every such row was refused ("has token type 0, but the model has 0 ...
+    tokenized for another model"), so no DeBERTa-v3 model could be used."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, type_vocab_size=0, num_labels=2, pooler_hidden_size=16))
+    train, test = (make_token_dataset(n, seed=s).map(lambda r: {"token_type_ids": [0] * len(r["input_ids"])})
+                   for n, s in ((8, 0), (2, 1)))
+    table = compute_influences(model, train, test, default_arguments(**(FAST | {"influence_solver": "cg",
+                                                                             "influence_knn_k": None})),
+                               data_collator=pad_collator)
+    assert len(table) == 16 and np.isfinite(table.to_pandas().influence).all()
