@@ -83,6 +83,7 @@ from .table.format import label_text
 from .table.hub import push_table_resolved
 
 EXIT_ERROR = 2
+logger = pylogging.getLogger(__name__)
 
 
 MAX_LENGTH_HELP = (
@@ -241,6 +242,7 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     model = AutoModelForSequenceClassification.from_pretrained(build.model_name_or_path, revision=build.revision,
                                                                attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(build.model_name_or_path, revision=build.revision)
+    match_padding(model, tokenizer, build.model_name_or_path)
     train, test = _nli_data(model.config, build)
     if build.max_train_samples:
         train = train.select(range(min(build.max_train_samples, len(train))))
@@ -259,6 +261,29 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
                        train=TextSource(train, build.train_dataset, build.train_split),
                        test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions)
     finish()  # under `accelerate launch`: every process waits for the writer, then the process group closes
+
+
+def match_padding(model, tokenizer, name: str) -> None:
+    """A padding token for the batches of a checkpoint saved without one on one side (GPT-2's tokenizers have none):
+    the tokenizer takes the model config's ``pad_token_id``, or the config the tokenizer's (GPT-2-style classifiers
+    read each row's last token that is not padding, and refused batches of several rows), each said in a log line;
+    with neither, refused with the fix (the collation failed advising a collator the command line already uses)."""
+    config = model.config
+    if tokenizer.pad_token_id is None and getattr(config, "pad_token_id", None) is None:
+        raise ValueError(
+            f"Neither the tokenizer nor the model config of {name} has a padding token (GPT-2's have none), so rows "
+            "of different lengths cannot be batched. Save the checkpoint with one (when fine-tuning: "
+            "tokenizer.pad_token = tokenizer.eos_token; model.config.pad_token_id = tokenizer.pad_token_id), or add "
+            '"pad_token" to its tokenizer_config.json and "pad_token_id" to its config.json.')
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+        logger.warning(f"The tokenizer of {name} has no padding token: padding with the model config's pad_token_id "
+                       f"{config.pad_token_id} ({tokenizer.pad_token!r}).")
+    elif getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+        logger.warning(f"The model config of {name} has no pad_token_id: using the tokenizer's padding token "
+                       f"{tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), so that the model can tell padding "
+                       "from the rows' tokens in a batch.")
 
 
 def _nli_data(config, source) -> tuple[Dataset, Dataset]:

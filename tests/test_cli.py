@@ -4,6 +4,7 @@ loopback Hub double, and errors as one-line messages."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -477,3 +478,47 @@ def test_a_model_without_a_position_limit_takes_any_max_length() -> None:
     assert model.config.max_position_embeddings == -1 and usable_positions(model) is None
     assert max_length_for(SimpleNamespace(max_length=None), model) == 128
     assert max_length_for(SimpleNamespace(max_length=1024), model) == 1024
+
+
+def test_a_checkpoint_without_a_padding_token_on_one_side_is_matched_or_refused():
+    """GPT-2's tokenizers have no padding token: a build stopped with "pass data_collator=DataCollatorWithPadding"
+    (the collator the command line already uses; it has no such flag), and a config without pad_token_id with
+    transformers' bare "Cannot handle batch sizes > 1". The side without one takes the other's (said in a log line);
+    with neither, the build is refused with the fix; a collator whose tokenizer cannot pad says that."""
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+    from hf_fastif.batches import Batcher
+    from hf_fastif.cli import match_padding
+    from tests.tiny import tiny_model
+
+    def tokenizer(pad: bool):
+        words = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2}, "[UNK]"))
+        return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", **({"pad_token": "[PAD]"} if pad
+                                                                                       else {}))
+
+    model = tiny_model("gpt2")  # config.pad_token_id 0
+    bare = tokenizer(False)
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("hf_fastif.cli").addHandler(handler)  # (not caplog: the CLI's logging stops propagation)
+    try:
+        match_padding(model, bare, "m")
+    finally:
+        logging.getLogger("hf_fastif.cli").removeHandler(handler)
+    assert bare.pad_token == "[PAD]" and "padding with the model config's pad_token_id 0" in " ".join(said)
+    model.config.pad_token_id = None
+    padded = tokenizer(True)
+    match_padding(model, padded, "m")
+    assert model.config.pad_token_id == 0
+    model.config.pad_token_id = None
+    with pytest.raises(ValueError, match='Neither the tokenizer nor the model config of m has a padding token.*'
+                                         '"pad_token" to its tokenizer_config.json'):
+        match_padding(model, tokenizer(False), "m")
+    rows = Dataset.from_dict({"input_ids": [[2], [2, 2]], "attention_mask": [[1], [1, 1]]})
+    batcher = Batcher(rows, rows.column_names, DataCollatorWithPadding(tokenizer(False)), torch.device("cpu"))
+    with pytest.raises(ValueError, match="the collator's tokenizer has no padding token"):
+        batcher.collate(rows.to_list())
