@@ -722,7 +722,7 @@ class Batcher:
             tokenizer = getattr(self.collator, "tokenizer", None)
             if tokenizer is not None and getattr(tokenizer, "pad_token", 0) is None:  # (the collator was the right one)
                 raise ValueError(
-                    f"Could not collate rows into a batch: the collator's tokenizer has no padding token (GPT-2's "
+                    "Could not collate rows into a batch: the collator's tokenizer has no padding token (GPT-2's "
                     "have none). Set one, e.g. tokenizer.pad_token = tokenizer.eos_token, and the model's "
                     "config.pad_token_id to its id.") from err
             default = self.padding_collator == PADDING_COLLATORS[None]
