@@ -316,6 +316,9 @@ def add_push(sub) -> None:
     parser.add_argument("--revision", default=None, help="Branch to commit to; the repo's main branch when omitted.")
     parser.add_argument("--commit-message", "--commit_message", default="Upload influence table with hf_fastif",
                         help="The commit's message.")
+    parser.add_argument("--license", default=None, help="The card's license (a Hub license id, e.g. cc-by-sa-4.0); "
+                                                        "default: the table's own (its metadata's), else apache-2.0. "
+                                                        "A table that carries text takes its data's license.")
     parser.add_argument("--token", default=None, help="Hub token (better: the HF_TOKEN variable or `hf auth login`, "
                                                       "which keep it out of the process list and shell history).")
     parser.set_defaults(run=run_push)
@@ -325,7 +328,8 @@ def run_push(ns: argparse.Namespace) -> int:
     table = InfluenceTable.load(ns.table, verify=True)
     # the repo id as the Hub resolved it: a bare name is created under the token's namespace
     repo_id, commit = push_table_resolved(table, ns.repo_id, private=True if ns.private else None, token=ns.token,
-                                          revision=ns.revision, commit_message=ns.commit_message)
+                                          revision=ns.revision, commit_message=ns.commit_message,
+                                          license=ns.license)
     print(f"pushed {len(table):,} rows to dataset {repo_id} at commit {commit}")
     print(f"load it with: InfluenceTable.from_hub({repo_id!r}, revision={commit!r})")
     return 0

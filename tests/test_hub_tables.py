@@ -332,3 +332,36 @@ def test_a_cached_table_loaded_because_the_hub_cannot_be_reached_says_so(hub_ser
     stale = run_client(STALE, hub_server, tmp_path / "b", args=["pull", ""])
     assert json.loads(stale.stdout.strip().splitlines()[-1]) == json.loads(cached.stdout.strip().splitlines()[-1])
     assert "The Hub could not be reached" in stale.stderr and f"commit {first}" in stale.stderr, stale.stderr
+
+
+LICENSED = """
+import json, sys
+from huggingface_hub import DatasetCard, hf_hub_download
+from hf_fastif import InfluenceTable
+from hf_fastif.cli import main
+
+folder, copy = sys.argv[1:3]
+def card_license(repo):
+    return DatasetCard.load(hf_hub_download(repo, "README.md", repo_type="dataset")).data.license
+
+InfluenceTable.load(folder).push_to_hub("test-user/licensed", license="cc-by-sa-4.0")
+pulled = InfluenceTable.from_hub("test-user/licensed")
+pulled.save(copy)
+InfluenceTable.load(copy).push_to_hub("test-user/again")
+assert main(["push", folder, "test-user/flag", "--license", "mit"]) == 0
+print(json.dumps({"pulled": pulled.metadata.get("license"), "again": card_license("test-user/again"),
+                  "copy": DatasetCard.load(copy + "/README.md").data.license, "flag": card_license("test-user/flag")}))
+"""
+
+
+def test_a_tables_license_survives_pull_save_and_push(hub_server: HubServer, tmp_path: Path):
+    """The license lived in the card only: a table pushed as cc-by-sa-4.0 (it carries the data's text), pulled and
+    saved, or pushed again, was published as apache-2.0, and `hf-fastif push` had no --license. A save records the
+    license in the metadata; a loaded table keeps it (a table saved before that: its card's)."""
+    make_table(0).save(tmp_path / "t", license="cc-by-sa-4.0")
+    out = run_client_json(LICENSED, hub_server, tmp_path / "a", args=[str(tmp_path / "t"), str(tmp_path / "copy")])
+    assert out == {"pulled": "cc-by-sa-4.0", "again": "cc-by-sa-4.0", "copy": "cc-by-sa-4.0", "flag": "mit"}
+    metadata = json.loads((tmp_path / "t" / "influence_metadata.json").read_text())
+    del metadata["license"]  # a table saved before the metadata recorded it: its card's
+    (tmp_path / "t" / "influence_metadata.json").write_text(json.dumps(metadata))
+    assert InfluenceTable.load(tmp_path / "t").metadata["license"] == "cc-by-sa-4.0"

@@ -45,7 +45,7 @@ def test_save_load_round_trip_with_shards_and_text(tmp_path):
     table.save(tmp_path / "t", shard_rows=40)
     assert len(list((tmp_path / "t" / "data").glob("*.parquet"))) == 4
     loaded = InfluenceTable.load(tmp_path / "t")
-    assert loaded.metadata == table.metadata
+    assert loaded.metadata == table.metadata | {"license": "apache-2.0"}  # (the card's, recorded by the save)
     assert loaded.to_pandas().equals(table.to_pandas())
     top = loaded.helpful(1, 2)
     assert top.train_premise.tolist() == [f"p{i}" for i in top.train_id]

@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 )
 from transformers.utils import logging
 
-from .format import CARD_FILE, DATA_DIR, DEFAULT_LICENSE, METADATA_FILE, SHARD_ROWS, InfluenceTableError
+from .format import CARD_FILE, DATA_DIR, METADATA_FILE, SHARD_ROWS, InfluenceTableError
 
 if TYPE_CHECKING:
     from .table import InfluenceTable
@@ -95,7 +95,7 @@ def _pull_errors(repo_id: str, revision: str | None) -> Iterator[None]:
 
 def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = None, token: str | None = None,
                commit_message: str = "Upload influence table with hf_fastif", revision: str | None = None,
-               license: str = DEFAULT_LICENSE, shard_rows: int = SHARD_ROWS) -> str:
+               license: str | None = None, shard_rows: int = SHARD_ROWS) -> str:
     """Create (or update) the dataset repo ``repo_id`` with ``table`` (its old shards replaced); returns the
     commit id."""
     return push_table_resolved(table, repo_id, private=private, token=token, commit_message=commit_message,
@@ -104,7 +104,7 @@ def push_table(table: InfluenceTable, repo_id: str, *, private: bool | None = No
 
 def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | None = None,
                         token: str | None = None, commit_message: str = "Upload influence table with hf_fastif",
-                        revision: str | None = None, license: str = DEFAULT_LICENSE,
+                        revision: str | None = None, license: str | None = None,
                         shard_rows: int = SHARD_ROWS) -> tuple[str, str]:
     """`push_table`, returning ``(repo id as the Hub resolved it, commit id)``: a bare name is created under the
     token's namespace (``user/name``), which `from_hub` needs."""

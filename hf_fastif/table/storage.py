@@ -504,7 +504,7 @@ class InfluenceTableWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, metadata: dict | None = None, *, shard_rows: int = SHARD_ROWS,
-                 row_group_rows: int = ROW_GROUP_ROWS, license: str = DEFAULT_LICENSE, repo_id: str | None = None,
+                 row_group_rows: int = ROW_GROUP_ROWS, license: str | None = None, repo_id: str | None = None,
                  schema: pa.Schema | None = None):
         if shard_rows < 1 or row_group_rows < 1:
             raise ValueError(f"shard_rows and row_group_rows must be >= 1, got {shard_rows} and {row_group_rows}.")
@@ -645,7 +645,10 @@ class InfluenceTableWriter:
             pq.write_table(self.schema.empty_table(), self._parts[0])
         # the card is made before anything of a previous table is touched: metadata it cannot render (or any error
         # up to here) leaves that table as it was
-        card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=self.license,
+        # the license recorded in the metadata too, so a loaded table keeps it (a pull, a save and a push again
+        # published tables of cc-by-sa text as apache-2.0): the one given, else the table's own, else the default
+        metadata = metadata | {"license": self.license or metadata.get("license") or DEFAULT_LICENSE}
+        card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=metadata["license"],
                             columns=self.schema.names)
         self._closed = True
         # the shards' names carry a digest of the new shards' contents: a save never writes over a shard of the table

@@ -13,6 +13,7 @@ loaded folder, which reads only the row groups a test id can be in).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from datasets import Dataset
+from huggingface_hub.repocard import metadata_load
 from transformers.utils import logging
 
 from ..fingerprint import adapter_state, fingerprint_scheme, model_fingerprint, tensor_digests
@@ -29,7 +31,7 @@ from ..mode import uncompiled
 from ..utils import quiet_datasets
 from . import hub
 from .format import (
-    DEFAULT_LICENSE,
+    CARD_FILE,
     ROW_GROUP_ROWS,
     SHARD_ROWS,
     STORAGE_KEY,
@@ -309,8 +311,9 @@ class InfluenceTable:
 
     # ---- files -------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, shard_rows: int = SHARD_ROWS, row_group_rows: int = ROW_GROUP_ROWS,
-             license: str = DEFAULT_LICENSE, repo_id: str | None = None) -> Path:
-        """Write ``data/train-XXXXX-of-XXXXX.parquet`` shards, the metadata JSON and a dataset card."""
+             license: str | None = None, repo_id: str | None = None) -> Path:
+        """Write ``data/train-XXXXX-of-XXXXX-<digest>.parquet`` shards, the metadata JSON and a dataset card
+        (``license``: the card's; by default the table's own, ``metadata["license"]``, else apache-2.0)."""
         with InfluenceTableWriter(directory, self.metadata, shard_rows=shard_rows, row_group_rows=row_group_rows,
                                   license=license, repo_id=repo_id, schema=self._reader.schema) as writer:
             for batch in self._reader.batches(row_group_rows):
@@ -330,6 +333,12 @@ class InfluenceTable:
         directory = Path(directory)
         metadata = read_metadata(directory)
         storage = metadata.pop(STORAGE_KEY, None) or {}
+        if not isinstance(metadata.get("license"), str):  # (a table saved before the metadata recorded it: its card's)
+            metadata.pop("license", None)
+            with contextlib.suppress(Exception):
+                card = metadata_load(directory / CARD_FILE) or {}
+                if isinstance(card.get("license"), str):
+                    metadata["license"] = card["license"]
         return cls._from_reader(ShardReader.open(directory, storage, verify=verify), metadata)
 
     def verify(self) -> InfluenceTable:
@@ -344,9 +353,10 @@ class InfluenceTable:
     # ---- Hub ---------------------------------------------------------------------------------------
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload influence table with hf_fastif", revision: str | None = None,
-                    license: str = DEFAULT_LICENSE, shard_rows: int = SHARD_ROWS) -> str:
+                    license: str | None = None, shard_rows: int = SHARD_ROWS) -> str:
         """Create (or update) the dataset repo ``repo_id`` with this table; returns the commit id, which
-        `from_hub(repo_id, revision=...)` takes to pin exactly this version.
+        `from_hub(repo_id, revision=...)` takes to pin exactly this version (``license``: the card's; by default the
+        table's own, ``metadata["license"]``, else apache-2.0).
 
         The token (argument, ``HF_TOKEN`` or the saved login) goes to `huggingface_hub` only; it is never
         logged or put in an error message."""
