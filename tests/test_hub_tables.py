@@ -53,7 +53,8 @@ api.upload_file(path_or_fileobj=b"a,b\\n1,2\\n", path_in_repo="data.csv", repo_i
                 repo_type="dataset")
 refused = {}
 for name, target, kwargs in (("plain", "test-user/plain", {}), ("no_branch", repo, {"revision": "no-such-branch"}),
-                             ("new_repo_branch", "test-user/never-made", {"revision": "dev"})):
+                             ("new_repo_branch", "test-user/never-made", {"revision": "dev"}),
+                             ("new_bare_branch", "bare-never-made", {"revision": "dev"})):
     try:
         InfluenceTable.load(v1).push_to_hub(target, token=token, **kwargs)
         refused[name] = None
@@ -148,6 +149,8 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert sorted(hub_server.files("test-user/plain")) == [".gitattributes", "data.csv"]
     assert refused["no_branch"].startswith("InfluenceTableError") and "create_branch" in refused["no_branch"]
     assert "Nothing was created" in refused["new_repo_branch"] and not hub_server.repo_exists("test-user/never-made")
+    # (a bare name skipped the check: the repo was created, then the branch refused)
+    assert "Nothing was created" in refused["new_bare_branch"] and not hub_server.repo_exists("test-user/bare-never-made")
     # a wrong token is refused with a clear error that does not repeat it
     assert pushed["wrong_token"].startswith("InfluenceTableError") and "token" in pushed["wrong_token"]
     assert "hf_wrong_secret_0123456789" not in pushed["wrong_token"]
@@ -160,7 +163,7 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert _rows(out["latest"]) == _rows(v2.to_pandas())
     assert _rows(out["pinned"]) == _rows(v1.to_pandas()) == _rows(out["short"])
     assert _rows(out["load_dataset"]) == _rows(v2.to_pandas())  # plain datasets reads the same rows
-    assert out["metadata"] == v2.metadata
+    assert out["metadata"] == v2.metadata | {"license": "apache-2.0"}  # (the card's, recorded by the save)
     assert out["helpful"]["influence"] == v2.helpful(1, 3).influence.tolist()
     assert out["harmful"]["train_premise"] == v2.harmful(2, 3).train_premise.tolist()
 

@@ -110,8 +110,10 @@ def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | 
     token's namespace (``user/name``), which `from_hub` needs."""
     api = HfApi(token=token)
     try:
-        if revision not in (None, "main", "refs/heads/main") and "/" in repo_id \
-                and not api.repo_exists(repo_id, repo_type="dataset"):  # (a bare name: create_repo resolves it)
+        # a bare name is the token's namespace's (as create_repo resolves it; it skipped this check, and the repo
+        # was created before the branch was refused)
+        if revision not in (None, "main", "refs/heads/main") and not api.repo_exists(
+                repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}", repo_type="dataset"):
             raise InfluenceTableError(f"No dataset repo {repo_id!r} this token can see (it does not exist yet, or it is "
                                       f"private: pass token=... with access), so no branch {revision!r} in it: push "
                                       "without revision first (to main), then create the branch. Nothing was created.")
