@@ -83,6 +83,8 @@ from .table.format import label_text
 from .table.hub import push_table_resolved
 
 EXIT_ERROR = 2
+FORCE_DOWNLOAD_HELP = ("For a Hub repo id: download the table again even if the Hub cache holds it (a cached copy "
+                       "that was damaged).")
 logger = pylogging.getLogger(__name__)
 
 
@@ -340,11 +342,12 @@ def add_pull(sub) -> None:
     parser.add_argument("repo_id", help="Dataset repo of the table.")
     parser.add_argument("--revision", default=None, help="Branch, tag or commit id.")
     parser.add_argument("--output-dir", "--output_dir", default=None, help="Also save the table to this folder.")
+    parser.add_argument("--force-download", "--force_download", action="store_true", help=FORCE_DOWNLOAD_HELP)
     parser.set_defaults(run=run_pull)
 
 
 def run_pull(ns: argparse.Namespace) -> int:
-    table = InfluenceTable.from_hub(ns.repo_id, revision=ns.revision, verify=True)
+    table = InfluenceTable.from_hub(ns.repo_id, revision=ns.revision, verify=True, force_download=ns.force_download)
     print(_summary(table))
     if ns.output_dir:
         table.save(ns.output_dir, repo_id=ns.repo_id)
@@ -362,11 +365,12 @@ def add_show(sub) -> None:
                         help="Which list to show: the most helpful rows, the most harmful, or both.")
     parser.add_argument("--revision", default=None, help="Hub revision, for a repo id.")
     parser.add_argument("--list", action="store_true", help="List the table's test examples instead.")
+    parser.add_argument("--force-download", "--force_download", action="store_true", help=FORCE_DOWNLOAD_HELP)
     parser.set_defaults(run=run_show)
 
 
 def run_show(ns: argparse.Namespace) -> int:
-    table = _open(ns.source, ns.revision)
+    table = open_table(ns.source, ns.revision, force_download=ns.force_download)[0]
     print(_summary(table))
     names = table.metadata.get("label_names") or []
     tests = table.tests()
@@ -425,10 +429,6 @@ def _describe_line(counts: dict) -> str:
 
 def _label_names(values, names: list[str]) -> list[str]:
     return [label_text(v, names) for v in values]
-
-
-def _open(source: str, revision: str | None) -> InfluenceTable:
-    return open_table(source, revision)[0]
 
 
 def _summary(table: InfluenceTable) -> str:

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 import transformers
 from datasets import Dataset
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from matplotlib.figure import Figure
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 from transformers.utils import logging
@@ -793,7 +794,8 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def open_table(source: str, revision: str | None = None) -> tuple[InfluenceTable, str]:
+def open_table(source: str, revision: str | None = None, *, force_download: bool = False
+               ) -> tuple[InfluenceTable, str]:
     """``(table, description)`` of a local table folder or a Hub dataset repo id (the Space's ``--table``, ``hf-fastif
     show``). What is neither gets an error saying which was tried: a build folder names its table, a path that does
     not exist says so, and a name that could be either (``out/table``) says both were tried."""
@@ -813,8 +815,10 @@ def open_table(source: str, revision: str | None = None) -> tuple[InfluenceTable
     if source.startswith((".", "/", "~")):
         raise ValueError(f"There is no folder {source!r}: for a table on disk, check the path.")
     try:
-        table = InfluenceTable.from_hub(source, revision=revision)
-    except ValueError as err:  # 'out/table' could be either: say both were tried
+        table = InfluenceTable.from_hub(source, revision=revision, force_download=force_download)
+    except ValueError as err:  # 'out/table' could be either: say both were tried, where no such repo was found
+        if not isinstance(err.__cause__, (RepositoryNotFoundError, HFValidationError, LocalEntryNotFoundError)):
+            raise  # (a revision, a damaged copy of a repo that exists: not a local folder's matter)
         raise InfluenceTableError(f"{err} Nor is there a local folder {source!r}: for a table on disk, check the "
                                   "path.") from err
     return table, f"Hub dataset {source}" + (f"@{revision}" if revision else "")

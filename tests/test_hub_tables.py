@@ -275,6 +275,17 @@ def test_pushes_and_pulls_never_pass_on_damaged_shards_or_publish_a_private_tabl
     assert "is corrupt" in pulled["error"] and "the copy on the Hub is damaged" in pulled["error"]
     hub_server.damage("test-user/public", path, good)  # mended: the same client, its cache holding the bad copy
     assert run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""]) == {"rows": expected}
+    # a damaged cached metadata file is downloaded again too (it said "download it again", with no way to); and
+    # `hf-fastif pull --force-download` downloads every file again
+    metadata = [p.resolve() for p in (tmp_path / "b").rglob("influence_metadata.json")]
+    for blob in metadata:
+        blob.write_text("{")
+    assert run_client_json(CHECKED, hub_server, tmp_path / "b", args=["pull", ""]) == {"rows": expected}
+    for blob in metadata:
+        blob.write_text("{")
+    forced = run_client("import sys\nfrom hf_fastif.cli import main\nsys.exit(main(['pull', 'test-user/public', "
+                        "'--force-download']))", hub_server, tmp_path / "b")
+    assert f"{len(expected)} rows" in forced.stdout.replace(",", ""), forced.stdout
 
     # offline, a damaged cached copy cannot be downloaded again: said, with the folder to delete (it was the Hub
     # client's "Cannot pass 'force_download=True' when offline mode is enabled")

@@ -27,8 +27,9 @@ class InfluenceTableError(ValueError):
 
 
 class DamagedShardError(InfluenceTableError):
-    """A shard whose bytes are not those its metadata records: missing, of another size or sha256, unreadable
-    (`InfluenceTable.from_hub` downloads such a copy again; a newer schema or a bad metadata file it does not)."""
+    """A shard whose bytes are not those its metadata records (missing, of another size or sha256, unreadable), or a
+    metadata file that is not valid JSON of a table's shape: `InfluenceTable.from_hub` downloads such a copy again
+    (a newer schema it does not)."""
 
 
 class ModelMismatchError(InfluenceTableError):

@@ -123,6 +123,11 @@ def _check_metadata(metadata: dict) -> None:
                              f"{metadata[key]!r}.")
 
 
+AGAIN = ("Download it again (a Hub table: from_hub downloads a damaged cached copy again once; "
+         "force_download=True, `hf-fastif pull --force-download`) or rebuild it.")
+"""What to do about a table whose metadata file is damaged."""
+
+
 def read_metadata(directory: str | os.PathLike) -> dict:
     """The validated metadata JSON of a table folder (including the ``storage`` entry)."""
     directory = Path(directory)
@@ -133,20 +138,19 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     try:
         metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InfluenceTableError(f"{meta_path} is not valid JSON ({err}); the table is corrupt, download it "
-                                  "again.") from err
+        raise DamagedShardError(f"{meta_path} is not valid JSON ({err}); the table is corrupt. {AGAIN}") from err
     if not isinstance(metadata, dict):
-        raise InfluenceTableError(f"{meta_path} must hold a JSON object; the table is corrupt.")
+        raise DamagedShardError(f"{meta_path} must hold a JSON object; the table is corrupt. {AGAIN}")
     version = metadata.get("schema_version")
     if version is None or isinstance(version, bool) or not isinstance(version, int):
-        raise InfluenceTableError(f"{meta_path} has no schema_version (a whole number): it is not an influence "
-                                  "table's metadata, or it is corrupt; download or rebuild the table.")
+        raise DamagedShardError(f"{meta_path} has no schema_version (a whole number): it is not an influence "
+                                f"table's metadata, or it is corrupt. {AGAIN}")
     if version != SCHEMA_VERSION:
         raise InfluenceTableError(f"{directory} has influence-table schema version {version!r}; this hf_fastif reads "
                                   f"version {SCHEMA_VERSION}. Upgrade hf_fastif or rebuild the table.")
     problem = _metadata_shape_problem(metadata)
     if problem:  # (read as it came: a string "false" for sorted was true, an entry without a path a bare KeyError)
-        raise InfluenceTableError(f"{meta_path} is corrupt: {problem}. Download or rebuild the table.")
+        raise DamagedShardError(f"{meta_path} is corrupt: {problem}. {AGAIN}")
     return metadata
 
 
