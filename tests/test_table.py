@@ -730,3 +730,20 @@ def test_repeated_pairs_and_missing_ids_are_refused_wherever_rows_come_in(tmp_pa
         writer.write(chunk)
         writer.write({"test_id": [1, 1], "train_id": [3, 4], "influence": [0.0, 1.0]})
     assert len(InfluenceTable.load(tmp_path / "ok")) == 4
+
+
+def test_add_text_keeps_the_names_of_class_labels(tmp_path):
+    """A ClassLabel column's names were dropped by add_text (the table holds the ids) and a saved table showed 0 / 1
+    in `show`, unless the build had recorded label_names: they are recorded now from the datasets' features."""
+    from datasets import ClassLabel, Features, Value
+
+    train = Dataset.from_dict({"premise": ["a", "b", "c"], "label": [0, 1, 0]},
+                              features=Features({"premise": Value("string"),
+                                                 "label": ClassLabel(names=["entailment", "non-entailment"])}))
+    table = InfluenceTable.from_arrays([0, 0, 0], [0, 1, 2], [-1.0, 0.5, 2.0]).add_text(train_dataset=train)
+    table.save(tmp_path / "t")
+    loaded = InfluenceTable.load(tmp_path / "t")
+    assert loaded.metadata["label_names"] == ["entailment", "non-entailment"]
+    assert loaded.to_pandas().train_label.tolist() == [0, 1, 0]
+    named = InfluenceTable.from_arrays([0], [0], [1.0], {"label_names": ["yes", "no"]}).add_text(train_dataset=train)
+    assert named.metadata["label_names"] == ["yes", "no"]  # (recorded ones are kept)

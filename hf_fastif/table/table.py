@@ -275,7 +275,14 @@ class InfluenceTable:
             if name in table.column_names:
                 table = table.drop_columns([name])
             table = table.append_column(name, values)
-        return InfluenceTable(Dataset(table), self.metadata, _sorted=True)
+        metadata = dict(self.metadata)
+        if not metadata.get("label_names"):  # the labels' names, where a dataset's label column is a ClassLabel (the
+            for source in (train_dataset, test_dataset):  # table's columns hold its ids only: show printed 0 / 1)
+                names = getattr((source.features if source is not None else {}).get("label"), "names", None)
+                if names and any(c in ("label", "labels") for c in columns):
+                    metadata["label_names"] = list(names)
+                    break
+        return InfluenceTable(Dataset(table), metadata, _sorted=True)
 
     def check_model(self, model) -> None:
         """Raise `ModelMismatchError` unless ``model`` is the model this table was computed with (class,
