@@ -13,11 +13,12 @@ it carries them (parquet written by `datasets`), otherwise by the format's stand
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,9 +245,26 @@ def _as_key(value: Any) -> Any:
     return text.lower()
 
 
-def _bad_labels(values: Sequence[Any], accepted: str) -> ValueError:
-    shown = ", ".join(repr(v) for v in list(dict.fromkeys(values))[:10])
-    return ValueError(f"Unexpected label values {shown}; expected {accepted}. Fix or drop these rows.")
+def _bad_labels(rows: Sequence[tuple[int, Any]], accepted: str) -> ValueError:
+    """The refusal of ``(row, value)`` labels that are not ``accepted``: each value once, with the first row holding
+    it (0-based, in file order)."""
+    first = {}
+    for row, value in rows:
+        first.setdefault(repr(value), row)
+    shown = ", ".join(f"{value} (row {row})" for value, row in list(first.items())[:10])
+    return ValueError(f"Unexpected label values {shown}; expected {accepted}. Fix or drop these rows (rows 0-based, "
+                      "in file order).")
+
+
+@contextlib.contextmanager
+def _naming(name_or_path) -> Iterator[None]:
+    """Refusals of a file's contents name the file (a build reads two: which one held the bad label was not said)."""
+    try:
+        yield
+    except ValueError as err:
+        if str(name_or_path) in str(err):
+            raise
+        raise ValueError(f"{str(name_or_path)!r}: {err}") from err
 
 
 def _mnli_labels(raw: pd.Series, file_names: list[str] | None, num_labels: int) -> np.ndarray:
@@ -270,8 +288,9 @@ def _mnli_labels(raw: pd.Series, file_names: list[str] | None, num_labels: int) 
         if isinstance(key, str) and key in _NON_ENTAILMENT_ALIASES:
             if num_labels == 3:
                 raise ValueError(
-                    f"Label {value!r} is 2-label (entailment / non_entailment) and cannot be split into neutral / "
-                    "contradiction; pass num_labels=2."
+                    f"Label {value!r} (row {i}) is 2-label (entailment / non_entailment) and cannot be split into "
+                    "neutral / contradiction: use a 2-label (MNLI-2) model, or data with 3-way labels (num_labels=2 "
+                    "when loading in Python)."
                 )
             out[i] = 1
             continue
@@ -280,7 +299,7 @@ def _mnli_labels(raw: pd.Series, file_names: list[str] | None, num_labels: int) 
         if key in (0, 1, 2) and not isinstance(key, bool):
             out[i] = key if num_labels == 3 else min(key, 1)
         else:
-            bad.append(value)
+            bad.append((i, value))
     if bad:
         raise _bad_labels(
             bad, "0/1/2 or entailment/neutral/contradiction (e/n/c), or -1/'-' for no gold label"
@@ -303,7 +322,7 @@ def _hans_labels(raw: pd.Series, file_names: list[str] | None) -> np.ndarray:
         if isinstance(key, str) and key in _HANS_ALIASES:
             out[i] = _HANS_ALIASES[key]
         else:
-            bad.append(value)
+            bad.append((i, value))
     if bad:
         raise _bad_labels(bad, "'entailment' / 'non-entailment', or 0 = entailment / 1 = non-entailment")
     return out
@@ -425,7 +444,8 @@ def load_mnli(
     """
     label_names(num_labels)
     frame, file_names = _load(_resolve(name_or_path), split)
-    return _not_empty(_nli_frame(frame, file_names, num_labels, genre="mnli"), name_or_path, len(frame))
+    with _naming(name_or_path):
+        return _not_empty(_nli_frame(frame, file_names, num_labels, genre="mnli"), name_or_path, len(frame))
 
 
 def load_anli(
@@ -445,7 +465,8 @@ def load_anli(
     round_match = re.search(r"r(\d)", split)
     genre = f"anli_r{round_match.group(1)}" if round_match else "anli"
     frame, file_names = _load(_resolve(name_or_path), split)
-    return _not_empty(_nli_frame(frame, file_names, num_labels, genre=genre), name_or_path, len(frame))
+    with _naming(name_or_path):
+        return _not_empty(_nli_frame(frame, file_names, num_labels, genre=genre), name_or_path, len(frame))
 
 
 def load_hans(name_or_path: str | os.PathLike, split: str = "validation") -> Dataset:
@@ -466,7 +487,8 @@ def load_hans(name_or_path: str | os.PathLike, split: str = "validation") -> Dat
     source = _resolve(name_or_path)
     tsv = isinstance(source, Path) and source.suffix.lower() in (".tsv", ".txt")
     frame, file_names = _load(source, split)
-    return _not_empty(_hans_frame(frame, file_names, tsv=tsv), name_or_path, len(frame))
+    with _naming(name_or_path):
+        return _not_empty(_hans_frame(frame, file_names, tsv=tsv), name_or_path, len(frame))
 
 
 def split_hans(dataset: Dataset, validation_fraction: float = 0.5, seed: int = 0) -> DatasetDict:
