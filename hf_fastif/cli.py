@@ -83,6 +83,9 @@ from .table.format import label_text
 from .table.hub import push_table_resolved
 
 EXIT_ERROR = 2
+TRUST_REMOTE_CODE_HELP = ("Run the model's own code from its folder or Hub repo (auto_map in config.json: a custom "
+                          "architecture or head). Only for code you trust; without it such a model is refused, or "
+                          "transformers asks, which fails without a terminal.")
 FORCE_DOWNLOAD_HELP = ("For a Hub repo id: download the table again even if the Hub cache holds it (a cached copy "
                        "that was damaged).")
 logger = pylogging.getLogger(__name__)
@@ -109,6 +112,7 @@ class BuildArguments:
         "help": f"The embedded default's model: {' or '.join(KINDS)} (default {DEFAULT_KIND}: all-MiniLM-L6-v2 "
                 "fine-tuned once and cached in $HF_FASTIF_CACHE; tiny: a 2-layer BERT from a config)."})
     revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     train_dataset: str | None = dataclasses.field(default=None, metadata={
         "help": "Training data of --model_name_or_path: an MNLI-format file or Hub dataset id."})
     train_split: str = dataclasses.field(default="train", metadata={"help": "Hub split of --train_dataset."})
@@ -242,8 +246,10 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
         raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
                          "to explain).")
     model = AutoModelForSequenceClassification.from_pretrained(build.model_name_or_path, revision=build.revision,
+                                                               trust_remote_code=build.trust_remote_code,
                                                                attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(build.model_name_or_path, revision=build.revision)
+    tokenizer = AutoTokenizer.from_pretrained(build.model_name_or_path, revision=build.revision,
+                                              trust_remote_code=build.trust_remote_code)
     match_padding(model, tokenizer, build.model_name_or_path)
     train, test = _nli_data(model.config, build)
     if build.max_train_samples:
@@ -476,6 +482,7 @@ class RecallArguments:
                 "generated NLI data offline (hf_fastif.minilm_default), with hf_fastif.recall.MINILM_RECALL_SETTINGS "
                 "as the defaults of the training and influence flags."})
     revision: str | None = dataclasses.field(default=None, metadata={"help": "Hub revision of --model_name_or_path."})
+    trust_remote_code: bool = dataclasses.field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
     train_dataset: str | None = dataclasses.field(default=None, metadata={
         "help": "Training data of --model_name_or_path (the candidate rows): an MNLI-format file or Hub dataset id."})
     train_split: str = dataclasses.field(default="train", metadata={"help": "Hub split of --train_dataset."})
@@ -531,8 +538,10 @@ def run_recall(ns: argparse.Namespace) -> int:
         train, test = _recall_data(recall)
         ks = resolve_ks(recall.ks, len(train))
         model = AutoModelForSequenceClassification.from_pretrained(recall.model_name_or_path,
-                                                                   revision=recall.revision, attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(recall.model_name_or_path, revision=recall.revision)
+                                                                   revision=recall.revision, attn_implementation="eager",
+                                                                   trust_remote_code=recall.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(recall.model_name_or_path, revision=recall.revision,
+                                                  trust_remote_code=recall.trust_remote_code)
         max_length = max_length_for(recall, model)
         model = model.eval()
         train, test = (tokenize_nli(rows, tokenizer, max_length=max_length) for rows in (train, test))
@@ -573,7 +582,8 @@ def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:
     if not recall.train_dataset or not recall.test_dataset:
         raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
                          "to explain).")
-    train, test = _nli_data(AutoConfig.from_pretrained(recall.model_name_or_path, revision=recall.revision), recall)
+    train, test = _nli_data(AutoConfig.from_pretrained(recall.model_name_or_path, revision=recall.revision,
+                                                       trust_remote_code=recall.trust_remote_code), recall)
     if recall.max_train_samples:
         train = train.select(range(min(recall.max_train_samples, len(train))))
     return train, test

@@ -522,3 +522,36 @@ def test_a_checkpoint_without_a_padding_token_on_one_side_is_matched_or_refused(
     batcher = Batcher(rows, rows.column_names, DataCollatorWithPadding(tokenizer(False)), torch.device("cpu"))
     with pytest.raises(ValueError, match="the collator's tokenizer has no padding token"):
         batcher.collate(rows.to_list())
+
+
+def test_build_runs_a_models_own_code_only_with_trust_remote_code(built: Path, tmp_path: Path, capsys) -> None:
+    """A model with its own code (auto_map in config.json) could not be built from the command line: it had no
+    --trust_remote_code, and transformers' question fails without a terminal (CI, nohup)."""
+    import shutil
+
+    from hf_fastif.data import generate_nli
+
+    folder = tmp_path / "custom"
+    shutil.copytree(built / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="scaled-bert", architectures=["ScaledModel"], auto_map={
+        "AutoConfig": "configuration_scaled.ScaledConfig",
+        "AutoModelForSequenceClassification": "modeling_scaled.ScaledModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_scaled.py").write_text(
+        "from transformers import BertConfig\n\n\nclass ScaledConfig(BertConfig):\n    model_type = 'scaled-bert'\n")
+    (folder / "modeling_scaled.py").write_text(
+        "from transformers import BertForSequenceClassification\n\nfrom .configuration_scaled import ScaledConfig\n\n\n"
+        "class ScaledModel(BertForSequenceClassification):\n    config_class = ScaledConfig\n")
+    raw = generate_nli(seed=0, n_train=40, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    raw["train"].to_json(tmp_path / "train.jsonl")
+    raw["hans"].select(range(2)).to_json(tmp_path / "hans.jsonl")
+    args = ["build", "--model_name_or_path", str(folder), "--train_dataset", str(tmp_path / "train.jsonl"),
+            "--test-dataset", str(tmp_path / "hans.jsonl"), "--influence_knn_k", "5", "--influence_solver", "cg",
+            "--influence_params", r"classifier\."]
+    capsys.readouterr()
+    assert main([*args, "--output-dir", str(tmp_path / "refused")]) == 2
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert main([*args, "--output-dir", str(tmp_path / "out"), "--trust_remote_code"]) == 0
+    table = InfluenceTable.load(tmp_path / "out" / "table")
+    assert len(table) == 10 and "ScaledModel" in table.metadata["model"]["class"]
