@@ -210,6 +210,12 @@ def validate_influence_settings(args) -> None:
         seed = getattr(args, name)  # with a bare numpy error
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"{name} must be a whole number >= 0, got {seed!r}.")
+    if args.influence_solver == "lissa" and args.influence_damping == 0:
+        raise ValueError(
+            "influence_damping=0 with influence_solver='lissa': without damping LiSSA's recursion converges only as fast "
+            "as the Hessian's smallest eigenvalue / scale allows, which a few thousand steps do not reach on a "
+            "singular or nearly singular Hessian (it returned 7% of the answer without a word). Use a small damping "
+            "(the paper's 5e-3), or influence_solver='cg' (undamped: the minimum-norm solution) or 'exact'.")
     if args.influence_solver == "lissa" and args.influence_damping >= 2:  # (1 - damp)·h: no step contracts
         raise ValueError(
             f"influence_damping={args.influence_damping:g} is >= 2: LiSSA's step multiplies the iterate by (1 - damping) "
@@ -217,6 +223,10 @@ def validate_influence_settings(args) -> None:
             f"small and move λ into the scale (e.g. influence_damping=0.01, influence_scale="
             f"{args.influence_lambda / 0.01:g} for λ = {args.influence_lambda:g}), or use influence_solver='cg'.")
     for pattern in args.influence_params or []:
+        if not isinstance(pattern, str):  # (re.compile's bare "first argument must be string or compiled pattern")
+            raise ValueError(f"influence_params entries are regexes (strings); got {pattern!r} "
+                             f"({type(pattern).__name__}). To select every parameter with requires_grad, pass "
+                             "influence_params=None (the setting, not an entry).")
         try:
             re.compile(pattern)
         except re.error as err:

@@ -134,7 +134,11 @@ def test_a_pattern_matching_nothing_next_to_others_is_named(pad_collator, caplog
      ("influence_repetitions", 0, "influence_repetitions must be a whole number >= 1"),
      # numpy refused a negative seed after s_test (lissa, arnoldi); damping >= 2 blamed the scale
      ("influence_seed", -1, "influence_seed must be a whole number >= 0, got -1"),
-     ("influence_damping", 2.0, r"influence_damping=2 is >= 2: LiSSA's step multiplies the iterate by \(1 - damping\)")],
+     ("influence_damping", 2.0, r"influence_damping=2 is >= 2: LiSSA's step multiplies the iterate by \(1 - damping\)"),
+     # undamped LiSSA on a singular Hessian returned 7% of the answer without a word; a number among the patterns met
+     # re.compile's bare TypeError
+     ("influence_damping", 0.0, r"influence_damping=0 with influence_solver='lissa'.*influence_solver='cg'"),
+     ("influence_params", [r"classifier\.", 5], r"influence_params entries are regexes \(strings\); got 5 \(int\)")],
 )
 def test_invalid_arguments(field, value, match):
     with pytest.raises(ValueError, match=match):
