@@ -17,6 +17,11 @@ from .table import InfluenceTable
 logger = logging.get_logger(__name__)
 
 
+COUPLED_OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam", "RAdam", "ASGD", "SGDScheduleFree")
+"""Optimizer classes whose ``weight_decay`` adds wd·θ to the gradient (an L2 term in the loss; NAdam / RAdam unless
+``decoupled_weight_decay``); AdamW, Adafactor and the rest decay apart from the loss."""
+
+
 class InfluenceTrainer(Trainer):
     """`Trainer` plus `compute_influences`. Training is exactly the Trainer's; the influence pipeline is an
     `InfluenceEngine` that this trainer holds across calls (`influence_engine`), so the frozen trunk's states and
@@ -68,17 +73,34 @@ class InfluenceTrainer(Trainer):
 
     def _say_which_weight_decay(self) -> None:
         """``weight_decay`` of the Trainer is not influence's L2 term (``influence_weight_decay``): say so, louder
-        where the optimizer's decay is an L2 term in the loss (SGD-style, coupled), whose influence needs it."""
-        decay = float(getattr(self.args, "weight_decay", 0.0) or 0.0)
-        if decay <= 0 or self.influence_args.influence_weight_decay:
+        where the optimizer's decay is an L2 term in the loss (SGD-style, coupled), whose influence needs it. The
+        optimizer is the one the Trainer holds (made by ``optim``, or passed as ``optimizers=`` /
+        ``optimizer_cls_and_kwargs``: those were not looked at), else the one ``optim`` names."""
+        if self.influence_args.influence_weight_decay:
             return
-        optim = str(getattr(self.args.optim, "value", self.args.optim))
-        coupled = optim.startswith(("sgd", "adagrad", "rmsprop"))
+        optimizer, given = getattr(self, "optimizer", None), getattr(self, "optimizer_cls_and_kwargs", None)
+        if optimizer is not None:
+            groups = optimizer.param_groups
+            decay = max((float(g.get("weight_decay", 0.0) or 0.0) for g in groups), default=0.0)
+            name = type(optimizer).__name__
+            coupled = name in COUPLED_OPTIMIZERS and not any(g.get("decoupled_weight_decay") for g in groups)
+        elif given is not None:
+            kwargs = given[1] or {}
+            decay, name = float(kwargs.get("weight_decay", 0.0) or 0.0), getattr(given[0], "__name__", str(given[0]))
+            coupled = name in COUPLED_OPTIMIZERS and not kwargs.get("decoupled_weight_decay")
+        else:
+            decay = float(getattr(self.args, "weight_decay", 0.0) or 0.0)
+            optim = str(getattr(self.args.optim, "value", self.args.optim))
+            # (schedule-free SGD adds wd·θ to the gradient: an L2 term, as SGD; it was called decoupled)
+            coupled, name = optim.startswith(("sgd", "adagrad", "rmsprop")) or optim == "schedule_free_sgd", \
+                f"optim={optim!r}"
+        if decay <= 0:
+            return
         say = logger.warning if coupled else logger.info
         say(f"weight_decay={decay:g} trains the model but is no part of influence's loss (influence_weight_decay=0)"
-            + (f": optim={optim!r} decays by adding wd·θ to the gradient, an L2 term wd/2·Σθ² in the loss, so pass "
+            + (f": {name} decays by adding wd·θ to the gradient, an L2 term wd/2·Σθ² in the loss, so pass "
                f"influence_weight_decay={decay / 2:g} (influence's term is wd·Σθ², without biases and norms, as the "
-               "Trainer decays them)." if coupled else f": optim={optim!r} decays the weights apart from the loss "
+               "Trainer decays them)." if coupled else f": {name} decays the weights apart from the loss "
                "(decoupled, as AdamW), so the loss has no L2 term and 0 is right."))
 
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,

@@ -417,6 +417,20 @@ def test_the_trainers_weight_decay_is_said_not_to_be_influences(tmp_path, pad_co
         tmp_path, weight_decay=0.2, optim="sgd", influence_weight_decay=0.1), train_dataset=train,
         data_collator=pad_collator))
     assert "weight_decay" not in warned
+    # schedule-free SGD adds wd·θ to the gradient (it was said to be decoupled, with 0 "right"); an optimizer passed
+    # in was not looked at
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=arguments(
+        tmp_path, weight_decay=0.01, optim="schedule_free_sgd"), train_dataset=train, data_collator=pad_collator))
+    assert "optim='schedule_free_sgd'" in warned and "influence_weight_decay=0.005" in warned
+    model = tiny_model("bert")
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01), None)))
+    assert "SGD decays by adding" in warned and "influence_weight_decay=0.005" in warned
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(
+        model=tiny_model("bert"), args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+        optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 0.1, "weight_decay": 0.01})))
+    assert "weight_decay" not in warned  # (AdamW: decoupled)
 
 
 def test_a_label_names_column_reaches_the_loss_not_a_forward_without_kwargs(tmp_path, pad_collator):
