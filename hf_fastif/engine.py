@@ -986,16 +986,25 @@ class InfluenceEngine:
         of their mean (``combine="mean"``, rows split over processes)."""
         bsz = self.args.influence_hvp_batch_size
         if call.combine == "mean":
-            total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype,
-                                device=next(iter(call.params.values())).device)
+            device = next(iter(call.params.values())).device
+            total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype, device=device)
+            # the rows the mean is over: with the default loss, those with a target (an unlabelled row's loss is 0,
+            # and the model's own loss leaves it out; counted, it scaled every value by the labelled share, 0.75)
+            counted = torch.zeros((), dtype=torch.float64, device=device)
+            default = self.loss_fn is None and self.measurement_fn is None
 
             def mine():
-                for _, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
+                for rows, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
                     total.add_(batch_gradient(call.fm, call.params, batch, measurement=True,
                                               reduction="sum").to(total.dtype))
+                    counted.add_(len(rows) - (len(rows_without_targets(self.model, batch)) if default else 0))
 
             D.together(mine, "The test rows' mean gradient")
-            return (D.all_reduce_sum(total) / len(call.test)).unsqueeze(0)
+            count = float(D.all_reduce_sum(counted))
+            if not count:
+                raise ValueError("No test_dataset row has a target for the loss to read (every label -100), so the "
+                                 "mean test loss is 0 and so would every influence be. Label the test rows.")
+            return (D.all_reduce_sum(total) / count).unsqueeze(0)
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):
             if self.loss_fn is None and self.measurement_fn is None:  # the default loss: a row must have targets

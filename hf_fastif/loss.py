@@ -148,8 +148,11 @@ def shifts_labels(model: nn.Module) -> bool:
 def rows_without_targets(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[int]:
     """Rows of ``batch`` whose token labels leave the default loss nothing to read: every label -100 once a causal
     LM's shift drops the first position (a one-token row, or a row labelled at its first token only), so the row's
-    loss, and every influence on it, is 0. Empty for labels that are not token sequences."""
+    loss, and every influence on it, is 0; and a class label -100 (a sequence classifier's unlabelled row). Empty for
+    float targets."""
     labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+        return (labels == -100).nonzero().flatten().tolist()
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.is_floating_point():
         return []
     if shifts_labels(model) and not prepended_positions(model):  # (virtual tokens before the row: all read)

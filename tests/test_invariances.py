@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 from hf_fastif import compute_influences
 from hf_fastif.batches import Batcher
@@ -113,6 +114,16 @@ def test_combine_mean_is_the_mean_of_test_gradients(data, pad_collator):
     assert set(df.test_id) == {0}
     expected = per_row.groupby("train_id").influence.mean().values
     np.testing.assert_allclose(df.influence.values, expected, rtol=1e-8)
+
+    # an unlabelled test row (-100: its loss is 0, and the model's own loss leaves it out) is not counted in the mean:
+    # it was, and every value came out scaled by the labelled share (3/4)
+    unlabelled = Dataset.from_dict({**test.to_dict(), "labels": [-100, *test["labels"][1:]]})
+    with_one = compute_influences(model, train, unlabelled, args, combine="mean", data_collator=pad_collator)
+    labelled = per_row[per_row.test_id != 0].groupby("train_id").influence.mean().values
+    np.testing.assert_allclose(with_one.to_pandas().sort_values("train_id").influence.values, labelled, rtol=1e-8)
+    with pytest.raises(ValueError, match="Every row of test_dataset is labelled -100"):  # (refused before any work)
+        compute_influences(model, train, unlabelled.map(lambda r: {"labels": -100}), args, combine="mean",
+                           data_collator=pad_collator)
 
 
 def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pad_collator, monkeypatch):
