@@ -55,7 +55,8 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_knn_features: str = field(
         default="auto",
-        metadata={"help": "Candidates: 'auto' (kNN on the pooler output if the model has one, else mean), 'pooler', "
+        metadata={"help": "Candidates: 'auto' (kNN on the pooler output if the model has one; else the last token's "
+                          "state for a generative decoder (a causal LM), the masked mean for the rest), 'pooler', "
                           "'cls', 'mean', 'last'; or 'gradient': rows whose projected training gradient has the largest "
                           "inner product with ±s_test (a faiss inner-product index; beyond the paper)."},
     )

@@ -96,10 +96,14 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     inputs = [c for c in readable if c not in LABEL_COLUMNS]
     if not inputs:
         text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
-        hint = f" It has text columns {text}: tokenize them first, e.g. dataset.map(lambda b: tokenizer(b[{text[0]!r}]), batched=True)." if text else ""
+        args = ", ".join(f"b[{c!r}]" for c in text[:2])  # (a pair's both texts: a premise alone dropped the hypothesis)
+        hint = (f" It has text columns {text}: tokenize them first, e.g. dataset.map(lambda b: tokenizer({args}), "
+                "batched=True)." if text else "")
         raise ValueError(
-            f"{name} has no column the model takes as input (columns: {dataset.column_names}); datasets must "
-            f"come tokenized, as the Trainer takes them (input_ids, attention_mask, ...).{hint}"
+            f"{name} has no column the model takes as input (columns: {dataset.column_names}); influence needs the "
+            f"token ids stored in the dataset (input_ids, attention_mask, ...): its checks and caches read the stored "
+            f"values, so a collator that tokenizes text at batch time (with remove_unused_columns=False) is not "
+            f"supported.{hint}"
         )
     return columns
 
@@ -110,8 +114,9 @@ def _dataset_hint(data) -> str:
     if kind == "IterableDataset":
         return ("influence reads rows by position, many times: materialize the stream, e.g. "
                 "datasets.Dataset.from_generator(lambda: iter(stream), features=stream.features).")
-    if kind in ("DatasetDict", "IterableDatasetDict"):
-        return f"pass one of its splits, e.g. data[{next(iter(data), 'test')!r}]."
+    if kind in ("DatasetDict", "IterableDatasetDict") or (  # (a Trainer's eval_dataset may be a dict of datasets)
+            isinstance(data, dict) and data and all(type(v).__name__ == "Dataset" for v in data.values())):
+        return f"pass one of its datasets, e.g. data[{next(iter(data), 'test')!r}]."
     if kind == "DataFrame":
         return "convert it with datasets.Dataset.from_pandas(frame, preserve_index=False)."
     if isinstance(data, dict):

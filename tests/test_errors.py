@@ -323,7 +323,9 @@ def test_integer_multi_hot_labels_without_a_problem_type_name_the_fix(pad_collat
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda d: d.train_test_split(test_size=1), r"got DatasetDict; pass one of its splits, e.g. data\['train'\]"),
+    (lambda d: d.train_test_split(test_size=1), r"got DatasetDict; pass one of its datasets, e.g. data\['train'\]"),
+    # a Trainer's eval_dataset as a dict of datasets got the "one row" hint
+    (lambda d: {"dev": d, "ood": d}, r"got dict; pass one of its datasets, e.g. data\['dev'\]"),
     (lambda d: d[0], r"got dict; one row .*Dataset.from_list\(\[row\]\).*dataset.select\(\[i\]\)"),
     (lambda d: d[:2], r"got dict; a dict of columns .*Dataset.from_dict\(columns\)"),
     (lambda d: d.to_pandas(), r"got DataFrame; convert it with datasets.Dataset.from_pandas"),
@@ -333,6 +335,16 @@ def test_what_is_not_a_dataset_gets_the_conversion_it_needs(setup, make, match):
     model, train, test = setup
     with pytest.raises(TypeError, match=match):
         compute_influences(model, train, make(test), default_arguments(**FAST))
+
+
+def test_untokenized_rows_name_both_texts_and_the_tokenizing_collator(setup):
+    """Untokenized pairs: the hint tokenized the premise alone, and said datasets come tokenized "as the Trainer takes
+    them", though a Trainer with remove_unused_columns=False trains with a collator that tokenizes at batch time."""
+    model, train, _ = setup
+    rows = Dataset.from_dict({"premise": ["a"], "hypothesis": ["b"], "labels": [0]})
+    with pytest.raises(ValueError, match=r"a collator that tokenizes text at batch time .* not supported.*"
+                                         r"tokenizer\(b\['premise'\], b\['hypothesis'\]\)"):
+        compute_influences(model, train, rows, default_arguments(**FAST))
 
 
 def test_training_arguments_without_the_influence_settings_are_refused(setup):
