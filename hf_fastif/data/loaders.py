@@ -77,9 +77,10 @@ def _resolve(name_or_path: str | os.PathLike) -> Path | str:
     """A local file as a `Path`, or a Hub id as a `str`; raises if it is neither."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if path.is_dir():
+        if path.is_dir() and not _saved_dataset(path):
             raise ValueError(
-                f"{str(path)!r} is a directory; pass one data file ({', '.join(DATA_FILE_SUFFIXES)}) inside it."
+                f"{str(path)!r} is a directory; pass one data file ({', '.join(DATA_FILE_SUFFIXES)}) inside it, or a "
+                "folder written by datasets' save_to_disk."
             )
         return path
     text = str(name_or_path)
@@ -96,6 +97,13 @@ def _resolve(name_or_path: str | os.PathLike) -> Path | str:
             f"({', '.join(DATA_FILE_SUFFIXES)}), or go online and unset HF_HUB_OFFLINE."
         )
     return text
+
+
+def _saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder `datasets.Dataset.save_to_disk` (or a DatasetDict's) wrote: its ``.arrow`` files
+    are read with `datasets.load_from_disk` (one was refused, with advice to pass a data file inside it, whose only
+    files are those ``.arrow`` files, which are refused)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def _label_names_from_features(features: Features | None) -> list[str] | None:
@@ -215,6 +223,15 @@ def _local_columns(path: Path) -> list[str] | None:
 
 def _load(source: Path | str, split: str) -> tuple[pd.DataFrame, list[str] | None]:
     """Read a resolved source: a local file, or a Hub id through `datasets.load_dataset`."""
+    if isinstance(source, Path) and source.is_dir():  # a save_to_disk folder (`_saved_dataset`)
+        saved = datasets.load_from_disk(str(source))
+        if isinstance(saved, DatasetDict):
+            if split not in saved:
+                raise ValueError(f"{str(source)!r} holds the splits {list(saved)}, not {split!r}: name one as the "
+                                 "split (--train_split / --test_split).")
+            saved = saved[split]
+        logger.info(f"Loading {source} (a saved dataset, {len(saved)} rows).")
+        return saved.to_pandas(), _label_names_from_features(saved.features)
     if isinstance(source, Path):
         logger.info(f"Loading {source} (local file; split {split!r} ignored).")
         try:

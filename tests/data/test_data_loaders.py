@@ -452,6 +452,22 @@ def test_missing_local_path(tmp_path):
         load_hans(tmp_path)
 
 
+def test_a_saved_dataset_folder_is_read(tmp_path):
+    """A folder written by save_to_disk was refused with advice to pass a data file inside it, whose only data files
+    (.arrow) are refused too. It is read with datasets.load_from_disk, a DatasetDict's split by name."""
+    rows = Dataset.from_dict({"premise": ["p1", "p2"], "hypothesis": ["h1", "h2"], "label": [1, 0]},
+                             features=Features({"premise": Value("string"), "hypothesis": Value("string"),
+                                                "label": ClassLabel(names=["neutral", "entailment"])}))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_mnli(tmp_path / "saved")
+    # labels by the saved ClassLabel's names, in MNLI's order (entailment 0, neutral 1)
+    assert list(loaded["premise"]) == ["p1", "p2"] and list(loaded["label"]) == [0, 1]
+    datasets.DatasetDict({"train": rows, "dev": rows.select([1])}).save_to_disk(str(tmp_path / "dict"))
+    assert list(load_mnli(tmp_path / "dict", split="dev")["premise"]) == ["p2"]
+    with pytest.raises(ValueError, match=r"holds the splits \['train', 'dev'\], not 'test'"):
+        load_mnli(tmp_path / "dict", split="test")
+
+
 # ---------------------------------------------------------------------------------------- split_hans
 def _hans_like(n_per_subcase=10):
     subcases = ["ln_a", "le_b", "sn_c"]
