@@ -31,7 +31,8 @@ def test_hans_file_with_wrong_columns(tmp_path, nli, no_training):
 def test_hans_file_with_unknown_labels(tmp_path, nli, no_training):
     bad = write_hans_tsv(tmp_path / "hans.txt", nli["raw"]["hans"].select(range(3)),
                          labels=["entailment", "maybe", "contradiction"])
-    with pytest.raises(ValueError, match="Unexpected label values 'maybe', 'contradiction'"):
+    with pytest.raises(ValueError,
+                       match=r"hans.txt': Unexpected label values 'maybe' \(row 1\), 'contradiction' \(row 2\)"):
         _main("visualize")(["--output_dir", str(tmp_path), "--hans_file", bad, *TINY_FLAGS])
 
 
