@@ -556,15 +556,17 @@ class SpaceState:
             tests = tests[tests["heuristic"] == heuristic]
         if correctness in ("correct", "wrong"):
             if "correct" not in tests:
-                raise ValueError("This table records no predictions, so it cannot tell correct from wrong examples; "
-                                 "choose all (build the table with predictions to filter by them).")
+                missing = "no predictions" if "prediction" not in tests else "no gold labels of its test rows"
+                raise ValueError(f"This table records {missing}, so it cannot tell correct from wrong examples; "
+                                 "choose all (build the table with both to filter by them).")
             tests = tests[tests["correct"] == (correctness == "correct")]
         return [(self._title(row), int(row.test_id)) for row in tests.itertuples()]
 
     def _title(self, row) -> str:
         mark = "" if not hasattr(row, "correct") else ("✓ " if row.correct else "✗ ")
         tag = f"[{row.heuristic}] " if hasattr(row, "heuristic") else ""
-        text = f"{row.premise} ⇒ {row.hypothesis}" if hasattr(row, "premise") else ""
+        text = f"{row.premise} ⇒ {row.hypothesis}" if hasattr(row, "premise") else \
+            str(getattr(row, "sentence", getattr(row, "text", "")))
         return f"#{row.test_id} {mark}{tag}{text}".strip()
 
     def _test(self, test_id) -> pd.Series:
@@ -586,9 +588,13 @@ class SpaceState:
             lines.append(f"**Heuristic:** {row.heuristic} / {row.get('subcase', '')}")
         if "label" in row:
             lines.append(f"**Gold:** {self.label_name(row.label)}")
-        if "prediction" in row:
-            verdict = "correct" if self.label_name(row.prediction) == self.label_name(row.label) else "**wrong**"
-            lines.append(f"**Model's prediction:** {self.label_name(row.prediction)} ({verdict})")
+        if "prediction" in row:  # (a verdict only against a gold label: without one, every example failed to show)
+            verdict = "" if "label" not in row else (
+                " (correct)" if self.label_name(row.prediction) == self.label_name(row.label) else " (**wrong**)")
+            lines.append(f"**Model's prediction:** {self.label_name(row.prediction)}{verdict}")
+        text = next((c for c in ("sentence", "text") if c in row and "premise" not in row), None)
+        if text is not None:  # a single-sentence table's test text
+            lines.insert(1 + len(self.table.caveats(test_id)), f"**{text.capitalize()}:** {row[text]}")
         return "\n\n".join(lines)
 
     def label_name(self, value) -> str:
@@ -627,6 +633,8 @@ class SpaceState:
         """``(distribution, graph, notes)`` of one test example, each figure passed through ``render`` (the page's
         conversion to an image, so that its failures are caught here too); a plot that cannot be drawn is None with a
         note saying so, and never takes the rows with it (one inf influence made /show fail and hid every row)."""
+        # the filters checked first: a bad one is the input's error (it hid the graph, with a traceback in the log)
+        self.choices(heuristic, correctness)
         out, notes = [], []
         for name, draw in (("influence histogram", lambda: self.distribution(test_id, n)),
                            ("influence graph", lambda: self.graph(test_id, heuristic, correctness))):

@@ -39,6 +39,7 @@ from hf_fastif.space import (
     MAX_TEXT_CHARS,
     SpaceState,
     Startup,
+    check_int,
     counts_note,
     explanation_summary,
     list_notes,
@@ -104,7 +105,9 @@ def create_demo(startup: Startup) -> gr.Blocks:
         k_max = live.max_candidates if live else MAX_CANDIDATES
         return (text, gr.Column(visible=True), state.summary(),
                 gr.Dropdown(choices=[ALL, *state.heuristics()], value=ALL),
-                gr.Radio(value="wrong" if wrong else ALL),
+                # (without predictions and gold labels only "all" applies: "wrong" was offered, and failed)
+                gr.Radio(choices=[ALL, "correct", "wrong"] if state.has_predictions else [ALL],
+                         value="wrong" if wrong else ALL),
                 gr.Dropdown(choices=choices, value=choices[0][1] if choices else None),
                 gr.Dropdown(choices=state.label_names, value=state.label_names[-1]),
                 gr.Slider(maximum=k_max, value=min(LIVE_SETTINGS["influence_knn_k"], k_max)),
@@ -124,7 +127,8 @@ def create_demo(startup: Startup) -> gr.Blocks:
             return "Choose a test example.", "", None, "", None, None, None
         helpful, harmful = state.rows(test_id, n)
         counts = state.counts(test_id)
-        helpful_note, harmful_note = list_notes(counts, int(n))
+        # (n "5.0": int() raised a bare ValueError after rows() had taken it)
+        helpful_note, harmful_note = list_notes(counts, check_int(n, "number of rows", 1, MAX_ROWS))
         # a plot that fails (one inf influence did) leaves the rows shown, with a note: rendered here, inside the check
         histogram, links, notes = state.plots(test_id, n, heuristic, correctness, render=distribution.postprocess)
         text = "\n\n".join([state.describe(test_id), counts_note(counts, state.table.candidates_note()),

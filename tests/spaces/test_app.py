@@ -183,6 +183,12 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(app) -> None:
             client.predict(*arguments, api_name="/explain")
     with pytest.raises(AppError, match="Choose a number of rows"):
         client.predict(int(startup.state.tests.test_id.iloc[0]), None, "all", "all", api_name="/show")
+    # n "5.0" passed the rows' check and then met int()'s bare ValueError; an unknown filter hid the graph, with a
+    # traceback in the log
+    first = int(startup.state.tests.test_id.iloc[0])
+    assert client.predict(first, "5.0", "all", "all", api_name="/show")[0].startswith(f"### Test example #{first}")
+    with pytest.raises(AppError, match="Unknown heuristic 'bogus'"):
+        client.predict(first, 5, "bogus", "all", api_name="/show")
     with pytest.raises(ValueError, match="number of candidates must be between 1 and 500, got 501"):
         startup.state.explainer.explain(ok, ok, 0, 501, 3)  # the library's bound, behind the slider's
     # unknown words are named, not read silently
@@ -640,6 +646,25 @@ def test_any_test_id_the_table_holds_is_shown_exactly() -> None:
     for bad in (None, 1.5, "seven", True):
         with pytest.raises(ValueError, match="Choose a test example"):
             state.rows(bad, 3)
+
+
+def test_a_table_with_predictions_but_no_gold_labels_shows_its_examples() -> None:
+    """A table with the model's predictions but no gold labels (save_with_text given tokenized rows, whose label
+    column is `labels`): describing any example raised AttributeError, so the page showed none of them, and the
+    correct / wrong filter said the table had no predictions. A single-sentence table's text was not shown."""
+    from hf_fastif import InfluenceTable
+    from hf_fastif.space import SpaceState
+
+    table = InfluenceTable.from_arrays([0, 0], [0, 1], [-1.0, 2.0], {"label_names": ["entailment", "non_entailment"]},
+                                       test_premise=["p"] * 2, test_hypothesis=["h"] * 2, test_prediction=[0, 0])
+    state = SpaceState.from_table(table, "hand-made")
+    assert "**Model's prediction:** entailment" in state.describe(0) and "wrong" not in state.describe(0)
+    assert not state.has_predictions
+    with pytest.raises(ValueError, match="records no gold labels of its test rows"):
+        state.choices(correctness="wrong")
+    sentences = InfluenceTable.from_arrays([0], [0], [1.0], test_sentence=["a sentence"])
+    state = SpaceState.from_table(sentences, "hand-made")
+    assert "**Sentence:** a sentence" in state.describe(0) and state.choices() == [("#0 a sentence", 0)]
 
 
 def test_measurement_and_mean_tables_say_what_their_lists_mean(tmp_path) -> None:
