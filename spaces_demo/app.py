@@ -215,6 +215,17 @@ def create_demo(startup: Startup) -> gr.Blocks:
     return demo
 
 
+def _env_int(name: str) -> int | None:
+    """A whole number from the environment variable ``name`` (None when unset), refused by name when not one."""
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r} is not a whole number.") from None
+
+
 def main(argv: list[str] | None = None, *, block: bool = True) -> tuple[gr.Blocks, Startup]:
     """Serve the page at once and prepare the table and the live engine in the background; returns
     ``(demo, startup)`` (``block=False``: without waiting for the server to stop)."""
@@ -225,8 +236,9 @@ def main(argv: list[str] | None = None, *, block: bool = True) -> tuple[gr.Block
     parser.add_argument("--model", default=None, help="The table's model (local dir or Hub id) for live explanations.")
     parser.add_argument("--embedded_model", default=None, choices=["minilm", "tiny"],
                         help="The embedded default's model (default: $HF_FASTIF_EMBEDDED_MODEL, else minilm).")
-    parser.add_argument("--max_train_samples", type=int, default=None,
-                        help="Generated training rows of the embedded default (default 2,000).")
+    parser.add_argument("--max_train_samples", type=int, default=_env_int("HF_FASTIF_MAX_TRAIN_SAMPLES"),
+                        help="Generated training rows of the embedded default (default: $HF_FASTIF_MAX_TRAIN_SAMPLES, "
+                             "else 2,000; a Space sets the variable to reuse a bundled quick build).")
     parser.add_argument("--host", default=None, help="Default: $GRADIO_SERVER_NAME or 127.0.0.1.")
     parser.add_argument("--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT or 7860.")
     args = parser.parse_args(argv)

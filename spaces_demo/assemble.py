@@ -110,10 +110,41 @@ def build_kind(folder: Path) -> str:
         what = ("records no embedded model (kind)" if not isinstance(kind, str) or not kind else
                 "records a build with other settings than the Space's (e.g. by hf-fastif build), which it would not "
                 "reuse")
-        raise ValueError(f"{folder} is not a default build the Space can use: its ready.json {what}. Start the app "
-                         "once (it builds into $HF_FASTIF_SPACE_CACHE/<kind>) or run hf_fastif.space.build_default "
-                         "with args=None (the Space's settings), then pass that folder.")
+        raise ValueError(f"{folder} is not a default build the Space can use: its ready.json {what}. {REBUILD}")
+    # the build a start without arguments (as on the Hub) would reuse: the same data sizes, test rows, settings and
+    # library version (one made with --max_train_samples 600 was bundled, said to be used, and built again on every
+    # start of the deployed Space, whose disk does not persist)
+    from hf_fastif.embedded import embedded_arguments
+    from hf_fastif.space import LIVE_SETTINGS, build_config, embedded_kind
+
+    if kind in ("tiny", "minilm"):
+        data = embedded_kind(kind).table_data
+        rows = (config.get("data") or {}).get("n_train") if isinstance(config.get("data"), dict) else None
+        sizes = data | ({"n_train": rows} if isinstance(rows, int) and rows != data.get("n_train") else {})
+        args = embedded_arguments(str(folder), use="table", kind=kind, **LIVE_SETTINGS)
+        expected = build_config(args, kind, sizes, None, True)
+        differing = sorted(k for k in set(config) | set(expected) if config.get(k) != expected.get(k))
+        if differing:
+            shown = "; ".join(f"{k}: {config.get(k)!r} here, {expected.get(k)!r} for the Space" for k in differing[:3])
+            raise ValueError(f"{folder} is not a default build the Space can use: a start of the Space would build "
+                             f"again ({shown}). {REBUILD}")
     return kind
+
+
+def start_variables(folder: Path) -> dict[str, str]:
+    """The Space variables a start needs to reuse the default build in ``folder`` (checked by `build_kind`): its
+    number of training rows where it is not the default's (a quick build: a start without the variable built the
+    default again, on every start of a Space whose disk does not persist)."""
+    config = json.loads((folder / "ready.json").read_text()).get("config") or {}
+    from hf_fastif.space import embedded_kind
+
+    rows = (config.get("data") or {}).get("n_train")
+    default = embedded_kind(config["kind"]).table_data.get("n_train")
+    return {"HF_FASTIF_MAX_TRAIN_SAMPLES": str(rows)} if isinstance(rows, int) and rows != default else {}
+
+
+REBUILD = ("Start the app once without arguments (it builds into $HF_FASTIF_SPACE_CACHE/<kind>) or run "
+           "hf_fastif.space.build_default with args=None (the Space's settings), then pass that folder.")
 
 
 def assemble(out: str | Path, *, space_id: str | None = None, with_default: str | Path | None = None,
@@ -162,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     print(f"Space folder {out}: {len(files)} files ({', '.join(files[:6])}{', ...' if len(files) > 6 else ''})")
     for kind in (sorted(p.name for p in (out / BUNDLED_CACHE).iterdir()) if (out / BUNDLED_CACHE).is_dir() else []):
+        variables = start_variables(out / BUNDLED_CACHE / kind)
         print(f"The default build is bundled as {BUNDLED_CACHE}/{kind}: app.py uses it for --embedded_model {kind} "
-              "(HF_FASTIF_EMBEDDED_MODEL; the default is minilm).")
+              "(HF_FASTIF_EMBEDDED_MODEL; the default is minilm)"
+              + (f" when started with {', '.join(f'{k}={v}' for k, v in variables.items())} (set it as a variable "
+                 "of the Space; without it the default is built again on every start)." if variables else "."))
     if args.space_id is None:
         print("requirements.txt names the wheel by its path in the folder (pip install -r requirements.txt run inside "
               "it); for a Space on the Hub assemble with --space-id user/name (its builder installs requirements.txt "

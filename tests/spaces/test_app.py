@@ -742,17 +742,36 @@ def test_a_bundled_default_goes_where_the_app_looks(tmp_path, monkeypatch) -> No
         (folder / "ready.json").write_text(json.dumps({"config": config}))
         return folder
 
-    out = assemble_module.assemble(tmp_path / "out", with_default=build("my_tiny_copy", {"kind": "tiny",
-                                                                                        "live_engine": True}))
+    from hf_fastif.embedded import embedded_arguments
+    from hf_fastif.space import LIVE_SETTINGS, build_config, embedded_kind
+
+    def config(rows=None, **changes):  # what a start of the Space records (with --max_train_samples rows)
+        data = embedded_kind("tiny").table_data | ({"n_train": rows} if rows else {})
+        args = embedded_arguments("unused", use="table", kind="tiny", **LIVE_SETTINGS)
+        return build_config(args, "tiny", data, None, True) | changes
+
+    out = assemble_module.assemble(tmp_path / "out", with_default=build("my_tiny_copy", config()))
     assert [p.name for p in (out / "space_cache").iterdir()] == ["tiny"]
     monkeypatch.setenv("HF_FASTIF_SPACE_CACHE", str(out / "space_cache"))  # what app.py sets from its folder
     assert default_build_dir("tiny") == out / "space_cache" / "tiny" and (default_build_dir("tiny") / "table").is_dir()
     # what the Space would not reuse is refused, before anything is written
-    for name, config, message in (("cli", {"kind": "minilm", "live_engine": False}, "records a build with other"),
-                                  ("old", {"model": "MiniLM"}, "records no embedded model")):
-        with pytest.raises(ValueError, match=f"is not a default build the Space can use: its ready.json {message}"):
-            assemble_module.assemble(tmp_path / f"out_{name}", with_default=build(name, config))
+    for name, recorded, message in (
+            ("cli", {"kind": "minilm", "live_engine": False}, "its ready.json records a build with other"),
+            ("old", {"model": "MiniLM"}, "its ready.json records no embedded model"),
+            # settings a start of the Space would not reuse (it was bundled, said to be used, and built again)
+            ("seed", config(seed=1), r"a start of the Space would build again \(seed: 1 here, 0 for the Space\)")):
+        with pytest.raises(ValueError, match=f"is not a default build the Space can use: {message}"):
+            assemble_module.assemble(tmp_path / f"out_{name}", with_default=build(name, recorded))
         assert not (tmp_path / f"out_{name}").exists()
+    # a quick build (fewer training rows) is bundled, with the variable a start needs to reuse it
+    quick = build("quick", config(rows=600))
+    assemble_module.assemble(tmp_path / "out_quick", with_default=quick)
+    assert assemble_module.start_variables(quick) == {"HF_FASTIF_MAX_TRAIN_SAMPLES": "600"}
+    assert assemble_module.start_variables(tmp_path / "my_tiny_copy") == {}
+    from spaces_demo.app import _env_int
+
+    monkeypatch.setenv("HF_FASTIF_MAX_TRAIN_SAMPLES", "600")  # (app.py's --max_train_samples default)
+    assert _env_int("HF_FASTIF_MAX_TRAIN_SAMPLES") == 600
 
 
 def test_the_assembled_space_runs_alone_and_a_browser_drives_it(app, tmp_path) -> None:
