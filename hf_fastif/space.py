@@ -994,6 +994,14 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
         logger.warning(f"Live explanations use the first {MAX_TRAIN_ROWS:,} of the {len(frame):,} training rows this "
                        "table carries (by train_id): their Hessian and candidates are those rows', not the table's.")
     frame = frame.head(MAX_TRAIN_ROWS).rename(columns=lambda c: c.removeprefix("train_"))
+    names = [str(n) for n in table.metadata.get("label_names") or []]
+    if names and not pd.api.types.is_numeric_dtype(frame["label"]):  # (pandas 3 reads text as "str", not object)
+        # labels stored as their names, as ids (live explanations were turned off, advising a dataset.map that the
+        # Space's operator, who has the table only, cannot run)
+        ids = [label_id(v) if label_id(v) is not None else (names.index(v) if v in names else None)
+               for v in frame["label"]]
+        if all(i is not None for i in ids):
+            frame["label"] = ids
     return Dataset.from_pandas(frame.rename(columns={"id": "train_id"}), preserve_index=False)
 
 

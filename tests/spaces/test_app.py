@@ -379,6 +379,19 @@ def test_tables_that_cannot_be_loaded_or_explained_are_notices(app, tmp_path) ->
     assert state.explainer.max_length == 64  # the limit the table records (the embedded default's)
     found = state.explainer.explain("The judge slept.", "The judge slept.", 0, 20, 3)
     assert set(found.helpful.train_id) | set(found.harmful.train_id) <= train_ids
+    # the same table with its labels stored as names: live explanations work, with the same values (they were off,
+    # advising a dataset.map the Space's operator cannot run)
+    named = InfluenceTable.load(build / "table")
+    names = named.metadata["label_names"]
+    frame = named.to_pandas()
+    frame["train_label"] = [names[i] for i in frame.train_label]
+    InfluenceTable.from_arrays(frame.test_id, frame.train_id, frame.influence, named.metadata, pairs_unique=True,
+                               **{c: frame[c].tolist() for c in frame.columns if c.startswith(("train_", "test_"))
+                                  and c not in ("test_id", "train_id")}).save(tmp_path / "named")
+    by_name = load_state(str(tmp_path / "named"), model=str(build / "model"))
+    assert by_name.explainer is not None
+    again = by_name.explainer.explain("The judge slept.", "The judge slept.", 0, 20, 3)
+    assert again.helpful.influence.tolist() == found.helpful.influence.tolist()
 
     # a table computed with other settings than the live engine's (a CLI build with LiSSA and [CLS] kNN): live
     # explanations work, and the page says a typed copy of a row can get other rows than the table shows
