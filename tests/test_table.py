@@ -53,6 +53,27 @@ def test_save_load_round_trip_with_shards_and_text(tmp_path):
     assert card.startswith("---\nlicense: apache-2.0") and "path: data/*.parquet" in card
 
 
+def save_killed_after_one_shard(monkeypatch, table: InfluenceTable, folder: Path) -> None:
+    """``table.save(folder)`` as if the process were killed once its first shard (of 40 rows) was moved into place:
+    the second move raises, and nothing cleans up."""
+    import hf_fastif.table.storage as storage
+
+    moves, replace = [], os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith(".parquet"):
+            if moves:
+                raise KeyboardInterrupt("killed")
+            moves.append(dst)
+        return replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "replace", killed)
+    monkeypatch.setattr(storage.InfluenceTableWriter, "abort", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        table.save(folder, shard_rows=40)
+    monkeypatch.undo()
+
+
 def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, monkeypatch):
     """Saving replaces ``data/*.parquet`` and ``README.md``: a saved dataset's folder (its parquet files, its card)
     lost them without a word. Such a folder is refused and left as it was; a table's folder, one whose save was
@@ -71,22 +92,7 @@ def test_save_refuses_a_folder_of_other_files_and_keeps_them(tmp_path, monkeypat
     table.save(tmp_path / "t")
     assert InfluenceTable.load(tmp_path / "t").to_pandas().equals(table.to_pandas())
     # a first save into a new folder, killed while its shards move into place: a new save there goes through
-    import hf_fastif.table.storage as storage
-
-    moves, replace = [], os.replace
-
-    def killed(src, dst):
-        if str(dst).endswith(".parquet"):
-            if moves:
-                raise KeyboardInterrupt("killed")
-            moves.append(dst)
-        return replace(src, dst)
-
-    monkeypatch.setattr(storage.os, "replace", killed)
-    monkeypatch.setattr(storage.InfluenceTableWriter, "abort", lambda self: None)  # (killed: nothing cleans up)
-    with pytest.raises(KeyboardInterrupt):
-        table.save(tmp_path / "killed", shard_rows=40)
-    monkeypatch.undo()
+    save_killed_after_one_shard(monkeypatch, table, tmp_path / "killed")
     assert len(list((tmp_path / "killed" / "data").glob("train-*.parquet"))) == 1
     table.save(tmp_path / "killed", shard_rows=40)
     assert InfluenceTable.load(tmp_path / "killed").to_pandas().equals(table.to_pandas())
@@ -124,19 +130,7 @@ def test_a_save_that_fails_over_a_table_leaves_that_table_whole(tmp_path, monkey
         with pytest.raises(OSError, match="No space"):
             new.save(tmp_path / "t", shard_rows=40)
     else:
-        moves, replace = [], os.replace
-
-        def killed(src, dst):
-            if str(dst).endswith(".parquet"):
-                if moves:
-                    raise KeyboardInterrupt("killed")
-                moves.append(dst)
-            return replace(src, dst)
-
-        monkeypatch.setattr(storage.os, "replace", killed)
-        monkeypatch.setattr(storage.InfluenceTableWriter, "abort", lambda self: None)  # (killed: nothing cleans up)
-        with pytest.raises(KeyboardInterrupt):
-            new.save(tmp_path / "t", shard_rows=40)
+        save_killed_after_one_shard(monkeypatch, new, tmp_path / "t")
     monkeypatch.undo()
     loaded = InfluenceTable.load(tmp_path / "t", verify=True)  # (raised "influence_metadata.json is missing")
     assert loaded.to_pandas().equals(old.to_pandas())
