@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, Value, concatenate_datasets
 from transformers import BertForSequenceClassification
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -268,6 +268,16 @@ def test_model_report_measures_training_accuracy_on_a_seeded_sample(trained, nli
     recorded = model_report(trained, nli["test"], nli["collator"], train=nli["train"], train_accuracy=0.9)
     assert recorded["train_accuracy_rows"] is None and "recorded when the model was fine-tuned" in \
         model_report_markdown(recorded)
+    # a 3-label model's training accuracy is over its own labels (neutral and contradiction were merged: an
+    # always-neutral classifier's 1/3 read 2/3)
+    config = copy.deepcopy(trained.config)
+    config.num_labels, config.id2label, config.label2id = 3, {0: "e", 1: "n", 2: "c"}, {"e": 0, "n": 1, "c": 2}
+    neutral = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        neutral.classifier.weight.zero_()
+        neutral.classifier.bias.copy_(torch.tensor([0.0, 10.0, 0.0]))
+    three = nli["train"].cast_column("labels", Value("int64")).map(lambda r, i: {"labels": i % 3}, with_indices=True)
+    assert model_report(neutral, nli["test"], nli["collator"], train=three)["train_accuracy"] == pytest.approx(1 / 3)
 
 
 def test_generated_data_has_no_repeats_to_refuse():
