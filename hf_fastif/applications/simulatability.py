@@ -305,6 +305,12 @@ class _SimulatorSteps:
                         moved = {n: p - rate * step[n] for n, p in self.params.items()}
                         out = functional_call(self.model, moved, args=(), kwargs=inputs)
                         after[i, j] = float(self.fm.loss_fn(out, test_batch)[0])
+        bad = ~np.isfinite(after)
+        if bad.any():  # (a NaN loss counted as "not below random": 320 of 480 at rate 1e30, and exit status 0)
+            rate = rates[int(np.argwhere(bad)[0][1])]
+            raise ValueError(f"A simulator step at learning rate {rate:g} gives a test loss that is not finite "
+                             f"({int(bad.sum())} of {bad.size} losses of this test point): the step's weights "
+                             "overflow. Use smaller --learning_rates.")
         return before, after
 
 

@@ -135,6 +135,11 @@ def test_simulatability_rejects_mismatched_labels_and_bad_protocols(trained, dat
         setattr(protocol, field, value)  # changed after construction: checked again before any work
         with pytest.raises(ValueError, match=message):
             run_simulatability(trained, trained, data, args, protocol)
+    # a rate whose step overflows: its NaN losses counted as "not below random" (320 of 480, exit status 0)
+    overflowing = SimulatabilityArguments(num_correct=1, num_incorrect=0, num_points=10, learning_rates=[0.1, 1e38],
+                                          simulator="copy")
+    with pytest.raises(ValueError, match="at learning rate 1e[+]38 gives a test loss that is not finite"):
+        run_simulatability(trained, trained, data, args, overflowing, progress=False)
 
 
 def test_describe_rates_names_log_spaced_sweeps():
