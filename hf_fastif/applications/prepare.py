@@ -143,6 +143,9 @@ class ModelDataArguments:
                              f"tokens and words), got {self.max_length}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"--num_threads must be at least 1, got {self.num_threads}.")
+        if self.trainable_layers is not None and self.trainable_layers < 0:  # (-1 ran as 0)
+            raise ValueError(f"--trainable_layers must be at least 0 (0: only the pooler and the classifier), got "
+                             f"{self.trainable_layers}.")
         if self.model_name_or_path is None and self.num_labels != 2:  # the tiny model crashed in its first step
             raise ValueError(f"--num_labels {self.num_labels}: the embedded models (minilm, tiny) have 2 labels "
                              "(MNLI-2: entailment / non_entailment). For 3 labels pass --model_name_or_path (a 3-label "
@@ -331,7 +334,11 @@ def freeze_lower_layers(model: nn.Module, trainable_layers: int) -> list[str]:
     if not indices:
         raise ValueError(f"Cannot find numbered layers in {type(model).__name__}'s parameter names; pass "
                          "--trainable_layers only for encoder models (BERT-like).")
-    first = max(indices) + 1 - trainable_layers
+    layers = max(indices) + 1
+    if not 0 <= trainable_layers <= layers:  # (100 trained every layer, the embeddings still frozen, without a word)
+        raise ValueError(f"--trainable_layers {trainable_layers}: {type(model).__name__} has {layers} layers; pass 0 to "
+                         f"{layers} (or leave it unset to train every layer and the embeddings).")
+    first = layers - trainable_layers
     below = input_side(model)
     trainable = []
     for name, p in model.named_parameters():

@@ -180,3 +180,17 @@ def test_trainable_layers_freezes_the_embeddings_of_every_architecture(architect
     embedding = model.get_input_embeddings().weight
     assert not embedding.requires_grad and any(p is embedding for name, p in model.named_parameters()
                                                if name in frozen)
+
+
+def test_trainable_layers_outside_the_models_layers_is_refused():
+    """--trainable_layers -1 ran as 0, and 100 trained every layer with the embeddings still frozen, without a word
+    (MiniLM's path refused anything outside 0..6; the tiny and paper setups did not)."""
+    from hf_fastif.applications.prepare import ModelDataArguments
+
+    with pytest.raises(ValueError, match="--trainable_layers must be at least 0"):
+        ModelDataArguments(trainable_layers=-1)
+    model = ARCHITECTURES["mpnet"][0]()
+    with pytest.raises(ValueError, match="--trainable_layers 100: MPNetForSequenceClassification has 4 layers; pass 0 "
+                                         "to 4"):
+        prepare_module.freeze_lower_layers(model, 100)
+    assert all(p.requires_grad for p in model.parameters())  # (refused before anything was frozen)
