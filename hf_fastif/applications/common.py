@@ -378,13 +378,14 @@ def check_heuristics(names: Sequence[str] | str | None, flag: str = "heuristics 
 
 
 def refuse_few_candidates(num_candidates: int, k: int | None, num_points: int, each: str) -> None:
-    """Refuse ``num_points`` helpful and harmful rows out of fewer scored candidates (``min(k, num_candidates)``):
-    both groups would be the very same rows, reported as two results."""
+    """Refuse ``num_points`` helpful and harmful rows out of fewer than twice as many scored candidates
+    (``min(k, num_candidates)``): the two groups would share rows (all of them below ``num_points``), reported as two
+    results (k 15 with 10 rows each: 5 rows in both)."""
     scored = num_candidates if k is None else min(k, num_candidates)
-    if scored < num_points:
+    if scored < 2 * num_points:
         raise ValueError(f"{each} scores {scored} candidate rows (influence_knn_k={k}, {num_candidates} candidates), "
-                         f"fewer than num_points={num_points}: 'helpful' and 'harmful' would both be the same {scored} "
-                         "rows. Raise influence_knn_k or lower num_points.")
+                         f"fewer than 2 × num_points = {2 * num_points}: 'helpful' and 'harmful' would share "
+                         f"{2 * num_points - scored} rows. Raise influence_knn_k or lower num_points.")
 
 
 def heuristic_seed(heuristic: str) -> int:

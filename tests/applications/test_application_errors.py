@@ -96,7 +96,7 @@ def test_hans_pool_for_a_three_label_model(tmp_path, files, no_training):
 def test_simulator_needs_a_base_for_a_given_checkpoint(tmp_path, files):
     with pytest.raises(ValueError, match="--simulator CHECKPOINT"):
         _main("simulatability")(["--output_dir", str(tmp_path), "--model_name_or_path", files["ckpt2"],
-                                 "--train_dataset", files["mnli"], "--hans_file", files["hans"], "--influence_knn_k", "10"])
+                                 "--train_dataset", files["mnli"], "--hans_file", files["hans"], "--influence_knn_k", "20"])
 
 
 def test_bad_flag_values(tmp_path):

@@ -243,9 +243,11 @@ def test_run_correction_rejects_bad_settings(trained, data, args):
     with pytest.raises(ValueError, match="needs data.hans_test"):
         run_correction(trained, dataclasses.replace(data, hans_test=None), args, CorrectionArguments())
     # k below the rows a step takes: helpful and harmful stepped on the same k rows, without a word
-    with pytest.raises(ValueError, match="fewer than num_points=10: 'helpful' and 'harmful' would both be the same "
-                                         "5 rows"):
+    with pytest.raises(ValueError, match="fewer than 2 × num_points = 20: 'helpful' and 'harmful' would share 15 rows"):
         run_correction(trained, data, dataclasses.replace(args, influence_knn_k=5), CorrectionArguments(num_points=10))
+    # k between num_points and twice it: the groups shared rows (k 15, 10 each: 5 in both)
+    with pytest.raises(ValueError, match="would share 5 rows"):
+        run_correction(trained, data, dataclasses.replace(args, influence_knn_k=15), CorrectionArguments(num_points=10))
 
 
 def test_a_step_that_would_make_the_weights_non_finite_is_refused_and_leaves_them(trained, data, args):
