@@ -178,6 +178,30 @@ class CorrectionResult:
         return {"title": self.title, "settings": self.settings, "before": self.before, "summary": self.summary(),
                 "runs": self.runs}
 
+    def signed_rows(self) -> dict[str, tuple[int, int]]:
+        """``{strategy: (rows of its sign, rows)}`` over every step of the helpful (influence < 0) and harmful
+        (influence > 0) runs: with few or one-signed candidates the extremes hold rows of the other sign (k 15: every
+        "helpful" row of a step was harmful), which the report did not say."""
+        out = {}
+        for strategy, sign in (("helpful", -1.0), ("harmful", 1.0)):
+            values = [v for r in self.runs if r["strategy"] == strategy for step in r.get("steps", [])
+                      for v in step.get("influence") or []]
+            if values:
+                out[strategy] = (int(sum(np.sign(v) == sign for v in values)), len(values))
+        return out
+
+    def sign_line(self) -> str:
+        """The report's line on `signed_rows` ("" without helpful / harmful runs)."""
+        signed = self.signed_rows()
+        if not signed:
+            return ""
+        counts = ", ".join(f"{s} (influence {'<' if s == 'helpful' else '>'} 0) {n}/{total}"
+                           for s, (n, total) in signed.items())
+        mixed = any(n < total for n, total in signed.values())
+        return (f"Rows of the strategy's sign, over every step: {counts}"
+                + ("; the extremes include rows of the other sign (few or one-signed candidates: raise "
+                   "influence_knn_k)." if mixed else "."))
+
     def to_markdown(self) -> str:
         """Per heuristic: test accuracy before and after (mean ± std over replicas) for each strategy, then the
         test loss (mean cross-entropy), which moves even where accuracy cannot."""
@@ -207,6 +231,7 @@ class CorrectionResult:
             f"HANS test loss (mean cross-entropy) per heuristic, before and after; mean ± std over {runs}.",
             "",
             markdown_table(["heuristic", "before", *strategies], loss),
+            *(["", self.sign_line()] if self.sign_line() else []),
         ])
 
     def plot(self) -> Figure:
@@ -343,6 +368,8 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
                     logger.info(f"{heuristic} / {strategy} / replica {replica}: {100 * run['accuracy_before']:.1f}% → "
                                 f"{100 * run['accuracy_after']:.1f}%")
     bar.close()
+    if any(n < total for n, total in result.signed_rows().values()):
+        logger.warning(result.sign_line())
     return result
 
 

@@ -310,3 +310,20 @@ def test_the_plot_shows_before_and_after_when_steps_were_not_evaluated():
     assert [line.get_label() for line in accuracy.get_lines()] == ["helpful", "random"]
     assert accuracy.get_lines()[0].get_xydata().tolist() == [[0.0, 50.0], [4.0, 60.0]]
     assert loss.get_lines()[1].get_xydata().tolist() == [[0.0, 0.7], [4.0, 0.6]]
+
+
+def test_the_report_counts_the_rows_of_each_strategys_sign():
+    """"Helpful" takes the most negative candidates whatever their sign: with few or one-signed candidates it stepped
+    on harmful rows (k 15: all 10 of a step), and the correction report did not say so (simulatability's did)."""
+    from hf_fastif.applications.correction import CorrectionResult
+
+    def run(strategy, influence):
+        return {"heuristic": "h", "strategy": strategy, "replica": 0, "accuracy_before": 0.5, "accuracy_after": 0.5,
+                "loss_before": 1.0, "loss_after": 1.0, "accuracy_steps": [], "steps": [{"influence": influence}]}
+
+    result = CorrectionResult(settings={"num_steps": 1, "correction_learning_rate": 0.01}, before={},
+                              runs=[run("helpful", [-2.0, -1.0, 0.5]), run("harmful", [3.0, 1.0, 0.2]),
+                                    run("random", None)])
+    assert result.signed_rows() == {"helpful": (2, 3), "harmful": (3, 3)}
+    assert ("Rows of the strategy's sign, over every step: helpful (influence < 0) 2/3, harmful (influence > 0) 3/3; "
+            "the extremes include rows of the other sign") in result.to_markdown()
