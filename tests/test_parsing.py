@@ -132,6 +132,8 @@ def test_protocol_defaults_follow_the_setup_and_quick(monkeypatch):
         data_args, protocol, args = captured["parsed"]
         assert (protocol.correction_learning_rate, protocol.num_steps, args.influence_knn_k) == (lr, steps, k), argv
         assert data_args.max_train_samples == (600 if "--quick" in argv else None)
+        if "--quick" in argv:  # (1 epoch left the tiny model predicting one class: every HANS cell 50.0)
+            assert args.num_train_epochs == 3
 
 
 def test_embedded_trainable_layers_takes_influence_over_what_trains(monkeypatch):
