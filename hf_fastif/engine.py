@@ -985,13 +985,13 @@ class InfluenceEngine:
         """``(m, p)`` in the working dtype: one measurement gradient per test row, or one row with the gradient
         of their mean (``combine="mean"``, rows split over processes)."""
         bsz = self.args.influence_hvp_batch_size
+        default = self.loss_fn is None and self.measurement_fn is None  # the default loss: it reads the rows' targets
         if call.combine == "mean":
             device = next(iter(call.params.values())).device
             total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype, device=device)
             # the rows the mean is over: with the default loss, those with a target (an unlabelled row's loss is 0,
             # and the model's own loss leaves it out; counted, it scaled every value by the labelled share, 0.75)
             counted = torch.zeros((), dtype=torch.float64, device=device)
-            default = self.loss_fn is None and self.measurement_fn is None
 
             def mine():
                 for rows, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
@@ -1007,7 +1007,7 @@ class InfluenceEngine:
             return (D.all_reduce_sum(total) / count).unsqueeze(0)
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):
-            if self.loss_fn is None and self.measurement_fn is None:  # the default loss: a row must have targets
+            if default:  # a row must have targets
                 empty = rows_without_targets(self.model, batch)
                 if empty:
                     raise ValueError(

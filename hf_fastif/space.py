@@ -584,6 +584,8 @@ class SpaceState:
         lines = [f"### Test example #{test_id}", *(f"⚠️ {note}" for note in self.table.caveats(test_id))]
         if "premise" in row:
             lines += [f"**Premise:** {row.premise}", f"**Hypothesis:** {row.hypothesis}"]
+        else:  # a single-sentence table's test text
+            lines += [f"**{c.capitalize()}:** {row[c]}" for c in ("sentence", "text") if c in row][:1]
         if "heuristic" in row:
             lines.append(f"**Heuristic:** {row.heuristic} / {row.get('subcase', '')}")
         if "label" in row:
@@ -592,9 +594,6 @@ class SpaceState:
             verdict = "" if "label" not in row else (
                 " (correct)" if self.label_name(row.prediction) == self.label_name(row.label) else " (**wrong**)")
             lines.append(f"**Model's prediction:** {self.label_name(row.prediction)}{verdict}")
-        text = next((c for c in ("sentence", "text") if c in row and "premise" not in row), None)
-        if text is not None:  # a single-sentence table's test text
-            lines.insert(1 + len(self.table.caveats(test_id)), f"**{text.capitalize()}:** {row[text]}")
         return "\n\n".join(lines)
 
     def label_name(self, value) -> str:
@@ -998,8 +997,7 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
     if names and not pd.api.types.is_numeric_dtype(frame["label"]):  # (pandas 3 reads text as "str", not object)
         # labels stored as their names, as ids (live explanations were turned off, advising a dataset.map that the
         # Space's operator, who has the table only, cannot run)
-        ids = [label_id(v) if label_id(v) is not None else (names.index(v) if v in names else None)
-               for v in frame["label"]]
+        ids = [names.index(v) if v in names else label_id(v) for v in frame["label"]]
         if all(i is not None for i in ids):
             frame["label"] = ids
     return Dataset.from_pandas(frame.rename(columns={"id": "train_id"}), preserve_index=False)

@@ -92,8 +92,8 @@ class InfluenceTrainer(Trainer):
             decay = float(getattr(self.args, "weight_decay", 0.0) or 0.0)
             optim = str(getattr(self.args.optim, "value", self.args.optim))
             # (schedule-free SGD adds wd·θ to the gradient: an L2 term, as SGD; it was called decoupled)
-            coupled, name = optim.startswith(("sgd", "adagrad", "rmsprop")) or optim == "schedule_free_sgd", \
-                f"optim={optim!r}"
+            coupled = optim.startswith(("sgd", "adagrad", "rmsprop")) or optim == "schedule_free_sgd"
+            name = f"optim={optim!r}"
         if decay <= 0:
             return
         say = logger.warning if coupled else logger.info

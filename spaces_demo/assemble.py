@@ -118,9 +118,8 @@ def build_kind(folder: Path) -> str:
     from hf_fastif.space import LIVE_SETTINGS, build_config, embedded_kind
 
     if kind in ("tiny", "minilm"):
-        data = embedded_kind(kind).table_data
-        rows = (config.get("data") or {}).get("n_train") if isinstance(config.get("data"), dict) else None
-        sizes = data | ({"n_train": rows} if isinstance(rows, int) and rows != data.get("n_train") else {})
+        rows = _quick_rows(config)
+        sizes = embedded_kind(kind).table_data | ({"n_train": rows} if rows is not None else {})
         args = embedded_arguments(str(folder), use="table", kind=kind, **LIVE_SETTINGS)
         expected = build_config(args, kind, sizes, None, True)
         differing = sorted(k for k in set(config) | set(expected) if config.get(k) != expected.get(k))
@@ -131,16 +130,22 @@ def build_kind(folder: Path) -> str:
     return kind
 
 
+def _quick_rows(config: dict) -> int | None:
+    """The training rows a default build's ``ready.json`` config records where they are not its kind's default (a
+    quick build's ``--max_train_samples``), else None."""
+    from hf_fastif.space import embedded_kind
+
+    data = config.get("data")
+    rows = data.get("n_train") if isinstance(data, dict) else None
+    return rows if isinstance(rows, int) and rows != embedded_kind(config["kind"]).table_data.get("n_train") else None
+
+
 def start_variables(folder: Path) -> dict[str, str]:
     """The Space variables a start needs to reuse the default build in ``folder`` (checked by `build_kind`): its
     number of training rows where it is not the default's (a quick build: a start without the variable built the
     default again, on every start of a Space whose disk does not persist)."""
-    config = json.loads((folder / "ready.json").read_text()).get("config") or {}
-    from hf_fastif.space import embedded_kind
-
-    rows = (config.get("data") or {}).get("n_train")
-    default = embedded_kind(config["kind"]).table_data.get("n_train")
-    return {"HF_FASTIF_MAX_TRAIN_SAMPLES": str(rows)} if isinstance(rows, int) and rows != default else {}
+    rows = _quick_rows(json.loads((folder / "ready.json").read_text()).get("config") or {})
+    return {"HF_FASTIF_MAX_TRAIN_SAMPLES": str(rows)} if rows is not None else {}
 
 
 REBUILD = ("Start the app once without arguments (it builds into $HF_FASTIF_SPACE_CACHE/<kind>) or run "

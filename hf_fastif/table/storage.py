@@ -647,11 +647,11 @@ class InfluenceTableWriter:
         if not self._parts:  # an empty table still has one (empty) shard with the schema
             self._parts.append(self.directory / DATA_DIR / f".partial-{self._tag}-00000.parquet")
             pq.write_table(self.schema.empty_table(), self._parts[0])
-        # the card is made before anything of a previous table is touched: metadata it cannot render (or any error
-        # up to here) leaves that table as it was
         # the license recorded in the metadata too, so a loaded table keeps it (a pull, a save and a push again
         # published tables of cc-by-sa text as apache-2.0): the one given, else the table's own, else the default
         metadata = metadata | {"license": self.license or metadata.get("license") or DEFAULT_LICENSE}
+        # the card is made before anything of a previous table is touched: metadata it cannot render (or any error
+        # up to here) leaves that table as it was
         card = dataset_card(metadata, self.num_rows, repo_id=self.repo_id, license=metadata["license"],
                             columns=self.schema.names)
         self._closed = True
