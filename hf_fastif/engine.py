@@ -57,6 +57,7 @@ from .batches import (
 from .fingerprint import (
     callable_fingerprint,
     collator_settings,
+    model_code_fingerprint,
     model_fingerprint,
     portable_fingerprint,
     tensor_digests,
@@ -561,7 +562,10 @@ class InfluenceEngine:
         # the manifest goes first, and comes back last: a save cut short leaves no manifest pairing old keys with
         # new arrays (the folder then loads nothing, and the caches are rebuilt)
         (folder / CACHE_MANIFEST).unlink(missing_ok=True)
-        manifest: dict = {"library_version": library_version(), "trunks": [], "curvature": []}
+        # the model's code: every key below holds its weights and config, not what its forward does (a
+        # trust_remote_code model's modeling file edited between a save and a load was served the old states)
+        manifest: dict = {"library_version": library_version(), "model_code": model_code_fingerprint(self.model),
+                          "trunks": [], "curvature": []}
         files: list[str] = []  # every file the manifest names, digested below (checked when read back)
 
         def save_array(name: str, array: np.ndarray) -> None:
@@ -619,6 +623,11 @@ class InfluenceEngine:
 
     def _read_caches(self, folder: Path) -> list[str]:
         manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        if manifest.get("model_code") != model_code_fingerprint(self.model):
+            logger.info(f"The engine caches in {folder} were saved for other model code (another transformers "
+                        "version, or a model class of one's own that changed; or saved before the code was recorded): "
+                        "not loaded, they are computed again when needed.")
+            return []
         for name, digest in manifest.get("files", {}).items():  # (folders saved before digests: not checked)
             if cache_file_digest(folder / name) != digest:
                 raise ValueError(f"{name} changed since it was saved (its xxh3 digest differs from the manifest's)")

@@ -790,6 +790,48 @@ def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_colla
     assert len(work) >= 2 and work[0] == len(train)
 
 
+def test_saved_caches_do_not_serve_other_model_code(data, pad_collator, tmp_path, monkeypatch):
+    """The saved keys hold the weights and the config, not the model's code: a model class of one's own (a
+    trust_remote_code modeling file) edited between a save and a load was served the old trunk states, low-rank
+    Hessian and curvature (here the edit scales the embeddings, below the split: every influence changes)."""
+    import importlib
+    import sys
+
+    source = ("from transformers import BertForSequenceClassification\n"
+              "SCALE = {scale}\n\n\n"
+              "class Scaled(BertForSequenceClassification):\n"
+              "    def __init__(self, config):\n"
+              "        super().__init__(config)\n"
+              "        self.bert.embeddings.register_forward_hook(lambda m, a, out: out * SCALE)\n")
+    model, train, test = data
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "scaled_embeddings.py").write_text(source.format(scale=1.0))
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+
+    def built():
+        module = importlib.reload(importlib.import_module("scaled_embeddings"))
+        scaled = module.Scaled(model.config).eval()
+        scaled.load_state_dict(model.state_dict())
+        return scaled
+
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=None)
+    with InfluenceEngine(built(), args, data_collator=pad_collator) as first:
+        first.compute_influences(train, test)
+        first.save_caches(tmp_path / "caches")
+    with InfluenceEngine(built(), args, data_collator=pad_collator) as same:
+        assert set(same.load_caches(tmp_path / "caches")) == {"low_rank", "trunk"}
+    (tmp_path / "code" / "scaled_embeddings.py").write_text(source.format(scale=3.0))
+    edited = built()
+    try:
+        with InfluenceEngine(edited, args, data_collator=pad_collator) as engine:
+            assert engine.load_caches(tmp_path / "caches") == []
+            got = engine.compute_influences(train, test).to_pandas()
+        with InfluenceEngine(edited, args, data_collator=pad_collator) as fresh:
+            assert got.equals(fresh.compute_influences(train, test).to_pandas())
+    finally:
+        sys.modules.pop("scaled_embeddings", None)
+
+
 def test_a_loaded_gradient_index_not_yet_read_is_saved_again(data, pad_collator, tmp_path, monkeypatch):
     """The gradient index is read on first use: an engine that loaded a folder, made a call without gradient
     candidates and saved again left it out of the new manifest, so the next engine rebuilt it."""
