@@ -1013,6 +1013,7 @@ class InfluenceEngine:
             if not count:
                 raise ValueError("No test_dataset row has a target for the loss to read (every label -100), so the "
                                  "mean test loss is 0 and so would every influence be. Label the test rows.")
+            call.info["mean_over_rows"] = int(count)  # (the card's count: the rows with a target, not every row)
             return (D.all_reduce_sum(total) / count).unsqueeze(0)
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):

@@ -121,6 +121,12 @@ def test_combine_mean_is_the_mean_of_test_gradients(data, pad_collator):
     with_one = compute_influences(model, train, unlabelled, args, combine="mean", data_collator=pad_collator)
     labelled = per_row[per_row.test_id != 0].groupby("train_id").influence.mean().values
     np.testing.assert_allclose(with_one.to_pandas().sort_values("train_id").influence.values, labelled, rtol=1e-8)
+    from hf_fastif.table import dataset_card  # and its card counts the rows in the mean, not every row given
+
+    n = len(unlabelled)
+    assert f"the mean over the {n - 1} rows with a target of the {n} rows of the test data" in str(
+        dataset_card(with_one.metadata, len(with_one)))
+    assert f"the mean over the {n} rows of the test data" in str(dataset_card(mean.metadata, len(mean)))
     with pytest.raises(ValueError, match="Every row of test_dataset is labelled -100"):  # (refused before any work)
         compute_influences(model, train, unlabelled.map(lambda r: {"labels": -100}), args, combine="mean",
                            data_collator=pad_collator)

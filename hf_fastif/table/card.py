@@ -59,11 +59,16 @@ def dataset_card(metadata: dict, rows: int, *, repo_id: str | None = None, licen
     if isinstance(loss, dict):
         sign += f" L is the loss `{loss.get('name')}`."
     # a pool table's train_id is a row of the pool, not of the training data (it was called that, and the training
-    # data's row count did not match it); a combine="mean" table's one test_id is the mean over every test row
+    # data's row count did not match it); a combine="mean" table's one test_id is the mean over the test rows with a target
     train_id = ("row of the candidate pool: the rows scored, not the training data whose Hessian they were scored "
                 "with" if pool is not None else "row of the training data")
-    test_rows = f"{test['num_rows']:,} " if isinstance(test.get("num_rows"), int) else ""
-    test_id = (f"0: the mean over the {test_rows}rows of the test data, combine='mean'"
+    diagnostics = metadata.get("diagnostics") if isinstance(metadata.get("diagnostics"), dict) else {}
+    counted = diagnostics.get("mean_over_rows")  # the rows with a target (unlabelled ones are not in the mean)
+    total = test.get("num_rows")
+    test_rows = (f"{counted:,} rows with a target of the {total:,} rows of the " if isinstance(counted, int)
+                 and isinstance(total, int) and counted != total
+                 else f"{total:,} rows of the " if isinstance(total, int) else "rows of the ")
+    test_id = (f"0: the mean over the {test_rows}test data, combine='mean'"
                if metadata.get("combine") == "mean" else "row of the test data")
     body = [
         f"# Influence table of `{name}`",
