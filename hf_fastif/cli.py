@@ -638,11 +638,15 @@ def run_cache(ns: argparse.Namespace) -> int:
 COMMANDS: list[Callable] = [add_build, add_push, add_pull, add_show, add_recall, add_cache]
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
 def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(prog="hf-fastif", description=__doc__.splitlines()[0],
                                           formatter_class=argparse.RawDescriptionHelpFormatter,
                                           epilog="\n".join(__doc__.splitlines()[2:9]))
-    main_parser.add_argument("-v", "--verbose", action="store_true", help="Log progress (transformers logging, info).")
+    main_parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+                             help="Log progress (transformers logging, info); before or after the subcommand.")
     sub = main_parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(
         f.__name__.removeprefix("add_") for f in COMMANDS) + "}", parser_class=HfArgumentParser)
     for add in COMMANDS:
@@ -671,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     at = argv.index(command) if command is not None else len(argv)
+    if any(a in VERBOSE_FLAGS for a in argv[at:]):  # `hf-fastif build -v ...`: the main parser's flag, where it was
+        argv = ["--verbose", *argv[:at], *[a for a in argv[at:] if a not in VERBOSE_FLAGS]]  # refused after the command
+        at = argv.index(command)
     # only a --help after the command waits for the setup's defaults; one before it is the main parser's
     deferred = (command in SETUP_DEFAULTS and any(a in HELP_FLAGS for a in argv[at + 1:])
                 and not any(a in HELP_FLAGS for a in argv[:at]))

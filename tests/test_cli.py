@@ -555,3 +555,18 @@ def test_build_runs_a_models_own_code_only_with_trust_remote_code(built: Path, t
     assert main([*args, "--output-dir", str(tmp_path / "out"), "--trust_remote_code"]) == 0
     table = InfluenceTable.load(tmp_path / "out" / "table")
     assert len(table) == 10 and "ScaledModel" in table.metadata["model"]["class"]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_accepted_after_the_subcommand_too(where, tmp_path, capsys):
+    """`hf-fastif build -v ...` was argparse's "unrecognized arguments: -v" (the flag was the main parser's only)."""
+    library = logging.getLogger("hf_fastif")
+    level = library.level
+    argv = ["cache", "--cache-dir", str(tmp_path)]
+    try:
+        assert main(["-v", *argv] if where == "before" else [*argv, "-v"]) == 0
+        assert library.level == logging.INFO
+        assert main(argv) == 0 and library.level == logging.WARNING
+    finally:
+        library.setLevel(level)
+    assert "0 entries" in capsys.readouterr().out
