@@ -1169,6 +1169,18 @@ def check_test_id(value) -> int:
     raise ValueError(f"Choose a test example (a test id, a whole number), got {value!r}.")
 
 
+def candidate_slider(max_candidates: int) -> dict:
+    """The live explanation's k slider over ``1 … max_candidates``: steps of 10 from 10 where the maximum is on that
+    grid, else steps of 1 from 1 (a training set of fewer than 10 rows got a slider from 10 to its row count, whose
+    every position was refused), starting at `LIVE_SETTINGS`' k or the maximum. One row: fixed at 1 (gradio refuses a
+    slider whose minimum is its maximum)."""
+    if max_candidates <= 1:
+        return dict(minimum=0, maximum=1, step=1, value=1, interactive=False)
+    tens = max_candidates >= 20 and max_candidates % 10 == 0
+    return dict(minimum=10 if tens else 1, maximum=max_candidates, step=10 if tens else 1,
+                value=min(LIVE_SETTINGS["influence_knn_k"], max_candidates))
+
+
 def check_int(value, name: str, low: int, high: int | None) -> int:
     """``value`` as a whole number in ``[low, high]``, or a ValueError saying what to choose."""
     try:

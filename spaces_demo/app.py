@@ -33,12 +33,12 @@ from transformers.utils import logging
 from hf_fastif.space import (
     ALL,
     CACHE_ENV,
-    LIVE_SETTINGS,
     MAX_CANDIDATES,
     MAX_ROWS,
     MAX_TEXT_CHARS,
     SpaceState,
     Startup,
+    candidate_slider,
     check_int,
     counts_note,
     explanation_summary,
@@ -110,7 +110,7 @@ def create_demo(startup: Startup) -> gr.Blocks:
                          value="wrong" if wrong else ALL),
                 gr.Dropdown(choices=choices, value=choices[0][1] if choices else None),
                 gr.Dropdown(choices=state.label_names, value=state.label_names[-1]),
-                gr.Slider(maximum=k_max, value=min(LIVE_SETTINGS["influence_knn_k"], k_max)),
+                gr.Slider(**candidate_slider(k_max)),
                 gr.Button(interactive=live is not None), gr.Timer(active=False))
 
     @ui
@@ -181,8 +181,7 @@ def create_demo(startup: Startup) -> gr.Blocks:
                                             value="The judge helped the doctor.", elem_id="hypothesis")
                 with gr.Row():
                     gold = gr.Dropdown(choices=[], value=None, label="Gold label", allow_custom_value=True)
-                    k = gr.Slider(10, MAX_CANDIDATES, value=LIVE_SETTINGS["influence_knn_k"], step=10,
-                                  label="Candidates (gradient index)")
+                    k = gr.Slider(**candidate_slider(MAX_CANDIDATES), label="Candidates (gradient index)")
                     n_own = gr.Slider(1, MAX_ROWS, value=5, step=1, label="Rows per side")
                 run = gr.Button("Explain", variant="primary", interactive=False, elem_id="explain")
                 prediction = gr.Label(label="Model's prediction", elem_id="own-prediction")

@@ -905,3 +905,22 @@ def test_space_card_and_requirements_match_the_project(tmp_path) -> None:
     with pytest.raises(ValueError, match="is not empty"):
         assemble(tmp_path / "c")
 
+
+
+@pytest.mark.parametrize("max_candidates", [1, 7, 40, 95, 500])
+def test_the_candidate_slider_reaches_its_maximum_from_a_valid_minimum(max_candidates) -> None:
+    """The page's k slider ran from 10 in steps of 10 whatever the training rows: with 7 its minimum was above its
+    maximum (every position refused by `explain`), with 95 the maximum could not be reached."""
+    from hf_fastif.space import LIVE_SETTINGS, candidate_slider
+
+    got = candidate_slider(max_candidates)
+    if max_candidates == 1:  # (gradio refuses a slider whose minimum is its maximum: fixed at 1)
+        assert got["value"] == got["maximum"] == 1 and got["interactive"] is False
+        got["minimum"] = 1
+    positions = range(got["minimum"], got["maximum"] + 1, got["step"])
+    assert 1 <= got["minimum"] <= got["maximum"] == max_candidates and positions[-1] == max_candidates
+    assert got["value"] in positions and got["value"] == min(LIVE_SETTINGS["influence_knn_k"], max_candidates)
+    import gradio as gr
+
+    slider = gr.Slider(**candidate_slider(max_candidates))  # (gradio takes it as it is)
+    assert (slider.maximum, slider.step, slider.value) == (got["maximum"], got["step"], got["value"])
