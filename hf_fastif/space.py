@@ -988,7 +988,9 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
         raise InfluenceTableError("live explanations need a table that carries the training text (train_premise, "
                                   "train_hypothesis, train_label); build it with text (hf_fastif.annotate."
                                   "save_with_text or `hf-fastif build`).")
-    frame = table.dataset.select_columns(needed).to_pandas().drop_duplicates("train_id").sort_values("train_id")
+    # with the table's other text columns (`genre`): the live lists showed fewer columns than the table's own
+    shown = needed + [f"train_{c}" for c in TRAIN_TEXT if f"train_{c}" in table.column_names and f"train_{c}" not in needed]
+    frame = table.dataset.select_columns(shown).to_pandas().drop_duplicates("train_id").sort_values("train_id")
     if len(frame) > MAX_TRAIN_ROWS:
         logger.warning(f"Live explanations use the first {MAX_TRAIN_ROWS:,} of the {len(frame):,} training rows this "
                        "table carries (by train_id): their Hessian and candidates are those rows', not the table's.")
