@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments
-from .batches import column_rule, validate_dataset
+from .batches import check_values, column_rule, validate_dataset
 from .engine import InfluenceEngine, non_finite_scores
 from .fingerprint import dataset_fingerprint, model_code_fingerprint, model_fingerprint, portable_fingerprint
 from .influence import default_arguments
@@ -149,8 +149,15 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     # convergence check, a low-rank Hessian, the gradient or feature index) is computed once per build, not per shard
     written = 0
     try:
+        # the stored test rows' checks over the whole dataset, before any shard (after the processes were found to
+        # hold the same rows): a bad row in a later shard was named by its place in that shard (row 1 for row 3), and
+        # found only once the shards before it were computed
+        own = callables["loss_fn"] is None and callables["measurement_fn"] is None
+        check_values(test_dataset, signature["test"]["columns"], "test_dataset", model, default_loss=own,
+                     needs_target=own)
         with InfluenceEngine(model, args, **callables) as engine:
-            for i, start in enumerate(tqdm(starts, desc="influence shards", disable=not D.is_main_process())):
+            for i, start in enumerate(tqdm(starts, desc="influence shards",
+                                           disable=bool(args.disable_tqdm) or not D.is_main_process())):
                 folder = shards / f"shard-{i:05d}"
                 if _complete(folder, digest):
                     done += 1
@@ -168,28 +175,32 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
 
-    if D.is_main_process():
-        metadata = InfluenceTable.load(shards / "shard-00000").metadata
-        metadata["build"] = {"shards": len(starts), "shard_size": shard_size, "resumed_shards": done,
-                             "signature_sha256": digest,
-                             "note": "diagnostics are shard 0's, but for non_finite_scores, which covers every shard"}
-        parts = [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(len(starts))]
-        other = [i for i, part in enumerate(parts) if (part.metadata.get("build") or {}).get("signature_sha256") != digest]
-        if other:  # written meanwhile by another build run into this folder at the same time
-            raise InfluenceTableError(f"Shards {other} of {out} were computed for another build while this one ran "
-                                      "(two builds into one output_dir at once); nothing was assembled. Run one "
-                                      "build per output_dir.")
-        _merge_non_finite(metadata, parts)  # reads every part: their files stay open, as checked
-        with InfluenceTableWriter(out / "table", metadata) as writer:
-            for part in parts:
-                writer.write(part)
-    D.barrier()
+    D.on_main(lambda: _assemble(out, len(starts), shard_size, done, digest), f"Assembling {out / 'table'}")
     return InfluenceTable.load(out / "table")
 
 
+def _assemble(out: Path, count: int, shard_size: int, done: int, digest: str) -> None:
+    """Write ``out/table`` from the build's ``count`` shards (on the main process)."""
+    shards = out / "shards"
+    metadata = InfluenceTable.load(shards / "shard-00000").metadata
+    metadata["build"] = {"shards": count, "shard_size": shard_size, "resumed_shards": done, "signature_sha256": digest,
+                         "note": "diagnostics are shard 0's, but for non_finite_scores, which covers every shard"}
+    parts = [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(count)]
+    other = [i for i, part in enumerate(parts) if (part.metadata.get("build") or {}).get("signature_sha256") != digest]
+    if other:  # written meanwhile by another build run into this folder at the same time
+        raise InfluenceTableError(f"Shards {other} of {out} were computed for another build while this one ran "
+                                  "(two builds into one output_dir at once); nothing was assembled. Run one "
+                                  "build per output_dir.")
+    _merge_non_finite(metadata, parts)  # reads every part: their files stay open, as checked
+    with InfluenceTableWriter(out / "table", metadata) as writer:
+        for part in parts:
+            writer.write(part)
+
+
 def _write_shard(table: InfluenceTable, folder: Path, start: int, test_identity: dict, digest: str) -> None:
-    """Save one shard's table (on the main process), its ``test_id`` made the row of the whole test dataset."""
-    if D.is_main_process():
+    """Save one shard's table (on the main process; a failure there stops every process), its ``test_id`` made the
+    row of the whole test dataset."""
+    def write() -> None:
         part = table.to_arrow()
         part = part.set_column(part.schema.get_field_index("test_id"), "test_id",
                                pa.array(part.column("test_id").to_numpy() + start))
@@ -197,7 +208,8 @@ def _write_shard(table: InfluenceTable, folder: Path, start: int, test_identity:
                                       "build": {"signature_sha256": digest}}
         with InfluenceTableWriter(folder, metadata) as writer:  # test_id indexes test_dataset, as in table/
             writer.write(part)
-    D.barrier()
+
+    D.on_main(write, f"Writing {folder}")
 
 
 def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:
@@ -216,26 +228,32 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
     Returns whether this run started it."""
     # processes holding other data or settings are named as such first: one refused by the manifest alone (another
     # build, it said) while the others waited in a barrier, which then failed with a bare gloo error
-    D.check_same_everywhere(signature)
     manifest = out / MANIFEST
-    if manifest.is_file():
+    existed = manifest.is_file()  # seen before the collective, so by every process alike (not after one wrote it)
+    D.check_same_everywhere(signature)
+    if existed:
         previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})
         if previous.get("manifest_version") != MANIFEST_VERSION:
             raise ValueError(f"{out} holds a build made by an older hf_fastif (manifest version "
                              f"{previous.get('manifest_version')}, now {MANIFEST_VERSION}); its shards cannot be "
                              "trusted to match. Use a new output_dir, or delete this one to start over.")
         if previous != signature:
-            values = "; ".join(f"{key}: {to_json(old)} in the manifest, {to_json(new)} now"
-                               for key, old, new in _differences(previous, signature))
+            found = D.differences(previous, signature)
+            values = "; ".join(f"{key}: {to_json(old)} in the manifest, {to_json(new)} now" for key, old, new in found)
+            how = "run it with the manifest's values"
+            if [key for key, _, _ in found] == ["repetitions_used"]:  # influence_repetitions=None: T = processes
+                how = (f"launch it with {previous['repetitions_used']} processes (influence_repetitions=None runs one "
+                       "LiSSA repetition per process)")
             raise ValueError(f"{out} holds another build ({values}); results would be mixed. To resume that build, "
-                             "run it with the manifest's values. Use a new output_dir otherwise, or delete this one "
-                             "to start over.")
+                             f"{how}. Use a new output_dir otherwise, or delete this one to start over.")
         D.barrier()
         return False
-    if D.is_main_process():
+
+    def start() -> None:
         (out / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(manifest, to_json({"signature": signature}, indent=2))
-    D.barrier()
+
+    D.on_main(start, f"Writing {manifest}")
     return True
 
 
@@ -250,14 +268,6 @@ def _forget_manifest(out: Path) -> None:
     except OSError:
         pass
     logger.info(f"No shard of {out} was computed; its manifest was removed, so a rerun may use other settings.")
-
-
-def _differences(old, new, key: str = "") -> list[tuple[str, object, object]]:
-    """``(dotted key, old value, new value)`` of every leaf where two JSON values differ (None: missing)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [diff for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-                for diff in _differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
-    return [(key, old, new)]
 
 
 def _complete(folder: Path, digest: str) -> bool:

@@ -54,7 +54,7 @@ from .data import (
 )
 from .data.loaders import local_columns
 from .data.tokenization import resolve_max_length
-from .distributed import finish, is_main_process
+from .distributed import finish, is_main_process, on_main
 from .embedded import (
     DEFAULT_KIND,
     KINDS,
@@ -209,6 +209,7 @@ def run_build(ns: argparse.Namespace) -> int:
         raise ValueError("build needs --output_dir (the folder for the build; the table goes to <output_dir>/table).")
     build, args = parse_with_defaults(ns.parser, ns.argv, build_defaults)
     out = Path(args.output_dir)
+    main_process = is_main_process()  # (asked now: a launch's process group is closed once the build is written)
     if build.model_name_or_path is None:
         if build.train_dataset or build.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
@@ -219,12 +220,15 @@ def run_build(ns: argparse.Namespace) -> int:
         kind = embedded_kind(build.embedded_model).name
         build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples,
                       kind=kind, progress=_stage)
-        print(f"the embedded default model ({kind}) -> {out / 'model'}")
+        if main_process:
+            print(f"the embedded default model ({kind}) -> {out / 'model'}")
     elif build.embedded_model is not None:
         raise ValueError("--embedded_model chooses the embedded default, which runs without --model_name_or_path; "
                          "drop one of them.")
     else:
         _build_from_model(build, args, out)
+    if not main_process:  # under `accelerate launch` the main process reports the table, once
+        return 0
     table = InfluenceTable.load(out / "table")
     print(f"influence table ({len(table):,} rows, {len(table.test_ids)} test ids) -> {out / 'table'}")
     print(f"next: hf-fastif show {out / 'table'} --test-id {table.test_ids[0] if len(table) else 0}")
@@ -264,10 +268,11 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     predictions = predict(model, test_tok, collator).argmax(-1)
     table.metadata["command"] = recorded_command(sys.argv)
     table.metadata["tokenization"] = {"max_length": max_length}  # the Space cuts typed pairs and the rows as these
-    if is_main_process():  # under `accelerate launch` every process holds the table; one writes it
-        save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
-                       train=TextSource(train, build.train_dataset, build.train_split),
-                       test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions)
+    # under `accelerate launch` every process holds the table; one writes it (its failure stops every process)
+    on_main(lambda: save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
+                                   train=TextSource(train, build.train_dataset, build.train_split),
+                                   test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions),
+            f"Writing {out / 'table'}")
     finish()  # under `accelerate launch`: every process waits for the writer, then the process group closes
 
 

@@ -125,6 +125,14 @@ def together(work: Callable[[], T], what: str) -> T:
     return result
 
 
+def on_main(work: Callable[[], T], what: str) -> T | None:
+    """``work()`` on the main process only (a write), the others waiting for it as `together` does: an error there
+    (a full disk) stops every process, the others with one naming it. After a write and a plain barrier the others
+    failed with a bare gloo error, or waited for ever where a script caught the error and went on. Returns the main
+    process's result (None elsewhere)."""
+    return together(lambda: work() if is_main_process() else None, what)
+
+
 def in_step(stage: str, value) -> list:
     """`gather_objects` of ``value`` tagged with ``stage``: processes that reach different stages (a script that caught
     an error raised in one process only, and went on) get a `RuntimeError` saying where each one is, instead of another
@@ -154,6 +162,14 @@ def _error_like(module: str, name: str, value_error: bool, text: str) -> Excepti
         return fallback
 
 
+def differences(old, new, key: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` of every leaf where two JSON-like values differ (None: missing)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [diff for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+                for diff in differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
+    return [(key, old, new)]
+
+
 def check_same_everywhere(description: dict) -> None:
     """Refuse to run when processes were launched with different settings or data (they would mix
     results): every process compares its ``description`` with every other's."""
@@ -164,7 +180,9 @@ def check_same_everywhere(description: dict) -> None:
     for other, theirs in enumerate(everyone):
         if theirs != description:
             diff = sorted(k for k in set(theirs) | set(description) if theirs.get(k) != description.get(k))
+            # the first differing leaf, not the whole entry (two 27-key settings dicts to compare by eye)
+            key, mine, other_value = differences(description, theirs)[0]
             raise ValueError(
-                f"Process {rank} and process {other} disagree on {diff} (e.g. {diff[0]}: {description.get(diff[0])!r} "
-                f"vs {theirs.get(diff[0])!r}). Launch every process with the same script, arguments and data."
+                f"Process {rank} and process {other} disagree on {diff} (e.g. {key}: {mine!r} vs {other_value!r}). "
+                "Launch every process with the same script, arguments and data."
             )

@@ -39,7 +39,7 @@ from .arguments import InfluenceArguments
 from .batches import usable_positions
 from .cache import SPACE_ENGINES, SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
 from .data import NLI_MAX_LENGTH, tokenize_nli
-from .distributed import barrier, is_main_process
+from .distributed import on_main
 from .embedded import (
     data_description,
     embedded_arguments,
@@ -208,7 +208,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
     progress("saving the table, the model and the engine's caches")
     table.metadata["embedded_build"] = build | {"fine_tuning": info}
     table.metadata["tokenization"] = {"max_length": NLI_MAX_LENGTH}
-    if is_main_process():  # under `accelerate launch` every process holds the table and the model; one writes them
+    def write() -> None:  # under `accelerate launch` every process holds the table and the model; one writes them
         save_with_text(table, directory / "table", model=model,
                        model_name=f"hf_fastif embedded default ({settings.description})",
                        train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
@@ -219,7 +219,8 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
         if explainer is not None:
             explainer.save_caches()
         write_atomic(ready, to_json({"config": build}))
-    barrier()  # the others return once the build is on disk
+
+    on_main(write, f"Writing {directory}")  # the others return once the build is on disk (or fail with its error)
     return directory, explainer
 
 

@@ -4,7 +4,8 @@ Writes the main process's tables to argv[1] as JSON. With argv[2] == "mismatch",
 seed, which must be refused; with "weights", process 1's model differs in one weight, which must be refused too;
 with "diverge", LiSSA diverges in process 1's repetitions only, and both processes must stop (not wait); with
 "caches", engine caches saved by the main process are loaded by every process, then by the main process only; with
-"finetune_cache_full", the main process cannot write the fine-tuned MiniLM into the cache, and both must stop.
+"finetune_cache_full", the main process cannot write the fine-tuned MiniLM into the cache, and both must stop; with
+"build_write_fails", the main process cannot write a build's shard, both stop, and a retry resumes.
 """
 
 import json
@@ -188,6 +189,35 @@ if __name__ == "__main__":
         if rank == 0:
             with open(sys.argv[1], "w") as f:
                 json.dump(out, f)
+        finish()
+        sys.exit(0)
+    if mode == "build_write_fails":  # the main process's second shard write fails (a full disk); the script retries
+        import faulthandler
+
+        from hf_fastif.table import InfluenceTableWriter
+
+        faulthandler.dump_traceback_later(120, exit=True)  # a process waiting for ever: stacks, then out
+        close, closes = InfluenceTableWriter.close, []
+
+        def full_once(self, *args, **kwargs):
+            closes.append(1)
+            if rank == 0 and len(closes) == 2:
+                raise OSError(28, "No space left on device (a test)")
+            return close(self, *args, **kwargs)
+
+        InfluenceTableWriter.close = full_once
+        model, train, test = tiny_model("bert"), make_token_dataset(11, seed=0), make_token_dataset(3, seed=1)
+        args = default_arguments(**(COMMON | CASES["cg_full"]))
+        out = {"attempts": []}
+        for _ in range(2):  # a script that reports the failure and tries again: the retry resumes
+            try:
+                table = build_influence_table(model, train, test, sys.argv[1] + ".build", args, shard_size=1,
+                                              data_collator=pad_collator_for_tests())
+                out["attempts"].append(f"built, resumed_shards {table.metadata['build']['resumed_shards']}")
+            except (OSError, RuntimeError) as err:
+                out["attempts"].append(f"{type(err).__name__}: {err}")
+        with open(f"{sys.argv[1]}.{rank}", "w") as f:
+            json.dump(out, f)
         finish()
         sys.exit(0)
     if mode == "rows":  # process 1 has one training row fewer: refused in the engine, then in a resumed build

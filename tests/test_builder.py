@@ -305,6 +305,23 @@ def test_the_signature_records_the_repetitions_a_build_runs(setup, monkeypatch):
     assert builder.build_signature(model, train, test, fixed, 2)["repetitions_used"] == 2
 
 
+
+def test_a_per_process_build_resumed_with_other_processes_says_how_many(setup, pad_collator, tmp_path):
+    """It said "run it with the manifest's values", which no setting can do (influence_repetitions=2 is another
+    build too): T was the number of processes, and the message now says to launch that many."""
+    model, train, test = setup
+    per_process = default_arguments(**(ARGS | {"influence_repetitions": None, "influence_knn_k": None}))
+    build_influence_table(model, train, test.select(range(2)), tmp_path, per_process, shard_size=2,
+                          data_collator=pad_collator)
+    manifest = json.loads((tmp_path / builder.MANIFEST).read_text())
+    manifest["signature"]["repetitions_used"] = 2  # as a 2-process launch writes it
+    (tmp_path / builder.MANIFEST).write_text(json.dumps(manifest))
+    test = test.select(range(2))
+    with pytest.raises(ValueError, match=r"repetitions_used: 2 in the manifest, 1 now\); results would be mixed\. "
+                                         r"To resume that build, launch it with 2 processes"):
+        build_influence_table(model, train, test, tmp_path, per_process, shard_size=2, data_collator=pad_collator)
+
+
 def test_parameters_selected_by_requires_grad_are_part_of_the_build(pad_collator, tmp_path):
     """influence_params=None selects what requires grad, which the weights' fingerprint does not see: a build
     resumed after more of the model was unfrozen (a model loaded again with from_pretrained) mixed shards over 34
@@ -428,3 +445,20 @@ def test_a_model_whose_code_changed_is_another_build(pad_collator, tmp_path, mon
     plain.load_state_dict(weights.state_dict())
     signature = builder.build_signature(plain, train, test, args, 2)
     assert signature["model"]["code"]["classes"] == {} and signature["model"]["code"]["transformers"]
+
+
+@pytest.mark.parametrize("bad", ["label", "token"])
+def test_a_bad_test_row_is_named_by_its_row_before_any_shard(setup, pad_collator, tmp_path, bad):
+    """Each shard's rows were checked as a dataset of their own: a bad row 3 was "test_dataset row 1" (its place in
+    the second shard), found once the first shard had been computed and written."""
+    model, train, test = setup
+    frame = test.to_pandas()
+    if bad == "label":
+        frame.loc[3, "labels"] = -100
+    else:
+        frame.at[3, "input_ids"] = [*frame.at[3, "input_ids"][:-1], model.config.vocab_size + 5]
+    broken = Dataset.from_pandas(frame, preserve_index=False)
+    with pytest.raises(ValueError, match=r"test_dataset row 3\b"):
+        build_influence_table(model, train, broken, tmp_path, default_arguments(**ARGS), shard_size=2,
+                              data_collator=pad_collator)
+    assert not (tmp_path / "shards").exists() and not (tmp_path / builder.MANIFEST).exists()

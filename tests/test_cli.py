@@ -570,3 +570,18 @@ def test_verbose_is_accepted_after_the_subcommand_too(where, tmp_path, capsys):
     finally:
         library.setLevel(level)
     assert "0 entries" in capsys.readouterr().out
+
+
+def test_a_build_under_a_launch_is_reported_by_the_main_process_only(tiny_build, tmp_path, monkeypatch, capsys):
+    """`hf-fastif build` under `accelerate launch` printed its "influence table ... / next: ..." lines once per
+    process. A process other than the main one builds (its share) and says nothing."""
+    import hf_fastif.cli as cli
+
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"premise": "The doctor saw the artist.", "hypothesis": "The artist saw the doctor.",
+                                     "label": "non-entailment"}) + "\n")
+    assert main(_model_build(tiny_build, tmp_path / "main", test_file)) == 0
+    assert "influence table (" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "is_main_process", lambda: False)  # (the distributed module's own is not patched)
+    assert main(_model_build(tiny_build, tmp_path / "other", test_file)) == 0
+    assert capsys.readouterr().out == "" and (tmp_path / "other" / "table").is_dir()

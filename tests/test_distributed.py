@@ -101,6 +101,19 @@ def test_a_cache_that_cannot_take_the_fine_tuned_model_stops_every_process(tmp_p
     assert not list((tmp_path / "f.json.cache").glob("minilm-nli/.*.tmp"))  # no staging folder left behind
 
 
+def test_a_failed_shard_write_stops_every_process_and_a_retry_resumes(tmp_path):
+    """The main process wrote a build's shards and then waited in a barrier with the others: a write that failed (a
+    full disk) left the other process waiting for ever where the script caught the error and tried again (or failing
+    with a bare gloo error where it did not)."""
+    result = launch(tmp_path / "w.json", "build_write_fails")
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, second = (json.loads((tmp_path / f"w.json.{rank}").read_text())["attempts"] for rank in (0, 1))
+    assert first[0] == "OSError: [Errno 28] No space left on device (a test)"
+    assert second[0].startswith("RuntimeError: Writing ") and "shard-00001 failed in process 0 (OSError: [Errno 28]" \
+        in second[0]
+    assert first[1] == second[1] == "built, resumed_shards 1"
+
+
 def test_two_process_build_equals_the_single_table(two_processes, one_process):
     build, single = two_processes["build"], one_process["cg_full"]
     order = np.lexsort((build["train_id"], build["test_id"]))
@@ -128,7 +141,7 @@ def test_processes_with_other_rows_are_refused_naming_what_differs(tmp_path):
     for rank in (0, 1):
         out = json.loads((tmp_path / f"r.json.{rank}").read_text())
         assert "disagree on ['train rows', 'train values (sha256)'] (e.g. train rows: " in out["engine"]
-        assert "disagree on ['candidates', 'train'] (e.g. candidates: {'num_rows': 3" in out["build"]
+        assert "disagree on ['candidates', 'train'] (e.g. candidates.num_rows: 3" in out["build"]
         assert "same script, arguments and data" in out["build"] and "holds another build" not in out["build"]
 
 
@@ -164,6 +177,24 @@ def test_processes_out_of_step_are_told_so():
                                                "settings check'"):
             D.together(lambda: 1, "The kNN features")
         assert D.together(lambda: 1, "the settings check") == 1
+
+
+def test_a_disagreement_names_the_first_differing_setting_not_whole_dicts():
+    """One process with another influence_weight_decay was told "disagree on ['settings'] (e.g. settings: {...27
+    keys...} vs {...})", 1,919 characters to compare by eye."""
+    import hf_fastif.distributed as D
+    from hf_fastif.influence import default_arguments
+
+    mine = {"settings": default_arguments().influence_settings(), "combine": "none"}
+    theirs = {"settings": default_arguments(influence_weight_decay=0.01).influence_settings(), "combine": "none"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(D, "world", lambda: (0, 2))
+        patch.setattr(D, "gather_objects", lambda value: [value, ("the settings check", theirs)])
+        with pytest.raises(ValueError) as refused:
+            D.check_same_everywhere(mine)
+    message = str(refused.value)
+    assert "disagree on ['settings'] (e.g. settings.influence_weight_decay: 0.0 vs 0.01)" in message
+    assert len(message) < 300
 
 
 def test_processes_with_different_weights_are_refused(tmp_path):
