@@ -1285,6 +1285,32 @@ class InfluenceEngine:
                                      progress=False).shape[1]
         check_index_factory(self.args.influence_knn_index, len(call.cand), width, metric=faiss.METRIC_L2)
 
+    def _check_feature_padding(self, call: _Call, method: Callable, batchers: list[tuple[Batcher, str]]) -> None:
+        """Refuse a ``features=`` callable whose vector for a row changes with the padding around it (a mean over
+        every position, padding included): rows are batched with others, by process shares, so its candidates
+        depended on the batch size and the number of processes, without a word. Probed as the loss is (the
+        narrowest row alone and padded next to the widest), once per model, data and function."""
+        for batcher, name in batchers:
+            key = ("features", call.model_fingerprint, batcher.fingerprint, self._functions["collator"],
+                   self._functions["features"])
+            if key in self._padding_checked:
+                continue
+            for short, long in batcher.padding_probes(PADDING_PROBE_ROWS):
+                with torch.no_grad():
+                    alone = method(self.model, batcher.batch([short], trunk=False)).detach().double().cpu()
+                    padded = method(self.model, batcher.batch([short, long], trunk=False)).detach().double().cpu()
+                if alone.ndim != 2 or padded.ndim != 2 or alone.shape[1] != padded.shape[1]:
+                    continue  # (a width that grows with the padding: extract_features names it)
+                error = float((alone[0] - padded[0]).abs().max() / alone[0].abs().max().clamp_min(1e-12))
+                if not error <= PADDING_TOLERANCE:
+                    row, other = (int(r) for r in batcher.base_rows([short, long]))
+                    raise ValueError(
+                        f"The features= callable gives {name} row {row} another vector when it is padded next to "
+                        f"row {other} (relative difference {error:.2g}): it reads the padding, so the kNN candidates "
+                        "would depend on the batch size and the number of processes. Leave the padding out (e.g. a "
+                        "mean weighted by batch['attention_mask']).")
+            self._padding_checked.add(key)
+
     def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
         args = self.args
         bsz = args.influence_scoring_batch_size
@@ -1292,6 +1318,8 @@ class InfluenceEngine:
                method if isinstance(method, str) else self._functions["features"], args.influence_knn_index,
                D.world()[1])
         split, (cand, test) = _feature_path(call, method, call.cand, call.test)
+        if callable(method):
+            self._check_feature_padding(call, method, [(call.cand, "candidate"), (call.test, "test")])
         with torch.no_grad():
             if self._feature_index is None or self._feature_index[0] != key:
                 self._feature_index = None  # one index at a time: features of a large training set are big

@@ -232,7 +232,8 @@ def truncating(collator, length: int):
 
 
 def embedding_features(model, batch):
-    return model.bert.embeddings.word_embeddings(batch["input_ids"]).mean(1)
+    mask = batch["attention_mask"].unsqueeze(-1).float()  # (the padding left out: one that reads it is refused)
+    return (model.bert.embeddings.word_embeddings(batch["input_ids"]) * mask).sum(1) / mask.sum(1)
 
 
 def test_the_manifest_refuses_whatever_changes_the_numbers(pad_collator, tmp_path, monkeypatch):

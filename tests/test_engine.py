@@ -59,6 +59,28 @@ def test_feature_functions_of_a_bad_shape_or_not_finite_values_are_named(data, p
             compute_influences(model, train, test, args, data_collator=pad_collator, features=feature)
 
 
+def test_a_feature_function_that_reads_the_padding_is_refused(data, pad_collator):
+    """A features= callable that averaged over every position, padding included, gave a row another vector in
+    another batch: its kNN candidates changed with the number of processes (a 2-process launch picked row 17 where
+    one process picked row 15), without a word. The same function over the real tokens only is used."""
+    model, train, test = data
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=5)))
+
+    def padded_mean(m, batch):
+        return m.bert.embeddings.word_embeddings(batch["input_ids"]).mean(1)
+
+    def token_mean(m, batch):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (m.bert.embeddings.word_embeddings(batch["input_ids"]) * mask).sum(1) / mask.sum(1)
+
+    assert len(set(map(len, train["input_ids"]))) > 1  # (rows of several lengths: a batch pads)
+    with pytest.raises(ValueError, match=r"The features= callable gives candidate row \d+ another vector when it is "
+                                         r"padded next to row \d+ .*reads the padding"):
+        compute_influences(model, train, test, args, data_collator=pad_collator, features=padded_mean)
+    assert len(compute_influences(model, train, test, args, data_collator=pad_collator, features=token_mean)) \
+        == 5 * len(test)
+
+
 def test_two_feature_functions_never_share_an_index(data, pad_collator):
     """The 2021-style module cache keyed by id() reused the first lambda's index for a second lambda that got the
     same address. Each lambda now gets its own nearest rows."""

@@ -279,8 +279,9 @@ def test_plain_module_with_custom_features(pad_collator):
     model = PlainClassifier().double()
     train, test = make_token_dataset(25, seed=0), make_token_dataset(3, seed=1)
 
-    def features(model, batch):
-        return model.embed(batch["input_ids"]).mean(1)
+    def features(model, batch):  # over the real tokens (one that reads the padding is refused)
+        mask = batch["attention_mask"].unsqueeze(-1).to(model.embed.weight.dtype)
+        return (model.embed(batch["input_ids"]) * mask).sum(1) / mask.sum(1)
 
     args = default_arguments(**(ARGS | {"influence_solver": "exact"}))
     table = compute_influences(model, train, test, args, data_collator=pad_collator, features=features)
