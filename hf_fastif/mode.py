@@ -36,13 +36,17 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     """
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     selected = set(names)
-    attn = _attention_implementation(model)
-    switched = attn not in (None, "eager")
-    if switched and not hasattr(model, "set_attn_implementation"):
-        raise ValueError(
-            f"The model uses attn_implementation={attn!r}, which supports neither double backward nor "
-            "forward-mode AD; load it with attn_implementation='eager' for influence."
-        )
+    # every module with a transformers config (the model, a backbone inside a plain nn.Module, the encoder and decoder
+    # of a composite model), outermost first, with its own attention implementation: each is switched and restored
+    attns = [(m, a) for m in model.modules() if (m is model or hasattr(m, "set_attn_implementation"))
+             and (a := _attention_implementation(m)) is not None]
+    switched = [(m, a) for m, a in attns if a != "eager"]
+    for m, attn in switched:
+        if not hasattr(m, "set_attn_implementation"):
+            raise ValueError(
+                f"{type(m).__name__} uses attn_implementation={attn!r}, which supports neither double backward nor "
+                "forward-mode AD; load it with attn_implementation='eager' for influence."
+            )
     checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     hooked = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)
               and hasattr(m, "enable_input_require_grads") and hasattr(m, "disable_input_require_grads")]
@@ -58,9 +62,11 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
         try:
             _refuse_batch_statistics(model)
             if switched:
-                logger.info(f"Switching attention from {attn!r} to 'eager' for influence (SDPA/flash kernels support "
-                            "neither double backward nor forward-mode AD); it is switched back afterwards.")
-                model.set_attn_implementation("eager")
+                logger.info(f"Switching attention from {switched[0][1]!r} to 'eager' for influence (SDPA/flash kernels "
+                            "support neither double backward nor forward-mode AD); it is switched back afterwards.")
+            for m, _ in switched:
+                if _attention_implementation(m) != "eager":  # (an outer model's switch may have reached it)
+                    m.set_attn_implementation("eager")
             if checkpointed or hooked or orphans:
                 logger.info("Turning gradient checkpointing and its input-gradient hook off for influence "
                             "(torch.func transforms refuse the hook's requires_grad_, and in eval mode checkpointing "
@@ -116,8 +122,10 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 m._forward_hooks.setdefault(hook_id, hook)
             for m in checkpointed:
                 m.gradient_checkpointing = True
-            if switched and _attention_implementation(model) != attn:
-                model.set_attn_implementation(attn)
+            if switched:  # outermost first, so that an inner model's own setting is the one it keeps
+                for m, attn in attns:
+                    if _attention_implementation(m) != attn:
+                        m.set_attn_implementation(attn)
 
 
 def uncompiled(model: nn.Module) -> nn.Module:

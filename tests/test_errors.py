@@ -170,6 +170,51 @@ def test_sdpa_attention_is_switched_to_eager_and_back(pad_collator):
                                torch.tensor(expected.to_pandas().influence.values), rtol=1e-8, atol=1e-12)
 
 
+def test_sdpa_inside_a_plain_module_and_in_each_part_of_a_composite_is_switched_and_restored(pad_collator):
+    """Only the top module's attention was read: a transformers model inside a plain nn.Module (a head of one's own
+    on an AutoModel backbone) kept SDPA, and the first HVP failed with torch's "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"; a composite model (an SDPA
+    encoder, an eager decoder) got the top's setting back on every part (the decoder came back "sdpa")."""
+    from torch import nn
+    from transformers import (BertConfig, BertForSequenceClassification, BertLMHeadModel, BertModel,
+                              EncoderDecoderModel)
+
+    from hf_fastif.mode import influence_mode
+
+    small = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=32)
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    torch.manual_seed(0)
+    inner = BertForSequenceClassification(BertConfig(**small, attn_implementation="sdpa")).double()
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    args = default_arguments(**(FAST | {"influence_params": [r"encoder\.layer\.1\.", r"classifier\."]}))
+    got = compute_influences(Wrapped(inner), train, test, args, data_collator=pad_collator)
+    assert inner.config._attn_implementation == "sdpa"
+    eager = BertForSequenceClassification(BertConfig(**small, attn_implementation="eager")).double()
+    eager.load_state_dict(inner.state_dict())
+    expected = compute_influences(Wrapped(eager), train, test, args, data_collator=pad_collator)
+    np.testing.assert_allclose(got.to_pandas().influence.values, expected.to_pandas().influence.values,
+                               rtol=1e-9, atol=1e-12)
+
+    one_layer = dict(small, num_hidden_layers=1)
+    composite = EncoderDecoderModel(
+        encoder=BertModel(BertConfig(**one_layer, attn_implementation="sdpa")),
+        decoder=BertLMHeadModel(BertConfig(**one_layer, is_decoder=True, add_cross_attention=True,
+                                           attn_implementation="eager")))
+    with influence_mode(composite, []):
+        assert composite.encoder.config._attn_implementation == "eager"
+    assert composite.encoder.config._attn_implementation == "sdpa"
+    assert composite.decoder.config._attn_implementation == "eager"
+
+
 def test_lissa_refuses_a_scale_below_the_top_eigenvalue(setup, pad_collator):
     model, train, test = setup
     args = default_arguments(**(FAST | {"influence_solver": "lissa", "influence_scale": 0.01,
