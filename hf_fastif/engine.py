@@ -780,7 +780,9 @@ class InfluenceEngine:
         rule = column_rule(args)
         train_cols = validate_dataset(train_dataset, "train_dataset", model, **rule)
         test_cols = validate_dataset(test_dataset, "test_dataset", model, **rule)
-        cand_cols = validate_dataset(candidate_dataset, "candidate_dataset", model, **rule)
+        # the training rows as candidates: their columns were read above (said once, not again as candidate_dataset)
+        cand_cols = (train_cols if candidate_dataset is train_dataset
+                     else validate_dataset(candidate_dataset, "candidate_dataset", model, **rule))
         k = args.influence_knn_k
         if k is not None and k > len(candidate_dataset) and methods is None:
             logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "

@@ -36,9 +36,9 @@ MINILM_RECALL_SETTINGS: dict = dict(
     influence_params=minilm_influence_params(2), influence_solver="lissa", influence_recursion_depth=200,
     influence_batch_size=8, influence_repetitions=1, influence_damping=0.025, influence_scale=400.0,
     influence_check_convergence=False)
-"""Settings of a recall on the fine-tuned MiniLM (docs/pretrained.md: last 2 layers + pooler + classifier, 1 epoch,
-lr 2e-4), influence over the fine-tuned parameters (3.7M). LiSSA J 200, B 8, T 1, damping 0.025 (J·damp = 5, as the
-paper's 1000 × 5e-3), scale 400 (λ = 10). Measured once on 2,000 generated rows: 8-row batch Hessians reach a top
+"""Settings of a recall on the fine-tuned MiniLM (last 2 layers + pooler + classifier, 1 epoch, lr 2e-4 as in
+docs/pretrained.md, but no warm-up and no weight decay: not the embedded default's model), influence over the
+fine-tuned parameters (3.7M). LiSSA J 200, B 8, T 1, damping 0.025 (J·damp = 5, as the paper's 1000 × 5e-3), scale 400 (λ = 10). Measured once on 2,000 generated rows: 8-row batch Hessians reach a top
 eigenvalue of ~97 (scale must exceed ~49), the mean Hessian's spans ~-2…-6 to ~45-50 (not at a minimum after 1 epoch),
 so λ = 10 keeps H + λI positive definite and leaves the top of the spectrum to the Hessian; the check that measures
 this each call (~30 s) is off."""

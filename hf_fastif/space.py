@@ -205,7 +205,8 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
         with InfluenceEngine(model, args, data_collator=collator) as engine:
             table = engine.compute_influences(tokenized["train"], hans)
             predictions = predict(model, hans, engine=engine).argmax(-1)
-    progress("saving the table, the model and the engine's caches")
+    progress("saving the table, the model and the engine's caches" if explainer is not None  # (only a Space's
+             else "saving the table and the model")  # live engine has caches to save)
     table.metadata["embedded_build"] = build | {"fine_tuning": info}
     table.metadata["tokenization"] = {"max_length": NLI_MAX_LENGTH}
     def write() -> None:  # under `accelerate launch` every process holds the table and the model; one writes them

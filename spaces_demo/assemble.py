@@ -182,7 +182,7 @@ def upload_snippet(out: str | Path, space_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # (the first sentence whole)
     parser.add_argument("out", help="The folder to write (new or empty).")
     parser.add_argument("--space-id", default=None, help="user/name of the Space the folder is uploaded to: "
                                                          "requirements.txt then fetches the wheel from it.")

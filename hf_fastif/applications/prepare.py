@@ -129,8 +129,9 @@ class ModelDataArguments:
         "help": "torch CPU threads (default: 1 for the embedded models, measured faster on a shared 2-core machine; "
                 "else torch's)."})
     quick: bool = field(default=False, metadata={
-        "help": "Smoke run (not a measurement): 600 training rows, 1 epoch, k 200, J 10, and a smaller protocol. "
-                "Flags given still win."})
+        "help": f"Smoke run (not a measurement): {QUICK['max_train_samples']} training rows, "
+                f"{QUICK['num_train_epochs']:g} epochs, k {QUICK['influence_knn_k']}, J "
+                f"{QUICK['influence_recursion_depth']}, and a smaller protocol. Flags given still win."})
 
     def __post_init__(self):
         if self.fine_tune not in FINE_TUNE:

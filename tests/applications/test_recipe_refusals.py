@@ -194,3 +194,16 @@ def test_trainable_layers_outside_the_models_layers_is_refused():
                                          "to 4"):
         prepare_module.freeze_lower_layers(model, 100)
     assert all(p.requires_grad for p in model.parameters())  # (refused before anything was frozen)
+
+
+def test_the_quick_flag_says_what_it_sets(tmp_path):
+    """--quick's help said "1 epoch" after the smoke run became 3 epochs; it is written from the values now."""
+    import dataclasses
+    import re
+
+    help_text = next(f for f in dataclasses.fields(prepare_module.ModelDataArguments) if f.name == "quick").metadata["help"]
+    data_args, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
+    rows, epochs, k, depth = (float(x) for x in re.search(r"(\d+) training rows, ([\d.]+) epochs, k (\d+), J (\d+)",
+                                                          help_text).groups())
+    assert (rows, epochs, k, depth) == (data_args.max_train_samples, args.num_train_epochs, args.influence_knn_k,
+                                        args.influence_recursion_depth)
