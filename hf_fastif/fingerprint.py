@@ -532,7 +532,14 @@ def collator_settings(collator) -> tuple:
         if inner is None:
             return ()
         closure = [c.cell_contents for c in fn.__closure__ or () if _cell_filled(c)]
-        return (fn.__qualname__, _code_digest(inner), *plain(closure))
+        # and the module-level values it reads (a global tokenizer's padding_side, a global constant): a held engine
+        # kept the old trunk states, index and padding check after one changed
+        scope = getattr(fn, "__globals__", {})
+        read = [(name, scope[name]) for name in sorted(_loaded_globals(inner) & scope.keys())]
+        return (fn.__qualname__, _code_digest(inner), *plain(closure),
+                *(attributes(v) for v in closure if _is_tokenizer(v)),
+                *((name, value) if plain([value]) else (name, attributes(value))
+                  for name, value in read if plain([value]) or _is_tokenizer(value)))
 
     tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
     return attributes(collator), code(collator), attributes(tokenizer), getattr(tokenizer, "pad_token_id", None)

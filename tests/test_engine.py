@@ -211,6 +211,42 @@ def _weighted_loss(outputs, batch):
                                              reduction="none") * _helper_scale()
 
 
+SHIFT = 0
+COLLATOR_TOKENIZER = None
+
+
+def _global_collator(rows):
+    batch = COLLATOR_TOKENIZER.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows],
+                                   return_tensors="pt")
+    shifted = 1 + (batch["input_ids"] - 1 + SHIFT) % (VOCAB - 1)  # (other real tokens; the padding, 0, stays)
+    batch["input_ids"] = torch.where(batch["attention_mask"].bool(), shifted, batch["input_ids"])
+    batch["labels"] = torch.tensor([r["labels"] for r in rows])
+    return batch
+
+
+def test_a_held_engine_sees_the_globals_its_collator_reads(data, pad_collator, monkeypatch):
+    """A collator function's fingerprint was taken again only when its plain settings changed, which left out the
+    module-level values it reads: after a global constant changed, a held engine kept its trunk states and served
+    values 0.035 off a fresh engine's; after the global tokenizer's padding_side became "left", it kept its padding
+    check and returned a table where a fresh engine refuses the model's padding."""
+    import sys
+
+    model, train, test = data
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "COLLATOR_TOKENIZER", copy.deepcopy(pad_collator.tokenizer))
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=None)))
+    with InfluenceEngine(model, args, data_collator=_global_collator) as held:
+        held.compute_influences(train, test)
+        monkeypatch.setattr(module, "SHIFT", 3)
+        got = held.compute_influences(train, test).to_pandas()
+        with InfluenceEngine(model, args, data_collator=_global_collator) as fresh:
+            assert got.equals(fresh.compute_influences(train, test).to_pandas())
+        monkeypatch.setattr(module, "SHIFT", 0)
+        COLLATOR_TOKENIZER.padding_side = "left"
+        with pytest.raises(ValueError, match="changes when it is padded"):
+            held.compute_influences(train, test)
+
+
 def test_callable_fingerprint_sees_the_globals_a_function_reads(data, pad_collator, monkeypatch):
     """A loss reading module-level class weights kept its fingerprint when they changed: a held engine served the
     Hessian of the old loss (0.54 off), and a resumed build mixed shards of both losses. The globals it reads (and
