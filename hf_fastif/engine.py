@@ -784,10 +784,11 @@ class InfluenceEngine:
         cand_cols = (train_cols if candidate_dataset is train_dataset
                      else validate_dataset(candidate_dataset, "candidate_dataset", model, **rule))
         k = args.influence_knn_k
-        if k is not None and k > len(candidate_dataset) and methods is None:
-            logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
-                           "of them.")
-            k = None
+        if k is not None and k >= len(candidate_dataset) and methods is None:
+            if k > len(candidate_dataset):
+                logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
+                               "of them.")
+            k = None  # (k = N is every row too: an approximate index searched at k = N returned fewer)
         params = select_parameters(model, args.influence_params)
         names = list(params)
         if args.influence_solver == "exact":
@@ -1275,7 +1276,8 @@ class InfluenceEngine:
             call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
             found = self._knn_candidates(call, method, k)
         if for_scores:
-            warn_short(found, k, len(call.cand), "The gradient index" if method == "gradient" else "The kNN index")
+            warn_short(found, k, len(call.cand), "The gradient index" if method == "gradient" else "The kNN index",
+                       self.args.influence_knn_index)
         return found
 
     def _check_feature_index(self, call: _Call, method) -> None:
@@ -1314,6 +1316,8 @@ class InfluenceEngine:
             self._padding_checked.add(key)
 
     def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
+        if k >= len(call.cand):  # every row, as the gradient index gives them (an IVF / HNSW search can return fewer)
+            return [np.arange(len(call.cand), dtype=np.int64)] * (1 if call.combine == "mean" else len(call.test))
         args = self.args
         bsz = args.influence_scoring_batch_size
         key = (call.model_fingerprint, call.cand.fingerprint, len(call.cand), self._functions["collator"],

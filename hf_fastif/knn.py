@@ -180,12 +180,15 @@ def search(index: Dataset, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.asarray(result.total_scores), np.asarray(result.total_indices)
 
 
-def warn_short(found: list[np.ndarray], k: int, rows: int, what: str) -> None:
+def warn_short(found: list[np.ndarray], k: int, rows: int, what: str, factory: str = "") -> None:
     """Warn when an approximate faiss index found fewer than ``min(k, rows)`` candidates for a query: an IVF index
-    searches one list by default, so a call got fewer candidates than ``influence_knn_k`` without a word."""
+    searches one list by default (an HNSW graph a bounded neighbourhood), so a call got fewer candidates than
+    ``influence_knn_k`` without a word."""
     short = [i for i, ids in enumerate(found) if len(ids) < min(k, rows)]
     if short:
+        cause = ("an HNSW index searches a bounded neighbourhood of its graph (it falls short for k near the row "
+                 "count)" if "HNSW" in factory.upper() else "an approximate index (IVF) searches one list by default")
         logger.warning(f"{what} found fewer than influence_knn_k = {k} candidates for {len(short)} of {len(found)} "
                        f"quer{'ies' if len(found) > 1 else 'y'} (e.g. {len(found[short[0]])} for query {short[0]}): "
-                       "an approximate index (IVF) searches one list by default. Those are scored over fewer "
-                       "candidates; use influence_knn_index='Flat', or fewer lists, for k candidates each.")
+                       f"{cause}. Those are scored over fewer candidates; use influence_knn_index='Flat' (or, for "
+                       "IVF, fewer lists) for k candidates each.")

@@ -760,6 +760,31 @@ def test_an_approximate_index_that_finds_fewer_than_k_rows_says_so(data, pad_col
     hf_logging.disable_propagation()
 
 
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW8"])
+def test_k_equal_to_the_candidate_count_is_every_row_on_an_approximate_index(data, pad_collator, factory, caplog):
+    """k = N went through the faiss search, which on IVF / HNSW returned fewer rows (33 or 80 of 120 pairs where k =
+    N + 1 gave all 120); an HNSW shortfall was explained by IVF's lists."""
+    model, train, test = data
+    n = len(train)
+    full = compute_influences(model, train, test, default_arguments(**BASE, influence_solver="cg", influence_knn_k=None),
+                              data_collator=pad_collator).to_pandas()
+    at_n = compute_influences(model, train, test, default_arguments(
+        **BASE, influence_solver="cg", influence_knn_k=n, influence_knn_index=factory), data_collator=pad_collator)
+    assert at_n.to_pandas().equals(full)
+    engine = InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg", influence_knn_index=factory),
+                             data_collator=pad_collator)
+    (recall,) = engine.candidate_recall(train, test, ks=[n], methods=["auto"], ns=[3])
+    assert recall["recall@3 helpful"] == recall["recall@3 harmful"] == 1.0
+    from hf_fastif.knn import warn_short
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        warn_short([np.arange(3)], 5, 10, "The kNN index", factory)
+    hf_logging.disable_propagation()
+    assert ("HNSW index searches a bounded neighbourhood" in caplog.text) == (factory == "HNSW8")
+    assert ("(IVF) searches one list" in caplog.text) == (factory != "HNSW8")
+
+
 def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
     model, train, test = data
     table = compute_influences(model, train, test, default_arguments(
