@@ -77,6 +77,7 @@ from .loss import (
 )
 from .mode import influence_mode, uncompiled
 from .params import num_parameters, select_parameters
+from .quality import recall_ns
 from .readout import Readout, find_readout
 from .scoring import score_pairs
 from .solvers import (
@@ -313,7 +314,7 @@ class InfluenceEngine:
                        "is inf / NaN.")
 
     def candidate_recall(self, train_dataset: Dataset, test_dataset: Dataset, ks: Sequence[int], *,
-                         methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] = (10, 100),
+                         methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] | None = None,
                          candidate_dataset: Dataset | None = None) -> list[dict]:
         """How many of the truly most influential rows each candidate method finds, with one s_test.
 
@@ -321,6 +322,7 @@ class InfluenceEngine:
         ``method`` (``influence_knn_features`` values, ``"gradient"``, ``"random"``) and each ``k``: recall@n of the
         full scan's ``n`` most helpful and most harmful rows among the k candidates (candidates are scored exactly,
         so that is also the recall of the candidate method's own top n). Random candidates are expected at k/N.
+        ``ns`` defaults to 10 and 100, each capped at the candidate rows.
 
         Returns:
             One dict per (method, k): ``method``, ``k``, ``k_fraction``, ``recall@{n} helpful/harmful`` (mean over
@@ -328,6 +330,7 @@ class InfluenceEngine:
         """
         call = self._start(train_dataset, test_dataset, candidate_dataset, "none", methods=list(methods))
         n_rows = len(call.cand)
+        ns = recall_ns(n_rows) if ns is None else ns  # (10, 100) capped at the rows: 100 was refused under 100 rows
         for k in ks:
             if not 1 <= int(k) <= n_rows:
                 raise ValueError(f"Every k must be between 1 and the {n_rows} candidate rows, got {k}.")
@@ -544,7 +547,8 @@ class InfluenceEngine:
         return reference
 
     def _recall_of(self, call: _Call, s_test: torch.Tensor, queries: list[np.ndarray]) -> dict:
-        return _recall(self._full_scan(call, s_test), queries, (10, 100)) | {
+        # recall@10 / @100 capped at the candidate rows, labelled as such (N = 40 was reported as "recall@100")
+        return _recall(self._full_scan(call, s_test), queries, recall_ns(len(call.cand))) | {
             "random_expectation": len(queries[0]) / len(call.cand), "method": call.info.get("candidates")}
 
     def save_caches(self, directory: str | os.PathLike) -> Path:

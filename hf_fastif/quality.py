@@ -20,6 +20,16 @@ from scipy.stats import pearsonr, spearmanr
 
 from .table import InfluenceTable
 
+RECALL_NS = (10, 100)
+"""The recall@n of the table: the full scan's 10 and 100 most helpful / harmful rows."""
+
+
+def recall_ns(num_rows: int) -> list[int]:
+    """`RECALL_NS` capped at ``num_rows`` candidate rows (fewer rows than n: recall of all of them), without
+    repeats."""
+    return sorted({min(n, num_rows) for n in RECALL_NS})
+
+
 DIRECTIONS = ("helpful", "harmful")
 
 PerTest = tuple[np.ndarray, np.ndarray]  # (train_ids (k,), influence (k,)) of one test point

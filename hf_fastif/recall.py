@@ -13,20 +13,11 @@ from collections.abc import Sequence
 
 from .arguments import FEATURES
 from .minilm_default import minilm_influence_params
+from .quality import RECALL_NS, recall_ns  # (in quality: the engine reads them too)
 from .utils import markdown_table
 
 RECALL_METHODS = (*FEATURES, "random")
 """Candidate methods a recall can compare: every ``influence_knn_features`` value and seeded uniform candidates."""
-
-RECALL_NS = (10, 100)
-"""The recall@n of the table: the full scan's 10 and 100 most helpful / harmful rows."""
-
-
-def recall_ns(num_rows: int) -> list[int]:
-    """`RECALL_NS` capped at ``num_rows`` candidate rows (fewer rows than n: recall of all of them), without
-    repeats."""
-    return sorted({min(n, num_rows) for n in RECALL_NS})
-
 
 MINILM_RECALL_N_TRAIN = 2000
 """Generated training rows (N) of a recall on the fine-tuned MiniLM (``hf-fastif recall`` without a model)."""

@@ -792,7 +792,14 @@ def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
         data_collator=pad_collator)
     recall = table.metadata["diagnostics"]["candidate_recall"]
     assert recall["method"] == "knn" and recall["random_expectation"] == 0.5
-    assert 0.0 <= recall["recall@10 helpful"] <= 1.0 and "recall@100 harmful" in recall
+    assert 0.0 <= recall["recall@10 helpful"] <= 1.0
+    # recall over every row is labelled as such (it read "recall@100" over 40 rows: always k/N)
+    n = len(train)
+    assert n < 100 and f"recall@{n} harmful" in recall and "recall@100 harmful" not in recall
+    assert recall[f"recall@{n} helpful"] == recall[f"recall@{n} harmful"] == 0.5
+    engine = InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg"), data_collator=pad_collator)
+    (row,) = engine.candidate_recall(train, test, ks=[5], methods=["random"])  # default ns: 10 and 100 capped at N
+    assert {"recall@10 helpful", f"recall@{n} helpful"} <= set(row) and "recall@100 helpful" not in row
 
 
 def test_the_table_says_which_loss_and_test_quantity_it_holds(data, pad_collator):
