@@ -153,6 +153,25 @@ def adapter_state(model: nn.Module) -> dict:
     return state
 
 
+def module_state_fingerprint(model: nn.Module) -> str:
+    """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
+    recorded fingerprint): every module's plain attributes but ``training`` (a LayerNorm's ``eps``, a dropout's
+    ``p``) and its forward and pre-forward hooks by `callable_fingerprint`, with torch's global module hooks. A held
+    engine kept the trunk states and kNN index of the model before a hook was registered (activation patching, an
+    ablation: values 0.014 off a fresh engine's) or an ``eps`` was set."""
+    from torch.nn.modules import module as torch_module
+
+    parts = []
+    for name, module in model.named_modules():
+        plain = sorted((k, v) for k, v in vars(module).items() if k != "training" and isinstance(v, _SCALARS))
+        hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                 for hook in hooks.values()]
+        parts.append((name, plain, hooks))
+    parts.append(("<global hooks>", [callable_fingerprint(hook) for hooks in (
+        torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks) for hook in hooks.values()]))
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
 def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME, *,
                       adapter_settings: bool = True, inferred_problem_type: bool = True) -> str:
     """Fingerprint of a model's parameters and buffers (names, shapes, dtypes, values), its semantic config and its

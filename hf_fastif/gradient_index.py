@@ -482,7 +482,7 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     """The candidates of each query from the engine's gradient index (built once per weights, data, loss and
     projection, and kept by the engine)."""
     args = engine.args
-    key = (call.model_fingerprint, call.cand.fingerprint, len(call.cand), engine._functions["collator"],
+    key = (call.model_key, call.cand.fingerprint, len(call.cand), engine._functions["collator"],
            engine._functions["loss"], args.influence_weight_decay, args.influence_weight_decay_in_gradients,
            tuple(call.names), args.influence_projection_dim,
            args.influence_seed, args.influence_knn_index, D.world()[1])

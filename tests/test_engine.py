@@ -247,6 +247,38 @@ def test_a_held_engine_sees_the_globals_its_collator_reads(data, pad_collator, m
             held.compute_influences(train, test)
 
 
+def test_a_held_engine_sees_hooks_and_plain_module_attributes(data, pad_collator):
+    """The caches were keyed on the weights, config and adapters only: a forward hook registered on a layer below
+    the split (activation patching, an ablation) left a held engine serving the old trunk states (values 0.014 off a
+    fresh engine's), and a LayerNorm's eps set to 0.1 the old kNN candidates. Both are part of the keys now (not of
+    the fingerprint a table records)."""
+    model, train, test = data
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=6)))
+
+    def fresh():
+        with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+            return engine.compute_influences(train, test).to_pandas()
+
+    recorded = model_fingerprint(model)
+    with InfluenceEngine(model, args, data_collator=pad_collator) as held:
+        first = held.compute_influences(train, test).to_pandas()
+        handle = model.bert.encoder.layer[0].output.register_forward_hook(lambda m, a, out: out * 1.5)
+        try:
+            hooked = held.compute_influences(train, test)
+            assert hooked.to_pandas().equals(fresh())
+            assert hooked.metadata["model"]["fingerprint"] == recorded  # (the table's record: the weights)
+        finally:
+            handle.remove()
+        norm = model.bert.embeddings.LayerNorm
+        eps = norm.eps
+        norm.eps = 0.1
+        try:
+            assert held.compute_influences(train, test).to_pandas().equals(fresh())
+        finally:
+            norm.eps = eps
+        assert held.compute_influences(train, test).to_pandas().equals(first)  # back as it was
+
+
 def test_callable_fingerprint_sees_the_globals_a_function_reads(data, pad_collator, monkeypatch):
     """A loss reading module-level class weights kept its fingerprint when they changed: a held engine served the
     Hessian of the old loss (0.54 off), and a resumed build mixed shards of both losses. The globals it reads (and
