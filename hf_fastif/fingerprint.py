@@ -153,17 +153,24 @@ def adapter_state(model: nn.Module) -> dict:
     return state
 
 
+STATE_IGNORED = frozenset({"training", "name_or_path"})
+"""Module attributes `module_state_fingerprint` leaves out (with private ones, such as transformers' ``_use_kernels``):
+the train / eval flag, and where the weights were loaded from (a model loaded again from its saved folder is the same
+model: a Space's warm start rebuilt every saved cache)."""
+
+
 def module_state_fingerprint(model: nn.Module) -> str:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
-    recorded fingerprint): every module's plain attributes but ``training`` (a LayerNorm's ``eps``, a dropout's
-    ``p``) and its forward and pre-forward hooks by `callable_fingerprint`, with torch's global module hooks. A held
+    recorded fingerprint): every module's public plain attributes but `STATE_IGNORED` (a LayerNorm's ``eps``, a
+    dropout's ``p``) and its forward and pre-forward hooks by `callable_fingerprint`, with torch's global module hooks. A held
     engine kept the trunk states and kNN index of the model before a hook was registered (activation patching, an
     ablation: values 0.014 off a fresh engine's) or an ``eps`` was set."""
     from torch.nn.modules import module as torch_module
 
     parts = []
     for name, module in model.named_modules():
-        plain = sorted((k, v) for k, v in vars(module).items() if k != "training" and isinstance(v, _SCALARS))
+        plain = sorted((k, v) for k, v in vars(module).items()
+                       if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS))
         hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks)
                  for hook in hooks.values()]
         parts.append((name, plain, hooks))
