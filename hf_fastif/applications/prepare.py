@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .. import distributed as D
 from ..arguments import InfluenceArguments
 from ..batches import usable_positions
 from ..data import (
@@ -220,6 +221,11 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
             out |= QUICK
             for protocol in protocols:
                 out |= getattr(protocol, "QUICK", {})
+        processes = D.world()[1]
+        if processes > 1 and "per_device_train_batch_size" in out:  # the setup's batch is the optimizer's: each
+            # process takes its share (2 processes of 32 rows each took half the steps, and --quick's tiny model
+            # predicted one class: every HANS cell 50.0)
+            out["per_device_train_batch_size"] = max(1, out["per_device_train_batch_size"] // processes)
         return out
 
     return defaults
@@ -459,7 +465,7 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
         if kind == "tiny":
             model = embedded_model(tokenizer, seed=args.seed, kind=kind)
         else:
-            model, trained = _pretrained_model(data_args, checkpoint, required_labels)
+            model, trained = _pretrained_model(data_args, checkpoint, required_labels, seed=args.seed)
         if data_args.trainable_layers is not None:
             freeze_lower_layers(model, data_args.trainable_layers)
         if trained:
@@ -532,7 +538,8 @@ def _check_resume(resume: str | None, checkpoint) -> None:
                          "run saved (<output_dir>/checkpoint-<step>, with --save_strategy steps or epoch).")
 
 
-def _pretrained_model(data_args: ModelDataArguments, checkpoint, required_labels) -> tuple[nn.Module, bool]:
+def _pretrained_model(data_args: ModelDataArguments, checkpoint, required_labels,
+                      seed: int = 0) -> tuple[nn.Module, bool]:
     """The checkpoint's model (a fresh classification head when it is fine-tuned here) and whether to train it."""
     name, _, do_train = checkpoint
     kwargs = {"attn_implementation": "eager"}
@@ -540,12 +547,28 @@ def _pretrained_model(data_args: ModelDataArguments, checkpoint, required_labels
         names = label_names(data_args.num_labels)
         kwargs |= {"num_labels": data_args.num_labels, "id2label": dict(enumerate(names)),
                    "label2id": {n: i for i, n in enumerate(names)}, "ignore_mismatched_sizes": True}
+    # the new head's initialisation: unseeded, every run (and every process of a launch) drew its own, so one --seed
+    # gave other numbers each time (accuracy 49.8 vs 50.3 before correction), and a launch was refused after training
+    torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(name, **kwargs), do_train
+
+
+def check_launch_training(args: InfluenceArguments) -> None:
+    """Refuse training under ``accelerate launch`` on a machine without GPUs unless ``use_cpu`` is set:
+    `TrainingArguments` trains the processes as one (DDP over gloo) only then; without it every process trained alone,
+    to other weights, and the influence step refused them as processes that "disagree on ['model']" after the whole
+    fine-tuning."""
+    processes = D.world()[1]
+    if processes > 1 and not args.use_cpu and not torch.cuda.is_available():
+        raise ValueError(f"Training under accelerate launch ({processes} processes) on a machine without GPUs needs "
+                         "--use_cpu: TrainingArguments trains the processes together (DDP) only with it, and without "
+                         "it each process trains its own model alone. Pass --use_cpu (or run one process).")
 
 
 def _train(model: nn.Module, args: InfluenceArguments, train: Dataset, tokenizer, save: bool) -> nn.Module:
     """Train ``model`` with ``args`` (the training fields); a pretrained model fine-tuned here is saved to
     ``<output_dir>/model`` for the next run."""
+    check_launch_training(args)
     trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if save:

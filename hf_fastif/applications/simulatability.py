@@ -49,7 +49,14 @@ from ..params import select_parameters, unflatten
 from ..trainer import InfluenceTrainer
 from ..utils import markdown_table
 from .common import ApplicationData, batcher, check_num_labels, predict, refuse_few_candidates
-from .prepare import Setup, config_positions, freeze_lower_layers, is_sequence_classifier, resolve_model
+from .prepare import (
+    Setup,
+    check_launch_training,
+    config_positions,
+    freeze_lower_layers,
+    is_sequence_classifier,
+    resolve_model,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -557,11 +564,13 @@ def build_simulator(setup: Setup, protocol: SimulatabilityArguments) -> nn.Modul
     if setup.name == "embedded":
         simulator = embedded_model(setup.tokenizer, seed=setup.args.seed, kind="tiny")
     else:
+        torch.manual_seed(setup.args.seed)  # the new head's initialisation (unseeded, every run drew its own)
         simulator = AutoModelForSequenceClassification.from_pretrained(
             data_args.model_name_or_path, attn_implementation="eager", num_labels=num_labels,
             id2label=setup.model.config.id2label, label2id=setup.model.config.label2id, ignore_mismatched_sizes=True)
     if data_args.trainable_layers is not None:
         freeze_lower_layers(simulator, data_args.trainable_layers)
+    check_launch_training(args)
     trainer = InfluenceTrainer(model=simulator, args=args, train_dataset=relabelled, processing_class=setup.tokenizer)
     trainer.train()
     return trainer.model.eval()
