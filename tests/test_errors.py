@@ -176,8 +176,13 @@ def test_sdpa_inside_a_plain_module_and_in_each_part_of_a_composite_is_switched_
     aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"; a composite model (an SDPA
     encoder, an eager decoder) got the top's setting back on every part (the decoder came back "sdpa")."""
     from torch import nn
-    from transformers import (BertConfig, BertForSequenceClassification, BertLMHeadModel, BertModel,
-                              EncoderDecoderModel)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertLMHeadModel,
+        BertModel,
+        EncoderDecoderModel,
+    )
 
     from hf_fastif.mode import influence_mode
 
