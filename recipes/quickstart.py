@@ -17,7 +17,7 @@ import numpy as np
 from hf_fastif import InfluenceArguments
 from hf_fastif.annotate import TextSource, save_with_text
 from hf_fastif.applications import predict
-from hf_fastif.distributed import finish
+from hf_fastif.distributed import finish, is_main_process
 from hf_fastif.embedded import KINDS, embedded_data, embedded_defaults, embedded_kind, train_embedded
 from hf_fastif.parsing import parse_arguments
 from hf_fastif.utils import check_output_dir
@@ -48,20 +48,23 @@ def main(argv: list[str] | None = None) -> None:
         (QuickstartArguments, InfluenceArguments), argv,
         lambda first: embedded_defaults("table", first.embedded_model) | {"output_dir": "outputs/quickstart"})
     check_output_dir(args.output_dir)  # an existing file: refused now, not when the table is saved
+    # under `accelerate launch` every process computes (the influence call is collective) and saves (safe: one
+    # writer of the folder at a time); the main process alone prints
+    say = print if is_main_process() else (lambda *_, **__: None)
     settings = embedded_kind(quick.embedded_model)
     start = time.perf_counter()
     data = embedded_data(seed=args.seed, **settings.table_data, kind=settings.name)
     trainer, raw, tokenized = train_embedded(args=args, data=data, kind=settings.name)
-    print(f"{settings.description}: a {sum(p.numel() for p in trainer.model.parameters()):,}-parameter BERT, ready on "
+    say(f"{settings.description}: a {sum(p.numel() for p in trainer.model.parameters()):,}-parameter BERT, ready on "
           f"{len(raw['train'])} generated NLI pairs in {time.perf_counter() - start:.0f}s")
 
     hans = tokenized["hans"]
     predictions = predict(trainer.model, hans, trainer.data_collator).argmax(-1)
     wrong = np.flatnonzero(predictions != np.asarray(hans["labels"]))
-    print(f"HANS-style accuracy: {1 - len(wrong) / len(hans):.1%} ({len(wrong)} mistakes of {len(hans)})")
+    say(f"HANS-style accuracy: {1 - len(wrong) / len(hans):.1%} ({len(wrong)} mistakes of {len(hans)})")
     rows = test_points(wrong, quick.num_test, len(hans))
     if len(rows) < quick.num_test:
-        print(f"--num_test {quick.num_test}: there are {len(rows)} {'mistakes' if len(wrong) else 'test points'}; "
+        say(f"--num_test {quick.num_test}: there are {len(rows)} {'mistakes' if len(wrong) else 'test points'}; "
               "each is explained once")
 
     start = time.perf_counter()
@@ -71,20 +74,20 @@ def main(argv: list[str] | None = None) -> None:
     n = len(raw["train"])
     scored = f"{args.influence_knn_k} candidates" if args.influence_knn_k and args.influence_knn_k < n else \
         f"all {n} training rows"
-    print(f"influence of {scored} on {len(rows)} test points in {time.perf_counter() - start:.1f}s "
+    say(f"influence of {scored} on {len(rows)} test points in {time.perf_counter() - start:.1f}s "
           f"(λ = {table.metadata['lambda']:g})\n")
     names = trainer.model.config.id2label
     for t, row in enumerate(rows):
         r = raw["hans"][int(row)]
-        print(f"### test {t} [{r['heuristic']} / {r['subcase']}] gold {names[r['label']]}, "
+        say(f"### test {t} [{r['heuristic']} / {r['subcase']}] gold {names[r['label']]}, "
               f"predicted {names[int(predictions[row])]}")
-        print(f"    premise: {r['premise']}\n    hypothesis: {r['hypothesis']}")
+        say(f"    premise: {r['premise']}\n    hypothesis: {r['hypothesis']}")
         for title, frame in (("most helpful", table.helpful(t, quick.top)), ("most harmful", table.harmful(t, quick.top))):
-            print(f"  {title}:")
+            say(f"  {title}:")
             for _, x in frame.iterrows():
-                print(f"    {x.influence:+.3e}  [{names[x.train_label]}] {x.train_premise} / {x.train_hypothesis}")
-        print()
-    print(f"saved the table to {args.output_dir}/influence_table (load it with InfluenceTable.load)")
+                say(f"    {x.influence:+.3e}  [{names[x.train_label]}] {x.train_premise} / {x.train_hypothesis}")
+        say()
+    say(f"saved the table to {args.output_dir}/influence_table (load it with InfluenceTable.load)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_fastif import InfluenceTable
+
 from .conftest import TINY_FLAGS, load_recipe
 
 PAPER_FAST = ["--influence_knn_k", "20", "--influence_recursion_depth", "5", "--influence_damping", "0.1",
@@ -188,3 +190,20 @@ def test_quickstart_explains_each_test_point_once():
     assert quickstart.test_points(np.array([], dtype=int), 3, 5).tolist() == [0, 2, 4]
     with pytest.raises(ValueError, match="--num_test must be at least 1"):
         quickstart.QuickstartArguments(num_test=0)
+
+
+def test_quickstart_main_process_alone_prints(tmp_path, capsys, monkeypatch):
+    """Under `accelerate launch` every process ran the whole quickstart and printed it all (twice on 2 processes);
+    now every process computes and saves the table, the main one alone prints."""
+    quickstart = load_recipe("quickstart")
+    flags = ["--embedded_model", "tiny", "--num_test", "1", "--top", "2", "--influence_knn_k", "30",
+             "--influence_recursion_depth", "5", "--num_train_epochs", "1"]
+    quickstart.main([*flags, "--output_dir", str(tmp_path / "main")])
+    printed = capsys.readouterr().out
+    assert "HANS-style accuracy" in printed and printed.count("### test ") == 1 and "most harmful" in printed
+    monkeypatch.setattr(quickstart, "is_main_process", lambda: False)
+    quickstart.main([*flags, "--output_dir", str(tmp_path / "other")])
+    # what is left is the Trainer's own summary, which transformers prints from the main process only
+    assert [line for line in capsys.readouterr().out.splitlines() if not line.startswith("{'train_runtime'")] == []
+    main, other = (InfluenceTable.load(tmp_path / name / "influence_table") for name in ("main", "other"))
+    assert len(main.to_pandas()) == 30 and np.allclose(main.to_pandas()["influence"], other.to_pandas()["influence"])
