@@ -1128,8 +1128,9 @@ class InfluenceEngine:
         left to the solve) over ``influence_arnoldi_rows`` seeded training rows (all by default), computed once
         per weights / data / loss and kept by the engine."""
         args = self.args
-        # (v2: Lanczos restarts in a closed Krylov space, and the most negative Ritz pair is kept)
-        key = self._curvature_key(call, "arnoldi (data term) v2", args.influence_arnoldi_rank,
+        # (v2: Lanczos restarts in a closed Krylov space, and the most negative Ritz pair is kept; v3: its start vector
+        # drawn in float64 whatever the dtype, so a float32 model's saved Hessian from another start is not served)
+        key = self._curvature_key(call, "arnoldi (data term) v3", args.influence_arnoldi_rank,
                                   args.influence_arnoldi_rows)
         if self._low_rank is not None and self._low_rank[0] == key:
             self._served("low_rank", key)  # (a no-op unless it was read from disk)
@@ -1207,7 +1208,7 @@ class InfluenceEngine:
         indefinite. Refuse what cannot converge; kept per weights / data / B."""
         args = self.args
         bsz, n = args.influence_batch_size, len(call.train)
-        key = self._curvature_key(call, "lissa", bsz)
+        key = self._curvature_key(call, "lissa v2", bsz)  # (v2: Lanczos starts drawn in float64)
         p, dtype, device = v.shape[1], call.work_dtype, v.device
 
         def smallest(rows: np.ndarray) -> tuple[float, float]:

@@ -58,7 +58,9 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     steps = min(iterations, num_params)
     basis = torch.empty(steps, num_params, dtype=dtype, device=device)  # filled row by row: no restacking
     q = basis[0]
-    q.copy_(torch.randn(num_params, generator=gen, dtype=dtype))
+    # drawn in float64 whatever the dtype: torch draws other numbers in float32 (beyond 15 entries), so a float32 copy
+    # of a model started from another vector, and a low-rank Hessian short of convergence differed beyond rounding
+    q.copy_(torch.randn(num_params, generator=gen, dtype=torch.float64))
     q /= q.norm()
     alphas: list[float] = []
     betas: list[float] = []
@@ -101,7 +103,7 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
 def _orthogonal_start(basis: torch.Tensor, gen: torch.Generator, dtype) -> torch.Tensor | None:
     """A seeded random unit vector orthogonal to the rows of ``basis``, or None when they span the space."""
     for _ in range(3):
-        w = torch.randn(basis.shape[1], generator=gen, dtype=dtype).to(basis.device)
+        w = torch.randn(basis.shape[1], generator=gen, dtype=torch.float64).to(device=basis.device, dtype=dtype)
         w /= w.norm()
         for _ in range(2):
             w = w - basis.T @ (basis @ w)

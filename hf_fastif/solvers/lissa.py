@@ -43,7 +43,7 @@ def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int
                     dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> float:
     """Estimate the eigenvalue of largest magnitude of the operator ``hvp`` (a Rayleigh quotient)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(num_params, generator=gen, dtype=dtype).to(device)
+    x = torch.randn(num_params, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)  # (as lanczos')
     x = x / x.norm()
     value = 0.0
     for _ in range(iterations):
