@@ -969,11 +969,13 @@ class InfluenceEngine:
                           self.data_collator, device, decoder_inputs=decoder_inputs_from_labels(model),
                           padding_collator=padding_collator_for(model))
         out = []
+        # the modules' state as `_start` reads it, before influence_mode turns gradient checkpointing and its
+        # input-gradient hook off: read inside, it keyed the same rows' trunk states anew (computed and held twice)
+        module_state = module_state_fingerprint(model)
         with influence_mode(model, names), torch.no_grad():
             split = self._find_split(names, batcher)
             if split is not None:
-                batcher = self._with_trunk(split, batcher, tensor_digests(model), module_state_fingerprint(model),
-                                           progress=False)
+                batcher = self._with_trunk(split, batcher, tensor_digests(model), module_state, progress=False)
                 split = self._split[1]
             for _, batch in batcher.batches(range(len(batcher)), batch_size):
                 with forward_context(split, batch):

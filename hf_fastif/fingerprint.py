@@ -167,15 +167,19 @@ def module_state_fingerprint(model: nn.Module) -> str:
     ablation: values 0.014 off a fresh engine's) or an ``eps`` was set."""
     from torch.nn.modules import module as torch_module
 
-    parts = []
-    for name, module in model.named_modules():
-        plain = sorted((k, v) for k, v in vars(module).items()
-                       if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS))
-        hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks)
-                 for hook in hooks.values()]
-        parts.append((name, plain, hooks))
-    parts.append(("<global hooks>", [callable_fingerprint(hook) for hooks in (
-        torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks) for hook in hooks.values()]))
+    token = _ACCUMULATORS.set(True)  # (lists / dicts of tensors a hook records: by identity, `_ACCUMULATORS`)
+    try:
+        parts = []
+        for name, module in model.named_modules():
+            plain = sorted((k, v) for k, v in vars(module).items()
+                           if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS))
+            hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks)
+                     for hook in hooks.values()]
+            parts.append((name, plain, hooks))
+        parts.append(("<global hooks>", [callable_fingerprint(hook) for hooks in (
+            torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks) for hook in hooks.values()]))
+    finally:
+        _ACCUMULATORS.reset(token)
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -274,10 +278,34 @@ MAX_DEPTH = 3
 values count by their type's name."""
 
 
+class _Fields(dict):
+    """A callable's own keyword defaults, a partial's keywords or an object's attributes, gathered to be described:
+    never a record a hook keeps (`_ACCUMULATORS`)."""
+
+
+_ACCUMULATORS = contextvars.ContextVar("hf_fastif_hook_accumulators", default=False)
+"""True while `module_state_fingerprint` describes hooks: the tensors in a list or dict (the activations a recording
+hook appends, a dict of them by layer) are left out of its description, which every forward changed (a held engine
+rebuilt every cache on every call: 3.0 s a call became 22-25 s on MiniLM); its other entries count."""
+
+
+def _holds_tensors(value) -> bool:
+    """A tensor, or a list / tuple / dict with one (an entry of a hook's record: ``out`` or ``(out, ...)``)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple, dict)):
+        return any(isinstance(v, torch.Tensor) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
 def _describe_value(value, depth: int = 0):
     """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
     if _beyond(depth):
         return type(value).__qualname__
+    if _ACCUMULATORS.get() and type(value) is list:  # (a hook's record of activations: not the tensors)
+        value = tuple(v for v in value if not _holds_tensors(v))
+    elif _ACCUMULATORS.get() and type(value) is dict:
+        value = _Fields({k: v for k, v in value.items() if not _holds_tensors(v)})
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
     if isinstance(value, torch.Tensor):
@@ -453,8 +481,8 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         return "none"
     if isinstance(fn, functools.partial):
         description = {"partial": callable_fingerprint(fn.func, depth + 1),
-                       "args": _describe_value(list(fn.args), depth + 1),
-                       "kwargs": _describe_value(dict(fn.keywords), depth + 1)}
+                       "args": _describe_value(tuple(fn.args), depth + 1),
+                       "kwargs": _describe_value(_Fields(fn.keywords), depth + 1)}
     elif inspect.ismethod(fn):
         description = {"method": callable_fingerprint(fn.__func__, depth + 1),
                        "self": _describe_value(fn.__self__, depth + 1) if not _beyond(depth + 1)
@@ -463,9 +491,9 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         code = fn.__code__
         closure = [c.cell_contents for c in fn.__closure__ or () if _cell_filled(c)]
         description = {"qualname": fn.__qualname__, "module": fn.__module__, "code": _code_digest(code),
-                       "defaults": _describe_value(list(fn.__defaults__ or ()), depth + 1),
-                       "kwdefaults": _describe_value(dict(fn.__kwdefaults__ or {}), depth + 1),
-                       "closure": _describe_value(closure, depth + 1),
+                       "defaults": _describe_value(tuple(fn.__defaults__ or ()), depth + 1),
+                       "kwdefaults": _describe_value(_Fields(fn.__kwdefaults__ or {}), depth + 1),
+                       "closure": _describe_value(tuple(closure), depth + 1),
                        "globals": _read_globals(fn, depth + 1)}
     elif inspect.isbuiltin(fn) or inspect.isclass(fn):
         bound = getattr(fn, "__self__", None)
@@ -483,7 +511,7 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
                 _record_cut()
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
-                       "attributes": _describe_value(dict(attributes), depth + 1)}
+                       "attributes": _describe_value(_Fields(attributes), depth + 1)}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -547,6 +575,9 @@ def collator_settings(collator) -> tuple:
     def plain(values) -> tuple:
         return tuple(v for v in values if isinstance(v, _SCALARS))
 
+    def contents(values) -> tuple:  # plain values and containers of them (a settings dict), JSON-stable
+        return tuple(p for p in map(_plain, values) if p is not _SKIP)
+
     def attributes(obj) -> tuple:
         values = getattr(obj, "__dict__", {})
         return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items() if plain([v])))
@@ -558,14 +589,17 @@ def collator_settings(collator) -> tuple:
         if inner is None:
             return ()
         closure = [c.cell_contents for c in fn.__closure__ or () if _cell_filled(c)]
-        # and the module-level values it reads (a global tokenizer's padding_side, a global constant): a held engine
-        # kept the old trunk states, index and padding check after one changed
+        # and the module-level values it reads (a global tokenizer's padding_side, a global constant or settings
+        # dict): a held engine kept the old trunk states, index and padding check after one changed
         scope = getattr(fn, "__globals__", {})
         read = [(name, scope[name]) for name in sorted(_loaded_globals(inner) & scope.keys())]
-        return (fn.__qualname__, _code_digest(inner), *plain(closure),
+        # a bound method's object's plain settings (``data_collator=obj.collate``: its ``self.max_length``)
+        bound = getattr(fn, "__self__", None) if inspect.ismethod(fn) else None
+        return (fn.__qualname__, _code_digest(inner), *contents(closure),
                 *(attributes(v) for v in closure if _is_tokenizer(v)),
-                *((name, value) if plain([value]) else (name, attributes(value))
-                  for name, value in read if plain([value]) or _is_tokenizer(value)))
+                *((name, *contents([value])) if not _is_tokenizer(value) else (name, attributes(value))
+                  for name, value in read if contents([value]) or _is_tokenizer(value)),
+                *((attributes(bound), attributes(getattr(bound, "tokenizer", None))) if bound is not None else ()))
 
     tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
     return attributes(collator), code(collator), attributes(tokenizer), getattr(tokenizer, "pad_token_id", None)

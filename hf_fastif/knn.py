@@ -187,7 +187,7 @@ def warn_short(found: list[np.ndarray], k: int, rows: int, what: str, factory: s
     short = [i for i, ids in enumerate(found) if len(ids) < min(k, rows)]
     if short:
         cause = ("an HNSW index searches a bounded neighbourhood of its graph (it falls short for k near the row "
-                 "count)" if "HNSW" in factory.upper() else "an approximate index (IVF) searches one list by default")
+                 "count)" if "HNSW" in factory.upper() and "IVF" not in factory.upper() else "an approximate index (IVF) searches one list by default")
         logger.warning(f"{what} found fewer than influence_knn_k = {k} candidates for {len(short)} of {len(found)} "
                        f"quer{'ies' if len(found) > 1 else 'y'} (e.g. {len(found[short[0]])} for query {short[0]}): "
                        f"{cause}. Those are scored over fewer candidates; use influence_knn_index='Flat' (or, for "

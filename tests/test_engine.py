@@ -247,6 +247,50 @@ def test_a_held_engine_sees_the_globals_its_collator_reads(data, pad_collator, m
             held.compute_influences(train, test)
 
 
+COLLATOR_SETTINGS = {"shift": 0}
+
+
+def _settings_collator(rows, shift=None):
+    batch = COLLATOR_TOKENIZER.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows],
+                                   return_tensors="pt")
+    shift = COLLATOR_SETTINGS["shift"] if shift is None else shift
+    shifted = 1 + (batch["input_ids"] - 1 + shift) % (VOCAB - 1)
+    batch["input_ids"] = torch.where(batch["attention_mask"].bool(), shifted, batch["input_ids"])
+    batch["labels"] = torch.tensor([r["labels"] for r in rows])
+    return batch
+
+
+class _ShiftingCollator:
+    def __init__(self):
+        self.shift = 0
+
+    def collate(self, rows):
+        return _settings_collator(rows, self.shift)
+
+
+def test_a_held_engine_sees_a_global_settings_dict_and_a_bound_collators_object(data, pad_collator, monkeypatch):
+    """Only scalar globals (and closure values) were compared: after a module-level settings dict the collator reads
+    changed, or the object of a bound-method collator (``data_collator=obj.collate``), a held engine served the old
+    trunk states (0.022 off a fresh engine's)."""
+    import sys
+
+    model, train, test = data
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "COLLATOR_TOKENIZER", copy.deepcopy(pad_collator.tokenizer))
+    monkeypatch.setitem(COLLATOR_SETTINGS, "shift", 0)
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=None)))
+    bound = _ShiftingCollator()
+    for collator, change in ((_settings_collator, lambda: COLLATOR_SETTINGS.update(shift=3)),
+                             (bound.collate, lambda: setattr(bound, "shift", 3))):
+        with InfluenceEngine(model, args, data_collator=collator) as held:
+            before = held.compute_influences(train, test).to_pandas()
+            change()
+            got = held.compute_influences(train, test).to_pandas()
+            with InfluenceEngine(model, args, data_collator=collator) as fresh:
+                assert got.equals(fresh.compute_influences(train, test).to_pandas())
+            assert not got.equals(before)  # (the shift changes the numbers)
+
+
 def test_a_held_engine_sees_hooks_and_plain_module_attributes(data, pad_collator):
     """The caches were keyed on the weights, config and adapters only: a forward hook registered on a layer below
     the split (activation patching, an ablation) left a held engine serving the old trunk states (values 0.014 off a
@@ -277,6 +321,44 @@ def test_a_held_engine_sees_hooks_and_plain_module_attributes(data, pad_collator
         finally:
             norm.eps = eps
         assert held.compute_influences(train, test).to_pandas().equals(first)  # back as it was
+
+
+def test_a_hook_that_records_activations_keeps_the_held_engines_caches(data, pad_collator, monkeypatch):
+    """Hooks count by `callable_fingerprint`, which hashed the list a recording hook appends to: it changed on every
+    forward, so a held engine rebuilt its trunk states (and every other cache) on every call (MiniLM, Arnoldi: 3.0 s a
+    call became 22-25 s), hashing every tensor recorded so far. Such a record counts by its identity; a tensor the
+    hook computes with (a steering vector changed in place) still by its values."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = data
+    built, real = [], engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    recorded, by_layer = [], {}
+    steer = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+
+    def record(module, args, out):
+        recorded.append(out.detach())
+        by_layer["output"] = (out.detach(),)
+
+    def steering(module, args, out):
+        return out + steer
+
+    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=None)))
+    layer = model.bert.encoder.layer[0].output
+    handles = [layer.register_forward_hook(record), layer.register_forward_hook(steering)]
+    try:
+        with InfluenceEngine(model, args, data_collator=pad_collator) as held:
+            first = held.compute_influences(train, test).to_pandas()
+            assert recorded and built == [len(train), len(test)]
+            assert held.compute_influences(train, test).to_pandas().equals(first) and built == [len(train), len(test)]
+            steer += 0.5  # in place: the hook now computes something else
+            got = held.compute_influences(train, test).to_pandas()
+            assert built[2:] == [len(train), len(test)] and not got.equals(first)
+            with InfluenceEngine(model, args, data_collator=pad_collator) as fresh:
+                assert got.equals(fresh.compute_influences(train, test).to_pandas())
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_callable_fingerprint_sees_the_globals_a_function_reads(data, pad_collator, monkeypatch):
@@ -574,6 +656,24 @@ def test_the_trunk_states_are_computed_once_per_engine(data, pad_collator, monke
     assert built[3:] == [len(train), len(test)]
 
 
+def test_logits_share_the_trunk_states_of_a_gradient_checkpointed_model(pad_collator, monkeypatch):
+    """`logits` read the modules' state inside influence_mode, which turns gradient checkpointing (and its
+    input-gradient hook) off, while `compute_influences` reads it before: on a model left checkpointed by a Trainer,
+    the training rows' trunk states were computed and held a second time."""
+    import hf_fastif.engine as engine_module
+
+    train, test = make_token_dataset(12, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert")
+    model.gradient_checkpointing_enable()
+    built, real = [], engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    with InfluenceEngine(model, default_arguments(**BASE, influence_knn_k=None), data_collator=pad_collator) as engine:
+        engine.compute_influences(train, test)
+        engine.logits(train)
+        assert built == [len(train), len(test)] and len(engine._trunks) == 2
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())  # (given back)
+
+
 def test_the_exact_hessian_is_built_once_per_weights(data, pad_collator, monkeypatch):
     """'exact' built its p x p Hessian (p Hessian-vector products over every training row) on every call; an
     engine now keeps its eigendecomposition for the same weights, data and loss, and builds it again when the
@@ -812,9 +912,13 @@ def test_k_equal_to_the_candidate_count_is_every_row_on_an_approximate_index(dat
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         warn_short([np.arange(3)], 5, 10, "The kNN index", factory)
-    hf_logging.disable_propagation()
     assert ("HNSW index searches a bounded neighbourhood" in caplog.text) == (factory == "HNSW8")
     assert ("(IVF) searches one list" in caplog.text) == (factory != "HNSW8")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # an IVF index whose quantizer is an HNSW graph falls short as IVF does
+        warn_short([np.arange(3)], 5, 10, "The kNN index", "IVF64_HNSW32,Flat")
+    hf_logging.disable_propagation()
+    assert "(IVF) searches one list" in caplog.text and "HNSW index" not in caplog.text
 
 
 def test_recall_is_recorded_in_the_metadata_when_asked(data, pad_collator):
