@@ -239,7 +239,10 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
                              "trusted to match. Use a new output_dir, or delete this one to start over.")
         if previous != signature:
             found = D.differences(previous, signature)
-            values = "; ".join(f"{key}: {to_json(old)} in the manifest, {to_json(new)} now" for key, old, new in found)
+            def show(value) -> str:
+                return "missing" if value is D.MISSING else to_json(value)
+
+            values = "; ".join(f"{key}: {show(old)} in the manifest, {show(new)} now" for key, old, new in found)
             how = "run it with the manifest's values"
             if [key for key, _, _ in found] == ["repetitions_used"]:  # influence_repetitions=None: T = processes
                 how = (f"launch it with {previous['repetitions_used']} processes (influence_repetitions=None runs one "

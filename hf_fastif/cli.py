@@ -220,6 +220,7 @@ def run_build(ns: argparse.Namespace) -> int:
         kind = embedded_kind(build.embedded_model).name
         build_default(out, args, max_train_samples=build.max_train_samples, max_test_samples=build.max_test_samples,
                       kind=kind, progress=_stage)
+        finish()  # under `accelerate launch`: every process waits for the writer, then the process group closes
         if main_process:
             print(f"the embedded default model ({kind}) -> {out / 'model'}")
     elif build.embedded_model is not None:
@@ -425,8 +426,10 @@ def run_show(ns: argparse.Namespace) -> int:
 
 
 def _stage(stage: str) -> None:
-    """A stage of a long command as it starts, on stderr (its stdout stays the result)."""
-    print(f"[hf-fastif] {stage}", file=sys.stderr, flush=True)
+    """A stage of a long command as it starts, on stderr (its stdout stays the result); under `accelerate launch`
+    from the main process only (every process printed each stage)."""
+    if is_main_process():
+        print(f"[hf-fastif] {stage}", file=sys.stderr, flush=True)
 
 
 def _describe_line(counts: dict) -> str:

@@ -162,11 +162,29 @@ def _error_like(module: str, name: str, value_error: bool, text: str) -> Excepti
         return fallback
 
 
+class _Missing:
+    """What `differences` gives for a key one side lacks (shown as "(missing)")."""
+
+    def __repr__(self) -> str:
+        return "(missing)"
+
+
+MISSING = _Missing()
+
+
 def differences(old, new, key: str = "") -> list[tuple[str, object, object]]:
-    """``(dotted key, old value, new value)`` of every leaf where two JSON-like values differ (None: missing)."""
+    """``(dotted key, old value, new value)`` of every leaf where two JSON-like values differ; `MISSING` for a key
+    one side lacks (it differs from a key holding None: a process of another version lacked one, and the check
+    found no difference to name)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [diff for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-                for diff in differences(old.get(k), new.get(k), f"{key}.{k}" if key else k)]
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            a, b = old.get(k, MISSING), new.get(k, MISSING)
+            if a is MISSING or b is MISSING:
+                out.append((f"{key}.{k}" if key else k, a, b))
+            elif a != b:
+                out.extend(differences(a, b, f"{key}.{k}" if key else k))
+        return out
     return [(key, old, new)]
 
 
@@ -179,7 +197,8 @@ def check_same_everywhere(description: dict) -> None:
     everyone = in_step("the settings check", description)
     for other, theirs in enumerate(everyone):
         if theirs != description:
-            diff = sorted(k for k in set(theirs) | set(description) if theirs.get(k) != description.get(k))
+            diff = sorted(k for k in set(theirs) | set(description)
+                          if theirs.get(k, MISSING) != description.get(k, MISSING))
             # the first differing leaf, not the whole entry (two 27-key settings dicts to compare by eye)
             key, mine, other_value = differences(description, theirs)[0]
             raise ValueError(

@@ -41,8 +41,11 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     attns = [(m, a) for m in model.modules() if (m is model or hasattr(m, "set_attn_implementation"))
              and (a := _attention_implementation(m)) is not None]
     switched = [(m, a) for m, a in attns if a != "eager"]
+    # a plain module that exposes a transformers model's config as its own (``self.config = backbone.config``) is
+    # switched with that model: only one whose config no switchable module holds is refused
+    settable = {id(m.config) for m, _ in attns if hasattr(m, "set_attn_implementation")}
     for m, attn in switched:
-        if not hasattr(m, "set_attn_implementation"):
+        if not hasattr(m, "set_attn_implementation") and id(m.config) not in settable:
             raise ValueError(
                 f"{type(m).__name__} uses attn_implementation={attn!r}, which supports neither double backward nor "
                 "forward-mode AD; load it with attn_implementation='eager' for influence."
@@ -65,8 +68,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 logger.info(f"Switching attention from {switched[0][1]!r} to 'eager' for influence (SDPA/flash kernels "
                             "support neither double backward nor forward-mode AD); it is switched back afterwards.")
             for m, _ in switched:
-                if _attention_implementation(m) != "eager":  # (an outer model's switch may have reached it)
-                    m.set_attn_implementation("eager")
+                if _attention_implementation(m) != "eager" and hasattr(m, "set_attn_implementation"):
+                    m.set_attn_implementation("eager")  # (an outer model's switch may have reached it)
             if checkpointed or hooked or orphans:
                 logger.info("Turning gradient checkpointing and its input-gradient hook off for influence "
                             "(torch.func transforms refuse the hook's requires_grad_, and in eval mode checkpointing "
@@ -124,7 +127,7 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 m.gradient_checkpointing = True
             if switched:  # outermost first, so that an inner model's own setting is the one it keeps
                 for m, attn in attns:
-                    if _attention_implementation(m) != attn:
+                    if _attention_implementation(m) != attn and hasattr(m, "set_attn_implementation"):
                         m.set_attn_implementation(attn)
 
 

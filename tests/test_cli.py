@@ -573,8 +573,8 @@ def test_verbose_is_accepted_after_the_subcommand_too(where, tmp_path, capsys):
 
 
 def test_a_build_under_a_launch_is_reported_by_the_main_process_only(tiny_build, tmp_path, monkeypatch, capsys):
-    """`hf-fastif build` under `accelerate launch` printed its "influence table ... / next: ..." lines once per
-    process. A process other than the main one builds (its share) and says nothing."""
+    """`hf-fastif build` under `accelerate launch` printed its "influence table ... / next: ..." lines and its stages
+    once per process. A process other than the main one builds (its share) and says nothing."""
     import hf_fastif.cli as cli
 
     test_file = tmp_path / "test.jsonl"
@@ -585,3 +585,20 @@ def test_a_build_under_a_launch_is_reported_by_the_main_process_only(tiny_build,
     monkeypatch.setattr(cli, "is_main_process", lambda: False)  # (the distributed module's own is not patched)
     assert main(_model_build(tiny_build, tmp_path / "other", test_file)) == 0
     assert capsys.readouterr().out == "" and (tmp_path / "other" / "table").is_dir()
+    cli._stage("computing")  # a long command's stages too (each process printed every one)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "is_main_process", lambda: True)
+    cli._stage("computing")
+    assert "[hf-fastif] computing" in capsys.readouterr().err
+
+
+def test_every_build_closes_a_launchs_process_group(tiny_build, monkeypatch):
+    """`hf-fastif build` of the embedded default under `accelerate launch` left the gloo process group open at exit
+    in every process (only the --model_name_or_path build called `finish`), where gloo can abort a process whose
+    work is done."""
+    import hf_fastif.cli as cli
+
+    closed = []
+    monkeypatch.setattr(cli, "finish", lambda: closed.append(1))
+    assert main(["build", "--output-dir", str(tiny_build / "embedded"), *TINY]) == 0  # (the finished build, reused)
+    assert closed == [1]

@@ -197,6 +197,22 @@ def test_a_disagreement_names_the_first_differing_setting_not_whole_dicts():
     assert len(message) < 300
 
 
+def test_a_setting_one_process_lacks_is_named_even_where_the_other_holds_none():
+    """A nested key present in one process only, with the value None there (another hf_fastif version in one
+    process), was no difference to `differences` (both .get() None): check_same_everywhere failed with a bare
+    IndexError instead of its refusal."""
+    import hf_fastif.distributed as D
+
+    mine = {"settings": {"influence_knn_k": None, "influence_damping": 0.01}}
+    theirs = {"settings": {"influence_damping": 0.01}}
+    assert D.differences(mine, theirs) == [("settings.influence_knn_k", None, D.MISSING)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(D, "world", lambda: (0, 2))
+        patch.setattr(D, "gather_objects", lambda value: [value, ("the settings check", theirs)])
+        with pytest.raises(ValueError, match=r"disagree on \['settings'\] \(e\.g\. settings\.influence_knn_k: None vs \(missing\)\)"):
+            D.check_same_everywhere(mine)
+
+
 def test_processes_with_different_weights_are_refused(tmp_path):
     """One weight of one process differs (e.g. a checkpoint loaded from another step): mixing its results would
     give wrong numbers silently, so the cross-process check compares the weights' fingerprints."""

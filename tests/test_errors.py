@@ -220,6 +220,37 @@ def test_sdpa_inside_a_plain_module_and_in_each_part_of_a_composite_is_switched_
     assert composite.decoder.config._attn_implementation == "eager"
 
 
+def test_a_plain_module_exposing_its_backbones_config_is_switched_with_it():
+    """A head of one's own that sets ``self.config = backbone.config`` (as PEFT and Trainer code expect) was refused
+    ("uses attn_implementation='sdpa'"), though switching its SDPA backbone switches that very config; one whose
+    config no transformers model inside holds is still refused."""
+    import copy
+
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    from hf_fastif.mode import influence_mode
+
+    class Head(nn.Module):
+        def __init__(self, config=None):
+            super().__init__()
+            self.backbone = BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32,
+                                                 max_position_embeddings=32, attn_implementation="sdpa"))
+            self.config = self.backbone.config if config is None else config
+
+    head = Head()
+    with influence_mode(head, []):
+        assert head.backbone.config._attn_implementation == "eager"
+    assert head.backbone.config._attn_implementation == "sdpa"
+    other = Head()
+    other.config = copy.deepcopy(other.backbone.config)  # (a copy: switching the backbone does not reach it)
+    with pytest.raises(ValueError, match="Head uses attn_implementation='sdpa'"):
+        with influence_mode(other, []):
+            pass
+    assert other.backbone.config._attn_implementation == "sdpa"
+
+
 def test_lissa_refuses_a_scale_below_the_top_eigenvalue(setup, pad_collator):
     model, train, test = setup
     args = default_arguments(**(FAST | {"influence_solver": "lissa", "influence_scale": 0.01,
