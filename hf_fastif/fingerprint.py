@@ -173,11 +173,19 @@ def module_state_fingerprint(model: nn.Module) -> str:
         for name, module in model.named_modules():
             plain = sorted((k, v) for k, v in vars(module).items()
                            if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS))
-            hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks)
+            hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
+                                                              module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]
+            own = vars(module).get("forward")
+            if own is not None and "_original_forward" not in vars(module):  # (accelerate's autocast wrapper:
+                # influence runs without it, `hf_fastif.mode.influence_mode`) a forward replaced on the instance, by
+                # `_settings` (a partial bound to the module, as accelerate's device-map hooks make, is not hashed
+                # by the module's weights again)
+                hooks.append(("forward", _settings(own)))
             parts.append((name, plain, hooks))
         parts.append(("<global hooks>", [callable_fingerprint(hook) for hooks in (
-            torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks) for hook in hooks.values()]))
+            torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
+            torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks) for hook in hooks.values()]))
     finally:
         _ACCUMULATORS.reset(token)
     return hashlib.sha256(repr(parts).encode()).hexdigest()
@@ -567,42 +575,68 @@ def _plain_container(value, depth: int = 0) -> bool:
                for v in items)
 
 
+def _plain_settings(obj) -> tuple:
+    """An object's type and the plain values among its ``__dict__`` entries (a tokenizer's padding side)."""
+    values = getattr(obj, "__dict__", {})
+    return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items() if isinstance(v, _SCALARS)))
+
+
+def _settings(value, depth: int = 0):
+    """What a value a collator (or a module's own ``forward``) reaches holds, cheaply, for comparing between calls:
+    plain values and containers (followed), a tokenizer's plain settings (its vocabulary is left to
+    `callable_fingerprint`), a function's code with what it closes over, is bound to and reads from its module (plain
+    values, containers of them, tokenizers, functions), and another object's attributes, followed to `MAX_DEPTH`.
+    Tensors, arrays, modules and classes count by their type only (a module reached this way is the model itself,
+    keyed by its tensors)."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, np.generic):  # (a numpy integer: by its value, as its repr shows it)
+        return repr(value)
+    if _is_tokenizer(value):
+        return _plain_settings(value)
+    if (depth > MAX_DEPTH or inspect.ismodule(value) or inspect.isclass(value)
+            or isinstance(value, (nn.Module, torch.Tensor, np.ndarray))):
+        return type(value).__qualname__
+    # (a partial's keywords: a tokenizer among them; the tensors a recording forward keeps are left out, as
+    # `_ACCUMULATORS` leaves them out of hooks: every forward changed them)
+    if isinstance(value, dict):
+        return {str(k): _settings(v, depth + 1) for k, v in value.items() if not _holds_tensors(v)}
+    if isinstance(value, (list, tuple)):
+        return [_settings(v, depth + 1) for v in value if not _holds_tensors(v)]
+    if isinstance(value, (set, frozenset)):
+        plain = _plain(value)
+        return type(value).__qualname__ if plain is _SKIP else plain
+    if isinstance(value, functools.partial):
+        return ("partial", _settings(value.func, depth + 1), _settings(list(value.args), depth + 1),
+                _settings(dict(value.keywords), depth + 1))
+    code = getattr(value, "__code__", None)
+    if inspect.iscode(code):  # a function, or a method bound to an object (whose settings count too)
+        closure = [c.cell_contents for c in getattr(value, "__closure__", None) or () if _cell_filled(c)]
+        # and the module-level values it reads (a global tokenizer's padding_side, a global constant or dict, a
+        # helper it calls): a held engine kept the old trunk states, index and padding check after one changed
+        scope = getattr(value, "__globals__", {})
+        read = [(name, scope[name]) for name in sorted(_loaded_globals(code) & scope.keys())]
+        bound = getattr(value, "__self__", None)
+        return (getattr(value, "__qualname__", ""), _code_digest(code),
+                [_settings(v, depth + 1) for v in closure],
+                [(name, _settings(v, depth + 1)) for name, v in read
+                 if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial))
+                 or _is_tokenizer(v) or inspect.isfunction(v)],  # (what `_read_globals` hashes; objects: by type)
+                None if bound is None or inspect.ismodule(bound) else _settings(bound, depth + 1))
+    # another object (a collator, one wrapped by a function, a settings object): its type and what it holds
+    return (type(value).__qualname__,
+            [(str(k), _settings(v, depth + 1)) for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))])
+
+
 def collator_settings(collator) -> tuple:
-    """The plain settings of a collator and of its tokenizer (padding side, pad id, lengths...), and for a function
-    collator its code and the plain values it closes over or is bound to: compared on every call, cheaply, so that
-    a collator changed in place gets a new `callable_fingerprint` (which reads the tokenizer's vocabulary: 34 ms on
-    MiniLM's)."""
-    def plain(values) -> tuple:
-        return tuple(v for v in values if isinstance(v, _SCALARS))
-
-    def contents(values) -> tuple:  # plain values and containers of them (a settings dict), JSON-stable
-        return tuple(p for p in map(_plain, values) if p is not _SKIP)
-
-    def attributes(obj) -> tuple:
-        values = getattr(obj, "__dict__", {})
-        return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items() if plain([v])))
-
-    def code(fn) -> tuple:
-        if isinstance(fn, functools.partial):
-            return (code(fn.func), *plain(fn.args), *sorted((k, v) for k, v in fn.keywords.items() if plain([v])))
-        inner = getattr(fn, "__code__", None)
-        if inner is None:
-            return ()
-        closure = [c.cell_contents for c in fn.__closure__ or () if _cell_filled(c)]
-        # and the module-level values it reads (a global tokenizer's padding_side, a global constant or settings
-        # dict): a held engine kept the old trunk states, index and padding check after one changed
-        scope = getattr(fn, "__globals__", {})
-        read = [(name, scope[name]) for name in sorted(_loaded_globals(inner) & scope.keys())]
-        # a bound method's object's plain settings (``data_collator=obj.collate``: its ``self.max_length``)
-        bound = getattr(fn, "__self__", None) if inspect.ismethod(fn) else None
-        return (fn.__qualname__, _code_digest(inner), *contents(closure),
-                *(attributes(v) for v in closure if _is_tokenizer(v)),
-                *((name, *contents([value])) if not _is_tokenizer(value) else (name, attributes(value))
-                  for name, value in read if contents([value]) or _is_tokenizer(value)),
-                *((attributes(bound), attributes(getattr(bound, "tokenizer", None))) if bound is not None else ()))
-
+    """The settings of a collator (`_settings`: its plain settings and its tokenizer's, padding side, pad id,
+    lengths...; for a function its code and what it closes over, is bound to, wraps or reads from its module):
+    compared on every call, cheaply, so that a collator changed in place gets a new `callable_fingerprint` (which
+    reads the tokenizer's vocabulary: 34 ms on MiniLM's). Only the top level was compared: a collator function
+    closing over a dict of options, a bound method's object, a global dict, or a partial's tokenizer kept the held
+    engine's old trunk states (0.02 off a fresh engine's) and padding check."""
     tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
-    return attributes(collator), code(collator), attributes(tokenizer), getattr(tokenizer, "pad_token_id", None)
+    return _settings(collator), _plain_settings(tokenizer), getattr(tokenizer, "pad_token_id", None)
 
 
 def _cell_filled(cell) -> bool:

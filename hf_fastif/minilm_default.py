@@ -44,6 +44,7 @@ from .pretrained import (
     load_minilm_for_sequence_classification,
     load_minilm_tokenizer,
     minilm_path,
+    verify_minilm_files,
 )
 from .trainer import InfluenceTrainer
 from .utils import to_json, write_atomic
@@ -312,10 +313,17 @@ def cached_finetune_minilm(train_dataset_raw: Dataset, settings: FinetuneSetting
         settings: the training settings (default `FinetuneSettings()`: last 2 layers, 1 epoch, lr 2e-4).
         cache_dir: the cache root (default ``$HF_FASTIF_CACHE`` or ``~/.cache/hf_fastif``).
         description: what the rows are (e.g. the generator's seed and sizes), recorded in the manifest only.
-        minilm_folder: a folder from `minilm_path` (default: ``minilm_path()``).
+        minilm_folder: a folder from `minilm_path` (default: ``minilm_path()``); its files are verified (a
+            `ValueError` names a file that is not the official one's).
     """
     settings = settings or FinetuneSettings()
-    folder = Path(minilm_folder) if minilm_folder is not None else minilm_path()
+    # the key holds the official files' hashes, not the folder's: a folder with other weights (the same tokenizer)
+    # was served the model fine-tuned from the official MiniLM, so a folder given is checked as minilm_path checks
+    # its own (0.1-0.3 s)
+    folder = (verify_minilm_files(minilm_folder, "Pass a folder from hf_fastif.pretrained.minilm_path() (the cache of "
+                                  "fine-tuned models is keyed on the official files); fine-tune another checkpoint "
+                                  "with finetune_minilm, which caches nothing.")
+              if minilm_folder is not None else minilm_path())
     tokenizer = load_minilm_tokenizer(folder)
     tokenized = tokenize_nli(train_dataset_raw, tokenizer, max_length=settings.max_length)
     key, content = finetune_key(tokenized, settings)

@@ -202,3 +202,21 @@ def test_a_killed_fine_tunings_staging_folder_is_removed_later(tmp_path):
     assert not old.exists() and fresh.is_dir() and foreign.is_dir()  # one that may still be running is kept
     assert writing.is_dir()  # (its top folder's time alone said 7 hours)
     assert remove_stale_staging(tmp_path / "missing") == []
+
+
+def test_a_minilm_folder_with_other_files_is_refused_not_served_the_cached_model(raw, cache, first, tmp_path):
+    """The cache key holds the official MiniLM's file hashes, not those of the folder given: a folder with other
+    weights (the same tokenizer) was served the model fine-tuned from the official MiniLM."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other_minilm"
+    shutil.copytree(minilm_path(), other)
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in weights if "word_embeddings" in k)
+    save_file(weights | {name: weights[name] * 0.5}, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.safetensors in .* does not match"):
+        cached_finetune_minilm(raw, SMALL, cache_dir=cache, minilm_folder=other)
+    official = cached_finetune_minilm(raw, SMALL, cache_dir=cache, minilm_folder=minilm_path())  # (verified: taken)
+    assert official.folder.parent == finetune_cache_root(cache)

@@ -1,0 +1,150 @@
+"""A held engine sees what changes a model's or a collator's numbers beside the tensors, the config and the data:
+a collator changed through what it closes over, is bound to, wraps or reads from a module-level dict (its plain
+settings were compared only at the top: the held engine served the old trunk states, 0.02 off a fresh engine's, and
+the old padding check, returning a table a fresh engine refuses); a module's ``forward`` replaced on the instance
+(the old trunk states, 2.5e-4 off); and a backward hook (the old Hessian and gradient index, 0.3% off)."""
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fastif import InfluenceEngine
+from hf_fastif.influence import default_arguments
+from tests.tiny import VOCAB, make_token_dataset, pad_collator_for_tests, tiny_model, train_tiny
+
+TOP = [r"encoder\.layer\.1\.output\.", r"pooler\.", r"classifier\."]  # (the trunk and the cut take part)
+BASE = dict(influence_params=TOP, influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
+            influence_solver="cg", disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    collator = pad_collator_for_tests()
+    train, test = make_token_dataset(30, seed=0), make_token_dataset(3, seed=1)
+    return train_tiny(tiny_model("bert"), train, collator, epochs=5), train, test, collator
+
+
+def frame(table):
+    return table.to_pandas().sort_values(["test_id", "train_id"]).reset_index(drop=True)
+
+
+def held_and_fresh(model, args, collator, train, test, change):
+    """A held engine's table after ``change()``, and a fresh engine's on the changed state."""
+    with InfluenceEngine(model, args, data_collator=collator) as held:
+        before = frame(held.compute_influences(train, test))
+        change()
+        after = frame(held.compute_influences(train, test))
+    with InfluenceEngine(model, args, data_collator=collator) as fresh:
+        return before, after, frame(fresh.compute_influences(train, test))
+
+
+def shifted(tokenizer, rows, shift):
+    """The rows padded with the real tokens shifted by ``shift`` (the padding, 0, stays)."""
+    batch = tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows], return_tensors="pt")
+    ids = 1 + (batch["input_ids"] - 1 + shift) % (VOCAB - 1)
+    batch["input_ids"] = torch.where(batch["attention_mask"].bool(), ids, batch["input_ids"])
+    batch["labels"] = torch.tensor([r["labels"] for r in rows])
+    return batch
+
+
+SETTINGS = {"shift": 0}
+TOKENIZER = None
+
+
+def global_collate(rows):
+    return shifted(TOKENIZER, rows, SETTINGS["shift"])
+
+
+class Shifter:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.shift = tokenizer, 0
+
+    def collate(self, rows):
+        return shifted(self.tokenizer, rows, self.shift)
+
+
+@pytest.mark.parametrize("how", ["closure dict", "bound method", "global dict"])
+def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypatch):
+    model, train, test, collator = data
+    tokenizer = copy.deepcopy(collator.tokenizer)
+    if how == "closure dict":
+        options = {"shift": 0}
+
+        def collate(rows):
+            return shifted(tokenizer, rows, options["shift"])
+
+        def change():
+            options["shift"] = 3
+    elif how == "bound method":
+        shifter = Shifter(tokenizer)
+        collate = shifter.collate
+
+        def change():
+            shifter.shift = 3
+    else:
+        monkeypatch.setitem(globals(), "TOKENIZER", tokenizer)
+        monkeypatch.setitem(SETTINGS, "shift", 0)
+        collate = global_collate
+
+        def change():
+            SETTINGS["shift"] = 3
+    args = default_arguments(**BASE)
+    before, held, fresh = held_and_fresh(model, args, collate, train, test, change)
+    assert not np.allclose(before.influence, fresh.influence)  # (the change changes the numbers)
+    np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
+
+
+def pad(rows, tokenizer):
+    return tokenizer.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows], return_tensors="pt") \
+        | {"labels": torch.tensor([r["labels"] for r in rows])}
+
+
+def test_the_padding_side_of_a_tokenizer_a_partial_collator_holds_is_seen(data):
+    """``functools.partial(pad, tokenizer=tokenizer)``: its tokenizer's padding side set to "left" after a call is
+    refused by the padding probe, as a fresh engine refuses it (the held engine kept its padding check)."""
+    model, train, test, collator = data
+    tokenizer = copy.deepcopy(collator.tokenizer)
+    args = default_arguments(**BASE)
+    with InfluenceEngine(model, args, data_collator=functools.partial(pad, tokenizer=tokenizer)) as held:
+        held.compute_influences(train, test)
+        tokenizer.padding_side = "left"
+        with pytest.raises(ValueError, match="changes when it is padded"):
+            held.compute_influences(train, test)
+
+
+def test_a_forward_replaced_on_a_module_below_the_split_is_seen(data):
+    """``module.forward = ...`` on the instance (a patch, an ablation) below the split: the trunk states of the old
+    forward were served."""
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    norm = model.bert.embeddings.LayerNorm
+    own = norm.forward
+
+    def change():
+        norm.forward = lambda x: own(x) * 1.5
+
+    before, held, fresh = held_and_fresh(model, default_arguments(**BASE), collator, train, test, change)
+    assert not np.allclose(before.influence, fresh.influence, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("settings", [dict(influence_solver="exact"),
+                                      dict(influence_solver="arnoldi", influence_arnoldi_rank=8)])
+def test_a_backward_hook_keys_the_curvature_caches(data, settings):
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    handles = []
+
+    def change():
+        handles.append(model.bert.pooler.register_full_backward_hook(
+            lambda module, grad_input, grad_output: tuple(None if g is None else 2 * g for g in grad_input)))
+
+    try:
+        _, held, fresh = held_and_fresh(model, default_arguments(**(BASE | settings)), collator, train, test, change)
+    finally:
+        for handle in handles:
+            handle.remove()
+    np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
