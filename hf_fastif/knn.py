@@ -186,8 +186,10 @@ def warn_short(found: list[np.ndarray], k: int, rows: int, what: str, factory: s
     ``influence_knn_k`` without a word."""
     short = [i for i, ids in enumerate(found) if len(ids) < min(k, rows)]
     if short:
+        kind = factory.upper()  # (an IVF index with an HNSW quantizer, "IVF64_HNSW32,Flat", falls short as IVF)
         cause = ("an HNSW index searches a bounded neighbourhood of its graph (it falls short for k near the row "
-                 "count)" if "HNSW" in factory.upper() and "IVF" not in factory.upper() else "an approximate index (IVF) searches one list by default")
+                 "count)" if "HNSW" in kind and "IVF" not in kind
+                 else "an approximate index (IVF) searches one list by default")
         logger.warning(f"{what} found fewer than influence_knn_k = {k} candidates for {len(short)} of {len(found)} "
                        f"quer{'ies' if len(found) > 1 else 'y'} (e.g. {len(found[short[0]])} for query {short[0]}): "
                        f"{cause}. Those are scored over fewer candidates; use influence_knn_index='Flat' (or, for "

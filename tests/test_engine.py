@@ -247,50 +247,6 @@ def test_a_held_engine_sees_the_globals_its_collator_reads(data, pad_collator, m
             held.compute_influences(train, test)
 
 
-COLLATOR_SETTINGS = {"shift": 0}
-
-
-def _settings_collator(rows, shift=None):
-    batch = COLLATOR_TOKENIZER.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows],
-                                   return_tensors="pt")
-    shift = COLLATOR_SETTINGS["shift"] if shift is None else shift
-    shifted = 1 + (batch["input_ids"] - 1 + shift) % (VOCAB - 1)
-    batch["input_ids"] = torch.where(batch["attention_mask"].bool(), shifted, batch["input_ids"])
-    batch["labels"] = torch.tensor([r["labels"] for r in rows])
-    return batch
-
-
-class _ShiftingCollator:
-    def __init__(self):
-        self.shift = 0
-
-    def collate(self, rows):
-        return _settings_collator(rows, self.shift)
-
-
-def test_a_held_engine_sees_a_global_settings_dict_and_a_bound_collators_object(data, pad_collator, monkeypatch):
-    """Only scalar globals (and closure values) were compared: after a module-level settings dict the collator reads
-    changed, or the object of a bound-method collator (``data_collator=obj.collate``), a held engine served the old
-    trunk states (0.022 off a fresh engine's)."""
-    import sys
-
-    model, train, test = data
-    module = sys.modules[__name__]
-    monkeypatch.setattr(module, "COLLATOR_TOKENIZER", copy.deepcopy(pad_collator.tokenizer))
-    monkeypatch.setitem(COLLATOR_SETTINGS, "shift", 0)
-    args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=None)))
-    bound = _ShiftingCollator()
-    for collator, change in ((_settings_collator, lambda: COLLATOR_SETTINGS.update(shift=3)),
-                             (bound.collate, lambda: setattr(bound, "shift", 3))):
-        with InfluenceEngine(model, args, data_collator=collator) as held:
-            before = held.compute_influences(train, test).to_pandas()
-            change()
-            got = held.compute_influences(train, test).to_pandas()
-            with InfluenceEngine(model, args, data_collator=collator) as fresh:
-                assert got.equals(fresh.compute_influences(train, test).to_pandas())
-            assert not got.equals(before)  # (the shift changes the numbers)
-
-
 def test_a_held_engine_sees_hooks_and_plain_module_attributes(data, pad_collator):
     """The caches were keyed on the weights, config and adapters only: a forward hook registered on a layer below
     the split (activation patching, an ablation) left a held engine serving the old trunk states (values 0.014 off a

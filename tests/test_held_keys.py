@@ -134,6 +134,8 @@ def test_a_forward_replaced_on_a_module_below_the_split_is_seen(data):
 @pytest.mark.parametrize("settings", [dict(influence_solver="exact"),
                                       dict(influence_solver="arnoldi", influence_arnoldi_rank=8)])
 def test_a_backward_hook_keys_the_curvature_caches(data, settings):
+    """A backward hook registered between calls (gradients scaled in the pooler): the held engine served the Hessian
+    and low-rank Hessian of the model without it (0.3% off a fresh engine's)."""
     model, train, test, collator = data
     model = copy.deepcopy(model)
     handles = []
