@@ -56,6 +56,7 @@ from .batches import (
 )
 from .fingerprint import (
     callable_fingerprint,
+    collator_key,
     collator_settings,
     model_code_fingerprint,
     model_fingerprint,
@@ -238,10 +239,10 @@ class InfluenceEngine:
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
-        self._functions = {"collator": callable_fingerprint(data_collator), "loss": self._loss_key(),
+        self._collator_settings = collator_settings(data_collator)
+        self._functions = {"collator": collator_key(data_collator, self._collator_settings), "loss": self._loss_key(),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
-        self._collator_settings = collator_settings(data_collator)
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
@@ -779,8 +780,8 @@ class InfluenceEngine:
                              "(from_pretrained without it, or model.to_empty(device=...) and load_state_dict) first.")
         settings = collator_settings(self.data_collator)
         if settings != self._collator_settings:  # changed since (padding side, pad id, ...): every cache keyed on it
-            self._functions["collator"] = callable_fingerprint(self.data_collator)  # (34 ms on MiniLM's: not per call)
             self._collator_settings = settings
+            self._functions["collator"] = collator_key(self.data_collator, settings)  # (34 ms on MiniLM's: not per call)
         # a loss changed in place (a temperature, a closure's value) keys the curvature caches anew (µs each)
         self._functions |= {"loss": self._loss_key(),
                             "measurement": callable_fingerprint(self.measurement_fn),

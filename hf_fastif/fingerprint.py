@@ -576,9 +576,12 @@ def _plain_container(value, depth: int = 0) -> bool:
 
 
 def _plain_settings(obj) -> tuple:
-    """An object's type and the plain values among its ``__dict__`` entries (a tokenizer's padding side)."""
+    """An object's type and the plain values among its ``__dict__`` entries (a tokenizer's padding side), but where
+    it was loaded from (`STATE_IGNORED`: a tokenizer saved with the model and loaded again is the same tokenizer, and
+    a Space's warm start rebuilt every saved cache)."""
     values = getattr(obj, "__dict__", {})
-    return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items() if isinstance(v, _SCALARS)))
+    return (type(obj).__qualname__, *sorted((k, v) for k, v in values.items()
+                                            if isinstance(v, _SCALARS) and k not in STATE_IGNORED))
 
 
 def _settings(value, depth: int = 0):
@@ -637,6 +640,14 @@ def collator_settings(collator) -> tuple:
     engine's old trunk states (0.02 off a fresh engine's) and padding check."""
     tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
     return _settings(collator), _plain_settings(tokenizer), getattr(tokenizer, "pad_token_id", None)
+
+
+def collator_key(collator, settings: tuple | None = None) -> str:
+    """What keys a collator's caches: its `callable_fingerprint` and its `collator_settings` (given, or read now).
+    The fingerprint stops at `MAX_DEPTH`, the settings go further: a lambda around a collator whose tokenizer was set
+    to left padding kept the fingerprint, and a held engine its padding check and trunk states."""
+    settings = collator_settings(collator) if settings is None else settings
+    return f"{callable_fingerprint(collator)}+{hashlib.sha256(repr(settings).encode()).hexdigest()[:16]}"
 
 
 def _cell_filled(cell) -> bool:

@@ -9,7 +9,7 @@ from transformers.utils import logging
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .engine import InfluenceEngine
-from .fingerprint import callable_fingerprint
+from .fingerprint import callable_fingerprint, collator_key
 from .influence import default_arguments
 from .loss import LossFn
 from .table import InfluenceTable
@@ -112,7 +112,8 @@ class InfluenceTrainer(Trainer):
         args = self.influence_args
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
-        wanted = [callable_fingerprint(f) for f in (self.data_collator, loss_fn, measurement_fn, features)]
+        wanted = [collator_key(self.data_collator),
+                  *(callable_fingerprint(f) for f in (loss_fn, measurement_fn, features))]
         engine = self._influence_engine
         if (engine is None or engine.model is not model
                 or (engine.args is not args and read_settings(engine.args) != read_settings(args))

@@ -150,3 +150,17 @@ def test_a_backward_hook_keys_the_curvature_caches(data, settings):
         for handle in handles:
             handle.remove()
     np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
+
+
+def test_a_collator_wrapped_in_a_lambda_is_followed_to_its_tokenizer(data):
+    """``lambda rows: inner(rows)`` around a padding collator: `callable_fingerprint` stops at its depth before the
+    tokenizer, so after ``inner.tokenizer.padding_side = "left"`` the held engine kept its padding check (and trunk
+    states) and returned a table a fresh engine refuses."""
+    model, train, test, collator = data
+    inner = copy.deepcopy(collator)
+    args = default_arguments(**BASE)
+    with InfluenceEngine(model, args, data_collator=lambda rows: inner(rows)) as held:
+        held.compute_influences(train, test)
+        inner.tokenizer.padding_side = "left"
+        with pytest.raises(ValueError, match="changes when it is padded"):
+            held.compute_influences(train, test)
