@@ -624,7 +624,7 @@ def _settings(value, depth: int = 0):
                 [_settings(v, depth + 1) for v in closure],
                 [(name, _settings(v, depth + 1)) for name, v in read
                  if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial))
-                 or _is_tokenizer(v) or inspect.isfunction(v)],  # (what `_read_globals` hashes; objects: by type)
+                 or _is_tokenizer(v) or callable(v)],  # (a collator object it calls, a helper; other objects: no)
                 None if bound is None or inspect.ismodule(bound) else _settings(bound, depth + 1))
     # another object (a collator, one wrapped by a function, a settings object): its type and what it holds
     return (type(value).__qualname__,

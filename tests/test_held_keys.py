@@ -164,3 +164,22 @@ def test_a_collator_wrapped_in_a_lambda_is_followed_to_its_tokenizer(data):
         inner.tokenizer.padding_side = "left"
         with pytest.raises(ValueError, match="changes when it is padded"):
             held.compute_influences(train, test)
+
+
+INNER = None
+
+
+def calls_a_global_collator(rows):
+    return INNER(rows)
+
+
+def test_a_collator_object_a_collator_function_calls_from_its_module_is_followed(data, monkeypatch):
+    """A module-level collator object that the collator function calls counted by its type in the settings: its
+    tokenizer set to left padding kept the held engine's padding check."""
+    model, train, test, collator = data
+    monkeypatch.setitem(globals(), "INNER", copy.deepcopy(collator))
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=calls_a_global_collator) as held:
+        held.compute_influences(train, test)
+        INNER.tokenizer.padding_side = "left"
+        with pytest.raises(ValueError, match="changes when it is padded"):
+            held.compute_influences(train, test)
