@@ -244,6 +244,7 @@ class InfluenceEngine:
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
+        self._warned_backward: str | None = None  # (the modules' state whose backward hooks were warned about)
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
@@ -390,6 +391,23 @@ class InfluenceEngine:
     def _loss_key(self, fingerprint: Callable = callable_fingerprint) -> str:
         smoothing = self._label_smoothing()
         return fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
+
+    def _warn_backward_hooks(self, model: nn.Module, module_state: str) -> None:
+        """Warn (once per modules' state) about backward hooks: the gradients and Hessian-vector products run through
+        them and the forward-mode scoring does not, so the values mix the hooked and the unhooked model (a hook that
+        doubled the pooler's input gradients moved a table by 5e-4 where the hooked model's influence is another)."""
+        from torch.nn.modules import module as torch_module
+
+        hooked = [name or type(model).__name__ for name, m in model.named_modules()
+                  if m._backward_hooks or m._backward_pre_hooks]
+        if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+            hooked.append("every module (torch's global backward hooks)")
+        if hooked and self._warned_backward != module_state:
+            self._warned_backward = module_state
+            logger.warning(f"Backward hooks are registered on {', '.join(hooked[:3])}"
+                           f"{f' and {len(hooked) - 3} more' if len(hooked) > 3 else ''}: influence's gradients and "
+                           "Hessian-vector products run through them, its forward-mode scoring does not, so the values "
+                           "mix the hooked and the unhooked model. Remove them for influence (handle.remove()).")
 
     def _portable_functions(self) -> dict:
         """The collator, loss, measurement and features as `portable_fingerprint` describes them: what processes of
@@ -818,6 +836,7 @@ class InfluenceEngine:
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
         module_state = module_state_fingerprint(model)  # before anything is installed for the call (1.4 ms on MiniLM)
+        self._warn_backward_hooks(model, module_state)
         device = next(model.parameters()).device
         rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
         train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)

@@ -183,3 +183,26 @@ def test_a_collator_object_a_collator_function_calls_from_its_module_is_followed
         INNER.tokenizer.padding_side = "left"
         with pytest.raises(ValueError, match="changes when it is padded"):
             held.compute_influences(train, test)
+
+
+def test_a_backward_hook_is_warned_about_once(data, caplog):
+    """Backward hooks reach influence's gradients and HVPs but not its forward-mode scoring: the values mix the hooked
+    and the unhooked model, and nothing said so."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    handle = model.bert.pooler.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING), InfluenceEngine(model, default_arguments(**BASE),
+                                                               data_collator=collator) as engine:
+            engine.compute_influences(train, test)
+            engine.compute_influences(train, test)
+    finally:
+        hf_logging.disable_propagation()
+        handle.remove()
+    assert caplog.text.count("Backward hooks are registered on bert.pooler") == 1
+    assert "its forward-mode scoring does not" in caplog.text
