@@ -3,8 +3,10 @@ prediction most?
 
     python -m benchmarks.recall [--quick] [--output_dir outputs/benchmark_recall] [--projection_dims 4096 8192]
 
-MiniLM (all-MiniLM-L6-v2, verified offline) is fine-tuned on 2,000 generated NLI rows as docs/pretrained.md says
-(last 2 layers + pooler + classifier, 1 epoch, lr 2e-4); influence is over those same parameters. For 8 HANS-style
+MiniLM (all-MiniLM-L6-v2, verified offline) is fine-tuned on 2,000 generated NLI rows as `hf-fastif build`'s embedded
+default and the Space fine-tune it (`hf_fastif.recall.finetuned_minilm`: last 2 layers + pooler + classifier, 1 epoch,
+lr 2e-4, 10% warm-up, weight decay 0.01; the same cached model, trained once); influence is over those same
+parameters. For 8 HANS-style
 test points (the generated hans split, drawn with --seed), `InfluenceEngine.candidate_recall` computes s_test once,
 scores every training row (the full scan), and for every candidate method and k (1%, 5%, 10%, 33% of N) reports
 recall@10 / recall@100 of the full scan's most helpful and most harmful rows among the candidates, the index build
@@ -28,14 +30,14 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments
-from hf_fastif.data import generate_nli, tokenize_nli
+from hf_fastif.data import generate_nli
 from hf_fastif.engine import InfluenceEngine
-from hf_fastif.minilm_default import finetune_minilm, load_finetuned_minilm
 from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
     check_methods,
+    finetuned_minilm,
     recall_ns,
     recall_table,
     resolve_ks,
@@ -58,9 +60,6 @@ class RecallBenchmarkArguments:
                                    metadata={"help": "Feature kNN methods (influence_knn_features values)."})
     projection_dims: list[int] = field(default_factory=lambda: [4096, 8192],
                                        metadata={"help": "Count-sketch sizes of the gradient method."})
-    model_dir: str | None = field(default=None, metadata={
-        "help": "A model saved by finetune_minilm (load_finetuned_minilm) instead of fine-tuning here; it must have "
-                "been trained on the same generated rows (--n_train, --seed)."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
     quick: bool = field(default=False, metadata={"help": "Tiny sizes: proves the script works (CI)."})
 
@@ -84,23 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(bench.threads)
     out_dir = output_folder(args.output_dir)
 
-    raw = generate_nli(seed=args.seed, n_train=bench.n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
-    if bench.num_test_points > len(raw["hans"]):  # before the fine-tuning
-        raise ValueError(f"--num_test_points {bench.num_test_points} exceeds the {len(raw['hans'])} generated "
-                         f"HANS-style test rows; use at most {len(raw['hans'])}.")
+    hans_rows = len(generate_nli(seed=args.seed, n_train=1, n_hans_per_subcase=1, n_pool_per_subcase=0)["hans"])
+    if bench.num_test_points > hans_rows:  # before the fine-tuning
+        raise ValueError(f"--num_test_points {bench.num_test_points} exceeds the {hans_rows} generated HANS-style test "
+                         f"rows; use at most {hans_rows}.")
     start = time.perf_counter()
-    if bench.model_dir:
-        model, tokenizer = load_finetuned_minilm(bench.model_dir)
-        train = tokenize_nli(raw["train"], tokenizer)
-    else:
-        trainer = finetune_minilm(raw["train"], out_dir / "model", seed=args.seed, epochs=args.num_train_epochs,
-                                  lr=args.learning_rate, batch_size=args.per_device_train_batch_size,
-                                  save=not bench.quick, use_cpu=args.use_cpu)  # saved: for --model_dir reruns
-        model, tokenizer, train = trainer.model, trainer.processing_class, trainer.train_dataset
-    model.eval()
+    model, tokenizer, train, hans, name, finetuned = finetuned_minilm(bench.n_train, args)
     finetune_s = time.perf_counter() - start
-    rows = np.sort(np.random.default_rng(args.seed).choice(len(raw["hans"]), bench.num_test_points, replace=False))
-    test = tokenize_nli(raw["hans"].select(rows), tokenizer)
+    rows = np.sort(np.random.default_rng(args.seed).choice(len(hans), bench.num_test_points, replace=False))
+    test = hans.select(rows)
     params = num_parameters(select_parameters(model, args.influence_params))
     too_big = [d for d in bench.projection_dims if d > params]
     if too_big:
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": "python -m benchmarks.recall " + " ".join(sys.argv[1:] if argv is None else argv),
         "library_version": library_version(),
-        "model": "all-MiniLM-L6-v2 fine-tuned on generated NLI (hf_fastif.minilm_default)",
+        "model": name, "finetuned": finetuned,
         "n_train": bench.n_train, "test_rows": rows.tolist(), "num_test_points": len(test),
         "num_influence_parameters": params, "recall_ns": top_ns, "finetune_s": finetune_s,
         "torch_threads": bench.threads,
@@ -177,8 +168,9 @@ def describe(report: dict) -> str:
                       f"s_test + full scan ({', '.join(c['methods'])})" for c in report["calls"])
     return (f"{report['model']}: N = {report['n_train']} training rows, {report['num_test_points']} HANS-style test "
             f"points (hans rows {report['test_rows']}), {report['num_influence_parameters']:,} influence parameters "
-            f"(last 2 layers + pooler + classifier), s_test by {solver}, λ = {inf['influence_lambda']:g}; "
-            f"fine-tuning {report['finetune_s']:.0f} s; candidate_recall calls: {calls}; {report['torch_threads']} "
+            f"({' '.join(map(str, inf['influence_params'] or ['all']))}), s_test by {solver}, λ = {inf['influence_lambda']:g}; "
+            f"fine-tuning {report['finetune_s']:.0f} s "
+            f"({'from the cache' if report['finetuned']['cached'] else 'trained and cached'}); candidate_recall calls: {calls}; {report['torch_threads']} "
             "torch thread(s).")
 
 

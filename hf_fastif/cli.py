@@ -47,7 +47,6 @@ from .data import (
     MIN_MAX_LENGTH,
     MODEL_MAX_LENGTH,
     NLI_MAX_LENGTH,
-    generate_nli,
     load_hans,
     load_mnli,
     tokenize_nli,
@@ -58,11 +57,8 @@ from .distributed import finish, is_main_process, on_main
 from .embedded import (
     DEFAULT_KIND,
     KINDS,
-    data_description,
     embedded_defaults,
     embedded_kind,
-    embedded_tokenizer,
-    train_embedded_model,
 )
 from .engine import InfluenceEngine
 from .params import num_parameters, select_parameters
@@ -72,6 +68,7 @@ from .recall import (
     MINILM_RECALL_SETTINGS,
     RECALL_METHODS,
     check_methods,
+    finetuned_minilm,
     parse_k,
     recall_ns,
     recall_table,
@@ -541,7 +538,7 @@ def run_recall(ns: argparse.Namespace) -> int:
                              "data).")
         n_train = recall.max_train_samples or MINILM_RECALL_N_TRAIN
         ks = resolve_ks(recall.ks, n_train)
-        model, tokenizer, train, test, name = _finetuned_minilm(n_train, args)
+        model, tokenizer, train, test, name, _ = finetuned_minilm(n_train, args)
     else:
         train, test = _recall_data(recall)
         ks = resolve_ks(recall.ks, len(train))
@@ -570,19 +567,6 @@ def run_recall(ns: argparse.Namespace) -> int:
           f"{args.influence_projection_dim}\n")
     print(recall_table(results, top_ns))
     return 0
-
-
-def _finetuned_minilm(n_train: int, args: InfluenceArguments) -> tuple:
-    """The default of ``recall``: MiniLM fine-tuned on ``n_train`` generated rows (seed ``args.seed``; from the
-    content-keyed fine-tuning cache after the first time), with the generated HANS-style rows as test data (one per
-    subcase)."""
-    raw = generate_nli(seed=args.seed, n_train=n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
-    tokenizer = embedded_tokenizer("minilm")
-    train = tokenize_nli(raw["train"], tokenizer)
-    model, _ = train_embedded_model(raw["train"], train, tokenizer, args, kind="minilm",
-                                    description=data_description(args.seed, n_train))
-    name = f"all-MiniLM-L6-v2 fine-tuned on {n_train} generated NLI rows"
-    return model, tokenizer, train, tokenize_nli(raw["hans"], tokenizer), name
 
 
 def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:

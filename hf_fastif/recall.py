@@ -12,7 +12,9 @@ import math
 from collections.abc import Sequence
 
 from .arguments import FEATURES
-from .minilm_default import minilm_influence_params
+from .data import generate_nli, tokenize_nli
+from .embedded import data_description, embedded_tokenizer, train_embedded_model
+from .minilm_default import FinetuneSettings, minilm_influence_params
 from .quality import RECALL_NS, recall_ns  # (in quality: the engine reads them too)
 from .utils import markdown_table
 
@@ -22,17 +24,38 @@ RECALL_METHODS = (*FEATURES, "random")
 MINILM_RECALL_N_TRAIN = 2000
 """Generated training rows (N) of a recall on the fine-tuned MiniLM (``hf-fastif recall`` without a model)."""
 
+_BUILD = FinetuneSettings()  # how `hf-fastif build`'s embedded default and the Space fine-tune MiniLM
+
 MINILM_RECALL_SETTINGS: dict = dict(
-    seed=0, num_train_epochs=1.0, learning_rate=2e-4, per_device_train_batch_size=32,
-    influence_params=minilm_influence_params(2), influence_solver="lissa", influence_recursion_depth=200,
-    influence_batch_size=8, influence_repetitions=1, influence_damping=0.025, influence_scale=400.0,
-    influence_check_convergence=False)
-"""Settings of a recall on the fine-tuned MiniLM (last 2 layers + pooler + classifier, 1 epoch, lr 2e-4 as in
-docs/pretrained.md, but no warm-up and no weight decay: not the embedded default's model), influence over the
-fine-tuned parameters (3.7M). LiSSA J 200, B 8, T 1, damping 0.025 (J·damp = 5, as the paper's 1000 × 5e-3), scale 400 (λ = 10). Measured once on 2,000 generated rows: 8-row batch Hessians reach a top
-eigenvalue of ~97 (scale must exceed ~49), the mean Hessian's spans ~-2…-6 to ~45-50 (not at a minimum after 1 epoch),
-so λ = 10 keeps H + λI positive definite and leaves the top of the spectrum to the Hessian; the check that measures
-this each call (~30 s) is off."""
+    seed=_BUILD.seed, num_train_epochs=_BUILD.epochs, learning_rate=_BUILD.lr,
+    per_device_train_batch_size=_BUILD.batch_size, warmup_steps=_BUILD.warmup_ratio, weight_decay=_BUILD.weight_decay,
+    influence_params=minilm_influence_params(_BUILD.trainable_layers), influence_solver="lissa",
+    influence_recursion_depth=200, influence_batch_size=8, influence_repetitions=1, influence_damping=0.025,
+    influence_scale=400.0, influence_check_convergence=False)
+"""Settings of a recall on the fine-tuned MiniLM: fine-tuned as `hf-fastif build`'s embedded default and the Space
+fine-tune it (`FinetuneSettings`' defaults: last 2 layers + pooler + classifier, 1 epoch, lr 2e-4, 10% warm-up,
+weight decay 0.01; on the same 2,000 generated rows it is the same cached model), influence over the fine-tuned
+parameters (3.7M), not the default table's pooler + classifier. LiSSA J 200, B 8, T 1, damping 0.025 (J·damp = 5, as
+the paper's 1000 × 5e-3), scale 400 (λ = 10). The convergence check measured, on that model and its 2,000 rows: 8-row
+batch Hessians reach a top eigenvalue of ~97 (scale must exceed ~49); the mean Hessian is not at a minimum after one
+epoch (smallest eigenvalue ~-23 over 32 rows, ~-0.7 over 256; largest ~34 over 32), so λ = 10 keeps H + λI positive
+definite and leaves the top of the spectrum to the Hessian; the check (~60 s a call) is off."""
+
+
+def finetuned_minilm(n_train: int, args) -> tuple:
+    """The model of a recall without one (``hf-fastif recall``, ``python -m benchmarks.recall``): MiniLM fine-tuned
+    with ``args``' training fields (`MINILM_RECALL_SETTINGS` by default) on ``n_train`` generated rows (seed
+    ``args.seed``), from the content-keyed fine-tuning cache after the first time; with the default settings and
+    2,000 rows it is the model of `hf-fastif build`'s embedded default. Returns ``(model, tokenizer, train, test,
+    name, info)``: the tokenized training rows, the generated HANS-style rows (one per subcase) tokenized, a name for
+    reports, and `train_embedded_model`'s ``info`` (``cached``, ``key``, ...)."""
+    raw = generate_nli(seed=args.seed, n_train=n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    tokenizer = embedded_tokenizer("minilm")
+    train = tokenize_nli(raw["train"], tokenizer)
+    model, info = train_embedded_model(raw["train"], train, tokenizer, args, kind="minilm",
+                                       description=data_description(args.seed, n_train))
+    name = f"all-MiniLM-L6-v2 fine-tuned on {n_train} generated NLI rows"
+    return model, tokenizer, train, tokenize_nli(raw["hans"], tokenizer), name, info
 
 
 def parse_k(spec: str | int) -> tuple[str, float]:
@@ -93,5 +116,5 @@ def recall_table(rows: Sequence[dict], ns: Sequence[int] = RECALL_NS) -> str:
     return markdown_table(header, body)
 
 
-__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods", "parse_k",
-           "recall_ns", "recall_table", "resolve_ks"]
+__all__ = ["MINILM_RECALL_N_TRAIN", "MINILM_RECALL_SETTINGS", "RECALL_METHODS", "RECALL_NS", "check_methods",
+           "finetuned_minilm", "parse_k", "recall_ns", "recall_table", "resolve_ks"]

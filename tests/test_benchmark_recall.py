@@ -16,6 +16,7 @@ def test_recall_quick(tmp_path, capsys):
         assert row["recall@100 helpful"] <= row["k"] / 100 + 1e-9  # k candidates hold at most k of the top 100
     assert report["influence"]["influence_recursion_depth"] == 5 and report["influence"]["influence_lambda"] == 10
     assert report["num_influence_parameters"] > 256 and report["calls"][0]["shared_s"] > 0
+    assert len(report["finetuned"]["key"]) == 64  # the fine-tuning cache's (the build's settings)
     saved = json.loads((tmp_path / "recall.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["test_rows"] == report["test_rows"]
     out = capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(module, first_w
     (core, "scoring_benchmark", ["--hidden_sizes", "30"], "--hidden_sizes"),
     (per_test_point, "train_embedded_model", ["--num_test_points", "100"],
      "--num_test_points 100 exceeds the 30 HANS-style test rows"),
-    (recall, "finetune_minilm", ["--num_test_points", "50"],
+    (recall, "finetuned_minilm", ["--num_test_points", "50"],
      "--num_test_points 50 exceeds the 30 generated HANS-style test rows"),
     (core, "scoring_benchmark", ["--digits_train", "1790", "--digits_test", "50"],
      "1790 training \\+ 50 test rows; the digits have 1797"),

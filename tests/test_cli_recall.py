@@ -3,6 +3,8 @@ fine-tuned MiniLM default (tiny sizes), and bad input refused before any work.""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import hf_fastif.cli as cli
@@ -108,7 +110,7 @@ def test_bad_input_is_refused_before_work(files, monkeypatch, capsys, extra, mes
 
 
 def test_default_setup_checks_k_before_fine_tuning(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "train_embedded_model", _NoWork())
+    monkeypatch.setattr(cli, "finetuned_minilm", _NoWork())
     assert main(["recall", "--max_train_samples", "100", "--ks", "101"]) == 2
     assert "k=101 exceeds the 100 candidate rows" in capsys.readouterr().err
     assert main(["recall", "--train_dataset", "t.jsonl"]) == 2
@@ -163,3 +165,26 @@ def test_nli_data_refuses_a_model_whose_labels_the_data_would_misread(tmp_path):
     source.test_dataset = str(tmp_path / "hans.tsv")
     with pytest.raises(ValueError, match="Not an official HANS file"):
         cli._nli_data(BertConfig(num_labels=3, id2label={0: "entailment", 1: "neutral", 2: "contradiction"}), source)
+
+
+def test_the_recall_model_is_the_builds(tmp_path) -> None:
+    """Without a model, ``hf-fastif recall`` and ``benchmarks.recall`` measure the MiniLM that ``hf-fastif build``'s
+    embedded default and the Space fine-tune (same settings, rows and seed: one cached model). The command line's
+    took `TrainingArguments`' zero warm-up and weight decay (another model than the build's, under its own key),
+    the benchmark trained the build's settings outside the cache, and the docs described the first."""
+    from benchmarks.arguments import parse_with_defaults
+    from benchmarks.recall import RecallBenchmarkArguments, recall_defaults
+    from hf_fastif import InfluenceArguments
+    from hf_fastif.embedded import embedded_arguments, embedded_kind, finetune_settings
+    from hf_fastif.recall import MINILM_RECALL_N_TRAIN, MINILM_RECALL_SETTINGS
+
+    build = embedded_arguments(str(tmp_path), use="table", kind="minilm")
+    _, bench = parse_with_defaults((RecallBenchmarkArguments, InfluenceArguments), recall_defaults,
+                                   ["--output_dir", str(tmp_path)])
+    no_model = argparse.Namespace(model_name_or_path=None)
+    assert cli.recall_defaults(no_model) is MINILM_RECALL_SETTINGS
+    command_line = InfluenceArguments(output_dir=str(tmp_path), **MINILM_RECALL_SETTINGS)
+    for args in (bench, command_line):
+        assert finetune_settings(args) == finetune_settings(build)
+        assert finetune_settings(args).warmup_ratio == 0.1 and finetune_settings(args).weight_decay == 0.01
+    assert MINILM_RECALL_N_TRAIN == embedded_kind("minilm").table_data["n_train"]
