@@ -244,7 +244,9 @@ class InfluenceEngine:
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
-        self._warned_backward: str | None = None  # (the modules' state whose backward hooks were warned about)
+        self._warned_backward: list | None = None  # (the backward hooks warned about: modules, registrations)
+        self._module_states: tuple[str, str] | None = None  # (the state the caches are keyed on, the state the
+        # engine's last call left: `_module_state`)
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
@@ -304,6 +306,7 @@ class InfluenceEngine:
         if call.fm.no_forward_ad is not None:
             call.info["scored_by"] = {"method": "per-example gradients", "why": call.fm.no_forward_ad}
         metadata = self._metadata(call, train_dataset, test_dataset, candidate_dataset or train_dataset)
+        self._ended()
         return InfluenceTable.from_arrays(pair_tests, pair_rows, values, metadata, pairs_unique=True)  # (per query:
         # distinct candidate rows)
 
@@ -372,6 +375,7 @@ class InfluenceEngine:
                            "build_s": build, "query_s": query / len(found)}
                     row |= _recall(reference, found, ns)
                     out.append(row)
+        self._ended()
         return out
 
     def _prepare(self, call: _Call) -> None:
@@ -392,18 +396,37 @@ class InfluenceEngine:
         smoothing = self._label_smoothing()
         return fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
 
-    def _warn_backward_hooks(self, model: nn.Module, module_state: str) -> None:
-        """Warn (once per modules' state) about backward hooks: the gradients and Hessian-vector products run through
-        them and the forward-mode scoring does not, so the values mix the hooked and the unhooked model (a hook that
-        doubled the pooler's input gradients moved a table by 5e-4 where the hooked model's influence is another)."""
+    def _module_state(self) -> str:
+        """The modules' state this call's caches are keyed on: `module_state_fingerprint` now, or the state the last
+        call was keyed on when nothing changed since it ended. What the engine's own forwards and backwards change (a
+        hook's record of floats or arrays, a forward that counts its calls) is not a change: it made a held engine
+        recompute every cache on every call, and warn about the same backward hook each time."""
+        current = module_state_fingerprint(self.model)
+        if self._module_states is None or current != self._module_states[1]:
+            self._module_states = (current, current)
+        return self._module_states[0]
+
+    def _ended(self) -> None:
+        """Note the modules' state a call leaves (after `influence_mode` has put the model back)."""
+        if self._module_states is not None:
+            self._module_states = (self._module_states[0], module_state_fingerprint(self.model))
+
+    def _warn_backward_hooks(self, model: nn.Module) -> None:
+        """Warn (once per set of hooks: their modules and registrations) about backward hooks: the gradients and
+        Hessian-vector products run through them and the forward-mode scoring does not, so the values mix the hooked
+        and the unhooked model (a hook that doubled the pooler's input gradients moved a table by 5e-4 where the
+        hooked model's influence is another)."""
         from torch.nn.modules import module as torch_module
 
-        hooked = [name or type(model).__name__ for name, m in model.named_modules()
-                  if m._backward_hooks or m._backward_pre_hooks]
+        registered = [(name or type(model).__name__, tuple(m._backward_hooks), tuple(m._backward_pre_hooks))
+                      for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
         if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
-            hooked.append("every module (torch's global backward hooks)")
-        if hooked and self._warned_backward != module_state:
-            self._warned_backward = module_state
+            registered.append(("every module (torch's global backward hooks)",
+                               tuple(torch_module._global_backward_hooks),
+                               tuple(torch_module._global_backward_pre_hooks)))
+        if registered and self._warned_backward != registered:
+            self._warned_backward = registered
+            hooked = [name for name, *_ in registered]
             logger.warning(f"Backward hooks are registered on {', '.join(hooked[:3])}"
                            f"{f' and {len(hooked) - 3} more' if len(hooked) > 3 else ''}: influence's gradients and "
                            "Hessian-vector products run through them, its forward-mode scoring does not, so the values "
@@ -835,8 +858,8 @@ class InfluenceEngine:
             check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
-        module_state = module_state_fingerprint(model)  # before anything is installed for the call (1.4 ms on MiniLM)
-        self._warn_backward_hooks(model, module_state)
+        module_state = self._module_state()  # before anything is installed for the call (1.4 ms on MiniLM)
+        self._warn_backward_hooks(model)
         device = next(model.parameters()).device
         rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
         train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
@@ -991,7 +1014,7 @@ class InfluenceEngine:
         out = []
         # the modules' state as `_start` reads it, before influence_mode turns gradient checkpointing and its
         # input-gradient hook off: read inside, it keyed the same rows' trunk states anew (computed and held twice)
-        module_state = module_state_fingerprint(model)
+        module_state = self._module_state()
         with influence_mode(model, names), torch.no_grad():
             split = self._find_split(names, batcher)
             if split is not None:
@@ -1004,6 +1027,7 @@ class InfluenceEngine:
         if widest is not None:  # token logits of batches padded to different lengths: NaN beyond a batch's own
             out = [np.pad(o, [(0, 0)] + [(0, int(w) - d) for w, d in zip(widest, o.shape[1:])],
                           constant_values=np.nan) for o in out]
+        self._ended()
         return np.concatenate(out, 0)
 
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:

@@ -20,6 +20,7 @@ can still compute them, so a table recorded then is still checked (`InfluenceTab
 
 from __future__ import annotations
 
+import argparse
 import contextvars
 import dataclasses
 import dis
@@ -30,6 +31,7 @@ import inspect
 import json
 import pathlib
 import re
+import types
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -162,12 +164,15 @@ model: a Space's warm start rebuilt every saved cache)."""
 def module_state_fingerprint(model: nn.Module) -> str:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
     recorded fingerprint): every module's public plain attributes but `STATE_IGNORED` (a LayerNorm's ``eps``, a
-    dropout's ``p``) and its forward and pre-forward hooks by `callable_fingerprint`, with torch's global module hooks. A held
-    engine kept the trunk states and kNN index of the model before a hook was registered (activation patching, an
-    ablation: values 0.014 off a fresh engine's) or an ``eps`` was set."""
+    dropout's ``p``), its forward, pre-forward and backward hooks by `callable_fingerprint` and a ``forward`` replaced
+    on the instance by `_settings`, with torch's global module hooks. A held engine kept the trunk states and kNN index
+    of the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
+    an ``eps`` was set. What a hook records (a list of gradient norms) changes with every forward: the engine keys its
+    caches on the state its own last call left (`InfluenceEngine._module_state`), not on this alone."""
     from torch.nn.modules import module as torch_module
 
     token = _ACCUMULATORS.set(True)  # (lists / dicts of tensors a hook records: by identity, `_ACCUMULATORS`)
+    names = _MODULE_NAMES.set({id(m): name for name, m in model.named_modules()})
     try:
         parts = []
         for name, module in model.named_modules():
@@ -188,6 +193,7 @@ def module_state_fingerprint(model: nn.Module) -> str:
             torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks) for hook in hooks.values()]))
     finally:
         _ACCUMULATORS.reset(token)
+        _MODULE_NAMES.reset(names)
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -339,9 +345,8 @@ def _describe_value(value, depth: int = 0):
     # its settings and vocabulary
     if _is_tokenizer(value):
         vocab = hashlib.sha256(json.dumps(sorted(value.get_vocab().items())).encode()).hexdigest()
-        settings = {k: getattr(value, k, None) for k in ("padding_side", "truncation_side", "model_max_length",
-                                                          "pad_token_id")}
-        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(v) for k, v in settings.items()}}}
+        return {type(value).__qualname__: {"vocab": vocab, **{k: repr(getattr(value, k, None))
+                                                               for k in TOKENIZER_SETTINGS}}}
     if callable(value):
         return callable_fingerprint(value, depth + 1)
     if dataclasses.is_dataclass(value):
@@ -459,7 +464,10 @@ def model_code_fingerprint(model: nn.Module) -> dict:
 
 def _is_tokenizer(value) -> bool:
     """A transformers tokenizer (described by its vocabulary and its padding / truncation settings)."""
-    return hasattr(value, "init_kwargs") and callable(getattr(value, "get_vocab", None))
+    try:  # (an options object whose __getattr__ raises KeyError, not AttributeError: not a tokenizer)
+        return hasattr(value, "init_kwargs") and callable(getattr(value, "get_vocab", None))
+    except Exception:
+        return False
 
 
 def _plain_attribute(value) -> bool:
@@ -575,6 +583,17 @@ def _plain_container(value, depth: int = 0) -> bool:
                for v in items)
 
 
+TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length", "pad_token_id")
+"""A tokenizer's settings that change a collator's batches and live outside its plain attributes (the pad token is in
+its special-tokens map)."""
+
+
+def _tokenizer_settings(tokenizer) -> tuple:
+    """A tokenizer's plain settings (`_plain_settings`) and `TOKENIZER_SETTINGS`, without its vocabulary (which
+    `callable_fingerprint` reads: 34 ms on MiniLM's)."""
+    return (*_plain_settings(tokenizer), *((k, repr(getattr(tokenizer, k, None))) for k in TOKENIZER_SETTINGS))
+
+
 def _plain_settings(obj) -> tuple:
     """An object's type and the plain values among its ``__dict__`` entries (a tokenizer's padding side), but where
     it was loaded from (`STATE_IGNORED`: a tokenizer saved with the model and loaded again is the same tokenizer, and
@@ -586,20 +605,33 @@ def _plain_settings(obj) -> tuple:
 
 def _settings(value, depth: int = 0):
     """What a value a collator (or a module's own ``forward``) reaches holds, cheaply, for comparing between calls:
-    plain values and containers (followed), a tokenizer's plain settings (its vocabulary is left to
-    `callable_fingerprint`), a function's code with what it closes over, is bound to and reads from its module (plain
-    values, containers of them, tokenizers, functions), and another object's attributes, followed to `MAX_DEPTH`.
-    Tensors, arrays, modules and classes count by their type only (a module reached this way is the model itself,
-    keyed by its tensors)."""
+    plain values and containers (followed, up to `SETTINGS_BREADTH` entries), a tokenizer's settings
+    (`_tokenizer_settings`; its vocabulary is left to `callable_fingerprint`), a function's code with what it closes
+    over, is bound to and reads from its module (plain values, containers of them, tokenizers, functions, settings
+    namespaces and dataclasses), and another object's attributes (and, for a callable object of the user's code, what
+    its ``__call__`` reads), followed to `MAX_DEPTH`. A tensor or array held directly counts by its values (a steering
+    vector changed in place); one inside a list or dict is a record, left out (every forward changed them). A module
+    counts by its name in the model being described (a forward replaced by another layer's bound forward), else by its
+    type (the model itself is keyed by its tensors); classes by their type."""
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, np.generic):  # (a numpy integer: by its value, as its repr shows it)
         return repr(value)
     if _is_tokenizer(value):
-        return _plain_settings(value)
-    if (depth > MAX_DEPTH or inspect.ismodule(value) or inspect.isclass(value)
-            or isinstance(value, (nn.Module, torch.Tensor, np.ndarray))):
+        return _tokenizer_settings(value)
+    if isinstance(value, nn.Module):  # (the model's own module by its name in it: a forward replaced by another
+        # layer's bound forward; the model itself is keyed by its tensors)
+        name = (_MODULE_NAMES.get() or {}).get(id(value))
+        return type(value).__qualname__ if name is None else f"module:{name}"
+    if isinstance(value, torch.Tensor):  # held directly (a steering vector, a token-id map): by its values
+        return "tensor:" + tensor_digest(value)
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return "array:" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.shape)
+    if depth > MAX_DEPTH or inspect.ismodule(value) or inspect.isclass(value) or isinstance(value, np.ndarray):
         return type(value).__qualname__
+    if isinstance(value, (dict, list, tuple)) and len(value) > SETTINGS_BREADTH:  # (data, not settings: a collator
+        # reading 100,000 module-level rows took 3.5 s a call to describe)
+        return f"{type(value).__qualname__}@{id(value)}[{len(value)}]"
     # (a partial's keywords: a tokenizer among them; the tensors a recording forward keeps are left out, as
     # `_ACCUMULATORS` leaves them out of hooks: every forward changed them)
     if isinstance(value, dict):
@@ -612,7 +644,8 @@ def _settings(value, depth: int = 0):
     if isinstance(value, functools.partial):
         return ("partial", _settings(value.func, depth + 1), _settings(list(value.args), depth + 1),
                 _settings(dict(value.keywords), depth + 1))
-    code = getattr(value, "__code__", None)
+    code = value.__code__ if inspect.isfunction(value) or inspect.ismethod(value) else None  # (not getattr: an
+    # options object's __getattr__ may raise another error than AttributeError)
     if inspect.iscode(code):  # a function, or a method bound to an object (whose settings count too)
         closure = [c.cell_contents for c in getattr(value, "__closure__", None) or () if _cell_filled(c)]
         # and the module-level values it reads (a global tokenizer's padding_side, a global constant or dict, a
@@ -623,12 +656,40 @@ def _settings(value, depth: int = 0):
         return (getattr(value, "__qualname__", ""), _code_digest(code),
                 [_settings(v, depth + 1) for v in closure],
                 [(name, _settings(v, depth + 1)) for name, v in read
-                 if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial))
-                 or _is_tokenizer(v) or callable(v)],  # (a collator object it calls, a helper; other objects: no)
+                 if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial, *_NAMESPACES,
+                                   torch.Tensor, np.ndarray))
+                 or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))],
+                # (a collator object it calls, a helper, a tensor, a settings namespace or dataclass; other objects:
+                # no)
                 None if bound is None or inspect.ismodule(bound) else _settings(bound, depth + 1))
-    # another object (a collator, one wrapped by a function, a settings object): its type and what it holds
+    # another object (a collator, one wrapped by a function, a settings object): its type and what it holds, and for
+    # a callable one of this project's kind (a class defined outside the libraries), what its __call__ reads
+    call = type(value).__call__ if callable(value) else None
+    own_call = _settings(call, depth + 1) if inspect.isfunction(call) and not _library_code(call) else None
     return (type(value).__qualname__,
-            [(str(k), _settings(v, depth + 1)) for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))])
+            [(str(k), _settings(v, depth + 1)) for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))],
+            own_call)
+
+
+SETTINGS_BREADTH = 256
+"""`_settings` follows lists, tuples and dicts up to this many entries; a larger one counts by its identity and length
+(data a collator reads, not a setting: changed in place at the same length, it is not seen)."""
+
+_NAMESPACES = (argparse.Namespace, types.SimpleNamespace)
+
+_MODULE_NAMES: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("hf_fastif_module_names",
+                                                                                     default=None)
+"""While `module_state_fingerprint` describes a model: its modules' names by identity, for `_settings`."""
+
+
+def _library_code(fn) -> bool:
+    """A function of an installed library (transformers' collators' ``__call__``), not of the user's code: its module
+    is under a site-packages / dist-packages folder, or torch's / transformers' own."""
+    module = getattr(fn, "__module__", "") or ""
+    if module.split(".")[0] in ("transformers", "torch", "datasets", "accelerate", "hf_fastif"):
+        return True
+    path = getattr(getattr(fn, "__code__", None), "co_filename", "")
+    return "site-packages" in path or "dist-packages" in path
 
 
 def collator_settings(collator) -> tuple:
@@ -639,13 +700,14 @@ def collator_settings(collator) -> tuple:
     closing over a dict of options, a bound method's object, a global dict, or a partial's tokenizer kept the held
     engine's old trunk states (0.02 off a fresh engine's) and padding check."""
     tokenizer = getattr(collator, "tokenizer", None) or getattr(collator, "processing_class", None)
-    return _settings(collator), _plain_settings(tokenizer), getattr(tokenizer, "pad_token_id", None)
+    return _settings(collator), None if tokenizer is None else _tokenizer_settings(tokenizer)
 
 
 def collator_key(collator, settings: tuple | None = None) -> str:
     """What keys a collator's caches: its `callable_fingerprint` and its `collator_settings` (given, or read now).
-    The fingerprint stops at `MAX_DEPTH`, the settings go further: a lambda around a collator whose tokenizer was set
-    to left padding kept the fingerprint, and a held engine its padding check and trunk states."""
+    The two follow values by other rules (the settings skip a tokenizer's vocabulary and follow namespaces, a callable
+    object's ``__call__`` and a tokenizer the fingerprint's depth cuts off): a lambda around a collator whose tokenizer
+    was set to left padding kept the fingerprint, and a held engine its padding check and trunk states."""
     settings = collator_settings(collator) if settings is None else settings
     return f"{callable_fingerprint(collator)}+{hashlib.sha256(repr(settings).encode()).hexdigest()[:16]}"
 

@@ -112,17 +112,22 @@ class InfluenceTrainer(Trainer):
         args = self.influence_args
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
-        wanted = [collator_key(self.data_collator),
-                  *(callable_fingerprint(f) for f in (loss_fn, measurement_fn, features))]
+        wanted = [callable_fingerprint(f) for f in (loss_fn, measurement_fn, features)]
         engine = self._influence_engine
+        # the same collator object: the engine sees its settings change itself (`collator_settings`, every call);
+        # another one is compared by its key (a reading of the tokenizer's vocabulary, 34 ms on MiniLM's: not per call)
         if (engine is None or engine.model is not model
                 or (engine.args is not args and read_settings(engine.args) != read_settings(args))
-                or [engine._functions[k] for k in ("collator", "loss", "measurement", "features")] != wanted):
+                or [engine._functions[k] for k in ("loss", "measurement", "features")] != wanted
+                or (engine.data_collator is not self.data_collator
+                    and engine._functions["collator"] != collator_key(self.data_collator))):
             if engine is not None:
                 engine.clear()
             engine = InfluenceEngine(model, args, data_collator=self.data_collator, loss_fn=loss_fn,
                                      measurement_fn=measurement_fn, features=features)
             self._influence_engine = engine
+        elif engine.data_collator is not self.data_collator:  # an equal collator: the engine watches this one now
+            engine.data_collator, engine._collator_settings = self.data_collator, None
         engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
         return engine
 

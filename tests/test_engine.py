@@ -123,6 +123,34 @@ def test_the_trainer_swaps_its_engine_when_the_collator_changes(data, pad_collat
     assert second == expected and second != first
 
 
+def test_the_trainer_keeps_its_engine_for_an_equal_collator_and_watches_the_new_one(data, pad_collator, tmp_path,
+                                                                                      monkeypatch):
+    """The same collator object is not keyed again on every call (`collator_key` reads the tokenizer's vocabulary: it
+    ran on every call, seconds for a collator reading large module-level data); an equal new collator keeps the
+    engine and its caches, and the engine then watches the new one (it watched the old object: the new one's padding
+    set to the left went unseen)."""
+    import hf_fastif.trainer as trainer_module
+    from hf_fastif import InfluenceArguments
+    from hf_fastif.fingerprint import collator_key
+
+    model, train, test = data
+    args = InfluenceArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **BASE,
+                              influence_solver="cg", influence_knn_k=None)
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=copy.deepcopy(pad_collator))
+    trainer.compute_influences(test)
+    engine = trainer.influence_engine()
+    keyed = []
+    monkeypatch.setattr(trainer_module, "collator_key", lambda c: keyed.append(c) or collator_key(c))
+    trainer.compute_influences(test)
+    assert trainer.influence_engine() is engine and keyed == []
+    trainer.data_collator = copy.deepcopy(pad_collator)  # equal, another object
+    trainer.compute_influences(test)
+    assert trainer.influence_engine() is engine and engine.data_collator is trainer.data_collator and len(keyed) == 1
+    trainer.data_collator.tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match="changes when it is padded"):
+        trainer.compute_influences(test)
+
+
 def test_model_fingerprint_covers_buffers_config_and_in_place_edits():
     model = tiny_model("bert")
     base = model_fingerprint(model)

@@ -4,10 +4,12 @@ settings were compared only at the top: the held engine served the old trunk sta
 the old padding check, returning a table a fresh engine refuses); a module's ``forward`` replaced on the instance
 (the old trunk states, 2.5e-4 off); and a backward hook (the old Hessian and gradient index, 0.3% off)."""
 
+import argparse
 import copy
 import functools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -52,10 +54,21 @@ def shifted(tokenizer, rows, shift):
 
 SETTINGS = {"shift": 0}
 TOKENIZER = None
+OPTIONS = argparse.Namespace(shift=0)
+REMAP = None  # a token-id map (a tensor) a collator function reads
 
 
 def global_collate(rows):
     return shifted(TOKENIZER, rows, SETTINGS["shift"])
+
+
+def namespace_collate(rows):
+    return shifted(TOKENIZER, rows, OPTIONS.shift)
+
+
+class CallableShifter:
+    def __call__(self, rows):
+        return shifted(TOKENIZER, rows, SETTINGS["shift"])
 
 
 class Shifter:
@@ -66,11 +79,37 @@ class Shifter:
         return shifted(self.tokenizer, rows, self.shift)
 
 
-@pytest.mark.parametrize("how", ["closure dict", "bound method", "global dict"])
+@pytest.mark.parametrize("how", ["closure dict", "bound method", "global dict", "global namespace",
+                                 "callable object reading a global dict", "closure tensor"])
 def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypatch):
+    """(A module-level ``argparse.Namespace``, a callable collator object whose ``__call__`` reads a module-level
+    dict, and a tensor a collator closes over changed in place were not followed either: the held engine served the
+    old trunk states, 0.015 off a fresh engine's.)"""
     model, train, test, collator = data
     tokenizer = copy.deepcopy(collator.tokenizer)
-    if how == "closure dict":
+    monkeypatch.setitem(globals(), "TOKENIZER", tokenizer)
+    if how == "closure tensor":
+        remap = torch.arange(VOCAB)
+
+        def collate(rows):
+            batch = shifted(tokenizer, rows, 0)
+            return batch | {"input_ids": remap[batch["input_ids"]]}
+
+        def change():
+            remap[1:] = 1 + (remap[1:] - 1 + 3) % (VOCAB - 1)
+    elif how == "global namespace":
+        monkeypatch.setattr(OPTIONS, "shift", 0)
+        collate = namespace_collate
+
+        def change():
+            OPTIONS.shift = 3
+    elif how == "callable object reading a global dict":
+        monkeypatch.setitem(SETTINGS, "shift", 0)
+        collate = CallableShifter()
+
+        def change():
+            SETTINGS["shift"] = 3
+    elif how == "closure dict":
         options = {"shift": 0}
 
         def collate(rows):
@@ -85,7 +124,6 @@ def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypat
         def change():
             shifter.shift = 3
     else:
-        monkeypatch.setitem(globals(), "TOKENIZER", tokenizer)
         monkeypatch.setitem(SETTINGS, "shift", 0)
         collate = global_collate
 
@@ -206,3 +244,120 @@ def test_a_backward_hook_is_warned_about_once(data, caplog):
         handle.remove()
     assert caplog.text.count("Backward hooks are registered on bert.pooler") == 1
     assert "its forward-mode scoring does not" in caplog.text
+
+
+def test_a_forward_replaced_with_what_it_reads_changed_is_seen(data):
+    """A replaced ``forward`` that adds a steering vector (changed in place) counted the tensor by its type, and one
+    replaced by another layer's bound forward counted that layer by its type: the held engine served the old trunk
+    states (2% and 5e-4 off a fresh engine's)."""
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    layers = model.bert.encoder.layer[0].attention.self, model.bert.encoder.layer[1].attention.self
+    dense = model.bert.encoder.layer[0].output.dense
+    own = dense.forward
+    steer = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    dense.forward = lambda x: own(x) + steer
+    for change in (lambda: steer.add_(torch.linspace(-2, 2, len(steer), dtype=torch.float64)),
+                   lambda: setattr(layers[0], "forward", layers[1].forward)):
+        before, held, fresh = held_and_fresh(model, default_arguments(**BASE), collator, train, test, change)
+        assert not np.allclose(before.influence, fresh.influence, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
+
+
+def test_what_the_engines_own_calls_record_keeps_its_caches(data, monkeypatch, caplog):
+    """A backward hook that records gradient norms as floats, and a replaced forward that records ``.item()`` values,
+    changed the modules' state on every forward: a held engine rebuilt every cache on every call (0.03 s became 0.8 s
+    on a tiny BERT) and warned about the hook each time. What the engine's own last call left counts as unchanged; a
+    change made between calls still keys the caches anew."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    import hf_fastif.engine as engine_module
+
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    built, real = [], engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    norms, means = [], []
+    handle = model.bert.pooler.register_full_backward_hook(
+        lambda module, grad_input, grad_output: norms.append(float(grad_output[0].norm())))
+    dense = model.bert.encoder.layer[1].output.dense  # (above the split: it runs in every call)
+    own = dense.forward
+
+    def recording(x):
+        out = own(x)
+        means.append(out.mean().item())
+        return out
+
+    dense.forward = recording
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING), InfluenceEngine(model, default_arguments(**BASE),
+                                                               data_collator=collator) as held:
+            first = frame(held.compute_influences(train, test))
+            recorded = len(norms), len(means)
+            second = frame(held.compute_influences(train, test))
+            assert len(norms) > recorded[0] and len(means) > recorded[1]  # (the records grew with the engine's calls)
+            assert built == [len(train), len(test)]  # the trunk states of the first call, served to the second
+            dense.eps_like_setting = 0.5  # a change between calls (a plain attribute): keyed anew
+            held.compute_influences(train, test)
+            assert built == [len(train), len(test)] * 2
+    finally:
+        hf_logging.disable_propagation()
+        handle.remove()
+    pd.testing.assert_frame_equal(first, second)
+    assert caplog.text.count("Backward hooks are registered on bert.pooler") == 1
+
+
+def test_the_pad_token_of_a_wrapped_collators_tokenizer_is_seen():
+    """``lambda rows: inner(rows)``: the pad token lives in the tokenizer's special-tokens map, which its plain
+    settings left out (only the top-level collator's tokenizer had its pad id read), so on a GPT-2 classifier (which
+    reads the last non-pad token) the held engine returned a table a fresh engine refuses."""
+    collator = pad_collator_for_tests()
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    model = train_tiny(tiny_model("gpt2"), train, collator, epochs=2)
+    inner = copy.deepcopy(collator)
+    args = default_arguments(**(BASE | dict(influence_params=[r"score\."])))
+    with InfluenceEngine(model, args, data_collator=lambda rows: inner(rows)) as held:
+        held.compute_influences(train, test)
+        inner.tokenizer.pad_token = "[UNK]"
+        with pytest.raises(ValueError, match="changes when it is padded"):
+            held.compute_influences(train, test)
+
+
+def test_a_collator_reading_large_module_level_data_is_described_cheaply(monkeypatch):
+    """A collator reading 100,000 module-level rows was described entry by entry on every call (3.5 s a call); a
+    container past `SETTINGS_BREADTH` entries counts by its identity and length."""
+    from hf_fastif.fingerprint import SETTINGS_BREADTH, collator_settings
+
+    monkeypatch.setitem(globals(), "ROWS", [{"text": f"row {i}", "label": i % 2} for i in range(100_000)])
+
+    def collate(rows):
+        return [ROWS[i] for i in rows]  # noqa: F821 (set above)
+
+    before = collator_settings(collate)
+    assert len(repr(before)) < 2_000
+    ROWS.append({"text": "one more", "label": 0})  # noqa: F821
+    assert collator_settings(collate) != before  # (its length is seen)
+    assert len(ROWS) > SETTINGS_BREADTH  # noqa: F821
+
+
+def test_an_options_object_whose_getattr_raises_another_error_is_described(data):
+    """An options object whose ``__getattr__`` raises KeyError (not AttributeError) stopped the engine's
+    construction: ``getattr(value, "__code__", None)`` and the tokenizer probe's ``hasattr`` let it through."""
+    model, train, test, collator = data
+
+    class Options(dict):
+        def __getattr__(self, name):
+            return self[name]
+
+    class Collate:
+        def __init__(self):
+            self.options = Options(shift=0)
+
+        def __call__(self, rows):
+            return collator(rows)
+
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=Collate()) as engine:
+        assert len(engine.compute_influences(train, test).to_pandas()) == len(train) * len(test)
