@@ -212,6 +212,25 @@ class _Call:
         return f"{self.model_fingerprint}|modules:{self.module_state}"
 
 
+def loss_key(loss_fn: LossFn | None, args, fingerprint: Callable = callable_fingerprint) -> str:
+    """What keys an engine's loss: the function's fingerprint and the default loss's label smoothing (``args``')."""
+    smoothing = default_loss_smoothing(args, loss_fn)
+    return fingerprint(loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
+
+
+def _module_structure(model: nn.Module) -> tuple:
+    """What a call of the engine never changes in the modules: which hooks are registered (their handles' ids), which
+    ``forward`` an instance holds, the names of its public attributes; with torch's global module hooks (0.3 ms on
+    MiniLM). `InfluenceEngine._ended` tells a record (values a hook appends) from a change made during a call by it."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    per_module = tuple((name, *(tuple(getattr(m, h)) for h in hooks), id(vars(m).get("forward")),
+                        tuple(sorted(k for k in vars(m) if not k.startswith("_"))))
+                       for name, m in model.named_modules())
+    return per_module, tuple(tuple(getattr(torch_module, "_global" + h)) for h in hooks)
+
+
 class InfluenceEngine:
     """Influence of training rows on test rows for one model, with caches owned by this object.
 
@@ -245,8 +264,8 @@ class InfluenceEngine:
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._warned_backward: list | None = None  # (the backward hooks warned about: modules, registrations)
-        self._module_states: tuple[str, str] | None = None  # (the state the caches are keyed on, the state the
-        # engine's last call left: `_module_state`)
+        self._module_states: tuple[str, str, tuple] | None = None  # (the state the caches are keyed on, the state
+        # the engine's last call left, the modules' structure: `_module_state`)
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
@@ -393,23 +412,38 @@ class InfluenceEngine:
         return default_loss_smoothing(self.args, self.loss_fn)
 
     def _loss_key(self, fingerprint: Callable = callable_fingerprint) -> str:
-        smoothing = self._label_smoothing()
-        return fingerprint(self.loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
+        return loss_key(self.loss_fn, self.args, fingerprint)
 
     def _module_state(self) -> str:
         """The modules' state this call's caches are keyed on: `module_state_fingerprint` now, or the state the last
         call was keyed on when nothing changed since it ended. What the engine's own forwards and backwards change (a
         hook's record of floats or arrays, a forward that counts its calls) is not a change: it made a held engine
-        recompute every cache on every call, and warn about the same backward hook each time."""
+        recompute every cache on every call, and warn about the same backward hook each time. A change of the
+        modules' structure during a call (a hook registered or removed, a forward replaced, an attribute added: by a
+        loss, a collator or a features function) is one: the next call is keyed anew."""
         current = module_state_fingerprint(self.model)
         if self._module_states is None or current != self._module_states[1]:
-            self._module_states = (current, current)
+            self._module_states = (current, current, _module_structure(self.model))
         return self._module_states[0]
 
     def _ended(self) -> None:
-        """Note the modules' state a call leaves (after `influence_mode` has put the model back)."""
+        """Note the modules' state a call leaves (after `influence_mode` has put the model back), unless their
+        structure changed during the call, and the collator's settings (what its collation changed is no change)."""
         if self._module_states is not None:
-            self._module_states = (self._module_states[0], module_state_fingerprint(self.model))
+            keyed, _, structure = self._module_states
+            self._module_states = ((keyed, module_state_fingerprint(self.model), structure)
+                                   if _module_structure(self.model) == structure else None)
+        # and the collator's settings its own collation left (a collator keeping its last batch as an attribute)
+        self._collator_settings = collator_settings(self.data_collator)
+
+    def _refresh_collator_key(self) -> None:
+        """Key the collator anew when its settings changed since the last call (padding side, pad id, what it reads):
+        every cache is keyed on it. Its settings are read on every call; its key reads the tokenizer's vocabulary
+        (34 ms on MiniLM's), so not."""
+        settings = collator_settings(self.data_collator)
+        if settings != self._collator_settings:
+            self._collator_settings = settings
+            self._functions["collator"] = collator_key(self.data_collator, settings)
 
     def _warn_backward_hooks(self, model: nn.Module) -> None:
         """Warn (once per set of hooks: their modules and registrations) about backward hooks: the gradients and
@@ -819,10 +853,7 @@ class InfluenceEngine:
             raise ValueError(f"The model's parameter {meta!r} is on the 'meta' device: its weights were never loaded "
                              "(a model built under init_empty_weights / device_map='meta'). Load the weights "
                              "(from_pretrained without it, or model.to_empty(device=...) and load_state_dict) first.")
-        settings = collator_settings(self.data_collator)
-        if settings != self._collator_settings:  # changed since (padding side, pad id, ...): every cache keyed on it
-            self._collator_settings = settings
-            self._functions["collator"] = collator_key(self.data_collator, settings)  # (34 ms on MiniLM's: not per call)
+        self._refresh_collator_key()
         # a loss changed in place (a temperature, a closure's value) keys the curvature caches anew (µs each)
         self._functions |= {"loss": self._loss_key(),
                             "measurement": callable_fingerprint(self.measurement_fn),
@@ -1006,6 +1037,7 @@ class InfluenceEngine:
         top runs from the cached trunk states (which stay valid while only the top changes, e.g. over the SGD steps
         of HANS correction); otherwise the full model."""
         model = self.model
+        self._refresh_collator_key()  # (the trunk states are keyed on it: a collator changed in place was not seen)
         names = list(select_parameters(model, self.args.influence_params))
         device = next(model.parameters()).device
         batcher = Batcher(dataset, validate_dataset(dataset, "dataset", model, **column_rule(self.args)),

@@ -299,8 +299,9 @@ class _Fields(dict):
 
 _ACCUMULATORS = contextvars.ContextVar("hf_fastif_hook_accumulators", default=False)
 """True while `module_state_fingerprint` describes hooks: the tensors in a list or dict (the activations a recording
-hook appends, a dict of them by layer) are left out of its description, which every forward changed (a held engine
-rebuilt every cache on every call: 3.0 s a call became 22-25 s on MiniLM); its other entries count."""
+hook appends, steering vectors by layer) count by `_tensor_identity`, not by their values (hashing every activation
+recorded so far on every call: 3.0 s a call became 22-25 s on MiniLM), and a list or dict of more than
+`SETTINGS_BREADTH` entries by its identity and length; its other entries count as they are."""
 
 
 def _holds_tensors(value) -> bool:
@@ -316,14 +317,17 @@ def _describe_value(value, depth: int = 0):
     """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
     if _beyond(depth):
         return type(value).__qualname__
-    if _ACCUMULATORS.get() and type(value) is list:  # (a hook's record of activations: not the tensors)
-        value = tuple(v for v in value if not _holds_tensors(v))
-    elif _ACCUMULATORS.get() and type(value) is dict:
-        value = _Fields({k: v for k, v in value.items() if not _holds_tensors(v)})
+    if _ACCUMULATORS.get() and type(value) in (list, dict):  # (a hook's record of activations, or vectors by layer)
+        if len(value) > SETTINGS_BREADTH:
+            return _identity(value)
+        if type(value) is list:
+            value = tuple(_tensor_identities(v) if _holds_tensors(v) else v for v in value)
+        else:
+            value = _Fields({k: _tensor_identities(v) if _holds_tensors(v) else v for k, v in value.items()})
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
     if isinstance(value, torch.Tensor):
-        return "tensor:" + tensor_digest(value)
+        return "tensor:" + _tensor_content(value)
     if isinstance(value, np.ndarray):
         if value.dtype == object:  # its bytes are pointers: the elements instead
             return {"object_array": str(value.shape), "values": _describe_value(value.ravel().tolist(), depth + 1)}
@@ -610,7 +614,8 @@ def _settings(value, depth: int = 0):
     over, is bound to and reads from its module (plain values, containers of them, tokenizers, functions, settings
     namespaces and dataclasses), and another object's attributes (and, for a callable object of the user's code, what
     its ``__call__`` reads), followed to `MAX_DEPTH`. A tensor or array held directly counts by its values (a steering
-    vector changed in place); one inside a list or dict is a record, left out (every forward changed them). A module
+    vector changed in place: `_data_settings`); one inside a list or dict (a recording forward's, vectors by layer)
+    by its identity and in-place version (`_tensor_identity`). A module
     counts by its name in the model being described (a forward replaced by another layer's bound forward), else by its
     type (the model itself is keyed by its tensors); classes by their type."""
     if isinstance(value, _SCALARS):
@@ -623,21 +628,23 @@ def _settings(value, depth: int = 0):
         # layer's bound forward; the model itself is keyed by its tensors)
         name = (_MODULE_NAMES.get() or {}).get(id(value))
         return type(value).__qualname__ if name is None else f"module:{name}"
-    if isinstance(value, torch.Tensor):  # held directly (a steering vector, a token-id map): by its values
-        return "tensor:" + tensor_digest(value)
-    if isinstance(value, np.ndarray) and value.dtype != object:
-        return "array:" + hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.shape)
+    if isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype != object):
+        return _data_settings(value)  # held directly (a steering vector, a token-id map): by its values
     if depth > MAX_DEPTH or inspect.ismodule(value) or inspect.isclass(value) or isinstance(value, np.ndarray):
         return type(value).__qualname__
     if isinstance(value, (dict, list, tuple)) and len(value) > SETTINGS_BREADTH:  # (data, not settings: a collator
-        # reading 100,000 module-level rows took 3.5 s a call to describe)
-        return f"{type(value).__qualname__}@{id(value)}[{len(value)}]"
-    # (a partial's keywords: a tokenizer among them; the tensors a recording forward keeps are left out, as
-    # `_ACCUMULATORS` leaves them out of hooks: every forward changed them)
+        # reading 100,000 module-level rows took 3.5 s a call to describe entry by entry)
+        flat = value.items() if isinstance(value, dict) else value
+        if all(isinstance(v, _SCALARS) for pair in flat for v in (pair if isinstance(value, dict) else (pair,))):
+            return (type(value).__qualname__, hashlib.sha256(repr(value).encode()).hexdigest())  # (a token map)
+        return _identity(value)
+    # (a partial's keywords: a tokenizer among them; the tensors in a list or dict, a recording forward's or vectors
+    # by layer, by identity and in-place version: no digest per call of what every forward may append to)
     if isinstance(value, dict):
-        return {str(k): _settings(v, depth + 1) for k, v in value.items() if not _holds_tensors(v)}
+        return {str(k): _tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_settings(v, depth + 1) for v in value if not _holds_tensors(v)]
+        return [_tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
         plain = _plain(value)
         return type(value).__qualname__ if plain is _SKIP else plain
@@ -672,8 +679,57 @@ def _settings(value, depth: int = 0):
 
 
 SETTINGS_BREADTH = 256
-"""`_settings` follows lists, tuples and dicts up to this many entries; a larger one counts by its identity and length
-(data a collator reads, not a setting: changed in place at the same length, it is not seen)."""
+"""`_settings` follows lists, tuples and dicts up to this many entries; a larger one of plain values (a token map)
+counts by a hash of its repr, another (rows a collator reads, a hook's long record) by its identity and length:
+changed in place at the same length, it is not seen."""
+
+DIGEST_BYTES = 256 * 2**20
+"""Tensors and arrays `_settings` hashes by their values up to this size; larger ones (a memory-mapped array would
+be read whole on every call) by identity, shape, dtype and torch's in-place version counter."""
+
+
+def _identity(value) -> str:
+    return f"{type(value).__qualname__}@{id(value)}[{len(value)}]"
+
+
+def _tensor_identity(tensor: torch.Tensor) -> str:
+    """A tensor by identity, shape, dtype, layout and in-place version (`Tensor._version`: an in-place edit)."""
+    shape = "nested" if tensor.is_nested else tuple(tensor.shape)
+    return f"tensor@{id(tensor)}:{shape}:{tensor.dtype}:{tensor.layout}:v{getattr(tensor, '_version', '?')}"
+
+
+def _tensor_content(tensor: torch.Tensor) -> str:
+    """`tensor_digest` of any tensor a callable reaches: a sparse one by its dense values, a nested one by its parts',
+    a meta one (no data) by its shape and dtype."""
+    if tensor.is_meta:
+        return f"meta:{tuple(tensor.shape)}:{tensor.dtype}"
+    if tensor.is_nested:
+        return "nested:" + ",".join(tensor_digest(part) for part in tensor.unbind())
+    if tensor.layout != torch.strided:
+        return f"{tensor.layout}:" + tensor_digest(tensor.to_dense())
+    return tensor_digest(tensor)
+
+
+def _tensor_identities(value):
+    """The tensors of a container entry (a tensor, or a tuple / list / dict holding some) by `_tensor_identity`; its
+    other values by type."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_identity(value)
+    items = value.values() if isinstance(value, dict) else value
+    return [_tensor_identity(v) if isinstance(v, torch.Tensor) else type(v).__qualname__ for v in items]
+
+
+def _data_settings(value: torch.Tensor | np.ndarray) -> str:
+    """A tensor or array by its values (up to `DIGEST_BYTES`; a sparse, nested or meta tensor as `_tensor_content`
+    reads it); a larger one by `_tensor_identity` (an array by identity and shape)."""
+    if isinstance(value, np.ndarray):
+        if value.nbytes > DIGEST_BYTES:
+            return f"array@{id(value)}:{value.shape}:{value.dtype}"
+        return f"array:{value.shape}:{value.dtype}:" + xxhash.xxh3_128_hexdigest(np.ascontiguousarray(value).data)
+    strided = value.layout == torch.strided and not value.is_nested
+    if strided and value.numel() * value.element_size() > DIGEST_BYTES:
+        return _tensor_identity(value)
+    return "tensor:" + _tensor_content(value)
 
 _NAMESPACES = (argparse.Namespace, types.SimpleNamespace)
 

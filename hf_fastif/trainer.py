@@ -8,7 +8,7 @@ from transformers.utils import logging
 
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
-from .engine import InfluenceEngine
+from .engine import InfluenceEngine, loss_key
 from .fingerprint import callable_fingerprint, collator_key
 from .influence import default_arguments
 from .loss import LossFn
@@ -112,7 +112,7 @@ class InfluenceTrainer(Trainer):
         args = self.influence_args
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
-        wanted = [callable_fingerprint(f) for f in (loss_fn, measurement_fn, features)]
+        wanted = [loss_key(loss_fn, args), *(callable_fingerprint(f) for f in (measurement_fn, features))]
         engine = self._influence_engine
         # the same collator object: the engine sees its settings change itself (`collator_settings`, every call);
         # another one is compared by its key (a reading of the tokenizer's vocabulary, 34 ms on MiniLM's: not per call)

@@ -151,6 +151,21 @@ def test_the_trainer_keeps_its_engine_for_an_equal_collator_and_watches_the_new_
         trainer.compute_influences(test)
 
 
+def test_the_trainer_keeps_its_engine_with_label_smoothing(data, pad_collator, tmp_path):
+    """With ``label_smoothing_factor`` set, the trainer compared the loss function's fingerprint with the engine's
+    loss key, which holds the smoothing too: never equal, so every call made a new engine (every cache again)."""
+    from hf_fastif import InfluenceArguments
+
+    model, train, test = data
+    args = InfluenceArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **BASE,
+                              influence_solver="cg", influence_knn_k=None, label_smoothing_factor=0.1)
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator)
+    trainer.compute_influences(test)
+    engine = trainer.influence_engine()
+    trainer.compute_influences(test)
+    assert trainer.influence_engine() is engine
+
+
 def test_model_fingerprint_covers_buffers_config_and_in_place_edits():
     model = tiny_model("bert")
     base = model_fingerprint(model)

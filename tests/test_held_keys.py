@@ -55,7 +55,7 @@ def shifted(tokenizer, rows, shift):
 SETTINGS = {"shift": 0}
 TOKENIZER = None
 OPTIONS = argparse.Namespace(shift=0)
-REMAP = None  # a token-id map (a tensor) a collator function reads
+TOKEN_MAP = list(range(300))  # a token-id map longer than `SETTINGS_BREADTH`, read by a collator function
 
 
 def global_collate(rows):
@@ -64,6 +64,11 @@ def global_collate(rows):
 
 def namespace_collate(rows):
     return shifted(TOKENIZER, rows, OPTIONS.shift)
+
+
+def mapped_collate(rows):
+    batch = shifted(TOKENIZER, rows, 0)
+    return batch | {"input_ids": torch.tensor(TOKEN_MAP)[batch["input_ids"]]}
 
 
 class CallableShifter:
@@ -80,7 +85,7 @@ class Shifter:
 
 
 @pytest.mark.parametrize("how", ["closure dict", "bound method", "global dict", "global namespace",
-                                 "callable object reading a global dict", "closure tensor"])
+                                 "callable object reading a global dict", "closure tensor", "long global token map"])
 def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypatch):
     """(A module-level ``argparse.Namespace``, a callable collator object whose ``__call__`` reads a module-level
     dict, and a tensor a collator closes over changed in place were not followed either: the held engine served the
@@ -97,6 +102,12 @@ def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypat
 
         def change():
             remap[1:] = 1 + (remap[1:] - 1 + 3) % (VOCAB - 1)
+    elif how == "long global token map":
+        monkeypatch.setitem(globals(), "TOKEN_MAP", list(range(300)))
+        collate = mapped_collate
+
+        def change():
+            TOKEN_MAP[1:VOCAB] = [1 + (i - 1 + 3) % (VOCAB - 1) for i in range(1, VOCAB)]  # in place, same length
     elif how == "global namespace":
         monkeypatch.setattr(OPTIONS, "shift", 0)
         collate = namespace_collate
@@ -247,18 +258,21 @@ def test_a_backward_hook_is_warned_about_once(data, caplog):
 
 
 def test_a_forward_replaced_with_what_it_reads_changed_is_seen(data):
-    """A replaced ``forward`` that adds a steering vector (changed in place) counted the tensor by its type, and one
-    replaced by another layer's bound forward counted that layer by its type: the held engine served the old trunk
-    states (2% and 5e-4 off a fresh engine's)."""
+    """A replaced ``forward`` that adds a steering vector (changed in place) counted the tensor by its type, one
+    replaced by another layer's bound forward counted that layer by its type, and vectors by layer in a dict were
+    left out as a record: the held engine served the old trunk states (2%, 5e-4 and 1.1e-2 off a fresh engine's)."""
     model, train, test, collator = data
     model = copy.deepcopy(model)
     layers = model.bert.encoder.layer[0].attention.self, model.bert.encoder.layer[1].attention.self
     dense = model.bert.encoder.layer[0].output.dense
     own = dense.forward
     steer = torch.zeros(model.config.hidden_size, dtype=torch.float64)
-    dense.forward = lambda x: own(x) + steer
+    by_layer = {"layer0": torch.zeros_like(steer)}
+    dense.forward = lambda x: own(x) + steer + by_layer["layer0"]
     for change in (lambda: steer.add_(torch.linspace(-2, 2, len(steer), dtype=torch.float64)),
-                   lambda: setattr(layers[0], "forward", layers[1].forward)):
+                   lambda: setattr(layers[0], "forward", layers[1].forward),
+                   lambda: by_layer.update(layer0=torch.linspace(-1, 1, len(steer), dtype=torch.float64)),
+                   lambda: by_layer["layer0"].mul_(3)):
         before, held, fresh = held_and_fresh(model, default_arguments(**BASE), collator, train, test, change)
         assert not np.allclose(before.influence, fresh.influence, rtol=1e-6, atol=0)
         np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
@@ -360,4 +374,102 @@ def test_an_options_object_whose_getattr_raises_another_error_is_described(data)
             return collator(rows)
 
     with InfluenceEngine(model, default_arguments(**BASE), data_collator=Collate()) as engine:
+        assert len(engine.compute_influences(train, test).to_pandas()) == len(train) * len(test)
+
+
+def test_a_hook_registered_during_a_call_is_seen_by_the_next(data):
+    """A loss function that registers a forward hook below the split during a call (after the trunk states): the
+    state that call left was taken for the state it was keyed on, and the held engine served the trunk states without
+    the hook for ever (2.7% off a fresh engine's)."""
+    import torch.nn.functional as F
+
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    handles, uses = [], []
+    steer = torch.linspace(-2, 2, model.config.hidden_size, dtype=torch.float64)
+
+    def loss_fn(outputs, batch):
+        uses.append(1)
+        if len(uses) == 5 and not handles:
+            handles.append(model.bert.encoder.layer[0].output.register_forward_hook(lambda m, i, out: out + steer))
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    args = default_arguments(**BASE)
+    try:
+        with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as held:
+            first = frame(held.compute_influences(train, test))
+            assert handles  # (registered during the first call)
+            second = frame(held.compute_influences(train, test))
+        with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as fresh:
+            expected = frame(fresh.compute_influences(train, test))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not np.allclose(first.influence, expected.influence, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(second.influence, expected.influence, rtol=1e-10, atol=0)
+
+
+def test_what_a_collator_keeps_from_its_own_batches_keeps_the_caches(data, monkeypatch):
+    """A collator keeping its last batch as an attribute: its settings (a tensor held directly, by its values) changed
+    with every collation, and a held engine rebuilt its trunk states on every call."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test, collator = data
+    built, real = [], engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+
+    class Remembering:
+        def __init__(self):
+            self.last_ids = None
+
+        def __call__(self, rows):
+            batch = collator(rows)
+            self.last_ids = batch["input_ids"]
+            return batch
+
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=Remembering()) as held:
+        first = frame(held.compute_influences(train, test))
+        second = frame(held.compute_influences(train, test))
+    assert built == [len(train), len(test)]
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_logits_see_a_collator_changed_in_place(data):
+    """`InfluenceEngine.logits` keyed its trunk states on the collator's key, which only an influence call refreshed:
+    a collator changed in place between two `logits` calls gave the old logits (4e-3 off)."""
+    model, train, test, collator = data
+    tokenizer = copy.deepcopy(collator.tokenizer)
+    options = {"shift": 0}
+
+    def collate(rows):
+        return shifted(tokenizer, rows, options["shift"])
+
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=collate) as held:
+        before = held.logits(train)
+        options["shift"] = 3
+        after = held.logits(train)
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=collate) as fresh:
+        expected = fresh.logits(train)
+    assert not np.allclose(before, expected)
+    np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "sparse csr", "meta", "nested"])
+def test_tensors_without_plain_bytes_are_described(data, kind):
+    """A replaced forward or a collator holding a sparse (COO / CSR), meta or nested tensor: hashing it by its values
+    raised (``unsupported memory format``, ``Cannot copy out of meta tensor``, ``NestedTensorImpl doesn't support
+    sizes``) and stopped the engine."""
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    held = {"sparse": lambda: torch.eye(4).to_sparse(), "sparse csr": lambda: torch.eye(4).to_sparse_csr(),
+            "meta": lambda: torch.empty(4, device="meta"),
+            "nested": lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}[kind]()
+    dense = model.bert.encoder.layer[0].output.dense
+    own = dense.forward
+    dense.forward = lambda x: own(x) if held is not None else None
+
+    def collate(rows):
+        return collator(rows) if held is not None else None
+
+    with InfluenceEngine(model, default_arguments(**BASE), data_collator=collate) as engine:
         assert len(engine.compute_influences(train, test).to_pandas()) == len(train) * len(test)
