@@ -295,7 +295,7 @@ def test_what_the_engines_own_calls_record_keeps_its_caches(data, monkeypatch, c
     monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     norms, means = [], []
     handle = model.bert.pooler.register_full_backward_hook(
-        lambda module, grad_input, grad_output: norms.append(float(grad_output[0].norm())))
+        lambda module, grad_input, grad_output: norms.append(float(grad_output[0].detach().norm())))
     dense = model.bert.encoder.layer[1].output.dense  # (above the split: it runs in every call)
     own = dense.forward
 
