@@ -58,10 +58,12 @@ from .fingerprint import (
     callable_fingerprint,
     collator_key,
     collator_settings,
+    description_key,
     model_code_fingerprint,
     model_fingerprint,
-    module_state_fingerprint,
+    module_state_description,
     portable_fingerprint,
+    settings_continue,
     tensor_digests,
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
@@ -200,7 +202,7 @@ class _Call:
     combine: str
     digests: dict[str, str]
     model_fingerprint: str  # the weights, config and adapters (what a table records)
-    module_state: str  # the modules' plain attributes and hooks (`module_state_fingerprint`: a hook, an eps)
+    module_state: str  # the modules' plain attributes and hooks (`module_state_description`: a hook, an eps)
     work_dtype: torch.dtype
     progress: bool
     timer: Timer = field(default_factory=Timer)
@@ -216,19 +218,6 @@ def loss_key(loss_fn: LossFn | None, args, fingerprint: Callable = callable_fing
     """What keys an engine's loss: the function's fingerprint and the default loss's label smoothing (``args``')."""
     smoothing = default_loss_smoothing(args, loss_fn)
     return fingerprint(loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
-
-
-def _module_structure(model: nn.Module) -> tuple:
-    """What a call of the engine never changes in the modules: which hooks are registered (their handles' ids), which
-    ``forward`` an instance holds, the names of its public attributes; with torch's global module hooks (0.3 ms on
-    MiniLM). `InfluenceEngine._ended` tells a record (values a hook appends) from a change made during a call by it."""
-    from torch.nn.modules import module as torch_module
-
-    hooks = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-    per_module = tuple((name, *(tuple(getattr(m, h)) for h in hooks), id(vars(m).get("forward")),
-                        tuple(sorted(k for k in vars(m) if not k.startswith("_"))))
-                       for name, m in model.named_modules())
-    return per_module, tuple(tuple(getattr(torch_module, "_global" + h)) for h in hooks)
 
 
 class InfluenceEngine:
@@ -264,8 +253,8 @@ class InfluenceEngine:
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._warned_backward: list | None = None  # (the backward hooks warned about: modules, registrations)
-        self._module_states: tuple[str, str, tuple] | None = None  # (the state the caches are keyed on, the state
-        # the engine's last call left, the modules' structure: `_module_state`)
+        self._module_states: tuple[str, tuple | None] | None = None  # (the key of the modules' state the caches are
+        # keyed on, the state the last call started in or left: `_module_state`, `_ended`)
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
@@ -415,35 +404,42 @@ class InfluenceEngine:
         return loss_key(self.loss_fn, self.args, fingerprint)
 
     def _module_state(self) -> str:
-        """The modules' state this call's caches are keyed on: `module_state_fingerprint` now, or the state the last
-        call was keyed on when nothing changed since it ended. What the engine's own forwards and backwards change (a
-        hook's record of floats or arrays, a forward that counts its calls) is not a change: it made a held engine
-        recompute every cache on every call, and warn about the same backward hook each time. A change of the
-        modules' structure during a call (a hook registered or removed, a forward replaced, an attribute added: by a
-        loss, a collator or a features function) is one: the next call is keyed anew."""
-        current = module_state_fingerprint(self.model)
-        if self._module_states is None or current != self._module_states[1]:
-            self._module_states = (current, current, _module_structure(self.model))
-        return self._module_states[0]
+        """The modules' state this call's caches are keyed on: the key of `module_state_description` now, or the key
+        of the last call when the state continues the one that call left (`settings_continue`: records grew, a hook
+        appending gradient norms or activations, and nothing else changed). Hashing the records as they were made a
+        held engine recompute every cache on every call (and, through HANS correction's SGD steps between calls, on
+        every step)."""
+        now = module_state_description(self.model)
+        held = self._module_states
+        key = (held[0] if held is not None and held[1] is not None
+               and settings_continue(held[1], now, records=False) else description_key(now))
+        self._module_states = (key, now)
+        return key
 
     def _ended(self) -> None:
-        """Note the modules' state a call leaves (after `influence_mode` has put the model back), unless their
-        structure changed during the call, and the collator's settings (what its collation changed is no change)."""
+        """After a call: what the modules and the collator hold now continues what they held at its start if only
+        records changed (`settings_continue` with ``records``: what the call's own forwards and collation wrote, such
+        as activations by layer or the last batch); anything else (a setting changed during the call, by another
+        thread, a collator changing itself, a loss function registering a hook) keys the next call anew."""
         if self._module_states is not None:
-            keyed, _, structure = self._module_states
-            self._module_states = ((keyed, module_state_fingerprint(self.model), structure)
-                                   if _module_structure(self.model) == structure else None)
-        # and the collator's settings its own collation left (a collator keeping its last batch as an attribute)
-        self._collator_settings = collator_settings(self.data_collator)
+            key, start = self._module_states
+            now = module_state_description(self.model)
+            self._module_states = (key, now if start is not None and settings_continue(start, now, records=True)
+                                   else None)
+        if self._collator_settings is not None:
+            now = collator_settings(self.data_collator)
+            self._collator_settings = (now if settings_continue(self._collator_settings, now, records=True)
+                                       else None)
 
     def _refresh_collator_key(self) -> None:
-        """Key the collator anew when its settings changed since the last call (padding side, pad id, what it reads):
-        every cache is keyed on it. Its settings are read on every call; its key reads the tokenizer's vocabulary
-        (34 ms on MiniLM's), so not."""
+        """Key the collator anew when its settings changed since the last call left them (padding side, pad id, what
+        it reads; records it grows, a list of batch sizes, are no change): every cache is keyed on it. Its settings are
+        read on every call; its key reads the tokenizer's vocabulary (34 ms on MiniLM's), so not."""
         settings = collator_settings(self.data_collator)
-        if settings != self._collator_settings:
-            self._collator_settings = settings
+        held = self._collator_settings  # (what the last call left; None: key anew)
+        if held is None or not settings_continue(held, settings, records=False):
             self._functions["collator"] = collator_key(self.data_collator, settings)
+        self._collator_settings = settings
 
     def _warn_backward_hooks(self, model: nn.Module) -> None:
         """Warn (once per set of hooks: their modules and registrations) about backward hooks: the gradients and

@@ -28,10 +28,12 @@ import enum
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import pathlib
 import re
 import types
+import weakref
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -156,45 +158,73 @@ def adapter_state(model: nn.Module) -> dict:
 
 
 STATE_IGNORED = frozenset({"training", "name_or_path"})
-"""Module attributes `module_state_fingerprint` leaves out (with private ones, such as transformers' ``_use_kernels``):
+"""Module attributes `module_state_description` leaves out (with private ones, such as transformers' ``_use_kernels``):
 the train / eval flag, and where the weights were loaded from (a model loaded again from its saved folder is the same
 model: a Space's warm start rebuilt every saved cache)."""
 
 
-def module_state_fingerprint(model: nn.Module) -> str:
+def module_state_description(model: nn.Module) -> tuple:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
-    recorded fingerprint): every module's public plain attributes but `STATE_IGNORED` (a LayerNorm's ``eps``, a
-    dropout's ``p``), its forward, pre-forward and backward hooks by `callable_fingerprint` and a ``forward`` replaced
-    on the instance by `_settings`, with torch's global module hooks. A held engine kept the trunk states and kNN index
-    of the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
-    an ``eps`` was set. What a hook records (a list of gradient norms) changes with every forward: the engine keys its
-    caches on the state its own last call left (`InfluenceEngine._module_state`), not on this alone."""
+    recorded fingerprint), as a `_settings` description: every module's public plain attributes but `STATE_IGNORED`
+    (a LayerNorm's ``eps``, a dropout's ``p``), its forward, pre-forward and backward hooks and a ``forward``
+    replaced on the instance, with torch's global module hooks. A held engine kept the trunk states and kNN index of
+    the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
+    an ``eps`` was set. What hooks record grows with every forward: `settings_continue` tells it from a change."""
     from torch.nn.modules import module as torch_module
 
-    token = _ACCUMULATORS.set(True)  # (lists / dicts of tensors a hook records: by identity, `_ACCUMULATORS`)
     names = _MODULE_NAMES.set({id(m): name for name, m in model.named_modules()})
     try:
-        parts = []
+        parts = []  # (tuples throughout: only a list the modules hold may grow, `settings_continue`)
         for name, module in model.named_modules():
-            plain = sorted((k, v) for k, v in vars(module).items()
-                           if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS))
-            hooks = [callable_fingerprint(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
-                                                              module._backward_pre_hooks, module._backward_hooks)
+            plain = tuple(sorted((k, v) for k, v in vars(module).items()
+                                 if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS)))
+            hooks = [_settings(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
+                                                   module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]
             own = vars(module).get("forward")
             if own is not None and "_original_forward" not in vars(module):  # (accelerate's autocast wrapper:
-                # influence runs without it, `hf_fastif.mode.influence_mode`) a forward replaced on the instance, by
-                # `_settings` (a partial bound to the module, as accelerate's device-map hooks make, is not hashed
-                # by the module's weights again)
+                # influence runs without it, `hf_fastif.mode.influence_mode`) a forward replaced on the instance (a
+                # partial bound to the module, as accelerate's device-map hooks make, counts the module by its name)
                 hooks.append(("forward", _settings(own)))
-            parts.append((name, plain, hooks))
-        parts.append(("<global hooks>", [callable_fingerprint(hook) for hooks in (
+            parts.append((name, plain, tuple(hooks)))
+        parts.append(("<global hooks>", tuple(_settings(hook) for hooks in (
             torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
-            torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks) for hook in hooks.values()]))
+            torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks) for hook in hooks.values())))
     finally:
-        _ACCUMULATORS.reset(token)
         _MODULE_NAMES.reset(names)
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    return tuple(parts)
+
+
+def description_key(description) -> str:
+    """The sha256 of a `_settings` description."""
+    return hashlib.sha256(repr(description).encode()).hexdigest()
+
+
+def settings_continue(old, new, *, records: bool) -> bool:
+    """Whether the `_settings` description ``new`` is ``old`` with records added, not changed: lists that only grew
+    (their first entries as they were: a hook appending gradient norms or activations), a long container grown under
+    its identity; with ``records`` (over one of the engine's own calls, whose forwards write them) also dict entries
+    added and tensors' values changed or set where there was None (activations by layer, a collator's last batch). Anything else (a plain value,
+    code, a hook registered or removed, a tensor changed between two calls) is a change."""
+    if old == new:
+        return True
+    if records and old is None and isinstance(new, _Data):  # (an attribute a collation fills: its last batch)
+        return True
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, _Big):  # (type, identity, first entries, length, last entries)
+        return old[:3] == new[:3] and new[3] > old[3]
+    if isinstance(old, _Data):
+        return records
+    if isinstance(old, list):
+        return len(new) >= len(old) and all(settings_continue(o, n, records=records) for o, n in zip(old, new))
+    if isinstance(old, tuple):
+        return len(new) == len(old) and all(settings_continue(o, n, records=records) for o, n in zip(old, new))
+    if isinstance(old, dict):
+        if not (old.keys() <= new.keys() if records else old.keys() == new.keys()):
+            return False
+        return all(settings_continue(old[k], new[k], records=records) for k in old)
+    return False
 
 
 def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME, *,
@@ -293,37 +323,13 @@ values count by their type's name."""
 
 
 class _Fields(dict):
-    """A callable's own keyword defaults, a partial's keywords or an object's attributes, gathered to be described:
-    never a record a hook keeps (`_ACCUMULATORS`)."""
-
-
-_ACCUMULATORS = contextvars.ContextVar("hf_fastif_hook_accumulators", default=False)
-"""True while `module_state_fingerprint` describes hooks: the tensors in a list or dict (the activations a recording
-hook appends, steering vectors by layer) count by `_tensor_identity`, not by their values (hashing every activation
-recorded so far on every call: 3.0 s a call became 22-25 s on MiniLM), and a list or dict of more than
-`SETTINGS_BREADTH` entries by its identity and length; its other entries count as they are."""
-
-
-def _holds_tensors(value) -> bool:
-    """A tensor, or a list / tuple / dict with one (an entry of a hook's record: ``out`` or ``(out, ...)``)."""
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (list, tuple, dict)):
-        return any(isinstance(v, torch.Tensor) for v in (value.values() if isinstance(value, dict) else value))
-    return False
+    """A callable's own keyword defaults, a partial's keywords or an object's attributes, gathered to be described."""
 
 
 def _describe_value(value, depth: int = 0):
     """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
     if _beyond(depth):
         return type(value).__qualname__
-    if _ACCUMULATORS.get() and type(value) in (list, dict):  # (a hook's record of activations, or vectors by layer)
-        if len(value) > SETTINGS_BREADTH:
-            return _identity(value)
-        if type(value) is list:
-            value = tuple(_tensor_identities(v) if _holds_tensors(v) else v for v in value)
-        else:
-            value = _Fields({k: _tensor_identities(v) if _holds_tensors(v) else v for k, v in value.items()})
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
     if isinstance(value, torch.Tensor):
@@ -637,19 +643,22 @@ def _settings(value, depth: int = 0):
         flat = value.items() if isinstance(value, dict) else value
         if all(isinstance(v, _SCALARS) for pair in flat for v in (pair if isinstance(value, dict) else (pair,))):
             return (type(value).__qualname__, hashlib.sha256(repr(value).encode()).hexdigest())  # (a token map)
-        return _identity(value)
-    # (a partial's keywords: a tokenizer among them; the tensors in a list or dict, a recording forward's or vectors
-    # by layer, by identity and in-place version: no digest per call of what every forward may append to)
-    if isinstance(value, dict):
-        return {str(k): _tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1)
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        sample = list(value.items() if isinstance(value, dict) else value)
+        head, tail = (tuple(_tensor_identities(v) if _holds_tensors(v) else _settings(v, MAX_DEPTH) for v in part)
+                      for part in (sample[:8], sample[-8:]))  # (an address freed and given to other rows)
+        return _Big((type(value).__qualname__, id(value), head, len(value), tail))
+    if isinstance(value, dict):  # (a partial's keywords, settings, vectors by layer: tensors by their values)
+        return {str(k): _settings(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):  # (a record a hook appends to: its tensors by identity, not hashed on every call)
         return [_tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_settings(v, depth + 1) for v in value)
     if isinstance(value, (set, frozenset)):
         plain = _plain(value)
-        return type(value).__qualname__ if plain is _SKIP else plain
+        return type(value).__qualname__ if plain is _SKIP else (type(value).__qualname__, *plain)  # (not a list,
+        # which `settings_continue` lets grow)
     if isinstance(value, functools.partial):
-        return ("partial", _settings(value.func, depth + 1), _settings(list(value.args), depth + 1),
+        return ("partial", _settings(value.func, depth + 1), _settings(tuple(value.args), depth + 1),
                 _settings(dict(value.keywords), depth + 1))
     code = value.__code__ if inspect.isfunction(value) or inspect.ismethod(value) else None  # (not getattr: an
     # options object's __getattr__ may raise another error than AttributeError)
@@ -661,11 +670,11 @@ def _settings(value, depth: int = 0):
         read = [(name, scope[name]) for name in sorted(_loaded_globals(code) & scope.keys())]
         bound = getattr(value, "__self__", None)
         return (getattr(value, "__qualname__", ""), _code_digest(code),
-                [_settings(v, depth + 1) for v in closure],
-                [(name, _settings(v, depth + 1)) for name, v in read
+                tuple(_settings(v, depth + 1) for v in closure),
+                tuple((name, _settings(v, depth + 1)) for name, v in read
                  if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial, *_NAMESPACES,
                                    torch.Tensor, np.ndarray))
-                 or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))],
+                 or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))),
                 # (a collator object it calls, a helper, a tensor, a settings namespace or dataclass; other objects:
                 # no)
                 None if bound is None or inspect.ismodule(bound) else _settings(bound, depth + 1))
@@ -674,7 +683,8 @@ def _settings(value, depth: int = 0):
     call = type(value).__call__ if callable(value) else None
     own_call = _settings(call, depth + 1) if inspect.isfunction(call) and not _library_code(call) else None
     return (type(value).__qualname__,
-            [(str(k), _settings(v, depth + 1)) for k, v in sorted(_attributes(value).items(), key=lambda kv: str(kv[0]))],
+            tuple((str(k), _settings(v, depth + 1)) for k, v in sorted(_attributes(value).items(),
+                                                                         key=lambda kv: str(kv[0]))),
             own_call)
 
 
@@ -688,26 +698,66 @@ DIGEST_BYTES = 256 * 2**20
 be read whole on every call) by identity, shape, dtype and torch's in-place version counter."""
 
 
-def _identity(value) -> str:
-    return f"{type(value).__qualname__}@{id(value)}[{len(value)}]"
+class _Data(str):
+    """A `_settings` description of a tensor's or array's values (or identity): what a record may change."""
 
 
-def _tensor_identity(tensor: torch.Tensor) -> str:
-    """A tensor by identity, shape, dtype, layout and in-place version (`Tensor._version`: an in-place edit)."""
+class _Big(tuple):
+    """A `_settings` description of a long list or dict of other than plain values: (type, identity, its first 8
+    entries, length, its last 8)."""
+
+
+_SERIALS: dict[int, tuple[weakref.ref, int]] = {}
+_NEXT_SERIAL = itertools.count()
+
+
+def _serial(tensor: torch.Tensor) -> int:
+    """A number for this tensor, never given to another one (an address is reused once a tensor is freed: a steering
+    vector deleted and made anew for every call was taken for the first one)."""
+    key = id(tensor)
+    found = _SERIALS.get(key)
+    if found is not None and found[0]() is tensor:
+        return found[1]
+    serial = next(_NEXT_SERIAL)
+    _SERIALS[key] = (weakref.ref(tensor, lambda _, key=key: _SERIALS.pop(key, None)), serial)
+    return serial
+
+
+def _tensor_identity(tensor: torch.Tensor) -> _Data:
+    """A tensor by identity (`_serial`), shape, dtype, layout and in-place version (`Tensor._version`)."""
     shape = "nested" if tensor.is_nested else tuple(tensor.shape)
-    return f"tensor@{id(tensor)}:{shape}:{tensor.dtype}:{tensor.layout}:v{getattr(tensor, '_version', '?')}"
+    return _Data(f"tensor#{_serial(tensor)}:{shape}:{tensor.dtype}:{tensor.layout}:"
+                 f"v{getattr(tensor, '_version', '?')}")
 
 
 def _tensor_content(tensor: torch.Tensor) -> str:
     """`tensor_digest` of any tensor a callable reaches: a sparse one by its dense values, a nested one by its parts',
-    a meta one (no data) by its shape and dtype."""
+    a meta one (no data) by its shape and dtype, a quantized one by its integers, scale and zero point, a dtype numpy
+    lacks (float8) by its bytes."""
     if tensor.is_meta:
         return f"meta:{tuple(tensor.shape)}:{tensor.dtype}"
     if tensor.is_nested:
-        return "nested:" + ",".join(tensor_digest(part) for part in tensor.unbind())
+        return "nested:" + ",".join(_tensor_content(part) for part in tensor.unbind())
+    if tensor.is_quantized:
+        scale = (tensor.q_scale(), tensor.q_zero_point()) if tensor.qscheme() in (
+            torch.per_tensor_affine, torch.per_tensor_symmetric) else "per-channel"
+        return f"quantized:{tensor.dtype}:{scale}:" + tensor_digest(tensor.int_repr())
     if tensor.layout != torch.strided:
-        return f"{tensor.layout}:" + tensor_digest(tensor.to_dense())
-    return tensor_digest(tensor)
+        return f"{tensor.layout}:" + _tensor_content(tensor.to_dense())
+    try:
+        return tensor_digest(tensor)
+    except (TypeError, RuntimeError):  # (float8 and other dtypes numpy has no type for: their bytes)
+        data = tensor.detach().to("cpu").contiguous()
+        return f"{tensor.dtype}:" + tensor_digest(data.view(torch.uint8) if data.numel() else data.to(torch.uint8))
+
+
+def _holds_tensors(value) -> bool:
+    """A tensor, or a list / tuple / dict with one (an entry of a hook's record: ``out`` or ``(out, ...)``)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple, dict)):
+        return any(isinstance(v, torch.Tensor) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def _tensor_identities(value):
@@ -716,7 +766,7 @@ def _tensor_identities(value):
     if isinstance(value, torch.Tensor):
         return _tensor_identity(value)
     items = value.values() if isinstance(value, dict) else value
-    return [_tensor_identity(v) if isinstance(v, torch.Tensor) else type(v).__qualname__ for v in items]
+    return tuple(_tensor_identity(v) if isinstance(v, torch.Tensor) else type(v).__qualname__ for v in items)
 
 
 def _data_settings(value: torch.Tensor | np.ndarray) -> str:
@@ -724,18 +774,19 @@ def _data_settings(value: torch.Tensor | np.ndarray) -> str:
     reads it); a larger one by `_tensor_identity` (an array by identity and shape)."""
     if isinstance(value, np.ndarray):
         if value.nbytes > DIGEST_BYTES:
-            return f"array@{id(value)}:{value.shape}:{value.dtype}"
-        return f"array:{value.shape}:{value.dtype}:" + xxhash.xxh3_128_hexdigest(np.ascontiguousarray(value).data)
+            return _Data(f"array@{id(value)}:{value.shape}:{value.dtype}")
+        return _Data(f"array:{value.shape}:{value.dtype}:"
+                     + xxhash.xxh3_128_hexdigest(np.ascontiguousarray(value).view(np.uint8).data))
     strided = value.layout == torch.strided and not value.is_nested
     if strided and value.numel() * value.element_size() > DIGEST_BYTES:
         return _tensor_identity(value)
-    return "tensor:" + _tensor_content(value)
+    return _Data("tensor:" + _tensor_content(value))
 
 _NAMESPACES = (argparse.Namespace, types.SimpleNamespace)
 
 _MODULE_NAMES: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("hf_fastif_module_names",
                                                                                      default=None)
-"""While `module_state_fingerprint` describes a model: its modules' names by identity, for `_settings`."""
+"""While `module_state_description` describes a model: its modules' names by identity, for `_settings`."""
 
 
 def _library_code(fn) -> bool:

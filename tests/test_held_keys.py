@@ -473,3 +473,149 @@ def test_tensors_without_plain_bytes_are_described(data, kind):
 
     with InfluenceEngine(model, default_arguments(**BASE), data_collator=collate) as engine:
         assert len(engine.compute_influences(train, test).to_pandas()) == len(train) * len(test)
+
+
+def test_a_setting_changed_during_a_call_keys_the_next_call_anew(data):
+    """A hook's setting changed while a call runs (by the loss function here; another thread alike): the state the
+    call left was taken for the state it was keyed on, and the held engine served the trunk states of the old setting
+    for ever (2.8% off a fresh engine's). Only records (lists that grew, tensors a forward wrote) are absorbed."""
+    import torch.nn.functional as F
+
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    options = {"alpha": 0.0}
+    steer = torch.linspace(-2, 2, model.config.hidden_size, dtype=torch.float64)
+    handle = model.bert.encoder.layer[0].output.register_forward_hook(lambda m, i, out: out + options["alpha"] * steer)
+    uses = []
+
+    def loss_fn(outputs, batch):
+        uses.append(1)
+        if len(uses) == 5:
+            options["alpha"] = 1.0
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    args = default_arguments(**BASE)
+    try:
+        with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as held:
+            held.compute_influences(train, test)
+            second = frame(held.compute_influences(train, test))
+        with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as fresh:
+            expected = frame(fresh.compute_influences(train, test))
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(second.influence, expected.influence, rtol=1e-10, atol=0)
+
+
+def test_a_collator_that_changes_itself_during_a_call_keys_the_next_call_anew(data):
+    """A curriculum collator moving its own setting during a call: the settings it left were taken for no change,
+    and the held engine served the trunk states of the old setting (5.7% off)."""
+    model, train, test, collator = data
+    tokenizer = copy.deepcopy(collator.tokenizer)
+
+    class Curriculum:
+        def __init__(self):
+            self.shift, self.batches = 0, 0
+
+        def __call__(self, rows):
+            self.batches += 1
+            if self.batches == 24:  # (after the trunk states: 28 batches in a call here)
+                self.shift = 3
+            return shifted(tokenizer, rows, self.shift)
+
+    curriculum = Curriculum()
+    args = default_arguments(**BASE)
+    with InfluenceEngine(model, args, data_collator=curriculum) as held:
+        held.compute_influences(train, test)
+        assert curriculum.shift == 3
+        second = frame(held.compute_influences(train, test))
+    with InfluenceEngine(model, args, data_collator=curriculum) as fresh:
+        expected = frame(fresh.compute_influences(train, test))
+    np.testing.assert_allclose(second.influence, expected.influence, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("how", ["made anew at a freed address", "changed through .data"])
+def test_a_steering_vector_by_layer_changed_between_calls_is_seen(data, how):
+    """Vectors by layer in a dict a replaced forward reads, counted by address and in-place version: one deleted and
+    made anew took the freed address (every later strength served the first one's trunk states, up to 7% off), and one
+    changed through ``.data`` kept its version (5% off)."""
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    direction = torch.linspace(-1, 1, model.config.hidden_size, dtype=torch.float64)
+    by_layer = {"layer0": direction * 0.5}
+    dense = model.bert.encoder.layer[0].output.dense
+    own = dense.forward
+    dense.forward = lambda x: own(x) + by_layer["layer0"]
+    args = default_arguments(**BASE)
+    with InfluenceEngine(model, args, data_collator=collator) as held:
+        for alpha in (1.0, 1.5, 2.0):
+            if how == "changed through .data":
+                by_layer["layer0"].data.copy_(direction * alpha)
+            else:
+                del by_layer["layer0"]
+                by_layer["layer0"] = direction * alpha
+            got = frame(held.compute_influences(train, test))
+            with InfluenceEngine(model, args, data_collator=collator) as fresh:
+                np.testing.assert_allclose(got.influence, frame(fresh.compute_influences(train, test)).influence,
+                                           rtol=1e-10, atol=0)
+
+
+def test_a_record_grown_between_calls_keeps_the_caches(data, monkeypatch):
+    """HANS correction's loop (influence, an SGD step of the model outside the engine, logits): a backward hook's
+    record of gradient norms grew between the calls, and every step rebuilt every trunk state."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    built, real = [], engine_module.TrunkCache
+    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    norms = []
+    handle = model.bert.pooler.register_full_backward_hook(
+        lambda module, grad_input, grad_output: norms.append(float(grad_output[0].detach().norm())))
+    try:
+        with InfluenceEngine(model, default_arguments(**BASE), data_collator=collator) as held:
+            for _ in range(2):
+                held.compute_influences(train, test)
+                before = len(norms)
+                model.zero_grad()
+                model(**collator([train[i] for i in range(4)])).loss.backward()  # (the step's backward)
+                assert len(norms) > before
+                held.logits(test)
+    finally:
+        handle.remove()
+        model.zero_grad()
+    assert built == [len(train), len(test)]
+
+
+@pytest.mark.parametrize("kind", ["float8", "quantized", "datetime64"])
+def test_values_of_dtypes_numpy_lacks_are_described(kind):
+    """A replaced forward or a collator holding a float8 or quantized tensor or a datetime64 array: hashing its values
+    raised (``unsupported ScalarType``, ``cannot include dtype 'M' in a buffer``)."""
+    from hf_fastif.fingerprint import collator_settings
+
+    make = {"float8": lambda x: torch.full((4,), x).to(torch.float8_e4m3fn),
+            "quantized": lambda x: torch.quantize_per_tensor(torch.full((4,), x), 0.1, 0, torch.quint8),
+            "datetime64": lambda x: np.array([f"2026-12-0{int(x)}"], dtype="datetime64[D]")}[kind]
+    value = make(1.0)
+
+    def collate(rows):
+        return rows if value is not None else None
+
+    described = collator_settings(collate)
+    value = make(2.0)
+    assert collator_settings(collate) != described  # (by its values)
+
+
+def test_a_long_list_replaced_at_a_freed_address_is_seen(monkeypatch):
+    """A list of more than `SETTINGS_BREADTH` rows counted by address and length: rows replaced by other rows of the
+    same length at the freed address looked unchanged."""
+    from hf_fastif.fingerprint import collator_settings, settings_continue
+
+    monkeypatch.setitem(globals(), "ROWS", [{"text": f"row {i}"} for i in range(300)])
+
+    def collate(rows):
+        return [ROWS[i] for i in rows]  # noqa: F821 (set above)
+
+    before = collator_settings(collate)
+    monkeypatch.setitem(globals(), "ROWS", [{"text": f"other {i}"} for i in range(300)])
+    after = collator_settings(collate)
+    assert not settings_continue(before, after, records=False)
