@@ -63,7 +63,7 @@ from .fingerprint import (
     model_fingerprint,
     module_state_description,
     portable_fingerprint,
-    settings_continue,
+    settings_differences,
     tensor_digests,
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
@@ -220,6 +220,39 @@ def loss_key(loss_fn: LossFn | None, args, fingerprint: Callable = callable_fing
     return fingerprint(loss_fn) + (f"|label_smoothing={smoothing!r}" if smoothing else "")
 
 
+@dataclass
+class _Watch:
+    """What a held engine knows of a described state (the modules', `module_state_description`; the collator's,
+    `collator_settings`) between its calls, to tell records from changes (`settings_differences`). A list that grew
+    during one of its calls is a record (a hook appending gradient norms or activations, in the engine's forwards or
+    an SGD step's between calls); what else changed during a call (activations by layer a hook writes, a collator's
+    last batch or call count) is a record once it changed during two calls in a row: the first time it may be a
+    setting moved while the call ran (another thread, a loss function, a curriculum collator), and the next call is
+    keyed anew. Between calls, only records that grew are no change: a setting list extended by the user is one."""
+
+    last: object = None  # the description the last call left (None: key anew)
+    start: object = None  # the description this call started with
+    grows: set = field(default_factory=set)  # paths of lists seen growing during a call
+    changing: set = field(default_factory=set)  # paths that changed otherwise during the last call
+
+    def unchanged(self, now) -> bool:
+        """At a call's start: ``now`` is what the last call left, but for records that grew."""
+        if self.last is None:
+            return False
+        return all(kind == "grew" and path in self.grows for path, kind in settings_differences(self.last, now).items())
+
+    def ended(self, now) -> None:
+        """At a call's end: ``now`` carries the call's key on if what changed since its start are records."""
+        if self.start is None:
+            return
+        differences = settings_differences(self.start, now)
+        grew = {path for path, kind in differences.items() if kind == "grew"}
+        others = set(differences) - grew
+        self.grows |= grew
+        self.last = now if others <= self.changing else None
+        self.changing = others
+
+
 class InfluenceEngine:
     """Influence of training rows on test rows for one model, with caches owned by this object.
 
@@ -247,14 +280,15 @@ class InfluenceEngine:
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
-        self._collator_settings = collator_settings(data_collator)
-        self._functions = {"collator": collator_key(data_collator, self._collator_settings), "loss": self._loss_key(),
+        settings = collator_settings(data_collator)
+        self._collator_watch = _Watch(last=settings)  # (what a call changes in the collator's settings: `_Watch`)
+        self._functions = {"collator": collator_key(data_collator, settings), "loss": self._loss_key(),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
         self._split: tuple[str, TrunkSplit | None, str] | None = None
         self._warned_backward: list | None = None  # (the backward hooks warned about: modules, registrations)
-        self._module_states: tuple[str, tuple | None] | None = None  # (the key of the modules' state the caches are
-        # keyed on, the state the last call started in or left: `_module_state`, `_ended`)
+        self._module_key: str | None = None  # (the modules' state the caches are keyed on: `_module_state`)
+        self._module_watch = _Watch()
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
@@ -404,42 +438,27 @@ class InfluenceEngine:
         return loss_key(self.loss_fn, self.args, fingerprint)
 
     def _module_state(self) -> str:
-        """The modules' state this call's caches are keyed on: the key of `module_state_description` now, or the key
-        of the last call when the state continues the one that call left (`settings_continue`: records grew, a hook
-        appending gradient norms or activations, and nothing else changed). Hashing the records as they were made a
-        held engine recompute every cache on every call (and, through HANS correction's SGD steps between calls, on
-        every step)."""
+        """The key of the modules' state (`module_state_description`) this call's caches are keyed on: the last
+        call's when nothing changed since it ended but records it saw grow (`_Watch`), else the state's own."""
         now = module_state_description(self.model)
-        held = self._module_states
-        key = (held[0] if held is not None and held[1] is not None
-               and settings_continue(held[1], now, records=False) else description_key(now))
-        self._module_states = (key, now)
-        return key
+        if self._module_key is None or not self._module_watch.unchanged(now):
+            self._module_key = description_key(now)
+        self._module_watch.start = now
+        return self._module_key
 
     def _ended(self) -> None:
-        """After a call: what the modules and the collator hold now continues what they held at its start if only
-        records changed (`settings_continue` with ``records``: what the call's own forwards and collation wrote, such
-        as activations by layer or the last batch); anything else (a setting changed during the call, by another
-        thread, a collator changing itself, a loss function registering a hook) keys the next call anew."""
-        if self._module_states is not None:
-            key, start = self._module_states
-            now = module_state_description(self.model)
-            self._module_states = (key, now if start is not None and settings_continue(start, now, records=True)
-                                   else None)
-        if self._collator_settings is not None:
-            now = collator_settings(self.data_collator)
-            self._collator_settings = (now if settings_continue(self._collator_settings, now, records=True)
-                                       else None)
+        """After a call: what the modules and the collator hold now, against what they held at its start (`_Watch`)."""
+        self._module_watch.ended(module_state_description(self.model))
+        self._collator_watch.ended(collator_settings(self.data_collator))
 
     def _refresh_collator_key(self) -> None:
         """Key the collator anew when its settings changed since the last call left them (padding side, pad id, what
-        it reads; records it grows, a list of batch sizes, are no change): every cache is keyed on it. Its settings are
-        read on every call; its key reads the tokenizer's vocabulary (34 ms on MiniLM's), so not."""
+        it reads; records seen growing are no change, `_Watch`): every cache is keyed on it. Its settings are read on
+        every call; its key reads the tokenizer's vocabulary (34 ms on MiniLM's), so not."""
         settings = collator_settings(self.data_collator)
-        held = self._collator_settings  # (what the last call left; None: key anew)
-        if held is None or not settings_continue(held, settings, records=False):
+        if not self._collator_watch.unchanged(settings):
             self._functions["collator"] = collator_key(self.data_collator, settings)
-        self._collator_settings = settings
+        self._collator_watch.start = settings
 
     def _warn_backward_hooks(self, model: nn.Module) -> None:
         """Warn (once per set of hooks: their modules and registrations) about backward hooks: the gradients and

@@ -169,7 +169,7 @@ def module_state_description(model: nn.Module) -> tuple:
     (a LayerNorm's ``eps``, a dropout's ``p``), its forward, pre-forward and backward hooks and a ``forward``
     replaced on the instance, with torch's global module hooks. A held engine kept the trunk states and kNN index of
     the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
-    an ``eps`` was set. What hooks record grows with every forward: `settings_continue` tells it from a change."""
+    an ``eps`` was set. What hooks record grows with every forward: `settings_differences` tells it from a change."""
     from torch.nn.modules import module as torch_module
 
     names = _MODULE_NAMES.set({id(m): name for name, m in model.named_modules()})
@@ -200,31 +200,40 @@ def description_key(description) -> str:
     return hashlib.sha256(repr(description).encode()).hexdigest()
 
 
-def settings_continue(old, new, *, records: bool) -> bool:
-    """Whether the `_settings` description ``new`` is ``old`` with records added, not changed: lists that only grew
-    (their first entries as they were: a hook appending gradient norms or activations), a long container grown under
-    its identity; with ``records`` (over one of the engine's own calls, whose forwards write them) also dict entries
-    added and tensors' values changed or set where there was None (activations by layer, a collator's last batch). Anything else (a plain value,
-    code, a hook registered or removed, a tensor changed between two calls) is a change."""
+def settings_differences(old, new) -> dict[tuple, str]:
+    """Where the `_settings` description ``new`` differs from ``old``: ``{path: "grew"}`` for a list that only grew
+    (its first entries as they were: a hook appending gradient norms or activations; a long one under the same
+    identity and first entries), ``{path: "changed"}`` for anything else (a path is the keys and indices from the
+    top). A held engine absorbs only what it saw happen in its own calls (`InfluenceEngine._module_state`)."""
+    out: dict[tuple, str] = {}
+    _differences(old, new, (), out)
+    return out
+
+
+def _differences(old, new, path: tuple, out: dict) -> None:
     if old == new:
-        return True
-    if records and old is None and isinstance(new, _Data):  # (an attribute a collation fills: its last batch)
-        return True
-    if type(old) is not type(new):
-        return False
-    if isinstance(old, _Big):  # (type, identity, first entries, length, last entries)
-        return old[:3] == new[:3] and new[3] > old[3]
-    if isinstance(old, _Data):
-        return records
-    if isinstance(old, list):
-        return len(new) >= len(old) and all(settings_continue(o, n, records=records) for o, n in zip(old, new))
-    if isinstance(old, tuple):
-        return len(new) == len(old) and all(settings_continue(o, n, records=records) for o, n in zip(old, new))
-    if isinstance(old, dict):
-        if not (old.keys() <= new.keys() if records else old.keys() == new.keys()):
-            return False
-        return all(settings_continue(old[k], new[k], records=records) for k in old)
-    return False
+        return
+    if isinstance(old, list) and isinstance(new, list) and len(new) > len(old) and new[:len(old)] == old:
+        out[path] = "grew"
+        return
+    if isinstance(old, list) and isinstance(new, _Big) and new[0] == "list" and len(old) < new[3] \
+            and tuple(old[:8]) == new[2][:len(old[:8])]:
+        out[path] = "grew"  # (a list past `SETTINGS_BREADTH`: described by identity from then on)
+        return
+    if isinstance(old, _Big) and isinstance(new, _Big) and old[0] == "list" and old[:3] == new[:3] \
+            and new[3] > old[3]:
+        out[path] = "grew"
+        return
+    if type(old) is type(new) and not isinstance(old, _Big):
+        if isinstance(old, (tuple, list)) and len(old) == len(new):
+            for i, (o, n) in enumerate(zip(old, new)):
+                _differences(o, n, (*path, i), out)
+            return
+        if isinstance(old, dict) and old.keys() == new.keys():
+            for k in old:
+                _differences(old[k], new[k], (*path, k), out)
+            return
+    out[path] = "changed"
 
 
 def model_fingerprint(model: nn.Module, digests: dict[str, str] | None = None, scheme: str = SCHEME, *,
@@ -641,16 +650,19 @@ def _settings(value, depth: int = 0):
     if isinstance(value, (dict, list, tuple)) and len(value) > SETTINGS_BREADTH:  # (data, not settings: a collator
         # reading 100,000 module-level rows took 3.5 s a call to describe entry by entry)
         flat = value.items() if isinstance(value, dict) else value
-        if all(isinstance(v, _SCALARS) for pair in flat for v in (pair if isinstance(value, dict) else (pair,))):
-            return (type(value).__qualname__, hashlib.sha256(repr(value).encode()).hexdigest())  # (a token map)
         sample = list(value.items() if isinstance(value, dict) else value)
-        head, tail = (tuple(_tensor_identities(v) if _holds_tensors(v) else _settings(v, MAX_DEPTH) for v in part)
-                      for part in (sample[:8], sample[-8:]))  # (an address freed and given to other rows)
-        return _Big((type(value).__qualname__, id(value), head, len(value), tail))
+        head = tuple(_list_entry(v, i, depth + 1) for i, v in enumerate(sample[:8]))
+        if all(isinstance(v, _SCALARS) for pair in flat for v in (pair if isinstance(value, dict) else (pair,))):
+            # (a token map, a long record of floats: by a hash of all of it)
+            return _Big((type(value).__qualname__, "plain", head, len(value),
+                         hashlib.sha256(repr(value).encode()).hexdigest()))
+        tail = tuple(_tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1) for v in sample[-8:])
+        return _Big((type(value).__qualname__, id(value), head, len(value), tail))  # (its first and last entries: an
+        # address freed and given to other rows)
     if isinstance(value, dict):  # (a partial's keywords, settings, vectors by layer: tensors by their values)
         return {str(k): _settings(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):  # (a record a hook appends to: its tensors by identity, not hashed on every call)
-        return [_tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1) for v in value]
+    if isinstance(value, list):
+        return [_list_entry(v, i, depth + 1) for i, v in enumerate(value)]
     if isinstance(value, tuple):
         return tuple(_settings(v, depth + 1) for v in value)
     if isinstance(value, (set, frozenset)):
@@ -690,8 +702,8 @@ def _settings(value, depth: int = 0):
 
 SETTINGS_BREADTH = 256
 """`_settings` follows lists, tuples and dicts up to this many entries; a larger one of plain values (a token map)
-counts by a hash of its repr, another (rows a collator reads, a hook's long record) by its identity and length:
-changed in place at the same length, it is not seen."""
+counts by a hash of its repr, another (rows a collator reads, a hook's long record) by its identity, length and first
+and last entries: changed in the middle at the same length, it is not seen (`_Big`)."""
 
 DIGEST_BYTES = 256 * 2**20
 """Tensors and arrays `_settings` hashes by their values up to this size; larger ones (a memory-mapped array would
@@ -703,8 +715,8 @@ class _Data(str):
 
 
 class _Big(tuple):
-    """A `_settings` description of a long list or dict of other than plain values: (type, identity, its first 8
-    entries, length, its last 8)."""
+    """A `_settings` description of a long list or dict: (type, identity, its first 8 entries, length, its last 8);
+    of plain values: (type, "plain", its first 8, length, a hash of all of it)."""
 
 
 _SERIALS: dict[int, tuple[weakref.ref, int]] = {}
@@ -751,6 +763,26 @@ def _tensor_content(tensor: torch.Tensor) -> str:
         return f"{tensor.dtype}:" + tensor_digest(data.view(torch.uint8) if data.numel() else data.to(torch.uint8))
 
 
+LIST_VALUES = 8, 2**20
+"""A list's first 8 entries count by their values when their tensors hold at most 1 MB (a steering vector or two
+changed through ``.data``, which keeps torch's version counter); other tensors in a list (a hook's record of
+activations) by `_tensor_identity`, not hashed on every call."""
+
+
+def _list_entry(value, index: int, depth: int):
+    """`_settings` of a list's entry (`LIST_VALUES`)."""
+    if not _holds_tensors(value):
+        return _settings(value, depth)
+    entries, most = LIST_VALUES
+    tensors = [value] if isinstance(value, torch.Tensor) else [
+        v for v in (value.values() if isinstance(value, dict) else value) if isinstance(v, torch.Tensor)]
+    try:
+        small = sum(t.numel() * t.element_size() for t in tensors) <= most
+    except RuntimeError:  # (a nested tensor has no single size)
+        small = False
+    return _settings(value, depth) if index < entries and small else _tensor_identities(value)
+
+
 def _holds_tensors(value) -> bool:
     """A tensor, or a list / tuple / dict with one (an entry of a hook's record: ``out`` or ``(out, ...)``)."""
     if isinstance(value, torch.Tensor):
@@ -762,11 +794,11 @@ def _holds_tensors(value) -> bool:
 
 def _tensor_identities(value):
     """The tensors of a container entry (a tensor, or a tuple / list / dict holding some) by `_tensor_identity`; its
-    other values by type."""
+    other values by `_settings` (a scale beside a vector)."""
     if isinstance(value, torch.Tensor):
         return _tensor_identity(value)
     items = value.values() if isinstance(value, dict) else value
-    return tuple(_tensor_identity(v) if isinstance(v, torch.Tensor) else type(v).__qualname__ for v in items)
+    return tuple(_tensor_identity(v) if isinstance(v, torch.Tensor) else _settings(v, MAX_DEPTH) for v in items)
 
 
 def _data_settings(value: torch.Tensor | np.ndarray) -> str:

@@ -127,7 +127,7 @@ class InfluenceTrainer(Trainer):
                                      measurement_fn=measurement_fn, features=features)
             self._influence_engine = engine
         elif engine.data_collator is not self.data_collator:  # an equal collator: the engine watches this one now
-            engine.data_collator, engine._collator_settings = self.data_collator, None
+            engine.data_collator, engine._collator_watch.last = self.data_collator, None
         engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
         return engine
 
