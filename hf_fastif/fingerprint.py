@@ -174,7 +174,7 @@ def module_state_description(model: nn.Module) -> tuple:
 
     names = _MODULE_NAMES.set({id(m): name for name, m in model.named_modules()})
     try:
-        parts = []  # (tuples throughout: only a list the modules hold may grow, `settings_continue`)
+        parts = []  # (tuples throughout: only a list the modules hold may grow, `settings_differences`)
         for name, module in model.named_modules():
             plain = tuple(sorted((k, v) for k, v in vars(module).items()
                                  if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS)))
@@ -628,9 +628,9 @@ def _settings(value, depth: int = 0):
     (`_tokenizer_settings`; its vocabulary is left to `callable_fingerprint`), a function's code with what it closes
     over, is bound to and reads from its module (plain values, containers of them, tokenizers, functions, settings
     namespaces and dataclasses), and another object's attributes (and, for a callable object of the user's code, what
-    its ``__call__`` reads), followed to `MAX_DEPTH`. A tensor or array held directly counts by its values (a steering
-    vector changed in place: `_data_settings`); one inside a list or dict (a recording forward's, vectors by layer)
-    by its identity and in-place version (`_tensor_identity`). A module
+    its ``__call__`` reads), followed to `MAX_DEPTH`. A tensor or array held directly or in a dict counts by its values
+    (a steering vector changed in place: `_data_settings`); one in a list by its values among the first entries, else
+    by its identity and in-place version (`_list_entry`: a hook's record of activations). A module
     counts by its name in the model being described (a forward replaced by another layer's bound forward), else by its
     type (the model itself is keyed by its tensors); classes by their type."""
     if isinstance(value, _SCALARS):
@@ -668,7 +668,7 @@ def _settings(value, depth: int = 0):
     if isinstance(value, (set, frozenset)):
         plain = _plain(value)
         return type(value).__qualname__ if plain is _SKIP else (type(value).__qualname__, *plain)  # (not a list,
-        # which `settings_continue` lets grow)
+        # which `settings_differences` lets grow)
     if isinstance(value, functools.partial):
         return ("partial", _settings(value.func, depth + 1), _settings(tuple(value.args), depth + 1),
                 _settings(dict(value.keywords), depth + 1))
