@@ -456,6 +456,7 @@ def test_logits_see_a_collator_changed_in_place(data):
     np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:.*(beta state|nested tensors):UserWarning")  # (torch's, on making them)
 @pytest.mark.parametrize("kind", ["sparse", "sparse csr", "meta", "nested"])
 def test_tensors_without_plain_bytes_are_described(data, kind):
     """A replaced forward or a collator holding a sparse (COO / CSR), meta or nested tensor: hashing it by its values
@@ -588,6 +589,7 @@ def test_a_record_grown_between_calls_keeps_the_caches(data, monkeypatch):
     assert built == [len(train), len(test)]
 
 
+@pytest.mark.filterwarnings("ignore:.*quantize_per_tensor:UserWarning")  # (torch's deprecation, on making one)
 @pytest.mark.parametrize("kind", ["float8", "quantized", "datetime64"])
 def test_values_of_dtypes_numpy_lacks_are_described(kind):
     """A replaced forward or a collator holding a float8 or quantized tensor or a datetime64 array: hashing its values
