@@ -649,14 +649,13 @@ def _settings(value, depth: int = 0):
         return type(value).__qualname__
     if isinstance(value, (dict, list, tuple)) and len(value) > SETTINGS_BREADTH:  # (data, not settings: a collator
         # reading 100,000 module-level rows took 3.5 s a call to describe entry by entry)
-        flat = value.items() if isinstance(value, dict) else value
-        sample = list(value.items() if isinstance(value, dict) else value)
-        head = tuple(_list_entry(v, i, depth + 1) for i, v in enumerate(sample[:8]))
-        if all(isinstance(v, _SCALARS) for pair in flat for v in (pair if isinstance(value, dict) else (pair,))):
+        entries = list(value.items() if isinstance(value, dict) else value)
+        head = tuple(_list_entry(v, i, depth + 1) for i, v in enumerate(entries[:8]))
+        if all(isinstance(v, _SCALARS) for entry in entries for v in (entry if isinstance(value, dict) else (entry,))):
             # (a token map, a long record of floats: by a hash of all of it)
             return _Big((type(value).__qualname__, "plain", head, len(value),
                          hashlib.sha256(repr(value).encode()).hexdigest()))
-        tail = tuple(_tensor_identities(v) if _holds_tensors(v) else _settings(v, depth + 1) for v in sample[-8:])
+        tail = tuple(_list_entry(v, len(entries), depth + 1) for v in entries[-8:])  # (tensors by identity)
         return _Big((type(value).__qualname__, id(value), head, len(value), tail))  # (its first and last entries: an
         # address freed and given to other rows)
     if isinstance(value, dict):  # (a partial's keywords, settings, vectors by layer: tensors by their values)
