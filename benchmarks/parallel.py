@@ -19,7 +19,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments, compute_influences
-from hf_fastif.data import HANS_TEMPLATES
+from hf_fastif.data import hans_row_count
 from hf_fastif.distributed import finish, world
 from hf_fastif.embedded import TINY, embedded_data, embedded_model
 from hf_fastif.utils import markdown_table, to_json, write_atomic
@@ -52,7 +52,7 @@ def parallel_defaults(own: Namespace) -> dict:
 def hans_rows() -> int:
     """HANS-style rows of the generated data `workload` takes its test points from (the tiny kind's rows per
     subcase, 30 subcases), counted without generating them."""
-    return TINY.data["n_hans_per_subcase"] * sum(len(subcases) for subcases in HANS_TEMPLATES.values())
+    return hans_row_count(TINY.data["n_hans_per_subcase"])
 
 
 def validate(own: ParallelArguments) -> None:

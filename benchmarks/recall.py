@@ -30,12 +30,13 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from hf_fastif import InfluenceArguments
-from hf_fastif.data import generate_nli
+from hf_fastif.data import hans_row_count
 from hf_fastif.engine import InfluenceEngine
 from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
+    RECALL_HANS_PER_SUBCASE,
     check_methods,
     finetuned_minilm,
     recall_ns,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(bench.threads)
     out_dir = output_folder(args.output_dir)
 
-    hans_rows = len(generate_nli(seed=args.seed, n_train=1, n_hans_per_subcase=1, n_pool_per_subcase=0)["hans"])
+    hans_rows = hans_row_count(RECALL_HANS_PER_SUBCASE)
     if bench.num_test_points > hans_rows:  # before the fine-tuning
         raise ValueError(f"--num_test_points {bench.num_test_points} exceeds the {hans_rows} generated HANS-style test "
                          f"rows; use at most {hans_rows}.")

@@ -42,6 +42,9 @@ epoch (smallest eigenvalue ~-23 over 32 rows, ~-0.7 over 256; largest ~34 over 3
 definite and leaves the top of the spectrum to the Hessian; the check (~60 s a call) is off."""
 
 
+RECALL_HANS_PER_SUBCASE = 1  # the test rows of a recall without a model: one HANS-style row per subcase
+
+
 def finetuned_minilm(n_train: int, args) -> tuple:
     """The model of a recall without one (``hf-fastif recall``, ``python -m benchmarks.recall``): MiniLM fine-tuned
     with ``args``' training fields (`MINILM_RECALL_SETTINGS` by default) on ``n_train`` generated rows (seed
@@ -49,7 +52,7 @@ def finetuned_minilm(n_train: int, args) -> tuple:
     2,000 rows it is the model of `hf-fastif build`'s embedded default. Returns ``(model, tokenizer, train, test,
     name, info)``: the tokenized training rows, the generated HANS-style rows (one per subcase) tokenized, a name for
     reports, and `train_embedded_model`'s ``info`` (``cached``, ``key``, ...)."""
-    raw = generate_nli(seed=args.seed, n_train=n_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    raw = generate_nli(seed=args.seed, n_train=n_train, n_hans_per_subcase=RECALL_HANS_PER_SUBCASE, n_pool_per_subcase=0)
     tokenizer = embedded_tokenizer("minilm")
     train = tokenize_nli(raw["train"], tokenizer)
     model, info = train_embedded_model(raw["train"], train, tokenizer, args, kind="minilm",

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import hf_fastif.recall as recall_module
 from benchmarks import (
     core,
     device_costs,
@@ -19,8 +20,9 @@ from benchmarks import (
 )
 from benchmarks.arguments import parse_with_defaults
 from hf_fastif import InfluenceArguments
-from hf_fastif.data import generate_nli
+from hf_fastif.data import generate_nli, hans_row_count
 from hf_fastif.embedded import TINY
+from hf_fastif.recall import RECALL_HANS_PER_SUBCASE
 from hf_fastif.solvers.lissa import LissaDivergenceError
 
 
@@ -28,9 +30,13 @@ def _no_work(*args, **kwargs):
     raise AssertionError("the benchmark started its work")
 
 
+class _Stop(Exception):
+    pass
+
+
 # each benchmark and the first step of its work: a refusal must come before it
 FIRST_WORK = [(core, "scoring_benchmark"), (device_costs, "build_setup"), (per_test_point, "embedded_data"),
-              (parallel, "workload"), (recall, "generate_nli"), (paper_table, "prepare")]
+              (parallel, "workload"), (recall, "finetuned_minilm"), (paper_table, "prepare")]
 
 
 @pytest.mark.parametrize("module, first_work", FIRST_WORK, ids=[m.__name__ for m, _ in FIRST_WORK])
@@ -71,6 +77,28 @@ def test_parallel_counts_the_rows_it_generates():
     set-up), counted without generating them: the count must be the generator's."""
     rows = generate_nli(seed=0, n_train=0, n_hans_per_subcase=TINY.data["n_hans_per_subcase"], n_pool_per_subcase=0)
     assert parallel.hans_rows() == len(rows["hans"]) == 1200
+
+
+@pytest.mark.parametrize("per_subcase", [0, 1, 3])
+def test_hans_row_count_is_the_generators(per_subcase):
+    """`hans_row_count` (what benchmarks.parallel and benchmarks.recall refuse sizes by, before any work) counts the
+    rows `generate_nli` makes in its `hans` and `pool` splits; benchmarks.recall generated data to count them."""
+    rows = generate_nli(seed=1, n_train=0, n_hans_per_subcase=per_subcase, n_pool_per_subcase=per_subcase)
+    assert hans_row_count(per_subcase) == len(rows["hans"]) == len(rows["pool"]) == 30 * per_subcase
+
+
+def test_recall_counts_the_test_rows_of_its_model(monkeypatch):
+    """benchmarks.recall's limit on --num_test_points is the number of HANS-style rows `finetuned_minilm` gives."""
+    made = {}
+
+    def generate(**kwargs):
+        made.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(recall_module, "generate_nli", generate)
+    with pytest.raises(_Stop):
+        recall_module.finetuned_minilm(10, SimpleNamespace(seed=0))
+    assert hans_row_count(made["n_hans_per_subcase"]) == hans_row_count(RECALL_HANS_PER_SUBCASE) == 30
 
 
 def test_per_test_point_warms_up_before_the_timed_rows(tmp_path, monkeypatch):

@@ -1,7 +1,15 @@
 """NLI data for hf_fastif: loaders for MNLI / HANS / ANLI (Hub ids or local files) and an embedded,
 seeded generator of MNLI-like training data with a lexical-overlap shortcut and HANS-style test data."""
 
-from .generate import HANS_TEMPLATES, TRAIN_FAMILIES, generate_nli, nli_vocabulary, word_overlap_rate, words
+from .generate import (
+    HANS_TEMPLATES,
+    TRAIN_FAMILIES,
+    generate_nli,
+    hans_row_count,
+    nli_vocabulary,
+    word_overlap_rate,
+    words,
+)
 from .loaders import HANS_HUB_COLUMNS, HANS_TSV_HEADER, load_anli, load_hans, load_mnli, split_hans
 from .schema import (
     ENTAILMENT,
@@ -39,6 +47,7 @@ __all__ = [
     "build_tokenizer",
     "generate_nli",
     "hans_features",
+    "hans_row_count",
     "label_names",
     "load_anli",
     "load_hans",

@@ -405,6 +405,12 @@ def _fill_unseen(template: Template, rng: np.random.Generator, seen: set[tuple[s
     )
 
 
+def hans_row_count(n_per_subcase: int) -> int:
+    """Rows of a HANS-style split of `generate_nli` (`hans` or `pool`) with ``n_per_subcase`` rows per subcase,
+    counted without generating them (30 subcases: 3 heuristics x 10)."""
+    return n_per_subcase * sum(len(subcases) for subcases in HANS_TEMPLATES.values())
+
+
 def _hans_split(
     n_per_subcase: int, rng: np.random.Generator, seen: set[tuple[str, str]], prefix: str
 ) -> Dataset:
