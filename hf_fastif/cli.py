@@ -78,6 +78,7 @@ from .space import build_default, open_table
 from .table import InfluenceTable, InfluenceTableError
 from .table.format import label_text
 from .table.hub import push_table_resolved
+from .utils import check_output_dir
 
 EXIT_ERROR = 2
 TRUST_REMOTE_CODE_HELP = ("Run the model's own code from its folder or Hub repo (auto_map in config.json: a custom "
@@ -205,7 +206,7 @@ def run_build(ns: argparse.Namespace) -> int:
     if ns.output_dir is None:
         raise ValueError("build needs --output_dir (the folder for the build; the table goes to <output_dir>/table).")
     build, args = parse_with_defaults(ns.parser, ns.argv, build_defaults)
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir)  # an existing file: refused now ("[Errno 17] File exists" after the work)
     main_process = is_main_process()  # (asked now: a launch's process group is closed once the build is written)
     if build.model_name_or_path is None:
         if build.train_dataset or build.test_dataset:

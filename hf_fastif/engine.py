@@ -1414,6 +1414,8 @@ class InfluenceEngine:
                     padded = method(self.model, batcher.batch([short, long], trunk=False)).detach().double().cpu()
                 if alone.ndim != 2 or padded.ndim != 2 or alone.shape[1] != padded.shape[1]:
                     continue  # (a width that grows with the padding: extract_features names it)
+                if not bool(torch.isfinite(alone).all()):
+                    continue  # not the padding's doing: extract_features names the rows that are not finite
                 error = float((alone[0] - padded[0]).abs().max() / alone[0].abs().max().clamp_min(1e-12))
                 if not error <= PADDING_TOLERANCE:
                     row, other = (int(r) for r in batcher.base_rows([short, long]))

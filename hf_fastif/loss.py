@@ -205,6 +205,34 @@ def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {n: [a for a in group if a != n] for group in names.values() if len(group) > 1 for n in group}
 
 
+ROW_KEYS = ("labels", "input_ids", "attention_mask", "inputs_embeds")
+"""Batch entries whose first dimension is the batch's rows (what a user's per-row values are checked against)."""
+
+
+class PerRowValues:
+    """A user's ``loss_fn`` / ``measurement_fn``, its values checked to be one per row of the batch, shape
+    ``(batch_size,)``: a batch mean (``F.cross_entropy``'s default ``reduction``) or a ``(batch_size, 1)`` column
+    failed deep inside a stage (an ``IndexError`` of the padding probe, a shape mismatch of autograd after the trunk
+    and candidate stages had run) or, summed over a batch, would give every row the batch's gradient."""
+
+    def __init__(self, fn: LossFn, role: str):
+        self.fn, self.role = fn, role
+
+    def __call__(self, outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        values = self.fn(outputs, batch)
+        rows = next((v.shape[0] for k in ROW_KEYS if isinstance(v := batch.get(k), torch.Tensor) and v.dim()), None)
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else None
+        if shape is None or len(shape) != 1 or (rows is not None and shape[0] != rows):
+            got = f"shape {shape}" if shape is not None else f"a {type(values).__name__}"
+            raise ValueError(
+                f"{self.role} must return a tensor of one value per row of the batch, shape (batch_size,) = "
+                f"({rows if rows is not None else 'batch_size'},); it returned {got}. torch.nn.functional's losses "
+                "(cross_entropy, mse_loss, ...) average over the batch unless given reduction='none'; a (batch_size, "
+                "1) column needs .squeeze(-1)."
+            )
+        return values
+
+
 class FunctionalModel:
     """``model`` evaluated at given values of the selected parameters (others stay as they are).
 
@@ -230,8 +258,8 @@ class FunctionalModel:
         self.split = split
         self.readout = readout
         self.names = list(names)
-        self.loss_fn = loss_fn or make_default_loss(model, label_smoothing)
-        self.measurement_fn = measurement_fn
+        self.loss_fn = make_default_loss(model, label_smoothing) if loss_fn is None else _checked(loss_fn, "loss_fn")
+        self.measurement_fn = None if measurement_fn is None else _checked(measurement_fn, "measurement_fn")
         self.weight_decay = float(weight_decay)
         self.decayed = decayed_names(self.names, model) if self.weight_decay else []
         self.l2_in_gradients = bool(l2_in_gradients)
@@ -319,6 +347,10 @@ class FunctionalModel:
                                                dtype=p.dtype, device=p.device) for n, p in params.items()])
             self._mask_key = key
         return self._mask
+
+
+def _checked(fn: LossFn, role: str) -> LossFn:
+    return fn if isinstance(fn, PerRowValues) else PerRowValues(fn, role)
 
 
 def influence_model(model: nn.Module, names: list[str], args, loss_fn: LossFn | None = None,

@@ -54,7 +54,7 @@ from .influence import default_arguments
 from .params import num_parameters, select_parameters
 from .table import METADATA_FILE, InfluenceTable, InfluenceTableError, read_metadata
 from .table.format import candidate_pool, label_id, label_text
-from .utils import Timer, library_version, to_json, write_atomic
+from .utils import Timer, check_output_dir, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -74,6 +74,8 @@ MAX_LIVE_PARAMETERS = 20_000_000
 MAX_GRAPH_TESTS = 6
 READY_FILE = SPACE_READY_FILE
 ENGINE_DIR = "engine"
+BUILD_ENTRIES = {"table": "folder", "model": "folder", ENGINE_DIR: "folder", "train.parquet": "file"}
+"""What an embedded build writes in its folder, and whether each is a folder or a file."""
 ENGINE_MANIFEST = "space_engine.json"
 ALL = "all"
 
@@ -173,14 +175,17 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
         args = embedded_arguments(str(directory), use="table", kind=settings.name, **LIVE_SETTINGS)
     sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
     build = build_config(args, settings.name, sizes, max_test_samples, live)
+    _check_build_folder(directory)
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
-        if _built_table(directory) == build:
+        missing = _missing_build_files(directory)
+        if _built_table(directory) == build and not missing:
             progress(f"reusing the finished build in {directory} (the same settings and model)")
             mark_used(ready)  # what `hf-fastif cache --unused-days` reads
             return directory, None
-        logger.warning(f"{directory / 'table'} is not the table of the finished build {ready} records (another "
-                       "build wrote it since, or it was removed): building again.")
+        logger.warning(f"{directory} does not hold the finished build {ready} records ("
+                       + (f"{', '.join(missing)} missing" if missing else "its table is another build's, or gone")
+                       + "): building again.")
     directory.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
     shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
@@ -223,6 +228,28 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
 
     on_main(write, f"Writing {directory}")  # the others return once the build is on disk (or fail with its error)
     return directory, explainer
+
+
+def _check_build_folder(directory: Path) -> None:
+    """Refuse, before any work, a build folder the build cannot write into: a file (or a path below one), or a file
+    where it writes a folder (`BUILD_ENTRIES`) or a folder where it writes a file. ``save_pretrained`` only logged
+    such a ``model`` and skipped the save, and a ``table`` file failed once the whole table was computed."""
+    check_output_dir(directory, "The build folder")
+    for name, kind in BUILD_ENTRIES.items():
+        path = directory / name
+        if path.exists() and path.is_dir() != (kind == "folder"):
+            raise ValueError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where the build writes its {name} "
+                             f"{kind}; move it away, or build into another folder.")
+
+
+def _missing_build_files(directory: Path) -> list[str]:
+    """What the Space and `hf-fastif build`'s report read from a finished build and ``directory`` lacks (a user
+    freed the model's space, say): the model's config and weights, the training rows."""
+    model = directory / "model"
+    missing = [] if (model / "config.json").is_file() else ["model/config.json"]
+    if not any(model.glob("*.safetensors")) and not (model / "pytorch_model.bin").is_file():
+        missing.append("model/ weights")
+    return missing + ([] if (directory / "train.parquet").is_file() else ["train.parquet"])
 
 
 def _built_table(directory: Path) -> dict | None:

@@ -463,3 +463,24 @@ def test_a_bad_test_row_is_named_by_its_row_before_any_shard(setup, pad_collator
         build_influence_table(model, train, broken, tmp_path, default_arguments(**ARGS), shard_size=2,
                               data_collator=pad_collator)
     assert not (tmp_path / "shards").exists() and not (tmp_path / builder.MANIFEST).exists()
+
+
+@pytest.mark.parametrize("where", ["output_dir", "table", "shards"])
+def test_an_output_dir_it_cannot_write_is_refused_before_any_shard(where, setup, pad_collator, tmp_path, monkeypatch):
+    """A file at ``output_dir/table`` failed with "Not a directory" once every shard was computed."""
+    model, train, test = setup
+    out = tmp_path / "build"
+    if where == "output_dir":
+        out.write_text("")
+    else:
+        out.mkdir()
+        (out / where).write_text("")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a shard was computed")
+
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", no_work)
+    match = "is an existing file, not a folder" if where == "output_dir" else f"the build writes its {where} folder"
+    with pytest.raises(ValueError, match=match):
+        build_influence_table(model, train, test, out, default_arguments(**ARGS), shard_size=2,
+                              data_collator=pad_collator)

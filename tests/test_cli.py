@@ -35,6 +35,55 @@ def test_the_build_says_its_stages(tmp_path, capsys) -> None:
     assert "[hf-fastif] computing the influence table of 2 test rows over 60 training rows" in err
 
 
+def test_a_build_folder_it_cannot_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    """A file where the build writes its ``model`` folder: ``save_pretrained`` only logged it and the build reported
+    the model saved (exit 0); a ``table`` file failed once the table was computed ("Not a directory"); an existing
+    file as --output_dir failed with a bare "[Errno 17] File exists"."""
+    import hf_fastif.space
+
+    monkeypatch.setattr(hf_fastif.space, "embedded_data", _no_work)  # the first step of the work
+    tiny = ["--embedded_model", "tiny", "--max_train_samples", "60", "--max_test_samples", "2"]
+    (tmp_path / "afile").write_text("")
+    assert main(["build", "--output-dir", str(tmp_path / "afile"), *tiny]) == 2
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    for entry, kind in (("model", "folder"), ("table", "folder"), ("train.parquet", "file")):
+        out = tmp_path / entry.replace(".", "_")
+        (out / entry).parent.mkdir()
+        (out / entry).mkdir() if kind == "file" else (out / entry).write_text("")
+        assert main(["build", "--output-dir", str(out), *tiny]) == 2
+        assert f"where the build writes its {entry} {kind}" in capsys.readouterr().err
+
+
+def test_a_finished_build_missing_its_model_is_built_again(tmp_path, capsys, caplog) -> None:
+    """A finished build whose ``model/`` a user removed was "reused" with nothing recreated, and the CLI printed the
+    missing model's path."""
+    import shutil
+
+    out = tmp_path / "b"
+    tiny = ["build", "--output-dir", str(out), "--embedded_model", "tiny", "--max_train_samples", "60",
+            "--max_test_samples", "2", "--num_train_epochs", "1", "--influence_knn_k", "8"]
+    reused = "[hf-fastif] reusing the finished build"
+    assert main(tiny) == 0
+    shutil.rmtree(out / "model")
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.space"):
+        assert main(tiny) == 0
+    assert reused not in capsys.readouterr().err and "(model/config.json, model/ weights missing)" in caplog.text
+    assert (out / "model" / "config.json").is_file() and any((out / "model").glob("*.safetensors"))
+    (out / "train.parquet").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.space"):
+        assert main(tiny) == 0
+    assert reused not in capsys.readouterr().err and "(train.parquet missing)" in caplog.text
+    assert (out / "train.parquet").is_file()
+    assert main(tiny) == 0
+    assert reused in capsys.readouterr().err
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the build started its work")
+
+
 def test_a_build_with_other_training_settings_is_not_reused(tmp_path, capsys) -> None:
     """A finished build was reused when only a training setting outside epochs / learning rate / batch size changed
     (`--weight_decay`, `--warmup_steps`, `--max_steps`, `--optim`), with "the same settings and model": the old

@@ -54,7 +54,10 @@ def test_feature_functions_of_a_bad_shape_or_not_finite_values_are_named(data, p
             (lambda m, b: b["input_ids"][:, :2, None].float(), r"of shape \(\d+, 2, 1\)"),
             (lambda m, b: b["input_ids"].float(), "columns"),  # its width is the batch's padded length
             (lambda m, b: torch.where(b["input_ids"][:, 1:2] == first, float("nan"), 1.0 * b["input_ids"][:, 1:2]),
-             r"not finite \(inf or NaN\) for the rows at positions \[\d+.*\]")):
+             r"not finite \(inf or NaN\) for the rows at positions \[\d+.*\]"),
+            # NaN for every row: the padding probe took it for features that read the padding ("difference nan")
+            (lambda m, b: torch.full((len(b["input_ids"]), 2), float("nan")),
+             r"not finite \(inf or NaN\) for the rows at positions \[0, 1, 2, 3, 4\]")):
         with pytest.raises(ValueError, match=message):
             compute_influences(model, train, test, args, data_collator=pad_collator, features=feature)
 

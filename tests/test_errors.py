@@ -722,3 +722,35 @@ def test_token_types_of_a_model_without_a_token_type_table_are_not_refused(pad_c
                                                                              "influence_knn_k": None})),
                                data_collator=pad_collator)
     assert len(table) == 16 and np.isfinite(table.to_pandas().influence).all()
+
+
+def _batch_mean(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"])  # reduction="mean": one value
+
+
+def _column(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")[:, None]
+
+
+def _first_logit_sum(outputs, batch):
+    return outputs.logits[:, 0].sum()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(loss_fn=_batch_mean), r"loss_fn must return .* shape \(batch_size,\) = \(\d+,\); it returned shape \(\)"),
+    (dict(loss_fn=_column), r"loss_fn must return .*; it returned shape \(\d+, 1\).*squeeze"),
+    (dict(measurement_fn=_first_logit_sum), r"measurement_fn must return .*; it returned shape \(\).*reduction='none'"),
+], ids=["loss batch mean", "loss column", "measurement sum"])
+def test_a_loss_function_without_one_value_per_row_is_named_before_any_work(kwargs, match, setup, pad_collator,
+                                                                             monkeypatch):
+    """A batch mean (cross_entropy's default reduction) failed with "IndexError: slice() cannot be applied to a 0-dim
+    tensor" in the padding probe; a (batch_size, 1) column with autograd's shape mismatch in the test gradients,
+    after the trunk and candidate stages had run."""
+    model, train, test = setup
+
+    def no_work(*_):
+        raise AssertionError("the check came after the work")
+
+    monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._attach_trunks", no_work)  # the first stage after the probe
+    with pytest.raises(ValueError, match=match):
+        compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator, **kwargs)
