@@ -213,7 +213,8 @@ class PerRowValues:
     """A user's ``loss_fn`` / ``measurement_fn``, its values checked to be one per row of the batch, shape
     ``(batch_size,)``: a batch mean (``F.cross_entropy``'s default ``reduction``) or a ``(batch_size, 1)`` column
     failed deep inside a stage (an ``IndexError`` of the padding probe, a shape mismatch of autograd after the trunk
-    and candidate stages had run) or, summed over a batch, would give every row the batch's gradient."""
+    and candidate stages had run), and where a stage sums a batch's values (the mean Hessian over a dataset), a batch
+    mean would count a whole batch as one row."""
 
     def __init__(self, fn: LossFn, role: str):
         self.fn, self.role = fn, role
