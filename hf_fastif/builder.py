@@ -235,8 +235,18 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
     manifest = out / MANIFEST
     existed = manifest.is_file()  # seen before the collective, so by every process alike (not after one wrote it)
     D.check_same_everywhere(signature)
+
+    def start() -> None:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        write_atomic(manifest, to_json({"signature": signature}, indent=2))
+
+    previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {}) if existed else None
+    if existed and previous != signature and not any((out / "shards").glob(f"shard-*/{METADATA_FILE}")):
+        # a run stopped before its first shard (killed: no exception removed its manifest): nothing to keep apart
+        logger.warning(f"{out} holds the manifest of another build that computed no shard; this build replaces it.")
+        D.barrier()  # every process has read it before it is replaced
+        existed = False
     if existed:
-        previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {})
         if previous.get("manifest_version") != MANIFEST_VERSION:
             raise ValueError(f"{out} holds a build made by an older hf_fastif (manifest version "
                              f"{previous.get('manifest_version')}, now {MANIFEST_VERSION}); its shards cannot be "
@@ -255,11 +265,6 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
                              f"{how}. Use a new output_dir otherwise, or delete this one to start over.")
         D.barrier()
         return False
-
-    def start() -> None:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        write_atomic(manifest, to_json({"signature": signature}, indent=2))
-
     D.on_main(start, f"Writing {manifest}")
     return True
 

@@ -484,3 +484,21 @@ def test_an_output_dir_it_cannot_write_is_refused_before_any_shard(where, setup,
     with pytest.raises(ValueError, match=match):
         build_influence_table(model, train, test, out, default_arguments(**ARGS), shard_size=2,
                               data_collator=pad_collator)
+
+
+def test_the_manifest_of_a_run_killed_before_its_first_shard_is_replaced(setup, pad_collator, tmp_path, caplog):
+    """A run killed before its first shard (SIGTERM: no exception removed its manifest) refused the rerun with other
+    settings as "another build", though it had computed nothing; a manifest whose build computed a shard still
+    refuses."""
+    model, train, test = setup
+    small = test.select(range(2))
+    builder._check_or_write_manifest(tmp_path, {"manifest_version": builder.MANIFEST_VERSION, "what": "a killed run"})
+    assert (tmp_path / builder.MANIFEST).is_file() and not list((tmp_path / "shards").iterdir())
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.builder"):
+        table = build_influence_table(model, train, small, tmp_path, default_arguments(**ARGS), shard_size=2,
+                                      data_collator=pad_collator)
+    assert "computed no shard; this build replaces it" in caplog.text and len(table) == 2 * 6
+    assert "a killed run" not in (tmp_path / builder.MANIFEST).read_text()
+    with pytest.raises(ValueError, match=r"another build \(settings.influence_seed: 42 in the manifest, 1 now"):
+        build_influence_table(model, train, small, tmp_path, default_arguments(**(ARGS | {"influence_seed": 1})),
+                              shard_size=2, data_collator=pad_collator)
