@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
 
@@ -42,7 +42,11 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
 
 def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = None,
                         defaults: Defaults | None = None) -> tuple:
-    """`parse_arguments` on a given parser (e.g. a subcommand's); see there."""
+    """`parse_arguments` on a given parser (e.g. a subcommand's); see there. A value the argument dataclasses
+    refuse (``--seed -1``, ``--num_threads 0``: a ``ValueError`` naming the fix) is, on the real command line
+    (``argv`` None), one line on stderr and exit status 2, as argparse reports its own flags' errors (a recipe printed
+    a traceback and exited with 1); with ``argv`` given, the ``ValueError`` is raised."""
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     fields = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
     if callable(defaults):
@@ -53,6 +57,17 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
     namespace = parser.parse_args(argv)
     # (``--influence_knn_k None`` or ``0``, ``--influence_params None``: read as None by InfluenceArguments itself,
     # as for a plain HfArgumentParser)
-    return tuple(dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
-                 for dtype in parser.dataclass_types)
+    try:
+        return tuple(dtype(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(dtype) if f.init})
+                     for dtype in parser.dataclass_types)
+    except ValueError as err:
+        if not command_line:
+            raise
+        exit_with_error(parser.prog, err)
+
+
+def exit_with_error(prog: str, err: Exception) -> NoReturn:
+    """``prog: error: <message>`` on stderr and exit status 2: a command line's bad value, as argparse reports one."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 

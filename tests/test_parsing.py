@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,6 +174,35 @@ def test_parse_arguments_ignores_defaults_of_other_commands():
     assert (data_args.num_labels, data_args.num_threads, data_args.max_length) == (3, 2, 64)
     with pytest.raises(SystemExit):
         parse_arguments([ModelDataArguments], ["--no_such_flag", "1"])
+
+
+def test_a_value_the_arguments_refuse_is_one_line_on_the_command_line(monkeypatch, capsys):
+    """A recipe's `--seed -1` or `--num_threads 0` printed a 24-line traceback and exited with status 1, where
+    argparse reports its own flags' errors in one line with status 2; called with argv, the ValueError is raised."""
+    monkeypatch.setattr(sys, "argv", ["hans_correction.py", "--num_threads", "0", "--model_name_or_path", "m"])
+    with pytest.raises(SystemExit) as exit_:
+        parse_arguments([ModelDataArguments])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "hans_correction.py: error: --num_threads must be at least 1, got 0.\n"
+    with pytest.raises(ValueError, match="--num_threads must be at least 1"):
+        parse_arguments([ModelDataArguments], ["--num_threads", "0", "--model_name_or_path", "m"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "seed must be a whole number >= 0, got -1."),
+    (["--output_dir", "{file}"], "--output_dir '{file}' is an existing file, not a folder; pass a folder"),
+], ids=["dataclass check", "output_dir check"])
+def test_a_recipe_reports_a_refused_flag_in_one_line(flags, message, tmp_path):
+    """The same from a recipe's command line, before any work (also its check of --output_dir, after the parse)."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "simulatability.py"
+    (tmp_path / "afile").write_text("")
+    flags = [f.format(file=tmp_path / "afile") for f in flags]
+    done = subprocess.run([sys.executable, str(recipe), "--output_dir", str(tmp_path / "o"), *flags],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "simulatability.py: error: " + message.format(file=tmp_path / "afile"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_none_is_typed_as_the_help_says(tmp_path):
