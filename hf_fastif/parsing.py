@@ -16,9 +16,12 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
+
+from .utils import check_output_dir
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -64,6 +67,17 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
         if not command_line:
             raise
         exit_with_error(parser.prog, err)
+
+
+def check_output_flag(output_dir: str, argv: Sequence[str] | None) -> None:
+    """`check_output_dir` of a command's ``--output_dir`` right after the parse: on the real command line (``argv``
+    None) its refusal (an existing file) is one line and exit status 2, as the parse's own (`parse_with_defaults`)."""
+    try:
+        check_output_dir(output_dir)
+    except ValueError as err:
+        if argv is not None:
+            raise
+        exit_with_error(Path(sys.argv[0]).name, err)
 
 
 def exit_with_error(prog: str, err: Exception) -> NoReturn:

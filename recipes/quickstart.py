@@ -19,8 +19,7 @@ from hf_fastif.annotate import TextSource, save_with_text
 from hf_fastif.applications import predict
 from hf_fastif.distributed import finish, is_main_process
 from hf_fastif.embedded import KINDS, embedded_data, embedded_defaults, embedded_kind, train_embedded
-from hf_fastif.parsing import parse_arguments
-from hf_fastif.utils import check_output_dir
+from hf_fastif.parsing import check_output_flag, parse_arguments
 
 
 @dataclass
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     quick, args = parse_arguments(
         (QuickstartArguments, InfluenceArguments), argv,
         lambda first: embedded_defaults("table", first.embedded_model) | {"output_dir": "outputs/quickstart"})
-    check_output_dir(args.output_dir)  # an existing file: refused now, not when the table is saved
+    check_output_flag(args.output_dir, argv)  # an existing file: refused now, not when the table is saved
     # under `accelerate launch` every process computes (the influence call is collective) and saves (safe: one
     # writer of the folder at a time); the main process alone prints
     say = print if is_main_process() else (lambda *_, **__: None)

@@ -188,20 +188,21 @@ def test_a_value_the_arguments_refuse_is_one_line_on_the_command_line(monkeypatc
         parse_arguments([ModelDataArguments], ["--num_threads", "0", "--model_name_or_path", "m"])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--seed", "-1"], "seed must be a whole number >= 0, got -1."),
-    (["--output_dir", "{file}"], "--output_dir '{file}' is an existing file, not a folder; pass a folder"),
-], ids=["dataclass check", "output_dir check"])
-def test_a_recipe_reports_a_refused_flag_in_one_line(flags, message, tmp_path):
+@pytest.mark.parametrize("name, flags, message", [
+    ("simulatability", ["--seed", "-1"], "seed must be a whole number >= 0, got -1."),
+    ("simulatability", ["--output_dir", "{file}"], "--output_dir '{file}' is an existing file, not a folder"),
+    ("quickstart", ["--output_dir", "{file}"], "--output_dir '{file}' is an existing file, not a folder"),
+], ids=["dataclass check", "output_dir check", "quickstart output_dir"])
+def test_a_recipe_reports_a_refused_flag_in_one_line(name, flags, message, tmp_path):
     """The same from a recipe's command line, before any work (also its check of --output_dir, after the parse)."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "simulatability.py"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
     (tmp_path / "afile").write_text("")
     flags = [f.format(file=tmp_path / "afile") for f in flags]
     done = subprocess.run([sys.executable, str(recipe), "--output_dir", str(tmp_path / "o"), *flags],
                           capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
-        "simulatability.py: error: " + message.format(file=tmp_path / "afile"))
+        f"{name}.py: error: " + message.format(file=tmp_path / "afile"))
     assert not (tmp_path / "o").exists()
 
 

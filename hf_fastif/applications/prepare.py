@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from ..embedded import (
     minilm_description,
     train_embedded_model,
 )
-from ..parsing import exit_with_error, parse_arguments
+from ..parsing import check_output_flag, parse_arguments
 from ..trainer import InfluenceTrainer
 from ..utils import check_output_dir
 from .common import ApplicationData, check_num_labels, heuristics_in, model_report
@@ -237,12 +236,7 @@ def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | Non
     (``recipes/<name>.py``; results go to ``outputs/<name>`` unless ``--output_dir`` says otherwise)."""
     parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv,
                              recipe_defaults(name, protocols))
-    try:
-        check_output_dir(parsed[-1].output_dir)  # an existing file: refused now, not when the results are written
-    except ValueError as err:
-        if argv is not None:
-            raise
-        exit_with_error(Path(sys.argv[0]).name, err)  # the command line's: one line, as its other flags' errors
+    check_output_flag(parsed[-1].output_dir, argv)  # an existing file: refused now, not when the results are written
     return parsed
 
 
