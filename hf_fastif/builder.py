@@ -37,7 +37,7 @@ from .mode import uncompiled
 from .params import select_parameters
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
-from .utils import check_output_dir, to_json, write_atomic
+from .utils import check_build_folder, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -133,11 +133,8 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
         raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
     args = args if args is not None else default_arguments()
     model = uncompiled(model)
-    out = check_output_dir(output_dir, "output_dir")  # refused now: they failed once every shard was computed
-    for folder in ("table", "shards"):
-        if (out / folder).exists() and not (out / folder).is_dir():
-            raise ValueError(f"{out / folder} is a file, where the build writes its {folder} folder; move it away, or "
-                             "build into another output_dir.")
+    out = check_build_folder(output_dir, {"table": "folder", "shards": "folder"}, "output_dir")  # (refused now: they
+    # failed once every shard was computed)
     shards = out / "shards"
     callables = {name: kwargs.get(name) for name in CALLABLES}
     signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),

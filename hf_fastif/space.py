@@ -54,7 +54,7 @@ from .influence import default_arguments
 from .params import num_parameters, select_parameters
 from .table import METADATA_FILE, InfluenceTable, InfluenceTableError, read_metadata
 from .table.format import candidate_pool, label_id, label_text
-from .utils import Timer, check_output_dir, library_version, to_json, write_atomic
+from .utils import Timer, check_build_folder, library_version, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -175,7 +175,7 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
         args = embedded_arguments(str(directory), use="table", kind=settings.name, **LIVE_SETTINGS)
     sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
     build = build_config(args, settings.name, sizes, max_test_samples, live)
-    _check_build_folder(directory)
+    check_build_folder(directory, BUILD_ENTRIES, "The build folder")
     ready = directory / READY_FILE
     if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
         missing = _missing_build_files(directory)
@@ -228,18 +228,6 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
 
     on_main(write, f"Writing {directory}")  # the others return once the build is on disk (or fail with its error)
     return directory, explainer
-
-
-def _check_build_folder(directory: Path) -> None:
-    """Refuse, before any work, a build folder the build cannot write into: a file (or a path below one), or a file
-    where it writes a folder (`BUILD_ENTRIES`) or a folder where it writes a file. ``save_pretrained`` only logged
-    such a ``model`` and skipped the save, and a ``table`` file failed once the whole table was computed."""
-    check_output_dir(directory, "The build folder")
-    for name, kind in BUILD_ENTRIES.items():
-        path = directory / name
-        if path.exists() and path.is_dir() != (kind == "folder"):
-            raise ValueError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where the build writes its {name} "
-                             f"{kind}; move it away, or build into another folder.")
 
 
 def _missing_build_files(directory: Path) -> list[str]:

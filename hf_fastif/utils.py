@@ -54,6 +54,19 @@ def check_output_dir(output_dir: str | Path, flag: str = "--output_dir") -> Path
     return folder
 
 
+def check_build_folder(directory: str | Path, entries: dict[str, str], flag: str = "--output_dir") -> Path:
+    """`check_output_dir`, and refuse, before any work, a file where a build writes one of its folders or a folder
+    where it writes a file (``entries``: name → ``"folder"`` / ``"file"``): ``save_pretrained`` only logged a file at
+    ``model`` and skipped the save, and a ``table`` file failed once the whole table was computed."""
+    folder = check_output_dir(directory, flag)
+    for name, kind in entries.items():
+        path = folder / name
+        if path.exists() and path.is_dir() != (kind == "folder"):
+            raise ValueError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where the build writes its {name} "
+                             f"{kind}; move it away, or build into another folder.")
+    return folder
+
+
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object] | None = None, *,
                  writer: Callable[[Path], object] | None = None) -> Path:
     """Write text or bytes (or what ``content(handle)`` writes to a binary file: a large array streamed; or what
