@@ -706,11 +706,15 @@ class InfluenceEngine:
         return folder
 
     def load_caches(self, directory: str | os.PathLike) -> list[str]:
-        """Read caches written by `save_caches` (missing folder: nothing loaded); returns what was loaded. A
-        folder that cannot be read (damaged, truncated) is skipped with a warning: the caches only save time,
-        and this engine's own are left as they were."""
+        """Read caches written by `save_caches`; returns what was loaded. A folder with nothing saved in it (missing,
+        or without the manifest `save_caches` writes: a typo, or the folder above) loads nothing, with a warning;
+        one that cannot be read (damaged, truncated) is skipped with a warning: the caches only save time, and this
+        engine's own are left as they were."""
         folder = Path(directory)
         if not (folder / CACHE_MANIFEST).is_file():
+            found = "does not exist" if not folder.exists() else f"holds no {CACHE_MANIFEST} (not a save_caches folder)"
+            logger.warning(f"No engine caches loaded: {folder} {found}; they are computed when needed, and "
+                           "engine.save_caches(folder) writes them for a later process.")
             return []
         state = (OrderedDict(self._trunks), self._low_rank, self._saved_gradient_index, dict(self._curvature),
                  dict(self._from_disk))

@@ -1088,6 +1088,29 @@ def test_a_loaded_gradient_index_not_yet_read_is_saved_again(data, pad_collator,
             assert "gradient_index" not in engine.unused_loaded_caches()
 
 
+def test_a_folder_without_saved_caches_loads_nothing_with_a_warning(data, pad_collator, tmp_path, caplog):
+    """A mistyped folder, or the one above the caches, is named (it returned [] silently)."""
+    model, train, test = data
+    engine = InfluenceEngine(model, default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8),
+                             data_collator=pad_collator)
+    engine.compute_influences(train, test)
+    engine.save_caches(tmp_path / "run" / "caches")
+    hf_logging.enable_propagation()
+    try:
+        for folder, says in ((tmp_path / "run" / "cahces", "does not exist"),
+                             (tmp_path / "run", "holds no hf_fastif_caches.json")):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                assert engine.load_caches(folder) == []
+            assert f"No engine caches loaded: {folder} {says}" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert "low_rank" in engine.load_caches(tmp_path / "run" / "caches")
+        assert "No engine caches loaded" not in caplog.text
+    finally:
+        hf_logging.disable_propagation()
+
+
 def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tmp_path, caplog):
     """Caches only save time: a folder that cannot be read (a truncated array, a damaged manifest) loads nothing,
     says so, and leaves the engine's own caches as they were; the call still gives the same numbers."""
