@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from datasets import Dataset
 from transformers import Trainer
 from transformers.utils import logging
 
+from . import distributed as D
 from .arguments import InfluenceArguments
 from .builder import build_influence_table
 from .engine import InfluenceEngine, loss_key
@@ -23,9 +27,11 @@ COUPLED_OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam", "R
 
 
 class InfluenceTrainer(Trainer):
-    """`Trainer` plus `compute_influences`. Training is exactly the Trainer's; the influence pipeline is an
-    `InfluenceEngine` that this trainer holds across calls (`influence_engine`), so the frozen trunk's states and
-    the candidate indexes are computed once and rebuilt only when the weights or data they depend on change.
+    """`Trainer` plus `compute_influences`. Training is the Trainer's, but for one mend (`compute_loss`: a head
+    whose loss ignores ``num_items_in_batch`` trains at the Trainer's step under gradient accumulation and
+    ``accelerate launch``); the influence pipeline is an `InfluenceEngine` that this trainer holds across calls
+    (`influence_engine`), so the frozen trunk's states and the candidate indexes are computed once and rebuilt only
+    when the weights or data they depend on change.
 
     Args:
         influence_loss_fn: per-example training loss ``(outputs, batch) → (b,)`` (default: from the head).
@@ -40,16 +46,67 @@ class InfluenceTrainer(Trainer):
         self.influence_loss_fn = influence_loss_fn
         self.influence_measurement_fn = influence_measurement_fn
         self._influence_engine: InfluenceEngine | None = None
+        self.loss_reads_num_items: bool | None = None  # `compute_loss`: found on the first training step
         # (label_smoothing_factor is the default loss's own: it reads it from the arguments)
         trained_on = [what for what, used in (
             ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
-            (f"{type(self).__name__}.compute_loss", type(self).compute_loss is not Trainer.compute_loss)) if used]
+            (f"{type(self).__name__}.compute_loss",
+             type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
         self._say_which_weight_decay()
         if trained_on and influence_loss_fn is None:
             logger.warning(f"This trainer trains with {' and '.join(trained_on)}, but influence uses the model's "
                            "plain loss (the head's own): the Hessian and gradients are not those of the loss that "
                            "was trained. Pass influence_loss_fn=(outputs, batch) -> per-row loss to measure that "
                            "one.")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's, once it knows whether the model's loss reads ``num_items_in_batch``.
+
+        The Trainer takes a ``forward`` with ``**kwargs`` (almost every transformers model's) for one that normalises
+        its loss by ``num_items_in_batch``, the rows or tokens of the whole optimizer step: it then neither divides
+        the loss by ``gradient_accumulation_steps`` nor leaves it alone under a launch (it multiplies it by the
+        number of processes). A head whose loss is its own batch's mean (the sequence-classification heads: BERT's,
+        RoBERTa's, ...) then steps ``gradient_accumulation_steps`` or ``num_processes`` times too far with SGD and
+        logs a loss as many times too large (transformers 5.24; huggingface/transformers#47688). On the first
+        training step this asks the model itself: its loss on the step's batch with ``num_items_in_batch`` n and 2n
+        (no gradient, eval mode, the model's modes restored). A loss that does not change reads nothing, and
+        ``model_accepts_loss_kwargs`` is turned off, as the Trainer's docstring asks for such losses; under a launch
+        the processes decide together (one that reads it keeps it on everywhere). Left to the Trainer: a
+        ``compute_loss_func`` or label smoothing (the Trainer's own losses, which read it), a model without a loss.
+        """
+        if (num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.loss_reads_num_items is None
+                and self.compute_loss_func is None and self.label_smoother is None):
+            self.loss_reads_num_items = self._loss_reads_num_items(model, inputs, num_items_in_batch)
+            if self.loss_reads_num_items is False:
+                self.model_accepts_loss_kwargs = False
+                logger.info("The model's loss does not read num_items_in_batch (the same loss for n and 2n items): "
+                            "the Trainer's model_accepts_loss_kwargs is turned off, so that gradient accumulation "
+                            "and processes average its loss as for any per-batch mean.")
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _loss_reads_num_items(self, model, inputs, num_items) -> bool:
+        """Whether the model's loss on ``inputs`` changes with ``num_items_in_batch`` (every process's answer, or
+        True where one could not tell: a zero, non-finite or missing loss, which leaves the Trainer's way)."""
+        module = self.accelerator.unwrap_model(model)  # (not DDP's forward: it may synchronise buffers)
+        modes = {m: m.training for m in module.modules()}
+        losses = []
+        try:
+            module.eval()
+            with torch.no_grad():
+                for n in (num_items, num_items * 2):
+                    outputs = module(**inputs, num_items_in_batch=n)
+                    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+                    losses.append(float(loss.detach().float().sum()) if torch.is_tensor(loss) else math.nan)
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError):
+            losses = [math.nan, math.nan]  # the step's own forward reports what is wrong with the batch
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        a, b = losses
+        here = None if not (math.isfinite(a) and math.isfinite(b)) or a == 0 else abs(a - b) > 1e-4 * abs(a)
+        everyone = D.gather_objects(here)
+        return True in everyone or False not in everyone
 
     @property
     def influence_args(self) -> InfluenceArguments:

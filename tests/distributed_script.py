@@ -5,7 +5,8 @@ seed, which must be refused; with "weights", process 1's model differs in one we
 with "diverge", LiSSA diverges in process 1's repetitions only, and both processes must stop (not wait); with
 "caches", engine caches saved by the main process are loaded by every process, then by the main process only; with
 "finetune_cache_full", the main process cannot write the fine-tuned MiniLM into the cache, and both must stop; with
-"build_write_fails", the main process cannot write a build's shard, both stop, and a retry resumes.
+"build_write_fails", the main process cannot write a build's shard, both stop, and a retry resumes; with
+"sgd_step", an `InfluenceTrainer` takes one SGD step.
 """
 
 import json
@@ -80,10 +81,35 @@ def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
     return out, model, train, test, collator
 
 
+def one_sgd_step(output_dir: str, batch_size: int) -> dict:
+    """One SGD step of an `InfluenceTrainer` on 8 rows (dropout off), ``batch_size`` rows a process: each
+    parameter's change and the logged loss."""
+    from hf_fastif import InfluenceArguments, InfluenceTrainer
+
+    model = tiny_model("bert", dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = InfluenceArguments(output_dir=output_dir, report_to="none", use_cpu=True, max_steps=1, optim="sgd",
+                              learning_rate=0.5, per_device_train_batch_size=batch_size, save_strategy="no",
+                              logging_strategy="no", disable_tqdm=True, seed=0)
+    rows = make_token_dataset(8, seed=3, min_len=6, max_len=6)
+    loss = InfluenceTrainer(model=model, args=args, train_dataset=rows).train().training_loss
+    return {"loss": loss, "change": {k: (v.detach() - before[k]).tolist() for k, v in model.named_parameters()}}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     rank, size = world()
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode == "sgd_step":  # 2 processes of 4 rows each take the step of one process's 8
+        out = one_sgd_step(sys.argv[1] + ".trainer", 4) | {"num_processes": size}
+        if rank == 0:
+            with open(sys.argv[1], "w") as f:
+                json.dump(out, f)
+        finish()
+        sys.exit(0)
     if mode == "diverge":
         from hf_fastif.solvers import LissaDivergenceError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.distributed_script import tables
+from tests.distributed_script import one_sgd_step, tables
 
 SCRIPT = Path(__file__).with_name("distributed_script.py")
 
@@ -56,6 +56,22 @@ def test_two_processes_equal_one(two_processes, one_process, case):
     assert a["diagnostics"].keys() == b["diagnostics"].keys()
     for key, value in a["diagnostics"].items():
         assert b["diagnostics"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_an_influence_trainer_under_a_launch_takes_the_step_of_one_process(tmp_path):
+    """BERT's classification loss ignores num_items_in_batch, which its forward takes in **kwargs: the Trainer
+    multiplied its loss by the number of processes, so 2 processes stepped 2x as far with SGD and logged a loss 2x
+    (1.28 for a 2-label model). 2 processes of 4 rows now take the step of one process's 8."""
+    result = launch(tmp_path / "sgd.json", "sgd_step")
+    assert result.returncode == 0, result.stderr[-4000:]
+    launched = json.loads((tmp_path / "sgd.json").read_text())
+    alone = one_sgd_step(str(tmp_path / "alone"), 8)
+    assert launched["num_processes"] == 2
+    assert max(np.abs(np.asarray(c)).max() for c in alone["change"].values()) > 1e-4
+    for name, change in alone["change"].items():
+        np.testing.assert_allclose(launched["change"][name], change, rtol=1e-4, atol=1e-7, err_msg=name)
+    # (the Trainer's training_loss is the main process's own 4 rows' mean: near the 8 rows', not 2x)
+    assert launched["loss"] == pytest.approx(alone["loss"], rel=0.05)
 
 
 def test_lissa_diverging_in_one_process_stops_both(tmp_path):

@@ -1,4 +1,4 @@
-"""InfluenceTrainer: training is exactly the Trainer's; influence comes from the same engine."""
+"""InfluenceTrainer: training is the Trainer's (but for a loss that ignores num_items_in_batch); influence comes from the same engine."""
 
 import numpy as np
 import pytest
@@ -31,6 +31,36 @@ def test_swapping_trainer_changes_nothing_about_training(tmp_path, pad_collator)
         torch.testing.assert_close(trained[0][k], trained[1][k], rtol=0, atol=0)
     assert any(not torch.equal(trained[0][k], tiny_model("bert", dtype=torch.float32).state_dict()[k])
                for k in trained[0])
+
+
+def _one_sgd_step(tmp_path, kind, batch_size, accumulation, rows):
+    model = tiny_model(kind, dtype=torch.float32)
+    for module in model.modules():  # the same step whatever rows share a forward
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer = InfluenceTrainer(model=model, train_dataset=rows, args=arguments(
+        tmp_path, max_steps=1, optim="sgd", learning_rate=0.5, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation))
+    loss = trainer.train().training_loss
+    return {k: v.detach() - before[k] for k, v in model.named_parameters()}, loss, trainer
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2-lm"])
+def test_gradient_accumulation_steps_as_one_batch_whether_or_not_the_loss_reads_num_items(tmp_path, kind):
+    """BERT's classification loss is its batch's mean and ignores num_items_in_batch, which its forward takes in
+    **kwargs: the Trainer then skipped the division by gradient_accumulation_steps (an SGD step 2x too far with 2
+    steps, the logged loss 2x, as under a 2-process launch); a causal LM's loss reads it and keeps the Trainer's
+    way. Both: one batch of 4 rows and 2 accumulated batches of 2 take the same step."""
+    rows = make_token_dataset(4, seed=3, min_len=6, max_len=6, causal=kind == "gpt2-lm")
+    whole, whole_loss, _ = _one_sgd_step(tmp_path / "a", kind, 4, 1, rows)
+    split, split_loss, trainer = _one_sgd_step(tmp_path / "b", kind, 2, 2, rows)
+    assert max(float(d.abs().max()) for d in whole.values()) > 1e-3
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert trainer.loss_reads_num_items is (kind == "gpt2-lm")
+    assert trainer.model_accepts_loss_kwargs is (kind == "gpt2-lm")
 
 
 def test_trainer_compute_influences_matches_the_function(tmp_path, pad_collator):
