@@ -78,7 +78,7 @@ from .space import build_default, open_table
 from .table import InfluenceTable, InfluenceTableError
 from .table.format import label_text
 from .table.hub import push_table_resolved
-from .utils import check_output_dir
+from .utils import check_output_dir, library_version, to_json, write_atomic
 
 EXIT_ERROR = 2
 TRUST_REMOTE_CODE_HELP = ("Run the model's own code from its folder or Hub repo (auto_map in config.json: a custom "
@@ -524,12 +524,15 @@ def add_recall(sub) -> None:
                             description="Candidate recall: s_test once, the full scan once, then for each method and "
                                         "k the share of the full scan's 10 / 100 most helpful and harmful rows among "
                                         "the k candidates. Without --model_name_or_path, MiniLM is fine-tuned on "
-                                        "generated NLI data first.")
+                                        "generated NLI data first. Prints the table; with --output_dir, also "
+                                        "writes recall.json and recall.md there.")
     parser.set_defaults(run=run_recall, parser=parser)
 
 
 def run_recall(ns: argparse.Namespace) -> int:
     recall, args = parse_with_defaults(ns.parser, ns.argv, recall_defaults)
+    # --output_dir given: recall.json and recall.md go there (it was accepted and nothing was written)
+    out = check_output_dir(args.output_dir) if _given(ns.argv, "--output_dir") else None
     methods = check_methods(recall.methods)
     for spec in recall.ks:
         parse_k(spec)
@@ -563,10 +566,19 @@ def run_recall(ns: argparse.Namespace) -> int:
     results = engine.candidate_recall(train, test, ks, methods=methods, ns=top_ns)
     solver = args.influence_solver + (f" J {args.influence_recursion_depth}, B {args.influence_batch_size}, T "
                                       f"{args.influence_repetitions}" if args.influence_solver == "lissa" else "")
-    print(f"candidate recall · model {name} · N {len(train)} training rows · {len(test)} test points · "
-          f"{params:,} influence parameters · {solver}, λ {args.influence_lambda:g} · projection "
-          f"{args.influence_projection_dim}\n")
-    print(recall_table(results, top_ns))
+    text = (f"candidate recall · model {name} · N {len(train)} training rows · {len(test)} test points · "
+            f"{params:,} influence parameters · {solver}, λ {args.influence_lambda:g} · projection "
+            f"{args.influence_projection_dim}\n\n{recall_table(results, top_ns)}")
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"command": "hf-fastif recall " + " ".join(ns.argv), "library_version": library_version(),
+                  "model": name, "n_train": len(train), "test_rows": np.sort(rows).tolist(),
+                  "num_influence_parameters": params, "recall_ns": top_ns,
+                  "influence": args.influence_settings(), "rows": results}
+        write_atomic(out / "recall.json", to_json(report, indent=1))
+        write_atomic(out / "recall.md", text + "\n")
+        print(f"\nwritten to {out / 'recall.json'} and {out / 'recall.md'}")
     return 0
 
 

@@ -4,6 +4,7 @@ fine-tuned MiniLM default (tiny sizes), and bad input refused before any work.""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -45,11 +46,19 @@ def table_rows(out: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
 
-def test_recall_prints_a_row_per_method_and_k(files, capsys) -> None:
+def test_recall_prints_a_row_per_method_and_k(files, capsys, tmp_path) -> None:
+    """... and writes them to --output_dir (accepted, and nothing was written)."""
     argv = ["recall", *flags(files), "--num_test_points", "3", "--ks", "10", "25%", "100%", "--methods", "auto",
-            "gradient", "random", "--influence_projection_dim", "512", *TINY_PARAMS, *CG]
+            "gradient", "random", "--influence_projection_dim", "512", *TINY_PARAMS, *CG,
+            "--output_dir", str(tmp_path / "out")]
     assert main(argv) == 0
     out = capsys.readouterr().out
+    written = json.loads((tmp_path / "out" / "recall.json").read_text())
+    assert (tmp_path / "out" / "recall.md").read_text().strip() in out
+    assert written["n_train"] == 120 and len(written["test_rows"]) == 3 and written["recall_ns"] == [10, 100]
+    assert [(r["method"], r["k"]) for r in written["rows"]] == [(m, k) for m in ("auto", "gradient", "random")
+                                                                 for k in (10, 30, 120)]
+    assert written["influence"]["influence_projection_dim"] == 512
     assert "N 120 training rows · 3 test points" in out and "projection 512" in out
     header = next(line for line in out.splitlines() if line.startswith("| method"))
     assert header == ("| method | k | k/N | recall@10 helpful | recall@10 harmful | recall@100 helpful | recall@100 "
@@ -98,6 +107,7 @@ class _NoWork:
                                        "last, gradient, random"),
     (["--ks", "121"], "k=121 exceeds the 120 candidate rows"),
     (["--num_test_points", "0"], "--num_test_points must be at least 1"),
+    (["--output_dir", __file__], f"--output_dir {__file__!r} is an existing file, not a folder"),
     (["--methods", "gradient", "--influence_projection_dim", "100000"], "--influence_projection_dim 100000 exceeds"),
 ])
 def test_bad_input_is_refused_before_work(files, monkeypatch, capsys, extra, message) -> None:
