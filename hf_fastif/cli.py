@@ -357,6 +357,8 @@ def add_pull(sub) -> None:
 
 
 def run_pull(ns: argparse.Namespace) -> int:
+    if ns.output_dir:  # an existing file: refused now ("[Errno 20] Not a directory" after the download)
+        check_output_dir(ns.output_dir, "--output-dir")
     table = InfluenceTable.from_hub(ns.repo_id, revision=ns.revision, verify=True, force_download=ns.force_download)
     print(_summary(table))
     if ns.output_dir:
@@ -623,7 +625,11 @@ def run_cache(ns: argparse.Namespace) -> int:
 
     if ns.unused_days is not None and not ns.unused_days >= 0:
         raise ValueError(f"--unused-days must be 0 or more, got {ns.unused_days}.")
-    root, entries = cache_root(ns.cache_dir), cache_entries(ns.cache_dir)
+    root = cache_root(ns.cache_dir)
+    if root.exists() and not root.is_dir():  # (it listed "0 entries" as for an empty cache)
+        where = "--cache-dir" if ns.cache_dir is not None else "the cache root ($HF_FASTIF_CACHE)"
+        raise ValueError(f"{where} {str(root)!r} is a file, not a folder; pass hf_fastif's cache folder.")
+    entries = cache_entries(ns.cache_dir)
     print(f"hf_fastif cache {root}: {len(entries)} entries, {_megabytes(sum(e.size for e in entries))}")
     now = time.time()
     frame = pd.DataFrame([{"kind": e.kind, "size": _megabytes(e.size),

@@ -127,6 +127,17 @@ def test_the_cache_command_lists_and_removes_only_what_it_is_asked_to(cache, fla
     assert (f"removed {len(removed)} entries" in out) == bool(flags)
 
 
+def test_a_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
+    """`hf-fastif cache --cache-dir README.md` listed "0 entries", as for an empty cache."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a cache")
+    assert main(["cache", "--cache-dir", str(afile)]) == 2
+    assert f"error: --cache-dir {str(afile)!r} is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("HF_FASTIF_CACHE", str(afile))
+    assert main(["cache", "--clear"]) == 2 and afile.read_text() == "not a cache"
+    assert "the cache root ($HF_FASTIF_CACHE)" in capsys.readouterr().err
+
+
 def test_a_fresh_unfinished_write_is_kept_even_by_clear(cache):
     """A staging folder younger than STALE_STAGING_S may be another process's write under way."""
     entries = cache_entries(cache)

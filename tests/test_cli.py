@@ -265,6 +265,18 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
         in done.stdout and "InfluenceTable.from_hub('test-user/bare-table', revision=" in done.stdout
 
 
+def test_pull_refuses_an_output_dir_that_is_a_file_before_the_download(tmp_path, monkeypatch, capsys) -> None:
+    """It failed after the download with "[Errno 20] Not a directory: 'afile/data'"."""
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before the output folder was checked")
+
+    monkeypatch.setattr(InfluenceTable, "from_hub", no_download)
+    (tmp_path / "afile").write_text("")
+    assert main(["pull", "test-user/t", "--output-dir", str(tmp_path / "afile")]) == 2
+    assert f"error: --output-dir {str(tmp_path / 'afile')!r} is an existing file, not a folder" in \
+        capsys.readouterr().err
+
+
 def test_the_recorded_command_leaves_secrets_out() -> None:
     """build recorded its raw command line in the table's metadata, a --hub_token with it, and push published it;
     run as `python -m hf_fastif` (the same command, the README says) it recorded nothing."""
