@@ -91,6 +91,7 @@ for name, call in {
     "corrupt_shard": lambda: InfluenceTable.from_hub("test-user/corrupt"),
     "bad_repo_id": lambda: InfluenceTable.from_hub("not a repo id!"),
     "private_anonymous": lambda: InfluenceTable.from_hub("test-user/private", token=False, cache_dir="anonymous"),
+    "wrong_token": lambda: InfluenceTable.from_hub(repo, token="hf_wrong_read_0123456789", cache_dir="wrong"),
 }.items():
     try:
         call()
@@ -175,6 +176,9 @@ def test_push_pull_load_dataset_revisions_and_errors(hub_server: HubServer, tmp_
     assert "is not an influence table" in errors["not_a_table"]["message"]
     assert "corrupt" in errors["corrupt_shard"]["message"] and "train-00001-of-00003" in errors["corrupt_shard"]["message"]
     assert "not a valid Hub repo id" in errors["bad_repo_id"]["message"]
+    # a refused token on a public repo: "The Hub answered HTTP 401" said nothing of the token
+    assert ("HTTP 401 for dataset repo 'test-user/nli-influence': the token sent (token=..., HF_TOKEN or `hf auth login`) was "
+            "refused") in errors["wrong_token"]["message"] and "hf_wrong_read" not in errors["wrong_token"]["message"]
     assert out["private"] == len(v1) and "private or gated: use a token of an account with access: `hf auth login` or HF_TOKEN" in errors["private_anonymous"]["message"]
 
 

@@ -79,6 +79,10 @@ def _pull_message(err: Exception, repo_id: str, revision: str | None) -> str:
                 "InfluenceTable.push_to_hub or `hf-fastif push`.")
     if isinstance(err, HFValidationError):
         return f"{repo_id!r} is not a valid Hub repo id (expected 'user/name')."
+    if _status(err) in (401, 403):  # a token was sent and refused (expired, revoked, mistyped; no read access)
+        return (f"The Hub answered HTTP {_status(err)} for {where}: the token sent (token=..., HF_TOKEN or "
+                "`hf auth login`) was refused or lacks read access. Pass a valid token with access to the repo, or "
+                "none for a public repo (unset HF_TOKEN).")
     return f"The Hub answered HTTP {_status(err)} for {where}."
 
 
