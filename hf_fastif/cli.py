@@ -40,6 +40,7 @@ from transformers.utils import logging
 
 from .annotate import TextSource, save_with_text
 from .applications.common import check_num_labels, predict
+from .applications.prepare import resolve_model
 from .arguments import InfluenceArguments
 from .batches import usable_positions
 from .builder import build_influence_table
@@ -248,6 +249,7 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     if not build.train_dataset or not build.test_dataset:
         raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
                          "to explain).")
+    resolve_model(build.model_name_or_path, build.revision, build.trust_remote_code)  # a clear error first
     model = AutoModelForSequenceClassification.from_pretrained(build.model_name_or_path, revision=build.revision,
                                                                trust_remote_code=build.trust_remote_code,
                                                                attn_implementation="eager")
@@ -589,6 +591,7 @@ def _recall_data(recall: RecallArguments) -> tuple[Dataset, Dataset]:
     if not recall.train_dataset or not recall.test_dataset:
         raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
                          "to explain).")
+    resolve_model(recall.model_name_or_path, recall.revision, recall.trust_remote_code)  # a clear error first
     train, test = _nli_data(AutoConfig.from_pretrained(recall.model_name_or_path, revision=recall.revision,
                                                        trust_remote_code=recall.trust_remote_code), recall)
     if recall.max_train_samples:

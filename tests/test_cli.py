@@ -265,6 +265,19 @@ def test_push_pull_show_through_the_hub(built: Path, hub_server: HubServer, tmp_
         in done.stdout and "InfluenceTable.from_hub('test-user/bare-table', revision=" in done.stdout
 
 
+@pytest.mark.parametrize("command", ["build", "recall"])
+def test_a_model_folder_that_does_not_exist_is_named(tmp_path, capsys, command) -> None:
+    """transformers' own message was "We couldn't connect to 'https://huggingface.co' ... Check your internet
+    connection" for a mistyped local folder."""
+    missing = str(tmp_path / "nomodel")
+    assert main([command, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", missing, "--train_dataset",
+                 "train.jsonl", "--test_dataset", "test.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing!r} is not a local directory, so it would come from the Hugging Face Hub, but the Hub is " \
+           "offline (HF_HUB_OFFLINE) and it is not in the local cache" in err
+    assert "couldn't connect" not in err
+
+
 def test_pull_refuses_an_output_dir_that_is_a_file_before_the_download(tmp_path, monkeypatch, capsys) -> None:
     """It failed after the download with "[Errno 20] Not a directory: 'afile/data'"."""
     def no_download(*args, **kwargs):

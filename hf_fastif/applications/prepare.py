@@ -245,8 +245,9 @@ def configure_threads(data_args: ModelDataArguments) -> None:
         torch.set_num_threads(data_args.num_threads)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A local checkpoint directory or a Hub id that can be loaded; a `ValueError` naming the fix otherwise."""
+def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """A local checkpoint directory or a Hub id (at ``revision``) that can be loaded; a `ValueError` naming the fix
+    otherwise (transformers' own says "We couldn't connect to 'https://huggingface.co'..." for a mistyped folder)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -254,7 +255,8 @@ def resolve_model(name_or_path: str) -> str:
                              "directory written by model.save_pretrained(...) or a Hub model id.")
         return str(path)
     try:
-        AutoConfig.from_pretrained(name_or_path)  # the local cache, or the Hub when online
+        AutoConfig.from_pretrained(name_or_path, revision=revision,  # the local cache, or the Hub when online
+                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         if hub_offline():
             raise ValueError(
