@@ -239,7 +239,7 @@ def model_report_markdown(report: dict) -> str:
     if report.get("subcases"):
         names = ("entailment", "non_entailment")
         subcase_rows = [[name, v["heuristic"], names[v["label"]] if v["label"] in (0, 1) else v["label"], v["rows"],
-                         f"{100 * v['accuracy']:.0f}"]
+                         f"{100 * v['accuracy']:.1f}"]
                         for name, v in sorted(report["subcases"].items(),
                                               key=lambda kv: (heuristic_order(kv[1]["heuristic"]), kv[0]))]
         lines += ["", "Per subcase:", "", markdown_table(["subcase", "heuristic", "gold", "rows", "accuracy (%)"],

@@ -257,6 +257,17 @@ def test_random_groups_are_drawn_by_the_label_they_are_stepped_with(trained, dat
 
 
 # ------------------------------------------------------------------------------------------------------ model report
+def test_the_subcase_table_shows_the_heuristic_tables_decimal():
+    """Subcases were rounded to whole percents with Python's half-to-even rounding: 2.5 showed as 2, 52.5 as 52 and
+    97.5 as 98, next to heuristics with one decimal."""
+    report = {"hans": {"accuracy": 0.5}, "heuristics": [], "hans_rows": 120,
+              "subcases": {f"sub_{i}": {"heuristic": "lexical_overlap", "label": 0, "rows": 40, "accuracy": a}
+                           for i, a in enumerate((0.025, 0.525, 0.975))}}
+    cells = [line.split("|")[-2].strip() for line in model_report_markdown(report).splitlines()
+             if line.startswith("| sub_")]
+    assert cells == ["2.5", "52.5", "97.5"]
+
+
 def test_model_report_measures_training_accuracy_on_a_seeded_sample(trained, nli):
     report = model_report(trained, nli["test"], nli["collator"], train=nli["train"], max_train_rows=100, seed=3)
     assert report["train_accuracy_rows"] == 100 and report["train_accuracy_sampled"] is True
