@@ -261,7 +261,7 @@ class Explanation:
             (``train_id``, ``influence``, ``train_<text>`` columns).
         counts: `InfluenceTable.describe` of the candidates (how many of each sign, distinct values, range).
         pieces: the word pieces the model reads, ``[CLS]`` / ``[SEP]`` included.
-        unknown: the typed words the tokenizer reads as its unknown token.
+        unknown: the typed words the tokenizer reads as its unknown token, each once.
         seconds: wall time of the computation (prediction + influence), lock wait excluded.
         k / n: candidates scored / rows asked for per side.
         candidates_note: how the candidates were chosen (`InfluenceTable.candidates_note`; None: every row scored).
@@ -329,7 +329,8 @@ def encode_pair(tokenizer, premise: str, hypothesis: str, label: int, max_tokens
                 start, end = encoded["offset_mapping"][i]
                 unknown.append(texts[seq][start:end])
     row = {key: [list(encoded[key])] for key in encoded if key != "offset_mapping"} | {"labels": [int(label)]}
-    return Dataset.from_dict(row), tokenizer.convert_ids_to_tokens(ids), unknown, length
+    # each word once, in the order typed (a word in both sentences was named twice)
+    return Dataset.from_dict(row), tokenizer.convert_ids_to_tokens(ids), list(dict.fromkeys(unknown)), length
 
 
 class Explainer:

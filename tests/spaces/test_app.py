@@ -212,6 +212,8 @@ def test_typed_text_through_minilm_wordpiece() -> None:
     assert pieces[0] == "[CLS]" and "##yl" in pieces and unknown == ["🙂"]  # rare words split, the emoji named
     assert test["labels"] == [1] and len(test["input_ids"][0]) == len(pieces)
     assert test["token_type_ids"][0][-1] == 1 and test["attention_mask"][0] == [1] * len(pieces)
+    # a word unknown in both sentences is named once (it was listed twice)
+    assert encode_pair(tokenizer, "A 🙂 sleeps 🙃.", "A 🙂 sleeps.", 0)[2] == ["🙂", "🙃"]
     with pytest.raises(ValueError, match="The premise has nothing the model can read"):
         encode_pair(tokenizer, "\u200b\u200b", "Someone played music.", 0)
     with pytest.raises(ValueError, match="knows no word of the hypothesis '🙂 !'"):
