@@ -32,7 +32,7 @@ def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "tables.json"
     result = launch(out)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()) | {"stderr": result.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,8 @@ def one_process():
 
 def test_two_processes_really_ran(two_processes):
     assert two_processes["num_processes"] == 2
+    # transformers' advice to launch with torch.distributed.launch, once per influence arguments made (no DDP here)
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in two_processes["stderr"]
 
 
 @pytest.mark.parametrize("case", ["lissa_knn", "lissa_t4_full", "lissa_t3_full", "cg_full", "exact_mean",
