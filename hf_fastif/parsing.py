@@ -72,8 +72,15 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
 def check_output_flag(output_dir: str, argv: Sequence[str] | None) -> None:
     """`check_output_dir` of a command's ``--output_dir`` right after the parse: on the real command line (``argv``
     None) its refusal (an existing file) is one line and exit status 2, as the parse's own (`parse_with_defaults`)."""
+    check_flags(lambda: check_output_dir(output_dir), argv)
+
+
+def check_flags(check: Callable[[], object], argv: Sequence[str] | None) -> None:
+    """Run ``check`` (a check of parsed flags alone, raising `ValueError`) right after the parse: on the real command
+    line (``argv`` None) its refusal is one line and exit status 2, as the parse's own; with ``argv`` given it is
+    raised."""
     try:
-        check_output_dir(output_dir)
+        check()
     except ValueError as err:
         if argv is not None:
             raise

@@ -192,7 +192,9 @@ def test_a_value_the_arguments_refuse_is_one_line_on_the_command_line(monkeypatc
     ("simulatability", ["--seed", "-1"], "seed must be a whole number >= 0, got -1."),
     ("simulatability", ["--output_dir", "{file}"], "--output_dir '{file}' is an existing file, not a folder"),
     ("quickstart", ["--output_dir", "{file}"], "--output_dir '{file}' is an existing file, not a folder"),
-], ids=["dataclass check", "output_dir check", "quickstart output_dir"])
+    ("hans_correction", ["--resume_from_checkpoint", "{file}"], "--resume_from_checkpoint resumes the fine-tuning of "
+                                                                "--model_name_or_path; the embedded default's model"),
+], ids=["dataclass check", "output_dir check", "quickstart output_dir", "embedded flags"])
 def test_a_recipe_reports_a_refused_flag_in_one_line(name, flags, message, tmp_path):
     """The same from a recipe's command line, before any work (also its check of --output_dir, after the parse)."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"

@@ -61,7 +61,7 @@ from ..embedded import (
     minilm_description,
     train_embedded_model,
 )
-from ..parsing import check_output_flag, parse_arguments
+from ..parsing import check_flags, check_output_flag, parse_arguments
 from ..trainer import InfluenceTrainer
 from ..utils import check_output_dir
 from .common import ApplicationData, check_num_labels, heuristics_in, model_report
@@ -237,6 +237,8 @@ def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | Non
     parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv,
                              recipe_defaults(name, protocols))
     check_output_flag(parsed[-1].output_dir, argv)  # an existing file: refused now, not when the results are written
+    # flags the embedded default cannot take: one line on the command line too (a traceback, after loading)
+    check_flags(lambda: _check_embedded_flags(parsed[0], parsed[-1]), argv)
     return parsed
 
 
@@ -417,9 +419,7 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     if data_args.num_labels not in required_labels:
         raise ValueError(f"{what} needs a {' or '.join(map(str, required_labels))}-label model; got "
                          f"--num_labels {data_args.num_labels}.")
-    if data_args.embedded and data_args.fine_tune == "never":
-        raise ValueError("--fine_tune never needs --model_name_or_path (a fine-tuned checkpoint); the embedded "
-                         "model is always trained here.")
+    _check_embedded_flags(data_args, args)
     check_output_dir(args.output_dir)
     checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
     _check_resume(args.resume_from_checkpoint, checkpoint)
@@ -521,6 +521,17 @@ def _check_checkpoint(data_args: ModelDataArguments, required_labels, what) -> t
                 "--fine_tune always."
             )
     return name, config, train
+
+
+def _check_embedded_flags(data_args: ModelDataArguments, args: InfluenceArguments) -> None:
+    """What the embedded default (no ``--model_name_or_path``) cannot take: ``--fine_tune never`` and
+    ``--resume_from_checkpoint``."""
+    if not data_args.embedded:
+        return
+    if data_args.fine_tune == "never":
+        raise ValueError("--fine_tune never needs --model_name_or_path (a fine-tuned checkpoint); the embedded "
+                         "model is always trained here.")
+    _check_resume(args.resume_from_checkpoint, None)
 
 
 def _check_resume(resume: str | None, checkpoint) -> None:
