@@ -508,8 +508,13 @@ class InfluenceEngine:
             self._own_loss[key] = None  # (also where there is nothing to compare at these weights)
             if compared is None:
                 return
-            own, ours, tolerance, _, rows = compared
-            if abs(own - ours) > tolerance * max(abs(own), abs(ours)) + 1e-6:
+            own, ours, tolerance, logits, rows = compared
+            # the model's own loss is computed in its logits' dtype: log-sum-exp minus the label's logit cancels to
+            # the logits' rounding, eps·max|z| (bf16: a confident row's 3e-4 is 0), besides the relative part
+            floor = 1e-6
+            if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.numel():
+                floor = max(floor, 4 * torch.finfo(logits.dtype).eps * float(logits.detach().abs().max()))
+            if abs(own - ours) > tolerance * max(abs(own), abs(ours)) + floor:
                 self._own_loss[key] = {"rows": rows, "model_loss": own, "default_loss": ours}
                 what = "row 0" if len(rows) == 1 else f"rows 0-{len(rows) - 1}"
                 logger.warning(

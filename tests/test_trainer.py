@@ -284,6 +284,21 @@ def test_a_model_whose_own_loss_differs_from_the_default_is_named(tmp_path, pad_
     assert "own_loss_differs" in engine.compute_influences(train, test).metadata["diagnostics"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_models_own_loss_is_compared_at_its_precision(tmp_path, pad_collator, caplog, dtype):
+    """A confident model's own loss in half precision is its logits' rounding (bf16: exactly 0 against the plain
+    loss's 3e-4): it was named as a loss of its own ("class weights, label smoothing or an extra term")."""
+    train = make_token_dataset(20, seed=0).map(lambda row: {"labels": 0})
+    model = tiny_model("bert", dtype=torch.float32)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e-3)
+        model.classifier.bias.copy_(torch.tensor([8.0, 0.0]))  # every row: class 0 at about 1 - 3e-4
+    args = arguments(tmp_path, influence_knn_k=None, influence_params=[r"classifier\."], influence_solver="exact")
+    table, warned = _warnings(caplog, lambda: compute_influences(model.to(dtype), train, train.select([0]), args,
+                                                                 data_collator=pad_collator))
+    assert "own_loss_differs" not in table.metadata["diagnostics"] and "own loss" not in warned
+
+
 def test_remove_unused_columns_false_keeps_the_columns_the_trainer_keeps(tmp_path, pad_collator):
     """With remove_unused_columns=False the Trainer hands every column to the collator (and the model): a
     collator reading one more column trained on batches influence did not see (and a bare KeyError)."""
