@@ -202,6 +202,12 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         if label is None:
             continue
         values = chunk.column(label)
+        if default_loss and values.null_count:  # (the collator's "excessive nesting" was blamed on padding)
+            row = start + int(np.argmax(pc.is_null(values).to_numpy(zero_copy_only=False)))
+            raise ValueError(f"{name} row {row} has no label (None in its {label!r} column): influence is of each "
+                             "row's loss at its label. Drop the rows without one (dataset.filter(lambda r: "
+                             f"r[{label!r}] is not None)), or label them (with the model's predictions, to explain "
+                             "what it predicted).")
         if default_loss:  # a loss of one's own may mask missing targets (NaN) itself
             _check_finite_labels(values, name, start)
             flags = values.type.value_type if _is_list(values.type) else values.type

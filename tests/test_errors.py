@@ -47,6 +47,18 @@ def test_missing_labels(setup, pad_collator):
                            data_collator=pad_collator)
 
 
+def test_rows_without_a_label_are_named(setup, pad_collator):
+    """A labels column of None (test rows to explain, unlabelled) was blamed on padding: "Could not collate rows
+    ... Rows of different lengths need a padding collator", with that collator given."""
+    model, train, test = setup
+    unlabelled = test.remove_columns("labels").add_column("labels", [None] * len(test))
+    with pytest.raises(ValueError, match=r"test_dataset row 0 has no label \(None in its 'labels' column\)"):
+        compute_influences(model, train, unlabelled, default_arguments(**FAST), data_collator=pad_collator)
+    some = train.remove_columns("labels").add_column("labels", [*train["labels"][:3], None, *train["labels"][4:]])
+    with pytest.raises(ValueError, match="train_dataset row 3 has no label"):
+        compute_influences(model, some, test, default_arguments(**FAST), data_collator=pad_collator)
+
+
 def test_string_labels_are_named_as_such(setup, pad_collator):
     model, train, test = setup
     words = train.map(lambda r: {"labels": ["no", "yes"][r["labels"]]})
