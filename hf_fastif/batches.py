@@ -28,6 +28,8 @@ logger = logging.get_logger(__name__)
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 LENGTH_CHUNK_ROWS = 8192  # rows read at a time for stored lengths (a few MB of Arrow values each)
 # Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
+MASK_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
+"""Inputs that go with the token ids and mean nothing without them."""
 COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values",
                  "features")
 
@@ -105,6 +107,13 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
             f"values, so a collator that tokenizes text at batch time (with remove_unused_columns=False) is not "
             f"supported.{hint}"
         )
+    main = getattr(transformers_model(model), "main_input_name", None)
+    if (isinstance(main, str) and main not in dataset.column_names and "inputs_embeds" not in inputs
+            and set(inputs) <= set(MASK_INPUTS)):  # (a renamed input_ids: the collator blamed the attention mask)
+        lists = [c for c in dataset.column_names if c not in readable and _is_list(dataset.data.schema.field(c).type)]
+        hint = f" Is it {lists[0]!r}? dataset.rename_column({lists[0]!r}, {main!r})." if lists else ""
+        raise ValueError(f"{name} has no {main!r} column, the model's input (columns: {dataset.column_names}; of its "
+                         f"inputs only {inputs} are there).{hint}")
     return columns
 
 

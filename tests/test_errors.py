@@ -59,6 +59,17 @@ def test_rows_without_a_label_are_named(setup, pad_collator):
         compute_influences(model, some, test, default_arguments(**FAST), data_collator=pad_collator)
 
 
+def test_token_ids_in_another_column_are_named(setup, pad_collator):
+    """input_ids renamed: the attention mask alone reached the collator, and the error said to drop it."""
+    model, train, test = setup
+    renamed = train.rename_column("input_ids", "ids")
+    for collator in (None, pad_collator):
+        with pytest.raises(ValueError, match=r"train_dataset has no 'input_ids' column, the model's input .*only "
+                                             r"\['attention_mask'\] are there\)\. Is it 'ids'\? "
+                                             r"dataset.rename_column\('ids', 'input_ids'\)"):
+            compute_influences(model, renamed, test, default_arguments(**FAST), data_collator=collator)
+
+
 def test_string_labels_are_named_as_such(setup, pad_collator):
     model, train, test = setup
     words = train.map(lambda r: {"labels": ["no", "yes"][r["labels"]]})
