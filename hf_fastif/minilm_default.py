@@ -165,9 +165,10 @@ def load_finetuned_minilm(path: str | os.PathLike) -> tuple[BertForSequenceClass
 
 
 # ---- the content-keyed cache of fine-tuned models ---------------------------------------------------------
-FINETUNE_CODE_VERSION = 1
+FINETUNE_CODE_VERSION = 2
 """Version of the fine-tuning code (`finetune_minilm`); bump it whenever training changes, so models cached by the
-old code are not reused."""
+old code are not reused. 2: under a launch the Trainer no longer multiplies the classifier's loss by the number of
+processes (`InfluenceTrainer.compute_loss`; gradient clipping saw 2x the gradient)."""
 FINETUNE_CACHE_SUBDIR = "minilm-nli"
 MANIFEST_NAME = "hf_fastif_finetune.json"
 """The manifest of a cached model: its cache key, everything the key hashes, each file's sha256, and a report."""
