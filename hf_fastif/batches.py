@@ -27,9 +27,9 @@ logger = logging.get_logger(__name__)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 LENGTH_CHUNK_ROWS = 8192  # rows read at a time for stored lengths (a few MB of Arrow values each)
-# Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
 MASK_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
 """Inputs that go with the token ids and mean nothing without them."""
+# Inputs kept for a forward that names none (``forward(self, **inputs)``): its signature says nothing.
 COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "pixel_values",
                  "features")
 

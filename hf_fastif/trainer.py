@@ -88,7 +88,8 @@ class InfluenceTrainer(Trainer):
     def _loss_reads_num_items(self, model, inputs, num_items) -> bool:
         """Whether the model's loss on ``inputs`` changes with ``num_items_in_batch`` (every process's answer, or
         True where one could not tell: a zero, non-finite or missing loss, which leaves the Trainer's way)."""
-        module = self.accelerator.unwrap_model(model)  # (not DDP's forward: it may synchronise buffers)
+        # (not DDP's forward, which may synchronise buffers; nor a compiled one, which would compile for eval)
+        module = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         modes = {m: m.training for m in module.modules()}
         losses = []
         try:
