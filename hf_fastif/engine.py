@@ -503,17 +503,12 @@ class InfluenceEngine:
         key = (call.model_key, call.train.fingerprint)
         if key not in self._own_loss:
             compared = self._own_and_default_loss(call, list(range(min(8, len(call.train)))))
-            if compared is not None and compared[3] is not None and compared[3].dim() != 2:  # token losses
+            if compared is not None and compared[4] is not None and compared[4].dim() != 2:  # token losses
                 compared = self._own_and_default_loss(call, [0])
             self._own_loss[key] = None  # (also where there is nothing to compare at these weights)
             if compared is None:
                 return
-            own, ours, tolerance, logits, rows = compared
-            # the model's own loss is computed in its logits' dtype: log-sum-exp minus the label's logit cancels to
-            # the logits' rounding, eps·max|z| (bf16: a confident row's 3e-4 is 0), besides the relative part
-            floor = 1e-6
-            if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.numel():
-                floor = max(floor, 4 * torch.finfo(logits.dtype).eps * float(logits.detach().abs().max()))
+            own, ours, tolerance, floor, _, rows = compared
             if abs(own - ours) > tolerance * max(abs(own), abs(ours)) + floor:
                 self._own_loss[key] = {"rows": rows, "model_loss": own, "default_loss": ours}
                 what = "row 0" if len(rows) == 1 else f"rows 0-{len(rows) - 1}"
@@ -529,8 +524,9 @@ class InfluenceEngine:
             call.info["own_loss_differs"] = self._own_loss[key]
 
     def _own_and_default_loss(self, call: _Call, rows: list[int]):
-        """``(the model's own loss, the mean default loss over the rows it counts, the relative tolerance of the
-        logits' dtype, the logits, rows)`` on these training rows, or None where there is nothing to compare."""
+        """``(the model's own loss, the mean default loss over the rows it counts, the relative and the absolute
+        tolerance of the logits' dtype, the logits, rows)`` on these training rows, or None where there is nothing to
+        compare."""
         batch = call.train.batch(rows)
         if not isinstance(batch.get("labels"), torch.Tensor):
             return None
@@ -559,8 +555,14 @@ class InfluenceEngine:
         logits = find_logits(outputs)
         if not len(ours) or not torch.isfinite(own):
             return None
-        dtype = logits.dtype if isinstance(logits, torch.Tensor) and logits.is_floating_point() else torch.float32
-        return float(own), float(ours.mean()), max(1e-4, 8 * torch.finfo(dtype).eps), logits, rows
+        floating = isinstance(logits, torch.Tensor) and logits.is_floating_point()
+        dtype = logits.dtype if floating else torch.float32
+        # the model's own loss is computed in its logits' dtype: log-sum-exp minus the label's logit cancels to the
+        # logits' rounding, eps·max|z| (bf16: a confident row's 3e-4 is 0), besides the relative part
+        floor = 1e-6
+        if floating and logits.numel():
+            floor = max(floor, 4 * torch.finfo(dtype).eps * float(logits.detach().abs().max()))
+        return float(own), float(ours.mean()), max(1e-4, 8 * torch.finfo(dtype).eps), floor, logits, rows
 
     def _candidates_read_s_test(self, call: _Call) -> bool:
         """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
