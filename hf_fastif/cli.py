@@ -628,10 +628,8 @@ def run_cache(ns: argparse.Namespace) -> int:
 
     if ns.unused_days is not None and not ns.unused_days >= 0:
         raise ValueError(f"--unused-days must be 0 or more, got {ns.unused_days}.")
-    root = cache_root(ns.cache_dir)
-    if root.exists() and not root.is_dir():  # (it listed "0 entries" as for an empty cache)
-        where = "--cache-dir" if ns.cache_dir is not None else "the cache root ($HF_FASTIF_CACHE)"
-        raise ValueError(f"{where} {str(root)!r} is a file, not a folder; pass hf_fastif's cache folder.")
+    root = check_output_dir(cache_root(ns.cache_dir),  # a file (it listed "0 entries" as for an empty cache)
+                            "--cache-dir" if ns.cache_dir is not None else "the cache root ($HF_FASTIF_CACHE)")
     entries = cache_entries(ns.cache_dir)
     print(f"hf_fastif cache {root}: {len(entries)} entries, {_megabytes(sum(e.size for e in entries))}")
     now = time.time()

@@ -132,7 +132,7 @@ def test_a_cache_folder_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
     afile = tmp_path / "notes.txt"
     afile.write_text("not a cache")
     assert main(["cache", "--cache-dir", str(afile)]) == 2
-    assert f"error: --cache-dir {str(afile)!r} is a file, not a folder" in capsys.readouterr().err
+    assert f"error: --cache-dir {str(afile)!r} is an existing file, not a folder" in capsys.readouterr().err
     monkeypatch.setenv("HF_FASTIF_CACHE", str(afile))
     assert main(["cache", "--clear"]) == 2 and afile.read_text() == "not a cache"
     assert "the cache root ($HF_FASTIF_CACHE)" in capsys.readouterr().err
