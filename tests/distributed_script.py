@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from hf_fastif import InfluenceTable, build_influence_table, compute_influences  # noqa: E402
 from hf_fastif.distributed import barrier, finish, world  # noqa: E402
 from hf_fastif.influence import default_arguments  # noqa: E402
-from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model  # noqa: E402
+from tests.tiny import make_token_dataset, pad_collator_for_tests, sgd_step, tiny_model  # noqa: E402
 
 CASES = {
     "lissa_knn": dict(influence_solver="lissa", influence_repetitions=None, influence_knn_k=8),
@@ -82,21 +82,11 @@ def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
 
 
 def one_sgd_step(output_dir: str, batch_size: int) -> dict:
-    """One SGD step of an `InfluenceTrainer` on 8 rows (dropout off), ``batch_size`` rows a process: each
-    parameter's change and the logged loss."""
-    from hf_fastif import InfluenceArguments, InfluenceTrainer
-
-    model = tiny_model("bert", dtype=torch.float32)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    args = InfluenceArguments(output_dir=output_dir, report_to="none", use_cpu=True, max_steps=1, optim="sgd",
-                              learning_rate=0.5, per_device_train_batch_size=batch_size, save_strategy="no",
-                              logging_strategy="no", disable_tqdm=True, seed=0)
+    """`sgd_step` of the tiny BERT on 8 rows, ``batch_size`` rows a process, as JSON: each parameter's change and the
+    logged loss."""
     rows = make_token_dataset(8, seed=3, min_len=6, max_len=6)
-    loss = InfluenceTrainer(model=model, args=args, train_dataset=rows).train().training_loss
-    return {"loss": loss, "change": {k: (v.detach() - before[k]).tolist() for k, v in model.named_parameters()}}
+    change, loss, _ = sgd_step(tiny_model("bert", dtype=torch.float32), rows, output_dir, batch_size)
+    return {"loss": loss, "change": {k: v.tolist() for k, v in change.items()}}
 
 
 if __name__ == "__main__":

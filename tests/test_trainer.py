@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer
 
 from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer, compute_influences
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import make_token_dataset, sgd_step, tiny_model
 
 
 def arguments(tmp_path, **kw):
@@ -33,19 +33,6 @@ def test_swapping_trainer_changes_nothing_about_training(tmp_path, pad_collator)
                for k in trained[0])
 
 
-def _one_sgd_step(tmp_path, kind, batch_size, accumulation, rows):
-    model = tiny_model(kind, dtype=torch.float32)
-    for module in model.modules():  # the same step whatever rows share a forward
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    trainer = InfluenceTrainer(model=model, train_dataset=rows, args=arguments(
-        tmp_path, max_steps=1, optim="sgd", learning_rate=0.5, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation))
-    loss = trainer.train().training_loss
-    return {k: v.detach() - before[k] for k, v in model.named_parameters()}, loss, trainer
-
-
 @pytest.mark.parametrize("kind", ["bert", "gpt2-lm"])
 def test_gradient_accumulation_steps_as_one_batch_whether_or_not_the_loss_reads_num_items(tmp_path, kind):
     """BERT's classification loss is its batch's mean and ignores num_items_in_batch, which its forward takes in
@@ -53,8 +40,8 @@ def test_gradient_accumulation_steps_as_one_batch_whether_or_not_the_loss_reads_
     steps, the logged loss 2x, as under a 2-process launch); a causal LM's loss reads it and keeps the Trainer's
     way. Both: one batch of 4 rows and 2 accumulated batches of 2 take the same step."""
     rows = make_token_dataset(4, seed=3, min_len=6, max_len=6, causal=kind == "gpt2-lm")
-    whole, whole_loss, _ = _one_sgd_step(tmp_path / "a", kind, 4, 1, rows)
-    split, split_loss, trainer = _one_sgd_step(tmp_path / "b", kind, 2, 2, rows)
+    whole, whole_loss, _ = sgd_step(tiny_model(kind, dtype=torch.float32), rows, tmp_path / "a", 4)
+    split, split_loss, trainer = sgd_step(tiny_model(kind, dtype=torch.float32), rows, tmp_path / "b", 2, accumulation=2)
     assert max(float(d.abs().max()) for d in whole.values()) > 1e-3
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7)

@@ -79,6 +79,25 @@ def train_tiny(model, dataset, collator, epochs: int = 20, lr: float = 3e-3, bat
     return model.eval()
 
 
+def sgd_step(model, rows, output_dir, batch_size: int, accumulation: int = 1):
+    """One SGD step (lr 0.5) of an `InfluenceTrainer` on ``rows``, dropout off (the same step whatever rows share a
+    forward), ``batch_size`` rows a process and forward: ``(each parameter's change, the logged loss, the
+    trainer)``."""
+    from hf_fastif import InfluenceArguments, InfluenceTrainer
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = InfluenceArguments(output_dir=str(output_dir), report_to="none", use_cpu=True, max_steps=1, optim="sgd",
+                              learning_rate=0.5, per_device_train_batch_size=batch_size,
+                              gradient_accumulation_steps=accumulation, save_strategy="no", logging_strategy="no",
+                              disable_tqdm=True, seed=0)
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=rows)
+    loss = trainer.train().training_loss
+    return {k: v.detach() - before[k] for k, v in model.named_parameters()}, loss, trainer
+
+
 def pad_collator_for_tests():
     """DataCollatorWithPadding over a minimal word-level tokenizer (pad id 0), built offline."""
     from tokenizers import Tokenizer, models
