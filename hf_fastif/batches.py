@@ -95,6 +95,13 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     if ignored:
         logger.info(f"{name}: columns {ignored} are not inputs of {type(model).__name__}.forward and are ignored, "
                     "as the Trainer ignores them (remove_unused_columns=False keeps them).")
+    labels = [c for c in LABEL_COLUMNS if c in columns]
+    if len(labels) > 1:  # (the checks read one, DataCollatorWithPadding trains on 'label', default_data_collator not)
+        raise ValueError(
+            f"{name} has the label columns {labels}: collators keep one of them, and not the same one "
+            "(DataCollatorWithPadding turns 'label' into 'labels', over a 'labels' column; default_data_collator lets "
+            "'labels' win), so which labels the model trained on is ambiguous. Keep the one it trains on, e.g. "
+            f"dataset.remove_columns({labels[1:]!r}).")
     inputs = [c for c in readable if c not in LABEL_COLUMNS]
     if not inputs:
         text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
@@ -176,6 +183,10 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
         if ids is not None and _is_list(ids.type):
             flat, token_rows, lengths, sequence_rows = _sequences(ids)
+            if not np.issubdtype(flat.dtype, np.integer):  # (floats were blamed on padding, with the padding collator)
+                raise ValueError(f"{name}'s 'input_ids' column holds {flat.dtype} values: token ids index the model's "
+                                 "input embeddings and must be integers. Cast them, e.g. dataset.cast_column("
+                                 "'input_ids', Sequence(Value('int64'))) (from datasets import Sequence, Value).")
             if len(flat) and flat.min() < 0:
                 first = int(np.argmax(flat < 0))
                 raise ValueError(f"{name} row {start + token_rows[first]} has token id {flat[first]}: token ids index "

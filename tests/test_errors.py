@@ -59,6 +59,19 @@ def test_rows_without_a_label_are_named(setup, pad_collator):
         compute_influences(model, some, test, default_arguments(**FAST), data_collator=pad_collator)
 
 
+def test_two_label_columns_are_refused_as_ambiguous(setup, pad_collator):
+    """'label' and 'labels' side by side: the checks read 'labels' while DataCollatorWithPadding trains on 'label' (a bad
+    'label' came out as a bare IndexError from the loss; a bad 'labels' refused rows whose 'label' was fine)."""
+    model, train, test = setup
+    both = train.add_column("label", [1 - y for y in train["labels"]])
+    for data, which in ((both, "train_dataset"), (test.add_column("label_ids", test["labels"]), "test_dataset")):
+        with pytest.raises(ValueError, match=rf"{which} has the label columns \['labels', 'label(_ids)?'\]: "
+                                             r".*remove_columns\(\['label(_ids)?'\]\)"):
+            compute_influences(model, data if which == "train_dataset" else train,
+                               data if which == "test_dataset" else test, default_arguments(**FAST),
+                               data_collator=pad_collator)
+
+
 def test_token_ids_in_another_column_are_named(setup, pad_collator):
     """input_ids renamed: the attention mask alone reached the collator, and the error said to drop it."""
     model, train, test = setup
@@ -68,6 +81,22 @@ def test_token_ids_in_another_column_are_named(setup, pad_collator):
                                              r"\['attention_mask'\] are there\)\. Is it 'ids'\? "
                                              r"dataset.rename_column\('ids', 'input_ids'\)"):
             compute_influences(model, renamed, test, default_arguments(**FAST), data_collator=collator)
+
+
+def test_token_ids_stored_as_floats_are_named_with_the_cast(setup, pad_collator):
+    """Float input_ids were blamed on padding ("Rows of different lengths need a padding collator: pass
+    DataCollatorWithPadding"), with that collator given."""
+    from datasets import Sequence, Value
+
+    model, train, test = setup
+    floats = train.cast_column("input_ids", Sequence(Value("float32")))
+    with pytest.raises(ValueError, match=r"train_dataset's 'input_ids' column holds float32 values: .*must be "
+                                         r"integers\. Cast them, e\.g\. dataset\.cast_column\('input_ids', "
+                                         r"Sequence\(Value\('int64'\)\)\)"):
+        compute_influences(model, floats, test, default_arguments(**FAST), data_collator=pad_collator)
+    fixed = compute_influences(model, floats.cast_column("input_ids", Sequence(Value("int64"))), test,
+                               default_arguments(**FAST), data_collator=pad_collator)
+    assert np.isfinite(fixed.to_pandas().influence).all()
 
 
 def test_string_labels_are_named_as_such(setup, pad_collator):
@@ -289,6 +318,31 @@ def test_lissa_detects_divergence_when_the_check_is_off(setup, pad_collator):
                                         "influence_check_convergence": False}))
     with pytest.raises(LissaDivergenceError, match="LiSSA diverged at step"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+def test_a_recursion_too_short_for_its_damping_is_warned(setup, pad_collator, caplog):
+    """J 5 at damp 0.01 returned s_test 44% off the exact solve without a word (a review's repro): J·damp well below
+    1 is named, with the depth that reaches the paper's J·damp = 5; a converging depth is not."""
+    model, train, test = setup
+    from transformers.utils import logging as hf_logging
+
+    lissa = FAST | {"influence_solver": "lissa", "influence_damping": 0.0123, "influence_scale": 20.0,
+                    "influence_check_convergence": False}
+    hf_logging.enable_propagation()
+    try:
+        for depth in (500, 3):
+            with caplog.at_level(logging.WARNING):
+                caplog.clear()
+                compute_influences(model, train, test, default_arguments(**(lissa | {
+                    "influence_recursion_depth": depth})), data_collator=pad_collator)
+            if depth == 500:  # (1 - 0.0123)^501 = 0.2%
+                assert "LiSSA stops" not in caplog.text
+    finally:
+        hf_logging.disable_propagation()
+    assert ("influence_recursion_depth=3 with influence_damping=0.0123: LiSSA stops after J steps, where along "
+            "directions of little curvature it has summed only 5% of its series (up to 95% of s_test missing there)"
+            in caplog.text)
+    assert "raise influence_recursion_depth to 407" in caplog.text
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg"])

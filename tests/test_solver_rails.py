@@ -7,7 +7,7 @@ import torch
 
 from hf_fastif import InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
-from hf_fastif.solvers import LissaDivergenceError, solve_cg, solve_exact, solve_lissa
+from hf_fastif.solvers import LissaDivergenceError, solve_cg, solve_exact, solve_lissa, truncation_share
 from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
 from tests.tiny import make_token_dataset, tiny_model
@@ -34,6 +34,27 @@ def explicit_step(matrix, noise=0.0, seed=0):
         return out
 
     return step
+
+
+@pytest.mark.parametrize("mu", [0.0, -0.02])
+def test_truncation_share_is_what_lissa_leaves_out_along_its_slowest_direction(mu):
+    """Closed form: along an eigenvector of curvature μ (0: flat; negative: an indefinite H above -λ), J steps return
+    (1 - ρ^(J+1)) of the fixed point v / (μ + λ), ρ = 1 - damp - μ/scale; a stiff direction converges at once."""
+    damping, scale, depth = 0.01, 10.0, 30
+    matrix, q = spectrum_matrix([mu, 1.0, 5.0])
+    v = q[:, 0].clone()
+    estimate, _ = solve_lissa(explicit_step(matrix), v, damping=damping, scale=scale, depth=depth,
+                              repetitions=[0], progress=False)
+    exact = v / (mu + damping * scale)
+    returned = float(torch.dot(estimate, exact) / torch.dot(exact, exact))
+    share = truncation_share(damping, scale, depth, mu if mu else None)
+    assert share == pytest.approx((1 - damping - mu / scale) ** (depth + 1))
+    assert 1 - returned == pytest.approx(share, rel=1e-9)
+    assert share > 0.5  # J·damp = 0.3: most of the flat direction's component is missing
+    stiff, _ = solve_lissa(explicit_step(matrix), q[:, 2].clone(), damping=damping, scale=scale, depth=depth,
+                           repetitions=[0], progress=False)
+    torch.testing.assert_close(stiff, q[:, 2] / (5.0 + damping * scale), rtol=1e-6, atol=0)
+    assert truncation_share(damping, scale, depth, smallest_eigenvalue=0.5) == truncation_share(damping, scale, depth)
 
 
 def test_lissa_detects_an_eigenvalue_below_minus_lambda():

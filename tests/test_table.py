@@ -689,6 +689,18 @@ def test_metadata_of_the_wrong_shape_is_refused_as_corrupt(tmp_path, capsys, edi
     assert "influence_metadata.json" in err and "Traceback" not in err
 
 
+def test_a_schema_version_written_as_text_is_named_as_such(tmp_path):
+    """A schema_version "1" (text) was reported as missing ("has no schema_version")."""
+    make_table().save(tmp_path / "t")
+    path = tmp_path / "t" / "influence_metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["schema_version"] = str(metadata["schema_version"])
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(InfluenceTableError, match=r"has schema_version '[0-9]+', not a whole number: it is not an "
+                                                  r"influence table's metadata, or it is corrupt"):
+        InfluenceTable.load(tmp_path / "t")
+
+
 def test_repeated_pairs_and_missing_ids_are_refused_wherever_rows_come_in(tmp_path):
     """`from_arrays` refused a repeated (test_id, train_id) pair, but the writer and `InfluenceTable(dataset)` took
     them (a retried chunk: helpful(0) gave train id 4 twice, `describe` counted 3 candidates for 2 rows); the writer

@@ -4,8 +4,16 @@ from .arnoldi import LowRankSolve, lanczos_steps, low_rank_hessian, solve_low_ra
 from .cg import default_tolerance, solve_cg
 from .exact import build_hessian, solve_decomposed, solve_exact
 from .lanczos import extreme_eigenvalues, lanczos
-from .lissa import GrowthMonitor, LissaDivergenceError, power_iteration, solve_lissa, suggest_scale
+from .lissa import (
+    TRUNCATION_WARNING,
+    GrowthMonitor,
+    LissaDivergenceError,
+    power_iteration,
+    solve_lissa,
+    suggest_scale,
+    truncation_share,
+)
 
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
-           "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve"]
+           "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING"]

@@ -143,8 +143,9 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise DamagedShardError(f"{meta_path} must hold a JSON object; the table is corrupt. {AGAIN}")
     version = metadata.get("schema_version")
     if version is None or isinstance(version, bool) or not isinstance(version, int):
-        raise DamagedShardError(f"{meta_path} has no schema_version (a whole number): it is not an influence "
-                                f"table's metadata, or it is corrupt. {AGAIN}")
+        found = "no schema_version" if version is None else f"schema_version {version!r}, not a whole number"
+        raise DamagedShardError(f"{meta_path} has {found}: it is not an influence table's metadata, or it is "
+                                f"corrupt. {AGAIN}")
     if version != SCHEMA_VERSION:
         raise InfluenceTableError(f"{directory} has influence-table schema version {version!r}; this hf_fastif reads "
                                   f"version {SCHEMA_VERSION}. Upgrade hf_fastif or rebuild the table.")
