@@ -78,7 +78,7 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     inputs and labels (and ``label_names``), as the Trainer keeps them, or every column (``keep_all``:
     ``remove_unused_columns=False``, for a collator or a ``**kwargs`` forward that reads more)."""
     if not isinstance(dataset, Dataset):
-        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; {_dataset_hint(dataset)}")
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}; {dataset_hint(dataset)}")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; influence needs at least one row.")
     if (dataset.format or {}).get("type") == "arrow":
@@ -124,7 +124,7 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     return columns
 
 
-def _dataset_hint(data) -> str:
+def dataset_hint(data) -> str:
     """How to turn what was passed instead of a `datasets.Dataset` into one."""
     kind = type(data).__name__
     if kind == "IterableDataset":
@@ -585,7 +585,8 @@ class Batcher:
                              "influence of a row needs its loss, so add the labels (for a causal LM, labels = "
                              "input_ids, or use DataCollatorForLanguageModeling(tokenizer, mlm=False)), or pass a "
                              "loss_fn(outputs, batch) that reads the targets your model takes (question answering: "
-                             "start_positions / end_positions).")
+                             "start_positions / end_positions; a column named in label_names), as "
+                             "InfluenceTrainer(influence_loss_fn=...) or compute_influences(..., loss_fn=...).")
 
     def check_collator(self, name: str, model: nn.Module, rows: int = 4, longest: int | None = None) -> None:
         """Collate the first rows twice and refuse a collator that gives different batches: every row's loss must

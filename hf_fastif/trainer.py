@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments
+from .batches import dataset_hint
 from .builder import build_influence_table
 from .engine import InfluenceEngine, loss_key
 from .fingerprint import callable_fingerprint, collator_key
@@ -223,6 +224,10 @@ class InfluenceTrainer(Trainer):
         train = train_dataset if train_dataset is not None else self.train_dataset
         if train is None:
             raise ValueError(f"This trainer has no train_dataset; pass train_dataset= to {method}.")
+        if train_dataset is None and not isinstance(train, Dataset):  # (a stream trains; influence reads by position)
+            raise TypeError(f"This trainer's train_dataset ({type(train).__name__}) is not a datasets.Dataset; "
+                            f"{dataset_hint(train)} Pass that copy as {method}(..., train_dataset=copy): the trainer "
+                            "keeps its own.")
         return train
 
 

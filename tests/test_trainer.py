@@ -66,6 +66,25 @@ def test_trainer_compute_influences_matches_the_function(tmp_path, pad_collator)
     assert anchors.metadata["combine"] == "mean" and anchors.metadata["lambda"] == 0.05 * 20.0
 
 
+def test_a_streamed_training_set_is_refused_with_where_to_pass_its_copy(tmp_path, pad_collator):
+    """A trainer trained on a stream was told to materialize it, not where the copy goes (the trainer keeps its own
+    train_dataset): the message names train_dataset=, and the copy gives the numbers of the stored rows."""
+    from datasets import Dataset
+
+    train, test = make_token_dataset(40, seed=0), make_token_dataset(2, seed=1)
+    stream = train.to_iterable_dataset()
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path), train_dataset=stream,
+                               processing_class=pad_collator.tokenizer)
+    with pytest.raises(TypeError, match=r"This trainer.s train_dataset \(IterableDataset\) is not a datasets.Dataset; "
+                                        r".*Dataset.from_generator.* Pass that copy as compute_influences\(\.\.\., "
+                                        r"train_dataset=copy\)"):
+        trainer.compute_influences(test)
+    copy = Dataset.from_generator(lambda: iter(stream), features=stream.features)
+    got = trainer.compute_influences(test, train_dataset=copy).to_pandas()
+    expected = trainer.compute_influences(test, train_dataset=train).to_pandas()
+    assert got.equals(expected)
+
+
 def test_plain_training_arguments_are_accepted(tmp_path, pad_collator):
     from transformers import TrainingArguments
 
