@@ -909,7 +909,7 @@ class InfluenceEngine:
             logger.warning_once(
                 f"The {num_parameters(params):,} influence parameters are {' / '.join(half)}: the forwards and "
                 "Hessian-vector products run in that dtype (solvers and scores in float32), so influence values come "
-                "out ~0.1-1% off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 "
+                "out ~0.1-2% off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 "
                 "for its float32 copy). For rankings to act on, compute influence on a float32 copy of the model: "
                 "copy.deepcopy(model).float().")
         if args.influence_solver == "exact":
