@@ -108,12 +108,14 @@ def _identity(value) -> str:
 
 def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset,
                           output_dir: str | os.PathLike, args: InfluenceArguments | None = None, *,
-                          shard_size: int = 64, **kwargs) -> InfluenceTable:
+                          shard_size: int = 64, trained_loss: str | None = None, **kwargs) -> InfluenceTable:
     """`compute_influences` for every row of ``test_dataset``, ``shard_size`` test rows at a time.
 
     Args:
         output_dir: the build directory; reusing it resumes the build.
         shard_size: test rows per shard (a shard is the unit of work that is saved).
+        trained_loss: what the model was trained on instead of the loss influence uses, recorded in the table's
+            diagnostics (`InfluenceEngine.trained_loss`; `InfluenceTrainer` passes its compute_loss_func).
         kwargs: passed to `compute_influences`: data_collator, candidate_dataset, loss_fn, measurement_fn,
             features (each recorded in the manifest).
     Returns:
@@ -157,6 +159,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
         check_values(test_dataset, signature["test"]["columns"], "test_dataset", model, default_loss=own,
                      needs_target=own)
         with InfluenceEngine(model, args, **callables) as engine:
+            engine.trained_loss = trained_loss
             for i, start in enumerate(tqdm(starts, desc="influence shards",
                                            disable=bool(args.disable_tqdm) or not D.is_main_process())):
                 folder = shards / f"shard-{i:05d}"

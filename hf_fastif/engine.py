@@ -283,6 +283,10 @@ class InfluenceEngine:
         self.loss_fn = loss_fn
         self.measurement_fn = measurement_fn
         self.features = features
+        self.trained_loss: str | None = None
+        """What the model was trained on instead of its own loss, where the caller knows and influence uses the
+        default loss all the same (`InfluenceTrainer`: "a compute_loss_func"): recorded in each table's diagnostics
+        as ``trained_with``, so a table keeps what its trainer's warning said."""
         settings = collator_settings(data_collator)
         self._collator_watch = _Watch(last=settings)  # (what a call changes in the collator's settings: `_Watch`)
         self._functions = {"collator": collator_key(data_collator, settings), "loss": self._loss_key(),
@@ -501,6 +505,8 @@ class InfluenceEngine:
         trunk states (1.5 ms on MiniLM). A mixture of experts' router loss is left out (it is not a per-row loss,
         and takes no part in a head's derivatives); the model's config is restored afterwards (transformers sets
         ``problem_type`` on the first forward with labels, which would change the model's fingerprint)."""
+        if self.trained_loss is not None and self.loss_fn is None:
+            call.info["trained_with"] = f"{self.trained_loss}; influence used the model's default loss"
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
         key = (call.model_key, call.train.fingerprint)

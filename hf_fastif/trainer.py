@@ -53,9 +53,10 @@ class InfluenceTrainer(Trainer):
             ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
             (f"{type(self).__name__}.compute_loss",
              type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
+        self._trained_on = " and ".join(trained_on) or None  # (kept in each table's diagnostics: `trained_with`)
         self._say_which_weight_decay()
         if trained_on and influence_loss_fn is None:
-            logger.warning(f"This trainer trains with {' and '.join(trained_on)}, but influence uses the model's "
+            logger.warning(f"This trainer trains with {self._trained_on}, but influence uses the model's "
                            "plain loss (the head's own): the Hessian and gradients are not those of the loss that "
                            "was trained. Pass influence_loss_fn=(outputs, batch) -> per-row loss to measure that "
                            "one.")
@@ -188,7 +189,12 @@ class InfluenceTrainer(Trainer):
         elif engine.data_collator is not self.data_collator:  # an equal collator: the engine watches this one now
             engine.data_collator, engine._collator_watch.last = self.data_collator, None
         engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
+        engine.trained_loss = self._trained_loss()
         return engine
+
+    def _trained_loss(self) -> str | None:
+        """What this trainer trains with instead of the model's loss (`InfluenceEngine.trained_loss`), or None."""
+        return None if self._trained_on is None else f"trained with {self._trained_on}"
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
                            candidate_dataset: Dataset | None = None, train_dataset: Dataset | None = None,
@@ -211,6 +217,7 @@ class InfluenceTrainer(Trainer):
         kwargs.setdefault("loss_fn", self.influence_loss_fn)
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
         kwargs.setdefault("data_collator", self.data_collator)
+        kwargs.setdefault("trained_loss", self._trained_loss())
         return build_influence_table(self._influence_model(), train, test_dataset, output_dir, self.influence_args,
                                      shard_size=shard_size, **kwargs)
 

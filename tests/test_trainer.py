@@ -245,6 +245,30 @@ def test_a_compute_loss_of_a_subclass_is_named(tmp_path, pad_collator, caplog):
     assert "compute_loss" not in warned
 
 
+def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_collator):
+    """The warning that a trainer trains with a compute_loss_func came once, at construction; its tables, built from
+    the default loss, carried no trace of it. With influence_loss_fn given there is nothing to record."""
+    train, test = make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
+
+    def weighted(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 4.0]))
+
+    common = dict(model=tiny_model("bert"), args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+                  compute_loss_func=weighted)
+    table = InfluenceTrainer(**common).compute_influences(test)
+    assert table.metadata["diagnostics"]["trained_with"] == ("trained with a compute_loss_func; influence used the "
+                                                             "model's default loss")
+    def per_row(outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    built = InfluenceTrainer(**common).build_influence_table(test, str(tmp_path / "build"))
+    assert built.metadata["diagnostics"]["trained_with"] == table.metadata["diagnostics"]["trained_with"]
+    given = InfluenceTrainer(**common, influence_loss_fn=per_row).compute_influences(test)
+    assert "trained_with" not in given.metadata["diagnostics"]
+    plain = InfluenceTrainer(**(common | {"compute_loss_func": None})).compute_influences(test)
+    assert "trained_with" not in plain.metadata["diagnostics"]
+
+
 class _ClassWeighted(torch.nn.Module):
     """A classifier whose own forward weights its classes (1 and 4) in the loss, as users write them."""
 
