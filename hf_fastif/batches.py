@@ -177,6 +177,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     multiple_choice = default_loss and type(head).__name__.endswith("ForMultipleChoice")
     multi_label_width = _multi_label_width(head) if default_loss else None
     labelled = False  # whether any row has a target the loss reads (not -100)
+    outside_warned = False  # a multi-label target outside [0, 1] (said once per dataset)
     longest, longest_length = None, -1
     for start in range(0, len(dataset), 65536):
         chunk = arrow[start : start + 65536]
@@ -236,6 +237,18 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                                  f"takes class ids (or floats for multi-label / regression). Cast it first, e.g. "
                                  f"{name}.cast_column({label!r}, Value('int64')) (Value('float32') for multi-hot "
                                  "rows), with `from datasets import Value`.")
+        if (default_loss and multi_label_width is not None and not outside_warned and _is_list(values.type)
+                and not _is_list(values.type.value_type)):
+            targets, target_rows, widths = _sequences(values)[:3]
+            outside = np.flatnonzero((targets < 0) | (targets > 1))
+            if len(outside) and (widths == multi_label_width).all():  # (other widths: class-id lists, refused below)  # (a -100 meant as "ignored" made that row's influence ~30x larger, unwarned)
+                outside_warned = True
+                logger.warning(f"{name} row {start + int(target_rows[outside[0]])} has the multi-label target "
+                               f"{targets[outside[0]]:g}, outside [0, 1]: binary cross-entropy reads it as a target "
+                               "value (-100 means 'ignored' only for class ids), so its loss has no minimum, and "
+                               "influence is of that loss, as the model's own is. Store 0 / 1 targets, or mask such "
+                               "entries in a loss of your own (loss_fn / influence_loss_fn) that the model trains on "
+                               "too.")
         if pa.types.is_integer(values.type):
             labels = values.to_numpy(zero_copy_only=False)
             labelled = labelled or bool((labels != -100).any())

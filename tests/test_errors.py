@@ -474,6 +474,31 @@ def test_bad_labels_of_other_heads_are_named_before_any_work(kind, edit, match, 
                            candidate_dataset=candidates)
 
 
+def test_a_multi_label_target_outside_0_1_is_warned(pad_collator, caplog):
+    """A -100 in a multi-hot row (meant as "ignored") is a target value for binary cross-entropy: that row's influence
+    came out ~30x larger, without a word (a review's repro). Warned once with its row; 0 / 1 and soft targets are not,
+    nor lists of class ids, which are refused instead."""
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_model("bert", num_labels=3)
+    model.config.problem_type = "multi_label_classification"
+    rows = make_token_dataset(6, seed=0).map(lambda r, i: {"labels": [1.0, 0.25, float(i % 2)]}, with_indices=True,
+                                             remove_columns="labels")
+    bad = rows.map(lambda r, i: {"labels": [1.0, -100.0, 0.0] if i in (2, 4) else r["labels"]}, with_indices=True)
+    args = default_arguments(**FAST)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            compute_influences(model, rows, rows.select([0]), args, data_collator=pad_collator)
+            assert "multi-label target" not in caplog.text
+            compute_influences(model, bad, rows.select([0]), args, data_collator=pad_collator)
+    finally:
+        hf_logging.disable_propagation()
+    assert caplog.text.count("multi-label target") == 1
+    assert ("train_dataset row 2 has the multi-label target -100, outside [0, 1]: binary cross-entropy reads it as a "
+            "target value (-100 means 'ignored' only for class ids)" in caplog.text)
+
+
 def test_integer_multi_hot_labels_without_a_problem_type_name_the_fix(pad_collator):
     model = tiny_model("bert", num_labels=4)
     rows = make_token_dataset(4, seed=0).map(lambda r: {"labels": [1, 0, r["labels"], 0]})
