@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from hf_fastif.applications import (
     VisualizationArguments,
+    check_visualization,
     parse_recipe,
     prepare,
     run_visualization,
@@ -25,7 +26,8 @@ from hf_fastif.distributed import finish
 def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("visualize", [VisualizationArguments], argv)
     setup = prepare(data_args, args, required_labels=(2,), what="The HANS influence graph",
-                    heuristics=protocol.heuristics, heuristic_splits=("test",))
+                    heuristics=protocol.heuristics, heuristic_splits=("test",),
+                    checks=lambda early: check_visualization(early.data, early.args, protocol))  # before any training
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_visualization(setup.model, setup.data, setup.args, protocol)
     return write_report("visualize", result, setup, protocol, argv=argv)

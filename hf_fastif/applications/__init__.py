@@ -11,7 +11,13 @@ from .correction import STRATEGIES, CorrectionArguments, CorrectionResult, run_c
 from .prepare import ModelDataArguments, Setup, parse_recipe, prepare, recipe_defaults
 from .report import compare_with_paper, comparison_markdown, write_report
 from .simulatability import SimulatabilityArguments, SimulatabilityResult, build_simulator, run_simulatability
-from .visualize import InfluenceGraphResult, VisualizationArguments, influence_graph, run_visualization
+from .visualize import (
+    InfluenceGraphResult,
+    VisualizationArguments,
+    check_visualization,
+    influence_graph,
+    run_visualization,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -27,6 +33,7 @@ __all__ = [
     "SimulatabilityResult",
     "VisualizationArguments",
     "build_simulator",
+    "check_visualization",
     "compare_with_paper",
     "comparison_markdown",
     "influence_graph",

@@ -266,7 +266,7 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
                 "is offline (HF_HUB_OFFLINE) and it is not in the local cache. Pass a local checkpoint directory "
                 "(model.save_pretrained(dir) and tokenizer.save_pretrained(dir)), or go online and unset "
                 "HF_HUB_OFFLINE."
-            ) from err
+            ) from None  # (the Hub client's own error, chained, was a traceback about repo-id syntax or the network)
         raise ValueError(f"Could not load the model {name_or_path!r} ({err}). Pass a local checkpoint directory or a "
                          "Hub model id such as 'bert-base-cased'.") from err
     return name_or_path

@@ -229,6 +229,18 @@ class InfluenceGraphResult:
         return [path]
 
 
+def check_visualization(data, args, protocol: VisualizationArguments) -> None:
+    """Check the protocol against the data a run will use, before any work (the recipe calls this before the model is
+    trained or loaded): its own numbers, and no more edges per test point than the candidates each one scores (the
+    report named more edges than there were)."""
+    protocol.validate()
+    scored = len(data.train) if args.influence_knn_k is None else min(args.influence_knn_k, len(data.train))
+    if protocol.edges_per_test_point > scored:
+        raise ValueError(f"edges_per_test_point={protocol.edges_per_test_point} exceeds the {scored} candidate rows "
+                         f"each test point scores (influence_knn_k={args.influence_knn_k}, {len(data.train)} training "
+                         "rows): lower --edges_per_test_point or raise influence_knn_k.")
+
+
 def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceArguments,
                       protocol: VisualizationArguments) -> InfluenceGraphResult:
     """Influence of the training rows on HANS test points grouped by heuristic, as a bipartite graph.
@@ -244,14 +256,9 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
             (default: every heuristic of ``hans_test``, HANS' first); each must have test rows, checked with the
             model's labels (2, NLI order) before any influence is computed.
     """
-    protocol.validate()
+    check_visualization(data, args, protocol)
     data.require("hans_test", what="The influence graph")
     check_num_labels(model, 2, "The HANS influence graph")  # HANS' labels, read as the model's classes
-    scored = len(data.train) if args.influence_knn_k is None else min(args.influence_knn_k, len(data.train))
-    if protocol.edges_per_test_point > scored:  # the report named more edges than a test point could have
-        raise ValueError(f"edges_per_test_point={protocol.edges_per_test_point} exceeds the {scored} candidate rows "
-                         f"each test point scores (influence_knn_k={args.influence_knn_k}, {len(data.train)} training "
-                         "rows): lower --edges_per_test_point or raise influence_knn_k.")
     hans = data.hans_test
     names = heuristics_in({"data.hans_test": hans["heuristic"]}, protocol.heuristics, "The influence graph",
                           "Name others with heuristics=, or omit it for every heuristic of the split.")

@@ -154,6 +154,21 @@ def test_paper_path_simulatability(tmp_path, files, simulator):
     assert results["learning_rates"] == [0.1, 1.0] and len(results["points"]) >= 1
 
 
+def test_visualize_edges_above_the_candidates_fail_before_any_training(tmp_path, monkeypatch):
+    """More edges per test point than the candidates each scores was refused only after the model was built (with
+    --model_name_or_path, after its whole fine-tuning)."""
+    import importlib
+
+    def no_model(*_, **__):
+        raise AssertionError("the recipe got as far as building the model")
+
+    monkeypatch.setattr(importlib.import_module("hf_fastif.applications.prepare"), "embedded_model", no_model)
+    with pytest.raises(ValueError, match=r"edges_per_test_point=500 exceeds the 30 candidate rows each test point "
+                                         r"scores \(influence_knn_k=30"):
+        load_recipe("visualize").main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS,
+                                       "--edges_per_test_point", "500"])
+
+
 def test_augmentation_flags_that_cannot_work_fail_before_any_training(tmp_path, files, monkeypatch):
     """The generated pool with one's own training data, and a misspelt heuristic, failed after the fine-tuning."""
     recipe = load_recipe("augmentation")
