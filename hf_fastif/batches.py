@@ -96,12 +96,15 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
         logger.info(f"{name}: columns {ignored} are not inputs of {type(model).__name__}.forward and are ignored, "
                     "as the Trainer ignores them (remove_unused_columns=False keeps them).")
     labels = [c for c in LABEL_COLUMNS if c in columns]
-    if len(labels) > 1:  # (the checks read one, DataCollatorWithPadding trains on 'label', default_data_collator not)
+    if len(labels) > 1 and not _same_columns(dataset, labels):
+        # (the checks read one, DataCollatorWithPadding trains on 'label', default_data_collator on 'labels')
+        keep = "label" if "label" in labels else labels[0]
         raise ValueError(
-            f"{name} has the label columns {labels}: collators keep one of them, and not the same one "
-            "(DataCollatorWithPadding turns 'label' into 'labels', over a 'labels' column; default_data_collator lets "
-            "'labels' win), so which labels the model trained on is ambiguous. Keep the one it trains on, e.g. "
-            f"dataset.remove_columns({labels[1:]!r}).")
+            f"{name} has the label columns {labels}, with other values: collators keep one of them, and not the same "
+            "one (DataCollatorWithPadding, the Trainer's default with a tokenizer, turns 'label' into 'labels' over a "
+            "'labels' column; default_data_collator lets 'labels' win), so which labels the model trained on is "
+            f"ambiguous. Keep the one it trains on: dataset.remove_columns({[c for c in labels if c != keep]!r}) "
+            f"keeps {keep!r}.")
     inputs = [c for c in readable if c not in LABEL_COLUMNS]
     if not inputs:
         text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
@@ -122,6 +125,20 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
         raise ValueError(f"{name} has no {main!r} column, the model's input (columns: {dataset.column_names}; of its "
                          f"inputs only {inputs} are there).{hint}")
     return columns
+
+
+def _same_columns(dataset: Dataset, names: Sequence[str]) -> bool:
+    """Whether the stored columns ``names`` hold equal values (compared as the first one's type; rows a selection
+    hides count too)."""
+    first = dataset.data.column(names[0])
+    for name in names[1:]:
+        try:
+            other = dataset.data.column(name).cast(first.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
+            return False
+        if not first.equals(other):
+            return False
+    return True
 
 
 def dataset_hint(data) -> str:
@@ -184,10 +201,18 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
         if ids is not None and _is_list(ids.type):
             flat, token_rows, lengths, sequence_rows = _sequences(ids)
-            if not np.issubdtype(flat.dtype, np.integer):  # (floats were blamed on padding, with the padding collator)
-                raise ValueError(f"{name}'s 'input_ids' column holds {flat.dtype} values: token ids index the model's "
+            kind = ids.type
+            while _is_list(kind):
+                kind = kind.value_type
+            if not pa.types.is_integer(kind):  # (floats were blamed on padding, with the padding collator given)
+                raise ValueError(f"{name}'s 'input_ids' column holds {kind} values: token ids index the model's "
                                  "input embeddings and must be integers. Cast them, e.g. dataset.cast_column("
                                  "'input_ids', Sequence(Value('int64'))) (from datasets import Sequence, Value).")
+            if not np.issubdtype(flat.dtype, np.integer):  # integers with nulls: numpy reads them as floats, NaN
+                first = int(np.argmax(np.isnan(flat)))
+                raise ValueError(f"{name} row {start + token_rows[first]} has a missing token id (None in its "
+                                 "input_ids): every token needs an id. Tokenize the row again, or drop it "
+                                 "(dataset.filter).")
             if len(flat) and flat.min() < 0:
                 first = int(np.argmax(flat < 0))
                 raise ValueError(f"{name} row {start + token_rows[first]} has token id {flat[first]}: token ids index "

@@ -160,6 +160,7 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
                      needs_target=own)
         with InfluenceEngine(model, args, **callables) as engine:
             engine.trained_loss = trained_loss
+            trained_with = engine.trained_with()  # (set on the whole table: shards of a resumed build may predate it)
             for i, start in enumerate(tqdm(starts, desc="influence shards",
                                            disable=bool(args.disable_tqdm) or not D.is_main_process())):
                 folder = shards / f"shard-{i:05d}"
@@ -179,14 +180,20 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     if done:
         logger.info(f"Resumed {out}: {done} of {len(starts)} shards were already computed.")
 
-    D.on_main(lambda: _assemble(out, len(starts), shard_size, done, digest), f"Assembling {out / 'table'}")
+    D.on_main(lambda: _assemble(out, len(starts), shard_size, done, digest, trained_with),
+              f"Assembling {out / 'table'}")
     return InfluenceTable.load(out / "table")
 
 
-def _assemble(out: Path, count: int, shard_size: int, done: int, digest: str) -> None:
-    """Write ``out/table`` from the build's ``count`` shards (on the main process)."""
+def _assemble(out: Path, count: int, shard_size: int, done: int, digest: str, trained_with: str | None) -> None:
+    """Write ``out/table`` from the build's ``count`` shards (on the main process), with this run's ``trained_with``
+    note (`InfluenceEngine.trained_with`)."""
     shards = out / "shards"
     metadata = InfluenceTable.load(shards / "shard-00000").metadata
+    diagnostics = metadata.setdefault("diagnostics", {})
+    diagnostics.pop("trained_with", None)
+    if trained_with is not None:
+        diagnostics["trained_with"] = trained_with
     metadata["build"] = {"shards": count, "shard_size": shard_size, "resumed_shards": done, "signature_sha256": digest,
                          "note": "diagnostics are shard 0's, but for non_finite_scores, which covers every shard"}
     parts = [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(count)]

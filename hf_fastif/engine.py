@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 import os
 import shutil
 import time
@@ -90,6 +89,7 @@ from .solvers import (
     LissaDivergenceError,
     LowRankSolve,
     build_hessian,
+    converging_depth,
     extreme_eigenvalues,
     lanczos_steps,
     low_rank_hessian,
@@ -495,6 +495,12 @@ class InfluenceEngine:
         return {"collator": portable_fingerprint(self.data_collator), "loss": self._loss_key(portable_fingerprint),
                 "measurement": portable_fingerprint(self.measurement_fn), "features": portable_fingerprint(self.features)}
 
+    def trained_with(self) -> str | None:
+        """The tables' ``trained_with`` note: `trained_loss` where influence uses the default loss, else None."""
+        if self.trained_loss is None or self.loss_fn is not None:
+            return None
+        return f"{self.trained_loss}; influence used the model's default loss"
+
     def _check_own_loss(self, call: _Call) -> None:
         """With the default loss, compare it with the loss the model itself returns, once per weights and data (a
         loss term can be invisible at some weights: class weights while every row's loss is the same, a penalty
@@ -505,8 +511,8 @@ class InfluenceEngine:
         trunk states (1.5 ms on MiniLM). A mixture of experts' router loss is left out (it is not a per-row loss,
         and takes no part in a head's derivatives); the model's config is restored afterwards (transformers sets
         ``problem_type`` on the first forward with labels, which would change the model's fingerprint)."""
-        if self.trained_loss is not None and self.loss_fn is None:
-            call.info["trained_with"] = f"{self.trained_loss}; influence used the model's default loss"
+        if self.trained_with() is not None:
+            call.info["trained_with"] = self.trained_with()
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
         key = (call.model_key, call.train.fingerprint)
@@ -910,14 +916,16 @@ class InfluenceEngine:
             k = None  # (k = N is every row too: an approximate index searched at k = N returned fewer)
         params = select_parameters(model, args.influence_params)
         names = list(params)
-        half = _half_dtypes(params)
+        weights = dict(model.named_parameters())
+        half = _half_dtypes(weights)  # (any of them: a bf16 trunk under float32 influence parameters moved rankings too)
         if half:  # (documented as 0.2% off, but rankings moved: Spearman 0.84 in a review's check, unwarned)
+            count = sum(p.numel() for p in weights.values() if p.dtype in (torch.float16, torch.bfloat16))
             logger.warning_once(
-                f"The {num_parameters(params):,} influence parameters are {' / '.join(half)}: the forwards and "
-                "Hessian-vector products run in that dtype (solvers and scores in float32), so influence values come "
-                "out ~0.1-2% off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 "
-                "for its float32 copy). For rankings to act on, compute influence on a float32 copy of the model: "
-                "copy.deepcopy(model).float().")
+                f"{count:,} of the model's parameters are {' / '.join(half)}: its forwards and Hessian-vector "
+                "products run in that precision (solvers and scores in float32), so influence values come out ~0.1-2% "
+                "off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 for its "
+                "float32 copy; 0.83 with only its influence parameters in float32). For rankings to act on, compute "
+                "influence on a float32 copy of the model: copy.deepcopy(model).float().")
         if args.influence_solver == "exact":
             check_exact_size(num_parameters(params))
         gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
@@ -1291,13 +1299,15 @@ class InfluenceEngine:
             smallest = check.get("hessian_min_eigenvalue_confirmed", check["hessian_min_eigenvalue_estimate"])
         left_out = truncation_share(args.influence_damping, args.influence_scale, depth, smallest)
         if left_out > TRUNCATION_WARNING:  # (J 5 at damp 0.01 returned s_test 44% off the exact solve, unwarned)
+            negative = smallest is not None and smallest < 0
             logger.warning_once(
                 f"influence_recursion_depth={depth} with influence_damping={args.influence_damping:g}: LiSSA stops "
-                f"after J steps, where along directions of little curvature it has summed only "
-                f"{1 - left_out:.0%} of its series (up to {left_out:.0%} of s_test missing there). The paper keeps "
-                "J·damping at 5 (1000 × 5e-3): raise influence_recursion_depth to "
-                f"{math.ceil(5 / max(args.influence_damping, 1e-12))}, or raise influence_damping (λ = damping × scale "
-                "rises with it; lower influence_scale to keep λ).")
+                f"after J steps, where along directions of little{' or negative' if negative else ''} curvature it "
+                f"has summed only {1 - left_out:.0%} of its series (up to {left_out:.0%} of s_test missing there). "
+                "The paper keeps J·damping at 5 (1000 × 5e-3): raise influence_recursion_depth to "
+                f"{converging_depth(args.influence_damping, args.influence_scale, smallest)}"
+                + (f" (the Hessian's smallest eigenvalue, ~{smallest:.3g}, slows it)" if negative else "")
+                + ", or raise influence_damping (λ = damping × scale rises with it; lower influence_scale to keep λ).")
         mine = D.shard(range(repetitions))
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
@@ -1709,5 +1719,6 @@ def lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetit
 
 
 def _half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
-    """The half-precision dtypes among the influence parameters (``["bfloat16"]``), for overflow messages."""
+    """The half-precision dtypes among ``params`` (``["bfloat16"]``): the influence parameters' for overflow
+    messages, the model's for the precision warning."""
     return sorted({str(p.dtype).removeprefix("torch.") for p in params.values()} & {"float16", "bfloat16"})

@@ -65,12 +65,17 @@ def test_two_label_columns_are_refused_as_ambiguous(setup, pad_collator):
     'label' came out as a bare IndexError from the loss; a bad 'labels' refused rows whose 'label' was fine)."""
     model, train, test = setup
     both = train.add_column("label", [1 - y for y in train["labels"]])
-    for data, which in ((both, "train_dataset"), (test.add_column("label_ids", test["labels"]), "test_dataset")):
-        with pytest.raises(ValueError, match=rf"{which} has the label columns \['labels', 'label(_ids)?'\]: "
-                                             r".*remove_columns\(\['label(_ids)?'\]\)"):
+    ids = test.add_column("label_ids", [1 - y for y in test["labels"]])
+    for data, which, removed in ((both, "train_dataset", "labels"), (ids, "test_dataset", "label_ids")):
+        with pytest.raises(ValueError, match=rf"{which} has the label columns \['labels', 'label(_ids)?'\], with other "
+                                             rf"values: .*remove_columns\(\['{removed}'\]\) keeps 'label"):
             compute_influences(model, data if which == "train_dataset" else train,
                                data if which == "test_dataset" else test, default_arguments(**FAST),
                                data_collator=pad_collator)
+    same = train.add_column("label", train["labels"])  # (a copy, e.g. map(lambda r: {"labels": r["label"]})): no doubt
+    expected = compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator)
+    got = compute_influences(model, same, test, default_arguments(**FAST), data_collator=pad_collator)
+    assert got.to_pandas().equals(expected.to_pandas())
 
 
 def test_token_ids_in_another_column_are_named(setup, pad_collator):
@@ -91,13 +96,18 @@ def test_token_ids_stored_as_floats_are_named_with_the_cast(setup, pad_collator)
 
     model, train, test = setup
     floats = train.cast_column("input_ids", Sequence(Value("float32")))
-    with pytest.raises(ValueError, match=r"train_dataset's 'input_ids' column holds float32 values: .*must be "
+    with pytest.raises(ValueError, match=r"train_dataset's 'input_ids' column holds float values: .*must be "
                                          r"integers\. Cast them, e\.g\. dataset\.cast_column\('input_ids', "
                                          r"Sequence\(Value\('int64'\)\)\)"):
         compute_influences(model, floats, test, default_arguments(**FAST), data_collator=pad_collator)
     fixed = compute_influences(model, floats.cast_column("input_ids", Sequence(Value("int64"))), test,
                                default_arguments(**FAST), data_collator=pad_collator)
     assert np.isfinite(fixed.to_pandas().influence).all()
+    ids = train["input_ids"]
+    holed = train.remove_columns("input_ids").add_column("input_ids", [*ids[:3], [ids[3][0], None, *ids[3][2:]],
+                                                                       *ids[4:]])
+    with pytest.raises(ValueError, match=r"train_dataset row 3 has a missing token id \(None in its input_ids\)"):
+        compute_influences(model, holed, test, default_arguments(**FAST), data_collator=pad_collator)
 
 
 def test_string_labels_are_named_as_such(setup, pad_collator):
@@ -329,6 +339,7 @@ def test_a_recursion_too_short_for_its_damping_is_warned(setup, pad_collator, ca
 
     lissa = FAST | {"influence_solver": "lissa", "influence_damping": 0.0123, "influence_scale": 20.0,
                     "influence_check_convergence": False}
+    logging.Logger.warning_once.cache_clear()  # (transformers' once per process: other tests may have said it)
     hf_logging.enable_propagation()
     try:
         for depth in (500, 3):

@@ -7,7 +7,14 @@ import torch
 
 from hf_fastif import InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
-from hf_fastif.solvers import LissaDivergenceError, solve_cg, solve_exact, solve_lissa, truncation_share
+from hf_fastif.solvers import (
+    LissaDivergenceError,
+    converging_depth,
+    solve_cg,
+    solve_exact,
+    solve_lissa,
+    truncation_share,
+)
 from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
 from tests.tiny import make_token_dataset, tiny_model
@@ -55,6 +62,12 @@ def test_truncation_share_is_what_lissa_leaves_out_along_its_slowest_direction(m
                            repetitions=[0], progress=False)
     torch.testing.assert_close(stiff, q[:, 2] / (5.0 + damping * scale), rtol=1e-6, atol=0)
     assert truncation_share(damping, scale, depth, smallest_eigenvalue=0.5) == truncation_share(damping, scale, depth)
+    # the advised depth leaves e^-5 (0.7%) out along that direction, as the paper's J·damp = 1000 × 5e-3 does; a
+    # negative curvature needs more steps than 5 / damp (a review: 5/damp left 61% out at μ = -0.09, damp 0.01)
+    needed = converging_depth(damping, scale, mu if mu else None)
+    assert needed == round(5 / (damping + mu / scale))
+    assert np.exp(-5) * 0.95 < truncation_share(damping, scale, needed, mu if mu else None) < np.exp(-5)
+    assert converging_depth(5e-3, 1e4) == 1000
 
 
 def test_lissa_detects_an_eigenvalue_below_minus_lambda():
@@ -321,17 +334,23 @@ def test_half_precision_influence_parameters_are_warned_with_the_float32_copy(pa
     args = default_arguments(influence_solver="exact", influence_params=[r"classifier\."], influence_damping=0.05,
                              influence_scale=20.0, influence_knn_k=None, disable_tqdm=True)
     model16 = tiny_model("bert", dtype=torch.bfloat16)
+    logging.Logger.warning_once.cache_clear()  # (transformers' once per process: other tests may have said it)
     hf_logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING):
             compute_influences(model16.float(), train, test, args, data_collator=pad_collator)
-            assert "influence parameters are" not in caplog.text
+            assert "of the model's parameters are" not in caplog.text
             compute_influences(model16.to(torch.bfloat16), train, test, args, data_collator=pad_collator)
+            model16.classifier.float()  # float32 influence parameters on a bf16 trunk: its forwards are bf16 all the same
+            model16.classifier.register_forward_pre_hook(lambda m, a: tuple(x.to(m.weight.dtype) for x in a))
+            compute_influences(model16, train, test, args, data_collator=pad_collator)
     finally:
         hf_logging.disable_propagation()
-    count = sum(p.numel() for n, p in model16.named_parameters() if n.startswith("classifier."))
-    assert (f"The {count:,} influence parameters are bfloat16: the forwards and Hessian-vector products run in that "
-            "dtype" in caplog.text)
+    trunk = sum(p.numel() for p in model16.parameters() if p.dtype == torch.bfloat16)
+    assert f"{trunk:,} of the model's parameters are bfloat16: its forwards" in caplog.text
+    count = sum(p.numel() for p in model16.parameters())
+    assert (f"{count:,} of the model's parameters are bfloat16: its forwards and Hessian-vector products run in that "
+            "precision" in caplog.text)
     assert "copy.deepcopy(model).float()" in caplog.text
 
 

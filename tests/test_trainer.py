@@ -261,8 +261,18 @@ def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_col
     def per_row(outputs, batch):
         return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
 
-    built = InfluenceTrainer(**common).build_influence_table(test, str(tmp_path / "build"))
+    trainer = InfluenceTrainer(**common)
+    built = trainer.build_influence_table(test, str(tmp_path / "build"))
     assert built.metadata["diagnostics"]["trained_with"] == table.metadata["diagnostics"]["trained_with"]
+    # a build resumed with or without the note (its shards computed before): the whole table says what this run says
+    from hf_fastif import build_influence_table
+
+    model, args = trainer._influence_model(), trainer.influence_args
+    plain_build = build_influence_table(model, train, test, tmp_path / "build", args, data_collator=pad_collator)
+    assert "trained_with" not in plain_build.metadata["diagnostics"]
+    again = build_influence_table(model, train, test, tmp_path / "build", args, data_collator=pad_collator,
+                                  trained_loss="trained with a compute_loss_func")
+    assert again.metadata["diagnostics"]["trained_with"] == table.metadata["diagnostics"]["trained_with"]
     given = InfluenceTrainer(**common, influence_loss_fn=per_row).compute_influences(test)
     assert "trained_with" not in given.metadata["diagnostics"]
     plain = InfluenceTrainer(**(common | {"compute_loss_func": None})).compute_influences(test)

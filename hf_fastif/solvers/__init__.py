@@ -8,6 +8,7 @@ from .lissa import (
     TRUNCATION_WARNING,
     GrowthMonitor,
     LissaDivergenceError,
+    converging_depth,
     power_iteration,
     solve_lissa,
     suggest_scale,
@@ -16,4 +17,5 @@ from .lissa import (
 
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
-           "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING"]
+           "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING",
+           "converging_depth"]

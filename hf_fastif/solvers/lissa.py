@@ -63,9 +63,19 @@ def truncation_share(damping: float, scale: float, depth: int, smallest_eigenval
     them), or as ``smallest_eigenvalue`` when that is negative (an indefinite Hessian converges slower still). An
     upper bound: directions the right-hand side does not reach (a classifier's shift of every class alike) do not
     count, so the error measured against the exact solve can be far smaller."""
+    return slowest_rate(damping, scale, smallest_eigenvalue) ** (depth + 1)
+
+
+def slowest_rate(damping: float, scale: float, smallest_eigenvalue: float | None = None) -> float:
+    """LiSSA's contraction ``ρ = 1 - damp - μ/scale`` per step along its slowest direction (μ as in `truncation_share`)."""
     mu = min(smallest_eigenvalue or 0.0, 0.0)
-    rho = min(max(1.0 - damping - mu / scale, 0.0), 1.0)
-    return rho ** (depth + 1)
+    return min(max(1.0 - damping - mu / scale, 0.0), 1.0)
+
+
+def converging_depth(damping: float, scale: float, smallest_eigenvalue: float | None = None) -> int:
+    """The J at which the slowest direction's ``J·(1 - ρ)`` is 5, the paper's ``J·damp`` (1000 × 5e-3): ``5 / damp``
+    along a flat direction, more where the Hessian is indefinite."""
+    return math.ceil(5.0 / max(1.0 - slowest_rate(damping, scale, smallest_eigenvalue), 1e-12))
 
 
 TRUNCATION_WARNING = 0.5
