@@ -1,7 +1,7 @@
 """Simulatability (FastIF §5.1): does one SGD step on an influential training row make a separate simulator model
 agree more with the task model than a step on a random row?
 
-    python recipes/simulatability.py              # embedded default, offline, about a minute on 2 CPU cores
+    python recipes/simulatability.py              # embedded default, offline, about 4 minutes on 2 CPU cores
     accelerate launch recipes/simulatability.py --model_name_or_path bert-base-cased \
         --train_dataset nyu-mll/multi_nli --num_labels 3 --test_dataset nyu-mll/multi_nli   # the paper's setup
 
