@@ -201,9 +201,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         ids = chunk.column("input_ids").combine_chunks() if "input_ids" in chunk.column_names else None
         if ids is not None and _is_list(ids.type):
             flat, token_rows, lengths, sequence_rows = _sequences(ids)
-            kind = ids.type
-            while _is_list(kind):
-                kind = kind.value_type
+            kind = _leaf_type(ids.type)
             if not pa.types.is_integer(kind):  # (floats were blamed on padding, with the padding collator given)
                 raise ValueError(f"{name}'s 'input_ids' column holds {kind} values: token ids index the model's "
                                  "input embeddings and must be integers. Cast them, e.g. dataset.cast_column("
@@ -266,7 +264,9 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                 and not _is_list(values.type.value_type)):
             targets, target_rows, widths = _sequences(values)[:3]
             outside = np.flatnonzero((targets < 0) | (targets > 1))
-            if len(outside) and (widths == multi_label_width).all():  # (other widths: class-id lists, refused below)  # (a -100 meant as "ignored" made that row's influence ~30x larger, unwarned)
+            # (a -100 meant as "ignored" made that row's influence ~30x larger, unwarned; other widths: class-id lists,
+            # refused below)
+            if len(outside) and (widths == multi_label_width).all():
                 outside_warned = True
                 logger.warning(f"{name} row {start + int(target_rows[outside[0]])} has the multi-label target "
                                f"{targets[outside[0]]:g}, outside [0, 1]: binary cross-entropy reads it as a target "
@@ -341,6 +341,13 @@ def _sequences(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
         rows = rows[pc.list_parent_indices(column).to_numpy(zero_copy_only=False)]
         column = pc.list_flatten(column)
     return column.to_numpy(zero_copy_only=False), rows, lengths, sequence_rows
+
+
+def _leaf_type(kind: pa.DataType) -> pa.DataType:
+    """The type of the values inside (nested) lists: ``int64`` for ``list<list<int64>>``."""
+    while _is_list(kind):
+        kind = kind.value_type
+    return kind
 
 
 def _is_list(kind: pa.DataType) -> bool:
@@ -461,10 +468,7 @@ def _width_limit(model: nn.Module) -> int | None:
 def _check_finite_labels(values: pa.Array, name: str, start: int) -> None:
     """Refuse NaN / inf float labels (a missing regression target, say), naming the row: their loss is NaN, and
     every stage downstream would fail without saying where."""
-    kind = values.type
-    while _is_list(kind):
-        kind = kind.value_type
-    if not pa.types.is_floating(kind):
+    if not pa.types.is_floating(_leaf_type(values.type)):
         return
     numbers, rows = (_sequences(values)[:2] if _is_list(values.type)
                      else (values.to_numpy(zero_copy_only=False), np.arange(len(values))))

@@ -511,8 +511,9 @@ class InfluenceEngine:
         trunk states (1.5 ms on MiniLM). A mixture of experts' router loss is left out (it is not a per-row loss,
         and takes no part in a head's derivatives); the model's config is restored afterwards (transformers sets
         ``problem_type`` on the first forward with labels, which would change the model's fingerprint)."""
-        if self.trained_with() is not None:
-            call.info["trained_with"] = self.trained_with()
+        note = self.trained_with()
+        if note is not None:
+            call.info["trained_with"] = note
         if self.loss_fn is not None or self._label_smoothing():  # (smoothing: the Trainer's loss, not the model's)
             return
         key = (call.model_key, call.train.fingerprint)
@@ -919,7 +920,7 @@ class InfluenceEngine:
         weights = dict(model.named_parameters())
         half = _half_dtypes(weights)  # (any of them: a bf16 trunk under float32 influence parameters moved rankings too)
         if half:  # (documented as 0.2% off, but rankings moved: Spearman 0.84 in a review's check, unwarned)
-            count = sum(p.numel() for p in weights.values() if p.dtype in (torch.float16, torch.bfloat16))
+            count = sum(p.numel() for p in weights.values() if str(p.dtype).removeprefix("torch.") in half)
             logger.warning_once(
                 f"{count:,} of the model's parameters are {' / '.join(half)}: its forwards and Hessian-vector "
                 "products run in that precision (solvers and scores in float32), so influence values come out ~0.1-2% "
