@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,7 @@ from .fingerprint import (
     tensor_digests,
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
-from .hvp import batch_gradient, batch_hvp
+from .hvp import BatchHessian, batch_gradient
 from .knn import build_index, extract_features, search, warn_short
 from .loss import (
     FunctionalModel,
@@ -172,13 +172,73 @@ class KeptBatches:
             self.kept[key], self.room = batch, self.room - size
         return self.kept[key]
 
+    def pop(self, key, collate: Callable[[], dict]) -> dict:
+        """The batch, no longer kept (collated if it was not)."""
+        if key not in self.kept:
+            return collate()
+        batch = self.kept.pop(key)
+        self.room += batch_bytes(batch)
+        return batch
+
 
 LISSA_BATCH_MEMO_BYTES = 256 * 2**20
-"""Collated single-row LiSSA batches (with their trunk states) kept for the rest of one recursion when many rows are
-drawn again (B = 1 and J·T > N/2: the repetitions draw independently, so rows recur across them; FastIF's J 1000,
-T 4 over the MiniLM default's 2,000 rows draws each row twice), so a row is read, collated and gathered once; not
-at the paper's scale (4,000 draws over 392,702 rows), where few recur. The collator is taken to be deterministic,
-as the trunk cache takes it."""
+"""Collated LiSSA batches (with their trunk states) kept until they are drawn again, for rows whose graph
+(`LISSA_GRAPH_BYTES`) is not kept: a row is read, collated and gathered once. Rows recur where B = 1 and J·T > N/2
+(the repetitions draw independently: FastIF's J 1000, T 4 over the MiniLM default's 2,000 rows draws each row
+twice); not at the paper's scale (4,000 draws over 392,702 rows), where few recur and little is kept. The collator is
+taken to be deterministic, as the trunk cache takes it."""
+LISSA_GRAPH_BYTES = 256 * 2**20
+"""First-backward graphs (`hf_fastif.hvp.BatchHessian`) of LiSSA batches that are drawn again, kept from one draw to
+the next (and freed at the last), so that a row drawn again pays only the second backward: ~0.3 MB a 32-token row
+of MiniLM's last layer from its trunk states, ~0.8 MB of the tiny BERT with every parameter."""
+FULL_HVP_GRAPH_BYTES = 256 * 2**20
+"""First-backward graphs of the chunks of a product with the mean Hessian over a batcher's rows, kept for the next
+product (CG's iterations, arnoldi's and the convergence check's Lanczos steps, the exact solver's columns); the
+chunks beyond it are built again for each product (their collated batches kept up to `FULL_HVP_KEPT_BYTES`)."""
+
+
+class KeptHessians:
+    """`BatchHessian`s of batches multiplied again, kept by key up to ``budget`` bytes; the others are built for each
+    product from collated batches that ``batches`` keeps while it has room.
+
+    What a graph holds is measured on the first graph a key would keep (the tensors autograd saved for the second
+    backward, beside the parameters), and estimated for the next ones from their collated batches: ``first ·
+    max(r, r²)`` with r the ratio of the batches' sizes (attention's saved probabilities grow with the square of a
+    row's length), so that no budget is overrun by longer rows.
+    """
+
+    def __init__(self, call: _Call, budget: int, batches: KeptBatches, reduction: str):
+        self.call, self.room, self.batches, self.reduction = call, budget, batches, reduction
+        self.kept: dict = {}  # key -> (graph, bytes counted)
+        self._unit: tuple[int, int] | None = None  # (graph bytes, batch bytes) of the graph measured
+
+    def product(self, key, collate: Callable[[], dict], vectors: torch.Tensor, *, again: bool = True,
+                **kwargs) -> torch.Tensor:
+        """``BatchHessian.product`` for the batch ``collate()`` (named ``key``); ``again``: it will be asked for
+        again (False frees what was kept for it)."""
+        found = self.kept.get(key) if again else self.kept.pop(key, None)
+        if found is not None:
+            if not again:
+                self.room += found[1]
+            return found[0].product(vectors, last=not again, **kwargs)
+        batch = self.batches.get(key, collate) if again else self.batches.pop(key, collate)
+        size = self._estimate(batch) if again and self._unit is not None else None
+        measure = again and self._unit is None and self.room > 0
+        graph = BatchHessian(self.call.fm, self.call.params, batch, reduction=self.reduction, measure=measure)
+        if measure:
+            self._unit = (max(graph.saved_bytes, 1), max(batch_bytes(batch), 1))
+            size = self._estimate(batch)
+        keep = size is not None and size <= self.room
+        if keep:
+            self.kept[key] = (graph, size)
+            self.room -= size
+            self.batches.pop(key, lambda: batch)  # the graph holds what its products need
+        return graph.product(vectors, last=not keep, **kwargs)
+
+    def _estimate(self, batch: dict) -> int:
+        saved, measured = self._unit
+        ratio = batch_bytes(batch) / measured
+        return int(saved * max(ratio, ratio * ratio)) + TENSOR_OVERHEAD_BYTES
 
 
 def non_finite_scores(rows: np.ndarray, values: np.ndarray) -> dict | None:
@@ -1185,7 +1245,8 @@ class InfluenceEngine:
         bsz = self.args.influence_hvp_batch_size
         share = list(D.shard(range(len(batcher))))
         chunks = [share[start : start + bsz] for start in range(0, len(share), bsz)]
-        kept = KeptBatches(FULL_HVP_KEPT_BYTES)  # beyond it, collated again each product: bounded at any N
+        # beyond the budgets, built / collated again each product: bounded at any N
+        kept = KeptHessians(call, FULL_HVP_GRAPH_BYTES, KeptBatches(FULL_HVP_KEPT_BYTES), "sum")
         n = len(batcher)
 
         def hvp(vectors: torch.Tensor) -> torch.Tensor:
@@ -1193,9 +1254,8 @@ class InfluenceEngine:
 
             def mine():
                 for i in range(len(chunks)):
-                    batch = kept.get(i, lambda i=i: batcher.batch(chunks[i]))
-                    total.add_(batch_hvp(call.fm, call.params, batch, vectors, reduction="sum",
-                                         l2_term=l2_term).to(call.work_dtype))
+                    total.add_(kept.product(i, lambda i=i: batcher.batch(chunks[i]), vectors,
+                                            l2_term=l2_term).to(call.work_dtype))
 
             D.together(mine, "A product with the mean Hessian")
             return D.all_reduce_sum(total) / n
@@ -1313,22 +1373,22 @@ class InfluenceEngine:
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
         out = None
-        memo = KeptBatches(LISSA_BATCH_MEMO_BYTES if bsz == 1 and 2 * depth * len(mine) > n else 0)  # rows recur
-
-        def batch_of(rows: np.ndarray) -> dict:
-            return memo.get(rows.tobytes(), lambda: call.train.batch(rows))
+        # batches drawn again (rows recur where B = 1 and J·T > N/2) keep their graph, or else their collated rows
+        uses = Counter(rows.tobytes() for t in mine for rows in draws[t])
+        kept = KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(LISSA_BATCH_MEMO_BYTES), "mean")
 
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
             nonlocal out
             out = torch.empty_like(h) if out is None else out  # reused: the recursion consumes it at once
             for r, t in enumerate(reps):
-                batch = batch_of(draws[t][j - 1])
-                # the L2 term's Hessian (a diagonal) is left to solve_lissa's update
+                rows = draws[t][j - 1]
+                key = rows.tobytes()
+                uses[key] -= 1
+                step = dict(again=uses[key] > 0, l2_term=False)  # the L2 term's diagonal: left to solve_lissa
                 if h.shape[1] == 1:  # one vector: the plain double backward, written in place
-                    batch_hvp(call.fm, call.params, batch, h[r, 0], reduction="mean", out=out[r, 0], l2_term=False)
+                    kept.product(key, lambda rows=rows: call.train.batch(rows), h[r, 0], out=out[r, 0], **step)
                 else:
-                    out[r] = batch_hvp(call.fm, call.params, batch, h[r], reduction="mean",
-                                       l2_term=False).to(h.dtype)
+                    out[r] = kept.product(key, lambda rows=rows: call.train.batch(rows), h[r], **step).to(h.dtype)
             return out
 
         diagonal = call.fm.l2_mask(call.params) if call.fm.decayed else None
@@ -1365,10 +1425,10 @@ class InfluenceEngine:
             tops = []
             for b in range(CHECK_BATCHES):
                 rows = rng.choice(n, size=min(bsz, n), replace=False)
-                batch = call.train.batch(rows)
+                hessian = BatchHessian(call.fm, call.params, call.train.batch(rows))  # one graph for the run
 
-                def hvp(x, batch=batch):
-                    return batch_hvp(call.fm, call.params, batch, x, reduction="mean").to(dtype)
+                def hvp(x, hessian=hessian):
+                    return hessian.product(x).to(dtype)
 
                 tops.append(extreme_eigenvalues(hvp, p, iterations=CHECK_ITERATIONS, dtype=dtype, device=device,
                                                 seed=args.influence_seed + b)[1])

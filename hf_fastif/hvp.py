@@ -2,14 +2,17 @@
 
 Vectors are flat: ``(p,)`` or a stack ``(m, p)`` in the order of ``FunctionalModel.names``. Hessian-vector
 products use double backward (reverse-over-reverse): measured faster than forward-over-reverse on CPU.
-Several vectors share one forward and one first backward (``is_grads_batched``).
+Several vectors share one forward and one first backward (``is_grads_batched``), and a `BatchHessian` keeps the first
+backward's graph for the products that follow on the same batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from .loss import FunctionalModel
 from .params import flatten, flatten_batched, unflatten
@@ -44,15 +47,17 @@ def _peft_hint(unused: list[str]) -> str:
     return ""
 
 
-def _batched_grad(outputs: torch.Tensor, inputs: list[torch.Tensor], grad_outputs: torch.Tensor,
-                  create_graph: bool = False) -> list[torch.Tensor]:
-    """``autograd.grad`` for a stack of ``grad_outputs``; falls back to a loop where vmap cannot go."""
+def _batched_grad(outputs, inputs: list[torch.Tensor], grad_outputs, create_graph: bool = False) -> list[torch.Tensor]:
+    """``autograd.grad`` for a stack of ``grad_outputs`` (one ``(m, ...)`` tensor, or one per output); falls back to a
+    loop where vmap cannot go. The graph is retained."""
     try:
         return list(torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
                                         retain_graph=True, create_graph=create_graph))
     except RuntimeError:
-        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=g, retain_graph=True, create_graph=create_graph)
-                for g in grad_outputs]
+        stacked = isinstance(grad_outputs, torch.Tensor)
+        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=g if stacked else [s[i] for s in grad_outputs],
+                                    retain_graph=True, create_graph=create_graph)
+                for i, g in enumerate(grad_outputs if stacked else grad_outputs[0])]
         return [torch.stack(parts) for parts in zip(*rows)]
 
 
@@ -89,39 +94,93 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
     return gradients + fm.l2_gradient(params).to(gradients.dtype) if l2 else gradients
 
 
+class BatchHessian:
+    """The Hessian of one batch's training loss, kept as the graph of its first backward.
+
+    Building it runs the forward and the first backward (``create_graph``); each `product` then runs only the second
+    backward, so a batch multiplied again (a Lanczos run's steps, LiSSA rows drawn again, CG's passes over the data)
+    pays its forward and first backward once: a single-row product from a kept graph cost 45-52% of a fresh one on the
+    tiny BERT and MiniLM's last layer (docs/benchmarks.md), with the same result to the bit. The graph holds what the
+    second backward reads (the batch's activations, ~0.3-0.8 MB a 32-token row on those models; see `saved_bytes`),
+    not the parameter-sized gradient, which autograd reaches through its gradient edge. It reads the parameters as
+    they were when it was built: build it, use it and drop it within one influence call (the engine does).
+
+    Args:
+        reduction: ``"mean"`` (the batch's mean loss, LiSSA's) or ``"sum"`` (to accumulate a mean over a whole
+            dataset exactly, whatever the batch size).
+        measure: count `saved_bytes` (hooks on the tensors autograd saves, while building only).
+    """
+
+    def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, *, reduction: str = "mean",
+                 measure: bool = False):
+        self._fm, self._params = fm, params
+        leaves = _leaves(params)
+        saved: dict[int, int] = {}
+        owned = {p.untyped_storage().data_ptr() for p in leaves.values()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in owned:  # the parameters themselves are not the graph's to hold
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpacked) if measure else contextlib.nullcontext():
+            losses, _ = fm.values_without_l2(leaves, batch)
+            loss = losses.mean() if reduction == "mean" else losses.sum()
+            grads = _gradient(loss, leaves, create_graph=True)
+        self.saved_bytes = sum(saved.values()) if measure else None
+        self._edges = [get_gradient_edge(g) for g in grads]  # the gradients themselves are freed here
+        self._dtypes = [g.dtype for g in grads]
+        self._leaves, self._inputs = leaves, list(leaves.values())
+        # the L2 term's Hessian: weight · 2wd · I (the mean loss's weight is 1, the summed loss's the row count)
+        self._l2_weight = 1.0 if reduction == "mean" else float(losses.shape[0])
+
+    def product(self, vectors: torch.Tensor, *, out: torch.Tensor | None = None, l2_term: bool = True,
+                last: bool = False) -> torch.Tensor:
+        """The Hessian times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out.
+
+        One vector (``(p,)``, or a ``(1, p)`` stack) takes the plain second backward (no batched-gradient machinery),
+        with the vector handed to autograd per parameter; ``out`` (``(p,)``, for a ``(p,)`` vector) receives the result
+        without an extra copy. ``l2_term=False`` leaves out the L2 term's Hessian (the data term alone, e.g. for the
+        low-rank solver, which keeps the L2 term exactly). ``last=True`` frees the graph with this product.
+        """
+        if self._edges is None:
+            raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
+        if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
+            return self.product(vectors[0], l2_term=l2_term, last=last).unsqueeze(0)
+        fm, params = self._fm, self._params
+        l2 = fm.l2_in_hessian and l2_term
+        try:
+            if vectors.dim() == 1:
+                parts = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
+                products = torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last)
+                if out is None:
+                    out = flatten(products)
+                else:
+                    torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
+                if l2:
+                    out.addcmul_(fm.l2_mask(params).to(out.dtype), vectors.to(out.dtype), value=self._l2_weight)
+                return out
+            stacks = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
+            products = flatten_batched(_batched_grad(self._edges, self._inputs, stacks),
+                                       vectors.shape[0]).detach()
+        finally:
+            if last:
+                self._edges = None
+        if not l2:
+            return products
+        return products + self._l2_weight * fm.l2_mask(params).to(products.dtype) * vectors.to(products.dtype)
+
+
+def _unpacked(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def batch_hvp(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, vectors: torch.Tensor,
               *, reduction: str = "mean", out: torch.Tensor | None = None, l2_term: bool = True) -> torch.Tensor:
-    """Hessian of the batch's training loss times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out.
-
-    ``reduction="mean"`` uses the mean loss of the batch (LiSSA), ``"sum"`` the summed loss (to accumulate
-    the mean over a whole dataset exactly, whatever the batch size). One vector (``(p,)``, or a ``(1, p)`` stack)
-    takes the plain double backward (no batched-gradient machinery), with the vector handed to autograd per
-    parameter; ``out`` (``(p,)``, for a ``(p,)`` vector) receives the result without an extra copy.
-    ``l2_term=False`` leaves out the L2 term's Hessian (the data term alone, e.g. for the low-rank solver, which
-    keeps the L2 term exactly).
-    """
-    if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
-        return batch_hvp(fm, params, batch, vectors[0], reduction=reduction, l2_term=l2_term).unsqueeze(0)
-    leaves = _leaves(params)
-    inputs = list(leaves.values())
-    losses, _ = fm.values_without_l2(leaves, batch)
-    l2 = fm.l2_in_hessian and l2_term
-    loss = losses.mean() if reduction == "mean" else losses.sum()
-    grads = _gradient(loss, leaves, create_graph=True)
-    weight = 1.0 if reduction == "mean" else float(losses.shape[0])  # the L2 term's Hessian: weight · 2wd · I
-    if vectors.dim() == 1:
-        parts = [t.to(g.dtype) for t, g in zip(unflatten(vectors, leaves).values(), grads)]
-        products = torch.autograd.grad(grads, inputs, grad_outputs=parts)
-        if out is None:
-            out = flatten(products)
-        else:
-            torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
-        if l2:
-            out.addcmul_(fm.l2_mask(params).to(out.dtype), vectors.to(out.dtype), value=weight)
-        return out
-    flat = flatten(grads)
-    products = flatten_batched(_batched_grad(flat, inputs, vectors.to(flat.dtype)), vectors.shape[0]).detach()
-    return products + weight * fm.l2_mask(params).to(products.dtype) * vectors.to(products.dtype) if l2 else products
+    """Hessian of the batch's training loss times ``vectors`` (``(p,)`` or ``(m, p)``), same shape out: one product
+    of a `BatchHessian` built for it (see there for ``reduction``, ``out`` and ``l2_term``)."""
+    return BatchHessian(fm, params, batch, reduction=reduction).product(vectors, out=out, l2_term=l2_term, last=True)
 
 
 def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch,

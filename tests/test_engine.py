@@ -738,11 +738,55 @@ def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_col
     draws = {tuple(engine_module.lissa_batches(len(train), 1, 30, seed, t)[j]) for t in (0, 1) for j in range(30)}
     assert len(drawn) == len(draws) < 60  # repeats were served from the recursion's memo
     np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
+    monkeypatch.setattr(engine_module, "LISSA_GRAPH_BYTES", 0)  # no graph kept: the collated rows are
+    drawn.clear()
+    table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    assert len(drawn) == len(draws)
+    np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
     monkeypatch.setattr(engine_module, "LISSA_BATCH_MEMO_BYTES", 0)  # no room: every draw collated, same numbers
     drawn.clear()
     table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     assert len(drawn) == 60
     np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
+
+
+class _CountedHessian:
+    """Counts the `BatchHessian`s the engine builds (each one a forward and a first backward)."""
+
+    built: list[int] = []
+
+    def __init__(self, fm, params, batch, **kwargs):
+        from hf_fastif.hvp import BatchHessian
+
+        self.hessian = BatchHessian(fm, params, batch, **kwargs)
+        self.saved_bytes = self.hessian.saved_bytes
+        _CountedHessian.built.append(len(next(iter(batch.values()))))
+
+    def product(self, *args, **kwargs):
+        return self.hessian.product(*args, **kwargs)
+
+
+def test_a_row_drawn_again_by_lissa_keeps_its_first_backward(data, pad_collator, monkeypatch):
+    """A row LiSSA draws again (B = 1, J·T > N) is multiplied from the graph of its first backward, kept from one draw
+    to the next: one forward and first backward per distinct row instead of one per draw, with the same numbers to
+    the bit. Past LISSA_GRAPH_BYTES a graph is built for each draw."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = data
+    settings = dict(BASE, influence_batch_size=1, influence_recursion_depth=30, influence_knn_k=None,
+                    influence_repetitions=3, influence_check_convergence=False)
+    args = default_arguments(**settings)
+    draws = [tuple(engine_module.lissa_batches(len(train), 1, 30, args.influence_seed, t)[j])
+             for t in range(3) for j in range(30)]
+    assert len(set(draws)) < len(draws) == 90
+    monkeypatch.setattr(engine_module, "BatchHessian", _CountedHessian)
+    runs = {}
+    for budget in (engine_module.LISSA_GRAPH_BYTES, 0):
+        monkeypatch.setattr(engine_module, "LISSA_GRAPH_BYTES", budget)
+        _CountedHessian.built = []
+        runs[budget] = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
+        assert sum(rows == 1 for rows in _CountedHessian.built) == (len(set(draws)) if budget else 90)
+    np.testing.assert_array_equal(*(r.sort_values(["test_id", "train_id"]).influence for r in runs.values()))
 
 
 @pytest.mark.parametrize("solver", ["cg", "arnoldi"])
@@ -761,6 +805,11 @@ def test_the_mean_hessian_keeps_collated_batches_within_a_budget(data, pad_colla
         collated.append(len(rows)) if len(self) == len(train) and len(rows) == 8 else None) or real(self, rows, **k))
     reference = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     kept = len(collated)  # the solve's 5 batches collated once (and other stages' batches)
+    monkeypatch.setattr(engine_module, "FULL_HVP_GRAPH_BYTES", 0)  # no graph kept: the collated batches are
+    collated.clear()
+    table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    assert len(collated) == kept
+    np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
     monkeypatch.setattr(engine_module, "FULL_HVP_KEPT_BYTES", 0)  # no room: collated again for every product
     collated.clear()
     table = compute_influences(model, train, test, default_arguments(**settings | {"disable_tqdm": False}),
@@ -769,6 +818,27 @@ def test_the_mean_hessian_keeps_collated_batches_within_a_budget(data, pad_colla
     np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
     if solver == "arnoldi":
         assert "Hessian eigenpairs (arnoldi, 40 rows)" in capsys.readouterr().err
+
+
+def test_the_mean_hessian_keeps_its_chunks_first_backward(data, pad_collator, monkeypatch):
+    """A product with the mean Hessian (CG's iterations here) multiplies each chunk of rows from the graph of its first
+    backward, built once for the solve, with the same numbers as building it for every product (past
+    FULL_HVP_GRAPH_BYTES)."""
+    import hf_fastif.engine as engine_module
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=None, influence_hvp_batch_size=8,
+                             influence_cg_max_iterations=6)
+    monkeypatch.setattr(engine_module, "BatchHessian", _CountedHessian)
+    runs, chunks, default = {}, {}, engine_module.FULL_HVP_GRAPH_BYTES
+    for budget in (default, 0):
+        monkeypatch.setattr(engine_module, "FULL_HVP_GRAPH_BYTES", budget)
+        _CountedHessian.built = []
+        runs[budget] = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
+        chunks[budget] = sum(rows == 8 for rows in _CountedHessian.built)
+    assert chunks[default] == len(train) // 8
+    assert chunks[0] >= 3 * len(train) // 8  # a graph per chunk and product
+    np.testing.assert_array_equal(*(r.influence for r in runs.values()))
 
 
 def test_gradient_candidates_find_the_most_influential_rows(data, pad_collator):

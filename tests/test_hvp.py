@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.hvp import batch_gradient, batch_hvp, directional_derivatives
+from hf_fastif.hvp import BatchHessian, batch_gradient, batch_hvp, directional_derivatives
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import flatten, select_parameters, unflatten
 from tests.tiny import make_token_dataset, tiny_model
@@ -46,6 +46,34 @@ def test_closed_form_l2_term_equals_autograd(pad_collator, in_gradients):
     per_row = torch.autograd.functional.jacobian(row_losses, flat)
     torch.testing.assert_close(batch_gradient(fm, params, batch, reduction="none"), per_row)
     torch.testing.assert_close(directional_derivatives(fm, params, batch, v), per_row @ v.T)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_kept_graph_multiplies_as_a_fresh_one(pad_collator, reduction):
+    """`BatchHessian` keeps the first backward's graph: every later product (one vector, ``out=``, a stack, with and
+    without the L2 term) equals a fresh `batch_hvp` to the bit; ``last=True`` frees it, and a product after that is
+    refused."""
+    model = tiny_model("bert")
+    data = make_token_dataset(4, seed=0)
+    params = select_parameters(model, [r".*"])
+    fm = FunctionalModel(model, list(params), weight_decay=0.03)
+    batcher = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu")
+    batch = batcher.batch(range(4))
+    flat = flatten(params)
+    v = torch.randn(3, flat.numel(), dtype=flat.dtype, generator=torch.Generator().manual_seed(0))
+    hessian = BatchHessian(fm, params, batch, reduction=reduction, measure=True)
+    for x in (v[0], v[1], v[:1], v):
+        for l2_term in (True, False):
+            fresh = batch_hvp(fm, params, batch, x, reduction=reduction, l2_term=l2_term)
+            assert torch.equal(hessian.product(x, l2_term=l2_term), fresh)
+    out = torch.empty_like(v[2])
+    assert hessian.product(v[2], out=out, last=True) is out
+    assert torch.equal(out, batch_hvp(fm, params, batch, v[2], reduction=reduction))
+    with pytest.raises(RuntimeError, match="freed"):
+        hessian.product(v[0])
+    one = BatchHessian(fm, params, batcher.batch([0]), measure=True).saved_bytes
+    assert 0 < one < hessian.saved_bytes  # grows with the rows
+    assert BatchHessian(fm, params, batch).saved_bytes is None  # not measured unless asked
 
 
 def test_a_tied_parameter_is_substituted_under_every_name():
