@@ -672,7 +672,7 @@ def test_a_long_record_of_floats_keeps_the_caches(data, monkeypatch):
                 held.compute_influences(train, test)
     finally:
         handle.remove()
-    assert len(means) > 300 and built == [len(train), len(test)]
+    assert len(means) > 270 and built == [len(train), len(test)]  # past 256, growing with every call
 
 
 @pytest.mark.parametrize("kind", ["tensor", "dict key"])
