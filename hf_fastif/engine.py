@@ -152,7 +152,8 @@ against the budgets of kept batches: single-row batches of short rows cost ~6x t
 
 
 def batch_bytes(batch: Mapping) -> int:
-    """The memory a kept collated batch holds, as counted against `FULL_HVP_KEPT_BYTES` / `LISSA_BATCH_MEMO_BYTES`."""
+    """The memory a kept collated batch holds, as counted against `FULL_HVP_KEPT_BYTES` / `LISSA_BATCH_MEMO_BYTES`
+    (and what `KeptHessians` scales a graph's measured size by)."""
     return sum(v.nbytes + TENSOR_OVERHEAD_BYTES for v in batch.values() if isinstance(v, torch.Tensor))
 
 

@@ -115,16 +115,8 @@ class BatchHessian:
                  measure: bool = False):
         self._fm, self._params = fm, params
         leaves = _leaves(params)
-        saved: dict[int, int] = {}
-        owned = {p.untyped_storage().data_ptr() for p in leaves.values()}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in owned:  # the parameters themselves are not the graph's to hold
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, _unpacked) if measure else contextlib.nullcontext():
+        saved: dict[int, int] = {}  # storage -> bytes, filled only when measured
+        with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
             losses, _ = fm.values_without_l2(leaves, batch)
             loss = losses.mean() if reduction == "mean" else losses.sum()
             grads = _gradient(loss, leaves, create_graph=True)
@@ -170,6 +162,20 @@ class BatchHessian:
         if not l2:
             return products
         return products + self._l2_weight * fm.l2_mask(params).to(products.dtype) * vectors.to(products.dtype)
+
+
+def _counting_saved(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):
+    """Saved-tensor hooks that record in ``saved`` the bytes of each storage autograd saves for the backward, beside
+    the parameters' own (the graph does not hold those)."""
+    owned = {p.untyped_storage().data_ptr() for p in leaves.values()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, _unpacked)
 
 
 def _unpacked(t: torch.Tensor) -> torch.Tensor:
