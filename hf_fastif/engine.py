@@ -1320,8 +1320,9 @@ class InfluenceEngine:
         per weights / data / loss and kept by the engine."""
         args = self.args
         # (v2: Lanczos restarts in a closed Krylov space, and the most negative Ritz pair is kept; v3: its start vector
-        # drawn in float64 whatever the dtype, so a float32 model's saved Hessian from another start is not served)
-        key = self._curvature_key(call, "arnoldi (data term) v3", args.influence_arnoldi_rank,
+        # the same whatever the dtype; v4: that start drawn in float32, so a Hessian saved from another start is not
+        # served)
+        key = self._curvature_key(call, "arnoldi (data term) v4", args.influence_arnoldi_rank,
                                   args.influence_arnoldi_rows)
         if self._low_rank is not None and self._low_rank[0] == key:
             self._served("low_rank", key)  # (a no-op unless it was read from disk)
@@ -1412,7 +1413,7 @@ class InfluenceEngine:
         indefinite. Refuse what cannot converge; kept per weights / data / B."""
         args = self.args
         bsz, n = args.influence_batch_size, len(call.train)
-        key = self._curvature_key(call, "lissa v2", bsz)  # (v2: Lanczos starts drawn in float64)
+        key = self._curvature_key(call, "lissa v3", bsz)  # (v3: Lanczos starts drawn in float32 for every dtype)
         p, dtype, device = v.shape[1], call.work_dtype, v.device
 
         def smallest(rows: np.ndarray) -> tuple[float, float]:

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .lanczos import seeded_direction
+
 
 class LissaDivergenceError(ValueError):
     """LiSSA's iterates grew without bound: ``scale`` is below the batch Hessians' top eigenvalues, or H + λI is
@@ -43,8 +45,7 @@ def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int
                     dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> float:
     """Estimate the eigenvalue of largest magnitude of the operator ``hvp`` (a Rayleigh quotient)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(num_params, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)  # (as lanczos')
-    x = x / x.norm()
+    x = seeded_direction(num_params, gen, dtype, device)
     value = 0.0
     for _ in range(iterations):
         hx = hvp(x).to(dtype)
