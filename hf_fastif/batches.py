@@ -730,6 +730,14 @@ class Batcher:
             out.append(longest)
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def share_lengths(self, lengths: dict) -> None:
+        """Keep `stored_lengths` in ``lengths`` (a dict filled as they are read), e.g. the one an owner holds for
+        this dataset's content (`fingerprint`), so that a new batcher over the same rows reads none of them again
+        (an `InfluenceEngine` builds its batchers anew on every call; reading a 2,000-row set's four length
+        columns took ~14 ms of a 0.13 s later call)."""
+        lengths.update(self._lengths)
+        self._lengths = lengths
+
     def padding_probes(self, probe_rows: int = 64) -> list[tuple[int, int]]:
         """Pairs ``(shortest, longest)`` of positions to probe padding with, over every row (`stored_lengths`): by
         stored width (a padding collator pads the narrower to the wider), by real tokens of a stored attention mask

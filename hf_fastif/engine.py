@@ -138,6 +138,9 @@ CONFIRM_MARGIN = 0.5
 """An estimate that does not clear -λ by this share of λ (smallest eigenvalue above -λ/2) is confirmed on more rows
 too, not only one below -λ."""
 MAX_TRUNK_CACHES = 4
+MAX_STORED_LENGTHS = 8
+"""Datasets (by the content of the columns read) whose stored row lengths the engine keeps between calls
+(`Batcher.share_lengths`: what the padding probes and the trunk states' layout read); a few KB to a few MB each."""
 READOUT_PROBE_ROWS = 4
 """The first training rows and the first test rows (each collated together) on which
 `hf_fastif.readout.find_readout` checks a cut, besides the shortest training row alone and next to the longest."""
@@ -360,6 +363,7 @@ class InfluenceEngine:
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
+        self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
         self._feature_index: tuple[tuple, Dataset] | None = None
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
@@ -933,6 +937,7 @@ class InfluenceEngine:
         for cache in self._trunks.values():
             cache.close()
         self._trunks.clear()
+        self._stored_lengths.clear()
         self._split = self._readout = None
         self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = self._exact = None
         self._saved_gradient_index = None
@@ -1010,6 +1015,8 @@ class InfluenceEngine:
         test = Batcher(test_dataset, test_cols, self.data_collator, device, **rows)
         cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
                                                                          self.data_collator, device, **rows)
+        for batcher in dict.fromkeys((train, test, cand)):
+            self._share_lengths(batcher)
         # every cache of a dataset is keyed on the hash of its rows (`Batcher.fingerprint`, computed here once per
         # call), never on datasets' _fingerprint, which datasets with other rows can share
         rank, world_size = D.world()
@@ -1053,13 +1060,24 @@ class InfluenceEngine:
                      module_state=module_state,
                      progress=not getattr(args, "disable_tqdm", False) and rank == 0)
 
+    def _share_lengths(self, batcher: Batcher) -> None:
+        """Give ``batcher`` the stored row lengths this engine keeps for its dataset's content (filled as read),
+        keeping the `MAX_STORED_LENGTHS` datasets used last."""
+        key = (batcher.fingerprint, tuple(batcher.dataset.column_names))
+        lengths = self._stored_lengths.pop(key, {})
+        self._stored_lengths[key] = lengths
+        while len(self._stored_lengths) > MAX_STORED_LENGTHS:
+            self._stored_lengths.popitem(last=False)
+        batcher.share_lengths(lengths)
+
     # ---- stage 1: the frozen trunk ---------------------------------------------------------------------------
     def _attach_trunks(self, call: _Call) -> None:
         """Give every batcher its dataset's cached trunk states when the model splits cleanly."""
         split = self._find_split(call.names, call.train)
+        below = None if split is None else split.fingerprint(call.digests)  # (once: 5 ms each on MiniLM)
         for name in ("train", "test", "cand"):
             if split is not None:
-                setattr(call, name, self._with_trunk(split, getattr(call, name), call.digests, call.module_state,
+                setattr(call, name, self._with_trunk(split, getattr(call, name), below, call.module_state,
                                                      call.progress and name != "test"))
                 split = self._split[1]  # None if a new cache failed its check
         if split is None:
@@ -1112,11 +1130,12 @@ class InfluenceEngine:
             self._split, self._split_error = (key, split, reason), None
         return self._split[1]
 
-    def _with_trunk(self, split: TrunkSplit, batcher: Batcher, digests: dict, module_state: str,
+    def _with_trunk(self, split: TrunkSplit, batcher: Batcher, below: str, module_state: str,
                     progress: bool) -> Batcher:
-        """``batcher`` with its dataset's trunk states (cached by content). The first cache of a split is checked
-        against the full model on its first rows; a split that changes the logits is dropped for this engine."""
-        key = "|".join([split.fingerprint(digests), module_state, batcher.fingerprint, str(len(batcher)),
+        """``batcher`` with its dataset's trunk states (cached by content; ``below``: the trunk's
+        `TrunkSplit.fingerprint`). The first cache of a split is checked against the full model on its first rows; a
+        split that changes the logits is dropped for this engine."""
+        key = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
         new = key not in self._trunks
         try:
@@ -1163,7 +1182,9 @@ class InfluenceEngine:
         with influence_mode(model, names), torch.no_grad():
             split = self._find_split(names, batcher)
             if split is not None:
-                batcher = self._with_trunk(split, batcher, tensor_digests(model), module_state, progress=False)
+                self._share_lengths(batcher)
+                batcher = self._with_trunk(split, batcher, split.fingerprint(tensor_digests(model)), module_state,
+                                           progress=False)
                 split = self._split[1]
             for _, batch in batcher.batches(range(len(batcher)), batch_size):
                 with forward_context(split, batch):
