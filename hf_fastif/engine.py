@@ -192,9 +192,11 @@ LISSA_BATCH_MEMO_BYTES = 256 * 2**20
 twice); not at the paper's scale (4,000 draws over 392,702 rows), where few recur and little is kept. The collator is
 taken to be deterministic, as the trunk cache takes it."""
 LISSA_GRAPH_BYTES = 256 * 2**20
-"""First-backward graphs (`hf_fastif.hvp.BatchHessian`) of LiSSA batches that are drawn again, kept from one draw to
-the next (and freed at the last), so that a row drawn again pays only the second backward: ~0.3 MB a 32-token row
-of MiniLM's last layer from its trunk states, ~0.8 MB of the tiny BERT with every parameter."""
+"""First-backward graphs (`hf_fastif.hvp.BatchHessian`) of LiSSA batches, kept while they fit, so that a batch drawn
+again pays only the second backward: ~0.3 MB a 32-token row of MiniLM's last layer from its trunk states, ~0.8 MB of
+the tiny BERT with every parameter. The engine holds them between calls while the weights, the training rows and
+what else keys its curvature estimates stay the same (later calls draw the same batches); `InfluenceEngine.clear`
+frees them."""
 FULL_HVP_GRAPH_BYTES = 256 * 2**20
 """First-backward graphs of the chunks of a product with the mean Hessian over a batcher's rows, kept for the next
 product (CG's iterations, arnoldi's and the convergence check's Lanczos steps, the exact solver's columns); the
@@ -203,7 +205,9 @@ chunks beyond it are built again for each product (their collated batches kept u
 
 class KeptHessians:
     """`BatchHessian`s of batches multiplied again, kept by key up to ``budget`` bytes; the others are built for each
-    product from collated batches that ``batches`` keeps while it has room.
+    product from collated batches that ``batches`` keeps while it has room. With ``retain``, every graph that fits is
+    kept, also past its batch's last product in a call: its owner holds this object for later calls on the same
+    weights and rows (`for_call`), keyed on them.
 
     What a graph holds is measured on the first graph a key would keep (the tensors autograd saved for the second
     backward, beside the parameters), and estimated for the next ones from their collated batches: ``first ·
@@ -211,33 +215,41 @@ class KeptHessians:
     row's length), so that no budget is overrun by longer rows.
     """
 
-    def __init__(self, call: _Call, budget: int, batches: KeptBatches, reduction: str):
+    def __init__(self, call: _Call, budget: int, batches: KeptBatches, reduction: str, *, retain: bool = False):
         self.call, self.room, self.batches, self.reduction = call, budget, batches, reduction
+        self.retain = retain  # keep every graph that fits, for later calls too (the owner keys this object)
         self.kept: dict = {}  # key -> (graph, bytes counted)
         self._unit: tuple[int, int] | None = None  # (graph bytes, batch bytes) of the graph measured
+
+    def for_call(self, call: _Call, batches: KeptBatches) -> KeptHessians:
+        """This object for another call on the same weights and rows: its graphs stay, new ones are built with
+        ``call``'s model function and parameters, and ``batches`` (the call's own) keeps collated batches."""
+        self.call, self.batches = call, batches
+        return self
 
     def product(self, key, collate: Callable[[], dict], vectors: torch.Tensor, *, again: bool = True,
                 **kwargs) -> torch.Tensor:
         """``BatchHessian.product`` for the batch ``collate()`` (named ``key``); ``again``: it will be asked for
-        again (False frees what was kept for it)."""
-        found = self.kept.get(key) if again else self.kept.pop(key, None)
+        again in this call (False frees what was kept for it, unless this object retains its graphs)."""
+        keep = again or self.retain
+        found = self.kept.get(key) if keep else self.kept.pop(key, None)
         if found is not None:
-            if not again:
+            if not keep:
                 self.room += found[1]
-            return found[0].product(vectors, last=not again, **kwargs)
+            return found[0].product(vectors, last=not keep, **kwargs)
         batch = self.batches.get(key, collate) if again else self.batches.pop(key, collate)
-        size = self._estimate(batch) if again and self._unit is not None else None
-        measure = again and self._unit is None and self.room > 0
+        size = self._estimate(batch) if keep and self._unit is not None else None
+        measure = keep and self._unit is None and self.room > 0
         graph = BatchHessian(self.call.fm, self.call.params, batch, reduction=self.reduction, measure=measure)
         if measure:
             self._unit = (max(graph.saved_bytes, 1), max(batch_bytes(batch), 1))
             size = self._estimate(batch)
-        keep = size is not None and size <= self.room
-        if keep:
+        kept = size is not None and size <= self.room
+        if kept:
             self.kept[key] = (graph, size)
             self.room -= size
             self.batches.pop(key, lambda: batch)  # the graph holds what its products need
-        return graph.product(vectors, last=not keep, **kwargs)
+        return graph.product(vectors, last=not kept, **kwargs)
 
     def _estimate(self, batch: dict) -> int:
         saved, measured = self._unit
@@ -363,6 +375,7 @@ class InfluenceEngine:
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
+        self._lissa_graphs: tuple[tuple, KeptHessians] | None = None  # (key, LiSSA's kept graphs) between calls
         self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
         self._feature_index: tuple[tuple, Dataset] | None = None
         self._gradient_index: tuple[tuple, object] | None = None
@@ -938,6 +951,7 @@ class InfluenceEngine:
             cache.close()
         self._trunks.clear()
         self._stored_lengths.clear()
+        self._lissa_graphs = None
         self._split = self._readout = None
         self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = self._exact = None
         self._saved_gradient_index = None
@@ -1396,9 +1410,10 @@ class InfluenceEngine:
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
         out = None
-        # batches drawn again (rows recur where B = 1 and J·T > N/2) keep their graph, or else their collated rows
+        # batches drawn again (rows recur where B = 1 and J·T > N/2, and a later call with these weights and rows
+        # draws the same ones) keep their graph while it fits, or else, within this call, their collated rows
         uses = Counter(rows.tobytes() for t in mine for rows in draws[t])
-        kept = KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(LISSA_BATCH_MEMO_BYTES), "mean")
+        kept = self._kept_lissa_graphs(call).for_call(call, KeptBatches(LISSA_BATCH_MEMO_BYTES))
 
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
             nonlocal out
@@ -1426,6 +1441,15 @@ class InfluenceEngine:
         lissa_info = {"lissa_repetitions": repetitions, "lissa_steps": depth,
                       "lissa_final_norm": float(np.nanmax(norms))}
         return total, info | lissa_info
+
+    def _kept_lissa_graphs(self, call: _Call) -> KeptHessians:
+        """LiSSA's kept first-backward graphs, held between calls on the same weights, rows, parameters, loss and
+        collator (what keys the curvature estimates); built anew (the old ones freed) when any of them changed."""
+        key = self._curvature_key(call, "lissa graphs", str(call.work_dtype))
+        if self._lissa_graphs is None or self._lissa_graphs[0] != key:
+            self._lissa_graphs = None  # (freed before the new ones are built)
+            self._lissa_graphs = (key, KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(0), "mean", retain=True))
+        return self._lissa_graphs[1]
 
     def _check_lissa(self, call: _Call, v: torch.Tensor) -> dict:
         """Estimate what LiSSA's convergence depends on, before the recursion: the top eigenvalue of B-row batch
