@@ -227,6 +227,10 @@ class KeptHessians:
         self.call, self.batches = call, batches
         return self
 
+    def end_call(self) -> None:
+        """Let go of the call and its collated batches (the graphs stay for the next call)."""
+        self.call, self.batches = None, KeptBatches(0)
+
     def product(self, key, collate: Callable[[], dict], vectors: torch.Tensor, *, again: bool = True,
                 **kwargs) -> torch.Tensor:
         """``BatchHessian.product`` for the batch ``collate()`` (named ``key``); ``again``: it will be asked for
@@ -1431,10 +1435,14 @@ class InfluenceEngine:
 
         diagonal = call.fm.l2_mask(call.params) if call.fm.decayed else None
         # an error in one process's repetitions (a divergence) stops every process; they waited for its sum
-        estimate, lissa_info = D.together(
-            lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale, depth=depth,
-                                repetitions=mine, top_eigenvalue=top, progress=call.progress, diagonal=diagonal),
-            "LiSSA's repetitions")
+        try:
+            estimate, lissa_info = D.together(
+                lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
+                                    depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
+                                    diagonal=diagonal),
+                "LiSSA's repetitions")
+        finally:
+            kept.end_call()
         total = D.all_reduce_sum(estimate * len(mine)) / repetitions
         # the table's diagnostics describe every repetition, not only this process's share
         norms = D.gather_rows(np.array([lissa_info.get("lissa_final_norm", np.nan)]))

@@ -815,6 +815,8 @@ def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(dat
     with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
         first, _ = single_rows(lambda: engine.compute_influences(train, test.select([0])))
         assert first > 0
+        held = engine._lissa_graphs[1]  # between calls: the graphs, not the call nor its collated batches
+        assert held.kept and held.call is None and not held.batches.kept
         built, again = single_rows(lambda: engine.compute_influences(train, test.select([1])))
         assert built == 0
         np.testing.assert_array_equal(again.influence, fresh().influence)
