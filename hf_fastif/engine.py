@@ -1454,8 +1454,7 @@ class InfluenceEngine:
         """LiSSA's kept first-backward graphs, held between calls on the same weights, rows, parameters, loss and
         collator (what keys the curvature estimates); built anew (the old ones freed) when any of them changed."""
         key = self._curvature_key(call, "lissa graphs", str(call.work_dtype))
-        if self._lissa_graphs is None or self._lissa_graphs[0] != key:
-            self._lissa_graphs = None  # (freed before the new ones are built)
+        if self._lissa_graphs is None or self._lissa_graphs[0] != key:  # (the old graphs freed with their holder)
             self._lissa_graphs = (key, KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(0), "mean", retain=True))
         return self._lissa_graphs[1]
 

@@ -792,8 +792,8 @@ def test_a_row_drawn_again_by_lissa_keeps_its_first_backward(data, pad_collator,
 def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(data, pad_collator, monkeypatch):
     """A later call with the same weights and training rows draws the same LiSSA batches: a held engine multiplies
     them from the graphs its call before kept (no forward and first backward; each distinct row's was built once per
-    call; a later FastIF call on the MiniLM default 2.4x faster), with a fresh engine's numbers to the bit. Weights changed
-    in place key them anew (built again, a fresh engine's numbers); clear() frees them."""
+    call; a later FastIF call on the MiniLM default 2.4x faster), with a fresh engine's numbers to the bit. Weights
+    changed in place key them anew (built again, a fresh engine's numbers); clear() frees them."""
     import hf_fastif.engine as engine_module
 
     model, train, test = data

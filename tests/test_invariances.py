@@ -223,8 +223,8 @@ def test_the_curvature_estimate_is_reused_until_the_weights_change(data, pad_col
 def test_arnoldi_on_a_float32_copy_agrees_to_float32_precision(pad_collator):
     """A low-rank Hessian short of convergence depends on Lanczos' start vector, which was drawn in the model's dtype
     (torch draws other numbers in float32 than in float64): on a tiny GPT-2 LM at rank 8, a float32 copy's values
-    were 2.1e-2 of the largest value off the float64 model's (up to 36% of a value), against 1.4e-6 from one start (2.1e-7 since
-    the start is drawn in float32)."""
+    were 2.1e-2 of the largest value off the float64 model's (up to 36% of a value), against 1.4e-6 from one start
+    (2.1e-7 since the start is drawn in float32)."""
     import copy
 
     from transformers import DataCollatorForLanguageModeling
