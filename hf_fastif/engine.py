@@ -1452,8 +1452,14 @@ class InfluenceEngine:
 
     def _kept_lissa_graphs(self, call: _Call) -> KeptHessians:
         """LiSSA's kept first-backward graphs, held between calls on the same weights, rows, parameters, loss and
-        collator (what keys the curvature estimates); built anew (the old ones freed) when any of them changed."""
-        key = self._curvature_key(call, "lissa graphs", str(call.work_dtype))
+        collator (what keys the curvature estimates); built anew (the old ones freed) when any of them changed.
+
+        Also keyed on the in-place version of every parameter and buffer of the model: a graph holds the tensors it
+        read, and autograd refuses a graph whose saved tensor was written in place since, even with the same values
+        (weights restored by ``load_state_dict``, as HANS correction restores them between its runs, made every later
+        call raise "modified by an inplace operation" until `clear`)."""
+        versions = tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
+        key = self._curvature_key(call, "lissa graphs", str(call.work_dtype), versions)
         if self._lissa_graphs is None or self._lissa_graphs[0] != key:  # (the old graphs freed with their holder)
             self._lissa_graphs = (key, KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(0), "mean", retain=True))
         return self._lissa_graphs[1]

@@ -186,6 +186,19 @@ def test_run_correction_candidate_pool_and_replicas(trained, nli, data, args):
     assert result.settings["candidates"] == "pool"
 
 
+def test_a_second_strategy_after_the_weights_are_restored_runs(trained, data, args):
+    """Each run restores the working copy in place (``load_state_dict``) and draws with the same seed, so with one
+    step the second strategy's influence call had the first's key: the engine served LiSSA's graphs kept from it,
+    whose saved weights the step and the restore had written in place, and autograd refused them ("modified by an
+    inplace operation"). The graphs are keyed on the weights' in-place versions too."""
+    protocol = CorrectionArguments(strategies=["helpful", "harmful"], heuristics=["lexical_overlap"], num_steps=1,
+                                   num_anchors=4, num_points=3, correction_learning_rate=0.5, replicas=1)
+    result = run_correction(trained, data, args, protocol, progress=False)
+    assert [r["strategy"] for r in result.runs] == ["helpful", "harmful"]
+    helpful, harmful = (r["steps"][0]["selected"] for r in result.runs)
+    assert helpful != harmful  # each ranked its own end of the same influence table
+
+
 def test_one_engine_for_the_protocol_computes_the_trunk_states_once(trained, data, args, monkeypatch):
     """Influence and evaluation go through one InfluenceEngine, bound to one working copy of the model (restored
     before every run; the caller's model is never stepped) and asked once per influence step; the frozen trunk's
