@@ -743,10 +743,11 @@ class Batcher:
         stored width (a padding collator pads the narrower to the wider), by real tokens of a stored attention mask
         (rows stored padded: the one with the most padding), and for labels stored as sequences (an
         encoder-decoder's targets, padded apart from the inputs) by their targets. Without stored token ids, the
-        first ``probe_rows`` rows as the collator pads them (their attention mask). Empty when nothing is padded."""
+        first ``probe_rows`` rows as the collator pads them (their attention mask). Empty when nothing is padded.
+        A single row has no other to be padded to: its stored lengths are not read (a later call's new test point)."""
         pairs = []
-        for column, count in (("input_ids", "width"), ("attention_mask", "tokens"),
-                              *((label, "targets") for label in LABEL_COLUMNS)):
+        stored = (("input_ids", "width"), ("attention_mask", "tokens"), *((label, "targets") for label in LABEL_COLUMNS))
+        for column, count in stored if len(self) > 1 else ():
             lengths = self.stored_lengths(column, count)
             if lengths is not None and len(lengths) and lengths.min() != lengths.max():
                 pairs.append((int(lengths.argmin()), int(lengths.argmax())))

@@ -1156,8 +1156,8 @@ class InfluenceEngine:
         key = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
         new = key not in self._trunks
-        try:
-            cache = self._trunk_cache(split, batcher, key, progress)
+        try:  # (a new one-row cache keeps the whole model's outputs for its check: one forward fewer)
+            cache = self._trunk_cache(split, batcher, key, progress, full_forward=new and len(batcher) == 1)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))
@@ -1214,13 +1214,15 @@ class InfluenceEngine:
         self._ended()
         return np.concatenate(out, 0)
 
-    def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool) -> TrunkCache:
+    def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool,
+                     full_forward: bool = False) -> TrunkCache:
         if key in self._trunks:
             self._trunks.move_to_end(key)
             self._served("trunk", key)
             return self._trunks[key]
         cache = TrunkCache(split, batcher, key, directory=getattr(self.args, "influence_cache_dir", None),
-                           batch_size=self.args.influence_hvp_batch_size, progress=progress)
+                           batch_size=self.args.influence_hvp_batch_size, progress=progress,
+                           full_forward=full_forward)
         self._trunks[key] = cache
         self._replaced("trunk", key)
         for old in self._evict_trunks():

@@ -190,27 +190,30 @@ class TrunkSplit:
             restore()
             self._active.clear()
 
-    def capture(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """The hidden states leaving layer ``first - 1`` for ``inputs`` (the rest of the forward is skipped)."""
+    def capture(self, model: nn.Module, inputs: dict, *, finish: bool = False):
+        """The hidden states leaving layer ``first - 1`` for ``inputs``; the rest of the forward is skipped, or with
+        ``finish`` run too: then ``(hidden states, the model's outputs)`` (the states copied, in case a layer above
+        writes into its input)."""
         out: dict = {}
 
         def hook(module, args, output):
             sequence = isinstance(output, (tuple, list))  # (a list: OpenAI GPT's blocks; read by index alike)
             hidden = output[0] if sequence else output
             self.tuple_output = len(output) if sequence else 0
-            out["hidden"] = hidden.detach()
-            raise _StopForward
+            out["hidden"] = hidden.detach().clone() if finish else hidden.detach()
+            if not finish:
+                raise _StopForward
 
         handle = self.layers[self.first - 1].register_forward_hook(hook)
         try:
-            model(**inputs)
+            outputs = model(**inputs)
         except _StopForward:
-            pass
+            outputs = None
         finally:
             handle.remove()
         if "hidden" not in out:
             raise RuntimeError(f"The forward never reached {self.path}.{self.first - 1}.")
-        return out["hidden"]
+        return (out["hidden"], outputs) if finish else out["hidden"]
 
 
 def _layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -339,13 +342,19 @@ class TrunkCache:
         split: the model's `TrunkSplit`.
         batcher: a `hf_fastif.batches.Batcher` over the whole dataset (its collator decides the tokens).
         key: the content key this cache was built for (trunk fingerprint, data, collator); its owner compares it.
+        full_forward: a dataset of one row: run the whole model on it while its states are captured, and keep its
+            outputs (`full_outputs`), which `verify_split` then compares with the top-only forward instead of running
+            the model again on the same row collated alone (a later call's new test point: one forward fewer).
     """
 
     def __init__(self, split: TrunkSplit, batcher, key: str, *, directory: str | os.PathLike | None = None,
-                 batch_size: int = TRUNK_BATCH_SIZE, progress: bool = False):
+                 batch_size: int = TRUNK_BATCH_SIZE, progress: bool = False, full_forward: bool = False):
         if batcher.index is not None:
             raise ValueError("A trunk cache covers a whole dataset; build it from the dataset's own Batcher.")
+        if full_forward and len(batcher) != 1:
+            raise ValueError(f"full_forward is for a dataset of one row; this one has {len(batcher)}.")
         self.split, self.key, self.device = split, key, batcher.device
+        self.full_outputs = None  # the whole model's outputs on the one row (full_forward), until verify_split
         self._cleanup: weakref.finalize | None = None  # deletes the mapped file where it could not be at once
         n = len(batcher)
         order = _length_order(batcher)
@@ -376,7 +385,8 @@ class TrunkCache:
             rows = order[start : start + batch_size]
             batch = batcher.batch(rows, trunk=False)
             with torch.no_grad():
-                hidden = split.capture(split.model, model_inputs(batch, split.model))
+                captured = split.capture(split.model, model_inputs(batch, split.model), finish=full_forward)
+            hidden, self.full_outputs = captured if full_forward else (captured, None)
             mask = _token_mask(batch)
             _check_layout(hidden.shape, mask)
             if self.flat is None:
@@ -389,7 +399,7 @@ class TrunkCache:
     def from_arrays(cls, key: str, lengths: np.ndarray, offsets: np.ndarray, flat: torch.Tensor, device) -> TrunkCache:
         """A cache restored from saved arrays (see `hf_fastif.engine.InfluenceEngine.save_caches`)."""
         cache = cls.__new__(cls)
-        cache.split, cache.key, cache.device, cache._cleanup = None, key, device, None
+        cache.split, cache.key, cache.device, cache._cleanup, cache.full_outputs = None, key, device, None, None
         cache.lengths, cache.offsets, cache.flat = np.asarray(lengths), np.asarray(offsets), flat
         return cache
 
@@ -578,11 +588,16 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
     on ``rows`` (collated together, so the shorter ones are padded), relative to the largest logit (compare it with
     `split_tolerance`). The rows are collated afresh, so a model whose states depend on the batch they were computed
     in (left padding without position ids, for instance), or whose top reads padding positions (their cached states
-    are copies of the row's first token's), shows up here."""
+    are copies of the row's first token's), shows up here. A one-row cache built with ``full_forward`` holds the
+    full model's outputs on that row collated alone, the same batch as here: they are used (and let go of) instead
+    of running the model again."""
     batch = batcher.batch(rows, trunk=False)
     inputs = model_inputs(batch, split.model)
+    full, cache.full_outputs = cache.full_outputs, None
+    if full is not None and (len(batcher) != 1 or list(batcher.base_rows(rows)) != [0]):
+        full = None  # (not the batch they were computed on)
     with torch.no_grad():
-        full = split.model(**inputs)
+        full = split.model(**inputs) if full is None else full
         with split.injected(cache.hidden(batcher.base_rows(rows), batch)):
             top = split.model(**inputs)
     mask = _read_positions(batch, split.model)

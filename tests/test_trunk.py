@@ -633,3 +633,65 @@ def test_a_held_engine_reads_a_datasets_lengths_and_the_trunk_fingerprint_once(p
     expected = compute_influences(model, other, tests.select([1]), args, data_collator=pad_collator)
     np.testing.assert_allclose(table.to_pandas().sort_values("train_id").influence,
                                expected.to_pandas().sort_values("train_id").influence, rtol=1e-9, atol=1e-14)
+
+
+def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_collator, monkeypatch, caplog):
+    """A later call's new test point (a one-row dataset) is cached and checked against the full model: the capture
+    stopped at the split and the check ran the whole model again on the same row collated alone (the MiniLM default's
+    live later call: 13.6 ms capture + 13.1 ms check of 73 ms). The capture now runs the rest of that forward and the
+    check compares with its outputs: the trunk runs once for the row, a top that disagrees is still caught (and the
+    engine then gives the uncached numbers), and the outputs are let go of after the check."""
+    model = tiny_model("bert", num_labels=3)
+    train = make_token_dataset(24, seed=0, num_labels=3)
+    tests = make_token_dataset(3, seed=1, num_labels=3)
+    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
+                             influence_params=TOP["bert"], disable_tqdm=True)
+    runs, checked = [], []
+    # (the first layer's attention: under injection the layer's own forward stands in and runs no submodule)
+    handle = model.bert.encoder.layer[0].attention.register_forward_pre_hook(
+        lambda module, inputs: runs.append(inputs[0].shape[0]))
+    verify = T.verify_split
+
+    def counted_verify(split, cache, batcher, rows):
+        error = verify(split, cache, batcher, rows)
+        checked.append((len(batcher), error, getattr(cache, "full_outputs", None)))
+        return error
+
+    monkeypatch.setattr("hf_fastif.engine.verify_split", counted_verify)
+    reads, read = [], Batcher._stored_lengths
+
+    def counted_read(self, column, count):
+        reads.append((len(self.dataset), column, count))
+        return read(self, column, count)
+
+    monkeypatch.setattr(Batcher, "_stored_lengths", counted_read)
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+        engine.compute_influences(train, tests.select([0]))
+        runs.clear(), checked.clear(), reads.clear()
+        table = engine.compute_influences(train, tests.select([1]))
+        assert runs == [1]  # the new row's trunk ran once (before: capture, then the check's full forward)
+        assert [(n, e < 1e-10, kept) for n, e, kept in checked] == [(1, True, None)]  # checked; outputs let go of
+        # a single row has no other to be padded to: only its width is read (the cache's layout), not the probes'
+        # other columns (before: token counts and targets too)
+        assert reads == [(1, "input_ids", "width")]
+    expected = compute_influences(model, train, tests.select([1]), args, data_collator=pad_collator)
+    np.testing.assert_allclose(table.to_pandas().sort_values("train_id").influence,
+                               expected.to_pandas().sort_values("train_id").influence, rtol=1e-9, atol=1e-14)
+    handle.remove()
+
+    hidden = T.TrunkCache.hidden  # a top that reads the one row's cached states wrong: still caught
+
+    def shifted(self, rows, batch):
+        states = hidden(self, rows, batch)
+        return states + 1.0 if len(self.lengths) == 1 else states
+
+    monkeypatch.setattr(T.TrunkCache, "hidden", shifted)
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine, caplog.at_level("WARNING"):
+        engine.compute_influences(train, tests.select([0]))
+        table = engine.compute_influences(train, tests.select([2]))
+    assert "changes the logits" in caplog.text and table.metadata["diagnostics"]["trunk"]["split"] is None
+    monkeypatch.setattr(T.TrunkCache, "hidden", hidden)
+    uncached = compute_influences(model, train, tests.select([2]), replace(args, influence_trunk_cache=False),
+                                  data_collator=pad_collator)
+    np.testing.assert_allclose(table.to_pandas().sort_values("train_id").influence,
+                               uncached.to_pandas().sort_values("train_id").influence, rtol=1e-9, atol=1e-14)
