@@ -166,7 +166,7 @@ model: a Space's warm start rebuilt every saved cache)."""
 def module_state_description(model: nn.Module) -> tuple:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
     recorded fingerprint), as a `_settings` description: every module's public plain attributes but `STATE_IGNORED`
-    (a LayerNorm's ``eps``, a dropout's ``p``), its forward, pre-forward and backward hooks and a ``forward``
+    (a LayerNorm's ``eps``, a dropout's ``p``) and its public tensor attributes by their values, its forward, pre-forward and backward hooks and a ``forward``
     replaced on the instance, with torch's global module hooks. A held engine kept the trunk states and kNN index of
     the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
     an ``eps`` was set. What hooks record grows with every forward: `settings_differences` tells it from a change."""
@@ -176,8 +176,12 @@ def module_state_description(model: nn.Module) -> tuple:
     try:
         parts = []  # (tuples throughout: only a list the modules hold may grow, `settings_differences`)
         for name, module in model.named_modules():
-            plain = tuple(sorted((k, v) for k, v in vars(module).items()
-                                 if k not in STATE_IGNORED and not k.startswith("_") and isinstance(v, _SCALARS)))
+            public = [(k, v) for k, v in vars(module).items() if k not in STATE_IGNORED and not k.startswith("_")]
+            plain = tuple(sorted((k, v) for k, v in public if isinstance(v, _SCALARS)))
+            # a tensor held as a plain attribute (not a parameter or buffer), which a hook or a patched forward
+            # reads (a steering vector set as module.steer): by its values, as a hook's own tensors
+            plain += tuple((k, _settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
+                           if isinstance(v, torch.Tensor))
             hooks = [_settings(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
                                                    module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]

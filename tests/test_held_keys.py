@@ -679,6 +679,26 @@ def test_a_setting_in_a_hooks_keyword_default_is_seen(data, where):
     np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
 
 
+def test_a_tensor_a_module_holds_as_an_attribute_keys_the_caches(data):
+    """A steering vector set as a plain module attribute (``module.steer = tensor``, not a buffer) and read by a hook,
+    changed in place between calls: a module's state held its plain scalar attributes only, so a held engine served
+    LiSSA's kept graphs and the curvature of the old vector (0.4% off a fresh engine's). Tensor attributes count by
+    their values."""
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    layer = model.bert.encoder.layer[1].output
+    layer.steer = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    handle = layer.register_forward_hook(lambda module, args, out: out + module.steer)
+    args = default_arguments(**dict(BASE, influence_solver="lissa", influence_batch_size=1,
+                                    influence_recursion_depth=30, influence_repetitions=3))
+    try:
+        before, held, fresh = held_and_fresh(model, args, collator, train, test, lambda: layer.steer.fill_(0.1))
+    finally:
+        handle.remove()
+    assert not np.allclose(before.influence, fresh.influence, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
+
+
 def test_a_long_record_of_floats_keeps_the_caches(data, monkeypatch):
     """A hook's record of ``.item()`` floats past 256 entries was counted by a hash of all of it, which every forward
     changed: every call rebuilt every cache (and once more when a record crossed 256 entries)."""
