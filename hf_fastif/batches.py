@@ -746,7 +746,8 @@ class Batcher:
         first ``probe_rows`` rows as the collator pads them (their attention mask). Empty when nothing is padded.
         A single row has no other to be padded to: its stored lengths are not read (a later call's new test point)."""
         pairs = []
-        stored = (("input_ids", "width"), ("attention_mask", "tokens"), *((label, "targets") for label in LABEL_COLUMNS))
+        stored = (("input_ids", "width"), ("attention_mask", "tokens"),
+                  *((label, "targets") for label in LABEL_COLUMNS))
         for column, count in stored if len(self) > 1 else ():
             lengths = self.stored_lengths(column, count)
             if lengths is not None and len(lengths) and lengths.min() != lengths.max():
