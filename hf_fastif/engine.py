@@ -59,6 +59,7 @@ from .fingerprint import (
     collator_key,
     collator_settings,
     description_key,
+    in_place_version,
     model_code_fingerprint,
     model_fingerprint,
     module_state_description,
@@ -1460,7 +1461,7 @@ class InfluenceEngine:
         read, and autograd refuses a graph whose saved tensor was written in place since, even with the same values
         (weights restored by ``load_state_dict``, as HANS correction restores them between its runs, made every later
         call raise "modified by an inplace operation" until `clear`)."""
-        versions = tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
+        versions = tuple(in_place_version(t) for t in (*self.model.parameters(), *self.model.buffers()))
         key = self._curvature_key(call, "lissa graphs", str(call.work_dtype), versions)
         if self._lissa_graphs is None or self._lissa_graphs[0] != key:  # (the old graphs freed with their holder)
             self._lissa_graphs = (key, KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(0), "mean", retain=True))

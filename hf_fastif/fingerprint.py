@@ -742,10 +742,16 @@ def _serial(tensor: torch.Tensor) -> int:
 
 
 def _tensor_identity(tensor: torch.Tensor) -> _Data:
-    """A tensor by identity (`_serial`), shape, dtype, layout and in-place version (`Tensor._version`)."""
+    """A tensor by identity (`_serial`), shape, dtype, layout and in-place version (`in_place_version`)."""
     shape = "nested" if tensor.is_nested else tuple(tensor.shape)
-    return _Data(f"tensor#{_serial(tensor)}:{shape}:{tensor.dtype}:{tensor.layout}:"
-                 f"v{getattr(tensor, '_version', '?')}")
+    return _Data(f"tensor#{_serial(tensor)}:{shape}:{tensor.dtype}:{tensor.layout}:v{in_place_version(tensor)}")
+
+
+def in_place_version(tensor: torch.Tensor) -> int:
+    """torch's count of the in-place writes to ``tensor``'s storage (``Tensor._version``); -1 for a tensor made under
+    ``torch.inference_mode``, which keeps none (reading it raises) and which no graph can hold (autograd refuses to
+    save it): a buffer a pipeline's forward re-registered under inference mode stopped every call."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def _tensor_content(tensor: torch.Tensor) -> str:

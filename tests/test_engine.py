@@ -838,6 +838,33 @@ def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(dat
         assert engine._lissa_graphs is None
 
 
+def test_a_buffer_made_under_inference_mode_does_not_stop_a_held_engine(data, pad_collator):
+    """LiSSA's kept graphs are keyed on every tensor's in-place version, which a tensor made under
+    ``torch.inference_mode`` does not keep (reading it raises): a buffer a pipeline's forward re-registered under
+    inference mode stopped every call. Such a tensor counts as version -1 (no graph can hold it), here and in the
+    settings' descriptions of tensors by identity (a hook's list past its first 8 entries)."""
+    from hf_fastif.fingerprint import collator_settings
+
+    model, train, test = data
+    model = copy.deepcopy(model)
+    with torch.inference_mode():
+        made = [torch.ones(3) for _ in range(10)]
+    model.bert.register_buffer("scratch", made[0], persistent=False)
+    args = default_arguments(**dict(BASE, influence_batch_size=1, influence_recursion_depth=10, influence_knn_k=None,
+                                    influence_repetitions=2, influence_check_convergence=False))
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+        engine.compute_influences(train, test)
+        again = engine.compute_influences(train, test).to_pandas().sort_values(["test_id", "train_id"])
+    fresh = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas() \
+        .sort_values(["test_id", "train_id"])
+    np.testing.assert_array_equal(again.influence, fresh.influence)
+
+    def collate(rows):
+        return rows if made else None
+
+    assert collator_settings(collate) == collator_settings(collate)  # (entries past the 8th: by identity, version -1)
+
+
 @pytest.mark.parametrize("solver", ["cg", "arnoldi"])
 def test_the_mean_hessian_keeps_collated_batches_within_a_budget(data, pad_collator, monkeypatch, solver, capsys):
     """CG, arnoldi and exact kept every training row's collated batch (with its padded trunk states) for the whole
