@@ -744,7 +744,7 @@ class Batcher:
         (rows stored padded: the one with the most padding), and for labels stored as sequences (an
         encoder-decoder's targets, padded apart from the inputs) by their targets. Without stored token ids, the
         first ``probe_rows`` rows as the collator pads them (their attention mask). Empty when nothing is padded.
-        A single row has no other to be padded to: its stored lengths are not read (a later call's new test point)."""
+        A single row has no other to be padded to: its stored lengths are not read (a later call's test point)."""
         pairs = []
         stored = (("input_ids", "width"), ("attention_mask", "tokens"),
                   *((label, "targets") for label in LABEL_COLUMNS))

@@ -1157,8 +1157,10 @@ class InfluenceEngine:
         key = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
         new = key not in self._trunks
-        try:  # (a new one-row cache keeps the whole model's outputs for its check: one forward fewer)
-            cache = self._trunk_cache(split, batcher, key, progress, full_forward=new and len(batcher) == 1)
+        try:  # (a new one-row cache of a split checked before keeps the whole model's outputs for its check: one
+            # forward fewer)
+            cache = self._trunk_cache(split, batcher, key, progress,
+                                      full_forward=new and len(batcher) == 1 and split.verified)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))
@@ -1171,6 +1173,7 @@ class InfluenceEngine:
                                "(relative): not using the trunk cache for this model; the full forward runs instead.")
                 self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
+            split.verified = True
         return batcher.with_trunk(cache)
 
     def _drop_split(self, reason: str) -> None:

@@ -167,9 +167,10 @@ def module_state_description(model: nn.Module) -> tuple:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
     recorded fingerprint), as a `_settings` description: every module's public plain attributes but `STATE_IGNORED`
     (a LayerNorm's ``eps``, a dropout's ``p``) and its public tensor attributes by their values, its forward,
-    pre-forward and backward hooks and a ``forward`` replaced on the instance, with torch's global module hooks. A held engine kept the trunk states and kNN index of
-    the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
-    an ``eps`` was set. What hooks record grows with every forward: `settings_differences` tells it from a change."""
+    pre-forward and backward hooks and a ``forward`` replaced on the instance, with torch's global module hooks. A
+    held engine kept the trunk states and kNN index of the model before a hook was registered (activation patching,
+    an ablation: values 0.014 off a fresh engine's) or an ``eps`` was set. What hooks record grows with every
+    forward: `settings_differences` tells it from a change."""
     from torch.nn.modules import module as torch_module
 
     names = _MODULE_NAMES.set({id(m): name for name, m in model.named_modules()})
@@ -632,9 +633,10 @@ def _settings(value, depth: int = 0):
     (`_tokenizer_settings`; its vocabulary is left to `callable_fingerprint`), a function's code with what it closes
     over, its parameters' defaults, what it is bound to and reads from its module (plain values, containers of them,
     tokenizers, functions, settings namespaces and dataclasses), and another object's attributes (and, for a
-    callable object of the user's code, what its ``__call__`` reads), followed to `MAX_DEPTH`. A tensor or array held directly or in a dict counts by its values
-    (a steering vector changed in place: `_data_settings`); one in a list by its values among the first entries, else
-    by its identity and in-place version (`_list_entry`: a hook's record of activations). A module
+    callable object of the user's code, what its ``__call__`` reads), followed to `MAX_DEPTH`. A tensor or array held
+    directly or in a dict counts by its values (a steering vector changed in place: `_data_settings`); one in a list
+    by its values among the first entries, else by its identity and in-place version (`_list_entry`: a hook's record
+    of activations). A module
     counts by its name in the model being described (a forward replaced by another layer's bound forward), else by its
     type (the model itself is keyed by its tensors); classes by their type."""
     if isinstance(value, _SCALARS):

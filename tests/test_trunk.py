@@ -695,3 +695,28 @@ def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_coll
                                   data_collator=pad_collator)
     np.testing.assert_allclose(table.to_pandas().sort_values("train_id").influence,
                                uncached.to_pandas().sort_values("train_id").influence, rtol=1e-9, atol=1e-14)
+
+
+def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_row(pad_collator):
+    """A one-row cache is checked on the forward that captured it only once a cache of the split passed the check
+    against two forwards of its own: a trunk that adds noise in eval mode (a hook) agrees with the very forward that
+    captured it, and a split first checked on one row (`InfluenceEngine.logits` of a typed pair) was kept (a
+    review's repro: 0.014 relative, dropped before the one-forward check)."""
+    model = tiny_model("bert", num_labels=3)
+    rows = make_token_dataset(3, seed=1, num_labels=3)
+    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
+                             influence_params=TOP["bert"], disable_tqdm=True)
+    handle = model.bert.encoder.layer[0].attention.register_forward_hook(
+        lambda module, inputs, out: (out[0] + 1e-2 * torch.randn_like(out[0]), *out[1:]))
+    try:
+        with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+            engine.logits(rows.select([0]))
+            assert engine._split[1] is None and "differ" in engine._split[2]
+    finally:
+        handle.remove()
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:  # without the noise: kept, and a
+        engine.logits(rows)  # one-row cache after a checked one reuses the capture's forward
+        split = engine._split[1]
+        assert split is not None and split.verified
+        engine.logits(rows.select([2]))
+        assert engine._split[1] is split
