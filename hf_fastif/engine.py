@@ -1173,7 +1173,8 @@ class InfluenceEngine:
                                "(relative): not using the trunk cache for this model; the full forward runs instead.")
                 self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
-            split.verified = True
+        split.verified = True  # (the cache passed its check, here or when it was built: an engine keeps, saves and
+        # loads no other)
         return batcher.with_trunk(cache)
 
     def _drop_split(self, reason: str) -> None:

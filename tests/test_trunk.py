@@ -697,7 +697,8 @@ def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_coll
                                uncached.to_pandas().sort_values("train_id").influence, rtol=1e-9, atol=1e-14)
 
 
-def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_row(pad_collator):
+def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_row(pad_collator, tmp_path,
+                                                                                    monkeypatch):
     """A one-row cache is checked on the forward that captured it only once a cache of the split passed the check
     against two forwards of its own: a trunk that adds noise in eval mode (a hook) agrees with the very forward that
     captured it, and a split first checked on one row (`InfluenceEngine.logits` of a typed pair) was kept (a
@@ -720,3 +721,13 @@ def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_
         assert split is not None and split.verified
         engine.logits(rows.select([2]))
         assert engine._split[1] is split
+        folder = engine.save_caches(tmp_path / "caches")
+    built, init = [], T.TrunkCache.__init__
+    monkeypatch.setattr(T.TrunkCache, "__init__", lambda self, *a, **k: built.append(k.get("full_forward"))
+                        or init(self, *a, **k))
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:  # caches saved after their check
+        assert "trunk" in engine.load_caches(folder)  # (the Space's warm start) count as checked
+        engine.logits(rows)
+        assert built == [] and engine._split[1].verified  # served from the loaded caches
+        engine.logits(rows.select([1]))
+        assert built == [True]  # the new one-row cache: checked on the forward that captured it
