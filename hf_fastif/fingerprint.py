@@ -178,11 +178,11 @@ def module_state_description(model: nn.Module) -> tuple:
         parts = []  # (tuples throughout: only a list the modules hold may grow, `settings_differences`)
         for name, module in model.named_modules():
             public = [(k, v) for k, v in vars(module).items() if k not in STATE_IGNORED and not k.startswith("_")]
-            plain = tuple(sorted((k, v) for k, v in public if isinstance(v, _SCALARS)))
+            attributes = tuple(sorted((k, v) for k, v in public if isinstance(v, _SCALARS)))
             # a tensor held as a plain attribute (not a parameter or buffer), which a hook or a patched forward
             # reads (a steering vector set as module.steer): by its values, as a hook's own tensors
-            plain += tuple((k, _settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
-                           if isinstance(v, torch.Tensor))
+            attributes += tuple((k, _settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
+                                if isinstance(v, torch.Tensor))
             hooks = [_settings(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
                                                    module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]
@@ -191,7 +191,7 @@ def module_state_description(model: nn.Module) -> tuple:
                 # influence runs without it, `hf_fastif.mode.influence_mode`) a forward replaced on the instance (a
                 # partial bound to the module, as accelerate's device-map hooks make, counts the module by its name)
                 hooks.append(("forward", _settings(own)))
-            parts.append((name, plain, tuple(hooks)))
+            parts.append((name, attributes, tuple(hooks)))
         parts.append(("<global hooks>", tuple(_settings(hook) for hooks in (
             torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
             torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks) for hook in hooks.values())))

@@ -103,8 +103,9 @@ class BatchHessian:
     tiny BERT and MiniLM's last layer (docs/benchmarks.md), with the same result to the bit. The graph holds what the
     second backward reads (the batch's activations, ~0.3-0.8 MB a 32-token row on those models; see `saved_bytes`),
     not the parameter-sized gradient, which autograd reaches through its gradient edge. It reads the parameters as
-    they were when it was built: use it only while they are unchanged (the engine keys the LiSSA graphs it keeps
-    between calls on the weights' content, and drops them when they change).
+    they were when it was built: use it only while they are unchanged, and not written in place (autograd refuses a
+    graph whose saved tensors were; the engine keys the LiSSA graphs it keeps between calls on the weights' content
+    and in-place versions, and drops them when either changes).
 
     Args:
         reduction: ``"mean"`` (the batch's mean loss, LiSSA's) or ``"sum"`` (to accumulate a mean over a whole
