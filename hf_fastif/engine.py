@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -236,12 +237,25 @@ class KeptHessians:
                 **kwargs) -> torch.Tensor:
         """``BatchHessian.product`` for the batch ``collate()`` (named ``key``); ``again``: it will be asked for
         again in this call (False frees what was kept for it, unless this object retains its graphs)."""
+        graph, last = self._graph(key, collate, again)
+        return graph.product(vectors, last=last, **kwargs)
+
+    def accumulate(self, key, collate: Callable[[], dict], vector: torch.Tensor, into: torch.Tensor, alpha: float, *,
+                   again: bool = True, **kwargs) -> None:
+        """``BatchHessian.accumulate`` (``into += alpha · H @ vector``) for the batch ``collate()``, kept as in
+        `product`."""
+        graph, last = self._graph(key, collate, again)
+        graph.accumulate(vector, into, alpha, last=last, **kwargs)
+
+    def _graph(self, key, collate: Callable[[], dict], again: bool) -> tuple[BatchHessian, bool]:
+        """The graph of the batch named ``key`` (kept, or built now and kept while it fits), and whether its next
+        product is its last (the graph is not kept)."""
         keep = again or self.retain
         found = self.kept.get(key) if keep else self.kept.pop(key, None)
         if found is not None:
             if not keep:
                 self.room += found[1]
-            return found[0].product(vectors, last=not keep, **kwargs)
+            return found[0], not keep
         batch = self.batches.get(key, collate) if again else self.batches.pop(key, collate)
         size = self._estimate(batch) if keep and self._unit is not None else None
         measure = keep and self._unit is None and self.room > 0
@@ -254,7 +268,7 @@ class KeptHessians:
             self.kept[key] = (graph, size)
             self.room -= size
             self.batches.pop(key, lambda: batch)  # the graph holds what its products need
-        return graph.product(vectors, last=not kept, **kwargs)
+        return graph, not kept
 
     def _estimate(self, batch: dict) -> int:
         saved, measured = self._unit
@@ -1420,25 +1434,22 @@ class InfluenceEngine:
         mine = D.shard(range(repetitions))
         draws = {t: lissa_batches(n, bsz, depth, args.influence_seed, t) for t in mine}
 
-        out = None
         # batches drawn again (rows recur where B = 1 and J·T > N/2, and a later call with these weights and rows
         # draws the same ones) keep their graph while it fits, or else, within this call, their collated rows
         uses = Counter(rows.tobytes() for t in mine for rows in draws[t])
         kept = self._kept_lissa_graphs(call).for_call(call, KeptBatches(LISSA_BATCH_MEMO_BYTES))
 
-        def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor) -> torch.Tensor:
-            nonlocal out
-            out = torch.empty_like(h) if out is None else out  # reused: the recursion consumes it at once
+        def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float) -> None:
             for r, t in enumerate(reps):
                 rows = draws[t][j - 1]
                 key = rows.tobytes()
                 uses[key] -= 1
                 step = dict(again=uses[key] > 0, l2_term=False)  # the L2 term's diagonal: left to solve_lissa
-                if h.shape[1] == 1:  # one vector: the plain double backward, written in place
-                    kept.product(key, lambda rows=rows: call.train.batch(rows), h[r, 0], out=out[r, 0], **step)
+                collate = functools.partial(call.train.batch, rows)
+                if h.shape[1] == 1:  # one vector: the plain double backward, added into the next iterate
+                    kept.accumulate(key, collate, h[r, 0], into[r, 0], alpha, **step)
                 else:
-                    out[r] = kept.product(key, lambda rows=rows: call.train.batch(rows), h[r], **step).to(h.dtype)
-            return out
+                    into[r].add_(kept.product(key, collate, h[r], **step), alpha=alpha)
 
         diagonal = call.fm.l2_mask(call.params) if call.fm.decayed else None
         # an error in one process's repetitions (a divergence) stops every process; they waited for its sum
@@ -1446,7 +1457,7 @@ class InfluenceEngine:
             estimate, lissa_info = D.together(
                 lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
                                     depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
-                                    diagonal=diagonal),
+                                    diagonal=diagonal, accumulates=True),
                 "LiSSA's repetitions")
         finally:
             kept.end_call()

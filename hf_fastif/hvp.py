@@ -3,7 +3,8 @@
 Vectors are flat: ``(p,)`` or a stack ``(m, p)`` in the order of ``FunctionalModel.names``. Hessian-vector
 products use double backward (reverse-over-reverse): measured faster than forward-over-reverse on CPU.
 Several vectors share one forward and one first backward (``is_grads_batched``), and a `BatchHessian` keeps the first
-backward's graph for the products that follow on the same batch.
+backward's graph for the products that follow on the same batch; `BatchHessian.accumulate` adds a product into a
+vector parameter by parameter, never flattening it (LiSSA's update).
 """
 
 from __future__ import annotations
@@ -128,6 +129,29 @@ class BatchHessian:
         self._leaves, self._inputs = leaves, list(leaves.values())
         # the L2 term's Hessian: weight · 2wd · I (the mean loss's weight is 1, the summed loss's the row count)
         self._l2_weight = 1.0 if reduction == "mean" else float(losses.shape[0])
+
+    def accumulate(self, vector: torch.Tensor, into: torch.Tensor, alpha: float, *, l2_term: bool = True,
+                   last: bool = False) -> None:
+        """``into += alpha · (H @ vector)`` for one vector ``(p,)`` into a ``(p,)`` tensor (a contiguous one, such as
+        a row of a stack), parameter by parameter from autograd's products: the product is never flattened, so a
+        LiSSA step reads and writes the parameter-sized vectors two times fewer than `product` followed by an add.
+        ``l2_term`` and ``last`` as in `product`."""
+        if self._edges is None:
+            raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
+        if vector.dim() != 1 or into.shape != vector.shape or not into.is_contiguous():
+            raise ValueError("accumulate takes one vector (p,) and a contiguous (p,) tensor to add into (its "
+                             "parameter slices must be views).")
+        parts = [t.to(d) for t, d in zip(unflatten(vector, self._leaves).values(), self._dtypes)]
+        try:
+            products = torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last)
+        finally:
+            if last:
+                self._edges = None
+        for target, product in zip(unflatten(into, self._leaves).values(), products):
+            target.add_(product, alpha=alpha)
+        if self._fm.l2_in_hessian and l2_term:
+            into.addcmul_(self._fm.l2_mask(self._params).to(into.dtype), vector.to(into.dtype),
+                          value=alpha * self._l2_weight)
 
     def product(self, vectors: torch.Tensor, *, out: torch.Tensor | None = None, l2_term: bool = True,
                 last: bool = False) -> torch.Tensor:

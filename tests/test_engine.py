@@ -765,6 +765,9 @@ class _CountedHessian:
     def product(self, *args, **kwargs):
         return self.hessian.product(*args, **kwargs)
 
+    def accumulate(self, *args, **kwargs):
+        return self.hessian.accumulate(*args, **kwargs)
+
 
 def test_a_row_drawn_again_by_lissa_keeps_its_first_backward(data, pad_collator, monkeypatch):
     """A row LiSSA draws again (B = 1, J·T > N) is multiplied from the graph of its first backward, kept from one draw

@@ -76,6 +76,35 @@ def test_a_kept_graph_multiplies_as_a_fresh_one(pad_collator, reduction):
     assert BatchHessian(fm, params, batch).saved_bytes is None  # not measured unless asked
 
 
+@pytest.mark.parametrize("l2_term", [True, False])
+def test_a_product_added_into_a_row_of_a_stack_is_the_product(pad_collator, l2_term):
+    """`BatchHessian.accumulate` adds ``alpha ·`` the product into a vector parameter by parameter (LiSSA's update
+    without the flattened product): the same as `product` then an add, within float rounding (the add happens per
+    parameter instead of on the flat vector), into a row of a stack and nowhere else; a vector it could not write
+    through (not contiguous, so the parameter slices would be copies) is refused rather than left unchanged."""
+    model = tiny_model("bert")
+    data = make_token_dataset(3, seed=0)
+    params = select_parameters(model, [r"encoder\.layer\.1\.", r"classifier\."])
+    fm = FunctionalModel(model, list(params), weight_decay=0.03)
+    batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(3))
+    flat = flatten(params)
+    p = flat.numel()
+    gen = torch.Generator().manual_seed(1)
+    x, start = (torch.randn(shape, generator=gen, dtype=flat.dtype) for shape in ((p,), (3, p)))
+    hessian = BatchHessian(fm, params, batch)
+    into = start.clone()
+    hessian.accumulate(x, into[1], -0.25, l2_term=l2_term)
+    expected = start[1] - 0.25 * hessian.product(x, l2_term=l2_term)
+    torch.testing.assert_close(into[1], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(into[1], start[1])
+    assert torch.equal(into[0], start[0]) and torch.equal(into[2], start[2])
+    with pytest.raises(ValueError, match="contiguous"):
+        hessian.accumulate(x, torch.zeros(p, 2, dtype=flat.dtype)[:, 0], 1.0)
+    hessian.accumulate(x, into[2], 1.0, last=True)
+    with pytest.raises(RuntimeError, match="freed"):
+        hessian.accumulate(x, into[2], 1.0)
+
+
 def test_a_tied_parameter_is_substituted_under_every_name():
     """GPT-2's LM head shares the input embedding: substituting the embedding moves the head too, as
     ``functional_call(tie_weights=True)`` does; the tie map is found once, not on every forward."""

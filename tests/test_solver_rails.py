@@ -155,6 +155,33 @@ def test_a_product_that_is_not_finite_names_the_training_loss_not_the_scale(bert
         compute_influences(model, train, test, args, data_collator=pad_collator)
 
 
+def adding(step):
+    """``step`` (an hvp_step returning its products) as solve_lissa's ``accumulates=True`` calls it."""
+
+    def added(j, reps, h, *, into, alpha):
+        into.add_(step(j, reps, h), alpha=alpha)
+
+    return added
+
+
+def test_products_added_into_the_next_iterate_give_the_same_recursion():
+    """``accumulates=True`` (the engine's: each product added into the next iterate, never stored apart) runs the
+    same recursion as products returned, with and without the L2 term's diagonal, over repetitions and several
+    vectors; and a product that is not finite still names the training rows, not the scale."""
+    matrix, _ = spectrum_matrix([0.05, 0.5, 1.0, 2.0])
+    v = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, 1.0, -1.0]], dtype=torch.float64)
+    for diagonal in (None, torch.tensor([0.1, 0.0, 0.2, 0.0], dtype=torch.float64)):
+        settings = dict(damping=0.01, scale=10.0, depth=200, repetitions=[0, 3], progress=False, diagonal=diagonal)
+        returned, _ = solve_lissa(explicit_step(matrix, noise=0.1, seed=4), v, **settings)
+        added, _ = solve_lissa(adding(explicit_step(matrix, noise=0.1, seed=4)), v, accumulates=True, **settings)
+        torch.testing.assert_close(added, returned, rtol=1e-12, atol=1e-12)
+        assert returned.abs().max() > 1.0
+    with pytest.raises(LissaDivergenceError, match="step 3: the Hessian-vector product of the sampled training rows "
+                                                   "is not finite"):
+        solve_lissa(adding(lambda j, reps, h: h @ matrix * (float("nan") if j == 3 else 1.0)), v, damping=0.01,
+                    scale=10.0, depth=20, repetitions=[0], progress=False, accumulates=True)
+
+
 def test_lissa_nan_is_divergence():
     def step(j, reps, h):
         return h * float("nan") if j == 5 else h

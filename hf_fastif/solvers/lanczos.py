@@ -69,7 +69,7 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
         alphas.append(alpha)
         done = basis[: i + 1]
         for _ in range(2):  # twice is enough (Kahan): keeps the basis orthogonal in float32
-            w = w - done.T @ (done @ w)
+            w = torch.addmv(w, done.T, done @ w, alpha=-1)  # w - basisᵀ(basis w), one pass over w fewer
         beta = float(w.norm())
         if not math.isfinite(alpha) or not math.isfinite(beta):  # any inf / NaN entry reaches both or the norm
             raise FloatingPointError("Lanczos met a non-finite Hessian-vector product: the products overflowed "
@@ -113,7 +113,7 @@ def _orthogonal_start(basis: torch.Tensor, gen: torch.Generator, dtype) -> torch
     for _ in range(3):
         w = seeded_direction(basis.shape[1], gen, dtype, basis.device)
         for _ in range(2):
-            w = w - basis.T @ (basis @ w)
+            w = torch.addmv(w, basis.T, basis @ w, alpha=-1)
         norm = float(w.norm())
         if norm > 1e-3:
             return w / norm

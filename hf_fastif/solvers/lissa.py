@@ -135,7 +135,7 @@ class GrowthMonitor:
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
                 damping: float, scale: float, depth: int, repetitions: Sequence[int],
                 top_eigenvalue: float | None = None, progress: bool = True,
-                diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                diagonal: torch.Tensor | None = None, accumulates: bool = False) -> tuple[torch.Tensor, dict]:
     """Run the given LiSSA repetitions in lockstep and return their mean estimate of ``(H + λI)⁻¹ v``.
 
     Args:
@@ -148,6 +148,9 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         diagonal: ``(p,)``, a diagonal part of every batch Hessian that ``hvp_step`` leaves out (the explicit L2
             term: ``2·wd`` on the decayed entries), applied exactly in the update, which then reads and writes
             each vector once: ``h ← v + ((1 - damping) - diagonal / scale) ⊙ h - hvp_step(h) / scale``.
+        accumulates: ``hvp_step`` is called as ``hvp_step(j, reps, h, into=, alpha=)`` and adds ``alpha ·`` its
+            products into ``into`` (``(R, m, p)``, already holding ``v + (1 - damping)·h``) in place, returning
+            nothing: the products are never stored apart (`hf_fastif.hvp.BatchHessian.accumulate`).
     Returns:
         ``(mean over repetitions of h_J / scale, info)``.
     Raises:
@@ -163,16 +166,26 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     coefficient = None if diagonal is None else (1.0 - damping) - diagonal.to(v.dtype) / scale
     monitor = GrowthMonitor(v.norm(dim=-1), damping, depth)
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
-    for j in bar:
-        products = hvp_step(j, reps, h)
+
+    def carried(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # v + (1 - damp)·h (diagonal)
         if coefficient is None:
-            torch.add(v, h, alpha=1.0 - damping, out=spare)
+            return torch.add(v, h, alpha=1.0 - damping, out=out)
+        return torch.addcmul(v, coefficient, h, out=out)
+
+    for j in bar:
+        if accumulates:
+            carried(h, out=spare)
+            hvp_step(j, reps, h, into=spare, alpha=-1.0 / scale)
+            h, spare = spare, h
         else:
-            torch.addcmul(v, coefficient, h, out=spare)
-        h, spare = spare.sub_(products.to(v.dtype), alpha=1.0 / scale), h
+            products = hvp_step(j, reps, h)
+            h, spare = carried(h, out=spare).sub_(products.to(v.dtype), alpha=1.0 / scale), h
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
-            if torch.isfinite(spare).all() and not torch.isfinite(products).all():  # (spare: the step's input)
+            # (spare: the step's input, finite since the step before; with it and the carried part finite, what
+            # added the inf / NaN is the products)
+            if torch.isfinite(spare).all() and (bool(torch.isfinite(carried(spare)).all()) if accumulates
+                                                else not torch.isfinite(products).all()):
                 size = float(spare.norm(dim=-1).max() / v.norm(dim=-1).max().clamp_min(torch.finfo(v.dtype).tiny))
                 raise LissaDivergenceError(
                     f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
