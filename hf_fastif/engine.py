@@ -215,10 +215,15 @@ class KeptHessians:
     backward, beside the parameters), and estimated for the next ones from their collated batches: ``first ·
     max(r, r²)`` with r the ratio of the batches' sizes (attention's saved probabilities grow with the square of a
     row's length), so that no budget is overrun by longer rows.
+
+    A kept graph that autograd refuses because a tensor it saved was written in place since it was built (one the
+    keys see by its values only: a module's tensor attribute or a hook's, zeroed for an ablation and restored) is
+    dropped with every other kept graph, and the product is taken from a graph built now.
     """
 
     def __init__(self, call: _Call, budget: int, batches: KeptBatches, reduction: str, *, retain: bool = False):
         self.call, self.room, self.batches, self.reduction = call, budget, batches, reduction
+        self.budget = budget
         self.retain = retain  # keep every graph that fits, for later calls too (the owner keys this object)
         self.kept: dict = {}  # key -> (graph, bytes counted)
         self._unit: tuple[int, int] | None = None  # (graph bytes, batch bytes) of the graph measured
@@ -237,25 +242,42 @@ class KeptHessians:
                 **kwargs) -> torch.Tensor:
         """``BatchHessian.product`` for the batch ``collate()`` (named ``key``); ``again``: it will be asked for
         again in this call (False frees what was kept for it, unless this object retains its graphs)."""
-        graph, last = self._graph(key, collate, again)
-        return graph.product(vectors, last=last, **kwargs)
+        return self._multiply(key, collate, again, lambda graph, last: graph.product(vectors, last=last, **kwargs))
 
     def accumulate(self, key, collate: Callable[[], dict], vector: torch.Tensor, into: torch.Tensor, alpha: float, *,
                    again: bool = True, **kwargs) -> None:
         """``BatchHessian.accumulate`` (``into += alpha · H @ vector``) for the batch ``collate()``, kept as in
         `product`."""
-        graph, last = self._graph(key, collate, again)
-        graph.accumulate(vector, into, alpha, last=last, **kwargs)
+        self._multiply(key, collate, again,
+                       lambda graph, last: graph.accumulate(vector, into, alpha, last=last, **kwargs))
 
-    def _graph(self, key, collate: Callable[[], dict], again: bool) -> tuple[BatchHessian, bool]:
-        """The graph of the batch named ``key`` (kept, or built now and kept while it fits), and whether its next
-        product is its last (the graph is not kept)."""
+    def _multiply(self, key, collate: Callable[[], dict], again: bool, multiply: Callable):
+        graph, last, found = self._graph(key, collate, again)
+        try:
+            return multiply(graph, last)  # (autograd refuses a graph before any product is written)
+        except RuntimeError as err:
+            if not found or "modified by an inplace operation" not in str(err):
+                raise
+        logger.info("A tensor LiSSA's kept graphs read was written in place since they were built: they are built "
+                    "again.")
+        self.drop()
+        graph, last, _ = self._graph(key, collate, again)
+        return multiply(graph, last)
+
+    def drop(self) -> None:
+        """Free every kept graph."""
+        self.kept.clear()
+        self.room = self.budget
+
+    def _graph(self, key, collate: Callable[[], dict], again: bool) -> tuple[BatchHessian, bool, bool]:
+        """The graph of the batch named ``key`` (kept, or built now and kept while it fits), whether its next
+        product is its last (the graph is not kept), and whether it was kept from before."""
         keep = again or self.retain
         found = self.kept.get(key) if keep else self.kept.pop(key, None)
         if found is not None:
             if not keep:
                 self.room += found[1]
-            return found[0], not keep
+            return found[0], not keep, True
         batch = self.batches.get(key, collate) if again else self.batches.pop(key, collate)
         size = self._estimate(batch) if keep and self._unit is not None else None
         measure = keep and self._unit is None and self.room > 0
@@ -268,7 +290,7 @@ class KeptHessians:
             self.kept[key] = (graph, size)
             self.room -= size
             self.batches.pop(key, lambda: batch)  # the graph holds what its products need
-        return graph, not kept
+        return graph, not kept, False
 
     def _estimate(self, batch: dict) -> int:
         saved, measured = self._unit
@@ -1170,11 +1192,11 @@ class InfluenceEngine:
         split that changes the logits is dropped for this engine."""
         key = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)),
                         self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
-        new = key not in self._trunks
-        try:  # (a new one-row cache of a split checked before keeps the whole model's outputs for its check: one
-            # forward fewer)
+        new, state = key not in self._trunks, (below, module_state)
+        try:  # (a new one-row cache of a split checked before, in this state of the model, keeps the whole model's
+            # outputs for its check: one forward fewer)
             cache = self._trunk_cache(split, batcher, key, progress,
-                                      full_forward=new and len(batcher) == 1 and split.verified)
+                                      full_forward=new and len(batcher) == 1 and state in split.verified)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))
@@ -1187,8 +1209,8 @@ class InfluenceEngine:
                                "(relative): not using the trunk cache for this model; the full forward runs instead.")
                 self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
-        split.verified = True  # (the cache passed its check, here or when it was built: an engine keeps, saves and
-        # loads no other)
+        split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
+        # and loads no other)
         return batcher.with_trunk(cache)
 
     def _drop_split(self, reason: str) -> None:

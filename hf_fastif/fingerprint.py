@@ -163,10 +163,14 @@ the train / eval flag, and where the weights were loaded from (a model loaded ag
 model: a Space's warm start rebuilt every saved cache)."""
 
 
+_HELD_CONTAINERS = (torch.Tensor, np.ndarray, dict, list, tuple, set, frozenset)
+"""A module's public attributes that `module_state_description` describes by what they hold (beside plain values)."""
+
+
 def module_state_description(model: nn.Module) -> tuple:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
     recorded fingerprint), as a `_settings` description: every module's public plain attributes but `STATE_IGNORED`
-    (a LayerNorm's ``eps``, a dropout's ``p``) and its public tensor attributes by their values, its forward,
+    (a LayerNorm's ``eps``, a dropout's ``p``), its public tensors, arrays and containers by what they hold, its forward,
     pre-forward and backward hooks and a ``forward`` replaced on the instance, with torch's global module hooks. A
     held engine kept the trunk states and kNN index of the model before a hook was registered (activation patching,
     an ablation: values 0.014 off a fresh engine's) or an ``eps`` was set. What hooks record grows with every
@@ -179,10 +183,11 @@ def module_state_description(model: nn.Module) -> tuple:
         for name, module in model.named_modules():
             public = [(k, v) for k, v in vars(module).items() if k not in STATE_IGNORED and not k.startswith("_")]
             attributes = tuple(sorted((k, v) for k, v in public if isinstance(v, _SCALARS)))
-            # a tensor held as a plain attribute (not a parameter or buffer), which a hook or a patched forward
-            # reads (a steering vector set as module.steer): by its values, as a hook's own tensors
+            # a tensor or array held as a plain attribute (not a parameter or buffer), alone or in a container, or
+            # a settings container, which a hook or a patched forward reads (a steering vector set as module.steer,
+            # {"v": t}, [t]; {"scale": 1.2}; PEFT's per-adapter dicts): by its values, as a hook's own
             attributes += tuple((k, _settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
-                                if isinstance(v, torch.Tensor))
+                                if isinstance(v, _HELD_CONTAINERS))
             hooks = [_settings(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
                                                    module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]
@@ -688,9 +693,12 @@ def _settings(value, depth: int = 0):
         bound = getattr(value, "__self__", None)
         # and its parameters' defaults (``def hook(module, args, out, cfg=cfg)``, the usual way to bind a loop's
         # value: a hook's setting changed there kept a held engine's trunk states and LiSSA graphs, 5% off)
-        defaults = (getattr(value, "__defaults__", None) or (), getattr(value, "__kwdefaults__", None) or {})
+        # (each default as deep as a closure's value: the tuple of defaults followed as a container put a default's
+        # contents, cfg={"scale": [1.0]}, past MAX_DEPTH)
+        defaults = (tuple(_settings(v, depth + 1) for v in getattr(value, "__defaults__", None) or ()),
+                    {str(k): _settings(v, depth + 1) for k, v in (getattr(value, "__kwdefaults__", None) or {}).items()})
         return (getattr(value, "__qualname__", ""), _code_digest(code),
-                tuple(_settings(v, depth + 1) for v in closure), _settings(defaults, depth + 1),
+                tuple(_settings(v, depth + 1) for v in closure), defaults,
                 tuple((name, _settings(v, depth + 1)) for name, v in read
                  if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial, *_NAMESPACES,
                                    torch.Tensor, np.ndarray))

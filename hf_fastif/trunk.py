@@ -88,9 +88,11 @@ class TrunkSplit:
     feeder: nn.Module | None = None  # the module whose output enters the stack (skipped under injection)
     tuple_output: int = 0  # 0: layers return a tensor; n: a tuple of length n with the hidden states first
     failed: str | None = None  # why an injected forward ran whole (see `injected`); the split is not used again
-    verified: bool = False  # a cache of it passed the check against two forwards of its own (`verify_split`),
-    # so a one-row cache may be checked on the forward that captured it: a trunk whose forward is not a function of
-    # its inputs (a noise hook) agrees with itself, and only a second forward shows it
+    verified: set = field(default_factory=set)  # the engine's (trunk fingerprint, module state) keys under which a
+    # cache of it passed the check against two forwards of its own (`verify_split`): under those, a one-row cache may
+    # be checked on the forward that captured it. A trunk whose forward is not a function of its inputs (a noise
+    # hook) agrees with itself, and only a second forward shows it; a hook registered later, or new weights, is
+    # another state, checked on two forwards again
     _active: list = field(default_factory=list)
 
     @property

@@ -841,6 +841,36 @@ def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(dat
         assert engine._lissa_graphs is None
 
 
+@pytest.mark.parametrize("held_in", ["module attribute", "hook closure"])
+def test_kept_graphs_that_read_a_tensor_written_in_place_are_built_again(data, pad_collator, held_in):
+    """A tensor that LiSSA's kept graphs saved and that the keys see by its values only (a module's tensor attribute
+    or a hook's, multiplied in: an ablation that zeroes it and restores it) written in place between two calls: the
+    keys did not change, the graphs were served, and autograd refused every later call ("modified by an inplace
+    operation") until clear(). They are dropped and built again: a fresh engine's numbers."""
+    model, train, test = data
+    model = copy.deepcopy(model)
+    layer = model.bert.encoder.layer[1].output
+    scale = torch.ones(model.config.hidden_size, dtype=torch.float64)
+    if held_in == "module attribute":
+        layer.scale = scale
+        layer.register_forward_hook(lambda module, args, out: out * module.scale)
+    else:
+        layer.register_forward_hook(lambda module, args, out: out * scale)
+    args = default_arguments(**dict(BASE, influence_batch_size=1, influence_recursion_depth=10, influence_knn_k=None,
+                                    influence_repetitions=2, influence_check_convergence=False))
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+        engine.compute_influences(train, test)
+        assert engine._lissa_graphs[1].kept
+        with torch.no_grad():
+            saved = scale.clone()
+            scale.zero_()
+            scale.copy_(saved)
+        again = engine.compute_influences(train, test).to_pandas().sort_values(["test_id", "train_id"])
+    fresh = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas() \
+        .sort_values(["test_id", "train_id"])
+    np.testing.assert_array_equal(again.influence, fresh.influence)
+
+
 def test_a_buffer_made_under_inference_mode_does_not_stop_a_held_engine(data, pad_collator):
     """LiSSA's kept graphs are keyed on every tensor's in-place version, which a tensor made under
     ``torch.inference_mode`` does not keep (reading it raises): a buffer a pipeline's forward re-registered under

@@ -722,6 +722,16 @@ def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_
         engine.logits(rows.select([2]))
         assert engine._split[1] is split
         folder = engine.save_caches(tmp_path / "caches")
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:  # checked, then the noise registered:
+        engine.logits(rows)  # another state of the model, whose one-row cache is checked on two forwards again (the
+        assert engine._split[1] is not None  # split stayed checked: the noisy states were kept and served)
+        handle = model.bert.encoder.layer[0].attention.register_forward_hook(
+            lambda module, inputs, out: (out[0] + 1e-2 * torch.randn_like(out[0]), *out[1:]))
+        try:
+            engine.logits(rows.select([1]))
+            assert engine._split[1] is None and "differ" in engine._split[2]
+        finally:
+            handle.remove()
     built, init = [], T.TrunkCache.__init__
     monkeypatch.setattr(T.TrunkCache, "__init__", lambda self, *a, **k: built.append(k.get("full_forward"))
                         or init(self, *a, **k))
