@@ -679,16 +679,24 @@ def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_coll
                                expected.to_pandas().sort_values("train_id").influence, rtol=1e-9, atol=1e-14)
     handle.remove()
 
-    hidden = T.TrunkCache.hidden  # a top that reads the one row's cached states wrong: still caught
+    hidden = T.TrunkCache.hidden  # a top that reads a later call's one-row cached states wrong: still caught, by
+    wrong = []  # the check on the capturing forward (the first call's caches read right: the split passed its checks)
 
     def shifted(self, rows, batch):
         states = hidden(self, rows, batch)
-        return states + 1.0 if len(self.lengths) == 1 else states
+        return states + 1.0 if wrong and len(self.lengths) == 1 else states
 
     monkeypatch.setattr(T.TrunkCache, "hidden", shifted)
+    built, init = [], T.TrunkCache.__init__
+    monkeypatch.setattr(T.TrunkCache, "__init__", lambda self, *a, **k: built.append(k.get("full_forward"))
+                        or init(self, *a, **k))
     with InfluenceEngine(model, args, data_collator=pad_collator) as engine, caplog.at_level("WARNING"):
-        engine.compute_influences(train, tests.select([0]))
+        first = engine.compute_influences(train, tests.select([0]))
+        assert first.metadata["diagnostics"]["trunk"]["split"] is not None and "changes the logits" not in caplog.text
+        wrong.append(True)
+        built.clear()
         table = engine.compute_influences(train, tests.select([2]))
+    assert built == [True]  # the new row's cache: checked on the forward that captured it, and caught there
     assert "changes the logits" in caplog.text and table.metadata["diagnostics"]["trunk"]["split"] is None
     monkeypatch.setattr(T.TrunkCache, "hidden", hidden)
     uncached = compute_influences(model, train, tests.select([2]), replace(args, influence_trunk_cache=False),
