@@ -258,8 +258,8 @@ class KeptHessians:
         except RuntimeError as err:
             if not found or "modified by an inplace operation" not in str(err):
                 raise
-        logger.info("A tensor LiSSA's kept graphs read was written in place since they were built: they are built "
-                    "again.")
+        logger.info("A tensor the kept first-backward graphs read was written in place since they were built: they "
+                    "are built again.")
         self.drop()
         graph, last, _ = self._graph(key, collate, again)
         return multiply(graph, last)

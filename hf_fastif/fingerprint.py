@@ -700,8 +700,7 @@ def _settings(value, depth: int = 0):
         return (getattr(value, "__qualname__", ""), _code_digest(code),
                 tuple(_settings(v, depth + 1) for v in closure), defaults,
                 tuple((name, _settings(v, depth + 1)) for name, v in read
-                 if isinstance(v, (*_SCALARS, list, tuple, set, frozenset, dict, functools.partial, *_NAMESPACES,
-                                   torch.Tensor, np.ndarray))
+                 if isinstance(v, (*_SCALARS, *_HELD_CONTAINERS, functools.partial, *_NAMESPACES))
                  or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))),
                 # (a collator object it calls, a helper, a tensor, a settings namespace or dataclass; other objects:
                 # no)

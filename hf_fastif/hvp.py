@@ -136,22 +136,13 @@ class BatchHessian:
         a row of a stack), parameter by parameter from autograd's products: the product is never flattened, so a
         LiSSA step reads and writes the parameter-sized vectors two times fewer than `product` followed by an add.
         ``l2_term`` and ``last`` as in `product`."""
-        if self._edges is None:
-            raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
         if vector.dim() != 1 or into.shape != vector.shape or not into.is_contiguous():
             raise ValueError("accumulate takes one vector (p,) and a contiguous (p,) tensor to add into (its "
                              "parameter slices must be views).")
-        parts = [t.to(d) for t, d in zip(unflatten(vector, self._leaves).values(), self._dtypes)]
-        try:
-            products = torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last)
-        finally:
-            if last:
-                self._edges = None
-        for target, product in zip(unflatten(into, self._leaves).values(), products):
+        for target, product in zip(unflatten(into, self._leaves).values(), self._second_backward(vector, last)):
             target.add_(product, alpha=alpha)
-        if self._fm.l2_in_hessian and l2_term:
-            into.addcmul_(self._fm.l2_mask(self._params).to(into.dtype), vector.to(into.dtype),
-                          value=alpha * self._l2_weight)
+        if l2_term:
+            self._add_l2_term(into, vector, alpha)
 
     def product(self, vectors: torch.Tensor, *, out: torch.Tensor | None = None, l2_term: bool = True,
                 last: bool = False) -> torch.Tensor:
@@ -162,32 +153,41 @@ class BatchHessian:
         without an extra copy. ``l2_term=False`` leaves out the L2 term's Hessian (the data term alone, e.g. for the
         low-rank solver, which keeps the L2 term exactly). ``last=True`` frees the graph with this product.
         """
-        if self._edges is None:
-            raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
         if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
             return self.product(vectors[0], l2_term=l2_term, last=last).unsqueeze(0)
-        fm, params = self._fm, self._params
-        l2 = fm.l2_in_hessian and l2_term
+        products = self._second_backward(vectors, last)
+        if vectors.dim() == 1:
+            if out is None:
+                out = flatten(products)
+            else:
+                torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
+            if l2_term:
+                self._add_l2_term(out, vectors)
+            return out
+        products = flatten_batched(products, vectors.shape[0]).detach()
+        if not (self._fm.l2_in_hessian and l2_term):
+            return products
+        return products + self._l2_weight * self._fm.l2_mask(self._params).to(products.dtype) * vectors.to(products.dtype)
+
+    def _second_backward(self, vectors: torch.Tensor, last: bool) -> list[torch.Tensor]:
+        """The second backward with ``vectors`` (``(p,)``: the plain one; ``(m, p)``: batched), per parameter;
+        ``last=True`` frees the graph."""
+        if self._edges is None:
+            raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
+        parts = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
         try:
             if vectors.dim() == 1:
-                parts = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
-                products = torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last)
-                if out is None:
-                    out = flatten(products)
-                else:
-                    torch.cat([t.reshape(-1).to(out.dtype) for t in products], out=out)
-                if l2:
-                    out.addcmul_(fm.l2_mask(params).to(out.dtype), vectors.to(out.dtype), value=self._l2_weight)
-                return out
-            stacks = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
-            products = flatten_batched(_batched_grad(self._edges, self._inputs, stacks),
-                                       vectors.shape[0]).detach()
+                return list(torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last))
+            return _batched_grad(self._edges, self._inputs, parts)
         finally:
             if last:
                 self._edges = None
-        if not l2:
-            return products
-        return products + self._l2_weight * fm.l2_mask(params).to(products.dtype) * vectors.to(products.dtype)
+
+    def _add_l2_term(self, out: torch.Tensor, vector: torch.Tensor, alpha: float = 1.0) -> None:
+        """``out += alpha ·`` the L2 term's Hessian (``weight · 2wd`` on the decayed entries) times ``vector``."""
+        if self._fm.l2_in_hessian:
+            out.addcmul_(self._fm.l2_mask(self._params).to(out.dtype), vector.to(out.dtype),
+                         value=alpha * self._l2_weight)
 
 
 def _counting_saved(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):

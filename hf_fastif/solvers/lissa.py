@@ -172,20 +172,16 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
             return torch.add(v, h, alpha=1.0 - damping, out=out)
         return torch.addcmul(v, coefficient, h, out=out)
 
+    add_products = hvp_step if accumulates else _adding(hvp_step)
     for j in bar:
-        if accumulates:
-            carried(h, out=spare)
-            hvp_step(j, reps, h, into=spare, alpha=-1.0 / scale)
-            h, spare = spare, h
-        else:
-            products = hvp_step(j, reps, h)
-            h, spare = carried(h, out=spare).sub_(products.to(v.dtype), alpha=1.0 / scale), h
+        carried(h, out=spare)
+        add_products(j, reps, h, into=spare, alpha=-1.0 / scale)
+        h, spare = spare, h
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
             # (spare: the step's input, finite since the step before; with it and the carried part finite, what
             # added the inf / NaN is the products)
-            if torch.isfinite(spare).all() and (bool(torch.isfinite(carried(spare)).all()) if accumulates
-                                                else not torch.isfinite(products).all()):
+            if torch.isfinite(spare).all() and bool(torch.isfinite(carried(spare)).all()):
                 size = float(spare.norm(dim=-1).max() / v.norm(dim=-1).max().clamp_min(torch.finfo(v.dtype).tiny))
                 raise LissaDivergenceError(
                     f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
@@ -205,6 +201,15 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     info = {"lissa_repetitions": len(reps), "lissa_final_norm": float((h / scale).norm(dim=-1).max()),
             "lissa_steps": depth}
     return (estimate[0] if squeeze else estimate), info
+
+
+def _adding(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor]) -> Callable:
+    """An ``hvp_step`` that returns its products as ``solve_lissa(accumulates=True)`` calls one: adding them."""
+
+    def added(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float) -> None:
+        into.add_(hvp_step(j, reps, h), alpha=alpha)
+
+    return added
 
 
 def _divergence_message(step: int, growth: float | None, damping: float, scale: float,
