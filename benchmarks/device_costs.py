@@ -23,31 +23,35 @@ Writes ``device_costs.json`` (with the settings used) and ``device_costs.md`` to
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from datasets import Dataset
+from scipy.stats import spearmanr
 from transformers import BertConfig, BertForSequenceClassification, default_data_collator
 from transformers.utils import logging
 
-from hf_fastif import InfluenceArguments
+from hf_fastif import InfluenceArguments, compute_influences
 from hf_fastif.params import PAPER_BERT_PARAMS
+from hf_fastif.solvers.lissa import LissaDivergenceError
 from hf_fastif.utils import library_version
 
 from .arguments import output_folder, parse_with_defaults
 from .costs import COST_MODEL, measure_unit_costs, paper_scale_rows
 from .paper_setup import BenchmarkArguments, Setup, influence_fields
 from .report import rows_table, save_and_print
-from .timing import median_seconds
+from .timing import median_seconds, timed
 
 logger = logging.get_logger(__name__)
 
 QUICK_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 """--quick: a 2-layer BERT whose layers 0-1 are all there is, so the influence parameters are its last layer."""
+QUICK_PARAMS = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
 
 
 @dataclass
@@ -59,11 +63,15 @@ class DeviceCostsArguments:
     seq_len: int = field(default=128, metadata={"help": "Tokens per row (the paper's max_seq_length)."})
     num_shared: int = field(default=8, metadata={"help": "Test vectors per LiSSA step of the 'fast' row (m)."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
+    end_to_end_rows: int = field(default=128, metadata={
+        "help": "Training rows of the end-to-end call (`end_to_end`: a first compute_influences call on the device "
+                "and on the CPU, full scan); 0 skips it."})
+    end_to_end_depth: int = field(default=100, metadata={"help": "LiSSA depth J of the end-to-end call."})
     quick: bool = field(default=False, metadata={"help": "A 2-layer model, 64 rows of 32 tokens, on the CPU."})
 
 
 def device_costs_defaults(own) -> dict:
-    quick = dict(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], use_cpu=True,
+    quick = dict(influence_params=QUICK_PARAMS, use_cpu=True,
                  num_train=64, seq_len=32) if own.quick else {}
     return dict(influence_params=PAPER_BERT_PARAMS, influence_knn_k=1000, influence_recursion_depth=1000,
                 influence_batch_size=1, influence_repetitions=4, influence_weight_decay=0.0,
@@ -74,6 +82,9 @@ def validate(own: DeviceCostsArguments, args: InfluenceArguments) -> None:
     """Refuse settings the cost model cannot take, before any work."""
     if own.num_train < 2 or own.seq_len < 2 or own.num_shared < 1:
         raise ValueError("--num_train and --seq_len must be at least 2 and --num_shared at least 1.")
+    if own.end_to_end_rows < 0 or own.end_to_end_depth < 1:
+        raise ValueError("--end_to_end_rows must be at least 0 (0 skips the end-to-end call) and --end_to_end_depth "
+                         "at least 1.")
     if args.influence_knn_k is None or args.influence_repetitions is None:
         raise ValueError("The paper-scale cost model takes FastIF's k and T as counts: give --influence_knn_k and "
                          f"--influence_repetitions as integers (the paper's: 1000 and 4), got {args.influence_knn_k} "
@@ -95,18 +106,19 @@ def paper_settings(own: DeviceCostsArguments, args: InfluenceArguments) -> Bench
     return bench
 
 
-def build_setup(own: DeviceCostsArguments, args: InfluenceArguments, device: str) -> Setup:
-    """The model from a config and random token rows (``num_train`` + 1 test row), on ``device``."""
+def build_setup(own: DeviceCostsArguments, args: InfluenceArguments, device: str, num_test: int = 1) -> Setup:
+    """The model from a config and random token rows (``num_train`` + ``num_test`` test rows), on ``device``."""
     torch.manual_seed(args.seed)
     config = BertConfig(num_labels=3, attn_implementation="eager", **(QUICK_CONFIG if own.quick else {}))
     model = BertForSequenceClassification(config).to(device).eval()
     rng = np.random.default_rng(args.seed)
-    n = own.num_train + 1
+    n = own.num_train + num_test
     ids = rng.integers(1000, config.vocab_size, size=(n, own.seq_len))
     ids[:, 0] = 101  # [CLS]
     rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(),
                               "labels": rng.integers(0, 3, size=n).tolist()})
-    return Setup(model, None, default_data_collator, rows.select(range(own.num_train)), rows.select([own.num_train]),
+    return Setup(model, None, default_data_collator, rows.select(range(own.num_train)),
+                 rows.select(range(own.num_train, n)),
                  {"model": f"BERT ({config.num_hidden_layers} layers, hidden {config.hidden_size}) from a config"})
 
 
@@ -124,6 +136,58 @@ def forward_rows_per_s(setup: Setup, device: str, batch_size: int = 64) -> float
             torch.cuda.synchronize()
 
     return n / median_seconds(forward, 3)
+
+
+def compare(a, b) -> dict:
+    """How far two influence tables over the same (test, train) pairs agree: Spearman, the largest difference
+    relative to the largest influence, the 10 most helpful pairs in common, and whether both scored the same pairs."""
+    frames = [t.to_pandas().sort_values(["test_id", "train_id"]) for t in (a, b)]
+    pairs = [f[["test_id", "train_id"]].to_numpy() for f in frames]
+    x, y = (f["influence"].to_numpy() for f in frames)
+    same = pairs[0].shape == pairs[1].shape and bool((pairs[0] == pairs[1]).all())
+    if not same:
+        return {"same_pairs": False}
+    top = min(10, len(x))
+    return {"same_pairs": True, "pairs": len(x), "spearman": float(spearmanr(x, y).statistic),
+            "max_abs_difference_relative": float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)),
+            "top10_helpful_in_common": len(set(np.argsort(x)[:top]) & set(np.argsort(y)[:top]))}
+
+
+PHASES = ("trunk_s", "test_gradients_s", "s_test_s", "scoring_s")
+
+
+def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments, device: str) -> dict | None:
+    """One first `compute_influences` call (a fresh engine: trunk states, convergence check, T repetitions of J
+    LiSSA steps, JVP scoring of every row) on ``device`` and the same call on a CPU copy of the model: seconds,
+    the engine's phases, and how far the two tables agree (Spearman, the largest difference relative to the
+    largest influence, the top-10 most helpful rows in common). On a CPU-only machine the second side is a fresh
+    engine on the CPU again (the two must then agree to the bit). The check can find a random model's Hessian
+    indefinite at these settings: both sides then run without it, and ``check`` says so."""
+    if own.end_to_end_rows == 0:
+        return None
+    train = setup.train.select(range(min(own.end_to_end_rows, len(setup.train))))
+    run_args = replace(args, influence_recursion_depth=own.end_to_end_depth, influence_knn_k=None)
+    cpu_model = copy.deepcopy(setup.model).cpu() if device != "cpu" else setup.model
+
+    def run(model, settings) -> dict:
+        table, seconds = timed(lambda: compute_influences(model, train, setup.test, settings,
+                                                          data_collator=setup.collator))
+        diagnostics = table.metadata["diagnostics"]
+        return {"seconds": seconds, "phases": {k: diagnostics.get(k, 0.0) for k in PHASES}, "table": table}
+
+    check = "on"
+    try:
+        first = run(setup.model, run_args)
+    except LissaDivergenceError as error:
+        check, run_args = f"off (the check refused: {str(error).splitlines()[0]})", replace(
+            run_args, influence_check_convergence=False)
+        first = run(setup.model, run_args)
+    second = run(cpu_model, run_args)
+    return {"rows": len(train), "test_points": len(setup.test), "depth": own.end_to_end_depth,
+            "repetitions": run_args.influence_repetitions, "batch_size": run_args.influence_batch_size,
+            "check": check, "sides": [device, "cpu" if device != "cpu" else "cpu (a fresh engine)"],
+            "seconds": {"device": first["seconds"], "cpu": second["seconds"]},
+            "phases": {"device": first["phases"], "cpu": second["phases"]}} | compare(first["table"], second["table"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,6 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     fast = {"b": 8, "t": 1, "j": args.influence_recursion_depth}  # B 8, T 1, m test points per call, J as FastIF's
     rows, _ = paper_scale_rows(unit, bench, args, fast, own.num_shared, b_fastif=b_fastif)
     forward = forward_rows_per_s(setup, device)
+    failed = None
+    try:
+        call = end_to_end(setup, own, args, device)
+    except Exception as error:  # the units measured above are written first, then the error is raised
+        failed, call = error, {"error": f"{type(error).__name__}: {error}"}
     environment = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32",
                    "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device == "cuda" else None,
@@ -165,9 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
            "num_parameters": sum(p.numel() for p in setup.model.parameters()),
            "num_influence_parameters": unit["num_parameters"], "num_train": own.num_train, "seq_len": own.seq_len,
            "num_shared": own.num_shared, "unit_costs_s": unit, "throughput": throughput, "paper_scale": rows,
-           "paper_scale_settings": scale_settings | {"fastif_b": b_fastif}, "cost_model": COST_MODEL,
+           "paper_scale_settings": scale_settings | {"fastif_b": b_fastif}, "end_to_end": call,
+           "cost_model": COST_MODEL,
            "total_s": time.perf_counter() - started}
     save_and_print(args.output_dir, "device_costs", out, render(out))
+    if failed is not None:
+        raise failed
     return out
 
 
@@ -192,7 +264,25 @@ def render(out: dict) -> str:
         "T 1, {m} test points per call.\n".format(**out["paper_scale_settings"], m=out["num_shared"]),
         rows_table(out["paper_scale"], ["row", "seconds", "speed-up vs original (hf_fastif kernels)",
                                         "speed-up vs original (2021 code path)"]),
+        *render_end_to_end(out["end_to_end"]),
         f"\n```\n{out['cost_model']}\n```\n"])
+
+
+def render_end_to_end(call: dict | None) -> list[str]:
+    if call is None:
+        return []
+    if "error" in call:
+        return ["\n## One first call end to end, and the same call on the CPU\n", f"Failed: {call['error']}\n"]
+    here, there = call["sides"]
+    rows = [{"side": side, "seconds": call["seconds"][key]} | call["phases"][key]
+            for side, key in ((here, "device"), (there, "cpu"))]
+    return ["\n## One first call end to end, and the same call on the CPU\n",
+            f"`compute_influences`, a fresh engine: {call['test_points']} test point, full scan of {call['rows']} "
+            f"rows, J {call['depth']}, B {call['batch_size']}, T {call['repetitions']}, convergence check "
+            f"{call['check']}.\n", rows_table(rows, ["side", "seconds", *PHASES]),
+            f"\nAgreement of the two tables: Spearman {call['spearman']:.6f}, largest difference "
+            f"{call['max_abs_difference_relative']:.2e} of the largest influence, "
+            f"{call['top10_helpful_in_common']} of the 10 most helpful rows in common.\n"]
 
 
 if __name__ == "__main__":

@@ -372,6 +372,21 @@ without a forward-AD formula, or a forward that swaps a captured tensor's storag
 ``target_parameters`` LoRA, through ``torch.nn.utils.parametrize``)."""
 
 
+HALF_TANGENT_REFUSALS = (("to have the same dtype", "expected scalar type"), ("BFloat16", "Half"))
+"""A dtype clash between float32 and a half type under ``torch.func.jvp``: a forward-mode formula that gives a
+float32 tangent for a half-precision primal, which the next matrix product refuses to mix with the layer's
+weights. Seen on an NVIDIA H200 (torch 2.11, CUDA) with a bfloat16 BERT: the tangent entering the feed-forward's
+first Linear was float32 (the CPU's kernels keep it bfloat16), so JVP scoring of every bfloat16 BERT on that GPU
+failed (`benchmarks.device_agreement`). The same forward has run in reverse mode by then (test gradients, the
+s_test products), so such a clash is the forward mode's."""
+
+
 def forward_ad_unsupported(err: BaseException) -> bool:
-    """Whether ``err`` says that the model cannot run under forward-mode AD (see `FORWARD_AD_REFUSALS`)."""
-    return isinstance(err, (RuntimeError, NotImplementedError)) and any(s in str(err) for s in FORWARD_AD_REFUSALS)
+    """Whether ``err`` says that the model cannot run under forward-mode AD (see `FORWARD_AD_REFUSALS` and
+    `HALF_TANGENT_REFUSALS`)."""
+    if not isinstance(err, (RuntimeError, NotImplementedError)):
+        return False
+    text = str(err)
+    clashes, halves = HALF_TANGENT_REFUSALS
+    return any(s in text for s in FORWARD_AD_REFUSALS) or (any(s in text for s in clashes)
+                                                            and any(h in text for h in halves))

@@ -164,7 +164,7 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
     reference = []  # per probe: the values and the gradient of a random combination of them w.r.t. the parameters
     for rows, measurement in probes:
         out = values(rows, measurement)
-        mix = torch.randn(out.shape, generator=weights, dtype=torch.float64).to(out.dtype)
+        mix = torch.randn(out.shape, generator=weights, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
         grads = torch.autograd.grad(out @ mix, list(leaves.values()), allow_unused=True)
         reference.append((out.detach().double(), mix, _flat(grads, leaves)))
         if not bool((reference[-1][2] != 0).any()):  # saturated rows: nothing left to compare a cut against

@@ -3,13 +3,16 @@ device_costs.py) run end to end in quick mode, and the scripts refuse what they 
 benchmarks/minilm_finetune.py's --save). Structure and sanity only, never speed."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 import hf_fastif.recall as recall_module
 from benchmarks import (
     core,
+    device_agreement,
     device_costs,
     minilm_finetune,
     paper_table,
@@ -265,3 +268,84 @@ def test_device_costs_quick(tmp_path, capsys):
     assert all(v > 0 for v in results["throughput"].values())
     assert "At the paper's scale" in (tmp_path / "device_costs.md").read_text()
     assert "Unit costs on cpu" in capsys.readouterr().out
+    # one first call end to end; on a CPU-only machine its other side is a fresh engine there, equal to the bit
+    call = results["end_to_end"]
+    assert call["sides"] == ["cpu", "cpu (a fresh engine)"] and (call["rows"], call["depth"]) == (64, 100)
+    assert call["spearman"] == pytest.approx(1.0) and call["max_abs_difference_relative"] == 0.0
+    assert call["top10_helpful_in_common"] == 10 and all(v > 0 for v in call["seconds"].values())
+    assert call["phases"]["cpu"]["s_test_s"] > 0
+
+
+def test_device_costs_end_to_end_runs_without_the_check_when_it_refuses(monkeypatch):
+    """A random BERT-base's Hessian can look indefinite to the convergence check: the end-to-end call then runs
+    both sides without it and says so, instead of losing the device run's measurements."""
+    own, args = parse_with_defaults((device_costs.DeviceCostsArguments, InfluenceArguments),
+                                    device_costs.device_costs_defaults,
+                                    ["--quick", "--end_to_end_rows", "8", "--end_to_end_depth", "2"])
+    setup = device_costs.build_setup(own, args, "cpu")
+    seen = []
+
+    def compute(model, train, test, settings, data_collator):
+        seen.append(settings.influence_check_convergence)
+        if settings.influence_check_convergence:
+            raise device_costs.LissaDivergenceError("The Hessian looks indefinite.\nmore")
+        return real(model, train, test, settings, data_collator=data_collator)
+
+    real = device_costs.compute_influences
+    monkeypatch.setattr(device_costs, "compute_influences", compute)
+    call = device_costs.end_to_end(setup, own, args, "cpu")
+    assert seen == [True, False, False] and call["check"] == "off (the check refused: The Hessian looks indefinite.)"
+    assert call["rows"] == 8 and call["spearman"] == pytest.approx(1.0)
+    assert device_costs.end_to_end(setup, replace(own, end_to_end_rows=0), args, "cpu") is None
+
+
+def test_device_costs_keeps_the_units_when_the_end_to_end_call_fails(tmp_path, monkeypatch):
+    """The end-to-end call runs last, after minutes of unit costs on a lent GPU: its failure is raised only after
+    the report with everything measured before it is written."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(device_costs, "compute_influences", broken)
+    with pytest.raises(RuntimeError, match="same device"):
+        device_costs.main(["--quick", "--output_dir", str(tmp_path), "--end_to_end_rows", "8"])
+    saved = json.loads((tmp_path / "device_costs.json").read_text())
+    assert saved["unit_costs_s"]["hvp"]["1x1"] > 0 and saved["throughput"]
+    assert saved["end_to_end"] == {"error": "RuntimeError: Expected all tensors to be on the same device"}
+    assert "Failed: RuntimeError: Expected all tensors" in (tmp_path / "device_costs.md").read_text()
+
+
+def test_device_agreement_runs_every_case_and_a_failing_one_does_not_stop_the_rest(tmp_path, monkeypatch):
+    """The GPU-against-CPU script on a CPU-only machine: every case on two fresh engines, equal to the bit; a case
+    that raises on one side is reported with its error and the cases after it still run."""
+    real = device_agreement.compute_influences
+
+    def compute(model, train, test, settings, combine):
+        if settings.influence_solver == "cg":
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return real(model, train, test, settings, combine=combine)
+
+    monkeypatch.setattr(device_agreement, "compute_influences", compute)
+    results = device_agreement.main(["--output_dir", str(tmp_path), "--num_train", "24", "--seq_len", "16",
+                                     "--influence_recursion_depth", "4"])
+    cases = results["cases"]
+    assert list(cases) == list(device_agreement.CASES) and results["sides"] == ["cpu", "cpu (a fresh engine)"]
+    assert set(cases["CG"]["errors"]) == {"cpu", "cpu (a fresh engine)"} and "spearman" not in cases["CG"]
+    assert "same device" in cases["CG"]["errors"]["cpu"]
+    for name, case in cases.items():
+        if name != "CG":
+            assert not case["errors"] and case["same_pairs"], name
+            assert case["max_abs_difference_relative"] == 0.0 and case["spearman"] == pytest.approx(1.0), name
+    assert cases["LiSSA, kNN k 16"]["pairs"] == 3 * 16  # the candidates: k per test point, the same on both sides
+    report = (tmp_path / "device_agreement.md").read_text()
+    assert "cpu (a fresh engine) failed: RuntimeError: Expected all tensors" in report and "### CG, cpu" in report
+
+
+def test_comparing_tables_over_other_pairs_says_so():
+    """Two tables over different (test, train) pairs are not compared value by value."""
+    def table(train_ids):
+        return SimpleNamespace(to_pandas=lambda: pd.DataFrame(
+            {"test_id": [0] * len(train_ids), "train_id": train_ids, "influence": [float(i) for i in train_ids]}))
+
+    assert device_agreement.compare(table([0, 1]), table([0, 2])) == {"same_pairs": False}
+    assert device_agreement.compare(table([0, 1]), table([0, 1, 2])) == {"same_pairs": False}
+    assert device_agreement.compare(table([1, 0]), table([0, 1]))["max_abs_difference_relative"] == 0.0
