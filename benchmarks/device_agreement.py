@@ -53,8 +53,8 @@ CALL_KEYS = ("combine", "dtype", "trainer")
 
 @dataclass
 class DeviceAgreementArguments:
-    num_train: int = field(default=64, metadata={"help": "Random training rows."})
-    seq_len: int = field(default=32, metadata={"help": "Tokens per row."})
+    num_train: int = field(default=64, metadata={"help": "Random training rows (at least 32)."})
+    seq_len: int = field(default=32, metadata={"help": "Tokens per row (at least 4)."})
 
 
 def device_agreement_defaults(own) -> dict:
@@ -95,6 +95,9 @@ def run_case(models: dict, train, test, settings: InfluenceArguments, case: dict
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     own, args = parse_with_defaults((DeviceAgreementArguments, InfluenceArguments), device_agreement_defaults, argv)
+    if own.num_train < 32 or own.seq_len < 4:
+        raise ValueError(f"--num_train must be at least 32 (the kNN case takes 16 candidates of them) and --seq_len "
+                         f"at least 4, got {own.num_train} and {own.seq_len}.")
     output_folder(args.output_dir)
     device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
     setup = build_setup(DeviceCostsArguments(num_train=own.num_train, seq_len=own.seq_len, quick=True), args, "cpu",

@@ -139,18 +139,24 @@ def forward_rows_per_s(setup: Setup, device: str, batch_size: int = 64) -> float
 
 
 def compare(a, b) -> dict:
-    """How far two influence tables over the same (test, train) pairs agree: Spearman, the largest difference
-    relative to the largest influence, the 10 most helpful pairs in common, and whether both scored the same pairs."""
+    """How far two influence tables over the same (test, train) pairs agree, pooled over their test points:
+    Spearman, the largest difference relative to the largest influence, the 10 most helpful pairs in common, on the
+    pairs finite on both sides (``non_finite``: how many are not, on either side); ``{"same_pairs": False}`` where the
+    two scored different pairs."""
     frames = [t.to_pandas().sort_values(["test_id", "train_id"]) for t in (a, b)]
     pairs = [f[["test_id", "train_id"]].to_numpy() for f in frames]
-    x, y = (f["influence"].to_numpy() for f in frames)
-    same = pairs[0].shape == pairs[1].shape and bool((pairs[0] == pairs[1]).all())
-    if not same:
+    if pairs[0].shape != pairs[1].shape or not bool((pairs[0] == pairs[1]).all()):
         return {"same_pairs": False}
+    x, y = (f["influence"].to_numpy() for f in frames)
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    out = {"same_pairs": True, "pairs": len(finite), "non_finite": int((~finite).sum())}
+    if len(x) < 2:
+        return out
     top = min(10, len(x))
-    return {"same_pairs": True, "pairs": len(x), "spearman": float(spearmanr(x, y).statistic),
-            "max_abs_difference_relative": float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)),
-            "top10_helpful_in_common": len(set(np.argsort(x)[:top]) & set(np.argsort(y)[:top]))}
+    return out | {"spearman": float(spearmanr(x, y).statistic),
+                  "max_abs_difference_relative": float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)),
+                  "top10_helpful_in_common": len(set(np.argsort(x)[:top]) & set(np.argsort(y)[:top]))}
 
 
 PHASES = ("trunk_s", "test_gradients_s", "s_test_s", "scoring_s")
@@ -160,9 +166,9 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
     """One first `compute_influences` call (a fresh engine: trunk states, convergence check, T repetitions of J
     LiSSA steps, JVP scoring of every row) on ``device`` and the same call on a CPU copy of the model: seconds,
     the engine's phases, and how far the two tables agree (Spearman, the largest difference relative to the
-    largest influence, the top-10 most helpful rows in common). On a CPU-only machine the second side is a fresh
-    engine on the CPU again (the two must then agree to the bit). The check can find a random model's Hessian
-    indefinite at these settings: both sides then run without it, and ``check`` says so."""
+    largest influence, the top-10 most helpful rows in common: `compare`). On a CPU-only machine the second side is a
+    fresh engine on the CPU again (the two must then agree to the bit). The check can find a random model's Hessian
+    indefinite at these settings, on either side: both sides then run without it, and ``check`` says so."""
     if own.end_to_end_rows == 0:
         return None
     train = setup.train.select(range(min(own.end_to_end_rows, len(setup.train))))
@@ -176,13 +182,12 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
         return {"seconds": seconds, "phases": {k: diagnostics.get(k, 0.0) for k in PHASES}, "table": table}
 
     check = "on"
-    try:
-        first = run(setup.model, run_args)
+    try:  # a check that refuses on either side (rounding can put a borderline Hessian either way) turns it off
+        first, second = run(setup.model, run_args), run(cpu_model, run_args)
     except LissaDivergenceError as error:
         check, run_args = f"off (the check refused: {str(error).splitlines()[0]})", replace(
             run_args, influence_check_convergence=False)
-        first = run(setup.model, run_args)
-    second = run(cpu_model, run_args)
+        first, second = run(setup.model, run_args), run(cpu_model, run_args)
     return {"rows": len(train), "test_points": len(setup.test), "depth": own.end_to_end_depth,
             "repetitions": run_args.influence_repetitions, "batch_size": run_args.influence_batch_size,
             "check": check, "sides": [device, "cpu" if device != "cpu" else "cpu (a fresh engine)"],

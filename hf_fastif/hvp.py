@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from .loss import FunctionalModel
+from .loss import FunctionalModel, forward_mode
 from .params import flatten, flatten_batched, unflatten
 
 
@@ -235,7 +235,7 @@ def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tens
     def one(t):
         return torch.func.jvp(losses, (primals,), (t,))[1]
 
-    with torch.no_grad():
+    with torch.no_grad(), forward_mode():
         if vectors.shape[0] == 1:
             out = one({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
         else:

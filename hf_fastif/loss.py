@@ -14,6 +14,9 @@ to the same loss.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -372,21 +375,43 @@ without a forward-AD formula, or a forward that swaps a captured tensor's storag
 ``target_parameters`` LoRA, through ``torch.nn.utils.parametrize``)."""
 
 
-HALF_TANGENT_REFUSALS = (("to have the same dtype", "expected scalar type"), ("BFloat16", "Half"))
-"""A dtype clash between float32 and a half type under ``torch.func.jvp``: a forward-mode formula that gives a
-float32 tangent for a half-precision primal, which the next matrix product refuses to mix with the layer's
-weights. Seen on an NVIDIA H200 (torch 2.11, CUDA) with a bfloat16 BERT: the tangent entering the feed-forward's
-first Linear was float32 (the CPU's kernels keep it bfloat16), so JVP scoring of every bfloat16 BERT on that GPU
-failed (`benchmarks.device_agreement`). The same forward has run in reverse mode by then (test gradients, the
-s_test products), so such a clash is the forward mode's."""
+DTYPE_CLASHES = ("to have the same dtype", "expected scalar type")
+"""Parts of torch's errors where an operator met tensors of two dtypes."""
+FLOAT32_IN_ERRORS = re.compile(r"\b(?:float|Float)\b")
+"""float32 as torch's errors name it (``float`` / ``Float``; not the ``Float`` inside ``BFloat16``)."""
+HALF_TYPES_IN_ERRORS = re.compile(r"\b(?:c10::)?(?:BFloat16|Half)\b")
+"""bfloat16 / float16 as torch's errors name them."""
+_FORWARD_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_fastif_forward_mode", default=False)
 
 
-def forward_ad_unsupported(err: BaseException) -> bool:
-    """Whether ``err`` says that the model cannot run under forward-mode AD (see `FORWARD_AD_REFUSALS` and
-    `HALF_TANGENT_REFUSALS`)."""
+@contextlib.contextmanager
+def forward_mode():
+    """Marks the forwards run inside as forward-mode AD's (`hf_fastif.hvp.directional_derivatives`), for
+    `forward_ad_unsupported`."""
+    token = _FORWARD_MODE.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
+def forward_ad_unsupported(err: BaseException, under_jvp: bool | None = None) -> bool:
+    """Whether ``err`` says that the model cannot run under forward-mode AD.
+
+    Always for the errors of `FORWARD_AD_REFUSALS`. And, for an error raised under ``torch.func.jvp`` (``under_jvp``;
+    default: inside `forward_mode`), a clash between float32 and a half type: a forward-mode formula that gives a
+    float32 tangent for a half-precision primal, which the next matrix product refuses to mix with the layer's
+    weights. Seen on an NVIDIA H200 (torch 2.11, CUDA) with a bfloat16 BERT: the tangent entering the feed-forward's
+    first Linear was float32 where the CPU's kernels keep it bfloat16, so JVP scoring of every bfloat16 BERT on
+    that GPU failed (`benchmarks.device_agreement`). The same forward has run in reverse mode by then (the test
+    gradients, the s_test products), so such a clash is the forward mode's. A clash between two half types, or
+    one that does not involve a half type, is the model's own, and is not taken for it."""
     if not isinstance(err, (RuntimeError, NotImplementedError)):
         return False
     text = str(err)
-    clashes, halves = HALF_TANGENT_REFUSALS
-    return any(s in text for s in FORWARD_AD_REFUSALS) or (any(s in text for s in clashes)
-                                                            and any(h in text for h in halves))
+    if any(s in text for s in FORWARD_AD_REFUSALS):
+        return True
+    if not (_FORWARD_MODE.get() if under_jvp is None else under_jvp):
+        return False
+    return (any(s in text for s in DTYPE_CLASHES) and FLOAT32_IN_ERRORS.search(text) is not None
+            and HALF_TYPES_IN_ERRORS.search(text) is not None)

@@ -295,6 +295,18 @@ def test_device_costs_end_to_end_runs_without_the_check_when_it_refuses(monkeypa
     monkeypatch.setattr(device_costs, "compute_influences", compute)
     call = device_costs.end_to_end(setup, own, args, "cpu")
     assert seen == [True, False, False] and call["check"] == "off (the check refused: The Hessian looks indefinite.)"
+    seen.clear()  # the CPU side's check refusing (the device side's passed) turns it off for both sides too
+    refusals = iter([False, True])
+
+    def compute_cpu_refuses(model, train, test, settings, data_collator):
+        seen.append(settings.influence_check_convergence)
+        if settings.influence_check_convergence and next(refusals):
+            raise device_costs.LissaDivergenceError("The Hessian looks indefinite.")
+        return real(model, train, test, settings, data_collator=data_collator)
+
+    monkeypatch.setattr(device_costs, "compute_influences", compute_cpu_refuses)
+    call = device_costs.end_to_end(setup, own, args, "cpu")
+    assert seen == [True, True, False, False] and call["check"].startswith("off (the check refused")
     assert call["rows"] == 8 and call["spearman"] == pytest.approx(1.0)
     assert device_costs.end_to_end(setup, replace(own, end_to_end_rows=0), args, "cpu") is None
 
@@ -325,7 +337,7 @@ def test_device_agreement_runs_every_case_and_a_failing_one_does_not_stop_the_re
         return real(model, train, test, settings, combine=combine)
 
     monkeypatch.setattr(device_agreement, "compute_influences", compute)
-    results = device_agreement.main(["--output_dir", str(tmp_path), "--num_train", "24", "--seq_len", "16",
+    results = device_agreement.main(["--output_dir", str(tmp_path), "--num_train", "32", "--seq_len", "16",
                                      "--influence_recursion_depth", "4"])
     cases = results["cases"]
     assert list(cases) == list(device_agreement.CASES) and results["sides"] == ["cpu", "cpu (a fresh engine)"]
@@ -338,6 +350,9 @@ def test_device_agreement_runs_every_case_and_a_failing_one_does_not_stop_the_re
     assert cases["LiSSA, kNN k 16"]["pairs"] == 3 * 16  # the candidates: k per test point, the same on both sides
     report = (tmp_path / "device_agreement.md").read_text()
     assert "cpu (a fresh engine) failed: RuntimeError: Expected all tensors" in report and "### CG, cpu" in report
+    with pytest.raises(ValueError, match="--num_train must be at least 32"):  # before any work
+        device_agreement.main(["--output_dir", str(tmp_path / "small"), "--num_train", "16"])
+    assert not (tmp_path / "small").exists()
 
 
 def test_comparing_tables_over_other_pairs_says_so():
@@ -346,6 +361,10 @@ def test_comparing_tables_over_other_pairs_says_so():
         return SimpleNamespace(to_pandas=lambda: pd.DataFrame(
             {"test_id": [0] * len(train_ids), "train_id": train_ids, "influence": [float(i) for i in train_ids]}))
 
-    assert device_agreement.compare(table([0, 1]), table([0, 2])) == {"same_pairs": False}
-    assert device_agreement.compare(table([0, 1]), table([0, 1, 2])) == {"same_pairs": False}
-    assert device_agreement.compare(table([1, 0]), table([0, 1]))["max_abs_difference_relative"] == 0.0
+    assert device_costs.compare(table([0, 1]), table([0, 2])) == {"same_pairs": False}
+    assert device_costs.compare(table([0, 1]), table([0, 1, 2])) == {"same_pairs": False}
+    assert device_costs.compare(table([1, 0]), table([0, 1]))["max_abs_difference_relative"] == 0.0
+    nan = SimpleNamespace(to_pandas=lambda: pd.DataFrame(
+        {"test_id": [0, 0, 0], "train_id": [0, 1, 2], "influence": [0.0, float("nan"), 2.0]}))
+    compared = device_costs.compare(nan, table([0, 1, 2]))  # a NaN pair is left out, and counted
+    assert compared["non_finite"] == 1 and compared["pairs"] == 3 and compared["spearman"] == pytest.approx(1.0)

@@ -1434,62 +1434,111 @@ def test_a_cache_rebuilt_under_a_loaded_key_is_neither_served_nor_dropped(data, 
 
 
 JVP_REFUSALS = {
-    "autograd.Function": "In order to use an autograd.Function with functorch transforms (vmap, grad, jvp, jacrev, ...), ...",
+    "autograd.Function": "In order to use an autograd.Function with functorch transforms (vmap, grad, jvp, jacrev, "
+                         "...), ...",
     "half tangent": "expected mat1 and mat2 to have the same dtype, but got: float != c10::BFloat16",
 }
 """What torch.func.jvp raised: Bloom's GeLU (a custom autograd.Function without setup_context); a bfloat16 BERT on an
 H200 (a float32 tangent out of a bfloat16 layer met the next Linear's weights: `benchmarks.device_agreement`)."""
+JVP_SCORED = dict(influence_solver="exact", influence_damping=1.0, influence_knn_k=5,
+                  influence_params=[r"encoder\.layer\.1\.", r"classifier\."])
+
+
+def _same_tables(a, b) -> None:
+    pd.testing.assert_frame_equal(*(t.to_pandas().sort_values(["test_id", "train_id"]).reset_index(drop=True)
+                                    for t in (a, b)), check_exact=False, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("refusal", list(JVP_REFUSALS.values()), ids=list(JVP_REFUSALS))
-def test_a_model_without_forward_mode_ad_is_scored_by_gradients(data, pad_collator, tmp_path, caplog, monkeypatch,
-                                                                 refusal):
+def test_a_model_without_forward_mode_ad_is_scored_by_gradients(data, pad_collator, caplog, monkeypatch, refusal):
     """Where torch.func.jvp refuses the model (a custom autograd.Function without setup_context, as Bloom's GeLU;
     a half-precision model whose forward-mode tangents come out float32 on a GPU), the candidates are scored by
     per-example gradients: the same values as JVP scoring (a tiny BERT with jvp made to refuse), with a warning and a
-    note in the diagnostics; and Bloom itself runs end to end (it stopped in scoring)."""
-    from transformers import BloomConfig, BloomForSequenceClassification
-
+    note in the diagnostics."""
     model, train, test = data
-    settings = dict(influence_solver="exact", influence_damping=1.0, influence_knn_k=5, influence_params=[r"classifier\."])
-    expected = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+    expected = compute_influences(model, train, test, default_arguments(**JVP_SCORED), data_collator=pad_collator)
 
     def refuse(*args, **kwargs):
         raise RuntimeError(refusal)
 
     with monkeypatch.context() as patch, caplog.at_level("WARNING"):
         patch.setattr(torch.func, "jvp", refuse)
-        table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
+        table = compute_influences(model, train, test, default_arguments(**JVP_SCORED), data_collator=pad_collator)
     assert "cannot run under forward-mode AD" in caplog.text
     assert refusal[:40] in table.metadata["diagnostics"]["scored_by"]["why"]
     assert "scored_by" not in expected.metadata["diagnostics"]
-    pd.testing.assert_frame_equal(*(t.to_pandas().sort_values(["test_id", "train_id"]).reset_index(drop=True)
-                                    for t in (table, expected)), check_exact=False, rtol=1e-9, atol=1e-12)
-    if refusal != JVP_REFUSALS["autograd.Function"]:
-        return  # Bloom end to end: once
+    _same_tables(table, expected)
+
+
+def test_a_half_type_clash_inside_the_cut_layer_under_jvp_keeps_the_cut(data, pad_collator, monkeypatch):
+    """The GPU's clash came from inside the last layer, after the cut's position: the cut's own error handler must
+    pass it on to scoring (which scores by gradients, the cut kept) instead of taking it for the cut's failure; the
+    same clash outside forward mode is the model's and is raised (before: every call raised it)."""
+    import hf_fastif.loss as loss_module
+
+    model, train, test = data
+    expected = compute_influences(model, train, test, default_arguments(**JVP_SCORED), data_collator=pad_collator)
+    cut = expected.metadata["diagnostics"]["readout"]["cut_after"]
+    assert cut is not None and cut.startswith("bert.encoder.layer.1.")
+    dense = model.bert.encoder.layer[-1].intermediate.dense  # runs after the cut, at the first position
+    forward = dense.forward
+
+    def clash(hidden):
+        if loss_module._FORWARD_MODE.get():
+            raise RuntimeError(JVP_REFUSALS["half tangent"])
+        return forward(hidden)
+
+    monkeypatch.setattr(dense, "forward", clash)
+    table = compute_influences(model, train, test, default_arguments(**JVP_SCORED), data_collator=pad_collator)
+    diagnostics = table.metadata["diagnostics"]
+    assert diagnostics["readout"] == {"cut_after": cut}  # kept, not "failed on a batch"
+    assert "float != c10::BFloat16" in diagnostics["scored_by"]["why"]
+    _same_tables(table, expected)
+
+    def always(hidden):
+        raise RuntimeError(JVP_REFUSALS["half tangent"])
+
+    monkeypatch.setattr(dense, "forward", always)
+    with pytest.raises(RuntimeError, match="float != c10::BFloat16"):
+        compute_influences(model, train, test, default_arguments(**JVP_SCORED), data_collator=pad_collator)
+
+
+def test_bloom_runs_end_to_end_with_its_gelu_scored_by_gradients(data, pad_collator):
+    """Bloom's GeLU (a custom autograd.Function without setup_context) stopped the call in scoring."""
+    from transformers import BloomConfig, BloomForSequenceClassification
+
+    _, train, test = data
     torch.manual_seed(0)
     bloom = BloomForSequenceClassification(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2,
                                                        num_labels=3, pad_token_id=0)).double().eval()
     table = compute_influences(bloom, train, test, data_collator=pad_collator,  # h.1's GeLU runs under the JVP
-                               args=default_arguments(**settings | {
+                               args=default_arguments(**JVP_SCORED | {
                                    "influence_params": [r"h\.1\.", r"^score\."], "influence_solver": "lissa",
                                    "influence_recursion_depth": 5, "influence_scale": 100.0,
                                    "influence_check_convergence": False}))
     assert "scored_by" in table.metadata["diagnostics"] and np.isfinite(table.to_pandas()["influence"]).all()
 
 
-def test_only_a_clash_with_a_half_type_is_taken_for_forward_modes():
+def test_only_a_clash_of_float32_with_a_half_type_under_jvp_is_taken_for_forward_modes():
     """A float32 tangent meeting bfloat16 / float16 weights under jvp is forward mode's doing (the same forward ran
-    in reverse mode before scoring); another dtype clash, or another error, is the model's and is raised."""
-    from hf_fastif.loss import forward_ad_unsupported
+    in reverse mode before scoring); the same clash outside jvp, a clash of two half types or of other dtypes, or
+    another error, is the model's and is raised."""
+    from hf_fastif.loss import forward_ad_unsupported, forward_mode
 
-    for text in (JVP_REFUSALS["half tangent"], "expected scalar type Float but found BFloat16",
-                 "expected mat1 and mat2 to have the same dtype, but got: c10::Half != float"):
-        assert forward_ad_unsupported(RuntimeError(text)), text
-    for error in (RuntimeError("expected mat1 and mat2 to have the same dtype, but got: double != float"),
+    clashes = (JVP_REFUSALS["half tangent"], "expected scalar type Float but found BFloat16",
+               "expected mat1 and mat2 to have the same dtype, but got: c10::Half != float")
+    for text in clashes:
+        assert forward_ad_unsupported(RuntimeError(text), under_jvp=True), text
+        assert not forward_ad_unsupported(RuntimeError(text)), text  # outside forward_mode: the model's
+        with forward_mode():
+            assert forward_ad_unsupported(RuntimeError(text)), text
+    for error in (RuntimeError("expected m1 and m2 to have the same dtype, but got: c10::Half != c10::BFloat16"),
+                  RuntimeError("expected scalar type Long but found Half"),
+                  RuntimeError("expected mat1 and mat2 to have the same dtype, but got: double != float"),
                   RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
                   ValueError(JVP_REFUSALS["half tangent"])):
-        assert not forward_ad_unsupported(error), error
+        assert not forward_ad_unsupported(error, under_jvp=True), error
+    assert forward_ad_unsupported(RuntimeError(JVP_REFUSALS["autograd.Function"]), under_jvp=False)
 
 
 def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad_collator, tmp_path, monkeypatch,
