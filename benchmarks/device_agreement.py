@@ -28,7 +28,7 @@ from hf_fastif.space import LIVE_SETTINGS
 from hf_fastif.utils import library_version
 
 from .arguments import output_folder, parse_with_defaults
-from .device_costs import QUICK_PARAMS, DeviceCostsArguments, build_setup, compare
+from .device_costs import QUICK_PARAMS, DeviceCostsArguments, agreement_line, build_setup, compare
 from .report import rows_table, save_and_print
 
 CASES: dict[str, dict] = {
@@ -125,11 +125,13 @@ def render(out: dict) -> str:
         row = {"case": name, f"{here} s": case["seconds"].get(here), f"{there} s": case["seconds"].get(there)}
         if case["errors"]:
             row["result"] = "; ".join(f"{side} failed: {e.splitlines()[0]}" for side, e in case["errors"].items())
-        elif not case["same_pairs"]:
-            row["result"] = "the two sides scored different pairs"
+        elif "spearman" not in case:
+            row["result"] = agreement_line(case)
         else:
             row |= {"Spearman": case["spearman"], "largest difference": case["max_abs_difference_relative"],
                     "top 10 in common": case["top10_helpful_in_common"]}
+            if case["non_finite"]:
+                row["result"] = f"{case['non_finite']} pairs not finite on a side, left out"
         rows.append(row)
     columns = ["case", f"{here} s", f"{there} s", "Spearman", "largest difference", "top 10 in common", "result"]
     errors = [f"\n### {name}, {side}\n\n```\n{error}\n```" for name, case in out["cases"].items()

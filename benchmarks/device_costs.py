@@ -284,10 +284,19 @@ def render_end_to_end(call: dict | None) -> list[str]:
     return ["\n## One first call end to end, and the same call on the CPU\n",
             f"`compute_influences`, a fresh engine: {call['test_points']} test point, full scan of {call['rows']} "
             f"rows, J {call['depth']}, B {call['batch_size']}, T {call['repetitions']}, convergence check "
-            f"{call['check']}.\n", rows_table(rows, ["side", "seconds", *PHASES]),
-            f"\nAgreement of the two tables: Spearman {call['spearman']:.6f}, largest difference "
-            f"{call['max_abs_difference_relative']:.2e} of the largest influence, "
-            f"{call['top10_helpful_in_common']} of the 10 most helpful rows in common.\n"]
+            f"{call['check']}.\n", rows_table(rows, ["side", "seconds", *PHASES]), f"\n{agreement_line(call)}\n"]
+
+
+def agreement_line(compared: dict) -> str:
+    """`compare`'s result in words."""
+    if not compared["same_pairs"]:
+        return "The two tables scored different pairs."
+    if "spearman" not in compared:
+        return f"Fewer than 2 pairs finite on both sides ({compared['non_finite']} of {compared['pairs']} are not)."
+    return (f"Agreement of the two tables: Spearman {compared['spearman']:.6f}, largest difference "
+            f"{compared['max_abs_difference_relative']:.2e} of the largest influence, "
+            f"{compared['top10_helpful_in_common']} of the 10 most helpful rows in common"
+            + (f"; {compared['non_finite']} pairs not finite on a side, left out." if compared["non_finite"] else "."))
 
 
 if __name__ == "__main__":

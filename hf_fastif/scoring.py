@@ -30,8 +30,8 @@ def score_batch(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, 
     ``jvp``: forward-mode directional derivatives (about the cost of a few forward passes per batch).
     ``grad``: per-example gradients ``(b, p)`` times ``s_testᵀ``. A model that cannot run under forward-mode AD (a
     custom ``autograd.Function`` such as Bloom's GeLU; a half-precision model whose tangents come out float32, as a
-    bfloat16 BERT's on a GPU: `hf_fastif.loss.forward_ad_unsupported`) is scored by ``grad`` instead, with a warning, from the first
-    batch that shows it on (the same numbers; memory ``b × p`` per batch). ``row_batch``: ``i ↦`` row i collated
+    bfloat16 BERT's on a GPU: `hf_fastif.loss.forward_ad_unsupported`) is scored by ``grad`` instead, with a
+    warning, from the first batch that shows it on (the same numbers; memory ``b × p`` per batch). ``row_batch``: ``i ↦`` row i collated
     alone, for per-example gradients of a batch with a non-finite row (`hf_fastif.hvp.batch_gradient`).
     """
     if method == "jvp" and fm.no_forward_ad is None:

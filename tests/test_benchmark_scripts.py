@@ -368,3 +368,8 @@ def test_comparing_tables_over_other_pairs_says_so():
         {"test_id": [0, 0, 0], "train_id": [0, 1, 2], "influence": [0.0, float("nan"), 2.0]}))
     compared = device_costs.compare(nan, table([0, 1, 2]))  # a NaN pair is left out, and counted
     assert compared["non_finite"] == 1 and compared["pairs"] == 3 and compared["spearman"] == pytest.approx(1.0)
+    assert "1 pairs not finite on a side, left out" in device_costs.agreement_line(compared)
+    one = SimpleNamespace(to_pandas=lambda: pd.DataFrame({"test_id": [0], "train_id": [0], "influence": [1.0]}))
+    assert "spearman" not in device_costs.compare(one, one)  # too few pairs to rank: said, not a KeyError
+    assert device_costs.agreement_line(device_costs.compare(one, one)).startswith("Fewer than 2 pairs finite")
+    assert device_costs.agreement_line({"same_pairs": False}) == "The two tables scored different pairs."
