@@ -14,6 +14,7 @@ from benchmarks import (
     core,
     device_agreement,
     device_costs,
+    device_step,
     minilm_finetune,
     paper_table,
     parallel,
@@ -38,7 +39,8 @@ class _Stop(Exception):
 
 
 # each benchmark and the first step of its work: a refusal must come before it
-FIRST_WORK = [(core, "scoring_benchmark"), (device_costs, "build_setup"), (per_test_point, "embedded_data"),
+FIRST_WORK = [(core, "scoring_benchmark"), (device_costs, "build_setup"), (device_step, "build_setup"),
+              (per_test_point, "embedded_data"),
               (parallel, "workload"), (recall, "finetuned_minilm"), (paper_table, "prepare")]
 
 
@@ -373,3 +375,22 @@ def test_comparing_tables_over_other_pairs_says_so():
     assert "spearman" not in device_costs.compare(one, one)  # too few pairs to rank: said, not a KeyError
     assert device_costs.agreement_line(device_costs.compare(one, one)).startswith("Fewer than 2 pairs finite")
     assert device_costs.agreement_line({"same_pairs": False}) == "The two tables scored different pairs."
+
+
+def test_device_step_quick_measures_a_step_and_the_4d_mask_on_the_cpu(tmp_path, capsys):
+    """The step script on a CPU-only machine: eager steps, a profile, the 4-D mask giving the 2-D mask's products to
+    the bit; the CUDA graph part says it needs CUDA. Settings it cannot run are refused before any work."""
+    results = device_step.main(["--quick", "--output_dir", str(tmp_path)])
+    assert results["device"] == "cpu" and results["readout"] == "bert.encoder.layer.1.attention"
+    assert set(results["eager_ms"]) == {"collate a row with its trunk states", "hvp B 1, cut", "hvp B 1, no cut",
+                                        "hvp B 1, whole model", "hvp B 8, cut"}
+    assert all(v > 0 for v in results["eager_ms"].values())
+    assert results["four_d_mask_difference"] == {"B 1, cut": 0.0, "B 1, no cut": 0.0, "B 1, whole model": 0.0,
+                                                 "B 8, cut": 0.0}
+    profiled = results["profile"]
+    assert profiled["kernels_per_step"] is None and profiled["wall_ms_per_step_profiled"] > 0
+    assert len(profiled["top_host_operators"]) == device_step.TOP_OPERATORS
+    assert results["captured"] is None and "needs a CUDA device" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--num_train must be at least 8"):
+        device_step.main(["--quick", "--output_dir", str(tmp_path / "small"), "--num_train", "4"])
+    assert not (tmp_path / "small").exists()
