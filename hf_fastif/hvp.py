@@ -164,10 +164,10 @@ class BatchHessian:
             if l2_term:
                 self._add_l2_term(out, vectors)
             return out
-        products = flatten_batched(products, vectors.shape[0]).detach()
-        if not (self._fm.l2_in_hessian and l2_term):
-            return products
-        return products + self._l2_weight * self._fm.l2_mask(self._params).to(products.dtype) * vectors.to(products.dtype)
+        products = flatten_batched(products, vectors.shape[0]).detach()  # (a new tensor: added into in place)
+        if l2_term:
+            self._add_l2_term(products, vectors)
+        return products
 
     def _second_backward(self, vectors: torch.Tensor, last: bool) -> list[torch.Tensor]:
         """The second backward with ``vectors`` (``(p,)``: the plain one; ``(m, p)``: batched), per parameter;
@@ -184,7 +184,8 @@ class BatchHessian:
                 self._edges = None
 
     def _add_l2_term(self, out: torch.Tensor, vector: torch.Tensor, alpha: float = 1.0) -> None:
-        """``out += alpha ·`` the L2 term's Hessian (``weight · 2wd`` on the decayed entries) times ``vector``."""
+        """``out += alpha ·`` the L2 term's Hessian (``weight · 2wd`` on the decayed entries) times ``vector``
+        (``(p,)``, or a stack ``(m, p)`` row by row)."""
         if self._fm.l2_in_hessian:
             out.addcmul_(self._fm.l2_mask(self._params).to(out.dtype), vector.to(out.dtype),
                          value=alpha * self._l2_weight)
