@@ -109,14 +109,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     calls = 5 if bench.quick else 15
     out: dict = {"hvp": {}, "hvp_full": {}, "score": {}}
     with influence_mode(model, names):
-        full_fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay)
-        full = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
-        tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
-        fm, batcher, tests, out["trunk"], out["trunk_split"] = _with_trunk(model, names, full_fm, full, tests, args)
-        if args.influence_skip_unread_positions:  # the last layer cut to the position the loss reads, as the engine
-            readout, _ = find_readout(fm, params, [batcher.batch(range(min(READOUT_PROBE_ROWS, n)))])
-            fm = FunctionalModel(model, names, weight_decay=args.influence_weight_decay, split=fm.split,
-                                 readout=readout)
+        steps = step_models(setup, params, args)
+        full_fm, full, tests, fm, batcher = steps.whole, steps.rows, steps.tests, steps.cut, steps.cached
+        out["trunk"], out["trunk_split"] = steps.trunk_seconds, steps.split
         out["readout"] = None if fm.readout is None else fm.readout.name
 
         def step(b: int, vectors: torch.Tensor, reduction: str = "mean", fm=fm, batcher=batcher) -> float:
@@ -189,6 +184,39 @@ def check_seconds(hvp: dict, batch_sizes: list[int], mean_hessian: float, vector
     LiSSA steps' own: nothing more is timed."""
     return {str(b): CHECK_BATCHES * (CHECK_ITERATIONS * hvp[f"{b}x1"] + vector_work) + mean_hessian
             for b in sorted(set(batch_sizes))}
+
+
+@dataclass
+class StepModels:
+    """The functional models and batchers a benchmark's steps run on, as the engine runs them (`step_models`)."""
+
+    whole: FunctionalModel  # the whole model (the 2021 code path)
+    rows: Batcher  # the training rows, collated for the whole model
+    top: FunctionalModel  # from the cached trunk states where the model splits (else the whole model)
+    cut: FunctionalModel  # ``top`` with the last layer cut to the position the loss reads, where it can be
+    cached: Batcher  # the training rows with their trunk states (else ``rows``)
+    tests: Batcher  # the test rows, likewise
+    trunk_seconds: float  # one training row's trunk states (0 without a split)
+    split: str | None  # where the trunk ends (``None``: no split)
+    readout_why: str  # why the last layer is not cut ("" where it is)
+
+
+def step_models(setup: Setup, params: dict, args: InfluenceArguments) -> StepModels:
+    """`StepModels` for ``setup``'s model and rows, inside `influence_mode` for ``params``: the trunk cached and
+    checked as the engine does (`_with_trunk`), and the last layer cut where `find_readout` finds the cut exact on
+    the first `READOUT_PROBE_ROWS` rows (unless ``influence_skip_unread_positions`` is off)."""
+    model, names = setup.model, list(params)
+    device = next(model.parameters()).device
+    whole = FunctionalModel(model, names, weight_decay=args.influence_weight_decay)
+    rows = Batcher(setup.train, validate_dataset(setup.train, "train_dataset", model), setup.collator, device)
+    tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
+    top, cached, tests, trunk_seconds, split = _with_trunk(model, names, whole, rows, tests, args)
+    cut, why = top, "influence_skip_unread_positions=False"
+    if args.influence_skip_unread_positions:
+        readout, why = find_readout(top, params, [cached.batch(range(min(READOUT_PROBE_ROWS, len(setup.train))))])
+        cut = FunctionalModel(model, names, weight_decay=args.influence_weight_decay, split=top.split,
+                              readout=readout)
+    return StepModels(whole, rows, top, cut, cached, tests, trunk_seconds, split, why)
 
 
 def _with_trunk(model, names: list[str], fm: FunctionalModel, train: Batcher, tests: Batcher,

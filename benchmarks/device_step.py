@@ -30,16 +30,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_fastif import InfluenceArguments
-from hf_fastif.batches import Batcher, validate_dataset
 from hf_fastif.hvp import batch_hvp
-from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import num_parameters, select_parameters
-from hf_fastif.readout import find_readout
 from hf_fastif.utils import library_version
 
 from .arguments import output_folder, parse_with_defaults
-from .costs import _with_trunk
+from .costs import step_models
 from .device_costs import DeviceCostsArguments, build_setup, device_costs_defaults
 from .report import rows_table, save_and_print
 from .timing import median_seconds, sync
@@ -146,13 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "model": setup.description["model"], "num_influence_parameters": num_parameters(params),
                  "num_train": own.num_train, "seq_len": own.seq_len}
     with influence_mode(model, names):
-        whole = FunctionalModel(model, names, weight_decay=0.0)
-        rows = Batcher(train, validate_dataset(train, "train_dataset", model), setup.collator, device)
-        tests = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator, device)
-        top, cached, _, _, split = _with_trunk(model, names, whole, rows, tests, args)
-        readout, why = find_readout(top, params, [cached.batch(range(8))])
-        cut = FunctionalModel(model, names, weight_decay=0.0, split=top.split, readout=readout)
-        out |= {"trunk_split": split, "readout": None if readout is None else readout.name, "readout_why": why or None}
+        steps = step_models(setup, params, args)
+        whole, rows, top, cut, cached = steps.whole, steps.rows, steps.top, steps.cut, steps.cached
+        out |= {"trunk_split": steps.split, "readout": None if cut.readout is None else cut.readout.name,
+                "readout_why": steps.readout_why or None}
         vector = torch.randn(num_parameters(params), device=device) * 1e-2
         one = [int(rng.integers(len(train)))]
         batches = {"B 1, cut": (cut, cached.batch(one)), "B 1, no cut": (top, cached.batch(one)),
