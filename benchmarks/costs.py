@@ -33,9 +33,10 @@ from hf_fastif.readout import find_readout
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.solvers.arnoldi import LowRankSolve
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
+from hf_fastif.stacked import StackedHessian
 from hf_fastif.trunk import TrunkCache, find_split, model_inputs, split_tolerance, verify_split
 
-from .paper_setup import FAST, FASTIF, LOW_RANK, ORIGINAL, PARALLEL, BenchmarkArguments, Setup
+from .paper_setup import FAST, FASTIF, LOW_RANK, ORIGINAL, PARALLEL, STACKED, BenchmarkArguments, Setup
 from .timing import median_seconds, timed
 
 COST_MODEL = (
@@ -45,6 +46,9 @@ COST_MODEL = (
     "- FastIF     = u.test_gradient + u.power_iteration[B_F] + T·J·u.hvp[B_F x1] + q + k·u.score[1]\n"
     "- parallel P = u.test_gradient + u.power_iteration[B_F] + ⌈T/P⌉·J·u.hvp[B_F x1] + q + (k/P)·u.score[1]"
     "  (ideal split)\n"
+    "- FastIF, repetitions stacked = u.test_gradient + u.power_iteration[B_F] + J·u.hvp_stacked[B_F x T] + q\n"
+    "  + k·u.score[1]  (the T repetitions' products of a step in one vmapped computation, hf_fastif.stacked:\n"
+    "  influence_stack_repetitions, on by default on CUDA devices)\n"
     "- fast (m)   = u.test_gradient + u.power_iteration[B_f]/m + T_f·J_f·u.hvp[B_f x m]/m + q + S\n"
     "  (m test points per call share each LiSSA step; J_f = J·scale_f/scale)\n"
     "- low-rank (m) = u.test_gradient + u.low_rank_solve[m]/m + q + S  (the low-rank Hessian: a one-off per\n"
@@ -96,7 +100,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     reads where it can be (``readout``), as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
     (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``).
-    ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
+    ``hvp_stacked[B x T]``: one LiSSA step of T repetitions stacked (`hf_fastif.stacked`: T·B fresh rows collated
+    together, one vmapped product per repetition), at FastIF's B (``influence_batch_size``) and the run's and the
+    paper's T. ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
     row's kNN feature; ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
     model, train = setup.model, setup.train
     device = next(model.parameters()).device
@@ -129,6 +135,16 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
             out["hvp_full"][f"{b}x1"] = (out["hvp"][f"{b}x1"] if out["trunk_split"] is None else
                                          step(b, torch.randn(p, device=device, dtype=dtype) * 1e-2, fm=full_fm,
                                               batcher=full))
+        # one LiSSA step of T repetitions stacked (hf_fastif.stacked): T·B fresh rows collated in one batch, as the
+        # engine collates a stacked step, at FastIF's B and at the run's and the paper's T
+        stacked = StackedHessian(fm, params)
+        out["hvp_stacked"] = {}
+        b = args.influence_batch_size
+        for t in sorted({args.influence_repetitions or 1, bench.paper_t} - {1}):
+            vectors = torch.randn(t, 1, p, device=device, dtype=dtype) * 1e-2
+            out["hvp_stacked"][f"{b}x{t}"] = median_seconds(
+                lambda t=t, vectors=vectors: stacked.products(batcher.batch(rng.choice(n, t * b, replace=t * b > n)),
+                                                              vectors), calls if t * b <= 16 else max(3, calls // 3))
         # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows,
         # its HVPs plus its own vector work (start vector, the three-term recurrence on p-sized vectors), timed with
         # a diagonal operator of distinct entries (one multiply per step, so Lanczos runs every step)
@@ -255,6 +271,9 @@ def cost_model(u: dict, scale: CostScale, fast: dict, fast_union: float | None =
     for kk in scale.knn_ks:
         out[f"+kNN (k={kk})"] = tg + check[str(b)] + j * h[f"{b}x1"] + q + kk * s["1"]
     out[FASTIF] = tg + check[str(scale.b_fastif)] + t * j * step + q + k * s["1"]
+    stacked = u.get("hvp_stacked", {}).get(f"{scale.b_fastif}x{t}")
+    if stacked is not None:
+        out[STACKED] = tg + check[str(scale.b_fastif)] + j * stacked + q + k * s["1"]
     names = ([(PARALLEL, scale.processes)] if scale.processes > 1 else []) + [
         (f"{PARALLEL} (P={count}, ideal)", count) for count in more_processes]
     for name, count in names:

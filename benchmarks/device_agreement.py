@@ -37,6 +37,8 @@ CASES: dict[str, dict] = {
     "LiSSA, mean of the test points (combine='mean')": dict(combine="mean"),
     "LiSSA, without the trunk cache": dict(influence_trunk_cache=False),
     "LiSSA, per-example gradient scoring": dict(influence_scoring="grad"),
+    "LiSSA, repetitions one product at a time": dict(influence_stack_repetitions="no"),
+    "LiSSA, repetitions stacked on both sides": dict(influence_stack_repetitions="yes"),
     "CG": dict(influence_solver="cg"),
     "exact (classifier only)": dict(influence_solver="exact", influence_params=[r"classifier\."]),
     "Arnoldi": dict(influence_solver="arnoldi", influence_arnoldi_rank=8, influence_arnoldi_rows=None),
@@ -45,7 +47,10 @@ CASES: dict[str, dict] = {
     "LiSSA, a bfloat16 model": dict(dtype="bfloat16"),
     "LiSSA, through InfluenceTrainer": dict(trainer=True),
 }
-"""Each case's settings over the base (LiSSA, J 20, B 1, T 2, full scan, check on). Not settings: ``combine``
+"""Each case's settings over the base (LiSSA, J 20, B 1, T 2, full scan, check on). With the default
+``influence_stack_repetitions="auto"`` a CUDA side stacks the T repetitions' products of a step (`hf_fastif.stacked`)
+and the CPU side runs them one at a time, so the LiSSA cases compare the two paths; the two stacking cases compare
+like with like. Not settings: ``combine``
 (the call's), ``dtype`` (a copy of each side's model in that dtype), ``trainer`` (the call goes through an
 `InfluenceTrainer` built on each side's model, with ``use_cpu`` on the CPU side, and is not trained)."""
 CALL_KEYS = ("combine", "dtype", "trainer")
@@ -86,7 +91,9 @@ def run_case(models: dict, train, test, settings: InfluenceArguments, case: dict
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds[side] = time.perf_counter() - start
-    out = {"seconds": seconds, "errors": errors}
+    # whether each side stacked LiSSA's repetitions (None: no LiSSA, or the side failed)
+    out = {"seconds": seconds, "errors": errors,
+           "stacked": {side: table.metadata["diagnostics"].get("lissa_stacked") for side, table in tables.items()}}
     if len(tables) == 2:
         out |= compare(*tables.values())
     return out
@@ -122,7 +129,9 @@ def render(out: dict) -> str:
     here, there = out["sides"]
     rows = []
     for name, case in out["cases"].items():
-        row = {"case": name, f"{here} s": case["seconds"].get(here), f"{there} s": case["seconds"].get(there)}
+        row = {"case": name, f"{here} s": case["seconds"].get(here), f"{there} s": case["seconds"].get(there),
+               "stacked": " / ".join({True: "yes", False: "no", None: "-"}[case["stacked"].get(side)]
+                                     for side in (here, there))}
         if case["errors"]:
             row["result"] = "; ".join(f"{side} failed: {e.splitlines()[0]}" for side, e in case["errors"].items())
         elif "spearman" not in case:
@@ -133,12 +142,13 @@ def render(out: dict) -> str:
             if case["non_finite"]:
                 row["result"] = f"{case['non_finite']} pairs not finite on a side, left out"
         rows.append(row)
-    columns = ["case", f"{here} s", f"{there} s", "Spearman", "largest difference", "top 10 in common", "result"]
+    columns = ["case", f"{here} s", f"{there} s", "stacked", "Spearman", "largest difference", "top 10 in common", "result"]
     errors = [f"\n### {name}, {side}\n\n```\n{error}\n```" for name, case in out["cases"].items()
               for side, error in case["errors"].items()]
     return "\n".join([f"# Influence on {out['device']} against the CPU\n", f"`{out['command']}`\n",
                       f"torch {out['torch']}; a 2-layer BERT from a config, {out['num_train']} rows of "
-                      f"{out['seq_len']} tokens, 3 test rows.\n", rows_table(rows, columns), *errors])
+                      f"{out['seq_len']} tokens, 3 test rows. 'stacked': whether each side ran LiSSA's repetitions "
+                      "stacked (hf_fastif.stacked; '-' where no LiSSA ran).\n", rows_table(rows, columns), *errors])
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from transformers.utils import logging
 from hf_fastif import InfluenceArguments, compute_influences
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.solvers.lissa import LissaDivergenceError
+from hf_fastif.stacked import stacks
 from hf_fastif.utils import library_version
 
 from .arguments import output_folder, parse_with_defaults
@@ -164,35 +165,49 @@ PHASES = ("trunk_s", "test_gradients_s", "s_test_s", "scoring_s")
 
 def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments, device: str) -> dict | None:
     """One first `compute_influences` call (a fresh engine: trunk states, convergence check, T repetitions of J
-    LiSSA steps, JVP scoring of every row) on ``device`` and the same call on a CPU copy of the model: seconds,
-    the engine's phases, and how far the two tables agree (Spearman, the largest difference relative to the
-    largest influence, the top-10 most helpful rows in common: `compare`). On a CPU-only machine the second side is a
-    fresh engine on the CPU again (the two must then agree to the bit). The check can find a random model's Hessian
-    indefinite at these settings, on either side: both sides then run without it, and ``check`` says so."""
+    LiSSA steps, JVP scoring of every row) on ``device`` with the library's defaults, the same call there with
+    ``influence_stack_repetitions`` the other way (on a CUDA device the default stacks the repetitions' products of
+    a step, `hf_fastif.stacked`, so the other side runs them one at a time; on a CPU the other way round), and the
+    call on a CPU copy of the model: seconds, the engine's phases, whether the repetitions were stacked, and how far
+    each device table agrees with the CPU one (Spearman, the largest difference relative to the largest influence,
+    the top-10 most helpful rows in common: `compare`). On a CPU-only machine the CPU side is a fresh engine on the
+    CPU again. The check can find a random model's Hessian indefinite at these settings, on any side: every side
+    then runs without it, and ``check`` says so."""
     if own.end_to_end_rows == 0:
         return None
     train = setup.train.select(range(min(own.end_to_end_rows, len(setup.train))))
     run_args = replace(args, influence_recursion_depth=own.end_to_end_depth, influence_knn_k=None)
     cpu_model = copy.deepcopy(setup.model).cpu() if device != "cpu" else setup.model
+    flipped = "no" if stacks(args.influence_stack_repetitions, torch.device(device), 2) else "yes"
 
     def run(model, settings) -> dict:
         table, seconds = timed(lambda: compute_influences(model, train, setup.test, settings,
                                                           data_collator=setup.collator))
         diagnostics = table.metadata["diagnostics"]
-        return {"seconds": seconds, "phases": {k: diagnostics.get(k, 0.0) for k in PHASES}, "table": table}
+        return {"seconds": seconds, "phases": {k: diagnostics.get(k, 0.0) for k in PHASES},
+                "stacked": bool(diagnostics.get("lissa_stacked", False)), "table": table}
+
+    def sides(settings) -> dict:
+        return {"device": run(setup.model, settings),
+                "device, other stacking": run(setup.model, replace(settings, influence_stack_repetitions=flipped)),
+                "cpu": run(cpu_model, settings)}
 
     check = "on"
-    try:  # a check that refuses on either side (rounding can put a borderline Hessian either way) turns it off
-        first, second = run(setup.model, run_args), run(cpu_model, run_args)
+    try:  # a check that refuses on any side (rounding can put a borderline Hessian either way) turns it off
+        ran = sides(run_args)
     except LissaDivergenceError as error:
         check, run_args = f"off (the check refused: {str(error).splitlines()[0]})", replace(
             run_args, influence_check_convergence=False)
-        first, second = run(setup.model, run_args), run(cpu_model, run_args)
+        ran = sides(run_args)
     return {"rows": len(train), "test_points": len(setup.test), "depth": own.end_to_end_depth,
             "repetitions": run_args.influence_repetitions, "batch_size": run_args.influence_batch_size,
-            "check": check, "sides": [device, "cpu" if device != "cpu" else "cpu (a fresh engine)"],
-            "seconds": {"device": first["seconds"], "cpu": second["seconds"]},
-            "phases": {"device": first["phases"], "cpu": second["phases"]}} | compare(first["table"], second["table"])
+            "check": check, "sides": {"device": device, "device, other stacking":
+                                      f"{device}, influence_stack_repetitions={flipped}",
+                                      "cpu": "cpu" if device != "cpu" else "cpu (a fresh engine)"},
+            "seconds": {k: r["seconds"] for k, r in ran.items()}, "phases": {k: r["phases"] for k, r in ran.items()},
+            "stacked": {k: r["stacked"] for k, r in ran.items()},
+            "other_stacking_vs_cpu": compare(ran["device, other stacking"]["table"], ran["cpu"]["table"])
+            } | compare(ran["device"]["table"], ran["cpu"]["table"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -232,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "LiSSA steps/s, B 1 (trunk cached)": 1.0 / unit["hvp"]["1x1"],
                   "LiSSA steps/s, B 1, whole model (2021 code path)": 1.0 / unit["hvp_full"]["1x1"],
                   f"LiSSA steps/s, B {batch_sizes[-1]} (trunk cached)": 1.0 / unit["hvp"][f"{batch_sizes[-1]}x1"]}
+    throughput |= {f"LiSSA steps/s, B {key.replace('x', ', T ')} stacked (all T repetitions a step)": 1.0 / seconds
+                   for key, seconds in unit["hvp_stacked"].items()}
     scale_settings = {k: getattr(bench, k) for k in ("paper_n", "paper_k", "paper_j", "paper_b", "paper_t")}
     out = {"command": "python -m benchmarks.device_costs " + " ".join(argv), "library_version": library_version(),
            "influence_arguments": influence_fields(args) | {"seed": args.seed, "use_cpu": args.use_cpu},
@@ -278,13 +295,16 @@ def render_end_to_end(call: dict | None) -> list[str]:
         return []
     if "error" in call:
         return ["\n## One first call end to end, and the same call on the CPU\n", f"Failed: {call['error']}\n"]
-    here, there = call["sides"]
-    rows = [{"side": side, "seconds": call["seconds"][key]} | call["phases"][key]
-            for side, key in ((here, "device"), (there, "cpu"))]
+    rows = [{"side": side, "seconds": call["seconds"][key],
+             "repetitions stacked": "yes" if call["stacked"][key] else "no"} | call["phases"][key]
+            for key, side in call["sides"].items()]
+    other = call["sides"]["device, other stacking"]
     return ["\n## One first call end to end, and the same call on the CPU\n",
             f"`compute_influences`, a fresh engine: {call['test_points']} test point, full scan of {call['rows']} "
             f"rows, J {call['depth']}, B {call['batch_size']}, T {call['repetitions']}, convergence check "
-            f"{call['check']}.\n", rows_table(rows, ["side", "seconds", *PHASES]), f"\n{agreement_line(call)}\n"]
+            f"{call['check']}.\n", rows_table(rows, ["side", "seconds", "repetitions stacked", *PHASES]),
+            f"\n{call['sides']['device']} (the defaults) against the CPU. {agreement_line(call)}\n",
+            f"\n{other} against the CPU. {agreement_line(call['other_stacking_vs_cpu'])}\n"]
 
 
 def agreement_line(compared: dict) -> str:

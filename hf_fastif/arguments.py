@@ -12,6 +12,9 @@ from transformers import TrainingArguments
 
 SOLVERS = ("lissa", "cg", "exact", "arnoldi")
 FEATURES = ("auto", "pooler", "cls", "mean", "last", "gradient")
+STACK_MODES = ("auto", "yes", "no")
+"""Values of ``influence_stack_repetitions``: ``"auto"`` stacks on CUDA devices (where it pays), ``"yes"``
+everywhere, ``"no"`` never (`hf_fastif.stacked`)."""
 SCORING = ("jvp", "grad")
 NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions", "influence_arnoldi_rows")
 """Whole-number settings where None means every row (k, the Arnoldi rows) or one repetition per process (T). They are
@@ -126,6 +129,14 @@ class InfluenceArguments(TrainingArguments):
                           "reads (the first token of BERT-style classifiers), checked on probe rows; off where the "
                           "head reads other positions (hf_fastif.readout)."},
     )
+    influence_stack_repetitions: str = field(
+        default="auto",
+        metadata={"help": "Run the T LiSSA repetitions' Hessian-vector products of a step as one vmapped computation: "
+                          "'auto' on CUDA devices, where a step is bound by kernel launches and T products then cost "
+                          "about one; 'yes' everywhere (slower on CPUs); 'no'. Checked against the products one at a "
+                          "time on each call's first step and on longer rows; not for attention over a window of "
+                          "positions (hf_fastif.stacked)."},
+    )
     influence_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Folder for caches too large for memory (trunk states beyond 2 GB); default: a temporary one."},
@@ -181,6 +192,9 @@ def validate_influence_settings(args) -> None:
             f"influence_knn_features={args.influence_knn_features!r} is unknown; use one of {', '.join(FEATURES)} "
             "(or pass a callable as `features=` to compute_influences)."
         )
+    if getattr(args, "influence_stack_repetitions", "auto") not in STACK_MODES:
+        raise ValueError(f"influence_stack_repetitions={args.influence_stack_repetitions!r} is unknown; use one of "
+                         f"{', '.join(STACK_MODES)}.")
     if args.influence_scoring not in SCORING:
         raise ValueError(f"influence_scoring={args.influence_scoring!r} is unknown; use 'jvp' or 'grad'.")
     reals = {"influence_damping": (">= 0", lambda x: x >= 0), "influence_scale": ("> 0", lambda x: x > 0),

@@ -102,6 +102,7 @@ from .solvers import (
     truncation_share,
 )
 from .solvers.exact import check_exact_size
+from .stacked import StackedHessian, difference, stack_tolerance, stacks, unstackable_attention
 from .table import InfluenceTable
 from .trunk import (
     TrunkCache,
@@ -203,6 +204,54 @@ FULL_HVP_GRAPH_BYTES = 256 * 2**20
 """First-backward graphs of the chunks of a product with the mean Hessian over a batcher's rows, kept for the next
 product (CG's iterations, arnoldi's and the convergence check's Lanczos steps, the exact solver's columns); the
 chunks beyond it are built again for each product (their collated batches kept up to `FULL_HVP_KEPT_BYTES`)."""
+
+
+class _StackedSteps:
+    """One LiSSA call's stacked steps (`hf_fastif.stacked`). The first step, and any step whose rows are longer than
+    every row checked before (a mask built unlike the model's may show only on longer rows), is checked against the
+    products one batch at a time, which that step then uses; a check that fails or raises turns stacking off for the
+    rest of the call and, through ``refused`` (which logs why), for later calls on the same weights, rows and loss. A
+    step that raises after the checks passed (out of memory with R batches at once, say) returns None and turns
+    stacking off for the rest of the call only: from that step on, one product at a time."""
+
+    def __init__(self, hessian: StackedHessian, train: Batcher, tolerance: float, refused: Callable[[str], None]):
+        self.hessian, self.train, self.tolerance, self.refused = hessian, train, tolerance, refused
+        self.usable, self.checked_length = True, -1
+
+    def step(self, groups: Sequence[np.ndarray], vectors: torch.Tensor) -> torch.Tensor | None:
+        """``(R, m, p)``: the Hessian of the batch of rows ``groups[r]`` times ``vectors[r]`` (``(R, m, p)``), without
+        the L2 term."""
+        batch = self.train.batch(np.concatenate(groups))
+        mask = batch.get("attention_mask")
+        length = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() >= 2 else 0
+        alone = None
+        if length > self.checked_length:  # (what the default path raises, it raises here too)
+            alone = self.hessian.alone([self.train.batch(g) for g in groups], vectors)
+        try:
+            stacked = self.hessian.products(batch, vectors)
+        except Exception as err:  # noqa: BLE001 (vmap's and the model's errors under it: the default path decides)
+            self.usable = False
+            if alone is None:
+                logger.info(f"A stacked LiSSA step raised {type(err).__name__} ({_first_line(err)}); this call's "
+                            "steps run one product at a time from here.")
+                return None
+            self.refused(f"the stacked products raised {type(err).__name__} ({_first_line(err)})")
+            return alone
+        if alone is None:
+            return stacked
+        gap = difference(stacked, alone)
+        if gap > self.tolerance:
+            self.usable = False
+            self.refused(f"the stacked products differ from the products one at a time by {gap:.3g} of their "
+                         f"largest entry (more than {self.tolerance:g}) on rows of {length} positions")
+        else:
+            self.checked_length = length
+        return alone
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines() or [""])[0][:200]
 
 
 class KeptHessians:
@@ -415,6 +464,7 @@ class InfluenceEngine:
         self._module_watch = _Watch()
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
+        self._stack_refused: tuple[tuple, str] | None = None  # (key, why) where stacked LiSSA steps failed their check
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
         self._lissa_graphs: tuple[tuple, KeptHessians] | None = None  # (key, LiSSA's kept graphs) between calls
         self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
@@ -993,7 +1043,7 @@ class InfluenceEngine:
         self._trunks.clear()
         self._stored_lengths.clear()
         self._lissa_graphs = None
-        self._split = self._readout = None
+        self._split = self._readout = self._stack_refused = None
         self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = self._exact = None
         self._saved_gradient_index = None
         self._curvature.clear()
@@ -1461,7 +1511,19 @@ class InfluenceEngine:
         uses = Counter(rows.tobytes() for t in mine for rows in draws[t])
         kept = self._kept_lissa_graphs(call).for_call(call, KeptBatches(LISSA_BATCH_MEMO_BYTES))
 
+        stacked = self._stacked_steps(call, len(mine), v)
+
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float) -> None:
+            if stacked is not None and stacked.usable:
+                groups = [draws[t][j - 1] for t in reps]
+                for rows in groups:
+                    uses[rows.tobytes()] -= 1
+                products = stacked.step(groups, h)
+                if products is not None:
+                    into.add_(products, alpha=alpha)
+                    return
+                for rows in groups:  # it raised after its checks: this step and the rest run one product at a time
+                    uses[rows.tobytes()] += 1
             for r, t in enumerate(reps):
                 rows = draws[t][j - 1]
                 key = rows.tobytes()
@@ -1484,11 +1546,35 @@ class InfluenceEngine:
         finally:
             kept.end_call()
         total = D.all_reduce_sum(estimate * len(mine)) / repetitions
+        # stacked to the end in every process (a process holding one repetition has nothing to stack)
+        info["lissa_stacked"] = bool(D.gather_rows(np.array([stacked is not None and stacked.usable])).all())
         # the table's diagnostics describe every repetition, not only this process's share
         norms = D.gather_rows(np.array([lissa_info.get("lissa_final_norm", np.nan)]))
         lissa_info = {"lissa_repetitions": repetitions, "lissa_steps": depth,
                       "lissa_final_norm": float(np.nanmax(norms))}
         return total, info | lissa_info
+
+    def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor) -> _StackedSteps | None:
+        """The stacked LiSSA steps of this call (`hf_fastif.stacked`), or None where ``influence_stack_repetitions``
+        does not stack here or the stacked products failed their check before on these weights, rows and loss."""
+        mode = getattr(self.args, "influence_stack_repetitions", "auto")
+        if not stacks(mode, v.device, repetitions):
+            return None
+        key = self._curvature_key(call, "stacked lissa", str(call.work_dtype),
+                                  None if call.fm.split is None else f"{call.fm.split.path}.{call.fm.split.first}",
+                                  None if call.fm.readout is None else call.fm.readout.name)
+        if self._stack_refused is not None and self._stack_refused[0] == key:
+            return None
+
+        def refused(why: str) -> None:
+            self._stack_refused = (key, why)
+            logger.info(f"LiSSA's repetitions run one product at a time: {why}.")
+
+        why = unstackable_attention(call.fm.model)
+        if why is not None:
+            refused(f"the model cannot be stacked: {why}")
+            return None
+        return _StackedSteps(StackedHessian(call.fm, call.params), call.train, stack_tolerance(call.fm.model), refused)
 
     def _kept_lissa_graphs(self, call: _Call) -> KeptHessians:
         """LiSSA's kept first-backward graphs, held between calls on the same weights, rows, parameters, loss and

@@ -292,8 +292,9 @@ class FunctionalModel:
                     with readout.active():
                         return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
                 except (RuntimeError, IndexError, ValueError) as err:  # a batch unlike the probe rows the cut passed on
-                    if not readout.fired or isinstance(err, torch.OutOfMemoryError) or forward_ad_unsupported(err):
-                        raise  # raised before the cut, out of memory, or forward-mode AD refused: not the cut's doing
+                    if (not readout.fired or isinstance(err, torch.OutOfMemoryError) or forward_ad_unsupported(err)
+                            or _STACKING.get()):
+                        raise  # raised before the cut, out of memory, forward-mode AD or vmap refused: not the cut's
                     readout.failed = f"{type(err).__name__}: {err}"
                     logger.warning(f"The last layer cut after {readout.name} failed on a batch ({readout.failed}); "
                                    "the whole layer runs from now on (influence_skip_unread_positions=False avoids "
@@ -384,15 +385,28 @@ HALF_TYPES_IN_ERRORS = re.compile(r"\b(?:c10::)?(?:BFloat16|Half)\b")
 _FORWARD_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_fastif_forward_mode", default=False)
 
 
+_STACKING: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_fastif_stacking", default=False)
+
+
 @contextlib.contextmanager
-def forward_mode():
-    """Marks the forwards run inside as forward-mode AD's (`hf_fastif.hvp.directional_derivatives`), for
-    `forward_ad_unsupported`."""
-    token = _FORWARD_MODE.set(True)
+def _marked(flag: contextvars.ContextVar[bool]):
+    token = flag.set(True)
     try:
         yield
     finally:
-        _FORWARD_MODE.reset(token)
+        flag.reset(token)
+
+
+def forward_mode():
+    """Marks the forwards run inside as forward-mode AD's (`hf_fastif.hvp.directional_derivatives`), for
+    `forward_ad_unsupported`."""
+    return _marked(_FORWARD_MODE)
+
+
+def stacking():
+    """Marks the forwards run inside as a vmapped stack of batches' (`hf_fastif.stacked`): an error there is vmap's or
+    the model's under it, and `FunctionalModel.outputs` does not take it for the last-layer cut failing."""
+    return _marked(_STACKING)
 
 
 def forward_ad_unsupported(err: BaseException, under_jvp: bool | None = None) -> bool:

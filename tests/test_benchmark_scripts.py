@@ -270,12 +270,20 @@ def test_device_costs_quick(tmp_path, capsys):
     assert all(v > 0 for v in results["throughput"].values())
     assert "At the paper's scale" in (tmp_path / "device_costs.md").read_text()
     assert "Unit costs on cpu" in capsys.readouterr().out
-    # one first call end to end; on a CPU-only machine its other side is a fresh engine there, equal to the bit
+    assert set(unit["hvp_stacked"]) == {"2x4"} and unit["hvp_stacked"]["2x4"] > 0  # B 2, the run's and paper's T 4
+    assert rows["FastIF, repetitions stacked"]["seconds"] > 0
+    # one first call end to end; on a CPU-only machine its CPU side is a fresh engine there, equal to the bit, and
+    # the other stacking is on (the default stacks on CUDA only): equal up to float rounding
     call = results["end_to_end"]
-    assert call["sides"] == ["cpu", "cpu (a fresh engine)"] and (call["rows"], call["depth"]) == (64, 100)
+    assert call["sides"] == {"device": "cpu", "device, other stacking": "cpu, influence_stack_repetitions=yes",
+                             "cpu": "cpu (a fresh engine)"} and (call["rows"], call["depth"]) == (64, 100)
+    assert call["stacked"] == {"device": False, "device, other stacking": True, "cpu": False}
     assert call["spearman"] == pytest.approx(1.0) and call["max_abs_difference_relative"] == 0.0
+    other = call["other_stacking_vs_cpu"]
+    assert other["spearman"] > 0.9999 and other["max_abs_difference_relative"] < 1e-4
     assert call["top10_helpful_in_common"] == 10 and all(v > 0 for v in call["seconds"].values())
     assert call["phases"]["cpu"]["s_test_s"] > 0
+    assert "influence_stack_repetitions=yes against the CPU" in (tmp_path / "device_costs.md").read_text()
 
 
 def test_device_costs_end_to_end_runs_without_the_check_when_it_refuses(monkeypatch):
@@ -296,9 +304,10 @@ def test_device_costs_end_to_end_runs_without_the_check_when_it_refuses(monkeypa
     real = device_costs.compute_influences
     monkeypatch.setattr(device_costs, "compute_influences", compute)
     call = device_costs.end_to_end(setup, own, args, "cpu")
-    assert seen == [True, False, False] and call["check"] == "off (the check refused: The Hessian looks indefinite.)"
-    seen.clear()  # the CPU side's check refusing (the device side's passed) turns it off for both sides too
-    refusals = iter([False, True])
+    assert seen == [True, False, False, False] and call["check"] == ("off (the check refused: The Hessian looks "
+                                                                     "indefinite.)")
+    seen.clear()  # the CPU side's check refusing (the device sides' passed) turns it off for every side too
+    refusals = iter([False, False, True])
 
     def compute_cpu_refuses(model, train, test, settings, data_collator):
         seen.append(settings.influence_check_convergence)
@@ -308,7 +317,7 @@ def test_device_costs_end_to_end_runs_without_the_check_when_it_refuses(monkeypa
 
     monkeypatch.setattr(device_costs, "compute_influences", compute_cpu_refuses)
     call = device_costs.end_to_end(setup, own, args, "cpu")
-    assert seen == [True, True, False, False] and call["check"].startswith("off (the check refused")
+    assert seen == [True, True, True, False, False, False] and call["check"].startswith("off (the check refused")
     assert call["rows"] == 8 and call["spearman"] == pytest.approx(1.0)
     assert device_costs.end_to_end(setup, replace(own, end_to_end_rows=0), args, "cpu") is None
 
@@ -350,8 +359,14 @@ def test_device_agreement_runs_every_case_and_a_failing_one_does_not_stop_the_re
             assert not case["errors"] and case["same_pairs"], name
             assert case["max_abs_difference_relative"] == 0.0 and case["spearman"] == pytest.approx(1.0), name
     assert cases["LiSSA, kNN k 16"]["pairs"] == 3 * 16  # the candidates: k per test point, the same on both sides
+    # the CPU stacks LiSSA's repetitions only when told to (on CUDA the default would)
+    sides = ["cpu", "cpu (a fresh engine)"]
+    assert [cases["LiSSA, full scan"]["stacked"][s] for s in sides] == [False, False]
+    assert [cases["LiSSA, repetitions stacked on both sides"]["stacked"][s] for s in sides] == [True, True]
+    assert cases["CG"]["stacked"] == {} and cases["Arnoldi"]["stacked"] == {s: None for s in sides}
     report = (tmp_path / "device_agreement.md").read_text()
     assert "cpu (a fresh engine) failed: RuntimeError: Expected all tensors" in report and "### CG, cpu" in report
+    assert "| LiSSA, repetitions stacked on both sides |" in report and "| yes / yes |" in report
     with pytest.raises(ValueError, match="--num_train must be at least 32"):  # before any work
         device_agreement.main(["--output_dir", str(tmp_path / "small"), "--num_train", "16"])
     assert not (tmp_path / "small").exists()

@@ -1,0 +1,182 @@
+"""LiSSA's repetitions of one step as one batched computation: ``H_r @ v_r`` for every repetition r at once.
+
+At a step, repetition r multiplies its own iterates (one per test vector) by the Hessian of its own sampled batch.
+The engine's default runs those R products one after another, each from a kept first-backward graph
+(`hf_fastif.hvp`). Here the R batches are collated together and the products come from one ``torch.func.vmap``
+over the batches of a Hessian-vector product (the vector-Jacobian product of the gradient: one forward and one first
+backward per batch, its m vectors sharing them), batch r with vectors r: one forward, one first and one second
+backward for all R, each with R times the work. On a GPU, where a single-row step is bound by its ~800 kernel
+launches rather than by arithmetic (docs/benchmarks.md, "On a GPU"), R products then cost about one; on a CPU, where a
+step is bound by its operators' work, the same computation measured slower than the kept graphs, which is why
+``influence_stack_repetitions="auto"`` stacks on CUDA devices only.
+
+Under vmap the model's own 2-D attention-mask code cannot run (it branches on the mask's values), so the model is
+given the batch's ``(b, s)`` 0/1 mask as the ``(b, 1, s, s)`` additive mask it would build (causal as well where the
+model's attention is, `is_causal`; the loss still reads the 0/1 mask); the rows of all R batches are padded to one
+length, as rows in one batch always are. A model whose attention sees a window of the positions, or whose layers
+build masks of several kinds, cannot take one such mask and is not stacked (`unstackable_attention`). The engine
+checks the stacked products against the ones taken one batch at a time (`StackedHessian.alone`, `difference`) on
+each call's first step and again on any step whose rows are longer than every row checked before, so a model whose
+forward does not survive vmap, or whose masks differ from the ones built here, falls back to the default with a log
+line instead of giving other numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .arguments import STACK_MODES
+from .hvp import batch_hvp
+from .loss import FunctionalModel, stacking
+from .params import flatten_batched, unflatten
+
+
+class NotStackable(ValueError):
+    """The batch cannot be split into the repetitions' batches (a tensor that is not laid out by rows, an attention
+    mask that is not ``(b, s)``)."""
+
+
+def stacks(mode: str, device: torch.device, repetitions: int) -> bool:
+    """Whether a LiSSA call with ``repetitions`` repetitions here stacks its steps under ``mode`` (`STACK_MODES`):
+    only with at least two repetitions."""
+    if mode not in STACK_MODES:
+        raise ValueError(f"influence_stack_repetitions must be one of {', '.join(STACK_MODES)}; got {mode!r}.")
+    if repetitions < 2 or mode == "no":
+        return False
+    return mode == "yes" or torch.device(device).type == "cuda"
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Whether the model's attention is causal (an attention module says ``is_causal = True``, as GPT-2's, Llama's
+    and every decoder's in transformers do)."""
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
+WINDOW_SETTINGS = ("sliding_window", "attention_chunk_size", "local_attention", "attention_window")
+"""Config fields of attention that sees a window of the positions (Mistral's and Qwen2's sliding window, Llama 4's
+chunks, ModernBERT's local layers, Longformer's window): one 4-D mask for every layer cannot say that."""
+
+
+def unstackable_attention(model: nn.Module) -> str | None:
+    """Why the model's attention cannot take the one 4-D mask `additive_mask` builds (``None`` where it can): a window
+    or chunk of positions in some layer, or layers of several kinds (``config.layer_types``), for which transformers
+    builds a mask per kind and would use a given 4-D mask for all of them. Such a model gives the same products on
+    rows shorter than its window, so the first step's check cannot be trusted to see it."""
+    configs, seen = [getattr(model, "config", None)], []
+    while configs:
+        config = configs.pop()
+        if config is None or any(config is c for c in seen):
+            continue
+        seen.append(config)
+        if getattr(config, "use_sliding_window", True) is not False:
+            for name in WINDOW_SETTINGS:
+                if getattr(config, name, None) not in (None, 0, False, [], ()):
+                    return f"its attention sees a window of the positions (config.{name})"
+        kinds = set(getattr(config, "layer_types", None) or ())
+        if kinds - {"full_attention"}:
+            return f"its layers' attention is of other kinds than full attention (config.layer_types: {sorted(kinds)})"
+        configs += [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+    return None
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype, causal: bool) -> torch.Tensor:
+    """The ``(b, 1, s, s)`` additive mask for a ``(b, s)`` 0/1 attention mask: 0 where a query may attend to a key,
+    the dtype's lowest value where not (a padded key; with ``causal``, a later one too)."""
+    allowed = mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+    if causal:
+        allowed = allowed & torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).tril()
+    out = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def stack_tolerance(model: nn.Module) -> float:
+    """The largest difference, relative to the largest entry, `StackedHessian.verify` accepts between the stacked
+    products and the products one at a time: 1e-9 for a float64 model, 1e-4 for float32, 1e-2 where a parameter is
+    bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes & {torch.bfloat16, torch.float16}:
+        return 1e-2
+    return 1e-9 if dtypes == {torch.float64} else 1e-4
+
+
+class StackedHessian:
+    """Products of R batches' Hessians (each batch's mean training loss, without the L2 term) with R stacks of m
+    vectors, in one vmapped computation: per batch one forward and one first backward, the m vectors sharing them
+    (a vmapped vector-Jacobian product of the gradient).
+
+    Args:
+        fm: the functional model (with its trunk split and last-layer cut: they run under vmap as they run alone).
+        params: the influence parameters.
+    """
+
+    def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor]):
+        self._fm = fm
+        self._primals = {n: p.detach() for n, p in params.items()}
+        self._dtypes = [p.dtype for p in self._primals.values()]
+        self._causal = is_causal(fm.model)
+        embeddings = fm.model.get_input_embeddings() if hasattr(fm.model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)  # the hidden states' dtype, which the attention scores take
+        self._mask_dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() \
+            else torch.float32
+
+    def split(self, batch: Mapping[str, torch.Tensor], groups: int) -> tuple[dict, dict]:
+        """``batch`` (``groups · B`` rows, group r's B rows together) as ``(groups, B, ...)`` tensors, twice: for
+        the model, its attention mask additive (`additive_mask`), and as it is, for the loss."""
+        rows = None
+        model, loss = {}, {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                raise NotStackable(f"the batch's {key!r} is not a tensor of rows")
+            if rows is None:
+                rows = value.shape[0]
+            if value.shape[0] != rows or rows % groups:
+                raise NotStackable(f"the batch's {key!r} has {value.shape[0]} rows, not {groups} groups of "
+                                   f"{(rows or 0) // groups}")
+            loss[key] = value.reshape(groups, rows // groups, *value.shape[1:])
+            if key == "attention_mask":
+                if value.dim() != 2:
+                    raise NotStackable(f"the attention mask is {value.dim()}-D, not (b, s)")
+                value = additive_mask(value, self._mask_dtype, self._causal)
+            model[key] = value.reshape(groups, rows // groups, *value.shape[1:])
+        return model, loss
+
+    def products(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+        """``(R, m, p)``: ``[r, i]`` is the Hessian of the mean loss of group r of ``batch`` (its rows
+        ``r·B … (r+1)·B - 1``) times ``vectors[r, i]`` (``(R, m, p)``), in ``vectors``' dtype."""
+        groups, m, p = vectors.shape
+        model_batches, loss_batches = self.split(batch, groups)
+        fm, primals, dtypes = self._fm, self._primals, self._dtypes
+
+        def one(model_batch: dict, loss_batch: dict, stack: torch.Tensor) -> dict:
+            def mean_loss(w):
+                return fm.value_fn()(fm.outputs(w, model_batch), loss_batch).mean()
+
+            _, along = torch.func.vjp(torch.func.grad(mean_loss), primals)  # (the Hessian is symmetric: H u)
+
+            def product(u: torch.Tensor) -> dict:
+                return along({n: t.to(d) for (n, t), d in zip(unflatten(u, primals).items(), dtypes)})[0]
+
+            return torch.func.vmap(product)(stack) if m > 1 else {n: t[None] for n, t in product(stack[0]).items()}
+
+        with stacking():
+            out = torch.func.vmap(one)(model_batches, loss_batches, vectors)
+        return torch.stack([flatten_batched([out[n][:, i].to(vectors.dtype) for n in primals], groups)
+                            for i in range(m)], dim=1)
+
+    def alone(self, batches: Sequence[Mapping[str, torch.Tensor]], vectors: torch.Tensor) -> torch.Tensor:
+        """``(R, m, p)``: the products of ``batches`` (group r's rows collated alone) with ``vectors`` one batch at a
+        time (`batch_hvp`, what the stacked products are checked against)."""
+        return torch.stack([batch_hvp(self._fm, self._primals, b, v, l2_term=False).to(vectors.dtype)
+                            for b, v in zip(batches, vectors)])
+
+
+def difference(stacked: torch.Tensor, alone: torch.Tensor) -> float:
+    """The largest difference of ``stacked`` from ``alone``, relative to ``alone``'s largest entry (inf where either
+    holds NaN: not equal)."""
+    gap = float((stacked - alone).abs().max())
+    scale = float(alone.abs().max())
+    out = gap / scale if scale > 0 else gap
+    return out if out == out else float("inf")
