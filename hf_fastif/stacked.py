@@ -78,7 +78,8 @@ def unstackable_attention(model: nn.Module) -> str | None:
         kinds = set(getattr(config, "layer_types", None) or ())
         if kinds - {"full_attention"}:
             return f"its layers' attention is of other kinds than full attention (config.layer_types: {sorted(kinds)})"
-        configs += [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+        configs += [v for v in getattr(config, "__dict__", {}).values()
+                    if hasattr(v, "to_dict") and hasattr(v, "model_type")]  # (sub-configs: text_config, ...)
     return None
 
 
@@ -92,9 +93,20 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype, causal: bool) -> torch
     return out.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _hidden_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's hidden states, which its attention scores and so its additive mask take: its input
+    embeddings' (a bfloat16 model with a float32 head, as PEFT trains one, is bfloat16 there); float32 where the
+    model has none."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):  # (not a transformers model, or one without input embeddings)
+        weight = None
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
 def stack_tolerance(model: nn.Module) -> float:
-    """The largest difference, relative to the largest entry, `StackedHessian.verify` accepts between the stacked
-    products and the products one at a time: 1e-9 for a float64 model, 1e-4 for float32, 1e-2 where a parameter is
+    """The largest difference, relative to the largest entry, the engine's check of a stacked step accepts between
+    the stacked products and the products one at a time (`difference`): 1e-9 for a float64 model, 1e-4 for float32, 1e-2 where a parameter is
     bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes & {torch.bfloat16, torch.float16}:
@@ -117,10 +129,7 @@ class StackedHessian:
         self._primals = {n: p.detach() for n, p in params.items()}
         self._dtypes = [p.dtype for p in self._primals.values()]
         self._causal = is_causal(fm.model)
-        embeddings = fm.model.get_input_embeddings() if hasattr(fm.model, "get_input_embeddings") else None
-        weight = getattr(embeddings, "weight", None)  # the hidden states' dtype, which the attention scores take
-        self._mask_dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() \
-            else torch.float32
+        self._mask_dtype = _hidden_dtype(fm.model)
 
     def split(self, batch: Mapping[str, torch.Tensor], groups: int) -> tuple[dict, dict]:
         """``batch`` (``groups · B`` rows, group r's B rows together) as ``(groups, B, ...)`` tensors, twice: for

@@ -20,6 +20,7 @@ from hf_fastif.params import flatten, num_parameters, select_parameters, unflatt
 from hf_fastif.stacked import (
     NotStackable,
     StackedHessian,
+    _hidden_dtype,
     additive_mask,
     difference,
     is_causal,
@@ -249,6 +250,7 @@ def test_attention_over_a_window_of_positions_is_not_stacked(pad_collator, tmp_p
     assert "config.sliding_window" in unstackable_attention(model)
     assert "config.layer_types" in unstackable_attention(SimpleModel(ModernBertConfig(local_attention=0)))
     assert unstackable_attention(tiny_model("bert")) is None and unstackable_attention(tiny_model("gpt2")) is None
+    assert unstackable_attention(SimpleModel({"sliding_window": 4})) is None  # (a dict is no transformers config)
     rows = dict(num_labels=3, min_len=7, max_len=7)  # (no padding: a padded position past the window sees nothing)
     train, test = make_token_dataset(16, seed=0, **rows), make_token_dataset(1, seed=7, **rows)
     with caplog.at_level(logging.INFO, logger="hf_fastif"):
@@ -293,5 +295,6 @@ def test_the_mask_takes_the_hidden_states_dtype_and_half_types_a_wider_tolerance
     model.classifier.float()
     params = select_parameters(model, [r"classifier\."])
     assert StackedHessian(FunctionalModel(model, list(params)), params)._mask_dtype == torch.bfloat16
+    assert _hidden_dtype(torch.nn.Linear(2, 2)) == torch.float32  # no input embeddings: float32
     assert stack_tolerance(model) == 1e-2
     assert stack_tolerance(tiny_model("bert")) == 1e-9 and stack_tolerance(tiny_model("bert").float()) == 1e-4
