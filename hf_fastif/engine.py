@@ -1516,14 +1516,13 @@ class InfluenceEngine:
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float) -> None:
             if stacked is not None and stacked.usable:
                 groups = [draws[t][j - 1] for t in reps]
-                for rows in groups:
-                    uses[rows.tobytes()] -= 1
                 products = stacked.step(groups, h)
                 if products is not None:
+                    for rows in groups:  # (drawn: a kept graph is kept for the draws still to come)
+                        uses[rows.tobytes()] -= 1
                     into.add_(products, alpha=alpha)
                     return
-                for rows in groups:  # it raised after its checks: this step and the rest run one product at a time
-                    uses[rows.tobytes()] += 1
+                # it raised after its checks: this step and the rest of the call run one product at a time
             for r, t in enumerate(reps):
                 rows = draws[t][j - 1]
                 key = rows.tobytes()

@@ -32,6 +32,7 @@ from .arguments import STACK_MODES
 from .hvp import batch_hvp
 from .loss import FunctionalModel, stacking
 from .params import flatten_batched, unflatten
+from .trunk import split_tolerance
 
 
 class NotStackable(ValueError):
@@ -106,12 +107,12 @@ def _hidden_dtype(model: nn.Module) -> torch.dtype:
 
 def stack_tolerance(model: nn.Module) -> float:
     """The largest difference, relative to the largest entry, the engine's check of a stacked step accepts between
-    the stacked products and the products one at a time (`difference`): 1e-9 for a float64 model, 1e-4 for float32, 1e-2 where a parameter is
-    bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer)."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes & {torch.bfloat16, torch.float16}:
+    the stacked products and the products one at a time (`difference`): 1e-2 where a parameter is bfloat16 /
+    float16 (two such computations round apart by ~3e-4 on a BERT layer), else the trunk split's
+    (`hf_fastif.trunk.split_tolerance`: 1e-9 for a float64 model, 1e-4 otherwise)."""
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
         return 1e-2
-    return 1e-9 if dtypes == {torch.float64} else 1e-4
+    return split_tolerance(model)
 
 
 class StackedHessian:
