@@ -102,7 +102,7 @@ from .solvers import (
     truncation_share,
 )
 from .solvers.exact import check_exact_size
-from .stacked import StackedHessian, difference, stack_tolerance, stacks, unstackable_attention
+from .stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
 from .table import InfluenceTable
 from .trunk import (
     TrunkCache,
@@ -114,7 +114,7 @@ from .trunk import (
     split_tolerance,
     verify_split,
 )
-from .utils import Timer, library_version, to_json, write_atomic
+from .utils import Timer, library_version, relative_difference, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -239,7 +239,7 @@ class _StackedSteps:
             return alone
         if alone is None:
             return stacked
-        gap = difference(stacked, alone)
+        gap = relative_difference(stacked, alone)
         if gap > self.tolerance:
             self.usable = False
             self.refused(f"the stacked products differ from the products one at a time by {gap:.3g} of their "
@@ -803,7 +803,7 @@ class InfluenceEngine:
             alone_outputs, padded_outputs = (call.fm.outputs(call.params, b) for b in (alone_batch, padded_batch))
             alone = value(alone_outputs, alone_batch).double()
             padded = value(padded_outputs, padded_batch)[:1]
-        error = float((alone - padded.double()).abs().max() / alone.abs().max().clamp_min(1.0))
+        error = relative_difference(padded.double(), alone, floor=1.0)
         error = max(error, _per_row_logits_error(alone_outputs, padded_outputs))
         dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
         finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
@@ -1711,7 +1711,7 @@ class InfluenceEngine:
                     continue  # (a width that grows with the padding: extract_features names it)
                 if not bool(torch.isfinite(alone).all()):
                     continue  # not the padding's doing: extract_features names the rows that are not finite
-                error = float((alone[0] - padded[0]).abs().max() / alone[0].abs().max().clamp_min(1e-12))
+                error = relative_difference(padded[0], alone[0], floor=1e-12)
                 if not error <= PADDING_TOLERANCE:
                     row, other = (int(r) for r in batcher.base_rows([short, long]))
                     raise ValueError(
@@ -1817,7 +1817,7 @@ def _per_row_logits_error(alone, padded) -> float:
             and padded.dim() == 2 and alone.shape[1] == padded.shape[1] and alone.is_floating_point()):
         return 0.0
     alone, padded = alone.double(), padded[:1].double()
-    return float((alone - padded).abs().max() / alone.abs().max().clamp_min(1e-12))
+    return relative_difference(padded, alone, floor=1e-12)
 
 
 def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:

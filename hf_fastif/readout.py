@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .trunk import _layer_stacks
+from .utils import relative_difference
 
 READOUT_TOLERANCE = 1e-5
 """Largest relative difference between cut and uncut probe losses that counts as float rounding (20 machine
@@ -204,7 +205,7 @@ def _agrees(readout: Readout, last: nn.Module, probes, reference, values, leaves
             return False  # no saving there (a residual broadcast the cut back), or a layer run more than once
         for cut, whole in ((out.detach().double(), out_ref), (_flat(grads, leaves), grad_ref)):
             # relative to their own size, however small (near-saturated probe rows have tiny losses and gradients)
-            if float((cut - whole).abs().max()) > tolerance * float(whole.abs().max()):
+            if not relative_difference(cut, whole) <= tolerance:
                 return False
     return True
 

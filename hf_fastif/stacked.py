@@ -15,10 +15,10 @@ given the batch's ``(b, s)`` 0/1 mask as the ``(b, 1, s, s)`` additive mask it w
 model's attention is, `is_causal`; the loss still reads the 0/1 mask); the rows of all R batches are padded to one
 length, as rows in one batch always are. A model whose attention sees a window of the positions, or whose layers
 build masks of several kinds, cannot take one such mask and is not stacked (`unstackable_attention`). The engine
-checks the stacked products against the ones taken one batch at a time (`StackedHessian.alone`, `difference`) on
-each call's first step and again on any step whose rows are longer than every row checked before, so a model whose
-forward does not survive vmap, or whose masks differ from the ones built here, falls back to the default with a log
-line instead of giving other numbers.
+checks the stacked products against the ones taken one batch at a time (`StackedHessian.alone`,
+`hf_fastif.utils.relative_difference`) on each call's first step and again on any step whose rows are longer than
+every row checked before, so a model whose forward does not survive vmap, or whose masks differ from the ones built
+here, falls back to the default with a log line instead of giving other numbers.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def _hidden_dtype(model: nn.Module) -> torch.dtype:
 
 def stack_tolerance(model: nn.Module) -> float:
     """The largest difference, relative to the largest entry, the engine's check of a stacked step accepts between
-    the stacked products and the products one at a time (`difference`): 1e-2 where a parameter is bfloat16 /
-    float16 (two such computations round apart by ~3e-4 on a BERT layer), else the trunk split's
+    the stacked products and the products one at a time (`hf_fastif.utils.relative_difference`): 1e-2 where a
+    parameter is bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer), else the trunk split's
     (`hf_fastif.trunk.split_tolerance`: 1e-9 for a float64 model, 1e-4 otherwise)."""
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
         return 1e-2
@@ -183,10 +183,3 @@ class StackedHessian:
                             for b, v in zip(batches, vectors)])
 
 
-def difference(stacked: torch.Tensor, alone: torch.Tensor) -> float:
-    """The largest difference of ``stacked`` from ``alone``, relative to ``alone``'s largest entry (inf where either
-    holds NaN: not equal)."""
-    gap = float((stacked - alone).abs().max())
-    scale = float(alone.abs().max())
-    out = gap / scale if scale > 0 else gap
-    return out if out == out else float("inf")

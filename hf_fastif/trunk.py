@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .fingerprint import config_fingerprint, tensors_fingerprint
+from .utils import relative_difference
 
 logger = logging.get_logger(__name__)
 
@@ -607,11 +608,9 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
             top = split.model(**inputs)
     mask = _read_positions(batch, split.model)
     full, top = _compared(full, mask), _compared(top, mask)
-    if not full or len(full) != len(top):
+    if not full or len(full) != len(top) or any(f.shape != t.shape for f, t in zip(full, top)):
         return math.inf  # nothing to compare: the split is not used
-    scale = torch.stack([t.abs().max() for t in full]).max().clamp_min(torch.finfo(torch.float64).tiny)
-    error = float(max((f - t).abs().max() for f, t in zip(full, top)) / scale)
-    return error if math.isfinite(error) else math.inf  # NaN logits on either side: no agreement
+    return relative_difference(torch.cat([t.flatten() for t in top]), torch.cat([f.flatten() for f in full]))
 
 
 def _read_positions(batch: dict, model: nn.Module) -> torch.Tensor:

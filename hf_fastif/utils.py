@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -12,7 +13,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import torch
 from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+
+
+def relative_difference(value: torch.Tensor, reference: torch.Tensor,
+                        floor: float = torch.finfo(torch.float64).tiny) -> float:
+    """How far ``value`` is from ``reference``: the largest entry of ``|value - reference|`` over the larger of
+    ``reference``'s largest absolute entry and ``floor`` (a floor of 1, for losses near 0, makes it absolute there).
+    ``inf`` where either holds NaN or inf: they do not agree, and a NaN compared with a tolerance would pass as
+    ``False`` against ``>``. Every check of two computations that should agree (a split, a cut, stacked products,
+    padding) goes through it, so that they all read a difference the same way."""
+    gap = float((value - reference).abs().max())
+    out = gap / max(float(reference.abs().max()), floor)
+    return out if math.isfinite(out) else math.inf
 
 
 def library_version() -> str:

@@ -264,3 +264,32 @@ def test_the_gradient_index_build_holds_one_batch_of_sketches_at_a_time(pad_coll
     recorder = G._Recorder(model, list(params))
     want = sketched(fm, params, batcher.batch(range(40)), G.sketch_of(params, recorder, 64, 0, torch.float32), recorder)
     np.testing.assert_allclose(index.index.reconstruct_n(0, 40), want.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_hooks_check_takes_a_nan_row_for_a_disagreement(pad_collator, monkeypatch):
+    """A NaN in a hooked row is neither above nor below the check's tolerance: it must fail the check (and send the
+    layers to autograd), not pass it."""
+    import hf_fastif.gradient_index as G
+
+    seen = []
+
+    def spy(fm, params, batch, sketch, out, hooked):  # (out: the hooks' rows, completed in place afterwards)
+        seen.append(((fm, params, batch, sketch, out.clone(), hooked), G._hooks_agree.__wrapped__(
+            fm, params, batch, sketch, out, hooked)))
+        return seen[-1][1]
+
+    spy.__wrapped__ = G._hooks_agree
+    monkeypatch.setattr(G, "_hooks_agree", spy)
+    model = tiny_model("bert").double()
+    data = make_token_dataset(4, seed=0)
+    batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(4))
+    params = select_parameters(model, None)
+    recorder = _Recorder(model, list(params))
+    sketch = CountSketch({n: p.shape for n, p in params.items()}, 64, seed=0, factored=recorder.linear_weights(),
+                         dtype=torch.float64)
+    sketched_gradients(FunctionalModel(model, list(params)), params, batch, sketch, recorder)
+    assert recorder.verified and len(seen) == 1 and seen[0][1]  # the hooks' rows as the check saw them: agreed
+    fm, params, batch, sketch, out, hooked = seen[0][0]
+    broken = out.clone()
+    broken[-1, 3] = float("nan")
+    assert not spy.__wrapped__(fm, params, batch, sketch, broken, hooked)

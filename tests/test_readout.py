@@ -358,3 +358,34 @@ def test_tiny_losses_and_gradients_do_not_let_a_wrong_cut_through(confidence, pa
     torch.testing.assert_close(batch_gradient(FunctionalModel(model, list(params), readout=readout), params, batch,
                                               reduction="none"),
                                batch_gradient(fm, params, batch, reduction="none"), rtol=1e-9, atol=0)
+
+
+class _NotFiniteAlone(torch.nn.Module):
+    """BertIntermediate whose output is NaN when it sees one position only: a cut before it turns every loss and
+    gradient of the probes into NaN."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden):
+        out = self.inner(hidden)
+        return out * float("nan") if hidden.shape[1] == 1 else out
+
+
+def test_a_cut_that_gives_nan_is_not_taken_for_one_that_agrees(pad_collator):
+    """A NaN compared with a tolerance is neither above nor below it: the cut's check reads it as a difference
+    (`hf_fastif.utils.relative_difference`), so the cut lands after the layer that cannot run on one position."""
+    model = tiny_model("bert", num_labels=3)
+    layer = model.bert.encoder.layer[-1]
+    layer.intermediate = _NotFiniteAlone(layer.intermediate)
+    data = make_token_dataset(12, seed=0, num_labels=3)
+    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
+    params = select_parameters(model, TOP["bert"])
+    fm = FunctionalModel(model, list(params))
+    readout, reason = find_readout(fm, params, [batcher.batch(range(4)), batcher.batch([0]), batcher.batch([0, 5])])
+    assert readout is not None and readout.name == "bert.encoder.layer.1.output", reason
+    batch = batcher.batch(range(12))
+    cut = batch_gradient(FunctionalModel(model, list(params), readout=readout), params, batch, reduction="none")
+    assert torch.isfinite(cut).all()
+    torch.testing.assert_close(cut, batch_gradient(fm, params, batch, reduction="none"), rtol=1e-9, atol=0)

@@ -411,3 +411,24 @@ def test_non_finite_test_gradients_and_s_test_are_refused_with_the_fix(pad_colla
     monkeypatch.setattr("hf_fastif.engine.solve_cg", lambda hvp, v, lam, **k: (torch.full_like(v, float("nan")), {}))
     with pytest.raises(FloatingPointError, match=r"s_test \(cg\) is not finite.*model\.float\(\)"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+def test_relative_difference_takes_nan_and_inf_for_no_agreement_and_reads_a_floor():
+    """Every agreement check (a trunk split, the last-layer cut, stacked products, padding) reads its difference
+    here: a NaN must not pass a ``<=`` nor fail a ``>`` silently, and the floor makes small references absolute."""
+    from hf_fastif.utils import relative_difference
+
+    reference = torch.tensor([2.0, -4.0, 1.0])
+    assert relative_difference(reference + torch.tensor([0.0, 0.4, 0.0]), reference) == pytest.approx(0.1)
+    assert relative_difference(reference, reference) == 0.0
+    for bad in (float("nan"), float("inf")):
+        broken = reference.clone()
+        broken[1] = bad
+        assert relative_difference(broken, reference) == float("inf")
+        assert relative_difference(reference, broken) == float("inf")
+    small = torch.tensor([1e-6, 0.0])
+    assert relative_difference(small * 2, small) == pytest.approx(1.0)  # relative to its own size, however small
+    assert relative_difference(small * 2, small, floor=1.0) == pytest.approx(1e-6)  # absolute below the floor
+    zeros = torch.zeros(3)
+    assert relative_difference(zeros, zeros) == 0.0
+    assert relative_difference(zeros + 1e-30, zeros) > 1e200  # anything against exact zeros is a difference

@@ -36,6 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAD_ONLY = {"bert": [r"pooler\.", r"classifier\."], "gpt2": [r"score\."]}
 
 
+def exact_top_arguments():
+    """The exact solver over BERT's top layer, every row scored: the settings of the trunk-cache tests that compare
+    influence values."""
+    return default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
+                             influence_params=TOP["bert"], disable_tqdm=True)
+
+
 def setup(kind, patterns, pad_collator, n=24):
     model = tiny_model(kind, num_labels=3)
     data = make_token_dataset(n, seed=0, num_labels=3, causal=kind == "gpt2-lm")
@@ -171,8 +178,7 @@ def test_memory_mapped_caches_of_one_model_do_not_share_a_file(pad_collator, mon
     states: influence 0.19 off (of 0.49), silently. Each cache now has a file of its own, deleted with it."""
     model = tiny_model("bert")
     train, test = make_token_dataset(16, seed=0), make_token_dataset(3, seed=1, min_len=12, max_len=20)
-    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
-                             influence_params=TOP["bert"], disable_tqdm=True)
+    args = exact_top_arguments()
     expected = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
     monkeypatch.setattr(T, "MEMORY_LIMIT_BYTES", 0)  # every cache memory-mapped
     mapped = replace(args, influence_cache_dir=str(tmp_path))
@@ -605,8 +611,7 @@ def test_a_held_engine_reads_a_datasets_lengths_and_the_trunk_fingerprint_once(p
     other = make_token_dataset(24, seed=5, num_labels=3)  # as many rows, other lengths
     tests = make_token_dataset(3, seed=1, num_labels=3)
     assert [len(x) for x in other["input_ids"]] != [len(x) for x in train["input_ids"]]
-    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
-                             influence_params=TOP["bert"], disable_tqdm=True)
+    args = exact_top_arguments()
     reads, prints = [], []
     read, fingerprint = Batcher._stored_lengths, T.TrunkSplit.fingerprint
 
@@ -644,8 +649,7 @@ def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_coll
     model = tiny_model("bert", num_labels=3)
     train = make_token_dataset(24, seed=0, num_labels=3)
     tests = make_token_dataset(3, seed=1, num_labels=3)
-    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
-                             influence_params=TOP["bert"], disable_tqdm=True)
+    args = exact_top_arguments()
     runs, checked = [], []
     # (the first layer's attention: under injection the layer's own forward stands in and runs no submodule)
     handle = model.bert.encoder.layer[0].attention.register_forward_pre_hook(
@@ -713,8 +717,7 @@ def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_
     review's repro: 0.014 relative, dropped before the one-forward check)."""
     model = tiny_model("bert", num_labels=3)
     rows = make_token_dataset(3, seed=1, num_labels=3)
-    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.1,
-                             influence_params=TOP["bert"], disable_tqdm=True)
+    args = exact_top_arguments()
     handle = model.bert.encoder.layer[0].attention.register_forward_hook(
         lambda module, inputs, out: (out[0] + 1e-2 * torch.randn_like(out[0]), *out[1:]))
     try:
