@@ -32,6 +32,7 @@ from datasets.utils import disable_progress_bars
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.recall import recall_ns
+from hf_fastif.stacked import stacks
 from hf_fastif.utils import Timer, library_version, to_json, write_atomic
 
 from .arguments import output_folder, parse_with_defaults
@@ -42,6 +43,7 @@ from .paper_setup import (
     FAST,
     LOW_RANK,
     PARALLEL,
+    STACKED,
     BenchmarkArguments,
     benchmark_defaults,
     influence_fields,
@@ -135,7 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
         row["speed-up"] = rows[0]["seconds"] / row["seconds"] if row["seconds"] == row["seconds"] else float("nan")
         key = PARALLEL if row["row"].startswith(PARALLEL) else row["row"]
         row["cost model / measured"] = predicted[key] / row["seconds"] if key in predicted else None
-    paper_rows, fast_paper_j = paper_scale_rows(unit, bench, args, fast, m)
+    # the stacked row only where this run's setting stacks on this device (auto: CUDA only): on a CPU its unit
+    # depends on the allocator's state (a stacked step of T single rows measured 92-100 ms after the large-batch
+    # units against 166-188 ms in a fresh process, MiniLM's last 2 layers), and whole calls there stack slower
+    stacking = stacks(args.influence_stack_repetitions, next(setup.model.parameters()).device, bench.paper_t)
+    paper_rows, fast_paper_j = paper_scale_rows(
+        unit if stacking else {k: v for k, v in unit.items() if k != "hvp_stacked"}, bench, args, fast, m)
     goals = targets(rows, paper_rows, bench.paper_t)
     curve = knn_recall_curve(original, knn["order"], ns=tuple(recall_ns(n)))
 
@@ -183,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
                   # its rows do not grow with N, but a run with N below --low_rank_rows decomposed only N of them
                   "low_rank_build_s": low_rank["s_test_s"] * bench.low_rank_rows / low_rank["rows"]},
         "paper_rows": paper_rows,
+        "stacked_row": None if stacking else (
+            f"\"{STACKED}\" is not a row here: influence_stack_repetitions={args.influence_stack_repetitions} does "
+            "not stack on this device (auto: CUDA devices only; on CPUs whole calls measured slower stacked, and "
+            "the stacked step's unit, in unit_costs, moves with the allocator's state)."),
         "targets": goals,
         "sweep": sweep,
         "sweep_note": sweep_note(bench, depth, m, n, sweep),

@@ -433,12 +433,13 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
             "other_s": total - diagnostics["s_test_s"] - diagnostics["scoring_s"]}
     diagonal = torch.linspace(1.0, 2.0, num_selected(setup))  # distinct eigenvalues: Lanczos runs every step
     lanczos_alone = median_seconds(
-        lambda: extreme_eigenvalues(lambda x: diagonal * x, len(diagonal), iterations=CHECK_ITERATIONS), 3)
+        lambda: extreme_eigenvalues(lambda x: diagonal * x, len(diagonal), iterations=CHECK_ITERATIONS,
+                                    reorthogonalise=False), 3)  # (as the check's batch runs go)
     hvp = {"HVP ms, 1 row": found["hvp_ms_1_rows"], "HVP ms, 1 row, no L2 term": found["hvp_ms_without_l2"],
            "HVP ms, 4 rows": found["hvp_ms_4_rows"], f"HVP ms, {rows_check} rows": found[f"hvp_ms_{rows_check}_rows"],
            "check, modelled s": (CHECK_BATCHES * CHECK_ITERATIONS * found["hvp_ms_1_rows"]
                                  + (CHECK_ITERATIONS + 2) * found[f"hvp_ms_{rows_check}_rows"]) / 1e3,
-           # the check's Lanczos vector work (start vector, three-term recurrence on p-sized vectors), cheap operator
+           # one batch run's Lanczos vector work (start vector, three-term recurrence on p-sized vectors)
            f"Lanczos vector work ms, {CHECK_ITERATIONS} steps": 1e3 * lanczos_alone,
            # how far a step is from the arithmetic it needs: its matmul FLOPs at this machine's matmul rate
            "step GFLOP (matmuls)": found["step_gflop"],

@@ -220,7 +220,7 @@ def render(results: dict) -> str:
                  + (f"; the low-rank Hessian of \"{LOW_RANK}\" {paper['low_rank_build_s']:.3g}s (measured in this run: "
                     "its R rows and rank do not grow with N; scaled to --low_rank_rows where N was smaller)"
                     if paper.get("low_rank_build_s") is not None else "")
-                 + ".\n")
+                 + ".\n" + (f"\n{results['stacked_row']}\n" if results.get("stacked_row") else ""))
     lines += ["## Targets\n", rows_table(results["targets"], ["target", "measured", "met"]), ""]
     sweep = results.get("sweep") or []
     if sweep:

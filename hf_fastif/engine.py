@@ -1596,7 +1596,7 @@ class InfluenceEngine:
         indefinite. Refuse what cannot converge; kept per weights / data / B."""
         args = self.args
         bsz, n = args.influence_batch_size, len(call.train)
-        key = self._curvature_key(call, "lissa v3", bsz)  # (v3: Lanczos starts drawn in float32 for every dtype)
+        key = self._curvature_key(call, "lissa v4", bsz)  # (v4: batch runs without full reorthogonalisation)
         p, dtype, device = v.shape[1], call.work_dtype, v.device
 
         def smallest(rows: np.ndarray) -> tuple[float, float]:
@@ -1616,7 +1616,7 @@ class InfluenceEngine:
                     return hessian.product(x).to(dtype)
 
                 tops.append(extreme_eigenvalues(hvp, p, iterations=CHECK_ITERATIONS, dtype=dtype, device=device,
-                                                seed=args.influence_seed + b)[1])
+                                                seed=args.influence_seed + b, reorthogonalise=False)[1])
             sample = rng.permutation(n)[:CHECK_ROWS]
             low, high = smallest(sample)
             self._curvature[key] = {"lissa_batch_top_eigenvalue": max(tops), "hessian_min_eigenvalue_estimate": low,
