@@ -108,8 +108,8 @@ def _hidden_dtype(model: nn.Module) -> torch.dtype:
 def stack_tolerance(model: nn.Module) -> float:
     """The largest difference, relative to the largest entry, the engine's check of a stacked step accepts between
     the stacked products and the products one at a time (`hf_fastif.utils.relative_difference`): 1e-2 where a
-    parameter is bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer), else the trunk split's
-    (`hf_fastif.trunk.split_tolerance`: 1e-9 for a float64 model, 1e-4 otherwise)."""
+    parameter is bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer), else the trunk
+    split's (`hf_fastif.trunk.split_tolerance`: 1e-9 for a float64 model, 1e-4 otherwise)."""
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
         return 1e-2
     return split_tolerance(model)
@@ -181,5 +181,3 @@ class StackedHessian:
         time (`batch_hvp`, what the stacked products are checked against)."""
         return torch.stack([batch_hvp(self._fm, self._primals, b, v, l2_term=False).to(vectors.dtype)
                             for b, v in zip(batches, vectors)])
-
-
