@@ -4,19 +4,27 @@ Vectors are flat: ``(p,)`` or a stack ``(m, p)`` in the order of ``FunctionalMod
 products use double backward (reverse-over-reverse): measured faster than forward-over-reverse on CPU.
 Several vectors share one forward and one first backward (``is_grads_batched``), and a `BatchHessian` keeps the first
 backward's graph for the products that follow on the same batch; `BatchHessian.accumulate` adds a product into a
-vector parameter by parameter, never flattening it (LiSSA's update).
+vector parameter by parameter, never flattening it (LiSSA's update). A `BatchHessian` assembles the weight blocks of
+``torch.nn.Linear`` layers from activations where it can (`hf_fastif.linear_products`: exact, checked against
+autograd's product once per `FunctionalModel`), one vector at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
 from torch.autograd.graph import get_gradient_edge
+from transformers.utils import logging
 
+from .linear_products import LINEAR_PRODUCTS_TOLERANCE, LinearProducts
 from .loss import FunctionalModel, forward_mode
 from .params import flatten, flatten_batched, unflatten
+from .utils import relative_difference
+
+logger = logging.get_logger(__name__)
 
 
 def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,10 +106,11 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
 class BatchHessian:
     """The Hessian of one batch's training loss, kept as the graph of its first backward.
 
-    Building it runs the forward and the first backward (``create_graph``); each `product` then runs only the second
-    backward, so a batch multiplied again (a Lanczos run's steps, LiSSA rows drawn again, CG's passes over the data)
-    pays its forward and first backward once: a single-row product from a kept graph cost 45-52% of a fresh one on the
-    tiny BERT and MiniLM's last layer (docs/benchmarks.md), with the same result to the bit. The graph holds what the
+    Building it runs the forward and the first backward (``create_graph``; taken at ``nn.Linear`` layers' outputs and
+    inputs where `hf_fastif.linear_products` applies); each `product` then runs only the second backward, so a batch
+    multiplied again (a Lanczos run's steps, LiSSA rows drawn again, CG's passes over the data) pays its forward and
+    first backward once: a single-row product from a kept graph cost 45-52% of a fresh one on the tiny BERT and
+    MiniLM's last layer (docs/benchmarks.md), with the same result to the bit. The graph holds what the
     second backward reads (the batch's activations, ~0.3-0.8 MB a 32-token row on those models; see `saved_bytes`),
     not the parameter-sized gradient, which autograd reaches through its gradient edge. It reads the parameters as
     they were when it was built: use it only while they are unchanged, and not written in place (autograd refuses a
@@ -118,17 +127,59 @@ class BatchHessian:
                  measure: bool = False):
         self._fm, self._params = fm, params
         leaves = _leaves(params)
+        self._leaves, self._inputs = leaves, list(leaves.values())
+        self._dtypes = [p.dtype for p in self._inputs]
+        self._edges = self._linear = None
+        self._reduction = reduction
         saved: dict[int, int] = {}  # storage -> bytes, filled only when measured
         with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
-            losses, _ = fm.values_without_l2(leaves, batch)
-            loss = losses.mean() if reduction == "mean" else losses.sum()
-            grads = _gradient(loss, leaves, create_graph=True)
+            losses = None
+            if fm.linear_products in (None, True):  # (a reason why not: off for this model)
+                self._linear, losses = LinearProducts.build(fm, leaves, batch, reduction)
+            if self._linear is None:
+                losses = self._plain(batch, losses)
         self.saved_bytes = sum(saved.values()) if measure else None
-        self._edges = [get_gradient_edge(g) for g in grads]  # the gradients themselves are freed here
-        self._dtypes = [g.dtype for g in grads]
-        self._leaves, self._inputs = leaves, list(leaves.values())
         # the L2 term's Hessian: weight · 2wd · I (the mean loss's weight is 1, the summed loss's the row count)
         self._l2_weight = 1.0 if reduction == "mean" else float(losses.shape[0])
+        if self._linear is not None and fm.linear_products is None:
+            self._check_linear(batch)
+
+    def _plain(self, batch, losses: torch.Tensor | None) -> torch.Tensor:
+        """Autograd's route: the first backward w.r.t. every parameter (from ``losses`` if the forward ran)."""
+        if losses is None:
+            losses, _ = self._fm.values_without_l2(self._leaves, batch)
+        loss = losses.mean() if self._reduction == "mean" else losses.sum()
+        grads = _gradient(loss, self._leaves, create_graph=True)
+        self._edges = [get_gradient_edge(g) for g in grads]  # the gradients themselves are freed here
+        return losses
+
+    def _check_linear(self, batch) -> None:
+        """Compare the weight blocks assembled from activations with autograd's product on a random vector, once per
+        `FunctionalModel` (`hf_fastif.linear_products`); a difference turns the route off for the model and this
+        graph takes autograd's route."""
+        fm = self._fm
+        dtype = torch.float64 if torch.float64 in self._dtypes else torch.float32
+        vector = torch.randn(sum(p.numel() for p in self._inputs), generator=torch.Generator().manual_seed(0),
+                             dtype=dtype).to(self._inputs[0].device)
+        assembled = torch.zeros_like(vector)
+        self._linear.accumulate(self._parts(vector), unflatten(assembled, self._leaves), 1.0, last=False)
+        self._plain(batch, None)
+        plain = flatten(self._second_backward(vector, last=False)).to(dtype)
+        difference = relative_difference(assembled, plain)
+        tolerance = max(LINEAR_PRODUCTS_TOLERANCE, 20 * max(torch.finfo(d).eps for d in self._dtypes))
+        if difference <= tolerance:
+            fm.linear_products = True
+            self._edges = None
+            return
+        fm.linear_products = (f"the weight blocks assembled from activations differ from autograd's product by "
+                              f"{difference:.3g} (relative) on a random vector")
+        logger.warning(f"Hessian-vector products take autograd's route for this model: {fm.linear_products} (a "
+                       "layer's weight read outside its forward, perhaps).")
+        self._linear = None
+
+    def _parts(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``vector`` ``(p,)`` split per parameter, each in its parameter's dtype."""
+        return {n: t.to(d) for (n, t), d in zip(unflatten(vector, self._leaves).items(), self._dtypes)}
 
     def accumulate(self, vector: torch.Tensor, into: torch.Tensor, alpha: float, *, l2_term: bool = True,
                    last: bool = False) -> None:
@@ -139,8 +190,11 @@ class BatchHessian:
         if vector.dim() != 1 or into.shape != vector.shape or not into.is_contiguous():
             raise ValueError("accumulate takes one vector (p,) and a contiguous (p,) tensor to add into (its "
                              "parameter slices must be views).")
-        for target, product in zip(unflatten(into, self._leaves).values(), self._second_backward(vector, last)):
-            target.add_(product, alpha=alpha)
+        if self._linear is not None:
+            self._linear.accumulate(self._parts(vector), unflatten(into, self._leaves), alpha, last)
+        else:
+            for target, product in zip(unflatten(into, self._leaves).values(), self._second_backward(vector, last)):
+                target.add_(product, alpha=alpha)
         if l2_term:
             self._add_l2_term(into, vector, alpha)
 
@@ -155,6 +209,19 @@ class BatchHessian:
         """
         if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
             return self.product(vectors[0], l2_term=l2_term, last=last).unsqueeze(0)
+        if self._linear is not None:  # assembled per vector, into zeros
+            dtype = functools.reduce(torch.promote_types, self._dtypes)
+            if out is None:
+                out = torch.zeros(vectors.shape, dtype=dtype, device=vectors.device)
+            else:
+                out.zero_()
+            rows = [out] if vectors.dim() == 1 else list(out)
+            for i, (vector, target) in enumerate(zip([vectors] if vectors.dim() == 1 else vectors, rows)):
+                self._linear.accumulate(self._parts(vector), unflatten(target, self._leaves), 1.0,
+                                        last and i == len(rows) - 1)
+            if l2_term:
+                self._add_l2_term(out, vectors)
+            return out
         products = self._second_backward(vectors, last)
         if vectors.dim() == 1:
             if out is None:

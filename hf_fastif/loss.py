@@ -268,6 +268,10 @@ class FunctionalModel:
         self.decayed = decayed_names(self.names, model) if self.weight_decay else []
         self.l2_in_gradients = bool(l2_in_gradients)
         self.aliases = tied_aliases(model)
+        # Hessian-vector products' weight blocks from activations (`hf_fastif.linear_products`): the layers that may
+        # take the route (found once), and None (not yet checked against autograd), True, or why not
+        self.linear_layers: tuple | None = None
+        self.linear_products: bool | str | None = None
 
     def outputs(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
         """The model's outputs for ``batch`` at ``params`` (only the top runs when the batch carries trunk states;

@@ -1,0 +1,189 @@
+"""Hessian-vector products whose ``nn.Linear`` weight blocks are assembled from activations, not by autograd.
+
+For a linear layer ``y = x Wᵀ + b`` the loss's gradient is ``∇W = gᵀ x`` with ``g = ∂L/∂y``, and W enters the first
+backward once more, in ``∂L/∂x ⊇ g W``. So the W block of a Hessian-vector product ``H v`` is exactly
+
+    ``(H v)_W = ȳᵀ x + gᵀ x̄_g``,
+
+where ``ȳ`` and ``x̄_g`` are what the second backward (of ``s = ∇L · v``) brings to ``y`` and to the first backward's
+gradient at ``x``; the bias block is ``Σ ȳ``. Autograd's own double backward forms both weight-shaped terms apart,
+adds them, and the caller then adds the sum into its vector: ~10 passes over each weight per product. Here the first
+backward is taken with respect to the layers' outputs and inputs only (no weight gradients), the second backward
+brings ``ȳ`` and ``x̄_g`` (activation-sized), and one ``addmm_`` per layer adds ``[ȳ; g]ᵀ [x; x̄_g]`` into the
+caller's vector: its weights are read twice by the second backward and ``v`` twice, the target once. On MiniLM's
+last layer + pooler + classifier from the cached trunk (one 32-token row, the read-position cut) a product from a
+kept graph costs 5.1-5.4 ms against 6.4-6.7 ms, and building the graph 2.4-2.9 ms against 3.2-4.0 ms
+(docs/benchmarks.md, "Weight blocks from activations").
+
+Used only where it is exact by construction, and checked: a layer takes this route when it is exactly
+``torch.nn.Linear`` (not a subclass: quantised and LoRA layers compute something else), has no hooks of its own,
+its weight is an influence parameter not tied to another name, and on the batch it ran once and neither its input
+nor its output was written in place afterwards; every other influence parameter (LayerNorm, embeddings, GPT-2's
+``Conv1D``) takes autograd's route in the same products. Beyond those checks a model could still read a layer's
+weight outside its ``forward`` (``F.linear(h, self.dense.weight)`` in a head); so the first graph built for each
+`hf_fastif.loss.FunctionalModel` is compared with autograd's product on a random vector, and a difference above
+`LINEAR_PRODUCTS_TOLERANCE` turns the route off for that model, with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .loss import FunctionalModel
+
+LINEAR_PRODUCTS_TOLERANCE = 1e-5
+"""Largest relative difference (`hf_fastif.utils.relative_difference`) between the assembled product and
+autograd's on the check's random vector that counts as float rounding (20 machine epsilons of the parameters' dtype
+where that is more). Measured: 4.7e-8 on MiniLM's last layer + pooler + classifier in float32."""
+
+
+def linear_layers(fm: FunctionalModel, names) -> dict[nn.Module, tuple[str, str | None]]:
+    """``{layer: (weight name, bias name or None)}`` for the layers that may take the route: exactly
+    ``nn.Linear``, no hooks of their own, the weight an influence parameter in ``names`` tied to no other name (the
+    bias is assembled only when it is one too). Found once per model and parameter selection."""
+    key = tuple(names)
+    if fm.linear_layers is None or fm.linear_layers[0] != key:
+        selected = set(names)
+        tied = set(fm.aliases) | {a for group in fm.aliases.values() for a in group}
+        table = {}
+        for path, module in fm.model.named_modules():
+            weight, bias = f"{path}.weight" if path else "weight", f"{path}.bias" if path else "bias"
+            if (type(module) is nn.Linear and weight in selected and weight not in tied
+                    and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                             or module._backward_pre_hooks)):
+                table[module] = (weight, bias if module.bias is not None and bias in selected and bias not in tied
+                                 else None)
+        fm.linear_layers = (key, table)
+    return fm.linear_layers[1]
+
+
+@dataclass
+class _Use:
+    """One layer's call on the batch: its parameters' names, input ``x`` and output ``y`` (with their versions when
+    recorded, to see an in-place write after it), and the first backward's ``g = ∂L/∂y``."""
+
+    weight: str
+    bias: str | None
+    x: torch.Tensor
+    y: torch.Tensor
+    versions: tuple[int, int]
+    g: torch.Tensor | None = None
+    input_gradient: int | None = None  # index of the first backward's gradient at x (None: x needs none)
+    values: tuple[torch.Tensor, torch.Tensor] | None = None  # x and g detached, as rows (tokens, features)
+
+
+class LinearProducts:
+    """One batch's first backward, taken at the routed layers' outputs and inputs and at every other parameter, for
+    Hessian-vector products assembled as the module docstring says. Build with `build` (None where the batch does
+    not allow the route); `accumulate` adds ``alpha · H v`` into parameter-shaped targets."""
+
+    def __init__(self, uses: list[_Use], inputs: list[torch.Tensor], input_gradients: list[torch.Tensor],
+                 others: list[str], other_leaves: list[torch.Tensor], other_gradients: list[torch.Tensor]):
+        self._uses, self._inputs, self._input_gradients = uses, inputs, input_gradients
+        self._others, self._other_leaves, self._other_gradients = others, other_leaves, other_gradients
+        self._freed = False
+
+    @classmethod
+    def build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch,
+              reduction: str) -> tuple[LinearProducts | None, torch.Tensor | None]:
+        """``(the route's graph or None, the batch's per-row losses)``: None where the batch does not allow the route
+        (the caller then runs autograd's route from those losses: the forward is not run twice)."""
+        table = linear_layers(fm, list(leaves))
+        uses: list[_Use] = []
+
+        def record(module, args, output):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor):
+                uses.append(_Use(*table[module], x, output, (x._version, output._version)))
+            else:  # called with keywords or returning a structure: not a plain linear call
+                uses.append(_Use(*table[module], None, None, (0, 0)))
+
+        handles = [module.register_forward_hook(record) for module in table]
+        try:
+            losses, _ = fm.values_without_l2(leaves, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls = [u.weight for u in uses]
+        if not uses or len(set(calls)) != len(calls) or any(
+                u.x is None or (u.x._version, u.y._version) != u.versions or not u.y.requires_grad
+                or not u.x.dtype == u.y.dtype == leaves[u.weight].dtype for u in uses):
+            return None, losses  # a layer called twice, written in place after its call, outside autograd, ...
+        loss = losses.mean() if reduction == "mean" else losses.sum()
+        routed = {u.weight for u in uses} | {u.bias for u in uses if u.bias is not None}
+        others = [n for n in leaves if n not in routed]
+        inputs: list[torch.Tensor] = []
+        for u in uses:
+            if u.x.requires_grad:
+                found = next((i for i, x in enumerate(inputs) if x is u.x), None)
+                if found is None:
+                    inputs.append(u.x)
+                    found = len(inputs) - 1
+                u.input_gradient = found
+        try:
+            grads = torch.autograd.grad(loss, [u.y for u in uses] + inputs + [leaves[n] for n in others],
+                                        create_graph=True, allow_unused=True)
+        except RuntimeError:  # (the graph is kept: create_graph) autograd's route raises its own error, if any
+            return None, losses
+        gs, rest = grads[:len(uses)], grads[len(uses):]
+        input_gradients, other_gradients = list(rest[:len(inputs)]), list(rest[len(inputs):])
+        if any(g is None for g in gs) or any(g is None for g in input_gradients) or any(
+                g is None for g in other_gradients):
+            return None, losses  # a parameter the loss does not reach: autograd's route names it
+        for u, g in zip(uses, gs):
+            u.g = g
+            u.values = (u.x.detach().reshape(-1, u.x.shape[-1]), g.detach().reshape(-1, g.shape[-1]))
+        return cls(uses, inputs, input_gradients, others, [leaves[n] for n in others], other_gradients), losses
+
+    def accumulate(self, vector: Mapping[str, torch.Tensor], into: Mapping[str, torch.Tensor], alpha: float,
+                   last: bool) -> None:
+        """``into[n] += alpha · (H v)_n`` for every parameter ``n``, ``vector`` and ``into`` parameter-shaped
+        (``vector`` in each parameter's dtype); ``last=True`` frees the graph."""
+        if self._freed:
+            raise RuntimeError("This graph was freed by a product with last=True; build another.")
+        outputs, grad_outputs = [], []
+        for u in self._uses:  # s = Σ ⟨g, x Vᵀ + b_v⟩ over the layers: its derivatives at g and at x
+            v_w = vector[u.weight]
+            x, g = u.values
+            at_g = (x @ v_w.T).view(u.g.shape)
+            outputs.append(u.g)
+            grad_outputs.append(at_g if u.bias is None else at_g.add_(vector[u.bias]))
+            if u.input_gradient is not None:
+                outputs.append(u.x)
+                grad_outputs.append((g @ v_w).view(u.x.shape))
+        outputs += self._other_gradients
+        grad_outputs += [vector[n] for n in self._others]
+        wanted = [u.y for u in self._uses] + self._input_gradients + self._other_leaves
+        try:
+            adjoints = torch.autograd.grad(outputs, wanted, grad_outputs=grad_outputs, retain_graph=not last,
+                                           allow_unused=True)
+        finally:
+            if last:
+                self._freed = True
+        at_y = adjoints[:len(self._uses)]
+        at_inputs = adjoints[len(self._uses):len(self._uses) + len(self._input_gradients)]
+        for u, y_bar in zip(self._uses, at_y):
+            target = into[u.weight]
+            x, g = u.values
+            y_bar = torch.zeros_like(g) if y_bar is None else y_bar.reshape(g.shape)
+            x_bar = None if u.input_gradient is None else at_inputs[u.input_gradient]
+            if x_bar is None:
+                target.addmm_(_as(y_bar, target).T, _as(x, target), alpha=alpha)
+            else:
+                target.addmm_(_as(torch.cat([y_bar, g]), target).T, _as(torch.cat([x, x_bar.reshape(x.shape)]), target),
+                              alpha=alpha)
+            if u.bias is not None:
+                into[u.bias].add_(y_bar.sum(0), alpha=alpha)
+        for name, product in zip(self._others, adjoints[len(self._uses) + len(self._input_gradients):]):
+            if product is not None:
+                into[name].add_(product, alpha=alpha)
+        if last:
+            self._uses, self._inputs, self._input_gradients, self._other_gradients = [], [], [], []
+
+
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)

@@ -1,0 +1,140 @@
+"""Hessian-vector products whose ``nn.Linear`` weight blocks are assembled from activations
+(`hf_fastif.linear_products`) equal the explicit Hessian's, take autograd's route where a layer is called twice or
+written in place, and are turned off, with a warning, for a model that reads a layer's weight outside its forward."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.hvp import BatchHessian
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.params import flatten, select_parameters, unflatten
+from hf_fastif.readout import find_readout
+from tests.tiny import make_token_dataset, tiny_model
+
+
+def explicit_products(fm, params, batch, vectors, reduction="mean"):
+    """Autograd's Hessian-vector products of the objective (the L2 term inside the graph), one per vector."""
+    flat = flatten(params).detach()
+
+    def total(f):
+        p = unflatten(f, params)
+        losses = fm.values_without_l2(p, batch)[0] + fm._l2(p)
+        return losses.mean() if reduction == "mean" else losses.sum()
+
+    return torch.stack([torch.autograd.functional.hvp(total, flat, v)[1] for v in vectors])
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "gpt2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weight_blocks_from_activations_equal_the_explicit_hessian(pad_collator, kind, reduction):
+    """Every parameter selected (embeddings, LayerNorms and GPT-2's Conv1D take autograd's route in the same
+    product; BERT's query, key and value share their input): products, stacks, ``out=`` and ``accumulate`` equal
+    the explicit Hessian's, and the route was taken (checked once against autograd's on the first graph)."""
+    model = tiny_model(kind)
+    data = make_token_dataset(3, seed=1)
+    params = select_parameters(model, [r".*"])
+    fm = FunctionalModel(model, list(params), weight_decay=0.01)
+    batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(3))
+    vectors = torch.randn(2, sum(p.numel() for p in params.values()), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(0))
+    expected = explicit_products(fm, params, batch, vectors, reduction)
+
+    graph = BatchHessian(fm, params, batch, reduction=reduction)
+    assert fm.linear_products is True and graph._linear is not None
+    routed = {u.weight for u in graph._linear._uses}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert routed == linears & set(params) and routed  # GPT-2: its score head only; Conv1D is not nn.Linear
+    torch.testing.assert_close(graph.product(vectors), expected)
+    torch.testing.assert_close(graph.product(vectors[0]), expected[0])
+    out = torch.full_like(vectors[1], float("nan"))
+    torch.testing.assert_close(graph.product(vectors[1], out=out), expected[1])
+    torch.testing.assert_close(out, expected[1])
+    into = vectors[1].clone()
+    graph.accumulate(vectors[0], into, -0.5, last=True)
+    torch.testing.assert_close(into, vectors[1] - 0.5 * expected[0])
+    with pytest.raises(RuntimeError, match="freed"):
+        graph.product(vectors[0])
+
+
+def test_the_route_takes_the_read_position_cut_and_the_papers_selection(pad_collator):
+    """The paper's kind of selection (the last layer, pooler and classifier; the rest frozen, as the paper
+    fine-tunes) with the last layer cut to the position the loss reads: the last layer's input needs no gradient (no
+    first-backward term there), the layers after the cut run on one position, and the products equal the explicit
+    Hessian's (of the uncut model: the cut changes nothing)."""
+    model = tiny_model("bert")
+    data = make_token_dataset(2, seed=2)
+    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in params)
+    batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(2))
+    readout, reason = find_readout(FunctionalModel(model, list(params)), params, [batch])
+    assert readout is not None, reason
+    fm = FunctionalModel(model, list(params), readout=readout)
+    vectors = torch.randn(1, sum(p.numel() for p in params.values()), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+    graph = BatchHessian(fm, params, batch)
+    assert graph._linear is not None and readout.fired
+    uses = {u.weight.split("layer.1.")[-1]: u for u in graph._linear._uses}
+    assert uses["attention.self.query.weight"].input_gradient is None  # the layer's input: no gradient
+    assert uses["output.dense.weight"].x.shape[1] == 1  # after the cut: one position
+    torch.testing.assert_close(graph.product(vectors),
+                               explicit_products(FunctionalModel(model, list(params)), params, batch, vectors))
+
+
+class Head(nn.Module):
+    """A small classifier over given features: ``mode`` "plain", "twice" (one layer called twice), "in place"
+    (its output written in place after the call), or "outside" (its weight read again outside its forward)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.dense = nn.Linear(4, 4).double()
+        self.out = nn.Linear(4, 3).double()
+
+    def forward(self, features):
+        h = self.dense(features)
+        if self.mode == "twice":
+            h = self.dense(torch.tanh(h))
+        if self.mode == "in place":
+            h.mul_(1.5)
+        if self.mode == "outside":
+            h = h + 0.3 * torch.sin(F.linear(features, self.dense.weight))
+        return self.out(torch.tanh(h))
+
+
+def head_loss(outputs, batch):
+    return F.cross_entropy(outputs, batch["labels"], reduction="none")
+
+
+@pytest.mark.parametrize("mode", ["plain", "twice", "in place", "outside"])
+def test_a_layer_the_route_cannot_see_whole_takes_autograds_route(mode, caplog):
+    """A layer called twice, or whose output is written in place after its call, takes autograd's route for that
+    batch (structural: not counted against the model); a weight read outside its layer's forward fails the check
+    against autograd on the first graph: the route is turned off for the model, with a warning. Every product
+    equals the explicit Hessian's."""
+    model = Head(mode)
+    params = select_parameters(model, [r".*"])
+    fm = FunctionalModel(model, list(params), loss_fn=head_loss)
+    batch = {"features": torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),
+             "labels": torch.tensor([0, 1, 2, 1, 0])}
+    vectors = torch.randn(2, sum(p.numel() for p in params.values()), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(4))
+    expected = explicit_products(fm, params, batch, vectors)
+    with caplog.at_level("WARNING"):
+        graph = BatchHessian(fm, params, batch)
+        again = BatchHessian(fm, params, batch)
+    torch.testing.assert_close(graph.product(vectors), expected)
+    torch.testing.assert_close(again.product(vectors[0]), expected[0])
+    if mode == "plain":
+        assert fm.linear_products is True and graph._linear is not None and again._linear is not None
+    elif mode == "outside":
+        assert isinstance(fm.linear_products, str) and "differ from autograd's product" in fm.linear_products
+        assert graph._linear is None and again._linear is None
+        assert "take autograd's route for this model" in caplog.text
+    else:
+        assert fm.linear_products is None and graph._linear is None and again._linear is None
+        assert "autograd's route" not in caplog.text
