@@ -22,7 +22,7 @@ from transformers.utils import logging
 from .linear_products import LINEAR_PRODUCTS_TOLERANCE, LinearProducts
 from .loss import FunctionalModel, forward_mode
 from .params import flatten, flatten_batched, unflatten
-from .utils import relative_difference
+from .utils import batched_grad, relative_difference
 
 logger = logging.get_logger(__name__)
 
@@ -56,20 +56,6 @@ def _peft_hint(unused: list[str]) -> str:
     return ""
 
 
-def _batched_grad(outputs, inputs: list[torch.Tensor], grad_outputs, create_graph: bool = False) -> list[torch.Tensor]:
-    """``autograd.grad`` for a stack of ``grad_outputs`` (one ``(m, ...)`` tensor, or one per output); falls back to a
-    loop where vmap cannot go. The graph is retained."""
-    try:
-        return list(torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
-                                        retain_graph=True, create_graph=create_graph))
-    except RuntimeError:
-        stacked = isinstance(grad_outputs, torch.Tensor)
-        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=g if stacked else [s[i] for s in grad_outputs],
-                                    retain_graph=True, create_graph=create_graph)
-                for i, g in enumerate(grad_outputs if stacked else grad_outputs[0])]
-        return [torch.stack(parts) for parts in zip(*rows)]
-
-
 def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, *,
                    measurement: bool = False, reduction: str = "sum",
                    row_batch: Callable[[int], dict] | None = None) -> torch.Tensor:
@@ -92,7 +78,7 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
     rows = values.shape[0]
     eye = torch.eye(rows, dtype=values.dtype, device=values.device)
     try:
-        gradients = flatten_batched(_batched_grad(values, inputs, eye), rows).detach()
+        gradients = flatten_batched(batched_grad(values, inputs, eye), rows).detach()
     except RuntimeError as err:
         if "not have been used in the graph" in str(err):
             _gradient(values.sum(), leaves, retain_graph=True)  # raises, naming the unused parameters
@@ -178,7 +164,7 @@ class BatchHessian:
         self._linear = None
 
     def _parts(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``vector`` ``(p,)`` split per parameter, each in its parameter's dtype."""
+        """``vector`` ``(p,)`` (or a stack ``(m, p)``) split per parameter, each in its parameter's dtype."""
         return {n: t.to(d) for (n, t), d in zip(unflatten(vector, self._leaves).items(), self._dtypes)}
 
     def accumulate(self, vector: torch.Tensor, into: torch.Tensor, alpha: float, *, l2_term: bool = True,
@@ -209,16 +195,14 @@ class BatchHessian:
         """
         if vectors.dim() == 2 and vectors.shape[0] == 1:  # a stack of one: the single-vector path
             return self.product(vectors[0], l2_term=l2_term, last=last).unsqueeze(0)
-        if self._linear is not None:  # assembled per vector, into zeros
+        if self._linear is not None:  # assembled into zeros
             dtype = functools.reduce(torch.promote_types, self._dtypes)
             if out is None:
                 out = torch.zeros(vectors.shape, dtype=dtype, device=vectors.device)
             else:
                 out.zero_()
-            rows = [out] if vectors.dim() == 1 else list(out)
-            for i, (vector, target) in enumerate(zip([vectors] if vectors.dim() == 1 else vectors, rows)):
-                self._linear.accumulate(self._parts(vector), unflatten(target, self._leaves), 1.0,
-                                        last and i == len(rows) - 1)
+            self._linear.accumulate(self._parts(vectors), unflatten(out, self._leaves), 1.0, last,
+                                    stacked=vectors.dim() == 2)
             if l2_term:
                 self._add_l2_term(out, vectors)
             return out
@@ -245,7 +229,7 @@ class BatchHessian:
         try:
             if vectors.dim() == 1:
                 return list(torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last))
-            return _batched_grad(self._edges, self._inputs, parts)
+            return batched_grad(self._edges, self._inputs, parts)
         finally:
             if last:
                 self._edges = None

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .loss import FunctionalModel
+from .utils import batched_grad
 
 LINEAR_PRODUCTS_TOLERANCE = 1e-5
 """Largest relative difference (`hf_fastif.utils.relative_difference`) between the assembled product and
@@ -81,15 +82,15 @@ class LinearProducts:
     Hessian-vector products assembled as the module docstring says. Build with `build` (None where the batch does
     not allow the route); `accumulate` adds ``alpha · H v`` into parameter-shaped targets."""
 
-    def __init__(self, uses: list[_Use], inputs: list[torch.Tensor], input_gradients: list[torch.Tensor],
-                 others: list[str], other_leaves: list[torch.Tensor], other_gradients: list[torch.Tensor]):
-        self._uses, self._inputs, self._input_gradients = uses, inputs, input_gradients
+    def __init__(self, uses: list[_Use], input_gradients: list[torch.Tensor], others: list[str],
+                 other_leaves: list[torch.Tensor], other_gradients: list[torch.Tensor]):
+        self._uses, self._input_gradients = uses, input_gradients
         self._others, self._other_leaves, self._other_gradients = others, other_leaves, other_gradients
         self._freed = False
 
     @classmethod
     def build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch,
-              reduction: str) -> tuple[LinearProducts | None, torch.Tensor | None]:
+              reduction: str) -> tuple[LinearProducts | None, torch.Tensor]:
         """``(the route's graph or None, the batch's per-row losses)``: None where the batch does not allow the route
         (the caller then runs autograd's route from those losses: the forward is not run twice)."""
         table = linear_layers(fm, list(leaves))
@@ -137,52 +138,64 @@ class LinearProducts:
         for u, g in zip(uses, gs):
             u.g = g
             u.values = (u.x.detach().reshape(-1, u.x.shape[-1]), g.detach().reshape(-1, g.shape[-1]))
-        return cls(uses, inputs, input_gradients, others, [leaves[n] for n in others], other_gradients), losses
+        return cls(uses, input_gradients, others, [leaves[n] for n in others], other_gradients), losses
 
     def accumulate(self, vector: Mapping[str, torch.Tensor], into: Mapping[str, torch.Tensor], alpha: float,
-                   last: bool) -> None:
+                   last: bool, stacked: bool = False) -> None:
         """``into[n] += alpha · (H v)_n`` for every parameter ``n``, ``vector`` and ``into`` parameter-shaped
-        (``vector`` in each parameter's dtype); ``last=True`` frees the graph."""
+        (``vector`` in each parameter's dtype), or with a leading dimension of m vectors (``stacked``: one batched
+        second backward, as autograd's route takes a stack); ``last=True`` frees the graph."""
         if self._freed:
             raise RuntimeError("This graph was freed by a product with last=True; build another.")
+        if not stacked:
+            vector = {n: t.unsqueeze(0) for n, t in vector.items()}
+            into = {n: t.unsqueeze(0) for n, t in into.items()}
+        m = next(iter(vector.values())).shape[0]
         outputs, grad_outputs = [], []
         for u in self._uses:  # s = Σ ⟨g, x Vᵀ + b_v⟩ over the layers: its derivatives at g and at x
             v_w = vector[u.weight]
             x, g = u.values
-            at_g = (x @ v_w.T).view(u.g.shape)
+            at_g = x @ v_w.transpose(1, 2)  # (m, tokens, out)
+            if u.bias is not None:
+                at_g = at_g.add_(vector[u.bias].unsqueeze(1))
             outputs.append(u.g)
-            grad_outputs.append(at_g if u.bias is None else at_g.add_(vector[u.bias]))
+            grad_outputs.append(at_g.view(m, *u.g.shape))
             if u.input_gradient is not None:
                 outputs.append(u.x)
-                grad_outputs.append((g @ v_w).view(u.x.shape))
+                grad_outputs.append((g @ v_w).view(m, *u.x.shape))
         outputs += self._other_gradients
         grad_outputs += [vector[n] for n in self._others]
         wanted = [u.y for u in self._uses] + self._input_gradients + self._other_leaves
         try:
-            adjoints = torch.autograd.grad(outputs, wanted, grad_outputs=grad_outputs, retain_graph=not last,
-                                           allow_unused=True)
+            if stacked:
+                adjoints = batched_grad(outputs, wanted, grad_outputs, allow_unused=True)
+            else:
+                adjoints = [None if a is None else a.unsqueeze(0) for a in torch.autograd.grad(
+                    outputs, wanted, grad_outputs=[t[0] for t in grad_outputs], retain_graph=not last,
+                    allow_unused=True)]
         finally:
             if last:
                 self._freed = True
         at_y = adjoints[:len(self._uses)]
         at_inputs = adjoints[len(self._uses):len(self._uses) + len(self._input_gradients)]
         for u, y_bar in zip(self._uses, at_y):
-            target = into[u.weight]
+            target = into[u.weight]  # (m, out, in)
             x, g = u.values
-            y_bar = torch.zeros_like(g) if y_bar is None else y_bar.reshape(g.shape)
+            y_bar = g.new_zeros((m, *g.shape)) if y_bar is None else y_bar.reshape(m, *g.shape)
             x_bar = None if u.input_gradient is None else at_inputs[u.input_gradient]
             if x_bar is None:
-                target.addmm_(_as(y_bar, target).T, _as(x, target), alpha=alpha)
-            else:
-                target.addmm_(_as(torch.cat([y_bar, g]), target).T, _as(torch.cat([x, x_bar.reshape(x.shape)]), target),
-                              alpha=alpha)
+                left, right = y_bar, x.expand(m, *x.shape)
+            else:  # [ȳ; g]ᵀ [x; x̄_g]: both terms in one product
+                left = torch.cat([y_bar, g.expand(m, *g.shape)], dim=1)
+                right = torch.cat([x.expand(m, *x.shape), x_bar.reshape(m, *x.shape)], dim=1)
+            target.baddbmm_(_as(left, target).transpose(1, 2), _as(right, target), alpha=alpha)
             if u.bias is not None:
-                into[u.bias].add_(y_bar.sum(0), alpha=alpha)
+                into[u.bias].add_(y_bar.sum(1), alpha=alpha)
         for name, product in zip(self._others, adjoints[len(self._uses) + len(self._input_gradients):]):
             if product is not None:
                 into[name].add_(product, alpha=alpha)
         if last:
-            self._uses, self._inputs, self._input_gradients, self._other_gradients = [], [], [], []
+            self._uses, self._input_gradients, self._other_gradients = [], [], []
 
 
 def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

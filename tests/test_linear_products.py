@@ -138,3 +138,30 @@ def test_a_layer_the_route_cannot_see_whole_takes_autograds_route(mode, caplog):
     else:
         assert fm.linear_products is None and graph._linear is None and again._linear is None
         assert "autograd's route" not in caplog.text
+
+
+def test_a_stack_where_vmap_cannot_go_is_multiplied_one_vector_at_a_time(pad_collator, monkeypatch):
+    """A stack of vectors takes one batched second backward (``is_grads_batched``); where vmap refuses it, one
+    vector at a time, with the same products."""
+    model = tiny_model("bert")
+    data = make_token_dataset(2, seed=4)
+    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    fm = FunctionalModel(model, list(params))
+    batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(2))
+    vectors = torch.randn(3, sum(p.numel() for p in params.values()), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(5))
+    graph = BatchHessian(fm, params, batch)
+    batched = graph.product(vectors)
+    grad, refused = torch.autograd.grad, []
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            refused.append(True)
+            raise RuntimeError("vmap: not supported here (the test's stand-in)")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = graph.product(vectors)
+    assert refused and graph._linear is not None
+    torch.testing.assert_close(looped, batched)
+    torch.testing.assert_close(looped, explicit_products(fm, params, batch, vectors))
