@@ -6,7 +6,7 @@ Several vectors share one forward and one first backward (``is_grads_batched``),
 backward's graph for the products that follow on the same batch; `BatchHessian.accumulate` adds a product into a
 vector parameter by parameter, never flattening it (LiSSA's update). A `BatchHessian` assembles the weight blocks of
 ``torch.nn.Linear`` layers from activations where it can (`hf_fastif.linear_products`: exact, checked against
-autograd's product once per `FunctionalModel`), one vector at a time.
+autograd's product once per `FunctionalModel`); a stack of vectors takes one batched second backward there too.
 """
 
 from __future__ import annotations

@@ -165,3 +165,40 @@ def test_a_stack_where_vmap_cannot_go_is_multiplied_one_vector_at_a_time(pad_col
     assert refused and graph._linear is not None
     torch.testing.assert_close(looped, batched)
     torch.testing.assert_close(looped, explicit_products(fm, params, batch, vectors))
+
+
+@pytest.mark.parametrize("solver", ["lissa", "cg", "arnoldi"])
+def test_influence_is_the_same_with_the_route_and_without_it(pad_collator, monkeypatch, solver):
+    """Whole `compute_influences` calls (the convergence check, LiSSA with rows drawn again from kept graphs and 3
+    test points as one stack, CG's mean Hessian in batches, arnoldi's Lanczos) give the same influence with the weight
+    blocks from activations as with autograd's route everywhere; the route was taken."""
+    from hf_fastif import compute_influences
+    from hf_fastif.influence import default_arguments
+    from hf_fastif.linear_products import LinearProducts
+
+    model = tiny_model("bert")
+    train, test = make_token_dataset(24, seed=0), make_token_dataset(3, seed=1)
+    args = default_arguments(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."],
+                             influence_solver=solver, influence_damping=0.05, influence_scale=20.0,
+                             influence_recursion_depth=30, influence_batch_size=1, influence_repetitions=2,
+                             influence_knn_k=None, disable_tqdm=True)
+    built, models = [], []
+    build = LinearProducts.build
+
+    def counted(fm, *a, **k):
+        graph, losses = build(fm, *a, **k)
+        built.append(graph is not None)
+        models.append(fm)
+        return graph, losses
+
+    monkeypatch.setattr(LinearProducts, "build", staticmethod(counted))
+    routed = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
+    assert built and all(built) and all(fm.linear_products is True for fm in models)  # taken, and kept after the check
+    monkeypatch.setattr(LinearProducts, "build", staticmethod(
+        lambda fm, leaves, batch, reduction: (None, fm.values_without_l2(leaves, batch)[0])))
+    plain = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
+    key = ["test_id", "train_id"]
+    routed, plain = routed.sort_values(key).reset_index(drop=True), plain.sort_values(key).reset_index(drop=True)
+    assert (routed[key] == plain[key]).all().all()
+    torch.testing.assert_close(torch.tensor(routed.influence.to_numpy()), torch.tensor(plain.influence.to_numpy()),
+                               rtol=1e-9, atol=1e-12 * float(plain.influence.abs().max()))
