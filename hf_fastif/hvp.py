@@ -115,9 +115,10 @@ class BatchHessian:
         leaves = _leaves(params)
         self._leaves, self._inputs = leaves, list(leaves.values())
         self._dtypes = [p.dtype for p in self._inputs]
-        self._edges = self._linear = None
+        self._edges = self._linear = self._varying = None
         self._reduction = reduction
         saved: dict[int, int] = {}  # storage -> bytes, filled only when measured
+        rng = _rng_states(self._inputs[0].device) if fm.linear_products is None else None  # the check's forward
         with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
             losses = None
             if fm.linear_products in (None, True):  # (a reason why not: off for this model)
@@ -128,7 +129,7 @@ class BatchHessian:
         # the L2 term's Hessian: weight · 2wd · I (the mean loss's weight is 1, the summed loss's the row count)
         self._l2_weight = 1.0 if reduction == "mean" else float(losses.shape[0])
         if self._linear is not None and fm.linear_products is None:
-            self._check_linear(batch)
+            self._check_linear(batch, rng)
 
     def _plain(self, batch, losses: torch.Tensor | None) -> torch.Tensor:
         """Autograd's route: the first backward w.r.t. every parameter (from ``losses`` if the forward ran)."""
@@ -136,29 +137,41 @@ class BatchHessian:
             losses, _ = self._fm.values_without_l2(self._leaves, batch)
         loss = losses.mean() if self._reduction == "mean" else losses.sum()
         grads = _gradient(loss, self._leaves, create_graph=True)
-        self._edges = [get_gradient_edge(g) for g in grads]  # the gradients themselves are freed here
+        # the gradients themselves are freed here; one that is a constant (a loss linear in a bias) has no edge, and
+        # its parameter no product with any vector
+        self._edges = [get_gradient_edge(g) for g in grads if g.requires_grad]
+        self._varying = None if all(g.requires_grad for g in grads) else [g.requires_grad for g in grads]
         return losses
 
-    def _check_linear(self, batch) -> None:
+    def _check_linear(self, batch, rng: tuple) -> None:
         """Compare the weight blocks assembled from activations with autograd's product on a random vector, once per
-        `FunctionalModel` (`hf_fastif.linear_products`); a difference turns the route off for the model and this
-        graph takes autograd's route."""
+        `FunctionalModel` (`hf_fastif.linear_products`): every parameter's block within `LINEAR_PRODUCTS_TOLERANCE`
+        of the product's largest entry (20 machine epsilons of that parameter's dtype where that is more). A
+        difference turns the route off for the model, and this graph takes autograd's route. Autograd's forward draws
+        the random numbers the route's did (``rng``: dropout in training mode), and leaves the generator as it was."""
         fm = self._fm
         dtype = torch.float64 if torch.float64 in self._dtypes else torch.float32
         vector = torch.randn(sum(p.numel() for p in self._inputs), generator=torch.Generator().manual_seed(0),
                              dtype=dtype).to(self._inputs[0].device)
         assembled = torch.zeros_like(vector)
         self._linear.accumulate(self._parts(vector), unflatten(assembled, self._leaves), 1.0, last=False)
-        self._plain(batch, None)
+        with _replayed(rng):
+            self._plain(batch, None)
         plain = flatten(self._second_backward(vector, last=False)).to(dtype)
-        difference = relative_difference(assembled, plain)
-        tolerance = max(LINEAR_PRODUCTS_TOLERANCE, 20 * max(torch.finfo(d).eps for d in self._dtypes))
-        if difference <= tolerance:
+        largest = float(plain.abs().max())
+        worst, where = 0.0, None
+        for (name, found), expected, d in zip(unflatten(assembled, self._leaves).items(),
+                                              unflatten(plain, self._leaves).values(), self._dtypes):
+            ratio = relative_difference(found, expected, floor=largest) / max(LINEAR_PRODUCTS_TOLERANCE,
+                                                                               20 * torch.finfo(d).eps)
+            if not ratio <= worst:
+                worst, where = ratio, name
+        if worst <= 1.0:
             fm.linear_products = True
             self._edges = None
             return
-        fm.linear_products = (f"the weight blocks assembled from activations differ from autograd's product by "
-                              f"{difference:.3g} (relative) on a random vector")
+        fm.linear_products = (f"the weight blocks assembled from activations differ from autograd's product at "
+                              f"{where} by {worst:.3g} times the tolerance, on a random vector")
         logger.warning(f"Hessian-vector products take autograd's route for this model: {fm.linear_products} (a "
                        "layer's weight read outside its forward, perhaps).")
         self._linear = None
@@ -226,13 +239,23 @@ class BatchHessian:
         if self._edges is None:
             raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
         parts = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
+        unused = self._varying is not None
+        if unused:
+            parts = [t for t, varying in zip(parts, self._varying) if varying]
         try:
-            if vectors.dim() == 1:
-                return list(torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts, retain_graph=not last))
-            return batched_grad(self._edges, self._inputs, parts)
+            if not self._edges:
+                products = [None] * len(self._inputs)
+            elif vectors.dim() == 1:
+                products = list(torch.autograd.grad(self._edges, self._inputs, grad_outputs=parts,
+                                                    retain_graph=not last, allow_unused=unused))
+            else:
+                products = batched_grad(self._edges, self._inputs, parts, allow_unused=unused)
         finally:
             if last:
                 self._edges = None
+        lead = tuple(vectors.shape[:-1])
+        return [p.new_zeros(lead + p.shape) if product is None else product
+                for p, product in zip(self._inputs, products)]
 
     def _add_l2_term(self, out: torch.Tensor, vector: torch.Tensor, alpha: float = 1.0) -> None:
         """``out += alpha ·`` the L2 term's Hessian (``weight · 2wd`` on the decayed entries) times ``vector``
@@ -240,6 +263,24 @@ class BatchHessian:
         if self._fm.l2_in_hessian:
             out.addcmul_(self._fm.l2_mask(self._params).to(out.dtype), vector.to(out.dtype),
                          value=alpha * self._l2_weight)
+
+
+def _rng_states(device: torch.device) -> tuple:
+    """The CPU generator's state, and the device's where it is a CUDA device."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None), device
+
+
+@contextlib.contextmanager
+def _replayed(rng: tuple):
+    """Within the block, the generators start from the states ``rng`` (`_rng_states`); afterwards they are as
+    before it."""
+    cpu, cuda, device = rng
+    with torch.random.fork_rng(devices=[device] if cuda is not None else [],
+                               device_type="cuda" if cuda is not None else "cpu"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
 def _counting_saved(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):
