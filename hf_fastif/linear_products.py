@@ -16,11 +16,11 @@ kept graph costs 5.1-5.4 ms against 6.4-6.7 ms, and building the graph 2.4-2.9 m
 (docs/benchmarks.md, "Against the 2021 reference code").
 
 Used only where it is exact by construction, and checked. A layer takes this route on a batch when it is exactly
-``torch.nn.Linear`` (not a subclass: quantised and LoRA layers compute something else), ``nn.Linear.forward`` and its
-own are the class's and no hooks are in place (its own or global ones; looked at on every batch), its weight is an
-influence parameter not tied to another name, and on the batch it ran once, neither its input nor its output was
-written in place afterwards, and the batch's autograd graph reads its weight (and bias) through exactly one edge:
-a model that reads the weight elsewhere too (``F.linear(h, self.dense.weight)`` in a head, perhaps on some batches
+``torch.nn.Linear`` (not a subclass, such as a quantised layer, which computes something else; LoRA's A and B are
+plain layers and take it), ``nn.Linear.forward`` and its own are the class's and no hooks are in place (its own or
+global ones; looked at on every batch), its weight is an influence parameter not tied to another name, and on the
+batch it ran once, neither its input nor its output was written in place afterwards, and the batch's autograd graph
+reads its weight (and bias) through exactly one edge: a model that reads the weight elsewhere too (``F.linear(h, self.dense.weight)`` in a head, perhaps on some batches
 only) adds an edge. A batch where any layer fails these takes autograd's route whole; every other influence
 parameter (LayerNorm, embeddings, GPT-2's ``Conv1D``) takes autograd's route in the same products. Beyond that, the
 first graph built for each `hf_fastif.loss.FunctionalModel` is compared with autograd's product on a random vector
