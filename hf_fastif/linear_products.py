@@ -5,31 +5,31 @@ backward once more, in ``∂L/∂x ⊇ g W``. So the W block of a Hessian-vector
 
     ``(H v)_W = ȳᵀ x + gᵀ x̄_g``,
 
-where ``ȳ`` and ``x̄_g`` are what the second backward (of ``s = ∇L · v``) brings to ``y`` and to the first backward's
-gradient at ``x``; the bias block is ``Σ ȳ``. Autograd's own double backward forms both weight-shaped terms apart,
-adds them, and the caller then adds the sum into its vector: ~10 passes over each weight per product. Here the first
-backward is taken with respect to the layers' outputs and inputs only (no weight gradients), the second backward
-brings ``ȳ`` and ``x̄_g`` (activation-sized), and one ``baddbmm_`` per layer (a batch of m vectors, or of one) adds
-``[ȳ; g]ᵀ [x; x̄_g]`` into the caller's vector: its weights are read twice by the second backward and ``v`` twice, the target once. On MiniLM's
-last layer + pooler + classifier from the cached trunk (one 32-token row, the read-position cut) a product from a
-kept graph costs 5.1-5.4 ms against 6.4-6.7 ms, and building the graph 2.4-2.9 ms against 3.2-4.0 ms
-(docs/benchmarks.md, "Against the 2021 reference code").
+where ``ȳ`` and ``x̄_g`` are what the second backward (of ``s = ∇L · v``) brings to ``y`` and to the first
+backward's gradient at ``x``; the bias block is ``Σ ȳ``. Autograd's own double backward forms both weight-shaped
+terms apart, adds them, and the caller then adds the sum into its vector: ~10 passes over each weight per product.
+Here the first backward is taken with respect to the layers' outputs and inputs only (no weight gradients), the
+second backward brings ``ȳ`` and ``x̄_g`` (activation-sized), and one ``baddbmm_`` per layer (a batch of m vectors,
+or of one) adds ``[ȳ; g]ᵀ [x; x̄_g]`` into the caller's vector: its weights are read twice by the second backward
+and ``v`` twice, the target once. On MiniLM's last layer + pooler + classifier from the cached trunk (one 32-token
+row, the read-position cut) a product from a kept graph costs 5.1-5.4 ms against 6.4-6.7 ms, and building the graph
+2.4-2.9 ms against 3.2-4.0 ms (docs/benchmarks.md, "Against the 2021 reference code").
 
 Used only where it is exact by construction, and checked. A layer takes this route on a batch when it is exactly
 ``torch.nn.Linear`` (not a subclass, such as a quantised layer, which computes something else; LoRA's A and B are
 plain layers and take it), ``nn.Linear.forward`` and its own are the class's and no hooks are in place (its own or
 global ones; looked at on every batch), its weight is an influence parameter not tied to another name, and on the
 batch it ran once, neither its input nor its output was written in place afterwards, and the batch's autograd graph
-reads its weight (and bias) through exactly one edge: a model that reads the weight elsewhere too (``F.linear(h, self.dense.weight)`` in a head, perhaps on some batches
-only) adds an edge. A batch where any layer fails these takes autograd's route whole; every other influence
-parameter (LayerNorm, embeddings, GPT-2's ``Conv1D``) takes autograd's route in the same products. Beyond that, the
-first graph built for each `hf_fastif.loss.FunctionalModel` is compared with autograd's product on a random vector
-(its forward replaying the route's random numbers: dropout in training mode), every parameter's block within
-`LINEAR_PRODUCTS_TOLERANCE` of the product's largest entry (or 20 machine epsilons of that parameter's dtype), and a
-difference turns the route off for that model, with a warning. A review of the first version found three ways past
-its once-per-model checks (a weight read outside on later batches only, a hook added after the first graph, one
-bfloat16 parameter loosening the tolerance for all) and a loss linear in a layer's output that crashed it; each is a
-test in ``tests/test_linear_products.py``.
+reads its weight (and bias) through exactly one edge: a model that reads the weight elsewhere too (``F.linear(h,
+self.dense.weight)`` in a head, perhaps on some batches only) adds an edge. A batch where any layer fails these
+takes autograd's route whole; every other influence parameter (LayerNorm, embeddings, GPT-2's ``Conv1D``) takes
+autograd's route in the same products. Beyond that, the first graph built for each `hf_fastif.loss.FunctionalModel`
+is compared with autograd's product on a random vector (its forward replaying the route's random numbers: dropout in
+training mode), every parameter's block within `LINEAR_PRODUCTS_TOLERANCE` of the product's largest entry (or 20
+machine epsilons of that parameter's dtype), and a difference turns the route off for that model, with a warning. A
+review of the first version found three ways past its once-per-model checks (a weight read outside on later batches
+only, a hook added after the first graph, one bfloat16 parameter loosening the tolerance for all) and a loss linear
+in a layer's output that crashed it; each is a test in ``tests/test_linear_products.py``.
 """
 
 from __future__ import annotations
