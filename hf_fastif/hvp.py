@@ -238,7 +238,7 @@ class BatchHessian:
         ``last=True`` frees the graph."""
         if self._edges is None:
             raise RuntimeError("This BatchHessian's graph was freed by a product with last=True; build another.")
-        parts = [t.to(d) for t, d in zip(unflatten(vectors, self._leaves).values(), self._dtypes)]
+        parts = list(self._parts(vectors).values())
         unused = self._varying is not None
         if unused:
             parts = [t for t, varying in zip(parts, self._varying) if varying]

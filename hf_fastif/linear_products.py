@@ -73,8 +73,8 @@ def linear_layers(fm: FunctionalModel, names) -> dict[nn.Module, tuple[str, str 
 
 
 def _plain_layer(module: nn.Module) -> bool:
-    """Whether the layer computes ``x Wᵀ + b`` as it is now: no hooks of its own, no ``forward`` set on it or on
-    ``nn.Linear`` in place of the class's."""
+    """Whether the layer computes ``x Wᵀ + b`` as it is now: no hooks of its own, no ``forward`` set on it in place
+    of the class's (global hooks and a replaced ``nn.Linear.forward``: `_global_hooks`)."""
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in vars(module))
 
