@@ -24,6 +24,7 @@ from hf_fastif.engine import (
     READOUT_PROBE_ROWS,
     verification_rows,
 )
+from hf_fastif.grouped_products import GroupedHessian, grouped_modules
 from hf_fastif.hvp import batch_gradient, batch_hvp
 from hf_fastif.knn import build_index, extract_features, search
 from hf_fastif.loss import FunctionalModel
@@ -100,9 +101,10 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     reads where it can be (``readout``), as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
     (one candidate scored the 2021 way, per-example forward + backward with ``create_graph``).
-    ``hvp_stacked[B x T]``: one LiSSA step of T repetitions stacked (`hf_fastif.stacked`: T·B fresh rows collated
-    together, one vmapped product per repetition), at FastIF's B (``influence_batch_size``) and the run's and the
-    paper's T. ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
+    ``hvp_stacked[B x T]``: one LiSSA step of T repetitions stacked (T·B fresh rows collated together; each
+    repetition's products assembled from activations where every influence parameter allows it,
+    `hf_fastif.grouped_products`, else one vmapped product per repetition, `hf_fastif.stacked`:
+    ``hvp_stacked_route`` says which), at FastIF's B (``influence_batch_size``) and the run's and the paper's T. ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
     row's kNN feature; ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
     model, train = setup.model, setup.train
     device = next(model.parameters()).device
@@ -135,9 +137,12 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
             out["hvp_full"][f"{b}x1"] = (out["hvp"][f"{b}x1"] if out["trunk_split"] is None else
                                          step(b, torch.randn(p, device=device, dtype=dtype) * 1e-2, fm=full_fm,
                                               batcher=full))
-        # one LiSSA step of T repetitions stacked (hf_fastif.stacked): T·B fresh rows collated in one batch, as the
-        # engine collates a stacked step, at FastIF's B and at the run's and the paper's T
-        stacked = StackedHessian(fm, params)
+        # one LiSSA step of T repetitions stacked: T·B fresh rows collated in one batch, as the engine collates a
+        # stacked step, at FastIF's B and at the run's and the paper's T; grouped (hf_fastif.grouped_products) where
+        # the parameters allow it, as the engine does, else vmapped (hf_fastif.stacked)
+        grouped = not isinstance(grouped_modules(fm, names), str)
+        stacked = (GroupedHessian if grouped else StackedHessian)(fm, params)
+        out["hvp_stacked_route"] = "grouped" if grouped else "vmapped"
         out["hvp_stacked"] = {}
         b = args.influence_batch_size
         for t in sorted({args.influence_repetitions or 1, bench.paper_t} - {1}):

@@ -48,9 +48,9 @@ CASES: dict[str, dict] = {
     "LiSSA, through InfluenceTrainer": dict(trainer=True),
 }
 """Each case's settings over the base (LiSSA, J 20, B 1, T 2, full scan, check on). With the default
-``influence_stack_repetitions="auto"`` a CUDA side stacks the T repetitions' products of a step (`hf_fastif.stacked`)
-and the CPU side runs them one at a time, so the LiSSA cases compare the two paths; the two stacking cases compare
-like with like. Not settings: ``combine``
+``influence_stack_repetitions="auto"`` both sides stack the T repetitions' products of a step where the grouped route
+applies (`hf_fastif.grouped_products`: this BERT's parameters all do), and otherwise a CUDA side stacks them vmapped
+(`hf_fastif.stacked`) while the CPU side runs them one at a time; the two stacking cases compare like with like. Not settings: ``combine``
 (the call's), ``dtype`` (a copy of each side's model in that dtype), ``trainer`` (the call goes through an
 `InfluenceTrainer` built on each side's model, with ``use_cpu`` on the CPU side, and is not trained)."""
 CALL_KEYS = ("combine", "dtype", "trainer")

@@ -39,7 +39,6 @@ from transformers.utils import logging
 from hf_fastif import InfluenceArguments, compute_influences
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.solvers.lissa import LissaDivergenceError
-from hf_fastif.stacked import stacks
 from hf_fastif.utils import library_version
 
 from .arguments import output_folder, parse_with_defaults
@@ -166,8 +165,9 @@ PHASES = ("trunk_s", "test_gradients_s", "s_test_s", "scoring_s")
 def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments, device: str) -> dict | None:
     """One first `compute_influences` call (a fresh engine: trunk states, convergence check, T repetitions of J
     LiSSA steps, JVP scoring of every row) on ``device`` with the library's defaults, the same call there with
-    ``influence_stack_repetitions`` the other way (on a CUDA device the default stacks the repetitions' products of
-    a step, `hf_fastif.stacked`, so the other side runs them one at a time; on a CPU the other way round), and the
+    ``influence_stack_repetitions`` the other way (where the default stacked the repetitions' products of a step,
+    `hf_fastif.stacked` / `hf_fastif.grouped_products`, the other side runs them one at a time, and the other way
+    round), and the
     call on a CPU copy of the model: seconds, the engine's phases, whether the repetitions were stacked, and how far
     each device table agrees with the CPU one (Spearman, the largest difference relative to the largest influence,
     the top-10 most helpful rows in common: `compare`). On a CPU-only machine the CPU side is a fresh engine on the
@@ -178,7 +178,7 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
     train = setup.train.select(range(min(own.end_to_end_rows, len(setup.train))))
     run_args = replace(args, influence_recursion_depth=own.end_to_end_depth, influence_knn_k=None)
     cpu_model = copy.deepcopy(setup.model).cpu() if device != "cpu" else setup.model
-    flipped = "no" if stacks(args.influence_stack_repetitions, torch.device(device), 2) else "yes"
+    flipped = None  # the other stacking: the device side's own, turned round (the grouped route stacks on CPUs too)
 
     def run(model, settings) -> dict:
         table, seconds = timed(lambda: compute_influences(model, train, setup.test, settings,
@@ -188,7 +188,10 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
                 "stacked": bool(diagnostics.get("lissa_stacked", False)), "table": table}
 
     def sides(settings) -> dict:
-        return {"device": run(setup.model, settings),
+        nonlocal flipped
+        first = run(setup.model, settings)
+        flipped = "no" if first["stacked"] else "yes"
+        return {"device": first,
                 "device, other stacking": run(setup.model, replace(settings, influence_stack_repetitions=flipped)),
                 "cpu": run(cpu_model, settings)}
 

@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
         row["speed-up"] = rows[0]["seconds"] / row["seconds"] if row["seconds"] == row["seconds"] else float("nan")
         key = PARALLEL if row["row"].startswith(PARALLEL) else row["row"]
         row["cost model / measured"] = predicted[key] / row["seconds"] if key in predicted else None
-    # the stacked row only where this run's setting stacks on this device (auto: CUDA only): on a CPU its unit
-    # depends on the allocator's state (a stacked step of T single rows measured 92-100 ms after the large-batch
-    # units against 166-188 ms in a fresh process, MiniLM's last 2 layers), and whole calls there stack slower
-    stacking = stacks(args.influence_stack_repetitions, next(setup.model.parameters()).device, bench.paper_t)
+    # the stacked row only where this run's setting stacks on this device (auto: CUDA, or the grouped route): on a
+    # CPU the vmapped step's unit depends on the allocator's state (a stacked step of T single rows measured 92-100
+    # ms after the large-batch units against 166-188 ms in a fresh process, MiniLM's last 2 layers), and whole calls
+    # there stack slower vmapped
+    stacking = stacks(args.influence_stack_repetitions, next(setup.model.parameters()).device, bench.paper_t,
+                      unit.get("hvp_stacked_route") == "grouped")
     paper_rows, fast_paper_j = paper_scale_rows(
         unit if stacking else {k: v for k, v in unit.items() if k != "hvp_stacked"}, bench, args, fast, m)
     goals = targets(rows, paper_rows, bench.paper_t)
@@ -192,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         "paper_rows": paper_rows,
         "stacked_row": None if stacking else (
             f"\"{STACKED}\" is not a row here: influence_stack_repetitions={args.influence_stack_repetitions} does "
-            "not stack on this device (auto: CUDA devices only; on CPUs whole calls measured slower stacked, and "
-            "the stacked step's unit, in unit_costs, moves with the allocator's state)."),
+            "not stack here (auto: CUDA devices, or any device where the grouped route applies; on CPUs whole calls "
+            "measured slower vmapped, and the vmapped step's unit, in unit_costs, moves with the allocator's "
+            "state)."),
         "targets": goals,
         "sweep": sweep,
         "sweep_note": sweep_note(bench, depth, m, n, sweep),

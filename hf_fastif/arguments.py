@@ -13,8 +13,9 @@ from transformers import TrainingArguments
 SOLVERS = ("lissa", "cg", "exact", "arnoldi")
 FEATURES = ("auto", "pooler", "cls", "mean", "last", "gradient")
 STACK_MODES = ("auto", "yes", "no")
-"""Values of ``influence_stack_repetitions``: ``"auto"`` stacks on CUDA devices (where it pays), ``"yes"``
-everywhere, ``"no"`` never (`hf_fastif.stacked`)."""
+"""Values of ``influence_stack_repetitions``: ``"auto"`` stacks where every influence parameter allows the grouped
+route (`hf_fastif.grouped_products`, any device) and on CUDA devices, ``"yes"`` everywhere, ``"no"`` never
+(`hf_fastif.stacked`)."""
 SCORING = ("jvp", "grad")
 NONE_FOR_ZERO = ("influence_knn_k", "influence_repetitions", "influence_arnoldi_rows")
 """Whole-number settings where None means every row (k, the Arnoldi rows) or one repetition per process (T). They are
@@ -131,11 +132,14 @@ class InfluenceArguments(TrainingArguments):
     )
     influence_stack_repetitions: str = field(
         default="auto",
-        metadata={"help": "Run the T LiSSA repetitions' Hessian-vector products of a step as one vmapped computation: "
-                          "'auto' on CUDA devices, where a step is bound by kernel launches and T products then cost "
-                          "about one; 'yes' everywhere (slower on CPUs); 'no'. Checked against the products one at a "
-                          "time on each call's first step and on longer rows; not for attention over a window of "
-                          "positions (hf_fastif.stacked)."},
+        metadata={"help": "Run the T LiSSA repetitions' Hessian-vector products of a step as one computation: "
+                          "grouped (one batch of the T repetitions' rows, each repetition's products assembled from "
+                          "its own rows' activations, hf_fastif.grouped_products) where every influence parameter "
+                          "sits in an nn.Linear, nn.LayerNorm or nn.Embedding, else vmapped (hf_fastif.stacked). "
+                          "'auto': grouped on any device, vmapped on CUDA devices (where a step is bound by kernel "
+                          "launches); 'yes' everywhere (vmapped is slower on CPUs); 'no'. Checked against the "
+                          "products one at a time on each call's first step and on longer rows; vmapped not for "
+                          "attention over a window of positions."},
     )
     influence_cache_dir: str | None = field(
         default=None,

@@ -69,6 +69,7 @@ from .fingerprint import (
     tensor_digests,
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
+from .grouped_products import GroupedHessian, PartlyAdded, grouped_modules
 from .hvp import BatchHessian, batch_gradient
 from .knn import build_index, extract_features, search, warn_short
 from .loss import (
@@ -214,31 +215,46 @@ class _StackedSteps:
     step that raises after the checks passed (out of memory with R batches at once, say) returns None and turns
     stacking off for the rest of the call only: from that step on, one product at a time."""
 
-    def __init__(self, hessian: StackedHessian, train: Batcher, tolerance: float, refused: Callable[[str], None]):
+    def __init__(self, hessian: StackedHessian | GroupedHessian, train: Batcher, tolerance: float,
+                 refused: Callable[[str], None], kept: KeptHessians | None = None):
         self.hessian, self.train, self.tolerance, self.refused = hessian, train, tolerance, refused
+        self.kept = kept  # (grouped graphs are kept there, for later calls)
         self.usable, self.checked_length = True, -1
 
-    def step(self, groups: Sequence[np.ndarray], vectors: torch.Tensor) -> torch.Tensor | None:
-        """``(R, m, p)``: the Hessian of the batch of rows ``groups[r]`` times ``vectors[r]`` (``(R, m, p)``), without
-        the L2 term."""
-        batch = self.train.batch(np.concatenate(groups))
-        mask = batch.get("attention_mask")
+    def step(self, groups: Sequence[np.ndarray], vectors: torch.Tensor, into: torch.Tensor, alpha: float) -> bool:
+        """``into[r] += alpha · H_r @ vectors[r]`` (``(R, m, p)`` each), H_r the Hessian of the batch of rows
+        ``groups[r]`` without the L2 term; False where nothing was added (the step then runs one product at a time)."""
+        rows = np.concatenate(groups)
+        grouped = isinstance(self.hessian, GroupedHessian)
+        key = ("grouped", len(groups), rows.tobytes())
+        kept = grouped and self.kept is not None and key in self.kept.kept
+        batch = None if kept else self.train.batch(rows)
+        mask = None if kept else batch.get("attention_mask")
         length = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() >= 2 else 0
-        alone = None
-        if length > self.checked_length:  # (what the default path raises, it raises here too)
-            alone = self.hessian.alone([self.train.batch(g) for g in groups], vectors)
-        try:
-            stacked = self.hessian.products(batch, vectors)
-        except Exception as err:  # noqa: BLE001 (vmap's and the model's errors under it: the default path decides)
-            self.usable = False
-            if alone is None:
+        if kept or length <= self.checked_length:
+            try:
+                if grouped:  # (into the next iterate: no products stored apart)
+                    self.kept.accumulate_grouped(key, lambda: batch if batch is not None else self.train.batch(rows),
+                                                 self.hessian, vectors, into, alpha)
+                else:
+                    into.add_(self.hessian.products(batch, vectors), alpha=alpha)
+            except PartlyAdded:
+                raise
+            except Exception as err:  # noqa: BLE001 (vmap's and the model's errors under it: the default path decides)
+                self.usable = False
                 logger.info(f"A stacked LiSSA step raised {type(err).__name__} ({_first_line(err)}); this call's "
                             "steps run one product at a time from here.")
-                return None
+                return False
+            return True
+        # (what the default path raises, it raises here too)
+        alone = self.hessian.alone([self.train.batch(g) for g in groups], vectors)
+        into.add_(alone, alpha=alpha)
+        try:
+            stacked = self.hessian.products(batch, vectors)
+        except Exception as err:  # noqa: BLE001
+            self.usable = False
             self.refused(f"the stacked products raised {type(err).__name__} ({_first_line(err)})")
-            return alone
-        if alone is None:
-            return stacked
+            return True
         gap = relative_difference(stacked, alone)
         if gap > self.tolerance:
             self.usable = False
@@ -246,7 +262,7 @@ class _StackedSteps:
                          f"largest entry (more than {self.tolerance:g}) on rows of {length} positions")
         else:
             self.checked_length = length
-        return alone
+        return True
 
 
 def _first_line(err: BaseException) -> str:
@@ -275,7 +291,7 @@ class KeptHessians:
         self.budget = budget
         self.retain = retain  # keep every graph that fits, for later calls too (the owner keys this object)
         self.kept: dict = {}  # key -> (graph, bytes counted)
-        self._unit: tuple[int, int] | None = None  # (graph bytes, batch bytes) of the graph measured
+        self._units: dict[str, tuple[int, int]] = {}  # kind -> (graph bytes, batch bytes) of the graph measured
 
     def for_call(self, call: _Call, batches: KeptBatches) -> KeptHessians:
         """This object for another call on the same weights and rows: its graphs stay, new ones are built with
@@ -300,8 +316,16 @@ class KeptHessians:
         self._multiply(key, collate, again,
                        lambda graph, last: graph.accumulate(vector, into, alpha, last=last, **kwargs))
 
-    def _multiply(self, key, collate: Callable[[], dict], again: bool, multiply: Callable):
-        graph, last, found = self._graph(key, collate, again)
+    def accumulate_grouped(self, key, collate: Callable[[], dict], hessian: GroupedHessian, vectors: torch.Tensor,
+                           into: torch.Tensor, alpha: float) -> None:
+        """`GroupedGraph.accumulate` (``into[r] += alpha · H_r @ vectors[r]``) for the R groups of rows ``collate()``
+        (named ``key``), its graph kept (for later calls, with ``retain``) while it fits."""
+        groups = vectors.shape[0]
+        self._multiply(key, collate, False, lambda graph, last: graph.accumulate(vectors, into, alpha, last=last),
+                       lambda batch, measure: hessian.build(batch, groups, measure=measure))
+
+    def _multiply(self, key, collate: Callable[[], dict], again: bool, multiply: Callable, build=None):
+        graph, last, found = self._graph(key, collate, again, build)
         try:
             return multiply(graph, last)  # (autograd refuses a graph before any product is written)
         except RuntimeError as err:
@@ -310,7 +334,7 @@ class KeptHessians:
         logger.info("A tensor the kept first-backward graphs read was written in place since they were built: they "
                     "are built again.")
         self.drop()
-        graph, last, _ = self._graph(key, collate, again)
+        graph, last, _ = self._graph(key, collate, again, build)
         return multiply(graph, last)
 
     def drop(self) -> None:
@@ -318,22 +342,27 @@ class KeptHessians:
         self.kept.clear()
         self.room = self.budget
 
-    def _graph(self, key, collate: Callable[[], dict], again: bool) -> tuple[BatchHessian, bool, bool]:
-        """The graph of the batch named ``key`` (kept, or built now and kept while it fits), whether its next
-        product is its last (the graph is not kept), and whether it was kept from before."""
+    def _graph(self, key, collate: Callable[[], dict], again: bool, build=None) -> tuple[BatchHessian, bool, bool]:
+        """The graph of the batch named ``key`` (kept, or built now by ``build(batch, measure)``, a `BatchHessian`
+        by default, and kept while it fits), whether its next product is its last (the graph is not kept), and
+        whether it was kept from before."""
         keep = again or self.retain
         found = self.kept.get(key) if keep else self.kept.pop(key, None)
         if found is not None:
             if not keep:
                 self.room += found[1]
             return found[0], not keep, True
+        kind = "batch" if build is None else "grouped"  # (what a graph holds per byte of its batch differs)
         batch = self.batches.get(key, collate) if again else self.batches.pop(key, collate)
-        size = self._estimate(batch) if keep and self._unit is not None else None
-        measure = keep and self._unit is None and self.room > 0
-        graph = BatchHessian(self.call.fm, self.call.params, batch, reduction=self.reduction, measure=measure)
+        size = self._estimate(batch, kind) if keep and kind in self._units else None
+        measure = keep and kind not in self._units and self.room > 0
+        if build is None:
+            graph = BatchHessian(self.call.fm, self.call.params, batch, reduction=self.reduction, measure=measure)
+        else:
+            graph = build(batch, measure)
         if measure:
-            self._unit = (max(graph.saved_bytes, 1), max(batch_bytes(batch), 1))
-            size = self._estimate(batch)
+            self._units[kind] = (max(graph.saved_bytes, 1), max(batch_bytes(batch), 1))
+            size = self._estimate(batch, kind)
         kept = size is not None and size <= self.room
         if kept:
             self.kept[key] = (graph, size)
@@ -341,8 +370,8 @@ class KeptHessians:
             self.batches.pop(key, lambda: batch)  # the graph holds what its products need
         return graph, not kept, False
 
-    def _estimate(self, batch: dict) -> int:
-        saved, measured = self._unit
+    def _estimate(self, batch: dict, kind: str) -> int:
+        saved, measured = self._units[kind]
         ratio = batch_bytes(batch) / measured
         return int(saved * max(ratio, ratio * ratio)) + TENSOR_OVERHEAD_BYTES
 
@@ -1511,16 +1540,14 @@ class InfluenceEngine:
         uses = Counter(rows.tobytes() for t in mine for rows in draws[t])
         kept = self._kept_lissa_graphs(call).for_call(call, KeptBatches(LISSA_BATCH_MEMO_BYTES))
 
-        stacked = self._stacked_steps(call, len(mine), v)
+        stacked = self._stacked_steps(call, len(mine), v, kept)
 
         def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float) -> None:
             if stacked is not None and stacked.usable:
                 groups = [draws[t][j - 1] for t in reps]
-                products = stacked.step(groups, h)
-                if products is not None:
+                if stacked.step(groups, h, into, alpha):
                     for rows in groups:  # (drawn: a kept graph is kept for the draws still to come)
                         uses[rows.tobytes()] -= 1
-                    into.add_(products, alpha=alpha)
                     return
                 # it raised after its checks: this step and the rest of the call run one product at a time
             for r, t in enumerate(reps):
@@ -1553,11 +1580,13 @@ class InfluenceEngine:
                       "lissa_final_norm": float(np.nanmax(norms))}
         return total, info | lissa_info
 
-    def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor) -> _StackedSteps | None:
+    def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor,
+                       kept: KeptHessians) -> _StackedSteps | None:
         """The stacked LiSSA steps of this call (`hf_fastif.stacked`), or None where ``influence_stack_repetitions``
         does not stack here or the stacked products failed their check before on these weights, rows and loss."""
         mode = getattr(self.args, "influence_stack_repetitions", "auto")
-        if not stacks(mode, v.device, repetitions):
+        grouped = not isinstance(grouped_modules(call.fm, call.names), str)
+        if not stacks(mode, v.device, repetitions, grouped):
             return None
         key = self._curvature_key(call, "stacked lissa", str(call.work_dtype),
                                   None if call.fm.split is None else f"{call.fm.split.path}.{call.fm.split.first}",
@@ -1569,6 +1598,9 @@ class InfluenceEngine:
             self._stack_refused = (key, why)
             logger.info(f"LiSSA's repetitions run one product at a time: {why}.")
 
+        if grouped:
+            return _StackedSteps(GroupedHessian(call.fm, call.params), call.train, stack_tolerance(call.fm.model),
+                                 refused, kept)
         why = unstackable_attention(call.fm.model)
         if why is not None:
             refused(f"the model cannot be stacked: {why}")

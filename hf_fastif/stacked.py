@@ -8,7 +8,9 @@ backward per batch, its m vectors sharing them), batch r with vectors r: one for
 backward for all R, each with R times the work. On a GPU, where a single-row step is bound by its ~800 kernel
 launches rather than by arithmetic (docs/benchmarks.md, "On a GPU"), R products then cost about one; on a CPU, where a
 step is bound by its operators' work, the same computation measured slower than the kept graphs, which is why
-``influence_stack_repetitions="auto"`` stacks on CUDA devices only.
+``influence_stack_repetitions="auto"`` stacks this way on CUDA devices only. Where every influence parameter sits in an
+``nn.Linear``, ``nn.LayerNorm`` or ``nn.Embedding``, the engine takes the grouped route instead, on any device
+(`hf_fastif.grouped_products`: the R groups' products from one forward and one backward without vmap).
 
 Under vmap the model's own 2-D attention-mask code cannot run (it branches on the mask's values), so the model is
 given the batch's ``(b, s)`` 0/1 mask as the ``(b, 1, s, s)`` additive mask it would build (causal as well where the
@@ -40,14 +42,15 @@ class NotStackable(ValueError):
     mask that is not ``(b, s)``)."""
 
 
-def stacks(mode: str, device: torch.device, repetitions: int) -> bool:
+def stacks(mode: str, device: torch.device, repetitions: int, grouped: bool = False) -> bool:
     """Whether a LiSSA call with ``repetitions`` repetitions here stacks its steps under ``mode`` (`STACK_MODES`):
-    only with at least two repetitions."""
+    only with at least two repetitions; ``"auto"`` on CUDA devices, and on any device where ``grouped`` (the
+    products can be taken per group from activations, `hf_fastif.grouped_products`)."""
     if mode not in STACK_MODES:
         raise ValueError(f"influence_stack_repetitions must be one of {', '.join(STACK_MODES)}; got {mode!r}.")
     if repetitions < 2 or mode == "no":
         return False
-    return mode == "yes" or torch.device(device).type == "cuda"
+    return mode == "yes" or grouped or torch.device(device).type == "cuda"
 
 
 def is_causal(model: nn.Module) -> bool:

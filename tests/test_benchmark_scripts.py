@@ -273,17 +273,19 @@ def test_device_costs_quick(tmp_path, capsys):
     assert set(unit["hvp_stacked"]) == {"2x4"} and unit["hvp_stacked"]["2x4"] > 0  # B 2, the run's and paper's T 4
     assert rows["FastIF, repetitions stacked"]["seconds"] > 0
     # one first call end to end; on a CPU-only machine its CPU side is a fresh engine there, equal to the bit, and
-    # the other stacking is on (the default stacks on CUDA only): equal up to float rounding
+    # the other stacking is off (the default stacks this model's repetitions on the CPU too: the grouped route):
+    # equal up to float rounding
     call = results["end_to_end"]
-    assert call["sides"] == {"device": "cpu", "device, other stacking": "cpu, influence_stack_repetitions=yes",
+    assert call["sides"] == {"device": "cpu", "device, other stacking": "cpu, influence_stack_repetitions=no",
                              "cpu": "cpu (a fresh engine)"} and (call["rows"], call["depth"]) == (64, 100)
-    assert call["stacked"] == {"device": False, "device, other stacking": True, "cpu": False}
+    assert call["stacked"] == {"device": True, "device, other stacking": False, "cpu": True}
     assert call["spearman"] == pytest.approx(1.0) and call["max_abs_difference_relative"] == 0.0
     other = call["other_stacking_vs_cpu"]
     assert other["spearman"] > 0.9999 and other["max_abs_difference_relative"] < 1e-4
     assert call["top10_helpful_in_common"] == 10 and all(v > 0 for v in call["seconds"].values())
     assert call["phases"]["cpu"]["s_test_s"] > 0
-    assert "influence_stack_repetitions=yes against the CPU" in (tmp_path / "device_costs.md").read_text()
+    assert "influence_stack_repetitions=no against the CPU" in (tmp_path / "device_costs.md").read_text()
+    assert unit["hvp_stacked_route"] == "grouped"
 
 
 def test_device_costs_end_to_end_runs_without_the_check_when_it_refuses(monkeypatch):
@@ -359,9 +361,11 @@ def test_device_agreement_runs_every_case_and_a_failing_one_does_not_stop_the_re
             assert not case["errors"] and case["same_pairs"], name
             assert case["max_abs_difference_relative"] == 0.0 and case["spearman"] == pytest.approx(1.0), name
     assert cases["LiSSA, kNN k 16"]["pairs"] == 3 * 16  # the candidates: k per test point, the same on both sides
-    # the CPU stacks LiSSA's repetitions only when told to (on CUDA the default would)
+    # the CPU stacks LiSSA's repetitions by default where the grouped route applies (this BERT's parameters), and
+    # not when told not to
     sides = ["cpu", "cpu (a fresh engine)"]
-    assert [cases["LiSSA, full scan"]["stacked"][s] for s in sides] == [False, False]
+    assert [cases["LiSSA, full scan"]["stacked"][s] for s in sides] == [True, True]
+    assert [cases["LiSSA, repetitions one product at a time"]["stacked"][s] for s in sides] == [False, False]
     assert [cases["LiSSA, repetitions stacked on both sides"]["stacked"][s] for s in sides] == [True, True]
     assert cases["CG"]["stacked"] == {} and cases["Arnoldi"]["stacked"] == {s: None for s in sides}
     report = (tmp_path / "device_agreement.md").read_text()

@@ -57,6 +57,8 @@ def test_two_processes_equal_one(two_processes, one_process, case):
     np.testing.assert_allclose(b["influence"], a["influence"], rtol=1e-5, atol=1e-9)
     assert a["diagnostics"].keys() == b["diagnostics"].keys()
     for key, value in a["diagnostics"].items():
+        if key == "lissa_stacked":  # (how the work ran: a process holding one repetition has nothing to stack)
+            continue
         assert b["diagnostics"][key] == pytest.approx(value, rel=1e-5), key
 
 

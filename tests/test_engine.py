@@ -727,7 +727,8 @@ def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_col
     model, train, test = data
     settings = dict(BASE, influence_batch_size=1, influence_recursion_depth=30, influence_knn_k=None,
                     influence_check_convergence=False,  # 2 x 30 draws of 1 row from 40 rows
-                    influence_skip_unread_positions=False)  # its probe draws a single row too
+                    influence_skip_unread_positions=False,  # its probe draws a single row too
+                    influence_stack_repetitions="no")  # (a grouped step collates its rows together)
     reference = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     drawn, real = [], Batcher.batch
     monkeypatch.setattr(Batcher, "batch", lambda self, rows, **k: (
@@ -777,7 +778,8 @@ def test_a_row_drawn_again_by_lissa_keeps_its_first_backward(data, pad_collator,
 
     model, train, test = data
     settings = dict(BASE, influence_batch_size=1, influence_recursion_depth=30, influence_knn_k=None,
-                    influence_repetitions=3, influence_check_convergence=False)
+                    influence_repetitions=3, influence_check_convergence=False,
+                    influence_stack_repetitions="no")  # (one product at a time: the grouped route keeps its own)
     args = default_arguments(**settings)
     draws = [tuple(engine_module.lissa_batches(len(train), 1, 30, args.influence_seed, t)[j])
              for t in range(3) for j in range(30)]
@@ -803,7 +805,8 @@ def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(dat
     model, train, test = data
     model = copy.deepcopy(model)
     settings = dict(BASE, influence_batch_size=1, influence_recursion_depth=30, influence_knn_k=None,
-                    influence_repetitions=3, influence_check_convergence=False)
+                    influence_repetitions=3, influence_check_convergence=False,
+                    influence_stack_repetitions="no")  # (one product at a time: the grouped route keeps its own)
     args = default_arguments(**settings)
     monkeypatch.setattr(engine_module, "BatchHessian", _CountedHessian)
 

@@ -35,6 +35,13 @@ ARGS = dict(influence_knn_k=None, influence_recursion_depth=12, influence_scale=
             influence_repetitions=4, influence_batch_size=2, disable_tqdm=True, influence_check_convergence=False)
 
 
+@pytest.fixture
+def vmapped(monkeypatch):
+    """The engine's stacked steps take the vmapped route (`hf_fastif.stacked`) even where the grouped route
+    (`hf_fastif.grouped_products`, which a single test point on these models takes first) would apply."""
+    monkeypatch.setattr("hf_fastif.engine.grouped_modules", lambda fm, names: "off in this test")
+
+
 def table_values(table) -> np.ndarray:
     return table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
 
@@ -49,6 +56,8 @@ def run(model, train, test, collator, tmp_path, mode: str, **settings):
 def test_stacks_on_cuda_by_default_and_only_with_two_repetitions_or_more():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # (a device object needs no GPU)
     assert stacks("auto", cuda, 4) and not stacks("auto", cpu, 4)
+    assert stacks("auto", cpu, 4, grouped=True) and not stacks("auto", cpu, 1, grouped=True)
+    assert not stacks("no", cpu, 4, grouped=True)
     assert stacks("yes", cpu, 2) and not stacks("yes", cpu, 1) and not stacks("auto", cuda, 1)
     assert not stacks("no", cuda, 4)
     with pytest.raises(ValueError, match="one of auto, yes, no"):
@@ -138,7 +147,7 @@ def test_influence_is_the_same_with_the_repetitions_stacked(kind, names, pad_col
 
 
 def test_a_model_that_does_not_survive_vmap_falls_back_and_is_not_tried_again(pad_collator, tmp_path, caplog,
-                                                                               monkeypatch):
+                                                                               monkeypatch, vmapped):
     """A forward hook that reads a value out (``.item()``, which vmap refuses): the call runs the repetitions one
     product at a time with a log line, gives the default path's numbers, keeps the last-layer cut (the error is not
     the cut's), and the engine's next call on the same weights and rows does not try again."""
@@ -162,7 +171,7 @@ def test_a_model_that_does_not_survive_vmap_falls_back_and_is_not_tried_again(pa
 
 
 def test_stacked_products_that_differ_are_refused_and_the_call_keeps_the_default_numbers(pad_collator, tmp_path,
-                                                                                         caplog, monkeypatch):
+                                                                                         caplog, monkeypatch, vmapped):
     """Stacked products off by 1% (a mask built unlike the model's, say) fail the first step's check: that step
     takes the products one at a time it was checked against, and so do the others."""
     model = tiny_model("bert", num_labels=3)
@@ -179,7 +188,7 @@ def test_stacked_products_that_differ_are_refused_and_the_call_keeps_the_default
 
 
 def test_a_stacked_step_that_raises_after_the_check_runs_one_product_at_a_time(pad_collator, tmp_path, caplog,
-                                                                             monkeypatch):
+                                                                             monkeypatch, vmapped):
     """Out of memory with R batches at once (say) on a later step: that step and the rest of the call run one
     product at a time (no failing attempt per step), the numbers stay the default path's, and the engine's next call
     stacks again."""
@@ -207,7 +216,7 @@ def test_a_stacked_step_that_raises_after_the_check_runs_one_product_at_a_time(p
 
 
 def test_products_that_differ_only_on_longer_rows_are_caught_when_longer_rows_come(pad_collator, tmp_path, caplog,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, vmapped):
     """A mask that goes wrong only past some length (a window the 4-D mask does not carry, say) passes the first
     step's check on short rows: a step with rows longer than every row checked is checked again, and refused."""
     model = tiny_model("bert", num_labels=3)

@@ -1,0 +1,347 @@
+"""LiSSA's repetitions of one step as one batch, without vmap: ``H_r @ v_r`` for R groups of rows at once.
+
+At a step, repetition r multiplies its iterate by the Hessian of its own sampled rows. Collated as one batch of R
+groups, one forward and one first backward serve all R, but autograd's parameter gradient is the sum over the
+groups, so a second backward through it gives ``Σ_r H_r v_r``, not each. Where every influence parameter sits in a
+module whose gradient is a sum of per-row terms of the module's input ``x`` and output gradient ``g = ∂L/∂y``, the
+products can be taken per group from activations instead (as `hf_fastif.linear_products` does for one vector):
+
+* ``nn.Linear``, ``y = x Wᵀ + b``: ``∇W = gᵀx``; ``(H v)_W = ȳᵀx + gᵀx̄``, ``(H v)_b = Σ ȳ``;
+* ``nn.LayerNorm``, ``y = x̂ ⊙ γ + β`` with ``x̂ = (x - μ)/σ`` per position: ``∇γ = Σ g ⊙ x̂``;
+  ``(H v)_γ = Σ ȳ ⊙ x̂ + g ⊙ A x̄``, ``(H v)_β = Σ ȳ``, with ``A d = (d - mean(d) - x̂·mean(x̂ ⊙ d)) / σ`` the
+  normalisation's (symmetric) Jacobian;
+* ``nn.Embedding``, ``y = E[ids]``: ``∇E = Σ_t e_{ids_t} g_tᵀ`` (not at ``padding_idx``); ``(H v)_E`` adds ``ȳ_t``
+  into row ``ids_t``.
+
+``ȳ`` and ``x̄`` are what the second backward of ``s = Σ_r ∇L_r · v_r`` brings to the module's output and to the
+first backward's gradient at its input (where the parameter enters the first backward once more: ``g W`` for a
+linear layer, ``A (g ⊙ γ)`` for a LayerNorm). Written through the activations, ``s`` is a sum over rows, each row
+dotted with its own group's vector, so one second backward of the R-group batch gives every group's ``ȳ`` and ``x̄``,
+and each group's blocks are assembled from its own rows (one ``baddbmm_`` per linear layer for all groups).
+
+Used only where this is exact: every influence parameter belongs to a module that is exactly one of the three
+classes, with the class's ``forward``, no hooks (its own or global), the module called once on the batch with its
+input and output laid out by rows and not written in place afterwards, no tied parameter, a LayerNorm over the last
+dimension with an affine weight, an embedding without ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, and the
+batch's autograd graph reading each parameter through exactly one edge. Otherwise `GroupedProducts.build` raises
+`hf_fastif.stacked.NotStackable`, and the engine runs the repetitions one product at a time. Rows must not interact
+in the forward (no batch norm; an attention mask keeps padded positions out), which the engine's check against the
+products taken one group at a time sees on the first step (`hf_fastif.engine`'s stacked steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hvp import _counting_saved, _leaves, batch_hvp
+from .linear_products import _global_hooks, _plain_layer, _read_once
+from .loss import FunctionalModel
+from .params import unflatten
+from .stacked import NotStackable
+
+ROUTED_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
+
+
+class PartlyAdded(RuntimeError):
+    """The products' assembly failed after adding some of them into the caller's vectors (which are then unusable)."""
+
+
+def grouped_modules(fm: FunctionalModel, names: Sequence[str]) -> dict[nn.Module, dict[str, str]] | str:
+    """``{module: {"weight": name, "bias": name}}`` (the influence parameters each module holds) where every
+    influence parameter in ``names`` sits in a module this route takes; else why not (a string)."""
+    selected, owned, table = set(names), set(), {}
+    tied = set(fm.aliases) | {a for group in fm.aliases.values() for a in group}
+    for path, module in fm.model.named_modules():
+        if type(module) not in ROUTED_MODULES:
+            continue
+        mine = {}
+        for kind in ("weight", "bias"):
+            name = f"{path}.{kind}" if path else kind
+            if getattr(module, kind, None) is not None and name in selected:
+                mine[kind] = name
+        if not mine:
+            continue
+        why = _unfit(module)
+        if why is not None:
+            return f"{path}: {why}"
+        if any(n in tied for n in mine.values()):
+            return f"{path}: its parameters are tied to others"
+        table[module] = mine
+        owned |= set(mine.values())
+    missing = [n for n in names if n not in owned]
+    if missing:
+        return f"{missing[0]} is not held by an nn.Linear, nn.LayerNorm or nn.Embedding"
+    return table
+
+
+def _unfit(module: nn.Module) -> str | None:
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1 or module.weight is None:
+            return "a LayerNorm over more than the last dimension, or without an affine weight"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            return "an embedding with max_norm, scale_grad_by_freq or sparse gradients"
+    return None
+
+
+@dataclass
+class _Use:
+    """One module's call on the batch, grouped: ``x`` and ``y`` as recorded, their values as ``(R, n, features)``
+    (``ids`` ``(R, n)`` for an embedding), the first backward's ``g`` at y and the index of its gradient at x."""
+
+    module: nn.Module
+    names: dict[str, str]
+    x: torch.Tensor
+    y: torch.Tensor
+    versions: tuple[int, int]
+    g: torch.Tensor | None = None
+    input_gradient: int | None = None
+    xs: torch.Tensor | None = None  # (R, n, in): x by group (x̂ for a LayerNorm; ids (R, n) for an embedding)
+    gs: torch.Tensor | None = None  # (R, n, out)
+    scale: torch.Tensor | None = None  # a LayerNorm's 1/σ, (R, n, 1)
+    kept: torch.Tensor | None = None  # an embedding's positions not at padding_idx, (R, n, 1)
+
+
+class GroupedProducts:
+    """One batch of R groups of rows (group r's rows together), its forward and first backward, for the products
+    ``H_r v_r`` of each group's mean loss (without the L2 term) with its own vector, as the module docstring says.
+    `build` raises `hf_fastif.stacked.NotStackable` where the route does not apply."""
+
+    def __init__(self, uses: list[_Use], input_gradients: list[torch.Tensor], groups: int):
+        self._uses, self._input_gradients, self._groups = uses, input_gradients, groups
+        self.saved_bytes: int | None = None  # (measured where built with measure=True)
+
+    @classmethod
+    def build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch, groups: int, rows: int, *,
+              measure: bool = False) -> GroupedProducts:
+        """The batch's forward and first backward (``rows`` rows in ``groups`` groups). An embedding read with one row
+        of indices for every row (BERT's position ids, ``(1, s)``) is given them repeated for each row: the same
+        values, and a gradient per row. ``measure``: count `saved_bytes` (what autograd saved beside the parameters,
+        and the normalised inputs held here), as `hf_fastif.hvp.BatchHessian` does."""
+        saved: dict[int, int] = {}
+        with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
+            graph = cls._build(fm, leaves, batch, groups, rows)
+        if measure:
+            graph.saved_bytes = sum(saved.values()) + sum(
+                t.untyped_storage().nbytes() for u in graph._uses for t in (u.xs, u.scale)
+                if isinstance(u.module, nn.LayerNorm))
+        return graph
+
+    @classmethod
+    def _build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch, groups: int,
+               rows: int) -> GroupedProducts:
+        table = grouped_modules(fm, list(leaves))
+        if isinstance(table, str):
+            raise NotStackable(table)
+        if _global_hooks() or not all(_plain_layer(m) for m in table):
+            raise NotStackable("a module hook or a replaced forward is in place")
+        uses: list[_Use] = []
+
+        def record(module, args, output):
+            x = args[0] if args else None
+            if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor)):
+                raise NotStackable(f"a {type(module).__name__} called with keywords or returning a structure")
+            uses.append(_Use(module, table[module], x, output, (x._version, output._version)))
+
+        def by_rows(module, args):
+            ids = args[0] if args else None
+            if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[0] == 1 and rows > 1:
+                return (ids.expand(rows, *ids.shape[1:]), *args[1:])
+            return None
+
+        handles = [module.register_forward_hook(record) for module in table]
+        handles += [module.register_forward_pre_hook(by_rows) for module in table if isinstance(module, nn.Embedding)]
+        try:
+            losses, _ = fm.values_without_l2(leaves, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if losses.shape[0] != rows or rows % groups:
+            raise NotStackable(f"{rows} rows are not {groups} groups")
+        seen = [u.module for u in uses]
+        if len(uses) != len(table) or len(set(map(id, seen))) != len(seen):
+            raise NotStackable("a module was called twice on the batch, or not at all")
+        for u in uses:
+            if (u.x._version, u.y._version) != u.versions or not u.y.requires_grad:
+                raise NotStackable("a module's output does not reach the loss, or its input or output was written in place "
+                                  "after its call")
+            if u.x.shape[:1] != (rows,) or u.y.shape[:1] != (rows,):
+                raise NotStackable("a module's input or output is not laid out by rows")
+            if isinstance(u.module, nn.Embedding):
+                if u.x.is_floating_point():
+                    raise NotStackable("an embedding read with float indices")
+            elif not u.x.dtype == u.y.dtype == u.module.weight.dtype:
+                raise NotStackable("a module's input, output and weight differ in dtype")
+        if not _read_once(losses, [leaves[n] for u in uses for n in u.names.values()]):
+            raise NotStackable("a parameter is read outside its module")
+        loss = losses.view(groups, rows // groups).mean(1).sum()
+        inputs: list[torch.Tensor] = []
+        for u in uses:
+            if u.x.is_floating_point() and u.x.requires_grad and "weight" in u.names:
+                found = next((i for i, x in enumerate(inputs) if x is u.x), None)
+                if found is None:
+                    inputs.append(u.x)
+                    found = len(inputs) - 1
+                u.input_gradient = found
+        grads = torch.autograd.grad(loss, [u.y for u in uses] + inputs, create_graph=True, allow_unused=True)
+        gs, input_gradients = grads[:len(uses)], list(grads[len(uses):])
+        if any(g is None for g in gs) or any(g is None for g in input_gradients):
+            raise NotStackable("the loss does not reach a module's output")
+        for u, g in zip(uses, gs):
+            u.g = g
+            u.gs = g.detach().reshape(groups, -1, g.shape[-1])
+            x = u.x.detach()
+            if isinstance(u.module, nn.Embedding):
+                u.xs = x.reshape(groups, -1)
+                if u.module.padding_idx is not None:
+                    u.kept = (u.xs != u.module.padding_idx).unsqueeze(-1)
+            elif isinstance(u.module, nn.LayerNorm):
+                mean = x.mean(-1, keepdim=True)
+                scale = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + u.module.eps)
+                u.xs = ((x - mean) * scale).reshape(groups, -1, x.shape[-1])
+                u.scale = scale.reshape(groups, -1, 1)
+            else:
+                u.xs = x.reshape(groups, -1, x.shape[-1])
+        return cls(uses, input_gradients, groups)
+
+    def accumulate(self, vectors: Mapping[str, torch.Tensor], into: Mapping[str, torch.Tensor], alpha: float,
+                   last: bool = True) -> None:
+        """``into[n][r] += alpha · (H_r v_r)_n`` for every parameter n and group r, ``vectors`` and ``into``
+        parameter-shaped with a leading dimension of R (``vectors`` in each parameter's dtype); ``last=True`` frees
+        the graph (else it is kept for more products)."""
+        if self._uses is None:
+            raise RuntimeError("This graph was freed by a product with last=True; build another.")
+        outputs, grad_outputs = [], []
+        for u in self._uses:
+            at_g, at_x = _seeds(u, vectors)
+            if at_g is not None and u.g.requires_grad:
+                outputs.append(u.g)
+                grad_outputs.append(at_g.reshape(u.g.shape))
+            if at_x is not None and u.input_gradient is not None:
+                outputs.append(u.x)
+                grad_outputs.append(at_x.reshape(u.x.shape))
+        varying = [t for t in self._input_gradients if t.requires_grad]
+        wanted = [u.y for u in self._uses] + varying
+        uses = self._uses
+        if last:
+            self._uses = None
+        adjoints = (torch.autograd.grad(outputs, wanted, grad_outputs=grad_outputs, allow_unused=True,
+                                        retain_graph=not last) if outputs else [None] * len(wanted))
+        found = iter(adjoints[len(uses):])
+        at_inputs = [next(found) if t.requires_grad else None for t in self._input_gradients]
+        try:
+            for u, y_bar in zip(uses, adjoints[:len(uses)]):
+                y_bar = u.gs.new_zeros(u.gs.shape) if y_bar is None else y_bar.reshape(u.gs.shape)
+                x_bar = None if u.input_gradient is None else at_inputs[u.input_gradient]
+                x_bar = None if x_bar is None else x_bar.reshape(self._groups, -1, x_bar.shape[-1])
+                _assemble(u, y_bar, x_bar, into, alpha)
+        except Exception as err:
+            raise PartlyAdded(f"assembling the grouped products failed part way ({type(err).__name__}: {err})") from err
+
+
+def _seeds(u: _Use, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The derivatives of ``s = Σ_r ∇L_r · v_r`` (this module's share) at ``g`` and at ``x``, grouped."""
+    weight, bias = (vectors.get(u.names.get(k)) for k in ("weight", "bias"))
+    if isinstance(u.module, nn.Embedding):
+        at_g = weight[torch.arange(weight.shape[0], device=weight.device)[:, None], u.xs]  # (R, n, d): v_r[ids]
+        return (at_g if u.kept is None else at_g * u.kept), None
+    if isinstance(u.module, nn.LayerNorm):
+        at_g = None if weight is None else u.xs * weight[:, None]
+        if bias is not None:
+            at_g = bias[:, None].expand(u.gs.shape) if at_g is None else at_g + bias[:, None]
+        return at_g, None if weight is None else _normalisation_jacobian(u, u.gs * weight[:, None])
+    at_g = None if weight is None else torch.bmm(u.xs, weight.transpose(1, 2))
+    if bias is not None:
+        at_g = bias[:, None].expand(u.gs.shape) if at_g is None else at_g + bias[:, None]
+    return at_g, None if weight is None else torch.bmm(u.gs, weight)
+
+
+def _normalisation_jacobian(u: _Use, d: torch.Tensor) -> torch.Tensor:
+    """``A d`` for a LayerNorm's normalisation ``x ↦ x̂`` at the recorded input (A is symmetric)."""
+    x_hat = u.xs
+    return (d - d.mean(-1, keepdim=True) - x_hat * (x_hat * d).mean(-1, keepdim=True)) * u.scale
+
+
+def _assemble(u: _Use, y_bar: torch.Tensor, x_bar: torch.Tensor | None, into: Mapping[str, torch.Tensor],
+              alpha: float) -> None:
+    weight, bias = (into.get(u.names.get(k)) for k in ("weight", "bias"))
+    if bias is not None:
+        bias.add_(_as(y_bar.sum(1), bias), alpha=alpha)
+    if weight is None:
+        return
+    if isinstance(u.module, nn.Embedding):
+        y_bar = y_bar if u.kept is None else y_bar * u.kept
+        group = torch.arange(weight.shape[0], device=u.xs.device)[:, None].expand(u.xs.shape)
+        weight.index_put_((group, u.xs), _as(y_bar * alpha, weight),
+                          accumulate=True)
+    elif isinstance(u.module, nn.LayerNorm):
+        block = (y_bar * u.xs).sum(1)
+        if x_bar is not None:
+            block = block + (u.gs * _normalisation_jacobian(u, x_bar)).sum(1)
+        weight.add_(_as(block, weight), alpha=alpha)
+    elif x_bar is None:
+        weight.baddbmm_(_as(y_bar, weight).transpose(1, 2), _as(u.xs, weight), alpha=alpha)
+    else:  # [ȳ; g]ᵀ [x; x̄]: both terms in one product
+        left = torch.cat([y_bar, u.gs], dim=1)
+        right = torch.cat([u.xs, x_bar], dim=1)
+        weight.baddbmm_(_as(left, weight).transpose(1, 2), _as(right, weight), alpha=alpha)
+
+
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+class GroupedHessian:
+    """`hf_fastif.stacked.StackedHessian`'s interface over `GroupedProducts` (R groups' products from one batch, m
+    vectors a group), and the graphs themselves (`build`) for the engine to keep."""
+
+    def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor]):
+        self._fm = fm
+        self._primals = {n: p.detach() for n, p in params.items()}
+        self._dtypes = [p.dtype for p in self._primals.values()]
+
+    def build(self, batch: Mapping[str, torch.Tensor], groups: int, *, measure: bool = False) -> GroupedGraph:
+        """The graph of ``batch`` (``groups`` groups of rows, group r's rows together), for `GroupedGraph.accumulate`."""
+        rows = next((t.shape[0] for t in batch.values() if isinstance(t, torch.Tensor) and t.dim() > 0), 0)
+        return GroupedGraph(self, GroupedProducts.build(self._fm, _leaves(self._primals), batch, groups, rows,
+                                                        measure=measure))
+
+    def parts(self, vectors: torch.Tensor, cast: bool = True) -> dict[str, torch.Tensor]:
+        """``vectors`` ``(R, p)`` split per parameter (views), each cast to its parameter's dtype with ``cast``."""
+        views = unflatten(vectors, self._primals)
+        return {n: t.to(d) for (n, t), d in zip(views.items(), self._dtypes)} if cast else views
+
+    def products(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
+        """``(R, m, p)``: group r's Hessian (its mean loss, without the L2 term) times each of ``vectors[r]``
+        (``(R, m, p)``), in ``vectors``' dtype."""
+        out = torch.zeros_like(vectors)
+        self.build(batch, vectors.shape[0]).accumulate(vectors, out, 1.0, last=True)
+        return out
+
+    def alone(self, batches: Sequence[Mapping[str, torch.Tensor]], vectors: torch.Tensor) -> torch.Tensor:
+        """``(R, m, p)``: the products one batch at a time (`batch_hvp`), what the grouped ones are checked against."""
+        return torch.stack([batch_hvp(self._fm, self._primals, b, v, l2_term=False).to(vectors.dtype)
+                            for b, v in zip(batches, vectors)])
+
+
+class GroupedGraph:
+    """One batch's `GroupedProducts`, taking and giving flat vectors: ``(R, m, p)``."""
+
+    def __init__(self, hessian: GroupedHessian, products: GroupedProducts):
+        self._hessian, self._products = hessian, products
+        self.saved_bytes = products.saved_bytes
+
+    def accumulate(self, vectors: torch.Tensor, into: torch.Tensor, alpha: float, last: bool = True) -> None:
+        """``into[r, i] += alpha · H_r @ vectors[r, i]`` (``(R, m, p)`` each, ``into`` contiguous), without the L2
+        term: one second backward per vector i (a batched one measured no faster); ``last=True`` frees the graph."""
+        if into.shape != vectors.shape or vectors.dim() != 3 or not into.is_contiguous():
+            raise ValueError("a grouped graph takes (R, m, p) vectors and a contiguous (R, m, p) tensor to add into.")
+        m = vectors.shape[1]
+        for i in range(m):
+            self._products.accumulate(self._hessian.parts(vectors[:, i]), self._hessian.parts(into[:, i], cast=False),
+                                      alpha, last and i == m - 1)

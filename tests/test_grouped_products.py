@@ -1,0 +1,192 @@
+"""LiSSA's repetitions as one batch of groups without vmap (`hf_fastif.grouped_products`): each group's products equal
+its explicit Hessian's and the products one batch at a time, the influence tables equal the default path's (kept
+graphs reused by a later call), and every way the route can fail falls back with the default path's numbers or raises."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_fastif import InfluenceArguments, InfluenceEngine
+from hf_fastif.batches import Batcher, validate_dataset
+from hf_fastif.grouped_products import GroupedHessian, GroupedProducts, PartlyAdded, grouped_modules
+from hf_fastif.loss import FunctionalModel
+from hf_fastif.mode import influence_mode
+from hf_fastif.params import flatten, num_parameters, select_parameters, unflatten
+from hf_fastif.stacked import NotStackable
+from hf_fastif.utils import relative_difference
+from tests.test_trunk import TOP
+from tests.tiny import make_token_dataset, tiny_model
+
+ARGS = dict(influence_knn_k=None, influence_recursion_depth=12, influence_scale=50.0, influence_damping=0.05,
+            influence_repetitions=4, influence_batch_size=2, disable_tqdm=True, influence_check_convergence=False)
+GROUPS = [[0, 1], [2, 3], [4, 5]]
+
+
+def _setup(kind: str, pad_collator, names):
+    model = tiny_model(kind, num_labels=3)
+    data = make_token_dataset(6, seed=3, num_labels=3, min_len=3, max_len=9)  # rows of different lengths: padding
+    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
+    return model, batcher, select_parameters(model, names)
+
+
+def run(model, train, test, collator, tmp_path, mode: str, engine=None, **settings):
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_stack_repetitions=mode, **(ARGS | settings))
+    engine = engine or InfluenceEngine(model, args, data_collator=collator)
+    table = engine.compute_influences(train, test)
+    values = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
+    return values, table.metadata["diagnostics"], engine
+
+
+def test_grouped_products_are_the_explicit_hessians_of_each_group(pad_collator):
+    """Ground truth: each group's mean-loss Hessian built entry by entry (autograd) over a linear
+    layer, a LayerNorm, and two embeddings (the position embeddings read with one row of ids for all rows), on padded
+    rows in float64, times each group's two vectors."""
+    names = [r"classifier\.", r"encoder\.layer\.1\.output\.LayerNorm\.", r"token_type_embeddings\.",
+             r"position_embeddings\."]
+    model, batcher, params = _setup("bert", pad_collator, names)
+    p = num_parameters(params)
+    vectors = torch.randn(3, 2, p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with influence_mode(model, list(params)):
+        fm = FunctionalModel(model, list(params))
+        assert not isinstance(grouped_modules(fm, list(params)), str)
+        grouped = GroupedHessian(fm, params).products(batcher.batch(sum(GROUPS, [])), vectors)
+        for r, rows in enumerate(GROUPS):
+            batch = batcher.batch(rows)
+
+            def loss(flat, batch=batch):
+                return fm.values_without_l2(unflatten(flat, params), batch)[0].mean()
+
+            # reverse over reverse, column by column: torch.func.hessian's forward over reverse differed from it by
+            # 8e-5 of the largest entry in the LayerNorm weight's rows on this model (torch 2.13), asymmetric
+            hessian = torch.autograd.functional.hessian(loss, flatten(list(params.values())).detach())
+            torch.testing.assert_close(grouped[r], vectors[r] @ hessian.T, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_grouped_products_equal_the_products_one_batch_at_a_time(kind, pad_collator):
+    """Every parameter of the model (word, position and token-type embeddings, LayerNorms, linear layers), rows
+    padded to the longest of all groups: each group's products equal `batch_hvp` of the group collated alone; a kept
+    graph gives the same products again."""
+    model, batcher, params = _setup(kind, pad_collator, None)
+    vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+    with influence_mode(model, list(params)):
+        fm = FunctionalModel(model, list(params), weight_decay=0.01)  # the L2 term is left to LiSSA's update
+        hessian = GroupedHessian(fm, params)
+        alone = hessian.alone([batcher.batch(g) for g in GROUPS], vectors)
+        graph = hessian.build(batcher.batch(sum(GROUPS, [])), 3, measure=True)
+        assert graph.saved_bytes > 0
+        first, again = torch.zeros_like(vectors), torch.ones_like(vectors)
+        graph.accumulate(vectors, first, 1.0, last=False)
+        graph.accumulate(vectors, again, -2.0, last=True)
+    assert relative_difference(first, alone) < 1e-10
+    torch.testing.assert_close(again, 1.0 - 2.0 * first, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="freed"):
+        graph.accumulate(vectors, first, 1.0)
+
+
+def test_which_models_take_the_route(pad_collator):
+    """GPT-2's Conv1D layers and an embedding with max_norm are not taken (the reason is named); a hook, a weight
+    read outside its layer, or rows that are not the groups are seen on the batch."""
+    gpt2 = tiny_model("gpt2", num_labels=3)
+    every = [n for n, _ in gpt2.named_parameters()]
+    assert "c_attn.weight is not held by an nn.Linear, nn.LayerNorm or nn.Embedding" in grouped_modules(
+        FunctionalModel(gpt2, every), every)
+    model, batcher, params = _setup("bert", pad_collator, None)
+    names = list(params)
+    model.bert.embeddings.word_embeddings.max_norm = 1.0
+    assert "max_norm" in grouped_modules(FunctionalModel(model, names), names)
+    model.bert.embeddings.word_embeddings.max_norm = None
+    with influence_mode(model, names):
+        fm = FunctionalModel(model, names)
+        hessian, batch = GroupedHessian(fm, params), batcher.batch(sum(GROUPS, []))
+        handle = model.bert.encoder.layer[1].output.LayerNorm.register_forward_hook(lambda *a: None)
+        with pytest.raises(NotStackable, match="hook"):
+            hessian.build(batch, 3)
+        handle.remove()
+        handle = model.classifier.register_forward_hook(
+            lambda module, args, output: output + 0.0 * (args[0] @ model.classifier.weight.T))
+        with pytest.raises(NotStackable):
+            hessian.build(batch, 3)
+        handle.remove()
+        with pytest.raises(NotStackable, match="rows are not 4 groups"):
+            hessian.build(batch, 4)
+
+
+@pytest.mark.parametrize("names", [None, TOP["bert"]], ids=["every parameter", "last layer (trunk, cut)"])
+@pytest.mark.parametrize("points", [1, 2])
+def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_collator, tmp_path, monkeypatch):
+    """Through `compute_influences` on the CPU, where ``"auto"`` groups (one and two test points; the trunk cached and
+    the last layer cut where the parameters allow it): the default path's numbers. The engine's next call on the same
+    weights and rows takes every grouped step but the checked first from graphs it kept."""
+    model = tiny_model("bert", num_labels=3)
+    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(points, seed=7, num_labels=3)
+    alone, off, _ = run(model, train, test, pad_collator, tmp_path, "no", influence_params=names)
+    builds = []
+    real = GroupedProducts.build
+    monkeypatch.setattr(GroupedProducts, "build", classmethod(lambda cls, *a, **k: builds.append(1) or real(*a, **k)))
+    grouped, on, engine = run(model, train, test, pad_collator, tmp_path, "auto", influence_params=names)
+    assert on["lissa_stacked"] is True and off["lissa_stacked"] is False
+    assert len(builds) == ARGS["influence_recursion_depth"]  # (the first step's check builds one too, not kept)
+    np.testing.assert_allclose(grouped, alone, rtol=1e-9, atol=1e-12)
+    again, next_on, _ = run(model, train, test, pad_collator, tmp_path, "auto", engine=engine, influence_params=names)
+    assert next_on["lissa_stacked"] is True and len(builds) == ARGS["influence_recursion_depth"] + 1
+    np.testing.assert_allclose(again, alone, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # weights changed in place: the kept graphs are keyed anew, built again
+        model.classifier.weight.mul_(1.05)
+    changed, _, _ = run(model, train, test, pad_collator, tmp_path, "auto", engine=engine, influence_params=names)
+    assert len(builds) == 2 * ARGS["influence_recursion_depth"] + 1
+    fresh, _, _ = run(model, train, test, pad_collator, tmp_path, "no", influence_params=names)
+    np.testing.assert_allclose(changed, fresh, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(changed, alone, rtol=1e-6)
+
+
+def test_a_batch_the_route_refuses_falls_back_with_the_default_numbers(pad_collator, tmp_path, caplog):
+    """A hook on a LayerNorm (the route cannot see what it does): the first step's grouped products raise, the
+    call runs one product at a time with a log line, and gives the default path's numbers."""
+    model = tiny_model("bert", num_labels=3)
+    model.bert.encoder.layer[1].output.LayerNorm.register_forward_hook(lambda module, args, output: output * 1.5)
+    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(1, seed=7, num_labels=3)
+    alone, _, _ = run(model, train, test, pad_collator, tmp_path, "no")
+    with caplog.at_level(logging.INFO, logger="hf_fastif"):
+        refused, diagnostics, _ = run(model, train, test, pad_collator, tmp_path, "auto")
+    assert "LiSSA's repetitions run one product at a time: the stacked products raised NotStackable (a module " \
+           "hook" in caplog.text
+    assert diagnostics["lissa_stacked"] is False
+    np.testing.assert_allclose(refused, alone, rtol=1e-9, atol=1e-12)
+
+
+def test_products_that_differ_are_refused_and_a_failed_assembly_is_not_hidden(pad_collator, tmp_path, caplog,
+                                                                              monkeypatch):
+    """Grouped products off by 1% fail the first step's check (the default numbers follow); an assembly that fails
+    part way through a later step raises instead of falling back (the next iterate already holds part of it)."""
+    model = tiny_model("bert", num_labels=3)
+    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(1, seed=7, num_labels=3)
+    alone, _, _ = run(model, train, test, pad_collator, tmp_path, "no", influence_params=TOP["bert"])
+    real = GroupedHessian.products
+    monkeypatch.setattr(GroupedHessian, "products", lambda self, batch, vectors: 1.01 * real(self, batch, vectors))
+    with caplog.at_level(logging.INFO, logger="hf_fastif"):
+        refused, diagnostics, _ = run(model, train, test, pad_collator, tmp_path, "auto",
+                                      influence_params=TOP["bert"])
+    assert "the stacked products differ from the products one at a time by 0.01 of their largest entry" in caplog.text
+    assert diagnostics["lissa_stacked"] is False
+    np.testing.assert_allclose(refused, alone, rtol=1e-9, atol=1e-12)
+    monkeypatch.setattr(GroupedHessian, "products", real)
+    from hf_fastif import grouped_products
+
+    calls, assemble = [], grouped_products._assemble
+
+    def breaks(u, *args):
+        calls.append(1)
+        if len(calls) > 40 and isinstance(u.module, nn.LayerNorm):
+            raise RuntimeError("a test's failure")
+        return assemble(u, *args)
+
+    monkeypatch.setattr(grouped_products, "_assemble", breaks)
+    with pytest.raises(PartlyAdded, match="part way .*a test's failure"):
+        run(model, train, test, pad_collator, tmp_path / "second", "auto", influence_params=TOP["bert"])
