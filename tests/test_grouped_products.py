@@ -27,9 +27,12 @@ ARGS = dict(influence_knn_k=None, influence_recursion_depth=12, influence_scale=
 GROUPS = [[0, 1], [2, 3], [4, 5]]
 
 
-def _setup(kind: str, pad_collator, names):
+def _setup(kind: str, pad_collator, names, pad_token_inside: bool = False):
     model = tiny_model(kind, num_labels=3)
     data = make_token_dataset(6, seed=3, num_labels=3, min_len=3, max_len=9)  # rows of different lengths: padding
+    if pad_token_inside:  # the padding id as a real, attended token: its embedding row gets no gradient there
+        pad = model.config.pad_token_id
+        data = data.map(lambda row: {"input_ids": row["input_ids"][:1] + [pad] + row["input_ids"][2:]})
     batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
     return model, batcher, select_parameters(model, names)
 
@@ -70,9 +73,10 @@ def test_grouped_products_are_the_explicit_hessians_of_each_group(pad_collator):
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
 def test_grouped_products_equal_the_products_one_batch_at_a_time(kind, pad_collator):
     """Every parameter of the model (word, position and token-type embeddings, LayerNorms, linear layers), rows
-    padded to the longest of all groups: each group's products equal `batch_hvp` of the group collated alone; a kept
-    graph gives the same products again."""
-    model, batcher, params = _setup(kind, pad_collator, None)
+    padded to the longest of all groups and the padding id inside them as a real token: each group's products equal
+    `batch_hvp` of the group collated alone; a kept graph gives the same products again."""
+    model, batcher, params = _setup(kind, pad_collator, None, pad_token_inside=True)
+    assert model.base_model.embeddings.word_embeddings.padding_idx == model.config.pad_token_id
     vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))
     with influence_mode(model, list(params)):
@@ -90,7 +94,7 @@ def test_grouped_products_equal_the_products_one_batch_at_a_time(kind, pad_colla
         graph.accumulate(vectors, first, 1.0)
 
 
-def test_which_models_take_the_route(pad_collator):
+def test_which_models_take_the_route(pad_collator, monkeypatch):
     """GPT-2's Conv1D layers and an embedding with max_norm are not taken (the reason is named); a hook, a weight
     read outside its layer, or rows that are not the groups are seen on the batch."""
     gpt2 = tiny_model("gpt2", num_labels=3)
@@ -116,6 +120,17 @@ def test_which_models_take_the_route(pad_collator):
         handle.remove()
         with pytest.raises(NotStackable, match="rows are not 4 groups"):
             hessian.build(batch, 4)
+    # a module outside the route (the pooler, patched on its class: no hook, no instance forward) reads the
+    # classifier's weight: a second edge into it, which the grouped blocks would miss
+    pooler_class, real = type(model.bert.pooler), type(model.bert.pooler).forward
+
+    def reads(self, hidden_states):
+        out = real(self, hidden_states)
+        return out + 0.1 * torch.tanh(out @ model.classifier.weight.T).sum(-1, keepdim=True)
+
+    monkeypatch.setattr(pooler_class, "forward", reads)
+    with influence_mode(model, names), pytest.raises(NotStackable, match="read outside its module"):
+        GroupedHessian(FunctionalModel(model, names), params).build(batch, 3)
 
 
 @pytest.mark.parametrize("names", [None, TOP["bert"]], ids=["every parameter", "last layer (trunk, cut)"])
