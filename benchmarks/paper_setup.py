@@ -33,7 +33,7 @@ from .timing import timed
 
 ORIGINAL, FASTIF, PARALLEL, FAST = "original", "FastIF", "FastIF parallel", "hf_fastif fast"
 LOW_RANK = "hf_fastif low-rank"
-STACKED = "FastIF, repetitions stacked"  # the T repetitions' products of a step in one vmapped computation
+STACKED = "FastIF, repetitions stacked"  # the T repetitions' products of a step as one computation (grouped or vmapped)
 FLOOR, GRADIENT = "original, another seed", "reference: gradient dot product"
 CONVERGENCE = 5.0  # J·damp of the paper's LiSSA (1000 × 5e-3): the series has shrunk by (1 - damp)^J ≈ e^-5
 TEST_FORMATS = ("mnli", "hans")

@@ -11,7 +11,7 @@ import numpy as np
 
 from hf_fastif.utils import markdown_table, to_json, write_atomic
 
-from .paper_setup import FAST, FASTIF, LOW_RANK, PARALLEL
+from .paper_setup import FAST, FASTIF, LOW_RANK, PARALLEL, STACKED
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -88,6 +88,11 @@ def targets(rows: list[dict], paper_rows: list[dict], paper_t: int) -> list[dict
                        "measured": f"{p_2021:.1f}x", "met": p_2021 >= 80})
         out.insert(3, {"target": f"(FastIF parallel, P = {paper_t}, ideal) >= 80x at paper scale, vs "
                                  "original with hf_fastif kernels", "measured": f"{p_same:.1f}x", "met": p_same >= 80})
+    if STACKED in paper:  # (where this run's setting stacks the repetitions: the engine's default there)
+        s_same, _ = speedups(STACKED)
+        out.insert(2, {"target": f"({STACKED}: one step's T = {paper_t} products as one computation) >= 80x at "
+                                 "paper scale, vs original with hf_fastif kernels", "measured": f"{s_same:.1f}x",
+                       "met": s_same >= 80})
     if LOW_RANK in paper and LOW_RANK in by_name:
         r_same, r_2021 = speedups(LOW_RANK)
         r_q = by_name[LOW_RANK]["spearman"]

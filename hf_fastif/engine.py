@@ -208,12 +208,15 @@ chunks beyond it are built again for each product (their collated batches kept u
 
 
 class _StackedSteps:
-    """One LiSSA call's stacked steps (`hf_fastif.stacked`). The first step, and any step whose rows are longer than
-    every row checked before (a mask built unlike the model's may show only on longer rows), is checked against the
-    products one batch at a time, which that step then uses; a check that fails or raises turns stacking off for the
-    rest of the call and, through ``refused`` (which logs why), for later calls on the same weights, rows and loss. A
-    step that raises after the checks passed (out of memory with R batches at once, say) returns None and turns
-    stacking off for the rest of the call only: from that step on, one product at a time."""
+    """One LiSSA call's stacked steps: grouped (`hf_fastif.grouped_products`, their graphs kept in ``kept``, so a
+    later call on the same weights and rows, which draws the same groups, multiplies from them) or vmapped
+    (`hf_fastif.stacked`). The first step, and any step whose rows are longer than every row checked before (a mask
+    built unlike the model's may show only on longer rows), is checked against the products one batch at a time,
+    which that step then uses; a check that fails or raises turns stacking off for the rest of the call and, through
+    ``refused`` (which logs why), for later calls on the same weights, rows and loss. A kept grouped graph passed that
+    check in the call that built it. A step that raises after the checks passed (out of memory with R batches at
+    once, say) adds nothing, returns False and turns stacking off for the rest of the call only: from that step on,
+    one product at a time; a grouped assembly that fails after adding part of the products raises `PartlyAdded`."""
 
     def __init__(self, hessian: StackedHessian | GroupedHessian, train: Batcher, tolerance: float,
                  refused: Callable[[str], None], kept: KeptHessians | None = None):

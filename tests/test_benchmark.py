@@ -431,6 +431,7 @@ def test_paper_scale_rows(quick):
     assert u["hvp_stacked"] and all(v > 0 for v in u["hvp_stacked"].values())
     assert u["hvp_stacked_route"] == "grouped"
     assert paper["FastIF, repetitions stacked"]["seconds"] > 0 and results["stacked_row"] is None
+    assert sum(t["target"].startswith("(FastIF, repetitions stacked") for t in results["targets"]) == 1
 
 
 def test_knn_recall_curve_of_the_run(quick):
