@@ -69,7 +69,7 @@ from .fingerprint import (
     tensor_digests,
 )
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
-from .grouped_products import GroupedHessian, PartlyAdded, grouped_modules
+from .grouped_products import AmbiguousBatch, GroupedHessian, PartlyAdded, grouped_modules
 from .hvp import BatchHessian, batch_gradient
 from .knn import build_index, extract_features, search, warn_short
 from .loss import (
@@ -216,13 +216,16 @@ class _StackedSteps:
     ``refused`` (which logs why), for later calls on the same weights, rows and loss. A kept grouped graph passed that
     check in the call that built it. A step that raises after the checks passed (out of memory with R batches at
     once, say) adds nothing, returns False and turns stacking off for the rest of the call only: from that step on,
-    one product at a time; a grouped assembly that fails after adding part of the products raises `PartlyAdded`."""
+    one product at a time; a grouped assembly that fails after adding part of the products raises `PartlyAdded`. A
+    batch whose shapes cannot say which dimension holds the rows (`AmbiguousBatch`: a padded length equal to the
+    row count) runs that step, and every later one of that length, one product at a time; other lengths group on."""
 
     def __init__(self, hessian: StackedHessian | GroupedHessian, train: Batcher, tolerance: float,
                  refused: Callable[[str], None], kept: KeptHessians | None = None):
         self.hessian, self.train, self.tolerance, self.refused = hessian, train, tolerance, refused
         self.kept = kept  # (grouped graphs are kept there, for later calls)
         self.usable, self.checked_length = True, -1
+        self.ambiguous: set[int] = set()  # padded lengths whose batches' shapes cannot say where the rows are
 
     def step(self, groups: Sequence[np.ndarray], vectors: torch.Tensor, into: torch.Tensor, alpha: float) -> bool:
         """``into[r] += alpha · H_r @ vectors[r]`` (``(R, m, p)`` each), H_r the Hessian of the batch of rows
@@ -234,6 +237,8 @@ class _StackedSteps:
         batch = None if kept else self.train.batch(rows)
         mask = None if kept else batch.get("attention_mask")
         length = mask.shape[-1] if isinstance(mask, torch.Tensor) and mask.dim() >= 2 else 0
+        if not kept and length in self.ambiguous:
+            return False
         if kept or length <= self.checked_length:
             try:
                 if grouped:  # (into the next iterate: no products stored apart)
@@ -243,6 +248,9 @@ class _StackedSteps:
                     into.add_(self.hessian.products(batch, vectors), alpha=alpha)
             except PartlyAdded:
                 raise
+            except AmbiguousBatch:  # (this length's shapes only: it runs one product at a time, others may group)
+                self.ambiguous.add(length)
+                return False
             except Exception as err:  # noqa: BLE001 (vmap's and the model's errors under it: the default path decides)
                 self.usable = False
                 logger.info(f"A stacked LiSSA step raised {type(err).__name__} ({_first_line(err)}); this call's "
@@ -254,6 +262,9 @@ class _StackedSteps:
         into.add_(alone, alpha=alpha)
         try:
             stacked = self.hessian.products(batch, vectors)
+        except AmbiguousBatch:  # (not checked: later steps with rows this long run one product at a time)
+            self.ambiguous.add(length)
+            return True
         except Exception as err:  # noqa: BLE001
             self.usable = False
             self.refused(f"the stacked products raised {type(err).__name__} ({_first_line(err)})")

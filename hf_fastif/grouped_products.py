@@ -20,13 +20,24 @@ dotted with its own group's vector, so one second backward of the R-group batch 
 and each group's blocks are assembled from its own rows (one ``baddbmm_`` per linear layer for all groups).
 
 Used only where this is exact: every influence parameter belongs to a module that is exactly one of the three
-classes, with the class's ``forward``, no hooks (its own or global), the module called once on the batch with its
-input and output laid out by rows and not written in place afterwards, no tied parameter, a LayerNorm over the last
-dimension with an affine weight, an embedding without ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, and the
-batch's autograd graph reading each parameter through exactly one edge. Otherwise `GroupedProducts.build` raises
-`hf_fastif.stacked.NotStackable`, and the engine runs the repetitions one product at a time. Rows must not interact
-in the forward (no batch norm; an attention mask keeps padded positions out), which the engine's check against the
-products taken one group at a time sees on the first step (`hf_fastif.engine`'s stacked steps).
+classes, with the class's ``forward`` (not replaced on the class since import, nor on the instance), no hooks (its
+own or global), the module called once on the batch with its input and output laid out by rows and not written in
+place afterwards, no tied parameter, a LayerNorm over the last dimension with an affine weight, an embedding without
+``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, and the batch's autograd graph reading each parameter through
+exactly one edge. Otherwise `GroupedProducts.build` raises `hf_fastif.stacked.NotStackable`, and the engine runs the
+repetitions one product at a time. "Laid out by rows" is read from shapes: a tensor whose first dimension is not the
+row count is refused, and one where another dimension (a float tensor's features aside) has as many entries too is
+ambiguous (`AmbiguousBatch`: MPNet's relative position buckets are ``(s, s)`` and XLNet's states sequence-first, so
+with a padded length equal to the row count they passed, 0.3-100% off, in a review's repros), and that batch runs
+one product at a time. An embedding read with one row of ids for all rows (BERT's absolute positions) is given
+them for each row only where its output is added to other tensors (else refused: a model that reads ``emb(ids)[0]``
+would put every group's gradient on the first). Rows must not interact in the forward (no batch norm; an attention
+mask keeps padded positions out), which the engine's check against the products taken one group at a time sees on
+the first step (`hf_fastif.engine`'s stacked steps). A stack of m vectors a group takes one second backward per
+vector, each added into the caller's vectors as it comes; a failure after the first raises `PartlyAdded`. With
+half-precision LayerNorms the normalised inputs are recomputed in float32 (autograd saves float32 statistics); the
+products still round apart from autograd's by ~1-2% there (each as far from float64's), so the engine's 1e-2 check
+may refuse grouping for such a model, which then runs one product at a time.
 """
 
 from __future__ import annotations
@@ -45,10 +56,17 @@ from .params import unflatten
 from .stacked import NotStackable
 
 ROUTED_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
+_FORWARDS = {kind: kind.forward for kind in ROUTED_MODULES}  # (a class-level patch after import is refused)
 
 
 class PartlyAdded(RuntimeError):
     """The products' assembly failed after adding some of them into the caller's vectors (which are then unusable)."""
+
+
+class AmbiguousBatch(NotStackable):
+    """This batch's shapes cannot say which dimension holds the rows (a routed tensor's other dimension has as many
+    entries as there are rows: a padded length equal to the row count); another batch may. The engine runs this step
+    one product at a time and goes on grouping."""
 
 
 def grouped_modules(fm: FunctionalModel, names: Sequence[str]) -> dict[nn.Module, dict[str, str]] | str:
@@ -77,6 +95,32 @@ def grouped_modules(fm: FunctionalModel, names: Sequence[str]) -> dict[nn.Module
     if missing:
         return f"{missing[0]} is not held by an nn.Linear, nn.LayerNorm or nn.Embedding"
     return table
+
+
+def _layout(t: torch.Tensor, rows: int) -> str:
+    """``"rows"`` where ``t``'s first dimension is the batch's rows, ``"other"`` where it cannot be, ``"ambiguous"``
+    where another dimension but a float tensor's last (its features) has as many entries too."""
+    if t.dim() == 0 or t.shape[0] != rows:
+        return "other"
+    inner = t.shape[1:-1] if t.is_floating_point() else t.shape[1:]
+    return "ambiguous" if rows in inner else "rows"
+
+
+def _only_added(losses: torch.Tensor, nodes: list) -> bool:
+    """Whether every node of the forward's graph that reads one of ``nodes`` (an expanded embedding's output) is an
+    addition (an absolute position embedding added to the token embeddings of every row)."""
+    wanted, seen, stack = set(nodes), set(), [losses.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child in wanted and node.name() not in ("AddBackward0", "AddBackward1"):
+                return False
+            if child is not None:
+                stack.append(child)
+    return True
 
 
 def _unfit(module: nn.Module) -> str | None:
@@ -138,9 +182,11 @@ class GroupedProducts:
         table = grouped_modules(fm, list(leaves))
         if isinstance(table, str):
             raise NotStackable(table)
-        if _global_hooks() or not all(_plain_layer(m) for m in table):
+        if _global_hooks() or not all(_plain_layer(m) for m in table) or any(
+                kind.forward is not forward for kind, forward in _FORWARDS.items()):
             raise NotStackable("a module hook or a replaced forward is in place")
         uses: list[_Use] = []
+        expanded: list[nn.Module] = []
 
         def record(module, args, output):
             x = args[0] if args else None
@@ -151,6 +197,7 @@ class GroupedProducts:
         def by_rows(module, args):
             ids = args[0] if args else None
             if isinstance(ids, torch.Tensor) and ids.dim() >= 1 and ids.shape[0] == 1 and rows > 1:
+                expanded.append(module)
                 return (ids.expand(rows, *ids.shape[1:]), *args[1:])
             return None
 
@@ -158,6 +205,11 @@ class GroupedProducts:
         handles += [module.register_forward_pre_hook(by_rows) for module in table if isinstance(module, nn.Embedding)]
         try:
             losses, _ = fm.values_without_l2(leaves, batch)
+        except Exception as err:
+            if not expanded:
+                raise
+            raise NotStackable(f"an embedding read with one row of ids for all rows, given them for each row, broke "
+                               f"the forward ({type(err).__name__}: {str(err)[:200]})") from err
         finally:
             for handle in handles:
                 handle.remove()
@@ -170,8 +222,11 @@ class GroupedProducts:
             if (u.x._version, u.y._version) != u.versions or not u.y.requires_grad:
                 raise NotStackable("a module's output does not reach the loss, or its input or output was written in place "
                                   "after its call")
-            if u.x.shape[:1] != (rows,) or u.y.shape[:1] != (rows,):
+            layouts = {_layout(u.x, rows), _layout(u.y, rows)}
+            if "other" in layouts:
                 raise NotStackable("a module's input or output is not laid out by rows")
+            if "ambiguous" in layouts:
+                raise AmbiguousBatch(f"a module's input or output has {rows} entries in a dimension beside the rows'")
             if isinstance(u.module, nn.Embedding):
                 if u.x.is_floating_point():
                     raise NotStackable("an embedding read with float indices")
@@ -179,6 +234,9 @@ class GroupedProducts:
                 raise NotStackable("a module's input, output and weight differ in dtype")
         if not _read_once(losses, [leaves[n] for u in uses for n in u.names.values()]):
             raise NotStackable("a parameter is read outside its module")
+        if expanded and not _only_added(losses, [u.y.grad_fn for u in uses if u.module in expanded]):
+            raise NotStackable("an embedding read with one row of ids for all rows is used otherwise than added to "
+                               "rows (its gradient per row would not be its own)")
         loss = losses.view(groups, rows // groups).mean(1).sum()
         inputs: list[torch.Tensor] = []
         for u in uses:
@@ -201,6 +259,7 @@ class GroupedProducts:
                 if u.module.padding_idx is not None:
                     u.kept = (u.xs != u.module.padding_idx).unsqueeze(-1)
             elif isinstance(u.module, nn.LayerNorm):
+                x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # (autograd's statistics: float32)
                 mean = x.mean(-1, keepdim=True)
                 scale = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + u.module.eps)
                 u.xs = ((x - mean) * scale).reshape(groups, -1, x.shape[-1])
@@ -221,10 +280,10 @@ class GroupedProducts:
             at_g, at_x = _seeds(u, vectors)
             if at_g is not None and u.g.requires_grad:
                 outputs.append(u.g)
-                grad_outputs.append(at_g.reshape(u.g.shape))
+                grad_outputs.append(at_g.reshape(u.g.shape).to(u.g.dtype))
             if at_x is not None and u.input_gradient is not None:
                 outputs.append(u.x)
-                grad_outputs.append(at_x.reshape(u.x.shape))
+                grad_outputs.append(at_x.reshape(u.x.shape).to(u.x.dtype))
         varying = [t for t in self._input_gradients if t.requires_grad]
         wanted = [u.y for u in self._uses] + varying
         uses = self._uses
@@ -343,5 +402,13 @@ class GroupedGraph:
             raise ValueError("a grouped graph takes (R, m, p) vectors and a contiguous (R, m, p) tensor to add into.")
         m = vectors.shape[1]
         for i in range(m):
-            self._products.accumulate(self._hessian.parts(vectors[:, i]), self._hessian.parts(into[:, i], cast=False),
-                                      alpha, last and i == m - 1)
+            try:
+                self._products.accumulate(self._hessian.parts(vectors[:, i]),
+                                          self._hessian.parts(into[:, i], cast=False), alpha, last and i == m - 1)
+            except PartlyAdded:
+                raise
+            except Exception as err:
+                if i == 0:
+                    raise
+                raise PartlyAdded(f"the grouped products of vector {i} of {m} failed after those before it were "
+                                  f"added ({type(err).__name__}: {err})") from err

@@ -13,7 +13,13 @@ from torch import nn
 
 from hf_fastif import InfluenceArguments, InfluenceEngine
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.grouped_products import GroupedHessian, GroupedProducts, PartlyAdded, grouped_modules
+from hf_fastif.grouped_products import (
+    AmbiguousBatch,
+    GroupedHessian,
+    GroupedProducts,
+    PartlyAdded,
+    grouped_modules,
+)
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import flatten, num_parameters, select_parameters, unflatten
@@ -140,7 +146,9 @@ def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_c
     the last layer cut where the parameters allow it): the default path's numbers. The engine's next call on the same
     weights and rows takes every grouped step but the checked first from graphs it kept."""
     model = tiny_model("bert", num_labels=3)
-    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(points, seed=7, num_labels=3)
+    # (rows longer than the 8 rows of a step: no padded length equal to the row count, which runs one at a time)
+    train = make_token_dataset(16, seed=0, num_labels=3, min_len=10, max_len=14)
+    test = make_token_dataset(points, seed=7, num_labels=3)
     alone, off, _ = run(model, train, test, pad_collator, tmp_path, "no", influence_params=names)
     builds = []
     real = GroupedProducts.build
@@ -205,3 +213,75 @@ def test_products_that_differ_are_refused_and_a_failed_assembly_is_not_hidden(pa
     monkeypatch.setattr(grouped_products, "_assemble", breaks)
     with pytest.raises(PartlyAdded, match="part way .*a test's failure"):
         run(model, train, test, pad_collator, tmp_path / "second", "auto", influence_params=TOP["bert"])
+
+
+def test_a_batch_whose_padded_length_is_the_row_count_runs_one_product_at_a_time(pad_collator, tmp_path,
+                                                                                  monkeypatch):
+    """Rows of 4 tokens in steps of 4 rows: a (4, 4) tensor cannot say which dimension holds the rows (MPNet's
+    relative position buckets are (s, s), XLNet's states sequence-first: grouped as rows they gave products 0.3-100%
+    off), so such a batch is refused as ambiguous: the call runs those steps one product at a time (trying once per
+    length), keeps grouping, and gives the default path's numbers."""
+    model, batcher, params = _setup("bert", pad_collator, None)
+    with influence_mode(model, list(params)):
+        hessian = GroupedHessian(FunctionalModel(model, list(params)), params)
+        rows4 = batcher.batch([0, 1, 2, 3])
+        rows4 = {k: v[:, :4] if v.dim() == 2 else v for k, v in rows4.items()}  # 4 rows of 4 positions
+        with pytest.raises(AmbiguousBatch, match="4 entries in a dimension beside the rows'"):
+            hessian.build(rows4, 4)
+    model = tiny_model("bert", num_labels=3)
+    train = make_token_dataset(16, seed=0, num_labels=3, min_len=4, max_len=4)
+    test = make_token_dataset(1, seed=7, num_labels=3)
+    settings = dict(influence_batch_size=1, influence_repetitions=4)
+    alone, _, _ = run(model, train, test, pad_collator, tmp_path, "no", **settings)
+    builds, real = [], GroupedProducts._build
+    monkeypatch.setattr(GroupedProducts, "_build", classmethod(lambda cls, *a: builds.append(1) or real(*a)))
+    grouped, diagnostics, _ = run(model, train, test, pad_collator, tmp_path, "auto", **settings)
+    assert len(builds) == 1 and diagnostics["lissa_stacked"] is True
+    np.testing.assert_allclose(grouped, alone, rtol=1e-9, atol=1e-12)
+
+
+def test_a_position_table_read_otherwise_than_added_and_a_patched_class_are_refused(pad_collator, monkeypatch):
+    """Position embeddings read with one row of ids are given the ids for every row, which is the same only where
+    their output is added to the rows' embeddings: one that scales them instead is refused, as is a LayerNorm whose
+    class ``forward`` was replaced (hooks and instance forwards are seen elsewhere)."""
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+
+    model, batcher, params = _setup("bert", pad_collator, [r"embeddings\.", r"classifier\."])
+    names, batch = list(params), batcher.batch(sum(GROUPS, []))
+
+    def scaled(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=0):
+        positions = self.position_embeddings(self.position_ids[:, : input_ids.shape[1]])  # (1, s, d)
+        words = self.word_embeddings(input_ids) + self.token_type_embeddings(torch.zeros_like(input_ids))
+        return self.dropout(self.LayerNorm(words * (1.0 + 0.1 * torch.tanh(positions))))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(BertEmbeddings, "forward", scaled)
+        with influence_mode(model, names), pytest.raises(NotStackable, match="used otherwise than added"):
+            GroupedHessian(FunctionalModel(model, names), params).build(batch, 3)
+    with monkeypatch.context() as patched:
+        patched.setattr(nn.LayerNorm, "forward", lambda self, x: nn.functional.layer_norm(
+            x, self.normalized_shape, self.weight, self.bias, self.eps) * 2.0)
+        with influence_mode(model, names), pytest.raises(NotStackable, match="replaced forward"):
+            GroupedHessian(FunctionalModel(model, names), params).build(batch, 3)
+    with influence_mode(model, names):  # (as it is: grouped)
+        assert GroupedHessian(FunctionalModel(model, names), params).build(batch, 3).saved_bytes is None
+
+
+def test_a_stack_that_fails_after_its_first_vector_raises(pad_collator):
+    """Two test points a repetition: the second vector's products failing after the first's were added into the
+    next iterate raises `PartlyAdded` (falling back would add the first's twice: 2.5e-3 off, in a review's repro)."""
+    model, batcher, params = _setup("bert", pad_collator, [r"classifier\."])
+    vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64)
+    with influence_mode(model, list(params)):
+        graph = GroupedHessian(FunctionalModel(model, list(params)), params).build(batcher.batch(sum(GROUPS, [])), 3)
+        calls, real = [], graph._products.accumulate
+
+        def fails_second(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("a test's")
+            return real(*args, **kwargs)
+
+        graph._products.accumulate = fails_second
+        with pytest.raises(PartlyAdded, match="vector 1 of 2 failed after those before it were added"):
+            graph.accumulate(vectors, torch.zeros_like(vectors), 1.0)
