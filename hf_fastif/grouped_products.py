@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .hvp import _counting_saved, _leaves, batch_hvp
-from .linear_products import _global_hooks, _plain_layer, _read_once
+from .linear_products import _edges, _global_hooks, _plain_layer, _read_once
 from .loss import FunctionalModel
 from .params import unflatten
 from .stacked import NotStackable
@@ -109,18 +109,8 @@ def _layout(t: torch.Tensor, rows: int) -> str:
 def _only_added(losses: torch.Tensor, nodes: list) -> bool:
     """Whether every node of the forward's graph that reads one of ``nodes`` (an expanded embedding's output) is an
     addition (an absolute position embedding added to the token embeddings of every row)."""
-    wanted, seen, stack = set(nodes), set(), [losses.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child in wanted and node.name() not in ("AddBackward0", "AddBackward1"):
-                return False
-            if child is not None:
-                stack.append(child)
-    return True
+    wanted = set(nodes)
+    return all(node.name() in ("AddBackward0", "AddBackward1") for node, child in _edges(losses) if child in wanted)
 
 
 def _unfit(module: nn.Module) -> str | None:
