@@ -49,11 +49,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hvp import _counting_saved, _leaves, batch_hvp
-from .linear_products import _edges, _global_hooks, _plain_layer, _read_once
+from .hvp import _counting_saved, _leaves
+from .linear_products import _as, _edges, _global_hooks, _plain_layer, _read_once, add_weight_block
 from .loss import FunctionalModel
-from .params import unflatten
-from .stacked import NotStackable
+from .params import unflatten, unflatten_cast
+from .stacked import GroupsHessian, NotStackable
 
 ROUTED_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 _FORWARDS = {kind: kind.forward for kind in ROUTED_MODULES}  # (a class-level patch after import is refused)
@@ -152,14 +152,16 @@ class GroupedProducts:
 
     @classmethod
     def build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch, groups: int, rows: int, *,
-              measure: bool = False) -> GroupedProducts:
+              measure: bool = False, table: dict | str | None = None) -> GroupedProducts:
         """The batch's forward and first backward (``rows`` rows in ``groups`` groups). An embedding read with one row
         of indices for every row (BERT's position ids, ``(1, s)``) is given them repeated for each row: the same
         values, and a gradient per row. ``measure``: count `saved_bytes` (what autograd saved beside the parameters,
-        and the normalised inputs held here), as `hf_fastif.hvp.BatchHessian` does."""
+        and the normalised inputs held here), as `hf_fastif.hvp.BatchHessian` does. ``table``: `grouped_modules`'
+        answer for these parameters, where the caller found it already."""
         saved: dict[int, int] = {}
         with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
-            graph = cls._build(fm, leaves, batch, groups, rows)
+            graph = cls._build(fm, leaves, batch, groups, rows,
+                               grouped_modules(fm, list(leaves)) if table is None else table)
         if measure:
             graph.saved_bytes = sum(saved.values()) + sum(
                 t.untyped_storage().nbytes() for u in graph._uses for t in (u.xs, u.scale)
@@ -167,9 +169,8 @@ class GroupedProducts:
         return graph
 
     @classmethod
-    def _build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch, groups: int,
-               rows: int) -> GroupedProducts:
-        table = grouped_modules(fm, list(leaves))
+    def _build(cls, fm: FunctionalModel, leaves: Mapping[str, torch.Tensor], batch, groups: int, rows: int,
+               table: dict | str) -> GroupedProducts:
         if isinstance(table, str):
             raise NotStackable(table)
         if _global_hooks() or not all(_plain_layer(m) for m in table) or any(
@@ -333,37 +334,25 @@ def _assemble(u: _Use, y_bar: torch.Tensor, x_bar: torch.Tensor | None, into: Ma
         if x_bar is not None:
             block = block + (u.gs * _normalisation_jacobian(u, x_bar)).sum(1)
         weight.add_(_as(block, weight), alpha=alpha)
-    elif x_bar is None:
-        weight.baddbmm_(_as(y_bar, weight).transpose(1, 2), _as(u.xs, weight), alpha=alpha)
-    else:  # [ȳ; g]ᵀ [x; x̄]: both terms in one product
-        left = torch.cat([y_bar, u.gs], dim=1)
-        right = torch.cat([u.xs, x_bar], dim=1)
-        weight.baddbmm_(_as(left, weight).transpose(1, 2), _as(right, weight), alpha=alpha)
+    else:
+        add_weight_block(weight, y_bar, u.gs, u.xs, x_bar, alpha)
 
 
-def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == like.dtype else t.to(like.dtype)
-
-
-class GroupedHessian:
+class GroupedHessian(GroupsHessian):
     """`hf_fastif.stacked.StackedHessian`'s interface over `GroupedProducts` (R groups' products from one batch, m
-    vectors a group), and the graphs themselves (`build`) for the engine to keep."""
+    vectors a group), and the graphs themselves (`build`) for the engine to keep. Which modules hold the parameters
+    is found once (`grouped_modules`); what can change between batches (hooks, patched forwards) is looked at on
+    each."""
 
     def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor]):
-        self._fm = fm
-        self._primals = {n: p.detach() for n, p in params.items()}
-        self._dtypes = [p.dtype for p in self._primals.values()]
+        super().__init__(fm, params)
+        self._table = grouped_modules(fm, list(self._primals))
 
     def build(self, batch: Mapping[str, torch.Tensor], groups: int, *, measure: bool = False) -> GroupedGraph:
         """The graph of ``batch`` (``groups`` groups of rows, group r's rows together), for `GroupedGraph.accumulate`."""
         rows = next((t.shape[0] for t in batch.values() if isinstance(t, torch.Tensor) and t.dim() > 0), 0)
-        return GroupedGraph(self, GroupedProducts.build(self._fm, _leaves(self._primals), batch, groups, rows,
-                                                        measure=measure))
-
-    def parts(self, vectors: torch.Tensor, cast: bool = True) -> dict[str, torch.Tensor]:
-        """``vectors`` ``(R, p)`` split per parameter (views), each cast to its parameter's dtype with ``cast``."""
-        views = unflatten(vectors, self._primals)
-        return {n: t.to(d) for (n, t), d in zip(views.items(), self._dtypes)} if cast else views
+        return GroupedGraph(self._primals, GroupedProducts.build(self._fm, _leaves(self._primals), batch, groups, rows,
+                                                                 measure=measure, table=self._table))
 
     def products(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """``(R, m, p)``: group r's Hessian (its mean loss, without the L2 term) times each of ``vectors[r]``
@@ -372,17 +361,12 @@ class GroupedHessian:
         self.build(batch, vectors.shape[0]).accumulate(vectors, out, 1.0, last=True)
         return out
 
-    def alone(self, batches: Sequence[Mapping[str, torch.Tensor]], vectors: torch.Tensor) -> torch.Tensor:
-        """``(R, m, p)``: the products one batch at a time (`batch_hvp`), what the grouped ones are checked against."""
-        return torch.stack([batch_hvp(self._fm, self._primals, b, v, l2_term=False).to(vectors.dtype)
-                            for b, v in zip(batches, vectors)])
-
 
 class GroupedGraph:
-    """One batch's `GroupedProducts`, taking and giving flat vectors: ``(R, m, p)``."""
+    """One batch's `GroupedProducts`, taking and giving flat vectors: ``(R, m, p)`` over the parameters ``like``."""
 
-    def __init__(self, hessian: GroupedHessian, products: GroupedProducts):
-        self._hessian, self._products = hessian, products
+    def __init__(self, like: Mapping[str, torch.Tensor], products: GroupedProducts):
+        self._like, self._products = like, products
         self.saved_bytes = products.saved_bytes
 
     def accumulate(self, vectors: torch.Tensor, into: torch.Tensor, alpha: float, last: bool = True) -> None:
@@ -393,8 +377,8 @@ class GroupedGraph:
         m = vectors.shape[1]
         for i in range(m):
             try:
-                self._products.accumulate(self._hessian.parts(vectors[:, i]),
-                                          self._hessian.parts(into[:, i], cast=False), alpha, last and i == m - 1)
+                self._products.accumulate(unflatten_cast(vectors[:, i], self._like), unflatten(into[:, i], self._like),
+                                          alpha, last and i == m - 1)
             except PartlyAdded:
                 raise
             except Exception as err:

@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .linear_products import LINEAR_PRODUCTS_TOLERANCE, LinearProducts
 from .loss import FunctionalModel, forward_mode
-from .params import flatten, flatten_batched, unflatten
+from .params import flatten, flatten_batched, unflatten, unflatten_cast
 from .utils import batched_grad, relative_difference
 
 logger = logging.get_logger(__name__)
@@ -178,7 +178,7 @@ class BatchHessian:
 
     def _parts(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """``vector`` ``(p,)`` (or a stack ``(m, p)``) split per parameter, each in its parameter's dtype."""
-        return {n: t.to(d) for (n, t), d in zip(unflatten(vector, self._leaves).items(), self._dtypes)}
+        return unflatten_cast(vector, self._leaves)
 
     def accumulate(self, vector: torch.Tensor, into: torch.Tensor, alpha: float, *, l2_term: bool = True,
                    last: bool = False) -> None:
@@ -322,8 +322,7 @@ def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tens
 
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
-    # each tangent in its own parameter's dtype (a bf16 pooler next to an fp32 classifier keeps fp32 there)
-    tangents = {n: t.to(primals[n].dtype) for n, t in unflatten(vectors, primals).items()}
+    tangents = unflatten_cast(vectors, primals)  # each tangent in its own parameter's dtype
 
     def one(t):
         return torch.func.jvp(losses, (primals,), (t,))[1]

@@ -247,12 +247,8 @@ class LinearProducts:
             x, g = u.values
             y_bar = g.new_zeros((m, *g.shape)) if y_bar is None else y_bar.reshape(m, *g.shape)
             x_bar = None if u.input_gradient is None else at_inputs[u.input_gradient]
-            if x_bar is None:
-                left, right = y_bar, x.expand(m, *x.shape)
-            else:  # [ȳ; g]ᵀ [x; x̄_g]: both terms in one product
-                left = torch.cat([y_bar, g.expand(m, *g.shape)], dim=1)
-                right = torch.cat([x.expand(m, *x.shape), x_bar.reshape(m, *x.shape)], dim=1)
-            target.baddbmm_(_as(left, target).transpose(1, 2), _as(right, target), alpha=alpha)
+            add_weight_block(target, y_bar, g.expand(m, *g.shape), x.expand(m, *x.shape),
+                             None if x_bar is None else x_bar.reshape(m, *x.shape), alpha)
             if u.bias is not None:
                 into[u.bias].add_(y_bar.sum(1), alpha=alpha)
         for name, product in zip(self._others, adjoints[len(self._uses) + len(varying):]):
@@ -260,6 +256,18 @@ class LinearProducts:
                 into[name].add_(product, alpha=alpha)
         if last:
             self._uses, self._input_gradients, self._other_gradients = [], [], []
+
+
+def add_weight_block(target: torch.Tensor, y_bar: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
+                     x_bar: torch.Tensor | None, alpha: float) -> None:
+    """``target += alpha · (ȳᵀx + gᵀx̄)`` for a batch of linear layers' weight blocks (``target`` ``(b, out, in)``,
+    ``ȳ`` and ``g`` ``(b, n, out)``, ``x`` and ``x̄`` ``(b, n, in)``): ``[ȳ; g]ᵀ [x; x̄]`` in one product, or ``ȳᵀx``
+    alone where ``x̄`` is None (the layer's input needs no gradient)."""
+    if x_bar is None:
+        left, right = y_bar, x
+    else:
+        left, right = torch.cat([y_bar, g], dim=1), torch.cat([x, x_bar], dim=1)
+    target.baddbmm_(_as(left, target).transpose(1, 2), _as(right, target), alpha=alpha)
 
 
 def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

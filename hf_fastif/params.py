@@ -117,3 +117,9 @@ def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, 
     if offset != vector.shape[-1]:
         raise ValueError(f"Vector of length {vector.shape[-1]} does not match {offset} parameters.")
     return out
+
+
+def unflatten_cast(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`unflatten`, each part in its parameter's dtype (a bfloat16 pooler next to a float32 classifier keeps float32
+    there): what a product with the parameters is given."""
+    return {n: t.to(like[n].dtype) for n, t in unflatten(vector, like).items()}

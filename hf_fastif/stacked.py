@@ -33,7 +33,7 @@ from torch import nn
 from .arguments import STACK_MODES
 from .hvp import batch_hvp
 from .loss import FunctionalModel, stacking
-from .params import flatten_batched, unflatten
+from .params import flatten_batched, unflatten_cast
 from .trunk import split_tolerance
 
 
@@ -118,7 +118,23 @@ def stack_tolerance(model: nn.Module) -> float:
     return split_tolerance(model)
 
 
-class StackedHessian:
+class GroupsHessian:
+    """Products of R groups' Hessians (each group's mean training loss, without the L2 term) with their own vectors:
+    what the two ways of taking them in one computation (`StackedHessian` here, vmapped;
+    `hf_fastif.grouped_products.GroupedHessian`, from activations) share, and what both are checked against."""
+
+    def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor]):
+        self._fm = fm
+        self._primals = {n: p.detach() for n, p in params.items()}
+
+    def alone(self, batches: Sequence[Mapping[str, torch.Tensor]], vectors: torch.Tensor) -> torch.Tensor:
+        """``(R, m, p)``: the products of ``batches`` (group r's rows collated alone) with ``vectors`` one batch at a
+        time (`batch_hvp`, what the products in one computation are checked against)."""
+        return torch.stack([batch_hvp(self._fm, self._primals, b, v, l2_term=False).to(vectors.dtype)
+                            for b, v in zip(batches, vectors)])
+
+
+class StackedHessian(GroupsHessian):
     """Products of R batches' Hessians (each batch's mean training loss, without the L2 term) with R stacks of m
     vectors, in one vmapped computation: per batch one forward and one first backward, the m vectors sharing them
     (a vmapped vector-Jacobian product of the gradient).
@@ -129,9 +145,7 @@ class StackedHessian:
     """
 
     def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor]):
-        self._fm = fm
-        self._primals = {n: p.detach() for n, p in params.items()}
-        self._dtypes = [p.dtype for p in self._primals.values()]
+        super().__init__(fm, params)
         self._causal = is_causal(fm.model)
         self._mask_dtype = _hidden_dtype(fm.model)
 
@@ -161,7 +175,7 @@ class StackedHessian:
         ``r·B … (r+1)·B - 1``) times ``vectors[r, i]`` (``(R, m, p)``), in ``vectors``' dtype."""
         groups, m, p = vectors.shape
         model_batches, loss_batches = self.split(batch, groups)
-        fm, primals, dtypes = self._fm, self._primals, self._dtypes
+        fm, primals = self._fm, self._primals
 
         def one(model_batch: dict, loss_batch: dict, stack: torch.Tensor) -> dict:
             def mean_loss(w):
@@ -170,7 +184,7 @@ class StackedHessian:
             _, along = torch.func.vjp(torch.func.grad(mean_loss), primals)  # (the Hessian is symmetric: H u)
 
             def product(u: torch.Tensor) -> dict:
-                return along({n: t.to(d) for (n, t), d in zip(unflatten(u, primals).items(), dtypes)})[0]
+                return along(unflatten_cast(u, primals))[0]
 
             return torch.func.vmap(product)(stack) if m > 1 else {n: t[None] for n, t in product(stack[0]).items()}
 
@@ -178,9 +192,3 @@ class StackedHessian:
             out = torch.func.vmap(one)(model_batches, loss_batches, vectors)
         return torch.stack([flatten_batched([out[n][:, i].to(vectors.dtype) for n in primals], groups)
                             for i in range(m)], dim=1)
-
-    def alone(self, batches: Sequence[Mapping[str, torch.Tensor]], vectors: torch.Tensor) -> torch.Tensor:
-        """``(R, m, p)``: the products of ``batches`` (group r's rows collated alone) with ``vectors`` one batch at a
-        time (`batch_hvp`, what the stacked products are checked against)."""
-        return torch.stack([batch_hvp(self._fm, self._primals, b, v, l2_term=False).to(vectors.dtype)
-                            for b, v in zip(batches, vectors)])

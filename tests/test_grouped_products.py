@@ -11,8 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from hf_fastif import InfluenceArguments, InfluenceEngine
-from hf_fastif.batches import Batcher, validate_dataset
 from hf_fastif.grouped_products import (
     AmbiguousBatch,
     GroupedHessian,
@@ -22,33 +20,14 @@ from hf_fastif.grouped_products import (
 )
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
-from hf_fastif.params import flatten, num_parameters, select_parameters, unflatten
+from hf_fastif.params import flatten, num_parameters, unflatten
 from hf_fastif.stacked import NotStackable
 from hf_fastif.utils import relative_difference
+from tests.test_stacked import ARGS, _groups, run
 from tests.test_trunk import TOP
 from tests.tiny import make_token_dataset, tiny_model
 
-ARGS = dict(influence_knn_k=None, influence_recursion_depth=12, influence_scale=50.0, influence_damping=0.05,
-            influence_repetitions=4, influence_batch_size=2, disable_tqdm=True, influence_check_convergence=False)
 GROUPS = [[0, 1], [2, 3], [4, 5]]
-
-
-def _setup(kind: str, pad_collator, names, pad_token_inside: bool = False):
-    model = tiny_model(kind, num_labels=3)
-    data = make_token_dataset(6, seed=3, num_labels=3, min_len=3, max_len=9)  # rows of different lengths: padding
-    if pad_token_inside:  # the padding id as a real, attended token: its embedding row gets no gradient there
-        pad = model.config.pad_token_id
-        data = data.map(lambda row: {"input_ids": row["input_ids"][:1] + [pad] + row["input_ids"][2:]})
-    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
-    return model, batcher, select_parameters(model, names)
-
-
-def run(model, train, test, collator, tmp_path, mode: str, engine=None, **settings):
-    args = InfluenceArguments(output_dir=str(tmp_path), influence_stack_repetitions=mode, **(ARGS | settings))
-    engine = engine or InfluenceEngine(model, args, data_collator=collator)
-    table = engine.compute_influences(train, test)
-    values = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
-    return values, table.metadata["diagnostics"], engine
 
 
 def test_grouped_products_are_the_explicit_hessians_of_each_group(pad_collator):
@@ -57,7 +36,7 @@ def test_grouped_products_are_the_explicit_hessians_of_each_group(pad_collator):
     rows in float64, times each group's two vectors."""
     names = [r"classifier\.", r"encoder\.layer\.1\.output\.LayerNorm\.", r"token_type_embeddings\.",
              r"position_embeddings\."]
-    model, batcher, params = _setup("bert", pad_collator, names)
+    model, batcher, params = _groups("bert", pad_collator, names)
     p = num_parameters(params)
     vectors = torch.randn(3, 2, p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with influence_mode(model, list(params)):
@@ -81,7 +60,7 @@ def test_grouped_products_equal_the_products_one_batch_at_a_time(kind, pad_colla
     """Every parameter of the model (word, position and token-type embeddings, LayerNorms, linear layers), rows
     padded to the longest of all groups and the padding id inside them as a real token: each group's products equal
     `batch_hvp` of the group collated alone; a kept graph gives the same products again."""
-    model, batcher, params = _setup(kind, pad_collator, None, pad_token_inside=True)
+    model, batcher, params = _groups(kind, pad_collator, None, pad_token_inside=True)
     assert model.base_model.embeddings.word_embeddings.padding_idx == model.config.pad_token_id
     vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))
@@ -107,7 +86,7 @@ def test_which_models_take_the_route(pad_collator, monkeypatch):
     every = [n for n, _ in gpt2.named_parameters()]
     assert "c_attn.weight is not held by an nn.Linear, nn.LayerNorm or nn.Embedding" in grouped_modules(
         FunctionalModel(gpt2, every), every)
-    model, batcher, params = _setup("bert", pad_collator, None)
+    model, batcher, params = _groups("bert", pad_collator, None)
     names = list(params)
     model.bert.embeddings.word_embeddings.max_norm = 1.0
     assert "max_norm" in grouped_modules(FunctionalModel(model, names), names)
@@ -221,7 +200,7 @@ def test_a_batch_whose_padded_length_is_the_row_count_runs_one_product_at_a_time
     relative position buckets are (s, s), XLNet's states sequence-first: grouped as rows they gave products 0.3-100%
     off), so such a batch is refused as ambiguous: the call runs those steps one product at a time (trying once per
     length), keeps grouping, and gives the default path's numbers."""
-    model, batcher, params = _setup("bert", pad_collator, None)
+    model, batcher, params = _groups("bert", pad_collator, None)
     with influence_mode(model, list(params)):
         hessian = GroupedHessian(FunctionalModel(model, list(params)), params)
         rows4 = batcher.batch([0, 1, 2, 3])
@@ -246,7 +225,7 @@ def test_a_position_table_read_otherwise_than_added_and_a_patched_class_are_refu
     class ``forward`` was replaced (hooks and instance forwards are seen elsewhere)."""
     from transformers.models.bert.modeling_bert import BertEmbeddings
 
-    model, batcher, params = _setup("bert", pad_collator, [r"embeddings\.", r"classifier\."])
+    model, batcher, params = _groups("bert", pad_collator, [r"embeddings\.", r"classifier\."])
     names, batch = list(params), batcher.batch(sum(GROUPS, []))
 
     def scaled(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=0):
@@ -270,7 +249,7 @@ def test_a_position_table_read_otherwise_than_added_and_a_patched_class_are_refu
 def test_a_stack_that_fails_after_its_first_vector_raises(pad_collator):
     """Two test points a repetition: the second vector's products failing after the first's were added into the
     next iterate raises `PartlyAdded` (falling back would add the first's twice: 2.5e-3 off, in a review's repro)."""
-    model, batcher, params = _setup("bert", pad_collator, [r"classifier\."])
+    model, batcher, params = _groups("bert", pad_collator, [r"classifier\."])
     vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64)
     with influence_mode(model, list(params)):
         graph = GroupedHessian(FunctionalModel(model, list(params)), params).build(batcher.batch(sum(GROUPS, [])), 3)

@@ -46,9 +46,11 @@ def table_values(table) -> np.ndarray:
     return table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
 
 
-def run(model, train, test, collator, tmp_path, mode: str, **settings):
+def run(model, train, test, collator, tmp_path, mode: str, engine=None, **settings):
+    """``(influence values, diagnostics, engine)`` of one call, on a fresh engine (or ``engine``, whose own settings
+    then hold)."""
     args = InfluenceArguments(output_dir=str(tmp_path), influence_stack_repetitions=mode, **(ARGS | settings))
-    engine = InfluenceEngine(model, args, data_collator=collator)
+    engine = engine or InfluenceEngine(model, args, data_collator=collator)
     table = engine.compute_influences(train, test)
     return table_values(table), table.metadata["diagnostics"], engine
 
@@ -78,9 +80,12 @@ def test_the_additive_mask_hides_padded_keys_and_with_causal_later_ones():
     assert is_causal(tiny_model("gpt2")) and not is_causal(tiny_model("bert"))
 
 
-def _groups(kind: str, pad_collator, names):
+def _groups(kind: str, pad_collator, names, pad_token_inside: bool = False):
     model = tiny_model(kind, num_labels=3)
     data = make_token_dataset(6, seed=3, num_labels=3, min_len=3, max_len=9)  # rows of different lengths: padding
+    if pad_token_inside:  # the padding id as a real, attended token: its embedding row gets no gradient there
+        pad = model.config.pad_token_id
+        data = data.map(lambda row: {"input_ids": row["input_ids"][:1] + [pad] + row["input_ids"][2:]})
     batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
     params = select_parameters(model, names)
     return model, batcher, params
