@@ -322,7 +322,8 @@ def directional_derivatives(fm: FunctionalModel, params: Mapping[str, torch.Tens
 
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
-    tangents = unflatten_cast(vectors, primals)  # each tangent in its own parameter's dtype
+    # each tangent in its own parameter's dtype (a bf16 pooler next to an fp32 classifier keeps fp32 there)
+    tangents = {n: t.to(primals[n].dtype) for n, t in unflatten(vectors, primals).items()}
 
     def one(t):
         return torch.func.jvp(losses, (primals,), (t,))[1]
