@@ -89,6 +89,7 @@ from .readout import Readout, find_readout
 from .scoring import score_pairs
 from .solvers import (
     TRUNCATION_WARNING,
+    Carry,
     LissaDivergenceError,
     LowRankSolve,
     build_hessian,
@@ -227,9 +228,12 @@ class _StackedSteps:
         self.usable, self.checked_length = True, -1
         self.ambiguous: set[int] = set()  # padded lengths whose batches' shapes cannot say where the rows are
 
-    def step(self, groups: Sequence[np.ndarray], vectors: torch.Tensor, into: torch.Tensor, alpha: float) -> bool:
-        """``into[r] += alpha · H_r @ vectors[r]`` (``(R, m, p)`` each), H_r the Hessian of the batch of rows
-        ``groups[r]`` without the L2 term; False where nothing was added (the step then runs one product at a time)."""
+    def step(self, groups: Sequence[np.ndarray], vectors: torch.Tensor, into: torch.Tensor, alpha: float,
+             carry: Carry) -> bool:
+        """``into[r] = carried + alpha · H_r @ vectors[r]`` (``(R, m, p)`` each), H_r the Hessian of the batch of rows
+        ``groups[r]`` without the L2 term, the carried part written through ``carry`` (`hf_fastif.solvers.lissa.Carry`:
+        block by block on the grouped route, whole before other products); False where no product was added (the
+        step then runs one product at a time)."""
         rows = np.concatenate(groups)
         grouped = isinstance(self.hessian, GroupedHessian)
         key = ("grouped", len(groups), rows.tobytes())
@@ -243,9 +247,11 @@ class _StackedSteps:
             try:
                 if grouped:  # (into the next iterate: no products stored apart)
                     self.kept.accumulate_grouped(key, lambda: batch if batch is not None else self.train.batch(rows),
-                                                 self.hessian, vectors, into, alpha)
+                                                 self.hessian, vectors, into, alpha, carry)
                 else:
-                    into.add_(self.hessian.products(batch, vectors), alpha=alpha)
+                    products = self.hessian.products(batch, vectors)
+                    carry.finish()
+                    into.add_(products, alpha=alpha)
             except PartlyAdded:
                 raise
             except AmbiguousBatch:  # (this length's shapes only: it runs one product at a time, others may group)
@@ -259,6 +265,7 @@ class _StackedSteps:
             return True
         # (what the default path raises, it raises here too)
         alone = self.hessian.alone([self.train.batch(g) for g in groups], vectors)
+        carry.finish()
         into.add_(alone, alpha=alpha)
         try:
             stacked = self.hessian.products(batch, vectors)
@@ -331,11 +338,13 @@ class KeptHessians:
                        lambda graph, last: graph.accumulate(vector, into, alpha, last=last, **kwargs))
 
     def accumulate_grouped(self, key, collate: Callable[[], dict], hessian: GroupedHessian, vectors: torch.Tensor,
-                           into: torch.Tensor, alpha: float) -> None:
-        """`GroupedGraph.accumulate` (``into[r] += alpha · H_r @ vectors[r]``) for the R groups of rows ``collate()``
-        (named ``key``), its graph kept (for later calls, with ``retain``) while it fits."""
+                           into: torch.Tensor, alpha: float, carry: Carry | None = None) -> None:
+        """`GroupedGraph.accumulate` (``into[r] += alpha · H_r @ vectors[r]``, with ``carry`` written block by block
+        first) for the R groups of rows ``collate()`` (named ``key``), its graph kept (for later calls, with
+        ``retain``) while it fits."""
         groups = vectors.shape[0]
-        self._multiply(key, collate, False, lambda graph, last: graph.accumulate(vectors, into, alpha, last=last),
+        self._multiply(key, collate, False,
+                       lambda graph, last: graph.accumulate(vectors, into, alpha, last=last, carry=carry),
                        lambda batch, measure: hessian.build(batch, groups, measure=measure))
 
     def _multiply(self, key, collate: Callable[[], dict], again: bool, multiply: Callable, build=None):
@@ -1556,14 +1565,16 @@ class InfluenceEngine:
 
         stacked = self._stacked_steps(call, len(mine), v, kept)
 
-        def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float) -> None:
+        def hvp_step(j: int, reps: Sequence[int], h: torch.Tensor, *, into: torch.Tensor, alpha: float,
+                     carry: Carry) -> None:
             if stacked is not None and stacked.usable:
                 groups = [draws[t][j - 1] for t in reps]
-                if stacked.step(groups, h, into, alpha):
+                if stacked.step(groups, h, into, alpha, carry):
                     for rows in groups:  # (drawn: a kept graph is kept for the draws still to come)
                         uses[rows.tobytes()] -= 1
                     return
                 # it raised after its checks: this step and the rest of the call run one product at a time
+            carry.finish()  # (what a grouped step carried before it raised stays: carried once)
             for r, t in enumerate(reps):
                 rows = draws[t][j - 1]
                 key = rows.tobytes()
@@ -1581,7 +1592,7 @@ class InfluenceEngine:
             estimate, lissa_info = D.together(
                 lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
                                     depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
-                                    diagonal=diagonal, accumulates=True),
+                                    diagonal=diagonal, accumulates=True, carries=True),
                 "LiSSA's repetitions")
         finally:
             kept.end_call()

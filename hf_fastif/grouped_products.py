@@ -46,6 +46,7 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +54,7 @@ from .hvp import _counting_saved, _leaves
 from .linear_products import _as, _edges, _global_hooks, _plain_layer, _read_once, add_weight_block
 from .loss import FunctionalModel
 from .params import unflatten, unflatten_cast
+from .solvers.lissa import Carry
 from .stacked import GroupsHessian, NotStackable
 
 ROUTED_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
@@ -368,16 +370,23 @@ class GroupedGraph:
     def __init__(self, like: Mapping[str, torch.Tensor], products: GroupedProducts):
         self._like, self._products = like, products
         self.saved_bytes = products.saved_bytes
+        ends = np.cumsum([t.numel() for t in like.values()])
+        self._ranges = {name: (int(end) - t.numel(), int(end)) for (name, t), end in zip(like.items(), ends)}
 
-    def accumulate(self, vectors: torch.Tensor, into: torch.Tensor, alpha: float, last: bool = True) -> None:
+    def accumulate(self, vectors: torch.Tensor, into: torch.Tensor, alpha: float, last: bool = True,
+                   carry: Carry | None = None) -> None:
         """``into[r, i] += alpha · H_r @ vectors[r, i]`` (``(R, m, p)`` each, ``into`` contiguous), without the L2
-        term: one second backward per vector i (a batched one measured no faster); ``last=True`` frees the graph."""
+        term: one second backward per vector i (a batched one measured no faster); ``last=True`` frees the graph.
+        ``carry`` (`hf_fastif.solvers.lissa.Carry` over ``into``): each parameter's range is carried just before its
+        block is first added, the rest after the last vector."""
         if into.shape != vectors.shape or vectors.dim() != 3 or not into.is_contiguous():
             raise ValueError("a grouped graph takes (R, m, p) vectors and a contiguous (R, m, p) tensor to add into.")
         m = vectors.shape[1]
         for i in range(m):
+            targets = unflatten(into[:, i], self._like)
             try:
-                self._products.accumulate(unflatten_cast(vectors[:, i], self._like), unflatten(into[:, i], self._like),
+                self._products.accumulate(unflatten_cast(vectors[:, i], self._like),
+                                          targets if carry is None else _Carried(targets, carry, self._ranges),
                                           alpha, last and i == m - 1)
             except PartlyAdded:
                 raise
@@ -386,3 +395,20 @@ class GroupedGraph:
                     raise
                 raise PartlyAdded(f"the grouped products of vector {i} of {m} failed after those before it were "
                                   f"added ({type(err).__name__}: {err})") from err
+
+
+class _Carried(dict):
+    """A step's targets (parameter name → view of the next iterate), each read (``[]`` or `get`) first carrying that
+    parameter's range (`hf_fastif.solvers.lissa.Carry.part`)."""
+
+    def __init__(self, targets: dict[str, torch.Tensor], carry: Carry, ranges: dict[str, tuple[int, int]]):
+        super().__init__(targets)
+        self._carry, self._ranges = carry, ranges
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        target = super().__getitem__(name)
+        self._carry.part(*self._ranges[name])
+        return target
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default

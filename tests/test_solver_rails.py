@@ -182,6 +182,59 @@ def test_products_added_into_the_next_iterate_give_the_same_recursion():
                     scale=10.0, depth=20, repetitions=[0], progress=False, accumulates=True)
 
 
+def test_a_carry_written_range_by_range_gives_the_same_recursion():
+    """``carries=True`` (the grouped route's: the carried part ``v + (1 - damp)·h`` written range by range just
+    before a block's products are added, the rest after the step) runs the same recursion as the carried part
+    written whole ahead, with and without the L2 term's diagonal; a range is carried once, so products added there
+    stay; a step that carries nothing gets it all from `Carry.finish`; a partly overlapping range is refused."""
+    matrix, _ = spectrum_matrix([0.05, 0.5, 1.0, 2.0, 3.0])
+    v = torch.tensor([[1.0, -2.0, 0.5, 3.0, 0.2], [0.0, 1.0, 1.0, -1.0, 2.0]], dtype=torch.float64)
+    step = None  # (a fresh noisy step per run: its generator draws as it goes)
+
+    def by_ranges(j, reps, h, *, into, alpha, carry):
+        products = step(j, reps, h)
+        # [3, 5) twice, half its products each time: carried once, the first half kept
+        for start, end in ((3, 5), (0, 2), (3, 5), (2, 3)):
+            carry.part(start, end)
+            into[..., start:end] += alpha * products[..., start:end] / (2 if start == 3 else 1)
+
+    def whole(j, reps, h, *, into, alpha, carry):
+        products = step(j, reps, h)
+        carry.finish()
+        into.add_(products, alpha=alpha)
+
+    for diagonal in (None, torch.tensor([0.1, 0.0, 0.2, 0.0, 0.3], dtype=torch.float64)):
+        settings = dict(damping=0.01, scale=10.0, depth=200, repetitions=[0, 3], progress=False, diagonal=diagonal)
+        returned, _ = solve_lissa(explicit_step(matrix, noise=0.1, seed=4), v, **settings)
+        for carrying in (by_ranges, whole):
+            step = explicit_step(matrix, noise=0.1, seed=4)
+            carried, _ = solve_lissa(carrying, v, accumulates=True, carries=True, **settings)
+            torch.testing.assert_close(carried, returned, rtol=1e-12, atol=1e-12)
+        assert returned.abs().max() > 1.0
+    # a step that adds nothing: the whole carried part comes from finish (H = 0: h → v / damp)
+    nothing, _ = solve_lissa(lambda j, reps, h, *, into, alpha, carry: None, v, damping=0.5, scale=1.0, depth=60,
+                             repetitions=[0], progress=False, accumulates=True, carries=True)
+    torch.testing.assert_close(nothing, v / 0.5, rtol=1e-12, atol=1e-12)
+
+    def overlapping(j, reps, h, *, into, alpha, carry):
+        carry.part(0, 3)
+        carry.part(0, 2)
+
+    with pytest.raises(RuntimeError, match="overlaps a range carried before"):
+        solve_lissa(overlapping, v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
+                    accumulates=True, carries=True)
+
+    def straddling(j, reps, h, *, into, alpha, carry):
+        carry.part(0, 3)
+        carry.part(2, 4)
+
+    with pytest.raises(RuntimeError, match="overlaps a range carried before"):
+        solve_lissa(straddling, v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
+                    accumulates=True, carries=True)
+    with pytest.raises(ValueError, match="carries=True needs accumulates=True"):
+        solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False, carries=True)
+
+
 def test_lissa_nan_is_divergence():
     def step(j, reps, h):
         return h * float("nan") if j == 5 else h

@@ -6,6 +6,7 @@ from .exact import build_hessian, solve_decomposed, solve_exact
 from .lanczos import extreme_eigenvalues, lanczos
 from .lissa import (
     TRUNCATION_WARNING,
+    Carry,
     GrowthMonitor,
     LissaDivergenceError,
     converging_depth,
@@ -18,4 +19,4 @@ from .lissa import (
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
            "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING",
-           "converging_depth"]
+           "converging_depth", "Carry"]

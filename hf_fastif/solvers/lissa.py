@@ -132,10 +132,66 @@ class GrowthMonitor:
         return norms.detach().double() / (self.envelope * self.v_norm).clamp_min(torch.finfo(torch.float64).tiny)
 
 
+class Carry:
+    """The carried part of one LiSSA step, ``into ← v + c ⊙ h`` (``c = 1 - damping``, or with the L2 term's diagonal
+    the per-entry coefficient), written one range of the flat vector at a time: a step that adds its products block
+    by block (`hf_fastif.grouped_products`) carries each block just before its first add, while the block is still
+    in cache, instead of a whole pass over the iterates ahead of the step (MiniLM, four repetitions of the paper's
+    selection: a step 29.2 → 26.2 ms). `finish` carries every range not carried yet; carrying a range twice would
+    overwrite what was added there, so each is carried once (a partial overlap is refused).
+
+    Args:
+        v: ``(m, p)`` right-hand sides; h: ``(R, m, p)`` the step's input; into: ``(R, m, p)``, what the step writes.
+        damping: LiSSA's damping; coefficient: ``(p,)`` per-entry ``c`` where the L2 term's diagonal is applied
+            here (None: ``1 - damping`` everywhere).
+    """
+
+    def __init__(self, v: torch.Tensor, h: torch.Tensor, into: torch.Tensor, damping: float,
+                 coefficient: torch.Tensor | None = None):
+        self._v, self._h, self._into, self._damping, self._coefficient = v, h, into, damping, coefficient
+        self._carried: dict[int, int] = {}  # start -> end of every range carried
+
+    def part(self, start: int, end: int) -> None:
+        """Carry the flat entries ``[start, end)`` of every slice, unless that range was carried already."""
+        if self._carried.get(start) == end:
+            return
+        if start in self._carried:
+            raise RuntimeError(f"LiSSA's carried part: [{start}, {end}) overlaps a range carried before.")
+        self._write(start, end)
+        self._carried[start] = end
+
+    def finish(self) -> None:
+        """Carry every entry not carried yet (in as few ranges as there are gaps)."""
+        position = 0
+        for start, end in sorted(self._carried.items()):
+            if start < position:
+                raise RuntimeError(f"LiSSA's carried part: [{start}, {end}) overlaps a range carried before.")
+            if start > position:
+                self._write(position, start)
+            position = end
+        size = self._into.shape[-1]
+        if position < size:
+            self._write(position, size)
+        self._carried = {0: size}
+
+    def _write(self, start: int, end: int) -> None:
+        _carried(self._v[..., start:end], self._h[..., start:end], self._damping,
+                 None if self._coefficient is None else self._coefficient[start:end], self._into[..., start:end])
+
+
+def _carried(v: torch.Tensor, h: torch.Tensor, damping: float, coefficient: torch.Tensor | None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``v + (1 - damping)·h``, or ``v + coefficient ⊙ h`` (the L2 term's diagonal applied)."""
+    if coefficient is None:
+        return torch.add(v, h, alpha=1.0 - damping, out=out)
+    return torch.addcmul(v, coefficient, h, out=out)
+
+
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
                 damping: float, scale: float, depth: int, repetitions: Sequence[int],
                 top_eigenvalue: float | None = None, progress: bool = True,
-                diagonal: torch.Tensor | None = None, accumulates: bool = False) -> tuple[torch.Tensor, dict]:
+                diagonal: torch.Tensor | None = None, accumulates: bool = False,
+                carries: bool = False) -> tuple[torch.Tensor, dict]:
     """Run the given LiSSA repetitions in lockstep and return their mean estimate of ``(H + λI)⁻¹ v``.
 
     Args:
@@ -151,6 +207,9 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         accumulates: ``hvp_step`` is called as ``hvp_step(j, reps, h, into=, alpha=)`` and adds ``alpha ·`` its
             products into ``into`` (``(R, m, p)``, already holding ``v + (1 - damping)·h``) in place, returning
             nothing: the products are never stored apart (`hf_fastif.hvp.BatchHessian.accumulate`).
+        carries: (with ``accumulates``) ``into`` is handed over empty, with ``carry=`` a `Carry` for the step to
+            write ``v + (1 - damping)·h`` range by range before adding its products there; what the step did not
+            carry is carried after it. A step that adds whole-vector products calls ``carry.finish()`` first.
     Returns:
         ``(mean over repetitions of h_J / scale, info)``.
     Raises:
@@ -168,14 +227,19 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
 
     def carried(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # v + (1 - damp)·h (diagonal)
-        if coefficient is None:
-            return torch.add(v, h, alpha=1.0 - damping, out=out)
-        return torch.addcmul(v, coefficient, h, out=out)
+        return _carried(v, h, damping, coefficient, out)
 
     add_products = hvp_step if accumulates else _adding(hvp_step)
+    if carries and not accumulates:
+        raise ValueError("solve_lissa: carries=True needs accumulates=True (the step adds into the next iterate).")
     for j in bar:
-        carried(h, out=spare)
-        add_products(j, reps, h, into=spare, alpha=-1.0 / scale)
+        if carries:
+            carry = Carry(v, h, spare, damping, coefficient)
+            add_products(j, reps, h, into=spare, alpha=-1.0 / scale, carry=carry)
+            carry.finish()
+        else:
+            carried(h, out=spare)
+            add_products(j, reps, h, into=spare, alpha=-1.0 / scale)
         h, spare = spare, h
         norms = h.norm(dim=-1)
         if not torch.isfinite(norms).all():
