@@ -202,6 +202,7 @@ def test_a_carry_written_range_by_range_gives_the_same_recursion():
         products = step(j, reps, h)
         carry.finish()
         into.add_(products, alpha=alpha)
+        carry.part(1, 3)  # (after finish everything is carried: nothing is written again)
 
     for diagonal in (None, torch.tensor([0.1, 0.0, 0.2, 0.0, 0.3], dtype=torch.float64)):
         settings = dict(damping=0.01, scale=10.0, depth=200, repetitions=[0, 3], progress=False, diagonal=diagonal)
