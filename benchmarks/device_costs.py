@@ -182,7 +182,7 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
 
     def run(model, settings) -> dict:
         table, seconds = timed(lambda: compute_influences(model, train, setup.test, settings,
-                                                          data_collator=setup.collator))
+                                                          data_collator=setup.collator), collected=True)
         diagnostics = table.metadata["diagnostics"]
         return {"seconds": seconds, "phases": {k: diagnostics.get(k, 0.0) for k in PHASES},
                 "stacked": bool(diagnostics.get("lissa_stacked", False)), "table": table}

@@ -258,4 +258,4 @@ def call_influences(setup: Setup, test: Dataset, args: InfluenceArguments,
                     candidate_dataset: Dataset | None = None) -> tuple[InfluenceTable, float]:
     """One `compute_influences` call on the set-up's model and training rows: ``(table, wall seconds)``."""
     return timed(lambda: compute_influences(setup.model, setup.train, test, args, data_collator=setup.collator,
-                                            candidate_dataset=candidate_dataset))
+                                            candidate_dataset=candidate_dataset), collected=True)

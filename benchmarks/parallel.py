@@ -78,11 +78,12 @@ def workload(own: ParallelArguments, args: InfluenceArguments) -> dict:
         return compute_influences(model, data["train"], rows, args, data_collator=collator)
 
     run(test.select([0]))  # warm-up
-    table, together = timed(lambda: run(test))
+    table, together = timed(lambda: run(test), collected=True)
     processes = world()[1]
     out = {"many_in_one_call_s": together, "diagnostics": table.metadata["diagnostics"], "num_processes": processes}
     if processes == 1:
-        out["one_at_a_time_s"] = sum(timed(lambda t=t: run(test.select([t])))[1] for t in range(len(test)))
+        out["one_at_a_time_s"] = sum(timed(lambda t=t: run(test.select([t])), collected=True)[1]
+                                     for t in range(len(test)))
     return out
 
 

@@ -50,6 +50,7 @@ from hf_fastif.utils import library_version, markdown_table
 
 from .arguments import output_folder, parse_with_defaults
 from .report import save_and_print
+from .timing import timed
 
 FASTIF = dict(influence_solver="lissa", influence_recursion_depth=1000, influence_batch_size=1,
               influence_repetitions=4, influence_knn_k=1000, influence_knn_features="auto",
@@ -93,9 +94,8 @@ def rows_arguments(args: InfluenceArguments, kind: str, quick: bool) -> dict[str
 
 
 def timed_call(engine: InfluenceEngine, train, test) -> tuple[float, dict]:
-    start = time.perf_counter()
-    table = engine.compute_influences(train, test)
-    return time.perf_counter() - start, table.metadata["diagnostics"]
+    table, seconds = timed(lambda: engine.compute_influences(train, test), collected=True)
+    return seconds, table.metadata["diagnostics"]
 
 
 def warm_up(model, collator, train, test, args: InfluenceArguments) -> None:

@@ -288,10 +288,12 @@ def compare(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
         order = ("reference", "hf_fastif") if r % 2 == 0 else ("hf_fastif", "reference")
         for side in order:
             if side == "reference":
-                values, seconds = timed(lambda seed=seed: run_reference(reference, setup, args, repetitions, seed))
+                values, seconds = timed(lambda seed=seed: run_reference(reference, setup, args, repetitions, seed),
+                                         collected=True)
                 runs[side].append({"seed": seed, "seconds": seconds, "values": values})
             else:
-                (values, diagnostics), seconds = timed(lambda seed=seed: run_ours(setup, args, repetitions, seed))
+                (values, diagnostics), seconds = timed(lambda seed=seed: run_ours(setup, args, repetitions, seed),
+                                                        collected=True)
                 runs[side].append({"seed": seed, "seconds": seconds, "values": values, "diagnostics": diagnostics})
             print(f"  {setup.name} T={repetitions} run {r} {side}: {seconds:.2f} s", flush=True)
     ref_s = [x["seconds"] for x in runs["reference"]]
@@ -421,7 +423,7 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
 
     with mock.patch.object(engine_module, "extreme_eigenvalues", timed_lanczos):
         (_, diagnostics), total = timed(lambda: run_ours(setup, args, 1, args.influence_seed,
-                                                         engine_class=_ProfiledEngine))
+                                                         engine_class=_ProfiledEngine), collected=True)
     found = _ProfiledEngine.found
     recursion = diagnostics["s_test_s"] - found["check_s"] - found["hook_s"]
     rows_check = min(CHECK_ROWS, n)
@@ -450,7 +452,7 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     decay = dict(params_filter=frozen, weight_decay=args.influence_weight_decay,
                  weight_decay_ignores=REFERENCE_IGNORES + frozen)
-    _, ref_total = timed(lambda: run_reference(reference, setup, args, 1, args.influence_seed))
+    _, ref_total = timed(lambda: run_reference(reference, setup, args, 1, args.influence_seed), collected=True)
     torch.manual_seed(args.influence_seed)
     loader = DataLoader(setup.train, batch_size=args.influence_batch_size, sampler=RandomSampler(setup.train),
                         collate_fn=setup.collator)

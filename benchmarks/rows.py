@@ -137,7 +137,7 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
         if engine is None:
             table, wall = call_influences(setup, test, settings[name])
         else:
-            table, wall = timed(lambda: engine.compute_influences(setup.train, test))
+            table, wall = timed(lambda: engine.compute_influences(setup.train, test), collected=True)
         diag = table.metadata["diagnostics"]
         calls.setdefault(name, []).append(per_point_seconds(wall, diag, queries, knn["query_s"]) / queries)
         diagnostics.setdefault(name, diag)
@@ -146,7 +146,7 @@ def run_rows(setup: Setup, bench: BenchmarkArguments, args: InfluenceArguments, 
     low_rank_slots = _spread(bench.low_rank_calls, m)
     # one engine keeps the low-rank Hessian (and the trunk states, the kNN index): its first call is the one-off
     low_rank = InfluenceEngine(setup.model, settings[LOW_RANK], data_collator=setup.collator)
-    table, low_rank_build_s = timed(lambda: low_rank.compute_influences(setup.train, setup.test))
+    table, low_rank_build_s = timed(lambda: low_rank.compute_influences(setup.train, setup.test), collected=True)
     values[LOW_RANK] = influence_by_test(table, m)
     low_rank_build_diagnostics = table.metadata["diagnostics"]
     low_rank_differences: list[float] = []  # later calls against the first, relative

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 
@@ -15,8 +16,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable):
-    """``(fn(), seconds)`` with the device synchronised before and after."""
+def timed(fn: Callable, *, collected: bool = False):
+    """``(fn(), seconds)`` with the device synchronised before and after. ``collected``: a full garbage collection
+    first, untimed, for a whole call timed once: a full collection of these processes' ~530k Python objects costs
+    ~0.24 s, and the collector runs one in whichever call crosses its threshold, so a call would be charged for the
+    garbage of the calls before it (a generation-2 collection of 218 ms measured inside the 0.25 s scoring phase of
+    `benchmarks.per_test_point`'s fast row, 4 test points in one call, once the FastIF row had run before it)."""
+    if collected:
+        gc.collect()
     sync()
     start = time.perf_counter()
     result = fn()

@@ -2,7 +2,9 @@
 device_costs.py) run end to end in quick mode, and the scripts refuse what they cannot run before any work (also
 benchmarks/minilm_finetune.py's --save). Structure and sanity only, never speed."""
 
+import gc
 import json
+import weakref
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -23,6 +25,7 @@ from benchmarks import (
     reference,
 )
 from benchmarks.arguments import parse_with_defaults
+from benchmarks.timing import timed
 from hf_fastif import InfluenceArguments
 from hf_fastif.data import generate_nli, hans_row_count
 from hf_fastif.embedded import TINY
@@ -140,6 +143,53 @@ def test_per_test_point_warms_up_before_the_timed_rows(tmp_path, monkeypatch):
     # then each row as before, on the whole training set: first call, 2 later calls, all 3 in one call
     assert [(rows, tests) for _, rows, tests in calls[2:]] == [(200, 1), (200, 1), (200, 1), (200, 3)] * 3
     assert calls[2][0].influence_recursion_depth == 20 and calls[2][0].influence_knn_k == 50
+
+
+class _Cycle:
+    """A reference cycle: only the garbage collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_whole_calls_are_timed_from_a_collected_heap(tmp_path, monkeypatch):
+    """A full collection of a benchmark process's heap costs ~0.24 s, and the collector ran one inside whichever call
+    crossed its threshold (218 ms inside the fast row's 4-test-point call of `benchmarks.per_test_point`, for the
+    garbage of the rows before): ``timed(collected=True)`` collects first, untimed, and the per-test-point calls use
+    it. (The automatic collector is off here, so only that collection can free the cycles.)"""
+    gc.disable()
+    try:
+        left = weakref.ref(_Cycle())
+        freed, _ = timed(lambda: left() is None, collected=True)
+        assert freed
+        kept = weakref.ref(_Cycle())
+        freed, _ = timed(lambda: kept() is None)
+        assert not freed  # (without it, the garbage is still there when the timer starts)
+        gc.collect()
+        cycles, found = [], []
+
+        class Engine:  # each call leaves a cycle behind; a timed call finds the one before it freed
+            def __init__(self, model, args, data_collator=None):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return None
+
+            def compute_influences(self, train, test):
+                found.append([ref() is None for ref in cycles])
+                cycles.append(weakref.ref(_Cycle()))
+                return SimpleNamespace(metadata={"diagnostics": {"s_test_s": 0.5}})
+
+        monkeypatch.setattr(per_test_point, "InfluenceEngine", Engine)
+        monkeypatch.setattr(per_test_point, "train_embedded_model", lambda *a, **k: (None, {"cached": True}))
+        per_test_point.main(["--quick", "--output_dir", str(tmp_path), "--num_test_points", "2"])
+    finally:
+        gc.enable()
+    assert len(found) == 1 + 3 * 3  # the warm-up, then 3 rows of 3 timed calls
+    assert all(all(freed) for freed in found[1:]) and found[1]  # every timed call: all garbage before it freed
 
 
 def test_device_costs_says_up_front_it_runs_bert_base_on_the_cpu(tmp_path, monkeypatch, caplog):
