@@ -217,21 +217,15 @@ def test_a_carry_written_range_by_range_gives_the_same_recursion():
                              repetitions=[0], progress=False, accumulates=True, carries=True)
     torch.testing.assert_close(nothing, v / 0.5, rtol=1e-12, atol=1e-12)
 
-    def overlapping(j, reps, h, *, into, alpha, carry):
-        carry.part(0, 3)
-        carry.part(0, 2)
+    for second in ((0, 2), (2, 4)):  # the same start, another end; a range straddling the first one's end
 
-    with pytest.raises(RuntimeError, match="overlaps a range carried before"):
-        solve_lissa(overlapping, v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
-                    accumulates=True, carries=True)
+        def overlapping(j, reps, h, *, into, alpha, carry, second=second):
+            carry.part(0, 3)
+            carry.part(*second)
 
-    def straddling(j, reps, h, *, into, alpha, carry):
-        carry.part(0, 3)
-        carry.part(2, 4)
-
-    with pytest.raises(RuntimeError, match="overlaps a range carried before"):
-        solve_lissa(straddling, v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
-                    accumulates=True, carries=True)
+        with pytest.raises(RuntimeError, match="overlaps a range carried before"):
+            solve_lissa(overlapping, v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
+                        accumulates=True, carries=True)
     with pytest.raises(ValueError, match="carries=True needs accumulates=True"):
         solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False, carries=True)
 
