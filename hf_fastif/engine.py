@@ -351,8 +351,8 @@ class KeptHessians:
         graph, last, found = self._graph(key, collate, again, build)
         try:
             return multiply(graph, last)  # (autograd refuses a graph before any product is written)
-        except RuntimeError as err:
-            if not found or "modified by an inplace operation" not in str(err):
+        except RuntimeError as err:  # (not after part was added: a retry would add that part twice)
+            if isinstance(err, PartlyAdded) or not found or "modified by an inplace operation" not in str(err):
                 raise
         logger.info("A tensor the kept first-backward graphs read was written in place since they were built: they "
                     "are built again.")

@@ -153,8 +153,8 @@ class Carry:
 
     def part(self, start: int, end: int) -> None:
         """Carry the flat entries ``[start, end)`` of every slice, unless that range was carried already (or
-        everything was, by `finish`)."""
-        if self._carried.get(start) == end or self._carried.get(0) == self._into.shape[-1]:
+        everything was, by `finish`; an empty range, a parameter of no entries, has nothing to carry)."""
+        if start == end or self._carried.get(start) == end or self._carried.get(0) == self._into.shape[-1]:
             return
         if start in self._carried:
             raise RuntimeError(f"LiSSA's carried part: [{start}, {end}) overlaps a range carried before.")
