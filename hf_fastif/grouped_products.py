@@ -34,7 +34,9 @@ them for each row only where its output is added to other tensors (else refused:
 would put every group's gradient on the first). Rows must not interact in the forward (no batch norm; an attention
 mask keeps padded positions out), which the engine's check against the products taken one group at a time sees on
 the first step (`hf_fastif.engine`'s stacked steps). A stack of m vectors a group takes one second backward per
-vector, each added into the caller's vectors as it comes; a failure after the first raises `PartlyAdded`. With
+vector, each added into the caller's vectors as it comes; a failure after the first raises `PartlyAdded`. Given
+LiSSA's `hf_fastif.solvers.lissa.Carry`, each parameter's range of the next iterate is carried (``v + (1 - damp)·h``)
+just before its block is first added, while it is in cache, instead of in a pass over the whole iterate ahead. With
 half-precision LayerNorms the normalised inputs are recomputed in float32 (autograd saves float32 statistics); the
 products still round apart from autograd's by ~1-2% there (each as far from float64's), so the engine's 1e-2 check
 may refuse grouping for such a model, which then runs one product at a time.
