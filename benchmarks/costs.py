@@ -141,8 +141,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         # one LiSSA step of T repetitions stacked: T·B fresh rows collated in one batch, as the engine collates a
         # stacked step, at FastIF's B and at the run's and the paper's T; grouped (hf_fastif.grouped_products) where
         # the parameters allow it, as the engine does, else vmapped (hf_fastif.stacked)
-        grouped = not isinstance(grouped_modules(fm, names), str)
-        stacked = (GroupedHessian if grouped else StackedHessian)(fm, params)
+        table = grouped_modules(fm, names)
+        grouped = not isinstance(table, str)
+        stacked = GroupedHessian(fm, params, table=table) if grouped else StackedHessian(fm, params)
         out["hvp_stacked_route"] = "grouped" if grouped else "vmapped"
         out["hvp_stacked"] = {}
         b = args.influence_batch_size

@@ -178,7 +178,6 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
     train = setup.train.select(range(min(own.end_to_end_rows, len(setup.train))))
     run_args = replace(args, influence_recursion_depth=own.end_to_end_depth, influence_knn_k=None)
     cpu_model = copy.deepcopy(setup.model).cpu() if device != "cpu" else setup.model
-    flipped = None  # the other stacking: the device side's own, turned round (the grouped route stacks on CPUs too)
 
     def run(model, settings) -> dict:
         table, seconds = timed(lambda: compute_influences(model, train, setup.test, settings,
@@ -187,12 +186,15 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
         return {"seconds": seconds, "phases": {k: diagnostics.get(k, 0.0) for k in PHASES},
                 "stacked": bool(diagnostics.get("lissa_stacked", False)), "table": table}
 
+    def flipped(device_side: dict) -> str:
+        """The other stacking: the device side's own turned round (the grouped route stacks on CPUs too)."""
+        return "no" if device_side["stacked"] else "yes"
+
     def sides(settings) -> dict:
-        nonlocal flipped
         first = run(setup.model, settings)
-        flipped = "no" if first["stacked"] else "yes"
         return {"device": first,
-                "device, other stacking": run(setup.model, replace(settings, influence_stack_repetitions=flipped)),
+                "device, other stacking": run(setup.model, replace(settings,
+                                                                   influence_stack_repetitions=flipped(first))),
                 "cpu": run(cpu_model, settings)}
 
     check = "on"
@@ -205,7 +207,7 @@ def end_to_end(setup: Setup, own: DeviceCostsArguments, args: InfluenceArguments
     return {"rows": len(train), "test_points": len(setup.test), "depth": own.end_to_end_depth,
             "repetitions": run_args.influence_repetitions, "batch_size": run_args.influence_batch_size,
             "check": check, "sides": {"device": device, "device, other stacking":
-                                      f"{device}, influence_stack_repetitions={flipped}",
+                                      f"{device}, influence_stack_repetitions={flipped(ran['device'])}",
                                       "cpu": "cpu" if device != "cpu" else "cpu (a fresh engine)"},
             "seconds": {k: r["seconds"] for k, r in ran.items()}, "phases": {k: r["phases"] for k, r in ran.items()},
             "stacked": {k: r["stacked"] for k, r in ran.items()},

@@ -1610,7 +1610,8 @@ class InfluenceEngine:
         """The stacked LiSSA steps of this call (`hf_fastif.stacked`), or None where ``influence_stack_repetitions``
         does not stack here or the stacked products failed their check before on these weights, rows and loss."""
         mode = getattr(self.args, "influence_stack_repetitions", "auto")
-        grouped = not isinstance(grouped_modules(call.fm, call.names), str)
+        table = grouped_modules(call.fm, call.names)
+        grouped = not isinstance(table, str)
         if not stacks(mode, v.device, repetitions, grouped):
             return None
         key = self._curvature_key(call, "stacked lissa", str(call.work_dtype),
@@ -1624,8 +1625,8 @@ class InfluenceEngine:
             logger.info(f"LiSSA's repetitions run one product at a time: {why}.")
 
         if grouped:
-            return _StackedSteps(GroupedHessian(call.fm, call.params), call.train, stack_tolerance(call.fm.model),
-                                 refused, kept)
+            return _StackedSteps(GroupedHessian(call.fm, call.params, table=table), call.train,
+                                 stack_tolerance(call.fm.model), refused, kept)
         why = unstackable_attention(call.fm.model)
         if why is not None:
             refused(f"the model cannot be stacked: {why}")

@@ -345,18 +345,21 @@ def _assemble(u: _Use, y_bar: torch.Tensor, x_bar: torch.Tensor | None, into: Ma
 class GroupedHessian(GroupsHessian):
     """`hf_fastif.stacked.StackedHessian`'s interface over `GroupedProducts` (R groups' products from one batch, m
     vectors a group), and the graphs themselves (`build`) for the engine to keep. Which modules hold the parameters
-    is found once (`grouped_modules`); what can change between batches (hooks, patched forwards) is looked at on
+    is found once (`grouped_modules`, or ``table``, its answer where the caller found it already), as are the
+    parameters' ranges in a flat vector; what can change between batches (hooks, patched forwards) is looked at on
     each."""
 
-    def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor]):
+    def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor], *, table: dict | str | None = None):
         super().__init__(fm, params)
-        self._table = grouped_modules(fm, list(self._primals))
+        self._table = grouped_modules(fm, list(self._primals)) if table is None else table
+        ends = np.cumsum([t.numel() for t in self._primals.values()])
+        self._ranges = {name: (int(end) - t.numel(), int(end)) for (name, t), end in zip(self._primals.items(), ends)}
 
     def build(self, batch: Mapping[str, torch.Tensor], groups: int, *, measure: bool = False) -> GroupedGraph:
         """The graph of ``batch`` (``groups`` groups of rows, group r's rows together), for `GroupedGraph.accumulate`."""
         rows = next((t.shape[0] for t in batch.values() if isinstance(t, torch.Tensor) and t.dim() > 0), 0)
         return GroupedGraph(self._primals, GroupedProducts.build(self._fm, _leaves(self._primals), batch, groups, rows,
-                                                                 measure=measure, table=self._table))
+                                                                 measure=measure, table=self._table), self._ranges)
 
     def products(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """``(R, m, p)``: group r's Hessian (its mean loss, without the L2 term) times each of ``vectors[r]``
@@ -367,13 +370,13 @@ class GroupedHessian(GroupsHessian):
 
 
 class GroupedGraph:
-    """One batch's `GroupedProducts`, taking and giving flat vectors: ``(R, m, p)`` over the parameters ``like``."""
+    """One batch's `GroupedProducts`, taking and giving flat vectors: ``(R, m, p)`` over the parameters ``like``,
+    parameter n at ``ranges[n]`` (start, end) of a vector."""
 
-    def __init__(self, like: Mapping[str, torch.Tensor], products: GroupedProducts):
-        self._like, self._products = like, products
+    def __init__(self, like: Mapping[str, torch.Tensor], products: GroupedProducts,
+                 ranges: Mapping[str, tuple[int, int]]):
+        self._like, self._products, self._ranges = like, products, ranges
         self.saved_bytes = products.saved_bytes
-        ends = np.cumsum([t.numel() for t in like.values()])
-        self._ranges = {name: (int(end) - t.numel(), int(end)) for (name, t), end in zip(like.items(), ends)}
 
     def accumulate(self, vectors: torch.Tensor, into: torch.Tensor, alpha: float, last: bool = True,
                    carry: Carry | None = None) -> None:
