@@ -8,6 +8,7 @@ import torch
 from hf_fastif import InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
 from hf_fastif.solvers import (
+    CarryCoefficient,
     LissaDivergenceError,
     converging_depth,
     solve_cg,
@@ -229,6 +230,27 @@ def test_a_carry_written_range_by_range_gives_the_same_recursion():
                         accumulates=True, carries=True)
     with pytest.raises(ValueError, match="carries=True needs accumulates=True"):
         solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False, carries=True)
+
+
+def test_the_carried_coefficient_is_written_run_by_run_with_the_same_values(monkeypatch):
+    """`CarryCoefficient` writes ``v + c ⊙ h`` with a scalar ``c`` over each run of equal entries (the L2 term's
+    diagonal is constant over a parameter), over any range, runs split where the range crosses them; with too many
+    runs it multiplies by ``c`` entry by entry. Both equal the formula; ``c = 1 - damping`` without a diagonal."""
+    generator = torch.Generator().manual_seed(0)
+    p = 50
+    v, h = torch.randn(2, p, generator=generator), torch.randn(3, 2, p, generator=generator)
+    runs = torch.tensor([0.9] * 7 + [0.8] * 20 + [0.9] * 3 + [0.8] * 20)  # parameters alternately decayed or not
+    for coefficient, many in ((runs, False), (None, False), (runs, True), (torch.rand(p, generator=generator), True)):
+        if many:
+            monkeypatch.setattr(CarryCoefficient, "MAX_RUNS", 3)
+        written = CarryCoefficient(0.1, coefficient)
+        assert (written._per_entry is not None) == (many and coefficient is not None)
+        expected = v + (0.9 if coefficient is None else coefficient) * h
+        out = torch.full_like(h, float("nan"))
+        for start, end in ((0, 5), (5, 29), (29, 29), (29, 50)):  # inside a run, across runs, empty, to the end
+            written.write(v, h, out, start, end)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        monkeypatch.undo()
 
 
 def test_lissa_nan_is_divergence():

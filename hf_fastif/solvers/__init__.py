@@ -7,6 +7,7 @@ from .lanczos import extreme_eigenvalues, lanczos
 from .lissa import (
     TRUNCATION_WARNING,
     Carry,
+    CarryCoefficient,
     GrowthMonitor,
     LissaDivergenceError,
     converging_depth,
@@ -19,4 +20,4 @@ from .lissa import (
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
            "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING",
-           "converging_depth", "Carry"]
+           "converging_depth", "Carry", "CarryCoefficient"]

@@ -17,6 +17,7 @@ model's dtype).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 
@@ -143,12 +144,14 @@ class Carry:
     Args:
         v: ``(m, p)`` right-hand sides; h: ``(R, m, p)`` the step's input; into: ``(R, m, p)``, what the step writes.
         damping: LiSSA's damping; coefficient: ``(p,)`` per-entry ``c`` where the L2 term's diagonal is applied
-            here (None: ``1 - damping`` everywhere).
+            here (None: ``1 - damping`` everywhere), or a `CarryCoefficient` made of them once per recursion.
     """
 
     def __init__(self, v: torch.Tensor, h: torch.Tensor, into: torch.Tensor, damping: float,
-                 coefficient: torch.Tensor | None = None):
-        self._v, self._h, self._into, self._damping, self._coefficient = v, h, into, damping, coefficient
+                 coefficient: torch.Tensor | CarryCoefficient | None = None):
+        self._v, self._h, self._into = v, h, into
+        self._coefficient = (coefficient if isinstance(coefficient, CarryCoefficient)
+                             else CarryCoefficient(damping, coefficient))
         self._carried: dict[int, int] = {}  # start -> end of every range carried
 
     def part(self, start: int, end: int) -> None:
@@ -176,16 +179,42 @@ class Carry:
         self._carried = {0: size}
 
     def _write(self, start: int, end: int) -> None:
-        _carried(self._v[..., start:end], self._h[..., start:end], self._damping,
-                 None if self._coefficient is None else self._coefficient[start:end], self._into[..., start:end])
+        self._coefficient.write(self._v, self._h, self._into, start, end)
 
 
-def _carried(v: torch.Tensor, h: torch.Tensor, damping: float, coefficient: torch.Tensor | None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """``v + (1 - damping)·h``, or ``v + coefficient ⊙ h`` (the L2 term's diagonal applied)."""
-    if coefficient is None:
-        return torch.add(v, h, alpha=1.0 - damping, out=out)
-    return torch.addcmul(v, coefficient, h, out=out)
+class CarryCoefficient:
+    """The coefficient ``c`` of LiSSA's carried part ``v + c ⊙ h``: ``1 - damping`` everywhere, or per entry
+    ``(1 - damping) - diagonal / scale`` with the L2 term's diagonal (``2·wd`` on a decayed parameter's entries, 0
+    on the others: constant over each parameter). Found once per recursion: where ``c`` is constant over runs of
+    entries (at most `MAX_RUNS` of them), a range is written run by run as ``torch.add(v, h, alpha=c)``, which
+    neither reads ``c`` nor broadcasts it over the repetitions; elsewhere ``torch.addcmul`` with the per-entry ``c``.
+    The same values either way (MiniLM's last layer + pooler + classifier, four repetitions: the carried part of a
+    step 4.4 → 3.3 ms, about 0.1 s of a 100-step call; bitwise the same influence)."""
+
+    MAX_RUNS = 4096
+
+    def __init__(self, damping: float, coefficient: torch.Tensor | None = None):
+        self._per_entry = None
+        if coefficient is None:
+            self._starts, self._values = [0], [1.0 - damping]
+            return
+        change = torch.nonzero(coefficient[1:] != coefficient[:-1]).flatten() + 1
+        if change.numel() >= self.MAX_RUNS:
+            self._per_entry = coefficient
+            return
+        self._starts = [0, *change.tolist()]
+        self._values = coefficient[self._starts].tolist() if coefficient.numel() else [1.0 - damping]
+
+    def write(self, v: torch.Tensor, h: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+        """``out[..., start:end] = v[..., start:end] + c[start:end] ⊙ h[..., start:end]`` (``v`` broadcast)."""
+        if self._per_entry is not None:
+            torch.addcmul(v[..., start:end], self._per_entry[start:end], h[..., start:end], out=out[..., start:end])
+            return
+        run = bisect.bisect_right(self._starts, start) - 1
+        while start < end:
+            stop = min(end, self._starts[run + 1]) if run + 1 < len(self._starts) else end
+            torch.add(v[..., start:stop], h[..., start:stop], alpha=self._values[run], out=out[..., start:stop])
+            start, run = stop, run + 1
 
 
 def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Tensor], v: torch.Tensor, *,
@@ -223,12 +252,15 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         return torch.zeros_like(v[0] if squeeze else v), {"lissa_repetitions": 0}
     h = v.unsqueeze(0).repeat(len(reps), 1, 1)
     spare = torch.empty_like(h)  # the next iterate is written here, then the two swap: no allocation per step
-    coefficient = None if diagonal is None else (1.0 - damping) - diagonal.to(v.dtype) / scale
+    coefficient = CarryCoefficient(damping, None if diagonal is None
+                                   else (1.0 - damping) - diagonal.to(v.dtype) / scale)
     monitor = GrowthMonitor(v.norm(dim=-1), damping, depth)
     bar = tqdm(range(1, depth + 1), desc=f"s_test (lissa, {len(reps)} rep.)", disable=not progress, leave=False)
 
     def carried(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # v + (1 - damp)·h (diagonal)
-        return _carried(v, h, damping, coefficient, out)
+        out = torch.empty_like(h) if out is None else out
+        coefficient.write(v, h, out, 0, h.shape[-1])
+        return out
 
     add_products = hvp_step if accumulates else _adding(hvp_step)
     if carries and not accumulates:
