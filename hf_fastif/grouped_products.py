@@ -48,14 +48,13 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from .hvp import _counting_saved, _leaves
 from .linear_products import _as, _edges, _global_hooks, _plain_layer, _read_once, add_weight_block
 from .loss import FunctionalModel
-from .params import unflatten, unflatten_cast
+from .params import flat_ranges, unflatten, unflatten_cast
 from .solvers.lissa import Carry
 from .stacked import GroupsHessian, NotStackable
 
@@ -352,8 +351,7 @@ class GroupedHessian(GroupsHessian):
     def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor], *, table: dict | str | None = None):
         super().__init__(fm, params)
         self._table = grouped_modules(fm, list(self._primals)) if table is None else table
-        ends = np.cumsum([t.numel() for t in self._primals.values()])
-        self._ranges = {name: (int(end) - t.numel(), int(end)) for (name, t), end in zip(self._primals.items(), ends)}
+        self._ranges = flat_ranges(self._primals)
 
     def build(self, batch: Mapping[str, torch.Tensor], groups: int, *, measure: bool = False) -> GroupedGraph:
         """The graph of ``batch`` (``groups`` groups of rows, group r's rows together), for `GroupedGraph.accumulate`."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -106,16 +106,23 @@ def flatten_batched(tensors: Sequence[torch.Tensor] | dict[str, torch.Tensor], l
     return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)
 
 
+def flat_ranges(like: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Where each tensor of ``like`` sits in their flat vector (`flatten`): name → ``(start, end)``."""
+    out, offset = {}, 0
+    for name, ref in like.items():
+        out[name] = (offset, offset + ref.numel())
+        offset += ref.numel()
+    return out
+
+
 def unflatten(vector: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Split a vector ``(p,)`` or ``(m, p)`` back into tensors shaped like ``like`` (with the leading m)."""
     lead = vector.shape[:-1]
-    out, offset = {}, 0
-    for name, ref in like.items():
-        n = ref.numel()
-        out[name] = vector[..., offset : offset + n].reshape(*lead, *ref.shape)
-        offset += n
-    if offset != vector.shape[-1]:
-        raise ValueError(f"Vector of length {vector.shape[-1]} does not match {offset} parameters.")
+    ranges = flat_ranges(like)
+    out = {name: vector[..., start:end].reshape(*lead, *like[name].shape) for name, (start, end) in ranges.items()}
+    total = sum(end - start for start, end in ranges.values())
+    if total != vector.shape[-1]:
+        raise ValueError(f"Vector of length {vector.shape[-1]} does not match {total} parameters.")
     return out
 
 

@@ -143,15 +143,11 @@ class Carry:
 
     Args:
         v: ``(m, p)`` right-hand sides; h: ``(R, m, p)`` the step's input; into: ``(R, m, p)``, what the step writes.
-        damping: LiSSA's damping; coefficient: ``(p,)`` per-entry ``c`` where the L2 term's diagonal is applied
-            here (None: ``1 - damping`` everywhere), or a `CarryCoefficient` made of them once per recursion.
+        coefficient: ``c``, found once per recursion (`CarryCoefficient`).
     """
 
-    def __init__(self, v: torch.Tensor, h: torch.Tensor, into: torch.Tensor, damping: float,
-                 coefficient: torch.Tensor | CarryCoefficient | None = None):
-        self._v, self._h, self._into = v, h, into
-        self._coefficient = (coefficient if isinstance(coefficient, CarryCoefficient)
-                             else CarryCoefficient(damping, coefficient))
+    def __init__(self, v: torch.Tensor, h: torch.Tensor, into: torch.Tensor, coefficient: CarryCoefficient):
+        self._v, self._h, self._into, self._coefficient = v, h, into, coefficient
         self._carried: dict[int, int] = {}  # start -> end of every range carried
 
     def part(self, start: int, end: int) -> None:
@@ -267,7 +263,7 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         raise ValueError("solve_lissa: carries=True needs accumulates=True (the step adds into the next iterate).")
     for j in bar:
         if carries:
-            carry = Carry(v, h, spare, damping, coefficient)
+            carry = Carry(v, h, spare, coefficient)
             add_products(j, reps, h, into=spare, alpha=-1.0 / scale, carry=carry)
             carry.finish()
         else:
