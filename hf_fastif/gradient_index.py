@@ -36,6 +36,7 @@ from . import distributed as D
 from .hvp import batch_gradient
 from .knn import index_error
 from .loss import FunctionalModel
+from .params import flat_ranges
 from .utils import file_digest, write_atomic, write_error
 
 logger = logging.get_logger(__name__)
@@ -69,16 +70,12 @@ class CountSketch:
                              f"({total}); a projection larger than the gradient only adds noise.")
         self.dim, self.dtype, self.device = dim, dtype, device
         gen = torch.Generator().manual_seed(int(seed))
-        self.buckets, self.signs, self.offsets, self.factors = {}, {}, {}, {}
-        offset = 0
+        self.buckets, self.signs, self.factors, self.shapes = {}, {}, {}, dict(shapes)
         for name, shape in shapes.items():
-            n = math.prod(shape)
             if name in factored and len(shape) == 2:
                 self.factors[name] = (self._hash(shape[0], gen), self._hash(shape[1], gen))
             else:
-                self.buckets[name], self.signs[name] = self._hash(n, gen)
-            self.offsets[name] = (offset, offset + n)
-            offset += n
+                self.buckets[name], self.signs[name] = self._hash(math.prod(shape), gen)
 
     def _hash(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(buckets (n,) in [0, D), signs (n,) ±1)``."""
@@ -94,17 +91,14 @@ class CountSketch:
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """Sketch flat vectors ``(m, p)`` → ``(m, D)``."""
         out = torch.zeros(vectors.shape[0], self.dim, dtype=self.dtype, device=vectors.device)
-        self.add_flat(out, list(self.offsets), vectors)
+        self.add_flat(out, list(self.shapes), vectors)
         return out
 
     def add_flat(self, out: torch.Tensor, names: list[str], vectors: torch.Tensor) -> None:
         """``out += sketch of vectors`` ``(b, Σ numel)``: the parameters ``names`` laid end to end, in that order
         (a subset's flat gradients, as `batch_gradient` gives them)."""
-        offset = 0
-        for name in names:
-            lo, hi = self.offsets[name]
-            self.add(out, name, vectors[:, offset : offset + hi - lo])
-            offset += hi - lo
+        for name, (lo, hi) in flat_ranges({name: self.shapes[name] for name in names}).items():  # (Size.numel)
+            self.add(out, name, vectors[:, lo:hi])
 
     def add(self, out: torch.Tensor, name: str, values: torch.Tensor) -> None:
         """``out += sketch of values`` where ``values`` is ``(b, numel)`` for parameter ``name``."""

@@ -106,8 +106,9 @@ def flatten_batched(tensors: Sequence[torch.Tensor] | dict[str, torch.Tensor], l
     return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)
 
 
-def flat_ranges(like: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """Where each tensor of ``like`` sits in their flat vector (`flatten`): name → ``(start, end)``."""
+def flat_ranges(like: Mapping[str, torch.Tensor | torch.Size]) -> dict[str, tuple[int, int]]:
+    """Where each tensor of ``like`` (or a tensor of each shape) sits in their flat vector (`flatten`): name →
+    ``(start, end)``."""
     out, offset = {}, 0
     for name, ref in like.items():
         out[name] = (offset, offset + ref.numel())

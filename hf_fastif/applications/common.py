@@ -26,7 +26,7 @@ from ..hvp import batch_gradient
 from ..loss import LossFn, influence_model, logits_of
 from ..metrics import load_hans_accuracy
 from ..mode import evaluating, influence_mode, uncompiled
-from ..params import select_parameters
+from ..params import select_parameters, unflatten
 from ..utils import check_output_dir, markdown_table, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
@@ -272,12 +272,8 @@ def sgd_step(model: nn.Module, rows: Dataset, learning_rate: float, args: Influe
         gradient = batch_gradient(fm, params, batch, measurement=measurement, reduction="sum") / len(rows)
         named = dict(model.named_parameters())
         with torch.no_grad():
-            updated, offset = {}, 0
-            for name in names:
-                n = named[name].numel()
-                step = learning_rate * gradient[offset : offset + n].view_as(named[name]).to(named[name].dtype)
-                updated[name] = named[name] - step
-                offset += n
+            parts = unflatten(gradient, {name: named[name] for name in names})
+            updated = {name: named[name] - learning_rate * part.to(named[name].dtype) for name, part in parts.items()}
             broken = [name for name, value in updated.items() if not bool(torch.isfinite(value).all())]
             if broken:  # the weights are left as they were
                 raise ValueError(
