@@ -70,7 +70,8 @@ class CountSketch:
                              f"({total}); a projection larger than the gradient only adds noise.")
         self.dim, self.dtype, self.device = dim, dtype, device
         gen = torch.Generator().manual_seed(int(seed))
-        self.buckets, self.signs, self.factors, self.shapes = {}, {}, {}, dict(shapes)
+        self.buckets, self.signs, self.factors = {}, {}, {}
+        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}  # (a tuple given: numel below)
         for name, shape in shapes.items():
             if name in factored and len(shape) == 2:
                 self.factors[name] = (self._hash(shape[0], gen), self._hash(shape[1], gen))

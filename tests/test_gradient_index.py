@@ -43,6 +43,10 @@ def test_the_sketch_keeps_inner_products_on_average():
     assert error < 4 * np.std(estimates) / np.sqrt(len(estimates))  # unbiased within 4 standard errors
     with pytest.raises(ValueError, match="influence_projection_dim=0 must be between 1"):
         CountSketch(shapes, 0, 0)
+    as_tuples = CountSketch({n: tuple(s) for n, s in shapes.items()}, 16, 3, factored=["w"], dtype=torch.float64)
+    as_sizes = CountSketch(shapes, 16, 3, factored=["w"], dtype=torch.float64)  # (shapes given as plain tuples work)
+    torch.testing.assert_close(as_tuples.project(torch.stack([a, b])), as_sizes.project(torch.stack([a, b])),
+                               rtol=0, atol=0)
 
 
 class _AttentionModel(torch.nn.Module):

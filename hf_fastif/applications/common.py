@@ -273,7 +273,7 @@ def sgd_step(model: nn.Module, rows: Dataset, learning_rate: float, args: Influe
         named = dict(model.named_parameters())
         with torch.no_grad():
             parts = unflatten(gradient, {name: named[name] for name in names})
-            updated = {name: named[name] - (learning_rate * part).to(named[name].dtype) for name, part in parts.items()}
+            updated = {name: named[name] - learning_rate * part.to(named[name].dtype) for name, part in parts.items()}
             broken = [name for name, value in updated.items() if not bool(torch.isfinite(value).all())]
             if broken:  # the weights are left as they were
                 raise ValueError(
