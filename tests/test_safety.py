@@ -432,3 +432,29 @@ def test_relative_difference_takes_nan_and_inf_for_no_agreement_and_reads_a_floo
     zeros = torch.zeros(3)
     assert relative_difference(zeros, zeros) == 0.0
     assert relative_difference(zeros + 1e-30, zeros) > 1e200  # anything against exact zeros is a difference
+
+
+def test_relative_difference_reads_large_tensors_chunk_by_chunk_with_the_same_value(monkeypatch):
+    """Beyond `DIFFERENCE_CHUNK` entries the comparison runs chunk by chunk (no full-size temporaries): the same
+    number as in one piece, the largest gap and reference found in whichever chunk holds them (the last, partial one
+    too), mixed dtypes promoted alike, and a NaN or inf in any chunk still no agreement."""
+    from hf_fastif import utils
+
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randn(3, 1, 1000, generator=gen)
+    reference[1, 0, 10] = -9.0  # the largest reference entry, in another chunk
+    value = reference + 1e-3 * torch.randn(3, 1, 1000, generator=gen)
+    value[2, 0, 990] += 0.5  # the largest gap, in the last (partial) chunk
+    whole, swapped = utils.relative_difference(value, reference), utils.relative_difference(reference, value)
+    monkeypatch.setattr(utils, "DIFFERENCE_CHUNK", 256)  # 3,000 entries: 12 chunks, the last of 184
+    assert utils.relative_difference(value, reference) == whole
+    assert utils.relative_difference(reference, value) == swapped  # (the largest gap negative: its size counts)
+    assert whole == float((value - reference).abs().max()) / 9.0 and 0.05 < whole < 0.06
+    assert utils.relative_difference(value.double(), reference) == utils.relative_difference(value.double(),
+                                                                                                reference.double())
+    for bad in (float("nan"), float("inf")):
+        broken = value.clone()
+        broken[2, 0, 700] = bad
+        assert utils.relative_difference(broken, reference) == float("inf")
+    assert utils.relative_difference(value[:1], reference) == pytest.approx(  # broadcast: in one piece, as before
+        float((value[:1] - reference).abs().max()) / 9.0)
