@@ -17,7 +17,7 @@ from hf_fastif.solvers import (
     truncation_share,
 )
 from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
-from hf_fastif.solvers.lanczos import extreme_eigenvalues
+from hf_fastif.solvers.lanczos import extreme_eigenvalues, lanczos
 from tests.tiny import make_token_dataset, tiny_model
 
 TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
@@ -627,6 +627,10 @@ def test_lanczos_sees_a_closed_krylov_space_in_float32():
     assert low == pytest.approx(1.0, abs=1e-5) and high == pytest.approx(1.0, abs=1e-5)
     values, _ = low_rank_hessian(lambda x: x, 200, 4, dtype=torch.float32)
     np.testing.assert_allclose(values.numpy(), 1.0, atol=1e-5)
+    # an operator that hands back its very input: the basis it was given stays as it was (w is made orthogonal in
+    # place), so the Ritz vectors keep unit norm
+    _, ritz = lanczos(lambda x: x, 200, 4, dtype=torch.float32)
+    np.testing.assert_allclose(ritz.norm(dim=1).numpy(), 1.0, atol=1e-5)
     u = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
     u /= u.norm()
     low, high = extreme_eigenvalues(lambda x: u * (u @ x), 10_000, iterations=8, dtype=torch.float32)

@@ -73,11 +73,13 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     breakdown = rounding_floor(dtype)
     for i in range(steps):
         w = hvp(q).to(dtype)
+        if w.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
+            w = w.clone()  # (an operator that hands back its input: w is written in place below)
         alpha = float(torch.dot(w, q))
         alphas.append(alpha)
         done = basis[: i + 1] if reorthogonalise else basis[max(0, i - 1) : i + 1]
         for _ in range(2 if reorthogonalise else 1):  # twice is enough (Kahan): keeps the basis orthogonal in float32
-            w = torch.addmv(w, done.T, done @ w, alpha=-1)  # w - basisᵀ(basis w), one pass over w fewer
+            w.addmv_(done.T, done @ w, alpha=-1)  # w - basisᵀ(basis w), in place: no fresh p-sized vector each time
         beta = float(w.norm())
         if not math.isfinite(alpha) or not math.isfinite(beta):  # any inf / NaN entry reaches both or the norm
             raise FloatingPointError("Lanczos met a non-finite Hessian-vector product: the products overflowed "
