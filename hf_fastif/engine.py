@@ -1443,7 +1443,7 @@ class InfluenceEngine:
                                             l2_term=l2_term).to(call.work_dtype))
 
             D.together(mine, "A product with the mean Hessian")
-            return D.all_reduce_sum(total) / n
+            return D.all_reduce_sum(total).div_(n)  # (total, or the reduction's own copy: no fresh vector)
 
         return hvp
 
@@ -1657,24 +1657,37 @@ class InfluenceEngine:
         key = self._curvature_key(call, "lissa v4", bsz)  # (v4: batch runs without full reorthogonalisation)
         p, dtype, device = v.shape[1], call.work_dtype, v.device
 
+        scratch: list[torch.Tensor] = []
+
+        def workspace() -> torch.Tensor:  # the Lanczos runs' bases one after another in the same rows, made at first
+            if not scratch:  # need (fresh memory's first touch cost ~3 ms a 1.9M-entry row, each run)
+                scratch.append(torch.empty(CHECK_ITERATIONS + 2, p, dtype=dtype, device=device))
+            return scratch[0]
+
         def smallest(rows: np.ndarray) -> tuple[float, float]:
             mean_hvp = self._full_hvp(call, call.train.subset(np.sort(rows)))
             return extreme_eigenvalues(lambda x: mean_hvp(x.unsqueeze(0))[0], p, iterations=CHECK_ITERATIONS + 2,
-                                       dtype=dtype, device=device, seed=args.influence_seed)
+                                       dtype=dtype, device=device, seed=args.influence_seed, workspace=workspace())
 
         self._served("curvature", key)
         if key not in self._curvature:
             rng = np.random.default_rng([args.influence_seed, 2**31 - 1])
             tops = []
+            # each batch run's products written into one vector, Lanczos taking it in before asking for the next
+            # (where a parameter's dtype differs, products as they come)
+            reused = torch.empty(p, dtype=dtype, device=device) if all(
+                t.dtype == dtype for t in call.params.values()) else None
             for b in range(CHECK_BATCHES):
                 rows = rng.choice(n, size=min(bsz, n), replace=False)
                 hessian = BatchHessian(call.fm, call.params, call.train.batch(rows))  # one graph for the run
 
                 def hvp(x, hessian=hessian):
-                    return hessian.product(x).to(dtype)
+                    return hessian.product(x, out=reused).to(dtype)
 
                 tops.append(extreme_eigenvalues(hvp, p, iterations=CHECK_ITERATIONS, dtype=dtype, device=device,
-                                                seed=args.influence_seed + b, reorthogonalise=False)[1])
+                                                seed=args.influence_seed + b, reorthogonalise=False,
+                                                workspace=workspace())[1])
+            reused = None  # (freed before the mean Hessian's run)
             sample = rng.permutation(n)[:CHECK_ROWS]
             low, high = smallest(sample)
             self._curvature[key] = {"lissa_batch_top_eigenvalue": max(tops), "hessian_min_eigenvalue_estimate": low,

@@ -17,7 +17,7 @@ from hf_fastif.solvers import (
     truncation_share,
 )
 from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
-from hf_fastif.solvers.lanczos import extreme_eigenvalues, lanczos
+from hf_fastif.solvers.lanczos import extreme_eigenvalues, lanczos, seeded_direction
 from tests.tiny import make_token_dataset, tiny_model
 
 TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
@@ -721,3 +721,29 @@ def test_lanczos_starts_from_the_same_vector_in_float32_and_float64():
     torch.testing.assert_close(solved[torch.float32][0], solved[torch.float64][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(solved[torch.float32][1], solved[torch.float64][1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(solved[torch.float32, "extremes"], solved[torch.float64, "extremes"], rtol=1e-5)
+
+
+def test_lanczos_runs_in_a_workspace_give_the_same_estimates():
+    """The convergence check runs its Lanczos estimates one after another in one workspace (no fresh memory per
+    run): the same values as each run in a basis of its own, in float32 (drawn straight into the workspace) and
+    float64, with and without reorthogonalisation; a workspace that does not fit (too few rows, another dtype) is
+    left alone."""
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64):
+        diagonal = torch.rand(5_000, generator=gen, dtype=dtype) * 3 - 1
+        hvp = diagonal.mul
+        workspace = torch.full((7, 5_000), float("nan"), dtype=dtype)
+        for iterations, reorthogonalise, seed in ((5, False, 0), (5, False, 1), (7, True, 4)):
+            alone = extreme_eigenvalues(hvp, 5_000, iterations=iterations, dtype=dtype,
+                                        seed=seed, reorthogonalise=reorthogonalise)
+            shared = extreme_eigenvalues(hvp, 5_000, iterations=iterations, dtype=dtype,
+                                         seed=seed, reorthogonalise=reorthogonalise, workspace=workspace)
+            assert shared == alone
+        assert bool(torch.isfinite(workspace).all())  # (its rows held the bases)
+        small = torch.full((3, 5_000), float("nan"), dtype=dtype)
+        assert extreme_eigenvalues(hvp, 5_000, iterations=5, dtype=dtype, workspace=small) == \
+            extreme_eigenvalues(hvp, 5_000, iterations=5, dtype=dtype)
+        assert bool(torch.isnan(small).all())
+        drawn = torch.empty(5_000, dtype=dtype)  # the start drawn into its row: the numbers of a fresh draw
+        seeded_direction(5_000, torch.Generator().manual_seed(5), dtype, "cpu", out=drawn)
+        assert torch.equal(drawn, seeded_direction(5_000, torch.Generator().manual_seed(5), dtype, "cpu"))

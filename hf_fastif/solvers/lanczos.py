@@ -25,7 +25,7 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, iterat
 
 def extreme_eigenvalues(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, *, iterations: int = 8,
                         dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                        reorthogonalise: bool = True) -> tuple[float, float]:
+                        reorthogonalise: bool = True, workspace: torch.Tensor | None = None) -> tuple[float, float]:
     """``(smallest, largest)`` Ritz values after a few Lanczos steps: estimates of the operator's extreme
     eigenvalues from inside the spectrum (Lanczos finds the extremes first). The Ritz vectors are not formed.
 
@@ -36,8 +36,12 @@ def extreme_eigenvalues(hvp: Callable[[torch.Tensor], torch.Tensor], num_params:
     recurrence alone (each new vector made orthogonal to the last two), for a caller that reads the largest value
     only: in finite precision the Ritz values stay within the spectrum up to rounding (Paige), and a lost direction
     comes back as a copy of a converged extreme value, never above the largest, so the largest estimate keeps its
-    meaning at a fraction of the vector work (5 steps: 1/3 of the passes over the p-sized vectors)."""
-    tri, _ = _tridiagonal(hvp, num_params, iterations, dtype, device, seed, reorthogonalise)
+    meaning at a fraction of the vector work (5 steps: 1/3 of the passes over the p-sized vectors).
+
+    ``workspace``: a ``(rows, num_params)`` tensor of ``dtype`` to hold the basis, for a caller that runs several
+    estimates in turn (its rows are written over; with fewer rows than the steps, a basis of its own): each run
+    otherwise writes its basis into fresh memory, whose first touch cost MiniLM's 1.9M-entry rows ~3 ms each."""
+    tri, _ = _tridiagonal(hvp, num_params, iterations, dtype, device, seed, reorthogonalise, workspace)
     values = torch.linalg.eigvalsh(tri)
     return float(values[0]), float(values[-1])
 
@@ -52,7 +56,7 @@ def rounding_floor(dtype: torch.dtype) -> float:
 
 
 def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int,
-                 reorthogonalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 reorthogonalise: bool = True, workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos' ``(k, k)`` float64 tridiagonal matrix and its ``(steps, p)`` basis (the first k rows are used).
     ``reorthogonalise=False``: each new direction is made orthogonal to the last two only, once (the three-term
     recurrence; see `extreme_eigenvalues`), and a restart's start to those two.
@@ -64,9 +68,12 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     and the low-rank solve treated them as flat. It stops early only when the basis spans the whole space."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     steps = min(iterations, num_params)
-    basis = torch.empty(steps, num_params, dtype=dtype, device=device)  # filled row by row: no restacking
+    fits = (workspace is not None and workspace.shape[0] >= steps and workspace.shape[1] == num_params
+            and workspace.dtype == dtype and workspace.device == torch.device(device))
+    # filled row by row: no restacking
+    basis = workspace[:steps] if fits else torch.empty(steps, num_params, dtype=dtype, device=device)
     q = basis[0]
-    q.copy_(seeded_direction(num_params, gen, dtype, device))
+    seeded_direction(num_params, gen, dtype, device, out=q)
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0  # the largest |entry| of the tridiagonal so far: the spectrum's scale, whatever the loss's units
@@ -107,15 +114,21 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
     return tri, basis
 
 
-def seeded_direction(num_params: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
+def seeded_direction(num_params: int, gen: torch.Generator, dtype, device,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """A random unit vector from ``gen``, the same numbers whatever ``dtype`` (up to its rounding).
 
     Drawn in float32 and converted: torch draws other numbers in float32 than in float64 (beyond 15 entries), so a
     float32 copy of a model had started from another vector, and a low-rank Hessian short of convergence differed
     beyond rounding; float32 draws are exact in float64. (Not drawn in float64: 4-5x the cost, 46 vs 10 ms for
-    1.9M entries on one thread, paid by each of the convergence check's five Lanczos runs.)"""
+    1.9M entries on one thread, paid by each of the convergence check's five Lanczos runs.) ``out``: written there
+    (a float32 one on the CPU drawn into directly: the same numbers, no fresh vectors)."""
+    if out is not None and out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous():
+        torch.randn(num_params, generator=gen, dtype=torch.float32, out=out)
+        return out.div_(out.norm())
     x = torch.randn(num_params, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    return x / x.norm()
+    x = x / x.norm()
+    return x if out is None else out.copy_(x)
 
 
 def _orthogonal_start(basis: torch.Tensor, gen: torch.Generator, dtype) -> torch.Tensor | None:
