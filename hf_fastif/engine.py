@@ -1657,12 +1657,10 @@ class InfluenceEngine:
         key = self._curvature_key(call, "lissa v4", bsz)  # (v4: batch runs without full reorthogonalisation)
         p, dtype, device = v.shape[1], call.work_dtype, v.device
 
-        scratch: list[torch.Tensor] = []
-
+        @functools.cache
         def workspace() -> torch.Tensor:  # the Lanczos runs' bases one after another in the same rows, made at first
-            if not scratch:  # need (fresh memory's first touch cost ~3 ms a 1.9M-entry row, each run)
-                scratch.append(torch.empty(CHECK_ITERATIONS + 2, p, dtype=dtype, device=device))
-            return scratch[0]
+            # need (fresh memory's first touch cost ~3 ms a 1.9M-entry row, each run)
+            return torch.empty(CHECK_ITERATIONS + 2, p, dtype=dtype, device=device)
 
         def smallest(rows: np.ndarray) -> tuple[float, float]:
             mean_hvp = self._full_hvp(call, call.train.subset(np.sort(rows)))

@@ -72,11 +72,11 @@ class CountSketch:
         gen = torch.Generator().manual_seed(int(seed))
         self.buckets, self.signs, self.factors = {}, {}, {}
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}  # (a tuple given: numel below)
-        for name, shape in shapes.items():
+        for name, shape in self.shapes.items():
             if name in factored and len(shape) == 2:
                 self.factors[name] = (self._hash(shape[0], gen), self._hash(shape[1], gen))
             else:
-                self.buckets[name], self.signs[name] = self._hash(math.prod(shape), gen)
+                self.buckets[name], self.signs[name] = self._hash(shape.numel(), gen)
 
     def _hash(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(buckets (n,) in [0, D), signs (n,) ±1)``."""
