@@ -1267,7 +1267,7 @@ class InfluenceEngine:
             self._readout = (key, readout, reason)
         readout, reason = self._readout[1:]
         if readout is not None and readout.failed is not None:
-            readout, reason = None, f"the cut after {readout.name} failed on a batch ({readout.failed})"
+            readout, reason = None, f"the cut {readout.where} failed on a batch ({readout.failed})"
         call.fm.readout = readout
         call.info["readout"] = {"cut_after": readout.name} if readout is not None else {"cut_after": None,
                                                                                           "reason": reason}

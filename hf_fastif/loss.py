@@ -295,12 +295,12 @@ class FunctionalModel:
                 try:
                     with readout.active():
                         return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
-                except (RuntimeError, IndexError, ValueError) as err:  # a batch unlike the probe rows the cut passed on
+                except (RuntimeError, IndexError, ValueError, AssertionError) as err:  # a batch unlike the probes
                     if (not readout.fired or isinstance(err, torch.OutOfMemoryError) or forward_ad_unsupported(err)
                             or _STACKING.get()):
                         raise  # raised before the cut, out of memory, forward-mode AD or vmap refused: not the cut's
                     readout.failed = f"{type(err).__name__}: {err}"
-                    logger.warning(f"The last layer cut after {readout.name} failed on a batch ({readout.failed}); "
+                    logger.warning(f"The last layer cut {readout.where} failed on a batch ({readout.failed}); "
                                    "the whole layer runs from now on (influence_skip_unread_positions=False avoids "
                                    "the cut).")
             return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)

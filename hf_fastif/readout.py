@@ -14,12 +14,19 @@ Hessian-vector product's matrix products drop from 0.47 to 0.13 GFLOP with the c
    position (GPT-2's last token, token classification, a mean over tokens, a causal LM, a `loss_fn` reading hidden
    states) is never cut, and neither is one that reads nothing at the current weights (a zero-initialised
    classifier: undecided; the engine decides again when the weights change).
-2. The last layer's direct submodules are tried in the order the layer calls them; the first one after whose output
-   the layer can be cut to the first position (a forward hook keeps position 0 of its output) is used when, on
-   every probe, the cut layer runs once and returns one position, and the losses, the measurements and the
-   parameter gradients equal the uncut ones within float rounding. BERT-style layers are cut after ``attention``,
-   DistilBERT's after ``sa_layer_norm`` (its attention's residual is added outside the attention module); a layer
-   whose submodules are shared with other layers (ALBERT) fails the comparison and is not cut.
+2. Cuts are tried in the order the layer calls its direct submodules: for each, first at the inputs of each of its
+   own submodules that is a block of modules, in their call order (a forward pre-hook keeps position 0 of the first
+   tensor argument and of every argument of that shape; not at a single linear layer or norm, whose hook would keep
+   it off the products' fast routes), then after its output (a forward hook keeps position 0). The first cut is used
+   where, on every probe, the cut layer runs once and returns one position, and the losses, the measurements and
+   the parameter gradients equal the uncut ones within float rounding. BERT-style layers are cut at the inputs of
+   ``attention.output`` (the context and the residual: the attention's output projection and its norm then run at
+   one position too; a cut after ``attention``, as before, left them at every position: MiniLM's first calls of the
+   reference benchmark 7.79 → 6.70 s, the tiny BERT's 2.86 → 2.57 s, medians of 4 interleaved each, at a slow hour
+   of this host). A cut at ``attention.self``'s inputs would take the keys and values too and is refused by the
+   comparison. DistilBERT is cut after ``sa_layer_norm`` (its attention's residual is added outside the attention
+   module, so no cut inside the attention returns one position); a layer whose submodules are shared with other
+   layers (ALBERT) fails the comparison and is not cut.
 
 The cut applies only to the forwards `hf_fastif.loss.FunctionalModel` runs (losses and measurements: Hessian-vector
 products, gradients, JVP scoring); predictions and kNN features run the whole layer. A cut forward that raises on a
@@ -49,21 +56,52 @@ class Readout:
     """Where the last layer of a stack is cut to its first position.
 
     Attributes:
-        module: the last layer's submodule whose output is cut.
-        name: its dotted name in the model (for logs and a table's diagnostics).
+        module: the submodule of the last layer (or of one of its direct submodules, with ``inputs``) where the cut
+            is.
+        name: its dotted name in the model, followed by " (inputs)" where the cut is at its inputs (for logs and a
+            table's diagnostics).
         failed: why a cut forward raised, if one did (a batch unlike the probe rows); the cut is then not used.
+        inputs: cut ``module``'s inputs rather than its output: its first tensor argument, and every other argument
+            of that same shape (BERT's attention output block takes the attention's context and the residual, both
+            ``(batch, positions, hidden)``), keep only position 0.
     """
 
     module: nn.Module
     name: str
     failed: str | None = None  # set when a cut forward raised: the cut is not used again (see `FunctionalModel`)
+    inputs: bool = False
 
     fired: bool = False  # whether a forward inside `active` reached the cut
 
+    @property
+    def where(self) -> str:
+        """Where the cut is, in words (for logs): "after X", or "at the inputs of X"."""
+        return f"at the inputs of {self.name.removesuffix(' (inputs)')}" if self.inputs else f"after {self.name}"
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Within the block, ``module``'s output keeps only position 0 (dimension 1)."""
+        """Within the block, ``module``'s output (or, with ``inputs``, its inputs) keeps only position 0 (dimension
+        1)."""
         self.fired = False
+
+        def first_positions(module, args, kwargs):
+            self.fired = True
+            lead = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+            if lead is None or lead.dim() < 3:
+                raise TypeError(f"{type(module).__name__} takes no (batch, positions, ...) tensor to cut.")
+
+            def cut(t):
+                return t[:, :1] if isinstance(t, torch.Tensor) and t.shape == lead.shape else t
+
+            return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+        if self.inputs:
+            handle = self.module.register_forward_pre_hook(first_positions, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
+            return
 
         def first_position(module, args, output):
             self.fired = True
@@ -138,13 +176,19 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
         seen["hidden"] = hidden.detach().requires_grad_(True)
         return _replace_hidden(output, seen["hidden"])
 
-    called: list[nn.Module] = []  # the last layer's direct submodules, in the order it calls them
+    # the last layer's direct submodules and theirs, each list in the order of the calls
+    called: dict[nn.Module | None, list[nn.Module]] = {}
 
-    def record(module, args):
-        if module not in called:
-            called.append(module)
+    def recorder(parent: nn.Module | None):
+        def record(module, args):
+            if module not in called.setdefault(parent, []):
+                called[parent].append(module)
+        return record
 
-    handles = [last.register_forward_hook(leaf)] + [child.register_forward_pre_hook(record) for child in last.children()]
+    handles = [last.register_forward_hook(leaf)]
+    for child in last.children():
+        handles.append(child.register_forward_pre_hook(recorder(None)))
+        handles += [inner.register_forward_pre_hook(recorder(child)) for inner in child.children()]
     try:
         for rows, measurement in probes:
             seen.clear()
@@ -171,14 +215,20 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
         if not bool((reference[-1][2] != 0).any()):  # saturated rows: nothing left to compare a cut against
             return None, "the probe rows' parameter gradients vanish at these weights"
 
-    # 2. the first submodule of the last layer after which the cut gives the same values and gradients
-    names = {id(m): n for n, m in last.named_children()}
+    # 2. the earliest cut in the last layer that gives the same values and gradients: at the inputs of a direct
+    # submodule's own submodules (BERT's attention output block: its projection and norm then run at one position
+    # too), or after a direct submodule, in the order the layer calls them
+    names = {id(m): n for n, m in last.named_modules()}
     tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
-    for child in called:
-        readout = Readout(child, f"{path}.{len(layers) - 1}.{names[id(child)]}")
-        if _agrees(readout, last, probes, reference, values, leaves, tolerance):
-            return readout, ""
-    return None, f"no submodule of {path}.{len(layers) - 1} can be cut without changing the loss"
+    layer = f"{path}.{len(layers) - 1}"
+    for child in called.get(None, []):
+        cuts = [Readout(inner, f"{layer}.{names[id(inner)]} (inputs)", inputs=True) for inner in called.get(child, [])
+                if next(inner.children(), None) is not None]  # (blocks only: a hook on a linear layer or a norm
+        # keeps it off the products' fast routes, `hf_fastif.linear_products`, and the cut would save its own work only)
+        for readout in [*cuts, Readout(child, f"{layer}.{names[id(child)]}")]:
+            if _agrees(readout, last, probes, reference, values, leaves, tolerance):
+                return readout, ""
+    return None, f"no submodule of {layer} can be cut without changing the loss"
 
 
 def _agrees(readout: Readout, last: nn.Module, probes, reference, values, leaves, tolerance: float) -> bool:
@@ -197,7 +247,7 @@ def _agrees(readout: Readout, last: nn.Module, probes, reference, values, leaves
             with readout.active():
                 out = values(rows, measurement)
                 grads = torch.autograd.grad(out @ mix, list(leaves.values()), allow_unused=True)
-        except (RuntimeError, IndexError, ValueError, TypeError):
+        except (RuntimeError, IndexError, ValueError, TypeError, AssertionError):
             return False  # the layer's own code cannot continue from one position there
         finally:
             handle.remove()

@@ -450,7 +450,7 @@ def test_device_step_quick_measures_a_step_and_the_4d_mask_on_the_cpu(tmp_path, 
     """The step script on a CPU-only machine: eager steps, a profile, the 4-D mask giving the 2-D mask's products to
     the bit; the CUDA graph part says it needs CUDA. Settings it cannot run are refused before any work."""
     results = device_step.main(["--quick", "--output_dir", str(tmp_path)])
-    assert results["device"] == "cpu" and results["readout"] == "bert.encoder.layer.1.attention"
+    assert results["device"] == "cpu" and results["readout"] == "bert.encoder.layer.1.attention.output (inputs)"
     assert set(results["eager_ms"]) == {"collate a row with its trunk states", "hvp B 1, cut", "hvp B 1, no cut",
                                         "hvp B 1, whole model", "hvp B 8, cut"}
     assert all(v > 0 for v in results["eager_ms"].values())

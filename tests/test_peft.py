@@ -119,7 +119,7 @@ def test_lora_on_the_last_layer_caches_the_trunk_below(tmp_path):
     diagnostics = table.metadata["diagnostics"]
     assert diagnostics["trunk"]["split"] == "base_model.model.bert.encoder.layer.1"
     assert diagnostics["trunk"]["verified_relative_error"] < 1e-12
-    assert diagnostics["readout"]["cut_after"] == "base_model.model.bert.encoder.layer.1.attention"
+    assert diagnostics["readout"]["cut_after"] == "base_model.model.bert.encoder.layer.1.attention.output (inputs)"
     off = InfluenceEngine(model, args=_args(tmp_path, influence_trunk_cache=False), data_collator=collator)
     np.testing.assert_allclose(_matrix(table, 20, 2), _matrix(off.compute_influences(train, test), 20, 2),
                                rtol=1e-9, atol=1e-12)

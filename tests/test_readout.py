@@ -18,7 +18,8 @@ from hf_fastif.readout import find_readout
 from tests.test_trunk import TOP
 from tests.tiny import make_token_dataset, tiny_model
 
-CUT = {"bert": "bert.encoder.layer.1.attention", "roberta": "roberta.encoder.layer.1.attention",
+CUT = {"bert": "bert.encoder.layer.1.attention.output (inputs)",
+       "roberta": "roberta.encoder.layer.1.attention.output (inputs)",
        "distilbert": "distilbert.transformer.layer.1.sa_layer_norm"}
 
 
@@ -52,6 +53,15 @@ def test_the_cut_changes_no_derivative(kind, with_trunk, pad_collator):
     finally:
         handle.remove()
     assert seen == [1, batch["input_ids"].shape[1]]  # the cut layer returned one position, the whole one all
+    if readout.inputs:  # BERT's, RoBERTa's: the attention's output projection (and its norm) ran at one position
+        projection = last.attention.output.dense
+        widths = []
+        handle = projection.register_forward_hook(lambda m, a, out: widths.append(out.shape[1]))
+        try:
+            cut.losses(params, batch)
+        finally:
+            handle.remove()
+        assert widths == [1]
     torch.testing.assert_close(batch_gradient(cut, params, batch, reduction="none"),
                                batch_gradient(fm, params, batch, reduction="none"), rtol=1e-10, atol=1e-12)
     v = torch.randn(2, sum(p.numel() for p in params.values()), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -151,7 +161,7 @@ def test_influence_is_the_same_with_and_without_the_cut(solver, pad_collator, tm
         table = engine.compute_influences(train, test)
         tables[on] = (table, table.metadata)
     cut, full = tables[True], tables[False]
-    assert cut[1]["diagnostics"]["readout"] == {"cut_after": "bert.encoder.layer.1.attention"}
+    assert cut[1]["diagnostics"]["readout"] == {"cut_after": "bert.encoder.layer.1.attention.output (inputs)"}
     assert full[1]["diagnostics"]["readout"]["cut_after"] is None
     a = cut[0].to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
     b = full[0].to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
@@ -215,7 +225,7 @@ def test_the_engine_decides_again_when_the_weights_change(pad_collator, tmp_path
     with torch.no_grad():
         model.classifier.weight.normal_(std=0.3)
     table = engine.compute_influences(train, test)
-    assert table.metadata["diagnostics"]["readout"] == {"cut_after": "bert.encoder.layer.1.attention"}
+    assert table.metadata["diagnostics"]["readout"] == {"cut_after": "bert.encoder.layer.1.attention.output (inputs)"}
     whole = InfluenceEngine(model, arguments(False), data_collator=pad_collator).compute_influences(train, test)
     a = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
     b = whole.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
@@ -255,6 +265,45 @@ def test_a_cut_that_fails_on_a_later_batch_falls_back_to_the_whole_layer(pad_col
     assert readout.failed is not None and "failed on a batch" in caplog.text
     torch.testing.assert_close(values, fm.losses(params, batch), rtol=1e-12, atol=1e-12)
     assert find_readout(fm, params, [batcher.batch(eight), batcher.batch(shorter[:1])])[0] is None
+
+
+class _AssertsOnThreeCutRows(torch.nn.Module):
+    """BertIntermediate that asserts, as model code does, on a batch of three rows at one position: the probes (4, 1
+    and 2 rows) pass, a later 3-row batch fails only under the cut."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden):
+        assert hidden.shape[1] > 1 or hidden.shape[0] != 3, "three rows at one position"
+        return self.inner(hidden)
+
+
+def test_an_assertion_in_the_model_after_the_cut_falls_back_to_the_whole_layer(pad_collator, caplog):
+    """An ``assert`` in the model's code that a cut forward trips (on a batch the probes did not show, or on a cut
+    tried in `find_readout`) is the cut's failure like an IndexError: the forward runs whole and the cut is marked
+    failed, not raised at the caller."""
+    model = tiny_model("bert", num_labels=3)
+    layer = model.bert.encoder.layer[-1]
+    layer.intermediate = _AssertsOnThreeCutRows(layer.intermediate)
+    batcher = batcher_for(model, pad_collator)
+    params = select_parameters(model, TOP["bert"])
+    fm = FunctionalModel(model, list(params))
+    readout, reason = find_readout(fm, params, [batcher.batch(range(4)), batcher.batch([0]), batcher.batch([0, 5])])
+    assert readout is not None and readout.inputs, reason
+    cut = FunctionalModel(model, list(params), readout=readout)
+    batch = batcher.batch([1, 2, 3])
+    with caplog.at_level("WARNING"):
+        values = cut.losses(params, batch)
+    assert readout.failed is not None and "three rows at one position" in readout.failed
+    assert "at the inputs of bert.encoder.layer.1.attention.output failed on a batch" in caplog.text
+    torch.testing.assert_close(values, fm.losses(params, batch), rtol=1e-12, atol=1e-12)
+    # with a 3-row batch among the probes, the cuts before the assert are refused (no error reaches the caller), and
+    # the first that gives one position after it is taken: after the output block (a cut after the intermediate
+    # block meets the residual at every position)
+    readout, reason = find_readout(fm, params, [batcher.batch(range(3))])
+    assert readout is not None and readout.name == "bert.encoder.layer.1.output", reason
 
 
 def test_an_error_before_the_cut_is_raised_and_leaves_the_cut_in_place(pad_collator):
@@ -308,7 +357,7 @@ def test_a_cut_dropped_during_a_call_is_recorded_in_the_table(pad_collator, tmp_
         table = InfluenceEngine(model, args, data_collator=pad_collator).compute_influences(train, test)
         values[on] = table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
         diagnostics[on] = table.metadata["diagnostics"]["readout"]
-    assert diagnostics[True]["cut_after"] == "longformer.encoder.layer.1.attention"
+    assert diagnostics[True]["cut_after"] == "longformer.encoder.layer.1.attention.output (inputs)"
     assert "IndexError" in diagnostics[True]["failed_on_a_batch"]
     np.testing.assert_allclose(values[True], values[False], rtol=1e-9, atol=1e-12)
     monkeypatch.undo()  # the real probes: the 5-token rows are probed, and the cut is not made

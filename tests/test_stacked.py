@@ -165,7 +165,7 @@ def test_a_model_that_does_not_survive_vmap_falls_back_and_is_not_tried_again(pa
                                            influence_params=TOP["bert"])
     assert "LiSSA's repetitions run one product at a time: the stacked products raised RuntimeError" in caplog.text
     assert diagnostics["lissa_stacked"] is False
-    assert diagnostics["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
+    assert diagnostics["readout"]["cut_after"] == "bert.encoder.layer.1.attention.output (inputs)"
     alone, _, _ = run(model, train, test, pad_collator, tmp_path, "no", influence_params=TOP["bert"])
     np.testing.assert_allclose(stacked, alone, rtol=1e-9, atol=1e-12)
     tried = []

@@ -357,7 +357,7 @@ def test_multiple_choice_rows_are_cached_per_choice(tmp_path):
         cached, diagnostics = _influence(model, train, test, TOP["bert"], tmp_path, influence_knn_k=k)
         uncached, _ = _influence(model, train, test, TOP["bert"], tmp_path, influence_knn_k=k, influence_trunk_cache=False)
         assert diagnostics["trunk"]["split"] == "bert.encoder.layer.1"
-        assert diagnostics["readout"]["cut_after"] == "bert.encoder.layer.1.attention"
+        assert diagnostics["readout"]["cut_after"] == "bert.encoder.layer.1.attention.output (inputs)"
         assert len(cached) == len(test) * (k or len(train))
         np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
     # a choice without tokens (a mask of zeros) still runs its padding through the trunk: no state to cache, so no
