@@ -265,16 +265,18 @@ class _StackedSteps:
             return True
         # (what the default path raises, it raises here too)
         alone = self.hessian.alone([self.train.batch(g) for g in groups], vectors)
-        carry.finish()
-        into.add_(alone, alpha=alpha)
-        try:
+        try:  # (both read ``vectors`` before the carried part is written: it may be written over them)
             stacked = self.hessian.products(batch, vectors)
         except AmbiguousBatch:  # (not checked: later steps with rows this long run one product at a time)
             self.ambiguous.add(length)
-            return True
+            stacked = None
         except Exception as err:  # noqa: BLE001
             self.usable = False
             self.refused(f"the stacked products raised {type(err).__name__} ({_first_line(err)})")
+            stacked = None
+        carry.finish()
+        into.add_(alone, alpha=alpha)
+        if stacked is None:
             return True
         gap = relative_difference(stacked, alone)
         if gap > self.tolerance:
@@ -1574,6 +1576,8 @@ class InfluenceEngine:
                         uses[rows.tobytes()] -= 1
                     return
                 # it raised after its checks: this step and the rest of the call run one product at a time
+            if into.data_ptr() == h.data_ptr():  # (in place: the products below read h after the carry wrote it)
+                h = h.clone()
             carry.finish()  # (what a grouped step carried before it raised stays: carried once)
             for r, t in enumerate(reps):
                 rows = draws[t][j - 1]
@@ -1592,7 +1596,7 @@ class InfluenceEngine:
             estimate, lissa_info = D.together(
                 lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
                                     depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
-                                    diagonal=diagonal, accumulates=True, carries=True),
+                                    diagonal=diagonal, accumulates=True, carries=True, in_place=v.shape[0] == 1),
                 "LiSSA's repetitions")
         finally:
             kept.end_call()

@@ -232,6 +232,48 @@ def test_a_carry_written_range_by_range_gives_the_same_recursion():
         solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False, carries=True)
 
 
+def test_an_iterate_written_in_place_gives_the_same_recursion():
+    """``in_place=True``: the step writes the next iterate over its input (``into`` is ``h``), having read what its
+    products need first. The same recursion as into a spare buffer, bitwise, with and without the L2 term's
+    diagonal, over repetitions and one vector; products that are not finite are still named as such (the input's
+    norm from the step before says it was finite)."""
+    matrix, _ = spectrum_matrix([0.05, 0.5, 1.0, 2.0, 3.0])
+    v = torch.tensor([[1.0, -2.0, 0.5, 3.0, 0.2]], dtype=torch.float64)
+    seen = []
+
+    def by_ranges(step):
+        def run(j, reps, h, *, into, alpha, carry):
+            seen.append(into.data_ptr() == h.data_ptr())
+            products = step(j, reps, h)  # (read before anything is written)
+            for start, end in ((3, 5), (0, 3)):
+                carry.part(start, end)
+                into[..., start:end] += alpha * products[..., start:end]
+        return run
+
+    for diagonal in (None, torch.tensor([0.1, 0.0, 0.2, 0.0, 0.3], dtype=torch.float64)):
+        settings = dict(damping=0.01, scale=10.0, depth=200, repetitions=[0, 3], progress=False, diagonal=diagonal,
+                        accumulates=True, carries=True)
+        spare, _ = solve_lissa(by_ranges(explicit_step(matrix, noise=0.1, seed=4)), v, **settings)
+        seen.clear()
+        written, _ = solve_lissa(by_ranges(explicit_step(matrix, noise=0.1, seed=4)), v, in_place=True, **settings)
+        assert seen and all(seen)
+        assert torch.equal(written, spare) and written.abs().max() > 1.0
+
+    def nan_at_3(j, reps, h, *, into, alpha, carry):
+        products = h @ matrix * (float("nan") if j == 3 else 1.0)
+        carry.finish()
+        into.add_(products, alpha=alpha)
+
+    with pytest.raises(LissaDivergenceError, match="step 3: the Hessian-vector product of the sampled training rows "
+                                                   "is not finite"):
+        solve_lissa(nan_at_3, v, damping=0.01, scale=10.0, depth=20, repetitions=[0], progress=False,
+                    accumulates=True, carries=True, in_place=True)
+
+    with pytest.raises(ValueError, match="in_place=True needs carries=True"):
+        solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
+                    accumulates=True, in_place=True)
+
+
 def test_the_carried_coefficient_is_written_run_by_run_with_the_same_values(monkeypatch):
     """`CarryCoefficient` writes ``v + c ⊙ h`` with a scalar ``c`` over each run of equal entries (the L2 term's
     diagonal is constant over a parameter), over any range, runs split where the range crosses them; with too many
