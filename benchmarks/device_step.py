@@ -33,6 +33,7 @@ from hf_fastif import InfluenceArguments
 from hf_fastif.hvp import batch_hvp
 from hf_fastif.mode import influence_mode
 from hf_fastif.params import num_parameters, select_parameters
+from hf_fastif.readout import cut_in_words
 from hf_fastif.utils import library_version
 
 from .arguments import output_folder, parse_with_defaults
@@ -177,7 +178,8 @@ def render(out: dict) -> str:
     prof = out["profile"]
     lines = [f"# One LiSSA step on {out['device']}: {out['model']}\n", f"`{out['command']}`\n",
              f"torch {out['torch']}; {out['num_influence_parameters']:,} influence parameters; {out['num_train']} rows "
-             f"of {out['seq_len']} tokens; trunk split {out['trunk_split']}, cut after {out['readout']}.\n",
+             f"of {out['seq_len']} tokens; trunk split {out['trunk_split']}, last layer cut "
+             f"{cut_in_words(out['readout'])}.\n",
              "## Eager (median ms)\n",
              rows_table([{"what": k, "ms": v} for k, v in out["eager_ms"].items()], ["what", "ms"]),
              f"\n## Profiled: {PROFILED_STEPS} steps of B 1 with the cut\n",

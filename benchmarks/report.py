@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from hf_fastif.readout import cut_in_words
 from hf_fastif.utils import markdown_table, to_json, write_atomic
 
 from .paper_setup import FAST, FASTIF, LOW_RANK, PARALLEL, STACKED
@@ -214,7 +215,7 @@ def render(results: dict) -> str:
                   + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "check_vector_work", "trunk",
                                                         "feature", "knn_row") if key in u])
               + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}"
-              + f"; last layer cut after: {u.get('readout') or 'none (it runs at every position)'}.\n",
+              + f"; last layer cut: {cut_in_words(u.get('readout'))}.\n",
               "```\n" + results["cost_model"] + "\n```\n"]
     speed = ["speed-up vs original (hf_fastif kernels)", "speed-up vs original (2021 code path)"]
     lines.append(rows_table(results["paper_rows"], ["row", "seconds", *speed],

@@ -1576,8 +1576,8 @@ class InfluenceEngine:
                         uses[rows.tobytes()] -= 1
                     return
                 # it raised after its checks: this step and the rest of the call run one product at a time
-            if into.data_ptr() == h.data_ptr():  # (in place: the products below read h after the carry wrote it)
-                h = h.clone()
+            if into.data_ptr() == h.data_ptr():  # (in place, only where the steps stack: the products below read
+                h = h.clone()  # h after the carry wrote it; from a step that stopped stacking on, a copy a step)
             carry.finish()  # (what a grouped step carried before it raised stays: carried once)
             for r, t in enumerate(reps):
                 rows = draws[t][j - 1]
@@ -1596,7 +1596,8 @@ class InfluenceEngine:
             estimate, lissa_info = D.together(
                 lambda: solve_lissa(hvp_step, v, damping=args.influence_damping, scale=args.influence_scale,
                                     depth=depth, repetitions=mine, top_eigenvalue=top, progress=call.progress,
-                                    diagonal=diagonal, accumulates=True, carries=True, in_place=v.shape[0] == 1),
+                                    diagonal=diagonal, accumulates=True, carries=True,
+                                    in_place=v.shape[0] == 1 and stacked is not None),
                 "LiSSA's repetitions")
         finally:
             kept.end_call()

@@ -300,7 +300,10 @@ class GroupedProducts:
 def _seeds(u: _Use, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The derivatives of ``s = Σ_r ∇L_r · v_r`` (this module's share) at ``g`` and at ``x``, grouped; the one at
     ``x`` only where the first backward took a gradient at x (else None: a module fed by the cached trunk, MiniLM's
-    query, key and value, whose ``g W`` was formed and dropped, ~0.8 ms of a ~27 ms step)."""
+    query, key and value, whose ``g W`` was formed and dropped, ~0.8 ms of a ~27 ms step). Each in memory of its own,
+    never a view of ``vectors``: autograd may hand a seed back as another module's adjoint (a bias-only LayerNorm
+    feeding a selected query weight: its seed is that weight's ``x̄``), which `GroupedProducts.accumulate` reads after
+    it wrote into ``into``, and LiSSA's in-place step writes ``into`` over ``vectors``."""
     weight, bias = (vectors.get(u.names.get(k)) for k in ("weight", "bias"))
     at_input = weight is not None and u.input_gradient is not None
     if isinstance(u.module, nn.Embedding):
@@ -309,11 +312,11 @@ def _seeds(u: _Use, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor |
     if isinstance(u.module, nn.LayerNorm):
         at_g = None if weight is None else u.xs * weight[:, None]
         if bias is not None:
-            at_g = bias[:, None].expand(u.gs.shape) if at_g is None else at_g + bias[:, None]
+            at_g = bias[:, None].expand(u.gs.shape).clone() if at_g is None else at_g + bias[:, None]
         return at_g, _normalisation_jacobian(u, u.gs * weight[:, None]) if at_input else None
     at_g = None if weight is None else torch.bmm(u.xs, weight.transpose(1, 2))
     if bias is not None:
-        at_g = bias[:, None].expand(u.gs.shape) if at_g is None else at_g + bias[:, None]
+        at_g = bias[:, None].expand(u.gs.shape).clone() if at_g is None else at_g + bias[:, None]
     return at_g, torch.bmm(u.gs, weight) if at_input else None
 
 

@@ -295,7 +295,7 @@ class FunctionalModel:
                 try:
                     with readout.active():
                         return functional_call(self.model, values, args=(), kwargs=inputs, tie_weights=False)
-                except (RuntimeError, IndexError, ValueError, AssertionError) as err:  # a batch unlike the probes
+                except (RuntimeError, IndexError, ValueError, TypeError, AssertionError) as err:  # unlike the probes
                     if (not readout.fired or isinstance(err, torch.OutOfMemoryError) or forward_ad_unsupported(err)
                             or _STACKING.get()):
                         raise  # raised before the cut, out of memory, forward-mode AD or vmap refused: not the cut's

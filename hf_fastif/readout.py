@@ -16,8 +16,9 @@ Hessian-vector product's matrix products drop from 0.47 to 0.13 GFLOP with the c
    classifier: undecided; the engine decides again when the weights change).
 2. Cuts are tried in the order the layer calls its direct submodules: for each, first at the inputs of each of its
    own submodules that is a block of modules, in their call order (a forward pre-hook keeps position 0 of the first
-   tensor argument and of every argument of that shape; not at a single linear layer or norm, whose hook would keep
-   it off the products' fast routes), then after its output (a forward hook keeps position 0). The first cut is used
+   tensor argument and of every argument of that shape, the same arguments on every forward as on the probes; not
+   at a single linear layer or norm, whose hook would keep it off the products' fast routes), then after its output
+   (a forward hook keeps position 0). The first cut is used
    where, on every probe, the cut layer runs once and returns one position, and the losses, the measurements and
    the parameter gradients equal the uncut ones within float rounding. BERT-style layers are cut at the inputs of
    ``attention.output`` (the context and the residual: the attention's output projection and its norm then run at
@@ -51,6 +52,17 @@ READOUT_TOLERANCE = 1e-5
 epsilons of the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
 
 
+INPUTS_SUFFIX = " (inputs)"
+"""How a cut at a block's inputs is named, after the block's dotted name (a table's ``cut_after``)."""
+
+
+def cut_in_words(name: str | None) -> str:
+    """A `Readout`'s name (a table's ``cut_after``) in words: "after X", "at the inputs of X", or "none"."""
+    if name is None:
+        return "none (the last layer runs at every position)"
+    return f"at the inputs of {name.removesuffix(INPUTS_SUFFIX)}" if name.endswith(INPUTS_SUFFIX) else f"after {name}"
+
+
 @dataclass
 class Readout:
     """Where the last layer of a stack is cut to its first position.
@@ -64,19 +76,24 @@ class Readout:
         inputs: cut ``module``'s inputs rather than its output: its first tensor argument, and every other argument
             of that same shape (BERT's attention output block takes the attention's context and the residual, both
             ``(batch, positions, hidden)``), keep only position 0.
+        arguments: with ``inputs``, which arguments those were at the first forward through the cut (a probe's):
+            ``(positional indices, keyword names)``. A later forward whose arguments of the lead's shape are others
+            (an argument of a fixed length equal to this batch's padded length, say) raises ``ValueError``, so that
+            forward runs whole and the cut is marked failed, instead of cutting that argument too.
     """
 
     module: nn.Module
     name: str
     failed: str | None = None  # set when a cut forward raised: the cut is not used again (see `FunctionalModel`)
     inputs: bool = False
+    arguments: tuple[tuple[int, ...], tuple[str, ...]] | None = None
 
     fired: bool = False  # whether a forward inside `active` reached the cut
 
     @property
     def where(self) -> str:
         """Where the cut is, in words (for logs): "after X", or "at the inputs of X"."""
-        return f"at the inputs of {self.name.removesuffix(' (inputs)')}" if self.inputs else f"after {self.name}"
+        return cut_in_words(self.name)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -90,10 +107,18 @@ class Readout:
             if lead is None or lead.dim() < 3:
                 raise TypeError(f"{type(module).__name__} takes no (batch, positions, ...) tensor to cut.")
 
-            def cut(t):
-                return t[:, :1] if isinstance(t, torch.Tensor) and t.shape == lead.shape else t
+            def like(t) -> bool:
+                return isinstance(t, torch.Tensor) and t.shape == lead.shape
 
-            return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+            found = (tuple(i for i, a in enumerate(args) if like(a)), tuple(sorted(k for k, v in kwargs.items()
+                                                                                 if like(v))))
+            if self.arguments is None:
+                self.arguments = found
+            elif found != self.arguments:
+                raise ValueError(f"{type(module).__name__}'s arguments of shape {tuple(lead.shape)} are {found}, not "
+                                 f"{self.arguments} as on the rows the cut was checked on")
+            return (tuple(a[:, :1] if i in found[0] else a for i, a in enumerate(args)),
+                    {k: v[:, :1] if k in found[1] else v for k, v in kwargs.items()})
 
         if self.inputs:
             handle = self.module.register_forward_pre_hook(first_positions, with_kwargs=True)
@@ -222,7 +247,7 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
     tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
     layer = f"{path}.{len(layers) - 1}"
     for child in called.get(None, []):
-        cuts = [Readout(inner, f"{layer}.{names[id(inner)]} (inputs)", inputs=True) for inner in called.get(child, [])
+        cuts = [Readout(inner, f"{layer}.{names[id(inner)]}{INPUTS_SUFFIX}", inputs=True) for inner in called.get(child, [])
                 if next(inner.children(), None) is not None]  # (blocks only: a hook on a linear layer or a norm
         # keeps it off the products' fast routes, `hf_fastif.linear_products`, and the cut would save its own work only)
         for readout in [*cuts, Readout(child, f"{layer}.{names[id(child)]}")]:

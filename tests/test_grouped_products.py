@@ -148,6 +148,21 @@ def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_c
     assert not np.allclose(changed, alone, rtol=1e-6)
 
 
+def test_in_place_steps_read_no_seed_back_after_writing(pad_collator, tmp_path):
+    """LiSSA writes a grouped step's products over its input (in place, one test point). A bias-only LayerNorm whose
+    output feeds selected query / key / value weights (BitFit-style: every bias, and the attention's weights) has a
+    seed autograd hands back as those weights' ``x̄``; with one row a group that seed was a view of the iterate, read
+    after the LayerNorm's own range was written (1.5e-7 off in a review's repro). The default path's numbers."""
+    model = tiny_model("bert", num_labels=3)
+    train = make_token_dataset(16, seed=0, num_labels=3, min_len=10, max_len=14)
+    test = make_token_dataset(1, seed=7, num_labels=3)
+    settings = dict(influence_params=[r"bias$", r"attention\.self"], influence_batch_size=1)
+    alone, off, _ = run(model, train, test, pad_collator, tmp_path, "no", **settings)
+    grouped, on, _ = run(model, train, test, pad_collator, tmp_path, "auto", **settings)
+    assert on["lissa_stacked"] is True and off["lissa_stacked"] is False
+    np.testing.assert_allclose(grouped, alone, rtol=1e-12, atol=1e-15)
+
+
 def test_a_batch_the_route_refuses_falls_back_with_the_default_numbers(pad_collator, tmp_path, caplog):
     """A hook on a LayerNorm (the route cannot see what it does): the first step's grouped products raise, the
     call runs one product at a time with a log line, and gives the default path's numbers."""

@@ -306,6 +306,59 @@ def test_an_assertion_in_the_model_after_the_cut_falls_back_to_the_whole_layer(p
     assert readout is not None and readout.name == "bert.encoder.layer.1.output", reason
 
 
+class _WithMemory(torch.nn.Module):
+    """BERT's attention output block given a third argument, a (batch, 7, hidden) memory of fixed length: on a batch
+    padded to 7 positions it has the shape of the block's positions."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, input_tensor, memory):
+        return self.inner(hidden_states, input_tensor) + memory.mean(1, keepdim=True)
+
+
+def test_a_cut_at_inputs_cuts_the_arguments_it_cut_on_the_probes_only(pad_collator, caplog):
+    """A cut at a block's inputs keeps position 0 of the arguments that had the positions' shape on the probe rows.
+    A later batch where another argument has that shape too (a fixed-length memory as long as the batch's padding)
+    does not get that argument cut: the forward runs whole, the cut is marked failed, the values are the whole
+    layer's."""
+    import types
+
+    memory_length = 7
+    model = tiny_model("bert", num_labels=3)
+    attention = model.bert.encoder.layer[-1].attention
+    attention.memory = torch.nn.Parameter(torch.randn(1, memory_length, model.config.hidden_size,
+                                                      dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    attention.output = _WithMemory(attention.output)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        context, weights = self.self(hidden_states, attention_mask=attention_mask, **kwargs)
+        memory = self.memory.expand(hidden_states.shape[0], -1, -1)
+        return self.output(context, hidden_states, memory), weights
+
+    attention.forward = types.MethodType(forward, attention)
+    data = make_token_dataset(40, seed=0, num_labels=3)
+    lengths = [len(x) for x in data["input_ids"]]
+    batcher = batcher_for(model, pad_collator, n=40)
+    params = select_parameters(model, [r"layer\.1\.", "classifier", "pooler"])
+    fm = FunctionalModel(model, list(params))
+    probes = [i for i, n in enumerate(lengths) if n != memory_length][:4]
+    readout, reason = find_readout(fm, params, [batcher.batch(probes), batcher.batch(probes[:1])])
+    assert readout is not None and readout.name == "bert.encoder.layer.1.attention.output (inputs)", reason
+    assert readout.arguments == ((0, 1), ())
+    cut = FunctionalModel(model, list(params), readout=readout)
+    shorter = batcher.batch([i for i, n in enumerate(lengths) if n == memory_length - 1][:3])
+    torch.testing.assert_close(cut.losses(params, shorter), fm.losses(params, shorter), rtol=1e-12, atol=1e-12)
+    assert readout.failed is None
+    as_long = batcher.batch([i for i, n in enumerate(lengths) if n == memory_length][:3])
+    assert as_long["input_ids"].shape[1] == memory_length
+    with caplog.at_level("WARNING"):
+        values = cut.losses(params, as_long)
+    torch.testing.assert_close(values, fm.losses(params, as_long), rtol=1e-12, atol=1e-12)
+    assert readout.failed is not None and "not ((0, 1), ())" in readout.failed and "failed on a batch" in caplog.text
+
+
 def test_an_error_before_the_cut_is_raised_and_leaves_the_cut_in_place(pad_collator):
     """A token id outside the vocabulary fails in the embeddings, before the cut: the error is the caller's and is
     raised as it is; the cut is not blamed (it stays usable); out of memory inside a cut forward is raised too."""

@@ -272,6 +272,10 @@ def test_an_iterate_written_in_place_gives_the_same_recursion():
     with pytest.raises(ValueError, match="in_place=True needs carries=True"):
         solve_lissa(explicit_step(matrix), v, damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
                     accumulates=True, in_place=True)
+    # two vectors: a carried range is written for both at once, over the second's input before its products
+    with pytest.raises(ValueError, match="in_place=True takes one right-hand side, not 2"):
+        solve_lissa(nan_at_3, torch.cat([v, v]), damping=0.01, scale=10.0, depth=2, repetitions=[0], progress=False,
+                    accumulates=True, carries=True, in_place=True)
 
 
 def test_the_carried_coefficient_is_written_run_by_run_with_the_same_values(monkeypatch):

@@ -242,11 +242,13 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         carries: (with ``accumulates``) ``into`` is handed over empty, with ``carry=`` a `Carry` for the step to
             write ``v + (1 - damping)·h`` range by range before adding its products there; what the step did not
             carry is carried after it. A step that adds whole-vector products calls ``carry.finish()`` first.
-        in_place: (with ``carries``) ``into`` is ``h`` itself: the step writes the next iterate over its input, so it
-            must read all of ``h`` that its products need before it carries or adds anywhere (the grouped route
-            forms every seed of its second backward first; a step that multiplies otherwise copies ``h`` first).
-            The same values; one iterate buffer instead of two, and the carried part written where it was read
-            (MiniLM's paper selection, four repetitions: the carried ranges 3.1 → 2.1 ms a step in isolation).
+        in_place: (with ``carries``, one vector: ``m = 1``, as a carried range is written for every vector at once)
+            ``into`` is ``h`` itself: the step writes the next iterate over its input, so it must read all of ``h``
+            that its products need before it carries or adds anywhere, and hold none of it in a view it reads later
+            (the grouped route forms every seed of its second backward first, each in memory of its own; a step
+            that multiplies otherwise copies ``h`` first). The same values; one iterate buffer instead of two, and
+            the carried part written where it was read (MiniLM's paper selection, four repetitions: the carried
+            ranges 3.1 → 2.1 ms a step in isolation).
     Returns:
         ``(mean over repetitions of h_J / scale, info)``.
     Raises:
@@ -276,6 +278,9 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         raise ValueError("solve_lissa: carries=True needs accumulates=True (the step adds into the next iterate).")
     if in_place and not carries:
         raise ValueError("solve_lissa: in_place=True needs carries=True (the step carries before it writes).")
+    if in_place and v.shape[0] != 1:  # (a carried range is written for every vector at once: vector 1's input would
+        # be overwritten by vector 0's carry before its seeds are formed)
+        raise ValueError(f"solve_lissa: in_place=True takes one right-hand side, not {v.shape[0]}.")
     for j in bar:
         if carries:
             into = h if in_place else spare
