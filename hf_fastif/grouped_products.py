@@ -310,14 +310,18 @@ def _seeds(u: _Use, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor |
         at_g = weight[torch.arange(weight.shape[0], device=weight.device)[:, None], u.xs]  # (R, n, d): v_r[ids]
         return (at_g if u.kept is None else at_g * u.kept), None
     if isinstance(u.module, nn.LayerNorm):
-        at_g = None if weight is None else u.xs * weight[:, None]
-        if bias is not None:
-            at_g = bias[:, None].expand(u.gs.shape).clone() if at_g is None else at_g + bias[:, None]
+        at_g = _plus_bias(None if weight is None else u.xs * weight[:, None], bias, u.gs.shape)
         return at_g, _normalisation_jacobian(u, u.gs * weight[:, None]) if at_input else None
-    at_g = None if weight is None else torch.bmm(u.xs, weight.transpose(1, 2))
-    if bias is not None:
-        at_g = bias[:, None].expand(u.gs.shape).clone() if at_g is None else at_g + bias[:, None]
+    at_g = _plus_bias(None if weight is None else torch.bmm(u.xs, weight.transpose(1, 2)), bias, u.gs.shape)
     return at_g, torch.bmm(u.gs, weight) if at_input else None
+
+
+def _plus_bias(at_g: torch.Tensor | None, bias: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """The weight's seed at ``g`` plus the bias's, ``bias[r]`` at every row of group r; a bias alone is copied out
+    of ``vectors`` (its broadcast view must not be a seed, as `_seeds` says)."""
+    if bias is None:
+        return at_g
+    return bias[:, None].expand(shape).clone() if at_g is None else at_g + bias[:, None]
 
 
 def _normalisation_jacobian(u: _Use, d: torch.Tensor) -> torch.Tensor:

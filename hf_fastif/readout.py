@@ -110,8 +110,8 @@ class Readout:
             def like(t) -> bool:
                 return isinstance(t, torch.Tensor) and t.shape == lead.shape
 
-            found = (tuple(i for i, a in enumerate(args) if like(a)), tuple(sorted(k for k, v in kwargs.items()
-                                                                                 if like(v))))
+            found = (tuple(i for i, a in enumerate(args) if like(a)),
+                     tuple(sorted(k for k, v in kwargs.items() if like(v))))
             if self.arguments is None:
                 self.arguments = found
             elif found != self.arguments:
@@ -119,14 +119,6 @@ class Readout:
                                  f"{self.arguments} as on the rows the cut was checked on")
             return (tuple(a[:, :1] if i in found[0] else a for i, a in enumerate(args)),
                     {k: v[:, :1] if k in found[1] else v for k, v in kwargs.items()})
-
-        if self.inputs:
-            handle = self.module.register_forward_pre_hook(first_positions, with_kwargs=True)
-            try:
-                yield
-            finally:
-                handle.remove()
-            return
 
         def first_position(module, args, output):
             self.fired = True
@@ -137,7 +129,10 @@ class Readout:
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: cannot keep its first "
                             "position.")
 
-        handle = self.module.register_forward_hook(first_position)
+        if self.inputs:
+            handle = self.module.register_forward_pre_hook(first_positions, with_kwargs=True)
+        else:
+            handle = self.module.register_forward_hook(first_position)
         try:
             yield
         finally:
@@ -247,9 +242,10 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
     tolerance = max(READOUT_TOLERANCE, 20 * torch.finfo(next(iter(params.values())).dtype).eps)
     layer = f"{path}.{len(layers) - 1}"
     for child in called.get(None, []):
-        cuts = [Readout(inner, f"{layer}.{names[id(inner)]}{INPUTS_SUFFIX}", inputs=True) for inner in called.get(child, [])
-                if next(inner.children(), None) is not None]  # (blocks only: a hook on a linear layer or a norm
-        # keeps it off the products' fast routes, `hf_fastif.linear_products`, and the cut would save its own work only)
+        # (blocks only: a hook on a linear layer or a norm keeps it off the products' fast routes,
+        # `hf_fastif.linear_products`, and the cut would save its own work only)
+        cuts = [Readout(inner, f"{layer}.{names[id(inner)]}{INPUTS_SUFFIX}", inputs=True)
+                for inner in called.get(child, []) if next(inner.children(), None) is not None]
         for readout in [*cuts, Readout(child, f"{layer}.{names[id(child)]}")]:
             if _agrees(readout, last, probes, reference, values, leaves, tolerance):
                 return readout, ""
