@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_fastif.grouped_products as gp_module
 from hf_fastif.grouped_products import (
     AmbiguousBatch,
     GroupedHessian,
@@ -118,7 +119,8 @@ def test_which_models_take_the_route(pad_collator, monkeypatch):
         GroupedHessian(FunctionalModel(model, names), params).build(batch, 3)
 
 
-@pytest.mark.parametrize("names", [None, TOP["bert"]], ids=["every parameter", "last layer (trunk, cut)"])
+@pytest.mark.parametrize("names", [None, TOP["bert"], [r"classifier\."]],
+                         ids=["every parameter", "last layer (trunk, cut)", "the classifier (one module: batched)"])
 @pytest.mark.parametrize("points", [1, 2])
 def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_collator, tmp_path, monkeypatch):
     """Through `compute_influences` on the CPU, where ``"auto"`` groups (one and two test points; the trunk cached and
@@ -264,7 +266,7 @@ def test_a_position_table_read_otherwise_than_added_and_a_patched_class_are_refu
 def test_a_stack_that_fails_after_its_first_vector_raises(pad_collator):
     """Two test points a repetition: the second vector's products failing after the first's were added into the
     next iterate raises `PartlyAdded` (falling back would add the first's twice: 2.5e-3 off, in a review's repro)."""
-    model, batcher, params = _groups("bert", pad_collator, [r"classifier\."])
+    model, batcher, params = _groups("bert", pad_collator, [r"classifier\.", r"pooler\."])  # (two modules: a loop)
     vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64)
     with influence_mode(model, list(params)):
         graph = GroupedHessian(FunctionalModel(model, list(params)), params).build(batcher.batch(sum(GROUPS, [])), 3)
@@ -278,6 +280,44 @@ def test_a_stack_that_fails_after_its_first_vector_raises(pad_collator):
 
         graph._products.accumulate = fails_second
         with pytest.raises(PartlyAdded, match="vector 1 of 2 failed after those before it were added"):
+            graph.accumulate(vectors, torch.zeros_like(vectors), 1.0)
+
+
+def test_one_module_takes_every_vector_in_one_batched_backward(pad_collator, monkeypatch):
+    """Where the influence parameters sit in one module (here the classifier), a graph's m vectors a group share one
+    batched second backward, each group's products still its own: equal to `batch_hvp` of the group collated alone,
+    from a kept graph again, and a failure while adding the second vector's products raises `PartlyAdded`."""
+    model, batcher, params = _groups("bert", pad_collator, [r"classifier\."])
+    vectors = torch.randn(3, 4, num_parameters(params), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(2))
+    single, batched = [], []
+    real_single, real_many = GroupedProducts.accumulate, GroupedProducts.accumulate_many
+    monkeypatch.setattr(GroupedProducts, "accumulate", lambda self, *a, **k: single.append(1) or real_single(self, *a, **k))
+    monkeypatch.setattr(GroupedProducts, "accumulate_many",
+                        lambda self, *a, **k: batched.append(1) or real_many(self, *a, **k))
+    with influence_mode(model, list(params)):
+        hessian = GroupedHessian(FunctionalModel(model, list(params)), params)
+        alone = hessian.alone([batcher.batch(g) for g in GROUPS], vectors)
+        graph = hessian.build(batcher.batch(sum(GROUPS, [])), 3)
+        first, again = torch.zeros_like(vectors), torch.ones_like(vectors)
+        graph.accumulate(vectors, first, 1.0, last=False)
+        graph.accumulate(vectors, again, -2.0, last=True)
+        assert (len(single), len(batched)) == (0, 2)
+        assert relative_difference(first, alone) < 1e-10
+        torch.testing.assert_close(again, 1.0 - 2.0 * first, rtol=1e-12, atol=1e-12)
+
+        added = []
+        real_assemble = gp_module._assemble
+
+        def fails_second(*args, **kwargs):
+            added.append(1)
+            if len(added) == 2:  # (one module: the second call is the second vector's)
+                raise torch.OutOfMemoryError("a test's")
+            return real_assemble(*args, **kwargs)
+
+        monkeypatch.setattr(gp_module, "_assemble", fails_second)
+        graph = hessian.build(batcher.batch(sum(GROUPS, [])), 3)
+        with pytest.raises(PartlyAdded, match="failed part way"):
             graph.accumulate(vectors, torch.zeros_like(vectors), 1.0)
 
 
