@@ -34,8 +34,8 @@ them for each row only where its output is added to other tensors (else refused:
 would put every group's gradient on the first). Rows must not interact in the forward (no batch norm; an attention
 mask keeps padded positions out), which the engine's check against the products taken one group at a time sees on
 the first step (`hf_fastif.engine`'s stacked steps). A stack of m vectors a group takes one second backward per
-vector (one batched backward for all m where the parameters sit in one module), each added into the caller's vectors
-as it comes; a failure after the first raises `PartlyAdded`. Given
+vector (one batched backward for all m where the parameters sit next to the loss, `NEAR_LOSS_NODES`), each added
+into the caller's vectors as it comes; a failure after the first raises `PartlyAdded`. Given
 LiSSA's `hf_fastif.solvers.lissa.Carry`, each parameter's range of the next iterate is carried (``v + (1 - damp)·h``)
 just before its block is first added, while it is in cache, instead of in a pass over the whole iterate ahead. With
 half-precision LayerNorms the normalised inputs are recomputed in float32 (autograd saves float32 statistics); the
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -61,6 +61,11 @@ from .stacked import GroupsHessian, NotStackable
 from .utils import batched_grad
 
 ROUTED_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
+NEAR_LOSS_NODES = 8
+"""A graph whose influence parameters sit in modules with at most this many autograd nodes between each one's output
+and the loss (a classification head: 2-4; BERT's pooler with its classifier: 7) takes its m vectors a group in one
+batched second backward (`GroupedProducts.accumulate_many`); where a module sits deeper (the last layer's output
+projection: 11, the embeddings: ~100), one per vector."""
 _FORWARDS = {kind: kind.forward for kind in ROUTED_MODULES}  # (a class-level patch after import is refused)
 
 
@@ -153,7 +158,7 @@ class GroupedProducts:
 
     def __init__(self, uses: list[_Use], input_gradients: list[torch.Tensor], groups: int):
         self._uses, self._input_gradients, self._groups = uses, input_gradients, groups
-        self.one_module = len(uses) == 1  # (m vectors then take one batched second backward: `GroupedGraph`)
+        self.batches_vectors = False  # (m vectors in one batched second backward: set by `_build`, `NEAR_LOSS_NODES`)
         self.saved_bytes: int | None = None  # (measured where built with measure=True)
 
     @classmethod
@@ -263,93 +268,117 @@ class GroupedProducts:
                 u.scale = scale.reshape(groups, -1, 1)
             else:
                 u.xs = x.reshape(groups, -1, x.shape[-1])
-        return cls(uses, input_gradients, groups)
+        graph = cls(uses, input_gradients, groups)
+        graph.batches_vectors = all(_near_loss(losses, u.y, NEAR_LOSS_NODES) for u in uses)
+        return graph
 
     def accumulate(self, vectors: Mapping[str, torch.Tensor], into: Mapping[str, torch.Tensor], alpha: float,
                    last: bool = True) -> None:
         """``into[n][r] += alpha · (H_r v_r)_n`` for every parameter n and group r, ``vectors`` and ``into``
         parameter-shaped with a leading dimension of R (``vectors`` in each parameter's dtype); ``last=True`` frees
         the graph (else it is kept for more products)."""
-        self._add(vectors, [into], alpha, last, batched=False)
+        self._add(vectors, [into], alpha, last)
 
     def accumulate_many(self, vectors: Mapping[str, torch.Tensor], intos: Sequence[Mapping[str, torch.Tensor]],
                         alpha: float, last: bool = True) -> None:
         """`accumulate` for m vectors a group in one batched second backward (``is_grads_batched``): ``vectors``
-        parameter-shaped with leading dimensions (m, R), ``intos`` m mappings like `accumulate`'s ``into``, vector i's
-        products added into ``intos[i]`` in turn (a failure while adding raises `PartlyAdded`). Faster than m
-        `accumulate` calls only where the second backward is all fixed cost (`one_module`, see `GroupedGraph`)."""
-        self._add(vectors, intos, alpha, last, batched=True)
+        parameter-shaped with a leading dimension of R·m (group r's m vectors together), ``intos`` m mappings like
+        `accumulate`'s ``into``, vector i's products added into ``intos[i]`` in turn (a failure while adding raises
+        `PartlyAdded`). Faster than m `accumulate` calls only where the second backward is little more than its
+        fixed cost (`batches_vectors`, see `GroupedGraph.accumulate`)."""
+        self._add(vectors, intos, alpha, last)
 
     def _add(self, vectors: Mapping[str, torch.Tensor], intos: Sequence[Mapping[str, torch.Tensor]], alpha: float,
-             last: bool, batched: bool) -> None:
+             last: bool) -> None:
         if self._uses is None:
             raise RuntimeError("This graph was freed by a product with last=True; build another.")
-        lead = (len(intos),) if batched else ()
+        m = len(intos)
         outputs, grad_outputs = [], []
         for u in self._uses:
-            at_g, at_x = _seeds(u, vectors)
+            # m vectors: group r's activations repeated for each of its vectors, the R·m groups' seeds taken as R's
+            at_g, at_x = _seeds(u if m == 1 else _repeated(u, m), vectors)
             if at_g is not None and u.g.requires_grad:
                 outputs.append(u.g)
-                grad_outputs.append(at_g.reshape(*lead, *u.g.shape).to(u.g.dtype))
+                grad_outputs.append(_by_vector(at_g, m, u.g.shape).to(u.g.dtype))
             if at_x is not None:
                 outputs.append(u.x)
-                grad_outputs.append(at_x.reshape(*lead, *u.x.shape).to(u.x.dtype))
+                grad_outputs.append(_by_vector(at_x, m, u.x.shape).to(u.x.dtype))
         varying = [t for t in self._input_gradients if t.requires_grad]
         wanted = [u.y for u in self._uses] + varying
-        uses = self._uses
-        if last:
-            self._uses = None
+        uses, input_gradients = self._uses, self._input_gradients
+        if last:  # (the batched backward retains the graph: nothing here may hold it after)
+            self._uses, self._input_gradients = None, []
         if not outputs:
             adjoints = [None] * len(wanted)
-        elif batched:  # (the graph is let go with ``uses`` where last)
+        elif m > 1:
             adjoints = batched_grad(outputs, wanted, grad_outputs, allow_unused=True)
         else:
             adjoints = torch.autograd.grad(outputs, wanted, grad_outputs=grad_outputs, allow_unused=True,
                                            retain_graph=not last)
         found = iter(adjoints[len(uses):])
-        at_inputs = [next(found) if t.requires_grad else None for t in self._input_gradients]
+        at_inputs = [next(found) if t.requires_grad else None for t in input_gradients]
         try:
             for i, into in enumerate(intos):
                 for u, y_bar in zip(uses, adjoints[:len(uses)]):
-                    y_bar = u.gs.new_zeros(u.gs.shape) if y_bar is None else _pick(y_bar, i, batched).reshape(
-                        u.gs.shape)
+                    y_bar = u.gs.new_zeros(u.gs.shape) if y_bar is None else _vector(y_bar, i, m).reshape(u.gs.shape)
                     x_bar = None if u.input_gradient is None else at_inputs[u.input_gradient]
-                    x_bar = None if x_bar is None else _pick(x_bar, i, batched).reshape(self._groups, -1,
-                                                                                        x_bar.shape[-1])
+                    x_bar = None if x_bar is None else _vector(x_bar, i, m).reshape(self._groups, -1, x_bar.shape[-1])
                     _assemble(u, y_bar, x_bar, into, alpha)
         except Exception as err:
             raise PartlyAdded(f"assembling the grouped products failed part way ({type(err).__name__}: {err})") from err
 
 
-def _pick(t: torch.Tensor, i: int, batched: bool) -> torch.Tensor:
-    """Vector i's part of a batched backward's adjoint (the adjoint itself where not batched)."""
-    return t[i] if batched else t
+def _near_loss(losses: torch.Tensor, y: torch.Tensor, limit: int) -> bool:
+    """Whether at most ``limit`` autograd nodes lie between ``y`` and ``losses`` (walked from the losses, not past
+    ``y``'s own node)."""
+    seen, todo = set(), [losses.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node is y.grad_fn or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > limit:
+            return False
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return True
+
+
+def _repeated(u: _Use, m: int) -> _Use:
+    """``u`` with each group's activations repeated m times (R·m groups: group r's copies together)."""
+    def each(t):
+        return None if t is None else t.repeat_interleave(m, dim=0)
+    return replace(u, xs=each(u.xs), gs=each(u.gs), scale=each(u.scale), kept=each(u.kept))
+
+
+def _by_vector(seed: torch.Tensor, m: int, shape: torch.Size) -> torch.Tensor:
+    """A seed as the second backward takes it: ``(m, *shape)``; with m vectors, from ``(R·m, ...)`` (group-major)."""
+    if m == 1:
+        return seed.reshape(shape)
+    return seed.reshape(-1, m, *seed.shape[1:]).transpose(0, 1).reshape(m, *shape)
+
+
+def _vector(adjoint: torch.Tensor, i: int, m: int) -> torch.Tensor:
+    """Vector i's part of the second backward's adjoint (the adjoint itself for one vector)."""
+    return adjoint if m == 1 else adjoint[i]
 
 
 def _seeds(u: _Use, vectors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The derivatives of ``s = Σ_r ∇L_r · v_r`` (this module's share) at ``g`` and at ``x``, grouped: ``(R, n, ·)``,
-    or ``(m, R, n, ·)`` for vectors with a leading m (`GroupedProducts.accumulate_many`). The one at ``x`` only where
-    the first backward took a gradient at x (else None: a module fed by the cached trunk, MiniLM's query, key and
-    value, whose ``g W`` was formed and dropped, ~0.8 ms of a ~27 ms step). Each in memory of its own, never a view of
-    ``vectors``: autograd may hand a seed back as another module's adjoint (a bias-only LayerNorm feeding a selected
-    query weight: its seed is that weight's ``x̄``), which `GroupedProducts.accumulate` reads after it wrote into
-    ``into``, and LiSSA's in-place step writes ``into`` over ``vectors``."""
+    """The derivatives of ``s = Σ_r ∇L_r · v_r`` (this module's share) at ``g`` and at ``x``, grouped; the one at
+    ``x`` only where the first backward took a gradient at x (else None: a module fed by the cached trunk, MiniLM's
+    query, key and value, whose ``g W`` was formed and dropped, ~0.8 ms of a ~27 ms step). Each in memory of its own,
+    never a view of ``vectors``: autograd may hand a seed back as another module's adjoint (a bias-only LayerNorm
+    feeding a selected query weight: its seed is that weight's ``x̄``), which `GroupedProducts.accumulate` reads after
+    it wrote into ``into``, and LiSSA's in-place step writes ``into`` over ``vectors``."""
     weight, bias = (vectors.get(u.names.get(k)) for k in ("weight", "bias"))
     at_input = weight is not None and u.input_gradient is not None
     if isinstance(u.module, nn.Embedding):
-        at_g = weight[..., torch.arange(weight.shape[-3], device=weight.device)[:, None], u.xs, :]  # v_r[ids]
+        at_g = weight[torch.arange(weight.shape[0], device=weight.device)[:, None], u.xs]  # (R, n, d): v_r[ids]
         return (at_g if u.kept is None else at_g * u.kept), None
     if isinstance(u.module, nn.LayerNorm):
-        at_g = _plus_bias(None if weight is None else u.xs * weight.unsqueeze(-2), bias, u.gs.shape)
-        return at_g, _normalisation_jacobian(u, u.gs * weight.unsqueeze(-2)) if at_input else None
-    at_g = _plus_bias(None if weight is None else _by_group(u.xs, weight.transpose(-1, -2)), bias, u.gs.shape)
-    return at_g, _by_group(u.gs, weight) if at_input else None
-
-
-def _by_group(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` group by group: ``a`` ``(R, n, k)``, ``b`` ``(R, k, l)`` or ``(m, R, k, l)`` (`torch.bmm` where it can:
-    ~4 µs a call less than `torch.matmul`, ~20 calls a step)."""
-    return torch.bmm(a, b) if b.dim() == 3 else torch.matmul(a, b)
+        at_g = _plus_bias(None if weight is None else u.xs * weight[:, None], bias, u.gs.shape)
+        return at_g, _normalisation_jacobian(u, u.gs * weight[:, None]) if at_input else None
+    at_g = _plus_bias(None if weight is None else torch.bmm(u.xs, weight.transpose(1, 2)), bias, u.gs.shape)
+    return at_g, torch.bmm(u.gs, weight) if at_input else None
 
 
 def _plus_bias(at_g: torch.Tensor | None, bias: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
@@ -357,9 +386,7 @@ def _plus_bias(at_g: torch.Tensor | None, bias: torch.Tensor | None, shape: torc
     of ``vectors`` (its broadcast view must not be a seed, as `_seeds` says)."""
     if bias is None:
         return at_g
-    if at_g is not None:
-        return at_g + bias.unsqueeze(-2)
-    return bias.unsqueeze(-2).expand(*bias.shape[:-1], *shape[-2:]).clone()
+    return bias[:, None].expand(shape).clone() if at_g is None else at_g + bias[:, None]
 
 
 def _normalisation_jacobian(u: _Use, d: torch.Tensor) -> torch.Tensor:
@@ -428,11 +455,10 @@ class GroupedGraph:
                    carry: Carry | None = None) -> None:
         """``into[r, i] += alpha · H_r @ vectors[r, i]`` (``(R, m, p)`` each, ``into`` contiguous), without the L2
         term, ``last=True`` freeing the graph. One second backward per vector i; but where the influence parameters
-        sit in one module (a linear head on frozen features, a convex model), whose second backward is all fixed
-        cost, one batched second backward for all m (`GroupedProducts.accumulate_many`). Measured, 1 torch thread,
-        interleaved: the digits logistic regression's 50 test points (J 100, B 1, T 4) 0.40 against 0.87 s a call,
-        MiniLM's classifier alone 1.5 against 1.85 s; but batched over more modules it lost, 2x on MiniLM's pooler +
-        classifier (16 test points) and on its last layer + pooler + classifier (8).
+        sit next to the loss (`NEAR_LOSS_NODES`: a classification head, a convex model), whose second backward is
+        little more than its fixed cost, one batched second backward for all m (`GroupedProducts.accumulate_many`). Measured (1 torch thread): the digits logistic regression's 50 test
+        points (J 100, B 1, T 4) 0.40 against 0.87 s a call; elsewhere a batched backward lost, up to 2x (MiniLM's
+        last layer + pooler + classifier, 8 test points: 43.9 against 22.4 s a call).
         ``carry`` (`hf_fastif.solvers.lissa.Carry` over ``into``): each parameter's range is carried just before its
         block is first added, the rest after the last vector."""
         if into.shape != vectors.shape or vectors.dim() != 3 or not into.is_contiguous():
@@ -441,8 +467,9 @@ class GroupedGraph:
         targets = [unflatten(into[:, i], self._like) for i in range(m)]
         if carry is not None:
             targets = [_Carried(t, carry, self._ranges) for t in targets]
-        if m > 1 and self._products.one_module:
-            self._products.accumulate_many(unflatten_cast(vectors.transpose(0, 1), self._like), targets, alpha, last)
+        if m > 1 and self._products.batches_vectors:
+            self._products.accumulate_many(unflatten_cast(vectors.reshape(-1, vectors.shape[-1]), self._like), targets,
+                                           alpha, last)
             return
         for i in range(m):
             try:
