@@ -456,9 +456,11 @@ class GroupedGraph:
         """``into[r, i] += alpha · H_r @ vectors[r, i]`` (``(R, m, p)`` each, ``into`` contiguous), without the L2
         term, ``last=True`` freeing the graph. One second backward per vector i; but where the influence parameters
         sit next to the loss (`NEAR_LOSS_NODES`: a classification head, a convex model), whose second backward is
-        little more than its fixed cost, one batched second backward for all m (`GroupedProducts.accumulate_many`). Measured (1 torch thread): the digits logistic regression's 50 test
-        points (J 100, B 1, T 4) 0.40 against 0.87 s a call; elsewhere a batched backward lost, up to 2x (MiniLM's
-        last layer + pooler + classifier, 8 test points: 43.9 against 22.4 s a call).
+        little more than its fixed cost, one batched second backward for all m (`GroupedProducts.accumulate_many`).
+        Measured: the digits logistic regression's 50 test points (J 1000, B 1, T 4, 2 torch threads) 2.9 against
+        5.5 s a call; MiniLM's pooler + classifier, 16 test points (J 200, 1 thread), 3.8 against 5.5 s; over a
+        module deep in the model the batched backward was slower (a 4-layer BERT's word embeddings alone, 8 vectors:
+        0.48 against 0.40 s).
         ``carry`` (`hf_fastif.solvers.lissa.Carry` over ``into``): each parameter's range is carried just before its
         block is first added, the rest after the last vector."""
         if into.shape != vectors.shape or vectors.dim() != 3 or not into.is_contiguous():
