@@ -121,7 +121,10 @@ def test_which_models_take_the_route(pad_collator, monkeypatch):
         GroupedHessian(FunctionalModel(model, names), params).build(batch, 3)
 
 
-@pytest.mark.parametrize("names", [None, TOP["bert"], [r"pooler\.", r"classifier\."]],
+HEAD = [r"pooler\.", r"classifier\."]
+
+
+@pytest.mark.parametrize("names", [None, TOP["bert"], HEAD],
                          ids=["every parameter", "last layer (trunk, cut)", "pooler + classifier (batched vectors)"])
 @pytest.mark.parametrize("points", [1, 2])
 def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_collator, tmp_path, monkeypatch):
@@ -133,12 +136,16 @@ def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_c
     train = make_token_dataset(16, seed=0, num_labels=3, min_len=10, max_len=14)
     test = make_token_dataset(points, seed=7, num_labels=3)
     alone, off, _ = run(model, train, test, pad_collator, tmp_path, "no", influence_params=names)
-    builds = []
-    real = GroupedProducts.build
+    builds, batched = [], []
+    real, real_many = GroupedProducts.build, GroupedProducts.accumulate_many
     monkeypatch.setattr(GroupedProducts, "build", classmethod(lambda cls, *a, **k: builds.append(1) or real(*a, **k)))
+    monkeypatch.setattr(GroupedProducts, "accumulate_many",
+                        lambda self, *a, **k: batched.append(1) or real_many(self, *a, **k))
     grouped, on, engine = run(model, train, test, pad_collator, tmp_path, "auto", influence_params=names)
     assert on["lissa_stacked"] is True and off["lissa_stacked"] is False
     assert len(builds) == ARGS["influence_recursion_depth"]  # (the first step's check builds one too, not kept)
+    # (two test points next to the loss: every grouped step's products in one batched backward, the check's too)
+    assert len(batched) == (ARGS["influence_recursion_depth"] if points == 2 and names == HEAD else 0)
     np.testing.assert_allclose(grouped, alone, rtol=1e-9, atol=1e-12)
     again, next_on, _ = run(model, train, test, pad_collator, tmp_path, "auto", engine=engine, influence_params=names)
     assert next_on["lissa_stacked"] is True and len(builds) == ARGS["influence_recursion_depth"] + 1
