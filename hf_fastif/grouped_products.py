@@ -331,15 +331,12 @@ class GroupedProducts:
 def _near_loss(losses: torch.Tensor, y: torch.Tensor, limit: int) -> bool:
     """Whether at most ``limit`` autograd nodes lie between ``y`` and ``losses`` (walked from the losses, not past
     ``y``'s own node)."""
-    seen, todo = set(), [losses.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node is y.grad_fn or node in seen:
-            continue
-        seen.add(node)
-        if len(seen) > limit:
-            return False
-        todo.extend(next_node for next_node, _ in node.next_functions)
+    seen = set() if losses.grad_fn is None else {losses.grad_fn}
+    for _, child in _edges(losses, stop=y.grad_fn):
+        if child is not y.grad_fn:
+            seen.add(child)
+            if len(seen) > limit:
+                return False
     return True
 
 

@@ -89,12 +89,13 @@ def _global_hooks() -> bool:
     return nn.Linear.forward is not _LINEAR_FORWARD or any(getattr(base, n, None) for n in names)
 
 
-def _edges(losses: torch.Tensor):
-    """Every edge ``(node, child)`` of the forward's autograd graph from ``losses`` (each node visited once)."""
+def _edges(losses: torch.Tensor, stop=None):
+    """Every edge ``(node, child)`` of the forward's autograd graph from ``losses`` (each node visited once); with
+    ``stop`` (a node), not the edges below it (the edges into it are still given)."""
     seen, stack = set(), [losses.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node is stop:
             continue
         seen.add(node)
         for child, _ in node.next_functions:
