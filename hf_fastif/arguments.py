@@ -128,7 +128,8 @@ class InfluenceArguments(TrainingArguments):
         default=True,
         metadata={"help": "Run the last layer's per-position part (feed-forward block) only at the position the loss "
                           "reads (the first token of BERT-style classifiers), checked on probe rows; off where the "
-                          "head reads other positions (hf_fastif.readout)."},
+                          "head reads other positions (hf_fastif.readout). Where only a pooler and a head take part, "
+                          "the trunk cache keeps that position alone (hf_fastif.trunk)."},
     )
     influence_stack_repetitions: str = field(
         default="auto",

@@ -71,7 +71,7 @@ from .fingerprint import (
 from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
 from .grouped_products import AmbiguousBatch, GroupedHessian, PartlyAdded, grouped_modules
 from .hvp import BatchHessian, batch_gradient
-from .knn import build_index, extract_features, search, warn_short
+from .knn import build_index, extract_features, model_features, search, warn_short
 from .loss import (
     FunctionalModel,
     LossFn,
@@ -85,7 +85,7 @@ from .loss import (
 from .mode import influence_mode, uncompiled
 from .params import num_parameters, select_parameters
 from .quality import recall_ns
-from .readout import Readout, find_readout
+from .readout import READOUT_TOLERANCE, Readout, cut_in_words, find_readout
 from .scoring import score_pairs
 from .solvers import (
     TRUNCATION_WARNING,
@@ -107,6 +107,7 @@ from .solvers.exact import check_exact_size
 from .stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
 from .table import InfluenceTable
 from .trunk import (
+    HIDDEN_KEY,
     TrunkCache,
     TrunkLayoutError,
     TrunkSplit,
@@ -424,6 +425,8 @@ class _Call:
     k: int | None
     combine: str
     digests: dict[str, str]
+    feature_methods: tuple  # the named kNN feature methods this call extracts through the trunk (none: k is None,
+    # the candidates come from the gradient index or at random, or from a features= callable, which runs whole)
     model_fingerprint: str  # the weights, config and adapters (what a table records)
     module_state: str  # the modules' plain attributes and hooks (`module_state_description`: a hook, an eps)
     work_dtype: torch.dtype
@@ -518,6 +521,8 @@ class InfluenceEngine:
         self._module_watch = _Watch()
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
+        # the trunk's own cut for a split after the whole stack (`_first_position_cut`): (key, the cut or None, why not)
+        self._trunk_cut: tuple[tuple, Readout | None, str] | None = None
         self._stack_refused: tuple[tuple, str] | None = None  # (key, why) where stacked LiSSA steps failed their check
         self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
         self._lissa_graphs: tuple[tuple, KeptHessians] | None = None  # (key, LiSSA's kept graphs) between calls
@@ -927,7 +932,8 @@ class InfluenceEngine:
             save_array(f"trunk-{i}.npy", cache.flat.detach().cpu().view(torch.int16).numpy() if raw
                        else _numpy(cache.flat))
             save_array(f"trunk-{i}-rows.npy", np.stack([cache.lengths, cache.offsets]))
-            manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype), "raw": raw})
+            manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype), "raw": raw,
+                                       "per_row": cache.per_row})
         if self._low_rank is not None:
             key, (values, vectors) = self._low_rank
             save_array("low_rank_values.npy", _numpy(values))
@@ -999,7 +1005,8 @@ class InfluenceEngine:
             rows = np.load(folder / f"{entry['file']}-rows.npy")
             if entry["key"] in self._trunks:
                 retired.append(self._trunks.pop(entry["key"]))
-            self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1], flat, device)
+            self._trunks[entry["key"]] = TrunkCache.from_arrays(entry["key"], rows[0], rows[1], flat, device,
+                                                                per_row=int(entry.get("per_row", 0)))
             self._from_disk["trunk", entry["key"]] = False
             loaded.append("trunk")
         if "low_rank" in manifest:
@@ -1097,7 +1104,7 @@ class InfluenceEngine:
         self._trunks.clear()
         self._stored_lengths.clear()
         self._lissa_graphs = None
-        self._split = self._readout = self._stack_refused = None
+        self._split = self._readout = self._trunk_cut = self._stack_refused = None
         self._feature_index = self._gradient_index = self._low_rank = self._prepared_solve = self._exact = None
         self._saved_gradient_index = None
         self._curvature.clear()
@@ -1214,7 +1221,9 @@ class InfluenceEngine:
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = influence_model(model, names, args, self.loss_fn, self.measurement_fn)
+        named = [self.features or args.influence_knn_features] if methods is None and k is not None else methods or []
         return _Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
+                     feature_methods=tuple(m for m in named if isinstance(m, str) and m not in ("gradient", "random")),
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
                      module_state=module_state,
                      progress=not getattr(args, "disable_tqdm", False) and rank == 0)
@@ -1234,10 +1243,11 @@ class InfluenceEngine:
         """Give every batcher its dataset's cached trunk states when the model splits cleanly."""
         split = self._find_split(call.names, call.train)
         below = None if split is None else split.fingerprint(call.digests)  # (once: 5 ms each on MiniLM)
+        cut = None if split is None else self._first_position_cut(call, split)
         for name in ("train", "test", "cand"):
             if split is not None:
                 setattr(call, name, self._with_trunk(split, getattr(call, name), below, call.module_state,
-                                                     call.progress and name != "test"))
+                                                     call.progress and name != "test", cut))
                 split = self._split[1]  # None if a new cache failed its check
         if split is None:
             for name in ("train", "test", "cand"):
@@ -1246,6 +1256,44 @@ class InfluenceEngine:
             return
         call.fm.split = split
         call.info["trunk"] = {"split": f"{split.path}.{split.first}", "verified_relative_error": self._split_error}
+        if split.first == len(split.layers):
+            call.info["trunk"]["first_position_cut"] = (cut_in_words(cut.name) if cut is not None
+                                                        else f"none ({self._trunk_cut[2]})")
+
+    def _readout_probes(self, call: _Call) -> tuple[list[dict], list[dict]]:
+        """The batches a cut of the last layer is checked on (`hf_fastif.readout.find_readout`): the first training
+        rows together, the shortest alone and next to the longest, and the first test rows together."""
+        first = range(min(READOUT_PROBE_ROWS, len(call.train)))
+        probes = [call.train.batch(first)]
+        for pair in call.train.padding_probes(PADDING_PROBE_ROWS):  # alone and padded together (internal
+            probes += [call.train.batch([pair[0]]), call.train.batch(list(pair))]  # padding shows up there)
+        return probes, [call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))]
+
+    def _first_position_cut(self, call: _Call, split: TrunkSplit) -> Readout | None:
+        """For a split after the whole stack (only a pooler and a head hold influence parameters), the cut that
+        computes and keeps the stack's last layer at its first position only (`TrunkCache`'s ``first_position``),
+        where nothing this call reads from the trunk changes: the loss and the measurement
+        (`hf_fastif.readout.find_readout`, on the whole model) and the kNN features of every method the call extracts
+        through the trunk (equal with and without the cut on the same probe rows). Decided again when the weights,
+        the parameters, the data, the functions or the feature methods change."""
+        on = getattr(self.args, "influence_skip_unread_positions", True)
+        key = (on, tuple(call.names), call.model_key, f"{split.path}.{split.first}", call.train.fingerprint,
+               call.test.fingerprint, self._functions["loss"], self._functions["measurement"], call.feature_methods)
+        if split.first != len(split.layers):
+            return None
+        if not on:
+            self._trunk_cut = (key, None, "influence_skip_unread_positions=False")
+        elif self._trunk_cut is None or self._trunk_cut[0] != key:
+            probes, tests = self._readout_probes(call)
+            cut, reason = find_readout(call.fm, call.params, probes, tests)
+            if cut is not None:
+                reason = next((f"influence_knn_features={m!r} reads other positions" for m in call.feature_methods
+                               if not _same_features(self.model, m, cut, [*probes, *tests])), "")
+                cut = None if reason else cut
+            if cut is None:
+                logger.info(f"The trunk keeps every position of {split.path}.{split.first - 1}: {reason}.")
+            self._trunk_cut = (key, cut, reason)
+        return self._trunk_cut[1]
 
     def _attach_readout(self, call: _Call) -> None:
         """Cut the last layer to the position the loss reads, where `hf_fastif.readout.find_readout` shows that
@@ -1258,11 +1306,7 @@ class InfluenceEngine:
         if not on:
             self._readout = (key, None, "influence_skip_unread_positions=False")
         elif self._readout is None or self._readout[0] != key:
-            first = range(min(READOUT_PROBE_ROWS, len(call.train)))
-            probes = [call.train.batch(first)]
-            for pair in call.train.padding_probes(PADDING_PROBE_ROWS):  # alone and padded together (internal
-                probes += [call.train.batch([pair[0]]), call.train.batch(list(pair))]  # padding shows up there)
-            tests = [call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))]
+            probes, tests = self._readout_probes(call)
             readout, reason = find_readout(call.fm, call.params, probes, tests)
             if readout is None:
                 logger.info(f"The last layer runs at every position: {reason}.")
@@ -1290,17 +1334,22 @@ class InfluenceEngine:
         return self._split[1]
 
     def _with_trunk(self, split: TrunkSplit, batcher: Batcher, below: str, module_state: str,
-                    progress: bool) -> Batcher:
+                    progress: bool, cut: Readout | None = None, any_layout: bool = False) -> Batcher:
         """``batcher`` with its dataset's trunk states (cached by content; ``below``: the trunk's
-        `TrunkSplit.fingerprint`). The first cache of a split is checked against the full model on its first rows; a
-        split that changes the logits is dropped for this engine."""
-        key = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)),
-                        self._functions["collator"], ",".join(batcher.dataset.column_names), str(batcher.device)])
+        `TrunkSplit.fingerprint`; ``cut``: states of the first position only, `TrunkCache`'s ``first_position``). The
+        first cache of a split is checked against the full model on its first rows; a split that changes the logits
+        is dropped for this engine. ``any_layout``: without a cache of every position, one of the first position is
+        served too (predictions: a cut cache passed the same check of the logits)."""
+        prefix = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)), self._functions["collator"],
+                           ",".join(batcher.dataset.column_names), str(batcher.device)])
+        key = f"{prefix}|" + ("every position" if cut is None else f"first position, {cut.name}")
+        if any_layout and key not in self._trunks:
+            key = next((k for k in reversed(self._trunks) if k.startswith(f"{prefix}|first position, ")), key)
         new, state = key not in self._trunks, (below, module_state)
         try:  # (a new one-row cache of a split checked before, in this state of the model, keeps the whole model's
-            # outputs for its check: one forward fewer)
-            cache = self._trunk_cache(split, batcher, key, progress,
-                                      full_forward=new and len(batcher) == 1 and state in split.verified)
+            # outputs for its check: one forward fewer; not under a cut, which the whole model's outputs are not)
+            cache = self._trunk_cache(split, batcher, key, progress, cut=cut,
+                                      full_forward=new and len(batcher) == 1 and state in split.verified and cut is None)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))
@@ -1347,7 +1396,7 @@ class InfluenceEngine:
             if split is not None:
                 self._share_lengths(batcher)
                 batcher = self._with_trunk(split, batcher, split.fingerprint(tensor_digests(model)), module_state,
-                                           progress=False)
+                                           progress=False, any_layout=True)
                 split = self._split[1]
             for _, batch in batcher.batches(range(len(batcher)), batch_size):
                 with forward_context(split, batch):
@@ -1360,14 +1409,14 @@ class InfluenceEngine:
         return np.concatenate(out, 0)
 
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool,
-                     full_forward: bool = False) -> TrunkCache:
+                     full_forward: bool = False, cut: Readout | None = None) -> TrunkCache:
         if key in self._trunks:
             self._trunks.move_to_end(key)
             self._served("trunk", key)
             return self._trunks[key]
         cache = TrunkCache(split, batcher, key, directory=getattr(self.args, "influence_cache_dir", None),
                            batch_size=self.args.influence_hvp_batch_size, progress=progress,
-                           full_forward=full_forward)
+                           full_forward=full_forward, first_position=cut)
         self._trunks[key] = cache
         self._replaced("trunk", key)
         for old in self._evict_trunks():
@@ -1896,9 +1945,30 @@ def _per_row_logits_error(alone, padded) -> float:
 
 def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:
     """``(split, batchers)`` that ``method``'s features are extracted through: the call's trunk split for a named
-    method, the full model (batchers without their trunk states) for a user's callable."""
+    method, the full model (batchers without their trunk states) for a user's callable, and for a method the trunk's
+    first-position cut was not checked on (`InfluenceEngine._first_position_cut`)."""
     split = call.fm.split if isinstance(method, str) else None
+    cut = any(b.trunk is not None and b.trunk.per_row for b in batchers)
+    if cut and method not in call.feature_methods:
+        split = None
     return split, tuple(b if split is not None else b.with_trunk(None) for b in batchers)
+
+
+def _same_features(model: nn.Module, method: str, cut: Readout, batches: Sequence[dict]) -> bool:
+    """Whether ``method``'s kNN features of each batch are the same with the last layer cut at ``cut`` (the whole
+    model either way) as without, within `hf_fastif.readout.READOUT_TOLERANCE`."""
+    for batch in batches:
+        plain = {k: v for k, v in batch.items() if k != HIDDEN_KEY}
+        try:
+            with torch.no_grad():
+                whole = model_features(model, plain, method)
+                with cut.active():
+                    part = model_features(model, plain, method)
+        except (RuntimeError, IndexError, ValueError, TypeError):
+            return False
+        if whole.shape != part.shape or not relative_difference(part.double(), whole.double()) <= READOUT_TOLERANCE:
+            return False
+    return True
 
 
 def _describe_function(function, fingerprint: str) -> dict | None:

@@ -30,7 +30,9 @@ Hessian-vector product's matrix products drop from 0.47 to 0.13 GFLOP with the c
    layers (ALBERT) fails the comparison and is not cut.
 
 The cut applies only to the forwards `hf_fastif.loss.FunctionalModel` runs (losses and measurements: Hessian-vector
-products, gradients, JVP scoring); predictions and kNN features run the whole layer. A cut forward that raises on a
+products, gradients, JVP scoring); predictions and kNN features run the whole layer. Where the last layer is in the
+cached trunk (only a pooler and a head take part), the engine uses a cut found on the whole model to compute that
+trunk at the first position (`hf_fastif.trunk.TrunkCache`'s ``first_position``). A cut forward that raises on a
 batch unlike the probes (a model that pads internally, as Longformer does to its attention window) marks the cut
 failed and runs whole, with a warning. ``influence_skip_unread_positions=False`` turns it off.
 """

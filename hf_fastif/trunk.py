@@ -21,6 +21,9 @@ DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
   (a lookup) and its output is discarded.
 - Every split is checked once against the full model's logits (`TrunkSplit.verify`); a split that changes them
   beyond float tolerance is dropped with a log line and the full forward is used.
+- A split after the whole stack (only a pooler and a head take part) can keep the first position alone: `TrunkCache`'s
+  ``first_position`` computes the last layer under a `hf_fastif.readout.Readout` cut and stores one state per
+  sequence (the engine decides where that is safe: `InfluenceEngine._first_position_cut`).
 """
 
 from __future__ import annotations
@@ -351,15 +354,26 @@ class TrunkCache:
         full_forward: a dataset of one row: run the whole model on it while its states are captured, and keep its
             outputs (`full_outputs`), which `verify_split` then compares with the top-only forward instead of running
             the model again on the same row collated alone (a later call's new test point: one forward fewer).
+        first_position: for a split after the whole stack (only a pooler and a head take part), a
+            `hf_fastif.readout.Readout` cutting the stack's last layer to its first position, which is all the top
+            reads (the caller has shown that, `hf_fastif.readout.find_readout`): the states are computed under the
+            cut and one state per sequence is kept, the first position's (`per_row`). The last layer's work after
+            the cut is then done at one position, and the cache holds one state per sequence instead of one per
+            token. `hidden` lays that state out at every position of the batch.
     """
 
     def __init__(self, split: TrunkSplit, batcher, key: str, *, directory: str | os.PathLike | None = None,
-                 batch_size: int = TRUNK_BATCH_SIZE, progress: bool = False, full_forward: bool = False):
+                 batch_size: int = TRUNK_BATCH_SIZE, progress: bool = False, full_forward: bool = False,
+                 first_position=None):
         if batcher.index is not None:
             raise ValueError("A trunk cache covers a whole dataset; build it from the dataset's own Batcher.")
         if full_forward and len(batcher) != 1:
             raise ValueError(f"full_forward is for a dataset of one row; this one has {len(batcher)}.")
+        if first_position is not None and (split.first != len(split.layers) or full_forward):
+            raise ValueError("first_position is for a split after the whole layer stack, without full_forward (the "
+                             "whole model's outputs are not computed under the cut).")
         self.split, self.key, self.device = split, key, batcher.device
+        self.per_row = 0  # states per row: 0 every token's; c the first position of each of its c sequences
         self.full_outputs = None  # the whole model's outputs on the one row (full_forward), until verify_split
         self._cleanup: weakref.finalize | None = None  # deletes the mapped file where it could not be at once
         n = len(batcher)
@@ -382,31 +396,46 @@ class TrunkCache:
                                        "an empty choice): the model still runs its padding through the trunk, and "
                                        "there is no token state to cache for it")
             self.lengths[rows] = mask.flatten(1).sum(1).cpu().numpy()
-        position = np.zeros(n, dtype=np.int64)
-        position[order] = np.concatenate([[0], np.cumsum(self.lengths[order])[:-1]])
-        self.offsets = position
-        total = int(self.lengths.sum())
+            if first_position is not None:
+                self.per_row = int(mask.shape[1]) if mask.dim() == 3 else 1
+        if first_position is not None:  # (rows in their own order: one state per sequence)
+            self.offsets = np.arange(n, dtype=np.int64) * self.per_row
+            total = n * self.per_row
+        else:
+            position = np.zeros(n, dtype=np.int64)
+            position[order] = np.concatenate([[0], np.cumsum(self.lengths[order])[:-1]])
+            self.offsets = position
+            total = int(self.lengths.sum())
         self.flat: torch.Tensor | None = None
         for start in tqdm(starts, desc="trunk states", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
             batch = batcher.batch(rows, trunk=False)
-            with torch.no_grad():
+            with torch.no_grad(), (first_position.active() if first_position is not None else contextlib.nullcontext()):
                 captured = split.capture(split.model, model_inputs(batch, split.model), finish=full_forward)
             hidden, self.full_outputs = captured if full_forward else (captured, None)
             mask = _token_mask(batch)
-            _check_layout(hidden.shape, mask)
+            if first_position is not None:
+                _check_first_positions(hidden.shape, mask)
+            else:
+                _check_layout(hidden.shape, mask)
             if self.flat is None:
                 self.flat = self._allocate(total, hidden, directory)
+            if first_position is not None:
+                index = torch.from_numpy(self.offsets[rows][:, None] + np.arange(self.per_row)).flatten()
+                self.flat[index] = hidden[:, 0].to("cpu")
+                continue
             values = hidden.reshape(*mask.shape, hidden.shape[-1])[mask].to("cpu")
             first = int(self.offsets[rows[0]])
             self.flat[first : first + len(values)] = values
 
     @classmethod
-    def from_arrays(cls, key: str, lengths: np.ndarray, offsets: np.ndarray, flat: torch.Tensor, device) -> TrunkCache:
+    def from_arrays(cls, key: str, lengths: np.ndarray, offsets: np.ndarray, flat: torch.Tensor, device,
+                    per_row: int = 0) -> TrunkCache:
         """A cache restored from saved arrays (see `hf_fastif.engine.InfluenceEngine.save_caches`)."""
         cache = cls.__new__(cls)
         cache.split, cache.key, cache.device, cache._cleanup, cache.full_outputs = None, key, device, None, None
         cache.lengths, cache.offsets, cache.flat = np.asarray(lengths), np.asarray(offsets), flat
+        cache.per_row = int(per_row)
         return cache
 
     def _allocate(self, total: int, hidden: torch.Tensor, directory) -> torch.Tensor:
@@ -458,12 +487,17 @@ class TrunkCache:
         Padding positions get a copy of the row's first token's state: the loss never reads them (the attention
         mask hides them as keys, and their own outputs are not used), but they still run through the layers, and
         zeros there, a state the layers never saw, made half-precision second derivatives overflow; the 0 · inf
-        of the backward pass then turned every parameter's product into NaN."""
+        of the backward pass then turned every parameter's product into NaN. A cache of first positions
+        (`per_row`) gives each sequence's one state at all of its positions."""
         rows = np.asarray(rows, dtype=np.int64)
         mask = _token_mask(batch).cpu()
         if not np.array_equal(mask.flatten(1).sum(1).numpy(), self.lengths[rows]):
             raise ValueError("These rows tokenise to other lengths than when their trunk states were cached: the data "
                              "or the collator changed under the cache. Build a new InfluenceEngine.")
+        if self.per_row:  # the first position's state, laid out at every position (the top reads the first)
+            index = torch.from_numpy((self.offsets[rows][:, None] + np.arange(self.per_row)).flatten())
+            states = self.flat[index]
+            return states[:, None, :].expand(-1, mask.shape[-1], -1).contiguous().to(self.device)
         index = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offsets[rows], self.lengths[rows])])
         out = torch.zeros((*mask.shape, self.flat.shape[-1]), dtype=self.flat.dtype)
         out[mask] = self.flat[torch.from_numpy(index)]
@@ -560,6 +594,14 @@ def _check_layout(shape: Sequence[int], mask: torch.Tensor) -> None:
         f"the hidden states entering the layer stack are {shape[:-1]} for a batch of {tuple(mask.shape)} token "
         "positions: the model pads or drops positions inside its forward (as Longformer pads to a multiple of its "
         "attention window) or lays its states out otherwise, so cached states would not line up with its batches")
+
+
+def _check_first_positions(shape: Sequence[int], mask: torch.Tensor) -> None:
+    """Raise `TrunkLayoutError` unless states of ``shape`` hold one position of each sequence of ``mask``."""
+    sequences = mask.numel() // mask.shape[-1]
+    if len(shape) != 3 or shape[0] != sequences or shape[1] != 1:
+        raise TrunkLayoutError(f"the stack's last layer, cut to its first position, gave states of {tuple(shape)[:-1]} "
+                               f"for {sequences} sequences: they cannot be cached one per sequence")
 
 
 def _length_order(batcher) -> np.ndarray:

@@ -464,6 +464,97 @@ def _influence(model, train, test, patterns, tmp_path, collator=None, **settings
             table.metadata["diagnostics"])
 
 
+def _table(engine, train, test):
+    table = engine.compute_influences(train, test)
+    return (table.to_pandas().sort_values(["test_id", "train_id"])[["train_id", "influence"]].to_numpy(),
+            table.metadata["diagnostics"])
+
+
+def test_a_split_after_the_stack_keeps_the_first_position_only(pad_collator, tmp_path):
+    """Only the pooler and the classifier take part: the trunk runs the last layer at its first position (all the
+    top reads) and keeps one state per row, and nothing changes: influence with every position kept and without
+    the cache, kNN candidates of a method that reads the first position; a method that reads others keeps every
+    position; the layout survives a save and a load."""
+    model = tiny_model("bert", num_labels=3)
+    train, test = make_token_dataset(30, seed=0, num_labels=3), make_token_dataset(3, seed=1, num_labels=3)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, influence_knn_k=None)
+    hidden = model.config.hidden_size
+    for settings in ({}, {"influence_knn_k": 8}, {"influence_knn_k": 8, "influence_knn_features": "cls"}):
+        run = replace(args, **settings)
+        engine = InfluenceEngine(model, run, data_collator=pad_collator)
+        cut, diagnostics = _table(engine, train, test)
+        assert diagnostics["trunk"]["first_position_cut"] == "at the inputs of bert.encoder.layer.1.attention.output"
+        caches = list(engine._trunks.values())
+        assert {c.per_row for c in caches} == {1}
+        assert sorted(tuple(c.flat.shape) for c in caches) == [(len(test), hidden), (len(train), hidden)]
+        every, kept = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, pad_collator,
+                                 influence_skip_unread_positions=False, **settings)
+        assert kept["trunk"]["first_position_cut"] == "none (influence_skip_unread_positions=False)"
+        uncached, _ = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, pad_collator,
+                                 influence_trunk_cache=False, **settings)
+        for other in (every, uncached):
+            np.testing.assert_array_equal(cut[:, 0], other[:, 0])  # the same candidates
+            np.testing.assert_allclose(cut[:, 1], other[:, 1], rtol=1e-9, atol=1e-14)
+    # predictions on the same rows are served from the cut cache (it passed the same check of the logits)
+    held = len(engine._trunks)
+    with torch.no_grad():
+        expected = model(**T.model_inputs(Batcher(train, validate_dataset(train, "train", model), pad_collator,
+                                                  "cpu").batch(range(len(train)), trunk=False))).logits
+    np.testing.assert_allclose(engine.logits(train, batch_size=len(train)), expected.float().numpy(), rtol=1e-5,
+                               atol=1e-6)
+    assert len(engine._trunks) == held
+    # saved and loaded: the first-position layout comes back, and so do the values
+    folder = engine.save_caches(tmp_path / "caches")
+    loaded = InfluenceEngine(model, run, data_collator=pad_collator)
+    assert "trunk" in loaded.load_caches(folder)
+    assert {c.per_row for c in loaded._trunks.values()} == {1}
+    np.testing.assert_allclose(_table(loaded, train, test)[0], cut, rtol=1e-12, atol=1e-15)
+    # mean features read every position: the trunk keeps them all (a cut trunk would give the first one's state)
+    mean, diagnostics = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, pad_collator, influence_knn_k=8,
+                                   influence_knn_features="mean")
+    assert diagnostics["trunk"]["first_position_cut"] == "none (influence_knn_features='mean' reads other positions)"
+    whole, _ = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, pad_collator, influence_knn_k=8,
+                          influence_knn_features="mean", influence_trunk_cache=False)
+    np.testing.assert_array_equal(mean[:, 0], whole[:, 0])
+    # GPT-2's score reads the last token: nothing is cut
+    gpt2 = tiny_model("gpt2", num_labels=3)
+    _, diagnostics = _influence(gpt2, train, test, HEAD_ONLY["gpt2"], tmp_path, pad_collator)
+    assert diagnostics["trunk"]["first_position_cut"].startswith("none (the loss reads the last layer at other positions")
+
+
+def test_a_first_position_cache_of_multiple_choice_rows_keeps_each_choice(tmp_path):
+    """Rows of c sequences keep c first-position states each, laid out as the model flattens them."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32,
+                                             attn_implementation="eager")).double().eval()
+    train, test = _multiple_choice_data(14, seed=0), _multiple_choice_data(3, seed=1)
+    for k in (None, 6):
+        args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], disable_tqdm=True,
+                                  influence_solver="lissa", influence_recursion_depth=10, influence_scale=100.0,
+                                  influence_check_convergence=False, influence_knn_k=k)
+        engine = InfluenceEngine(model, args)
+        cut, diagnostics = _table(engine, train, test)
+        assert diagnostics["trunk"]["first_position_cut"] == "at the inputs of bert.encoder.layer.1.attention.output"
+        assert {c.per_row for c in engine._trunks.values()} == {3}
+        assert sorted(tuple(c.flat.shape) for c in engine._trunks.values()) == [(3 * len(test), 16), (3 * len(train), 16)]
+        uncached, _ = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, influence_knn_k=k,
+                                 influence_trunk_cache=False)
+        np.testing.assert_array_equal(cut[:, 0], uncached[:, 0])
+        np.testing.assert_allclose(cut[:, 1], uncached[:, 1], rtol=1e-9, atol=1e-14)
+
+
+def test_a_first_position_cache_needs_a_split_after_the_stack(pad_collator):
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    with pytest.raises(ValueError, match="after the whole layer stack"):
+        T.TrunkCache(split, batcher, key="k", first_position=object())
+
+
 def test_layers_that_run_more_than_once_get_no_split():
     """ALBERT runs its layer groups several times (4 layers from 2 groups): one cached state cannot stand in for
     every call of a group, so there is no split (it used to pass the check on small logits and change influence)."""
