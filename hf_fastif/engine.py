@@ -1275,10 +1275,14 @@ class InfluenceEngine:
         where nothing this call reads from the trunk changes: the loss and the measurement
         (`hf_fastif.readout.find_readout`, on the whole model) and the kNN features of every method the call extracts
         through the trunk (equal with and without the cut on the same probe rows). Decided again when the weights,
-        the parameters, the data, the functions or the feature methods change."""
+        the parameters, the training data, the functions or the feature methods change, and for new test rows where
+        a ``measurement_fn`` of one's own reads them. (The default measurement is the loss the training probes
+        checked, of the logits; every new cache of test rows is checked against the full model's logits, as every
+        trunk cache is. Probing each new test point had made the Space's settings' later calls 0.06 -> 0.26 s.)"""
         on = getattr(self.args, "influence_skip_unread_positions", True)
+        tests = call.test.fingerprint if self.measurement_fn is not None else "the loss"
         key = (on, tuple(call.names), call.model_key, f"{split.path}.{split.first}", call.train.fingerprint,
-               call.test.fingerprint, self._functions["loss"], self._functions["measurement"], call.feature_methods)
+               tests, self._functions["loss"], self._functions["measurement"], call.feature_methods)
         if split.first != len(split.layers):
             return None
         if not on:
@@ -1347,9 +1351,9 @@ class InfluenceEngine:
             key = next((k for k in reversed(self._trunks) if k.startswith(f"{prefix}|first position, ")), key)
         new, state = key not in self._trunks, (below, module_state)
         try:  # (a new one-row cache of a split checked before, in this state of the model, keeps the whole model's
-            # outputs for its check: one forward fewer; not under a cut, which the whole model's outputs are not)
+            # outputs for its check: one forward fewer; a cut one then keeps the first position of that forward)
             cache = self._trunk_cache(split, batcher, key, progress, cut=cut,
-                                      full_forward=new and len(batcher) == 1 and state in split.verified and cut is None)
+                                      full_forward=new and len(batcher) == 1 and state in split.verified)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))

@@ -359,7 +359,8 @@ class TrunkCache:
             reads (the caller has shown that, `hf_fastif.readout.find_readout`): the states are computed under the
             cut and one state per sequence is kept, the first position's (`per_row`). The last layer's work after
             the cut is then done at one position, and the cache holds one state per sequence instead of one per
-            token. `hidden` lays that state out at every position of the batch.
+            token. `hidden` lays that state out at every position of the batch. With ``full_forward`` the row runs
+            whole (its outputs are the check's reference) and its first position is kept.
     """
 
     def __init__(self, split: TrunkSplit, batcher, key: str, *, directory: str | os.PathLike | None = None,
@@ -369,9 +370,9 @@ class TrunkCache:
             raise ValueError("A trunk cache covers a whole dataset; build it from the dataset's own Batcher.")
         if full_forward and len(batcher) != 1:
             raise ValueError(f"full_forward is for a dataset of one row; this one has {len(batcher)}.")
-        if first_position is not None and (split.first != len(split.layers) or full_forward):
-            raise ValueError("first_position is for a split after the whole layer stack, without full_forward (the "
-                             "whole model's outputs are not computed under the cut).")
+        if first_position is not None and split.first != len(split.layers):
+            raise ValueError("first_position is for a split after the whole layer stack (only modules after it take "
+                             f"part), not one at {split.path}.{split.first}.")
         self.split, self.key, self.device = split, key, batcher.device
         self.per_row = 0  # states per row: 0 every token's; c the first position of each of its c sequences
         self.full_outputs = None  # the whole model's outputs on the one row (full_forward), until verify_split
@@ -410,11 +411,12 @@ class TrunkCache:
         for start in tqdm(starts, desc="trunk states", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
             batch = batcher.batch(rows, trunk=False)
-            with torch.no_grad(), (first_position.active() if first_position is not None else contextlib.nullcontext()):
+            cut = first_position is not None and not full_forward  # (whole, the check reads its outputs)
+            with torch.no_grad(), (first_position.active() if cut else contextlib.nullcontext()):
                 captured = split.capture(split.model, model_inputs(batch, split.model), finish=full_forward)
             hidden, self.full_outputs = captured if full_forward else (captured, None)
             mask = _token_mask(batch)
-            if first_position is not None:
+            if cut:
                 _check_first_positions(hidden.shape, mask)
             else:
                 _check_layout(hidden.shape, mask)

@@ -524,6 +524,36 @@ def test_a_split_after_the_stack_keeps_the_first_position_only(pad_collator, tmp
     assert diagnostics["trunk"]["first_position_cut"].startswith("none (the loss reads the last layer at other positions")
 
 
+def test_a_new_test_point_reuses_the_first_position_decision(pad_collator, tmp_path, monkeypatch):
+    """Later calls with new test points (the default measurement) decide the cut once: no probes again, the new
+    one-row cache keeps its first position from the forward its check reads, and the values are the uncut ones."""
+    from hf_fastif import engine as engine_module
+
+    model = tiny_model("bert", num_labels=3)
+    train, tests = make_token_dataset(30, seed=0, num_labels=3), make_token_dataset(4, seed=1, num_labels=3)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, influence_knn_k=8)
+    whole = [_influence(model, train, tests.select([i]), HEAD_ONLY["bert"], tmp_path, pad_collator,
+                           influence_knn_k=8, influence_trunk_cache=False)[0] for i in range(len(tests))]
+    decisions = []
+    find = engine_module.find_readout
+
+    def counted(fm, *a, **k):
+        decisions.append(fm.split is None)  # (the trunk's decision runs on the whole model, the readout's on the top)
+        return find(fm, *a, **k)
+
+    monkeypatch.setattr(engine_module, "find_readout", counted)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    for i, uncached in enumerate(whole):
+        cut, diagnostics = _table(engine, train, tests.select([i]))
+        assert diagnostics["trunk"]["first_position_cut"] == "at the inputs of bert.encoder.layer.1.attention.output"
+        np.testing.assert_array_equal(cut[:, 0], uncached[:, 0])
+        np.testing.assert_allclose(cut[:, 1], uncached[:, 1], rtol=1e-9, atol=1e-14)
+    assert decisions.count(True) == 1
+    assert {c.per_row for c in engine._trunks.values()} == {1}
+
+
 def test_a_first_position_cache_of_multiple_choice_rows_keeps_each_choice(tmp_path):
     """Rows of c sequences keep c first-position states each, laid out as the model flattens them."""
     from transformers import BertConfig, BertForMultipleChoice
