@@ -1249,6 +1249,7 @@ class InfluenceEngine:
                 setattr(call, name, self._with_trunk(split, getattr(call, name), below, call.module_state,
                                                      call.progress and name != "test", cut))
                 split = self._split[1]  # None if a new cache failed its check
+                cut = cut and self._trunk_cut[1]  # None if a cut cache failed it (the next ones keep every position)
         if split is None:
             for name in ("train", "test", "cand"):
                 setattr(call, name, getattr(call, name).with_trunk(None))
@@ -1275,18 +1276,24 @@ class InfluenceEngine:
         where nothing this call reads from the trunk changes: the loss and the measurement
         (`hf_fastif.readout.find_readout`, on the whole model) and the kNN features of every method the call extracts
         through the trunk (equal with and without the cut on the same probe rows). Decided again when the weights,
-        the parameters, the training data, the functions or the feature methods change, and for new test rows where
-        a ``measurement_fn`` of one's own reads them. (The default measurement is the loss the training probes
-        checked, of the logits; every new cache of test rows is checked against the full model's logits, as every
-        trunk cache is. Probing each new test point had made the Space's settings' later calls 0.06 -> 0.26 s.)"""
+        the parameters, the training data or the feature methods change. Only under the default loss and
+        measurement, which read the head's logits: a ``loss_fn`` or ``measurement_fn`` of one's own may read the
+        states at a position that depends on the row (a review's loss reading a marker token's state: 0.44 off on
+        rows the probes did not include, without a word), and the trunk then keeps every position. New test rows
+        are not probed again: every new cache is checked against the full model's logits, as every trunk cache is,
+        and one that fails keeps every position instead (probing each new test point had made the Space's
+        settings' later calls 0.06 -> 0.26 s)."""
         on = getattr(self.args, "influence_skip_unread_positions", True)
-        tests = call.test.fingerprint if self.measurement_fn is not None else "the loss"
         key = (on, tuple(call.names), call.model_key, f"{split.path}.{split.first}", call.train.fingerprint,
-               tests, self._functions["loss"], self._functions["measurement"], call.feature_methods)
+               self._functions["loss"], self._functions["measurement"], call.feature_methods)
         if split.first != len(split.layers):
             return None
         if not on:
             self._trunk_cut = (key, None, "influence_skip_unread_positions=False")
+        elif self.loss_fn is not None or self.measurement_fn is not None:
+            # (a function of one's own may read the last layer's states at a position that depends on the row: the
+            # probes cannot show it for every row, and a cut trunk would answer with the first position's state)
+            self._trunk_cut = (key, None, "a loss_fn or measurement_fn of one's own may read other positions")
         elif self._trunk_cut is None or self._trunk_cut[0] != key:
             probes, tests = self._readout_probes(call)
             cut, reason = find_readout(call.fm, call.params, probes, tests)
@@ -1360,6 +1367,13 @@ class InfluenceEngine:
             return batcher.with_trunk(None)
         if new:  # every new cache is checked against the full model, on its first rows and padded ones
             error = verify_split(split, cache, batcher, verification_rows(batcher))
+            if error > split_tolerance(self.model) and cut is not None:  # the cut's doing: keep every position
+                logger.warning(f"The trunk kept at the first position changes the logits by {error:.2g} (relative): "
+                               "it keeps every position instead.")
+                self._trunks.pop(key).close()
+                self._replaced("trunk", key)
+                self._trunk_cut = (self._trunk_cut[0], None, f"the first position alone changed the logits by {error:.2g}")
+                return self._with_trunk(split, batcher, below, module_state, progress)
             self._split_error = max(error, self._split_error or 0.0)
             if error > split_tolerance(self.model):
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "

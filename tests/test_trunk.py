@@ -554,6 +554,69 @@ def test_a_new_test_point_reuses_the_first_position_decision(pad_collator, tmp_p
     assert {c.per_row for c in engine._trunks.values()} == {1}
 
 
+def test_a_loss_of_ones_own_keeps_every_position(pad_collator, tmp_path):
+    """A loss_fn may read the last layer at a position that depends on the row (here a marker token's state, on
+    training rows the probes do not include): the trunk keeps every position for it. Cut on the probes' evidence,
+    the marked rows' influence was 0.44 off and every other row's ~1e-3 (a review's repro), without a word."""
+    import torch.nn.functional as F
+    from datasets import Dataset
+
+    mark = 3
+
+    def loss_fn(outputs, batch):
+        states = outputs.hidden_states[-1]
+        at = (batch["input_ids"] == mark).to(torch.int64).argmax(1)  # position 0 where a row has no marker
+        weight = 1 + torch.sigmoid(3 * states[torch.arange(len(at)), at][:, 0])
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") * weight
+
+    model = tiny_model("bert", num_labels=3)
+    model.config.output_hidden_states = True
+    rows = make_token_dataset(30, seed=0, num_labels=3).to_dict()
+    for i in range(20, 24):  # (the probes: the first 4 rows, the shortest and the longest)
+        rows["input_ids"][i][2] = mark
+    train, test = Dataset.from_dict(rows), make_token_dataset(3, seed=1, num_labels=3)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, influence_knn_k=None)
+    values = {}
+    # (the reference: the whole model, and no read-position cut inside the last layer either, which the marked rows
+    # would make raise an IndexError in this loss)
+    whole = replace(args, influence_trunk_cache=False, influence_skip_unread_positions=False)
+    values["whole"], _ = _table(InfluenceEngine(model, whole, data_collator=pad_collator, loss_fn=loss_fn), train, test)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=loss_fn)
+    values["default"], diagnostics = _table(engine, train, test)
+    np.testing.assert_allclose(values["default"][:, 1], values["whole"][:, 1], rtol=1e-9, atol=1e-14)
+    assert diagnostics["trunk"]["first_position_cut"] == ("none (a loss_fn or measurement_fn of one's own may read "
+                                                          "other positions)")
+    assert {c.per_row for c in engine._trunks.values()} == {0}
+
+
+def test_a_first_position_cache_that_fails_its_check_keeps_every_position(pad_collator, tmp_path, monkeypatch):
+    """A cut cache whose logits differ from the full model's is replaced by one of every position (the split stays),
+    and the decision is kept for later calls."""
+    from hf_fastif import engine as engine_module
+
+    verify = engine_module.verify_split
+
+    def strict(split, cache, batcher, rows):  # as if the first position alone changed the logits
+        return 1.0 if cache.per_row else verify(split, cache, batcher, rows)
+
+    monkeypatch.setattr(engine_module, "verify_split", strict)
+    model = tiny_model("bert", num_labels=3)
+    train, test = make_token_dataset(30, seed=0, num_labels=3), make_token_dataset(3, seed=1, num_labels=3)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, influence_knn_k=None)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    for _ in range(2):
+        values, diagnostics = _table(engine, train, test)
+        assert diagnostics["trunk"]["split"] == "bert.encoder.layer.2"
+        assert diagnostics["trunk"]["first_position_cut"] == "none (the first position alone changed the logits by 1)"
+        assert {c.per_row for c in engine._trunks.values()} == {0}
+    uncached, _ = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, pad_collator, influence_trunk_cache=False)
+    np.testing.assert_allclose(values[:, 1], uncached[:, 1], rtol=1e-9, atol=1e-14)
+
+
 def test_a_first_position_cache_of_multiple_choice_rows_keeps_each_choice(tmp_path):
     """Rows of c sequences keep c first-position states each, laid out as the model flattens them."""
     from transformers import BertConfig, BertForMultipleChoice
