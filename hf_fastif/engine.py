@@ -108,6 +108,7 @@ from .stacked import StackedHessian, stack_tolerance, stacks, unstackable_attent
 from .table import InfluenceTable
 from .trunk import (
     HIDDEN_KEY,
+    FirstPositionError,
     TrunkCache,
     TrunkLayoutError,
     TrunkSplit,
@@ -1361,6 +1362,10 @@ class InfluenceEngine:
             # outputs for its check: one forward fewer; a cut one then keeps the first position of that forward)
             cache = self._trunk_cache(split, batcher, key, progress, cut=cut,
                                       full_forward=new and len(batcher) == 1 and state in split.verified)
+        except FirstPositionError as err:  # (the cut's own doing: the trunk keeps every position instead)
+            logger.warning(f"The trunk keeps every position: {err}.")
+            self._trunk_cut = (self._trunk_cut[0], None, str(err))
+            return self._with_trunk(split, batcher, below, module_state, progress)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))

@@ -66,6 +66,11 @@ class _StopForward(Exception):
     """Raised by the capture hook: the rest of the forward is not needed."""
 
 
+class FirstPositionError(ValueError):
+    """The last layer cut to its first position (`TrunkCache`'s ``first_position``) failed on a batch: the trunk can
+    still keep every position."""
+
+
 class TrunkLayoutError(ValueError):
     """The hidden states inside the layer stack are not laid out like the batch's tokens (the model pads or drops
     positions on the way in, as Longformer pads every batch to a multiple of its attention window, or lays its states
@@ -412,8 +417,14 @@ class TrunkCache:
             rows = order[start : start + batch_size]
             batch = batcher.batch(rows, trunk=False)
             cut = first_position is not None and not full_forward  # (whole, the check reads its outputs)
-            with torch.no_grad(), (first_position.active() if cut else contextlib.nullcontext()):
-                captured = split.capture(split.model, model_inputs(batch, split.model), finish=full_forward)
+            try:
+                with torch.no_grad(), (first_position.active() if cut else contextlib.nullcontext()):
+                    captured = split.capture(split.model, model_inputs(batch, split.model), finish=full_forward)
+            except (RuntimeError, IndexError, ValueError, TypeError, AssertionError) as err:  # a batch unlike the probes
+                if not cut or not first_position.fired or isinstance(err, torch.OutOfMemoryError):
+                    raise  # not the cut's doing
+                raise FirstPositionError(f"the last layer cut {first_position.where} failed on a batch "
+                                         f"({type(err).__name__}: {err})") from err
             hidden, self.full_outputs = captured if full_forward else (captured, None)
             mask = _token_mask(batch)
             if cut:
@@ -602,7 +613,7 @@ def _check_first_positions(shape: Sequence[int], mask: torch.Tensor) -> None:
     """Raise `TrunkLayoutError` unless states of ``shape`` hold one position of each sequence of ``mask``."""
     sequences = mask.numel() // mask.shape[-1]
     if len(shape) != 3 or shape[0] != sequences or shape[1] != 1:
-        raise TrunkLayoutError(f"the stack's last layer, cut to its first position, gave states of {tuple(shape)[:-1]} "
+        raise FirstPositionError(f"the stack's last layer, cut to its first position, gave states of {tuple(shape)[:-1]} "
                                f"for {sequences} sequences: they cannot be cached one per sequence")
 
 

@@ -591,27 +591,41 @@ def test_a_loss_of_ones_own_keeps_every_position(pad_collator, tmp_path):
     assert {c.per_row for c in engine._trunks.values()} == {0}
 
 
-def test_a_first_position_cache_that_fails_its_check_keeps_every_position(pad_collator, tmp_path, monkeypatch):
-    """A cut cache whose logits differ from the full model's is replaced by one of every position (the split stays),
-    and the decision is kept for later calls."""
+@pytest.mark.parametrize("failure", ["logits", "a batch"])
+def test_a_first_position_cache_that_fails_keeps_every_position(pad_collator, tmp_path, monkeypatch, failure):
+    """A cut cache whose logits differ from the full model's, or whose cut forward fails on a batch unlike the probes,
+    is replaced by one of every position (the split stays), and the decision is kept for later calls."""
     from hf_fastif import engine as engine_module
 
-    verify = engine_module.verify_split
+    verify, capture = engine_module.verify_split, T.TrunkSplit.capture
 
     def strict(split, cache, batcher, rows):  # as if the first position alone changed the logits
         return 1.0 if cache.per_row else verify(split, cache, batcher, rows)
 
-    monkeypatch.setattr(engine_module, "verify_split", strict)
+    def failing(self, model, inputs, **kwargs):  # as if a batch unlike the probes failed after the cut
+        out = capture(self, model, inputs, **kwargs)
+        cut = next((r for r in [engine._trunk_cut[1]] if r is not None and r.fired), None)
+        if cut is not None:
+            raise IndexError("index 3 is out of bounds for dimension 1 with size 1")
+        return out
+
+    if failure == "logits":
+        monkeypatch.setattr(engine_module, "verify_split", strict)
+    else:
+        monkeypatch.setattr(T.TrunkSplit, "capture", failing)
     model = tiny_model("bert", num_labels=3)
     train, test = make_token_dataset(30, seed=0, num_labels=3), make_token_dataset(3, seed=1, num_labels=3)
     args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="lissa",
                               influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
                               influence_check_convergence=False, influence_knn_k=None)
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    reason = ("none (the first position alone changed the logits by 1)" if failure == "logits" else
+              "none (the last layer cut at the inputs of bert.encoder.layer.1.attention.output failed on a batch "
+              "(IndexError: index 3 is out of bounds for dimension 1 with size 1))")
     for _ in range(2):
         values, diagnostics = _table(engine, train, test)
         assert diagnostics["trunk"]["split"] == "bert.encoder.layer.2"
-        assert diagnostics["trunk"]["first_position_cut"] == "none (the first position alone changed the logits by 1)"
+        assert diagnostics["trunk"]["first_position_cut"] == reason
         assert {c.per_row for c in engine._trunks.values()} == {0}
     uncached, _ = _influence(model, train, test, HEAD_ONLY["bert"], tmp_path, pad_collator, influence_trunk_cache=False)
     np.testing.assert_allclose(values[:, 1], uncached[:, 1], rtol=1e-9, atol=1e-14)
