@@ -107,7 +107,6 @@ from .solvers.exact import check_exact_size
 from .stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
 from .table import InfluenceTable
 from .trunk import (
-    HIDDEN_KEY,
     FirstPositionError,
     TrunkCache,
     TrunkLayoutError,
@@ -1363,9 +1362,7 @@ class InfluenceEngine:
             cache = self._trunk_cache(split, batcher, key, progress, cut=cut,
                                       full_forward=new and len(batcher) == 1 and state in split.verified)
         except FirstPositionError as err:  # (the cut's own doing: the trunk keeps every position instead)
-            logger.warning(f"The trunk keeps every position: {err}.")
-            self._trunk_cut = (self._trunk_cut[0], None, str(err))
-            return self._with_trunk(split, batcher, below, module_state, progress)
+            return self._keep_every_position(str(err), split, batcher, below, module_state, progress)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
             self._drop_split(str(err))
@@ -1373,12 +1370,10 @@ class InfluenceEngine:
         if new:  # every new cache is checked against the full model, on its first rows and padded ones
             error = verify_split(split, cache, batcher, verification_rows(batcher))
             if error > split_tolerance(self.model) and cut is not None:  # the cut's doing: keep every position
-                logger.warning(f"The trunk kept at the first position changes the logits by {error:.2g} (relative): "
-                               "it keeps every position instead.")
                 self._trunks.pop(key).close()
                 self._replaced("trunk", key)
-                self._trunk_cut = (self._trunk_cut[0], None, f"the first position alone changed the logits by {error:.2g}")
-                return self._with_trunk(split, batcher, below, module_state, progress)
+                return self._keep_every_position(f"the first position alone changed the logits by {error:.2g}", split,
+                                                 batcher, below, module_state, progress)
             self._split_error = max(error, self._split_error or 0.0)
             if error > split_tolerance(self.model):
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
@@ -1388,6 +1383,14 @@ class InfluenceEngine:
         split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
         # and loads no other)
         return batcher.with_trunk(cache)
+
+    def _keep_every_position(self, reason: str, split: TrunkSplit, batcher: Batcher, below: str, module_state: str,
+                             progress: bool) -> Batcher:
+        """A cut cache failed (``reason``): no cut for the rest of this decision's key, and ``batcher`` with a cache
+        of every position."""
+        logger.warning(f"The trunk keeps every position: {reason}.")
+        self._trunk_cut = (self._trunk_cut[0], None, reason)
+        return self._with_trunk(split, batcher, below, module_state, progress)
 
     def _drop_split(self, reason: str) -> None:
         """Stop using the current split for this engine (the full forward runs), and free the states cached for it."""
@@ -1981,12 +1984,11 @@ def _same_features(model: nn.Module, method: str, cut: Readout, batches: Sequenc
     """Whether ``method``'s kNN features of each batch are the same with the last layer cut at ``cut`` (the whole
     model either way) as without, within `hf_fastif.readout.READOUT_TOLERANCE`."""
     for batch in batches:
-        plain = {k: v for k, v in batch.items() if k != HIDDEN_KEY}
         try:
             with torch.no_grad():
-                whole = model_features(model, plain, method)
+                whole = model_features(model, batch, method)
                 with cut.active():
-                    part = model_features(model, plain, method)
+                    part = model_features(model, batch, method)
         except (RuntimeError, IndexError, ValueError, TypeError):
             return False
         if whole.shape != part.shape or not relative_difference(part.double(), whole.double()) <= READOUT_TOLERANCE:

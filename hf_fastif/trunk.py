@@ -413,10 +413,10 @@ class TrunkCache:
             self.offsets = position
             total = int(self.lengths.sum())
         self.flat: torch.Tensor | None = None
+        cut = first_position is not None and not full_forward  # (whole, the check reads its outputs)
         for start in tqdm(starts, desc="trunk states", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
             batch = batcher.batch(rows, trunk=False)
-            cut = first_position is not None and not full_forward  # (whole, the check reads its outputs)
             try:
                 with torch.no_grad(), (first_position.active() if cut else contextlib.nullcontext()):
                     captured = split.capture(split.model, model_inputs(batch, split.model), finish=full_forward)
@@ -434,8 +434,7 @@ class TrunkCache:
             if self.flat is None:
                 self.flat = self._allocate(total, hidden, directory)
             if first_position is not None:
-                index = torch.from_numpy(self.offsets[rows][:, None] + np.arange(self.per_row)).flatten()
-                self.flat[index] = hidden[:, 0].to("cpu")
+                self.flat[self._sequences(rows)] = hidden[:, 0].to("cpu")
                 continue
             values = hidden.reshape(*mask.shape, hidden.shape[-1])[mask].to("cpu")
             first = int(self.offsets[rows[0]])
@@ -508,8 +507,7 @@ class TrunkCache:
             raise ValueError("These rows tokenise to other lengths than when their trunk states were cached: the data "
                              "or the collator changed under the cache. Build a new InfluenceEngine.")
         if self.per_row:  # the first position's state, laid out at every position (the top reads the first)
-            index = torch.from_numpy((self.offsets[rows][:, None] + np.arange(self.per_row)).flatten())
-            states = self.flat[index]
+            states = self.flat[self._sequences(rows)]
             return states[:, None, :].expand(-1, mask.shape[-1], -1).contiguous().to(self.device)
         index = np.concatenate([np.arange(o, o + n) for o, n in zip(self.offsets[rows], self.lengths[rows])])
         out = torch.zeros((*mask.shape, self.flat.shape[-1]), dtype=self.flat.dtype)
@@ -517,6 +515,10 @@ class TrunkCache:
         mask, out = mask.reshape(-1, mask.shape[-1]), out.reshape(-1, mask.shape[-1], self.flat.shape[-1])
         first = out[torch.arange(mask.shape[0]), mask.to(torch.int8).argmax(1)]
         return torch.where(mask[..., None], out, first[:, None, :]).to(self.device)
+
+    def _sequences(self, rows: np.ndarray) -> torch.Tensor:
+        """Where the states of ``rows``' sequences are in a cache of first positions (`per_row` a row), row by row."""
+        return torch.from_numpy((self.offsets[rows][:, None] + np.arange(self.per_row)).flatten())
 
     @property
     def nbytes(self) -> int:
