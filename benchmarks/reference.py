@@ -12,7 +12,10 @@ Both sides get the same model, rows, parameters and LiSSA settings, one test poi
 convergence check, batched JVP scoring). Settings (the issue's): J = 100, B = 1, damp = 5e-3, scale = 1e4, the
 reference's L2 term wd = 0.005 (not on biases / LayerNorm weights), T = 1 and 4, 200 training rows, 1 torch thread.
 Models: a random-init 2-layer BERT (hidden 128, every parameter) and the pretrained all-MiniLM-L6-v2 with a new
-2-label head (the paper's kind of selection: last layer, pooler, classifier).
+2-label head (the paper's kind of selection: last layer, pooler, classifier). ``--stored_padding max_length`` stores
+MiniLM's rows padded to ``--max_length``, as the 2021 code's GLUE features are (``pad_to_max_length``): both sides get
+the same rows; hf_fastif collates them without their trailing padding where its probe allows
+(``influence_skip_trailing_padding``, on by default).
 
 How the two sides are kept the same (read from the reference code):
 - loss: the model's own mean cross-entropy of the batch plus ``wd·Σθ²`` over the selected parameters that are not
@@ -125,6 +128,11 @@ class ReferenceArguments:
     num_threads: int = field(default=1, metadata={"help": "torch threads, for both sides."})
     tiny_seq_len: int = field(default=32, metadata={"help": "Tokens per row of the tiny BERT's random rows."})
     max_length: int = field(default=128, metadata={"help": "MiniLM: pairs truncated to this many tokens."})
+    stored_padding: str = field(
+        default="longest", metadata={"help": "MiniLM's rows as stored: 'longest' (as tokenised; the collator pads "
+                                             "each batch to its longest row) or 'max_length' (every row padded to "
+                                             "--max_length, as the 2021 code's GLUE features and transformers' "
+                                             "run_glue store them)."})
     forward_calls: int = field(default=5, metadata={"help": "Timed calls of the plain forward (median)."})
     profile: bool = field(default=False, metadata={"help": "Also profile one call of each side per model (T = 1): "
                                                            "phases, the convergence check, one LiSSA step."})
@@ -219,7 +227,16 @@ def minilm(own: ReferenceArguments, seed: int) -> Setup:
     columns = ["input_ids", "attention_mask", "token_type_ids", "labels"]
     train = tokenize_nli(raw["train"], tokenizer, max_length=own.max_length).select_columns(columns)
     test = tokenize_nli(raw["hans"].select([0]), tokenizer, max_length=own.max_length).select_columns(columns)
-    return Setup("minilm", "pretrained all-MiniLM-L6-v2, last layer + pooler + classifier", model, train, test,
+    description = "pretrained all-MiniLM-L6-v2, last layer + pooler + classifier"
+    if own.stored_padding == "max_length":
+        def padded(rows):
+            return dict(tokenizer.pad({k: rows[k] for k in columns if k != "labels"}, padding="max_length",
+                                      max_length=own.max_length))
+        train, test = (rows.map(padded, batched=True) for rows in (train, test))
+        description += f", rows stored padded to {own.max_length} positions"
+    elif own.stored_padding != "longest":
+        raise ValueError(f"--stored_padding is 'longest' or 'max_length', not {own.stored_padding!r}.")
+    return Setup("minilm", description, model, train, test,
                  DataCollatorWithPadding(tokenizer), minilm_influence_params(1))
 
 

@@ -131,6 +131,12 @@ class InfluenceArguments(TrainingArguments):
                           "head reads other positions (hf_fastif.readout). Where only a pooler and a head take part, "
                           "the trunk cache keeps that position alone (hf_fastif.trunk)."},
     )
+    influence_skip_trailing_padding: bool = field(
+        default=True,
+        metadata={"help": "Collate rows stored padded (padding='max_length') without the positions after every row's "
+                          "last real token, where probe rows give the same loss and logits without them "
+                          "(hf_fastif.batches.without_trailing_padding): those positions cost as much as real ones."},
+    )
     influence_stack_repetitions: str = field(
         default="auto",
         metadata={"help": "Run the T LiSSA repetitions' Hessian-vector products of a step as one computation: "

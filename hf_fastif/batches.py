@@ -34,6 +34,48 @@ COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
                  "features")
 
 
+IGNORED_TARGET = -100
+"""A label entry the losses skip (transformers' cross-entropy ``ignore_index``)."""
+
+
+def without_trailing_padding(batch: dict) -> dict:
+    """``batch`` without the positions after every row's last real token (the attention mask 0 there in every row
+    and every choice), or ``batch`` itself where there are none or cutting them could change what is read.
+
+    Rows stored padded (``padding="max_length"``, as the GLUE examples and the 2021 code prepare them) are collated
+    at their stored width: 128 positions for MNLI pairs of ~40 tokens, every one of them run through the layers,
+    differentiated twice in each LiSSA step and stored in the trunk states. Every tensor laid out like the mask
+    (``(rows, positions)``, or ``(rows, choices, positions)``, maybe with more dimensions after: the ids, token
+    types, position ids, token labels) keeps the positions up to the widest row's last real token. Left as it is:
+    a batch without a 2- or 3-dimensional integer mask; one where another tensor has the mask's width in another
+    dimension (which one holds the positions is not sure); one with labels laid out like the mask that keep a
+    target (not -100) in a cut position (the loss reads it). Whether the model's loss is the same without those
+    positions is the caller's to check (`hf_fastif.engine.InfluenceEngine` probes it once per model, data and loss
+    function; `Batcher.skip_padding`)."""
+    mask = batch.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 3) and not mask.is_floating_point()
+            and mask.numel()):
+        return batch
+    width, axis = mask.shape[-1], mask.dim() - 1
+    real = mask.reshape(-1, width).any(0).nonzero()
+    keep = int(real.max()) + 1 if real.numel() else width
+    if keep >= width:
+        return batch
+    cut = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            continue
+        laid_out = value.shape[: mask.dim()] == mask.shape
+        if width in (value.shape[mask.dim():] if laid_out else value.shape[1:]):
+            return batch  # (which dimension holds the positions is not sure)
+        if not laid_out:
+            continue
+        if key in LABEL_COLUMNS and bool((value.narrow(axis, keep, width - keep) != IGNORED_TARGET).any()):
+            return batch
+        cut[key] = value.narrow(axis, 0, keep).contiguous()
+    return {**batch, **cut}
+
+
 def signature_columns(model: nn.Module, label_names: Sequence[str] = ()) -> list[str]:
     """Column names the Trainer keeps for ``model`` (its ``_set_signature_columns_if_needed`` rule).
 
@@ -596,6 +638,9 @@ class Batcher:
         self.decoder_inputs = decoder_inputs
         self._lengths: dict[tuple[str, str], np.ndarray | None] = {}  # stored lengths of the whole dataset
         self._content: dict[str, str] = {}  # the whole dataset's `fingerprint`, once computed (shared by views)
+        # batches collated without their trailing padding (`without_trailing_padding`): set by the engine where its
+        # probe found the loss the same without it
+        self.skip_padding = False
 
     @property
     def fingerprint(self) -> str:
@@ -683,6 +728,7 @@ class Batcher:
         view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=index, trunk=trunk,
                        decoder_inputs=self.decoder_inputs, padding_collator=self.padding_collator)
         view._lengths, view._content = self._lengths, self._content  # the whole dataset's, shared
+        view.skip_padding = self.skip_padding
         return view
 
     def __len__(self) -> int:
@@ -821,6 +867,8 @@ class Batcher:
         if (self.decoder_inputs is not None and isinstance(batch.get("labels"), torch.Tensor)
                 and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch):
             batch["decoder_input_ids"] = self.decoder_inputs(batch["labels"])
+        if self.skip_padding:
+            batch = without_trailing_padding(batch)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _uncollatable_columns(self, features: list[dict]) -> list[str]:

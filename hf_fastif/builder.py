@@ -51,7 +51,8 @@ MANIFEST_VERSION = 8
 # features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
 # change the numbers at most by float rounding, so a build resumed with other values goes on.
 RUNTIME_SETTINGS = ("influence_hvp_batch_size", "influence_scoring_batch_size", "influence_cache_dir",
-                    "influence_skip_unread_positions", "influence_trunk_cache", "influence_stack_repetitions")
+                    "influence_skip_unread_positions", "influence_skip_trailing_padding", "influence_trunk_cache",
+                    "influence_stack_repetitions")
 # the keyword arguments of compute_influences that decide the numbers, beside the data
 CALLABLES = ("data_collator", "loss_fn", "measurement_fn", "features")
 KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)

@@ -54,6 +54,7 @@ from .batches import (
     decoder_inputs_from_labels,
     padding_collator_for,
     validate_dataset,
+    without_trailing_padding,
 )
 from .fingerprint import (
     callable_fingerprint,
@@ -531,6 +532,8 @@ class InfluenceEngine:
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
         self._padding_checked: set[tuple] = set()
+        # (weights, dataset, collator, loss, ...) → None where its batches drop their trailing padding, else why not
+        self._trailing_padding: dict[tuple, str | None] = {}
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
         # (weights, training data) → the model's own loss and the default one, where they differ
@@ -839,6 +842,10 @@ class InfluenceEngine:
         for batcher, name, measurement in datasets:
             key = (call.model_key, batcher.fingerprint, measurement,
                    self._functions["collator"], self._functions["loss"], self._functions["measurement"])
+            # (first: the probes below then see the batches every stage will see)
+            why_not = self._skips_padding(call, batcher, measurement, key)
+            batcher.skip_padding = why_not is None
+            call.info.setdefault("trailing_padding", {})[name] = "skipped" if why_not is None else f"kept: {why_not}"
             if key in self._padding_checked:
                 continue
             pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
@@ -853,6 +860,53 @@ class InfluenceEngine:
                     if len(hurt):
                         self._probe_padding(call, batcher, name, measurement, int(hurt[0]), int(width.argmax()))
             self._padding_checked.add(key)
+
+    def _skips_padding(self, call: _Call, batcher: Batcher, measurement: bool, key: tuple) -> str | None:
+        """None where ``batcher``'s batches may drop their trailing padding (`without_trailing_padding`), else why
+        not. Decided once per model, data, collator and functions, on the probe rows of the padding check (the
+        narrowest row alone, then next to the widest): the first batch that has trailing padding must give the same
+        values (and per-row or per-token logits) without it as with it, within `PADDING_TOLERANCE`. Where it does
+        not (a loss or head that reads padded positions), every batch keeps its padding, as before. The first row
+        alone is probed last, for a dataset of one row (a test point), which has no pair."""
+        if key in self._trailing_padding:
+            return self._trailing_padding[key]
+        batcher.skip_padding = False
+        why = "no probe batch has positions after every row's last token"
+        if not getattr(self.args, "influence_skip_trailing_padding", True):
+            why = "influence_skip_trailing_padding=False"
+        elif getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            why = "an encoder-decoder model (its targets are laid out apart from its inputs)"
+        else:
+            pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
+            probes = [[short] for short, _ in pairs] + [list(pair) for pair in pairs] + [[0]] * (len(batcher) > 0)
+            for rows in probes:  # (the first row alone last: a single test row has no pair)
+                whole = batcher.batch(rows, trunk=False)
+                cut = without_trailing_padding(whole)
+                if cut is whole:
+                    continue
+                value, named = call.fm.value_fn(measurement), [int(r) for r in batcher.base_rows(rows)]
+                with torch.no_grad():
+                    outputs = call.fm.outputs(call.params, whole)
+                    values = value(outputs, whole).double()
+                    try:  # (a loss or model that cannot take the narrower batch keeps the padding, as before)
+                        cut_outputs = call.fm.outputs(call.params, cut)
+                        cut_values = value(cut_outputs, cut).double()
+                    except Exception as err:  # noqa: BLE001
+                        cut_outputs, why = None, (f"rows {named} without their trailing padding raise "
+                                                  f"{type(err).__name__} ({_first_line(err)})")
+                if cut_outputs is not None:
+                    error = (max(relative_difference(cut_values, values, floor=1.0),
+                                 _per_row_logits_error(outputs, cut_outputs),
+                                 _token_logits_error(outputs, cut_outputs, cut))
+                             if cut_values.shape == values.shape else float("inf"))
+                    dtype = next(self.model.parameters()).dtype
+                    why = None if error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps) else (
+                        f"the loss or logits of rows {named} change by {error:.2g} without their trailing padding")
+                if why is not None:
+                    logger.info(f"Batches keep their trailing padding: {why}.")
+                break
+        self._trailing_padding[key] = why
+        return why
 
     def _probe_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, short: int,
                        long: int) -> None:
@@ -1967,6 +2021,19 @@ def _per_row_logits_error(alone, padded) -> float:
         return 0.0
     alone, padded = alone.double(), padded[:1].double()
     return relative_difference(padded, alone, floor=1e-12)
+
+
+def _token_logits_error(whole, cut, batch: Mapping) -> float:
+    """How far per-token logits ``(b, positions, classes)`` move at the positions a batch keeps without its trailing
+    padding (``cut``'s), relative to their own scale (0 for other outputs)."""
+    whole, cut = getattr(whole, "logits", None), getattr(cut, "logits", None)
+    mask = batch.get("attention_mask")
+    if not (isinstance(whole, torch.Tensor) and isinstance(cut, torch.Tensor) and isinstance(mask, torch.Tensor)
+            and whole.dim() == cut.dim() == 3 and whole.is_floating_point() and cut.shape[:2] == mask.shape
+            and whole.shape[0] == cut.shape[0] and whole.shape[1] >= cut.shape[1]):
+        return 0.0
+    real = mask.bool()
+    return relative_difference(cut[real].double(), whole[:, : cut.shape[1]][real].double(), floor=1e-12)
 
 
 def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:

@@ -620,8 +620,14 @@ def _check_first_positions(shape: Sequence[int], mask: torch.Tensor) -> None:
 
 
 def _length_order(batcher) -> np.ndarray:
-    """Rows sorted by length (less padding per batch), ties by index; plain order when lengths are unknown."""
+    """Rows sorted by length (less padding per batch), ties by index; plain order when lengths are unknown. Where
+    the batcher collates without trailing padding (`hf_fastif.batches.without_trailing_padding`), by real tokens of a
+    stored attention mask: rows stored padded all have the stored width. Their batches then hold the same rows as
+    those of the rows stored unpadded (MiniLM's rows stored at 128 positions: the same influence, bitwise)."""
     lengths = batcher.stored_lengths()
+    if getattr(batcher, "skip_padding", False):
+        tokens = batcher.stored_lengths("attention_mask", "tokens")
+        lengths = lengths if tokens is None else tokens
     if lengths is None:
         return np.arange(len(batcher))
     return np.lexsort((np.arange(len(lengths)), lengths))

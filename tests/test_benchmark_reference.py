@@ -41,3 +41,20 @@ def test_profiled_phases_leave_out_the_profiling_hook():
     phases = reference.profiled_phases(diagnostics, hook_s=15.0)
     assert phases == pytest.approx({"trunk_s": 0.4, "test_gradients_s": 0.02, "s_test_s": 5.31, "scoring_s": 0.3})
     assert diagnostics["s_test_s"] == 20.31  # the call's own record is left as it was
+
+
+def test_minilm_rows_stored_padded_are_padded_to_max_length_on_both_sides():
+    """``--stored_padding max_length`` stores MiniLM's rows as the 2021 code's GLUE features are: every row at
+    ``--max_length`` positions, the real tokens and labels as before; another value is refused."""
+    own = reference.ReferenceArguments(num_train=6, max_length=48)
+    plain = reference.minilm(own, seed=0)
+    padded = reference.minilm(reference.ReferenceArguments(num_train=6, max_length=48, stored_padding="max_length"),
+                              seed=0)
+    assert {len(ids) for ids in padded.train["input_ids"]} == {48} and len(padded.test["input_ids"][0]) == 48
+    for a, b in zip(plain.train, padded.train):
+        n = len(a["input_ids"])
+        assert b["input_ids"][:n] == a["input_ids"] and b["attention_mask"] == [1] * n + [0] * (48 - n)
+        assert b["token_type_ids"][:n] == a["token_type_ids"] and b["labels"] == a["labels"]
+    assert "stored padded to 48" in padded.description
+    with pytest.raises(ValueError, match="--stored_padding is 'longest' or 'max_length'"):
+        reference.minilm(reference.ReferenceArguments(num_train=6, stored_padding="max"), seed=0)
