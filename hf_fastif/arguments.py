@@ -134,8 +134,9 @@ class InfluenceArguments(TrainingArguments):
     influence_skip_trailing_padding: bool = field(
         default=True,
         metadata={"help": "Collate rows stored padded (padding='max_length') without the positions after every row's "
-                          "last real token, where probe rows give the same loss and logits without them "
-                          "(hf_fastif.batches.without_trailing_padding): those positions cost as much as real ones."},
+                          "last real token, where probe rows give the same values and outputs without them, to 100 "
+                          "ulps (hf_fastif.batches.without_trailing_padding): those positions cost as much as real "
+                          "ones. Off where the model reads its padding."},
     )
     influence_stack_repetitions: str = field(
         default="auto",

@@ -643,6 +643,13 @@ class Batcher:
         self.skip_padding = False
 
     @property
+    def layout_key(self) -> tuple[str, ...]:
+        """What the keys of this dataset's caches add where its batches drop their trailing padding (nothing
+        otherwise, so the keys of caches saved before stay the same): trunk states, LiSSA's graphs, the kNN and
+        gradient indexes of either kind are never mixed."""
+        return ("trailing padding dropped",) if self.skip_padding else ()
+
+    @property
     def fingerprint(self) -> str:
         """`hf_fastif.fingerprint.dataset_fingerprint` of the whole dataset's columns that are read: the hash of
         their stored values, which every cache of the dataset is keyed on. Not datasets' ``_fingerprint``, which

@@ -129,6 +129,14 @@ no token ids (a collator that tokenises text); otherwise every row's stored leng
 PADDING_TOLERANCE = 1e-3
 """Largest relative change of a row's loss under padding that counts as float rounding (20 machine epsilons of
 the model's dtype where that is more: float16 0.02, bfloat16 0.16)."""
+TRAILING_PROBE_ROWS = 8
+"""Rows of different real lengths (the shortest, the longest and spread between, both parities where there are)
+on which `InfluenceEngine` compares a batch with and without its trailing padding before it drops it."""
+TRAILING_TOLERANCE = 100
+"""Largest difference, in machine epsilons of the model's dtype and relative to the largest value compared, between
+a probe's values and outputs with and without its trailing padding (float32: 1.2e-5; float64: 2.2e-14): other widths
+only reorder sums there. Looser, a fitted question-answering loss of 3.5e-4 passed the padding check's 1e-3 while
+influence moved by 35% (a softmax over every position, padding included), and a ConvBERT's 6e-5."""
 CHECK_BATCHES = 4
 """LiSSA's convergence check: B-row batches whose Hessians' top eigenvalues are estimated (Lanczos)."""
 CHECK_ITERATIONS = 5
@@ -534,6 +542,8 @@ class InfluenceEngine:
         self._padding_checked: set[tuple] = set()
         # (weights, dataset, collator, loss, ...) → None where its batches drop their trailing padding, else why not
         self._trailing_padding: dict[tuple, str | None] = {}
+        # (weights, collator, loss, measurement) → what showed the model reads its padding (every dataset keeps it)
+        self._reads_padding: dict[tuple, str] = {}
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
         # (weights, training data) → the model's own loss and the default one, where they differ
@@ -836,55 +846,86 @@ class InfluenceEngine:
         position ids, for instance): every stage batches rows of different lengths, so its numbers would depend
         on the batch sizes. Probes per model and dataset (training, test and candidate rows: a test set can be
         padded where fixed-length training blocks are not): the narrowest row alone, and padded next to the
-        widest, and the same by real tokens and by stored targets (`Batcher.padding_probes`)."""
+        widest, and the same by real tokens and by stored targets (`Batcher.padding_probes`).
+
+        First, whether each dataset's batches drop their trailing padding (`_skips_padding`); the probes then see
+        the batches every stage will see. Where they fail on batches without it (rows at their own width against
+        rows at a wider row's: a model whose outputs depend on the batch's width, as Funnel's pooling does), the
+        model is taken to read its padding: every dataset keeps it, and the probes run again on those batches."""
         datasets = [(call.train, "train_dataset", False), (call.test, "test_dataset", True)]
         datasets += [] if call.cand is call.train else [(call.cand, "candidate_dataset", False)]
-        for batcher, name, measurement in datasets:
-            key = (call.model_key, batcher.fingerprint, measurement,
-                   self._functions["collator"], self._functions["loss"], self._functions["measurement"])
-            # (first: the probes below then see the batches every stage will see)
-            why_not = self._skips_padding(call, batcher, measurement, key)
-            batcher.skip_padding = why_not is None
-            call.info.setdefault("trailing_padding", {})[name] = "skipped" if why_not is None else f"kept: {why_not}"
-            if key in self._padding_checked:
-                continue
-            pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
-            for short, long in pairs:
-                self._probe_padding(call, batcher, name, measurement, short, long)
-            if pairs and shifts_labels(self.model):  # a causal LM: a row whose first token is a target is hurt by
-                # left padding whatever its length (the narrowest row's first target was -100 in an SFT-style mix,
-                # and the others' values changed with the batch size, 40% off)
-                first, width = batcher.stored_lengths("labels", "first_target"), batcher.stored_lengths()
-                if first is not None and width is not None:
-                    hurt = np.flatnonzero((first > 0) & (width < width.max()))
-                    if len(hurt):
-                        self._probe_padding(call, batcher, name, measurement, int(hurt[0]), int(width.argmax()))
-            self._padding_checked.add(key)
+        keys = [(call.model_key, batcher.fingerprint, measurement, self._functions["collator"],
+                 self._functions["loss"], self._functions["measurement"]) for batcher, _, measurement in datasets]
+        while True:
+            why_not = [self._skips_padding(call, b, m, key) for (b, _, m), key in zip(datasets, keys)]
+            if self._padding_key(call) in self._reads_padding:  # (found on one dataset: every dataset keeps it)
+                why_not = [self._skips_padding(call, b, m, key) for (b, _, m), key in zip(datasets, keys)]
+            for (batcher, name, _), why in zip(datasets, why_not):
+                batcher.skip_padding = why is None
+                call.info.setdefault("trailing_padding", {})[name] = "skipped" if why is None else f"kept: {why}"
+            try:
+                for (batcher, name, measurement), key in zip(datasets, keys):
+                    self._probe_dataset_padding(call, batcher, name, measurement, (*key, batcher.skip_padding))
+                return
+            except ValueError as err:
+                if not any(b.skip_padding for b, _, _ in datasets):
+                    raise
+                self._reads_padding[self._padding_key(call)] = (
+                    f"rows without their trailing padding change next to wider rows ({_first_line(err)})")
+                logger.info(f"Batches keep their trailing padding: {self._reads_padding[self._padding_key(call)]}.")
+
+    def _probe_dataset_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, key: tuple) -> None:
+        if key in self._padding_checked:
+            return
+        pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
+        for short, long in pairs:
+            self._probe_padding(call, batcher, name, measurement, short, long)
+        if pairs and shifts_labels(self.model):  # a causal LM: a row whose first token is a target is hurt by
+            # left padding whatever its length (the narrowest row's first target was -100 in an SFT-style mix,
+            # and the others' values changed with the batch size, 40% off)
+            first, width = batcher.stored_lengths("labels", "first_target"), batcher.stored_lengths()
+            if first is not None and width is not None:
+                hurt = np.flatnonzero((first > 0) & (width < width.max()))
+                if len(hurt):
+                    self._probe_padding(call, batcher, name, measurement, int(hurt[0]), int(width.argmax()))
+        self._padding_checked.add(key)
+
+    def _padding_key(self, call: _Call) -> tuple:
+        """What decides whether a model reads its padding: the weights, the collator and the functions."""
+        return (call.model_key, self._functions["collator"], self._functions["loss"], self._functions["measurement"])
 
     def _skips_padding(self, call: _Call, batcher: Batcher, measurement: bool, key: tuple) -> str | None:
         """None where ``batcher``'s batches may drop their trailing padding (`without_trailing_padding`), else why
-        not. Decided once per model, data, collator and functions, on the probe rows of the padding check (the
-        narrowest row alone, then next to the widest): the first batch that has trailing padding must give the same
-        values (and per-row or per-token logits) without it as with it, within `PADDING_TOLERANCE`. Where it does
-        not (a loss or head that reads padded positions), every batch keeps its padding, as before. The first row
-        alone is probed last, for a dataset of one row (a test point), which has no pair."""
+        not. Decided once per model, data, collator and functions, on probe rows (`_trailing_probes`: up to
+        `TRAILING_PROBE_ROWS` rows of different real lengths, each alone, then the narrowest next to the widest,
+        then the first row alone, for a dataset of one row): each batch that has trailing padding must give the same
+        values and the same floating outputs (logits, start and end logits, hidden states: at the positions it
+        keeps) without it as with it, to `TRAILING_TOLERANCE` ulps of the model's dtype. Where one differs or raises
+        (a loss or head that reads padded positions, a model that pools by the sequence's length), the model is
+        taken to read its padding: this dataset and every other keeps it (`_reads_padding`), as before. Half
+        precision keeps it too: its rounding is coarser than what the padding may change."""
+        reads = self._reads_padding.get(self._padding_key(call))
+        if reads is not None:
+            return f"the model reads its padding: {reads}"
         if key in self._trailing_padding:
             return self._trailing_padding[key]
         batcher.skip_padding = False
+        dtype = next(self.model.parameters()).dtype
         why = "no probe batch has positions after every row's last token"
         if not getattr(self.args, "influence_skip_trailing_padding", True):
             why = "influence_skip_trailing_padding=False"
         elif getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
             why = "an encoder-decoder model (its targets are laid out apart from its inputs)"
+        elif dtype in (torch.float16, torch.bfloat16):
+            why = f"a {str(dtype).removeprefix('torch.')} model (its rounding hides what the padding may change)"
         else:
-            pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
-            probes = [[short] for short, _ in pairs] + [list(pair) for pair in pairs] + [[0]] * (len(batcher) > 0)
-            for rows in probes:  # (the first row alone last: a single test row has no pair)
+            value, tolerance = call.fm.value_fn(measurement), TRAILING_TOLERANCE * torch.finfo(dtype).eps
+            for rows in _trailing_probes(batcher):
                 whole = batcher.batch(rows, trunk=False)
                 cut = without_trailing_padding(whole)
                 if cut is whole:
                     continue
-                value, named = call.fm.value_fn(measurement), [int(r) for r in batcher.base_rows(rows)]
+                named = [int(r) for r in batcher.base_rows(rows)]
                 with torch.no_grad():
                     outputs = call.fm.outputs(call.params, whole)
                     values = value(outputs, whole).double()
@@ -892,19 +933,21 @@ class InfluenceEngine:
                         cut_outputs = call.fm.outputs(call.params, cut)
                         cut_values = value(cut_outputs, cut).double()
                     except Exception as err:  # noqa: BLE001
-                        cut_outputs, why = None, (f"rows {named} without their trailing padding raise "
-                                                  f"{type(err).__name__} ({_first_line(err)})")
-                if cut_outputs is not None:
-                    error = (max(relative_difference(cut_values, values, floor=1.0),
-                                 _per_row_logits_error(outputs, cut_outputs),
-                                 _token_logits_error(outputs, cut_outputs, cut))
-                             if cut_values.shape == values.shape else float("inf"))
-                    dtype = next(self.model.parameters()).dtype
-                    why = None if error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps) else (
-                        f"the loss or logits of rows {named} change by {error:.2g} without their trailing padding")
-                if why is not None:
-                    logger.info(f"Batches keep their trailing padding: {why}.")
-                break
+                        self._reads_padding[self._padding_key(call)] = (
+                            f"rows {named} without their trailing padding raise {type(err).__name__} "
+                            f"({_first_line(err)})")
+                        break
+                error = (max(relative_difference(cut_values, values), _outputs_difference(outputs, cut_outputs, cut))
+                         if cut_values.shape == values.shape else float("inf"))
+                if not error <= tolerance:
+                    self._reads_padding[self._padding_key(call)] = (
+                        f"the values or outputs of rows {named} change by {error:.2g} without their trailing padding")
+                    break
+                why = None
+            reads = self._reads_padding.get(self._padding_key(call))
+            if reads is not None:
+                logger.info(f"Batches keep their trailing padding: {reads}.")
+                return f"the model reads its padding: {reads}"
         self._trailing_padding[key] = why
         return why
 
@@ -1406,7 +1449,8 @@ class InfluenceEngine:
         is dropped for this engine. ``any_layout``: without a cache of every position, one of the first position is
         served too (predictions: a cut cache passed the same check of the logits)."""
         prefix = "|".join([below, module_state, batcher.fingerprint, str(len(batcher)), self._functions["collator"],
-                           ",".join(batcher.dataset.column_names), str(batcher.device)])
+                           ",".join(batcher.dataset.column_names), str(batcher.device),
+                           *batcher.layout_key])
         key = f"{prefix}|" + ("every position" if cut is None else f"first position, {cut.name}")
         if any_layout and key not in self._trunks:
             key = next((k for k in reversed(self._trunks) if k.startswith(f"{prefix}|first position, ")), key)
@@ -1617,7 +1661,8 @@ class InfluenceEngine:
     def _curvature_key(self, call: _Call, *extra) -> tuple:
         return (call.model_key, call.train.fingerprint, len(call.train), tuple(call.names),
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
-                self.args.influence_seed, D.world()[1], str(call.train.device), *extra)  # (a model moved: rebuilt there)
+                self.args.influence_seed, D.world()[1], str(call.train.device), *call.train.layout_key,
+                *extra)  # (a model moved: rebuilt there)
 
     def _low_rank_solve(self, call: _Call, v: torch.Tensor) -> LowRankSolve:
         """The low-rank solve for this call's λ and L2 term, prepared once per low-rank Hessian and λ (with an L2
@@ -1902,6 +1947,7 @@ class InfluenceEngine:
         depended on the batch size and the number of processes, without a word. Probed as the loss is (the
         narrowest row alone and padded next to the widest), once per model, data and function."""
         for batcher, name in batchers:
+            batcher = _plain(batcher, padded=True)  # (as `_feature_path` hands the callable its batches)
             key = ("features", call.model_key, batcher.fingerprint, self._functions["collator"],
                    self._functions["features"])
             if key in self._padding_checked:
@@ -1931,7 +1977,7 @@ class InfluenceEngine:
         bsz = args.influence_scoring_batch_size
         key = (call.model_key, call.cand.fingerprint, len(call.cand), self._functions["collator"],
                method if isinstance(method, str) else self._functions["features"], args.influence_knn_index,
-               D.world()[1])
+               D.world()[1], *call.cand.layout_key)
         split, (cand, test) = _feature_path(call, method, call.cand, call.test)
         if callable(method):
             self._check_feature_padding(call, method, [(call.cand, "candidate"), (call.test, "test")])
@@ -2023,17 +2069,51 @@ def _per_row_logits_error(alone, padded) -> float:
     return relative_difference(padded, alone, floor=1e-12)
 
 
-def _token_logits_error(whole, cut, batch: Mapping) -> float:
-    """How far per-token logits ``(b, positions, classes)`` move at the positions a batch keeps without its trailing
-    padding (``cut``'s), relative to their own scale (0 for other outputs)."""
-    whole, cut = getattr(whole, "logits", None), getattr(cut, "logits", None)
+def _trailing_probes(batcher: Batcher) -> list[list[int]]:
+    """The probe batches of `InfluenceEngine._skips_padding`: up to `TRAILING_PROBE_ROWS` rows of different real
+    lengths (of a stored attention mask, else of the stored ids), each alone: the shortest, the longest, rows between
+    them, and a row of each parity; then the padding check's pairs (the narrowest next to the widest); then the first
+    row alone (a dataset of one row has no pair)."""
+    lengths = batcher.stored_lengths("attention_mask", "tokens") if len(batcher) > 1 else None
+    lengths = batcher.stored_lengths() if lengths is None and len(batcher) > 1 else lengths
+    singles: list[int] = []
+    if lengths is not None and len(lengths):
+        distinct, first = np.unique(lengths, return_index=True)
+        picks = set(np.linspace(0, len(distinct) - 1, min(TRAILING_PROBE_ROWS, len(distinct))).round().astype(int))
+        for parity in (0, 1):  # (a model that pools by pairs of positions changes with the length's parity)
+            same = np.flatnonzero(distinct % 2 == parity)
+            if len(same) and not any(distinct[i] % 2 == parity for i in picks):
+                picks.add(int(same[0]))
+        singles = [int(first[i]) for i in sorted(picks)]
+    pairs = [list(pair) for pair in batcher.padding_probes(PADDING_PROBE_ROWS)]
+    return [[row] for row in singles] + pairs + [[0]] * (len(batcher) > 0)
+
+
+def _outputs_difference(whole, cut, batch: Mapping) -> float:
+    """The largest relative difference between the floating tensors of two forwards' outputs, one of a batch with
+    its trailing padding and one of ``batch``, the same without: tensors of the same shape whole, those laid out by
+    position (``(sequences, positions, ...)``) at the positions ``batch``'s attention mask marks as tokens; others
+    (attention maps) are not compared. 0 where nothing is comparable."""
     mask = batch.get("attention_mask")
-    if not (isinstance(whole, torch.Tensor) and isinstance(cut, torch.Tensor) and isinstance(mask, torch.Tensor)
-            and whole.dim() == cut.dim() == 3 and whole.is_floating_point() and cut.shape[:2] == mask.shape
-            and whole.shape[0] == cut.shape[0] and whole.shape[1] >= cut.shape[1]):
-        return 0.0
-    real = mask.bool()
-    return relative_difference(cut[real].double(), whole[:, : cut.shape[1]][real].double(), floor=1e-12)
+    real = mask.reshape(-1, mask.shape[-1]).bool() if isinstance(mask, torch.Tensor) else None
+
+    def tensors(outputs):
+        if isinstance(outputs, torch.Tensor):
+            return [outputs]
+        values = outputs.values() if isinstance(outputs, Mapping) else outputs if isinstance(
+            outputs, (tuple, list)) else ()
+        return [t for v in values for t in tensors(v)]
+
+    worst = 0.0
+    for a, b in zip(tensors(whole), tensors(cut)):
+        if not (a.is_floating_point() and b.is_floating_point()):
+            continue
+        if a.shape == b.shape:
+            worst = max(worst, relative_difference(b.double(), a.double()))
+        elif (real is not None and a.dim() >= 2 and a.shape[0] == b.shape[0] == real.shape[0]
+              and b.shape[1] == real.shape[1] <= a.shape[1] and a.shape[2:] == b.shape[2:]):
+            worst = max(worst, relative_difference(b[real].double(), a[:, : b.shape[1]][real].double()))
+    return worst
 
 
 def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:
@@ -2044,7 +2124,15 @@ def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:
     cut = any(b.trunk is not None and b.trunk.per_row for b in batchers)
     if cut and method not in call.feature_methods:
         split = None
-    return split, tuple(b if split is not None else b.with_trunk(None) for b in batchers)
+    return split, tuple(b if split is not None else _plain(b, padded=not isinstance(method, str)) for b in batchers)
+
+
+def _plain(batcher: Batcher, padded: bool = False) -> Batcher:
+    """``batcher`` without its trunk states, and with ``padded`` its batches collated with their trailing padding
+    (a ``features=`` callable, which the trailing-padding probe does not see, gets the batches it got before)."""
+    view = batcher.with_trunk(None)
+    view.skip_padding = batcher.skip_padding and not padded
+    return view
 
 
 def _same_features(model: nn.Module, method: str, cut: Readout, batches: Sequence[dict]) -> bool:

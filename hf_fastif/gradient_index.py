@@ -480,7 +480,7 @@ def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.n
     key = (call.model_key, call.cand.fingerprint, len(call.cand), engine._functions["collator"],
            engine._functions["loss"], args.influence_weight_decay, args.influence_weight_decay_in_gradients,
            tuple(call.names), args.influence_projection_dim,
-           args.influence_seed, args.influence_knn_index, D.world()[1])
+           args.influence_seed, args.influence_knn_index, D.world()[1], *call.cand.layout_key)
     saved = engine._saved_gradient_index
     wanted = saved is not None and saved[0] == key and (engine._gradient_index is None
                                                         or engine._gradient_index[0] != key)
