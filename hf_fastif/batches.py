@@ -36,6 +36,10 @@ COMMON_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 
 IGNORED_TARGET = -100
 """A label entry the losses skip (transformers' cross-entropy ``ignore_index``)."""
+PADDING_FREE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask")
+"""Tensors laid out like the attention mask that `without_trailing_padding` cuts whatever they hold at the padding
+(ids, masks, numbering); any other (labels, however named; a column a loss of one's own reads; float inputs) only
+where it holds -100 at every cut position."""
 
 
 def without_trailing_padding(batch: dict) -> dict:
@@ -48,9 +52,10 @@ def without_trailing_padding(batch: dict) -> dict:
     (``(rows, positions)``, or ``(rows, choices, positions)``, maybe with more dimensions after: the ids, token
     types, position ids, token labels) keeps the positions up to the widest row's last real token. Left as it is:
     a batch without a 2- or 3-dimensional integer mask; one where another tensor has the mask's width in another
-    dimension (which one holds the positions is not sure); one with labels laid out like the mask that keep a
-    target (not -100) in a cut position (the loss reads it). Whether the model's loss is the same without those
-    positions is the caller's to check (`hf_fastif.engine.InfluenceEngine` probes it once per model, data and loss
+    dimension (which one holds the positions is not sure); one where a tensor laid out like the mask, other than
+    the `PADDING_FREE_INPUTS`, holds anything but -100 in a cut position (labels however named: token tags read by
+    a loss of one's own through ``label_names`` lost their targets at the padding, 47% off, in a review; float
+    inputs). Whether the model's loss is the same without those positions is the caller's to check (`hf_fastif.engine.InfluenceEngine` probes it once per model, data and loss
     function; `Batcher.skip_padding`)."""
     mask = batch.get("attention_mask")
     if not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 3) and not mask.is_floating_point()
@@ -70,7 +75,7 @@ def without_trailing_padding(batch: dict) -> dict:
             return batch  # (which dimension holds the positions is not sure)
         if not laid_out:
             continue
-        if key in LABEL_COLUMNS and bool((value.narrow(axis, keep, width - keep) != IGNORED_TARGET).any()):
+        if key not in PADDING_FREE_INPUTS and bool((value.narrow(axis, keep, width - keep) != IGNORED_TARGET).any()):
             return batch
         cut[key] = value.narrow(axis, 0, keep).contiguous()
     return {**batch, **cut}

@@ -904,6 +904,8 @@ class InfluenceEngine:
         (a loss or head that reads padded positions, a model that pools by the sequence's length), the model is
         taken to read its padding: this dataset and every other keeps it (`_reads_padding`), as before. Half
         precision keeps it too: its rounding is coarser than what the padding may change."""
+        if not getattr(self.args, "influence_skip_trailing_padding", True):  # (read on every call: set in place)
+            return "influence_skip_trailing_padding=False"
         reads = self._reads_padding.get(self._padding_key(call))
         if reads is not None:
             return f"the model reads its padding: {reads}"
@@ -912,9 +914,7 @@ class InfluenceEngine:
         batcher.skip_padding = False
         dtype = next(self.model.parameters()).dtype
         why = "no probe batch has positions after every row's last token"
-        if not getattr(self.args, "influence_skip_trailing_padding", True):
-            why = "influence_skip_trailing_padding=False"
-        elif getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
             why = "an encoder-decoder model (its targets are laid out apart from its inputs)"
         elif dtype in (torch.float16, torch.bfloat16):
             why = f"a {str(dtype).removeprefix('torch.')} model (its rounding hides what the padding may change)"

@@ -60,11 +60,11 @@ def test_a_batch_keeps_the_positions_up_to_its_widest_row():
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
     batch = {"input_ids": torch.arange(10).reshape(2, 5), "attention_mask": mask,
              "token_type_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.tensor([0, 1]),
-             "embeddings": torch.ones(2, 5, 7), "name": "kept"}
+             "tags": torch.tensor([[[3, 3], [4, 4]] + [[-100, -100]] * 3] * 2), "name": "kept"}
     cut = without_trailing_padding(batch)
     assert cut["input_ids"].tolist() == [[0, 1, 2], [5, 6, 7]]
     assert cut["attention_mask"].shape == cut["token_type_ids"].shape == (2, 3)
-    assert cut["embeddings"].shape == (2, 3, 7)  # (laid out like the mask, with a dimension after)
+    assert cut["tags"].shape == (2, 3, 2)  # (laid out like the mask, with a dimension after; -100 where cut)
     assert cut["labels"] is batch["labels"] and cut["name"] == "kept"
     # multiple choice: (rows, choices, positions), the widest choice of any row decides
     choices = {"input_ids": torch.ones(2, 3, 6, dtype=torch.long),
@@ -72,8 +72,8 @@ def test_a_batch_keeps_the_positions_up_to_its_widest_row():
     assert without_trailing_padding(choices)["input_ids"].shape == (2, 3, 4)
 
 
-@pytest.mark.parametrize("case", ["no trailing padding", "a target in a cut position", "ambiguous", "float mask",
-                                  "no mask"])
+@pytest.mark.parametrize("case", ["no trailing padding", "a target in a cut position", "a target in another column",
+                                  "float inputs", "ambiguous", "float mask", "no mask"])
 def test_a_batch_whose_cut_could_change_what_is_read_is_left_as_it_is(case):
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
     batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask}
@@ -81,6 +81,10 @@ def test_a_batch_whose_cut_could_change_what_is_read_is_left_as_it_is(case):
         batch["attention_mask"] = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]])  # (a left-padded row, say)
     elif case == "a target in a cut position":
         batch["labels"] = torch.tensor([[3, 4, -100, 5], [3, -100, -100, -100]])
+    elif case == "a target in another column":  # (token tags a loss of one's own reads, through label_names)
+        batch["tags"] = torch.tensor([[3, 4, 0, 0], [3, -100, -100, -100]])
+    elif case == "float inputs":  # (what a model makes of float inputs at the padding is not known)
+        batch["bbox"] = torch.zeros(2, 4, 4)
     elif case == "ambiguous":
         batch["pair_scores"] = torch.ones(2, 4, 4)  # (positions × positions: which dimension to cut?)
     elif case == "float mask":
@@ -345,3 +349,50 @@ def test_a_features_callable_gets_its_batches_with_their_padding(pad_collator):
     frames = [t.to_pandas().sort_values(["test_id", "train_id"]) for t in tables]
     assert frames[0].train_id.tolist() == frames[1].train_id.tolist()
     np.testing.assert_allclose(frames[0].influence, frames[1].influence, rtol=1e-9, atol=1e-13)
+
+
+def test_targets_at_the_padding_in_a_column_of_ones_own_keep_it(pad_collator):
+    """Token tags in a column of their own (``label_names=["tags"]``, read by a loss of one's own) that hold targets
+    (0, not -100) at the padding of rows the probe does not pick: a first version cut them (only ``labels`` was
+    guarded), 47% off without a word. Such batches keep their padding now; the others drop it."""
+    from transformers import default_data_collator
+
+    model = token_classifier()
+
+    def tagged(n, seed):
+        rows = stored_padded(make_token_dataset(n, seed=seed, max_len=10).remove_columns("labels"), width=14)
+        # rows a probe may pick (the first of each length, the shortest, the longest, the first) hold -100 at the
+        # padding, the others a target
+        lengths = [sum(mask) for mask in rows["attention_mask"]]
+        seen = {lengths.index(k) for k in set(lengths)} | {int(np.argmin(lengths)), int(np.argmax(lengths)), 0}
+        assert len(seen) < n
+        return rows.map(lambda r, i: {"tags": [t % 3 if real else (-100 if i in seen else 0)
+                                               for t, real in zip(r["input_ids"], r["attention_mask"])]},
+                        with_indices=True)
+
+    def tag_loss(outputs, batch):
+        tags = batch["tags"]
+        each = torch.nn.functional.cross_entropy(outputs.logits.transpose(1, 2), tags, reduction="none")
+        return each.sum(1) / (tags != -100).sum(1).clamp(min=1)
+
+    train, test = tagged(14, 0), tagged(3, 1)
+    args = default_arguments(**EXACT, influence_params=[r"classifier"], label_names=["tags"])
+    tables = [compute_influences(model, train, test, replace(args, influence_skip_trailing_padding=skip),
+                                 data_collator=default_data_collator, loss_fn=tag_loss) for skip in (True, False)]
+    np.testing.assert_allclose(influence_values(tables[0]), influence_values(tables[1]), rtol=1e-12, atol=0)
+    assert np.abs(influence_values(tables[1])).max() > 0
+
+
+def test_the_setting_changed_in_place_on_a_held_engine_is_read_on_the_next_call(pad_collator):
+    """``engine.args`` edited in place (as the trainer, the Space and HANS correction do) takes effect on the next
+    call: a first version served the decision it had kept."""
+    model = tiny_model("bert", num_labels=2)
+    train, test = stored_padded(make_token_dataset(12, seed=0)), stored_padded(make_token_dataset(2, seed=1))
+    args = default_arguments(**EXACT, influence_params=[r"classifier"])
+    with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
+        decided = []
+        for skip in (True, False, True):
+            engine.args.influence_skip_trailing_padding = skip
+            decided.append(engine.compute_influences(train, test).metadata["diagnostics"]["trailing_padding"])
+    assert [d["train_dataset"] for d in decided] == ["skipped", "kept: influence_skip_trailing_padding=False",
+                                                     "skipped"]
