@@ -898,7 +898,8 @@ class InfluenceEngine:
         """None where ``batcher``'s batches may drop their trailing padding (`without_trailing_padding`), else why
         not. Decided once per model, data, collator and functions, on probe rows (`_trailing_probes`: up to
         `TRAILING_PROBE_ROWS` rows of different real lengths, each alone, then the narrowest next to the widest,
-        then the first row alone, for a dataset of one row): each batch that has trailing padding must give the same
+        then the first row alone, for a dataset of one row; where the shortest row alone has no trailing padding,
+        as rows padded per batch have not, no other is collated): each batch that has trailing padding must give the same
         values and the same floating outputs (logits, start and end logits, hidden states: at the positions it
         keeps) without it as with it, to `TRAILING_TOLERANCE` ulps of the model's dtype. Where one differs or raises
         (a loss or head that reads padded positions, a model that pools by the sequence's length), the model is
@@ -920,9 +921,11 @@ class InfluenceEngine:
             why = f"a {str(dtype).removeprefix('torch.')} model (its rounding hides what the padding may change)"
         else:
             value, tolerance = call.fm.value_fn(measurement), TRAILING_TOLERANCE * torch.finfo(dtype).eps
-            for rows in _trailing_probes(batcher):
+            for i, rows in enumerate(_trailing_probes(batcher)):
                 whole = batcher.batch(rows, trunk=False)
                 cut = without_trailing_padding(whole)
+                if cut is whole and i == 0:  # (the shortest row alone: rows not stored padded, padded per batch)
+                    break
                 if cut is whole:
                     continue
                 named = [int(r) for r in batcher.base_rows(rows)]
@@ -2078,7 +2081,8 @@ def _trailing_probes(batcher: Batcher) -> list[list[int]]:
     lengths = batcher.stored_lengths() if lengths is None and len(batcher) > 1 else lengths
     singles: list[int] = []
     if lengths is not None and len(lengths):
-        distinct, first = np.unique(lengths, return_index=True)
+        distinct, first = np.unique(lengths, return_index=True)  # (the shortest first: where it has no trailing
+        # padding, `InfluenceEngine._skips_padding` probes no more)
         picks = set(np.linspace(0, len(distinct) - 1, min(TRAILING_PROBE_ROWS, len(distinct))).round().astype(int))
         for parity in (0, 1):  # (a model that pools by pairs of positions changes with the length's parity)
             same = np.flatnonzero(distinct % 2 == parity)
