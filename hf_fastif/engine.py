@@ -899,9 +899,9 @@ class InfluenceEngine:
         not. Decided once per model, data, collator and functions, on probe rows (`_trailing_probes`: up to
         `TRAILING_PROBE_ROWS` rows of different real lengths, each alone, then the narrowest next to the widest,
         then the first row alone, for a dataset of one row; where the shortest row alone has no trailing padding,
-        as rows padded per batch have not, no other is collated): each batch that has trailing padding must give the same
-        values and the same floating outputs (logits, start and end logits, hidden states: at the positions it
-        keeps) without it as with it, to `TRAILING_TOLERANCE` ulps of the model's dtype. Where one differs or raises
+        as rows padded per batch have not, no other is collated): each batch that has trailing padding must give
+        the same values and the same floating outputs (logits, start and end logits, hidden states: at the
+        positions it keeps) without it as with it, to `TRAILING_TOLERANCE` ulps of the model's dtype. Where one differs or raises
         (a loss or head that reads padded positions, a model that pools by the sequence's length), the model is
         taken to read its padding: this dataset and every other keeps it (`_reads_padding`), as before. Half
         precision keeps it too: its rounding is coarser than what the padding may change."""
