@@ -55,8 +55,8 @@ def without_trailing_padding(batch: dict) -> dict:
     dimension (which one holds the positions is not sure); one where a tensor laid out like the mask, other than
     the `PADDING_FREE_INPUTS`, holds anything but -100 in a cut position (labels however named: token tags read by
     a loss of one's own through ``label_names`` lost their targets at the padding, 47% off, in a review; float
-    inputs). Whether the model's loss is the same without those positions is the caller's to check (`hf_fastif.engine.InfluenceEngine` probes it once per model, data and loss
-    function; `Batcher.skip_padding`)."""
+    inputs). Whether the model's loss is the same without those positions is the caller's to check
+    (`hf_fastif.engine.InfluenceEngine` probes it once per model, data and loss function; `Batcher.skip_padding`)."""
     mask = batch.get("attention_mask")
     if not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 3) and not mask.is_floating_point()
             and mask.numel()):
@@ -75,8 +75,9 @@ def without_trailing_padding(batch: dict) -> dict:
             return batch  # (which dimension holds the positions is not sure)
         if not laid_out:
             continue
-        if key not in PADDING_FREE_INPUTS and bool((value.narrow(axis, keep, width - keep) != IGNORED_TARGET).any()):
-            return batch
+        dropped = value.narrow(axis, keep, width - keep)
+        if key not in PADDING_FREE_INPUTS and bool((dropped != IGNORED_TARGET).any()):
+            return batch  # (a target, or an input whose padding the model may read)
         cut[key] = value.narrow(axis, 0, keep).contiguous()
     return {**batch, **cut}
 
