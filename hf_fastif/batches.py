@@ -47,8 +47,8 @@ def without_trailing_padding(batch: dict) -> dict:
     and every choice), or ``batch`` itself where there are none or cutting them could change what is read.
 
     Rows stored padded (``padding="max_length"``, as the GLUE examples and the 2021 code prepare them) are collated
-    at their stored width: 128 positions for MNLI pairs of ~40 tokens, every one of them run through the layers,
-    differentiated twice in each LiSSA step and stored in the trunk states. Every tensor laid out like the mask
+    at their stored width: 128 positions for the benchmark's NLI pairs of ~16 tokens, every one run through the
+    layers, differentiated twice in each LiSSA step and stored in the trunk states. Every tensor laid out like the mask
     (``(rows, positions)``, or ``(rows, choices, positions)``, maybe with more dimensions after: the ids, token
     types, position ids, token labels) keeps the positions up to the widest row's last real token. Left as it is:
     a batch without a 2- or 3-dimensional integer mask; one where another tensor has the mask's width in another
