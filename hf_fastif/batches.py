@@ -22,6 +22,7 @@ from transformers.utils import find_labels, logging
 from .fingerprint import dataset_fingerprint
 from .loss import positions_before_rows
 from .trunk import HIDDEN_KEY, transformers_model
+from .utils import input_embeddings
 
 logger = logging.get_logger(__name__)
 
@@ -230,7 +231,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         widest a padding collator makes (`Batcher.check_collator` collates it).
     """
     arrow = dataset.select_columns(list(columns)).with_format("arrow")
-    vocab = _embedding_size(model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
+    vocab = _embedding_size(input_embeddings(model))
     positions = position_limit(model)
     target_positions = decoder_position_limit(model)
     # BERT's token type embeddings; 0 (DeBERTa-v3): the model has no such table and ignores the ids its tokenizer gives
@@ -454,7 +455,7 @@ def _length_tables(model: nn.Module) -> dict[str, nn.Embedding]:
         stacks = [part() for part in (getattr(model, "get_encoder", None), getattr(model, "get_decoder", None))
                   if callable(part)]
     else:
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        embeddings = input_embeddings(model)
         name = names.get(id(embeddings))
         if name is not None:
             parent = name.rpartition(".")[0]

@@ -35,6 +35,7 @@ from .hvp import batch_hvp
 from .loss import FunctionalModel, stacking
 from .params import flatten_batched, unflatten_cast
 from .trunk import split_tolerance
+from .utils import input_embeddings
 
 
 class NotStackable(ValueError):
@@ -101,10 +102,7 @@ def _hidden_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's hidden states, which its attention scores and so its additive mask take: its input
     embeddings' (a bfloat16 model with a float32 head, as PEFT trains one, is bfloat16 there); float32 where the
     model has none."""
-    try:
-        weight = getattr(model.get_input_embeddings(), "weight", None)
-    except (AttributeError, NotImplementedError):  # (not a transformers model, or one without input embeddings)
-        weight = None
+    weight = getattr(input_embeddings(model), "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
 

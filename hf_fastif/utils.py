@@ -62,6 +62,15 @@ def batched_grad(outputs, inputs: list[torch.Tensor], grad_outputs, create_graph
         return [None if parts[0] is None else torch.stack(parts) for parts in zip(*rows)]
 
 
+def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model.get_input_embeddings()``, or None where the model has none: not a transformers model, or one whose
+    inputs are not token ids (Wav2Vec2, HuBERT: transformers raises ``NotImplementedError`` there)."""
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def library_version() -> str:
     """The installed hf_fastif version."""
     from . import __version__  # here: the package imports this module
