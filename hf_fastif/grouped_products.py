@@ -262,9 +262,9 @@ class GroupedProducts:
                     u.kept = (u.xs != u.module.padding_idx).unsqueeze(-1)
             elif isinstance(u.module, nn.LayerNorm):
                 x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # (autograd's statistics: float32)
-                mean = x.mean(-1, keepdim=True)
-                scale = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + u.module.eps)
-                u.xs = ((x - mean) * scale).reshape(groups, -1, x.shape[-1])
+                centred = x - x.mean(-1, keepdim=True)  # (two passes: `Tensor.var` over the last dimension ran ~7x
+                scale = torch.rsqrt(centred.square().mean(-1, keepdim=True) + u.module.eps)  # slower on the CPU)
+                u.xs = (centred * scale).reshape(groups, -1, x.shape[-1])
                 u.scale = scale.reshape(groups, -1, 1)
             else:
                 u.xs = x.reshape(groups, -1, x.shape[-1])
