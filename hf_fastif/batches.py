@@ -155,24 +155,27 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
             f"ambiguous. Keep the one it trains on: dataset.remove_columns({[c for c in labels if c != keep]!r}) "
             f"keeps {keep!r}.")
     inputs = [c for c in readable if c not in LABEL_COLUMNS]
+    main = getattr(transformers_model(model), "main_input_name", None)
+    lists = [c for c in dataset.column_names if c not in readable and _is_list(dataset.data.schema.field(c).type)]
+    renamed = (f" Is it {lists[0]!r}? dataset.rename_column({lists[0]!r}, {main!r})."
+               if lists and isinstance(main, str) and main not in dataset.column_names else "")
     if not inputs:
-        text = [c for c in dataset.column_names if dataset.features[c].dtype == "string"]
+        # (a column of nested lists has no dtype)
+        text = [c for c in dataset.column_names if getattr(dataset.features[c], "dtype", None) == "string"]
         args = ", ".join(f"b[{c!r}]" for c in text[:2])  # (a pair's both texts: a premise alone dropped the hypothesis)
         hint = (f" It has text columns {text}: tokenize them first, e.g. dataset.map(lambda b: tokenizer({args}), "
                 "batched=True)." if text else "")
+        takes = f" The model's input is {main!r}.{renamed}" if renamed else ""
         raise ValueError(
             f"{name} has no column the model takes as input (columns: {dataset.column_names}); influence needs the "
-            f"token ids stored in the dataset (input_ids, attention_mask, ...): its checks and caches read the stored "
-            f"values, so a collator that tokenizes text at batch time (with remove_unused_columns=False) is not "
-            f"supported.{hint}"
+            f"inputs stored in the dataset (input_ids, attention_mask, ...; input_values, pixel_values, ...): its "
+            f"checks and caches read the stored values, so a collator that tokenizes text at batch time (with "
+            f"remove_unused_columns=False) is not supported.{takes}{hint}"
         )
-    main = getattr(transformers_model(model), "main_input_name", None)
     if (isinstance(main, str) and main not in dataset.column_names and "inputs_embeds" not in inputs
             and set(inputs) <= set(MASK_INPUTS)):  # (a renamed input_ids: the collator blamed the attention mask)
-        lists = [c for c in dataset.column_names if c not in readable and _is_list(dataset.data.schema.field(c).type)]
-        hint = f" Is it {lists[0]!r}? dataset.rename_column({lists[0]!r}, {main!r})." if lists else ""
         raise ValueError(f"{name} has no {main!r} column, the model's input (columns: {dataset.column_names}; of its "
-                         f"inputs only {inputs} are there).{hint}")
+                         f"inputs only {inputs} are there).{renamed}")
     return columns
 
 

@@ -89,6 +89,24 @@ def test_token_ids_in_another_column_are_named(setup, pad_collator):
             compute_influences(model, renamed, test, default_arguments(**FAST), data_collator=collator)
 
 
+def test_audio_inputs_in_another_column_are_named():
+    """An audio classifier's input_values stored as 'input_features' (three-dimensional rows): the error path read a
+    dtype the nested list feature lacks and raised a bare AttributeError; now it names the model's input and the
+    rename."""
+    import transformers
+    from datasets import Dataset
+
+    model = transformers.ASTForAudioClassification(transformers.ASTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2, max_length=16,
+        num_mel_bins=8, patch_size=8, frequency_stride=8, time_stride=8)).eval()
+    rng = np.random.default_rng(0)
+    rows = Dataset.from_dict({"input_features": rng.standard_normal((4, 16, 8)).tolist(), "labels": [0, 1, 0, 1]})
+    with pytest.raises(ValueError, match=r"train_dataset has no column the model takes as input .*The model's input "
+                                         r"is 'input_values'\. Is it 'input_features'\? "
+                                         r"dataset.rename_column\('input_features', 'input_values'\)"):
+        compute_influences(model, rows, rows, default_arguments(**FAST))
+
+
 def test_token_ids_stored_as_floats_are_named_with_the_cast(setup, pad_collator):
     """Float input_ids were blamed on padding ("Rows of different lengths need a padding collator: pass
     DataCollatorWithPadding"), with that collator given."""
