@@ -51,7 +51,9 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     features are of its encoder's states (the rows' inputs), for every method. With a
     `hf_fastif.trunk.TrunkSplit` and a batch carrying trunk states, only the top of the model runs. Rows of ``c``
     sequences (a multiple-choice model's ``(b, c, s)`` inputs) run through the base as the ``b·c`` sequences the model
-    flattens them into, and a row's feature is its sequences' features side by side, ``(b, c·d)``.
+    flattens them into, and a row's feature is its sequences' features side by side, ``(b, c·d)``. A
+    convolutional vision model's ``(b, c, h, w)`` states are read as ``h·w`` positions of ``c`` features (``auto``
+    without a pooler, and ``mean``: the global average pool), and a pooled ``(b, c, 1, 1)`` map as ``(b, c)``.
     """
     inputs = model_inputs(batch, model)
     choices = _choices(inputs)
@@ -77,6 +79,10 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
         else:
             out = base(**inputs)
             last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
+    if pooled is not None and pooled.dim() > 2:  # (a pooled feature map: ResNet's (b, c, 1, 1))
+        pooled = pooled.flatten(1)
+    if last.dim() == 4 and mask is None:  # a convolutional model's (b, c, h, w) map (SegFormer): its positions as a
+        last = last.flatten(2).transpose(1, 2)  # sequence, (b, h·w, c), so that `mean` is the global average pool
     if method == "pooler" or (method == "auto" and pooled is not None):
         if pooled is None:
             raise ValueError(f"{type(target).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")

@@ -503,3 +503,51 @@ def test_audio_classifier_without_token_embeddings_matches_the_explicit_hessian(
     found = np.zeros_like(expected)
     found[df.test_id, df.train_id] = df.influence
     np.testing.assert_allclose(found, expected, rtol=1e-8, atol=1e-11 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["resnet", "segformer"])
+def test_convolutional_vision_features_are_pooled_maps(kind):
+    """A convolutional vision model's kNN features: ResNet's pooled output is (b, c, 1, 1) and SegFormer's states
+    (b, c, h, w); 'auto' refused both as features that are not (rows, d). They are the pooled map and the global
+    average pool, and the kNN candidates' values are the full scan's."""
+    import transformers
+    from datasets import Dataset
+    from transformers import default_data_collator
+
+    from hf_fastif.knn import model_features
+
+    torch.manual_seed(0)
+    if kind == "resnet":
+        model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            num_labels=2, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    else:
+        model = transformers.SegformerForImageClassification(transformers.SegformerConfig(
+            num_labels=2, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+            num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2]))
+    model = model.double().eval()
+    rng = np.random.default_rng(0)
+    pixels = torch.tensor(rng.standard_normal((6, 3, 32, 32)))
+    with torch.no_grad():
+        out = model.base_model(pixel_values=pixels)
+        expected = out.pooler_output.flatten(1) if kind == "resnet" else out.last_hidden_state.mean((2, 3))
+        found = model_features(model, {"pixel_values": pixels})
+    assert found.shape == (6, 16)
+    torch.testing.assert_close(found, expected, rtol=1e-12, atol=1e-12)
+
+    def rows(n):
+        return Dataset.from_dict({"pixel_values": rng.standard_normal((n, 3, 32, 32)).tolist(),
+                                  "labels": rng.integers(0, 2, n).tolist()})
+
+    def collator(features):  # (datasets hands float columns over as float32; the model is float64)
+        return {k: v.double() if v.is_floating_point() else v for k, v in default_data_collator(features).items()}
+
+    train, test = rows(8), rows(2)
+    tables = {}
+    for k in (5, None):
+        args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=k,
+                                                influence_params=[r"^classifier\."])))
+        table = compute_influences(model, train, test, args, data_collator=collator)
+        assert table.metadata["diagnostics"]["candidates"] == ("knn" if k else "all")
+        tables[k] = table.to_pandas().set_index(["test_id", "train_id"]).influence
+    assert len(tables[5]) == 2 * 5
+    np.testing.assert_allclose(tables[5].to_numpy(), tables[None].loc[tables[5].index].to_numpy(), rtol=1e-10)
