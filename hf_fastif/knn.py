@@ -52,8 +52,9 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     `hf_fastif.trunk.TrunkSplit` and a batch carrying trunk states, only the top of the model runs. Rows of ``c``
     sequences (a multiple-choice model's ``(b, c, s)`` inputs) run through the base as the ``b·c`` sequences the model
     flattens them into, and a row's feature is its sequences' features side by side, ``(b, c·d)``. A
-    convolutional vision model's ``(b, c, h, w)`` states are read as ``h·w`` positions of ``c`` features (``auto``
-    without a pooler, and ``mean``: the global average pool), and a pooled ``(b, c, 1, 1)`` map as ``(b, c)``.
+    vision model's ``(b, c, h, w)`` or ``(b, h, w, c)`` states are read as ``h·w`` positions of ``c`` features
+    (``auto`` without a pooler, and ``mean``: the average pool; `_map_positions`), and a pooled ``(b, c, 1, 1)`` map
+    as ``(b, c)``.
     """
     inputs = model_inputs(batch, model)
     choices = _choices(inputs)
@@ -81,9 +82,10 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
             last, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
     if pooled is not None and pooled.dim() > 2:  # (a pooled feature map: ResNet's (b, c, 1, 1))
         pooled = pooled.flatten(1)
-    if last.dim() == 4 and mask is None:  # a convolutional model's (b, c, h, w) map (SegFormer): its positions as a
-        last = last.flatten(2).transpose(1, 2)  # sequence, (b, h·w, c), so that `mean` is the global average pool
-    if method == "pooler" or (method == "auto" and pooled is not None):
+    uses_pooler = method == "pooler" or (method == "auto" and pooled is not None)
+    if last.dim() == 4 and mask is None and not uses_pooler:  # a vision model's feature map: its positions as a
+        last = _map_positions(last, target, pooled)  # sequence, (b, h·w, c), so that `mean` is the average pool
+    if uses_pooler:
         if pooled is None:
             raise ValueError(f"{type(target).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
         feats = pooled
@@ -95,6 +97,22 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
     else:
         feats = _masked_mean(last, mask)
     return feats.reshape(-1, choices * feats.shape[-1]) if choices else feats
+
+
+def _map_positions(states: torch.Tensor, model: nn.Module, pooled: torch.Tensor | None) -> torch.Tensor:
+    """A vision model's ``(b, c, h, w)`` (convolutional: ResNet, SegFormer) or ``(b, h, w, c)`` (NAT-style) states as
+    ``(b, h·w, c)``. The channels are the pooled output's width, else the config's last ``hidden_sizes`` or its
+    ``hidden_size``; where that does not tell the layouts apart, a clear error."""
+    config = getattr(model, "config", None)
+    sizes = getattr(config, "hidden_sizes", None)
+    channels = (pooled.shape[-1] if pooled is not None else sizes[-1] if isinstance(sizes, (list, tuple)) and sizes
+                else getattr(config, "hidden_size", None))
+    first, last = states.shape[1] == channels, states.shape[-1] == channels
+    if first != last:
+        return states.flatten(2).transpose(1, 2) if first else states.flatten(1, 2)
+    raise ValueError(f"{type(model).__name__}'s states are {tuple(states.shape)}, and which dimension holds the "
+                     f"{channels} channels is not clear: pass `features=callable(model, batch) -> (b, d) tensor`, "
+                     "or influence_knn_features='pooler' where the model has a pooler.")
 
 
 def _encoder(model: nn.Module) -> nn.Module | None:

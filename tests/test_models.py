@@ -551,3 +551,20 @@ def test_convolutional_vision_features_are_pooled_maps(kind):
         tables[k] = table.to_pandas().set_index(["test_id", "train_id"]).influence
     assert len(tables[5]) == 2 * 5
     np.testing.assert_allclose(tables[5].to_numpy(), tables[None].loc[tables[5].index].to_numpy(), rtol=1e-10)
+
+
+def test_feature_maps_are_read_by_their_channels():
+    """Four-dimensional states become (b, h·w, c) by where the channels sit: channels first (convolutional models),
+    channels last (NAT-style: flattening those channel-first mixed every channel into one feature), and a clear error
+    where the config cannot tell them apart."""
+    from hf_fastif.knn import _map_positions
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=8))
+    states = torch.randn(2, 3, 5, 8)
+    torch.testing.assert_close(_map_positions(states, model, None), states.reshape(2, 15, 8))
+    first = states.permute(0, 3, 1, 2)  # (2, 8, 3, 5)
+    torch.testing.assert_close(_map_positions(first, model, None), states.reshape(2, 15, 8))
+    pooled = torch.randn(2, 8)
+    torch.testing.assert_close(_map_positions(first, SimpleNamespace(config=None), pooled), states.reshape(2, 15, 8))
+    with pytest.raises(ValueError, match=r"which dimension holds the 8 channels is not clear: pass `features="):
+        _map_positions(torch.randn(2, 8, 4, 8), model, None)
