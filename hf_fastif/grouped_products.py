@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .hvp import _counting_saved, _leaves
-from .linear_products import _as, _edges, _global_hooks, _plain_layer, _read_once, add_weight_block
+from .linear_products import _as, _edges, _global_hooks, _plain_layer, _reads, add_weight_block
 from .loss import FunctionalModel
 from .params import flat_ranges, unflatten, unflatten_cast
 from .solvers.lissa import Carry
@@ -114,13 +114,6 @@ def _layout(t: torch.Tensor, rows: int) -> str:
         return "other"
     inner = t.shape[1:-1] if t.is_floating_point() else t.shape[1:]
     return "ambiguous" if rows in inner else "rows"
-
-
-def _only_added(losses: torch.Tensor, nodes: list) -> bool:
-    """Whether every node of the forward's graph that reads one of ``nodes`` (an expanded embedding's output) is an
-    addition (an absolute position embedding added to the token embeddings of every row)."""
-    wanted = set(nodes)
-    return all(node.name() in ("AddBackward0", "AddBackward1") for node, child in _edges(losses) if child in wanted)
 
 
 def _unfit(module: nn.Module) -> str | None:
@@ -234,9 +227,11 @@ class GroupedProducts:
                     raise NotStackable("an embedding read with float indices")
             elif not u.x.dtype == u.y.dtype == u.module.weight.dtype:
                 raise NotStackable("a module's input, output and weight differ in dtype")
-        if not _read_once(losses, [leaves[n] for u in uses for n in u.names.values()]):
+        read_once, only_added = _reads(losses, [leaves[n] for u in uses for n in u.names.values()],
+                                       [u.y.grad_fn for u in uses if u.module in expanded])  # (one walk for both)
+        if not read_once:
             raise NotStackable("a parameter is read outside its module")
-        if expanded and not _only_added(losses, [u.y.grad_fn for u in uses if u.module in expanded]):
+        if not only_added:
             raise NotStackable("an embedding read with one row of ids for all rows is used otherwise than added to "
                                "rows (its gradient per row would not be its own)")
         loss = losses.view(groups, rows // groups).mean(1).sum()

@@ -108,12 +108,21 @@ def _read_once(losses: torch.Tensor, leaves: list[torch.Tensor]) -> bool:
     """Whether the forward's autograd graph (from ``losses``) reads each of ``leaves`` through exactly one edge (its
     layer's product): a read anywhere else (a head's ``F.linear(h, self.dense.weight)``, on some batches only) is a
     second edge. 0.02-0.04 ms on MiniLM's last one or two layers + pooler + classifier."""
+    return _reads(losses, leaves)[0]
+
+
+def _reads(losses: torch.Tensor, leaves: list[torch.Tensor], nodes=()) -> tuple[bool, bool]:
+    """One walk of the forward's graph: `_read_once`'s answer, and whether every node that reads one of ``nodes`` is
+    an addition (an absolute position embedding added to the token embeddings of every row)."""
     counts = {id(leaf): 0 for leaf in leaves}
-    for _, child in _edges(losses):
+    wanted, added = set(nodes), True
+    for node, child in _edges(losses):
         variable = getattr(child, "variable", None)  # an AccumulateGrad: a leaf's end of the graph
         if variable is not None and id(variable) in counts:
             counts[id(variable)] += 1
-    return all(count == 1 for count in counts.values())
+        if child in wanted and node.name() not in ("AddBackward0", "AddBackward1"):
+            added = False
+    return all(count == 1 for count in counts.values()), added
 
 
 @dataclass
