@@ -156,15 +156,13 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
             f"keeps {keep!r}.")
     inputs = [c for c in readable if c not in LABEL_COLUMNS]
     main = getattr(transformers_model(model), "main_input_name", None)
-    lists = [c for c in dataset.column_names if c not in readable and _is_list(dataset.data.schema.field(c).type)]
-    renamed = (f" Is it {lists[0]!r}? dataset.rename_column({lists[0]!r}, {main!r})."
-               if lists and isinstance(main, str) and main not in dataset.column_names else "")
     if not inputs:
         # (a column of nested lists has no dtype)
         text = [c for c in dataset.column_names if getattr(dataset.features[c], "dtype", None) == "string"]
         args = ", ".join(f"b[{c!r}]" for c in text[:2])  # (a pair's both texts: a premise alone dropped the hypothesis)
         hint = (f" It has text columns {text}: tokenize them first, e.g. dataset.map(lambda b: tokenizer({args}), "
                 "batched=True)." if text else "")
+        renamed = _rename_hint(dataset, readable, main)
         takes = f" The model's input is {main!r}.{renamed}" if renamed else ""
         raise ValueError(
             f"{name} has no column the model takes as input (columns: {dataset.column_names}); influence needs the "
@@ -175,8 +173,17 @@ def validate_dataset(dataset, name: str, model: nn.Module, keep_all: bool = Fals
     if (isinstance(main, str) and main not in dataset.column_names and "inputs_embeds" not in inputs
             and set(inputs) <= set(MASK_INPUTS)):  # (a renamed input_ids: the collator blamed the attention mask)
         raise ValueError(f"{name} has no {main!r} column, the model's input (columns: {dataset.column_names}; of its "
-                         f"inputs only {inputs} are there).{renamed}")
+                         f"inputs only {inputs} are there).{_rename_hint(dataset, readable, main)}")
     return columns
+
+
+def _rename_hint(dataset, readable: Sequence[str], main) -> str:
+    """For an error on a dataset without the model's main input: the first list column nothing reads, named as
+    what may be that input, with the rename (empty where there is none)."""
+    if not isinstance(main, str) or main in dataset.column_names:
+        return ""
+    lists = [c for c in dataset.column_names if c not in readable and _is_list(dataset.data.schema.field(c).type)]
+    return f" Is it {lists[0]!r}? dataset.rename_column({lists[0]!r}, {main!r})." if lists else ""
 
 
 def _same_columns(dataset: Dataset, names: Sequence[str]) -> bool:
