@@ -856,9 +856,10 @@ class InfluenceEngine:
         datasets += [] if call.cand is call.train else [(call.cand, "candidate_dataset", False)]
         keys = [(call.model_key, batcher.fingerprint, measurement, self._functions["collator"],
                  self._functions["loss"], self._functions["measurement"]) for batcher, _, measurement in datasets]
+        padding_key = self._padding_key(call)
         while True:
             why_not = [self._skips_padding(call, b, m, key) for (b, _, m), key in zip(datasets, keys)]
-            if self._padding_key(call) in self._reads_padding:  # (found on one dataset: every dataset keeps it)
+            if padding_key in self._reads_padding:  # (found on one dataset: every dataset keeps it)
                 why_not = [self._skips_padding(call, b, m, key) for (b, _, m), key in zip(datasets, keys)]
             for (batcher, name, _), why in zip(datasets, why_not):
                 batcher.skip_padding = why is None
@@ -870,9 +871,9 @@ class InfluenceEngine:
             except ValueError as err:
                 if not any(b.skip_padding for b, _, _ in datasets):
                     raise
-                self._reads_padding[self._padding_key(call)] = (
-                    f"rows without their trailing padding change next to wider rows ({_first_line(err)})")
-                logger.info(f"Batches keep their trailing padding: {self._reads_padding[self._padding_key(call)]}.")
+                reads = f"rows without their trailing padding change next to wider rows ({_first_line(err)})"
+                self._reads_padding[padding_key] = reads
+                logger.info(f"Batches keep their trailing padding: {reads}.")
 
     def _probe_dataset_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, key: tuple) -> None:
         if key in self._padding_checked:
@@ -907,7 +908,8 @@ class InfluenceEngine:
         precision keeps it too: its rounding is coarser than what the padding may change."""
         if not getattr(self.args, "influence_skip_trailing_padding", True):  # (read on every call: set in place)
             return "influence_skip_trailing_padding=False"
-        reads = self._reads_padding.get(self._padding_key(call))
+        padding_key = self._padding_key(call)
+        reads = self._reads_padding.get(padding_key)
         if reads is not None:
             return f"the model reads its padding: {reads}"
         if key in self._trailing_padding:
@@ -936,19 +938,18 @@ class InfluenceEngine:
                         cut_outputs = call.fm.outputs(call.params, cut)
                         cut_values = value(cut_outputs, cut).double()
                     except Exception as err:  # noqa: BLE001
-                        self._reads_padding[self._padding_key(call)] = (
-                            f"rows {named} without their trailing padding raise {type(err).__name__} "
-                            f"({_first_line(err)})")
+                        reads = (f"rows {named} without their trailing padding raise {type(err).__name__} "
+                                 f"({_first_line(err)})")
                         break
                 error = (max(relative_difference(cut_values, values), _outputs_difference(outputs, cut_outputs, cut))
                          if cut_values.shape == values.shape else float("inf"))
                 if not error <= tolerance:
-                    self._reads_padding[self._padding_key(call)] = (
-                        f"the values or outputs of rows {named} change by {error:.2g} without their trailing padding")
+                    reads = (f"the values or outputs of rows {named} change by {error:.2g} without their trailing "
+                             "padding")
                     break
                 why = None
-            reads = self._reads_padding.get(self._padding_key(call))
-            if reads is not None:
+            if reads is not None:  # (every dataset keeps it: `_check_padding` asks again for those before this one)
+                self._reads_padding[padding_key] = reads
                 logger.info(f"Batches keep their trailing padding: {reads}.")
                 return f"the model reads its padding: {reads}"
         self._trailing_padding[key] = why
@@ -2077,8 +2078,10 @@ def _trailing_probes(batcher: Batcher) -> list[list[int]]:
     lengths (of a stored attention mask, else of the stored ids), each alone: the shortest, the longest, rows between
     them, and a row of each parity; then the padding check's pairs (the narrowest next to the widest); then the first
     row alone (a dataset of one row has no pair)."""
-    lengths = batcher.stored_lengths("attention_mask", "tokens") if len(batcher) > 1 else None
-    lengths = batcher.stored_lengths() if lengths is None and len(batcher) > 1 else lengths
+    lengths = None
+    if len(batcher) > 1:
+        lengths = batcher.stored_lengths("attention_mask", "tokens")
+        lengths = batcher.stored_lengths() if lengths is None else lengths
     singles: list[int] = []
     if lengths is not None and len(lengths):
         distinct, first = np.unique(lengths, return_index=True)  # (the shortest first: where it has no trailing
