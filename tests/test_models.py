@@ -451,6 +451,14 @@ def test_only_the_token_stacks_position_tables_bound_the_rows():
     assert padding_collator_for(_tiny_bart()) == PADDING_COLLATORS["seq2seq"]
 
 
+def _float64_collator(features):
+    """default_data_collator with float tensors in float64: datasets hands float columns over as float32, and these
+    tests' models are float64."""
+    from transformers import default_data_collator
+
+    return {k: v.double() if v.is_floating_point() else v for k, v in default_data_collator(features).items()}
+
+
 def _tiny_wav2vec2():
     from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
     torch.manual_seed(0)
@@ -466,7 +474,6 @@ def test_audio_classifier_without_token_embeddings_matches_the_explicit_hessian(
     NotImplementedError there) crashed in the engine's value check. Influence on the projector and classifier
     must equal -∇ℓ_i·(H + λI)⁻¹∇ℓ_test with H the explicit Hessian of the mean training loss."""
     from datasets import Dataset
-    from transformers import default_data_collator
 
     model = _tiny_wav2vec2()
     rng = np.random.default_rng(0)
@@ -496,10 +503,7 @@ def test_audio_classifier_without_token_embeddings_matches_the_explicit_hessian(
     args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=None, influence_damping=0.05,
                                             influence_scale=10.0, influence_weight_decay=0.0,
                                             influence_params=[r"^projector\.", r"^classifier\."])))
-    def collator(features):  # (datasets hands float columns over as float32; the model is float64)
-        return {k: v.double() if v.is_floating_point() else v for k, v in default_data_collator(features).items()}
-
-    df = compute_influences(model, train, test, args, data_collator=collator).to_pandas()
+    df = compute_influences(model, train, test, args, data_collator=_float64_collator).to_pandas()
     found = np.zeros_like(expected)
     found[df.test_id, df.train_id] = df.influence
     np.testing.assert_allclose(found, expected, rtol=1e-8, atol=1e-11 * np.abs(expected).max())
@@ -512,7 +516,6 @@ def test_convolutional_vision_features_are_pooled_maps(kind):
     average pool, and the kNN candidates' values are the full scan's."""
     import transformers
     from datasets import Dataset
-    from transformers import default_data_collator
 
     from hf_fastif.knn import model_features
 
@@ -538,15 +541,12 @@ def test_convolutional_vision_features_are_pooled_maps(kind):
         return Dataset.from_dict({"pixel_values": rng.standard_normal((n, 3, 32, 32)).tolist(),
                                   "labels": rng.integers(0, 2, n).tolist()})
 
-    def collator(features):  # (datasets hands float columns over as float32; the model is float64)
-        return {k: v.double() if v.is_floating_point() else v for k, v in default_data_collator(features).items()}
-
     train, test = rows(8), rows(2)
     tables = {}
     for k in (5, None):
         args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=k,
                                                 influence_params=[r"^classifier\."])))
-        table = compute_influences(model, train, test, args, data_collator=collator)
+        table = compute_influences(model, train, test, args, data_collator=_float64_collator)
         assert table.metadata["diagnostics"]["candidates"] == ("knn" if k else "all")
         tables[k] = table.to_pandas().set_index(["test_id", "train_id"]).influence
     assert len(tables[5]) == 2 * 5
