@@ -1607,7 +1607,9 @@ class InfluenceEngine:
         """``V ↦ H V`` with H the Hessian of the mean loss over every row of ``batcher`` (batches split over
         processes, summed with one all-reduce), in the working dtype; ``l2_term=False``: its data term alone."""
         bsz = self.args.influence_hvp_batch_size
-        share = list(D.shard(range(len(batcher))))
+        # chunks of rows alike in length (less padding), the longest first: the first chunk's graph is the one measured
+        # for the budget (`KeptHessians`), and the budget keeps the graphs that cost the most to build again
+        share = batcher.length_order(D.shard(range(len(batcher))))[::-1]
         chunks = [share[start : start + bsz] for start in range(0, len(share), bsz)]
         # beyond the budgets, built / collated again each product: bounded at any N
         kept = KeptHessians(call, FULL_HVP_GRAPH_BYTES, KeptBatches(FULL_HVP_KEPT_BYTES), "sum")

@@ -447,14 +447,13 @@ def build_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], b
     def sketched() -> np.ndarray:
         # this process's rows, filled in place: a list of the batches' sketches and their concatenation (then
         # faiss's copy) were alive at once, a peak of 2.5-3x the N x D x 4 bytes the index holds
+        # batches of rows alike in length (less padding), each row's sketch written at its place in the share
         out = np.empty((len(mine), dim), dtype=np.float32)
-        filled = 0
-        for rows, batch in tqdm(batcher.batches(mine, batch_size), desc="gradient index", disable=not progress,
-                                total=-(-len(mine) // batch_size), leave=False):
-            # (copy_ converts the dtype and moves from the device in one step, without a float32 / CPU copy first)
-            torch.from_numpy(out[filled : filled + len(rows)]).copy_(
-                sketched_gradients(fm, params, batch, sketch, recorder))
-            filled += len(rows)
+        first = mine[0] if mine else 0
+        for rows, batch in tqdm(batcher.batches(batcher.length_order(mine), batch_size), desc="gradient index",
+                                disable=not progress, total=-(-len(mine) // batch_size), leave=False):
+            out[np.asarray(rows) - first] = sketched_gradients(fm, params, batch, sketch, recorder).to(
+                "cpu", torch.float32).numpy()
         return out
 
     return GradientIndex(sketch, D.gather_rows(D.together(sketched, "The gradient index")), factory=factory)

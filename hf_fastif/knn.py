@@ -149,16 +149,18 @@ def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn
     """Features of every row of ``batcher``, ``(N, d)`` float32. A callable ``method`` gets plain batches (no
     trunk states) and the full model. Features of another shape than ``(rows, d)`` with one ``d`` for every batch,
     or not finite, raise a `ValueError` naming the rows (faiss drops a row whose distance is not finite: a test row
-    lost all its candidates and left the table without a word)."""
-    out = []
-    for rows, batch in tqdm(batcher.batches(range(len(batcher)), batch_size), desc=desc, disable=not progress,
+    lost all its candidates and left the table without a word). Rows run in batches of like length
+    (`Batcher.length_order`), each row's features written at its own place."""
+    out = None
+    for rows, batch in tqdm(batcher.batches(batcher.length_order(), batch_size), desc=desc, disable=not progress,
                             total=-(-len(batcher) // batch_size), leave=False):
         feats = method(model, batch) if callable(method) else model_features(model, batch, method, split)
         feats = feats.detach().float().cpu().numpy()
         what = "the features= callable" if callable(method) else f"influence_knn_features={method!r}"
-        if feats.ndim != 2 or len(feats) != len(rows) or (out and feats.shape[1] != out[0].shape[1]):
+        if feats.ndim != 2 or len(feats) != len(rows) or (out is not None and feats.shape[1] != out.shape[1]):
             raise ValueError(f"{what} gave features of shape {tuple(feats.shape)} for a batch of {len(rows)} rows"
-                             + (f" (the first batch's had {out[0].shape[1]} columns)" if out and feats.ndim == 2 else "")
+                             + (f" (the first batch's had {out.shape[1]} columns)" if out is not None and feats.ndim == 2
+                                else "")
                              + "; kNN needs one (rows, d) tensor per batch, d the same for every row (not one that "
                              "grows with the padding).")
         bad = ~np.isfinite(feats).all(1)
@@ -167,10 +169,12 @@ def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn
             raise ValueError(f"{what} gave features that are not finite (inf or NaN) for the rows at positions "
                              f"{named} ({desc}); faiss cannot place them. Check those rows (and the model's weights) "
                              "for inf/NaN, or pass influence_knn_k=None to score every row.")
-        out.append(feats)
-    if not out:  # no rows (a process whose share of the candidates is empty): (0, 0), which gather_rows skips
+        if out is None:
+            out = np.empty((len(batcher), feats.shape[1]), dtype=np.float32)
+        out[rows] = feats
+    if out is None:  # no rows (a process whose share of the candidates is empty): (0, 0), which gather_rows skips
         return np.zeros((0, 0), dtype=np.float32)
-    return np.ascontiguousarray(np.concatenate(out, 0), dtype=np.float32)
+    return out
 
 
 def build_index(features: np.ndarray, factory: str = "Flat") -> Dataset:

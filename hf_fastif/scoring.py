@@ -60,7 +60,8 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
     ordered by the first test that picked them and, within it, by the whole set of tests that did, so
     candidates of one set are batched together and a batch needs the vectors of that set only (batches at a
     boundary, two): disjoint kNN sets cost one tangent per candidate, candidates shared by some tests are scored
-    for those tests together, and a full scan runs every candidate for all tests in one pass.
+    for those tests together, and a full scan runs every candidate for all tests in one pass. Within a set,
+    candidates go by length (`Batcher.length_order`'s lengths), so a batch pads little.
     Returns ``(len(test_ids),)`` float64, aligned with the pairs.
     """
     if method == "grad":
@@ -74,7 +75,10 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
     # collision only puts two sets in one batch, which then runs the vectors of both
     keys = np.random.default_rng(0).integers(0, 2**63, size=int(test_ids.max(initial=0)) + 1, dtype=np.uint64)
     test_set = np.add.reduceat(keys[test_ids[by_candidate]], starts) if len(starts) else np.zeros(0, np.uint64)
-    order = np.lexsort((rows, test_set, first_test))  # candidates of the same tests land in the same batches
+    # candidates of the same tests land in the same batches, and among them rows alike in length (less padding)
+    lengths = batcher.padded_lengths() if isinstance(batcher, Batcher) else None
+    by = (rows, test_set, first_test) if lengths is None else (rows, lengths[rows], test_set, first_test)
+    order = np.lexsort(by)
     out = np.empty(len(test_ids), dtype=np.float64)
     total = -(-len(rows) // batch_size)
     for start in tqdm(range(0, len(rows), batch_size), total=total, desc="scoring", disable=not progress,

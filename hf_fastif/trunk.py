@@ -383,7 +383,7 @@ class TrunkCache:
         self.full_outputs = None  # the whole model's outputs on the one row (full_forward), until verify_split
         self._cleanup: weakref.finalize | None = None  # deletes the mapped file where it could not be at once
         n = len(batcher)
-        order = _length_order(batcher)
+        order = batcher.length_order()  # (less padding per batch)
         starts = range(0, n, batch_size)
         self.lengths = np.zeros(n, dtype=np.int64)
         stored = batcher.stored_lengths("input_ids")
@@ -617,20 +617,6 @@ def _check_first_positions(shape: Sequence[int], mask: torch.Tensor) -> None:
     if len(shape) != 3 or shape[0] != sequences or shape[1] != 1:
         raise FirstPositionError(f"the stack's last layer, cut to its first position, gave states of {tuple(shape)[:-1]} "
                                f"for {sequences} sequences: they cannot be cached one per sequence")
-
-
-def _length_order(batcher) -> np.ndarray:
-    """Rows sorted by length (less padding per batch), ties by index; plain order when lengths are unknown. Where
-    the batcher collates without trailing padding (`hf_fastif.batches.without_trailing_padding`), by real tokens of a
-    stored attention mask: rows stored padded all have the stored width. Their batches then hold the same rows as
-    those of the rows stored unpadded (MiniLM's rows stored at 128 positions: the same influence, bitwise)."""
-    lengths = batcher.stored_lengths()
-    if getattr(batcher, "skip_padding", False):
-        tokens = batcher.stored_lengths("attention_mask", "tokens")
-        lengths = lengths if tokens is None else tokens
-    if lengths is None:
-        return np.arange(len(batcher))
-    return np.lexsort((np.arange(len(lengths)), lengths))
 
 
 @contextlib.contextmanager
