@@ -633,6 +633,15 @@ def _same_value(a, b) -> bool:
         return True
 
 
+def in_row_order(parts: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """The outputs of batches taken in ``order`` (positions, as `Batcher.length_order` gives them), concatenated
+    with each row put back at its own position."""
+    stacked = np.concatenate(parts, 0)
+    out = np.empty_like(stacked)
+    out[order] = stacked
+    return out
+
+
 class Batcher:
     """Collates rows of a dataset by position and moves them to ``device``.
 

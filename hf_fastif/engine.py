@@ -52,6 +52,7 @@ from .batches import (
     check_values,
     column_rule,
     decoder_inputs_from_labels,
+    in_row_order,
     padding_collator_for,
     validate_dataset,
     without_trailing_padding,
@@ -1505,7 +1506,8 @@ class InfluenceEngine:
     # ---- predictions through the same trunk -------------------------------------------------------------------
     def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
         """Logits of every row of ``dataset`` (``(N, ...)`` float32; token logits padded with NaN to the longest
-        batch's length), in eval mode. Where the model splits, only the
+        batch's length), in eval mode, the rows run in batches of like length (`Batcher.length_order`). Where the
+        model splits, only the
         top runs from the cached trunk states (which stay valid while only the top changes, e.g. over the SGD steps
         of HANS correction); otherwise the full model."""
         model = self.model
@@ -1526,7 +1528,8 @@ class InfluenceEngine:
                 batcher = self._with_trunk(split, batcher, split.fingerprint(tensor_digests(model)), module_state,
                                            progress=False, any_layout=True)
                 split = self._split[1]
-            for _, batch in batcher.batches(range(len(batcher)), batch_size):
+            order = batcher.length_order()  # (batches of like length; each row's logits put back at its place)
+            for _, batch in batcher.batches(order, batch_size):
                 with forward_context(split, batch):
                     out.append(logits_of(model(**model_inputs(batch, model))).float().cpu().numpy())
         widest = np.max([o.shape[1:] for o in out], 0) if out and out[0].ndim > 1 else None
@@ -1534,7 +1537,7 @@ class InfluenceEngine:
             out = [np.pad(o, [(0, 0)] + [(0, int(w) - d) for w, d in zip(widest, o.shape[1:])],
                           constant_values=np.nan) for o in out]
         self._ended()
-        return np.concatenate(out, 0)
+        return in_row_order(out, order)
 
     def _trunk_cache(self, split: TrunkSplit, batcher: Batcher, key: str, progress: bool,
                      full_forward: bool = False, cut: Readout | None = None) -> TrunkCache:

@@ -132,3 +132,35 @@ def test_mean_hessian_chunks_run_longest_first_and_change_only_rounding(rows, pa
     pd_sorted = [frame.sort_values(["test_id", "train_id"]).reset_index(drop=True) for frame in (ordered, as_stored)]
     np.testing.assert_array_equal(pd_sorted[0].train_id, pd_sorted[1].train_id)
     np.testing.assert_allclose(pd_sorted[0].influence, pd_sorted[1].influence, rtol=1e-9, atol=1e-12)
+
+
+def test_logits_run_by_length_and_land_on_their_rows(rows, pad_collator, monkeypatch):
+    from hf_fastif import InfluenceEngine
+
+    data, lengths = rows
+    model = tiny_model("bert")
+    args = default_arguments(influence_params=PARAMS, disable_tqdm=True)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    seen = _recording(monkeypatch, lengths)
+    logits = engine.logits(data, batch_size=5)
+    with torch.no_grad():
+        alone = np.concatenate([model(**pad_collator([data[i]])).logits.float().numpy() for i in range(len(data))])
+    np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-6)
+    last = seen[-5:]  # the logits' own batches, after the trunk states' and the probes'
+    assert [len(b) for b in last] == [5, 5, 5, 5, 4]
+    flat = [n for b in last for n in b]
+    assert flat == sorted(flat) == sorted(lengths.tolist())
+
+
+def test_predictions_without_an_engine_land_on_their_rows(rows, pad_collator, monkeypatch):
+    from hf_fastif.applications.common import predict
+
+    data, lengths = rows
+    model = tiny_model("bert")
+    seen = _recording(monkeypatch, lengths)
+    logits = predict(model, data, pad_collator, batch_size=5)
+    with torch.no_grad():
+        alone = np.concatenate([model(**pad_collator([data[i]])).logits.float().numpy() for i in range(len(data))])
+    np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-6)
+    flat = [n for b in seen for n in b]
+    assert [len(b) for b in seen] == [5, 5, 5, 5, 4] and flat == sorted(flat)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..arguments import InfluenceArguments
-from ..batches import Batcher, model_input_columns, padding_collator_for
+from ..batches import Batcher, in_row_order, model_input_columns, padding_collator_for
 from ..data import HANS_HEURISTICS
 from ..data.rows import row_key_kind, row_keys
 from ..engine import InfluenceEngine
@@ -88,12 +88,13 @@ def predict(model: nn.Module, dataset: Dataset, data_collator: Callable | None =
             raise ValueError("predict(engine=...) needs an engine bound to the same model object.")
         return engine.logits(dataset, batch_size=batch_size)
     rows = batcher(model, dataset, data_collator)
+    order = rows.length_order()  # (batches of like length; each row's logits put back at its place)
     out = []
     with evaluating(model):
-        for _, batch in rows.batches(range(len(rows)), batch_size):
+        for _, batch in rows.batches(order, batch_size):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             out.append(model(**inputs).logits.float().cpu().numpy())
-    return np.concatenate(out, 0)
+    return in_row_order(out, order)
 
 
 def to_two_labels(predictions: np.ndarray) -> np.ndarray:
