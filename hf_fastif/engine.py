@@ -1578,7 +1578,7 @@ class InfluenceEngine:
             counted = torch.zeros((), dtype=torch.float64, device=device)
 
             def mine():
-                for rows, batch in call.test.batches(D.shard(range(len(call.test))), bsz):
+                for rows, batch in call.test.batches(call.test.length_order(D.shard(range(len(call.test)))), bsz):
                     total.add_(batch_gradient(call.fm, call.params, batch, measurement=True,
                                               reduction="sum").to(total.dtype))
                     counted.add_(len(rows) - (len(rows_without_targets(self.model, batch)) if default else 0))
