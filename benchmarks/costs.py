@@ -34,11 +34,18 @@ from hf_fastif.readout import find_readout
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.solvers.arnoldi import LowRankSolve
 from hf_fastif.solvers.lanczos import extreme_eigenvalues
+from hf_fastif.solvers.lissa import solve_lissa
 from hf_fastif.stacked import StackedHessian
 from hf_fastif.trunk import TrunkCache, find_split, model_inputs, split_tolerance, verify_split
 
 from .paper_setup import FAST, FASTIF, LOW_RANK, ORIGINAL, PARALLEL, STACKED, BenchmarkArguments, Setup
 from .timing import median_seconds, timed
+
+SCORED_ROWS = 256
+"""Rows the units ``score`` and ``feature`` run over: four batches of 64, ordered as the engine orders a scan
+(`hf_fastif.batches.Batcher.length_order`), so that a unit is charged the padding of a scan of many rows, not that of
+one batch of random rows (which pads to its longest: 1.47x the tokens of MiniLM's generated rows, against 1.02x)."""
+
 
 COST_MODEL = (
     "Seconds per test point, from the unit costs u measured in this run (same model, same kernels):\n"
@@ -94,7 +101,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
                        batch_sizes: list[int]) -> dict:
     """Seconds per unit of work on this model and data (medians of single calls), for the cost model:
     ``hvp[B x m]``: one LiSSA step (collate B fresh rows, one HVP with m vectors); ``score[m]``: one candidate
-    scored by batched JVP (batches of 64) against m s_test vectors; ``test_gradient``: one test row;
+    scored by batched JVP against m s_test vectors (`SCORED_ROWS` seeded rows in batches of 64, in the engine's
+    order); ``test_gradient``: one test row;
     ``power_iteration[B]``: the library's convergence check at each B (`check_seconds`: its Lanczos runs on B-row
     batches and on the mean Hessian, their HVPs and their own vector work ``check_vector_work``, timed with a cheap
     diagonal operator): all
@@ -105,8 +113,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     ``hvp_stacked[B x T]``: one LiSSA step of T repetitions stacked (T·B fresh rows collated together; each
     repetition's products assembled from activations where every influence parameter allows it,
     `hf_fastif.grouped_products`, else one vmapped product per repetition, `hf_fastif.stacked`:
-    ``hvp_stacked_route`` says which), at FastIF's B (``influence_batch_size``) and the run's and the paper's T. ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
-    row's kNN feature; ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
+    ``hvp_stacked_route`` says which), at FastIF's B (``influence_batch_size``) and the run's and the paper's T, timed
+    as the recursion runs it (`recursion_step_seconds`). ``low_rank_solve[m]``: the low-rank s_test of m test gradients (rank ``bench.low_rank_rank``). ``feature``: one
+    row's kNN feature (the first `SCORED_ROWS` rows, batches of 64 in the engine's order); ``knn_row``: one (query, indexed row) pair of an exact (Flat) faiss search."""
     model, train = setup.model, setup.train
     device = next(model.parameters()).device
     params = select_parameters(model, args.influence_params)
@@ -147,11 +156,20 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         out["hvp_stacked_route"] = "grouped" if grouped else "vmapped"
         out["hvp_stacked"] = {}
         b = args.influence_batch_size
+
+        def stacked_step(j, reps, h, *, into, alpha, carry):  # as the engine's stacked step (`_StackedSteps.step`)
+            batch = batcher.batch(rng.choice(n, len(reps) * b, replace=len(reps) * b > n))
+            if grouped:  # (into the next iterate, each block carried just before its first add)
+                stacked.build(batch, len(reps)).accumulate(h, into, alpha, last=True, carry=carry)
+            else:
+                products = stacked.products(batch, h)
+                carry.finish()
+                into.add_(products, alpha=alpha)
+
+        v = torch.randn(1, p, device=device, dtype=dtype) * 1e-2
         for t in sorted({args.influence_repetitions or 1, bench.paper_t} - {1}):
-            vectors = torch.randn(t, 1, p, device=device, dtype=dtype) * 1e-2
-            out["hvp_stacked"][f"{b}x{t}"] = median_seconds(
-                lambda t=t, vectors=vectors: stacked.products(batcher.batch(rng.choice(n, t * b, replace=t * b > n)),
-                                                              vectors), calls if t * b <= 16 else max(3, calls // 3))
+            out["hvp_stacked"][f"{b}x{t}"] = recursion_step_seconds(stacked_step, v, t, args,
+                                                                    calls if t * b <= 16 else max(3, calls // 3))
         # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows,
         # its HVPs plus its own vector work (start vector, the three-term recurrence on p-sized vectors), timed with
         # a diagonal operator of distinct entries (one multiply per step, so Lanczos runs every step)
@@ -164,7 +182,9 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
                                                      "sum") + vector_work[1]
         out["power_iteration"] = check_seconds(out["hvp"], batch_sizes, mean_hessian, vector_work[0])
         out["check_vector_work"] = CHECK_BATCHES * vector_work[0] + vector_work[1]
-        block = rng.choice(n, min(64, n), replace=False).tolist()
+        # 256 seeded rows, four batches of 64 in the engine's order (rows alike in length together,
+        # `Batcher.length_order`), as a scan of many candidates runs: one batch of 64 pads to its longest row
+        block = rng.choice(n, min(SCORED_ROWS, n), replace=False).tolist()
         for m in sorted({1, shared}):
             s_test = torch.randn(m, p, device=device, dtype=dtype) * 1e-3
             out["score"][str(m)] = median_seconds(
@@ -184,7 +204,7 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         one = tests.batch([0])
         out["test_gradient"] = median_seconds(
             lambda: batch_gradient(fm, params, one, measurement=True, reduction="none"), calls)
-    sample = Batcher(train.select(range(min(64, n))), validate_dataset(train, "train_dataset", model),
+    sample = Batcher(train.select(range(min(SCORED_ROWS, n))), validate_dataset(train, "train_dataset", model),
                      setup.collator, device)
     features = args.influence_knn_features  # the run's kNN features (the paper table refuses "gradient")
     feats = extract_features(model, sample, features, batch_size=64, progress=False)
@@ -198,6 +218,29 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     out["num_parameters"] = p
     out["feature_dim"] = int(feats.shape[1])
     return out
+
+
+RECURSION_DEPTHS = (2, 10)
+"""The two depths of LiSSA recursion whose difference, over the steps between them, is a stacked step's unit."""
+
+
+def recursion_step_seconds(step, v: torch.Tensor, repetitions: int, args: InfluenceArguments, calls: int) -> float:
+    """Seconds of one LiSSA step of ``repetitions`` repetitions as `hf_fastif.solvers.lissa.solve_lissa` runs the
+    engine's stacked steps (``step``): its products added into the next iterate in place, the carried part written
+    block by block, the iterate's norms checked: the difference of the medians of two recursions
+    (`RECURSION_DEPTHS`) over the steps between them, so the recursion's one-offs (the iterates' first buffer, the
+    final division) are not charged to its steps. Timing ``GroupedHessian.products`` instead charged each step a
+    fresh zeroed ``(T, 1, p)`` output that the engine never makes (MiniLM's paper selection, T = 4: ~20 ms of page
+    faults a step)."""
+    def run(depth: int) -> float:
+        return median_seconds(lambda: solve_lissa(
+            step, v, damping=args.influence_damping, scale=args.influence_scale, depth=depth,
+            repetitions=range(repetitions), progress=False, accumulates=True, carries=True, in_place=True), calls)
+
+    low, high = RECURSION_DEPTHS
+    longer = run(high)
+    difference = longer - run(low)
+    return difference / (high - low) if difference > 0 else longer / high  # (noise beyond the steps: all of it)
 
 
 def check_seconds(hvp: dict, batch_sizes: list[int], mean_hessian: float, vector_work: float) -> dict[str, float]:
