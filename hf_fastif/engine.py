@@ -1507,9 +1507,8 @@ class InfluenceEngine:
     def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
         """Logits of every row of ``dataset`` (``(N, ...)`` float32; token logits padded with NaN to the longest
         batch's length), in eval mode, the rows run in batches of like length (`Batcher.length_order`). Where the
-        model splits, only the
-        top runs from the cached trunk states (which stay valid while only the top changes, e.g. over the SGD steps
-        of HANS correction); otherwise the full model."""
+        model splits, only the top runs from the cached trunk states (which stay valid while only the top changes,
+        e.g. over the SGD steps of HANS correction); otherwise the full model."""
         model = self.model
         self._refresh_collator_key()  # (the trunk states are keyed on it: a collator changed in place was not seen)
         names = list(select_parameters(model, self.args.influence_params))

@@ -76,7 +76,7 @@ def score_pairs(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batcher
     keys = np.random.default_rng(0).integers(0, 2**63, size=int(test_ids.max(initial=0)) + 1, dtype=np.uint64)
     test_set = np.add.reduceat(keys[test_ids[by_candidate]], starts) if len(starts) else np.zeros(0, np.uint64)
     # candidates of the same tests land in the same batches, and among them rows alike in length (less padding)
-    lengths = batcher.padded_lengths() if isinstance(batcher, Batcher) else None
+    lengths = batcher.padded_lengths()
     by = (rows, test_set, first_test) if lengths is None else (rows, lengths[rows], test_set, first_test)
     order = np.lexsort(by)
     out = np.empty(len(test_ids), dtype=np.float64)
