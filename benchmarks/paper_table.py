@@ -56,9 +56,9 @@ from .studies import knn_recall_curve, knn_study, s_test_sweep
 
 FAST_CHOICE = (
     "LiSSA with (1) all test points in one call, so every step's forward and first backward are shared by "
-    "their s_test vectors; (2) B = {fast_b}, T = {fast_t} instead of FastIF's B = {fastif_b}, T = {fastif_t}: a "
-    "step over {fast_b} rows costs about what a step over 1 row does (the per-step cost is overhead, measured in "
-    "the unit costs), so it averages more rows per second; (3) the LiSSA scale set from the library's "
+    "their s_test vectors; (2) B = {fast_b}, T = {fast_t} instead of FastIF's B = {fastif_b}, T = {fastif_t}: each "
+    "step one product over {fast_b} rows{step_cost} (the default B is from a sweep of B against the "
+    "original, docs/benchmarks.md); (3) the LiSSA scale set from the library's "
     "top-eigenvalue estimate ({factor}x, {scale:.3g}) instead of a blanket one, with damping = λ / scale so the "
     "fixed point (H + λI)⁻¹∇L_test is the original's, and J = {fast_j} steps, the fewest with J·damp >= "
     "{conv:.3g}, the original's J·damp (so at least the original's convergence; J·damp = {fast_conv:.3g} here); "
@@ -79,10 +79,14 @@ def convergence_statement(depth: int, damping: float) -> str:
             f"(convergence (1 - damp)^J ≈ e^-{conv:.3g} vs e^-{CONVERGENCE:g}; --influence_damping sets it)")
 
 
-def fast_choice(bench: BenchmarkArguments, args: InfluenceArguments, fast: dict) -> str:
-    """`FAST_CHOICE` with the values of this run's "hf_fastif fast" row and original."""
+def fast_choice(bench: BenchmarkArguments, args: InfluenceArguments, fast: dict, unit: dict | None = None) -> str:
+    """`FAST_CHOICE` with the values of this run's "hf_fastif fast" row and original; with the run's unit costs
+    (``unit``), what a step of the fast row's B rows costs against one of a single row, for one test point."""
+    products = (unit or {}).get("hvp", {})
+    own, single = products.get(f"{fast['b']}x1"), products.get("1x1")
+    step_cost = f", {own / single:.2g}x the cost of a 1-row product here (the unit costs)" if own and single else ""
     return FAST_CHOICE.format(fast_b=fast["b"], fast_t=fast["t"], fastif_b=args.influence_batch_size,
-                              fastif_t=args.influence_repetitions, fast_j=fast["j"], factor=bench.fast_scale_factor,
+                              step_cost=step_cost, fastif_t=args.influence_repetitions, fast_j=fast["j"], factor=bench.fast_scale_factor,
                               scale=fast["scale"], conv=args.influence_recursion_depth * args.influence_damping,
                               fast_conv=fast["j"] * fast["damping"])
 
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scale": {"statement": statement, "num_train": n, "num_test": m, "recursion_depth": depth,
                   "damping": damping, "scale": scale, "lambda": lam, "hessian_top_eigenvalue_estimate": top},
         "knn": {k: v for k, v in knn.items() if k not in ("order", "candidates")},
-        "fast": fast | {"choice": fast_choice(bench, args, fast), "union_candidates": union},
+        "fast": fast | {"choice": fast_choice(bench, args, fast, unit), "union_candidates": union},
         "low_rank": low_rank | {"choice": LOW_RANK_CHOICE.format(rank=low_rank["rank"], rows=low_rank["rows"],
                                                                  steps=low_rank["lanczos_steps"],
                                                                  build_s=low_rank["seconds"], m=m)},
