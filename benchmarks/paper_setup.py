@@ -77,8 +77,9 @@ class BenchmarkArguments:
         metadata={"help": "k of the '+kNN' rows (the original's s_test, k candidates). FastIF's k is --influence_knn_k."},
     )
     fast_batch_size: int = field(
-        default=4, metadata={"help": "B of 'hf_fastif fast' (4: B = 8's agreement with the original on MiniLM at "
-                                     "less cost; 2 lost it on the quick tiny model; docs/benchmarks.md)."}
+        default=4, metadata={"help": "B of 'hf_fastif fast' (4: about B = 8's agreement with the original in a "
+                                     "sweep on MiniLM, at less cost; 2 lost it on the quick tiny model; "
+                                     "docs/benchmarks.md)."}
     )
     fast_repetitions: int = field(default=1, metadata={"help": "T of 'hf_fastif fast'."})
     fast_calls: int = field(default=3, metadata={"help": "Calls of 'hf_fastif fast' (timing: the median)."})

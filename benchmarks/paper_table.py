@@ -57,8 +57,8 @@ from .studies import knn_recall_curve, knn_study, s_test_sweep
 FAST_CHOICE = (
     "LiSSA with (1) all test points in one call, so every step's forward and first backward are shared by "
     "their s_test vectors; (2) B = {fast_b}, T = {fast_t} instead of FastIF's B = {fastif_b}, T = {fastif_t}: each "
-    "step one product over {fast_b} rows{step_cost} (the default B is from a sweep of B against the "
-    "original, docs/benchmarks.md); (3) the LiSSA scale set from the library's "
+    "step is one product over {fast_b} {rows}{step_cost}; B's default is from a sweep of B against the original "
+    "(docs/benchmarks.md); (3) the LiSSA scale set from the library's "
     "top-eigenvalue estimate ({factor}x, {scale:.3g}) instead of a blanket one, with damping = λ / scale so the "
     "fixed point (H + λI)⁻¹∇L_test is the original's, and J = {fast_j} steps, the fewest with J·damp >= "
     "{conv:.3g}, the original's J·damp (so at least the original's convergence; J·damp = {fast_conv:.3g} here); "
@@ -84,9 +84,11 @@ def fast_choice(bench: BenchmarkArguments, args: InfluenceArguments, fast: dict,
     (``unit``), what a step of the fast row's B rows costs against one of a single row, for one test point."""
     products = (unit or {}).get("hvp", {})
     own, single = products.get(f"{fast['b']}x1"), products.get("1x1")
-    step_cost = f", {own / single:.2g}x the cost of a 1-row product here (the unit costs)" if own and single else ""
-    return FAST_CHOICE.format(fast_b=fast["b"], fast_t=fast["t"], fastif_b=args.influence_batch_size,
-                              step_cost=step_cost, fastif_t=args.influence_repetitions, fast_j=fast["j"], factor=bench.fast_scale_factor,
+    step_cost = (f", which costs {own / single:.3g}x a single row's product here (the unit costs)"
+                 if own and single and fast["b"] != 1 else "")
+    return FAST_CHOICE.format(fast_b=fast["b"], rows="row" if fast["b"] == 1 else "rows", step_cost=step_cost,
+                              fast_t=fast["t"], fastif_b=args.influence_batch_size,
+                              fastif_t=args.influence_repetitions, fast_j=fast["j"], factor=bench.fast_scale_factor,
                               scale=fast["scale"], conv=args.influence_recursion_depth * args.influence_damping,
                               fast_conv=fast["j"] * fast["damping"])
 

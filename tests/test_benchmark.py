@@ -250,9 +250,9 @@ def test_statements_name_the_runs_j_and_damping():
     choice = fast_choice(BenchmarkArguments(), args, fast)
     assert "instead of FastIF's B = 2, T = 3" in choice and "J = 1 steps, the fewest with J·damp >= 0.25" in choice
     assert "J·damp = 0.5 here" in choice and "J·damp = 5" not in choice
-    assert "x the cost of a 1-row product" not in choice  # no unit costs: no figure
+    assert "a single row's product" not in choice  # no unit costs: no figure
     priced = fast_choice(BenchmarkArguments(), args, fast, {"hvp": {"1x1": 0.02, "8x1": 0.06, "8x2": 0.1}})
-    assert "one product over 8 rows, 3x the cost of a 1-row product here" in priced
+    assert "one product over 8 rows, which costs 3x a single row's product here" in priced
 
 
 def test_paper_t_equal_to_the_processes_keeps_the_ideal_row():
@@ -391,6 +391,9 @@ def test_fast_row_is_close_to_the_original(quick):
     fast = by_row(results)[FAST]
     assert fast["spearman"] > 0.5
     assert results["fast"]["damping"] * results["fast"]["scale"] == pytest.approx(results["scale"]["lambda"])
+    # the choice states what a step of its B rows costs against a single row's, from this run's unit costs
+    ratio = results["unit_costs"]["hvp"][f"{results['fast']['b']}x1"] / results["unit_costs"]["hvp"]["1x1"]
+    assert f"which costs {ratio:.3g}x a single row's product here" in results["fast"]["choice"]
     assert "union" in fast and fast["union"] <= results["scale"]["num_train"]
 
 
