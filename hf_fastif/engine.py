@@ -1787,9 +1787,11 @@ class InfluenceEngine:
         # stacked to the end in every process (a process holding one repetition has nothing to stack)
         info["lissa_stacked"] = bool(D.gather_rows(np.array([stacked is not None and stacked.usable])).all())
         # the table's diagnostics describe every repetition, not only this process's share
-        norms = D.gather_rows(np.array([lissa_info.get("lissa_final_norm", np.nan)]))
+        ends = D.gather_rows(np.array([[lissa_info.get("lissa_final_norm", np.nan),
+                                        lissa_info.get("lissa_min_alignment", np.nan)]]))
         lissa_info = {"lissa_repetitions": repetitions, "lissa_steps": depth,
-                      "lissa_final_norm": float(np.nanmax(norms))}
+                      "lissa_final_norm": float(np.nanmax(ends[:, 0])),
+                      "lissa_min_alignment": float(np.nanmin(ends[:, 1]))}
         return total, info | lissa_info
 
     def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor,

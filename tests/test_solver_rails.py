@@ -133,6 +133,34 @@ def test_a_short_recursion_that_blew_up_is_refused_at_its_last_step():
     assert torch.isfinite(estimate).all()
 
 
+def test_a_step_that_turns_the_iterate_against_v_is_refused():
+    """A last step whose Hessian exceeds (2 - damp)·scale along v flips the iterate (h_J = v + ρ·h, ρ = -2.1) while
+    its norm stays within the growth bounds: before the alignment check it came back as the answer negated (the
+    quick tiny BERT at 0.75x the check's scale: Pearson -0.998 against CG). A converged run records cos(h_J, v)."""
+    damp, scale, depth = 0.1, 4.0, 30
+    calm, spike = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)), torch.diag(
+        torch.tensor([12.0, 2.0], dtype=torch.float64))
+
+    def step(j, reps, h):
+        return h @ (spike if j == depth else calm)
+
+    v = torch.tensor([1.0, 0.2], dtype=torch.float64)
+    with pytest.raises(LissaDivergenceError, match=r"points away from the test gradient: repetition 1 .*"
+                                                   r"right-hand side 0.*\(2 - damp\)·scale = 7\.6"):
+        solve_lissa(step, v, damping=damp, scale=scale, depth=depth, repetitions=[1], progress=False)
+    flipped, _ = solve_lissa(step, v, damping=damp, scale=scale, depth=depth - 1, repetitions=[1], progress=False)
+    assert float(torch.dot(flipped, v)) > 0  # the same run a step earlier: on v's side, not refused
+
+    estimate, info = solve_lissa(explicit_step(calm), v, damping=damp, scale=scale, depth=200, repetitions=[0, 1],
+                                 progress=False)
+    exact = torch.linalg.solve(calm + damp * scale * torch.eye(2, dtype=torch.float64), v)
+    torch.testing.assert_close(estimate, exact)
+    assert info["lissa_min_alignment"] == pytest.approx(float(torch.dot(exact, v) / exact.norm() / v.norm()))
+    zero, info = solve_lissa(explicit_step(calm), torch.zeros(2, 2, dtype=torch.float64), damping=damp, scale=scale,
+                             depth=5, repetitions=[0], progress=False)  # a zero gradient: nothing to point away from
+    assert not zero.any() and info["lissa_min_alignment"] == 1.0
+
+
 def test_a_product_that_is_not_finite_names_the_training_loss_not_the_scale(bert, pad_collator, monkeypatch):
     """A training row whose loss overflows (float16) or holds NaN: LiSSA blamed the scale ("raise influence_scale",
     which gave the same error 100x larger), exact failed with a bare LinAlgError ("ill-conditioned")."""
@@ -386,6 +414,36 @@ def test_the_check_looks_at_single_row_hessians_for_b_1(bert, pad_collator):
                              influence_knn_k=None, disable_tqdm=True)
     with pytest.raises(LissaDivergenceError, match=r"1-row batch .* below \(2 - damp\)·scale"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
+
+
+def test_the_engine_refuses_an_estimate_against_the_test_gradient(bert, pad_collator):
+    """One LiSSA step over every row (the mean Hessian, no sampling) at a scale 1.25x below what the test gradient's
+    own curvature needs: h_1 = (2 - damp)·v - Hv/scale has v·h_1 < 0, within the growth bounds; the check off, the
+    engine must refuse it rather than return the influence negated. At 2x the scale it is returned, its alignment
+    in the diagnostics."""
+    from hf_fastif.batches import Batcher, validate_dataset
+    from hf_fastif.hvp import batch_gradient, batch_hvp
+    from hf_fastif.loss import FunctionalModel
+    from hf_fastif.params import select_parameters
+
+    model, train, test = bert
+    names = [r"pooler\.", r"classifier\."]
+    params = select_parameters(model, names)
+    fm = FunctionalModel(model, list(params))
+    v = batch_gradient(fm, params, Batcher(test, validate_dataset(test, "t", model), pad_collator, "cpu").batch([0]))
+    every = Batcher(train, validate_dataset(train, "t", model), pad_collator, "cpu").batch(list(range(len(train))))
+    curvature = float(torch.dot(v, batch_hvp(fm, params, every, v)) / torch.dot(v, v))
+    assert curvature > 0
+    damp = 0.01
+    one_step = dict(influence_solver="lissa", influence_params=names, influence_damping=damp,
+                    influence_batch_size=len(train), influence_recursion_depth=1, influence_knn_k=None,
+                    influence_check_convergence=False, disable_tqdm=True)
+    with pytest.raises(LissaDivergenceError, match="points away from the test gradient"):
+        compute_influences(model, train, test.select([0]), default_arguments(
+            **one_step, influence_scale=curvature / (2 - damp) / 1.25), data_collator=pad_collator)
+    table = compute_influences(model, train, test.select([0]), default_arguments(
+        **one_step, influence_scale=2 * curvature / (2 - damp)), data_collator=pad_collator)
+    assert 0 < table.metadata["diagnostics"]["lissa_min_alignment"] <= 1
 
 
 def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_collator):
