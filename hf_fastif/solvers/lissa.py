@@ -338,9 +338,10 @@ def final_alignment(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     partial sum of the recursion with the mean Hessian (along each eigendirection ``Σ_{i≤J} ρ^i > 0`` for
     ``|ρ| < 1``); sampled Hessians keep it up to their noise. A repetition that ends with ``v·h_J ≤ 0`` took a step
     that expanded the iterate (a sampled batch's Hessian above ``(2 - damp)·scale``, which the convergence check's
-    few sampled batches can miss) or drowned in its samples' noise: its estimate points away from the answer (seen: a 4-row LiSSA on a tiny BERT, scale 0.75x
-    the check's top eigenvalue, came back as the exact solve's influence negated, Pearson -0.998). Computed row by
-    row from unit vectors, so a tiny ``v`` does not underflow the dot product."""
+    few sampled batches can miss) or drowned in its samples' noise: its estimate points away from the answer (seen:
+    a 4-row LiSSA on a tiny BERT, scale 0.75x the check's top eigenvalue, came back as the exact solve's influence
+    negated, Pearson -0.998). Computed row by row from unit vectors, so a tiny ``v`` does not underflow the dot
+    product."""
     unit_v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
     out = torch.ones(h.shape[:2], dtype=torch.float64)
     for r in range(h.shape[0]):
@@ -357,14 +358,14 @@ def _wrong_side_message(repetition: int, vector: int, cos: float, count: int, da
     return (
         f"LiSSA's estimate points away from the test gradient: repetition {repetition} ended with "
         f"cos(s_test, ∇L_test) = {cos:.3g} for right-hand side {vector}"
-        + (f" ({count} repetition/right-hand-side pairs in all)" if count > 1 else "")
+        + (f" ({count} pairs of a repetition and a right-hand side in all)" if count > 1 else "")
         + ", while (H + λI)⁻¹∇L_test has a positive dot product with ∇L_test whenever H + λI is positive definite, "
         "and so does every step of the recursion with the mean Hessian. So a step expanded the iterate (a sampled "
         f"batch's Hessian had eigenvalues above (2 - damp)·scale = {limit:.4g}{seen}; single batches can be larger "
         "than the sampled ones) or the sampled Hessians' noise swamped the estimate. Its influence would come back "
-        "with the wrong sign. Raise influence_scale (e.g. "
-        f"{suggest_scale(max(top_eigenvalue or 0.0, limit)):.3g}; lower influence_damping to keep λ = damping × scale), "
-        "raise influence_batch_size, or use influence_solver='cg'."
+        f"with the wrong sign. Raise influence_scale (e.g. {suggest_scale(max(top_eigenvalue or 0.0, limit)):.3g}; "
+        "lower influence_damping to keep λ = damping × scale), raise influence_batch_size, or use "
+        "influence_solver='cg'."
     )
 
 
