@@ -5,7 +5,8 @@ compute one s_test for their mean loss (``combine="mean"``; kNN candidates of th
 and take one plain SGD step on the ``num_points`` most helpful candidates. The model carries over from step
 to step. Baselines take the step on the most harmful candidates, on random candidates, or on the anchors
 themselves. Every (strategy, replica) starts from the same weights; accuracy is measured on held-out HANS
-test rows before, after every step and after.
+test rows before, after every step and after. The steps move the model away from the curvature the influence
+settings were chosen for: a step whose influence LiSSA refuses is run again at a larger scale (`step_influence`).
 
 All runs step one working copy of the model, whose weights are restored before each run, through one
 `InfluenceEngine`: the steps change only the influence parameters, so the frozen trunk's states of the training,
@@ -18,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -32,6 +33,7 @@ from .. import distributed as D
 from ..arguments import InfluenceArguments
 from ..engine import InfluenceEngine
 from ..loss import LossFn
+from ..solvers.lissa import LissaDivergenceError
 from ..table import InfluenceTable
 from ..utils import markdown_table
 from .common import (
@@ -51,6 +53,18 @@ from .common import (
 )
 
 logger = logging.get_logger(__name__)
+
+INFLUENCE_RETRIES = 2
+"""How many times a step's influence is run again after LiSSA refused it, each time with the scale (so λ = damping ×
+scale) `RETRY_FACTOR` times larger. The correction's steps move the model, and after a few of them its curvature can
+leave what the settings were chosen for: on the MiniLM default, four steps into a helpful run the batch Hessians
+reached ~27 against the initial model's ~2.3 and the mean Hessian's smallest eigenvalue -3.7 against λ = 3, and
+LiSSA's estimate came back pointing away from the anchors' gradient (cos -0.80; the influence negated, so the "most
+helpful" rows would have been the most harmful)."""
+
+RETRY_FACTOR = 4.0
+"""The factor on influence_scale per retry: λ rises with it while damping, J and so the cost and the convergence
+J·damp stay as they were (at the state above, λ 3 → 12 clears -3.7 and 2·scale 24 → 96 clears ~27)."""
 
 STRATEGIES: tuple[str, ...] = ("helpful", "harmful", "random", "anchors")
 """``helpful``: the most negative influence; ``harmful``: the most positive; ``random``: uniform candidates;
@@ -202,6 +216,22 @@ class CorrectionResult:
                 + ("; the extremes include rows of the other sign (few or one-signed candidates: raise "
                    "influence_knn_k)." if mixed else "."))
 
+    def retried_steps(self) -> tuple[int, int]:
+        """``(steps whose influence was run again with a larger scale, steps with influence)`` (`step_influence`)."""
+        steps = [step for r in self.runs if r["strategy"] in ("helpful", "harmful") for step in r.get("steps", [])]
+        return sum(1 for step in steps if step.get("influence_retries")), len(steps)
+
+    def retry_line(self) -> str:
+        """The report's line on `retried_steps` ("" where none was)."""
+        retried, total = self.retried_steps()
+        if not retried:
+            return ""
+        lambdas = sorted({step["influence_lambda"] for r in self.runs for step in r.get("steps", [])
+                          if step.get("influence_retries")})
+        return (f"Influence run again with a larger scale at {retried} of {total} steps (LiSSA refused it at the "
+                f"stepped model's curvature; λ {', '.join(f'{x:.3g}' for x in lambdas)} there, damping and J kept; "
+                "each step's record says which).")
+
     def to_markdown(self) -> str:
         """Per heuristic: test accuracy before and after (mean ± std over replicas) for each strategy, then the
         test loss (mean cross-entropy), which moves even where accuracy cannot."""
@@ -232,6 +262,7 @@ class CorrectionResult:
             "",
             markdown_table(["heuristic", "before", *strategies], loss),
             *(["", self.sign_line()] if self.sign_line() else []),
+            *(["", self.retry_line()] if self.retry_line() else []),
         ])
 
     def plot(self) -> Figure:
@@ -370,6 +401,8 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     bar.close()
     if any(n < total for n, total in result.signed_rows().values()):
         logger.warning(result.sign_line())
+    if result.retry_line():
+        logger.warning(result.retry_line())
     return result
 
 
@@ -406,9 +439,10 @@ class _Corrector:
         for step in range(protocol.num_steps):
             anchor_ids = sample_anchors(self.validation_heuristics, heuristic, protocol.num_anchors, anchor_rng)
             anchors = data.hans_validation.select(anchor_ids)
-            table = None
+            table, retried = None, {}
             if strategy in ("helpful", "harmful"):
-                table = engine.compute_influences(data.train, anchors, combine="mean", candidate_dataset=data.candidates)
+                table, retried = step_influence(engine, data.train, anchors, data.candidates,
+                                                f"step {step} of {strategy} / {heuristic}")
             ids, influence = select_points(table, strategy, protocol.num_points, random_rng, len(candidates),
                                            anchor_ids)
             if table is not None and len(ids) < protocol.num_points:  # an approximate index returned fewer than k
@@ -418,7 +452,7 @@ class _Corrector:
             rows = anchors if strategy == "anchors" else candidates.select(ids)
             loss = sgd_step(work, rows, protocol.correction_learning_rate, self.args, data_collator=data.collator,
                             loss_fn=loss_fn, measurement_fn=measurement_fn, measurement=strategy == "anchors")
-            steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss))
+            steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss) | retried)
             if protocol.eval_every_step:
                 curve.append(self.evaluator(work, heuristic, engine=engine))
             self.bar.update(1)
@@ -427,6 +461,38 @@ class _Corrector:
                 "accuracy_after": after[f"accuracy_{heuristic}"], "loss_after": after[f"loss_{heuristic}"],
                 "accuracy_steps": [c[f"accuracy_{heuristic}"] for c in curve],
                 "loss_steps": [c[f"loss_{heuristic}"] for c in curve], "after": after, "steps": steps}
+
+
+def step_influence(engine: InfluenceEngine, train: Dataset, anchors: Dataset, candidates: Dataset | None,
+                   where: str) -> tuple[InfluenceTable, dict]:
+    """The anchors' mean influence on the candidates at this step's weights, run again up to `INFLUENCE_RETRIES`
+    times with the scale (and λ) `RETRY_FACTOR` times larger where LiSSA refuses it (its convergence check, its
+    growth rules or its alignment check). Returns the table and, for a retried step, what the step record keeps:
+    ``influence_retries`` and the ``influence_lambda`` used. The engine's settings are restored either way."""
+    base, attempt = engine.args, 0
+    try:
+        while True:
+            try:
+                table = engine.compute_influences(train, anchors, combine="mean", candidate_dataset=candidates)
+                break
+            except LissaDivergenceError as err:
+                if attempt == INFLUENCE_RETRIES:
+                    raise LissaDivergenceError(
+                        f"{where}: LiSSA refused the influence {attempt + 1} times, the last with influence_scale="
+                        f"{engine.args.influence_scale:g} ({RETRY_FACTOR:g}x per retry, damping kept): {err} The "
+                        "correction's steps moved the model far from the curvature the settings were chosen for: "
+                        "lower correction_learning_rate, or start from a larger influence_scale and "
+                        "influence_damping.") from err
+                attempt += 1
+                scale = engine.args.influence_scale * RETRY_FACTOR
+                logger.info(f"{where}: LiSSA refused the influence ({str(err).split('. ')[0]}); running it again "
+                            f"with influence_scale={scale:g} (λ = {scale * engine.args.influence_damping:.4g}, "
+                            "damping and J kept).")
+                engine.args = replace(engine.args, influence_scale=scale)
+        used = engine.args.influence_scale * engine.args.influence_damping
+    finally:
+        engine.args = base
+    return table, ({} if attempt == 0 else {"influence_retries": attempt, "influence_lambda": used})
 
 
 def _step_record(step: int, anchor_ids: np.ndarray, ids: np.ndarray, influence: np.ndarray | None, rows: Dataset,

@@ -340,3 +340,50 @@ def test_the_report_counts_the_rows_of_each_strategys_sign():
     assert result.signed_rows() == {"helpful": (2, 3), "harmful": (3, 3)}
     assert ("Rows of the strategy's sign, over every step: helpful (influence < 0) 2/3, harmful (influence > 0) 3/3; "
             "the extremes include rows of the other sign") in result.to_markdown()
+
+
+def test_a_step_whose_influence_lissa_refuses_runs_again_at_a_larger_scale(trained, data, args, monkeypatch):
+    """The steps move the model, and its curvature can leave what the settings were chosen for (the MiniLM demo, four
+    steps into a helpful run: LiSSA's estimate came back pointing away from the anchors' gradient). A refused step is
+    run again with the scale, so λ, 4x larger (damping and J kept); the step records it, the report says so, and the
+    next step starts from the settings given again."""
+    from hf_fastif.solvers.lissa import LissaDivergenceError
+
+    real, scales = InfluenceEngine.compute_influences, []
+
+    def refusing_once(self, *a, **kw):
+        scales.append((self.args.influence_scale, self.args.influence_damping, self.args.influence_recursion_depth))
+        if len(scales) == 1:
+            raise LissaDivergenceError("LiSSA's estimate points away from the test gradient. (a test's refusal)")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(InfluenceEngine, "compute_influences", refusing_once)
+    protocol = CorrectionArguments(strategies=["helpful"], heuristics=["lexical_overlap"], num_steps=2, num_anchors=4,
+                                   num_points=3, correction_learning_rate=0.5, replicas=1)
+    result = run_correction(trained, data, args, protocol, progress=False)
+    scale, damping, depth = args.influence_scale, args.influence_damping, args.influence_recursion_depth
+    assert scales == [(scale, damping, depth), (4 * scale, damping, depth), (scale, damping, depth)]
+    first, second = result.runs[0]["steps"]
+    assert first["influence_retries"] == 1 and first["influence_lambda"] == pytest.approx(4 * scale * damping)
+    assert "influence_retries" not in second and len(first["selected"]) == 3
+    assert result.retried_steps() == (1, 2)
+    assert (f"Influence run again with a larger scale at 1 of 2 steps (LiSSA refused it at the stepped model's "
+            f"curvature; λ {4 * scale * damping:.3g} there") in result.to_markdown()
+
+
+def test_a_step_lissa_refuses_at_every_scale_stops_the_protocol_with_the_reason(trained, data, args, monkeypatch):
+    from hf_fastif.solvers.lissa import LissaDivergenceError
+
+    scales = []
+
+    def refusing(self, *a, **kw):
+        scales.append(self.args.influence_scale)
+        raise LissaDivergenceError("H + λI is not positive definite: (a test's refusal)")
+
+    monkeypatch.setattr(InfluenceEngine, "compute_influences", refusing)
+    protocol = CorrectionArguments(strategies=["helpful"], heuristics=["lexical_overlap"], num_steps=1, num_anchors=4,
+                                   num_points=3, correction_learning_rate=0.5, replicas=1)
+    with pytest.raises(LissaDivergenceError, match=r"step 0 of helpful / lexical_overlap: LiSSA refused the influence "
+                                                   r"3 times, .*not positive definite.*lower correction_learning_rate"):
+        run_correction(trained, data, args, protocol, progress=False)
+    assert scales == [args.influence_scale * 4**i for i in range(3)]
