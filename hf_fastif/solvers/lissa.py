@@ -11,7 +11,7 @@ definite and ``scale`` is above the batch Hessians' top eigenvalues. Batch Hessi
 indefinite, so single steps may expand: what signals divergence is an iterate beyond the bound of a convergent
 series that keeps growing geometrically, which `GrowthMonitor` detects (a slowly unstable direction may stay
 below that bound for J steps: the convergence check before the recursion looks for it, see
-`hf_fastif.engine`). The iterate lives in the dtype of ``v`` (the caller passes float32 or wider, whatever the
+`hf_fastif.engine`). A repetition whose last iterate points away from ``v`` is refused too (`final_alignment`). The iterate lives in the dtype of ``v`` (the caller passes float32 or wider, whatever the
 model's dtype).
 """
 
@@ -362,10 +362,12 @@ def _wrong_side_message(repetition: int, vector: int, cos: float, count: int, da
         + ", while (H + λI)⁻¹∇L_test has a positive dot product with ∇L_test whenever H + λI is positive definite, "
         "and so does every step of the recursion with the mean Hessian. So a step expanded the iterate (a sampled "
         f"batch's Hessian had eigenvalues above (2 - damp)·scale = {limit:.4g}{seen}; single batches can be larger "
-        "than the sampled ones) or the sampled Hessians' noise swamped the estimate. Its influence would come back "
-        f"with the wrong sign. Raise influence_scale (e.g. {suggest_scale(max(top_eigenvalue or 0.0, limit)):.3g}; "
-        "lower influence_damping to keep λ = damping × scale), raise influence_batch_size, or use "
-        "influence_solver='cg'."
+        "than the sampled ones), or H + λI is not positive definite at these weights (a model away from a minimum: "
+        "influence_check_convergence=True measures both before the recursion), or the sampled Hessians' noise "
+        "swamped the estimate. Its influence would come back with the wrong sign. Raise influence_scale (e.g. "
+        f"{suggest_scale(max(top_eigenvalue or 0.0, limit)):.3g}; lower influence_damping to keep λ = damping × "
+        "scale), raise λ where the Hessian is indefinite, raise influence_batch_size, or use influence_solver='cg' "
+        "(which refuses an indefinite H + λI)."
     )
 
 
