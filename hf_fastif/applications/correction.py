@@ -261,8 +261,7 @@ class CorrectionResult:
             f"HANS test loss (mean cross-entropy) per heuristic, before and after; mean ± std over {runs}.",
             "",
             markdown_table(["heuristic", "before", *strategies], loss),
-            *(["", self.sign_line()] if self.sign_line() else []),
-            *(["", self.retry_line()] if self.retry_line() else []),
+            *(part for line in (self.sign_line(), self.retry_line()) if line for part in ("", line)),
         ])
 
     def plot(self) -> Figure:
@@ -401,8 +400,8 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     bar.close()
     if any(n < total for n, total in result.signed_rows().values()):
         logger.warning(result.sign_line())
-    if result.retry_line():
-        logger.warning(result.retry_line())
+    if retried := result.retry_line():
+        logger.warning(retried)
     return result
 
 

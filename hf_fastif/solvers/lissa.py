@@ -11,8 +11,8 @@ definite and ``scale`` is above the batch Hessians' top eigenvalues. Batch Hessi
 indefinite, so single steps may expand: what signals divergence is an iterate beyond the bound of a convergent
 series that keeps growing geometrically, which `GrowthMonitor` detects (a slowly unstable direction may stay
 below that bound for J steps: the convergence check before the recursion looks for it, see
-`hf_fastif.engine`). A repetition whose last iterate points away from ``v`` is refused too (`final_alignment`). The iterate lives in the dtype of ``v`` (the caller passes float32 or wider, whatever the
-model's dtype).
+`hf_fastif.engine`). A repetition whose last iterate points away from ``v`` is refused too (`final_alignment`).
+The iterate lives in the dtype of ``v`` (the caller passes float32 or wider, whatever the model's dtype).
 """
 
 from __future__ import annotations
@@ -315,23 +315,23 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         growth = monitor.update(norms)
         if growth is not None:
             raise LissaDivergenceError(_divergence_message(j, float(growth.max()), damping, scale, top_eigenvalue))
-    final = monitor.ratio(h.norm(dim=-1))
+    final = monitor.ratio(before)  # (‖h_J‖: the last step's norms)
     if float(final.max()) > FINAL_GROWTH_LIMIT:  # the windows' monitor needs 7 windows (56+ steps) to speak
         raise LissaDivergenceError(_divergence_message(depth, float(final.max()), damping, scale, top_eigenvalue,
                                                        final=True))
-    alignment = final_alignment(h, v)
+    alignment = final_alignment(h, v, before)
     wrong = [(r, i) for r in range(len(reps)) for i in range(v.shape[0]) if not alignment[r, i] > 0]
     if wrong:
         r, i = wrong[0]
         raise LissaDivergenceError(_wrong_side_message(reps[r], i, float(alignment[r, i]), len(wrong), damping,
                                                        scale, top_eigenvalue))
     estimate = (h / scale).mean(0)
-    info = {"lissa_repetitions": len(reps), "lissa_final_norm": float((h / scale).norm(dim=-1).max()),
+    info = {"lissa_repetitions": len(reps), "lissa_final_norm": float(before.max()) / scale,
             "lissa_steps": depth, "lissa_min_alignment": float(alignment.min()) if alignment.numel() else float("nan")}
     return (estimate[0] if squeeze else estimate), info
 
 
-def final_alignment(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def final_alignment(h: torch.Tensor, v: torch.Tensor, h_norms: torch.Tensor | None = None) -> torch.Tensor:
     """``cos(h_J, v)`` per repetition and right-hand side (``(R, m)``, float64; 1 where ``v`` or ``h_J`` is 0).
 
     For a positive definite ``H + λI`` the fixed point ``s = (H + λI)⁻¹v`` has ``v·s > 0``, and so does every
@@ -341,13 +341,15 @@ def final_alignment(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     few sampled batches can miss) or drowned in its samples' noise: its estimate points away from the answer (seen:
     a 4-row LiSSA on a tiny BERT, scale 0.75x the check's top eigenvalue, came back as the exact solve's influence
     negated, Pearson -0.998). Computed row by row from unit vectors, so a tiny ``v`` does not underflow the dot
-    product."""
-    unit_v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    product; ``h_norms``, ``‖h_J‖`` (``(R, m)``) where the caller has them."""
+    v_norms = v.norm(dim=-1)
+    h_norms = h.norm(dim=-1) if h_norms is None else h_norms
+    unit_v = v / v_norms.unsqueeze(-1).clamp_min(torch.finfo(v.dtype).tiny)
     out = torch.ones(h.shape[:2], dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
     for r in range(h.shape[0]):
-        norms = h[r].norm(dim=-1)
-        cos = torch.linalg.vecdot(h[r], unit_v).double() / norms.double().clamp_min(torch.finfo(torch.float64).tiny)
-        out[r] = torch.where((norms > 0) & (v.norm(dim=-1) > 0), cos, torch.ones_like(cos)).cpu()
+        cos = torch.linalg.vecdot(h[r], unit_v).double() / h_norms[r].double().clamp_min(tiny)
+        out[r] = torch.where((h_norms[r] > 0) & (v_norms > 0), cos, torch.ones_like(cos)).cpu()
     return out
 
 
