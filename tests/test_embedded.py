@@ -154,6 +154,18 @@ def test_training_flags_minilm_does_not_read_are_named():
     assert "num_train_epochs" in FINETUNE_READS  # read: part of the cache key, so not named
 
 
+def test_every_embedded_default_checks_lissa_before_it_runs():
+    """The tiny model ran without the convergence check (its reason, "~1 s per call", was ~0.1 s when measured): the
+    HANS correction's steps move either model to where H + λI nears or leaves positive definiteness (the tiny model's
+    smallest eigenvalue reached ~-4.7 against λ = 5), and LiSSA's estimate there came back without a word."""
+    from hf_fastif.embedded import EMBEDDED
+
+    for kind, settings in EMBEDDED.items():
+        for use in (None, *settings.uses):
+            assert embedded_arguments("out", use=use, kind=kind).influence_check_convergence, (kind, use)
+        assert settings.why["influence_check_convergence"].startswith("on:"), kind
+
+
 def test_the_minilm_description_says_how_it_was_fine_tuned():
     """The recipes' settings table said "last 2 of 6 layers ... 1 epoch at lr 2e-4" whatever the flags were."""
     from hf_fastif.embedded import MINILM, minilm_description
