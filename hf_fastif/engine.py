@@ -105,6 +105,7 @@ from .solvers import (
     suggest_scale,
     truncation_share,
 )
+from .solvers.arnoldi import TRUNCATION_WARNING as ARNOLDI_TRUNCATION_WARNING
 from .solvers.exact import check_exact_size
 from .stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
 from .table import InfluenceTable
@@ -1645,7 +1646,7 @@ class InfluenceEngine:
                                      "inf/NaN. Check the training rows' losses.")
                 self._exact = (key, *torch.linalg.eigh(hessian.double()))
                 del hessian
-            s_test, info = solve_decomposed(self._exact[1], self._exact[2], v, lam)
+            s_test, info = solve_decomposed(self._exact[1], self._exact[2], v, lam, built_in=call.work_dtype)
         elif solver == "cg":
             s_test, info = solve_cg(self._full_hvp(call, call.train), v, lam,
                                     max_iterations=args.influence_cg_max_iterations, tol=args.influence_cg_tol,
@@ -1679,7 +1680,17 @@ class InfluenceEngine:
         key = (self._low_rank[0], self.args.influence_lambda)
         if self._prepared_solve is None or self._prepared_solve[0] != key:
             l2 = call.fm.l2_mask(call.params).to(call.work_dtype) if call.fm.decayed else None  # 2·wd on the decayed
-            self._prepared_solve = (key, LowRankSolve(values, vectors, self.args.influence_lambda, l2))
+            solve = LowRankSolve(values, vectors, self.args.influence_lambda, l2)
+            self._prepared_solve = (key, solve)
+            factor = solve.info["arnoldi_truncation_factor"]
+            if factor > ARNOLDI_TRUNCATION_WARNING:
+                logger.warning(
+                    f"influence_solver='arnoldi' at rank {self.args.influence_arnoldi_rank}: the smallest kept "
+                    f"eigenvalue of the Hessian is {factor - 1:.3g}x the damping (λ = {self.args.influence_lambda:.4g}, plus "
+                    "the L2 term's curvature) that every direction beyond the rank is solved with, as if flat; where those directions curve "
+                    f"about as much, their share of s_test comes out up to {factor:.3g}x too large. Raise "
+                    "influence_arnoldi_rank (until the smallest kept eigenvalue falls below λ) or influence_damping, "
+                    "or compare with influence_solver='cg'.")
         return self._prepared_solve[1]
 
     def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1729,6 +1740,7 @@ class InfluenceEngine:
             top = check["lissa_batch_top_eigenvalue"]
             smallest = check.get("hessian_min_eigenvalue_confirmed", check["hessian_min_eigenvalue_estimate"])
         left_out = truncation_share(args.influence_damping, args.influence_scale, depth, smallest)
+        info["lissa_truncation_share"] = left_out  # (below the warning's half, a table still says how far J went)
         if left_out > TRUNCATION_WARNING:  # (J 5 at damp 0.01 returned s_test 44% off the exact solve, unwarned)
             negative = smallest is not None and smallest < 0
             logger.warning_once(

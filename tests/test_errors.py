@@ -363,8 +363,11 @@ def test_a_recursion_too_short_for_its_damping_is_warned(setup, pad_collator, ca
         for depth in (500, 3):
             with caplog.at_level(logging.WARNING):
                 caplog.clear()
-                compute_influences(model, train, test, default_arguments(**(lissa | {
+                table = compute_influences(model, train, test, default_arguments(**(lissa | {
                     "influence_recursion_depth": depth})), data_collator=pad_collator)
+            # the share left out is in the table's diagnostics, warned of or not
+            assert table.metadata["diagnostics"]["lissa_truncation_share"] == pytest.approx(
+                (1 - 0.0123) ** (depth + 1), rel=1e-9)
             if depth == 500:  # (1 - 0.0123)^501 = 0.2%
                 assert "LiSSA stops" not in caplog.text
     finally:

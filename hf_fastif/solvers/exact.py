@@ -41,17 +41,32 @@ def solve_exact(hessian: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[tor
     Raises:
         ValueError: if ``H + λI`` is not positive definite, with the damping that would make it so.
     """
-    return solve_decomposed(*torch.linalg.eigh(hessian.double()), v, lam)  # float64 whatever the model's dtype
+    # float64 whatever the model's dtype; zero judged at the precision the Hessian was built in
+    return solve_decomposed(*torch.linalg.eigh(hessian.double()), v, lam, built_in=hessian.dtype)
 
 
-def solve_decomposed(evals: torch.Tensor, evecs: torch.Tensor, v: torch.Tensor, lam: float) -> tuple[torch.Tensor, dict]:
+def zero_floor(evals: torch.Tensor, built_in: torch.dtype) -> float:
+    """The largest eigenvalue magnitude that is zero up to rounding for a Hessian built in ``built_in``: ``p · eps ·
+    max|μ|``, the numerical rank's rule (`torch.linalg.matrix_rank`'s default tolerance)."""
+    return evals.numel() * torch.finfo(built_in).eps * float(evals.abs().max())
+
+
+def solve_decomposed(evals: torch.Tensor, evecs: torch.Tensor, v: torch.Tensor, lam: float,
+                     built_in: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
     """`solve_exact` from the Hessian's eigendecomposition (``torch.linalg.eigh``, ascending), kept across calls
-    with the same weights and data."""
+    with the same weights and data; ``built_in``: the dtype the Hessian was built in (default the eigenvalues').
+
+    ``H + λI`` is refused where its smallest eigenvalue is not above `zero_floor`: a singular Hessian's zero
+    eigenvalues come out of the decomposition as ±rounding, and with λ = 0 a positive one was divided by (a linear
+    model with more features than rows returned influence 2.4x the minimum-norm answer's largest, without a word,
+    when every flat direction's rounding fell on the positive side; refused otherwise)."""
     lo, hi = evals[0].item(), evals[-1].item()
-    if lo + lam <= 0:
-        singular = abs(lo) <= 1e-6 * max(abs(hi), 1e-30)  # zero up to rounding: flat directions, not negative ones
-        why = ("The Hessian is singular (flat directions: more parameters than the data pins down); "
-               "raise influence_damping above 0." if singular else
+    floor = zero_floor(evals, built_in or evals.dtype)
+    if lo + lam <= floor:
+        singular = abs(lo) <= floor  # zero up to rounding: flat directions, not negative ones
+        why = ("The Hessian is singular (flat directions: more parameters than the data pins down; eigenvalues "
+               f"within {floor:.2g} of 0 are rounding); raise influence_damping above 0 so that λ > {floor:.2g}."
+               if singular else
                f"The Hessian is indefinite (the model is not at a minimum); raise influence_damping so that "
                f"λ > {-lo:.4g}.")
         raise ValueError(f"H + λI is not positive definite: the smallest Hessian eigenvalue is {lo:.4g} and "
