@@ -1686,11 +1686,11 @@ class InfluenceEngine:
             if factor > ARNOLDI_TRUNCATION_WARNING:
                 logger.warning(
                     f"influence_solver='arnoldi' at rank {self.args.influence_arnoldi_rank}: the smallest kept "
-                    f"eigenvalue of the Hessian is {factor - 1:.3g}x the damping (λ = {self.args.influence_lambda:.4g}, plus "
-                    "the L2 term's curvature) that every direction beyond the rank is solved with, as if flat; where those directions curve "
-                    f"about as much, their share of s_test comes out up to {factor:.3g}x too large. Raise "
-                    "influence_arnoldi_rank (until the smallest kept eigenvalue falls below λ) or influence_damping, "
-                    "or compare with influence_solver='cg'.")
+                    f"eigenvalue of the Hessian is {factor - 1:.3g}x the damping (λ = {self.args.influence_lambda:.4g}, "
+                    "plus the L2 term's curvature) that every direction beyond the rank is solved with, as if flat; "
+                    f"where those directions curve about as much, their share of s_test comes out up to {factor:.3g}x "
+                    "too large. Raise influence_arnoldi_rank (until the smallest kept eigenvalue falls below λ) or "
+                    "influence_damping, or compare with influence_solver='cg'.")
         return self._prepared_solve[1]
 
     def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
