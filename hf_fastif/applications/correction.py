@@ -216,20 +216,24 @@ class CorrectionResult:
                 + ("; the extremes include rows of the other sign (few or one-signed candidates: raise "
                    "influence_knn_k)." if mixed else "."))
 
+    def _influence_steps(self) -> tuple[list[dict], list[dict]]:
+        """``(records of the steps with influence, those of them run again with a larger scale)``."""
+        steps = [step for r in self.runs if r["strategy"] in ("helpful", "harmful") for step in r.get("steps", [])]
+        return steps, [step for step in steps if step.get("influence_retries")]
+
     def retried_steps(self) -> tuple[int, int]:
         """``(steps whose influence was run again with a larger scale, steps with influence)`` (`step_influence`)."""
-        steps = [step for r in self.runs if r["strategy"] in ("helpful", "harmful") for step in r.get("steps", [])]
-        return sum(1 for step in steps if step.get("influence_retries")), len(steps)
+        steps, retried = self._influence_steps()
+        return len(retried), len(steps)
 
     def retry_line(self) -> str:
         """The report's line on `retried_steps` ("" where none was)."""
-        retried, total = self.retried_steps()
+        steps, retried = self._influence_steps()
         if not retried:
             return ""
-        lambdas = sorted({step["influence_lambda"] for r in self.runs for step in r.get("steps", [])
-                          if step.get("influence_retries")})
-        return (f"Influence run again with a larger scale at {retried} of {total} steps (LiSSA refused it at the "
-                f"stepped model's curvature; λ {', '.join(f'{x:.3g}' for x in lambdas)} there, damping and J kept; "
+        lambdas = sorted({step["influence_lambda"] for step in retried})
+        return (f"Influence run again with a larger scale at {len(retried)} of {len(steps)} steps (LiSSA refused it "
+                f"at the stepped model's curvature; λ {', '.join(f'{x:.3g}' for x in lambdas)} there, damping and J kept; "
                 "each step's record says which).")
 
     def to_markdown(self) -> str:

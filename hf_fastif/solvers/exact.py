@@ -49,7 +49,9 @@ def zero_floor(evals: torch.Tensor, built_in: torch.dtype) -> float:
     """The largest eigenvalue magnitude that is zero up to rounding for a Hessian built in ``built_in``:
     ``2·sqrt(p)·eps·max|μ|``, the spectral norm of a rounding of every entry by ``eps`` of the largest (a random
     p × p perturbation's). Not `torch.linalg.matrix_rank`'s ``p·eps·max|μ|``, a worst case: at the solver's 20,000
-    float32 parameters it would call 0.24% of the top eigenvalue zero and refuse damped solves that are accurate."""
+    float32 parameters it would call 0.24% of the top eigenvalue zero and refuse damped solves that are accurate.
+    Nor `hf_fastif.solvers.lanczos.rounding_floor`, the floor of Lanczos' residuals (100·eps, 1e-10 in float64),
+    which accumulate rounding over the steps: an explicit eigendecomposition's is that of the matrix itself."""
     return 2.0 * evals.numel() ** 0.5 * torch.finfo(built_in).eps * float(evals.abs().max())
 
 
