@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from datasets.features.features import require_decoding
 from torch import nn
-from transformers import default_data_collator
+from transformers import DataCollatorWithFlattening, default_data_collator
 from transformers.utils import find_labels, logging
 
 from .fingerprint import dataset_fingerprint
@@ -642,6 +642,13 @@ def in_row_order(parts: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:
     return out
 
 
+PACKING_REFUSED = (
+    "packs rows together (DataCollatorWithFlattening's padding-free batches) or expands each into several sequences "
+    "(pairs for a reward model). Influence needs one row of the batch per example, for its own loss and gradient: "
+    "collate with DataCollatorWithPadding (or DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
+"""Why a collator whose batch does not hold one row per example is refused, and what to use instead."""
+
+
 class Batcher:
     """Collates rows of a dataset by position and moves them to ``device``.
 
@@ -655,6 +662,9 @@ class Batcher:
                  index: np.ndarray | None = None, trunk=None,
                  decoder_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  padding_collator: str = PADDING_COLLATORS[None]):
+        if isinstance(collator, DataCollatorWithFlattening):  # (on a classifier's int labels it fails inside
+            # transformers with a bare TypeError, before `check_collator` could see the packed batch)
+            raise ValueError(f"The data collator is a DataCollatorWithFlattening: it {PACKING_REFUSED}")
         self.padding_collator = padding_collator  # the collator a failed collate names (`padding_collator_for`)
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
@@ -723,12 +733,8 @@ class Batcher:
         ids = next((first[k] for k in ("input_ids", "inputs_embeds", "attention_mask")
                     if isinstance(first.get(k), torch.Tensor) and first[k].dim() >= 2), None)
         if ids is not None and ids.shape[0] != len(positions):
-            raise ValueError(
-                f"The data collator makes {len(positions)} rows of {name} into a batch of {ids.shape[0]} row(s): it "
-                "packs rows together (DataCollatorWithFlattening's padding-free batches) or expands each into "
-                "several sequences (pairs for a reward model). Influence needs one row of the batch per example, "
-                "for its own loss and gradient: collate with DataCollatorWithPadding (or "
-                "DataCollatorForLanguageModeling(mlm=False) for a causal LM).")
+            raise ValueError(f"The data collator makes {len(positions)} rows of {name} into a batch of "
+                             f"{ids.shape[0]} row(s): it {PACKING_REFUSED}")
         differ = sorted(k for k in first.keys() | second.keys() if not _same_value(first.get(k), second.get(k)))
         if differ:
             raise ValueError(

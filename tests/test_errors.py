@@ -782,16 +782,24 @@ def test_rows_of_stored_inputs_embeds_pass_the_collator_checks():
         assert len(table) == 16 and np.isfinite(table.to_pandas().influence).all()
 
 
-def test_a_packing_collator_is_refused():
+def test_a_packing_collator_is_refused(setup):
     """DataCollatorWithFlattening packs a batch into one row (padding-free): the trunk cache and the scores failed
-    on shapes, far from the cause."""
+    on shapes, far from the cause; on a classifier's labels it failed inside transformers with a bare TypeError
+    ('int' object is not subscriptable). Refused by its class before any row is collated, and any other collator
+    that packs rows by the batch it makes."""
     from transformers import DataCollatorWithFlattening
 
+    args = default_arguments(**(FAST | {"influence_params": [r"ln_f\."]}))
     train, test = make_token_dataset(12, seed=0, causal=True), make_token_dataset(2, seed=1, causal=True)
+    flattening = DataCollatorWithFlattening()
+    with pytest.raises(ValueError, match="is a DataCollatorWithFlattening: it packs rows.*DataCollatorWithPadding"):
+        compute_influences(tiny_model("gpt2-lm"), train, test, args, data_collator=flattening)
+    model, cls_train, cls_test = setup
+    with pytest.raises(ValueError, match="is a DataCollatorWithFlattening: it packs rows.*DataCollatorWithPadding"):
+        compute_influences(model, cls_train, cls_test, default_arguments(**FAST), data_collator=flattening)
     with pytest.raises(ValueError, match="makes 4 rows of train_dataset into a batch of 1 row.*DataCollatorWithPadding"):
-        compute_influences(tiny_model("gpt2-lm"), train, test,
-                           default_arguments(**(FAST | {"influence_params": [r"ln_f\."]})),
-                           data_collator=DataCollatorWithFlattening())
+        compute_influences(tiny_model("gpt2-lm"), train, test, args,
+                           data_collator=lambda rows: flattening(rows))  # (a function: only its batch shows it)
 
 
 def test_rows_transformed_on_the_fly_or_streamed_are_refused_with_the_fix(setup, pad_collator):
