@@ -148,7 +148,8 @@ class BatchHessian:
         `FunctionalModel` (`hf_fastif.linear_products`): every parameter's block within `LINEAR_PRODUCTS_TOLERANCE`
         of the product's largest entry (20 machine epsilons of that parameter's dtype where that is more). A
         difference turns the route off for the model, and this graph takes autograd's route. Autograd's forward draws
-        the random numbers the route's did (``rng``: dropout in training mode), and leaves the generator as it was."""
+        the random numbers the route's did (``rng``: dropout in training mode), and leaves the generator as it was.
+        Products that are not finite (a float16 model's overflow) decide nothing: the next graph checks again."""
         fm = self._fm
         dtype = torch.float64 if torch.float64 in self._dtypes else torch.float32
         vector = torch.randn(sum(p.numel() for p in self._inputs), generator=torch.Generator().manual_seed(0),
@@ -158,6 +159,13 @@ class BatchHessian:
         with _replayed(rng):
             self._plain(batch, None)
         plain = flatten(self._second_backward(vector, last=False)).to(dtype)
+        if not (bool(torch.isfinite(plain).all()) and bool(torch.isfinite(assembled).all())):
+            # overflow (a float16 model's products), not the route: undecided, checked again on the next graph;
+            # this graph takes autograd's route, whose product is not finite either, and what multiplies with it
+            # refuses that, naming the cause (blaming the route here had sent a float16 model's user after a weight
+            # read outside its forward)
+            self._linear = None
+            return
         largest = float(plain.abs().max())
         worst, where = 0.0, None
         for (name, found), expected, d in zip(unflatten(assembled, self._leaves).items(),
@@ -172,8 +180,11 @@ class BatchHessian:
             return
         fm.linear_products = (f"the weight blocks assembled from activations differ from autograd's product at "
                               f"{where} by {worst:.3g} times the tolerance, on a random vector")
-        logger.warning(f"Hessian-vector products take autograd's route for this model: {fm.linear_products} (a "
-                       "layer's weight read outside its forward, perhaps).")
+        half = any(d in (torch.float16, torch.bfloat16) for d in self._dtypes)
+        cause = ("float16 / bfloat16 rounding, or a layer's weight read outside its forward; only speed is lost"
+                 if half else "a layer's weight read outside its forward, perhaps")
+        logger.warning(f"Hessian-vector products take autograd's route for this model: {fm.linear_products} "
+                       f"({cause}).")
         self._linear = None
 
     def _parts(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -168,10 +168,38 @@ def test_what_the_graph_cannot_show_is_caught_by_the_check_against_autograd(monk
         assert isinstance(fm.linear_products, str) and "differ from autograd's product at dense." in fm.linear_products
         assert graph._linear is None and again._linear is None
         assert "take autograd's route for this model" in caplog.text
+        half = "float16 / bfloat16 rounding, or a layer's weight read outside its forward"
+        assert (half in caplog.text) == (gate_dtype == torch.bfloat16)
         tolerance = 1e-9 if gate_dtype == torch.float64 else 2e-2  # (autograd's own bfloat16 rounding)
         torch.testing.assert_close(graph.product(vectors), expected, rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(again.product(vectors), expected, rtol=tolerance, atol=tolerance)
         caplog.clear()
+
+
+def test_an_overflowing_product_leaves_the_route_undecided_without_blaming_it(caplog):
+    """A float16 model whose products overflow (a tiny BERT whose LayerNorm weights were scaled by 100): not finite
+    by either route, which says nothing of the route, so the check decides nothing and warns of nothing (it had
+    turned the route off, blaming "a layer's weight read outside its forward"); the next graph, once its products
+    are finite (the weights scaled back), decides it."""
+    model = tiny_model("bert").half().eval()
+    params = select_parameters(model, [r".*"])
+    fm = FunctionalModel(model, list(params))
+    rows = make_token_dataset(4, seed=0, min_len=8, max_len=8)
+    batch = {k: torch.tensor(rows[k]) for k in rows.column_names}
+    norms = [p for name, p in model.named_parameters() if "LayerNorm.weight" in name]
+    vector = torch.randn(sum(p.numel() for p in params.values()), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        with torch.no_grad():
+            torch._foreach_mul_(norms, 100.0)
+        graph = BatchHessian(fm, params, batch)
+        assert fm.linear_products is None and graph._linear is None
+        assert not bool(torch.isfinite(graph.product(vector)).all())  # (autograd's route does not hold it either)
+        with torch.no_grad():
+            torch._foreach_div_(norms, 100.0)
+        again = BatchHessian(fm, params, batch)
+        assert fm.linear_products is True and again._linear is not None
+        assert bool(torch.isfinite(again.product(vector)).all())
+    assert "autograd's route" not in caplog.text
 
 
 def test_a_hook_or_a_forward_set_after_the_first_graph_is_seen_on_the_next(caplog):
