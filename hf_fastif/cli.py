@@ -62,6 +62,7 @@ from .embedded import (
     embedded_kind,
 )
 from .engine import InfluenceEngine
+from .gradient_index import check_projection_dim
 from .params import num_parameters, select_parameters
 from .parsing import HELP_FLAGS, parse_with_defaults
 from .recall import (
@@ -562,9 +563,8 @@ def run_recall(ns: argparse.Namespace) -> int:
     rows = np.random.default_rng(args.seed).choice(len(test), min(recall.num_test_points, len(test)), replace=False)
     test = test.select(np.sort(rows))
     params = num_parameters(select_parameters(model, args.influence_params))
-    if "gradient" in methods and args.influence_projection_dim > params:
-        raise ValueError(f"--influence_projection_dim {args.influence_projection_dim} exceeds the {params} influence "
-                         "parameters; lower it for the gradient method.")
+    if "gradient" in methods:
+        check_projection_dim(args.influence_projection_dim, params, "--influence_projection_dim {}")
     top_ns = recall_ns(len(train))
     engine = InfluenceEngine(model, args, data_collator=DataCollatorWithPadding(tokenizer))
     results = engine.candidate_recall(train, test, ks, methods=methods, ns=top_ns)

@@ -70,7 +70,13 @@ from .fingerprint import (
     settings_differences,
     tensor_digests,
 )
-from .gradient_index import cache_file_digest, check_index_factory, gradient_candidates, saved_index_intact
+from .gradient_index import (
+    cache_file_digest,
+    check_index_factory,
+    check_projection_dim,
+    gradient_candidates,
+    saved_index_intact,
+)
 from .grouped_products import AmbiguousBatch, GroupedHessian, PartlyAdded, grouped_modules
 from .hvp import BatchHessian, batch_gradient
 from .knn import build_index, extract_features, model_features, search, warn_short
@@ -506,6 +512,9 @@ class InfluenceEngine:
                  measurement_fn: LossFn | None = None, features: Callable | None = None):
         from .influence import default_arguments  # influence.py builds on this module
 
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a transformers model, e.g. from "
+                            f"AutoModelForSequenceClassification.from_pretrained), got {type(model).__name__}.")
         self.model = uncompiled(model)
         self.args = args if args is not None else default_arguments()
         if not hasattr(self.args, "influence_solver"):
@@ -1266,13 +1275,8 @@ class InfluenceEngine:
             check_exact_size(num_parameters(params))
         gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
                     if methods is None else "gradient" in methods)
-        if gradient and args.influence_projection_dim > num_parameters(params):
-            p = num_parameters(params)
-            raise ValueError(f"influence_projection_dim={args.influence_projection_dim} must be between 1 and the "
-                             f"number of influence parameters ({p}); a projection larger than the gradient only adds "
-                             f"noise. Lower it (e.g. influence_projection_dim={max(1, p // 4)}; the default, 8192, is "
-                             "sized for models with millions of influence parameters).")
         if gradient:
+            check_projection_dim(args.influence_projection_dim, num_parameters(params))
             check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
         digests = tensor_digests(model)
         fingerprint = model_fingerprint(model, digests)
@@ -1732,6 +1736,12 @@ class InfluenceEngine:
         repetitions = args.influence_repetitions or world_size
         depth, bsz, n = args.influence_recursion_depth, args.influence_batch_size, len(call.train)
         info: dict = {"lissa_total_repetitions": repetitions}
+        if bsz > n:  # (B 100 over 40 rows ran unremarked)
+            logger.warning_once(
+                f"influence_batch_size={bsz} is more than the {n} training rows: each LiSSA step's batch holds rows "
+                "twice or more (every row as often as the others over the steps) and costs more than a product with "
+                f"the whole training set's Hessian. Use influence_batch_size={n} or less, or influence_solver='cg' "
+                "(the mean Hessian itself).")
         top = None
         smallest = None
         if args.influence_check_convergence:

@@ -64,10 +64,7 @@ class CountSketch:
 
     def __init__(self, shapes: Mapping[str, torch.Size], dim: int, seed: int, *, factored=(), dtype=torch.float32,
                  device="cpu"):
-        total = sum(math.prod(s) for s in shapes.values())
-        if not 1 <= dim <= total:
-            raise ValueError(f"influence_projection_dim={dim} must be between 1 and the number of influence parameters "
-                             f"({total}); a projection larger than the gradient only adds noise.")
+        check_projection_dim(dim, sum(math.prod(s) for s in shapes.values()))
         self.dim, self.dtype, self.device = dim, dtype, device
         gen = torch.Generator().manual_seed(int(seed))
         self.buckets, self.signs, self.factors = {}, {}, {}
@@ -248,6 +245,16 @@ class _Recorder:
                 sketch.add(rows, own["weight"], dense)
                 out[part] = rows
         self.calls.clear()
+
+
+def check_projection_dim(dim: int, num_params: int, flag: str = "influence_projection_dim={}") -> None:
+    """Refuse a projection of the gradients (`CountSketch`) larger than the ``num_params`` gradient it projects,
+    suggesting a dimension; ``flag``: how the setting is written where it was given (``"--x {}"`` on a command line)."""
+    if not 1 <= dim <= num_params:
+        raise ValueError(f"{flag.format(dim)} must be between 1 and the number of influence parameters "
+                         f"({num_params}); a projection larger than the gradient only adds noise. Lower it (e.g. "
+                         f"{flag.format(max(1, num_params // 4))}; the default, 8192, is sized for models with millions "
+                         "of influence parameters).")
 
 
 def sketched_gradients(fm: FunctionalModel, params: dict[str, torch.Tensor], batch: dict, sketch: CountSketch,

@@ -108,7 +108,8 @@ class _NoWork:
     (["--ks", "121"], "k=121 exceeds the 120 candidate rows"),
     (["--num_test_points", "0"], "--num_test_points must be at least 1"),
     (["--output_dir", __file__], f"--output_dir {__file__!r} is an existing file, not a folder"),
-    (["--methods", "gradient", "--influence_projection_dim", "100000"], "--influence_projection_dim 100000 exceeds"),
+    (["--methods", "gradient", "--influence_projection_dim", "100000"],
+     "--influence_projection_dim 100000 must be between 1 and the number of influence parameters"),
 ])
 def test_bad_input_is_refused_before_work(files, monkeypatch, capsys, extra, message) -> None:
     monkeypatch.setattr(cli, "InfluenceEngine", _NoWork())

@@ -157,6 +157,24 @@ def test_ragged_rows_without_padding_collator(setup):
         compute_influences(model, train, test, default_arguments(**FAST))
 
 
+def test_a_lissa_batch_larger_than_the_training_set_is_warned_of(setup, pad_collator, caplog):
+    """B 30 over 20 rows: every step's batch holds rows twice (a helper's new-user trial: B 100 over 40 rows ran
+    without a word); the influence is still finite, from batches that weigh every row alike over the steps."""
+    model, train, test = setup
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            table = compute_influences(model, train, test, default_arguments(
+                **(FAST | {"influence_solver": "lissa", "influence_batch_size": 30})), data_collator=pad_collator)
+    finally:
+        hf_logging.disable_propagation()
+    assert "influence_batch_size=30 is more than the 20 training rows" in caplog.text
+    assert "influence_batch_size=20 or less" in caplog.text
+    assert np.isfinite(table.to_pandas().influence).all()
+
+
 def test_k_larger_than_the_training_set_is_clamped_with_a_warning(setup, pad_collator, caplog):
     model, train, test = setup
     from transformers.utils import logging as hf_logging
@@ -570,6 +588,14 @@ def test_training_arguments_without_the_influence_settings_are_refused(setup):
 
     with pytest.raises(TypeError, match="args must be an InfluenceArguments"):
         InfluenceEngine(setup[0], TrainingArguments(output_dir="unused", report_to=[]))
+
+
+def test_a_model_that_is_not_a_module_is_refused(setup):
+    """``compute_influences(None, ...)`` (a model variable left unset) failed with an AttributeError from inside."""
+    _, train, test = setup
+    for model in (None, "bert-base-uncased"):
+        with pytest.raises(TypeError, match=f"model must be a torch.nn.Module .*got {type(model).__name__}"):
+            compute_influences(model, train, test, default_arguments(**FAST))
 
 
 def test_an_unlabelled_test_row_is_fine_under_a_mean(setup, pad_collator):
