@@ -261,11 +261,15 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
         if ids is not None and _is_list(ids.type):
             flat, token_rows, lengths, sequence_rows = _sequences(ids)
             kind = _leaf_type(ids.type)
-            if not pa.types.is_integer(kind):  # (floats were blamed on padding, with the padding collator given)
+            # every list empty: Arrow had no value to type them by (null), and the rows are refused as empty below
+            empty = pa.types.is_null(kind) and not len(flat)
+            # (floats were blamed on padding, with the padding collator given)
+            if not empty and not pa.types.is_integer(kind):
                 raise ValueError(f"{name}'s 'input_ids' column holds {kind} values: token ids index the model's "
                                  "input embeddings and must be integers. Cast them, e.g. dataset.cast_column("
                                  "'input_ids', Sequence(Value('int64'))) (from datasets import Sequence, Value).")
-            if not np.issubdtype(flat.dtype, np.integer):  # integers with nulls: numpy reads them as floats, NaN
+            # integers with nulls: numpy reads them as floats, NaN
+            if not empty and not np.issubdtype(flat.dtype, np.integer):
                 first = int(np.argmax(np.isnan(flat)))
                 raise ValueError(f"{name} row {start + token_rows[first]} has a missing token id (None in its "
                                  "input_ids): every token needs an id. Tokenize the row again, or drop it "

@@ -431,6 +431,15 @@ def _with(dataset: Dataset, row: int, **values) -> Dataset:
     return dataset.map(edit, with_indices=True)
 
 
+def test_a_test_set_of_empty_rows_only_is_named_as_empty(setup, pad_collator):
+    """Every row's input_ids empty: Arrow types the column list<null> (no value to type it by), and the dtype check
+    asked for a cast, which then led to the empty-row message (a helper's new-user trial)."""
+    model, train, _ = setup
+    empty = Dataset.from_dict({"input_ids": [[]], "attention_mask": [[]], "labels": [0]})
+    with pytest.raises(ValueError, match=r"test_dataset row 0 has no tokens \(empty input_ids\)"):
+        compute_influences(model, train, empty, default_arguments(**FAST), data_collator=pad_collator)
+
+
 @pytest.mark.parametrize("which, edit, match", [
     ("train", dict(labels=7), r"train_dataset row 3 has label 7, but the model has 2 classes"),
     ("test", dict(labels=-100), r"test_dataset row 3 is labelled -100 \(ignored\): its loss is 0"),
