@@ -1496,7 +1496,10 @@ class InfluenceEngine:
                              progress: bool) -> Batcher:
         """A cut cache failed (``reason``): no cut for the rest of this decision's key, and ``batcher`` with a cache
         of every position."""
-        logger.warning(f"The trunk keeps every position: {reason}.")
+        half = _half_dtypes(dict(self.model.named_parameters()))
+        logger.warning(f"The trunk keeps every position (only speed is lost): {reason}"
+                       + (f" ({' / '.join(half)} rounding, most likely: the cut changes the shapes of the last layer's "
+                          "products; a float32 copy of the model keeps the cut)." if half else "."))
         self._trunk_cut = (self._trunk_cut[0], None, reason)
         return self._with_trunk(split, batcher, below, module_state, progress)
 

@@ -631,6 +631,34 @@ def test_a_first_position_cache_that_fails_keeps_every_position(pad_collator, tm
     np.testing.assert_allclose(values[:, 1], uncached[:, 1], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_failed_cut_says_only_speed_is_lost_and_names_half_precision_rounding(pad_collator, tmp_path, monkeypatch,
+                                                                                caplog, dtype):
+    """The warning of a cut that failed its check: nothing but speed is lost, and in half precision the likely cause
+    is the rounding of the cut's smaller products (a new user's trained bfloat16 tiny BERT: 0.0068 against the
+    1e-4 every split is held to), which a float32 copy avoids; a float64 model's is not blamed on rounding."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_fastif import engine as engine_module
+
+    verify = engine_module.verify_split
+    monkeypatch.setattr(engine_module, "verify_split", lambda split, cache, batcher, rows: (
+        0.0068 if cache.per_row else verify(split, cache, batcher, rows)))
+    model = tiny_model("bert", dtype=dtype)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="cg",
+                              influence_damping=0.05, influence_scale=20.0, disable_tqdm=True, influence_knn_k=None)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            _table(InfluenceEngine(model, args, data_collator=pad_collator), make_token_dataset(12, seed=0),
+                   make_token_dataset(2, seed=1))
+    finally:
+        hf_logging.disable_propagation()
+    assert "The trunk keeps every position (only speed is lost): the first position alone changed the logits by " \
+           "0.0068" in caplog.text
+    assert ("bfloat16 rounding, most likely" in caplog.text) == (dtype == torch.bfloat16)
+
+
 def test_a_first_position_cache_of_multiple_choice_rows_keeps_each_choice(tmp_path):
     """Rows of c sequences keep c first-position states each, laid out as the model flattens them."""
     from transformers import BertConfig, BertForMultipleChoice
