@@ -95,11 +95,13 @@ def sample_per_heuristic(heuristics: Sequence[str], n: int, seed: int, names: Se
 
 
 def influence_graph(table: InfluenceTable, test_info: Sequence[dict], train_info: Callable[[int], dict],
-                    edges_per_test_point: int = 10) -> nx.Graph:
+                    edges_per_test_point: int = 10) -> nx.DiGraph:
     """The bipartite graph: nodes ``test:<i>`` (``test_info[i]`` attributes, bipartite 1) and ``train:<id>``
     (``train_info(id)``, bipartite 0); per test point its ``edges_per_test_point`` most helpful (negative
-    influence) and most harmful (positive) rows, edges with ``kind``, ``influence`` and ``weight`` = |influence|."""
-    graph = _networkx().Graph()
+    influence) and most harmful (positive) rows, edges directed from the training row to the test point it
+    influences (as saved: ``source`` the training row, ``target`` the test point; undirected, networkx wrote either
+    end first), with ``kind``, ``influence`` and ``weight`` = |influence|."""
+    graph = _networkx().DiGraph()
     for t in table.test_ids:
         graph.add_node(f"test:{t}", bipartite=1, side="test", **test_info[t])
         for kind, frame in (("helpful", table.helpful(t, edges_per_test_point)),
@@ -110,7 +112,7 @@ def influence_graph(table: InfluenceTable, test_info: Sequence[dict], train_info
                 node = f"train:{train_id}"
                 if node not in graph:
                     graph.add_node(node, bipartite=0, side="train", **train_info(int(train_id)))
-                graph.add_edge(f"test:{t}", node, kind=kind, influence=float(value), weight=abs(float(value)))
+                graph.add_edge(node, f"test:{t}", kind=kind, influence=float(value), weight=abs(float(value)))
     return graph
 
 
@@ -118,7 +120,7 @@ def influence_graph(table: InfluenceTable, test_info: Sequence[dict], train_info
 class InfluenceGraphResult:
     """The graph, the influence table behind it, the settings, and the training rows' text (for the saved table)."""
 
-    graph: nx.Graph
+    graph: nx.DiGraph
     table: InfluenceTable
     settings: dict
     raw_train: Dataset | None = None

@@ -182,6 +182,12 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
     result = run_visualization(trained, data, args, protocol)
     tests = [n for n, d in result.graph.nodes(data=True) if d["side"] == "test"]
     assert len(tests) == 6
+    # every edge from the training row to the test point it influences, as saved (undirected, networkx had written
+    # either end first, and a user's filter on source == "test:N" found 7 of 9 test points edgeless)
+    saved_edges = result.to_dict()["graph"]["edges"]
+    assert result.to_dict()["graph"]["directed"] and saved_edges
+    assert all(e["source"].startswith("train:") and e["target"].startswith("test:") for e in saved_edges)
+    assert {e["target"] for e in saved_edges} == set(tests)
     summary = result.summary()
     assert set(summary["helpful"]) == {"lexical_overlap", "subsequence", "constituent"}
     assert all(s["test_points"] == 2 for s in summary["helpful"].values())
