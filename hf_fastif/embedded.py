@@ -65,7 +65,8 @@ paper table's own MiniLM settings (its layers 4-5, scale 200) live in benchmarks
 _WHY_COMMON: dict = {
     "influence_batch_size": "8 rows per step cost about what 1 does",
     "influence_repetitions": "one repetition per s_test on a CPU",
-    "influence_knn_k": "every training row (the paper's 10,000 exceeds the 3,000 here)",
+    # (no count: --quick runs on 600 rows, and its report said 3,000)
+    "influence_knn_k": "every training row (the paper's 10,000 exceeds the training rows here)",
     "influence_knn_features": "gradient-space candidates (tables): the paper's pooled [CLS] kNN misses nearly all of "
                               "the most helpful / harmful rows",
     "test_points": "the generated data have no dev split; HANS gives incorrect predictions",
