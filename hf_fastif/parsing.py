@@ -17,11 +17,13 @@ import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from transformers import HfArgumentParser
 
 from .utils import check_output_dir
+
+T = TypeVar("T")
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -75,13 +77,13 @@ def check_output_flag(output_dir: str, argv: Sequence[str] | None) -> None:
     check_flags(lambda: check_output_dir(output_dir), argv)
 
 
-def check_flags(check: Callable[[], object], argv: Sequence[str] | None) -> None:
-    """Run ``check`` (a check of parsed flags alone, raising `ValueError`) right after the parse: on the real command
-    line (``argv`` None) its refusal is one line and exit status 2, as the parse's own; with ``argv`` given it is
-    raised."""
+def check_flags(check: Callable[[], T], argv: Sequence[str] | None) -> T:
+    """Run ``check`` (a check of parsed flags, or what reads the files and models they name before any work, raising
+    `ValueError` or `FileNotFoundError`) and return what it returns: on the real command line (``argv`` None) its
+    refusal is one line and exit status 2, as the parse's own; with ``argv`` given it is raised."""
     try:
-        check()
-    except ValueError as err:
+        return check()
+    except (ValueError, FileNotFoundError) as err:
         if argv is not None:
             raise
         exit_with_error(Path(sys.argv[0]).name, err)

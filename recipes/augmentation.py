@@ -24,14 +24,19 @@ from hf_fastif.applications import (
 )
 from hf_fastif.applications.augmentation import check_augmentation, load_pool, pool_dataset
 from hf_fastif.distributed import finish
+from hf_fastif.parsing import check_flags
 
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, pool_args, protocol, args = parse_recipe("augmentation", [PoolArguments, CorrectionArguments], argv)
-    raw_pool = load_pool(pool_args, data_args.num_labels)  # checked before any training
-    if raw_pool is None and data_args.train_dataset is not None:  # generated pool: only with generated data
-        raise ValueError("--pool generated needs the generated data (unset --train_dataset); with your own "
-                         "training data pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
+    def pool():  # checked before any training
+        raw = load_pool(pool_args, data_args.num_labels)
+        if raw is None and data_args.train_dataset is not None:  # generated pool: only with generated data
+            raise ValueError("--pool generated needs the generated data (unset --train_dataset); with your own "
+                             "training data pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
+        return raw
+
+    raw_pool = check_flags(pool, argv)
     pools = {}
 
     def checks(early):  # the tokenized pool against the protocol and the HANS rows: before any training
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup = prepare(data_args, args, required_labels=(2, 3), what="Data augmentation",
                     heuristics=protocol.heuristics, heuristic_splits=("validation", "test"),
-                    num_anchors=protocol.num_anchors, checks=checks)
+                    num_anchors=protocol.num_anchors, checks=checks, argv=argv)
     pool, pool_name = pools["pool"]
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}; {len(pool)} pool rows")
     data = dataclasses.replace(setup.data, candidates=pool)

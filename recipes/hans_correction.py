@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup = prepare(data_args, args, required_labels=(2, 3), what="HANS correction",
                     heuristics=protocol.heuristics, heuristic_splits=("validation", "test"),
                     num_anchors=protocol.num_anchors,
-                    checks=lambda early: check_correction(early.data, early.args, protocol))  # before any training
+                    checks=lambda early: check_correction(early.data, early.args, protocol),  # before any training
+                    argv=argv)  # (None: a bad input's refusal is one line, exit status 2)
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_correction(setup.model, setup.data, setup.args, protocol)
     return write_report("hans_correction", result, setup, protocol, argv=argv)

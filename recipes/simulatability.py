@@ -25,13 +25,14 @@ from hf_fastif.applications.simulatability import (
     test_points,
 )
 from hf_fastif.distributed import finish
+from hf_fastif.parsing import check_flags
 
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("simulatability", [SimulatabilityArguments], argv)
-    raw_tests = load_test_points(protocol, data_args.num_labels)  # checked before any training
+    raw_tests = check_flags(lambda: load_test_points(protocol, data_args.num_labels), argv)  # before any training
     setup = prepare(data_args, args, required_labels=(2, 3), what="Simulatability",
-                    checks=lambda early: check_simulatability(early, protocol))  # before any training
+                    checks=lambda early: check_simulatability(early, protocol), argv=argv)  # before any training
     simulator = build_simulator(setup, protocol)
     print(f"task model and simulator ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_simulatability(setup.model, simulator, setup.data, setup.args, protocol,

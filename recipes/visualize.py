@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     data_args, protocol, args = parse_recipe("visualize", [VisualizationArguments], argv)
     setup = prepare(data_args, args, required_labels=(2,), what="The HANS influence graph",
                     heuristics=protocol.heuristics, heuristic_splits=("test",),
-                    checks=lambda early: check_visualization(early.data, early.args, protocol))  # before any training
+                    checks=lambda early: check_visualization(early.data, early.args, protocol),  # before any training
+                    argv=argv)  # (None: a bad input's refusal is one line, exit status 2)
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
     result = run_visualization(setup.model, setup.data, setup.args, protocol)
     return write_report("visualize", result, setup, protocol, argv=argv)

@@ -52,6 +52,30 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(recipe, first_w
         module.main([quick, "--output_dir", str(afile / "run1")])
 
 
+@pytest.mark.parametrize("recipe, flags, message", [
+    ("simulatability", ["--simulator", "/nonexistent/simulator"], "'/nonexistent/simulator' is not a local directory"),
+    ("augmentation", ["--pool", "/nonexistent/pool.txt"], "No such file"),
+    ("visualize", ["--model_name_or_path", "/nonexistent/model"], "'/nonexistent/model' is not a local directory"),
+])
+def test_a_bad_input_on_the_command_line_is_one_line_and_exit_status_2(recipe, flags, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A simulator, pool or model that is not there, named on the real command line: one line and exit status 2,
+    as a bad flag's parse (a new user's --simulator typo printed a traceback and exited with 1), before any model
+    is built or trained."""
+    import sys
+
+    module = load_recipe(recipe)
+    monkeypatch.setattr(prepare_module, "embedded_model", _no_work)
+    monkeypatch.setattr(prepare_module, "train_embedded_model", _no_work)
+    monkeypatch.setattr(sys, "argv", [f"{recipe}.py", "--quick", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    err = capsys.readouterr().err  # (the data's tokenization progress bars before it)
+    last = err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and last.startswith(f"{recipe}.py: error: ") and message in last, err
+    assert "Traceback" not in err
+
+
 def test_prepare_refuses_an_output_dir_that_is_a_file_before_loading_data(tmp_path, monkeypatch):
     """The library path (prepare, then write_report) too: refused before the data are loaded."""
     monkeypatch.setattr(prepare_module, "load_data", _no_work)
