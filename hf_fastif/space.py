@@ -34,7 +34,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers.utils import logging
 
 from .annotate import TRAIN_TEXT, TextSource, save_with_text
-from .applications.common import predict
+from .applications.common import at_chance, predict, training_accuracy
 from .arguments import InfluenceArguments
 from .batches import usable_positions
 from .cache import SPACE_ENGINES, SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
@@ -195,6 +195,12 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
              "once per machine)" if settings.name == "minilm" else f"training the {settings.name} model")
     model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=settings.name,
                                        description=data_description(args.seed, len(raw["train"])))
+    if info.get("train_accuracy") is None:  # (MiniLM's fine-tuning records it; the tiny model is trained here)
+        info = info | {"train_accuracy": training_accuracy(model, tokenized["train"], DataCollatorWithPadding(tokenizer),
+                                                           seed=args.seed)[0]}
+    warning = at_chance(info["train_accuracy"], tokenized["train"]["labels"])
+    if warning:
+        logger.warning(warning)
     hans, raw_hans = tokenized["hans"], raw["hans"]
     if max_test_samples:
         hans, raw_hans = (d.select(range(min(max_test_samples, len(d)))) for d in (hans, raw_hans))

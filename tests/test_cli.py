@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from hf_fastif import InfluenceTable
@@ -33,6 +34,30 @@ def test_the_build_says_its_stages(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "[hf-fastif] generating the training data" in err
     assert "[hf-fastif] computing the influence table of 2 test rows over 60 training rows" in err
+
+
+def test_a_build_whose_model_learned_nothing_says_so(tmp_path, caplog) -> None:
+    """60 rows, one epoch: the tiny model stays at chance, and its table ranks the rows by noise; the build says so
+    and records the training accuracy (a new user's 200-row build came back without a word)."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_fastif.applications.common import at_chance
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            assert main(["build", "--output-dir", str(tmp_path / "b"), "--embedded_model", "tiny",
+                         "--max_train_samples", "60", "--max_test_samples", "2", "--num_train_epochs", "1",
+                         "--influence_knn_k", "8"]) == 0
+    finally:
+        hf_logging.disable_propagation()
+    accuracy = InfluenceTable.load(tmp_path / "b" / "table").metadata["embedded_build"]["fine_tuning"]["train_accuracy"]
+    assert 0 <= accuracy <= 1
+    labels = pd.read_parquet(tmp_path / "b" / "train.parquet")["label"].to_numpy()
+    assert at_chance(accuracy, labels) is not None  # (seeded: this model is at chance)
+    assert "no better than always predicting its commonest label" in caplog.text
+    assert at_chance(0.5, [0, 1, 0, 1, -100]) and at_chance(0.52, [0, 1, 0, 1]) and not at_chance(0.55, [0, 1, 0, 1])
+    assert at_chance(0.7, [0, 0, 0, 1]) and not at_chance(0.8, [0, 0, 0, 1])
 
 
 def test_a_build_folder_it_cannot_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch) -> None:
