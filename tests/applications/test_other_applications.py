@@ -165,10 +165,12 @@ def test_sample_per_heuristic_groups_rows():
 def test_influence_graph_edges_follow_the_sign():
     table = InfluenceTable.from_arrays([0, 0, 0, 1, 1], [5, 6, 7, 5, 8], [-1.0, 2.0, -0.5, 0.3, -4.0])
     graph = influence_graph(table, [{"heuristic": "a"}, {"heuristic": "b"}], lambda i: {"label": i % 2}, 2)
-    assert graph.edges["test:0", "train:5"]["kind"] == "helpful"
-    assert graph.edges["test:0", "train:6"]["kind"] == "harmful"
-    assert graph.edges["test:1", "train:8"]["weight"] == 4.0
-    assert graph.nodes["train:5"]["side"] == "train" and graph.degree["train:5"] == 2
+    assert graph.is_directed()  # from the training row to the test point it influences
+    assert graph.edges["train:5", "test:0"]["kind"] == "helpful"
+    assert graph.edges["train:6", "test:0"]["kind"] == "harmful"
+    assert graph.edges["train:8", "test:1"]["weight"] == 4.0
+    assert graph.nodes["train:5"]["side"] == "train" and graph.out_degree["train:5"] == 2
+    assert graph.in_degree["train:5"] == 0 and graph.out_degree["test:0"] == 0
 
 
 def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_path):
