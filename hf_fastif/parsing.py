@@ -13,9 +13,10 @@ default, and the dataclass default where the setup has none.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -77,16 +78,23 @@ def check_output_flag(output_dir: str, argv: Sequence[str] | None) -> None:
     check_flags(lambda: check_output_dir(output_dir), argv)
 
 
-def check_flags(check: Callable[[], T], argv: Sequence[str] | None) -> T:
-    """Run ``check`` (a check of parsed flags, or what reads the files and models they name before any work, raising
-    `ValueError` or `FileNotFoundError`) and return what it returns: on the real command line (``argv`` None) its
-    refusal is one line and exit status 2, as the parse's own; with ``argv`` given it is raised."""
+@contextlib.contextmanager
+def flag_refusals(argv: Sequence[str] | None) -> Iterator[None]:
+    """Around a check of parsed flags, or what reads the files and models they name before any work: a `ValueError`
+    or `FileNotFoundError` it raises is, on the real command line (``argv`` None), one line and exit status 2, as the
+    parse's own; with ``argv`` given it is raised."""
     try:
-        return check()
+        yield
     except (ValueError, FileNotFoundError) as err:
         if argv is not None:
             raise
         exit_with_error(Path(sys.argv[0]).name, err)
+
+
+def check_flags(check: Callable[[], T], argv: Sequence[str] | None) -> T:
+    """``check()`` under `flag_refusals`: what it returns, or its refusal as one line on the real command line."""
+    with flag_refusals(argv):
+        return check()
 
 
 def exit_with_error(prog: str, err: Exception) -> NoReturn:

@@ -195,9 +195,9 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
              "once per machine)" if settings.name == "minilm" else f"training the {settings.name} model")
     model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=settings.name,
                                        description=data_description(args.seed, len(raw["train"])))
+    collator = DataCollatorWithPadding(tokenizer)
     if info.get("train_accuracy") is None:  # (MiniLM's fine-tuning records it; the tiny model is trained here)
-        info = info | {"train_accuracy": training_accuracy(model, tokenized["train"], DataCollatorWithPadding(tokenizer),
-                                                           seed=args.seed)[0]}
+        info = info | {"train_accuracy": training_accuracy(model, tokenized["train"], collator, seed=args.seed)[0]}
     warning = at_chance(info["train_accuracy"], tokenized["train"]["labels"])
     if warning:
         logger.warning(warning)
@@ -212,7 +212,6 @@ def _build_default(directory, args, *, max_train_samples=None, max_test_samples=
                               cache_dir=directory / ENGINE_DIR, max_length=NLI_MAX_LENGTH)
         table, predictions = explainer.table(hans)
     else:
-        collator = DataCollatorWithPadding(tokenizer)
         with InfluenceEngine(model, args, data_collator=collator) as engine:
             table = engine.compute_influences(tokenized["train"], hans)
             predictions = predict(model, hans, engine=engine).argmax(-1)

@@ -24,19 +24,16 @@ from hf_fastif.applications import (
 )
 from hf_fastif.applications.augmentation import check_augmentation, load_pool, pool_dataset
 from hf_fastif.distributed import finish
-from hf_fastif.parsing import check_flags
+from hf_fastif.parsing import flag_refusals
 
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, pool_args, protocol, args = parse_recipe("augmentation", [PoolArguments, CorrectionArguments], argv)
-    def pool():  # checked before any training
-        raw = load_pool(pool_args, data_args.num_labels)
-        if raw is None and data_args.train_dataset is not None:  # generated pool: only with generated data
+    with flag_refusals(argv):  # checked before any training
+        raw_pool = load_pool(pool_args, data_args.num_labels)
+        if raw_pool is None and data_args.train_dataset is not None:  # generated pool: only with generated data
             raise ValueError("--pool generated needs the generated data (unset --train_dataset); with your own "
                              "training data pass a pool file or Hub id, e.g. --pool heuristics_train_set.txt.")
-        return raw
-
-    raw_pool = check_flags(pool, argv)
     pools = {}
 
     def checks(early):  # the tokenized pool against the protocol and the HANS rows: before any training

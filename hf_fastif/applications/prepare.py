@@ -61,7 +61,7 @@ from ..embedded import (
     minilm_description,
     train_embedded_model,
 )
-from ..parsing import check_flags, check_output_flag, parse_arguments
+from ..parsing import check_flags, check_output_flag, flag_refusals, parse_arguments
 from ..trainer import InfluenceTrainer
 from ..utils import check_output_dir
 from .common import ApplicationData, check_num_labels, heuristics_in, model_report
@@ -418,10 +418,54 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
         argv: the recipe's ``argv`` (None: the real command line).
     """
     started = time.perf_counter()
-    checked = check_flags(lambda: _checked_inputs(data_args, args, required_labels, what, heuristics, heuristic_splits,
-                                                  num_anchors, checks, started), argv)
-    data_args, checkpoint, raw, tokenized, tokenizer, collator, split, data = checked
-    kind = data_args.kind
+    with flag_refusals(argv):  # (the checks and what they read, before any model is built or trained)
+        configure_threads(data_args)
+        if data_args.num_labels not in required_labels:
+            raise ValueError(f"{what} needs a {' or '.join(map(str, required_labels))}-label model; got "
+                             f"--num_labels {data_args.num_labels}.")
+        _check_embedded_flags(data_args, args)
+        check_output_dir(args.output_dir)
+        checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
+        _check_resume(args.resume_from_checkpoint, checkpoint)
+        # --max_length by hf-fastif build's rule, before any data are loaded: at most the model's positions
+        data_args = dataclasses.replace(data_args, max_length=resolve_max_length(
+            data_args.max_length, config_positions(_model_config(data_args, checkpoint)),
+            repr(data_args.model_name_or_path) if checkpoint is not None
+            else f"the embedded model ({data_args.kind})"))
+        raw = load_data(data_args, args.seed)
+        # a fraction that empties a split, or a heuristic missing from a split the application needs: here
+        raw_split = split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)
+        if heuristic_splits:
+            used = heuristics_in({f"the HANS {name} split": raw_split[name]["heuristic"]
+                                  for name in heuristic_splits},
+                                 heuristics, what, "Name heuristics the HANS data have with --heuristics, or omit it "
+                                 "for all; with few rows per subcase, a --validation_fraction nearer 0.5 keeps rows on "
+                                 "both sides.")
+            if num_anchors is not None:
+                from .correction import sample_anchors
+
+                validation = np.asarray(raw_split["validation"]["heuristic"], dtype=object)
+                for heuristic in used:
+                    sample_anchors(validation, heuristic, num_anchors, np.random.default_rng(0))
+        kind = data_args.kind
+        if kind == "tiny" and data_args.train_dataset is not None:
+            logger.warning("The tiny embedded model's word-level tokenizer knows only the generated vocabulary; "
+                           f"other words of {data_args.train_dataset} become [UNK]. Pass --model_name_or_path for "
+                           "real data.")
+        tokenizer = (embedded_tokenizer(kind) if data_args.embedded
+                     else AutoTokenizer.from_pretrained(checkpoint[0]))
+        tokenized = {k: tokenize_nli(v, tokenizer, max_length=data_args.max_length) if v is not None else None
+                     for k, v in raw.items()}
+        collator = DataCollatorWithPadding(tokenizer)
+        split = split_hans(tokenized["hans"], data_args.validation_fraction, seed=args.seed)
+        data = ApplicationData(train=tokenized["train"], hans_validation=split["validation"],
+                               hans_test=split["test"], collator=collator, raw_train=raw["train"])
+        if checks is not None:  # the application's settings against the data the run will use: before training
+            checks(Setup(model=None, tokenizer=tokenizer, args=args, data=data, pool=tokenized["pool"],
+                         data_args=data_args, started=started,
+                         description={"setup": "embedded" if data_args.embedded else "paper",
+                                      "embedded_model": kind,
+                                      "trained_here": True if checkpoint is None else checkpoint[2]}))
     trained, info = True, {}
     if kind == "minilm":  # fine-tuned once per content, then loaded from the cache
         model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=kind,
@@ -465,55 +509,6 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
     logger.info(f"Setup: {description}")
     return Setup(model=model, tokenizer=tokenizer, args=args, data=data, pool=tokenized["pool"], data_args=data_args,
                  description=description, report=report, started=started)
-
-
-def _checked_inputs(data_args: ModelDataArguments, args: InfluenceArguments, required_labels, what: str, heuristics,
-                    heuristic_splits, num_anchors, checks, started: float) -> tuple:
-    """`prepare`'s checks and what they read (the checkpoint's config, the data, tokenized), before any model is
-    built or trained: ``(data_args, checkpoint, raw, tokenized, tokenizer, collator, split, data)``."""
-    configure_threads(data_args)
-    if data_args.num_labels not in required_labels:
-        raise ValueError(f"{what} needs a {' or '.join(map(str, required_labels))}-label model; got "
-                         f"--num_labels {data_args.num_labels}.")
-    _check_embedded_flags(data_args, args)
-    check_output_dir(args.output_dir)
-    checkpoint = None if data_args.embedded else _check_checkpoint(data_args, required_labels, what)
-    _check_resume(args.resume_from_checkpoint, checkpoint)
-    # --max_length by hf-fastif build's rule, before any data are loaded: at most the model's positions
-    data_args = dataclasses.replace(data_args, max_length=resolve_max_length(
-        data_args.max_length, config_positions(_model_config(data_args, checkpoint)),
-        repr(data_args.model_name_or_path) if checkpoint is not None else f"the embedded model ({data_args.kind})"))
-    raw = load_data(data_args, args.seed)
-    # a fraction that empties a split, or a heuristic missing from a split the application needs: here
-    raw_split = split_hans(raw["hans"], data_args.validation_fraction, seed=args.seed)
-    if heuristic_splits:
-        used = heuristics_in({f"the HANS {name} split": raw_split[name]["heuristic"] for name in heuristic_splits},
-                             heuristics, what, "Name heuristics the HANS data have with --heuristics, or omit it for "
-                             "all; with few rows per subcase, a --validation_fraction nearer 0.5 keeps rows on both "
-                             "sides.")
-        if num_anchors is not None:
-            from .correction import sample_anchors
-
-            validation = np.asarray(raw_split["validation"]["heuristic"], dtype=object)
-            for heuristic in used:
-                sample_anchors(validation, heuristic, num_anchors, np.random.default_rng(0))
-    kind = data_args.kind
-    if kind == "tiny" and data_args.train_dataset is not None:
-        logger.warning("The tiny embedded model's word-level tokenizer knows only the generated vocabulary; other "
-                       f"words of {data_args.train_dataset} become [UNK]. Pass --model_name_or_path for real data.")
-    tokenizer = embedded_tokenizer(kind) if data_args.embedded else AutoTokenizer.from_pretrained(checkpoint[0])
-    tokenized = {k: tokenize_nli(v, tokenizer, max_length=data_args.max_length) if v is not None else None
-                 for k, v in raw.items()}
-    collator = DataCollatorWithPadding(tokenizer)
-    split = split_hans(tokenized["hans"], data_args.validation_fraction, seed=args.seed)
-    data = ApplicationData(train=tokenized["train"], hans_validation=split["validation"], hans_test=split["test"],
-                           collator=collator, raw_train=raw["train"])
-    if checks is not None:  # the application's settings against the data the run will use: before any training
-        checks(Setup(model=None, tokenizer=tokenizer, args=args, data=data, pool=tokenized["pool"],
-                     data_args=data_args, started=started,
-                     description={"setup": "embedded" if data_args.embedded else "paper", "embedded_model": kind,
-                                  "trained_here": True if checkpoint is None else checkpoint[2]}))
-    return data_args, checkpoint, raw, tokenized, tokenizer, collator, split, data
 
 
 def _check_checkpoint(data_args: ModelDataArguments, required_labels, what) -> tuple[str, object, bool]:
