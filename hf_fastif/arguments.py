@@ -208,7 +208,7 @@ def validate_influence_settings(args) -> None:
         raise ValueError(f"influence_stack_repetitions={args.influence_stack_repetitions!r} is unknown; use one of "
                          f"{', '.join(STACK_MODES)}.")
     if args.influence_scoring not in SCORING:
-        raise ValueError(f"influence_scoring={args.influence_scoring!r} is unknown; use 'jvp' or 'grad'.")
+        raise ValueError(f"influence_scoring={args.influence_scoring!r} is unknown; use one of {', '.join(SCORING)}.")
     reals = {"influence_damping": (">= 0", lambda x: x >= 0), "influence_scale": ("> 0", lambda x: x > 0),
              "influence_weight_decay": (">= 0", lambda x: x >= 0),
              "influence_cg_tol": ("> 0 (or None for the dtype's default)", lambda x: x > 0)}

@@ -126,7 +126,7 @@ from .trunk import (
     split_tolerance,
     verify_split,
 )
-from .utils import Timer, library_version, relative_difference, to_json, write_atomic
+from .utils import HALF_DTYPES, Timer, library_version, relative_difference, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -930,7 +930,7 @@ class InfluenceEngine:
         why = "no probe batch has positions after every row's last token"
         if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
             why = "an encoder-decoder model (its targets are laid out apart from its inputs)"
-        elif dtype in (torch.float16, torch.bfloat16):
+        elif dtype in HALF_DTYPES:
             why = f"a {str(dtype).removeprefix('torch.')} model (its rounding hides what the padding may change)"
         else:
             value, tolerance = call.fm.value_fn(measurement), TRAILING_TOLERANCE * torch.finfo(dtype).eps

@@ -42,6 +42,8 @@ import torch
 import xxhash
 from torch import nn
 
+from .utils import HALF_DTYPES
+
 SCHEME = "xxh3-128"
 """How tensors are hashed; `model_fingerprint` prefixes its fingerprints with it."""
 LEGACY_SCHEME = "sha256"
@@ -57,7 +59,7 @@ def tensor_digest(tensor: torch.Tensor, scheme: str = SCHEME) -> str:
     """Hash (`SCHEME`, or `LEGACY_SCHEME`) of one tensor's shape, dtype and values (half types hashed as float32)."""
     digest = _HASHES[scheme](f"{tuple(tensor.shape)}:{str(tensor.dtype)}".encode())
     data = tensor.detach().to("cpu")
-    if data.dtype in (torch.bfloat16, torch.float16) or not data.is_contiguous():
+    if data.dtype in HALF_DTYPES or not data.is_contiguous():
         data = data.to(torch.float32 if data.is_floating_point() else data.dtype).contiguous()
     if data.numel():  # (a view of zero bytes cannot be cast; the header holds all there is)
         digest.update(memoryview(data.numpy()).cast("B"))

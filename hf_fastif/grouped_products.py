@@ -58,7 +58,7 @@ from .loss import FunctionalModel
 from .params import flat_ranges, unflatten, unflatten_cast
 from .solvers.lissa import Carry
 from .stacked import GroupsHessian, NotStackable
-from .utils import batched_grad
+from .utils import HALF_DTYPES, batched_grad
 
 ROUTED_MODULES = (nn.Linear, nn.LayerNorm, nn.Embedding)
 NEAR_LOSS_NODES = 8
@@ -256,7 +256,7 @@ class GroupedProducts:
                 if u.module.padding_idx is not None:
                     u.kept = (u.xs != u.module.padding_idx).unsqueeze(-1)
             elif isinstance(u.module, nn.LayerNorm):
-                x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # (autograd's statistics: float32)
+                x = x.float() if x.dtype in HALF_DTYPES else x  # (autograd's statistics: float32)
                 centred = x - x.mean(-1, keepdim=True)  # (two passes: `Tensor.var` over the last dimension ran ~7x
                 scale = torch.rsqrt(centred.square().mean(-1, keepdim=True) + u.module.eps)  # slower on the CPU)
                 u.xs = (centred * scale).reshape(groups, -1, x.shape[-1])

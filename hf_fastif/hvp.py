@@ -22,7 +22,7 @@ from transformers.utils import logging
 from .linear_products import LINEAR_PRODUCTS_TOLERANCE, LinearProducts
 from .loss import FunctionalModel, forward_mode
 from .params import flatten, flatten_batched, unflatten, unflatten_cast
-from .utils import batched_grad, relative_difference
+from .utils import HALF_DTYPES, batched_grad, relative_difference
 
 logger = logging.get_logger(__name__)
 
@@ -180,7 +180,7 @@ class BatchHessian:
             return
         fm.linear_products = (f"the weight blocks assembled from activations differ from autograd's product at "
                               f"{where} by {worst:.3g} times the tolerance, on a random vector")
-        half = any(d in (torch.float16, torch.bfloat16) for d in self._dtypes)
+        half = any(d in HALF_DTYPES for d in self._dtypes)
         cause = ("float16 / bfloat16 rounding, or a layer's weight read outside its forward; only speed is lost"
                  if half else "a layer's weight read outside its forward, perhaps")
         logger.warning(f"Hessian-vector products take autograd's route for this model: {fm.linear_products} "

@@ -27,12 +27,12 @@ from transformers.utils import logging
 
 from .params import decayed_names
 from .trunk import forward_context, model_inputs
+from .utils import HALF_DTYPES
 
 logger = logging.get_logger(__name__)
 
 LossFn = Callable[[object, Mapping[str, torch.Tensor]], torch.Tensor]
 
-LABEL_KEYS = ("labels",)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -174,7 +174,7 @@ def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
         if "labels" not in batch:
             raise ValueError("The batch has no `labels`; influence needs labels for the training and test loss.")
         logits = logits_of(outputs)
-        if logits.dtype in (torch.float16, torch.bfloat16):  # the loss (and its derivatives) in float32, as HF does
+        if logits.dtype in HALF_DTYPES:  # the loss (and its derivatives) in float32, as HF does
             logits = logits.float()
         labels = batch["labels"]
         if logits.dim() == 2:

@@ -47,7 +47,7 @@ from .pretrained import (
     verify_minilm_files,
 )
 from .trainer import InfluenceTrainer
-from .utils import to_json, write_atomic
+from .utils import file_digest, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -247,11 +247,7 @@ def _file_hashes(folder: Path) -> dict[str, str]:
     hashes = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST_NAME:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-            hashes[path.name] = digest.hexdigest()
+            hashes[path.name] = file_digest(path, hashlib.sha256)
     return hashes
 
 

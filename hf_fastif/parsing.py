@@ -102,3 +102,12 @@ def exit_with_error(prog: str, err: Exception) -> NoReturn:
     print(f"{prog}: error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
 
+
+def check_positive_counts(flags, *names: str) -> None:
+    """Refuse a count flag below 1 (0 used to mean "all rows", a negative one dropped rows, without a word), before
+    any work or folder; a ``max_*`` one is told that leaving it out takes every row."""
+    for name in names:
+        value = getattr(flags, name)
+        if value is not None and value < 1:
+            hint = " (omit it for every row)" if name.startswith("max_") else ""
+            raise ValueError(f"--{name} must be at least 1{hint}, got {value}.")

@@ -35,6 +35,7 @@ from transformers import BertForSequenceClassification, BertTokenizer
 from transformers.utils import logging
 
 from .cache import CACHE_ENV, cache_root, cache_write_error, mark_used, remove_stale_staging
+from .utils import file_digest
 
 logger = logging.get_logger(__name__)
 
@@ -121,15 +122,6 @@ def find_minilm_zip() -> Path:
     raise ImportError(_missing_wheel_message())
 
 
-def _file_digest(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _mismatch(name: str, where: str, expected: ExpectedFile, sha256: str | None, size: int | None) -> str:
     found = "missing" if size is None else f"sha256 {sha256 or '(not read)'}, {size:,} bytes"
     return (f"{name} in {where} does not match {MINILM_REPO_ID}@{MINILM_REVISION}: expected sha256 "
@@ -147,7 +139,7 @@ def minilm_file_problems(folder: str | os.PathLike) -> list[str]:
             problems.append(_mismatch(name, str(folder), expected, None, None))
             continue
         size = path.stat().st_size
-        sha256 = _file_digest(path)[0] if size == expected.size else None
+        sha256 = file_digest(path, hashlib.sha256) if size == expected.size else None
         if size != expected.size or sha256 != expected.sha256:
             problems.append(_mismatch(name, str(folder), expected, sha256, size))
     return problems

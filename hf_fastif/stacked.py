@@ -35,7 +35,7 @@ from .hvp import batch_hvp
 from .loss import FunctionalModel, stacking
 from .params import flatten_batched, unflatten_cast
 from .trunk import split_tolerance
-from .utils import input_embeddings
+from .utils import HALF_DTYPES, input_embeddings
 
 
 class NotStackable(ValueError):
@@ -111,7 +111,7 @@ def stack_tolerance(model: nn.Module) -> float:
     the stacked products and the products one at a time (`hf_fastif.utils.relative_difference`): 1e-2 where a
     parameter is bfloat16 / float16 (two such computations round apart by ~3e-4 on a BERT layer), else the trunk
     split's (`hf_fastif.trunk.split_tolerance`: 1e-9 for a float64 model, 1e-4 otherwise)."""
-    if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+    if any(p.dtype in HALF_DTYPES for p in model.parameters()):
         return 1e-2
     return split_tolerance(model)
 

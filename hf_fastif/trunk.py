@@ -104,10 +104,6 @@ class TrunkSplit:
     # another state, checked on two forwards again
     _active: list = field(default_factory=list)
 
-    @property
-    def trunk_modules(self) -> list[nn.Module]:
-        return list(self.layers[: self.first])
-
     def fingerprint(self, digests: dict[str, str] | None = None) -> str:
         """Content hash of what the trunk states depend on: every parameter and buffer that is not in the top
         (embeddings and layers ``0 … first-1``), the config and the split point. A tensor the top shares with a

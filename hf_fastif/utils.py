@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The half-precision float dtypes: computed in float32 where precision matters (losses, digests, statistics)."""
 DIFFERENCE_CHUNK = 1 << 18  # entries: `relative_difference` compares larger tensors chunk by chunk
 
 
@@ -184,7 +186,8 @@ def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -
 
 
 class Timer:
-    """Wall-clock seconds of named phases: ``with timer("s_test"): ...`` adds to ``timer.seconds["s_test"]``."""
+    """Wall-clock seconds of named phases: ``with timer("s_test"): ...`` adds to ``timer.seconds["s_test_s"]``
+    (``suffix`` appended to the name)."""
 
     def __init__(self, suffix: str = "_s"):
         self.seconds: dict[str, float] = {}

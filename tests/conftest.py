@@ -96,3 +96,27 @@ def pad_collator():
     from tests.tiny import pad_collator_for_tests
 
     return pad_collator_for_tests()
+
+
+@pytest.fixture
+def propagating():
+    """For a test that reads warnings with ``caplog``: transformers' loggers (the Trainer's, which stop at
+    transformers' root) propagate to it, and so do hf_fastif's through an in-process ``hf-fastif`` run (whose
+    ``_library_logging`` gives a logger without handlers its own and stops its propagation: it finds one here, and
+    leaves it). After the test, pass or fail, both are as they were (a test that ran ``main`` first left the
+    ``hf_fastif`` logger unpropagating: the build warning test passed in the suite's order and failed alone)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    library = logging.getLogger("hf_fastif")
+    propagate, level, handlers = library.propagate, library.level, list(library.handlers)
+    library.handlers[:] = [logging.NullHandler()]
+    library.propagate = True
+    hf_logging.enable_propagation()
+    try:
+        yield
+    finally:
+        hf_logging.disable_propagation()
+        library.propagate, library.handlers[:] = propagate, handlers
+        library.setLevel(level)

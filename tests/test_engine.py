@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers.utils import logging as hf_logging
 
 from hf_fastif import InfluenceEngine, InfluenceTrainer, compute_influences
 from hf_fastif.fingerprint import callable_fingerprint, model_fingerprint
@@ -1056,10 +1055,10 @@ def test_index_settings_that_cannot_work_fail_before_s_test(data, pad_collator, 
     assert len(builds) == 2 and all(row["build_s"] > 0 for row in rows)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_an_approximate_index_that_finds_fewer_than_k_rows_says_so(data, pad_collator, caplog):
     """An IVF index searches one list by default: a call asked for k candidates got fewer, without a word."""
     model, train, test = data
-    hf_logging.enable_propagation()
     for features, extra in (("auto", {}), ("gradient", {"influence_projection_dim": 64})):
         caplog.clear()
         args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=30, influence_knn_features=features,
@@ -1079,10 +1078,10 @@ def test_an_approximate_index_that_finds_fewer_than_k_rows_says_so(data, pad_col
         InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg", influence_knn_index="IVF8,Flat"),
                         data_collator=pad_collator).candidate_recall(train, test, ks=[30], methods=["auto"], ns=[3])
     assert "found fewer than" not in caplog.text
-    hf_logging.disable_propagation()
 
 
 @pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW8"])
+@pytest.mark.usefixtures("propagating")
 def test_k_equal_to_the_candidate_count_is_every_row_on_an_approximate_index(data, pad_collator, factory, caplog):
     """k = N went through the faiss search, which on IVF / HNSW returned fewer rows (33 or 80 of 120 pairs where k =
     N + 1 gave all 120); an HNSW shortfall was explained by IVF's lists."""
@@ -1099,7 +1098,6 @@ def test_k_equal_to_the_candidate_count_is_every_row_on_an_approximate_index(dat
     assert recall["recall@3 helpful"] == recall["recall@3 harmful"] == 1.0
     from hf_fastif.knn import warn_short
 
-    hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         warn_short([np.arange(3)], 5, 10, "The kNN index", factory)
     assert ("HNSW index searches a bounded neighbourhood" in caplog.text) == (factory == "HNSW8")
@@ -1107,7 +1105,6 @@ def test_k_equal_to_the_candidate_count_is_every_row_on_an_approximate_index(dat
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # an IVF index whose quantizer is an HNSW graph falls short as IVF does
         warn_short([np.arange(3)], 5, 10, "The kNN index", "IVF64_HNSW32,Flat")
-    hf_logging.disable_propagation()
     assert "(IVF) searches one list" in caplog.text and "HNSW index" not in caplog.text
 
 
@@ -1272,6 +1269,7 @@ def test_a_loaded_gradient_index_not_yet_read_is_saved_again(data, pad_collator,
             assert "gradient_index" not in engine.unused_loaded_caches()
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_folder_without_saved_caches_loads_nothing_with_a_warning(data, pad_collator, tmp_path, caplog):
     """A mistyped folder, or the one above the caches, is named (it returned [] silently)."""
     model, train, test = data
@@ -1279,22 +1277,19 @@ def test_a_folder_without_saved_caches_loads_nothing_with_a_warning(data, pad_co
                              data_collator=pad_collator)
     engine.compute_influences(train, test)
     engine.save_caches(tmp_path / "run" / "caches")
-    hf_logging.enable_propagation()
-    try:
-        for folder, says in ((tmp_path / "run" / "cahces", "does not exist"),
-                             (tmp_path / "run", "holds no hf_fastif_caches.json")):
-            caplog.clear()
-            with caplog.at_level(logging.WARNING):
-                assert engine.load_caches(folder) == []
-            assert f"No engine caches loaded: {folder} {says}" in caplog.text
+    for folder, says in ((tmp_path / "run" / "cahces", "does not exist"),
+                         (tmp_path / "run", "holds no hf_fastif_caches.json")):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            assert "low_rank" in engine.load_caches(tmp_path / "run" / "caches")
-        assert "No engine caches loaded" not in caplog.text
-    finally:
-        hf_logging.disable_propagation()
+            assert engine.load_caches(folder) == []
+        assert f"No engine caches loaded: {folder} {says}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert "low_rank" in engine.load_caches(tmp_path / "run" / "caches")
+    assert "No engine caches loaded" not in caplog.text
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tmp_path, caplog):
     """Caches only save time: a folder that cannot be read (a truncated array, a damaged manifest) loads nothing,
     says so, and leaves the engine's own caches as they were; the call still gives the same numbers."""
@@ -1306,10 +1301,8 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     vectors = tmp_path / "caches" / "low_rank_vectors.npy"
     vectors.write_bytes(vectors.read_bytes()[:100])  # truncated after the trunk states
     second = InfluenceEngine(model, args, data_collator=pad_collator)
-    hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         assert second.load_caches(tmp_path / "caches") == []
-    hf_logging.disable_propagation()
     assert "Could not read the engine caches" in caplog.text and not second._trunks
     assert second.compute_influences(train, test).to_pandas().equals(expected)
     gradient = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
@@ -1327,10 +1320,8 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     (tmp_path / "indexed" / CACHE_MANIFEST).write_text(json.dumps(manifest))  # load_caches: rebuilt then, warned
     reader = InfluenceEngine(model, gradient, data_collator=pad_collator)
     assert "gradient_index" in reader.load_caches(tmp_path / "indexed")
-    hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         assert reader.compute_influences(train, test).to_pandas().equals(with_index)
-    hf_logging.disable_propagation()
     assert "Could not read the saved gradient index" in caplog.text
     first.save_caches(tmp_path / "intact")
     (tmp_path / "intact" / CACHE_MANIFEST).write_text("{not json")  # a damaged manifest, intact arrays
@@ -1341,10 +1332,8 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     states[0] += 1.0
     np.save(tmp_path / "edited" / "trunk-0.npy", states)
     edited = InfluenceEngine(model, args, data_collator=pad_collator)
-    hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         assert edited.load_caches(tmp_path / "edited") == []
-    hf_logging.disable_propagation()
     assert "trunk-0.npy changed since it was saved" in caplog.text
     assert edited.compute_influences(train, test).to_pandas().equals(expected)
 

@@ -157,33 +157,25 @@ def test_ragged_rows_without_padding_collator(setup):
         compute_influences(model, train, test, default_arguments(**FAST))
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_lissa_batch_larger_than_the_training_set_is_warned_of(setup, pad_collator, caplog):
     """B 30 over 20 rows: every step's batch holds rows twice (a helper's new-user trial: B 100 over 40 rows ran
     without a word); the influence is still finite, from batches that weigh every row alike over the steps."""
     model, train, test = setup
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            table = compute_influences(model, train, test, default_arguments(
-                **(FAST | {"influence_solver": "lissa", "influence_batch_size": 30})), data_collator=pad_collator)
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level(logging.WARNING):
+        table = compute_influences(model, train, test, default_arguments(
+            **(FAST | {"influence_solver": "lissa", "influence_batch_size": 30})), data_collator=pad_collator)
     assert "influence_batch_size=30 is more than the 20 training rows" in caplog.text
     assert "influence_batch_size=20 or less" in caplog.text
     assert np.isfinite(table.to_pandas().influence).all()
 
 
+@pytest.mark.usefixtures("propagating")
 def test_k_larger_than_the_training_set_is_clamped_with_a_warning(setup, pad_collator, caplog):
     model, train, test = setup
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         table = compute_influences(model, train, test, default_arguments(**(FAST | {"influence_knn_k": 500})),
                                    data_collator=pad_collator)
-    hf_logging.disable_propagation()
     assert "exceeds the 20 candidate rows" in caplog.text
     assert len(table) == 2 * 20
     assert table.metadata["settings"]["influence_knn_k_used"] is None
@@ -196,19 +188,14 @@ def test_params_matching_nothing(setup, pad_collator):
                            data_collator=pad_collator)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_pattern_matching_nothing_next_to_others_is_named(pad_collator, caplog):
     """A typo in one of several patterns ran silently on what the others select (a warning, not a refusal: a list
     written for several architectures may miss a part on one of them, as the paper's `pooler` on RoBERTa)."""
-    from transformers.utils import logging as hf_logging
-
     from hf_fastif.params import select_parameters
 
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            chosen = select_parameters(tiny_model("bert"), [r"classifier\.", r"encoder\.layers\.1\."])
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level(logging.WARNING):
+        chosen = select_parameters(tiny_model("bert"), [r"classifier\.", r"encoder\.layers\.1\."])
     assert list(chosen) == ["classifier.weight", "classifier.bias"]
     assert r"['encoder\\.layers\\.1\\.'] match no parameter of BertForSequenceClassification" in caplog.text
 
@@ -367,29 +354,24 @@ def test_lissa_detects_divergence_when_the_check_is_off(setup, pad_collator):
         compute_influences(model, train, test, args, data_collator=pad_collator)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_recursion_too_short_for_its_damping_is_warned(setup, pad_collator, caplog):
     """J 5 at damp 0.01 returned s_test 44% off the exact solve without a word (a review's repro): J·damp well below
     1 is named, with the depth that reaches the paper's J·damp = 5; a converging depth is not."""
     model, train, test = setup
-    from transformers.utils import logging as hf_logging
-
     lissa = FAST | {"influence_solver": "lissa", "influence_damping": 0.0123, "influence_scale": 20.0,
                     "influence_check_convergence": False}
     logging.Logger.warning_once.cache_clear()  # (transformers' once per process: other tests may have said it)
-    hf_logging.enable_propagation()
-    try:
-        for depth in (500, 3):
-            with caplog.at_level(logging.WARNING):
-                caplog.clear()
-                table = compute_influences(model, train, test, default_arguments(**(lissa | {
-                    "influence_recursion_depth": depth})), data_collator=pad_collator)
-            # the share left out is in the table's diagnostics, warned of or not
-            assert table.metadata["diagnostics"]["lissa_truncation_share"] == pytest.approx(
-                (1 - 0.0123) ** (depth + 1), rel=1e-9)
-            if depth == 500:  # (1 - 0.0123)^501 = 0.2%
-                assert "LiSSA stops" not in caplog.text
-    finally:
-        hf_logging.disable_propagation()
+    for depth in (500, 3):
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            table = compute_influences(model, train, test, default_arguments(**(lissa | {
+                "influence_recursion_depth": depth})), data_collator=pad_collator)
+        # the share left out is in the table's diagnostics, warned of or not
+        assert table.metadata["diagnostics"]["lissa_truncation_share"] == pytest.approx(
+            (1 - 0.0123) ** (depth + 1), rel=1e-9)
+        if depth == 500:  # (1 - 0.0123)^501 = 0.2%
+            assert "LiSSA stops" not in caplog.text
     assert ("influence_recursion_depth=3 with influence_damping=0.0123: LiSSA stops after J steps, where along "
             "directions of little curvature it has summed only 5% of its series (up to 95% of s_test missing there)"
             in caplog.text)
@@ -533,26 +515,21 @@ def test_bad_labels_of_other_heads_are_named_before_any_work(kind, edit, match, 
                            candidate_dataset=candidates)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_multi_label_target_outside_0_1_is_warned(pad_collator, caplog):
     """A -100 in a multi-hot row (meant as "ignored") is a target value for binary cross-entropy: that row's influence
     came out ~30x larger, without a word (a review's repro). Warned once with its row; 0 / 1 and soft targets are not,
     nor lists of class ids, which are refused instead."""
-    from transformers.utils import logging as hf_logging
-
     model = tiny_model("bert", num_labels=3)
     model.config.problem_type = "multi_label_classification"
     rows = make_token_dataset(6, seed=0).map(lambda r, i: {"labels": [1.0, 0.25, float(i % 2)]}, with_indices=True,
                                              remove_columns="labels")
     bad = rows.map(lambda r, i: {"labels": [1.0, -100.0, 0.0] if i in (2, 4) else r["labels"]}, with_indices=True)
     args = default_arguments(**FAST)
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            compute_influences(model, rows, rows.select([0]), args, data_collator=pad_collator)
-            assert "multi-label target" not in caplog.text
-            compute_influences(model, bad, rows.select([0]), args, data_collator=pad_collator)
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level(logging.WARNING):
+        compute_influences(model, rows, rows.select([0]), args, data_collator=pad_collator)
+        assert "multi-label target" not in caplog.text
+        compute_influences(model, bad, rows.select([0]), args, data_collator=pad_collator)
     assert caplog.text.count("multi-label target") == 1
     assert ("train_dataset row 2 has the multi-label target -100, outside [0, 1]: binary cross-entropy reads it as a "
             "target value (-100 means 'ignored' only for class ids)" in caplog.text)
@@ -850,11 +827,10 @@ def test_rows_transformed_on_the_fly_or_streamed_are_refused_with_the_fix(setup,
                            data_collator=pad_collator)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_scores_that_are_not_finite_are_named(setup, pad_collator, caplog, tmp_path):
     """A float16 causal LM's gradients overflow on some rows: 16 of 24 values came back NaN without a word. They
     stay in the table (everything else was computed), named in a warning and in the diagnostics."""
-    from transformers.utils import logging as hf_logging
-
     model, train, test = setup
     poisoned = Dataset.from_dict({"input_ids": [[1, 7, 8], [1, 2, 3, 4], [1, 9]],
                                   "attention_mask": [[1] * 3, [1] * 4, [1] * 2], "labels": [0, 1, 0]})
@@ -865,13 +841,9 @@ def test_scores_that_are_not_finite_are_named(setup, pad_collator, caplog, tmp_p
 
     clean = Dataset.from_dict({k: [[t if t != 2 else 3 for t in row] for row in train[k]] if k == "input_ids"
                                else train[k] for k in train.column_names})
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            table = compute_influences(model, clean, test, default_arguments(**(FAST | {"influence_solver": "exact"})),
-                                       data_collator=pad_collator, loss_fn=loss, candidate_dataset=poisoned)
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level(logging.WARNING):
+        table = compute_influences(model, clean, test, default_arguments(**(FAST | {"influence_solver": "exact"})),
+                                   data_collator=pad_collator, loss_fn=loss, candidate_dataset=poisoned)
     values = table.to_pandas().set_index(["test_id", "train_id"]).influence
     assert np.isnan(values.xs(1, level="train_id")).all() and np.isfinite(values.drop(1, level="train_id")).all()
     assert table.metadata["diagnostics"]["non_finite_scores"] == {"count": 2, "train_ids": [1], "num_train_ids": 1}

@@ -235,24 +235,21 @@ def test_a_collator_object_a_collator_function_calls_from_its_module_is_followed
             held.compute_influences(train, test)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_backward_hook_is_warned_about_once(data, caplog):
     """Backward hooks reach influence's gradients and HVPs but not its forward-mode scoring: the values mix the hooked
     and the unhooked model, and nothing said so."""
     import logging
 
-    from transformers.utils import logging as hf_logging
-
     model, train, test, collator = data
     model = copy.deepcopy(model)
     handle = model.bert.pooler.register_full_backward_hook(lambda module, grad_input, grad_output: None)
-    hf_logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING), InfluenceEngine(model, default_arguments(**BASE),
                                                                data_collator=collator) as engine:
             engine.compute_influences(train, test)
             engine.compute_influences(train, test)
     finally:
-        hf_logging.disable_propagation()
         handle.remove()
     assert caplog.text.count("Backward hooks are registered on bert.pooler") == 1
     assert "its forward-mode scoring does not" in caplog.text
@@ -279,14 +276,13 @@ def test_a_forward_replaced_with_what_it_reads_changed_is_seen(data):
         np.testing.assert_allclose(held.influence, fresh.influence, rtol=1e-10, atol=0)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_what_the_engines_own_calls_record_keeps_its_caches(data, monkeypatch, caplog):
     """A backward hook that records gradient norms as floats, and a replaced forward that records ``.item()`` values,
     changed the modules' state on every forward: a held engine rebuilt every cache on every call (0.03 s became 0.8 s
     on a tiny BERT) and warned about the hook each time. What the engine's own last call left counts as unchanged; a
     change made between calls still keys the caches anew."""
     import logging
-
-    from transformers.utils import logging as hf_logging
 
     import hf_fastif.engine as engine_module
 
@@ -306,7 +302,6 @@ def test_what_the_engines_own_calls_record_keeps_its_caches(data, monkeypatch, c
         return out
 
     dense.forward = recording
-    hf_logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING), InfluenceEngine(model, default_arguments(**BASE),
                                                                data_collator=collator) as held:
@@ -319,7 +314,6 @@ def test_what_the_engines_own_calls_record_keeps_its_caches(data, monkeypatch, c
             held.compute_influences(train, test)
             assert built == [len(train), len(test)] * 2
     finally:
-        hf_logging.disable_propagation()
         handle.remove()
     pd.testing.assert_frame_equal(first, second)
     assert caplog.text.count("Backward hooks are registered on bert.pooler") == 1

@@ -547,29 +547,24 @@ def test_bf16_model_gives_float32_accurate_lissa(pad_collator):
     assert error < 0.01, error  # measured 0.2% (the iterate in bf16: tens of %)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_half_precision_influence_parameters_are_warned_with_the_float32_copy(pad_collator, caplog):
     """A bfloat16 model's influence was ~0.3% off, as documented, but its rankings moved (Spearman 0.84 with float64
     in a review's check) without a word; its float32 copy is not warned."""
     import logging
-
-    from transformers.utils import logging as hf_logging
 
     train, test = make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
     args = default_arguments(influence_solver="exact", influence_params=[r"classifier\."], influence_damping=0.05,
                              influence_scale=20.0, influence_knn_k=None, disable_tqdm=True)
     model16 = tiny_model("bert", dtype=torch.bfloat16)
     logging.Logger.warning_once.cache_clear()  # (transformers' once per process: other tests may have said it)
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            compute_influences(model16.float(), train, test, args, data_collator=pad_collator)
-            assert "of the model's parameters are" not in caplog.text
-            compute_influences(model16.to(torch.bfloat16), train, test, args, data_collator=pad_collator)
-            model16.classifier.float()  # float32 influence parameters on a bf16 trunk: its forwards are bf16 all the same
-            model16.classifier.register_forward_pre_hook(lambda m, a: tuple(x.to(m.weight.dtype) for x in a))
-            compute_influences(model16, train, test, args, data_collator=pad_collator)
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level(logging.WARNING):
+        compute_influences(model16.float(), train, test, args, data_collator=pad_collator)
+        assert "of the model's parameters are" not in caplog.text
+        compute_influences(model16.to(torch.bfloat16), train, test, args, data_collator=pad_collator)
+        model16.classifier.float()  # float32 influence parameters on a bf16 trunk: its forwards are bf16 all the same
+        model16.classifier.register_forward_pre_hook(lambda m, a: tuple(x.to(m.weight.dtype) for x in a))
+        compute_influences(model16, train, test, args, data_collator=pad_collator)
     trunk = sum(p.numel() for p in model16.parameters() if p.dtype == torch.bfloat16)
     assert f"{trunk:,} of the model's parameters are bfloat16: its forwards" in caplog.text
     count = sum(p.numel() for p in model16.parameters())

@@ -632,13 +632,12 @@ def test_a_first_position_cache_that_fails_keeps_every_position(pad_collator, tm
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.usefixtures("propagating")
 def test_a_failed_cut_says_only_speed_is_lost_and_names_half_precision_rounding(pad_collator, tmp_path, monkeypatch,
                                                                                 caplog, dtype):
     """The warning of a cut that failed its check: nothing but speed is lost, and in half precision the likely cause
     is the rounding of the cut's smaller products (a new user's trained bfloat16 tiny BERT: 0.0068 against the
     1e-4 every split is held to), which a float32 copy avoids; a float64 model's is not blamed on rounding."""
-    from transformers.utils import logging as hf_logging
-
     from hf_fastif import engine as engine_module
 
     verify = engine_module.verify_split
@@ -647,13 +646,9 @@ def test_a_failed_cut_says_only_speed_is_lost_and_names_half_precision_rounding(
     model = tiny_model("bert", dtype=dtype)
     args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="cg",
                               influence_damping=0.05, influence_scale=20.0, disable_tqdm=True, influence_knn_k=None)
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level("WARNING"):
-            _table(InfluenceEngine(model, args, data_collator=pad_collator), make_token_dataset(12, seed=0),
-                   make_token_dataset(2, seed=1))
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level("WARNING"):
+        _table(InfluenceEngine(model, args, data_collator=pad_collator), make_token_dataset(12, seed=0),
+               make_token_dataset(2, seed=1))
     assert "The trunk keeps every position (only speed is lost): the first position alone changed the logits by " \
            "0.0068" in caplog.text
     assert ("bfloat16 rounding, most likely" in caplog.text) == (dtype == torch.bfloat16)

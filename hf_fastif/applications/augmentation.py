@@ -17,6 +17,7 @@ from transformers.utils import logging
 from ..arguments import InfluenceArguments
 from ..data import load_anli, load_hans, tokenize_nli
 from ..data.loaders import local_columns
+from ..parsing import check_positive_counts
 from .common import ApplicationData, check_num_labels, refuse_shared_rows, shared_rows, two_label_loss
 from .correction import CorrectionArguments, CorrectionResult, check_correction, run_correction
 from .prepare import Setup
@@ -40,9 +41,7 @@ class PoolArguments:
     max_pool_samples: int | None = field(default=None, metadata={"help": "Use a seeded subset of the pool."})
 
     def __post_init__(self):
-        if self.max_pool_samples is not None and self.max_pool_samples < 1:  # -5 dropped 5 rows, 0 failed late
-            raise ValueError(f"--max_pool_samples must be at least 1 (omit it for the whole pool), got "
-                             f"{self.max_pool_samples}.")
+        check_positive_counts(self, "max_pool_samples")  # (-5 dropped 5 rows, 0 failed late)
         if self.pool_format not in POOL_FORMATS:
             raise ValueError(f"--pool_format must be one of {', '.join(POOL_FORMATS)}, got {self.pool_format!r}.")
 

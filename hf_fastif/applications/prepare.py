@@ -37,7 +37,6 @@ from .. import distributed as D
 from ..arguments import InfluenceArguments
 from ..batches import usable_positions
 from ..data import (
-    MIN_MAX_LENGTH,
     generate_nli,
     label_names,
     load_hans,
@@ -46,7 +45,7 @@ from ..data import (
     tokenize_nli,
 )
 from ..data.loaders import hub_offline
-from ..data.tokenization import MODEL_MAX_LENGTH, resolve_max_length
+from ..data.tokenization import MODEL_MAX_LENGTH, check_min_max_length, resolve_max_length
 from ..embedded import (
     DEFAULT_KIND,
     KINDS,
@@ -61,14 +60,13 @@ from ..embedded import (
     minilm_description,
     train_embedded_model,
 )
-from ..parsing import check_flags, check_output_flag, flag_refusals, parse_arguments
+from ..parsing import check_flags, check_output_flag, check_positive_counts, flag_refusals, parse_arguments
 from ..trainer import InfluenceTrainer
 from ..utils import check_output_dir
 from .common import ApplicationData, check_num_labels, heuristics_in, model_report
 
 logger = logging.get_logger(__name__)
 
-PAPER_MODEL = "bert-base-cased"
 PAPER_TRAINING: dict = dict(num_train_epochs=3.0, learning_rate=2e-5, per_device_train_batch_size=32,
                             save_strategy="no", logging_strategy="steps", logging_steps=200, report_to="none")
 """Fine-tuning of a pretrained model as in the paper (3 epochs at lr 2e-5, batch 32)."""
@@ -136,16 +134,12 @@ class ModelDataArguments:
 
     def __post_init__(self):
         if self.fine_tune not in FINE_TUNE:
-            raise ValueError(f"--fine_tune must be auto, always or never, got {self.fine_tune!r}.")
+            raise ValueError(f"--fine_tune must be one of {', '.join(FINE_TUNE)}, got {self.fine_tune!r}.")
         label_names(self.num_labels)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}.")
-        # 0-2 cut nothing (while the warning said every pair was cut)
-        if self.max_length is not None and self.max_length < MIN_MAX_LENGTH:
-            raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
-                             f"tokens and words), got {self.max_length}.")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"--num_threads must be at least 1, got {self.num_threads}.")
+        check_min_max_length(self.max_length)
+        check_positive_counts(self, "num_threads", "max_train_samples")
         if self.trainable_layers is not None and self.trainable_layers < 0:  # (-1 ran as 0)
             raise ValueError(f"--trainable_layers must be at least 0 (0: only the pooler and the classifier), got "
                              f"{self.trainable_layers}.")
@@ -153,8 +147,6 @@ class ModelDataArguments:
             raise ValueError(f"--num_labels {self.num_labels}: the embedded models (minilm, tiny) have 2 labels "
                              "(MNLI-2: entailment / non_entailment). For 3 labels pass --model_name_or_path (a 3-label "
                              "checkpoint, or a base model to fine-tune) with --train_dataset.")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"--max_train_samples must be at least 1, got {self.max_train_samples}.")
         if self.embedded_model is not None:
             embedded_kind(self.embedded_model)
             if self.model_name_or_path is not None:

@@ -450,7 +450,7 @@ def check_simulatability(setup: Setup, protocol: SimulatabilityArguments) -> str
     simulator checkpoint, if one."""
     protocol.validate()
     refuse_few_candidates(len(setup.data.train), setup.args.influence_knn_k, protocol.num_points, "Each test point")
-    if protocol.simulator not in ("trained", "copy"):
+    if protocol.simulator not in SIMULATORS:
         checkpoint = resolve_model(protocol.simulator)
         check_simulator_checkpoint(checkpoint, setup)
         return checkpoint

@@ -25,6 +25,13 @@ MODEL_MAX_LENGTH = 128
 the paper's, as its MNLI fine-tuning (run_glue's ``max_seq_length``) cut pairs."""
 
 
+def check_min_max_length(max_length: int | None) -> None:
+    """Refuse a ``--max_length`` below `MIN_MAX_LENGTH` (0-2 cut nothing, while the warning said every pair was cut)."""
+    if max_length is not None and max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
+                         f"tokens and words), got {max_length}.")
+
+
 def resolve_max_length(max_length: int | None, positions: int | None, model: str = "the model") -> int:
     """``--max_length`` for a model with ``positions`` usable positions (None: no limit), as ``hf-fastif build`` and
     the recipes read it: unset, `MODEL_MAX_LENGTH` or the positions if fewer; given, refused above them (the recipes
