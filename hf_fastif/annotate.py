@@ -35,7 +35,8 @@ class TextSource:
 
 def save_with_text(table: InfluenceTable, directory: str | os.PathLike, *, train: TextSource | None = None,
                    test: TextSource | None = None, model: nn.Module | None = None, model_name: str | None = None,
-                   predictions: Sequence[int] | None = None) -> InfluenceTable:
+                   predictions: Sequence[int] | None = None,
+                   label_names: Sequence[str] | None = None) -> InfluenceTable:
     """Record the model (name, weights fingerprint, label names) and the data (name, split) in ``table``'s
     metadata, add the rows' text (`TRAIN_TEXT`, `TEST_TEXT`) and the model's ``predictions`` on the test rows,
     save the result to ``directory`` and return it.
@@ -45,6 +46,7 @@ def save_with_text(table: InfluenceTable, directory: str | os.PathLike, *, train
         train / test: the untokenized rows the table's ids refer to.
         model: the model the table was computed with; ``model_name`` is recorded as its ``name_or_path``.
         predictions: the model's label for each test row (a ``test_prediction`` column).
+        label_names: the labels' names, index = label id (default: the model's ``config.id2label``).
     """
     metadata = table.metadata
     if model is not None:
@@ -53,6 +55,8 @@ def save_with_text(table: InfluenceTable, directory: str | os.PathLike, *, train
         config = getattr(model, "config", None)
         if getattr(config, "id2label", None):
             metadata["label_names"] = [config.id2label[i] for i in range(config.num_labels)]
+    if label_names is not None:
+        metadata["label_names"] = list(label_names)
     for key, source in (("train_data", train), ("test_data", test)):
         if source is not None and source.name is not None:
             metadata[key] = (metadata.get(key) or {}) | {"name": source.name, "split": source.split}

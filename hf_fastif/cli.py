@@ -39,21 +39,21 @@ from transformers import (
 from transformers.utils import logging
 
 from .annotate import TextSource, save_with_text
-from .applications.common import check_num_labels, predict
+from .applications.common import check_num_labels, generic_labels, predict
 from .applications.prepare import resolve_model
 from .arguments import InfluenceArguments
 from .batches import usable_positions
 from .builder import build_influence_table
 from .data import (
-    MIN_MAX_LENGTH,
     MODEL_MAX_LENGTH,
     NLI_MAX_LENGTH,
+    label_names,
     load_hans,
     load_mnli,
     tokenize_nli,
 )
 from .data.loaders import local_columns
-from .data.tokenization import resolve_max_length
+from .data.tokenization import check_min_max_length, resolve_max_length
 from .distributed import finish, is_main_process, on_main
 from .embedded import (
     DEFAULT_KIND,
@@ -64,7 +64,7 @@ from .embedded import (
 from .engine import InfluenceEngine
 from .gradient_index import check_projection_dim
 from .params import num_parameters, select_parameters
-from .parsing import HELP_FLAGS, parse_with_defaults
+from .parsing import HELP_FLAGS, check_positive_counts, parse_with_defaults
 from .recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
@@ -130,17 +130,8 @@ class BuildArguments:
                                       "piece of work."})
 
     def __post_init__(self):
-        _positive_counts(self, "max_train_samples", "max_test_samples", "shard_size")
+        check_positive_counts(self, "max_train_samples", "max_test_samples", "shard_size")
         _check_max_length(self)
-
-
-def _positive_counts(flags, *names: str) -> None:
-    """Refuse a row count below 1 (0 used to mean "all rows" without a word), before any work or folder."""
-    for name in names:
-        value = getattr(flags, name)
-        if value is not None and value < 1:
-            hint = " (omit it for every row)" if name.startswith("max_") else ""
-            raise ValueError(f"--{name} must be at least 1{hint}, got {value}.")
 
 
 def _check_max_length(flags) -> None:
@@ -151,9 +142,7 @@ def _check_max_length(flags) -> None:
     if flags.model_name_or_path is None:
         raise ValueError(f"--max_length needs --model_name_or_path: the embedded default's pairs are cut at "
                          f"{NLI_MAX_LENGTH} word pieces, as its model was fine-tuned. Drop it.")
-    if flags.max_length < MIN_MAX_LENGTH:
-        raise ValueError(f"--max_length must be at least {MIN_MAX_LENGTH} word pieces (a pair needs its special "
-                         f"tokens and words), got {flags.max_length}.")
+    check_min_max_length(flags.max_length)
 
 
 SECRET_FLAG = re.compile(r"^--?[\w-]*token(?:=|$)", re.IGNORECASE)
@@ -273,7 +262,9 @@ def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path
     # under `accelerate launch` every process holds the table; one writes it (its failure stops every process)
     on_main(lambda: save_with_text(table, out / "table", model=model, model_name=build.model_name_or_path,
                                    train=TextSource(train, build.train_dataset, build.train_split),
-                                   test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions),
+                                   test=TextSource(test, build.test_dataset, build.test_split), predictions=predictions,
+                                   label_names=label_names(model.config.num_labels) if generic_labels(model.config)
+                                   else None),
             f"Writing {out / 'table'}")
     finish()  # under `accelerate launch`: every process waits for the writer, then the process group closes
 
@@ -306,6 +297,12 @@ def _nli_data(config, source) -> tuple[Dataset, Dataset]:
     subcase; MNLI format otherwise) named by ``source`` (build or recall arguments), after checking that the
     model's labels are in the data's order (0 = entailment, ...)."""
     num_labels = check_num_labels(config, (2, 3), "NLI data")
+    if generic_labels(config):  # (a trial's `show` then printed LABEL_1 for a row the file labelled neutral)
+        names = label_names(num_labels)
+        logger.warning(f"The labels of {source.model_name_or_path} are not named (config.id2label "
+                       f"{list(config.id2label.values())}): they are read in the NLI data's order, "
+                       f"{', '.join(f'{i} = {n}' for i, n in enumerate(names))}, and the table names them so. If the "
+                       "checkpoint was fine-tuned with another order, set config.id2label to it.")
     train = load_mnli(source.train_dataset, split=source.train_split, num_labels=num_labels)
     columns = local_columns(source.test_dataset) or []
     try:
@@ -512,7 +509,7 @@ class RecallArguments:
     max_length: int | None = dataclasses.field(default=None, metadata={"help": MAX_LENGTH_HELP})
 
     def __post_init__(self):
-        _positive_counts(self, "max_train_samples", "num_test_points")
+        check_positive_counts(self, "max_train_samples", "num_test_points")
         _check_max_length(self)
 
 

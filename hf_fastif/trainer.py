@@ -7,20 +7,26 @@ import math
 import torch
 from datasets import Dataset
 from transformers import Trainer
+from transformers.training_args import ParallelMode
 from transformers.utils import logging
 
 from . import distributed as D
 from .arguments import InfluenceArguments
-from .batches import dataset_hint
+from .batches import Batcher, column_rule, dataset_hint, padding_collator_for, validate_dataset
 from .builder import build_influence_table
 from .engine import InfluenceEngine, loss_key
 from .fingerprint import callable_fingerprint, collator_key
 from .influence import default_arguments
 from .loss import LossFn
+from .mode import evaluating
 from .table import InfluenceTable
 
 logger = logging.get_logger(__name__)
 
+LOSS_CHECK_ROWS = 16
+"""Training rows on which a trainer's own loss (a ``compute_loss`` override, a ``compute_loss_func``) is compared
+with the model's own before influence uses the model's: enough to hold rows of several classes, whose weights a
+class-weighted loss would otherwise cancel."""
 
 COUPLED_OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam", "RAdam", "ASGD", "SGDScheduleFree")
 """Optimizer classes whose ``weight_decay`` adds wd·θ to the gradient (an L2 term in the loss; NAdam / RAdam unless
@@ -44,6 +50,7 @@ class InfluenceTrainer(Trainer):
                  influence_measurement_fn: LossFn | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._converted_args: tuple[dict, InfluenceArguments] | None = None  # (plain args' to_dict(), converted)
+        self._replaced_args: InfluenceArguments | None = None  # the last InfluenceArguments read (`influence_args`)
         self.influence_loss_fn = influence_loss_fn
         self.influence_measurement_fn = influence_measurement_fn
         self._influence_engine: InfluenceEngine | None = None
@@ -54,12 +61,24 @@ class InfluenceTrainer(Trainer):
             (f"{type(self).__name__}.compute_loss",
              type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
         self._trained_on = " and ".join(trained_on) or None  # (kept in each table's diagnostics: `trained_with`)
+        # (what the check of that loss against the model's found, and at which optimizer step: `_trained_loss`)
+        self._trained_loss_check: tuple[int, str | None] | None = None
         self._say_which_weight_decay()
-        if trained_on and influence_loss_fn is None:
-            logger.warning(f"This trainer trains with {self._trained_on}, but influence uses the model's "
-                           "plain loss (the head's own): the Hessian and gradients are not those of the loss that "
-                           "was trained. Pass influence_loss_fn=(outputs, batch) -> per-row loss to measure that "
-                           "one.")
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, after saying (on the main process) where a launch gives the Trainer no distributed
+        training: under ``accelerate launch --multi_gpu`` on a machine without GPUs (the CPU launch docs/parallel.md
+        gives) every process trains the whole model on every row, the same weights N times over, and only influence's
+        stages are split (a trial took it for data-parallel training; transformers' own line under it asks for
+        ``torch.distributed.launch``)."""
+        processes = D.world()[1]
+        if processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED and D.is_main_process():
+            logger.warning(f"This launch runs {processes} processes, but the Trainer trains in each of them on its own "
+                           f"(parallel_mode {self.args.parallel_mode.value}: no DDP without GPUs): every process "
+                           "trains the whole model on every row, to the same weights, and only the influence stages "
+                           "are split between the processes. Train in one process and launch for influence alone to "
+                           "save the repeated work (docs/parallel.md).")
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's, once it knows whether the model's loss reads ``num_items_in_batch``.
@@ -120,6 +139,7 @@ class InfluenceTrainer(Trainer):
         ``influence_*`` defaults), kept while they stay the same, and made again when they change, with the
         ``influence_*`` settings set on the kept one."""
         if isinstance(self.args, InfluenceArguments):
+            self._replaced_args = self.args
             return self.args
         plain = self.args.to_dict()
         if self._converted_args is None or self._converted_args[0] != plain:
@@ -129,6 +149,15 @@ class InfluenceTrainer(Trainer):
                 held = self._converted_args[1]
                 fields |= {k: getattr(held, k) for k in own if k.startswith("influence_") and own[k].init}
             self._converted_args = (plain, default_arguments(**fields))
+            if self._replaced_args is not None:  # (InfluenceArguments replaced by plain ones: a trial's J 1000 run)
+                old, new = self._replaced_args.influence_settings(), self._converted_args[1].influence_settings()
+                changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+                if changed:
+                    logger.warning("trainer.args are plain TrainingArguments now, which replaced InfluenceArguments: "
+                                   f"influence takes the paper's settings ({'; '.join(changed)}). Set "
+                                   "trainer.args to InfluenceArguments to keep your own (or set them on "
+                                   "trainer.influence_args).")
+                self._replaced_args = None
         return self._converted_args[1]
 
     def _say_which_weight_decay(self) -> None:
@@ -189,12 +218,63 @@ class InfluenceTrainer(Trainer):
         elif engine.data_collator is not self.data_collator:  # an equal collator: the engine watches this one now
             engine.data_collator, engine._collator_watch.last = self.data_collator, None
         engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
-        engine.trained_loss = self._trained_loss()
+        if isinstance(self.train_dataset, Dataset):  # (else set by the call, from its own training rows)
+            engine.trained_loss = self._trained_loss(self.train_dataset)
         return engine
 
-    def _trained_loss(self) -> str | None:
-        """What this trainer trains with instead of the model's loss (`InfluenceEngine.trained_loss`), or None."""
-        return None if self._trained_on is None else f"trained with {self._trained_on}"
+    def _trained_loss(self, train: Dataset | None) -> str | None:
+        """What this trainer trains with instead of the model's loss (`InfluenceEngine.trained_loss`), or None.
+
+        A ``compute_loss`` override or a ``compute_loss_func`` may train a plain Trainer's loss (an override that
+        counts tokens and returns ``super()``'s was warned about at construction, and its tables carried the note).
+        Its loss is compared with a plain Trainer's on the first `LOSS_CHECK_ROWS` training rows (eval mode, no
+        gradient) and named, in a warning and in each table's ``trained_with``, only where the two differ or could
+        not be compared. A difference is kept; a match is checked again after the optimizer stepped (a
+        class-weighted loss can tie at some weights, as at initialisation)."""
+        if self._trained_on is None or self.influence_loss_fn is not None:
+            return None
+        step = self.state.global_step
+        if self._trained_loss_check is None or (self._trained_loss_check[1] is None
+                                                 and self._trained_loss_check[0] != step):
+            compared = self._trainer_and_model_loss(train)
+            same = compared is not None and abs(compared[0] - compared[1]) <= 1e-4 * max(map(abs, compared)) + 1e-6
+            note = None if same else f"trained with {self._trained_on}"
+            if same:
+                logger.info(f"{self._trained_on} gives the model's own loss (a plain Trainer's) on the first "
+                            f"training rows ({compared[0]:.6g}): influence uses that loss.")
+            elif self._trained_loss_check is None or self._trained_loss_check[1] is None:
+                found = ("could not be compared with the model's own loss on the first training rows" if compared
+                         is None else f"gives {compared[0]:.6g} on the first training rows, where the model's own "
+                         f"loss (a plain Trainer's) is {compared[1]:.6g}")
+                logger.warning(f"This trainer trains with {self._trained_on}, which {found}, but influence uses the "
+                               "model's plain loss (the head's own): the Hessian and gradients are not those of the "
+                               "loss that was trained. Pass InfluenceTrainer(..., influence_loss_fn=(outputs, batch) "
+                               "-> per-row loss) to measure that one.")
+            self._trained_loss_check = (step, note)
+        return self._trained_loss_check[1]
+
+    def _trainer_and_model_loss(self, train: Dataset | None) -> tuple[float, float] | None:
+        """``(this trainer's loss, a plain Trainer's)`` on the first `LOSS_CHECK_ROWS` rows of ``train``, collated as
+        influence collates them, or None where either cannot be computed (a loss that reads a column influence does
+        not keep, a model without a loss). A plain Trainer's loss is the model's own, or with label smoothing the
+        default loss's (the engine checks the default loss against the model's own)."""
+        model, func = self._influence_model(), getattr(self, "compute_loss_func", None)
+        try:
+            columns = validate_dataset(train, "train_dataset", model, **column_rule(self.args))
+            rows = Batcher(train, columns, self.data_collator, next(model.parameters()).device,
+                           padding_collator=padding_collator_for(model))
+            batch = rows.batch(list(range(min(LOSS_CHECK_ROWS, len(train)))))
+            with torch.no_grad(), evaluating(model):
+                trained = self.compute_loss(model, dict(batch))
+                self.compute_loss_func = None
+                plain = InfluenceTrainer.compute_loss(self, model, dict(batch))
+            values = (float(trained.detach().float()), float(plain.detach().float()))
+        except Exception as err:  # (the user's loss or model: anything it raises means "not compared")
+            logger.debug(f"This trainer's loss could not be compared with a plain Trainer's ({err}).")
+            return None
+        finally:
+            self.compute_loss_func = func
+        return values if all(map(math.isfinite, values)) else None
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
                            candidate_dataset: Dataset | None = None, train_dataset: Dataset | None = None,
@@ -206,6 +286,7 @@ class InfluenceTrainer(Trainer):
         """
         train = self._influence_train(train_dataset, "compute_influences")
         engine = self.influence_engine(loss_fn=loss_fn, measurement_fn=measurement_fn, features=features)
+        engine.trained_loss = self._trained_loss(train)
         return engine.compute_influences(train, test_dataset, combine=combine, candidate_dataset=candidate_dataset)
 
     def build_influence_table(self, test_dataset: Dataset, output_dir: str, *, shard_size: int = 64,
@@ -217,7 +298,7 @@ class InfluenceTrainer(Trainer):
         kwargs.setdefault("loss_fn", self.influence_loss_fn)
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
         kwargs.setdefault("data_collator", self.data_collator)
-        kwargs.setdefault("trained_loss", self._trained_loss())
+        kwargs.setdefault("trained_loss", self._trained_loss(train))
         return build_influence_table(self._influence_model(), train, test_dataset, output_dir, self.influence_args,
                                      shard_size=shard_size, **kwargs)
 

@@ -36,21 +36,16 @@ def test_the_build_says_its_stages(tmp_path, capsys) -> None:
     assert "[hf-fastif] computing the influence table of 2 test rows over 60 training rows" in err
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_build_whose_model_learned_nothing_says_so(tmp_path, caplog) -> None:
     """60 rows, one epoch: the tiny model stays at chance, and its table ranks the rows by noise; the build says so
     and records the training accuracy (a new user's 200-row build came back without a word)."""
-    from transformers.utils import logging as hf_logging
-
     from hf_fastif.applications.common import at_chance
 
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level("WARNING"):
-            assert main(["build", "--output-dir", str(tmp_path / "b"), "--embedded_model", "tiny",
-                         "--max_train_samples", "60", "--max_test_samples", "2", "--num_train_epochs", "1",
-                         "--influence_knn_k", "8"]) == 0
-    finally:
-        hf_logging.disable_propagation()
+    with caplog.at_level("WARNING"):
+        assert main(["build", "--output-dir", str(tmp_path / "b"), "--embedded_model", "tiny",
+                     "--max_train_samples", "60", "--max_test_samples", "2", "--num_train_epochs", "1",
+                     "--influence_knn_k", "8"]) == 0
     accuracy = InfluenceTable.load(tmp_path / "b" / "table").metadata["embedded_build"]["fine_tuning"]["train_accuracy"]
     assert 0 <= accuracy <= 1
     labels = pd.read_parquet(tmp_path / "b" / "train.parquet")["label"].to_numpy()
@@ -504,6 +499,37 @@ def test_an_embedded_build_is_not_reused_once_another_build_replaced_its_table(t
     assert "reusing the finished build" not in capsys.readouterr().err
     table = InfluenceTable.load(out / "table")
     assert len(table.test_ids) == 2 and table.metadata["embedded_build"]["kind"] == "tiny"
+
+
+def test_a_checkpoint_with_unnamed_labels_says_the_order_it_is_read_in(tiny_build, tmp_path, capsys) -> None:
+    """A checkpoint fine-tuned without label names (LABEL_0, LABEL_1) was read in the NLI order without a word, and
+    `show` printed LABEL_1 for a row the data file labelled non_entailment. The build says the order it assumes,
+    and the table names the labels as the data does; a checkpoint with names keeps its own."""
+    import shutil
+
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    folder = tmp_path / "unnamed"
+    shutil.copytree(tiny_build / "embedded" / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "LABEL_0", "1": "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"premise": "The doctor saw the artist.", "hypothesis": "The artist saw the doctor.",
+                                     "label": "non_entailment"}) + "\n")
+    for model, named in ((folder, False), (tiny_build / "embedded" / "model", True)):
+        args = _model_build(tiny_build, tmp_path / f"out-{named}", test_file, "--influence_knn_k", "5")
+        args[args.index("--model_name_or_path") + 1] = str(model)
+        with CaptureLogger(logging.get_logger("hf_fastif.cli")) as captured:
+            assert main(args) == 0
+        table = InfluenceTable.load(tmp_path / f"out-{named}" / "table")
+        assert table.metadata["label_names"] == ["entailment", "non_entailment"]
+        assert ("are not named (config.id2label ['LABEL_0', 'LABEL_1']): they are read in the NLI data's order, "
+                "0 = entailment, 1 = non_entailment" in captured.out) == (not named)
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "out-False" / "table"), "--test-id", "0", "-n", "1"]) == 0
+    assert "LABEL_" not in capsys.readouterr().out
 
 
 def test_labels_stored_as_names_or_missing_are_shown_as_they_are(tmp_path, capsys) -> None:

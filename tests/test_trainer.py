@@ -144,31 +144,45 @@ def test_arguments_replaced_after_construction_are_the_ones_influence_reads(tmp_
     np.testing.assert_allclose(table.to_pandas().influence, direct.to_pandas().influence, rtol=1e-12)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
-    """A compute_loss_func trains another loss than the one influence differentiates by default: said once, with
-    the fix; an influence_loss_fn silences it."""
+    """A compute_loss_func that trains another loss than the one influence differentiates by default is named, once,
+    with both losses and the fix; one that trains the model's own loss is not (a trial's token-counting override
+    was warned about, and its tables carried the note); an influence_loss_fn silences it."""
     import logging
 
-    from transformers.utils import logging as hf_logging
+    model, train, test = tiny_model("bert"), make_token_dataset(16, seed=0), make_token_dataset(1, seed=1)
 
-    model, train = tiny_model("bert"), make_token_dataset(8, seed=0)
+    def weighted(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 4.0], dtype=outputs.logits.dtype))
 
-    def custom(outputs, labels, num_items_in_batch=None):
+    def same(outputs, labels, num_items_in_batch=None):
         return torch.nn.functional.cross_entropy(outputs.logits, labels)
 
-    hf_logging.enable_propagation()
+    def trainer(func, **kwargs):
+        return InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+                                compute_loss_func=func, **kwargs)
+
     with caplog.at_level(logging.WARNING):
-        InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
-                         compute_loss_func=custom)
-        warned = caplog.text
+        held = trainer(weighted)
+        assert "compute_loss_func" not in caplog.text  # (named once compared, at the first influence call)
+        table = held.compute_influences(test)
+        held.compute_influences(test)
+    assert caplog.text.count("This trainer trains with a compute_loss_func, which gives ") == 1
+    assert "where the model's own loss (a plain Trainer's) is" in caplog.text
+    assert "InfluenceTrainer(..., influence_loss_fn=(outputs, batch) -> per-row loss)" in caplog.text
+    assert "trained_with" in table.metadata["diagnostics"]
+    def per_row(outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    for quiet in (trainer(same), trainer(weighted, influence_loss_fn=per_row)):
         caplog.clear()
-        InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
-                         compute_loss_func=custom, influence_loss_fn=lambda outputs, batch: outputs.logits[:, 0])
-    hf_logging.disable_propagation()
-    assert "a compute_loss_func" in warned and "influence_loss_fn" in warned
-    assert "compute_loss_func" not in caplog.text
+        with caplog.at_level(logging.WARNING):
+            table = quiet.compute_influences(test)
+        assert "compute_loss_func" not in caplog.text and "trained_with" not in table.metadata["diagnostics"]
 
 
+@pytest.mark.usefixtures("propagating")
 def test_label_smoothing_is_the_default_loss_of_its_trainer(tmp_path, pad_collator, caplog):
     """With label_smoothing_factor the Trainer trains on its LabelSmoother's loss, and the default loss is that one
     per row: its mean over a batch equals the LabelSmoother's (classifier), a row's equals it on that row alone
@@ -218,31 +232,37 @@ def test_label_smoothing_is_the_default_loss_of_its_trainer(tmp_path, pad_collat
 def _warnings(caplog, run):
     import logging
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.enable_propagation()
-    try:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            result = run()
-    finally:
-        hf_logging.disable_propagation()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = run()
     return result, caplog.text
 
 
-def test_a_compute_loss_of_a_subclass_is_named(tmp_path, pad_collator, caplog):
-    class Weighted(InfluenceTrainer):
+@pytest.mark.usefixtures("propagating")
+def test_a_compute_loss_of_a_subclass_is_named_where_it_trains_another_loss(tmp_path, pad_collator, caplog):
+    """An override that returns super()'s loss (counting tokens on the way, as a trial's did) trains the model's own
+    loss: it was warned about and noted in every table. Only one that changes the loss is named."""
+    class Counting(InfluenceTrainer):
+        seen = 0
+
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            Counting.seen += int(inputs["attention_mask"].sum())
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
-    _, warned = _warnings(caplog, lambda: Weighted(model=tiny_model("bert"), args=arguments(tmp_path),
-                                                   train_dataset=make_token_dataset(8, seed=0),
-                                                   data_collator=pad_collator))
-    assert "Weighted.compute_loss" in warned and "influence_loss_fn" in warned
-    _, warned = _warnings(caplog, lambda: InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path),
-                                                           train_dataset=make_token_dataset(8, seed=0),
-                                                           data_collator=pad_collator))
-    assert "compute_loss" not in warned
+    class Doubled(InfluenceTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return 2 * super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+    test = make_token_dataset(1, seed=1)
+    for kind, named in ((Counting, False), (Doubled, True), (InfluenceTrainer, False)):
+        trainer, warned = _warnings(caplog, lambda k=kind: k(model=tiny_model("bert"), args=arguments(tmp_path),
+                                                             train_dataset=make_token_dataset(8, seed=0),
+                                                             data_collator=pad_collator))
+        assert "compute_loss" not in warned
+        table, warned = _warnings(caplog, lambda t=trainer: t.compute_influences(test))
+        assert (f"{kind.__name__}.compute_loss, which gives" in warned) == named, kind
+        assert ("trained_with" in table.metadata["diagnostics"]) == named
+    assert Counting.seen > 0
 
 
 def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_collator):
@@ -251,7 +271,7 @@ def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_col
     train, test = make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
 
     def weighted(outputs, labels, num_items_in_batch=None):
-        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 4.0]))
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 4.0], dtype=outputs.logits.dtype))
 
     common = dict(model=tiny_model("bert"), args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
                   compute_loss_func=weighted)
@@ -295,6 +315,7 @@ class _ClassWeighted(torch.nn.Module):
         return out
 
 
+@pytest.mark.usefixtures("propagating")
 def test_a_model_whose_own_loss_differs_from_the_default_is_named(tmp_path, pad_collator, caplog):
     """Class weights in the model's forward cancel on one row, so the first 8 rows are compared together: the
     influence of the plain loss was 85% off the trained one, without a word."""
@@ -325,6 +346,7 @@ def test_a_model_whose_own_loss_differs_from_the_default_is_named(tmp_path, pad_
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.usefixtures("propagating")
 def test_a_half_precision_models_own_loss_is_compared_at_its_precision(tmp_path, pad_collator, caplog, dtype):
     """A confident model's own loss in half precision is its logits' rounding (bf16: exactly 0 against the plain
     loss's 3e-4): it was named as a loss of its own ("class weights, label smoothing or an extra term")."""
@@ -386,6 +408,7 @@ def test_a_bf16_trainer_explains_in_the_weights_dtype(tmp_path, pad_collator):
     np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_comparing_the_models_own_loss_leaves_the_model_as_it_was_and_spares_plain_models(tmp_path, pad_collator,
                                                                                         caplog):
     """transformers sets config.problem_type on the first forward with labels: that changed the model's
@@ -457,17 +480,15 @@ def test_a_call_under_no_grad_or_inference_mode_computes_the_same(tmp_path, pad_
     np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-12)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_an_autocast_a_mixed_dtype_model_needs_is_kept(tmp_path, pad_collator, caplog):
     """A bf16 body with a float32 head runs only under an autocast: switching it off failed with torch's bare
     "mat1 and mat2 must have the same dtype" (it worked before the ambient autocast was switched off)."""
     import logging
 
-    from transformers.utils import logging as hf_logging
-
     train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
     model = tiny_model("bert", dtype=torch.bfloat16)
     model.classifier.float()
-    hf_logging.enable_propagation()
     with torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.WARNING):
         table = compute_influences(model, train, test, arguments(tmp_path), data_collator=pad_collator)
     assert np.isfinite(table.to_pandas().influence).all()
@@ -488,6 +509,7 @@ def test_build_influence_table_takes_what_compute_influences_takes(tmp_path, pad
                                direct.to_pandas().sort_values(["test_id", "train_id"]).influence, rtol=1e-9)
 
 
+@pytest.mark.usefixtures("propagating")
 def test_the_trainers_weight_decay_is_said_not_to_be_influences(tmp_path, pad_collator, caplog):
     """TrainingArguments.weight_decay was silently not influence's L2 term; with SGD (a coupled L2 term) the
     warning names the influence_weight_decay that matches it."""
@@ -596,3 +618,39 @@ def test_a_kept_text_column_is_named_when_rows_cannot_be_collated(tmp_path, pad_
     trainer = InfluenceTrainer(model=tiny_model("bert"), args=args, train_dataset=add(make_token_dataset(20, seed=0)))
     with pytest.raises(ValueError, match="Rows of different lengths need a padding collator"):
         trainer.compute_influences(add(make_token_dataset(2, seed=1)))
+
+
+@pytest.mark.usefixtures("propagating")
+def test_a_launch_that_trains_in_every_process_says_so(tmp_path, pad_collator, caplog, monkeypatch):
+    """Under the CPU launch (no DDP without GPUs) every process trained the whole model on every row: a trial took it
+    for data-parallel training, with only transformers' line about torch.distributed.launch to go by. The main
+    process says so, once a train() call; one process says nothing."""
+    from hf_fastif import distributed as D
+
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path, max_steps=1),
+                               train_dataset=make_token_dataset(8, seed=0), data_collator=pad_collator)
+    _, warned = _warnings(caplog, trainer.train)
+    assert "trains in each of them" not in warned
+    monkeypatch.setattr(D, "world", lambda: (0, 2))
+    _, warned = _warnings(caplog, trainer.train)
+    assert warned.count("This launch runs 2 processes, but the Trainer trains in each of them on its own") == 1
+    monkeypatch.setattr(D, "world", lambda: (1, 2))
+    _, warned = _warnings(caplog, trainer.train)
+    assert "trains in each of them" not in warned
+
+
+@pytest.mark.usefixtures("propagating")
+def test_influence_arguments_replaced_by_plain_ones_name_the_settings_that_change(tmp_path, pad_collator, caplog):
+    """``trainer.args = TrainingArguments(...)`` after InfluenceArguments took the paper's settings (LiSSA, J 1000:
+    hours on a real model) without a word (a trial's). Said once, with each setting that changes."""
+    from transformers import TrainingArguments
+
+    trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path, influence_damping=1.0),
+                               train_dataset=make_token_dataset(8, seed=0), data_collator=pad_collator)
+    trainer.args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    settings, warned = _warnings(caplog, lambda: trainer.influence_args)
+    assert settings.influence_damping == 5e-3 and settings.influence_solver == "lissa"
+    assert "trainer.args are plain TrainingArguments now, which replaced InfluenceArguments" in warned
+    assert "influence_damping 1.0 -> 0.005" in warned and "influence_solver 'cg' -> 'lissa'" in warned
+    _, warned = _warnings(caplog, lambda: trainer.influence_args)
+    assert "plain TrainingArguments" not in warned

@@ -27,7 +27,7 @@ from ..loss import LossFn, influence_model, logits_of
 from ..metrics import load_hans_accuracy
 from ..mode import evaluating, influence_mode, uncompiled
 from ..params import select_parameters, unflatten
-from ..utils import check_output_dir, markdown_table, to_json, write_atomic
+from ..utils import HALF_DTYPES, check_output_dir, markdown_table, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -97,15 +97,10 @@ def predict(model: nn.Module, dataset: Dataset, data_collator: Callable | None =
     return in_row_order(out, order)
 
 
-def to_two_labels(predictions: np.ndarray) -> np.ndarray:
-    """0 = entailment stays 0; every other class (neutral, contradiction) is non_entailment = 1."""
-    return np.minimum(np.asarray(predictions), 1)
-
-
 def two_label_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """``(b, 2)`` log-probabilities of entailment / non_entailment; for 3-label NLI logits the
     non_entailment probability is p(neutral) + p(contradiction)."""
-    log_probs = torch.log_softmax(logits.float() if logits.dtype == torch.float16 else logits, dim=-1)
+    log_probs = torch.log_softmax(logits.float() if logits.dtype in HALF_DTYPES else logits, dim=-1)
     if log_probs.shape[-1] == 2:
         return log_probs
     return torch.stack([log_probs[:, 0], torch.logsumexp(log_probs[:, 1:], dim=-1)], dim=-1)
@@ -337,10 +332,9 @@ def check_num_labels(model, expected: int | Sequence[int], what: str) -> int:
                "--num_labels 2 (MNLI-2 maps neutral and contradiction to non_entailment)."
                if expected == (2,) else "Use a checkpoint whose label count matches the data.")
         )
-    id2label = getattr(config, "id2label", None) or {}
-    names = [str(id2label.get(i, id2label.get(str(i), ""))).lower() for i in range(num)]
+    names = _label_names(config, num)
     order = NLI_ORDER.get(num)
-    generic = [n == "" or n.startswith("label_") for n in names]  # such names say nothing about the order
+    generic = [_generic(n) for n in names]
     if order is not None and not all(g or _same_label(n, want) for g, n, want in zip(generic, names, order)):
         raise ValueError(
             f"The labels of {name!r} are {names} (config.id2label), but NLI data here uses "
@@ -349,6 +343,21 @@ def check_num_labels(model, expected: int | Sequence[int], what: str) -> int:
             "are wrong."
         )
     return num
+
+
+def generic_labels(config) -> bool:
+    """Whether ``config.id2label`` names none of its labels (transformers' ``LABEL_0``, ``LABEL_1``, ... of a
+    checkpoint fine-tuned without names): they say nothing about the order of its classes."""
+    return all(map(_generic, _label_names(config, getattr(config, "num_labels", 0))))
+
+
+def _label_names(config, num: int) -> list[str]:
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), ""))).lower() for i in range(num)]
+
+
+def _generic(name: str) -> bool:
+    return name == "" or name.startswith("label_")  # (such names say nothing about the order)
 
 
 def _same_label(name: str, want: str) -> bool:

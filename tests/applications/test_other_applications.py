@@ -48,6 +48,16 @@ def test_two_label_loss_merges_neutral_and_contradiction():
                                torch.nn.functional.cross_entropy(two, torch.tensor([0]), reduction="none"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_two_label_loss_of_half_precision_logits_is_taken_in_float32(dtype):
+    """The library's loss takes half-precision logits' log-softmax in float32 (as HF does); the HANS loss did so for
+    float16 only, and a bfloat16 model's anchors' losses came out in bfloat16 (rounded to ~3 digits)."""
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, -1.0]]).to(dtype)
+    loss = two_label_loss(logits, {"labels": torch.tensor([1, 0])})
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, two_label_loss(logits.float(), {"labels": torch.tensor([1, 0])}))
+
+
 def test_pool_format_and_label_checks(files):
     assert pool_format(files["hans_train"]) == "hans" and pool_format(files["mnli"]) == "nli"
     assert pool_format("facebook/anli") == "nli" and pool_format("hans") == "hans"
