@@ -299,7 +299,7 @@ def _nli_data(config, source) -> tuple[Dataset, Dataset]:
     num_labels = check_num_labels(config, (2, 3), "NLI data")
     if generic_labels(config):  # (a trial's `show` then printed LABEL_1 for a row the file labelled neutral)
         names = label_names(num_labels)
-        logger.warning(f"The labels of {source.model_name_or_path} are not named (config.id2label "
+        logger.warning(f"The labels of {getattr(source, 'model_name_or_path', None) or 'the model'} are not named (config.id2label "
                        f"{list(config.id2label.values())}): they are read in the NLI data's order, "
                        f"{', '.join(f'{i} = {n}' for i, n in enumerate(names))}, and the table names them so. If the "
                        "checkpoint was fine-tuned with another order, set config.id2label to it.")

@@ -96,6 +96,7 @@ from .quality import recall_ns
 from .readout import READOUT_TOLERANCE, Readout, cut_in_words, find_readout
 from .scoring import score_pairs
 from .solvers import (
+    SPREAD_WARNING,
     TRUNCATION_WARNING,
     Carry,
     LissaDivergenceError,
@@ -105,6 +106,7 @@ from .solvers import (
     extreme_eigenvalues,
     lanczos_steps,
     low_rank_hessian,
+    repetition_spread,
     solve_cg,
     solve_decomposed,
     solve_lissa,
@@ -550,6 +552,7 @@ class InfluenceEngine:
         self._feature_index: tuple[tuple, Dataset] | None = None
         self._gradient_index: tuple[tuple, object] | None = None
         self._curvature: dict[tuple, dict] = {}
+        self._spread_warned: set[tuple] = set()  # (LiSSA's repetitions' spread, warned once per key: `_lissa`)
         self._padding_checked: set[tuple] = set()
         # (weights, dataset, collator, loss, ...) → None where its batches drop their trailing padding, else why not
         self._trailing_padding: dict[tuple, str | None] = {}
@@ -1814,9 +1817,33 @@ class InfluenceEngine:
         # the table's diagnostics describe every repetition, not only this process's share
         ends = D.gather_rows(np.array([[lissa_info.get("lissa_final_norm", np.nan),
                                         lissa_info.get("lissa_min_alignment", np.nan)]]))
+        # the repetitions' squared deviations from the mean of all: each process's about its own mean, and its own
+        # mean's from the whole (none in a process without a repetition)
+        # (on the device: NCCL reduces no CPU tensor; every process knows T, so all or none take part)
+        spread = None
+        if repetitions > 1:
+            deviations = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
+            if mine:
+                own = torch.linalg.vector_norm(estimate - total, dim=-1).double() ** 2
+                deviations = lissa_info["lissa_deviations"] + len(mine) * own
+            spread = repetition_spread(D.all_reduce_sum(deviations), total, repetitions)
         lissa_info = {"lissa_repetitions": repetitions, "lissa_steps": depth,
                       "lissa_final_norm": float(np.nanmax(ends[:, 0])),
                       "lissa_min_alignment": float(np.nanmin(ends[:, 1]))}
+        if spread is not None:
+            lissa_info["lissa_repetition_spread"] = spread
+        # once per weights, data and settings (a loop over test points said it for each), by the main process
+        warned = self._curvature_key(call, "spread warned", bsz, repetitions, depth, args.influence_damping,
+                                     args.influence_scale)
+        if spread is not None and spread > SPREAD_WARNING and warned not in self._spread_warned:
+            self._spread_warned.add(warned)
+            if D.is_main_process():
+                logger.warning(
+                    f"LiSSA's {repetitions} repetitions disagree: their mean's standard error is {spread:.2g} of "
+                    "s_test's norm, so s_test is that uncertain from sampling alone (each repetition rests on its last "
+                    f"~1/damping = {1 / max(args.influence_damping, 1e-12):.3g} batches of {bsz} rows). Raise "
+                    "influence_repetitions or influence_batch_size, lower influence_damping (raising "
+                    "influence_recursion_depth to match), or use influence_solver='cg' (no sampling).")
         return total, info | lissa_info
 
     def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor,

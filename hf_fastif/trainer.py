@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import Trainer
@@ -20,13 +21,14 @@ from .influence import default_arguments
 from .loss import LossFn
 from .mode import evaluating
 from .table import InfluenceTable
+from .utils import HALF_DTYPES
 
 logger = logging.get_logger(__name__)
 
 LOSS_CHECK_ROWS = 16
-"""Training rows on which a trainer's own loss (a ``compute_loss`` override, a ``compute_loss_func``) is compared
-with the model's own before influence uses the model's: enough to hold rows of several classes, whose weights a
-class-weighted loss would otherwise cancel."""
+"""Training rows, spread evenly over the data (a dataset sorted by label holds one class in its first rows), on which
+a trainer's own loss (a ``compute_loss`` override, a ``compute_loss_func``) is compared with a plain Trainer's before
+influence uses the model's: several classes, whose weights a class-weighted loss would otherwise cancel."""
 
 COUPLED_OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam", "RAdam", "ASGD", "SGDScheduleFree")
 """Optimizer classes whose ``weight_decay`` adds wd·θ to the gradient (an L2 term in the loss; NAdam / RAdam unless
@@ -66,18 +68,18 @@ class InfluenceTrainer(Trainer):
         self._say_which_weight_decay()
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`, after saying (on the main process) where a launch gives the Trainer no distributed
-        training: under ``accelerate launch --multi_gpu`` on a machine without GPUs (the CPU launch docs/parallel.md
-        gives) every process trains the whole model on every row, the same weights N times over, and only influence's
-        stages are split (a trial took it for data-parallel training; transformers' own line under it asks for
-        ``torch.distributed.launch``)."""
+        """`Trainer.train`, refused before any step under a launch whose processes the Trainer does not train
+        together: ``accelerate launch --multi_gpu`` on a machine without GPUs (the CPU launch docs/parallel.md
+        gives) without ``use_cpu=True``, where each process trained the whole model alone on every row (a trial took
+        it for data-parallel training; transformers' own line under it asks for ``torch.distributed.launch``), and
+        influence then refused processes whose weights differ, after the whole training."""
         processes = D.world()[1]
-        if processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED and D.is_main_process():
-            logger.warning(f"This launch runs {processes} processes, but the Trainer trains in each of them on its own "
-                           f"(parallel_mode {self.args.parallel_mode.value}: no DDP without GPUs): every process "
-                           "trains the whole model on every row, to the same weights, and only the influence stages "
-                           "are split between the processes. Train in one process and launch for influence alone to "
-                           "save the repeated work (docs/parallel.md).")
+        if processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise ValueError(
+                f"This launch runs {processes} processes, but the Trainer would train in each of them alone "
+                f"(parallel_mode {self.args.parallel_mode.value!r}: on a machine without GPUs TrainingArguments "
+                "trains the processes together, DDP over gloo, only with use_cpu=True). Set use_cpu=True in the "
+                "arguments (--use_cpu), or train in one process.")
         return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -139,7 +141,9 @@ class InfluenceTrainer(Trainer):
         ``influence_*`` defaults), kept while they stay the same, and made again when they change, with the
         ``influence_*`` settings set on the kept one."""
         if isinstance(self.args, InfluenceArguments):
-            self._replaced_args = self.args
+            # (plain arguments after these are converted anew, and warned of: the conversion of plain arguments
+            # read before these served them again, unwarned, with other settings)
+            self._replaced_args, self._converted_args = self.args, None
             return self.args
         plain = self.args.to_dict()
         if self._converted_args is None or self._converted_args[0] != plain:
@@ -218,34 +222,37 @@ class InfluenceTrainer(Trainer):
         elif engine.data_collator is not self.data_collator:  # an equal collator: the engine watches this one now
             engine.data_collator, engine._collator_watch.last = self.data_collator, None
         engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
-        if isinstance(self.train_dataset, Dataset):  # (else set by the call, from its own training rows)
-            engine.trained_loss = self._trained_loss(self.train_dataset)
+        if isinstance(self.train_dataset, Dataset):  # (a call with train_dataset= checks on those rows if unchecked)
+            engine.trained_loss = self._trained_loss(self.train_dataset, loss_fn)
         return engine
 
-    def _trained_loss(self, train: Dataset | None) -> str | None:
-        """What this trainer trains with instead of the model's loss (`InfluenceEngine.trained_loss`), or None.
+    def _trained_loss(self, train: Dataset | None, loss_fn: LossFn | None = None) -> str | None:
+        """What this trainer trains with instead of the model's loss (`InfluenceEngine.trained_loss`), or None (also
+        where influence takes a ``loss_fn`` of its own: this call's, else ``influence_loss_fn``).
 
         A ``compute_loss`` override or a ``compute_loss_func`` may train a plain Trainer's loss (an override that
         counts tokens and returns ``super()``'s was warned about at construction, and its tables carried the note).
-        Its loss is compared with a plain Trainer's on the first `LOSS_CHECK_ROWS` training rows (eval mode, no
-        gradient) and named, in a warning and in each table's ``trained_with``, only where the two differ or could
-        not be compared. A difference is kept; a match is checked again after the optimizer stepped (a
-        class-weighted loss can tie at some weights, as at initialisation)."""
-        if self._trained_on is None or self.influence_loss_fn is not None:
+        Its loss is compared with a plain Trainer's on `LOSS_CHECK_ROWS` rows spread over ``train`` (eval mode, no
+        gradient; the user's function runs once more there) and named, in a warning and in each table's
+        ``trained_with``, only where the two differ or could not be compared. A difference is kept; a match is
+        checked again after the optimizer stepped (a class-weighted loss ties at some weights, as at
+        initialisation)."""
+        if self._trained_on is None or (loss_fn if loss_fn is not None else self.influence_loss_fn) is not None:
             return None
         step = self.state.global_step
         if self._trained_loss_check is None or (self._trained_loss_check[1] is None
                                                  and self._trained_loss_check[0] != step):
-            compared = self._trainer_and_model_loss(train)
-            same = compared is not None and abs(compared[0] - compared[1]) <= 1e-4 * max(map(abs, compared)) + 1e-6
+            compared = self._trainer_and_plain_loss(train)
+            same = compared is not None and abs(compared[0] - compared[1]) <= compared[2] * max(
+                abs(compared[0]), abs(compared[1])) + 1e-6
             note = None if same else f"trained with {self._trained_on}"
             if same:
-                logger.info(f"{self._trained_on} gives the model's own loss (a plain Trainer's) on the first "
+                logger.info(f"{self._trained_on} gives the model's own loss (a plain Trainer's) on {LOSS_CHECK_ROWS} "
                             f"training rows ({compared[0]:.6g}): influence uses that loss.")
             elif self._trained_loss_check is None or self._trained_loss_check[1] is None:
-                found = ("could not be compared with the model's own loss on the first training rows" if compared
-                         is None else f"gives {compared[0]:.6g} on the first training rows, where the model's own "
-                         f"loss (a plain Trainer's) is {compared[1]:.6g}")
+                found = (f"could not be compared with the model's own loss on {LOSS_CHECK_ROWS} training rows"
+                         if compared is None else f"gives {compared[0]:.6g} on {LOSS_CHECK_ROWS} training rows, "
+                         f"where the model's own loss (a plain Trainer's) is {compared[1]:.6g}")
                 logger.warning(f"This trainer trains with {self._trained_on}, which {found}, but influence uses the "
                                "model's plain loss (the head's own): the Hessian and gradients are not those of the "
                                "loss that was trained. Pass InfluenceTrainer(..., influence_loss_fn=(outputs, batch) "
@@ -253,28 +260,36 @@ class InfluenceTrainer(Trainer):
             self._trained_loss_check = (step, note)
         return self._trained_loss_check[1]
 
-    def _trainer_and_model_loss(self, train: Dataset | None) -> tuple[float, float] | None:
-        """``(this trainer's loss, a plain Trainer's)`` on the first `LOSS_CHECK_ROWS` rows of ``train``, collated as
-        influence collates them, or None where either cannot be computed (a loss that reads a column influence does
-        not keep, a model without a loss). A plain Trainer's loss is the model's own, or with label smoothing the
-        default loss's (the engine checks the default loss against the model's own)."""
+    def _trainer_and_plain_loss(self, train: Dataset | None) -> tuple[float, float, float] | None:
+        """``(this trainer's loss, a plain Trainer's, their tolerance)`` on `LOSS_CHECK_ROWS` rows spread evenly over
+        ``train``, collated as influence collates them, or None where they cannot be compared: a loss that reads a
+        column influence does not keep, a model without a loss, rows of one class only (class weights cancel
+        there: a dataset sorted by label). A plain Trainer's loss is the model's own, or with label smoothing the
+        default loss's (the engine checks the default loss against the model's own). The tolerance is the
+        engine's for the model's own loss: 1e-4, or 8 ulp of a half-precision parameter's dtype."""
         model, func = self._influence_model(), getattr(self, "compute_loss_func", None)
         try:
             columns = validate_dataset(train, "train_dataset", model, **column_rule(self.args))
             rows = Batcher(train, columns, self.data_collator, next(model.parameters()).device,
                            padding_collator=padding_collator_for(model))
-            batch = rows.batch(list(range(min(LOSS_CHECK_ROWS, len(train)))))
+            batch = rows.batch(np.unique(np.linspace(0, len(train) - 1, LOSS_CHECK_ROWS).round().astype(int)).tolist())
+            labels = batch.get("labels")
+            if (isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+                    and len(labels.unique()) < 2):
+                return None
             with torch.no_grad(), evaluating(model):
                 trained = self.compute_loss(model, dict(batch))
                 self.compute_loss_func = None
                 plain = InfluenceTrainer.compute_loss(self, model, dict(batch))
             values = (float(trained.detach().float()), float(plain.detach().float()))
-        except Exception as err:  # (the user's loss or model: anything it raises means "not compared")
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError) as err:
             logger.debug(f"This trainer's loss could not be compared with a plain Trainer's ({err}).")
             return None
         finally:
             self.compute_loss_func = func
-        return values if all(map(math.isfinite, values)) else None
+        half = [p.dtype for p in model.parameters() if p.dtype in HALF_DTYPES]
+        tolerance = max([1e-4] + [8 * torch.finfo(d).eps for d in half])
+        return (*values, tolerance) if all(map(math.isfinite, values)) else None
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
                            candidate_dataset: Dataset | None = None, train_dataset: Dataset | None = None,
@@ -286,7 +301,7 @@ class InfluenceTrainer(Trainer):
         """
         train = self._influence_train(train_dataset, "compute_influences")
         engine = self.influence_engine(loss_fn=loss_fn, measurement_fn=measurement_fn, features=features)
-        engine.trained_loss = self._trained_loss(train)
+        engine.trained_loss = self._trained_loss(train, loss_fn)
         return engine.compute_influences(train, test_dataset, combine=combine, candidate_dataset=candidate_dataset)
 
     def build_influence_table(self, test_dataset: Dataset, output_dir: str, *, shard_size: int = 64,
@@ -298,7 +313,8 @@ class InfluenceTrainer(Trainer):
         kwargs.setdefault("loss_fn", self.influence_loss_fn)
         kwargs.setdefault("measurement_fn", self.influence_measurement_fn)
         kwargs.setdefault("data_collator", self.data_collator)
-        kwargs.setdefault("trained_loss", self._trained_loss(train))
+        if "trained_loss" not in kwargs:
+            kwargs["trained_loss"] = self._trained_loss(train, kwargs["loss_fn"])
         return build_influence_table(self._influence_model(), train, test_dataset, output_dir, self.influence_args,
                                      shard_size=shard_size, **kwargs)
 

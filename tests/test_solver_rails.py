@@ -99,6 +99,37 @@ def test_lissa_converges_without_false_alarms():
                     repetitions=[0], progress=False)
 
 
+def test_the_repetitions_spread_is_the_standard_error_of_their_mean():
+    """Ground truth: the T repetitions run one at a time (each draws its own noisy batch Hessians, by repetition and
+    step), and the standard error of their mean, ``std(ddof=1) / sqrt(T)`` relative to the mean's norm, largest over
+    the right-hand sides; as the engine combines it from processes holding 1 and 3 of the 4 repetitions too."""
+    from hf_fastif.solvers import repetition_spread
+
+    matrix, _ = spectrum_matrix(np.linspace(0.5, 4.0, 12))
+
+    def step(j, reps, h):  # each repetition's batch Hessian at step j: H plus PSD noise drawn from (repetition, j)
+        out = torch.empty_like(h)
+        for r, rep in enumerate(reps):
+            e = torch.randn(matrix.shape, generator=torch.Generator().manual_seed(1000 * rep + j),
+                            dtype=matrix.dtype) * 0.6
+            out[r] = h[r] @ (matrix + e @ e.T)
+        return out
+
+    v = torch.stack([torch.linspace(-1.0, 1.0, 12), torch.cos(torch.arange(12.0))]).double()
+    kwargs = dict(damping=0.3, scale=20.0, depth=60, progress=False)
+    singles = torch.stack([solve_lissa(step, v, repetitions=[r], **kwargs)[0] for r in range(4)])
+    mean = singles.mean(0)
+    expected = float(((singles - mean).norm(dim=-1).pow(2).sum(0) / 12).sqrt().div(mean.norm(dim=-1)).max())
+    both, info = solve_lissa(step, v, repetitions=range(4), **kwargs)
+    torch.testing.assert_close(both, mean, rtol=1e-12, atol=1e-14)
+    assert repetition_spread(info["lissa_deviations"], both, 4) == pytest.approx(expected, rel=1e-9)
+    assert expected > 0.01
+    parts = [solve_lissa(step, v, repetitions=reps, **kwargs) for reps in ([0], [1, 2, 3])]
+    combined = sum(info["lissa_deviations"] + len(reps) * (estimate - mean).norm(dim=-1) ** 2
+                   for (estimate, info), reps in zip(parts, ([0], [1, 2, 3])))
+    assert repetition_spread(combined, mean, 4) == pytest.approx(expected, rel=1e-9)
+
+
 def test_lissa_applies_a_diagonal_part_of_the_hessian_exactly():
     """The L2 term's Hessian handed to solve_lissa as a diagonal gives the recursion over the whole matrix, and the
     closed form; a diagonal that makes an eigenvalue fall below -λ is still caught."""
@@ -863,3 +894,44 @@ def test_lanczos_runs_in_a_workspace_give_the_same_estimates():
         drawn = torch.empty(5_000, dtype=dtype)  # the start drawn into its row: the numbers of a fresh draw
         seeded_direction(5_000, torch.Generator().manual_seed(5), dtype, "cpu", out=drawn)
         assert torch.equal(drawn, seeded_direction(5_000, torch.Generator().manual_seed(5), dtype, "cpu"))
+
+
+@pytest.mark.usefixtures("propagating")
+def test_repetitions_that_disagree_are_warned_of_and_their_spread_recorded(pad_collator, caplog, monkeypatch):
+    """LiSSA's repetitions' spread (the standard error of their mean relative to it) is in every table of T ≥ 2
+    repetitions, and warned of above `SPREAD_WARNING` (here lowered, as the tiny model's repetitions agree): a
+    review's GPT-2 classifier came back 0.6-1.2 off the exact solve at a spread of 0.3-0.7, without a word."""
+    import logging
+
+    import hf_fastif.engine as engine_module
+
+    train, test = make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
+
+    def run(repetitions):
+        args = default_arguments(influence_solver="lissa", influence_params=TOP, influence_damping=0.5,
+                                 influence_scale=20.0, influence_recursion_depth=60, influence_batch_size=1,
+                                 influence_repetitions=repetitions, influence_knn_k=None, disable_tqdm=True)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            table = compute_influences(tiny_model("bert"), train, test, args, data_collator=pad_collator)
+        return table.metadata["diagnostics"], caplog.text
+
+    diagnostics, warned = run(4)
+    spread = diagnostics["lissa_repetition_spread"]
+    assert 0 < spread < 0.3 and "repetitions disagree" not in warned
+    monkeypatch.setattr(engine_module, "SPREAD_WARNING", spread / 2)
+    diagnostics, warned = run(4)
+    assert diagnostics["lissa_repetition_spread"] == spread
+    assert f"LiSSA's 4 repetitions disagree: their mean's standard error is {spread:.2g} of s_test's norm" in warned
+    assert "~1/damping = 2 batches of 1 rows" in warned
+    engine = InfluenceEngine(tiny_model("bert"), default_arguments(
+        influence_solver="lissa", influence_params=TOP, influence_damping=0.5, influence_scale=20.0,
+        influence_recursion_depth=60, influence_batch_size=1, influence_repetitions=4, influence_knn_k=None,
+        disable_tqdm=True), data_collator=pad_collator)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a held engine: once per weights, data and settings, not once a call
+        for rows in (test, test.select([0]), test):
+            engine.compute_influences(train, rows)
+    assert caplog.text.count("repetitions disagree") == 1
+    diagnostics, warned = run(1)  # one repetition: nothing to compare
+    assert "lissa_repetition_spread" not in diagnostics and "repetitions disagree" not in warned

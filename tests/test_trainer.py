@@ -154,7 +154,8 @@ def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplo
     model, train, test = tiny_model("bert"), make_token_dataset(16, seed=0), make_token_dataset(1, seed=1)
 
     def weighted(outputs, labels, num_items_in_batch=None):
-        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 4.0], dtype=outputs.logits.dtype))
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor(
+            [1.0, 4.0], dtype=outputs.logits.dtype))
 
     def same(outputs, labels, num_items_in_batch=None):
         return torch.nn.functional.cross_entropy(outputs.logits, labels)
@@ -172,6 +173,7 @@ def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplo
     assert "where the model's own loss (a plain Trainer's) is" in caplog.text
     assert "InfluenceTrainer(..., influence_loss_fn=(outputs, batch) -> per-row loss)" in caplog.text
     assert "trained_with" in table.metadata["diagnostics"]
+
     def per_row(outputs, batch):
         return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
 
@@ -180,6 +182,37 @@ def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplo
         with caplog.at_level(logging.WARNING):
             table = quiet.compute_influences(test)
         assert "compute_loss_func" not in caplog.text and "trained_with" not in table.metadata["diagnostics"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a loss_fn of this call's: nothing to name (a review's false warning)
+        table = trainer(weighted).compute_influences(test, loss_fn=per_row)
+        trainer(weighted).build_influence_table(test, str(tmp_path / "build"), loss_fn=per_row)
+    assert "compute_loss_func" not in caplog.text and "trained_with" not in table.metadata["diagnostics"]
+    # rows sorted by label: the first 16 hold one class, on which class weights cancel (a review's repro went
+    # unwarned); the rows compared are spread over the data
+    by_label = make_token_dataset(40, seed=0).sort("labels")
+    assert len(set(by_label["labels"][:16])) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        table = InfluenceTrainer(model=model, args=arguments(tmp_path), train_dataset=by_label,
+                                 data_collator=pad_collator, compute_loss_func=weighted).compute_influences(test)
+    assert "This trainer trains with a compute_loss_func, which gives " in caplog.text
+    assert "trained_with" in table.metadata["diagnostics"]
+
+
+@pytest.mark.usefixtures("propagating")
+def test_a_half_precision_model_trained_with_its_own_loss_is_not_named(tmp_path, pad_collator, caplog):
+    """A bfloat16 model's compute_loss_func that takes the same cross-entropy in float32 was named as another loss
+    (0.693444 against the model's own 0.6875: bfloat16 rounding), in a review: compared within that dtype's
+    precision, as the engine compares the model's own loss."""
+
+    def float32_ce(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits.float(), labels)
+
+    trainer = InfluenceTrainer(model=tiny_model("bert", dtype=torch.bfloat16), args=arguments(tmp_path),
+                               train_dataset=make_token_dataset(16, seed=0), data_collator=pad_collator,
+                               compute_loss_func=float32_ce)
+    _, warned = _warnings(caplog, lambda: trainer._trained_loss(trainer.train_dataset))
+    assert "compute_loss_func" not in warned and trainer._trained_loss_check[1] is None
 
 
 @pytest.mark.usefixtures("propagating")
@@ -271,7 +304,8 @@ def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_col
     train, test = make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
 
     def weighted(outputs, labels, num_items_in_batch=None):
-        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 4.0], dtype=outputs.logits.dtype))
+        return torch.nn.functional.cross_entropy(outputs.logits, labels, weight=torch.tensor(
+            [1.0, 4.0], dtype=outputs.logits.dtype))
 
     common = dict(model=tiny_model("bert"), args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
                   compute_loss_func=weighted)
@@ -620,23 +654,27 @@ def test_a_kept_text_column_is_named_when_rows_cannot_be_collated(tmp_path, pad_
         trainer.compute_influences(add(make_token_dataset(2, seed=1)))
 
 
-@pytest.mark.usefixtures("propagating")
-def test_a_launch_that_trains_in_every_process_says_so(tmp_path, pad_collator, caplog, monkeypatch):
-    """Under the CPU launch (no DDP without GPUs) every process trained the whole model on every row: a trial took it
-    for data-parallel training, with only transformers' line about torch.distributed.launch to go by. The main
-    process says so, once a train() call; one process says nothing."""
+def test_a_launch_whose_processes_would_train_alone_is_refused_before_any_step(tmp_path, pad_collator, monkeypatch):
+    """Under the CPU launch without use_cpu=True every process trained the whole model alone on every row (a trial
+    took it for data-parallel training, with only transformers' line about torch.distributed.launch to go by), and
+    influence then refused processes whose weights differed, after the training. Refused in every process, before a
+    step, with the fix; one process trains (a real launch with use_cpu=True trains the processes together:
+    tests/test_distributed.py, test_an_influence_trainer_under_a_launch_takes_the_step_of_one_process)."""
     from hf_fastif import distributed as D
 
-    trainer = InfluenceTrainer(model=tiny_model("bert"), args=arguments(tmp_path, max_steps=1),
+    model = tiny_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = InfluenceTrainer(model=model, args=arguments(tmp_path, max_steps=1),
                                train_dataset=make_token_dataset(8, seed=0), data_collator=pad_collator)
-    _, warned = _warnings(caplog, trainer.train)
-    assert "trains in each of them" not in warned
-    monkeypatch.setattr(D, "world", lambda: (0, 2))
-    _, warned = _warnings(caplog, trainer.train)
-    assert warned.count("This launch runs 2 processes, but the Trainer trains in each of them on its own") == 1
-    monkeypatch.setattr(D, "world", lambda: (1, 2))
-    _, warned = _warnings(caplog, trainer.train)
-    assert "trains in each of them" not in warned
+    for rank in (0, 1):
+        monkeypatch.setattr(D, "world", lambda rank=rank: (rank, 2))
+        with pytest.raises(ValueError, match=r"This launch runs 2 processes, but the Trainer would train in each of "
+                                             r"them alone \(parallel_mode 'not_parallel'.*Set use_cpu=True"):
+            trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    monkeypatch.setattr(D, "world", lambda: (0, 1))
+    trainer.train()
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.usefixtures("propagating")

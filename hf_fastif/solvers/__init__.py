@@ -5,6 +5,7 @@ from .cg import default_tolerance, solve_cg
 from .exact import build_hessian, solve_decomposed, solve_exact
 from .lanczos import extreme_eigenvalues, lanczos
 from .lissa import (
+    SPREAD_WARNING,
     TRUNCATION_WARNING,
     Carry,
     CarryCoefficient,
@@ -12,6 +13,7 @@ from .lissa import (
     LissaDivergenceError,
     converging_depth,
     power_iteration,
+    repetition_spread,
     solve_lissa,
     suggest_scale,
     truncation_share,
@@ -20,4 +22,4 @@ from .lissa import (
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
            "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
            "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING",
-           "converging_depth", "Carry", "CarryCoefficient"]
+           "converging_depth", "Carry", "CarryCoefficient", "repetition_spread", "SPREAD_WARNING"]

@@ -85,6 +85,26 @@ TRUNCATION_WARNING = 0.5
 the paper's 1000 × 5e-3 = 5 leaves 0.7%)."""
 
 
+SPREAD_WARNING = 0.3
+"""`repetition_spread` above which the engine warns that LiSSA's T repetitions disagree: their mean's standard error
+is 30% of its norm or more. A review's GPT-2 classifier (H indefinite, damp 0.59, J 400: each repetition rests on its
+last ~2 batches) came back unwarned 0.61 / 0.65 / 1.18 off the exact solve at B = 1 / 2 / 4 (T = 4), where this
+spread is 0.71 / 0.44 / 0.32; at B = 4, T = 16 (0.17) and B = 10, T = 8 (0.07) it was 0.82 and 0.35 off: the rest is
+the bias of drawing consecutive batches from one pass over 20 rows, which the spread does not see."""
+
+
+def repetition_spread(deviations: torch.Tensor, mean: torch.Tensor, repetitions: int) -> float:
+    """The standard error of the mean of ``repetitions`` (T ≥ 2) LiSSA estimates relative to the mean's norm, largest
+    over the right-hand sides: ``sqrt(Σ_r ‖h_r − h̄‖² / (T(T − 1))) / ‖h̄‖``, from ``deviations`` ``(m,)`` (``Σ_r
+    ‖h_r − h̄‖²`` over every repetition: `solve_lissa`'s ``lissa_deviations`` about each process's own mean, plus
+    each process's repetitions times its mean's squared distance to h̄) and ``mean`` ``(m, p)``. The repetitions draw
+    their batches independently, so this is how far s_test may be from LiSSA's expectation, not that expectation's
+    own bias (a J too short: `truncation_share`; consecutive batches from one pass over small data)."""
+    centre = mean.double().norm(dim=-1).cpu()
+    relative = (deviations.double().cpu() / (repetitions * (repetitions - 1))).sqrt()
+    return float((relative / centre.clamp_min(torch.finfo(torch.float64).tiny)).max())
+
+
 FINAL_GROWTH_LIMIT = 1e6
 """The last iterate's ‖h_J‖ over the convergent-series bound ``E_J`` beyond which the recursion is refused as diverged
 whatever its length (a series converging to an ill-conditioned fixed point can exceed ``E_J`` by 1/(1 - |λ_min|/λ);
@@ -250,7 +270,8 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
             the carried part written where it was read (MiniLM's paper selection, four repetitions: the carried
             ranges 3.1 → 2.1 ms a step in isolation).
     Returns:
-        ``(mean over repetitions of h_J / scale, info)``.
+        ``(mean over repetitions of h_J / scale, info)``; ``info["lissa_deviations"]`` is a ``(m,)`` float64 tensor on
+        ``v``'s device, ``Σ_r ‖h_r / scale − the mean‖²`` per right-hand side (`repetition_spread`), the rest numbers.
     Raises:
         LissaDivergenceError: the iterate became NaN/inf or grew without bound (`GrowthMonitor`).
     """
@@ -326,8 +347,12 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
         raise LissaDivergenceError(_wrong_side_message(reps[r], i, float(alignment[r, i]), len(wrong), damping,
                                                        scale, top_eigenvalue))
     estimate = (h / scale).mean(0)
+    deviations = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
+    for r in range(len(reps)):  # (one repetition's difference at a time: no second iterate-sized buffer)
+        deviations += torch.linalg.vector_norm(h[r] / scale - estimate, dim=-1).double() ** 2
     info = {"lissa_repetitions": len(reps), "lissa_final_norm": float(before.max()) / scale,
-            "lissa_steps": depth, "lissa_min_alignment": float(alignment.min()) if alignment.numel() else float("nan")}
+            "lissa_steps": depth, "lissa_min_alignment": float(alignment.min()) if alignment.numel() else float("nan"),
+            "lissa_deviations": deviations}
     return (estimate[0] if squeeze else estimate), info
 
 
