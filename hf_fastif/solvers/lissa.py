@@ -89,8 +89,10 @@ SPREAD_WARNING = 0.3
 """`repetition_spread` above which the engine warns that LiSSA's T repetitions disagree: their mean's standard error
 is 30% of its norm or more. A review's GPT-2 classifier (H indefinite, damp 0.59, J 400: each repetition rests on its
 last ~2 batches) came back unwarned 0.61 / 0.65 / 1.18 off the exact solve at B = 1 / 2 / 4 (T = 4), where this
-spread is 0.71 / 0.44 / 0.32; at B = 4, T = 16 (0.17) and B = 10, T = 8 (0.07) it was 0.82 and 0.35 off: the rest is
-the bias of drawing consecutive batches from one pass over 20 rows, which the spread does not see."""
+spread is 0.71 / 0.44 / 0.32; at B = 4, T = 16 (0.17) and B = 10, T = 8 (0.07) it was 0.82 and 0.35 off. Not the
+draws' order: batches drawn independently instead of in shuffles gave 0.38 off at B = 10, T = 8 (spread 0.15) and
+diverged at B = 4 (its Hessian is indefinite: -7.9 against λ = 11.8). A repetition's error is heavy-tailed there, and
+a few repetitions under-estimate it: the spread is a floor, not a bound."""
 
 
 def repetition_spread(deviations: torch.Tensor, mean: torch.Tensor, repetitions: int) -> float:
@@ -98,8 +100,9 @@ def repetition_spread(deviations: torch.Tensor, mean: torch.Tensor, repetitions:
     over the right-hand sides: ``sqrt(Σ_r ‖h_r − h̄‖² / (T(T − 1))) / ‖h̄‖``, from ``deviations`` ``(m,)`` (``Σ_r
     ‖h_r − h̄‖²`` over every repetition: `solve_lissa`'s ``lissa_deviations`` about each process's own mean, plus
     each process's repetitions times its mean's squared distance to h̄) and ``mean`` ``(m, p)``. The repetitions draw
-    their batches independently, so this is how far s_test may be from LiSSA's expectation, not that expectation's
-    own bias (a J too short: `truncation_share`; consecutive batches from one pass over small data)."""
+    their batches independently, so this is how far s_test may be from LiSSA's expectation (heavy-tailed errors, where
+    an indefinite H makes single repetitions swing, are under-estimated by a few repetitions), not that expectation's own bias (a J too
+    short: `truncation_share`)."""
     centre = mean.double().norm(dim=-1).cpu()
     relative = (deviations.double().cpu() / (repetitions * (repetitions - 1))).sqrt()
     return float((relative / centre.clamp_min(torch.finfo(torch.float64).tiny)).max())
