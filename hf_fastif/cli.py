@@ -298,9 +298,9 @@ def _nli_data(config, source) -> tuple[Dataset, Dataset]:
     model's labels are in the data's order (0 = entailment, ...)."""
     num_labels = check_num_labels(config, (2, 3), "NLI data")
     if generic_labels(config):  # (a trial's `show` then printed LABEL_1 for a row the file labelled neutral)
-        names = label_names(num_labels)
-        logger.warning(f"The labels of {getattr(source, 'model_name_or_path', None) or 'the model'} are not named (config.id2label "
-                       f"{list(config.id2label.values())}): they are read in the NLI data's order, "
+        names, model = label_names(num_labels), getattr(source, "model_name_or_path", None) or "the model"
+        logger.warning(f"The labels of {model} are not named (config.id2label {list(config.id2label.values())}): "
+                       "they are read in the NLI data's order, "
                        f"{', '.join(f'{i} = {n}' for i, n in enumerate(names))}, and the table names them so. If the "
                        "checkpoint was fine-tuned with another order, set config.id2label to it.")
     train = load_mnli(source.train_dataset, split=source.train_split, num_labels=num_labels)

@@ -100,9 +100,9 @@ def repetition_spread(deviations: torch.Tensor, mean: torch.Tensor, repetitions:
     over the right-hand sides: ``sqrt(Σ_r ‖h_r − h̄‖² / (T(T − 1))) / ‖h̄‖``, from ``deviations`` ``(m,)`` (``Σ_r
     ‖h_r − h̄‖²`` over every repetition: `solve_lissa`'s ``lissa_deviations`` about each process's own mean, plus
     each process's repetitions times its mean's squared distance to h̄) and ``mean`` ``(m, p)``. The repetitions draw
-    their batches independently, so this is how far s_test may be from LiSSA's expectation (heavy-tailed errors, where
-    an indefinite H makes single repetitions swing, are under-estimated by a few repetitions), not that expectation's own bias (a J too
-    short: `truncation_share`)."""
+    their batches independently, so this is how far s_test may be from LiSSA's expectation (heavy-tailed errors,
+    where an indefinite H makes single repetitions swing, are under-estimated by a few repetitions), not that
+    expectation's own bias (a J too short: `truncation_share`)."""
     centre = mean.double().norm(dim=-1).cpu()
     relative = (deviations.double().cpu() / (repetitions * (repetitions - 1))).sqrt()
     return float((relative / centre.clamp_min(torch.finfo(torch.float64).tiny)).max())
