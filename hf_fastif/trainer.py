@@ -36,9 +36,10 @@ COUPLED_OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam", "R
 
 
 class InfluenceTrainer(Trainer):
-    """`Trainer` plus `compute_influences`. Training is the Trainer's, but for one mend (`compute_loss`: a head
-    whose loss ignores ``num_items_in_batch`` trains at the Trainer's step under gradient accumulation and
-    ``accelerate launch``); the influence pipeline is an `InfluenceEngine` that this trainer holds across calls
+    """`Trainer` plus `compute_influences`. Training is the Trainer's, but for one refusal (`train` under a CPU
+    ``accelerate launch`` without ``use_cpu=True``, whose processes it would train alone) and one mend
+    (`compute_loss`: a head whose loss ignores ``num_items_in_batch`` trains at the Trainer's step under gradient
+    accumulation and ``accelerate launch``); the influence pipeline is an `InfluenceEngine` that this trainer holds across calls
     (`influence_engine`), so the frozen trunk's states and the candidate indexes are computed once and rebuilt only
     when the weights or data they depend on change.
 
@@ -266,7 +267,7 @@ class InfluenceTrainer(Trainer):
         column influence does not keep, a model without a loss, rows of one class only (class weights cancel
         there: a dataset sorted by label). A plain Trainer's loss is the model's own, or with label smoothing the
         default loss's (the engine checks the default loss against the model's own). The tolerance is the
-        engine's for the model's own loss: 1e-4, or 8 ulp of a half-precision parameter's dtype."""
+        relative part of the engine's for the model's own loss: 1e-4, or 8 ulp of a half-precision parameter's dtype."""
         model, func = self._influence_model(), getattr(self, "compute_loss_func", None)
         try:
             columns = validate_dataset(train, "train_dataset", model, **column_rule(self.args))

@@ -87,7 +87,7 @@ the paper's 1000 × 5e-3 = 5 leaves 0.7%)."""
 
 SPREAD_WARNING = 0.3
 """`repetition_spread` above which the engine warns that LiSSA's T repetitions disagree: their mean's standard error
-is 30% of its norm or more. A review's GPT-2 classifier (H indefinite, damp 0.59, J 400: each repetition rests on its
+is more than 30% of its norm. A review's GPT-2 classifier (H indefinite, damp 0.59, J 400: each repetition rests on its
 last ~2 batches) came back unwarned 0.61 / 0.65 / 1.18 off the exact solve at B = 1 / 2 / 4 (T = 4), where this
 spread is 0.71 / 0.44 / 0.32; at B = 4, T = 16 (0.17) and B = 10, T = 8 (0.07) it was 0.82 and 0.35 off. Not the
 draws' order: batches drawn independently instead of in shuffles gave 0.38 off at B = 10, T = 8 (spread 0.15) and
@@ -274,7 +274,8 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
             ranges 3.1 → 2.1 ms a step in isolation).
     Returns:
         ``(mean over repetitions of h_J / scale, info)``; ``info["lissa_deviations"]`` is a ``(m,)`` float64 tensor on
-        ``v``'s device, ``Σ_r ‖h_r / scale − the mean‖²`` per right-hand side (`repetition_spread`), the rest numbers.
+        ``v``'s device, ``Σ_r ‖h_r / scale − the mean‖²`` per right-hand side (`repetition_spread`; absent for no
+        repetitions), the rest numbers.
     Raises:
         LissaDivergenceError: the iterate became NaN/inf or grew without bound (`GrowthMonitor`).
     """
