@@ -1833,17 +1833,17 @@ class InfluenceEngine:
         if spread is not None:
             lissa_info["lissa_repetition_spread"] = spread
         # once per weights, data and settings (a loop over test points said it for each), by the main process
-        warned = self._curvature_key(call, "spread warned", bsz, repetitions, depth, args.influence_damping,
-                                     args.influence_scale)
-        if spread is not None and spread > SPREAD_WARNING and warned not in self._spread_warned:
-            self._spread_warned.add(warned)
-            if D.is_main_process():
+        if spread is not None and spread > SPREAD_WARNING:
+            key = self._curvature_key(call, "spread warned", bsz, repetitions, depth, args.influence_damping,
+                                      args.influence_scale)
+            if key not in self._spread_warned and D.is_main_process():
                 logger.warning(
                     f"LiSSA's {repetitions} repetitions disagree: their mean's standard error is {spread:.2g} of "
                     "s_test's norm, so s_test is that uncertain from sampling alone (each repetition rests on its last "
                     f"~1/damping = {1 / max(args.influence_damping, 1e-12):.3g} batches of {bsz} rows). Raise "
                     "influence_repetitions or influence_batch_size, lower influence_damping (raising "
                     "influence_recursion_depth to match), or use influence_solver='cg' (no sampling).")
+            self._spread_warned.add(key)
         return total, info | lissa_info
 
     def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor,
@@ -2356,4 +2356,4 @@ def lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetit
 def _half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
     """The half-precision dtypes among ``params`` (``["bfloat16"]``): the influence parameters' for overflow
     messages, the model's for the precision warning."""
-    return sorted({str(p.dtype).removeprefix("torch.") for p in params.values()} & {"float16", "bfloat16"})
+    return sorted(str(d).removeprefix("torch.") for d in {p.dtype for p in params.values()} & set(HALF_DTYPES))

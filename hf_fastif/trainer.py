@@ -240,9 +240,8 @@ class InfluenceTrainer(Trainer):
         initialisation)."""
         if self._trained_on is None or (loss_fn if loss_fn is not None else self.influence_loss_fn) is not None:
             return None
-        step = self.state.global_step
-        if self._trained_loss_check is None or (self._trained_loss_check[1] is None
-                                                 and self._trained_loss_check[0] != step):
+        step, checked = self.state.global_step, self._trained_loss_check
+        if checked is None or (checked[1] is None and checked[0] != step):  # (a difference found is kept)
             compared = self._trainer_and_plain_loss(train)
             same = compared is not None and abs(compared[0] - compared[1]) <= compared[2] * max(
                 abs(compared[0]), abs(compared[1])) + 1e-6
@@ -250,7 +249,7 @@ class InfluenceTrainer(Trainer):
             if same:
                 logger.info(f"{self._trained_on} gives the model's own loss (a plain Trainer's) on {LOSS_CHECK_ROWS} "
                             f"training rows ({compared[0]:.6g}): influence uses that loss.")
-            elif self._trained_loss_check is None or self._trained_loss_check[1] is None:
+            else:
                 found = (f"could not be compared with the model's own loss on {LOSS_CHECK_ROWS} training rows"
                          if compared is None else f"gives {compared[0]:.6g} on {LOSS_CHECK_ROWS} training rows, "
                          f"where the model's own loss (a plain Trainer's) is {compared[1]:.6g}")
@@ -288,7 +287,7 @@ class InfluenceTrainer(Trainer):
             return None
         finally:
             self.compute_loss_func = func
-        half = [p.dtype for p in model.parameters() if p.dtype in HALF_DTYPES]
+        half = {p.dtype for p in model.parameters()} & set(HALF_DTYPES)
         tolerance = max([1e-4] + [8 * torch.finfo(d).eps for d in half])
         return (*values, tolerance) if all(map(math.isfinite, values)) else None
 
