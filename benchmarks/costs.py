@@ -17,13 +17,8 @@ import torch
 
 from hf_fastif import InfluenceArguments
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.engine import (
-    CHECK_BATCHES,
-    CHECK_ITERATIONS,
-    CHECK_ROWS,
-    READOUT_PROBE_ROWS,
-    verification_rows,
-)
+from hf_fastif.engine.s_test import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS
+from hf_fastif.engine.trunk_states import READOUT_PROBE_ROWS, verification_rows
 from hf_fastif.grouped_products import GroupedHessian, grouped_modules
 from hf_fastif.hvp import batch_gradient, batch_hvp
 from hf_fastif.knn import build_index, extract_features, search
@@ -245,7 +240,7 @@ def recursion_step_seconds(step, v: torch.Tensor, repetitions: int, args: Influe
 
 def check_seconds(hvp: dict, batch_sizes: list[int], mean_hessian: float, vector_work: float) -> dict[str, float]:
     """The LiSSA convergence check's seconds at each B (``u.power_iteration[str(B)]``), as the engine runs it at a
-    row's own B (`hf_fastif.engine.InfluenceEngine._check_lissa`): `CHECK_BATCHES` Lanczos runs of
+    row's own B (`hf_fastif.engine.s_test.STestStage._check_lissa`): `CHECK_BATCHES` Lanczos runs of
     `CHECK_ITERATIONS` HVPs on a B-row batch (``hvp[f"{B}x1"]`` each, plus ``vector_work`` per run), then
     ``mean_hessian``, the run over the mean Hessian of `CHECK_ROWS` rows, whatever B is. The per-B units are the
     LiSSA steps' own: nothing more is timed."""

@@ -72,7 +72,8 @@ from transformers import (
 from hf_fastif import InfluenceArguments, compute_influences
 from hf_fastif import engine as engine_module
 from hf_fastif.data import NLI2_LABELS, generate_nli, tokenize_nli
-from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS, InfluenceEngine
+from hf_fastif.engine import InfluenceEngine
+from hf_fastif.engine.s_test import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS
 from hf_fastif.hvp import batch_hvp
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.minilm_default import freeze_minilm, minilm_influence_params
@@ -431,14 +432,14 @@ def profile(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
     depth, n = args.influence_recursion_depth, len(setup.train)
     _ProfiledEngine.found = {}
     lanczos_s: list[float] = []
-    original = engine_module.extreme_eigenvalues
+    original = engine_module.s_test.extreme_eigenvalues
 
     def timed_lanczos(*a, **k):  # the check's Lanczos runs: CHECK_BATCHES on B-row batches, then the mean Hessian
         result, seconds = timed(lambda: original(*a, **k))
         lanczos_s.append(seconds)
         return result
 
-    with mock.patch.object(engine_module, "extreme_eigenvalues", timed_lanczos):
+    with mock.patch.object(engine_module.s_test, "extreme_eigenvalues", timed_lanczos):
         (_, diagnostics), total = timed(lambda: run_ours(setup, args, 1, args.influence_seed,
                                                          engine_class=_ProfiledEngine), collected=True)
     found = _ProfiledEngine.found

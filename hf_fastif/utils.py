@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +19,12 @@ from datasets.utils import disable_progress_bars, enable_progress_bars, is_progr
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The half-precision float dtypes: computed in float32 where precision matters (losses, digests, statistics)."""
 DIFFERENCE_CHUNK = 1 << 18  # entries: `relative_difference` compares larger tensors chunk by chunk
+
+
+def half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """The half-precision dtypes among ``params`` (``["bfloat16"]``): the influence parameters' for overflow
+    messages, the model's for the precision warning."""
+    return sorted(str(d).removeprefix("torch.") for d in {p.dtype for p in params.values()} & set(HALF_DTYPES))
 
 
 def relative_difference(value: torch.Tensor, reference: torch.Tensor,
@@ -71,6 +77,11 @@ def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
         return model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return None
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), to name it inside another message."""
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def library_version() -> str:

@@ -110,7 +110,7 @@ if __name__ == "__main__":
 
         import hf_fastif.engine
         from hf_fastif.solvers.lissa import solve_lissa
-        hf_fastif.engine.solve_lissa = diverging
+        hf_fastif.engine.s_test.solve_lissa = diverging
         args = default_arguments(**(COMMON | CASES["lissa_t4_full"]))
         compute_influences(tiny_model("bert"), make_token_dataset(31, seed=0), make_token_dataset(3, seed=1), args,
                            data_collator=pad_collator_for_tests())

@@ -31,7 +31,8 @@ from benchmarks.rows import fast_settings, per_point_seconds, row_quality, top_e
 from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments, InfluenceTable
 from hf_fastif.embedded import TINY
-from hf_fastif.engine import CHECK_BATCHES, CHECK_ITERATIONS, InfluenceEngine
+from hf_fastif.engine import InfluenceEngine
+from hf_fastif.engine.s_test import CHECK_BATCHES, CHECK_ITERATIONS
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.quality import influence_by_test

@@ -333,8 +333,8 @@ def test_a_hook_that_records_activations_keeps_the_held_engines_caches(data, pad
     import hf_fastif.engine as engine_module
 
     model, train, test = data
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     recorded, by_layer = [], {}
     steer = torch.zeros(model.config.hidden_size, dtype=torch.float64)
 
@@ -646,8 +646,8 @@ def test_the_trunk_states_are_computed_once_per_engine(data, pad_collator, monke
     import hf_fastif.engine as engine_module
 
     model, train, test = data
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     engine = InfluenceEngine(model, default_arguments(**BASE, influence_knn_k=None), data_collator=pad_collator)
     engine.compute_influences(train, test)
     engine.compute_influences(train, make_token_dataset(2, seed=7))
@@ -671,8 +671,8 @@ def test_logits_share_the_trunk_states_of_a_gradient_checkpointed_model(pad_coll
     train, test = make_token_dataset(12, seed=0), make_token_dataset(2, seed=1)
     model = tiny_model("bert")
     model.gradient_checkpointing_enable()
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     with InfluenceEngine(model, default_arguments(**BASE, influence_knn_k=None), data_collator=pad_collator) as engine:
         engine.compute_influences(train, test)
         engine.logits(train)
@@ -688,8 +688,8 @@ def test_the_exact_hessian_is_built_once_per_weights(data, pad_collator, monkeyp
 
     model, train, test = data
     model = copy.deepcopy(model)
-    built, real = [], engine_module.build_hessian
-    monkeypatch.setattr(engine_module, "build_hessian", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    built, real = [], engine_module.s_test.build_hessian
+    monkeypatch.setattr(engine_module.s_test, "build_hessian", lambda *a, **k: built.append(a[1]) or real(*a, **k))
     args = default_arguments(**BASE | dict(influence_solver="exact", influence_knn_k=None,
                                            influence_params=[r"pooler\.", r"classifier\."]))
     other = make_token_dataset(2, seed=7)
@@ -736,15 +736,15 @@ def test_a_row_drawn_again_by_lissa_is_collated_once_per_recursion(data, pad_col
     ) or real(self, rows, **k))
     table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     seed = default_arguments(**settings).influence_seed
-    draws = {tuple(engine_module.lissa_batches(len(train), 1, 30, seed, t)[j]) for t in (0, 1) for j in range(30)}
+    draws = {tuple(engine_module.s_test.lissa_batches(len(train), 1, 30, seed, t)[j]) for t in (0, 1) for j in range(30)}
     assert len(drawn) == len(draws) < 60  # repeats were served from the recursion's memo
     np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
-    monkeypatch.setattr(engine_module, "LISSA_GRAPH_BYTES", 0)  # no graph kept: the collated rows are
+    monkeypatch.setattr(engine_module.s_test, "LISSA_GRAPH_BYTES", 0)  # no graph kept: the collated rows are
     drawn.clear()
     table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     assert len(drawn) == len(draws)
     np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
-    monkeypatch.setattr(engine_module, "LISSA_BATCH_MEMO_BYTES", 0)  # no room: every draw collated, same numbers
+    monkeypatch.setattr(engine_module.s_test, "LISSA_BATCH_MEMO_BYTES", 0)  # no room: every draw collated, same numbers
     drawn.clear()
     table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     assert len(drawn) == 60
@@ -781,13 +781,13 @@ def test_a_row_drawn_again_by_lissa_keeps_its_first_backward(data, pad_collator,
                     influence_repetitions=3, influence_check_convergence=False,
                     influence_stack_repetitions="no")  # (one product at a time: the grouped route keeps its own)
     args = default_arguments(**settings)
-    draws = [tuple(engine_module.lissa_batches(len(train), 1, 30, args.influence_seed, t)[j])
+    draws = [tuple(engine_module.s_test.lissa_batches(len(train), 1, 30, args.influence_seed, t)[j])
              for t in range(3) for j in range(30)]
     assert len(set(draws)) < len(draws) == 90
-    monkeypatch.setattr(engine_module, "BatchHessian", _CountedHessian)
+    monkeypatch.setattr(engine_module.s_test, "BatchHessian", _CountedHessian)
     runs = {}
-    for budget in (engine_module.LISSA_GRAPH_BYTES, 0):
-        monkeypatch.setattr(engine_module, "LISSA_GRAPH_BYTES", budget)
+    for budget in (engine_module.s_test.LISSA_GRAPH_BYTES, 0):
+        monkeypatch.setattr(engine_module.s_test, "LISSA_GRAPH_BYTES", budget)
         _CountedHessian.built = []
         runs[budget] = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
         assert sum(rows == 1 for rows in _CountedHessian.built) == (len(set(draws)) if budget else 90)
@@ -808,7 +808,7 @@ def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(dat
                     influence_repetitions=3, influence_check_convergence=False,
                     influence_stack_repetitions="no")  # (one product at a time: the grouped route keeps its own)
     args = default_arguments(**settings)
-    monkeypatch.setattr(engine_module, "BatchHessian", _CountedHessian)
+    monkeypatch.setattr(engine_module.s_test, "BatchHessian", _CountedHessian)
 
     def single_rows(run) -> tuple[int, pd.DataFrame]:
         _CountedHessian.built = []
@@ -917,12 +917,12 @@ def test_the_mean_hessian_keeps_collated_batches_within_a_budget(data, pad_colla
         collated.append(len(rows)) if len(self) == len(train) and len(rows) == 8 else None) or real(self, rows, **k))
     reference = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     kept = len(collated)  # the solve's 5 batches collated once (and other stages' batches)
-    monkeypatch.setattr(engine_module, "FULL_HVP_GRAPH_BYTES", 0)  # no graph kept: the collated batches are
+    monkeypatch.setattr(engine_module.s_test, "FULL_HVP_GRAPH_BYTES", 0)  # no graph kept: the collated batches are
     collated.clear()
     table = compute_influences(model, train, test, default_arguments(**settings), data_collator=pad_collator)
     assert len(collated) == kept
     np.testing.assert_array_equal(table.to_pandas().influence, reference.to_pandas().influence)
-    monkeypatch.setattr(engine_module, "FULL_HVP_KEPT_BYTES", 0)  # no room: collated again for every product
+    monkeypatch.setattr(engine_module.s_test, "FULL_HVP_KEPT_BYTES", 0)  # no room: collated again for every product
     collated.clear()
     table = compute_influences(model, train, test, default_arguments(**settings | {"disable_tqdm": False}),
                                data_collator=pad_collator)
@@ -941,10 +941,10 @@ def test_the_mean_hessian_keeps_its_chunks_first_backward(data, pad_collator, mo
     model, train, test = data
     args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=None, influence_hvp_batch_size=8,
                              influence_cg_max_iterations=6)
-    monkeypatch.setattr(engine_module, "BatchHessian", _CountedHessian)
-    runs, chunks, default = {}, {}, engine_module.FULL_HVP_GRAPH_BYTES
+    monkeypatch.setattr(engine_module.s_test, "BatchHessian", _CountedHessian)
+    runs, chunks, default = {}, {}, engine_module.s_test.FULL_HVP_GRAPH_BYTES
     for budget in (default, 0):
-        monkeypatch.setattr(engine_module, "FULL_HVP_GRAPH_BYTES", budget)
+        monkeypatch.setattr(engine_module.s_test, "FULL_HVP_GRAPH_BYTES", budget)
         _CountedHessian.built = []
         runs[budget] = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
         chunks[budget] = sum(rows == 8 for rows in _CountedHessian.built)
@@ -1048,8 +1048,8 @@ def test_index_settings_that_cannot_work_fail_before_s_test(data, pad_collator, 
     from hf_fastif import engine as engine_module
 
     builds = []
-    real = engine_module.build_index
-    monkeypatch.setattr(engine_module, "build_index", lambda *a, **k: builds.append(1) or real(*a, **k))
+    real = engine_module.candidates.build_index
+    monkeypatch.setattr(engine_module.candidates, "build_index", lambda *a, **k: builds.append(1) or real(*a, **k))
     engine = InfluenceEngine(model, default_arguments(**BASE, influence_solver="cg"), data_collator=pad_collator)
     rows = engine.candidate_recall(train, test, ks=[4, 8], methods=["auto", "cls"], ns=[3])
     assert len(builds) == 2 and all(row["build_s"] > 0 for row in rows)
@@ -1192,10 +1192,10 @@ def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_colla
     third = InfluenceEngine(other, args, data_collator=pad_collator)
     third.load_caches(tmp_path / "caches")
     work = []
-    monkeypatch.setattr(engine_module, "low_rank_hessian", lambda *a, **k: work.append("low_rank"))
+    monkeypatch.setattr(engine_module.s_test, "low_rank_hessian", lambda *a, **k: work.append("low_rank"))
     monkeypatch.setattr(gradient_module, "build_gradient_index", lambda *a, **k: work.append("index"))
-    real = engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: work.append(len(a[1])) or real(*a, **k))
+    real = engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: work.append(len(a[1])) or real(*a, **k))
     got = second.compute_influences(train, test).to_pandas()
     assert work == [] and got.equals(expected)
     with pytest.raises(TypeError):  # the patched builders ran (and returned None): the saved caches were not used
@@ -1312,7 +1312,7 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     indexed.save_caches(tmp_path / "indexed")
     index = tmp_path / "indexed" / "gradient.faiss"
     index.write_bytes(index.read_bytes()[:64])
-    from hf_fastif.engine import CACHE_MANIFEST
+    from hf_fastif.engine.saved_caches import CACHE_MANIFEST
 
     manifest = json.loads((tmp_path / "indexed" / CACHE_MANIFEST).read_text())
     assert InfluenceEngine(model, gradient, data_collator=pad_collator).load_caches(tmp_path / "indexed") == []
@@ -1417,7 +1417,7 @@ def test_a_cache_rebuilt_under_a_loaded_key_is_neither_served_nor_dropped(data, 
 
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
     engine.load_caches(tmp_path / "caches")
-    monkeypatch.setattr(engine_module, "MAX_TRUNK_CACHES", 1)
+    monkeypatch.setattr(engine_module.trunk_states, "MAX_TRUNK_CACHES", 1)
     engine.logits(test.select([0]))  # one row's trunk states push both loaded ones out, unused
     engine.logits(train)  # the training rows' states built again, under the key they were saved with
     held = list(engine._trunks)
@@ -1546,15 +1546,15 @@ def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad
     model, train, test = data
     args = default_arguments(**BASE, influence_knn_k=6, influence_knn_features="gradient", influence_projection_dim=64)
     saver = InfluenceEngine(model, args, data_collator=pad_collator)
-    parts = [train.select(range(i, i + 20)) for i in range(engine_module.MAX_TRUNK_CACHES)]
+    parts = [train.select(range(i, i + 20)) for i in range(engine_module.trunk_states.MAX_TRUNK_CACHES)]
     for part in parts:
         saver.compute_influences(part, test)
     saver.save_caches(tmp_path / "caches")
     monkeypatch.setattr(trunk_module, "MEMORY_LIMIT_BYTES", 0)
     loader = InfluenceEngine(model, args, data_collator=pad_collator)
     loader.compute_influences(train.select(range(30, 40)), test)  # one cache of its own, then 4 loaded
-    assert loader.load_caches(tmp_path / "caches").count("trunk") == engine_module.MAX_TRUNK_CACHES
-    assert len(loader._trunks) == engine_module.MAX_TRUNK_CACHES
+    assert loader.load_caches(tmp_path / "caches").count("trunk") == engine_module.trunk_states.MAX_TRUNK_CACHES
+    assert len(loader._trunks) == engine_module.trunk_states.MAX_TRUNK_CACHES
     mapped = Path("/proc/self/maps").read_text()
     assert str(tmp_path / "caches" / "trunk-0.npy") in mapped  # memory-mapped, beyond the (patched) limit
 
@@ -1566,7 +1566,7 @@ def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad
             raise PermissionError("read-only file system")
 
     with monkeypatch.context() as patch:
-        patch.setattr(engine_module, "FileLock", ReadOnly)
+        patch.setattr(engine_module.saved_caches, "FileLock", ReadOnly)
         assert "gradient_index" in InfluenceEngine(model, args).load_caches(tmp_path / "caches")
     reader = InfluenceEngine(model, args, data_collator=pad_collator)
     reader.load_caches(tmp_path / "caches")  # the gradient index of parts[-1], read on first use
@@ -1600,12 +1600,12 @@ def test_a_failed_load_keeps_the_engines_own_caches_and_bf16_states_map(pad_coll
     assert mapped.compute_influences(train, test).to_pandas().equals(expected)
 
     own = InfluenceEngine(model, args, data_collator=pad_collator)
-    for i in range(engine_module.MAX_TRUNK_CACHES):
+    for i in range(engine_module.trunk_states.MAX_TRUNK_CACHES):
         own.compute_influences(train.select(range(i, i + 12)), test)
     shutil.copytree(tmp_path / "caches", tmp_path / "damaged")
-    manifest = json.loads((tmp_path / "damaged" / engine_module.CACHE_MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "damaged" / engine_module.saved_caches.CACHE_MANIFEST).read_text())
     manifest["curvature"] = [["damaged"]]
-    (tmp_path / "damaged" / engine_module.CACHE_MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "damaged" / engine_module.saved_caches.CACHE_MANIFEST).write_text(json.dumps(manifest))
     assert own.load_caches(tmp_path / "damaged") == []
     assert all(cache.flat is not None for cache in own._trunks.values())
     own.compute_influences(train.select(range(0, 12)), test)

@@ -288,8 +288,8 @@ def test_what_the_engines_own_calls_record_keeps_its_caches(data, monkeypatch, c
 
     model, train, test, collator = data
     model = copy.deepcopy(model)
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     norms, means = [], []
     handle = model.bert.pooler.register_full_backward_hook(
         lambda module, grad_input, grad_output: norms.append(float(grad_output[0].detach().norm())))
@@ -410,8 +410,8 @@ def test_what_a_collator_keeps_from_its_own_batches_keeps_the_caches(data, monke
     import hf_fastif.engine as engine_module
 
     model, train, test, collator = data
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
 
     class Remembering:
         def __init__(self):
@@ -563,8 +563,8 @@ def test_a_record_grown_between_calls_keeps_the_caches(data, monkeypatch):
 
     model, train, test, collator = data
     model = copy.deepcopy(model)
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     norms = []
     handle = model.bert.pooler.register_full_backward_hook(
         lambda module, grad_input, grad_output: norms.append(float(grad_output[0].detach().norm())))
@@ -710,8 +710,8 @@ def test_a_long_record_of_floats_keeps_the_caches(data, monkeypatch):
 
     model, train, test, collator = data
     model = copy.deepcopy(model)
-    built, real = [], engine_module.TrunkCache
-    monkeypatch.setattr(engine_module, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
+    built, real = [], engine_module.trunk_states.TrunkCache
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: built.append(len(a[1])) or real(*a, **k))
     means = [0.0] * 250
     handle = model.bert.pooler.register_forward_hook(lambda m, i, out: means.append(out.mean().item()))
     try:

@@ -187,8 +187,8 @@ def test_the_knn_index_is_reused_until_the_weights_change(data, pad_collator, mo
 
     model, train, test = data
     model = tiny_model("bert")  # changed in place below
-    built, real = [], engine_module.build_index
-    monkeypatch.setattr(engine_module, "build_index", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    built, real = [], engine_module.candidates.build_index
+    monkeypatch.setattr(engine_module.candidates, "build_index", lambda *a, **kw: built.append(1) or real(*a, **kw))
     args = default_arguments(**(BASE | dict(influence_solver="cg", influence_knn_k=5)))
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
     first = engine.compute_influences(train, test).to_pandas()
@@ -207,14 +207,14 @@ def test_the_curvature_estimate_is_reused_until_the_weights_change(data, pad_col
     from hf_fastif import InfluenceEngine
 
     model, train, test = data
-    calls, real = [], engine_module.extreme_eigenvalues
-    monkeypatch.setattr(engine_module, "extreme_eigenvalues", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls, real = [], engine_module.s_test.extreme_eigenvalues
+    monkeypatch.setattr(engine_module.s_test, "extreme_eigenvalues", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     args = default_arguments(**(BASE | dict(influence_solver="lissa", influence_knn_k=None)))
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
     first = engine.compute_influences(train, test).to_pandas()
     per_check = len(calls)
     again = engine.compute_influences(train, test).to_pandas()
-    assert per_check == engine_module.CHECK_BATCHES + 1 and len(calls) == per_check and first.equals(again)
+    assert per_check == engine_module.s_test.CHECK_BATCHES + 1 and len(calls) == per_check and first.equals(again)
     args.influence_seed = 3
     engine.compute_influences(train, test)
     other = InfluenceEngine(tiny_model("bert", seed=9), args, data_collator=pad_collator)

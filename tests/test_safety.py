@@ -408,7 +408,7 @@ def test_non_finite_test_gradients_and_s_test_are_refused_with_the_fix(pad_colla
     with pytest.raises(FloatingPointError, match=r"gradient of test rows \[0, 1\] is not finite: their loss is inf / NaN "
                                                  r"\(check those rows' labels and inputs\)\.$"):  # float64: no overflow
         compute_influences(model, train, test, args, data_collator=pad_collator, measurement_fn=overflowing)
-    monkeypatch.setattr("hf_fastif.engine.solve_cg", lambda hvp, v, lam, **k: (torch.full_like(v, float("nan")), {}))
+    monkeypatch.setattr("hf_fastif.engine.s_test.solve_cg", lambda hvp, v, lam, **k: (torch.full_like(v, float("nan")), {}))
     with pytest.raises(FloatingPointError, match=r"s_test \(cg\) is not finite.*model\.float\(\)"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
 

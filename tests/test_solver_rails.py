@@ -207,8 +207,8 @@ def test_a_product_that_is_not_finite_names_the_training_loss_not_the_scale(bert
         solve_lissa(overflowing, torch.ones(3, dtype=torch.float64), damping=0.01, scale=10.0, depth=20,
                     repetitions=[0], progress=False)
     model, train, test = bert
-    real = engine_module.build_hessian
-    monkeypatch.setattr(engine_module, "build_hessian", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = engine_module.s_test.build_hessian
+    monkeypatch.setattr(engine_module.s_test, "build_hessian", lambda *a, **k: real(*a, **k) * float("nan"))
     args = default_arguments(influence_solver="exact", influence_params=[r"classifier\."], influence_knn_k=None,
                              disable_tqdm=True)
     with pytest.raises(ValueError, match="The training Hessian holds inf/NaN"):
@@ -485,7 +485,7 @@ def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_c
 
     names = [n for n, _ in model.named_parameters() if n.startswith(("bert.encoder.layer.1.", "bert.pooler",
                                                                       "classifier"))]
-    sample = train.select(range(min(engine_module.CHECK_ROWS, len(train))))
+    sample = train.select(range(min(engine_module.s_test.CHECK_ROWS, len(train))))
     _, evals = explicit_influence(model, names, sample, test, pad_collator, 1.0)
     lo = float(evals.min())
     assert lo < 0
@@ -504,7 +504,7 @@ def test_a_negative_sample_estimate_is_confirmed_on_more_rows_before_refusing(be
     import hf_fastif.engine as engine_module
 
     model, train, test = bert
-    monkeypatch.setattr(engine_module, "CHECK_ROWS", 3)
+    monkeypatch.setattr(engine_module.s_test, "CHECK_ROWS", 3)
     settings = dict(influence_solver="lissa", influence_params=TOP, influence_scale=100.0, influence_recursion_depth=20,
                     influence_batch_size=4, influence_knn_k=None, disable_tqdm=True)
     probe = InfluenceEngine(model, default_arguments(**settings, influence_damping=1e-6), data_collator=pad_collator)
@@ -529,7 +529,7 @@ def test_a_sample_estimate_near_minus_lambda_is_confirmed_on_more_rows_too(bert,
     import hf_fastif.engine as engine_module
 
     model, train, test = bert
-    monkeypatch.setattr(engine_module, "CHECK_ROWS", 3)
+    monkeypatch.setattr(engine_module.s_test, "CHECK_ROWS", 3)
     settings = dict(influence_solver="lissa", influence_params=TOP, influence_scale=100.0, influence_recursion_depth=20,
                     influence_batch_size=4, influence_knn_k=None, disable_tqdm=True)
     probe = InfluenceEngine(model, default_arguments(**settings, influence_damping=1e-6), data_collator=pad_collator)
@@ -538,17 +538,17 @@ def test_a_sample_estimate_near_minus_lambda_is_confirmed_on_more_rows_too(bert,
     (found,) = probe._curvature.values()
     whole = found["hessian_min_eigenvalue_confirmed"]
     lam = 0.8 * -whole  # below the set's |λ_min|: H + λI is indefinite
-    real, estimates = engine_module.extreme_eigenvalues, []
+    real, estimates = engine_module.s_test.extreme_eigenvalues, []
 
     def sample_clear_of_lambda(operator, p, iterations, **kwargs):
         low, high = real(operator, p, iterations=iterations, **kwargs)
-        if iterations == engine_module.CHECK_ITERATIONS + 2:  # the smallest-eigenvalue estimates
+        if iterations == engine_module.s_test.CHECK_ITERATIONS + 2:  # the smallest-eigenvalue estimates
             estimates.append(low)
             if len(estimates) == 1:  # the sample's
                 return -0.6 * lam, high
         return low, high
 
-    monkeypatch.setattr(engine_module, "extreme_eigenvalues", sample_clear_of_lambda)
+    monkeypatch.setattr(engine_module.s_test, "extreme_eigenvalues", sample_clear_of_lambda)
     with pytest.raises(LissaDivergenceError, match=f"not positive definite.*Lanczos on {len(train)} rows"):
         compute_influences(model, train, test, default_arguments(**settings, influence_damping=lam / 100.0),
                            data_collator=pad_collator)
@@ -816,8 +816,8 @@ def test_arnoldi_eigendecomposition_is_computed_once_per_model(bert, pad_collato
     import hf_fastif.engine as engine_module
 
     model, train, test = bert
-    calls, real = [], engine_module.low_rank_hessian
-    monkeypatch.setattr(engine_module, "low_rank_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], engine_module.s_test.low_rank_hessian
+    monkeypatch.setattr(engine_module.s_test, "low_rank_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
     args = default_arguments(influence_solver="arnoldi", influence_params=[r"pooler\.", r"classifier\."],
                              influence_damping=0.05, influence_scale=20.0, influence_arnoldi_rank=8,
                              influence_knn_k=None, disable_tqdm=True)
@@ -919,7 +919,7 @@ def test_repetitions_that_disagree_are_warned_of_and_their_spread_recorded(pad_c
     diagnostics, warned = run(4)
     spread = diagnostics["lissa_repetition_spread"]
     assert 0 < spread < 0.3 and "repetitions disagree" not in warned
-    monkeypatch.setattr(engine_module, "SPREAD_WARNING", spread / 2)
+    monkeypatch.setattr(engine_module.s_test, "SPREAD_WARNING", spread / 2)
     diagnostics, warned = run(4)
     assert diagnostics["lissa_repetition_spread"] == spread
     assert f"LiSSA's 4 repetitions disagree: their mean's standard error is {spread:.2g} of s_test's norm" in warned

@@ -12,7 +12,7 @@ import torch
 
 from hf_fastif import InfluenceArguments, InfluenceEngine
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.engine import lissa_batches
+from hf_fastif.engine.s_test import lissa_batches
 from hf_fastif.hvp import batch_hvp
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.mode import influence_mode
@@ -39,7 +39,7 @@ ARGS = dict(influence_knn_k=None, influence_recursion_depth=12, influence_scale=
 def vmapped(monkeypatch):
     """The engine's stacked steps take the vmapped route (`hf_fastif.stacked`) even where the grouped route
     (`hf_fastif.grouped_products`, which a single test point on these models takes first) would apply."""
-    monkeypatch.setattr("hf_fastif.engine.grouped_modules", lambda fm, names: "off in this test")
+    monkeypatch.setattr("hf_fastif.engine.s_test.grouped_modules", lambda fm, names: "off in this test")
 
 
 def table_values(table) -> np.ndarray:

@@ -537,13 +537,13 @@ def test_a_new_test_point_reuses_the_first_position_decision(pad_collator, tmp_p
     whole = [_influence(model, train, tests.select([i]), HEAD_ONLY["bert"], tmp_path, pad_collator,
                            influence_knn_k=8, influence_trunk_cache=False)[0] for i in range(len(tests))]
     decisions = []
-    find = engine_module.find_readout
+    find = engine_module.trunk_states.find_readout
 
     def counted(fm, *a, **k):
         decisions.append(fm.split is None)  # (the trunk's decision runs on the whole model, the readout's on the top)
         return find(fm, *a, **k)
 
-    monkeypatch.setattr(engine_module, "find_readout", counted)
+    monkeypatch.setattr(engine_module.trunk_states, "find_readout", counted)
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
     for i, uncached in enumerate(whole):
         cut, diagnostics = _table(engine, train, tests.select([i]))
@@ -597,7 +597,7 @@ def test_a_first_position_cache_that_fails_keeps_every_position(pad_collator, tm
     is replaced by one of every position (the split stays), and the decision is kept for later calls."""
     from hf_fastif import engine as engine_module
 
-    verify, capture = engine_module.verify_split, T.TrunkSplit.capture
+    verify, capture = engine_module.trunk_states.verify_split, T.TrunkSplit.capture
 
     def strict(split, cache, batcher, rows):  # as if the first position alone changed the logits
         return 1.0 if cache.per_row else verify(split, cache, batcher, rows)
@@ -610,7 +610,7 @@ def test_a_first_position_cache_that_fails_keeps_every_position(pad_collator, tm
         return out
 
     if failure == "logits":
-        monkeypatch.setattr(engine_module, "verify_split", strict)
+        monkeypatch.setattr(engine_module.trunk_states, "verify_split", strict)
     else:
         monkeypatch.setattr(T.TrunkSplit, "capture", failing)
     model = tiny_model("bert", num_labels=3)
@@ -640,8 +640,8 @@ def test_a_failed_cut_says_only_speed_is_lost_and_names_half_precision_rounding(
     1e-4 every split is held to), which a float32 copy avoids; a float64 model's is not blamed on rounding."""
     from hf_fastif import engine as engine_module
 
-    verify = engine_module.verify_split
-    monkeypatch.setattr(engine_module, "verify_split", lambda split, cache, batcher, rows: (
+    verify = engine_module.trunk_states.verify_split
+    monkeypatch.setattr(engine_module.trunk_states, "verify_split", lambda split, cache, batcher, rows: (
         0.0068 if cache.per_row else verify(split, cache, batcher, rows)))
     model = tiny_model("bert", dtype=dtype)
     args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="cg",
@@ -882,7 +882,7 @@ def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_coll
         checked.append((len(batcher), error, getattr(cache, "full_outputs", None)))
         return error
 
-    monkeypatch.setattr("hf_fastif.engine.verify_split", counted_verify)
+    monkeypatch.setattr("hf_fastif.engine.trunk_states.verify_split", counted_verify)
     reads, read = [], Batcher._stored_lengths
 
     def counted_read(self, column, count):

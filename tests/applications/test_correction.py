@@ -220,13 +220,13 @@ def test_one_engine_for_the_protocol_computes_the_trunk_states_once(trained, dat
             self.logit_calls += 1
             return super().logits(*a, **kw)
 
-    class CacheSpy(engine_module.TrunkCache):
+    class CacheSpy(engine_module.trunk_states.TrunkCache):
         def __init__(self, split, batcher, *a, **kw):
             built.append(len(batcher))
             super().__init__(split, batcher, *a, **kw)
 
     monkeypatch.setattr(correction_module, "InfluenceEngine", Spy)
-    monkeypatch.setattr(engine_module, "TrunkCache", CacheSpy)
+    monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", CacheSpy)
     protocol = CorrectionArguments(strategies=["helpful", "harmful", "random"], heuristics=["constituent"],
                                    num_steps=3, num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=2)
     result = run_correction(trained, data, args, protocol, progress=False)

@@ -276,7 +276,7 @@ def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(ap
     _, startup, _ = app
     built = []
 
-    class CountingTrunkCache(hf_fastif.engine.TrunkCache):
+    class CountingTrunkCache(hf_fastif.engine.trunk_states.TrunkCache):
         def __init__(self, split, batcher, *args, **kwargs):
             built.append(len(batcher))
             super().__init__(split, batcher, *args, **kwargs)
@@ -284,8 +284,8 @@ def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(ap
     def refuse(*args, **kwargs):
         raise AssertionError("a warm restart must not rebuild this cache")
 
-    monkeypatch.setattr(hf_fastif.engine, "TrunkCache", CountingTrunkCache)
-    monkeypatch.setattr(hf_fastif.engine, "low_rank_hessian", refuse)
+    monkeypatch.setattr(hf_fastif.engine.trunk_states, "TrunkCache", CountingTrunkCache)
+    monkeypatch.setattr(hf_fastif.engine.s_test, "low_rank_hessian", refuse)
     monkeypatch.setattr(hf_fastif.gradient_index, "build_gradient_index", refuse)
     again = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
     state = again.wait(timeout=300)
@@ -311,7 +311,7 @@ def test_stale_engine_caches_are_rebuilt_saved_again_and_serve_the_next_start(ap
 
     import hf_fastif.engine
     import hf_fastif.gradient_index
-    from hf_fastif.engine import CACHE_MANIFEST
+    from hf_fastif.engine.saved_caches import CACHE_MANIFEST
     from hf_fastif.space import CACHED, ENGINE_DIR, Startup
 
     manifest_path = cache / KIND / ENGINE_DIR / CACHE_MANIFEST
@@ -334,13 +334,13 @@ def test_stale_engine_caches_are_rebuilt_saved_again_and_serve_the_next_start(ap
 
     built = []
 
-    class CountingTrunkCache(hf_fastif.engine.TrunkCache):
+    class CountingTrunkCache(hf_fastif.engine.trunk_states.TrunkCache):
         def __init__(self, split, batcher, *args, **kwargs):
             built.append(len(batcher))
             super().__init__(split, batcher, *args, **kwargs)
 
-    monkeypatch.setattr(hf_fastif.engine, "TrunkCache", CountingTrunkCache)
-    monkeypatch.setattr(hf_fastif.engine, "low_rank_hessian", refuse)
+    monkeypatch.setattr(hf_fastif.engine.trunk_states, "TrunkCache", CountingTrunkCache)
+    monkeypatch.setattr(hf_fastif.engine.s_test, "low_rank_hessian", refuse)
     monkeypatch.setattr(hf_fastif.gradient_index, "build_gradient_index", refuse)
     second = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
     second.wait(timeout=300)

@@ -1,0 +1,38 @@
+"""`InfluenceEngine`: the influence pipeline, and the owner of what it reuses across calls.
+
+One call reads as its stages::
+
+    parameters → trunk states → test gradients → s_test → candidates → scores → InfluenceTable
+
+An engine is bound to one model, one set of ``influence_*`` settings, a data collator, and the loss / measurement /
+feature functions. Its caches live exactly as long as the engine and are keyed on content, never on ``id()``; data
+by the hash of the values of the columns read (`Batcher.fingerprint`, once per dataset and call), never by datasets'
+``_fingerprint``, which datasets with other rows can share (a ``map`` that draws at random, run twice):
+
+| cache | keyed on |
+|---|---|
+| trunk states (per dataset) | fingerprint of the weights below the split, the dataset, the collator |
+| kNN feature index | fingerprint of all weights, the candidate data, the collator, the feature method, the index type |
+| gradient index | all weights, the candidate data, the collator, the loss, the projection, the parameters |
+| curvature estimates (LiSSA check, low-rank Hessian) | all weights, the training data, the collator, the loss, B, seed |
+| the read-position cut (where the last layer is cut, or why not) | all weights, the parameters, the split, the training and test data, the setting |
+
+`InfluenceTrainer` holds one engine across calls (training changes the weights, so the caches rebuild themselves);
+`compute_influences` makes a short-lived one.
+
+One module per stage, each a base class of `InfluenceEngine` holding that stage's methods (the state they read is
+the engine's, made in `InfluenceEngine.__init__`):
+
+| module | what |
+|---|---|
+| `core` | `InfluenceEngine`: its state, a call's pipeline, stage 0 (checks, parameters, batchers), scores, metadata |
+| `padding` | stage 0: whether a row's numbers change with its padding; trailing padding dropped where they do not |
+| `trunk_states` | stage 1: the frozen trunk's split, its states per row, the last layer's read-position cut |
+| `s_test` | stages 2-3: test gradients, s_test by each solver, LiSSA's convergence check and kept graphs |
+| `candidates` | stage 4: kNN / gradient-index / random candidates, and their recall against the full scan |
+| `saved_caches` | `save_caches` / `load_caches`: the caches on disk, keyed as in memory |
+"""
+
+from .core import InfluenceEngine, loss_key, non_finite_scores
+
+__all__ = ["InfluenceEngine", "loss_key", "non_finite_scores"]

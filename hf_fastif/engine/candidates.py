@@ -1,0 +1,229 @@
+"""Stage 4 of `InfluenceEngine`: the candidate rows each query scores (kNN over model features, the
+gradient index, a random sample, or every row), and recall of the candidates against the full scan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers.utils import logging
+
+from .. import distributed as D
+from ..batches import Batcher
+from ..gradient_index import check_index_factory, gradient_candidates
+from ..knn import build_index, extract_features, search, warn_short
+from ..mode import influence_mode
+from ..quality import recall_ns
+from ..utils import relative_difference
+from .padding import PADDING_PROBE_ROWS, PADDING_TOLERANCE
+
+if TYPE_CHECKING:  # (the call's state is made by core.py, which builds on this module)
+    from .core import _Call
+
+logger = logging.get_logger(__name__)
+
+def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:
+    """``(split, batchers)`` that ``method``'s features are extracted through: the call's trunk split for a named
+    method, the full model (batchers without their trunk states) for a user's callable, and for a method the trunk's
+    first-position cut was not checked on (`InfluenceEngine._first_position_cut`)."""
+    split = call.fm.split if isinstance(method, str) else None
+    cut = any(b.trunk is not None and b.trunk.per_row for b in batchers)
+    if cut and method not in call.feature_methods:
+        split = None
+    return split, tuple(b if split is not None else _plain(b, padded=not isinstance(method, str)) for b in batchers)
+
+
+def _plain(batcher: Batcher, padded: bool = False) -> Batcher:
+    """``batcher`` without its trunk states, and with ``padded`` its batches collated with their trailing padding
+    (a ``features=`` callable, which the trailing-padding probe does not see, gets the batches it got before)."""
+    view = batcher.with_trunk(None)
+    view.skip_padding = batcher.skip_padding and not padded
+    return view
+
+
+def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -> dict:
+    """Mean over queries of the share of the reference's n most helpful / harmful rows among the candidates."""
+    out = {}
+    for n in ns:
+        top = min(int(n), reference.shape[1])  # n above the number of rows: all of them
+        helpful = [np.isin(np.argsort(ref, kind="stable")[:top], rows).mean() for ref, rows in zip(reference, found)]
+        harmful = [np.isin(np.argsort(-ref, kind="stable")[:top], rows).mean() for ref, rows in zip(reference, found)]
+        out[f"recall@{n} helpful"], out[f"recall@{n} harmful"] = float(np.mean(helpful)), float(np.mean(harmful))
+    return out
+
+
+class CandidateStage:
+    """`InfluenceEngine`'s candidates and their recall (``_feature_index``; the gradient index is
+    `hf_fastif.gradient_index`'s)."""
+
+    def candidate_recall(self, train_dataset: Dataset, test_dataset: Dataset, ks: Sequence[int], *,
+                         methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] | None = None,
+                         candidate_dataset: Dataset | None = None) -> list[dict]:
+        """How many of the truly most influential rows each candidate method finds, with one s_test.
+
+        For every test row: s_test once, then the full scan (every candidate row scored exactly); then for each
+        ``method`` (``influence_knn_features`` values, ``"gradient"``, ``"random"``) and each ``k``: recall@n of the
+        full scan's ``n`` most helpful and most harmful rows among the k candidates (candidates are scored exactly,
+        so that is also the recall of the candidate method's own top n). Random candidates are expected at k/N.
+        ``ns`` defaults to 10 and 100, each capped at the candidate rows.
+
+        Returns:
+            One dict per (method, k): ``method``, ``k``, ``k_fraction``, ``recall@{n} helpful/harmful`` (mean over
+            test rows), ``random_expectation`` (k/N), ``build_s`` (the method's index, once), ``query_s`` (per query).
+        """
+        call = self._start(train_dataset, test_dataset, candidate_dataset, "none", methods=list(methods))
+        n_rows = len(call.cand)
+        ns = recall_ns(n_rows) if ns is None else ns  # (10, 100) capped at the rows: 100 was refused under 100 rows
+        for k in ks:
+            if not 1 <= int(k) <= n_rows:
+                raise ValueError(f"Every k must be between 1 and the {n_rows} candidate rows, got {k}.")
+        for n in ns:
+            if not 1 <= int(n) <= n_rows:
+                raise ValueError(f"Every n must be between 1 and the {n_rows} candidate rows, got {n}.")
+        out = []
+        with influence_mode(self.model, call.names):
+            self._prepare(call)
+            for method in methods:  # an index setting that cannot work fails before s_test and the full scan (it
+                if method not in ("gradient", "random"):  # failed after them, and after the CLI's fine-tuning)
+                    self._check_feature_index(call, method)
+            s_test = self._s_test_of(call)
+            reference = self._full_scan(call, s_test)
+            for method in methods:
+                first = True
+                for k in ks:
+                    start = time.perf_counter()
+                    found = self._candidates(call, s_test, method, int(k))
+                    seconds = time.perf_counter() - start
+                    if first:  # the first call builds the method's index; time a second query alone
+                        start = time.perf_counter()
+                        self._candidates(call, s_test, method, int(k))
+                        query = time.perf_counter() - start
+                        build, first = max(seconds - query, 0.0), False
+                    else:
+                        query = seconds
+                    row = {"method": method if isinstance(method, str) else "callable", "k": int(k),
+                           "k_fraction": int(k) / n_rows, "random_expectation": int(k) / n_rows,
+                           "build_s": build, "query_s": query / len(found)}
+                    row |= _recall(reference, found, ns)
+                    out.append(row)
+        self._ended()
+        return out
+
+    def _candidates_read_s_test(self, call: _Call) -> bool:
+        """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
+        a random sample or every row do not, and are found before s_test."""
+        method = self.features or self.args.influence_knn_features
+        return call.k is not None and isinstance(method, str) and method == "gradient"
+
+    def _candidates(self, call: _Call, s_test: torch.Tensor, method=None, k: int | None = None) -> list[np.ndarray]:
+        """Candidate rows of each query (one query per test row, or one for the mean), by ``method`` (default: the
+        engine's ``features`` or ``influence_knn_features``; ``"random"`` for a seeded uniform sample)."""
+        queries = 1 if call.combine == "mean" else len(call.test)
+        for_scores = method is None  # (candidate_recall names a method: it measures an index as it is, unwarned)
+        k = call.k if method is None else k
+        if k is None:
+            call.info["candidates"] = "all"
+            return [np.arange(len(call.cand))] * queries
+        method = method or self.features or self.args.influence_knn_features
+        if method == "random":
+            rng = np.random.default_rng([self.args.influence_seed, 17])
+            return [np.sort(rng.choice(len(call.cand), size=k, replace=False)) for _ in range(queries)]
+        if method == "gradient":
+            call.info["candidates"] = "gradient"
+            found = gradient_candidates(self, call, s_test, k)
+        else:
+            call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
+            found = self._knn_candidates(call, method, k)
+        if for_scores:
+            warn_short(found, k, len(call.cand), "The gradient index" if method == "gradient" else "The kNN index",
+                       self.args.influence_knn_index)
+        return found
+
+    def _check_feature_index(self, call: _Call, method) -> None:
+        """Refuse an ``influence_knn_index`` faiss cannot build over ``method``'s features of the candidate rows,
+        from one row's features (their width) and random rows, without building the index."""
+        split, (cand,) = _feature_path(call, method, call.cand)
+        with torch.no_grad():
+            width = extract_features(self.model, cand.subset([0]), method, batch_size=1, split=split,
+                                     progress=False).shape[1]
+        check_index_factory(self.args.influence_knn_index, len(call.cand), width, metric=faiss.METRIC_L2)
+
+    def _check_feature_padding(self, call: _Call, method: Callable, batchers: list[tuple[Batcher, str]]) -> None:
+        """Refuse a ``features=`` callable whose vector for a row changes with the padding around it (a mean over
+        every position, padding included): rows are batched with others, by process shares, so its candidates
+        depended on the batch size and the number of processes, without a word. Probed as the loss is (the
+        narrowest row alone and padded next to the widest), once per model, data and function."""
+        for batcher, name in batchers:
+            batcher = _plain(batcher, padded=True)  # (as `_feature_path` hands the callable its batches)
+            key = ("features", call.model_key, batcher.fingerprint, self._functions["collator"],
+                   self._functions["features"])
+            if key in self._padding_checked:
+                continue
+            for short, long in batcher.padding_probes(PADDING_PROBE_ROWS):
+                with torch.no_grad():
+                    alone = method(self.model, batcher.batch([short], trunk=False)).detach().double().cpu()
+                    padded = method(self.model, batcher.batch([short, long], trunk=False)).detach().double().cpu()
+                if alone.ndim != 2 or padded.ndim != 2 or alone.shape[1] != padded.shape[1]:
+                    continue  # (a width that grows with the padding: extract_features names it)
+                if not bool(torch.isfinite(alone).all()):
+                    continue  # not the padding's doing: extract_features names the rows that are not finite
+                error = relative_difference(padded[0], alone[0], floor=1e-12)
+                if not error <= PADDING_TOLERANCE:
+                    row, other = (int(r) for r in batcher.base_rows([short, long]))
+                    raise ValueError(
+                        f"The features= callable gives {name} row {row} another vector when it is padded next to "
+                        f"row {other} (relative difference {error:.2g}): it reads the padding, so the kNN candidates "
+                        "would depend on the batch size and the number of processes. Leave the padding out (e.g. a "
+                        "mean weighted by batch['attention_mask']).")
+            self._padding_checked.add(key)
+
+    def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
+        if k >= len(call.cand):  # every row, as the gradient index gives them (an IVF / HNSW search can return fewer)
+            return [np.arange(len(call.cand), dtype=np.int64)] * (1 if call.combine == "mean" else len(call.test))
+        args = self.args
+        bsz = args.influence_scoring_batch_size
+        key = (call.model_key, call.cand.fingerprint, len(call.cand), self._functions["collator"],
+               method if isinstance(method, str) else self._functions["features"], args.influence_knn_index,
+               D.world()[1], *call.cand.layout_key)
+        split, (cand, test) = _feature_path(call, method, call.cand, call.test)
+        if callable(method):
+            self._check_feature_padding(call, method, [(call.cand, "candidate"), (call.test, "test")])
+        with torch.no_grad():
+            if self._feature_index is None or self._feature_index[0] != key:
+                self._feature_index = None  # one index at a time: features of a large training set are big
+                mine = cand.subset(D.shard(range(len(cand)))) if D.world()[1] > 1 else cand
+                feats = D.gather_rows(D.together(
+                    lambda: extract_features(self.model, mine, method, batch_size=bsz, split=split,
+                                             progress=call.progress, desc="kNN features"),
+                    "The candidates' kNN features"))
+                self._feature_index = (key, build_index(feats, args.influence_knn_index), feats.shape[1])
+            test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False,
+                                          desc="test features")
+        if test_feats.shape[1] != self._feature_index[2]:  # (faiss: a bare AssertionError)
+            raise ValueError(f"The test rows' kNN features have {test_feats.shape[1]} columns, the candidates' "
+                             f"{self._feature_index[2]}: a features= callable must give every row a vector of one width "
+                             "(not one that grows with the padding).")
+        if call.combine == "mean":
+            test_feats = test_feats.mean(0, keepdims=True)
+        _, ids = search(self._feature_index[1], test_feats, k)
+        return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]
+
+    def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
+        """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
+        queries = 1 if call.combine == "mean" else len(call.test)
+        every = [np.arange(len(call.cand))] * queries
+        tests, rows, values = self._scores(call, every, s_test)
+        reference = np.empty((queries, len(call.cand)))
+        reference[tests, rows] = values
+        return reference
+
+    def _recall_of(self, call: _Call, s_test: torch.Tensor, queries: list[np.ndarray]) -> dict:
+        # recall@10 / @100 capped at the candidate rows, labelled as such (N = 40 was reported as "recall@100")
+        return _recall(self._full_scan(call, s_test), queries, recall_ns(len(call.cand))) | {
+            "random_expectation": len(queries[0]) / len(call.cand), "method": call.info.get("candidates")}
