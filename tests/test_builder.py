@@ -12,11 +12,11 @@ from datasets import Dataset
 import hf_fastif.builder as builder
 from hf_fastif import build_influence_table, compute_influences
 from hf_fastif.influence import default_arguments
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import HEAD_ONLY, make_token_dataset, tiny_model
 
 ARGS = dict(influence_solver="lissa", influence_damping=0.05, influence_scale=20.0, influence_recursion_depth=10,
             influence_batch_size=2, influence_repetitions=2, influence_knn_k=6,
-            influence_params=[r"pooler\.", r"classifier\."], disable_tqdm=True)
+            influence_params=HEAD_ONLY["bert"], disable_tqdm=True)
 
 
 @pytest.fixture(scope="module")

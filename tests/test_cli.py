@@ -15,6 +15,7 @@ import pytest
 
 from hf_fastif import InfluenceTable
 from hf_fastif.cli import main
+from tests.helpers import sign_table
 from tests.hub_server import HubServer, hub_server_fixture, run_client  # noqa: F401 (fixture)
 
 SMALL = ["--max_train_samples", "300", "--num_train_epochs", "1", "--influence_knn_k", "20",
@@ -355,8 +356,6 @@ def test_dashed_options_take_the_underscore_spelling_as_build_does() -> None:
 
 
 def test_show_prints_the_counts_and_says_when_fewer_rows_exist(tmp_path, capsys) -> None:
-    from tests.test_table import sign_table
-
     sign_table().save(tmp_path / "t")
     assert main(["show", str(tmp_path / "t"), "--test-id", "0", "-n", "5"]) == 0
     out = capsys.readouterr().out
@@ -562,8 +561,6 @@ def test_labels_stored_as_names_or_missing_are_shown_as_they_are(tmp_path, capsy
 
 
 def test_more_input_that_failed_with_a_traceback_or_was_ignored(tmp_path, capsys) -> None:
-    from tests.test_table import sign_table
-
     assert main(["recall", "--ks", "inf"]) == 2  # an OverflowError's traceback
     assert "k='inf' is not a number of candidates" in capsys.readouterr().err
     sign_table().save(tmp_path / "t")

@@ -17,11 +17,10 @@ import torch
 from hf_fastif import InfluenceEngine, InfluenceTrainer, compute_influences
 from hf_fastif.fingerprint import callable_fingerprint, model_fingerprint
 from hf_fastif.influence import default_arguments
-from tests.tiny import VOCAB, make_token_dataset, tiny_model, train_tiny
+from tests.tiny import HEAD_ONLY, TOP, VOCAB, make_token_dataset, tiny_model, train_tiny
 
-TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
-BASE = dict(influence_params=TOP, influence_damping=0.05, influence_scale=20.0, influence_recursion_depth=20,
-            influence_batch_size=2, influence_repetitions=2, disable_tqdm=True)
+BASE = dict(influence_params=TOP["bert"], influence_damping=0.05, influence_scale=20.0,
+            influence_recursion_depth=20, influence_batch_size=2, influence_repetitions=2, disable_tqdm=True)
 
 
 @pytest.fixture(scope="module")
@@ -691,7 +690,7 @@ def test_the_exact_hessian_is_built_once_per_weights(data, pad_collator, monkeyp
     built, real = [], engine_module.s_test.build_hessian
     monkeypatch.setattr(engine_module.s_test, "build_hessian", lambda *a, **k: built.append(a[1]) or real(*a, **k))
     args = default_arguments(**BASE | dict(influence_solver="exact", influence_knn_k=None,
-                                           influence_params=[r"pooler\.", r"classifier\."]))
+                                           influence_params=HEAD_ONLY["bert"]))
     other = make_token_dataset(2, seed=7)
     with InfluenceEngine(model, args, data_collator=pad_collator) as engine:
         engine.compute_influences(train, test)

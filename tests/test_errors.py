@@ -10,7 +10,7 @@ from datasets import Dataset
 from hf_fastif import InfluenceArguments, InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
 from hf_fastif.solvers import LissaDivergenceError
-from tests.tiny import VOCAB, make_token_dataset, tiny_model
+from tests.tiny import TOP, VOCAB, make_token_dataset, tiny_model
 
 FAST = dict(influence_solver="cg", influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
             influence_params=[r"classifier\."], disable_tqdm=True)
@@ -385,7 +385,7 @@ def test_indefinite_hessian_is_reported(pad_collator, solver):
     train, test = make_token_dataset(20, seed=0), make_token_dataset(2, seed=1)
     args = default_arguments(**(FAST | {"influence_solver": solver, "influence_damping": 1e-6,
                                         "influence_scale": 1.0,
-                                        "influence_params": [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]}))
+                                        "influence_params": TOP["bert"]}))
     with pytest.raises(ValueError, match="not positive definite.*raise influence_damping"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
 

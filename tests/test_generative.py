@@ -11,8 +11,7 @@ from datasets import Dataset
 from hf_fastif import InfluenceEngine, compute_influences
 from hf_fastif.influence import default_arguments
 from hf_fastif.params import select_parameters
-from tests.test_models import _seq2seq_rows, _tiny_bart
-from tests.tiny import VOCAB, make_token_dataset, tiny_model
+from tests.tiny import VOCAB, make_token_dataset, seq2seq_rows, tiny_bart, tiny_model
 
 EXACT = dict(influence_solver="exact", influence_knn_k=None, influence_damping=1.0, influence_scale=1.0,
              disable_tqdm=True)
@@ -133,8 +132,8 @@ def test_seq2seq_targets_padded_on_the_left_are_refused_with_the_cause(pad_colla
     the tokenizer padding on the left: the decoder read pads before the targets, 0.96 off, without a word."""
     from transformers import DataCollatorForSeq2Seq
 
-    model = _tiny_bart()
-    train, test = _seq2seq_rows(12, 0, same_length=False), _seq2seq_rows(2, 1, same_length=False)
+    model = tiny_bart()
+    train, test = seq2seq_rows(12, 0, same_length=False), seq2seq_rows(2, 1, same_length=False)
     train = train.map(lambda row: {"input_ids": row["input_ids"][:4], "attention_mask": [1] * 4})
     args = default_arguments(**(EXACT | {"influence_params": [r"decoder\.layers\.1\.final"]}))
     with pytest.raises(ValueError, match=r"targets are padded on the left .*padding_side = 'right'"):
@@ -275,9 +274,9 @@ def test_encoder_decoder_knn_features_are_the_encoders(pad_collator, head):
                                                      num_heads=2, pad_token_id=0, decoder_start_token_id=0,
                                                      num_labels=2)).double().eval()
     else:
-        model = _tiny_bart(head)
+        model = tiny_bart(head)
     if head == "BartForConditionalGeneration":
-        train, test = _seq2seq_rows(12, 0, same_length=False), _seq2seq_rows(2, 1, same_length=False)
+        train, test = seq2seq_rows(12, 0, same_length=False), seq2seq_rows(2, 1, same_length=False)
         collator, params = DataCollatorForSeq2Seq(pad_collator.tokenizer), [r"decoder\.layers\.1\.final"]
     else:
         eos = {"input_ids": lambda r: r["input_ids"] + [3], "attention_mask": lambda r: r["attention_mask"] + [1]}

@@ -16,7 +16,7 @@ from hf_fastif.ground_truth import (
     leave_one_out_loss_changes,
 )
 from hf_fastif.influence import default_arguments
-from hf_fastif.params import flatten, select_parameters, unflatten
+from tests.helpers import explicit_influence
 from tests.tiny import make_token_dataset, tiny_model
 
 
@@ -72,25 +72,6 @@ def test_linear_regression_closed_form(solver):
         assert np.abs(got - expected).max() / np.abs(expected).max() < 0.1
     else:
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
-
-
-def explicit_influence(model, names, train, test, collator, lam):
-    """Influence from torch.autograd.functional.hessian of the mean training loss (float64)."""
-    params = select_parameters(model, [f"^{n}$".replace(".", r"\.") for n in names])
-    flat0 = flatten(params)
-    tb = collator([train[i] for i in range(len(train))])
-    sb = collator([test[i] for i in range(len(test))])
-
-    def losses(flat, batch):
-        out = torch.func.functional_call(model, unflatten(flat, params), args=(),
-                                         kwargs={k: v for k, v in batch.items() if k != "labels"})
-        return F.cross_entropy(out.logits, batch["labels"], reduction="none")
-
-    hessian = torch.autograd.functional.hessian(lambda f: losses(f, tb).mean(), flat0)
-    g_train = torch.autograd.functional.jacobian(lambda f: losses(f, tb), flat0)
-    g_test = torch.autograd.functional.jacobian(lambda f: losses(f, sb), flat0)
-    s = torch.linalg.solve(hessian + lam * torch.eye(len(flat0), dtype=flat0.dtype), g_test.T).T
-    return -(s @ g_train.T).numpy(), torch.linalg.eigvalsh(hessian)
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg", "lissa", "arnoldi"])

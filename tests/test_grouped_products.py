@@ -26,9 +26,8 @@ from hf_fastif.mode import influence_mode
 from hf_fastif.params import flatten, num_parameters, unflatten
 from hf_fastif.stacked import NotStackable
 from hf_fastif.utils import relative_difference
-from tests.test_stacked import ARGS, _groups, run
-from tests.test_trunk import TOP
-from tests.tiny import make_token_dataset, tiny_model
+from tests.helpers import ARGS, group_setup, run
+from tests.tiny import HEAD_ONLY, TOP, make_token_dataset, tiny_model
 
 GROUPS = [[0, 1], [2, 3], [4, 5]]
 
@@ -39,7 +38,7 @@ def test_grouped_products_are_the_explicit_hessians_of_each_group(pad_collator):
     rows in float64, times each group's two vectors."""
     names = [r"classifier\.", r"encoder\.layer\.1\.output\.LayerNorm\.", r"token_type_embeddings\.",
              r"position_embeddings\."]
-    model, batcher, params = _groups("bert", pad_collator, names)
+    model, batcher, params = group_setup("bert", pad_collator, names)
     p = num_parameters(params)
     vectors = torch.randn(3, 2, p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with influence_mode(model, list(params)):
@@ -63,7 +62,7 @@ def test_grouped_products_equal_the_products_one_batch_at_a_time(kind, pad_colla
     """Every parameter of the model (word, position and token-type embeddings, LayerNorms, linear layers), rows
     padded to the longest of all groups and the padding id inside them as a real token: each group's products equal
     `batch_hvp` of the group collated alone; a kept graph gives the same products again."""
-    model, batcher, params = _groups(kind, pad_collator, None, pad_token_inside=True)
+    model, batcher, params = group_setup(kind, pad_collator, None, pad_token_inside=True)
     assert model.base_model.embeddings.word_embeddings.padding_idx == model.config.pad_token_id
     vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))
@@ -89,7 +88,7 @@ def test_which_models_take_the_route(pad_collator, monkeypatch):
     every = [n for n, _ in gpt2.named_parameters()]
     assert "c_attn.weight is not held by an nn.Linear, nn.LayerNorm or nn.Embedding" in grouped_modules(
         FunctionalModel(gpt2, every), every)
-    model, batcher, params = _groups("bert", pad_collator, None)
+    model, batcher, params = group_setup("bert", pad_collator, None)
     names = list(params)
     model.bert.embeddings.word_embeddings.max_norm = 1.0
     assert "max_norm" in grouped_modules(FunctionalModel(model, names), names)
@@ -121,10 +120,7 @@ def test_which_models_take_the_route(pad_collator, monkeypatch):
         GroupedHessian(FunctionalModel(model, names), params).build(batch, 3)
 
 
-HEAD = [r"pooler\.", r"classifier\."]
-
-
-@pytest.mark.parametrize("names", [None, TOP["bert"], HEAD],
+@pytest.mark.parametrize("names", [None, TOP["bert"], HEAD_ONLY["bert"]],
                          ids=["every parameter", "last layer (trunk, cut)", "pooler + classifier (batched vectors)"])
 @pytest.mark.parametrize("points", [1, 2])
 def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_collator, tmp_path, monkeypatch):
@@ -145,7 +141,8 @@ def test_influence_is_the_same_with_the_repetitions_grouped(names, points, pad_c
     assert on["lissa_stacked"] is True and off["lissa_stacked"] is False
     assert len(builds) == ARGS["influence_recursion_depth"]  # (the first step's check builds one too, not kept)
     # (two test points next to the loss: every grouped step's products in one batched backward, the check's too)
-    assert len(batched) == (ARGS["influence_recursion_depth"] if points == 2 and names == HEAD else 0)
+    assert len(batched) == (ARGS["influence_recursion_depth"]
+                            if points == 2 and names == HEAD_ONLY["bert"] else 0)
     np.testing.assert_allclose(grouped, alone, rtol=1e-9, atol=1e-12)
     again, next_on, _ = run(model, train, test, pad_collator, tmp_path, "auto", engine=engine, influence_params=names)
     assert next_on["lissa_stacked"] is True and len(builds) == ARGS["influence_recursion_depth"] + 1
@@ -226,7 +223,7 @@ def test_a_batch_whose_padded_length_is_the_row_count_runs_one_product_at_a_time
     relative position buckets are (s, s), XLNet's states sequence-first: grouped as rows they gave products 0.3-100%
     off), so such a batch is refused as ambiguous: the call runs those steps one product at a time (trying once per
     length), keeps grouping, and gives the default path's numbers."""
-    model, batcher, params = _groups("bert", pad_collator, None)
+    model, batcher, params = group_setup("bert", pad_collator, None)
     with influence_mode(model, list(params)):
         hessian = GroupedHessian(FunctionalModel(model, list(params)), params)
         rows4 = batcher.batch([0, 1, 2, 3])
@@ -251,7 +248,7 @@ def test_a_position_table_read_otherwise_than_added_and_a_patched_class_are_refu
     class ``forward`` was replaced (hooks and instance forwards are seen elsewhere)."""
     from transformers.models.bert.modeling_bert import BertEmbeddings
 
-    model, batcher, params = _groups("bert", pad_collator, [r"embeddings\.", r"classifier\."])
+    model, batcher, params = group_setup("bert", pad_collator, [r"embeddings\.", r"classifier\."])
     names, batch = list(params), batcher.batch(sum(GROUPS, []))
 
     def scaled(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=0):
@@ -276,7 +273,7 @@ def test_a_stack_that_fails_after_its_first_vector_raises(pad_collator):
     """Two test points a repetition: the second vector's products failing after the first's were added into the
     next iterate raises `PartlyAdded` (falling back would add the first's twice: 2.5e-3 off, in a review's repro)."""
     # (the last layer's output projection sits 11 autograd nodes from the loss: one second backward per vector)
-    model, batcher, params = _groups("bert", pad_collator, [r"classifier\.", r"encoder\.layer\.1\.output\.dense\."])
+    model, batcher, params = group_setup("bert", pad_collator, [r"classifier\.", r"encoder\.layer\.1\.output\.dense\."])
     vectors = torch.randn(3, 2, num_parameters(params), dtype=torch.float64)
     with influence_mode(model, list(params)):
         graph = GroupedHessian(FunctionalModel(model, list(params)), params).build(batcher.batch(sum(GROUPS, [])), 3)
@@ -300,7 +297,7 @@ def test_a_head_takes_every_vector_in_one_batched_backward(names, pad_collator, 
     backward, each group's products still its own: equal to `batch_hvp` of the group collated alone, from a kept
     graph again; ``last=True`` lets the graph go (the batched backward retains it); a failure while adding the second
     vector's products raises `PartlyAdded`."""
-    model, batcher, params = _groups("bert", pad_collator, names)
+    model, batcher, params = group_setup("bert", pad_collator, names)
     vectors = torch.randn(3, 4, num_parameters(params), dtype=torch.float64,
                           generator=torch.Generator().manual_seed(2))
     single, batched = [], []
@@ -348,7 +345,7 @@ def test_only_a_graph_next_to_the_loss_batches_its_vectors(names, batches, pad_c
     the model it measured slower than one backward per vector (word embeddings of a 4-layer BERT, 8 vectors: 1.3x), so
     only graphs whose every module sits within `NEAR_LOSS_NODES` of the loss take it (the embeddings here: ~100
     nodes; the last layer's output projection: 11; the pooler: 4)."""
-    model, batcher, params = _groups("bert", pad_collator, names)
+    model, batcher, params = group_setup("bert", pad_collator, names)
     with influence_mode(model, list(params)):
         graph = GroupedHessian(FunctionalModel(model, list(params)), params).build(batcher.batch(sum(GROUPS, [])), 3)
     assert graph._products.batches_vectors is batches

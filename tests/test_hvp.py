@@ -8,7 +8,7 @@ from hf_fastif.batches import Batcher, validate_dataset
 from hf_fastif.hvp import BatchHessian, batch_gradient, batch_hvp, directional_derivatives
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import flatten, select_parameters, unflatten
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import TOP, make_token_dataset, tiny_model
 
 
 @pytest.mark.parametrize("in_gradients", [False, True])
@@ -17,7 +17,7 @@ def test_closed_form_l2_term_equals_autograd(pad_collator, in_gradients):
     ``l2_in_gradients`` (the 2021 code's convention)."""
     model = tiny_model("bert")
     data = make_token_dataset(5, seed=0)
-    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    params = select_parameters(model, TOP["bert"])
     fm = FunctionalModel(model, list(params), weight_decay=0.03, l2_in_gradients=in_gradients)
     assert fm.decayed and len(fm.decayed) < len(params)  # biases / LayerNorm weights carry no L2 term
     batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(5))
@@ -210,7 +210,7 @@ def test_a_non_finite_row_leaves_the_other_rows_per_example_gradients_alone(pad_
 
     model = tiny_model("bert")
     data = _marked_rows(5, seed=0, marked=2)
-    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    params = select_parameters(model, TOP["bert"])
     batcher = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu")
     fm = FunctionalModel(model, list(params), loss_fn=_nan_where_marked, weight_decay=0.01)
     batch = batcher.batch(range(5))
@@ -225,7 +225,7 @@ def test_a_non_finite_row_leaves_the_other_rows_per_example_gradients_alone(pad_
     assert torch.isfinite(scores).all(1).tolist() == [True, True, False, True, True]
 
 
-@pytest.mark.parametrize("params", [[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], None])
+@pytest.mark.parametrize("params", [TOP["bert"], None])
 def test_grad_scoring_names_only_the_non_finite_candidate(pad_collator, params):
     """The same through the engine, with the trunk cache (last layer + head) and without it (every parameter):
     the table's non-finite values and its diagnostics name only the marked candidate; the other values equal

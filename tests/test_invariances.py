@@ -11,9 +11,9 @@ from hf_fastif.influence import default_arguments
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import TOP, make_token_dataset, tiny_model
 
-BASE = dict(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."], influence_damping=0.05,
+BASE = dict(influence_params=TOP["bert"], influence_damping=0.05,
             influence_scale=20.0, influence_recursion_depth=30, influence_batch_size=2, influence_repetitions=2,
             disable_tqdm=True)
 

@@ -15,9 +15,7 @@ from hf_fastif.knn import extract_features
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
 from hf_fastif.scoring import score_candidates, score_per_example_loop
-from tests.tiny import make_token_dataset, tiny_model
-
-PARAMS = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
+from tests.tiny import TOP, make_token_dataset, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +91,7 @@ def test_features_run_by_length_and_land_on_their_rows(rows, pad_collator, monke
 def test_candidates_are_scored_by_length_and_land_on_their_rows(rows, pad_collator, monkeypatch):
     data, lengths = rows
     model = tiny_model("bert")
-    params = select_parameters(model, PARAMS)
+    params = select_parameters(model, TOP["bert"])
     fm = FunctionalModel(model, list(params))
     batcher = _batcher(data, model, pad_collator)
     p = sum(t.numel() for t in params.values())
@@ -111,7 +109,7 @@ def test_mean_hessian_chunks_run_longest_first_and_change_only_rounding(rows, pa
     data, lengths = rows
     model = tiny_model("bert")
     test = make_token_dataset(2, seed=4)
-    args = default_arguments(influence_params=PARAMS, influence_solver="cg", influence_damping=0.05,
+    args = default_arguments(influence_params=TOP["bert"], influence_solver="cg", influence_damping=0.05,
                              influence_scale=20.0, influence_knn_k=None, influence_hvp_batch_size=5,
                              influence_trunk_cache=False, disable_tqdm=True)
     widths, real = [], engine_module.s_test.KeptHessians.product
@@ -139,7 +137,7 @@ def test_logits_run_by_length_and_land_on_their_rows(rows, pad_collator, monkeyp
 
     data, lengths = rows
     model = tiny_model("bert")
-    args = default_arguments(influence_params=PARAMS, disable_tqdm=True)
+    args = default_arguments(influence_params=TOP["bert"], disable_tqdm=True)
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
     seen = _recording(monkeypatch, lengths)
     logits = engine.logits(data, batch_size=5)

@@ -12,7 +12,7 @@ from hf_fastif.hvp import BatchHessian
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import flatten, select_parameters, unflatten
 from hf_fastif.readout import find_readout
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import TOP, make_token_dataset, tiny_model
 
 
 def explicit_products(fm, params, batch, vectors, reduction="mean"):
@@ -66,7 +66,7 @@ def test_the_route_takes_the_read_position_cut_and_the_papers_selection(pad_coll
     Hessian's (of the uncut model: the cut changes nothing)."""
     model = tiny_model("bert")
     data = make_token_dataset(2, seed=2)
-    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    params = select_parameters(model, TOP["bert"])
     for name, p in model.named_parameters():
         p.requires_grad_(name in params)
     batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(2))
@@ -254,7 +254,7 @@ def test_a_stack_where_vmap_cannot_go_is_multiplied_one_vector_at_a_time(pad_col
     vector at a time, with the same products."""
     model = tiny_model("bert")
     data = make_token_dataset(2, seed=4)
-    params = select_parameters(model, [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."])
+    params = select_parameters(model, TOP["bert"])
     fm = FunctionalModel(model, list(params))
     batch = Batcher(data, validate_dataset(data, "d", model), pad_collator, "cpu").batch(range(2))
     vectors = torch.randn(3, sum(p.numel() for p in params.values()), dtype=torch.float64,
@@ -287,7 +287,7 @@ def test_influence_is_the_same_with_the_route_and_without_it(pad_collator, monke
 
     model = tiny_model("bert")
     train, test = make_token_dataset(24, seed=0), make_token_dataset(3, seed=1)
-    args = default_arguments(influence_params=[r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."],
+    args = default_arguments(influence_params=TOP["bert"],
                              influence_solver=solver, influence_damping=0.05, influence_scale=20.0,
                              influence_recursion_depth=30, influence_batch_size=1, influence_repetitions=2,
                              influence_knn_k=None, disable_tqdm=True)

@@ -12,7 +12,7 @@ from torch import nn
 from hf_fastif import compute_influences
 from hf_fastif.influence import default_arguments
 from hf_fastif.params import PAPER_BERT_PARAMS, select_parameters
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import make_token_dataset, seq2seq_rows, tiny_bart, tiny_model
 
 ARGS = dict(influence_solver="lissa", influence_damping=0.05, influence_scale=500.0, influence_recursion_depth=20,
             influence_batch_size=2, influence_repetitions=2, influence_knn_k=6, disable_tqdm=True)
@@ -58,31 +58,6 @@ def test_causal_lm_uses_mean_token_loss(pad_collator):
     np.testing.assert_allclose(per_row.numpy(), own, rtol=1e-6)  # the model upcasts its loss to float32
 
 
-def _tiny_bart(head: str = "BartForConditionalGeneration"):
-    import transformers
-    from transformers import BartConfig
-
-    torch.manual_seed(0)
-    cfg = BartConfig(vocab_size=60, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=40,
-                     pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3,
-                     forced_eos_token_id=None, attn_implementation="eager")
-    return getattr(transformers, head)(cfg).double().eval()
-
-
-def _seq2seq_rows(n: int, seed: int, same_length: bool):
-    from datasets import Dataset
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        target = rng.integers(5, 60, size=int(rng.integers(3, 7))).tolist() + [3]
-        source = ([4 if rng.random() < 0.3 else t for t in target] if same_length  # a denoising pair
-                  else rng.integers(5, 60, size=int(rng.integers(4, 9))).tolist() + [3])
-        rows.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": target})
-    return Dataset.from_list(rows)
-
-
 @pytest.mark.parametrize("same_length", [True, False])
 def test_seq2seq_decoder_inputs_come_from_the_labels(pad_collator, same_length):
     """A Trainer trains a seq2seq model with `DataCollatorForSeq2Seq(tokenizer)` (no decoder inputs in the batch):
@@ -94,8 +69,8 @@ def test_seq2seq_decoder_inputs_come_from_the_labels(pad_collator, same_length):
     from hf_fastif.batches import Batcher, decoder_inputs_from_labels
     from hf_fastif.loss import make_default_loss
 
-    model = _tiny_bart()
-    train, test = _seq2seq_rows(12, 0, same_length), _seq2seq_rows(2, 1, same_length)
+    model = tiny_bart()
+    train, test = seq2seq_rows(12, 0, same_length), seq2seq_rows(2, 1, same_length)
     args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=None,
                                             influence_params=[r"decoder\.layers\.1\.(fc|final)"])))
     tables = [compute_influences(model, train, test, args, data_collator=DataCollatorForSeq2Seq(
@@ -114,8 +89,8 @@ def test_seq2seq_decoder_inputs_come_from_the_labels(pad_collator, same_length):
 def test_encoder_decoder_heads_that_do_not_read_labels_get_no_decoder_inputs():
     from hf_fastif.batches import decoder_inputs_from_labels
 
-    assert decoder_inputs_from_labels(_tiny_bart()) is not None
-    assert decoder_inputs_from_labels(_tiny_bart("BartForSequenceClassification")) is None  # labels: class ids
+    assert decoder_inputs_from_labels(tiny_bart()) is not None
+    assert decoder_inputs_from_labels(tiny_bart("BartForSequenceClassification")) is None  # labels: class ids
     assert decoder_inputs_from_labels(tiny_model("bert")) is None
     from transformers import T5Config, T5ForSequenceClassification
 
@@ -397,9 +372,9 @@ def test_a_seq2seq_models_position_tables_pad_labels_and_collator_are_named(pad_
 
     from hf_fastif.batches import decoder_position_limit, position_limit
 
-    model = _tiny_bart()
+    model = tiny_bart()
     assert position_limit(model) == 40 and decoder_position_limit(model) == 40
-    train = _seq2seq_rows(8, 0, False)
+    train = seq2seq_rows(8, 0, False)
     args = default_arguments(**(ARGS | dict(influence_solver="exact", influence_knn_k=None,
                                             influence_params=[r"decoder\.layers\.1\.(fc|final)"])))
     collator = DataCollatorForSeq2Seq(pad_collator.tokenizer)
@@ -413,9 +388,9 @@ def test_a_seq2seq_models_position_tables_pad_labels_and_collator_are_named(pad_
             compute_influences(model, train, long, args, data_collator=collator)
     padded_with_pad_id = DataCollatorForSeq2Seq(pad_collator.tokenizer, label_pad_token_id=0)
     with pytest.raises(ValueError, match="Its targets are padded with the pad token id"):
-        compute_influences(model, train, _seq2seq_rows(2, 1, False), args, data_collator=padded_with_pad_id)
+        compute_influences(model, train, seq2seq_rows(2, 1, False), args, data_collator=padded_with_pad_id)
     with pytest.raises(ValueError, match="pass data_collator=DataCollatorForSeq2Seq\\(tokenizer, model=model\\)"):
-        compute_influences(model, train, _seq2seq_rows(2, 1, False), args,
+        compute_influences(model, train, seq2seq_rows(2, 1, False), args,
                            data_collator=DataCollatorWithPadding(pad_collator.tokenizer))
 
 
@@ -447,8 +422,8 @@ def test_only_the_token_stacks_position_tables_bound_the_rows():
     assert position_limit(audio) is None
     assert position_limit(tiny_model("bert")) == 32 and position_limit(tiny_model("gpt2")) == 32
     assert position_limit(tiny_model("roberta")) == 39
-    assert padding_collator_for(_tiny_bart("BartForSequenceClassification")) == PADDING_COLLATORS[None]
-    assert padding_collator_for(_tiny_bart()) == PADDING_COLLATORS["seq2seq"]
+    assert padding_collator_for(tiny_bart("BartForSequenceClassification")) == PADDING_COLLATORS[None]
+    assert padding_collator_for(tiny_bart()) == PADDING_COLLATORS["seq2seq"]
 
 
 def _float64_collator(features):

@@ -15,8 +15,7 @@ from hf_fastif.hvp import batch_gradient, batch_hvp
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
 from hf_fastif.readout import find_readout
-from tests.test_trunk import TOP
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import TOP, longformer, make_token_dataset, tiny_model
 
 CUT = {"bert": "bert.encoder.layer.1.attention.output (inputs)",
        "roberta": "roberta.encoder.layer.1.attention.output (inputs)",
@@ -232,22 +231,12 @@ def test_the_engine_decides_again_when_the_weights_change(pad_collator, tmp_path
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-def _longformer():
-    from transformers import LongformerConfig, LongformerForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = LongformerConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=32, max_position_embeddings=80, num_labels=3, attention_window=4,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, attn_implementation="eager")
-    return LongformerForSequenceClassification(cfg).double().eval()
-
-
 def test_a_cut_that_fails_on_a_later_batch_falls_back_to_the_whole_layer(pad_collator, caplog):
     """Longformer pads every batch to a multiple of its attention window and drops that padding after the stack:
     a cut that passed on rows needing no padding fails on rows that do. That forward runs uncut (a warning), the
     cut is marked failed, and the values are the whole layer's; rows of mixed lengths among the probes refuse it
     from the start."""
-    model = _longformer()
+    model = longformer()
     data = make_token_dataset(40, seed=0, num_labels=3)
     lengths = [len(x) for x in data["input_ids"]]
     eight = [i for i, n in enumerate(lengths) if n == 8][:4]
@@ -395,7 +384,7 @@ def test_a_cut_dropped_during_a_call_is_recorded_in_the_table(pad_collator, tmp_
 
     monkeypatch.setattr(Batcher, "padding_probes", lambda self, probe_rows=64: [])
 
-    model = _longformer()
+    model = longformer()
     train = concatenate_datasets([make_token_dataset(66, seed=0, num_labels=3, min_len=8, max_len=8),
                                   make_token_dataset(6, seed=1, num_labels=3, min_len=5, max_len=5)])
     test = make_token_dataset(2, seed=7, num_labels=3, min_len=8, max_len=8)

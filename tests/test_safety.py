@@ -18,7 +18,7 @@ from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer, com
 from hf_fastif.batches import model_input_columns
 from hf_fastif.influence import default_arguments
 from hf_fastif.loss import make_default_loss
-from tests.tiny import VOCAB, make_token_dataset, tiny_model
+from tests.tiny import HEAD_ONLY, TOP, VOCAB, make_token_dataset, tiny_model
 
 EXACT = dict(influence_solver="exact", influence_damping=0.01, influence_scale=1.0, influence_knn_k=None,
              disable_tqdm=True)
@@ -369,7 +369,7 @@ def test_a_fresh_head_padded_on_the_left_is_refused_by_its_logits(pad_collator):
     train, test = make_token_dataset(10, seed=1, num_labels=3), make_token_dataset(3, seed=2, num_labels=3)
     left = copy.deepcopy(pad_collator)
     left.tokenizer.padding_side = "left"
-    args = default_arguments(**(EXACT | {"influence_params": [r"pooler\.", r"classifier\."], "influence_damping": 1.0}))
+    args = default_arguments(**(EXACT | {"influence_params": HEAD_ONLY["bert"], "influence_damping": 1.0}))
     with pytest.raises(ValueError, match=r"per-row logits\) of train_dataset row \d+ changes when it is padded"):
         compute_influences(model, train, test, args, data_collator=left)
     assert np.isfinite(influence_values(compute_influences(model, train, test, args, data_collator=pad_collator))).all()
@@ -384,8 +384,7 @@ def test_half_precision_with_the_trunk_cache_gives_finite_influence(pad_collator
 
     train_tiny(model, train, pad_collator, epochs=5)
     args = default_arguments(**(EXACT | {"influence_solver": "cg", "influence_damping": 1.0,
-                                          "influence_params": [r"encoder\.layer\.1\.", r"pooler\.",
-                                                               r"classifier\."]}))
+                                          "influence_params": TOP["bert"]}))
     half = compute_influences(model.half(), train, test, args, data_collator=pad_collator)
     assert half.metadata["diagnostics"]["trunk"]["split"] is not None  # the cached path ran
     full = compute_influences(model.double(), train, test, args, data_collator=pad_collator)

@@ -18,9 +18,8 @@ from hf_fastif.solvers import (
 )
 from hf_fastif.solvers.arnoldi import low_rank_hessian, solve_low_rank
 from hf_fastif.solvers.lanczos import extreme_eigenvalues, lanczos, seeded_direction
-from tests.tiny import make_token_dataset, tiny_model
-
-TOP = [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."]
+from tests.helpers import explicit_influence
+from tests.tiny import HEAD_ONLY, TOP, make_token_dataset, tiny_model
 
 
 # ---- LiSSA on explicit matrices --------------------------------------------------------------------------------
@@ -434,7 +433,7 @@ def test_the_check_looks_at_single_row_hessians_for_b_1(bert, pad_collator):
     """With B = 1 each LiSSA step multiplies by one row's Hessian, whose top eigenvalue exceeds the mean
     Hessian's: a scale between the two must be refused (a check on the mean Hessian lets it through)."""
     model, train, test = bert
-    names = [r"pooler\.", r"classifier\."]
+    names = HEAD_ONLY["bert"]
     rows, (mean_low, mean_top) = per_row_top_eigenvalues(model, train, pad_collator, names)
     assert np.median(rows) > 1.5 * mean_top
     damp = 1e-3
@@ -458,7 +457,7 @@ def test_the_engine_refuses_an_estimate_against_the_test_gradient(bert, pad_coll
     from hf_fastif.params import select_parameters
 
     model, train, test = bert
-    names = [r"pooler\.", r"classifier\."]
+    names = HEAD_ONLY["bert"]
     params = select_parameters(model, names)
     fm = FunctionalModel(model, list(params))
     v = batch_gradient(fm, params, Batcher(test, validate_dataset(test, "t", model), pad_collator, "cpu").batch([0]))
@@ -481,7 +480,6 @@ def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_c
     """A random-init BERT is not at a minimum; with λ at 0.85 of |λ_min| exact and cg refuse, and so must LiSSA."""
     model, train, test = bert
     import hf_fastif.engine as engine_module
-    from tests.test_ground_truth import explicit_influence
 
     names = [n for n, _ in model.named_parameters() if n.startswith(("bert.encoder.layer.1.", "bert.pooler",
                                                                       "classifier"))]
@@ -491,9 +489,10 @@ def test_the_check_refuses_lambda_below_the_most_negative_eigenvalue(bert, pad_c
     assert lo < 0
     lam = 0.85 * -lo
     for solver in ("exact", "cg", "lissa"):
-        args = default_arguments(influence_solver=solver, influence_params=TOP, influence_damping=lam / 100.0,
-                                 influence_scale=100.0, influence_recursion_depth=50, influence_batch_size=4,
-                                 influence_knn_k=None, disable_tqdm=True)
+        args = default_arguments(influence_solver=solver, influence_params=TOP["bert"],
+                                 influence_damping=lam / 100.0, influence_scale=100.0,
+                                 influence_recursion_depth=50, influence_batch_size=4, influence_knn_k=None,
+                                 disable_tqdm=True)
         with pytest.raises(ValueError, match="not positive definite"):
             compute_influences(model, sample, test, args, data_collator=pad_collator)
 
@@ -505,7 +504,7 @@ def test_a_negative_sample_estimate_is_confirmed_on_more_rows_before_refusing(be
 
     model, train, test = bert
     monkeypatch.setattr(engine_module.s_test, "CHECK_ROWS", 3)
-    settings = dict(influence_solver="lissa", influence_params=TOP, influence_scale=100.0, influence_recursion_depth=20,
+    settings = dict(influence_solver="lissa", influence_params=TOP["bert"], influence_scale=100.0, influence_recursion_depth=20,
                     influence_batch_size=4, influence_knn_k=None, disable_tqdm=True)
     probe = InfluenceEngine(model, default_arguments(**settings, influence_damping=1e-6), data_collator=pad_collator)
     with pytest.raises(LissaDivergenceError, match=f"Lanczos on {len(train)} rows"):
@@ -530,7 +529,7 @@ def test_a_sample_estimate_near_minus_lambda_is_confirmed_on_more_rows_too(bert,
 
     model, train, test = bert
     monkeypatch.setattr(engine_module.s_test, "CHECK_ROWS", 3)
-    settings = dict(influence_solver="lissa", influence_params=TOP, influence_scale=100.0, influence_recursion_depth=20,
+    settings = dict(influence_solver="lissa", influence_params=TOP["bert"], influence_scale=100.0, influence_recursion_depth=20,
                     influence_batch_size=4, influence_knn_k=None, disable_tqdm=True)
     probe = InfluenceEngine(model, default_arguments(**settings, influence_damping=1e-6), data_collator=pad_collator)
     with pytest.raises(LissaDivergenceError):
@@ -567,7 +566,7 @@ def test_bf16_model_gives_float32_accurate_lissa(pad_collator):
     model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in trained.state_dict().items()})
     model64 = tiny_model("bert", dtype=torch.float64)
     model64.load_state_dict({k: v.to(torch.float64) for k, v in model16.state_dict().items()})
-    args = default_arguments(influence_solver="lissa", influence_params=TOP, influence_damping=5e-3,
+    args = default_arguments(influence_solver="lissa", influence_params=TOP["bert"], influence_damping=5e-3,
                              influence_scale=1e4, influence_recursion_depth=1000, influence_batch_size=1,
                              influence_repetitions=1, influence_knn_k=None, influence_check_convergence=False,
                              disable_tqdm=True)
@@ -610,7 +609,7 @@ def test_half_precision_models_with_dense_solvers(pad_collator, solver):
     model16 = tiny_model("bert", dtype=torch.float16)
     model64.load_state_dict({k: v.to(torch.float64) for k, v in model16.state_dict().items()})
     train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
-    args = default_arguments(influence_solver=solver, influence_params=[r"pooler\.", r"classifier\."],
+    args = default_arguments(influence_solver=solver, influence_params=HEAD_ONLY["bert"],
                              influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
                              influence_arnoldi_rank=306, disable_tqdm=True)
     ref = compute_influences(model64, train, test, args, data_collator=pad_collator).to_pandas()
@@ -631,7 +630,7 @@ def test_mixed_dtype_parameters_keep_each_tangent_in_its_dtype(pad_collator, mon
     train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
 
     def run(scoring):
-        args = default_arguments(influence_solver="cg", influence_params=[r"pooler\.", r"classifier\."],
+        args = default_arguments(influence_solver="cg", influence_params=HEAD_ONLY["bert"],
                                  influence_damping=0.05, influence_scale=20.0, influence_knn_k=None,
                                  influence_scoring=scoring, disable_tqdm=True)
         frame = compute_influences(model, train, test, args, data_collator=pad_collator).to_pandas()
@@ -818,7 +817,7 @@ def test_arnoldi_eigendecomposition_is_computed_once_per_model(bert, pad_collato
     model, train, test = bert
     calls, real = [], engine_module.s_test.low_rank_hessian
     monkeypatch.setattr(engine_module.s_test, "low_rank_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = default_arguments(influence_solver="arnoldi", influence_params=[r"pooler\.", r"classifier\."],
+    args = default_arguments(influence_solver="arnoldi", influence_params=HEAD_ONLY["bert"],
                              influence_damping=0.05, influence_scale=20.0, influence_arnoldi_rank=8,
                              influence_knn_k=None, disable_tqdm=True)
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
@@ -908,9 +907,10 @@ def test_repetitions_that_disagree_are_warned_of_and_their_spread_recorded(pad_c
     train, test = make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
 
     def run(repetitions):
-        args = default_arguments(influence_solver="lissa", influence_params=TOP, influence_damping=0.5,
-                                 influence_scale=20.0, influence_recursion_depth=60, influence_batch_size=1,
-                                 influence_repetitions=repetitions, influence_knn_k=None, disable_tqdm=True)
+        args = default_arguments(influence_solver="lissa", influence_params=TOP["bert"],
+                                 influence_damping=0.5, influence_scale=20.0, influence_recursion_depth=60,
+                                 influence_batch_size=1, influence_repetitions=repetitions,
+                                 influence_knn_k=None, disable_tqdm=True)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             table = compute_influences(tiny_model("bert"), train, test, args, data_collator=pad_collator)
@@ -925,7 +925,7 @@ def test_repetitions_that_disagree_are_warned_of_and_their_spread_recorded(pad_c
     assert f"LiSSA's 4 repetitions disagree: their mean's standard error is {spread:.2g} of s_test's norm" in warned
     assert "~1/damping = 2 batches of 1 rows" in warned
     engine = InfluenceEngine(tiny_model("bert"), default_arguments(
-        influence_solver="lissa", influence_params=TOP, influence_damping=0.5, influence_scale=20.0,
+        influence_solver="lissa", influence_params=TOP["bert"], influence_damping=0.5, influence_scale=20.0,
         influence_recursion_depth=60, influence_batch_size=1, influence_repetitions=4, influence_knn_k=None,
         disable_tqdm=True), data_collator=pad_collator)
     caplog.clear()

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from hf_fastif import InfluenceArguments, InfluenceEngine
-from hf_fastif.batches import Batcher, validate_dataset
 from hf_fastif.engine.s_test import lissa_batches
 from hf_fastif.hvp import batch_hvp
 from hf_fastif.loss import FunctionalModel
@@ -28,11 +27,8 @@ from hf_fastif.stacked import (
     unstackable_attention,
 )
 from hf_fastif.utils import relative_difference
-from tests.test_trunk import TOP
-from tests.tiny import make_token_dataset, tiny_model
-
-ARGS = dict(influence_knn_k=None, influence_recursion_depth=12, influence_scale=50.0, influence_damping=0.05,
-            influence_repetitions=4, influence_batch_size=2, disable_tqdm=True, influence_check_convergence=False)
+from tests.helpers import ARGS, group_setup, run, table_values
+from tests.tiny import TOP, make_token_dataset, tiny_model
 
 
 @pytest.fixture
@@ -40,19 +36,6 @@ def vmapped(monkeypatch):
     """The engine's stacked steps take the vmapped route (`hf_fastif.stacked`) even where the grouped route
     (`hf_fastif.grouped_products`, which a single test point on these models takes first) would apply."""
     monkeypatch.setattr("hf_fastif.engine.s_test.grouped_modules", lambda fm, names: "off in this test")
-
-
-def table_values(table) -> np.ndarray:
-    return table.to_pandas().sort_values(["test_id", "train_id"])["influence"].to_numpy()
-
-
-def run(model, train, test, collator, tmp_path, mode: str, engine=None, **settings):
-    """``(influence values, diagnostics, engine)`` of one call, on a fresh engine (or ``engine``, whose own settings
-    then hold)."""
-    args = InfluenceArguments(output_dir=str(tmp_path), influence_stack_repetitions=mode, **(ARGS | settings))
-    engine = engine or InfluenceEngine(model, args, data_collator=collator)
-    table = engine.compute_influences(train, test)
-    return table_values(table), table.metadata["diagnostics"], engine
 
 
 def test_stacks_on_cuda_by_default_and_only_with_two_repetitions_or_more():
@@ -80,21 +63,10 @@ def test_the_additive_mask_hides_padded_keys_and_with_causal_later_ones():
     assert is_causal(tiny_model("gpt2")) and not is_causal(tiny_model("bert"))
 
 
-def _groups(kind: str, pad_collator, names, pad_token_inside: bool = False):
-    model = tiny_model(kind, num_labels=3)
-    data = make_token_dataset(6, seed=3, num_labels=3, min_len=3, max_len=9)  # rows of different lengths: padding
-    if pad_token_inside:  # the padding id as a real, attended token: its embedding row gets no gradient there
-        pad = model.config.pad_token_id
-        data = data.map(lambda row: {"input_ids": row["input_ids"][:1] + [pad] + row["input_ids"][2:]})
-    batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
-    params = select_parameters(model, names)
-    return model, batcher, params
-
-
 def test_stacked_products_are_the_explicit_hessians_of_each_group(pad_collator):
     """Ground truth: the Hessian of each group's mean loss over the classifier (51 parameters), built entry by
     entry by ``torch.func.hessian``, times each group's two vectors."""
-    model, batcher, params = _groups("bert", pad_collator, [r"classifier\."])
+    model, batcher, params = group_setup("bert", pad_collator, [r"classifier\."])
     groups = [[0, 1], [2, 3], [4, 5]]
     p = num_parameters(params)
     vectors = torch.randn(3, 2, p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -115,7 +87,7 @@ def test_stacked_products_are_the_explicit_hessians_of_each_group(pad_collator):
 def test_stacked_products_equal_the_products_one_batch_at_a_time(kind, pad_collator):
     """Every parameter of the model (embeddings included), rows padded to the longest of all groups, GPT-2's mask
     causal as well: each group's products equal `batch_hvp` of the group collated alone."""
-    model, batcher, params = _groups(kind, pad_collator, None)
+    model, batcher, params = group_setup(kind, pad_collator, None)
     groups = [[0, 1], [2, 3], [4, 5]]
     vectors = torch.randn(3, 1, num_parameters(params), dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))

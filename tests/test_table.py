@@ -17,6 +17,7 @@ from datasets import Dataset
 from hf_fastif import InfluenceTable
 from hf_fastif.fingerprint import model_fingerprint
 from hf_fastif.table import InfluenceTableError, InfluenceTableWriter, ModelMismatchError
+from tests.helpers import sign_table
 
 
 def make_table(n_test=3, n_train=50, seed=0):
@@ -386,14 +387,6 @@ def test_the_legacy_fingerprint_is_the_one_older_tables_hold():
         "b706b105e664655073ad500ffc906569532cd96c283ffc19fd64a05ecee9eca8")
     # and the xxh3 one every table since holds (computed at ccdb7fb): what PEFT models add must not change it
     assert model_fingerprint(module) == "xxh3-128:0750a88c44c155f2b51c7b4a4ff9ed7ee59b71c3eb5d70ebc1aca51e754f360c"
-
-
-def sign_table() -> InfluenceTable:
-    """test 0: 2 negative and 8 positive values; test 1: ties, zeros and a NaN."""
-    t0 = [-0.5, -2.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 3.0]
-    t1 = [-1.0, -1.0, 0.0, 0.0, 0.25, 0.25, 0.25, 2.0, float("nan")]
-    return InfluenceTable.from_arrays([0] * len(t0) + [1] * len(t1),
-                                      list(range(len(t0))) + list(range(len(t1))), t0 + t1)
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

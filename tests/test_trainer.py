@@ -6,7 +6,7 @@ import torch
 from transformers import Trainer
 
 from hf_fastif import InfluenceArguments, InfluenceEngine, InfluenceTrainer, compute_influences
-from tests.tiny import make_token_dataset, sgd_step, tiny_model
+from tests.tiny import HEAD_ONLY, make_token_dataset, sgd_step, tiny_model
 
 
 def arguments(tmp_path, **kw):
@@ -14,7 +14,7 @@ def arguments(tmp_path, **kw):
                                       per_device_train_batch_size=8, learning_rate=1e-3, save_strategy="no", seed=0,
                                       logging_strategy="no", disable_tqdm=True, influence_solver="cg",
                                       influence_damping=0.05, influence_scale=20.0, influence_knn_k=8,
-                                      influence_params=[r"pooler\.", r"classifier\."]) | kw))
+                                      influence_params=HEAD_ONLY["bert"]) | kw))
 
 
 def test_swapping_trainer_changes_nothing_about_training(tmp_path, pad_collator):

@@ -23,17 +23,9 @@ from hf_fastif.influence import default_arguments
 from hf_fastif.knn import model_features
 from hf_fastif.loss import FunctionalModel
 from hf_fastif.params import select_parameters
-from tests.tiny import make_token_dataset, tiny_model
+from tests.tiny import HEAD_ONLY, TOP, longformer, make_token_dataset, tiny_model
 
-TOP = {
-    "bert": [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."],
-    "roberta": [r"encoder\.layer\.1\.", r"classifier\."],
-    "distilbert": [r"transformer\.layer\.1\.", r"pre_classifier\.", r"classifier\."],
-    "gpt2": [r"transformer\.h\.1\.", r"ln_f\.", r"score\."],
-    "gpt2-lm": [r"transformer\.h\.1\.", r"ln_f\."],
-}
 ROOT = Path(__file__).resolve().parent.parent
-HEAD_ONLY = {"bert": [r"pooler\.", r"classifier\."], "gpt2": [r"score\."]}
 
 
 def exact_top_arguments():
@@ -378,9 +370,7 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
     stack do not line up with the batch's tokens: no split where the probe shows it, and where the probe rows need
     no padding, building the cache finds it (`TrunkLayoutError`); the engine then runs the full forward, says why,
     and gives the uncached numbers."""
-    from tests.test_readout import _longformer
-
-    model = _longformer()  # attention window 4
+    model = longformer()  # attention window 4
     data = make_token_dataset(20, seed=0, num_labels=3)
     lengths = np.array([len(x) for x in data["input_ids"]])
     batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")
@@ -409,9 +399,7 @@ def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
     cache batch, its longest row 8 tokens, a multiple of the window): later batches of shorter rows are padded inside
     the model. Such a forward puts the trunk back and runs whole (the numbers are the uncached ones), the table says
     so, and the engine's next call runs without the cache, whose states are freed."""
-    from tests.test_readout import _longformer
-
-    model = _longformer()
+    model = longformer()
     embeddings = model.longformer.embeddings  # a user's patch: the forward that runs whole is the model's own
     embeddings.forward = lambda *a, **k: type(embeddings).forward(embeddings, *a, **k) * 1.5
     data = make_token_dataset(20, seed=0, num_labels=3, max_len=8)
@@ -759,9 +747,7 @@ def test_layers_returning_a_list_are_cached(pad_collator, tmp_path):
 def test_a_forward_that_puts_the_trunk_back_runs_each_module_once(pad_collator):
     """The in-flight fallback (a batch Longformer pads inside) runs the skipped module's own forward, so hooks around
     it (the caller's) fire once, and the logits are the full model's."""
-    from tests.test_readout import _longformer
-
-    model = _longformer()
+    model = longformer()
     data = make_token_dataset(20, seed=0, num_labels=3, max_len=8)
     lengths = np.array([len(x) for x in data["input_ids"]])
     batcher = Batcher(data, validate_dataset(data, "train", model), pad_collator, "cpu")

@@ -1,4 +1,6 @@
-"""Tiny models built from configs and synthetic tokenized data, for tests and benchmarks."""
+"""Tiny models built from configs and synthetic tokenized data, for tests and benchmarks, and the influence
+parameters the tests usually select on them (`TOP`, `HEAD_ONLY`). Helpers shared by tests that are not tiny
+models or data are in `tests.helpers`."""
 
 import numpy as np
 import torch
@@ -61,6 +63,16 @@ def tiny_model(kind: str = "bert", num_labels: int = 2, dtype=torch.float64, see
     return model.to(dtype).eval()
 
 
+# The influence parameters the tests select on each `tiny_model` kind: its top layer and head (`TOP`), or its
+# head alone (`HEAD_ONLY`).
+TOP = {
+    "bert": [r"encoder\.layer\.1\.", r"pooler\.", r"classifier\."],
+    "roberta": [r"encoder\.layer\.1\.", r"classifier\."],
+    "distilbert": [r"transformer\.layer\.1\.", r"pre_classifier\.", r"classifier\."],
+    "gpt2": [r"transformer\.h\.1\.", r"ln_f\.", r"score\."],
+    "gpt2-lm": [r"transformer\.h\.1\.", r"ln_f\."],
+}
+HEAD_ONLY = {"bert": [r"pooler\.", r"classifier\."], "gpt2": [r"score\."]}
 
 
 def train_tiny(model, dataset, collator, epochs: int = 20, lr: float = 3e-3, batch_size: int = 16, seed: int = 0):
@@ -106,3 +118,38 @@ def pad_collator_for_tests():
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]")),
                                   pad_token="[PAD]", unk_token="[UNK]")
     return DataCollatorWithPadding(tok)
+
+
+def tiny_bart(head: str = "BartForConditionalGeneration"):
+    import transformers
+    from transformers import BartConfig
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=60, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=40,
+                     pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3,
+                     forced_eos_token_id=None, attn_implementation="eager")
+    return getattr(transformers, head)(cfg).double().eval()
+
+
+def seq2seq_rows(n: int, seed: int, same_length: bool):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        target = rng.integers(5, 60, size=int(rng.integers(3, 7))).tolist() + [3]
+        source = ([4 if rng.random() < 0.3 else t for t in target] if same_length  # a denoising pair
+                  else rng.integers(5, 60, size=int(rng.integers(4, 9))).tolist() + [3])
+        rows.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": target})
+    return Dataset.from_list(rows)
+
+
+def longformer():
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=80, num_labels=3, attention_window=4,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, attn_implementation="eager")
+    return LongformerForSequenceClassification(cfg).double().eval()
