@@ -52,8 +52,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .hvp import _counting_saved, _leaves
-from .linear_products import _as, _edges, _global_hooks, _plain_layer, _reads, add_weight_block
+from .hvp import counting_saved, fresh_leaves
+from .linear_products import add_weight_block, cast_like, global_hooks, graph_edges, graph_reads, plain_layer
 from .loss import FunctionalModel
 from .params import flat_ranges, unflatten, unflatten_cast
 from .solvers.lissa import Carry
@@ -163,7 +163,7 @@ class GroupedProducts:
         and the normalised inputs held here), as `hf_fastif.hvp.BatchHessian` does. ``table``: `grouped_modules`'
         answer for these parameters, where the caller found it already."""
         saved: dict[int, int] = {}
-        with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
+        with counting_saved(leaves, saved) if measure else contextlib.nullcontext():
             graph = cls._build(fm, leaves, batch, groups, rows,
                                grouped_modules(fm, list(leaves)) if table is None else table)
         if measure:
@@ -177,7 +177,7 @@ class GroupedProducts:
                table: dict | str) -> GroupedProducts:
         if isinstance(table, str):
             raise NotStackable(table)
-        if _global_hooks() or not all(_plain_layer(m) for m in table) or any(
+        if global_hooks() or not all(plain_layer(m) for m in table) or any(
                 kind.forward is not forward for kind, forward in _FORWARDS.items()):
             raise NotStackable("a module hook or a replaced forward is in place")
         uses: list[_Use] = []
@@ -227,8 +227,8 @@ class GroupedProducts:
                     raise NotStackable("an embedding read with float indices")
             elif not u.x.dtype == u.y.dtype == u.module.weight.dtype:
                 raise NotStackable("a module's input, output and weight differ in dtype")
-        read_once, only_added = _reads(losses, [leaves[n] for u in uses for n in u.names.values()],
-                                       [u.y.grad_fn for u in uses if u.module in expanded])  # (one walk for both)
+        read_once, only_added = graph_reads(losses, [leaves[n] for u in uses for n in u.names.values()],
+                                            [u.y.grad_fn for u in uses if u.module in expanded])  # (one walk for both)
         if not read_once:
             raise NotStackable("a parameter is read outside its module")
         if not only_added:
@@ -327,7 +327,7 @@ def _near_loss(losses: torch.Tensor, y: torch.Tensor, limit: int) -> bool:
     """Whether at most ``limit`` autograd nodes lie between ``y`` and ``losses`` (walked from the losses, not past
     ``y``'s own node)."""
     seen = set() if losses.grad_fn is None else {losses.grad_fn}
-    for _, child in _edges(losses, stop=y.grad_fn):
+    for _, child in graph_edges(losses, stop=y.grad_fn):
         if child is not y.grad_fn:
             seen.add(child)
             if len(seen) > limit:
@@ -391,19 +391,19 @@ def _assemble(u: _Use, y_bar: torch.Tensor, x_bar: torch.Tensor | None, into: Ma
               alpha: float) -> None:
     weight, bias = (into.get(u.names.get(k)) for k in ("weight", "bias"))
     if bias is not None:
-        bias.add_(_as(y_bar.sum(1), bias), alpha=alpha)
+        bias.add_(cast_like(y_bar.sum(1), bias), alpha=alpha)
     if weight is None:
         return
     if isinstance(u.module, nn.Embedding):
         y_bar = y_bar if u.kept is None else y_bar * u.kept
         group = torch.arange(weight.shape[0], device=u.xs.device)[:, None].expand(u.xs.shape)
-        weight.index_put_((group, u.xs), _as(y_bar * alpha, weight),
+        weight.index_put_((group, u.xs), cast_like(y_bar * alpha, weight),
                           accumulate=True)
     elif isinstance(u.module, nn.LayerNorm):
         block = (y_bar * u.xs).sum(1)
         if x_bar is not None:
             block = block + (u.gs * _normalisation_jacobian(u, x_bar)).sum(1)
-        weight.add_(_as(block, weight), alpha=alpha)
+        weight.add_(cast_like(block, weight), alpha=alpha)
     else:
         add_weight_block(weight, y_bar, u.gs, u.xs, x_bar, alpha)
 
@@ -423,8 +423,9 @@ class GroupedHessian(GroupsHessian):
     def build(self, batch: Mapping[str, torch.Tensor], groups: int, *, measure: bool = False) -> GroupedGraph:
         """The graph of ``batch`` (``groups`` groups of rows, group r's rows together), for `GroupedGraph.accumulate`."""
         rows = next((t.shape[0] for t in batch.values() if isinstance(t, torch.Tensor) and t.dim() > 0), 0)
-        return GroupedGraph(self._primals, GroupedProducts.build(self._fm, _leaves(self._primals), batch, groups, rows,
-                                                                 measure=measure, table=self._table), self._ranges)
+        products = GroupedProducts.build(self._fm, fresh_leaves(self._primals), batch, groups, rows, measure=measure,
+                                         table=self._table)
+        return GroupedGraph(self._primals, products, self._ranges)
 
     def products(self, batch: Mapping[str, torch.Tensor], vectors: torch.Tensor) -> torch.Tensor:
         """``(R, m, p)``: group r's Hessian (its mean loss, without the L2 term) times each of ``vectors[r]``

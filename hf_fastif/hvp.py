@@ -27,7 +27,7 @@ from .utils import HALF_DTYPES, batched_grad, relative_difference
 logger = logging.get_logger(__name__)
 
 
-def _leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fresh_leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: p.detach().requires_grad_(True) for n, p in params.items()}
 
 
@@ -69,7 +69,7 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
             row's gradient; with ``row_batch``, such a batch is run again a row at a time, and only the rows whose own
             gradient is not finite stay so.
     """
-    leaves = _leaves(params)
+    leaves = fresh_leaves(params)
     values, l2 = fm.values_without_l2(leaves, batch, measurement)
     inputs = list(leaves.values())
     if reduction == "sum":
@@ -112,14 +112,14 @@ class BatchHessian:
     def __init__(self, fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, *, reduction: str = "mean",
                  measure: bool = False):
         self._fm, self._params = fm, params
-        leaves = _leaves(params)
+        leaves = fresh_leaves(params)
         self._leaves, self._inputs = leaves, list(leaves.values())
         self._dtypes = [p.dtype for p in self._inputs]
         self._edges = self._linear = self._varying = None
         self._reduction = reduction
         saved: dict[int, int] = {}  # storage -> bytes, filled only when measured
         rng = _rng_states(self._inputs[0].device) if fm.linear_products is None else None  # the check's forward
-        with _counting_saved(leaves, saved) if measure else contextlib.nullcontext():
+        with counting_saved(leaves, saved) if measure else contextlib.nullcontext():
             losses = None
             if fm.linear_products in (None, True):  # (a reason why not: off for this model)
                 self._linear, losses = LinearProducts.build(fm, leaves, batch, reduction)
@@ -294,7 +294,7 @@ def _replayed(rng: tuple):
         yield
 
 
-def _counting_saved(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):
+def counting_saved(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):
     """Saved-tensor hooks that record in ``saved`` the bytes of each storage autograd saves for the backward, beside
     the parameters' own (the graph does not hold those)."""
     owned = {p.untyped_storage().data_ptr() for p in leaves.values()}

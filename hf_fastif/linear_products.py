@@ -57,7 +57,7 @@ def linear_layers(fm: FunctionalModel, names) -> dict[nn.Module, tuple[str, str 
     """``{layer: (weight name, bias name or None)}`` for the layers that may take the route: exactly
     ``nn.Linear``, the weight an influence parameter in ``names`` tied to no other name (the bias is assembled only
     when it is one too). Found once per model and parameter selection; what can change between batches (hooks, a
-    patched ``forward``) is looked at on each (`_plain_layer`)."""
+    patched ``forward``) is looked at on each (`plain_layer`)."""
     key = tuple(names)
     if fm.linear_layers is None or fm.linear_layers[0] != key:
         selected = set(names)
@@ -72,14 +72,14 @@ def linear_layers(fm: FunctionalModel, names) -> dict[nn.Module, tuple[str, str 
     return fm.linear_layers[1]
 
 
-def _plain_layer(module: nn.Module) -> bool:
+def plain_layer(module: nn.Module) -> bool:
     """Whether the layer computes ``x Wᵀ + b`` as it is now: no hooks of its own, no ``forward`` set on it in place
-    of the class's (global hooks and a replaced ``nn.Linear.forward``: `_global_hooks`)."""
+    of the class's (global hooks and a replaced ``nn.Linear.forward``: `global_hooks`)."""
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in vars(module))
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     """Whether module hooks registered for every module (``nn.modules.module.register_module_forward_hook`` and
     kin) are in place, or ``nn.Linear.forward`` was replaced: then no layer takes the route."""
     from torch.nn.modules import module as base
@@ -89,7 +89,7 @@ def _global_hooks() -> bool:
     return nn.Linear.forward is not _LINEAR_FORWARD or any(getattr(base, n, None) for n in names)
 
 
-def _edges(losses: torch.Tensor, stop=None):
+def graph_edges(losses: torch.Tensor, stop=None):
     """Every edge ``(node, child)`` of the forward's autograd graph from ``losses`` (each node visited once); with
     ``stop`` (a node), not the edges below it (the edges into it are still given)."""
     seen, stack = set(), [losses.grad_fn]
@@ -108,15 +108,15 @@ def _read_once(losses: torch.Tensor, leaves: list[torch.Tensor]) -> bool:
     """Whether the forward's autograd graph (from ``losses``) reads each of ``leaves`` through exactly one edge (its
     layer's product): a read anywhere else (a head's ``F.linear(h, self.dense.weight)``, on some batches only) is a
     second edge. 0.02-0.04 ms on MiniLM's last one or two layers + pooler + classifier."""
-    return _reads(losses, leaves)[0]
+    return graph_reads(losses, leaves)[0]
 
 
-def _reads(losses: torch.Tensor, leaves: list[torch.Tensor], nodes=()) -> tuple[bool, bool]:
+def graph_reads(losses: torch.Tensor, leaves: list[torch.Tensor], nodes=()) -> tuple[bool, bool]:
     """One walk of the forward's graph: `_read_once`'s answer, and whether every node that reads one of ``nodes`` is
     an addition (an absolute position embedding added to the token embeddings of every row)."""
     counts = {id(leaf): 0 for leaf in leaves}
     wanted, added = set(nodes), True
-    for node, child in _edges(losses):
+    for node, child in graph_edges(losses):
         variable = getattr(child, "variable", None)  # an AccumulateGrad: a leaf's end of the graph
         if variable is not None and id(variable) in counts:
             counts[id(variable)] += 1
@@ -156,8 +156,8 @@ class LinearProducts:
               reduction: str) -> tuple[LinearProducts | None, torch.Tensor]:
         """``(the route's graph or None, the batch's per-row losses)``: None where the batch does not allow the route
         (the caller then runs autograd's route from those losses: the forward is not run twice)."""
-        table = {} if _global_hooks() else {m: names for m, names in linear_layers(fm, list(leaves)).items()
-                                            if _plain_layer(m)}
+        table = {} if global_hooks() else {m: names for m, names in linear_layers(fm, list(leaves)).items()
+                                           if plain_layer(m)}
         uses: list[_Use] = []
 
         def record(module, args, output):
@@ -277,8 +277,8 @@ def add_weight_block(target: torch.Tensor, y_bar: torch.Tensor, g: torch.Tensor,
         left, right = y_bar, x
     else:
         left, right = torch.cat([y_bar, g], dim=1), torch.cat([x, x_bar], dim=1)
-    target.baddbmm_(_as(left, target).transpose(1, 2), _as(right, target), alpha=alpha)
+    target.baddbmm_(cast_like(left, target).transpose(1, 2), cast_like(right, target), alpha=alpha)
 
 
-def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == like.dtype else t.to(like.dtype)

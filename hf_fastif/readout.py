@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .trunk import _layer_stacks
+from .trunk import layer_stacks
 from .utils import relative_difference
 
 READOUT_TOLERANCE = 1e-5
@@ -174,7 +174,7 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
     if isinstance(batches, Mapping) or isinstance(test_batches, Mapping):
         raise TypeError("find_readout takes lists of collated batches (batches=[batch, ...]), not one batch.")
     model = fm.model
-    stacks = _layer_stacks(model)
+    stacks = layer_stacks(model)
     if len(stacks) != 1:
         return None, f"{type(model).__name__} has {len(stacks)} layer stacks; the cut needs exactly one"
     path, layers = stacks[0]

@@ -226,7 +226,7 @@ class TrunkSplit:
         return (out["hidden"], outputs) if finish else out["hidden"]
 
 
-def _layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """``nn.ModuleList`` s of same-type modules that hold parameters, outermost only."""
     stacks = []
     for name, module in model.named_modules():
@@ -248,7 +248,7 @@ def find_split(model: nn.Module, names: Sequence[str], probe: dict) -> tuple[Tru
         names: the selected (influence) parameter names.
         probe: one collated batch of model inputs (no labels), used to see which modules run before the stack.
     """
-    stacks = _layer_stacks(model)
+    stacks = layer_stacks(model)
     if len(stacks) != 1:
         return None, (f"{type(model).__name__} has {len(stacks)} layer stacks"
                       + (" (an encoder-decoder?)" if len(stacks) > 1 else "") + "; the trunk cache needs exactly one")

@@ -44,7 +44,7 @@ def test_the_cut_changes_no_derivative(kind, with_trunk, pad_collator):
     assert readout is not None and readout.name == CUT[kind], reason
     cut = FunctionalModel(model, names, weight_decay=0.01, split=split, readout=readout)
     batch = batcher.batch([5, 0, 11, 3])  # rows of different lengths: padded
-    last = T._layer_stacks(model)[0][1][-1]
+    last = T.layer_stacks(model)[0][1][-1]
     seen = []
     handle = last.register_forward_hook(lambda m, a, out: seen.append(T_len(out)))
     try:

@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # (the call's state is made by core.py, which builds on this 
 logger = logging.get_logger(__name__)
 
 MAX_TRUNK_CACHES = 4
-
+"""Trunk caches (one per dataset content, weights below the split and collator) an engine holds; past it the least
+recently used is dropped (`TrunkStates._evict_trunks`)."""
 
 READOUT_PROBE_ROWS = 4
 """The first training rows and the first test rows (each collated together) on which
