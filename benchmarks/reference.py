@@ -359,7 +359,7 @@ def forward_throughput(setup: Setup, batch_size: int, calls: int) -> float:
 class _ProfiledEngine(InfluenceEngine):
     """The engine with its LiSSA convergence check timed and, right after it, ``STEP_CALLS`` single LiSSA steps
     profiled on the same batches the recursion uses (trunk states included). Profile only: it follows the engine's
-    private ``_check_lissa(call, v)`` and ``_Call`` fields (``fm``, ``params``, ``train``)."""
+    private ``_check_lissa(call, v)`` and ``Call`` fields (``fm``, ``params``, ``train``)."""
 
     STEP_CALLS = 10
     found: dict = {}

@@ -57,7 +57,7 @@ def without_trailing_padding(batch: dict) -> dict:
     the `PADDING_FREE_INPUTS`, holds anything but -100 in a cut position (labels however named: token tags read by
     a loss of one's own through ``label_names`` lost their targets at the padding, 47% off, in a review; float
     inputs). Whether the model's loss is the same without those positions is the caller's to check
-    (`hf_fastif.engine.InfluenceEngine` probes it once per model, data and loss function; `Batcher.skip_padding`)."""
+    (`hf_fastif.engine.padding` probes it once per model, data and loss function; `Batcher.skip_padding`)."""
     mask = batch.get("attention_mask")
     if not (isinstance(mask, torch.Tensor) and mask.dim() in (2, 3) and not mask.is_floating_point()
             and mask.numel()):

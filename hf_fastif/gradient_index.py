@@ -479,36 +479,8 @@ def saved_index_intact(saved: tuple) -> bool:
     return path.is_file() and (digest is None or cache_file_digest(path) == digest)
 
 
-def gradient_candidates(engine, call, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
-    """The candidates of each query from the engine's gradient index (built once per weights, data, loss and
-    projection, and kept by the engine)."""
-    args = engine.args
-    key = (call.model_key, call.cand.fingerprint, len(call.cand), engine._functions["collator"],
-           engine._functions["loss"], args.influence_weight_decay, args.influence_weight_decay_in_gradients,
-           tuple(call.names), args.influence_projection_dim,
-           args.influence_seed, args.influence_knn_index, D.world()[1], *call.cand.layout_key)
-    saved = engine._saved_gradient_index
-    wanted = saved is not None and saved[0] == key and (engine._gradient_index is None
-                                                        or engine._gradient_index[0] != key)
-    if wanted and not saved_index_intact(saved):
-        logger.warning(f"The saved gradient index {saved[1]} changed since it was loaded (another engine saved into "
-                       "its folder); building it again.")
-        engine._saved_gradient_index, wanted = None, False
-    if wanted:
-        sketch = sketch_of(call.params, _Recorder(call.fm.model, list(call.params)), args.influence_projection_dim,
-                           args.influence_seed, saved[2])
-        try:
-            engine._gradient_index = (key, GradientIndex.load(saved[1], sketch))
-            engine._served("gradient_index", key)
-        except (RuntimeError, OSError) as err:  # faiss: a damaged or truncated file; built again below
-            logger.warning(f"Could not read the saved gradient index {saved[1]} ({err}); building it again.")
-            engine._saved_gradient_index = None
-    if engine._gradient_index is None or engine._gradient_index[0] != key:
-        engine._gradient_index = None
-        engine._replaced("gradient_index", key)
-        index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,
-                                     seed=args.influence_seed, batch_size=args.influence_scoring_batch_size,
-                                     progress=call.progress, factory=args.influence_knn_index)
-        engine._gradient_index = (key, index)
-    return engine._gradient_index[1].candidates(s_test, k)
-
+def load_gradient_index(fm: FunctionalModel, params: dict[str, torch.Tensor], path: Path, *, dim: int, seed: int,
+                        dtype: torch.dtype) -> GradientIndex:
+    """A gradient index written by `GradientIndex.save`, with its sketch rebuilt from its seed (as
+    `build_gradient_index` makes it for the same parameters, dimension and seed)."""
+    return GradientIndex.load(path, sketch_of(params, _Recorder(fm.model, list(params)), dim, seed, dtype))

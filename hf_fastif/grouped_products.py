@@ -33,7 +33,7 @@ one product at a time. An embedding read with one row of ids for all rows (BERT'
 them for each row only where its output is added to other tensors (else refused: a model that reads ``emb(ids)[0]``
 would put every group's gradient on the first). Rows must not interact in the forward (no batch norm; an attention
 mask keeps padded positions out), which the engine's check against the products taken one group at a time sees on
-the first step (`hf_fastif.engine`'s stacked steps). A stack of m vectors a group takes one second backward per
+the first step (`hf_fastif.engine.s_test`'s stacked steps). A stack of m vectors a group takes one second backward per
 vector (one batched backward for all m where the parameters sit next to the loss, `NEAR_LOSS_NODES`), each added
 into the caller's vectors as it comes; a failure after the first raises `PartlyAdded`. Given
 LiSSA's `hf_fastif.solvers.lissa.Carry`, each parameter's range of the next iterate is carried (``v + (1 - damp)·h``)
@@ -52,8 +52,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .hvp import counting_saved, fresh_leaves
-from .linear_products import add_weight_block, cast_like, global_hooks, graph_edges, graph_reads, plain_layer
+from .hvp import count_saved_bytes, fresh_leaves
+from .linear_products import (
+    add_weight_block,
+    any_global_hooks,
+    cast_like,
+    graph_edges,
+    graph_reads,
+    is_plain_layer,
+)
 from .loss import FunctionalModel
 from .params import flat_ranges, unflatten, unflatten_cast
 from .solvers.lissa import Carry
@@ -163,7 +170,7 @@ class GroupedProducts:
         and the normalised inputs held here), as `hf_fastif.hvp.BatchHessian` does. ``table``: `grouped_modules`'
         answer for these parameters, where the caller found it already."""
         saved: dict[int, int] = {}
-        with counting_saved(leaves, saved) if measure else contextlib.nullcontext():
+        with count_saved_bytes(leaves, saved) if measure else contextlib.nullcontext():
             graph = cls._build(fm, leaves, batch, groups, rows,
                                grouped_modules(fm, list(leaves)) if table is None else table)
         if measure:
@@ -177,7 +184,7 @@ class GroupedProducts:
                table: dict | str) -> GroupedProducts:
         if isinstance(table, str):
             raise NotStackable(table)
-        if global_hooks() or not all(plain_layer(m) for m in table) or any(
+        if any_global_hooks() or not all(is_plain_layer(m) for m in table) or any(
                 kind.forward is not forward for kind, forward in _FORWARDS.items()):
             raise NotStackable("a module hook or a replaced forward is in place")
         uses: list[_Use] = []

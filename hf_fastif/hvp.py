@@ -28,6 +28,8 @@ logger = logging.get_logger(__name__)
 
 
 def fresh_leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies of ``params`` that require grad: the leaves a graph is built from (the model's own
+    parameters stay out of it)."""
     return {n: p.detach().requires_grad_(True) for n, p in params.items()}
 
 
@@ -119,7 +121,7 @@ class BatchHessian:
         self._reduction = reduction
         saved: dict[int, int] = {}  # storage -> bytes, filled only when measured
         rng = _rng_states(self._inputs[0].device) if fm.linear_products is None else None  # the check's forward
-        with counting_saved(leaves, saved) if measure else contextlib.nullcontext():
+        with count_saved_bytes(leaves, saved) if measure else contextlib.nullcontext():
             losses = None
             if fm.linear_products in (None, True):  # (a reason why not: off for this model)
                 self._linear, losses = LinearProducts.build(fm, leaves, batch, reduction)
@@ -294,7 +296,7 @@ def _replayed(rng: tuple):
         yield
 
 
-def counting_saved(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):
+def count_saved_bytes(leaves: Mapping[str, torch.Tensor], saved: dict[int, int]):
     """Saved-tensor hooks that record in ``saved`` the bytes of each storage autograd saves for the backward, beside
     the parameters' own (the graph does not hold those)."""
     owned = {p.untyped_storage().data_ptr() for p in leaves.values()}

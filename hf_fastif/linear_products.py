@@ -57,7 +57,7 @@ def linear_layers(fm: FunctionalModel, names) -> dict[nn.Module, tuple[str, str 
     """``{layer: (weight name, bias name or None)}`` for the layers that may take the route: exactly
     ``nn.Linear``, the weight an influence parameter in ``names`` tied to no other name (the bias is assembled only
     when it is one too). Found once per model and parameter selection; what can change between batches (hooks, a
-    patched ``forward``) is looked at on each (`plain_layer`)."""
+    patched ``forward``) is looked at on each (`is_plain_layer`)."""
     key = tuple(names)
     if fm.linear_layers is None or fm.linear_layers[0] != key:
         selected = set(names)
@@ -72,14 +72,14 @@ def linear_layers(fm: FunctionalModel, names) -> dict[nn.Module, tuple[str, str 
     return fm.linear_layers[1]
 
 
-def plain_layer(module: nn.Module) -> bool:
+def is_plain_layer(module: nn.Module) -> bool:
     """Whether the layer computes ``x Wᵀ + b`` as it is now: no hooks of its own, no ``forward`` set on it in place
-    of the class's (global hooks and a replaced ``nn.Linear.forward``: `global_hooks`)."""
+    of the class's (global hooks and a replaced ``nn.Linear.forward``: `any_global_hooks`)."""
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in vars(module))
 
 
-def global_hooks() -> bool:
+def any_global_hooks() -> bool:
     """Whether module hooks registered for every module (``nn.modules.module.register_module_forward_hook`` and
     kin) are in place, or ``nn.Linear.forward`` was replaced: then no layer takes the route."""
     from torch.nn.modules import module as base
@@ -112,8 +112,9 @@ def _read_once(losses: torch.Tensor, leaves: list[torch.Tensor]) -> bool:
 
 
 def graph_reads(losses: torch.Tensor, leaves: list[torch.Tensor], nodes=()) -> tuple[bool, bool]:
-    """One walk of the forward's graph: `_read_once`'s answer, and whether every node that reads one of ``nodes`` is
-    an addition (an absolute position embedding added to the token embeddings of every row)."""
+    """One walk of the forward's graph: ``(read_once, only_added)``: whether each of ``leaves`` is read by exactly
+    one node (`_read_once`), and whether every node that reads one of ``nodes`` is an addition (an absolute position
+    embedding added to the token embeddings of every row)."""
     counts = {id(leaf): 0 for leaf in leaves}
     wanted, added = set(nodes), True
     for node, child in graph_edges(losses):
@@ -156,8 +157,8 @@ class LinearProducts:
               reduction: str) -> tuple[LinearProducts | None, torch.Tensor]:
         """``(the route's graph or None, the batch's per-row losses)``: None where the batch does not allow the route
         (the caller then runs autograd's route from those losses: the forward is not run twice)."""
-        table = {} if global_hooks() else {m: names for m, names in linear_layers(fm, list(leaves)).items()
-                                           if plain_layer(m)}
+        table = {} if any_global_hooks() else {m: names for m, names in linear_layers(fm, list(leaves)).items()
+                                           if is_plain_layer(m)}
         uses: list[_Use] = []
 
         def record(module, args, output):
@@ -281,4 +282,5 @@ def add_weight_block(target: torch.Tensor, y_bar: torch.Tensor, g: torch.Tensor,
 
 
 def cast_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s dtype (itself where it already is)."""
     return t if t.dtype == like.dtype else t.to(like.dtype)

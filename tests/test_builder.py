@@ -162,7 +162,6 @@ def test_a_build_computes_what_does_not_depend_on_the_test_rows_once(setup, pad_
     """Each shard ran a fresh engine: a build of 8 shards made the low-rank Hessian and the gradient index 8 times
     (7x the time of one engine); one engine serves every shard now, with the same table as separate calls."""
     import hf_fastif.engine as engine_module
-    import hf_fastif.gradient_index as gradient_module
     from hf_fastif import compute_influences
 
     model, train, test = setup
@@ -170,7 +169,7 @@ def test_a_build_computes_what_does_not_depend_on_the_test_rows_once(setup, pad_
                                         "influence_knn_k": 4, "influence_knn_features": "gradient",
                                         "influence_projection_dim": 16}))
     built = {"low_rank": 0, "index": 0}
-    real_low_rank, real_index = engine_module.s_test.low_rank_hessian, gradient_module.build_gradient_index
+    real_low_rank, real_index = engine_module.s_test.low_rank_hessian, engine_module.candidates.build_gradient_index
 
     def low_rank(*a, **kw):
         built["low_rank"] += 1
@@ -181,7 +180,7 @@ def test_a_build_computes_what_does_not_depend_on_the_test_rows_once(setup, pad_
         return real_index(*a, **kw)
 
     monkeypatch.setattr(engine_module.s_test, "low_rank_hessian", low_rank)
-    monkeypatch.setattr(gradient_module, "build_gradient_index", index)
+    monkeypatch.setattr(engine_module.candidates, "build_gradient_index", index)
     table = build_influence_table(model, train, test, tmp_path, args, shard_size=2, data_collator=pad_collator)
     assert table.metadata["build"]["shards"] == 4 and built == {"low_rank": 1, "index": 1}
     alone = compute_influences(model, train, test.select(range(2, 4)), args, data_collator=pad_collator).to_pandas()

@@ -1177,7 +1177,6 @@ def test_logits_through_the_trunk_equal_the_model(data, pad_collator):
 
 def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_collator, tmp_path, monkeypatch):
     import hf_fastif.engine as engine_module
-    import hf_fastif.gradient_index as gradient_module
 
     model, train, test = data
     args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
@@ -1192,7 +1191,7 @@ def test_saved_caches_serve_a_new_engine_and_only_the_same_model(data, pad_colla
     third.load_caches(tmp_path / "caches")
     work = []
     monkeypatch.setattr(engine_module.s_test, "low_rank_hessian", lambda *a, **k: work.append("low_rank"))
-    monkeypatch.setattr(gradient_module, "build_gradient_index", lambda *a, **k: work.append("index"))
+    monkeypatch.setattr(engine_module.candidates, "build_gradient_index", lambda *a, **k: work.append("index"))
     real = engine_module.trunk_states.TrunkCache
     monkeypatch.setattr(engine_module.trunk_states, "TrunkCache", lambda *a, **k: work.append(len(a[1])) or real(*a, **k))
     got = second.compute_influences(train, test).to_pandas()
@@ -1260,7 +1259,7 @@ def test_a_loaded_gradient_index_not_yet_read_is_saved_again(data, pad_collator,
     def rebuilt(*args, **kwargs):
         raise AssertionError("the gradient index was built again")
 
-    monkeypatch.setattr("hf_fastif.gradient_index.build_gradient_index", rebuilt)
+    monkeypatch.setattr("hf_fastif.engine.candidates.build_gradient_index", rebuilt)
     for folder in ("a", "b"):
         with InfluenceEngine(model, grad, data_collator=pad_collator) as engine:
             assert "gradient_index" in engine.load_caches(tmp_path / folder)
@@ -1608,3 +1607,19 @@ def test_a_failed_load_keeps_the_engines_own_caches_and_bf16_states_map(pad_coll
     assert own.load_caches(tmp_path / "damaged") == []
     assert all(cache.flat is not None for cache in own._trunks.values())
     own.compute_influences(train.select(range(0, 12)), test)
+
+
+def test_each_engine_method_has_one_home():
+    """`InfluenceEngine` gathers its stages' methods from one base class per module (hf_fastif/engine/): a name
+    defined in two of them would be settled by the order of the bases, without a word."""
+    from hf_fastif.engine import InfluenceEngine
+
+    homes: dict[str, str] = {}
+    for cls in InfluenceEngine.__mro__[:-1]:
+        for name, value in vars(cls).items():
+            if name.startswith("__") or not (callable(value) or isinstance(value, (property, staticmethod, classmethod))):
+                continue
+            assert name not in homes, f"{name} is defined in {homes.get(name)} and {cls.__name__}"
+            homes[name] = cls.__name__
+    assert len({homes[n] for n in homes}) == len(InfluenceEngine.__mro__) - 1  # every base holds methods
+    assert homes["compute_influences"] == "InfluenceEngine" and homes["_check_lissa"] == "STestStage"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -16,19 +15,23 @@ from transformers.utils import logging
 
 from .. import distributed as D
 from ..batches import Batcher
-from ..gradient_index import check_index_factory, gradient_candidates
+from ..gradient_index import (
+    build_gradient_index,
+    check_index_factory,
+    load_gradient_index,
+    saved_index_intact,
+)
 from ..knn import build_index, extract_features, search, warn_short
 from ..mode import influence_mode
 from ..quality import recall_ns
 from ..utils import relative_difference
-from .padding import PADDING_PROBE_ROWS, PADDING_TOLERANCE
-
-if TYPE_CHECKING:  # (the call's state is made by core.py, which builds on this module)
-    from .core import _Call
+from . import padding  # (its constants read as padding.X: one place to patch them)
+from .call import Call
 
 logger = logging.get_logger(__name__)
 
-def _feature_path(call: _Call, method, *batchers: Batcher) -> tuple:
+
+def _feature_path(call: Call, method, *batchers: Batcher) -> tuple:
     """``(split, batchers)`` that ``method``'s features are extracted through: the call's trunk split for a named
     method, the full model (batchers without their trunk states) for a user's callable, and for a method the trunk's
     first-position cut was not checked on (`InfluenceEngine._first_position_cut`)."""
@@ -59,8 +62,9 @@ def _recall(reference: np.ndarray, found: list[np.ndarray], ns: Sequence[int]) -
 
 
 class CandidateStage:
-    """`InfluenceEngine`'s candidates and their recall (``_feature_index``; the gradient index is
-    `hf_fastif.gradient_index`'s)."""
+    """`InfluenceEngine`'s candidates and their recall (`candidate_recall`). State (made in
+    `InfluenceEngine.__init__`): ``_feature_index``, ``_gradient_index`` (saved by saved_caches.py, which leaves
+    ``_saved_gradient_index`` to be read on first use here); ``("features", ...)`` keys of ``_padding_checked``."""
 
     def candidate_recall(self, train_dataset: Dataset, test_dataset: Dataset, ks: Sequence[int], *,
                          methods: Sequence[str] = ("auto", "gradient", "random"), ns: Sequence[int] | None = None,
@@ -115,13 +119,13 @@ class CandidateStage:
         self._ended()
         return out
 
-    def _candidates_read_s_test(self, call: _Call) -> bool:
+    def _candidates_read_s_test(self, call: Call) -> bool:
         """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
         a random sample or every row do not, and are found before s_test."""
         method = self.features or self.args.influence_knn_features
         return call.k is not None and isinstance(method, str) and method == "gradient"
 
-    def _candidates(self, call: _Call, s_test: torch.Tensor, method=None, k: int | None = None) -> list[np.ndarray]:
+    def _candidates(self, call: Call, s_test: torch.Tensor, method=None, k: int | None = None) -> list[np.ndarray]:
         """Candidate rows of each query (one query per test row, or one for the mean), by ``method`` (default: the
         engine's ``features`` or ``influence_knn_features``; ``"random"`` for a seeded uniform sample)."""
         queries = 1 if call.combine == "mean" else len(call.test)
@@ -136,7 +140,7 @@ class CandidateStage:
             return [np.sort(rng.choice(len(call.cand), size=k, replace=False)) for _ in range(queries)]
         if method == "gradient":
             call.info["candidates"] = "gradient"
-            found = gradient_candidates(self, call, s_test, k)
+            found = self._gradient_candidates(call, s_test, k)
         else:
             call.info["candidates"] = "knn" if isinstance(method, str) else "knn (callable features)"
             found = self._knn_candidates(call, method, k)
@@ -145,7 +149,40 @@ class CandidateStage:
                        self.args.influence_knn_index)
         return found
 
-    def _check_feature_index(self, call: _Call, method) -> None:
+    def _gradient_candidates(self, call: Call, s_test: torch.Tensor, k: int) -> list[np.ndarray]:
+        """The candidates of each query from the engine's gradient index (`hf_fastif.gradient_index`: built once per
+        weights, data, loss and projection, or read from `load_caches`' folder on first use, and kept)."""
+        args = self.args
+        key = (call.model_key, call.cand.fingerprint, len(call.cand), self._functions["collator"],
+               self._functions["loss"], args.influence_weight_decay, args.influence_weight_decay_in_gradients,
+               tuple(call.names), args.influence_projection_dim,
+               args.influence_seed, args.influence_knn_index, D.world()[1], *call.cand.layout_key)
+        saved = self._saved_gradient_index
+        wanted = saved is not None and saved[0] == key and (self._gradient_index is None
+                                                            or self._gradient_index[0] != key)
+        if wanted and not saved_index_intact(saved):
+            logger.warning(f"The saved gradient index {saved[1]} changed since it was loaded (another engine saved "
+                           "into its folder); building it again.")
+            self._saved_gradient_index, wanted = None, False
+        if wanted:
+            try:
+                self._gradient_index = (key, load_gradient_index(call.fm, call.params, saved[1],
+                                                                 dim=args.influence_projection_dim,
+                                                                 seed=args.influence_seed, dtype=saved[2]))
+                self._served("gradient_index", key)
+            except (RuntimeError, OSError) as err:  # faiss: a damaged or truncated file; built again below
+                logger.warning(f"Could not read the saved gradient index {saved[1]} ({err}); building it again.")
+                self._saved_gradient_index = None
+        if self._gradient_index is None or self._gradient_index[0] != key:
+            self._gradient_index = None
+            self._replaced("gradient_index", key)
+            index = build_gradient_index(call.fm, call.params, call.cand, dim=args.influence_projection_dim,
+                                         seed=args.influence_seed, batch_size=args.influence_scoring_batch_size,
+                                         progress=call.progress, factory=args.influence_knn_index)
+            self._gradient_index = (key, index)
+        return self._gradient_index[1].candidates(s_test, k)
+
+    def _check_feature_index(self, call: Call, method) -> None:
         """Refuse an ``influence_knn_index`` faiss cannot build over ``method``'s features of the candidate rows,
         from one row's features (their width) and random rows, without building the index."""
         split, (cand,) = _feature_path(call, method, call.cand)
@@ -154,7 +191,7 @@ class CandidateStage:
                                      progress=False).shape[1]
         check_index_factory(self.args.influence_knn_index, len(call.cand), width, metric=faiss.METRIC_L2)
 
-    def _check_feature_padding(self, call: _Call, method: Callable, batchers: list[tuple[Batcher, str]]) -> None:
+    def _check_feature_padding(self, call: Call, method: Callable, batchers: list[tuple[Batcher, str]]) -> None:
         """Refuse a ``features=`` callable whose vector for a row changes with the padding around it (a mean over
         every position, padding included): rows are batched with others, by process shares, so its candidates
         depended on the batch size and the number of processes, without a word. Probed as the loss is (the
@@ -165,7 +202,7 @@ class CandidateStage:
                    self._functions["features"])
             if key in self._padding_checked:
                 continue
-            for short, long in batcher.padding_probes(PADDING_PROBE_ROWS):
+            for short, long in batcher.padding_probes(padding.PADDING_PROBE_ROWS):
                 with torch.no_grad():
                     alone = method(self.model, batcher.batch([short], trunk=False)).detach().double().cpu()
                     padded = method(self.model, batcher.batch([short, long], trunk=False)).detach().double().cpu()
@@ -174,7 +211,7 @@ class CandidateStage:
                 if not bool(torch.isfinite(alone).all()):
                     continue  # not the padding's doing: extract_features names the rows that are not finite
                 error = relative_difference(padded[0], alone[0], floor=1e-12)
-                if not error <= PADDING_TOLERANCE:
+                if not error <= padding.PADDING_TOLERANCE:
                     row, other = (int(r) for r in batcher.base_rows([short, long]))
                     raise ValueError(
                         f"The features= callable gives {name} row {row} another vector when it is padded next to "
@@ -183,7 +220,7 @@ class CandidateStage:
                         "mean weighted by batch['attention_mask']).")
             self._padding_checked.add(key)
 
-    def _knn_candidates(self, call: _Call, method, k: int) -> list[np.ndarray]:
+    def _knn_candidates(self, call: Call, method, k: int) -> list[np.ndarray]:
         if k >= len(call.cand):  # every row, as the gradient index gives them (an IVF / HNSW search can return fewer)
             return [np.arange(len(call.cand), dtype=np.int64)] * (1 if call.combine == "mean" else len(call.test))
         args = self.args
@@ -214,7 +251,7 @@ class CandidateStage:
         _, ids = search(self._feature_index[1], test_feats, k)
         return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]
 
-    def _full_scan(self, call: _Call, s_test: torch.Tensor) -> np.ndarray:
+    def _full_scan(self, call: Call, s_test: torch.Tensor) -> np.ndarray:
         """``(queries, N)``: influence of every candidate row on every query (the recall reference)."""
         queries = 1 if call.combine == "mean" else len(call.test)
         every = [np.arange(len(call.cand))] * queries
@@ -223,7 +260,7 @@ class CandidateStage:
         reference[tests, rows] = values
         return reference
 
-    def _recall_of(self, call: _Call, s_test: torch.Tensor, queries: list[np.ndarray]) -> dict:
+    def _recall_of(self, call: Call, s_test: torch.Tensor, queries: list[np.ndarray]) -> dict:
         # recall@10 / @100 capped at the candidate rows, labelled as such (N = 40 was reported as "recall@100")
         return _recall(self._full_scan(call, s_test), queries, recall_ns(len(call.cand))) | {
             "random_expectation": len(queries[0]) / len(call.cand), "method": call.info.get("candidates")}

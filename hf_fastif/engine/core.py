@@ -36,7 +36,7 @@ from ..fingerprint import (
     tensor_digests,
 )
 from ..gradient_index import check_index_factory, check_projection_dim
-from ..loss import FunctionalModel, LossFn, default_loss_smoothing, find_logits, influence_model
+from ..loss import LossFn, default_loss_smoothing, find_logits, influence_model
 from ..mode import influence_mode, uncompiled
 from ..params import num_parameters, select_parameters
 from ..readout import Readout
@@ -45,7 +45,8 @@ from ..solvers import LowRankSolve
 from ..solvers.exact import check_exact_size
 from ..table import InfluenceTable
 from ..trunk import TrunkCache, TrunkSplit, forward_context, model_inputs
-from ..utils import Timer, half_dtypes, library_version
+from ..utils import half_dtypes, library_version
+from .call import Call
 from .candidates import CandidateStage
 from .padding import PaddingChecks
 from .s_test import KeptHessians, STestStage
@@ -68,34 +69,6 @@ def non_finite_scores(rows: np.ndarray, values: np.ndarray) -> dict | None:
         return None
     named = np.unique(rows[bad])
     return {"count": int(bad.sum()), "train_ids": named[:100].tolist(), "num_train_ids": len(named)}
-
-
-@dataclass
-class _Call:
-    """The state of one `InfluenceEngine.compute_influences` call."""
-
-    names: list[str]
-    params: dict[str, torch.Tensor]
-    fm: FunctionalModel
-    train: Batcher
-    test: Batcher
-    cand: Batcher
-    k: int | None
-    combine: str
-    digests: dict[str, str]
-    feature_methods: tuple  # the named kNN feature methods this call extracts through the trunk (none: k is None,
-    # the candidates come from the gradient index or at random, or from a features= callable, which runs whole)
-    model_fingerprint: str  # the weights, config and adapters (what a table records)
-    module_state: str  # the modules' plain attributes and hooks (`module_state_description`: a hook, an eps)
-    work_dtype: torch.dtype
-    progress: bool
-    timer: Timer = field(default_factory=Timer)
-    info: dict = field(default_factory=dict)
-
-    @property
-    def model_key(self) -> str:
-        """What the caches are keyed on: the model's fingerprint and its modules' state."""
-        return f"{self.model_fingerprint}|modules:{self.module_state}"
 
 
 def loss_key(loss_fn: LossFn | None, args, fingerprint: Callable = callable_fingerprint) -> str:
@@ -146,12 +119,16 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         data_collator: collates rows (default: transformers' ``default_data_collator``).
         loss_fn / measurement_fn: per-example ``(outputs, batch) → (b,)`` training loss / test quantity.
         features: ``(model, batch) → (b, d)`` kNN features instead of ``influence_knn_features``.
+
+    Public methods, by the module that holds them: `compute_influences`, `clear`, `trained_with` (here);
+    `candidate_recall` (candidates.py); `logits` (trunk_states.py); `save_caches`, `load_caches`,
+    `unused_loaded_caches`, `forget_unused_loaded` (saved_caches.py).
     """
 
     def __init__(self, model: nn.Module, args: InfluenceArguments | None = None, *,
                  data_collator: Callable | None = None, loss_fn: LossFn | None = None,
                  measurement_fn: LossFn | None = None, features: Callable | None = None):
-        from ..influence import default_arguments  # influence.py builds on this module
+        from ..influence import default_arguments  # influence.py builds on this package
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a transformers model, e.g. from "
@@ -176,34 +153,42 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         self._functions = {"collator": collator_key(data_collator, settings), "loss": self._loss_key(),
                            "measurement": callable_fingerprint(measurement_fn),
                            "features": callable_fingerprint(features)}
-        self._split: tuple[str, TrunkSplit | None, str] | None = None
+        # the state each stage keeps between calls, by the module whose methods read and write it (every entry
+        # keyed on content; `clear` drops the caches, `_align_caches` those built together by processes)
+        # core: the call's checks
         self._warned_backward: list | None = None  # (the backward hooks warned about: modules, registrations)
         self._module_key: str | None = None  # (the modules' state the caches are keyed on: `_module_state`)
         self._module_watch = _Watch()
-        self._split_error: float | None = None
-        self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
-        # the trunk's own cut for a split after the whole stack (`_first_position_cut`): (key, the cut or None, why not)
-        self._trunk_cut: tuple[tuple, Readout | None, str] | None = None
-        self._stack_refused: tuple[tuple, str] | None = None  # (key, why) where stacked LiSSA steps failed their check
-        self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
-        self._lissa_graphs: tuple[tuple, KeptHessians] | None = None  # (key, LiSSA's kept graphs) between calls
         self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
-        self._feature_index: tuple[tuple, Dataset] | None = None
-        self._gradient_index: tuple[tuple, object] | None = None
-        self._curvature: dict[tuple, dict] = {}
-        self._spread_warned: set[tuple] = set()  # (LiSSA's repetitions' spread, warned once per key: `_lissa`)
+        # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
+        self._values_checked: dict[tuple, int | None] = {}
+        # (weights, training data) → the model's own loss and the default one, where they differ
+        self._own_loss: dict[tuple, dict | None] = {}
+        # padding: the probes' verdicts (candidates' features= padding check adds ("features", ...) keys)
         self._padding_checked: set[tuple] = set()
         # (weights, dataset, collator, loss, ...) → None where its batches drop their trailing padding, else why not
         self._trailing_padding: dict[tuple, str | None] = {}
         # (weights, collator, loss, measurement) → what showed the model reads its padding (every dataset keeps it)
         self._reads_padding: dict[tuple, str] = {}
-        # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
-        self._values_checked: dict[tuple, int | None] = {}
-        # (weights, training data) → the model's own loss and the default one, where they differ
-        self._own_loss: dict[tuple, dict | None] = {}
+        # trunk_states: the split, its states, the read-position cut
+        self._split: tuple[str, TrunkSplit | None, str] | None = None
+        self._split_error: float | None = None
+        self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
+        # the trunk's own cut for a split after the whole stack (`_first_position_cut`): (key, the cut or None, why not)
+        self._trunk_cut: tuple[tuple, Readout | None, str] | None = None
+        self._trunks: OrderedDict[str, TrunkCache] = OrderedDict()
+        # s_test: curvature estimates, the low-rank and exact Hessians, LiSSA's kept graphs
+        self._curvature: dict[tuple, dict] = {}
         self._low_rank: tuple[tuple, tuple] | None = None
         self._exact: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, eigenvalues, eigenvectors) of H
         self._prepared_solve: tuple[tuple, LowRankSolve] | None = None  # (low-rank key, λ) -> its solve
+        self._lissa_graphs: tuple[tuple, KeptHessians] | None = None  # (key, LiSSA's kept graphs) between calls
+        self._stack_refused: tuple[tuple, str] | None = None  # (key, why) where stacked LiSSA steps failed their check
+        self._spread_warned: set[tuple] = set()  # (LiSSA's repetitions' spread, warned once per key: `_lissa`)
+        # candidates: the indexes
+        self._feature_index: tuple[tuple, Dataset] | None = None
+        self._gradient_index: tuple[tuple, object] | None = None
+        # saved_caches: what load_caches read, and whether it has served a call
         self._saved_gradient_index: tuple | None = None  # (key, path, dtype, digest) from load_caches, read on first use
         self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
 
@@ -254,7 +239,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         # distinct candidate rows)
 
     @staticmethod
-    def _flag_non_finite(call: _Call, rows: np.ndarray, values: np.ndarray) -> None:
+    def _flag_non_finite(call: Call, rows: np.ndarray, values: np.ndarray) -> None:
         """Say which scores are not finite (kept as NaN / inf in the table, with what was computed around them): a
         candidate's gradient overflowed, as a float16 causal LM's do on longer rows, or its loss is inf / NaN."""
         summary = non_finite_scores(rows, values)
@@ -268,7 +253,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
                        "float16 / bfloat16 model: compute influence on a float32 copy, model.float()) or their loss "
                        "is inf / NaN.")
 
-    def _prepare(self, call: _Call) -> None:
+    def _prepare(self, call: Call) -> None:
         """The padding probe, the trunk caches, the read position, and the default loss against the model's own:
         what every later stage runs on."""
         self._check_padding(call)
@@ -342,7 +327,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             return None
         return f"{self.trained_loss}; influence used the model's default loss"
 
-    def _check_own_loss(self, call: _Call) -> None:
+    def _check_own_loss(self, call: Call) -> None:
         """With the default loss, compare it with the loss the model itself returns, once per weights and data (a
         loss term can be invisible at some weights: class weights while every row's loss is the same, a penalty
         that is zero at initialisation): for a classifier on the first 8 training rows together (class weights
@@ -380,7 +365,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         if self._own_loss.get(key) is not None:
             call.info["own_loss_differs"] = self._own_loss[key]
 
-    def _own_and_default_loss(self, call: _Call, rows: list[int]):
+    def _own_and_default_loss(self, call: Call, rows: list[int]):
         """``(the model's own loss, the mean default loss over the rows it counts, the relative and the absolute
         tolerance of the logits' dtype, the logits, rows)`` on these training rows, or None where there is nothing to
         compare."""
@@ -441,7 +426,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         self.clear()
 
     # ---- stage 0: checks, parameters, batchers -------------------------------------------------------------
-    def _start(self, train_dataset, test_dataset, candidate_dataset, combine, methods=None) -> _Call:
+    def _start(self, train_dataset, test_dataset, candidate_dataset, combine, methods=None) -> Call:
         """Checks before any work, then the call's parameters, fingerprints and batchers. ``methods``: the candidate
         methods a recall measurement will use (instead of the settings' own k and method)."""
         args, model = self.args, self.model
@@ -541,7 +526,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = influence_model(model, names, args, self.loss_fn, self.measurement_fn)
         named = [self.features or args.influence_knn_features] if methods is None and k is not None else methods or []
-        return _Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
+        return Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
                      feature_methods=tuple(m for m in named if isinstance(m, str) and m not in ("gradient", "random")),
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
                      module_state=module_state,
@@ -557,10 +542,10 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             self._stored_lengths.popitem(last=False)
         batcher.share_lengths(lengths)
 
-    # stage 1, the frozen trunk: trunk_states.py; stages 2-3, test gradients and s_test: s_test.py; stage 4,
-    # candidates: candidates.py
+    # the padding probes of stage 0: padding.py; stage 1, the frozen trunk: trunk_states.py; stages 2-3, test
+    # gradients and s_test: s_test.py; stage 4, candidates: candidates.py; the caches on disk: saved_caches.py
     # ---- stage 5: scores --------------------------------------------------------------------------------------
-    def _scores(self, call: _Call, queries: list[np.ndarray], s_test: torch.Tensor):
+    def _scores(self, call: Call, queries: list[np.ndarray], s_test: torch.Tensor):
         """Influence of each (query, candidate) pair; each process scores its share of the candidate rows and the
         ``(pair, value)`` rows are gathered."""
         pair_tests = np.concatenate([np.full(len(rows), t, dtype=np.int64) for t, rows in enumerate(queries)])
@@ -576,7 +561,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         return pair_tests, pair_rows, values
 
     # ---- stage 6: the table's metadata ---------------------------------------------------------------------
-    def _metadata(self, call: _Call, train_dataset, test_dataset, candidate_dataset) -> dict:
+    def _metadata(self, call: Call, train_dataset, test_dataset, candidate_dataset) -> dict:
         model, args = self.model, self.args
         config = getattr(model, "config", None)
         return {
@@ -621,22 +606,6 @@ def _describe_function(function, fingerprint: str) -> dict | None:
             "module": getattr(function, "__module__", None), "fingerprint": fingerprint}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 MEASUREMENT_SEMANTICS = {
     "influence": "-grad L(z_train) . s_test, s_test = (H + lambda I)^-1 grad m(z_test), m the measurement_fn "
                  "(metadata['functions']); negative = upweighting the row lowers m (helpful when lower m is better)",
@@ -664,7 +633,3 @@ def describe_data(dataset: Dataset, sha256: str | None = None) -> dict:
         "num_rows": len(dataset),
         **({"sha256": sha256} if sha256 is not None else {}),
     }
-
-
-
-

@@ -9,7 +9,6 @@ padded drop the positions after every row's last token where a probe shows that 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,9 +18,7 @@ from transformers.utils import logging
 from ..batches import Batcher, without_trailing_padding
 from ..loss import shifts_labels
 from ..utils import HALF_DTYPES, first_line, relative_difference
-
-if TYPE_CHECKING:  # (the call's state is made by core.py, which builds on this module)
-    from .core import _Call
+from .call import Call
 
 logger = logging.get_logger(__name__)
 
@@ -147,10 +144,11 @@ def _padding_cause(model: nn.Module, batch: dict) -> str:
 
 
 class PaddingChecks:
-    """`InfluenceEngine`'s padding probes, once per model, data, collator and functions (held in the engine's
-    ``_padding_checked``, ``_trailing_padding`` and ``_reads_padding``)."""
+    """`InfluenceEngine`'s padding probes, once per model, data, collator and functions. State (made in
+    `InfluenceEngine.__init__`): ``_padding_checked`` (shared with candidates.py's ``features=`` padding check),
+    ``_trailing_padding``, ``_reads_padding``."""
 
-    def _check_padding(self, call: _Call) -> None:
+    def _check_padding(self, call: Call) -> None:
         """Refuse a model whose output for a row changes with the padding around it (left padding without
         position ids, for instance): every stage batches rows of different lengths, so its numbers would depend
         on the batch sizes. Probes per model and dataset (training, test and candidate rows: a test set can be
@@ -184,7 +182,7 @@ class PaddingChecks:
                 self._reads_padding[padding_key] = reads
                 logger.info(f"Batches keep their trailing padding: {reads}.")
 
-    def _probe_dataset_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, key: tuple) -> None:
+    def _probe_dataset_padding(self, call: Call, batcher: Batcher, name: str, measurement: bool, key: tuple) -> None:
         if key in self._padding_checked:
             return
         pairs = batcher.padding_probes(PADDING_PROBE_ROWS)
@@ -200,11 +198,11 @@ class PaddingChecks:
                     self._probe_padding(call, batcher, name, measurement, int(hurt[0]), int(width.argmax()))
         self._padding_checked.add(key)
 
-    def _padding_key(self, call: _Call) -> tuple:
+    def _padding_key(self, call: Call) -> tuple:
         """What decides whether a model reads its padding: the weights, the collator and the functions."""
         return (call.model_key, self._functions["collator"], self._functions["loss"], self._functions["measurement"])
 
-    def _skips_padding(self, call: _Call, batcher: Batcher, measurement: bool, key: tuple) -> str | None:
+    def _skips_padding(self, call: Call, batcher: Batcher, measurement: bool, key: tuple) -> str | None:
         """None where ``batcher``'s batches may drop their trailing padding (`without_trailing_padding`), else why
         not. Decided once per model, data, collator and functions, on probe rows (`_trailing_probes`: up to
         `TRAILING_PROBE_ROWS` rows of different real lengths, each alone, then the narrowest next to the widest,
@@ -264,7 +262,7 @@ class PaddingChecks:
         self._trailing_padding[key] = why
         return why
 
-    def _probe_padding(self, call: _Call, batcher: Batcher, name: str, measurement: bool, short: int,
+    def _probe_padding(self, call: Call, batcher: Batcher, name: str, measurement: bool, short: int,
                        long: int) -> None:
         alone_batch, padded_batch = batcher.batch([short], trunk=False), batcher.batch([short, long], trunk=False)
         value = call.fm.value_fn(measurement)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,9 +44,7 @@ from ..solvers import (
 from ..solvers.arnoldi import TRUNCATION_WARNING as ARNOLDI_TRUNCATION_WARNING
 from ..stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
 from ..utils import first_line, half_dtypes, relative_difference
-
-if TYPE_CHECKING:  # (the call's state is made by core.py, which builds on this module)
-    from .core import _Call
+from .call import Call
 
 logger = logging.get_logger(__name__)
 
@@ -229,14 +226,14 @@ class KeptHessians:
     dropped with every other kept graph, and the product is taken from a graph built now.
     """
 
-    def __init__(self, call: _Call, budget: int, batches: KeptBatches, reduction: str, *, retain: bool = False):
+    def __init__(self, call: Call, budget: int, batches: KeptBatches, reduction: str, *, retain: bool = False):
         self.call, self.room, self.batches, self.reduction = call, budget, batches, reduction
         self.budget = budget
         self.retain = retain  # keep every graph that fits, for later calls too (the owner keys this object)
         self.kept: dict = {}  # key -> (graph, bytes counted)
         self._units: dict[str, tuple[int, int]] = {}  # kind -> (graph bytes, batch bytes) of the graph measured
 
-    def for_call(self, call: _Call, batches: KeptBatches) -> KeptHessians:
+    def for_call(self, call: Call, batches: KeptBatches) -> KeptHessians:
         """This object for another call on the same weights and rows: its graphs stay, new ones are built with
         ``call``'s model function and parameters, and ``batches`` (the call's own) keeps collated batches."""
         self.call, self.batches = call, batches
@@ -331,10 +328,13 @@ def lissa_batches(num_rows: int, batch_size: int, depth: int, seed: int, repetit
 
 
 class STestStage:
-    """`InfluenceEngine`'s s_test: test gradients, the solvers' products, LiSSA's check and kept graphs
-    (``_curvature``, ``_low_rank``, ``_exact``, ``_prepared_solve``, ``_lissa_graphs``, ``_stack_refused``)."""
+    """`InfluenceEngine`'s s_test: test gradients, the solvers' products, LiSSA's check and kept graphs. State
+    (made in `InfluenceEngine.__init__`): ``_curvature`` and ``_low_rank`` (saved and restored by
+    saved_caches.py), ``_exact``, ``_prepared_solve``, ``_lissa_graphs``, ``_stack_refused``, ``_spread_warned``."""
 
-    def _s_test_of(self, call: _Call) -> torch.Tensor:
+    # ---- stage 2: test gradients ---------------------------------------------------------------------------
+    def _s_test_of(self, call: Call) -> torch.Tensor:
+        """s_test of the call's test rows (their gradients first, refused where they are not finite)."""
         with call.timer("test_gradients"):
             v = self._test_gradients(call)
         bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())
@@ -348,7 +348,7 @@ class STestStage:
         with call.timer("s_test"):
             return self._s_test(call, v)
 
-    def _test_gradients(self, call: _Call) -> torch.Tensor:
+    def _test_gradients(self, call: Call) -> torch.Tensor:
         """``(m, p)`` in the working dtype: one measurement gradient per test row, or one row with the gradient
         of their mean (``combine="mean"``, rows split over processes)."""
         bsz = self.args.influence_hvp_batch_size
@@ -388,7 +388,8 @@ class STestStage:
                                             row_batch=lambda i, rows=rows: call.test.batch([rows[i]])))
         return torch.cat(gradients).to(call.work_dtype)
 
-    def _full_hvp(self, call: _Call, batcher: Batcher, *, l2_term: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    # ---- stage 3: s_test --------------------------------------------------------------------------------------
+    def _full_hvp(self, call: Call, batcher: Batcher, *, l2_term: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """``V ↦ H V`` with H the Hessian of the mean loss over every row of ``batcher`` (batches split over
         processes, summed with one all-reduce), in the working dtype; ``l2_term=False``: its data term alone."""
         bsz = self.args.influence_hvp_batch_size
@@ -413,7 +414,7 @@ class STestStage:
 
         return hvp
 
-    def _s_test(self, call: _Call, v: torch.Tensor) -> torch.Tensor:
+    def _s_test(self, call: Call, v: torch.Tensor) -> torch.Tensor:
         args, lam = self.args, self.args.influence_lambda
         solver = args.influence_solver
         if solver == "exact":
@@ -449,13 +450,13 @@ class STestStage:
             )
         return s_test
 
-    def _curvature_key(self, call: _Call, *extra) -> tuple:
+    def _curvature_key(self, call: Call, *extra) -> tuple:
         return (call.model_key, call.train.fingerprint, len(call.train), tuple(call.names),
                 self._functions["loss"], self._functions["collator"], self.args.influence_weight_decay,
                 self.args.influence_seed, D.world()[1], str(call.train.device), *call.train.layout_key,
                 *extra)  # (a model moved: rebuilt there)
 
-    def _low_rank_solve(self, call: _Call, v: torch.Tensor) -> LowRankSolve:
+    def _low_rank_solve(self, call: Call, v: torch.Tensor) -> LowRankSolve:
         """The low-rank solve for this call's λ and L2 term, prepared once per low-rank Hessian and λ (with an L2
         term on some parameters only, its preparation reads the eigenvectors once more)."""
         values, vectors = self._low_rank_hessian(call, v)
@@ -475,7 +476,7 @@ class STestStage:
                     "influence_damping, or compare with influence_solver='cg'.")
         return self._prepared_solve[1]
 
-    def _low_rank_hessian(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _low_rank_hessian(self, call: Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-``influence_arnoldi_rank`` eigenpairs of the data term of H (the L2 term, known exactly, is
         left to the solve) over ``influence_arnoldi_rows`` seeded training rows (all by default), computed once
         per weights / data / loss and kept by the engine."""
@@ -508,7 +509,7 @@ class STestStage:
                                                         seed=args.influence_seed))
         return self._low_rank[1]
 
-    def _lissa(self, call: _Call, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def _lissa(self, call: Call, v: torch.Tensor) -> tuple[torch.Tensor, dict]:
         args = self.args
         rank, world_size = D.world()
         repetitions = args.influence_repetitions or world_size
@@ -618,7 +619,7 @@ class STestStage:
             self._spread_warned.add(key)
         return total, info | lissa_info
 
-    def _stacked_steps(self, call: _Call, repetitions: int, v: torch.Tensor,
+    def _stacked_steps(self, call: Call, repetitions: int, v: torch.Tensor,
                        kept: KeptHessians) -> _StackedSteps | None:
         """The stacked LiSSA steps of this call (`hf_fastif.stacked`), or None where ``influence_stack_repetitions``
         does not stack here or the stacked products failed their check before on these weights, rows and loss."""
@@ -646,7 +647,7 @@ class STestStage:
             return None
         return _StackedSteps(StackedHessian(call.fm, call.params), call.train, stack_tolerance(call.fm.model), refused)
 
-    def _kept_lissa_graphs(self, call: _Call) -> KeptHessians:
+    def _kept_lissa_graphs(self, call: Call) -> KeptHessians:
         """LiSSA's kept first-backward graphs, held between calls on the same weights, rows, parameters, loss and
         collator (what keys the curvature estimates); built anew (the old ones freed) when any of them changed.
 
@@ -660,7 +661,7 @@ class STestStage:
             self._lissa_graphs = (key, KeptHessians(call, LISSA_GRAPH_BYTES, KeptBatches(0), "mean", retain=True))
         return self._lissa_graphs[1]
 
-    def _check_lissa(self, call: _Call, v: torch.Tensor) -> dict:
+    def _check_lissa(self, call: Call, v: torch.Tensor) -> dict:
         """Estimate what LiSSA's convergence depends on, before the recursion: the top eigenvalue of B-row batch
         Hessians (the largest over `CHECK_BATCHES` seeded batches) and the smallest eigenvalue of the mean
         Hessian over `CHECK_ROWS` rows (Lanczos), confirmed on `CONFIRM_ROWS` rows in turn when it says H + λI is

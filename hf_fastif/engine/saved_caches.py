@@ -64,7 +64,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 class SavedCaches:
-    """Writing and reading `InfluenceEngine`'s caches (and which loaded ones served a call)."""
+    """Writing and reading `InfluenceEngine`'s caches, which loaded ones served a call (`_served` / `_replaced`,
+    called by the stages that use them), and, under a launch, keeping only those every process holds
+    (`_align_caches`). State (made in `InfluenceEngine.__init__`): ``_saved_gradient_index``, ``_from_disk``; it
+    writes and restores the stages' ``_trunks``, ``_low_rank``, ``_gradient_index`` and ``_curvature``."""
 
     def save_caches(self, directory: str | os.PathLike) -> Path:
         """Write the caches this engine holds (trunk states, low-rank Hessian, gradient index, curvature estimates)

@@ -6,7 +6,6 @@ where to split, checks the split and the cut on probe rows, and owns the engine'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,10 +39,8 @@ from ..trunk import (
     verify_split,
 )
 from ..utils import half_dtypes, relative_difference
-from .padding import PADDING_PROBE_ROWS
-
-if TYPE_CHECKING:  # (the call's state is made by core.py, which builds on this module)
-    from .core import _Call
+from . import padding  # (its constants read as padding.X: one place to patch them)
+from .call import Call
 
 logger = logging.get_logger(__name__)
 
@@ -75,15 +72,16 @@ def _same_features(model: nn.Module, method: str, cut: Readout, batches: Sequenc
 def verification_rows(batcher: Batcher) -> list[int]:
     """Rows a trunk cache is checked on: the first 8, and the shortest and longest rows (`Batcher.padding_probes`:
     in one batch, the shortest is padded to the longest)."""
-    return sorted(set(range(min(8, len(batcher)))) | {i for pair in batcher.padding_probes(PADDING_PROBE_ROWS)
+    return sorted(set(range(min(8, len(batcher)))) | {i for pair in batcher.padding_probes(padding.PADDING_PROBE_ROWS)
                                                        for i in pair})
 
 
 class TrunkStates:
-    """`InfluenceEngine`'s trunk split, read-position cut and trunk caches (``_split``, ``_readout``,
-    ``_trunk_cut``, ``_trunks``), and predictions through the same trunk."""
+    """`InfluenceEngine`'s trunk split, read-position cut and trunk caches, and predictions through the same
+    trunk (`logits`). State (made in `InfluenceEngine.__init__`): ``_split``, ``_split_error``, ``_readout``,
+    ``_trunk_cut``, ``_trunks`` (restored by saved_caches.py too)."""
 
-    def _attach_trunks(self, call: _Call) -> None:
+    def _attach_trunks(self, call: Call) -> None:
         """Give every batcher its dataset's cached trunk states when the model splits cleanly."""
         split = self._find_split(call.names, call.train)
         below = None if split is None else split.fingerprint(call.digests)  # (once: 5 ms each on MiniLM)
@@ -105,16 +103,16 @@ class TrunkStates:
             call.info["trunk"]["first_position_cut"] = (cut_in_words(cut.name) if cut is not None
                                                         else f"none ({self._trunk_cut[2]})")
 
-    def _readout_probes(self, call: _Call) -> tuple[list[dict], list[dict]]:
+    def _readout_probes(self, call: Call) -> tuple[list[dict], list[dict]]:
         """The batches a cut of the last layer is checked on (`hf_fastif.readout.find_readout`): the first training
         rows together, the shortest alone and next to the longest, and the first test rows together."""
         first = range(min(READOUT_PROBE_ROWS, len(call.train)))
         probes = [call.train.batch(first)]
-        for pair in call.train.padding_probes(PADDING_PROBE_ROWS):  # alone and padded together (internal
+        for pair in call.train.padding_probes(padding.PADDING_PROBE_ROWS):  # alone and padded together (internal
             probes += [call.train.batch([pair[0]]), call.train.batch(list(pair))]  # padding shows up there)
         return probes, [call.test.batch(range(min(READOUT_PROBE_ROWS, len(call.test))))]
 
-    def _first_position_cut(self, call: _Call, split: TrunkSplit) -> Readout | None:
+    def _first_position_cut(self, call: Call, split: TrunkSplit) -> Readout | None:
         """For a split after the whole stack (only a pooler and a head hold influence parameters), the cut that
         computes and keeps the stack's last layer at its first position only (`TrunkCache`'s ``first_position``),
         where nothing this call reads from the trunk changes: the loss and the measurement
@@ -150,7 +148,7 @@ class TrunkStates:
             self._trunk_cut = (key, cut, reason)
         return self._trunk_cut[1]
 
-    def _attach_readout(self, call: _Call) -> None:
+    def _attach_readout(self, call: Call) -> None:
         """Cut the last layer to the position the loss reads, where `hf_fastif.readout.find_readout` shows that
         nothing changes (probe rows of the training and test data; decided again when the weights, the parameters,
         the split or the data change)."""
@@ -248,6 +246,7 @@ class TrunkStates:
             self._replaced("trunk", key)
         self._split = (self._split[0], None, reason)
 
+    # ---- predictions through the same trunk -------------------------------------------------------------------
     def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
         """Logits of every row of ``dataset`` (``(N, ...)`` float32; token logits padded with NaN to the longest
         batch's length), in eval mode, the rows run in batches of like length (`Batcher.length_order`). Where the

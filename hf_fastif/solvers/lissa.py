@@ -11,7 +11,7 @@ definite and ``scale`` is above the batch Hessians' top eigenvalues. Batch Hessi
 indefinite, so single steps may expand: what signals divergence is an iterate beyond the bound of a convergent
 series that keeps growing geometrically, which `GrowthMonitor` detects (a slowly unstable direction may stay
 below that bound for J steps: the convergence check before the recursion looks for it, see
-`hf_fastif.engine`). A repetition whose last iterate points away from ``v`` is refused too (`final_alignment`).
+`hf_fastif.engine.s_test`). A repetition whose last iterate points away from ``v`` is refused too (`final_alignment`).
 The iterate lives in the dtype of ``v`` (the caller passes float32 or wider, whatever the model's dtype).
 """
 

@@ -286,7 +286,7 @@ def test_a_restart_reads_the_table_and_the_engine_caches_and_answers_the_same(ap
 
     monkeypatch.setattr(hf_fastif.engine.trunk_states, "TrunkCache", CountingTrunkCache)
     monkeypatch.setattr(hf_fastif.engine.s_test, "low_rank_hessian", refuse)
-    monkeypatch.setattr(hf_fastif.gradient_index, "build_gradient_index", refuse)
+    monkeypatch.setattr(hf_fastif.engine.candidates, "build_gradient_index", refuse)
     again = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
     state = again.wait(timeout=300)
     status = again.status()
@@ -341,7 +341,7 @@ def test_stale_engine_caches_are_rebuilt_saved_again_and_serve_the_next_start(ap
 
     monkeypatch.setattr(hf_fastif.engine.trunk_states, "TrunkCache", CountingTrunkCache)
     monkeypatch.setattr(hf_fastif.engine.s_test, "low_rank_hessian", refuse)
-    monkeypatch.setattr(hf_fastif.gradient_index, "build_gradient_index", refuse)
+    monkeypatch.setattr(hf_fastif.engine.candidates, "build_gradient_index", refuse)
     second = Startup(kind=KIND, max_train_samples=TRAIN_ROWS).start()
     second.wait(timeout=300)
     assert set(CACHED) <= set(second.status()["caches_loaded"]) and TRAIN_ROWS not in built
