@@ -30,13 +30,13 @@ the engine's, made in `InfluenceEngine.__init__`):
 | `trunk_states` | stage 1: the frozen trunk's split, its states per row, the last layer's read-position cut |
 | `s_test` | stages 2-3: test gradients, s_test by each solver, LiSSA's convergence check and kept graphs |
 | `candidates` | stage 4: kNN / gradient-index / random candidates, and their recall against the full scan |
-| `saved_caches` | `save_caches` / `load_caches`: the caches on disk, keyed as in memory; under a launch, only those every process holds |
+| `saved_caches` | `save_caches` / `load_caches`: the caches on disk, keyed as in memory; under a launch, those all hold |
 | `call` | `Call`: the state of one call, which every stage reads |
 
 A module-level name is read where it is imported: a test patches it on the stage module that reads it
-(``monkeypatch.setattr(hf_fastif.engine.s_test, "CHECK_ROWS", 3)``); this package exports `InfluenceEngine` alone of
-the engine's names, so a patch on the package itself fails instead of changing nothing. The padding probes'
-constants are read as ``padding.PADDING_PROBE_ROWS`` by the other stages, so one patch reaches them all.
+(``monkeypatch.setattr(hf_fastif.engine.s_test, "CHECK_ROWS", 3)``). This package exports only `InfluenceEngine`,
+`loss_key` and `non_finite_scores`, so a patch of another name on the package fails instead of changing nothing.
+The other stages read the padding probes' constants as ``padding.PADDING_PROBE_ROWS``: one patch reaches them all.
 
 A new cache: made in `InfluenceEngine.__init__` (under its stage's comment), keyed on content as the table above
 says, dropped in `InfluenceEngine.clear`, written and read in saved_caches.py if it should outlive the process, and
