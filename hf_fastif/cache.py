@@ -45,7 +45,7 @@ moves them): one folder per embedded model kind, and `SPACE_ENGINES`."""
 SPACE_ENGINES = "engines"
 """The folder (in the Space's) of the engine caches of tables other than the default."""
 SPACE_READY_FILE = "ready.json"
-"""What a finished Space build writes last (`hf_fastif.space.READY_FILE`); a hit records its use in its time."""
+"""What a finished Space build writes last (`hf_fastif.space.build.READY_FILE`); a hit records its use in its time."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

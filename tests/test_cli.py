@@ -60,9 +60,9 @@ def test_a_build_folder_it_cannot_write_is_refused_before_any_work(tmp_path, cap
     """A file where the build writes its ``model`` folder: ``save_pretrained`` only logged it and the build reported
     the model saved (exit 0); a ``table`` file failed once the table was computed ("Not a directory"); an existing
     file as --output_dir failed with a bare "[Errno 17] File exists"."""
-    import hf_fastif.space
+    import hf_fastif.space.build
 
-    monkeypatch.setattr(hf_fastif.space, "embedded_data", _no_work)  # the first step of the work
+    monkeypatch.setattr(hf_fastif.space.build, "embedded_data", _no_work)  # the first step of the work, read there
     tiny = ["--embedded_model", "tiny", "--max_train_samples", "60", "--max_test_samples", "2"]
     (tmp_path / "afile").write_text("")
     assert main(["build", "--output-dir", str(tmp_path / "afile"), *tiny]) == 2

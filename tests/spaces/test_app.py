@@ -1,4 +1,4 @@
-"""The Space (spaces_demo/app.py, hf_fastif/space.py): served at once while the default table and the live engine are
+"""The Space (spaces_demo/app.py, hf_fastif/space/): served at once while the default table and the live engine are
 built in the background, called through `gradio_client`, restarted from its caches, fed bad input and a concurrent
 user, assembled into a folder that runs with the repository out of reach, and driven in a real headless Chromium with
 Playwright. The quick embedded default (the tiny BERT from a config, on 600 generated rows) keeps it fast; the
@@ -545,7 +545,8 @@ def test_a_start_that_meets_python_s_ast_race_is_tried_again(monkeypatch) -> Non
     """CPython 3.11's ast.parse is not thread-safe: gradio parsing a component's source while the start's thread
     parsed too failed the start once in a full test run ("SystemError: AST constructor recursion depth mismatch"),
     and the Space stayed down. It is tried once more; any other SystemError still fails the start."""
-    import hf_fastif.space as space
+    import hf_fastif.space.startup
+    from hf_fastif.space import Startup
 
     calls = []
 
@@ -555,12 +556,13 @@ def test_a_start_that_meets_python_s_ast_race_is_tried_again(monkeypatch) -> Non
             raise SystemError("AST constructor recursion depth mismatch (before=132, after=125)")
         return "state"
 
-    monkeypatch.setattr(space, "load_state", flaky)
-    startup = space.Startup(kind="tiny")
+    monkeypatch.setattr(hf_fastif.space.startup, "load_state", flaky)  # where Startup reads it
+    startup = Startup(kind="tiny")
     startup.run()
     assert startup.state == "state" and startup.error is None and len(calls) == 2
-    monkeypatch.setattr(space, "load_state", lambda *a, **k: (_ for _ in ()).throw(SystemError("another")))
-    startup = space.Startup(kind="tiny")
+    monkeypatch.setattr(hf_fastif.space.startup, "load_state",
+                        lambda *a, **k: (_ for _ in ()).throw(SystemError("another")))
+    startup = Startup(kind="tiny")
     startup.run()
     assert startup.state is None and startup.error == "SystemError: another"
 
@@ -601,15 +603,16 @@ def test_non_finite_influence_is_left_out_of_the_plot_and_a_failing_plot_keeps_t
     hiding every row of that test example."""
     import io
 
-    import hf_fastif.space as space
+    import hf_fastif.space.state
     from hf_fastif import InfluenceTable
+    from hf_fastif.space import SpaceState
 
     cases = {0: [-2.0, -1.0, 0.5, np.inf], 1: [-2.0, -1.0, 0.5, 0.7], 2: [-1e308, -1.0, 0.5, 1e308],
              3: [np.nan, -np.inf, 0.5, 1.0], 4: [-1e308, -1.0, 0.5, 7e307],  # (4: a finite range, 1.7e308)
              5: [1.0, 1.0, np.nextafter(1.0, 2.0), 1.0]}  # (a few ulps apart: "Too many bins for data range")
     table = InfluenceTable.from_arrays(np.repeat(list(cases), 4), np.tile(np.arange(4), len(cases)),
                                        np.concatenate(list(cases.values())))
-    state = space.SpaceState.from_table(table, "hand-made")
+    state = SpaceState.from_table(table, "hand-made")
     for test_id, values in cases.items():
         figure = state.distribution(test_id, 5)
         figure.savefig(io.BytesIO(), format="png")  # what the page does with it
@@ -626,7 +629,8 @@ def test_non_finite_influence_is_left_out_of_the_plot_and_a_failing_plot_keeps_t
     def broken(*args, **kwargs):
         raise ValueError("supplied range of [-2.0, inf] is not finite")
 
-    monkeypatch.setattr(space, "influence_histogram", broken)  # any plot that fails: the rows are still shown
+    # any plot that fails: the rows are still shown (patched where SpaceState.distribution reads it)
+    monkeypatch.setattr(hf_fastif.space.state, "influence_histogram", broken)
     histogram, graph, notes = state.plots(0, 5)
     assert histogram is None and graph is not None and len(state.rows(0, 5)[0]) == 2
     assert notes == ["The influence histogram could not be drawn (ValueError: supplied range of [-2.0, inf] is not "

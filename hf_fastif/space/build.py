@@ -1,0 +1,179 @@
+"""The embedded default's build folder: where it goes (`default_cache_dir`, `default_build_dir`), what it holds, and
+`build_default`, which trains or loads the embedded model, computes its table with the live engine and saves both,
+or reuses a finished build with the same settings (`build_config`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import DataCollatorWithPadding
+from transformers.utils import logging
+
+from ..annotate import TextSource, save_with_text
+from ..applications.common import at_chance, predict, training_accuracy
+from ..arguments import InfluenceArguments
+from ..cache import SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
+from ..data import NLI_MAX_LENGTH
+from ..distributed import on_main
+from ..embedded import (
+    data_description,
+    embedded_arguments,
+    embedded_data,
+    embedded_kind,
+    train_embedded_model,
+    training_settings,
+)
+from ..engine import InfluenceEngine
+from ..table import InfluenceTableError, read_metadata
+from ..utils import check_build_folder, library_version, to_json, write_atomic
+from .explainer import Explainer
+from .settings import CACHE_ENV, LIVE_SETTINGS
+
+logger = logging.get_logger(__name__)
+
+READY_FILE = SPACE_READY_FILE
+ENGINE_DIR = "engine"
+BUILD_ENTRIES = {"table": "folder", "model": "folder", ENGINE_DIR: "folder", "train.parquet": "file"}
+"""What an embedded build writes in its folder, and whether each is a folder or a file."""
+
+
+def default_cache_dir() -> Path:
+    """Where the Space keeps its builds: ``$HF_FASTIF_SPACE_CACHE``, else ``space_default`` in hf_fastif's cache
+    (`hf_fastif.cache.cache_root`: ``$HF_FASTIF_CACHE`` or ``~/.cache/hf_fastif``), where ``hf-fastif cache`` lists
+    them."""
+    return Path(os.environ.get(CACHE_ENV) or cache_root() / SPACE_SUBDIR).expanduser()
+
+
+def default_build_dir(kind: str | None = None) -> Path:
+    """The folder of the default table of embedded model ``kind``: ``<default_cache_dir()>/<kind>``."""
+    return default_cache_dir() / embedded_kind(kind).name
+
+
+def build_default(directory: str | os.PathLike | None = None, args: InfluenceArguments | None = None, *,
+                  max_train_samples: int | None = None, max_test_samples: int | None = None,
+                  kind: str | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """Train (or, for MiniLM, load from the fine-tuning cache) the embedded model, compute its influence table on
+    HANS-style test rows, and save ``table/`` (with text, predictions and label names), ``model/`` (model +
+    tokenizer), ``train.parquet`` and, for the Space's settings, ``engine/`` (the live engine's caches) under
+    ``directory``. Reuses a finished build with the same settings and model.
+
+    Args:
+        directory: where the build goes (default: the Space's, `default_build_dir`).
+        args: training and influence settings as given (``hf-fastif build``). Default: the Space's: the embedded
+            default's for its table (``embedded_arguments(directory, use="table", kind=kind)``) with
+            `LIVE_SETTINGS`, computed by the live engine, whose caches are saved with the table.
+        max_train_samples: generated training rows (default: the kind's ``table_data``, 2,000).
+        max_test_samples: use the first N of the 30 HANS-style test rows.
+        kind: the embedded model, ``"minilm"`` (default) or ``"tiny"``.
+        progress: called with a short description as each stage starts.
+    """
+    return _build_default(directory, args, max_train_samples=max_train_samples, max_test_samples=max_test_samples,
+                          kind=kind, progress=progress)[0]
+
+
+def build_config(args, kind: str, sizes: dict, max_test_samples: int | None, live: bool) -> dict:
+    """What an embedded build depends on, as `READY_FILE` records it: a finished build is reused only for an equal
+    one (model kind, data, seed, library version, the training settings the model depends on, the influence
+    settings and the influence loss's label smoothing)."""
+    settings = embedded_kind(kind)
+    return json.loads(to_json({
+        "model": settings.description, "kind": settings.name, "data": sizes, "max_test_samples": max_test_samples,
+        "seed": args.seed, "library_version": library_version(), "live_engine": live,
+        "training": training_settings(args, settings.name),
+        "label_smoothing_factor": args.label_smoothing_factor,  # (the influence loss's: default_loss_smoothing)
+        "influence": args.influence_settings()}))
+
+
+def _build_default(directory, args, *, max_train_samples=None, max_test_samples=None, kind=None,
+                   progress=None) -> tuple[Path, Explainer | None]:
+    """`build_default`, and the live `Explainer` whose engine computed the table when it was built just now."""
+    progress = progress or (lambda stage: None)
+    settings = embedded_kind(kind)
+    directory = Path(directory) if directory is not None else default_build_dir(settings.name)
+    live = args is None
+    if live:  # both embedded models have more than 4,096 influence parameters: LIVE_SETTINGS apply unclamped
+        args = embedded_arguments(str(directory), use="table", kind=settings.name, **LIVE_SETTINGS)
+    sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
+    build = build_config(args, settings.name, sizes, max_test_samples, live)
+    check_build_folder(directory, BUILD_ENTRIES, "The build folder")
+    ready = directory / READY_FILE
+    if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
+        missing = _missing_build_files(directory)
+        if _built_table(directory) == build and not missing:
+            progress(f"reusing the finished build in {directory} (the same settings and model)")
+            mark_used(ready)  # what `hf-fastif cache --unused-days` reads
+            return directory, None
+        logger.warning(f"{directory} does not hold the finished build {ready} records ("
+                       + (f"{', '.join(missing)} missing" if missing else "its table is another build's, or gone")
+                       + "): building again.")
+    directory.mkdir(parents=True, exist_ok=True)
+    ready.unlink(missing_ok=True)
+    shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
+    progress("generating the training data")
+    raw, tokenized, tokenizer = embedded_data(seed=args.seed, **sizes, kind=settings.name)
+    progress("the fine-tuned MiniLM (read from the fine-tuning cache, or fine-tuned now: about a minute on a CPU, "
+             "once per machine)" if settings.name == "minilm" else f"training the {settings.name} model")
+    model, info = train_embedded_model(raw["train"], tokenized["train"], tokenizer, args, kind=settings.name,
+                                       description=data_description(args.seed, len(raw["train"])))
+    collator = DataCollatorWithPadding(tokenizer)
+    if info.get("train_accuracy") is None:  # (MiniLM's fine-tuning records it; the tiny model is trained here)
+        info = info | {"train_accuracy": training_accuracy(model, tokenized["train"], collator, seed=args.seed)[0]}
+    warning = at_chance(info["train_accuracy"], tokenized["train"]["labels"])
+    if warning:
+        logger.warning(warning)
+    hans, raw_hans = tokenized["hans"], raw["hans"]
+    if max_test_samples:
+        hans, raw_hans = (d.select(range(min(max_test_samples, len(d)))) for d in (hans, raw_hans))
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    explainer = None
+    progress(f"computing the influence table of {len(hans)} test rows over {len(raw['train']):,} training rows")
+    if live:
+        explainer = Explainer(model, tokenizer, raw["train"], args.influence_settings(), names,
+                              cache_dir=directory / ENGINE_DIR, max_length=NLI_MAX_LENGTH)
+        table, predictions = explainer.table(hans)
+    else:
+        with InfluenceEngine(model, args, data_collator=collator) as engine:
+            table = engine.compute_influences(tokenized["train"], hans)
+            predictions = predict(model, hans, engine=engine).argmax(-1)
+    progress("saving the table, the model and the engine's caches" if explainer is not None  # (only a Space's
+             else "saving the table and the model")  # live engine has caches to save)
+    table.metadata["embedded_build"] = build | {"fine_tuning": info}
+    table.metadata["tokenization"] = {"max_length": NLI_MAX_LENGTH}
+    def write() -> None:  # under `accelerate launch` every process holds the table and the model; one writes them
+        save_with_text(table, directory / "table", model=model,
+                       model_name=f"hf_fastif embedded default ({settings.description})",
+                       train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
+                       test=TextSource(raw_hans, "hf_fastif generated HANS-style NLI", "hans"), predictions=predictions)
+        model.save_pretrained(directory / "model")
+        tokenizer.save_pretrained(directory / "model")
+        raw["train"].to_parquet(str(directory / "train.parquet"))
+        if explainer is not None:
+            explainer.save_caches()
+        write_atomic(ready, to_json({"config": build}))
+
+    on_main(write, f"Writing {directory}")  # the others return once the build is on disk (or fail with its error)
+    return directory, explainer
+
+
+def _missing_build_files(directory: Path) -> list[str]:
+    """What the Space and `hf-fastif build`'s report read from a finished build and ``directory`` lacks (a user
+    freed the model's space, say): the model's config and weights, the training rows."""
+    model = directory / "model"
+    missing = [] if (model / "config.json").is_file() else ["model/config.json"]
+    if not any(model.glob("*.safetensors")) and not (model / "pytorch_model.bin").is_file():
+        missing.append("model/ weights")
+    return missing + ([] if (directory / "train.parquet").is_file() else ["train.parquet"])
+
+
+def _built_table(directory: Path) -> dict | None:
+    """The embedded build config (`build_config`) the table in ``directory`` was written with; None when there is
+    none (no table, a table of another build, e.g. ``hf-fastif build --model_name_or_path`` into the same folder)."""
+    try:
+        built = read_metadata(directory / "table").get("embedded_build")
+    except InfluenceTableError:
+        return None
+    return {k: v for k, v in built.items() if k != "fine_tuning"} if isinstance(built, dict) else None
