@@ -114,8 +114,8 @@ def build_kind(folder: Path) -> str:
     # the build a start without arguments (as on the Hub) would reuse: the same data sizes, test rows, settings and
     # library version (one made with --max_train_samples 600 was bundled, said to be used, and built again on every
     # start of the deployed Space, whose disk does not persist)
-    from hf_fastif.embedded import embedded_arguments
-    from hf_fastif.space import LIVE_SETTINGS, build_config, embedded_kind
+    from hf_fastif.embedded import embedded_arguments, embedded_kind
+    from hf_fastif.space import LIVE_SETTINGS, build_config
 
     if kind in ("tiny", "minilm"):
         rows = _quick_rows(config)
@@ -133,7 +133,7 @@ def build_kind(folder: Path) -> str:
 def _quick_rows(config: dict) -> int | None:
     """The training rows a default build's ``ready.json`` config records where they are not its kind's default (a
     quick build's ``--max_train_samples``), else None."""
-    from hf_fastif.space import embedded_kind
+    from hf_fastif.embedded import embedded_kind
 
     data = config.get("data")
     rows = data.get("n_train") if isinstance(data, dict) else None

@@ -26,7 +26,6 @@ re-exports the names that code outside it imports, so a patch of another name on
 changing nothing; a patch of one of these (`load_state`, `influence_histogram`) on the package still changes nothing.
 """
 
-from ..embedded import embedded_kind
 from .build import ENGINE_DIR, build_config, build_default, default_build_dir, default_cache_dir
 from .explainer import STAGES, Explainer, Explanation, encode_pair
 from .inputs import candidate_slider, check_int, check_test_id
@@ -39,6 +38,6 @@ __all__ = [
     "ALL", "CACHE_ENV", "CACHED", "ENGINE_DIR", "LIVE_SETTINGS", "MAX_CANDIDATES", "MAX_ROWS", "MAX_TEXT_CHARS",
     "STAGES", "Explainer", "Explanation", "SpaceState", "Startup", "build_config", "build_default",
     "candidate_slider", "check_int", "check_test_id", "counts_note", "default_build_dir", "default_cache_dir",
-    "embedded_kind", "encode_pair", "explanation_summary", "influence_histogram", "list_notes", "live_rows_notice",
+    "encode_pair", "explanation_summary", "influence_histogram", "list_notes", "live_rows_notice",
     "load_default", "load_state", "open_table", "status_markdown",
 ]

@@ -764,8 +764,8 @@ def test_a_bundled_default_goes_where_the_app_looks(tmp_path, monkeypatch) -> No
         (folder / "ready.json").write_text(json.dumps({"config": config}))
         return folder
 
-    from hf_fastif.embedded import embedded_arguments
-    from hf_fastif.space import LIVE_SETTINGS, build_config, embedded_kind
+    from hf_fastif.embedded import embedded_arguments, embedded_kind
+    from hf_fastif.space import LIVE_SETTINGS, build_config
 
     def config(rows=None, **changes):  # what a start of the Space records (with --max_train_samples rows)
         data = embedded_kind("tiny").table_data | ({"n_train": rows} if rows else {})
