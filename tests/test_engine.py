@@ -783,7 +783,7 @@ def test_a_row_drawn_again_by_lissa_keeps_its_first_backward(data, pad_collator,
     draws = [tuple(engine_module.s_test.lissa_batches(len(train), 1, 30, args.influence_seed, t)[j])
              for t in range(3) for j in range(30)]
     assert len(set(draws)) < len(draws) == 90
-    monkeypatch.setattr(engine_module.s_test, "BatchHessian", _CountedHessian)
+    monkeypatch.setattr(engine_module.kept_graphs, "BatchHessian", _CountedHessian)
     runs = {}
     for budget in (engine_module.s_test.LISSA_GRAPH_BYTES, 0):
         monkeypatch.setattr(engine_module.s_test, "LISSA_GRAPH_BYTES", budget)
@@ -807,7 +807,7 @@ def test_a_held_engine_multiplies_the_next_calls_lissa_rows_from_kept_graphs(dat
                     influence_repetitions=3, influence_check_convergence=False,
                     influence_stack_repetitions="no")  # (one product at a time: the grouped route keeps its own)
     args = default_arguments(**settings)
-    monkeypatch.setattr(engine_module.s_test, "BatchHessian", _CountedHessian)
+    monkeypatch.setattr(engine_module.kept_graphs, "BatchHessian", _CountedHessian)
 
     def single_rows(run) -> tuple[int, pd.DataFrame]:
         _CountedHessian.built = []
@@ -940,7 +940,7 @@ def test_the_mean_hessian_keeps_its_chunks_first_backward(data, pad_collator, mo
     model, train, test = data
     args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=None, influence_hvp_batch_size=8,
                              influence_cg_max_iterations=6)
-    monkeypatch.setattr(engine_module.s_test, "BatchHessian", _CountedHessian)
+    monkeypatch.setattr(engine_module.kept_graphs, "BatchHessian", _CountedHessian)
     runs, chunks, default = {}, {}, engine_module.s_test.FULL_HVP_GRAPH_BYTES
     for budget in (default, 0):
         monkeypatch.setattr(engine_module.s_test, "FULL_HVP_GRAPH_BYTES", budget)

@@ -112,13 +112,13 @@ def test_mean_hessian_chunks_run_longest_first_and_change_only_rounding(rows, pa
     args = default_arguments(influence_params=TOP["bert"], influence_solver="cg", influence_damping=0.05,
                              influence_scale=20.0, influence_knn_k=None, influence_hvp_batch_size=5,
                              influence_trunk_cache=False, disable_tqdm=True)
-    widths, real = [], engine_module.s_test.KeptHessians.product
+    widths, real = [], engine_module.kept_graphs.KeptHessians.product
 
     def product(self, key, collate, vectors, **kwargs):
         widths.append((key, collate()["input_ids"].shape[1]))
         return real(self, key, collate, vectors, **kwargs)
 
-    monkeypatch.setattr(engine_module.s_test.KeptHessians, "product", product)
+    monkeypatch.setattr(engine_module.kept_graphs.KeptHessians, "product", product)
     ordered = compute_influences(model, data, test, args, data_collator=pad_collator).to_pandas()
     first = [w for key, w in widths[: 5]]  # the first product: chunks 0-4 of the 24 rows
     assert [key for key, _ in widths[:5]] == [0, 1, 2, 3, 4]

@@ -28,7 +28,8 @@ the engine's, made in `InfluenceEngine.__init__`):
 | `core` | `InfluenceEngine`: its state, a call's pipeline, stage 0 (checks, parameters, batchers), scores, metadata |
 | `padding` | stage 0: whether a row's numbers change with its padding; trailing padding dropped where they do not |
 | `trunk_states` | stage 1: the frozen trunk's split, its states per row, the last layer's read-position cut |
-| `s_test` | stages 2-3: test gradients, s_test by each solver, LiSSA's convergence check and kept graphs |
+| `s_test` | stages 2-3: test gradients, s_test by each solver, LiSSA's convergence check and stacked steps |
+| `kept_graphs` | first-backward graphs and collated batches kept between products, within budgets (s_test's) |
 | `candidates` | stage 4: kNN / gradient-index / random candidates, and their recall against the full scan |
 | `saved_caches` | `save_caches` / `load_caches`: the caches on disk, keyed as in memory; under a launch, those all hold |
 | `call` | `Call`: the state of one call, which every stage reads |

@@ -48,8 +48,9 @@ from ..trunk import TrunkCache, TrunkSplit, forward_context, model_inputs
 from ..utils import half_dtypes, library_version
 from .call import Call
 from .candidates import CandidateStage
+from .kept_graphs import KeptHessians
 from .padding import PaddingChecks
-from .s_test import KeptHessians, STestStage
+from .s_test import STestStage
 from .saved_caches import SavedCaches
 from .trunk_states import TrunkStates
 
@@ -543,7 +544,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         batcher.share_lengths(lengths)
 
     # the padding probes of stage 0: padding.py; stage 1, the frozen trunk: trunk_states.py; stages 2-3, test
-    # gradients and s_test: s_test.py; stage 4, candidates: candidates.py; the caches on disk: saved_caches.py
+    # gradients and s_test: s_test.py (its kept graphs: kept_graphs.py); stage 4, candidates: candidates.py; the
+    # caches on disk: saved_caches.py
     # ---- stage 5: scores --------------------------------------------------------------------------------------
     def _scores(self, call: Call, queries: list[np.ndarray], s_test: torch.Tensor):
         """Influence of each (query, candidate) pair; each process scores its share of the candidate rows and the
