@@ -456,8 +456,8 @@ def load_mnli(
             0 = entailment, 1 = neutral, 2 = contradiction.
 
     Returns:
-        A `Dataset` with `premise`, `hypothesis`, `label`, `genre`; rows without a gold label (-1, "-")
-        are dropped.
+        A `Dataset` with `premise`, `hypothesis`, `label`, `genre` (the data's own, e.g. `fiction`; `mnli`, the
+        source, for a file without a genre column); rows without a gold label (-1, "-") are dropped.
     """
     label_names(num_labels)
     frame, file_names = _load(_resolve(name_or_path), split)
