@@ -80,7 +80,7 @@ from .space import build_default, open_table
 from .table import InfluenceTable, InfluenceTableError
 from .table.format import label_text
 from .table.hub import push_table_resolved
-from .utils import check_output_dir, library_version, to_json, write_atomic
+from .utils import check_build_folder, check_output_dir, library_version, to_json, write_atomic
 
 EXIT_ERROR = 2
 TRUST_REMOTE_CODE_HELP = ("Run the model's own code from its folder or Hub repo (auto_map in config.json: a custom "
@@ -235,10 +235,15 @@ def _given(argv: list[str], flag: str) -> bool:
     return False
 
 
+MODEL_BUILD_ENTRIES = {"table": "folder", "build": "folder"}
+"""What a ``--model_name_or_path`` build writes in its --output_dir: the table, and the resumable build's folder."""
+
+
 def _build_from_model(build: BuildArguments, args: InfluenceArguments, out: Path) -> None:
     if not build.train_dataset or not build.test_dataset:
         raise ValueError("--model_name_or_path needs --train_dataset (its training data) and --test_dataset (the rows "
                          "to explain).")
+    check_build_folder(out, MODEL_BUILD_ENTRIES)  # (a ``table`` file failed once every shard was computed)
     resolve_model(build.model_name_or_path, build.revision, build.trust_remote_code)  # a clear error first
     model = AutoModelForSequenceClassification.from_pretrained(build.model_name_or_path, revision=build.revision,
                                                                trust_remote_code=build.trust_remote_code,

@@ -75,6 +75,21 @@ def test_a_build_folder_it_cannot_write_is_refused_before_any_work(tmp_path, cap
         assert f"where the build writes its {entry} {kind}" in capsys.readouterr().err
 
 
+def test_a_model_build_folder_it_cannot_write_is_refused_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    """A ``--model_name_or_path`` build with a file at ``<output_dir>/table`` computed every shard and then failed with
+    a bare "[Errno 20] Not a directory" (nothing lost: a rerun resumed them); a file at ``build`` is refused too."""
+    import hf_fastif.cli
+
+    monkeypatch.setattr(hf_fastif.cli, "resolve_model", _no_work)  # the first step of the work
+    for entry in ("table", "build"):
+        out = tmp_path / entry
+        out.mkdir()
+        (out / entry).write_text("")
+        assert main(["build", "--output-dir", str(out), "--model_name_or_path", "m", "--train_dataset", "t.jsonl",
+                     "--test_dataset", "h.jsonl"]) == 2
+        assert f"{out / entry} is a file, where the build writes its {entry} folder" in capsys.readouterr().err
+
+
 def test_a_finished_build_missing_its_model_is_built_again(tmp_path, capsys, caplog) -> None:
     """A finished build whose ``model/`` a user removed was "reused" with nothing recreated, and the CLI printed the
     missing model's path."""
