@@ -387,8 +387,12 @@ def _nli_frame(frame: pd.DataFrame, file_names: list[str] | None, num_labels: in
         )
     labels = _mnli_labels(frame[label], file_names, num_labels)
     keep = labels >= 0
-    if not keep.all():
-        logger.warning(f"Dropped {int((~keep).sum())} of {len(keep)} rows without a gold label.")
+    if not keep.all():  # (the ids were only counted: a table's train_id 10 held the file's row 11, unsaid)
+        dropped = np.flatnonzero(~keep)
+        shown = ", ".join(str(int(r)) for r in dropped[:10]) + (", ..." if len(dropped) > 10 else "")
+        logger.warning(f"Dropped {len(dropped)} of {len(keep)} rows without a gold label (rows {shown}; 0-based, in "
+                       "file order). The rows kept are numbered anew from 0, so a table's train_id / test_id count "
+                       "the kept rows: past a dropped row they are not the file's row numbers.")
     genres = frame["genre"].astype(str) if "genre" in frame.columns else pd.Series([genre] * len(frame))
     rows = {
         "premise": _texts(frame, premise, keep),
