@@ -364,7 +364,8 @@ class ShardReader:
     def _file(self, f: int) -> pq.ParquetFile:
         if f not in self._open:
             try:
-                handle = pq.ParquetFile(self.files[f], memory_map=True)
+                # (pages written with a CRC, as `InfluenceTableWriter` writes them, are checked as they are read)
+                handle = pq.ParquetFile(self.files[f], memory_map=True, page_checksum_verification=True)
             except FileNotFoundError:
                 raise self._gone(f) from None
             try:
@@ -427,6 +428,8 @@ class ShardReader:
             self._check_unchanged(f)
         if not self.num_rows:  # (datasets cannot read a parquet file without rows: "BatchSize must be greater than 0")
             return Dataset(self.schema.empty_table())
+        for f, g, _, _ in self.ranges:  # every page's CRC checked first (datasets reads the files without): a read
+            self._read_group(f, g)  # of the rows, one row group at a time, beside the conversion's
         with quiet_datasets():
             try:
                 dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")
@@ -596,7 +599,7 @@ class InfluenceTableWriter:
             if self._writer is None:
                 path = self.directory / DATA_DIR / f".partial-{self._tag}-{len(self._parts):05d}.parquet"
                 self._parts.append(path)
-                self._writer = pq.ParquetWriter(path, self.schema)
+                self._writer = pq.ParquetWriter(path, self.schema, write_page_checksum=True)
                 self._shard_filled = 0
             piece = out.slice(0, self.shard_rows - self._shard_filled)
             self._writer.write_table(piece, row_group_size=self.row_group_rows)
@@ -647,7 +650,7 @@ class InfluenceTableWriter:
             self._writer = None
         if not self._parts:  # an empty table still has one (empty) shard with the schema
             self._parts.append(self.directory / DATA_DIR / f".partial-{self._tag}-00000.parquet")
-            pq.write_table(self.schema.empty_table(), self._parts[0])
+            pq.write_table(self.schema.empty_table(), self._parts[0], write_page_checksum=True)
         # the license recorded in the metadata too, so a loaded table keeps it (a pull, a save and a push again
         # published tables of cc-by-sa text as apache-2.0): the one given, else the table's own, else the default
         metadata = metadata | {"license": self.license or metadata.get("license") or DEFAULT_LICENSE}
