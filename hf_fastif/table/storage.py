@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from datasets import Dataset
 from filelock import FileLock
@@ -274,6 +275,11 @@ class MemoryRows:
         return self.dataset
 
 
+CHECKED_PAGES = pds.ParquetFragmentScanOptions(page_checksum_verification=True)
+"""How `datasets` reads a table's shards (`ShardReader.to_dataset`): checking each page's CRC32 where it was written
+with one (`InfluenceTableWriter` writes them)."""
+
+
 def _identity(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
@@ -452,14 +458,14 @@ class ShardReader:
             self._check_unchanged(f)
         if not self.num_rows:  # (datasets cannot read a parquet file without rows: "BatchSize must be greater than 0")
             return Dataset(self.schema.empty_table())
-        for f, g, _, _ in self.ranges:  # every page's CRC checked first (datasets reads the files without): a read
-            self._read_group(f, g)  # of the rows, one row group at a time, beside the conversion's
         with quiet_datasets():
-            try:
-                dataset = Dataset.from_parquet([str(f) for f in self.files], split="train")
-            except Exception as err:
-                raise InfluenceTableError(f"The shards under {self.directory / DATA_DIR} could not be read ({err}); "
-                                          "the table is corrupt, download or rebuild it.") from err
+            try:  # (each page's CRC checked as datasets reads it, as `_file`'s handles check theirs)
+                dataset = Dataset.from_parquet([str(f) for f in self.files], split="train",
+                                               fragment_scan_options=CHECKED_PAGES)
+            except Exception as err:  # (datasets wraps what pyarrow raised: "An error occurred while generating")
+                raise InfluenceTableError(f"The shards under {self.directory / DATA_DIR} could not be read "
+                                          f"({err.__cause__ or err}); the table is corrupt, download or rebuild "
+                                          "it.") from err
             if not self.sorted:
                 dataset = dataset.sort(list(ORDER)).flatten_indices()
         return dataset
