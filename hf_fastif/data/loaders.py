@@ -359,6 +359,11 @@ def _not_empty(dataset: Dataset, name_or_path, read: int) -> Dataset:
     raise ValueError(f"{str(name_or_path)!r} gives no data: {why}. Pass a file with labelled rows.")
 
 
+def _first_rows(rows: np.ndarray, count: int = 10) -> str:
+    """The first ``count`` row numbers, joined, with ", ..." where there are more."""
+    return ", ".join(str(int(r)) for r in rows[:count]) + (", ..." if len(rows) > count else "")
+
+
 def _texts(frame: pd.DataFrame, column: str, keep: np.ndarray | None = None) -> list[str]:
     """The text column ``column`` as strings (of the rows ``keep`` marks); a row without its text (missing in a jsonl
     record, null, NaN) is refused by row number, instead of being read as the word "nan" or "None"."""
@@ -369,10 +374,9 @@ def _texts(frame: pd.DataFrame, column: str, keep: np.ndarray | None = None) -> 
     missing = np.flatnonzero(missing.to_numpy())
     if len(missing):
         rows = np.arange(len(frame))[keep] if keep is not None else np.arange(len(frame))
-        shown = ", ".join(str(int(rows[i])) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
         raise ValueError(f"{len(missing)} row(s) have no {column!r} text (missing or null; in a csv / tsv file, an empty "
-                         f"field), e.g. rows {shown} (0-based, "
-                         "in file order). Fill them in or drop those rows.")
+                         f"field), e.g. rows {_first_rows(rows[missing])} (0-based, in file order). Fill them in or "
+                         "drop those rows.")
     return values.astype(str).tolist()
 
 
@@ -389,10 +393,9 @@ def _nli_frame(frame: pd.DataFrame, file_names: list[str] | None, num_labels: in
     keep = labels >= 0
     if not keep.all():  # (the ids were only counted: a table's train_id 10 held the file's row 11, unsaid)
         dropped = np.flatnonzero(~keep)
-        shown = ", ".join(str(int(r)) for r in dropped[:10]) + (", ..." if len(dropped) > 10 else "")
-        logger.warning(f"Dropped {len(dropped)} of {len(keep)} rows without a gold label (rows {shown}; 0-based, in "
-                       "file order). The rows kept are numbered anew from 0, so a table's train_id / test_id count "
-                       "the kept rows: past a dropped row they are not the file's row numbers.")
+        logger.warning(f"Dropped {len(dropped)} of {len(keep)} rows without a gold label (rows {_first_rows(dropped)}; "
+                       "0-based, in file order). The rows kept are numbered anew from 0, so a table's train_id / "
+                       "test_id count the kept rows: past a dropped row they are not the file's row numbers.")
     genres = frame["genre"].astype(str) if "genre" in frame.columns else pd.Series([genre] * len(frame))
     rows = {
         "premise": _texts(frame, premise, keep),
