@@ -27,6 +27,14 @@ def half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(str(d).removeprefix("torch.") for d in {p.dtype for p in params.values()} & set(HALF_DTYPES))
 
 
+def pin_memory_default() -> bool:
+    """The recipes' default for ``dataloader_pin_memory``: pin only where an accelerator would use it. On a machine
+    without one, `TrainingArguments`' True pins nothing unless ``use_cpu`` turns it off (the embedded default and
+    MiniLM's fine-tuning set it), and torch warned "'pin_memory' argument is set as true but no accelerator is
+    found" at every fine-tuning of the paper's path; a flag the user gives still wins."""
+    return torch.accelerator.is_available()
+
+
 def relative_difference(value: torch.Tensor, reference: torch.Tensor,
                         floor: float = torch.finfo(torch.float64).tiny) -> float:
     """How far ``value`` is from ``reference``: the largest entry of ``|value - reference|`` over the larger of

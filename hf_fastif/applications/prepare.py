@@ -62,7 +62,7 @@ from ..embedded import (
 )
 from ..parsing import check_flags, check_output_flag, check_positive_counts, flag_refusals, parse_arguments
 from ..trainer import InfluenceTrainer
-from ..utils import check_output_dir
+from ..utils import check_output_dir, pin_memory_default
 from .common import ApplicationData, check_num_labels, heuristics_in, model_report
 
 logger = logging.get_logger(__name__)
@@ -199,7 +199,7 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
     default's settings for ``name`` (hf_fastif.embedded) or the paper's, then ``--quick``'s sizes."""
 
     def defaults(first: argparse.Namespace) -> dict:
-        out = RECIPE_DEFAULTS | {"output_dir": f"outputs/{name}"}
+        out = RECIPE_DEFAULTS | {"output_dir": f"outputs/{name}", "dataloader_pin_memory": pin_memory_default()}
         if first.model_name_or_path is None:
             kind = chosen_kind(first.embedded_model, first.quick)
             out |= embedded_defaults(name, kind)

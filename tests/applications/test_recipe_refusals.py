@@ -268,3 +268,17 @@ def test_training_under_a_cpu_launch_needs_use_cpu_and_splits_the_batch(tmp_path
     monkeypatch.setattr(D, "world", lambda: (0, 1))
     _, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
     assert args.per_device_train_batch_size == 32
+
+
+def test_recipes_pin_memory_only_with_an_accelerator(tmp_path, monkeypatch):
+    """The paper's path trains with TrainingArguments' own device choice (no use_cpu): its DataLoader's memory is
+    pinned only where an accelerator would use it (True had torch warn at every fine-tuning on a CPU); a flag
+    given wins."""
+    paper = ["--model_name_or_path", "some/model", "--output_dir", str(tmp_path)]
+    for available in (False, True):
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda available=available: available)
+        _, args = prepare_module.parse_recipe("visualize", [], paper)
+        assert args.dataloader_pin_memory is available and not args.use_cpu
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    _, args = prepare_module.parse_recipe("visualize", [], [*paper, "--dataloader_pin_memory", "True"])
+    assert args.dataloader_pin_memory is True
