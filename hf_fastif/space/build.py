@@ -71,8 +71,8 @@ def build_default(directory: str | os.PathLike | None = None, args: InfluenceArg
         kind: the embedded model, ``"minilm"`` (default) or ``"tiny"``.
         progress: called with a short description as each stage starts.
     """
-    return _build_default(directory, args, max_train_samples=max_train_samples, max_test_samples=max_test_samples,
-                          kind=kind, progress=progress)[0]
+    return build_default_with_explainer(directory, args, max_train_samples=max_train_samples,
+                                        max_test_samples=max_test_samples, kind=kind, progress=progress)[0]
 
 
 def build_config(args, kind: str, sizes: dict, max_test_samples: int | None, live: bool) -> dict:
@@ -88,9 +88,11 @@ def build_config(args, kind: str, sizes: dict, max_test_samples: int | None, liv
         "influence": args.influence_settings()}))
 
 
-def _build_default(directory, args, *, max_train_samples=None, max_test_samples=None, kind=None,
-                   progress=None) -> tuple[Path, Explainer | None]:
-    """`build_default`, and the live `Explainer` whose engine computed the table when it was built just now."""
+def build_default_with_explainer(directory, args, *, max_train_samples=None, max_test_samples=None, kind=None,
+                                 progress=None) -> tuple[Path, Explainer | None]:
+    """`build_default`, and the live `Explainer` whose engine computed the table when it was built just now (None
+    where a finished build was reused, or where ``args`` were given: only the Space's own settings build one), which
+    `hf_fastif.space.loading.load_default` keeps warm rather than loading the model and the engine's caches again."""
     progress = progress or (lambda stage: None)
     settings = embedded_kind(kind)
     directory = Path(directory) if directory is not None else default_build_dir(settings.name)

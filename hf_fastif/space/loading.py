@@ -24,7 +24,7 @@ from ..fingerprint import dataset_fingerprint
 from ..params import num_parameters, select_parameters
 from ..table import METADATA_FILE, InfluenceTable, InfluenceTableError
 from ..table.format import candidate_pool, label_id
-from .build import ENGINE_DIR, READY_FILE, _build_default, default_cache_dir
+from .build import ENGINE_DIR, READY_FILE, build_default_with_explainer, default_cache_dir
 from .explainer import Explainer
 from .settings import KIND_ENV, MAX_TRAIN_ROWS, MODEL_ENV, REVISION_ENV, TABLE_ENV
 from .state import SpaceState
@@ -69,8 +69,8 @@ def load_default(directory: str | os.PathLike | None = None, *, kind: str | None
     (``kind`` and ``max_train_samples`` as `build_default`), and its live engine warm (caches read from ``engine/``,
     or built and saved there)."""
     progress = progress or (lambda stage: None)
-    directory, explainer = _build_default(directory, None, kind=kind, max_train_samples=max_train_samples,
-                                          progress=progress)
+    directory, explainer = build_default_with_explainer(directory, None, kind=kind,
+                                                        max_train_samples=max_train_samples, progress=progress)
     table = InfluenceTable.load(directory / "table")
     if explainer is None:
         progress("loading the model and the live engine's caches")
