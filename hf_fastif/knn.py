@@ -43,6 +43,26 @@ def _token(hidden: torch.Tensor, mask: torch.Tensor | None, which: str) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+def causal_states(model: nn.Module) -> bool:
+    """Whether the states kNN features read see only the positions before them: a decoder-only model (GPT-2, Llama,
+    a BERT built as a decoder) with an attention module marked ``is_causal``. An encoder-decoder's features are its
+    encoder's, which see every position."""
+    target = transformers_model(model)
+    return _encoder(target) is None and any(getattr(m, "is_causal", False) is True for m in target.modules())
+
+
+def check_feature_methods(model: nn.Module, methods) -> None:
+    """Refuse, before any work, ``cls`` features on a model whose states are causal (`causal_states`): its first
+    token's state sees that token alone, so every row that starts with the same token (a BOS) had the same feature
+    and the same k nearest rows, unsaid (a review's GPT-2: rows 0-4 for every test row)."""
+    if "cls" in methods and causal_states(model):
+        raise ValueError(
+            f"influence_knn_features='cls' reads the first token's state, and {type(transformers_model(model)).__name__}"
+            "'s attention is causal: that state sees the first token alone, so rows that start alike (with a BOS "
+            "token, every row) would share one feature and one set of nearest rows. Use 'last' (the last real "
+            "token's state, 'auto''s choice for a causal LM), 'mean', or 'gradient'.")
+
+
 def model_features(model: nn.Module, batch: dict, method: str = "auto", split=None) -> torch.Tensor:
     """Feature vectors ``(b, d)`` of a batch, from the model's base (encoder/decoder) outputs.
 
@@ -87,7 +107,8 @@ def model_features(model: nn.Module, batch: dict, method: str = "auto", split=No
         last = _map_positions(last, target, pooled)  # sequence, (b, h·w, c), so that `mean` is the average pool
     if uses_pooler:
         if pooled is None:
-            raise ValueError(f"{type(target).__name__} has no pooler output; use influence_knn_features='cls' or 'mean'.")
+            instead = "'last' or 'mean'" if causal_states(target) else "'cls' or 'mean'"
+            raise ValueError(f"{type(target).__name__} has no pooler output; use influence_knn_features={instead}.")
         feats = pooled
     elif method == "cls":
         feats = _token(last, mask, "first")

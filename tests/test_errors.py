@@ -664,7 +664,8 @@ def test_a_collator_that_draws_at_random_is_refused(pad_collator):
 
 
 @pytest.mark.parametrize("settings, match", [
-    ({"influence_knn_features": "pooler"}, "has no pooler output"),
+    ({"influence_knn_features": "pooler"}, "has no pooler output; use influence_knn_features='last' or 'mean'"),
+    ({"influence_knn_features": "cls"}, "attention is causal.*Use 'last'"),
     ({"influence_knn_index": "Foo"}, "influence_knn_index='Foo' could not be built over 20 rows"),
     ({"influence_knn_index": "IVF64,Flat"}, "an IVF index needs at least as many rows as lists"),
     ({"influence_knn_features": "gradient", "influence_projection_dim": 16, "influence_knn_index": "Foo"},
@@ -686,6 +687,25 @@ def test_candidate_settings_are_refused_before_s_test(settings, match, pad_colla
     with pytest.raises(ValueError, match=match):
         compute_influences(tiny_model("gpt2"), make_token_dataset(20, seed=0), make_token_dataset(2, seed=1), args,
                            data_collator=pad_collator)
+
+
+def test_first_token_features_only_where_the_states_see_the_whole_row():
+    """`cls` features read the first token's state: on a decoder-only model with causal attention it sees that token
+    alone (a review's GPT-2 LM: every row began with BOS, and rows 0-4 were every test row's candidates, unsaid), so
+    it is refused there (`test_candidate_settings_are_refused_before_s_test`); an encoder's, or an encoder-decoder's
+    encoder states, which kNN reads, see every position."""
+    from hf_fastif.knn import causal_states, check_feature_methods
+    from tests.tiny import tiny_bart
+
+    for kind, causal in (("bert", False), ("roberta", False), ("distilbert", False), ("gpt2", True),
+                         ("gpt2-lm", True)):
+        model = tiny_model(kind)
+        assert causal_states(model) is causal, kind
+        check_feature_methods(model, ["auto", "mean", "last", "gradient"])  # those read every position
+    assert not causal_states(tiny_bart("BartForSequenceClassification"))  # (its decoder is causal: not read)
+    check_feature_methods(tiny_bart("BartForSequenceClassification"), ["cls"])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel's attention is causal"):
+        check_feature_methods(tiny_model("gpt2-lm"), ["auto", "cls"])
 
 
 def test_a_model_whose_weights_were_never_loaded_is_named(setup, pad_collator):

@@ -36,6 +36,7 @@ from ..fingerprint import (
     tensor_digests,
 )
 from ..gradient_index import check_index_factory, check_projection_dim
+from ..knn import check_feature_methods
 from ..loss import LossFn, default_loss_smoothing, find_logits, influence_model
 from ..mode import influence_mode, uncompiled
 from ..params import num_parameters, select_parameters
@@ -527,6 +528,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = influence_model(model, names, args, self.loss_fn, self.measurement_fn)
         named = [self.features or args.influence_knn_features] if methods is None and k is not None else methods or []
+        check_feature_methods(model, named)
         return Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
                      feature_methods=tuple(m for m in named if isinstance(m, str) and m not in ("gradient", "random")),
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
