@@ -3,7 +3,8 @@
 A loss function maps ``(outputs, batch)`` to a tensor of shape ``(batch_size,)``: one value per row.
 ``outputs`` is what the model returns for the batch without its ``labels``. The default is the model's own
 loss, per row: sequence classification follows transformers' rule (``config.problem_type``, or when unset:
-regression for one output, single-label for integer labels, multi-label otherwise) with cross-entropy,
+regression for one output, single-label for integer labels, multi-label otherwise; a multiple-choice head's is
+always cross-entropy over its choices, as its own) with cross-entropy,
 binary cross-entropy averaged over the labels of the row, or squared error averaged over the outputs of
 the row; causal LMs get the mean token cross-entropy of each row (shifted), token classification, and the LM
 heads of XLNet, XLM and Flaubert, which transformers scores unshifted, the mean token cross-entropy (unshifted); a
@@ -26,7 +27,7 @@ from torch.func import functional_call
 from transformers.utils import logging
 
 from .params import decayed_names
-from .trunk import forward_context, model_inputs
+from .trunk import forward_context, model_inputs, transformers_model
 from .utils import HALF_DTYPES
 
 logger = logging.get_logger(__name__)
@@ -73,6 +74,14 @@ def problem_type(model: nn.Module, num_outputs: int, labels: torch.Tensor) -> st
     if labels.dtype in (torch.long, torch.int):
         return "single_label_classification"
     return "multi_label_classification"
+
+
+def multiple_choice(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers multiple-choice head (``*ForMultipleChoice``, under a PEFT wrapper too),
+    whose loss is cross-entropy over its choices whatever ``config.problem_type`` says: read as a sequence
+    classifier's, a config with ``problem_type`` set to multi-label or regression was refused with a message about
+    integer labels, and a one-choice head was given a regression loss (a review's BERT multiple-choice models)."""
+    return type(transformers_model(model)).__name__.endswith("ForMultipleChoice")
 
 
 def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str,
@@ -169,6 +178,7 @@ def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
     (its `LabelSmoother`), per row here (per token and averaged over the row's tokens for token losses)."""
     shift = shifts_labels(model)
     virtual = prepended_positions(model)
+    choices = multiple_choice(model)
 
     def loss(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in batch:
@@ -178,8 +188,12 @@ def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
             logits = logits.float()
         labels = batch["labels"]
         if logits.dim() == 2:
-            return sequence_classification_loss(logits, labels, problem_type(model, logits.shape[-1], labels),
-                                                label_smoothing)
+            if choices and logits.shape[-1] == 1:
+                raise ValueError("The multiple-choice rows have one choice each: cross-entropy over one choice is 0 "
+                                 "for every row (the model's own loss too), so every influence would be 0. Give each "
+                                 "row its candidate answers as choices (input_ids of (rows, choices, tokens)).")
+            kind = "single_label_classification" if choices else problem_type(model, logits.shape[-1], labels)
+            return sequence_classification_loss(logits, labels, kind, label_smoothing)
         if logits.dim() == 3:
             extra = logits.shape[1] - labels.shape[1] if labels.dim() == 2 else 0
             if extra and extra == virtual:  # labelled -100 (ignored), as PEFT labels them for the model's own loss

@@ -59,7 +59,10 @@ def relative_difference(value: torch.Tensor, reference: torch.Tensor,
             gaps.append(part.abs_().max())
             tops.append(flat_reference[start:end].abs().max())
         gap, top = torch.stack(gaps).max(), torch.stack(tops).max()
-    out = float(gap) / max(float(top), floor)
+    scale = max(float(top), floor)
+    if scale == 0.0:  # (a floor of 0 and a reference of zeros: equal where the value is zeros too)
+        return 0.0 if float(gap) == 0.0 else math.inf
+    out = float(gap) / scale
     return out if math.isfinite(out) else math.inf
 
 

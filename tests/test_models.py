@@ -543,3 +543,47 @@ def test_feature_maps_are_read_by_their_channels():
     torch.testing.assert_close(_map_positions(first, SimpleNamespace(config=None), pooled), states.reshape(2, 15, 8))
     with pytest.raises(ValueError, match=r"which dimension holds the 8 channels is not clear: pass `features="):
         _map_positions(torch.randn(2, 8, 4, 8), model, None)
+
+
+def _choice_rows(n: int, seed: int, choices: int):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 64, size=(n, choices, 6))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist(),
+                              "labels": rng.integers(0, choices, size=n).tolist()})
+
+
+def test_a_multiple_choice_head_takes_cross_entropy_over_its_choices_whatever_its_problem_type():
+    """BertForMultipleChoice's loss is cross-entropy over its choices, whatever config.problem_type says; the default
+    loss read it as a sequence classifier's: a multi-label or regression problem_type was refused with a message
+    about integer labels (a review's repro), and one choice got squared error. Now the per-row loss is the model's
+    own and the influence the same as without a problem_type; rows of one choice (every loss 0) are refused."""
+    from transformers import BertConfig, BertForMultipleChoice
+
+    from hf_fastif.batches import Batcher, validate_dataset
+    from hf_fastif.loss import make_default_loss, multiple_choice
+    from hf_fastif.trunk import model_inputs
+
+    train, test = _choice_rows(8, 0, 3), _choice_rows(2, 1, 3)
+    args = default_arguments(influence_solver="exact", influence_knn_k=None, influence_damping=0.5,
+                             influence_params=[r"classifier\."], disable_tqdm=True)
+    tables = {}
+    for declared in (None, "multi_label_classification", "regression"):
+        torch.manual_seed(0)
+        model = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32, problem_type=declared,
+                                                 attn_implementation="eager")).double().eval()
+        assert multiple_choice(model)
+        batch = Batcher(train, validate_dataset(train, "train", model), None, "cpu").batch(range(8))
+        with torch.no_grad():
+            outputs = model(**model_inputs(batch, model))
+            own = model(**batch).loss
+        torch.testing.assert_close(make_default_loss(model)(outputs, batch).mean(), own, rtol=1e-12, atol=0)
+        tables[declared] = compute_influences(model, train, test, args).to_pandas().influence.to_numpy()
+        assert (tables[declared] != 0).all()
+    for declared in ("multi_label_classification", "regression"):
+        np.testing.assert_allclose(tables[declared], tables[None], rtol=1e-12, atol=0)
+    assert not multiple_choice(tiny_model("bert"))
+    with pytest.raises(ValueError, match="one choice each"):
+        compute_influences(model, _choice_rows(6, 0, 1), _choice_rows(2, 1, 1), args)

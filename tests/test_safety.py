@@ -431,6 +431,10 @@ def test_relative_difference_takes_nan_and_inf_for_no_agreement_and_reads_a_floo
     zeros = torch.zeros(3)
     assert relative_difference(zeros, zeros) == 0.0
     assert relative_difference(zeros + 1e-30, zeros) > 1e200  # anything against exact zeros is a difference
+    # a floor of 0 (the linear products' check reads the product's largest entry): zeros against zeros agree, and
+    # anything else against them does not (a loss that is 0 on every row raised ZeroDivisionError there)
+    assert relative_difference(zeros, zeros, floor=0.0) == 0.0
+    assert relative_difference(zeros + 1e-30, zeros, floor=0.0) == float("inf")
 
 
 def test_relative_difference_reads_large_tensors_chunk_by_chunk_with_the_same_value(monkeypatch):
