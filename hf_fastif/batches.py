@@ -879,6 +879,15 @@ class Batcher:
                 "Influence keeps only the columns the model's forward takes, as the Trainer does by default; with "
                 "remove_unused_columns=False in the arguments every column is kept, as the Trainer keeps them "
                 "then (if it is False already, the dataset has no such column).") from err
+        except TypeError as err:
+            ids = features[0].get("label_ids")
+            if ids is None or isinstance(ids, (list, tuple, np.ndarray, torch.Tensor)):
+                raise
+            raise ValueError(  # (a bare "'int' object is not subscriptable" from inside transformers' collator)
+                f"Could not collate rows into a batch ({err}): the 'label_ids' column holds one value per row "
+                f"({ids!r}), which this collator reads as a list of labels per row (transformers' default_data_collator "
+                "does). Name a column of one label per row 'labels': dataset.rename_column('label_ids', 'labels')."
+                ) from err
         except (ValueError, RuntimeError) as err:
             label = next((c for c in LABEL_COLUMNS if c in features[0]), None)
             if label is not None and isinstance(features[0][label], str):

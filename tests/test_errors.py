@@ -151,6 +151,31 @@ def test_boolean_labels_are_named_with_the_cast(setup, pad_collator):
     assert np.isfinite(fixed.to_pandas().influence).all()
 
 
+def test_one_label_id_per_row_with_the_default_collator_is_named(setup, pad_collator):
+    """A 'label_ids' column of one class id per row with transformers' default_data_collator (which reads
+    'label_ids' as a list per row) failed with a bare "'int' object is not subscriptable" from inside the collator;
+    a padding collator takes it, and a TypeError of anything else is left as it is."""
+    from transformers import default_data_collator
+
+    model, train, test = setup
+    same_length = make_token_dataset(20, seed=0, min_len=6, max_len=6)
+    ids = same_length.rename_column("labels", "label_ids")
+    with pytest.raises(ValueError, match=r"'label_ids' column holds one value per row .*rename_column\('label_ids', "
+                                         r"'labels'\)"):
+        compute_influences(model, ids, ids.select([0]), default_arguments(**FAST), data_collator=default_data_collator)
+    renamed = ids.rename_column("label_ids", "labels")
+    fixed = compute_influences(model, renamed, renamed.select([0]), default_arguments(**FAST),
+                               data_collator=default_data_collator)
+    padded = compute_influences(model, ids, ids.select([0]), default_arguments(**FAST), data_collator=pad_collator)
+    np.testing.assert_allclose(padded.to_pandas().influence, fixed.to_pandas().influence, rtol=1e-10, atol=0)
+
+    def broken(features):
+        raise TypeError("a collator's own bug")
+
+    with pytest.raises(TypeError, match="a collator's own bug"):
+        compute_influences(model, train, test, default_arguments(**FAST), data_collator=broken)
+
+
 def test_ragged_rows_without_padding_collator(setup):
     model, train, test = setup
     with pytest.raises(ValueError, match="DataCollatorWithPadding"):
