@@ -28,10 +28,10 @@ def half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def pin_memory_default() -> bool:
-    """The recipes' default for ``dataloader_pin_memory``: pin only where an accelerator would use it. On a machine
-    without one, `TrainingArguments`' True pins nothing unless ``use_cpu`` turns it off (the embedded default and
-    MiniLM's fine-tuning set it), and torch warned "'pin_memory' argument is set as true but no accelerator is
-    found" at every fine-tuning of the paper's path; a flag the user gives still wins."""
+    """The recipes' default for ``dataloader_pin_memory``: pin only where an accelerator would use it.
+    `TrainingArguments`' True pins nothing on a machine without one, and torch warned "'pin_memory' argument is set
+    as true but no accelerator is found" at every fine-tuning of a recipe's paper path (the embedded default and
+    MiniLM's fine-tuning set ``use_cpu``, which turns pinning off); a flag the user gives still wins."""
     return torch.accelerator.is_available()
 
 
