@@ -660,6 +660,29 @@ def test_a_loss_that_is_nan_when_padded_is_named_as_such():
         compute_influences(model, train, test, args, data_collator=with_positions)
 
 
+def test_a_sliding_window_that_sees_only_padding_is_named_as_such(pad_collator):
+    """Mistral's eager sliding-window attention gives NaN for a row padded on the right by the window or more (those
+    padding positions see no key, and the next layer spreads the NaN into the row): the error named left padding
+    and said to pad on the right, which the rows already were (a review's repro). It names the window now, and rows
+    whose lengths differ by less than it give a finite table."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MistralForSequenceClassification(MistralConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, max_position_embeddings=32, num_labels=2, pad_token_id=0, sliding_window=3,
+        attn_implementation="eager")).double().eval()
+    args = default_arguments(**FAST | {"influence_params": [r"^score\."], "influence_damping": 0.5})
+    ragged = make_token_dataset(12, seed=0, min_len=2, max_len=9)
+    with pytest.raises(ValueError, match=r"is not finite padded .*config.sliding_window = 3.*differ by less than "
+                                         r"the window") as err:
+        compute_influences(model, ragged, ragged.select([0, 1]), args, data_collator=pad_collator)
+    assert "pad on the right" not in str(err.value)
+    alike = make_token_dataset(12, seed=0, min_len=4, max_len=6)  # (lengths within 2 of each other)
+    table = compute_influences(model, alike, alike.select([0, 1]), args, data_collator=pad_collator)
+    assert np.isfinite(table.to_pandas().influence).all()
+
+
 def test_a_collator_that_draws_at_random_is_refused(pad_collator):
     """DataCollatorForLanguageModeling(mlm=True) masks other tokens every time it collates a row: two identical
     calls gave tables that differed by more than their largest value, with a trunk warning at most. Refused before

@@ -143,6 +143,28 @@ def _padding_cause(model: nn.Module, batch: dict) -> str:
             "them, e.g. logits.masked_fill(batch['attention_mask'] == 0, -1e4).")
 
 
+def _non_finite_cause(model: nn.Module, batch: dict) -> str:
+    """What to do about a row whose loss is not finite alone or padded, from the padded ``batch``'s mask and the
+    model's config: a position whose attention sees no position at all gives NaN in eager attention, which the next
+    layer spreads into the row (its keys and values at that position are NaN, and a masked weight of 0 times NaN is
+    NaN)."""
+    mask = batch.get("attention_mask")
+    left = isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask[:, 0] == 0).any())
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if left:
+        return ("With left padding, the usual cause is a row whose attention sees no position at all (a causal or "
+                "sliding-window mask in eager attention): pad on the right (tokenizer.padding_side = 'right').")
+    if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+        return (f"The model's sliding-window attention (config.sliding_window = {window}) leaves the padding "
+                f"positions {window} or more after a row's last token no position to attend to, and eager attention "
+                "(which influence needs) turns them into NaN that the next layer spreads into the row (a review's "
+                "Mistral, padded on the right). Every stage pads rows next to others: the rows' lengths must differ "
+                "by less than the window (truncate or filter them). Where no row is longer than the window (rows "
+                "stored padded beyond it), model.config.sliding_window = None changes nothing for the rows and "
+                "removes it.")
+    return "Check the rows' token ids and labels, and whether the model's forward is finite on them alone."
+
+
 class PaddingChecks:
     """`InfluenceEngine`'s padding probes, once per model, data, collator and functions. State (made in
     `InfluenceEngine.__init__`): ``_padding_checked`` (shared with candidates.py's ``features=`` padding check),
@@ -281,11 +303,8 @@ class PaddingChecks:
             where = "alone" if not finite_alone else f"padded next to row {other}"
             raise ValueError(
                 f"The loss of {name} row {row} is not finite {where} ({float(alone[0]):.4g} alone, "
-                f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. With padding, "
-                "the usual cause is a row whose attention sees no position at all (left padding with a causal "
-                "or sliding-window mask in eager attention): pad on the right (tokenizer.padding_side = "
-                "'right'); otherwise check the rows' token ids and labels."
-            )
+                f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. "
+                + _non_finite_cause(self.model, padded_batch))
         if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
             raise ValueError(
                 f"The loss (or per-row logits) of {name} row {row} changes when it is padded next to row {other} "
