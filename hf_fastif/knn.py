@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .batches import Batcher
+from .mode import evaluating
 from .trunk import forward_context, model_inputs, transformers_model
 from .utils import quiet_datasets
 
@@ -44,23 +45,58 @@ def _token(hidden: torch.Tensor, mask: torch.Tensor | None, which: str) -> torch
 
 
 def causal_states(model: nn.Module) -> bool:
-    """Whether the states kNN features read see only the positions before them: a decoder-only model (GPT-2, Llama,
-    a BERT built as a decoder) with an attention module marked ``is_causal``. An encoder-decoder's features are its
-    encoder's, which see every position."""
+    """Whether the states kNN features read see only the positions before them: a decoder-only model whose config or
+    attention says so (``config.is_decoder``, XLM's ``config.causal``, an attention module marked ``is_causal``:
+    GPT-2, Llama, a BERT built as a decoder), or, where nothing is marked (BLOOM, XGLM, MPT, Mamba), whose first
+    state is the same for two probe rows that differ only after their first token. An encoder-decoder's features are
+    its encoder's, which see every position."""
     target = transformers_model(model)
-    return _encoder(target) is None and any(getattr(m, "is_causal", False) is True for m in target.modules())
+    if _encoder(target) is not None:
+        return False
+    config = getattr(target, "config", None)
+    if getattr(config, "is_decoder", False) is True or getattr(config, "causal", False) is True:
+        return True
+    if any(getattr(m, "is_causal", False) is True for m in target.modules()):
+        return True
+    return _first_state_blind(target)
+
+
+def _first_state_blind(target: nn.Module) -> bool:
+    """True where the base model's state at the first position is the same for two rows that share their first
+    token and differ after it (and differs at the second): it sees that token alone. False where no such probe runs
+    (no token vocabulary, a forward that takes more than token ids)."""
+    vocab = getattr(getattr(target, "config", None), "vocab_size", None)
+    base = getattr(target, "base_model", None)
+    if not isinstance(vocab, int) or vocab < 8 or not isinstance(base, nn.Module):
+        return False
+    device = next(target.parameters()).device
+    ids = torch.tensor([[3, 4, 5, 6], [3, 7, 6, 4]], device=device)
+    try:
+        with torch.no_grad(), evaluating(target):
+            states = base(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    except Exception:  # (a model the probe cannot run: its features are not read this way either)
+        return False
+    if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[:2] != ids.shape:
+        return False
+    return bool(torch.equal(states[0, 0], states[1, 0])) and not bool(torch.equal(states[0, 1], states[1, 1]))
 
 
 def check_feature_methods(model: nn.Module, methods) -> None:
-    """Refuse, before any work, ``cls`` features on a model whose states are causal (`causal_states`): its first
-    token's state sees that token alone, so every row that starts with the same token (a BOS) had the same feature
-    and the same k nearest rows, unsaid (a review's GPT-2: rows 0-4 for every test row)."""
-    if "cls" in methods and causal_states(model):
+    """Refuse, before any work, features read at the first token on a model whose states are causal
+    (`causal_states`): ``cls``, ``pooler``, and ``auto`` where the model has a pooler (a BERT built as a decoder).
+    That state sees the first token alone, so every row that starts with the same token (a BOS) had the same
+    feature and the same k nearest rows, unsaid (a review's GPT-2: rows 0-4 for every test row)."""
+    base = getattr(transformers_model(model), "base_model", None)
+    pooled = getattr(base, "pooler", None) is not None
+    first = [m for m in methods if m in ("cls", "pooler") or (m == "auto" and pooled)]
+    if first and causal_states(model):
         raise ValueError(
-            f"influence_knn_features='cls' reads the first token's state, and {type(transformers_model(model)).__name__}"
-            "'s attention is causal: that state sees the first token alone, so rows that start alike (with a BOS "
-            "token, every row) would share one feature and one set of nearest rows. Use 'last' (the last real "
-            "token's state, 'auto''s choice for a causal LM), 'mean', or 'gradient'.")
+            f"influence_knn_features={first[0]!r} reads the first token's state"
+            + (" (through the model's pooler)" if first[0] != "cls" else "")
+            + f", and {type(transformers_model(model)).__name__}'s attention is causal: that state sees the first "
+            "token alone, so rows that start alike (with a BOS token, every row) would share one feature and one set "
+            "of nearest rows. Use 'last' (the last real token's state, 'auto''s choice for a causal LM), 'mean', or "
+            "'gradient'.")
 
 
 def model_features(model: nn.Module, batch: dict, method: str = "auto", split=None) -> torch.Tensor:

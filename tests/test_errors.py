@@ -712,7 +712,7 @@ def test_a_collator_that_draws_at_random_is_refused(pad_collator):
 
 
 @pytest.mark.parametrize("settings, match", [
-    ({"influence_knn_features": "pooler"}, "has no pooler output; use influence_knn_features='last' or 'mean'"),
+    ({"influence_knn_features": "pooler"}, "'pooler' reads the first token's state .*causal.*Use 'last'"),
     ({"influence_knn_features": "cls"}, "attention is causal.*Use 'last'"),
     ({"influence_knn_index": "Foo"}, "influence_knn_index='Foo' could not be built over 20 rows"),
     ({"influence_knn_index": "IVF64,Flat"}, "an IVF index needs at least as many rows as lists"),
@@ -738,10 +738,11 @@ def test_candidate_settings_are_refused_before_s_test(settings, match, pad_colla
 
 
 def test_first_token_features_only_where_the_states_see_the_whole_row():
-    """`cls` features read the first token's state: on a decoder-only model with causal attention it sees that token
-    alone (a review's GPT-2 LM: every row began with BOS, and rows 0-4 were every test row's candidates, unsaid), so
-    it is refused there (`test_candidate_settings_are_refused_before_s_test`); an encoder's, or an encoder-decoder's
-    encoder states, which kNN reads, see every position."""
+    """`cls` features read the first token's state (`pooler` and `auto` through a pooler too): on a decoder-only
+    model with causal attention it sees that token alone (a review's GPT-2 LM: every row began with BOS, and rows 0-4
+    were every test row's candidates, unsaid), so they are refused there
+    (`test_candidate_settings_are_refused_before_s_test`); an encoder's, or an encoder-decoder's encoder states,
+    which kNN reads, see every position."""
     from hf_fastif.knn import causal_states, check_feature_methods
     from tests.tiny import tiny_bart
 
@@ -754,6 +755,32 @@ def test_first_token_features_only_where_the_states_see_the_whole_row():
     check_feature_methods(tiny_bart("BartForSequenceClassification"), ["cls"])
     with pytest.raises(ValueError, match="GPT2LMHeadModel's attention is causal"):
         check_feature_methods(tiny_model("gpt2-lm"), ["auto", "cls"])
+    # marked by the config only (a BERT built as a decoder: its pooler reads the first state, so 'auto' is refused
+    # too), or by nothing (BLOOM: found by the probe rows, its modes left as they were)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BloomConfig,
+        BloomForSequenceClassification,
+    )
+
+    decoder = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=32, is_decoder=True))
+    bloom = BloomForSequenceClassification(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2)).train()
+    assert not any(getattr(m, "is_causal", False) for m in bloom.modules())  # (what the probe is for)
+    for model, refused in ((decoder, ["auto", "pooler", "cls"]), (bloom, ["pooler", "cls"])):
+        assert causal_states(model)
+        for method in refused:
+            with pytest.raises(ValueError, match=f"influence_knn_features='{method}' reads the first token's state"):
+                check_feature_methods(model, [method])
+    check_feature_methods(bloom, ["auto", "last", "mean"])
+    assert bloom.training and all(m.training for m in bloom.modules())
+    check_feature_methods(tiny_model("bert"), ["auto", "pooler", "cls"])  # (its pooler sees every position)
+    from hf_fastif.knn import model_features
+
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match="has no pooler output; use influence_knn_features='cls' or 'mean'"):
+        model_features(tiny_model("distilbert"), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "pooler")
 
 
 def test_a_model_whose_weights_were_never_loaded_is_named(setup, pad_collator):
