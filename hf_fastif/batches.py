@@ -883,6 +883,14 @@ class Batcher:
             ids = features[0].get("label_ids")
             if ids is None or isinstance(ids, (list, tuple, np.ndarray, torch.Tensor)):
                 raise
+            try:  # the rename is the fix only where it collates (else the collator's own error, as it came)
+                self.collator([{("labels" if k == "label_ids" else k): v for k, v in f.items()} for f in features])
+            except Exception:
+                renamed = False
+            else:
+                renamed = True
+            if not renamed:
+                raise
             raise ValueError(  # (a bare "'int' object is not subscriptable" from inside transformers' collator)
                 f"Could not collate rows into a batch ({err}): the 'label_ids' column holds one value per row "
                 f"({ids!r}), which this collator reads as a list of labels per row (transformers' default_data_collator "

@@ -143,18 +143,22 @@ def _padding_cause(model: nn.Module, batch: dict) -> str:
             "them, e.g. logits.masked_fill(batch['attention_mask'] == 0, -1e4).")
 
 
-def _non_finite_cause(model: nn.Module, batch: dict) -> str:
-    """What to do about a row whose loss is not finite alone or padded, from the padded ``batch``'s mask and the
-    model's config: a position whose attention sees no position at all gives NaN in eager attention, which the next
-    layer spreads into the row (its keys and values at that position are NaN, and a masked weight of 0 times NaN is
-    NaN)."""
+def _non_finite_cause(model: nn.Module, batch: dict, finite_alone: bool) -> str:
+    """What to do about a row whose loss is not finite alone or padded, from the padded ``batch`` (the row first)
+    and the model's config: a position whose attention sees no position at all gives NaN in eager attention, which
+    the next layer spreads into the row (its keys and values at that position are NaN, and a masked weight of 0
+    times NaN is NaN). A sliding window is named only for a row finite alone and padded on the right by the window
+    or more (a row NaN alone, with Mistral's default window of 4,096, was blamed on it in a review)."""
     mask = batch.get("attention_mask")
-    left = isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask[:, 0] == 0).any())
+    flat = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    left = flat and bool((mask[:, 0] == 0).any())
     window = getattr(getattr(model, "config", None), "sliding_window", None)
+    real = mask[0].nonzero() if flat else None
+    trailing = int(mask.shape[1] - 1 - real[-1]) if real is not None and len(real) else 0
     if left:
         return ("With left padding, the usual cause is a row whose attention sees no position at all (a causal or "
                 "sliding-window mask in eager attention): pad on the right (tokenizer.padding_side = 'right').")
-    if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+    if finite_alone and isinstance(window, int) and not isinstance(window, bool) and 0 < window <= trailing:
         return (f"The model's sliding-window attention (config.sliding_window = {window}) leaves the padding "
                 f"positions {window} or more after a row's last token no position to attend to, and eager attention "
                 "(which influence needs) turns them into NaN that the next layer spreads into the row (a review's "
@@ -304,7 +308,7 @@ class PaddingChecks:
             raise ValueError(
                 f"The loss of {name} row {row} is not finite {where} ({float(alone[0]):.4g} alone, "
                 f"{float(padded[0]):.4g} padded): the model's own forward gives NaN/inf there. "
-                + _non_finite_cause(self.model, padded_batch))
+                + _non_finite_cause(self.model, padded_batch, finite_alone))
         if not error <= max(PADDING_TOLERANCE, 20 * torch.finfo(dtype).eps):
             raise ValueError(
                 f"The loss (or per-row logits) of {name} row {row} changes when it is padded next to row {other} "
