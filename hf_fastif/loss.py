@@ -192,6 +192,11 @@ def make_default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
                 raise ValueError("The multiple-choice rows have one choice each: cross-entropy over one choice is 0 "
                                  "for every row (the model's own loss too), so every influence would be 0. Give each "
                                  "row its candidate answers as choices (input_ids of (rows, choices, tokens)).")
+            if choices and (labels.is_floating_point() or labels.numel() != logits.shape[0]):
+                raise ValueError(f"A multiple-choice head takes one integer choice id per row; got labels of shape "
+                                 f"{tuple(labels.shape)} and dtype {labels.dtype} for {logits.shape[-1]} choices. "
+                                 "Store the answer's index as an int (soft labels over the choices, which the "
+                                 "model's own cross-entropy also reads, need a loss_fn(outputs, batch) of your own).")
             kind = "single_label_classification" if choices else problem_type(model, logits.shape[-1], labels)
             return sequence_classification_loss(logits, labels, kind, label_smoothing)
         if logits.dim() == 3:

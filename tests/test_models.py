@@ -587,3 +587,8 @@ def test_a_multiple_choice_head_takes_cross_entropy_over_its_choices_whatever_it
     assert not multiple_choice(tiny_model("bert"))
     with pytest.raises(ValueError, match="one choice each"):
         compute_influences(model, _choice_rows(6, 0, 1), _choice_rows(2, 1, 1), args)
+    # soft labels over the choices: named for what they are (the hint said to set problem_type, which it ignores)
+    soft = train.map(lambda r: {"labels": [float(c == r["labels"]) for c in range(3)]})
+    with pytest.raises(ValueError, match=r"multiple-choice head takes one integer choice id per row.*loss_fn") as err:
+        compute_influences(model, soft, test, args)
+    assert "problem_type" not in str(err.value)
