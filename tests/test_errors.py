@@ -794,6 +794,26 @@ def test_first_token_features_only_where_the_states_see_the_whole_row():
         model_features(tiny_model("distilbert"), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "pooler")
 
 
+def test_first_token_features_are_checked_once_per_weights(setup, pad_collator, monkeypatch):
+    """The check (a probe forward where the model marks nothing causal) runs once per weights and feature methods in
+    an engine, not on every call; new weights are checked again."""
+    from hf_fastif.engine import core
+
+    seen = []
+    monkeypatch.setattr(core, "check_feature_methods", lambda model, methods: seen.append(list(methods)))
+    _, train, test = setup
+    model = tiny_model("bert")  # (its own: its weights change below)
+    engine = InfluenceEngine(model, default_arguments(**(FAST | {"influence_knn_k": 5, "influence_knn_features": "cls"})),
+                             data_collator=pad_collator)
+    for _ in range(2):
+        engine.compute_influences(train, test)
+    assert seen == [["cls"]]
+    with torch.no_grad():
+        model.classifier.bias.add_(0.1)
+    engine.compute_influences(train, test)
+    assert seen == [["cls"], ["cls"]]
+
+
 def test_a_model_whose_weights_were_never_loaded_is_named(setup, pad_collator):
     """Weights on the 'meta' device (built under init_empty_weights) failed with 'Cannot copy out of meta tensor'
     while the model was fingerprinted."""

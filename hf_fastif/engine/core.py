@@ -164,6 +164,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
+        self._features_checked: tuple | None = None  # (the model's fingerprint, the kNN feature methods) last passed
         # (weights, training data) → the model's own loss and the default one, where they differ
         self._own_loss: dict[tuple, dict | None] = {}
         # padding: the probes' verdicts (candidates' features= padding check adds ("features", ...) keys)
@@ -528,7 +529,10 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = influence_model(model, names, args, self.loss_fn, self.measurement_fn)
         named = [self.features or args.influence_knn_features] if methods is None and k is not None else methods or []
-        check_feature_methods(model, named)
+        checked = (fingerprint, tuple(m for m in named if isinstance(m, str)))
+        if checked != self._features_checked:  # (its probe rows run a forward where the model marks nothing causal)
+            check_feature_methods(model, named)
+            self._features_checked = checked
         return Call(names=names, params=params, fm=fm, train=train, test=test, cand=cand, k=k, combine=combine,
                      feature_methods=tuple(m for m in named if isinstance(m, str) and m not in ("gradient", "random")),
                      digests=digests, model_fingerprint=fingerprint, work_dtype=work,
