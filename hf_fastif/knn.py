@@ -47,8 +47,8 @@ def _token(hidden: torch.Tensor, mask: torch.Tensor | None, which: str) -> torch
 def causal_states(model: nn.Module) -> bool:
     """Whether the states kNN features read see only the positions before them: a decoder-only model whose config or
     attention says so (``config.is_decoder``, XLM's ``config.causal``, an attention module marked ``is_causal``:
-    GPT-2, Llama, a BERT built as a decoder), or, where nothing is marked (BLOOM, XGLM, MPT, Mamba), whose first
-    state is the same for two probe rows that differ only after their first token. An encoder-decoder's features are
+    GPT-2, Llama, a BERT built as a decoder), or, where no module says either way (BLOOM, XGLM, MPT, Mamba), whose
+    first state is the same for two probe rows that differ only after their first token. An encoder-decoder's features are
     its encoder's, which see every position."""
     target = transformers_model(model)
     if _encoder(target) is not None:
@@ -56,8 +56,9 @@ def causal_states(model: nn.Module) -> bool:
     config = getattr(target, "config", None)
     if getattr(config, "is_decoder", False) is True or getattr(config, "causal", False) is True:
         return True
-    if any(getattr(m, "is_causal", False) is True for m in target.modules()):
-        return True
+    marks = [m.is_causal for m in target.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if marks:  # (attention modules that say, True or False, are taken at their word: no probe forward)
+        return any(marks)
     return _first_state_blind(target)
 
 
