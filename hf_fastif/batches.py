@@ -653,6 +653,15 @@ PACKING_REFUSED = (
 """Why a collator whose batch does not hold one row per example is refused, and what to use instead."""
 
 
+def _collates(collator: Callable, features: list[dict]) -> bool:
+    """Whether ``collator`` batches ``features`` without an error."""
+    try:
+        collator(features)
+    except Exception:
+        return False
+    return True
+
+
 class Batcher:
     """Collates rows of a dataset by position and moves them to ``device``.
 
@@ -881,16 +890,9 @@ class Batcher:
                 "then (if it is False already, the dataset has no such column).") from err
         except TypeError as err:
             ids = features[0].get("label_ids")
-            if ids is None or isinstance(ids, (list, tuple, np.ndarray, torch.Tensor)):
-                raise
-            try:  # the rename is the fix only where it collates (else the collator's own error, as it came)
-                self.collator([{("labels" if k == "label_ids" else k): v for k, v in f.items()} for f in features])
-            except Exception:
-                renamed = False
-            else:
-                renamed = True
-            if not renamed:
-                raise
+            if ids is None or isinstance(ids, (list, tuple, np.ndarray, torch.Tensor)) or not _collates(
+                    self.collator, [{("labels" if k == "label_ids" else k): v for k, v in f.items()} for f in features]):
+                raise  # (the rename is the fix only where it collates: else the collator's own error, as it came)
             raise ValueError(  # (a bare "'int' object is not subscriptable" from inside transformers' collator)
                 f"Could not collate rows into a batch ({err}): the 'label_ids' column holds one value per row "
                 f"({ids!r}), which this collator reads as a list of labels per row (transformers' default_data_collator "
