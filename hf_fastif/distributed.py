@@ -6,8 +6,9 @@ scoring (candidates split, results gathered). Nothing else knows how many proces
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -100,29 +101,35 @@ T = TypeVar("T")
 
 def together(work: Callable[[], T], what: str) -> T:
     """Run this process's share of ``what`` (work on rows split over processes, before a collective); if it fails in
-    any process, every process raises: the failing ones their own error, the others one naming the process and its
-    error, of the same class where it is one of this library's (a `LissaDivergenceError`), else a `ValueError` if it
-    was one, else a `RuntimeError`. Without this, the others went on into the next collective and received the wrong
-    objects, or waited for ever. One process: ``work()``."""
-    if world()[1] == 1:
+    any process, every process raises (see `collectively`). Without this, the others went on into the next
+    collective and received the wrong objects, or waited for ever. One process: ``work()``."""
+    with collectively(what):
         return work()
+
+
+@contextlib.contextmanager
+def collectively(what: str) -> Iterator[None]:
+    """The block's work in every process; if it raises in any, every process raises when the block ends: the failing
+    ones their own error, the others one naming the process and its error, of the same class where it is one of this
+    library's (a `LissaDivergenceError`), else a `ValueError` if it was one, else a `RuntimeError`. Checks that can
+    fail in one process only (its copy of a dataset lost a column) run in such a block: a script that caught the
+    error and called again met the other process's first call at the next collective. One process: the block."""
+    if world()[1] == 1:
+        yield
+        return
     try:
-        result, error = work(), None
-    except Exception as err:  # (KeyboardInterrupt and the like end the launch anyway)
-        result, error = None, err
-    # plain strings: an exception (or its class) defined in a function cannot be pickled, and that process alone
-    # would fail in the gather while the others waited
-    failures = in_step(what, None if error is None else (
-        type(error).__module__, type(error).__qualname__, isinstance(error, ValueError),
-        f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    failed = [(rank, failure) for rank, failure in enumerate(failures) if failure is not None]
+        yield
+    except Exception as error:  # (KeyboardInterrupt and the like end the launch anyway)
+        # plain strings: an exception (or its class) defined in a function cannot be pickled, and that process alone
+        # would fail in the gather while the others waited
+        in_step(what, (type(error).__module__, type(error).__qualname__, isinstance(error, ValueError),
+                       f"{type(error).__name__}: {error}"))
+        raise
+    failed = [(rank, failure) for rank, failure in enumerate(in_step(what, None)) if failure is not None]
     if failed:
         rank, (module, name, value_error, message) = failed[0]
         raise _error_like(module, name, value_error, f"{what} failed in process {rank} ({message}); every process "
                                                      "stops. Fix what it names and run again.")
-    return result
 
 
 def on_main(work: Callable[[], T], what: str) -> T | None:

@@ -106,6 +106,11 @@ def test_an_error_in_one_process_share_stops_every_process_and_the_next_call_wor
     assert "No space left on device (a test)" in ours["trunk_full"]
     assert theirs["trunk_full"].startswith("The trunk states failed in process 1 (OSError: ")
     assert ours["after_trunk_full"] == theirs["after_trunk_full"] == 3 * 5
+    # process 1's rows lost a column, caught there before the settings check: process 0's call went on and met process
+    # 1's next call at the settings check (equal settings: it passed), then both waited for ever
+    assert "train_dataset has no 'input_ids' column" in ours["lost_column"]
+    assert theirs["lost_column"].startswith("The call's input checks failed in process 1 (ValueError: ")
+    assert ours["after_lost_column"] == theirs["after_lost_column"] == 3 * 5
 
 
 def test_a_cache_that_cannot_take_the_fine_tuned_model_stops_every_process(tmp_path):

@@ -433,63 +433,66 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         """Checks before any work, then the call's parameters, fingerprints and batchers. ``methods``: the candidate
         methods a recall measurement will use (instead of the settings' own k and method)."""
         args, model = self.args, self.model
-        validate_influence_settings(args)
-        meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-        if meta is not None:
-            raise ValueError(f"The model's parameter {meta!r} is on the 'meta' device: its weights were never loaded "
-                             "(a model built under init_empty_weights / device_map='meta'). Load the weights "
-                             "(from_pretrained without it, or model.to_empty(device=...) and load_state_dict) first.")
-        self._refresh_collator_key()
-        # a loss changed in place (a temperature, a closure's value) keys the curvature caches anew (µs each)
-        self._functions |= {"loss": self._loss_key(),
-                            "measurement": callable_fingerprint(self.measurement_fn),
-                            "features": callable_fingerprint(self.features)}
-        if combine not in COMBINE:
-            raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
-        candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
-        rule = column_rule(args)
-        train_cols = validate_dataset(train_dataset, "train_dataset", model, **rule)
-        test_cols = validate_dataset(test_dataset, "test_dataset", model, **rule)
-        # the training rows as candidates: their columns were read above (said once, not again as candidate_dataset)
-        cand_cols = (train_cols if candidate_dataset is train_dataset
-                     else validate_dataset(candidate_dataset, "candidate_dataset", model, **rule))
-        k = args.influence_knn_k
-        if k is not None and k >= len(candidate_dataset) and methods is None:
-            if k > len(candidate_dataset):
-                logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
-                               "of them.")
-            k = None  # (k = N is every row too: an approximate index searched at k = N returned fewer)
-        params = select_parameters(model, args.influence_params)
-        names = list(params)
-        weights = dict(model.named_parameters())
-        half = half_dtypes(weights)  # (any of them: a bf16 trunk under float32 influence parameters moved rankings too)
-        if half:  # (documented as 0.2% off, but rankings moved: Spearman 0.84 in a review's check, unwarned)
-            count = sum(p.numel() for p in weights.values() if str(p.dtype).removeprefix("torch.") in half)
-            logger.warning_once(
-                f"{count:,} of the model's parameters are {' / '.join(half)}: its forwards and Hessian-vector "
-                "products run in that precision (solvers and scores in float32), so influence values come out ~0.1-2% "
-                "off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 for its "
-                "float32 copy; 0.83 with only its influence parameters in float32). For rankings to act on, compute "
-                "influence on a float32 copy of the model: copy.deepcopy(model).float().")
-        if args.influence_solver == "exact":
-            check_exact_size(num_parameters(params))
-        gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
-                    if methods is None else "gradient" in methods)
-        if gradient:
-            check_projection_dim(args.influence_projection_dim, num_parameters(params))
-            check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
-        digests = tensor_digests(model)
-        fingerprint = model_fingerprint(model, digests)
-        module_state = self._module_state()  # before anything is installed for the call (1.4 ms on MiniLM)
-        self._warn_backward_hooks(model)
-        device = next(model.parameters()).device
-        rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
-        train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
-        test = Batcher(test_dataset, test_cols, self.data_collator, device, **rows)
-        cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
-                                                                         self.data_collator, device, **rows)
-        for batcher in dict.fromkeys((train, test, cand)):
-            self._share_lengths(batcher)
+        # checks that can fail in one process only (its copy of a dataset lost a column): every process raises,
+        # naming it, instead of a script that caught the error meeting the others' call at the settings check
+        with D.collectively("The call's input checks"):
+            validate_influence_settings(args)
+            meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+            if meta is not None:
+                raise ValueError(f"The model's parameter {meta!r} is on the 'meta' device: its weights were never loaded "
+                                 "(a model built under init_empty_weights / device_map='meta'). Load the weights "
+                                 "(from_pretrained without it, or model.to_empty(device=...) and load_state_dict) first.")
+            self._refresh_collator_key()
+            # a loss changed in place (a temperature, a closure's value) keys the curvature caches anew (µs each)
+            self._functions |= {"loss": self._loss_key(),
+                                "measurement": callable_fingerprint(self.measurement_fn),
+                                "features": callable_fingerprint(self.features)}
+            if combine not in COMBINE:
+                raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
+            candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset
+            rule = column_rule(args)
+            train_cols = validate_dataset(train_dataset, "train_dataset", model, **rule)
+            test_cols = validate_dataset(test_dataset, "test_dataset", model, **rule)
+            # the training rows as candidates: their columns were read above (said once, not again as candidate_dataset)
+            cand_cols = (train_cols if candidate_dataset is train_dataset
+                         else validate_dataset(candidate_dataset, "candidate_dataset", model, **rule))
+            k = args.influence_knn_k
+            if k is not None and k >= len(candidate_dataset) and methods is None:
+                if k > len(candidate_dataset):
+                    logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "
+                                   "of them.")
+                k = None  # (k = N is every row too: an approximate index searched at k = N returned fewer)
+            params = select_parameters(model, args.influence_params)
+            names = list(params)
+            weights = dict(model.named_parameters())
+            half = half_dtypes(weights)  # (any of them: a bf16 trunk under float32 influence parameters moved rankings too)
+            if half:  # (documented as 0.2% off, but rankings moved: Spearman 0.84 in a review's check, unwarned)
+                count = sum(p.numel() for p in weights.values() if str(p.dtype).removeprefix("torch.") in half)
+                logger.warning_once(
+                    f"{count:,} of the model's parameters are {' / '.join(half)}: its forwards and Hessian-vector "
+                    "products run in that precision (solvers and scores in float32), so influence values come out ~0.1-2% "
+                    "off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 for its "
+                    "float32 copy; 0.83 with only its influence parameters in float32). For rankings to act on, compute "
+                    "influence on a float32 copy of the model: copy.deepcopy(model).float().")
+            if args.influence_solver == "exact":
+                check_exact_size(num_parameters(params))
+            gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
+                        if methods is None else "gradient" in methods)
+            if gradient:
+                check_projection_dim(args.influence_projection_dim, num_parameters(params))
+                check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
+            digests = tensor_digests(model)
+            fingerprint = model_fingerprint(model, digests)
+            module_state = self._module_state()  # before anything is installed for the call (1.4 ms on MiniLM)
+            self._warn_backward_hooks(model)
+            device = next(model.parameters()).device
+            rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
+            train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
+            test = Batcher(test_dataset, test_cols, self.data_collator, device, **rows)
+            cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
+                                                                             self.data_collator, device, **rows)
+            for batcher in dict.fromkeys((train, test, cand)):
+                self._share_lengths(batcher)
         # every cache of a dataset is keyed on the hash of its rows (`Batcher.fingerprint`, computed here once per
         # call), never on datasets' _fingerprint, which datasets with other rows can share
         rank, world_size = D.world()
