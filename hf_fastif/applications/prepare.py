@@ -217,7 +217,9 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
         if processes > 1 and "per_device_train_batch_size" in out:  # the setup's batch is the optimizer's: each
             # process takes its share (2 processes of 32 rows each took half the steps, and --quick's tiny model
             # predicted one class: every HANS cell 50.0)
-            out["per_device_train_batch_size"] = max(1, out["per_device_train_batch_size"] // processes)
+            batch = out["per_device_train_batch_size"]
+            out["per_device_train_batch_size"] = share = max(1, batch // processes)
+            defaults.uneven_split = (batch, share, processes) if share * processes != batch else None
         return out
 
     return defaults
@@ -226,8 +228,17 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
 def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """``(ModelDataArguments, *protocols, InfluenceArguments)`` from the command line of recipe ``name``
     (``recipes/<name>.py``; results go to ``outputs/<name>`` unless ``--output_dir`` says otherwise)."""
-    parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv,
-                             recipe_defaults(name, protocols))
+    defaults = recipe_defaults(name, protocols)
+    parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv, defaults)
+    # the setup's batch over processes that do not divide it, left as split (3 processes stepped on 30 rows, 64 on
+    # 64, without a word)
+    split = getattr(defaults, "uneven_split", None)
+    if split is not None and parsed[-1].per_device_train_batch_size == split[1]:
+        batch, share, processes = split
+        logger.warning(f"The setup's batch of {batch} rows does not split evenly over {processes} processes: each "
+                       f"takes {share}, so the optimizer steps on {share * processes} rows, not {batch}. Launch a "
+                       f"number of processes that divides {batch}, or give --per_device_train_batch_size (each "
+                       "process's rows) to choose.")
     check_output_flag(parsed[-1].output_dir, argv)  # an existing file: refused now, not when the results are written
     # flags the embedded default cannot take: one line on the command line too (a traceback, after loading)
     check_flags(lambda: _check_embedded_flags(parsed[0], parsed[-1]), argv)

@@ -21,6 +21,7 @@ from transformers import (
     XLNetConfig,
     XLNetForSequenceClassification,
 )
+from transformers.testing_utils import CaptureLogger
 
 from hf_fastif.data import build_tokenizer, nli_vocabulary
 
@@ -265,6 +266,17 @@ def test_training_under_a_cpu_launch_needs_use_cpu_and_splits_the_batch(tmp_path
     _, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path),
                                                             "--per_device_train_batch_size", "32"])
     assert args.per_device_train_batch_size == 32  # a flag given wins
+    # a process count that does not divide the batch: named (3 processes stepped on 30 rows, 64 on 64, unsaid)
+    for processes, share, rows in ((3, 10, 30), (64, 1, 64)):
+        monkeypatch.setattr(D, "world", lambda processes=processes: (0, processes))
+        with CaptureLogger(prepare_module.logger) as captured:
+            _, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
+        assert args.per_device_train_batch_size == share
+        assert f"each takes {share}, so the optimizer steps on {rows} rows, not 32" in captured.out
+    with CaptureLogger(prepare_module.logger) as captured:
+        prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path),
+                                                      "--per_device_train_batch_size", "8"])
+    assert "does not split evenly" not in captured.out
     monkeypatch.setattr(D, "world", lambda: (0, 1))
     _, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
     assert args.per_device_train_batch_size == 32
