@@ -1,4 +1,5 @@
-"""Core benchmark: batched JVP scoring vs. the 2021 per-example loop, and solvers on a convex model.
+"""Core benchmark: batched JVP scoring vs. the 2021 per-example loop, and solvers against leave-one-out retraining
+on two convex models: a logistic regression on the digits, and the pretrained MiniLM's classification head.
 
     python -m benchmarks.core [--quick] [--output_dir outputs/benchmark_core] [--influence_scoring_batch_size 64]
 
@@ -28,7 +29,7 @@ from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.utils import to_json, write_atomic
 
 from .arguments import output_folder, parse_with_defaults
-from .digits_anchor import ground_truth_anchor
+from .digits_anchor import ground_truth_anchor, minilm_head_anchor
 from .report import rows_table
 from .timing import median_seconds
 
@@ -45,6 +46,9 @@ class CoreArguments:
     seq_len: int = field(default=32, metadata={"help": "Tokens per candidate."})
     digits_train: int = field(default=1000, metadata={"help": "Digits training rows."})
     digits_test: int = field(default=50, metadata={"help": "Digits test rows."})
+    minilm_train: int = field(default=300, metadata={
+        "help": "Generated NLI rows for the pretrained MiniLM head's anchor (0 leaves that section out)."})
+    minilm_test: int = field(default=8, metadata={"help": "HANS-style test rows for the MiniLM head's anchor."})
     lds_subsets: int = field(default=100, metadata={"help": "Random half-size subsets for the LDS (each retrained)."})
     quick: bool = field(default=False, metadata={"help": "Tiny sizes: proves the script works (CI)."})
 
@@ -54,7 +58,7 @@ def core_defaults(own: Namespace) -> dict:
     out = dict(output_dir="outputs/benchmark_core", report_to="none")
     if own.quick:
         out |= dict(hidden_sizes=[32], num_candidates=32, loop_candidates=8, digits_train=200, digits_test=5,
-                    lds_subsets=10)
+                    lds_subsets=10, minilm_train=0)
     return out
 
 
@@ -64,6 +68,9 @@ def validate(core: CoreArguments) -> None:
         if getattr(core, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(core, name)}.")
     check_digits_sizes(core.digits_train, core.digits_test)
+    if core.minilm_train and (core.minilm_train < 2 or core.minilm_test < 1):
+        raise ValueError(f"--minilm_train {core.minilm_train} --minilm_test {core.minilm_test}: the MiniLM head's "
+                         "anchor needs at least 2 training rows and 1 test row (--minilm_train 0 leaves it out).")
     if core.loop_candidates > core.num_candidates:
         raise ValueError(f"--loop_candidates {core.loop_candidates} exceeds --num_candidates {core.num_candidates}: "
                          "the per-example loop times a subset of the candidates; lower it or raise --num_candidates.")
@@ -130,8 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
     digits = ground_truth_anchor(core.digits_train, core.digits_test, core.lds_subsets)["rows"]
     print(f"\n## Solvers on L2-regularised logistic regression (digits, {core.digits_test} test x "
           f"{core.digits_train} train)\n")
-    print(rows_table(digits, ["solver", "seconds", "lambda", "spearman_vs_exact", "spearman_vs_loo", "lds"]))
+    columns = ["solver", "seconds", "lambda", "spearman_vs_exact", "spearman_vs_loo", "lds"]
+    print(rows_table(digits, columns))
     results = {"scoring": scoring, "digits": digits}
+    if core.minilm_train:
+        results["minilm_head"] = minilm_head_anchor(core.minilm_train, core.minilm_test, core.lds_subsets)["rows"]
+        print(f"\n## Solvers through the pretrained MiniLM, its classification head at an L2 optimum (generated NLI, "
+              f"{core.minilm_test} HANS-style test x {core.minilm_train} train)\n")
+        print(rows_table(results["minilm_head"], columns))
     write_atomic(out / "benchmark_core.json", to_json(results, indent=2))
     print(f"\nwrote {out / 'benchmark_core.json'}")
     return results

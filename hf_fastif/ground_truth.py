@@ -1,10 +1,15 @@
 """Convex reference models whose influence can be checked against leave-one-out retraining.
 
 `LogisticRegression` is a plain `nn.Module` written in the transformers calling convention (batch dict in,
-``{"logits": ...}`` out), trained to its optimum with L-BFGS on the objective
+``{"logits": ...}`` out), trained to its optimum with Newton's method on the objective
 ``mean CE + wd·‖W‖²`` — the same objective hf_fastif differentiates with ``influence_weight_decay=wd``: its
 Hessian, while each row's (and the test point's) gradient is of its own loss, as removing the row changes the
 objective (with ``influence_weight_decay_in_gradients=True``, the 2021 code's convention, they carry the L2 term).
+
+`fit_linear_head` makes the same problem out of a real transformer: a pretrained model's linear classification
+head, put at that optimum over the features the model feeds it (everything below frozen), is a logistic
+regression on those features, so leave-one-out retraining of the head is ground truth for influence computed
+through the whole model (trunk cache, kernels and all).
 """
 
 from __future__ import annotations
@@ -60,6 +65,62 @@ def fit_logistic_regression(model: LogisticRegression, x: torch.Tensor, y: torch
         w = _newton(model.linear.weight.detach().to(x.dtype), x, y, weight_decay, tol=tol)
         model.linear.weight.copy_(w)
     return model
+
+
+def head_features(model: nn.Module, rows: Dataset, collator, *, head: str = "classifier",
+                  batch_size: int = 64) -> torch.Tensor:
+    """What the linear module ``head`` of ``model`` reads for each of ``rows`` (in eval mode, without gradients):
+    ``(len(rows), in_features)`` on the CPU, e.g. BERT's pooled output for its ``classifier``."""
+    module = _linear_head(model, head)
+    seen: list[torch.Tensor] = []
+    hook = module.register_forward_hook(lambda _module, args, _out: seen.append(args[0].detach().cpu()))
+    was_training, device = model.training, module.weight.device
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+    finally:
+        hook.remove()
+        model.train(was_training)
+    features = torch.cat(seen) if seen else torch.empty(0)
+    if features.dim() != 2 or features.shape[0] != len(rows):
+        raise ValueError(f"The head {head!r} read {tuple(features.shape)} for {len(rows)} rows, not one vector per "
+                         "row: use a sequence classifier whose last linear layer reads one pooled vector per row.")
+    return features
+
+
+def _linear_head(model: nn.Module, head: str) -> nn.Linear:
+    module = model.get_submodule(head)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"{head!r} is a {type(module).__name__}, not an nn.Linear: name the model's last linear "
+                         "layer (RoBERTa's is 'classifier.out_proj').")
+    return module
+
+
+def fit_linear_head(model: nn.Module, rows: Dataset, collator, weight_decay: float, *, head: str = "classifier",
+                    dtype: torch.dtype = torch.float64) -> tuple[LogisticRegression, torch.Tensor, torch.Tensor]:
+    """Put the linear ``head`` of ``model`` at the optimum of ``mean CE + wd·‖W‖²`` over ``rows`` (a ``labels``
+    column), its bias set to 0 and every parameter but its weight frozen, in place: influence over the head's
+    weight is then that of a strictly convex logistic regression on the features below it, whose leave-one-out
+    retraining (`leave_one_out_loss_changes` on the returned model and features) is ground truth.
+
+    Returns:
+        ``(the same head as a LogisticRegression, features (n, d), labels (n,))``, in ``dtype``.
+    """
+    module = _linear_head(model, head)
+    features = head_features(model, rows, collator, head=head).to(dtype)
+    labels = torch.as_tensor(rows["labels"])
+    fitted = fit_logistic_regression(LogisticRegression(module.in_features, module.out_features).to(dtype),
+                                     features, labels, weight_decay)
+    with torch.no_grad():
+        module.weight.copy_(fitted.linear.weight)
+        if module.bias is not None:
+            module.bias.zero_()
+    for parameter in model.parameters():
+        parameter.requires_grad_(parameter is module.weight)
+    return fitted, features, labels
 
 
 DIGITS_ROWS = 1797  # scikit-learn's bundled digits

@@ -17,6 +17,7 @@ from benchmarks import (
     device_agreement,
     device_costs,
     device_step,
+    digits_anchor,
     minilm_finetune,
     paper_table,
     parallel,
@@ -67,11 +68,12 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(module, first_w
      "--num_test_points 50 exceeds the 30 generated HANS-style test rows"),
     (core, "scoring_benchmark", ["--digits_train", "1790", "--digits_test", "50"],
      "1790 training \\+ 50 test rows; the digits have 1797"),
+    (core, "scoring_benchmark", ["--minilm_train", "1"], "--minilm_train 1 --minilm_test 8: the MiniLM head"),
     (paper_table, "prepare", ["--digits_train", "1797"], "1797 training \\+ 4 test rows"),
     (parallel, "workload", ["--num_test", "5000"], "--num_test 5000 exceeds the 1200 HANS-style test rows"),
     (parallel, "workload", ["--num_test", "0"], "--num_test must be at least 1"),
-], ids=["core loop", "core heads", "per_test_point", "recall", "core digits", "paper table digits", "parallel rows",
-        "parallel none"])
+], ids=["core loop", "core heads", "per_test_point", "recall", "core digits", "core minilm", "paper table digits",
+        "parallel rows", "parallel none"])
 def test_own_sizes_are_refused_before_the_model_work(module, first_work, argv, message, tmp_path, monkeypatch):
     """Sizes past what there is failed with IndexError / numpy errors after the model was trained or fine-tuned; digits
     splits past the 1,797 rows silently scored fewer test rows, or none."""
@@ -274,6 +276,19 @@ def test_core_quick(tmp_path, capsys):
     assert digits["cg"]["spearman_vs_exact"] > 0.99 and digits["exact"]["spearman_vs_loo"] > 0.9
     assert json.loads((tmp_path / "benchmark_core.json").read_text())["digits"][0]["solver"] == "exact"
     assert "## Scoring" in capsys.readouterr().out
+
+
+def test_minilm_head_anchor_quick():
+    """The core benchmark's second anchor (left out of ``--quick``): influence through the pretrained MiniLM against
+    leave-one-out retraining of its head; structure, and H⁻¹ ranking closer to leave-one-out than its absence.
+    tests/test_ground_truth.py holds the ground-truth test itself."""
+    solvers = {name: digits_anchor.MINILM_SOLVERS[name] for name in ("exact", digits_anchor.NO_INVERSE)}
+    result = digits_anchor.minilm_head_anchor(24, 2, 4, solvers=solvers)
+    rows = {r["solver"]: r for r in result["rows"]}
+    assert list(rows) == ["exact", digits_anchor.NO_INVERSE, "leave-one-out retraining (Newton)"]
+    assert (result["num_train"], result["num_test"]) == (24, 2)
+    assert rows["exact"]["spearman_vs_loo"] > 0.95 > rows[digits_anchor.NO_INVERSE]["spearman_vs_loo"]
+    assert all(-1.0 <= r["lds"] <= 1.0 for r in rows.values())
 
 
 def test_parallel_quick_runs_two_processes(tmp_path, capsys):

@@ -7,15 +7,20 @@ import torch.nn.functional as F
 from datasets import Dataset
 from scipy.stats import spearmanr
 from torch import nn
+from transformers import DataCollatorWithPadding
 
 from hf_fastif import compute_influences
+from hf_fastif.data import NLI2_LABELS, generate_nli, tokenize_nli
 from hf_fastif.ground_truth import (
     LogisticRegression,
     digits_data,
+    fit_linear_head,
     fit_logistic_regression,
+    head_features,
     leave_one_out_loss_changes,
 )
 from hf_fastif.influence import default_arguments
+from hf_fastif.pretrained import load_minilm_for_sequence_classification, load_minilm_tokenizer
 from tests.helpers import explicit_influence
 from tests.tiny import make_token_dataset, tiny_model
 
@@ -207,3 +212,42 @@ def test_a_duplicate_of_the_test_point_is_among_the_most_helpful(digits):
     found = [int(r) in table.helpful(t, 3).train_id.tolist() for t, r in enumerate(rows)]
     assert all(found), list(zip(found, losses[rows].round(4)))
     assert all(table.helpful(t, 1).influence.iloc[0] < 0 for t in range(len(rows)))
+
+
+def test_influence_through_the_pretrained_minilm_is_what_leave_one_out_of_its_head_says():
+    """A real pretrained transformer, not a tiny random one: all-MiniLM-L6-v2's classification head put at the
+    optimum of ``mean CE + wd·‖W‖²`` over its own pooled features (`fit_linear_head`) is a convex logistic
+    regression, so retraining the head without each row is ground truth for influence computed through the whole
+    model (the trunk cached below the head, the engine's kernels). Measured: Spearman 0.997-0.998 per test point,
+    Pearson 0.98; with H⁻¹ taken out (λ = 1e6: the gradient dot product) 0.26-0.58, so what this checks is the
+    inverse-Hessian product, not only the gradients."""
+    tokenizer = load_minilm_tokenizer()
+    torch.manual_seed(0)
+    model = load_minilm_for_sequence_classification(2, id2label=dict(enumerate(NLI2_LABELS)))
+    num_train, num_test, wd = 40, 3, 0.005
+    raw = generate_nli(seed=0, n_train=num_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
+    columns = ["input_ids", "attention_mask", "token_type_ids", "labels"]
+    train = tokenize_nli(raw["train"], tokenizer).select_columns(columns)
+    test = tokenize_nli(raw["hans"].shuffle(seed=0).select(range(num_test)), tokenizer).select_columns(columns)
+    collator = DataCollatorWithPadding(tokenizer)
+    head, x, y = fit_linear_head(model, train, collator, wd)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight"]
+    x_test = head_features(model, test, collator).to(x.dtype)
+    loo = leave_one_out_loss_changes(head, x, y, x_test, torch.as_tensor(test["labels"]), wd)  # (train, test)
+
+    def removed(solver: str, damping: float) -> tuple[np.ndarray, dict]:
+        args = default_arguments(influence_solver=solver, influence_damping=damping, influence_scale=1.0,
+                                 influence_weight_decay=wd, influence_knn_k=None, disable_tqdm=True,
+                                 influence_params=[r"classifier\.weight"])
+        table = compute_influences(model, train, test, args, data_collator=collator)
+        return -table_matrix(table, num_test, num_train).T / num_train, table.metadata["diagnostics"]
+
+    for solver in ("exact", "cg"):
+        change, diagnostics = removed(solver, 0.0)
+        assert diagnostics["trunk"]["split"] is not None  # through the cached trunk
+        rhos = [spearmanr(change[:, t], loo[:, t]).statistic for t in range(num_test)]
+        assert min(rhos) >= 0.99, (solver, rhos)
+        assert np.corrcoef(change.ravel(), loo.ravel())[0, 1] >= 0.95, solver
+        assert np.mean(np.sign(change) == np.sign(loo)) >= 0.95, solver
+    flat, _ = removed("exact", 1e6)
+    assert np.mean([spearmanr(flat[:, t], loo[:, t]).statistic for t in range(num_test)]) < 0.9
