@@ -17,6 +17,7 @@ import dataclasses
 from hf_fastif.applications import (
     CorrectionArguments,
     PoolArguments,
+    finished_runs_kept,
     parse_recipe,
     prepare,
     run_augmentation,
@@ -46,9 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     pool, pool_name = pools["pool"]
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}; {len(pool)} pool rows")
     data = dataclasses.replace(setup.data, candidates=pool)
-    result = run_augmentation(setup.model, data, setup.args, protocol, pool_name=pool_name)
-    return write_report("augmentation", result, setup, protocol, argv=argv,
-                        extra={"pool": pool_name, "num_pool": len(pool)})
+    extra = {"pool": pool_name, "num_pool": len(pool)}
+    with finished_runs_kept("augmentation", setup, protocol, argv=argv, extra=extra):  # (a late failure)
+        result = run_augmentation(setup.model, data, setup.args, protocol, pool_name=pool_name)
+    return write_report("augmentation", result, setup, protocol, argv=argv, extra=extra)
 
 
 if __name__ == "__main__":

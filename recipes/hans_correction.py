@@ -12,7 +12,14 @@ Writes hans_correction.json / .md / .png to --output_dir and prints the table.
 
 from __future__ import annotations
 
-from hf_fastif.applications import CorrectionArguments, parse_recipe, prepare, run_correction, write_report
+from hf_fastif.applications import (
+    CorrectionArguments,
+    finished_runs_kept,
+    parse_recipe,
+    prepare,
+    run_correction,
+    write_report,
+)
 from hf_fastif.applications.correction import check_correction
 from hf_fastif.distributed import finish
 
@@ -25,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
                     checks=lambda early: check_correction(early.data, early.args, protocol),  # before any training
                     argv=argv)  # (None: a bad input's refusal is one line, exit status 2)
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}")
-    result = run_correction(setup.model, setup.data, setup.args, protocol)
+    with finished_runs_kept("hans_correction", setup, protocol, argv=argv):  # (a late failure: the finished runs)
+        result = run_correction(setup.model, setup.data, setup.args, protocol)
     return write_report("hans_correction", result, setup, protocol, argv=argv)
 
 

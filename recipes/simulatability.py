@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from hf_fastif.applications import (
     SimulatabilityArguments,
+    finished_runs_kept,
     parse_recipe,
     prepare,
     run_simulatability,
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
                     checks=lambda early: check_simulatability(early, protocol), argv=argv)  # before any training
     simulator = build_simulator(setup, protocol)
     print(f"task model and simulator ready in {setup.seconds():.0f}s: {setup.description}")
-    result = run_simulatability(setup.model, simulator, setup.data, setup.args, protocol,
-                                test_dataset=test_points(raw_tests, setup))
+    with finished_runs_kept("simulatability", setup, protocol, argv=argv):  # (a late failure: the finished points)
+        result = run_simulatability(setup.model, simulator, setup.data, setup.args, protocol,
+                                    test_dataset=test_points(raw_tests, setup))
     return write_report("simulatability", result, setup, protocol, argv=argv)
 
 

@@ -9,7 +9,7 @@ from .augmentation import PoolArguments, run_augmentation
 from .common import ApplicationData, HansEvaluator, predict, sgd_step, two_label_loss, write_results
 from .correction import STRATEGIES, CorrectionArguments, CorrectionResult, run_correction, select_points
 from .prepare import ModelDataArguments, Setup, parse_recipe, prepare, recipe_defaults
-from .report import compare_with_paper, comparison_markdown, write_report
+from .report import compare_with_paper, comparison_markdown, finished_runs_kept, write_report
 from .simulatability import SimulatabilityArguments, SimulatabilityResult, build_simulator, run_simulatability
 from .visualize import (
     InfluenceGraphResult,
@@ -36,6 +36,7 @@ __all__ = [
     "check_visualization",
     "compare_with_paper",
     "comparison_markdown",
+    "finished_runs_kept",
     "influence_graph",
     "parse_recipe",
     "predict",

@@ -101,10 +101,8 @@ def run_augmentation(model: nn.Module, data: ApplicationData, args: InfluenceArg
                          "dataclasses.replace(data, candidates=pool)).")
     num_labels = check_num_labels(model, (2, 3), "Data augmentation")
     _refuse_held_out_pairs(data)
-    result = run_correction(model, data, args, protocol, measurement_fn=two_label_loss if num_labels == 3 else None,
-                            progress=progress)
-    result.title = f"Data augmentation from the {pool_name}"
-    return result
+    return run_correction(model, data, args, protocol, measurement_fn=two_label_loss if num_labels == 3 else None,
+                          progress=progress, title=f"Data augmentation from the {pool_name}")
 
 
 def check_augmentation(data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments) -> None:

@@ -44,6 +44,7 @@ from .common import (
     fmt,
     heuristic_seed,
     heuristics_in,
+    keep_finished,
     mean_std,
     refuse_few_candidates,
     refuse_shared_rows,
@@ -344,7 +345,7 @@ def check_correction(data: ApplicationData, args: InfluenceArguments, protocol: 
 
 def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArguments, protocol: CorrectionArguments,
                    *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
-                   progress: bool = True) -> CorrectionResult:
+                   progress: bool = True, title: str = "HANS error correction") -> CorrectionResult:
     """Run the correction protocol and return every run's accuracies and choices.
 
     Args:
@@ -362,8 +363,10 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
         protocol: strategies, heuristics (default: every heuristic of ``hans_validation``, HANS order), steps per
             run, anchors per step, rows per step, the SGD learning rate, replicas.
         loss_fn / measurement_fn: per-example training loss / anchor loss (see `compute_influences`).
+        title: the report's title.
     Returns:
-        A `CorrectionResult`.
+        A `CorrectionResult`. An error in a run leaves the protocol with the runs finished before it attached to the
+        error (`keep_finished`), which `finished_runs_kept` writes.
     """
     if check_num_labels(model, (2, 3), "HANS correction") == 3 and measurement_fn is None:
         logger.info("A 3-label model: the anchors' loss is two_label_loss (p(non_entailment) = p(neutral) + "
@@ -388,19 +391,22 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
     bar = tqdm(total=total, desc="correction", disable=not progress or not D.is_main_process())
     with engine:
         before = evaluator(work, engine=engine)
-        result = CorrectionResult(settings=settings, before=before)
+        result = CorrectionResult(settings=settings, before=before, title=title)
         corrector = _Corrector(data, args, protocol, evaluator, validation_heuristics, (loss_fn, measurement_fn), bar,
                                engine, initial)
-        for heuristic in heuristics:
-            for replica in range(protocol.replicas):
-                for strategy in protocol.strategies:
-                    start = time.perf_counter()
-                    run = corrector.run(heuristic, heuristic_seed(heuristic), strategy, args.seed + replica)
-                    run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
-                            "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
-                    result.runs.append(run)
-                    logger.info(f"{heuristic} / {strategy} / replica {replica}: {100 * run['accuracy_before']:.1f}% → "
-                                f"{100 * run['accuracy_after']:.1f}%")
+        runs = [(h, r, s) for h in heuristics for r in range(protocol.replicas) for s in protocol.strategies]
+        for heuristic, replica, strategy in runs:
+            start = time.perf_counter()
+            try:
+                run = corrector.run(heuristic, heuristic_seed(heuristic), strategy, args.seed + replica)
+            except Exception as err:
+                keep_finished(err, result, f"{heuristic} / {strategy} / replica {replica}", len(result.runs), len(runs))
+                raise
+            run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],
+                    "loss_before": before[f"loss_{heuristic}"], "seconds": time.perf_counter() - start}
+            result.runs.append(run)
+            logger.info(f"{heuristic} / {strategy} / replica {replica}: {100 * run['accuracy_before']:.1f}% → "
+                        f"{100 * run['accuracy_after']:.1f}%")
     bar.close()
     if any(n < total for n, total in result.signed_rows().values()):
         logger.warning(result.sign_line())

@@ -4,8 +4,9 @@ report as markdown, write ``<name>.json`` / ``.md`` / ``.png`` (and any files of
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from .. import distributed as D
@@ -112,15 +113,18 @@ def comparison_markdown(rows: list[tuple[str, ...]], setup: Setup) -> str:
 
 
 def write_report(name: str, result: Result, setup: Setup, protocol: Any = None, *,
-                 argv: Sequence[str] | None = None, extra: dict | None = None) -> dict:
+                 argv: Sequence[str] | None = None, extra: dict | None = None, stopped: str = "") -> dict:
     """Compare with the paper, write ``<name>.json`` (the result, the setup, the model's report, ``extra``, the
     settings that differ from the paper, the command line and the seconds since `prepare` began), ``<name>.md``
     and ``<name>.png`` to ``setup.args.output_dir``, plus the result's own files (``result.save_files(directory)``,
-    if it has one); print the markdown. Only the main process writes and prints. Returns what the JSON holds."""
+    if it has one); print the markdown. Only the main process writes and prints. Returns what the JSON holds.
+    ``stopped``: why the protocol stopped before its end (`finished_runs_kept`), said first in both files."""
     changes = compare_with_paper(setup, protocol, use=name)
-    sections = [result.to_markdown(), model_report_markdown(setup.report), comparison_markdown(changes, setup)]
+    sections = [f"**Incomplete: {stopped}.**" if stopped else "", result.to_markdown(),
+                model_report_markdown(setup.report), comparison_markdown(changes, setup)]
     markdown = "\n\n".join(section for section in sections if section)
-    results = result.to_dict() | {"setup": setup.description, "model_report": setup.report} | (extra or {}) | {
+    results = ({"stopped": stopped} if stopped else {}) | result.to_dict() | {
+        "setup": setup.description, "model_report": setup.report} | (extra or {}) | {
         "changes_from_paper": changes, "argv": list(sys.argv[1:] if argv is None else argv),
         "seconds": setup.seconds()}
     if D.is_main_process():
@@ -131,3 +135,18 @@ def write_report(name: str, result: Result, setup: Setup, protocol: Any = None, 
         print(markdown)
         print(f"\nwrote {', '.join(str(p) for p in paths)} in {setup.seconds():.0f}s")
     return results
+
+
+@contextlib.contextmanager
+def finished_runs_kept(name: str, setup: Setup, protocol: Any = None, *, argv: Sequence[str] | None = None,
+                       extra: dict | None = None) -> Iterator[None]:
+    """Around a protocol's run: where it fails after some of its runs finished (the error carries them,
+    `keep_finished`), write their report (`write_report`, marked incomplete with where and why it stopped), then
+    raise the error as it was. A LiSSA refusal at run 46 of 120 lost the 45 finished runs: nothing was written."""
+    try:
+        yield
+    except Exception as err:
+        result = getattr(err, "finished_result", None)
+        if result is not None:
+            write_report(name, result, setup, protocol, argv=argv, extra=extra, stopped=err.stopped_at)
+        raise

@@ -48,7 +48,7 @@ from ..mode import influence_mode
 from ..params import select_parameters, unflatten
 from ..trainer import InfluenceTrainer
 from ..utils import markdown_table
-from .common import ApplicationData, batcher, check_num_labels, predict, refuse_few_candidates
+from .common import ApplicationData, batcher, check_num_labels, keep_finished, predict, refuse_few_candidates
 from .prepare import (
     Setup,
     check_launch_training,
@@ -403,8 +403,13 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
                  "gold": int(gold[rows[t]]), "rows": {}, "losses": {}, "rows_of_the_groups_sign": signed}
         for group, ids in groups.items():
             # the simulator imitates the task model: its loss is measured on the task model's prediction
-            before, after = steps.losses(data.train.select(ids), step_labels[ids], test_dataset.select([int(rows[t])]),
-                                         int(test_predictions[rows[t]]), rates)
+            try:
+                before, after = steps.losses(data.train.select(ids), step_labels[ids],
+                                             test_dataset.select([int(rows[t])]), int(test_predictions[rows[t]]), rates)
+            except Exception as err:
+                keep_finished(err, result, f"test point {t} (test row {int(rows[t])}), group {group}",
+                              len(result.points), len(rows), "test points")
+                raise
             point["loss_before"] = before
             point["rows"][group] = ids.tolist()
             point["losses"][group] = after.tolist()

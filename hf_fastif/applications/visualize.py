@@ -16,6 +16,7 @@ from datasets import Dataset
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from torch import nn
+from transformers.utils import logging
 
 from ..annotate import TextSource, save_with_text
 from ..arguments import InfluenceArguments
@@ -32,6 +33,8 @@ from .common import (
     heuristics_in,
     predict,
 )
+
+logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -266,6 +269,12 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
                           "Name others with heuristics=, or omit it for every heuristic of the split.")
     rows = sample_per_heuristic(hans["heuristic"], protocol.test_points_per_heuristic, args.seed, names)
     tests = hans.select(rows)
+    taken = dict(Counter(tests["heuristic"]))
+    fewer = {h: n for h, n in taken.items() if n < protocol.test_points_per_heuristic}
+    if fewer:  # (the graph took every row of a smaller heuristic, while its settings and report said the number asked)
+        logger.warning(f"test_points_per_heuristic={protocol.test_points_per_heuristic}: "
+                       f"{', '.join(f'{h} has {n} HANS test rows' for h, n in fewer.items())}, so the graph takes "
+                       "every one of them (recorded as settings.test_points_by_heuristic).")
     with InfluenceEngine(model, args, data_collator=data.collator) as engine:
         table = engine.compute_influences(data.train, tests)
         predictions = predict(model, tests, engine=engine).argmax(-1)
@@ -285,7 +294,7 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
 
     table.metadata["test_data"] = (table.metadata.get("test_data") or {}) | {"hans_test_rows": [int(r) for r in rows]}
     graph = influence_graph(table, test_info, train_info, protocol.edges_per_test_point)
-    settings = {"test_points_per_heuristic": protocol.test_points_per_heuristic,
+    settings = {"test_points_per_heuristic": protocol.test_points_per_heuristic, "test_points_by_heuristic": taken,
                 "edges_per_test_point": protocol.edges_per_test_point,
                 "heuristics": sorted(set(t["heuristic"] for t in test_info), key=heuristic_order),
                 "num_test_points": len(tests), "num_train": len(data.train), "seed": args.seed,

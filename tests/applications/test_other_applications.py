@@ -6,9 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from transformers.testing_utils import CaptureLogger
 
 from hf_fastif import InfluenceTable
 from hf_fastif.applications import CorrectionArguments, SimulatabilityArguments, VisualizationArguments
+from hf_fastif.applications import visualize as visualize_module
 from hf_fastif.applications.augmentation import PoolArguments, load_pool, pool_format, run_augmentation
 from hf_fastif.applications.common import two_label_loss
 from hf_fastif.applications.simulatability import describe_rates, run_simulatability, select_test_points
@@ -190,6 +192,15 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
     with pytest.raises(ValueError, match="edges_per_test_point=500 exceeds the 30 candidate rows each test point "
                                          "scores"):
         run_visualization(trained, data, args, VisualizationArguments(edges_per_test_point=500))
+    # more test points per heuristic than it has rows: the graph took them all while its settings said the number asked
+    # for, without a word (a review's repro: 500 asked, 200 used)
+    with CaptureLogger(visualize_module.logger) as captured:
+        many = run_visualization(trained, data, args, VisualizationArguments(test_points_per_heuristic=500,
+                                                                             edges_per_test_point=1,
+                                                                             heuristics=["constituent"]))
+    available = sum(h == "constituent" for h in data.hans_test["heuristic"])
+    assert many.settings["test_points_by_heuristic"] == {"constituent": available} and 0 < available < 500
+    assert f"test_points_per_heuristic=500: constituent has {available} HANS test rows" in captured.out
     protocol = VisualizationArguments(test_points_per_heuristic=2, edges_per_test_point=3)
     result = run_visualization(trained, data, args, protocol)
     tests = [n for n, d in result.graph.nodes(data=True) if d["side"] == "test"]

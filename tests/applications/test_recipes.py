@@ -230,3 +230,49 @@ def test_quickstart_main_process_alone_prints(tmp_path, capsys, monkeypatch):
     assert [line for line in capsys.readouterr().out.splitlines() if not line.startswith("{'train_runtime'")] == []
     main, other = (InfluenceTable.load(tmp_path / name / "influence_table") for name in ("main", "other"))
     assert len(main.to_pandas()) == 30 and np.allclose(main.to_pandas()["influence"], other.to_pandas()["influence"])
+
+
+def _fail_on_call(monkeypatch, owner, name: str, failing_call: int):
+    """``owner.name`` raising a ValueError on its ``failing_call``-th call (1-based), as it was otherwise."""
+    original, calls = getattr(owner, name), []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise ValueError("a late failure (a test)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, patched)
+
+
+def test_a_late_failure_writes_the_finished_runs_and_raises(tmp_path, monkeypatch):
+    """A LiSSA refusal at run 46 of 120 of the correction lost the 45 finished runs: nothing was written (a
+    review's repro). The finished runs' report is written, marked incomplete with where and why, and the error
+    raised as it was; simulatability keeps its finished test points the same way."""
+    from hf_fastif.applications import correction, simulatability
+
+    _fail_on_call(monkeypatch, correction._Corrector, "run", 2)
+    main = load_recipe("hans_correction").main
+    with pytest.raises(ValueError, match="a late failure"):
+        main(["--quick", "--output_dir", str(tmp_path / "c"), *TINY_FLAGS, "--heuristics", "lexical_overlap",
+              "--strategies", "helpful", "random"])
+    results = _outputs(tmp_path / "c", "hans_correction")
+    assert [r["strategy"] for r in results["runs"]] == ["helpful"]
+    assert results["stopped"].startswith("stopped at lexical_overlap / random / replica 0 by ValueError: a late ")
+    assert "(1 of 2 runs finished" in results["stopped"]
+    assert (tmp_path / "c" / "hans_correction.md").read_text().startswith("**Incomplete: stopped at lexical_overlap")
+
+    _fail_on_call(monkeypatch, simulatability._SimulatorSteps, "losses", 5)  # 4 groups a point: the second point
+    main = load_recipe("simulatability").main
+    with pytest.raises(ValueError, match="a late failure"):
+        main(["--quick", "--output_dir", str(tmp_path / "s"), *TINY_FLAGS, "--num_points", "2", "--num_correct",
+              "1", "--num_incorrect", "1"])
+    results = _outputs(tmp_path / "s", "simulatability")
+    assert len(results["points"]) == 1 and "(1 of 2 test points finished" in results["stopped"]
+
+    _fail_on_call(monkeypatch, correction._Corrector, "run", 1)  # nothing finished: nothing written
+    main = load_recipe("hans_correction").main
+    with pytest.raises(ValueError, match="a late failure"):
+        main(["--quick", "--output_dir", str(tmp_path / "n"), *TINY_FLAGS, "--heuristics", "lexical_overlap",
+              "--strategies", "helpful"])
+    assert not (tmp_path / "n" / "hans_correction.json").exists()
