@@ -129,7 +129,7 @@ class ModelDataArguments:
                 "else torch's)."})
     quick: bool = field(default=False, metadata={
         "help": f"Smoke run (not a measurement): {QUICK['max_train_samples']} training rows, "
-                f"{QUICK['num_train_epochs']:g} epochs, k {QUICK['influence_knn_k']}, J "
+                f"{QUICK['num_train_epochs']:g} epochs, k {QUICK['influence_knn_k']} (simulatability: every row), J "
                 f"{QUICK['influence_recursion_depth']}, and a smaller protocol. Flags given still win."})
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ from hf_fastif.data import build_tokenizer, nli_vocabulary
 from .conftest import TINY_FLAGS, load_recipe, tiny_config
 
 prepare_module = importlib.import_module("hf_fastif.applications.prepare")  # the package exports a function so named
+simulatability_module = importlib.import_module("hf_fastif.applications.simulatability")
 
 
 def _no_work(*args, **kwargs):
@@ -228,10 +229,16 @@ def test_the_quick_flag_says_what_it_sets(tmp_path):
 
     help_text = next(f for f in dataclasses.fields(prepare_module.ModelDataArguments) if f.name == "quick").metadata["help"]
     data_args, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
-    rows, epochs, k, depth = (float(x) for x in re.search(r"(\d+) training rows, ([\d.]+) epochs, k (\d+), J (\d+)",
-                                                          help_text).groups())
+    pattern = r"(\d+) training rows, ([\d.]+) epochs, k (\d+) \(simulatability: every row\), J (\d+)"
+    rows, epochs, k, depth = (float(x) for x in re.search(pattern, help_text).groups())
     assert (rows, epochs, k, depth) == (data_args.max_train_samples, args.num_train_epochs, args.influence_knn_k,
                                         args.influence_recursion_depth)
+    # simulatability's --quick scores every row: its 200 candidates were all helpful to every test point, and the
+    # "harmful" group held the least helpful rows (a review's finding)
+    *_, simulatability_args = prepare_module.parse_recipe(
+        "simulatability", [simulatability_module.SimulatabilityArguments],
+        ["--quick", "--output_dir", str(tmp_path)])
+    assert simulatability_args.influence_knn_k is None
 
 
 def test_a_base_models_new_head_is_seeded(files):
