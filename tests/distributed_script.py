@@ -56,8 +56,10 @@ class OptionsCollator:
         return self.inner(rows)
 
 
-def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
-    """Every case's table as lists; shared by the launched script and the 1-process reference."""
+def tables(world_size_repetitions=None, seed_offset=0, perturb=False, cache_dir=None):
+    """Every case's table as lists; shared by the launched script and the 1-process reference (the launched
+    processes each with its own ``influence_cache_dir``, a node-local scratch folder: it was refused as a
+    disagreement on the settings)."""
     model = tiny_model("bert")
     if perturb:
         with torch.no_grad():
@@ -72,7 +74,8 @@ def tables(world_size_repetitions=None, seed_offset=0, perturb=False):
             case["influence_repetitions"] = world_size_repetitions
         candidates = case.pop("candidates", None)
         candidates = None if candidates is None else make_token_dataset(candidates, seed=2)
-        args = default_arguments(**(COMMON | case | {"influence_seed": 42 + seed_offset}))
+        args = default_arguments(**(COMMON | case | {"influence_seed": 42 + seed_offset,
+                                                     "influence_cache_dir": cache_dir}))
         table = compute_influences(model, train, test, args, combine=combine, data_collator=collator,
                                    candidate_dataset=candidates)
         out[name] = table.to_pandas().sort_values(["test_id", "train_id"]).to_dict(orient="list")
@@ -263,7 +266,8 @@ if __name__ == "__main__":
         finish()
         sys.exit(0)
     offset = 1 if mode == "mismatch" and rank == 1 else 0
-    out, model, train, test, collator = tables(seed_offset=offset, perturb=mode == "weights" and rank == 1)
+    out, model, train, test, collator = tables(seed_offset=offset, perturb=mode == "weights" and rank == 1,
+                                               cache_dir=f"{sys.argv[1]}.scratch{rank}")
     build = build_influence_table(model, train, test, sys.argv[1] + ".build",
                                   default_arguments(**(COMMON | CASES["cg_full"])), shard_size=2,
                                   data_collator=collator)

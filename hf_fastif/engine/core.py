@@ -57,6 +57,11 @@ from .trunk_states import TrunkStates
 
 logger = logging.get_logger(__name__)
 
+PER_PROCESS_SETTINGS = ("influence_cache_dir",)
+"""Settings each process of a launch may give its own value (a node-local scratch folder): where a process keeps its
+own trunk states' file, not what it computes; left out of the check that the processes agree (different folders
+were refused as "disagree on ['settings']")."""
+
 COMBINE = ("none", "mean")
 MAX_STORED_LENGTHS = 8
 """Datasets (by the content of the columns read) whose stored row lengths the engine keeps between calls
@@ -499,7 +504,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         if world_size > 1:  # processes that differ in anything that decides the numbers would mix results
             portable = self._portable_functions()
             D.check_same_everywhere({
-                "settings": args.influence_settings(), "combine": combine, "parameters": names,
+                "settings": {k: v for k, v in args.influence_settings().items() if k not in PER_PROCESS_SETTINGS},
+                "combine": combine, "parameters": names,
                 "model": fingerprint, "functions": portable, **_data_description("train", train),
                 **_data_description("test", test),
                 **({"candidates": "the training rows"} if cand is train else _data_description("candidates", cand)),
