@@ -196,7 +196,8 @@ def _assemble(out: Path, count: int, shard_size: int, done: int, digest: str, tr
     if trained_with is not None:
         diagnostics["trained_with"] = trained_with
     metadata["build"] = {"shards": count, "shard_size": shard_size, "resumed_shards": done, "signature_sha256": digest,
-                         "note": "diagnostics are shard 0's, but for non_finite_scores, which covers every shard"}
+                         "note": "diagnostics and num_processes are shard 0's, but for non_finite_scores, which covers "
+                                 "every shard"}
     parts = [InfluenceTable.load(shards / f"shard-{i:05d}") for i in range(count)]
     other = [i for i, part in enumerate(parts) if (part.metadata.get("build") or {}).get("signature_sha256") != digest]
     if other:  # written meanwhile by another build run into this folder at the same time

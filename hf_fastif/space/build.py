@@ -18,7 +18,7 @@ from ..applications.common import at_chance, predict, training_accuracy
 from ..arguments import InfluenceArguments
 from ..cache import SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
 from ..data import NLI_MAX_LENGTH
-from ..distributed import on_main
+from ..distributed import is_main_process, on_main
 from ..embedded import (
     data_description,
     embedded_arguments,
@@ -125,7 +125,7 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
     if info.get("train_accuracy") is None:  # (MiniLM's fine-tuning records it; the tiny model is trained here)
         info = info | {"train_accuracy": training_accuracy(model, tokenized["train"], collator, seed=args.seed)[0]}
     warning = at_chance(info["train_accuracy"], tokenized["train"]["labels"])
-    if warning:
+    if warning and is_main_process():  # (once per launch, not once per process)
         logger.warning(warning)
     hans, raw_hans = tokenized["hans"], raw["hans"]
     if max_test_samples:
