@@ -124,7 +124,8 @@ TINY = EmbeddedKind(
         "training rows": "generated offline",
         "HANS rows (validation / test)": "generated HANS-style pairs (30 subcases)",
         "λ = damping × scale": "above the Hessian's top eigenvalue (~1.7 here), as the paper's is above bert-base's",
-        "influence_damping": "damp 0.1 converges in 50 steps (residual 0.9^50 < 1%)",
+        "influence_damping": "with damp 0.1 LiSSA's series converges in the default's J = 50 steps (residual 0.9^50 "
+                             "< 1%; --quick's J = 10 does not: its warning gives the share summed)",
         "influence_scale": "far above the top eigenvalue (~1.7)",
         "influence_recursion_depth": "converged with damp 0.1",
         "influence_weight_decay": "the model was trained without an explicit L2 term",
