@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model ready in {setup.seconds():.0f}s: {setup.description}; {len(pool)} pool rows")
     data = dataclasses.replace(setup.data, candidates=pool)
     extra = {"pool": pool_name, "num_pool": len(pool)}
+    if "pool_row" in pool.column_names:  # a --max_pool_samples subset: the steps' ids are its positions
+        extra["pool_rows"] = [int(row) for row in pool["pool_row"]]
     with finished_runs_kept("augmentation", setup, protocol, argv=argv, extra=extra):  # (a late failure)
         result = run_augmentation(setup.model, data, setup.args, protocol, pool_name=pool_name)
     return write_report("augmentation", result, setup, protocol, argv=argv, extra=extra)

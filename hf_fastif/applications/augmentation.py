@@ -73,7 +73,8 @@ def load_pool(pool_args: PoolArguments, num_labels: int) -> Dataset | None:
 
 
 def pool_dataset(pool_args: PoolArguments, raw_pool: Dataset | None, setup: Setup) -> tuple[Dataset, str]:
-    """The tokenized pool and a name for it (subsampled to ``max_pool_samples``, seeded)."""
+    """The tokenized pool and a name for it (subsampled to ``max_pool_samples``, seeded; the subset keeps each row's
+    place in the whole pool as its ``pool_row`` column: the protocol's ids are positions in the subset)."""
     if raw_pool is None:
         if setup.pool is None:
             raise ValueError("--pool generated needs the generated data (the embedded default, or unset "
@@ -84,7 +85,8 @@ def pool_dataset(pool_args: PoolArguments, raw_pool: Dataset | None, setup: Setu
         name = f"pool {pool_args.pool}"
     n = pool_args.max_pool_samples
     if n is not None and n < len(pool):
-        pool = pool.select(np.sort(np.random.default_rng(setup.args.seed).permutation(len(pool))[:n]))
+        rows = np.sort(np.random.default_rng(setup.args.seed).permutation(len(pool))[:n])
+        pool = pool.select(rows).add_column("pool_row", rows.tolist())
     return pool, name
 
 

@@ -68,10 +68,13 @@ def test_augmentation_recipe_embedded(tmp_path):
     main = load_recipe("augmentation").main
     main(["--quick", "--output_dir", str(tmp_path), *TINY_FLAGS, "--heuristics", "constituent", "--strategies",
           "helpful", "--num_steps", "1", "--influence_solver", "cg", "--influence_knn_features", "gradient",
-          "--influence_projection_dim", "64"])
+          "--influence_projection_dim", "64", "--max_pool_samples", "60"])
     results = _outputs(tmp_path, "augmentation")
     assert results["pool"] == "generated HANS-style pool" and results["settings"]["candidates"] == "pool"
-    assert max(results["runs"][0]["steps"][0]["selected"]) < results["num_pool"]
+    assert max(results["runs"][0]["steps"][0]["selected"]) < results["num_pool"] == 60
+    # the subset's rows in the whole pool, which the steps' ids (positions in the subset) could not be traced to
+    rows = results["pool_rows"]
+    assert len(rows) == 60 and rows == sorted(set(rows)) and max(rows) >= 60
     # the solver and candidates are compared with FastIF's (neither was listed), LiSSA's own settings no longer
     changed = {row[0]: row for row in results["changes_from_paper"]}
     assert changed["influence_solver"][1:4] == ["lissa", "cg", "--quick or the command line"]
