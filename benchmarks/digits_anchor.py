@@ -82,14 +82,13 @@ def minilm_head_anchor(num_train: int, num_test: int, lds_subsets: int, seed: in
     torch.manual_seed(seed)
     model = load_minilm_for_sequence_classification(len(NLI2_LABELS), id2label=dict(enumerate(NLI2_LABELS))).eval()
     raw = generate_nli(seed=seed, n_train=num_train, n_hans_per_subcase=-(-num_test // 30), n_pool_per_subcase=0)
-    columns = ["input_ids", "attention_mask", "token_type_ids", "labels"]
-    train = tokenize_nli(raw["train"], tokenizer).select_columns(columns)
-    test = tokenize_nli(raw["hans"].shuffle(seed=seed).select(range(num_test)), tokenizer).select_columns(columns)
+    train = tokenize_nli(raw["train"], tokenizer)
+    test = tokenize_nli(raw["hans"].shuffle(seed=seed).select(range(num_test)), tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     fitted, x, y = fit_linear_head(model, train, collator, WEIGHT_DECAY)
     xt, yt = head_features(model, test, collator).to(x.dtype), torch.as_tensor(test["labels"])
     return solver_agreement(model, fitted, train, test, (x, y, xt, yt), solvers or MINILM_SOLVERS, lds_subsets, seed,
-                            data_collator=collator, influence_params=[r"classifier\.weight"])
+                            data_collator=collator, influence_params=None)  # (what requires grad: the head's weight)
 
 
 def solver_agreement(model, head: LogisticRegression, train, test, tensors, solvers: dict, lds_subsets: int,

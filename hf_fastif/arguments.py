@@ -27,6 +27,12 @@ NONE_FOR_WORD = ("influence_params",)
 means None: every parameter with ``requires_grad``, not a regex that matches no parameter."""
 
 
+PER_PROCESS_SETTINGS = ("influence_cache_dir",)
+"""Settings each process of a launch may give its own value (a node-local scratch folder): where a process keeps its
+own trunk states' file, not what it computes; left out of the check that the processes agree (different folders
+were refused as "disagree on ['settings']"). Run-time settings of a build too (`hf_fastif.builder.RUNTIME_SETTINGS`)."""
+
+
 @dataclass
 class InfluenceArguments(TrainingArguments):
     """Training arguments plus the settings of influence computation.

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from . import distributed as D
-from .arguments import InfluenceArguments
+from .arguments import PER_PROCESS_SETTINGS, InfluenceArguments
 from .batches import check_values, column_rule, validate_dataset
 from .engine import InfluenceEngine, non_finite_scores
 from .fingerprint import dataset_fingerprint, model_code_fingerprint, model_fingerprint, portable_fingerprint
@@ -50,7 +50,7 @@ MANIFEST_VERSION = 8
 # settings that decide how, not what, is computed: batch sizes of the test gradients, full-data Hessians, kNN
 # features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
 # change the numbers at most by float rounding, so a build resumed with other values goes on.
-RUNTIME_SETTINGS = ("influence_hvp_batch_size", "influence_scoring_batch_size", "influence_cache_dir",
+RUNTIME_SETTINGS = ("influence_hvp_batch_size", "influence_scoring_batch_size", *PER_PROCESS_SETTINGS,
                     "influence_skip_unread_positions", "influence_skip_trailing_padding", "influence_trunk_cache",
                     "influence_stack_repetitions")
 # the keyword arguments of compute_influences that decide the numbers, beside the data

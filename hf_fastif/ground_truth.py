@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
+from .batches import model_input_columns
+from .mode import evaluating
+
 
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression without bias (so the L2 term makes it strictly convex)."""
@@ -69,21 +72,22 @@ def fit_logistic_regression(model: LogisticRegression, x: torch.Tensor, y: torch
 
 def head_features(model: nn.Module, rows: Dataset, collator, *, head: str = "classifier",
                   batch_size: int = 64) -> torch.Tensor:
-    """What the linear module ``head`` of ``model`` reads for each of ``rows`` (in eval mode, without gradients):
-    ``(len(rows), in_features)`` on the CPU, e.g. BERT's pooled output for its ``classifier``."""
+    """What the linear module ``head`` of ``model`` reads for each of ``rows`` (in eval mode, without gradients;
+    every module's own mode restored after): ``(len(rows), in_features)`` on the CPU, e.g. BERT's pooled output for
+    its ``classifier``. Only the columns the model takes (`model_input_columns`) reach the collator."""
     module = _linear_head(model, head)
+    columns = [c for c in model_input_columns(model, rows) if c not in ("labels", "label")]
+    rows = rows.select_columns(columns)
     seen: list[torch.Tensor] = []
     hook = module.register_forward_hook(lambda _module, args, _out: seen.append(args[0].detach().cpu()))
-    was_training, device = model.training, module.weight.device
-    model.eval()
+    device = module.weight.device
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+                model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         hook.remove()
-        model.train(was_training)
     features = torch.cat(seen) if seen else torch.empty(0)
     if features.dim() != 2 or features.shape[0] != len(rows):
         raise ValueError(f"The head {head!r} read {tuple(features.shape)} for {len(rows)} rows, not one vector per "
@@ -101,19 +105,29 @@ def _linear_head(model: nn.Module, head: str) -> nn.Linear:
 
 def fit_linear_head(model: nn.Module, rows: Dataset, collator, weight_decay: float, *, head: str = "classifier",
                     dtype: torch.dtype = torch.float64) -> tuple[LogisticRegression, torch.Tensor, torch.Tensor]:
-    """Put the linear ``head`` of ``model`` at the optimum of ``mean CE + wd·‖W‖²`` over ``rows`` (a ``labels``
-    column), its bias set to 0 and every parameter but its weight frozen, in place: influence over the head's
-    weight is then that of a strictly convex logistic regression on the features below it, whose leave-one-out
-    retraining (`leave_one_out_loss_changes` on the returned model and features) is ground truth.
+    """Put the linear ``head`` of ``model`` at the optimum of ``mean CE + wd·‖W‖²`` over ``rows`` (a ``labels`` or
+    ``label`` column), its bias set to 0 and every parameter but its weight frozen, in place: influence over the
+    head's weight is then that of a strictly convex logistic regression on the features below it, whose
+    leave-one-out retraining (`leave_one_out_loss_changes` on the returned model and features) is ground truth.
+    Select the head's weight for influence by leaving ``influence_params`` unset (every parameter with
+    ``requires_grad``): a pattern such as ``classifier\\.weight`` also matches DistilBERT's ``pre_classifier``.
 
     Returns:
         ``(the same head as a LogisticRegression, features (n, d), labels (n,))``, in ``dtype``.
     """
+    if not weight_decay > 0:  # (without it the softmax's shift along the classes is a flat direction)
+        raise ValueError(f"weight_decay={weight_decay}: the head's problem is strictly convex only with an L2 term; "
+                         "give a positive weight_decay (the reference code's 0.005).")
+    label = next((c for c in ("labels", "label") if c in rows.column_names), None)
+    if label is None:
+        raise ValueError(f"The rows have no 'labels' or 'label' column (columns: {rows.column_names}).")
     module = _linear_head(model, head)
     features = head_features(model, rows, collator, head=head).to(dtype)
-    labels = torch.as_tensor(rows["labels"])
-    fitted = fit_logistic_regression(LogisticRegression(module.in_features, module.out_features).to(dtype),
-                                     features, labels, weight_decay)
+    labels = torch.as_tensor(rows[label])
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # a start of zeros (Newton needs no random one), the
+        fitted = LogisticRegression(module.in_features, module.out_features).to(dtype)  # global generator untouched
+        fitted.linear.weight.zero_()
+    fit_logistic_regression(fitted, features, labels, weight_decay)
     with torch.no_grad():
         module.weight.copy_(fitted.linear.weight)
         if module.bias is not None:

@@ -103,6 +103,23 @@ if __name__ == "__main__":
                 json.dump(out, f)
         finish()
         sys.exit(0)
+    if mode == "finished_runs":  # a protocol fails in every process after some runs finished; each process raises
+        import time
+
+        from hf_fastif.applications import report
+        from hf_fastif.applications.common import keep_finished
+
+        def slow_write(name, result, setup, protocol=None, **kwargs):  # the main process's report takes a while
+            if rank == 0:
+                time.sleep(2)
+                with open(f"{sys.argv[1]}.{name}", "w") as f:
+                    f.write(kwargs["stopped"])
+
+        report.write_report = slow_write
+        error = ValueError(f"a late failure in process {rank} (a test)")
+        keep_finished(error, {"runs": [1]}, "run 2", 1, 2)
+        with report.finished_runs_kept("partial", setup=None):
+            raise error  # (uncaught: the process exits with it, as a recipe does)
     if mode == "diverge":
         from hf_fastif.solvers import LissaDivergenceError
 

@@ -152,6 +152,14 @@ def test_every_process_saving_the_table_into_one_folder_gives_the_table(two_proc
     assert two_processes["saved"] == two_processes["build"]
 
 
+def test_a_protocol_stopped_in_every_process_writes_its_finished_runs_before_any_process_exits(tmp_path):
+    """A recipe that fails part-way writes its finished runs' report from the main process; the others raised at
+    once, exited, and the launcher ended the main process before its write (a review's repro: nothing written)."""
+    result = launch(tmp_path / "f", "finished_runs")
+    assert result.returncode != 0 and "a late failure in process" in result.stderr
+    assert (tmp_path / "f.partial").read_text().startswith("stopped at run 2 by ValueError: a late failure in process 0")
+
+
 def test_mismatched_settings_across_processes_are_refused(tmp_path):
     result = launch(tmp_path / "x.json", "mismatch")
     assert result.returncode != 0

@@ -226,19 +226,23 @@ def test_influence_through_the_pretrained_minilm_is_what_leave_one_out_of_its_he
     model = load_minilm_for_sequence_classification(2, id2label=dict(enumerate(NLI2_LABELS)))
     num_train, num_test, wd = 40, 3, 0.005
     raw = generate_nli(seed=0, n_train=num_train, n_hans_per_subcase=1, n_pool_per_subcase=0)
-    columns = ["input_ids", "attention_mask", "token_type_ids", "labels"]
-    train = tokenize_nli(raw["train"], tokenizer).select_columns(columns)
-    test = tokenize_nli(raw["hans"].shuffle(seed=0).select(range(num_test)), tokenizer).select_columns(columns)
+    train = tokenize_nli(raw["train"], tokenizer)  # (premise, hypothesis, genre kept: the collator never sees them)
+    test = tokenize_nli(raw["hans"].shuffle(seed=0).select(range(num_test)), tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
+    with pytest.raises(ValueError, match="strictly convex only with an L2 term"):
+        fit_linear_head(model, train, collator, 0.0)  # (exact then refused the softmax's flat direction)
+    state = torch.random.get_rng_state()
     head, x, y = fit_linear_head(model, train, collator, wd)
+    assert torch.equal(torch.random.get_rng_state(), state)  # (a seeded script's later draws are its own)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight"]
+    assert not any(m.training for m in model.modules())  # (loaded in eval mode, and so left)
     x_test = head_features(model, test, collator).to(x.dtype)
     loo = leave_one_out_loss_changes(head, x, y, x_test, torch.as_tensor(test["labels"]), wd)  # (train, test)
 
     def removed(solver: str, damping: float) -> tuple[np.ndarray, dict]:
         args = default_arguments(influence_solver=solver, influence_damping=damping, influence_scale=1.0,
                                  influence_weight_decay=wd, influence_knn_k=None, disable_tqdm=True,
-                                 influence_params=[r"classifier\.weight"])
+                                 influence_params=None)  # (what requires grad: the head's weight alone)
         table = compute_influences(model, train, test, args, data_collator=collator)
         return -table_matrix(table, num_test, num_train).T / num_train, table.metadata["diagnostics"]
 

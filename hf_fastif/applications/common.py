@@ -500,14 +500,14 @@ def fmt(mean: float, std: float, percent: bool = True, signed: bool = False) -> 
     return f"{mean:+.4g} ± {std:.2g}" if signed else f"{mean:.4g} ± {std:.2g}"
 
 
-def keep_finished(error: Exception, result, where: str, done: int, total: int, unit: str = "runs") -> None:
+def keep_finished(error: BaseException, result, where: str, done: int, total: int, unit: str = "runs") -> None:
     """Attach ``result``, holding the ``done`` of ``total`` runs (``unit``) finished before ``error`` stopped the
     protocol at ``where``, to the error (`hf_fastif.applications.finished_runs_kept` writes its report): a late
     failure (a LiSSA refusal at run 46 of 120) lost every finished run. Nothing is attached where nothing finished."""
     if done:
         error.finished_result = result
-        error.stopped_at = (f"stopped at {where} by {type(error).__name__}: {error} ({done} of {total} {unit} "
-                            "finished; the tables hold those only)")
+        error.stopped_at = (f"stopped at {where} by {type(error).__name__}{f': {error}' if str(error) else ''} "
+                            f"({done} of {total} {unit} finished; the tables hold those only)")
 
 
 def write_results(output_dir: str | Path, name: str, results: dict, markdown: str, figure=None) -> dict[str, Path]:

@@ -242,7 +242,8 @@ class CorrectionResult:
         test loss (mean cross-entropy), which moves even where accuracy cannot."""
         summary = self.summary()
         strategies = [s for s in STRATEGIES if any(s in v for v in summary.values())]
-        replicas = max((v["replicas"] for s in summary.values() for v in s.values()), default=0)
+        counts = {v["replicas"] for s in summary.values() for v in s.values()} or {0}
+        replicas = max(counts)
         accuracy, loss = [], []
         for heuristic, by_strategy in summary.items():
             first = next(iter(by_strategy.values()))
@@ -255,6 +256,8 @@ class CorrectionResult:
             accuracy.append([heuristic, f"{100 * first['before']:.1f}", *acc_cells])
             loss.append([heuristic, f"{first['loss_before']:.3f}", *loss_cells])
         runs = f"{replicas} replica{'s' if replicas != 1 else ''}"
+        if len(counts) > 1:  # (a run stopped part-way: a cell of 1 replica read "± 0.0" as no spread)
+            runs = f"{min(counts)} to {replicas} replicas, by cell (the JSON summary's replicas gives each cell's)"
         return "\n".join([
             f"### {self.title}",
             "",
@@ -399,7 +402,7 @@ def run_correction(model: nn.Module, data: ApplicationData, args: InfluenceArgum
             start = time.perf_counter()
             try:
                 run = corrector.run(heuristic, heuristic_seed(heuristic), strategy, args.seed + replica)
-            except Exception as err:
+            except BaseException as err:  # (an interrupt too: Ctrl-C is how a long run is mostly stopped)
                 keep_finished(err, result, f"{heuristic} / {strategy} / replica {replica}", len(result.runs), len(runs))
                 raise
             run |= {"replica": replica, "accuracy_before": before[f"accuracy_{heuristic}"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -233,7 +234,9 @@ def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | Non
     # the setup's batch over processes that do not divide it, left as split (3 processes stepped on 30 rows, 64 on
     # 64, without a word)
     split = getattr(defaults, "uneven_split", None)
-    if split is not None and parsed[-1].per_device_train_batch_size == split[1]:
+    given = any(a.split("=")[0] in ("--per_device_train_batch_size", "--per-device-train-batch-size")
+                for a in (sys.argv[1:] if argv is None else argv))
+    if split is not None and not given and D.is_main_process():
         batch, share, processes = split
         logger.warning(f"The setup's batch of {batch} rows does not split evenly over {processes} processes: each "
                        f"takes {share}, so the optimizer steps on {share * processes} rows, not {batch}. Launch a "

@@ -9,11 +9,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from transformers.utils import logging
+
 from .. import distributed as D
 from ..embedded import embedded_defaults, embedded_kind
 from ..utils import markdown_table
 from .common import model_report_markdown, write_results
 from .prepare import PAPER_INFLUENCE, Setup
+
+logger = logging.get_logger(__name__)
 
 PAPER_METHOD: dict = {"influence_solver": "lissa", "influence_knn_features": "auto"}
 """FastIF's s_test solver and candidates (the library's defaults, so not among `PAPER_INFLUENCE`'s overrides)."""
@@ -142,11 +146,21 @@ def finished_runs_kept(name: str, setup: Setup, protocol: Any = None, *, argv: S
                        extra: dict | None = None) -> Iterator[None]:
     """Around a protocol's run: where it fails after some of its runs finished (the error carries them,
     `keep_finished`), write their report (`write_report`, marked incomplete with where and why it stopped), then
-    raise the error as it was. A LiSSA refusal at run 46 of 120 lost the 45 finished runs: nothing was written."""
+    raise the error as it was. A LiSSA refusal at run 46 of 120 lost the 45 finished runs: nothing was written.
+
+    Under a launch every process waits for the main one's write (the others left at once, and the launcher ended
+    the main process before it wrote); an interrupt (Ctrl-C) writes only in a single process, whose partners cannot
+    have gone. A write that fails is logged, and the protocol's own error raised."""
     try:
         yield
-    except Exception as err:
+    except BaseException as err:
         result = getattr(err, "finished_result", None)
-        if result is not None:
-            write_report(name, result, setup, protocol, argv=argv, extra=extra, stopped=err.stopped_at)
+        if result is not None and (isinstance(err, Exception) or D.world()[1] == 1):
+            stopped = err.stopped_at
+            try:
+                D.on_main(lambda: write_report(name, result, setup, protocol, argv=argv, extra=extra, stopped=stopped),
+                          "The finished runs' report")
+            except Exception as failed:
+                logger.error(f"The report of the finished runs could not be written ({type(failed).__name__}: "
+                             f"{failed}); the error that stopped the protocol follows.")
         raise

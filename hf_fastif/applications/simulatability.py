@@ -408,7 +408,7 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
             try:
                 before, after = steps.losses(data.train.select(ids), step_labels[ids],
                                              test_dataset.select([int(rows[t])]), int(test_predictions[rows[t]]), rates)
-            except Exception as err:
+            except BaseException as err:  # (an interrupt too)
                 keep_finished(err, result, f"test point {t} (test row {int(rows[t])}), group {group}",
                               len(result.points), len(rows), "test points")
                 raise

@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 from torch import nn
 from transformers.utils import logging
 
+from .. import distributed as D
 from ..annotate import TextSource, save_with_text
 from ..arguments import InfluenceArguments
 from ..data import HANS_HEURISTICS
@@ -271,7 +272,7 @@ def run_visualization(model: nn.Module, data: ApplicationData, args: InfluenceAr
     tests = hans.select(rows)
     taken = dict(Counter(tests["heuristic"]))
     fewer = {h: n for h, n in taken.items() if n < protocol.test_points_per_heuristic}
-    if fewer:  # (the graph took every row of a smaller heuristic, while its settings and report said the number asked)
+    if fewer and D.is_main_process():  # (the graph took every row of a smaller heuristic, unsaid)
         logger.warning(f"test_points_per_heuristic={protocol.test_points_per_heuristic}: "
                        f"{', '.join(f'{h} has {n} HANS test rows' for h, n in fewer.items())}, so the graph takes "
                        "every one of them (recorded as settings.test_points_by_heuristic).")

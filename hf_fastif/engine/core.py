@@ -15,7 +15,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .. import distributed as D
-from ..arguments import InfluenceArguments, validate_influence_settings
+from ..arguments import PER_PROCESS_SETTINGS, InfluenceArguments, validate_influence_settings
 from ..batches import (
     Batcher,
     check_values,
@@ -56,11 +56,6 @@ from .saved_caches import SavedCaches
 from .trunk_states import TrunkStates
 
 logger = logging.get_logger(__name__)
-
-PER_PROCESS_SETTINGS = ("influence_cache_dir",)
-"""Settings each process of a launch may give its own value (a node-local scratch folder): where a process keeps its
-own trunk states' file, not what it computes; left out of the check that the processes agree (different folders
-were refused as "disagree on ['settings']")."""
 
 COMBINE = ("none", "mean")
 MAX_STORED_LENGTHS = 8

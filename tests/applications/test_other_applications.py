@@ -232,3 +232,22 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
             test_id = int(node.split(":")[1])
             assert rows[test_id] == info["row"]
             assert set(frame[frame.test_id == test_id].test_heuristic) == {info["heuristic"]}
+
+
+def test_a_pool_subset_keeps_each_rows_place_in_the_pool(nli):
+    """``--max_pool_samples``: the steps' ids are positions in the seeded subset; its ``pool_row`` (recorded as the
+    recipe's ``pool_rows``) gives each one's row in the whole pool, which could not be traced back before."""
+    from types import SimpleNamespace
+
+    from hf_fastif.applications.augmentation import pool_dataset
+
+    pool = nli["pool"]
+    setup = SimpleNamespace(pool=pool, args=SimpleNamespace(seed=3))
+    subset, _ = pool_dataset(PoolArguments(max_pool_samples=10), None, setup)
+    rows = list(subset["pool_row"])
+    assert len(rows) == 10 and rows == sorted(set(rows)) and rows != list(range(10))
+    for position, row in enumerate(rows):
+        assert subset[position]["input_ids"] == pool[row]["input_ids"]
+        assert subset[position]["premise"] == pool[row]["premise"]
+    whole, _ = pool_dataset(PoolArguments(), None, setup)
+    assert "pool_row" not in whole.column_names  # (the whole pool: positions are rows)

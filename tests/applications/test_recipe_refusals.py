@@ -280,10 +280,11 @@ def test_training_under_a_cpu_launch_needs_use_cpu_and_splits_the_batch(tmp_path
             _, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
         assert args.per_device_train_batch_size == share
         assert f"each takes {share}, so the optimizer steps on {rows} rows, not 32" in captured.out
-    with CaptureLogger(prepare_module.logger) as captured:
-        prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path),
-                                                      "--per_device_train_batch_size", "8"])
-    assert "does not split evenly" not in captured.out
+    for given in ("8", "1"):  # (1: the share itself, given: it was warned of as if chosen for the user)
+        with CaptureLogger(prepare_module.logger) as captured:
+            prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path),
+                                                          "--per_device_train_batch_size", given])
+        assert "does not split evenly" not in captured.out
     monkeypatch.setattr(D, "world", lambda: (0, 1))
     _, args = prepare_module.parse_recipe("visualize", [], ["--quick", "--output_dir", str(tmp_path)])
     assert args.per_device_train_batch_size == 32

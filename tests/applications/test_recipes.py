@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.testing_utils import CaptureLogger
 
 from hf_fastif import InfluenceTable
 
@@ -235,14 +236,14 @@ def test_quickstart_main_process_alone_prints(tmp_path, capsys, monkeypatch):
     assert len(main.to_pandas()) == 30 and np.allclose(main.to_pandas()["influence"], other.to_pandas()["influence"])
 
 
-def _fail_on_call(monkeypatch, owner, name: str, failing_call: int):
-    """``owner.name`` raising a ValueError on its ``failing_call``-th call (1-based), as it was otherwise."""
+def _fail_on_call(monkeypatch, owner, name: str, failing_call: int, error: type = ValueError):
+    """``owner.name`` raising ``error`` on its ``failing_call``-th call (1-based), as it was otherwise."""
     original, calls = getattr(owner, name), []
 
     def patched(*args, **kwargs):
         calls.append(1)
         if len(calls) == failing_call:
-            raise ValueError("a late failure (a test)")
+            raise error("a late failure (a test)")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, patched)
@@ -272,6 +273,32 @@ def test_a_late_failure_writes_the_finished_runs_and_raises(tmp_path, monkeypatc
               "1", "--num_incorrect", "1"])
     results = _outputs(tmp_path / "s", "simulatability")
     assert len(results["points"]) == 1 and "(1 of 2 test points finished" in results["stopped"]
+
+    # an interrupt (Ctrl-C: how a long run is mostly stopped) keeps them too; a partial report whose cells hold other
+    # replica counts says so (a cell of 1 read "± 0.0" over "2 replicas")
+    _fail_on_call(monkeypatch, correction._Corrector, "run", 4, KeyboardInterrupt)
+    main = load_recipe("hans_correction").main
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--output_dir", str(tmp_path / "k"), *TINY_FLAGS, "--heuristics", "lexical_overlap",
+              "--strategies", "helpful", "random", "--replicas", "2"])
+    results = _outputs(tmp_path / "k", "hans_correction")
+    assert [(r["strategy"], r["replica"]) for r in results["runs"]] == [("helpful", 0), ("random", 0), ("helpful", 1)]
+    assert "by KeyboardInterrupt: a late failure" in results["stopped"]
+    assert "1 to 2 replicas, by cell" in (tmp_path / "k" / "hans_correction.md").read_text()
+
+    # a report that cannot be written is logged; the error that stopped the protocol is what is raised
+    from hf_fastif.applications import report
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device (a test)")
+
+    _fail_on_call(monkeypatch, correction._Corrector, "run", 2)
+    monkeypatch.setattr(report, "write_report", full_disk)
+    with pytest.raises(ValueError, match="a late failure"), CaptureLogger(report.logger) as captured:
+        main(["--quick", "--output_dir", str(tmp_path / "w"), *TINY_FLAGS, "--heuristics", "lexical_overlap",
+              "--strategies", "helpful", "random"])
+    assert "could not be written (OSError: [Errno 28] No space left on device (a test))" in captured.out
+    monkeypatch.undo()
 
     _fail_on_call(monkeypatch, correction._Corrector, "run", 1)  # nothing finished: nothing written
     main = load_recipe("hans_correction").main
