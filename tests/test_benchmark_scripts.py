@@ -14,6 +14,7 @@ import pytest
 import hf_fastif.recall as recall_module
 from benchmarks import (
     core,
+    default_solvers,
     device_agreement,
     device_costs,
     device_step,
@@ -72,8 +73,9 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(module, first_w
     (paper_table, "prepare", ["--digits_train", "1797"], "1797 training \\+ 4 test rows"),
     (parallel, "workload", ["--num_test", "5000"], "--num_test 5000 exceeds the 1200 HANS-style test rows"),
     (parallel, "workload", ["--num_test", "0"], "--num_test must be at least 1"),
+    (default_solvers, "train_embedded", ["--num_test_points", "0"], "--num_test_points and --threads must be"),
 ], ids=["core loop", "core heads", "per_test_point", "recall", "core digits", "core minilm", "paper table digits",
-        "parallel rows", "parallel none"])
+        "parallel rows", "parallel none", "default solvers"])
 def test_own_sizes_are_refused_before_the_model_work(module, first_work, argv, message, tmp_path, monkeypatch):
     """Sizes past what there is failed with IndexError / numpy errors after the model was trained or fine-tuned; digits
     splits past the 1,797 rows silently scored fewer test rows, or none."""
@@ -289,6 +291,19 @@ def test_minilm_head_anchor_quick():
     assert (result["num_train"], result["num_test"]) == (24, 2)
     assert rows["exact"]["spearman_vs_loo"] > 0.95 > rows[digits_anchor.NO_INVERSE]["spearman_vs_loo"]
     assert rows["exact"]["spearman_vs_exact"] == pytest.approx(1.0)
+
+
+def test_default_solvers_quick(tmp_path):
+    """benchmarks.default_solvers on the tiny model: every variant scores every row; the reference (CG) agrees with
+    itself, the others are measured against it; the report is written."""
+    report = default_solvers.main(["--quick", "--output_dir", str(tmp_path)])
+    names = [row["s_test"] for row in report["rows"]]
+    assert names[0] == "cg at λ = 5 (the reference)" and len(names) == 6 and names[1].startswith("the default: lissa")
+    first = report["rows"][0]
+    assert first["spearman_vs_cg"] == first["min_spearman"] == first["top10_helpful_overlap"] == 1.0
+    assert all(-1 <= row["min_spearman"] <= row["spearman_vs_cg"] <= 1 and row["seconds"] > 0 for row in report["rows"])
+    assert (report["n_train"], len(report["test_rows"])) == (300, 2)
+    assert "| s_test |" in (tmp_path / "default_solvers.md").read_text()
 
 
 def test_parallel_quick_runs_two_processes(tmp_path, capsys):
