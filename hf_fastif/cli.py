@@ -64,7 +64,7 @@ from .embedded import (
 from .engine import InfluenceEngine
 from .gradient_index import check_projection_dim
 from .params import num_parameters, select_parameters
-from .parsing import HELP_FLAGS, check_positive_counts, parse_with_defaults
+from .parsing import HELP_FLAGS, check_positive_counts, flag_given, parse_with_defaults
 from .recall import (
     MINILM_RECALL_N_TRAIN,
     MINILM_RECALL_SETTINGS,
@@ -203,7 +203,7 @@ def run_build(ns: argparse.Namespace) -> int:
         if build.train_dataset or build.test_dataset:
             raise ValueError("--train_dataset / --test_dataset need --model_name_or_path (the model trained on that "
                              "data).")
-        if _given(ns.argv, "--shard_size"):
+        if flag_given(ns.argv, "--shard_size"):
             raise ValueError("--shard_size needs --model_name_or_path: the embedded default computes its 30 test rows "
                              "in one piece (a rerun reuses the fine-tuned model, and a finished build whole). Drop it.")
         kind = embedded_kind(build.embedded_model).name
@@ -223,16 +223,6 @@ def run_build(ns: argparse.Namespace) -> int:
     print(f"influence table ({len(table):,} rows, {len(table.test_ids)} test ids) -> {out / 'table'}")
     print(f"next: hf-fastif show {out / 'table'} --test-id {table.test_ids[0] if len(table) else 0}")
     return 0
-
-
-def _given(argv: list[str], flag: str) -> bool:
-    """Whether ``argv`` sets ``flag`` (``--shard_size``), as argparse reads it: also ``--shard-size``, ``=value``, and
-    an abbreviation it accepted (a prefix argparse resolved uniquely, so to this flag)."""
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--") and len(name) > 2 and flag.startswith("--" + name[2:].replace("-", "_")):
-            return True
-    return False
 
 
 MODEL_BUILD_ENTRIES = {"table": "folder", "build": "folder"}
@@ -539,7 +529,7 @@ def add_recall(sub) -> None:
 def run_recall(ns: argparse.Namespace) -> int:
     recall, args = parse_with_defaults(ns.parser, ns.argv, recall_defaults)
     # --output_dir given: recall.json and recall.md go there (it was accepted and nothing was written)
-    out = check_output_dir(args.output_dir) if _given(ns.argv, "--output_dir") else None
+    out = check_output_dir(args.output_dir) if flag_given(ns.argv, "--output_dir") else None
     methods = check_methods(recall.methods)
     for spec in recall.ks:
         parse_k(spec)

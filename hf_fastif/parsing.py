@@ -72,6 +72,16 @@ def parse_with_defaults(parser: HfArgumentParser, argv: Sequence[str] | None = N
         exit_with_error(parser.prog, err)
 
 
+def flag_given(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``argv`` sets ``flag`` (``--shard_size``), as argparse reads it: also ``--shard-size``, ``=value``, and
+    an abbreviation it accepted (a prefix argparse resolved uniquely, so to this flag)."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and flag.startswith("--" + name[2:].replace("-", "_")):
+            return True
+    return False
+
+
 def check_output_flag(output_dir: str, argv: Sequence[str] | None) -> None:
     """`check_output_dir` of a command's ``--output_dir`` right after the parse: on the real command line (``argv``
     None) its refusal (an existing file) is one line and exit status 2, as the parse's own (`parse_with_defaults`)."""

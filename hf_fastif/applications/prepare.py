@@ -61,7 +61,14 @@ from ..embedded import (
     minilm_description,
     train_embedded_model,
 )
-from ..parsing import check_flags, check_output_flag, check_positive_counts, flag_refusals, parse_arguments
+from ..parsing import (
+    check_flags,
+    check_output_flag,
+    check_positive_counts,
+    flag_given,
+    flag_refusals,
+    parse_arguments,
+)
 from ..trainer import InfluenceTrainer
 from ..utils import check_output_dir, pin_memory_default
 from .common import ApplicationData, check_num_labels, heuristics_in, model_report
@@ -195,9 +202,12 @@ class Setup:
         return time.perf_counter() - self.started
 
 
-def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argparse.Namespace], dict]:
+def recipe_defaults(name: str, protocols: Sequence[type] = (),
+                    argv: Sequence[str] | None = None) -> Callable[[argparse.Namespace], dict]:
     """The defaults of a recipe's flags as a function of a first parse (see `hf_fastif.parsing`): the embedded
-    default's settings for ``name`` (hf_fastif.embedded) or the paper's, then ``--quick``'s sizes."""
+    default's settings for ``name`` (hf_fastif.embedded) or the paper's, then ``--quick``'s sizes. Under a launch
+    the setup's batch is split over the processes, with a warning where they do not divide it and ``argv`` (the
+    command line, default ``sys.argv[1:]``) does not give ``--per_device_train_batch_size``."""
 
     def defaults(first: argparse.Namespace) -> dict:
         out = RECIPE_DEFAULTS | {"output_dir": f"outputs/{name}", "dataloader_pin_memory": pin_memory_default()}
@@ -220,7 +230,14 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
             # predicted one class: every HANS cell 50.0)
             batch = out["per_device_train_batch_size"]
             out["per_device_train_batch_size"] = share = max(1, batch // processes)
-            defaults.uneven_split = (batch, share, processes) if share * processes != batch else None
+            given = flag_given(sys.argv[1:] if argv is None else argv, "--per_device_train_batch_size")
+            # (3 processes stepped on 30 rows, 64 on 64, without a word)
+            if share * processes != batch and not given and D.is_main_process():
+                logger.warning(
+                    f"The setup's batch of {batch} rows does not split evenly over {processes} processes: each takes "
+                    f"{share}, so the optimizer steps on {share * processes} rows, not {batch}. Launch a number of "
+                    f"processes that divides {batch}, or give --per_device_train_batch_size (each process's rows) to "
+                    "choose.")
         return out
 
     return defaults
@@ -229,19 +246,8 @@ def recipe_defaults(name: str, protocols: Sequence[type] = ()) -> Callable[[argp
 def parse_recipe(name: str, protocols: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """``(ModelDataArguments, *protocols, InfluenceArguments)`` from the command line of recipe ``name``
     (``recipes/<name>.py``; results go to ``outputs/<name>`` unless ``--output_dir`` says otherwise)."""
-    defaults = recipe_defaults(name, protocols)
-    parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv, defaults)
-    # the setup's batch over processes that do not divide it, left as split (3 processes stepped on 30 rows, 64 on
-    # 64, without a word)
-    split = getattr(defaults, "uneven_split", None)
-    given = any(a.split("=")[0] in ("--per_device_train_batch_size", "--per-device-train-batch-size")
-                for a in (sys.argv[1:] if argv is None else argv))
-    if split is not None and not given and D.is_main_process():
-        batch, share, processes = split
-        logger.warning(f"The setup's batch of {batch} rows does not split evenly over {processes} processes: each "
-                       f"takes {share}, so the optimizer steps on {share * processes} rows, not {batch}. Launch a "
-                       f"number of processes that divides {batch}, or give --per_device_train_batch_size (each "
-                       "process's rows) to choose.")
+    parsed = parse_arguments((ModelDataArguments, *protocols, InfluenceArguments), argv,
+                             recipe_defaults(name, protocols, argv))
     check_output_flag(parsed[-1].output_dir, argv)  # an existing file: refused now, not when the results are written
     # flags the embedded default cannot take: one line on the command line too (a traceback, after loading)
     check_flags(lambda: _check_embedded_flags(parsed[0], parsed[-1]), argv)
