@@ -22,10 +22,10 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from hf_fastif import InfluenceArguments, compute_influences
 from hf_fastif.embedded import embedded_data, embedded_defaults, embedded_kind, train_embedded
+from hf_fastif.quality import agreement, dense_reference, influence_by_test
 
 from .arguments import output_folder, parse_with_defaults
 from .report import rows_table, save_and_print
@@ -85,28 +85,21 @@ def main(argv: list[str] | None = None) -> dict:
     rows = np.sort(np.random.default_rng(args.seed).choice(len(hans), own.num_test_points, replace=False))
     model, train, test = trainer.model.eval(), tokenized["train"], hans.select(rows)
 
-    matrices, seconds = {}, {}
+    estimates, seconds = {}, {}
     for name, changes in variants(args, own.quick).items():
         start = time.perf_counter()
         table = compute_influences(model, train, test, replace(args, influence_knn_k=None, **changes),
                                    data_collator=trainer.data_collator)
         seconds[name] = time.perf_counter() - start
-        frame = table.to_pandas()
-        matrices[name] = np.full((len(test), len(train)), np.nan)
-        matrices[name][frame.test_id.to_numpy(), frame.train_id.to_numpy()] = frame.influence.to_numpy()
+        estimates[name] = influence_by_test(table, len(test))
         print(f"{name}: {seconds[name]:.1f} s", flush=True)
-    reference = next(iter(matrices.values()))
-
-    def helpful(m: np.ndarray, t: int) -> set:
-        return set(np.argsort(m[t])[:TOP].tolist())
+    reference = dense_reference(next(iter(estimates.values())), len(train))  # (every row scored once, or refused)
 
     results = []
-    for name, m in matrices.items():
-        rhos = [float(spearmanr(m[t], reference[t]).statistic) for t in range(len(test))]
-        results.append({"s_test": name, "spearman_vs_cg": float(np.mean(rhos)), "min_spearman": min(rhos),
-                        f"top{TOP}_helpful_overlap": float(np.mean([len(helpful(m, t) & helpful(reference, t)) / TOP
-                                                                    for t in range(len(test))])),
-                        "seconds": seconds[name]})
+    for name, per_test in estimates.items():
+        found = agreement(reference, per_test, ns=(TOP,))
+        results.append({"s_test": name, "spearman_vs_cg": found["spearman"], "min_spearman": found["spearman_min"],
+                        f"top{TOP}_helpful_overlap": found[f"recall@{TOP} helpful"], "seconds": seconds[name]})
     report = {"command": "python -m benchmarks.default_solvers " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": kind.description, "n_train": len(train), "test_rows": rows.tolist(), "ready_s": ready_s,
               "lambda": args.influence_lambda, "torch_threads": own.threads, "rows": results}
