@@ -87,14 +87,14 @@ def check_feature_methods(model: nn.Module, methods) -> None:
     (`causal_states`): ``cls``, ``pooler``, and ``auto`` where the model has a pooler (a BERT built as a decoder).
     That state sees the first token alone, so every row that starts with the same token (a BOS) had the same
     feature and the same k nearest rows, unsaid (a review's GPT-2: rows 0-4 for every test row)."""
-    base = getattr(transformers_model(model), "base_model", None)
-    pooled = getattr(base, "pooler", None) is not None
+    target = transformers_model(model)
+    pooled = getattr(getattr(target, "base_model", None), "pooler", None) is not None
     first = [m for m in methods if m in ("cls", "pooler") or (m == "auto" and pooled)]
-    if first and causal_states(model):
+    if first and causal_states(target):
         raise ValueError(
             f"influence_knn_features={first[0]!r} reads the first token's state"
             + (" (through the model's pooler)" if first[0] != "cls" else "")
-            + f", and {type(transformers_model(model)).__name__}'s attention is causal: that state sees the first "
+            + f", and {type(target).__name__}'s attention is causal: that state sees the first "
             "token alone, so rows that start alike (with a BOS token, every row) would share one feature and one set "
             "of nearest rows. Use 'last' (the last real token's state, 'auto''s choice for a causal LM), 'mean', or "
             "'gradient'.")
