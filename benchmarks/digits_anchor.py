@@ -23,7 +23,7 @@ from hf_fastif.ground_truth import (
     leave_one_out_loss_changes,
 )
 from hf_fastif.pretrained import load_minilm_for_sequence_classification, load_minilm_tokenizer
-from hf_fastif.quality import influence_by_test
+from hf_fastif.quality import dense_reference, influence_by_test
 
 WEIGHT_DECAY = 0.005  # the reference code's explicit L2 term
 NO_INVERSE = "no H⁻¹ (λ = 1e6: the gradient dot product)"
@@ -52,13 +52,6 @@ MINILM_SOLVERS = {
 
 def _measurement(outputs, batch):
     return F.cross_entropy(outputs["logits"], batch["labels"], reduction="none")
-
-
-def _matrix(table, num_test: int, num_train: int) -> np.ndarray:
-    out = np.zeros((num_test, num_train))
-    for t, (ids, values) in enumerate(influence_by_test(table, num_test)):
-        out[t, ids] = values
-    return out
 
 
 def ground_truth_anchor(num_train: int, num_test: int, lds_subsets: int, seed: int = 0) -> dict:
@@ -129,7 +122,7 @@ def solver_agreement(model, head: LogisticRegression, train, test, tensors, solv
         start = time.perf_counter()
         table = compute_influences(model, train, test, args, measurement_fn=_measurement, data_collator=data_collator)
         seconds = time.perf_counter() - start
-        matrices[name] = _matrix(table, len(test), n)
+        matrices[name] = dense_reference(influence_by_test(table, len(test)), n)
         # removing a helpful row (negative influence) raises the test loss: compare -influence with leave-one-out
         rows.append({"solver": name, "seconds": seconds, "lambda": args.influence_damping * args.influence_scale,
                      "spearman_vs_loo": mean_spearman(-matrices[name], loo.T), "lds": lds(matrices[name])})
