@@ -34,7 +34,7 @@ import pathlib
 import re
 import types
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -183,7 +183,7 @@ def module_state_description(model: nn.Module) -> tuple:
     try:
         parts = []  # (tuples throughout: only a list the modules hold may grow, `settings_differences`)
         for name, module in model.named_modules():
-            public = [(k, v) for k, v in vars(module).items() if k not in STATE_IGNORED and not k.startswith("_")]
+            public = _public_attributes(module)
             attributes = tuple(sorted((k, v) for k, v in public if isinstance(v, _SCALARS)))
             # a tensor or array held as a plain attribute (not a parameter or buffer), alone or in a container, or
             # a settings container, which a hook or a patched forward reads (a steering vector set as module.steer,
@@ -205,6 +205,21 @@ def module_state_description(model: nn.Module) -> tuple:
     finally:
         _MODULE_NAMES.reset(names)
     return tuple(parts)
+
+
+def _public_attributes(module: nn.Module) -> list[tuple[str, object]]:
+    """A module's public attributes but `STATE_IGNORED` (its plain settings live there: a LayerNorm's ``eps``, a loss
+    module's ``label_smoothing``)."""
+    return [(k, v) for k, v in vars(module).items() if k not in STATE_IGNORED and not k.startswith("_")]
+
+
+def module_settings(module: nn.Module) -> tuple:
+    """The plain settings (`_SCALARS` among `_public_attributes`) of a module and each of its submodules, by name: what
+    a module outside the model computes with beside its tensors (``nn.CrossEntropyLoss(label_smoothing=0.1)`` in a
+    loss function: changed in place, or another value in the next process, it was served the first one's Hessian,
+    13% off)."""
+    return tuple((name, tuple(sorted((k, v) for k, v in _public_attributes(m) if isinstance(v, _SCALARS))))
+                 for name, m in module.named_modules())
 
 
 def description_key(description) -> str:
@@ -367,8 +382,9 @@ def _describe_value(value, depth: int = 0):
         return {key(k): _describe_value(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: key(kv[0]))}
     if isinstance(value, (set, frozenset)) and _PORTABLE.get():  # (a set's repr orders by hash: per process)
         return {type(value).__name__: sorted((_describe_value(v, depth + 1) for v in value), key=repr)}
-    if isinstance(value, nn.Module):
-        return "module:" + type(value).__qualname__ + ":" + model_fingerprint(value)
+    if isinstance(value, nn.Module):  # (its tensors and config, and its plain settings: a loss module's smoothing)
+        return ("module:" + type(value).__qualname__ + ":" + model_fingerprint(value) + ":"
+                + description_key(module_settings(value)))
     if inspect.ismodule(value) or inspect.isclass(value):  # (reached through an object's attributes: by name)
         return f"{type(value).__qualname__}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}" \
             if inspect.isclass(value) else f"module:{value.__name__}"
@@ -573,9 +589,10 @@ def _repr_or_identity(value) -> str:
 
 def _read_globals(fn, depth: int) -> dict:
     """The module-level values a function reads (class weights in a global tensor, a temperature, a helper function
-    it calls, recursively), so that changing one changes its fingerprint. Values without content to hash (modules,
-    classes, other objects) count by their type's name only: a repr with an address would differ between processes,
-    and a build resumed in a new process would look like another build."""
+    it calls, recursively), so that changing one changes its fingerprint. Imported modules and classes are left out
+    (library code); another object counts by its type and public plain attributes (`_global_object`), never by a
+    repr with an address, which would differ between processes: a build resumed in a new process would look like
+    another build."""
     names = _loaded_globals(fn.__code__)
     scope = getattr(fn, "__globals__", {})
     out = {}
@@ -584,9 +601,27 @@ def _read_globals(fn, depth: int) -> dict:
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
         hashed = (_plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
-                  or _is_tokenizer(value))  # (a collator lambda padding with a global tokenizer: its padding side)
-        out[name] = _describe_value(value, depth) if hashed and not _beyond(depth) else type(value).__qualname__
+                  or _is_tokenizer(value) or dataclasses.is_dataclass(value))  # (a collator lambda padding with a
+        # global tokenizer: its padding side; a settings dataclass)
+        if _beyond(depth):
+            out[name] = type(value).__qualname__
+        elif hashed:
+            out[name] = _describe_value(value, depth)
+        else:  # another object (a script's settings: CFG.temperature, an argparse Namespace): its public plain
+            # attributes, without its address (a loss reading one was keyed by the type's name alone: changed, the
+            # held engine served the old loss's Hessian, 20% off; and a build resumed with another value)
+            out[name] = _global_object(value, lambda v: _describe_value(v, depth + 1))
     return out
+
+
+def _global_object(value, describe: Callable) -> object:
+    """A module-level object a function reads, as `_read_globals` and `_settings` describe it: its type and its public
+    plain attributes (`_plain_attribute`: values, tensors, arrays, modules, containers of values), each by
+    ``describe``; others (a logger's handlers, a parent object) by their type's name. No address, so processes agree
+    (a build's manifest, a launch's check); an object without attributes Python can see counts by its type."""
+    attributes = {str(k): describe(v) if _plain_attribute(v) else type(v).__qualname__
+                  for k, v in _attributes(value).items() if not str(k).startswith("_")}
+    return {type(value).__qualname__: dict(sorted(attributes.items()))} if attributes else type(value).__qualname__
 
 
 @functools.lru_cache(maxsize=4096)
@@ -644,8 +679,10 @@ def _settings(value, depth: int = 0):
     directly or in a dict counts by its values (a steering vector changed in place: `_data_settings`); one in a list
     by its values among the first entries, else by its identity and in-place version (`_list_entry`: a hook's record
     of activations). A module
-    counts by its name in the model being described (a forward replaced by another layer's bound forward), else by its
-    type (the model itself is keyed by its tensors); classes by their type."""
+    counts by its name in the model being described (a forward replaced by another layer's bound forward; the model
+    itself is keyed by its tensors), another (a criterion, a probe a hook applies) by its plain settings
+    (`module_settings`) and tensors; classes by their type; a module-level object a function reads that none of these
+    describe, by its public plain attributes (`_global_object`)."""
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, np.generic):  # (a numpy integer: by its value, as its repr shows it)
@@ -655,7 +692,11 @@ def _settings(value, depth: int = 0):
     if isinstance(value, nn.Module):  # (the model's own module by its name in it: a forward replaced by another
         # layer's bound forward; the model itself is keyed by its tensors)
         name = (_MODULE_NAMES.get() or {}).get(id(value))
-        return type(value).__qualname__ if name is None else f"module:{name}"
+        if name is not None:
+            return f"module:{name}"
+        # a module outside the model (a criterion, a probe a hook applies): its plain settings and tensors
+        return (type(value).__qualname__, module_settings(value),
+                tuple((k, _data_settings(t)) for k, t in itertools.chain(value.named_parameters(), value.named_buffers())))
     if isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype != object):
         return _data_settings(value)  # held directly (a steering vector, a token-id map): by its values
     if depth > MAX_DEPTH or inspect.ismodule(value) or inspect.isclass(value) or isinstance(value, np.ndarray):
@@ -701,11 +742,13 @@ def _settings(value, depth: int = 0):
                     {str(k): _settings(v, depth + 1) for k, v in (getattr(value, "__kwdefaults__", None) or {}).items()})
         return (getattr(value, "__qualname__", ""), _code_digest(code),
                 tuple(_settings(v, depth + 1) for v in closure), defaults,
-                tuple((name, _settings(v, depth + 1)) for name, v in read
-                 if isinstance(v, (*_SCALARS, *_HELD_CONTAINERS, functools.partial, *_NAMESPACES))
-                 or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))),
-                # (a collator object it calls, a helper, a tensor, a settings namespace or dataclass; other objects:
-                # no)
+                tuple((name, _settings(v, depth + 1)
+                       if isinstance(v, (*_SCALARS, *_HELD_CONTAINERS, functools.partial, *_NAMESPACES, nn.Module))
+                       or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))
+                       else _global_object(v, lambda x: _settings(x, depth + 2)))
+                      for name, v in read if not inspect.ismodule(v)),
+                # (a collator object it calls, a helper, a tensor, a settings namespace or dataclass followed; other
+                # objects by their public plain attributes: a script's CFG.mask_id)
                 None if bound is None or inspect.ismodule(bound) else _settings(bound, depth + 1))
     # another object (a collator, one wrapped by a function, a settings object): its type and what it holds, and for
     # a callable one of this project's kind (a class defined outside the libraries), what its __call__ reads

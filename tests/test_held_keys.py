@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hf_fastif import InfluenceEngine
+from hf_fastif.fingerprint import portable_fingerprint
 from hf_fastif.influence import default_arguments
 from tests.tiny import VOCAB, make_token_dataset, pad_collator_for_tests, tiny_model, train_tiny
 
@@ -59,8 +60,33 @@ OPTIONS = argparse.Namespace(shift=0)
 TOKEN_MAP = list(range(300))  # a token-id map longer than `SETTINGS_BREADTH`, read by a collator function
 
 
+class Settings:  # a script's settings object: neither a dataclass nor a namespace
+    pass
+
+
+CFG = Settings()
+CFG.shift, CFG.temperature, CFG.scale = 0, 1.0, 1.0
+CRITERION = torch.nn.CrossEntropyLoss(reduction="none")
+
+
 def global_collate(rows):
     return shifted(TOKENIZER, rows, SETTINGS["shift"])
+
+
+def object_collate(rows):
+    return shifted(TOKENIZER, rows, CFG.shift)
+
+
+def tempered_loss(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs.logits / CFG.temperature, batch["labels"], reduction="none")
+
+
+def criterion_loss(outputs, batch):
+    return CRITERION(outputs.logits, batch["labels"])
+
+
+def scaling_hook(module, args, out):
+    return out * CFG.scale
 
 
 def namespace_collate(rows):
@@ -86,7 +112,8 @@ class Shifter:
 
 
 @pytest.mark.parametrize("how", ["closure dict", "bound method", "global dict", "global namespace",
-                                 "callable object reading a global dict", "closure tensor", "long global token map"])
+                                 "global settings object", "callable object reading a global dict", "closure tensor",
+                                 "long global token map"])
 def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypatch):
     """(A module-level ``argparse.Namespace``, a callable collator object whose ``__call__`` reads a module-level
     dict, and a tensor a collator closes over changed in place were not followed either: the held engine served the
@@ -115,6 +142,12 @@ def test_a_collator_changed_through_what_it_reaches_is_seen(data, how, monkeypat
 
         def change():
             OPTIONS.shift = 3
+    elif how == "global settings object":  # (by its type's name only: 3.4e-4 of the values off a fresh engine's)
+        monkeypatch.setattr(CFG, "shift", 0)
+        collate = object_collate
+
+        def change():
+            CFG.shift = 3
     elif how == "callable object reading a global dict":
         monkeypatch.setitem(SETTINGS, "shift", 0)
         collate = CallableShifter()
@@ -389,7 +422,7 @@ def test_a_hook_registered_during_a_call_is_seen_by_the_next(data):
             handles.append(model.bert.encoder.layer[0].output.register_forward_hook(lambda m, i, out: out + steer))
         return F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
 
-    args = default_arguments(**BASE)
+    args = default_arguments(**dict(BASE, influence_solver="exact"))  # (its eigendecomposition is kept between calls)
     try:
         with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as held:
             first = frame(held.compute_influences(train, test))
@@ -491,7 +524,7 @@ def test_a_setting_changed_during_a_call_keys_the_next_call_anew(data):
             options["alpha"] = 1.0
         return F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
 
-    args = default_arguments(**BASE)
+    args = default_arguments(**dict(BASE, influence_solver="exact"))  # (its eigendecomposition is kept between calls)
     try:
         with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as held:
             held.compute_influences(train, test)
@@ -753,3 +786,65 @@ def test_a_collator_moving_a_tensor_or_a_key_during_a_call_keys_the_next_call_an
         expected = frame(fresh.compute_influences(train, test))
     assert not np.allclose(first.influence, expected.influence, rtol=1e-6, atol=0)
     np.testing.assert_allclose(second.influence, expected.influence, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("how", ["a global settings object", "a global loss module's smoothing",
+                                 "a closed-over loss module's smoothing", "a hook reading a global settings object"])
+def test_what_a_loss_or_a_hook_reads_from_a_plain_object_or_a_loss_module_is_seen(data, how, monkeypatch):
+    """A loss dividing by ``CFG.temperature`` read from a module-level settings object (neither a dataclass nor a
+    namespace) and a loss module's ``label_smoothing`` set in place counted by the object's type name and by the
+    module's tensors only: a held engine served the old loss's Hessian (20% and 13% off a fresh engine's); a hook
+    reading ``CFG.scale`` kept the old states (7e-4)."""
+    model, train, test, collator = data
+    model = copy.deepcopy(model)
+    for name, value in (("temperature", 1.0), ("scale", 1.0)):
+        monkeypatch.setattr(CFG, name, value)
+    monkeypatch.setattr(CRITERION, "label_smoothing", 0.0)
+    closed = torch.nn.CrossEntropyLoss(reduction="none")
+    loss_fn, change, handle = None, None, None
+    if how == "a global settings object":
+        loss_fn, change = tempered_loss, lambda: setattr(CFG, "temperature", 3.0)
+    elif how == "a global loss module's smoothing":
+        loss_fn, change = criterion_loss, lambda: setattr(CRITERION, "label_smoothing", 0.3)
+    elif how == "a closed-over loss module's smoothing":
+        def loss_fn(outputs, batch):
+            return closed(outputs.logits, batch["labels"])
+
+        def change():
+            closed.label_smoothing = 0.3
+    else:
+        handle = model.bert.encoder.layer[0].output.register_forward_hook(scaling_hook)
+        change = lambda: setattr(CFG, "scale", 0.5)  # noqa: E731
+    args = default_arguments(**dict(BASE, influence_solver="exact"))  # (its eigendecomposition is kept between calls)
+    try:
+        with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as held:
+            before = frame(held.compute_influences(train, test))
+            change()
+            after = frame(held.compute_influences(train, test))
+        with InfluenceEngine(model, args, data_collator=collator, loss_fn=loss_fn) as fresh:
+            expected = frame(fresh.compute_influences(train, test))
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert not np.allclose(before.influence, expected.influence, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(after.influence, expected.influence, rtol=1e-10, atol=0)
+
+
+def test_what_is_kept_across_processes_tells_settings_objects_and_loss_modules_apart(monkeypatch):
+    """`portable_fingerprint` (a build's manifest, `load_caches`, a launch's check) of a loss reading another value
+    from a module-level settings object, or closing over a loss module with other settings, differs; the same values
+    in other objects (another process) give the same fingerprint. They were equal: a build resumed, or caches loaded,
+    with another temperature or smoothing were served the first one's (13% off)."""
+    def closing_over(criterion):
+        return lambda outputs, batch: criterion(outputs.logits, batch["labels"])
+
+    smoothed = [portable_fingerprint(closing_over(torch.nn.CrossEntropyLoss(label_smoothing=v))) for v in (0.0, 0.3, 0.3)]
+    assert smoothed[0] != smoothed[1] == smoothed[2]
+    seen = []
+    for value in (1.0, 3.0):
+        monkeypatch.setattr(CFG, "temperature", value)
+        seen.append(portable_fingerprint(tempered_loss))
+    fresh = Settings()
+    fresh.shift, fresh.temperature, fresh.scale = CFG.shift, 3.0, CFG.scale
+    monkeypatch.setitem(globals(), "CFG", fresh)  # (another object, the same values: as in another process)
+    assert seen[0] != seen[1] == portable_fingerprint(tempered_loss)
