@@ -148,7 +148,8 @@ class Explainer:
         table_settings: the table's ``influence_*`` settings (`LIVE_FROM_TABLE` are kept).
         label_names: label id → name.
         train_ids: the table's ``train_id`` of each row of ``train`` (default: the row numbers).
-        cache_dir: where `save_caches` writes the engine's caches and where they are read from now.
+        cache_dir: where `save_caches` writes the engine's caches and where they are read from now (unless
+            ``load`` is False: a new build, whose caches replace what is there).
         max_length: the token limit the table's pairs were cut to (`table_max_length`): the training rows and typed
             pairs are cut the same way.
 
@@ -159,7 +160,7 @@ class Explainer:
 
     def __init__(self, model, tokenizer, train: Dataset, table_settings: dict, label_names: list[str],
                  train_ids: np.ndarray | None = None, *, cache_dir: str | os.PathLike | None = None,
-                 max_length: int = NLI_MAX_LENGTH):
+                 max_length: int = NLI_MAX_LENGTH, load: bool = True):
         self.model, self.tokenizer, self.label_names = model.eval(), tokenizer, list(label_names)
         self.train, self.max_length = train, int(max_length)
         self.train_ids = np.arange(len(train)) if train_ids is None else np.asarray(train_ids)
@@ -182,7 +183,7 @@ class Explainer:
         self.loaded: list[str] = []
         self.saved = False
         self._lock = threading.Lock()
-        if self.cache_dir is not None:
+        if self.cache_dir is not None and load:
             self.loaded = self.load_caches()
 
     def _arguments(self, k: int) -> InfluenceArguments:
@@ -309,8 +310,10 @@ class Explainer:
 
     def table(self, test: Dataset) -> tuple[InfluenceTable, np.ndarray]:
         """``(influence table, predicted labels)`` of tokenized test rows over every training row's k candidates:
-        the default table, computed by the live engine (so its caches are built on the way)."""
+        the default table, computed by the live engine (so its caches are built on the way) with the live settings'
+        k, whatever k an `explain` call before it asked for."""
         with self._lock:
+            self.engine.args = self._arguments(self.settings["influence_knn_k"])
             table = self.engine.compute_influences(self.train_tokenized, test)
             predictions = predict(self.model, test, engine=self.engine).argmax(-1)
         return table, predictions

@@ -162,6 +162,16 @@ def test_a_typed_pair_is_explained_like_the_table_explains_its_own_rows(app) -> 
     assert "candidates with negative influence" in helpful_note and "positive influence" in harmful_note
 
 
+def test_the_default_table_takes_the_live_k_whatever_an_explanation_before_it_asked(app) -> None:
+    """`Explainer.table` ran with the engine's settings as the last `explain` call left them (its k)."""
+    explainer = app[1].state.explainer
+    test, *_ = explainer.encode("The judge admired the doctor.", "The doctor admired the judge.", 0)
+    assert explainer.explain("The judge admired the doctor.", "The judge slept.", 0, k=5, n=3).k == 5
+    table, _ = explainer.table(test)
+    live = min(int(explainer.settings["influence_knn_k"]), explainer.max_candidates)
+    assert live > 5 and len(table.for_test(0)) == live
+
+
 def test_bad_input_is_a_message_and_the_server_keeps_serving(app) -> None:
     from gradio_client.exceptions import AppError
 
