@@ -37,7 +37,7 @@ from .mode import uncompiled
 from .params import select_parameters
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
-from .utils import check_build_folder, to_json, write_atomic
+from .utils import check_build_folder, hold_build_lock, to_json, write_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -138,10 +138,22 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     model = uncompiled(model)
     out = check_build_folder(output_dir, {"table": "folder", "shards": "folder"}, "output_dir")  # (refused now: they
     # failed once every shard was computed)
-    shards = out / "shards"
     callables = {name: kwargs.get(name) for name in CALLABLES}
     signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
                                 callables)
+    lock = D.on_main(lambda: hold_build_lock(out), f"Claiming {out}")  # (held by the main process to the end)
+    try:
+        return _build_held(model, train_dataset, test_dataset, args, out, signature, shard_size, callables,
+                           trained_loss, kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_held(model, train_dataset, test_dataset, args, out: Path, signature: dict, shard_size: int,
+                callables: dict, trained_loss, kwargs: dict) -> InfluenceTable:
+    """`build_influence_table` once its folder's build lock is held."""
+    shards = out / "shards"
     fresh = _check_or_write_manifest(out, signature)
     digest = signature_digest(signature)
     test_identity = {"num_rows": len(test_dataset), "fingerprint": getattr(test_dataset, "_fingerprint", None),
@@ -249,8 +261,14 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
         (out / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(manifest, to_json({"signature": signature}, indent=2))
 
-    previous = json.loads(manifest.read_text(encoding="utf-8")).get("signature", {}) if existed else None
-    if existed and previous != signature and not any((out / "shards").glob(f"shard-*/{METADATA_FILE}")):
+    no_shard = not any((out / "shards").glob(f"shard-*/{METADATA_FILE}"))
+    try:
+        previous = _recorded_signature(manifest) if existed else None
+    except ValueError:
+        if not no_shard:
+            raise
+        previous = None  # (damaged, and nothing to keep apart: replaced as below)
+    if existed and previous != signature and no_shard:
         # a run stopped before its first shard (killed: no exception removed its manifest): nothing to keep apart
         logger.warning(f"{out} holds the manifest of another build that computed no shard; this build replaces it.")
         D.barrier()  # every process has read it before it is replaced
@@ -276,6 +294,22 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
         return False
     D.on_main(start, f"Writing {manifest}")
     return True
+
+
+def _recorded_signature(manifest: Path) -> dict:
+    """The build signature ``manifest`` records; one that cannot be read as a manifest (cut short by a crash, edited)
+    is refused naming it and what to do (a bare JSON error named neither)."""
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{manifest} cannot be read as a build's manifest ({err}): the shards beside it cannot be "
+                         "told to belong to this build. Delete the folder to start over, or use a new output_dir.") \
+            from err
+    signature = recorded.get("signature") if isinstance(recorded, dict) else None
+    if not isinstance(signature, dict):
+        raise ValueError(f"{manifest} is not a build's manifest (no build signature in it): delete the folder to "
+                         "start over, or use a new output_dir.")
+    return signature
 
 
 def _forget_manifest(out: Path) -> None:

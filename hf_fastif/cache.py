@@ -80,11 +80,11 @@ def is_staging(path: Path) -> bool:
     return _STAGING.fullmatch(path.name) is not None
 
 
-def remove_stale_staging(root: Path) -> list[Path]:
-    """Remove the staging folders (`is_staging`) of writes killed before they finished (SIGKILL leaves up to ~90 MB
-    each), untouched for `STALE_STAGING_S`; returns them."""
+def remove_stale_staging(root: Path, pattern: str = ".*", match=is_staging) -> list[Path]:
+    """Remove the staging folders (``pattern`` in ``root`` that ``match``; default `is_staging`) of writes killed
+    before they finished (SIGKILL leaves up to ~90 MB each), untouched for `STALE_STAGING_S`; returns them."""
     removed = []
-    for folder in [p for p in root.glob(".*") if is_staging(p)] if root.is_dir() else []:
+    for folder in [p for p in root.glob(pattern) if match(p)] if root.is_dir() else []:
         try:
             stale = folder.is_dir() and time.time() - _newest_change(folder) > STALE_STAGING_S
         except FileNotFoundError:  # removed meanwhile by its own process

@@ -472,8 +472,10 @@ class TrunkCache:
             finally:
                 os.close(handle)
             flat = torch.from_file(name, shared=True, size=size, dtype=hidden.dtype)
-        except (OSError, RuntimeError) as err:  # (torch.from_file: RuntimeError, e.g. 'File too large')
-            _remove_mapped(name, folder if temporary else None)
+        except BaseException as err:
+            _remove_mapped(name, folder if temporary else None)  # (Ctrl-C during a slow reservation left it behind)
+            if not isinstance(err, (OSError, RuntimeError)):  # (torch.from_file: RuntimeError, 'File too large')
+                raise
             where = directory if not temporary else f"the temporary folder {tempfile.gettempdir()}"
             raise OSError(f"Trunk states of {nbytes / 1e9:.2f} GB go to a memory-mapped file, and {where} cannot "
                           f"hold one ({err}): set influence_cache_dir to a writable folder with room for it (a file "

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+from filelock import FileLock, Timeout
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """The half-precision float dtypes: computed in float32 where precision matters (losses, digests, statistics)."""
@@ -145,6 +146,27 @@ def check_build_folder(directory: str | Path, entries: dict[str, str], flag: str
             raise ValueError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where the build writes its {name} "
                              f"{kind}; move it away, or build into another folder.")
     return folder
+
+
+BUILD_LOCK = ".hf_fastif_build.lock"
+"""The lock a build (`hf_fastif.builder.build_influence_table`, the embedded default's) holds on its folder."""
+
+
+def hold_build_lock(directory: Path) -> FileLock:
+    """Create ``directory`` and take its build lock (`BUILD_LOCK`), held until released: a second build into the
+    folder meanwhile is refused at once (two builds at a time each wrote over the other's files: one failed only at
+    assembly, all its work lost; two embedded builds both said they had finished over a mix of their files). A
+    folder that cannot be made or written is an `OSError` naming it and what to do (`write_error`)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(directory / BUILD_LOCK))
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"Another build is writing {directory} now: wait for it to end, or build into another "
+                         "folder.") from None
+    except OSError as err:
+        raise write_error(directory / BUILD_LOCK, err) from err
+    return lock
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object] | None = None, *,

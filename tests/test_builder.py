@@ -322,6 +322,49 @@ def test_a_per_process_build_resumed_with_other_processes_says_how_many(setup, p
         build_influence_table(model, train, test, tmp_path, per_process, shard_size=2, data_collator=pad_collator)
 
 
+def test_a_damaged_manifest_is_named_or_replaced_where_no_shard_depends_on_it(setup, pad_collator, tmp_path):
+    """An empty or cut-short build_manifest.json (a crash between write and flush) stopped a build with a bare
+    "Expecting value: line 1 column 1": it is named, with what to do, where shards lie beside it, and replaced with
+    a warning where none does (nothing to keep apart)."""
+    model, train, test = setup
+    test = test.select(range(2))
+    args = default_arguments(**(ARGS | {"influence_knn_k": None}))
+    build_influence_table(model, train, test, tmp_path, args, shard_size=1, data_collator=pad_collator)
+    manifest = tmp_path / builder.MANIFEST
+    for damaged in ("", '{"signature": {"cut', "[1, 2]"):
+        manifest.write_text(damaged)
+        with pytest.raises(ValueError, match=f"{manifest} (cannot be read as|is not) a build's manifest.*[Dd]elete the "
+                                             "folder to start over, or use a new output_dir"):
+            build_influence_table(model, train, test, tmp_path, args, shard_size=1, data_collator=pad_collator)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / builder.MANIFEST).write_text("")
+    table = build_influence_table(model, train, test, empty, args, shard_size=1, data_collator=pad_collator)
+    assert len(table.test_ids) == 2 and json.loads((empty / builder.MANIFEST).read_text())["signature"]
+
+
+def test_a_second_build_into_a_folder_another_is_writing_is_refused_at_once(setup, pad_collator, tmp_path,
+                                                                            monkeypatch):
+    """Two builds into one output_dir at a time each wrote the manifest and every shard over the other's, and one
+    failed only at assembly with all its work lost. A build holds the folder's lock from start to end."""
+    from filelock import FileLock
+
+    from hf_fastif.utils import BUILD_LOCK
+
+    model, train, test = setup
+    test = test.select(range(2))
+    args = default_arguments(**(ARGS | {"influence_knn_k": None}))
+    computed = []
+    monkeypatch.setattr(builder, "_write_shard", lambda *a: computed.append(a))
+    with FileLock(str(tmp_path / BUILD_LOCK)):
+        with pytest.raises(ValueError, match=f"Another build is writing {tmp_path} now: wait for it to end"):
+            build_influence_table(model, train, test, tmp_path, args, shard_size=1, data_collator=pad_collator)
+    assert not computed and not (tmp_path / builder.MANIFEST).exists()
+    monkeypatch.undo()
+    table = build_influence_table(model, train, test, tmp_path, args, shard_size=1, data_collator=pad_collator)
+    assert len(table.test_ids) == 2
+
+
 def test_parameters_selected_by_requires_grad_are_part_of_the_build(pad_collator, tmp_path):
     """influence_params=None selects what requires grad, which the weights' fingerprint does not see: a build
     resumed after more of the model was unfrozen (a model loaded again with from_pretrained) mixed shards over 34

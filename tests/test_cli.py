@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -513,6 +514,78 @@ def test_an_embedded_build_is_not_reused_once_another_build_replaced_its_table(t
     assert "reusing the finished build" not in capsys.readouterr().err
     table = InfluenceTable.load(out / "table")
     assert len(table.test_ids) == 2 and table.metadata["embedded_build"]["kind"] == "tiny"
+
+
+def test_an_embedded_build_leaves_folders_it_did_not_write_and_refuses_before_any_work(tiny_build, tmp_path, capsys,
+                                                                                        monkeypatch) -> None:
+    """A build deleted the user's own ``engine/`` folder without a word (and wrote into their ``model/``); a damaged
+    ready.json stopped it with a bare JSON error; a second build into a folder another one is writing went on, and
+    both said they had finished over a mix of their files; a folder it cannot write to failed with a bare errno once
+    the model was trained and the table computed. Each is now refused, naming the folder and what to do, before any
+    work."""
+    from filelock import FileLock
+
+    import hf_fastif.space.build as B
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the build started working")
+
+    monkeypatch.setattr(B, "embedded_data", no_work)
+    own = tmp_path / "own"
+    (own / "engine").mkdir(parents=True)
+    (own / "engine" / "important.py").write_text("keep me")
+    assert main(["build", "--output-dir", str(own), *TINY]) == 2
+    assert f"{own} holds engine that no embedded build wrote" in capsys.readouterr().err
+    assert (own / "engine" / "important.py").read_text() == "keep me"
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_build / "embedded", damaged)
+    (damaged / "ready.json").write_text("")
+    assert main(["build", "--output-dir", str(damaged), *TINY]) == 2
+    assert f"{damaged / 'ready.json'} cannot be read as a finished build's record" in capsys.readouterr().err
+
+    busy = tmp_path / "busy"
+    shutil.copytree(tiny_build / "embedded", busy)
+    with FileLock(str(busy / B.LOCK_FILE)):
+        assert main(["build", "--output-dir", str(busy), *TINY]) == 2
+    assert f"Another build is writing {busy} now" in capsys.readouterr().err
+    assert main(["build", "--output-dir", str(busy), *TINY]) == 0  # (the lock released: the finished build reused)
+    assert "reusing the finished build" in capsys.readouterr().err
+    assert not (busy / B.BUILDING_FILE).exists()
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(f"Could not write {path} ([Errno 30] Read-only file system): write to another folder.")
+
+    monkeypatch.setattr(B, "write_atomic", read_only)
+    assert main(["build", "--output-dir", str(tmp_path / "read-only"), *TINY]) == 2
+    assert "Read-only file system" in capsys.readouterr().err
+
+
+def test_an_interrupted_build_with_other_settings_leaves_the_finished_build_reusable(tiny_build, tmp_path, capsys,
+                                                                                     monkeypatch) -> None:
+    """A build with other settings deleted the finished build's ready.json and engine caches before it started: cut
+    short, the finished build was gone, and its own command computed it all again."""
+    import hf_fastif.space.build as B
+
+    out = tmp_path / "finished"
+    shutil.copytree(tiny_build / "embedded", out)
+    def entries():
+        return sorted(p.relative_to(out) for p in out.rglob("*") if p.name != B.LOCK_FILE)
+
+    before = entries()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(B, "train_embedded_model", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            main(["build", "--output-dir", str(out), *TINY[:-1], "9"])  # (another k)
+    assert (out / B.BUILDING_FILE).is_file()  # (the folder's entries are a build's: the next build may replace them)
+    capsys.readouterr()
+    assert main(["build", "--output-dir", str(out), *TINY]) == 0
+    assert "reusing the finished build" in capsys.readouterr().err
+    assert entries() == before and not (out / B.BUILDING_FILE).exists()
 
 
 def test_a_checkpoint_with_unnamed_labels_says_the_order_it_is_read_in(tiny_build, tmp_path, capsys) -> None:

@@ -17,6 +17,7 @@ import torch
 from hf_fastif import InfluenceEngine, InfluenceTrainer, compute_influences
 from hf_fastif.fingerprint import callable_fingerprint, model_fingerprint
 from hf_fastif.influence import default_arguments
+from hf_fastif.utils import write_atomic
 from tests.tiny import HEAD_ONLY, TOP, VOCAB, make_token_dataset, tiny_model, train_tiny
 
 BASE = dict(influence_params=TOP["bert"], influence_damping=0.05, influence_scale=20.0,
@@ -35,6 +36,14 @@ def pad_collator_module():
     from tests.tiny import pad_collator_for_tests
 
     return pad_collator_for_tests()
+
+
+def saved_file(folder: Path, prefix: str) -> Path:
+    """The one file `save_caches` wrote in ``folder`` whose name starts with ``prefix`` (its names carry the save's
+    token); a trunk's states, not their row table."""
+    found = [p for p in folder.iterdir() if p.name.startswith(prefix) and not p.name.endswith("-rows.npy")]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def candidates(table):
@@ -1296,7 +1305,7 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     first = InfluenceEngine(model, args, data_collator=pad_collator)
     expected = first.compute_influences(train, test).to_pandas()
     first.save_caches(tmp_path / "caches")
-    vectors = tmp_path / "caches" / "low_rank_vectors.npy"
+    vectors = saved_file(tmp_path / "caches", "low_rank_vectors-")
     vectors.write_bytes(vectors.read_bytes()[:100])  # truncated after the trunk states
     second = InfluenceEngine(model, args, data_collator=pad_collator)
     with caplog.at_level(logging.WARNING):
@@ -1308,7 +1317,7 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     indexed = InfluenceEngine(model, gradient, data_collator=pad_collator)
     with_index = indexed.compute_influences(train, test).to_pandas()
     indexed.save_caches(tmp_path / "indexed")
-    index = tmp_path / "indexed" / "gradient.faiss"
+    index = saved_file(tmp_path / "indexed", "gradient-")
     index.write_bytes(index.read_bytes()[:64])
     from hf_fastif.engine.saved_caches import CACHE_MANIFEST
 
@@ -1326,14 +1335,64 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "intact") == []
     # a value edited in place (same size, a valid array): served before, and it changed the influences
     first.save_caches(tmp_path / "edited")
-    states = np.load(tmp_path / "edited" / "trunk-0.npy")
+    edited_file = saved_file(tmp_path / "edited", "trunk-0-")
+    states = np.load(edited_file)
     states[0] += 1.0
-    np.save(tmp_path / "edited" / "trunk-0.npy", states)
+    np.save(edited_file, states)
     edited = InfluenceEngine(model, args, data_collator=pad_collator)
     with caplog.at_level(logging.WARNING):
         assert edited.load_caches(tmp_path / "edited") == []
-    assert "trunk-0.npy changed since it was saved" in caplog.text
+    assert f"{edited_file.name} changed since it was saved" in caplog.text
     assert edited.compute_influences(train, test).to_pandas().equals(expected)
+
+
+@pytest.mark.usefixtures("propagating")
+def test_a_save_cut_short_keeps_the_last_finished_one_and_no_save_leaves_files_behind(data, pad_collator, tmp_path,
+                                                                                      caplog, monkeypatch):
+    """save_caches removed the manifest first: a re-save interrupted (Ctrl-C) left a folder that loaded nothing,
+    said to be "not a save_caches folder"; and a save holding fewer caches left the earlier save's files (the
+    gradient index, the low-rank basis: GBs) named by no manifest, never removed."""
+    import hf_fastif.engine.saved_caches as S
+
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
+                             influence_knn_features="gradient", influence_projection_dim=64)
+    folder = tmp_path / "caches"
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+    expected = engine.compute_influences(train, test).to_pandas()
+    engine.save_caches(folder)
+    first = sorted(p.name for p in folder.iterdir())
+    calls = []
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:  # (the trunk states and their rows written: Ctrl-C)
+            raise KeyboardInterrupt
+        return write_atomic(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(S, "write_atomic", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            engine.save_caches(folder)
+    reader = InfluenceEngine(model, args, data_collator=pad_collator)
+    assert sorted(reader.load_caches(folder)) == ["gradient_index", "low_rank", "trunk", "trunk"]
+    assert reader.compute_influences(train, test).to_pandas().equals(expected)
+    assert reader.unused_loaded_caches() == []
+    plain = default_arguments(**BASE, influence_solver="cg", influence_knn_k=None)
+    fewer = InfluenceEngine(model, plain, data_collator=pad_collator)
+    fewer.compute_influences(train, test)
+    fewer.save_caches(folder)  # trunk states only: the earlier save's files, and the cut one's, are removed
+    left = sorted(p.name for p in folder.iterdir() if not p.name.startswith(("hf_fastif_caches", ".hf_fastif")))
+    assert left and all(name.startswith("trunk-") for name in left) and not set(left) & set(first)
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as patched:
+        patched.setattr(S, "write_atomic", interrupted)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            engine.save_caches(cut)
+    with caplog.at_level(logging.WARNING):
+        assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(cut) == []
+    assert "the save_caches that wrote its files was cut short before it finished" in caplog.text
 
 
 def test_loaded_caches_that_serve_no_call_are_reported_and_can_be_dropped_before_saving(data, pad_collator, tmp_path):
@@ -1368,15 +1427,17 @@ def test_loaded_caches_that_serve_no_call_are_reported_and_can_be_dropped_before
     assert again.unused_loaded_caches() == []  # all that was saved again serves
 
 
-def test_a_save_cut_short_leaves_nothing_to_load(data, pad_collator, tmp_path, monkeypatch):
-    """Saving over earlier caches removes their manifest first: a save that fails half way cannot pair the old keys
-    with the new arrays; the folder then loads nothing (and the caches are rebuilt)."""
+def test_a_save_that_fails_half_way_keeps_the_last_finished_one(data, pad_collator, tmp_path, monkeypatch):
+    """A save writes new files under names of its own and replaces the manifest last: one that fails half way (a
+    full disk) cannot pair the old keys with new arrays, and the last finished save still loads (it used to remove
+    the manifest first: the folder then loaded nothing)."""
     model, train, test = data
     args = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8)
     engine = InfluenceEngine(model, args, data_collator=pad_collator)
-    engine.compute_influences(train, test)
+    expected = engine.compute_influences(train, test).to_pandas()
     engine.save_caches(tmp_path / "caches")
-    assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "caches")
+    loaded = InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "caches")
+    assert loaded
 
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")
@@ -1385,7 +1446,9 @@ def test_a_save_cut_short_leaves_nothing_to_load(data, pad_collator, tmp_path, m
     with pytest.raises(OSError, match="No space left"):
         engine.save_caches(tmp_path / "caches")
     monkeypatch.undo()
-    assert InfluenceEngine(model, args, data_collator=pad_collator).load_caches(tmp_path / "caches") == []
+    reader = InfluenceEngine(model, args, data_collator=pad_collator)
+    assert reader.load_caches(tmp_path / "caches") == loaded
+    assert reader.compute_influences(train, test).to_pandas().equals(expected) and not reader.unused_loaded_caches()
 
 
 def test_a_cache_rebuilt_under_a_loaded_key_is_neither_served_nor_dropped(data, pad_collator, tmp_path, monkeypatch):
@@ -1554,7 +1617,7 @@ def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad
     assert loader.load_caches(tmp_path / "caches").count("trunk") == engine_module.trunk_states.MAX_TRUNK_CACHES
     assert len(loader._trunks) == engine_module.trunk_states.MAX_TRUNK_CACHES
     mapped = Path("/proc/self/maps").read_text()
-    assert str(tmp_path / "caches" / "trunk-0.npy") in mapped  # memory-mapped, beyond the (patched) limit
+    assert str(saved_file(tmp_path / "caches", "trunk-0-")) in mapped  # memory-mapped, beyond the (patched) limit
 
     class ReadOnly:  # a folder where the lock file cannot be made: read without it, as before the lock
         def __init__(self, path):
@@ -1594,7 +1657,7 @@ def test_a_failed_load_keeps_the_engines_own_caches_and_bf16_states_map(pad_coll
     monkeypatch.setattr(trunk_module, "MEMORY_LIMIT_BYTES", 0)
     mapped = InfluenceEngine(model, args, data_collator=pad_collator)
     assert "trunk" in mapped.load_caches(tmp_path / "caches")
-    assert str(tmp_path / "caches" / "trunk-0.npy") in Path("/proc/self/maps").read_text()
+    assert str(saved_file(tmp_path / "caches", "trunk-0-")) in Path("/proc/self/maps").read_text()
     assert mapped.compute_influences(train, test).to_pandas().equals(expected)
 
     own = InfluenceEngine(model, args, data_collator=pad_collator)

@@ -383,3 +383,55 @@ def test_a_tables_license_survives_pull_save_and_push(hub_server: HubServer, tmp
     del metadata["license"]  # a table saved before the metadata recorded it: its card's
     (tmp_path / "t" / "influence_metadata.json").write_text(json.dumps(metadata))
     assert InfluenceTable.load(tmp_path / "t").metadata["license"] == "cc-by-sa-4.0"
+
+
+STAGED = """
+import errno, json, os, sys
+from hf_fastif import InfluenceTable
+from hf_fastif.table import table as table_module
+
+folder, full = sys.argv[1], sys.argv[2] == "full"
+if full:
+    def no_room(self, directory, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    table_module.InfluenceTable.save = no_room
+try:
+    print(json.dumps({"commit": InfluenceTable.load(folder).push_to_hub("test-user/staged")}))
+except Exception as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+"""
+
+
+def test_a_push_stages_its_copy_first_and_removes_the_copies_killed_pushes_left(hub_server: HubServer,
+                                                                              tmp_path: Path) -> None:
+    """A push copies the table into $TMPDIR before uploading it: without room there it named a file in a folder the
+    user never chose, advised writing to another folder (a push cannot), and had already created an empty repo; and
+    a push killed by SIGTERM left its whole copy in $TMPDIR for good. Now the copy is made before the repo, its
+    failure names TMPDIR, and copies untouched for 6 hours are removed by the next push."""
+    import os
+    import time
+
+    from hf_fastif.cache import STALE_STAGING_S
+    from hf_fastif.table.hub import PUSH_STAGING
+
+    make_table(5).save(tmp_path / "table")
+    tmpdir = tmp_path / "tmpdir"
+    stale, fresh = tmpdir / f"{PUSH_STAGING}killed", tmpdir / f"{PUSH_STAGING}running"
+    for folder in (stale, fresh):
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / "shard.parquet").write_bytes(b"x" * 100)
+    old = time.time() - STALE_STAGING_S - 60
+    for path in (stale / "data" / "shard.parquet", stale / "data", stale):
+        os.utime(path, (old, old))
+    def push(mode: str) -> dict:
+        return run_client_json(STAGED, hub_server, tmp_path / "client", args=[str(tmp_path / "table"), mode],
+                               env={"TMPDIR": str(tmpdir)})
+
+    out = push("full")
+    assert out["error"].startswith("InfluenceTableError: Could not copy the table into the temporary folder "
+                                   f"{tmpdir} before uploading it (No space left on device)")
+    assert "set TMPDIR to a folder with room for the table" in out["error"]
+    assert "nothing was created on the Hub" in out["error"] and not hub_server.repo_exists("test-user/staged")
+    assert push("room")["commit"] and hub_server.repo_exists("test-user/staged")
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in tmpdir.iterdir() if p.name.startswith(PUSH_STAGING)) == [fresh.name]

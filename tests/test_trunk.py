@@ -211,6 +211,22 @@ def test_a_full_disk_under_the_mapped_trunk_file_raises(pad_collator, monkeypatc
     assert not list(tmp_path.iterdir())  # nor its temporary folder
 
 
+def test_ctrl_c_while_the_trunk_file_is_reserved_leaves_no_file(pad_collator, monkeypatch, tmp_path):
+    """A KeyboardInterrupt during the reservation (glibc writes every block where the file system lacks fallocate:
+    slow for GB files) skipped the clean-up, and the full-size file stayed in the folder."""
+    model, names, batcher, probe = setup("bert", TOP["bert"], pad_collator)
+    split, _ = T.find_split(model, names, probe)
+    monkeypatch.setattr(T, "MEMORY_LIMIT_BYTES", 1024)
+
+    def interrupted(handle, offset, length):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "posix_fallocate", interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        T.TrunkCache(split, batcher, key="k", directory=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("fallocate", [True, False])
 def test_a_file_size_limit_on_the_mapped_trunk_file_is_an_os_error(pad_collator, monkeypatch, tmp_path, fallocate):
     """Under a per-file size limit (RLIMIT_FSIZE) torch.from_file failed with a bare RuntimeError ('File too

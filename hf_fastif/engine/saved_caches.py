@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,9 @@ CACHE_MANIFEST = "hf_fastif_caches.json"
 
 
 CACHE_LOCK = ".hf_fastif_caches.lock"
+CACHE_FILES = ("trunk-*.npy", "low_rank_*.npy", "gradient*.faiss", ".trunk-*.tmp", ".low_rank_*.tmp", ".gradient*.tmp")
+"""The files `save_caches` writes (and `write_atomic`'s partial ones): those the manifest does not name are removed
+after each save."""
 
 
 @contextlib.contextmanager
@@ -81,9 +85,13 @@ class SavedCaches:
             return self._write_caches(folder)
 
     def _write_caches(self, folder: Path) -> Path:
-        # the manifest goes first, and comes back last: a save cut short leaves no manifest pairing old keys with
-        # new arrays (the folder then loads nothing, and the caches are rebuilt)
-        (folder / CACHE_MANIFEST).unlink(missing_ok=True)
+        # every file of this save is new, named by a token of its own, and the manifest naming them replaces the old
+        # one last; then the files no manifest names are removed. A save cut short leaves the last finished one
+        # whole (the manifest went first: an interrupted save lost it, and the folder then loaded nothing), files
+        # are never rewritten under a name another engine read from the manifest (it found the new gradient index
+        # under the old key's name), and a save holding fewer caches leaves no old files behind (GBs, named by no
+        # manifest, were never removed)
+        token = f"{time.time_ns():x}{os.getpid():x}"
         # the model's code: every key below holds its weights and config, not what its forward does (a
         # trust_remote_code model's modeling file edited between a save and a load was served the old states)
         manifest: dict = {"library_version": library_version(), "model_code": model_code_fingerprint(self.model),
@@ -98,32 +106,40 @@ class SavedCaches:
         for i, (key, cache) in enumerate(self._trunks.items()):
             # bfloat16 (which numpy lacks) as its raw 16-bit patterns: read back, it maps without a conversion
             raw = cache.flat.dtype == torch.bfloat16
-            save_array(f"trunk-{i}.npy", cache.flat.detach().cpu().view(torch.int16).numpy() if raw
+            stem = f"trunk-{i}-{token}"
+            save_array(f"{stem}.npy", cache.flat.detach().cpu().view(torch.int16).numpy() if raw
                        else _numpy(cache.flat))
-            save_array(f"trunk-{i}-rows.npy", np.stack([cache.lengths, cache.offsets]))
-            manifest["trunks"].append({"key": key, "file": f"trunk-{i}", "dtype": str(cache.flat.dtype), "raw": raw,
+            save_array(f"{stem}-rows.npy", np.stack([cache.lengths, cache.offsets]))
+            manifest["trunks"].append({"key": key, "file": stem, "dtype": str(cache.flat.dtype), "raw": raw,
                                        "per_row": cache.per_row})
         if self._low_rank is not None:
             key, (values, vectors) = self._low_rank
-            save_array("low_rank_values.npy", _numpy(values))
-            save_array("low_rank_vectors.npy", _numpy(vectors))
-            manifest["low_rank"] = {"key": key, "dtype": str(vectors.dtype)}
+            names = [f"low_rank_values-{token}.npy", f"low_rank_vectors-{token}.npy"]
+            save_array(names[0], _numpy(values))
+            save_array(names[1], _numpy(vectors))
+            manifest["low_rank"] = {"key": key, "dtype": str(vectors.dtype), "files": names}
         if self._gradient_index is not None:
             key, index = self._gradient_index
-            index.save(folder / "gradient.faiss")
-            manifest["gradient_index"] = {"key": key, "dtype": str(index.sketch.dtype)}
+            name = f"gradient-{token}.faiss"
+            index.save(folder / name)
+            manifest["gradient_index"] = {"key": key, "dtype": str(index.sketch.dtype), "file": name}
         elif self._saved_gradient_index is not None and saved_index_intact(self._saved_gradient_index):
-            # loaded but not read yet (it is read on first use): kept, not dropped from the new manifest
+            # loaded but not read yet (it is read on first use): kept, not dropped from the new manifest (a file of
+            # this folder under its own name: files here are never rewritten)
             key, path, dtype, digest = self._saved_gradient_index
-            target = folder / "gradient.faiss"
-            if path.resolve() != target.resolve():
-                shutil.copyfile(path, target)
-                self._saved_gradient_index = (key, target, dtype, digest)
-            manifest["gradient_index"] = {"key": key, "dtype": str(dtype)}
-        files += ["gradient.faiss"] if "gradient_index" in manifest else []
+            name = path.name
+            if path.parent.resolve() != folder.resolve():
+                name = f"gradient-{token}.faiss"
+                shutil.copyfile(path, folder / name)
+                self._saved_gradient_index = (key, folder / name, dtype, digest)
+            manifest["gradient_index"] = {"key": key, "dtype": str(dtype), "file": name}
+        files += [manifest["gradient_index"]["file"]] if "gradient_index" in manifest else []
         manifest["curvature"] = [[key, value] for key, value in self._curvature.items()]
         manifest["files"] = {name: cache_file_digest(folder / name) for name in files}
         write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
+        for path in folder.iterdir():  # what no manifest names now: an earlier save's, or one cut short
+            if path.name not in files and any(path.match(pattern) for pattern in CACHE_FILES):
+                path.unlink(missing_ok=True)
         return folder
 
     def load_caches(self, directory: str | os.PathLike) -> list[str]:
@@ -133,7 +149,10 @@ class SavedCaches:
         engine's own are left as they were."""
         folder = Path(directory)
         if not (folder / CACHE_MANIFEST).is_file():
-            found = "does not exist" if not folder.exists() else f"holds no {CACHE_MANIFEST} (not a save_caches folder)"
+            cut_short = folder.is_dir() and any(path.match(pattern) for path in folder.iterdir() for pattern in CACHE_FILES)
+            found = ("does not exist" if not folder.exists() else
+                     f"holds no {CACHE_MANIFEST}: the save_caches that wrote its files was cut short before it finished"
+                     if cut_short else f"holds no {CACHE_MANIFEST} (not a save_caches folder)")
             logger.warning(f"No engine caches loaded: {folder} {found}; they are computed when needed, and "
                            "engine.save_caches(folder) writes them for a later process.")
             return []
@@ -180,15 +199,18 @@ class SavedCaches:
             loaded.append("trunk")
         if "low_rank" in manifest:
             dtype = _dtype(manifest["low_rank"]["dtype"])
-            values = torch.from_numpy(np.load(folder / "low_rank_values.npy"))
-            vectors = torch.from_numpy(np.load(folder / "low_rank_vectors.npy")).to(device=device, dtype=dtype)
+            # (saves before 2026-12-07 named no files: they had fixed names)
+            names = manifest["low_rank"].get("files", ["low_rank_values.npy", "low_rank_vectors.npy"])
+            values = torch.from_numpy(np.load(folder / names[0]))
+            vectors = torch.from_numpy(np.load(folder / names[1])).to(device=device, dtype=dtype)
             self._low_rank = (_freeze(manifest["low_rank"]["key"]), (values, vectors))
             self._from_disk["low_rank", self._low_rank[0]] = False
             loaded.append("low_rank")
         if "gradient_index" in manifest:
             key = _freeze(manifest["gradient_index"]["key"])
-            self._saved_gradient_index = (key, folder / "gradient.faiss", _dtype(manifest["gradient_index"]["dtype"]),
-                                          manifest.get("files", {}).get("gradient.faiss"))
+            name = manifest["gradient_index"].get("file", "gradient.faiss")
+            self._saved_gradient_index = (key, folder / name, _dtype(manifest["gradient_index"]["dtype"]),
+                                          manifest.get("files", {}).get(name))
             self._from_disk["gradient_index", key] = False
             loaded.append("gradient_index")
         for key, value in manifest.get("curvature", []):

@@ -4,12 +4,15 @@ or reuses a finished build with the same settings (`build_config`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+from safetensors import SafetensorError
 from transformers import DataCollatorWithPadding
 from transformers.utils import logging
 
@@ -29,7 +32,7 @@ from ..embedded import (
 )
 from ..engine import InfluenceEngine
 from ..table import InfluenceTableError, read_metadata
-from ..utils import check_build_folder, library_version, to_json, write_atomic
+from ..utils import BUILD_LOCK, check_build_folder, hold_build_lock, library_version, to_json, write_atomic
 from .explainer import Explainer
 from .settings import CACHE_ENV, LIVE_SETTINGS
 
@@ -103,18 +106,30 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
     build = build_config(args, settings.name, sizes, max_test_samples, live)
     check_build_folder(directory, BUILD_ENTRIES, "The build folder")
     ready = directory / READY_FILE
-    if ready.is_file() and json.loads(ready.read_text()).get("config") == build:
-        missing = _missing_build_files(directory)
-        if _built_table(directory) == build and not missing:
-            progress(f"reusing the finished build in {directory} (the same settings and model)")
-            mark_used(ready)  # what `hf-fastif cache --unused-days` reads
-            return directory, None
-        logger.warning(f"{directory} does not hold the finished build {ready} records ("
-                       + (f"{', '.join(missing)} missing" if missing else "its table is another build's, or gone")
-                       + "): building again.")
-    directory.mkdir(parents=True, exist_ok=True)
-    ready.unlink(missing_ok=True)
-    shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
+    with contextlib.ExitStack() as held:
+        # the folder is this build's until it ends: a second build into it is refused at once (two at a time each
+        # wrote over the other's files and both said they had finished)
+        lock = on_main(lambda: _claim(directory), f"Claiming {directory}")
+        if lock is not None:
+            held.callback(lock.release)
+        if _recorded_config(ready) == build:
+            missing = _missing_build_files(directory)
+            if _built_table(directory) == build and not missing:
+                progress(f"reusing the finished build in {directory} (the same settings and model)")
+                mark_used(ready)  # what `hf-fastif cache --unused-days` reads
+                on_main(lambda: (directory / BUILDING_FILE).unlink(missing_ok=True), f"Releasing {directory}")
+                return directory, None
+            logger.warning(f"{directory} does not hold the finished build {ready} records ("
+                           + (f"{', '.join(missing)} missing" if missing else "its table is another build's, or gone")
+                           + "): building again.")
+        # (a finished build with other settings stays whole, and reusable, until this one writes over it)
+        return directory, _build(directory, args, settings, sizes, build, live, max_test_samples, progress)
+
+
+def _build(directory: Path, args: InfluenceArguments, settings, sizes: dict, build: dict, live: bool,
+           max_test_samples: int | None, progress: Callable[[str], None]) -> Explainer | None:
+    """The work of `build_default_with_explainer` once the folder is claimed and no finished build serves."""
+    ready = directory / READY_FILE
     progress("generating the training data")
     raw, tokenized, tokenizer = embedded_data(seed=args.seed, **sizes, kind=settings.name)
     progress("the fine-tuned MiniLM (read from the fine-tuning cache, or fine-tuned now: about a minute on a CPU, "
@@ -133,9 +148,9 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     explainer = None
     progress(f"computing the influence table of {len(hans)} test rows over {len(raw['train']):,} training rows")
-    if live:
+    if live:  # (an earlier build's caches are not read: they are replaced below)
         explainer = Explainer(model, tokenizer, raw["train"], args.influence_settings(), names,
-                              cache_dir=directory / ENGINE_DIR, max_length=NLI_MAX_LENGTH)
+                              cache_dir=directory / ENGINE_DIR, max_length=NLI_MAX_LENGTH, load=False)
         table, predictions = explainer.table(hans)
     else:
         with InfluenceEngine(model, args, data_collator=collator) as engine:
@@ -146,6 +161,8 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
     table.metadata["embedded_build"] = build | {"fine_tuning": info}
     table.metadata["tokenization"] = {"max_length": NLI_MAX_LENGTH}
     def write() -> None:  # under `accelerate launch` every process holds the table and the model; one writes them
+        ready.unlink(missing_ok=True)  # (the folder no longer holds the finished build it recorded)
+        shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)  # caches of an earlier build
         save_with_text(table, directory / "table", model=model,
                        model_name=f"hf_fastif embedded default ({settings.description})",
                        train=TextSource(raw["train"], "hf_fastif generated NLI (embedded default)", "train"),
@@ -156,9 +173,56 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
         if explainer is not None:
             explainer.save_caches()
         write_atomic(ready, to_json({"config": build}))
+        (directory / BUILDING_FILE).unlink(missing_ok=True)
 
-    on_main(write, f"Writing {directory}")  # the others return once the build is on disk (or fail with its error)
-    return directory, explainer
+    try:
+        on_main(write, f"Writing {directory}")  # the others return once the build is on disk (or fail with its error)
+    except SafetensorError as err:  # (model.save_pretrained on a full disk; write_atomic names its own OSErrors)
+        raise OSError(f"Writing the model to {directory / 'model'} failed ({err}): free space there, or build into "
+                      "another folder (--output_dir).") from err
+    return explainer
+
+
+BUILDING_FILE = ".hf_fastif_building"
+"""Written in a build folder before any work (so a folder that cannot be written is refused at once, not after the
+table is computed), naming the build in progress; with `READY_FILE` it marks the folder's entries as a build's."""
+LOCK_FILE = BUILD_LOCK
+
+
+def _claim(directory: Path) -> FileLock:
+    """Take ``directory`` for a build: refuse one whose build entries (`BUILD_ENTRIES`) are no embedded build's (no
+    `READY_FILE` nor `BUILDING_FILE`: a folder of the user's, or a `--model_name_or_path` build's table, which a
+    build used to delete or write over without a word), create it, hold its lock (a second build into it at the same
+    time is refused) and write `BUILDING_FILE` (a folder that cannot be written is refused before any work). Returns
+    the held lock."""
+    ours = (directory / READY_FILE).is_file() or (directory / BUILDING_FILE).is_file()
+    foreign = [name for name in BUILD_ENTRIES if (directory / name).exists()] if not ours else []
+    if foreign:
+        raise ValueError(f"{directory} holds {', '.join(foreign)} that no embedded build wrote (it has no "
+                         f"{READY_FILE}): a build would replace them. Move them away, or build into another folder.")
+    lock = hold_build_lock(directory)
+    try:
+        write_atomic(directory / BUILDING_FILE, to_json({"pid": os.getpid(), "library_version": library_version()}))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _recorded_config(ready: Path) -> dict | None:
+    """The build config a finished build's `READY_FILE` records (None: no such file); a file that cannot be read as
+    one is refused, naming it (a bare JSON error, without the file or a fix, stopped the build and the Space)."""
+    if not ready.is_file():
+        return None
+    try:
+        recorded = json.loads(ready.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{ready} cannot be read as a finished build's record ({err}): delete it (the build is then "
+                         "made again) or build into another folder.") from err
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{ready} is not a finished build's record (JSON {type(recorded).__name__}, not an object): "
+                         "delete it (the build is then made again) or build into another folder.")
+    return recorded.get("config")
 
 
 def _missing_build_files(directory: Path) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from huggingface_hub.errors import (
 )
 from transformers.utils import logging
 
+from ..cache import remove_stale_staging
 from .format import CARD_FILE, DATA_DIR, METADATA_FILE, SHARD_ROWS, InfluenceTableError
 
 if TYPE_CHECKING:
@@ -125,17 +127,21 @@ def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | 
             raise InfluenceTableError(f"The table has no rows; nothing was pushed to dataset repo {repo_id!r}. Build "
                                       "it with test and training rows first.")
         table.verify()  # a shard damaged on disk would be uploaded with new sha256s, and pass every later check
-        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        if private and not api.repo_info(url.repo_id, repo_type="dataset").private:
-            # create_repo leaves an existing repo's visibility as it is: the table would have been public
-            raise InfluenceTableError(
-                f"Dataset repo {url.repo_id!r} exists and is public, and a push does not change an existing repo's "
-                "visibility, so the table would be public; nothing was uploaded. Make the repo private first "
-                f"(HfApi().update_repo_settings({url.repo_id!r}, private=True, repo_type='dataset')), or push to a "
-                "new repo.")
-        _check_repo_holds_a_table(api, url.repo_id, revision)
-        with tempfile.TemporaryDirectory() as tmp:
-            table.save(tmp, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
+        with _staging_folder() as tmp:
+            # (staged before the repo is made: a temporary folder without room left an empty repo behind)
+            _stage(table, tmp, shard_rows=shard_rows, license=license, repo_id=repo_id if "/" in repo_id else None)
+            url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+            if private and not api.repo_info(url.repo_id, repo_type="dataset").private:
+                # create_repo leaves an existing repo's visibility as it is: the table would have been public
+                raise InfluenceTableError(
+                    f"Dataset repo {url.repo_id!r} exists and is public, and a push does not change an existing repo's "
+                    "visibility, so the table would be public; nothing was uploaded. Make the repo private first "
+                    f"(HfApi().update_repo_settings({url.repo_id!r}, private=True, repo_type='dataset')), or push to "
+                    "a new repo.")
+            _check_repo_holds_a_table(api, url.repo_id, revision)
+            if url.repo_id != repo_id:  # (a bare name: the card names the repo as the Hub resolved it)
+                shutil.rmtree(tmp)
+                _stage(table, tmp, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
             info = api.upload_folder(repo_id=url.repo_id, repo_type="dataset", folder_path=tmp,
                                      commit_message=commit_message, revision=revision,
                                      delete_patterns=[f"{DATA_DIR}/*.parquet"])
@@ -152,6 +158,33 @@ def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | 
                                   "the table on disk is unchanged.") from err
     logger.info(f"Pushed {len(table)} influence rows to {url.repo_id} (commit {info.oid}).")
     return url.repo_id, info.oid
+
+
+PUSH_STAGING = "hf_fastif_push_"
+"""The prefix of the temporary folder a push copies the table into before it uploads it."""
+
+
+@contextlib.contextmanager
+def _staging_folder():
+    """A temporary folder for a push's copy of the table (``$TMPDIR``), removed afterwards; those of pushes killed
+    before they ended (SIGTERM, SIGKILL: a whole copy of a table, for good) are removed once untouched for
+    `hf_fastif.cache.STALE_STAGING_S`."""
+    root = Path(tempfile.gettempdir())
+    remove_stale_staging(root, f"{PUSH_STAGING}*", lambda path: path.is_dir())
+    with tempfile.TemporaryDirectory(prefix=PUSH_STAGING) as tmp:
+        yield Path(tmp)
+
+
+def _stage(table: InfluenceTable, folder: Path, **save) -> None:
+    """``table`` saved in ``folder`` for upload; no room there is named with the way out (the error named a file in
+    a folder the user never chose, and said to write to another folder, which a push cannot)."""
+    try:
+        table.save(folder, **save)
+    except OSError as err:
+        raise InfluenceTableError(
+            f"Could not copy the table into the temporary folder {folder.parent} before uploading it "
+            f"({getattr(err, 'strerror', None) or err}): a push stages the whole table there. Free space in it, or set "
+            "TMPDIR to a folder with room for the table, and push again; nothing was created on the Hub.") from err
 
 
 def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) -> None:
