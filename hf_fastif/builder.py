@@ -302,14 +302,15 @@ def _recorded_signature(manifest: Path) -> dict:
     try:
         recorded = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{manifest} cannot be read as a build's manifest ({err}): the shards beside it cannot be "
-                         "told to belong to this build. Delete the folder to start over, or use a new output_dir.") \
-            from err
+        raise ValueError(f"{manifest} cannot be read as a build's manifest ({err}). {_WITHOUT_MANIFEST}") from err
     signature = recorded.get("signature") if isinstance(recorded, dict) else None
     if not isinstance(signature, dict):
-        raise ValueError(f"{manifest} is not a build's manifest (no build signature in it): delete the folder to "
-                         "start over, or use a new output_dir.")
+        raise ValueError(f"{manifest} is not a build's manifest (no build signature in it). {_WITHOUT_MANIFEST}")
     return signature
+
+
+_WITHOUT_MANIFEST = ("Delete that file and run the build again: each shard records the build it belongs to, so the "
+                     "shards of this build are kept and any other is computed again (or use a new output_dir).")
 
 
 def _forget_manifest(out: Path) -> None:

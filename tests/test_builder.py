@@ -333,9 +333,17 @@ def test_a_damaged_manifest_is_named_or_replaced_where_no_shard_depends_on_it(se
     manifest = tmp_path / builder.MANIFEST
     for damaged in ("", '{"signature": {"cut', "[1, 2]"):
         manifest.write_text(damaged)
-        with pytest.raises(ValueError, match=f"{manifest} (cannot be read as|is not) a build's manifest.*[Dd]elete the "
-                                             "folder to start over, or use a new output_dir"):
+        with pytest.raises(ValueError, match=f"{manifest} (cannot be read as|is not) a build's manifest.*Delete that "
+                                             "file and run the build again: .* the shards of this build are kept"):
             build_influence_table(model, train, test, tmp_path, args, shard_size=1, data_collator=pad_collator)
+    manifest.unlink()  # as the message says: the two shards are this build's, and resumed
+    computed = []
+    real = builder._write_shard
+    builder_write = lambda *a: computed.append(a) or real(*a)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(builder, "_write_shard", builder_write)
+        resumed = build_influence_table(model, train, test, tmp_path, args, shard_size=1, data_collator=pad_collator)
+    assert not computed and resumed.metadata["build"]["resumed_shards"] == 2
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / builder.MANIFEST).write_text("")

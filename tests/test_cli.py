@@ -543,6 +543,10 @@ def test_an_embedded_build_leaves_folders_it_did_not_write_and_refuses_before_an
     (damaged / "ready.json").write_text("")
     assert main(["build", "--output-dir", str(damaged), *TINY]) == 2
     assert f"{damaged / 'ready.json'} cannot be read as a finished build's record" in capsys.readouterr().err
+    (own / "ready.json").write_text('{"mine": 1}')  # (a file of the user's by that name: their engine/ stays too)
+    assert main(["build", "--output-dir", str(own), *TINY]) == 2
+    assert f"{own / 'ready.json'} is not a finished build's record" in capsys.readouterr().err
+    assert (own / "engine" / "important.py").read_text() == "keep me"
 
     busy = tmp_path / "busy"
     shutil.copytree(tiny_build / "embedded", busy)

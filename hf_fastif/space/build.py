@@ -219,10 +219,11 @@ def _recorded_config(ready: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{ready} cannot be read as a finished build's record ({err}): delete it (the build is then "
                          "made again) or build into another folder.") from err
-    if not isinstance(recorded, dict):
-        raise ValueError(f"{ready} is not a finished build's record (JSON {type(recorded).__name__}, not an object): "
-                         "delete it (the build is then made again) or build into another folder.")
-    return recorded.get("config")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        raise ValueError(f"{ready} is not a finished build's record (no build config in it): it is not this "
+                         "library's, and the folder's entries may not be either. Move it away (with what the folder "
+                         "holds that is yours), or build into another folder.")
+    return recorded["config"]
 
 
 def _missing_build_files(directory: Path) -> list[str]:
