@@ -139,7 +139,8 @@ class SavedCaches:
         write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
         for path in folder.iterdir():  # what no manifest names now: an earlier save's, or one cut short
             if path.name not in files and any(path.match(pattern) for pattern in CACHE_FILES):
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # (a system that cannot delete a file another engine maps: the
+                    path.unlink(missing_ok=True)  # next save removes it)
         return folder
 
     def load_caches(self, directory: str | os.PathLike) -> list[str]:
