@@ -46,6 +46,9 @@ SPACE_ENGINES = "engines"
 """The folder (in the Space's) of the engine caches of tables other than the default."""
 SPACE_READY_FILE = "ready.json"
 """What a finished Space build writes last (`hf_fastif.space.build.READY_FILE`); a hit records its use in its time."""
+SPACE_BUILDING_FILE = ".hf_fastif_building"
+"""What a Space build writes first and removes once finished (`hf_fastif.space.build.BUILDING_FILE`): a folder that
+holds it is a build under way (or cut short), however old its ``ready.json``."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -211,7 +214,9 @@ def _sub_entry(finetuned: bool, sub: Path) -> CacheEntry:
         return _entry(sub, "space build", newest=True)
     if sub.name not in EMBEDDED_KINDS:
         return _entry(sub, "other")
-    if not (sub / SPACE_READY_FILE).is_file():  # being built, or a build that failed
+    if not (sub / SPACE_READY_FILE).is_file() or (sub / SPACE_BUILDING_FILE).is_file():  # being built (a rebuild
+        # keeps the finished build's ready.json until it writes: it was removed as an old finished build under the
+        # running one), or a build that failed
         return _entry(sub, "unfinished write")
     return _entry(sub, "space build", sub / SPACE_READY_FILE)
 

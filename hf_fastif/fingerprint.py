@@ -30,11 +30,14 @@ import hashlib
 import inspect
 import itertools
 import json
+import os
 import pathlib
 import re
+import sys
+import sysconfig
 import types
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -601,8 +604,7 @@ def _read_globals(fn, depth: int) -> dict:
         if inspect.ismodule(value) or inspect.isclass(value):
             continue  # (their code is the library's: hashed by version where it matters)
         hashed = (_plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
-                  or _is_tokenizer(value) or dataclasses.is_dataclass(value))  # (a collator lambda padding with a
-        # global tokenizer: its padding side; a settings dataclass)
+                  or _is_tokenizer(value))  # (a collator lambda padding with a global tokenizer: its padding side)
         if _beyond(depth):
             out[name] = type(value).__qualname__
         elif hashed:
@@ -610,18 +612,97 @@ def _read_globals(fn, depth: int) -> dict:
         else:  # another object (a script's settings: CFG.temperature, an argparse Namespace): its public plain
             # attributes, without its address (a loss reading one was keyed by the type's name alone: changed, the
             # held engine served the old loss's Hessian, 20% off; and a build resumed with another value)
-            out[name] = _global_object(value, lambda v: _describe_value(v, depth + 1))
+            out[name] = _global_object(value)
     return out
 
 
-def _global_object(value, describe: Callable) -> object:
-    """A module-level object a function reads, as `_read_globals` and `_settings` describe it: its type and its public
-    plain attributes (`_plain_attribute`: values, tensors, arrays, modules, containers of values), each by
-    ``describe``; others (a logger's handlers, a parent object) by their type's name. No address, so processes agree
-    (a build's manifest, a launch's check); an object without attributes Python can see counts by its type."""
-    attributes = {str(k): describe(v) if _plain_attribute(v) else type(v).__qualname__
-                  for k, v in _attributes(value).items() if not str(k).startswith("_")}
-    return {type(value).__qualname__: dict(sorted(attributes.items()))} if attributes else type(value).__qualname__
+def _global_object(value) -> object:
+    """A module-level object a function reads, as `_read_globals` and `_settings` describe it where nothing else does:
+    an object of a class of the user's own (a script's ``CFG``; not a library's: a logger, an ``Accelerator`` or
+    ``PartialState``, a ``Trainer``) by its type and its public plain values (`_SCALARS`: ``CFG.temperature``), but
+    `PER_PROCESS_ATTRIBUTES`; anything else by its type's name. No address, so processes agree (a build's manifest,
+    a launch's check). Bounded: no tensors, modules or containers are followed (a tracker's history, a model behind a
+    trainer were hashed on every call), and an object whose attributes cannot be read counts by its type."""
+    name = type(value).__qualname__
+    if not (_users_class(type(value)) or isinstance(value, _NAMESPACES)):
+        return name
+    try:
+        attributes = _attributes(value)
+    except Exception:  # (a ``__getattr__`` that raises KeyError, a proxy whose ``__dict__`` raises)
+        return name
+    kind = (type(value).__module__, name)
+    plain = {str(k): v for k, v in attributes.items()
+             if isinstance(v, _SCALARS) and not str(k).startswith("_") and str(k) not in PER_PROCESS_ATTRIBUTES
+             and (*kind, str(k)) not in _CALL_RECORDS}
+    return {name: dict(sorted(plain.items()))} if plain else name
+
+
+_CALL_RECORDS: set[tuple[str, str, str]] = set()
+"""``(module, class, attribute)`` of user objects' values that changed during an engine's own call (`note_records`):
+a counter a loss keeps (``STATS.calls += 1``) is a record, not a setting, and `_global_object` leaves it out (it keyed
+the held engine's caches anew on every call)."""
+
+
+def global_values(*fns) -> dict[tuple[str, str, str], object]:
+    """The plain values `_global_object` reads from the module-level user objects that ``fns`` (and the functions
+    they call from their modules, a few levels) read: what `note_records` compares before and after a call."""
+    out: dict = {}
+    seen: set[int] = set()
+    stack = [(fn, 0) for fn in fns if fn is not None]
+    while stack:
+        fn, depth = stack.pop()
+        fn = getattr(fn, "func", fn) if isinstance(fn, functools.partial) else getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None) if inspect.isfunction(fn) else None
+        if code is None or id(fn) in seen or depth > MAX_DEPTH:
+            continue
+        seen.add(id(fn))
+        scope = fn.__globals__
+        for name in _loaded_globals(code) & scope.keys():
+            value = scope[name]
+            if inspect.isfunction(value):
+                stack.append((value, depth + 1))
+            elif not inspect.ismodule(value) and not inspect.isclass(value) and _users_class(type(value)):
+                try:
+                    attributes = _attributes(value)
+                except Exception:
+                    continue
+                out |= {(type(value).__module__, type(value).__qualname__, str(k)): v for k, v in attributes.items()
+                        if isinstance(v, _SCALARS)}
+    return out
+
+
+def note_records(before: dict, after: dict) -> bool:
+    """Record (`_CALL_RECORDS`) the values of `global_values` that changed between a call's start (``before``) and its
+    end (``after``); returns whether any was new."""
+    changed = {key for key, value in after.items() if key in before and before[key] != value} - _CALL_RECORDS
+    _CALL_RECORDS.update(changed)
+    return bool(changed)
+
+
+def _users_class(cls: type) -> bool:
+    """Whether ``cls`` is defined in the user's code (a script, ``__main__``, a project's module), not in Python's
+    standard library, an installed package or this library."""
+    module = cls.__module__ or ""
+    if module == "__main__":
+        return True
+    if module.split(".")[0] in ("hf_fastif", "builtins"):
+        return False
+    path = getattr(sys.modules.get(module), "__file__", None)
+    if not path:  # (a C extension's or a built-in module's class)
+        return False
+    path = os.path.realpath(path)
+    if "site-packages" in path or "dist-packages" in path:
+        return False
+    return not any(path.startswith(root + os.sep) for root in _PYTHON_ROOTS)
+
+
+_PYTHON_ROOTS = tuple({os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")})
+"""Where Python's standard library lives (its classes are not the user's)."""
+
+
+PER_PROCESS_ATTRIBUTES = frozenset({"rank", "local_rank", "global_rank", "process_index", "local_process_index"})
+"""Attributes that differ between the processes of a launch by design (a script's ``args.local_rank``): left out of
+`_global_object`, or a launch whose loss reads them was refused as processes that disagree."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -681,7 +762,7 @@ def _settings(value, depth: int = 0):
     of activations). A module
     counts by its name in the model being described (a forward replaced by another layer's bound forward; the model
     itself is keyed by its tensors), another (a criterion, a probe a hook applies) by its plain settings
-    (`module_settings`) and tensors; classes by their type; a module-level object a function reads that none of these
+    (`module_settings`) and its tensors' identities; classes by their type; a module-level object a function reads that none of these
     describe, by its public plain attributes (`_global_object`)."""
     if isinstance(value, _SCALARS):
         return value
@@ -694,9 +775,12 @@ def _settings(value, depth: int = 0):
         name = (_MODULE_NAMES.get() or {}).get(id(value))
         if name is not None:
             return f"module:{name}"
-        # a module outside the model (a criterion, a probe a hook applies): its plain settings and tensors
+        # a module outside the model (a criterion, a probe a hook applies; the model a DataCollatorForSeq2Seq holds):
+        # its plain settings, and its tensors by identity and in-place version (by their values, a seq2seq collator's
+        # model was hashed whole on every call)
         return (type(value).__qualname__, module_settings(value),
-                tuple((k, _data_settings(t)) for k, t in itertools.chain(value.named_parameters(), value.named_buffers())))
+                tuple((k, _tensor_identity(t)) for k, t in itertools.chain(value.named_parameters(),
+                                                                            value.named_buffers())))
     if isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype != object):
         return _data_settings(value)  # held directly (a steering vector, a token-id map): by its values
     if depth > MAX_DEPTH or inspect.ismodule(value) or inspect.isclass(value) or isinstance(value, np.ndarray):
@@ -745,7 +829,7 @@ def _settings(value, depth: int = 0):
                 tuple((name, _settings(v, depth + 1)
                        if isinstance(v, (*_SCALARS, *_HELD_CONTAINERS, functools.partial, *_NAMESPACES, nn.Module))
                        or _is_tokenizer(v) or callable(v) or (dataclasses.is_dataclass(v) and not isinstance(v, type))
-                       else _global_object(v, lambda x: _settings(x, depth + 2)))
+                       else _global_object(v))
                       for name, v in read if not inspect.ismodule(v)),
                 # (a collator object it calls, a helper, a tensor, a settings namespace or dataclass followed; other
                 # objects by their public plain attributes: a script's CFG.mask_id)

@@ -170,7 +170,9 @@ def assemble(out: str | Path, *, space_id: str | None = None, with_default: str 
     wheel = build_wheel(out)
     (out / "requirements.txt").write_text(requirements(wheel.name, space_id))
     if build is not None:
-        shutil.copytree(build, out / BUNDLED_CACHE / kind)
+        # (not a build's lock, marker or the engine caches' lock: they belong to the machine that built it)
+        shutil.copytree(build, out / BUNDLED_CACHE / kind,
+                        ignore=shutil.ignore_patterns(".hf_fastif_build.lock", ".hf_fastif_building", ".hf_fastif_caches.lock"))
     return out
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from hf_fastif.cache import STALE_STAGING_S, cache_entries, removable
+from hf_fastif.cache import SPACE_BUILDING_FILE, STALE_STAGING_S, cache_entries, removable
 from hf_fastif.cli import main
 from hf_fastif.minilm_default import FINETUNE_CODE_VERSION, FINETUNE_KEY_FIELDS, MANIFEST_NAME
 from hf_fastif.pretrained import MINILM_REVISION, minilm_path
@@ -143,6 +143,17 @@ def test_a_fresh_unfinished_write_is_kept_even_by_clear(cache):
     entries = cache_entries(cache)
     kept = {e.path.name for e in entries} - {e.path.name for e in removable(entries, clear=True)}
     assert f".{'d' * 20}.cd34.tmp" in kept
+
+
+def test_a_rebuild_under_way_beside_an_old_finished_build_is_kept(cache):
+    """A rebuild keeps the finished build's ready.json until it writes its own: the folder was listed as that old
+    build, and `--unused-days` / `--clear` removed it under the running build (its lock file with it). Its marker
+    makes it a write under way, kept while fresh."""
+    used = cache / "space_default" / "minilm"
+    (used / SPACE_BUILDING_FILE).write_text("{}")  # written just now, by the build under way
+    entries = cache_entries(cache)
+    assert next(e for e in entries if e.path == used).kind == "unfinished write"
+    assert used not in {e.path for e in removable(entries, clear=True, unused_days=7)}
 
 
 def test_an_unwritable_cache_names_the_folder_and_the_setting(tmp_path):

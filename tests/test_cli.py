@@ -547,15 +547,28 @@ def test_an_embedded_build_leaves_folders_it_did_not_write_and_refuses_before_an
     assert main(["build", "--output-dir", str(own), *TINY]) == 2
     assert f"{own / 'ready.json'} is not a finished build's record" in capsys.readouterr().err
     assert (own / "engine" / "important.py").read_text() == "keep me"
+    assert not (own / B.BUILDING_FILE).exists()  # (a marker left there made the next build take the folder for its own)
+    (own / "ready.json").unlink()
+    assert main(["build", "--output-dir", str(own), *TINY]) == 2
+    assert (own / "engine" / "important.py").read_text() == "keep me"
+    capsys.readouterr()
 
     busy = tmp_path / "busy"
     shutil.copytree(tiny_build / "embedded", busy)
     with FileLock(str(busy / B.LOCK_FILE)):
-        assert main(["build", "--output-dir", str(busy), *TINY]) == 2
-    assert f"Another build is writing {busy} now" in capsys.readouterr().err
-    assert main(["build", "--output-dir", str(busy), *TINY]) == 0  # (the lock released: the finished build reused)
+        assert main(["build", "--output-dir", str(busy), *TINY[:-1], "9"]) == 2  # (another k: a build, not a reuse)
+        assert f"Another build is writing {busy} now" in capsys.readouterr().err
+        assert main(["build", "--output-dir", str(busy), *TINY]) == 0  # a finished build serves without the lock
     assert "reusing the finished build" in capsys.readouterr().err
     assert not (busy / B.BUILDING_FILE).exists()
+
+    def read_only_lock(directory):
+        raise OSError(30, f"Could not write {directory / B.LOCK_FILE} (Read-only file system)")
+
+    with monkeypatch.context() as patched:  # (a prebuilt build on a read-only folder: a Space's image)
+        patched.setattr(B, "hold_build_lock", read_only_lock)
+        assert main(["build", "--output-dir", str(busy), *TINY]) == 0
+    assert "reusing the finished build" in capsys.readouterr().err
 
     def read_only(path, *args, **kwargs):
         raise OSError(f"Could not write {path} ([Errno 30] Read-only file system): write to another folder.")
@@ -590,6 +603,11 @@ def test_an_interrupted_build_with_other_settings_leaves_the_finished_build_reus
     assert main(["build", "--output-dir", str(out), *TINY]) == 0
     assert "reusing the finished build" in capsys.readouterr().err
     assert entries() == before and not (out / B.BUILDING_FILE).exists()
+    # a build an earlier version left half-way (it deleted ready.json and engine/ first): still taken as a build's
+    (out / "ready.json").unlink()
+    shutil.rmtree(out / "engine", ignore_errors=True)
+    assert main(["build", "--output-dir", str(out), *TINY]) == 0
+    assert (out / "ready.json").is_file() and not (out / B.BUILDING_FILE).exists()
 
 
 def test_a_checkpoint_with_unnamed_labels_says_the_order_it_is_read_in(tiny_build, tmp_path, capsys) -> None:

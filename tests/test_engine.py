@@ -1381,8 +1381,13 @@ def test_a_save_cut_short_keeps_the_last_finished_one_and_no_save_leaves_files_b
     plain = default_arguments(**BASE, influence_solver="cg", influence_knn_k=None)
     fewer = InfluenceEngine(model, plain, data_collator=pad_collator)
     fewer.compute_influences(train, test)
+    mine = [folder / "gradients.faiss", folder / "low_rank_approx.npy"]  # files of the user's: not the save's
+    for path in mine:
+        path.write_bytes(b"mine")
     fewer.save_caches(folder)  # trunk states only: the earlier save's files, and the cut one's, are removed
-    left = sorted(p.name for p in folder.iterdir() if not p.name.startswith(("hf_fastif_caches", ".hf_fastif")))
+    assert all(path.read_bytes() == b"mine" for path in mine)
+    left = sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(("hf_fastif_caches", ".hf_fastif")) and p not in mine)
     assert left and all(name.startswith("trunk-") for name in left) and not set(left) & set(first)
     cut = tmp_path / "cut"
     with monkeypatch.context() as patched:
@@ -1639,6 +1644,19 @@ def test_loaded_caches_stay_bounded_and_a_replaced_index_is_not_served(data, pad
         got = reader.compute_influences(parts[-1], test)
     assert "changed since it was loaded" in caplog.text
     assert got.to_pandas().equals(expected.to_pandas())
+    # another engine's save of the same index (its files carry a new name, the old one removed): read from there,
+    # not built again (the diff review's repro: a rebuild, minutes on a real index)
+    reader = InfluenceEngine(model, args, data_collator=pad_collator)
+    reader.load_caches(tmp_path / "caches")
+    same = InfluenceEngine(model, args, data_collator=pad_collator)
+    same.load_caches(tmp_path / "caches")
+    same.compute_influences(train.select(range(24, 40)), test)
+    same.save_caches(tmp_path / "caches")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        got = reader.compute_influences(train.select(range(24, 40)), test)
+    assert "changed since it was loaded" not in caplog.text and reader.unused_loaded_caches() == []
+    assert got.to_pandas().equals(same.compute_influences(train.select(range(24, 40)), test).to_pandas())
 
 
 def test_a_failed_load_keeps_the_engines_own_caches_and_bf16_states_map(pad_collator, tmp_path, monkeypatch):

@@ -848,3 +848,63 @@ def test_what_is_kept_across_processes_tells_settings_objects_and_loss_modules_a
     fresh.shift, fresh.temperature, fresh.scale = CFG.shift, 3.0, CFG.scale
     monkeypatch.setitem(globals(), "CFG", fresh)  # (another object, the same values: as in another process)
     assert seen[0] != seen[1] == portable_fingerprint(tempered_loss)
+
+
+class Counter:  # what a script's loss keeps: a count of its calls
+    def __init__(self):
+        self.calls = 0
+
+
+COUNTER = Counter()
+
+
+def counting_loss(outputs, batch):
+    COUNTER.calls += 1
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+
+class Forwarding:  # an options object whose __getattr__ raises KeyError (not AttributeError) for what it lacks
+    __slots__ = ("_values",)
+
+    def __init__(self, **values):
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name):
+        return self._values[name]
+
+
+FORWARDING = Forwarding(scale=1.0)
+
+
+def forwarding_loss(outputs, batch):
+    return torch.nn.functional.cross_entropy(outputs.logits * FORWARDING.scale, batch["labels"], reduction="none")
+
+
+def test_module_level_objects_are_read_as_settings_only_where_they_are_settings(data, monkeypatch):
+    """Following module-level objects (`_global_object`) must not cost what they hold nor key a held engine anew
+    for what a call itself changes: a loss counting its calls in a module-level object is keyed anew once (the
+    count changed during a call: a record from then on), not on every call (the diff review's repro: the Hessian
+    recomputed every call); a library's object (a logger, accelerate's state, whose ``process_index`` differs
+    between the processes of a launch) counts by its type; a script's ``local_rank`` is left out; an object whose
+    attributes cannot be read does not fail the call."""
+    import argparse
+    import logging
+
+    from accelerate import PartialState
+
+    from hf_fastif.fingerprint import _global_object
+
+    model, train, test, collator = data
+    args = default_arguments(**dict(BASE, influence_solver="exact"))
+    calls = []
+    with InfluenceEngine(model, args, data_collator=collator, loss_fn=counting_loss) as engine:
+        for _ in range(3):
+            before = COUNTER.calls
+            engine.compute_influences(train, test)
+            calls.append(COUNTER.calls - before)
+    assert calls[2] < calls[0], calls  # (the third call served from the caches)
+    assert _global_object(logging.getLogger("x")) == "Logger" and _global_object(PartialState()) == "PartialState"
+    assert _global_object(argparse.Namespace(temperature=2.0, local_rank=1)) == {"Namespace": {"temperature": 2.0}}
+    assert _global_object(FORWARDING) == "Forwarding"
+    with InfluenceEngine(model, args, data_collator=collator, loss_fn=forwarding_loss) as engine:
+        assert len(engine.compute_influences(train, test).to_pandas()) == len(train) * len(test)

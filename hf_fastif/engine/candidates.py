@@ -161,9 +161,12 @@ class CandidateStage:
         wanted = saved is not None and saved[0] == key and (self._gradient_index is None
                                                             or self._gradient_index[0] != key)
         if wanted and not saved_index_intact(saved):
-            logger.warning(f"The saved gradient index {saved[1]} changed since it was loaded (another engine saved "
-                           "into its folder); building it again.")
-            self._saved_gradient_index, wanted = None, False
+            now = self._saved_index_now(saved)  # (another engine's save since: the same index under a new name?)
+            if now is None:
+                logger.warning(f"The saved gradient index {saved[1]} changed since it was loaded (another engine "
+                               "saved into its folder); building it again.")
+            self._saved_gradient_index = saved = now
+            wanted = now is not None
         if wanted:
             try:
                 self._gradient_index = (key, load_gradient_index(call.fm, call.params, saved[1],

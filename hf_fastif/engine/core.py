@@ -29,8 +29,10 @@ from ..fingerprint import (
     collator_key,
     collator_settings,
     description_key,
+    global_values,
     model_fingerprint,
     module_state_description,
+    note_records,
     portable_fingerprint,
     settings_differences,
     tensor_digests,
@@ -161,6 +163,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         self._warned_backward: list | None = None  # (the backward hooks warned about: modules, registrations)
         self._module_key: str | None = None  # (the modules' state the caches are keyed on: `_module_state`)
         self._module_watch = _Watch()
+        self._global_values: dict = {}  # (`hf_fastif.fingerprint.global_values` at the last call's start)
         self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
@@ -286,6 +289,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         """After a call: what the modules and the collator hold now, against what they held at its start (`_Watch`)."""
         self._module_watch.ended(module_state_description(self.model))
         self._collator_watch.ended(collator_settings(self.data_collator))
+        # a value the functions' module-level objects changed during the call (a loss counting its calls) is a record
+        note_records(self._global_values, global_values(self.loss_fn, self.measurement_fn, self.features))
 
     def _refresh_collator_key(self) -> None:
         """Key the collator anew when its settings changed since the last call left them (padding side, pad id, what
@@ -447,6 +452,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             self._functions |= {"loss": self._loss_key(),
                                 "measurement": callable_fingerprint(self.measurement_fn),
                                 "features": callable_fingerprint(self.features)}
+            self._global_values = global_values(self.loss_fn, self.measurement_fn, self.features)
             if combine not in COMBINE:
                 raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
             candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset

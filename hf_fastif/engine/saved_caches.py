@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import OrderedDict
@@ -31,9 +32,11 @@ CACHE_MANIFEST = "hf_fastif_caches.json"
 
 
 CACHE_LOCK = ".hf_fastif_caches.lock"
-CACHE_FILES = ("trunk-*.npy", "low_rank_*.npy", "gradient*.faiss", ".trunk-*.tmp", ".low_rank_*.tmp", ".gradient*.tmp")
-"""The files `save_caches` writes (and `write_atomic`'s partial ones): those the manifest does not name are removed
-after each save."""
+_NAMES = r"(?:trunk-\d+(?:-[0-9a-f]+)?(?:-rows)?\.npy|low_rank_(?:values|vectors)(?:-[0-9a-f]+)?\.npy|gradient(?:-[0-9a-f]+)?\.faiss)"
+CACHE_FILES = re.compile(rf"{_NAMES}|\.{_NAMES}\.\d+\.tmp")
+"""The names of the files `save_caches` writes (with a save's token, or the fixed names of saves before 2026-12-07)
+and of `write_atomic`'s partial ones: those the manifest does not name are removed after each save; a file of the
+user's in the folder (``gradients.faiss``, ``low_rank_approx.npy``) is not one."""
 
 
 @contextlib.contextmanager
@@ -138,7 +141,7 @@ class SavedCaches:
         manifest["files"] = {name: cache_file_digest(folder / name) for name in files}
         write_atomic(folder / CACHE_MANIFEST, to_json(manifest, indent=1))
         for path in folder.iterdir():  # what no manifest names now: an earlier save's, or one cut short
-            if path.name not in files and any(path.match(pattern) for pattern in CACHE_FILES):
+            if path.name not in files and CACHE_FILES.fullmatch(path.name):
                 with contextlib.suppress(OSError):  # (a system that cannot delete a file another engine maps: the
                     path.unlink(missing_ok=True)  # next save removes it)
         return folder
@@ -150,7 +153,7 @@ class SavedCaches:
         engine's own are left as they were."""
         folder = Path(directory)
         if not (folder / CACHE_MANIFEST).is_file():
-            cut_short = folder.is_dir() and any(path.match(pattern) for path in folder.iterdir() for pattern in CACHE_FILES)
+            cut_short = folder.is_dir() and any(CACHE_FILES.fullmatch(path.name) for path in folder.iterdir())
             found = ("does not exist" if not folder.exists() else
                      f"holds no {CACHE_MANIFEST}: the save_caches that wrote its files was cut short before it finished"
                      if cut_short else f"holds no {CACHE_MANIFEST} (not a save_caches folder)")
@@ -221,6 +224,23 @@ class SavedCaches:
         for old in retired + self._evict_trunks():  # the cap holds for loaded caches too
             old.close()
         return loaded
+
+    def _saved_index_now(self, saved: tuple) -> tuple | None:
+        """The gradient index a save into ``saved``'s folder since `load_caches` read it put there under the same key
+        (another engine's save removes the file this one read the name of, even when it saved the same index), as
+        ``(key, path, dtype, digest)``; None when there is none, or it cannot be read."""
+        folder = saved[1].parent
+        try:
+            with _reading_lock(folder):
+                manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        entry = manifest.get("gradient_index") if isinstance(manifest, dict) else None
+        if not isinstance(entry, dict) or _freeze(entry.get("key")) != saved[0]:
+            return None
+        name = entry.get("file", "gradient.faiss")
+        now = (saved[0], folder / name, _dtype(entry["dtype"]), manifest.get("files", {}).get(name))
+        return now if saved_index_intact(now) else None
 
     def _align_caches(self, portable: dict[str, str]) -> None:
         """Under a launch, keep only the caches built by collectives (curvature estimates, the exact and low-rank

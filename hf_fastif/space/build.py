@@ -19,7 +19,7 @@ from transformers.utils import logging
 from ..annotate import TextSource, save_with_text
 from ..applications.common import at_chance, predict, training_accuracy
 from ..arguments import InfluenceArguments
-from ..cache import SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
+from ..cache import SPACE_BUILDING_FILE, SPACE_READY_FILE, SPACE_SUBDIR, cache_root, mark_used
 from ..data import NLI_MAX_LENGTH
 from ..distributed import is_main_process, on_main
 from ..embedded import (
@@ -105,25 +105,39 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
     sizes = settings.table_data | ({"n_train": max_train_samples} if max_train_samples else {})
     build = build_config(args, settings.name, sizes, max_test_samples, live)
     check_build_folder(directory, BUILD_ENTRIES, "The build folder")
-    ready = directory / READY_FILE
+    if _finished(directory, build):  # read only, without the lock: a prebuilt build on a read-only folder serves
+        progress(f"reusing the finished build in {directory} (the same settings and model)")
+        mark_used(directory / READY_FILE)  # what `hf-fastif cache --unused-days` reads
+        on_main(lambda: _forget_marker(directory), f"Reading {directory}")
+        return directory, None
     with contextlib.ExitStack() as held:
         # the folder is this build's until it ends: a second build into it is refused at once (two at a time each
         # wrote over the other's files and both said they had finished)
         lock = on_main(lambda: _claim(directory), f"Claiming {directory}")
         if lock is not None:
             held.callback(lock.release)
-        if _recorded_config(ready) == build:
-            missing = _missing_build_files(directory)
-            if _built_table(directory) == build and not missing:
-                progress(f"reusing the finished build in {directory} (the same settings and model)")
-                mark_used(ready)  # what `hf-fastif cache --unused-days` reads
-                on_main(lambda: (directory / BUILDING_FILE).unlink(missing_ok=True), f"Releasing {directory}")
-                return directory, None
-            logger.warning(f"{directory} does not hold the finished build {ready} records ("
-                           + (f"{', '.join(missing)} missing" if missing else "its table is another build's, or gone")
-                           + "): building again.")
+        if _finished(directory, build, say=True):  # (finished by another build while this one waited to claim it)
+            on_main(lambda: (directory / BUILDING_FILE).unlink(missing_ok=True), f"Releasing {directory}")
+            progress(f"reusing the finished build in {directory} (the same settings and model)")
+            return directory, None
         # (a finished build with other settings stays whole, and reusable, until this one writes over it)
         return directory, _build(directory, args, settings, sizes, build, live, max_test_samples, progress)
+
+
+def _finished(directory: Path, build: dict, say: bool = False) -> bool:
+    """Whether ``directory`` holds the finished build ``build`` (its `READY_FILE`, its table, the model's files);
+    with ``say``, a warning where its `READY_FILE` records it but the rest is not there."""
+    ready = directory / READY_FILE
+    if _recorded_config(ready) != build:
+        return False
+    missing = _missing_build_files(directory)
+    if _built_table(directory) == build and not missing:
+        return True
+    if say:
+        logger.warning(f"{directory} does not hold the finished build {ready} records ("
+                       + (f"{', '.join(missing)} missing" if missing else "its table is another build's, or gone")
+                       + "): building again.")
+    return False
 
 
 def _build(directory: Path, args: InfluenceArguments, settings, sizes: dict, build: dict, live: bool,
@@ -183,7 +197,7 @@ def _build(directory: Path, args: InfluenceArguments, settings, sizes: dict, bui
     return explainer
 
 
-BUILDING_FILE = ".hf_fastif_building"
+BUILDING_FILE = SPACE_BUILDING_FILE
 """Written in a build folder before any work (so a folder that cannot be written is refused at once, not after the
 table is computed), naming the build in progress; with `READY_FILE` it marks the folder's entries as a build's."""
 LOCK_FILE = BUILD_LOCK
@@ -191,11 +205,13 @@ LOCK_FILE = BUILD_LOCK
 
 def _claim(directory: Path) -> FileLock:
     """Take ``directory`` for a build: refuse one whose build entries (`BUILD_ENTRIES`) are no embedded build's (no
-    `READY_FILE` nor `BUILDING_FILE`: a folder of the user's, or a `--model_name_or_path` build's table, which a
-    build used to delete or write over without a word), create it, hold its lock (a second build into it at the same
+    `READY_FILE`, no `BUILDING_FILE`, no table of an embedded build: a folder of the user's, or a
+    `--model_name_or_path` build's table, which a build used to delete or write over without a word), create it, hold its lock (a second build into it at the same
     time is refused) and write `BUILDING_FILE` (a folder that cannot be written is refused before any work). Returns
     the held lock."""
-    ours = (directory / READY_FILE).is_file() or (directory / BUILDING_FILE).is_file()
+    # (a READY_FILE is read first: one that is no build's refuses the folder before anything is written in it)
+    ours = (_recorded_config(directory / READY_FILE) is not None or (directory / BUILDING_FILE).is_file()
+            or _built_table(directory) is not None)  # (the last: a build an earlier version left half-way)
     foreign = [name for name in BUILD_ENTRIES if (directory / name).exists()] if not ours else []
     if foreign:
         raise ValueError(f"{directory} holds {', '.join(foreign)} that no embedded build wrote (it has no "
@@ -207,6 +223,23 @@ def _claim(directory: Path) -> FileLock:
         lock.release()
         raise
     return lock
+
+
+def _forget_marker(directory: Path) -> None:
+    """Remove the `BUILDING_FILE` a build cut short left beside a finished build it did not replace, where no build
+    holds the folder now (and where it can be written: a read-only one keeps it)."""
+    if not (directory / BUILDING_FILE).is_file():
+        return
+    try:
+        lock = hold_build_lock(directory)
+    except (OSError, ValueError):  # (read-only, or a build under way: its marker)
+        return
+    try:
+        (directory / BUILDING_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        lock.release()
 
 
 def _recorded_config(ready: Path) -> dict | None:

@@ -21,9 +21,11 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from ..cache import remove_stale_staging
@@ -127,9 +129,16 @@ def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | 
             raise InfluenceTableError(f"The table has no rows; nothing was pushed to dataset repo {repo_id!r}. Build "
                                       "it with test and training rows first.")
         table.verify()  # a shard damaged on disk would be uploaded with new sha256s, and pass every later check
+        # a bare name is the token's namespace's: resolved first, so the card names the repo (staged once)
+        validate_repo_id(repo_id)
+        try:
+            resolved = repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}"
+        except LocalTokenNotFoundError as err:
+            raise InfluenceTableError(f"Pushing to dataset repo {repo_id!r} needs a token with write access (token=..., "
+                                      "HF_TOKEN or `hf auth login`); nothing was created.") from err
         with _staging_folder() as tmp:
             # (staged before the repo is made: a temporary folder without room left an empty repo behind)
-            _stage(table, tmp, shard_rows=shard_rows, license=license, repo_id=repo_id if "/" in repo_id else None)
+            _stage(table, tmp, shard_rows=shard_rows, license=license, repo_id=resolved)
             url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
             if private and not api.repo_info(url.repo_id, repo_type="dataset").private:
                 # create_repo leaves an existing repo's visibility as it is: the table would have been public
@@ -139,9 +148,9 @@ def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | 
                     f"(HfApi().update_repo_settings({url.repo_id!r}, private=True, repo_type='dataset')), or push to "
                     "a new repo.")
             _check_repo_holds_a_table(api, url.repo_id, revision)
-            if url.repo_id != repo_id:  # (a bare name: the card names the repo as the Hub resolved it)
+            if url.repo_id != resolved:  # (the Hub resolved it otherwise: the card names the repo it made)
                 shutil.rmtree(tmp)
-                _stage(table, tmp, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
+                _stage(table, tmp, created=url.repo_id, shard_rows=shard_rows, license=license, repo_id=url.repo_id)
             info = api.upload_folder(repo_id=url.repo_id, repo_type="dataset", folder_path=tmp,
                                      commit_message=commit_message, revision=revision,
                                      delete_patterns=[f"{DATA_DIR}/*.parquet"])
@@ -175,16 +184,19 @@ def _staging_folder():
         yield Path(tmp)
 
 
-def _stage(table: InfluenceTable, folder: Path, **save) -> None:
+def _stage(table: InfluenceTable, folder: Path, created: str | None = None, **save) -> None:
     """``table`` saved in ``folder`` for upload; no room there is named with the way out (the error named a file in
-    a folder the user never chose, and said to write to another folder, which a push cannot)."""
+    a folder the user never chose, and said to write to another folder, which a push cannot). ``created``: the repo
+    this push has made already, if any."""
     try:
         table.save(folder, **save)
     except OSError as err:
+        where = (f"dataset repo {created!r} was created, empty of this table" if created else
+                 "nothing was created on the Hub")
         raise InfluenceTableError(
             f"Could not copy the table into the temporary folder {folder.parent} before uploading it "
             f"({getattr(err, 'strerror', None) or err}): a push stages the whole table there. Free space in it, or set "
-            "TMPDIR to a folder with room for the table, and push again; nothing was created on the Hub.") from err
+            f"TMPDIR to a folder with room for the table, and push again; {where}.") from err
 
 
 def _check_repo_holds_a_table(api: HfApi, repo_id: str, revision: str | None) -> None:
