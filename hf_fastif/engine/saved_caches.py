@@ -238,9 +238,12 @@ class SavedCaches:
         entry = manifest.get("gradient_index") if isinstance(manifest, dict) else None
         if not isinstance(entry, dict) or _freeze(entry.get("key")) != saved[0]:
             return None
-        name = entry.get("file", "gradient.faiss")
-        now = (saved[0], folder / name, _dtype(entry["dtype"]), manifest.get("files", {}).get(name))
-        return now if saved_index_intact(now) else None
+        try:
+            name = entry.get("file", "gradient.faiss")
+            now = (saved[0], folder / name, _dtype(entry["dtype"]), manifest.get("files", {}).get(name))
+            return now if saved_index_intact(now) else None
+        except (KeyError, TypeError, AttributeError, OSError):  # (a manifest edited by hand: no index to take)
+            return None
 
     def _align_caches(self, portable: dict[str, str]) -> None:
         """Under a launch, keep only the caches built by collectives (curvature estimates, the exact and low-rank

@@ -206,16 +206,17 @@ LOCK_FILE = BUILD_LOCK
 def _claim(directory: Path) -> FileLock:
     """Take ``directory`` for a build: refuse one whose build entries (`BUILD_ENTRIES`) are no embedded build's (no
     `READY_FILE`, no `BUILDING_FILE`, no table of an embedded build: a folder of the user's, or a
-    `--model_name_or_path` build's table, which a build used to delete or write over without a word), create it, hold its lock (a second build into it at the same
-    time is refused) and write `BUILDING_FILE` (a folder that cannot be written is refused before any work). Returns
-    the held lock."""
+    `--model_name_or_path` build's table, which a build used to delete or write over without a word), create it,
+    hold its lock (a second build into it at the same time is refused) and write `BUILDING_FILE` (a folder that
+    cannot be written is refused before any work). Returns the held lock."""
     # (a READY_FILE is read first: one that is no build's refuses the folder before anything is written in it)
     ours = (_recorded_config(directory / READY_FILE) is not None or (directory / BUILDING_FILE).is_file()
             or _built_table(directory) is not None)  # (the last: a build an earlier version left half-way)
     foreign = [name for name in BUILD_ENTRIES if (directory / name).exists()] if not ours else []
     if foreign:
         raise ValueError(f"{directory} holds {', '.join(foreign)} that no embedded build wrote (it has no "
-                         f"{READY_FILE}): a build would replace them. Move them away, or build into another folder.")
+                         f"{READY_FILE}, nor an embedded build's table): a build would replace them. Move them away, "
+                         "or build into another folder.")
     lock = hold_build_lock(directory)
     try:
         write_atomic(directory / BUILDING_FILE, to_json({"pid": os.getpid(), "library_version": library_version()}))
