@@ -624,17 +624,24 @@ def _global_object(value) -> object:
     a launch's check). Bounded: no tensors, modules or containers are followed (a tracker's history, a model behind a
     trainer were hashed on every call), and an object whose attributes cannot be read counts by its type."""
     name = type(value).__qualname__
+    values = _settings_values(value)
+    kind = (type(value).__module__, name)
+    plain = {k: v for k, v in (values or {}).items()
+             if not k.startswith("_") and k not in PER_PROCESS_ATTRIBUTES and (*kind, k) not in _CALL_RECORDS}
+    return {name: dict(sorted(plain.items()))} if plain else name
+
+
+def _settings_values(value) -> dict[str, object] | None:
+    """The scalar attributes (`_SCALARS`) of an object `_global_object` follows, one of a class of the user's own or
+    a namespace; None for any other, and for one whose attributes cannot be read (a ``__getattr__`` that raises
+    KeyError, a proxy whose ``__dict__`` raises)."""
     if not (_users_class(type(value)) or isinstance(value, _NAMESPACES)):
-        return name
+        return None
     try:
         attributes = _attributes(value)
-    except Exception:  # (a ``__getattr__`` that raises KeyError, a proxy whose ``__dict__`` raises)
-        return name
-    kind = (type(value).__module__, name)
-    plain = {str(k): v for k, v in attributes.items()
-             if isinstance(v, _SCALARS) and not str(k).startswith("_") and str(k) not in PER_PROCESS_ATTRIBUTES
-             and (*kind, str(k)) not in _CALL_RECORDS}
-    return {name: dict(sorted(plain.items()))} if plain else name
+    except Exception:
+        return None
+    return {str(k): v for k, v in attributes.items() if isinstance(v, _SCALARS)}
 
 
 _CALL_RECORDS: set[tuple[str, str, str]] = set()
@@ -661,13 +668,11 @@ def global_values(*fns) -> dict[tuple[str, str, str], object]:
             value = scope[name]
             if inspect.isfunction(value):
                 stack.append((value, depth + 1))
-            elif not inspect.ismodule(value) and not inspect.isclass(value) and _users_class(type(value)):
-                try:
-                    attributes = _attributes(value)
-                except Exception:
-                    continue
-                out |= {(type(value).__module__, type(value).__qualname__, str(k)): v for k, v in attributes.items()
-                        if isinstance(v, _SCALARS)}
+                continue
+            if inspect.ismodule(value) or inspect.isclass(value):
+                continue
+            kind = (type(value).__module__, type(value).__qualname__)
+            out |= {(*kind, k): v for k, v in (_settings_values(value) or {}).items()}
     return out
 
 
@@ -679,9 +684,11 @@ def note_records(before: dict, after: dict) -> bool:
     return bool(changed)
 
 
+@functools.lru_cache(maxsize=1024)
 def _users_class(cls: type) -> bool:
     """Whether ``cls`` is defined in the user's code (a script, ``__main__``, a project's module), not in Python's
-    standard library, an installed package or this library."""
+    standard library, an installed package or this library. Kept per class (read for every module-level object a
+    loss reads, on every call)."""
     module = cls.__module__ or ""
     if module == "__main__":
         return True

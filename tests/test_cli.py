@@ -16,6 +16,7 @@ import pytest
 
 from hf_fastif import InfluenceTable
 from hf_fastif.cli import main
+from hf_fastif.utils import BUILD_LOCK
 from tests.helpers import sign_table
 from tests.hub_server import HubServer, hub_server_fixture, run_client  # noqa: F401 (fixture)
 
@@ -555,7 +556,7 @@ def test_an_embedded_build_leaves_folders_it_did_not_write_and_refuses_before_an
 
     busy = tmp_path / "busy"
     shutil.copytree(tiny_build / "embedded", busy)
-    with FileLock(str(busy / B.LOCK_FILE)):
+    with FileLock(str(busy / BUILD_LOCK)):
         assert main(["build", "--output-dir", str(busy), *TINY[:-1], "9"]) == 2  # (another k: a build, not a reuse)
         assert f"Another build is writing {busy} now" in capsys.readouterr().err
         assert main(["build", "--output-dir", str(busy), *TINY]) == 0  # a finished build serves without the lock
@@ -563,7 +564,7 @@ def test_an_embedded_build_leaves_folders_it_did_not_write_and_refuses_before_an
     assert not (busy / B.BUILDING_FILE).exists()
 
     def read_only_lock(directory):
-        raise OSError(30, f"Could not write {directory / B.LOCK_FILE} (Read-only file system)")
+        raise OSError(30, f"Could not write {directory / BUILD_LOCK} (Read-only file system)")
 
     with monkeypatch.context() as patched:  # (a prebuilt build on a read-only folder: a Space's image)
         patched.setattr(B, "hold_build_lock", read_only_lock)
@@ -587,7 +588,7 @@ def test_an_interrupted_build_with_other_settings_leaves_the_finished_build_reus
     out = tmp_path / "finished"
     shutil.copytree(tiny_build / "embedded", out)
     def entries():
-        return sorted(p.relative_to(out) for p in out.rglob("*") if p.name != B.LOCK_FILE)
+        return sorted(p.relative_to(out) for p in out.rglob("*") if p.name != BUILD_LOCK)
 
     before = entries()
 

@@ -290,7 +290,11 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         self._module_watch.ended(module_state_description(self.model))
         self._collator_watch.ended(collator_settings(self.data_collator))
         # a value the functions' module-level objects changed during the call (a loss counting its calls) is a record
-        note_records(self._global_values, global_values(self.loss_fn, self.measurement_fn, self.features))
+        note_records(self._global_values, self._functions_globals())
+
+    def _functions_globals(self) -> dict:
+        """`hf_fastif.fingerprint.global_values` of the loss, measurement and features functions."""
+        return global_values(self.loss_fn, self.measurement_fn, self.features)
 
     def _refresh_collator_key(self) -> None:
         """Key the collator anew when its settings changed since the last call left them (padding side, pad id, what
@@ -452,7 +456,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             self._functions |= {"loss": self._loss_key(),
                                 "measurement": callable_fingerprint(self.measurement_fn),
                                 "features": callable_fingerprint(self.features)}
-            self._global_values = global_values(self.loss_fn, self.measurement_fn, self.features)
+            self._global_values = self._functions_globals()
             if combine not in COMBINE:
                 raise ValueError(f"combine={combine!r} is unknown; use 'none' (one s_test per test row) or 'mean'.")
             candidate_dataset = train_dataset if candidate_dataset is None else candidate_dataset

@@ -55,6 +55,14 @@ def _reading_lock(folder: Path):
         lock.release()
 
 
+def _saved_index(folder: Path, manifest: dict) -> tuple:
+    """The gradient index a saved manifest names, as ``(key, path, dtype, digest)`` (read on first use; a save before
+    2026-12-07 named no file: it had a fixed name)."""
+    entry = manifest["gradient_index"]
+    name = entry.get("file", "gradient.faiss")
+    return _freeze(entry["key"]), folder / name, _dtype(entry["dtype"]), manifest.get("files", {}).get(name)
+
+
 def _freeze(value):
     """JSON lists back into the tuples the cache keys are made of."""
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
@@ -211,10 +219,8 @@ class SavedCaches:
             self._from_disk["low_rank", self._low_rank[0]] = False
             loaded.append("low_rank")
         if "gradient_index" in manifest:
-            key = _freeze(manifest["gradient_index"]["key"])
-            name = manifest["gradient_index"].get("file", "gradient.faiss")
-            self._saved_gradient_index = (key, folder / name, _dtype(manifest["gradient_index"]["dtype"]),
-                                          manifest.get("files", {}).get(name))
+            self._saved_gradient_index = _saved_index(folder, manifest)
+            key = self._saved_gradient_index[0]
             self._from_disk["gradient_index", key] = False
             loaded.append("gradient_index")
         for key, value in manifest.get("curvature", []):
@@ -235,13 +241,9 @@ class SavedCaches:
                 manifest = json.loads((folder / CACHE_MANIFEST).read_text())
         except (OSError, ValueError):
             return None
-        entry = manifest.get("gradient_index") if isinstance(manifest, dict) else None
-        if not isinstance(entry, dict) or _freeze(entry.get("key")) != saved[0]:
-            return None
         try:
-            name = entry.get("file", "gradient.faiss")
-            now = (saved[0], folder / name, _dtype(entry["dtype"]), manifest.get("files", {}).get(name))
-            return now if saved_index_intact(now) else None
+            now = _saved_index(folder, manifest)
+            return now if now[0] == saved[0] and saved_index_intact(now) else None
         except (KeyError, TypeError, AttributeError, OSError):  # (a manifest edited by hand: no index to take)
             return None
 

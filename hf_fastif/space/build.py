@@ -32,7 +32,7 @@ from ..embedded import (
 )
 from ..engine import InfluenceEngine
 from ..table import InfluenceTableError, read_metadata
-from ..utils import BUILD_LOCK, check_build_folder, hold_build_lock, library_version, to_json, write_atomic
+from ..utils import check_build_folder, hold_build_lock, library_version, to_json, write_atomic
 from .explainer import Explainer
 from .settings import CACHE_ENV, LIVE_SETTINGS
 
@@ -106,10 +106,8 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
     build = build_config(args, settings.name, sizes, max_test_samples, live)
     check_build_folder(directory, BUILD_ENTRIES, "The build folder")
     if _finished(directory, build):  # read only, without the lock: a prebuilt build on a read-only folder serves
-        progress(f"reusing the finished build in {directory} (the same settings and model)")
-        mark_used(directory / READY_FILE)  # what `hf-fastif cache --unused-days` reads
         on_main(lambda: _forget_marker(directory), f"Reading {directory}")
-        return directory, None
+        return _reused(directory, progress)
     with contextlib.ExitStack() as held:
         # the folder is this build's until it ends: a second build into it is refused at once (two at a time each
         # wrote over the other's files and both said they had finished)
@@ -118,10 +116,16 @@ def build_default_with_explainer(directory, args, *, max_train_samples=None, max
             held.callback(lock.release)
         if _finished(directory, build, say=True):  # (finished by another build while this one waited to claim it)
             on_main(lambda: (directory / BUILDING_FILE).unlink(missing_ok=True), f"Releasing {directory}")
-            progress(f"reusing the finished build in {directory} (the same settings and model)")
-            return directory, None
+            return _reused(directory, progress)
         # (a finished build with other settings stays whole, and reusable, until this one writes over it)
         return directory, _build(directory, args, settings, sizes, build, live, max_test_samples, progress)
+
+
+def _reused(directory: Path, progress: Callable[[str], None]) -> tuple[Path, None]:
+    """`build_default_with_explainer`'s answer for the finished build in ``directory``, its use recorded."""
+    progress(f"reusing the finished build in {directory} (the same settings and model)")
+    mark_used(directory / READY_FILE)  # what `hf-fastif cache --unused-days` reads
+    return directory, None
 
 
 def _finished(directory: Path, build: dict, say: bool = False) -> bool:
@@ -200,7 +204,6 @@ def _build(directory: Path, args: InfluenceArguments, settings, sizes: dict, bui
 BUILDING_FILE = SPACE_BUILDING_FILE
 """Written in a build folder before any work (so a folder that cannot be written is refused at once, not after the
 table is computed), naming the build in progress; with `READY_FILE` it marks the folder's entries as a build's."""
-LOCK_FILE = BUILD_LOCK
 
 
 def _claim(directory: Path) -> FileLock:
