@@ -5,12 +5,12 @@
 The embedded default of `hf-fastif build` and the Space (MiniLM fine-tuned on 2,000 generated NLI rows, cached;
 influence over its pooler and classifier; λ = damping × scale) scores every training row for ``--num_test_points``
 HANS-style test rows (the generated hans split, drawn with --seed) with: CG at the default's λ (the reference: the
-solve at that λ, to CG's tolerance), the default's own solver, the same with 4 LiSSA repetitions, FastIF's LiSSA
-(J 1000, B 1, T 4) at the same λ, the Space's live solver (arnoldi, rank 16) and the gradient dot product (no H⁻¹:
-how much the inverse Hessian moves the ranking at this λ). Each row gives its Spearman with CG (mean and smallest
-over the test points), the share of CG's 10 most helpful rows among its own 10, and its seconds (one call, first
-on its engine). ``--quick``: the tiny embedded model on 300 rows, 2 test points, FastIF's J 50 (proves the script
-works; that model's values nearly tie, so its agreements say nothing).
+solve at that λ, to CG's tolerance), the default's own solver (LiSSA with the paper's 4 repetitions), the same with 1
+(4 where a default has 1), FastIF's LiSSA (J 1000, B 1, T 4) at the same λ, the Space's live solver (arnoldi, rank
+16) and the gradient dot product (no H⁻¹: how much the inverse Hessian moves the ranking at this λ). Each row gives
+its Spearman with CG (mean and smallest over the test points), the share of CG's 10 most helpful rows among its own
+10, and its seconds (one call, first on its engine). ``--quick``: the tiny embedded model on 300 rows, 2 test points,
+FastIF's J 50 (proves the script works; that model's values nearly tie, so its agreements say nothing).
 Writes ``default_solvers.json`` / ``.md`` to --output_dir and prints the table.
 """
 
@@ -53,12 +53,13 @@ def default_solvers_defaults(own) -> dict:
 def variants(args: InfluenceArguments, quick: bool) -> dict[str, dict]:
     """Name -> the settings that change from ``args`` (the first, CG at ``args``' λ, is the reference)."""
     lam, fastif_j, scale = args.influence_lambda, 50 if quick else 1000, 1e3
+    other_t = 1 if args.influence_repetitions != 1 else 4  # (the table's 4 since 2026-12-07; 1 before)
     own = (f"the default: {args.influence_solver} J {args.influence_recursion_depth}, B {args.influence_batch_size}, "
            f"T {args.influence_repetitions}" if args.influence_solver == "lissa" else f"the default: {args.influence_solver}")
     return {
         f"cg at λ = {lam:g} (the reference)": dict(influence_solver="cg"),
         own: {},
-        "the default with T 4": dict(influence_repetitions=4),
+        f"the default with T {other_t}": dict(influence_repetitions=other_t),
         f"FastIF's LiSSA at λ = {lam:g} (J {fastif_j}, B 1, T 4)": dict(
             influence_solver="lissa", influence_recursion_depth=fastif_j, influence_batch_size=1,
             influence_repetitions=4, influence_scale=scale, influence_damping=lam / scale),

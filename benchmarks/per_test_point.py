@@ -10,7 +10,7 @@ first HANS-style rows. Rows of the table (each with its own `InfluenceEngine`):
 
 - ``FastIF``: the paper's LiSSA (J 1000, B 1, T 4, its convergence check on) with k 1000 kNN candidates, λ and the
   parameters the default's: `InfluenceArguments` as parsed, so ``--influence_recursion_depth 500`` changes this row;
-- ``fast``: the embedded default's table settings (`hf_fastif.embedded`: J 20, B 8, T 1; k 100 from the gradient index);
+- ``fast``: the embedded default's table settings (`hf_fastif.embedded`: J 20, B 8, T 4; k 100 from the gradient index);
 - ``live``: the Space's settings (`hf_fastif.space.LIVE_SETTINGS`: arnoldi s_test, gradient-index candidates).
 
 For each: the first call on a fresh engine with one test point (trunk states, kNN or gradient index, convergence

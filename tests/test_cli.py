@@ -172,6 +172,8 @@ def test_build_embedded_default_then_show(built: Path, capsys) -> None:
     table = InfluenceTable.load(built / "table")
     assert len(table.test_ids) == 30 and len(table) == 30 * 20
     assert table.metadata["settings"]["influence_recursion_depth"] == 10
+    # the paper's 4 LiSSA repetitions (one reordered the default table's rows: docs/benchmarks.md)
+    assert table.metadata["settings"]["influence_repetitions"] == 4
     assert table.metadata["label_names"] == ["entailment", "non_entailment"]
     # the embedded default is the fine-tuned MiniLM (22.7M parameters), influence over its pooler and classifier
     assert table.metadata["embedded_build"]["kind"] == "minilm"
