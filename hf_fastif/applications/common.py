@@ -106,6 +106,15 @@ def two_label_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([log_probs[:, 0], torch.logsumexp(log_probs[:, 1:], dim=-1)], dim=-1)
 
 
+def hans_predictions(logits) -> np.ndarray:
+    """0 (entailment) / 1 (non_entailment) predictions on HANS from ``(b, 2)`` or 3-label NLI logits: the argmax
+    over the model's own labels, a 3-label model's neutral and contradiction then counted as non_entailment (HANS's
+    rule, the `hans_accuracy` metric's ``binarize``). Not the argmax of `two_label_log_probs`: merging p(neutral) and
+    p(contradiction) first, the loss's rule, turned a row at (0.40, 0.35, 0.25), entailment by the model's own
+    argmax, into a non_entailment prediction."""
+    return np.minimum(np.asarray(logits).argmax(-1), 1)
+
+
 def two_label_loss(outputs, batch) -> torch.Tensor:
     """Per-example cross-entropy against 2-label (HANS) labels, for 2- or 3-label NLI models: a
     ``measurement_fn`` that lets a 3-label MNLI model be corrected on HANS anchors."""
@@ -114,8 +123,9 @@ def two_label_loss(outputs, batch) -> torch.Tensor:
 
 class HansEvaluator:
     """Per-heuristic HANS accuracy of a model on a fixed HANS split, through the `hans_accuracy` metric module,
-    plus the mean 2-label cross-entropy (``loss``, ``loss_<heuristic>``). 3-label models count neutral and
-    contradiction as non_entailment.
+    plus the mean 2-label cross-entropy (``loss``, ``loss_<heuristic>``). A 3-label model's prediction is its argmax,
+    neutral and contradiction counted as non_entailment (`hans_predictions`); its loss takes p(neutral) +
+    p(contradiction) as p(non_entailment) (`two_label_log_probs`).
 
     Args:
         dataset: tokenized HANS rows with ``labels`` (0 = entailment, 1 = non_entailment) and ``heuristic``.
@@ -159,7 +169,7 @@ class HansEvaluator:
                              "no accuracy can be reported.")
         log_probs = two_label_log_probs(logits).numpy()
         labels, heuristics = self.labels[rows], self.heuristics[rows]
-        results = self.metric.compute(predictions=log_probs.argmax(-1).tolist(), references=labels.tolist(),
+        results = self.metric.compute(predictions=hans_predictions(logits.numpy()).tolist(), references=labels.tolist(),
                                       heuristics=heuristics.tolist())
         losses = -log_probs[np.arange(len(rows)), labels]
         results["loss"] = float(losses.mean())
@@ -205,14 +215,14 @@ def model_report(model: nn.Module, hans: Dataset, data_collator: Callable | None
     many, ``train_accuracy_sampled`` whether they are a sample), and on ``hans`` (rows with ``labels``, ``heuristic``
     and, if present, ``subcase``) the `hans_accuracy` metric's results (overall, per heuristic, per heuristic and
     gold label) and per subcase its gold label, rows and accuracy. The training accuracy is over the model's own
-    labels; on HANS a 3-label model counts neutral and contradiction as non_entailment."""
+    labels; on HANS a 3-label model's argmax counts neutral and contradiction as non_entailment (`hans_predictions`)."""
     rows, sampled = None, False
     if train_accuracy is None and train is not None:
         # over the model's own labels (a 3-label model's neutral and contradiction merged made an always-neutral
         # classifier's 0.26 read 0.53, beside the fine-tuning's own 0.26 in the same results)
         train_accuracy, rows, sampled = training_accuracy(model, train, data_collator, seed=seed,
                                                           max_rows=max_train_rows)
-    predictions = two_label_log_probs(torch.from_numpy(predict(model, hans, data_collator))).numpy().argmax(-1)
+    predictions = hans_predictions(predict(model, hans, data_collator))
     labels = np.asarray(hans["labels"], dtype=np.int64)
     heuristics = np.asarray(hans["heuristic"], dtype=object)
     report = {"train_accuracy": train_accuracy, "train_accuracy_rows": rows, "train_accuracy_sampled": sampled,

@@ -64,6 +64,9 @@ PAPER_LEARNING_RATES: tuple[float, ...] = tuple(np.logspace(-5, -2.5, 50).tolist
 """The reference code's sweep for bert-base: 50 rates from 1e-5 to 10^-2.5."""
 
 ROW_LABELS = ("prediction", "gold", "mixed")
+ROW_LABEL_WORDS = {"prediction": "the task model's predictions", "gold": "their gold labels",
+                   "mixed": "their gold labels for influence and the predictions for the step"}
+"""How the report names each ``row_labels``."""
 SIMULATORS = ("trained", "copy")
 
 
@@ -224,15 +227,24 @@ class SimulatabilityResult:
                            "too few candidates of that sign: raise influence_knn_k")
                         + "), so it is the least of the other kind, not what its name says."
                         if signed != sizes else "."))
+        explain = self.settings.get("explain", "prediction")
+        gold_note = (["**Influence on the gold label** (`--explain gold`, as the reference code), while the change "
+                      "below is measured on the task model's prediction: on an incorrect test point the helpful rows "
+                      "(toward the gold label) move the simulator away from the prediction, so the correct and "
+                      "incorrect rows read in opposite directions and `all` mixes them.", ""]
+                     if explain == "gold" else [])
         return "\n".join([
             "### Simulatability",
             "",
             sign_line,
             "",
+            *gold_note,
             "Change of the simulator's loss on the task model's prediction after one SGD step on one training row "
             f"(mean over the {self.settings.get('num_points')} rows of a group, then over test points; negative = "
-            "the simulator agrees more with the task model). `< random`: test points where the group's mean change "
-            "is below the random groups' mean.",
+            "the simulator agrees more with the task model; influence on the loss of the "
+            f"{'gold label' if explain == 'gold' else 'prediction'}, training rows labelled by "
+            f"{ROW_LABEL_WORDS.get(self.settings.get('row_labels'), self.settings.get('row_labels'))}). `< random`: "
+            "test points where the group's mean change is below the random groups' mean.",
             "",
             markdown_table(header, rows),
         ])

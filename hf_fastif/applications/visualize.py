@@ -21,7 +21,7 @@ from transformers.utils import logging
 from .. import distributed as D
 from ..annotate import TextSource, save_with_text
 from ..arguments import InfluenceArguments
-from ..data import HANS_HEURISTICS
+from ..data import HANS_HEURISTICS, NLI2_LABELS
 from ..engine import InfluenceEngine
 from ..table import InfluenceTable
 from ..utils import markdown_table
@@ -175,17 +175,19 @@ class InfluenceGraphResult:
                 genres = ", ".join(f"{g} ({c})" for g, c in s["top_genres"])
                 rows.append([kind, h, s["test_points"], s["edges"], s["train_rows"], s["shared_with_other_heuristics"],
                              f"{100 * s['non_entailment_share']:.0f}%", genres])
-        header = ["edges", "heuristic", "test points", "edges", "training rows", "shared with other heuristics",
+        header = ["kind", "heuristic", "test points", "edges", "training rows", "shared with other heuristics",
                   "rows labelled non_entailment", "commonest training genres"]
         hubs = []
         for kind, nodes in summary["hubs"].items():
             for n in nodes[:3]:
+                label = n.get("label")  # (the model's 2 labels in NLI order: run_visualization checks them)
+                name = NLI2_LABELS[label] if isinstance(label, int) and 0 <= label < len(NLI2_LABELS) else label
                 hubs.append(f"- {kind} hub {n['node']} ({n['test_points']} test points): {n.get('premise')} / "
-                            f"{n.get('hypothesis')} [{n.get('label')}, {n.get('genre')}]")
+                            f"{n.get('hypothesis')} [{name}, {n.get('genre')}]")
         influence = self.settings.get("influence") or {}
         k = influence.get("influence_knn_k")
         candidates = ("every training row scored" if k is None or k >= self.settings.get("num_train", k + 1) else
-                      f"of {k:,} candidates each, {influence.get('influence_knn_features')} features")
+                      f"of {k:,} candidates each, {_candidate_method(influence.get('influence_knn_features'))}")
         return ("### Influence graph\n\n"
                 f"{self.settings['edges_per_test_point']} most helpful and most harmful training rows of each test "
                 f"point ({candidates}).\n\n" + markdown_table(header, rows) + "\n\n" + "\n".join(hubs))
@@ -217,7 +219,9 @@ class InfluenceGraphResult:
                                                for n in tests])
             ax.set_title(f"{kind} edges (width ∝ |influence|)")
             ax.set_axis_off()
-        handles = [Line2D([], [], marker="o", linestyle="", color=c, label=h) for h, c in HEURISTIC_COLORS.items()]
+        shown = {d.get("heuristic") for _, d in self.graph.nodes(data=True) if d.get("side") == "test"}
+        handles = [Line2D([], [], marker="o", linestyle="", color=c, label=h) for h, c in HEURISTIC_COLORS.items()
+                   if h in shown]
         handles.append(Line2D([], [], marker="o", linestyle="", color="lightgray", label="training row"))
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
         fig.suptitle("Training → HANS test influence")
@@ -233,6 +237,16 @@ class InfluenceGraphResult:
         save_with_text(self.table, path, train=None if self.raw_train is None else TextSource(self.raw_train),
                        test=None if self.tests is None else TextSource(self.tests))
         return [path]
+
+
+def _candidate_method(features) -> str:
+    """How the report names ``influence_knn_features``' candidates."""
+    if features == "gradient":
+        return "from the gradient index (projected training gradients along ±s_test)"
+    if features in (None, "auto"):
+        return ("kNN on the model's own features (auto: the pooled [CLS] output where the model has a pooler, as "
+                "the paper's)")
+    return f"kNN on {features} features"
 
 
 def check_visualization(data, args, protocol: VisualizationArguments) -> None:

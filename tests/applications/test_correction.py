@@ -186,6 +186,45 @@ def test_run_correction_candidate_pool_and_replicas(trained, nli, data, args):
     assert result.settings["candidates"] == "pool"
 
 
+def _pairs(rows) -> list[tuple]:
+    return list(zip(rows["premise"], rows["hypothesis"], strict=True))
+
+
+def test_each_step_reads_its_own_split_and_seed(trained, nli, data, args, monkeypatch):
+    """What each step of a run reads, which no outcome in the other tests pins (a review changed each in a scratch
+    copy and every application test still passed): the anchors come from hans_validation, the accuracy from
+    hans_test, the stepped rows from the candidates (the pool here, not the training rows), and LiSSA's draws
+    differ between replicas but are the same for helpful and harmful of one replica."""
+    seen = {"anchors": [], "seeds": [], "stepped": []}
+    real_influence, real_step = correction_module.step_influence, correction_module.sgd_step
+
+    def step_influence(engine, train, anchors, candidates, where):
+        seen["anchors"].append(_pairs(anchors))
+        seen["seeds"].append((where, engine.args.influence_seed))
+        return real_influence(engine, train, anchors, candidates, where)
+
+    def sgd_step(model, rows, *a, **kw):
+        seen["stepped"].append(_pairs(rows))
+        return real_step(model, rows, *a, **kw)
+
+    monkeypatch.setattr(correction_module, "step_influence", step_influence)
+    monkeypatch.setattr(correction_module, "sgd_step", sgd_step)
+    pool = nli["pool"]
+    protocol = CorrectionArguments(strategies=["helpful", "harmful"], heuristics=["constituent"], num_steps=1,
+                                   num_anchors=3, num_points=2, correction_learning_rate=0.1, replicas=2)
+    result = run_correction(trained, dataclasses.replace(data, candidates=pool), args, protocol, progress=False)
+    validation, test = set(_pairs(data.hans_validation)), set(_pairs(data.hans_test))
+    assert all(set(a) <= validation and not set(a) & test for a in seen["anchors"])
+    assert [set(s) for s in seen["stepped"]] == [set(_pairs(pool.select(r["steps"][0]["selected"])))
+                                                 for r in result.runs]
+    assert not set().union(*map(set, seen["stepped"])) & set(_pairs(data.train))
+    seeds = [seed for _, seed in seen["seeds"]]  # helpful, harmful of replica 0, then of replica 1
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
+    expected = HansEvaluator(data.hans_test, data.collator)(trained)
+    assert result.before["accuracy"] == expected["accuracy"]
+    assert result.before["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
 def test_a_second_strategy_after_the_weights_are_restored_runs(trained, data, args):
     """Each run restores the working copy in place (``load_state_dict``) and draws with the same seed, so with one
     step the second strategy's influence call had the first's key: the engine served LiSSA's graphs kept from it,

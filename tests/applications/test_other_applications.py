@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,12 @@ import torch
 from transformers.testing_utils import CaptureLogger
 
 from hf_fastif import InfluenceTable
-from hf_fastif.applications import CorrectionArguments, SimulatabilityArguments, VisualizationArguments
+from hf_fastif.applications import (
+    CorrectionArguments,
+    HansEvaluator,
+    SimulatabilityArguments,
+    VisualizationArguments,
+)
 from hf_fastif.applications import visualize as visualize_module
 from hf_fastif.applications.augmentation import PoolArguments, load_pool, pool_format, run_augmentation
 from hf_fastif.applications.common import two_label_loss
@@ -37,6 +43,37 @@ def test_augmentation_refuses_a_pool_holding_held_out_pairs(trained, nli, data, 
                                    num_points=2, correction_learning_rate=0.1, replicas=1)
     with pytest.raises(ValueError, match=r"The pool \(data.candidates\) holds \d+ rows of data.hans_test"):
         run_augmentation(trained, dataclasses.replace(data, candidates=nli["test"]), args, protocol, progress=False)
+
+
+def test_hans_accuracy_of_a_three_label_model_takes_its_argmax(nli):
+    """HANS's rule for a 3-label model: its argmax, neutral and contradiction then non_entailment. The evaluator
+    merged p(neutral) + p(contradiction) first (the loss's rule), so a model at (0.40, 0.35, 0.25) on every row, which
+    predicts entailment, scored 0% on the entailment rows and 100% on the others (a review's repro)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_fastif.applications.common import model_report
+
+    names = ["entailment", "neutral", "contradiction"]
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(nli["tokenizer"]), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, num_labels=3, id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)}, pad_token_id=nli["tokenizer"].pad_token_id)).eval()
+    with torch.no_grad():  # the same probabilities on every row
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.log(torch.tensor([0.40, 0.35, 0.25])))
+    test = nli["test"]
+    entailment = float(np.mean(np.asarray(test["labels"]) == 0))
+    results = HansEvaluator(test, nli["collator"])(model)
+    assert results["accuracy"] == pytest.approx(entailment)
+    for h in set(test["heuristic"]):
+        assert (results[f"accuracy_{h}_entailment"], results[f"accuracy_{h}_non_entailment"]) == (1.0, 0.0)
+    assert results["loss"] == pytest.approx(float(np.mean(np.where(np.asarray(test["labels"]) == 0, -np.log(0.40),
+                                                                   -np.log(0.60)))), rel=1e-5)  # the loss merges
+    report = model_report(model, test, nli["collator"], train_accuracy=0.5)
+    assert report["hans"]["accuracy"] == pytest.approx(entailment)
+    assert {s["accuracy"] for s in report["subcases"].values()} == {0.0, 1.0}
+    assert all(s["accuracy"] == (1.0 if s["label"] == 0 else 0.0) for s in report["subcases"].values())
 
 
 def test_two_label_loss_merges_neutral_and_contradiction():
@@ -129,6 +166,14 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
     for point in result.points:
         point["rows_of_the_groups_sign"] = {"helpful": 3, "harmful": 3}
     assert "helpful (influence < 0) 12/12, harmful (influence > 0) 12/12." in result.to_markdown()
+    # the report says whose loss influence is on: with --explain gold (the reference code's) the helpful rows of an
+    # incorrect point move the simulator away from the prediction its change is measured on, unsaid before
+    assert "influence on the loss of the prediction, training rows labelled by the task model's predictions" in \
+        result.to_markdown() and "Influence on the gold label" not in result.to_markdown()
+    result.settings |= {"explain": "gold", "row_labels": "mixed"}
+    assert "**Influence on the gold label** (`--explain gold`" in result.to_markdown()
+    assert "influence on the loss of the gold label, training rows labelled by their gold labels for influence" in \
+        result.to_markdown()
 
 
 def test_simulatability_rejects_mismatched_labels_and_bad_protocols(trained, data, args):
@@ -217,6 +262,11 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
     node = next(n for n, d in result.graph.nodes(data=True) if d["side"] == "train")
     assert "premise" in result.graph.nodes[node] and "genre" in result.graph.nodes[node]
     assert "nodes" in result.to_dict()["graph"] and "### Influence graph" in result.to_markdown()
+    markdown = result.to_markdown()  # one column per meaning, labels by name, candidates by how they were chosen
+    assert "| kind | heuristic | test points | edges |" in markdown and "auto features" not in markdown
+    assert "kNN on the model's own features (auto: the pooled [CLS] output" in markdown
+    hubs = [line for line in markdown.splitlines() if " hub train:" in line]
+    assert hubs and all(re.search(r" \[(entailment|non_entailment), [^]]+\]$", line) for line in hubs), hubs
     # a k above the training rows scores every row (the report said "of 5,000 candidates each" of 200 rows)
     assert result.settings["num_train"] == len(data.train) and "of 30 candidates each" in result.to_markdown()
     result.settings["influence"]["influence_knn_k"] = len(data.train)
@@ -232,6 +282,10 @@ def test_run_visualization_builds_graph_and_summary(trained, data, args, tmp_pat
             test_id = int(node.split(":")[1])
             assert rows[test_id] == info["row"]
             assert set(frame[frame.test_id == test_id].test_heuristic) == {info["heuristic"]}
+            # the test points are hans_test's rows (not the anchors' validation split)
+            assert set(frame[frame.test_id == test_id].test_premise) == {data.hans_test[info["row"]]["premise"]}
+    legend = {t.get_text() for t in many.plot().legends[0].get_texts()}
+    assert legend == {"constituent", "training row"}  # only the heuristics drawn
 
 
 def test_a_pool_subset_keeps_each_rows_place_in_the_pool(nli):

@@ -100,8 +100,8 @@ def test_visualize_recipe_embedded(tmp_path):
     assert results["settings"]["num_test_points"] == 6 and results["graph"]["edges"]
     assert (tmp_path / "influence_table" / "influence_metadata.json").is_file()
     k = results["settings"]["influence"]["influence_knn_k"]  # it said "(k kNN candidates each)", literally
-    assert f"2 most helpful and most harmful training rows of each test point (of {k:,} candidates each, auto " \
-           "features)" in (tmp_path / "visualize.md").read_text()
+    assert f"2 most helpful and most harmful training rows of each test point (of {k:,} candidates each, kNN on the " \
+           "model's own features (auto: the pooled [CLS] output" in (tmp_path / "visualize.md").read_text()
 
 
 def test_paper_path_loads_a_finetuned_checkpoint(tmp_path, files):
