@@ -112,6 +112,8 @@ def hans_predictions(logits) -> np.ndarray:
     rule, the `hans_accuracy` metric's ``binarize``). Not the argmax of `two_label_log_probs`: merging p(neutral) and
     p(contradiction) first, the loss's rule, turned a row at (0.40, 0.35, 0.25), entailment by the model's own
     argmax, into a non_entailment prediction."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().float().cpu().numpy()
     return np.minimum(np.asarray(logits).argmax(-1), 1)
 
 

@@ -243,7 +243,7 @@ class SimulatabilityResult:
             f"(mean over the {self.settings.get('num_points')} rows of a group, then over test points; negative = "
             "the simulator agrees more with the task model; influence on the loss of the "
             f"{'gold label' if explain == 'gold' else 'prediction'}, training rows labelled by "
-            f"{ROW_LABEL_WORDS.get(self.settings.get('row_labels'), self.settings.get('row_labels'))}). `< random`: "
+            f"{ROW_LABEL_WORDS[self.settings.get('row_labels', 'prediction')]}). `< random`: "
             "test points where the group's mean change is below the random groups' mean.",
             "",
             markdown_table(header, rows),

@@ -22,13 +22,16 @@ LIVE_SETTINGS: dict = dict(
     influence_solver="arnoldi", influence_arnoldi_rank=16, influence_arnoldi_rows=1024,
     influence_knn_features="gradient", influence_projection_dim=4096, influence_knn_k=100,
     influence_scoring_batch_size=256, influence_check_convergence=False, influence_trunk_cache=True,
+    influence_repetitions=1,
 )
 """How the Space's engine computes influence, chosen for about half a second per typed pair on 2 CPU cores:
 s_test from the top 16 eigenpairs of H (Lanczos on 1,024 seeded training rows, computed once at start-up: on the
 MiniLM default ~1.4 s, and closer to the full Hessian than 256 rows, which was the larger error; a rank of 32 or 64
 changed nothing), candidates from the gradient index (a 4,096-bucket count sketch of per-example gradients: far
 higher recall than [CLS] kNN), and exact JVP scoring of the k candidates. The table's own influence parameters, λ
-and L2 term are kept. docs/space.md has the measurements (``python -m benchmarks.space_latency --quality``)."""
+and L2 term are kept. LiSSA's T, which arnoldi does not read, is pinned at 1: the embedded table's default T (4) is
+no setting of the Space's, and recorded in its build it had made every build of an earlier default refused for
+reuse. docs/space.md has the measurements (``python -m benchmarks.space_latency --quality``)."""
 LIVE_FROM_TABLE = ("influence_params", "influence_damping", "influence_scale", "influence_weight_decay",
                    "influence_weight_decay_in_gradients", "influence_seed", "label_smoothing_factor")
 """Settings of a table that its live explanations keep (what decides the numbers, apart from the solver)."""

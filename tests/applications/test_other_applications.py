@@ -62,8 +62,10 @@ def test_hans_accuracy_of_a_three_label_model_takes_its_argmax(nli):
     with torch.no_grad():  # the same probabilities on every row
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.log(torch.tensor([0.40, 0.35, 0.25])))
-    test = nli["test"]
-    entailment = float(np.mean(np.asarray(test["labels"]) == 0))
+    labels = np.asarray(nli["test"]["labels"])  # every entailment row, a third of the others: both rules' overall
+    test = nli["test"].select(np.sort(np.r_[np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)[::3]]))
+    entailment = float(np.mean(np.asarray(test["labels"]) == 0))  # accuracies differ (the merged rule's: 1 - it)
+    assert abs(entailment - 0.5) > 0.2
     results = HansEvaluator(test, nli["collator"])(model)
     assert results["accuracy"] == pytest.approx(entailment)
     for h in set(test["heuristic"]):

@@ -87,6 +87,28 @@ def app(cache):
         demo.close()
 
 
+def test_the_space_build_does_not_depend_on_the_tables_lissa_repetitions(monkeypatch) -> None:
+    """The embedded table's default T went from 1 to 4 (hf-fastif build's LiSSA); the Space's builds took it from
+    the same "table" settings and recorded it, though arnoldi reads no T, so every build made before was refused for
+    reuse (and by assemble.py) and a deployed Space built again at every start (a review's repro). LIVE_SETTINGS pins
+    T; what the build records stays the same whatever the table's T."""
+    from hf_fastif.embedded import EMBEDDED, embedded_arguments
+    from hf_fastif.space import LIVE_SETTINGS, build_config
+
+    def recorded(kind):
+        args = embedded_arguments("unused", use="table", kind=kind, **LIVE_SETTINGS)
+        return build_config(args, kind, EMBEDDED[kind].table_data, None, True)
+
+    assert all(embedded_arguments("unused", use="table", kind=kind).influence_repetitions == 4  # hf-fastif build's
+               for kind in EMBEDDED)
+    before = {kind: recorded(kind) for kind in EMBEDDED}
+    assert all(b["influence"]["influence_repetitions"] == 1 for b in before.values())
+    for kind in EMBEDDED:
+        for t in (1, 8):
+            monkeypatch.setitem(EMBEDDED[kind].uses["table"], "influence_repetitions", t)
+            assert recorded(kind) == before[kind]
+
+
 def test_the_page_is_served_at_once_and_fills_in_when_ready(app) -> None:
     url, startup, early = app
     assert not early["status"]["ready"] and early["status"]["stage"]  # the port opened before anything was built
