@@ -343,10 +343,11 @@ def compare(reference, setup: Setup, own: ReferenceArguments, args: InfluenceArg
 
 def forward_throughput(setup: Setup, batch_size: int, calls: int) -> float:
     """Rows per second of a plain no-grad forward of the whole model over the training rows (pre-collated
-    batches of ``batch_size``)."""
+    batches of ``batch_size``), taken in order of length as the engine's scoring takes them (in row order MiniLM's
+    forward padded to 4,496 tokens against 3,672 and read 160 against 203 rows/s, flattering JVP / forward)."""
     model, n = setup.model.eval(), len(setup.train)
-    batches = [setup.collator([setup.train[i] for i in range(s, min(s + batch_size, n))])
-               for s in range(0, n, batch_size)]
+    order = np.argsort([len(row["input_ids"]) for row in setup.train], kind="stable")
+    batches = [setup.collator([setup.train[int(i)] for i in order[s:s + batch_size]]) for s in range(0, n, batch_size)]
 
     def forward():
         with torch.no_grad():
