@@ -9,15 +9,16 @@ HVP, its per-example scoring loop) run the whole model, as that code does.
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hf_fastif import InfluenceArguments
+from hf_fastif import InfluenceArguments, InfluenceEngine
 from hf_fastif.batches import Batcher, validate_dataset
-from hf_fastif.engine.s_test import CHECK_BATCHES, CHECK_ITERATIONS, CHECK_ROWS
 from hf_fastif.engine.trunk_states import READOUT_PROBE_ROWS, verification_rows
 from hf_fastif.grouped_products import GroupedHessian, grouped_modules
 from hf_fastif.hvp import batch_gradient, batch_hvp
@@ -28,8 +29,7 @@ from hf_fastif.params import num_parameters, select_parameters
 from hf_fastif.readout import find_readout
 from hf_fastif.scoring import score_candidates, score_per_example_loop
 from hf_fastif.solvers.arnoldi import LowRankSolve
-from hf_fastif.solvers.lanczos import extreme_eigenvalues
-from hf_fastif.solvers.lissa import solve_lissa
+from hf_fastif.solvers.lissa import LissaDivergenceError, solve_lissa
 from hf_fastif.stacked import StackedHessian
 from hf_fastif.trunk import TrunkCache, find_split, model_inputs, split_tolerance, verify_split
 
@@ -66,8 +66,8 @@ COST_MODEL = (
     "                  FastIF   = u.test_gradient + T·J·u.hvp_full[B_F x1] + q + k·u.score_loop\n"
     "where B and B_F are the original's and FastIF's B (128 and 1 in the paper) and q = u.feature +\n"
     "N·u.knn_row is one kNN query (exact Flat search). u.power_iteration[B] is the LiSSA convergence check at\n"
-    "the row's own B, as the engine runs it: CHECK_BATCHES Lanczos runs of CHECK_ITERATIONS HVPs on B-row\n"
-    "batches (u.hvp[B x1] each) and one over the mean Hessian of CHECK_ROWS rows, with their vector work.\n"
+    "the row's own B, the engine's own, timed in a first call at that B with the run's seed (its Lanczos runs on\n"
+    "B-row batches and on the mean Hessian of CHECK_ROWS rows, and its confirmation on more rows where it runs).\n"
     "hf_fastif's units (hvp, score, test_gradient, the check) run from the cached trunk states where the model\n"
     "splits; hvp_full and score_loop run the whole model, as the 2021 code does. Built once for all test points\n"
     "and not charged per test point: the training-set features and index (N·u.feature) and the trunk states\n"
@@ -98,9 +98,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     ``hvp[B x m]``: one LiSSA step (collate B fresh rows, one HVP with m vectors); ``score[m]``: one candidate
     scored by batched JVP against m s_test vectors (`SCORED_ROWS` seeded rows in batches of 64, in the engine's
     order); ``test_gradient``: one test row;
-    ``power_iteration[B]``: the library's convergence check at each B (`check_seconds`: its Lanczos runs on B-row
-    batches and on the mean Hessian, their HVPs and their own vector work ``check_vector_work``, timed with a cheap
-    diagonal operator): all
+    ``power_iteration[B]``: the engine's own convergence check at each B (`engine_check_seconds`, confirmation
+    included where it runs); all but it
     from the cached trunk states where the model splits and with the last layer cut to the position the loss
     reads where it can be (``readout``), as the engine runs them. ``trunk``: one row's trunk
     states (0 without a split). The 2021 code path, whole model: ``hvp_full[B x1]`` (its HVP) and ``score_loop``
@@ -165,18 +164,6 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         for t in sorted({args.influence_repetitions or 1, bench.paper_t} - {1}):
             out["hvp_stacked"][f"{b}x{t}"] = recursion_step_seconds(stacked_step, v, t, args,
                                                                     calls if t * b <= 16 else max(3, calls // 3))
-        # the library's LiSSA convergence check: Lanczos on B-row batches and on the mean Hessian of CHECK_ROWS rows,
-        # its HVPs plus its own vector work (start vector, the three-term recurrence on p-sized vectors), timed with
-        # a diagonal operator of distinct entries (one multiply per step, so Lanczos runs every step)
-        diagonal = torch.linspace(1.0, 2.0, p, device=device, dtype=dtype)
-        vector_work = [median_seconds(  # (the batch runs read the largest value only: three-term recurrence alone)
-            lambda k=k, full=full: extreme_eigenvalues(lambda x: diagonal * x, p, iterations=k, dtype=dtype,
-                                                       device=device, reorthogonalise=full), 3)
-                       for k, full in ((CHECK_ITERATIONS, False), (CHECK_ITERATIONS + 2, True))]
-        mean_hessian = (CHECK_ITERATIONS + 2) * step(min(CHECK_ROWS, n), torch.randn(p, device=device, dtype=dtype),
-                                                     "sum") + vector_work[1]
-        out["power_iteration"] = check_seconds(out["hvp"], batch_sizes, mean_hessian, vector_work[0])
-        out["check_vector_work"] = CHECK_BATCHES * vector_work[0] + vector_work[1]
         # 256 seeded rows, four batches of 64 in the engine's order (rows alike in length together,
         # `Batcher.length_order`), as a scan of many candidates runs: one batch of 64 pads to its longest row
         block = rng.choice(n, min(SCORED_ROWS, n), replace=False).tolist()
@@ -212,7 +199,58 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
     out["knn_row"] = median_seconds(lambda: search(index, queries, 1000), 3) / (len(queries) * rows)
     out["num_parameters"] = p
     out["feature_dim"] = int(feats.shape[1])
+    out["power_iteration"], out["check_confirmed"] = engine_check_seconds(setup, args, batch_sizes)
     return out
+
+
+class _CheckDone(BaseException):
+    """Ends a `_CheckOnly` call once its check is timed (not an `Exception`, which the engine's fallbacks catch)."""
+
+
+class _CheckOnly(InfluenceEngine):
+    """An engine whose calls stop right after LiSSA's convergence check, which they time (`engine_check_seconds`).
+    Follows the engine's private ``_check_lissa(call, v)``."""
+
+    seconds: float = float("nan")
+    found: dict = {}
+
+    def _check_lissa(self, call, v):
+        start, self.found = time.perf_counter(), {}
+        try:
+            self.found = super()._check_lissa(call, v)
+        finally:  # (a refusal, LissaDivergenceError, after a whole check: its seconds too)
+            self.seconds = time.perf_counter() - start
+        raise _CheckDone
+
+
+def engine_check_seconds(setup: Setup, args: InfluenceArguments, batch_sizes: list[int]
+                         ) -> tuple[dict[str, float], dict[str, str]]:
+    """The engine's own LiSSA convergence check at each B (``u.power_iteration[str(B)]``), as a row's first call at
+    that B runs it with the run's seed: its Lanczos runs on `CHECK_BATCHES` B-row batches (one graph a run) and on the
+    mean Hessian of `CHECK_ROWS` rows, and its confirmation on more rows where the estimate nears -λ
+    (``u.check_confirmed[str(B)]``: "passed", "confirmed on N rows", or "refused" where the check refuses LiSSA,
+    as that row's call then does). Summing unit HVPs instead priced a build per product (~2x on
+    the quick model) and left the confirmation out (it ran in every original call of a quick run). One engine for
+    every B: the training rows' trunk states are computed before the first check, not timed; each B checks anew (the
+    estimates are kept per B)."""
+    engine = _CheckOnly(setup.model, copy.copy(args), data_collator=setup.collator)
+    engine.args.influence_solver, engine.args.influence_check_convergence = "lissa", True
+    seconds, confirmed = {}, {}
+    with engine:
+        for b in sorted(set(batch_sizes)):
+            engine.args.influence_batch_size = b
+            status = None
+            try:
+                engine.compute_influences(setup.train, setup.test.select([0]))
+            except _CheckDone:
+                rows = engine.found.get("lissa_confirm_rows")
+                status = "passed" if rows is None else f"confirmed on {rows} rows"
+            except LissaDivergenceError:
+                status = "refused"
+            if status is None:
+                raise RuntimeError("The engine's call ran without its convergence check.")
+            seconds[str(b)], confirmed[str(b)] = engine.seconds, status
+    return seconds, confirmed
 
 
 RECURSION_DEPTHS = (2, 10)
@@ -236,16 +274,6 @@ def recursion_step_seconds(step, v: torch.Tensor, repetitions: int, args: Influe
     longer = run(high)
     difference = longer - run(low)
     return difference / (high - low) if difference > 0 else longer / high  # (noise beyond the steps: all of it)
-
-
-def check_seconds(hvp: dict, batch_sizes: list[int], mean_hessian: float, vector_work: float) -> dict[str, float]:
-    """The LiSSA convergence check's seconds at each B (``u.power_iteration[str(B)]``), as the engine runs it at a
-    row's own B (`hf_fastif.engine.s_test.STestStage._check_lissa`): `CHECK_BATCHES` Lanczos runs of
-    `CHECK_ITERATIONS` HVPs on a B-row batch (``hvp[f"{B}x1"]`` each, plus ``vector_work`` per run), then
-    ``mean_hessian``, the run over the mean Hessian of `CHECK_ROWS` rows, whatever B is. The per-B units are the
-    LiSSA steps' own: nothing more is timed."""
-    return {str(b): CHECK_BATCHES * (CHECK_ITERATIONS * hvp[f"{b}x1"] + vector_work) + mean_hessian
-            for b in sorted(set(batch_sizes))}
 
 
 @dataclass

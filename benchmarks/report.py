@@ -22,6 +22,12 @@ QUALITY_COLUMNS = ["pearson", "spearman"]
 """The quality columns every row has; its recall@n columns follow (n = 10 and 100, capped at N: hf_fastif.recall.recall_ns)."""
 
 
+def check_unit(u: dict, key: str) -> str:
+    """The convergence check's unit at B = ``key``, with how it ended where it did not simply pass."""
+    status = u.get("check_confirmed", {}).get(key, "passed")
+    return f"power_iteration[B={key}] {u['power_iteration'][key]:.3g}" + ("" if status == "passed" else f" ({status})")
+
+
 def _cell(value, format_: Callable | None) -> str:
     if value is None or value == "":
         return ""
@@ -211,8 +217,8 @@ def render(results: dict) -> str:
                   + [f"hvp_full[{key}] {v:.3g}" for key, v in u.get("hvp_full", {}).items()]
                   + [f"score[m={key}] {v:.3g}" for key, v in u["score"].items()]
                   + [f"low_rank_solve[m={key}] {v:.3g}" for key, v in u.get("low_rank_solve", {}).items()]
-                  + [f"power_iteration[B={key}] {v:.3g}" for key, v in u["power_iteration"].items()]
-                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "check_vector_work", "trunk",
+                  + [check_unit(u, key) for key in u["power_iteration"]]
+                  + [f"{key} {u[key]:.3g}" for key in ("score_loop", "test_gradient", "trunk",
                                                         "feature", "knn_row") if key in u])
               + f"; trunk split: {u.get('trunk_split') or 'none (every forward runs the whole model)'}"
               + f"; last layer cut: {cut_in_words(u.get('readout'))}.\n",

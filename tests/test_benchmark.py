@@ -6,12 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 from benchmarks import rows as rows_module
 from benchmarks import studies
 from benchmarks.arguments import parse_with_defaults
-from benchmarks.costs import CostScale, check_seconds, cost_model, paper_scale_rows
+from benchmarks.costs import CostScale, cost_model, engine_check_seconds, paper_scale_rows
 from benchmarks.paper_setup import (
     FAST,
     FASTIF,
@@ -33,7 +34,7 @@ from benchmarks.studies import knn_recall_curve
 from hf_fastif import InfluenceArguments, InfluenceTable
 from hf_fastif.embedded import TINY
 from hf_fastif.engine import InfluenceEngine
-from hf_fastif.engine.s_test import CHECK_BATCHES, CHECK_ITERATIONS
+from hf_fastif.influence import default_arguments
 from hf_fastif.minilm_default import minilm_influence_params
 from hf_fastif.params import PAPER_BERT_PARAMS
 from hf_fastif.quality import influence_by_test
@@ -92,15 +93,36 @@ def test_cost_model_formulas():
     assert c2[FASTIF] == pytest.approx(0.5 + 6 + 4 * 100 * 1.5 + q + 10 * 0.01) and c2[ORIGINAL] == c[ORIGINAL]
 
 
-def test_the_check_is_charged_at_each_rows_b():
-    """The convergence check runs its batch Lanczos on B-row batches of the row's own B; the unit costs charged every
-    row the 1-row batches' HVPs (hvp[min(batch_sizes) x1]), under-charging the original (B = 128) most."""
-    hvp = {"1x1": 1.0, "8x1": 2.0, "128x1": 10.0, "8x4": 3.0}
-    check = check_seconds(hvp, [128, 1, 8, 1], mean_hessian=7.0, vector_work=0.5)
-    assert set(check) == {"1", "8", "128"}
-    for b in (1, 8, 128):
-        assert check[str(b)] == pytest.approx(CHECK_BATCHES * (CHECK_ITERATIONS * hvp[f"{b}x1"] + 0.5) + 7.0)
-    assert check["128"] > check["8"] > check["1"]
+def test_the_check_unit_is_the_engines_own_check():
+    """The check's unit summed unit HVPs: a graph build priced per product (the engine builds one per Lanczos run:
+    ~2x high on the quick model) and the confirmation on more rows left out (it ran in every original call of a
+    quick run; a review of the cost model). It is now the engine's own check at each B, a call stopped right after
+    it, which says whether it passed, confirmed on more rows, or refused."""
+    from tests.tiny import make_token_dataset, pad_collator_for_tests, tiny_model
+
+    train = make_token_dataset(300, seed=0)
+    setup = Setup(model=tiny_model("bert", dtype=torch.float32), tokenizer=None, collator=pad_collator_for_tests(),
+                  train=train, test=make_token_dataset(2, seed=1), description={})
+    base = dict(influence_solver="lissa", influence_params=None, influence_recursion_depth=5, influence_knn_k=None,
+                disable_tqdm=True)
+    made = []
+    real = InfluenceEngine.compute_influences
+
+    def counted(self, *a, **kw):
+        made.append(self.args.influence_batch_size)
+        return real(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InfluenceEngine, "compute_influences", counted)
+        seconds, status = engine_check_seconds(setup, default_arguments(**base, influence_damping=0.5,
+                                                                        influence_scale=100.0), [4, 1, 4])
+    assert made == [1, 4] and set(seconds) == set(status) == {"1", "4"} and all(v > 0 for v in seconds.values())
+    assert set(status.values()) == {"passed"}  # λ = 50, far above this random model's curvature
+    # λ near the random model's most negative curvature: the engine confirms on more rows (or refuses), and so does
+    # the unit, which costs more than the check that passed at once
+    near, near_status = engine_check_seconds(setup, default_arguments(**base, influence_damping=1e-4,
+                                                                      influence_scale=100.0), [1])
+    assert near_status["1"] != "passed" and near["1"] > seconds["1"]
 
 
 def test_sweep_records_a_refused_point_and_goes_on(monkeypatch):
