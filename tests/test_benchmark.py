@@ -12,7 +12,7 @@ from datasets import Dataset
 from benchmarks import rows as rows_module
 from benchmarks import studies
 from benchmarks.arguments import parse_with_defaults
-from benchmarks.costs import CostScale, cost_model, engine_check_seconds, paper_scale_rows
+from benchmarks.costs import CHECK_SEEDS, CostScale, cost_model, engine_check_seconds, paper_scale_rows
 from benchmarks.paper_setup import (
     FAST,
     FASTIF,
@@ -109,14 +109,16 @@ def test_the_check_unit_is_the_engines_own_check():
     real = InfluenceEngine.compute_influences
 
     def counted(self, *a, **kw):
-        made.append(self.args.influence_batch_size)
+        made.append((self.args.influence_batch_size, self.args.influence_seed))
         return real(self, *a, **kw)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InfluenceEngine, "compute_influences", counted)
         seconds, status = engine_check_seconds(setup, default_arguments(**base, influence_damping=0.5,
                                                                         influence_scale=100.0), [4, 1, 4])
-    assert made == [1, 4] and set(seconds) == set(status) == {"1", "4"} and all(v > 0 for v in seconds.values())
+    seeds = range(42, 42 + CHECK_SEEDS)  # (the default seed's and the next ones: the mean over seeds)
+    assert made == [(b, seed) for b in (1, 4) for seed in seeds]
+    assert set(seconds) == set(status) == {"1", "4"} and all(v > 0 for v in seconds.values())
     assert set(status.values()) == {"passed"}  # λ = 50, far above this random model's curvature
     # λ near the random model's most negative curvature: the engine confirms on more rows (or refuses), and so does
     # the unit, which costs more than the check that passed at once
