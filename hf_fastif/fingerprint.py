@@ -596,13 +596,8 @@ def _read_globals(fn, depth: int) -> dict:
     (library code); another object counts by its type and public plain attributes (`_global_object`), never by a
     repr with an address, which would differ between processes: a build resumed in a new process would look like
     another build."""
-    names = _loaded_globals(fn.__code__)
-    scope = getattr(fn, "__globals__", {})
     out = {}
-    for name in sorted(names & scope.keys()):
-        value = scope[name]
-        if inspect.ismodule(value) or inspect.isclass(value):
-            continue  # (their code is the library's: hashed by version where it matters)
+    for name, value in _global_reads(fn):
         hashed = (_plain_attribute(value) or isinstance(value, functools.partial) or inspect.isfunction(value)
                   or _is_tokenizer(value))  # (a collator lambda padding with a global tokenizer: its padding side)
         if _beyond(depth):
@@ -614,6 +609,14 @@ def _read_globals(fn, depth: int) -> dict:
             # held engine served the old loss's Hessian, 20% off; and a build resumed with another value)
             out[name] = _global_object(value)
     return out
+
+
+def _global_reads(fn) -> list[tuple[str, object]]:
+    """``(name, value)`` of the module-level values a function's code loads, by name, but imported modules and
+    classes (their code is the library's: hashed by version where it matters)."""
+    scope = getattr(fn, "__globals__", {})
+    return [(name, scope[name]) for name in sorted(_loaded_globals(fn.__code__) & scope.keys())
+            if not (inspect.ismodule(scope[name]) or inspect.isclass(scope[name]))]
 
 
 def _global_object(value) -> object:
@@ -663,13 +666,9 @@ def global_values(*fns) -> dict[tuple[str, str, str], object]:
         if code is None or id(fn) in seen or depth > MAX_DEPTH:
             continue
         seen.add(id(fn))
-        scope = fn.__globals__
-        for name in _loaded_globals(code) & scope.keys():
-            value = scope[name]
+        for _, value in _global_reads(fn):
             if inspect.isfunction(value):
                 stack.append((value, depth + 1))
-                continue
-            if inspect.ismodule(value) or inspect.isclass(value):
                 continue
             kind = (type(value).__module__, type(value).__qualname__)
             out |= {(*kind, k): v for k, v in (_settings_values(value) or {}).items()}

@@ -171,7 +171,7 @@ class HansEvaluator:
                              "no accuracy can be reported.")
         log_probs = two_label_log_probs(logits).numpy()
         labels, heuristics = self.labels[rows], self.heuristics[rows]
-        results = self.metric.compute(predictions=hans_predictions(logits.numpy()).tolist(), references=labels.tolist(),
+        results = self.metric.compute(predictions=hans_predictions(logits).tolist(), references=labels.tolist(),
                                       heuristics=heuristics.tolist())
         losses = -log_probs[np.arange(len(rows)), labels]
         results["loss"] = float(losses.mean())
