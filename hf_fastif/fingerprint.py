@@ -603,7 +603,7 @@ def _read_globals(fn, depth: int) -> dict:
         if _beyond(depth):
             out[name] = type(value).__qualname__
         elif hashed:
-            out[name] = _describe_value(value, depth)
+            out[name] = _describe_value(_without_records(fn, name, value), depth)
         else:  # another object (a script's settings: CFG.temperature, an argparse Namespace): its public plain
             # attributes, without its address (a loss reading one was keyed by the type's name alone: changed, the
             # held engine served the old loss's Hessian, 20% off; and a build resumed with another value)
@@ -650,12 +650,36 @@ def _settings_values(value) -> dict[str, object] | None:
 _CALL_RECORDS: set[tuple[str, str, str]] = set()
 """``(module, class, attribute)`` of user objects' values that changed during an engine's own call (`note_records`):
 a counter a loss keeps (``STATS.calls += 1``) is a record, not a setting, and `_global_object` leaves it out (it keyed
-the held engine's caches anew on every call)."""
+the held engine's caches anew on every call). A module-level dict's scalar entry or list is recorded the same way
+(`_container_values`), as ``(module, "global <name>", repr(key))`` and ``(module, "global <name>", "len")``:
+``CALLS["n"] += 1``, ``LOSSES.append(...)``; `_without_records` leaves them out."""
+
+
+def _container_values(fn, name: str, value) -> dict[tuple[str, str, str], object]:
+    """What `note_records` watches of a module-level dict or list that ``fn`` reads as ``name``: a dict's scalar
+    entries, a list's length (a list a loss appends to grows; its items are not compared, which would cost what it
+    holds)."""
+    where = (getattr(fn, "__globals__", {}).get("__name__", ""), f"global {name}")
+    if isinstance(value, dict):
+        return {(*where, repr(k)): v for k, v in value.items() if isinstance(v, _SCALARS)}
+    return {(*where, "len"): len(value)} if isinstance(value, list) else {}
+
+
+def _without_records(fn, name: str, value):
+    """A module-level dict or list ``fn`` reads as ``name``, less what `_CALL_RECORDS` holds of it: a dict without
+    its recorded entries, a recorded list by its type alone (a loss's log grows with every call)."""
+    if not _CALL_RECORDS or not isinstance(value, (dict, list)):
+        return value
+    where = (getattr(fn, "__globals__", {}).get("__name__", ""), f"global {name}")
+    if isinstance(value, list):
+        return "list (a record)" if (*where, "len") in _CALL_RECORDS else value
+    return {k: v for k, v in value.items() if (*where, repr(k)) not in _CALL_RECORDS}
 
 
 def global_values(*fns) -> dict[tuple[str, str, str], object]:
     """The plain values `_global_object` reads from the module-level user objects that ``fns`` (and the functions
-    they call from their modules, a few levels) read: what `note_records` compares before and after a call."""
+    they call from their modules, a few levels) read, and what `_container_values` watches of their module-level dicts
+    and lists: what `note_records` compares before and after a call."""
     out: dict = {}
     seen: set[int] = set()
     stack = [(fn, 0) for fn in fns if fn is not None]
@@ -666,10 +690,11 @@ def global_values(*fns) -> dict[tuple[str, str, str], object]:
         if code is None or id(fn) in seen or depth > MAX_DEPTH:
             continue
         seen.add(id(fn))
-        for _, value in _global_reads(fn):
+        for name, value in _global_reads(fn):
             if inspect.isfunction(value):
                 stack.append((value, depth + 1))
                 continue
+            out |= _container_values(fn, name, value)
             kind = (type(value).__module__, type(value).__qualname__)
             out |= {(*kind, k): v for k, v in (_settings_values(value) or {}).items()}
     return out

@@ -863,6 +863,18 @@ def counting_loss(outputs, batch):
     return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
 
 
+CALLS = {"n": 0, "temperature": 1.0}  # a script's module-level dict: a counter beside a setting
+LOSSES: list = []  # and a log a loss appends to
+
+
+def dict_counting_loss(outputs, batch):
+    CALLS["n"] += 1
+    losses = torch.nn.functional.cross_entropy(outputs.logits / CALLS["temperature"], batch["labels"],
+                                               reduction="none")
+    LOSSES.append(len(batch["labels"]))
+    return losses
+
+
 class Forwarding:  # an options object whose __getattr__ raises KeyError (not AttributeError) for what it lacks
     __slots__ = ("_values",)
 
@@ -878,6 +890,30 @@ FORWARDING = Forwarding(scale=1.0)
 
 def forwarding_loss(outputs, batch):
     return torch.nn.functional.cross_entropy(outputs.logits * FORWARDING.scale, batch["labels"], reduction="none")
+
+
+def test_a_counter_or_log_kept_in_a_module_level_dict_or_list_is_a_record(data, monkeypatch):
+    """A loss counting its calls in a module-level dict (``CALLS["n"] += 1``) or appending to a module-level list
+    keyed the held engine anew on every call (containers were hashed by content): the entries a call changes are
+    records from then on, so the third call is served from the caches, while a setting in the same dict, changed
+    between calls, still keys the engine anew (its values follow it)."""
+    model, train, test, collator = data
+    args = default_arguments(**dict(BASE, influence_solver="exact"))
+    monkeypatch.setitem(CALLS, "temperature", 1.0)
+    with InfluenceEngine(model, args, data_collator=collator, loss_fn=dict_counting_loss) as engine:
+        calls, values = [], []
+        for temperature in (1.0, 1.0, 1.0, 2.0):
+            CALLS["temperature"] = temperature
+            before = CALLS["n"]
+            values.append(engine.compute_influences(train, test).to_pandas()["influence"].to_numpy())
+            calls.append(CALLS["n"] - before)
+        assert calls[2] < calls[0], calls  # (the third call served from the caches)
+        assert calls[3] > calls[2], calls  # (the temperature changed: keyed anew)
+        np.testing.assert_allclose(values[2], values[0], rtol=1e-5, atol=1e-9)
+        assert not np.allclose(values[3], values[0], rtol=1e-3)
+    with InfluenceEngine(model, args, data_collator=collator, loss_fn=dict_counting_loss) as fresh:
+        np.testing.assert_allclose(fresh.compute_influences(train, test).to_pandas()["influence"].to_numpy(),
+                                   values[3], rtol=1e-4, atol=1e-9)  # (a fresh engine at temperature 2)
 
 
 def test_module_level_objects_are_read_as_settings_only_where_they_are_settings(data, monkeypatch):
