@@ -3,7 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 # torch 2.13.0: on this project's machines pip resolves it to the CPU wheel they keep on disk; plain PyPI gives the
 # CUDA build on Linux. For the CPU build elsewhere: `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`;
-# for another build: `make test TORCH_SPEC=torch`.
+# for another build: `make test TORCH_SPEC=torch`. Both are read when the environment is installed: on the first
+# `make`, or after `make clean`.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
@@ -26,12 +27,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) recipes/hans_correction.py
 
-# The Space's browser test drives Debian's chromium headless (Playwright never downloads a browser here): installed
-# from the Debian archive when missing (with sudo unless root).
+# The Space's browser test drives Debian's chromium headless at /usr/bin/chromium (Playwright never downloads a
+# browser here): installed from the Debian archive when missing there (with sudo unless root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 test: $(STAMP)
-	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the Space's browser test"; \
+	@[ -x /usr/bin/chromium ] || { echo "installing Debian's chromium for the Space's browser test"; \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
