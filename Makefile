@@ -4,7 +4,7 @@ PYTHON ?= python3
 # torch 2.13.0: on this project's machines pip resolves it to the CPU wheel they keep on disk; plain PyPI gives the
 # CUDA build on Linux. For the CPU build elsewhere: `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`;
 # for another build: `make test TORCH_SPEC=torch`. Both are read when the environment is installed: on the first
-# `make`, or after `make clean`.
+# `make`, after `make clean`, and when pyproject.toml or this Makefile changed (give them again then).
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import pathlib
 import re
@@ -650,9 +651,10 @@ def _settings_values(value) -> dict[str, object] | None:
 _CALL_RECORDS: set[tuple[str, str, str]] = set()
 """``(module, class, attribute)`` of user objects' values that changed during an engine's own call (`note_records`):
 a counter a loss keeps (``STATS.calls += 1``) is a record, not a setting, and `_global_object` leaves it out (it keyed
-the held engine's caches anew on every call). A module-level dict's scalar entry or list is recorded the same way
-(`_container_values`), as ``(module, "global <name>", repr(key))`` and ``(module, "global <name>", "len")``:
-``CALLS["n"] += 1``, ``LOSSES.append(...)``; `_without_records` leaves them out."""
+the held engine's caches anew on every call). A module-level dict's scalar entry is recorded the same way, and a
+module-level list that grew during two calls (`_container_values`: ``(module, "global <name>", repr(key))`` and
+``(module, "global <name>", "len")``): ``CALLS["n"] += 1``, ``LOSSES.append(...)``; `_without_records` leaves them
+out."""
 
 
 def _container_values(fn, name: str, value) -> dict[tuple[str, str, str], object]:
@@ -700,12 +702,26 @@ def global_values(*fns) -> dict[tuple[str, str, str], object]:
     return out
 
 
+_GREW_ONCE: set[tuple[str, str, str]] = set()
+"""Module-level lists (`_container_values`' ``"len"`` keys) seen growing during one call: a list becomes a record
+when it grows during a second (a log grows every call; one a loss fills on its first call is a setting after it)."""
+
+
 def note_records(before: dict, after: dict) -> bool:
     """Record (`_CALL_RECORDS`) the values of `global_values` that changed between a call's start (``before``) and its
-    end (``after``); returns whether any was new."""
-    changed = {key for key, value in after.items() if key in before and before[key] != value} - _CALL_RECORDS
-    _CALL_RECORDS.update(changed)
-    return bool(changed)
+    end (``after``), a module-level list's length the second time (`_GREW_ONCE`); returns whether any was new.
+    NaN left NaN is no change (a NaN placeholder is a setting)."""
+    changed = {key for key, value in after.items()
+               if key in before and not _same(before[key], value)} - _CALL_RECORDS
+    lists = {key for key in changed if key[2] == "len" and key[1].startswith("global ")}
+    new = (changed - lists) | (lists & _GREW_ONCE)
+    _GREW_ONCE.update(lists)
+    _CALL_RECORDS.update(new)
+    return bool(new)
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -149,11 +149,10 @@ def test_arnoldi_below_the_rank_lambda_needs_is_warned_of(digits, caplog):
             assert f"at rank {rank}" in said[0] and f"up to {factor:.3g}x too large" in said[0]
 
 
-def test_arnoldi_on_an_indefinite_hessian_warns_both_ways(caplog):
+def test_arnoldi_is_warned_of_where_the_appended_negative_pair_hid_the_rank(caplog):
     """A review's repro (a trained tiny BERT, its pooler + classifier, a Hessian with eigenvalues -0.016 ... 6.3):
     at rank 2 the appended negative Ritz pair (-0.0036, unconverged) was read as the smallest kept magnitude, so the
-    rank's bound read 1.18 and the table came back 0.46 off the exact solve's (s_test 0.99 off) without a warning;
-    at rank 3 the negative directions beyond the rank, solved as flat, come out too small."""
+    rank's bound read 1.18 and the table came back 0.46 off the exact solve's (s_test 0.99 off) without a warning."""
     import logging
 
     from tests.tiny import HEAD_ONLY, pad_collator_for_tests, train_tiny
@@ -165,17 +164,14 @@ def test_arnoldi_on_an_indefinite_hessian_warns_both_ways(caplog):
                   influence_damping=0.002, influence_scale=10.0)
     exact = table_matrix(compute_influences(model, train, test, default_arguments(influence_solver="exact", **common),
                                             data_collator=collator), 3, 40)
-    for rank, side in ((2, "too large"), (3, "too small")):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="hf_fastif.engine"):
-            table = compute_influences(model, train, test, default_arguments(
-                influence_solver="arnoldi", influence_arnoldi_rank=rank, **common), data_collator=collator)
-        diagnostics = table.metadata["diagnostics"]
-        said = [r.getMessage() for r in caplog.records if "influence_arnoldi_rank" in r.getMessage()]
-        assert diagnostics["arnoldi_rank"] == rank + 1 and diagnostics["hessian_min_ritz_value"] < 0, diagnostics
-        assert diagnostics["arnoldi_truncation_factor"] > 2 and said and side in said[0], (rank, diagnostics, said)
-        got = table_matrix(table, 3, 40)
-        assert np.linalg.norm(got - exact) / np.linalg.norm(exact) > (0.2 if rank == 2 else 0.005), rank
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.engine"):
+        table = compute_influences(model, train, test, default_arguments(
+            influence_solver="arnoldi", influence_arnoldi_rank=2, **common), data_collator=collator)
+    diagnostics = table.metadata["diagnostics"]
+    said = [r.getMessage() for r in caplog.records if "influence_arnoldi_rank" in r.getMessage()]
+    assert diagnostics["arnoldi_rank"] == 3 and diagnostics["hessian_min_ritz_value"] < 0, diagnostics
+    assert diagnostics["arnoldi_truncation_factor"] > 10 and said and "at rank 2" in said[0], (diagnostics, said)
+    assert np.linalg.norm(table_matrix(table, 3, 40) - exact) / np.linalg.norm(exact) > 0.2
 
 
 def plain_test_loss(outputs, batch):

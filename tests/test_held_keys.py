@@ -8,6 +8,7 @@ import argparse
 import copy
 import functools
 import itertools
+import sys
 
 import numpy as np
 import pandas as pd
@@ -864,15 +865,34 @@ def counting_loss(outputs, batch):
 
 
 CALLS = {"n": 0, "temperature": 1.0}  # a script's module-level dict: a counter beside a setting
-LOSSES: list = []  # and a log a loss appends to
+LOSSES: list = []  # a log a loss appends to
+WEIGHTS: list = []  # a setting a loss fills on its first call
 
 
 def dict_counting_loss(outputs, batch):
     CALLS["n"] += 1
-    losses = torch.nn.functional.cross_entropy(outputs.logits / CALLS["temperature"], batch["labels"],
-                                               reduction="none")
+    return torch.nn.functional.cross_entropy(outputs.logits / CALLS["temperature"], batch["labels"], reduction="none")
+
+
+def logging_loss(outputs, batch):
     LOSSES.append(len(batch["labels"]))
-    return losses
+    return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+
+MARGINS = {"margin": float("nan"), "calls": 0}  # a NaN placeholder (no margin) beside a counter
+
+
+def margin_loss(outputs, batch):
+    MARGINS["calls"] += 1
+    margin = 0.0 if MARGINS["margin"] != MARGINS["margin"] else MARGINS["margin"]
+    return torch.nn.functional.cross_entropy(outputs.logits - margin, batch["labels"], reduction="none")
+
+
+def lazily_weighted_loss(outputs, batch):
+    if not WEIGHTS:
+        WEIGHTS.extend([1.0, 1.0])  # (a temperature per label)
+    temperature = torch.tensor(WEIGHTS, dtype=outputs.logits.dtype)
+    return torch.nn.functional.cross_entropy(outputs.logits / temperature, batch["labels"], reduction="none")
 
 
 class Forwarding:  # an options object whose __getattr__ raises KeyError (not AttributeError) for what it lacks
@@ -894,26 +914,53 @@ def forwarding_loss(outputs, batch):
 
 def test_a_counter_or_log_kept_in_a_module_level_dict_or_list_is_a_record(data, monkeypatch):
     """A loss counting its calls in a module-level dict (``CALLS["n"] += 1``) or appending to a module-level list
-    keyed the held engine anew on every call (containers were hashed by content): the entries a call changes are
-    records from then on, so the third call is served from the caches, while a setting in the same dict, changed
-    between calls, still keys the engine anew (its values follow it)."""
+    keyed the held engine anew on every call (containers were hashed by content). A dict's entry a call changes is a
+    record from then on, and a list that grew during two calls; the dict's settings, a list a loss fills once (then
+    changed between calls) and a NaN placeholder still key the engine anew when they change."""
+    from hf_fastif.fingerprint import callable_fingerprint, global_values, note_records
+
     model, train, test, collator = data
     args = default_arguments(**dict(BASE, influence_solver="exact"))
     monkeypatch.setitem(CALLS, "temperature", 1.0)
+
+    def influence(engine):
+        return engine.compute_influences(train, test).to_pandas()["influence"].to_numpy()
+
     with InfluenceEngine(model, args, data_collator=collator, loss_fn=dict_counting_loss) as engine:
         calls, values = [], []
         for temperature in (1.0, 1.0, 1.0, 2.0):
             CALLS["temperature"] = temperature
             before = CALLS["n"]
-            values.append(engine.compute_influences(train, test).to_pandas()["influence"].to_numpy())
+            values.append(influence(engine))
             calls.append(CALLS["n"] - before)
-        assert calls[2] < calls[0], calls  # (the third call served from the caches)
-        assert calls[3] > calls[2], calls  # (the temperature changed: keyed anew)
+        assert calls[2] < calls[0] and calls[3] > calls[2], calls  # (served from the caches; the setting changed)
         np.testing.assert_allclose(values[2], values[0], rtol=1e-5, atol=1e-9)
         assert not np.allclose(values[3], values[0], rtol=1e-3)
     with InfluenceEngine(model, args, data_collator=collator, loss_fn=dict_counting_loss) as fresh:
-        np.testing.assert_allclose(fresh.compute_influences(train, test).to_pandas()["influence"].to_numpy(),
-                                   values[3], rtol=1e-4, atol=1e-9)  # (a fresh engine at temperature 2)
+        np.testing.assert_allclose(influence(fresh), values[3], rtol=1e-4, atol=1e-9)  # (a fresh engine at 2)
+    with InfluenceEngine(model, args, data_collator=collator, loss_fn=logging_loss) as engine:
+        grew = []
+        for _ in range(4):
+            before = len(LOSSES)
+            influence(engine)
+            grew.append(len(LOSSES) - before)
+        assert grew[3] < grew[0], grew  # (a record after growing in two calls: the fourth call served)
+    monkeypatch.setattr(sys.modules[__name__], "WEIGHTS", [])
+    with InfluenceEngine(model, args, data_collator=collator, loss_fn=lazily_weighted_loss) as engine:
+        first, _ = influence(engine), influence(engine)
+        WEIGHTS[:] = [2.0, 2.0]  # (filled on the first call only: still a setting)
+        np.testing.assert_allclose(influence(engine), influence(InfluenceEngine(
+            model, args, data_collator=collator, loss_fn=lazily_weighted_loss)), rtol=1e-5, atol=1e-9)
+        assert not np.allclose(influence(engine), first, rtol=1e-3)
+    monkeypatch.setattr(sys.modules[__name__], "MARGINS", {"margin": float("nan"), "calls": 0})
+    before = global_values(margin_loss)
+    MARGINS["calls"] += 1  # (what a call does to the dict)
+    assert note_records(before, global_values(margin_loss))  # ("calls" is a record; the NaN is not)
+    unchanged = callable_fingerprint(margin_loss)
+    MARGINS["calls"] = 7
+    assert callable_fingerprint(margin_loss) == unchanged
+    MARGINS["margin"] = 0.5
+    assert callable_fingerprint(margin_loss) != unchanged
 
 
 def test_module_level_objects_are_read_as_settings_only_where_they_are_settings(data, monkeypatch):

@@ -323,21 +323,15 @@ class STestStage:
             rank = self.args.influence_arnoldi_rank
             solve = LowRankSolve(values, vectors, self.args.influence_lambda, l2, rank)
             self._prepared_solve = (key, solve)
-            over, under = solve.info["arnoldi_overstatement_factor"], solve.info["arnoldi_understatement_factor"]
-            if max(over, under) > ARNOLDI_TRUNCATION_WARNING:
-                lam = f"λ = {self.args.influence_lambda:.4g}, plus the L2 term's curvature"
-                said = ([f"up to {over:.3g}x too large where they curve up about as much"]
-                        if over > ARNOLDI_TRUNCATION_WARNING else [])
-                if under > ARNOLDI_TRUNCATION_WARNING:
-                    said.append(f"up to {under:.3g}x too small where they curve down as far as the Hessian's "
-                                f"negative eigenvalue the Lanczos steps found ({solve.info['hessian_min_ritz_value']:.4g}; "
-                                "an estimate, the true one can be lower)")
+            factor = solve.info["arnoldi_truncation_factor"]
+            if factor > ARNOLDI_TRUNCATION_WARNING:
                 logger.warning(
-                    f"influence_solver='arnoldi' at rank {rank}: every direction of the Hessian beyond the rank is "
-                    f"solved as if flat, with the damping alone ({lam}), and the smallest kept eigenvalue is "
-                    f"{over - 1:.3g}x that damping: their share of s_test comes out {' or '.join(said)}. Raise "
-                    "influence_arnoldi_rank (until the smallest kept eigenvalue falls below λ) or influence_damping, "
-                    "or compare with influence_solver='cg'.")
+                    f"influence_solver='arnoldi' at rank {rank}: the smallest magnitude among the Hessian's top {rank} "
+                    f"eigenvalues is {factor - 1:.3g}x the damping (λ = {self.args.influence_lambda:.4g}, plus the L2 "
+                    "term's curvature) that every direction beyond the rank is solved with, as if flat; where those "
+                    f"directions curve about as much, their share of s_test comes out up to {factor:.3g}x too large. "
+                    "Raise influence_arnoldi_rank (until the smallest of the top eigenvalues falls below λ) or "
+                    "influence_damping, or compare with influence_solver='cg'.")
         return self._prepared_solve[1]
 
     def _low_rank_hessian(self, call: Call, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
