@@ -721,6 +721,7 @@ def note_records(before: dict, after: dict) -> bool:
 
 
 def _same(a, b) -> bool:
+    """``a == b``, NaN counting as equal to NaN (`note_records`: a NaN placeholder unchanged is no record)."""
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
