@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from datasets import Dataset
 
 import hf_fastif.builder as builder
-from hf_fastif import build_influence_table, compute_influences
+from hf_fastif import DamagedShardError, InfluenceTable, build_influence_table, compute_influences
 from hf_fastif.influence import default_arguments
 from tests.tiny import HEAD_ONLY, make_token_dataset, tiny_model
 
@@ -56,8 +57,6 @@ def test_interrupted_build_resumes_to_the_same_table(setup, pad_collator, tmp_pa
     np.testing.assert_array_equal(a.test_id, b.test_id)
     np.testing.assert_array_equal(a.train_id, b.train_id)
     np.testing.assert_array_equal(a.influence, b.influence)
-    from hf_fastif import InfluenceTable
-
     assert InfluenceTable.load(tmp_path / "resumed" / "table").to_pandas().equals(b)
 
 
@@ -288,6 +287,14 @@ def test_a_damaged_shard_is_computed_again_and_unknown_keywords_are_refused(setu
     rebuilt = build_influence_table(model, train, small, tmp_path, args, shard_size=2, data_collator=pad_collator)
     assert rebuilt.metadata["build"]["resumed_shards"] == 1
     assert rebuilt.to_pandas().equals(full)
+    # the assembled table's shard truncated: a rerun with the same settings writes the same rows under the same name,
+    # which the save kept as "saved before", so every rerun failed on it (a review's repro)
+    table_shard = next((tmp_path / "table" / "data").glob("*.parquet"))
+    os.truncate(table_shard, 100)
+    with pytest.raises(DamagedShardError):
+        InfluenceTable.load(tmp_path / "table")
+    again = build_influence_table(model, train, small, tmp_path, args, shard_size=2, data_collator=pad_collator)
+    assert again.to_pandas().equals(full) and InfluenceTable.load(tmp_path / "table").to_pandas().equals(full)
     with pytest.raises(TypeError, match="unknown keyword arguments \\['collator'\\]"):
         build_influence_table(model, train, small, tmp_path, args, shard_size=2, collator=pad_collator)
 

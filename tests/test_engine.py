@@ -1312,6 +1312,15 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
         assert second.load_caches(tmp_path / "caches") == []
     assert "Could not read the engine caches" in caplog.text and not second._trunks
     assert second.compute_influences(train, test).to_pandas().equals(expected)
+    from hf_fastif.engine.saved_caches import CACHE_MANIFEST
+
+    saved = json.loads((tmp_path / "caches" / CACHE_MANIFEST).read_text())
+    for shape in ([], saved | {"files": list(saved["files"])}):  # JSON of another shape: a bare AttributeError
+        (tmp_path / "caches" / CACHE_MANIFEST).write_text(json.dumps(shape))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert second.load_caches(tmp_path / "caches") == []
+        assert "is not a manifest save_caches writes" in caplog.text
     gradient = default_arguments(**BASE, influence_solver="arnoldi", influence_arnoldi_rank=8, influence_knn_k=6,
                                  influence_knn_features="gradient", influence_projection_dim=64)
     indexed = InfluenceEngine(model, gradient, data_collator=pad_collator)
@@ -1319,8 +1328,6 @@ def test_a_damaged_cache_folder_is_skipped_with_a_warning(data, pad_collator, tm
     indexed.save_caches(tmp_path / "indexed")
     index = saved_file(tmp_path / "indexed", "gradient-")
     index.write_bytes(index.read_bytes()[:64])
-    from hf_fastif.engine.saved_caches import CACHE_MANIFEST
-
     manifest = json.loads((tmp_path / "indexed" / CACHE_MANIFEST).read_text())
     assert InfluenceEngine(model, gradient, data_collator=pad_collator).load_caches(tmp_path / "indexed") == []
     manifest.pop("files")  # a folder saved before file digests: the index is read on first use, not by

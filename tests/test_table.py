@@ -673,6 +673,32 @@ def test_the_candidates_note_is_dropped_when_k_covers_every_row():
         assert (table.candidates_note() is not None) == expected
 
 
+@pytest.mark.parametrize("damage", ["truncated", "a byte changed"])
+def test_saving_the_same_rows_again_repairs_a_damaged_shard(tmp_path, caplog, damage):
+    """A shard's name is a digest of its rows, so saving the same rows again meets a file of that name, which the
+    save kept as "saved before" even when damaged: the folder stayed unreadable through every save (and every rerun
+    of a build) after its error said to rebuild. Only a file holding the recorded bytes is kept now."""
+    import logging
+
+    table = InfluenceTable.from_arrays(np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([0.5, -0.2, 0.1]),
+                                       metadata={})
+    table.save(tmp_path / "t")
+    shard = next((tmp_path / "t" / "data").glob("*.parquet"))
+    if damage == "truncated":
+        os.truncate(shard, 100)
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 3] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    with pytest.raises(InfluenceTableError, match="corrupt"):
+        InfluenceTable.load(tmp_path / "t").to_pandas()
+    with caplog.at_level(logging.WARNING, logger="hf_fastif"):
+        table.save(tmp_path / "t")
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in (tmp_path / "t" / "data").glob("*.parquet")] == [shard.name]
+    pd.testing.assert_frame_equal(InfluenceTable.load(tmp_path / "t").to_pandas(), table.to_pandas())
+
+
 @pytest.mark.parametrize("edit", [
     lambda m: m.update(storage="x"), lambda m: m["storage"]["shards"][0].pop("path"),
     lambda m: m["storage"].update(shards={"a": 1}), lambda m: m["storage"].update(num_rows="3"),

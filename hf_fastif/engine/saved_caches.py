@@ -181,6 +181,9 @@ class SavedCaches:
 
     def _read_caches(self, folder: Path) -> list[str]:
         manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+            # (JSON of another shape, `[]` or "files" a list: a bare AttributeError from the reads below)
+            raise ValueError(f"{CACHE_MANIFEST} is not a manifest save_caches writes (an object with its files' digests)")
         if manifest.get("model_code") != model_code_fingerprint(self.model):
             logger.info(f"The engine caches in {folder} were saved for other model code (another transformers "
                         "version, or a model class of one's own that changed; or saved before the code was recorded): "

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from filelock import FileLock
 from huggingface_hub.repocard import metadata_load
+from transformers.utils import logging
 
 from ..utils import file_digest, library_version, quiet_datasets, to_json, write_atomic, write_error
 from .card import dataset_card
@@ -69,6 +70,8 @@ from .format import (
     repeated_pair,
     repeated_pair_message,
 )
+
+logger = logging.get_logger(__name__)
 
 LOCK_FILE = ".cache/huggingface/hf_fastif.lock"
 """The lock a writer holds while it finishes a table folder (writers of one folder, e.g. every process of a launch
@@ -211,6 +214,15 @@ def footer_sha256(path: Path) -> str:
         tail = handle.read(8)
         handle.seek(-(8 + int.from_bytes(tail[:4], "little")), os.SEEK_END)  # (a damaged length: another range)
         return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _holds(target: Path, entry: dict) -> bool:
+    """Whether the shard file ``target`` exists with the bytes `_describe_file` recorded as ``entry`` (its size first,
+    then its sha256: read only where the size agrees)."""
+    try:
+        return target.stat().st_size == entry["bytes"] and file_sha256(target) == entry["sha256"]
+    except OSError:
+        return False
 
 
 def _describe_file(path: Path) -> dict:
@@ -708,8 +720,13 @@ class InfluenceTableWriter:
                 write_atomic(card_path, str(card))
             for part, name, entry in zip(self._parts, names, described):
                 target = data / name
-                if target.is_file():  # the same rows, saved before (a reader may hold it open: left as it is)
+                if _holds(target, entry):  # the same rows, saved before (a reader may hold it open: left as it is)
                     part.unlink()
+                elif target.is_file():  # the same name, damaged (truncated, a byte changed): kept, it was never
+                    # repaired, and every rerun of a build failed on it; replaced in one rename (a reader holding the
+                    # damaged one keeps it)
+                    logger.warning(f"{target} did not hold the rows its name stands for (damaged): written again.")
+                    os.replace(part, target)
                 else:
                     os.replace(part, target)
                     self._placed.append(target)
