@@ -59,6 +59,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     orphans = [(m, hook_id, hook) for m in model.modules() for hook_id, hook in list(m._forward_hooks.items())
                if getattr(hook, "__name__", "") == "make_inputs_require_grads" and hook_id not in tracked]
     autocast = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m) and "_original_forward" in vars(m)}
+    # (a bf16 body with a float32 head runs only under an autocast, ambient or accelerate's)
+    mixed = len({p.dtype for p in model.parameters() if p.is_floating_point()}) > 1
     # model.compile() compiles in place: every call goes through the compiled graph, which refuses double backward
     compiled = {m: vars(m)["_compiled_call_impl"] for m in model.modules() if vars(m).get("_compiled_call_impl")}
     with evaluating(model):
@@ -82,7 +84,13 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                 m._forward_hooks.pop(hook_id, None)
             for n, p in model.named_parameters():
                 p.requires_grad_(n in selected)
-            if autocast:
+            if autocast and mixed:  # (removed, the forward failed: "mat1 and mat2 must have the same dtype")
+                logger.warning("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 "
+                               "Trainer) and its weights are of several dtypes, which its forward needs the autocast "
+                               "to mix: it is kept, so products run in reduced precision. For float32 values, put the "
+                               "model in one dtype (model.float()) first.")
+                autocast = {}
+            elif autocast:
                 logger.info("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 Trainer); "
                             "influence runs the forward without it, in the weights' own dtype, and puts it back "
                             "afterwards.")
@@ -95,8 +103,7 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
             for m in compiled:
                 m._compiled_call_impl = None
             ambient = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-            mixed = len({p.dtype for p in model.parameters() if p.is_floating_point()}) > 1
-            if ambient and mixed:  # (a bf16 body with a float32 head runs only under the autocast)
+            if ambient and mixed:
                 logger.warning(f"The call is made inside torch.autocast ({', '.join(ambient)}) and the model's "
                                "weights are of several dtypes, which its forward needs the autocast to mix: it is "
                                "kept, so products run in reduced precision. For float32 values, put the model in "

@@ -443,6 +443,34 @@ def test_a_bf16_trainer_explains_in_the_weights_dtype(tmp_path, pad_collator):
 
 
 @pytest.mark.usefixtures("propagating")
+def test_a_bf16_trainers_model_with_a_float32_head_keeps_its_autocast(tmp_path, pad_collator, caplog):
+    """A bf16 body with a float32 classifier runs only under the autocast accelerate wraps its forward in: removed,
+    the first forward failed with a bare "mat1 and mat2 must have the same dtype" (a review's repro). The wrapper is
+    kept, with a warning, and the values are those of that forward (close to the float64 copy's)."""
+    import logging
+
+    train, test = make_token_dataset(24, seed=0), make_token_dataset(2, seed=1)
+    model = tiny_model("bert", dtype=torch.float32).to(torch.bfloat16)
+    model.classifier.float()
+    args = arguments(tmp_path, bf16=True, influence_solver="exact", influence_knn_k=None)
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator)
+    trainer.train()
+    wrapper = model.forward
+    with caplog.at_level(logging.WARNING):
+        table = trainer.compute_influences(test)
+    assert model.forward is wrapper and "weights are of several dtypes" in caplog.text
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
+    recorded = table.metadata["model"]
+    assert set(recorded["dtypes"]) == {"bfloat16", "float32"}, recorded  # (the table says what it was computed in)
+    assert sum(recorded["dtypes"].values()) == recorded["num_parameters"] and recorded["work_dtype"] == "float32"
+    reference = tiny_model("bert", dtype=torch.float64)
+    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    expected = compute_influences(reference, train, test, args, data_collator=pad_collator).to_pandas().influence
+    got = table.to_pandas().influence
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.usefixtures("propagating")
 def test_comparing_the_models_own_loss_leaves_the_model_as_it_was_and_spares_plain_models(tmp_path, pad_collator,
                                                                                         caplog):
     """transformers sets config.problem_type on the first forward with labels: that changed the model's

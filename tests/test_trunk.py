@@ -410,6 +410,22 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
     np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_split_refused_by_its_logits_says_when_half_precision_rounding_can_be_why(pad_collator, tmp_path, caplog,
+                                                                                   monkeypatch, dtype):
+    """On a GPU a bf16 model's kernels may round differently by batch shape, beyond the split check's tolerance: the
+    warning blamed the split alone. (Here the tolerance is set to 0 so that the check refuses the split.)"""
+    from hf_fastif.engine import trunk_states
+
+    monkeypatch.setattr(trunk_states, "split_tolerance", lambda model: -1.0)
+    model = tiny_model("bert", dtype=dtype)
+    train, test = make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
+    with caplog.at_level("WARNING"):
+        _, diagnostics = _influence(model, train, test, TOP["bert"], tmp_path, pad_collator)
+    assert "not using the trunk cache" in caplog.text and diagnostics["trunk"]["split"] is None
+    assert ("bfloat16 rounding can differ" in caplog.text) == (dtype == torch.bfloat16)
+
+
 def test_a_batch_the_model_reshapes_runs_whole(pad_collator, tmp_path, caplog):
     """Longformer again, where neither the probe nor the cache build sees its padding (the whole dataset is one
     cache batch, its longest row 8 tokens, a multiple of the window): later batches of shorter rows are padded inside

@@ -482,7 +482,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
                     f"{count:,} of the model's parameters are {' / '.join(half)}: its forwards and Hessian-vector "
                     "products run in that precision (solvers and scores in float32), so influence values come out ~0.1-2% "
                     "off and close ones swap places (a bfloat16 tiny BERT: Spearman 0.84 with float64, 1.000 for its "
-                    "float32 copy; 0.83 with only its influence parameters in float32). For rankings to act on, compute "
+                    "float32 copy; 0.83 with only its influence parameters in float32; 0.76 on another, 160 rows, "
+                    "so it can be lower). For rankings to act on, compute "
                     "influence on a float32 copy of the model: copy.deepcopy(model).float().")
             if args.influence_solver == "exact":
                 check_exact_size(num_parameters(params))
@@ -596,6 +597,10 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
                 "num_parameters": sum(p.numel() for p in model.parameters()),
                 "num_influence_parameters": num_parameters(call.params),
                 "fingerprint": call.model_fingerprint,  # (recorded: the weights, not the cache key)
+                # the weights' dtypes (parameters of each) and the one the solvers and scores ran in: a bf16 model's
+                # table was told from a float32 one's by its fingerprint alone
+                "dtypes": _parameter_dtypes(model),
+                "work_dtype": str(call.work_dtype).removeprefix("torch."),
             },
             "train_data": describe_data(train_dataset, call.train.fingerprint),
             "test_data": describe_data(test_dataset, call.test.fingerprint),
@@ -655,3 +660,12 @@ def describe_data(dataset: Dataset, sha256: str | None = None) -> dict:
         "num_rows": len(dataset),
         **({"sha256": sha256} if sha256 is not None else {}),
     }
+
+
+def _parameter_dtypes(model: nn.Module) -> dict[str, int]:
+    """The model's parameter entries by dtype (``{"bfloat16": 6256, "float32": 34}``), for the table's metadata."""
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        name = str(p.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + p.numel()
+    return dict(sorted(out.items()))

@@ -219,8 +219,11 @@ class TrunkStates:
                                                  batcher, below, module_state, progress)
             self._split_error = max(error, self._split_error or 0.0)
             if error > split_tolerance(self.model):
+                half = half_dtypes(dict(self.model.named_parameters()))  # (a GPU's kernels may round by batch shape)
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
-                               "(relative): not using the trunk cache for this model; the full forward runs instead.")
+                               "(relative): not using the trunk cache for this model; the full forward runs instead"
+                               + (f" ({' / '.join(half)} rounding can differ this much between batch shapes: a float32 "
+                                  "copy of the model keeps the cache)." if half else "."))
                 self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
         split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
