@@ -60,7 +60,7 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
                if getattr(hook, "__name__", "") == "make_inputs_require_grads" and hook_id not in tracked]
     autocast = {m: vars(m)["forward"] for m in model.modules() if "forward" in vars(m) and "_original_forward" in vars(m)}
     # (a bf16 body with a float32 head runs only under an autocast, ambient or accelerate's)
-    mixed = len({p.dtype for p in model.parameters() if p.is_floating_point()}) > 1
+    mixed = len(_uncast_dtypes(model)) > 1
     # model.compile() compiles in place: every call goes through the compiled graph, which refuses double backward
     compiled = {m: vars(m)["_compiled_call_impl"] for m in model.modules() if vars(m).get("_compiled_call_impl")}
     with evaluating(model):
@@ -190,3 +190,22 @@ def _refuse_batch_statistics(model: nn.Module) -> None:
 def _attention_implementation(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def _uncast_dtypes(model: nn.Module) -> set[torch.dtype]:
+    """The floating dtypes of the parameters a forward meets without casting to them itself: all but PEFT's adapter
+    weights (kept in float32 on a half-precision base, their layers cast the input: ``adapter_layer_names``) and the
+    modules transformers keeps in float32 (``_keep_in_fp32_modules``, whose forwards cast too). Several of them: the
+    forward needs an autocast to mix them (a bf16 body under a float32 classifier failed without one); PEFT LoRA on a
+    bf16 base ran under accelerate's bf16 autocast when its adapters counted."""
+    cast: set[int] = set()
+    kept = set()
+    for m in model.modules():
+        for name in getattr(m, "adapter_layer_names", ()):
+            adapters = getattr(m, name, None)
+            if isinstance(adapters, nn.Module):
+                cast |= {id(p) for p in adapters.parameters()}
+        kept |= set(getattr(m, "_keep_in_fp32_modules", None) or ()) | set(
+            getattr(m, "_keep_in_fp32_modules_strict", None) or ())
+    return {p.dtype for n, p in model.named_parameters() if p.is_floating_point() and id(p) not in cast
+            and not kept & set(n.split("."))}

@@ -1030,6 +1030,50 @@ def test_candidate_recall_against_the_full_scan(data, pad_collator):
     assert by[("auto", 4)]["recall@3 helpful"] == pytest.approx(hand)
     with pytest.raises(ValueError, match="Every k must be between 1 and the 40 candidate rows"):
         engine.candidate_recall(train, test, ks=[0])
+    with pytest.raises(ValueError, match=r"ks are counts .*recall.resolve_ks\(\['5%'\], 40\) gives its count"):
+        engine.candidate_recall(train, test, ks=["5%"])
+
+
+def _masked_mean(states, batch):
+    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1)
+
+
+def last_hidden_mean(model, batch):
+    return _masked_mean(model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        .last_hidden_state, batch)
+
+
+def word_embedding_mean(model, batch):
+    return _masked_mean(model.bert.embeddings.word_embeddings(batch["input_ids"]), batch)
+
+
+def padded_word_embedding_mean(model, batch):  # reads the padding
+    return model.bert.embeddings.word_embeddings(batch["input_ids"]).mean(1)
+
+
+def test_candidate_recall_keys_each_callable_method_by_its_own_code(data, pad_collator):
+    """Callables handed to candidate_recall were keyed by the engine's own features= (None): the second one was
+    measured on the first one's kNN index, and its padding never probed (a review's repro). A numpy integer k, which
+    the settings accept, reached faiss as it was (a bare SWIG TypeError)."""
+    model, train, test = data
+    args = default_arguments(**BASE, influence_solver="cg", influence_knn_k=np.int64(5))
+
+    def recall(methods):
+        engine = InfluenceEngine(model, args, data_collator=pad_collator)
+        return engine.candidate_recall(train, test, ks=[5], methods=methods, ns=[5])
+
+    (alone,) = recall([word_embedding_mean])
+    first, second = recall([last_hidden_mean, word_embedding_mean])
+    assert (first["method"], second["method"]) == ("last_hidden_mean", "word_embedding_mean")
+    assert {k: v for k, v in second.items() if "recall" in k} == {k: v for k, v in alone.items() if "recall" in k}
+    with pytest.raises(ValueError, match="reads the padding"):
+        recall([last_hidden_mean, padded_word_embedding_mean])
+    for features in ("auto", "gradient"):
+        table = compute_influences(model, train, test, default_arguments(
+            **BASE, influence_solver="cg", influence_knn_k=np.int64(5), influence_knn_features=features,
+            influence_projection_dim=64), data_collator=pad_collator)
+        assert table.to_pandas().groupby("test_id").size().tolist() == [5] * len(test)
 
 
 def test_index_settings_that_cannot_work_fail_before_s_test(data, pad_collator, monkeypatch):

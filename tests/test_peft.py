@@ -346,3 +346,33 @@ def test_adalora_penalty_is_named_as_beyond_loss_fn(tmp_path):
     with CaptureLogger(logging.get_logger("hf_fastif.engine")) as captured:
         InfluenceEngine(model, _args(tmp_path), data_collator=pad_collator_for_tests()).compute_influences(train, test)
     assert "the model's own loss is" in captured.out and "cannot go through loss_fn" in captured.out
+
+
+@pytest.mark.usefixtures("propagating")
+def test_lora_on_a_bf16_base_runs_without_accelerates_autocast(tmp_path, caplog):
+    """PEFT keeps LoRA's adapters in float32 on a bf16 base and casts their inputs itself: they do not make the
+    weights "of several dtypes" that need an autocast to mix, so a bf16 Trainer's wrapper is still taken off (a
+    review found it kept, every product then in bf16, with a warning that was not so)."""
+    import logging
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    base = tiny_model("bert", num_labels=3, dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
+    train, test = make_token_dataset(12, seed=0, num_labels=3), make_token_dataset(2, seed=1, num_labels=3)
+    args = _args(tmp_path, influence_damping=1.0)
+
+    def table():
+        engine = InfluenceEngine(model, args, data_collator=pad_collator_for_tests())
+        return engine.compute_influences(train, test).to_pandas()
+
+    plain = table()
+    original = model.forward
+    model._original_forward = original  # (as accelerate leaves a model after Trainer.train() with bf16)
+    model.forward = wrapper = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(original))
+    with caplog.at_level(logging.INFO):
+        wrapped = table()
+    assert "accelerate's mixed-precision autocast" in caplog.text and "several dtypes" not in caplog.text
+    assert model.forward is wrapper
+    np.testing.assert_array_equal(wrapped.influence.to_numpy(), plain.influence.to_numpy())

@@ -414,7 +414,7 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
 def test_a_split_refused_by_its_logits_says_when_half_precision_rounding_can_be_why(pad_collator, tmp_path, caplog,
                                                                                    monkeypatch, dtype):
     """On a GPU a bf16 model's kernels may round differently by batch shape, beyond the split check's tolerance: the
-    warning blamed the split alone. (Here the tolerance is set to 0 so that the check refuses the split.)"""
+    warning blamed the split alone. (Here the tolerance is set below 0 so that the check refuses the split.)"""
     from hf_fastif.engine import trunk_states
 
     monkeypatch.setattr(trunk_states, "split_tolerance", lambda model: -1.0)

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from .. import distributed as D
 from ..batches import Batcher
+from ..fingerprint import callable_fingerprint
 from ..gradient_index import (
     build_gradient_index,
     check_index_factory,
@@ -85,6 +86,9 @@ class CandidateStage:
         n_rows = len(call.cand)
         ns = recall_ns(n_rows) if ns is None else ns  # (10, 100) capped at the rows: 100 was refused under 100 rows
         for k in ks:
+            if isinstance(k, str):  # (int("5%") failed with Python's own words)
+                raise ValueError(f"ks are counts of candidate rows, got {k!r}; for a share of the {n_rows} rows, "
+                                 f"hf_fastif.recall.resolve_ks([{k!r}], {n_rows}) gives its count.")
             if not 1 <= int(k) <= n_rows:
                 raise ValueError(f"Every k must be between 1 and the {n_rows} candidate rows, got {k}.")
         for n in ns:
@@ -111,7 +115,8 @@ class CandidateStage:
                         build, first = max(seconds - query, 0.0), False
                     else:
                         query = seconds
-                    row = {"method": method if isinstance(method, str) else "callable", "k": int(k),
+                    row = {"method": method if isinstance(method, str) else getattr(method, "__qualname__", "callable"),
+                           "k": int(k),
                            "k_fraction": int(k) / n_rows, "random_expectation": int(k) / n_rows,
                            "build_s": build, "query_s": query / len(found)}
                     row |= _recall(reference, found, ns)
@@ -202,7 +207,7 @@ class CandidateStage:
         for batcher, name in batchers:
             batcher = _plain(batcher, padded=True)  # (as `_feature_path` hands the callable its batches)
             key = ("features", call.model_key, batcher.fingerprint, self._functions["collator"],
-                   self._functions["features"])
+                   self._method_key(method))
             if key in self._padding_checked:
                 continue
             for short, long in batcher.padding_probes(padding.PADDING_PROBE_ROWS):
@@ -223,13 +228,21 @@ class CandidateStage:
                         "mean weighted by batch['attention_mask']).")
             self._padding_checked.add(key)
 
+    def _method_key(self, method) -> str:
+        """What keys a feature method's index and padding check: its name, or a callable's fingerprint (the engine's
+        ``features`` as the call keyed it; another, handed to `candidate_recall`, its own: keyed by the engine's, a
+        second callable was measured on the first one's index, and its padding never probed)."""
+        if isinstance(method, str):
+            return method
+        return self._functions["features"] if method is self.features else callable_fingerprint(method)
+
     def _knn_candidates(self, call: Call, method, k: int) -> list[np.ndarray]:
         if k >= len(call.cand):  # every row, as the gradient index gives them (an IVF / HNSW search can return fewer)
             return [np.arange(len(call.cand), dtype=np.int64)] * (1 if call.combine == "mean" else len(call.test))
         args = self.args
         bsz = args.influence_scoring_batch_size
         key = (call.model_key, call.cand.fingerprint, len(call.cand), self._functions["collator"],
-               method if isinstance(method, str) else self._functions["features"], args.influence_knn_index,
+               self._method_key(method), args.influence_knn_index,
                D.world()[1], *call.cand.layout_key)
         split, (cand, test) = _feature_path(call, method, call.cand, call.test)
         if callable(method):

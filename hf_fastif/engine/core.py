@@ -466,7 +466,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             # the training rows as candidates: their columns were read above (said once, not again as candidate_dataset)
             cand_cols = (train_cols if candidate_dataset is train_dataset
                          else validate_dataset(candidate_dataset, "candidate_dataset", model, **rule))
-            k = args.influence_knn_k
+            # (a numpy integer, which the settings accept, reached faiss as it was: a bare SWIG TypeError)
+            k = None if args.influence_knn_k is None else int(args.influence_knn_k)
             if k is not None and k >= len(candidate_dataset) and methods is None:
                 if k > len(candidate_dataset):
                     logger.warning(f"influence_knn_k={k} exceeds the {len(candidate_dataset)} candidate rows; scoring all "

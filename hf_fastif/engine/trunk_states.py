@@ -223,7 +223,7 @@ class TrunkStates:
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
                                "(relative): not using the trunk cache for this model; the full forward runs instead"
                                + (f" ({' / '.join(half)} rounding can differ this much between batch shapes: a float32 "
-                                  "copy of the model keeps the cache)." if half else "."))
+                                  "copy of the model may keep the cache)." if half else "."))
                 self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
         split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
