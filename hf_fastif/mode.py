@@ -31,6 +31,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
     - the model's own forward, not the mixed-precision wrapper accelerate leaves on it after ``Trainer.train()``
       with ``bf16`` / ``fp16`` (``model._original_forward``): under its autocast every product ran in half
       precision, whatever the weights' dtype (Spearman 0.82 with the float64 values on a bf16-trained tiny BERT);
+      kept, with a warning, where the weights are of several dtypes that the forward needs it to mix
+      (`_uncast_dtypes`: a bf16 body under a float32 classifier), as an ambient ``torch.autocast`` is;
     - gradients on, outside inference mode: a call made inside ``torch.no_grad()`` or ``torch.inference_mode()``
       (a common reflex around analysis code) failed in autograd with an error that named nothing.
     """
