@@ -149,6 +149,7 @@ def test_arnoldi_below_the_rank_lambda_needs_is_warned_of(digits, caplog):
             assert f"at rank {rank}" in said[0] and f"up to {factor:.3g}x too large" in said[0]
 
 
+@pytest.mark.usefixtures("propagating")
 def test_arnoldi_is_warned_of_where_the_appended_negative_pair_hid_the_rank(caplog):
     """A review's repro (a trained tiny BERT, its pooler + classifier, a Hessian with eigenvalues -0.016 ... 6.3):
     at rank 2 the appended negative Ritz pair (-0.0036, unconverged) was read as the smallest kept magnitude, so the

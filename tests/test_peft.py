@@ -371,7 +371,7 @@ def test_lora_on_a_bf16_base_runs_without_accelerates_autocast(tmp_path, caplog)
     original = model.forward
     model._original_forward = original  # (as accelerate leaves a model after Trainer.train() with bf16)
     model.forward = wrapper = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(original))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="hf_fastif.mode"):  # (its own level: the suite's may be WARNING)
         wrapped = table()
     assert "accelerate's mixed-precision autocast" in caplog.text and "several dtypes" not in caplog.text
     assert model.forward is wrapper

@@ -673,6 +673,7 @@ def test_the_candidates_note_is_dropped_when_k_covers_every_row():
         assert (table.candidates_note() is not None) == expected
 
 
+@pytest.mark.usefixtures("propagating")
 @pytest.mark.parametrize("damage", ["truncated", "a byte changed"])
 def test_saving_the_same_rows_again_repairs_a_damaged_shard(tmp_path, caplog, damage):
     """A shard's name is a digest of its rows, so saving the same rows again meets a file of that name, which the

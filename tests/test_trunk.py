@@ -410,6 +410,7 @@ def test_a_model_that_pads_inside_gets_no_split(pad_collator, tmp_path, caplog):
     np.testing.assert_allclose(cached, uncached, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.usefixtures("propagating")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_split_refused_by_its_logits_says_when_half_precision_rounding_can_be_why(pad_collator, tmp_path, caplog,
                                                                                    monkeypatch, dtype):
