@@ -652,19 +652,32 @@ _CALL_RECORDS: set[tuple[str, str, str]] = set()
 """``(module, class, attribute)`` of user objects' values that changed during an engine's own call (`note_records`):
 a counter a loss keeps (``STATS.calls += 1``) is a record, not a setting, and `_global_object` leaves it out (it keyed
 the held engine's caches anew on every call). A module-level dict's scalar entry is recorded the same way, and a
-module-level list that grew during two calls (`_container_values`: ``(module, "global <name>", repr(key))`` and
-``(module, "global <name>", "len")``): ``CALLS["n"] += 1``, ``LOSSES.append(...)``; `_without_records` leaves them
+module-level list that grew during two calls (`_container_values`, keyed by `_container_key`): ``CALLS["n"] += 1``, ``LOSSES.append(...)``; `_without_records` leaves them
 out."""
+
+
+_LIST_LENGTH = "len"
+"""The entry of a module-level list's `_container_key` (a dict's entries are their keys' reprs, quoted)."""
+
+
+def _container_key(fn, name: str, entry: str) -> tuple[str, str, str]:
+    """The `_CALL_RECORDS` key of ``entry`` of the module-level container ``fn`` reads as ``name``: its module, the
+    global's name, and a dict key's repr or `_LIST_LENGTH`."""
+    return getattr(fn, "__globals__", {}).get("__name__", ""), f"global {name}", entry
+
+
+def _is_list_length(key: tuple[str, str, str]) -> bool:
+    """Whether a `global_values` key is a module-level list's length (`_container_key`)."""
+    return key[1].startswith("global ") and key[2] == _LIST_LENGTH
 
 
 def _container_values(fn, name: str, value) -> dict[tuple[str, str, str], object]:
     """What `note_records` watches of a module-level dict or list that ``fn`` reads as ``name``: a dict's scalar
     entries, a list's length (a list a loss appends to grows; its items are not compared, which would cost what it
     holds)."""
-    where = (getattr(fn, "__globals__", {}).get("__name__", ""), f"global {name}")
     if isinstance(value, dict):
-        return {(*where, repr(k)): v for k, v in value.items() if isinstance(v, _SCALARS)}
-    return {(*where, "len"): len(value)} if isinstance(value, list) else {}
+        return {_container_key(fn, name, repr(k)): v for k, v in value.items() if isinstance(v, _SCALARS)}
+    return {_container_key(fn, name, _LIST_LENGTH): len(value)} if isinstance(value, list) else {}
 
 
 def _without_records(fn, name: str, value):
@@ -672,10 +685,9 @@ def _without_records(fn, name: str, value):
     its recorded entries, a recorded list by its type alone (a loss's log grows with every call)."""
     if not _CALL_RECORDS or not isinstance(value, (dict, list)):
         return value
-    where = (getattr(fn, "__globals__", {}).get("__name__", ""), f"global {name}")
     if isinstance(value, list):
-        return "list (a record)" if (*where, "len") in _CALL_RECORDS else value
-    return {k: v for k, v in value.items() if (*where, repr(k)) not in _CALL_RECORDS}
+        return "list (a record)" if _container_key(fn, name, _LIST_LENGTH) in _CALL_RECORDS else value
+    return {k: v for k, v in value.items() if _container_key(fn, name, repr(k)) not in _CALL_RECORDS}
 
 
 def global_values(*fns) -> dict[tuple[str, str, str], object]:
@@ -703,7 +715,7 @@ def global_values(*fns) -> dict[tuple[str, str, str], object]:
 
 
 _GREW_ONCE: set[tuple[str, str, str]] = set()
-"""Module-level lists (`_container_values`' ``"len"`` keys) seen growing during one call: a list becomes a record
+"""Module-level lists (`_container_values`' `_LIST_LENGTH` keys) seen growing during one call: a list becomes a record
 when it grows during a second (a log grows every call; one a loss fills on its first call is a setting after it)."""
 
 
@@ -713,7 +725,7 @@ def note_records(before: dict, after: dict) -> bool:
     NaN left NaN is no change (a NaN placeholder is a setting)."""
     changed = {key for key, value in after.items()
                if key in before and not _same(before[key], value)} - _CALL_RECORDS
-    lists = {key for key in changed if key[2] == "len" and key[1].startswith("global ")}
+    lists = {key for key in changed if _is_list_length(key)}
     new = (changed - lists) | (lists & _GREW_ONCE)
     _GREW_ONCE.update(lists)
     _CALL_RECORDS.update(new)
