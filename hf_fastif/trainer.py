@@ -64,6 +64,11 @@ class InfluenceTrainer(Trainer):
             (f"{type(self).__name__}.compute_loss",
              type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
         self._trained_on = " and ".join(trained_on) or None  # (kept in each table's diagnostics: `trained_with`)
+        # a subclass's training_step that never reaches InfluenceTrainer.training_step trains a loss nothing here sees
+        # (not through compute_loss): `_unseen_training_step`
+        self._own_training_step = type(self).training_step is not InfluenceTrainer.training_step
+        self._reached_training_step = False
+        self._unseen_step_warned = False
         # (what the check of that loss against the model's found, and at which optimizer step: `_trained_loss`)
         self._trained_loss_check: tuple[int, str | None] | None = None
         self._say_which_weight_decay()
@@ -82,6 +87,12 @@ class InfluenceTrainer(Trainer):
                 "trains the processes together, DDP over gloo, only with use_cpu=True). Set use_cpu=True in the "
                 "arguments (--use_cpu), or train in one process.")
         return super().train(*args, **kwargs)
+
+    def training_step(self, *args, **kwargs):
+        """The Trainer's, noted as reached: a subclass's ``training_step`` that never calls it trains with a loss of
+        its own that influence cannot compare with the model's (`_unseen_training_step`)."""
+        self._reached_training_step = True
+        return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's, once it knows whether the model's loss reads ``num_items_in_batch``.
@@ -238,8 +249,11 @@ class InfluenceTrainer(Trainer):
         ``trained_with``, only where the two differ or could not be compared. A difference is kept; a match is
         checked again after the optimizer stepped (a class-weighted loss ties at some weights, as at
         initialisation)."""
-        if self._trained_on is None or (loss_fn if loss_fn is not None else self.influence_loss_fn) is not None:
+        if (loss_fn if loss_fn is not None else self.influence_loss_fn) is not None:
             return None
+        unseen = self._unseen_training_step()
+        if unseen is not None or self._trained_on is None:
+            return unseen
         step, checked = self.state.global_step, self._trained_loss_check
         if checked is None or (checked[1] is None and checked[0] != step):  # (a difference found is kept)
             compared = self._trainer_and_plain_loss(train)
@@ -259,6 +273,25 @@ class InfluenceTrainer(Trainer):
                                "-> per-row loss) to measure that one.")
             self._trained_loss_check = (step, note)
         return self._trained_loss_check[1]
+
+    def _unseen_training_step(self) -> str | None:
+        """``"trained with <class>.training_step"`` where this trainer took optimizer steps through a subclass's
+        ``training_step`` that never called `InfluenceTrainer.training_step` (so never `compute_loss`: a step that
+        computes a weighted loss and calls ``accelerator.backward`` itself), warned about once; else None. Its loss
+        cannot be run apart from the step (which also steps backward), so it is named without a comparison: a
+        review's class-weighted step went unnamed, and its influence (the model's plain loss) was 0.979 in Spearman
+        from that of the loss trained."""
+        if not self._own_training_step or self._reached_training_step or self.state.global_step == 0:
+            return None
+        what = f"{type(self).__name__}.training_step"
+        if not self._unseen_step_warned:
+            self._unseen_step_warned = True
+            logger.warning(f"This trainer trained through {what}, which never called InfluenceTrainer.training_step "
+                           "(and so never compute_loss): influence cannot tell which loss it trained, and uses the "
+                           "model's plain loss (the head's own). Pass InfluenceTrainer(..., influence_loss_fn=(outputs, "
+                           "batch) -> per-row loss) with the loss that step trains, or have it call "
+                           "super().training_step, which trains through compute_loss.")
+        return f"trained with {what}"
 
     def _trainer_and_plain_loss(self, train: Dataset | None) -> tuple[float, float, float] | None:
         """``(this trainer's loss, a plain Trainer's, their tolerance)`` on `LOSS_CHECK_ROWS` rows spread evenly over

@@ -298,6 +298,49 @@ def test_a_compute_loss_of_a_subclass_is_named_where_it_trains_another_loss(tmp_
     assert Counting.seen > 0
 
 
+@pytest.mark.usefixtures("propagating")
+def test_a_training_step_of_a_subclass_that_trains_its_own_loss_is_named(tmp_path, pad_collator, caplog):
+    """A subclass's training_step that computes a class-weighted loss and steps backward itself never reaches
+    compute_loss, so nothing compared its loss: influence used the model's plain loss without a word (Spearman
+    0.979 with the loss trained, in a review). It is named, in a warning (once) and in every table, after it trained;
+    one that calls super().training_step trains through compute_loss and is not, nor is an untrained trainer's, nor
+    one given influence_loss_fn."""
+    import torch.nn.functional as F
+
+    class OwnStep(InfluenceTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            loss = F.cross_entropy(model(**inputs).logits, labels, weight=torch.tensor([1.0, 5.0]))
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+    class Logging(InfluenceTrainer):
+        steps = 0
+
+        def training_step(self, *args, **kwargs):
+            Logging.steps += 1
+            return super().training_step(*args, **kwargs)
+
+    def per_row(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+
+    test = make_token_dataset(1, seed=1)
+    for kind, train, named, extra in ((OwnStep, True, True, {}), (OwnStep, False, False, {}),
+                                      (OwnStep, True, False, {"influence_loss_fn": per_row}),
+                                      (Logging, True, False, {})):
+        trainer = kind(model=tiny_model("bert", dtype=torch.float32), args=arguments(tmp_path),
+                       train_dataset=make_token_dataset(16, seed=0), data_collator=pad_collator, **extra)
+        if train:
+            trainer.train()
+        (table, again), warned = _warnings(caplog, lambda t=trainer: (t.compute_influences(test),
+                                                                      t.compute_influences(test)))
+        assert warned.count("This trainer trained through OwnStep.training_step, which never called") == named
+        for t in (table, again):
+            assert (t.metadata["diagnostics"].get("trained_with") == "trained with OwnStep.training_step; influence "
+                    "used the model's default loss") == named, (kind, train, extra)
+    assert Logging.steps == 6
+
+
 def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_collator):
     """The warning that a trainer trains with a compute_loss_func came once, at construction; its tables, built from
     the default loss, carried no trace of it. With influence_loss_fn given there is nothing to record."""
