@@ -170,17 +170,24 @@ model: a Space's warm start rebuilt every saved cache)."""
 
 
 _HELD_CONTAINERS = (torch.Tensor, np.ndarray, dict, list, tuple, set, frozenset)
+
+_HELD_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
+"""A module's public attributes that are functions (``GELUActivation.act``; an activation set as ``module.act =
+torch.tanh``): `module_state_description` follows them by what they compute (`_settings`)."""
 """A module's public attributes that `module_state_description` describes by what they hold (beside plain values)."""
 
 
 def module_state_description(model: nn.Module) -> tuple:
     """What a module computes with besides its tensors, config and code, for the engine's cache keys (not a table's
     recorded fingerprint), as a `_settings` description: every module's public plain attributes but `STATE_IGNORED`
-    (a LayerNorm's ``eps``, a dropout's ``p``), its public tensors, arrays and containers by what they hold, its forward,
-    pre-forward and backward hooks and a ``forward`` replaced on the instance, with torch's global module hooks. A
-    held engine kept the trunk states and kNN index of the model before a hook was registered (activation patching,
-    an ablation: values 0.014 off a fresh engine's) or an ``eps`` was set. What hooks record grows with every
-    forward: `settings_differences` tells it from a change."""
+    (a LayerNorm's ``eps``, a dropout's ``p``), its public tensors, arrays and containers by what they hold, its
+    public functions (`_HELD_FUNCTIONS`), its class, its forward, pre-forward and backward hooks and a ``forward``
+    replaced on the instance, with torch's global module hooks. A held engine kept the trunk states and kNN index of
+    the model before a hook was registered (activation patching, an ablation: values 0.014 off a fresh engine's) or
+    an ``eps`` was set, and, before the class was part of it, the Hessian and trunk states of a model whose activation
+    module was swapped for another without parameters (``layer.intermediate.intermediate_act_fn = nn.Tanh()``, in a
+    review: 4-17% off a fresh engine's values). What hooks record grows with every forward: `settings_differences`
+    tells it from a change."""
     from torch.nn.modules import module as torch_module
 
     names = _MODULE_NAMES.set({id(m): name for name, m in model.named_modules()})
@@ -194,6 +201,8 @@ def module_state_description(model: nn.Module) -> tuple:
             # {"v": t}, [t]; {"scale": 1.2}; PEFT's per-adapter dicts): by its values, as a hook's own
             attributes += tuple((k, _settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
                                 if isinstance(v, _HELD_CONTAINERS))
+            attributes += tuple((k, _function_settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
+                                if isinstance(v, _HELD_FUNCTIONS))
             hooks = [_settings(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
                                                    module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]
@@ -202,13 +211,21 @@ def module_state_description(model: nn.Module) -> tuple:
                 # influence runs without it, `hf_fastif.mode.influence_mode`) a forward replaced on the instance (a
                 # partial bound to the module, as accelerate's device-map hooks make, counts the module by its name)
                 hooks.append(("forward", _settings(own)))
-            parts.append((name, attributes, tuple(hooks)))
+            parts.append((name, f"{type(module).__module__}.{type(module).__qualname__}", attributes, tuple(hooks)))
         parts.append(("<global hooks>", tuple(_settings(hook) for hooks in (
             torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
             torch_module._global_backward_pre_hooks, torch_module._global_backward_hooks) for hook in hooks.values())))
     finally:
         _MODULE_NAMES.reset(names)
     return tuple(parts)
+
+
+def _function_settings(fn) -> object:
+    """A function a module holds, for `module_state_description`: a builtin (``torch.tanh``, ``F.gelu``) by its
+    qualified name, which `_settings` leaves at its type; another as `_settings` follows it."""
+    if isinstance(fn, types.BuiltinFunctionType):
+        return "builtin", getattr(fn, "__module__", None), getattr(fn, "__qualname__", getattr(fn, "__name__", ""))
+    return _settings(fn)
 
 
 def _public_attributes(module: nn.Module) -> list[tuple[str, object]]:
