@@ -34,19 +34,21 @@ products, gradients, JVP scoring); predictions and kNN features run the whole la
 cached trunk (only a pooler and a head take part), the engine uses a cut found on the whole model to compute that
 trunk at the first position (`hf_fastif.trunk.TrunkCache`'s ``first_position``). A cut forward that raises on a
 batch unlike the probes (a model that pads internally, as Longformer does to its attention window) marks the cut
-failed and runs whole, with a warning. ``influence_skip_unread_positions=False`` turns it off.
+failed and runs whole, with a warning. ``influence_skip_unread_positions=False`` turns it off. Under a ``loss_fn`` or
+``measurement_fn`` of one's own (``reads``) there is no cut where it reads any of the model's outputs that hold a
+value per position (`per_position_outputs`): the probes cannot show every row's read of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .trunk import layer_stacks
+from .trunk import layer_stacks, reads_any
 from .utils import relative_difference
 
 READOUT_TOLERANCE = 1e-5
@@ -157,7 +159,8 @@ def _replace_hidden(output, hidden: torch.Tensor):
 
 @torch.enable_grad()
 def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mapping],
-                 test_batches: Sequence[Mapping] = ()) -> tuple[Readout | None, str]:
+                 test_batches: Sequence[Mapping] = (), *,
+                 reads: Callable[[object, dict], torch.Tensor] | None = None) -> tuple[Readout | None, str]:
     """Where ``fm``'s model can run its last layer at the first position only; ``(None, reason)`` where it cannot
     (see the module docstring).
 
@@ -170,6 +173,10 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
             internally, such as Longformer to its attention window, shows up only on some lengths).
         test_batches: test probe batches: their measurements are checked (a measurement may need test labels the
             training rows do not have); default: the training batches.
+        reads: the caller's own ``loss_fn`` / ``measurement_fn``, ``(outputs, batch) -> values``: no cut where they
+            read any of the model's outputs that hold a value per position (`per_position_outputs`; read: their
+            values' graph reaches it, `hf_fastif.trunk.reads_any`), which they may read at positions the probes
+            do not show.
     """
     if isinstance(batches, Mapping) or isinstance(test_batches, Mapping):
         raise TypeError("find_readout takes lists of collated batches (batches=[batch, ...]), not one batch.")
@@ -183,6 +190,15 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
         return None, f"{path}.{len(layers) - 1} is in the cached trunk (it does not run)"
     probes = [(b, False) for b in batches] + [(b, True) for b in (test_batches or batches)]
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    if reads is not None and probes:
+        rows = probes[0][0]
+        with torch.no_grad():
+            outputs = fm.outputs(leaves, rows)
+        paths = per_position_outputs(outputs, _positions(rows))
+        if paths and reads_any(reads, outputs, paths, dict(rows)):
+            names = ", ".join(dict.fromkeys(str(path[0]) if path else "outputs" for path in paths))
+            return None, (f"a loss_fn or measurement_fn of one's own reads the model's per-position outputs "
+                          f"({names}), which it may read at any position, and the cut would leave at one")
     weights = torch.Generator().manual_seed(0)
 
     def values(rows, measurement: bool) -> torch.Tensor:
@@ -252,6 +268,31 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
             if _agrees(readout, last, probes, reference, values, leaves, tolerance):
                 return readout, ""
     return None, f"no submodule of {layer} can be cut without changing the loss"
+
+
+def per_position_outputs(outputs, positions: int) -> list[tuple]:
+    """The paths (keys and indices from the top) of the floating tensors in a model's ``outputs`` (nested mappings and
+    sequences followed; the loss aside) with a value per position of a ``positions``-long batch: ``(b, s, ...)``
+    states (``hidden_states``, ``last_hidden_state``, token logits), ``(b, heads, s, s)`` attentions, ``(b, s)``
+    scores. Under the cut the last layer's hold one position, so a ``loss_fn`` of one's own reading them at a
+    position that depends on the row (a marker token's state, in a review: 1.6% off, or an IndexError) is never
+    cut; one that reads only a classifier's ``(b, classes)`` logits reads what the cut leaves as it was."""
+    found: list[tuple] = []
+
+    def walk(value, path: tuple) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key != "loss":
+                    walk(item, (*path, key))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
+        elif (isinstance(value, torch.Tensor) and value.is_floating_point()
+              and (value.dim() >= 3 or (value.dim() == 2 and value.shape[1] == positions))):
+            found.append(path)
+
+    walk(outputs, ())
+    return found
 
 
 def _agrees(readout: Readout, last: nn.Module, probes, reference, values, leaves, tolerance: float) -> bool:

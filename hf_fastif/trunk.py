@@ -29,6 +29,7 @@ DistilBERT ``transformer.layer``, GPT-2 ``h``, Llama ``layers``...):
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import functools
 import inspect
@@ -636,14 +637,21 @@ def split_tolerance(model: nn.Module) -> float:
     return 1e-9 if dtypes == {torch.float64} else 1e-4
 
 
-def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[int]) -> float:
+def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[int], *,
+                 reads: Callable[[object, dict], torch.Tensor] | None = None) -> float:
     """Largest difference between the full model's logits and the top-only logits (trunk states from ``cache``)
     on ``rows`` (collated together, so the shorter ones are padded), relative to the largest logit (compare it with
     `split_tolerance`). The rows are collated afresh, so a model whose states depend on the batch they were computed
     in (left padding without position ids, for instance), or whose top reads padding positions (their cached states
     are copies of the row's first token's), shows up here. A one-row cache built with ``full_forward`` holds the
     full model's outputs on that row collated alone, the same batch as here: they are used (and let go of) instead
-    of running the model again."""
+    of running the model again.
+
+    ``reads``: a ``loss_fn`` / ``measurement_fn`` of one's own, ``(outputs, batch) -> values``, which may read more
+    than the logits. The model's other outputs that differ beyond `split_tolerance` (`_every_output`: the hidden
+    states below the split, which the trunk does not compute under it; attentions) then count too where ``reads``
+    depends on them (`reads_any`): a review's loss reading ``hidden_states[0]`` was 1.4% off, its split passing
+    the check of the logits. One that reads only the last hidden state keeps the split."""
     batch = batcher.batch(rows, trunk=False)
     inputs = model_inputs(batch, split.model)
     full, cache.full_outputs = cache.full_outputs, None
@@ -654,10 +662,85 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
         with split.injected(cache.hidden(batcher.base_rows(rows), batch)):
             top = split.model(**inputs)
     mask = _read_positions(batch, split.model)
-    full, top = _compared(full, mask), _compared(top, mask)
-    if not full or len(full) != len(top) or any(f.shape != t.shape for f, t in zip(full, top)):
+    compared = _compared(full, mask), _compared(top, mask)
+    if not compared[0] or len(compared[0]) != len(compared[1]) or any(
+            f.shape != t.shape for f, t in zip(*compared)):
         return math.inf  # nothing to compare: the split is not used
-    return relative_difference(torch.cat([t.flatten() for t in top]), torch.cat([f.flatten() for f in full]))
+    error = relative_difference(torch.cat([t.flatten() for t in compared[1]]),
+                                torch.cat([f.flatten() for f in compared[0]]))
+    if reads is None:
+        return error
+    full_all, top_all = _every_output(full, mask), _every_output(top, mask)
+    if [path for path, _ in full_all] != [path for path, _ in top_all]:
+        return math.inf  # (an output on one side only)
+    tolerance = split_tolerance(split.model)
+    differing = {}
+    for (path, f), (_, t) in zip(full_all, top_all):
+        if t is None and f is None:
+            continue
+        off = math.inf if t is None or f is None or f.shape != t.shape else relative_difference(t.flatten(),
+                                                                                                f.flatten())
+        if off > tolerance:
+            differing[path] = off
+    if differing and reads_any(reads, top, list(differing), batch):
+        return max(error, *differing.values())
+    return error
+
+
+def _every_output(outputs, mask: torch.Tensor) -> list[tuple[tuple, torch.Tensor | None]]:
+    """``(path, tensor)`` for every floating tensor in ``outputs`` but a loss, through nested mappings and sequences
+    (``hidden_states``, ``attentions``; a path is the keys and indices from the top), in float64, those laid out by
+    the batch's positions at ``mask``'s positions only; an entry that is None is listed with None."""
+    found: list[tuple[tuple, torch.Tensor | None]] = []
+
+    def walk(value, path: tuple) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key != "loss":
+                    walk(item, (*path, key))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
+        elif value is None:
+            found.append((path, None))
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+            found.append((path, (value[mask] if value.shape[:2] == mask.shape else value).double()))
+
+    walk(outputs, ())
+    return found
+
+
+def reads_any(reads: Callable[[object, dict], torch.Tensor], outputs, paths: list[tuple], batch: dict) -> bool:
+    """Whether ``reads(outputs, batch)`` depends on any of the tensors at ``paths`` in ``outputs``: each replaced by a
+    leaf that requires a gradient, and the values' graph reaching one of them (a zero gradient counts: a marker mask
+    that picks no row of these). A function that raises here counts as reading them. A read decided in Python on
+    the rows' contents (an ``if`` on a marker token) is not seen on rows without it."""
+    leaves: list[torch.Tensor] = []
+
+    def swapped(value, path: tuple):
+        if path in paths:
+            leaves.append(value.detach().clone().requires_grad_(True))
+            return leaves[-1]
+        if isinstance(value, Mapping):
+            out = copy.copy(value)
+            for key in list(value.keys()):
+                if key != "loss":
+                    out[key] = swapped(value[key], (*path, key))
+            return out
+        if isinstance(value, (tuple, list)):
+            return type(value)(swapped(item, (*path, i)) for i, item in enumerate(value))
+        return value
+
+    try:
+        with torch.enable_grad():
+            changed = swapped(outputs, ())
+            values = reads(changed, batch)
+            if not isinstance(values, torch.Tensor) or not values.requires_grad:
+                return False
+            grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)
+    except Exception:  # noqa: BLE001 (whatever the function raised on these rows: taken as a read)
+        return True
+    return any(g is not None for g in grads)
 
 
 def _read_positions(batch: dict, model: nn.Module) -> torch.Tensor:

@@ -480,3 +480,60 @@ def test_a_cut_that_gives_nan_is_not_taken_for_one_that_agrees(pad_collator):
     cut = batch_gradient(FunctionalModel(model, list(params), readout=readout), params, batch, reduction="none")
     assert torch.isfinite(cut).all()
     torch.testing.assert_close(cut, batch_gradient(fm, params, batch, reduction="none"), rtol=1e-9, atol=0)
+
+
+def test_a_loss_of_ones_own_is_not_cut_where_the_outputs_hold_positions(pad_collator, tmp_path):
+    """A loss_fn reading the last layer's states at a marker token, on rows the probes do not include, was cut on
+    the probes' evidence: ``hidden_states[-1]`` then held one position, which the loss broadcast against its
+    marker mask (influence 1.6% off on the marked rows, without a word) or indexed past (an IndexError from inside
+    the loss), in a review. With a loss_fn or measurement_fn of one's own, the cut is made only where the model's
+    outputs hold nothing per position: not here, and the values are the uncut ones; a loss of one's own that reads
+    the logits of a model that returns only them is still cut."""
+    import torch.nn.functional as F
+    from datasets import Dataset
+
+    mark = 3  # (in no row but the marked ones)
+
+    def broadcasts(outputs, batch):
+        states, marker = outputs.hidden_states[-1], (batch["input_ids"] == mark).to(torch.float64)[..., None]
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") + 0.5 * (
+            (states * marker).sum(1) ** 2).sum(-1)
+
+    def indexes(outputs, batch):
+        at = (batch["input_ids"] == mark).to(torch.int64).argmax(1)
+        weight = 1 + torch.sigmoid(3 * outputs.hidden_states[-1][torch.arange(len(at)), at][:, 0])
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") * weight
+
+    model = tiny_model("bert", num_labels=3)
+    model.config.output_hidden_states = True
+    rows = make_token_dataset(24, seed=0, num_labels=3).to_dict()
+    for i in range(12, 18):  # (not the probes: the first 4 rows, the shortest and the longest)
+        rows["input_ids"][i][2] = mark
+    train, test = Dataset.from_dict(rows), make_token_dataset(2, seed=1, num_labels=3)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_solver="lissa", influence_recursion_depth=10,
+                              influence_scale=1e4, disable_tqdm=True, influence_check_convergence=False,
+                              influence_knn_k=None, influence_trunk_cache=False)
+    uncut = InfluenceArguments(**{**args.to_dict(), "influence_skip_unread_positions": False})
+    for loss_fn in (broadcasts, indexes):
+        expected = InfluenceEngine(model, uncut, data_collator=pad_collator, loss_fn=loss_fn).compute_influences(
+            train, test)
+        table = InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=loss_fn).compute_influences(
+            train, test)
+        np.testing.assert_allclose(table.to_pandas().influence, expected.to_pandas().influence, rtol=1e-9,
+                                   atol=1e-14)
+        readout = table.metadata["diagnostics"]["readout"]
+        assert readout["cut_after"] is None and "hidden_states" in readout["reason"], readout
+    # what counts as per position: states, attentions, (b, s) scores; not a classifier's (b, classes) logits
+    from hf_fastif.readout import per_position_outputs
+
+    b, s = 2, 5
+    assert per_position_outputs({"logits": torch.zeros(b, 3), "loss": torch.zeros(b, s, 2)}, s) == []
+    assert per_position_outputs({"logits": torch.zeros(b, 3), "attentions": (torch.zeros(b, 2, s, s),)},
+                                s) == [("attentions", 0)]
+    assert per_position_outputs((torch.zeros(()), torch.zeros(b, s)), s) == [(1,)]
+    # a loss of one's own that reads the logits alone is cut, whether or not the model returns its hidden states
+    for hidden in (True, False):
+        model.config.output_hidden_states = hidden
+        table = InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=lambda o, batch: F.cross_entropy(
+            o.logits, batch["labels"], reduction="none", label_smoothing=0.1)).compute_influences(train, test)
+        assert table.metadata["diagnostics"]["readout"]["cut_after"] == CUT["bert"]

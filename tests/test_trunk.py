@@ -620,8 +620,8 @@ def test_a_first_position_cache_that_fails_keeps_every_position(pad_collator, tm
 
     verify, capture = engine_module.trunk_states.verify_split, T.TrunkSplit.capture
 
-    def strict(split, cache, batcher, rows):  # as if the first position alone changed the logits
-        return 1.0 if cache.per_row else verify(split, cache, batcher, rows)
+    def strict(split, cache, batcher, rows, **kwargs):  # as if the first position alone changed the logits
+        return 1.0 if cache.per_row else verify(split, cache, batcher, rows, **kwargs)
 
     def failing(self, model, inputs, **kwargs):  # as if a batch unlike the probes failed after the cut
         out = capture(self, model, inputs, **kwargs)
@@ -662,8 +662,8 @@ def test_a_failed_cut_says_only_speed_is_lost_and_names_half_precision_rounding(
     from hf_fastif import engine as engine_module
 
     verify = engine_module.trunk_states.verify_split
-    monkeypatch.setattr(engine_module.trunk_states, "verify_split", lambda split, cache, batcher, rows: (
-        0.0068 if cache.per_row else verify(split, cache, batcher, rows)))
+    monkeypatch.setattr(engine_module.trunk_states, "verify_split", lambda split, cache, batcher, rows, **kwargs: (
+        0.0068 if cache.per_row else verify(split, cache, batcher, rows, **kwargs)))
     model = tiny_model("bert", dtype=dtype)
     args = InfluenceArguments(output_dir=str(tmp_path), influence_params=HEAD_ONLY["bert"], influence_solver="cg",
                               influence_damping=0.05, influence_scale=20.0, disable_tqdm=True, influence_knn_k=None)
@@ -896,8 +896,8 @@ def test_a_new_one_row_cache_is_checked_on_the_forward_that_captured_it(pad_coll
         lambda module, inputs: runs.append(inputs[0].shape[0]))
     verify = T.verify_split
 
-    def counted_verify(split, cache, batcher, rows):
-        error = verify(split, cache, batcher, rows)
+    def counted_verify(split, cache, batcher, rows, **kwargs):
+        error = verify(split, cache, batcher, rows, **kwargs)
         checked.append((len(batcher), error, getattr(cache, "full_outputs", None)))
         return error
 
@@ -992,3 +992,47 @@ def test_a_trunk_whose_forward_is_not_a_function_of_its_inputs_is_caught_on_one_
         assert built == [] and engine._split[1].verified  # served from the loaded caches
         engine.logits(rows.select([1]))
         assert built == [True]  # the new one-row cache: checked on the forward that captured it
+
+
+@pytest.mark.usefixtures("propagating")
+def test_a_loss_of_ones_own_that_reads_hidden_states_below_the_split_runs_the_whole_model(pad_collator, tmp_path,
+                                                                                           caplog):
+    """Under the split the trunk does not run, so the hidden states it would return below the split are not the
+    model's. A loss_fn reading them (``hidden_states[0]``, the embeddings' output) passed the split's check of the
+    logits, and its influence was 1.4% off without a word, in a review: with a loss_fn or measurement_fn of one's
+    own, the split's check also compares the outputs such a function reads, and refuses this one with a warning;
+    the values are the whole model's. One that reads the last hidden state (above the split) or the logits alone
+    keeps the split; of these, the one reading a per-position output is not cut to the read position either."""
+    import logging
+
+    import torch.nn.functional as F
+
+    def reads(low_layer):
+        def loss_fn(outputs, batch):
+            low, top = outputs.hidden_states[low_layer][:, 0], outputs.hidden_states[-1][:, 0]
+            return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") + ((top - 0.5 * low) ** 2).sum(-1)
+        return loss_fn
+
+    def reads_the_logits(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none", label_smoothing=0.1)
+
+    model = tiny_model("bert")
+    model.config.output_hidden_states = True
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+    args = InfluenceArguments(output_dir=str(tmp_path), influence_params=TOP["bert"], influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, influence_knn_k=None)
+    whole = replace(args, influence_trunk_cache=False, influence_skip_unread_positions=False)
+    # (split at layer 1: hidden_states[0] is the embeddings' output, below it; [-1] the last layer's, above)
+    for loss_fn, split, cut in ((reads(0), False, False), (reads(-1), True, False), (reads_the_logits, True, True),
+                                (None, True, True)):
+        expected, _ = _table(InfluenceEngine(model, whole, data_collator=pad_collator, loss_fn=loss_fn), train, test)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_fastif"):
+            values, diagnostics = _table(InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=loss_fn),
+                                         train, test)
+        np.testing.assert_allclose(values[:, 1], expected[:, 1], rtol=1e-9, atol=1e-14)
+        assert (diagnostics["trunk"]["split"] is not None) == split, (loss_fn, diagnostics["trunk"])
+        assert (diagnostics["readout"]["cut_after"] is not None) == cut, (loss_fn, diagnostics["readout"])
+        assert ("changes the model's outputs that a loss_fn or measurement_fn of one's own reads" in caplog.text
+                ) == (not split)

@@ -160,7 +160,9 @@ class TrunkStates:
             self._readout = (key, None, "influence_skip_unread_positions=False")
         elif self._readout is None or self._readout[0] != key:
             probes, tests = self._readout_probes(call)
-            readout, reason = find_readout(call.fm, call.params, probes, tests)
+            own = self.loss_fn is not None or self.measurement_fn is not None
+            readout, reason = find_readout(call.fm, call.params, probes, tests,
+                                           reads=self._own_functions_values if own else None)
             if readout is None:
                 logger.info(f"The last layer runs at every position: {reason}.")
             self._readout = (key, readout, reason)
@@ -197,6 +199,9 @@ class TrunkStates:
                            ",".join(batcher.dataset.column_names), str(batcher.device),
                            *batcher.layout_key])
         key = f"{prefix}|" + ("every position" if cut is None else f"first position, {cut.name}")
+        own = self.loss_fn is not None or self.measurement_fn is not None
+        if own:  # (checked on the outputs such a function reads, not the logits alone: `verify_split`; a cache
+            key += "|every output checked"  # checked on the logits is not served to it)
         if any_layout and key not in self._trunks:
             key = next((k for k in reversed(self._trunks) if k.startswith(f"{prefix}|first position, ")), key)
         new, state = key not in self._trunks, (below, module_state)
@@ -211,7 +216,8 @@ class TrunkStates:
             self._drop_split(str(err))
             return batcher.with_trunk(None)
         if new:  # every new cache is checked against the full model, on its first rows and padded ones
-            error = verify_split(split, cache, batcher, verification_rows(batcher))
+            error = verify_split(split, cache, batcher, verification_rows(batcher),
+                                 reads=self._own_functions_values if own else None)
             if error > split_tolerance(self.model) and cut is not None:  # the cut's doing: keep every position
                 self._trunks.pop(key).close()
                 self._replaced("trunk", key)
@@ -220,15 +226,23 @@ class TrunkStates:
             self._split_error = max(error, self._split_error or 0.0)
             if error > split_tolerance(self.model):
                 half = half_dtypes(dict(self.model.named_parameters()))  # (a GPU's kernels may round by batch shape)
-                logger.warning(f"The top-only forward from {split.path}.{split.first} changes the logits by {error:.2g} "
+                what = ("the model's outputs that a loss_fn or measurement_fn of one's own reads (hidden states "
+                        "below the split are not computed under it)" if own else "the logits")
+                logger.warning(f"The top-only forward from {split.path}.{split.first} changes {what} by {error:.2g} "
                                "(relative): not using the trunk cache for this model; the full forward runs instead"
                                + (f" ({' / '.join(half)} rounding can differ this much between batch shapes: a float32 "
                                   "copy of the model may keep the cache)." if half else "."))
-                self._drop_split(f"the top-only logits differ by {error:.2g} (relative)")
+                self._drop_split(f"the top-only {'outputs' if own else 'logits'} differ by {error:.2g} (relative)")
                 return batcher.with_trunk(None)
         split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
         # and loads no other)
         return batcher.with_trunk(cache)
+
+    def _own_functions_values(self, outputs, batch: dict) -> torch.Tensor:
+        """The values of this engine's ``loss_fn`` and ``measurement_fn`` (those it has) on ``outputs``: what
+        `verify_split` asks whether they read."""
+        values = [fn(outputs, batch).reshape(-1) for fn in (self.loss_fn, self.measurement_fn) if fn is not None]
+        return torch.cat(values)
 
     def _keep_every_position(self, reason: str, split: TrunkSplit, batcher: Batcher, below: str, module_state: str,
                              progress: bool) -> Batcher:
