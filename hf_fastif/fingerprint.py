@@ -170,11 +170,11 @@ model: a Space's warm start rebuilt every saved cache)."""
 
 
 _HELD_CONTAINERS = (torch.Tensor, np.ndarray, dict, list, tuple, set, frozenset)
+"""A module's public attributes that `module_state_description` describes by what they hold (beside plain values)."""
 
 _HELD_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 """A module's public attributes that are functions (``GELUActivation.act``; an activation set as ``module.act =
-torch.tanh``): `module_state_description` follows them by what they compute (`_settings`)."""
-"""A module's public attributes that `module_state_description` describes by what they hold (beside plain values)."""
+torch.tanh``): `module_state_description` follows them by what they compute (`_function_settings`)."""
 
 
 def module_state_description(model: nn.Module) -> tuple:

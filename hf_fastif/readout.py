@@ -191,10 +191,16 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
     probes = [(b, False) for b in batches] + [(b, True) for b in (test_batches or batches)]
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     if reads is not None and probes:
+        # (on two probes of different lengths where there are: a classifier's (b, classes) logits may be as wide as
+        # one batch's positions, not as both)
         rows = probes[0][0]
+        other = next((b for b, _ in probes if _positions(b) != _positions(rows)), None)
         with torch.no_grad():
             outputs = fm.outputs(leaves, rows)
-        paths = per_position_outputs(outputs, _positions(rows))
+            paths = per_position_outputs(outputs, _positions(rows))
+            if paths and other is not None:
+                wide = set(per_position_outputs(fm.outputs(leaves, other), _positions(other)))
+                paths = [path for path in paths if path in wide]
         if paths and reads_any(reads, outputs, paths, dict(rows)):
             names = ", ".join(dict.fromkeys(str(path[0]) if path else "outputs" for path in paths))
             return None, (f"a loss_fn or measurement_fn of one's own reads the model's per-position outputs "

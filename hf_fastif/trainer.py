@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 from transformers.utils import logging
 
@@ -33,6 +33,16 @@ influence uses the model's: several classes, whose weights a class-weighted loss
 COUPLED_OPTIMIZERS = ("SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam", "RAdam", "ASGD", "SGDScheduleFree")
 """Optimizer classes whose ``weight_decay`` adds wd·θ to the gradient (an L2 term in the loss; NAdam / RAdam unless
 ``decoupled_weight_decay``); AdamW, Adafactor and the rest decay apart from the loss."""
+
+
+class _StepsTaken(TrainerCallback):
+    """Counts the optimizer steps a trainer takes in this process (`InfluenceTrainer._unseen_training_step`)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
 
 
 class InfluenceTrainer(Trainer):
@@ -64,10 +74,12 @@ class InfluenceTrainer(Trainer):
             (f"{type(self).__name__}.compute_loss",
              type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
         self._trained_on = " and ".join(trained_on) or None  # (kept in each table's diagnostics: `trained_with`)
-        # a subclass's training_step that never reaches InfluenceTrainer.training_step trains a loss nothing here sees
-        # (not through compute_loss): `_unseen_training_step`
-        self._own_training_step = type(self).training_step is not InfluenceTrainer.training_step
-        self._reached_training_step = False
+        # a subclass's training_step that never calls compute_loss trains a loss nothing here sees:
+        # `_unseen_training_step`, from the optimizer steps taken in this process and compute_loss's training calls
+        self._own_training_step = type(self).training_step is not Trainer.training_step
+        self._steps_here = _StepsTaken()
+        self.add_callback(self._steps_here)
+        self._trained_through_compute_loss = False
         self._unseen_step_warned = False
         # (what the check of that loss against the model's found, and at which optimizer step: `_trained_loss`)
         self._trained_loss_check: tuple[int, str | None] | None = None
@@ -88,12 +100,6 @@ class InfluenceTrainer(Trainer):
                 "arguments (--use_cpu), or train in one process.")
         return super().train(*args, **kwargs)
 
-    def training_step(self, *args, **kwargs):
-        """The Trainer's, noted as reached: a subclass's ``training_step`` that never calls it trains with a loss of
-        its own that influence cannot compare with the model's (`_unseen_training_step`)."""
-        self._reached_training_step = True
-        return super().training_step(*args, **kwargs)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's, once it knows whether the model's loss reads ``num_items_in_batch``.
 
@@ -109,6 +115,8 @@ class InfluenceTrainer(Trainer):
         the processes decide together (one that reads it keeps it on everywhere). Left to the Trainer: a
         ``compute_loss_func`` or label smoothing (the Trainer's own losses, which read it), a model without a loss.
         """
+        if model.training:  # (a training step's: evaluation and the loss check here run in eval mode)
+            self._trained_through_compute_loss = True
         if (num_items_in_batch is not None and self.model_accepts_loss_kwargs and self.loss_reads_num_items is None
                 and self.compute_loss_func is None and self.label_smoother is None):
             self.loss_reads_num_items = self._loss_reads_num_items(model, inputs, num_items_in_batch)
@@ -275,22 +283,23 @@ class InfluenceTrainer(Trainer):
         return self._trained_loss_check[1]
 
     def _unseen_training_step(self) -> str | None:
-        """``"trained with <class>.training_step"`` where this trainer took optimizer steps through a subclass's
-        ``training_step`` that never called `InfluenceTrainer.training_step` (so never `compute_loss`: a step that
-        computes a weighted loss and calls ``accelerator.backward`` itself), warned about once; else None. Its loss
-        cannot be run apart from the step (which also steps backward), so it is named without a comparison: a
-        review's class-weighted step went unnamed, and its influence (the model's plain loss) was 0.979 in Spearman
-        from that of the loss trained."""
-        if not self._own_training_step or self._reached_training_step or self.state.global_step == 0:
+        """``"trained with <class>.training_step"`` where this trainer took optimizer steps in this process through a
+        subclass's ``training_step`` that never called `compute_loss` (a step that computes a weighted loss and calls
+        ``accelerator.backward`` itself), warned about once; else None. Its loss cannot be run apart from the step
+        (which also steps backward), so it is named without a comparison: a review's class-weighted step went
+        unnamed, and its influence (the model's plain loss) was 0.979 in Spearman from that of the loss trained. A
+        step through ``super().training_step``, ``Trainer.training_step`` or ``self.compute_loss`` trains through
+        `compute_loss` (checked there, `_trained_loss`); a run resumed from a checkpoint at its last step took none
+        here."""
+        if not self._own_training_step or self._trained_through_compute_loss or self._steps_here.steps == 0:
             return None
         what = f"{type(self).__name__}.training_step"
         if not self._unseen_step_warned:
             self._unseen_step_warned = True
-            logger.warning(f"This trainer trained through {what}, which never called InfluenceTrainer.training_step "
-                           "(and so never compute_loss): influence cannot tell which loss it trained, and uses the "
-                           "model's plain loss (the head's own). Pass InfluenceTrainer(..., influence_loss_fn=(outputs, "
-                           "batch) -> per-row loss) with the loss that step trains, or have it call "
-                           "super().training_step, which trains through compute_loss.")
+            logger.warning(f"This trainer trained through {what}, which never called compute_loss: influence cannot "
+                           "tell which loss it trained, and uses the model's plain loss (the head's own). Pass "
+                           "InfluenceTrainer(..., influence_loss_fn=(outputs, batch) -> per-row loss) with the loss "
+                           "that step trains, or compute it through self.compute_loss (super().training_step does).")
         return f"trained with {what}"
 
     def _trainer_and_plain_loss(self, train: Dataset | None) -> tuple[float, float, float] | None:

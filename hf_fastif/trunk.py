@@ -670,19 +670,20 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
                                 torch.cat([f.flatten() for f in compared[0]]))
     if reads is None:
         return error
-    full_all, top_all = _every_output(full, mask), _every_output(top, mask)
-    if [path for path, _ in full_all] != [path for path, _ in top_all]:
-        return math.inf  # (an output on one side only)
+    full_all, top_all = dict(_every_output(full, mask)), dict(_every_output(top, mask))
     tolerance = split_tolerance(split.model)
-    differing = {}
-    for (path, f), (_, t) in zip(full_all, top_all):
-        if t is None and f is None:
+    differing = {}  # (an output on one side only, a layer's attentions below the split, counts as differing: a
+    # function that reads it from the top-only outputs raises there, which `reads_any` takes as a read)
+    for path in full_all.keys() | top_all.keys():
+        f, t = full_all.get(path), top_all.get(path)
+        if t is None and f is None and path in full_all and path in top_all:
             continue
         off = math.inf if t is None or f is None or f.shape != t.shape else relative_difference(t.flatten(),
                                                                                                 f.flatten())
         if off > tolerance:
             differing[path] = off
-    if differing and reads_any(reads, top, list(differing), batch):
+    leaves = [path for path in differing if top_all.get(path) is not None]
+    if differing and reads_any(reads, top, leaves, batch):
         return max(error, *differing.values())
     return error
 
@@ -704,10 +705,21 @@ def _every_output(outputs, mask: torch.Tensor) -> list[tuple[tuple, torch.Tensor
         elif value is None:
             found.append((path, None))
         elif isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
-            found.append((path, (value[mask] if value.shape[:2] == mask.shape else value).double()))
+            found.append((path, _at_tokens(value, mask).double()))
 
     walk(outputs, ())
     return found
+
+
+def _at_tokens(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``value`` at ``mask``'s positions where it is laid out like the mask, or like the mask with its leading
+    dimensions flattened (a multiple-choice model's ``(rows × choices, s, h)`` hidden states against its ``(rows,
+    choices, s)`` mask); else all of it."""
+    flat = mask.reshape(-1, mask.shape[-1])
+    for m in (mask, flat):
+        if value.shape[:m.dim()] == m.shape:
+            return value[m]
+    return value
 
 
 def reads_any(reads: Callable[[object, dict], torch.Tensor], outputs, paths: list[tuple], batch: dict) -> bool:
@@ -735,7 +747,7 @@ def reads_any(reads: Callable[[object, dict], torch.Tensor], outputs, paths: lis
         with torch.enable_grad():
             changed = swapped(outputs, ())
             values = reads(changed, batch)
-            if not isinstance(values, torch.Tensor) or not values.requires_grad:
+            if not leaves or not isinstance(values, torch.Tensor) or not values.requires_grad:
                 return False
             grads = torch.autograd.grad(values.sum(), leaves, allow_unused=True)
     except Exception:  # noqa: BLE001 (whatever the function raised on these rows: taken as a read)

@@ -531,9 +531,12 @@ def test_a_loss_of_ones_own_is_not_cut_where_the_outputs_hold_positions(pad_coll
     assert per_position_outputs({"logits": torch.zeros(b, 3), "attentions": (torch.zeros(b, 2, s, s),)},
                                 s) == [("attentions", 0)]
     assert per_position_outputs((torch.zeros(()), torch.zeros(b, s)), s) == [(1,)]
-    # a loss of one's own that reads the logits alone is cut, whether or not the model returns its hidden states
-    for hidden in (True, False):
-        model.config.output_hidden_states = hidden
-        table = InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=lambda o, batch: F.cross_entropy(
-            o.logits, batch["labels"], reduction="none", label_smoothing=0.1)).compute_influences(train, test)
-        assert table.metadata["diagnostics"]["readout"]["cut_after"] == CUT["bert"]
+    # a loss of one's own that reads the logits alone is cut, whether or not the model returns its hidden states, and
+    # where a probe batch is as wide as the classifier has classes (the rows here are 4-9 tokens long)
+    for hidden, labels in ((True, 3), (False, 3), (False, 9)):
+        net = tiny_model("bert", num_labels=labels)
+        net.config.output_hidden_states = hidden
+        rows = Dataset.from_dict({**train.to_dict(), "labels": [i % labels for i in range(len(train))]})
+        table = InfluenceEngine(net, args, data_collator=pad_collator, loss_fn=lambda o, batch: F.cross_entropy(
+            o.logits, batch["labels"], reduction="none", label_smoothing=0.1)).compute_influences(rows, test)
+        assert table.metadata["diagnostics"]["readout"]["cut_after"] == CUT["bert"], (hidden, labels)

@@ -321,24 +321,33 @@ def test_a_training_step_of_a_subclass_that_trains_its_own_loss_is_named(tmp_pat
             Logging.steps += 1
             return super().training_step(*args, **kwargs)
 
+    class ThroughComputeLoss(InfluenceTrainer):  # (its own step, the plain loss: compute_loss's)
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = self.compute_loss(model, inputs)
+            self.accelerator.backward(loss)
+            return loss.detach()
+
     def per_row(outputs, batch):
         return F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
 
     test = make_token_dataset(1, seed=1)
     for kind, train, named, extra in ((OwnStep, True, True, {}), (OwnStep, False, False, {}),
                                       (OwnStep, True, False, {"influence_loss_fn": per_row}),
-                                      (Logging, True, False, {})):
-        trainer = kind(model=tiny_model("bert", dtype=torch.float32), args=arguments(tmp_path),
+                                      (Logging, True, False, {}), (ThroughComputeLoss, True, False, {}),
+                                      (Logging, "resumed at its last step", False, {})):
+        args = arguments(tmp_path / kind.__name__, save_strategy="steps", save_steps=6)
+        trainer = kind(model=tiny_model("bert", dtype=torch.float32), args=args,
                        train_dataset=make_token_dataset(16, seed=0), data_collator=pad_collator, **extra)
         if train:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=train == "resumed at its last step" or None)
         (table, again), warned = _warnings(caplog, lambda t=trainer: (t.compute_influences(test),
                                                                       t.compute_influences(test)))
-        assert warned.count("This trainer trained through OwnStep.training_step, which never called") == named
+        assert warned.count("This trainer trained through OwnStep.training_step, which never called compute_loss"
+                            ) == named
         for t in (table, again):
             assert (t.metadata["diagnostics"].get("trained_with") == "trained with OwnStep.training_step; influence "
                     "used the model's default loss") == named, (kind, train, extra)
-    assert Logging.steps == 6
+    assert Logging.steps == 6  # (none in the resumed run: its checkpoint was at the last step)
 
 
 def test_a_compute_loss_func_is_kept_in_the_tables_diagnostics(tmp_path, pad_collator):

@@ -1036,3 +1036,29 @@ def test_a_loss_of_ones_own_that_reads_hidden_states_below_the_split_runs_the_wh
         assert (diagnostics["readout"]["cut_after"] is not None) == cut, (loss_fn, diagnostics["readout"])
         assert ("changes the model's outputs that a loss_fn or measurement_fn of one's own reads" in caplog.text
                 ) == (not split)
+    # the outputs a split leaves out (the attentions of the layers below it) or pads (a multiple-choice model's
+    # flattened choices) count only where the function reads them (a review: both split refused for a loss reading
+    # the logits, or the last hidden state, alone)
+    from transformers import BertConfig, BertForMultipleChoice
+
+    def last_state(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") + 0.1 * (
+            outputs.hidden_states[-1][:, 0] ** 2).sum(-1).reshape(len(batch["labels"]), -1).sum(-1)
+
+    def attention_below(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"], reduction="none") + outputs.attentions[0].sum((1, 2, 3))
+
+    model.config.output_attentions = True
+    torch.manual_seed(0)
+    choice = BertForMultipleChoice(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=32, max_position_embeddings=32,
+                                              output_hidden_states=True, attn_implementation="eager")).double().eval()
+    for net, rows, loss_fn, kept in ((model, train, reads_the_logits, True), (model, train, attention_below, False),
+                                     (choice, _multiple_choice_data(12, seed=0), last_state, True),
+                                     (choice, _multiple_choice_data(12, seed=0), reads(0), False)):
+        names = list(select_parameters(net, TOP["bert"]))
+        batcher = Batcher(rows, validate_dataset(rows, "train", net), pad_collator if net is model else None, "cpu")
+        split, reason = T.find_split(net, names, T.model_inputs(batcher.batch(range(4), trunk=False)))
+        cache = T.TrunkCache(split, batcher, key="k", batch_size=4)
+        error = T.verify_split(split, cache, batcher, range(len(batcher)), reads=loss_fn)
+        assert (error <= T.split_tolerance(net)) == kept, (loss_fn.__name__, error)
