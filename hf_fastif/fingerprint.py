@@ -38,7 +38,7 @@ import sys
 import sysconfig
 import types
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -519,15 +519,25 @@ def model_code_fingerprint(model: nn.Module) -> dict:
             name = f"{cls.__module__}.{cls.__qualname__}"
             if cls.__module__.split(".")[0] in LIBRARY_MODULES or name in custom:
                 continue
-            functions = {}
-            for key, value in vars(cls).items():
-                parts = ([value.fget, value.fset, value.fdel] if isinstance(value, property)
-                         else [getattr(value, "__func__", value)])
-                described = [portable_fingerprint(f) for f in parts if inspect.isfunction(f)]
-                if described:
-                    functions[key] = described
+            functions = _class_functions(cls, portable_fingerprint)
             custom[name] = hashlib.sha256(json.dumps(functions, sort_keys=True).encode()).hexdigest()
     return {"transformers": transformers.__version__, "classes": dict(sorted(custom.items()))}
+
+
+def _class_functions(cls: type, describe: Callable[[Callable], str], *,
+                     dunders: bool = True) -> dict[str, list[str]]:
+    """``describe`` of each function a class defines itself (methods, static and class methods, a property's
+    getter, setter and deleter), by name; ``dunders=False``: not its ``__dunder__`` methods but ``__call__``."""
+    functions = {}
+    for key, value in vars(cls).items():
+        if not dunders and key != "__call__" and key.startswith("__") and key.endswith("__"):
+            continue
+        parts = ([value.fget, value.fset, value.fdel] if isinstance(value, property)
+                 else [getattr(value, "__func__", value)])
+        described = [describe(f) for f in parts if inspect.isfunction(f)]
+        if described:
+            functions[key] = described
+    return functions
 
 
 def _is_tokenizer(value) -> bool:
@@ -596,6 +606,17 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(_Fields(attributes), depth + 1)}
+        if not _beyond(depth + 1):
+            # the functions of its classes outside torch / transformers / peft, with what they close over and read:
+            # ``__call__`` reaching a helper through ``self.`` (a method, a static method, a DataCollatorMixin's
+            # ``torch_call``) changed what the object computes without changing its key, and a held trainer or
+            # saved caches served the old loss's table (72% off) or trunk states (8.7% off), in a review. (Not the
+            # other dunders: what ``__init__`` sets is in the attributes, and a dataclass's ``__repr__`` closes over
+            # a set, which counts by its address.)
+            description["methods"] = {
+                f"{cls.__module__}.{cls.__qualname__}": _class_functions(
+                    cls, lambda f: callable_fingerprint(f, depth + 1), dunders=False)
+                for cls in type(fn).__mro__ if (cls.__module__ or "").split(".")[0] not in LIBRARY_MODULES}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -807,9 +828,10 @@ def _plain_container(value, depth: int = 0) -> bool:
                for v in items)
 
 
-TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length", "pad_token_id")
+TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "model_max_length", "pad_token_id", "model_input_names")
 """A tokenizer's settings that change a collator's batches and live outside its plain attributes (the pad token is in
-its special-tokens map)."""
+its special-tokens map; ``model_input_names`` says which columns ``pad`` returns: one without ``attention_mask``
+served trunk states cached with it, and the call failed on their lengths)."""
 
 
 def _tokenizer_settings(tokenizer) -> tuple:

@@ -252,6 +252,81 @@ def test_callable_fingerprint_sees_code_closures_and_collator_settings(pad_colla
     assert callable_fingerprint(a) != callable_fingerprint(b)
 
 
+def _weighted_loss_object(weights):
+    """A loss object whose ``__call__`` reaches its computation through ``self.`` (a helper method closing over the
+    weights, and a static method): its key followed ``__call__`` alone."""
+    w = torch.tensor(weights, dtype=torch.float64)
+
+    class WeightedLoss:
+        def __call__(self, outputs, batch):
+            return self.per_row(outputs, batch) * self.scale(len(weights))
+
+        def per_row(self, outputs, batch):
+            return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="none") * w[
+                batch["labels"]]
+
+        @staticmethod
+        def scale(k):
+            return 1.0
+
+    return WeightedLoss()
+
+
+def test_a_callable_objects_key_follows_the_functions_its_call_reaches(tmp_path, pad_collator):
+    """``__call__`` reaching its work through ``self.`` (a helper method, a static method, a DataCollatorMixin's
+    ``torch_call``) changed what an object computes without changing its key: a held trainer served the first loss
+    object's table for a second one (72% off), and saved caches the trunk states of another collator (8.7% off), in a
+    review. So did a tokenizer's ``model_input_names`` (which columns its ``pad`` returns)."""
+    from dataclasses import dataclass
+
+    from transformers import DataCollatorWithPadding
+    from transformers.data.data_collator import DataCollatorMixin
+
+    from hf_fastif.fingerprint import collator_key, portable_fingerprint
+
+    same, other = _weighted_loss_object([1.0, 1.0]), _weighted_loss_object([1.0, 4.0])
+    assert callable_fingerprint(same) == callable_fingerprint(_weighted_loss_object([1.0, 1.0]))
+    assert callable_fingerprint(same) != callable_fingerprint(other)
+    assert portable_fingerprint(same) != portable_fingerprint(other)
+
+    def collator_class(shift):
+        @dataclass
+        class Shifted(DataCollatorMixin):
+            tokenizer: object
+            return_tensors: str = "pt"
+
+            def torch_call(self, rows):
+                batch = self.tokenizer.pad(rows, return_tensors="pt")
+                batch["input_ids"] = batch["input_ids"] + shift * batch["attention_mask"]
+                return batch
+        return Shifted
+
+    tokenizer = pad_collator.tokenizer
+    assert callable_fingerprint(collator_class(0)(tokenizer)) == callable_fingerprint(collator_class(0)(tokenizer))
+    assert callable_fingerprint(collator_class(0)(tokenizer)) != callable_fingerprint(collator_class(1)(tokenizer))
+    names = list(tokenizer.model_input_names)
+    before = collator_key(DataCollatorWithPadding(tokenizer))
+    try:
+        tokenizer.model_input_names = ["input_ids"]
+        assert collator_key(DataCollatorWithPadding(tokenizer)) != before
+    finally:
+        tokenizer.model_input_names = names
+    # a held trainer given the second loss object computes its influence, not the first one's
+    from hf_fastif import InfluenceArguments
+
+    model, train, test = tiny_model("bert"), make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
+    args = InfluenceArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True,
+                              influence_solver="cg", influence_damping=0.5, influence_scale=20.0,
+                              influence_knn_k=None, influence_params=[r"pooler\.", r"classifier\."])
+    trainer = InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=pad_collator)
+    first = trainer.compute_influences(test, loss_fn=same).to_pandas().influence.to_numpy()
+    held = trainer.compute_influences(test, loss_fn=other).to_pandas().influence.to_numpy()
+    fresh = InfluenceEngine(model, args, data_collator=pad_collator, loss_fn=other).compute_influences(
+        train, test).to_pandas().influence.to_numpy()
+    np.testing.assert_allclose(held, fresh, rtol=1e-10, atol=0)
+    assert np.abs(held - first).max() > 1e-3 * np.abs(first).max()
+
+
 CLASS_WEIGHTS = torch.tensor([1.0, 1.0], dtype=torch.float64)
 SCALE = 1.0
 
