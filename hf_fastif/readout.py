@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .trunk import layer_stacks, reads_any
+from .trunk import layer_stacks, output_entries, reads_any
 from .utils import relative_difference
 
 READOUT_TOLERANCE = 1e-5
@@ -283,22 +283,9 @@ def per_position_outputs(outputs, positions: int) -> list[tuple]:
     scores. Under the cut the last layer's hold one position, so a ``loss_fn`` of one's own reading them at a
     position that depends on the row (a marker token's state, in a review: 1.6% off, or an IndexError) is never
     cut; one that reads only a classifier's ``(b, classes)`` logits reads what the cut leaves as it was."""
-    found: list[tuple] = []
-
-    def walk(value, path: tuple) -> None:
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                if key != "loss":
-                    walk(item, (*path, key))
-        elif isinstance(value, (tuple, list)):
-            for i, item in enumerate(value):
-                walk(item, (*path, i))
-        elif (isinstance(value, torch.Tensor) and value.is_floating_point()
-              and (value.dim() >= 3 or (value.dim() == 2 and value.shape[1] == positions))):
-            found.append(path)
-
-    walk(outputs, ())
-    return found
+    return [path for path, value in output_entries(outputs)
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+            and (value.dim() >= 3 or (value.dim() == 2 and value.shape[1] == positions))]
 
 
 def _agrees(readout: Readout, last: nn.Module, probes, reference, values, leaves, tolerance: float) -> bool:

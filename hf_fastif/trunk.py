@@ -688,11 +688,11 @@ def verify_split(split: TrunkSplit, cache: TrunkCache, batcher, rows: Sequence[i
     return error
 
 
-def _every_output(outputs, mask: torch.Tensor) -> list[tuple[tuple, torch.Tensor | None]]:
-    """``(path, tensor)`` for every floating tensor in ``outputs`` but a loss, through nested mappings and sequences
-    (``hidden_states``, ``attentions``; a path is the keys and indices from the top), in float64, those laid out by
-    the batch's positions at ``mask``'s positions only; an entry that is None is listed with None."""
-    found: list[tuple[tuple, torch.Tensor | None]] = []
+def output_entries(outputs) -> list[tuple[tuple, object]]:
+    """``(path, value)`` for every entry of a model's ``outputs`` that is not a mapping or a sequence, through nested
+    mappings and sequences (``hidden_states``, ``attentions``; a path is the keys and indices from the top), the loss
+    aside."""
+    found: list[tuple[tuple, object]] = []
 
     def walk(value, path: tuple) -> None:
         if isinstance(value, Mapping):
@@ -702,13 +702,19 @@ def _every_output(outputs, mask: torch.Tensor) -> list[tuple[tuple, torch.Tensor
         elif isinstance(value, (tuple, list)):
             for i, item in enumerate(value):
                 walk(item, (*path, i))
-        elif value is None:
-            found.append((path, None))
-        elif isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
-            found.append((path, _at_tokens(value, mask).double()))
+        else:
+            found.append((path, value))
 
     walk(outputs, ())
     return found
+
+
+def _every_output(outputs, mask: torch.Tensor) -> list[tuple[tuple, torch.Tensor | None]]:
+    """``(path, tensor)`` for every floating tensor in ``outputs`` but a loss (`output_entries`), in float64, those
+    laid out by the batch's positions at ``mask``'s positions only; an entry that is None is listed with None."""
+    return [(path, None if value is None else _at_tokens(value, mask).double())
+            for path, value in output_entries(outputs)
+            if value is None or (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0)]
 
 
 def _at_tokens(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
