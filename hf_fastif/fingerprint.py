@@ -384,11 +384,15 @@ class _Fields(dict):
 
 
 def _describe_value(value, depth: int = 0):
-    """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes)."""
-    if _beyond(depth):
-        return type(value).__qualname__
+    """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes). A plain
+    value or an empty container is described whole at any depth: nothing of it is cut (an empty closure past the
+    depth limit recorded a cut, and `portable_fingerprint` fell back to addresses for a function three calls down)."""
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return repr(value)
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return {} if isinstance(value, dict) else []  # (as the branches below describe them)
+    if _beyond(depth):
+        return type(value).__qualname__
     if isinstance(value, torch.Tensor):
         return "tensor:" + _tensor_content(value)
     if isinstance(value, np.ndarray):
@@ -525,16 +529,33 @@ def model_code_fingerprint(model: nn.Module) -> dict:
 
 
 def _class_functions(cls: type, describe: Callable[[Callable], str], *,
-                     dunders: bool = True) -> dict[str, list[str]]:
+                     callable_object: bool = False) -> dict[str, list[str]]:
     """``describe`` of each function a class defines itself (methods, static and class methods, a property's
-    getter, setter and deleter), by name; ``dunders=False``: not its ``__dunder__`` methods but ``__call__``."""
+    getter, setter and deleter), by name. ``callable_object``: for a callable object's key, not its dunder methods
+    but ``__call__``, and also what wraps a function (``functools.lru_cache``, ``cached_property``,
+    ``partialmethod`` with its plain arguments) and the class's plain values (``FACTOR = 2`` read as
+    ``self.FACTOR``)."""
     functions = {}
     for key, value in vars(cls).items():
-        if not dunders and key != "__call__" and key.startswith("__") and key.endswith("__"):
+        dunder = key.startswith("__") and key.endswith("__")
+        if callable_object and dunder and key != "__call__":
             continue
-        parts = ([value.fget, value.fset, value.fdel] if isinstance(value, property)
-                 else [getattr(value, "__func__", value)])
-        described = [describe(f) for f in parts if inspect.isfunction(f)]
+        extra = []
+        if isinstance(value, property):
+            parts = [value.fget, value.fset, value.fdel]
+        elif callable_object and isinstance(value, functools.cached_property):
+            parts = [value.func]
+        elif callable_object and isinstance(value, functools.partialmethod):
+            parts = [value.func]
+            plain = lambda v: v if isinstance(v, _SCALARS) else type(v).__qualname__  # noqa: E731
+            extra = [repr([*map(plain, value.args), *((k, plain(v)) for k, v in sorted(value.keywords.items()))])]
+        else:
+            parts = [getattr(value, "__func__", value)]
+        if callable_object:
+            parts = [inspect.unwrap(f) if callable(f) and hasattr(f, "__wrapped__") else f for f in parts]
+        described = [describe(f) for f in parts if inspect.isfunction(f)] + extra
+        if callable_object and not described and not dunder and isinstance(value, _SCALARS):
+            described = [repr(value)]
         if described:
             functions[key] = described
     return functions
@@ -606,17 +627,23 @@ def callable_fingerprint(fn, depth: int = 0) -> str:
         description = {"object": type(fn).__qualname__, "module": type(fn).__module__,
                        "call": _code_digest(type(fn).__call__.__code__) if hasattr(type(fn).__call__, "__code__") else "",
                        "attributes": _describe_value(_Fields(attributes), depth + 1)}
-        if not _beyond(depth + 1):
+        if not _beyond(depth):
             # the functions of its classes outside torch / transformers / peft, with what they close over and read:
             # ``__call__`` reaching a helper through ``self.`` (a method, a static method, a DataCollatorMixin's
             # ``torch_call``) changed what the object computes without changing its key, and a held trainer or
             # saved caches served the old loss's table (72% off) or trunk states (8.7% off), in a review. (Not the
             # other dunders: what ``__init__`` sets is in the attributes, and a dataclass's ``__repr__`` closes over
             # a set, which counts by its address.)
-            description["methods"] = {
-                f"{cls.__module__}.{cls.__qualname__}": _class_functions(
-                    cls, lambda f: callable_fingerprint(f, depth + 1), dunders=False)
+            # (at the object's own depth, as a function loss's code is: one level deeper, a loss object whose
+            # helper called three nested module-level functions was cut there, and `portable_fingerprint` fell
+            # back to addresses, different in every process; left out where there are none, so that a library
+            # collator's key is the one it had)
+            methods = {f"{cls.__module__}.{cls.__qualname__}": _class_functions(
+                cls, lambda f: callable_fingerprint(f, depth), callable_object=True)
                 for cls in type(fn).__mro__ if (cls.__module__ or "").split(".")[0] not in LIBRARY_MODULES}
+            methods = {name: functions for name, functions in methods.items() if functions}
+            if methods:
+                description["methods"] = methods
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -327,6 +327,72 @@ def test_a_callable_objects_key_follows_the_functions_its_call_reaches(tmp_path,
     assert np.abs(held - first).max() > 1e-3 * np.abs(first).max()
 
 
+def _h3(x):
+    return x + 1
+
+
+def _h2(x):
+    return _h3(x) * 2
+
+
+def _h1(x):
+    return _h2(x) - 1
+
+
+class _Options:  # (a plain settings object: counted by its values where the walk reaches it, else by its address)
+    def __init__(self):
+        self.t = 1.0
+
+
+class _ChainLoss:
+    def __init__(self):
+        self.options = _Options()
+
+    def __call__(self, outputs, batch):
+        return self.helper(outputs)
+
+    def helper(self, outputs):
+        return _h1(outputs) / self.options.t
+
+
+def test_a_callable_objects_key_follows_what_wraps_its_functions_and_stays_portable():
+    """What a class wraps its functions in (lru_cache, cached_property, partialmethod) and its plain values count
+    too; and the walk through the methods stays within the depth a function loss's walk has: one level deeper, a loss
+    object whose helper called three nested module-level functions was cut, and `portable_fingerprint` fell back to
+    addresses (another key in every process: a build that never resumes, a launch refused), in a review."""
+    import functools
+
+    from hf_fastif.fingerprint import portable_fingerprint
+
+    assert portable_fingerprint(_ChainLoss()) == portable_fingerprint(_ChainLoss())
+
+    def make(k, factor, cached, partial):
+        class Loss:
+            FACTOR = factor
+
+            def __call__(self, outputs, batch):
+                return self.scaled(outputs) * self.FACTOR + self.bias + self.shift(outputs)
+
+            @functools.cache  # noqa: B019 (a user's cached method, as written in the wild)
+            def scaled(self, outputs):
+                return outputs * k
+
+            @functools.cached_property
+            def bias(self):
+                return cached
+
+            def _shift(self, outputs, by):
+                return outputs + by
+
+            shift = functools.partialmethod(_shift, by=partial)
+        return Loss()
+
+    base = callable_fingerprint(make(1, 2, 0.0, 1))
+    assert base == callable_fingerprint(make(1, 2, 0.0, 1))
+    for changed in (make(2, 2, 0.0, 1), make(1, 3, 0.0, 1), make(1, 2, 0.5, 1), make(1, 2, 0.0, 2)):
+        assert callable_fingerprint(changed) != base
+
+
 CLASS_WEIGHTS = torch.tensor([1.0, 1.0], dtype=torch.float64)
 SCALE = 1.0
 
