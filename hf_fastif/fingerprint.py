@@ -384,15 +384,15 @@ class _Fields(dict):
 
 
 def _describe_value(value, depth: int = 0):
-    """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes). A plain
-    value or an empty container is described whole at any depth: nothing of it is cut (an empty closure past the
-    depth limit recorded a cut, and `portable_fingerprint` fell back to addresses for a function three calls down)."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return repr(value)
+    """A JSON-able description of a value captured by a callable (closure cells, defaults, attributes). An empty
+    container is described whole at any depth: nothing of it is cut (an empty closure past the depth limit recorded a
+    cut, and `portable_fingerprint` fell back to addresses for a function three calls down)."""
     if isinstance(value, (list, tuple, dict)) and not value:
         return {} if isinstance(value, dict) else []  # (as the branches below describe them)
     if _beyond(depth):
         return type(value).__qualname__
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return repr(value)
     if isinstance(value, torch.Tensor):
         return "tensor:" + _tensor_content(value)
     if isinstance(value, np.ndarray):
