@@ -174,7 +174,7 @@ _HELD_CONTAINERS = (torch.Tensor, np.ndarray, dict, list, tuple, set, frozenset)
 
 _HELD_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 """A module's public attributes that are functions (``GELUActivation.act``; an activation set as ``module.act =
-torch.tanh``): `module_state_description` follows them by what they compute (`_function_settings`)."""
+torch.tanh``): `module_state_description` follows them by what they compute (`_settings`)."""
 
 
 def module_state_description(model: nn.Module) -> tuple:
@@ -200,9 +200,7 @@ def module_state_description(model: nn.Module) -> tuple:
             # a settings container, which a hook or a patched forward reads (a steering vector set as module.steer,
             # {"v": t}, [t]; {"scale": 1.2}; PEFT's per-adapter dicts): by its values, as a hook's own
             attributes += tuple((k, _settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
-                                if isinstance(v, _HELD_CONTAINERS))
-            attributes += tuple((k, _function_settings(v)) for k, v in sorted(public, key=lambda kv: kv[0])
-                                if isinstance(v, _HELD_FUNCTIONS))
+                                if isinstance(v, _HELD_CONTAINERS + _HELD_FUNCTIONS))
             hooks = [_settings(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks,
                                                    module._backward_pre_hooks, module._backward_hooks)
                      for hook in hooks.values()]
@@ -218,14 +216,6 @@ def module_state_description(model: nn.Module) -> tuple:
     finally:
         _MODULE_NAMES.reset(names)
     return tuple(parts)
-
-
-def _function_settings(fn) -> object:
-    """A function a module holds, for `module_state_description`: a builtin (``torch.tanh``, ``F.gelu``) by its
-    qualified name, which `_settings` leaves at its type; another as `_settings` follows it."""
-    if isinstance(fn, types.BuiltinFunctionType):
-        return "builtin", getattr(fn, "__module__", None), getattr(fn, "__qualname__", getattr(fn, "__name__", ""))
-    return _settings(fn)
 
 
 def _public_attributes(module: nn.Module) -> list[tuple[str, object]]:
@@ -935,6 +925,12 @@ def _settings(value, depth: int = 0):
     if isinstance(value, functools.partial):
         return ("partial", _settings(value.func, depth + 1), _settings(tuple(value.args), depth + 1),
                 _settings(dict(value.keywords), depth + 1))
+    if isinstance(value, types.BuiltinFunctionType):  # by its qualified name (as `callable_fingerprint` does), and
+        # what it is bound to: as another object, every builtin read alike (``act = torch.tanh`` for ``F.gelu``)
+        bound = getattr(value, "__self__", None)
+        return ("builtin", getattr(value, "__module__", None), getattr(value, "__qualname__", value.__name__),
+                None if bound is None or inspect.ismodule(bound) or inspect.isclass(bound)
+                else _settings(bound, depth + 1))
     code = value.__code__ if inspect.isfunction(value) or inspect.ismethod(value) else None  # (not getattr: an
     # options object's __getattr__ may raise another error than AttributeError)
     if inspect.iscode(code):  # a function, or a method bound to an object (whose settings count too)

@@ -76,7 +76,6 @@ class InfluenceTrainer(Trainer):
         self._trained_on = " and ".join(trained_on) or None  # (kept in each table's diagnostics: `trained_with`)
         # a subclass's training_step that never calls compute_loss trains a loss nothing here sees:
         # `_unseen_training_step`, from the optimizer steps taken in this process and compute_loss's training calls
-        self._own_training_step = type(self).training_step is not Trainer.training_step
         self._steps_here = _StepsTaken()
         self.add_callback(self._steps_here)
         self._trained_through_compute_loss = False
@@ -291,7 +290,8 @@ class InfluenceTrainer(Trainer):
         step through ``super().training_step``, ``Trainer.training_step`` or ``self.compute_loss`` trains through
         `compute_loss` (checked there, `_trained_loss`); a run resumed from a checkpoint at its last step took none
         here."""
-        if not self._own_training_step or self._trained_through_compute_loss or self._steps_here.steps == 0:
+        if (type(self).training_step is Trainer.training_step or self._trained_through_compute_loss
+                or self._steps_here.steps == 0):
             return None
         what = f"{type(self).__name__}.training_step"
         if not self._unseen_step_warned:

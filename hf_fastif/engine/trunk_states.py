@@ -5,7 +5,7 @@ where to split, checks the split and the cut on probe rows, and owns the engine'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ class TrunkStates:
             return None
         if not on:
             self._trunk_cut = (key, None, "influence_skip_unread_positions=False")
-        elif self.loss_fn is not None or self.measurement_fn is not None:
+        elif self._own_reads() is not None:
             # (a function of one's own may read the last layer's states at a position that depends on the row: the
             # probes cannot show it for every row, and a cut trunk would answer with the first position's state)
             self._trunk_cut = (key, None, "a loss_fn or measurement_fn of one's own may read other positions")
@@ -160,9 +160,7 @@ class TrunkStates:
             self._readout = (key, None, "influence_skip_unread_positions=False")
         elif self._readout is None or self._readout[0] != key:
             probes, tests = self._readout_probes(call)
-            own = self.loss_fn is not None or self.measurement_fn is not None
-            readout, reason = find_readout(call.fm, call.params, probes, tests,
-                                           reads=self._own_functions_values if own else None)
+            readout, reason = find_readout(call.fm, call.params, probes, tests, reads=self._own_reads())
             if readout is None:
                 logger.info(f"The last layer runs at every position: {reason}.")
             self._readout = (key, readout, reason)
@@ -199,8 +197,8 @@ class TrunkStates:
                            ",".join(batcher.dataset.column_names), str(batcher.device),
                            *batcher.layout_key])
         key = f"{prefix}|" + ("every position" if cut is None else f"first position, {cut.name}")
-        own = self.loss_fn is not None or self.measurement_fn is not None
-        if own:  # (checked on the outputs such a function reads, not the logits alone: `verify_split`; a cache
+        reads = self._own_reads()
+        if reads is not None:  # (checked on the outputs such a function reads, not the logits alone: `verify_split`; a cache
             key += "|every output checked"  # checked on the logits is not served to it)
         if any_layout and key not in self._trunks:
             key = next((k for k in reversed(self._trunks) if k.startswith(f"{prefix}|first position, ")), key)
@@ -216,8 +214,7 @@ class TrunkStates:
             self._drop_split(str(err))
             return batcher.with_trunk(None)
         if new:  # every new cache is checked against the full model, on its first rows and padded ones
-            error = verify_split(split, cache, batcher, verification_rows(batcher),
-                                 reads=self._own_functions_values if own else None)
+            error = verify_split(split, cache, batcher, verification_rows(batcher), reads=reads)
             if error > split_tolerance(self.model) and cut is not None:  # the cut's doing: keep every position
                 self._trunks.pop(key).close()
                 self._replaced("trunk", key)
@@ -227,22 +224,30 @@ class TrunkStates:
             if error > split_tolerance(self.model):
                 half = half_dtypes(dict(self.model.named_parameters()))  # (a GPU's kernels may round by batch shape)
                 what = ("the model's outputs that a loss_fn or measurement_fn of one's own reads (hidden states "
-                        "below the split are not computed under it)" if own else "the logits")
+                        "below the split are not computed under it)" if reads is not None else "the logits")
                 logger.warning(f"The top-only forward from {split.path}.{split.first} changes {what} by {error:.2g} "
                                "(relative): not using the trunk cache for this model; the full forward runs instead"
                                + (f" ({' / '.join(half)} rounding can differ this much between batch shapes: a float32 "
                                   "copy of the model may keep the cache)." if half else "."))
-                self._drop_split(f"the top-only {'outputs' if own else 'logits'} differ by {error:.2g} (relative)")
+                self._drop_split(f"the top-only {'logits' if reads is None else 'outputs'} differ by {error:.2g} "
+                                 "(relative)")
                 return batcher.with_trunk(None)
         split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
         # and loads no other)
         return batcher.with_trunk(cache)
 
-    def _own_functions_values(self, outputs, batch: dict) -> torch.Tensor:
-        """The values of this engine's ``loss_fn`` and ``measurement_fn`` (those it has) on ``outputs``: what
-        `verify_split` asks whether they read."""
-        values = [fn(outputs, batch).reshape(-1) for fn in (self.loss_fn, self.measurement_fn) if fn is not None]
-        return torch.cat(values)
+    def _own_reads(self) -> Callable[[object, dict], torch.Tensor] | None:
+        """``(outputs, batch) ->`` the values of this engine's ``loss_fn`` and ``measurement_fn`` of one's own (those
+        it has), or None where it has neither (the default loss and measurement read the logits): what the split's
+        check and the read-position cut ask such functions read (`hf_fastif.trunk.reads_any`)."""
+        own = [fn for fn in (self.loss_fn, self.measurement_fn) if fn is not None]
+        if not own:
+            return None
+
+        def values(outputs, batch: dict) -> torch.Tensor:
+            return torch.cat([fn(outputs, batch).reshape(-1) for fn in own])
+
+        return values
 
     def _keep_every_position(self, reason: str, split: TrunkSplit, batcher: Batcher, below: str, module_state: str,
                              progress: bool) -> Batcher:
