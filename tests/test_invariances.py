@@ -132,6 +132,22 @@ def test_combine_mean_is_the_mean_of_test_gradients(data, pad_collator):
                            data_collator=pad_collator)
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(influence_knn_k=None, influence_weight_decay=0.05, influence_weight_decay_in_gradients=True),
+    dict(influence_knn_k=6, influence_knn_features="auto")], ids=["l2_in_gradients", "knn_query"])
+def test_an_unlabelled_test_row_is_out_of_every_part_of_the_mean(data, pad_collator, overrides):
+    """Under combine="mean" a test row labelled -100 is left out of the mean: the same table as without the row. Its
+    L2 term was still summed into the mean test gradient (2% off on a review's repro), and its features into the
+    kNN query (3 of 8 candidates other)."""
+    model, train, test = data
+    unlabelled = Dataset.from_dict({**test.to_dict(), "labels": [-100, *test["labels"][1:]]})
+    args = default_arguments(**(BASE | dict(influence_solver="cg") | overrides))
+    with_it, without = (compute_influences(model, train, rows, args, combine="mean", data_collator=pad_collator)
+                        .to_pandas().sort_values("train_id") for rows in (unlabelled, unlabelled.select(range(1, 4))))
+    assert with_it.train_id.tolist() == without.train_id.tolist()
+    np.testing.assert_allclose(with_it.influence.values, without.influence.values, rtol=1e-9, atol=0)
+
+
 def test_each_candidate_is_scored_only_against_the_tests_that_picked_it(data, pad_collator, monkeypatch):
     import hf_fastif.scoring as scoring
 

@@ -262,8 +262,8 @@ class CandidateStage:
             raise ValueError(f"The test rows' kNN features have {test_feats.shape[1]} columns, the candidates' "
                              f"{self._feature_index[2]}: a features= callable must give every row a vector of one width "
                              "(not one that grows with the padding).")
-        if call.combine == "mean":
-            test_feats = test_feats.mean(0, keepdims=True)
+        if call.combine == "mean":  # (over the rows the mean loss is over: an unlabelled row is out of both)
+            test_feats = test_feats[self._rows_in_mean(call)].mean(0, keepdims=True)
         _, ids = search(self._feature_index[1], test_feats, k)
         return [np.sort(row[row >= 0]).astype(np.int64) for row in ids]
 

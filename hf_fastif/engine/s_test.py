@@ -205,6 +205,19 @@ class STestStage:
         with call.timer("s_test"):
             return self._s_test(call, v)
 
+    def _rows_in_mean(self, call: Call) -> np.ndarray:
+        """Positions of the test rows ``combine="mean"`` averages over (its loss, and its kNN query): under the default
+        loss those with a target (an unlabelled row's loss is 0, and the model's own loss leaves it out), else every
+        row. Collated without trunk states: only the labels are read."""
+        every = np.arange(len(call.test))
+        if self.loss_fn is not None or self.measurement_fn is not None:
+            return every
+        empty = []
+        for start in range(0, len(every), 256):
+            rows = every[start:start + 256]
+            empty += [rows[i] for i in rows_without_targets(self.model, call.test.batch(rows, trunk=False))]
+        return np.setdiff1d(every, empty)
+
     def _test_gradients(self, call: Call) -> torch.Tensor:
         """``(m, p)`` in the working dtype: one measurement gradient per test row, or one row with the gradient
         of their mean (``combine="mean"``, rows split over processes)."""
@@ -219,9 +232,11 @@ class STestStage:
 
             def mine():
                 for rows, batch in call.test.batches(call.test.length_order(D.shard(range(len(call.test)))), bsz):
-                    total.add_(batch_gradient(call.fm, call.params, batch, measurement=True,
-                                              reduction="sum").to(total.dtype))
-                    counted.add_(len(rows) - (len(rows_without_targets(self.model, batch)) if default else 0))
+                    # (an unlabelled row is out of the mean: its L2 term too, as its zero loss)
+                    labelled = len(rows) - (len(rows_without_targets(self.model, batch)) if default else 0)
+                    total.add_(batch_gradient(call.fm, call.params, batch, measurement=True, reduction="sum",
+                                              l2_rows=labelled).to(total.dtype))
+                    counted.add_(labelled)
 
             D.together(mine, "The test rows' mean gradient")
             count = float(D.all_reduce_sum(counted))
