@@ -435,3 +435,38 @@ def test_a_push_stages_its_copy_first_and_removes_the_copies_killed_pushes_left(
     assert push("room")["commit"] and hub_server.repo_exists("test-user/staged")
     assert not stale.exists() and fresh.exists()
     assert sorted(p.name for p in tmpdir.iterdir() if p.name.startswith(PUSH_STAGING)) == [fresh.name]
+
+
+FLAKY_PUSH = """
+import json, sys
+from hf_fastif import InfluenceTable
+try:
+    print(json.dumps({"commit": InfluenceTable.load(sys.argv[1]).push_to_hub("test-user/flaky", shard_rows=40)}))
+except Exception as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+"""
+
+
+def test_a_push_whose_file_upload_fails_is_a_table_error_saying_to_push_again(hub_server: HubServer, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """The Hub client wraps a failed file upload in a bare RuntimeError ("Error while uploading '...' to the Hub"),
+    which came out as it was (a review's repro: every upload after the first answered 503)."""
+    from tests import hub_server as server_module
+
+    table = make_table(5)
+    table.save(tmp_path / "t")
+    put, calls = server_module._Handler._lfs_put, []
+
+    def failing(self, *args):
+        calls.append(args)
+        if len(calls) >= 2:
+            raise server_module.HubError(400, "simulated")  # (a 5xx is retried for ~30 s first)
+        return put(self, *args)
+
+    monkeypatch.setattr(server_module._Handler, "_lfs_put", failing)
+    failed = run_client_json(FLAKY_PUSH, hub_server, tmp_path / "c", args=[str(tmp_path / "t")])
+    assert failed["error"].startswith("InfluenceTableError: Could not push the influence table"), failed
+    assert "Error while uploading" in failed["error"] and "HTTP 400" in failed["error"]
+    assert "push again" in failed["error"]
+    monkeypatch.setattr(server_module._Handler, "_lfs_put", put)
+    assert "commit" in run_client_json(FLAKY_PUSH, hub_server, tmp_path / "c", args=[str(tmp_path / "t")])

@@ -161,6 +161,14 @@ def push_table_resolved(table: InfluenceTable, repo_id: str, *, private: bool | 
                                   f"HTTP {_status(err)}.{hint}") from err
     except HFValidationError as err:
         raise InfluenceTableError(f"{repo_id!r} is not a valid Hub repo id (expected 'user/name').") from err
+    except RuntimeError as err:  # (the client wraps a failed file upload: "Error while uploading '...' to the Hub")
+        cause = err.__cause__
+        if not isinstance(cause, (HfHubHTTPError, *TRANSPORT_ERRORS)):
+            raise
+        why = f"HTTP {_status(cause)}" if isinstance(cause, HfHubHTTPError) else type(cause).__name__
+        raise InfluenceTableError(f"Could not push the influence table to dataset repo {repo_id!r}: {err} ({why}). "
+                                  "Nothing was committed (the repo may exist, without this table); push again, "
+                                  "which uploads what is missing. The table on disk is unchanged.") from err
     except TRANSPORT_ERRORS as err:  # offline mode (OfflineModeIsEnabled), no network
         raise InfluenceTableError(f"Could not reach the Hub to push the influence table to dataset repo {repo_id!r} "
                                   f"({type(err).__name__}: {err}). Go online (HF_HUB_OFFLINE unset) and push again; "
