@@ -27,6 +27,8 @@ from .utils import input_embeddings
 logger = logging.get_logger(__name__)
 
 LABEL_COLUMNS = ("labels", "label", "label_ids")
+TOKEN_COLUMNS = ("attention_mask", "token_type_ids", "special_tokens_mask")
+"""Columns a tokenizer gives one value per token of ``input_ids`` (a row where they differ in length is damaged)."""
 LENGTH_CHUNK_ROWS = 8192  # rows read at a time for stored lengths (a few MB of Arrow values each)
 MASK_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
 """Inputs that go with the token ids and mean nothing without them."""
@@ -298,6 +300,16 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                                  "rows, e.g. dataset.filter(lambda r: len(r['input_ids']) > 0).")
             if len(lengths) and lengths.max() > longest_length:
                 longest, longest_length = start + int(sequence_rows[int(np.argmax(lengths))]), int(lengths.max())
+            for column in (c for c in TOKEN_COLUMNS if c in chunk.column_names):
+                values = chunk.column(column).combine_chunks()
+                if not _is_list(values.type) or _is_list(values.type.value_type) != _is_list(ids.type.value_type):
+                    continue
+                other = _sequences(values)[2]
+                if len(other) == len(lengths) and (other != lengths).any():  # (the collator: "excessive nesting")
+                    first = int(np.argmax(other != lengths))
+                    raise ValueError(f"{name} row {start + sequence_rows[first]} holds {other[first]} {column} values "
+                                     f"for its {lengths[first]} input_ids: a tokenizer gives one per token. Tokenize "
+                                     "that row again (its columns from one tokenizer call), or drop it.")
         types = chunk.column("token_type_ids").combine_chunks() if "token_type_ids" in chunk.column_names else None
         if types is not None and segments is not None and _is_list(types.type):
             flat, token_rows, _, _ = _sequences(types)
@@ -387,6 +399,14 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                                  "influence on it would be 0. Drop it, or label at least one of its tokens.")
         else:
             labelled = True  # floats (regression, multi-label), nested lists: not -100 class ids
+            if classes is not None and pa.types.is_floating(values.type):  # one float made the column float
+                labels = values.to_numpy(zero_copy_only=False)
+                odd = np.flatnonzero(labels != np.round(labels))
+                if len(odd):
+                    raise ValueError(f"{name} row {start + odd[0]} has label {labels[odd[0]]:g}, not a class id: the "
+                                     f"model is a {classes}-class classifier, and one such value makes the whole "
+                                     f"{label!r} column float, which transformers reads as multi-label targets. Give "
+                                     f"that row its class id (0 to {classes - 1}), or drop it.")
     if label is not None and default_loss and len(dataset) and not labelled:
         raise ValueError(f"Every row of {name} is labelled -100 (ignored): every row's loss is 0, so the table would "
                          "hold only zeros. Label the rows (for a causal LM: labels = input_ids, or "
@@ -674,11 +694,14 @@ class Batcher:
     def __init__(self, dataset: Dataset, columns: Sequence[str], collator: Callable | None, device, *,
                  index: np.ndarray | None = None, trunk=None,
                  decoder_inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 padding_collator: str = PADDING_COLLATORS[None]):
+                 padding_collator: str = PADDING_COLLATORS[None], name: str = "dataset", row_offset: int = 0):
         if isinstance(collator, DataCollatorWithFlattening):  # (on a classifier's int labels it fails inside
             # transformers with a bare TypeError, before `check_collator` could see the packed batch)
             raise ValueError(f"The data collator is a DataCollatorWithFlattening: it {PACKING_REFUSED}")
         self.padding_collator = padding_collator  # the collator a failed collate names (`padding_collator_for`)
+        # how errors name the rows: the dataset's name, and what its row 0 is called (a build's shard of test rows
+        # names them as rows of the whole test set)
+        self.name, self.row_offset = name, int(row_offset)
         self.dataset = dataset.select_columns(list(columns)) if list(columns) != dataset.column_names else dataset
         self.collator = collator or default_data_collator
         self.device = device
@@ -778,7 +801,8 @@ class Batcher:
 
     def _view(self, index: np.ndarray | None, trunk) -> Batcher:
         view = Batcher(self.dataset, self.dataset.column_names, self.collator, self.device, index=index, trunk=trunk,
-                       decoder_inputs=self.decoder_inputs, padding_collator=self.padding_collator)
+                       decoder_inputs=self.decoder_inputs, padding_collator=self.padding_collator, name=self.name,
+                       row_offset=self.row_offset)
         view._lengths, view._content = self._lengths, self._content  # the whole dataset's, shared
         view.skip_padding = self.skip_padding
         return view
@@ -863,6 +887,10 @@ class Batcher:
         positions = np.asarray(positions, dtype=np.int64)
         return positions if self.index is None else self.index[positions]
 
+    def named_rows(self, positions: Sequence[int]) -> list[int]:
+        """The rows at ``positions`` as errors name them (rows of the dataset, counted from `row_offset`)."""
+        return (self.base_rows(positions) + self.row_offset).tolist()
+
     def rows(self, positions: Sequence[int]) -> list[dict]:
         """The rows at ``positions`` as feature dicts (one bulk read; collate them with `collate`)."""
         rows = self.base_rows(positions)
@@ -871,12 +899,13 @@ class Batcher:
 
     def batch(self, positions: Sequence[int], *, trunk: bool = True) -> dict[str, torch.Tensor]:
         """The collated rows at ``positions`` on the device (with their trunk states if this batcher has them)."""
-        batch = self.collate(self.rows(positions))
+        batch = self.collate(self.rows(positions), self.named_rows(positions))
         if trunk and self.trunk is not None:
             batch[HIDDEN_KEY] = self.trunk.hidden(self.base_rows(positions), batch)
         return batch
 
-    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict], rows: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """``features`` collated (``rows``: what errors call them, `named_rows`)."""
         try:
             batch = self.collator(features)
         except KeyError as err:
@@ -905,6 +934,7 @@ class Batcher:
                                  f"({features[0][label]!r}); labels must be class ids. Map them with the model's "
                                  "config.label2id, e.g. dataset.map(lambda r: {'label': model.config.label2id["
                                  "r['label']]}), or dataset.class_encode_column('label').") from err
+            self._name_the_failing_row(features, rows, err)
             kept = self._uncollatable_columns(features)
             if kept:
                 raise ValueError(f"Could not collate rows into a batch ({err}): the rows keep column(s) {kept} that "
@@ -932,6 +962,28 @@ class Batcher:
         if self.skip_padding:
             batch = without_trailing_padding(batch)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _name_the_failing_row(self, features: list[dict], rows: list[int] | None, err: Exception) -> None:
+        """Raise what a failed collate is about where it is not the batch's columns or padding: where the same rows
+        collate when tried again (a collator that failed once), the collator's own error naming the rows; where it
+        fails on some rows by themselves and not on others, the first such row. Else return (every row fails alone,
+        or none does: a column, or the padding)."""
+        rows = list(range(len(features))) if rows is None else rows
+        if _collates(self.collator, features):
+            named = rows if len(rows) <= 10 else [*rows[:10], "..."]
+            raise ValueError(f"The data collator raised {type(err).__name__} ({err}) on {self.name} rows "
+                             f"{named} and batched the same rows when tried again: the failure is the "
+                             "collator's own (state it keeps, or something outside the rows).") from err
+        failures = []
+        for row, feature in zip(rows, features):
+            try:
+                self.collator([feature])
+            except Exception as alone:  # noqa: BLE001 (the collator's own error, named with its row below)
+                failures.append((row, alone))
+        if failures and len(failures) < len(features):
+            row, alone = failures[0]
+            raise ValueError(f"The data collator fails on {self.name} row {row} by itself ({type(alone).__name__}: "
+                             f"{alone}), and not on the rows batched with it: look at that row's values.") from err
 
     def _uncollatable_columns(self, features: list[dict]) -> list[str]:
         """The fewest of the rows' columns (not the labels, not ``input_ids``, which a padding collator needs) whose

@@ -141,7 +141,16 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     callables = {name: kwargs.get(name) for name in CALLABLES}
     signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
                                 callables)
-    lock = D.on_main(lambda: hold_build_lock(out), f"Claiming {out}")  # (held by the main process to the end)
+    try:
+        lock = D.on_main(lambda: hold_build_lock(out), f"Claiming {out}")  # (held by the main process to the end)
+    except OSError as err:  # (a read-only folder: a finished build of the same signature is served as it is)
+        finished = _finished_table(out, signature)
+        if finished is None:
+            raise
+        logger.warning(f"{out} cannot be written ({getattr(err.__cause__, 'strerror', None) or err}), and it holds "
+                       "this build finished (the same model, rows, settings and callables): its table is served as "
+                       "it is, reading only.")
+        return finished
     try:
         return _build_held(model, train_dataset, test_dataset, args, out, signature, shard_size, callables,
                            trained_loss, kwargs)
@@ -181,9 +190,10 @@ def _build_held(model, train_dataset, test_dataset, args, out: Path, signature: 
                     done += 1
                     continue
                 rows = range(start, min(start + shard_size, len(test_dataset)))
-                table = engine.compute_influences(train_dataset, test_dataset.select(rows),
-                                                  combine=kwargs.get("combine", "none"),
-                                                  candidate_dataset=kwargs.get("candidate_dataset"))
+                with engine.test_rows_named_from(start):  # (an error names a bad row by its place in test_dataset)
+                    table = engine.compute_influences(train_dataset, test_dataset.select(rows),
+                                                      combine=kwargs.get("combine", "none"),
+                                                      candidate_dataset=kwargs.get("candidate_dataset"))
                 _write_shard(table, folder, start, test_identity, digest)
                 written += 1
     except BaseException:
@@ -246,6 +256,18 @@ def _merge_non_finite(metadata: dict, parts: list[InfluenceTable]) -> None:
     diagnostics.pop("non_finite_scores", None)
     if summary is not None:
         diagnostics["non_finite_scores"] = summary
+
+
+def _finished_table(out: Path, signature: dict) -> InfluenceTable | None:
+    """The table of ``out``'s finished build if its manifest records ``signature`` and its table was assembled for
+    it (read only, nothing written), else None."""
+    try:
+        if _recorded_signature(out / MANIFEST) != signature:
+            return None
+        table = InfluenceTable.load(out / "table")
+    except (OSError, ValueError):
+        return None
+    return table if (table.metadata.get("build") or {}).get("signature_sha256") == signature_digest(signature) else None
 
 
 def _check_or_write_manifest(out: Path, signature: dict) -> bool:

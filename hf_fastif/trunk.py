@@ -478,7 +478,8 @@ class TrunkCache:
             if not isinstance(err, (OSError, RuntimeError)):  # (torch.from_file: RuntimeError, 'File too large')
                 raise
             where = directory if not temporary else f"the temporary folder {tempfile.gettempdir()}"
-            raise OSError(f"Trunk states of {nbytes / 1e9:.2f} GB go to a memory-mapped file, and {where} cannot "
+            size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"  # (small: "0.00 GB")
+            raise OSError(f"Trunk states of {size} go to a memory-mapped file, and {where} cannot "
                           f"hold one ({err}): set influence_cache_dir to a writable folder with room for it (a file "
                           "of that size), or influence_trunk_cache=False.") from err
         logger.info(f"Trunk states: {nbytes / 1e9:.2f} GB, above the {MEMORY_LIMIT_BYTES / 1e9:.1f} GB memory "

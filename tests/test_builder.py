@@ -559,3 +559,33 @@ def test_the_manifest_of_a_run_killed_before_its_first_shard_is_replaced(setup, 
     with pytest.raises(ValueError, match=r"another build \(settings.influence_seed: 42 in the manifest, 1 now"):
         build_influence_table(model, train, small, tmp_path, default_arguments(**(ARGS | {"influence_seed": 1})),
                               shard_size=2, data_collator=pad_collator)
+
+
+def test_a_finished_build_in_a_folder_it_cannot_write_is_served_reading_only(setup, pad_collator, tmp_path,
+                                                                            monkeypatch, caplog, propagating):
+    """Run again over a read-only folder (a mounted copy), a finished build failed at its lock file, though its table
+    needed no write; a build of other settings there is still the OSError."""
+    import errno
+
+    from hf_fastif.utils import write_error
+
+    model, train, test = setup
+    out = tmp_path / "build"
+    built = build_influence_table(model, train, test, out, default_arguments(**ARGS), shard_size=3,
+                                  data_collator=pad_collator)
+
+    def read_only(directory):
+        raise write_error(directory / "lock", OSError(errno.EROFS, "Read-only file system"))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a shard was computed")
+
+    monkeypatch.setattr(builder, "hold_build_lock", read_only)
+    monkeypatch.setattr(builder.InfluenceEngine, "compute_influences", no_work)
+    with caplog.at_level(logging.WARNING, logger="hf_fastif.builder"):
+        served = build_influence_table(model, train, test, out, default_arguments(**ARGS), shard_size=3,
+                                       data_collator=pad_collator)
+    assert served.to_pandas().equals(built.to_pandas()) and "served as it is, reading only" in caplog.text
+    with pytest.raises(OSError, match="Read-only file system"):
+        build_influence_table(model, train, test, out, default_arguments(**ARGS | {"influence_damping": 0.1}),
+                              shard_size=3, data_collator=pad_collator)

@@ -1030,3 +1030,86 @@ def test_a_loss_function_without_one_value_per_row_is_named_before_any_work(kwar
     monkeypatch.setattr("hf_fastif.engine.InfluenceEngine._attach_trunks", no_work)  # the first stage after the probe
     with pytest.raises(ValueError, match=match):
         compute_influences(model, train, test, default_arguments(**FAST), data_collator=pad_collator, **kwargs)
+
+
+def _nan_where_second_token(token: int):
+    """A loss that is NaN (its gradient too) on the rows whose second token is ``token``."""
+    import torch.nn.functional as F
+
+    def loss(outputs, batch):
+        values = F.cross_entropy(outputs.logits, batch["labels"], reduction="none")
+        bad = batch["input_ids"][:, 1] == token
+        return values * torch.where(bad, torch.full_like(values, float("nan")), torch.ones_like(values)).detach()
+    return loss
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa", "exact", "arnoldi"])
+def test_a_training_row_whose_loss_is_nan_is_named(setup, pad_collator, solver):
+    """Every solver met the NaN products and said to check "the training rows' losses", naming none of them (and cg
+    told a float64 model to use a float32 copy): the rows are now found by one forward over the training set."""
+    model, train, test = setup
+    marker = VOCAB - 1
+    train = _with(train, 13, input_ids=[1, marker, 5, 6], attention_mask=[1] * 4)
+    assert [r[1] for r in train["input_ids"]].count(marker) == 1
+    args = default_arguments(**FAST | {"influence_solver": solver, "influence_recursion_depth": 20,
+                                       "influence_arnoldi_rank": 4, "influence_batch_size": 4})
+    with pytest.raises(FloatingPointError, match=r"train_dataset rows \[13\] have a loss that is inf / NaN \(1 of 20 "
+                                                 r"rows\).*Drop them"):
+        compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=_nan_where_second_token(marker))
+
+
+def test_a_bad_test_row_in_a_build_is_named_by_its_place_in_the_test_set(setup, pad_collator, tmp_path):
+    """A build computes shards of test rows, each handed to the engine as a dataset of its own: the row was named by
+    its place in its shard (row 1 for row 5)."""
+    from hf_fastif import build_influence_table
+
+    model, train, _ = setup
+    marker = VOCAB - 1
+    test = _with(make_token_dataset(8, seed=1), 5, input_ids=[1, marker, 5, 6], attention_mask=[1] * 4)
+    with pytest.raises(FloatingPointError, match=r"The gradient of test rows \[5\] is not finite"):
+        build_influence_table(model, train, test, tmp_path / "build", default_arguments(**FAST), shard_size=2,
+                              data_collator=pad_collator, loss_fn=_nan_where_second_token(marker))
+    assert sorted(p.name for p in (tmp_path / "build" / "shards").iterdir()) == ["shard-00000", "shard-00001"]
+
+
+def test_a_collator_failing_on_one_row_is_named_with_that_row(setup, pad_collator):
+    """Any error of a collator was read as a padding or column problem: "pass DataCollatorWithPadding" to a
+    DataCollatorWithPadding, or "drop attention_mask" to a collator that failed once, naming no row."""
+    model, train, test = setup
+    marker = VOCAB - 1
+    train = _with(train, 17, input_ids=[1, marker, 5, 6], attention_mask=[1] * 4)
+    calls = []
+
+    def picky(features):
+        if any(f["input_ids"][1] == marker for f in features):
+            raise RuntimeError("cannot read this row")
+        return pad_collator(features)
+
+    def flaky(features):
+        calls.append(len(features))
+        if len(calls) == 3:
+            raise RuntimeError("lost its connection")
+        return pad_collator(features)
+
+    args = default_arguments(**FAST)
+    with pytest.raises(ValueError, match=r"The data collator fails on train_dataset row 17 by itself \(RuntimeError: "
+                                         r"cannot read this row\)"):
+        compute_influences(model, train, test, args, data_collator=picky)
+    with pytest.raises(ValueError, match=r"The data collator raised RuntimeError \(lost its connection\) on "
+                                         r"(train|test)_dataset rows \[.*\] and batched the same rows when tried again"):
+        compute_influences(model, train, test, args, data_collator=flaky)
+
+
+def test_a_damaged_row_or_a_float_among_class_ids_is_named_before_any_work(setup, pad_collator):
+    """A row whose attention_mask is shorter than its input_ids was blamed on the column ("drop attention_mask"); one
+    float label (2.5) made the column float, and the error spoke of multi-hot labels; neither named the row."""
+    model, train, test = setup
+    short = _with(train, 11, attention_mask=[1, 1])
+    with pytest.raises(ValueError, match=r"train_dataset row 11 holds 2 attention_mask values for its \d+ input_ids"):
+        compute_influences(model, short, test, default_arguments(**FAST), data_collator=pad_collator)
+    labels = [float(v) for v in train["labels"]]
+    labels[12] = 2.5
+    floats = Dataset.from_dict({**train.to_dict(), "labels": labels})
+    with pytest.raises(ValueError, match=r"train_dataset row 12 has label 2.5, not a class id: the model is a 2-class "
+                                         "classifier"):
+        compute_influences(model, floats, test, default_arguments(**FAST), data_collator=pad_collator)

@@ -215,7 +215,7 @@ def test_a_product_that_is_not_finite_names_the_training_loss_not_the_scale(bert
     monkeypatch.setattr(engine_module.s_test, "build_hessian", lambda *a, **k: real(*a, **k) * float("nan"))
     args = default_arguments(influence_solver="exact", influence_params=[r"classifier\."], influence_knn_k=None,
                              disable_tqdm=True)
-    with pytest.raises(ValueError, match="The training Hessian holds inf/NaN"):
+    with pytest.raises(FloatingPointError, match="The training Hessian holds inf/NaN"):  # (every loss finite: as is)
         compute_influences(model, train, test, args, data_collator=pad_collator)
 
 

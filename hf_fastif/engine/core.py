@@ -3,6 +3,7 @@ and the table's metadata; the other stages are its bases, one module each (see t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections import OrderedDict
 from collections.abc import Callable
@@ -167,6 +168,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         self._stored_lengths: OrderedDict[tuple, dict] = OrderedDict()  # (content, columns) -> `Batcher.share_lengths`
         # (weights, dataset, ...) whose stored values passed `check_values` → the row of its longest sequence
         self._values_checked: dict[tuple, int | None] = {}
+        self._test_row_offset = 0  # (what errors call test row 0: `test_rows_named_from`)
         self._features_checked: tuple | None = None  # (the model's fingerprint, the kNN feature methods) last passed
         # (weights, training data) → the model's own loss and the default one, where they differ
         self._own_loss: dict[tuple, dict | None] = {}
@@ -197,6 +199,17 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         # saved_caches: what load_caches read, and whether it has served a call
         self._saved_gradient_index: tuple | None = None  # (key, path, dtype, digest) from load_caches, read on first use
         self._from_disk: dict[tuple[str, object], bool] = {}  # (kind, key) read by load_caches -> served a call since
+
+    @contextlib.contextmanager
+    def test_rows_named_from(self, offset: int):
+        """Within it, errors name the test rows of a call counted from ``offset`` (test row 0 is row ``offset``): for
+        a caller that hands the engine a slice of its test set (`hf_fastif.builder`'s shards), so that a bad row is
+        named by its place in the whole set. Nothing but the naming changes."""
+        previous, self._test_row_offset = self._test_row_offset, int(offset)
+        try:
+            yield self
+        finally:
+            self._test_row_offset = previous
 
     # ---- the pipeline ------------------------------------------------------------------------------------------
     def compute_influences(self, train_dataset: Dataset, test_dataset: Dataset, *, combine: str = "none",
@@ -499,10 +512,11 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             self._warn_backward_hooks(model)
             device = next(model.parameters()).device
             rows = dict(decoder_inputs=decoder_inputs_from_labels(model), padding_collator=padding_collator_for(model))
-            train = Batcher(train_dataset, train_cols, self.data_collator, device, **rows)
-            test = Batcher(test_dataset, test_cols, self.data_collator, device, **rows)
-            cand = train if candidate_dataset is train_dataset else Batcher(candidate_dataset, cand_cols,
-                                                                             self.data_collator, device, **rows)
+            train = Batcher(train_dataset, train_cols, self.data_collator, device, name="train_dataset", **rows)
+            test = Batcher(test_dataset, test_cols, self.data_collator, device, name="test_dataset",
+                           row_offset=self._test_row_offset, **rows)
+            cand = train if candidate_dataset is train_dataset else Batcher(
+                candidate_dataset, cand_cols, self.data_collator, device, name="candidate_dataset", **rows)
             for batcher in dict.fromkeys((train, test, cand)):
                 self._share_lengths(batcher)
         # every cache of a dataset is keyed on the hash of its rows (`Batcher.fingerprint`, computed here once per

@@ -196,14 +196,35 @@ class STestStage:
             v = self._test_gradients(call)
         bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())
         if len(bad):
-            rows = "the mean of the test rows" if call.combine == "mean" else f"test rows {bad[:10].tolist()}"
+            rows = "the mean of the test rows" if call.combine == "mean" else f"test rows {call.test.named_rows(bad[:10])}"
             half = half_dtypes(call.params)
             raise FloatingPointError(
                 f"The gradient of {rows} is not finite: their loss is inf / NaN (check those rows' labels and inputs)"
                 + (f", or it overflowed in {', '.join(half)} (compute influence on a float32 copy, model.float())"
                    if half else "") + ".")
         with call.timer("s_test"):
-            return self._s_test(call, v)
+            try:
+                return self._s_test(call, v)
+            except FloatingPointError as err:  # (every solver's inf / NaN products: name the rows where it is theirs)
+                bad = self._non_finite_training_rows(call)
+                if not bad:
+                    raise
+                raise FloatingPointError(
+                    f"train_dataset rows {bad[:10]}{' ...' if len(bad) > 10 else ''} have a loss that is inf / NaN "
+                    f"({len(bad)} of {len(call.train)} rows), which made s_test fail ({first_line(err)}). Drop them "
+                    "(train_dataset.select / filter) or mend their inputs and labels, then run again.") from err
+
+    def _non_finite_training_rows(self, call: Call) -> list[int]:
+        """The training rows whose loss is inf / NaN, as errors name them: one forward over every row, without
+        gradients, after a solver met inf / NaN products (which name no row)."""
+        bad = []
+        bsz = self.args.influence_hvp_batch_size
+        with torch.no_grad():
+            for rows, batch in tqdm(call.train.batches(call.train.length_order(), bsz), disable=not call.progress,
+                                    total=-(-len(call.train) // bsz), desc="training rows' losses (inf / NaN?)"):
+                values, _ = call.fm.values_without_l2(call.params, batch)
+                bad += [rows[i] for i in torch.nonzero(~torch.isfinite(values)).flatten().tolist()]
+        return sorted(call.train.named_rows(bad))
 
     def _rows_in_mean(self, call: Call) -> np.ndarray:
         """Positions of the test rows ``combine="mean"`` averages over (its loss, and its kNN query): under the default
@@ -251,7 +272,7 @@ class STestStage:
                 empty = rows_without_targets(self.model, batch)
                 if empty:
                     raise ValueError(
-                        f"test_dataset row {int(call.test.base_rows([rows[empty[0]]])[0])} leaves the loss no target "
+                        f"test_dataset row {call.test.named_rows([rows[empty[0]]])[0]} leaves the loss no target "
                         "to read: every label -100 as collated (a causal LM's loss also skips the first position, as "
                         "each position predicts the next token: a one-token row, or one labelled at its first token "
                         "only), so every influence on it would be 0. Drop such rows, or label at least one token "
@@ -296,7 +317,7 @@ class STestStage:
                 hessian = build_hessian(self._full_hvp(call, call.train), v.shape[1], dtype=call.work_dtype,
                                         device=v.device, progress=call.progress)
                 if not torch.isfinite(hessian).all():  # (eigh: a bare "ill-conditioned" LinAlgError)
-                    raise ValueError("The training Hessian holds inf/NaN: a training row's loss or its derivatives "
+                    raise FloatingPointError("The training Hessian holds inf/NaN: a training row's loss or its derivatives "
                                      "overflow (a float16 model: compute influence on model.float()) or the row holds "
                                      "inf/NaN. Check the training rows' losses.")
                 self._exact = (key, *torch.linalg.eigh(hessian.double()))
@@ -315,11 +336,11 @@ class STestStage:
         if not bool(torch.isfinite(s_test).all()):
             half = half_dtypes(call.params)
             raise FloatingPointError(
-                f"s_test ({solver}) is not finite: the Hessian-vector products overflowed"
-                + (f" in {', '.join(half)}" if half else "")
-                + ". Compute influence on a float32 copy of the model (model.float()), or check the loss of the "
-                "rows for inf/NaN."
-            )
+                f"s_test ({solver}) is not finite: "
+                + (f"the Hessian-vector products overflowed in {', '.join(half)}. Compute influence on a float32 copy "
+                   "of the model (model.float()), or check the loss of the rows for inf/NaN." if half else
+                   "a training row's loss or its derivatives are inf / NaN, or the products overflowed the working "
+                   "dtype. Check the training rows' losses."))
         return s_test
 
     def _curvature_key(self, call: Call, *extra) -> tuple:

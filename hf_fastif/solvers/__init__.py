@@ -11,6 +11,7 @@ from .lissa import (
     CarryCoefficient,
     GrowthMonitor,
     LissaDivergenceError,
+    LissaNonFiniteError,
     converging_depth,
     power_iteration,
     repetition_spread,
@@ -20,6 +21,6 @@ from .lissa import (
 )
 
 __all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
-           "LissaDivergenceError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
+           "LissaDivergenceError", "LissaNonFiniteError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
            "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING",
            "converging_depth", "Carry", "CarryCoefficient", "repetition_spread", "SPREAD_WARNING"]

@@ -32,6 +32,11 @@ class LissaDivergenceError(ValueError):
     indefinite."""
 
 
+class LissaNonFiniteError(LissaDivergenceError, FloatingPointError):
+    """A LiSSA step's Hessian-vector product came out inf / NaN while its iterate was finite: a sampled training
+    row's loss or its derivatives are (a FloatingPointError too, as the other solvers' non-finite products are)."""
+
+
 def suggest_scale(top_eigenvalue: float) -> float:
     """A scale comfortably above ``top_eigenvalue``: 2x, rounded up to 1, 2 or 5 times a power of ten."""
     target = max(2.0 * abs(top_eigenvalue), 1e-12)
@@ -329,7 +334,7 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
                 blamed = bool(torch.isfinite(spare).all()) and bool(torch.isfinite(carried(spare)).all())
             if blamed:
                 size = float(before.max() / v.norm(dim=-1).max().clamp_min(torch.finfo(v.dtype).tiny))
-                raise LissaDivergenceError(
+                raise LissaNonFiniteError(
                     f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
                     f"while the iterate is (‖h‖ = {size:.3g}·‖v‖): a training row's loss or its derivatives overflow "
                     "(a float16 model: compute influence on model.float()) or the row holds inf/NaN; check the "
