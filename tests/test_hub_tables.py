@@ -470,3 +470,37 @@ def test_a_push_whose_file_upload_fails_is_a_table_error_saying_to_push_again(hu
     assert "push again" in failed["error"]
     monkeypatch.setattr(server_module._Handler, "_lfs_put", put)
     assert "commit" in run_client_json(FLAKY_PUSH, hub_server, tmp_path / "c", args=[str(tmp_path / "t")])
+
+
+PRIVATE_STALE = """
+import json, sys
+from hf_fastif import InfluenceTable
+
+step = sys.argv[1]
+try:
+    if step in ("push1", "push2"):
+        InfluenceTable.load(sys.argv[2]).push_to_hub("test-user/private-stale", private=True)
+        print(json.dumps({"rows": InfluenceTable.from_hub("test-user/private-stale").to_pandas().influence.tolist()}))
+    else:
+        print(json.dumps({"rows": InfluenceTable.from_hub("test-user/private-stale").to_pandas().influence.tolist()}))
+except Exception as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+"""
+
+
+def test_a_private_table_pulled_without_access_is_refused_not_served_from_the_cache(hub_server: HubServer,
+                                                                                   tmp_path: Path) -> None:
+    """Without a token, or with a refused one, the Hub answers 401 for a private repo, and the Hub client then falls
+    back on a cached copy without a word: a private table pushed since was not seen, `show` printed the old values
+    with exit status 0 (a review's repro)."""
+    make_table(6).save(tmp_path / "v1")
+    make_table(7).save(tmp_path / "v2")
+    client = tmp_path / "client"
+    first = run_client_json(PRIVATE_STALE, hub_server, client, args=["push1", str(tmp_path / "v1")])
+    second = run_client_json(PRIVATE_STALE, hub_server, client, args=["push2", str(tmp_path / "v2")])
+    assert first["rows"] != second["rows"]
+    for token in ("", "hf_refused_0123456789"):
+        pulled = run_client_json(PRIVATE_STALE, hub_server, client, args=["pull"], env={"HF_TOKEN": token})
+        assert pulled.get("error", "").startswith("InfluenceTableError"), pulled
+        assert "token" in pulled["error"] and "hf_refused" not in pulled["error"]
+    assert run_client_json(PRIVATE_STALE, hub_server, client, args=["pull"]) == second

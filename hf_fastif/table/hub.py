@@ -229,17 +229,22 @@ def offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
-def unreachable(repo_id: str, revision: str | None, token: str | None = None) -> str | None:
+def unreachable(repo_id: str, revision: str | None, token: str | None = None, *, refusals: bool = False) -> str | None:
     """Why the Hub cannot serve ``repo_id`` at ``revision`` now (offline mode, no network), or None when it answers.
     A forced download of a commit already in the cache falls back on the cached folder when the Hub cannot be
-    reached, so a download that "fails again" proves nothing about the Hub's copy unless the Hub answered."""
+    reached, so a download that "fails again" proves nothing about the Hub's copy unless the Hub answered.
+    ``refusals``: an answer that this token may not see the repo (HTTP 401 / 403 / 404: a private repo without a
+    token or with a refused one, a repo deleted) is raised: the download falls back on a cached copy on such an
+    answer too, without a word (a private table pushed since was not seen, and `show` printed the old values)."""
     if offline():
         return "HF_HUB_OFFLINE=1"
     try:
         HfApi(token=token).repo_info(repo_id, repo_type="dataset", revision=revision)
     except (*TRANSPORT_ERRORS, LocalEntryNotFoundError) as err:
         return f"{type(err).__name__}: {err}"
-    except HfHubHTTPError:
+    except HfHubHTTPError as err:
+        if refusals and _status(err) in (401, 403, 404):
+            raise
         return None  # it answered (the download's own errors say what the answer means)
     return None
 
@@ -256,7 +261,7 @@ def download_table(repo_id: str, *, revision: str | None = None, token: str | No
         # of a branch without a word (a table pushed since was not seen, and `show` printed the old values with exit
         # status 0), so that is said, with the commit loaded (a commit id names one snapshot for good)
         stale = None if offline() or (revision is not None and _COMMIT.fullmatch(revision)) \
-            else unreachable(repo_id, revision, token)
+            else unreachable(repo_id, revision, token, refusals=True)
         # the metadata first: it says whether this is a table at all before any shard is downloaded,
         # and its snapshot folder names the commit, so the shards come from the very same commit
         meta = Path(hf_hub_download(repo_id, METADATA_FILE, repo_type="dataset", revision=revision, token=token,
