@@ -673,6 +673,13 @@ PACKING_REFUSED = (
 """Why a collator whose batch does not hold one row per example is refused, and what to use instead."""
 
 
+def _ragged(feature: dict) -> bool:
+    """Whether a row holds lists of lists of several lengths (a multiple-choice row's choices), which need padding
+    by themselves."""
+    return any(isinstance(v, (list, tuple)) and v and isinstance(v[0], (list, tuple)) and len({len(x) for x in v}) > 1
+               for v in feature.values())
+
+
 def _collates(collator: Callable, features: list[dict]) -> bool:
     """Whether ``collator`` batches ``features`` without an error."""
     try:
@@ -976,6 +983,8 @@ class Batcher:
                              "collator's own (state it keeps, or something outside the rows).") from err
         failures = []
         for row, feature in zip(rows, features):
+            if _ragged(feature):  # (a multiple-choice row's choices of several lengths: padding, not the row)
+                continue
             try:
                 self.collator([feature])
             except Exception as alone:  # noqa: BLE001 (the collator's own error, named with its row below)

@@ -141,16 +141,27 @@ def build_influence_table(model: nn.Module, train_dataset: Dataset, test_dataset
     callables = {name: kwargs.get(name) for name in CALLABLES}
     signature = build_signature(model, train_dataset, test_dataset, args, shard_size, kwargs.get("candidate_dataset"),
                                 callables)
-    try:
-        lock = D.on_main(lambda: hold_build_lock(out), f"Claiming {out}")  # (held by the main process to the end)
-    except OSError as err:  # (a read-only folder: a finished build of the same signature is served as it is)
-        finished = _finished_table(out, signature)
-        if finished is None:
-            raise
-        logger.warning(f"{out} cannot be written ({getattr(err.__cause__, 'strerror', None) or err}), and it holds "
-                       "this build finished (the same model, rows, settings and callables): its table is served as "
-                       "it is, reading only.")
-        return finished
+    finished = []  # (the main process's finished table, where its folder cannot be written)
+
+    def claim():
+        try:
+            return hold_build_lock(out)
+        except OSError as err:  # (a read-only folder still serves a finished build of this signature)
+            finished.append(_finished_table(out, signature))
+            if finished[0] is None:
+                raise
+            return str(err)  # (why it cannot be written)
+
+    lock = D.on_main(claim, f"Claiming {out}")  # (held by the main process to the end)
+    unwritable = D.gather_objects(lock if isinstance(lock, str) else None)[0]  # (the main process's answer)
+    if unwritable is not None:
+        table = finished[0] if finished else _finished_table(out, signature)
+        if table is None:  # (another process sees another folder's contents)
+            raise OSError(f"{unwritable}; process {D.world()[0]} does not find the finished build there that the "
+                          "main process serves. Build into a folder every process sees alike.")
+        logger.warning(f"{unwritable}. It holds this build finished (the same model, rows, settings and callables): "
+                       "its table is served as it is, reading only (with the notes of the run that assembled it).")
+        return table
     try:
         return _build_held(model, train_dataset, test_dataset, args, out, signature, shard_size, callables,
                            trained_loss, kwargs)
@@ -267,7 +278,13 @@ def _finished_table(out: Path, signature: dict) -> InfluenceTable | None:
         table = InfluenceTable.load(out / "table")
     except (OSError, ValueError):
         return None
-    return table if (table.metadata.get("build") or {}).get("signature_sha256") == signature_digest(signature) else None
+    if (table.metadata.get("build") or {}).get("signature_sha256") != signature_digest(signature):
+        return None
+    try:
+        table.verify()  # (a rerun that can write re-assembles from the checked shards; this one cannot)
+    except (OSError, ValueError):
+        return None
+    return table
 
 
 def _check_or_write_manifest(out: Path, signature: dict) -> bool:

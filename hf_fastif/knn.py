@@ -223,7 +223,7 @@ def extract_features(model: nn.Module, batcher: Batcher, method: str | FeatureFn
                              "grows with the padding).")
         bad = ~np.isfinite(feats).all(1)
         if bad.any():
-            named = [int(r) for r in batcher.base_rows(np.asarray(rows)[bad][:5])]  # (rows of the whole dataset)
+            named = batcher.named_rows(np.asarray(rows)[bad][:5])  # (rows of the whole dataset)
             raise ValueError(f"{what} gave features that are not finite (inf or NaN) for the rows at positions "
                              f"{named} ({desc}); faiss cannot place them. Check those rows (and the model's weights) "
                              "for inf/NaN, or pass influence_knn_k=None to score every row.")

@@ -91,6 +91,12 @@ def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
         return None
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """Values computed from the data came out inf / NaN (the training Hessian; training rows whose loss is): a
+    `ValueError`, as the library's refusals are (the command line reports those in one line), and a
+    `FloatingPointError`, as its other errors about non-finite values are."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (at most 200 characters), to name it inside another message."""
     return (str(err).strip().splitlines() or [""])[0][:200]

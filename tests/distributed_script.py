@@ -256,6 +256,19 @@ if __name__ == "__main__":
                 out["attempts"].append(f"built, resumed_shards {table.metadata['build']['resumed_shards']}")
             except (OSError, RuntimeError) as err:
                 out["attempts"].append(f"{type(err).__name__}: {err}")
+        import hf_fastif.builder as builder_module  # then the folder cannot be written: the finished build is served
+        from hf_fastif.utils import write_error
+
+        def read_only(directory):
+            raise write_error(directory / "lock", OSError(30, "Read-only file system (a test)"))
+
+        builder_module.hold_build_lock = read_only
+        try:
+            table = build_influence_table(model, train, test, sys.argv[1] + ".build", args, shard_size=1,
+                                          data_collator=pad_collator_for_tests())
+            out["attempts"].append(f"served {len(table)} rows")
+        except (OSError, RuntimeError) as err:
+            out["attempts"].append(f"{type(err).__name__}: {err}")
         with open(f"{sys.argv[1]}.{rank}", "w") as f:
             json.dump(out, f)
         finish()

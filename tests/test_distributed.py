@@ -137,6 +137,9 @@ def test_a_failed_shard_write_stops_every_process_and_a_retry_resumes(tmp_path):
     assert second[0].startswith("RuntimeError: Writing ") and "shard-00001 failed in process 0 (OSError: [Errno 28]" \
         in second[0]
     assert first[1] == second[1] == "built, resumed_shards 1"
+    # run again over a folder that cannot be written, the finished build is served in every process (the others
+    # failed: the main process's OSError reached them as a RuntimeError, which the read-only path did not take)
+    assert first[2] == second[2] == "served 33 rows"
 
 
 def test_two_process_build_equals_the_single_table(two_processes, one_process):

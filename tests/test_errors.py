@@ -1054,8 +1054,9 @@ def test_a_training_row_whose_loss_is_nan_is_named(setup, pad_collator, solver):
     args = default_arguments(**FAST | {"influence_solver": solver, "influence_recursion_depth": 20,
                                        "influence_arnoldi_rank": 4, "influence_batch_size": 4})
     with pytest.raises(FloatingPointError, match=r"train_dataset rows \[13\] have a loss that is inf / NaN \(1 of 20 "
-                                                 r"rows\).*Drop them"):
+                                                 r"rows\).*Drop them") as refused:
         compute_influences(model, train, test, args, data_collator=pad_collator, loss_fn=_nan_where_second_token(marker))
+    assert isinstance(refused.value, ValueError)  # (a refusal, as the command line reports them: in one line)
 
 
 def test_a_bad_test_row_in_a_build_is_named_by_its_place_in_the_test_set(setup, pad_collator, tmp_path):
@@ -1098,6 +1099,23 @@ def test_a_collator_failing_on_one_row_is_named_with_that_row(setup, pad_collato
     with pytest.raises(ValueError, match=r"The data collator raised RuntimeError \(lost its connection\) on "
                                          r"(train|test)_dataset rows \[.*\] and batched the same rows when tried again"):
         compute_influences(model, train, test, args, data_collator=flaky)
+    # a multiple-choice row whose choices differ in length fails by itself, for want of padding, not of its values:
+    # the advice is still the head's padding collator (a review's repro: "look at that row's values")
+    from transformers import BertConfig, BertForMultipleChoice
+
+    torch.manual_seed(0)
+    choices = BertForMultipleChoice(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                               attn_implementation="eager")).double().eval()
+
+    def as_choices(r, i):
+        ids = r["input_ids"]
+        options = [ids, ids, ids] if i % 2 == 0 else [ids, ids[:-1], ids[:-2]]
+        return {"input_ids": options, "attention_mask": [[1] * len(o) for o in options], "labels": r["labels"]}
+
+    rows = make_token_dataset(8, seed=0).map(as_choices, with_indices=True)
+    with pytest.raises(ValueError, match=r"pass data_collator=DataCollatorForMultipleChoice\(tokenizer\)"):
+        compute_influences(choices, rows, rows.select([0]), args)
 
 
 def test_a_damaged_row_or_a_float_among_class_ids_is_named_before_any_work(setup, pad_collator):

@@ -220,7 +220,7 @@ class CandidateStage:
                     continue  # not the padding's doing: extract_features names the rows that are not finite
                 error = relative_difference(padded[0], alone[0], floor=1e-12)
                 if not error <= padding.PADDING_TOLERANCE:
-                    row, other = (int(r) for r in batcher.base_rows([short, long]))
+                    row, other = batcher.named_rows([short, long])
                     raise ValueError(
                         f"The features= callable gives {name} row {row} another vector when it is padded next to "
                         f"row {other} (relative difference {error:.2g}): it reads the padding, so the kNN candidates "

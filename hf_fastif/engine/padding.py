@@ -263,7 +263,7 @@ class PaddingChecks:
                     break
                 if cut is whole:
                     continue
-                named = [int(r) for r in batcher.base_rows(rows)]
+                named = batcher.named_rows(rows)
                 with torch.no_grad():
                     outputs = call.fm.outputs(call.params, whole)
                     values = value(outputs, whole).double()
@@ -300,7 +300,7 @@ class PaddingChecks:
         error = max(error, _per_row_logits_error(alone_outputs, padded_outputs))
         dtype = next(self.model.parameters()).dtype  # half precision rounds other batch shapes coarser
         finite_alone, finite_padded = bool(torch.isfinite(alone).all()), bool(torch.isfinite(padded).all())
-        row, other = (int(r) for r in batcher.base_rows([short, long]))  # (dataset rows, as the error names them)
+        row, other = batcher.named_rows([short, long])  # (dataset rows, as the error names them)
         if measurement and not finite_alone:  # not the padding's doing: the test gradients' check names such rows
             return
         if not (finite_alone and finite_padded):

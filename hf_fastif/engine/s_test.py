@@ -43,7 +43,7 @@ from ..solvers import (
 )
 from ..solvers.arnoldi import TRUNCATION_WARNING as ARNOLDI_TRUNCATION_WARNING
 from ..stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
-from ..utils import first_line, half_dtypes, relative_difference
+from ..utils import NonFiniteError, first_line, half_dtypes, relative_difference
 from .call import Call
 from .kept_graphs import KeptBatches, KeptHessians
 
@@ -93,6 +93,10 @@ FULL_HVP_GRAPH_BYTES = 256 * 2**20
 """First-backward graphs of the chunks of a product with the mean Hessian over a batcher's rows, kept for the next
 product (CG's iterations, arnoldi's and the convergence check's Lanczos steps, the exact solver's columns); the
 chunks beyond it are built again for each product (their collated batches kept up to `FULL_HVP_KEPT_BYTES`)."""
+
+
+NO_TARGET_IN_MEAN = ("No test_dataset row has a target for the loss to read (every label -100), so the mean test loss "
+                     "is 0 and so would every influence be. Label the test rows.")
 
 
 class _StackedSteps:
@@ -209,10 +213,11 @@ class STestStage:
                 bad = self._non_finite_training_rows(call)
                 if not bad:
                     raise
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"train_dataset rows {bad[:10]}{' ...' if len(bad) > 10 else ''} have a loss that is inf / NaN "
-                    f"({len(bad)} of {len(call.train)} rows), which made s_test fail ({first_line(err)}). Drop them "
-                    "(train_dataset.select / filter) or mend their inputs and labels, then run again.") from err
+                    f"({len(bad)} of {len(call.train)} rows), which made s_test fail (the {type(err).__name__} below). "
+                    "Drop them (train_dataset.select / filter) or mend their inputs and labels, then run again."
+                    ) from err
 
     def _non_finite_training_rows(self, call: Call) -> list[int]:
         """The training rows whose loss is inf / NaN, as errors name them: one forward over every row, without
@@ -237,7 +242,10 @@ class STestStage:
         for start in range(0, len(every), 256):
             rows = every[start:start + 256]
             empty += [rows[i] for i in rows_without_targets(self.model, call.test.batch(rows, trunk=False))]
-        return np.setdiff1d(every, empty)
+        counted = np.setdiff1d(every, empty)
+        if not len(counted):  # (the kNN query, which comes first, was a mean over nothing: NaN)
+            raise ValueError(NO_TARGET_IN_MEAN)
+        return counted
 
     def _test_gradients(self, call: Call) -> torch.Tensor:
         """``(m, p)`` in the working dtype: one measurement gradient per test row, or one row with the gradient
@@ -262,8 +270,7 @@ class STestStage:
             D.together(mine, "The test rows' mean gradient")
             count = float(D.all_reduce_sum(counted))
             if not count:
-                raise ValueError("No test_dataset row has a target for the loss to read (every label -100), so the "
-                                 "mean test loss is 0 and so would every influence be. Label the test rows.")
+                raise ValueError(NO_TARGET_IN_MEAN)
             call.info["mean_over_rows"] = int(count)  # (the card's count: the rows with a target, not every row)
             return (D.all_reduce_sum(total) / count).unsqueeze(0)
         gradients = []
@@ -317,7 +324,7 @@ class STestStage:
                 hessian = build_hessian(self._full_hvp(call, call.train), v.shape[1], dtype=call.work_dtype,
                                         device=v.device, progress=call.progress)
                 if not torch.isfinite(hessian).all():  # (eigh: a bare "ill-conditioned" LinAlgError)
-                    raise FloatingPointError("The training Hessian holds inf/NaN: a training row's loss or its derivatives "
+                    raise NonFiniteError("The training Hessian holds inf/NaN: a training row's loss or its derivatives "
                                      "overflow (a float16 model: compute influence on model.float()) or the row holds "
                                      "inf/NaN. Check the training rows' losses.")
                 self._exact = (key, *torch.linalg.eigh(hessian.double()))
