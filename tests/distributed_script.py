@@ -248,27 +248,25 @@ if __name__ == "__main__":
         InfluenceTableWriter.close = full_once
         model, train, test = tiny_model("bert"), make_token_dataset(11, seed=0), make_token_dataset(3, seed=1)
         args = default_arguments(**(COMMON | CASES["cg_full"]))
-        out = {"attempts": []}
-        for _ in range(2):  # a script that reports the failure and tries again: the retry resumes
-            try:
-                table = build_influence_table(model, train, test, sys.argv[1] + ".build", args, shard_size=1,
-                                              data_collator=pad_collator_for_tests())
-                out["attempts"].append(f"built, resumed_shards {table.metadata['build']['resumed_shards']}")
-            except (OSError, RuntimeError) as err:
-                out["attempts"].append(f"{type(err).__name__}: {err}")
-        import hf_fastif.builder as builder_module  # then the folder cannot be written: the finished build is served
+        import hf_fastif.builder as builder_module
         from hf_fastif.utils import write_error
 
         def read_only(directory):
             raise write_error(directory / "lock", OSError(30, "Read-only file system (a test)"))
 
-        builder_module.hold_build_lock = read_only
-        try:
-            table = build_influence_table(model, train, test, sys.argv[1] + ".build", args, shard_size=1,
-                                          data_collator=pad_collator_for_tests())
-            out["attempts"].append(f"served {len(table)} rows")
-        except (OSError, RuntimeError) as err:
-            out["attempts"].append(f"{type(err).__name__}: {err}")
+        out = {"attempts": []}
+        # a script that reports the failure and tries again: the retry resumes; then the folder cannot be written, and
+        # the finished build is served
+        for attempt in range(3):
+            if attempt == 2:
+                builder_module.hold_build_lock = read_only
+            try:
+                table = build_influence_table(model, train, test, sys.argv[1] + ".build", args, shard_size=1,
+                                              data_collator=pad_collator_for_tests())
+                out["attempts"].append(f"served {len(table)} rows" if attempt == 2 else
+                                       f"built, resumed_shards {table.metadata['build']['resumed_shards']}")
+            except (OSError, RuntimeError) as err:
+                out["attempts"].append(f"{type(err).__name__}: {err}")
         with open(f"{sys.argv[1]}.{rank}", "w") as f:
             json.dump(out, f)
         finish()
