@@ -157,6 +157,26 @@ def shifts_labels(model: nn.Module) -> bool:
             and getattr(config, "model_type", None) not in UNSHIFTED_GENERATORS)
 
 
+TOKEN_HEADS = ("ForTokenClassification", "ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+"""Heads whose default loss is over tokens (``*ForTokenClassification``, language models, sequence-to-sequence)."""
+
+
+def token_loss_kind(model: nn.Module) -> str | None:
+    """The kind of head (its class name) where the default loss is a mean over each row's tokens, else None."""
+    name = type(transformers_model(model)).__name__
+    return name if name.endswith(TOKEN_HEADS) or shifts_labels(model) else None
+
+
+TOKEN_WEIGHTING = (
+    "Influence's default loss for {kind} is each row's mean over its labelled tokens, so every training row weighs "
+    "alike in the Hessian and the scores; transformers' model loss, which a Trainer trains on, is the mean over all "
+    "the labelled tokens of a batch, which weighs rows by their token counts. Where rows hold different numbers of "
+    "labelled tokens the two rank rows differently (a review's token classifier: Spearman 0.25-0.56 between them). "
+    "For the trained loss's weighting, pass a loss_fn giving each row's sum of token losses divided by the training "
+    "rows' mean count of labelled tokens (docs/safety.md, 'Loss per problem type').")
+"""Said once a process where the default loss is a token loss (`token_loss_kind`)."""
+
+
 def rows_without_targets(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[int]:
     """Rows of ``batch`` whose token labels leave the default loss nothing to read: every label -100 once a causal
     LM's shift drops the first position (a one-token row, or a row labelled at its first token only), so the row's

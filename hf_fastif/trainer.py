@@ -18,7 +18,7 @@ from .builder import build_influence_table
 from .engine import InfluenceEngine, loss_key
 from .fingerprint import callable_fingerprint, collator_key
 from .influence import default_arguments
-from .loss import LossFn
+from .loss import LossFn, default_loss_smoothing
 from .mode import evaluating
 from .table import InfluenceTable
 from .utils import HALF_DTYPES
@@ -82,6 +82,7 @@ class InfluenceTrainer(Trainer):
         self._unseen_step_warned = False
         # (what the check of that loss against the model's found, and at which optimizer step: `_trained_loss`)
         self._trained_loss_check: tuple[int, str | None] | None = None
+        self._decay_said = None  # (the weight decay said: `_say_which_weight_decay`)
         self._say_which_weight_decay()
 
     def train(self, *args, **kwargs):
@@ -191,29 +192,42 @@ class InfluenceTrainer(Trainer):
         if self.influence_args.influence_weight_decay:
             return
         optimizer, given = getattr(self, "optimizer", None), getattr(self, "optimizer_cls_and_kwargs", None)
+        inner = getattr(optimizer, "optimizer", None)  # (accelerate's wrapper, after train())
+        optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+        beyond = False  # biases or norms decayed too, which influence_weight_decay leaves out
         if optimizer is not None:
             groups = optimizer.param_groups
             decay = max((float(g.get("weight_decay", 0.0) or 0.0) for g in groups), default=0.0)
             name = type(optimizer).__name__
             coupled = name in COUPLED_OPTIMIZERS and not any(g.get("decoupled_weight_decay") for g in groups)
+            decayed = {id(p) for g in groups if float(g.get("weight_decay", 0.0) or 0.0) > 0 for p in g["params"]}
+            model = self._influence_model()
+            rule = set(self.get_decay_parameter_names(model))
+            beyond = any(id(p) in decayed and n not in rule for n, p in model.named_parameters())
         elif given is not None:
-            kwargs = given[1] or {}
-            decay, name = float(kwargs.get("weight_decay", 0.0) or 0.0), getattr(given[0], "__name__", str(given[0]))
-            coupled = name in COUPLED_OPTIMIZERS and not kwargs.get("decoupled_weight_decay")
+            # the Trainer's create_optimizer puts args.weight_decay into its parameter groups, which overrides a
+            # weight_decay among these kwargs (it was read from them: 0.3 there and 0 in args was advised as 0.15)
+            decay, name = float(self.args.weight_decay or 0.0), getattr(given[0], "__name__", str(given[0]))
+            coupled = name in COUPLED_OPTIMIZERS and not (given[1] or {}).get("decoupled_weight_decay")
         else:
             decay = float(getattr(self.args, "weight_decay", 0.0) or 0.0)
             optim = str(getattr(self.args.optim, "value", self.args.optim))
             # (schedule-free SGD adds wd·θ to the gradient: an L2 term, as SGD; it was called decoupled)
             coupled = optim.startswith(("sgd", "adagrad", "rmsprop")) or optim == "schedule_free_sgd"
             name = f"optim={optim!r}"
-        if decay <= 0:
+        if decay <= 0 or (decay, coupled, beyond) == self._decay_said:
             return
+        self._decay_said = (decay, coupled, beyond)  # (said again after train() where the optimizer that trained
+        # decays otherwise than the one said at construction: a create_optimizer of one's own)
         say = logger.warning if coupled else logger.info
+        terms = ("it decays biases and norms too, which influence's term leaves out: for the exact trained loss, add "
+                 "their wd/2·Σθ² to a loss_fn of your own" if beyond else "without biases and norms, as the Trainer "
+                 "decays them")
         say(f"weight_decay={decay:g} trains the model but is no part of influence's loss (influence_weight_decay=0)"
             + (f": {name} decays by adding wd·θ to the gradient, an L2 term wd/2·Σθ² in the loss, so pass "
-               f"influence_weight_decay={decay / 2:g} (influence's term is wd·Σθ², without biases and norms, as the "
-               "Trainer decays them)." if coupled else f": {name} decays the weights apart from the loss "
-               "(decoupled, as AdamW), so the loss has no L2 term and 0 is right."))
+               f"influence_weight_decay={decay / 2:g} (influence's term is wd·Σθ², {terms})." if coupled else
+               f": {name} decays the weights apart from the loss (decoupled, as AdamW), so the loss has no L2 term "
+               "and 0 is right."))
 
     def influence_engine(self, *, loss_fn: LossFn | None = None, measurement_fn: LossFn | None = None,
                          features=None) -> InfluenceEngine:
@@ -274,10 +288,15 @@ class InfluenceTrainer(Trainer):
                 found = (f"could not be compared with the model's own loss on {LOSS_CHECK_ROWS} training rows"
                          if compared is None else f"gives {compared[0]:.6g} on {LOSS_CHECK_ROWS} training rows, "
                          f"where the model's own loss (a plain Trainer's) is {compared[1]:.6g}")
+                smoothing = default_loss_smoothing(self.influence_args, None)
                 logger.warning(f"This trainer trains with {self._trained_on}, which {found}, but influence uses the "
-                               "model's plain loss (the head's own): the Hessian and gradients are not those of the "
-                               "loss that was trained. Pass InfluenceTrainer(..., influence_loss_fn=(outputs, batch) "
-                               "-> per-row loss) to measure that one.")
+                               "model's plain loss (the head's own"
+                               + (f", with label_smoothing_factor={smoothing:g}, which a compute_loss_func replaces in "
+                                  "training" if smoothing and self._trained_on and "compute_loss_func" in
+                                  self._trained_on else "")
+                               + "): the Hessian and gradients are not those of the loss that was trained. Pass "
+                               "InfluenceTrainer(..., influence_loss_fn=(outputs, batch) -> per-row loss) to measure "
+                               "that one.")
             self._trained_loss_check = (step, note)
         return self._trained_loss_check[1]
 
@@ -319,10 +338,14 @@ class InfluenceTrainer(Trainer):
             if (isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
                     and len(labels.unique()) < 2):
                 return None
+            # the items the Trainer would pass (its labels not -100; a causal LM's after the first position): a
+            # compute_loss_func of transformers' documented form divides by them, and failed on None
+            counted = labels[..., 1:] if getattr(self, "_loss_shifts_labels", False) else labels
+            items = counted.ne(-100).sum() if isinstance(counted, torch.Tensor) else None
             with torch.no_grad(), evaluating(model):
-                trained = self.compute_loss(model, dict(batch))
+                trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
                 self.compute_loss_func = None
-                plain = InfluenceTrainer.compute_loss(self, model, dict(batch))
+                plain = InfluenceTrainer.compute_loss(self, model, dict(batch), num_items_in_batch=items)
             values = (float(trained.detach().float()), float(plain.detach().float()))
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError) as err:
             logger.debug(f"This trainer's loss could not be compared with a plain Trainer's ({err}).")
@@ -342,6 +365,7 @@ class InfluenceTrainer(Trainer):
         ``combine="mean"`` gives one s_test for the mean loss of the rows (e.g. anchors).
         """
         train = self._influence_train(train_dataset, "compute_influences")
+        self._say_which_weight_decay()  # (the optimizer that trained: one made since construction is looked at)
         engine = self.influence_engine(loss_fn=loss_fn, measurement_fn=measurement_fn, features=features)
         engine.trained_loss = self._trained_loss(train, loss_fn)
         return engine.compute_influences(train, test_dataset, combine=combine, candidate_dataset=candidate_dataset)

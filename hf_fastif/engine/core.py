@@ -40,7 +40,14 @@ from ..fingerprint import (
 )
 from ..gradient_index import check_index_factory, check_projection_dim
 from ..knn import check_feature_methods
-from ..loss import LossFn, default_loss_smoothing, find_logits, influence_model
+from ..loss import (
+    TOKEN_WEIGHTING,
+    LossFn,
+    default_loss_smoothing,
+    find_logits,
+    influence_model,
+    token_loss_kind,
+)
 from ..mode import influence_mode, uncompiled
 from ..params import num_parameters, select_parameters
 from ..readout import Readout
@@ -533,6 +540,9 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             })
             self._align_caches(portable)
         default_loss = self.loss_fn is None
+        kind = token_loss_kind(model) if default_loss else None
+        if kind is not None:  # (documented, and recorded for causal LMs, but said nowhere a user would see it)
+            logger.warning_once(TOKEN_WEIGHTING.format(kind=kind))
         own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
         checks = [(train, train_dataset, train_cols, "train_dataset", default_loss, False),
                   (test, test_dataset, test_cols, "test_dataset", own, own and combine == "none")]
