@@ -203,8 +203,8 @@ def create_demo(startup: Startup) -> gr.Blocks:
         timer.tick(poll, None, polled, api_visibility="private", **light)
         demo.load(poll, None, polled, api_visibility="private", **light)
         gr.api(status, api_name="status", **light)
-        heuristic.change(filter_tests, filters, test, api_visibility="private", **light)
-        correctness.change(filter_tests, filters, test, api_name="filter", **light)
+        heuristic.change(filter_tests, filters, test, api_visibility="private", **light, **raw)
+        correctness.change(filter_tests, filters, test, api_name="filter", **light, **raw)
         test.change(show, [test, n, heuristic, correctness], shown, api_name="show", **light, **raw)
         n.release(show, [test, n, heuristic, correctness], shown, api_visibility="private", **light, **raw)
         # one live computation at a time (the queue's default_concurrency_limit=1): others see their position

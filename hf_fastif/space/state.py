@@ -3,6 +3,7 @@ and the influence graph, the summary) and the Markdown of its notes and of a liv
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -279,14 +280,17 @@ def counts_note(counts: dict, note: str | None = None) -> str:
     """Markdown: the sign counts, ties and range of one test example's candidate influences, then ``note`` (how the
     candidates were chosen, e.g. `InfluenceTable.candidates_note`) in italics."""
     total, distinct = counts["num_candidates"], counts["num_distinct_values"]
-    parts = [f"**{total:,} candidates:** {counts['num_helpful']:,} helpful (< 0), {counts['num_harmful']:,} "
+    parts = [f"**{total:,} candidate{'' if total == 1 else 's'}:** {counts['num_helpful']:,} helpful (< 0), "
+             f"{counts['num_harmful']:,} "
              f"harmful (> 0), {counts['num_zero']:,} exactly 0" + (f", {counts['num_nan']:,} NaN" if counts.get(
                  "num_nan") else "")]
     finite = total - counts.get("num_nan", 0)
     if finite and distinct == 1:
         parts.append(f"**every candidate has the same influence ({counts['min']:+.3e}): the lists rank nothing**")
     elif distinct < finite:
-        parts.append(f"{distinct:,} distinct values (ties: {finite - distinct:,} rows share a value with another)")
+        tied = finite - distinct
+        parts.append(f"{distinct:,} distinct values (ties: {tied:,} {'row shares' if tied == 1 else 'rows share'} a "
+                     "value with another)")
     else:
         parts.append(f"{distinct:,} distinct values")
     if counts.get("min") is not None:
@@ -298,7 +302,9 @@ def explanation_summary(explanation: Explanation, state: SpaceState | None = Non
     """Markdown for a live explanation: how the model read the pair (word pieces; unknown words named), the
     candidates' counts and the time it took."""
     pieces = " ".join(explanation.pieces)
-    lines = [f"**How the model reads it** ({len(explanation.pieces)} word pieces): `{pieces}`"]
+    # (a code span fenced by more backticks than the text holds in a row: a typed ` ended a single-backtick span)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", pieces)), default=0) + 1)
+    lines = [f"**How the model reads it** ({len(explanation.pieces)} word pieces): {fence} {pieces} {fence}"]
     if explanation.length is not None and explanation.length > len(explanation.pieces):
         lines.append(f"**Cut** from {explanation.length} to {len(explanation.pieces)} word pieces (longest sentence "
                      "first), as the table's pairs were cut: the model reads the pair as shown.")

@@ -163,6 +163,9 @@ def test_show_filter_and_honest_lists_through_the_client(app) -> None:
         client.predict(9999, 4, "all", "all", api_name="/show")
     with pytest.raises(AppError, match="Unknown heuristic 'no_such_heuristic'"):
         client.predict("no_such_heuristic", "all", api_name="/filter")
+    # the app's own message, not Gradio's check of the Radio's choices (with a traceback in the log)
+    with pytest.raises(AppError, match="Unknown filter 'maybe'; choose all, correct or wrong"):
+        client.predict("all", "maybe", api_name="/filter")
 
 
 def test_a_typed_pair_is_explained_like_the_table_explains_its_own_rows(app) -> None:
@@ -270,6 +273,10 @@ def test_typed_text_through_minilm_wordpiece() -> None:
     summary = explanation_summary(Explanation({}, None, None, counts, pieces, [], 0.1, 3, 1, length=length))
     assert f"**Cut** from {length} to 32 word pieces (longest sentence first), as the table's pairs were" in summary
     assert "**Cut**" not in explanation_summary(Explanation({}, None, None, counts, pieces, [], 0.1, 3, 1, length=32))
+    # a typed backtick ended the pieces' code span (a review's: "the `doctor` said" came out in three spans)
+    ticked = ["[CLS]", "the", "`", "doctor", "``", "[SEP]"]
+    shown = explanation_summary(Explanation({}, None, None, counts, ticked, [], 0.1, 3, 1, length=6))
+    assert "word pieces): ``` [CLS] the ` doctor `` [SEP] ```" in shown
 
 
 def test_one_live_computation_at_a_time_others_see_their_queue_position(app) -> None:
@@ -611,7 +618,8 @@ def test_honest_lists_ties_and_degenerate_distributions() -> None:
     assert helpful.empty and harmful.train_id.tolist()[:2] in ([0, 1], [1, 0]) and len(harmful) == 3
     counts = state.counts(0)
     assert counts_note(counts).startswith("**4 candidates:** 0 helpful (< 0), 3 harmful (> 0), 1 exactly 0")
-    assert "3 distinct values (ties: 1 rows share a value with another)" in counts_note(counts)
+    assert "3 distinct values (ties: 1 row shares a value with another)" in counts_note(counts)
+    assert counts_note(counts | {"num_candidates": 1}).startswith("**1 candidate:**")  # (it said "1 candidates")
     helpful_note, harmful_note = list_notes(counts, 5)
     assert helpful_note == "**No helpful training row** among the 4 candidates: none has negative influence."
     assert harmful_note.startswith("Only **3** of the 4 candidates have positive influence (harmful)")
