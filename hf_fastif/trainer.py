@@ -345,7 +345,7 @@ class InfluenceTrainer(Trainer):
             with torch.no_grad(), evaluating(model):
                 trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
                 self.compute_loss_func = None
-                plain = InfluenceTrainer.compute_loss(self, model, dict(batch), num_items_in_batch=items)
+                plain = InfluenceTrainer.compute_loss(self, model, dict(batch))  # (the batch's mean: no count)
             values = (float(trained.detach().float()), float(plain.detach().float()))
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError) as err:
             logger.debug(f"This trainer's loss could not be compared with a plain Trainer's ({err}).")
