@@ -157,8 +157,10 @@ def shifts_labels(model: nn.Module) -> bool:
             and getattr(config, "model_type", None) not in UNSHIFTED_GENERATORS)
 
 
-TOKEN_HEADS = ("ForTokenClassification", "ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
-"""Heads whose default loss is over tokens (``*ForTokenClassification``, language models, sequence-to-sequence)."""
+TOKEN_HEADS = ("ForTokenClassification", "ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM",
+               "EncoderDecoderModel")
+"""Heads whose default loss is over tokens (``*ForTokenClassification``, language models, sequence-to-sequence,
+transformers' (Vision / Speech) ``EncoderDecoderModel``)."""
 
 
 def token_loss_kind(model: nn.Module) -> str | None:

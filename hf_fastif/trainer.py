@@ -18,7 +18,7 @@ from .builder import build_influence_table
 from .engine import InfluenceEngine, loss_key
 from .fingerprint import callable_fingerprint, collator_key
 from .influence import default_arguments
-from .loss import LossFn, default_loss_smoothing
+from .loss import LossFn, default_loss_smoothing, shifts_labels
 from .mode import evaluating
 from .table import InfluenceTable
 from .utils import HALF_DTYPES
@@ -200,7 +200,9 @@ class InfluenceTrainer(Trainer):
             decay = max((float(g.get("weight_decay", 0.0) or 0.0) for g in groups), default=0.0)
             name = type(optimizer).__name__
             coupled = name in COUPLED_OPTIMIZERS and not any(g.get("decoupled_weight_decay") for g in groups)
-            decayed = {id(p) for g in groups if float(g.get("weight_decay", 0.0) or 0.0) > 0 for p in g["params"]}
+            # (trainable ones only: SGD skips a frozen parameter, whose gradient is None, decay and all)
+            decayed = {id(p) for g in groups if float(g.get("weight_decay", 0.0) or 0.0) > 0 for p in g["params"]
+                       if p.requires_grad}
             model = self._influence_model()
             rule = set(self.get_decay_parameter_names(model))
             beyond = any(id(p) in decayed and n not in rule for n, p in model.named_parameters())
@@ -215,9 +217,10 @@ class InfluenceTrainer(Trainer):
             # (schedule-free SGD adds wd·θ to the gradient: an L2 term, as SGD; it was called decoupled)
             coupled = optim.startswith(("sgd", "adagrad", "rmsprop")) or optim == "schedule_free_sgd"
             name = f"optim={optim!r}"
-        if decay <= 0 or (decay, coupled, beyond) == self._decay_said:
+        said = (decay, coupled, beyond and coupled)  # (the decoupled wording does not depend on biases and norms)
+        if decay <= 0 or said == self._decay_said:
             return
-        self._decay_said = (decay, coupled, beyond)  # (said again after train() where the optimizer that trained
+        self._decay_said = said  # (said again after train() where the optimizer that trained
         # decays otherwise than the one said at construction: a create_optimizer of one's own)
         say = logger.warning if coupled else logger.info
         terms = ("it decays biases and norms too, which influence's term leaves out: for the exact trained loss, add "
@@ -338,10 +341,15 @@ class InfluenceTrainer(Trainer):
             if (isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
                     and len(labels.unique()) < 2):
                 return None
-            # the items the Trainer would pass (its labels not -100; a causal LM's after the first position): a
-            # compute_loss_func of transformers' documented form divides by them, and failed on None
-            counted = labels[..., 1:] if getattr(self, "_loss_shifts_labels", False) else labels
-            items = counted.ne(-100).sum() if isinstance(counted, torch.Tensor) else None
+            # a compute_loss_func of transformers' documented form divides by num_items_in_batch, and failed on None:
+            # it gets the items the Trainer would pass (labels not -100; a causal LM's after the first position), in
+            # one process only (under a launch the Trainer multiplies the loss by the processes, for a count it
+            # gathers over them), and never a compute_loss override (through this class's compute_loss, whose
+            # num_items probe is a collective)
+            items = None
+            if (func is not None and isinstance(labels, torch.Tensor)
+                    and (self.accelerator.num_processes == 1 or not self.args.average_tokens_across_devices)):
+                items = (labels[..., 1:] if shifts_labels(model) else labels).ne(-100).sum()
             with torch.no_grad(), evaluating(model):
                 trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
                 self.compute_loss_func = None

@@ -659,6 +659,13 @@ def test_the_trainers_weight_decay_is_said_not_to_be_influences(tmp_path, pad_co
         optimizers=(torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01), None)))
     assert "SGD decays by adding" in warned and "influence_weight_decay=0.005" in warned
     assert "it decays biases and norms too" in warned  # (the advice cannot cover them: it said it did)
+    frozen = tiny_model("bert")  # only the classifier's weight trains: SGD skips the frozen rest, decay and all
+    for name, parameter in frozen.named_parameters():
+        parameter.requires_grad_(name == "classifier.weight")
+    _, warned = _warnings(caplog, lambda: InfluenceTrainer(
+        model=frozen, args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
+        optimizers=(torch.optim.SGD(frozen.parameters(), lr=0.1, weight_decay=0.01), None)))
+    assert "influence_weight_decay=0.005" in warned and "biases and norms too" not in warned
     _, warned = _warnings(caplog, lambda: InfluenceTrainer(
         model=tiny_model("bert"), args=arguments(tmp_path), train_dataset=train, data_collator=pad_collator,
         optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 0.1, "weight_decay": 0.01})))

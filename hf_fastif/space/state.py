@@ -267,21 +267,32 @@ def list_notes(counts: dict, n: int) -> tuple[str, str]:
 
     def note(found: int, side: str, sign: str) -> str:
         if found == 0:
-            return f"**No {side} training row** among the {total:,} candidates: none has {sign} influence."
+            return f"**No {side} training row** among the {_candidates(total)}: none has {sign} influence."
         if found < n:
-            return (f"Only **{found}** of the {total:,} candidates have {sign} influence ({side}); all of them are "
-                    "shown.")
+            return (f"Only **{found}** of the {_candidates(total)} {'has' if found == 1 else 'have'} {sign} influence "
+                    f"({side}); {'it is' if found == 1 else 'all of them are'} shown.")
         return f"The {n} most {side} of the **{found:,}** candidates with {sign} influence (of {total:,})."
 
     return note(counts["num_helpful"], "helpful", "negative"), note(counts["num_harmful"], "harmful", "positive")
+
+
+def _candidates(n: int) -> str:
+    """``"1 candidate"``, ``"2 candidates"``."""
+    return f"{n:,} candidate{'' if n == 1 else 's'}"
+
+
+def _code(text: str) -> str:
+    """``text`` as one Markdown code span, fenced by more backticks than it holds in a row (a typed ` ended a
+    single-backtick span, and typed Markdown outside one rendered: *z* in italics)."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def counts_note(counts: dict, note: str | None = None) -> str:
     """Markdown: the sign counts, ties and range of one test example's candidate influences, then ``note`` (how the
     candidates were chosen, e.g. `InfluenceTable.candidates_note`) in italics."""
     total, distinct = counts["num_candidates"], counts["num_distinct_values"]
-    parts = [f"**{total:,} candidate{'' if total == 1 else 's'}:** {counts['num_helpful']:,} helpful (< 0), "
-             f"{counts['num_harmful']:,} "
+    parts = [f"**{_candidates(total)}:** {counts['num_helpful']:,} helpful (< 0), {counts['num_harmful']:,} "
              f"harmful (> 0), {counts['num_zero']:,} exactly 0" + (f", {counts['num_nan']:,} NaN" if counts.get(
                  "num_nan") else "")]
     finite = total - counts.get("num_nan", 0)
@@ -301,18 +312,15 @@ def counts_note(counts: dict, note: str | None = None) -> str:
 def explanation_summary(explanation: Explanation, state: SpaceState | None = None) -> str:
     """Markdown for a live explanation: how the model read the pair (word pieces; unknown words named), the
     candidates' counts and the time it took."""
-    pieces = " ".join(explanation.pieces)
-    # (a code span fenced by more backticks than the text holds in a row: a typed ` ended a single-backtick span)
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", pieces)), default=0) + 1)
-    lines = [f"**How the model reads it** ({len(explanation.pieces)} word pieces): {fence} {pieces} {fence}"]
+    lines = [f"**How the model reads it** ({len(explanation.pieces)} word pieces): {_code(' '.join(explanation.pieces))}"]
     if explanation.length is not None and explanation.length > len(explanation.pieces):
         lines.append(f"**Cut** from {explanation.length} to {len(explanation.pieces)} word pieces (longest sentence "
                      "first), as the table's pairs were cut: the model reads the pair as shown.")
     if explanation.unknown:
-        words = ", ".join(f"“{w}”" for w in explanation.unknown)
+        words = ", ".join(_code(w) for w in explanation.unknown)
         lines.append(f"**Unknown to the tokenizer** (read as its unknown token, so they carry no meaning): {words}")
     lines.append(counts_note(explanation.counts, explanation.candidates_note))
-    lines.append(f"Computed in {explanation.seconds:.2f} s over {explanation.k} candidates.")
+    lines.append(f"Computed in {explanation.seconds:.2f} s over {_candidates(explanation.k)}.")
     if explanation.stages:
         lines.append("Steps (s): " + " · ".join(f"{name} {seconds:.3f}" for name, seconds in explanation.stages.items()))
     return "\n\n".join(lines)

@@ -228,7 +228,7 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(app) -> None:
         startup.state.explainer.explain(ok, ok, 0, 501, 3)  # the library's bound, behind the slider's
     # unknown words are named, not read silently
     _, summary, *_ = client.predict("The judge admired the xylophonist.", ok, "entailment", 50, 3, api_name="/explain")
-    assert "Unknown to the tokenizer" in summary and "“xylophonist”" in summary
+    assert "Unknown to the tokenizer" in summary and "` xylophonist `" in summary
     # a pair over the table's token limit (64, the embedded default's) is cut as the table's rows were, and said
     # (a pair over the model's 128 positions was refused; one of 65-128 pieces was read whole, unlike the table's)
     _, summary, *_ = client.predict("a. " * 100, "a. " * 100, "entailment", 50, 3, api_name="/explain")
@@ -275,8 +275,9 @@ def test_typed_text_through_minilm_wordpiece() -> None:
     assert "**Cut**" not in explanation_summary(Explanation({}, None, None, counts, pieces, [], 0.1, 3, 1, length=32))
     # a typed backtick ended the pieces' code span (a review's: "the `doctor` said" came out in three spans)
     ticked = ["[CLS]", "the", "`", "doctor", "``", "[SEP]"]
-    shown = explanation_summary(Explanation({}, None, None, counts, ticked, [], 0.1, 3, 1, length=6))
+    shown = explanation_summary(Explanation({}, None, None, counts, ticked, ["`x", "*z*"], 0.1, 1, 1, length=6))
     assert "word pieces): ``` [CLS] the ` doctor `` [SEP] ```" in shown
+    assert "carry no meaning): `` `x ``, ` *z* `" in shown and "over 1 candidate." in shown  # (typed words as code)
 
 
 def test_one_live_computation_at_a_time_others_see_their_queue_position(app) -> None:
@@ -620,6 +621,9 @@ def test_honest_lists_ties_and_degenerate_distributions() -> None:
     assert counts_note(counts).startswith("**4 candidates:** 0 helpful (< 0), 3 harmful (> 0), 1 exactly 0")
     assert "3 distinct values (ties: 1 row shares a value with another)" in counts_note(counts)
     assert counts_note(counts | {"num_candidates": 1}).startswith("**1 candidate:**")  # (it said "1 candidates")
+    single = counts | {"num_candidates": 1, "num_helpful": 1, "num_harmful": 0}
+    assert list_notes(single, 5) == ("Only **1** of the 1 candidate has negative influence (helpful); it is shown.",
+                                     "**No harmful training row** among the 1 candidate: none has positive influence.")
     helpful_note, harmful_note = list_notes(counts, 5)
     assert helpful_note == "**No helpful training row** among the 4 candidates: none has negative influence."
     assert harmful_note.startswith("Only **3** of the 4 candidates have positive influence (harmful)")
