@@ -977,9 +977,9 @@ class Batcher:
         or none does: a column, or the padding)."""
         rows = list(range(len(features))) if rows is None else rows
         if _collates(self.collator, features):
-            named = rows if len(rows) <= 10 else [*rows[:10], "..."]
+            named = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
             raise ValueError(f"The data collator raised {type(err).__name__} ({err}) on {self.name} rows "
-                             f"{named} and batched the same rows when tried again: the failure is the "
+                             f"[{named}] and batched the same rows when tried again: the failure is the "
                              "collator's own (state it keeps, or something outside the rows).") from err
         failures = []
         for row, feature in zip(rows, features):

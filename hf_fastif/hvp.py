@@ -60,7 +60,7 @@ def _peft_hint(unused: list[str]) -> str:
 
 def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batch, *,
                    measurement: bool = False, reduction: str = "sum",
-                   row_batch: Callable[[int], dict] | None = None, l2_rows: int | None = None) -> torch.Tensor:
+                   row_batch: Callable[[int], dict] | None = None) -> torch.Tensor:
     """Gradient of the batch's per-example values w.r.t. the parameters.
 
     Args:
@@ -70,16 +70,13 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
             backward with a one-hot stack, so one row whose derivative is NaN / inf puts ``0 · NaN`` into every
             row's gradient; with ``row_batch``, such a batch is run again a row at a time, and only the rows whose own
             gradient is not finite stay so.
-        l2_rows: ``"sum"``: how many rows' L2 terms the sum takes (default every row's): a mean over the rows with
-            a target leaves the others' out, as it leaves their (zero) losses out.
     """
     leaves = fresh_leaves(params)
     values, l2 = fm.values_without_l2(leaves, batch, measurement)
     inputs = list(leaves.values())
     if reduction == "sum":
         gradient = flatten(_gradient(values.sum(), leaves))
-        rows = values.shape[0] if l2_rows is None else l2_rows
-        return gradient + rows * fm.l2_gradient(params).to(gradient.dtype) if l2 and rows else gradient
+        return gradient + values.shape[0] * fm.l2_gradient(params).to(gradient.dtype) if l2 else gradient
     rows = values.shape[0]
     eye = torch.eye(rows, dtype=values.dtype, device=values.device)
     try:

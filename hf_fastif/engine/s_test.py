@@ -255,24 +255,18 @@ class STestStage:
         if call.combine == "mean":
             device = next(iter(call.params.values())).device
             total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype, device=device)
-            # the rows the mean is over: with the default loss, those with a target (an unlabelled row's loss is 0,
-            # and the model's own loss leaves it out; counted, it scaled every value by the labelled share, 0.75)
-            counted = torch.zeros((), dtype=torch.float64, device=device)
+            # the rows the mean is over, as its kNN query (an unlabelled row is out of it: its zero loss, its L2 term
+            # and the count; counted, it scaled every value by the labelled share)
+            counted = self._rows_in_mean(call)
 
             def mine():
-                for rows, batch in call.test.batches(call.test.length_order(D.shard(range(len(call.test)))), bsz):
-                    # (an unlabelled row is out of the mean: its L2 term too, as its zero loss)
-                    labelled = len(rows) - (len(rows_without_targets(self.model, batch)) if default else 0)
-                    total.add_(batch_gradient(call.fm, call.params, batch, measurement=True, reduction="sum",
-                                              l2_rows=labelled).to(total.dtype))
-                    counted.add_(labelled)
+                for _, batch in call.test.batches(call.test.length_order(D.shard(counted)), bsz):
+                    total.add_(batch_gradient(call.fm, call.params, batch, measurement=True,
+                                              reduction="sum").to(total.dtype))
 
             D.together(mine, "The test rows' mean gradient")
-            count = float(D.all_reduce_sum(counted))
-            if not count:
-                raise ValueError(NO_TARGET_IN_MEAN)
-            call.info["mean_over_rows"] = int(count)  # (the card's count: the rows with a target, not every row)
-            return (D.all_reduce_sum(total) / count).unsqueeze(0)
+            call.info["mean_over_rows"] = len(counted)  # (the card's count: the rows with a target, not every row)
+            return (D.all_reduce_sum(total) / len(counted)).unsqueeze(0)
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):
             if default:  # a row must have targets

@@ -9,7 +9,10 @@ from .settings import LIVE_SETTINGS, MAX_TEXT_CHARS
 
 
 def check_text(text, name: str) -> str:
-    text = "" if text is None else str(text).strip()
+    """``text`` stripped, or a ValueError saying what to type (an API call's list or number was its repr)."""
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"The {name} must be text, got {type(text).__name__} {str(text)[:40]!r}.")
+    text = "" if text is None else text.strip()
     if not text:
         raise ValueError(f"Type a {name}.")
     if len(text) > MAX_TEXT_CHARS:
@@ -45,7 +48,10 @@ def candidate_slider(max_candidates: int) -> dict:
 
 
 def check_int(value, name: str, low: int, high: int | None) -> int:
-    """``value`` as a whole number in ``[low, high]``, or a ValueError saying what to choose."""
+    """``value`` as a whole number in ``[low, high]``, or a ValueError saying what to choose (an API call's
+    ``true`` is not 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Choose a {name} (a whole number), got {value!r}.")
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -212,6 +212,9 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(app) -> None:
         # an API call's None failed in the slider's own preprocessing: Gradio's generic error and a traceback
         ((ok, ok, "entailment", None, 3), "Choose the number of candidates k, a whole number from 1 to 500"),
         ((ok, ok, "entailment", 50, None), "Choose a number of rows"),
+        # a JSON client's true was k = 1 (float(True)), and a list premise was read as its repr
+        ((ok, ok, "entailment", True, 3), "Choose a number of candidates .a whole number., got True"),
+        ((["The judge", "slept."], ok, "entailment", 50, 3), "The premise must be text, got list"),
     ]
     for arguments, message in cases:
         with pytest.raises(AppError, match=message):
