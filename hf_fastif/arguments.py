@@ -98,7 +98,7 @@ class InfluenceArguments(TrainingArguments):
                           "so the sign agrees with leave-one-out retraining; True shifts each test point's values by "
                           "one constant (about a fifth of the signs flip on an L2-regularised convex model)."},
     )
-    influence_seed: int = field(default=42, metadata={"help": "Seed of LiSSA's batch sampling and power iteration."})
+    influence_seed: int = field(default=42, metadata={"help": "Seed of LiSSA's batch sampling, the convergence check's Lanczos starts and random candidates."})
     influence_hvp_batch_size: int = field(
         default=64, metadata={"help": "Rows per batch for full-data Hessians (cg, exact) and test gradients."}
     )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
-import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -14,13 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from datasets.features.features import require_decoding
 from torch import nn
 from transformers import DataCollatorWithFlattening, default_data_collator
 from transformers.utils import find_labels, logging
 
-from .fingerprint import dataset_fingerprint
-from .loss import positions_before_rows
+from .fingerprint import content_fingerprint
+from .loss import positions_before_rows, prepended_positions, shifts_labels
 from .trunk import HIDDEN_KEY, transformers_model
 from .utils import input_embeddings
 
@@ -254,6 +251,8 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     token_classes = _class_count(head, "ForTokenClassification") if default_loss else None
     multiple_choice = default_loss and type(head).__name__.endswith("ForMultipleChoice")
     multi_label_width = _multi_label_width(head) if default_loss else None
+    # the labels the default loss reads as `rows_without_targets` does (a PEFT prompt's virtual tokens come first)
+    shift = default_loss and shifts_labels(model) and not prepended_positions(model)
     labelled = False  # whether any row has a target the loss reads (not -100)
     outside_warned = False  # a multi-label target outside [0, 1] (said once per dataset)
     longest, longest_length = None, -1
@@ -391,12 +390,18 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
                                      f"{token_classes} classes (0 to {token_classes - 1}; -100 for tokens the loss "
                                      "ignores). Map the labels to the model's config.label2id, or use a model with a "
                                      "head of the right size.")
-            kept = np.bincount(label_rows, weights=(flat_labels != -100), minlength=len(values))
+            read = flat_labels != -100
+            if shift and len(lengths):  # (a causal LM's loss reads no sequence's first label: position 0 predicts none)
+                read[(np.cumsum(lengths) - lengths)[lengths > 0]] = False
+            kept = np.bincount(label_rows, weights=read, minlength=len(values))
             labelled = labelled or bool((kept > 0).any())
             if needs_target and (kept == 0).any():
                 row = start + int(np.flatnonzero(kept == 0)[0])
-                raise ValueError(f"{name} row {row} has every label at -100 (ignored): its loss is 0, so every "
-                                 "influence on it would be 0. Drop it, or label at least one of its tokens.")
+                raise ValueError(f"{name} row {row} has every label at -100 (ignored)"
+                                 + (" after its first token, which a causal LM's loss does not read (each position "
+                                    "predicts the next token)" if shift else "")
+                                 + ": its loss is 0, so every influence on it would be 0. Drop it, or label at least "
+                                 + ("one of its tokens after the first." if shift else "one of its tokens."))
         else:
             labelled = True  # floats (regression, multi-label), nested lists: not -100 class ids
             if classes is not None and pa.types.is_floating(values.type):  # one float made the column float
@@ -730,25 +735,14 @@ class Batcher:
 
     @property
     def fingerprint(self) -> str:
-        """`hf_fastif.fingerprint.dataset_fingerprint` of the whole dataset's columns that are read: the hash of
-        their stored values, which every cache of the dataset is keyed on. Not datasets' ``_fingerprint``, which
+        """`hf_fastif.fingerprint.content_fingerprint` of the whole dataset's columns that are read: the hash of
+        their stored values (and of the format and decoding features that turn them into rows), which every cache of
+        the dataset is keyed on. Not datasets' ``_fingerprint``, which
         datasets with other rows can share (a ``map`` that draws at random, run twice on in-memory data: a held
         engine served the first one's caches for the second, 0.44 off). Hashed on first use, once per batcher and
         its views (0.06 s for 100,000 rows of 128 token ids; 0.3 s behind an indices mapping, after a shuffle)."""
         if "sha256" not in self._content:
-            digest = dataset_fingerprint(self.dataset)
-            # what turns the stored values into the rows the collator gets: the format (numpy's float64 labels stay
-            # float64; `columns` hands out only some: without a stored attention mask the collator makes its own) and
-            # the features that decode them (a cast to another sampling rate or image mode keeps the stored bytes)
-            fmt = self.dataset.format
-            kind, kwargs, columns = fmt.get("type"), fmt.get("format_kwargs") or {}, fmt.get("columns")
-            shown = None if columns is None or list(columns) == self.dataset.column_names else list(columns)
-            decoded = any(require_decoding(feature) for feature in self.dataset.features.values())
-            if kind is not None or kwargs or shown is not None or fmt.get("output_all_columns") or decoded:
-                described = [kind, repr(sorted(kwargs.items())), shown, bool(fmt.get("output_all_columns")),
-                             repr(self.dataset.features) if decoded else None]
-                digest = hashlib.sha256(f"{digest}|{json.dumps(described)}".encode()).hexdigest()
-            self._content["sha256"] = digest
+            self._content["sha256"] = content_fingerprint(self.dataset)
         return self._content["sha256"]
 
     def check_labels(self, name: str) -> None:

@@ -30,7 +30,7 @@ from . import distributed as D
 from .arguments import PER_PROCESS_SETTINGS, InfluenceArguments
 from .batches import check_values, column_rule, validate_dataset
 from .engine import InfluenceEngine, non_finite_scores
-from .fingerprint import dataset_fingerprint, model_code_fingerprint, model_fingerprint, portable_fingerprint
+from .fingerprint import content_fingerprint, model_code_fingerprint, model_fingerprint, portable_fingerprint
 from .influence import default_arguments
 from .loss import default_loss_smoothing
 from .mode import uncompiled
@@ -60,9 +60,10 @@ KEYWORDS = ("combine", "candidate_dataset", *CALLABLES)
 
 def data_identity(dataset: Dataset, name: str, model: nn.Module, rule: dict | None = None) -> dict:
     """Rows, the columns the model reads (inputs + labels; as `column_rule` of the arguments says) and the sha256
-    of all their values: any edit of a row the influence depends on changes it, wherever the row is."""
+    of all their values (`content_fingerprint`: with the format and decoding features, as the engine's caches): any
+    edit of a row the influence depends on changes it, wherever the row is."""
     columns = validate_dataset(dataset, name, model, **(rule or {}))
-    return {"num_rows": len(dataset), "columns": columns, "sha256": dataset_fingerprint(dataset, columns)}
+    return {"num_rows": len(dataset), "columns": columns, "sha256": content_fingerprint(dataset, columns)}
 
 
 def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Dataset, args: InfluenceArguments,

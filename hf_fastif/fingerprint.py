@@ -360,6 +360,26 @@ def dataset_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
     return digest.hexdigest()
 
 
+def content_fingerprint(dataset, columns: Sequence[str] | None = None) -> str:
+    """What every cache and build of a dataset is keyed on: `dataset_fingerprint` of ``columns`` (default: all),
+    and where it changes the rows the collator gets, what turns the stored values into them: the format (numpy's
+    float64 labels stay float64; a format's ``columns`` hands out only some: without a stored attention mask the
+    collator makes its own) and the features that decode them (a cast to another sampling rate or image mode keeps
+    the stored bytes). A dataset without a format or decoded features keeps its plain `dataset_fingerprint`."""
+    from datasets.features.features import require_decoding
+
+    digest = dataset_fingerprint(dataset, columns)
+    fmt = dataset.format
+    kind, kwargs, shown = fmt.get("type"), fmt.get("format_kwargs") or {}, fmt.get("columns")
+    shown = None if shown is None or list(shown) == dataset.column_names else list(shown)
+    decoded = any(require_decoding(feature) for feature in dataset.features.values())
+    if kind is not None or kwargs or shown is not None or fmt.get("output_all_columns") or decoded:
+        described = [kind, repr(sorted(kwargs.items())), shown, bool(fmt.get("output_all_columns")),
+                     repr(dataset.features) if decoded else None]
+        digest = hashlib.sha256(f"{digest}|{json.dumps(described)}".encode()).hexdigest()
+    return digest
+
+
 HASH_BLOCK_ROWS = 65_536
 """Rows per block of `dataset_fingerprint`'s stream (part of the hash: changing it changes every fingerprint)."""
 

@@ -28,6 +28,14 @@ def half_dtypes(params: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(str(d).removeprefix("torch.") for d in {p.dtype for p in params.values()} & set(HALF_DTYPES))
 
 
+def overflow_advice(params: Mapping[str, torch.Tensor]) -> str:
+    """What to do where inf / NaN may be an overflow of half-precision parameters (a float32 copy, leaving the caller's
+    model as it is), or "" for a model in float32 / float64, where that advice would be wrong."""
+    half = half_dtypes(params)
+    return (f"or it overflowed in {', '.join(half)}: compute influence on a float32 copy of the model, "
+            "copy.deepcopy(model).float()" if half else "")
+
+
 def pin_memory_default() -> bool:
     """The recipes' default for ``dataloader_pin_memory``: pin only where an accelerator would use it.
     `TrainingArguments`' True pins nothing on a machine without one, and torch warned "'pin_memory' argument is set

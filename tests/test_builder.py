@@ -589,3 +589,19 @@ def test_a_finished_build_in_a_folder_it_cannot_write_is_served_reading_only(set
     with pytest.raises(OSError, match="Read-only file system"):
         build_influence_table(model, train, test, out, default_arguments(**ARGS | {"influence_damping": 0.1}),
                               shard_size=3, data_collator=pad_collator)
+
+
+def test_the_same_rows_in_another_format_are_another_build(setup, pad_collator, tmp_path):
+    """The build's signature hashed the stored values only, where the engine's caches hash the format too: the same
+    rows formatted as numpy (float64 labels reach the collator) or handing out fewer columns resumed a build of the
+    plain rows, mixing shards computed from other batches."""
+    model, train, test = setup
+    args = default_arguments(**ARGS)
+    plain = builder.build_signature(model, train, test, args, 2)
+    for formatted in (train.with_format("numpy"), train.with_format(columns=["input_ids", "labels"])):
+        assert builder.build_signature(model, formatted, test, args, 2)["train"] != plain["train"]
+    build_influence_table(model, train, test.select(range(2)), tmp_path / "out", args, shard_size=1,
+                          data_collator=pad_collator)
+    with pytest.raises(ValueError, match=r"holds another build \(.*train"):
+        build_influence_table(model, train.with_format("numpy"), test.select(range(2)), tmp_path / "out", args,
+                              shard_size=1, data_collator=pad_collator)

@@ -748,6 +748,21 @@ def test_candidate_settings_are_refused_before_s_test(settings, match, pad_colla
                            data_collator=pad_collator)
 
 
+def test_gradient_candidates_named_by_the_engines_features_are_checked_before_s_test(pad_collator, monkeypatch):
+    """``InfluenceEngine(features="gradient")`` finds gradient candidates as ``influence_knn_features="gradient"``
+    does, but skipped the index and projection checks that setting gets: a bad index failed after s_test."""
+    from hf_fastif.engine import InfluenceEngine
+
+    def s_test_ran(self, call):
+        raise AssertionError("s_test was computed before the check")
+
+    monkeypatch.setattr(InfluenceEngine, "_s_test_of", s_test_ran)
+    args = default_arguments(**(FAST | {"influence_knn_k": 3, "influence_params": [r"score\."],
+                                        "influence_projection_dim": 16, "influence_knn_index": "Foo"}))
+    engine = InfluenceEngine(tiny_model("gpt2"), args, data_collator=pad_collator, features="gradient")
+    with pytest.raises(ValueError, match="influence_knn_index='Foo' could not be built over 20 rows of 16"):
+        engine.compute_influences(make_token_dataset(20, seed=0), make_token_dataset(2, seed=1))
+
 def test_first_token_features_only_where_the_states_see_the_whole_row():
     """`cls` features read the first token's state (`pooler` and `auto` through a pooler too): on a decoder-only
     model with causal attention it sees that token alone (a review's GPT-2 LM: every row began with BOS, and rows 0-4

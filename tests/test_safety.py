@@ -412,6 +412,11 @@ def test_non_finite_test_gradients_and_s_test_are_refused_with_the_fix(pad_colla
     with pytest.raises(FloatingPointError, match=r"s_test \(cg\) is not finite: a training row's loss or its "
                                                  r"derivatives are inf / NaN.*Check the training rows' losses\.$"):
         compute_influences(model, train, test, args, data_collator=pad_collator)
+    # half-precision weights, the same: the overflow advice added, a copy (model.float() converted a Trainer's model)
+    with pytest.raises(FloatingPointError, match=r"s_test \(cg\) is not finite: .*\(or it overflowed in float16: "
+                                                 r"compute influence on a float32 copy of the model, "
+                                                 r"copy\.deepcopy\(model\)\.float\(\)\.\)$"):
+        compute_influences(copy.deepcopy(model).half(), train, test, args, data_collator=pad_collator)
 
 
 def test_relative_difference_takes_nan_and_inf_for_no_agreement_and_reads_a_floor():

@@ -124,10 +124,15 @@ class CandidateStage:
         self._ended()
         return out
 
+    def _candidate_method(self):
+        """How candidates are found where a call names no method: the engine's ``features`` (a name or a function of
+        one's own), else ``influence_knn_features``."""
+        return self.features or self.args.influence_knn_features
+
     def _candidates_read_s_test(self, call: Call) -> bool:
         """Whether this call's candidates come from s_test (gradient-space candidates); kNN over model features,
         a random sample or every row do not, and are found before s_test."""
-        method = self.features or self.args.influence_knn_features
+        method = self._candidate_method()
         return call.k is not None and isinstance(method, str) and method == "gradient"
 
     def _candidates(self, call: Call, s_test: torch.Tensor, method=None, k: int | None = None) -> list[np.ndarray]:
@@ -139,7 +144,7 @@ class CandidateStage:
         if k is None:
             call.info["candidates"] = "all"
             return [np.arange(len(call.cand))] * queries
-        method = method or self.features or self.args.influence_knn_features
+        method = method or self._candidate_method()
         if method == "random":
             rng = np.random.default_rng([self.args.influence_seed, 17])
             return [np.sort(rng.choice(len(call.cand), size=k, replace=False)) for _ in range(queries)]

@@ -56,7 +56,7 @@ from ..solvers import LowRankSolve
 from ..solvers.exact import check_exact_size
 from ..table import InfluenceTable
 from ..trunk import TrunkCache, TrunkSplit, forward_context, model_inputs
-from ..utils import half_dtypes, library_version
+from ..utils import half_dtypes, library_version, overflow_advice
 from .call import Call
 from .candidates import CandidateStage
 from .kept_graphs import KeptHessians
@@ -275,9 +275,9 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         named = summary["train_ids"]
         logger.warning(f"{summary['count']} of {len(values)} influence values are not finite, of candidate rows "
                        f"{named[:10]}{' ...' if summary['num_train_ids'] > 10 else ''} (the table keeps them, and "
-                       "names them under diagnostics.non_finite_scores): those rows' gradients overflowed (a "
-                       "float16 / bfloat16 model: compute influence on a float32 copy, model.float()) or their loss "
-                       "is inf / NaN.")
+                       "names them under diagnostics.non_finite_scores): those rows' loss is inf / NaN, or their "
+                       "gradients overflowed" + (f" ({advice})" if (advice := overflow_advice(call.params)) else "")
+                       + ".")
 
     def _prepare(self, call: Call) -> None:
         """The padding probe, the trunk caches, the read position, and the default loss against the model's own:
@@ -406,18 +406,20 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
             return None
         config = getattr(self.model, "config", None)
         saved = dict(vars(config)) if config is not None else None
-        try:
-            with torch.no_grad(), forward_context(call.fm.split, batch):
+        with torch.no_grad(), forward_context(call.fm.split, batch):
+            try:
                 outputs = self.model(**model_inputs(batch, self.model), labels=batch["labels"])
-                own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
-                ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
-        except Exception as err:  # a model that cannot take labels this way: nothing to compare
-            logger.debug(f"The model's own loss could not be compared with the default one ({err}).")
-            return None
-        finally:
-            if saved is not None:
-                vars(config).clear()
-                vars(config).update(saved)
+            except Exception as err:  # a model that cannot take labels this way: nothing to compare
+                logger.debug(f"The model's own loss could not be compared with the default one ({err}).")
+                return None
+            finally:
+                if saved is not None:
+                    vars(config).clear()
+                    vars(config).update(saved)
+            own = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+            # (outside the try: the default loss is the library's own, and its error is a bug to see, not a model
+            # that cannot be compared)
+            ours = call.fm.loss_fn(outputs, batch) if isinstance(own, torch.Tensor) else None
         if ours is None or own.numel() != 1 or len(ours) != len(rows):
             return None
         aux, coefficient = getattr(outputs, "aux_loss", None), getattr(config, "router_aux_loss_coef", None)
@@ -508,8 +510,10 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
                     "influence on a float32 copy of the model: copy.deepcopy(model).float().")
             if args.influence_solver == "exact":
                 check_exact_size(num_parameters(params))
-            gradient = (k is not None and self.features is None and args.influence_knn_features == "gradient"
-                        if methods is None else "gradient" in methods)
+            # (the method as `_candidates` reads it: a features="gradient" engine skipped these checks, and its
+            # index failed after s_test)
+            gradient = (k is not None and self._candidate_method() == "gradient" if methods is None
+                        else "gradient" in methods)
             if gradient:
                 check_projection_dim(args.influence_projection_dim, num_parameters(params))
                 check_index_factory(args.influence_knn_index, len(candidate_dataset), args.influence_projection_dim)
@@ -568,7 +572,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         fm = influence_model(model, names, args, self.loss_fn, self.measurement_fn)
-        named = [self.features or args.influence_knn_features] if methods is None and k is not None else methods or []
+        named = [self._candidate_method()] if methods is None and k is not None else methods or []
         checked = (fingerprint, tuple(m for m in named if isinstance(m, str)))
         if checked != self._features_checked:  # (its probe rows run a forward where the model marks nothing causal)
             check_feature_methods(model, named)

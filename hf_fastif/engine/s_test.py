@@ -43,7 +43,7 @@ from ..solvers import (
 )
 from ..solvers.arnoldi import TRUNCATION_WARNING as ARNOLDI_TRUNCATION_WARNING
 from ..stacked import StackedHessian, stack_tolerance, stacks, unstackable_attention
-from ..utils import NonFiniteError, first_line, half_dtypes, relative_difference
+from ..utils import NonFiniteError, first_line, overflow_advice, relative_difference
 from .call import Call
 from .kept_graphs import KeptBatches, KeptHessians
 
@@ -201,17 +201,18 @@ class STestStage:
         bad = np.flatnonzero(~torch.isfinite(v).all(1).cpu().numpy())
         if len(bad):
             rows = "the mean of the test rows" if call.combine == "mean" else f"test rows {call.test.named_rows(bad[:10])}"
-            half = half_dtypes(call.params)
+            advice = overflow_advice(call.params)
             raise FloatingPointError(
                 f"The gradient of {rows} is not finite: their loss is inf / NaN (check those rows' labels and inputs)"
-                + (f", or it overflowed in {', '.join(half)} (compute influence on a float32 copy, model.float())"
-                   if half else "") + ".")
+                + (f", {advice}" if advice else "") + ".")
         with call.timer("s_test"):
             try:
                 return self._s_test(call, v)
             except FloatingPointError as err:  # (every solver's inf / NaN products: name the rows where it is theirs)
                 bad = self._non_finite_training_rows(call)
-                if not bad:
+                if not bad:  # (no row's loss: an overflow, of half-precision weights where the advice says so)
+                    if advice := overflow_advice(call.params):
+                        err.args = (f"{err.args[0] if err.args else err} ({advice}.)", *err.args[1:])
                     raise
                 raise NonFiniteError(
                     f"train_dataset rows {bad[:10]}{' ...' if len(bad) > 10 else ''} have a loss that is inf / NaN "
@@ -319,8 +320,8 @@ class STestStage:
                                         device=v.device, progress=call.progress)
                 if not torch.isfinite(hessian).all():  # (eigh: a bare "ill-conditioned" LinAlgError)
                     raise NonFiniteError("The training Hessian holds inf/NaN: a training row's loss or its derivatives "
-                                     "overflow (a float16 model: compute influence on model.float()) or the row holds "
-                                     "inf/NaN. Check the training rows' losses.")
+                                         "are inf / NaN, or they overflowed the working dtype. Check the training "
+                                         "rows' losses.")
                 self._exact = (key, *torch.linalg.eigh(hessian.double()))
                 del hessian
             s_test, info = solve_decomposed(self._exact[1], self._exact[2], v, lam, built_in=call.work_dtype)
@@ -335,13 +336,9 @@ class STestStage:
             s_test, info = self._lissa(call, v)
         call.info.update(info)
         if not bool(torch.isfinite(s_test).all()):
-            half = half_dtypes(call.params)
             raise FloatingPointError(
-                f"s_test ({solver}) is not finite: "
-                + (f"the Hessian-vector products overflowed in {', '.join(half)}. Compute influence on a float32 copy "
-                   "of the model (model.float()), or check the loss of the rows for inf/NaN." if half else
-                   "a training row's loss or its derivatives are inf / NaN, or the products overflowed the working "
-                   "dtype. Check the training rows' losses."))
+                f"s_test ({solver}) is not finite: a training row's loss or its derivatives are inf / NaN, or the "
+                "products overflowed the working dtype. Check the training rows' losses.")
         return s_test
 
     def _curvature_key(self, call: Call, *extra) -> tuple:

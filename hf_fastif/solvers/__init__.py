@@ -13,14 +13,13 @@ from .lissa import (
     LissaDivergenceError,
     LissaNonFiniteError,
     converging_depth,
-    power_iteration,
     repetition_spread,
     solve_lissa,
     suggest_scale,
     truncation_share,
 )
 
-__all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa", "power_iteration",
+__all__ = ["solve_cg", "default_tolerance", "solve_exact", "solve_decomposed", "build_hessian", "solve_lissa",
            "LissaDivergenceError", "LissaNonFiniteError", "GrowthMonitor", "suggest_scale", "lanczos", "extreme_eigenvalues",
            "lanczos_steps", "low_rank_hessian", "solve_low_rank", "LowRankSolve", "truncation_share", "TRUNCATION_WARNING",
            "converging_depth", "Carry", "CarryCoefficient", "repetition_spread", "SPREAD_WARNING"]

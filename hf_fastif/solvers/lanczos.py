@@ -89,9 +89,8 @@ def _tridiagonal(hvp, num_params: int, iterations: int, dtype, device, seed: int
             w.addmv_(done.T, done @ w, alpha=-1)  # w - basisᵀ(basis w), in place: no fresh p-sized vector each time
         beta = float(w.norm())
         if not math.isfinite(alpha) or not math.isfinite(beta):  # any inf / NaN entry reaches both or the norm
-            raise FloatingPointError("Lanczos met a non-finite Hessian-vector product: the products overflowed "
-                                     "(a float16 / bfloat16 model: compute influence on a float32 copy, "
-                                     "model.float()), or a loss is inf / NaN.")
+            raise FloatingPointError("Lanczos met a non-finite Hessian-vector product: a loss is inf / NaN, or the "
+                                     "products overflowed the working dtype.")
         scale = max(scale, abs(alpha), beta)
         if i + 1 == steps:
             break

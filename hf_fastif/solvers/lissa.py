@@ -24,8 +24,6 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .lanczos import seeded_direction
-
 
 class LissaDivergenceError(ValueError):
     """LiSSA's iterates grew without bound: ``scale`` is below the batch Hessians' top eigenvalues, or H + λI is
@@ -45,22 +43,6 @@ def suggest_scale(top_eigenvalue: float) -> float:
         if m * 10**exp >= target:
             return float(m * 10**exp)
     return float(10 ** (exp + 1))
-
-
-def power_iteration(hvp: Callable[[torch.Tensor], torch.Tensor], num_params: int, *, iterations: int = 8,
-                    dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> float:
-    """Estimate the eigenvalue of largest magnitude of the operator ``hvp`` (a Rayleigh quotient)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = seeded_direction(num_params, gen, dtype, device)
-    value = 0.0
-    for _ in range(iterations):
-        hx = hvp(x).to(dtype)
-        value = float(torch.dot(x, hx))
-        norm = hx.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            break
-        x = hx / norm
-    return value
 
 
 def truncation_share(damping: float, scale: float, depth: int, smallest_eigenvalue: float | None = None) -> float:
@@ -336,9 +318,8 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
                 size = float(before.max() / v.norm(dim=-1).max().clamp_min(torch.finfo(v.dtype).tiny))
                 raise LissaNonFiniteError(
                     f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
-                    f"while the iterate is (‖h‖ = {size:.3g}·‖v‖): a training row's loss or its derivatives overflow "
-                    "(a float16 model: compute influence on model.float()) or the row holds inf/NaN; check the "
-                    "training rows' losses. If ‖h‖ is far above 1/damping·‖v‖, the iterate itself grew until the "
+                    f"while the iterate is (‖h‖ = {size:.3g}·‖v‖): a training row's loss or its derivatives are "
+                    "inf / NaN, or they overflowed the working dtype; check the training rows' losses. If ‖h‖ is far above 1/damping·‖v‖, the iterate itself grew until the "
                     "model's dtype overflowed: that is divergence (raise influence_scale).")
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
         before = norms
