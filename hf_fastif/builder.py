@@ -30,7 +30,13 @@ from . import distributed as D
 from .arguments import PER_PROCESS_SETTINGS, InfluenceArguments
 from .batches import check_values, column_rule, validate_dataset
 from .engine import InfluenceEngine, non_finite_scores
-from .fingerprint import content_fingerprint, model_code_fingerprint, model_fingerprint, portable_fingerprint
+from .fingerprint import (
+    content_fingerprint,
+    model_code_fingerprint,
+    model_fingerprint,
+    portable_fingerprint,
+    portable_module_state,
+)
 from .influence import default_arguments
 from .loss import default_loss_smoothing
 from .mode import uncompiled
@@ -45,8 +51,9 @@ MANIFEST = "build_manifest.json"
 # 1: first/last rows of the data only, callables not recorded; 2: weights hashed with sha256; 3: run-time settings
 # in the signature, shards not tagged with its sha256; 4: functions fingerprinted without the globals they read,
 # an inferred config.problem_type hashed as set; 5: the L2 term of influence_weight_decay in every row's gradient;
-# 7: the influence parameters' names; 8: the model's code (the transformers version, module classes from elsewhere)
-MANIFEST_VERSION = 8
+# 7: the influence parameters' names; 8: the model's code (the transformers version, module classes from elsewhere);
+# 9: the modules' state (plain attributes, hooks, a forward replaced), the datasets' format
+MANIFEST_VERSION = 9
 # settings that decide how, not what, is computed: batch sizes of the test gradients, full-data Hessians, kNN
 # features and scoring (rows are independent; sums only regroup) and where large trunk states are kept. They
 # change the numbers at most by float rounding, so a build resumed with other values goes on.
@@ -82,7 +89,7 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model),
-                  "code": model_code_fingerprint(model)},
+                  "code": model_code_fingerprint(model), "modules": portable_module_state(model)},
         "influence_parameters": {"tensors": len(names),
                                  "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()},
         "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}
@@ -189,10 +196,10 @@ def _build_held(model, train_dataset, test_dataset, args, out: Path, signature: 
         # the stored test rows' checks over the whole dataset, before any shard (after the processes were found to
         # hold the same rows): a bad row in a later shard was named by its place in that shard (row 1 for row 3), and
         # found only once the shards before it were computed
-        own = callables["loss_fn"] is None and callables["measurement_fn"] is None
-        check_values(test_dataset, signature["test"]["columns"], "test_dataset", model, default_loss=own,
-                     needs_target=own)
         with InfluenceEngine(model, args, **callables) as engine:
+            own = engine.measures_default_loss
+            check_values(test_dataset, signature["test"]["columns"], "test_dataset", model, default_loss=own,
+                         needs_target=own)
             engine.trained_loss = trained_loss
             trained_with = engine.trained_with()  # (set on the whole table: shards of a resumed build may predate it)
             for i, start in enumerate(tqdm(starts, desc="influence shards",

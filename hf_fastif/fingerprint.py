@@ -515,6 +515,21 @@ def portable_fingerprint(fn) -> str:
     return callable_fingerprint(fn) if cut[0] else portable
 
 
+def portable_module_state(model: nn.Module) -> str:
+    """`description_key` of `module_state_description` without anything that differs between processes (as
+    `portable_fingerprint` for a callable): what a build's manifest records of the modules' state beside the weights,
+    config and code (an ``eps`` set in place, a hook, an activation swapped: a resumed build served the shards
+    computed before such a change, 2.3 off a fresh build's values, in a review). Where a value cannot be described
+    without addresses, the address-based key is returned (such a build is not resumed)."""
+    cut = [False]
+    token = _PORTABLE.set(cut)
+    try:
+        portable = description_key(module_state_description(model))
+    finally:
+        _PORTABLE.reset(token)
+    return description_key(module_state_description(model)) if cut[0] else portable
+
+
 LIBRARY_MODULES = ("torch", "transformers", "peft", "builtins")
 """Top-level packages whose classes' code `model_code_fingerprint` counts by the transformers version (or not at all)."""
 

@@ -36,7 +36,9 @@ def fresh_leaves(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _gradient(outputs: torch.Tensor, leaves: Mapping[str, torch.Tensor], **kwargs) -> list[torch.Tensor]:
     """``autograd.grad`` of ``outputs`` w.r.t. the parameters, with a clear error naming any parameter the loss does
     not use (autograd's own names an index only)."""
-    grads = torch.autograd.grad(outputs, list(leaves.values()), allow_unused=True, **kwargs)
+    # (a loss that reads none of them: autograd's own "element 0 of tensors does not require grad")
+    grads = (torch.autograd.grad(outputs, list(leaves.values()), allow_unused=True, **kwargs)
+             if outputs.requires_grad else [None] * len(leaves))
     unused = [name for name, g in zip(leaves, grads) if g is None]
     if unused:
         raise ValueError(
@@ -73,6 +75,8 @@ def batch_gradient(fm: FunctionalModel, params: Mapping[str, torch.Tensor], batc
     """
     leaves = fresh_leaves(params)
     values, l2 = fm.values_without_l2(leaves, batch, measurement)
+    if not values.requires_grad:  # a loss that reads none of them: raises, naming them
+        _gradient(values.sum(), leaves)
     inputs = list(leaves.values())
     if reduction == "sum":
         gradient = flatten(_gradient(values.sum(), leaves))

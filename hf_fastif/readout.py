@@ -253,6 +253,8 @@ def find_readout(fm, params: Mapping[str, torch.Tensor], batches: Sequence[Mappi
     reference = []  # per probe: the values and the gradient of a random combination of them w.r.t. the parameters
     for rows, measurement in probes:
         out = values(rows, measurement)
+        if not out.requires_grad:  # (the gradient's own check names the parameters the loss does not read)
+            return None, "the loss reads none of the influence parameters"
         mix = torch.randn(out.shape, generator=weights, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
         grads = torch.autograd.grad(out @ mix, list(leaves.values()), allow_unused=True)
         reference.append((out.detach().double(), mix, _flat(grads, leaves)))

@@ -15,8 +15,7 @@ from . import distributed as D
 from .arguments import InfluenceArguments
 from .batches import Batcher, column_rule, dataset_hint, padding_collator_for, validate_dataset
 from .builder import build_influence_table
-from .engine import InfluenceEngine, loss_key
-from .fingerprint import callable_fingerprint, collator_key
+from .engine import InfluenceEngine
 from .influence import default_arguments
 from .loss import LossFn, default_loss_smoothing, shifts_labels
 from .mode import evaluating
@@ -241,22 +240,14 @@ class InfluenceTrainer(Trainer):
         args = self.influence_args
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
-        wanted = [loss_key(loss_fn, args), *(callable_fingerprint(f) for f in (measurement_fn, features))]
         engine = self._influence_engine
-        # the same collator object: the engine sees its settings change itself (`collator_settings`, every call);
-        # another one is compared by its key (a reading of the tokenizer's vocabulary, 34 ms on MiniLM's: not per call)
-        if (engine is None or engine.model is not model
-                or (engine.args is not args and read_settings(engine.args) != read_settings(args))
-                or [engine._functions[k] for k in ("loss", "measurement", "features")] != wanted
-                or (engine.data_collator is not self.data_collator
-                    and engine._functions["collator"] != collator_key(self.data_collator))):
+        if engine is None or not engine.serves(model, args, self.data_collator, loss_fn, measurement_fn, features):
             if engine is not None:
                 engine.clear()
             engine = InfluenceEngine(model, args, data_collator=self.data_collator, loss_fn=loss_fn,
                                      measurement_fn=measurement_fn, features=features)
             self._influence_engine = engine
-        elif engine.data_collator is not self.data_collator:  # an equal collator: the engine watches this one now
-            engine.data_collator, engine._collator_watch.last = self.data_collator, None
+        engine.use_collator(self.data_collator)  # (an equal one: the engine watches this one now)
         engine.args = args  # (the same settings: later edits of these arguments in place are read by its calls)
         if isinstance(self.train_dataset, Dataset):  # (a call with train_dataset= checks on those rows if unchecked)
             engine.trained_loss = self._trained_loss(self.train_dataset, loss_fn)
@@ -407,14 +398,3 @@ class InfluenceTrainer(Trainer):
                             f"{dataset_hint(train)} Pass that copy as {method}(..., train_dataset=copy): the trainer "
                             "keeps its own.")
         return train
-
-
-TRAINER_SETTINGS = ("label_smoothing_factor", "remove_unused_columns", "label_names")
-"""The `TrainingArguments` fields influence reads besides the ``influence_*`` settings: the default loss's label
-smoothing and the columns kept (`hf_fastif.batches.column_rule`)."""
-
-
-def read_settings(args) -> dict:
-    """What influence reads of ``args``: its ``influence_*`` settings and `TRAINER_SETTINGS`; a held engine is kept
-    for arguments equal in these."""
-    return args.influence_settings() | {name: getattr(args, name, None) for name in TRAINER_SETTINGS}

@@ -127,6 +127,20 @@ class TrunkSplit:
         return tensors_fingerprint([("__split__", f"{self.path}:{self.first}"),
                                     ("__config__", config_fingerprint(self.model)), *named])
 
+    def part_of(self, model: nn.Module) -> bool:
+        """Whether every module this split runs or skips is still ``model``'s (a layer stack replaced by another
+        ``nn.ModuleList`` under the same names left a held split hooked on the old one: "The forward never reached
+        ...")."""
+        if self.model is not model:
+            return False
+        try:
+            if model.get_submodule(self.path) is not self.layers:
+                return False
+        except AttributeError:
+            return False
+        modules = {id(m) for m in model.modules()}
+        return all(id(m) in modules for m in [*self.before, *self.after, *([self.feeder] if self.feeder else [])])
+
     def _wrap(self, hidden: torch.Tensor):
         return hidden if not self.tuple_output else (hidden,) + (None,) * (self.tuple_output - 1)
 

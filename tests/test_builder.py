@@ -605,3 +605,36 @@ def test_the_same_rows_in_another_format_are_another_build(setup, pad_collator, 
     with pytest.raises(ValueError, match=r"holds another build \(.*train"):
         build_influence_table(model, train.with_format("numpy"), test.select(range(2)), tmp_path / "out", args,
                               shard_size=1, data_collator=pad_collator)
+
+
+@pytest.mark.parametrize("change", ["eps", "hook", "activation"])
+def test_a_build_resumed_after_the_modules_state_changed_is_another_build(setup, pad_collator, tmp_path, change):
+    """The manifest recorded the weights, config and code, not the modules' state the engine's caches key on: an
+    ``eps`` set in place, a hook, an activation swapped between an interrupted run and its resume served the shards
+    of the model before (2.32, 0.56 and 0.09 off a fresh build in a review). The same state resumes."""
+    import torch
+
+    model = copy.deepcopy(setup[0])
+    train, test = setup[1], setup[2].select(range(4))
+    args = default_arguments(**ARGS)
+    first = build_influence_table(model, train, test, tmp_path / "out", args, shard_size=2,
+                                  data_collator=pad_collator).to_pandas()
+    shutil.rmtree(tmp_path / "out" / "shards" / "shard-00001")
+    shutil.rmtree(tmp_path / "out" / "table")
+    again = build_influence_table(model, train, test, tmp_path / "out", args, shard_size=2, data_collator=pad_collator)
+    assert again.metadata["build"]["resumed_shards"] == 1  # (the same state, after the engine ran: resumed)
+    np.testing.assert_array_equal(first.influence, again.to_pandas().influence)
+    shutil.rmtree(tmp_path / "out" / "shards" / "shard-00001")
+    shutil.rmtree(tmp_path / "out" / "table")
+    layer = model.bert.encoder.layer[0]
+    if change == "eps":
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.eps = 0.5
+    elif change == "hook":
+        layer.register_forward_hook(lambda module, inputs, out: (out[0] * 1.5, *out[1:]) if isinstance(out, tuple)
+                                    else out * 1.5)
+    else:
+        layer.intermediate.intermediate_act_fn = torch.nn.Tanh()
+    with pytest.raises(ValueError, match=r"holds another build \(model\.modules: "):
+        build_influence_table(model, train, test, tmp_path / "out", args, shard_size=2, data_collator=pad_collator)

@@ -263,6 +263,13 @@ def test_merged_or_disabled_adapters_are_named_in_the_refusal(tmp_path):
     model.unmerge_adapter()
     with model.disable_adapter(), pytest.raises(ValueError, match="disable_adapter"):
         InfluenceEngine(model, _args(tmp_path), data_collator=collator).compute_influences(train, test)
+    # adapters disabled in place, the modules_to_save copy selected: the loss reads none of the parameters (autograd's
+    # bare "element 0 of tensors does not require grad")
+    model.base_model.disable_adapter_layers()
+    with pytest.raises(ValueError, match=r"2 influence parameter\(s\) take no part.*disabled"):
+        InfluenceEngine(model, _args(tmp_path, influence_params=[r"classifier\.modules_to_save"]),
+                        data_collator=collator).compute_influences(train, test)
+    model.base_model.enable_adapter_layers()
     # the paper's `classifier\.` also selects PEFT's frozen original_module, which the forward skips: named as such
     with pytest.raises(ValueError, match=r"PEFT's `original_module` is the frozen copy that `modules_to_save` "
                                          r"replaces: select the `modules_to_save` copy instead"):

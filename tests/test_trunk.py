@@ -1062,3 +1062,41 @@ def test_a_loss_of_ones_own_that_reads_hidden_states_below_the_split_runs_the_wh
         cache = T.TrunkCache(split, batcher, key="k", batch_size=4)
         error = T.verify_split(split, cache, batcher, range(len(batcher)), reads=loss_fn)
         assert (error <= T.split_tolerance(net)) == kept, (loss_fn.__name__, error)
+
+
+def test_a_held_engine_finds_its_split_again_after_the_stack_is_replaced_or_a_hook_removed(pad_collator):
+    """A held engine kept its split by the parameters' names alone: after ``model.bert.encoder.layer = new stack``
+    (same names) its capture hook sat on the old stack ("The forward never reached bert.encoder.layer.1"); and a
+    split dropped while a hook below it made the top-only forward differ stayed dropped after the hook was removed
+    (every later forward the whole model's). Each call equals a fresh engine's, with the split where one has it."""
+    import copy
+
+    model = tiny_model("bert", num_labels=3)
+    train, test = make_token_dataset(16, seed=0, num_labels=3), make_token_dataset(2, seed=1, num_labels=3)
+    args = InfluenceArguments(output_dir="unused", influence_params=TOP["bert"], influence_solver="lissa",
+                              influence_recursion_depth=10, influence_scale=100.0, disable_tqdm=True,
+                              influence_check_convergence=False, influence_knn_k=None)
+    engine = InfluenceEngine(model, args, data_collator=pad_collator)
+
+    def agrees_with_a_fresh_engine(split):
+        held, fresh = (e.compute_influences(train, test) for e in (engine, InfluenceEngine(model, args,
+                                                                                          data_collator=pad_collator)))
+        assert held.metadata["diagnostics"]["trunk"]["split"] == split
+        np.testing.assert_allclose(held.to_pandas().sort_values(["test_id", "train_id"]).influence,
+                                   fresh.to_pandas().sort_values(["test_id", "train_id"]).influence, rtol=1e-9)
+        return held.metadata["diagnostics"]["trunk"]
+
+    agrees_with_a_fresh_engine("bert.encoder.layer.1")
+    stack = copy.deepcopy(model.bert.encoder.layer)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    model.bert.encoder.layer = stack
+    agrees_with_a_fresh_engine("bert.encoder.layer.1")
+    # a hook that runs twice under the top-only forward (once in the cached states, once as the layer returns them)
+    hook = model.bert.encoder.layer[0].register_forward_hook(lambda m, i, out: tuple(o * 1.5 if torch.is_tensor(o)
+                                                                                    else o for o in out)
+                                                            if isinstance(out, tuple) else out * 1.5)
+    assert "top-only logits differ" in engine.compute_influences(train, test).metadata["diagnostics"]["trunk"]["reason"]
+    hook.remove()
+    agrees_with_a_fresh_engine("bert.encoder.layer.1")

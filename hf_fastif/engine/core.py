@@ -122,6 +122,16 @@ class _Watch:
         self.changing = others
 
 
+TRAINER_SETTINGS = ("label_smoothing_factor", "remove_unused_columns", "label_names")
+"""The `TrainingArguments` fields influence reads besides the ``influence_*`` settings: the default loss's label
+smoothing and the columns kept (`hf_fastif.batches.column_rule`)."""
+
+
+def read_settings(args) -> dict:
+    """What influence reads of ``args``: its ``influence_*`` settings and `TRAINER_SETTINGS` (`InfluenceEngine.serves`
+    takes over an engine for arguments equal in these)."""
+    return args.influence_settings() | {name: getattr(args, name, None) for name in TRAINER_SETTINGS}
+
 class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, SavedCaches):
     """Influence of training rows on test rows for one model, with caches owned by this object.
 
@@ -186,7 +196,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         # (weights, collator, loss, measurement) → what showed the model reads its padding (every dataset keeps it)
         self._reads_padding: dict[tuple, str] = {}
         # trunk_states: the split, its states, the read-position cut
-        self._split: tuple[str, TrunkSplit | None, str] | None = None
+        # (key, split or None, reason[, the modules' state it was dropped in])
+        self._split: tuple[str, TrunkSplit | None, str] | tuple[str, None, str, str | None] | None = None
         self._split_error: float | None = None
         self._readout: tuple[tuple, Readout | None, str] | None = None  # (key, the cut or None, why not)
         # the trunk's own cut for a split after the whole stack (`_first_position_cut`): (key, the cut or None, why not)
@@ -352,6 +363,31 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         between processes even when they run the same script)."""
         return {"collator": portable_fingerprint(self.data_collator), "loss": self._loss_key(portable_fingerprint),
                 "measurement": portable_fingerprint(self.measurement_fn), "features": portable_fingerprint(self.features)}
+
+    def serves(self, model: nn.Module, args: InfluenceArguments, data_collator, loss_fn: LossFn | None,
+               measurement_fn: LossFn | None, features) -> bool:
+        """Whether this engine computes what one made with these would, with its caches (a trainer keeps one engine
+        across calls): the same model, arguments equal in what influence reads (`read_settings`), functions with the
+        same keys, and the same collator or one of equal settings (its key reads the tokenizer's vocabulary, 34 ms on
+        MiniLM's: not per call; the same object's changes are seen by the call's own check). Take an equal collator
+        over with `use_collator`."""
+        wanted = [loss_key(loss_fn, args), callable_fingerprint(measurement_fn), callable_fingerprint(features)]
+        return (self.model is model and (self.args is args or read_settings(self.args) == read_settings(args))
+                and [self._functions[k] for k in ("loss", "measurement", "features")] == wanted
+                and (self.data_collator is data_collator
+                     or self._functions["collator"] == collator_key(data_collator)))
+
+    def use_collator(self, data_collator) -> None:
+        """Run with ``data_collator``, one that `serves` found equal to this engine's (its caches kept; its settings
+        watched from now on)."""
+        if data_collator is not self.data_collator:
+            self.data_collator, self._collator_watch.last = data_collator, None
+
+    @property
+    def measures_default_loss(self) -> bool:
+        """Whether the test rows are measured by the default loss (no ``loss_fn``, and no ``measurement_fn``, which
+        would otherwise fall back to it): the loss that reads the rows' targets, so each test row needs one."""
+        return self.loss_fn is None and self.measurement_fn is None
 
     def trained_with(self) -> str | None:
         """The tables' ``trained_with`` note: `trained_loss` where influence uses the default loss, else None."""
@@ -547,7 +583,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         kind = token_loss_kind(model) if default_loss else None
         if kind is not None:  # (documented, and recorded for causal LMs, but said nowhere a user would see it)
             logger.warning_once(TOKEN_WEIGHTING.format(kind=kind))
-        own = default_loss and self.measurement_fn is None  # the test rows' default loss is what is measured
+        own = self.measures_default_loss
         checks = [(train, train_dataset, train_cols, "train_dataset", default_loss, False),
                   (test, test_dataset, test_cols, "test_dataset", own, own and combine == "none")]
         if candidate_dataset is not train_dataset:
@@ -567,7 +603,7 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         if self.loss_fn is None:  # the default loss reads `labels`; a loss_fn reads what it reads (QA: positions)
             for batcher, name in ((train, "train_dataset"), (cand, "candidate_dataset")):
                 batcher.check_labels(name)
-        if self.measurement_fn is None and self.loss_fn is None:
+        if self.measures_default_loss:
             test.check_labels("test_dataset")
         dtypes = {p.dtype for p in params.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32

@@ -237,7 +237,7 @@ class STestStage:
         loss those with a target (an unlabelled row's loss is 0, and the model's own loss leaves it out), else every
         row. Collated without trunk states: only the labels are read."""
         every = np.arange(len(call.test))
-        if self.loss_fn is not None or self.measurement_fn is not None:
+        if not self.measures_default_loss:
             return every
         empty = []
         for start in range(0, len(every), 256):
@@ -252,7 +252,6 @@ class STestStage:
         """``(m, p)`` in the working dtype: one measurement gradient per test row, or one row with the gradient
         of their mean (``combine="mean"``, rows split over processes)."""
         bsz = self.args.influence_hvp_batch_size
-        default = self.loss_fn is None and self.measurement_fn is None  # the default loss: it reads the rows' targets
         if call.combine == "mean":
             device = next(iter(call.params.values())).device
             total = torch.zeros(num_parameters(call.params), dtype=call.work_dtype, device=device)
@@ -270,7 +269,7 @@ class STestStage:
             return (D.all_reduce_sum(total) / len(counted)).unsqueeze(0)
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):
-            if default:  # a row must have targets
+            if self.measures_default_loss:  # a row must have targets
                 empty = rows_without_targets(self.model, batch)
                 if empty:
                     raise ValueError(

@@ -83,7 +83,7 @@ class TrunkStates:
 
     def _attach_trunks(self, call: Call) -> None:
         """Give every batcher its dataset's cached trunk states when the model splits cleanly."""
-        split = self._find_split(call.names, call.train)
+        split = self._find_split(call.names, call.train, call.module_state)
         below = None if split is None else split.fingerprint(call.digests)  # (once: 5 ms each on MiniLM)
         cut = None if split is None else self._first_position_cut(call, split)
         for name in ("train", "test", "cand"):
@@ -171,14 +171,22 @@ class TrunkStates:
         call.info["readout"] = {"cut_after": readout.name} if readout is not None else {"cut_after": None,
                                                                                           "reason": reason}
 
-    def _find_split(self, names: list[str], batcher: Batcher) -> TrunkSplit | None:
+    def _find_split(self, names: list[str], batcher: Batcher, module_state: str) -> TrunkSplit | None:
+        """The split of the model for the influence parameters ``names``, found once and kept; found again where the
+        parameters change, where its modules are no longer the model's (a layer stack replaced), and where one dropped
+        in one state of the modules (``module_state``: a hook that made the top-only forward differ) meets another (the
+        hook removed: the split was kept off for good, every forward the whole model's)."""
         if not getattr(self.args, "influence_trunk_cache", True):
             self._split = ("off", None, "influence_trunk_cache=False")
             return None
         key = ",".join(names)
         if self._split is not None and self._split[1] is not None and self._split[1].failed is not None:
-            self._drop_split(f"the cached states did not line up with a batch ({self._split[1].failed})")
-        if self._split is None or self._split[0] != key:
+            self._drop_split(f"the cached states did not line up with a batch ({self._split[1].failed})", module_state)
+        if self._split is not None and self._split[1] is not None and not self._split[1].part_of(self.model):
+            self._drop_split("the model's modules were replaced", None)
+            self._split = None
+        dropped_in = self._split[3] if self._split is not None and len(self._split) > 3 else None
+        if self._split is None or self._split[0] != key or (dropped_in is not None and dropped_in != module_state):
             probe = model_inputs(batcher.batch(range(min(2, len(batcher))), trunk=False), self.model)
             split, reason = find_split(self.model, names, probe)
             if split is None:
@@ -211,7 +219,7 @@ class TrunkStates:
             return self._keep_every_position(str(err), split, batcher, below, module_state, progress)
         except TrunkLayoutError as err:
             logger.warning(f"No frozen-trunk cache: {err}; every forward runs the whole model.")
-            self._drop_split(str(err))
+            self._drop_split(str(err), module_state)
             return batcher.with_trunk(None)
         if new:  # every new cache is checked against the full model, on its first rows and padded ones
             error = verify_split(split, cache, batcher, verification_rows(batcher), reads=reads)
@@ -230,7 +238,7 @@ class TrunkStates:
                                + (f" ({' / '.join(half)} rounding can differ this much between batch shapes: a float32 "
                                   "copy of the model may keep the cache)." if half else "."))
                 self._drop_split(f"the top-only {'logits' if reads is None else 'outputs'} differ by {error:.2g} "
-                                 "(relative)")
+                                 "(relative)", module_state)
                 return batcher.with_trunk(None)
         split.verified.add(state)  # (the cache passed its check, here or when it was built: an engine keeps, saves
         # and loads no other)
@@ -260,13 +268,14 @@ class TrunkStates:
         self._trunk_cut = (self._trunk_cut[0], None, reason)
         return self._with_trunk(split, batcher, below, module_state, progress)
 
-    def _drop_split(self, reason: str) -> None:
-        """Stop using the current split for this engine (the full forward runs), and free the states cached for it."""
+    def _drop_split(self, reason: str, module_state: str | None) -> None:
+        """Stop using the current split for this engine (the full forward runs), and free the states cached for it;
+        ``module_state``: the modules' state it failed in (found again in another), None for good."""
         split = self._split[1]
         for key in [k for k, cache in self._trunks.items() if split is not None and cache.split is split]:
             self._trunks.pop(key).close()
             self._replaced("trunk", key)
-        self._split = (self._split[0], None, reason)
+        self._split = (self._split[0], None, reason, module_state)
 
     # ---- predictions through the same trunk -------------------------------------------------------------------
     def logits(self, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
@@ -286,7 +295,7 @@ class TrunkStates:
         # input-gradient hook off: read inside, it keyed the same rows' trunk states anew (computed and held twice)
         module_state = self._module_state()
         with influence_mode(model, names), torch.no_grad():
-            split = self._find_split(names, batcher)
+            split = self._find_split(names, batcher, module_state)
             if split is not None:
                 self._share_lengths(batcher)
                 batcher = self._with_trunk(split, batcher, split.fingerprint(tensor_digests(model)), module_state,
