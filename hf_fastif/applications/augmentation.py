@@ -18,6 +18,7 @@ from ..arguments import InfluenceArguments
 from ..data import load_anli, load_hans, tokenize_nli
 from ..data.loaders import local_columns
 from ..parsing import check_positive_counts
+from ..utils import quiet_datasets
 from .common import ApplicationData, check_num_labels, refuse_shared_rows, shared_rows, two_label_loss
 from .correction import CorrectionArguments, CorrectionResult, check_correction, run_correction
 from .prepare import Setup
@@ -86,7 +87,8 @@ def pool_dataset(pool_args: PoolArguments, raw_pool: Dataset | None, setup: Setu
     n = pool_args.max_pool_samples
     if n is not None and n < len(pool):
         rows = np.sort(np.random.default_rng(setup.args.seed).permutation(len(pool))[:n])
-        pool = pool.select(rows).add_column("pool_row", rows.tolist())
+        with quiet_datasets():  # (add_column flattens the selection's indices, with a progress bar of its own)
+            pool = pool.select(rows).add_column("pool_row", rows.tolist())
     return pool, name
 
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 from datasets import Dataset
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -262,11 +263,11 @@ class CorrectionResult:
             f"### {self.title}",
             "",
             f"HANS test accuracy (%) per heuristic, before and after {self.settings.get('num_steps')} steps "
-            f"(lr {self.settings.get('correction_learning_rate'):g}); mean ± std over {runs}; Δ = after − before.",
+            f"(lr {self.settings.get('correction_learning_rate'):g}); mean ± std (population) over {runs}; Δ = after − before.",
             "",
             markdown_table(["heuristic", "before", *[f"{s} (Δ)" for s in strategies]], accuracy),
             "",
-            f"HANS test loss (mean cross-entropy) per heuristic, before and after; mean ± std over {runs}.",
+            f"HANS test loss (mean cross-entropy) per heuristic, before and after; mean ± std (population) over {runs}.",
             "",
             markdown_table(["heuristic", "before", *strategies], loss),
             *(part for line in (self.sign_line(), self.retry_line()) if line for part in ("", line)),
@@ -297,6 +298,7 @@ class CorrectionResult:
                     ax.fill_between(x, mean - std, mean + std, color=colors[strategy], alpha=0.15)
             axes[0][column].set_title(heuristic)
             axes[1][column].set_xlabel("step")
+            axes[1][column].xaxis.set_major_locator(MaxNLocator(integer=True))  # (steps: no 0.5 ticks)
             for row in (0, 1):
                 axes[row][column].grid(alpha=0.3)
         axes[0][0].set_ylabel("HANS test accuracy (%)")
@@ -464,7 +466,8 @@ class _Corrector:
             rows = anchors if strategy == "anchors" else candidates.select(ids)
             loss = sgd_step(work, rows, protocol.correction_learning_rate, self.args, data_collator=data.collator,
                             loss_fn=loss_fn, measurement_fn=measurement_fn, measurement=strategy == "anchors")
-            steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss) | retried)
+            steps.append(_step_record(step, anchor_ids, ids, influence, rows, loss,
+                                      "hans_validation" if strategy == "anchors" else "candidates") | retried)
             if protocol.eval_every_step:
                 curve.append(self.evaluator(work, heuristic, engine=engine))
             self.bar.update(1)
@@ -508,10 +511,12 @@ def step_influence(engine: InfluenceEngine, train: Dataset, anchors: Dataset, ca
 
 
 def _step_record(step: int, anchor_ids: np.ndarray, ids: np.ndarray, influence: np.ndarray | None, rows: Dataset,
-                 loss: float) -> dict:
-    """What one step chose, for the result file: anchors, selected rows, their labels and influence, the loss."""
+                 loss: float, selected_from: str) -> dict:
+    """What one step chose, for the result file: anchors, selected rows (``selected_from``: ``"candidates"``, rows
+    of the training data or the pool, or ``"hans_validation"``, the anchors themselves), their labels and influence,
+    the loss."""
     label_column = "labels" if "labels" in rows.column_names else "label"
-    record = {"step": step, "anchors": anchor_ids.tolist(), "selected": ids.tolist(),
+    record = {"step": step, "anchors": anchor_ids.tolist(), "selected": ids.tolist(), "selected_from": selected_from,
               "selected_labels": [int(x) for x in rows[label_column]] if label_column in rows.column_names else None,
               "loss_before_step": loss}
     if influence is not None:

@@ -47,7 +47,7 @@ from ..loss import influence_model
 from ..mode import influence_mode
 from ..params import select_parameters, unflatten
 from ..trainer import InfluenceTrainer
-from ..utils import markdown_table
+from ..utils import markdown_table, quiet_datasets
 from .common import ApplicationData, batcher, check_num_labels, keep_finished, predict, refuse_few_candidates
 from .prepare import (
     Setup,
@@ -147,6 +147,13 @@ class SimulatabilityArguments:
                     test_points="HANS validation split" if self.test_dataset is None else self.test_dataset)
 
 
+SIMULATOR_WORDS = {
+    "trained": "trained here (`--simulator trained`: the task model's starting point, another order of the training "
+               "rows, the task model's predictions as labels)",
+    "copy": "a copy of the task model (`--simulator copy`: a control, whether influence predicts what one step does "
+            "to the model itself)"}
+"""How `SimulatabilityResult.to_markdown` names each ``simulator`` setting (any other is a checkpoint)."""
+
 @dataclass
 class SimulatabilityResult:
     """Simulator losses after one step on each row of each group, per test point and learning rate.
@@ -228,6 +235,8 @@ class SimulatabilityResult:
                         + "), so it is the least of the other kind, not what its name says."
                         if signed != sizes else "."))
         explain = self.settings.get("explain", "prediction")
+        simulator = self.settings.get("simulator", "trained")  # (the two give opposite answers: docs/applications.md)
+        simulator_line = ("The simulator: " + SIMULATOR_WORDS.get(simulator, f"the checkpoint `{simulator}`") + ".")
         gold_note = (["**Influence on the gold label** (`--explain gold`, as the reference code), while the change "
                       "below is measured on the task model's prediction: on an incorrect test point the helpful rows "
                       "(toward the gold label) move the simulator away from the prediction, so the correct and "
@@ -237,6 +246,8 @@ class SimulatabilityResult:
             "### Simulatability",
             "",
             sign_line,
+            "",
+            simulator_line,
             "",
             *gold_note,
             "Change of the simulator's loss on the task model's prediction after one SGD step on one training row "
@@ -294,7 +305,8 @@ def select_test_points(predictions: np.ndarray, labels: np.ndarray, num_correct:
 def with_labels(dataset: Dataset, labels: Sequence[int]) -> Dataset:
     """``dataset`` with its ``labels`` column replaced."""
     column = "labels" if "labels" in dataset.column_names else "label"
-    return dataset.remove_columns(column).add_column("labels", [int(x) for x in labels])
+    with quiet_datasets():  # (add_column flattens a selection's indices, with a progress bar of its own)
+        return dataset.remove_columns(column).add_column("labels", [int(x) for x in labels])
 
 
 class _SimulatorSteps:
@@ -355,7 +367,8 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
             the reference code does, so rows the task model gets wrong push the simulator the opposite way from
             what their influence says). Each random group ``random_<label>`` is drawn from the training rows whose
             step label (the task model's prediction, or the gold label with ``row_labels="gold"``) is ``<label>``,
-            so every row of it is stepped with that label.
+            so every row of it is stepped with that label. Its ``simulator`` names ``simulator`` in the results
+            (``"copy"`` for a copy of the task model, ``"trained"``, or a checkpoint's path): set it to what is passed.
         test_dataset: tokenized test rows with gold ``labels`` (default: ``data.hans_validation``).
     Returns:
         A `SimulatabilityResult`.
@@ -399,6 +412,7 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
     result = SimulatabilityResult(
         settings={"num_correct": int(correct.sum()), "num_incorrect": int((~correct).sum()),
                   "num_points": protocol.num_points, "explain": protocol.explain, "row_labels": protocol.row_labels,
+                  "simulator": protocol.simulator,
                   "seed": seed, "train_accuracy": float((train_predictions == train_gold).mean()),
                   "num_train": len(data.train), "influence": args.influence_settings()},
         learning_rates=rates)

@@ -169,6 +169,9 @@ def test_run_correction_protocol_mechanics(trained, nli, data, args, monkeypatch
         assert len({tuple(r["steps"][0]["anchors"]) for r in runs.values()}) == 1
         assert runs["random"]["steps"][0]["selected"] != runs["helpful"]["steps"][0]["selected"]
         assert runs["anchors"]["steps"][0]["selected"] == runs["anchors"]["steps"][0]["anchors"]
+        # (the anchors' ids are HANS validation rows, not candidates: a pool's `pool_rows` misread them)
+        assert {s: r["steps"][0]["selected_from"] for s, r in runs.items()} == {
+            s: "hans_validation" if s == "anchors" else "candidates" for s in runs}
     summary = result.summary()
     assert set(summary) == set(heuristics) and set(summary["constituent"]) == set(STRATEGIES)
     markdown = result.to_markdown()

@@ -139,7 +139,8 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
     most helpful rows lower the loss on the prediction, the most harmful raise it."""
     exact = copy.copy(args)
     exact.influence_knn_k = None
-    protocol = SimulatabilityArguments(num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2])
+    protocol = SimulatabilityArguments(num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2],
+                                       simulator="copy")
     result = run_simulatability(trained, copy.deepcopy(trained), data, exact, protocol, progress=False)
     assert len(result.points) == 4 and {"helpful", "harmful", "random_entailment"} <= set(result.groups)
     assert result.loss_change("helpful")[:, 0].mean() < 0 < result.loss_change("harmful")[:, 0].mean()
@@ -147,6 +148,9 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
     assert summary["all"]["helpful"]["minus_random_mean"][0] < 0 < summary["all"]["harmful"]["minus_random_mean"][0]
     assert summary["all"]["helpful"]["below_random"][0] >= 3 and summary["all"]["test_points"] == 4
     assert "helpful < random (test points)" in result.to_markdown()
+    # which simulator gave the numbers (a copy and a trained one answer oppositely): the JSON and the report were the
+    # same for both but for argv, where a default run's has no --simulator
+    assert result.settings["simulator"] == "copy" and "The simulator: a copy of the task model" in result.to_markdown()
     for point in result.points:
         assert np.asarray(point["losses"]["helpful"]).shape == (3, 2)
     # each extreme group's sign is recorded and reported; a "harmful" group of helpful rows is flagged
