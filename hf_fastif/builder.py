@@ -39,7 +39,7 @@ from .fingerprint import (
 )
 from .influence import default_arguments
 from .loss import default_loss_smoothing
-from .mode import uncompiled
+from .mode import influence_mode, uncompiled
 from .params import select_parameters
 from .table import InfluenceTable, InfluenceTableError, InfluenceTableWriter
 from .table.format import METADATA_FILE
@@ -86,10 +86,12 @@ def build_signature(model: nn.Module, train_dataset: Dataset, test_dataset: Data
     # influence_params=None selects by requires_grad, which the weights' fingerprint does not see (a model frozen
     # for one run and loaded again with from_pretrained, every parameter trainable): the names selected decide too
     names = list(select_parameters(model, args.influence_params))
+    with influence_mode(model, names):  # (the modules as influence runs them: checkpointing off, as a loaded model's)
+        modules = portable_module_state(model)
     signature = {
         "manifest_version": MANIFEST_VERSION,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model),
-                  "code": model_code_fingerprint(model), "modules": portable_module_state(model)},
+                  "code": model_code_fingerprint(model), "modules": modules},
         "influence_parameters": {"tensors": len(names),
                                  "names_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()},
         "settings": {k: v for k, v in args.influence_settings().items() if k not in RUNTIME_SETTINGS}
@@ -332,6 +334,10 @@ def _check_or_write_manifest(out: Path, signature: dict) -> bool:
 
             values = "; ".join(f"{key}: {show(old)} in the manifest, {show(new)} now" for key, old, new in found)
             how = "run it with the manifest's values"
+            if "model.modules" in [key for key, _, _ in found]:  # (a hash: say what it covers)
+                how += (" (model.modules: the modules' state beside the weights, as influence runs them: plain "
+                        "attributes such as a LayerNorm's eps, hooks, a forward replaced on a module, an activation "
+                        "module swapped; restore them as they were)")
             if [key for key, _, _ in found] == ["repetitions_used"]:  # influence_repetitions=None: T = processes
                 how = (f"launch it with {previous['repetitions_used']} processes (influence_repetitions=None runs one "
                        "LiSSA repetition per process)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -120,16 +120,23 @@ def collectively(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # (KeyboardInterrupt and the like end the launch anyway)
-        # plain strings: an exception (or its class) defined in a function cannot be pickled, and that process alone
-        # would fail in the gather while the others waited
-        in_step(what, (type(error).__module__, type(error).__qualname__, isinstance(error, ValueError),
-                       f"{type(error).__name__}: {error}"))
+        if not getattr(error, GATHERED, False):  # (raised where every process met: an enclosing block gathers no more)
+            # plain strings: an exception (or its class) defined in a function cannot be pickled, and that process
+            # alone would fail in the gather while the others waited
+            try:
+                in_step(what, Failure(type(error).__module__, type(error).__qualname__, isinstance(error, ValueError),
+                                      f"{type(error).__name__}: {error}"))
+            except Exception as other:  # (the others were at another stage, and were told of this error there)
+                if not getattr(other, GATHERED, False):
+                    raise
+            setattr(error, GATHERED, True)
         raise
     failed = [(rank, failure) for rank, failure in enumerate(in_step(what, None)) if failure is not None]
     if failed:
-        rank, (module, name, value_error, message) = failed[0]
-        raise _error_like(module, name, value_error, f"{what} failed in process {rank} ({message}); every process "
-                                                     "stops. Fix what it names and run again.")
+        rank, failure = failed[0]
+        raise _gathered(_error_like(failure.module, failure.name, failure.value_error,
+                                    f"{what} failed in process {rank} ({failure.message}); every process stops. Fix "
+                                    "what it names and run again."))
 
 
 def on_main(work: Callable[[], T], what: str) -> T | None:
@@ -148,12 +155,40 @@ def in_step(stage: str, value) -> list:
     stages = [s for s, _ in everyone]
     if len(set(stages)) > 1:
         rank = world()[0]
+        # a process that failed where the others do not gather (its own stage of a call, `collectively`), met at their
+        # next stage: its error, named (they went on, and waited for ever or failed with a bare gloo error)
+        failed = next(((r, s, v) for r, (s, v) in enumerate(everyone) if r != rank and isinstance(v, Failure)), None)
+        if failed is not None:
+            other, where, failure = failed
+            raise _gathered(_error_like(failure.module, failure.name, failure.value_error,
+                                        f"{where} failed in process {other} ({failure.message}) while this process "
+                                        f"was at {stage!r}; every process stops. Fix what it names and run again."))
         other = next(r for r, s in enumerate(stages) if s != stage)
-        raise RuntimeError(
+        raise _gathered(RuntimeError(
             f"The processes are out of step: process {rank} is at {stage!r}, process {other} at {stages[other]!r} (an "
             "error raised in one process only was caught and the script went on in it?). Every process of a launch "
-            "must make the same calls: stop every process on an error (hf_fastif's own errors do), then run again.")
+            "must make the same calls: stop every process on an error (hf_fastif's own errors do), then run again."))
     return [v for _, v in everyone]
+
+
+class Failure(NamedTuple):
+    """What `collectively` gathers of an error (plain strings: an exception, or its class, defined in a function
+    cannot be pickled)."""
+
+    module: str
+    name: str
+    value_error: bool
+    message: str
+
+
+GATHERED = "_hf_fastif_gathered"
+"""The attribute that marks an error every process of a launch raised at the same gather (`collectively`, `in_step`):
+an enclosing `collectively` raises it as it is, without a gather the others would not make."""
+
+
+def _gathered(error: Exception) -> Exception:
+    setattr(error, GATHERED, True)
+    return error
 
 
 def _error_like(module: str, name: str, value_error: bool, text: str) -> Exception:

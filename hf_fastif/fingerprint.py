@@ -163,10 +163,12 @@ def adapter_state(model: nn.Module) -> dict:
     return state
 
 
-STATE_IGNORED = frozenset({"training", "name_or_path"})
+STATE_IGNORED = frozenset({"training", "name_or_path", "gradient_checkpointing"})
 """Module attributes `module_state_description` leaves out (with private ones, such as transformers' ``_use_kernels``):
-the train / eval flag, and where the weights were loaded from (a model loaded again from its saved folder is the same
-model: a Space's warm start rebuilt every saved cache)."""
+the train / eval flag, where the weights were loaded from (a model loaded again from its saved folder is the same
+model: a Space's warm start rebuilt every saved cache), and gradient checkpointing's flag, which influence turns off
+(`hf_fastif.mode.influence_mode`) and which a layer holds only once it was ever set (a build of a model trained with
+checkpointing could not be resumed from the same model loaded again)."""
 
 
 _HELD_CONTAINERS = (torch.Tensor, np.ndarray, dict, list, tuple, set, frozenset)
@@ -219,9 +221,20 @@ def module_state_description(model: nn.Module) -> tuple:
 
 
 def _public_attributes(module: nn.Module) -> list[tuple[str, object]]:
-    """A module's public attributes but `STATE_IGNORED` (its plain settings live there: a LayerNorm's ``eps``, a loss
-    module's ``label_smoothing``)."""
-    return [(k, v) for k, v in vars(module).items() if k not in STATE_IGNORED and not k.startswith("_")]
+    """A module's public attributes but `STATE_IGNORED` and PEFT's adapter configs (its plain settings live there: a
+    LayerNorm's ``eps``, a loss module's ``label_smoothing``). The configs hold ``inference_mode`` and a
+    ``modules_to_save`` list that loading extends in place: the same adapter reloaded had another key (a build could
+    not be resumed); what they set lives in the layers, which `adapter_state` and the tensors count."""
+    return [(k, v) for k, v in vars(module).items()
+            if k not in STATE_IGNORED and not k.startswith("_") and not _peft_configs(v)]
+
+
+def _peft_configs(value) -> bool:
+    """Whether ``value`` is a PEFT config, or a dict of them (``peft_config``: one per adapter)."""
+    def config(v) -> bool:
+        return type(v).__module__.startswith("peft.") and hasattr(v, "peft_type")
+
+    return config(value) or (isinstance(value, dict) and bool(value) and all(map(config, value.values())))
 
 
 def module_settings(module: nn.Module) -> tuple:
@@ -516,18 +529,19 @@ def portable_fingerprint(fn) -> str:
 
 
 def portable_module_state(model: nn.Module) -> str:
-    """`description_key` of `module_state_description` without anything that differs between processes (as
-    `portable_fingerprint` for a callable): what a build's manifest records of the modules' state beside the weights,
-    config and code (an ``eps`` set in place, a hook, an activation swapped: a resumed build served the shards
-    computed before such a change, 2.3 off a fresh build's values, in a review). Where a value cannot be described
-    without addresses, the address-based key is returned (such a build is not resumed)."""
-    cut = [False]
-    token = _PORTABLE.set(cut)
+    """`description_key` of `module_state_description`, described as `portable_fingerprint` describes a callable's
+    values: what a build's manifest records of the modules' state beside the weights, config and code (an ``eps`` set
+    in place, a hook, an activation swapped: a resumed build served the shards computed before such a change, 2.3 off
+    a fresh build's values, in a review). Take it as influence runs the model (`hf_fastif.mode.influence_mode`: without
+    gradient checkpointing and its input-gradient hook, which a trained model carries and a loaded one does not). The
+    same for a model loaded again in another process; a value held only by identity (a tensor over
+    `DIGEST_BYTES` or in a long list a hook keeps, a list of over `SETTINGS_BREADTH` other objects) makes it this
+    process's own: such a build is not resumed, and the processes of a launch are refused as holding other builds."""
+    token = _PORTABLE.set([False])
     try:
-        portable = description_key(module_state_description(model))
+        return description_key(module_state_description(model))
     finally:
         _PORTABLE.reset(token)
-    return description_key(module_state_description(model)) if cut[0] else portable
 
 
 LIBRARY_MODULES = ("torch", "transformers", "peft", "builtins")

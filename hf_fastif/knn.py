@@ -75,7 +75,9 @@ def _first_state_blind(target: nn.Module) -> bool:
     try:
         with torch.no_grad(), evaluating(target):
             states = base(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-    except Exception:  # (a model the probe cannot run: its features are not read this way either)
+    except Exception as err:  # (a model the probe cannot run: its features are not read this way either)
+        logger.info(f"The first-position probe of {type(target).__name__} could not run ({type(err).__name__}: "
+                    f"{err}): its first-token features are not refused as causal.")
         return False
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[:2] != ids.shape:
         return False

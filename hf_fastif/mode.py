@@ -89,8 +89,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
             if autocast and mixed:  # (removed, the forward failed: "mat1 and mat2 must have the same dtype")
                 logger.warning("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 "
                                "Trainer) and its weights are of several dtypes, which its forward needs the autocast "
-                               "to mix: it is kept, so products run in reduced precision. For float32 values, put the "
-                               "model in one dtype (model.float()) first.")
+                               "to mix: it is kept, so products run in reduced precision. For float32 values, compute "
+                               "influence on a float32 copy of the model (copy.deepcopy(model).float()).")
                 autocast = {}
             elif autocast:
                 logger.info("The model's forward carries accelerate's mixed-precision autocast (a bf16 / fp16 Trainer); "
@@ -108,8 +108,8 @@ def influence_mode(model: nn.Module, names: Sequence[str]):
             if ambient and mixed:
                 logger.warning(f"The call is made inside torch.autocast ({', '.join(ambient)}) and the model's "
                                "weights are of several dtypes, which its forward needs the autocast to mix: it is "
-                               "kept, so products run in reduced precision. For float32 values, put the model in "
-                               "one dtype (model.float()) and call it outside the autocast.")
+                               "kept, so products run in reduced precision. For float32 values, compute influence on "
+                               "a float32 copy of the model (copy.deepcopy(model).float()), outside the autocast.")
                 ambient = []
             elif ambient:
                 logger.info(f"The call is made inside torch.autocast ({', '.join(ambient)}); influence runs without "

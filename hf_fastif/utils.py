@@ -75,17 +75,17 @@ def relative_difference(value: torch.Tensor, reference: torch.Tensor,
     return out if math.isfinite(out) else math.inf
 
 
-def batched_grad(outputs, inputs: list[torch.Tensor], grad_outputs, create_graph: bool = False,
+def batched_grad(outputs, inputs: list[torch.Tensor], grad_outputs,
                  allow_unused: bool = False) -> list[torch.Tensor | None]:
     """``autograd.grad`` for a stack of ``grad_outputs`` (one ``(m, ...)`` tensor, or one per output): one batched
     backward (``is_grads_batched``), or a loop where vmap cannot go. The graph is retained."""
     try:
         return list(torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, is_grads_batched=True,
-                                        retain_graph=True, create_graph=create_graph, allow_unused=allow_unused))
+                                        retain_graph=True, allow_unused=allow_unused))
     except RuntimeError:
         stacked = isinstance(grad_outputs, torch.Tensor)
         rows = [torch.autograd.grad(outputs, inputs, grad_outputs=g if stacked else [s[i] for s in grad_outputs],
-                                    retain_graph=True, create_graph=create_graph, allow_unused=allow_unused)
+                                    retain_graph=True, allow_unused=allow_unused)
                 for i, g in enumerate(grad_outputs if stacked else grad_outputs[0])]
         return [None if parts[0] is None else torch.stack(parts) for parts in zip(*rows)]
 

@@ -150,17 +150,24 @@ if __name__ == "__main__":
         args = default_arguments(**(COMMON | CASES["cg_full"] | {"influence_knn_k": 5}))
         out = {}
         own_trunk_cache = InfluenceEngine._trunk_cache
+        own_test_gradients = InfluenceEngine._test_gradients
 
         def full_disk(self, *args, **kwargs):  # process 1 has no room for its trunk states (each has its own file)
             raise OSError(28, "No space left on device (a test)")
+
+        def out_of_memory(self, *args, **kwargs):  # process 1 alone, in a stage every process runs by itself
+            raise RuntimeError("CUDA out of memory (a test)")
 
         good = train.select(range(15))
         # process 1's copy of the rows lost a column: refused there before the settings check, which process 0 then
         # met in process 1's next call (both waited for ever)
         lost = good.remove_columns("input_ids") if rank == 1 else good
         for name, rows in (("with_row_15", train), ("without_row_15", good), ("trunk_full", good),
-                           ("after_trunk_full", good), ("lost_column", lost), ("after_lost_column", good)):
+                           ("after_trunk_full", good), ("lost_column", lost), ("after_lost_column", good),
+                           ("test_gradients_oom", good), ("after_test_gradients_oom", good)):
             InfluenceEngine._trunk_cache = full_disk if name == "trunk_full" and rank == 1 else own_trunk_cache
+            InfluenceEngine._test_gradients = (out_of_memory if name == "test_gradients_oom" and rank == 1
+                                               else own_test_gradients)
             with InfluenceEngine(model, args, data_collator=pad_collator_for_tests()) as engine:
                 try:  # a script that reports a failed call and goes on: the next call must work
                     out[name] = len(engine.compute_influences(rows, test))

@@ -140,7 +140,7 @@ def test_the_trainer_keeps_its_engine_for_an_equal_collator_and_watches_the_new_
     ran on every call, seconds for a collator reading large module-level data); an equal new collator keeps the
     engine and its caches, and the engine then watches the new one (it watched the old object: the new one's padding
     set to the left went unseen)."""
-    import hf_fastif.trainer as trainer_module
+    import hf_fastif.engine.core as engine_module
     from hf_fastif import InfluenceArguments
     from hf_fastif.fingerprint import collator_key
 
@@ -151,7 +151,7 @@ def test_the_trainer_keeps_its_engine_for_an_equal_collator_and_watches_the_new_
     trainer.compute_influences(test)
     engine = trainer.influence_engine()
     keyed = []
-    monkeypatch.setattr(trainer_module, "collator_key", lambda c: keyed.append(c) or collator_key(c))
+    monkeypatch.setattr(engine_module, "collator_key", lambda c, *a: keyed.append(c) or collator_key(c, *a))
     trainer.compute_influences(test)
     assert trainer.influence_engine() is engine and keyed == []
     trainer.data_collator = copy.deepcopy(pad_collator)  # equal, another object

@@ -383,3 +383,26 @@ def test_lora_on_a_bf16_base_runs_without_accelerates_autocast(tmp_path, caplog)
     assert "accelerate's mixed-precision autocast" in caplog.text and "several dtypes" not in caplog.text
     assert model.forward is wrapper
     np.testing.assert_array_equal(wrapped.influence.to_numpy(), plain.influence.to_numpy())
+
+
+def test_a_build_resumes_with_the_adapter_loaded_again(tmp_path):
+    """The build's manifest records the modules' state, which held PEFT's adapter configs: loaded again
+    (`PeftModel.from_pretrained`), the same adapter has `inference_mode` set and a `modules_to_save` list that
+    loading extended in place, so its build was refused as another. It resumes, to the same values."""
+    import shutil
+
+    from hf_fastif import build_influence_table
+
+    model, collator = _lora(), pad_collator_for_tests()
+    base = tiny_model("bert", num_labels=3)  # (the same seed: _lora's base weights)
+    train, test = make_token_dataset(12, seed=0, num_labels=3), make_token_dataset(4, seed=1, num_labels=3)
+    args = _args(tmp_path, influence_solver="cg", influence_params=[r"lora_"])
+    model.save_pretrained(tmp_path / "adapter")
+    first = build_influence_table(model, train, test, tmp_path / "out", args, shard_size=2,
+                                  data_collator=collator).to_pandas()
+    shutil.rmtree(tmp_path / "out" / "shards" / "shard-00001")
+    shutil.rmtree(tmp_path / "out" / "table")
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).eval()
+    again = build_influence_table(loaded, train, test, tmp_path / "out", args, shard_size=2, data_collator=collator)
+    assert again.metadata["build"]["resumed_shards"] == 1
+    np.testing.assert_allclose(again.to_pandas().influence, first.influence, rtol=1e-6)

@@ -42,6 +42,7 @@ from ..arguments import InfluenceArguments
 from ..data import load_mnli, tokenize_nli
 from ..embedded import embedded_model, train_embedded_model
 from ..engine import InfluenceEngine
+from ..fingerprint import model_fingerprint
 from ..hvp import batch_gradient
 from ..loss import influence_model
 from ..mode import influence_mode
@@ -151,8 +152,22 @@ SIMULATOR_WORDS = {
     "trained": "trained here (`--simulator trained`: the task model's starting point, another order of the training "
                "rows, the task model's predictions as labels)",
     "copy": "a copy of the task model (`--simulator copy`: a control, whether influence predicts what one step does "
-            "to the model itself)"}
+            "to the model itself)",
+    "given": "a model of its own passed to run_simulatability (not the task model's weights)"}
 """How `SimulatabilityResult.to_markdown` names each ``simulator`` setting (any other is a checkpoint)."""
+
+
+def simulator_kind(task_model: nn.Module, simulator: nn.Module, named: str) -> str:
+    """What the results record as the simulator: ``"copy"`` where it holds the task model's weights and settings
+    (`model_fingerprint`), whatever ``named`` (``SimulatabilityArguments.simulator``) says; ``named`` otherwise, or
+    ``"given"`` where that is ``"copy"`` (another model). A name the model contradicts is warned of: the API's default
+    protocol named a copy "trained"."""
+    same = model_fingerprint(simulator) == model_fingerprint(task_model)
+    kind = "copy" if same else "given" if named == "copy" else named
+    if kind != named:
+        logger.warning(f"The simulator {'holds' if same else 'does not hold'} the task model's weights, but the "
+                       f"protocol names it {named!r}: the results record it as {kind!r}.")
+    return kind
 
 @dataclass
 class SimulatabilityResult:
@@ -235,8 +250,10 @@ class SimulatabilityResult:
                         + "), so it is the least of the other kind, not what its name says."
                         if signed != sizes else "."))
         explain = self.settings.get("explain", "prediction")
-        simulator = self.settings.get("simulator", "trained")  # (the two give opposite answers: docs/applications.md)
-        simulator_line = ("The simulator: " + SIMULATOR_WORDS.get(simulator, f"the checkpoint `{simulator}`") + ".")
+        simulator = self.settings.get("simulator")  # (a copy and a trained one answer oppositely: docs/applications.md)
+        simulator_line = ("The simulator: " + ("not recorded (a result of an older hf_fastif)" if simulator is None
+                                               else SIMULATOR_WORDS.get(simulator, f"the checkpoint `{simulator}`"))
+                          + ".")
         gold_note = (["**Influence on the gold label** (`--explain gold`, as the reference code), while the change "
                       "below is measured on the task model's prediction: on an incorrect test point the helpful rows "
                       "(toward the gold label) move the simulator away from the prediction, so the correct and "
@@ -368,7 +385,8 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
             what their influence says). Each random group ``random_<label>`` is drawn from the training rows whose
             step label (the task model's prediction, or the gold label with ``row_labels="gold"``) is ``<label>``,
             so every row of it is stepped with that label. Its ``simulator`` names ``simulator`` in the results
-            (``"copy"`` for a copy of the task model, ``"trained"``, or a checkpoint's path): set it to what is passed.
+            (``"trained"`` or a checkpoint's path; one with the task model's weights is recorded as ``"copy"``, and
+            another model named ``"copy"`` as ``"given"``: `simulator_kind`).
         test_dataset: tokenized test rows with gold ``labels`` (default: ``data.hans_validation``).
     Returns:
         A `SimulatabilityResult`.
@@ -409,10 +427,11 @@ def run_simulatability(task_model: nn.Module, simulator: nn.Module, data: Applic
     label_ids = sorted(set(np.asarray(step_labels).tolist()))  # random rows: drawn by the label of their step
     rng = np.random.default_rng([seed, 11])
     steps = _SimulatorSteps(copy.deepcopy(simulator), args, data.collator)
+    kind = simulator_kind(task_model, simulator, protocol.simulator)
     result = SimulatabilityResult(
         settings={"num_correct": int(correct.sum()), "num_incorrect": int((~correct).sum()),
                   "num_points": protocol.num_points, "explain": protocol.explain, "row_labels": protocol.row_labels,
-                  "simulator": protocol.simulator,
+                  "simulator": kind,
                   "seed": seed, "train_accuracy": float((train_predictions == train_gold).mean()),
                   "num_train": len(data.train), "influence": args.influence_settings()},
         learning_rates=rates)

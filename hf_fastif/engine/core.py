@@ -244,6 +244,15 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         Returns:
             An `InfluenceTable` (negative influence = helpful), identical on every process.
         """
+        # every stage below in one block of every process: an error that only one process meets outside the stages
+        # that gather (its padding probe, its test gradients: an out-of-memory on one GPU) reaches the others at their
+        # next gather, named (they went on, and waited for ever, or failed with a bare gloo error)
+        with D.collectively("The influence call"):
+            table = self._compute(train_dataset, test_dataset, combine, candidate_dataset)
+        return table
+
+    def _compute(self, train_dataset: Dataset, test_dataset: Dataset, combine: str,
+                 candidate_dataset: Dataset | None) -> InfluenceTable:
         call = self._start(train_dataset, test_dataset, candidate_dataset, combine)
         with influence_mode(self.model, call.names):
             self._prepare(call)
@@ -380,8 +389,8 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
     def use_collator(self, data_collator) -> None:
         """Run with ``data_collator``, one that `serves` found equal to this engine's (its caches kept; its settings
         watched from now on)."""
-        if data_collator is not self.data_collator:
-            self.data_collator, self._collator_watch.last = data_collator, None
+        if data_collator is not self.data_collator:  # (its key is this one's, as `serves` found: not keyed again)
+            self.data_collator, self._collator_watch = data_collator, _Watch(last=collator_settings(data_collator))
 
     @property
     def measures_default_loss(self) -> bool:

@@ -211,7 +211,7 @@ class STestStage:
             except FloatingPointError as err:  # (every solver's inf / NaN products: name the rows where it is theirs)
                 bad = self._non_finite_training_rows(call)
                 if not bad:  # (no row's loss: an overflow, of half-precision weights where the advice says so)
-                    if advice := overflow_advice(call.params):
+                    if (advice := overflow_advice(call.params)) and (not err.args or isinstance(err.args[0], str)):
                         err.args = (f"{err.args[0] if err.args else err} ({advice}.)", *err.args[1:])
                     raise
                 raise NonFiniteError(

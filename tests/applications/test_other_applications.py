@@ -19,7 +19,12 @@ from hf_fastif.applications import (
 from hf_fastif.applications import visualize as visualize_module
 from hf_fastif.applications.augmentation import PoolArguments, load_pool, pool_format, run_augmentation
 from hf_fastif.applications.common import two_label_loss
-from hf_fastif.applications.simulatability import describe_rates, run_simulatability, select_test_points
+from hf_fastif.applications.simulatability import (
+    describe_rates,
+    run_simulatability,
+    select_test_points,
+    simulator_kind,
+)
 from hf_fastif.applications.visualize import influence_graph, run_visualization, sample_per_heuristic
 
 
@@ -134,14 +139,16 @@ def test_select_test_points_mixes_correct_and_incorrect():
     assert (predictions[rows] == labels[rows]).tolist() == correct.tolist()
 
 
-def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(trained, data, args):
+def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(trained, data, args, caplog):
     """With the task model itself as simulator and small steps, influence predicts the first-order change: the
     most helpful rows lower the loss on the prediction, the most harmful raise it."""
     exact = copy.copy(args)
     exact.influence_knn_k = None
-    protocol = SimulatabilityArguments(num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2],
-                                       simulator="copy")
-    result = run_simulatability(trained, copy.deepcopy(trained), data, exact, protocol, progress=False)
+    # (the protocol's default names the simulator "trained": a copy is recorded as one all the same, with a warning)
+    protocol = SimulatabilityArguments(num_correct=2, num_incorrect=2, num_points=3, learning_rates=[1e-3, 1e-2])
+    with caplog.at_level("WARNING"):
+        result = run_simulatability(trained, copy.deepcopy(trained), data, exact, protocol, progress=False)
+    assert "holds the task model's weights, but the protocol names it 'trained'" in caplog.text
     assert len(result.points) == 4 and {"helpful", "harmful", "random_entailment"} <= set(result.groups)
     assert result.loss_change("helpful")[:, 0].mean() < 0 < result.loss_change("harmful")[:, 0].mean()
     summary = result.summary()
@@ -151,6 +158,14 @@ def test_simulatability_with_a_copy_helpful_lowers_loss_more_than_harmful(traine
     # which simulator gave the numbers (a copy and a trained one answer oppositely): the JSON and the report were the
     # same for both but for argv, where a default run's has no --simulator
     assert result.settings["simulator"] == "copy" and "The simulator: a copy of the task model" in result.to_markdown()
+    assert simulator_kind(trained, copy.deepcopy(trained), "copy") == "copy"
+    other = copy.deepcopy(trained)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert simulator_kind(trained, other, "copy") == "given" and simulator_kind(trained, other, "trained") == "trained"
+    older = copy.deepcopy(result)
+    del older.settings["simulator"]
+    assert "The simulator: not recorded" in older.to_markdown()
     for point in result.points:
         assert np.asarray(point["losses"]["helpful"]).shape == (3, 2)
     # each extreme group's sign is recorded and reported; a "harmful" group of helpful rows is flagged
