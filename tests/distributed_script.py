@@ -150,7 +150,7 @@ if __name__ == "__main__":
         args = default_arguments(**(COMMON | CASES["cg_full"] | {"influence_knn_k": 5}))
         out = {}
         own_trunk_cache = InfluenceEngine._trunk_cache
-        own_test_gradients = InfluenceEngine._test_gradients
+        own_test_gradients = InfluenceEngine._each_test_gradient
 
         def full_disk(self, *args, **kwargs):  # process 1 has no room for its trunk states (each has its own file)
             raise OSError(28, "No space left on device (a test)")
@@ -166,8 +166,8 @@ if __name__ == "__main__":
                            ("after_trunk_full", good), ("lost_column", lost), ("after_lost_column", good),
                            ("test_gradients_oom", good), ("after_test_gradients_oom", good)):
             InfluenceEngine._trunk_cache = full_disk if name == "trunk_full" and rank == 1 else own_trunk_cache
-            InfluenceEngine._test_gradients = (out_of_memory if name == "test_gradients_oom" and rank == 1
-                                               else own_test_gradients)
+            InfluenceEngine._each_test_gradient = (out_of_memory if name == "test_gradients_oom" and rank == 1
+                                                   else own_test_gradients)
             with InfluenceEngine(model, args, data_collator=pad_collator_for_tests()) as engine:
                 try:  # a script that reports a failed call and goes on: the next call must work
                     out[name] = len(engine.compute_influences(rows, test))

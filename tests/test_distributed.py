@@ -113,10 +113,10 @@ def test_an_error_in_one_process_share_stops_every_process_and_the_next_call_wor
     assert ours["after_lost_column"] == theirs["after_lost_column"] == 3 * 5
     # process 1 alone failed in a stage every process runs by itself (its test gradients: an out-of-memory on one
     # GPU): process 0 went on into the next stage's gather, and both waited for ever (or it failed with a bare gloo
-    # error); it now meets process 1's error there, named, and the next call works
+    # error); that stage is a collective block now, and the next call works
     assert ours["test_gradients_oom"] == "CUDA out of memory (a test)"
-    assert theirs["test_gradients_oom"].startswith("The influence call failed in process 1 (RuntimeError: CUDA out of "
-                                                   "memory (a test)) while this process was at ")
+    assert theirs["test_gradients_oom"].startswith("The test rows' gradients failed in process 1 (RuntimeError: CUDA "
+                                                   "out of memory (a test)); every process stops.")
     assert ours["after_test_gradients_oom"] == theirs["after_test_gradients_oom"] == 3 * 5
 
 

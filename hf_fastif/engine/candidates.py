@@ -251,7 +251,8 @@ class CandidateStage:
                D.world()[1], *call.cand.layout_key)
         split, (cand, test) = _feature_path(call, method, call.cand, call.test)
         if callable(method):
-            self._check_feature_padding(call, method, [(call.cand, "candidate"), (call.test, "test")])
+            D.together(lambda: self._check_feature_padding(call, method, [(call.cand, "candidate"), (call.test, "test")]),
+                       "The features function's padding check")
         with torch.no_grad():
             if self._feature_index is None or self._feature_index[0] != key:
                 self._feature_index = None  # one index at a time: features of a large training set are big
@@ -261,8 +262,9 @@ class CandidateStage:
                                              progress=call.progress, desc="kNN features"),
                     "The candidates' kNN features"))
                 self._feature_index = (key, build_index(feats, args.influence_knn_index), feats.shape[1])
-            test_feats = extract_features(self.model, test, method, batch_size=bsz, split=split, progress=False,
-                                          desc="test features")
+            test_feats = D.together(lambda: extract_features(self.model, test, method, batch_size=bsz, split=split,
+                                                             progress=False, desc="test features"),
+                                    "The test rows' kNN features")
         if test_feats.shape[1] != self._feature_index[2]:  # (faiss: a bare AssertionError)
             raise ValueError(f"The test rows' kNN features have {test_feats.shape[1]} columns, the candidates' "
                              f"{self._feature_index[2]}: a features= callable must give every row a vector of one width "

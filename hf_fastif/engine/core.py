@@ -244,15 +244,6 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
         Returns:
             An `InfluenceTable` (negative influence = helpful), identical on every process.
         """
-        # every stage below in one block of every process: an error that only one process meets outside the stages
-        # that gather (its padding probe, its test gradients: an out-of-memory on one GPU) reaches the others at their
-        # next gather, named (they went on, and waited for ever, or failed with a bare gloo error)
-        with D.collectively("The influence call"):
-            table = self._compute(train_dataset, test_dataset, combine, candidate_dataset)
-        return table
-
-    def _compute(self, train_dataset: Dataset, test_dataset: Dataset, combine: str,
-                 candidate_dataset: Dataset | None) -> InfluenceTable:
         call = self._start(train_dataset, test_dataset, candidate_dataset, combine)
         with influence_mode(self.model, call.names):
             self._prepare(call)
@@ -302,13 +293,16 @@ class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, Sa
     def _prepare(self, call: Call) -> None:
         """The padding probe, the trunk caches, the read position, and the default loss against the model's own:
         what every later stage runs on."""
-        self._check_padding(call)
+        # each stage every process runs by itself is a collective block (`D.together`): an error that one process alone
+        # meets (an out-of-memory on one GPU) stops every process, the others naming it; they went on into the next
+        # stage's gather and failed with a bare gloo error or, where the script caught the error and called again,
+        # waited for ever
+        D.together(lambda: self._check_padding(call), "The padding probe")
         with call.timer("trunk"):
-            # each process computes its own trunk states (its own file, its own disk space): one that fails stops
-            # every process, which went on into the next stage's collectives and waited for ever
+            # each process computes its own trunk states (its own file, its own disk space)
             D.together(lambda: self._attach_trunks(call), "The trunk states")
-            self._attach_readout(call)
-        self._check_own_loss(call)
+            D.together(lambda: self._attach_readout(call), "The last layer's cut")
+        D.together(lambda: self._check_own_loss(call), "The check of the default loss against the model's own")
 
     def _label_smoothing(self) -> float:
         return default_loss_smoothing(self.args, self.loss_fn)

@@ -267,6 +267,13 @@ class STestStage:
             D.together(mine, "The test rows' mean gradient")
             call.info["mean_over_rows"] = len(counted)  # (the card's count: the rows with a target, not every row)
             return (D.all_reduce_sum(total) / len(counted)).unsqueeze(0)
+        # every process computes every row's (a collective block: an error one process alone meets stops them all;
+        # no collective inside, where a failure before it would leave the others waiting in another gather)
+        return D.together(lambda: self._each_test_gradient(call), "The test rows' gradients")
+
+    def _each_test_gradient(self, call: Call) -> torch.Tensor:
+        """``(m, p)`` in the working dtype: one measurement gradient per test row (in this process)."""
+        bsz = self.args.influence_hvp_batch_size
         gradients = []
         for rows, batch in call.test.batches(range(len(call.test)), bsz):
             if self.measures_default_loss:  # a row must have targets
