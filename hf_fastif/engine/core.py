@@ -132,6 +132,7 @@ def read_settings(args) -> dict:
     takes over an engine for arguments equal in these)."""
     return args.influence_settings() | {name: getattr(args, name, None) for name in TRAINER_SETTINGS}
 
+
 class InfluenceEngine(PaddingChecks, TrunkStates, STestStage, CandidateStage, SavedCaches):
     """Influence of training rows on test rows for one model, with caches owned by this object.
 
