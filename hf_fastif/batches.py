@@ -17,7 +17,7 @@ from transformers import DataCollatorWithFlattening, default_data_collator
 from transformers.utils import find_labels, logging
 
 from .fingerprint import content_fingerprint
-from .loss import positions_before_rows, prepended_positions, shifts_labels
+from .loss import drops_first_label, positions_before_rows
 from .trunk import HIDDEN_KEY, transformers_model
 from .utils import input_embeddings
 
@@ -251,8 +251,7 @@ def check_values(dataset: Dataset, columns: Sequence[str], name: str, model: nn.
     token_classes = _class_count(head, "ForTokenClassification") if default_loss else None
     multiple_choice = default_loss and type(head).__name__.endswith("ForMultipleChoice")
     multi_label_width = _multi_label_width(head) if default_loss else None
-    # the labels the default loss reads as `rows_without_targets` does (a PEFT prompt's virtual tokens come first)
-    shift = default_loss and shifts_labels(model) and not prepended_positions(model)
+    shift = default_loss and drops_first_label(model)  # (the labels the default loss reads, as collated batches')
     labelled = False  # whether any row has a target the loss reads (not -100)
     outside_warned = False  # a multi-label target outside [0, 1] (said once per dataset)
     longest, longest_length = None, -1

@@ -179,6 +179,12 @@ TOKEN_WEIGHTING = (
 """Said once a process where the default loss is a token loss (`token_loss_kind`)."""
 
 
+def drops_first_label(model: nn.Module) -> bool:
+    """Whether the default loss reads no row's first token label: a causal LM's shift (position 0 predicts none),
+    unless a PEFT prompt's virtual tokens come first (the row's first label is then predicted from the last of them)."""
+    return shifts_labels(model) and not prepended_positions(model)
+
+
 def rows_without_targets(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[int]:
     """Rows of ``batch`` whose token labels leave the default loss nothing to read: every label -100 once a causal
     LM's shift drops the first position (a one-token row, or a row labelled at its first token only), so the row's
@@ -189,7 +195,7 @@ def rows_without_targets(model: nn.Module, batch: Mapping[str, torch.Tensor]) ->
         return (labels == -100).nonzero().flatten().tolist()
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.is_floating_point():
         return []
-    if shifts_labels(model) and not prepended_positions(model):  # (virtual tokens before the row: all read)
+    if drops_first_label(model):
         labels = labels[:, 1:]
     return (labels != -100).sum(1).eq(0).nonzero().flatten().tolist()
 

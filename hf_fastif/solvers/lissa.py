@@ -319,8 +319,9 @@ def solve_lissa(hvp_step: Callable[[int, Sequence[int], torch.Tensor], torch.Ten
                 raise LissaNonFiniteError(
                     f"LiSSA step {j}: the Hessian-vector product of the sampled training rows is not finite (inf/NaN) "
                     f"while the iterate is (‖h‖ = {size:.3g}·‖v‖): a training row's loss or its derivatives are "
-                    "inf / NaN, or they overflowed the working dtype; check the training rows' losses. If ‖h‖ is far above 1/damping·‖v‖, the iterate itself grew until the "
-                    "model's dtype overflowed: that is divergence (raise influence_scale).")
+                    "inf / NaN, or they overflowed the working dtype; check the training rows' losses. If ‖h‖ is far "
+                    "above 1/damping·‖v‖, the iterate itself grew until the model's dtype overflowed: that is "
+                    "divergence (raise influence_scale).")
             raise LissaDivergenceError(_divergence_message(j, None, damping, scale, top_eigenvalue))
         before = norms
         growth = monitor.update(norms)
