@@ -84,8 +84,8 @@ from .utils import check_build_folder, check_output_dir, library_version, to_jso
 
 EXIT_ERROR = 2
 TRUST_REMOTE_CODE_HELP = ("Run the model's own code from its folder or Hub repo (auto_map in config.json: a custom "
-                          "architecture or head). Only for code you trust; without it such a model is refused, or "
-                          "transformers asks, which fails without a terminal.")
+                          "architecture or head). Only for code you trust; without it such a model is refused (even "
+                          "where transformers has a built-in class of its model_type, which it would load instead).")
 FORCE_DOWNLOAD_HELP = ("For a Hub repo id: download the table again even if the Hub cache holds it (a cached copy "
                        "that was damaged).")
 logger = pylogging.getLogger(__name__)
@@ -377,22 +377,23 @@ def add_show(sub) -> None:
 
 
 def run_show(ns: argparse.Namespace) -> int:
+    if not ns.list and ns.n < 1:
+        raise ValueError(f"-n must be at least 1, got {ns.n}.")
     table = open_table(ns.source, ns.revision, force_download=ns.force_download)[0]
-    print(_summary(table))
     names = table.metadata.get("label_names") or []
     tests = table.tests()
     for col in ("test_label", "test_prediction"):
         if col in tests:
             tests[col] = _label_names(tests[col], names)
     if ns.list:
+        print(_summary(table))
         shown = tests.drop(columns=[c for c in ("test_subcase",) if c in tests])
         print(_format(shown.rename(columns=lambda c: c.removeprefix("test_") if c != "test_id" else c), _width()))
         return 0
-    if ns.n < 1:
-        raise ValueError(f"-n must be at least 1, got {ns.n}.")
     test_id = ns.test_id if ns.test_id is not None else int(tests.test_id.iloc[0]) if len(tests) else 0
     row = tests[tests.test_id == test_id]
     counts = table.describe(test_id)  # an unknown test id: the error before anything is printed of it
+    print(_summary(table))
     print(f"\ntest {test_id}")
     if len(row):
         for col in [c for c in row.columns if c != "test_id"]:

@@ -245,8 +245,10 @@ def test_errors_are_one_line_messages(built: Path, tmp_path: Path, capsys) -> No
     assert main(["show", str(built)]) == 2  # a folder, but not a table: a build, whose table is named
     err = capsys.readouterr().err
     assert "is not an influence table" in err and f"It holds a build; its table is {built / 'table'}" in err
-    assert main(["show", str(built / "table"), "--test-id", "99"]) == 2  # nothing printed of an unknown test id
-    assert "test 99" not in capsys.readouterr().out
+    # an unknown test id or -n below 1: refused before anything is printed (the table's summary line came first)
+    for flags in (["--test-id", "99"], ["-n", "0"]):
+        assert main(["show", str(built / "table"), *flags]) == 2
+        assert capsys.readouterr().out == ""
     # row counts below 1: refused before any work (0 meant every row, without a word; -2 failed after the model)
     for command in (["build", "--output-dir", str(tmp_path / "e1"), "--max_train_samples", "0"],
                     ["build", "--output-dir", str(tmp_path / "e2"), "--max_test_samples", "-2"],
@@ -759,17 +761,21 @@ def test_a_checkpoint_without_a_padding_token_on_one_side_is_matched_or_refused(
         batcher.collate(rows.to_list())
 
 
-def test_build_runs_a_models_own_code_only_with_trust_remote_code(built: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("model_type", ["scaled-bert", "bert"])
+def test_build_runs_a_models_own_code_only_with_trust_remote_code(model_type, built: Path, tmp_path: Path,
+                                                                  capsys) -> None:
     """A model with its own code (auto_map in config.json) could not be built from the command line: it had no
-    --trust_remote_code, and transformers' question fails without a terminal (CI, nohup)."""
+    --trust_remote_code, and transformers' question fails without a terminal (CI, nohup). Where its model_type is
+    built in ("bert"), it was built without the flag from transformers' own class, not the checkpoint's (a review)."""
     import shutil
 
+    from hf_fastif.applications.prepare import resolve_model
     from hf_fastif.data import generate_nli
 
     folder = tmp_path / "custom"
     shutil.copytree(built / "model", folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="scaled-bert", architectures=["ScaledModel"], auto_map={
+    config.update(model_type=model_type, architectures=["ScaledModel"], auto_map={
         "AutoConfig": "configuration_scaled.ScaledConfig",
         "AutoModelForSequenceClassification": "modeling_scaled.ScaledModel"})
     (folder / "config.json").write_text(json.dumps(config))
@@ -786,7 +792,11 @@ def test_build_runs_a_models_own_code_only_with_trust_remote_code(built: Path, t
             "--influence_params", r"classifier\."]
     capsys.readouterr()
     assert main([*args, "--output-dir", str(tmp_path / "refused")]) == 2
-    assert "trust_remote_code" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "names its own code in config.json" in err and "Pass --trust_remote_code" in err
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="The recipes do not run a checkpoint's own code"):
+        resolve_model(str(folder), remote_code_flag=None)  # (the recipes have no such flag)
     assert main([*args, "--output-dir", str(tmp_path / "out"), "--trust_remote_code"]) == 0
     table = InfluenceTable.load(tmp_path / "out" / "table")
     assert len(table) == 10 and "ScaledModel" in table.metadata["model"]["class"]

@@ -259,14 +259,18 @@ def configure_threads(data_args: ModelDataArguments) -> None:
         torch.set_num_threads(data_args.num_threads)
 
 
-def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                  remote_code_flag: str | None = "--trust_remote_code") -> str:
     """A local checkpoint directory or a Hub id (at ``revision``) that can be loaded; a `ValueError` naming the fix
-    otherwise (transformers' own says "We couldn't connect to 'https://huggingface.co'..." for a mistyped folder)."""
+    otherwise (transformers' own says "We couldn't connect to 'https://huggingface.co'..." for a mistyped folder).
+    A checkpoint that names its own code (``auto_map``) is refused unless ``trust_remote_code``:
+    `refuse_own_code`; ``remote_code_flag`` is the caller's flag that allows it (None: there is none)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise ValueError(f"{str(path)!r} is not a model checkpoint (a directory with config.json); pass a "
                              "directory written by model.save_pretrained(...) or a Hub model id.")
+        refuse_own_code(str(path), revision, trust_remote_code, remote_code_flag)
         return str(path)
     try:
         AutoConfig.from_pretrained(name_or_path, revision=revision,  # the local cache, or the Hub when online
@@ -281,7 +285,33 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
             ) from None  # (the Hub client's own error, chained, was a traceback about repo-id syntax or the network)
         raise ValueError(f"Could not load the model {name_or_path!r} ({err}). Pass a local checkpoint directory or a "
                          "Hub model id such as 'bert-base-cased'.") from err
+    refuse_own_code(name_or_path, revision, trust_remote_code, remote_code_flag)
     return name_or_path
+
+
+def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: bool,
+                    remote_code_flag: str | None) -> None:
+    """Refuse a checkpoint whose config.json names its own code (``auto_map``) unless ``trust_remote_code``: where its
+    ``model_type`` is one transformers knows, its Auto classes load their built-in class without a word, which may
+    not be the model that was trained (another head or forward), and every influence would be of that one."""
+    if trust_remote_code:
+        return
+    try:
+        config = PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0]
+    except (OSError, ValueError):
+        return  # (the loading's own error follows)
+    own = config.get("auto_map")
+    if not own:
+        return
+    allow = (f"Pass {remote_code_flag} to run the checkpoint's code (only code you trust)" if remote_code_flag else
+             "The recipes do not run a checkpoint's own code: load the model yourself and use the Python API "
+             "(hf_fastif.compute_influences, InfluenceTrainer)")
+    raise ValueError(
+        f"{name_or_path!r} names its own code in config.json (auto_map: "
+        f"{', '.join(sorted(own)) if isinstance(own, dict) else own}). Without trust_remote_code, transformers would "
+        f"load its built-in {config.get('model_type')!r} class instead where it has one, without an error, and that "
+        f"may not be the model that was trained. {allow}, or remove \"auto_map\" from config.json to use "
+        "transformers' built-in class on purpose.")
 
 
 def is_sequence_classifier(config) -> bool:
@@ -525,7 +555,7 @@ def prepare(data_args: ModelDataArguments, args: InfluenceArguments, *, required
 
 def _check_checkpoint(data_args: ModelDataArguments, required_labels, what) -> tuple[str, object, bool]:
     """``(name, config, train)`` for a pretrained model; raises before any download of weights or data."""
-    name = resolve_model(data_args.model_name_or_path)
+    name = resolve_model(data_args.model_name_or_path, remote_code_flag=None)
     config = AutoConfig.from_pretrained(name)
     classifier = is_sequence_classifier(config)
     train = data_args.fine_tune == "always" or (data_args.fine_tune == "auto" and not classifier)

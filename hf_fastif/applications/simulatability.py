@@ -503,7 +503,7 @@ def check_simulatability(setup: Setup, protocol: SimulatabilityArguments) -> str
     protocol.validate()
     refuse_few_candidates(len(setup.data.train), setup.args.influence_knn_k, protocol.num_points, "Each test point")
     if protocol.simulator not in SIMULATORS:
-        checkpoint = resolve_model(protocol.simulator)
+        checkpoint = resolve_model(protocol.simulator, remote_code_flag=None)
         check_simulator_checkpoint(checkpoint, setup)
         return checkpoint
     if protocol.simulator == "trained" and setup.name != "embedded" and not setup.description["trained_here"]:
