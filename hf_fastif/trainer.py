@@ -67,20 +67,15 @@ class InfluenceTrainer(Trainer):
         self.influence_measurement_fn = influence_measurement_fn
         self._influence_engine: InfluenceEngine | None = None
         self.loss_reads_num_items: bool | None = None  # `compute_loss`: found on the first training step
-        # (label_smoothing_factor is the default loss's own: it reads it from the arguments)
-        trained_on = [what for what, used in (
-            ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
-            (f"{type(self).__name__}.compute_loss",
-             type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
-        self._trained_on = " and ".join(trained_on) or None  # (kept in each table's diagnostics: `trained_with`)
         # a subclass's training_step that never calls compute_loss trains a loss nothing here sees:
         # `_unseen_training_step`, from the optimizer steps taken in this process and compute_loss's training calls
         self._steps_here = _StepsTaken()
         self.add_callback(self._steps_here)
         self._trained_through_compute_loss = False
         self._unseen_step_warned = False
-        # (what the check of that loss against the model's found, and at which optimizer step: `_trained_loss`)
-        self._trained_loss_check: tuple[int, str | None] | None = None
+        # (what the check of that loss against the model's found, at which optimizer step, for which
+        # compute_loss_func: `_trained_loss`)
+        self._trained_loss_check: tuple[int, str | None, object] | None = None
         self._decay_said = None  # (the weight decay said: `_say_which_weight_decay`)
         self._say_which_weight_decay()
 
@@ -253,6 +248,19 @@ class InfluenceTrainer(Trainer):
             engine.trained_loss = self._trained_loss(self.train_dataset, loss_fn)
         return engine
 
+    @property
+    def _trained_on(self) -> str | None:
+        """What this trainer trains with beside the model's own loss (named in each table's ``trained_with``), read as
+        it is now: a ``compute_loss_func`` set after construction (a subclass's ``__init__`` setting it after
+        ``super().__init__()``) went unchecked when this was read once at construction, and a class-weighted loss's
+        influence came back as the plain loss's without a word (a review: 0.86 off). Label smoothing is the default
+        loss's own (it reads it from the arguments)."""
+        trained_on = [what for what, used in (
+            ("a compute_loss_func", getattr(self, "compute_loss_func", None) is not None),
+            (f"{type(self).__name__}.compute_loss",
+             type(self).compute_loss not in (Trainer.compute_loss, InfluenceTrainer.compute_loss))) if used]
+        return " and ".join(trained_on) or None
+
     def _trained_loss(self, train: Dataset | None, loss_fn: LossFn | None = None) -> str | None:
         """What this trainer trains with instead of the model's loss (`InfluenceEngine.trained_loss`), or None (also
         where influence takes a ``loss_fn`` of its own: this call's, else ``influence_loss_fn``).
@@ -269,8 +277,9 @@ class InfluenceTrainer(Trainer):
         unseen = self._unseen_training_step()
         if unseen is not None or self._trained_on is None:
             return unseen
-        step, checked = self.state.global_step, self._trained_loss_check
-        if checked is None or (checked[1] is None and checked[0] != step):  # (a difference found is kept)
+        step, checked, func = self.state.global_step, self._trained_loss_check, getattr(self, "compute_loss_func", None)
+        # (a difference found is kept while the compute_loss_func is the same)
+        if checked is None or checked[2] is not func or (checked[1] is None and checked[0] != step):
             compared = self._trainer_and_plain_loss(train)
             same = compared is not None and abs(compared[0] - compared[1]) <= compared[2] * max(
                 abs(compared[0]), abs(compared[1])) + 1e-6
@@ -291,7 +300,7 @@ class InfluenceTrainer(Trainer):
                                + "): the Hessian and gradients are not those of the loss that was trained. Pass "
                                "InfluenceTrainer(..., influence_loss_fn=(outputs, batch) -> per-row loss) to measure "
                                "that one.")
-            self._trained_loss_check = (step, note)
+            self._trained_loss_check = (step, note, func)
         return self._trained_loss_check[1]
 
     def _unseen_training_step(self) -> str | None:
@@ -332,17 +341,23 @@ class InfluenceTrainer(Trainer):
             if (isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
                     and len(labels.unique()) < 2):
                 return None
-            # a compute_loss_func of transformers' documented form divides by num_items_in_batch, and failed on None:
-            # it gets the items the Trainer would pass (labels not -100; a causal LM's after the first position), in
-            # one process only (under a launch the Trainer multiplies the loss by the processes, for a count it
-            # gathers over them), and never a compute_loss override (through this class's compute_loss, whose
-            # num_items probe is a collective)
+            # a compute_loss_func of transformers' documented form divides by num_items_in_batch, and failed on None,
+            # and so did a compute_loss override that does (it was named as another loss than the model's, a review's
+            # equal one): both get the items the Trainer would pass (labels not -100; a causal LM's after the first
+            # position), in one process only (under a launch the Trainer multiplies the loss by the processes, for
+            # a count it gathers over them). This class's compute_loss is kept from its num_items probe there (a
+            # collective, and the first training step's to make)
             items = None
-            if (func is not None and isinstance(labels, torch.Tensor)
+            if (isinstance(labels, torch.Tensor)
                     and (self.accelerator.num_processes == 1 or not self.args.average_tokens_across_devices)):
                 items = (labels[..., 1:] if shifts_labels(model) else labels).ne(-100).sum()
+            probe = self.loss_reads_num_items
             with torch.no_grad(), evaluating(model):
-                trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+                try:
+                    self.loss_reads_num_items = True if probe is None else probe  # (no probe in the check)
+                    trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+                finally:
+                    self.loss_reads_num_items = probe
                 self.compute_loss_func = None
                 plain = InfluenceTrainer.compute_loss(self, model, dict(batch))  # (the batch's mean: no count)
             values = (float(trained.detach().float()), float(plain.detach().float()))
