@@ -248,7 +248,8 @@ def validate_influence_settings(args) -> None:
             "influence_damping=0 with influence_solver='lissa': without damping LiSSA's recursion converges only as fast "
             "as the Hessian's smallest eigenvalue / scale allows, which a few thousand steps do not reach on a "
             "singular or nearly singular Hessian (it returned 7% of the answer without a word). Use a small damping "
-            "(the paper's 5e-3), or influence_solver='cg' (undamped: the minimum-norm solution) or 'exact'.")
+            "(the paper's 5e-3), or influence_solver='exact' or 'cg' (undamped, where the test gradient lies in the "
+            "Hessian's range: its minimum-norm solution; a singular system they refuse).")
     if args.influence_solver == "lissa" and args.influence_damping >= 2:  # (1 - damp)·h: no step contracts
         raise ValueError(
             f"influence_damping={args.influence_damping:g} is >= 2: LiSSA's step multiplies the iterate by (1 - damping) "

@@ -17,7 +17,7 @@ from .batches import Batcher, column_rule, dataset_hint, padding_collator_for, v
 from .builder import build_influence_table
 from .engine import InfluenceEngine
 from .influence import default_arguments
-from .loss import LossFn, default_loss_smoothing, shifts_labels
+from .loss import LossFn, default_loss_smoothing
 from .mode import evaluating
 from .table import InfluenceTable
 from .utils import HALF_DTYPES
@@ -343,23 +343,23 @@ class InfluenceTrainer(Trainer):
                 return None
             # a compute_loss_func of transformers' documented form divides by num_items_in_batch, and failed on None,
             # and so did a compute_loss override that does (it was named as another loss than the model's, a review's
-            # equal one): both get the items the Trainer would pass (labels not -100; a causal LM's after the first
-            # position), in one process only (under a launch the Trainer multiplies the loss by the processes, for
-            # a count it gathers over them). This class's compute_loss is kept from its num_items probe there (a
-            # collective, and the first training step's to make)
+            # equal one): both sides get the count the Trainer passes a training step (`_items`), in one process only
+            # (under a launch the Trainer gathers it over the processes and multiplies the loss by their number).
+            # This class's compute_loss is kept from its num_items probe here (a collective, and the first training
+            # step's to make)
             items = None
             if (isinstance(labels, torch.Tensor)
                     and (self.accelerator.num_processes == 1 or not self.args.average_tokens_across_devices)):
-                items = (labels[..., 1:] if shifts_labels(model) else labels).ne(-100).sum()
+                items = self._items(batch, model)
             probe = self.loss_reads_num_items
             with torch.no_grad(), evaluating(model):
                 try:
                     self.loss_reads_num_items = True if probe is None else probe  # (no probe in the check)
                     trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+                    self.compute_loss_func = None
+                    plain = InfluenceTrainer.compute_loss(self, model, dict(batch), num_items_in_batch=items)
                 finally:
                     self.loss_reads_num_items = probe
-                self.compute_loss_func = None
-                plain = InfluenceTrainer.compute_loss(self, model, dict(batch))  # (the batch's mean: no count)
             values = (float(trained.detach().float()), float(plain.detach().float()))
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError) as err:
             logger.debug(f"This trainer's loss could not be compared with a plain Trainer's ({err}).")
@@ -369,6 +369,17 @@ class InfluenceTrainer(Trainer):
         half = {p.dtype for p in model.parameters()} & set(HALF_DTYPES)
         tolerance = max([1e-4] + [8 * torch.finfo(d).eps for d in half])
         return (*values, tolerance) if all(map(math.isfinite, values)) else None
+
+    def _items(self, batch, model) -> torch.Tensor | None:
+        """``num_items_in_batch`` as the Trainer counts it for a training step on ``batch`` in one process (its
+        ``_get_num_items_in_batch``: labels not -100, a causal LM's after the first position where its loss type
+        shifts them; GPT-2's counts them all). Both sides of the own-loss check get it, so they share the denominator
+        whatever the rule (a PEFT prompt's first label is a target; counted as shifted, an override that returns
+        ``super()``'s loss was named as another loss, 17% off)."""
+        count = getattr(self, "_get_num_items_in_batch", None)
+        if count is None:  # (a transformers without it: the labels that are not -100)
+            return batch["labels"].ne(-100).sum()
+        return count([batch], next(model.parameters()).device)
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
                            candidate_dataset: Dataset | None = None, train_dataset: Dataset | None = None,

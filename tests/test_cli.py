@@ -761,6 +761,34 @@ def test_a_checkpoint_without_a_padding_token_on_one_side_is_matched_or_refused(
         batcher.collate(rows.to_list())
 
 
+@pytest.mark.parametrize("auto_map, refused", [
+    ({"AutoConfig": "configuration_x.XConfig", "AutoModelForSequenceClassification": "modeling_x.XModel"}, True),
+    ({"AutoModelForSequenceClassification": "other/repo--modeling_x.XModel"}, True),
+    # other classes only (Phi-3's config and causal LM, kept by save_pretrained in a model fine-tuned from it with
+    # transformers' own class; a tokenizer's): the class loaded is the built-in one either way (a review)
+    ({"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}, False),
+    ({"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, False),
+    ({}, False),
+])
+def test_a_checkpoint_naming_its_own_sequence_classifier_is_refused_without_trust(built: Path, tmp_path: Path,
+                                                                                  auto_map, refused) -> None:
+    import shutil
+
+    from hf_fastif.applications.prepare import resolve_model
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(built / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    for flag in ("--trust_remote_code", None):
+        if refused:
+            with pytest.raises(ValueError, match="names its own code for AutoModelForSequenceClassification"):
+                resolve_model(str(folder), remote_code_flag=flag)
+        else:
+            assert resolve_model(str(folder), remote_code_flag=flag) == str(folder)
+    assert resolve_model(str(folder), trust_remote_code=True) == str(folder)
+
+
 @pytest.mark.parametrize("model_type", ["scaled-bert", "bert"])
 def test_build_runs_a_models_own_code_only_with_trust_remote_code(model_type, built: Path, tmp_path: Path,
                                                                   capsys) -> None:
@@ -793,7 +821,8 @@ def test_build_runs_a_models_own_code_only_with_trust_remote_code(model_type, bu
     capsys.readouterr()
     assert main([*args, "--output-dir", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err
-    assert "names its own code in config.json" in err and "Pass --trust_remote_code" in err
+    assert "names its own code for AutoModelForSequenceClassification in config.json" in err
+    assert "Pass --trust_remote_code" in err
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ValueError, match="The recipes do not run a checkpoint's own code"):
         resolve_model(str(folder), remote_code_flag=None)  # (the recipes have no such flag)

@@ -406,3 +406,50 @@ def test_a_build_resumes_with_the_adapter_loaded_again(tmp_path):
     again = build_influence_table(loaded, train, test, tmp_path / "out", args, shard_size=2, data_collator=collator)
     assert again.metadata["build"]["resumed_shards"] == 1
     np.testing.assert_allclose(again.to_pandas().influence, first.influence, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-lm", "llama"])
+def test_the_trainers_own_loss_check_counts_a_prompt_tuned_lms_items_as_the_trainer_does(tmp_path, kind):
+    """A prompt-tuned causal LM's first label is a target (predicted from the last virtual token). The own-loss check
+    gave a compute_loss_func of transformers' documented form (its token losses summed / num_items_in_batch), and
+    an override returning ``super()``'s loss, the labels counted after the first position, where the Trainer
+    counts them all for GPT-2 (its loss type unset) and after the first for Llama: each was named as another loss
+    than the model's (a review: 4.81 against 4.11, 17% off). Both sides now get the Trainer's own count."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    counts = []
+
+    def documented(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits[:, -labels.size(1) - 1:-1]  # (the last virtual token predicts the first label)
+        counts.append(int(num_items_in_batch))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               reduction="sum") / num_items_in_batch
+
+    class Counting(InfluenceTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            counts.append(None if num_items_in_batch is None else int(num_items_in_batch))
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    def base():
+        if kind == "gpt2-lm":
+            return tiny_model("gpt2-lm")
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                            pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+    train = make_token_dataset(16, seed=0, causal=True)
+    for make, func in ((InfluenceTrainer, documented), (Counting, None)):
+        model = peft.get_peft_model(base(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        trainer = make(model=model.double().eval(), args=_args(tmp_path, max_steps=1, per_device_train_batch_size=16,
+                                                                save_strategy="no", logging_strategy="no"),
+                       train_dataset=train, data_collator=_lm_collator(), compute_loss_func=func)
+        counts.clear()
+        compared = trainer._trainer_and_plain_loss(train)
+        assert compared is not None and abs(compared[0] - compared[1]) <= 1e-9 * abs(compared[1]), (make, compared)
+        assert trainer._trained_loss(train) is None
+        checked = counts[0]
+        trainer.train()
+        assert counts[-1] == checked  # (the count a training step on the same 16 rows gets)

@@ -263,8 +263,8 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
                   remote_code_flag: str | None = "--trust_remote_code") -> str:
     """A local checkpoint directory or a Hub id (at ``revision``) that can be loaded; a `ValueError` naming the fix
     otherwise (transformers' own says "We couldn't connect to 'https://huggingface.co'..." for a mistyped folder).
-    A checkpoint that names its own code (``auto_map``) is refused unless ``trust_remote_code``:
-    `refuse_own_code`; ``remote_code_flag`` is the caller's flag that allows it (None: there is none)."""
+    A checkpoint that names its own code for a sequence classifier (``auto_map``) is refused unless
+    ``trust_remote_code``: `refuse_own_code`; ``remote_code_flag`` is the caller's flag that allows it (None: there is none)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -289,11 +289,14 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
     return name_or_path
 
 
-def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: bool,
-                    remote_code_flag: str | None) -> None:
-    """Refuse a checkpoint whose config.json names its own code (``auto_map``) unless ``trust_remote_code``: where its
-    ``model_type`` is one transformers knows, its Auto classes load their built-in class without a word, which may
-    not be the model that was trained (another head or forward), and every influence would be of that one."""
+def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: bool, remote_code_flag: str | None,
+                    auto_class: str = "AutoModelForSequenceClassification") -> None:
+    """Refuse a checkpoint whose config.json names its own code for ``auto_class`` (the class every caller here loads
+    with) in ``auto_map``, unless ``trust_remote_code``: where its ``model_type`` is one transformers knows, the Auto
+    class loads its built-in class instead without a word, which may not be the model that was trained (another
+    head or forward), and every influence would be of that one. An ``auto_map`` that names other classes only (a
+    tokenizer, a config, a causal LM's: Phi-3's, kept by ``save_pretrained`` in a model fine-tuned from it with
+    transformers' own class) is no reason: the class loaded is the built-in one either way."""
     if trust_remote_code:
         return
     try:
@@ -301,17 +304,17 @@ def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: 
     except (OSError, ValueError):
         return  # (the loading's own error follows)
     own = config.get("auto_map")
-    if not own:
+    if not (isinstance(own, dict) and auto_class in own):
         return
     allow = (f"Pass {remote_code_flag} to run the checkpoint's code (only code you trust)" if remote_code_flag else
              "The recipes do not run a checkpoint's own code: load the model yourself and use the Python API "
              "(hf_fastif.compute_influences, InfluenceTrainer)")
     raise ValueError(
-        f"{name_or_path!r} names its own code in config.json (auto_map: "
-        f"{', '.join(sorted(own)) if isinstance(own, dict) else own}). Without trust_remote_code, transformers would "
-        f"load its built-in {config.get('model_type')!r} class instead where it has one, without an error, and that "
-        f"may not be the model that was trained. {allow}, or remove \"auto_map\" from config.json to use "
-        "transformers' built-in class on purpose.")
+        f"{name_or_path!r} names its own code for {auto_class} in config.json (auto_map: {own[auto_class]}). "
+        f"Without trust_remote_code, transformers would load its built-in {config.get('model_type')!r} class "
+        f"instead where it has one, without an error, and that may not be the model that was trained. {allow}; or, "
+        f"to use transformers' built-in class on purpose, save a copy of the checkpoint whose config.json has no "
+        f"{auto_class} entry in auto_map.")
 
 
 def is_sequence_classifier(config) -> bool:
