@@ -85,7 +85,8 @@ def create_demo(startup: Startup) -> gr.Blocks:
         if startup.state is None:
             status = startup.status()
             raise gr.Error(f"The Space could not start: {status['error']}" if status["failed"] else
-                           f"The Space is still starting ({status['stage'] or 'starting'}); try again in a moment.")
+                           f"The Space is still starting ({status['stage'] or 'starting'}); try again in a moment.",
+                           print_exception=False)  # (a message, not a fault: a traceback in the log per call)
         return startup.state
 
     def status() -> dict:
@@ -140,7 +141,8 @@ def create_demo(startup: Startup) -> gr.Blocks:
         state = ready()
         if state.explainer is None:
             raise gr.Error("Live explanations are off for this table: " + (" ".join(state.notices) or
-                                                                           "it was loaded without its model."))
+                                                                           "it was loaded without its model."),
+                           print_exception=False)
         if k is None:  # (an API call: the slider always sends a number; None would mean the default to `explain`)
             raise ValueError(f"Choose the number of candidates k, a whole number from 1 to "
                              f"{state.explainer.max_candidates}.")

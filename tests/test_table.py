@@ -671,6 +671,13 @@ def test_the_candidates_note_is_dropped_when_k_covers_every_row():
             "settings": {"influence_knn_k": 4}, "diagnostics": {"candidates": "gradient"},
             "candidate_data": {"num_rows": rows}})
         assert (table.candidates_note() is not None) == expected
+    # k = 1 takes its one row from the helpful end (it was "the 1 ... along -s_test (half) and along +s_test (half)")
+    for k, ends in ((1, "points most along -s_test, then"), (3, "along -s_test (half) and along +s_test (half)")):
+        table = InfluenceTable.from_arrays([0] * k, list(range(k)), [-1.0] * k, {
+            "settings": {"influence_knn_k": k}, "diagnostics": {"candidates": "gradient"},
+            "candidate_data": {"num_rows": 10}})
+        assert f"Candidates: the {k} of the 10 training rows whose projected gradient" in table.candidates_note()
+        assert ends in table.candidates_note()
 
 
 @pytest.mark.usefixtures("propagating")

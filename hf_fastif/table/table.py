@@ -224,9 +224,10 @@ class InfluenceTable:
             return None  # (k >= the rows: every row was scored, the counts are the training set's)
         of = f" of the {total:,} training rows" if isinstance(total, int) else ""
         if method == "gradient":
-            return (f"Candidates: the {k:,}{of} whose projected gradient points most along -s_test (half) and along "
-                    "+s_test (half), then scored exactly; the helpful / harmful counts show that choice, not how many "
-                    "training rows help or harm.")
+            ends = ("points most along -s_test" if k == 1 else  # (ceil(k/2) from the helpful end)
+                    "points most along -s_test (half) and along +s_test (half)")
+            return (f"Candidates: the {k:,}{of} whose projected gradient {ends}, then scored exactly; the helpful / "
+                    "harmful counts show that choice, not how many training rows help or harm.")
         features = "features=" if "callable" in str(method) else settings.get("influence_knn_features")
         return (f"Candidates: the {k:,}{of} nearest in the model's feature space ({features}), then scored exactly; "
                 "the most influential training rows can lie outside them (gradient-space candidates, "

@@ -566,7 +566,7 @@ def test_typed_pairs_are_capped_at_the_positions_a_roberta_row_can_take() -> Non
                 Explainer.encode(explainer, premise, hypothesis, 0)
 
 
-def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch) -> None:
+def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monkeypatch, capfd) -> None:
     from gradio_client.exceptions import AppError
 
     monkeypatch.setenv("HF_FASTIF_EMBEDDED_MODEL", "no_such_model")
@@ -578,10 +578,23 @@ def test_a_start_that_fails_is_a_message_and_the_server_keeps_serving(app, monke
         client = _client(f"http://127.0.0.1:{port}/")
         status = client.predict(api_name="/status")
         assert status["failed"] and not status["ready"] and "no_such_model" in status["error"]
+        capfd.readouterr()
         with pytest.raises(AppError, match="The Space could not start: ValueError: Unknown embedded model"):
             client.predict("The judge slept.", "The judge slept.", "entailment", 50, 3, api_name="/explain")
+        assert "Traceback" not in "".join(capfd.readouterr())  # (a message, not a fault: one traceback per call)
     finally:
         demo.close()
+
+
+def test_text_that_is_not_valid_unicode_is_a_message() -> None:
+    """A lone UTF-16 surrogate (JSON and JavaScript strings may hold one) passed the text check and the tokenizer
+    raised a TypeError: the page said "Something went wrong", with a traceback in the log (a review)."""
+    from hf_fastif.space.inputs import check_text
+
+    assert check_text("  The judge slept. ", "premise") == "The judge slept."
+    with pytest.raises(ValueError, match=r"The premise holds a character that is not valid text \('\\ud800' at "
+                                         r"position 10, half of a UTF-16 pair\)"):
+        check_text("The judge \ud800 slept.", "premise")
 
 
 def test_a_start_that_meets_python_s_ast_race_is_tried_again(monkeypatch) -> None:
