@@ -343,10 +343,13 @@ class InfluenceTrainer(Trainer):
                 return None
             # a compute_loss_func of transformers' documented form divides by num_items_in_batch, and failed on None,
             # and so did a compute_loss override that does (it was named as another loss than the model's, a review's
-            # equal one): both sides get the count the Trainer passes a training step (`_items`), in one process only
-            # (under a launch the Trainer gathers it over the processes and multiplies the loss by their number).
-            # This class's compute_loss is kept from its num_items probe here (a collective, and the first training
-            # step's to make)
+            # equal one): it gets the count the Trainer passes a training step (`_items`), in one process only (under
+            # a launch the Trainer gathers it over the processes and multiplies the loss by their number). The
+            # model's own loss is taken both ways, the batch's mean and with that count, and the trained loss is
+            # its own where it is either: the count is not always the labels the loss reads (GPT-2's counts the
+            # first, never a target; a PEFT prompt's first label is one), so an override returning super()'s loss
+            # with the count, and one returning the model's mean, are both the model's own. This class's
+            # compute_loss is kept from its num_items probe here (a collective, and the first training step's to make)
             items = None
             if (isinstance(labels, torch.Tensor)
                     and (self.accelerator.num_processes == 1 or not self.args.average_tokens_across_devices)):
@@ -355,12 +358,13 @@ class InfluenceTrainer(Trainer):
             with torch.no_grad(), evaluating(model):
                 try:
                     self.loss_reads_num_items = True if probe is None else probe  # (no probe in the check)
-                    trained = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+                    trained = float(self.compute_loss(model, dict(batch), num_items_in_batch=items).detach().float())
                     self.compute_loss_func = None
-                    plain = InfluenceTrainer.compute_loss(self, model, dict(batch), num_items_in_batch=items)
+                    plains = [float(InfluenceTrainer.compute_loss(self, model, dict(batch), num_items_in_batch=count)
+                                    .detach().float()) for count in ([None] if items is None else [None, items])]
                 finally:
                     self.loss_reads_num_items = probe
-            values = (float(trained.detach().float()), float(plain.detach().float()))
+            values = (trained, min(plains, key=lambda plain: abs(plain - trained)))
         except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError) as err:
             logger.debug(f"This trainer's loss could not be compared with a plain Trainer's ({err}).")
             return None
@@ -373,13 +377,15 @@ class InfluenceTrainer(Trainer):
     def _items(self, batch, model) -> torch.Tensor | None:
         """``num_items_in_batch`` as the Trainer counts it for a training step on ``batch`` in one process (its
         ``_get_num_items_in_batch``: labels not -100, a causal LM's after the first position where its loss type
-        shifts them; GPT-2's counts them all). Both sides of the own-loss check get it, so they share the denominator
-        whatever the rule (a PEFT prompt's first label is a target; counted as shifted, an override that returns
+        shifts them; GPT-2's counts them all), or None where it would not be one number (DataParallel over several
+        GPUs gives one per GPU). The own-loss check's trained loss gets it, and the model's own loss is taken with it
+        too (a PEFT prompt's first label is a target: counted as shifted by the check, an override that returns
         ``super()``'s loss was named as another loss, 17% off)."""
         count = getattr(self, "_get_num_items_in_batch", None)
         if count is None:  # (a transformers without it: the labels that are not -100)
             return batch["labels"].ne(-100).sum()
-        return count([batch], next(model.parameters()).device)
+        items = count([batch], next(model.parameters()).device)
+        return items if items is None or not torch.is_tensor(items) or items.numel() == 1 else None
 
     def compute_influences(self, test_dataset: Dataset, combine: str = "none", *,
                            candidate_dataset: Dataset | None = None, train_dataset: Dataset | None = None,

@@ -764,6 +764,9 @@ def test_a_checkpoint_without_a_padding_token_on_one_side_is_matched_or_refused(
 @pytest.mark.parametrize("auto_map, refused", [
     ({"AutoConfig": "configuration_x.XConfig", "AutoModelForSequenceClassification": "modeling_x.XModel"}, True),
     ({"AutoModelForSequenceClassification": "other/repo--modeling_x.XModel"}, True),
+    # its code not in the folder: --trust_remote_code could not run it, and a model saved from such a class has its
+    # code copied beside it (one fine-tuned with transformers' own class from a base naming its code keeps auto_map)
+    ({"AutoModelForSequenceClassification": "missing_x.XModel"}, False),
     # other classes only (Phi-3's config and causal LM, kept by save_pretrained in a model fine-tuned from it with
     # transformers' own class; a tokenizer's): the class loaded is the built-in one either way (a review)
     ({"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}, False),
@@ -780,6 +783,7 @@ def test_a_checkpoint_naming_its_own_sequence_classifier_is_refused_without_trus
     shutil.copytree(built / "model", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    (folder / "modeling_x.py").write_text("from transformers import BertForSequenceClassification as XModel\n")
     for flag in ("--trust_remote_code", None):
         if refused:
             with pytest.raises(ValueError, match="names its own code for AutoModelForSequenceClassification"):

@@ -848,3 +848,40 @@ def test_influence_arguments_replaced_by_plain_ones_name_the_settings_that_chang
     assert "influence_damping 1.0 -> 0.005" in warned and "influence_solver 'cg' -> 'lissa'" in warned
     _, warned = _warnings(caplog, lambda: trainer.influence_args)
     assert "plain TrainingArguments" not in warned
+
+
+def test_a_causal_lms_own_loss_is_its_own_with_or_without_the_trainers_count(tmp_path):
+    """GPT-2's Trainer count takes every label, the first too (never a target: its loss type is unset), so the
+    model's own loss with that count (what super().compute_loss trains) is not its mean (what model(**inputs).loss
+    gives): the check gave both sides the count, and named an override returning the mean, and a compute_loss_func
+    of the shifted token mean, as another loss (a review: 4.09 against 3.49). Either is the model's own; twice it
+    is not."""
+    import torch.nn.functional as F
+
+    class MeanOverride(InfluenceTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    class SuperNoCount(InfluenceTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+    def shifted(outputs, labels, reduction):
+        logits = outputs.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction=reduction)
+
+    def mean(outputs, labels, num_items_in_batch=None):
+        return shifted(outputs, labels, "mean")
+
+    def twice(outputs, labels, num_items_in_batch=None):
+        return 2 * shifted(outputs, labels, "mean")
+
+    rows = make_token_dataset(16, seed=0, min_len=6, max_len=6, causal=True)
+    for kind, func, named in ((MeanOverride, None, False), (SuperNoCount, None, False), (InfluenceTrainer, mean, False),
+                              (InfluenceTrainer, twice, True)):
+        trainer = kind(model=tiny_model("gpt2-lm", dtype=torch.float32), args=arguments(tmp_path), train_dataset=rows,
+                       compute_loss_func=func)
+        trained, plain, _ = trainer._trainer_and_plain_loss(rows)
+        assert (abs(trained - plain) > 1e-4 * plain) == named, (kind, func, trained, plain)
+        assert (trainer._trained_loss(rows) is not None) == named

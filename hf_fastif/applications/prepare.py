@@ -296,7 +296,9 @@ def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: 
     class loads its built-in class instead without a word, which may not be the model that was trained (another
     head or forward), and every influence would be of that one. An ``auto_map`` that names other classes only (a
     tokenizer, a config, a causal LM's: Phi-3's, kept by ``save_pretrained`` in a model fine-tuned from it with
-    transformers' own class) is no reason: the class loaded is the built-in one either way."""
+    transformers' own class) is no reason: the class loaded is the built-in one either way; nor is a local folder
+    without the code it names (``--trust_remote_code`` could not run it, and a model saved from such a class would
+    have its code copied beside it)."""
     if trust_remote_code:
         return
     try:
@@ -305,6 +307,14 @@ def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: 
         return  # (the loading's own error follows)
     own = config.get("auto_map")
     if not (isinstance(own, dict) and auto_class in own):
+        return
+    where = Path(name_or_path).expanduser()
+    module = str(own[auto_class]).rpartition(".")[0]
+    if where.is_dir() and "--" not in module and not (where / f"{module}.py").is_file():
+        # (its code is not there to run: a model fine-tuned with transformers' own class from a base whose config
+        # names its code, as falcon's did, keeps that auto_map through save_pretrained; the built-in class is it)
+        logger.info(f"{name_or_path!r} names {own[auto_class]} for {auto_class} in config.json, but {module}.py is "
+                    "not in the folder: transformers' built-in class is loaded, as without trust_remote_code.")
         return
     allow = (f"Pass {remote_code_flag} to run the checkpoint's code (only code you trust)" if remote_code_flag else
              "The recipes do not run a checkpoint's own code: load the model yourself and use the Python API "

@@ -12,14 +12,14 @@ def check_text(text, name: str) -> str:
     """``text`` stripped, or a ValueError saying what to type (an API call's list or number was its repr)."""
     if text is not None and not isinstance(text, str):
         raise ValueError(f"The {name} must be text, got {type(text).__name__} {str(text)[:40]!r}.")
-    text = "" if text is None else text.strip()
-    if not text:
-        raise ValueError(f"Type a {name}.")
     try:
-        text.encode("utf-8")
+        (text or "").encode("utf-8")
     except UnicodeEncodeError as err:  # (a lone surrogate, which JSON and JavaScript strings may hold: the tokenizer
         raise ValueError(f"The {name} holds a character that is not valid text ({text[err.start]!r} at "  # raised
                          f"position {err.start}, half of a UTF-16 pair); type it again.") from None  # TypeError)
+    text = "" if text is None else text.strip()
+    if not text:
+        raise ValueError(f"Type a {name}.")
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"The {name} has {len(text)} characters; at most {MAX_TEXT_CHARS} are allowed.")
     return text

@@ -595,6 +595,8 @@ def test_text_that_is_not_valid_unicode_is_a_message() -> None:
     with pytest.raises(ValueError, match=r"The premise holds a character that is not valid text \('\\ud800' at "
                                          r"position 10, half of a UTF-16 pair\)"):
         check_text("The judge \ud800 slept.", "premise")
+    with pytest.raises(ValueError, match="at position 2, "):  # (in the text as typed, before its spaces are stripped)
+        check_text("  \udc00x", "hypothesis")
 
 
 def test_a_start_that_meets_python_s_ast_race_is_tried_again(monkeypatch) -> None:
