@@ -414,7 +414,8 @@ def test_the_trainers_own_loss_check_counts_a_prompt_tuned_lms_items_as_the_trai
     gave a compute_loss_func of transformers' documented form (its token losses summed / num_items_in_batch), and
     an override returning ``super()``'s loss, the labels counted after the first position, where the Trainer
     counts them all for GPT-2 (its loss type unset) and after the first for Llama: each was named as another loss
-    than the model's (a review: 4.81 against 4.11, 17% off). Both sides now get the Trainer's own count."""
+    than the model's (a review: 4.81 against 4.11, 17% off). The trained loss now gets the Trainer's own count, and
+    the model's own loss is taken both with it and as the batch's mean."""
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
