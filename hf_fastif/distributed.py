@@ -134,9 +134,8 @@ def collectively(what: str) -> Iterator[None]:
     failed = [(rank, failure) for rank, failure in enumerate(in_step(what, None)) if failure is not None]
     if failed:
         rank, failure = failed[0]
-        raise _gathered(_error_like(failure.module, failure.name, failure.value_error,
-                                    f"{what} failed in process {rank} ({failure.message}); every process stops. Fix "
-                                    "what it names and run again."))
+        raise failure.error(f"{what} failed in process {rank} ({failure.message}); every process stops. Fix what it "
+                            "names and run again.")
 
 
 def on_main(work: Callable[[], T], what: str) -> T | None:
@@ -160,9 +159,8 @@ def in_step(stage: str, value) -> list:
         failed = next(((r, s, v) for r, (s, v) in enumerate(everyone) if r != rank and isinstance(v, Failure)), None)
         if failed is not None:
             other, where, failure = failed
-            raise _gathered(_error_like(failure.module, failure.name, failure.value_error,
-                                        f"{where} failed in process {other} ({failure.message}) while this process "
-                                        f"was at {stage!r}; every process stops. Fix what it names and run again."))
+            raise failure.error(f"{where} failed in process {other} ({failure.message}) while this process was at "
+                                f"{stage!r}; every process stops. Fix what it names and run again.")
         other = next(r for r, s in enumerate(stages) if s != stage)
         raise _gathered(RuntimeError(
             f"The processes are out of step: process {rank} is at {stage!r}, process {other} at {stages[other]!r} (an "
@@ -179,6 +177,11 @@ class Failure(NamedTuple):
     name: str
     value_error: bool
     message: str
+
+    def error(self, text: str) -> Exception:
+        """This failure raised again in every process, with ``text``: of its class where `_error_like` can make
+        one, marked as gathered."""
+        return _gathered(_error_like(self.module, self.name, self.value_error, text))
 
 
 GATHERED = "_hf_fastif_gathered"

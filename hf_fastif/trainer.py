@@ -360,8 +360,10 @@ class InfluenceTrainer(Trainer):
                     self.loss_reads_num_items = True if probe is None else probe  # (no probe in the check)
                     trained = float(self.compute_loss(model, dict(batch), num_items_in_batch=items).detach().float())
                     self.compute_loss_func = None
+                    # (the count reaches the model's loss only through model_accepts_loss_kwargs: else once)
+                    counts = [None] if items is None or not self.model_accepts_loss_kwargs else [None, items]
                     plains = [float(InfluenceTrainer.compute_loss(self, model, dict(batch), num_items_in_batch=count)
-                                    .detach().float()) for count in ([None] if items is None else [None, items])]
+                                    .detach().float()) for count in counts]
                 finally:
                     self.loss_reads_num_items = probe
             values = (trained, min(plains, key=lambda plain: abs(plain - trained)))

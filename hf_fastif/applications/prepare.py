@@ -270,21 +270,21 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise ValueError(f"{str(path)!r} is not a model checkpoint (a directory with config.json); pass a "
                              "directory written by model.save_pretrained(...) or a Hub model id.")
-        refuse_own_code(str(path), revision, trust_remote_code, remote_code_flag)
-        return str(path)
-    try:
-        AutoConfig.from_pretrained(name_or_path, revision=revision,  # the local cache, or the Hub when online
-                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if hub_offline():
-            raise ValueError(
-                f"{name_or_path!r} is not a local directory, so it would come from the Hugging Face Hub, but the Hub "
-                "is offline (HF_HUB_OFFLINE) and it is not in the local cache. Pass a local checkpoint directory "
-                "(model.save_pretrained(dir) and tokenizer.save_pretrained(dir)), or go online and unset "
-                "HF_HUB_OFFLINE."
-            ) from None  # (the Hub client's own error, chained, was a traceback about repo-id syntax or the network)
-        raise ValueError(f"Could not load the model {name_or_path!r} ({err}). Pass a local checkpoint directory or a "
-                         "Hub model id such as 'bert-base-cased'.") from err
+        name_or_path = str(path)
+    else:
+        try:
+            AutoConfig.from_pretrained(name_or_path, revision=revision,  # the local cache, or the Hub when online
+                                       trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            if hub_offline():
+                raise ValueError(
+                    f"{name_or_path!r} is not a local directory, so it would come from the Hugging Face Hub, but the "
+                    "Hub is offline (HF_HUB_OFFLINE) and it is not in the local cache. Pass a local checkpoint "
+                    "directory (model.save_pretrained(dir) and tokenizer.save_pretrained(dir)), or go online and "
+                    "unset HF_HUB_OFFLINE."
+                ) from None  # (the Hub client's own error, chained, was a traceback about repo-id syntax or the network)
+            raise ValueError(f"Could not load the model {name_or_path!r} ({err}). Pass a local checkpoint directory or "
+                             "a Hub model id such as 'bert-base-cased'.") from err
     refuse_own_code(name_or_path, revision, trust_remote_code, remote_code_flag)
     return name_or_path
 
