@@ -793,6 +793,48 @@ def test_a_checkpoint_naming_its_own_sequence_classifier_is_refused_without_trus
     assert resolve_model(str(folder), trust_remote_code=True) == str(folder)
 
 
+@pytest.mark.parametrize("auto_map, code, refused", [
+    ({"AutoTokenizer": ["tokenization_x.XTokenizer", "tokenization_x.XTokenizerFast"]}, True, True),
+    ({"AutoTokenizer": [None, "tokenization_x.XTokenizerFast"]}, True, True),
+    (["tokenization_x.XTokenizer", None], True, True),  # (the legacy list, which transformers still reads)
+    ({"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, False, False),  # (its code not in the folder)
+    ({"AutoConfig": "configuration_x.XConfig"}, True, False),
+])
+def test_a_checkpoint_naming_its_own_tokenizer_is_refused_without_trust(built: Path, tmp_path: Path, auto_map, code,
+                                                                        refused) -> None:
+    """Without trust_remote_code, AutoTokenizer loads transformers' built-in class where tokenizer_config.json names
+    the checkpoint's own tokenizer code beside it (a review: a plain BertTokenizer, not the code the model was trained
+    with), and every influence is of other tokens: refused, as a classifier's own code is; the Space's live model
+    too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hf_fastif.applications.prepare import resolve_model
+    from hf_fastif.space.loading import _explainer
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(built / "model", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    if code:
+        (folder / "tokenization_x.py").write_text(
+            "from transformers import BertTokenizer, BertTokenizerFast\n\n\nclass XTokenizer(BertTokenizer):\n"
+            "    pass\n\n\nclass XTokenizerFast(BertTokenizerFast):\n    pass\n")
+        # (what the refusal is for: the built-in class, not the folder's, without trust_remote_code)
+        assert not type(AutoTokenizer.from_pretrained(folder)).__name__.startswith("XTokenizer")
+    for flag in ("--trust_remote_code", None):
+        if refused:
+            with pytest.raises(ValueError, match="names its own code for AutoTokenizer in tokenizer_config.json"):
+                resolve_model(str(folder), remote_code_flag=flag)
+        else:
+            assert resolve_model(str(folder), remote_code_flag=flag) == str(folder)
+    assert resolve_model(str(folder), trust_remote_code=True) == str(folder)
+    if refused:
+        with pytest.raises(ValueError, match="hf_fastif's recipes and Space do not run a checkpoint's own code"):
+            _explainer(None, str(folder), None)
+
+
 @pytest.mark.parametrize("model_type", ["scaled-bert", "bert"])
 def test_build_runs_a_models_own_code_only_with_trust_remote_code(model_type, built: Path, tmp_path: Path,
                                                                   capsys) -> None:
@@ -828,7 +870,7 @@ def test_build_runs_a_models_own_code_only_with_trust_remote_code(model_type, bu
     assert "names its own code for AutoModelForSequenceClassification in config.json" in err
     assert "Pass --trust_remote_code" in err
     assert not (tmp_path / "refused").exists()
-    with pytest.raises(ValueError, match="The recipes do not run a checkpoint's own code"):
+    with pytest.raises(ValueError, match="hf_fastif's recipes and Space do not run a checkpoint's own code"):
         resolve_model(str(folder), remote_code_flag=None)  # (the recipes have no such flag)
     assert main([*args, "--output-dir", str(tmp_path / "out"), "--trust_remote_code"]) == 0
     table = InfluenceTable.load(tmp_path / "out" / "table")

@@ -145,6 +145,36 @@ def test_arguments_replaced_after_construction_are_the_ones_influence_reads(tmp_
 
 
 @pytest.mark.usefixtures("propagating")
+def test_a_model_that_evaluate_converted_under_full_eval_is_named(tmp_path, pad_collator, caplog):
+    """bf16_full_eval: the Trainer's evaluate() converts the model itself to bfloat16 in place, and influence ran on
+    the rounded weights, warned of only as 'parameters are bfloat16'; the flag is named where it made that dtype, not
+    where the model came in it."""
+    import logging
+
+    train, test = make_token_dataset(16, seed=0), make_token_dataset(2, seed=1)
+
+    def trainer(model):
+        return InfluenceTrainer(model=model, args=arguments(tmp_path, bf16_full_eval=True, max_steps=1),
+                                train_dataset=train, eval_dataset=test, data_collator=pad_collator)
+
+    named = "bf16_full_eval=True: the Trainer's evaluate() / predict() outside train() converted the model itself"
+    with caplog.at_level(logging.WARNING):
+        given = trainer(tiny_model("bert", dtype=torch.bfloat16))
+        given.evaluate()
+        given.compute_influences(test)
+        assert named not in caplog.text
+        model = tiny_model("bert", dtype=torch.float32)
+        converted = trainer(model)
+        converted.train()
+        converted.compute_influences(test)
+        assert named not in caplog.text  # (float32 until evaluate)
+        converted.evaluate()
+        assert next(model.parameters()).dtype == torch.bfloat16
+        converted.compute_influences(test)
+    assert caplog.text.count(named) == 1
+
+
+@pytest.mark.usefixtures("propagating")
 def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
     """A compute_loss_func that trains another loss than the one influence differentiates by default is named, once,
     with both losses and the fix; one that trains the model's own loss is not (a trial's token-counting override

@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
 from transformers.utils import logging
 
 from .. import distributed as D
@@ -291,40 +292,57 @@ def resolve_model(name_or_path: str, revision: str | None = None, trust_remote_c
 
 def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: bool, remote_code_flag: str | None,
                     auto_class: str = "AutoModelForSequenceClassification") -> None:
-    """Refuse a checkpoint whose config.json names its own code for ``auto_class`` (the class every caller here loads
-    with) in ``auto_map``, unless ``trust_remote_code``: where its ``model_type`` is one transformers knows, the Auto
-    class loads its built-in class instead without a word, which may not be the model that was trained (another
-    head or forward), and every influence would be of that one. An ``auto_map`` that names other classes only (a
-    tokenizer, a config, a causal LM's: Phi-3's, kept by ``save_pretrained`` in a model fine-tuned from it with
-    transformers' own class) is no reason: the class loaded is the built-in one either way; nor is a local folder
-    without the code it names (``--trust_remote_code`` could not run it, and a model saved from such a class would
-    have its code copied beside it)."""
+    """Refuse a checkpoint that names its own code, in ``auto_map``, for ``auto_class`` (in config.json: the class
+    every caller here loads with) or for ``AutoTokenizer`` (in tokenizer_config.json, where transformers reads it),
+    unless ``trust_remote_code``: without it transformers loads its built-in class instead without a word where the
+    ``model_type`` (the ``tokenizer_class``) is one it knows, which may not be the model that was trained (another head
+    or forward) or the tokens it was trained on, and every influence would be of that one (a review: a folder whose
+    tokenizer code sat beside it loaded as a plain BertTokenizer). An ``auto_map`` that names other classes only (a
+    config, a causal LM's: Phi-3's, kept by ``save_pretrained`` in a model fine-tuned from it with transformers' own
+    class) is no reason: the class loaded is the built-in one either way; nor is a local folder without the code it
+    names (``--trust_remote_code`` could not run it, and a model or tokenizer saved from such a class has its code
+    copied beside it)."""
     if trust_remote_code:
         return
-    try:
-        config = PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0]
-    except (OSError, ValueError):
-        return  # (the loading's own error follows)
-    own = config.get("auto_map")
-    if not (isinstance(own, dict) and auto_class in own):
-        return
     where = Path(name_or_path).expanduser()
-    module = str(own[auto_class]).rpartition(".")[0]
-    if where.is_dir() and "--" not in module and not (where / f"{module}.py").is_file():
-        # (its code is not there to run: a model fine-tuned with transformers' own class from a base whose config
-        # names its code, as falcon's did, keeps that auto_map through save_pretrained; the built-in class is it)
-        logger.info(f"{name_or_path!r} names {own[auto_class]} for {auto_class} in config.json, but {module}.py is "
-                    "not in the folder: transformers' built-in class is loaded, as without trust_remote_code.")
-        return
-    allow = (f"Pass {remote_code_flag} to run the checkpoint's code (only code you trust)" if remote_code_flag else
-             "The recipes do not run a checkpoint's own code: load the model yourself and use the Python API "
-             "(hf_fastif.compute_influences, InfluenceTrainer)")
-    raise ValueError(
-        f"{name_or_path!r} names its own code for {auto_class} in config.json (auto_map: {own[auto_class]}). "
-        f"Without trust_remote_code, transformers would load its built-in {config.get('model_type')!r} class "
-        f"instead where it has one, without an error, and that may not be the model that was trained. {allow}; or, "
-        f"to use transformers' built-in class on purpose, save a copy of the checkpoint whose config.json has no "
-        f"{auto_class} entry in auto_map.")
+    for file, names_for, kind in (("config.json", auto_class, "model"),
+                                  ("tokenizer_config.json", "AutoTokenizer", "tokenizer")):
+        own = _named_code(name_or_path, revision, file, names_for)
+        if own is None:
+            continue
+        missing = [n for n in own if where.is_dir() and "--" not in n and not (where / f"{n.rpartition('.')[0]}.py")
+                   .is_file()]
+        if len(missing) == len(own):
+            # (its code is not there to run: a model fine-tuned with transformers' own class from a base whose config
+            # names its code, as falcon's did, keeps that auto_map through save_pretrained; the built-in class is it)
+            logger.info(f"{name_or_path!r} names {' / '.join(own)} for {names_for} in {file}, but that code is not in "
+                        "the folder: transformers' built-in class is loaded, as without trust_remote_code.")
+            continue
+        allow = (f"Pass {remote_code_flag} to run the checkpoint's code (only code you trust)" if remote_code_flag else
+                 "hf_fastif's recipes and Space do not run a checkpoint's own code: load the model and tokenizer "
+                 "yourself and use the Python API (hf_fastif.compute_influences, InfluenceTrainer)")
+        raise ValueError(
+            f"{name_or_path!r} names its own code for {names_for} in {file} (auto_map: {' / '.join(own)}). Without "
+            f"trust_remote_code, transformers would load its built-in {kind} class instead where it has one, without "
+            "an error, and that may not be the "
+            + ("model that was trained" if kind == "model" else "tokenizer the model was trained with") + ". "
+            f"{allow}; or, to use transformers' built-in class on purpose, save a copy of the checkpoint whose {file} "
+            f"has no {names_for} entry in auto_map.")
+
+
+def _named_code(name_or_path: str, revision: str | None, file: str, auto_class: str) -> list[str] | None:
+    """The classes ``file``'s ``auto_map`` names for ``auto_class`` (a tokenizer's slow / fast pair, or the legacy
+    list of a tokenizer_config.json, its missing half left out); None where none is named or the file cannot be read
+    (the loading's own error follows)."""
+    try:
+        config = (PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0] if file == "config.json"
+                  else get_tokenizer_config(name_or_path, revision=revision))
+    except (OSError, ValueError):
+        return None
+    own = config.get("auto_map")
+    named = own.get(auto_class) if isinstance(own, dict) else own if file != "config.json" else None
+    named = [n for n in (named if isinstance(named, (list, tuple)) else [named]) if isinstance(n, str) and n]
+    return named or None
 
 
 def is_sequence_classifier(config) -> bool:

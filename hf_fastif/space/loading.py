@@ -237,6 +237,10 @@ def _train_from_table(table: InfluenceTable) -> Dataset:
 
 
 def _explainer(table: InfluenceTable, model_name: str, train: Dataset, *, cache_dir: Path | None = None) -> Explainer:
+    # (the recipes' module, imported where a model is given)
+    from ..applications.prepare import refuse_own_code
+
+    refuse_own_code(model_name, None, False, None)  # (its own code would be replaced by a built-in class unsaid)
     model = AutoModelForSequenceClassification.from_pretrained(model_name, attn_implementation="eager")
     table.check_model(model)
     recorded = (table.metadata.get("model") or {}).get("num_influence_parameters")
