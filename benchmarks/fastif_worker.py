@@ -8,6 +8,7 @@ FastIF one test point per call, as the one-process row does; rank 0 writes the t
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -39,6 +40,7 @@ def main(work: str) -> None:
     compute_influences(model, train, test.select([0]), args, data_collator=collator)  # warm-up
     walls, diagnostics, values = [], [], []
     for t in range(len(test)):
+        gc.collect()  # (untimed, as `benchmarks.timing.timed(collected=True)` starts the rows it is compared with)
         barrier()
         sync()
         start = time.perf_counter()

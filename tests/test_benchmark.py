@@ -85,6 +85,12 @@ def test_cost_model_formulas():
     half = cost_model(u, scale, fast, fast_union=20)[FAST]
     assert half == pytest.approx(0.5 + 8 / 4 + 50 * 2 / 4 + q + 20 * (0.01 + (0.02 - 0.01) / 3) / 4)
     assert c["original (2021 code path)"] == pytest.approx(0.5 + 100 * 10 + 1000 * 0.1)
+    # the 2021 code takes its test gradient through the whole model, once a repetition (it was charged hf_fastif's,
+    # from the cached trunk, once: a review)
+    whole = cost_model(u | {"test_gradient_full": 0.7, "hvp_full": {"1x1": 3.0, "128x1": 30.0}}, scale, fast)
+    assert whole["original (2021 code path)"] == pytest.approx(0.7 + 100 * 30 + 1000 * 0.1)
+    assert whole["FastIF (2021 code path)"] == pytest.approx(4 * 0.7 + 4 * 100 * 3 + q + 10 * 0.1)
+    assert whole[FASTIF] == c[FASTIF]
     # FastIF with B = 2 pays the 2-row step; the original's cost does not move
     # the low-rank row: a test gradient, the closed-form solve, the kNN query and the scoring; no HVP per test point
     c3 = cost_model(u | {"low_rank_solve": {"1": 0.001, "4": 0.002}}, scale, fast)
@@ -523,3 +529,31 @@ def test_files(quick):
     assert "leave out its calls' trunk phase" in report and "power_iteration[B=32]" in report
     # --quick sweeps B 1 and 8 against the original's B = 32: no point of it is the original rerun
     assert "no point of this sweep is the original (B = 32, J = 20, T = 1)" in results["sweep_note"]
+
+
+@pytest.mark.usefixtures("propagating")
+def test_a_probe_short_on_purpose_leaves_out_only_the_truncation_warning(caplog, pad_collator):
+    """A benchmark's warm-up or probe with J 1 advised "raise influence_recursion_depth to 100000000" (a review):
+    inside `short_on_purpose` the engine's own warning is left out, every other passes, and after it it is back."""
+    import logging
+
+    from benchmarks.report import short_on_purpose
+    from hf_fastif import InfluenceArguments, compute_influences
+    from hf_fastif.engine import s_test
+    from tests.tiny import HEAD_ONLY, make_token_dataset, tiny_model
+
+    model, train, test = tiny_model("bert"), make_token_dataset(12, seed=0), make_token_dataset(1, seed=1)
+
+    def call(depth: int) -> None:  # (a damping of its own: warning_once says a message once per process)
+        compute_influences(model, train, test, InfluenceArguments(
+            output_dir="unused", report_to="none", disable_tqdm=True, influence_solver="lissa",
+            influence_recursion_depth=depth, influence_damping=0.0123, influence_scale=10.0, influence_knn_k=None,
+            influence_check_convergence=False, influence_params=HEAD_ONLY["bert"]), data_collator=pad_collator)
+
+    with caplog.at_level(logging.WARNING):
+        with short_on_purpose():
+            call(1)
+            s_test.logger.warning("another warning")
+        assert "another warning" in caplog.text and "LiSSA stops" not in caplog.text
+        call(2)
+    assert "influence_recursion_depth=2 with influence_damping=0.0123: LiSSA stops after J steps" in caplog.text
