@@ -176,7 +176,11 @@ def test_batched_paths_equal_one_at_a_time(kind, selection, pad_collator):
 
     close(batch_hvp(fm, params, batch, v), torch.stack([batch_hvp(fm, params, batch, x) for x in v]))
     per_row = batch_gradient(fm, params, batch, reduction="none")
-    close(per_row, torch.stack([batch_gradient(fm, params, batcher.batch([i])) for i in range(4)]))
+    # a padded batch against each row alone: other shapes, whose float64 sums round apart, and Llama's float32 casts
+    # (RMSNorm, the eager softmax) make that a float32-sized difference (a fresh clone's run: 5.3e-8 absolute, 1.1e-5
+    # relative at a small entry, where it had passed at 1e-10 before)
+    close(per_row, torch.stack([batch_gradient(fm, params, batcher.batch([i])) for i in range(4)]),
+          rtol=1e-4 if kind == "llama" else 1e-10)
     close(directional_derivatives(fm, params, batch, v),
           torch.cat([directional_derivatives(fm, params, batch, x) for x in v], 1))
     # forward vs reverse mode: Llama's RMSNorm computes in float32 whatever the model's dtype
