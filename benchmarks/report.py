@@ -273,7 +273,9 @@ class _ShortOnPurpose(logging.Filter):
 def short_on_purpose() -> Iterator[None]:
     """Leave out the library's warning that J stops LiSSA before it converges, inside a call whose J is short on
     purpose (a warm-up's J 2, a probe's or the gradient dot product's J 1): it advised raising J to 100,000,000 in a
-    benchmark's output (a review). Other warnings pass."""
+    benchmark's output (a review). Other warnings pass. The library says it with ``warning_once``, whose cache keeps
+    the message as said: a later row whose warning reads exactly the same (the same J, damping and smallest
+    eigenvalue as a probe's) would not say it either; no row of these benchmarks does at their defaults."""
     log, quiet = logging.getLogger("hf_fastif.engine.s_test"), _ShortOnPurpose()
     log.addFilter(quiet)
     try:

@@ -84,8 +84,9 @@ from .utils import check_build_folder, check_output_dir, library_version, to_jso
 
 EXIT_ERROR = 2
 TRUST_REMOTE_CODE_HELP = ("Run the model's own code from its folder or Hub repo (auto_map in config.json: a custom "
-                          "architecture or head). Only for code you trust; without it such a model is refused (even "
-                          "where transformers has a built-in class of its model_type, which it would load instead).")
+                          "architecture or head; in tokenizer_config.json: a custom tokenizer). Only for code you "
+                          "trust; without it such a model is refused (even where transformers has a built-in class of "
+                          "its model_type or tokenizer_class, which it would load instead).")
 FORCE_DOWNLOAD_HELP = ("For a Hub repo id: download the table again even if the Hub cache holds it (a cached copy "
                        "that was damaged).")
 logger = pylogging.getLogger(__name__)

@@ -76,10 +76,11 @@ class InfluenceTrainer(Trainer):
         # (what the check of that loss against the model's found, at which optimizer step, for which
         # compute_loss_func: `_trained_loss`)
         self._trained_loss_check: tuple[int, str | None, object] | None = None
+        # (each weight's dtype as given: a full-eval conversion is named only where it changed one, `_say_full_eval`)
+        self._dtypes_given = ({n: p.dtype for n, p in self.model.named_parameters()} if self.model is not None
+                              else {})
         self._decay_said = None  # (the weight decay said: `_say_which_weight_decay`)
         self._say_which_weight_decay()
-        # (the weights' dtypes as given: a full-eval conversion is named only where it made a new one, `_say_full_eval`)
-        self._dtypes_given = {p.dtype for p in self.model.parameters()} if self.model is not None else set()
 
     def train(self, *args, **kwargs):
         """`Trainer.train`, refused before any step under a launch whose processes the Trainer does not train
@@ -234,7 +235,6 @@ class InfluenceTrainer(Trainer):
         functions or the settings influence reads differ from its own; arguments replaced by equal ones are
         taken over by the held engine, with its caches)."""
         model = self._influence_model()
-        self._say_full_eval(model)
         args = self.influence_args
         loss_fn = loss_fn if loss_fn is not None else self.influence_loss_fn
         measurement_fn = measurement_fn if measurement_fn is not None else self.influence_measurement_fn
@@ -424,22 +424,26 @@ class InfluenceTrainer(Trainer):
         """Name ``bf16_full_eval`` / ``fp16_full_eval`` where the model's weights are in that dtype: the Trainer's
         ``evaluate()`` / ``predict()`` outside ``train()`` convert the model itself in place (``model.to(dtype)``), so
         a model trained in float32 came to influence in bfloat16, warned of only as 'the model's parameters are
-        bfloat16' (a review; influence's precision warning says what that costs). Not where the model came in that
-        dtype."""
+        bfloat16' (a review; influence's precision warning says what that costs). Weight by weight, as given to the
+        trainer: not where a weight came in that dtype, but where float32 LoRA adapters on a bfloat16 base were
+        rounded."""
         for flag, dtype in (("fp16_full_eval", torch.float16), ("bf16_full_eval", torch.bfloat16)):
-            if (getattr(self.args, flag, False) and dtype not in self._dtypes_given
-                    and any(p.dtype == dtype for p in model.parameters())):
+            if getattr(self.args, flag, False) and any(
+                    p.dtype == dtype and self._dtypes_given.get(n, dtype) != dtype for n, p in model.named_parameters()):
                 logger.warning_once(
                     f"{flag}=True: the Trainer's evaluate() / predict() outside train() converted the model itself to "
                     f"{str(dtype).removeprefix('torch.')} in place (its weights rounded), and influence runs on those "
-                    f"weights. Set {flag}=False, compute influence before evaluating, or load the float32 weights "
-                    "again (trainer.save_model() before evaluating, for instance).")
+                    f"weights. Set {flag}=False, compute influence before evaluating, or load the weights as they were "
+                    "before evaluate() (trainer.save_model() before it, for instance).")
                 return
 
     def _influence_model(self):
         """The model influence is computed on: out of DDP and accelerate's wrappers, and of a ``torch.compile``
-        wrapper (compiled graphs refuse double backward; `hf_fastif.mode.uncompiled`)."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        wrapper (compiled graphs refuse double backward; `hf_fastif.mode.uncompiled`); a full-eval conversion of its
+        weights named (`_say_full_eval`)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self._say_full_eval(model)
+        return model
 
     def _influence_train(self, train_dataset: Dataset | None, method: str) -> Dataset:
         """The training rows of an influence call: ``train_dataset``, else the trainer's (a clear error if none)."""

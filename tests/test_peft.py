@@ -454,3 +454,27 @@ def test_the_trainers_own_loss_check_counts_a_prompt_tuned_lms_items_as_the_trai
         checked = counts[0]
         trainer.train()
         assert counts[-1] == checked  # (the count a training step on the same 16 rows gets)
+
+
+def test_full_eval_rounding_float32_adapters_on_a_bfloat16_base_is_named(tmp_path, monkeypatch):
+    """bf16_full_eval's evaluate() rounds float32 LoRA adapters on a bfloat16 base to bfloat16 in place: the base
+    being bfloat16 already hid it when the dtypes were compared model-wide (a review); weight by weight it is named,
+    on every path that takes the model for influence (build_influence_table's too)."""
+    from hf_fastif import trainer as trainer_module
+
+    said = []
+    monkeypatch.setattr(trainer_module.logger, "warning_once", lambda message, *a, **k: said.append(message))
+    base = tiny_model("bert", num_labels=3, dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    test = make_token_dataset(2, seed=9, num_labels=3)
+    trainer = InfluenceTrainer(model=model, args=_args(tmp_path, bf16_full_eval=True), eval_dataset=test,
+                               train_dataset=make_token_dataset(8, seed=8, num_labels=3),
+                               data_collator=pad_collator_for_tests())
+    trainer._influence_model()
+    assert not [m for m in said if "bf16_full_eval" in m]  # (the base came in bfloat16)
+    trainer.evaluate()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    table = trainer.build_influence_table(test, str(tmp_path / "build"))
+    assert len(table) == 2 * 8
+    assert [m for m in said if m.startswith("bf16_full_eval=True: the Trainer's evaluate()")]

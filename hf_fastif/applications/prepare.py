@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 from .. import distributed as D
 from ..arguments import InfluenceArguments
@@ -299,9 +299,9 @@ def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: 
     or forward) or the tokens it was trained on, and every influence would be of that one (a review: a folder whose
     tokenizer code sat beside it loaded as a plain BertTokenizer). An ``auto_map`` that names other classes only (a
     config, a causal LM's: Phi-3's, kept by ``save_pretrained`` in a model fine-tuned from it with transformers' own
-    class) is no reason: the class loaded is the built-in one either way; nor is a local folder without the code it
-    names (``--trust_remote_code`` could not run it, and a model or tokenizer saved from such a class has its code
-    copied beside it)."""
+    class) is no reason: the class loaded is the built-in one either way; nor is a folder or Hub repo without the code
+    it names (``--trust_remote_code`` could not run it, and a model or tokenizer saved from such a class has its code
+    copied beside it: `_code_there`)."""
     if trust_remote_code:
         return
     where = Path(name_or_path).expanduser()
@@ -310,13 +310,11 @@ def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: 
         own = _named_code(name_or_path, revision, file, names_for)
         if own is None:
             continue
-        missing = [n for n in own if where.is_dir() and "--" not in n and not (where / f"{n.rpartition('.')[0]}.py")
-                   .is_file()]
-        if len(missing) == len(own):
+        if not any(_code_there(name_or_path, where, n, revision) for n in own):
             # (its code is not there to run: a model fine-tuned with transformers' own class from a base whose config
             # names its code, as falcon's did, keeps that auto_map through save_pretrained; the built-in class is it)
-            logger.info(f"{name_or_path!r} names {' / '.join(own)} for {names_for} in {file}, but that code is not in "
-                        "the folder: transformers' built-in class is loaded, as without trust_remote_code.")
+            logger.info(f"{name_or_path!r} names {' / '.join(own)} for {names_for} in {file}, but that code is not "
+                        "there: transformers' built-in class is loaded, as without trust_remote_code.")
             continue
         allow = (f"Pass {remote_code_flag} to run the checkpoint's code (only code you trust)" if remote_code_flag else
                  "hf_fastif's recipes and Space do not run a checkpoint's own code: load the model and tokenizer "
@@ -327,19 +325,44 @@ def refuse_own_code(name_or_path: str, revision: str | None, trust_remote_code: 
             "an error, and that may not be the "
             + ("model that was trained" if kind == "model" else "tokenizer the model was trained with") + ". "
             f"{allow}; or, to use transformers' built-in class on purpose, save a copy of the checkpoint whose {file} "
-            f"has no {names_for} entry in auto_map.")
+            f"has no {names_for} entry in auto_map" + (" (its auto_map is the older list form: remove auto_map)"
+                                                        if isinstance(_auto_map(name_or_path, revision, file), list)
+                                                        else "") + ".")
 
 
-def _named_code(name_or_path: str, revision: str | None, file: str, auto_class: str) -> list[str] | None:
-    """The classes ``file``'s ``auto_map`` names for ``auto_class`` (a tokenizer's slow / fast pair, or the legacy
-    list of a tokenizer_config.json, its missing half left out); None where none is named or the file cannot be read
-    (the loading's own error follows)."""
+def _auto_map(name_or_path: str, revision: str | None, file: str):
+    """``file``'s ``auto_map`` (config.json or tokenizer_config.json), or None where it has none or cannot be read
+    (the loading's own error follows; a file that is not a JSON object: a review's list crashed the check)."""
     try:
         config = (PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0] if file == "config.json"
                   else get_tokenizer_config(name_or_path, revision=revision))
     except (OSError, ValueError):
         return None
-    own = config.get("auto_map")
+    return config.get("auto_map") if isinstance(config, dict) else None
+
+
+def _code_there(name_or_path: str, where: Path, named: str, revision: str | None) -> bool:
+    """Whether the module an ``auto_map`` entry names is there to run: in the local folder, in the Hub repo (or its
+    cache) of ``name_or_path``, or in another repo (``repo--module.Class``, taken as there). A tokenizer loaded
+    without trust_remote_code and saved again keeps its auto_map without the code (a review), as a model fine-tuned
+    with transformers' own class from a base naming its code does."""
+    if "--" in named:
+        return True
+    module = f"{named.rpartition('.')[0]}.py"
+    if where.is_dir():
+        return (where / module).is_file()
+    try:
+        return cached_file(name_or_path, module, revision=revision, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False,
+                           _raise_exceptions_for_gated_repo=False) is not None
+    except (OSError, ValueError):  # (not a repo the Hub client can name: the loading's own error follows)
+        return False
+
+
+def _named_code(name_or_path: str, revision: str | None, file: str, auto_class: str) -> list[str] | None:
+    """The classes ``file``'s ``auto_map`` names for ``auto_class`` (a tokenizer's slow / fast pair, or the legacy
+    list of a tokenizer_config.json, its missing half left out); None where none is named."""
+    own = _auto_map(name_or_path, revision, file)
     named = own.get(auto_class) if isinstance(own, dict) else own if file != "config.json" else None
     named = [n for n in (named if isinstance(named, (list, tuple)) else [named]) if isinstance(n, str) and n]
     return named or None
