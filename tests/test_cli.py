@@ -777,16 +777,22 @@ def test_a_checkpoint_naming_its_own_sequence_classifier_is_refused_without_trus
                                                                                   auto_map, refused) -> None:
     import shutil
 
-    from hf_fastif.applications.prepare import resolve_model
-
     folder = tmp_path / "checkpoint"
     shutil.copytree(built / "model", folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
     (folder / "modeling_x.py").write_text("from transformers import BertForSequenceClassification as XModel\n")
+    _resolved_unless_refused(folder, refused, "names its own code for AutoModelForSequenceClassification")
+
+
+def _resolved_unless_refused(folder: Path, refused: bool, match: str) -> None:
+    """`resolve_model` on ``folder`` with either flag wording: refused (matching ``match``) or resolved; resolved
+    with trust_remote_code either way."""
+    from hf_fastif.applications.prepare import resolve_model
+
     for flag in ("--trust_remote_code", None):
         if refused:
-            with pytest.raises(ValueError, match="names its own code for AutoModelForSequenceClassification"):
+            with pytest.raises(ValueError, match=match):
                 resolve_model(str(folder), remote_code_flag=flag)
         else:
             assert resolve_model(str(folder), remote_code_flag=flag) == str(folder)
@@ -810,7 +816,6 @@ def test_a_checkpoint_naming_its_own_tokenizer_is_refused_without_trust(built: P
 
     from transformers import AutoTokenizer
 
-    from hf_fastif.applications.prepare import resolve_model
     from hf_fastif.space.loading import _explainer
 
     folder = tmp_path / "checkpoint"
@@ -823,13 +828,7 @@ def test_a_checkpoint_naming_its_own_tokenizer_is_refused_without_trust(built: P
             "    pass\n\n\nclass XTokenizerFast(BertTokenizerFast):\n    pass\n")
         # (what the refusal is for: the built-in class, not the folder's, without trust_remote_code)
         assert not type(AutoTokenizer.from_pretrained(folder)).__name__.startswith("XTokenizer")
-    for flag in ("--trust_remote_code", None):
-        if refused:
-            with pytest.raises(ValueError, match="names its own code for AutoTokenizer in tokenizer_config.json"):
-                resolve_model(str(folder), remote_code_flag=flag)
-        else:
-            assert resolve_model(str(folder), remote_code_flag=flag) == str(folder)
-    assert resolve_model(str(folder), trust_remote_code=True) == str(folder)
+    _resolved_unless_refused(folder, refused, "names its own code for AutoTokenizer in tokenizer_config.json")
     if refused:
         with pytest.raises(ValueError, match="hf_fastif's recipes and Space do not run a checkpoint's own code"):
             _explainer(None, str(folder), None)
