@@ -141,8 +141,8 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
                 # one vector goes as a (p,) vector, as the engine's LiSSA step passes it (no batched gradients)
                 vectors = torch.randn(m, p, device=device, dtype=dtype) * 1e-2
                 out["hvp"][f"{b}x{m}"] = step(b, vectors[0] if m == 1 else vectors)
-            # (the step's own unit only where it runs the whole model: no trunk split and no last-layer cut)
-            out["hvp_full"][f"{b}x1"] = (out["hvp"][f"{b}x1"] if fm is full_fm else
+            # (the step's own unit where it runs the whole model: no trunk split and no last-layer cut)
+            out["hvp_full"][f"{b}x1"] = (out["hvp"][f"{b}x1"] if fm.split is None and fm.readout is None else
                                          step(b, torch.randn(p, device=device, dtype=dtype) * 1e-2, fm=full_fm,
                                               batcher=full))
         # one LiSSA step of T repetitions stacked: T·B fresh rows collated in one batch, as the engine collates a
@@ -193,7 +193,7 @@ def measure_unit_costs(setup: Setup, bench: BenchmarkArguments, args: InfluenceA
         # the test row through the whole model (the 2021 code path's), collated as the training rows are
         whole_row = Batcher(setup.test, validate_dataset(setup.test, "test_dataset", model), setup.collator,
                             device).batch([0])
-        out["test_gradient_full"] = (out["test_gradient"] if fm is full_fm else median_seconds(
+        out["test_gradient_full"] = (out["test_gradient"] if fm.split is None and fm.readout is None else median_seconds(
             lambda: batch_gradient(full_fm, params, whole_row, measurement=True, reduction="none"), calls))
     sample = Batcher(train.select(range(min(SCORED_ROWS, n))), validate_dataset(train, "train_dataset", model),
                      setup.collator, device)

@@ -76,9 +76,10 @@ class InfluenceTrainer(Trainer):
         # (what the check of that loss against the model's found, at which optimizer step, for which
         # compute_loss_func: `_trained_loss`)
         self._trained_loss_check: tuple[int, str | None, object] | None = None
-        # (each weight's dtype as given: a full-eval conversion is named only where it changed one, `_say_full_eval`)
-        self._dtypes_given = ({n: p.dtype for n, p in self.model.named_parameters()} if self.model is not None
-                              else {})
+        # (each weight's dtype as given, by the names `_influence_model` gives them, a compiled model's too: a
+        # full-eval conversion is named only where it changed one, `_say_full_eval`)
+        given = None if self.model is None else self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self._dtypes_given = {} if given is None else {n: p.dtype for n, p in given.named_parameters()}
         self._decay_said = None  # (the weight decay said: `_say_which_weight_decay`)
         self._say_which_weight_decay()
 

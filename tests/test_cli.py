@@ -836,27 +836,35 @@ def test_a_checkpoint_naming_its_own_tokenizer_is_refused_without_trust(built: P
 
 def test_a_hub_checkpoint_naming_its_own_code_is_refused_only_where_that_code_is_there(tmp_path, monkeypatch):
     """A Hub repo (here from the Hub cache, offline) whose auto_map names code it holds is refused without
-    trust_remote_code, for its classifier and for its tokenizer; one whose auto_map names code it does not hold (a
-    tokenizer loaded without trust_remote_code and saved again keeps its auto_map, a review) is not: the built-in
-    class is what trust_remote_code would fail to replace. The older list form of a tokenizer's auto_map is named in
-    the advice, and a tokenizer_config.json that is not a JSON object is no crash."""
+    trust_remote_code, for its classifier and for its tokenizer; one whose auto_map names code the Hub said it does
+    not hold (the cache's record of a missing file; a tokenizer loaded without trust_remote_code and saved again
+    keeps its auto_map, a review) is not: the built-in class is what trust_remote_code would fail to replace. Code
+    the cache does not know of, offline, counts as there (a cache of a repo's config and weights only). The older
+    list form of a tokenizer's auto_map is named in the advice, and a tokenizer_config.json that is not a JSON object
+    is no crash."""
     import huggingface_hub.constants
 
     from hf_fastif.applications.prepare import refuse_own_code
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # (whatever the machine can reach)
     snapshot = tmp_path / "hub" / "models--user--custom" / "snapshots" / ("a" * 40)
+    missing = tmp_path / "hub" / "models--user--custom" / ".no_exist" / ("a" * 40)  # (the Hub said: no such file)
     snapshot.mkdir(parents=True)
+    missing.mkdir(parents=True)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
 
-    def refused(config: dict, tokenizer, files=()) -> str | None:
-        for name in ("config.json", "tokenizer_config.json", "modeling_x.py", "tokenization_x.py"):
-            (snapshot / name).unlink(missing_ok=True)
+    def refused(config: dict, tokenizer, files=(), absent=()) -> str | None:
+        for folder in (snapshot, missing):
+            for name in ("config.json", "tokenizer_config.json", "modeling_x.py", "tokenization_x.py"):
+                (folder / name).unlink(missing_ok=True)
         (snapshot / "config.json").write_text(json.dumps({"model_type": "bert", **config}))
         (snapshot / "tokenizer_config.json").write_text(json.dumps(tokenizer))
         for name in files:
             (snapshot / name).write_text("x = 1\n")
+        for name in absent:
+            (missing / name).touch()
         try:
             refuse_own_code("user/custom", None, False, "--trust_remote_code")
         except ValueError as err:
@@ -864,10 +872,11 @@ def test_a_hub_checkpoint_naming_its_own_code_is_refused_only_where_that_code_is
         return None
 
     model_map = {"auto_map": {"AutoModelForSequenceClassification": "modeling_x.XModel"}}
-    assert refused(model_map, {}) is None
+    assert refused(model_map, {}, absent=["modeling_x.py"]) is None
     assert "for AutoModelForSequenceClassification in config.json" in refused(model_map, {}, ["modeling_x.py"])
+    assert "for AutoModelForSequenceClassification in config.json" in refused(model_map, {})  # (not in the cache)
     tokenizer_map = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
-    assert refused({}, tokenizer_map) is None
+    assert refused({}, tokenizer_map, absent=["tokenization_x.py"]) is None
     found = refused({}, tokenizer_map, ["tokenization_x.py"])
     assert "for AutoTokenizer in tokenizer_config.json" in found and "(its auto_map is the older" not in found
     found = refused({}, {"auto_map": ["tokenization_x.XTokenizer", None]}, ["tokenization_x.py"])

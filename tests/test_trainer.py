@@ -174,6 +174,24 @@ def test_a_model_that_evaluate_converted_under_full_eval_is_named(tmp_path, pad_
     assert caplog.text.count(named) == 1
 
 
+def test_a_compiled_model_converted_under_full_eval_is_named(tmp_path, pad_collator, monkeypatch):
+    """A torch.compile'd model's weights are named with `_orig_mod.` before the prefix that influence takes them
+    without: the dtypes as given are recorded by influence's names, so its full-eval conversion is named too (a review
+    of the weight-by-weight comparison: every weight looked given in bfloat16)."""
+    from hf_fastif import trainer as trainer_module
+
+    said = []
+    monkeypatch.setattr(trainer_module.logger, "warning_once", lambda message, *a, **k: said.append(message))
+    model = torch.compile(tiny_model("bert", dtype=torch.float32))
+    trainer = InfluenceTrainer(model=model, args=arguments(tmp_path, bf16_full_eval=True),
+                               train_dataset=make_token_dataset(8, seed=0), data_collator=pad_collator)
+    trainer._influence_model()
+    assert not [m for m in said if "bf16_full_eval" in m]
+    trainer.model.to(torch.bfloat16)  # (what evaluate() does under bf16_full_eval, without compiling a forward)
+    trainer._influence_model()
+    assert [m for m in said if m.startswith("bf16_full_eval=True: the Trainer's evaluate()")]
+
+
 @pytest.mark.usefixtures("propagating")
 def test_a_loss_other_than_the_models_own_is_named(tmp_path, pad_collator, caplog):
     """A compute_loss_func that trains another loss than the one influence differentiates by default is named, once,

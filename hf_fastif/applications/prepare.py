@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.file_download import _CACHED_NO_EXIST
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -342,21 +344,27 @@ def _auto_map(name_or_path: str, revision: str | None, file: str):
 
 
 def _code_there(name_or_path: str, where: Path, named: str, revision: str | None) -> bool:
-    """Whether the module an ``auto_map`` entry names is there to run: in the local folder, in the Hub repo (or its
-    cache) of ``name_or_path``, or in another repo (``repo--module.Class``, taken as there). A tokenizer loaded
-    without trust_remote_code and saved again keeps its auto_map without the code (a review), as a model fine-tuned
-    with transformers' own class from a base naming its code does."""
+    """Whether the module an ``auto_map`` entry names is there to run: in the local folder, or in the Hub repo of
+    ``name_or_path``, or in another repo (``repo--module.Class``, taken as there). A tokenizer loaded without
+    trust_remote_code and saved again keeps its auto_map without the code (a review), as a model fine-tuned with
+    transformers' own class from a base naming its code does. A Hub repo's module counts as absent only where the
+    Hub says so (now, or as the cache recorded it): offline, or where the Hub cannot be asked, one the cache lacks
+    counts as there (a cache holding only a repo's config and weights would load the built-in class unsaid)."""
     if "--" in named:
         return True
     module = f"{named.rpartition('.')[0]}.py"
     if where.is_dir():
         return (where / module).is_file()
+    cached = try_to_load_from_cache(name_or_path, module, revision=revision)
+    if isinstance(cached, str) or cached is _CACHED_NO_EXIST:
+        return isinstance(cached, str)
+    if hub_offline():
+        return True
     try:
-        return cached_file(name_or_path, module, revision=revision, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False,
-                           _raise_exceptions_for_gated_repo=False) is not None
-    except (OSError, ValueError):  # (not a repo the Hub client can name: the loading's own error follows)
-        return False
+        return cached_file(name_or_path, module, revision=revision,
+                           _raise_exceptions_for_missing_entries=False) is not None
+    except (OSError, ValueError):  # (the Hub could not be asked: counted as there, as offline)
+        return True
 
 
 def _named_code(name_or_path: str, revision: str | None, file: str, auto_class: str) -> list[str] | None:
